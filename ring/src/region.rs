@@ -1,0 +1,235 @@
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use std::sync::atomic::Ordering;
+
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use vm_memory::{
+    AtomicAccess, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use crate::RingError;
+
+/// Size of a grant frame / ring page, as on x86 Xen.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Largest region a backend agrees to map (4 GiB): bounds what a guest can
+/// make a backend reserve.
+pub const MAX_REGION_PAGES: u32 = 1 << 20;
+
+/// A guest's granted memory: a memfd mapped shared with `vm-memory`.
+///
+/// A "guest address" is a byte offset into the memfd, and frame `n` is the
+/// 4 KiB page at offset `n * 4096`. The guest creates the region; a backend
+/// maps the same memfd, received over the control socket.
+#[derive(Debug)]
+pub struct SharedRegion {
+    file: std::sync::Arc<File>,
+    mem: GuestMemoryMmap,
+    pages: u32,
+}
+
+impl SharedRegion {
+    /// Creates and maps a new region of `pages` zeroed 4 KiB pages.
+    pub fn create(name: &str, pages: u32) -> Result<Self, RingError> {
+        if pages == 0 || pages > MAX_REGION_PAGES {
+            return Err(RingError::BadRegionSize(u64::from(pages) * PAGE_SIZE as u64));
+        }
+        let fd = memfd_create(
+            &std::ffi::CString::new(name).unwrap_or_default(),
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .map_err(|e| RingError::CreateMemfd(e.into()))?;
+        let file = File::from(fd);
+        file.set_len(u64::from(pages) * PAGE_SIZE as u64)
+            .map_err(RingError::CreateMemfd)?;
+        // A backend refuses regions that can shrink under its mapping.
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+        fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))
+            .map_err(|e| RingError::CreateMemfd(e.into()))?;
+        Self::map(file, pages)
+    }
+
+    /// Maps a region received from a guest. Its size must be a non-zero
+    /// multiple of the page size, at most [`MAX_REGION_PAGES`] pages.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
+        let file = File::from(fd);
+        // A region the guest could truncate would turn every later access
+        // into SIGBUS for the backend: insist on the shrink seal.
+        let seals = fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|_| RingError::NotSealed)?;
+        if SealFlag::from_bits_truncate(seals) & SealFlag::F_SEAL_SHRINK != SealFlag::F_SEAL_SHRINK {
+            return Err(RingError::NotSealed);
+        }
+        let len = file
+            .metadata()
+            .map_err(|e| RingError::Map(e.to_string()))?
+            .len();
+        if len == 0 || len % PAGE_SIZE as u64 != 0 || len / PAGE_SIZE as u64 > u64::from(MAX_REGION_PAGES)
+        {
+            return Err(RingError::BadRegionSize(len));
+        }
+        let pages = u32::try_from(len / PAGE_SIZE as u64).map_err(|_| RingError::BadRegionSize(len))?;
+        Self::map(file, pages)
+    }
+
+    fn map(file: File, pages: u32) -> Result<Self, RingError> {
+        let file = std::sync::Arc::new(file);
+        let size = pages as usize * PAGE_SIZE;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size,
+            Some(FileOffset::from_arc(file.clone(), 0)),
+        )])
+        .map_err(|e| RingError::Map(e.to_string()))?;
+        Ok(SharedRegion { file, mem, pages })
+    }
+
+    /// The memfd, to pass to another process.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u32 {
+        self.pages
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        u64::from(self.pages) * PAGE_SIZE as u64
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The mapping, for typed access through `vm-memory`.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Guest address of the start of `frame`, checked against the region.
+    pub fn frame_addr(&self, frame: u32) -> Result<GuestAddress, RingError> {
+        if frame >= self.pages {
+            return Err(RingError::FrameOutOfRange {
+                frame,
+                pages: self.pages,
+            });
+        }
+        Ok(GuestAddress(u64::from(frame) * PAGE_SIZE as u64))
+    }
+
+    /// Host pointer to `len` bytes at `offset`, for handing to the kernel
+    /// (io_uring). The range is checked to lie inside the mapping; the
+    /// pointer stays valid while `self` is alive.
+    pub fn host_range(&self, offset: u64, len: usize) -> Result<*mut u8, RingError> {
+        let end = offset.checked_add(len as u64).ok_or_else(|| access_err(offset, "overflow"))?;
+        if end > self.len() {
+            return Err(access_err(offset, "beyond the region"));
+        }
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(offset), len)
+            .map_err(|e| access_err(offset, e))?;
+        Ok(slice.ptr_guard_mut().as_ptr())
+    }
+
+    /// Copies bytes out of the region.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), RingError> {
+        self.mem
+            .read_slice(buf, GuestAddress(offset))
+            .map_err(|e| access_err(offset, e))
+    }
+
+    /// Copies bytes into the region.
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), RingError> {
+        self.mem
+            .write_slice(buf, GuestAddress(offset))
+            .map_err(|e| access_err(offset, e))
+    }
+
+    /// Reads a plain-data object (volatile copy: the guest may change the
+    /// memory under us, the copy is what gets validated).
+    pub fn read_obj<T: ByteValued>(&self, offset: u64) -> Result<T, RingError> {
+        self.mem
+            .read_obj(GuestAddress(offset))
+            .map_err(|e| access_err(offset, e))
+    }
+
+    /// Writes a plain-data object.
+    pub fn write_obj<T: ByteValued>(&self, val: T, offset: u64) -> Result<(), RingError> {
+        self.mem
+            .write_obj(val, GuestAddress(offset))
+            .map_err(|e| access_err(offset, e))
+    }
+
+    /// Atomic load with the given ordering.
+    pub fn load<T: AtomicAccess>(&self, offset: u64, order: Ordering) -> Result<T, RingError> {
+        self.mem
+            .load(GuestAddress(offset), order)
+            .map_err(|e| access_err(offset, e))
+    }
+
+    /// Atomic store with the given ordering.
+    pub fn store<T: AtomicAccess>(&self, val: T, offset: u64, order: Ordering) -> Result<(), RingError> {
+        self.mem
+            .store(val, GuestAddress(offset), order)
+            .map_err(|e| access_err(offset, e))
+    }
+}
+
+impl AsFd for SharedRegion {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+fn access_err(offset: u64, reason: impl std::fmt::Display) -> RingError {
+    RingError::Access {
+        offset,
+        reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_mapping_sees_the_same_bytes() {
+        let a = SharedRegion::create("t", 4).unwrap();
+        let b = SharedRegion::from_fd(a.file().try_clone().unwrap().into()).unwrap();
+        a.write(8190, b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        b.read(8190, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(b.pages(), 4);
+    }
+
+    #[test]
+    fn out_of_range_access_is_an_error() {
+        let a = SharedRegion::create("t", 1).unwrap();
+        assert!(a.read(4095, &mut [0u8; 2]).is_err());
+        assert!(a.host_range(4096, 1).is_err());
+        assert!(a.host_range(u64::MAX, 2).is_err());
+        assert!(a.frame_addr(1).is_err());
+        assert!(a.load::<u32>(4094, Ordering::Acquire).is_err());
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(SharedRegion::create("t", 0).is_err());
+        let f = SharedRegion::create("t", 1).unwrap();
+        assert!(f.file().set_len(100).is_err(), "sealed region must not shrink");
+        // An unsealed fd (a plain memfd) is refused.
+        let raw = memfd_create(c"x", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+        let file = File::from(raw);
+        file.set_len(4096).unwrap();
+        assert!(matches!(
+            SharedRegion::from_fd(file.into()),
+            Err(RingError::NotSealed)
+        ));
+    }
+}
