@@ -34,7 +34,9 @@ impl SharedRegion {
     /// Creates and maps a new region of `pages` zeroed 4 KiB pages.
     pub fn create(name: &str, pages: u32) -> Result<Self, RingError> {
         if pages == 0 || pages > MAX_REGION_PAGES {
-            return Err(RingError::BadRegionSize(u64::from(pages) * PAGE_SIZE as u64));
+            return Err(RingError::BadRegionSize(
+                u64::from(pages) * PAGE_SIZE as u64,
+            ));
         }
         let fd = memfd_create(
             &std::ffi::CString::new(name).unwrap_or_default(),
@@ -57,19 +59,24 @@ impl SharedRegion {
         let file = File::from(fd);
         // A region the guest could truncate would turn every later access
         // into SIGBUS for the backend: insist on the shrink seal.
-        let seals = fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|_| RingError::NotSealed)?;
-        if SealFlag::from_bits_truncate(seals) & SealFlag::F_SEAL_SHRINK != SealFlag::F_SEAL_SHRINK {
+        let seals =
+            fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|_| RingError::NotSealed)?;
+        if SealFlag::from_bits_truncate(seals) & SealFlag::F_SEAL_SHRINK != SealFlag::F_SEAL_SHRINK
+        {
             return Err(RingError::NotSealed);
         }
         let len = file
             .metadata()
             .map_err(|e| RingError::Map(e.to_string()))?
             .len();
-        if len == 0 || len % PAGE_SIZE as u64 != 0 || len / PAGE_SIZE as u64 > u64::from(MAX_REGION_PAGES)
+        if len == 0
+            || len % PAGE_SIZE as u64 != 0
+            || len / PAGE_SIZE as u64 > u64::from(MAX_REGION_PAGES)
         {
             return Err(RingError::BadRegionSize(len));
         }
-        let pages = u32::try_from(len / PAGE_SIZE as u64).map_err(|_| RingError::BadRegionSize(len))?;
+        let pages =
+            u32::try_from(len / PAGE_SIZE as u64).map_err(|_| RingError::BadRegionSize(len))?;
         Self::map(file, pages)
     }
 
@@ -125,7 +132,9 @@ impl SharedRegion {
     /// (io_uring). The range is checked to lie inside the mapping; the
     /// pointer stays valid while `self` is alive.
     pub fn host_range(&self, offset: u64, len: usize) -> Result<*mut u8, RingError> {
-        let end = offset.checked_add(len as u64).ok_or_else(|| access_err(offset, "overflow"))?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| access_err(offset, "overflow"))?;
         if end > self.len() {
             return Err(access_err(offset, "beyond the region"));
         }
@@ -173,7 +182,12 @@ impl SharedRegion {
     }
 
     /// Atomic store with the given ordering.
-    pub fn store<T: AtomicAccess>(&self, val: T, offset: u64, order: Ordering) -> Result<(), RingError> {
+    pub fn store<T: AtomicAccess>(
+        &self,
+        val: T,
+        offset: u64,
+        order: Ordering,
+    ) -> Result<(), RingError> {
         self.mem
             .store(val, GuestAddress(offset), order)
             .map_err(|e| access_err(offset, e))
@@ -222,7 +236,10 @@ mod tests {
     fn bad_sizes_are_refused() {
         assert!(SharedRegion::create("t", 0).is_err());
         let f = SharedRegion::create("t", 1).unwrap();
-        assert!(f.file().set_len(100).is_err(), "sealed region must not shrink");
+        assert!(
+            f.file().set_len(100).is_err(),
+            "sealed region must not shrink"
+        );
         // An unsealed fd (a plain memfd) is refused.
         let raw = memfd_create(c"x", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
         let file = File::from(raw);
