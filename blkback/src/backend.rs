@@ -1,0 +1,571 @@
+//! The block backend's event loop: one process per disk, one frontend at a
+//! time.
+//!
+//! Everything waits in one place, `io_uring_enter`: disk I/O, the guest's
+//! kick eventfd and the supervisor's control socket are all io_uring ops,
+//! told apart by [`EventSource`]. One loop iteration consumes what the ring
+//! holds, submits it in one batch, reaps completions and publishes their
+//! responses with one notification at most.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+
+use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse, BLKIF_OP_INDIRECT, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE};
+use shadowback_ring::grant::{Access, GrantMapper};
+use shadowback_ring::sring::{BackRing, RingPages};
+use shadowback_ring::{EventChannel, RingError, SharedRegion};
+use shadowback_xenbus::protocol::{kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::{Message, SeqPacket, XenbusError};
+
+use crate::request::{parse, BlkOp, DiskGeometry};
+use crate::uring::{Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp};
+
+/// Errors that end the backend process.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("I/O engine failed")]
+    Engine(#[source] EngineError),
+    #[error("control channel failed")]
+    Control(#[source] XenbusError),
+    #[error("the supervisor closed the control channel")]
+    SupervisorGone,
+}
+
+/// Static configuration of one backend instance.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Device name, for logs.
+    pub device: String,
+    /// Domain id the guest's grants must name.
+    pub backend_id: u16,
+    /// What the disk offers.
+    pub disk: DiskGeometry,
+    /// Largest accepted `ring-page-order`.
+    pub max_ring_page_order: u8,
+    /// io_uring parameters.
+    pub engine: EngineConfig,
+}
+
+/// What a completion belongs to, packed into the io_uring user data.
+///
+/// Kick and I/O tokens carry the attachment generation, so a completion
+/// that belongs to a frontend that has since detached is recognised and
+/// ignored instead of being credited to its successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum EventSource {
+    /// The supervisor's control socket is readable.
+    Control,
+    /// The guest kicked its event channel.
+    Kick { generation: u32 },
+    /// Disk I/O for in-flight slot `slot` finished.
+    Io { generation: u32, slot: u32 },
+}
+
+impl EventSource {
+    const CONTROL: u64 = 0;
+    const KICK: u64 = 1;
+    const IO: u64 = 2;
+
+    fn encode(self) -> u64 {
+        match self {
+            EventSource::Control => Self::CONTROL,
+            EventSource::Kick { generation } => Self::KICK | u64::from(generation) << 32,
+            EventSource::Io { generation, slot } => {
+                Self::IO | u64::from(slot) << 2 | u64::from(generation) << 32
+            }
+        }
+    }
+
+    fn decode(token: u64) -> Self {
+        let generation = (token >> 32) as u32;
+        match token & 3 {
+            Self::CONTROL => EventSource::Control,
+            Self::KICK => EventSource::Kick { generation },
+            _ => EventSource::Io {
+                generation,
+                slot: ((token & 0xffff_ffff) >> 2) as u32,
+            },
+        }
+    }
+}
+
+/// A request between consumption and response.
+#[derive(Clone, Copy, Debug)]
+struct Inflight {
+    id: u64,
+    operation: u8,
+    /// Bytes a data op must transfer; 0 for flush and discard.
+    expected: u64,
+}
+
+/// Counters of one backend instance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlkbackStats {
+    /// Requests consumed from the ring.
+    pub requests: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Bytes read from the disk into guest pages.
+    pub bytes_read: u64,
+    /// Bytes written from guest pages to the disk.
+    pub bytes_written: u64,
+    /// Kicks received from the guest.
+    pub kicks: u64,
+    /// Notifications sent to the guest.
+    pub notifications: u64,
+}
+
+/// One attached frontend.
+struct Frontend {
+    name: String,
+    generation: u32,
+    grants: GrantMapper,
+    region: Arc<SharedRegion>,
+    ring: BackRing<Blkif>,
+    kick: EventChannel,
+    notify: EventChannel,
+    slots: Vec<Option<Inflight>>,
+    free: Vec<u32>,
+    /// Responses put on the ring but not yet published.
+    unpublished: bool,
+    /// Stop consuming; drop the frontend once nothing is in flight.
+    closing: Closing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    No,
+    /// The supervisor asked: answer `detached` when idle.
+    Detach,
+    /// The ring is corrupt: we told the supervisor already.
+    Broken,
+}
+
+impl Frontend {
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+/// The backend instance.
+pub struct Backend {
+    cfg: BackendConfig,
+    engine: Engine,
+    control: SeqPacket,
+    frontend: Option<Frontend>,
+    next_generation: u32,
+    stats: BlkbackStats,
+    completions: Vec<Completion>,
+}
+
+impl Backend {
+    /// Sets up the engine on `disk`; nothing runs before [`Backend::run`].
+    pub fn new(cfg: BackendConfig, control: SeqPacket, disk: &File) -> Result<Self, BackendError> {
+        let engine = Engine::new(disk.as_fd(), &cfg.engine).map_err(BackendError::Engine)?;
+        Ok(Backend {
+            cfg,
+            engine,
+            control,
+            frontend: None,
+            next_generation: 1,
+            stats: BlkbackStats::default(),
+            completions: Vec::with_capacity(256),
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> BlkbackStats {
+        self.stats
+    }
+
+    /// Serves until the supervisor closes the control channel.
+    pub fn run(&mut self) -> Result<(), BackendError> {
+        self.arm(EventSource::Control, self.control.as_fd().as_raw_fd())?;
+        loop {
+            self.consume_requests()?;
+            self.publish_responses();
+            self.finish_closing()?;
+            let more = self.has_ring_work();
+            self.engine
+                .submit_and_wait(usize::from(!more))
+                .map_err(BackendError::Engine)?;
+            let mut completions = std::mem::take(&mut self.completions);
+            self.engine.drain(&mut completions);
+            for c in completions.drain(..) {
+                match EventSource::decode(c.token) {
+                    EventSource::Control => {
+                        self.handle_control()?;
+                        self.arm(EventSource::Control, self.control.as_fd().as_raw_fd())?;
+                    }
+                    EventSource::Kick { generation } => self.handle_kick(generation)?,
+                    EventSource::Io { generation, slot } => self.complete_io(generation, slot, c.result),
+                }
+            }
+            self.completions = completions;
+        }
+    }
+
+    fn arm(&mut self, source: EventSource, fd: i32) -> Result<(), BackendError> {
+        self.engine
+            .push(source.encode(), IoOp::PollIn { fd })
+            .map_err(|(e, _)| BackendError::Engine(e))
+    }
+
+    /// Whether the loop must go round again without sleeping:
+    /// `RING_FINAL_CHECK_FOR_REQUESTS` with room to take them.
+    fn has_ring_work(&mut self) -> bool {
+        let Some(fe) = self.frontend.as_mut() else {
+            return false;
+        };
+        if fe.closing != Closing::No || fe.free.is_empty() {
+            return false;
+        }
+        match fe.ring.final_check_for_requests() {
+            Ok(work) => work,
+            // Reported by the next consume_requests.
+            Err(_) => true,
+        }
+    }
+
+    /// Takes every request the ring holds (as far as slots allow), validates
+    /// it and queues its I/O; a refused request is answered at once.
+    fn consume_requests(&mut self) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        if fe.closing != Closing::No {
+            return Ok(());
+        }
+        let pending = match fe.ring.unconsumed_requests() {
+            Ok(n) => n,
+            Err(e) => return self.ring_broken(e),
+        };
+        for _ in 0..pending {
+            let Some(fe) = self.frontend.as_mut() else {
+                break;
+            };
+            let Some(slot) = fe.free.pop() else {
+                break;
+            };
+            let req = match fe.ring.take_request() {
+                Ok((_, req)) => req,
+                Err(e) => {
+                    fe.free.push(slot);
+                    return self.ring_broken(e);
+                }
+            };
+            self.stats.requests += 1;
+            self.start_request(slot, req)?;
+        }
+        Ok(())
+    }
+
+    fn start_request(&mut self, slot: u32, req: BlkifRequest) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        // Indirect requests are answered with their inner operation, as
+        // Linux blkback does.
+        let operation = if req.operation == BLKIF_OP_INDIRECT {
+            req.as_indirect().indirect_op
+        } else {
+            req.operation
+        };
+        let op = match parse(&req, &self.cfg.disk, &fe.grants) {
+            Ok(op) => op,
+            Err(e) => {
+                tracing::debug!(device = %self.cfg.device, id = req.id, error = %e, "request refused");
+                fe.free.push(slot);
+                self.respond(req.id, operation, e.status());
+                return Ok(());
+            }
+        };
+        let expected = op.data_bytes();
+        let io = match op {
+            BlkOp::Read { sector, bufs } => io_buffers(&fe.region, &bufs).map(|b| IoOp::Readv {
+                offset: sector * BLKIF_SECTOR_SIZE,
+                bufs: b,
+            }),
+            BlkOp::Write { sector, bufs } => io_buffers(&fe.region, &bufs).map(|b| IoOp::Writev {
+                offset: sector * BLKIF_SECTOR_SIZE,
+                bufs: b,
+            }),
+            BlkOp::Flush => Ok(IoOp::Fsync),
+            BlkOp::Discard { sector, sectors } => Ok(IoOp::PunchHole {
+                offset: sector * BLKIF_SECTOR_SIZE,
+                len: sectors * BLKIF_SECTOR_SIZE,
+            }),
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(device = %self.cfg.device, id = req.id, error = %e, "buffer setup failed");
+                fe.free.push(slot);
+                self.respond(req.id, operation, BLKIF_RSP_ERROR);
+                return Ok(());
+            }
+        };
+        let token = EventSource::Io {
+            generation: fe.generation,
+            slot,
+        }
+        .encode();
+        fe.slots[slot as usize] = Some(Inflight {
+            id: req.id,
+            operation,
+            expected,
+        });
+        if let Err((e, _op)) = self.engine.push(token, io) {
+            // The engine is sized for a full ring plus the polls; failing
+            // here means the kernel refused: answer with an error.
+            tracing::warn!(device = %self.cfg.device, error = %e, "submission failed");
+            if let Some(fe) = self.frontend.as_mut() {
+                fe.slots[slot as usize] = None;
+                fe.free.push(slot);
+            }
+            self.respond(req.id, operation, BLKIF_RSP_ERROR);
+        }
+        Ok(())
+    }
+
+    fn complete_io(&mut self, generation: u32, slot: u32, result: i32) {
+        let Some(fe) = self.frontend.as_mut() else {
+            return;
+        };
+        if fe.generation != generation {
+            return;
+        }
+        let Some(done) = fe.slots.get_mut(slot as usize).and_then(Option::take) else {
+            tracing::warn!(slot, "completion for an idle slot");
+            return;
+        };
+        fe.free.push(slot);
+        let status = if result < 0 {
+            if result == -libc::EOPNOTSUPP {
+                BLKIF_RSP_EOPNOTSUPP
+            } else {
+                BLKIF_RSP_ERROR
+            }
+        } else if u64::from(result as u32) == done.expected {
+            BLKIF_RSP_OKAY
+        } else {
+            BLKIF_RSP_ERROR
+        };
+        if status == BLKIF_RSP_OKAY && done.expected > 0 {
+            if done.operation == shadowback_ring::blkif::BLKIF_OP_READ {
+                self.stats.bytes_read += done.expected;
+            } else {
+                self.stats.bytes_written += done.expected;
+            }
+        }
+        if status != BLKIF_RSP_OKAY {
+            tracing::debug!(device = %self.cfg.device, id = done.id, result, "I/O failed");
+        }
+        self.respond(done.id, done.operation, status);
+    }
+
+    /// Puts a response on the ring; published in [`Self::publish_responses`].
+    fn respond(&mut self, id: u64, operation: u8, status: i16) {
+        let Some(fe) = self.frontend.as_mut() else {
+            return;
+        };
+        if status != BLKIF_RSP_OKAY {
+            self.stats.errors += 1;
+        }
+        let rsp = BlkifResponse {
+            id,
+            operation,
+            status,
+            ..Default::default()
+        };
+        match fe.ring.put_response(&rsp) {
+            Ok(_) => fe.unpublished = true,
+            Err(e) => tracing::error!(device = %self.cfg.device, error = %e, "cannot put response"),
+        }
+    }
+
+    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` once per loop iteration.
+    fn publish_responses(&mut self) {
+        let Some(fe) = self.frontend.as_mut() else {
+            return;
+        };
+        if !fe.unpublished {
+            return;
+        }
+        fe.unpublished = false;
+        match fe.ring.push_responses() {
+            Ok(true) => {
+                self.stats.notifications += 1;
+                if let Err(e) = fe.notify.notify() {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "notify failed");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(device = %self.cfg.device, error = %e, "cannot publish responses"),
+        }
+    }
+
+    fn handle_kick(&mut self, generation: u32) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        if fe.generation != generation {
+            return Ok(());
+        }
+        self.stats.kicks += 1;
+        let _ = fe.kick.drain();
+        let fd = fe.kick.as_raw_fd();
+        self.arm(EventSource::Kick { generation }, fd)
+    }
+
+    /// Ring-level corruption: stop serving this frontend and tell the
+    /// supervisor, which disconnects the guest.
+    fn ring_broken(&mut self, err: RingError) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        tracing::warn!(device = %self.cfg.device, frontend = %fe.name, error = %err, "ring corrupt, disconnecting");
+        fe.closing = Closing::Broken;
+        let msg = Message::new(kind::DISCONNECT)
+            .with("frontend", &fe.name)
+            .with("reason", sanitize(&err.to_string()));
+        self.control.send(&msg, &[]).map_err(BackendError::Control)
+    }
+
+    /// Drops a closing frontend once its I/O has drained.
+    fn finish_closing(&mut self) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_ref() else {
+            return Ok(());
+        };
+        if fe.closing == Closing::No || fe.in_flight() > 0 {
+            return Ok(());
+        }
+        let closing = fe.closing;
+        let name = fe.name.clone();
+        self.frontend = None;
+        tracing::info!(device = %self.cfg.device, frontend = %name, "frontend detached");
+        if closing == Closing::Detach {
+            let msg = Message::new(kind::DETACHED).with("frontend", &name);
+            self.control.send(&msg, &[]).map_err(BackendError::Control)?;
+        }
+        Ok(())
+    }
+
+    fn handle_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = match self.control.recv() {
+            Ok(m) => m,
+            Err(XenbusError::Closed) => return Err(BackendError::SupervisorGone),
+            Err(e) => return Err(BackendError::Control(e)),
+        };
+        match msg.kind() {
+            kind::ATTACH => {
+                let reply = match self.attach(&msg, fds) {
+                    Ok(()) => Message::new(kind::ATTACHED),
+                    Err((code, why)) => Message::error(code, &sanitize(&why)),
+                };
+                self.control.send(&reply, &[]).map_err(BackendError::Control)
+            }
+            kind::DETACH => match self.frontend.as_mut() {
+                Some(fe) => {
+                    if fe.closing == Closing::No {
+                        fe.closing = Closing::Detach;
+                    } else if fe.closing == Closing::Broken {
+                        fe.closing = Closing::Detach;
+                    }
+                    Ok(())
+                }
+                None => self
+                    .control
+                    .send(&Message::new(kind::DETACHED), &[])
+                    .map_err(BackendError::Control),
+            },
+            other => {
+                tracing::warn!(kind = other, "unexpected control message");
+                let reply = Message::error(ErrorCode::Eproto, "unexpected message");
+                self.control.send(&reply, &[]).map_err(BackendError::Control)
+            }
+        }
+    }
+
+    /// Maps the guest's region and ring; on failure nothing is kept.
+    fn attach(&mut self, msg: &Message, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), (ErrorCode, String)> {
+        if self.frontend.is_some() {
+            return Err((ErrorCode::Ebusy, "a frontend is already attached".into()));
+        }
+        let req = AttachRequest::from_message(msg).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let fds = DeviceFds::from_received(msg, fds).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let order = req.connect.ring_page_order().unwrap_or(u8::MAX);
+        if order > self.cfg.max_ring_page_order {
+            return Err((
+                ErrorCode::Einval,
+                format!("ring-page-order {order} exceeds {}", self.cfg.max_ring_page_order),
+            ));
+        }
+        let inval = |e: RingError| (ErrorCode::Einval, e.to_string());
+        let region = Arc::new(SharedRegion::from_fd(fds.region).map_err(inval)?);
+        let grants = GrantMapper::new(region.clone(), req.connect.grant_frames, self.cfg.backend_id).map_err(inval)?;
+        let pages = req
+            .connect
+            .ring_refs
+            .iter()
+            .map(|&gref| grants.map(gref, Access::Write))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| (ErrorCode::Einval, format!("ring grant: {e}")))?;
+        let ring = BackRing::<Blkif>::attach(RingPages::new(region.clone(), pages).map_err(inval)?).map_err(inval)?;
+        let kick = EventChannel::from_fd(fds.kick).map_err(inval)?;
+        let notify = EventChannel::from_fd(fds.notify).map_err(inval)?;
+        let size = ring.size();
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let kick_fd = kick.as_raw_fd();
+        self.frontend = Some(Frontend {
+            name: req.frontend,
+            generation,
+            grants,
+            region,
+            ring,
+            kick,
+            notify,
+            slots: vec![None; size as usize],
+            free: (0..size).rev().collect(),
+            unpublished: false,
+            closing: Closing::No,
+        });
+        self.arm(EventSource::Kick { generation }, kick_fd)
+            .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+        tracing::info!(device = %self.cfg.device, ring_size = size, order, "frontend attached");
+        Ok(())
+    }
+}
+
+/// Turns region byte ranges into iovecs checked against the mapping.
+fn io_buffers(region: &Arc<SharedRegion>, bufs: &[crate::request::GuestBuf]) -> Result<IoBuffers, EngineError> {
+    let ranges: Vec<(u64, usize)> = bufs.iter().map(|b| (b.offset, b.len as usize)).collect();
+    IoBuffers::from_ranges(region.clone(), &ranges)
+}
+
+/// Message values are printable ASCII without newlines.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
+        .take(200)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_sources_round_trip() {
+        for src in [
+            EventSource::Control,
+            EventSource::Kick { generation: 7 },
+            EventSource::Io { generation: u32::MAX, slot: 511 },
+            EventSource::Io { generation: 1, slot: 0 },
+        ] {
+            assert_eq!(EventSource::decode(src.encode()), src);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! Guest-side drivers and verifying workloads for shadowback (DESIGN.md §7).
+//!
+//! Everything here runs in a separate process, like a real guest: a
+//! transport-neutral [`device::BlockDevice`] interface, predictable sector
+//! content ([`pattern`]), the verifying and benchmark workloads
+//! ([`workload`]), latency statistics ([`stats`]) and an in-memory device for
+//! tests ([`memdisk`]).
+#![forbid(unsafe_code)]
+
+pub mod blkfront;
+pub mod device;
+pub mod memdisk;
+pub mod pattern;
+pub mod stats;
+pub mod workload;

@@ -1,0 +1,81 @@
+//! `shadowback blkback`: the backend process the supervisor execs.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::process::ExitCode;
+
+use clap::Args;
+use shadowback_blkback::backend::{Backend, BackendConfig, BackendError};
+use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
+use shadowback_blkback::uring::EngineConfig;
+use shadowback_xenbus::SeqPacket;
+
+use crate::CliError;
+
+#[derive(Args, Debug)]
+pub struct BlkbackArgs {
+    /// Device name (for logs).
+    #[arg(long)]
+    device: String,
+    /// Inherited control socket (SOCK_SEQPACKET) to the supervisor.
+    #[arg(long)]
+    control_fd: RawFd,
+    /// Inherited disk image fd.
+    #[arg(long)]
+    disk_fd: RawFd,
+    /// Domain id the guest's grants must name.
+    #[arg(long, default_value_t = 0)]
+    backend_id: u16,
+    /// Disk size in 512-byte sectors.
+    #[arg(long)]
+    sectors: u64,
+    /// Largest ring-page-order accepted.
+    #[arg(long, default_value_t = 4)]
+    max_ring_page_order: u8,
+    #[arg(long)]
+    readonly: bool,
+    #[arg(long)]
+    no_discard: bool,
+}
+
+/// Takes ownership of an fd inherited across exec, after checking it is open.
+fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
+    if fd < 3 {
+        return Err(format!("fd {fd} is a standard stream, not an inherited fd").into());
+    }
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| format!("fd {fd} is not open: {e}"))?;
+    // Close-on-exec: nothing we might start inherits it.
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this
+    // process at exec for it to own; nothing else in the process uses it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
+    let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    let disk = File::from(inherited(args.disk_fd)?);
+    let cfg = BackendConfig {
+        device: args.device.clone(),
+        backend_id: args.backend_id,
+        disk: DiskGeometry {
+            sectors: args.sectors,
+            readonly: args.readonly,
+            discard: !args.no_discard && !args.readonly,
+            max_indirect_segments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+        },
+        max_ring_page_order: args.max_ring_page_order,
+        engine: EngineConfig {
+            entries: 512,
+            ..EngineConfig::default()
+        },
+    };
+    let mut backend = Backend::new(cfg, control, &disk)?;
+    tracing::info!(device = %args.device, pid = std::process::id(), "blkback running");
+    match backend.run() {
+        Ok(()) | Err(BackendError::SupervisorGone) => {
+            tracing::info!(device = %args.device, stats = ?backend.stats(), "blkback exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,146 @@
+//! `shadowback guest blk`: a guest process. It attaches a Xen blkfront
+//! through the supervisor's control socket, runs a verifying (or benchmark)
+//! workload and reports on stdout as JSON lines:
+//!
+//! - `{"event":"progress", "elapsed_s", "ops", "ops_per_s", "io_errors", "verify_failures", "phase"}`
+//! - `{"event":"report", "report": {…}}` (verify) or `{"event":"bench", …}`
+//! - `{"event":"error", "message"}`
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde::Serialize;
+use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
+use shadowback_guest::workload::{BenchConfig, BenchOp, BenchWorkload, Progress, VerifyConfig, VerifyWorkload};
+
+use crate::CliError;
+
+#[derive(Subcommand)]
+pub enum GuestCommand {
+    /// Block frontend + workload.
+    Blk(GuestBlkArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchMode {
+    Randread,
+    Randwrite,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GuestBlkArgs {
+    /// Supervisor control socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Device name.
+    #[arg(long, default_value = "disk0")]
+    pub device: String,
+    /// Seconds of workload.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 32)]
+    pub qd: usize,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Skip the final full-image check.
+    #[arg(long)]
+    pub no_final_check: bool,
+    /// Instead of verifying: a 4 KiB random read or write benchmark.
+    #[arg(long, value_enum)]
+    pub bench: Option<BenchMode>,
+    /// Ring page order (default: the backend's maximum, up to 4).
+    #[arg(long)]
+    pub ring_page_order: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct ProgressLine {
+    event: &'static str,
+    phase: String,
+    elapsed_s: f64,
+    ops: u64,
+    ops_per_s: f64,
+    io_errors: u64,
+    verify_failures: u64,
+}
+
+fn emit(value: &impl Serialize) {
+    let mut out = std::io::stdout().lock();
+    if let Ok(line) = serde_json::to_string(value) {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn on_progress(p: &Progress) {
+    emit(&ProgressLine {
+        event: "progress",
+        phase: format!("{:?}", p.phase),
+        elapsed_s: p.elapsed.as_secs_f64(),
+        ops: p.ops,
+        ops_per_s: p.ops_per_s,
+        io_errors: p.io_errors,
+        verify_failures: p.verify_failures,
+    });
+}
+
+pub fn run(cmd: GuestCommand) -> Result<ExitCode, CliError> {
+    let GuestCommand::Blk(args) = cmd;
+    match run_blk(&args) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            emit(&serde_json::json!({"event": "error", "message": e.to_string()}));
+            Err(e)
+        }
+    }
+}
+
+fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
+    let mut cfg = BlkFrontConfig::new(args.device.clone());
+    cfg.queue_depth = args.qd.max(1);
+    cfg.ring_page_order = args.ring_page_order;
+    let mut dev = BlkFront::attach(&args.socket, &cfg)?;
+    let duration = Duration::from_secs_f64(args.duration.max(0.0));
+    if let Some(mode) = args.bench {
+        let mut bench = BenchWorkload::new(BenchConfig {
+            seed: args.seed,
+            queue_depth: args.qd.max(1),
+            op: match mode {
+                BenchMode::Randread => BenchOp::RandomRead,
+                BenchMode::Randwrite => BenchOp::RandomWrite,
+            },
+            duration,
+            ..BenchConfig::default()
+        });
+        let report = bench.run(&mut dev, &mut |_| {})?;
+        let lat = report.summary();
+        emit(&serde_json::json!({
+            "event": "bench",
+            "ops": report.ops,
+            "io_errors": report.io_errors,
+            "elapsed_s": report.elapsed.as_secs_f64(),
+            "iops": report.iops(),
+            "p50_us": lat.p50_us,
+            "p99_us": lat.p99_us,
+        }));
+        dev.detach()?;
+        return Ok(if report.io_errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let mut work = VerifyWorkload::new(VerifyConfig {
+        seed: args.seed,
+        queue_depth: args.qd.max(1),
+        duration: Some(duration),
+        final_check: !args.no_final_check,
+        ..VerifyConfig::default()
+    });
+    let report = work.run(&mut dev, &mut on_progress)?;
+    let ok = report.verify_failures == 0 && report.io_errors == 0;
+    emit(&serde_json::json!({"event": "report", "report": report}));
+    dev.detach()?;
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

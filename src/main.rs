@@ -1,0 +1,96 @@
+//! `shadowback`: the command-line entry to every part of the system.
+//!
+//! - `demo` runs the whole thing on an embedded default and reports;
+//! - `up CONFIG.toml` runs the supervisor for the disks a config names;
+//! - `bench blk` measures the Xen-ring path against raw io_uring;
+//! - `blkback` and `guest` are the processes the others start.
+
+mod backend_cmd;
+mod bench;
+mod demo;
+mod guest_cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "shadowback", version, about = "Restartable, guest-transparent I/O backends over Xen-compatible rings")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a disk, its backend and a verifying guest on a temporary image, then report.
+    Demo(demo::DemoArgs),
+    /// Run the supervisor for the disks in CONFIG (TOML) until SIGINT/SIGTERM.
+    Up {
+        /// Configuration file (see fixtures/shadowback.toml).
+        config: PathBuf,
+    },
+    /// Benchmarks (commands, not tests: they print ratios measured in one run).
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchCommand,
+    },
+    /// Block backend process (started by the supervisor with its fds).
+    #[command(hide = true)]
+    Blkback(backend_cmd::BlkbackArgs),
+    /// Guest process: a frontend plus a workload, reporting JSON lines on stdout.
+    #[command(hide = true)]
+    Guest {
+        #[command(subcommand)]
+        what: guest_cmd::GuestCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Up { config } => up(config),
+        Command::Bench { what } => bench::run(what),
+        Command::Blkback(args) => backend_cmd::run(args),
+        Command::Guest { what } => guest_cmd::run(what),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shadowback: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A boxed error for the command layer: every library error has its own
+/// typed enum; here they only need to be shown.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+fn up(config: PathBuf) -> Result<ExitCode, CliError> {
+    let cfg = shadowback_supervisor::Config::from_file(&config)?;
+    let backend = shadowback_supervisor::BackendCommand::current_exe()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            let _ = tx.send(true);
+        });
+        shadowback_supervisor::serve(cfg, backend, rx).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,130 @@
+//! One guest's control connection: probe → connect → connected until the
+//! socket closes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use shadowback_xenbus::protocol::{expect_no_fds, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
+
+use crate::device::{DeviceHandle, Lost};
+
+static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Serves one guest connection to its end. Protocol errors are answered
+/// with an `error` message and the socket is closed; nothing a guest sends
+/// can stop the supervisor or disturb another guest.
+pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<HashMap<String, DeviceHandle>>) {
+    let frontend = format!("fe{}", NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    match handshake(&conn, &devices, &frontend).await {
+        Ok(Some((device, lost))) => {
+            connected(&conn, &device, lost, &frontend).await;
+            device.detach().await;
+            tracing::info!(%frontend, device = %device.name, "guest detached");
+        }
+        Ok(None) => {}
+        Err((code, why)) => {
+            tracing::info!(%frontend, ?code, %why, "guest refused");
+            let _ = conn.send(&Message::error(code, &clean(&why)), &[]).await;
+        }
+    }
+}
+
+type Refusal = (ErrorCode, String);
+
+fn refuse(e: XenbusError) -> Refusal {
+    (ErrorCode::Einval, e.to_string())
+}
+
+/// Until Connected. `Ok(None)` means the guest went away.
+async fn handshake(
+    conn: &AsyncSeqPacket,
+    devices: &HashMap<String, DeviceHandle>,
+    frontend: &str,
+) -> Result<Option<(DeviceHandle, tokio::sync::oneshot::Receiver<Lost>)>, Refusal> {
+    loop {
+        let (msg, fds) = match conn.recv().await {
+            Ok(m) => m,
+            Err(XenbusError::Closed) => return Ok(None),
+            Err(e) => return Err(refuse(e)),
+        };
+        let lookup = |msg: &Message| -> Result<DeviceHandle, Refusal> {
+            let name = msg.require("device").map_err(refuse)?;
+            devices
+                .get(name)
+                .cloned()
+                .ok_or_else(|| (ErrorCode::Enoent, format!("no device {name:?}")))
+        };
+        match msg.kind() {
+            kind::PROBE => {
+                expect_no_fds(&msg, fds).map_err(refuse)?;
+                let dev = lookup(&msg)?;
+                conn.send(&dev.info.backend_message(), &[]).await.map_err(refuse)?;
+            }
+            kind::CONNECT => {
+                let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
+                let fds = DeviceFds::from_received(&msg, fds).map_err(refuse)?;
+                let dev = lookup(&msg)?;
+                if req.ring_page_order().unwrap_or(u8::MAX) > dev.info.max_ring_page_order {
+                    return Err((
+                        ErrorCode::E2big,
+                        format!("ring-page-order above max-ring-page-order {}", dev.info.max_ring_page_order),
+                    ));
+                }
+                let attach = AttachRequest {
+                    frontend: frontend.to_string(),
+                    connect: req,
+                };
+                let lost = dev.attach(attach, fds).await?;
+                conn.send(&dev.info.connected_message(), &[]).await.map_err(refuse)?;
+                tracing::info!(%frontend, device = %dev.name, "guest connected");
+                return Ok(Some((dev, lost)));
+            }
+            other => return Err((ErrorCode::Eproto, format!("unexpected {other:?} before connect"))),
+        }
+    }
+}
+
+/// While Connected: wait for `close`, EOF, or the device being lost.
+async fn connected(
+    conn: &AsyncSeqPacket,
+    device: &DeviceHandle,
+    mut lost: tokio::sync::oneshot::Receiver<Lost>,
+    frontend: &str,
+) {
+    loop {
+        tokio::select! {
+            msg = conn.recv() => match msg {
+                Ok((msg, _fds)) if msg.kind() == kind::CLOSE => {
+                    device.detach().await;
+                    let closed = Message::new(kind::CLOSED).with("state", XenbusState::Closed);
+                    let _ = conn.send(&closed, &[]).await;
+                    return;
+                }
+                Ok((msg, _fds)) => {
+                    let why = format!("unexpected {:?} while connected", msg.kind());
+                    let _ = conn.send(&Message::error(ErrorCode::Eproto, &why), &[]).await;
+                    return;
+                }
+                Err(_) => return,
+            },
+            why = &mut lost => {
+                let (code, text) = match why {
+                    Ok(Lost::Disconnected(r)) => (ErrorCode::Eproto, format!("ring corrupt: {r}")),
+                    Ok(Lost::BackendDied(r)) => (ErrorCode::Enodev, format!("backend died: {r}")),
+                    Err(_) => (ErrorCode::Enodev, "device stopped".to_string()),
+                };
+                tracing::warn!(%frontend, device = %device.name, %text, "guest disconnected");
+                let _ = conn.send(&Message::error(code, &clean(&text)), &[]).await;
+                return;
+            }
+        }
+    }
+}
+
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
+        .take(200)
+        .collect()
+}
