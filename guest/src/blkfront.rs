@@ -512,7 +512,7 @@ impl BlkFront {
         timeout: Duration,
     ) -> Result<Option<BlkifResponse>, DeviceError> {
         self.publish()?;
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout);
         loop {
             if let Some(rsp) = self.ring.take_response().map_err(ring_err)? {
                 self.raw_outstanding = self.raw_outstanding.saturating_sub(1);
@@ -521,7 +521,7 @@ impl BlkFront {
             if self.ring.final_check_for_responses().map_err(ring_err)? {
                 continue;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.left();
             if left.is_zero() {
                 return Ok(None);
             }
@@ -774,7 +774,15 @@ impl BlkFront {
         let mut n = self.local.len();
         out.append(&mut self.local);
         while let Some(rsp) = self.ring.take_response().map_err(ring_err)? {
-            out.push(self.complete(&rsp)?);
+            match self.complete(&rsp) {
+                Ok(completion) => out.push(completion),
+                Err(e) => {
+                    // Consumed but claimed by no slot: if raw requests are
+                    // out, count it as the answer to one of them.
+                    self.raw_outstanding = self.raw_outstanding.saturating_sub(1);
+                    return Err(e);
+                }
+            }
             n += 1;
         }
         Ok(n)
@@ -865,7 +873,7 @@ impl BlockDevice for BlkFront {
         out: &mut Vec<Completion>,
     ) -> Result<(), DeviceError> {
         self.publish()?;
-        let deadline = Instant::now() + timeout;
+        let deadline = Deadline::after(timeout);
         loop {
             if self.reap(out)? > 0 || self.in_flight() == 0 {
                 return Ok(());
@@ -876,13 +884,31 @@ impl BlockDevice for BlkFront {
             if self.ring.final_check_for_responses().map_err(ring_err)? {
                 continue;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.left();
             if left.is_zero() {
                 return self.check_control();
             }
             self.stats.waits += 1;
             self.notify.wait(left).map_err(ring_err)?;
         }
+    }
+}
+
+/// The end of a wait; `None` when the timeout is too large to represent
+/// (wait forever).
+#[derive(Clone, Copy, Debug)]
+struct Deadline(Option<Instant>);
+
+impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Deadline(Instant::now().checked_add(timeout))
+    }
+
+    /// Time left, zero once passed.
+    fn left(self) -> Duration {
+        self.0.map_or(Duration::MAX, |d| {
+            d.saturating_duration_since(Instant::now())
+        })
     }
 }
 

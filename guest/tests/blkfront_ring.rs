@@ -511,6 +511,8 @@ fn out_of_range_response_id_is_an_error() {
         "{err:?}"
     );
 
+    assert_eq!(front.in_flight(), 0);
+
     // The device keeps working afterwards.
     let data = pattern(4096, 1);
     write(&mut front, 1, 8, &data);

@@ -2,6 +2,8 @@
 
 use std::io;
 
+use crate::protocol::ErrorCode;
+
 /// Everything that can go wrong while encoding, decoding, sending or
 /// receiving a control message.
 ///
@@ -124,6 +126,31 @@ pub enum XenbusError {
 }
 
 impl XenbusError {
+    /// The `code` to answer with when this error was caused by the peer's
+    /// message (PROTOCOL.md §4.6), or `None` when there is no one to answer
+    /// (`Io`, `Closed`).
+    pub fn wire_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Io(_) | Self::Closed => None,
+            Self::UnexpectedKind { .. } => Some(ErrorCode::Eproto),
+            Self::Oversize { .. }
+            | Self::BadUtf8(_)
+            | Self::BadKind
+            | Self::BadKey { .. }
+            | Self::BadValue { .. }
+            | Self::BadLine { .. }
+            | Self::EmptyLine { .. }
+            | Self::DuplicateKey { .. }
+            | Self::TooManyKeys
+            | Self::TooManyFds { .. }
+            | Self::Truncated
+            | Self::MissingKey { .. }
+            | Self::InvalidValue { .. }
+            | Self::FdCount { .. }
+            | Self::BadFd { .. } => Some(ErrorCode::Einval),
+        }
+    }
+
     /// Builds an [`XenbusError::InvalidValue`].
     pub(crate) fn invalid(key: &str, value: &str, reason: &'static str) -> Self {
         Self::InvalidValue {
@@ -143,5 +170,26 @@ impl From<io::Error> for XenbusError {
 impl From<rustix::io::Errno> for XenbusError {
     fn from(err: rustix::io::Errno) -> Self {
         Self::Io(err.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_codes() {
+        assert_eq!(XenbusError::BadKind.wire_code(), Some(ErrorCode::Einval));
+        assert_eq!(XenbusError::Truncated.wire_code(), Some(ErrorCode::Einval));
+        assert_eq!(
+            XenbusError::UnexpectedKind {
+                expected: "close",
+                got: "connect".into()
+            }
+            .wire_code(),
+            Some(ErrorCode::Eproto)
+        );
+        assert_eq!(XenbusError::Closed.wire_code(), None);
+        assert_eq!(XenbusError::Io(io::Error::other("x")).wire_code(), None);
     }
 }

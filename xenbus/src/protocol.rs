@@ -1,7 +1,7 @@
 //! Message kinds, key names and typed views of the messages in
 //! `docs/PROTOCOL.md`.
 //!
-//! The codec in [`crate::message`] knows nothing about meanings; this module
+//! The codec in `message.rs` knows nothing about meanings; this module
 //! turns the messages that carry meaning into structs, checking every value
 //! range on the way in, so the supervisor and backends never index with an
 //! unchecked guest number.

@@ -174,6 +174,8 @@ static void print_layout(void)
 
     RING_SIZE_OF(blkif, XEN_PAGE);
     RING_SIZE_OF(blkif, 2 * XEN_PAGE);
+    /* 7 pages: exactly 256 entries without the header, 128 with it. */
+    RING_SIZE_OF(blkif, 7 * XEN_PAGE);
     RING_SIZE_OF(blkif, 16 * XEN_PAGE);
     RING_SIZE_OF(netif_tx, XEN_PAGE);
     RING_SIZE_OF(netif_rx, XEN_PAGE);
