@@ -221,11 +221,8 @@ impl Backend {
         if fe.closing != Closing::No || fe.free.is_empty() {
             return false;
         }
-        match fe.ring.final_check_for_requests() {
-            Ok(work) => work,
-            // Reported by the next consume_requests.
-            Err(_) => true,
-        }
+        // An error is reported by the next consume_requests.
+        fe.ring.final_check_for_requests().unwrap_or(true)
     }
 
     /// Takes every request the ring holds (as far as slots allow), validates
@@ -468,11 +465,8 @@ impl Backend {
             }
             kind::DETACH => match self.frontend.as_mut() {
                 Some(fe) => {
-                    if fe.closing == Closing::No {
-                        fe.closing = Closing::Detach;
-                    } else if fe.closing == Closing::Broken {
-                        fe.closing = Closing::Detach;
-                    }
+                    // Answer `detached` once the in-flight I/O drained.
+                    fe.closing = Closing::Detach;
                     Ok(())
                 }
                 None => self

@@ -143,3 +143,15 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let cfg = Config::parse(include_str!("../../fixtures/shadowback.toml")).unwrap();
+        assert_eq!(cfg.disks[0].name, "disk0");
+        assert_eq!(cfg.disks[0].cache, CacheMode::None);
+    }
+}

@@ -85,39 +85,36 @@ async fn handshake(
     }
 }
 
-/// While Connected: wait for `close`, EOF, or the device being lost.
+/// While Connected: wait for `close`, EOF, or the device being lost;
+/// whichever comes first ends the connection.
 async fn connected(
     conn: &AsyncSeqPacket,
     device: &DeviceHandle,
     mut lost: tokio::sync::oneshot::Receiver<Lost>,
     frontend: &str,
 ) {
-    loop {
-        tokio::select! {
-            msg = conn.recv() => match msg {
-                Ok((msg, _fds)) if msg.kind() == kind::CLOSE => {
-                    device.detach().await;
-                    let closed = Message::new(kind::CLOSED).with("state", XenbusState::Closed);
-                    let _ = conn.send(&closed, &[]).await;
-                    return;
-                }
-                Ok((msg, _fds)) => {
-                    let why = format!("unexpected {:?} while connected", msg.kind());
-                    let _ = conn.send(&Message::error(ErrorCode::Eproto, &why), &[]).await;
-                    return;
-                }
-                Err(_) => return,
-            },
-            why = &mut lost => {
-                let (code, text) = match why {
-                    Ok(Lost::Disconnected(r)) => (ErrorCode::Eproto, format!("ring corrupt: {r}")),
-                    Ok(Lost::BackendDied(r)) => (ErrorCode::Enodev, format!("backend died: {r}")),
-                    Err(_) => (ErrorCode::Enodev, "device stopped".to_string()),
-                };
-                tracing::warn!(%frontend, device = %device.name, %text, "guest disconnected");
-                let _ = conn.send(&Message::error(code, &clean(&text)), &[]).await;
-                return;
+    tokio::select! {
+        msg = conn.recv() => match msg {
+            Ok((msg, _fds)) if msg.kind() == kind::CLOSE => {
+                device.detach().await;
+                let closed = Message::new(kind::CLOSED).with("state", XenbusState::Closed);
+                let _ = conn.send(&closed, &[]).await;
             }
+            Ok((msg, _fds)) => {
+                let why = format!("unexpected {:?} while connected", msg.kind());
+                let _ = conn.send(&Message::error(ErrorCode::Eproto, &why), &[]).await;
+            }
+            // EOF or a broken socket: detach.
+            Err(_) => {}
+        },
+        why = &mut lost => {
+            let (code, text) = match why {
+                Ok(Lost::Disconnected(r)) => (ErrorCode::Eproto, format!("ring corrupt: {r}")),
+                Ok(Lost::BackendDied(r)) => (ErrorCode::Enodev, format!("backend died: {r}")),
+                Err(_) => (ErrorCode::Enodev, "device stopped".to_string()),
+            };
+            tracing::warn!(%frontend, device = %device.name, %text, "guest disconnected");
+            let _ = conn.send(&Message::error(code, &clean(&text)), &[]).await;
         }
     }
 }
