@@ -43,9 +43,13 @@ fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
     if fd < 3 {
         return Err(format!("fd {fd} is a standard stream, not an inherited fd").into());
     }
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| format!("fd {fd} is not open: {e}"))?;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .map_err(|e| format!("fd {fd} is not open: {e}"))?;
     // Close-on-exec: nothing we might start inherits it.
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
     // SAFETY: the fd is open (F_GETFD succeeded) and was handed to this
     // process at exec for it to own; nothing else in the process uses it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })

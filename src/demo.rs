@@ -66,7 +66,9 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(parent: Option<&Path>) -> Result<Self, CliError> {
-        let base = parent.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let base = parent
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("shadowback-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         Ok(TempDir(dir))
@@ -144,7 +146,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         };
         match v["event"].as_str() {
             Some("progress") if !args.json => {
-                let phase = if v["phase"] == "FinalCheck" { "final check" } else { "random I/O" };
+                let phase = if v["phase"] == "FinalCheck" {
+                    "final check"
+                } else {
+                    "random I/O"
+                };
                 eprint!(
                     "\r  {:6.1} s  {:<11} {:>9} ops  {:>8.0} IOPS  errors {}  verify failures {}   ",
                     v["elapsed_s"].as_f64().unwrap_or(0.0),
@@ -212,7 +218,10 @@ fn print_report(r: &Report) {
         "  ops               {:>10}  (reads {}, writes {}, flushes {}, discards {})",
         r.ops, r.reads, r.writes, r.flushes, r.discards
     );
-    println!("  throughput        {:>10.0} IOPS, {:.1} MB/s over {:.1} s", r.iops, r.mb_per_s, r.elapsed_s);
+    println!(
+        "  throughput        {:>10.0} IOPS, {:.1} MB/s over {:.1} s",
+        r.iops, r.mb_per_s, r.elapsed_s
+    );
     println!(
         "  latency           p50 {:.0} us, p99 {:.0} us, max {:.0} us",
         r.lat_us.p50_us, r.lat_us.p99_us, r.lat_us.max_us

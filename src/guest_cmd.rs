@@ -14,7 +14,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
-use shadowback_guest::workload::{BenchConfig, BenchOp, BenchWorkload, Progress, VerifyConfig, VerifyWorkload};
+use shadowback_guest::workload::{
+    BenchConfig, BenchOp, BenchWorkload, Progress, VerifyConfig, VerifyWorkload,
+};
 
 use crate::CliError;
 
@@ -129,7 +131,11 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
             "p99_us": lat.p99_us,
         }));
         dev.detach()?;
-        return Ok(if report.io_errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        return Ok(if report.io_errors == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let mut work = VerifyWorkload::new(VerifyConfig {
         seed: args.seed,
@@ -142,5 +148,9 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
     let ok = report.verify_failures == 0 && report.io_errors == 0;
     emit(&serde_json::json!({"event": "report", "report": report}));
     dev.detach()?;
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

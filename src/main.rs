@@ -16,7 +16,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shadowback", version, about = "Restartable, guest-transparent I/O backends over Xen-compatible rings")]
+#[command(
+    name = "shadowback",
+    version,
+    about = "Restartable, guest-transparent I/O backends over Xen-compatible rings"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,7 +83,9 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 fn up(config: PathBuf) -> Result<ExitCode, CliError> {
     let cfg = shadowback_supervisor::Config::from_file(&config)?;
     let backend = shadowback_supervisor::BackendCommand::current_exe()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -11,7 +11,10 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
-use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse, BLKIF_OP_INDIRECT, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE};
+use shadowback_ring::blkif::{
+    Blkif, BlkifRequest, BlkifResponse, BLKIF_OP_INDIRECT, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
+    BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
+};
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
@@ -199,7 +202,9 @@ impl Backend {
                         self.arm(EventSource::Control, self.control.as_fd().as_raw_fd())?;
                     }
                     EventSource::Kick { generation } => self.handle_kick(generation)?,
-                    EventSource::Io { generation, slot } => self.complete_io(generation, slot, c.result),
+                    EventSource::Io { generation, slot } => {
+                        self.complete_io(generation, slot, c.result)
+                    }
                 }
             }
             self.completions = completions;
@@ -399,7 +404,9 @@ impl Backend {
                 }
             }
             Ok(false) => {}
-            Err(e) => tracing::error!(device = %self.cfg.device, error = %e, "cannot publish responses"),
+            Err(e) => {
+                tracing::error!(device = %self.cfg.device, error = %e, "cannot publish responses")
+            }
         }
     }
 
@@ -444,7 +451,9 @@ impl Backend {
         tracing::info!(device = %self.cfg.device, frontend = %name, "frontend detached");
         if closing == Closing::Detach {
             let msg = Message::new(kind::DETACHED).with("frontend", &name);
-            self.control.send(&msg, &[]).map_err(BackendError::Control)?;
+            self.control
+                .send(&msg, &[])
+                .map_err(BackendError::Control)?;
         }
         Ok(())
     }
@@ -461,7 +470,9 @@ impl Backend {
                     Ok(()) => Message::new(kind::ATTACHED),
                     Err((code, why)) => Message::error(code, &sanitize(&why)),
                 };
-                self.control.send(&reply, &[]).map_err(BackendError::Control)
+                self.control
+                    .send(&reply, &[])
+                    .map_err(BackendError::Control)
             }
             kind::DETACH => match self.frontend.as_mut() {
                 Some(fe) => {
@@ -477,28 +488,44 @@ impl Backend {
             other => {
                 tracing::warn!(kind = other, "unexpected control message");
                 let reply = Message::error(ErrorCode::Eproto, "unexpected message");
-                self.control.send(&reply, &[]).map_err(BackendError::Control)
+                self.control
+                    .send(&reply, &[])
+                    .map_err(BackendError::Control)
             }
         }
     }
 
     /// Maps the guest's region and ring; on failure nothing is kept.
-    fn attach(&mut self, msg: &Message, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), (ErrorCode, String)> {
+    fn attach(
+        &mut self,
+        msg: &Message,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(), (ErrorCode, String)> {
         if self.frontend.is_some() {
             return Err((ErrorCode::Ebusy, "a frontend is already attached".into()));
         }
-        let req = AttachRequest::from_message(msg).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
-        let fds = DeviceFds::from_received(msg, fds).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let req =
+            AttachRequest::from_message(msg).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let fds =
+            DeviceFds::from_received(msg, fds).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
         let order = req.connect.ring_page_order().unwrap_or(u8::MAX);
         if order > self.cfg.max_ring_page_order {
             return Err((
                 ErrorCode::Einval,
-                format!("ring-page-order {order} exceeds {}", self.cfg.max_ring_page_order),
+                format!(
+                    "ring-page-order {order} exceeds {}",
+                    self.cfg.max_ring_page_order
+                ),
             ));
         }
         let inval = |e: RingError| (ErrorCode::Einval, e.to_string());
         let region = Arc::new(SharedRegion::from_fd(fds.region).map_err(inval)?);
-        let grants = GrantMapper::new(region.clone(), req.connect.grant_frames, self.cfg.backend_id).map_err(inval)?;
+        let grants = GrantMapper::new(
+            region.clone(),
+            req.connect.grant_frames,
+            self.cfg.backend_id,
+        )
+        .map_err(inval)?;
         let pages = req
             .connect
             .ring_refs
@@ -506,7 +533,8 @@ impl Backend {
             .map(|&gref| grants.map(gref, Access::Write))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| (ErrorCode::Einval, format!("ring grant: {e}")))?;
-        let ring = BackRing::<Blkif>::attach(RingPages::new(region.clone(), pages).map_err(inval)?).map_err(inval)?;
+        let ring = BackRing::<Blkif>::attach(RingPages::new(region.clone(), pages).map_err(inval)?)
+            .map_err(inval)?;
         let kick = EventChannel::from_fd(fds.kick).map_err(inval)?;
         let notify = EventChannel::from_fd(fds.notify).map_err(inval)?;
         let size = ring.size();
@@ -534,7 +562,10 @@ impl Backend {
 }
 
 /// Turns region byte ranges into iovecs checked against the mapping.
-fn io_buffers(region: &Arc<SharedRegion>, bufs: &[crate::request::GuestBuf]) -> Result<IoBuffers, EngineError> {
+fn io_buffers(
+    region: &Arc<SharedRegion>,
+    bufs: &[crate::request::GuestBuf],
+) -> Result<IoBuffers, EngineError> {
     let ranges: Vec<(u64, usize)> = bufs.iter().map(|b| (b.offset, b.len as usize)).collect();
     IoBuffers::from_ranges(region.clone(), &ranges)
 }
@@ -556,8 +587,14 @@ mod tests {
         for src in [
             EventSource::Control,
             EventSource::Kick { generation: 7 },
-            EventSource::Io { generation: u32::MAX, slot: 511 },
-            EventSource::Io { generation: 1, slot: 0 },
+            EventSource::Io {
+                generation: u32::MAX,
+                slot: 511,
+            },
+            EventSource::Io {
+                generation: 1,
+                slot: 0,
+            },
         ] {
             assert_eq!(EventSource::decode(src.encode()), src);
         }

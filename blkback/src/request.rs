@@ -44,7 +44,11 @@ pub enum BlkError {
     #[error("segment {index}: first_sect {first} / last_sect {last} out of range")]
     BadSegment { index: u32, first: u8, last: u8 },
     #[error("sectors {start}+{count} exceed the disk's {capacity}")]
-    BeyondDisk { start: u64, count: u64, capacity: u64 },
+    BeyondDisk {
+        start: u64,
+        count: u64,
+        capacity: u64,
+    },
     #[error("write to a read-only disk")]
     ReadOnly,
     #[error("empty discard")]
@@ -98,7 +102,11 @@ impl BlkOp {
 }
 
 /// Validates `req` against the disk and the guest's grants.
-pub fn parse(req: &BlkifRequest, disk: &DiskGeometry, grants: &GrantMapper) -> Result<BlkOp, BlkError> {
+pub fn parse(
+    req: &BlkifRequest,
+    disk: &DiskGeometry,
+    grants: &GrantMapper,
+) -> Result<BlkOp, BlkError> {
     match req.operation {
         BLKIF_OP_READ | BLKIF_OP_WRITE => {
             let n = usize::from(req.nr_segments);
@@ -108,7 +116,13 @@ pub fn parse(req: &BlkifRequest, disk: &DiskGeometry, grants: &GrantMapper) -> R
                     max: BLKIF_MAX_SEGMENTS_PER_REQUEST as u32,
                 });
             }
-            data_op(req.operation, req.sector_number, &req.seg[..n], disk, grants)
+            data_op(
+                req.operation,
+                req.sector_number,
+                &req.seg[..n],
+                disk,
+                grants,
+            )
         }
         BLKIF_OP_INDIRECT => {
             let ind = req.as_indirect();
@@ -329,30 +343,55 @@ mod tests {
     #[test]
     fn valid_requests_are_parsed() {
         let (_t, grants) = setup();
-        let op = parse(&rw(BLKIF_OP_READ, 0, &[seg(1, 0, 7), seg(2, 0, 3)]), &DISK, &grants).unwrap();
+        let op = parse(
+            &rw(BLKIF_OP_READ, 0, &[seg(1, 0, 7), seg(2, 0, 3)]),
+            &DISK,
+            &grants,
+        )
+        .unwrap();
         // Frames 9 and 10 are adjacent: one buffer.
         assert_eq!(
             op,
             BlkOp::Read {
                 sector: 0,
-                bufs: vec![GuestBuf { offset: 9 * 4096, len: 4096 + 2048 }]
+                bufs: vec![GuestBuf {
+                    offset: 9 * 4096,
+                    len: 4096 + 2048
+                }]
             }
         );
-        let op = parse(&rw(BLKIF_OP_WRITE, 1012, &[seg(50, 2, 7), seg(3, 0, 5)]), &DISK, &grants).unwrap();
+        let op = parse(
+            &rw(BLKIF_OP_WRITE, 1012, &[seg(50, 2, 7), seg(3, 0, 5)]),
+            &DISK,
+            &grants,
+        )
+        .unwrap();
         assert_eq!(
             op,
             BlkOp::Write {
                 sector: 1012,
                 bufs: vec![
-                    GuestBuf { offset: 5 * 4096 + 1024, len: 3072 },
-                    GuestBuf { offset: 11 * 4096, len: 3072 }
+                    GuestBuf {
+                        offset: 5 * 4096 + 1024,
+                        len: 3072
+                    },
+                    GuestBuf {
+                        offset: 11 * 4096,
+                        len: 3072
+                    }
                 ]
             }
         );
-        assert_eq!(parse(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]), &DISK, &grants), Ok(BlkOp::Flush));
+        assert_eq!(
+            parse(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]), &DISK, &grants),
+            Ok(BlkOp::Flush)
+        );
         assert_eq!(
             parse(&discard(1000, 24), &DISK, &grants),
-            Ok(BlkOp::Discard { sector: 1000, sectors: 24 })
+            Ok(BlkOp::Discard {
+                sector: 1000,
+                sectors: 24
+            })
         );
         // 40 segments through two indirect pages... one page holds 512, use 1.
         let segs: Vec<_> = (1..=40).map(|g| seg(g, 0, 7)).collect();
@@ -378,37 +417,223 @@ mod tests {
         let mut too_many = rw(BLKIF_OP_READ, 0, &[seg(1, 0, 7)]);
         too_many.nr_segments = 12;
         let cases: Vec<(&str, BlkifRequest, DiskGeometry, BlkError)> = vec![
-            ("unknown op", rw(200, 0, &[seg(1, 0, 7)]), DISK, BlkError::UnknownOp(200)),
-            ("reserved op", rw(4, 0, &[seg(1, 0, 7)]), DISK, BlkError::UnknownOp(4)),
-            ("barrier", rw(BLKIF_OP_WRITE_BARRIER, 0, &[]), DISK, BlkError::Unsupported(2)),
-            ("no segments", rw(BLKIF_OP_READ, 0, &[]), DISK, BlkError::NoSegments),
-            ("12 segments", too_many, DISK, BlkError::TooManySegments { got: 12, max: 11 }),
-            ("first > last", rw(BLKIF_OP_READ, 0, &[seg(1, 4, 3)]), DISK, BlkError::BadSegment { index: 0, first: 4, last: 3 }),
-            ("last > 7", rw(BLKIF_OP_READ, 0, &[seg(1, 0, 7), seg(2, 0, 8)]), DISK, BlkError::BadSegment { index: 1, first: 0, last: 8 }),
-            ("past the end", rw(BLKIF_OP_READ, 1017, &[seg(1, 0, 7)]), DISK, BlkError::BeyondDisk { start: 1017, count: 8, capacity: 1024 }),
-            ("sector overflow", rw(BLKIF_OP_WRITE, u64::MAX - 2, &[seg(1, 0, 7)]), DISK, BlkError::BeyondDisk { start: u64::MAX - 2, count: 8, capacity: 1024 }),
-            ("grant out of range", rw(BLKIF_OP_READ, 0, &[seg(9999, 0, 7)]), DISK, GrantError::RefOutOfRange { gref: 9999, entries: 512 }.into()),
-            ("grant not permitted", rw(BLKIF_OP_READ, 0, &[seg(53, 0, 7)]), DISK, GrantError::NotPermitted { gref: 53, flags: 0 }.into()),
-            ("grant never made", rw(BLKIF_OP_WRITE, 0, &[seg(45, 0, 7)]), DISK, GrantError::NotPermitted { gref: 45, flags: 0 }.into()),
-            ("grant for another domain", rw(BLKIF_OP_WRITE, 0, &[seg(51, 0, 7)]), DISK, GrantError::WrongDomain { gref: 51, domid: 9, expected: 0 }.into()),
-            ("frame outside region", rw(BLKIF_OP_WRITE, 0, &[seg(52, 0, 7)]), DISK, GrantError::FrameOutOfRange { gref: 52, frame: 64, pages: 64 }.into()),
-            ("read into read-only grant", rw(BLKIF_OP_READ, 0, &[seg(50, 0, 7)]), DISK, GrantError::ReadOnly { gref: 50 }.into()),
-            ("write to read-only disk", rw(BLKIF_OP_WRITE, 0, &[seg(1, 0, 7)]), readonly, BlkError::ReadOnly),
-            ("discard on read-only disk", discard(0, 8), readonly, BlkError::ReadOnly),
-            ("discard unsupported", discard(0, 8), no_features, BlkError::Unsupported(BLKIF_OP_DISCARD)),
+            (
+                "unknown op",
+                rw(200, 0, &[seg(1, 0, 7)]),
+                DISK,
+                BlkError::UnknownOp(200),
+            ),
+            (
+                "reserved op",
+                rw(4, 0, &[seg(1, 0, 7)]),
+                DISK,
+                BlkError::UnknownOp(4),
+            ),
+            (
+                "barrier",
+                rw(BLKIF_OP_WRITE_BARRIER, 0, &[]),
+                DISK,
+                BlkError::Unsupported(2),
+            ),
+            (
+                "no segments",
+                rw(BLKIF_OP_READ, 0, &[]),
+                DISK,
+                BlkError::NoSegments,
+            ),
+            (
+                "12 segments",
+                too_many,
+                DISK,
+                BlkError::TooManySegments { got: 12, max: 11 },
+            ),
+            (
+                "first > last",
+                rw(BLKIF_OP_READ, 0, &[seg(1, 4, 3)]),
+                DISK,
+                BlkError::BadSegment {
+                    index: 0,
+                    first: 4,
+                    last: 3,
+                },
+            ),
+            (
+                "last > 7",
+                rw(BLKIF_OP_READ, 0, &[seg(1, 0, 7), seg(2, 0, 8)]),
+                DISK,
+                BlkError::BadSegment {
+                    index: 1,
+                    first: 0,
+                    last: 8,
+                },
+            ),
+            (
+                "past the end",
+                rw(BLKIF_OP_READ, 1017, &[seg(1, 0, 7)]),
+                DISK,
+                BlkError::BeyondDisk {
+                    start: 1017,
+                    count: 8,
+                    capacity: 1024,
+                },
+            ),
+            (
+                "sector overflow",
+                rw(BLKIF_OP_WRITE, u64::MAX - 2, &[seg(1, 0, 7)]),
+                DISK,
+                BlkError::BeyondDisk {
+                    start: u64::MAX - 2,
+                    count: 8,
+                    capacity: 1024,
+                },
+            ),
+            (
+                "grant out of range",
+                rw(BLKIF_OP_READ, 0, &[seg(9999, 0, 7)]),
+                DISK,
+                GrantError::RefOutOfRange {
+                    gref: 9999,
+                    entries: 512,
+                }
+                .into(),
+            ),
+            (
+                "grant not permitted",
+                rw(BLKIF_OP_READ, 0, &[seg(53, 0, 7)]),
+                DISK,
+                GrantError::NotPermitted { gref: 53, flags: 0 }.into(),
+            ),
+            (
+                "grant never made",
+                rw(BLKIF_OP_WRITE, 0, &[seg(45, 0, 7)]),
+                DISK,
+                GrantError::NotPermitted { gref: 45, flags: 0 }.into(),
+            ),
+            (
+                "grant for another domain",
+                rw(BLKIF_OP_WRITE, 0, &[seg(51, 0, 7)]),
+                DISK,
+                GrantError::WrongDomain {
+                    gref: 51,
+                    domid: 9,
+                    expected: 0,
+                }
+                .into(),
+            ),
+            (
+                "frame outside region",
+                rw(BLKIF_OP_WRITE, 0, &[seg(52, 0, 7)]),
+                DISK,
+                GrantError::FrameOutOfRange {
+                    gref: 52,
+                    frame: 64,
+                    pages: 64,
+                }
+                .into(),
+            ),
+            (
+                "read into read-only grant",
+                rw(BLKIF_OP_READ, 0, &[seg(50, 0, 7)]),
+                DISK,
+                GrantError::ReadOnly { gref: 50 }.into(),
+            ),
+            (
+                "write to read-only disk",
+                rw(BLKIF_OP_WRITE, 0, &[seg(1, 0, 7)]),
+                readonly,
+                BlkError::ReadOnly,
+            ),
+            (
+                "discard on read-only disk",
+                discard(0, 8),
+                readonly,
+                BlkError::ReadOnly,
+            ),
+            (
+                "discard unsupported",
+                discard(0, 8),
+                no_features,
+                BlkError::Unsupported(BLKIF_OP_DISCARD),
+            ),
             ("empty discard", discard(0, 0), DISK, BlkError::EmptyDiscard),
-            ("discard past the end", discard(1020, 5), DISK, BlkError::BeyondDisk { start: 1020, count: 5, capacity: 1024 }),
-            ("discard overflow", discard(8, u64::MAX), DISK, BlkError::BeyondDisk { start: 8, count: u64::MAX, capacity: 1024 }),
-            ("indirect unsupported", indirect(BLKIF_OP_READ, 0, 1, &[60]), no_features, BlkError::Unsupported(BLKIF_OP_INDIRECT)),
-            ("indirect bad inner op", indirect(BLKIF_OP_FLUSH_DISKCACHE, 0, 1, &[60]), DISK, BlkError::UnknownOp(BLKIF_OP_FLUSH_DISKCACHE)),
-            ("indirect zero segments", indirect(BLKIF_OP_READ, 0, 0, &[60]), DISK, BlkError::NoSegments),
-            ("indirect beyond limit", indirect(BLKIF_OP_READ, 0, 257, &[60]), DISK, BlkError::TooManySegments { got: 257, max: 256 }),
-            ("indirect bad segment", indirect(BLKIF_OP_READ, 0, 2, &[60]), DISK, BlkError::BadSegment { index: 1, first: 5, last: 3 }),
-            ("indirect page not granted", indirect(BLKIF_OP_READ, 0, 1, &[45]), DISK, GrantError::NotPermitted { gref: 45, flags: 0 }.into()),
-            ("indirect data for another domain", indirect(BLKIF_OP_WRITE, 0, 1, &[61]), DISK, GrantError::WrongDomain { gref: 51, domid: 9, expected: 0 }.into()),
+            (
+                "discard past the end",
+                discard(1020, 5),
+                DISK,
+                BlkError::BeyondDisk {
+                    start: 1020,
+                    count: 5,
+                    capacity: 1024,
+                },
+            ),
+            (
+                "discard overflow",
+                discard(8, u64::MAX),
+                DISK,
+                BlkError::BeyondDisk {
+                    start: 8,
+                    count: u64::MAX,
+                    capacity: 1024,
+                },
+            ),
+            (
+                "indirect unsupported",
+                indirect(BLKIF_OP_READ, 0, 1, &[60]),
+                no_features,
+                BlkError::Unsupported(BLKIF_OP_INDIRECT),
+            ),
+            (
+                "indirect bad inner op",
+                indirect(BLKIF_OP_FLUSH_DISKCACHE, 0, 1, &[60]),
+                DISK,
+                BlkError::UnknownOp(BLKIF_OP_FLUSH_DISKCACHE),
+            ),
+            (
+                "indirect zero segments",
+                indirect(BLKIF_OP_READ, 0, 0, &[60]),
+                DISK,
+                BlkError::NoSegments,
+            ),
+            (
+                "indirect beyond limit",
+                indirect(BLKIF_OP_READ, 0, 257, &[60]),
+                DISK,
+                BlkError::TooManySegments { got: 257, max: 256 },
+            ),
+            (
+                "indirect bad segment",
+                indirect(BLKIF_OP_READ, 0, 2, &[60]),
+                DISK,
+                BlkError::BadSegment {
+                    index: 1,
+                    first: 5,
+                    last: 3,
+                },
+            ),
+            (
+                "indirect page not granted",
+                indirect(BLKIF_OP_READ, 0, 1, &[45]),
+                DISK,
+                GrantError::NotPermitted { gref: 45, flags: 0 }.into(),
+            ),
+            (
+                "indirect data for another domain",
+                indirect(BLKIF_OP_WRITE, 0, 1, &[61]),
+                DISK,
+                GrantError::WrongDomain {
+                    gref: 51,
+                    domid: 9,
+                    expected: 0,
+                }
+                .into(),
+            ),
         ];
         for (name, req, disk, want) in cases {
-            assert_eq!(parse(&req, &disk, &grants), Err(want.clone()), "case {name}");
+            assert_eq!(
+                parse(&req, &disk, &grants),
+                Err(want.clone()),
+                "case {name}"
+            );
             let status = want.status();
             assert!(status < 0, "case {name} must answer an error status");
         }

@@ -62,13 +62,15 @@ pub struct Config {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, SupervisorError> {
-        let text = std::fs::read_to_string(path).map_err(|e| SupervisorError::Config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SupervisorError::Config(format!("{}: {e}", path.display())))?;
         Self::parse(&text)
     }
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Self, SupervisorError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| SupervisorError::Config(e.to_string()))?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| SupervisorError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -81,7 +83,9 @@ impl Config {
         for (i, d) in self.disks.iter().enumerate() {
             let ok_name = !d.name.is_empty()
                 && d.name.len() <= 64
-                && d.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+                && d.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
             if !ok_name {
                 return Err(SupervisorError::Config(format!(
                     "disk name {:?}: use 1-64 characters of [A-Za-z0-9_-]",
@@ -89,7 +93,10 @@ impl Config {
                 )));
             }
             if self.disks[..i].iter().any(|o| o.name == d.name) {
-                return Err(SupervisorError::Config(format!("disk name {:?} used twice", d.name)));
+                return Err(SupervisorError::Config(format!(
+                    "disk name {:?} used twice",
+                    d.name
+                )));
             }
             if d.max_ring_page_order > 4 {
                 return Err(SupervisorError::Config(format!(

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use shadowback_xenbus::protocol::{expect_no_fds, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::protocol::{
+    expect_no_fds, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode,
+};
 use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
 
 use crate::device::{DeviceHandle, Lost};
@@ -15,7 +17,10 @@ static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 /// with an `error` message and the socket is closed; nothing a guest sends
 /// can stop the supervisor or disturb another guest.
 pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<HashMap<String, DeviceHandle>>) {
-    let frontend = format!("fe{}", NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let frontend = format!(
+        "fe{}",
+        NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     match handshake(&conn, &devices, &frontend).await {
         Ok(Some((device, lost))) => {
             connected(&conn, &device, lost, &frontend).await;
@@ -59,7 +64,9 @@ async fn handshake(
             kind::PROBE => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
-                conn.send(&dev.info.backend_message(), &[]).await.map_err(refuse)?;
+                conn.send(&dev.info.backend_message(), &[])
+                    .await
+                    .map_err(refuse)?;
             }
             kind::CONNECT => {
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
@@ -68,7 +75,10 @@ async fn handshake(
                 if req.ring_page_order().unwrap_or(u8::MAX) > dev.info.max_ring_page_order {
                     return Err((
                         ErrorCode::E2big,
-                        format!("ring-page-order above max-ring-page-order {}", dev.info.max_ring_page_order),
+                        format!(
+                            "ring-page-order above max-ring-page-order {}",
+                            dev.info.max_ring_page_order
+                        ),
                     ));
                 }
                 let attach = AttachRequest {
@@ -76,11 +86,18 @@ async fn handshake(
                     connect: req,
                 };
                 let lost = dev.attach(attach, fds).await?;
-                conn.send(&dev.info.connected_message(), &[]).await.map_err(refuse)?;
+                conn.send(&dev.info.connected_message(), &[])
+                    .await
+                    .map_err(refuse)?;
                 tracing::info!(%frontend, device = %dev.name, "guest connected");
                 return Ok(Some((dev, lost)));
             }
-            other => return Err((ErrorCode::Eproto, format!("unexpected {other:?} before connect"))),
+            other => {
+                return Err((
+                    ErrorCode::Eproto,
+                    format!("unexpected {other:?} before connect"),
+                ))
+            }
         }
     }
 }

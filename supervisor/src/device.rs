@@ -49,7 +49,11 @@ pub struct DeviceHandle {
 impl DeviceHandle {
     /// Asks the backend to attach; on success returns a receiver that fires
     /// if the device is lost while attached.
-    pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
+    pub async fn attach(
+        &self,
+        req: AttachRequest,
+        fds: DeviceFds,
+    ) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Attach { req, fds, reply })
@@ -69,10 +73,14 @@ impl DeviceHandle {
 }
 
 /// Opens the disk, starts its backend and the task that owns both.
-pub fn start_device(cfg: &DiskConfig, cmd: &BackendCommand) -> Result<DeviceHandle, SupervisorError> {
+pub fn start_device(
+    cfg: &DiskConfig,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
     let disk = open_disk(cfg)?;
     let (child, control) = spawn_backend(cmd, cfg, &disk)?;
-    let control = AsyncSeqPacket::new(control).map_err(|e| SupervisorError::Spawn(e.to_string()))?;
+    let control =
+        AsyncSeqPacket::new(control).map_err(|e| SupervisorError::Spawn(e.to_string()))?;
     let info = BackendInfo {
         backend_id: cfg.backend_id,
         sectors: disk.sectors,
@@ -192,14 +200,23 @@ impl DeviceTask {
         }
     }
 
-    async fn attach(&mut self, req: AttachRequest, fds: DeviceFds) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
+    async fn attach(
+        &mut self,
+        req: AttachRequest,
+        fds: DeviceFds,
+    ) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
         if let Some(why) = &self.dead {
             return Err((ErrorCode::Enodev, why.clone()));
         }
         if self.attached.as_ref().is_some_and(|tx| !tx.is_closed()) {
-            return Err((ErrorCode::Ebusy, format!("device {} is already connected", self.name)));
+            return Err((
+                ErrorCode::Ebusy,
+                format!("device {} is already connected", self.name),
+            ));
         }
-        let msg = req.to_message().map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let msg = req
+            .to_message()
+            .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
         self.control
             .send(&msg, &fds.as_borrowed())
             .await
@@ -217,7 +234,13 @@ impl DeviceTask {
                     .get("code")
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(ErrorCode::Einval);
-                Err((code, reply.get("message").unwrap_or("backend refused").to_string()))
+                Err((
+                    code,
+                    reply
+                        .get("message")
+                        .unwrap_or("backend refused")
+                        .to_string(),
+                ))
             }
             other => Err((ErrorCode::Eproto, format!("backend answered {other}"))),
         }
@@ -228,12 +251,19 @@ impl DeviceTask {
         if self.dead.is_some() {
             return;
         }
-        if self.control.send(&Message::new(kind::DETACH), &[]).await.is_err() {
+        if self
+            .control
+            .send(&Message::new(kind::DETACH), &[])
+            .await
+            .is_err()
+        {
             return;
         }
         match self.reply().await {
             Ok(msg) if msg.kind() == kind::DETACHED => {}
-            Ok(msg) => tracing::warn!(device = %self.name, kind = msg.kind(), "unexpected reply to detach"),
+            Ok(msg) => {
+                tracing::warn!(device = %self.name, kind = msg.kind(), "unexpected reply to detach")
+            }
             Err(e) => tracing::warn!(device = %self.name, error = %e, "detach failed"),
         }
     }

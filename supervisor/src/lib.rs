@@ -44,10 +44,11 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
-    let listener = AsyncSeqPacketListener::bind(&cfg.socket).map_err(|e| SupervisorError::Socket {
-        path: cfg.socket.clone(),
-        reason: e.to_string(),
-    })?;
+    let listener =
+        AsyncSeqPacketListener::bind(&cfg.socket).map_err(|e| SupervisorError::Socket {
+            path: cfg.socket.clone(),
+            reason: e.to_string(),
+        })?;
     let mut devices = HashMap::new();
     for disk in &cfg.disks {
         let handle = device::start_device(disk, &backend)?;
@@ -103,7 +104,9 @@ impl SupervisorThread {
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !socket.exists() {
-            if me.thread.as_ref().is_some_and(|t| t.is_finished()) || std::time::Instant::now() > deadline {
+            if me.thread.as_ref().is_some_and(|t| t.is_finished())
+                || std::time::Instant::now() > deadline
+            {
                 let res = me.thread.take().map(|t| t.join());
                 return Err(match res {
                     Some(Ok(Err(e))) => e,
@@ -124,7 +127,9 @@ impl SupervisorThread {
         let _ = self.stop.send(true);
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(res)) => res,
-            Some(Err(_)) => Err(SupervisorError::Runtime("supervisor thread panicked".into())),
+            Some(Err(_)) => Err(SupervisorError::Runtime(
+                "supervisor thread panicked".into(),
+            )),
             None => Ok(()),
         }
     }
