@@ -17,7 +17,7 @@ use shadowback_ring::blkif::{
 };
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::sring::{BackRing, RingPages};
-use shadowback_ring::{EventChannel, RingError, SharedRegion};
+use shadowback_ring::{EventChannel, RingError, SharedRegion, MAX_REGION_PAGES, PAGE_SIZE};
 use shadowback_xenbus::protocol::{kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 
@@ -434,7 +434,7 @@ impl Backend {
         let msg = Message::new(kind::DISCONNECT)
             .with("frontend", &fe.name)
             .with("reason", sanitize(&err.to_string()));
-        self.control.send(&msg, &[]).map_err(BackendError::Control)
+        self.control.send(&msg, &[]).map_err(control_err)
     }
 
     /// Drops a closing frontend once its I/O has drained.
@@ -451,9 +451,7 @@ impl Backend {
         tracing::info!(device = %self.cfg.device, frontend = %name, "frontend detached");
         if closing == Closing::Detach {
             let msg = Message::new(kind::DETACHED).with("frontend", &name);
-            self.control
-                .send(&msg, &[])
-                .map_err(BackendError::Control)?;
+            self.control.send(&msg, &[]).map_err(control_err)?;
         }
         Ok(())
     }
@@ -462,7 +460,7 @@ impl Backend {
         let (msg, fds) = match self.control.recv() {
             Ok(m) => m,
             Err(XenbusError::Closed) => return Err(BackendError::SupervisorGone),
-            Err(e) => return Err(BackendError::Control(e)),
+            Err(e) => return Err(control_err(e)),
         };
         match msg.kind() {
             kind::ATTACH => {
@@ -470,9 +468,7 @@ impl Backend {
                     Ok(()) => Message::new(kind::ATTACHED),
                     Err((code, why)) => Message::error(code, &sanitize(&why)),
                 };
-                self.control
-                    .send(&reply, &[])
-                    .map_err(BackendError::Control)
+                self.control.send(&reply, &[]).map_err(control_err)
             }
             kind::DETACH => match self.frontend.as_mut() {
                 Some(fe) => {
@@ -483,14 +479,12 @@ impl Backend {
                 None => self
                     .control
                     .send(&Message::new(kind::DETACHED), &[])
-                    .map_err(BackendError::Control),
+                    .map_err(control_err),
             },
             other => {
                 tracing::warn!(kind = other, "unexpected control message");
                 let reply = Message::error(ErrorCode::Eproto, "unexpected message");
-                self.control
-                    .send(&reply, &[])
-                    .map_err(BackendError::Control)
+                self.control.send(&reply, &[]).map_err(control_err)
             }
         }
     }
@@ -519,7 +513,12 @@ impl Backend {
             ));
         }
         let inval = |e: RingError| (ErrorCode::Einval, e.to_string());
-        let region = Arc::new(SharedRegion::from_fd(fds.region).map_err(inval)?);
+        let region = Arc::new(SharedRegion::from_fd(fds.region).map_err(|e| match e {
+            RingError::BadRegionSize(n) if n > u64::from(MAX_REGION_PAGES) * PAGE_SIZE as u64 => {
+                (ErrorCode::E2big, e.to_string())
+            }
+            e => inval(e),
+        })?);
         let grants = GrantMapper::new(
             region.clone(),
             req.connect.grant_frames,
@@ -558,6 +557,14 @@ impl Backend {
             .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         tracing::info!(device = %self.cfg.device, ring_size = size, order, "frontend attached");
         Ok(())
+    }
+}
+
+/// A closed control channel means the supervisor is gone: exit quietly.
+fn control_err(e: XenbusError) -> BackendError {
+    match e {
+        XenbusError::Closed => BackendError::SupervisorGone,
+        e => BackendError::Control(e),
     }
 }
 

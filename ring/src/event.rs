@@ -16,6 +16,10 @@ use crate::RingError;
 #[derive(Debug)]
 pub struct EventChannel {
     fd: OwnedFd,
+    /// `O_NONBLOCK` is set on the open file. A received fd shares its file
+    /// status flags with the peer, so we never change them; a blocking one
+    /// is polled before every read instead.
+    nonblocking: bool,
 }
 
 impl EventChannel {
@@ -23,17 +27,20 @@ impl EventChannel {
     pub fn new() -> Result<Self, RingError> {
         let fd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
             .map_err(|e| RingError::Event(e.into()))?;
-        Ok(EventChannel { fd: fd.into() })
+        Ok(EventChannel {
+            fd: fd.into(),
+            nonblocking: true,
+        })
     }
 
-    /// Wraps an eventfd received from a peer. The fd is switched to
-    /// non-blocking mode; a fd that is not an eventfd fails on first use.
+    /// Wraps an eventfd received from a peer. Its flags are left as the
+    /// peer set them (they are shared with the peer's copy); a fd that is not
+    /// an eventfd fails on first use.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
-        let raw = fd.as_raw_fd();
-        let flags = fcntl(raw, FcntlArg::F_GETFL).map_err(|e| RingError::Event(e.into()))?;
-        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-        fcntl(raw, FcntlArg::F_SETFL(flags)).map_err(|e| RingError::Event(e.into()))?;
-        Ok(EventChannel { fd })
+        let flags =
+            fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| RingError::Event(e.into()))?;
+        let nonblocking = OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK);
+        Ok(EventChannel { fd, nonblocking })
     }
 
     /// Sends one notification (`notify_remote_via_evtchn`).
@@ -52,6 +59,9 @@ impl EventChannel {
     /// Consumes pending notifications; returns how many were counted
     /// (0 when none was pending).
     pub fn drain(&self) -> Result<u64, RingError> {
+        if !self.nonblocking && !self.readable(0)? {
+            return Ok(0);
+        }
         let mut buf = [0u8; 8];
         loop {
             return match nix::unistd::read(self.fd.as_raw_fd(), &mut buf) {
@@ -73,6 +83,11 @@ impl EventChannel {
             return Ok(true);
         }
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        Ok(self.readable(ms)? && self.drain()? > 0)
+    }
+
+    /// Waits up to `ms` milliseconds for the counter to be non-zero.
+    fn readable(&self, ms: i32) -> Result<bool, RingError> {
         let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
         loop {
             match poll(
@@ -80,7 +95,7 @@ impl EventChannel {
                 PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
             ) {
                 Ok(0) => return Ok(false),
-                Ok(_) => return Ok(self.drain()? > 0),
+                Ok(_) => return Ok(true),
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(RingError::Event(e.into())),
             }
@@ -120,5 +135,20 @@ mod tests {
         assert!(!ch.wait(Duration::from_millis(10)).unwrap());
         peer.notify().unwrap();
         assert!(ch.wait(Duration::from_secs(1)).unwrap());
+    }
+
+    #[test]
+    fn a_received_blocking_fd_keeps_its_flags_and_never_blocks() {
+        let fd = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+            .unwrap();
+        let fd: OwnedFd = fd.into();
+        let peer_copy = fd.try_clone().unwrap();
+        let ch = EventChannel::from_fd(fd).unwrap();
+        let flags = fcntl(peer_copy.as_raw_fd(), FcntlArg::F_GETFL).unwrap();
+        assert!(!OFlag::from_bits_truncate(flags).contains(OFlag::O_NONBLOCK));
+        // Nothing pending: a blocking eventfd must not block drain().
+        assert_eq!(ch.drain().unwrap(), 0);
+        ch.notify().unwrap();
+        assert_eq!(ch.drain().unwrap(), 1);
     }
 }

@@ -9,7 +9,7 @@ use shadowback_xenbus::protocol::{
 };
 use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
 
-use crate::device::{DeviceHandle, Lost};
+use crate::device::{Attachment, DeviceHandle, Lost};
 
 static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -22,10 +22,18 @@ pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<HashMap<String, Devi
         NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
     match handshake(&conn, &devices, &frontend).await {
-        Ok(Some((device, lost))) => {
-            connected(&conn, &device, lost, &frontend).await;
-            device.detach().await;
+        Ok(Some((device, attachment))) => {
+            let end = connected(&conn, &device, attachment.lost, &frontend).await;
+            // Exactly one detach per attachment, tagged so that it can never
+            // detach a guest that attached after us.
+            device.detach(attachment.id).await;
             tracing::info!(%frontend, device = %device.name, "guest detached");
+            let reply = match end {
+                End::Closed => Message::new(kind::CLOSED).with("state", XenbusState::Closed),
+                End::Refused(code, why) => Message::error(code, &clean(&why)),
+                End::Gone => return,
+            };
+            let _ = conn.send(&reply, &[]).await;
         }
         Ok(None) => {}
         Err((code, why)) => {
@@ -46,7 +54,7 @@ async fn handshake(
     conn: &AsyncSeqPacket,
     devices: &HashMap<String, DeviceHandle>,
     frontend: &str,
-) -> Result<Option<(DeviceHandle, tokio::sync::oneshot::Receiver<Lost>)>, Refusal> {
+) -> Result<Option<(DeviceHandle, Attachment)>, Refusal> {
     loop {
         let (msg, fds) = match conn.recv().await {
             Ok(m) => m,
@@ -72,6 +80,7 @@ async fn handshake(
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
                 let fds = DeviceFds::from_received(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
+                fds.check(&req).map_err(refuse)?;
                 if req.ring_page_order().unwrap_or(u8::MAX) > dev.info.max_ring_page_order {
                     return Err((
                         ErrorCode::E2big,
@@ -85,53 +94,62 @@ async fn handshake(
                     frontend: frontend.to_string(),
                     connect: req,
                 };
-                let lost = dev.attach(attach, fds).await?;
-                conn.send(&dev.info.connected_message(), &[])
-                    .await
-                    .map_err(refuse)?;
+                let attachment = dev.attach(attach, fds).await?;
+                if let Err(e) = conn.send(&dev.info.connected_message(), &[]).await {
+                    dev.detach(attachment.id).await;
+                    return Err(refuse(e));
+                }
                 tracing::info!(%frontend, device = %dev.name, "guest connected");
-                return Ok(Some((dev, lost)));
+                return Ok(Some((dev, attachment)));
             }
-            other => {
+            known
+            @ (kind::CLOSE | kind::BACKEND | kind::CONNECTED | kind::CLOSED | kind::ERROR) => {
                 return Err((
                     ErrorCode::Eproto,
-                    format!("unexpected {other:?} before connect"),
+                    format!("unexpected {known:?} before connect"),
                 ))
             }
+            other => return Err((ErrorCode::Einval, format!("unknown message kind {other:?}"))),
         }
     }
 }
 
+/// How a connected session ended.
+enum End {
+    /// The guest sent `close`: answer `closed` after detaching.
+    Closed,
+    /// Answer `error` after detaching.
+    Refused(ErrorCode, String),
+    /// The guest closed its socket.
+    Gone,
+}
+
 /// While Connected: wait for `close`, EOF, or the device being lost;
-/// whichever comes first ends the connection.
+/// whichever comes first ends the session.
 async fn connected(
     conn: &AsyncSeqPacket,
     device: &DeviceHandle,
-    mut lost: tokio::sync::oneshot::Receiver<Lost>,
+    lost: tokio::sync::oneshot::Receiver<Lost>,
     frontend: &str,
-) {
+) -> End {
     tokio::select! {
         msg = conn.recv() => match msg {
-            Ok((msg, _fds)) if msg.kind() == kind::CLOSE => {
-                device.detach().await;
-                let closed = Message::new(kind::CLOSED).with("state", XenbusState::Closed);
-                let _ = conn.send(&closed, &[]).await;
-            }
-            Ok((msg, _fds)) => {
-                let why = format!("unexpected {:?} while connected", msg.kind());
-                let _ = conn.send(&Message::error(ErrorCode::Eproto, &why), &[]).await;
-            }
-            // EOF or a broken socket: detach.
-            Err(_) => {}
+            Ok((msg, _fds)) if msg.kind() == kind::CLOSE => End::Closed,
+            Ok((msg, _fds)) => End::Refused(
+                ErrorCode::Eproto,
+                format!("unexpected {:?} while connected", msg.kind()),
+            ),
+            // EOF or a broken socket.
+            Err(_) => End::Gone,
         },
-        why = &mut lost => {
+        why = lost => {
             let (code, text) = match why {
                 Ok(Lost::Disconnected(r)) => (ErrorCode::Eproto, format!("ring corrupt: {r}")),
                 Ok(Lost::BackendDied(r)) => (ErrorCode::Enodev, format!("backend died: {r}")),
                 Err(_) => (ErrorCode::Enodev, "device stopped".to_string()),
             };
             tracing::warn!(%frontend, device = %device.name, %text, "guest disconnected");
-            let _ = conn.send(&Message::error(code, &clean(&text)), &[]).await;
+            End::Refused(code, text)
         }
     }
 }

@@ -27,15 +27,23 @@ pub enum Lost {
     BackendDied(String),
 }
 
+/// A frontend's hold on the device: detach with `id`; `lost` fires if the
+/// device goes away first.
+#[derive(Debug)]
+pub struct Attachment {
+    pub id: u64,
+    pub lost: oneshot::Receiver<Lost>,
+}
+
 enum Command {
     Attach {
         req: AttachRequest,
         fds: DeviceFds,
-        reply: oneshot::Sender<Result<oneshot::Receiver<Lost>, (ErrorCode, String)>>,
+        reply: oneshot::Sender<Result<Attachment, (ErrorCode, String)>>,
     },
-    Detach {
-        reply: oneshot::Sender<()>,
-    },
+    /// Detach attachment `id`; a stale id (already detached, or lost) is
+    /// acknowledged without touching the current frontend.
+    Detach { id: u64, reply: oneshot::Sender<()> },
 }
 
 /// Cheap handle to a device task.
@@ -53,7 +61,7 @@ impl DeviceHandle {
         &self,
         req: AttachRequest,
         fds: DeviceFds,
-    ) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
+    ) -> Result<Attachment, (ErrorCode, String)> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Attach { req, fds, reply })
@@ -63,10 +71,10 @@ impl DeviceHandle {
             .unwrap_or_else(|_| Err((ErrorCode::Enodev, "device task stopped".to_string())))
     }
 
-    /// Detaches the current frontend (waits until the backend drained it).
-    pub async fn detach(&self) {
+    /// Detaches attachment `id` (waits until the backend drained it).
+    pub async fn detach(&self, id: u64) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Detach { reply }).await.is_ok() {
+        if self.tx.send(Command::Detach { id, reply }).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -106,6 +114,7 @@ pub fn start_device(
         child,
         _disk: disk,
         attached: None,
+        next_attachment: 1,
         dead: None,
     };
     tokio::spawn(task.run(rx));
@@ -122,8 +131,11 @@ struct DeviceTask {
     child: tokio::process::Child,
     /// The supervisor keeps the disk open for as long as the device exists.
     _disk: crate::spawn::Disk,
-    /// Fires when the attached frontend loses the device.
-    attached: Option<oneshot::Sender<Lost>>,
+    /// The current attachment's id, and what fires when it loses the
+    /// device. Stays set (with a fired sender) after a loss until the
+    /// connection detaches, so the backend is told `detach` exactly once.
+    attached: Option<(u64, Option<oneshot::Sender<Lost>>)>,
+    next_attachment: u64,
     /// Set once the backend process has exited.
     dead: Option<String>,
 }
@@ -137,8 +149,8 @@ impl DeviceTask {
                         let res = self.attach(req, fds).await;
                         let _ = reply.send(res);
                     }
-                    Some(Command::Detach { reply }) => {
-                        self.detach().await;
+                    Some(Command::Detach { id, reply }) => {
+                        self.detach(id).await;
                         let _ = reply.send(());
                     }
                     None => break,
@@ -168,7 +180,7 @@ impl DeviceTask {
     }
 
     fn lose(&mut self, why: Lost) {
-        if let Some(tx) = self.attached.take() {
+        if let Some(tx) = self.attached.as_mut().and_then(|(_, tx)| tx.take()) {
             let _ = tx.send(why);
         }
     }
@@ -204,11 +216,11 @@ impl DeviceTask {
         &mut self,
         req: AttachRequest,
         fds: DeviceFds,
-    ) -> Result<oneshot::Receiver<Lost>, (ErrorCode, String)> {
+    ) -> Result<Attachment, (ErrorCode, String)> {
         if let Some(why) = &self.dead {
             return Err((ErrorCode::Enodev, why.clone()));
         }
-        if self.attached.as_ref().is_some_and(|tx| !tx.is_closed()) {
+        if self.attached.is_some() {
             return Err((
                 ErrorCode::Ebusy,
                 format!("device {} is already connected", self.name),
@@ -225,9 +237,11 @@ impl DeviceTask {
         let reply = self.reply().await.map_err(|e| (ErrorCode::Enodev, e))?;
         match reply.kind() {
             kind::ATTACHED => {
-                let (tx, rx) = oneshot::channel();
-                self.attached = Some(tx);
-                Ok(rx)
+                let (tx, lost) = oneshot::channel();
+                let id = self.next_attachment;
+                self.next_attachment += 1;
+                self.attached = Some((id, Some(tx)));
+                Ok(Attachment { id, lost })
             }
             kind::ERROR => {
                 let code = reply
@@ -246,7 +260,11 @@ impl DeviceTask {
         }
     }
 
-    async fn detach(&mut self) {
+    async fn detach(&mut self, id: u64) {
+        if self.attached.as_ref().map(|(current, _)| *current) != Some(id) {
+            tracing::debug!(device = %self.name, id, "stale detach ignored");
+            return;
+        }
         self.attached = None;
         if self.dead.is_some() {
             return;
