@@ -1,1 +1,36 @@
-//! placeholder
+//! The shadow log: a per-ring record of every in-flight request, kept in
+//! supervisor-owned shared memory, from which a fresh backend instance
+//! recovers after a crash (DESIGN.md §4 and §5).
+//!
+//! * [`ShadowLog`] — the log in a sealed memfd: created by the supervisor,
+//!   written by the live backend instance with a commit protocol that
+//!   survives SIGKILL at any instruction. Byte layout in [`layout`].
+//! * [`plan_recovery`] ([`plan`]) — pure code from a [`LogSnapshot`] and the ring's
+//!   shared indices to a [`RecoveryPlan`]: what to re-push, re-execute,
+//!   free, fail as poison, or fail as corrupt.
+//! * [`crash`] — numbered crash points between every pair of log stores,
+//!   for fault-injection tests.
+//! * [`blkif`] — reading ids out of saved blkif requests and building
+//!   error responses.
+//!
+//! All shared-memory access goes through [`shadowback_ring::SharedRegion`];
+//! this crate has no `unsafe`.
+
+#![forbid(unsafe_code)]
+
+pub mod blkif;
+pub mod crash;
+mod error;
+pub mod layout;
+mod log;
+pub mod plan;
+mod snapshot;
+
+pub use crash::{CrashHook, CrashPoint, Transition};
+pub use error::ShadowError;
+pub use layout::{EntryId, EntryState, REQUEST_SIZE, RESPONSE_SIZE};
+pub use log::ShadowLog;
+pub use plan::{
+    plan_recovery, CorruptAction, CorruptEntry, CorruptReason, InflightEntry, RecoveryPlan, Repush,
+};
+pub use snapshot::{EntrySnapshot, LogHeader, LogSnapshot};

@@ -1,0 +1,819 @@
+//! The shadow log in shared memory: the writer (the live backend instance)
+//! and the readers (the supervisor's watchdog, the next instance).
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{fence, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use shadowback_ring::{SharedRegion, PAGE_SIZE};
+
+use crate::crash::{CrashHook, CrashPoint, Transition};
+use crate::layout::{self, entry, entry_offset, header, EntryId, EntryState};
+use crate::layout::{ENTRY_SIZE, REQUEST_SIZE, RESPONSE_SIZE};
+use crate::plan::RecoveryPlan;
+use crate::snapshot::{validate_entry_count, LogHeader, LogSnapshot};
+use crate::ShadowError;
+
+/// The per-ring shadow log (DESIGN.md §4), layout in [`crate::layout`].
+///
+/// The supervisor [`create`](Self::create)s it and keeps the memfd; every
+/// backend instance [`open`](Self::open)s the memfd it is handed, and the
+/// one taking over calls [`begin_instance`](Self::begin_instance) after
+/// the previous one is fenced — only then may it use the writer methods.
+/// A hot standby may open the log early; it must not begin before the old
+/// instance has fully exited.
+///
+/// Writer methods take `&self` and serialise on an internal lock, but the
+/// protocol has a single writer process: two processes writing the same
+/// log is a supervisor bug this type cannot detect.
+pub struct ShadowLog {
+    region: SharedRegion,
+    entries: u32,
+    writer: Mutex<Option<Writer>>,
+    hook: Option<CrashHook>,
+}
+
+/// What the live instance keeps in private memory about the log it owns.
+/// Rebuilt from the log by `begin_instance`; shared memory stays the truth.
+#[derive(Debug)]
+struct Writer {
+    next_seq: u64,
+    req_cons: u32,
+    rsp_prod_pvt: u32,
+    /// Entries in state FREE.
+    free: Vec<u32>,
+    /// COMPLETING entries this instance wrote, with their `rsp_idx`, to be
+    /// freed once `rsp_prod` covers them.
+    completing: Vec<(u32, u32)>,
+    /// Whether this instance has published a response yet.
+    productive: bool,
+}
+
+impl std::fmt::Debug for ShadowLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowLog")
+            .field("entries", &self.entries)
+            .field("pages", &self.region.pages())
+            .field("crash_hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShadowLog {
+    /// Creates a zeroed log for a fresh ring of `ring_size` slots
+    /// (supervisor side): every entry FREE, every index 0, generation 0.
+    pub fn create(ring_size: u32) -> Result<Self, ShadowError> {
+        Self::create_at(ring_size, 0)
+    }
+
+    /// Creates a log for a ring whose backend attaches at `rsp_prod`
+    /// (`BACK_RING_ATTACH`): logged `req_cons` and `rsp_prod_pvt` start
+    /// there. Done before any backend sees the log, so it needs no crash
+    /// protocol.
+    pub fn create_at(ring_size: u32, rsp_prod: u32) -> Result<Self, ShadowError> {
+        validate_entry_count(ring_size)?;
+        let pages = layout::log_bytes(ring_size).div_ceil(PAGE_SIZE as u64);
+        let pages = u32::try_from(pages).map_err(|_| ShadowError::BadEntryCount(ring_size))?;
+        let region = SharedRegion::create("shadowback-shadow-log", pages)?;
+        region.store(layout::VERSION, header::VERSION, Ordering::Relaxed)?;
+        region.store(ring_size, header::ENTRY_COUNT, Ordering::Relaxed)?;
+        region.store(ENTRY_SIZE, header::ENTRY_SIZE, Ordering::Relaxed)?;
+        region.store(rsp_prod, header::REQ_CONS, Ordering::Relaxed)?;
+        region.store(rsp_prod, header::RSP_PROD_PVT, Ordering::Relaxed)?;
+        // Release: a reader that sees the magic sees the fields above.
+        region.store(layout::MAGIC, header::MAGIC, Ordering::Release)?;
+        Ok(Self::with_region(region, ring_size))
+    }
+
+    /// Maps a log received from the supervisor (backend side), validating
+    /// its header and size. A corrupt header is an error.
+    pub fn open(fd: OwnedFd) -> Result<Self, ShadowError> {
+        let region = SharedRegion::from_fd(fd)?;
+        if region.len() < layout::HEADER_SIZE {
+            return Err(ShadowError::TooSmall {
+                len: region.len(),
+                need: layout::HEADER_SIZE,
+            });
+        }
+        // Acquire pairs with the release store of the magic in `create`.
+        let _: u64 = region.load(header::MAGIC, Ordering::Acquire)?;
+        let mut raw = [0u8; layout::HEADER_SIZE as usize];
+        region.read(0, &mut raw)?;
+        let hdr = LogHeader::parse(&raw).ok_or(ShadowError::TooSmall {
+            len: region.len(),
+            need: layout::HEADER_SIZE,
+        })?;
+        hdr.validate()?;
+        let need = layout::log_bytes(hdr.entry_count);
+        if region.len() < need {
+            return Err(ShadowError::TooSmall {
+                len: region.len(),
+                need,
+            });
+        }
+        Ok(Self::with_region(region, hdr.entry_count))
+    }
+
+    fn with_region(region: SharedRegion, entries: u32) -> Self {
+        ShadowLog {
+            region,
+            entries,
+            writer: Mutex::new(None),
+            hook: None,
+        }
+    }
+
+    /// The memfd, to hand to a backend instance.
+    pub fn file(&self) -> &File {
+        self.region.file()
+    }
+
+    /// Number of entries (the ring size).
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Installs (or removes) the crash-point hook; see [`crate::crash`].
+    pub fn set_crash_hook(&mut self, hook: Option<CrashHook>) {
+        self.hook = hook;
+    }
+
+    /// Generation of the instance owning the log.
+    pub fn generation(&self) -> Result<u64, ShadowError> {
+        // Acquire: read by the supervisor, written by the backend.
+        Ok(self.region.load(header::GENERATION, Ordering::Acquire)?)
+    }
+
+    /// The heartbeat counter (watchdog, DESIGN.md §5 step 1).
+    pub fn read_heartbeat(&self) -> Result<u64, ShadowError> {
+        // Acquire pairs with the release in `heartbeat`.
+        Ok(self.region.load(header::HEARTBEAT, Ordering::Acquire)?)
+    }
+
+    /// Instances started since one last published a response: the
+    /// crash-loop counter the supervisor backs off on (DESIGN.md §5 step 5).
+    pub fn stalled_instances(&self) -> Result<u32, ShadowError> {
+        Ok(self
+            .region
+            .load(header::STALLED_INSTANCES, Ordering::Acquire)?)
+    }
+
+    /// Copies the whole log out. Take it after the previous writer is
+    /// fenced (DESIGN.md §5 step 2); a copy of a log still being written
+    /// may be torn, and the planner then reports corrupt entries instead
+    /// of a plan for the real state.
+    pub fn snapshot(&self) -> Result<LogSnapshot, ShadowError> {
+        // Acquire: everything the (dead) writer stored before its last
+        // release store is visible to the copy below.
+        fence(Ordering::Acquire);
+        let len = layout::log_bytes(self.entries);
+        let mut bytes = vec![0u8; len as usize];
+        self.region.read(0, &mut bytes)?;
+        LogSnapshot::parse(&bytes)
+    }
+
+    /// Increments the heartbeat. Called by the live instance from its
+    /// event loop; needs no writer lock (one store, one writer).
+    pub fn heartbeat(&self) -> Result<(), ShadowError> {
+        let beat: u64 = self.region.load(header::HEARTBEAT, Ordering::Relaxed)?;
+        // Release: pairs with `read_heartbeat` (watchdog).
+        self.region
+            .store(beat.wrapping_add(1), header::HEARTBEAT, Ordering::Release)?;
+        Ok(())
+    }
+
+    /// Takes the log over for a new instance (DESIGN.md §5 step 3): bumps
+    /// the generation and the crash-loop counter and rebuilds the private
+    /// writer state from the log. Returns the new generation. Call only
+    /// once the previous instance has exited.
+    pub fn begin_instance(&self) -> Result<u64, ShadowError> {
+        let mut guard = self.lock();
+        // Acquire: see every store of the fenced previous instance.
+        fence(Ordering::Acquire);
+        let mut free = Vec::new();
+        for i in (0..self.entries).rev() {
+            let state: u32 = self
+                .region
+                .load(self.field(i, entry::STATE), Ordering::Acquire)?;
+            if state == EntryState::Free.word() {
+                free.push(i);
+            }
+        }
+        let writer = Writer {
+            next_seq: self.region.load(header::NEXT_SEQ, Ordering::Relaxed)?,
+            req_cons: self.region.load(header::REQ_CONS, Ordering::Relaxed)?,
+            rsp_prod_pvt: self.region.load(header::RSP_PROD_PVT, Ordering::Relaxed)?,
+            free,
+            completing: Vec::new(),
+            productive: false,
+        };
+        let generation = self.generation()?.wrapping_add(1);
+        let stalled = self.stalled_instances()?.saturating_add(1);
+        let t = Transition::Begin;
+        self.point(t, 0);
+        // Release: the supervisor reading the generation sees the takeover.
+        self.region
+            .store(generation, header::GENERATION, Ordering::Release)?;
+        self.point(t, 1);
+        self.region
+            .store(stalled, header::STALLED_INSTANCES, Ordering::Release)?;
+        self.point(t, 2);
+        *guard = Some(writer);
+        tracing::debug!(generation, stalled, "shadow log taken over");
+        Ok(generation)
+    }
+
+    /// Logs the request consumed at ring index `ring_idx` (DESIGN.md §4,
+    /// "consume"): copies it into a FREE entry with a new `seq`, commits the
+    /// entry as INFLIGHT, then advances the logged `req_cons` to
+    /// `ring_idx + 1`. Requests must be logged in ring order; `request` is
+    /// the slot's bytes (at most 112, zero-padded).
+    pub fn log_consumed(&self, ring_idx: u32, request: &[u8]) -> Result<EntryId, ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        if ring_idx != w.req_cons {
+            return Err(ShadowError::OutOfOrder {
+                expected: w.req_cons,
+                got: ring_idx,
+            });
+        }
+        let mut saved = [0u8; REQUEST_SIZE];
+        saved
+            .get_mut(..request.len())
+            .ok_or(ShadowError::PayloadTooLong {
+                len: request.len(),
+                max: REQUEST_SIZE,
+            })?
+            .copy_from_slice(request);
+        let seq = w.next_seq;
+        let next_seq = seq.checked_add(1).ok_or(ShadowError::SeqExhausted)?;
+        let i = *w.free.last().ok_or(ShadowError::LogFull)?;
+        let t = Transition::Consume;
+        self.point(t, 0);
+        // The seq is burnt before it is used: a crash from here on leaves a
+        // gap in seq order, never a duplicate.
+        self.region
+            .store(next_seq, header::NEXT_SEQ, Ordering::Relaxed)?;
+        w.next_seq = next_seq;
+        w.free.pop();
+        self.point(t, 1);
+        self.region.write(self.field(i, entry::REQUEST), &saved)?;
+        self.point(t, 2);
+        self.store32(i, entry::RING_IDX, ring_idx)?;
+        self.point(t, 3);
+        self.region
+            .store(seq, self.field(i, entry::SEQ), Ordering::Relaxed)?;
+        self.point(t, 4);
+        self.store32(i, entry::PROGRESS, 0)?;
+        self.point(t, 5);
+        self.store32(i, entry::REPLAYS, 0)?;
+        self.point(t, 6);
+        // Release = DESIGN.md §4 commit: the payload above is complete
+        // before the entry reads INFLIGHT.
+        self.commit(i, EntryState::Inflight)?;
+        self.point(t, 7);
+        let req_cons = ring_idx.wrapping_add(1);
+        // Release: logged req_cons never runs ahead of the entry for it.
+        self.region
+            .store(req_cons, header::REQ_CONS, Ordering::Release)?;
+        w.req_cons = req_cons;
+        self.point(t, 8);
+        Ok(EntryId(i))
+    }
+
+    /// Logs the response written to ring slot `rsp_idx` for `entry`
+    /// (DESIGN.md §4, "complete"): saves it and `rsp_idx`, commits the
+    /// entry as COMPLETING, then raises the logged `rsp_prod_pvt` to
+    /// `rsp_idx + 1`. Call after writing the ring slot and before
+    /// publishing `rsp_prod`. `response` is at most 16 bytes.
+    ///
+    /// An INFLIGHT entry takes the `complete` transition. Any other non-FREE
+    /// entry — one the recovery plan called corrupt, being answered with an
+    /// error — takes `rewrite`, which first marks it REWRITING so a crash
+    /// while its response bytes change leaves it corrupt, not half-answered.
+    pub fn log_completing(
+        &self,
+        entry: EntryId,
+        rsp_idx: u32,
+        response: &[u8],
+    ) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        let i = self.check(entry)?;
+        let mut saved = [0u8; RESPONSE_SIZE];
+        saved
+            .get_mut(..response.len())
+            .ok_or(ShadowError::PayloadTooLong {
+                len: response.len(),
+                max: RESPONSE_SIZE,
+            })?
+            .copy_from_slice(response);
+        let state: u32 = self
+            .region
+            .load(self.field(i, entry::STATE), Ordering::Relaxed)?;
+        let (t, mut step) = match EntryState::from_word(state) {
+            Some(EntryState::Free) => return Err(ShadowError::WrongState { entry: i, state }),
+            Some(EntryState::Inflight) => {
+                self.point(Transition::Complete, 0);
+                (Transition::Complete, 0)
+            }
+            _ => {
+                let t = Transition::Rewrite;
+                self.point(t, 0);
+                // Release: the entry reads REWRITING before its response
+                // bytes start to change.
+                self.commit(i, EntryState::Rewriting)?;
+                self.point(t, 1);
+                (t, 1)
+            }
+        };
+        self.region.write(self.field(i, entry::RESPONSE), &saved)?;
+        step += 1;
+        self.point(t, step);
+        self.store32(i, entry::RSP_IDX, rsp_idx)?;
+        step += 1;
+        self.point(t, step);
+        // Release = DESIGN.md §4 commit: response and rsp_idx are complete
+        // before the entry reads COMPLETING.
+        self.commit(i, EntryState::Completing)?;
+        step += 1;
+        self.point(t, step);
+        self.raise_rsp_prod_pvt(w, rsp_idx)?;
+        step += 1;
+        self.point(t, step);
+        w.completing.retain(|&(e, _)| e != i);
+        w.completing.push((i, rsp_idx));
+        Ok(())
+    }
+
+    /// Records that the saved response of a COMPLETING entry was re-pushed
+    /// at ring slot `rsp_idx` (DESIGN.md §5 step 4, renumbering). Only
+    /// `rsp_idx` changes: a single store, so the entry is never torn.
+    pub fn log_repushed(&self, entry: EntryId, rsp_idx: u32) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        let i = self.check(entry)?;
+        let state: u32 = self
+            .region
+            .load(self.field(i, entry::STATE), Ordering::Relaxed)?;
+        if state != EntryState::Completing.word() {
+            return Err(ShadowError::WrongState { entry: i, state });
+        }
+        let t = Transition::Repush;
+        self.point(t, 0);
+        // Release: ordered after the ring slot written by the caller.
+        self.region
+            .store(rsp_idx, self.field(i, entry::RSP_IDX), Ordering::Release)?;
+        self.point(t, 1);
+        self.raise_rsp_prod_pvt(w, rsp_idx)?;
+        self.point(t, 2);
+        w.completing.retain(|&(e, _)| e != i);
+        w.completing.push((i, rsp_idx));
+        Ok(())
+    }
+
+    /// Frees `entry`, whatever its state: after its response is published,
+    /// or when the recovery plan says to (`free`, discarded corrupt
+    /// entries).
+    pub fn free(&self, entry: EntryId) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        let i = self.check(entry)?;
+        self.free_locked(w, i)
+    }
+
+    fn free_locked(&self, w: &mut Writer, i: u32) -> Result<(), ShadowError> {
+        let t = Transition::Free;
+        self.point(t, 0);
+        // Release = DESIGN.md §4 "state = FREE for the published batch":
+        // ordered after the caller's release store of sring.rsp_prod.
+        self.commit(i, EntryState::Free)?;
+        self.point(t, 1);
+        w.completing.retain(|&(e, _)| e != i);
+        if !w.free.contains(&i) {
+            w.free.push(i);
+        }
+        Ok(())
+    }
+
+    /// Frees every COMPLETING entry this instance logged whose response is
+    /// covered by the just-published `rsp_prod` (DESIGN.md §4, last step of
+    /// "complete"). The first publication of an instance also clears the
+    /// crash-loop counter. Returns how many entries were freed.
+    pub fn log_published(&self, rsp_prod: u32) -> Result<usize, ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        let size = self.entries;
+        // Published: rsp_idx in [rsp_prod - size, rsp_prod), by wrapping
+        // difference — at most `size` responses are ever unpublished.
+        let published: Vec<u32> = w
+            .completing
+            .iter()
+            .filter(|&&(_, r)| {
+                let behind = rsp_prod.wrapping_sub(r);
+                behind >= 1 && behind <= size
+            })
+            .map(|&(e, _)| e)
+            .collect();
+        for &i in &published {
+            self.free_locked(w, i)?;
+        }
+        if !published.is_empty() && !w.productive {
+            let t = Transition::Published;
+            self.point(t, 0);
+            self.region
+                .store(0u32, header::STALLED_INSTANCES, Ordering::Release)?;
+            self.point(t, 1);
+            w.productive = true;
+        }
+        Ok(published.len())
+    }
+
+    /// Persists the recovered `req_cons` of `plan` (DESIGN.md §5 step 4),
+    /// before anything else is replayed: from here on the request the last
+    /// instance consumed without logging `req_cons` is accounted for even
+    /// once its entry leaves INFLIGHT.
+    pub fn log_recovered(&self, plan: &RecoveryPlan) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        let t = Transition::Recover;
+        self.point(t, 0);
+        // Release: the entries the plan was computed from are older.
+        self.region
+            .store(plan.req_cons, header::REQ_CONS, Ordering::Release)?;
+        self.point(t, 1);
+        w.req_cons = plan.req_cons;
+        Ok(())
+    }
+
+    /// Counts one more replay of each entry (DESIGN.md §5 step 5). Call
+    /// just before re-submitting each one, not for the whole plan at once,
+    /// so requests queued behind a poison request are not charged for the
+    /// crashes it causes.
+    pub fn mark_replayed(&self, entries: &[EntryId]) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        writer(&mut guard)?;
+        for &entry in entries {
+            let i = self.check(entry)?;
+            let field = self.field(i, entry::REPLAYS);
+            let replays: u32 = self.region.load(field, Ordering::Relaxed)?;
+            let t = Transition::Replay;
+            self.point(t, 0);
+            // Release: counted before the caller re-submits the request.
+            self.region
+                .store(replays.saturating_add(1), field, Ordering::Release)?;
+            self.point(t, 1);
+        }
+        Ok(())
+    }
+
+    /// Stores per-class progress flags of `entry` (e.g. net TX "handed to
+    /// the wire"), after the step they record has happened.
+    pub fn set_progress(&self, entry: EntryId, flags: u32) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        writer(&mut guard)?;
+        let i = self.check(entry)?;
+        let t = Transition::Progress;
+        self.point(t, 0);
+        // Release: ordered after the step the flag records.
+        self.region
+            .store(flags, self.field(i, entry::PROGRESS), Ordering::Release)?;
+        self.point(t, 1);
+        Ok(())
+    }
+
+    /// FREE entries left, as the writer sees them.
+    pub fn free_entries(&self) -> Result<usize, ShadowError> {
+        let mut guard = self.lock();
+        Ok(writer(&mut guard)?.free.len())
+    }
+
+    fn raise_rsp_prod_pvt(&self, w: &mut Writer, rsp_idx: u32) -> Result<(), ShadowError> {
+        let new = rsp_idx.wrapping_add(1);
+        // Only raise it (by wrapping difference): renumbered responses
+        // during recovery go below the old value, and the logged value must
+        // stay an upper bound of every rsp_idx in the log.
+        if is_after(new, w.rsp_prod_pvt) {
+            // Release: never ahead of the COMPLETING entry justifying it.
+            self.region
+                .store(new, header::RSP_PROD_PVT, Ordering::Release)?;
+            w.rsp_prod_pvt = new;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Writer>> {
+        // A panicking crash hook (in-process crash tests) poisons the lock;
+        // the writer state is then abandoned with the instance anyway.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn point(&self, transition: Transition, step: u32) {
+        if let Some(hook) = &self.hook {
+            hook(CrashPoint { transition, step });
+        }
+    }
+
+    fn check(&self, entry: EntryId) -> Result<u32, ShadowError> {
+        if entry.0 >= self.entries {
+            return Err(ShadowError::NoSuchEntry(entry.0));
+        }
+        Ok(entry.0)
+    }
+
+    fn field(&self, i: u32, off: u64) -> u64 {
+        entry_offset(i) + off
+    }
+
+    fn store32(&self, i: u32, off: u64, val: u32) -> Result<(), ShadowError> {
+        // Relaxed: payload, published by the release store of `state`.
+        Ok(self
+            .region
+            .store(val, self.field(i, off), Ordering::Relaxed)?)
+    }
+
+    fn commit(&self, i: u32, state: EntryState) -> Result<(), ShadowError> {
+        Ok(self
+            .region
+            .store(state.word(), self.field(i, entry::STATE), Ordering::Release)?)
+    }
+}
+
+impl AsFd for ShadowLog {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.region.as_fd()
+    }
+}
+
+fn writer<'a>(
+    guard: &'a mut MutexGuard<'_, Option<Writer>>,
+) -> Result<&'a mut Writer, ShadowError> {
+    guard.as_mut().ok_or(ShadowError::NotBegun)
+}
+
+/// `a` is after `b` on the free-running index circle.
+fn is_after(a: u32, b: u32) -> bool {
+    let d = a.wrapping_sub(b);
+    d != 0 && d < 1 << 31
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::Arc;
+
+    fn begun(size: u32) -> ShadowLog {
+        let log = ShadowLog::create(size).unwrap();
+        assert_eq!(log.begin_instance().unwrap(), 1);
+        log
+    }
+
+    #[test]
+    fn create_at_starts_the_indices() {
+        let log = ShadowLog::create_at(4, u32::MAX).unwrap();
+        let snap = log.snapshot().unwrap();
+        assert_eq!(
+            (snap.header.req_cons, snap.header.rsp_prod_pvt),
+            (u32::MAX, u32::MAX)
+        );
+        log.begin_instance().unwrap();
+        log.log_consumed(u32::MAX, &[0; 112]).unwrap();
+        log.log_consumed(0, &[0; 112]).unwrap();
+        assert_eq!(log.snapshot().unwrap().header.req_cons, 1);
+    }
+
+    #[test]
+    fn create_open_round_trip() {
+        let log = ShadowLog::create(32).unwrap();
+        let other = ShadowLog::open(log.file().try_clone().unwrap().into()).unwrap();
+        assert_eq!(other.entries(), 32);
+        assert_eq!(other.snapshot().unwrap(), LogSnapshot::empty(32));
+        assert!(matches!(
+            ShadowLog::create(3),
+            Err(ShadowError::BadEntryCount(3))
+        ));
+        assert!(matches!(
+            ShadowLog::create(0),
+            Err(ShadowError::BadEntryCount(0))
+        ));
+    }
+
+    #[test]
+    fn open_rejects_a_corrupt_header() {
+        let log = ShadowLog::create(32).unwrap();
+        let fd = || log.file().try_clone().unwrap().into();
+        log.region
+            .store(64u32, header::ENTRY_COUNT, Ordering::Relaxed)
+            .unwrap();
+        assert!(matches!(
+            ShadowLog::open(fd()),
+            Err(ShadowError::TooSmall { .. })
+        ));
+        log.region
+            .store(33u32, header::ENTRY_COUNT, Ordering::Relaxed)
+            .unwrap();
+        assert!(matches!(
+            ShadowLog::open(fd()),
+            Err(ShadowError::BadEntryCount(33))
+        ));
+        log.region
+            .store(32u32, header::ENTRY_COUNT, Ordering::Relaxed)
+            .unwrap();
+        log.region
+            .store(7u32, header::VERSION, Ordering::Relaxed)
+            .unwrap();
+        assert!(matches!(
+            ShadowLog::open(fd()),
+            Err(ShadowError::BadVersion(7))
+        ));
+        log.region
+            .store(0u64, header::MAGIC, Ordering::Relaxed)
+            .unwrap();
+        assert!(matches!(
+            ShadowLog::open(fd()),
+            Err(ShadowError::BadMagic(0))
+        ));
+    }
+
+    #[test]
+    fn writer_methods_need_begin() {
+        let log = ShadowLog::create(4).unwrap();
+        assert!(matches!(
+            log.log_consumed(0, &[0; 112]),
+            Err(ShadowError::NotBegun)
+        ));
+        assert!(matches!(log.free(EntryId(0)), Err(ShadowError::NotBegun)));
+    }
+
+    #[test]
+    fn a_request_goes_through_every_state() {
+        let log = begun(4);
+        let mut req = [0u8; 112];
+        req[8] = 42;
+        let e = log.log_consumed(0, &req).unwrap();
+        let snap = log.snapshot().unwrap();
+        let s = snap.entries[e.index() as usize];
+        assert_eq!(s.state(), Some(EntryState::Inflight));
+        assert_eq!((s.ring_idx, s.seq, s.replays), (0, 0, 0));
+        assert_eq!(s.request, req);
+        assert_eq!((snap.header.req_cons, snap.header.next_seq), (1, 1));
+
+        log.set_progress(e, 5).unwrap();
+        log.log_completing(e, 0, &[7; 16]).unwrap();
+        let snap = log.snapshot().unwrap();
+        let s = snap.entries[e.index() as usize];
+        assert_eq!(s.state(), Some(EntryState::Completing));
+        assert_eq!((s.rsp_idx, s.response, s.progress), (0, [7; 16], 5));
+        assert_eq!(snap.header.rsp_prod_pvt, 1);
+        assert_eq!(snap.header.stalled_instances, 1);
+
+        assert_eq!(log.log_published(0).unwrap(), 0);
+        assert_eq!(log.log_published(1).unwrap(), 1);
+        let snap = log.snapshot().unwrap();
+        assert_eq!(
+            snap.entries[e.index() as usize].state(),
+            Some(EntryState::Free)
+        );
+        assert_eq!(snap.header.stalled_instances, 0);
+        assert_eq!(log.free_entries().unwrap(), 4);
+    }
+
+    #[test]
+    fn misuse_is_an_error() {
+        let log = begun(2);
+        assert!(matches!(
+            log.log_consumed(5, &[0; 112]),
+            Err(ShadowError::OutOfOrder {
+                expected: 0,
+                got: 5
+            })
+        ));
+        assert!(matches!(
+            log.log_consumed(0, &[0; 113]),
+            Err(ShadowError::PayloadTooLong { .. })
+        ));
+        assert!(matches!(
+            log.log_completing(EntryId(0), 0, &[0; 16]),
+            Err(ShadowError::WrongState { .. })
+        ));
+        assert!(matches!(
+            log.free(EntryId(2)),
+            Err(ShadowError::NoSuchEntry(2))
+        ));
+        log.log_consumed(0, &[0; 12]).unwrap();
+        log.log_consumed(1, &[0; 12]).unwrap();
+        assert!(matches!(
+            log.log_consumed(2, &[0; 12]),
+            Err(ShadowError::LogFull)
+        ));
+        assert!(matches!(
+            log.log_repushed(EntryId(0), 0),
+            Err(ShadowError::WrongState { .. })
+        ));
+    }
+
+    #[test]
+    fn generation_heartbeat_and_crash_loop_counter() {
+        let log = ShadowLog::create(2).unwrap();
+        assert_eq!(log.generation().unwrap(), 0);
+        log.begin_instance().unwrap();
+        log.begin_instance().unwrap();
+        assert_eq!(log.generation().unwrap(), 2);
+        assert_eq!(log.stalled_instances().unwrap(), 2);
+        log.heartbeat().unwrap();
+        log.heartbeat().unwrap();
+        assert_eq!(log.read_heartbeat().unwrap(), 2);
+    }
+
+    #[test]
+    fn hook_sees_every_step_in_order() {
+        let mut log = ShadowLog::create(4).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        log.set_crash_hook(Some(Box::new(move |p| s.lock().unwrap().push(p))));
+        log.begin_instance().unwrap();
+        let e = log.log_consumed(0, &[1; 112]).unwrap();
+        log.log_completing(e, 0, &[2; 16]).unwrap();
+        log.log_published(1).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let mut expect = Vec::new();
+        for t in [
+            Transition::Begin,
+            Transition::Consume,
+            Transition::Complete,
+            Transition::Free,
+            Transition::Published,
+        ] {
+            expect.extend((0..t.crash_points()).map(|step| CrashPoint {
+                transition: t,
+                step,
+            }));
+        }
+        assert_eq!(seen, expect);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// A memfd with arbitrary contents (a plausible header or not):
+        /// `open` gives a log or an error, and a log that opens can be
+        /// snapshotted, planned and taken over without a panic.
+        #[test]
+        fn open_never_panics(
+            pages in 1u32..4,
+            order in 0u32..6,
+            plausible in proptest::bool::ANY,
+            fields in proptest::collection::vec(proptest::num::u8::ANY, 64),
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..3 * 4096),
+            rsp_prod in proptest::num::u32::ANY,
+            req_prod in proptest::num::u32::ANY,
+        ) {
+            let region = SharedRegion::create("t", pages).unwrap();
+            let mut bytes = fields;
+            bytes.extend_from_slice(&body);
+            bytes.truncate(region.len() as usize);
+            if plausible {
+                bytes[0..8].copy_from_slice(&layout::MAGIC.to_ne_bytes());
+                bytes[8..12].copy_from_slice(&layout::VERSION.to_ne_bytes());
+                bytes[12..16].copy_from_slice(&(1u32 << order).to_ne_bytes());
+                bytes[44..48].copy_from_slice(&ENTRY_SIZE.to_ne_bytes());
+            }
+            region.write(0, &bytes).unwrap();
+            let Ok(log) = ShadowLog::open(region.file().try_clone().unwrap().into()) else {
+                return Ok(());
+            };
+            let snap = log.snapshot().unwrap();
+            let size = log.entries();
+            let _ = crate::plan_recovery(&snap, rsp_prod, req_prod, size, 3);
+            let hdr = snap.header;
+            let _ = crate::plan_recovery(&snap, hdr.rsp_prod_pvt, hdr.req_cons, size, 3);
+            log.begin_instance().unwrap();
+            let _ = log.log_consumed(hdr.req_cons, &[1; 112]);
+        }
+    }
+
+    #[test]
+    fn rewrite_marks_the_entry_first() {
+        let mut log = ShadowLog::create(4).unwrap();
+        let at = Arc::new(AtomicU32::new(u32::MAX));
+        let a = at.clone();
+        log.set_crash_hook(Some(Box::new(move |p| {
+            if p.transition == Transition::Rewrite && p.step == a.load(Ordering::Relaxed) {
+                panic!("crash");
+            }
+        })));
+        log.begin_instance().unwrap();
+        let e = log.log_consumed(0, &[1; 112]).unwrap();
+        log.log_completing(e, 0, &[2; 16]).unwrap();
+        // Completing a COMPLETING entry again rewrites it.
+        at.store(2, Ordering::Relaxed);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            log.log_completing(e, 0, &[3; 16])
+        }));
+        assert!(r.is_err());
+        let snap = log.snapshot().unwrap();
+        assert_eq!(snap.entries[0].state(), Some(EntryState::Rewriting));
+    }
+}
