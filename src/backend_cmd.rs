@@ -36,6 +36,30 @@ pub struct BlkbackArgs {
     readonly: bool,
     #[arg(long)]
     no_discard: bool,
+    /// Do not write the shadow log (overhead benchmark only: a crash then
+    /// loses the requests in flight).
+    #[arg(long)]
+    no_shadow: bool,
+}
+
+/// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
+/// log crash point (on its 100th occurrence), in the first instance only.
+fn crash_at_from_env() -> Result<Option<(shadowback_shadow::CrashPoint, u64)>, CliError> {
+    let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
+        return Ok(None);
+    };
+    let (point, nth) = match spec.split_once('@') {
+        Some((p, n)) => (
+            p,
+            n.parse::<u64>()
+                .map_err(|e| format!("SHADOWBACK_CRASH_AT {spec:?}: {e}"))?,
+        ),
+        None => (spec.as_str(), 1),
+    };
+    let point = point
+        .parse()
+        .map_err(|e| format!("SHADOWBACK_CRASH_AT: {e}"))?;
+    Ok(Some((point, nth.max(1))))
 }
 
 /// Takes ownership of an fd inherited across exec, after checking it is open.
@@ -72,6 +96,8 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
             entries: 512,
             ..EngineConfig::default()
         },
+        shadow: !args.no_shadow,
+        crash_at: crash_at_from_env()?,
     };
     let mut backend = Backend::new(cfg, control, &disk)?;
     tracing::info!(device = %args.device, pid = std::process::id(), "blkback running");

@@ -21,6 +21,9 @@ use shadowback_ring::{EventChannel, RingError, SharedRegion, MAX_REGION_PAGES, P
 use shadowback_xenbus::protocol::{kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 
+use shadowback_shadow::{plan_recovery, CrashPoint, EntryId, RecoveryPlan, ShadowError, ShadowLog};
+use vm_memory::ByteValued;
+
 use crate::request::{parse, BlkOp, DiskGeometry};
 use crate::uring::{Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp};
 
@@ -35,6 +38,15 @@ pub enum BackendError {
     SupervisorGone,
 }
 
+/// Instances a request may be in flight in before it is failed instead of
+/// replayed again (the crash-loop breaker, DESIGN §5 step 5): the one that
+/// consumed it and two that replayed it.
+pub const POISON_THRESHOLD: u32 = 3;
+
+/// The event loop turns at least this often, so the heartbeat in the shadow
+/// log moves even when the backend is idle or waiting for the disk.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Static configuration of one backend instance.
 #[derive(Clone, Debug)]
 pub struct BackendConfig {
@@ -48,6 +60,13 @@ pub struct BackendConfig {
     pub max_ring_page_order: u8,
     /// io_uring parameters.
     pub engine: EngineConfig,
+    /// Log every request in the shadow log the supervisor passes (off only
+    /// for the overhead benchmark: a crash then loses in-flight requests).
+    pub shadow: bool,
+    /// Test builds of the fault injector: abort at this crash point of the
+    /// shadow log, on its `nth` occurrence, in the first instance only
+    /// (`SHADOWBACK_CRASH_AT=consume.3@100`).
+    pub crash_at: Option<(CrashPoint, u64)>,
 }
 
 /// What a completion belongs to, packed into the io_uring user data.
@@ -97,6 +116,8 @@ impl EventSource {
 #[derive(Clone, Copy, Debug)]
 struct Inflight {
     id: u64,
+    /// Its shadow-log entry.
+    entry: Option<EntryId>,
     operation: u8,
     /// Bytes a data op must transfer; 0 for flush and discard.
     expected: u64,
@@ -119,6 +140,23 @@ pub struct BlkbackStats {
     pub notifications: u64,
 }
 
+/// What the last recovery did (reported to the supervisor in `attached`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryStats {
+    /// Log generation of this instance.
+    pub generation: u64,
+    /// Requests re-executed.
+    pub replayed: u64,
+    /// Saved responses published again.
+    pub repushed: u64,
+    /// Requests failed by the crash-loop breaker.
+    pub poisoned: u64,
+    /// Corrupt log entries answered with an error.
+    pub corrupt: u64,
+    /// From opening the log to the recovered requests being submitted.
+    pub replay_us: u64,
+}
+
 /// One attached frontend.
 struct Frontend {
     name: String,
@@ -128,6 +166,8 @@ struct Frontend {
     ring: BackRing<Blkif>,
     kick: EventChannel,
     notify: EventChannel,
+    /// The shadow log (absent with `--no-shadow` or an old supervisor).
+    log: Option<ShadowLog>,
     slots: Vec<Option<Inflight>>,
     free: Vec<u32>,
     /// Responses put on the ring but not yet published.
@@ -160,6 +200,9 @@ pub struct Backend {
     next_generation: u32,
     stats: BlkbackStats,
     completions: Vec<Completion>,
+    /// Fault injection: consuming a request that covers one of these
+    /// sectors aborts the process (`poison` from the supervisor).
+    poison: Vec<u64>,
 }
 
 impl Backend {
@@ -174,6 +217,7 @@ impl Backend {
             next_generation: 1,
             stats: BlkbackStats::default(),
             completions: Vec::with_capacity(256),
+            poison: Vec::new(),
         })
     }
 
@@ -189,9 +233,10 @@ impl Backend {
             self.consume_requests()?;
             self.publish_responses();
             self.finish_closing()?;
+            self.heartbeat();
             let more = self.has_ring_work();
             self.engine
-                .submit_and_wait(usize::from(!more))
+                .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
                 .map_err(BackendError::Engine)?;
             let mut completions = std::mem::take(&mut self.completions);
             self.engine.drain(&mut completions);
@@ -208,6 +253,14 @@ impl Backend {
                 }
             }
             self.completions = completions;
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        if let Some(log) = self.frontend.as_ref().and_then(|fe| fe.log.as_ref()) {
+            if let Err(e) = log.heartbeat() {
+                tracing::warn!(device = %self.cfg.device, error = %e, "heartbeat failed");
+            }
         }
     }
 
@@ -250,20 +303,68 @@ impl Backend {
             let Some(slot) = fe.free.pop() else {
                 break;
             };
-            let req = match fe.ring.take_request() {
-                Ok((_, req)) => req,
+            let (idx, req) = match fe.ring.take_request() {
+                Ok(taken) => taken,
                 Err(e) => {
                     fe.free.push(slot);
                     return self.ring_broken(e);
                 }
             };
+            // DESIGN §4 "consume": the request is in the log before any of
+            // it is executed.
+            let entry = match fe
+                .log
+                .as_ref()
+                .map(|log| log.log_consumed(idx, req.as_slice()))
+            {
+                None => None,
+                Some(Ok(entry)) => Some(entry),
+                Some(Err(e)) => {
+                    fe.free.push(slot);
+                    Self::log_failed(&self.cfg.device, e);
+                }
+            };
             self.stats.requests += 1;
-            self.start_request(slot, req)?;
+            self.check_poison(&req);
+            self.start_request(slot, req, entry)?;
         }
         Ok(())
     }
 
-    fn start_request(&mut self, slot: u32, req: BlkifRequest) -> Result<(), BackendError> {
+    /// Fault injection: a poisoned sector kills this instance.
+    fn check_poison(&self, req: &BlkifRequest) {
+        if self.poison.is_empty() {
+            return;
+        }
+        let Some(fe) = self.frontend.as_ref() else {
+            return;
+        };
+        let range = match parse(req, &self.cfg.disk, &fe.grants) {
+            Ok(BlkOp::Read { sector, ref bufs }) | Ok(BlkOp::Write { sector, ref bufs }) => {
+                let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
+                Some((sector, len / BLKIF_SECTOR_SIZE))
+            }
+            Ok(BlkOp::Discard { sector, sectors }) => Some((sector, sectors)),
+            _ => None,
+        };
+        if let Some((start, n)) = range {
+            if self
+                .poison
+                .iter()
+                .any(|&p| p >= start && p < start.saturating_add(n))
+            {
+                tracing::error!(device = %self.cfg.device, id = req.id, "poisoned request: aborting (fault injection)");
+                std::process::abort();
+            }
+        }
+    }
+
+    fn start_request(
+        &mut self,
+        slot: u32,
+        req: BlkifRequest,
+        entry: Option<EntryId>,
+    ) -> Result<(), BackendError> {
         let Some(fe) = self.frontend.as_mut() else {
             return Ok(());
         };
@@ -279,7 +380,7 @@ impl Backend {
             Err(e) => {
                 tracing::debug!(device = %self.cfg.device, id = req.id, error = %e, "request refused");
                 fe.free.push(slot);
-                self.respond(req.id, operation, e.status());
+                self.respond(entry, req.id, operation, e.status());
                 return Ok(());
             }
         };
@@ -304,7 +405,7 @@ impl Backend {
             Err(e) => {
                 tracing::warn!(device = %self.cfg.device, id = req.id, error = %e, "buffer setup failed");
                 fe.free.push(slot);
-                self.respond(req.id, operation, BLKIF_RSP_ERROR);
+                self.respond(entry, req.id, operation, BLKIF_RSP_ERROR);
                 return Ok(());
             }
         };
@@ -315,6 +416,7 @@ impl Backend {
         .encode();
         fe.slots[slot as usize] = Some(Inflight {
             id: req.id,
+            entry,
             operation,
             expected,
         });
@@ -326,7 +428,7 @@ impl Backend {
                 fe.slots[slot as usize] = None;
                 fe.free.push(slot);
             }
-            self.respond(req.id, operation, BLKIF_RSP_ERROR);
+            self.respond(entry, req.id, operation, BLKIF_RSP_ERROR);
         }
         Ok(())
     }
@@ -364,11 +466,12 @@ impl Backend {
         if status != BLKIF_RSP_OKAY {
             tracing::debug!(device = %self.cfg.device, id = done.id, result, "I/O failed");
         }
-        self.respond(done.id, done.operation, status);
+        self.respond(done.entry, done.id, done.operation, status);
     }
 
-    /// Puts a response on the ring; published in [`Self::publish_responses`].
-    fn respond(&mut self, id: u64, operation: u8, status: i16) {
+    /// Puts a response on the ring and logs it COMPLETING (DESIGN §4
+    /// "complete"); published in [`Self::publish_responses`].
+    fn respond(&mut self, entry: Option<EntryId>, id: u64, operation: u8, status: i16) {
         let Some(fe) = self.frontend.as_mut() else {
             return;
         };
@@ -381,10 +484,27 @@ impl Backend {
             status,
             ..Default::default()
         };
-        match fe.ring.put_response(&rsp) {
-            Ok(_) => fe.unpublished = true,
-            Err(e) => tracing::error!(device = %self.cfg.device, error = %e, "cannot put response"),
+        let idx = match fe.ring.put_response(&rsp) {
+            Ok(idx) => idx,
+            Err(e) => {
+                tracing::error!(device = %self.cfg.device, error = %e, "cannot put response");
+                return;
+            }
+        };
+        fe.unpublished = true;
+        if let (Some(log), Some(entry)) = (fe.log.as_ref(), entry) {
+            if let Err(e) = log.log_completing(entry, idx, rsp.as_slice()) {
+                Self::log_failed(&self.cfg.device, e);
+            }
         }
+    }
+
+    /// The shadow log refused a transition: that is a bug or a corrupt log,
+    /// and serving on without logging would break the recovery guarantee.
+    /// Exit and let the supervisor replace this instance.
+    fn log_failed(device: &str, err: ShadowError) -> ! {
+        tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
+        std::process::abort();
     }
 
     /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` once per loop iteration.
@@ -396,7 +516,15 @@ impl Backend {
             return;
         }
         fe.unpublished = false;
-        match fe.ring.push_responses() {
+        let pushed = fe.ring.push_responses();
+        // DESIGN §4 "complete", last step: entries whose responses are now
+        // visible are freed.
+        if let (Ok(_), Some(log)) = (&pushed, fe.log.as_ref()) {
+            if let Err(e) = log.log_published(fe.ring.rsp_prod_pvt()) {
+                Self::log_failed(&self.cfg.device, e);
+            }
+        }
+        match pushed {
             Ok(true) => {
                 self.stats.notifications += 1;
                 if let Err(e) = fe.notify.notify() {
@@ -465,11 +593,33 @@ impl Backend {
         match msg.kind() {
             kind::ATTACH => {
                 let reply = match self.attach(&msg, fds) {
-                    Ok(()) => Message::new(kind::ATTACHED),
+                    Ok(r) => Message::new(kind::ATTACHED)
+                        .with("generation", r.generation)
+                        .with("replayed", r.replayed)
+                        .with("repushed", r.repushed)
+                        .with("poisoned", r.poisoned)
+                        .with("corrupt", r.corrupt)
+                        .with("replay-us", r.replay_us),
                     Err((code, why)) => Message::error(code, &sanitize(&why)),
                 };
                 self.control.send(&reply, &[]).map_err(control_err)
             }
+            "poison" => match msg.require_u64("sector") {
+                Ok(sector) => {
+                    tracing::warn!(device = %self.cfg.device, sector, "sector poisoned (fault injection)");
+                    self.poison.push(sector);
+                    self.control
+                        .send(&Message::new("ok"), &[])
+                        .map_err(control_err)
+                }
+                Err(e) => self
+                    .control
+                    .send(
+                        &Message::error(ErrorCode::Einval, &sanitize(&e.to_string())),
+                        &[],
+                    )
+                    .map_err(control_err),
+            },
             kind::DETACH => match self.frontend.as_mut() {
                 Some(fe) => {
                     // Answer `detached` once the in-flight I/O drained.
@@ -493,15 +643,20 @@ impl Backend {
     fn attach(
         &mut self,
         msg: &Message,
-        fds: Vec<std::os::fd::OwnedFd>,
-    ) -> Result<(), (ErrorCode, String)> {
+        mut fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<RecoveryStats, (ErrorCode, String)> {
         if self.frontend.is_some() {
             return Err((ErrorCode::Ebusy, "a frontend is already attached".into()));
         }
-        let req =
-            AttachRequest::from_message(msg).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
-        let fds =
-            DeviceFds::from_received(msg, fds).map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
+        let req = AttachRequest::from_message(msg).map_err(|e| inval(&e))?;
+        // [region, kick, notify] and, with the shadow layer, the log.
+        let log_fd = if fds.len() == 4 { fds.pop() } else { None };
+        let recover = msg
+            .get_flag("recover")
+            .map_err(|e| inval(&e))?
+            .unwrap_or(false);
+        let fds = DeviceFds::from_received(msg, fds).map_err(|e| inval(&e))?;
         let order = req.connect.ring_page_order().unwrap_or(u8::MAX);
         if order > self.cfg.max_ring_page_order {
             return Err((
@@ -512,19 +667,18 @@ impl Backend {
                 ),
             ));
         }
-        let inval = |e: RingError| (ErrorCode::Einval, e.to_string());
         let region = Arc::new(SharedRegion::from_fd(fds.region).map_err(|e| match e {
             RingError::BadRegionSize(n) if n > u64::from(MAX_REGION_PAGES) * PAGE_SIZE as u64 => {
                 (ErrorCode::E2big, e.to_string())
             }
-            e => inval(e),
+            e => inval(&e),
         })?);
         let grants = GrantMapper::new(
             region.clone(),
             req.connect.grant_frames,
             self.cfg.backend_id,
         )
-        .map_err(inval)?;
+        .map_err(|e| inval(&e))?;
         let pages = req
             .connect
             .ring_refs
@@ -532,11 +686,51 @@ impl Backend {
             .map(|&gref| grants.map(gref, Access::Write))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| (ErrorCode::Einval, format!("ring grant: {e}")))?;
-        let ring = BackRing::<Blkif>::attach(RingPages::new(region.clone(), pages).map_err(inval)?)
-            .map_err(inval)?;
-        let kick = EventChannel::from_fd(fds.kick).map_err(inval)?;
-        let notify = EventChannel::from_fd(fds.notify).map_err(inval)?;
+        let pages = RingPages::new(region.clone(), pages).map_err(|e| inval(&e))?;
+        let kick = EventChannel::from_fd(fds.kick).map_err(|e| inval(&e))?;
+        let notify = EventChannel::from_fd(fds.notify).map_err(|e| inval(&e))?;
+
+        let started = std::time::Instant::now();
+        let mut stats = RecoveryStats::default();
+        let log = match log_fd {
+            Some(fd) if self.cfg.shadow => {
+                let (log, generation) = self.open_log(fd).map_err(|e| inval(&e))?;
+                stats.generation = generation;
+                Some(log)
+            }
+            _ => None,
+        };
+        let (ring, plan) = match (&log, recover) {
+            (Some(log), true) => {
+                let probe = BackRing::<Blkif>::attach(pages.clone()).map_err(|e| inval(&e))?;
+                let rsp_prod = probe.shared_rsp_prod().map_err(|e| inval(&e))?;
+                let req_prod = probe.shared_req_prod().map_err(|e| inval(&e))?;
+                let snapshot = log.snapshot().map_err(|e| inval(&e))?;
+                let plan = plan_recovery(
+                    &snapshot,
+                    rsp_prod,
+                    req_prod,
+                    probe.size(),
+                    POISON_THRESHOLD,
+                )
+                .map_err(|e| (ErrorCode::Eproto, format!("recovery impossible: {e}")))?;
+                log.log_recovered(&plan).map_err(|e| inval(&e))?;
+                let ring = BackRing::<Blkif>::attach_at(pages, plan.req_cons, plan.rsp_prod)
+                    .map_err(|e| inval(&e))?;
+                (ring, Some(plan))
+            }
+            _ => (
+                BackRing::<Blkif>::attach(pages).map_err(|e| inval(&e))?,
+                None,
+            ),
+        };
         let size = ring.size();
+        if log.as_ref().is_some_and(|l| l.entries() != size) {
+            return Err((
+                ErrorCode::Einval,
+                format!("shadow log does not have {size} entries"),
+            ));
+        }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let kick_fd = kick.as_raw_fd();
@@ -548,16 +742,126 @@ impl Backend {
             ring,
             kick,
             notify,
+            log,
             slots: vec![None; size as usize],
             free: (0..size).rev().collect(),
             unpublished: false,
             closing: Closing::No,
         });
+        if let Some(plan) = plan {
+            self.apply_plan(&plan, &mut stats)
+                .map_err(|e| (ErrorCode::Eproto, format!("replay failed: {e}")))?;
+        }
+        stats.replay_us = started.elapsed().as_micros() as u64;
         self.arm(EventSource::Kick { generation }, kick_fd)
             .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
-        tracing::info!(device = %self.cfg.device, ring_size = size, order, "frontend attached");
+        tracing::info!(device = %self.cfg.device, ring_size = size, order, recover, ?stats, "frontend attached");
+        Ok(stats)
+    }
+
+    /// Maps the shadow log and makes this instance its writer.
+    fn open_log(&self, fd: std::os::fd::OwnedFd) -> Result<(ShadowLog, u64), ShadowError> {
+        let mut log = ShadowLog::open(fd)?;
+        if let Some((point, nth)) = self.cfg.crash_at {
+            // Only the first instance crashes, so a restart can recover.
+            if log.generation()? == 0 {
+                let hits = std::sync::atomic::AtomicU64::new(0);
+                log.set_crash_hook(Some(Box::new(move |at| {
+                    if at == point
+                        && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
+                    {
+                        std::process::abort();
+                    }
+                })));
+            }
+        }
+        let generation = log.begin_instance()?;
+        Ok((log, generation))
+    }
+
+    /// DESIGN §5 step 4, in the order `RecoveryPlan` documents: re-push saved
+    /// responses, free what the guest has seen, answer poisoned and corrupt
+    /// requests with errors, re-execute the rest in sequence order.
+    fn apply_plan(&mut self, plan: &RecoveryPlan, stats: &mut RecoveryStats) -> Result<(), String> {
+        let fe = self.frontend.as_mut().ok_or("no frontend")?;
+        let log = fe.log.as_ref().ok_or("no shadow log")?;
+        for r in &plan.repush {
+            let idx = fe
+                .ring
+                .put_response(&response_from(&r.response))
+                .map_err(|e| e.to_string())?;
+            if idx != r.rsp_idx {
+                return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
+            }
+            log.log_repushed(r.entry, idx).map_err(|e| e.to_string())?;
+            stats.repushed += 1;
+        }
+        for &entry in plan.free.iter().chain(
+            plan.corrupt
+                .iter()
+                .filter(|c| c.action == shadowback_shadow::CorruptAction::Discard)
+                .map(|c| &c.entry),
+        ) {
+            log.free(entry).map_err(|e| e.to_string())?;
+        }
+        let failed = plan
+            .poisoned
+            .iter()
+            .map(|p| (p.entry, p.request, true))
+            .chain(
+                plan.corrupt_to_answer()
+                    .map(|c| (c.entry, c.request, false)),
+            );
+        for (entry, request, poisoned) in failed {
+            let rsp = shadowback_shadow::blkif::error_response(&request);
+            let idx = fe
+                .ring
+                .put_response(&response_from(&rsp))
+                .map_err(|e| e.to_string())?;
+            log.log_completing(entry, idx, &rsp)
+                .map_err(|e| e.to_string())?;
+            if poisoned {
+                stats.poisoned += 1;
+                tracing::error!(device = %self.cfg.device, id = shadowback_shadow::blkif::request_id(&request),
+                    "request failed every instance it ran in: answered with an error (crash-loop breaker)");
+            } else {
+                stats.corrupt += 1;
+            }
+        }
+        fe.unpublished = true;
+        self.stats.errors += stats.poisoned + stats.corrupt;
+        for e in &plan.reexecute {
+            let Some(fe) = self.frontend.as_mut() else {
+                break;
+            };
+            let Some(slot) = fe.free.pop() else {
+                return Err("more requests to replay than slots".into());
+            };
+            if let Some(log) = fe.log.as_ref() {
+                log.mark_replayed(&[e.entry]).map_err(|e| e.to_string())?;
+            }
+            let mut req = BlkifRequest::default();
+            req.as_mut_slice().copy_from_slice(&e.request);
+            self.check_poison(&req);
+            self.start_request(slot, req, Some(e.entry))
+                .map_err(|e| e.to_string())?;
+            stats.replayed += 1;
+        }
+        // The guest may be asleep waiting for responses the dead instance
+        // owed it: publish and notify unconditionally.
+        self.publish_responses();
+        if let Some(fe) = self.frontend.as_ref() {
+            let _ = fe.notify.notify();
+        }
         Ok(())
     }
+}
+
+/// A blkif response from its 16 saved bytes.
+fn response_from(bytes: &[u8; shadowback_shadow::RESPONSE_SIZE]) -> BlkifResponse {
+    let mut rsp = BlkifResponse::default();
+    rsp.as_mut_slice().copy_from_slice(bytes);
+    rsp
 }
 
 /// A closed control channel means the supervisor is gone: exit quietly.

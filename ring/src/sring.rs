@@ -379,6 +379,11 @@ impl<P: RingProtocol> BackRing<P> {
         self.ring.pages.load(RSP_PROD, Ordering::Acquire)
     }
 
+    /// The shared `req_prod`: what the guest has published (recovery).
+    pub fn shared_req_prod(&self) -> Result<u32, RingError> {
+        self.ring.pages.load(REQ_PROD, Ordering::Acquire)
+    }
+
     /// `RING_HAS_UNCONSUMED_REQUESTS`, checked first with
     /// `RING_REQUEST_PROD_OVERFLOW`: a `req_prod` more than a ring ahead of
     /// what we answered is ring-level corruption.
