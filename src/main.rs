@@ -7,6 +7,7 @@
 
 mod backend_cmd;
 mod bench;
+mod control_cmd;
 mod demo;
 mod guest_cmd;
 
@@ -35,6 +36,10 @@ enum Command {
         /// Configuration file (see fixtures/shadowback.toml).
         config: PathBuf,
     },
+    /// Per-device counters of a running supervisor (crashes, recoveries, …).
+    Status(control_cmd::StatusArgs),
+    /// Inject a fault into a device's backend: kill, hang or poison.
+    Fault(control_cmd::FaultArgs),
     /// Benchmarks (commands, not tests: they print ratios measured in one run).
     Bench {
         #[command(subcommand)]
@@ -63,6 +68,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::Up { config } => up(config),
+        Command::Status(args) => control_cmd::status(args),
+        Command::Fault(args) => control_cmd::fault(args),
         Command::Bench { what } => bench::run(what),
         Command::Blkback(args) => backend_cmd::run(args),
         Command::Guest { what } => guest_cmd::run(what),

@@ -1,0 +1,128 @@
+//! `shadowback status` and `shadowback fault`: small clients of the
+//! supervisor's control socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use shadowback_xenbus::{Message, SeqPacket};
+
+use crate::CliError;
+
+/// Where `shadowback up` listens unless its config says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/shadowback/control.sock";
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The supervisor's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// One JSON object per device, in a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FaultAction {
+    /// SIGKILL the device's backend process.
+    Kill,
+    /// SIGSTOP it (the watchdog replaces it if the guest has work pending).
+    Hang,
+    /// Make every instance abort on a request covering `--sector`.
+    Poison,
+}
+
+#[derive(Args, Debug)]
+pub struct FaultArgs {
+    /// Device name.
+    device: String,
+    action: FaultAction,
+    /// The poisoned sector (512-byte units), for `poison`.
+    #[arg(long, default_value_t = 0)]
+    sector: u64,
+    /// The supervisor's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+fn recv(sock: &SeqPacket) -> Result<Message, CliError> {
+    let (msg, _fds) = sock
+        .recv_timeout(REPLY_TIMEOUT)?
+        .ok_or("the supervisor did not answer")?;
+    if msg.kind() == "error" {
+        return Err(format!(
+            "supervisor: {} ({})",
+            msg.get("message").unwrap_or("error"),
+            msg.get("code").unwrap_or("?")
+        )
+        .into());
+    }
+    Ok(msg)
+}
+
+/// Asks for the per-device counters; returns one message per device.
+pub fn query_status(socket: &std::path::Path) -> Result<Vec<Message>, CliError> {
+    let sock = SeqPacket::connect(socket)?;
+    sock.send(&Message::new("status"), &[])?;
+    let mut devices = Vec::new();
+    loop {
+        let msg = recv(&sock)?;
+        match msg.kind() {
+            "status" => devices.push(msg),
+            "status-end" => return Ok(devices),
+            other => return Err(format!("unexpected {other:?} in a status reply").into()),
+        }
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<ExitCode, CliError> {
+    let devices = query_status(&args.socket)?;
+    if args.json {
+        let list: Vec<serde_json::Value> = devices
+            .iter()
+            .map(|m| {
+                let obj = m
+                    .iter()
+                    .map(|(k, v)| {
+                        let value = v
+                            .parse::<u64>()
+                            .map(serde_json::Value::from)
+                            .unwrap_or_else(|_| serde_json::Value::from(v));
+                        (k.to_string(), value)
+                    })
+                    .collect::<serde_json::Map<_, _>>();
+                serde_json::Value::Object(obj)
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for m in &devices {
+        println!("{}", m.get("device").unwrap_or("?"));
+        for (k, v) in m.iter().filter(|(k, _)| *k != "device") {
+            println!("  {k:<18} {v}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn fault(args: FaultArgs) -> Result<ExitCode, CliError> {
+    let action = match args.action {
+        FaultAction::Kill => "kill",
+        FaultAction::Hang => "hang",
+        FaultAction::Poison => "poison",
+    };
+    let mut msg = Message::new("fault")
+        .with("device", &args.device)
+        .with("action", action);
+    if matches!(args.action, FaultAction::Poison) {
+        msg.set("sector", args.sector);
+    }
+    let sock = SeqPacket::connect(&args.socket)?;
+    sock.send(&msg, &[])?;
+    let reply = recv(&sock)?;
+    println!("{} {action}: {}", args.device, reply.kind());
+    Ok(ExitCode::SUCCESS)
+}
