@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
+use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, DeviceError};
 use shadowback_guest::workload::{
     BenchConfig, BenchOp, BenchWorkload, Progress, VerifyConfig, VerifyWorkload,
 };
@@ -58,6 +59,81 @@ pub struct GuestBlkArgs {
     /// Ring page order (default: the backend's maximum, up to 4).
     #[arg(long)]
     pub ring_page_order: Option<u32>,
+    /// Write the CLOCK_MONOTONIC time (ns, u64 little-endian) of every
+    /// completion to this file, for stall measurements.
+    #[arg(long)]
+    pub completions_file: Option<PathBuf>,
+    /// Percent of reads / flushes / discards in the verifying mix.
+    #[arg(long, default_value_t = 50)]
+    pub read_percent: u8,
+    #[arg(long, default_value_t = 2)]
+    pub flush_percent: u8,
+    #[arg(long, default_value_t = 5)]
+    pub discard_percent: u8,
+    /// Largest request in KiB (4 KiB multiples).
+    #[arg(long, default_value_t = 128)]
+    pub max_kib: u32,
+}
+
+/// CLOCK_MONOTONIC in ns: comparable across processes, unlike `Instant`.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// A `BlockDevice` that records when every completion arrived.
+struct Timed<'a> {
+    dev: &'a mut dyn BlockDevice,
+    stamps: Option<Vec<u64>>,
+}
+
+impl BlockDevice for Timed<'_> {
+    fn capacity_sectors(&self) -> u64 {
+        self.dev.capacity_sectors()
+    }
+    fn max_in_flight(&self) -> usize {
+        self.dev.max_in_flight()
+    }
+    fn max_request_sectors(&self) -> u32 {
+        self.dev.max_request_sectors()
+    }
+    fn supports_discard(&self) -> bool {
+        self.dev.supports_discard()
+    }
+    fn supports_flush(&self) -> bool {
+        self.dev.supports_flush()
+    }
+    fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
+        self.dev.submit(tag, req)
+    }
+    fn kick(&mut self) -> Result<(), DeviceError> {
+        self.dev.kick()
+    }
+    fn poll_completions(
+        &mut self,
+        timeout: Duration,
+        out: &mut Vec<Completion>,
+    ) -> Result<(), DeviceError> {
+        let before = out.len();
+        self.dev.poll_completions(timeout, out)?;
+        if let Some(stamps) = self.stamps.as_mut() {
+            if out.len() > before {
+                let now = monotonic_ns();
+                stamps.extend(std::iter::repeat_n(now, out.len() - before));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn write_stamps(path: &std::path::Path, stamps: &[u64]) -> Result<(), CliError> {
+    let mut bytes = Vec::with_capacity(stamps.len() * 8);
+    for s in stamps {
+        bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -106,7 +182,14 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
     let mut cfg = BlkFrontConfig::new(args.device.clone());
     cfg.queue_depth = args.qd.max(1);
     cfg.ring_page_order = args.ring_page_order;
-    let mut dev = BlkFront::attach(&args.socket, &cfg)?;
+    let mut front = BlkFront::attach(&args.socket, &cfg)?;
+    let mut dev = Timed {
+        dev: &mut front,
+        stamps: args
+            .completions_file
+            .as_ref()
+            .map(|_| Vec::with_capacity(1 << 20)),
+    };
     let duration = Duration::from_secs_f64(args.duration.max(0.0));
     if let Some(mode) = args.bench {
         let mut bench = BenchWorkload::new(BenchConfig {
@@ -120,6 +203,9 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
             ..BenchConfig::default()
         });
         let report = bench.run(&mut dev, &mut |_| {})?;
+        if let (Some(path), Some(stamps)) = (&args.completions_file, &dev.stamps) {
+            write_stamps(path, stamps)?;
+        }
         let lat = report.summary();
         emit(&serde_json::json!({
             "event": "bench",
@@ -130,7 +216,7 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
             "p50_us": lat.p50_us,
             "p99_us": lat.p99_us,
         }));
-        dev.detach()?;
+        front.detach()?;
         return Ok(if report.io_errors == 0 {
             ExitCode::SUCCESS
         } else {
@@ -142,12 +228,19 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
         queue_depth: args.qd.max(1),
         duration: Some(duration),
         final_check: !args.no_final_check,
+        read_percent: args.read_percent,
+        flush_percent: args.flush_percent,
+        discard_percent: args.discard_percent,
+        max_bytes: args.max_kib.max(4) * 1024,
         ..VerifyConfig::default()
     });
     let report = work.run(&mut dev, &mut on_progress)?;
+    if let (Some(path), Some(stamps)) = (&args.completions_file, &dev.stamps) {
+        write_stamps(path, stamps)?;
+    }
     let ok = report.verify_failures == 0 && report.io_errors == 0;
     emit(&serde_json::json!({"event": "report", "report": report}));
-    dev.detach()?;
+    front.detach()?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
