@@ -162,6 +162,13 @@ pub struct Report {
     pub mb_per_s: f64,
     /// The first [`MAX_FAILURE_MESSAGES`] failure descriptions.
     pub failures: Vec<String>,
+    /// Requests that never completed (counted in `verify_failures` too).
+    #[serde(default)]
+    pub lost: u64,
+    /// Completions for requests not in flight (counted in `verify_failures`
+    /// too).
+    #[serde(default)]
+    pub duplicates: u64,
 }
 
 /// A positive multiple of [`BLOCK_BYTES`].
@@ -614,12 +621,14 @@ impl<'c> Engine<'c> {
             oldest.op, oldest.sector, oldest.sectors
         ));
         self.report.verify_failures += lost - 1;
+        self.report.lost += lost;
         self.stalled = true;
         true
     }
 
     fn complete(&mut self, c: &Completion, now: Instant) {
         let Some(op) = self.in_flight.remove(&c.tag) else {
+            self.report.duplicates += 1;
             self.fail(format!(
                 "completion for tag {} ({:?}) that is not in flight: duplicate or spurious",
                 c.tag, c.status
@@ -1316,6 +1325,8 @@ mod tests {
         };
         let r = run(cfg, &mut disk);
         assert_eq!(r.verify_failures, 1);
+        assert_eq!(r.lost, 1);
+        assert_eq!(r.duplicates, 0);
         assert_failure_mentions(&r, "lost completion");
         assert_eq!(r.sectors_verified_final, 0, "final check skipped");
     }
@@ -1326,6 +1337,8 @@ mod tests {
         disk.duplicate_next_completion(1);
         let r = run(config(100), &mut disk);
         assert_eq!(r.verify_failures, 1);
+        assert_eq!(r.duplicates, 1);
+        assert_eq!(r.lost, 0);
         assert_failure_mentions(&r, "duplicate");
     }
 
