@@ -3,7 +3,8 @@
 //!
 //! The image is preallocated and fully written once before anything is
 //! measured, so reads hit allocated blocks, never holes. Then, for every
-//! op and queue depth, each [`IoPath`] runs back to back on the same file:
+//! op and queue depth, the [`IoPath`]s take turns on the same file, a slice
+//! of the row's time each, round after round (see `--rounds`):
 //!
 //! - `raw-uring`: [`raw_random_io`] in this process, with the file opened
 //!   the way the supervisor opens it for the backend;
@@ -14,7 +15,6 @@
 //! Every non-baseline row shows its IOPS as a ratio to the `raw-uring` row
 //! of the same op and queue depth.
 
-use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -56,6 +56,11 @@ pub struct BlkBenchArgs {
     /// Queue depths, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     qd: Vec<usize>,
+    /// Slices per row: each row's time is split into this many slices and
+    /// the paths of one op and QD take turns slice by slice, so a disturbance
+    /// of the machine (another job, a device stall) hits them alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -81,7 +86,7 @@ impl BenchCache {
 
 /// Request size of every row.
 const BLOCK: usize = 4096;
-/// Offset seed shared by every path.
+/// Offset seed of the first slice (slice `n` uses `SEED + n`, on every path).
 const SEED: u64 = 1;
 /// Device name the supervisor exports the image as.
 const DEVICE: &str = "disk0";
@@ -90,7 +95,7 @@ const MAX_QD: usize = 512;
 
 /// One way of getting 4 KiB random I/O to the image. A later path (say
 /// `xen-ring-noshadow`) is one more variant, a name, and an arm in
-/// [`Bench::run_row`].
+/// [`Bench::run_slice`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum IoPath {
     /// io_uring on the file from this process: what the others are divided by.
@@ -141,11 +146,40 @@ impl Op {
     }
 }
 
-/// What one path measured.
+/// What one path measured in one slice.
 struct Sample {
-    iops: f64,
+    ops: u64,
+    elapsed: Duration,
     p50_us: f64,
     p99_us: f64,
+}
+
+/// The slices of one row, summed: IOPS over the total time, latency
+/// percentiles as the median of the slices' (the slices' samples are not
+/// all available as histograms, so they cannot be merged exactly).
+#[derive(Default)]
+struct Slices(Vec<Sample>);
+
+impl Slices {
+    fn iops(&self) -> f64 {
+        let ops: u64 = self.0.iter().map(|s| s.ops).sum();
+        let secs: f64 = self.0.iter().map(|s| s.elapsed.as_secs_f64()).sum();
+        if secs > 0.0 {
+            ops as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    fn median(&self, field: impl Fn(&Sample) -> f64) -> f64 {
+        let mut v: Vec<f64> = self.0.iter().map(field).collect();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
 }
 
 /// One line of the table and of the JSON output.
@@ -172,7 +206,9 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(parent: Option<&Path>) -> Result<Self, CliError> {
-        let base = parent.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let base = parent
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
         let dir = base.join(format!("shadowback-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(TempDir(dir))
@@ -224,7 +260,10 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         .checked_mul(1024 * 1024)
         .filter(|&b| b >= BLOCK as u64)
         .ok_or("--image-mib must be at least 1 and fit in 64 bits")?;
-    let duration = Duration::from_secs_f64(args.duration);
+    if args.rounds == 0 {
+        return Err("--rounds must be at least 1".into());
+    }
+    let slice = Duration::from_secs_f64(args.duration / f64::from(args.rounds));
     let fio = find_in_path("fio");
     let log = |msg: String| {
         if !args.json {
@@ -249,14 +288,12 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
 
     let cfg = Config {
         socket: dir.0.join("control.sock"),
+        // Everything else at its default, as a production disk would run.
         disks: vec![DiskConfig {
-            name: DEVICE.into(),
-            path: image.clone(),
             cache: args.cache.mode(),
-            readonly: false,
-            backend_id: 0,
             max_ring_page_order: 4,
             discard: false,
+            ..DiskConfig::new(DEVICE, image.clone())
         }],
     };
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
@@ -264,7 +301,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         image: &image,
         image_bytes,
         cache: args.cache,
-        duration,
+        slice,
         socket: &cfg.socket,
         exe: std::env::current_exe()?,
         fio,
@@ -277,42 +314,61 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         log("  fio not found in PATH: no fio rows".into());
     }
     log(format!(
-        "  {} rows of {:.1} s, 4 KiB random I/O over the whole image; per op and QD the paths run back to back",
+        "  {} rows of {:.1} s, 4 KiB random I/O over the whole image; per op and QD the paths take turns in {} slices of {:.2} s",
         Op::ALL.len() * args.qd.len() * paths.len(),
-        args.duration
+        args.duration,
+        args.rounds,
+        slice.as_secs_f64(),
     ));
 
     let mut rows: Vec<Row> = Vec::new();
     for op in Op::ALL {
         for &qd in &args.qd {
-            let mut baseline: Option<f64> = None;
-            for &path in &paths {
-                if !args.json {
-                    eprint!("  {:<10} {:<9} QD{:<3} …", path.name(), op.name(), qd);
-                    let _ = std::io::stderr().flush();
+            let mut slices: Vec<Slices> = paths.iter().map(|_| Slices::default()).collect();
+            if !args.json {
+                eprint!("  {:<9} QD{:<3}", op.name(), qd);
+            }
+            for round in 0..args.rounds {
+                // The same offsets for every path within a slice, new ones
+                // for the next slice.
+                let seed = SEED + u64::from(round);
+                for (&path, acc) in paths.iter().zip(&mut slices) {
+                    let s = bench
+                        .run_slice(path, op, qd, seed)
+                        .map_err(|e| format!("{} {} QD{qd}: {e}", path.name(), op.name()))?;
+                    acc.0.push(s);
+                    if !args.json {
+                        eprint!(" .");
+                        let _ = std::io::stderr().flush();
+                    }
                 }
-                let s = bench
-                    .run_row(path, op, qd)
-                    .map_err(|e| format!("{} {} QD{qd}: {e}", path.name(), op.name()))?;
-                if !args.json {
-                    eprintln!(" {:>9.0} IOPS", s.iops);
-                }
-                if path.is_baseline() {
-                    baseline = Some(s.iops);
-                }
+            }
+            let baseline = paths
+                .iter()
+                .zip(&slices)
+                .find(|(p, _)| p.is_baseline())
+                .map(|(_, s)| s.iops());
+            for (&path, s) in paths.iter().zip(&slices) {
+                let iops = s.iops();
                 let ratio = match baseline {
-                    Some(base) if !path.is_baseline() && base > 0.0 => Some(s.iops / base),
+                    Some(base) if !path.is_baseline() && base > 0.0 => Some(iops / base),
                     _ => None,
                 };
+                if !args.json {
+                    eprint!("  {} {iops:.0}", path.name());
+                }
                 rows.push(Row {
                     path: path.name(),
                     op: op.name(),
                     qd,
-                    iops: s.iops,
-                    p50_us: s.p50_us,
-                    p99_us: s.p99_us,
+                    iops,
+                    p50_us: s.median(|x| x.p50_us),
+                    p99_us: s.median(|x| x.p99_us),
                     ratio,
                 });
+            }
+            if !args.json {
+                eprintln!();
             }
         }
     }
@@ -322,13 +378,9 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     if args.json {
         println!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
     } else {
-        print_table(&rows, args, bench_has_fio(&paths));
+        print_table(&rows, args, paths.contains(&IoPath::Fio));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn bench_has_fio(paths: &[IoPath]) -> bool {
-    paths.contains(&IoPath::Fio)
 }
 
 /// What every row shares.
@@ -336,41 +388,51 @@ struct Bench<'a> {
     image: &'a Path,
     image_bytes: u64,
     cache: BenchCache,
-    duration: Duration,
+    /// How long each path runs per slice.
+    slice: Duration,
     socket: &'a Path,
     exe: PathBuf,
     fio: Option<PathBuf>,
 }
 
 impl Bench<'_> {
-    fn run_row(&self, path: IoPath, op: Op, qd: usize) -> Result<Sample, CliError> {
+    fn run_slice(&self, path: IoPath, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         match path {
-            IoPath::RawUring => self.raw_uring(op, qd),
-            IoPath::XenRing => self.xen_ring(op, qd),
+            IoPath::RawUring => self.raw_uring(op, qd, seed),
+            IoPath::XenRing => self.xen_ring(op, qd, seed),
             IoPath::Fio => self.fio(op, qd),
         }
     }
 
     /// The file opened as `supervisor::spawn::open_disk` opens it.
-    fn raw_uring(&self, op: Op, qd: usize) -> Result<Sample, CliError> {
+    fn raw_uring(&self, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         let file = open_image(self.image, self.cache)?;
-        let stats = raw_random_io(&file, op.is_write(), qd, BLOCK, self.image_bytes, self.duration, SEED)?;
+        let stats = raw_random_io(
+            &file,
+            op.is_write(),
+            qd,
+            BLOCK,
+            self.image_bytes,
+            self.slice,
+            seed,
+        )?;
         Ok(Sample {
-            iops: stats.iops(),
+            ops: stats.ops,
+            elapsed: stats.elapsed,
             p50_us: ns_to_us(stats.latency.percentile(50.0)),
             p99_us: ns_to_us(stats.latency.percentile(99.0)),
         })
     }
 
     /// One guest process attached to the running supervisor.
-    fn xen_ring(&self, op: Op, qd: usize) -> Result<Sample, CliError> {
+    fn xen_ring(&self, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         let child = Command::new(&self.exe)
             .args(["guest", "blk", "--device", DEVICE, "--socket"])
             .arg(self.socket)
             .args(["--bench", op.name()])
             .args(["--qd", &qd.to_string()])
-            .args(["--duration", &self.duration.as_secs_f64().to_string()])
-            .args(["--seed", &SEED.to_string()])
+            .args(["--duration", &self.slice.as_secs_f64().to_string()])
+            .args(["--seed", &seed.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -418,7 +480,8 @@ impl Bench<'_> {
                 .ok_or_else(|| format!("guest bench line lacks {name:?}: {v}"))
         };
         Ok(Sample {
-            iops: field("iops")?,
+            ops: v["ops"].as_u64().ok_or("guest bench line lacks \"ops\"")?,
+            elapsed: Duration::from_secs_f64(field("elapsed_s")?.max(0.0)),
             p50_us: field("p50_us")?,
             p99_us: field("p99_us")?,
         })
@@ -428,14 +491,18 @@ impl Bench<'_> {
     fn fio(&self, op: Op, qd: usize) -> Result<Sample, CliError> {
         let fio = self.fio.as_deref().ok_or("fio is not installed")?;
         let mut runtime_arg = std::ffi::OsString::from("--runtime=");
-        runtime_arg.push(format!("{}ms", self.duration.as_millis().max(1)));
+        runtime_arg.push(format!("{}ms", self.slice.as_millis().max(1)));
         let mut filename_arg = std::ffi::OsString::from("--filename=");
         filename_arg.push(self.image);
         let out = Command::new(fio)
             .args([
                 "--name=shadowback",
                 "--ioengine=io_uring",
-                if self.cache.direct() { "--direct=1" } else { "--direct=0" },
+                if self.cache.direct() {
+                    "--direct=1"
+                } else {
+                    "--direct=0"
+                },
                 &format!("--rw={}", op.name()),
                 "--bs=4k",
                 &format!("--iodepth={qd}"),
@@ -461,17 +528,28 @@ impl Bench<'_> {
             .into());
         }
         // fio may print notes before the JSON document.
-        let json = stdout.find('{').map(|i| &stdout[i..]).ok_or("fio printed no JSON")?;
-        let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}"))?;
+        let json = stdout
+            .find('{')
+            .map(|i| &stdout[i..])
+            .ok_or("fio printed no JSON")?;
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("fio JSON: {e}"))?;
         let job = &v["jobs"][0];
         let error = job["error"].as_i64().unwrap_or(-1);
         if error != 0 {
-            return Err(format!("fio reports error {error} (an I/O error)").into());
+            return Err(
+                format!("fio reports error {error} (the errno of its first failed I/O)").into(),
+            );
         }
         let dir = &job[if op.is_write() { "write" } else { "read" }];
         let pct = |p: &str| dir["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+        let ops = dir["total_ios"]
+            .as_u64()
+            .ok_or("fio JSON lacks total_ios")?;
+        let runtime_ms = dir["runtime"].as_u64().ok_or("fio JSON lacks runtime")?;
         Ok(Sample {
-            iops: dir["iops"].as_f64().ok_or("fio JSON lacks iops")?,
+            ops,
+            elapsed: Duration::from_millis(runtime_ms),
             p50_us: pct("50.000000"),
             p99_us: pct("99.000000"),
         })
@@ -511,7 +589,12 @@ fn prepare_image(path: &Path, bytes: u64, cache: BenchCache) -> Result<(), CliEr
         .open(path)
         .map_err(|e| ctx("create", &e))?;
     let len = libc::off_t::try_from(bytes).map_err(|e| ctx("size", &e))?;
-    if let Err(e) = nix::fcntl::fallocate(file.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len) {
+    if let Err(e) = nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len,
+    ) {
         // Not every file system can preallocate; the full write below still
         // allocates every block.
         tracing::debug!(error = %e, "fallocate failed, writing the image without it");
@@ -528,7 +611,8 @@ fn prepare_image(path: &Path, bytes: u64, cache: BenchCache) -> Result<(), CliEr
             word.copy_from_slice(&(z | 1).to_le_bytes());
         }
         let n = usize::try_from(bytes - offset).map_or(CHUNK, |left| left.min(CHUNK));
-        file.write_all_at(&buf[..n], offset).map_err(|e| ctx("write", &e))?;
+        file.write_all_at(&buf[..n], offset)
+            .map_err(|e| ctx("write", &e))?;
         offset += n as u64;
     }
     file.sync_all().map_err(|e| ctx("fsync", &e))?;
@@ -589,7 +673,14 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     }
     println!();
     println!("notes:");
-    println!("  - `vs raw` = IOPS / the raw-uring row of the same op and QD, measured just before it.");
+    println!(
+        "  - `vs raw` = IOPS / the raw-uring row of the same op and QD; the paths took turns in {} slices of {:.2} s",
+        args.rounds,
+        args.duration / f64::from(args.rounds)
+    );
+    println!(
+        "    (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles)."
+    );
     println!("  - figures vary by about ±15% between runs; compare ratios within one run, not across runs.");
     println!(
         "  - latency: raw-uring = submission to reap in one thread; xen-ring = the guest's submit to completion"
@@ -597,7 +688,8 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     if with_fio {
         println!("    (ring + kick + backend + notify); fio = its completion latency (clat).");
     } else {
-        println!("    (ring + kick + backend + notify). fio was not found, so there are no fio rows.");
+        println!(
+            "    (ring + kick + backend + notify). fio was not found, so there are no fio rows."
+        );
     }
-    let _ = OsStr::new(""); // keep the import list honest for later paths
 }

@@ -13,6 +13,7 @@ use serde::Serialize;
 use shadowback_guest::workload::Report;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
+use crate::faults::{self, FaultKind, FaultSpec, Injector};
 use crate::CliError;
 
 #[derive(Args, Debug)]
@@ -35,6 +36,12 @@ pub struct DemoArgs {
     /// Where to put the temporary image and socket (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Faults to inject while the guest runs, e.g. `kill:every=200ms,hang:every=3s`.
+    #[arg(long)]
+    faults: Option<String>,
+    /// Where to write the timeline plot (SVG) of a run with faults.
+    #[arg(long, default_value = "shadowback-demo-timeline.svg")]
+    plot: PathBuf,
 }
 
 /// The demo's JSON report.
@@ -52,6 +59,23 @@ struct DemoReport {
     cache: &'static str,
     image_bytes: u64,
     failures: Vec<String>,
+    crashes: u64,
+    hangs: u64,
+    recoveries: u64,
+    replayed: u64,
+    repushed: u64,
+    poisoned: u64,
+    lost: u64,
+    duplicates: u64,
+    stall_us: StallUs,
+    plot: Option<PathBuf>,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+struct StallUs {
+    p50: u64,
+    p99: u64,
+    max: u64,
 }
 
 #[derive(Serialize)]
@@ -98,6 +122,10 @@ fn pick_cache(image: &Path) -> CacheMode {
 }
 
 pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
+    let specs: Vec<FaultSpec> = match &args.faults {
+        Some(text) => faults::parse_faults(text)?,
+        None => Vec::new(),
+    };
     let dir = TempDir::new(args.dir.as_deref())?;
     let image = dir.0.join("disk0.img");
     let image_bytes = args.image_mib.max(1) * 1024 * 1024;
@@ -106,13 +134,8 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let cfg = Config {
         socket: dir.0.join("control.sock"),
         disks: vec![DiskConfig {
-            name: "disk0".into(),
-            path: image.clone(),
             cache,
-            readonly: false,
-            backend_id: 0,
-            max_ring_page_order: 4,
-            discard: true,
+            ..DiskConfig::new("disk0", image.clone())
         }],
     };
     let cache_name = match cache {
@@ -127,9 +150,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     }
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let exe = std::env::current_exe()?;
+    let stamps_path = dir.0.join("completions.bin");
     let mut guest = Command::new(exe)
         .args(["guest", "blk", "--device", "disk0", "--socket"])
         .arg(&cfg.socket)
+        .arg("--completions-file")
+        .arg(&stamps_path)
         .args(["--duration", &args.duration.to_string()])
         .args(["--qd", &args.qd.to_string()])
         .args(["--seed", &args.seed.to_string()])
@@ -137,6 +163,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         .stdin(Stdio::null())
         .spawn()?;
     let stdout = guest.stdout.take().ok_or("guest stdout missing")?;
+    let injector = (!specs.is_empty())
+        .then(|| Injector::start(cfg.socket.clone(), "disk0".into(), specs.clone()));
+    let mut injected = Vec::new();
+    let mut injector = injector;
     let mut report: Option<Report> = None;
     let mut guest_error: Option<String> = None;
     for line in BufReader::new(stdout).lines() {
@@ -145,6 +175,10 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             continue;
         };
         match v["event"].as_str() {
+            Some("progress") if v["phase"] == "FinalCheck" && injector.is_some() => {
+                // Faults stop with the random-I/O phase.
+                injected = injector.take().map(Injector::finish).unwrap_or_default();
+            }
             Some("progress") if !args.json => {
                 let phase = if v["phase"] == "FinalCheck" {
                     "final check"
@@ -168,10 +202,34 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         }
     }
     let status = guest.wait()?;
+    if let Some(inj) = injector.take() {
+        injected = inj.finish();
+    }
     if !args.json {
         eprintln!();
     }
+    let counters = crate::control_cmd::query_status(&cfg.socket)
+        .ok()
+        .and_then(|mut d| d.pop());
     supervisor.stop()?;
+    let count = |key: &str| {
+        counters
+            .as_ref()
+            .and_then(|m| m.get(key))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut stall = StallUs::default();
+    let mut plot = None;
+    if !injected.is_empty() {
+        let mut stamps = faults::read_stamps(&stamps_path).unwrap_or_default();
+        stamps.sort_unstable();
+        let (p50, p99, max) = faults::percentiles(&faults::stalls_us(&injected, &stamps));
+        stall = StallUs { p50, p99, max };
+        if faults::write_timeline_svg(&args.plot, &stamps, &injected).is_ok() {
+            plot = Some(args.plot.clone());
+        }
+    }
     let Some(r) = report else {
         return Err(format!(
             "the guest failed ({status}): {}",
@@ -199,11 +257,60 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         },
         image_bytes,
         failures: r.failures.clone(),
+        crashes: count("crashes"),
+        hangs: count("hangs"),
+        recoveries: count("recoveries"),
+        replayed: count("replayed"),
+        repushed: count("repushed"),
+        poisoned: count("poisoned"),
+        lost: r.lost,
+        duplicates: r.duplicates,
+        stall_us: stall,
+        plot,
     };
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         print_report(&r);
+        if !injected.is_empty() {
+            let kills = injected
+                .iter()
+                .filter(|f| f.kind == FaultKind::Kill)
+                .count();
+            println!("recovery");
+            println!(
+                "  faults injected   {:>10}  ({kills} kills, {} hangs)",
+                injected.len(),
+                injected.len() - kills
+            );
+            println!("  crashes / hangs   {:>10} / {}", out.crashes, out.hangs);
+            println!("  recoveries        {:>10}", out.recoveries);
+            println!(
+                "  replayed          {:>10}  requests re-executed",
+                out.replayed
+            );
+            println!(
+                "  re-pushed         {:>10}  saved responses published again",
+                out.repushed
+            );
+            println!("  poisoned          {:>10}", out.poisoned);
+            println!("  lost / duplicate  {:>10} / {}", out.lost, out.duplicates);
+            println!(
+                "  guest-visible stall per fault: p50 {} us, p99 {} us, max {} us",
+                stall.p50, stall.p99, stall.max
+            );
+            println!(
+                "  last recovery     detect {} us, fence {} us, takeover {} us, replay {} us, total {} us",
+                count("last-detect-us"),
+                count("last-fence-us"),
+                count("last-takeover-us"),
+                count("last-replay-us"),
+                count("last-total-us")
+            );
+            if let Some(p) = &out.plot {
+                println!("  timeline plot     {}", p.display());
+            }
+        }
     }
     Ok(if r.verify_failures == 0 && r.io_errors == 0 {
         ExitCode::SUCCESS

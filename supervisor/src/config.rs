@@ -39,6 +39,56 @@ pub struct DiskConfig {
     /// Offer `feature-discard` (hole punching).
     #[serde(default = "default_true")]
     pub discard: bool,
+    /// Keep a hot-standby backend process per disk (DESIGN §5 step 3): it
+    /// is exec'd, has the disk open and its io_uring set up, and waits on
+    /// its control socket, so a takeover skips process start-up. Without
+    /// it every takeover is a cold restart.
+    #[serde(default = "default_true")]
+    pub standby: bool,
+    /// The shadow layer (DESIGN §4–5): the supervisor hands the backend a
+    /// shadow log and recovers a crashed or hung backend transparently.
+    /// `false` starts backends with `--no-shadow`, sends `attach` without
+    /// a log and does no recovery: a backend failure then disconnects the
+    /// attached guest with `ENODEV` (for overhead comparisons).
+    #[serde(default = "default_true")]
+    pub shadow: bool,
+    /// Hang watchdog: a backend whose shadow-log heartbeat has not moved
+    /// for this long while the guest's ring has unanswered requests is
+    /// declared hung and replaced. The backend beats at least every 20 ms,
+    /// so values below [`MIN_HANG_TIMEOUT_MS`] are refused.
+    #[serde(default = "default_hang_timeout_ms")]
+    pub hang_timeout_ms: u64,
+}
+
+/// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
+/// 20 ms heartbeat period.
+pub const MIN_HANG_TIMEOUT_MS: u64 = 40;
+/// Largest accepted `hang_timeout_ms` (one hour).
+pub const MAX_HANG_TIMEOUT_MS: u64 = 3_600_000;
+/// Default `hang_timeout_ms`.
+pub const DEFAULT_HANG_TIMEOUT_MS: u64 = 100;
+
+impl DiskConfig {
+    /// A disk with every optional setting at its default (as if only
+    /// `name` and `path` were written in the TOML file).
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            name: name.into(),
+            path: path.into(),
+            cache: CacheMode::default(),
+            readonly: false,
+            backend_id: 0,
+            max_ring_page_order: default_ring_order(),
+            discard: true,
+            standby: true,
+            shadow: true,
+            hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
+        }
+    }
+}
+
+fn default_hang_timeout_ms() -> u64 {
+    DEFAULT_HANG_TIMEOUT_MS
 }
 
 fn default_ring_order() -> u8 {
@@ -104,6 +154,12 @@ impl Config {
                     d.name, d.max_ring_page_order
                 )));
             }
+            if !(MIN_HANG_TIMEOUT_MS..=MAX_HANG_TIMEOUT_MS).contains(&d.hang_timeout_ms) {
+                return Err(SupervisorError::Config(format!(
+                    "disk {:?}: hang_timeout_ms {} is outside {MIN_HANG_TIMEOUT_MS}..={MAX_HANG_TIMEOUT_MS}",
+                    d.name, d.hang_timeout_ms
+                )));
+            }
         }
         Ok(())
     }
@@ -134,6 +190,29 @@ mod tests {
         assert_eq!(cfg.disks[1].cache, CacheMode::None);
         assert!(cfg.disks[1].readonly);
         assert_eq!(cfg.disks[1].max_ring_page_order, 4);
+        for d in &cfg.disks {
+            assert!(d.standby && d.shadow);
+            assert_eq!(d.hang_timeout_ms, DEFAULT_HANG_TIMEOUT_MS);
+        }
+        assert_eq!(
+            cfg.disks[0],
+            DiskConfig {
+                cache: CacheMode::Writeback,
+                ..DiskConfig::new("disk0", "/var/lib/shadowback/disk0.img")
+            }
+        );
+    }
+
+    #[test]
+    fn parses_recovery_settings() {
+        let cfg = Config::parse(
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
+             standby = false\nshadow = false\nhang_timeout_ms = 250",
+        )
+        .unwrap();
+        assert!(!cfg.disks[0].standby);
+        assert!(!cfg.disks[0].shadow);
+        assert_eq!(cfg.disks[0].hang_timeout_ms, 250);
     }
 
     #[test]
@@ -145,6 +224,8 @@ mod tests {
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nmax_ring_page_order = 5",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncolour = 1",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncache = \"sometimes\"",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nhang_timeout_ms = 10",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nstandby = \"yes\"",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted: {bad}");
         }

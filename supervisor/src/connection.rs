@@ -1,7 +1,6 @@
 //! One guest's control connection: probe → connect → connected until the
 //! socket closes.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use shadowback_xenbus::protocol::{
@@ -9,14 +8,15 @@ use shadowback_xenbus::protocol::{
 };
 use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
 
-use crate::device::{Attachment, DeviceHandle, Lost};
+use crate::device::{Attachment, DeviceHandle, Fault, Lost};
+use crate::Devices;
 
 static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Serves one guest connection to its end. Protocol errors are answered
 /// with an `error` message and the socket is closed; nothing a guest sends
 /// can stop the supervisor or disturb another guest.
-pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<HashMap<String, DeviceHandle>>) {
+pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<Devices>) {
     let frontend = format!(
         "fe{}",
         NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -52,7 +52,7 @@ fn refuse(e: XenbusError) -> Refusal {
 /// Until Connected. `Ok(None)` means the guest went away.
 async fn handshake(
     conn: &AsyncSeqPacket,
-    devices: &HashMap<String, DeviceHandle>,
+    devices: &Devices,
     frontend: &str,
 ) -> Result<Option<(DeviceHandle, Attachment)>, Refusal> {
     loop {
@@ -73,6 +73,27 @@ async fn handshake(
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
                 conn.send(&dev.info.backend_message(), &[])
+                    .await
+                    .map_err(refuse)?;
+            }
+            kind::STATUS => {
+                expect_no_fds(&msg, fds).map_err(refuse)?;
+                for dev in devices.iter() {
+                    conn.send(&dev.stats().to_message(&dev.name), &[])
+                        .await
+                        .map_err(refuse)?;
+                }
+                conn.send(&Message::new(kind::STATUS_END), &[])
+                    .await
+                    .map_err(refuse)?;
+            }
+            kind::FAULT => {
+                expect_no_fds(&msg, fds).map_err(refuse)?;
+                let dev = lookup(&msg)?;
+                let fault = Fault::from_message(&msg).map_err(refuse)?;
+                tracing::warn!(%frontend, device = %dev.name, ?fault, "fault requested");
+                dev.fault(fault).await?;
+                conn.send(&Message::new(kind::OK), &[])
                     .await
                     .map_err(refuse)?;
             }

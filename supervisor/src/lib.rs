@@ -5,22 +5,37 @@
 //! guest probes a device (`backend`, InitWait), connects with its ring
 //! grants and fds (`connected`, Connected) and stays connected for as long
 //! as its socket is open. Guests never talk to a backend directly.
+//!
+//! It also recovers backends (DESIGN §5, `device.rs`): each device keeps
+//! the guest's fds and a shadow log, detects a dead backend through its
+//! pidfd and a hung one through the log's heartbeat, fences it and lets a
+//! hot standby (or a new instance) replay the log, while the guest stays
+//! Connected. Counters per device: [`DeviceStats`], reported by the
+//! `status` control message and [`SupervisorThread::status`]; faults are
+//! injected with `fault` or [`SupervisorThread::fault`].
 
 mod config;
 mod connection;
 mod device;
+mod instance;
+mod session;
 mod spawn;
+mod stats;
+mod watchdog;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use shadowback_xenbus::AsyncSeqPacketListener;
 use tokio::sync::watch;
 
-pub use config::{CacheMode, Config, DiskConfig};
-pub use device::DeviceHandle;
+pub use config::{
+    CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS,
+    MIN_HANG_TIMEOUT_MS,
+};
+pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
+pub use stats::{DeviceStats, RecoveryTimes};
 
 /// Errors of the supervisor.
 #[derive(Debug, thiserror::Error)]
@@ -35,13 +50,42 @@ pub enum SupervisorError {
     Socket { path: PathBuf, reason: String },
     #[error("runtime: {0}")]
     Runtime(String),
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
 }
+
+/// The exported devices, in configuration order.
+pub(crate) struct Devices {
+    list: Vec<DeviceHandle>,
+}
+
+impl Devices {
+    pub(crate) fn get(&self, name: &str) -> Option<&DeviceHandle> {
+        self.list.iter().find(|d| d.name == name)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &DeviceHandle> {
+        self.list.iter()
+    }
+}
+
+/// Where [`serve`] publishes its devices for [`SupervisorThread`].
+type Registry = Arc<OnceLock<Arc<Devices>>>;
 
 /// Runs the supervisor until `shutdown` turns true.
 pub async fn serve(
     cfg: Config,
     backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), SupervisorError> {
+    serve_registered(cfg, backend, shutdown, None).await
+}
+
+async fn serve_registered(
+    cfg: Config,
+    backend: BackendCommand,
     mut shutdown: watch::Receiver<bool>,
+    registry: Option<Registry>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
     let listener =
@@ -49,13 +93,22 @@ pub async fn serve(
             path: cfg.socket.clone(),
             reason: e.to_string(),
         })?;
-    let mut devices = HashMap::new();
+    let mut list = Vec::new();
     for disk in &cfg.disks {
-        let handle = device::start_device(disk, &backend)?;
-        tracing::info!(device = %disk.name, sectors = handle.info.sectors, path = %disk.path.display(), "disk exported");
-        devices.insert(disk.name.clone(), handle);
+        let handle = device::start_device(disk, &backend).inspect_err(|_| {
+            let _ = std::fs::remove_file(&cfg.socket);
+        })?;
+        tracing::info!(
+            device = %disk.name, sectors = handle.info.sectors, path = %disk.path.display(),
+            shadow = disk.shadow, standby = disk.standby, hang_timeout_ms = disk.hang_timeout_ms,
+            "disk exported"
+        );
+        list.push(handle);
     }
-    let devices = Arc::new(devices);
+    let devices = Arc::new(Devices { list });
+    if let Some(registry) = registry {
+        let _ = registry.set(devices.clone());
+    }
     tracing::info!(socket = %cfg.socket.display(), "supervisor listening");
     loop {
         tokio::select! {
@@ -80,14 +133,17 @@ pub async fn serve(
 pub struct SupervisorThread {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<Result<(), SupervisorError>>>,
+    devices: Registry,
 }
 
 impl SupervisorThread {
     /// Starts [`serve`] on a new thread with its own runtime; returns once
-    /// the control socket accepts connections.
+    /// the control socket accepts connections and every device is up.
     pub fn start(cfg: Config, backend: BackendCommand) -> Result<Self, SupervisorError> {
         let (stop, rx) = watch::channel(false);
         let socket = cfg.socket.clone();
+        let devices = Registry::default();
+        let registry = devices.clone();
         let thread = std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || {
@@ -95,15 +151,16 @@ impl SupervisorThread {
                     .enable_all()
                     .build()
                     .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
-                rt.block_on(serve(cfg, backend, rx))
+                rt.block_on(serve_registered(cfg, backend, rx, Some(registry)))
             })
             .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
         let mut me = SupervisorThread {
             stop,
             thread: Some(thread),
+            devices,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !socket.exists() {
+        while !socket.exists() || me.devices.get().is_none() {
             if me.thread.as_ref().is_some_and(|t| t.is_finished())
                 || std::time::Instant::now() > deadline
             {
@@ -116,6 +173,33 @@ impl SupervisorThread {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         Ok(me)
+    }
+
+    /// Every device's counters and state, in configuration order (empty
+    /// until the devices are up, which [`start`](Self::start) waits for).
+    pub fn status(&self) -> Vec<(String, DeviceStats)> {
+        self.devices
+            .get()
+            .map(|d| d.iter().map(|h| (h.name.clone(), h.stats())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Injects `fault` into `device`'s current backend, as the `fault`
+    /// control message does. Blocks until the device task has done it;
+    /// call it from a plain thread, not from async code.
+    pub fn fault(&self, device: &str, fault: Fault) -> Result<(), SupervisorError> {
+        let err = |reason: String| SupervisorError::Device {
+            device: device.to_string(),
+            reason,
+        };
+        let handle = self
+            .devices
+            .get()
+            .and_then(|d| d.get(device))
+            .ok_or_else(|| err("no such device".into()))?;
+        handle
+            .fault_blocking(fault)
+            .map_err(|(code, why)| err(format!("{code}: {why}")))
     }
 
     /// Stops the supervisor (its backends are killed) and waits for it.

@@ -56,6 +56,11 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
 pub struct BackendCommand {
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// Extra environment for the **first** backend instance of each device
+    /// only (not its standby, not any replacement), e.g.
+    /// `SHADOWBACK_CRASH_AT` in tests: a crash point then fires once and
+    /// the recovery it provokes can succeed.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 impl BackendCommand {
@@ -65,16 +70,19 @@ impl BackendCommand {
         Ok(BackendCommand {
             program: exe.into_os_string(),
             args: vec!["blkback".into()],
+            env: Vec::new(),
         })
     }
 }
 
 /// Starts a backend for `cfg`; it inherits the control socket as fd 3 and
-/// the disk as fd 4, nothing else.
+/// the disk as fd 4, nothing else. `first` marks the device's first
+/// instance, the only one that gets [`BackendCommand::env`].
 pub fn spawn_backend(
     cmd: &BackendCommand,
     cfg: &DiskConfig,
     disk: &Disk,
+    first: bool,
 ) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
     let (ours, theirs) = SeqPacket::pair().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
     let theirs: OwnedFd = theirs.into_fd();
@@ -102,6 +110,12 @@ pub fn spawn_backend(
     }
     if !cfg.discard {
         command.arg("--no-discard");
+    }
+    if !cfg.shadow {
+        command.arg("--no-shadow");
+    }
+    if first {
+        command.envs(cmd.env.iter().map(|(k, v)| (k, v)));
     }
     // SAFETY: the closure runs in the forked child before exec and calls
     // only fcntl and dup2, which are async-signal-safe; the source fds are

@@ -41,6 +41,19 @@ pub mod kind {
     pub const DETACHED: &str = "detached";
     /// Backend → supervisor, unsolicited: the ring is corrupt.
     pub const DISCONNECT: &str = "disconnect";
+    /// Supervisor → backend: abort on any request covering `sector`
+    /// (fault injection); answered with [`OK`].
+    pub const POISON: &str = "poison";
+    /// Success answer with no payload (`poison`, `fault`).
+    pub const OK: &str = "ok";
+    /// Any client → supervisor: report every device's recovery counters;
+    /// answered with one `status` per device, then [`STATUS_END`].
+    pub const STATUS: &str = "status";
+    /// Supervisor → client: the last answer to `status`.
+    pub const STATUS_END: &str = "status-end";
+    /// Any client → supervisor: inject a fault into a device's backend
+    /// (`device`, `action`, `sector`); answered with [`OK`] or `error`.
+    pub const FAULT: &str = "fault";
 }
 
 /// Key names.
@@ -93,6 +106,47 @@ pub mod key {
     pub const MESSAGE: &str = "message";
     /// Why a backend gave up a ring (`disconnect`).
     pub const REASON: &str = "reason";
+    /// `attach`: `1` when a previous instance served this attachment and
+    /// the backend must replay the shadow log first.
+    pub const RECOVER: &str = "recover";
+    /// `attached`: shadow-log generation of the answering instance.
+    pub const GENERATION: &str = "generation";
+    /// `attached`, `status`: requests re-executed from the shadow log.
+    pub const REPLAYED: &str = "replayed";
+    /// `attached`, `status`: saved responses re-pushed without re-execution.
+    pub const REPUSHED: &str = "repushed";
+    /// `attached`, `status`: requests failed by the crash-loop breaker.
+    pub const POISONED: &str = "poisoned";
+    /// `attached`, `status`: corrupt log entries answered with an error.
+    pub const CORRUPT: &str = "corrupt";
+    /// `attached`: microseconds the backend spent replaying.
+    pub const REPLAY_US: &str = "replay-us";
+    /// `poison`, `fault`: a 512-byte sector number.
+    pub const SECTOR: &str = "sector";
+    /// `fault`: `kill`, `hang` or `poison`.
+    pub const ACTION: &str = "action";
+    /// `status`: backend instances that died (crashed or were killed).
+    pub const CRASHES: &str = "crashes";
+    /// `status`: backend instances the watchdog declared hung.
+    pub const HANGS: &str = "hangs";
+    /// `status`: successful takeovers (`attached` after `recover=1`).
+    pub const RECOVERIES: &str = "recoveries";
+    /// `status`: `1` while a guest is attached.
+    pub const CONNECTED: &str = "connected";
+    /// `status`: process id of the serving backend (`0`: none).
+    pub const PID: &str = "pid";
+    /// `status`: process id of the hot standby (`0`: none).
+    pub const STANDBY_PID: &str = "standby-pid";
+    /// `status`: last recovery, failure start → declared (µs).
+    pub const LAST_DETECT_US: &str = "last-detect-us";
+    /// `status`: last recovery, SIGKILL sent → reaped (µs).
+    pub const LAST_FENCE_US: &str = "last-fence-us";
+    /// `status`: last recovery, instance chosen → `attach` sent (µs).
+    pub const LAST_TAKEOVER_US: &str = "last-takeover-us";
+    /// `status`: last recovery, the backend's `replay-us`.
+    pub const LAST_REPLAY_US: &str = "last-replay-us";
+    /// `status`: last recovery, failure seen → `attached` (µs).
+    pub const LAST_TOTAL_US: &str = "last-total-us";
 
     /// `ring-ref{index}`, the key of ring page `index` when the order is > 0.
     pub fn ring_ref(index: usize) -> String {

@@ -1,0 +1,175 @@
+//! Microbenchmarks of the data-plane pieces the guest does not see:
+//!
+//! - `ring/round_trip`: `batch` requests through a blkif ring and their
+//!   responses back (put + push → take + respond + push → take), all in one
+//!   thread, so this is the cost of the shared-memory protocol itself;
+//! - `parse/*`: validating a typical 11-segment request and a 32-segment
+//!   indirect one against the grant table, as blkback does per request.
+//!
+//! Run with `cargo bench --bench ring`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use shadowback_blkback::request::{parse, DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
+use shadowback_ring::blkif::{
+    Blkif, BlkifRequest, BlkifRequestIndirect, BlkifRequestSegment, BlkifResponse,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    BLKIF_RSP_OKAY,
+};
+use shadowback_ring::grant::{DomId, GrantMapper, GrantRef, GrantTable};
+use shadowback_ring::sring::{BackRing, FrontRing, RingPages};
+use shadowback_ring::SharedRegion;
+
+const BACKEND: DomId = 0;
+/// Region layout: frame 0 grant table, 1..=16 ring, 20 indirect page,
+/// data frames from 32 on.
+const REGION_PAGES: u32 = 128;
+const RING_FIRST_FRAME: u32 = 1;
+/// `ring-page-order` 4: 16 pages, 512 blkif slots.
+const RING_PAGES: usize = 16;
+const INDIRECT_FRAME: u32 = 20;
+const INDIRECT_GREF: GrantRef = 100;
+const FIRST_DATA_FRAME: u32 = 32;
+
+fn region() -> Arc<SharedRegion> {
+    Arc::new(SharedRegion::create("bench", REGION_PAGES).expect("memfd region"))
+}
+
+fn ring_round_trip(c: &mut Criterion) {
+    let region = region();
+    let pages =
+        || RingPages::contiguous(region.clone(), RING_FIRST_FRAME, RING_PAGES).expect("ring pages");
+    let mut front = FrontRing::<Blkif>::init(pages()).expect("front ring");
+    let mut back = BackRing::<Blkif>::attach(pages()).expect("back ring");
+    let size = front.size();
+    let mut group = c.benchmark_group("ring/round_trip");
+    for batch in [1u32, 32, size] {
+        group.throughput(Throughput::Elements(u64::from(batch)));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            let mut req = BlkifRequest {
+                operation: BLKIF_OP_READ,
+                nr_segments: 1,
+                ..Default::default()
+            };
+            b.iter(|| {
+                for i in 0..batch {
+                    req.id = u64::from(i);
+                    req.sector_number = u64::from(i) * 8;
+                    front.put_request(&req).expect("room on the ring");
+                }
+                black_box(front.push_requests().expect("push requests"));
+                let n = back.unconsumed_requests().expect("requests");
+                for _ in 0..n {
+                    let (_, r) = back.take_request().expect("take request");
+                    let rsp = BlkifResponse {
+                        id: r.id,
+                        operation: r.operation,
+                        status: BLKIF_RSP_OKAY,
+                        ..Default::default()
+                    };
+                    back.put_response(&rsp).expect("put response");
+                }
+                black_box(back.push_responses().expect("push responses"));
+                let mut seen = 0u32;
+                while let Some(rsp) = front.take_response().expect("take response") {
+                    black_box(rsp);
+                    seen += 1;
+                }
+                assert_eq!(seen, batch);
+                // Re-arm both event indices, as the two sides do before sleeping.
+                black_box(back.final_check_for_requests().expect("final check"));
+                black_box(front.final_check_for_responses().expect("final check"));
+            });
+        });
+    }
+    group.finish();
+}
+
+fn seg(gref: GrantRef) -> BlkifRequestSegment {
+    BlkifRequestSegment {
+        gref,
+        first_sect: 0,
+        last_sect: 7,
+        _pad: [0; 2],
+    }
+}
+
+/// Grants `count` data frames (refs 1..=count) on every other frame, as a
+/// guest's scattered pages would be, so no two segments merge into one iovec.
+fn grant_data_frames(table: &GrantTable, count: u32) {
+    for g in 1..=count {
+        table
+            .grant(g, BACKEND, FIRST_DATA_FRAME + 2 * g, false)
+            .expect("grant data frame");
+    }
+}
+
+fn parse_requests(c: &mut Criterion) {
+    let region = region();
+    let table = GrantTable::new(region.clone(), 1).expect("grant table");
+    let grants = GrantMapper::new(region.clone(), 1, BACKEND).expect("grant mapper");
+    let disk = DiskGeometry {
+        sectors: 1 << 21, // 1 GiB
+        readonly: false,
+        discard: true,
+        max_indirect_segments: DEFAULT_MAX_INDIRECT_SEGMENTS,
+    };
+    const INDIRECT_SEGMENTS: u16 = 32;
+    grant_data_frames(&table, u32::from(INDIRECT_SEGMENTS));
+
+    // 11 full pages: the largest request without indirect descriptors.
+    let mut direct = BlkifRequest {
+        operation: BLKIF_OP_WRITE,
+        nr_segments: BLKIF_MAX_SEGMENTS_PER_REQUEST as u8,
+        id: 7,
+        sector_number: 4096,
+        ..Default::default()
+    };
+    for (i, s) in direct.seg.iter_mut().enumerate() {
+        *s = seg(i as GrantRef + 1);
+    }
+
+    // 32 pages described by one read-only indirect page.
+    table
+        .grant(INDIRECT_GREF, BACKEND, INDIRECT_FRAME, true)
+        .expect("grant indirect page");
+    let indirect_base = u64::from(INDIRECT_FRAME) * 4096;
+    for i in 0..u32::from(INDIRECT_SEGMENTS) {
+        region
+            .write_obj(seg(i + 1), indirect_base + u64::from(i) * 8)
+            .expect("write indirect segment");
+    }
+    let mut ind = BlkifRequestIndirect {
+        operation: BLKIF_OP_INDIRECT,
+        indirect_op: BLKIF_OP_READ,
+        nr_segments: INDIRECT_SEGMENTS,
+        id: 9,
+        sector_number: 8192,
+        ..Default::default()
+    };
+    ind.indirect_grefs[0] = INDIRECT_GREF;
+    let indirect = BlkifRequest::from_indirect(&ind);
+
+    let mut group = c.benchmark_group("parse");
+    for (name, req, segments) in [
+        ("direct_11_segments", &direct, u32::from(direct.nr_segments)),
+        (
+            "indirect_32_segments",
+            &indirect,
+            u32::from(INDIRECT_SEGMENTS),
+        ),
+    ] {
+        let op = parse(req, &disk, &grants).expect("a valid request");
+        assert_eq!(op.data_bytes(), u64::from(segments) * 4096, "{name}");
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(name, |b| {
+            b.iter(|| parse(black_box(req), &disk, &grants).expect("a valid request"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, ring_round_trip, parse_requests);
+criterion_main!(benches);

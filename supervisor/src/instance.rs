@@ -1,0 +1,216 @@
+//! One backend process as the supervisor holds it: the child (reaped by
+//! tokio, killed on drop), a pidfd that becomes readable when it exits, and
+//! its control channel.
+//!
+//! Signals go through the pidfd, never a pid number, so a signal can never
+//! reach a process that reused the pid of a reaped backend.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+use shadowback_shadow::ShadowLog;
+use shadowback_xenbus::protocol::kind;
+use shadowback_xenbus::{AsyncSeqPacket, Message};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::config::DiskConfig;
+use crate::spawn::{spawn_backend, BackendCommand, Disk};
+use crate::watchdog::{Watchdog, CHECK_PERIOD};
+use crate::SupervisorError;
+
+/// Why an instance gave no answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// It exited or closed its control channel.
+    Died(String),
+    /// It did not answer in time, or its heartbeat stalled while we waited.
+    Hung(String),
+}
+
+impl std::fmt::Display for NoAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAnswer::Died(why) => write!(f, "backend died: {why}"),
+            NoAnswer::Hung(why) => write!(f, "backend hung: {why}"),
+        }
+    }
+}
+
+/// When a fenced instance was killed and reaped.
+#[derive(Debug)]
+pub struct Fenced {
+    /// SIGKILL sent (a no-op for an instance that had already exited).
+    pub kill_sent: Instant,
+    /// `wait` returned: the process is gone, it can issue no more I/O.
+    pub reaped: Instant,
+    /// Its exit status, for logs.
+    pub status: String,
+}
+
+/// A running backend process.
+#[derive(Debug)]
+pub struct Instance {
+    child: tokio::process::Child,
+    pid: u32,
+    pidfd: AsyncFd<OwnedFd>,
+    control: AsyncSeqPacket,
+    started: Instant,
+    /// How many of the device's poisoned sectors this instance was told
+    /// (a prefix of the device's list).
+    pub poisons_sent: usize,
+    /// It serves the current attachment (answered `attach` with
+    /// `attached`, not yet detached).
+    pub serving: bool,
+}
+
+impl Instance {
+    /// Execs a backend for `cfg`. `first` marks the device's first
+    /// instance (see [`BackendCommand::env`]).
+    pub fn start(
+        cmd: &BackendCommand,
+        cfg: &DiskConfig,
+        disk: &Disk,
+        first: bool,
+    ) -> Result<Self, SupervisorError> {
+        let (child, control) = spawn_backend(cmd, cfg, disk, first)?;
+        let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
+        // The child is not reaped before we `wait` for it, so its pid
+        // cannot have been reused yet.
+        let pid = child.id().ok_or_else(|| spawn_err(&"no pid"))?;
+        let raw = i32::try_from(pid)
+            .ok()
+            .and_then(Pid::from_raw)
+            .ok_or_else(|| spawn_err(&format!("pid {pid}")))?;
+        let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| spawn_err(&e))?;
+        // SAFETY: `pidfd` is an `OwnedFd`: it owns an open descriptor that
+        // nothing else can close, and the `AsyncFd` takes it over, so the
+        // descriptor stays open for as long as it is registered.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
+            .map_err(|e| spawn_err(&e))?;
+        let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
+        tracing::debug!(device = %cfg.name, pid, first, "backend started");
+        Ok(Instance {
+            child,
+            pid,
+            pidfd,
+            control,
+            started: Instant::now(),
+            poisons_sent: 0,
+            serving: false,
+        })
+    }
+
+    /// Its process id (for status and logs only).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// How long it has been running.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Sends `sig` through the pidfd.
+    pub fn signal(&self, sig: Signal) -> std::io::Result<()> {
+        pidfd_send_signal(self.pidfd.get_ref(), sig).map_err(std::io::Error::from)
+    }
+
+    /// Resolves once the process has exited (its pidfd is readable). The
+    /// readiness is never cleared, so it stays resolved.
+    pub async fn exited(&self) {
+        // An error here would be a reactor failure; treating it as an
+        // exit fences the instance rather than silently losing track.
+        let _ = self.pidfd.readable().await;
+    }
+
+    /// Whether the process has exited, without waiting.
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [PollFd::new(self.pidfd.get_ref(), PollFlags::IN)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        matches!(poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+    }
+
+    /// The next message from the backend (cancel-safe).
+    pub async fn recv(&self) -> Result<Message, String> {
+        self.control
+            .recv()
+            .await
+            .map(|(msg, _fds)| msg)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends one control message.
+    pub async fn send(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), NoAnswer> {
+        self.control
+            .send(msg, fds)
+            .await
+            .map_err(|e| NoAnswer::Died(format!("control channel: {e}")))
+    }
+
+    /// Waits for the answer to a request. Unsolicited `disconnect`s that
+    /// arrive first are put `aside` for the caller. Gives up when the
+    /// process exits, after `timeout`, or — given a shadow log and a hang
+    /// timeout — when the heartbeat stalls that long (a backend waiting on
+    /// its control socket beats, so a control request is pending work).
+    pub async fn reply(
+        &self,
+        timeout: Duration,
+        liveness: Option<(&ShadowLog, Duration)>,
+        aside: &mut Vec<Message>,
+    ) -> Result<Message, NoAnswer> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let beat = |log: &ShadowLog| log.read_heartbeat().unwrap_or(0);
+        let mut watchdog =
+            liveness.map(|(log, hang)| (log, Watchdog::new(hang, Instant::now(), beat(log))));
+        let mut tick = tokio::time::interval(CHECK_PERIOD);
+        loop {
+            tokio::select! {
+                // A reply sent just before the process exited is still
+                // queued on the socket: read it before believing the exit.
+                biased;
+                msg = self.control.recv() => match msg {
+                    Ok((msg, _fds)) if msg.kind() == kind::DISCONNECT => aside.push(msg),
+                    Ok((msg, _fds)) => return Ok(msg),
+                    Err(e) => return Err(NoAnswer::Died(format!("control channel: {e}"))),
+                },
+                () = self.exited() => return Err(NoAnswer::Died("exited".into())),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(NoAnswer::Hung(format!("no answer in {timeout:?}")))
+                }
+                _ = tick.tick(), if watchdog.is_some() => {
+                    if let Some((log, w)) = watchdog.as_mut() {
+                        if w.check(Instant::now(), beat(log), Some(true)).is_some() {
+                            return Err(NoAnswer::Hung("heartbeat stalled".into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fences the instance (DESIGN §5 step 2): SIGKILL, wait for the
+    /// pidfd, reap. When this returns the process no longer exists and can
+    /// issue no more I/O.
+    pub async fn fence(mut self) -> Fenced {
+        let kill_sent = Instant::now();
+        if let Err(e) = self.signal(Signal::KILL) {
+            tracing::debug!(pid = self.pid, error = %e, "SIGKILL (already exited?)");
+        }
+        self.exited().await;
+        let status = match self.child.wait().await {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        Fenced {
+            kill_sent,
+            reaped: Instant::now(),
+            status,
+        }
+    }
+}

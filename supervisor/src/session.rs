@@ -1,0 +1,194 @@
+//! What of an attachment must outlive its backend (DESIGN §1): the guest's
+//! descriptors, its `attach` request and the shadow log, and a read-only
+//! view of the ring for the watchdog.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use shadowback_ring::blkif::Blkif;
+use shadowback_ring::grant::{Access, GrantMapper};
+use shadowback_ring::sring::{ring_size, RingProtocol};
+use shadowback_ring::SharedRegion;
+use shadowback_shadow::ShadowLog;
+use shadowback_xenbus::protocol::{key, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::Message;
+
+/// Offsets of the shared indices in `struct X_sring` (`xen/io/ring.h`).
+const REQ_PROD: u64 = 0;
+const RSP_PROD: u64 = 8;
+
+/// The shared ring's producer indices, read from the supervisor's own
+/// mapping of the guest's region.
+#[derive(Debug)]
+pub struct RingProbe {
+    region: Arc<SharedRegion>,
+    /// Byte offset of the first ring page (the `ring.h` header).
+    sring: u64,
+}
+
+impl RingProbe {
+    /// Maps `fds.region` and resolves the first ring page through the grant
+    /// table, under the same rules as the backend (read access is enough).
+    pub fn new(fds: &DeviceFds, req: &AttachRequest, backend_id: u16) -> Result<Self, String> {
+        let fd = fds.region.try_clone().map_err(|e| e.to_string())?;
+        let region = Arc::new(SharedRegion::from_fd(fd).map_err(|e| e.to_string())?);
+        let grants = GrantMapper::new(region.clone(), req.connect.grant_frames, backend_id)
+            .map_err(|e| e.to_string())?;
+        let first = *req.connect.ring_refs.first().ok_or("no ring-ref")?;
+        let sring = grants
+            .map(first, Access::Read)
+            .map_err(|e| format!("ring grant: {e}"))?;
+        Ok(RingProbe { region, sring })
+    }
+
+    /// Shared `(req_prod, rsp_prod)`.
+    pub fn indices(&self) -> Option<(u32, u32)> {
+        // Acquire pairs with the release stores of RING_PUSH_REQUESTS (guest)
+        // and RING_PUSH_RESPONSES (backend): nothing newer is needed, the
+        // values only have to be ones the producers published.
+        let req_prod = self.region.load(self.sring + REQ_PROD, Ordering::Acquire);
+        let rsp_prod = self.region.load(self.sring + RSP_PROD, Ordering::Acquire);
+        Some((req_prod.ok()?, rsp_prod.ok()?))
+    }
+
+    /// Whether the guest has requests without responses
+    /// (`req_prod != rsp_prod`); `None` if the ring cannot be read.
+    pub fn pending(&self) -> Option<bool> {
+        self.indices().map(|(req, rsp)| req != rsp)
+    }
+}
+
+/// One attachment with the shadow layer: everything a replacement backend
+/// needs to take over without the guest noticing.
+#[derive(Debug)]
+pub struct Session {
+    /// The validated request, re-sent to every instance.
+    pub req: AttachRequest,
+    /// The supervisor's own copies of the guest's region and eventfds.
+    pub fds: DeviceFds,
+    /// The ring's shadow log, created before the first `attach`.
+    pub log: ShadowLog,
+    /// For the watchdog; `None` if the ring cannot be resolved (then the
+    /// backend refuses the attach anyway, or no hang is ever declared).
+    pub probe: Option<RingProbe>,
+}
+
+impl Session {
+    /// Creates the shadow log sized for the request's ring.
+    pub fn new(
+        req: AttachRequest,
+        fds: DeviceFds,
+        backend_id: u16,
+    ) -> Result<Self, (ErrorCode, String)> {
+        let order = req
+            .connect
+            .ring_page_order()
+            .ok_or((ErrorCode::Einval, "bad ring page count".to_string()))?;
+        let slots = ring_size(1 << order, <Blkif as RingProtocol>::ENTRY_SIZE);
+        let log = ShadowLog::create(slots)
+            .map_err(|e| (ErrorCode::Enodev, format!("creating the shadow log: {e}")))?;
+        let probe = match RingProbe::new(&fds, &req, backend_id) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(frontend = %req.frontend, error = %e, "ring not readable: no hang detection");
+                None
+            }
+        };
+        Ok(Session {
+            req,
+            fds,
+            log,
+            probe,
+        })
+    }
+
+    /// The `attach` message; `recover` once any instance has seen the log.
+    pub fn attach_message(&self, recover: bool) -> Result<Message, (ErrorCode, String)> {
+        let msg = self
+            .req
+            .to_message()
+            .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+        Ok(if recover {
+            msg.with(key::RECOVER, 1)
+        } else {
+            msg
+        })
+    }
+
+    /// `[region, kick, notify, log]`, the descriptors of `attach`.
+    pub fn attach_fds(&self) -> [BorrowedFd<'_>; 4] {
+        let [region, kick, notify] = self.fds.as_borrowed();
+        [region, kick, notify, self.log.file().as_fd()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shadowback_ring::grant::GrantTable;
+    use shadowback_xenbus::ConnectRequest;
+
+    const BACKEND: u16 = 3;
+
+    fn eventfd() -> std::os::fd::OwnedFd {
+        nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
+        )
+        .unwrap()
+        .into()
+    }
+
+    /// A guest region of 4 pages: grant table, ring page at frame 1 (ref 8).
+    fn guest() -> (Arc<SharedRegion>, AttachRequest, DeviceFds) {
+        let region = Arc::new(SharedRegion::create("test-guest", 4).unwrap());
+        let table = GrantTable::new(region.clone(), 1).unwrap();
+        table.grant(8, BACKEND, 1, false).unwrap();
+        let req = AttachRequest {
+            frontend: "fe1".into(),
+            connect: ConnectRequest {
+                device: "xvda".into(),
+                frontend_id: 1,
+                ring_refs: vec![8],
+                grant_frames: 1,
+                feature_persistent: false,
+            },
+        };
+        let fds = DeviceFds {
+            region: region.file().try_clone().unwrap().into(),
+            kick: eventfd(),
+            notify: eventfd(),
+        };
+        (region, req, fds)
+    }
+
+    #[test]
+    fn probe_reads_the_shared_indices() {
+        let (region, req, fds) = guest();
+        let session = Session::new(req, fds, BACKEND).unwrap();
+        assert_eq!(session.log.entries(), 32, "one ring page holds 32 slots");
+        let probe = session.probe.as_ref().expect("ring resolved");
+        assert_eq!(probe.pending(), Some(false));
+        region.store(5u32, 4096, Ordering::Release).unwrap();
+        assert_eq!(probe.indices(), Some((5, 0)));
+        assert_eq!(probe.pending(), Some(true));
+        region.store(5u32, 4096 + 8, Ordering::Release).unwrap();
+        assert_eq!(probe.pending(), Some(false));
+        let msg = session.attach_message(true).unwrap();
+        assert_eq!(msg.get(key::RECOVER), Some("1"));
+        assert_eq!(
+            session.attach_message(false).unwrap().get(key::RECOVER),
+            None
+        );
+        assert_eq!(session.attach_fds().len(), 4);
+    }
+
+    #[test]
+    fn probe_obeys_the_grant_rules() {
+        let (_region, req, fds) = guest();
+        // Granted to another domain: no probe, but the session still works.
+        let session = Session::new(req, fds, BACKEND + 1).unwrap();
+        assert!(session.probe.is_none());
+    }
+}

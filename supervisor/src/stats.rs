@@ -1,0 +1,227 @@
+//! Per-device recovery counters (DESIGN §5), as reported by the `status`
+//! control message and [`crate::SupervisorThread::status`].
+
+use std::time::Duration;
+
+use shadowback_xenbus::protocol::{key, kind};
+use shadowback_xenbus::{Message, XenbusError};
+
+/// Recovery counters and state of one device since the supervisor started.
+///
+/// A *failure* is a serving backend instance that crashed (or was killed)
+/// or that the watchdog declared hung; each is fenced (SIGKILL, then
+/// reaped) and followed by a *takeover*: a hot standby or a freshly started
+/// instance gets `attach` with `recover=1` and replays the shadow log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Backend instances that exited without being asked to — a crash, an
+    /// injected kill, or a new instance dying during its takeover — and
+    /// that closed their control channel. Hung instances are not counted
+    /// here.
+    pub crashes: u64,
+    /// Instances declared hung and killed: the heartbeat did not move for
+    /// `hang_timeout_ms` while the ring had unanswered requests, or an
+    /// instance did not answer a control request in time.
+    pub hangs: u64,
+    /// Takeovers that ended with the new instance's `attached`.
+    pub recoveries: u64,
+    /// Takeovers that failed (the new instance died, hung or refused); five
+    /// in a row make the supervisor give up and disconnect the guest.
+    pub failed_takeovers: u64,
+    /// Successful takeovers by the hot standby.
+    pub standby_takeovers: u64,
+    /// Successful takeovers by an instance started for the occasion.
+    pub cold_takeovers: u64,
+    /// Requests re-executed from the shadow log (backend `replayed`).
+    pub replayed: u64,
+    /// Saved responses re-pushed without re-execution (backend `repushed`).
+    pub repushed: u64,
+    /// Requests failed by the crash-loop breaker (backend `poisoned`).
+    pub poisoned: u64,
+    /// Corrupt log entries answered with an error (backend `corrupt`).
+    pub corrupt: u64,
+    /// A guest is attached (its connection is in state Connected).
+    pub connected: bool,
+    /// Process id of the instance serving the device, if one runs.
+    pub pid: Option<u32>,
+    /// Process id of the hot standby, if one is ready.
+    pub standby_pid: Option<u32>,
+    /// The supervisor gave up on the device (too many failed takeovers or
+    /// backends dying at start-up); attaching it fails with `ENODEV`.
+    pub given_up: bool,
+    /// Breakdown of the last recovery, if there was one.
+    pub last_recovery: Option<RecoveryTimes>,
+}
+
+/// Where the time of one recovery went, in microseconds.
+///
+/// A recovery that needed several takeover attempts (a request that kills
+/// every instance until the crash-loop breaker fails it) reports the
+/// detect, fence and takeover times of its last attempt, and the total
+/// from the first failure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryTimes {
+    /// Until the failure was declared. Hang: from the later of the
+    /// heartbeat's last change and the first check that saw work pending,
+    /// to the check that declared the hang (≈ `hang_timeout_ms`). Crash:
+    /// from the pidfd (or control channel) waking the supervisor to the
+    /// handling starting (≈ 0), except for a kill injected by `fault`:
+    /// from the SIGKILL being sent to the exit being seen.
+    pub detect_us: u64,
+    /// From the SIGKILL being sent to the old process being reaped.
+    pub fence_us: u64,
+    /// From the standby being released (or a new instance being spawned)
+    /// to `attach` being sent, including the `poison` replays.
+    pub takeover_us: u64,
+    /// The new instance's own replay time (its `replay-us`).
+    pub replay_us: u64,
+    /// From the failure being seen to `attached`.
+    pub total_us: u64,
+}
+
+/// Whole microseconds, saturating.
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl DeviceStats {
+    /// The `status` message for device `name`: every counter, `pid` and
+    /// `standby-pid` (0 when none), the last recovery's breakdown (0 when
+    /// none).
+    pub fn to_message(&self, name: &str) -> Message {
+        let last = self.last_recovery.unwrap_or_default();
+        Message::new(kind::STATUS)
+            .with(key::DEVICE, name)
+            .with(key::CRASHES, self.crashes)
+            .with(key::HANGS, self.hangs)
+            .with(key::RECOVERIES, self.recoveries)
+            .with(key::REPLAYED, self.replayed)
+            .with(key::REPUSHED, self.repushed)
+            .with(key::POISONED, self.poisoned)
+            .with(key::CORRUPT, self.corrupt)
+            .with(STATUS_FAILED_TAKEOVERS, self.failed_takeovers)
+            .with(STATUS_STANDBY_TAKEOVERS, self.standby_takeovers)
+            .with(STATUS_COLD_TAKEOVERS, self.cold_takeovers)
+            .with(STATUS_GIVEN_UP, u8::from(self.given_up))
+            .with(key::CONNECTED, u8::from(self.connected))
+            .with(key::PID, self.pid.unwrap_or(0))
+            .with(key::STANDBY_PID, self.standby_pid.unwrap_or(0))
+            .with(key::LAST_DETECT_US, last.detect_us)
+            .with(key::LAST_FENCE_US, last.fence_us)
+            .with(key::LAST_TAKEOVER_US, last.takeover_us)
+            .with(key::LAST_REPLAY_US, last.replay_us)
+            .with(key::LAST_TOTAL_US, last.total_us)
+    }
+
+    /// Parses a `status` message; returns the device name and its stats.
+    /// Keys this version does not send are taken as 0, so a newer
+    /// supervisor's extra keys and an older one's missing ones both parse.
+    pub fn from_message(msg: &Message) -> Result<(String, Self), XenbusError> {
+        msg.expect_kind(kind::STATUS)?;
+        let n = |k: &str| -> Result<u64, XenbusError> { Ok(msg.get_u64(k)?.unwrap_or(0)) };
+        let pid = |k: &str| -> Result<Option<u32>, XenbusError> {
+            Ok(msg.get_u32(k)?.filter(|&p| p != 0))
+        };
+        let last = RecoveryTimes {
+            detect_us: n(key::LAST_DETECT_US)?,
+            fence_us: n(key::LAST_FENCE_US)?,
+            takeover_us: n(key::LAST_TAKEOVER_US)?,
+            replay_us: n(key::LAST_REPLAY_US)?,
+            total_us: n(key::LAST_TOTAL_US)?,
+        };
+        let stats = DeviceStats {
+            crashes: n(key::CRASHES)?,
+            hangs: n(key::HANGS)?,
+            recoveries: n(key::RECOVERIES)?,
+            failed_takeovers: n(STATUS_FAILED_TAKEOVERS)?,
+            standby_takeovers: n(STATUS_STANDBY_TAKEOVERS)?,
+            cold_takeovers: n(STATUS_COLD_TAKEOVERS)?,
+            replayed: n(key::REPLAYED)?,
+            repushed: n(key::REPUSHED)?,
+            poisoned: n(key::POISONED)?,
+            corrupt: n(key::CORRUPT)?,
+            connected: msg.get_flag(key::CONNECTED)?.unwrap_or(false),
+            pid: pid(key::PID)?,
+            standby_pid: pid(key::STANDBY_PID)?,
+            given_up: msg.get_flag(STATUS_GIVEN_UP)?.unwrap_or(false),
+            last_recovery: (last != RecoveryTimes::default()).then_some(last),
+        };
+        Ok((msg.require(key::DEVICE)?.to_owned(), stats))
+    }
+}
+
+/// `status` keys beyond the ones the protocol names (supervisor-only
+/// diagnostics).
+const STATUS_FAILED_TAKEOVERS: &str = "failed-takeovers";
+const STATUS_STANDBY_TAKEOVERS: &str = "standby-takeovers";
+const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
+const STATUS_GIVEN_UP: &str = "given-up";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_message_round_trip() {
+        let stats = DeviceStats {
+            crashes: 3,
+            hangs: 1,
+            recoveries: 4,
+            failed_takeovers: 2,
+            standby_takeovers: 1,
+            cold_takeovers: 3,
+            replayed: 17,
+            repushed: 5,
+            poisoned: 1,
+            corrupt: 0,
+            connected: true,
+            pid: Some(4242),
+            standby_pid: None,
+            given_up: false,
+            last_recovery: Some(RecoveryTimes {
+                detect_us: 100_512,
+                fence_us: 230,
+                takeover_us: 40,
+                replay_us: 800,
+                total_us: 1_200,
+            }),
+        };
+        let msg = Message::decode(&stats.to_message("xvda").encode().unwrap()).unwrap();
+        for k in [
+            "device",
+            "crashes",
+            "hangs",
+            "recoveries",
+            "replayed",
+            "repushed",
+            "poisoned",
+            "connected",
+            "pid",
+            "standby-pid",
+            "last-detect-us",
+            "last-fence-us",
+            "last-takeover-us",
+            "last-replay-us",
+            "last-total-us",
+        ] {
+            assert!(msg.contains(k), "status lacks {k}");
+        }
+        assert_eq!(msg.get("standby-pid"), Some("0"));
+        assert_eq!(msg.get("connected"), Some("1"));
+        assert_eq!(
+            DeviceStats::from_message(&msg).unwrap(),
+            ("xvda".to_string(), stats)
+        );
+        let fresh = DeviceStats::default().to_message("a");
+        assert_eq!(
+            DeviceStats::from_message(&fresh).unwrap().1,
+            DeviceStats::default()
+        );
+    }
+
+    #[test]
+    fn micros_saturates() {
+        assert_eq!(micros(Duration::from_millis(3)), 3_000);
+        assert_eq!(micros(Duration::MAX), u64::MAX);
+    }
+}
