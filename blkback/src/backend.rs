@@ -604,6 +604,16 @@ impl Backend {
                 };
                 self.control.send(&reply, &[]).map_err(control_err)
             }
+            "spin" => {
+                // Fault injection: a backend stuck in a busy loop, for the
+                // hang watchdog (it stops the heartbeat like SIGSTOP, but
+                // burns a CPU while doing so).
+                tracing::warn!(device = %self.cfg.device, "spinning forever (fault injection)");
+                let _ = self.control.send(&Message::new("ok"), &[]);
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
             "poison" => match msg.require_u64("sector") {
                 Ok(sector) => {
                     tracing::warn!(device = %self.cfg.device, sector, "sector poisoned (fault injection)");
