@@ -166,7 +166,7 @@ fn up_serves_guests_until_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "socket = {socket:?}\n\n[[disk]]\nname = {name:?}\npath = {image:?}\ncache = {cache:?}\nbackend_id = 2\n",
+            "socket = {socket:?}\n\n[[disk]]\nname = {name:?}\npath = {image:?}\ncache = {cache:?}\nbackend_id = 2\nstandby = false\n",
         ),
     )
     .expect("write config");

@@ -170,7 +170,7 @@ fn under_load(
     seed: u64,
     duration: Duration,
     every: Duration,
-    inject: impl Fn(&Setup, u64) + Sync,
+    inject: impl Fn(&Setup) + Sync,
 ) -> (Report, u64) {
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -179,8 +179,8 @@ fn under_load(
             // Let the workload fill the ring first.
             std::thread::sleep(every);
             while !done.load(Ordering::Acquire) {
+                inject(setup);
                 n += 1;
-                inject(setup, n);
                 std::thread::sleep(every);
             }
             n
@@ -204,19 +204,20 @@ fn sigkill_under_load_is_invisible_to_the_guest() {
         11,
         Duration::from_secs(4),
         Duration::from_millis(250),
-        |setup, n| {
+        |setup| {
+            let before = setup.stats().recoveries;
             setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
-            setup.wait_for("the recovery", |s| s.recoveries == n);
+            setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
     assert_clean(&report, "guest under SIGKILLs");
     let s = setup.stats();
     assert!(kills >= 3, "only {kills} kills");
-    assert_eq!(
-        (s.crashes, s.recoveries, s.failed_takeovers),
-        (kills, kills, 0),
-        "{s:#?}"
-    );
+    // A loaded machine may also stall a backend past the hang timeout while
+    // it has work: that is recovered too, and counted as a hang.
+    assert_eq!(s.crashes, kills, "{s:#?}");
+    assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
+    assert_eq!(s.failed_takeovers, 0, "{s:#?}");
     assert!(s.connected && !s.given_up);
     assert!(s.standby_takeovers >= 1, "{s:#?}");
     let last = s.last_recovery.expect("timings");
@@ -235,15 +236,17 @@ fn sigstop_under_load_is_detected_and_recovered() {
         12,
         Duration::from_secs(4),
         Duration::from_millis(300),
-        |setup, n| {
+        |setup| {
+            let before = setup.stats().recoveries;
             setup.sup.fault(&setup.name, Fault::Hang).expect("hang");
-            setup.wait_for("the recovery", |s| s.recoveries == n);
+            setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
     assert_clean(&report, "guest under SIGSTOPs");
     let s = setup.stats();
     assert!(hangs >= 3, "only {hangs} hangs");
-    assert_eq!((s.hangs, s.recoveries), (hangs, hangs), "{s:#?}");
+    assert!(s.hangs >= hangs, "{s:#?}");
+    assert_eq!((s.crashes, s.recoveries), (0, s.hangs), "{s:#?}");
     let last = s.last_recovery.expect("timings");
     // From the later of the heartbeat's last change and the first check
     // that saw work pending: at most the timeout plus a check period or so.
@@ -309,7 +312,9 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
         Status::IoError,
         "exactly one error response"
     );
-    let s = setup.wait_for("the recovery", |s| s.recoveries >= 1);
+    // The instance that gives the verdict reports it when it attaches,
+    // which may be after the guest saw the error response.
+    let s = setup.wait_for("the poison verdict", |s| s.poisoned >= 1);
     assert_eq!(s.poisoned, 1, "{s:#?}");
     assert!(s.crashes >= 2, "every instance replaying it died: {s:#?}");
     assert!(s.connected && !s.given_up, "{s:#?}");
@@ -319,6 +324,69 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
         .run(&mut front, &mut |_| {})
         .expect("workload after the poison");
     assert_clean(&report, "after the poison");
+    front.detach().expect("detach");
+}
+
+#[test]
+fn requests_in_flight_beside_a_poison_request_are_not_failed_with_it() {
+    const SECTOR: u64 = REGION_SECTORS + 2_000;
+    const POISON_TAG: u64 = 8;
+    let setup = Setup::start("poison-mix", |_| {}, &[]);
+    let mut front = setup.attach();
+    setup
+        .sup
+        .fault(&setup.name, Fault::Poison { sector: SECTOR })
+        .expect("poison");
+    // The poison request and 16 innocent writes, all in flight together.
+    let sector_of = |tag: u64| {
+        if tag == POISON_TAG {
+            SECTOR
+        } else {
+            SECTOR + 64 + 8 * tag
+        }
+    };
+    let data: Vec<Vec<u8>> = (0..17u8).map(|i| vec![i + 1; 4096]).collect();
+    for tag in 0..17u64 {
+        front
+            .submit(
+                tag,
+                &BlockRequest::write(sector_of(tag), &data[tag as usize]),
+            )
+            .expect("submit");
+    }
+    front.kick().expect("kick");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = Vec::new();
+    while done.len() < 17 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 17 completions",
+            done.len()
+        );
+        front
+            .poll_completions(Duration::from_millis(100), &mut done)
+            .expect("poll");
+    }
+    for c in &done {
+        let want = if c.tag == POISON_TAG {
+            Status::IoError
+        } else {
+            Status::Ok
+        };
+        assert_eq!(c.status, want, "tag {}: {done:?}", c.tag);
+    }
+    let s = setup.wait_for("the poison verdict", |s| s.poisoned >= 1);
+    assert_eq!(s.poisoned, 1, "only the poison request is failed: {s:#?}");
+    // Every innocent write is on disk as acknowledged.
+    for tag in (0..17u64).filter(|&t| t != POISON_TAG) {
+        let got = complete_one(&mut front, &BlockRequest::read(sector_of(tag), 8, true));
+        assert_eq!(got.status, Status::Ok);
+        assert_eq!(
+            got.data.as_deref(),
+            Some(&data[tag as usize][..]),
+            "tag {tag}"
+        );
+    }
     front.detach().expect("detach");
 }
 

@@ -168,6 +168,12 @@ struct Frontend {
     notify: EventChannel,
     /// The shadow log (absent with `--no-shadow` or an old supervisor).
     log: Option<ShadowLog>,
+    /// Requests still to re-execute one at a time, in sequence order, when
+    /// the previous instance died during its own replay (a crash loop):
+    /// only the request running when an instance dies is then charged a
+    /// replay, so requests in flight beside a poison request are not failed
+    /// with it. New requests wait until the queue is empty.
+    replay_queue: std::collections::VecDeque<(EntryId, BlkifRequest)>,
     slots: Vec<Option<Inflight>>,
     free: Vec<u32>,
     /// Responses put on the ring but not yet published.
@@ -230,6 +236,7 @@ impl Backend {
     pub fn run(&mut self) -> Result<(), BackendError> {
         self.arm(EventSource::Control, self.control.as_fd().as_raw_fd())?;
         loop {
+            self.advance_serial_replay()?;
             self.consume_requests()?;
             self.publish_responses();
             self.finish_closing()?;
@@ -289,7 +296,7 @@ impl Backend {
         let Some(fe) = self.frontend.as_mut() else {
             return Ok(());
         };
-        if fe.closing != Closing::No {
+        if fe.closing != Closing::No || !fe.replay_queue.is_empty() {
             return Ok(());
         }
         let pending = match fe.ring.unconsumed_requests() {
@@ -753,6 +760,7 @@ impl Backend {
             kick,
             notify,
             log,
+            replay_queue: std::collections::VecDeque::new(),
             slots: vec![None; size as usize],
             free: (0..size).rev().collect(),
             unpublished: false,
@@ -767,6 +775,30 @@ impl Backend {
             .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         tracing::info!(device = %self.cfg.device, ring_size = size, order, recover, ?stats, "frontend attached");
         Ok(stats)
+    }
+
+    /// Serial replay: starts the next queued request once the previous one
+    /// has completed.
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+        let Some(fe) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        if fe.in_flight() > 0 || fe.closing != Closing::No {
+            return Ok(());
+        }
+        let Some((entry, req)) = fe.replay_queue.pop_front() else {
+            return Ok(());
+        };
+        let Some(slot) = fe.free.pop() else {
+            return Ok(());
+        };
+        if let Some(log) = fe.log.as_ref() {
+            if let Err(e) = log.mark_replayed(&[entry]) {
+                Self::log_failed(&self.cfg.device, e);
+            }
+        }
+        self.check_poison(&req);
+        self.start_request(slot, req, Some(entry))
     }
 
     /// Maps the shadow log and makes this instance its writer.
@@ -840,7 +872,28 @@ impl Backend {
         }
         fe.unpublished = true;
         self.stats.errors += stats.poisoned + stats.corrupt;
-        for e in &plan.reexecute {
+        // Instances started since one last published a response: above 1,
+        // the previous instance died before publishing anything — replay one
+        // request at a time.
+        if log.stalled_instances().map_err(|e| e.to_string())? > 1 {
+            tracing::warn!(device = %self.cfg.device, requests = plan.reexecute.len(), "crash loop suspected: replaying one request at a time");
+            fe.replay_queue = plan
+                .reexecute
+                .iter()
+                .map(|e| {
+                    let mut req = BlkifRequest::default();
+                    req.as_mut_slice().copy_from_slice(&e.request);
+                    (e.entry, req)
+                })
+                .collect();
+            stats.replayed += plan.reexecute.len() as u64;
+        }
+        let parallel = if fe.replay_queue.is_empty() {
+            &plan.reexecute[..]
+        } else {
+            &[]
+        };
+        for e in parallel {
             let Some(fe) = self.frontend.as_mut() else {
                 break;
             };

@@ -587,6 +587,13 @@ impl DeviceTask {
         };
         self.watchdog = None;
         let injected = self.injected_kill.take();
+        // An injected SIGKILL explains a stalled heartbeat: the process is
+        // still exiting (io_uring teardown waits for its in-flight I/O).
+        let failure = if injected.is_some() {
+            Failure::Crashed
+        } else {
+            failure
+        };
         let pid = old.pid();
         let age = old.age();
         let detect = match (failure, injected) {
@@ -664,7 +671,10 @@ impl DeviceTask {
                 }
             };
             let Some(session) = self.attached.as_ref().and_then(|a| a.session.as_ref()) else {
-                break;
+                // Cannot happen (`recoverable` checked it); keep the
+                // instance as an idle backend rather than dropping it.
+                self.current = Some(instance);
+                return;
             };
             let result = match session.attach_message(true) {
                 Ok(msg) => {

@@ -16,8 +16,9 @@ use shadowback_xenbus::{Message, XenbusError};
 pub struct DeviceStats {
     /// Backend instances that exited without being asked to — a crash, an
     /// injected kill, or a new instance dying during its takeover — and
-    /// that closed their control channel. Hung instances are not counted
-    /// here.
+    /// that closed their control channel. An instance killed by `fault
+    /// kill` counts here even if the watchdog saw it stall first (it was
+    /// still exiting). Hung instances are not counted here.
     pub crashes: u64,
     /// Instances declared hung and killed: the heartbeat did not move for
     /// `hang_timeout_ms` while the ring had unanswered requests, or an

@@ -93,6 +93,7 @@ pub fn backend_command() -> BackendCommand {
     BackendCommand {
         program: env!("CARGO_BIN_EXE_shadowback").into(),
         args: vec!["blkback".into()],
+        env: Vec::new(),
     }
 }
 
@@ -151,6 +152,9 @@ impl Harness {
                     backend_id: d.backend_id,
                     max_ring_page_order: d.max_ring_page_order,
                     discard: true,
+                    // backend_pid() expects one blkback process per device.
+                    standby: false,
+                    ..DiskConfig::new(d.name.clone(), "")
                 }
             })
             .collect();
