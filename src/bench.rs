@@ -271,6 +271,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         }
     };
 
+    let load_before = load_average();
     let dir = TempDir::new(args.dir.as_deref())?;
     let image = dir.0.join("disk0.img");
     let t0 = Instant::now();
@@ -379,6 +380,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         println!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
     } else {
         print_table(&rows, args, paths.contains(&IoPath::Fio));
+        print_load_note(load_before, load_average());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -629,6 +631,28 @@ fn prepare_image(path: &Path, bytes: u64, cache: BenchCache) -> Result<(), CliEr
     Ok(())
 }
 
+/// The 1-minute load average (`/proc/loadavg`), if readable.
+fn load_average() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Other jobs on the machine delay the wakeups the xen-ring path depends
+/// on far more than the single-threaded baseline: say how busy it was.
+fn print_load_note(before: Option<f64>, after: Option<f64>) {
+    let (Some(before), Some(after)) = (before, after) else {
+        return;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("  - load average {before:.2} before, {after:.2} after the run ({cpus} CPUs).");
+    // This run itself adds about 1 to the figure after it.
+    if before > 0.5 {
+        println!(
+            "    Other jobs were competing for the CPUs: ratios swing far more than ±15%; rerun on a quiet machine."
+        );
+    }
+}
+
 /// The first executable called `name` in `PATH`.
 fn find_in_path(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
@@ -681,7 +705,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     println!(
         "    (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles)."
     );
-    println!("  - figures vary by about ±15% between runs; compare ratios within one run, not across runs.");
+    println!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
     println!(
         "  - latency: raw-uring = submission to reap in one thread; xen-ring = the guest's submit to completion"
     );

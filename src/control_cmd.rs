@@ -32,6 +32,8 @@ pub enum FaultAction {
     Hang,
     /// Make every instance abort on a request covering `--sector`.
     Poison,
+    /// Make it spin in a busy loop (a hang that burns a CPU).
+    Spin,
 }
 
 #[derive(Args, Debug)]
@@ -113,6 +115,7 @@ pub fn fault(args: FaultArgs) -> Result<ExitCode, CliError> {
         FaultAction::Kill => "kill",
         FaultAction::Hang => "hang",
         FaultAction::Poison => "poison",
+        FaultAction::Spin => "spin",
     };
     let mut msg = Message::new("fault")
         .with("device", &args.device)

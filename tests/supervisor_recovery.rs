@@ -425,3 +425,390 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
         Status::Ok
     );
 }
+
+/// Sets the flag when dropped: a panicking thread still stops the others.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A workload that keeps running, in one-second segments (the model
+/// carries over), until `until` says stop; then a final full check.
+fn run_until(front: &mut BlkFront, seed: u64, qd: usize, until: &AtomicBool) -> Report {
+    let mut w = VerifyWorkload::new(VerifyConfig {
+        seed,
+        queue_depth: qd,
+        max_bytes: 64 * 1024,
+        duration: Some(Duration::from_secs(1)),
+        final_check: false,
+        region: Some((0, REGION_SECTORS)),
+        stall_timeout: Duration::from_secs(10),
+        ..VerifyConfig::default()
+    });
+    let mut total = Report::default();
+    let mut add = |r: &Report| {
+        total.ops += r.ops;
+        total.reads += r.reads;
+        total.writes += r.writes;
+        total.flushes += r.flushes;
+        total.discards += r.discards;
+        total.verify_failures += r.verify_failures;
+        total.io_errors += r.io_errors;
+        total.lost += r.lost;
+        total.duplicates += r.duplicates;
+        total.sectors_verified_final += r.sectors_verified_final;
+        total.failures.extend(r.failures.iter().cloned());
+    };
+    while !until.load(Ordering::Acquire) {
+        let r = w.run(front, &mut |_| {}).expect("workload segment");
+        add(&r);
+        if r.verify_failures > 0 {
+            break;
+        }
+    }
+    let last = w.verify_all(front, &mut |_| {}).expect("final check");
+    add(&last);
+    total
+}
+
+/// DESIGN §5 soak: at least 300 SIGKILLs at random moments under a QD32
+/// workload of reads, writes, flushes and discards; no request lost or
+/// answered twice, no wrong data, the whole region verified at the end.
+#[test]
+fn random_sigkill_soak() {
+    const KILLS: u64 = 300;
+    let setup = Setup::start("soak", |_| {}, &[]);
+    let mut front = setup.attach();
+    let stop = AtomicBool::new(false);
+    let (report, kills) = std::thread::scope(|s| {
+        let killer = s.spawn(|| {
+            let _stop_guard = StopOnDrop(&stop);
+            let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+            let mut kills = 0;
+            std::thread::sleep(Duration::from_millis(100));
+            while kills < KILLS {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                std::thread::sleep(Duration::from_micros(3_000 + rng % 20_000));
+                let before = setup.stats().recoveries;
+                setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+                setup.wait_for("the recovery", |s| s.recoveries > before);
+                kills += 1;
+            }
+            stop.store(true, Ordering::Release);
+            kills
+        });
+        let report = run_until(&mut front, 21, 32, &stop);
+        stop.store(true, Ordering::Release);
+        (report, killer.join().expect("killer"))
+    });
+    assert_eq!(kills, KILLS);
+    assert_eq!(report.lost, 0, "{:?}", report.failures);
+    assert_eq!(report.duplicates, 0, "{:?}", report.failures);
+    assert_eq!(report.verify_failures, 0, "{:?}", report.failures);
+    assert_eq!(report.io_errors, 0, "{report:?}");
+    assert!(
+        report.flushes > 0 && report.discards > 0 && report.reads > 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.sectors_verified_final, REGION_SECTORS,
+        "whole region verified"
+    );
+    let s = setup.stats();
+    assert!(s.crashes >= KILLS, "{s:#?}");
+    assert!(s.connected && !s.given_up, "{s:#?}");
+    assert!(
+        s.replayed > 0,
+        "kills landed with requests in flight: {s:#?}"
+    );
+    front
+        .detach()
+        .expect("the same connection detaches normally");
+}
+
+/// A crash between every pair of shadow-log stores of the request
+/// lifecycle (instance start, consume, complete, free, first publication)
+/// in the first instance, under load: recovered with every request
+/// answered exactly once and the data verified. Crash points that only a
+/// recovering instance reaches (repush, rewrite, recover, replay) are
+/// swept by the shadow crate's own model tests.
+#[test]
+fn every_crash_point_of_the_request_lifecycle_is_recovered() {
+    use shadowback_shadow::{CrashPoint, Transition};
+    let lifecycle = [
+        Transition::Begin,
+        Transition::Consume,
+        Transition::Complete,
+        Transition::Free,
+        Transition::Published,
+    ];
+    let points: Vec<CrashPoint> = CrashPoint::all()
+        .filter(|p| lifecycle.contains(&p.transition))
+        .collect();
+    assert!(points.len() >= 20, "{points:?}");
+    for point in points {
+        // Begin and the first publication happen once per instance.
+        let nth = match point.transition {
+            Transition::Begin | Transition::Published => 1,
+            _ => 29,
+        };
+        let spec = format!("{point}@{nth}");
+        let setup = Setup::start("sweep", |_| {}, &[("SHADOWBACK_CRASH_AT", &spec)]);
+        let mut front = setup.attach();
+        let report = workload(31, Duration::from_millis(600))
+            .run(&mut front, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert_clean(&report, &spec);
+        assert_eq!((report.lost, report.duplicates), (0, 0), "{spec}");
+        let s = setup.stats();
+        assert_eq!(s.crashes, 1, "{spec}: the crash point fired once: {s:#?}");
+        assert_eq!(s.recoveries, 1, "{spec}: {s:#?}");
+        front.detach().expect("detach");
+    }
+}
+
+#[test]
+fn a_spinning_backend_with_work_is_replaced() {
+    let setup = Setup::start("spin", |_| {}, &[]);
+    let mut front = setup.attach();
+    let (report, spins) = under_load(
+        &setup,
+        &mut front,
+        41,
+        Duration::from_secs(2),
+        Duration::from_millis(400),
+        |setup| {
+            let before = setup.stats().recoveries;
+            setup.sup.fault(&setup.name, Fault::Spin).expect("spin");
+            setup.wait_for("the recovery", |s| s.recoveries > before);
+        },
+    );
+    assert_clean(&report, "guest with spinning backends");
+    let s = setup.stats();
+    assert!(spins >= 2, "only {spins} spins");
+    assert!(s.hangs >= spins, "spinning backends count as hangs: {s:#?}");
+    front.detach().expect("detach");
+}
+
+#[test]
+fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
+    let setup = Setup::start("idle", |_| {}, &[]);
+    let mut front = setup.attach();
+    let data = vec![0xa5u8; 4096];
+    assert_eq!(
+        complete_one(&mut front, &BlockRequest::write(64, &data)).status,
+        Status::Ok
+    );
+    let pid = setup.stats().pid.expect("a backend serves the device");
+    setup.sup.fault(&setup.name, Fault::Hang).expect("hang");
+    // Far beyond the 100 ms hang timeout, with nothing pending.
+    std::thread::sleep(Duration::from_millis(600));
+    let s = setup.stats();
+    assert_eq!(
+        (s.hangs, s.crashes, s.pid),
+        (0, 0, Some(pid)),
+        "idle backend left alone: {s:#?}"
+    );
+    // Now the guest wants something: the stopped backend is replaced.
+    let got = complete_one(&mut front, &BlockRequest::read(64, 8, true));
+    assert_eq!(got.status, Status::Ok);
+    assert_eq!(got.data.as_deref(), Some(&data[..]));
+    let s = setup.stats();
+    assert_eq!(s.hangs, 1, "{s:#?}");
+    assert_ne!(s.pid, Some(pid), "{s:#?}");
+    front.detach().expect("detach");
+}
+
+/// No write of a killed instance lands after the replay: big direct writes
+/// are in flight when the backend is killed; once they are acknowledged
+/// (replayed), overlapping newer writes are issued, and after a pause for
+/// any stray I/O every range must hold the newer data.
+#[test]
+fn writes_of_a_killed_instance_never_land_after_the_replay() {
+    const RANGES: u64 = 32;
+    const SECTORS: u32 = 128; // 64 KiB each
+    let setup = Setup::start("zombie", |_| {}, &[]);
+    let mut front = setup.attach();
+    let wait_all = |front: &mut BlkFront, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut out = Vec::new();
+        while out.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} completions",
+                out.len()
+            );
+            front
+                .poll_completions(Duration::from_millis(50), &mut out)
+                .expect("poll");
+        }
+        out
+    };
+    for round in 0..20u8 {
+        let old: Vec<u8> = vec![round.wrapping_mul(2).wrapping_add(1); SECTORS as usize * 512];
+        let new: Vec<u8> = vec![round.wrapping_mul(2).wrapping_add(2); SECTORS as usize * 512];
+        for r in 0..RANGES {
+            front
+                .submit(r, &BlockRequest::write(r * u64::from(SECTORS), &old))
+                .expect("submit");
+        }
+        front.kick().expect("kick");
+        setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+        for c in wait_all(&mut front, RANGES as usize) {
+            assert_eq!(c.status, Status::Ok, "round {round}");
+        }
+        for r in 0..RANGES {
+            front
+                .submit(r, &BlockRequest::write(r * u64::from(SECTORS), &new))
+                .expect("submit");
+        }
+        front.kick().expect("kick");
+        for c in wait_all(&mut front, RANGES as usize) {
+            assert_eq!(c.status, Status::Ok, "round {round}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        for r in 0..RANGES {
+            let got = complete_one(
+                &mut front,
+                &BlockRequest::read(r * u64::from(SECTORS), SECTORS, true),
+            );
+            assert_eq!(got.status, Status::Ok);
+            assert!(
+                got.data.as_deref() == Some(&new[..]),
+                "round {round}, range {r}: an older write landed after the newer one"
+            );
+        }
+    }
+    let s = setup.stats();
+    assert!(s.crashes >= 20, "{s:#?}");
+    front.detach().expect("detach");
+}
+
+/// Two guests on two disks of one supervisor: faults injected on one disk
+/// never disturb the other (its backend keeps its pid, its counters stay
+/// zero, its workload stays clean).
+#[test]
+fn faults_on_one_disk_do_not_disturb_another() {
+    let dir = Scratch::new("two");
+    let names = [
+        format!("a-{}", std::process::id()),
+        format!("b-{}", std::process::id()),
+    ];
+    let disks = names
+        .iter()
+        .map(|name| {
+            let image = dir.0.join(format!("{name}.img"));
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(IMAGE_MIB << 20))
+                .expect("image");
+            let mut disk = DiskConfig::new(name, &image);
+            disk.cache = cache_for(&image);
+            disk
+        })
+        .collect();
+    let socket = dir.0.join("control.sock");
+    let cmd = BackendCommand {
+        program: EXE.into(),
+        args: vec!["blkback".into()],
+        env: Vec::new(),
+    };
+    let sup = SupervisorThread::start(
+        Config {
+            socket: socket.clone(),
+            disks,
+        },
+        cmd,
+    )
+    .expect("supervisor");
+    let attach = |name: &str| {
+        let mut cfg = BlkFrontConfig::new(name);
+        cfg.max_request_bytes = 64 * 1024;
+        BlkFront::attach(&socket, &cfg).expect("attach")
+    };
+    let stats = |name: &str| {
+        sup.status()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("listed")
+            .1
+    };
+    let mut a = attach(&names[0]);
+    let mut b = attach(&names[1]);
+    let b_pid = stats(&names[1]).pid;
+    let stop = AtomicBool::new(false);
+    let (ra, rb) = std::thread::scope(|s| {
+        let killer = s.spawn(|| {
+            let _stop_guard = StopOnDrop(&stop);
+            for i in 0..20 {
+                std::thread::sleep(Duration::from_millis(60));
+                let before = stats(&names[0]).recoveries;
+                let fault = if i % 4 == 3 { Fault::Hang } else { Fault::Kill };
+                sup.fault(&names[0], fault).expect("fault");
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while stats(&names[0]).recoveries <= before {
+                    assert!(Instant::now() < deadline, "no recovery");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            stop.store(true, Ordering::Release);
+        });
+        let guest_b = s.spawn(|| run_until(&mut b, 52, 16, &stop));
+        let ra = run_until(&mut a, 51, 16, &stop);
+        killer.join().expect("killer");
+        (ra, guest_b.join().expect("guest b"))
+    });
+    assert_clean(&ra, "faulted disk");
+    assert_clean(&rb, "neighbour disk");
+    let (sa, sb) = (stats(&names[0]), stats(&names[1]));
+    assert!(sa.recoveries >= 20, "{sa:#?}");
+    assert_eq!((sb.crashes, sb.hangs, sb.recoveries), (0, 0, 0), "{sb:#?}");
+    assert_eq!(sb.pid, b_pid, "the neighbour's backend was never replaced");
+    a.detach().expect("detach a");
+    b.detach().expect("detach b");
+}
+
+/// Guests attach, work, detach and re-attach to the same disk while its
+/// backend is being killed: every attachment sees only verified data and
+/// the data written by earlier attachments.
+#[test]
+fn attach_detach_reattach_while_faults_are_injected() {
+    let setup = Setup::start("reattach", |_| {}, &[]);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Stops the killer even when an assertion below fails.
+        let _stop_guard = StopOnDrop(&stop);
+        let killer = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(35));
+                // The device may be between guests; a kill then replaces an
+                // idle backend.
+                if setup.sup.fault(&setup.name, Fault::Kill).is_ok() {
+                    n += 1;
+                }
+            }
+            n
+        });
+        let mut w = workload(61, Duration::from_millis(400));
+        for round in 0..6 {
+            let mut front = setup.attach();
+            let r = w
+                .run(&mut front, &mut |_| {})
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_clean(&r, &format!("attachment {round}"));
+            front
+                .detach()
+                .unwrap_or_else(|e| panic!("round {round}: detach: {e}"));
+        }
+        stop.store(true, Ordering::Release);
+        let kills = killer.join().expect("killer");
+        assert!(kills >= 10, "only {kills} kills");
+    });
+    let s = setup.stats();
+    assert!(!s.given_up, "{s:#?}");
+}

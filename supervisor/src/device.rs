@@ -80,6 +80,9 @@ pub enum Fault {
     /// request covering `sector` (the crash-loop breaker then fails that
     /// request in the third instance that replays it).
     Poison { sector: u64 },
+    /// Make it spin in a busy loop (no heartbeat, a CPU burnt): the
+    /// watchdog must tell this hang too.
+    Spin,
 }
 
 impl Fault {
@@ -89,6 +92,7 @@ impl Fault {
             Fault::Kill => "kill",
             Fault::Hang => "hang",
             Fault::Poison { .. } => "poison",
+            Fault::Spin => "spin",
         }
     }
 
@@ -99,7 +103,7 @@ impl Fault {
             .with(key::ACTION, self.action());
         match self {
             Fault::Poison { sector } => msg.with(key::SECTOR, sector),
-            Fault::Kill | Fault::Hang => msg,
+            Fault::Kill | Fault::Hang | Fault::Spin => msg,
         }
     }
 
@@ -109,13 +113,14 @@ impl Fault {
         match msg.require(key::ACTION)? {
             "kill" => Ok(Fault::Kill),
             "hang" => Ok(Fault::Hang),
+            "spin" => Ok(Fault::Spin),
             "poison" => Ok(Fault::Poison {
                 sector: msg.require_u64(key::SECTOR)?,
             }),
             other => Err(XenbusError::InvalidValue {
                 key: key::ACTION.to_owned(),
                 value: other.to_owned(),
-                reason: "expected kill, hang or poison",
+                reason: "expected kill, hang, spin or poison",
             }),
         }
     }
@@ -606,6 +611,9 @@ impl DeviceTask {
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
         let fenced = old.fence().await;
+        if !self.cfg.readonly {
+            drain_direct_io(&self.disk.file, &self.name);
+        }
         let fence = fenced.reaped.saturating_duration_since(fenced.kill_sent);
         tracing::error!(
             device = %self.name, pid, ?failure, status = %fenced.status,
@@ -623,6 +631,9 @@ impl DeviceTask {
                 fenced.status
             )));
         }
+        // A kill we injected says nothing about the backend starting up
+        // badly: it must not count towards giving the device up.
+        let age = if injected.is_some() { STABLE_AGE } else { age };
         self.replace_idle(age).await;
     }
 
@@ -947,6 +958,11 @@ impl DeviceTask {
                 Ok(())
             }
             Fault::Hang => signal(Signal::STOP),
+            // The backend does not answer: it is busy spinning.
+            Fault::Spin => instance
+                .send(&Message::new("spin"), &[])
+                .await
+                .map_err(|e| (ErrorCode::Enodev, e.to_string())),
             Fault::Poison { sector } => {
                 if !self.poisons.contains(&sector) {
                     self.poisons.push(sector);
@@ -967,5 +983,25 @@ impl DeviceTask {
                 result.map_err(|e| (ErrorCode::Enodev, e.to_string()))
             }
         }
+    }
+}
+
+/// Completes the fence for direct I/O: a write the dead instance submitted
+/// with `O_DIRECT` can still be in flight in the block layer after its
+/// process was reaped (io_uring finishes it from a kernel worker), and would
+/// land after the replay — over a newer write. `fallocate` waits for every
+/// direct I/O in flight on the inode before it does anything
+/// (`inode_dio_wait`); `KEEP_SIZE` over the first block changes no data and
+/// no size.
+fn drain_direct_io(disk: &std::fs::File, device: &str) {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    use std::os::fd::AsRawFd;
+    if let Err(e) = fallocate(
+        disk.as_raw_fd(),
+        FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        4096,
+    ) {
+        tracing::warn!(device, error = %e, "could not wait for the dead backend's direct I/O");
     }
 }
