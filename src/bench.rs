@@ -34,6 +34,8 @@ use crate::CliError;
 pub enum BenchCommand {
     /// Block I/O: raw io_uring vs. the Xen-ring path (and fio), in one run.
     Blk(BlkBenchArgs),
+    /// Guest-visible stall of backend crashes under load (hot or cold).
+    Failover(crate::failover::FailoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +92,8 @@ const BLOCK: usize = 4096;
 const SEED: u64 = 1;
 /// Device name the supervisor exports the image as.
 const DEVICE: &str = "disk0";
+/// The same image exported without the shadow log.
+const DEVICE_NOSHADOW: &str = "disk0-noshadow";
 /// Largest queue depth accepted (a ring of order 4 holds 512 requests).
 const MAX_QD: usize = 512;
 
@@ -100,8 +104,11 @@ const MAX_QD: usize = 512;
 enum IoPath {
     /// io_uring on the file from this process: what the others are divided by.
     RawUring,
-    /// Guest process → ring → blkback process.
+    /// Guest process → ring → blkback process (with the shadow log).
     XenRing,
+    /// The same with the shadow log off (`shadow = false`): the cost of
+    /// crash recovery is the ratio of the two.
+    XenRingNoShadow,
     /// fio's io_uring engine (only where fio is installed).
     Fio,
 }
@@ -109,12 +116,18 @@ enum IoPath {
 impl IoPath {
     /// Run order within one op and queue depth: baseline first, the rest
     /// right after it, so slow drift of the device hits them alike.
-    const ALL: [IoPath; 3] = [IoPath::RawUring, IoPath::XenRing, IoPath::Fio];
+    const ALL: [IoPath; 4] = [
+        IoPath::RawUring,
+        IoPath::XenRing,
+        IoPath::XenRingNoShadow,
+        IoPath::Fio,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             IoPath::RawUring => "raw-uring",
             IoPath::XenRing => "xen-ring",
+            IoPath::XenRingNoShadow => "xen-ring-noshadow",
             IoPath::Fio => "fio",
         }
     }
@@ -245,6 +258,7 @@ impl Drop for ChildGuard {
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
     match cmd {
         BenchCommand::Blk(args) => run_blk(&args),
+        BenchCommand::Failover(args) => crate::failover::run(args),
     }
 }
 
@@ -290,12 +304,23 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     let cfg = Config {
         socket: dir.0.join("control.sock"),
         // Everything else at its default, as a production disk would run.
-        disks: vec![DiskConfig {
-            cache: args.cache.mode(),
-            max_ring_page_order: 4,
-            discard: false,
-            ..DiskConfig::new(DEVICE, image.clone())
-        }],
+        // Two exports of the one image: with and without the shadow log
+        // (only one is driven at a time).
+        disks: vec![
+            DiskConfig {
+                cache: args.cache.mode(),
+                max_ring_page_order: 4,
+                discard: false,
+                ..DiskConfig::new(DEVICE, image.clone())
+            },
+            DiskConfig {
+                cache: args.cache.mode(),
+                max_ring_page_order: 4,
+                discard: false,
+                shadow: false,
+                ..DiskConfig::new(DEVICE_NOSHADOW, image.clone())
+            },
+        ],
     };
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let bench = Bench {
@@ -401,7 +426,8 @@ impl Bench<'_> {
     fn run_slice(&self, path: IoPath, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         match path {
             IoPath::RawUring => self.raw_uring(op, qd, seed),
-            IoPath::XenRing => self.xen_ring(op, qd, seed),
+            IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
+            IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
             IoPath::Fio => self.fio(op, qd),
         }
     }
@@ -427,9 +453,9 @@ impl Bench<'_> {
     }
 
     /// One guest process attached to the running supervisor.
-    fn xen_ring(&self, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
+    fn xen_ring(&self, device: &str, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         let child = Command::new(&self.exe)
-            .args(["guest", "blk", "--device", DEVICE, "--socket"])
+            .args(["guest", "blk", "--device", device, "--socket"])
             .arg(self.socket)
             .args(["--bench", op.name()])
             .args(["--qd", &qd.to_string()])
@@ -677,7 +703,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     );
     println!();
     println!(
-        "{:<10} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
+        "{:<18} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
         "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "vs raw"
     );
     let mut last_group: Option<(&str, usize)> = None;
@@ -691,9 +717,24 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             None => "base".into(),
         };
         println!(
-            "{:<10} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
+            "{:<18} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
             r.path, r.op, r.qd, r.iops, r.p50_us, r.p99_us, ratio
         );
+    }
+    println!();
+    for r in rows.iter().filter(|r| r.path == IoPath::XenRing.name()) {
+        let plain = rows
+            .iter()
+            .find(|o| o.path == IoPath::XenRingNoShadow.name() && o.op == r.op && o.qd == r.qd);
+        if let Some(plain) = plain.filter(|p| p.iops > 0.0) {
+            println!(
+                "shadow log cost, {} QD{}: xen-ring / xen-ring-noshadow = {:.3} ({:+.1}% IOPS)",
+                r.op,
+                r.qd,
+                r.iops / plain.iops,
+                (r.iops / plain.iops - 1.0) * 100.0
+            );
+        }
     }
     println!();
     println!("notes:");

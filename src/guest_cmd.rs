@@ -16,7 +16,7 @@ use serde::Serialize;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, DeviceError};
 use shadowback_guest::workload::{
-    BenchConfig, BenchOp, BenchWorkload, Progress, VerifyConfig, VerifyWorkload,
+    BenchConfig, BenchOp, BenchWorkload, Progress, Report, VerifyConfig, VerifyWorkload,
 };
 
 use crate::CliError;
@@ -73,6 +73,32 @@ pub struct GuestBlkArgs {
     /// Largest request in KiB (4 KiB multiples).
     #[arg(long, default_value_t = 128)]
     pub max_kib: u32,
+    /// Keep going (in `--duration` segments) until this file exists, then
+    /// do the final check: for runs whose length another process decides.
+    #[arg(long)]
+    pub stop_file: Option<PathBuf>,
+}
+
+/// Adds the counters of one segment of a run to the total.
+fn merge(total: &mut Report, r: &Report) {
+    total.ops += r.ops;
+    total.reads += r.reads;
+    total.writes += r.writes;
+    total.flushes += r.flushes;
+    total.discards += r.discards;
+    total.bytes += r.bytes;
+    total.reads_verified += r.reads_verified;
+    total.sectors_verified_final += r.sectors_verified_final;
+    total.verify_failures += r.verify_failures;
+    total.io_errors += r.io_errors;
+    total.lost += r.lost;
+    total.duplicates += r.duplicates;
+    total.elapsed_s += r.elapsed_s;
+    // Percentiles do not add up: keep the worst segment's.
+    if r.lat_us.p99_us > total.lat_us.p99_us {
+        total.lat_us = r.lat_us;
+    }
+    total.failures.extend(r.failures.iter().cloned());
 }
 
 /// CLOCK_MONOTONIC in ns: comparable across processes, unlike `Instant`.
@@ -234,7 +260,35 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
         max_bytes: args.max_kib.max(4) * 1024,
         ..VerifyConfig::default()
     });
-    let report = work.run(&mut dev, &mut on_progress)?;
+    let report = match &args.stop_file {
+        None => work.run(&mut dev, &mut on_progress)?,
+        Some(stop) => {
+            let mut total = Report::default();
+            loop {
+                let seg = work.run(&mut dev, &mut on_progress)?;
+                let failed = seg.verify_failures > 0;
+                merge(&mut total, &seg);
+                if failed || stop.exists() {
+                    break;
+                }
+            }
+            if !args.no_final_check {
+                let last = work.verify_all(&mut dev, &mut on_progress)?;
+                merge(&mut total, &last);
+            }
+            total.iops = if total.elapsed_s > 0.0 {
+                total.ops as f64 / total.elapsed_s
+            } else {
+                0.0
+            };
+            total.mb_per_s = if total.elapsed_s > 0.0 {
+                total.bytes as f64 / total.elapsed_s / 1e6
+            } else {
+                0.0
+            };
+            total
+        }
+    };
     if let (Some(path), Some(stamps)) = (&args.completions_file, &dev.stamps) {
         write_stamps(path, stamps)?;
     }

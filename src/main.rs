@@ -9,6 +9,7 @@ mod backend_cmd;
 mod bench;
 mod control_cmd;
 mod demo;
+mod failover;
 mod faults;
 mod guest_cmd;
 

@@ -1,0 +1,316 @@
+//! `shadowback bench failover`: the guest-visible stall of a backend crash.
+//!
+//! A guest process keeps a saturating QD32 verifying workload running
+//! while the backend is SIGKILLed N times at random moments. For every kill
+//! the stall is measured as the guest saw it — from its last completion
+//! before the kill to its first completion after — alongside the
+//! supervisor's own breakdown (detect, fence, takeover, replay). The guest
+//! checks every read and, at the end, the whole image: lost, duplicate and
+//! corrupt completions are reported, not assumed away.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use shadowback_guest::workload::Report;
+use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
+
+use crate::faults::{self, FaultKind, Injected};
+use crate::CliError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A standby backend, already started, takes over.
+    Hot,
+    /// A new backend process is started after each crash.
+    Cold,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// Xen-compatible shared ring.
+    Xen,
+}
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// Number of SIGKILLs.
+    #[arg(long, default_value_t = 1000)]
+    kills: u32,
+    #[arg(long, value_enum, default_value_t = Mode::Hot)]
+    mode: Mode,
+    #[arg(long, value_enum, default_value_t = Transport::Xen)]
+    transport: Transport,
+    /// Mean time between kills, in ms (each is drawn from 0.5x to 1.5x).
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// Requests the guest keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    qd: usize,
+    /// Image size in MiB.
+    #[arg(long, default_value_t = 256)]
+    image_mib: u64,
+    /// Where to put the temporary image and socket.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+struct Dist {
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+impl Dist {
+    fn of(values: &[u64]) -> Self {
+        let (p50, p99, max) = faults::percentiles(values);
+        Dist { p50, p99, max }
+    }
+}
+
+#[derive(Serialize)]
+struct Breakdown {
+    detect: Dist,
+    fence: Dist,
+    takeover: Dist,
+    replay: Dist,
+    total: Dist,
+}
+
+#[derive(Serialize)]
+struct FailoverReport {
+    mode: Mode,
+    kills: u32,
+    lost: u64,
+    duplicates: u64,
+    verify_failures: u64,
+    io_errors: u64,
+    stall_us: Dist,
+    supervisor_us: Breakdown,
+    standby_takeovers: u64,
+    cold_takeovers: u64,
+    replayed: u64,
+    repushed: u64,
+    ops: u64,
+    sectors_verified_final: u64,
+}
+
+pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
+    let Transport::Xen = args.transport;
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("shadowback-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run_in(&args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
+    let image = dir.join("disk0.img");
+    std::fs::File::create(&image)?.set_len(args.image_mib.max(16) << 20)?;
+    let cache = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&image)
+            .is_ok();
+        if direct {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        }
+    };
+    let cfg = Config {
+        socket: dir.join("control.sock"),
+        disks: vec![DiskConfig {
+            cache,
+            standby: args.mode == Mode::Hot,
+            ..DiskConfig::new("disk0", image)
+        }],
+    };
+    let sup = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
+    let stamps_path = dir.join("completions.bin");
+    let stop_path = dir.join("stop");
+    let mut guest = Command::new(std::env::current_exe()?)
+        .args(["guest", "blk", "--device", "disk0", "--socket"])
+        .arg(&cfg.socket)
+        .arg("--completions-file")
+        .arg(&stamps_path)
+        .arg("--stop-file")
+        .arg(&stop_path)
+        .args([
+            "--duration",
+            "0.5",
+            "--qd",
+            &args.qd.to_string(),
+            "--max-kib",
+            "64",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = guest.stdout.take().ok_or("guest stdout missing")?;
+    let reader = std::thread::spawn(move || {
+        let mut report: Option<Report> = None;
+        let mut error = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("report") => report = serde_json::from_value(v["report"].clone()).ok(),
+                Some("error") => error = v["message"].as_str().map(str::to_string),
+                _ => {}
+            }
+        }
+        (report, error)
+    });
+
+    let stats = |sup: &SupervisorThread| {
+        sup.status()
+            .into_iter()
+            .next()
+            .map(|(_, s)| s)
+            .unwrap_or_default()
+    };
+    // Let the workload reach its queue depth first.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut injected: Vec<Injected> = Vec::new();
+    let (mut detect, mut fence, mut takeover, mut replay, mut total) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let started = Instant::now();
+    for i in 0..args.kills {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mean = args.interval_ms.max(1) * 1000;
+        std::thread::sleep(Duration::from_micros(mean / 2 + rng % mean.max(1)));
+        let before = stats(&sup).recoveries;
+        let at_ns = faults::inject(&cfg.socket, "disk0", FaultKind::Kill)?;
+        injected.push(Injected {
+            kind: FaultKind::Kill,
+            at_ns,
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let s = loop {
+            let s = stats(&sup);
+            if s.recoveries > before {
+                break s;
+            }
+            if s.given_up || Instant::now() > deadline {
+                return Err(format!("kill {i}: no recovery: {s:?}").into());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        if let Some(t) = s.last_recovery {
+            detect.push(t.detect_us);
+            fence.push(t.fence_us);
+            takeover.push(t.takeover_us);
+            replay.push(t.replay_us);
+            total.push(t.total_us);
+        }
+        if !args.json && (i + 1) % 50 == 0 {
+            eprint!(
+                "\r  {} kills in {:.1} s   ",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    if !args.json {
+        eprintln!();
+    }
+    std::fs::write(&stop_path, b"")?;
+    let status = guest.wait()?;
+    let (report, error) = reader.join().map_err(|_| "reader thread panicked")?;
+    let final_stats = stats(&sup);
+    sup.stop()?;
+    let Some(report) = report else {
+        return Err(format!("the guest failed ({status}): {}", error.unwrap_or_default()).into());
+    };
+    let mut stamps = faults::read_stamps(&stamps_path)?;
+    stamps.sort_unstable();
+    let stalls = faults::stalls_us(&injected, &stamps);
+    let out = FailoverReport {
+        mode: args.mode,
+        kills: args.kills,
+        lost: report.lost,
+        duplicates: report.duplicates,
+        verify_failures: report.verify_failures,
+        io_errors: report.io_errors,
+        stall_us: Dist::of(&stalls),
+        supervisor_us: Breakdown {
+            detect: Dist::of(&detect),
+            fence: Dist::of(&fence),
+            takeover: Dist::of(&takeover),
+            replay: Dist::of(&replay),
+            total: Dist::of(&total),
+        },
+        standby_takeovers: final_stats.standby_takeovers,
+        cold_takeovers: final_stats.cold_takeovers,
+        replayed: final_stats.replayed,
+        repushed: final_stats.repushed,
+        ops: report.ops,
+        sectors_verified_final: report.sectors_verified_final,
+    };
+    let clean =
+        out.lost == 0 && out.duplicates == 0 && out.verify_failures == 0 && out.io_errors == 0;
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        print(&out, stalls.len());
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print(r: &FailoverReport, measured: usize) {
+    let mode = match r.mode {
+        Mode::Hot => "hot standby",
+        Mode::Cold => "cold restart",
+    };
+    println!(
+        "shadowback bench failover — {} SIGKILLs, {mode}, QD32 verifying workload",
+        r.kills
+    );
+    println!(
+        "  guest-visible stall   p50 {} us, p99 {} us, max {} us   ({measured} kills measured)",
+        r.stall_us.p50, r.stall_us.p99, r.stall_us.max
+    );
+    let row = |name: &str, d: &Dist| {
+        println!(
+            "  {name:<21} p50 {} us, p99 {} us, max {} us",
+            d.p50, d.p99, d.max
+        );
+    };
+    println!("  supervisor breakdown:");
+    row("  detect", &r.supervisor_us.detect);
+    row("  fence", &r.supervisor_us.fence);
+    row("  takeover", &r.supervisor_us.takeover);
+    row("  replay", &r.supervisor_us.replay);
+    row("  total", &r.supervisor_us.total);
+    println!(
+        "  takeovers             {} from a standby, {} cold; {} requests replayed, {} responses re-pushed",
+        r.standby_takeovers, r.cold_takeovers, r.replayed, r.repushed
+    );
+    println!(
+        "  guest                 {} ops; lost {}, duplicates {}, verify failures {}, I/O errors {}; {} sectors verified at the end",
+        r.ops, r.lost, r.duplicates, r.verify_failures, r.io_errors, r.sectors_verified_final
+    );
+    println!("  (stall = last completion before a kill → first completion after it, CLOCK_MONOTONIC in both processes;");
+    println!("   with QD32 in flight the stall includes the replayed requests' own I/O time)");
+}
