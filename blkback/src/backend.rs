@@ -683,6 +683,13 @@ impl Backend {
             .get_flag("recover")
             .map_err(|e| inval(&e))?
             .unwrap_or(false);
+        // `blame=0`: the previous instance was killed from outside (an
+        // operator fault), so this replay does not count against the
+        // requests in flight (the crash-loop breaker).
+        let blame = msg
+            .get_flag("blame")
+            .map_err(|e| inval(&e))?
+            .unwrap_or(true);
         let fds = DeviceFds::from_received(msg, fds).map_err(|e| inval(&e))?;
         let order = req.connect.ring_page_order().unwrap_or(u8::MAX);
         if order > self.cfg.max_ring_page_order {
@@ -777,7 +784,7 @@ impl Backend {
             closing: Closing::No,
         });
         if let Some(plan) = plan {
-            self.apply_plan(&plan, &mut stats)
+            self.apply_plan(&plan, blame, &mut stats)
                 .map_err(|e| (ErrorCode::Eproto, format!("replay failed: {e}")))?;
         }
         stats.replay_us = started.elapsed().as_micros() as u64;
@@ -834,7 +841,12 @@ impl Backend {
     /// DESIGN §5 step 4, in the order `RecoveryPlan` documents: re-push saved
     /// responses, free what the guest has seen, answer poisoned and corrupt
     /// requests with errors, re-execute the rest in sequence order.
-    fn apply_plan(&mut self, plan: &RecoveryPlan, stats: &mut RecoveryStats) -> Result<(), String> {
+    fn apply_plan(
+        &mut self,
+        plan: &RecoveryPlan,
+        blame: bool,
+        stats: &mut RecoveryStats,
+    ) -> Result<(), String> {
         let fe = self.frontend.as_mut().ok_or("no frontend")?;
         let log = fe.log.as_ref().ok_or("no shadow log")?;
         for r in &plan.repush {
@@ -885,7 +897,7 @@ impl Backend {
         // Instances started since one last published a response: above 1,
         // the previous instance died before publishing anything — replay one
         // request at a time.
-        if log.stalled_instances().map_err(|e| e.to_string())? > 1 {
+        if blame && log.stalled_instances().map_err(|e| e.to_string())? > 1 {
             tracing::warn!(device = %self.cfg.device, requests = plan.reexecute.len(), "crash loop suspected: replaying one request at a time");
             fe.replay_queue = plan
                 .reexecute
@@ -910,7 +922,7 @@ impl Backend {
             let Some(slot) = fe.free.pop() else {
                 return Err("more requests to replay than slots".into());
             };
-            if let Some(log) = fe.log.as_ref() {
+            if let Some(log) = fe.log.as_ref().filter(|_| blame) {
                 log.mark_replayed(&[e.entry]).map_err(|e| e.to_string())?;
             }
             let mut req = BlkifRequest::default();

@@ -248,6 +248,8 @@ pub fn start_device(
         given_up: None,
         poisons: Vec::new(),
         injected_kill: None,
+        injected_hang: false,
+        blame: true,
         watchdog: None,
         startup_deaths: 0,
         stats: stats.clone(),
@@ -326,6 +328,12 @@ struct DeviceTask {
     poisons: Vec<u64>,
     /// When a `fault kill` was sent to the current instance.
     injected_kill: Option<Instant>,
+    /// An operator fault (`hang`, `spin`) stopped the heartbeat: the hang
+    /// that follows is not the requests' fault.
+    injected_hang: bool,
+    /// Whether the death being recovered from counts against the requests
+    /// in flight (the crash-loop breaker). Operator kills and hangs do not.
+    blame: bool,
     /// Heartbeat progress of the current instance while it serves a
     /// session.
     watchdog: Option<Watchdog>,
@@ -592,6 +600,11 @@ impl DeviceTask {
         };
         self.watchdog = None;
         let injected = self.injected_kill.take();
+        let injected_hang = std::mem::take(&mut self.injected_hang);
+        // DESIGN §5 step 5 counts instances a request killed; a kill or hang
+        // we injected ourselves says nothing about the requests in flight.
+        self.blame =
+            injected.is_none() && !(injected_hang && matches!(failure, Failure::Hung { .. }));
         // An injected SIGKILL explains a stalled heartbeat: the process is
         // still exiting (io_uring teardown waits for its in-flight I/O).
         let failure = if injected.is_some() {
@@ -687,8 +700,10 @@ impl DeviceTask {
                 self.current = Some(instance);
                 return;
             };
+            let blame = std::mem::replace(&mut self.blame, true);
             let result = match session.attach_message(true) {
                 Ok(msg) => {
+                    let msg = msg.with("blame", u8::from(blame));
                     send_attach(
                         &mut instance,
                         &self.poisons,
@@ -957,12 +972,20 @@ impl DeviceTask {
                 self.injected_kill = Some(Instant::now());
                 Ok(())
             }
-            Fault::Hang => signal(Signal::STOP),
+            Fault::Hang => {
+                signal(Signal::STOP)?;
+                self.injected_hang = true;
+                Ok(())
+            }
             // The backend does not answer: it is busy spinning.
-            Fault::Spin => instance
-                .send(&Message::new("spin"), &[])
-                .await
-                .map_err(|e| (ErrorCode::Enodev, e.to_string())),
+            Fault::Spin => {
+                instance
+                    .send(&Message::new("spin"), &[])
+                    .await
+                    .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+                self.injected_hang = true;
+                Ok(())
+            }
             Fault::Poison { sector } => {
                 if !self.poisons.contains(&sector) {
                     self.poisons.push(sector);
