@@ -121,7 +121,14 @@ impl Injector {
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let start = std::time::Instant::now();
-            let mut next: Vec<Duration> = specs.iter().map(|s| s.every).collect();
+            // Stagger the schedules so that faults of different kinds never
+            // fire at the same instant (a hang sent to an instance being
+            // killed would be lost).
+            let mut next: Vec<Duration> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| s.every + Duration::from_millis(37 * i as u64))
+                .collect();
             let mut done = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let Some((i, due)) = next.iter().copied().enumerate().min_by_key(|(_, d)| *d)
