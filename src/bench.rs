@@ -28,6 +28,7 @@ use serde::Serialize;
 use shadowback_blkback::rawbench::raw_random_io;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
+use crate::scratch::TempDir;
 use crate::CliError;
 
 #[derive(Subcommand)]
@@ -214,26 +215,6 @@ struct JsonReport<'a> {
     rows: &'a [Row],
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(parent: Option<&Path>) -> Result<Self, CliError> {
-        let base = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("shadowback-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A child process killed and reaped if it is dropped before it exits.
 struct ChildGuard(Option<Child>);
 
@@ -286,7 +267,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     };
 
     let load_before = load_average();
-    let dir = TempDir::new(args.dir.as_deref())?;
+    let dir = TempDir::new(args.dir.as_deref(), "bench")?;
     let image = dir.0.join("disk0.img");
     let t0 = Instant::now();
     prepare_image(&image, image_bytes, args.cache)?;

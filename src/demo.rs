@@ -5,7 +5,7 @@
 //! Xen ring. Prints live progress, then a report (or one JSON object).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 
 use clap::Args;
@@ -14,6 +14,7 @@ use shadowback_guest::workload::Report;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
 use crate::faults::{self, FaultKind, FaultSpec, Injector};
+use crate::scratch::{best_cache, TempDir};
 use crate::CliError;
 
 #[derive(Args, Debug)]
@@ -85,52 +86,16 @@ struct LatUs {
     max: f64,
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(parent: Option<&Path>) -> Result<Self, CliError> {
-        let base = parent
-            .map(Path::to_path_buf)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("shadowback-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        Ok(TempDir(dir))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// O_DIRECT where the file system supports it, else the page cache.
-fn pick_cache(image: &Path) -> CacheMode {
-    use std::os::unix::fs::OpenOptionsExt;
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .is_ok();
-    if direct {
-        CacheMode::None
-    } else {
-        CacheMode::Writeback
-    }
-}
-
 pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let specs: Vec<FaultSpec> = match &args.faults {
         Some(text) => faults::parse_faults(text)?,
         None => Vec::new(),
     };
-    let dir = TempDir::new(args.dir.as_deref())?;
+    let dir = TempDir::new(args.dir.as_deref(), "demo")?;
     let image = dir.0.join("disk0.img");
     let image_bytes = args.image_mib.max(1) * 1024 * 1024;
     std::fs::File::create(&image)?.set_len(image_bytes)?;
-    let cache = pick_cache(&image);
+    let cache = best_cache(&image);
     let cfg = Config {
         socket: dir.0.join("control.sock"),
         disks: vec![DiskConfig {

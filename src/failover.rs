@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use shadowback_guest::workload::Report;
-use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
+use shadowback_supervisor::{BackendCommand, Config, DiskConfig, SupervisorThread};
 
 use crate::faults::{self, FaultKind, Injected};
 use crate::CliError;
@@ -105,31 +105,14 @@ struct FailoverReport {
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
     let Transport::Xen = args.transport;
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("shadowback-failover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let result = run_in(&args, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    let dir = crate::scratch::TempDir::new(args.dir.as_deref(), "failover")?;
+    run_in(&args, &dir.0)
 }
 
 fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
     let image = dir.join("disk0.img");
     std::fs::File::create(&image)?.set_len(args.image_mib.max(16) << 20)?;
-    let cache = {
-        use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&image)
-            .is_ok();
-        if direct {
-            CacheMode::None
-        } else {
-            CacheMode::Writeback
-        }
-    };
+    let cache = crate::scratch::best_cache(&image);
     let cfg = Config {
         socket: dir.join("control.sock"),
         disks: vec![DiskConfig {

@@ -12,6 +12,7 @@ mod demo;
 mod failover;
 mod faults;
 mod guest_cmd;
+mod scratch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

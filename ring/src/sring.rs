@@ -131,37 +131,47 @@ impl RingPages {
         self.region.store(val, self.header(field), order)
     }
 
-    /// Copies `buf.len()` bytes at ring offset `off`, splitting at pages.
-    fn read(&self, mut off: usize, buf: &mut [u8]) -> Result<(), RingError> {
+    /// The pieces of `[off, off + len)` of the ring, split at page
+    /// boundaries: `(region offset, range within the caller's buffer)`.
+    fn pieces(
+        &self,
+        off: usize,
+        len: usize,
+    ) -> impl Iterator<Item = Result<(u64, std::ops::Range<usize>), RingError>> + '_ {
         let mut done = 0;
-        while done < buf.len() {
-            let (page, in_page) = (off / PAGE_SIZE, off % PAGE_SIZE);
-            let n = (PAGE_SIZE - in_page).min(buf.len() - done);
-            let base = *self.pages.get(page).ok_or(RingError::BadRingPages {
-                got: page,
-                max: self.pages.len(),
-            })?;
-            self.region
-                .read(base + in_page as u64, &mut buf[done..done + n])?;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let at = off + done;
+            let (page, in_page) = (at / PAGE_SIZE, at % PAGE_SIZE);
+            let n = (PAGE_SIZE - in_page).min(len - done);
+            let piece = self
+                .pages
+                .get(page)
+                .map(|base| (base + in_page as u64, done..done + n))
+                .ok_or(RingError::BadRingPages {
+                    got: page,
+                    max: self.pages.len(),
+                });
             done += n;
-            off += n;
+            Some(piece)
+        })
+    }
+
+    /// Copies `buf.len()` bytes at ring offset `off`, splitting at pages.
+    fn read(&self, off: usize, buf: &mut [u8]) -> Result<(), RingError> {
+        for piece in self.pieces(off, buf.len()) {
+            let (at, range) = piece?;
+            self.region.read(at, &mut buf[range])?;
         }
         Ok(())
     }
 
-    fn write(&self, mut off: usize, buf: &[u8]) -> Result<(), RingError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let (page, in_page) = (off / PAGE_SIZE, off % PAGE_SIZE);
-            let n = (PAGE_SIZE - in_page).min(buf.len() - done);
-            let base = *self.pages.get(page).ok_or(RingError::BadRingPages {
-                got: page,
-                max: self.pages.len(),
-            })?;
-            self.region
-                .write(base + in_page as u64, &buf[done..done + n])?;
-            done += n;
-            off += n;
+    fn write(&self, off: usize, buf: &[u8]) -> Result<(), RingError> {
+        for piece in self.pieces(off, buf.len()) {
+            let (at, range) = piece?;
+            self.region.write(at, &buf[range])?;
         }
         Ok(())
     }
