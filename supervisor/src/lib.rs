@@ -88,6 +88,13 @@ async fn serve_registered(
     registry: Option<Registry>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
+    // `/run/shadowback` does not exist on a fresh host.
+    if let Some(dir) = cfg.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| SupervisorError::Socket {
+            path: cfg.socket.clone(),
+            reason: format!("creating {}: {e}", dir.display()),
+        })?;
+    }
     let listener =
         AsyncSeqPacketListener::bind(&cfg.socket).map_err(|e| SupervisorError::Socket {
             path: cfg.socket.clone(),
