@@ -104,9 +104,10 @@ mod fake {
                     record(
                         &events,
                         &format!(
-                            "{me} attach recover={} fds={} prev-alive={prev_alive:?}",
+                            "{me} attach recover={} fds={} prev-alive={prev_alive:?} blame={}",
                             u8::from(recover),
-                            fds.len()
+                            fds.len(),
+                            msg.get("blame").unwrap_or("-")
                         ),
                     );
                     if (recover && die_on_recover) || die_on_attach {
@@ -397,8 +398,9 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     let events = setup.events();
     let new = lines_of(&events, standby);
     assert!(
-        new.contains(&"attach recover=1 fds=4 prev-alive=Some(false)".to_string()),
-        "the standby replayed only after the old instance was reaped: {events:#?}"
+        new.contains(&"attach recover=1 fds=4 prev-alive=Some(false) blame=0".to_string()),
+        "the standby replayed only after the old instance was reaped, and an operator's \
+         kill is not blamed on the requests: {events:#?}"
     );
     assert!(!Path::new(&format!("/proc/{old}")).exists());
 
@@ -509,7 +511,7 @@ fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
             [
                 "poison 77",
                 "poison 78",
-                "attach recover=1 fds=4 prev-alive=Some(false)"
+                "attach recover=1 fds=4 prev-alive=Some(false) blame=0"
             ],
             "{pid}: {events:#?}"
         );
@@ -525,6 +527,14 @@ fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
     let s = setup.stats("d0");
     assert_eq!((s.crashes, s.recoveries), (1, 1));
     assert!(s.connected);
+    // A death nobody injected counts against the requests in flight.
+    let events = setup.events();
+    assert!(
+        events
+            .iter()
+            .any(|l| l.contains("attach recover=1 fds=4") && l.ends_with("blame=1")),
+        "{events:#?}"
+    );
     drop(guest);
 }
 
