@@ -1,0 +1,85 @@
+#!/bin/busybox sh
+# /init of the shadowback test guest (copied into the initramfs by build-image.sh).
+# Kernel command line knobs: sb.rounds=N (default 4), sb.workers=N (processes,
+# default 2), sb.depth=N (AIO batch per worker, default 16; requests in flight =
+# workers x depth), sb.blocks=N (4 KiB blocks per worker, default 1024),
+# sb.sched=none|mq-deadline (I/O scheduler, default none: the plugged batch
+# goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
+# after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
+# sb.shell=1 (drop to a shell instead of powering off).
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "SHADOWBACK-GUEST: init at $(cut -d' ' -f1 /proc/uptime)s kernel $(uname -r)"
+
+ROUNDS=4; WORKERS=2; DEPTH=16; BLOCKS=1024; SCHED=none; WTIMEOUT=0; DEV=/dev/vda; SHELL_AT_END=0
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+        sb.rounds=*)  ROUNDS=${a#*=} ;;
+        sb.workers=*) WORKERS=${a#*=} ;;
+        sb.timeout=*) WTIMEOUT=${a#*=} ;;
+        sb.sched=*)   SCHED=${a#*=} ;;
+        sb.depth=*)   DEPTH=${a#*=} ;;
+        sb.blocks=*)  BLOCKS=${a#*=} ;;
+        sb.dev=*)     DEV=${a#*=} ;;
+        sb.shell=*)   SHELL_AT_END=${a#*=} ;;
+    esac
+done
+
+finish() {
+    echo "SHADOWBACK-GUEST: $1"
+    if [ "$SHELL_AT_END" = 1 ]; then exec sh; fi
+    [ "${STUCK:-0}" = 1 ] || sync   # sync would hang behind stuck requests
+    poweroff -f
+}
+dmesg_report() {
+    NOHEAD=$(dmesg | grep -c 'is not a head')
+    IOERR=$(dmesg | grep -c 'I/O error')
+    if [ $NOHEAD -gt 0 ] || [ $IOERR -gt 0 ]; then
+        dmesg | grep -E 'is not a head|I/O error' | head -20
+    fi
+}
+
+for m in $(cat /etc/modules); do
+    insmod /lib/modules/$m.ko || finish "FAIL insmod $m"
+done
+
+i=0
+while [ ! -b "$DEV" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -b "$DEV" ] || finish "FAIL no block device $DEV (modules: $(cat /etc/modules | tr '\n' ' '))"
+SECTORS=$(cat /sys/class/block/${DEV##*/}/size)
+echo "$SCHED" > /sys/block/${DEV##*/}/queue/scheduler 2>/dev/null
+echo "SHADOWBACK-GUEST: scheduler $(cat /sys/block/${DEV##*/}/queue/scheduler), nr_requests $(cat /sys/block/${DEV##*/}/queue/nr_requests)"
+echo "SHADOWBACK-GUEST: $DEV ready at $(cut -d' ' -f1 /proc/uptime)s, $((SECTORS / 2048)) MiB;" \
+     "workload: $WORKERS workers x depth $DEPTH, $BLOCKS blocks/worker x $ROUNDS rounds, O_DIRECT AIO 4 KiB"
+NEED=$((WORKERS * BLOCKS * 8))
+[ "$SECTORS" -ge "$NEED" ] || finish "FAIL disk too small: $SECTORS sectors < $NEED"
+
+/bin/guest-io "$DEV" "$WORKERS" "$DEPTH" "$BLOCKS" "$ROUNDS" > /tmp/io.out 2> /tmp/io.err &
+IOPID=$!
+T=0
+while kill -0 $IOPID 2>/dev/null; do
+    sleep 1; T=$((T + 1))
+    if [ "$WTIMEOUT" -gt 0 ] && [ $T -ge "$WTIMEOUT" ]; then
+        STUCK=1; dmesg_report
+        head -20 /tmp/io.err
+        tail -2 /tmp/io.out
+        echo "SHADOWBACK-GUEST: now $(cut -d' ' -f1 /proc/uptime)s uptime"
+        finish "FAIL workload not finished after ${T}s (sb.timeout; see the last progress line) dmesg_not_a_head=$NOHEAD dmesg_io_error=$IOERR"
+    fi
+done
+wait $IOPID
+RC=$?
+cat /tmp/io.err | head -40
+grep -v progress /tmp/io.out
+BLK=$(sed -n 's/.*blocks=\([0-9]*\).*/\1/p' /tmp/io.out)
+echo "SHADOWBACK-GUEST: workload done at $(cut -d' ' -f1 /proc/uptime)s"
+
+dmesg_report
+if [ $RC -eq 0 ] && [ $NOHEAD -eq 0 ] && [ $IOERR -eq 0 ]; then
+    finish "PASS blocks=$BLK"
+else
+    finish "FAIL rc=$RC $(grep "GUEST-IO: blocks" /tmp/io.out) dmesg_not_a_head=$NOHEAD dmesg_io_error=$IOERR"
+fi
