@@ -14,7 +14,7 @@ use shadowback_guest::workload::Report;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
 use crate::faults::{self, FaultKind, FaultSpec, Injector};
-use crate::scratch::{best_cache, TempDir};
+use crate::scratch::TempDir;
 use crate::CliError;
 
 #[derive(Args, Debug)]
@@ -95,7 +95,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let image = dir.0.join("disk0.img");
     let image_bytes = args.image_mib.max(1) * 1024 * 1024;
     std::fs::File::create(&image)?.set_len(image_bytes)?;
-    let cache = best_cache(&image);
+    let cache = CacheMode::best_for(&image);
     let cfg = Config {
         socket: dir.0.join("control.sock"),
         disks: vec![DiskConfig {

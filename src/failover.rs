@@ -112,7 +112,7 @@ pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
 fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
     let image = dir.join("disk0.img");
     std::fs::File::create(&image)?.set_len(args.image_mib.max(16) << 20)?;
-    let cache = crate::scratch::best_cache(&image);
+    let cache = shadowback_supervisor::CacheMode::best_for(&image);
     let cfg = Config {
         socket: dir.join("control.sock"),
         disks: vec![DiskConfig {

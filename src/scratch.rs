@@ -2,8 +2,6 @@
 
 use std::path::{Path, PathBuf};
 
-use shadowback_supervisor::CacheMode;
-
 use crate::CliError;
 
 /// A temporary directory removed on drop.
@@ -24,22 +22,5 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `O_DIRECT` (`cache = "none"`) where the file system of `image` supports
-/// it, else the page cache.
-pub fn best_cache(image: &Path) -> CacheMode {
-    use std::os::unix::fs::OpenOptionsExt;
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .is_ok();
-    if direct {
-        CacheMode::None
-    } else {
-        CacheMode::Writeback
     }
 }

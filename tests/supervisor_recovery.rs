@@ -8,8 +8,7 @@
 //! Self-contained (no `mod common`): it only needs the supervisor's Rust
 //! API, the guest crate and the `shadowback` binary.
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -46,21 +45,6 @@ impl Drop for Scratch {
     }
 }
 
-/// `cache = "none"` (O_DIRECT) where the file system supports it.
-fn cache_for(image: &Path) -> CacheMode {
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .is_ok();
-    if direct {
-        CacheMode::None
-    } else {
-        CacheMode::Writeback
-    }
-}
-
 /// A supervisor serving one fresh disk named `name`.
 struct Setup {
     // Dropped first: stop the supervisor before removing its files.
@@ -79,7 +63,7 @@ impl Setup {
             .and_then(|f| f.set_len(IMAGE_MIB << 20))
             .expect("image");
         let mut disk = DiskConfig::new(&name, &image);
-        disk.cache = cache_for(&image);
+        disk.cache = CacheMode::best_for(&image);
         edit(&mut disk);
         let socket = dir.0.join("control.sock");
         let cfg = Config {
@@ -707,7 +691,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
                 .and_then(|f| f.set_len(IMAGE_MIB << 20))
                 .expect("image");
             let mut disk = DiskConfig::new(name, &image);
-            disk.cache = cache_for(&image);
+            disk.cache = CacheMode::best_for(&image);
             disk
         })
         .collect::<Vec<_>>();

@@ -18,6 +18,25 @@ pub enum CacheMode {
     Writeback,
 }
 
+impl CacheMode {
+    /// `None` (O_DIRECT) where the file system holding `image` supports it,
+    /// else `Writeback`: for temporary images (demo, benchmarks, tests).
+    pub fn best_for(image: &Path) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(image)
+            .is_ok();
+        if direct {
+            CacheMode::None
+        } else {
+            CacheMode::Writeback
+        }
+    }
+}
+
 /// One disk to export.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -71,21 +71,7 @@ pub fn make_image(path: &Path, mib: u64) {
 
 /// `cache = "none"` (O_DIRECT) where the file system supports it.
 pub fn cache_for(image: &Path) -> CacheMode {
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .is_ok();
-    if direct {
-        CacheMode::None
-    } else {
-        eprintln!(
-            "{}: O_DIRECT unsupported, using cache=writeback",
-            image.display()
-        );
-        CacheMode::Writeback
-    }
+    CacheMode::best_for(image)
 }
 
 /// `shadowback blkback`, the real backend binary.
