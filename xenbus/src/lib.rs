@@ -21,6 +21,7 @@ mod message;
 pub mod protocol;
 mod socket;
 mod state;
+pub mod virtio;
 
 pub use async_socket::{AsyncSeqPacket, AsyncSeqPacketListener};
 pub use error::XenbusError;

@@ -1,0 +1,346 @@
+//! `attach-virtio`: how the supervisor hands a vhost-user device's virtqueues
+//! to a backend process (DESIGN §8).
+//!
+//! The supervisor terminates the vhost-user socket and keeps everything the
+//! VMM sent; a backend instance receives it in one message, re-sent to every
+//! instance that takes over:
+//!
+//! ```text
+//! attach-virtio
+//! frontend=<name>              for logs
+//! features=<hex u64>           virtio features the driver acked
+//! regions=<n>                  guest memory regions
+//! region-<i>=<gpa>,<size>,<mmap_offset>      (hex)
+//! queues=<n>                   started virtqueues
+//! queue-<i>=<index>,<size>,<desc>,<avail>,<used>,<next_avail>   (hex)
+//! inflight=<mmap_size>,<mmap_offset>,<queue_size>   (hex; absent: none)
+//! shadow=<0|1>                 one shadow log per queue follows
+//! recover=<0|1>, blame=<0|1>   as for `attach`
+//! ```
+//!
+//! Descriptors, in order: one memfd per region, then `kick`, `call` per
+//! queue, then the in-flight region (if `inflight`), then one shadow log per
+//! queue (if `shadow=1`). [`VirtioAttachRequest::fd_count`] gives the total.
+//! Addresses are guest-physical; the supervisor translates the VMM's
+//! user addresses (`SET_VRING_ADDR`) before sending.
+
+use std::os::fd::OwnedFd;
+
+use crate::{Message, XenbusError};
+
+/// Message kind of the supervisor → backend virtio attach.
+pub const ATTACH_VIRTIO: &str = "attach-virtio";
+/// Most memory regions (vhost-user's limit without `CONFIGURE_MEM_SLOTS`).
+pub const MAX_REGIONS: usize = 8;
+/// Most virtqueues per device.
+pub const MAX_QUEUES: usize = 16;
+/// Largest split virtqueue.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// One guest memory region: guest-physical `[gpa, gpa + size)` lives at
+/// `mmap_offset` in its memfd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryRegion {
+    pub gpa: u64,
+    pub size: u64,
+    pub mmap_offset: u64,
+}
+
+/// One started split virtqueue; ring addresses are guest-physical.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Virtqueue index in the device.
+    pub index: u16,
+    /// Descriptor count (a power of two).
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// `SET_VRING_BASE`: the next avail index to consume when no shadow log
+    /// or in-flight region says otherwise.
+    pub next_avail: u16,
+}
+
+/// The VMM's in-flight region (`VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`),
+/// in QEMU's split-ring layout: one region per queue, `queue_size`
+/// descriptor states each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InflightConfig {
+    pub mmap_size: u64,
+    pub mmap_offset: u64,
+    pub queue_size: u16,
+}
+
+/// The `attach-virtio` message, without its descriptors.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioAttachRequest {
+    pub frontend: String,
+    pub features: u64,
+    pub regions: Vec<MemoryRegion>,
+    pub queues: Vec<QueueConfig>,
+    pub inflight: Option<InflightConfig>,
+    /// One shadow log per queue follows the other descriptors.
+    pub shadow: bool,
+}
+
+fn hex_list(msg: &Message, key: &str, n: usize) -> Result<Vec<u64>, XenbusError> {
+    let raw = msg.require(key)?;
+    let bad = |reason| XenbusError::InvalidValue {
+        key: key.to_owned(),
+        value: raw.to_owned(),
+        reason,
+    };
+    let vals = raw
+        .split(',')
+        .map(|v| u64::from_str_radix(v, 16))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| bad("expected comma-separated hex numbers"))?;
+    if vals.len() != n {
+        return Err(bad("wrong number of fields"));
+    }
+    Ok(vals)
+}
+
+fn count(msg: &Message, key: &str, max: usize) -> Result<usize, XenbusError> {
+    let n = msg.require_u64(key)?;
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n <= max)
+        .ok_or_else(|| XenbusError::InvalidValue {
+            key: key.to_owned(),
+            value: n.to_string(),
+            reason: "too many",
+        })
+}
+
+fn narrow<T: TryFrom<u64>>(key: &str, v: u64) -> Result<T, XenbusError> {
+    T::try_from(v).map_err(|_| XenbusError::InvalidValue {
+        key: key.to_owned(),
+        value: format!("{v:x}"),
+        reason: "field out of range",
+    })
+}
+
+impl VirtioAttachRequest {
+    /// Descriptors that travel with the message.
+    pub fn fd_count(&self) -> usize {
+        let queues = self.queues.len();
+        self.regions.len()
+            + 2 * queues
+            + usize::from(self.inflight.is_some())
+            + if self.shadow { queues } else { 0 }
+    }
+
+    /// The message (without `recover`/`blame`, which the caller adds).
+    pub fn to_message(&self) -> Message {
+        let mut msg = Message::new(ATTACH_VIRTIO)
+            .with("frontend", &self.frontend)
+            .with("features", format!("{:x}", self.features))
+            .with("regions", self.regions.len())
+            .with("queues", self.queues.len())
+            .with("shadow", u8::from(self.shadow));
+        for (i, r) in self.regions.iter().enumerate() {
+            msg.set(
+                &format!("region-{i}"),
+                format!("{:x},{:x},{:x}", r.gpa, r.size, r.mmap_offset),
+            );
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            msg.set(
+                &format!("queue-{i}"),
+                format!(
+                    "{:x},{:x},{:x},{:x},{:x},{:x}",
+                    q.index, q.size, q.desc, q.avail, q.used, q.next_avail
+                ),
+            );
+        }
+        if let Some(f) = self.inflight {
+            msg.set(
+                "inflight",
+                format!("{:x},{:x},{:x}", f.mmap_size, f.mmap_offset, f.queue_size),
+            );
+        }
+        msg
+    }
+
+    /// Parses and bounds-checks the message (counts, field widths, queue
+    /// sizes); it does not check addresses against memory.
+    pub fn from_message(msg: &Message) -> Result<Self, XenbusError> {
+        msg.expect_kind(ATTACH_VIRTIO)?;
+        let features_raw = msg.require("features")?;
+        let features =
+            u64::from_str_radix(features_raw, 16).map_err(|_| XenbusError::InvalidValue {
+                key: "features".into(),
+                value: features_raw.to_owned(),
+                reason: "expected a hex number",
+            })?;
+        let mut regions = Vec::new();
+        for i in 0..count(msg, "regions", MAX_REGIONS)? {
+            let key = format!("region-{i}");
+            let v = hex_list(msg, &key, 3)?;
+            regions.push(MemoryRegion {
+                gpa: v[0],
+                size: v[1],
+                mmap_offset: v[2],
+            });
+        }
+        let mut queues = Vec::new();
+        for i in 0..count(msg, "queues", MAX_QUEUES)? {
+            let key = format!("queue-{i}");
+            let v = hex_list(msg, &key, 6)?;
+            let size: u16 = narrow(&key, v[1])?;
+            if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
+                return Err(XenbusError::InvalidValue {
+                    key,
+                    value: size.to_string(),
+                    reason: "queue size must be a power of two up to 32768",
+                });
+            }
+            queues.push(QueueConfig {
+                index: narrow(&key, v[0])?,
+                size,
+                desc: v[2],
+                avail: v[3],
+                used: v[4],
+                next_avail: narrow(&key, v[5])?,
+            });
+        }
+        let inflight = match msg.get("inflight") {
+            None => None,
+            Some(_) => {
+                let v = hex_list(msg, "inflight", 3)?;
+                Some(InflightConfig {
+                    mmap_size: v[0],
+                    mmap_offset: v[1],
+                    queue_size: narrow("inflight", v[2])?,
+                })
+            }
+        };
+        Ok(Self {
+            frontend: msg.require("frontend")?.to_owned(),
+            features,
+            regions,
+            queues,
+            inflight,
+            shadow: msg.require_flag("shadow")?,
+        })
+    }
+}
+
+/// The descriptors of an `attach-virtio`, split by role.
+#[derive(Debug)]
+pub struct VirtioFds {
+    /// One memfd per [`VirtioAttachRequest::regions`] entry.
+    pub regions: Vec<OwnedFd>,
+    /// Per queue: `(kick, call)` eventfds.
+    pub queues: Vec<(OwnedFd, OwnedFd)>,
+    pub inflight: Option<OwnedFd>,
+    /// Per queue, when `shadow`.
+    pub logs: Vec<OwnedFd>,
+}
+
+impl VirtioFds {
+    /// Splits the received descriptors; a wrong count is
+    /// [`XenbusError::FdCount`].
+    pub fn from_received(
+        req: &VirtioAttachRequest,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Self, XenbusError> {
+        if fds.len() != req.fd_count() {
+            return Err(XenbusError::FdCount {
+                kind: ATTACH_VIRTIO.to_owned(),
+                expected: req.fd_count(),
+                got: fds.len(),
+            });
+        }
+        let mut it = fds.into_iter();
+        let regions = it.by_ref().take(req.regions.len()).collect();
+        let mut queues = Vec::with_capacity(req.queues.len());
+        for _ in 0..req.queues.len() {
+            let (Some(kick), Some(call)) = (it.next(), it.next()) else {
+                unreachable!("count checked above");
+            };
+            queues.push((kick, call));
+        }
+        let inflight = if req.inflight.is_some() {
+            it.next()
+        } else {
+            None
+        };
+        let logs = it.collect();
+        Ok(Self {
+            regions,
+            queues,
+            inflight,
+            logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VirtioAttachRequest {
+        VirtioAttachRequest {
+            frontend: "qemu".into(),
+            features: 0x1_3000_0a54,
+            regions: vec![
+                MemoryRegion {
+                    gpa: 0,
+                    size: 0xa0000,
+                    mmap_offset: 0,
+                },
+                MemoryRegion {
+                    gpa: 0x10_0000,
+                    size: 0x3ff0_0000,
+                    mmap_offset: 0x10_0000,
+                },
+            ],
+            queues: (0..MAX_QUEUES as u16)
+                .map(|i| QueueConfig {
+                    index: i,
+                    size: 256,
+                    desc: 0x1000 * u64::from(i),
+                    avail: 0x2000,
+                    used: 0x3000,
+                    next_avail: 65535 - i,
+                })
+                .collect(),
+            inflight: Some(InflightConfig {
+                mmap_size: 0x4000,
+                mmap_offset: 0,
+                queue_size: 256,
+            }),
+            shadow: true,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_counts_fds() {
+        let req = sample();
+        let msg = req.to_message();
+        msg.encode().expect("fits one datagram");
+        assert_eq!(VirtioAttachRequest::from_message(&msg).unwrap(), req);
+        assert_eq!(req.fd_count(), 2 + 32 + 1 + 16);
+    }
+
+    #[test]
+    fn rejects_bad_fields() {
+        let mut msg = sample().to_message();
+        msg.set("queue-3", "3,300,0,0,0,0");
+        assert!(VirtioAttachRequest::from_message(&msg).is_err());
+        let mut msg = sample().to_message();
+        msg.set("queue-3", "3,100,0,0,0");
+        assert!(VirtioAttachRequest::from_message(&msg).is_err());
+        let mut msg = sample().to_message();
+        msg.set("queue-3", "10000,100,0,0,0,0");
+        assert!(VirtioAttachRequest::from_message(&msg).is_err());
+        let mut msg = sample().to_message();
+        msg.set("queues", 17);
+        assert!(VirtioAttachRequest::from_message(&msg).is_err());
+        let mut msg = sample().to_message();
+        msg.set("region-1", "zz,0,0");
+        assert!(VirtioAttachRequest::from_message(&msg).is_err());
+    }
+}
