@@ -4,12 +4,16 @@
 //! transport-neutral [`device::BlockDevice`] interface, predictable sector
 //! content ([`pattern`]), the verifying and benchmark workloads
 //! ([`workload`]), latency statistics ([`stats`]) and an in-memory device for
-//! tests ([`memdisk`]).
-#![forbid(unsafe_code)]
+//! tests ([`memdisk`]), and the vhost-user-blk client ([`vhost_user`]).
+//!
+//! `unsafe` is denied everywhere but in [`vhost_user::hal`], where
+//! `virtio-drivers`' pointer-based `Hal` and virtqueue API meet guest RAM.
+#![deny(unsafe_code)]
 
 pub mod blkfront;
 pub mod device;
 pub mod memdisk;
 pub mod pattern;
 pub mod stats;
+pub mod vhost_user;
 pub mod workload;

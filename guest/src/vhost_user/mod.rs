@@ -1,0 +1,23 @@
+//! A native vhost-user-blk client: this process plays the VMM *and* the
+//! guest driver, with no VM in between (DESIGN.md §8).
+//!
+//! - [`memory`]: guest RAM, one sealed memfd at guest-physical address 0,
+//!   and its DMA allocator.
+//! - [`hal`]: `virtio_drivers::Hal` over that RAM, and a virtqueue wrapper
+//!   whose buffers are guest-physical ranges (the crate's only `unsafe`).
+//! - [`transport`]: `virtio_drivers::transport::Transport` over a vhost-user
+//!   socket (the `vhost` crate's frontend), with QEMU-style reconnect.
+//! - [`blk`]: [`VhostUserBlk`], a high-queue-depth virtio-blk
+//!   [`crate::device::BlockDevice`], and [`connect_simple`], `virtio-drivers`'
+//!   own `VirtIOBlk` over the same transport for cross-checks.
+
+#[allow(unsafe_code)]
+pub mod hal;
+
+pub mod blk;
+pub mod memory;
+pub mod transport;
+
+pub use blk::{connect_simple, Limits, SimpleVirtioBlk, VhostUserBlk, VhostUserBlkOptions};
+pub use memory::GuestRam;
+pub use transport::{TransportOptions, VhostUserTransport};
