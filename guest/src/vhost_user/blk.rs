@@ -368,7 +368,7 @@ impl VhostUserBlk {
             )));
         }
         if opts.max_request_bytes == 0
-            || opts.max_request_bytes % 4096 != 0
+            || !opts.max_request_bytes.is_multiple_of(4096)
             || opts.max_request_bytes > MAX_REQUEST_BYTES
         {
             return Err(invalid(format!(

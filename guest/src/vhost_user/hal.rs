@@ -25,7 +25,7 @@ use super::memory::{GuestRam, DEFAULT_RAM_BYTES, PAGE_BYTES};
 /// A gpa outside any RAM we create: what `share` hands the device when it
 /// cannot bounce a buffer (RAM exhausted), so the device fails the request
 /// instead of touching unrelated memory.
-pub const INVALID_GPA: PhysAddr = u64::MAX & !(PAGE_BYTES - 1);
+pub const INVALID_GPA: PhysAddr = !(PAGE_BYTES - 1);
 
 /// Bounce buffers in use: gpa → pages.
 static BOUNCES: Mutex<BTreeMap<PhysAddr, u64>> = Mutex::new(BTreeMap::new());

@@ -149,7 +149,7 @@ impl GuestRam {
     /// A fresh RAM of `size` bytes (a non-zero multiple of 4 KiB, at least
     /// two pages, at most [`MAX_RAM_BYTES`]).
     pub(crate) fn new(size: u64) -> io::Result<Self> {
-        if size < 2 * PAGE_BYTES || size % PAGE_BYTES != 0 || size > MAX_RAM_BYTES {
+        if size < 2 * PAGE_BYTES || !size.is_multiple_of(PAGE_BYTES) || size > MAX_RAM_BYTES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("guest RAM size {size} is not a multiple of 4 KiB in [8 KiB, 64 GiB]"),
@@ -234,7 +234,7 @@ impl GuestRam {
     /// Returns pages from [`GuestRam::alloc_pages`]; `false` if they were not
     /// allocated.
     pub(crate) fn free_pages_at(&self, gpa: u64, pages: u64) -> bool {
-        gpa % PAGE_BYTES == 0 && lock(&self.pages).free(gpa / PAGE_BYTES, pages)
+        gpa.is_multiple_of(PAGE_BYTES) && lock(&self.pages).free(gpa / PAGE_BYTES, pages)
     }
 
     /// A zeroed buffer of at least `bytes` bytes (whole pages), freed when

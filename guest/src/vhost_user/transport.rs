@@ -519,9 +519,12 @@ impl VhostUserTransport {
 
     /// Reads (resets) every call eventfd; true if any was signalled.
     pub fn drain_calls(&self) -> bool {
-        self.vrings
-            .iter()
-            .fold(false, |any, v| v.call.read().is_ok() || any)
+        // Every fd is read, not just up to the first signalled one.
+        let mut any = false;
+        for v in &self.vrings {
+            any |= v.call.read().is_ok();
+        }
+        any
     }
 
     /// Kicks queue `q`.
