@@ -1,6 +1,8 @@
 //! `shadowback guest blk`: a guest process. It attaches a Xen blkfront
-//! through the supervisor's control socket, runs a verifying (or benchmark)
-//! workload and reports on stdout as JSON lines:
+//! through the supervisor's control socket (`--transport xen`, the default)
+//! or connects a vhost-user-blk client to a vhost-user socket
+//! (`--transport vhost-user`), runs a verifying (or benchmark) workload and
+//! reports on stdout as JSON lines:
 //!
 //! - `{"event":"progress", "elapsed_s", "ops", "ops_per_s", "io_errors", "verify_failures", "phase"}`
 //! - `{"event":"report", "report": {…}}` (verify) or `{"event":"bench", …}`
@@ -15,6 +17,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, DeviceError};
+use shadowback_guest::vhost_user::blk::MAX_REQUEST_BYTES;
+use shadowback_guest::vhost_user::{VhostUserBlk, VhostUserBlkOptions};
 use shadowback_guest::workload::{
     BenchConfig, BenchOp, BenchWorkload, Progress, Report, VerifyConfig, VerifyWorkload,
 };
@@ -33,12 +37,36 @@ pub enum BenchMode {
     Randwrite,
 }
 
+/// How the guest reaches its disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum GuestTransport {
+    /// Xen blkfront through the supervisor's control socket.
+    #[default]
+    Xen,
+    /// virtio-blk over a vhost-user socket.
+    VhostUser,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GuestBlkArgs {
-    /// Supervisor control socket.
+    /// Supervisor control socket (xen) or vhost-user socket (vhost-user).
     #[arg(long)]
     pub socket: PathBuf,
-    /// Device name.
+    /// Transport to the backend.
+    #[arg(long, value_enum, default_value_t = GuestTransport::Xen)]
+    pub transport: GuestTransport,
+    /// vhost-user: virtqueues (the backend must offer that many).
+    #[arg(long, default_value_t = 1)]
+    pub queues: u16,
+    /// vhost-user: descriptors per virtqueue (64..1024, a power of two);
+    /// each holds a third as many requests.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// vhost-user: when the socket hangs up, reconnect to the same path and
+    /// replay the set-up instead of failing.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Device name (xen).
     #[arg(long, default_value = "disk0")]
     pub device: String,
     /// Seconds of workload.
@@ -56,7 +84,7 @@ pub struct GuestBlkArgs {
     /// Instead of verifying: a 4 KiB random read or write benchmark.
     #[arg(long, value_enum)]
     pub bench: Option<BenchMode>,
-    /// Ring page order (default: the backend's maximum, up to 4).
+    /// Ring page order (xen; default: the backend's maximum, up to 4).
     #[arg(long)]
     pub ring_page_order: Option<u32>,
     /// Write the CLOCK_MONOTONIC time (ns, u64 little-endian) of every
@@ -204,13 +232,60 @@ pub fn run(cmd: GuestCommand) -> Result<ExitCode, CliError> {
     }
 }
 
+/// The attached device, whatever its transport.
+enum Front {
+    Xen(BlkFront),
+    VhostUser(VhostUserBlk),
+}
+
+impl Front {
+    fn open(args: &GuestBlkArgs) -> Result<Self, CliError> {
+        Ok(match args.transport {
+            GuestTransport::Xen => {
+                let mut cfg = BlkFrontConfig::new(args.device.clone());
+                cfg.queue_depth = args.qd.max(1);
+                cfg.ring_page_order = args.ring_page_order;
+                Front::Xen(BlkFront::attach(&args.socket, &cfg)?)
+            }
+            GuestTransport::VhostUser => Front::VhostUser(VhostUserBlk::connect(
+                &args.socket,
+                VhostUserBlkOptions {
+                    queues: args.queues,
+                    queue_size: args.queue_size,
+                    max_request_bytes: args
+                        .max_kib
+                        .max(128)
+                        .div_ceil(4)
+                        .saturating_mul(4096)
+                        .min(MAX_REQUEST_BYTES),
+                    reconnect: args.reconnect,
+                    ..VhostUserBlkOptions::default()
+                },
+            )?),
+        })
+    }
+
+    fn dev(&mut self) -> &mut dyn BlockDevice {
+        match self {
+            Front::Xen(f) => f,
+            Front::VhostUser(d) => d,
+        }
+    }
+
+    /// Detaches (xen) or disconnects (vhost-user, which has no detach).
+    fn close(self) -> Result<(), CliError> {
+        match self {
+            Front::Xen(f) => f.detach()?,
+            Front::VhostUser(d) => drop(d),
+        }
+        Ok(())
+    }
+}
+
 fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
-    let mut cfg = BlkFrontConfig::new(args.device.clone());
-    cfg.queue_depth = args.qd.max(1);
-    cfg.ring_page_order = args.ring_page_order;
-    let mut front = BlkFront::attach(&args.socket, &cfg)?;
+    let mut front = Front::open(args)?;
     let mut dev = Timed {
-        dev: &mut front,
+        dev: front.dev(),
         stamps: args
             .completions_file
             .as_ref()
@@ -242,7 +317,7 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
             "p50_us": lat.p50_us,
             "p99_us": lat.p99_us,
         }));
-        front.detach()?;
+        front.close()?;
         return Ok(if report.io_errors == 0 {
             ExitCode::SUCCESS
         } else {
@@ -294,7 +369,7 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
     }
     let ok = report.verify_failures == 0 && report.io_errors == 0;
     emit(&serde_json::json!({"event": "report", "report": report}));
-    front.detach()?;
+    front.close()?;
     Ok(if ok {
         ExitCode::SUCCESS
     } else {

@@ -435,3 +435,47 @@ fn missing_socket_fails_cleanly() {
     .unwrap_err();
     assert!(matches!(err, DeviceError::Io(_)), "{err:?}");
 }
+
+#[test]
+fn forged_used_entries_are_protocol_errors_not_panics() {
+    use shadowback_guest::vhost_user::GuestRam;
+    use std::sync::atomic::Ordering;
+
+    let s = Scratch::new("forged");
+    let qsd = Qsd::start(&s, QsdOpts::default());
+    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    // One real request the frozen backend never answers.
+    qsd.freeze();
+    dev.submit(1, &BlockRequest::read(0, 8, true)).unwrap();
+    dev.kick().unwrap();
+    // Play a hostile device: guest RAM is ours, so write its used ring.
+    let ram = GuestRam::installed().unwrap();
+    let used = dev.transport().used_ring(0).unwrap();
+    let idx = dev.transport().used_idx(0).unwrap();
+    let elem = used + 4 + 8 * u64::from(idx % 256);
+    // An id whose low 16 bits name descriptor 0, the head in flight: it
+    // must not be truncated into a valid token.
+    ram.store(elem, 0x1_0000u32, Ordering::Relaxed).unwrap();
+    ram.store(used + 2, idx.wrapping_add(1), Ordering::Release)
+        .unwrap();
+    let mut out = Vec::new();
+    let err = dev
+        .poll_completions(Duration::from_millis(10), &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Transport(m) if m.contains("not a request in flight")),
+        "{err:?}"
+    );
+    assert!(out.is_empty());
+    // A used index running ahead of what is in flight.
+    ram.store(used + 2, idx.wrapping_add(5), Ordering::Release)
+        .unwrap();
+    let err = dev
+        .poll_completions(Duration::from_millis(10), &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(&err, DeviceError::Transport(m) if m.contains("advanced by 5")),
+        "{err:?}"
+    );
+    drop(qsd);
+}

@@ -76,7 +76,8 @@ pub struct VhostUserBlkOptions {
     pub reconnect_timeout: Duration,
     /// How long the first connect retries a missing or refusing socket.
     pub connect_timeout: Duration,
-    /// Guest RAM size if this is the process's first device.
+    /// Guest RAM size if this is the process's first device (raised to
+    /// what the queues' request slots need).
     pub ram_bytes: u64,
 }
 
@@ -376,7 +377,14 @@ impl VhostUserBlk {
                 opts.max_request_bytes
             )));
         }
-        let ram = GuestRam::global(opts.ram_bytes).map_err(DeviceError::Io)?;
+        // Slots of every queue, plus room for the rings and other devices.
+        let slot_bytes = u64::from(opts.max_request_bytes) + SLOT_META_BYTES;
+        let needed = u64::from(opts.queues)
+            * u64::from(opts.queue_size / DESCRIPTORS_PER_REQUEST)
+            * slot_bytes
+            + (64 << 20);
+        let ram_bytes = opts.ram_bytes.max(needed.next_multiple_of(4096));
+        let ram = GuestRam::global(ram_bytes).map_err(DeviceError::Io)?;
         let mut t = VhostUserTransport::connect(
             socket_path,
             TransportOptions {

@@ -61,6 +61,8 @@ pub const MAX_QUEUES: u16 = 16;
 /// Bytes of config space read with `GET_CONFIG`: `virtio_blk_config` up to
 /// and including `write_zeroes_may_unmap` and its padding.
 pub const CONFIG_BYTES: u32 = 60;
+/// How long we wait for any reply of the backend.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Protocol features we use when the backend offers them.
 pub const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::REPLY_ACK)
@@ -183,7 +185,12 @@ fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream, DeviceEr
     let deadline = Instant::now() + timeout;
     loop {
         match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                // A hung backend fails a request instead of hanging us.
+                s.set_read_timeout(Some(REPLY_TIMEOUT))
+                    .map_err(DeviceError::Io)?;
+                return Ok(s);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
