@@ -586,16 +586,17 @@ impl VhostUserTransport {
     }
 
     /// Descriptors the kept in-flight region marks as in flight, per queue
-    /// (QEMU's split-ring layout: a 16-byte queue header, then 16 bytes per
-    /// descriptor whose first byte is the `inflight` flag). `None` without
-    /// a region.
+    /// (libvhost-user's split-ring layout: per queue a 16-byte header, then
+    /// 16 bytes per descriptor whose first byte is the `inflight` flag, the
+    /// queue's area being `16 * queue_size + 2` bytes rounded up to 64).
+    /// `None` without a region.
     pub fn inflight_descriptors(&self) -> Result<Option<Vec<u32>>, DeviceError> {
         let Some(inf) = &self.inflight else {
             return Ok(None);
         };
         let size = usize::try_from(inf.info.mmap_size)
             .map_err(|_| DeviceError::Transport("in-flight region too large".into()))?;
-        let per_queue = 16 + 16 * usize::from(inf.info.queue_size);
+        let per_queue = (16 * usize::from(inf.info.queue_size) + 2).next_multiple_of(64);
         let mut region = vec![0u8; size];
         let mut file = &inf.file;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(inf.info.mmap_offset))
