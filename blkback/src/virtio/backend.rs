@@ -444,6 +444,15 @@ impl VirtioLoop<'_> {
             if let Err(e) = &walked {
                 tracing::debug!(device = %self.cfg.device, head, error = %e, "bad chain");
             }
+            // The in-flight region first: a head it marks but the shadow
+            // log lacks is consumed again from the avail ring by a
+            // log-driven recovery, while region-only recovery counts it.
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.begin(head, q.counter) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+                q.counter += 1;
+            }
             // DESIGN §4 "consume": logged before any of it is executed.
             let entry = match q.log.as_ref() {
                 None => None,
@@ -455,12 +464,6 @@ impl VirtioLoop<'_> {
                     }
                 }
             };
-            if let Some(iq) = q.inflight.as_ref() {
-                if let Err(e) = iq.begin(head, q.counter) {
-                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
-                }
-                q.counter += 1;
-            }
             q.next_avail = q.next_avail.wrapping_add(1);
             self.stats.requests += 1;
             self.check_poison(&parsed);
