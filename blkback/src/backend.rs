@@ -647,6 +647,21 @@ impl Backend {
                     )
                     .map_err(control_err),
             },
+            shadowback_xenbus::virtio::ATTACH_VIRTIO => {
+                if self.frontend.is_some() {
+                    let reply = Message::error(ErrorCode::Ebusy, "a Xen frontend is attached");
+                    return self.control.send(&reply, &[]).map_err(control_err);
+                }
+                // One engine, two transports: the virtio loop takes over
+                // this process's engine and control channel for good.
+                crate::virtio::backend::serve(
+                    &mut self.engine,
+                    &self.control,
+                    &self.cfg,
+                    &mut self.poison,
+                    (msg, fds),
+                )
+            }
             kind::DETACH => match self.frontend.as_mut() {
                 Some(fe) => {
                     // Answer `detached` once the in-flight I/O drained.
@@ -820,22 +835,7 @@ impl Backend {
 
     /// Maps the shadow log and makes this instance its writer.
     fn open_log(&self, fd: std::os::fd::OwnedFd) -> Result<(ShadowLog, u64), ShadowError> {
-        let mut log = ShadowLog::open(fd)?;
-        if let Some((point, nth)) = self.cfg.crash_at {
-            // Only the first instance crashes, so a restart can recover.
-            if log.generation()? == 0 {
-                let hits = std::sync::atomic::AtomicU64::new(0);
-                log.set_crash_hook(Some(Box::new(move |at| {
-                    if at == point
-                        && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
-                    {
-                        std::process::abort();
-                    }
-                })));
-            }
-        }
-        let generation = log.begin_instance()?;
-        Ok((log, generation))
+        open_shadow_log(&self.cfg, fd)
     }
 
     /// DESIGN §5 step 4, in the order `RecoveryPlan` documents: re-push saved
@@ -940,6 +940,30 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+/// Maps a shadow log and makes this instance its writer; returns the new
+/// generation (1 for a log no instance used before). With
+/// `SHADOWBACK_CRASH_AT`, the first instance aborts at that crash point.
+pub(crate) fn open_shadow_log(
+    cfg: &BackendConfig,
+    fd: std::os::fd::OwnedFd,
+) -> Result<(ShadowLog, u64), ShadowError> {
+    let mut log = ShadowLog::open(fd)?;
+    if let Some((point, nth)) = cfg.crash_at {
+        // Only the first instance crashes, so a restart can recover.
+        if log.generation()? == 0 {
+            let hits = std::sync::atomic::AtomicU64::new(0);
+            log.set_crash_hook(Some(Box::new(move |at| {
+                if at == point && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
+                {
+                    std::process::abort();
+                }
+            })));
+        }
+    }
+    let generation = log.begin_instance()?;
+    Ok((log, generation))
 }
 
 /// A blkif response from its 16 saved bytes.

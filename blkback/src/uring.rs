@@ -228,6 +228,14 @@ pub enum IoOp {
         /// Length in bytes.
         len: u64,
     },
+    /// Zero a range of the disk, keeping its size
+    /// (`FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE`).
+    ZeroRange {
+        /// Byte offset in the disk file.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// One-shot readiness for reading of an fd that is not the disk (an
     /// eventfd, a socket); the result is the ready `poll` mask or `-errno`.
     PollIn {
@@ -240,7 +248,9 @@ impl IoOp {
     fn into_buffers(self) -> Option<IoBuffers> {
         match self {
             IoOp::Readv { bufs, .. } | IoOp::Writev { bufs, .. } => Some(bufs),
-            IoOp::Fsync | IoOp::PunchHole { .. } | IoOp::PollIn { .. } => None,
+            IoOp::Fsync | IoOp::PunchHole { .. } | IoOp::ZeroRange { .. } | IoOp::PollIn { .. } => {
+                None
+            }
         }
     }
 }
@@ -537,6 +547,10 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
             .offset(file_offset(*offset)?)
             .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
             .build(),
+        IoOp::ZeroRange { offset, len } => opcode::Fallocate::new(disk, file_offset(*len)?)
+            .offset(file_offset(*offset)?)
+            .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            .build(),
         IoOp::PollIn { fd } => opcode::PollAdd::new(Fd(*fd), libc::POLLIN as u32).build(),
     })
 }
@@ -664,6 +678,16 @@ unsafe impl IoMemory for AlignedBuf {
 unsafe impl IoMemory for shadowback_ring::SharedRegion {
     fn io_range(&self, offset: u64, len: usize) -> Option<NonNull<u8>> {
         NonNull::new(self.host_range(offset, len).ok()?)
+    }
+}
+
+// SAFETY: `host_range` returns an address only when `[gpa, gpa + len)` lies
+// inside one mapped region; the regions stay mapped as long as the
+// `GuestRam` (the op holds an `Arc` of it); guest memory is only accessed
+// through vm-memory's volatile accessors, never as `&[u8]`.
+unsafe impl IoMemory for crate::virtio::memory::GuestRam {
+    fn io_range(&self, offset: u64, len: usize) -> Option<NonNull<u8>> {
+        self.host_range(offset, len)
     }
 }
 
@@ -856,6 +880,37 @@ mod tests {
             );
             assert_eq!(&got[..4 * BLOCK], &data[..4 * BLOCK]);
             assert_eq!(&got[8 * BLOCK..], &data[8 * BLOCK..]);
+        }
+    }
+
+    #[test]
+    fn zero_range_reads_zeros_and_keeps_size() {
+        for direct in [false, true] {
+            let size = 8 * BLOCK as u64;
+            let disk = temp_disk(size, direct);
+            let mut engine = open_engine(&disk);
+            let data = pattern(4, 8 * BLOCK);
+            let bufs = IoBuffers::from_ranges(buf_with(&data), &[(0, 8 * BLOCK)]).unwrap();
+            assert_eq!(
+                run_one(&mut engine, IoOp::Writev { offset: 0, bufs }),
+                8 * BLOCK as i32
+            );
+            let zero = IoOp::ZeroRange {
+                offset: 2 * BLOCK as u64,
+                len: 3 * BLOCK as u64,
+            };
+            assert_eq!(run_one(&mut engine, zero), 0);
+            assert_eq!(disk.file.metadata().unwrap().len(), size);
+            let dst = Arc::new(AlignedBuf::new(8 * BLOCK).unwrap());
+            let bufs = IoBuffers::from_ranges(dst.clone(), &[(0, 8 * BLOCK)]).unwrap();
+            assert_eq!(
+                run_one(&mut engine, IoOp::Readv { offset: 0, bufs }),
+                8 * BLOCK as i32
+            );
+            let got = contents(dst);
+            assert!(got[2 * BLOCK..5 * BLOCK].iter().all(|&b| b == 0));
+            assert_eq!(&got[..2 * BLOCK], &data[..2 * BLOCK]);
+            assert_eq!(&got[5 * BLOCK..], &data[5 * BLOCK..]);
         }
     }
 

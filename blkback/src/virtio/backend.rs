@@ -1,0 +1,1443 @@
+//! The virtio-blk event loop: the same process, engine and control socket
+//! as the Xen path ([`crate::backend`]), serving split virtqueues after an
+//! `attach-virtio` (DESIGN §8).
+//!
+//! Structure mirrors the Xen loop: every wait is an io_uring op told apart
+//! by [`Token`]; one iteration consumes what the avail rings hold (parsed,
+//! logged in the queue's shadow log and the VMM's in-flight region, then
+//! submitted in batches), reaps completions, and publishes each queue's
+//! used entries with one release store and at most one notification.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use shadowback_ring::EventChannel;
+use shadowback_shadow::{plan_recovery, EntryId, EntryState, RecoveryPlan, ShadowLog};
+use shadowback_xenbus::protocol::{kind, ErrorCode};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUES};
+use shadowback_xenbus::{Message, SeqPacket, XenbusError};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+use super::inflight::{InflightQueue, InflightRegion};
+use super::memory::GuestRam;
+use super::queue::{extend_index, guest_index, Chain, SplitQueue};
+use super::request::{
+    parse, Action, BlkConfig, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE, STATUS_IOERR,
+    STATUS_OK, STATUS_UNSUPP,
+};
+use crate::backend::{
+    open_shadow_log, BackendConfig, BackendError, BlkbackStats, RecoveryStats, HEARTBEAT_INTERVAL,
+    POISON_THRESHOLD,
+};
+use crate::uring::{Completion, Engine, IoBuffers, IoOp};
+
+/// Requests parsed between two submissions to the kernel within a burst.
+const SUBMIT_BATCH: u64 = 8;
+
+/// Engine ops one request may need at most (one per discard segment).
+const MAX_OPS_PER_REQUEST: usize = MAX_DISCARD_SEG as usize;
+
+/// Marks the shadow-log request bytes as a virtio-blk request.
+const LOG_MAGIC: [u8; 4] = *b"VBLK";
+
+/// What a completion belongs to, packed into the io_uring user data.
+///
+/// The low two bits are always 3, a tag the Xen loop never uses, so a
+/// completion of an op the Xen loop left behind (a kick poll of a detached
+/// frontend) is recognised and ignored. Kick and I/O tokens carry the
+/// attachment generation, like the Xen loop's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Token {
+    /// The supervisor's control socket is readable.
+    Control,
+    /// The driver kicked queue number `queue` (position in the device).
+    Kick { generation: u32, queue: u8 },
+    /// Disk I/O for the request with head `head` of queue `queue`.
+    Io {
+        generation: u32,
+        queue: u8,
+        head: u16,
+    },
+}
+
+impl Token {
+    const TAG: u64 = 3;
+
+    fn encode(self) -> u64 {
+        match self {
+            Token::Control => Self::TAG,
+            Token::Kick { generation, queue } => {
+                Self::TAG | 1 << 2 | u64::from(queue) << 4 | u64::from(generation) << 32
+            }
+            Token::Io {
+                generation,
+                queue,
+                head,
+            } => {
+                Self::TAG
+                    | 2 << 2
+                    | u64::from(queue) << 4
+                    | u64::from(head) << 9
+                    | u64::from(generation) << 32
+            }
+        }
+    }
+
+    fn decode(token: u64) -> Option<Self> {
+        if token & 3 != Self::TAG {
+            return None;
+        }
+        let generation = (token >> 32) as u32;
+        let queue = ((token >> 4) & 0x1f) as u8;
+        match (token >> 2) & 3 {
+            0 => Some(Token::Control),
+            1 => Some(Token::Kick { generation, queue }),
+            2 => Some(Token::Io {
+                generation,
+                queue,
+                head: ((token >> 9) & 0xffff) as u16,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A request between consumption and its used entry.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    entry: Option<EntryId>,
+    status_at: Option<u64>,
+    /// Engine ops not yet completed.
+    ops_left: u16,
+    /// OK until an op fails.
+    status: u8,
+    /// Bytes each data op must transfer (0: a result of 0 is success).
+    expected: u64,
+    /// Used length on success (data read + status byte).
+    used_len: u32,
+    read: bool,
+}
+
+/// One started virtqueue.
+struct VQueue {
+    /// Virtqueue index in the device.
+    index: u16,
+    ring: SplitQueue,
+    kick: EventChannel,
+    call: EventChannel,
+    log: Option<ShadowLog>,
+    inflight: Option<InflightQueue>,
+    /// Next in-flight region counter.
+    counter: u64,
+    /// Guest u16 index = log u32 index (low half) + `delta`.
+    delta: u16,
+    /// Log-space index of the next avail entry to consume.
+    next_avail: u32,
+    /// Log-space index of the next used entry to write.
+    next_used: u32,
+    /// Log-space `used->idx` last published.
+    published: u32,
+    /// Requests in flight, by head.
+    slots: Vec<Option<Pending>>,
+    in_flight: usize,
+    /// Heads written to the used ring, not yet published.
+    batch: Vec<u16>,
+    /// Serial replay after a suspected crash loop (see the Xen loop).
+    replay_queue: VecDeque<(EntryId, u16)>,
+    /// The driver broke the ring: consume nothing more.
+    broken: bool,
+}
+
+impl VQueue {
+    fn size(&self) -> u16 {
+        self.ring.size
+    }
+}
+
+/// The attached device.
+struct Device {
+    name: String,
+    generation: u32,
+    mem: Arc<GuestRam>,
+    queues: Vec<VQueue>,
+    /// `detach` received: answer `detached` once idle.
+    closing: bool,
+}
+
+impl Device {
+    fn in_flight(&self) -> usize {
+        self.queues.iter().map(|q| q.in_flight).sum()
+    }
+}
+
+/// Work a recovery leaves for after the queue is set up.
+enum Replay {
+    Plan(RecoveryPlan),
+    /// Heads from the in-flight region to resubmit, in order.
+    Region(Vec<u16>),
+    None,
+}
+
+/// The loop state; it borrows the engine and the control socket from the
+/// Xen loop that received `attach-virtio`.
+struct VirtioLoop<'a> {
+    engine: &'a mut Engine,
+    control: &'a SeqPacket,
+    cfg: &'a BackendConfig,
+    poison: &'a mut Vec<u64>,
+    blk: BlkConfig,
+    device: Option<Device>,
+    next_generation: u32,
+    stats: BlkbackStats,
+    completions: Vec<Completion>,
+    chain: Chain,
+    data: Vec<(u64, usize)>,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// Serves virtqueues until the supervisor closes the control channel
+/// (`Err(SupervisorGone)`), starting with the `attach-virtio` in `first`.
+/// Called by the Xen loop, which must have no frontend attached.
+pub(crate) fn serve(
+    engine: &mut Engine,
+    control: &SeqPacket,
+    cfg: &BackendConfig,
+    poison: &mut Vec<u64>,
+    first: (Message, Vec<OwnedFd>),
+) -> Result<(), BackendError> {
+    let blk = BlkConfig {
+        sectors: cfg.disk.sectors,
+        readonly: cfg.disk.readonly,
+        discard: cfg.disk.discard,
+        write_zeroes: !cfg.disk.readonly,
+        serial: BlkConfig::serial_for(&cfg.device),
+    };
+    let mut lp = VirtioLoop {
+        engine,
+        control,
+        cfg,
+        poison,
+        blk,
+        device: None,
+        next_generation: 1,
+        stats: BlkbackStats::default(),
+        completions: Vec::with_capacity(256),
+        chain: Chain::default(),
+        data: Vec::with_capacity(CHAIN_CAP),
+        ranges: Vec::with_capacity(MAX_DISCARD_SEG as usize),
+    };
+    tracing::info!(device = %cfg.device, "serving virtqueues");
+    lp.handle_message(first.0, first.1)?;
+    let result = lp.run();
+    tracing::info!(device = %cfg.device, stats = ?lp.stats, "virtio loop done");
+    result
+}
+
+fn control_err(e: XenbusError) -> BackendError {
+    match e {
+        XenbusError::Closed => BackendError::SupervisorGone,
+        e => BackendError::Control(e),
+    }
+}
+
+/// Message values are printable ASCII without newlines.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
+        .take(200)
+        .collect()
+}
+
+/// The shadow log's copy of a request: head, avail index, magic, queue
+/// index, then the header.
+fn log_request(head: u16, avail16: u16, index: u16, parsed: &Parsed) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..2].copy_from_slice(&head.to_le_bytes());
+    b[2..4].copy_from_slice(&avail16.to_le_bytes());
+    b[4..8].copy_from_slice(&LOG_MAGIC);
+    b[8..10].copy_from_slice(&index.to_le_bytes());
+    b[16..32].copy_from_slice(&parsed.header.to_bytes());
+    b
+}
+
+/// `(head, avail16)` of a logged request, if it is one of ours.
+fn logged_head(bytes: &[u8]) -> Option<(u16, u16)> {
+    if bytes.len() < 8 || bytes[4..8] != LOG_MAGIC {
+        return None;
+    }
+    Some((
+        u16::from_le_bytes([bytes[0], bytes[1]]),
+        u16::from_le_bytes([bytes[2], bytes[3]]),
+    ))
+}
+
+/// The shadow log's copy of a used element: id, len, status.
+fn log_response(id: u16, len: u32, status: u8) -> [u8; 9] {
+    let mut b = [0u8; 9];
+    b[0..4].copy_from_slice(&u32::from(id).to_le_bytes());
+    b[4..8].copy_from_slice(&len.to_le_bytes());
+    b[8] = status;
+    b
+}
+
+fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
+    tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
+    std::process::abort();
+}
+
+impl VirtioLoop<'_> {
+    fn run(&mut self) -> Result<(), BackendError> {
+        self.arm(Token::Control, self.control.as_fd().as_raw_fd())?;
+        loop {
+            self.advance_serial_replay();
+            self.consume_all()?;
+            self.publish_all();
+            self.finish_detach()?;
+            self.heartbeat();
+            let more = self.has_work();
+            self.engine
+                .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
+                .map_err(BackendError::Engine)?;
+            let mut completions = std::mem::take(&mut self.completions);
+            self.engine.drain(&mut completions);
+            for c in completions.drain(..) {
+                match Token::decode(c.token) {
+                    Some(Token::Control) => {
+                        self.handle_control()?;
+                        self.arm(Token::Control, self.control.as_fd().as_raw_fd())?;
+                    }
+                    Some(Token::Kick { generation, queue }) => {
+                        self.handle_kick(generation, queue)?
+                    }
+                    Some(Token::Io {
+                        generation,
+                        queue,
+                        head,
+                    }) => self.complete_io(generation, queue, head, c.result),
+                    // Left behind by the Xen loop.
+                    None => {}
+                }
+            }
+            self.completions = completions;
+        }
+    }
+
+    fn arm(&mut self, token: Token, fd: i32) -> Result<(), BackendError> {
+        self.engine
+            .push(token.encode(), IoOp::PollIn { fd })
+            .map_err(|(e, _)| BackendError::Engine(e))
+    }
+
+    fn heartbeat(&self) {
+        let Some(dev) = self.device.as_ref() else {
+            return;
+        };
+        for q in &dev.queues {
+            if let Some(log) = q.log.as_ref() {
+                if let Err(e) = log.heartbeat() {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }
+
+    /// Room in the engine for one more request of the worst kind, beside
+    /// the control and kick polls.
+    fn engine_has_room(&self) -> bool {
+        let reserve = MAX_OPS_PER_REQUEST + 1 + MAX_QUEUES;
+        self.engine.capacity() - self.engine.in_flight() > reserve
+    }
+
+    /// Whether the loop must go round again without sleeping: a queue has
+    /// requests and room to take them, or a serial replay can advance.
+    fn has_work(&self) -> bool {
+        let Some(dev) = self.device.as_ref() else {
+            return false;
+        };
+        if dev.closing {
+            return false;
+        }
+        dev.queues.iter().any(|q| {
+            if !q.replay_queue.is_empty() {
+                return q.in_flight == 0;
+            }
+            !q.broken
+                && self.engine_has_room()
+                && q.ring
+                    .avail_idx(&dev.mem)
+                    .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
+        })
+    }
+
+    fn consume_all(&mut self) -> Result<(), BackendError> {
+        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
+        for qi in 0..n {
+            self.consume_queue(qi)?;
+        }
+        Ok(())
+    }
+
+    /// Takes every request queue `qi` holds (as far as the engine has
+    /// room): walk, parse, log, execute.
+    fn consume_queue(&mut self, qi: usize) -> Result<(), BackendError> {
+        loop {
+            if !self.engine_has_room() {
+                return Ok(());
+            }
+            let Some(dev) = self.device.as_mut() else {
+                return Ok(());
+            };
+            if dev.closing {
+                return Ok(());
+            }
+            let mem = dev.mem.clone();
+            let q = &mut dev.queues[qi];
+            if q.broken || !q.replay_queue.is_empty() {
+                return Ok(());
+            }
+            let next16 = guest_index(q.next_avail, q.delta);
+            let avail16 = match q.ring.avail_idx(&mem) {
+                Ok(a) => a,
+                Err(e) => return self.queue_broken(qi, &e.to_string()),
+            };
+            if avail16 == next16 {
+                if !q.ring.event_idx {
+                    return Ok(());
+                }
+                // EVENT_IDX: ask for a kick at the next index, then check
+                // again (the driver may have added one before seeing it).
+                if q.ring.set_avail_event(&mem, next16).is_err() {
+                    return self.queue_broken(qi, "avail_event not writable");
+                }
+                // SeqCst fence: avail_event is visible before avail->idx is
+                // re-read (§2.7.10, the device-side mb()).
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                match q.ring.avail_idx(&mem) {
+                    Ok(a) if a == next16 => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return self.queue_broken(qi, &e.to_string()),
+                }
+            }
+            if avail16.wrapping_sub(next16) > q.size() {
+                let why = format!("avail index {avail16} is more than a ring ahead of {next16}");
+                return self.queue_broken(qi, &why);
+            }
+            let head = match q.ring.avail_head(&mem, next16) {
+                Ok(h) => h,
+                Err(e) => return self.queue_broken(qi, &e.to_string()),
+            };
+            if head >= q.size() {
+                return self.queue_broken(qi, &format!("avail head {head} out of range"));
+            }
+            if q.slots[usize::from(head)].is_some() {
+                return self.queue_broken(qi, &format!("head {head} made available twice"));
+            }
+            let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
+            let parsed = parse(
+                &mem,
+                walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
+                &self.blk,
+                &mut self.data,
+                &mut self.ranges,
+            );
+            if let Err(e) = &walked {
+                tracing::debug!(device = %self.cfg.device, head, error = %e, "bad chain");
+            }
+            // The in-flight region first: a head it marks but the shadow
+            // log lacks is consumed again from the avail ring by a
+            // log-driven recovery, while region-only recovery counts it.
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.begin(head, q.counter) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+                q.counter += 1;
+            }
+            // DESIGN §4 "consume": logged before any of it is executed.
+            let entry = match q.log.as_ref() {
+                None => None,
+                Some(log) => {
+                    let bytes = log_request(head, next16, q.index, &parsed);
+                    match log.log_consumed(q.next_avail, &bytes) {
+                        Ok(e) => Some(e),
+                        Err(e) => log_failed(&self.cfg.device, e),
+                    }
+                }
+            };
+            q.next_avail = q.next_avail.wrapping_add(1);
+            self.stats.requests += 1;
+            self.check_poison(&parsed);
+            self.start(qi, head, entry, parsed);
+            if self.stats.requests.is_multiple_of(SUBMIT_BATCH) {
+                self.engine
+                    .submit_and_wait(0)
+                    .map_err(BackendError::Engine)?;
+            }
+        }
+    }
+
+    /// The driver broke queue `qi`: stop consuming from it and tell the
+    /// supervisor (requests in flight still complete).
+    fn queue_broken(&mut self, qi: usize, why: &str) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        let q = &mut dev.queues[qi];
+        if q.broken {
+            return Ok(());
+        }
+        q.broken = true;
+        tracing::warn!(device = %self.cfg.device, queue = q.index, why, "virtqueue broken, not consuming from it");
+        let msg = Message::new(kind::DISCONNECT)
+            .with("frontend", &dev.name)
+            .with("queue", q.index)
+            .with("reason", sanitize(why));
+        self.control.send(&msg, &[]).map_err(control_err)
+    }
+
+    /// Fault injection: a request covering a poisoned sector kills this
+    /// instance.
+    fn check_poison(&self, parsed: &Parsed) {
+        if self.poison.is_empty() {
+            return;
+        }
+        let hit = |start: u64, sectors: u64| {
+            self.poison
+                .iter()
+                .any(|&p| p >= start && p < start.saturating_add(sectors))
+        };
+        let poisoned = match parsed.action {
+            Action::Read { offset, bytes } | Action::Write { offset, bytes } => {
+                hit(offset / SECTOR_SIZE, bytes / SECTOR_SIZE)
+            }
+            Action::Discard | Action::WriteZeroes { .. } => self
+                .ranges
+                .iter()
+                .any(|&(o, l)| hit(o / SECTOR_SIZE, l / SECTOR_SIZE)),
+            _ => false,
+        };
+        if poisoned {
+            tracing::error!(device = %self.cfg.device, sector = parsed.header.sector, "poisoned request: aborting (fault injection)");
+            std::process::abort();
+        }
+    }
+
+    /// Executes a parsed request (its data pieces and ranges are in the
+    /// scratch vectors) or answers it at once.
+    fn start(&mut self, qi: usize, head: u16, entry: Option<EntryId>, parsed: Parsed) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let generation = dev.generation;
+        let mem = dev.mem.clone();
+        let mut ops: Vec<IoOp> = Vec::new();
+        let mut pending = Pending {
+            entry,
+            status_at: parsed.status_at,
+            ops_left: 0,
+            status: STATUS_OK,
+            expected: 0,
+            used_len: 1,
+            read: false,
+        };
+        let immediate = match parsed.action {
+            Action::Done(status) => Some(status),
+            Action::GetId { bytes } => {
+                let mut at = 0usize;
+                let mut ok = true;
+                for &(gpa, len) in &self.data {
+                    let end = (at + len).min(self.blk.serial.len());
+                    ok &= mem.write(gpa, &self.blk.serial[at..end]).is_ok();
+                    at = end;
+                }
+                pending.used_len = bytes + 1;
+                Some(if ok { STATUS_OK } else { STATUS_IOERR })
+            }
+            Action::Read { offset, bytes } | Action::Write { offset, bytes } => {
+                let read = matches!(parsed.action, Action::Read { .. });
+                match IoBuffers::from_ranges(mem.clone(), &self.data) {
+                    Ok(bufs) => {
+                        pending.expected = bytes;
+                        pending.read = read;
+                        if read {
+                            // The walk bounds a chain to 4 GiB.
+                            pending.used_len = u32::try_from(bytes + 1).unwrap_or(u32::MAX);
+                            ops.push(IoOp::Readv { offset, bufs });
+                        } else {
+                            ops.push(IoOp::Writev { offset, bufs });
+                        }
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %self.cfg.device, error = %e, "buffer setup failed");
+                        Some(STATUS_IOERR)
+                    }
+                }
+            }
+            Action::Flush => {
+                ops.push(IoOp::Fsync);
+                None
+            }
+            Action::Discard | Action::WriteZeroes { .. } => {
+                let punch = matches!(
+                    parsed.action,
+                    Action::Discard | Action::WriteZeroes { unmap: true }
+                );
+                ops.extend(self.ranges.iter().map(|&(offset, len)| {
+                    if punch {
+                        IoOp::PunchHole { offset, len }
+                    } else {
+                        IoOp::ZeroRange { offset, len }
+                    }
+                }));
+                if ops.is_empty() {
+                    Some(STATUS_OK)
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(status) = immediate {
+            let len = if status == STATUS_OK {
+                pending.used_len
+            } else {
+                1
+            };
+            self.respond(qi, head, entry, parsed.status_at, status, len);
+            return;
+        }
+        let q = &mut dev.queues[qi];
+        q.in_flight += 1;
+        let token = Token::Io {
+            generation,
+            queue: qi as u8,
+            head,
+        }
+        .encode();
+        for op in ops {
+            match self.engine.push(token, op) {
+                Ok(()) => pending.ops_left += 1,
+                Err((e, _op)) => {
+                    // The engine is sized with room to spare: the kernel
+                    // refused. Fail the request on the completion path.
+                    tracing::warn!(device = %self.cfg.device, error = %e, "submission failed");
+                    pending.status = STATUS_IOERR;
+                }
+            }
+        }
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let q = &mut dev.queues[qi];
+        if pending.ops_left == 0 {
+            q.in_flight -= 1;
+            self.respond(qi, head, entry, parsed.status_at, STATUS_IOERR, 1);
+        } else {
+            q.slots[usize::from(head)] = Some(pending);
+        }
+    }
+
+    fn complete_io(&mut self, generation: u32, queue: u8, head: u16, result: i32) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        if dev.generation != generation {
+            return;
+        }
+        let Some(q) = dev.queues.get_mut(usize::from(queue)) else {
+            return;
+        };
+        let Some(p) = q.slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
+            tracing::warn!(head, "completion for an idle head");
+            return;
+        };
+        let ok = if result < 0 {
+            if result == -libc::EOPNOTSUPP && p.expected == 0 {
+                p.status = p.status.max(STATUS_UNSUPP);
+            }
+            false
+        } else {
+            u64::from(result as u32) == p.expected
+        };
+        if !ok {
+            tracing::debug!(device = %self.cfg.device, head, result, "I/O failed");
+            if p.status == STATUS_OK {
+                p.status = STATUS_IOERR;
+            }
+        }
+        p.ops_left -= 1;
+        if p.ops_left > 0 {
+            return;
+        }
+        let done = *p;
+        q.slots[usize::from(head)] = None;
+        q.in_flight -= 1;
+        if done.status == STATUS_OK {
+            if done.read {
+                self.stats.bytes_read += done.expected;
+            } else {
+                self.stats.bytes_written += done.expected;
+            }
+        }
+        let len = if done.status == STATUS_OK {
+            done.used_len
+        } else {
+            1
+        };
+        self.respond(
+            qi_of(queue),
+            head,
+            done.entry,
+            done.status_at,
+            done.status,
+            len,
+        );
+    }
+
+    /// Writes the status byte and the used element for `head` and logs it
+    /// COMPLETING (DESIGN §4 "complete"); published in [`Self::publish_all`].
+    fn respond(
+        &mut self,
+        qi: usize,
+        head: u16,
+        entry: Option<EntryId>,
+        status_at: Option<u64>,
+        status: u8,
+        len: u32,
+    ) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        if status != STATUS_OK {
+            self.stats.errors += 1;
+        }
+        let len = match status_at {
+            Some(at) if dev.mem.write(at, &[status]).is_ok() => len,
+            _ => 0,
+        };
+        let q = &mut dev.queues[qi];
+        let idx = q.next_used;
+        if let Err(e) = q
+            .ring
+            .write_used(&dev.mem, guest_index(idx, q.delta), u32::from(head), len)
+        {
+            tracing::error!(device = %self.cfg.device, error = %e, "cannot write a used element");
+            return;
+        }
+        if let (Some(log), Some(entry)) = (q.log.as_ref(), entry) {
+            if let Err(e) = log.log_completing(entry, idx, &log_response(head, len, status)) {
+                log_failed(&self.cfg.device, e);
+            }
+        }
+        q.next_used = idx.wrapping_add(1);
+        q.batch.push(head);
+    }
+
+    fn publish_all(&mut self) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        for q in &mut dev.queues {
+            if q.batch.is_empty() {
+                continue;
+            }
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.link_batch(&q.batch) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+            }
+            let old = guest_index(q.published, q.delta);
+            let new = guest_index(q.next_used, q.delta);
+            if let Err(e) = q.ring.publish_used(&dev.mem, new) {
+                tracing::error!(device = %self.cfg.device, error = %e, "cannot publish used entries");
+                continue;
+            }
+            // DESIGN §4 "complete", last step.
+            if let Some(log) = q.log.as_ref() {
+                if let Err(e) = log.log_published(q.next_used) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.finish_batch(&q.batch, new) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+            }
+            q.batch.clear();
+            q.published = q.next_used;
+            match q.ring.needs_notify(&dev.mem, old, new) {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
+                    self.stats.notifications += 1;
+                    if let Err(e) = q.call.notify() {
+                        tracing::warn!(device = %self.cfg.device, error = %e, "notify failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_detach(&mut self) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_ref() else {
+            return Ok(());
+        };
+        if !dev.closing || dev.in_flight() > 0 || dev.queues.iter().any(|q| !q.batch.is_empty()) {
+            return Ok(());
+        }
+        let name = dev.name.clone();
+        self.device = None;
+        tracing::info!(device = %self.cfg.device, frontend = %name, "virtio device detached");
+        let msg = Message::new(kind::DETACHED).with("frontend", &name);
+        self.control.send(&msg, &[]).map_err(control_err)
+    }
+
+    fn handle_kick(&mut self, generation: u32, queue: u8) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        if dev.generation != generation {
+            return Ok(());
+        }
+        let Some(q) = dev.queues.get(usize::from(queue)) else {
+            return Ok(());
+        };
+        self.stats.kicks += 1;
+        let _ = q.kick.drain();
+        let fd = q.kick.as_raw_fd();
+        self.arm(Token::Kick { generation, queue }, fd)
+    }
+
+    /// Serial replay: starts the next queued request of a queue once the
+    /// previous one has completed.
+    fn advance_serial_replay(&mut self) {
+        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
+        for qi in 0..n {
+            let Some(dev) = self.device.as_mut() else {
+                return;
+            };
+            if dev.closing {
+                return;
+            }
+            let q = &mut dev.queues[qi];
+            if q.in_flight > 0 {
+                continue;
+            }
+            let Some((entry, head)) = q.replay_queue.pop_front() else {
+                continue;
+            };
+            if let Some(log) = q.log.as_ref() {
+                if let Err(e) = log.mark_replayed(&[entry]) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            self.reexecute(qi, head, Some(entry));
+        }
+    }
+
+    /// Re-walks the chain at `head` (still owned by the device: its used
+    /// entry was never visible) and executes it again.
+    fn reexecute(&mut self, qi: usize, head: u16, entry: Option<EntryId>) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let mem = dev.mem.clone();
+        let q = &dev.queues[qi];
+        let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
+        let parsed = parse(
+            &mem,
+            walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
+            &self.blk,
+            &mut self.data,
+            &mut self.ranges,
+        );
+        self.check_poison(&parsed);
+        self.start(qi, head, entry, parsed);
+    }
+
+    /// Answers `head` with IOERR without executing it (poisoned or
+    /// corrupt entries).
+    fn fail(&mut self, qi: usize, head: u16, entry: EntryId) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let mem = dev.mem.clone();
+        let q = &dev.queues[qi];
+        let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
+        let parsed = parse(
+            &mem,
+            walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
+            &self.blk,
+            &mut self.data,
+            &mut self.ranges,
+        );
+        self.respond(qi, head, Some(entry), parsed.status_at, STATUS_IOERR, 1);
+    }
+
+    fn handle_message(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
+        let send = |m: &Message| self.control.send(m, &[]).map_err(control_err);
+        match msg.kind() {
+            ATTACH_VIRTIO => {
+                let reply = match self.attach(&msg, fds) {
+                    Ok(r) => Message::new(kind::ATTACHED)
+                        .with("generation", r.generation)
+                        .with("replayed", r.replayed)
+                        .with("repushed", r.repushed)
+                        .with("poisoned", r.poisoned)
+                        .with("corrupt", r.corrupt)
+                        .with("replay-us", r.replay_us),
+                    Err((code, why)) => {
+                        tracing::warn!(device = %self.cfg.device, why, "attach-virtio refused");
+                        Message::error(code, &sanitize(&why))
+                    }
+                };
+                send(&reply)
+            }
+            kind::ATTACH => send(&Message::error(
+                ErrorCode::Ebusy,
+                "this instance serves virtqueues",
+            )),
+            "set-call" => {
+                let reply = match self.set_call(&msg, fds) {
+                    Ok(()) => Message::new(kind::OK),
+                    Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
+                };
+                send(&reply)
+            }
+            "spin" => {
+                // Fault injection: a hung backend (see the Xen loop).
+                tracing::warn!(device = %self.cfg.device, "spinning forever (fault injection)");
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
+            kind::POISON => match msg.require_u64("sector") {
+                Ok(sector) => {
+                    tracing::warn!(device = %self.cfg.device, sector, "sector poisoned (fault injection)");
+                    self.poison.push(sector);
+                    send(&Message::new(kind::OK))
+                }
+                Err(e) => send(&Message::error(
+                    ErrorCode::Einval,
+                    &sanitize(&e.to_string()),
+                )),
+            },
+            kind::DETACH => match self.device.as_mut() {
+                Some(dev) => {
+                    dev.closing = true;
+                    Ok(())
+                }
+                None => send(&Message::new(kind::DETACHED)),
+            },
+            other => {
+                tracing::warn!(kind = other, "unexpected control message");
+                send(&Message::error(ErrorCode::Eproto, "unexpected message"))
+            }
+        }
+    }
+
+    fn handle_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = match self.control.recv() {
+            Ok(m) => m,
+            Err(XenbusError::Closed) => return Err(BackendError::SupervisorGone),
+            Err(e) => return Err(control_err(e)),
+        };
+        self.handle_message(msg, fds)
+    }
+
+    /// `set-call queue=<virtqueue index>` with the new call eventfd.
+    fn set_call(&mut self, msg: &Message, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+        let index = msg.require_u16("queue").map_err(|e| e.to_string())?;
+        if fds.len() != 1 {
+            return Err(format!("set-call carries {} fds, expected 1", fds.len()));
+        }
+        let dev = self.device.as_mut().ok_or("no device attached")?;
+        let q = dev
+            .queues
+            .iter_mut()
+            .find(|q| q.index == index)
+            .ok_or_else(|| format!("no queue {index}"))?;
+        let fd = fds.pop().ok_or("no fd")?;
+        q.call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
+        // A notification may have gone to the old eventfd while the VMM was
+        // switching: one spurious interrupt is harmless, a lost one hangs.
+        let _ = q.call.notify();
+        tracing::info!(device = %self.cfg.device, queue = index, "call eventfd replaced");
+        Ok(())
+    }
+
+    /// Maps memory and rings, recovers each queue and starts serving.
+    fn attach(
+        &mut self,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+    ) -> Result<RecoveryStats, (ErrorCode, String)> {
+        if self.device.is_some() {
+            return Err((ErrorCode::Ebusy, "a device is already attached".into()));
+        }
+        let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
+        let req = VirtioAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
+        let recover = msg
+            .get_flag("recover")
+            .map_err(|e| inval(&e))?
+            .unwrap_or(false);
+        let blame = msg
+            .get_flag("blame")
+            .map_err(|e| inval(&e))?
+            .unwrap_or(true);
+        let vfds = VirtioFds::from_received(&req, fds).map_err(|e| inval(&e))?;
+        if req.queues.is_empty() {
+            return Err((ErrorCode::Einval, "no queues".into()));
+        }
+        let mut seen = [false; MAX_QUEUES];
+        for q in &req.queues {
+            let slot = seen.get_mut(usize::from(q.index)).ok_or_else(|| {
+                (
+                    ErrorCode::Einval,
+                    format!("queue index {} too large", q.index),
+                )
+            })?;
+            if std::mem::replace(slot, true) {
+                return Err((ErrorCode::Einval, format!("queue {} given twice", q.index)));
+            }
+        }
+        let mem = Arc::new(GuestRam::map(&req.regions, vfds.regions).map_err(|e| inval(&e))?);
+        let event_idx = req.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let rings = req
+            .queues
+            .iter()
+            .map(|q| {
+                SplitQueue::new(q, &mem, event_idx)
+                    .map_err(|e| (ErrorCode::Einval, format!("queue {}: {e}", q.index)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let region = match (req.inflight, vfds.inflight) {
+            (Some(cfg), Some(fd)) => Some(Arc::new(
+                InflightRegion::map(fd, &cfg).map_err(|e| inval(&e))?,
+            )),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let mut stats = RecoveryStats::default();
+        let mut logs: Vec<Option<ShadowLog>> = Vec::new();
+        let mut fresh_logs = Vec::new();
+        if self.cfg.shadow && req.shadow {
+            for (fd, ring) in vfds.logs.into_iter().zip(&rings) {
+                let (log, generation) = open_shadow_log(self.cfg, fd).map_err(|e| inval(&e))?;
+                if log.entries() != u32::from(ring.size) {
+                    return Err((
+                        ErrorCode::Einval,
+                        format!("shadow log does not have {} entries", ring.size),
+                    ));
+                }
+                stats.generation = stats.generation.max(generation);
+                fresh_logs.push(generation == 1);
+                logs.push(Some(log));
+            }
+        } else {
+            logs.extend(req.queues.iter().map(|_| None));
+            fresh_logs.extend(req.queues.iter().map(|_| true));
+        }
+
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let mut queues = Vec::with_capacity(req.queues.len());
+        let mut replays = Vec::with_capacity(req.queues.len());
+        for ((((qcfg, ring), (kick, call)), log), fresh) in req
+            .queues
+            .iter()
+            .zip(rings)
+            .zip(vfds.queues)
+            .zip(logs)
+            .zip(fresh_logs)
+        {
+            let kick = EventChannel::from_fd(kick).map_err(|e| inval(&e))?;
+            let call = EventChannel::from_fd(call).map_err(|e| inval(&e))?;
+            let inflight = match &region {
+                Some(r) => Some(r.queue(qcfg.index, qcfg.size).map_err(|e| inval(&e))?),
+                None => None,
+            };
+            let mut q = VQueue {
+                index: qcfg.index,
+                ring,
+                kick,
+                call,
+                log,
+                inflight,
+                counter: 1,
+                delta: 0,
+                next_avail: 0,
+                next_used: 0,
+                published: 0,
+                slots: vec![None; usize::from(qcfg.size)],
+                in_flight: 0,
+                batch: Vec::with_capacity(usize::from(qcfg.size)),
+                replay_queue: VecDeque::new(),
+                broken: false,
+            };
+            let replay = recover_queue(&mut q, &mem, qcfg.next_avail, recover, fresh)?;
+            queues.push(q);
+            replays.push(replay);
+        }
+        self.device = Some(Device {
+            name: req.frontend.clone(),
+            generation,
+            mem,
+            queues,
+            closing: false,
+        });
+        for (qi, replay) in replays.into_iter().enumerate() {
+            self.apply_replay(qi, replay, blame, &mut stats)
+                .map_err(|e| (ErrorCode::Eproto, format!("replay failed: {e}")))?;
+        }
+        stats.replay_us = started.elapsed().as_micros() as u64;
+        // The driver may be asleep waiting for responses the dead instance
+        // owed it: publish and notify unconditionally.
+        self.publish_all();
+        let Some(dev) = self.device.as_ref() else {
+            return Err((ErrorCode::Enodev, "device gone".into()));
+        };
+        let kicks: Vec<(u8, i32)> = dev
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let _ = q.call.notify();
+                (i as u8, q.kick.as_raw_fd())
+            })
+            .collect();
+        for (queue, fd) in kicks {
+            self.arm(Token::Kick { generation, queue }, fd)
+                .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+        }
+        tracing::info!(device = %self.cfg.device, queues = req.queues.len(), event_idx, recover, ?stats, "virtio device attached");
+        Ok(stats)
+    }
+
+    /// DESIGN §5 step 4 for one queue, after it is set up: re-push saved
+    /// used elements, free what the driver has seen, fail poisoned and
+    /// corrupt requests, re-execute the rest in seq order (or resubmit the
+    /// in-flight region's heads).
+    fn apply_replay(
+        &mut self,
+        qi: usize,
+        replay: Replay,
+        blame: bool,
+        stats: &mut RecoveryStats,
+    ) -> Result<(), String> {
+        let plan = match replay {
+            Replay::None => return Ok(()),
+            Replay::Region(heads) => {
+                for head in heads {
+                    let dev = self.device.as_mut().ok_or("no device")?;
+                    let q = &mut dev.queues[qi];
+                    let entry = match q.log.as_ref() {
+                        Some(log) => {
+                            let avail16 = guest_index(q.next_avail, q.delta);
+                            let mut bytes = [0u8; 32];
+                            bytes[0..2].copy_from_slice(&head.to_le_bytes());
+                            bytes[2..4].copy_from_slice(&avail16.to_le_bytes());
+                            bytes[4..8].copy_from_slice(&LOG_MAGIC);
+                            bytes[8..10].copy_from_slice(&q.index.to_le_bytes());
+                            Some(
+                                log.log_consumed(q.next_avail, &bytes)
+                                    .map_err(|e| e.to_string())?,
+                            )
+                        }
+                        None => None,
+                    };
+                    q.next_avail = q.next_avail.wrapping_add(1);
+                    stats.replayed += 1;
+                    self.reexecute(qi, head, entry);
+                }
+                return Ok(());
+            }
+            Replay::Plan(plan) => plan,
+        };
+        let dev = self.device.as_mut().ok_or("no device")?;
+        let q = &mut dev.queues[qi];
+        let size = q.size();
+        let log = q.log.as_ref().ok_or("no shadow log")?;
+        for r in &plan.repush {
+            let id =
+                u32::from_le_bytes([r.response[0], r.response[1], r.response[2], r.response[3]]);
+            let len =
+                u32::from_le_bytes([r.response[4], r.response[5], r.response[6], r.response[7]]);
+            let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
+                return Err(format!("saved used element names head {id}"));
+            };
+            if r.rsp_idx != q.next_used {
+                return Err(format!(
+                    "re-push at {}, expected {}",
+                    r.rsp_idx, q.next_used
+                ));
+            }
+            q.ring
+                .write_used(&dev.mem, guest_index(r.rsp_idx, q.delta), id, len)
+                .map_err(|e| e.to_string())?;
+            log.log_repushed(r.entry, r.rsp_idx)
+                .map_err(|e| e.to_string())?;
+            q.next_used = r.rsp_idx.wrapping_add(1);
+            q.batch.push(head);
+            stats.repushed += 1;
+        }
+        for &entry in plan.free.iter().chain(
+            plan.corrupt
+                .iter()
+                .filter(|c| c.action == shadowback_shadow::CorruptAction::Discard)
+                .map(|c| &c.entry),
+        ) {
+            log.free(entry).map_err(|e| e.to_string())?;
+        }
+        // Heads with a live request, to refuse a corrupt entry naming one.
+        let mut live: Vec<bool> = vec![false; usize::from(size)];
+        for h in q.batch.iter().copied().chain(
+            plan.reexecute
+                .iter()
+                .chain(&plan.poisoned)
+                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+        ) {
+            if let Some(l) = live.get_mut(usize::from(h)) {
+                *l = true;
+            }
+        }
+        let mut failures = Vec::new();
+        for p in &plan.poisoned {
+            match logged_head(&p.request).filter(|&(h, _)| h < size) {
+                Some((head, _)) => failures.push((head, p.entry, true)),
+                None => return Err("poisoned entry without a valid head".into()),
+            }
+        }
+        for c in plan.corrupt_to_answer() {
+            match logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)]) {
+                Some((head, _)) => {
+                    live[usize::from(head)] = true;
+                    failures.push((head, c.entry, false));
+                }
+                None => {
+                    tracing::warn!(device = %self.cfg.device, entry = %c.entry, "corrupt entry without a usable head: not answered");
+                    log.free(c.entry).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let serial = blame && log.stalled_instances().map_err(|e| e.to_string())? > 1;
+        let mut reexec = Vec::new();
+        for e in &plan.reexecute {
+            let (head, _) = logged_head(&e.request)
+                .filter(|&(h, _)| h < size)
+                .ok_or("re-execute entry without a valid head")?;
+            reexec.push((e.entry, head));
+        }
+        for (head, entry, poisoned) in failures {
+            if poisoned {
+                stats.poisoned += 1;
+                tracing::error!(device = %self.cfg.device, head,
+                    "request failed every instance it ran in: answered with an error (crash-loop breaker)");
+            } else {
+                stats.corrupt += 1;
+            }
+            self.fail(qi, head, entry);
+        }
+        let dev = self.device.as_mut().ok_or("no device")?;
+        let q = &mut dev.queues[qi];
+        stats.replayed += reexec.len() as u64;
+        if serial {
+            tracing::warn!(device = %self.cfg.device, requests = reexec.len(), "crash loop suspected: replaying one request at a time");
+            q.replay_queue = reexec.into_iter().collect();
+            return Ok(());
+        }
+        for (entry, head) in reexec {
+            let dev = self.device.as_mut().ok_or("no device")?;
+            if blame {
+                if let Some(log) = dev.queues[qi].log.as_ref() {
+                    log.mark_replayed(&[entry]).map_err(|e| e.to_string())?;
+                }
+            }
+            self.reexecute(qi, head, Some(entry));
+        }
+        Ok(())
+    }
+}
+
+/// Index of a queue from its token byte.
+fn qi_of(queue: u8) -> usize {
+    usize::from(queue)
+}
+
+/// Decides where queue `q` resumes and what it must replay: the shadow log
+/// when it holds live entries of a previous instance, else the in-flight
+/// region, else `SET_VRING_BASE` (a fresh log) or `used->idx` (a log whose
+/// previous instance answered everything). Sets the queue's indices and
+/// rewrites the in-flight region to match.
+fn recover_queue(
+    q: &mut VQueue,
+    mem: &GuestRam,
+    vring_base: u16,
+    recover: bool,
+    fresh_log: bool,
+) -> Result<Replay, (ErrorCode, String)> {
+    let proto = |s: String| (ErrorCode::Eproto, s);
+    let size = q.size();
+    let used16 = q.ring.used_idx(mem).map_err(|e| proto(e.to_string()))?;
+    let avail16 = q.ring.avail_idx(mem).map_err(|e| proto(e.to_string()))?;
+    let snapshot = match q.log.as_ref() {
+        Some(log) => Some(log.snapshot().map_err(|e| proto(e.to_string()))?),
+        None => None,
+    };
+    let live = snapshot.as_ref().is_some_and(|s| {
+        s.entries
+            .iter()
+            .any(|e| e.state() != Some(EntryState::Free))
+    });
+    if let (Some(log), Some(snap), true) = (
+        q.log.as_ref(),
+        snapshot.as_ref(),
+        live && (recover || !fresh_log),
+    ) {
+        // The mapping between log and guest indices, from the entry
+        // consumed last.
+        let delta = snap
+            .entries
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.state(),
+                    Some(EntryState::Inflight | EntryState::Completing)
+                )
+            })
+            .filter_map(|e| logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
+            .max_by_key(|&(seq, _, _)| seq)
+            .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
+            .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
+        let h = &snap.header;
+        let rsp_prod = extend_index(h.rsp_prod_pvt, delta, used16);
+        let req_prod = extend_index(h.req_cons, delta, avail16);
+        let plan = plan_recovery(snap, rsp_prod, req_prod, u32::from(size), POISON_THRESHOLD)
+            .map_err(|e| proto(format!("recovery impossible: {e}")))?;
+        log.log_recovered(&plan).map_err(|e| proto(e.to_string()))?;
+        q.delta = delta;
+        q.next_avail = plan.req_cons;
+        q.next_used = plan.rsp_prod;
+        q.published = plan.rsp_prod;
+        if let Some(iq) = q.inflight.as_ref() {
+            // Every head the guest still waits for is in flight.
+            let mut heads: Vec<u16> = plan
+                .repush
+                .iter()
+                .filter_map(|r| {
+                    u16::try_from(u32::from_le_bytes([
+                        r.response[0],
+                        r.response[1],
+                        r.response[2],
+                        r.response[3],
+                    ]))
+                    .ok()
+                })
+                .collect();
+            heads.extend(
+                plan.poisoned
+                    .iter()
+                    .chain(&plan.reexecute)
+                    .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+            );
+            heads.extend(
+                plan.corrupt_to_answer()
+                    .filter_map(|c| logged_head(&c.request).map(|(h, _)| h)),
+            );
+            heads.retain(|&h| h < size);
+            heads.sort_unstable();
+            heads.dedup();
+            q.counter = iq
+                .reset_to(used16, &heads, 1)
+                .map_err(|e| proto(e.to_string()))?;
+        }
+        return Ok(Replay::Plan(plan));
+    }
+    // Nothing to take from the log.
+    let mut resubmit = Vec::new();
+    let mut first16 = if fresh_log && !recover {
+        vring_base
+    } else {
+        used16
+    };
+    if let Some(iq) = q.inflight.as_ref() {
+        let rec = iq.recover(used16).map_err(|e| proto(e.to_string()))?;
+        q.counter = rec.next_counter;
+        if !rec.fresh {
+            first16 = used16;
+            resubmit = rec.heads;
+        }
+    }
+    let gap = first16.wrapping_sub(used16);
+    if gap > size {
+        return Err((
+            ErrorCode::Einval,
+            format!("next avail {first16} is more than a ring ahead of used {used16}"),
+        ));
+    }
+    if gap > 0 {
+        tracing::warn!(
+            queue = q.index,
+            gap,
+            "requests consumed before attach will not be answered"
+        );
+    }
+    let base = snapshot.as_ref().map_or(0, |s| s.header.req_cons);
+    q.delta = first16.wrapping_sub(base as u16);
+    q.next_avail = base;
+    q.next_used = base.wrapping_sub(u32::from(gap));
+    q.published = q.next_used;
+    Ok(if resubmit.is_empty() {
+        Replay::None
+    } else {
+        Replay::Region(resubmit)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_skip_xen_tokens() {
+        for t in [
+            Token::Control,
+            Token::Kick {
+                generation: 7,
+                queue: 15,
+            },
+            Token::Io {
+                generation: u32::MAX,
+                queue: 3,
+                head: 32767,
+            },
+            Token::Io {
+                generation: 1,
+                queue: 0,
+                head: 0,
+            },
+        ] {
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        // The Xen loop's tags 0, 1, 2.
+        for xen in [0u64, 1 | 5 << 32, 2 | 9 << 2] {
+            assert_eq!(Token::decode(xen), None);
+        }
+    }
+
+    #[test]
+    fn log_bytes_round_trip() {
+        let parsed = Parsed {
+            status_at: Some(1),
+            header: super::super::request::OutHdr {
+                req_type: 1,
+                ioprio: 0,
+                sector: 99,
+            },
+            action: Action::Flush,
+        };
+        let b = log_request(513, 0xfffe, 2, &parsed);
+        assert_eq!(logged_head(&b), Some((513, 0xfffe)));
+        assert_eq!(logged_head(&[0u8; 32]), None);
+        assert_eq!(&log_response(7, 513, 1)[..], &[7, 0, 0, 0, 1, 2, 0, 0, 1]);
+    }
+}
