@@ -10,6 +10,12 @@
 //!   the way the supervisor opens it for the backend;
 //! - `xen-ring`: a guest process → shared ring → blkback process, with the
 //!   supervisor running in-process as in `demo`;
+//! - `vhost-user` (with `--transport vhost-user`): a guest process with the
+//!   native vhost-user-blk client → the supervisor's vhost-user socket →
+//!   the same blkback process serving a virtqueue; `vhost-user-noshadow` the
+//!   same without the shadow log; `qsd`: qemu-storage-daemon's
+//!   vhost-user-blk export of the same file driven by the same client, where
+//!   qemu-storage-daemon is installed;
 //! - `fio`: fio's io_uring engine on the same file, where fio is installed.
 //!
 //! Every non-baseline row shows its IOPS as a ratio to the `raw-uring` row
@@ -64,6 +70,19 @@ pub struct BlkBenchArgs {
     /// of the machine (another job, a device stall) hits them alike.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Guest transports to measure, comma-separated. `vhost-user` adds the
+    /// vhost-user rows (and a qemu-storage-daemon row where it is
+    /// installed) next to the Xen-ring rows, which always run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "xen")]
+    transport: Vec<BenchTransport>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchTransport {
+    /// Xen-compatible shared ring.
+    Xen,
+    /// vhost-user-blk.
+    VhostUser,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -95,8 +114,14 @@ const SEED: u64 = 1;
 const DEVICE: &str = "disk0";
 /// The same image exported without the shadow log.
 const DEVICE_NOSHADOW: &str = "disk0-noshadow";
+/// The vhost-user exports of the image (with and without the shadow log).
+const DEVICE_VU: &str = "disk0-vu";
+const DEVICE_VU_NOSHADOW: &str = "disk0-vu-noshadow";
 /// Largest queue depth accepted (a ring of order 4 holds 512 requests).
 const MAX_QD: usize = 512;
+/// Virtqueue size of the vhost-user rows: three descriptors per request,
+/// so 1024 descriptors hold 341 requests.
+const VU_QUEUE_SIZE: u16 = 1024;
 
 /// One way of getting 4 KiB random I/O to the image. A later path (say
 /// `xen-ring-noshadow`) is one more variant, a name, and an arm in
@@ -110,6 +135,13 @@ enum IoPath {
     /// The same with the shadow log off (`shadow = false`): the cost of
     /// crash recovery is the ratio of the two.
     XenRingNoShadow,
+    /// Guest process (native vhost-user-blk client) → vhost-user socket →
+    /// blkback process serving a virtqueue, with the shadow log.
+    VhostUser,
+    /// The same without the shadow log.
+    VhostUserNoShadow,
+    /// qemu-storage-daemon's vhost-user-blk export, same client.
+    Qsd,
     /// fio's io_uring engine (only where fio is installed).
     Fio,
 }
@@ -117,10 +149,13 @@ enum IoPath {
 impl IoPath {
     /// Run order within one op and queue depth: baseline first, the rest
     /// right after it, so slow drift of the device hits them alike.
-    const ALL: [IoPath; 4] = [
+    const ALL: [IoPath; 7] = [
         IoPath::RawUring,
         IoPath::XenRing,
         IoPath::XenRingNoShadow,
+        IoPath::VhostUser,
+        IoPath::VhostUserNoShadow,
+        IoPath::Qsd,
         IoPath::Fio,
     ];
 
@@ -129,12 +164,22 @@ impl IoPath {
             IoPath::RawUring => "raw-uring",
             IoPath::XenRing => "xen-ring",
             IoPath::XenRingNoShadow => "xen-ring-noshadow",
+            IoPath::VhostUser => "vhost-user",
+            IoPath::VhostUserNoShadow => "vhost-user-noshadow",
+            IoPath::Qsd => "qsd",
             IoPath::Fio => "fio",
         }
     }
 
     fn is_baseline(self) -> bool {
         self == IoPath::RawUring
+    }
+
+    fn is_vhost_user(self) -> bool {
+        matches!(
+            self,
+            IoPath::VhostUser | IoPath::VhostUserNoShadow | IoPath::Qsd
+        )
     }
 }
 
@@ -260,6 +305,8 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     }
     let slice = Duration::from_secs_f64(args.duration / f64::from(args.rounds));
     let fio = find_in_path("fio");
+    let vhost_user = args.transport.contains(&BenchTransport::VhostUser);
+    let qsd_bin = find_in_path("qemu-storage-daemon").filter(|_| vhost_user);
     let log = |msg: String| {
         if !args.json {
             eprintln!("{msg}");
@@ -301,9 +348,28 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                 shadow: false,
                 ..DiskConfig::new(DEVICE_NOSHADOW, image.clone())
             },
-        ],
+        ]
+        .into_iter()
+        .chain(
+            [(DEVICE_VU, true), (DEVICE_VU_NOSHADOW, false)]
+                .into_iter()
+                .filter(|_| vhost_user)
+                .map(|(name, shadow)| DiskConfig {
+                    cache: args.cache.mode(),
+                    discard: false,
+                    shadow,
+                    queue_size: VU_QUEUE_SIZE,
+                    vhost_user: Some(dir.0.join(format!("{name}.sock"))),
+                    ..DiskConfig::new(name, image.clone())
+                }),
+        )
+        .collect(),
     };
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
+    let qsd = match &qsd_bin {
+        Some(bin) => Some(Qsd::start(bin, &image, &dir.0.join("qsd.sock"), args.cache)?),
+        None => None,
+    };
     let bench = Bench {
         image: &image,
         image_bytes,
@@ -312,13 +378,20 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         socket: &cfg.socket,
         exe: std::env::current_exe()?,
         fio,
+        vu_socket: |name: &str| dir.0.join(format!("{name}.sock")),
+        qsd_socket: qsd.as_ref().map(|q| q.socket.clone()),
     };
     let paths: Vec<IoPath> = IoPath::ALL
         .into_iter()
         .filter(|&p| p != IoPath::Fio || bench.fio.is_some())
+        .filter(|&p| !p.is_vhost_user() || vhost_user)
+        .filter(|&p| p != IoPath::Qsd || bench.qsd_socket.is_some())
         .collect();
     if bench.fio.is_none() {
         log("  fio not found in PATH: no fio rows".into());
+    }
+    if vhost_user && qsd_bin.is_none() {
+        log("  qemu-storage-daemon not found in PATH: no qsd rows".into());
     }
     log(format!(
         "  {} rows of {:.1} s, 4 KiB random I/O over the whole image; per op and QD the paths take turns in {} slices of {:.2} s",
@@ -379,6 +452,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
             }
         }
     }
+    drop(qsd);
     supervisor.stop()?;
     drop(dir);
 
@@ -391,8 +465,53 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// qemu-storage-daemon exporting the image as vhost-user-blk, for the
+/// `qsd` rows; killed on drop.
+struct Qsd {
+    child: ChildGuard,
+    socket: PathBuf,
+}
+
+impl Qsd {
+    /// Starts it with the same cache mode as every other path and io_uring
+    /// (its fastest AIO engine), then waits for its socket.
+    fn start(bin: &Path, image: &Path, socket: &Path, cache: BenchCache) -> Result<Self, CliError> {
+        let direct = if cache.direct() { "on" } else { "off" };
+        let child = Command::new(bin)
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk,filename={},cache.direct={direct},aio=io_uring",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let mut qsd = Qsd {
+            child: ChildGuard(Some(child)),
+            socket: socket.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(Ok(Some(status))) = qsd.child.0.as_mut().map(|c| c.try_wait()) {
+                return Err(format!("qemu-storage-daemon exited at start-up: {status}").into());
+            }
+            if Instant::now() > deadline {
+                return Err("qemu-storage-daemon did not create its socket within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(qsd)
+    }
+}
+
 /// What every row shares.
-struct Bench<'a> {
+struct Bench<'a, F: Fn(&str) -> PathBuf> {
     image: &'a Path,
     image_bytes: u64,
     cache: BenchCache,
@@ -401,14 +520,25 @@ struct Bench<'a> {
     socket: &'a Path,
     exe: PathBuf,
     fio: Option<PathBuf>,
+    /// The vhost-user socket of an export.
+    vu_socket: F,
+    qsd_socket: Option<PathBuf>,
 }
 
-impl Bench<'_> {
+impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
     fn run_slice(&self, path: IoPath, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         match path {
             IoPath::RawUring => self.raw_uring(op, qd, seed),
             IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
             IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
+            IoPath::VhostUser => self.vhost_user(&(self.vu_socket)(DEVICE_VU), op, qd, seed),
+            IoPath::VhostUserNoShadow => {
+                self.vhost_user(&(self.vu_socket)(DEVICE_VU_NOSHADOW), op, qd, seed)
+            }
+            IoPath::Qsd => {
+                let socket = self.qsd_socket.clone().ok_or("no qemu-storage-daemon")?;
+                self.vhost_user(&socket, op, qd, seed)
+            }
             IoPath::Fio => self.fio(op, qd),
         }
     }
@@ -435,9 +565,24 @@ impl Bench<'_> {
 
     /// One guest process attached to the running supervisor.
     fn xen_ring(&self, device: &str, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
-        let child = Command::new(&self.exe)
-            .args(["guest", "blk", "--device", device, "--socket"])
-            .arg(self.socket)
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["guest", "blk", "--device", device, "--socket"])
+            .arg(self.socket);
+        self.guest_bench(cmd, op, qd, seed)
+    }
+
+    /// One guest process on a vhost-user socket (the native client).
+    fn vhost_user(&self, socket: &Path, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["guest", "blk", "--transport", "vhost-user", "--socket"])
+            .arg(socket)
+            .args(["--queue-size", &VU_QUEUE_SIZE.to_string()]);
+        self.guest_bench(cmd, op, qd, seed)
+    }
+
+    /// Runs a `guest blk --bench` process and reads its result line.
+    fn guest_bench(&self, mut cmd: Command, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
+        let child = cmd
             .args(["--bench", op.name()])
             .args(["--qd", &qd.to_string()])
             .args(["--duration", &self.slice.as_secs_f64().to_string()])
@@ -703,18 +848,28 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
         );
     }
     println!();
-    for r in rows.iter().filter(|r| r.path == IoPath::XenRing.name()) {
-        let plain = rows
-            .iter()
-            .find(|o| o.path == IoPath::XenRingNoShadow.name() && o.op == r.op && o.qd == r.qd);
-        if let Some(plain) = plain.filter(|p| p.iops > 0.0) {
-            println!(
-                "shadow log cost, {} QD{}: xen-ring / xen-ring-noshadow = {:.3} ({:+.1}% IOPS)",
-                r.op,
-                r.qd,
-                r.iops / plain.iops,
-                (r.iops / plain.iops - 1.0) * 100.0
-            );
+    let pairs = [
+        (IoPath::XenRing, IoPath::XenRingNoShadow, "shadow log cost"),
+        (IoPath::VhostUser, IoPath::VhostUserNoShadow, "shadow log cost"),
+        (IoPath::VhostUser, IoPath::XenRing, "transports"),
+        (IoPath::VhostUser, IoPath::Qsd, "against qemu-storage-daemon"),
+    ];
+    for (this, other, what) in pairs {
+        for r in rows.iter().filter(|r| r.path == this.name()) {
+            let o = rows
+                .iter()
+                .find(|o| o.path == other.name() && o.op == r.op && o.qd == r.qd);
+            if let Some(o) = o.filter(|o| o.iops > 0.0) {
+                println!(
+                    "{what}, {} QD{}: {} / {} = {:.3} ({:+.1}% IOPS)",
+                    r.op,
+                    r.qd,
+                    this.name(),
+                    other.name(),
+                    r.iops / o.iops,
+                    (r.iops / o.iops - 1.0) * 100.0
+                );
+            }
         }
     }
     println!();
@@ -729,13 +884,13 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     );
     println!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
     println!(
-        "  - latency: raw-uring = submission to reap in one thread; xen-ring = the guest's submit to completion"
+        "  - latency: raw-uring = submission to reap in one thread; xen-ring, vhost-user, qsd = the guest's submit to completion"
     );
     if with_fio {
-        println!("    (ring + kick + backend + notify); fio = its completion latency (clat).");
+        println!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
     } else {
         println!(
-            "    (ring + kick + backend + notify). fio was not found, so there are no fio rows."
+            "    (ring + kick + backend + notify/call). fio was not found, so there are no fio rows."
         );
     }
 }

@@ -34,6 +34,9 @@ pub enum Mode {
 pub enum Transport {
     /// Xen-compatible shared ring.
     Xen,
+    /// vhost-user-blk through the supervisor's vhost-user socket (the
+    /// native client).
+    VhostUser,
 }
 
 #[derive(Args, Debug)]
@@ -104,7 +107,6 @@ struct FailoverReport {
 }
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
-    let Transport::Xen = args.transport;
     let dir = crate::scratch::TempDir::new(args.dir.as_deref(), "failover")?;
     run_in(&args, &dir.0)
 }
@@ -113,20 +115,29 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let image = dir.join("disk0.img");
     std::fs::File::create(&image)?.set_len(args.image_mib.max(16) << 20)?;
     let cache = shadowback_supervisor::CacheMode::best_for(&image);
+    let vhost_socket = dir.join("disk0.vhost.sock");
     let cfg = Config {
         socket: dir.join("control.sock"),
         disks: vec![DiskConfig {
             cache,
             standby: args.mode == Mode::Hot,
+            vhost_user: (args.transport == Transport::VhostUser).then(|| vhost_socket.clone()),
             ..DiskConfig::new("disk0", image)
         }],
     };
     let sup = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let stamps_path = dir.join("completions.bin");
     let stop_path = dir.join("stop");
-    let mut guest = Command::new(std::env::current_exe()?)
-        .args(["guest", "blk", "--device", "disk0", "--socket"])
-        .arg(&cfg.socket)
+    let mut guest = Command::new(std::env::current_exe()?);
+    match args.transport {
+        Transport::Xen => guest
+            .args(["guest", "blk", "--device", "disk0", "--socket"])
+            .arg(&cfg.socket),
+        Transport::VhostUser => guest
+            .args(["guest", "blk", "--transport", "vhost-user", "--socket"])
+            .arg(&vhost_socket),
+    };
+    let mut guest = guest
         .arg("--completions-file")
         .arg(&stamps_path)
         .arg("--stop-file")

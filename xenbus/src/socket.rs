@@ -23,8 +23,10 @@ use rustix::net::{
 use crate::error::XenbusError;
 use crate::message::{Message, MAX_MESSAGE};
 
-/// Most descriptors one message may carry.
-pub const MAX_FDS: usize = 8;
+/// Most descriptors one message may carry: enough for the largest
+/// `attach-virtio` (8 memory regions, 16 queues × kick/call/log, the
+/// in-flight region = 57), well under the kernel's `SCM_MAX_FD` (253).
+pub const MAX_FDS: usize = 64;
 
 /// Linux's `SCM_MAX_FD`: no datagram can carry more, so a control buffer of
 /// this size never truncates `SCM_RIGHTS` and an over-long fd list is
