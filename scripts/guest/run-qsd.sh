@@ -112,7 +112,7 @@ fi
 APPEND=$(guest_append "$ROUNDS" "$DURATION" "$WORKERS" "$DEPTH" "$BLOCKS" "$TIMEOUT")
 QRC=0
 boot_guest "$SOCK" "$EXTRA" "$APPEND" "$TIMEOUT" "$LOG" "$RUN/qemu.pid" || QRC=$?
-if [ -n "$KILLER_PID" ]; then kill "$KILLER_PID" 2>/dev/null; wait "$KILLER_PID" 2>/dev/null || true; KILLER_PID=""; fi
+if [ -n "$KILLER_PID" ]; then kill "$KILLER_PID" 2>/dev/null || true; wait "$KILLER_PID" 2>/dev/null || true; KILLER_PID=""; fi
 
 KILLS=$(grep -c killer "$RUN/kills.log" 2>/dev/null || true)
 if [ -s "$RUN/qsd.log" ]; then log "qemu-storage-daemon log (first lines):"; head -20 "$RUN/qsd.log" >&2; fi
