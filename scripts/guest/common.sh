@@ -105,14 +105,17 @@ analyze_run() {
     grep -E 'SHADOWBACK-GUEST|GUEST-IO|is not a head|I/O error|blk_update_request|vhost|virtio_blk|Kernel panic|qemu-system' \
         "$logf" | grep -v 'GUEST-IO: progress' | head -80 >&2 || true
     local nohead ioerr qerr verdict rounds host="skipped" hostline="" blocks=0 hblocks=0 hbad=0
-    nohead=$(grep -c 'is not a head' "$logf" || true)
-    ioerr=$(grep -cE 'I/O error|blk_update_request' "$logf" || true)
+    # Kernel lines reach the console directly and again through the init's
+    # dmesg report: count each (kernel time stamp + text) once.
+    kmsgs() { { grep -E "$1" "$logf" || true; } | sed 's/^\[ *[0-9.]*\] //' | sort -u | wc -l; }
+    nohead=$(kmsgs 'is not a head')
+    ioerr=$(kmsgs 'I/O error|blk_update_request')
     # QEMU's own complaints about the vhost-user connection (EOF, reconnect,
     # ring restore): a backend restart the VMM noticed.
     qerr=$(grep -E '^\[ *[0-9.]*\] qemu-system-x86_64: ' "$logf" | grep -ciE 'vhost|end-of-file|msg fds|disconnect' || true)
     verdict=$(grep -o 'SHADOWBACK-GUEST: \(PASS\|FAIL\).*' "$logf" | tail -1 || true)
-    rounds=$(sed -n 's/.*GUEST-IO: final worker=[0-9]* round=\(-\{0,1\}[0-9]*\) blocks=\([0-9]*\).*/\1/p' "$logf" | tr '\n' ' ')
-    blocks=$(sed -n 's/.*GUEST-IO: final worker=[0-9]* round=-\{0,1\}[0-9]* blocks=\([0-9]*\).*/\1/p' "$logf" | head -1)
+    rounds=$(sed -n 's/.*GUEST-IO: final worker=[0-9]* round=\(-\{0,1\}[0-9]*\) blocks=\([0-9]*\).*/\1/p' "$logf" | tr '\n' ' ' || true)
+    blocks=$(sed -n 's/.*GUEST-IO: final worker=[0-9]* round=-\{0,1\}[0-9]* blocks=\([0-9]*\).*/\1/p' "$logf" | head -1 || true)
     if [ -n "$rounds" ] && [ -n "$blocks" ] && [ -e "$img" ]; then
         # shellcheck disable=SC2086 # one argument per worker
         if hostline=$("$GUEST_IO_HOST" check "$img" "$blocks" $rounds); then
@@ -131,9 +134,9 @@ analyze_run() {
     p50=$(sed -n 's/.* p50=\([0-9]*\).*/\1/p' <<< "$lat"); p99=$(sed -n 's/.* p99=\([0-9]*\).*/\1/p' <<< "$lat")
     max=$(sed -n 's/.* max=\([0-9]*\).*/\1/p' <<< "$lat"); o100=$(sed -n 's/.* over_100ms=\([0-9]*\).*/\1/p' <<< "$lat")
     local init ready done v=NONE
-    init=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: init at.*/\1/p' "$logf" | head -1)
-    ready=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: \/dev\/.* ready at.*/\1/p' "$logf" | head -1)
-    done=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: workload done.*/\1/p' "$logf" | head -1)
+    init=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: init at.*/\1/p' "$logf" | head -1 || true)
+    ready=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: \/dev\/.* ready at.*/\1/p' "$logf" | head -1 || true)
+    done=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: workload done.*/\1/p' "$logf" | head -1 || true)
     local total=$(( (BOOT_T1 - STAMP_T0) / 1000 ))
     log "timings (host s since QEMU start): init=${init:-?} disk-ready=${ready:-?} workload-done=${done:-?} total=$((total / 1000)).$(printf %03d $((total % 1000))) qemu-rc=$qrc"
     case "$verdict" in *PASS*) v=PASS ;; *FAIL*) v=FAIL ;; esac

@@ -176,7 +176,7 @@ if [ -n "$KILLER_PID" ]; then kill "$KILLER_PID" 2>/dev/null || true; wait "$KIL
 
 DONE_KILLS=$(grep -c "\] $FAULT #" "$RUN/kills.log" 2>/dev/null || true)
 REFUSED=$(grep -c 'refused' "$RUN/kills.log" 2>/dev/null || true)
-[ "${REFUSED:-0}" -eq 0 ] || { log "refused faults:"; grep refused "$RUN/kills.log" | head -5 >&2; }
+[ "${REFUSED:-0}" -eq 0 ] || { log "refused faults:"; grep refused "$RUN/kills.log" | head -5 >&2 || true; }
 
 # --- the supervisor's view, then stop it ---------------------------------------
 STATUS=""
@@ -192,7 +192,7 @@ EXTRA_RESULT+=" recoveries=$(stat_of recoveries) failed_takeovers=$(stat_of fail
 EXTRA_RESULT+=" given_up=$(stat_of given-up) last_total_us=$(stat_of last-total-us)"
 stop_supervisor
 if grep -qiE 'panic|error' "$RUN/supervisor.log"; then
-    log "supervisor log (errors):"; grep -iE 'panic|error' "$RUN/supervisor.log" | head -20 >&2
+    log "supervisor log (errors):"; grep -iE 'panic|error' "$RUN/supervisor.log" | head -20 >&2 || true
 fi
 
 analyze_run "$LOG" "$IMG" "$QRC" "${DONE_KILLS:-0}" "${REFUSED:-0}" "$EXTRA_RESULT"
