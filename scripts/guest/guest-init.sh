@@ -2,8 +2,9 @@
 # /init of the shadowback test guest (copied into the initramfs by build-image.sh).
 # Kernel command line knobs: sb.rounds=N (default 4), sb.duration=S (run whole
 # rounds for S seconds instead of sb.rounds; 0 = off, the default),
-# sb.workers=N (processes, default 2), sb.depth=N (AIO batch per worker, default 16; requests in flight =
-# workers x depth), sb.blocks=N (4 KiB blocks per worker, default 1024),
+# sb.workers=N (processes, default 2), sb.depth=N (AIO batch per worker,
+# default 16; requests in flight = workers x depth), sb.blocks=N (4 KiB
+# blocks per worker, default 1024),
 # sb.sched=none|mq-deadline (I/O scheduler, default none: the plugged batch
 # goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
 # after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
