@@ -49,11 +49,11 @@ fn result_fields(stdout: &str) -> Option<HashMap<String, String>> {
     )
 }
 
-fn number(fields: &HashMap<String, String>, key: &str, out: &Output) -> u64 {
+fn number(fields: &HashMap<String, String>, key: &str, transcript: &str) -> u64 {
     fields
         .get(key)
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("RESULT has no numeric {key}\n{}", transcript(out)))
+        .unwrap_or_else(|| panic!("RESULT has no numeric {key}\n{transcript}"))
 }
 
 /// The script's output for a failure message: stdout, and the tail of stderr.
@@ -90,80 +90,51 @@ fn linux_guest_survives_data_plane_kills_over_vhost_user() {
     let fields = result_fields(&stdout)
         .unwrap_or_else(|| panic!("no RESULT line from the run\n{}", transcript(&out)));
     let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("");
+    let t = transcript(&out);
 
+    assert_eq!(get("verdict"), "PASS", "guest verdict\n{t}");
     assert_eq!(
-        get("verdict"),
-        "PASS",
-        "guest verdict\n{}",
-        transcript(&out)
-    );
-    assert_eq!(
-        number(&fields, "not_a_head", &out),
+        number(&fields, "not_a_head", &t),
         0,
-        "`is not a head` in the guest\n{}",
-        transcript(&out)
+        "`is not a head` in the guest\n{t}"
     );
+    assert_eq!(number(&fields, "io_errors", &t), 0, "guest I/O errors\n{t}");
     assert_eq!(
-        number(&fields, "io_errors", &out),
+        number(&fields, "qemu_vhost_errors", &t),
         0,
-        "guest I/O errors\n{}",
-        transcript(&out)
+        "QEMU noticed the data-plane restarts (vhost-user EOF/reconnect)\n{t}"
     );
-    assert_eq!(
-        number(&fields, "qemu_vhost_errors", &out),
-        0,
-        "QEMU noticed the data-plane restarts (vhost-user EOF/reconnect)\n{}",
-        transcript(&out)
-    );
-    assert_eq!(
-        get("host_check"),
-        "PASS",
-        "host check of the image\n{}",
-        transcript(&out)
-    );
+    assert_eq!(get("host_check"), "PASS", "host check of the image\n{t}");
     assert!(
-        number(&fields, "host_blocks", &out) > 0,
-        "host check read nothing\n{}",
-        transcript(&out)
+        number(&fields, "host_blocks", &t) > 0,
+        "host check read nothing\n{t}"
     );
     assert_eq!(
-        number(&fields, "host_bad", &out),
+        number(&fields, "host_bad", &t),
         0,
-        "stale or corrupt blocks\n{}",
-        transcript(&out)
+        "stale or corrupt blocks\n{t}"
     );
 
-    let kills = number(&fields, "kills", &out);
-    assert!(
-        kills >= MIN_KILLS,
-        "only {kills} kills injected\n{}",
-        transcript(&out)
-    );
+    let kills = number(&fields, "kills", &t);
+    assert!(kills >= MIN_KILLS, "only {kills} kills injected\n{t}");
     // The supervisor's own count: each injected kill is a dead data plane
     // followed by a takeover, and none of them made it give up.
-    let crashes = number(&fields, "crashes", &out);
+    let crashes = number(&fields, "crashes", &t);
     assert!(
         crashes >= kills,
-        "{kills} kills but {crashes} crashes counted\n{}",
-        transcript(&out)
+        "{kills} kills but {crashes} crashes counted\n{t}"
     );
-    let recoveries = number(&fields, "recoveries", &out);
+    let recoveries = number(&fields, "recoveries", &t);
     assert!(
         recoveries >= kills,
-        "{kills} kills but {recoveries} recoveries\n{}",
-        transcript(&out)
+        "{kills} kills but {recoveries} recoveries\n{t}"
     );
     assert_eq!(
-        number(&fields, "given_up", &out),
+        number(&fields, "given_up", &t),
         0,
-        "the supervisor gave up\n{}",
-        transcript(&out)
+        "the supervisor gave up\n{t}"
     );
-    assert!(
-        out.status.success(),
-        "the script failed\n{}",
-        transcript(&out)
-    );
+    assert!(out.status.success(), "the script failed\n{t}");
     eprintln!("{}", stdout.trim_end());
 }
 
