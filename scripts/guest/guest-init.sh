@@ -1,8 +1,10 @@
 #!/bin/busybox sh
 # /init of the shadowback test guest (copied into the initramfs by build-image.sh).
-# Kernel command line knobs: sb.rounds=N (default 4), sb.workers=N (processes,
-# default 2), sb.depth=N (AIO batch per worker, default 16; requests in flight =
-# workers x depth), sb.blocks=N (4 KiB blocks per worker, default 1024),
+# Kernel command line knobs: sb.rounds=N (default 4), sb.duration=S (run whole
+# rounds for S seconds instead of sb.rounds; 0 = off, the default),
+# sb.workers=N (processes, default 2), sb.depth=N (AIO batch per worker,
+# default 16; requests in flight = workers x depth), sb.blocks=N (4 KiB
+# blocks per worker, default 1024),
 # sb.sched=none|mq-deadline (I/O scheduler, default none: the plugged batch
 # goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
 # after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
@@ -14,10 +16,11 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "SHADOWBACK-GUEST: init at $(cut -d' ' -f1 /proc/uptime)s kernel $(uname -r)"
 
-ROUNDS=4; WORKERS=2; DEPTH=16; BLOCKS=1024; SCHED=none; WTIMEOUT=0; DEV=/dev/vda; SHELL_AT_END=0
+ROUNDS=4; DURATION=0; WORKERS=2; DEPTH=16; BLOCKS=1024; SCHED=none; WTIMEOUT=0; DEV=/dev/vda; SHELL_AT_END=0
 for a in $(cat /proc/cmdline); do
     case "$a" in
         sb.rounds=*)  ROUNDS=${a#*=} ;;
+        sb.duration=*) DURATION=${a#*=} ;;
         sb.workers=*) WORKERS=${a#*=} ;;
         sb.timeout=*) WTIMEOUT=${a#*=} ;;
         sb.sched=*)   SCHED=${a#*=} ;;
@@ -34,11 +37,14 @@ finish() {
     [ "${STUCK:-0}" = 1 ] || sync   # sync would hang behind stuck requests
     poweroff -f
 }
+# Kernel messages that mean the device or the data path broke: a used-ring
+# entry that is no descriptor head (virtio_ring marks the queue broken), and
+# failed block requests (blk_update_request / "I/O error, dev vda").
 dmesg_report() {
     NOHEAD=$(dmesg | grep -c 'is not a head')
-    IOERR=$(dmesg | grep -c 'I/O error')
+    IOERR=$(dmesg | grep -cE 'I/O error|blk_update_request')
     if [ $NOHEAD -gt 0 ] || [ $IOERR -gt 0 ]; then
-        dmesg | grep -E 'is not a head|I/O error' | head -20
+        dmesg | grep -E 'is not a head|I/O error|blk_update_request' | head -20
     fi
 }
 
@@ -53,11 +59,12 @@ SECTORS=$(cat /sys/class/block/${DEV##*/}/size)
 echo "$SCHED" > /sys/block/${DEV##*/}/queue/scheduler 2>/dev/null
 echo "SHADOWBACK-GUEST: scheduler $(cat /sys/block/${DEV##*/}/queue/scheduler), nr_requests $(cat /sys/block/${DEV##*/}/queue/nr_requests)"
 echo "SHADOWBACK-GUEST: $DEV ready at $(cut -d' ' -f1 /proc/uptime)s, $((SECTORS / 2048)) MiB;" \
-     "workload: $WORKERS workers x depth $DEPTH, $BLOCKS blocks/worker x $ROUNDS rounds, O_DIRECT AIO 4 KiB"
+     "workload: $WORKERS workers x depth $DEPTH, $BLOCKS blocks/worker x" \
+     "$([ "$DURATION" -gt 0 ] && echo "rounds for ${DURATION}s" || echo "$ROUNDS rounds"), O_DIRECT AIO 4 KiB"
 NEED=$((WORKERS * BLOCKS * 8))
 [ "$SECTORS" -ge "$NEED" ] || finish "FAIL disk too small: $SECTORS sectors < $NEED"
 
-/bin/guest-io "$DEV" "$WORKERS" "$DEPTH" "$BLOCKS" "$ROUNDS" > /tmp/io.out 2> /tmp/io.err &
+/bin/guest-io "$DEV" "$WORKERS" "$DEPTH" "$BLOCKS" "$ROUNDS" "$DURATION" > /tmp/io.out 2> /tmp/io.err &
 IOPID=$!
 T=0
 while kill -0 $IOPID 2>/dev/null; do
@@ -74,7 +81,7 @@ wait $IOPID
 RC=$?
 cat /tmp/io.err | head -40
 grep -v progress /tmp/io.out
-BLK=$(sed -n 's/.*blocks=\([0-9]*\).*/\1/p' /tmp/io.out)
+BLK=$(sed -n 's/^GUEST-IO: blocks=\([0-9]*\).*/\1/p' /tmp/io.out)
 echo "SHADOWBACK-GUEST: workload done at $(cut -d' ' -f1 /proc/uptime)s"
 
 dmesg_report

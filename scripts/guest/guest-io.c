@@ -1,5 +1,6 @@
 /*
- * guest-io: the verifying workload that runs inside the shadowback test guest.
+ * guest-io: the verifying workload that runs inside the shadowback test guest,
+ * and (mode "check") the host-side check of the disk image it leaves behind.
  *
  * Built statically at image-build time (scripts/guest/build-image.sh) and run
  * by the initramfs /init against /dev/vda.  WORKERS processes each own a
@@ -14,12 +15,25 @@
  *   round r: for each batch: read + verify round r-1 (r > 0), write round r
  *            then: read + verify every block for round r
  *
- * Usage: guest-io DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS
- * Prints one summary line:
- *   GUEST-IO: blocks=N verified=V verify_fail=F io_err=E elapsed_ms=T workers=W depth=D
  * A batch never holds adjacent blocks (see worker()), so the DEPTH requests
  * stay DEPTH separate virtio-blk requests.  Depth check in docs/GUEST.md.
- * and exits 0 only if F == 0 and E == 0.
+ *
+ * Usage: guest-io DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS [DURATION_S]
+ *   DURATION_S > 0: run whole rounds until that many seconds have passed
+ *   (ROUNDS is then ignored), so kills injected from outside land in it.
+ * Prints, on stdout:
+ *   GUEST-IO: final worker=W round=R blocks=N     (one per worker: worker W's
+ *             BLOCKS blocks at byte W*N*4096 now all hold round R; R=-1: none)
+ *   GUEST-IO: latency_us ios=… p50=… p99=… p999=… max=… over_10ms=… over_100ms=… over_1s=…
+ *   GUEST-IO: blocks=N verified=V verify_fail=F io_err=E elapsed_ms=T workers=W depth=D rounds=…
+ * and exits 0 only if F == 0 and E == 0.  Latency is per request, from the
+ * io_submit of its batch to the io_getevents that returned it.
+ *
+ * Host side: guest-io check IMAGE BLOCKS_PER_WORKER R0 [R1 ...]
+ *   reads the image and checks every block of worker W against round RW (the
+ *   "final" lines above); prints
+ *   HOST-CHECK: blocks=N ok=K bad=B
+ *   and exits 0 only if B == 0 and N > 0.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,9 +51,17 @@
 
 #define BS 4096
 #define MAGIC 0x534844574241434bull /* "SHDWBACK" */
+/* Latency histogram: bucket = 4 * floor(log2(us)) + the next two bits, so
+ * bucket bounds are ~19 % apart; 64 * 4 buckets cover every uint64_t. */
+#define NBUCKET 256
 
-struct stats { uint64_t written, verified, vfail, ioerr; };
-
+struct stats {
+	uint64_t written, verified, vfail, ioerr;
+	int64_t final_round;               /* last round fully written and verified */
+	uint64_t rounds;                   /* rounds started */
+	uint64_t nlat, maxlat_us, over10ms, over100ms, over1s;
+	uint64_t hist[NBUCKET];
+};
 
 static uint64_t mix(uint64_t x)
 {
@@ -57,16 +79,47 @@ static void fill(uint64_t *b, uint64_t off, uint64_t round, uint64_t worker)
 }
 
 static int check(const uint64_t *got, uint64_t *want, uint64_t off, uint64_t round,
-		 uint64_t worker, int wid)
+		 uint64_t worker)
 {
 	fill(want, off, round, worker);
 	if (memcmp(got, want, BS) == 0) return 0;
-	fprintf(stderr, "GUEST-IO: verify mismatch worker=%d off=%llu want(round=%llu) "
-		"got(magic=%llx off=%llu round=%llu worker=%llu)\n", wid,
-		(unsigned long long)off, (unsigned long long)round,
+	fprintf(stderr, "GUEST-IO: verify mismatch worker=%llu off=%llu want(round=%llu) "
+		"got(magic=%llx off=%llu round=%llu worker=%llu)\n",
+		(unsigned long long)worker, (unsigned long long)off, (unsigned long long)round,
 		(unsigned long long)got[0], (unsigned long long)got[1],
 		(unsigned long long)got[2], (unsigned long long)got[3]);
 	return 1;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
+}
+
+static int bucket_of(uint64_t us)
+{
+	if (us < 4) return (int)us; /* buckets 0..3 are exact */
+	int msb = 63 - __builtin_clzll(us);
+	return 4 * msb + (int)((us >> (msb - 2)) & 3);
+}
+
+static uint64_t bucket_upper(int b)
+{
+	if (b < 4) return (uint64_t)b;
+	int msb = b / 4, sub = b % 4;
+	return ((4ull + (uint64_t)sub + 1) << (msb - 2)) - 1;
+}
+
+static void record_latency(struct stats *st, uint64_t us)
+{
+	st->nlat++;
+	st->hist[bucket_of(us)]++;
+	if (us > st->maxlat_us) st->maxlat_us = us;
+	if (us >= 10000) st->over10ms++;
+	if (us >= 100000) st->over100ms++;
+	if (us >= 1000000) st->over1s++;
 }
 
 static long sys_io_setup(unsigned n, aio_context_t *ctx) { return syscall(SYS_io_setup, n, ctx); }
@@ -78,7 +131,7 @@ static long sys_io_getevents(aio_context_t c, long mn, long n, struct io_event *
  * n are in flight at the device) and wait for all of them.  Returns the number
  * of failed requests; per-request result in res[]. */
 static int batch(aio_context_t ctx, int fd, int wr, char *bufs, const uint64_t *offs, int n,
-		 long long *res, int wid)
+		 long long *res, int wid, struct stats *st)
 {
 	struct iocb cb[n], *cbp[n];
 	struct io_event ev[n];
@@ -94,6 +147,7 @@ static int batch(aio_context_t ctx, int fd, int wr, char *bufs, const uint64_t *
 		res[i] = -EINPROGRESS;
 	}
 	int done = 0, bad = 0;
+	uint64_t t0 = now_us();
 	while (done < n) {
 		long r = sys_io_submit(ctx, n - done, cbp + done);
 		if (r <= 0) {
@@ -106,7 +160,12 @@ static int batch(aio_context_t ctx, int fd, int wr, char *bufs, const uint64_t *
 	for (int got = 0; got < n; ) {
 		long r = sys_io_getevents(ctx, 1, n - got, ev);
 		if (r < 0) { if (errno == EINTR) continue; perror("GUEST-IO: io_getevents"); exit(3); }
-		for (long i = 0; i < r; i++) res[ev[i].data] = ev[i].res;
+		uint64_t lat = now_us() - t0;
+		for (long i = 0; i < r; i++) {
+			if (ev[i].data >= (uint64_t)n) { fprintf(stderr, "GUEST-IO: bogus event\n"); exit(3); }
+			res[ev[i].data] = ev[i].res;
+			record_latency(st, lat);
+		}
 		got += r;
 	}
 	for (int i = 0; i < n; i++)
@@ -120,7 +179,7 @@ static int batch(aio_context_t ctx, int fd, int wr, char *bufs, const uint64_t *
 }
 
 static void worker(const char *dev, int wid, int depth, uint64_t nblk, uint64_t rounds,
-		   struct stats *st)
+		   uint64_t until_us, struct stats *st)
 {
 	int fd = open(dev, O_RDWR | O_DIRECT);
 	if (fd < 0) { perror("GUEST-IO: open"); st->ioerr++; return; }
@@ -132,7 +191,9 @@ static void worker(const char *dev, int wid, int depth, uint64_t nblk, uint64_t 
 	}
 	uint64_t offs[depth]; long long res[depth];
 	uint64_t base = (uint64_t)wid * nblk * BS;
-	for (uint64_t r = 0; r < rounds; r++) {
+	for (uint64_t r = 0; until_us ? (r == 0 || now_us() < until_us) : r < rounds; r++) {
+		uint64_t fails_before = st->vfail + st->ioerr;
+		st->rounds = r + 1;
 		for (int phase = 0; phase < 2; phase++) {
 			/* Batch j = blocks {j, j+stride, j+2*stride, ...}: never adjacent,
 			 * so the block layer cannot merge a batch into one big request
@@ -142,25 +203,27 @@ static void worker(const char *dev, int wid, int depth, uint64_t nblk, uint64_t 
 				int n = 0;
 				for (uint64_t i = j; i < nblk && n < depth; i += stride) offs[n++] = base + i * BS;
 				if (phase == 0 && r > 0) { /* the previous round must still be there */
-					st->ioerr += batch(ctx, fd, 0, bufs, offs, n, res, wid);
+					st->ioerr += batch(ctx, fd, 0, bufs, offs, n, res, wid, st);
 					for (int k = 0; k < n; k++) if (res[k] == BS) {
-						if (check((uint64_t *)(bufs + (size_t)k * BS), want, offs[k], r - 1, wid, wid)) st->vfail++;
+						if (check((uint64_t *)(bufs + (size_t)k * BS), want, offs[k], r - 1, wid)) st->vfail++;
 						else st->verified++;
 					}
 				}
 				if (phase == 0) {
 					for (int k = 0; k < n; k++) fill((uint64_t *)(bufs + (size_t)k * BS), offs[k], r, wid);
-					int bad = batch(ctx, fd, 1, bufs, offs, n, res, wid);
+					int bad = batch(ctx, fd, 1, bufs, offs, n, res, wid, st);
 					st->ioerr += bad; st->written += n - bad;
 				} else {
-					st->ioerr += batch(ctx, fd, 0, bufs, offs, n, res, wid);
+					st->ioerr += batch(ctx, fd, 0, bufs, offs, n, res, wid, st);
 					for (int k = 0; k < n; k++) if (res[k] == BS) {
-						if (check((uint64_t *)(bufs + (size_t)k * BS), want, offs[k], r, wid, wid)) st->vfail++;
+						if (check((uint64_t *)(bufs + (size_t)k * BS), want, offs[k], r, wid)) st->vfail++;
 						else st->verified++;
 					}
 				}
 			}
 		}
+		/* Only a round without any failure leaves a known state on disk. */
+		st->final_round = st->vfail + st->ioerr == fails_before ? (int64_t)r : -1;
 		if (wid == 0) { /* progress, so a stalled run can be told from a slow one */
 			struct timespec now;
 			clock_gettime(CLOCK_MONOTONIC, &now);
@@ -174,41 +237,109 @@ static void worker(const char *dev, int wid, int depth, uint64_t nblk, uint64_t 
 	close(fd);
 }
 
+static uint64_t percentile(const uint64_t *hist, uint64_t n, double q)
+{
+	uint64_t want = (uint64_t)(q * (double)n), seen = 0;
+	if (want >= n) want = n - 1;
+	for (int b = 0; b < NBUCKET; b++) {
+		seen += hist[b];
+		if (seen > want) return bucket_upper(b);
+	}
+	return 0;
+}
+
+/* Host side: verify an image against the guest's "final" lines. */
+static int host_check(int argc, char **argv)
+{
+	if (argc < 5) {
+		fprintf(stderr, "usage: %s check IMAGE BLOCKS_PER_WORKER ROUND0 [ROUND1 ...]\n", argv[0]);
+		return 2;
+	}
+	int fd = open(argv[2], O_RDONLY);
+	if (fd < 0) { perror(argv[2]); return 2; }
+	uint64_t nblk = strtoull(argv[3], 0, 0), total = 0, ok = 0, bad = 0;
+	static uint64_t got[BS / 8], want[BS / 8];
+	for (int w = 0; w + 4 < argc; w++) {
+		long long round = strtoll(argv[w + 4], 0, 0);
+		for (uint64_t i = 0; i < nblk; i++) {
+			uint64_t off = ((uint64_t)w * nblk + i) * BS;
+			total++;
+			ssize_t r = pread(fd, got, BS, (off_t)off);
+			if (r != BS || round < 0) { bad++; continue; }
+			fill(want, off, (uint64_t)round, (uint64_t)w);
+			if (memcmp(got, want, BS) == 0) { ok++; continue; }
+			if (bad++ < 20) /* the first few, the count says the rest */
+				fprintf(stderr, "HOST-CHECK: mismatch worker=%d off=%llu want(round=%lld) "
+					"got(magic=%llx off=%llu round=%llu worker=%llu)\n", w,
+					(unsigned long long)off, round, (unsigned long long)got[0],
+					(unsigned long long)got[1], (unsigned long long)got[2],
+					(unsigned long long)got[3]);
+		}
+	}
+	printf("HOST-CHECK: blocks=%llu ok=%llu bad=%llu\n", (unsigned long long)total,
+	       (unsigned long long)ok, (unsigned long long)bad);
+	close(fd);
+	return (bad == 0 && total > 0) ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
-	if (argc != 6) {
-		fprintf(stderr, "usage: %s DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS\n", argv[0]);
+	if (argc >= 2 && strcmp(argv[1], "check") == 0) return host_check(argc, argv);
+	if (argc != 6 && argc != 7) {
+		fprintf(stderr, "usage: %s DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS [DURATION_S]\n"
+			"       %s check IMAGE BLOCKS_PER_WORKER ROUND0 [ROUND1 ...]\n", argv[0], argv[0]);
 		return 2;
 	}
 	const char *dev = argv[1];
 	int nw = atoi(argv[2]), depth = atoi(argv[3]);
 	uint64_t nblk = strtoull(argv[4], 0, 0), rounds = strtoull(argv[5], 0, 0);
-	if (nw < 1 || depth < 1 || depth > 256 || nblk < 2 * (uint64_t)depth) {
-		fprintf(stderr, "bad arguments (need BLOCKS_PER_WORKER >= 2 * DEPTH)\n"); return 2;
+	uint64_t duration = argc == 7 ? strtoull(argv[6], 0, 0) : 0;
+	if (nw < 1 || nw > 64 || depth < 1 || depth > 256 || nblk < 2 * (uint64_t)depth ||
+	    (rounds < 1 && duration == 0)) {
+		fprintf(stderr, "bad arguments (need 1..64 workers, depth 1..256, "
+			"BLOCKS_PER_WORKER >= 2 * DEPTH, ROUNDS or DURATION_S > 0)\n");
+		return 2;
 	}
 	struct stats *st = mmap(0, sizeof(*st) * nw, PROT_READ | PROT_WRITE,
 				MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (st == MAP_FAILED) { perror("mmap"); return 2; }
 	memset(st, 0, sizeof(*st) * nw);
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	uint64_t t0 = now_us();
+	uint64_t until = duration ? t0 + duration * 1000000u : 0;
 	for (int w = 0; w < nw; w++) {
+		st[w].final_round = -1;
 		pid_t p = fork();
-		if (p == 0) { worker(dev, w, depth, nblk, rounds, &st[w]); _exit(0); }
+		if (p == 0) { worker(dev, w, depth, nblk, rounds, until, &st[w]); _exit(0); }
 		if (p < 0) { perror("fork"); return 2; }
 	}
 	while (wait(NULL) > 0) ;
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	struct stats s = {0};
+	uint64_t ms = (now_us() - t0) / 1000;
+	struct stats s;
+	memset(&s, 0, sizeof(s));
 	for (int w = 0; w < nw; w++) {
 		s.written += st[w].written; s.verified += st[w].verified;
-		s.vfail += st[w].vfail; s.ioerr += st[w].ioerr;
+		s.vfail += st[w].vfail; s.ioerr += st[w].ioerr; s.rounds += st[w].rounds;
+		s.nlat += st[w].nlat; s.over10ms += st[w].over10ms;
+		s.over100ms += st[w].over100ms; s.over1s += st[w].over1s;
+		if (st[w].maxlat_us > s.maxlat_us) s.maxlat_us = st[w].maxlat_us;
+		for (int b = 0; b < NBUCKET; b++) s.hist[b] += st[w].hist[b];
+		printf("GUEST-IO: final worker=%d round=%lld blocks=%llu\n", w,
+		       (long long)st[w].final_round, (unsigned long long)nblk);
 	}
-	long ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
-	printf("GUEST-IO: blocks=%llu verified=%llu verify_fail=%llu io_err=%llu elapsed_ms=%ld "
-	       "workers=%d depth=%d\n",
+	if (s.nlat > 0)
+		printf("GUEST-IO: latency_us ios=%llu p50=%llu p99=%llu p999=%llu max=%llu "
+		       "over_10ms=%llu over_100ms=%llu over_1s=%llu\n",
+		       (unsigned long long)s.nlat,
+		       (unsigned long long)percentile(s.hist, s.nlat, 0.50),
+		       (unsigned long long)percentile(s.hist, s.nlat, 0.99),
+		       (unsigned long long)percentile(s.hist, s.nlat, 0.999),
+		       (unsigned long long)s.maxlat_us, (unsigned long long)s.over10ms,
+		       (unsigned long long)s.over100ms, (unsigned long long)s.over1s);
+	printf("GUEST-IO: blocks=%llu verified=%llu verify_fail=%llu io_err=%llu elapsed_ms=%llu "
+	       "workers=%d depth=%d rounds=%llu\n",
 	       (unsigned long long)s.written, (unsigned long long)s.verified,
-	       (unsigned long long)s.vfail, (unsigned long long)s.ioerr, ms, nw, depth);
+	       (unsigned long long)s.vfail, (unsigned long long)s.ioerr, (unsigned long long)ms,
+	       nw, depth, (unsigned long long)s.rounds);
 	fflush(stdout);
 	return (s.vfail || s.ioerr) ? 1 : 0;
 }

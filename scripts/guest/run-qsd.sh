@@ -2,47 +2,56 @@
 # Reference run: qemu-storage-daemon exports a fresh raw image as a
 # vhost-user-blk export; QEMU (TCG) boots the test guest built by
 # build-image.sh against it; the guest's verifying workload prints
-# "SHADOWBACK-GUEST: PASS blocks=N" or "... FAIL ..." on the serial console.
-# Exits 0 on PASS, 1 on FAIL, 2 on timeout / no verdict.
+# "SHADOWBACK-GUEST: PASS blocks=N" or "... FAIL ..." on the serial console;
+# the host then checks the image against the guest's last round.
+# Same guest, workload and checks as run-shadowback.sh, so the two compare.
+# Exits 0 on PASS (guest PASS, no "is not a head" / I/O error on the console,
+# host check passed), 1 on FAIL, 2 on timeout / no verdict, 3 if the guest
+# image is not built.
 #
-# Usage: scripts/guest/run-qsd.sh [--kill-every SECONDS] [--rounds N]
-#            [--workers N] [--depth N] [--blocks N] [--image-mib N]
-#            [--timeout SECONDS]   (whole run; the guest gives up on a stuck
-#                                   workload 20 s earlier and reports FAIL)
-#            [--log FILE]
+# Usage: scripts/guest/run-qsd.sh [--kill-every SECONDS] [--kills N]
+#            [--rounds N | --duration S] [--workers N] [--depth N] [--blocks N]
+#            [--image-mib N] [--timeout SECONDS] [--log FILE] [--keep]
 #   --kill-every S  SIGKILL and restart qemu-storage-daemon every S seconds
 #                   (fractions allowed) once the workload has started; QEMU's
 #                   chardev then reconnects (reconnect=1, or reconnect-ms=1000
-#                   on QEMU >= 9.2).
+#                   on QEMU >= 9.2).  --kills N stops after N kills.
+#   --duration S    the guest runs whole rounds for S s (instead of --rounds)
+#   --timeout S     whole run (300); the guest's watchdog gives up 20 s earlier
+#   --keep          keep the run directory (image, logs) even on PASS
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/common.sh"
 
-KILL_EVERY=""; ROUNDS=4; WORKERS=2; DEPTH=16; BLOCKS=1024; IMAGE_MIB=256; TIMEOUT=300; LOG=""
+KILL_EVERY=""; MAX_KILLS=0; ROUNDS=4; DURATION=0; WORKERS=2; DEPTH=16; BLOCKS=1024
+IMAGE_MIB=256; TIMEOUT=300; LOG=""; KEEP=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --kill-every) KILL_EVERY=$2; shift 2 ;;
+        --kills)      MAX_KILLS=$2; shift 2 ;;
         --rounds)     ROUNDS=$2; shift 2 ;;
+        --duration)   DURATION=$2; shift 2 ;;
         --workers)    WORKERS=$2; shift 2 ;;
         --depth)      DEPTH=$2; shift 2 ;;
         --blocks)     BLOCKS=$2; shift 2 ;;
         --image-mib)  IMAGE_MIB=$2; shift 2 ;;
         --timeout)    TIMEOUT=$2; shift 2 ;;
         --log)        LOG=$2; shift 2 ;;
-        -h|--help)    sed -n '2,19p' "$0"; exit 0 ;;
+        --keep)       KEEP=1; shift ;;
+        -h|--help)    sed -n '2,23p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
 
-C=$SHADOWBACK_GUEST_CACHE
-KERNEL=$C/vmlinuz; INITRD=$C/initramfs.cpio.gz; QEMU=$SHADOWBACK_QEMU; QSD=$SHADOWBACK_QSD
-[ -e "$KERNEL" ] && [ -e "$INITRD" ] && [ -x "$QEMU" ] || die "run scripts/guest/build-image.sh first"
-[ -x "$QSD" ] || die "qemu-storage-daemon not found (package qemu-utils)"
+require_guest_image
+QSD=$SHADOWBACK_QSD
+[ -x "$QSD" ] || die "qemu-storage-daemon not found (package qemu-utils; or run scripts/guest/build-image.sh)"
 
+C=$SHADOWBACK_GUEST_CACHE
 RUN=$(mktemp -d "$C/run.XXXXXX")
 LOG=${LOG:-$RUN/console.log}
 IMG=$RUN/disk.raw; SOCK=$RUN/vhost.sock
-QSD_PID=""; KILLER_PID=""
+KILLER_PID=""; RUN_OK=0
 cleanup() {
     set +e
     [ -n "$KILLER_PID" ] && kill "$KILLER_PID" 2>/dev/null && wait "$KILLER_PID" 2>/dev/null
@@ -52,20 +61,23 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$p" 2>/dev/null
     fi
-    rm -f "$IMG" "$SOCK"   # logs stay in $RUN
+    rm -f "$SOCK"
+    if [ $KEEP = 0 ] && [ $RUN_OK = 1 ] && [ "$LOG" = "$RUN/console.log" ]; then
+        rm -rf "$RUN"
+    else
+        rm -f "$IMG"; [ $KEEP = 1 ] && log "run directory kept: $RUN"
+    fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 truncate -s "${IMAGE_MIB}M" "$IMG"
 
-QSD_ARGS=(--blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=on,aio=threads)
-NODE=file0
+QSD_ARGS=(--blockdev driver=file,node-name=file0,filename="$IMG",cache.direct=on,aio=threads
+          --export type=vhost-user-blk,id=exp0,node-name=file0,writable=on,num-queues=1,addr.type=unix,addr.path="$SOCK")
 start_qsd() {
     rm -f "$SOCK"
-    "$QSD" "${QSD_ARGS[@]}" \
-        --export type=vhost-user-blk,id=exp0,node-name=$NODE,writable=on,num-queues=1,addr.type=unix,addr.path="$SOCK" \
-        >> "$RUN/qsd.log" 2>&1 &
+    "$QSD" "${QSD_ARGS[@]}" >> "$RUN/qsd.log" 2>&1 &
     echo $! > "$RUN/qsd.pid"
     disown $!   # no "Killed" job notices from bash on every --kill-every
     local i=0
@@ -74,41 +86,17 @@ start_qsd() {
     done
 }
 start_qsd
+log "qsd: $("$QSD" --version | head -1): ${QSD_ARGS[*]}"
 
-QVER=$("$QEMU" --version | sed -n 's/^QEMU emulator version \([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
-set -- $QVER
-if [ "$1" -gt 9 ] || { [ "$1" -eq 9 ] && [ "$2" -ge 2 ]; }; then RECONNECT=reconnect-ms=1000; else RECONNECT=reconnect=1; fi
-CHARDEV="socket,id=c0,path=$SOCK"
-[ -n "$KILL_EVERY" ] && CHARDEV="$CHARDEV,$RECONNECT"
-
-GUEST_TIMEOUT=$(( ${TIMEOUT%.*} > 40 ? ${TIMEOUT%.*} - 20 : ${TIMEOUT%.*} / 2 ))
-APPEND="console=ttyS0 panic=-1 sb.timeout=$GUEST_TIMEOUT sb.rounds=$ROUNDS sb.workers=$WORKERS sb.depth=$DEPTH sb.blocks=$BLOCKS"
-QEMU_CMD=("$QEMU" -accel tcg -m 512 -smp 1
-    -object memory-backend-memfd,id=mem,size=512M,share=on
-    -machine q35,memory-backend=mem
-    -chardev "$CHARDEV" -device vhost-user-blk-pci,chardev=c0
-    -nic none -kernel "$KERNEL" -initrd "$INITRD" -append "$APPEND"
-    -nographic -no-reboot -pidfile "$RUN/qemu.pid")
-log "qsd: $("$QSD" --version | head -1): ${QSD_ARGS[*]} --export type=vhost-user-blk,id=exp0,node-name=$NODE,writable=on,num-queues=1,addr.type=unix,addr.path=$SOCK"
-log "qemu: ${QEMU_CMD[*]}"
-log "console log: $LOG"
-
-# Console lines are prefixed with host seconds since QEMU start.
-T0=$EPOCHREALTIME
-stamp() {
-    local line
-    while IFS= read -r line; do
-        printf '[%8.3f] %s\n' "$(bc <<< "$EPOCHREALTIME - $T0" 2>/dev/null || echo 0)" "${line%$'\r'}"
-    done
-}
-command -v bc > /dev/null || stamp() { local line; while IFS= read -r line; do printf '[%s] %s\n' "$(date +%T.%N | cut -c1-12)" "${line%$'\r'}"; done; }
+EXTRA=""
+[ -n "$KILL_EVERY" ] && EXTRA=$(qemu_reconnect_opt)
 
 if [ -n "$KILL_EVERY" ]; then
     (
         trap 'exit 0' TERM
         until grep -q 'SHADOWBACK-GUEST: .* workload:' "$LOG" 2>/dev/null; do sleep 0.1; done
         n=0
-        while :; do
+        while [ "$MAX_KILLS" = 0 ] || [ $n -lt "$MAX_KILLS" ]; do
             sleep "$KILL_EVERY"
             grep -q 'SHADOWBACK-GUEST: \(PASS\|FAIL\)' "$LOG" && break
             pid=$(cat "$RUN/qsd.pid")
@@ -121,23 +109,14 @@ if [ -n "$KILL_EVERY" ]; then
     KILLER_PID=$!
 fi
 
-set +e
-timeout --kill-after=5 "$TIMEOUT" "${QEMU_CMD[@]}" < /dev/null 2>&1 | stamp > "$LOG"
-QRC=${PIPESTATUS[0]}
-T1=$EPOCHREALTIME
-set -e
+APPEND=$(guest_append "$ROUNDS" "$DURATION" "$WORKERS" "$DEPTH" "$BLOCKS" "$TIMEOUT")
+QRC=0
+boot_guest "$SOCK" "$EXTRA" "$APPEND" "$TIMEOUT" "$LOG" "$RUN/qemu.pid" || QRC=$?
+if [ -n "$KILLER_PID" ]; then kill "$KILLER_PID" 2>/dev/null || true; wait "$KILLER_PID" 2>/dev/null || true; KILLER_PID=""; fi
 
 KILLS=$(grep -c killer "$RUN/kills.log" 2>/dev/null || true)
-grep -E 'SHADOWBACK-GUEST|GUEST-IO|is not a head|I/O error|vhost|virtio_blk|Kernel panic' "$LOG" | head -60 >&2 || true
-if [ -s "$RUN/qsd.log" ]; then log "qemu-storage-daemon log:"; head -20 "$RUN/qsd.log" >&2; fi
-INIT=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: init at.*/\1/p' "$LOG" | head -1)
-READY=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: \/dev\/.* ready at.*/\1/p' "$LOG" | head -1)
-DONE=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: workload done.*/\1/p' "$LOG" | head -1)
-log "timings (host s since QEMU start): init=${INIT:-?} disk-ready=${READY:-?} workload-done=${DONE:-?} total=$(bc <<< "$T1 - $T0" 2>/dev/null || echo ?) qemu-rc=$QRC qsd-kills=${KILLS:-0}"
-VERDICT=$(grep -o 'SHADOWBACK-GUEST: \(PASS\|FAIL\).*' "$LOG" | tail -1 || true)
-echo "${VERDICT:-SHADOWBACK-GUEST: no verdict (qemu rc=$QRC, timeout=${TIMEOUT}s)}"
-case "$VERDICT" in
-    *PASS*) exit 0 ;;
-    *FAIL*) exit 1 ;;
-    *) exit 2 ;;
-esac
+if [ -s "$RUN/qsd.log" ]; then log "qemu-storage-daemon log (first lines):"; head -20 "$RUN/qsd.log" >&2; fi
+analyze_run "$LOG" "$IMG" "$QRC" "${KILLS:-0}" 0 "backend=qemu-storage-daemon"
+[ $RUN_OK = 1 ] && exit 0
+grep -q 'SHADOWBACK-GUEST: \(PASS\|FAIL\)' "$LOG" && exit 1
+exit 2

@@ -1,0 +1,200 @@
+//! A real Linux guest (Debian's 6.1 kernel, virtio_blk, under QEMU TCG) on
+//! shadowback's vhost-user-blk export, with the data-plane process SIGKILLed
+//! two dozen times while the guest keeps 32 O_DIRECT requests in flight.
+//!
+//! The run is `scripts/guest/run-shadowback.sh` (docs/GUEST.md): it starts
+//! `shadowback up` with one vhost-user disk, boots the guest built by
+//! `scripts/guest/build-image.sh` (run by `scripts/install-test-deps.sh`),
+//! injects the kills through the supervisor (`shadowback fault … kill`),
+//! and reads the guest's verdict, the console, the supervisor's counters and
+//! the image itself. A missing guest image fails the test; it never skips.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const EXE: &str = env!("CARGO_BIN_EXE_shadowback");
+const KILLS: u32 = 24;
+/// The brief's floor: at least this many kills must really have happened.
+const MIN_KILLS: u64 = 20;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The guest cache, as `scripts/guest/common.sh` computes it.
+fn guest_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SHADOWBACK_GUEST_CACHE") {
+        return dir.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .expect("neither HOME nor XDG_CACHE_HOME is set");
+    base.join("shadowback/guest")
+}
+
+const IMAGE_MISSING: &str = "the QEMU guest image is not built: run scripts/install-test-deps.sh \
+     (or scripts/guest/build-image.sh); see docs/GUEST.md";
+
+/// The `key=value` fields of the script's `RESULT …` line.
+fn result_fields(stdout: &str) -> Option<HashMap<String, String>> {
+    let line = stdout.lines().rev().find(|l| l.starts_with("RESULT "))?;
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn number(fields: &HashMap<String, String>, key: &str, transcript: &str) -> u64 {
+    fields
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("RESULT has no numeric {key}\n{transcript}"))
+}
+
+/// The script's output for a failure message: stdout, and the tail of stderr.
+fn transcript(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = lines[lines.len().saturating_sub(120)..].join("\n");
+    format!(
+        "--- exit status: {}\n--- stdout:\n{}--- stderr (last 120 lines):\n{tail}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    )
+}
+
+#[test]
+fn linux_guest_survives_data_plane_kills_over_vhost_user() {
+    let script = repo().join("scripts/guest/run-shadowback.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--kills", &KILLS.to_string(), "--kill-every", "0.4"])
+        .args(["--timeout", "150"])
+        .env("SHADOWBACK_BIN", EXE)
+        .output()
+        .expect("run scripts/guest/run-shadowback.sh");
+    match out.status.code() {
+        Some(3) => panic!("{IMAGE_MISSING}\n{}", transcript(&out)),
+        Some(4) => panic!(
+            "`shadowback up` did not serve the vhost-user disk\n{}",
+            transcript(&out)
+        ),
+        _ => {}
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields = result_fields(&stdout)
+        .unwrap_or_else(|| panic!("no RESULT line from the run\n{}", transcript(&out)));
+    let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("");
+    let t = transcript(&out);
+
+    assert_eq!(get("verdict"), "PASS", "guest verdict\n{t}");
+    assert_eq!(
+        number(&fields, "not_a_head", &t),
+        0,
+        "`is not a head` in the guest\n{t}"
+    );
+    assert_eq!(number(&fields, "io_errors", &t), 0, "guest I/O errors\n{t}");
+    assert_eq!(
+        number(&fields, "qemu_vhost_errors", &t),
+        0,
+        "QEMU noticed the data-plane restarts (vhost-user EOF/reconnect)\n{t}"
+    );
+    assert_eq!(get("host_check"), "PASS", "host check of the image\n{t}");
+    assert!(
+        number(&fields, "host_blocks", &t) > 0,
+        "host check read nothing\n{t}"
+    );
+    assert_eq!(
+        number(&fields, "host_bad", &t),
+        0,
+        "stale or corrupt blocks\n{t}"
+    );
+
+    let kills = number(&fields, "kills", &t);
+    assert!(kills >= MIN_KILLS, "only {kills} kills injected\n{t}");
+    // The supervisor's own count: each injected kill is a dead data plane
+    // followed by a takeover, and none of them made it give up.
+    let crashes = number(&fields, "crashes", &t);
+    assert!(
+        crashes >= kills,
+        "{kills} kills but {crashes} crashes counted\n{t}"
+    );
+    let recoveries = number(&fields, "recoveries", &t);
+    assert!(
+        recoveries >= kills,
+        "{kills} kills but {recoveries} recoveries\n{t}"
+    );
+    assert_eq!(
+        number(&fields, "given_up", &t),
+        0,
+        "the supervisor gave up\n{t}"
+    );
+    assert!(out.status.success(), "the script failed\n{t}");
+    eprintln!("{}", stdout.trim_end());
+}
+
+/// The host-side check that the test above relies on is able to fail: it
+/// accepts an image the workload wrote, and rejects one block of it
+/// corrupted, a stale round, and a workload that did not finish (round -1).
+#[test]
+fn host_image_check_rejects_stale_and_corrupt_blocks() {
+    let checker = guest_cache().join("bin/guest-io");
+    assert!(
+        checker.exists(),
+        "{IMAGE_MISSING} ({} is missing)",
+        checker.display()
+    );
+    // On disk, not tmpfs: the workload uses O_DIRECT.
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qemu-guest-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let img = dir.join("disk.raw");
+    let file = std::fs::File::create(&img).expect("image");
+    file.set_len(2 * 64 * 4096).expect("size the image");
+    drop(file);
+    let run = |args: &[&str]| {
+        let out = Command::new(&checker)
+            .args(args)
+            .output()
+            .expect("run guest-io");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let img_s = img.to_str().expect("utf-8 path");
+
+    // Two workers x 64 blocks x 3 rounds, 16 in flight each: the last round is 2.
+    let (ok, out) = run(&[img_s, "2", "16", "64", "3"]);
+    assert!(ok, "workload on a file failed: {out}");
+    assert!(out.contains("final worker=0 round=2 blocks=64"), "{out}");
+    let (ok, out) = run(&["check", img_s, "64", "2", "2"]);
+    assert!(ok && out.contains("blocks=128 ok=128 bad=0"), "{out}");
+
+    let (ok, out) = run(&["check", img_s, "64", "2", "1"]);
+    assert!(
+        !ok && out.contains("bad=64"),
+        "a stale round must fail: {out}"
+    );
+    let (ok, out) = run(&["check", img_s, "64", "-1", "2"]);
+    assert!(
+        !ok && out.contains("bad=64"),
+        "an unfinished worker must fail: {out}"
+    );
+
+    // One flipped byte in worker 1's 10th block.
+    let mut data = std::fs::read(&img).expect("read image");
+    data[(64 + 10) * 4096 + 100] ^= 0x40;
+    std::fs::write(&img, &data).expect("write image");
+    let (ok, out) = run(&["check", img_s, "64", "2", "2"]);
+    assert!(
+        !ok && out.contains("ok=127 bad=1"),
+        "a corrupt block must fail: {out}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
