@@ -683,3 +683,399 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         Err(self.fail("SET_LOG_BASE is not supported".into()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhost_user::memory::tests::memfd;
+    use std::os::unix::fs::FileExt;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Debug)]
+    enum Ev {
+        Attach {
+            req: VirtioAttachRequest,
+            fds: usize,
+        },
+        Detach,
+        SetCall(u16),
+    }
+
+    #[derive(Default)]
+    struct Calls {
+        events: Vec<Ev>,
+        refuse: bool,
+        attached: bool,
+        /// Every attach request, never drained.
+        attaches: Vec<(VirtioAttachRequest, usize)>,
+    }
+
+    struct MockLink(Arc<Mutex<Calls>>);
+
+    impl SessionLink for MockLink {
+        fn attach(
+            &mut self,
+            req: VirtioAttachRequest,
+            fds: VirtioFds,
+        ) -> std::result::Result<(), String> {
+            let mut c = self.0.lock().unwrap();
+            if c.refuse {
+                return Err("EBUSY: in use".into());
+            }
+            assert!(!c.attached, "attach while attached");
+            assert!(fds.logs.is_empty());
+            let n = fds.regions.len() + 2 * fds.queues.len() + usize::from(fds.inflight.is_some());
+            c.attached = true;
+            c.attaches.push((req.clone(), n));
+            c.events.push(Ev::Attach { req, fds: n });
+            Ok(())
+        }
+        fn detach(&mut self) {
+            let mut c = self.0.lock().unwrap();
+            assert!(c.attached, "detach while detached");
+            c.attached = false;
+            c.events.push(Ev::Detach);
+        }
+        fn set_call(&mut self, queue: u16, _fd: OwnedFd) -> std::result::Result<(), String> {
+            self.0.lock().unwrap().events.push(Ev::SetCall(queue));
+            Ok(())
+        }
+        fn lost(&mut self) -> Option<String> {
+            None
+        }
+    }
+
+    const USER: u64 = 0x7f00_0000_0000;
+    const PROTOCOL: u64 = 1 << 30;
+    /// VERSION_1 | EVENT_IDX.
+    const FEATURES: u64 = (1 << 32) | (1 << 29);
+
+    /// Ring addresses (guest-physical) of queue `q`: 16 KiB apart.
+    fn rings(q: u64) -> (u64, u64, u64) {
+        let base = 0x1_0000 + q * 0x4000;
+        (base, base + 0x1000, base + 0x2000)
+    }
+
+    struct Rig {
+        h: BlkHandler,
+        calls: Arc<Mutex<Calls>>,
+        guest: File,
+    }
+
+    impl Rig {
+        fn new(num_queues: u16) -> Self {
+            let calls = Arc::new(Mutex::new(Calls::default()));
+            let facts = DiskFacts {
+                name: "vd".into(),
+                geometry: BlkGeometry {
+                    sectors: 2048,
+                    readonly: false,
+                    discard: true,
+                    num_queues,
+                },
+                queue_size: 256,
+                shadow: true,
+            };
+            let h = BlkHandler::new(facts, "vmm".into(), Box::new(MockLink(calls.clone())));
+            let guest = File::from(memfd(0x10_0000));
+            Rig { h, calls, guest }
+        }
+
+        fn events(&self) -> Vec<String> {
+            let mut c = self.calls.lock().unwrap();
+            c.events
+                .drain(..)
+                .map(|e| match e {
+                    Ev::Attach { req, .. } => format!(
+                        "attach {:?}",
+                        req.queues.iter().map(|q| q.index).collect::<Vec<_>>()
+                    ),
+                    Ev::Detach => "detach".into(),
+                    Ev::SetCall(q) => format!("set-call {q}"),
+                })
+                .collect()
+        }
+
+        fn last_attach(&self) -> (VirtioAttachRequest, usize) {
+            let c = self.calls.lock().unwrap();
+            c.attaches.last().cloned().expect("an attach")
+        }
+
+        /// One region: gpa 0..1 MiB at `USER` in the VMM.
+        fn memory(&mut self) {
+            let region = VhostUserMemoryRegion::new(0, 0x10_0000, USER, 0);
+            let fd = self.guest.try_clone().unwrap();
+            self.h.set_mem_table(&[region], vec![fd], None).unwrap();
+        }
+
+        fn eventfd() -> Option<File> {
+            Some(unwatched_eventfd().unwrap())
+        }
+
+        /// NUM, BASE, ADDR, KICK, CALL as QEMU sends them.
+        fn queue(&mut self, q: u8, base: u32) {
+            let i = u32::from(q);
+            let (desc, avail, used) = rings(u64::from(q));
+            self.h.set_vring_num(i, 256).unwrap();
+            self.h.set_vring_base(i, base).unwrap();
+            let flags = VhostUserVringAddrFlags::empty();
+            self.h
+                .set_vring_addr(i, flags, USER + desc, USER + used, USER + avail, 0)
+                .unwrap();
+            self.h.set_vring_kick(q, Self::eventfd()).unwrap();
+            self.h.set_vring_call(q, Self::eventfd()).unwrap();
+        }
+
+        fn write_u16(&self, gpa: u64, v: u16) {
+            self.guest.write_all_at(&v.to_le_bytes(), gpa).unwrap();
+        }
+    }
+
+    #[test]
+    fn attaches_once_every_configured_queue_is_enabled() {
+        let mut r = Rig::new(2);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        r.queue(0, 5);
+        r.queue(1, 0);
+        r.h.set_vring_enable(0, true).unwrap();
+        assert!(
+            r.events().is_empty(),
+            "queue 1 has addresses but is disabled"
+        );
+        r.h.set_vring_enable(1, true).unwrap();
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        let (req, fds) = r.last_attach();
+        assert_eq!(fds, 1 + 2 * 2);
+        assert_eq!(
+            req.features, FEATURES,
+            "PROTOCOL_FEATURES is not a device feature"
+        );
+        assert_eq!(req.regions.len(), 1);
+        assert_eq!((req.regions[0].gpa, req.regions[0].size), (0, 0x10_0000));
+        let q0 = req.queues[0];
+        assert_eq!((q0.desc, q0.avail, q0.used), rings(0), "guest-physical");
+        assert_eq!((q0.size, q0.next_avail), (256, 5));
+        assert!(req.shadow && req.inflight.is_none());
+    }
+
+    #[test]
+    fn without_protocol_features_the_kick_enables() {
+        let mut r = Rig::new(2);
+        r.h.set_features(FEATURES).unwrap();
+        r.memory();
+        r.queue(0, 0);
+        assert_eq!(r.events(), ["attach [0]"]);
+        // A second queue configured later restarts the session with both.
+        r.queue(1, 0);
+        assert_eq!(r.events(), ["detach", "attach [0, 1]"]);
+    }
+
+    #[test]
+    fn set_vring_call_on_a_running_queue_restarts_nothing() {
+        let mut r = Rig::new(1);
+        r.h.set_features(FEATURES).unwrap();
+        r.memory();
+        r.queue(0, 0);
+        r.events();
+        r.h.set_vring_call(0, Rig::eventfd()).unwrap();
+        r.h.set_vring_call(0, None).unwrap();
+        assert_eq!(r.events(), ["set-call 0", "set-call 0"]);
+    }
+
+    #[test]
+    fn get_vring_base_stops_the_ring_at_used_idx() {
+        let mut r = Rig::new(2);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        r.queue(0, 3);
+        r.queue(1, 9);
+        r.h.set_vring_enable(0, true).unwrap();
+        r.h.set_vring_enable(1, true).unwrap();
+        r.events();
+        // The data plane answered up to 77 and 12 before it drained.
+        r.write_u16(rings(0).2 + 2, 77);
+        r.write_u16(rings(1).2 + 2, 12);
+        let s = r.h.get_vring_base(0).unwrap();
+        let (index, num) = (s.index, s.num);
+        assert_eq!((index, num), (0, 77));
+        assert_eq!(r.events(), ["detach"]);
+        let s = r.h.get_vring_base(1).unwrap();
+        let num = s.num;
+        assert_eq!(num, 12);
+        assert!(r.events().is_empty(), "nothing was running");
+        // QEMU starts again: kicks, then the session resumes at used->idx.
+        r.h.set_vring_kick(0, Rig::eventfd()).unwrap();
+        assert!(r.events().is_empty(), "queue 1 is stopped");
+        r.h.set_vring_kick(1, Rig::eventfd()).unwrap();
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        let (req, _) = r.last_attach();
+        assert_eq!(
+            (req.queues[0].next_avail, req.queues[1].next_avail),
+            (77, 12)
+        );
+    }
+
+    #[test]
+    fn changes_to_a_running_set_up_detach_first() {
+        let mut r = Rig::new(1);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        r.queue(0, 0);
+        r.h.set_vring_enable(0, true).unwrap();
+        assert_eq!(r.events(), ["attach [0]"]);
+        r.memory();
+        assert_eq!(r.events(), ["detach", "attach [0]"]);
+        r.h.set_vring_num(0, 128).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0]"]);
+        r.h.set_vring_base(0, 4).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0]"]);
+        assert_eq!(r.last_attach().0.queues[0].next_avail, 4);
+        r.h.set_vring_kick(0, Rig::eventfd()).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0]"]);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0]"]);
+        r.h.set_vring_enable(0, false).unwrap();
+        assert_eq!(r.events(), ["detach"]);
+        r.h.set_vring_enable(0, true).unwrap();
+        assert_eq!(r.events(), ["attach [0]"]);
+        r.h.reset_device().unwrap();
+        assert_eq!(r.events(), ["detach"]);
+        r.h.disconnect();
+        assert!(r.events().is_empty());
+    }
+
+    #[test]
+    fn disconnect_detaches() {
+        let mut r = Rig::new(1);
+        r.h.set_features(FEATURES).unwrap();
+        r.memory();
+        r.queue(0, 0);
+        r.h.disconnect();
+        assert_eq!(r.events(), ["attach [0]", "detach"]);
+    }
+
+    #[test]
+    fn hostile_values_are_refused_without_effect() {
+        let mut r = Rig::new(2);
+        r.h.set_features(FEATURES).unwrap();
+        assert!(r.h.set_features(1 << 40).is_err());
+        assert!(r.h.take_soft_refusal());
+        let flags = VhostUserVringAddrFlags::empty;
+        assert!(
+            r.h.set_vring_addr(0, flags(), USER, USER, USER, 0).is_err(),
+            "addresses before the memory table"
+        );
+        r.memory();
+        for q in [2u32, 255, u32::MAX] {
+            assert!(r.h.set_vring_num(q, 256).is_err());
+            assert!(r.h.set_vring_base(q, 0).is_err());
+            assert!(r.h.set_vring_enable(q, true).is_err());
+            assert!(r.h.set_vring_addr(q, flags(), USER, USER, USER, 0).is_err());
+            assert!(r.h.take_soft_refusal(), "answered with a NACK");
+        }
+        for q in [2u8, 255] {
+            assert!(r.h.set_vring_kick(q, Rig::eventfd()).is_err());
+            assert!(r.h.set_vring_call(q, Rig::eventfd()).is_err());
+            assert!(r.h.set_vring_err(q, Rig::eventfd()).is_err());
+        }
+        r.h.take_soft_refusal();
+        assert!(r.h.get_vring_base(2).is_err());
+        assert!(!r.h.take_soft_refusal(), "no reply possible: close");
+        for n in [0, 3, 512, 65536, u32::MAX] {
+            assert!(r.h.set_vring_num(0, n).is_err(), "size {n}");
+        }
+        assert!(r.h.set_vring_base(0, 65536).is_err());
+        let end = USER + 0x10_0000;
+        for (desc, used, avail) in [
+            (end, USER, USER),
+            (USER, end - 2, USER),
+            (USER + 8, USER, USER),
+            (USER, USER + 2, USER),
+            (USER, USER, USER + 1),
+            (u64::MAX - 4, USER, USER),
+            (0, USER, USER),
+        ] {
+            assert!(
+                r.h.set_vring_addr(0, flags(), desc, used, avail, 0)
+                    .is_err(),
+                "{desc:#x} {used:#x} {avail:#x}"
+            );
+        }
+        assert!(r.h.set_vring_kick(0, None).is_err(), "polling is refused");
+        // A descriptor table that starts inside memory but does not fit:
+        // refused when the queue would start, and nothing attaches.
+        r.h.set_vring_num(0, 256).unwrap();
+        r.h.set_vring_addr(0, flags(), end - 16, USER + 0x2000, USER + 0x1000, 0)
+            .unwrap();
+        r.h.set_vring_kick(0, Rig::eventfd()).unwrap();
+        assert!(r.h.set_vring_call(0, Rig::eventfd()).is_err());
+        assert!(r.events().is_empty());
+        assert!(r
+            .h
+            .get_config(0, 97, VhostUserConfigFlags::empty())
+            .is_err());
+        assert_eq!(
+            r.h.get_config(0, 8, VhostUserConfigFlags::empty()).unwrap(),
+            2048u64.to_le_bytes()
+        );
+        assert!(r
+            .h
+            .set_config(0, &[0], VhostUserConfigFlags::WRITABLE)
+            .is_err());
+        assert!(r.h.take_soft_refusal());
+        assert!(r
+            .h
+            .get_inflight_fd(&VhostUserInflight::new(0, 0, 3, 256))
+            .is_err());
+        assert!(!r.h.take_soft_refusal());
+        let table = [
+            VhostUserMemoryRegion::new(0, 0x1000, USER, 0),
+            VhostUserMemoryRegion::new(0x800, 0x1000, USER + 0x10000, 0),
+        ];
+        let fds = vec![r.guest.try_clone().unwrap(), r.guest.try_clone().unwrap()];
+        assert!(r.h.set_mem_table(&table, fds, None).is_err(), "overlap");
+        assert_eq!(r.h.get_queue_num().unwrap(), 2);
+    }
+
+    #[test]
+    fn the_inflight_region_travels_with_the_session() {
+        let mut r = Rig::new(2);
+        let (reply, file) =
+            r.h.get_inflight_fd(&VhostUserInflight::new(0, 0, 2, 128))
+                .unwrap();
+        assert_eq!((reply.mmap_size, reply.mmap_offset), (2 * 2112, 0));
+        assert_eq!(file.metadata().unwrap().len(), 2 * 2112);
+        r.h.set_inflight_fd(&reply, file).unwrap();
+        r.h.set_features(FEATURES).unwrap();
+        r.memory();
+        // 256 descriptors do not fit a region made for 128.
+        r.h.set_vring_num(0, 256).unwrap();
+        let (desc, avail, used) = rings(0);
+        let flags = VhostUserVringAddrFlags::empty();
+        r.h.set_vring_addr(0, flags, USER + desc, USER + used, USER + avail, 0)
+            .unwrap();
+        r.h.set_vring_kick(0, Rig::eventfd()).unwrap();
+        assert!(r.h.set_vring_call(0, Rig::eventfd()).is_err());
+        r.h.set_vring_num(0, 128).unwrap();
+        assert_eq!(r.events(), ["attach [0]"]);
+        let (req, fds) = r.last_attach();
+        let inflight = req.inflight.expect("in-flight region");
+        assert_eq!((inflight.mmap_size, inflight.queue_size), (2 * 2112, 128));
+        assert_eq!(fds, 1 + 2 + 1);
+    }
+
+    #[test]
+    fn a_refused_attach_is_a_nack_and_is_retried() {
+        let mut r = Rig::new(1);
+        r.calls.lock().unwrap().refuse = true;
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        r.queue(0, 0);
+        assert!(r.h.set_vring_enable(0, true).is_err());
+        assert!(r.h.take_soft_refusal());
+        r.calls.lock().unwrap().refuse = false;
+        r.h.set_vring_enable(0, true).unwrap();
+        assert_eq!(r.events(), ["attach [0]"]);
+    }
+}
