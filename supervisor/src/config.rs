@@ -344,4 +344,27 @@ mod fixture_tests {
         assert_eq!(cfg.disks[0].cache, CacheMode::None);
         assert_eq!(cfg.disks[0].vhost_user, None);
     }
+
+    #[test]
+    fn the_commented_vhost_user_example_is_valid() {
+        let text = include_str!("../../fixtures/shadowback.toml");
+        let start = text.find("# [[disk]]").expect("a commented example");
+        let uncommented: String = text[..start]
+            .lines()
+            .chain(
+                text[start..]
+                    .lines()
+                    .map(|l| l.strip_prefix("# ").unwrap_or(l)),
+            )
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = Config::parse(&uncommented).unwrap();
+        let d = &cfg.disks[1];
+        assert_eq!(d.name, "vdisk0");
+        assert_eq!(
+            d.vhost_user.as_deref(),
+            Some(Path::new("/run/shadowback/vdisk0.vhost"))
+        );
+        assert_eq!((d.num_queues, d.queue_size), (1, 256));
+    }
 }

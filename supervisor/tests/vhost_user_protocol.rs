@@ -77,6 +77,7 @@ mod fake {
             .map(PathBuf::from)
             .expect("events=PATH");
         let me = std::process::id();
+        let die_on_recover = args.iter().any(|a| a == "die-on-recover");
         // SAFETY: the supervisor hands every backend its control socket as
         // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
         // in it uses fd 3.
@@ -116,6 +117,9 @@ mod fake {
                             msg.get("recover").unwrap_or("0"),
                         ),
                     );
+                    if die_on_recover && msg.get("recover") == Some("1") {
+                        std::process::exit(70);
+                    }
                     let mut generation = 0;
                     if let Some(log) = fds.logs.into_iter().next() {
                         let log = ShadowLog::open(log).expect("log");
@@ -167,6 +171,10 @@ struct Setup {
 
 impl Setup {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(fake_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("vd.img");
         File::create(&image)
@@ -175,14 +183,17 @@ impl Setup {
         let events = dir.path().join("events");
         let cmd = BackendCommand {
             program: std::env::current_exe().unwrap().into(),
-            args: vec![
+            args: [
                 "--exact".into(),
                 "--nocapture".into(),
                 "--quiet".into(),
                 "fake_backend_entry".into(),
                 "--".into(),
                 format!("events={}", events.display()).into(),
-            ],
+            ]
+            .into_iter()
+            .chain(fake_args.iter().map(Into::into))
+            .collect(),
             env: Vec::new(),
         };
         let cfg = Config {
@@ -459,6 +470,60 @@ fn a_started_queue_survives_a_data_plane_kill() {
     drop(fe);
     s.wait_stats("detached on EOF", |st| !st.connected && !st.given_up);
     assert_eq!(s.count_events("detach"), 2);
+}
+
+/// Negotiates, sets up memory and queue 0, enables it; returns what must
+/// stay alive (memory, kick, call).
+fn start_queue0(fe: &mut Frontend) -> (File, EventFd, EventFd) {
+    negotiate(fe);
+    let guest = guest_memory();
+    let entry = region(0, GUEST_SIZE, USER, 0, guest.as_raw_fd());
+    fe.set_mem_table(&[entry]).unwrap();
+    let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    fe.set_vring_num(0, 256).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_addr(0, &ring_config(256)).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    (guest, kick, call)
+}
+
+#[test]
+fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
+    let s = Setup::start_with(&["die-on-recover"]);
+    let mut fe = s.connect();
+    let _keep = start_queue0(&mut fe);
+    s.wait_event(&["attach-virtio", "recover=0"]);
+    s.sup
+        .as_ref()
+        .unwrap()
+        .fault("vd", Fault::Kill)
+        .expect("fault");
+    s.wait_stats("giving up", |st| st.given_up);
+    // The supervisor closes the socket: the VMM sees the failure.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while fe.get_queue_num().is_ok() {
+        assert!(Instant::now() < deadline, "connection still up");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(s.count_events("recover=1") >= 1);
+    // A new connection is accepted, but the device refuses to start.
+    let mut fe = s.connect();
+    let (guest, kick, call) = (
+        guest_memory(),
+        EventFd::new(0).unwrap(),
+        EventFd::new(0).unwrap(),
+    );
+    negotiate(&mut fe);
+    fe.set_mem_table(&[region(0, GUEST_SIZE, USER, 0, guest.as_raw_fd())])
+        .unwrap();
+    fe.set_vring_num(0, 256).unwrap();
+    fe.set_vring_addr(0, &ring_config(256)).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    assert!(fe.set_vring_enable(0, true).is_err(), "ENODEV as a NACK");
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
 }
 
 #[test]
