@@ -77,6 +77,19 @@ pub struct DiskConfig {
     /// so values below [`MIN_HANG_TIMEOUT_MS`] are refused.
     #[serde(default = "default_hang_timeout_ms")]
     pub hang_timeout_ms: u64,
+    /// Also export the disk as a vhost-user-blk device on this unix socket
+    /// (DESIGN §8). A stale socket file is replaced; the directory is
+    /// created. The disk stays attachable through the control socket, but
+    /// only one frontend uses it at a time.
+    #[serde(default)]
+    pub vhost_user: Option<PathBuf>,
+    /// Virtqueues offered to a vhost-user frontend (1–16).
+    #[serde(default = "default_num_queues")]
+    pub num_queues: u16,
+    /// Largest virtqueue a vhost-user frontend may set up (a power of two
+    /// up to [`MAX_VHOST_QUEUE_SIZE`]).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
 }
 
 /// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
@@ -86,6 +99,10 @@ pub const MIN_HANG_TIMEOUT_MS: u64 = 40;
 pub const MAX_HANG_TIMEOUT_MS: u64 = 3_600_000;
 /// Default `hang_timeout_ms`.
 pub const DEFAULT_HANG_TIMEOUT_MS: u64 = 100;
+/// Most virtqueues per vhost-user disk.
+pub const MAX_VHOST_QUEUES: u16 = 16;
+/// Largest accepted `queue_size`.
+pub const MAX_VHOST_QUEUE_SIZE: u16 = 1024;
 
 impl DiskConfig {
     /// A disk with every optional setting at its default (as if only
@@ -102,8 +119,19 @@ impl DiskConfig {
             standby: true,
             shadow: true,
             hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
+            vhost_user: None,
+            num_queues: default_num_queues(),
+            queue_size: default_queue_size(),
         }
     }
+}
+
+fn default_num_queues() -> u16 {
+    1
+}
+
+fn default_queue_size() -> u16 {
+    256
 }
 
 fn default_hang_timeout_ms() -> u64 {
@@ -179,6 +207,36 @@ impl Config {
                     d.name, d.hang_timeout_ms
                 )));
             }
+            if !(1..=MAX_VHOST_QUEUES).contains(&d.num_queues) {
+                return Err(SupervisorError::Config(format!(
+                    "disk {:?}: num_queues {} is outside 1..={MAX_VHOST_QUEUES}",
+                    d.name, d.num_queues
+                )));
+            }
+            if !d.queue_size.is_power_of_two() || d.queue_size > MAX_VHOST_QUEUE_SIZE {
+                return Err(SupervisorError::Config(format!(
+                    "disk {:?}: queue_size {} is not a power of two up to {MAX_VHOST_QUEUE_SIZE}",
+                    d.name, d.queue_size
+                )));
+            }
+            if let Some(sock) = &d.vhost_user {
+                if sock.as_os_str().is_empty() || sock == &self.socket {
+                    return Err(SupervisorError::Config(format!(
+                        "disk {:?}: vhost_user must be a socket path of its own",
+                        d.name
+                    )));
+                }
+                let twice = self.disks[..i]
+                    .iter()
+                    .any(|o| o.vhost_user.as_ref() == Some(sock));
+                if twice {
+                    return Err(SupervisorError::Config(format!(
+                        "disk {:?}: vhost_user socket {} used twice",
+                        d.name,
+                        sock.display()
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -235,6 +293,23 @@ mod tests {
     }
 
     #[test]
+    fn parses_vhost_user_settings() {
+        let cfg = Config::parse(
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
+             vhost_user = \"/run/a.vhost\"\nnum_queues = 4\nqueue_size = 1024",
+        )
+        .unwrap();
+        let d = &cfg.disks[0];
+        assert_eq!(d.vhost_user.as_deref(), Some(Path::new("/run/a.vhost")));
+        assert_eq!((d.num_queues, d.queue_size), (4, 1024));
+        let plain = DiskConfig::new("b", "/y");
+        assert_eq!(
+            (plain.vhost_user, plain.num_queues, plain.queue_size),
+            (None, 1, 256)
+        );
+    }
+
+    #[test]
     fn rejects_bad_configs() {
         for bad in [
             "socket = \"/s\"",
@@ -245,6 +320,13 @@ mod tests {
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncache = \"sometimes\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nhang_timeout_ms = 10",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nstandby = \"yes\"",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nnum_queues = 0",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nnum_queues = 17",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nqueue_size = 100",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nqueue_size = 2048",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nvhost_user = \"/s\"",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nvhost_user = \"/v\"\n\
+             [[disk]]\nname = \"b\"\npath = \"/y\"\nvhost_user = \"/v\"",
         ] {
             assert!(Config::parse(bad).is_err(), "accepted: {bad}");
         }
@@ -260,5 +342,29 @@ mod fixture_tests {
         let cfg = Config::parse(include_str!("../../fixtures/shadowback.toml")).unwrap();
         assert_eq!(cfg.disks[0].name, "disk0");
         assert_eq!(cfg.disks[0].cache, CacheMode::None);
+        assert_eq!(cfg.disks[0].vhost_user, None);
+    }
+
+    #[test]
+    fn the_commented_vhost_user_example_is_valid() {
+        let text = include_str!("../../fixtures/shadowback.toml");
+        let start = text.find("# [[disk]]").expect("a commented example");
+        let uncommented: String = text[..start]
+            .lines()
+            .chain(
+                text[start..]
+                    .lines()
+                    .map(|l| l.strip_prefix("# ").unwrap_or(l)),
+            )
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let cfg = Config::parse(&uncommented).unwrap();
+        let d = &cfg.disks[1];
+        assert_eq!(d.name, "vdisk0");
+        assert_eq!(
+            d.vhost_user.as_deref(),
+            Some(Path::new("/run/shadowback/vdisk0.vhost"))
+        );
+        assert_eq!((d.num_queues, d.queue_size), (1, 256));
     }
 }

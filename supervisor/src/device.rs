@@ -3,8 +3,11 @@
 //!
 //! A device task owns the current backend instance, a hot standby, and —
 //! for the attached frontend — everything that must outlive a backend (a
-//! [`Session`]: the guest's fds, its `attach` request, the shadow log).
-//! Connection tasks talk to it through [`DeviceHandle`].
+//! [`Session`]: the frontend's fds, its attach request, the shadow logs).
+//! The frontend is a guest on the control socket (a Xen-style ring) or a
+//! VMM on the disk's vhost-user socket (virtqueues); recovery treats both
+//! alike. Connection tasks and vhost-user threads talk to it through
+//! [`DeviceHandle`].
 //!
 //! The current instance is watched three ways: its pidfd (exit), its
 //! control channel (EOF), and, while a guest is attached with the shadow
@@ -15,19 +18,20 @@
 //! stays Connected: it is told only if [`MAX_FAILED_TAKEOVERS`] takeovers
 //! in a row fail.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::protocol::{key, kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use shadowback_xenbus::{BackendInfo, DiskMode, Message, XenbusError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::DiskConfig;
 use crate::instance::{Instance, NoAnswer};
-use crate::session::{RingProbe, Session};
+use crate::session::{Session, VirtioSession, XenSession};
 use crate::spawn::{open_disk, BackendCommand, Disk};
 use crate::stats::{micros, DeviceStats, RecoveryTimes};
 use crate::watchdog::{Watchdog, CHECK_PERIOD};
@@ -43,6 +47,11 @@ const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_FAILED_TAKEOVERS: u32 = 5;
 /// An idle instance that dies younger than this died "at start-up".
 const STABLE_AGE: Duration = Duration::from_secs(1);
+/// Supervisor → instance: switch virtqueue `queue`'s call eventfd to the
+/// one descriptor that comes with the message; answered `ok`.
+pub const SET_CALL: &str = "set-call";
+/// The virtqueue index key of [`SET_CALL`].
+pub const KEY_QUEUE: &str = "queue";
 /// Start-up deaths in a row after which the device is given up, rather
 /// than forking backends that cannot run in a loop.
 const MAX_STARTUP_DEATHS: u32 = 5;
@@ -128,11 +137,28 @@ impl Fault {
 
 type Refusal = (ErrorCode, String);
 
+/// What a frontend attaches with.
+enum Frontend {
+    /// A guest's shared ring (the control socket's `connect`).
+    Xen { req: AttachRequest, fds: DeviceFds },
+    /// A VMM's virtqueues (the disk's vhost-user socket).
+    Virtio {
+        req: VirtioAttachRequest,
+        fds: VirtioFds,
+    },
+}
+
 enum Command {
     Attach {
-        req: AttachRequest,
-        fds: DeviceFds,
+        frontend: Frontend,
         reply: oneshot::Sender<Result<Attachment, Refusal>>,
+    },
+    /// A new call eventfd for virtqueue `queue` of attachment `id`.
+    SetCall {
+        id: u64,
+        queue: u16,
+        fd: OwnedFd,
+        reply: oneshot::Sender<Result<(), Refusal>>,
     },
     /// Detach attachment `id`; a stale id (already detached, or lost) is
     /// acknowledged without touching the current frontend.
@@ -161,11 +187,52 @@ impl DeviceHandle {
     /// if the device is lost while attached.
     pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {
         let (reply, rx) = oneshot::channel();
+        let frontend = Frontend::Xen { req, fds };
         self.tx
-            .send(Command::Attach { req, fds, reply })
+            .send(Command::Attach { frontend, reply })
             .await
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Attaches a vhost-user frontend's virtqueues (`fds.logs` is ignored:
+    /// the device creates the shadow logs). Blocks until the backend
+    /// answered; call it from a plain thread, not from async code.
+    pub fn attach_virtio_blocking(
+        &self,
+        req: VirtioAttachRequest,
+        fds: VirtioFds,
+    ) -> Result<Attachment, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let frontend = Frontend::Virtio { req, fds };
+        self.tx
+            .blocking_send(Command::Attach { frontend, reply })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// [`detach`](Self::detach) from a plain thread.
+    pub fn detach_blocking(&self, id: u64) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.blocking_send(Command::Detach { id, reply }).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Gives attachment `id`'s virtqueue `queue` a new call eventfd: the
+    /// running instance switches to it (`set-call`), later instances get
+    /// it. Nothing is restarted. Blocks; call it from a plain thread.
+    pub fn set_call_blocking(&self, id: u64, queue: u16, fd: OwnedFd) -> Result<(), Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::SetCall {
+                id,
+                queue,
+                fd,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
     }
 
     /// Detaches attachment `id` (waits until the backend drained it).
@@ -455,8 +522,17 @@ impl DeviceTask {
                 _ = tick.tick(), if self.watchdog.is_some() => Event::WatchdogTick,
             };
             match event {
-                Event::Command(Command::Attach { req, fds, reply }) => {
-                    let res = self.attach(req, fds).await;
+                Event::Command(Command::Attach { frontend, reply }) => {
+                    let res = self.attach(frontend).await;
+                    let _ = reply.send(res);
+                }
+                Event::Command(Command::SetCall {
+                    id,
+                    queue,
+                    fd,
+                    reply,
+                }) => {
+                    let res = self.set_call(id, queue, fd).await;
                     let _ = reply.send(res);
                 }
                 Event::Command(Command::Detach { id, reply }) => {
@@ -543,8 +619,8 @@ impl DeviceTask {
     fn check_hang(&mut self) -> Option<crate::watchdog::Hang> {
         let session = self.attached.as_ref()?.session.as_ref()?;
         let watchdog = self.watchdog.as_mut()?;
-        let beat = session.log.read_heartbeat().ok()?;
-        let pending = session.probe.as_ref().and_then(RingProbe::pending);
+        let beat = session.log().read_heartbeat().ok()?;
+        let pending = session.pending();
         watchdog.check(Instant::now(), beat, pending)
     }
 
@@ -554,7 +630,7 @@ impl DeviceTask {
             .attached
             .as_ref()
             .and_then(|a| a.session.as_ref())
-            .map(|s| s.log.read_heartbeat().unwrap_or(0));
+            .map(|s| s.log().read_heartbeat().unwrap_or(0));
         self.watchdog = beat.map(|beat| Watchdog::new(self.hang_timeout(), Instant::now(), beat));
     }
 
@@ -824,7 +900,7 @@ impl DeviceTask {
         }
     }
 
-    async fn attach(&mut self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {
+    async fn attach(&mut self, frontend: Frontend) -> Result<Attachment, Refusal> {
         if let Some(why) = &self.given_up {
             return Err((ErrorCode::Enodev, why.clone()));
         }
@@ -842,23 +918,34 @@ impl DeviceTask {
             self.current = Some(instance);
             self.ensure_standby();
         }
-        let (session, msg, plain) = if self.cfg.shadow {
-            let session = Session::new(req, fds, self.cfg.backend_id)?;
-            let msg = session.attach_message(false)?;
-            (Some(session), msg, None)
-        } else {
-            let msg = req
-                .to_message()
-                .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
-            (None, msg, Some(fds))
+        let (session, msg, plain) = match (frontend, self.cfg.shadow) {
+            (Frontend::Xen { req, fds }, true) => {
+                let session = Session::Xen(XenSession::new(req, fds, self.cfg.backend_id)?);
+                let msg = session.attach_message(false)?;
+                (Some(session), msg, Vec::new())
+            }
+            (Frontend::Xen { req, fds }, false) => {
+                let msg = req
+                    .to_message()
+                    .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+                (None, msg, vec![fds.region, fds.kick, fds.notify])
+            }
+            (Frontend::Virtio { req, fds }, true) => {
+                let session = Session::Virtio(VirtioSession::new(req, fds)?);
+                let msg = session.attach_message(false)?;
+                (Some(session), msg, Vec::new())
+            }
+            (Frontend::Virtio { mut req, fds }, false) => {
+                req.shadow = false;
+                (None, req.to_message(), plain_virtio_fds(fds))
+            }
         };
         let Some(instance) = self.current.as_mut() else {
             return Err((ErrorCode::Enodev, "no backend".into()));
         };
-        let borrowed: Vec<BorrowedFd<'_>> = match (&session, &plain) {
-            (Some(s), _) => s.attach_fds().to_vec(),
-            (None, Some(fds)) => fds.as_borrowed().to_vec(),
-            (None, None) => Vec::new(),
+        let borrowed: Vec<BorrowedFd<'_>> = match &session {
+            Some(s) => s.attach_fds(),
+            None => plain.iter().map(AsFd::as_fd).collect(),
         };
         let mut aside = Vec::new();
         let asked = Instant::now();
@@ -928,7 +1015,7 @@ impl DeviceTask {
         let liveness = attached
             .as_ref()
             .and_then(|a| a.session.as_ref())
-            .map(|s| (&s.log, hang_timeout));
+            .map(|s| (s.log(), hang_timeout));
         let asked = Instant::now();
         let mut aside = Vec::new();
         let result = match instance.send(&Message::new(kind::DETACH), &[]).await {
@@ -950,6 +1037,57 @@ impl DeviceTask {
             }
         }
         drop(attached);
+    }
+
+    /// `SET_VRING_CALL` on a running vhost-user session: keep the new fd
+    /// for later instances and switch the serving one to it. An instance
+    /// that fails to answer is replaced, and the replacement gets the new
+    /// fd with its `attach-virtio`.
+    async fn set_call(&mut self, id: u64, queue: u16, fd: OwnedFd) -> Result<(), Refusal> {
+        let hang_timeout = self.hang_timeout();
+        let Some(attached) = self.attached.as_mut().filter(|a| a.id == id) else {
+            return Err((ErrorCode::Enodev, "the session is gone".into()));
+        };
+        if let Some(session) = attached.session.as_mut() {
+            let Session::Virtio(virtio) = session else {
+                return Err((ErrorCode::Einval, "not a virtio session".into()));
+            };
+            let copy = fd
+                .try_clone()
+                .map_err(|e| (ErrorCode::Enodev, format!("dup: {e}")))?;
+            virtio.set_call(queue, copy)?;
+        }
+        let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
+            // A takeover is due; it sends the new fd.
+            return Ok(());
+        };
+        let liveness = attached.session.as_ref().map(|s| (s.log(), hang_timeout));
+        let msg = Message::new(SET_CALL).with(KEY_QUEUE, queue);
+        let asked = Instant::now();
+        let mut aside = Vec::new();
+        let result = match instance.send(&msg, &[fd.as_fd()]).await {
+            Ok(()) => {
+                instance
+                    .reply(BACKEND_REPLY_TIMEOUT, liveness, &mut aside)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        for msg in aside {
+            self.unsolicited(msg);
+        }
+        match result {
+            Ok(reply) if reply.kind() == kind::OK => Ok(()),
+            Ok(reply) => {
+                tracing::warn!(device = %self.name, queue, reply = %reply, "backend refused set-call");
+                Err(refusal(&reply))
+            }
+            Err(e) => {
+                tracing::warn!(device = %self.name, queue, error = %e, "set-call failed");
+                self.on_failure(Failure::of(&e, asked)).await;
+                Ok(())
+            }
+        }
     }
 
     async fn fault(&mut self, fault: Fault) -> Result<(), Refusal> {
@@ -995,7 +1133,7 @@ impl DeviceTask {
                     .as_ref()
                     .and_then(|a| a.session.as_ref())
                     .filter(|_| instance.serving)
-                    .map(|s| (&s.log, hang_timeout));
+                    .map(|s| (s.log(), hang_timeout));
                 let mut aside = Vec::new();
                 let result = send_poisons(instance, &self.poisons, liveness, &mut aside).await;
                 for msg in aside {
@@ -1007,6 +1145,18 @@ impl DeviceTask {
             }
         }
     }
+}
+
+/// The descriptors of an `attach-virtio` without shadow logs, in message
+/// order.
+fn plain_virtio_fds(fds: VirtioFds) -> Vec<OwnedFd> {
+    let mut v = fds.regions;
+    for (kick, call) in fds.queues {
+        v.push(kick);
+        v.push(call);
+    }
+    v.extend(fds.inflight);
+    v
 }
 
 /// Completes the fence for direct I/O: a write the dead instance submitted

@@ -13,6 +13,11 @@
 //! Connected. Counters per device: [`DeviceStats`], reported by the
 //! `status` control message and [`SupervisorThread::status`]; faults are
 //! injected with `fault` or [`SupervisorThread::fault`].
+//!
+//! A disk with `vhost_user` in its config is also served to a VMM as a
+//! vhost-user-blk device on that socket ([`VhostUserServer`], DESIGN §8):
+//! the supervisor keeps the VMM's memory, eventfds and in-flight region, so
+//! a data-plane failure is recovered exactly like a ring backend's.
 
 mod config;
 mod connection;
@@ -21,6 +26,7 @@ mod instance;
 mod session;
 mod spawn;
 mod stats;
+mod vhost_user;
 mod watchdog;
 
 use std::path::PathBuf;
@@ -30,12 +36,15 @@ use shadowback_xenbus::AsyncSeqPacketListener;
 use tokio::sync::watch;
 
 pub use config::{
-    CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS,
-    MIN_HANG_TIMEOUT_MS,
+    CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
+    MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
-pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
+pub use device::{DeviceHandle, Fault, KEY_QUEUE, MAX_FAILED_TAKEOVERS, SET_CALL};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
+pub use vhost_user::{
+    inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, CONFIG_SPACE_SIZE,
+};
 
 /// Errors of the supervisor.
 #[derive(Debug, thiserror::Error)]
@@ -101,14 +110,26 @@ async fn serve_registered(
             reason: e.to_string(),
         })?;
     let mut list = Vec::new();
+    let mut vhost = Vec::new();
     for disk in &cfg.disks {
-        let handle = device::start_device(disk, &backend).inspect_err(|_| {
-            let _ = std::fs::remove_file(&cfg.socket);
-        })?;
+        let started = device::start_device(disk, &backend).and_then(|handle| {
+            if disk.vhost_user.is_some() {
+                vhost.push(VhostUserServer::start(disk, handle.clone())?);
+            }
+            Ok(handle)
+        });
+        let handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(&cfg.socket);
+                stop_vhost(vhost).await;
+                return Err(e);
+            }
+        };
         tracing::info!(
             device = %disk.name, sectors = handle.info.sectors, path = %disk.path.display(),
             shadow = disk.shadow, standby = disk.standby, hang_timeout_ms = disk.hang_timeout_ms,
-            "disk exported"
+            vhost_user = ?disk.vhost_user, "disk exported"
         );
         list.push(handle);
     }
@@ -133,7 +154,21 @@ async fn serve_registered(
         }
     }
     let _ = std::fs::remove_file(&cfg.socket);
+    stop_vhost(vhost).await;
     Ok(())
+}
+
+/// Stops the vhost-user servers off the runtime's threads: each may wait
+/// for its device task to detach a session.
+async fn stop_vhost(servers: Vec<VhostUserServer>) {
+    if servers.is_empty() {
+        return;
+    }
+    let stopping =
+        tokio::task::spawn_blocking(move || servers.into_iter().for_each(VhostUserServer::stop));
+    if stopping.await.is_err() {
+        tracing::error!("stopping the vhost-user servers panicked");
+    }
 }
 
 /// A supervisor running on its own thread (for `demo`, `bench` and tests).

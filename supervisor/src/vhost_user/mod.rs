@@ -1,0 +1,305 @@
+//! vhost-user-blk (DESIGN §8): the supervisor terminates each vhost-user
+//! disk's unix socket and keeps everything the VMM sends; the data plane
+//! gets it in `attach-virtio` from the device task. A data-plane crash is
+//! a takeover inside the device task: the VMM's connection stays up and it
+//! sees only a stall.
+//!
+//! One blocking thread per disk serves one VMM connection at a time
+//! (`vhost`'s [`BackendReqHandler`] driving a [`BlkHandler`]). When the
+//! connection ends — EOF, a protocol error, or the device giving up — the
+//! session is detached and the next connection accepted (the VMM's chardev
+//! reconnect, or a VMM reconnecting to a restarted supervisor).
+
+mod config_space;
+mod handler;
+mod inflight;
+pub(crate) mod memory;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
+use tokio::sync::oneshot::error::TryRecvError;
+use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
+
+use crate::config::DiskConfig;
+use crate::device::{Attachment, DeviceHandle};
+use crate::SupervisorError;
+
+pub use config_space::{BlkGeometry, CONFIG_SPACE_SIZE};
+use handler::{BlkHandler, DiskFacts, SessionLink};
+pub use inflight::{inflight_mmap_size, queue_region_size};
+
+/// How often the serving thread looks at its stop flag and at the device.
+const POLL_PERIOD: Duration = Duration::from_millis(50);
+/// A message that has started to arrive must be complete within this (a
+/// VMM that stalls mid-message is disconnected, not waited for).
+const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The vhost-user socket of one disk and the thread serving it.
+pub struct VhostUserServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VhostUserServer {
+    /// Binds `cfg.vhost_user` (creating its directory, replacing a stale
+    /// socket file) and starts serving it for `device`.
+    pub fn start(cfg: &DiskConfig, device: DeviceHandle) -> Result<Self, SupervisorError> {
+        let Some(path) = cfg.vhost_user.clone() else {
+            return Err(SupervisorError::Config(format!(
+                "disk {:?} has no vhost_user socket",
+                cfg.name
+            )));
+        };
+        let err = |reason: String| SupervisorError::Socket {
+            path: path.clone(),
+            reason,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
+        }
+        remove_stale_socket(&path).map_err(err)?;
+        let socket = UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
+        let polled = socket
+            .try_clone()
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .map_err(|e| err(e.to_string()))?;
+        let facts = DiskFacts {
+            name: cfg.name.clone(),
+            geometry: BlkGeometry {
+                sectors: device.info.sectors,
+                readonly: cfg.readonly,
+                discard: cfg.discard,
+                num_queues: cfg.num_queues,
+            },
+            queue_size: cfg.queue_size,
+            shadow: cfg.shadow,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-user-{}", cfg.name))
+            .spawn(move || serve_socket(polled, facts, device, &flag))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&path);
+                err(e.to_string())
+            })?;
+        tracing::info!(device = %cfg.name, socket = %path.display(), "vhost-user socket listening");
+        Ok(VhostUserServer {
+            path,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the connection (detaching its session), removes the socket
+    /// and waits for the thread. Blocks: call it from a plain thread or
+    /// `spawn_blocking`, while the device tasks still run.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // Release pairs with the Acquire loads in the serving loops.
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!(socket = %self.path.display(), "vhost-user thread panicked");
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for VhostUserServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Whether `fd` became readable (or hung up) within `timeout`.
+fn wait_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let ts = Timespec {
+        tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match poll(&mut fds, Some(&ts)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn lock(handler: &Mutex<BlkHandler>) -> MutexGuard<'_, BlkHandler> {
+    // The handler's state stays consistent across a panic in one request
+    // (it is only ever replaced whole); keep serving.
+    handler.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes a socket file left by an earlier run; anything else at `path`
+/// is not ours to delete.
+fn remove_stale_socket(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| format!("removing the stale socket: {e}"))
+        }
+        Ok(_) => Err("exists and is not a socket".into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn serve_socket(polled: UnixListener, facts: DiskFacts, device: DeviceHandle, stop: &AtomicBool) {
+    // `vhost`'s listener accepts on its own descriptor of the socket; the
+    // loop polls `polled`. Both are non-blocking.
+    let mut listener = match polled.try_clone() {
+        Ok(l) => Listener::from(l),
+        Err(e) => {
+            tracing::error!(device = %facts.name, error = %e, "vhost-user listener");
+            return;
+        }
+    };
+    let mut connections = 0u64;
+    // Acquire pairs with the Release store in `shutdown`.
+    while !stop.load(Ordering::Acquire) {
+        match wait_readable(&polled, POLL_PERIOD) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                tracing::error!(device = %facts.name, error = %e, "vhost-user listener poll failed");
+                std::thread::sleep(POLL_PERIOD);
+                continue;
+            }
+        }
+        connections += 1;
+        let frontend = format!("vhost-user-{}-{connections}", facts.name);
+        let link = DeviceLink {
+            device: device.clone(),
+            attachment: None,
+        };
+        let handler = Arc::new(Mutex::new(BlkHandler::new(
+            facts.clone(),
+            frontend.clone(),
+            Box::new(link),
+        )));
+        let accepted =
+            BackendListener::new(&mut listener, handler.clone()).and_then(|mut l| l.accept());
+        let conn = match accepted {
+            Ok(Some(conn)) => conn,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(device = %facts.name, error = %e, "vhost-user accept failed");
+                continue;
+            }
+        };
+        tracing::info!(device = %facts.name, %frontend, "vhost-user frontend connected");
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_connection(conn, &handler, stop)
+        }));
+        let why = served.unwrap_or_else(|_| "handler panicked".to_string());
+        lock(&handler).disconnect();
+        tracing::info!(device = %facts.name, %frontend, %why, "vhost-user frontend disconnected");
+    }
+}
+
+/// Serves requests until the connection ends; returns why it ended.
+fn serve_connection(
+    mut conn: BackendReqHandler<Mutex<BlkHandler>>,
+    handler: &Mutex<BlkHandler>,
+    stop: &AtomicBool,
+) -> String {
+    let sock = match conn.try_clone_connection() {
+        Ok(s) => s,
+        Err(e) => return format!("cloning the socket: {e}"),
+    };
+    let timeouts = sock
+        .set_nonblocking(false)
+        .and_then(|()| sock.set_read_timeout(Some(MESSAGE_TIMEOUT)))
+        .and_then(|()| sock.set_write_timeout(Some(MESSAGE_TIMEOUT)));
+    if let Err(e) = timeouts {
+        return format!("socket options: {e}");
+    }
+    // Acquire pairs with the Release store in `shutdown`.
+    while !stop.load(Ordering::Acquire) {
+        if let Some(why) = lock(handler).lost() {
+            // The device gave up: closing the socket is how the VMM learns.
+            return format!("device lost: {why}");
+        }
+        match wait_readable(&sock, POLL_PERIOD) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => return format!("poll: {e}"),
+        }
+        lock(handler).take_soft_refusal();
+        match conn.handle_request() {
+            Ok(()) => {}
+            Err(VhostError::Disconnected) => return "EOF".into(),
+            Err(e) if lock(handler).take_soft_refusal() => {
+                tracing::debug!(error = %e, "request refused; connection kept");
+            }
+            Err(e) => return format!("protocol error: {e}"),
+        }
+    }
+    "supervisor stopping".into()
+}
+
+/// [`SessionLink`] to a device task, from the blocking serving thread.
+struct DeviceLink {
+    device: DeviceHandle,
+    attachment: Option<Attachment>,
+}
+
+impl SessionLink for DeviceLink {
+    fn attach(&mut self, req: VirtioAttachRequest, fds: VirtioFds) -> Result<(), String> {
+        self.detach();
+        let attachment = self
+            .device
+            .attach_virtio_blocking(req, fds)
+            .map_err(|(code, why)| format!("{code}: {why}"))?;
+        self.attachment = Some(attachment);
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        if let Some(a) = self.attachment.take() {
+            self.device.detach_blocking(a.id);
+        }
+    }
+
+    fn set_call(&mut self, queue: u16, fd: OwnedFd) -> Result<(), String> {
+        let id = self.attachment.as_ref().ok_or("no session")?.id;
+        self.device
+            .set_call_blocking(id, queue, fd)
+            .map_err(|(code, why)| format!("{code}: {why}"))
+    }
+
+    fn lost(&mut self) -> Option<String> {
+        match self.attachment.as_mut()?.lost.try_recv() {
+            Ok(why) => Some(format!("{why:?}")),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some("device stopped".into()),
+        }
+    }
+}
+
+impl Drop for DeviceLink {
+    fn drop(&mut self) {
+        // Exactly one detach per attachment, even after a panic.
+        self.detach();
+    }
+}
