@@ -367,7 +367,12 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     };
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let qsd = match &qsd_bin {
-        Some(bin) => Some(Qsd::start(bin, &image, &dir.0.join("qsd.sock"), args.cache)?),
+        Some(bin) => Some(Qsd::start(
+            bin,
+            &image,
+            &dir.0.join("qsd.sock"),
+            args.cache,
+        )?),
         None => None,
     };
     let bench = Bench {
@@ -581,7 +586,13 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
     }
 
     /// Runs a `guest blk --bench` process and reads its result line.
-    fn guest_bench(&self, mut cmd: Command, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
+    fn guest_bench(
+        &self,
+        mut cmd: Command,
+        op: Op,
+        qd: usize,
+        seed: u64,
+    ) -> Result<Sample, CliError> {
         let child = cmd
             .args(["--bench", op.name()])
             .args(["--qd", &qd.to_string()])
@@ -850,9 +861,17 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     println!();
     let pairs = [
         (IoPath::XenRing, IoPath::XenRingNoShadow, "shadow log cost"),
-        (IoPath::VhostUser, IoPath::VhostUserNoShadow, "shadow log cost"),
+        (
+            IoPath::VhostUser,
+            IoPath::VhostUserNoShadow,
+            "shadow log cost",
+        ),
         (IoPath::VhostUser, IoPath::XenRing, "transports"),
-        (IoPath::VhostUser, IoPath::Qsd, "against qemu-storage-daemon"),
+        (
+            IoPath::VhostUser,
+            IoPath::Qsd,
+            "against qemu-storage-daemon",
+        ),
     ];
     for (this, other, what) in pairs {
         for r in rows.iter().filter(|r| r.path == this.name()) {

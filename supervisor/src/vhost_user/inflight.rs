@@ -5,20 +5,17 @@
 //! share rounded up to 64 bytes as libvhost-user sizes it.
 //!
 //! The supervisor only creates, sizes and keeps the region; the data plane
-//! reads and writes it.
+//! reads and writes it. The layout arithmetic is the data plane's
+//! (`shadowback_blkback::virtio`), so both sides agree by construction.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 
+use shadowback_blkback::virtio::init_inflight_region;
+pub use shadowback_blkback::virtio::{
+    inflight_mmap_size, inflight_queue_region_size as queue_region_size,
+};
 use vhost::vhost_user::message::VhostUserInflight;
-
-/// Bytes of one `DescStateSplit`.
-const DESC_STATE_SIZE: u64 = 16;
-/// Each queue's share of the region is a multiple of this.
-const INFLIGHT_ALIGNMENT: u64 = 64;
-/// Offset of `desc_num` in a queue's header.
-const DESC_NUM_OFFSET: u64 = 10;
 
 /// Why an in-flight region was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,16 +28,6 @@ pub enum InflightError {
     Truncated { len: u64, offset: u64, size: u64 },
     #[error("in-flight memfd: {0}")]
     Io(String),
-}
-
-/// Bytes of one queue's share: `align_up(16 * queue_size + 2, 64)`.
-pub fn queue_region_size(queue_size: u16) -> u64 {
-    (DESC_STATE_SIZE * u64::from(queue_size) + 2).next_multiple_of(INFLIGHT_ALIGNMENT)
-}
-
-/// Bytes of the whole region for `num_queues` queues.
-pub fn inflight_mmap_size(num_queues: u16, queue_size: u16) -> u64 {
-    queue_region_size(queue_size) * u64::from(num_queues)
 }
 
 /// The region the supervisor keeps for the device.
@@ -89,11 +76,7 @@ impl InflightRegion {
         let file = File::from(fd);
         let mmap_size = inflight_mmap_size(num_queues, queue_size);
         file.set_len(mmap_size).map_err(|e| io(&e))?;
-        for q in 0..u64::from(num_queues) {
-            let at = q * queue_region_size(queue_size) + DESC_NUM_OFFSET;
-            file.write_all_at(&queue_size.to_le_bytes(), at)
-                .map_err(|e| io(&e))?;
-        }
+        init_inflight_region(&file, 0, num_queues, queue_size).map_err(|e| io(&e))?;
         Ok(InflightRegion {
             file,
             mmap_size,
@@ -163,6 +146,7 @@ impl InflightRegion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn sizes_follow_libvhost_user() {
@@ -182,7 +166,7 @@ mod tests {
         r.file.read_exact_at(&mut b, 2112 + 10).unwrap();
         assert_eq!(u16::from_le_bytes(b), 128);
         r.file.read_exact_at(&mut b, 8).unwrap();
-        assert_eq!(u16::from_le_bytes(b), 0, "version is the data plane's");
+        assert_eq!(u16::from_le_bytes(b), 1, "version");
         let reply = r.reply();
         assert_eq!((reply.num_queues, reply.queue_size), (2, 128));
         for (q, s) in [(0, 128), (5, 128), (1, 100), (1, 2048), (1, 0)] {
