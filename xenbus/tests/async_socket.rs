@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use shadowback_xenbus::{
     kind, AsyncSeqPacket, AsyncSeqPacketListener, BackendInfo, ConnectRequest, DeviceFds, DiskMode,
-    Message, SeqPacket, SeqPacketListener, XenbusError, XenbusState,
+    Message, SeqPacket, SeqPacketListener, XenbusError, XenbusState, MAX_FDS,
 };
 
 fn socket_path(name: &str) -> PathBuf {
@@ -150,8 +150,8 @@ async fn async_peer_close_and_too_many_fds() {
     let (a, b) = AsyncSeqPacket::pair().unwrap();
     let fd = eventfd();
     assert!(matches!(
-        a.send(&Message::new("attach"), &[fd.as_fd(); 9]).await,
-        Err(XenbusError::TooManyFds { count: 9 })
+        a.send(&Message::new("attach"), &[fd.as_fd(); MAX_FDS + 1]).await,
+        Err(XenbusError::TooManyFds { count }) if count == MAX_FDS + 1
     ));
     drop(a);
     assert!(matches!(b.recv().await, Err(XenbusError::Closed)));
