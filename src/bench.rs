@@ -840,7 +840,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     );
     println!();
     println!(
-        "{:<18} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
+        "{:<20} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
         "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "vs raw"
     );
     let mut last_group: Option<(&str, usize)> = None;
@@ -854,7 +854,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             None => "base".into(),
         };
         println!(
-            "{:<18} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
+            "{:<20} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
             r.path, r.op, r.qd, r.iops, r.p50_us, r.p99_us, ratio
         );
     }
