@@ -107,13 +107,7 @@ fn inject_under_load(
 fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
     const KILLS: u64 = 100;
     const MIB: u64 = 16;
-    let setup = VhostSetup::start(
-        "vu-soak",
-        "vu-soak",
-        MIB,
-        |d| d.num_queues = 2,
-        &[],
-    );
+    let setup = VhostSetup::start("vu-soak", "vu-soak", MIB, |d| d.num_queues = 2, &[]);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let report = inject_under_load(
         &setup,
@@ -134,7 +128,11 @@ fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
     let s = setup.stats();
     assert!(s.crashes >= KILLS, "{s:#?}");
     assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
-    assert_eq!((s.failed_takeovers, s.poisoned, s.corrupt), (0, 0, 0), "{s:#?}");
+    assert_eq!(
+        (s.failed_takeovers, s.poisoned, s.corrupt),
+        (0, 0, 0),
+        "{s:#?}"
+    );
     assert!(!s.given_up, "{s:#?}");
     assert!(
         s.replayed + s.repushed > 0,
@@ -272,7 +270,10 @@ fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
     assert_clean_report(&report, "guest with spinning data planes");
     assert_whole_image(&report, 16);
     let s = setup.stats();
-    assert!(s.hangs >= SPINS, "spinning instances count as hangs: {s:#?}");
+    assert!(
+        s.hangs >= SPINS,
+        "spinning instances count as hangs: {s:#?}"
+    );
     assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
     assert!(!s.given_up, "{s:#?}");
 }
@@ -316,12 +317,17 @@ fn a_poisoned_request_is_failed_once_and_the_device_keeps_serving() {
         stall_timeout: Duration::from_secs(10),
         ..VerifyConfig::default()
     });
-    let report = w.run(&mut dev, &mut |_| {}).expect("workload after the poison");
+    let report = w
+        .run(&mut dev, &mut |_| {})
+        .expect("workload after the poison");
     assert_clean_report(&report, "after the poison");
     assert_eq!(report.sectors_verified_final, REGION);
     let got = complete_one(&mut dev, &BlockRequest::read(SECTOR + 64, 8, true)).expect("read");
     assert_eq!(got.status, Status::Ok);
-    assert!(got.data.as_deref() == Some(&before[..]), "older data intact");
+    assert!(
+        got.data.as_deref() == Some(&before[..]),
+        "older data intact"
+    );
     let used: Vec<u16> = (0..2)
         .map(|q| dev.transport().used_idx(q).expect("used index"))
         .collect();
