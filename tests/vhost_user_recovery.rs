@@ -33,7 +33,7 @@ fn sectors(mib: u64) -> u64 {
 fn assert_whole_image(report: &Report, mib: u64) {
     let n = report.sectors_verified_final;
     assert!(
-        n >= sectors(mib) && n % sectors(mib) == 0,
+        n >= sectors(mib) && n.is_multiple_of(sectors(mib)),
         "{n} sectors verified, not the whole image of {}",
         sectors(mib)
     );
