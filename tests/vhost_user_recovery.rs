@@ -98,14 +98,14 @@ fn inject_under_load(
     guest.finish(GUEST_EXIT).expect("the guest reports")
 }
 
-/// DESIGN §5 soak over vhost-user: 100 SIGKILLs of the data plane at
+/// DESIGN §5 soak over vhost-user: 200 SIGKILLs of the data plane at
 /// random moments under a QD32 verifying workload of reads, writes,
 /// flushes and discards spread over two virtqueues with EVENT_IDX: no
 /// request lost or answered twice, no wrong data, no I/O error, the whole
 /// image verified at the end, and the VMM's connection never dropped.
 #[test]
 fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
-    const KILLS: u64 = 100;
+    const KILLS: u64 = 200;
     const MIB: u64 = 16;
     let setup = VhostSetup::start("vu-soak", "vu-soak", MIB, |d| d.num_queues = 2, &[]);
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
