@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
+use shadowback_guest::vhost_user::{VhostUserBlk, VhostUserBlkOptions};
 use shadowback_guest::workload::{Report, VerifyConfig, VerifyWorkload};
 use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse};
 use shadowback_ring::grant::GrantTable;
 use shadowback_ring::sring::{FrontRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion, PAGE_SIZE};
-use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
+use shadowback_supervisor::{
+    BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
+};
 use shadowback_xenbus::{kind, ErrorCode, Message, SeqPacket, XenbusError};
 
 /// How long any single control-socket answer or block request may take.
@@ -606,4 +609,271 @@ pub fn write_grant_via_file(file: &File, gref: u32, flags: u16, domid: u16, fram
     entry[4..8].copy_from_slice(&frame.to_le_bytes());
     file.write_all_at(&entry, u64::from(gref) * 8)
         .expect("write grant entry");
+}
+
+// ---------------------------------------------------------------------
+// vhost-user: a supervisor exporting one disk on a vhost-user socket, the
+// native client in-process or as a `shadowback guest blk` process.
+// ---------------------------------------------------------------------
+
+/// A supervisor thread exporting one fresh disk over vhost-user (and its
+/// control socket, for status and faults); stopped (backends killed) and
+/// its directory removed on drop.
+pub struct VhostSetup {
+    // Dropped first: stop the supervisor before removing its files.
+    sup: Option<SupervisorThread>,
+    name: String,
+    vhost: PathBuf,
+    image: PathBuf,
+    dir: TempDir,
+}
+
+impl VhostSetup {
+    /// A disk named `name` of `mib` MiB, exported on a vhost-user socket;
+    /// `edit` may change its configuration (and write the image, at
+    /// `disk.path`, before the supervisor opens it). `first_env` is the
+    /// environment of the device's first backend instance
+    /// (`SHADOWBACK_CRASH_AT`).
+    pub fn start(
+        tag: &str,
+        name: &str,
+        mib: u64,
+        edit: impl FnOnce(&mut DiskConfig),
+        first_env: &[(&str, &str)],
+    ) -> Self {
+        let dir = TempDir::new(tag);
+        let image = dir.path().join("disk.img");
+        make_image(&image, mib);
+        let vhost = dir.path().join("vhost.sock");
+        let mut disk = DiskConfig::new(name, &image);
+        disk.cache = cache_for(&image);
+        disk.vhost_user = Some(vhost.clone());
+        edit(&mut disk);
+        let cfg = Config {
+            socket: dir.path().join("control.sock"),
+            disks: vec![disk],
+        };
+        let cmd = BackendCommand {
+            env: first_env
+                .iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            ..backend_command()
+        };
+        let sup = SupervisorThread::start(cfg, cmd).expect("start supervisor");
+        VhostSetup {
+            sup: Some(sup),
+            name: name.to_owned(),
+            vhost,
+            image,
+            dir,
+        }
+    }
+
+    pub fn sup(&self) -> &SupervisorThread {
+        self.sup.as_ref().expect("supervisor running")
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn vhost_socket(&self) -> &Path {
+        &self.vhost
+    }
+
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn stats(&self) -> DeviceStats {
+        self.sup()
+            .status()
+            .into_iter()
+            .find(|(n, _)| *n == self.name)
+            .expect("device listed")
+            .1
+    }
+
+    /// Waits until `pred` holds (or fails after 20 s).
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.stats();
+            if pred(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Injects `fault` and waits for the recovery it causes.
+    pub fn fault_and_recover(&self, fault: Fault) {
+        let before = self.stats().recoveries;
+        self.sup().fault(&self.name, fault).expect("inject fault");
+        self.wait_for("the recovery", |s| s.recoveries > before);
+    }
+
+    /// The native client with `queues` virtqueues (EVENT_IDX on).
+    pub fn connect(&self, queues: u16) -> VhostUserBlk {
+        self.connect_with(VhostUserBlkOptions {
+            queues,
+            ..VhostUserBlkOptions::default()
+        })
+    }
+
+    pub fn connect_with(&self, opts: VhostUserBlkOptions) -> VhostUserBlk {
+        VhostUserBlk::connect(&self.vhost, opts).expect("vhost-user client connects")
+    }
+
+    /// Stops the supervisor and reports how that went.
+    pub fn stop(mut self) {
+        if let Some(s) = self.sup.take() {
+            s.stop().expect("supervisor stopped with an error");
+        }
+    }
+}
+
+impl Drop for VhostSetup {
+    fn drop(&mut self) {
+        if let Some(s) = self.sup.take() {
+            let _ = s.stop();
+        }
+    }
+}
+
+/// A `shadowback guest blk --transport vhost-user` process; killed on drop
+/// if still running.
+pub struct GuestProcess {
+    child: std::process::Child,
+    reader: Option<std::thread::JoinHandle<GuestOutput>>,
+}
+
+/// What a guest process printed.
+#[derive(Debug, Default)]
+pub struct GuestOutput {
+    pub report: Option<Report>,
+    pub error: Option<String>,
+    /// Every line, for failure messages.
+    pub lines: Vec<String>,
+}
+
+impl GuestProcess {
+    /// Starts the guest on the vhost-user socket `socket` with `args`
+    /// after `guest blk --transport vhost-user --socket SOCKET`.
+    pub fn spawn(socket: &Path, args: &[&str]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_shadowback"))
+            .args(["guest", "blk", "--transport", "vhost-user", "--socket"])
+            .arg(socket)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the guest process");
+        let stdout = child.stdout.take().expect("guest stdout");
+        let reader = std::thread::spawn(move || {
+            let mut out = GuestOutput::default();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    match v["event"].as_str() {
+                        Some("report") => {
+                            out.report = serde_json::from_value(v["report"].clone()).ok();
+                        }
+                        Some("error") => out.error = v["message"].as_str().map(str::to_owned),
+                        _ => {}
+                    }
+                }
+                out.lines.push(line);
+            }
+            out
+        });
+        GuestProcess {
+            child,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit (killing it after
+    /// that) and returns its report, or what went wrong.
+    pub fn finish(mut self, timeout: Duration) -> Result<Report, String> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+            }
+        };
+        let out = self
+            .reader
+            .take()
+            .and_then(|r| r.join().ok())
+            .unwrap_or_default();
+        match (status, out.report) {
+            (Some(_), Some(report)) => Ok(report),
+            (None, _) => Err(format!(
+                "guest still running after {timeout:?}; output: {:?}",
+                out.lines
+            )),
+            (Some(status), None) => Err(format!(
+                "guest exited ({status}) without a report: {:?}; output: {:?}",
+                out.error, out.lines
+            )),
+        }
+    }
+}
+
+impl Drop for GuestProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Checks a verifying run: operations done, nothing lost, duplicated,
+/// wrong or failed, and a final check that verified something.
+pub fn assert_clean_report(report: &Report, what: &str) {
+    assert!(report.ops > 0, "{what}: no ops: {report:?}");
+    assert_eq!(report.lost, 0, "{what}: lost: {:?}", report.failures);
+    assert_eq!(
+        report.duplicates, 0,
+        "{what}: duplicates: {:?}",
+        report.failures
+    );
+    assert_eq!(
+        report.verify_failures, 0,
+        "{what}: verify failures: {:?}",
+        report.failures
+    );
+    assert_eq!(report.io_errors, 0, "{what}: I/O errors: {report:?}");
+    assert!(
+        report.sectors_verified_final > 0,
+        "{what}: final check verified nothing"
+    );
 }

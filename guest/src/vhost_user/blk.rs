@@ -23,8 +23,9 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_USED_F_NO_NOTIFY};
@@ -410,7 +411,8 @@ impl VhostUserBlk {
             | bit(VIRTIO_BLK_F_RO)
             | bit(VIRTIO_BLK_F_BLK_SIZE)
             | bit(VIRTIO_BLK_F_SEG_MAX)
-            | bit(VIRTIO_BLK_F_SIZE_MAX);
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         if opts.queues > 1 {
             wanted |= bit(VIRTIO_BLK_F_MQ);
         }
@@ -594,6 +596,59 @@ impl VhostUserBlk {
         self.id_answer
             .take()
             .unwrap_or_else(|| Err(DeviceError::Transport("GET_ID lost".into())))
+    }
+
+    /// Submits a virtio-blk request of any `type_`, checked against this
+    /// driver's slot size but not against the device's features or
+    /// limits: for requests [`BlockDevice`] has no op for
+    /// (`VIRTIO_BLK_T_WRITE_ZEROES`) and for tests of the device's own
+    /// validation (a write to a read-only device). `out` is the
+    /// device-readable payload after the header (a write's data, discard
+    /// or write-zeroes segments; may be empty), `in_bytes` the size of a
+    /// device-writable buffer (a read's data; 0 for none); at most one of
+    /// them is non-empty. The completion arrives from
+    /// [`BlockDevice::poll_completions`] with `tag`, carrying the
+    /// device-writable buffer as its data when the status is OK.
+    pub fn submit_raw(
+        &mut self,
+        tag: u64,
+        type_: u32,
+        sector: u64,
+        out: &[u8],
+        in_bytes: u32,
+    ) -> Result<(), DeviceError> {
+        if !out.is_empty() && in_bytes != 0 {
+            return Err(invalid("both a payload and a reply buffer".into()));
+        }
+        let (len, dir, op) = if in_bytes != 0 {
+            (in_bytes, DataDir::FromDevice, BlockOp::Read)
+        } else if out.is_empty() {
+            (0, DataDir::None, BlockOp::Write)
+        } else {
+            let len = u32::try_from(out.len())
+                .map_err(|_| invalid(format!("payload of {} bytes", out.len())))?;
+            (len, DataDir::ToDevice, BlockOp::Write)
+        };
+        if len > self.limits.max_request_bytes {
+            return Err(invalid(format!(
+                "{len} bytes exceed the slot size {}",
+                self.limits.max_request_bytes
+            )));
+        }
+        let (qi, slot) = self.take_slot()?;
+        let q = &self.queues[qi];
+        if let Err(e) = q.data.write(u64::from(slot) * q.data_stride, out) {
+            self.queues[qi].free.push(slot);
+            return Err(DeviceError::Io(e));
+        }
+        let use_ = SlotUse::Block {
+            tag,
+            op,
+            bytes: len,
+            want_data: in_bytes != 0,
+        };
+        let hdr = header_bytes(type_, sector);
+        self.publish(qi, slot, &hdr, len, dir, use_)
     }
 
     /// A queue with a free slot, round robin.
