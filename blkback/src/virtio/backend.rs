@@ -837,19 +837,9 @@ impl VirtioLoop<'_> {
     /// Re-walks the chain at `head` (still owned by the device: its used
     /// entry was never visible) and executes it again.
     fn reexecute(&mut self, qi: usize, head: u16, entry: Option<EntryId>) {
-        let Some(dev) = self.device.as_mut() else {
+        let Some(parsed) = self.walk_and_parse(qi, head) else {
             return;
         };
-        let mem = dev.mem.clone();
-        let q = &dev.queues[qi];
-        let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
-        let parsed = parse(
-            &mem,
-            walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
-            &self.blk,
-            &mut self.data,
-            &mut self.ranges,
-        );
         self.check_poison(&parsed);
         self.start(qi, head, entry, parsed);
     }
@@ -857,20 +847,26 @@ impl VirtioLoop<'_> {
     /// Answers `head` with IOERR without executing it (poisoned or
     /// corrupt entries).
     fn fail(&mut self, qi: usize, head: u16, entry: EntryId) {
-        let Some(dev) = self.device.as_mut() else {
+        let Some(parsed) = self.walk_and_parse(qi, head) else {
             return;
         };
+        self.respond(qi, head, Some(entry), parsed.status_at, STATUS_IOERR, 1);
+    }
+
+    /// Walks the chain at `head` of queue `qi` again and parses it; `None`
+    /// without an attached device.
+    fn walk_and_parse(&mut self, qi: usize, head: u16) -> Option<Parsed> {
+        let dev = self.device.as_mut()?;
         let mem = dev.mem.clone();
         let q = &dev.queues[qi];
         let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
-        let parsed = parse(
+        Some(parse(
             &mem,
             walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
             &self.blk,
             &mut self.data,
             &mut self.ranges,
-        );
-        self.respond(qi, head, Some(entry), parsed.status_at, STATUS_IOERR, 1);
+        ))
     }
 
     fn handle_message(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
