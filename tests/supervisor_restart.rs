@@ -401,6 +401,15 @@ fn read_guest(child: &mut Child) -> GuestOutput {
 fn wait_progress(out: &GuestOutput, site: &Site, guest_log: &Path, after: u64, what: &str) {
     let deadline = Instant::now() + STEP_TIMEOUT;
     while out.busy_ticks.load(Ordering::Relaxed) <= after {
+        if out.reader.is_finished() {
+            let lines = out.lines.lock().unwrap();
+            panic!(
+                "{what}: the guest exited\n--- guest stdout (last 5 lines):\n{}\n--- guest stderr:\n{}\n{}",
+                lines[lines.len().saturating_sub(5)..].join("\n"),
+                std::fs::read_to_string(guest_log).unwrap_or_default(),
+                site.logs()
+            );
+        }
         assert!(
             Instant::now() < deadline,
             "{what}: the guest made no progress\n--- guest stderr:\n{}\n{}",
