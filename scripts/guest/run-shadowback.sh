@@ -12,12 +12,22 @@
 # must not notice a data-plane restart), the image checked on the host
 # against the guest's last round, and the supervisor's counters.
 #
+# --fault supervisor-kill SIGKILLs `shadowback up` itself instead and starts
+# it again on the same config (the socket path is reused), like a service
+# manager would: QEMU gets the chardev option reconnect=1, sees the socket
+# hang up and reconnects, re-sending SET_INFLIGHT_FD with the region it
+# kept and SET_VRING_BASE = used->idx; the new data plane resubmits what the
+# region marks in flight. QEMU does notice this (disconnect / "ring restore
+# failed" messages, by design): those are counted but not a failure; the
+# guest must still see no error and the host check must pass. Give it a
+# --kill-every of a few seconds (QEMU reconnects once per second).
+#
 # Exits 0 on PASS (guest PASS, no bad message, host check passed, no QEMU
 # vhost-user error, all N kills done), 1 on FAIL, 2 on timeout / no verdict,
 # 3 if the guest image is not built, 4 if the supervisor did not come up.
 #
 # Usage: scripts/guest/run-shadowback.sh [--kills N] [--kill-every S]
-#            [--fault kill|hang|spin] [--rounds N | --duration S]
+#            [--fault kill|hang|spin|supervisor-kill] [--rounds N | --duration S]
 #            [--workers N] [--depth N] [--blocks N] [--image-mib N]
 #            [--timeout S] [--log FILE] [--keep] [--reconnect]
 #   --kills N       data-plane faults to inject (0); they start when the
@@ -54,12 +64,16 @@ while [ $# -gt 0 ]; do
         --log)        LOG=$2; shift 2 ;;
         --keep)       KEEP=1; shift ;;
         --reconnect)  RECONNECT=1; shift ;;
-        -h|--help)    sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help)    sed -n '2,44p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
 case "$KILLS" in ''|*[!0-9]*) die "--kills wants a number" ;; esac
-case "$FAULT" in kill|hang|spin) ;; *) die "--fault wants kill, hang or spin" ;; esac
+case "$FAULT" in
+    kill|hang|spin) ;;
+    supervisor-kill) RECONNECT=1 ;;
+    *) die "--fault wants kill, hang, spin or supervisor-kill" ;;
+esac
 if [ -z "$DURATION" ]; then
     if [ "$KILLS" -gt 0 ]; then
         DURATION=$(awk -v n="$KILLS" -v s="$KILL_EVERY" 'BEGIN { d = n * s + 8; printf "%d", (d == int(d)) ? d : int(d) + 1 }')
@@ -82,13 +96,21 @@ RUN=$(mktemp -d "$C/run.XXXXXX")
 LOG=${LOG:-$RUN/console.log}
 IMG=$RUN/disk.raw; VSOCK=$RUN/vhost.sock; CTL=$RUN/control.sock; CFG=$RUN/shadowback.toml
 SUP_PID=""; KILLER_PID=""; RUN_OK=0
+# The live supervisor's pid: with --fault supervisor-kill the injector
+# replaces it, so it is kept in a file.
+SUP_PIDFILE=$RUN/supervisor.pid
+start_supervisor() {
+    RUST_LOG=${RUST_LOG:-warn} "$BIN" up "$CFG" >> "$RUN/supervisor.log" 2>&1 &
+    echo $! > "$SUP_PIDFILE"
+}
 stop_supervisor() {
+    [ -s "$SUP_PIDFILE" ] && SUP_PID=$(cat "$SUP_PIDFILE")
     [ -n "$SUP_PID" ] || return 0
     kill -TERM "$SUP_PID" 2>/dev/null || true
     for _ in $(seq 100); do kill -0 "$SUP_PID" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$SUP_PID" 2>/dev/null || true
     wait "$SUP_PID" 2>/dev/null || true
-    SUP_PID=""
+    SUP_PID=""; rm -f "$SUP_PIDFILE"
 }
 cleanup() {
     set +e
@@ -122,14 +144,14 @@ shadow = true
 EOF
 
 # --- the supervisor ---------------------------------------------------------
-RUST_LOG=${RUST_LOG:-warn} "$BIN" up "$CFG" >> "$RUN/supervisor.log" 2>&1 &
-SUP_PID=$!
+start_supervisor
+SUP_PID=$(cat "$SUP_PIDFILE")
 log "supervisor: $BIN up $CFG (pid $SUP_PID, log $RUN/supervisor.log)"
 i=0
 until [ -S "$VSOCK" ] && [ -S "$CTL" ]; do
     if ! kill -0 "$SUP_PID" 2>/dev/null; then
         wait "$SUP_PID" 2>/dev/null && rc=0 || rc=$?
-        SUP_PID=""
+        SUP_PID=""; rm -f "$SUP_PIDFILE"
         log "error: shadowback up exited (status $rc) before serving $VSOCK:"
         sed 's/^/    /' "$RUN/supervisor.log" >&2
         echo "RESULT verdict=NONE error=supervisor-exited"
@@ -156,7 +178,20 @@ if [ "$KILLS" -gt 0 ]; then
         while [ $n -lt "$KILLS" ] && [ $bad -le "$KILLS" ]; do
             sleep "$KILL_EVERY"
             grep -q 'SHADOWBACK-GUEST: \(PASS\|FAIL\)' "$LOG" && break
-            if out=$("$BIN" fault --socket "$CTL" vd0 "$FAULT" 2>&1); then
+            if [ "$FAULT" = supervisor-kill ]; then
+                # SIGKILL, wait until it is gone (its backends die with it),
+                # start the next one on the same config.
+                old=$(cat "$SUP_PIDFILE")
+                kill -9 "$old" 2>/dev/null || true
+                for _ in $(seq 200); do
+                    st=$(awk '{ print $3 }' "/proc/$old/stat" 2>/dev/null || true)
+                    [ -z "$st" ] || [ "$st" = Z ] && break
+                    sleep 0.05
+                done
+                echo "=== supervisor $old killed at $EPOCHREALTIME; restarting" >> "$RUN/supervisor.log"
+                start_supervisor
+                n=$((n+1)); echo "[injector] $FAULT #$n at $EPOCHREALTIME: $old -> $(cat "$SUP_PIDFILE")" >> "$RUN/kills.log"
+            elif out=$("$BIN" fault --socket "$CTL" vd0 "$FAULT" 2>&1); then
                 n=$((n+1)); echo "[injector] $FAULT #$n at $EPOCHREALTIME: $out" >> "$RUN/kills.log"
             else
                 bad=$((bad+1)); echo "[injector] refused at $EPOCHREALTIME: $out" >> "$RUN/kills.log"
@@ -180,7 +215,8 @@ REFUSED=$(grep -c 'refused' "$RUN/kills.log" 2>/dev/null || true)
 
 # --- the supervisor's view, then stop it ---------------------------------------
 STATUS=""
-if kill -0 "$SUP_PID" 2>/dev/null; then
+SUP_PID=$(cat "$SUP_PIDFILE" 2>/dev/null || true)
+if [ -n "$SUP_PID" ] && kill -0 "$SUP_PID" 2>/dev/null; then
     STATUS=$("$BIN" status --socket "$CTL" 2>&1) || log "shadowback status failed: $STATUS"
     log "shadowback status:"; sed 's/^/    /' <<< "$STATUS" >&2
 else
@@ -197,7 +233,12 @@ fi
 
 analyze_run "$LOG" "$IMG" "$QRC" "${DONE_KILLS:-0}" "${REFUSED:-0}" "$EXTRA_RESULT"
 QERR=$(grep -E '^\[ *[0-9.]*\] qemu-system-x86_64: ' "$LOG" | grep -ciE 'vhost|end-of-file|msg fds|disconnect' || true)
-if [ "$QERR" -gt 0 ]; then
+if [ "$FAULT" = supervisor-kill ]; then
+    # The supervisor owns the vhost-user socket: QEMU sees each restart as a
+    # disconnect and reconnects; only the guest's view counts here.
+    log "QEMU vhost-user messages (expected with supervisor-kill): $QERR"
+    grep -E '^\[ *[0-9.]*\] qemu-system-x86_64: ' "$LOG" | sort | uniq -c | sort -rn | head -8 >&2 || true
+elif [ "$QERR" -gt 0 ]; then
     log "FAIL: QEMU noticed the vhost-user backend ($QERR messages)"; RUN_OK=0
 fi
 if [ "${DONE_KILLS:-0}" -lt "$KILLS" ]; then

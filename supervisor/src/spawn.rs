@@ -1,10 +1,56 @@
-//! Starting a backend process with the fds it inherits.
+//! Starting a backend process with the fds it inherits, and opening the
+//! disk image it serves.
+//!
+//! # A supervisor's death
+//!
+//! Backends must not outlive their supervisor: a new supervisor (restarted
+//! by systemd, reconnected to by the VMM's chardev `reconnect`) starts new
+//! backends on the same rings and the same image, and an old one that was
+//! SIGSTOPped or hung while its supervisor died would otherwise keep
+//! touching both. Two mechanisms make that impossible:
+//!
+//! 1. **`PR_SET_PDEATHSIG(SIGKILL)`** in every backend (set between fork
+//!    and exec, see [`spawn_backend`]): the kernel kills it the moment the
+//!    supervisor dies, stopped or not. The signal fires when the *thread*
+//!    that forked the backend exits, not the process; every backend is
+//!    forked from the thread that runs the supervisor's runtime. `shadowback
+//!    up` and `SupervisorThread` run a current-thread runtime, so that is
+//!    the one thread that calls `block_on` and lives until the supervisor
+//!    returns: `start_device` runs in `serve` and the device tasks are
+//!    `tokio::spawn`ed onto that runtime. On a multi-thread runtime they
+//!    would run on worker threads, which also live as long as the runtime.
+//!    Never spawn a backend from `spawn_blocking` (its threads retire after
+//!    10 s idle, which would kill the backend) or from a short-lived thread.
+//!
+//! 2. **A `flock` on the image** ([`open_disk`]): the lock belongs to the
+//!    open file description, which the supervisor shares with all its
+//!    backends (fd 4 is a dup of it), and the kernel drops it only when the
+//!    last reference to that description goes. An io_uring request in
+//!    flight holds a reference until it completes, and so does a ring's
+//!    registered-file table until the ring is torn down after its last
+//!    request. So the lock of a dead supervisor stays held until every
+//!    backend it started has exited *and* every write they submitted has
+//!    landed (or failed). A new supervisor takes the lock exclusively before
+//!    it starts anything on the image, and therefore waits for exactly
+//!    that.
+//!
+//! Without (2) the order would still hold in practice: the old backends
+//! die within microseconds of their supervisor and their last writes land
+//! within milliseconds, while a VMM needs far longer to reconnect (QEMU's
+//! chardev `reconnect` retries once per second, and the new supervisor must
+//! exec, open the image and start a backend before it even listens); only
+//! after the reconnect does a new backend resubmit the requests of the
+//! in-flight region. The lock makes this ordering a guarantee instead of a
+//! matter of timing. The lock also keeps a second supervisor from
+//! exporting an image a running one serves.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::process::Stdio;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use shadowback_xenbus::SeqPacket;
 
@@ -16,15 +62,119 @@ pub const BACKEND_CONTROL_FD: i32 = 3;
 /// fd number of the disk image in the backend.
 pub const BACKEND_DISK_FD: i32 = 4;
 
+/// How long [`open_disk`] waits for another holder of the image's lock (a
+/// dead supervisor's backends and their last I/O) before it gives up.
+pub const IMAGE_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often it tries.
+const IMAGE_LOCK_RETRY: Duration = Duration::from_millis(5);
+
 /// An opened disk image.
 #[derive(Debug)]
 pub struct Disk {
     pub file: File,
     /// Size in 512-byte sectors.
     pub sectors: u64,
+    /// This process's claim on the image's lock (see [`open_disk`]).
+    _lock: ImageLock,
 }
 
-/// Opens the image as the config says (`O_DIRECT` for `cache = "none"`).
+/// Images this process holds the lock of, as `(st_dev, st_ino, users)`.
+/// Several disks of one config may export the same image (the benchmarks
+/// do): only the first waits for the exclusive lock, the others share it.
+static LOCKED_IMAGES: Mutex<Vec<(u64, u64, usize)>> = Mutex::new(Vec::new());
+
+fn locked_images() -> MutexGuard<'static, Vec<(u64, u64, usize)>> {
+    // A plain list of counters: a panic elsewhere cannot leave it torn.
+    LOCKED_IMAGES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One [`Disk`]'s use of an image this process holds the lock of.
+#[derive(Debug)]
+struct ImageLock {
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for ImageLock {
+    fn drop(&mut self) {
+        let mut held = locked_images();
+        if let Some(i) = held
+            .iter()
+            .position(|&(d, n, _)| (d, n) == (self.dev, self.ino))
+        {
+            held[i].2 -= 1;
+            if held[i].2 == 0 {
+                held.swap_remove(i);
+            }
+        }
+        // The flock itself goes with the last reference to the file
+        // description, i.e. after the backends sharing it are gone.
+    }
+}
+
+/// `flock(2)` without blocking. (`nix::fcntl::Flock` would take the file
+/// by value; the `Disk` keeps it.)
+#[allow(deprecated)]
+fn try_flock(file: &File, arg: nix::fcntl::FlockArg) -> nix::Result<()> {
+    nix::fcntl::flock(file.as_raw_fd(), arg)
+}
+
+/// Takes the image's lock for `file` (see the module docs): exclusively
+/// first, so that every earlier holder — a dead supervisor's backends and
+/// their in-flight I/O included — has let go; then shared, so that other
+/// disks of this process on the same image can take it too. Another
+/// process holding it for longer than [`IMAGE_LOCK_TIMEOUT`] is an error.
+fn lock_image(file: &File, path: &std::path::Path) -> Result<ImageLock, SupervisorError> {
+    use nix::errno::Errno;
+    use nix::fcntl::FlockArg;
+    let err = |why: String| SupervisorError::Disk(format!("{}: {why}", path.display()));
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    {
+        let mut held = locked_images();
+        if let Some(entry) = held.iter_mut().find(|e| (e.0, e.1) == (dev, ino)) {
+            // This process already waited for it: share its lock.
+            try_flock(file, FlockArg::LockSharedNonblock)
+                .map_err(|e| err(format!("cannot share the image's lock: {e}")))?;
+            entry.2 += 1;
+            return Ok(ImageLock { dev, ino });
+        }
+    }
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        match try_flock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(()) => break,
+            Err(Errno::EWOULDBLOCK | Errno::EINTR) => {}
+            Err(e) => return Err(err(format!("flock: {e}"))),
+        }
+        let waited = started.elapsed();
+        if waited >= IMAGE_LOCK_TIMEOUT {
+            return Err(err(format!(
+                "in use by another process for {waited:?} (another supervisor, or backends of \
+                 a dead one that do not exit)"
+            )));
+        }
+        if !warned && waited >= Duration::from_secs(1) {
+            warned = true;
+            tracing::warn!(path = %path.display(), "waiting for the image's previous users to exit");
+        }
+        std::thread::sleep(IMAGE_LOCK_RETRY);
+    }
+    let waited_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    tracing::debug!(path = %path.display(), waited_us, "image lock taken");
+    // The conversion may release the lock for an instant; a process that
+    // takes it exclusively then makes it fail, and we refuse the image.
+    try_flock(file, FlockArg::LockSharedNonblock)
+        .map_err(|e| err(format!("cannot keep the image's lock: {e}")))?;
+    locked_images().push((dev, ino, 1));
+    Ok(ImageLock { dev, ino })
+}
+
+/// Opens the image as the config says (`O_DIRECT` for `cache = "none"`)
+/// and takes its lock (see the module docs), waiting up to
+/// [`IMAGE_LOCK_TIMEOUT`] for a previous supervisor's backends and their
+/// last writes to be gone.
 pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(!cfg.readonly);
@@ -34,6 +184,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
     let file = opts
         .open(&cfg.path)
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
+    let lock = lock_image(&file, &cfg.path)?;
     let len = file
         .metadata()
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?
@@ -47,6 +198,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
     Ok(Disk {
         file,
         sectors: len / 512,
+        _lock: lock,
     })
 }
 
@@ -117,14 +269,36 @@ pub fn spawn_backend(
     if first {
         command.envs(cmd.env.iter().map(|(k, v)| (k, v)));
     }
+    // Taken before the fork: in the child, `getppid` differs from it once
+    // the supervisor has died.
+    let supervisor = libc::pid_t::try_from(std::process::id())
+        .map_err(|_| SupervisorError::Spawn("pid out of range".into()))?;
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only fcntl and dup2, which are async-signal-safe; the source fds are
-    // open in the parent (owned by `theirs` and `disk`, alive across the
-    // spawn call). Both are first copied above fd 10 so that neither target
+    // only prctl, getppid, _exit, fcntl and dup2, which are
+    // async-signal-safe; it allocates nothing. The source fds are open in
+    // the parent (owned by `theirs` and `disk`, alive across the spawn
+    // call). Both are first copied above fd 10 so that neither target
     // number can clobber the other source; dup2 then clears FD_CLOEXEC on
     // the copies at 3 and 4, and the high copies close on exec.
     unsafe {
         command.pre_exec(move || {
+            // The backend dies with the supervisor (module docs). The
+            // setting survives exec; it is cleared only by a set-uid exec.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl: then
+            // nobody will send the signal, and we were re-parented.
+            if libc::getppid() != supervisor {
+                libc::_exit(1);
+            }
             let control = libc::fcntl(control_src, libc::F_DUPFD_CLOEXEC, 10);
             let disk = libc::fcntl(disk_src, libc::F_DUPFD_CLOEXEC, 10);
             if control < 0
