@@ -965,6 +965,20 @@ impl DeviceTask {
                 if let Some(instance) = self.current.as_mut() {
                     instance.serving = true;
                 }
+                // A first attach replays too when a virtqueue comes with
+                // requests in flight in the VMM's in-flight region (after a
+                // restart of the supervisor): count them.
+                let report = ReplayReport::of(&reply);
+                if report.replayed + report.poisoned + report.corrupt > 0 {
+                    tracing::info!(device = %self.name, replayed = report.replayed,
+                        poisoned = report.poisoned, corrupt = report.corrupt,
+                        "requests in flight before the attach resubmitted");
+                    self.publish_with(|s| {
+                        s.replayed += report.replayed;
+                        s.poisoned += report.poisoned;
+                        s.corrupt += report.corrupt;
+                    });
+                }
                 self.attached = Some(Attached {
                     id,
                     lost: Some(tx),
