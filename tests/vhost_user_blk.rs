@@ -3,7 +3,8 @@
 //! and the native client ([`VhostUserBlk`]) in this process as the VMM and
 //! the guest driver. Config space, every request type (IN, OUT, FLUSH,
 //! GET_ID, DISCARD, WRITE_ZEROES), a read-only disk, four queues, a VMM
-//! that reconnects, and a VMM that sends garbage.
+//! that reconnects, and a VMM that sends garbage; and the `virtio-drivers`
+//! crate's own `VirtIOBlk` driver as a second, independent driver.
 
 mod common;
 
@@ -18,7 +19,7 @@ use common::{
     REPLY_TIMEOUT,
 };
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
-use shadowback_guest::vhost_user::{VhostUserBlk, VhostUserBlkOptions};
+use shadowback_guest::vhost_user::{connect_simple, VhostUserBlk, VhostUserBlkOptions};
 
 // virtio 1.2 §5.2.3 (feature bits), §5.2.4 (config layout), §5.2.6
 // (request types); §6 and §2.7 for the ring features.
@@ -175,6 +176,47 @@ fn get_id_returns_the_device_name() {
         assert_eq!(c.status, Status::Ok);
         assert!(c.data.as_deref() == Some(&data[..]), "read {}", c.tag);
     }
+}
+
+/// An independent driver — `virtio-drivers`' `VirtIOBlk` over the same
+/// vhost-user transport — reads what ours wrote and the other way round,
+/// and sees the same capacity and serial.
+#[test]
+fn virtio_drivers_blk_interoperates_with_the_data_plane() {
+    let name = "vu-virtio-drivers";
+    let setup = VhostSetup::start("vu-vd", name, 4, |_| {}, &[]);
+    let ours = pattern(11, 8192);
+    let theirs = pattern(12, 4096);
+    {
+        let mut dev = setup.connect(1);
+        write(&mut dev, 64, &ours).expect("write");
+    }
+    {
+        let mut blk = connect_simple(setup.vhost_socket(), 64 << 20).expect("VirtIOBlk set-up");
+        assert_eq!(blk.capacity(), 4 * 1024 * 1024 / 512);
+        let mut buf = vec![0u8; 8192];
+        blk.read_blocks(64, &mut buf).expect("VirtIOBlk read");
+        assert!(buf == ours, "VirtIOBlk reads what VhostUserBlk wrote");
+        blk.write_blocks(200, &theirs).expect("VirtIOBlk write");
+        blk.flush().expect("VirtIOBlk flush");
+        let mut raw = [0u8; 20];
+        let n = blk.device_id(&mut raw).expect("VirtIOBlk GET_ID");
+        assert_eq!(String::from_utf8_lossy(&raw[..n]), name);
+    }
+    let mut dev = setup.connect(1);
+    assert!(
+        read(&mut dev, 200, 8).expect("read") == theirs,
+        "VhostUserBlk reads VirtIOBlk's write"
+    );
+    let mut on_disk = vec![0u8; 4096];
+    std::fs::File::open(setup.image())
+        .expect("image")
+        .read_exact_at(&mut on_disk, 200 * 512)
+        .expect("image read");
+    assert!(
+        on_disk == theirs,
+        "VirtIOBlk's flushed write is in the image"
+    );
 }
 
 /// FLUSH succeeds and the data is in the image; DISCARD and WRITE_ZEROES
