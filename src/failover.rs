@@ -30,7 +30,8 @@ pub enum Mode {
     Cold,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Transport {
     /// Xen-compatible shared ring.
     Xen,
@@ -91,6 +92,8 @@ struct Breakdown {
 #[derive(Serialize)]
 struct FailoverReport {
     mode: Mode,
+    transport: Transport,
+    qd: usize,
     kills: u32,
     lost: u64,
     duplicates: u64,
@@ -238,6 +241,8 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let stalls = faults::stalls_us(&injected, &stamps);
     let out = FailoverReport {
         mode: args.mode,
+        transport: args.transport,
+        qd: args.qd,
         kills: args.kills,
         lost: report.lost,
         duplicates: report.duplicates,
@@ -277,9 +282,13 @@ fn print(r: &FailoverReport, measured: usize) {
         Mode::Hot => "hot standby",
         Mode::Cold => "cold restart",
     };
+    let transport = match r.transport {
+        Transport::Xen => "Xen ring",
+        Transport::VhostUser => "vhost-user",
+    };
     println!(
-        "shadowback bench failover — {} SIGKILLs, {mode}, QD32 verifying workload",
-        r.kills
+        "shadowback bench failover — {} SIGKILLs, {mode}, {transport}, QD{} verifying workload",
+        r.kills, r.qd
     );
     println!(
         "  guest-visible stall   p50 {} us, p99 {} us, max {} us   ({measured} kills measured)",
