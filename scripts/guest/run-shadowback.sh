@@ -225,7 +225,7 @@ fi
 stat_of() { awk -v k="$1" '$1 == k { print $2; exit }' <<< "$STATUS"; }
 EXTRA_RESULT="backend=shadowback crashes=$(stat_of crashes) hangs=$(stat_of hangs)"
 EXTRA_RESULT+=" recoveries=$(stat_of recoveries) failed_takeovers=$(stat_of failed-takeovers)"
-EXTRA_RESULT+=" given_up=$(stat_of given-up) last_total_us=$(stat_of last-total-us)"
+EXTRA_RESULT+=" given_up=$(stat_of given-up) replayed=$(stat_of replayed) last_total_us=$(stat_of last-total-us)"
 stop_supervisor
 if grep -qiE 'panic|error' "$RUN/supervisor.log"; then
     log "supervisor log (errors):"; grep -iE 'panic|error' "$RUN/supervisor.log" | head -20 >&2 || true
