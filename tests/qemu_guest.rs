@@ -1,6 +1,7 @@
 //! A real Linux guest (Debian's 6.1 kernel, virtio_blk, under QEMU TCG) on
-//! shadowback's vhost-user-blk export, with the data-plane process SIGKILLed
-//! two dozen times while the guest keeps 32 O_DIRECT requests in flight;
+//! shadowback's vhost-user-blk export (two virtqueues), with the data-plane
+//! process SIGKILLed two dozen times while the guest keeps 32 O_DIRECT
+//! requests in flight;
 //! and with the supervisor itself killed and restarted (QEMU reconnects).
 //!
 //! The run is `scripts/guest/run-shadowback.sh` (docs/GUEST.md): it starts
@@ -120,7 +121,15 @@ fn assert_guest_clean(fields: &HashMap<String, String>, t: &str) {
 
 #[test]
 fn linux_guest_survives_data_plane_kills_over_vhost_user() {
-    let (fields, t, out) = run_guest(&["--kills", &KILLS.to_string(), "--kill-every", "0.4"]);
+    // Two virtqueues and two guest CPUs, so Linux drives both queues.
+    let (fields, t, out) = run_guest(&[
+        "--queues",
+        "2",
+        "--kills",
+        &KILLS.to_string(),
+        "--kill-every",
+        "0.4",
+    ]);
     assert_guest_clean(&fields, &t);
     assert_eq!(
         number(&fields, "qemu_vhost_errors", &t),
@@ -128,6 +137,11 @@ fn linux_guest_survives_data_plane_kills_over_vhost_user() {
         "QEMU noticed the data-plane restarts (vhost-user EOF/reconnect)\n{t}"
     );
 
+    assert_eq!(
+        number(&fields, "guest_queues", &t),
+        2,
+        "Linux drives both virtqueues\n{t}"
+    );
     let kills = number(&fields, "kills", &t);
     assert!(kills >= MIN_KILLS, "only {kills} kills injected\n{t}");
     // The supervisor's own count: each injected kill is a dead data plane

@@ -60,14 +60,15 @@ stamp() {
 # Boots the test guest under TCG against the vhost-user-blk socket SOCK, with
 # guest RAM in a shared memfd (vhost-user needs the backend to map it), and
 # writes the time-stamped serial console (and QEMU's own stderr) to LOG.
-# Returns QEMU's exit status (124 = timeout).
+# SB_SMP (guest CPUs, 1) and SB_BLK_OPTS (extra vhost-user-blk-pci options)
+# are optional. Returns QEMU's exit status (124 = timeout).
 boot_guest() {
     local sock=$1 extra=$2 append=$3 timeout=$4 logf=$5 pidf=$6 chardev
     chardev="socket,id=c0,path=$sock${extra:+,$extra}"
-    QEMU_CMD=("$SHADOWBACK_QEMU" -accel tcg -m 512 -smp 1
+    QEMU_CMD=("$SHADOWBACK_QEMU" -accel tcg -m 512 -smp "${SB_SMP:-1}"
         -object memory-backend-memfd,id=mem,size=512M,share=on
         -machine q35,memory-backend=mem
-        -chardev "$chardev" -device vhost-user-blk-pci,chardev=c0
+        -chardev "$chardev" -device "vhost-user-blk-pci,chardev=c0${SB_BLK_OPTS:+,$SB_BLK_OPTS}"
         -nic none -kernel "$SHADOWBACK_GUEST_CACHE/vmlinuz"
         -initrd "$SHADOWBACK_GUEST_CACHE/initramfs.cpio.gz" -append "$append"
         -nographic -no-reboot -pidfile "$pidf")
@@ -133,6 +134,9 @@ analyze_run() {
     lat=$(grep -o 'GUEST-IO: latency_us .*' "$logf" | tail -1 || true)
     p50=$(sed -n 's/.* p50=\([0-9]*\).*/\1/p' <<< "$lat"); p99=$(sed -n 's/.* p99=\([0-9]*\).*/\1/p' <<< "$lat")
     max=$(sed -n 's/.* max=\([0-9]*\).*/\1/p' <<< "$lat"); o100=$(sed -n 's/.* over_100ms=\([0-9]*\).*/\1/p' <<< "$lat")
+    # The virtqueues Linux drives ("virtio_blk virtio0: 2/0/0 default/read/poll queues").
+    local gq
+    gq=$(sed -n 's/.*virtio_blk [^:]*: \([0-9]*\)\/[0-9]*\/[0-9]* default\/read\/poll queues.*/\1/p' "$logf" | head -1 || true)
     local init ready done v=NONE
     init=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: init at.*/\1/p' "$logf" | head -1 || true)
     ready=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: \/dev\/.* ready at.*/\1/p' "$logf" | head -1 || true)
@@ -143,7 +147,7 @@ analyze_run() {
     echo "RESULT verdict=$v kills=$kills kills_failed=$kfail not_a_head=$nohead io_errors=$ioerr" \
          "qemu_vhost_errors=$qerr host_check=$host host_blocks=${hblocks:-0} host_bad=${hbad:-0}" \
          "lat_p50_us=${p50:-?} lat_p99_us=${p99:-?} lat_max_us=${max:-?} over_100ms=${o100:-?}" \
-         "boot_s=${init:-?} workload_done_s=${done:-?} qemu_rc=$qrc${extra:+ $extra}"
+         "guest_queues=${gq:-?} boot_s=${init:-?} workload_done_s=${done:-?} qemu_rc=$qrc${extra:+ $extra}"
     echo "${verdict:-SHADOWBACK-GUEST: no verdict (qemu rc=$qrc)}"
     RUN_OK=0
     if [ $v = PASS ] && [ "$nohead" -eq 0 ] && [ "$ioerr" -eq 0 ] && [ $host = PASS ]; then RUN_OK=1; fi

@@ -29,7 +29,7 @@
 # Usage: scripts/guest/run-shadowback.sh [--kills N] [--kill-every S]
 #            [--fault kill|hang|spin|supervisor-kill] [--rounds N | --duration S]
 #            [--workers N] [--depth N] [--blocks N] [--image-mib N]
-#            [--timeout S] [--log FILE] [--keep] [--reconnect]
+#            [--timeout S] [--log FILE] [--keep] [--reconnect] [--queues N]
 #   --kills N       data-plane faults to inject (0); they start when the
 #                   guest's workload starts, one every --kill-every S (0.4)
 #   --duration S    the guest runs whole rounds for S s; default with --kills:
@@ -39,6 +39,8 @@
 #   --reconnect     give QEMU's chardev reconnect=1 (not needed: the
 #                   supervisor keeps the vhost-user connection across kills)
 #   --keep          keep the run directory (image, config, logs) even on PASS
+#   --queues N      virtqueues (1): num_queues in the config, num-queues on
+#                   QEMU's device, and N guest CPUs so Linux uses them all
 # Environment: SHADOWBACK_BIN (default target/release/shadowback if built,
 # else target/debug/shadowback), RUST_LOG for the supervisor (warn), and
 # common.sh's SHADOWBACK_GUEST_CACHE, SHADOWBACK_QEMU.
@@ -48,7 +50,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/common.sh"
 
 KILLS=0; KILL_EVERY=0.4; FAULT=kill; ROUNDS=4; DURATION=""; WORKERS=2; DEPTH=16; BLOCKS=1024
-IMAGE_MIB=256; TIMEOUT=180; LOG=""; KEEP=0; RECONNECT=0
+IMAGE_MIB=256; TIMEOUT=180; LOG=""; KEEP=0; RECONNECT=0; QUEUES=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --kills)      KILLS=$2; shift 2 ;;
@@ -64,11 +66,15 @@ while [ $# -gt 0 ]; do
         --log)        LOG=$2; shift 2 ;;
         --keep)       KEEP=1; shift ;;
         --reconnect)  RECONNECT=1; shift ;;
-        -h|--help)    sed -n '2,44p' "$0"; exit 0 ;;
+        --queues)     QUEUES=$2; shift 2 ;;
+        -h|--help)    sed -n '2,46p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
 case "$KILLS" in ''|*[!0-9]*) die "--kills wants a number" ;; esac
+case "$QUEUES" in ''|*[!0-9]*|0) die "--queues wants a number from 1" ;; esac
+# boot_guest (common.sh) reads these.
+SB_SMP=$QUEUES; SB_BLK_OPTS="num-queues=$QUEUES"
 case "$FAULT" in
     kill|hang|spin) ;;
     supervisor-kill) RECONNECT=1 ;;
@@ -137,7 +143,7 @@ socket = "$CTL"
 name = "vd0"
 path = "$IMG"
 vhost_user = "$VSOCK"
-num_queues = 1
+num_queues = $QUEUES
 cache = "none"
 standby = true
 shadow = true
