@@ -479,3 +479,75 @@ fn forged_used_entries_are_protocol_errors_not_panics() {
     );
     drop(qsd);
 }
+
+#[test]
+fn a_hung_backend_fails_connect_instead_of_hanging() {
+    let s = Scratch::new("hung");
+    let qsd = Qsd::start(&s, QsdOpts::default());
+    // The kernel still accepts the connection (listen backlog), but
+    // nothing answers GET_FEATURES; the vhost crate alone would wait for
+    // the reply forever.
+    qsd.freeze();
+    let socket = s.socket();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = VhostUserBlk::connect(
+            socket,
+            VhostUserBlkOptions {
+                reply_timeout: Duration::from_millis(200),
+                ..VhostUserBlkOptions::default()
+            },
+        );
+        let _ = tx.send(r.map(|_| ()));
+    });
+    let result = rx
+        .recv_timeout(WAIT)
+        .expect("connect to a frozen backend never returned");
+    assert!(
+        matches!(result, Err(DeviceError::Disconnected)),
+        "{result:?}"
+    );
+    drop(qsd);
+}
+
+#[test]
+fn a_get_id_answered_after_its_timeout_does_not_cut_polls_short() {
+    let s = Scratch::new("late-id");
+    let _qsd = Qsd::start(&s, QsdOpts::default());
+    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    // Gives up at once; the request stays in flight and is answered later.
+    assert!(dev.get_id(Duration::ZERO).is_err());
+    let deadline = Instant::now() + WAIT;
+    let mut out = Vec::new();
+    while dev.in_flight() > 0 {
+        assert!(Instant::now() < deadline, "GET_ID never answered");
+        dev.poll_completions(Duration::from_millis(50), &mut out)
+            .unwrap();
+    }
+    assert!(out.is_empty(), "GET_ID is no block completion: {out:?}");
+    // Nothing in flight: a poll must wait its whole timeout (a lower
+    // bound, not a performance figure); the late answer used to make every
+    // later poll return at once, a busy loop for the caller.
+    let wait = Duration::from_millis(200);
+    let started = Instant::now();
+    dev.poll_completions(wait, &mut out).unwrap();
+    assert!(started.elapsed() >= wait, "poll returned early");
+    assert!(out.is_empty());
+    // A new GET_ID still gets its own answer.
+    assert!(!dev.get_id(WAIT).unwrap().is_empty());
+    assert_eq!(dev.in_flight(), 0);
+}
+
+#[test]
+fn an_endless_poll_timeout_is_accepted() {
+    let s = Scratch::new("endless");
+    let _qsd = Qsd::start(&s, QsdOpts::default());
+    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    dev.submit(7, &BlockRequest::read(0, 8, true)).unwrap();
+    dev.kick().unwrap();
+    let mut out = Vec::new();
+    // `Instant::now() + Duration::MAX` overflows.
+    dev.poll_completions(Duration::MAX, &mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].tag, out[0].status), (7, Status::Ok));
+}

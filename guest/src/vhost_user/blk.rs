@@ -34,7 +34,9 @@ use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use super::hal::{ChainBuf, GuestHal, RequestQueue};
 use super::memory::{DmaBuffer, GuestRam, DEFAULT_RAM_BYTES};
-use super::transport::{TransportOptions, VhostUserTransport, MAX_QUEUES};
+use super::transport::{
+    deadline_after, TransportOptions, VhostUserTransport, MAX_QUEUES, REPLY_TIMEOUT,
+};
 use crate::device::{
     BlockDevice, BlockOp, BlockRequest, Completion, DeviceError, Status, SECTOR_SIZE,
 };
@@ -77,6 +79,9 @@ pub struct VhostUserBlkOptions {
     pub reconnect_timeout: Duration,
     /// How long the first connect retries a missing or refusing socket.
     pub connect_timeout: Duration,
+    /// How long one set-up step may wait for the backend's replies
+    /// ([`TransportOptions::reply_timeout`]).
+    pub reply_timeout: Duration,
     /// Guest RAM size if this is the process's first device (raised to
     /// what the queues' request slots need).
     pub ram_bytes: u64,
@@ -92,6 +97,7 @@ impl Default for VhostUserBlkOptions {
             reconnect: false,
             reconnect_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            reply_timeout: REPLY_TIMEOUT,
             ram_bytes: DEFAULT_RAM_BYTES,
         }
     }
@@ -260,7 +266,8 @@ enum SlotUse {
         bytes: u32,
         want_data: bool,
     },
-    GetId,
+    /// `VIRTIO_BLK_T_GET_ID` number `seq` (see [`VhostUserBlk::get_id`]).
+    GetId { seq: u64 },
 }
 
 /// A request in flight.
@@ -314,6 +321,9 @@ pub struct VhostUserBlk {
     next_queue: usize,
     /// Completions reaped while waiting for something else (`get_id`).
     stash: Vec<Completion>,
+    /// Number of the last `get_id` call; a `GET_ID` answered after its
+    /// caller gave up carries an older one and is dropped.
+    id_seq: u64,
     id_answer: Option<Result<String, DeviceError>>,
     dead: bool,
     reconnects: u64,
@@ -392,6 +402,7 @@ impl VhostUserBlk {
                 queues: opts.queues,
                 queue_size: opts.queue_size,
                 connect_timeout: opts.connect_timeout,
+                reply_timeout: opts.reply_timeout,
             },
             ram,
         )?;
@@ -453,6 +464,7 @@ impl VhostUserBlk {
             queues,
             next_queue: 0,
             stash: Vec::new(),
+            id_seq: 0,
             id_answer: None,
             dead: false,
             reconnects: 0,
@@ -577,25 +589,31 @@ impl VhostUserBlk {
     /// Completions of other requests that arrive meanwhile are kept for the
     /// next [`BlockDevice::poll_completions`].
     pub fn get_id(&mut self, timeout: Duration) -> Result<String, DeviceError> {
+        self.id_seq += 1;
         self.id_answer = None;
         let (q, slot) = self.take_slot()?;
         let hdr = header_bytes(VIRTIO_BLK_T_GET_ID, 0);
-        self.publish(q, slot, &hdr, ID_BYTES, DataDir::FromDevice, SlotUse::GetId)?;
+        let use_ = SlotUse::GetId { seq: self.id_seq };
+        self.publish(q, slot, &hdr, ID_BYTES, DataDir::FromDevice, use_)?;
         self.kick()?;
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut got = Vec::new();
-        while self.id_answer.is_none() {
+        let answer = loop {
+            if let Some(answer) = self.id_answer.take() {
+                break answer;
+            }
             let now = Instant::now();
             if now >= deadline {
-                self.stash.append(&mut got);
-                return Err(DeviceError::Transport("GET_ID not answered in time".into()));
+                break Err(DeviceError::Transport("GET_ID not answered in time".into()));
             }
-            self.poll_inner(deadline - now, &mut got)?;
-        }
+            if let Err(e) = self.poll_inner(deadline - now, &mut got, true) {
+                break Err(e);
+            }
+        };
+        // Whatever else completed meanwhile goes to the next poll, even
+        // when GET_ID failed.
         self.stash.append(&mut got);
-        self.id_answer
-            .take()
-            .unwrap_or_else(|| Err(DeviceError::Transport("GET_ID lost".into())))
+        answer
     }
 
     /// Submits a virtio-blk request of any `type_`, checked against this
@@ -786,9 +804,11 @@ impl VhostUserBlk {
             q.last_used = q.last_used.wrapping_add(1);
             q.in_flight -= 1;
             let mut status = [STATUS_UNSET];
-            let status_read = ram.read(q.meta_gpa(slot, STATUS_OFFSET)?, &mut status);
+            let status_read = q
+                .meta_gpa(slot, STATUS_OFFSET)
+                .and_then(|gpa| ram.read(gpa, &mut status).map_err(DeviceError::Io));
             let data_off = u64::from(slot) * q.data_stride;
-            let result = status_read.map_err(DeviceError::Io).and_then(|()| {
+            let result = status_read.and_then(|()| {
                 let status = status_of(status[0]);
                 match req.use_ {
                     SlotUse::Block {
@@ -806,7 +826,9 @@ impl VhostUserBlk {
                         };
                         out.push(Completion { tag, status, data });
                     }
-                    SlotUse::GetId => {
+                    // A GET_ID whose caller gave up: nobody wants it.
+                    SlotUse::GetId { seq } if seq != self.id_seq => {}
+                    SlotUse::GetId { .. } => {
                         let answer = if status == Status::Ok {
                             let mut id = [0u8; ID_BYTES as usize];
                             q.data.read(data_off, &mut id).map_err(DeviceError::Io)?;
@@ -856,12 +878,15 @@ impl VhostUserBlk {
         Err(DeviceError::Disconnected)
     }
 
+    /// Waits up to `timeout` for completions (and, with `want_id`, for
+    /// the answer to the pending `get_id`).
     fn poll_inner(
         &mut self,
         timeout: Duration,
         out: &mut Vec<Completion>,
+        want_id: bool,
     ) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             if self.dead {
                 return Err(DeviceError::Disconnected);
@@ -871,7 +896,7 @@ impl VhostUserBlk {
             for qi in 0..self.queues.len() {
                 self.reap(qi, out)?;
             }
-            if out.len() > before || self.id_answer.is_some() {
+            if out.len() > before || (want_id && self.id_answer.is_some()) {
                 return Ok(());
             }
             // Full barrier between publishing used_event (in pop) and
@@ -1007,7 +1032,7 @@ impl BlockDevice for VhostUserBlk {
         timeout: Duration,
         out: &mut Vec<Completion>,
     ) -> Result<(), DeviceError> {
-        self.poll_inner(timeout, out)
+        self.poll_inner(timeout, out, false)
     }
 }
 

@@ -61,7 +61,8 @@ pub const MAX_QUEUES: u16 = 16;
 /// Bytes of config space read with `GET_CONFIG`: `virtio_blk_config` up to
 /// and including `write_zeroes_may_unmap` and its padding.
 pub const CONFIG_BYTES: u32 = 60;
-/// How long we wait for any reply of the backend.
+/// How long we wait for the backend's replies in one set-up step (the
+/// default of [`TransportOptions::reply_timeout`]).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Protocol features we use when the backend offers them.
 pub const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
@@ -79,6 +80,9 @@ pub struct TransportOptions {
     pub queue_size: u16,
     /// Keep retrying a refused or missing socket this long when connecting.
     pub connect_timeout: Duration,
+    /// A set-up step (handshake, memory table, one vring, a reset) whose
+    /// replies take longer than this fails as a disconnect.
+    pub reply_timeout: Duration,
 }
 
 impl Default for TransportOptions {
@@ -87,6 +91,7 @@ impl Default for TransportOptions {
             queues: 1,
             queue_size: 256,
             connect_timeout: Duration::from_secs(2),
+            reply_timeout: REPLY_TIMEOUT,
         }
     }
 }
@@ -181,16 +186,21 @@ fn vu_err(what: &str) -> impl FnOnce(vhost::Error) -> DeviceError + '_ {
     }
 }
 
+/// `timeout` from now; a timeout too long for `Instant` (such as
+/// `Duration::MAX`) means a century, not a panic.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 fn connect_socket(path: &Path, timeout: Duration) -> Result<UnixStream, DeviceError> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     loop {
         match UnixStream::connect(path) {
-            Ok(s) => {
-                // A hung backend fails a request instead of hanging us.
-                s.set_read_timeout(Some(REPLY_TIMEOUT))
-                    .map_err(DeviceError::Io)?;
-                return Ok(s);
-            }
+            // No SO_RCVTIMEO: the vhost crate retries a receive timeout
+            // forever; `VhostUserTransport::bounded` ends a wait instead.
+            Ok(s) => return Ok(s),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -257,8 +267,39 @@ impl VhostUserTransport {
             started: false,
             error: None,
         };
-        t.handshake()?;
+        t.bounded(Self::handshake)?;
         Ok(t)
+    }
+
+    /// Runs one set-up step `f`, shutting the socket down if it has not
+    /// finished within `reply_timeout`: the vhost crate waits for a reply
+    /// forever (it retries `EAGAIN`), so a hung backend would hang us. The
+    /// shutdown makes the pending receive see EOF, so `f` fails as
+    /// [`DeviceError::Disconnected`].
+    fn bounded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DeviceError>,
+    ) -> Result<T, DeviceError> {
+        let watched = self.sock.try_clone().map_err(DeviceError::Io)?;
+        let timeout = self.opts.reply_timeout;
+        let done = (std::sync::Mutex::new(false), std::sync::Condvar::new());
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let (lock, cv) = &done;
+                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (finished, _) = cv
+                    .wait_timeout_while(guard, timeout, |finished| !*finished)
+                    .unwrap_or_else(|e| e.into_inner());
+                if !*finished {
+                    tracing::warn!(?timeout, "vhost-user backend does not answer; hanging up");
+                    let _ = watched.shutdown(std::net::Shutdown::Both);
+                }
+            });
+            let result = f(self);
+            *done.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            done.1.notify_one();
+            result
+        })
     }
 
     /// Features, protocol features, queue count, owner, config.
@@ -441,7 +482,7 @@ impl VhostUserTransport {
     /// retrying until `timeout` passes. Only queues the driver configured
     /// are restarted; each is kicked afterwards.
     pub fn reconnect(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             match self.try_reconnect(deadline) {
                 Ok(()) => {
@@ -469,6 +510,11 @@ impl VhostUserTransport {
         for vr in &mut self.vrings {
             vr.ready = false;
         }
+        self.bounded(Self::replay_setup)
+    }
+
+    /// The set-up sequence again, on a fresh connection.
+    fn replay_setup(&mut self) -> Result<(), DeviceError> {
         self.handshake()?;
         if !self.vrings.iter().any(|v| v.configured) {
             return Ok(());
@@ -485,6 +531,22 @@ impl VhostUserTransport {
             }
         }
         Ok(())
+    }
+
+    /// Stops the rings the backend runs (`GET_VRING_BASE`); after the
+    /// first disconnect the others are only marked stopped.
+    fn stop_vrings(&mut self, queues: std::ops::Range<usize>) -> Result<(), DeviceError> {
+        let mut first_error = None;
+        for q in queues {
+            if self.vrings[q].ready && first_error.is_none() {
+                if let Err(e) = self.frontend.get_vring_base(q) {
+                    first_error = Some(vu_err("GET_VRING_BASE")(e));
+                }
+            }
+            self.vrings[q].ready = false;
+            self.vrings[q].configured = false;
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// True if the backend closed the connection. An unsolicited message
@@ -584,34 +646,6 @@ impl VhostUserTransport {
     pub fn has_inflight(&self) -> bool {
         self.inflight.is_some()
     }
-
-    /// Descriptors the kept in-flight region marks as in flight, per queue
-    /// (libvhost-user's split-ring layout: per queue a 16-byte header, then
-    /// 16 bytes per descriptor whose first byte is the `inflight` flag, the
-    /// queue's area being `16 * queue_size + 2` bytes rounded up to 64).
-    /// `None` without a region.
-    pub fn inflight_descriptors(&self) -> Result<Option<Vec<u32>>, DeviceError> {
-        let Some(inf) = &self.inflight else {
-            return Ok(None);
-        };
-        let size = usize::try_from(inf.info.mmap_size)
-            .map_err(|_| DeviceError::Transport("in-flight region too large".into()))?;
-        let per_queue = (16 * usize::from(inf.info.queue_size) + 2).next_multiple_of(64);
-        let mut region = vec![0u8; size];
-        let mut file = &inf.file;
-        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(inf.info.mmap_offset))
-            .map_err(DeviceError::Io)?;
-        std::io::Read::read_exact(&mut file, &mut region).map_err(DeviceError::Io)?;
-        let counts = (0..usize::from(inf.info.num_queues))
-            .map(|q| {
-                let start = q * per_queue + 16;
-                (0..usize::from(inf.info.queue_size))
-                    .filter(|d| region.get(start + 16 * d).is_some_and(|&b| b == 1))
-                    .count() as u32
-            })
-            .collect();
-        Ok(Some(counts))
-    }
 }
 
 impl Transport for VhostUserTransport {
@@ -647,15 +681,10 @@ impl Transport for VhostUserTransport {
 
     fn set_status(&mut self, status: DeviceStatus) {
         if status.is_empty() {
-            // Reset: stop every ring the backend runs (GET_VRING_BASE).
-            for q in 0..self.vrings.len() {
-                if self.vrings[q].ready {
-                    if let Err(e) = self.frontend.get_vring_base(q) {
-                        self.fail(vu_err("GET_VRING_BASE")(e));
-                    }
-                }
-                self.vrings[q].ready = false;
-                self.vrings[q].configured = false;
+            // Reset: stop every ring the backend runs.
+            let all = 0..self.vrings.len();
+            if let Err(e) = self.bounded(|t| t.stop_vrings(all)) {
+                self.fail(e);
             }
         }
         self.status = status;
@@ -695,10 +724,12 @@ impl Transport for VhostUserTransport {
             vr.avail = driver_area;
             vr.used = device_area;
             vr.configured = true;
-            if !self.started {
-                self.start()?;
-            }
-            self.setup_vring(queue)
+            self.bounded(|this| {
+                if !this.started {
+                    this.start()?;
+                }
+                this.setup_vring(queue)
+            })
         })();
         if let Err(e) = result {
             self.fail(e);
@@ -707,14 +738,10 @@ impl Transport for VhostUserTransport {
 
     fn queue_unset(&mut self, queue: u16) {
         let q = usize::from(queue);
-        if self.vrings.get(q).is_some_and(|v| v.ready) {
-            if let Err(e) = self.frontend.get_vring_base(q) {
-                self.fail(vu_err("GET_VRING_BASE")(e));
+        if q < self.vrings.len() {
+            if let Err(e) = self.bounded(|t| t.stop_vrings(q..q + 1)) {
+                self.fail(e);
             }
-        }
-        if let Some(v) = self.vrings.get_mut(q) {
-            v.ready = false;
-            v.configured = false;
         }
     }
 
