@@ -122,6 +122,9 @@ const MAX_QD: usize = 512;
 /// Virtqueue size of the vhost-user rows: three descriptors per request,
 /// so 1024 descriptors hold 341 requests.
 const VU_QUEUE_SIZE: u16 = 1024;
+/// Largest queue depth of the vhost-user rows (one virtqueue of
+/// [`VU_QUEUE_SIZE`]); the client caps a deeper one silently.
+const VU_MAX_QD: usize = VU_QUEUE_SIZE as usize / 3;
 
 /// One way of getting 4 KiB random I/O to the image. A later path (say
 /// `xen-ring-noshadow`) is one more variant, a name, and an arm in
@@ -306,6 +309,12 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     let slice = Duration::from_secs_f64(args.duration / f64::from(args.rounds));
     let fio = find_in_path("fio");
     let vhost_user = args.transport.contains(&BenchTransport::VhostUser);
+    if vhost_user && args.qd.iter().any(|&qd| qd > VU_MAX_QD) {
+        return Err(format!(
+            "--qd: the vhost-user rows run one virtqueue of {VU_QUEUE_SIZE} descriptors, which holds {VU_MAX_QD} requests"
+        )
+        .into());
+    }
     let qsd_bin = find_in_path("qemu-storage-daemon").filter(|_| vhost_user);
     let log = |msg: String| {
         if !args.json {

@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
+use shadowback_guest::vhost_user::VhostUserBlkOptions;
 use shadowback_guest::workload::Report;
-use shadowback_supervisor::{BackendCommand, Config, DiskConfig, SupervisorThread};
+use shadowback_supervisor::{
+    BackendCommand, Config, DiskConfig, SupervisorThread, MAX_VHOST_QUEUE_SIZE,
+};
 
 use crate::faults::{self, FaultKind, Injected};
 use crate::CliError;
@@ -115,6 +118,26 @@ pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
 }
 
 fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
+    // A vhost-user request takes three descriptors: size the virtqueue for
+    // the queue depth, or the client would cap the depth silently.
+    let vu_queue_size = args
+        .qd
+        .max(1)
+        .saturating_mul(3)
+        .next_power_of_two()
+        .max(usize::from(VhostUserBlkOptions::default().queue_size));
+    let vu_queue_size = match u16::try_from(vu_queue_size) {
+        Ok(size) if size <= MAX_VHOST_QUEUE_SIZE => size,
+        _ if args.transport == Transport::VhostUser => {
+            return Err(format!(
+                "--qd {}: a virtqueue holds at most {} requests",
+                args.qd,
+                MAX_VHOST_QUEUE_SIZE / 3
+            )
+            .into())
+        }
+        _ => MAX_VHOST_QUEUE_SIZE,
+    };
     let image = dir.join("disk0.img");
     std::fs::File::create(&image)?.set_len(args.image_mib.max(16) << 20)?;
     let cache = shadowback_supervisor::CacheMode::best_for(&image);
@@ -125,6 +148,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             cache,
             standby: args.mode == Mode::Hot,
             vhost_user: (args.transport == Transport::VhostUser).then(|| vhost_socket.clone()),
+            queue_size: vu_queue_size,
             ..DiskConfig::new("disk0", image)
         }],
     };
@@ -138,7 +162,8 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             .arg(&cfg.socket),
         Transport::VhostUser => guest
             .args(["guest", "blk", "--transport", "vhost-user", "--socket"])
-            .arg(&vhost_socket),
+            .arg(&vhost_socket)
+            .args(["--queue-size", &vu_queue_size.to_string()]),
     };
     let mut guest = guest
         .arg("--completions-file")
