@@ -624,3 +624,98 @@ fn the_socket_is_removed_on_shutdown() {
     s.sup.take().unwrap().stop().unwrap();
     assert!(!path.exists());
 }
+
+/// Sends `bytes` with `fds` attached in one `sendmsg`.
+fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None).unwrap();
+}
+
+/// Reads (and discards replies) until the supervisor hangs up; fails if it
+/// has not within the read timeout.
+fn expect_hangup(sock: &mut UnixStream, what: &str) {
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: the supervisor did not hang up: {e}"),
+        }
+    }
+}
+
+/// A VMM that stalls, floods or desynchronises the stream — without ever
+/// closing its end — is disconnected, never waited for: half a header, a
+/// message with more fds than a message may carry (the kernel drops the
+/// excess, the header is read and the rest of the stream would be parsed
+/// from the middle of the message), a kick with two fds, and replies never
+/// read. The next VMM is served, and the supervisor stops promptly.
+#[test]
+fn stalled_or_desynchronised_vmms_are_hung_up_on() {
+    let s = Setup::start();
+    let null = File::open("/dev/null").unwrap();
+    let kick_header = |flags: u32| {
+        let mut msg = Vec::new();
+        for v in [12u32, flags, 8] {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        msg.extend_from_slice(&0u64.to_le_bytes());
+        msg
+    };
+
+    let mut half = UnixStream::connect(s.vhost_socket()).unwrap();
+    half.write_all(&1u32.to_le_bytes()).unwrap();
+    expect_hangup(&mut half, "half a header");
+
+    let mut many = UnixStream::connect(s.vhost_socket()).unwrap();
+    send_with_fds(&many, &kick_header(1), &[null.as_raw_fd(); 40]);
+    expect_hangup(&mut many, "40 fds");
+
+    let mut two = UnixStream::connect(s.vhost_socket()).unwrap();
+    send_with_fds(&two, &kick_header(1 | 8), &[null.as_raw_fd(); 2]);
+    expect_hangup(&mut two, "SET_VRING_KICK with 2 fds");
+
+    // GET_FEATURES until our send buffer is full; the replies pile up.
+    let mut deaf = UnixStream::connect(s.vhost_socket()).unwrap();
+    deaf.set_nonblocking(true).unwrap();
+    let get_features = [1u32, 1, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<_>>();
+    let mut sent = 0;
+    while sent < 200_000 {
+        match deaf.write(&get_features) {
+            Ok(n) if n == get_features.len() => sent += 1,
+            // A partial header: stalled mid-message, hung up on too.
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    // Reading would make room for the replies: wait for the hang-up
+    // without reading.
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&deaf, PollFlags::RDHUP)];
+    let timeout = Timespec {
+        tv_sec: 15,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&timeout)).unwrap();
+    assert!(
+        fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP),
+        "replies never read: the supervisor did not hang up ({sent} requests)"
+    );
+
+    let mut fe = s.connect();
+    negotiate(&mut fe);
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    drop((half, many, two, deaf));
+}
