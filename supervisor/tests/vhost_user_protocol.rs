@@ -78,6 +78,7 @@ mod fake {
             .expect("events=PATH");
         let me = std::process::id();
         let die_on_recover = args.iter().any(|a| a == "die-on-recover");
+        let die_on_first_detach = args.iter().any(|a| a == "die-on-first-detach");
         // SAFETY: the supervisor hands every backend its control socket as
         // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
         // in it uses fd 3.
@@ -146,6 +147,14 @@ mod fake {
                     Message::new("ok")
                 }
                 "detach" => {
+                    let died = std::fs::read_to_string(&events)
+                        .unwrap_or_default()
+                        .contains("died-on-detach");
+                    if die_on_first_detach && !died {
+                        // Mid-drain, with requests in flight.
+                        record(&events, &format!("{me} died-on-detach"));
+                        std::process::exit(71);
+                    }
                     heartbeat = None;
                     record(&events, &format!("{me} detach"));
                     Message::new("detached")
@@ -718,4 +727,29 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
     negotiate(&mut fe);
     assert_eq!(fe.get_queue_num().unwrap(), 2);
     drop((half, many, two, deaf));
+}
+
+/// The data plane dies while a vhost-user session is being detached (here
+/// by GET_VRING_BASE): the VMM resumes the ring at `used->idx` afterwards,
+/// so what the dead instance consumed must be answered first. The session
+/// is taken over (`recover=1`) and the new instance detached.
+#[test]
+fn a_data_plane_dying_in_a_detach_is_recovered_before_the_ring_stops() {
+    let s = Setup::start_with(&["die-on-first-detach"]);
+    let mut fe = s.connect();
+    let (guest, kick, _call) = start_queue0(&mut fe);
+    s.wait_event(&["attach-virtio", "recover=0"]);
+    guest.write_all_at(&9u16.to_le_bytes(), USED + 2).unwrap();
+    assert_eq!(fe.get_vring_base(0).unwrap(), 9);
+    let died = s.wait_event(&["died-on-detach"]);
+    let recovered = s.wait_event(&["attach-virtio", "recover=1"]);
+    let pid = |line: &str| line.split(' ').next().unwrap().to_string();
+    assert_ne!(pid(&died), pid(&recovered), "a new instance took over");
+    s.wait_event(&[&format!("{} detach", pid(&recovered))]);
+    let st = s.wait_stats("detached", |st| !st.connected);
+    assert_eq!((st.crashes, st.recoveries), (1, 1), "{st:#?}");
+    assert!(!st.given_up);
+    // And the ring starts again where the VMM expects.
+    fe.set_vring_kick(0, &kick).unwrap();
+    s.wait_event(&["attach-virtio", "12000:9"]);
 }
