@@ -1019,36 +1019,54 @@ impl DeviceTask {
         }
         // Dropped at the end: the session (the guest's fds, the log) is
         // released only once no backend touches it.
-        let attached = self.attached.take();
-        self.watchdog = None;
-        let hang_timeout = self.hang_timeout();
-        let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
-            return;
-        };
-        instance.serving = false;
-        let liveness = attached
-            .as_ref()
-            .and_then(|a| a.session.as_ref())
-            .map(|s| (s.log(), hang_timeout));
-        let asked = Instant::now();
-        let mut aside = Vec::new();
-        let result = match instance.send(&Message::new(kind::DETACH), &[]).await {
-            Ok(()) => {
-                instance
-                    .reply(BACKEND_REPLY_TIMEOUT, liveness, &mut aside)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(msg) if msg.kind() == kind::DETACHED => {}
-            Ok(msg) => {
-                tracing::warn!(device = %self.name, kind = msg.kind(), "unexpected reply to detach")
-            }
-            Err(e) => {
-                tracing::warn!(device = %self.name, error = %e, "detach failed");
+        let mut attached = self.attached.take();
+        let mut takeovers = 0;
+        loop {
+            self.watchdog = None;
+            let hang_timeout = self.hang_timeout();
+            let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
+                break;
+            };
+            instance.serving = false;
+            let liveness = attached
+                .as_ref()
+                .and_then(|a| a.session.as_ref())
+                .map(|s| (s.log(), hang_timeout));
+            let asked = Instant::now();
+            let mut aside = Vec::new();
+            let result = match instance.send(&Message::new(kind::DETACH), &[]).await {
+                Ok(()) => {
+                    instance
+                        .reply(BACKEND_REPLY_TIMEOUT, liveness, &mut aside)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(msg) if msg.kind() == kind::DETACHED => break,
+                Ok(msg) => {
+                    tracing::warn!(device = %self.name, kind = msg.kind(), "unexpected reply to detach");
+                    break;
+                }
+                Err(e) => e,
+            };
+            tracing::warn!(device = %self.name, error = %e, "detach failed");
+            // A vhost-user device outlives the detach (GET_VRING_BASE, a new
+            // memory table; the VMM resumes at `used->idx`): what the dead
+            // instance consumed must be answered first. Take over, then
+            // detach the new instance.
+            let resumable = takeovers < MAX_FAILED_TAKEOVERS
+                && attached.as_ref().is_some_and(|a| {
+                    a.lost.is_some() && matches!(a.session, Some(Session::Virtio(_)))
+                });
+            if !resumable {
                 self.on_failure(Failure::of(&e, asked)).await;
+                break;
             }
+            takeovers += 1;
+            self.attached = attached.take();
+            self.on_failure(Failure::of(&e, asked)).await;
+            attached = self.attached.take();
         }
         drop(attached);
     }

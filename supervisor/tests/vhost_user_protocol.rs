@@ -78,6 +78,7 @@ mod fake {
             .expect("events=PATH");
         let me = std::process::id();
         let die_on_recover = args.iter().any(|a| a == "die-on-recover");
+        let die_on_first_detach = args.iter().any(|a| a == "die-on-first-detach");
         // SAFETY: the supervisor hands every backend its control socket as
         // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
         // in it uses fd 3.
@@ -146,6 +147,14 @@ mod fake {
                     Message::new("ok")
                 }
                 "detach" => {
+                    let died = std::fs::read_to_string(&events)
+                        .unwrap_or_default()
+                        .contains("died-on-detach");
+                    if die_on_first_detach && !died {
+                        // Mid-drain, with requests in flight.
+                        record(&events, &format!("{me} died-on-detach"));
+                        std::process::exit(71);
+                    }
                     heartbeat = None;
                     record(&events, &format!("{me} detach"));
                     Message::new("detached")
@@ -623,4 +632,124 @@ fn the_socket_is_removed_on_shutdown() {
     assert!(path.exists());
     s.sup.take().unwrap().stop().unwrap();
     assert!(!path.exists());
+}
+
+/// Sends `bytes` with `fds` attached in one `sendmsg`.
+fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let iov = [std::io::IoSlice::new(bytes)];
+    let rights = [ControlMessage::ScmRights(fds)];
+    sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None).unwrap();
+}
+
+/// Reads (and discards replies) until the supervisor hangs up; fails if it
+/// has not within the read timeout.
+fn expect_hangup(sock: &mut UnixStream, what: &str) {
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: the supervisor did not hang up: {e}"),
+        }
+    }
+}
+
+/// A VMM that stalls, floods or desynchronises the stream — without ever
+/// closing its end — is disconnected, never waited for: half a header, a
+/// message with more fds than a message may carry (the kernel drops the
+/// excess, the header is read and the rest of the stream would be parsed
+/// from the middle of the message), a kick with two fds, and replies never
+/// read. The next VMM is served, and the supervisor stops promptly.
+#[test]
+fn stalled_or_desynchronised_vmms_are_hung_up_on() {
+    let s = Setup::start();
+    let null = File::open("/dev/null").unwrap();
+    let kick_header = |flags: u32| {
+        let mut msg = Vec::new();
+        for v in [12u32, flags, 8] {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        msg.extend_from_slice(&0u64.to_le_bytes());
+        msg
+    };
+
+    let mut half = UnixStream::connect(s.vhost_socket()).unwrap();
+    half.write_all(&1u32.to_le_bytes()).unwrap();
+    expect_hangup(&mut half, "half a header");
+
+    let mut many = UnixStream::connect(s.vhost_socket()).unwrap();
+    send_with_fds(&many, &kick_header(1), &[null.as_raw_fd(); 40]);
+    expect_hangup(&mut many, "40 fds");
+
+    let mut two = UnixStream::connect(s.vhost_socket()).unwrap();
+    send_with_fds(&two, &kick_header(1 | 8), &[null.as_raw_fd(); 2]);
+    expect_hangup(&mut two, "SET_VRING_KICK with 2 fds");
+
+    // GET_FEATURES until our send buffer is full; the replies pile up.
+    let mut deaf = UnixStream::connect(s.vhost_socket()).unwrap();
+    deaf.set_nonblocking(true).unwrap();
+    let get_features = [1u32, 1, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect::<Vec<_>>();
+    let mut sent = 0;
+    while sent < 200_000 {
+        match deaf.write(&get_features) {
+            Ok(n) if n == get_features.len() => sent += 1,
+            // A partial header: stalled mid-message, hung up on too.
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    // Reading would make room for the replies: wait for the hang-up
+    // without reading.
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(&deaf, PollFlags::RDHUP)];
+    let timeout = Timespec {
+        tv_sec: 15,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&timeout)).unwrap();
+    assert!(
+        fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP),
+        "replies never read: the supervisor did not hang up ({sent} requests)"
+    );
+
+    let mut fe = s.connect();
+    negotiate(&mut fe);
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    drop((half, many, two, deaf));
+}
+
+/// The data plane dies while a vhost-user session is being detached (here
+/// by GET_VRING_BASE): the VMM resumes the ring at `used->idx` afterwards,
+/// so what the dead instance consumed must be answered first. The session
+/// is taken over (`recover=1`) and the new instance detached.
+#[test]
+fn a_data_plane_dying_in_a_detach_is_recovered_before_the_ring_stops() {
+    let s = Setup::start_with(&["die-on-first-detach"]);
+    let mut fe = s.connect();
+    let (guest, kick, _call) = start_queue0(&mut fe);
+    s.wait_event(&["attach-virtio", "recover=0"]);
+    guest.write_all_at(&9u16.to_le_bytes(), USED + 2).unwrap();
+    assert_eq!(fe.get_vring_base(0).unwrap(), 9);
+    let died = s.wait_event(&["died-on-detach"]);
+    let recovered = s.wait_event(&["attach-virtio", "recover=1"]);
+    let pid = |line: &str| line.split(' ').next().unwrap().to_string();
+    assert_ne!(pid(&died), pid(&recovered), "a new instance took over");
+    s.wait_event(&[&format!("{} detach", pid(&recovered))]);
+    let st = s.wait_stats("detached", |st| !st.connected);
+    assert_eq!((st.crashes, st.recoveries), (1, 1), "{st:#?}");
+    assert!(!st.given_up);
+    // And the ring starts again where the VMM expects.
+    fe.set_vring_kick(0, &kick).unwrap();
+    s.wait_event(&["attach-virtio", "12000:9"]);
 }

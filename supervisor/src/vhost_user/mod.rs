@@ -15,16 +15,20 @@ mod handler;
 mod inflight;
 pub(crate) mod memory;
 
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use tokio::sync::oneshot::error::TryRecvError;
+use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
 
 use crate::config::DiskConfig;
@@ -38,8 +42,14 @@ pub use inflight::{inflight_mmap_size, queue_region_size};
 /// How often the serving thread looks at its stop flag and at the device.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
 /// A message that has started to arrive must be complete within this (a
-/// VMM that stalls mid-message is disconnected, not waited for).
+/// VMM that stalls mid-message is disconnected, not waited for), and a
+/// VMM must have read its earlier replies within this.
 const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a partly arrived header, or a full send buffer, is looked at
+/// again.
+const RECHECK_PERIOD: Duration = Duration::from_millis(10);
+/// Bytes of a vhost-user message header (`request`, `flags`, `size`).
+const HEADER_SIZE: usize = 12;
 
 /// The vhost-user socket of one disk and the thread serving it.
 pub struct VhostUserServer {
@@ -245,6 +255,11 @@ fn serve_connection(
             Ok(false) => continue,
             Err(e) => return format!("poll: {e}"),
         }
+        // `vhost` retries a timed-out read or write for ever: it only gets
+        // a request whose header is complete and whose reply fits.
+        if let Err(why) = next_request_ready(&sock, stop) {
+            return why;
+        }
         lock(handler).take_soft_refusal();
         match conn.handle_request() {
             Ok(()) => {}
@@ -256,6 +271,107 @@ fn serve_connection(
         }
     }
     "supervisor stopping".into()
+}
+
+/// Waits (bounded by [`MESSAGE_TIMEOUT`]) until `vhost` can handle the next
+/// request without blocking on the VMM; `Err(why)` closes the connection.
+///
+/// `vhost`'s `handle_request` retries a read or write that timed out for
+/// ever, and it reads a header with room for [`MAX_ATTACHED_FD_ENTRIES`]
+/// fds: with more, the kernel drops them all, the header bytes are gone
+/// and `vhost` goes on reading the stream from the middle of the message.
+/// So the header must have fully arrived, with at most that many fds (both
+/// checked with a peek, which leaves the message in the socket), and the
+/// VMM must have read its replies: a socket that polls writable has at
+/// least three quarters of its send buffer free, room for any reply.
+fn next_request_ready(sock: &UnixStream, stop: &AtomicBool) -> Result<(), String> {
+    let deadline = Instant::now() + MESSAGE_TIMEOUT;
+    loop {
+        match peek_header(sock)? {
+            Peek::Incomplete => {}
+            Peek::Closed => return Ok(()),
+            Peek::Header => {
+                let mut fds = [PollFd::new(sock, PollFlags::OUT)];
+                let writable = match poll(&mut fds, Some(&Timespec::default())) {
+                    Ok(n) => n > 0,
+                    Err(rustix::io::Errno::INTR) => false,
+                    Err(e) => return Err(format!("poll: {e}")),
+                };
+                if writable {
+                    return Ok(());
+                }
+            }
+        }
+        // Acquire pairs with the Release store in `shutdown`.
+        if stop.load(Ordering::Acquire) {
+            return Err("supervisor stopping".into());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no complete request, or unread replies, for {MESSAGE_TIMEOUT:?}"
+            ));
+        }
+        std::thread::sleep(RECHECK_PERIOD);
+    }
+}
+
+/// What [`peek_header`] found.
+enum Peek {
+    /// A whole header, with few enough fds.
+    Header,
+    /// Part of a header so far.
+    Incomplete,
+    /// The VMM closed its end after part of a header (or nothing): `vhost`
+    /// reads that as a partial message or EOF without blocking.
+    Closed,
+}
+
+/// Looks at the next header without consuming it; `Err` if it carries more
+/// fds than `vhost` takes. The peeked fds are copies, closed here.
+fn peek_header(sock: &UnixStream) -> Result<Peek, String> {
+    let mut header = [0u8; HEADER_SIZE];
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ATTACHED_FD_ENTRIES + 1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut header)],
+        &mut control,
+        RecvFlags::PEEK | RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    );
+    let fds: usize = control
+        .drain()
+        .map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => fds.count(),
+            _ => 0,
+        })
+        .sum();
+    let bytes = match got {
+        Ok(m) if m.flags.contains(ReturnFlags::CTRUNC) || fds > MAX_ATTACHED_FD_ENTRIES => {
+            return Err(format!(
+                "a message with more than {MAX_ATTACHED_FD_ENTRIES} fds"
+            ))
+        }
+        Ok(m) => m.bytes,
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => 0,
+        Err(e) => return Err(format!("peek: {e}")),
+    };
+    if bytes >= HEADER_SIZE {
+        return Ok(Peek::Header);
+    }
+    // Less than a header: complete later, or never if the VMM hung up.
+    let mut fds = [PollFd::new(sock, PollFlags::RDHUP)];
+    match poll(&mut fds, Some(&Timespec::default())) {
+        Ok(_)
+            if fds[0]
+                .revents()
+                .intersects(PollFlags::RDHUP | PollFlags::HUP) =>
+        {
+            Ok(Peek::Closed)
+        }
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(Peek::Incomplete),
+        Err(e) => Err(format!("poll: {e}")),
+    }
 }
 
 /// [`SessionLink`] to a device task, from the blocking serving thread.
