@@ -542,7 +542,13 @@ fn every_crash_point_of_the_request_lifecycle_is_recovered() {
             _ => 29,
         };
         let spec = format!("{point}@{nth}");
-        let setup = Setup::start("sweep", |_| {}, &[("SHADOWBACK_CRASH_AT", &spec)]);
+        // Only the crash point may end the first instance: on a loaded
+        // machine the 100 ms watchdog could replace it before it fires.
+        let setup = Setup::start(
+            "sweep",
+            |d| d.hang_timeout_ms = 5_000,
+            &[("SHADOWBACK_CRASH_AT", &spec)],
+        );
         let mut front = setup.attach();
         let report = workload(31, Duration::from_millis(600))
             .run(&mut front, &mut |_| {})
