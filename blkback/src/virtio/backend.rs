@@ -35,6 +35,13 @@ use crate::uring::{Completion, Engine, IoBuffers, IoOp};
 /// Requests parsed between two submissions to the kernel within a burst.
 const SUBMIT_BATCH: u64 = 8;
 
+/// Descriptors one queue may walk per loop iteration. Requests answered at
+/// once take no engine slot, so without it a full ring of long hostile
+/// chains (each up to 64Ki descriptors) would keep the loop from its
+/// heartbeat and the control socket for minutes. Far above what engine
+/// room lets legitimate chains use.
+const WALK_BUDGET: u32 = 1 << 16;
+
 /// Engine ops one request may need at most (one per discard segment).
 const MAX_OPS_PER_REQUEST: usize = MAX_DISCARD_SEG as usize;
 
@@ -381,8 +388,10 @@ impl VirtioLoop<'_> {
     /// Takes every request queue `qi` holds (as far as the engine has
     /// room): walk, parse, log, execute.
     fn consume_queue(&mut self, qi: usize) -> Result<(), BackendError> {
+        let mut budget = WALK_BUDGET;
         loop {
-            if !self.engine_has_room() {
+            // Out of budget: `has_work` brings the loop straight back.
+            if !self.engine_has_room() || budget == 0 {
                 return Ok(());
             }
             let Some(dev) = self.device.as_mut() else {
@@ -434,6 +443,7 @@ impl VirtioLoop<'_> {
                 return self.queue_broken(qi, &format!("head {head} made available twice"));
             }
             let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
+            budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
             let parsed = parse(
                 &mem,
                 walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
