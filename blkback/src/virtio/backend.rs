@@ -23,12 +23,12 @@ use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::GuestRam;
 use super::queue::{extend_index, guest_index, Chain, SplitQueue};
 use super::request::{
-    parse, Action, BlkConfig, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE, STATUS_IOERR,
-    STATUS_OK, STATUS_UNSUPP,
+    parse, Action, BlkConfig, OutHdr, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use crate::backend::{
-    open_shadow_log, BackendConfig, BackendError, BlkbackStats, RecoveryStats, HEARTBEAT_INTERVAL,
-    POISON_THRESHOLD,
+    control_err, open_shadow_log, sanitize, BackendConfig, BackendError, BlkbackStats,
+    RecoveryStats, HEARTBEAT_INTERVAL, POISON_THRESHOLD,
 };
 use crate::uring::{Completion, Engine, IoBuffers, IoOp};
 
@@ -241,30 +241,15 @@ pub(crate) fn serve(
     result
 }
 
-fn control_err(e: XenbusError) -> BackendError {
-    match e {
-        XenbusError::Closed => BackendError::SupervisorGone,
-        e => BackendError::Control(e),
-    }
-}
-
-/// Message values are printable ASCII without newlines.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
-        .take(200)
-        .collect()
-}
-
 /// The shadow log's copy of a request: head, avail index, magic, queue
 /// index, then the header.
-fn log_request(head: u16, avail16: u16, index: u16, parsed: &Parsed) -> [u8; 32] {
+fn log_request(head: u16, avail16: u16, index: u16, header: OutHdr) -> [u8; 32] {
     let mut b = [0u8; 32];
     b[0..2].copy_from_slice(&head.to_le_bytes());
     b[2..4].copy_from_slice(&avail16.to_le_bytes());
     b[4..8].copy_from_slice(&LOG_MAGIC);
     b[8..10].copy_from_slice(&index.to_le_bytes());
-    b[16..32].copy_from_slice(&parsed.header.to_bytes());
+    b[16..32].copy_from_slice(&header.to_bytes());
     b
 }
 
@@ -286,6 +271,18 @@ fn log_response(id: u16, len: u32, status: u8) -> [u8; 9] {
     b[4..8].copy_from_slice(&len.to_le_bytes());
     b[8] = status;
     b
+}
+
+/// `(id, len)` of a used element saved by [`log_response`].
+fn saved_used_elem(response: &[u8]) -> (u32, u32) {
+    let word = |i: usize| {
+        let mut w = [0u8; 4];
+        if let Some(b) = response.get(i..i + 4) {
+            w.copy_from_slice(b);
+        }
+        u32::from_le_bytes(w)
+    };
+    (word(0), word(4))
 }
 
 fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
@@ -467,7 +464,7 @@ impl VirtioLoop<'_> {
             let entry = match q.log.as_ref() {
                 None => None,
                 Some(log) => {
-                    let bytes = log_request(head, next16, q.index, &parsed);
+                    let bytes = log_request(head, next16, q.index, parsed.header);
                     match log.log_consumed(q.next_avail, &bytes) {
                         Ok(e) => Some(e),
                         Err(e) => log_failed(&self.cfg.device, e),
@@ -1139,11 +1136,8 @@ impl VirtioLoop<'_> {
                     let entry = match q.log.as_ref() {
                         Some(log) => {
                             let avail16 = guest_index(q.next_avail, q.delta);
-                            let mut bytes = [0u8; 32];
-                            bytes[0..2].copy_from_slice(&head.to_le_bytes());
-                            bytes[2..4].copy_from_slice(&avail16.to_le_bytes());
-                            bytes[4..8].copy_from_slice(&LOG_MAGIC);
-                            bytes[8..10].copy_from_slice(&q.index.to_le_bytes());
+                            // The header is not known before the re-walk.
+                            let bytes = log_request(head, avail16, q.index, OutHdr::default());
                             Some(
                                 log.log_consumed(q.next_avail, &bytes)
                                     .map_err(|e| e.to_string())?,
@@ -1164,10 +1158,7 @@ impl VirtioLoop<'_> {
         let size = q.size();
         let log = q.log.as_ref().ok_or("no shadow log")?;
         for r in &plan.repush {
-            let id =
-                u32::from_le_bytes([r.response[0], r.response[1], r.response[2], r.response[3]]);
-            let len =
-                u32::from_le_bytes([r.response[4], r.response[5], r.response[6], r.response[7]]);
+            let (id, len) = saved_used_elem(&r.response);
             let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
                 return Err(format!("saved used element names head {id}"));
             };
@@ -1329,15 +1320,7 @@ fn recover_queue(
             let mut heads: Vec<u16> = plan
                 .repush
                 .iter()
-                .filter_map(|r| {
-                    u16::try_from(u32::from_le_bytes([
-                        r.response[0],
-                        r.response[1],
-                        r.response[2],
-                        r.response[3],
-                    ]))
-                    .ok()
-                })
+                .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
                 .collect();
             heads.extend(
                 plan.poisoned
@@ -1441,9 +1424,10 @@ mod tests {
             },
             action: Action::Flush,
         };
-        let b = log_request(513, 0xfffe, 2, &parsed);
+        let b = log_request(513, 0xfffe, 2, parsed.header);
         assert_eq!(logged_head(&b), Some((513, 0xfffe)));
         assert_eq!(logged_head(&[0u8; 32]), None);
         assert_eq!(&log_response(7, 513, 1)[..], &[7, 0, 0, 0, 1, 2, 0, 0, 1]);
+        assert_eq!(saved_used_elem(&log_response(7, 513, 1)), (7, 513));
     }
 }
