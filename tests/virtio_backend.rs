@@ -8,6 +8,7 @@ mod virtio_common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
@@ -468,5 +469,57 @@ fn bad_attach_is_refused_without_crashing() {
     dev.attach(&backend, false);
     dev.send_attach(&backend, &dev.request(0), false);
     assert_eq!(backend.recv().kind(), "error");
+    detach_and_exit(backend);
+}
+
+/// A full ring of the largest size, each chain a descriptor looping on
+/// itself: every request is answered at once (no engine slot bounds the
+/// burst) after a walk of the whole table. The loop must still go round
+/// between such requests, so control messages are answered (and the
+/// heartbeat beats) while the burst is being consumed.
+#[test]
+fn a_burst_of_looping_chains_does_not_starve_the_loop() {
+    const SIZE: u16 = 32768;
+    const BIG_DESC: u64 = 0x200000;
+    const BIG_AVAIL: u64 = 0x280000;
+    const BIG_USED: u64 = 0x2a0000;
+    let disk = TempFile::new("loops", 16 * BLOCK);
+    let dev = Device::new(SIZE, false, false, 0);
+    let backend = Backend::spawn(&disk.file, 16 * SECTORS_PER_BLOCK, &[]);
+    let mut req = dev.request(0);
+    req.queues[0].desc = BIG_DESC;
+    req.queues[0].avail = BIG_AVAIL;
+    req.queues[0].used = BIG_USED;
+    dev.send_attach(&backend, &req, false);
+    let reply = backend.recv();
+    assert_eq!(reply.kind(), "attached", "{reply}");
+
+    let mut table = Vec::with_capacity(16 * usize::from(SIZE));
+    let mut ring = Vec::with_capacity(2 * usize::from(SIZE));
+    for head in 0..SIZE {
+        table.extend_from_slice(&HEADERS.to_le_bytes());
+        table.extend_from_slice(&16u32.to_le_bytes());
+        table.extend_from_slice(&F_NEXT.to_le_bytes());
+        table.extend_from_slice(&head.to_le_bytes());
+        ring.extend_from_slice(&head.to_le_bytes());
+    }
+    dev.mem.write(BIG_DESC, &table).unwrap();
+    dev.mem.write(BIG_AVAIL + 4, &ring).unwrap();
+    // Release: the ring entries are visible before the index (§2.7.13).
+    // SIZE itself wraps to 0 in a u16 index: publish one short of a lap.
+    dev.mem
+        .store((SIZE - 1).to_le(), BIG_AVAIL + 2, Ordering::Release)
+        .unwrap();
+    dev.kick.notify().unwrap();
+
+    // The backend is now busy with the burst; it must still answer.
+    backend
+        .control
+        .send(
+            &shadowback_xenbus::Message::new("poison").with("sector", 1),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(backend.recv().kind(), "ok");
     detach_and_exit(backend);
 }

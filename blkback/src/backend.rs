@@ -974,7 +974,7 @@ fn response_from(bytes: &[u8; shadowback_shadow::RESPONSE_SIZE]) -> BlkifRespons
 }
 
 /// A closed control channel means the supervisor is gone: exit quietly.
-fn control_err(e: XenbusError) -> BackendError {
+pub(crate) fn control_err(e: XenbusError) -> BackendError {
     match e {
         XenbusError::Closed => BackendError::SupervisorGone,
         e => BackendError::Control(e),
@@ -991,7 +991,7 @@ fn io_buffers(
 }
 
 /// Message values are printable ASCII without newlines.
-fn sanitize(s: &str) -> String {
+pub(crate) fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
         .take(200)

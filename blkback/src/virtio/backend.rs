@@ -23,17 +23,24 @@ use super::inflight::{InflightQueue, InflightRegion};
 use super::memory::GuestRam;
 use super::queue::{extend_index, guest_index, Chain, SplitQueue};
 use super::request::{
-    parse, Action, BlkConfig, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE, STATUS_IOERR,
-    STATUS_OK, STATUS_UNSUPP,
+    parse, Action, BlkConfig, OutHdr, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use crate::backend::{
-    open_shadow_log, BackendConfig, BackendError, BlkbackStats, RecoveryStats, HEARTBEAT_INTERVAL,
-    POISON_THRESHOLD,
+    control_err, open_shadow_log, sanitize, BackendConfig, BackendError, BlkbackStats,
+    RecoveryStats, HEARTBEAT_INTERVAL, POISON_THRESHOLD,
 };
 use crate::uring::{Completion, Engine, IoBuffers, IoOp};
 
 /// Requests parsed between two submissions to the kernel within a burst.
 const SUBMIT_BATCH: u64 = 8;
+
+/// Descriptors one queue may walk per loop iteration. Requests answered at
+/// once take no engine slot, so without it a full ring of long hostile
+/// chains (each up to 64Ki descriptors) would keep the loop from its
+/// heartbeat and the control socket for minutes. Far above what engine
+/// room lets legitimate chains use.
+const WALK_BUDGET: u32 = 1 << 16;
 
 /// Engine ops one request may need at most (one per discard segment).
 const MAX_OPS_PER_REQUEST: usize = MAX_DISCARD_SEG as usize;
@@ -234,30 +241,15 @@ pub(crate) fn serve(
     result
 }
 
-fn control_err(e: XenbusError) -> BackendError {
-    match e {
-        XenbusError::Closed => BackendError::SupervisorGone,
-        e => BackendError::Control(e),
-    }
-}
-
-/// Message values are printable ASCII without newlines.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| if (' '..='~').contains(&c) { c } else { ' ' })
-        .take(200)
-        .collect()
-}
-
 /// The shadow log's copy of a request: head, avail index, magic, queue
 /// index, then the header.
-fn log_request(head: u16, avail16: u16, index: u16, parsed: &Parsed) -> [u8; 32] {
+fn log_request(head: u16, avail16: u16, index: u16, header: OutHdr) -> [u8; 32] {
     let mut b = [0u8; 32];
     b[0..2].copy_from_slice(&head.to_le_bytes());
     b[2..4].copy_from_slice(&avail16.to_le_bytes());
     b[4..8].copy_from_slice(&LOG_MAGIC);
     b[8..10].copy_from_slice(&index.to_le_bytes());
-    b[16..32].copy_from_slice(&parsed.header.to_bytes());
+    b[16..32].copy_from_slice(&header.to_bytes());
     b
 }
 
@@ -279,6 +271,18 @@ fn log_response(id: u16, len: u32, status: u8) -> [u8; 9] {
     b[4..8].copy_from_slice(&len.to_le_bytes());
     b[8] = status;
     b
+}
+
+/// `(id, len)` of a used element saved by [`log_response`].
+fn saved_used_elem(response: &[u8]) -> (u32, u32) {
+    let word = |i: usize| {
+        let mut w = [0u8; 4];
+        if let Some(b) = response.get(i..i + 4) {
+            w.copy_from_slice(b);
+        }
+        u32::from_le_bytes(w)
+    };
+    (word(0), word(4))
 }
 
 fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
@@ -381,8 +385,10 @@ impl VirtioLoop<'_> {
     /// Takes every request queue `qi` holds (as far as the engine has
     /// room): walk, parse, log, execute.
     fn consume_queue(&mut self, qi: usize) -> Result<(), BackendError> {
+        let mut budget = WALK_BUDGET;
         loop {
-            if !self.engine_has_room() {
+            // Out of budget: `has_work` brings the loop straight back.
+            if !self.engine_has_room() || budget == 0 {
                 return Ok(());
             }
             let Some(dev) = self.device.as_mut() else {
@@ -434,6 +440,7 @@ impl VirtioLoop<'_> {
                 return self.queue_broken(qi, &format!("head {head} made available twice"));
             }
             let walked = q.ring.walk(&mem, head, CHAIN_CAP, &mut self.chain);
+            budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
             let parsed = parse(
                 &mem,
                 walked.as_ref().map(|()| &self.chain).map_err(|e| *e),
@@ -457,7 +464,7 @@ impl VirtioLoop<'_> {
             let entry = match q.log.as_ref() {
                 None => None,
                 Some(log) => {
-                    let bytes = log_request(head, next16, q.index, &parsed);
+                    let bytes = log_request(head, next16, q.index, parsed.header);
                     match log.log_consumed(q.next_avail, &bytes) {
                         Ok(e) => Some(e),
                         Err(e) => log_failed(&self.cfg.device, e),
@@ -1129,11 +1136,8 @@ impl VirtioLoop<'_> {
                     let entry = match q.log.as_ref() {
                         Some(log) => {
                             let avail16 = guest_index(q.next_avail, q.delta);
-                            let mut bytes = [0u8; 32];
-                            bytes[0..2].copy_from_slice(&head.to_le_bytes());
-                            bytes[2..4].copy_from_slice(&avail16.to_le_bytes());
-                            bytes[4..8].copy_from_slice(&LOG_MAGIC);
-                            bytes[8..10].copy_from_slice(&q.index.to_le_bytes());
+                            // The header is not known before the re-walk.
+                            let bytes = log_request(head, avail16, q.index, OutHdr::default());
                             Some(
                                 log.log_consumed(q.next_avail, &bytes)
                                     .map_err(|e| e.to_string())?,
@@ -1154,10 +1158,7 @@ impl VirtioLoop<'_> {
         let size = q.size();
         let log = q.log.as_ref().ok_or("no shadow log")?;
         for r in &plan.repush {
-            let id =
-                u32::from_le_bytes([r.response[0], r.response[1], r.response[2], r.response[3]]);
-            let len =
-                u32::from_le_bytes([r.response[4], r.response[5], r.response[6], r.response[7]]);
+            let (id, len) = saved_used_elem(&r.response);
             let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
                 return Err(format!("saved used element names head {id}"));
             };
@@ -1319,15 +1320,7 @@ fn recover_queue(
             let mut heads: Vec<u16> = plan
                 .repush
                 .iter()
-                .filter_map(|r| {
-                    u16::try_from(u32::from_le_bytes([
-                        r.response[0],
-                        r.response[1],
-                        r.response[2],
-                        r.response[3],
-                    ]))
-                    .ok()
-                })
+                .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
                 .collect();
             heads.extend(
                 plan.poisoned
@@ -1431,9 +1424,10 @@ mod tests {
             },
             action: Action::Flush,
         };
-        let b = log_request(513, 0xfffe, 2, &parsed);
+        let b = log_request(513, 0xfffe, 2, parsed.header);
         assert_eq!(logged_head(&b), Some((513, 0xfffe)));
         assert_eq!(logged_head(&[0u8; 32]), None);
         assert_eq!(&log_response(7, 513, 1)[..], &[7, 0, 0, 0, 1, 2, 0, 0, 1]);
+        assert_eq!(saved_used_elem(&log_response(7, 513, 1)), (7, 513));
     }
 }

@@ -83,6 +83,8 @@ pub struct Chain {
     pub count: u32,
     /// A device-readable buffer follows a device-writable one (§2.7.4.2).
     pub misordered: bool,
+    /// Descriptors read by the walk (its cost), even when it failed.
+    pub descriptors_read: u32,
 }
 
 impl Chain {
@@ -96,6 +98,7 @@ impl Chain {
         self.last = None;
         self.count = 0;
         self.misordered = false;
+        self.descriptors_read = 0;
     }
 }
 
@@ -315,6 +318,7 @@ pub fn walk_chain(
             return Err(ChainError::Loop);
         }
         ttl -= 1;
+        chain.descriptors_read += 1;
         let d = read_desc(mem, table, next)?;
         let flags = d.flags();
         if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
@@ -465,6 +469,8 @@ mod tests {
             walk_chain(&mem, 0, 4, 0, 8, &mut chain),
             Err(ChainError::Loop)
         );
+        // The walk's cost is known even when it fails.
+        assert_eq!(chain.descriptors_read, 4);
         // next out of range.
         put(&mem, 0, 1, 0x1000, 16, F_NEXT, 9);
         assert_eq!(

@@ -230,7 +230,7 @@ pub fn parse(
                         let pieces = if read {
                             writable_data(chain)
                         } else {
-                            out_pieces.clone()
+                            std::mem::take(&mut out_pieces)
                         };
                         if split_all(mem, &pieces, data).is_err() {
                             ioerr
