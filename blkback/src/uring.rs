@@ -847,70 +847,43 @@ mod tests {
         }
     }
 
+    /// Punch-hole and zero-range: the range reads back as zeros, the rest
+    /// as written, and the file keeps its size (buffered and O_DIRECT).
     #[test]
-    fn punch_hole_reads_zeros_and_keeps_size() {
-        for direct in [false, true] {
-            let size = 16 * BLOCK as u64;
-            let disk = temp_disk(size, direct);
-            let mut engine = open_engine(&disk);
-            let data = pattern(9, 16 * BLOCK);
-            let bufs = IoBuffers::from_ranges(buf_with(&data), &[(0, 16 * BLOCK)]).unwrap();
-            assert_eq!(
-                run_one(&mut engine, IoOp::Writev { offset: 0, bufs }),
-                16 * BLOCK as i32
-            );
+    fn punch_hole_and_zero_range_read_zeros_and_keep_size() {
+        let size = 16 * BLOCK as u64;
+        let (at, len) = (4 * BLOCK as u64, 3 * BLOCK as u64);
+        let cases: [fn(u64, u64) -> IoOp; 2] = [
+            |offset, len| IoOp::PunchHole { offset, len },
+            |offset, len| IoOp::ZeroRange { offset, len },
+        ];
+        for make in cases {
+            for direct in [false, true] {
+                let disk = temp_disk(size, direct);
+                let mut engine = open_engine(&disk);
+                let data = pattern(9, 16 * BLOCK);
+                let bufs = IoBuffers::from_ranges(buf_with(&data), &[(0, 16 * BLOCK)]).unwrap();
+                assert_eq!(
+                    run_one(&mut engine, IoOp::Writev { offset: 0, bufs }),
+                    16 * BLOCK as i32
+                );
+                let op = make(at, len);
+                let name = format!("{op:?}");
+                assert_eq!(run_one(&mut engine, op), 0, "{name}");
+                assert_eq!(disk.file.metadata().unwrap().len(), size, "{name}");
 
-            let hole = IoOp::PunchHole {
-                offset: 4 * BLOCK as u64,
-                len: 4 * BLOCK as u64,
-            };
-            assert_eq!(run_one(&mut engine, hole), 0);
-            assert_eq!(disk.file.metadata().unwrap().len(), size);
-
-            let dst = Arc::new(AlignedBuf::new(16 * BLOCK).unwrap());
-            let bufs = IoBuffers::from_ranges(dst.clone(), &[(0, 16 * BLOCK)]).unwrap();
-            assert_eq!(
-                run_one(&mut engine, IoOp::Readv { offset: 0, bufs }),
-                16 * BLOCK as i32
-            );
-            let got = contents(dst);
-            assert!(
-                got[4 * BLOCK..8 * BLOCK].iter().all(|&b| b == 0),
-                "hole not zero"
-            );
-            assert_eq!(&got[..4 * BLOCK], &data[..4 * BLOCK]);
-            assert_eq!(&got[8 * BLOCK..], &data[8 * BLOCK..]);
-        }
-    }
-
-    #[test]
-    fn zero_range_reads_zeros_and_keeps_size() {
-        for direct in [false, true] {
-            let size = 8 * BLOCK as u64;
-            let disk = temp_disk(size, direct);
-            let mut engine = open_engine(&disk);
-            let data = pattern(4, 8 * BLOCK);
-            let bufs = IoBuffers::from_ranges(buf_with(&data), &[(0, 8 * BLOCK)]).unwrap();
-            assert_eq!(
-                run_one(&mut engine, IoOp::Writev { offset: 0, bufs }),
-                8 * BLOCK as i32
-            );
-            let zero = IoOp::ZeroRange {
-                offset: 2 * BLOCK as u64,
-                len: 3 * BLOCK as u64,
-            };
-            assert_eq!(run_one(&mut engine, zero), 0);
-            assert_eq!(disk.file.metadata().unwrap().len(), size);
-            let dst = Arc::new(AlignedBuf::new(8 * BLOCK).unwrap());
-            let bufs = IoBuffers::from_ranges(dst.clone(), &[(0, 8 * BLOCK)]).unwrap();
-            assert_eq!(
-                run_one(&mut engine, IoOp::Readv { offset: 0, bufs }),
-                8 * BLOCK as i32
-            );
-            let got = contents(dst);
-            assert!(got[2 * BLOCK..5 * BLOCK].iter().all(|&b| b == 0));
-            assert_eq!(&got[..2 * BLOCK], &data[..2 * BLOCK]);
-            assert_eq!(&got[5 * BLOCK..], &data[5 * BLOCK..]);
+                let dst = Arc::new(AlignedBuf::new(16 * BLOCK).unwrap());
+                let bufs = IoBuffers::from_ranges(dst.clone(), &[(0, 16 * BLOCK)]).unwrap();
+                assert_eq!(
+                    run_one(&mut engine, IoOp::Readv { offset: 0, bufs }),
+                    16 * BLOCK as i32
+                );
+                let got = contents(dst);
+                let (a, b) = (at as usize, (at + len) as usize);
+                assert!(got[a..b].iter().all(|&x| x == 0), "{name}: range not zero");
+                assert_eq!(&got[..a], &data[..a], "{name}");
+                assert_eq!(&got[b..], &data[b..], "{name}");
+            }
         }
     }
 

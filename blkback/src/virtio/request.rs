@@ -561,100 +561,57 @@ mod tests {
     #[test]
     fn discard_and_write_zeroes_segments() {
         let c = cfg();
+        // Rewrites the segment table of a set-up chain and parses it again.
+        let reparse = |mem: &GuestRam,
+                       chain: &Result<Chain, ChainError>,
+                       c: &BlkConfig,
+                       segs: &[(u64, u32, u32)]|
+         -> Run {
+            mem.write(DATA, &seg_bytes(segs)).unwrap();
+            let (mut data, mut ranges) = (Vec::new(), Vec::new());
+            let p = parse(
+                mem,
+                chain.as_ref().map_err(|e| *e),
+                c,
+                &mut data,
+                &mut ranges,
+            );
+            (p, data, ranges)
+        };
         let (mem, chain) = setup(
             &[(HDR, 16, 0), (DATA, 32, 0), (STATUS, 1, W)],
             hdr(VIRTIO_BLK_T_WRITE_ZEROES, 0),
         );
-        mem.write(DATA, &seg_bytes(&[(8, 8, 1), (100, 1, 1)]))
-            .unwrap();
-        let (mut data, mut ranges) = (Vec::new(), Vec::new());
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
+        let (p, _, ranges) = reparse(&mem, &chain, &c, &[(8, 8, 1), (100, 1, 1)]);
         assert_eq!(p.action, Action::WriteZeroes { unmap: true });
         assert_eq!(ranges, vec![(4096, 4096), (51200, 512)]);
-
-        mem.write(DATA, &seg_bytes(&[(8, 8, 1), (100, 1, 0)]))
-            .unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
+        let (p, _, _) = reparse(&mem, &chain, &c, &[(8, 8, 1), (100, 1, 0)]);
         assert_eq!(p.action, Action::WriteZeroes { unmap: false });
 
         // Unknown flag → UNSUPP; beyond the disk → IOERR.
-        mem.write(DATA, &seg_bytes(&[(8, 8, 2), (0, 1, 0)]))
-            .unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
-        assert_eq!(p.action, Action::Done(STATUS_UNSUPP));
-        mem.write(DATA, &seg_bytes(&[(999, 2, 0), (0, 1, 0)]))
-            .unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
-        assert_eq!(p.action, Action::Done(STATUS_IOERR));
-        mem.write(DATA, &seg_bytes(&[(u64::MAX, 2, 0), (0, 1, 0)]))
-            .unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
-        assert_eq!(p.action, Action::Done(STATUS_IOERR));
+        for (segs, status) in [
+            ([(8, 8, 2), (0, 1, 0)], STATUS_UNSUPP),
+            ([(999, 2, 0), (0, 1, 0)], STATUS_IOERR),
+            ([(u64::MAX, 2, 0), (0, 1, 0)], STATUS_IOERR),
+        ] {
+            let (p, _, _) = reparse(&mem, &chain, &c, &segs);
+            assert_eq!(p.action, Action::Done(status), "{segs:?}");
+        }
 
         // Discard with unmap set → UNSUPP; discard not offered → UNSUPP.
         let (mem, chain) = setup(
             &[(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)],
             hdr(VIRTIO_BLK_T_DISCARD, 0),
         );
-        mem.write(DATA, &seg_bytes(&[(8, 8, 1)])).unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
+        let (p, _, _) = reparse(&mem, &chain, &c, &[(8, 8, 1)]);
         assert_eq!(p.action, Action::Done(STATUS_UNSUPP));
-        mem.write(DATA, &seg_bytes(&[(8, 8, 0)])).unwrap();
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &c,
-            &mut data,
-            &mut ranges,
-        );
+        let (p, _, _) = reparse(&mem, &chain, &c, &[(8, 8, 0)]);
         assert_eq!(p.action, Action::Discard);
         let off = BlkConfig {
             discard: false,
             ..cfg()
         };
-        let p = parse(
-            &mem,
-            chain.as_ref().map_err(|e| *e),
-            &off,
-            &mut data,
-            &mut ranges,
-        );
+        let (p, _, _) = reparse(&mem, &chain, &off, &[(8, 8, 0)]);
         assert_eq!(p.action, Action::Done(STATUS_UNSUPP));
 
         // 33 segments, or a ragged segment list.
