@@ -22,6 +22,9 @@ use shadowback_ring::blkif::{
     BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
 };
+use shadowback_ring::grant::{
+    GTF_PAT, GTF_PCD, GTF_PERMIT_ACCESS, GTF_PWT, GTF_READING, GTF_SUB_PAGE, GTF_WRITING,
+};
 use shadowback_xenbus::ErrorCode;
 
 const PAGE: u64 = 4096;
@@ -96,6 +99,13 @@ enum Tamper {
     FrameOutside,
     /// `GTF_readonly`.
     ReadOnly,
+    /// `GTF_sub_page` on a writable grant: refused (PROTOCOL.md §5.1).
+    SubPage,
+    /// An undefined flag bit (bit 9) on a writable grant: refused.
+    UndefinedFlag,
+    /// Xen's `GTF_reading`/`GTF_writing` and the x86 cache attributes on a
+    /// writable grant: accepted and ignored.
+    IgnoredFlags,
 }
 
 struct Case {
@@ -317,6 +327,50 @@ fn cases(front: &BlkFront) -> Vec<Case> {
         )
         .tamper(Tamper::Revoke),
         Case::new(
+            "control: write from a grant with GTF_reading/writing/PWT/PCD/PAT",
+            rw(BLKIF_OP_WRITE, SCRATCH - 128, &full),
+            BLKIF_RSP_OKAY,
+        )
+        .tamper(Tamper::IgnoredFlags),
+        Case::new(
+            "control: read into a grant with GTF_reading/writing/PWT/PCD/PAT",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_OKAY,
+        )
+        .tamper(Tamper::IgnoredFlags)
+        .may_touch_pages(),
+        Case::new(
+            "write from a sub-page grant",
+            rw(BLKIF_OP_WRITE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "read into a sub-page grant",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "indirect segment from a sub-page grant",
+            indirect(BLKIF_OP_WRITE, 0, 1, &[ig]),
+            BLKIF_RSP_ERROR,
+        )
+        .indirect_page(vec![seg(g0, 0, 7)])
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "write from a grant with an undefined flag bit",
+            rw(BLKIF_OP_WRITE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::UndefinedFlag),
+        Case::new(
+            "read into a grant with an undefined flag bit",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::UndefinedFlag),
+        Case::new(
             "indirect segment naming another domid",
             indirect(BLKIF_OP_WRITE, 0, 1, &[ig]),
             BLKIF_RSP_ERROR,
@@ -350,8 +404,36 @@ fn set_grant(front: &BlkFront, tamper: Tamper, undo: bool) {
             table.grant(gref, backend, front.region().pages() + 16, false)
         }
         (Tamper::ReadOnly, false) => table.grant(gref, backend, frame, true),
+        (Tamper::SubPage, false) => {
+            grant_with_flags(front, gref, frame, GTF_PERMIT_ACCESS | GTF_SUB_PAGE)
+        }
+        (Tamper::UndefinedFlag, false) => {
+            grant_with_flags(front, gref, frame, GTF_PERMIT_ACCESS | 1 << 9)
+        }
+        (Tamper::IgnoredFlags, false) => grant_with_flags(
+            front,
+            gref,
+            frame,
+            GTF_PERMIT_ACCESS | GTF_READING | GTF_WRITING | GTF_PWT | GTF_PCD | GTF_PAT,
+        ),
     };
     res.expect("grant table update");
+}
+
+/// Grants `frame` to the backend, then stores a raw `flags` word over the
+/// entry (as a C frontend would), with release ordering.
+fn grant_with_flags(
+    front: &BlkFront,
+    gref: u32,
+    frame: u32,
+    flags: u16,
+) -> Result<(), shadowback_ring::RingError> {
+    front
+        .grant_table()
+        .grant(gref, front.backend().backend_id, frame, false)?;
+    front
+        .region()
+        .store(flags, u64::from(gref) * 8, Ordering::Release)
 }
 
 fn poison_pages(front: &BlkFront) {

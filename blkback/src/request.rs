@@ -252,10 +252,11 @@ fn check_range(start: u64, count: u64, disk: &DiskGeometry) -> Result<(), BlkErr
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use shadowback_ring::blkif::{BlkifRequestDiscard, BlkifRequestIndirect};
-    use shadowback_ring::grant::GrantTable;
+    use shadowback_ring::grant::{GrantTable, GTF_PERMIT_ACCESS, GTF_SUB_PAGE};
     use shadowback_ring::SharedRegion;
 
     use super::*;
@@ -270,7 +271,7 @@ mod tests {
 
     /// Region of 64 pages; grant table in frame 0. Grants: 1..=40 → frame
     /// 8+gref read-write; 50 read-only; 51 for another domain; 52 to a frame
-    /// outside the region; 53 revoked; 60/61 indirect pages.
+    /// outside the region; 53 revoked; 54 sub-page; 60/61 indirect pages.
     fn setup() -> (GrantTable, GrantMapper) {
         let region = Arc::new(SharedRegion::create("t", 64).unwrap());
         let table = GrantTable::new(region.clone(), 1).unwrap();
@@ -282,6 +283,10 @@ mod tests {
         table.grant(52, BACKEND, 64, false).unwrap();
         table.grant(53, BACKEND, 5, false).unwrap();
         table.end_access(53).unwrap();
+        table.grant(54, BACKEND, 5, false).unwrap();
+        region
+            .store(GTF_PERMIT_ACCESS | GTF_SUB_PAGE, 54 * 8, Ordering::Release)
+            .unwrap();
         table.grant(60, BACKEND, 2, true).unwrap();
         table.grant(61, BACKEND, 3, true).unwrap();
         (table, GrantMapper::new(region, 1, BACKEND).unwrap())
@@ -508,6 +513,16 @@ mod tests {
                 rw(BLKIF_OP_WRITE, 0, &[seg(45, 0, 7)]),
                 DISK,
                 GrantError::NotPermitted { gref: 45, flags: 0 }.into(),
+            ),
+            (
+                "sub-page grant",
+                rw(BLKIF_OP_WRITE, 0, &[seg(1, 0, 7), seg(54, 0, 7)]),
+                DISK,
+                GrantError::BadFlags {
+                    gref: 54,
+                    flags: GTF_PERMIT_ACCESS | GTF_SUB_PAGE,
+                }
+                .into(),
             ),
             (
                 "grant for another domain",
