@@ -51,7 +51,7 @@ struct Setup {
     sup: SupervisorThread,
     name: String,
     socket: PathBuf,
-    _dir: Scratch,
+    dir: Scratch,
 }
 
 impl Setup {
@@ -83,7 +83,7 @@ impl Setup {
             sup,
             name,
             socket,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -110,6 +110,11 @@ impl Setup {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// The disk image file.
+    fn image(&self) -> PathBuf {
+        self.dir.0.join("disk.img")
     }
 
     fn attach(&self) -> BlkFront {
@@ -273,6 +278,73 @@ fn complete_one(front: &mut BlkFront, req: &BlockRequest<'_>) -> Completion {
     }
     assert_eq!(out.len(), 1, "{out:?}");
     out.remove(0)
+}
+
+/// A `FLUSH_DISKCACHE` with segments (a write, then a flush: PROTOCOL.md
+/// §5.3) that the first instance logged and died before executing is
+/// re-executed from its saved bytes by the next one: answered once with
+/// `BLKIF_RSP_OKAY`, and its data is in the image.
+#[test]
+fn a_flush_with_data_logged_before_a_crash_is_replayed_as_a_write_and_a_flush() {
+    use shadowback_ring::blkif::{
+        BlkifRequest, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
+    };
+    use std::os::unix::fs::FileExt;
+    const SECTOR: u64 = 4096;
+    // The first request consumed dies right after its last log store
+    // (INFLIGHT, req_cons): logged, not executed. The watchdog must not
+    // act first.
+    let setup = Setup::start(
+        "flush-replay",
+        |d| d.hang_timeout_ms = 5_000,
+        &[("SHADOWBACK_CRASH_AT", "consume.8@1")],
+    );
+    let mut front = setup.attach();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 511) as u8).collect();
+    for page in 0..2 {
+        let off = front.data_offset(0, page).expect("data page");
+        let at = page as usize * 4096;
+        front
+            .region()
+            .write(off, &data[at..at + 4096])
+            .expect("fill");
+    }
+    let mut req = BlkifRequest {
+        operation: BLKIF_OP_FLUSH_DISKCACHE,
+        nr_segments: 2,
+        id: 0xf1a5,
+        sector_number: SECTOR,
+        ..Default::default()
+    };
+    for page in 0..2 {
+        let s = &mut req.seg[page as usize];
+        s.gref = front.data_gref(0, page).expect("gref");
+        s.last_sect = 7;
+    }
+    front.submit_raw(req).expect("submit");
+    front.kick().expect("kick");
+    let rsp = front
+        .take_raw_response(Duration::from_secs(30))
+        .expect("ring")
+        .expect("a response after the recovery");
+    assert_eq!(
+        (rsp.id, rsp.operation, rsp.status),
+        (0xf1a5, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_OKAY)
+    );
+    let extra = front.take_raw_response(Duration::from_millis(200));
+    assert!(matches!(extra, Ok(None)), "a second response: {extra:?}");
+    let s = setup.stats();
+    assert_eq!((s.crashes, s.recoveries), (1, 1), "{s:#?}");
+    assert!(s.replayed >= 1, "the request was not replayed: {s:#?}");
+    let mut image = vec![0u8; data.len()];
+    std::fs::File::open(setup.image())
+        .and_then(|f| f.read_exact_at(&mut image, SECTOR * BLKIF_SECTOR_SIZE))
+        .expect("read image");
+    assert!(
+        image == data,
+        "the replayed FLUSH_DISKCACHE did not write its data to the image"
+    );
+    front.detach().expect("detach");
 }
 
 #[test]
