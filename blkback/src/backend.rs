@@ -66,10 +66,19 @@ pub struct BackendConfig {
     /// Log every request in the shadow log the supervisor passes (off only
     /// for the overhead benchmark: a crash then loses in-flight requests).
     pub shadow: bool,
-    /// Test builds of the fault injector: abort at this crash point of the
-    /// shadow log, on its `nth` occurrence, in the first instance only
-    /// (`SHADOWBACK_CRASH_AT=consume.3@100`).
-    pub crash_at: Option<(CrashPoint, u64)>,
+    /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
+    pub crash_at: CrashSpec,
+}
+
+/// Fault injection: abort at a crash point on its `nth` occurrence, in the
+/// first instance of a device only (the one that finds its shadow logs
+/// fresh), so the next instance can recover.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashSpec {
+    /// A store of the shadow log (`SHADOWBACK_CRASH_AT=consume.3@100`).
+    pub log: Option<(CrashPoint, u64)>,
+    /// A store of the VMM's in-flight region (`region-finish.3@2`).
+    pub region: Option<(crate::virtio::inflight::RegionCrashPoint, u64)>,
 }
 
 /// What a completion belongs to, packed into the io_uring user data.
@@ -950,7 +959,7 @@ pub(crate) fn open_shadow_log(
     fd: std::os::fd::OwnedFd,
 ) -> Result<(ShadowLog, u64), ShadowError> {
     let mut log = ShadowLog::open(fd)?;
-    if let Some((point, nth)) = cfg.crash_at {
+    if let Some((point, nth)) = cfg.crash_at.log {
         // Only the first instance crashes, so a restart can recover.
         if log.generation()? == 0 {
             let hits = std::sync::atomic::AtomicU64::new(0);
