@@ -8,6 +8,7 @@
 //!   that guest only: `error code=EPROTO` then EOF on its control socket,
 //!   while a guest on another disk keeps doing verified I/O and the
 //!   supervisor keeps accepting guests.
+#![deny(unsafe_code)]
 
 mod common;
 

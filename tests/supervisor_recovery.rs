@@ -7,6 +7,7 @@
 //!
 //! Self-contained (no `mod common`): it only needs the supervisor's Rust
 //! API, the guest crate and the `shadowback` binary.
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

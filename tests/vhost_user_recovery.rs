@@ -9,6 +9,7 @@
 //! sees no lost, duplicate, wrong or failed request (except the one
 //! poisoned request, failed once), and the whole image is verified at the
 //! end of each run.
+#![deny(unsafe_code)]
 
 mod common;
 
