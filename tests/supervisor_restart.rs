@@ -1,4 +1,4 @@
-//! The supervisor itself dies (DESIGN §8): a real `shadowback up` is
+//! The supervisor itself dies (docs/ARCHITECTURE.md §8): a real `shadowback up` is
 //! SIGKILLed and started again on the same configuration, like systemd
 //! would, while a vhost-user guest with `--reconnect` (QEMU's chardev
 //! `reconnect`, replayed by the native client) keeps many requests in
