@@ -10,6 +10,7 @@
 //! injects the kills through the supervisor (`shadowback fault … kill`),
 //! and reads the guest's verdict, the console, the supervisor's counters and
 //! the image itself. A missing guest image fails the test; it never skips.
+#![deny(unsafe_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
