@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use shadowback_shadow::ShadowLog;
-use shadowback_xenbus::protocol::{key, kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::protocol::{action, key, kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use shadowback_xenbus::{BackendInfo, DiskMode, Message, XenbusError};
 use tokio::sync::{mpsc, oneshot};
@@ -47,11 +47,6 @@ const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_FAILED_TAKEOVERS: u32 = 5;
 /// An idle instance that dies younger than this died "at start-up".
 const STABLE_AGE: Duration = Duration::from_secs(1);
-/// Supervisor → instance: switch virtqueue `queue`'s call eventfd to the
-/// one descriptor that comes with the message; answered `ok`.
-pub const SET_CALL: &str = "set-call";
-/// The virtqueue index key of [`SET_CALL`].
-pub const KEY_QUEUE: &str = "queue";
 /// Start-up deaths in a row after which the device is given up, rather
 /// than forking backends that cannot run in a loop.
 const MAX_STARTUP_DEATHS: u32 = 5;
@@ -98,10 +93,10 @@ impl Fault {
     /// The `action` value.
     pub fn action(self) -> &'static str {
         match self {
-            Fault::Kill => "kill",
-            Fault::Hang => "hang",
-            Fault::Poison { .. } => "poison",
-            Fault::Spin => "spin",
+            Fault::Kill => action::KILL,
+            Fault::Hang => action::HANG,
+            Fault::Poison { .. } => action::POISON,
+            Fault::Spin => action::SPIN,
         }
     }
 
@@ -120,10 +115,10 @@ impl Fault {
     pub fn from_message(msg: &Message) -> Result<Self, XenbusError> {
         msg.expect_kind(kind::FAULT)?;
         match msg.require(key::ACTION)? {
-            "kill" => Ok(Fault::Kill),
-            "hang" => Ok(Fault::Hang),
-            "spin" => Ok(Fault::Spin),
-            "poison" => Ok(Fault::Poison {
+            action::KILL => Ok(Fault::Kill),
+            action::HANG => Ok(Fault::Hang),
+            action::SPIN => Ok(Fault::Spin),
+            action::POISON => Ok(Fault::Poison {
                 sector: msg.require_u64(key::SECTOR)?,
             }),
             other => Err(XenbusError::InvalidValue {
@@ -777,7 +772,7 @@ impl DeviceTask {
             let blame = std::mem::replace(&mut self.blame, true);
             let result = match session.attach_message(true) {
                 Ok(msg) => {
-                    let msg = msg.with("blame", u8::from(blame));
+                    let msg = msg.with(key::BLAME, u8::from(blame));
                     send_attach(
                         &mut instance,
                         &self.poisons,
@@ -1092,7 +1087,7 @@ impl DeviceTask {
             return Ok(());
         };
         let liveness = attached.session.as_ref().map(|s| (s.log(), hang_timeout));
-        let msg = Message::new(SET_CALL).with(KEY_QUEUE, queue);
+        let msg = Message::new(kind::SET_CALL).with(key::QUEUE, queue);
         let asked = Instant::now();
         let mut aside = Vec::new();
         let result = match instance.send(&msg, &[fd.as_fd()]).await {
@@ -1148,7 +1143,7 @@ impl DeviceTask {
             // The backend does not answer: it is busy spinning.
             Fault::Spin => {
                 instance
-                    .send(&Message::new("spin"), &[])
+                    .send(&Message::new(kind::SPIN), &[])
                     .await
                     .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
                 self.injected_hang = true;

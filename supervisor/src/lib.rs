@@ -39,7 +39,7 @@ pub use config::{
     CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
     MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
-pub use device::{DeviceHandle, Fault, KEY_QUEUE, MAX_FAILED_TAKEOVERS, SET_CALL};
+pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
 pub use vhost_user::{

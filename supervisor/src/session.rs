@@ -436,7 +436,7 @@ mod tests {
             assert_eq!(session.attach_fds().len(), 1 + 4 + 2);
             let msg = session.attach_message(true).unwrap();
             assert_eq!(msg.kind(), ATTACH_VIRTIO);
-            assert_eq!(msg.get("shadow"), Some("1"));
+            assert_eq!(msg.get(key::SHADOW), Some("1"));
             assert_eq!(msg.get(key::RECOVER), Some("1"));
             let Session::Virtio(v) = &mut session else {
                 unreachable!()
