@@ -26,6 +26,7 @@ mod instance;
 mod session;
 mod spawn;
 mod stats;
+mod transport;
 mod vhost_user;
 mod watchdog;
 

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Refusal;
 use crate::stats::DeviceStats;
+use crate::transport::Frontend;
 
 /// Why a frontend lost its device (sent to its connection task).
 #[derive(Debug, Clone)]
@@ -88,17 +89,6 @@ impl Fault {
         }
     }
 }
-/// What a frontend attaches with.
-pub(super) enum Frontend {
-    /// A guest's shared ring (the control socket's `connect`).
-    Xen { req: AttachRequest, fds: DeviceFds },
-    /// A VMM's virtqueues (the disk's vhost-user socket).
-    Virtio {
-        req: VirtioAttachRequest,
-        fds: VirtioFds,
-    },
-}
-
 pub(super) enum Command {
     Attach {
         frontend: Frontend,

@@ -8,18 +8,18 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
-use shadowback_xenbus::virtio::VirtioFds;
 use shadowback_xenbus::Message;
 use tokio::sync::{mpsc, oneshot};
 
-use super::handle::{lock, Attachment, Command, Fault, Frontend, Lost};
+use super::handle::{lock, Attachment, Command, Fault, Lost};
 use super::takeover::{Failure, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
 use crate::config::DiskConfig;
 use crate::instance::{Instance, NoAnswer};
-use crate::session::{Session, VirtioSession, XenSession};
+use crate::session::Session;
 use crate::spawn::{BackendCommand, Disk};
 use crate::stats::DeviceStats;
+use crate::transport::Frontend;
 use crate::watchdog::{Watchdog, CHECK_PERIOD};
 
 /// How long a backend may take to answer a control request (`attach`,
@@ -322,27 +322,15 @@ impl DeviceTask {
             self.current = Some(instance);
             self.ensure_standby();
         }
-        let (session, msg, plain) = match (frontend, self.cfg.shadow) {
-            (Frontend::Xen { req, fds }, true) => {
-                let session = Session::Xen(XenSession::new(req, fds, self.cfg.backend_id)?);
-                let msg = session.attach_message(false)?;
-                (Some(session), msg, Vec::new())
-            }
-            (Frontend::Xen { req, fds }, false) => {
-                let msg = req
-                    .to_message()
-                    .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
-                (None, msg, vec![fds.region, fds.kick, fds.notify])
-            }
-            (Frontend::Virtio { req, fds }, true) => {
-                let session = Session::Virtio(VirtioSession::new(req, fds)?);
-                let msg = session.attach_message(false)?;
-                (Some(session), msg, Vec::new())
-            }
-            (Frontend::Virtio { mut req, fds }, false) => {
-                req.shadow = false;
-                (None, req.to_message(), plain_virtio_fds(fds))
-            }
+        let (session, msg, plain) = if self.cfg.shadow {
+            let session = Session::new(frontend, self.cfg.backend_id)?;
+            let msg = session.attach_message(false)?;
+            (Some(session), msg, Vec::new())
+        } else {
+            let mut frontend = frontend;
+            frontend.set_shadow(false);
+            let msg = frontend.attach_message()?;
+            (None, msg, frontend.into_fds())
         };
         let Some(instance) = self.current.as_mut() else {
             return Err((ErrorCode::Enodev, "no backend".into()));
@@ -461,7 +449,10 @@ impl DeviceTask {
             // detach the new instance.
             let resumable = takeovers < MAX_FAILED_TAKEOVERS
                 && attached.as_ref().is_some_and(|a| {
-                    a.lost.is_some() && matches!(a.session, Some(Session::Virtio(_)))
+                    a.lost.is_some()
+                        && a.session
+                            .as_ref()
+                            .is_some_and(Session::resumes_after_detach)
                 });
             if !resumable {
                 self.on_failure(Failure::of(&e, asked)).await;
@@ -485,13 +476,7 @@ impl DeviceTask {
             return Err((ErrorCode::Enodev, "the session is gone".into()));
         };
         if let Some(session) = attached.session.as_mut() {
-            let Session::Virtio(virtio) = session else {
-                return Err((ErrorCode::Einval, "not a virtio session".into()));
-            };
-            let copy = fd
-                .try_clone()
-                .map_err(|e| (ErrorCode::Enodev, format!("dup: {e}")))?;
-            virtio.set_call(queue, copy)?;
+            session.set_call(queue, &fd)?;
         }
         let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
             // A takeover is due; it sends the new fd.
@@ -581,16 +566,4 @@ impl DeviceTask {
             }
         }
     }
-}
-
-/// The descriptors of an `attach-virtio` without shadow logs, in message
-/// order.
-fn plain_virtio_fds(fds: VirtioFds) -> Vec<OwnedFd> {
-    let mut v = fds.regions;
-    for (kick, call) in fds.queues {
-        v.push(kick);
-        v.push(call);
-    }
-    v.extend(fds.inflight);
-    v
 }
