@@ -19,6 +19,7 @@
 //! the supervisor keeps the VMM's memory, eventfds and in-flight region, so
 //! a data-plane failure is recovered exactly like a ring backend's.
 
+mod class;
 mod config;
 mod connection;
 mod device;

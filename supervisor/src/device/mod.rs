@@ -23,14 +23,15 @@ mod takeover;
 mod task;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use shadowback_xenbus::protocol::ErrorCode;
-use shadowback_xenbus::{BackendInfo, DiskMode};
 use tokio::sync::mpsc;
 
+use crate::class::{BlockClass, DeviceClass};
 use crate::config::DiskConfig;
 use crate::instance::Instance;
-use crate::spawn::{open_disk, BackendCommand};
+use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
 use crate::SupervisorError;
 
@@ -41,39 +42,58 @@ use task::DeviceTask;
 /// A request refused: the code and text the frontend is told.
 pub(crate) type Refusal = (ErrorCode, String);
 
+/// What the device task needs of a device's configuration, whatever its
+/// class.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    /// The shadow layer: shadow logs, transparent recovery.
+    pub shadow: bool,
+    /// Keep a hot-standby instance.
+    pub standby: bool,
+    /// The watchdog's `hang_timeout_ms`.
+    pub hang_timeout: Duration,
+    /// The Xen domain a ring's grants must name (for the watchdog's probe).
+    pub backend_id: u16,
+}
+
+impl Settings {
+    fn of(cfg: &DiskConfig) -> Self {
+        Settings {
+            shadow: cfg.shadow,
+            standby: cfg.standby,
+            hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
+            backend_id: cfg.backend_id,
+        }
+    }
+}
+
 /// Opens the disk, starts its backend (and standby) and the task that owns
 /// them.
 pub fn start_device(
     cfg: &DiskConfig,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
-    let disk = open_disk(cfg)?;
-    let current = Instance::start(cmd, cfg, &disk, true)?;
-    let info = BackendInfo {
-        backend_id: cfg.backend_id,
-        sectors: disk.sectors,
-        sector_size: 512,
-        physical_sector_size: 4096,
-        mode: if cfg.readonly {
-            DiskMode::ReadOnly
-        } else {
-            DiskMode::ReadWrite
-        },
-        feature_flush_cache: true,
-        feature_discard: cfg.discard && !cfg.readonly,
-        discard_granularity: 4096,
-        discard_alignment: 0,
-        max_indirect_segments: 256,
-        max_ring_page_order: cfg.max_ring_page_order,
-        info: u32::from(cfg.readonly) * 4,
-    };
+    let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
+    start(&cfg.name, class, Settings::of(cfg), cmd)
+}
+
+/// Starts the first backend instance of device `name` (and its standby)
+/// and the task that owns them.
+fn start(
+    name: &str,
+    class: Box<dyn DeviceClass>,
+    settings: Settings,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
+    let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
+    let info = class.backend_info();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
     let (tx, rx) = mpsc::channel(16);
     let mut task = DeviceTask {
-        name: cfg.name.clone(),
-        cfg: cfg.clone(),
+        name: name.to_string(),
+        settings,
         cmd: cmd.clone(),
-        disk,
+        class,
         current: Some(current),
         standby: None,
         standby_retry: None,
@@ -92,7 +112,7 @@ pub fn start_device(
     task.publish();
     tokio::spawn(task.run(rx));
     Ok(DeviceHandle {
-        name: cfg.name.clone(),
+        name: name.to_string(),
         info,
         tx,
         stats,

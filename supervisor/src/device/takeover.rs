@@ -76,10 +76,7 @@ impl DeviceTask {
             let fenced = standby.fence().await;
             tracing::warn!(device = %self.name, status = %fenced.status, "standby backend had exited");
         }
-        Ok((
-            Instance::start(&self.cmd, &self.cfg, &self.disk, false)?,
-            false,
-        ))
+        Ok((self.start_instance()?, false))
     }
 
     /// The current instance failed: fence it (DESIGN §5 step 2), then take

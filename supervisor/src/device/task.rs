@@ -14,13 +14,15 @@ use tokio::sync::{mpsc, oneshot};
 use super::handle::{lock, Attachment, Command, Fault, Lost};
 use super::takeover::{Failure, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
-use crate::config::DiskConfig;
+use super::Settings;
+use crate::class::DeviceClass;
 use crate::instance::{Instance, NoAnswer};
 use crate::session::Session;
-use crate::spawn::{BackendCommand, Disk};
+use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
 use crate::watchdog::{Watchdog, CHECK_PERIOD};
+use crate::SupervisorError;
 
 /// How long a backend may take to answer a control request (`attach`,
 /// including its replay; `detach`; `poison`).
@@ -53,11 +55,11 @@ enum Event {
 
 pub(super) struct DeviceTask {
     pub(super) name: String,
-    pub(super) cfg: DiskConfig,
+    pub(super) settings: Settings,
     pub(super) cmd: BackendCommand,
-    /// The supervisor keeps the disk open for as long as the device exists;
-    /// every instance inherits it.
-    pub(super) disk: Disk,
+    /// What kind of device it is; it holds what must live as long as the
+    /// device (a disk: the image, opened and locked).
+    pub(super) class: Box<dyn DeviceClass>,
     /// The instance serving (or ready to serve) the device.
     pub(super) current: Option<Instance>,
     /// A started instance waiting on its control socket, for takeovers.
@@ -223,8 +225,19 @@ impl DeviceTask {
         // Dropping the instances kills them (`kill_on_drop`).
     }
 
+    /// A new instance (not the device's first).
+    pub(super) fn start_instance(&self) -> Result<Instance, SupervisorError> {
+        Instance::start(
+            &self.cmd,
+            &self.name,
+            self.class.as_ref(),
+            self.settings.shadow,
+            false,
+        )
+    }
+
     pub(super) fn hang_timeout(&self) -> Duration {
-        Duration::from_millis(self.cfg.hang_timeout_ms)
+        self.settings.hang_timeout
     }
 
     /// Updates the shared stats: `update` changes counters, and the state
@@ -287,10 +300,10 @@ impl DeviceTask {
 
     /// Starts a standby if the config wants one and none is running.
     pub(super) fn ensure_standby(&mut self) {
-        if !self.cfg.standby || self.standby.is_some() || self.given_up.is_some() {
+        if !self.settings.standby || self.standby.is_some() || self.given_up.is_some() {
             return;
         }
-        match Instance::start(&self.cmd, &self.cfg, &self.disk, false) {
+        match self.start_instance() {
             Ok(instance) => {
                 tracing::debug!(device = %self.name, pid = instance.pid(), "standby backend started");
                 self.standby = Some(instance);
@@ -322,8 +335,8 @@ impl DeviceTask {
             self.current = Some(instance);
             self.ensure_standby();
         }
-        let (session, msg, plain) = if self.cfg.shadow {
-            let session = Session::new(frontend, self.cfg.backend_id)?;
+        let (session, msg, plain) = if self.settings.shadow {
+            let session = Session::new(frontend, self.settings.backend_id)?;
             let msg = session.attach_message(false)?;
             (Some(session), msg, Vec::new())
         } else {
