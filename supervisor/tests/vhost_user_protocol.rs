@@ -476,6 +476,10 @@ fn a_started_queue_survives_a_data_plane_kill() {
     // QEMU starts the device again: kick, and the session resumes at 42.
     fe.set_vring_kick(0, &kick).unwrap();
     s.wait_event(&["attach-virtio", "12000:42"]);
+    // The backend records the attach before it answers: wait for the
+    // device to count the session, or the EOF below may find it not yet
+    // attached (and the stats still saying "detached").
+    s.wait_stats("attached again", |st| st.connected);
     drop(fe);
     s.wait_stats("detached on EOF", |st| !st.connected && !st.given_up);
     assert_eq!(s.count_events("detach"), 2);
