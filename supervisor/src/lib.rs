@@ -45,7 +45,8 @@ pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
 pub use vhost_user::{
-    inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, CONFIG_SPACE_SIZE,
+    inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, VirtioModel,
+    CONFIG_SPACE_SIZE,
 };
 
 /// Errors of the supervisor.

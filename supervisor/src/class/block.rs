@@ -1,11 +1,14 @@
 //! The block device class: a disk image (a file or a block device) served
 //! by `shadowback blkback`, as a blkif ring or a virtio-blk device.
 
+use std::sync::Arc;
+
 use shadowback_xenbus::{BackendInfo, DiskMode};
 
 use super::{DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
 use crate::spawn::{open_disk, Disk, BACKEND_DISK_FD};
+use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
 /// A disk: its configuration and the image, opened and locked for as long
@@ -48,6 +51,15 @@ impl DeviceClass for BlockClass {
             max_ring_page_order: cfg.max_ring_page_order,
             info: u32::from(cfg.readonly) * 4,
         }
+    }
+
+    fn virtio_model(&self) -> Arc<dyn VirtioModel> {
+        Arc::new(BlkGeometry {
+            sectors: self.disk.sectors,
+            readonly: self.cfg.readonly,
+            discard: self.cfg.discard,
+            num_queues: self.cfg.num_queues,
+        })
     }
 
     /// The instance's own description of the image and, unless the disk is

@@ -24,10 +24,12 @@ pub mod block;
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::sync::Arc;
 
 use shadowback_xenbus::BackendInfo;
 
 use crate::spawn::IoFence;
+use crate::vhost_user::VirtioModel;
 use crate::SupervisorError;
 
 pub use block::BlockClass;
@@ -36,6 +38,9 @@ pub use block::BlockClass;
 pub trait DeviceClass: Send + Sync + std::fmt::Debug {
     /// The backend keys a Xen frontend gets in `backend` and `connected`.
     fn backend_info(&self) -> BackendInfo;
+
+    /// What a vhost-user frontend sees of the device.
+    fn virtio_model(&self) -> Arc<dyn VirtioModel>;
 
     /// Everything one new backend instance needs from the class.
     fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError>;

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::Refusal;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
+use crate::vhost_user::VirtioModel;
 
 /// Why a frontend lost its device (sent to its connection task).
 #[derive(Debug, Clone)]
@@ -115,6 +116,8 @@ pub(super) enum Command {
 pub struct DeviceHandle {
     pub name: String,
     pub info: BackendInfo,
+    /// What a vhost-user frontend sees of the device (its class's).
+    pub(crate) virtio: Arc<dyn VirtioModel>,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
 }

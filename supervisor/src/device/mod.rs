@@ -87,6 +87,7 @@ fn start(
 ) -> Result<DeviceHandle, SupervisorError> {
     let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
     let info = class.backend_info();
+    let virtio = class.virtio_model();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
     let (tx, rx) = mpsc::channel(16);
     let mut task = DeviceTask {
@@ -114,6 +115,7 @@ fn start(
     Ok(DeviceHandle {
         name: name.to_string(),
         info,
+        virtio,
         tx,
         stats,
     })
