@@ -1,4 +1,4 @@
-//! Supervisor-side recovery (DESIGN §5) against a fake backend: crash and
+//! Supervisor-side recovery (docs/ARCHITECTURE.md §7) against a fake backend: crash and
 //! hang detection, fencing, hot-standby and cold takeovers, poison replay,
 //! giving up, and the `status`/`fault` control messages.
 //!

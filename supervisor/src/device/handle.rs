@@ -33,7 +33,7 @@ pub struct Attachment {
 }
 
 /// A fault to inject into a device's current backend instance (the
-/// `fault` control message; DESIGN §7).
+/// `fault` control message, docs/PROTOCOL.md §6a).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// SIGKILL it. The recovery's `detect` then runs from the kill.

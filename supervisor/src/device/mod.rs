@@ -1,22 +1,29 @@
-//! One exported disk: its backend instances, the frontend attached to it,
-//! and the recovery of DESIGN §5.
+//! One exported device: its backend instances, the frontend attached to
+//! it, and its recovery (docs/ARCHITECTURE.md §4, §7).
 //!
 //! A device task owns the current backend instance, a hot standby, and —
 //! for the attached frontend — everything that must outlive a backend (a
-//! [`Session`]: the frontend's fds, its attach request, the shadow logs).
-//! The frontend is a guest on the control socket (a Xen-style ring) or a
-//! VMM on the disk's vhost-user socket (virtqueues); recovery treats both
-//! alike. Connection tasks and vhost-user threads talk to it through
-//! [`DeviceHandle`].
+//! [`Session`](crate::session::Session): the frontend's request and fds,
+//! a shadow log per ring). The frontend is a guest on the control socket
+//! (a Xen-style ring) or a VMM on the device's vhost-user socket
+//! (virtqueues); recovery treats both alike, and what differs between them
+//! is the transport's (`transport.rs`). What differs between a disk and
+//! another kind of device is its class's (`class/`): the task holds a
+//! `Box<dyn DeviceClass>` and starts every instance through it.
+//!
+//! - `handle.rs`: [`DeviceHandle`], the commands connection tasks and
+//!   vhost-user threads send, [`Fault`], [`Lost`];
+//! - `task.rs`: the task's loop, attach, detach, `set-call`, faults;
+//! - `takeover.rs`: failure, fence and takeover.
 //!
 //! The current instance is watched three ways: its pidfd (exit), its
-//! control channel (EOF), and, while a guest is attached with the shadow
-//! layer, the [`Watchdog`] on the log's heartbeat and the ring. A failure
-//! is fenced (SIGKILL, wait for the pidfd, reap) before anything else
-//! touches the ring; then the standby, or a cold-started instance, gets
-//! `attach` with `recover=1` and replays the log. The guest's connection
-//! stays Connected: it is told only if [`MAX_FAILED_TAKEOVERS`] takeovers
-//! in a row fail.
+//! control channel (EOF), and, while a frontend is attached with the
+//! shadow layer, the watchdog on the log's heartbeat and the rings. A
+//! failure is fenced (SIGKILL, wait for the pidfd, reap, and for a
+//! writable disk wait for its last I/O) before anything else touches the
+//! rings; then the standby, or a cold-started instance, gets the attach
+//! with `recover=1` and replays the logs. The frontend stays Connected: it
+//! is told only if [`MAX_FAILED_TAKEOVERS`] takeovers in a row fail.
 
 mod handle;
 mod takeover;

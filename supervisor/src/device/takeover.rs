@@ -79,7 +79,7 @@ impl DeviceTask {
         Ok((self.start_instance()?, false))
     }
 
-    /// The current instance failed: fence it (DESIGN §5 step 2), then take
+    /// The current instance failed: fence it (docs/ARCHITECTURE.md §7.3), then take
     /// over the attachment, or just replace an idle backend.
     pub(super) async fn on_failure(&mut self, failure: Failure) {
         let seen = Instant::now();
@@ -89,8 +89,9 @@ impl DeviceTask {
         self.watchdog = None;
         let injected = self.injected_kill.take();
         let injected_hang = std::mem::take(&mut self.injected_hang);
-        // DESIGN §5 step 5 counts instances a request killed; a kill or hang
-        // we injected ourselves says nothing about the requests in flight.
+        // The crash-loop breaker (docs/ARCHITECTURE.md §7.5) counts the
+        // instances a request killed; a kill or hang we injected ourselves
+        // says nothing about the requests in flight.
         self.blame =
             injected.is_none() && !(injected_hang && matches!(failure, Failure::Hung { .. }));
         // An injected SIGKILL explains a stalled heartbeat: the process is
@@ -158,7 +159,7 @@ impl DeviceTask {
         self.ensure_standby();
     }
 
-    /// DESIGN §5 step 3: a fresh instance attaches with `recover=1` and
+    /// docs/ARCHITECTURE.md §7.5: a fresh instance attaches with `recover=1` and
     /// replays the log; on failure, fence it and try the next, up to
     /// [`MAX_FAILED_TAKEOVERS`].
     async fn take_over(&mut self, first_seen: Instant, mut detect: Duration, mut fence: Duration) {
@@ -277,7 +278,7 @@ impl DeviceTask {
         self.current = Some(instance);
         self.startup_deaths = 0;
         self.watch_current();
-        // DESIGN §5 step 3: the next standby starts now, off the critical
+        // docs/ARCHITECTURE.md §7.5: the next standby starts now, off the critical
         // path (the guest is already being served).
         self.ensure_standby();
         self.publish_with(|s| {

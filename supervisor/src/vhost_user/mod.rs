@@ -1,4 +1,4 @@
-//! vhost-user-blk (DESIGN §8): the supervisor terminates each vhost-user
+//! vhost-user (docs/ARCHITECTURE.md §8): the supervisor terminates each vhost-user
 //! disk's unix socket and keeps everything the VMM sends; the data plane
 //! gets it in `attach-virtio` from the device task. A data-plane crash is
 //! a takeover inside the device task: the VMM's connection stays up and it
