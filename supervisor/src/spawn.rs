@@ -334,8 +334,9 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
     })
 }
 
-/// How to run a backend: the program and the arguments before ours
-/// (`shadowback blkback` by default).
+/// How to run a backend: the program and the arguments before those the
+/// supervisor and the device class add (`shadowback blkback` by default:
+/// the block class's backend, the only class so far).
 #[derive(Clone, Debug)]
 pub struct BackendCommand {
     pub program: OsString,
@@ -348,12 +349,13 @@ pub struct BackendCommand {
 }
 
 impl BackendCommand {
-    /// `<this executable> blkback`.
+    /// `<this executable> blkback`
+    /// ([`BlockClass::SUBCOMMAND`](crate::class::BlockClass::SUBCOMMAND)).
     pub fn current_exe() -> Result<Self, SupervisorError> {
         let exe = std::env::current_exe().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
         Ok(BackendCommand {
             program: exe.into_os_string(),
-            args: vec!["blkback".into()],
+            args: vec![crate::class::BlockClass::SUBCOMMAND.into()],
             env: Vec::new(),
         })
     }

@@ -22,7 +22,7 @@ use shadowback_supervisor::{
     BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
 };
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
-use shadowback_xenbus::{Message, SeqPacket};
+use shadowback_xenbus::{key, kind, Message, SeqPacket};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -94,7 +94,7 @@ mod fake {
                 Err(_) => std::process::exit(0),
             };
             let reply = match msg.kind() {
-                "attach-virtio" => {
+                kind::ATTACH_VIRTIO => {
                     let got = fds.len();
                     let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
                     let fds = VirtioFds::from_received(&req, fds).expect("fd count");
@@ -115,10 +115,10 @@ mod fake {
                             queues.join(","),
                             u8::from(req.inflight.is_some()),
                             u8::from(req.shadow),
-                            msg.get("recover").unwrap_or("0"),
+                            msg.get(key::RECOVER).unwrap_or("0"),
                         ),
                     );
-                    if die_on_recover && msg.get("recover") == Some("1") {
+                    if die_on_recover && msg.get(key::RECOVER) == Some("1") {
                         std::process::exit(70);
                     }
                     let mut generation = 0;
@@ -135,12 +135,12 @@ mod fake {
                         .with("corrupt", 0)
                         .with("replay-us", 0)
                 }
-                "set-call" => {
+                kind::SET_CALL => {
                     record(
                         &events,
                         &format!(
                             "{me} set-call queue={} fds={}",
-                            msg.get("queue").unwrap_or("?"),
+                            msg.get(key::QUEUE).unwrap_or("?"),
                             fds.len()
                         ),
                     );

@@ -20,6 +20,9 @@ pub struct BlockClass {
 }
 
 impl BlockClass {
+    /// The `shadowback` subcommand that runs a block backend.
+    pub const SUBCOMMAND: &'static str = "blkback";
+
     /// Opens the image as `cfg` says and takes its lock, waiting for a
     /// previous supervisor's backends and their last writes.
     pub fn open(cfg: &DiskConfig) -> Result<Self, SupervisorError> {
