@@ -317,7 +317,7 @@ impl DeviceTask {
 }
 
 impl DeviceTask {
-    async fn attach(&mut self, frontend: Frontend) -> Result<Attachment, Refusal> {
+    async fn attach(&mut self, mut frontend: Frontend) -> Result<Attachment, Refusal> {
         if let Some(why) = &self.given_up {
             return Err((ErrorCode::Enodev, why.clone()));
         }
@@ -340,7 +340,6 @@ impl DeviceTask {
             let msg = session.attach_message(false)?;
             (Some(session), msg, Vec::new())
         } else {
-            let mut frontend = frontend;
             frontend.set_shadow(false);
             let msg = frontend.attach_message()?;
             (None, msg, frontend.into_fds())
