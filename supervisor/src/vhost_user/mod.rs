@@ -1,15 +1,18 @@
-//! vhost-user (docs/ARCHITECTURE.md §8): the supervisor terminates each vhost-user
-//! disk's unix socket and keeps everything the VMM sends; the data plane
-//! gets it in `attach-virtio` from the device task. A data-plane crash is
-//! a takeover inside the device task: the VMM's connection stays up and it
-//! sees only a stall.
+//! vhost-user (docs/ARCHITECTURE.md §8): the supervisor terminates each
+//! vhost-user device's unix socket and keeps everything the VMM sends; the
+//! data plane gets it in `attach-virtio` from the device task. A
+//! data-plane crash is a takeover inside the device task: the VMM's
+//! connection stays up and it sees only a stall.
 //!
-//! One blocking thread per disk serves one VMM connection at a time
-//! (`vhost`'s [`BackendReqHandler`] driving a [`VhostUserHandler`]). When the
-//! connection ends — EOF, a protocol error, or the device giving up — the
-//! session is detached and the next connection accepted (the VMM's chardev
-//! reconnect, or a VMM reconnecting to a restarted supervisor).
-
+//! One blocking thread per device serves one VMM connection at a time
+//! (`vhost`'s [`BackendReqHandler`] driving a [`VhostUserHandler`]). When
+//! the connection ends — EOF, a protocol error, or the device giving up —
+//! the session is detached and the next connection accepted (the VMM's
+//! chardev reconnect, or a VMM reconnecting to a restarted supervisor).
+//!
+//! Nothing here is specific to a disk but the model: the handler asks the
+//! device's [`VirtioModel`] (from its class; [`BlkGeometry`] for a disk)
+//! for features, queue count and config space.
 mod config_space;
 mod handler;
 mod inflight;
