@@ -58,13 +58,13 @@ pub struct DiskConfig {
     /// Offer `feature-discard` (hole punching).
     #[serde(default = "default_true")]
     pub discard: bool,
-    /// Keep a hot-standby backend process per disk (DESIGN §5 step 3): it
+    /// Keep a hot-standby backend process per disk (docs/ARCHITECTURE.md §7.5): it
     /// is exec'd, has the disk open and its io_uring set up, and waits on
     /// its control socket, so a takeover skips process start-up. Without
     /// it every takeover is a cold restart.
     #[serde(default = "default_true")]
     pub standby: bool,
-    /// The shadow layer (DESIGN §4–5): the supervisor hands the backend a
+    /// The shadow layer (docs/ARCHITECTURE.md §6, §7): the supervisor hands the backend a
     /// shadow log and recovers a crashed or hung backend transparently.
     /// `false` starts backends with `--no-shadow`, sends `attach` without
     /// a log and does no recovery: a backend failure then disconnects the
@@ -78,7 +78,7 @@ pub struct DiskConfig {
     #[serde(default = "default_hang_timeout_ms")]
     pub hang_timeout_ms: u64,
     /// Also export the disk as a vhost-user-blk device on this unix socket
-    /// (DESIGN §8). A stale socket file is replaced; the directory is
+    /// (docs/ARCHITECTURE.md §8). A stale socket file is replaced; the directory is
     /// created. The disk stays attachable through the control socket, but
     /// only one frontend uses it at a time.
     #[serde(default)]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use shadowback_xenbus::protocol::{
-    expect_no_fds, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode,
+    expect_no_fds, key, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode,
 };
 use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
 
@@ -29,7 +29,7 @@ pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<Devices>) {
             device.detach(attachment.id).await;
             tracing::info!(%frontend, device = %device.name, "guest detached");
             let reply = match end {
-                End::Closed => Message::new(kind::CLOSED).with("state", XenbusState::Closed),
+                End::Closed => Message::new(kind::CLOSED).with(key::STATE, XenbusState::Closed),
                 End::Refused(code, why) => Message::error(code, &clean(&why)),
                 End::Gone => return,
             };
@@ -62,7 +62,7 @@ async fn handshake(
             Err(e) => return Err(refuse(e)),
         };
         let lookup = |msg: &Message| -> Result<DeviceHandle, Refusal> {
-            let name = msg.require("device").map_err(refuse)?;
+            let name = msg.require(key::DEVICE).map_err(refuse)?;
             devices
                 .get(name)
                 .cloned()

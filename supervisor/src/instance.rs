@@ -16,8 +16,8 @@ use shadowback_xenbus::{AsyncSeqPacket, Message};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::config::DiskConfig;
-use crate::spawn::{spawn_backend, wait_for_instance_io, BackendCommand, Disk};
+use crate::class::DeviceClass;
+use crate::spawn::{spawn_backend, BackendCommand, IoFence};
 use crate::watchdog::{Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
@@ -66,27 +66,28 @@ pub struct Instance {
     /// It serves the current attachment (answered `attach` with
     /// `attached`, not yet detached).
     pub serving: bool,
-    /// The supervisor's description of the image (a dup) and this
-    /// instance's fence slot, for [`Instance::fence`]; `None` for a
-    /// read-only disk.
-    io_fence: Option<(std::fs::File, i64)>,
+    /// What [`Instance::fence`] waits for after the reap, as the device
+    /// class set it up; `None` when nothing the instance did can land
+    /// later (a read-only disk).
+    io_fence: Option<IoFence>,
 }
 
 impl Instance {
-    /// Execs a backend for `cfg`. `first` marks the device's first
-    /// instance (see [`BackendCommand::env`]).
+    /// Execs a backend instance of device `name`, set up by its `class`;
+    /// `shadow` is the device's shadow layer. `first` marks the device's
+    /// first instance (see [`BackendCommand::env`]).
     pub fn start(
         cmd: &BackendCommand,
-        cfg: &DiskConfig,
-        disk: &Disk,
+        name: &str,
+        class: &dyn DeviceClass,
+        shadow: bool,
         first: bool,
     ) -> Result<Self, SupervisorError> {
-        let (child, control, slot) = spawn_backend(cmd, cfg, disk, first)?;
+        let setup = class.prepare_instance()?;
+        let (child, control) =
+            spawn_backend(cmd, name, &setup.args, setup.device_file, shadow, first)?;
+        let io_fence = setup.io_fence;
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
-        let io_fence = match slot {
-            Some(slot) => Some((disk.file.try_clone().map_err(|e| spawn_err(&e))?, slot)),
-            None => None,
-        };
         // The child is not reaped before we `wait` for it, so its pid
         // cannot have been reused yet.
         let pid = child.id().ok_or_else(|| spawn_err(&"no pid"))?;
@@ -101,7 +102,7 @@ impl Instance {
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
         let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
-        tracing::debug!(device = %cfg.name, pid, first, "backend started");
+        tracing::debug!(device = %name, pid, first, "backend started");
         Ok(Instance {
             child,
             pid,
@@ -206,9 +207,10 @@ impl Instance {
     }
 
     /// Fences the instance (docs/ARCHITECTURE.md §7.3): SIGKILL, wait for
-    /// the pidfd, reap, then wait until every I/O it submitted has
-    /// completed (its fence lock, `spawn` module docs (3)). When this
-    /// returns nothing the instance did can still reach the image.
+    /// the pidfd, reap, then — if its class gave it an I/O fence (a
+    /// writable disk) — wait until every I/O it submitted has completed
+    /// (its fence lock, `spawn` module docs (3)). When this returns nothing
+    /// the instance did can still reach the device.
     pub async fn fence(mut self) -> Fenced {
         let kill_sent = Instant::now();
         if let Err(e) = self.signal(Signal::KILL) {
@@ -220,9 +222,9 @@ impl Instance {
             Err(e) => format!("wait failed: {e}"),
         };
         let reaped = Instant::now();
-        if let Some((disk, slot)) = self.io_fence.take() {
+        if let Some(io_fence) = self.io_fence.take() {
             let pid = self.pid;
-            match tokio::task::spawn_blocking(move || wait_for_instance_io(&disk, slot)).await {
+            match tokio::task::spawn_blocking(move || io_fence.wait()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::error!(pid, error = %e, "could not wait for the dead backend's I/O")

@@ -1,24 +1,35 @@
 //! The supervisor: the control socket guests attach through, one backend
-//! process per disk, and the fds that must outlive a backend.
+//! process per device, and the fds that must outlive a backend.
 //!
-//! It plays the roles of XenStore and the toolstack (DESIGN §1, §3): a
-//! guest probes a device (`backend`, InitWait), connects with its ring
-//! grants and fds (`connected`, Connected) and stays connected for as long
-//! as its socket is open. Guests never talk to a backend directly.
+//! It plays the roles of XenStore and the toolstack (docs/ARCHITECTURE.md
+//! §1, §4; docs/PROTOCOL.md): a guest probes a device (`backend`,
+//! InitWait), connects with its ring grants and fds (`connected`,
+//! Connected) and stays connected for as long as its socket is open.
+//! Guests never talk to a backend directly.
 //!
-//! It also recovers backends (DESIGN §5, `device.rs`): each device keeps
-//! the guest's fds and a shadow log, detects a dead backend through its
-//! pidfd and a hung one through the log's heartbeat, fences it and lets a
-//! hot standby (or a new instance) replay the log, while the guest stays
-//! Connected. Counters per device: [`DeviceStats`], reported by the
-//! `status` control message and [`SupervisorThread::status`]; faults are
-//! injected with `fault` or [`SupervisorThread::fault`].
+//! It also recovers backends (docs/ARCHITECTURE.md §7, `device/`): each
+//! device keeps the frontend's fds and a shadow log per ring, detects a
+//! dead backend through its pidfd and a hung one through the log's
+//! heartbeat, fences it and lets a hot standby (or a new instance) replay
+//! the logs, while the frontend stays Connected. Counters per device:
+//! [`DeviceStats`], reported by the `status` control message and
+//! [`SupervisorThread::status`]; faults are injected with `fault` or
+//! [`SupervisorThread::fault`].
 //!
 //! A disk with `vhost_user` in its config is also served to a VMM as a
-//! vhost-user-blk device on that socket ([`VhostUserServer`], DESIGN §8):
-//! the supervisor keeps the VMM's memory, eventfds and in-flight region, so
-//! a data-plane failure is recovered exactly like a ring backend's.
+//! vhost-user-blk device on that socket ([`VhostUserServer`],
+//! docs/ARCHITECTURE.md §8): the supervisor keeps the VMM's memory,
+//! eventfds and in-flight region, so a data-plane failure is recovered
+//! exactly like a ring backend's.
+//!
+//! Layout: `device/` (the handle, the task, takeover) is the same for
+//! every device; what depends on the kind of device is asked of its class
+//! (`class/`: [`VirtioModel`], backend keys, spawn arguments, I/O fence),
+//! and what depends on the wire of the frontend of its transport
+//! (`transport.rs`); a `session.rs` session is a transport's frontend and
+//! its list of rings.
 
+mod class;
 mod config;
 mod connection;
 mod device;
@@ -26,6 +37,7 @@ mod instance;
 mod session;
 mod spawn;
 mod stats;
+mod transport;
 mod vhost_user;
 mod watchdog;
 
@@ -39,11 +51,12 @@ pub use config::{
     CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
     MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
-pub use device::{DeviceHandle, Fault, KEY_QUEUE, MAX_FAILED_TAKEOVERS, SET_CALL};
+pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
 pub use vhost_user::{
-    inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, CONFIG_SPACE_SIZE,
+    inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, VirtioModel,
+    CONFIG_SPACE_SIZE,
 };
 
 /// Errors of the supervisor.

@@ -139,6 +139,23 @@ fn fence_lock(file: &File, slot: i64, kind: libc::c_short, wait: bool) -> nix::R
     }
 }
 
+/// What fencing one instance of a writable disk waits for: every
+/// reference to the instance's own description of the image gone (module
+/// docs, (3)). Created by the block class with the instance.
+#[derive(Debug)]
+pub struct IoFence {
+    /// The supervisor's own description of the image (a dup).
+    disk: File,
+    slot: i64,
+}
+
+impl IoFence {
+    /// [`wait_for_instance_io`]. Blocks: call it from `spawn_blocking`.
+    pub fn wait(&self) -> nix::Result<()> {
+        wait_for_instance_io(&self.disk, self.slot)
+    }
+}
+
 /// Waits until every reference to the open file description of the
 /// instance with fence slot `slot` is gone — its process and all the I/O
 /// it submitted (module docs, (3)). `disk` is the supervisor's own
@@ -150,6 +167,15 @@ pub fn wait_for_instance_io(disk: &File, slot: i64) -> nix::Result<()> {
 }
 
 impl Disk {
+    /// The fence of the instance whose file took fence slot `slot`.
+    pub fn io_fence(&self, slot: i64) -> Result<IoFence, SupervisorError> {
+        let disk = self
+            .file
+            .try_clone()
+            .map_err(|e| SupervisorError::Spawn(e.to_string()))?;
+        Ok(IoFence { disk, slot })
+    }
+
     /// A new open file description of the image for one backend instance,
     /// with the image's shared `flock` and, unless `readonly`, the
     /// instance's fence lock (module docs, (3)).
@@ -308,8 +334,9 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
     })
 }
 
-/// How to run a backend: the program and the arguments before ours
-/// (`shadowback blkback` by default).
+/// How to run a backend: the program and the arguments before those the
+/// supervisor and the device class add (`shadowback blkback` by default:
+/// the block class's backend, the only class so far).
 #[derive(Clone, Debug)]
 pub struct BackendCommand {
     pub program: OsString,
@@ -322,56 +349,48 @@ pub struct BackendCommand {
 }
 
 impl BackendCommand {
-    /// `<this executable> blkback`.
+    /// `<this executable> blkback`
+    /// ([`BlockClass::SUBCOMMAND`](crate::class::BlockClass::SUBCOMMAND)).
     pub fn current_exe() -> Result<Self, SupervisorError> {
         let exe = std::env::current_exe().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
         Ok(BackendCommand {
             program: exe.into_os_string(),
-            args: vec!["blkback".into()],
+            args: vec![crate::class::BlockClass::SUBCOMMAND.into()],
             env: Vec::new(),
         })
     }
 }
 
-/// Starts a backend for `cfg`; it inherits the control socket as fd 3 and
-/// the disk as fd 4, nothing else. `first` marks the device's first
-/// instance, the only one that gets [`BackendCommand::env`].
+/// Starts a backend instance of device `name`: `cmd`, then `--device
+/// NAME --control-fd 3`, the class's `setup.args`, and `--no-shadow`
+/// without the shadow layer. It inherits the control socket as fd 3 and
+/// `setup.device_file` as fd 4, nothing else; the supervisor's copy of the
+/// latter is closed once the process is started. `first` marks the
+/// device's first instance, the only one that gets [`BackendCommand::env`].
 pub fn spawn_backend(
     cmd: &BackendCommand,
-    cfg: &DiskConfig,
-    disk: &Disk,
+    name: &str,
+    args: &[std::ffi::OsString],
+    device_file: File,
+    shadow: bool,
     first: bool,
-) -> Result<(tokio::process::Child, SeqPacket, Option<i64>), SupervisorError> {
+) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
     let (ours, theirs) = SeqPacket::pair().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
     let theirs: OwnedFd = theirs.into_fd();
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
-    let instance_file = disk.open_for_instance(cfg.readonly)?;
-    let disk_src = instance_file.file.as_raw_fd();
+    let disk_src = device_file.as_raw_fd();
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
         .arg("--device")
-        .arg(&cfg.name)
+        .arg(name)
         .arg("--control-fd")
         .arg(BACKEND_CONTROL_FD.to_string())
-        .arg("--disk-fd")
-        .arg(BACKEND_DISK_FD.to_string())
-        .arg("--backend-id")
-        .arg(cfg.backend_id.to_string())
-        .arg("--sectors")
-        .arg(disk.sectors.to_string())
-        .arg("--max-ring-page-order")
-        .arg(cfg.max_ring_page_order.to_string())
+        .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    if cfg.readonly {
-        command.arg("--readonly");
-    }
-    if !cfg.discard {
-        command.arg("--no-discard");
-    }
-    if !cfg.shadow {
+    if !shadow {
         command.arg("--no-shadow");
     }
     if first {
@@ -384,7 +403,7 @@ pub fn spawn_backend(
     // SAFETY: the closure runs in the forked child before exec and calls
     // only prctl, getppid, _exit, fcntl and dup2, which are
     // async-signal-safe; it allocates nothing. The source fds are open in
-    // the parent (owned by `theirs` and `instance_file`, alive across the spawn
+    // the parent (owned by `theirs` and `device_file`, alive across the spawn
     // call). Both are first copied above fd 10 so that neither target
     // number can clobber the other source; dup2 then clears FD_CLOEXEC on
     // the copies at 3 and 4, and the high copies close on exec.
@@ -423,9 +442,8 @@ pub fn spawn_backend(
         .spawn()
         .map_err(|e| SupervisorError::Spawn(format!("{}: {e}", cmd.program.to_string_lossy())))?;
     drop(theirs);
-    let slot = instance_file.slot;
-    drop(instance_file);
-    Ok((child, ours, slot))
+    drop(device_file);
+    Ok((child, ours))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Per-device recovery counters (DESIGN §5), as reported by the `status`
+//! Per-device recovery counters (docs/ARCHITECTURE.md §7), as reported by the `status`
 //! control message and [`crate::SupervisorThread::status`].
 
 use std::time::Duration;

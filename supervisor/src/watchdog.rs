@@ -1,4 +1,4 @@
-//! The hang watchdog (DESIGN §5 step 1): a backend is hung when its
+//! The hang watchdog (docs/ARCHITECTURE.md §7.2): a backend is hung when its
 //! shadow-log heartbeat has not moved for the timeout while the guest has
 //! work pending on the ring. An idle backend is never declared hung, even
 //! a stopped one: killing it would gain the guest nothing.

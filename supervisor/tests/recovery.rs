@@ -1,4 +1,4 @@
-//! Supervisor-side recovery (DESIGN §5) against a fake backend: crash and
+//! Supervisor-side recovery (docs/ARCHITECTURE.md §7) against a fake backend: crash and
 //! hang detection, fencing, hot-standby and cold takeovers, poison replay,
 //! giving up, and the `status`/`fault` control messages.
 //!
@@ -23,7 +23,7 @@ use shadowback_shadow::ShadowLog;
 use shadowback_supervisor::{
     BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
 };
-use shadowback_xenbus::{ConnectRequest, DeviceFds, Message, SeqPacket};
+use shadowback_xenbus::{key, ConnectRequest, DeviceFds, Message, SeqPacket};
 
 const BACKEND_ID: u16 = 0;
 /// `req_prod` of the guest's ring: frame 1 of the region.
@@ -98,7 +98,7 @@ mod fake {
             };
             let reply = match msg.kind() {
                 "attach" => {
-                    let recover = msg.get("recover") == Some("1");
+                    let recover = msg.get(key::RECOVER) == Some("1");
                     let prev_alive = previous_server(&events, me)
                         .map(|pid| Path::new(&format!("/proc/{pid}")).exists());
                     record(
@@ -107,7 +107,7 @@ mod fake {
                             "{me} attach recover={} fds={} prev-alive={prev_alive:?} blame={}",
                             u8::from(recover),
                             fds.len(),
-                            msg.get("blame").unwrap_or("-")
+                            msg.get(key::BLAME).unwrap_or("-")
                         ),
                     );
                     if (recover && die_on_recover) || die_on_attach {

@@ -22,7 +22,7 @@ use shadowback_supervisor::{
     BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
 };
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
-use shadowback_xenbus::{Message, SeqPacket};
+use shadowback_xenbus::{key, kind, Message, SeqPacket};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -94,7 +94,7 @@ mod fake {
                 Err(_) => std::process::exit(0),
             };
             let reply = match msg.kind() {
-                "attach-virtio" => {
+                kind::ATTACH_VIRTIO => {
                     let got = fds.len();
                     let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
                     let fds = VirtioFds::from_received(&req, fds).expect("fd count");
@@ -115,10 +115,10 @@ mod fake {
                             queues.join(","),
                             u8::from(req.inflight.is_some()),
                             u8::from(req.shadow),
-                            msg.get("recover").unwrap_or("0"),
+                            msg.get(key::RECOVER).unwrap_or("0"),
                         ),
                     );
-                    if die_on_recover && msg.get("recover") == Some("1") {
+                    if die_on_recover && msg.get(key::RECOVER) == Some("1") {
                         std::process::exit(70);
                     }
                     let mut generation = 0;
@@ -135,12 +135,12 @@ mod fake {
                         .with("corrupt", 0)
                         .with("replay-us", 0)
                 }
-                "set-call" => {
+                kind::SET_CALL => {
                     record(
                         &events,
                         &format!(
                             "{me} set-call queue={} fds={}",
-                            msg.get("queue").unwrap_or("?"),
+                            msg.get(key::QUEUE).unwrap_or("?"),
                             fds.len()
                         ),
                     );
@@ -476,6 +476,10 @@ fn a_started_queue_survives_a_data_plane_kill() {
     // QEMU starts the device again: kick, and the session resumes at 42.
     fe.set_vring_kick(0, &kick).unwrap();
     s.wait_event(&["attach-virtio", "12000:42"]);
+    // The backend records the attach before it answers: wait for the
+    // device to count the session, or the EOF below may find it not yet
+    // attached (and the stats still saying "detached").
+    s.wait_stats("attached again", |st| st.connected);
     drop(fe);
     s.wait_stats("detached on EOF", |st| !st.connected && !st.given_up);
     assert_eq!(s.count_events("detach"), 2);

@@ -7,7 +7,8 @@
 //! this crate is the reference implementation of that document.
 //!
 //! - [`Message`]: the text codec, hostile-input safe.
-//! - [`protocol`]: kinds, keys and typed views ([`BackendInfo`],
+//! - [`protocol`]: kinds, keys (every control-message name lives there:
+//!   [`kind`], [`key`], [`action`]) and typed views ([`BackendInfo`],
 //!   [`ConnectRequest`], [`AttachRequest`], [`DeviceFds`]).
 //! - [`SeqPacket`] / [`SeqPacketListener`]: blocking sockets;
 //!   [`AsyncSeqPacket`] / [`AsyncSeqPacketListener`]: the tokio flavour.
@@ -30,8 +31,8 @@ pub use message::{
     MAX_MESSAGE, MAX_VALUE_LEN,
 };
 pub use protocol::{
-    expect_no_fds, key, kind, AttachRequest, BackendInfo, ConnectRequest, DeviceFds, DiskMode,
-    ErrorCode,
+    action, expect_no_fds, key, kind, AttachRequest, BackendInfo, ConnectRequest, DeviceFds,
+    DiskMode, ErrorCode,
 };
 pub use socket::{Received, SeqPacket, SeqPacketListener, MAX_FDS};
 pub use state::XenbusState;

@@ -54,6 +54,15 @@ pub mod kind {
     /// Any client → supervisor: inject a fault into a device's backend
     /// (`device`, `action`, `sector`); answered with [`OK`] or `error`.
     pub const FAULT: &str = "fault";
+    /// Supervisor → backend: a vhost-user device's virtqueues
+    /// (docs/PROTOCOL.md §6b, [`crate::virtio`]); answered like [`ATTACH`].
+    pub const ATTACH_VIRTIO: &str = "attach-virtio";
+    /// Supervisor → backend: switch virtqueue `queue`'s call eventfd to the
+    /// one descriptor that comes with the message; answered with [`OK`].
+    pub const SET_CALL: &str = "set-call";
+    /// Supervisor → backend: busy-loop without a heartbeat (fault
+    /// injection); never answered.
+    pub const SPIN: &str = "spin";
 }
 
 /// Key names.
@@ -106,9 +115,25 @@ pub mod key {
     pub const MESSAGE: &str = "message";
     /// Why a backend gave up a ring (`disconnect`).
     pub const REASON: &str = "reason";
-    /// `attach`: `1` when a previous instance served this attachment and
-    /// the backend must replay the shadow log first.
+    /// `attach`, `attach-virtio`: `1` when a previous instance served this
+    /// attachment and the backend must replay the shadow log first.
     pub const RECOVER: &str = "recover";
+    /// `attach`, `attach-virtio` with `recover=1`: `0` when the previous
+    /// instance was killed or stopped by an operator fault, so its death
+    /// does not count towards the crash-loop breaker.
+    pub const BLAME: &str = "blame";
+    /// `set-call`, `disconnect` of a virtio backend: a virtqueue index.
+    pub const QUEUE: &str = "queue";
+    /// `attach-virtio`: acked virtio features (hex).
+    pub const FEATURES: &str = "features";
+    /// `attach-virtio`: number of guest memory regions ([`region`]).
+    pub const REGIONS: &str = "regions";
+    /// `attach-virtio`: number of started virtqueues ([`queue_at`]).
+    pub const QUEUES: &str = "queues";
+    /// `attach-virtio`: the VMM's in-flight region, if any.
+    pub const INFLIGHT: &str = "inflight";
+    /// `attach-virtio`: `1` when one shadow log per queue follows.
+    pub const SHADOW: &str = "shadow";
     /// `attached`: shadow-log generation of the answering instance.
     pub const GENERATION: &str = "generation";
     /// `attached`, `status`: requests re-executed from the shadow log.
@@ -123,7 +148,7 @@ pub mod key {
     pub const REPLAY_US: &str = "replay-us";
     /// `poison`, `fault`: a 512-byte sector number.
     pub const SECTOR: &str = "sector";
-    /// `fault`: `kill`, `hang` or `poison`.
+    /// `fault`: one of [`action`](super::action).
     pub const ACTION: &str = "action";
     /// `status`: backend instances that died (crashed or were killed).
     pub const CRASHES: &str = "crashes";
@@ -152,6 +177,29 @@ pub mod key {
     pub fn ring_ref(index: usize) -> String {
         format!("{RING_REF}{index}")
     }
+
+    /// `region-{index}`: guest memory region `index` of `attach-virtio`.
+    pub fn region(index: usize) -> String {
+        format!("region-{index}")
+    }
+
+    /// `queue-{index}`: the `index`-th started virtqueue of
+    /// `attach-virtio` (not the virtqueue number, which it carries).
+    pub fn queue_at(index: usize) -> String {
+        format!("{QUEUE}-{index}")
+    }
+}
+
+/// Values of the `action` key of a `fault` message.
+pub mod action {
+    /// SIGKILL the serving backend.
+    pub const KILL: &str = "kill";
+    /// SIGSTOP it.
+    pub const HANG: &str = "hang";
+    /// Make it busy-loop without a heartbeat (`spin`).
+    pub const SPIN: &str = "spin";
+    /// Make every instance abort on requests covering `sector`.
+    pub const POISON: &str = "poison";
 }
 
 /// The only ring ABI this protocol speaks.
@@ -672,6 +720,32 @@ fn reject_key(msg: &Message, name: &str, reason: &'static str) -> Result<(), Xen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The spellings of docs/PROTOCOL.md §6, §6b and §7: backends written
+    /// against the document must keep understanding the constants.
+    #[test]
+    fn control_keys_are_spelled_as_documented() {
+        assert_eq!(
+            [kind::ATTACH_VIRTIO, kind::SET_CALL, kind::SPIN],
+            ["attach-virtio", "set-call", "spin"]
+        );
+        assert_eq!(
+            [key::RECOVER, key::BLAME, key::QUEUE, key::SHADOW],
+            ["recover", "blame", "queue", "shadow"]
+        );
+        assert_eq!(
+            [key::FEATURES, key::REGIONS, key::QUEUES, key::INFLIGHT],
+            ["features", "regions", "queues", "inflight"]
+        );
+        assert_eq!(
+            (key::region(2), key::queue_at(15)),
+            ("region-2".to_string(), "queue-15".to_string())
+        );
+        assert_eq!(
+            [action::KILL, action::HANG, action::SPIN, action::POISON],
+            ["kill", "hang", "spin", "poison"]
+        );
+    }
 
     fn disk() -> BackendInfo {
         BackendInfo {

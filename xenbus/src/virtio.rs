@@ -26,10 +26,12 @@
 
 use std::os::fd::OwnedFd;
 
+use crate::protocol::{key, kind};
 use crate::{Message, XenbusError};
 
-/// Message kind of the supervisor → backend virtio attach.
-pub const ATTACH_VIRTIO: &str = "attach-virtio";
+/// Message kind of the supervisor → backend virtio attach
+/// ([`kind::ATTACH_VIRTIO`]).
+pub const ATTACH_VIRTIO: &str = kind::ATTACH_VIRTIO;
 /// Most memory regions (vhost-user's limit without `CONFIGURE_MEM_SLOTS`).
 pub const MAX_REGIONS: usize = 8;
 /// Most virtqueues per device.
@@ -134,20 +136,20 @@ impl VirtioAttachRequest {
     /// The message (without `recover`/`blame`, which the caller adds).
     pub fn to_message(&self) -> Message {
         let mut msg = Message::new(ATTACH_VIRTIO)
-            .with("frontend", &self.frontend)
-            .with("features", format!("{:x}", self.features))
-            .with("regions", self.regions.len())
-            .with("queues", self.queues.len())
-            .with("shadow", u8::from(self.shadow));
+            .with(key::FRONTEND, &self.frontend)
+            .with(key::FEATURES, format!("{:x}", self.features))
+            .with(key::REGIONS, self.regions.len())
+            .with(key::QUEUES, self.queues.len())
+            .with(key::SHADOW, u8::from(self.shadow));
         for (i, r) in self.regions.iter().enumerate() {
             msg.set(
-                &format!("region-{i}"),
+                &key::region(i),
                 format!("{:x},{:x},{:x}", r.gpa, r.size, r.mmap_offset),
             );
         }
         for (i, q) in self.queues.iter().enumerate() {
             msg.set(
-                &format!("queue-{i}"),
+                &key::queue_at(i),
                 format!(
                     "{:x},{:x},{:x},{:x},{:x},{:x}",
                     q.index, q.size, q.desc, q.avail, q.used, q.next_avail
@@ -156,7 +158,7 @@ impl VirtioAttachRequest {
         }
         if let Some(f) = self.inflight {
             msg.set(
-                "inflight",
+                key::INFLIGHT,
                 format!("{:x},{:x},{:x}", f.mmap_size, f.mmap_offset, f.queue_size),
             );
         }
@@ -167,17 +169,16 @@ impl VirtioAttachRequest {
     /// sizes); it does not check addresses against memory.
     pub fn from_message(msg: &Message) -> Result<Self, XenbusError> {
         msg.expect_kind(ATTACH_VIRTIO)?;
-        let features_raw = msg.require("features")?;
+        let features_raw = msg.require(key::FEATURES)?;
         let features =
             u64::from_str_radix(features_raw, 16).map_err(|_| XenbusError::InvalidValue {
-                key: "features".into(),
+                key: key::FEATURES.into(),
                 value: features_raw.to_owned(),
                 reason: "expected a hex number",
             })?;
         let mut regions = Vec::new();
-        for i in 0..count(msg, "regions", MAX_REGIONS)? {
-            let key = format!("region-{i}");
-            let v = hex_list(msg, &key, 3)?;
+        for i in 0..count(msg, key::REGIONS, MAX_REGIONS)? {
+            let v = hex_list(msg, &key::region(i), 3)?;
             regions.push(MemoryRegion {
                 gpa: v[0],
                 size: v[1],
@@ -185,44 +186,44 @@ impl VirtioAttachRequest {
             });
         }
         let mut queues = Vec::new();
-        for i in 0..count(msg, "queues", MAX_QUEUES)? {
-            let key = format!("queue-{i}");
-            let v = hex_list(msg, &key, 6)?;
-            let size: u16 = narrow(&key, v[1])?;
+        for i in 0..count(msg, key::QUEUES, MAX_QUEUES)? {
+            let name = key::queue_at(i);
+            let v = hex_list(msg, &name, 6)?;
+            let size: u16 = narrow(&name, v[1])?;
             if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
                 return Err(XenbusError::InvalidValue {
-                    key,
+                    key: name,
                     value: size.to_string(),
                     reason: "queue size must be a power of two up to 32768",
                 });
             }
             queues.push(QueueConfig {
-                index: narrow(&key, v[0])?,
+                index: narrow(&name, v[0])?,
                 size,
                 desc: v[2],
                 avail: v[3],
                 used: v[4],
-                next_avail: narrow(&key, v[5])?,
+                next_avail: narrow(&name, v[5])?,
             });
         }
-        let inflight = match msg.get("inflight") {
+        let inflight = match msg.get(key::INFLIGHT) {
             None => None,
             Some(_) => {
-                let v = hex_list(msg, "inflight", 3)?;
+                let v = hex_list(msg, key::INFLIGHT, 3)?;
                 Some(InflightConfig {
                     mmap_size: v[0],
                     mmap_offset: v[1],
-                    queue_size: narrow("inflight", v[2])?,
+                    queue_size: narrow(key::INFLIGHT, v[2])?,
                 })
             }
         };
         Ok(Self {
-            frontend: msg.require("frontend")?.to_owned(),
+            frontend: msg.require(key::FRONTEND)?.to_owned(),
             features,
             regions,
             queues,
             inflight,
-            shadow: msg.require_flag("shadow")?,
+            shadow: msg.require_flag(key::SHADOW)?,
         })
     }
 }

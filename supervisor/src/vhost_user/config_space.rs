@@ -1,15 +1,19 @@
-//! What the device offers a vhost-user-blk frontend: virtio and protocol
-//! features, and the `virtio_blk_config` space (`GET_CONFIG`).
+//! The virtio-blk model ([`VirtioModel`]) of the block device class: what
+//! a vhost-user-blk frontend is offered — virtio and protocol features, and
+//! the `virtio_blk_config` space (`GET_CONFIG`).
 
 use std::mem::{offset_of, size_of};
 
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::model::VirtioModel;
 
 /// Segments per request (`seg_max`).
 pub const SEG_MAX: u32 = 128;
@@ -37,38 +41,6 @@ const fn bit(n: u32) -> u64 {
 }
 
 impl BlkGeometry {
-    /// Virtio features offered in `GET_FEATURES`, including
-    /// `VHOST_USER_F_PROTOCOL_FEATURES`. A read-only disk offers `RO` and
-    /// neither discard nor write-zeroes.
-    pub fn features(&self) -> u64 {
-        let mut f = bit(VIRTIO_F_VERSION_1)
-            | bit(VIRTIO_RING_F_EVENT_IDX)
-            | bit(VIRTIO_RING_F_INDIRECT_DESC)
-            | bit(VIRTIO_BLK_F_SEG_MAX)
-            | bit(VIRTIO_BLK_F_BLK_SIZE)
-            | bit(VIRTIO_BLK_F_FLUSH)
-            | bit(VIRTIO_BLK_F_MQ)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if self.readonly {
-            f |= bit(VIRTIO_BLK_F_RO);
-        } else {
-            f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
-            if self.discard {
-                f |= bit(VIRTIO_BLK_F_DISCARD);
-            }
-        }
-        f
-    }
-
-    /// Protocol features offered in `GET_PROTOCOL_FEATURES`.
-    pub fn protocol_features() -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
-            | VhostUserProtocolFeatures::RESET_DEVICE
-    }
-
     /// The whole `virtio_blk_config`, little-endian as virtio 1.0 wants.
     pub fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
         let mut buf = [0u8; CONFIG_SPACE_SIZE];
@@ -118,10 +90,48 @@ impl BlkGeometry {
         put(offset_of!(virtio_blk_config, write_zeroes_may_unmap), &[1]);
         buf
     }
+}
+
+impl VirtioModel for BlkGeometry {
+    /// Virtio features offered in `GET_FEATURES`, including
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`. A read-only disk offers `RO` and
+    /// neither discard nor write-zeroes.
+    fn features(&self) -> u64 {
+        let mut f = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_MQ)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.readonly {
+            f |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            f |= bit(VIRTIO_BLK_F_WRITE_ZEROES);
+            if self.discard {
+                f |= bit(VIRTIO_BLK_F_DISCARD);
+            }
+        }
+        f
+    }
+
+    /// Protocol features offered in `GET_PROTOCOL_FEATURES`.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
 
     /// `GET_CONFIG`: `size` bytes of the config space from `offset`; a
     /// range outside it is refused.
-    pub fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
+    fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(usize::try_from(size).ok()?)?;
         self.config_space().get(start..end).map(<[u8]>::to_vec)
@@ -198,7 +208,7 @@ mod tests {
         .features();
         assert_ne!(ro & (1 << 5), 0);
         assert_eq!(ro & ((1 << 13) | (1 << 14)), 0);
-        let p = BlkGeometry::protocol_features().bits();
+        let p = disk().protocol_features().bits();
         assert_eq!(p, 0x1 | 0x8 | 0x200 | 0x1000 | 0x2000);
     }
 }

@@ -1,5 +1,5 @@
-//! The vhost-user-blk request handler of one VMM connection: it keeps what
-//! the VMM sent (memory table, vring addresses and eventfds, in-flight
+//! The vhost-user request handler of one VMM connection, for any device
+//! class: it keeps what the VMM sent (memory table, vring addresses and eventfds, in-flight
 //! region) and starts or stops the device's virtio session around it.
 //!
 //! A queue is *started* when it has a size, addresses, kick and call fds
@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use shadowback_xenbus::virtio::{InflightConfig, QueueConfig, VirtioAttachRequest, VirtioFds};
 use vhost::vhost_user::message::{
@@ -25,9 +26,9 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Backend, Error as VhostError, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
-use super::config_space::BlkGeometry;
 use super::inflight::InflightRegion;
 use super::memory::{MemoryTable, RegionDesc};
+use super::model::VirtioModel;
 use crate::config::MAX_VHOST_QUEUE_SIZE;
 
 type Result<T> = std::result::Result<T, VhostError>;
@@ -50,11 +51,13 @@ pub(crate) trait SessionLink: Send {
     fn lost(&mut self) -> Option<String>;
 }
 
-/// What the handler knows of its disk.
+/// What the handler knows of its device.
 #[derive(Clone, Debug)]
-pub(crate) struct DiskFacts {
+pub(crate) struct DeviceFacts {
     pub name: String,
-    pub geometry: BlkGeometry,
+    /// The device's virtio model (features, queues, config space), from
+    /// its class.
+    pub model: Arc<dyn VirtioModel>,
     /// Largest `SET_VRING_NUM`.
     pub queue_size: u16,
     pub shadow: bool,
@@ -93,8 +96,8 @@ impl Vring {
 }
 
 /// The handler of one connection.
-pub(crate) struct BlkHandler {
-    facts: DiskFacts,
+pub(crate) struct VhostUserHandler {
+    facts: DeviceFacts,
     frontend: String,
     acked_features: u64,
     features_set: bool,
@@ -128,12 +131,12 @@ fn unwatched_eventfd() -> Result<File> {
         .map_err(|e| io_error(format!("eventfd: {e}")))
 }
 
-impl BlkHandler {
-    pub(crate) fn new(facts: DiskFacts, frontend: String, link: Box<dyn SessionLink>) -> Self {
-        let vrings = (0..facts.geometry.num_queues)
+impl VhostUserHandler {
+    pub(crate) fn new(facts: DeviceFacts, frontend: String, link: Box<dyn SessionLink>) -> Self {
+        let vrings = (0..facts.model.num_queues())
             .map(|_| Vring::default())
             .collect();
-        BlkHandler {
+        VhostUserHandler {
             facts,
             frontend,
             acked_features: 0,
@@ -369,7 +372,7 @@ impl BlkHandler {
     }
 }
 
-impl VhostUserBackendReqHandlerMut for BlkHandler {
+impl VhostUserBackendReqHandlerMut for VhostUserHandler {
     fn set_owner(&mut self) -> Result<()> {
         Ok(())
     }
@@ -383,11 +386,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_features(&mut self) -> Result<u64> {
-        Ok(self.facts.geometry.features())
+        Ok(self.facts.model.features())
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
-        let unknown = features & !self.facts.geometry.features();
+        let unknown = features & !self.facts.model.features();
         if unknown != 0 {
             return Err(self.refuse(format!("features {unknown:#x} were not offered")));
         }
@@ -549,11 +552,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
-        Ok(BlkGeometry::protocol_features())
+        Ok(self.facts.model.protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
-        let unknown = features & !BlkGeometry::protocol_features().bits();
+        let unknown = features & !self.facts.model.protocol_features().bits();
         if unknown != 0 {
             return Err(self.refuse(format!("protocol features {unknown:#x} were not offered")));
         }
@@ -561,7 +564,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn get_queue_num(&mut self) -> Result<u64> {
-        Ok(u64::from(self.facts.geometry.num_queues))
+        Ok(u64::from(self.facts.model.num_queues()))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
@@ -579,7 +582,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> Result<Vec<u8>> {
-        match self.facts.geometry.read_config(offset, size) {
+        match self.facts.model.read_config(offset, size) {
             Some(bytes) => Ok(bytes),
             None => Err(self.refuse(format!(
                 "GET_CONFIG of {size} bytes at {offset} is outside the config space"
@@ -610,7 +613,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let region = InflightRegion::create(
             inflight.num_queues,
             inflight.queue_size,
-            self.facts.geometry.num_queues,
+            self.facts.model.num_queues(),
             MAX_VHOST_QUEUE_SIZE,
         )
         .map_err(|e| self.fail(format!("GET_INFLIGHT_FD: {e}")))?;
@@ -634,7 +637,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         let region = match InflightRegion::adopt(
             inflight,
             file,
-            self.facts.geometry.num_queues,
+            self.facts.model.num_queues(),
             MAX_VHOST_QUEUE_SIZE,
         ) {
             Ok(r) => r,
@@ -688,8 +691,9 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 mod tests {
     use super::*;
     use crate::vhost_user::memory::tests::memfd;
+    use crate::vhost_user::BlkGeometry;
     use std::os::unix::fs::FileExt;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Mutex;
 
     #[derive(Debug)]
     enum Ev {
@@ -755,7 +759,7 @@ mod tests {
     }
 
     struct Rig {
-        h: BlkHandler,
+        h: VhostUserHandler,
         calls: Arc<Mutex<Calls>>,
         guest: File,
     }
@@ -763,18 +767,18 @@ mod tests {
     impl Rig {
         fn new(num_queues: u16) -> Self {
             let calls = Arc::new(Mutex::new(Calls::default()));
-            let facts = DiskFacts {
+            let facts = DeviceFacts {
                 name: "vd".into(),
-                geometry: BlkGeometry {
+                model: Arc::new(BlkGeometry {
                     sectors: 2048,
                     readonly: false,
                     discard: true,
                     num_queues,
-                },
+                }),
                 queue_size: 256,
                 shadow: true,
             };
-            let h = BlkHandler::new(facts, "vmm".into(), Box::new(MockLink(calls.clone())));
+            let h = VhostUserHandler::new(facts, "vmm".into(), Box::new(MockLink(calls.clone())));
             let guest = File::from(memfd(0x10_0000));
             Rig { h, calls, guest }
         }

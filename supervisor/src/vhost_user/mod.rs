@@ -1,19 +1,23 @@
-//! vhost-user-blk (DESIGN §8): the supervisor terminates each vhost-user
-//! disk's unix socket and keeps everything the VMM sends; the data plane
-//! gets it in `attach-virtio` from the device task. A data-plane crash is
-//! a takeover inside the device task: the VMM's connection stays up and it
-//! sees only a stall.
+//! vhost-user (docs/ARCHITECTURE.md §8): the supervisor terminates each
+//! vhost-user device's unix socket and keeps everything the VMM sends; the
+//! data plane gets it in `attach-virtio` from the device task. A
+//! data-plane crash is a takeover inside the device task: the VMM's
+//! connection stays up and it sees only a stall.
 //!
-//! One blocking thread per disk serves one VMM connection at a time
-//! (`vhost`'s [`BackendReqHandler`] driving a [`BlkHandler`]). When the
-//! connection ends — EOF, a protocol error, or the device giving up — the
-//! session is detached and the next connection accepted (the VMM's chardev
-//! reconnect, or a VMM reconnecting to a restarted supervisor).
-
+//! One blocking thread per device serves one VMM connection at a time
+//! (`vhost`'s [`BackendReqHandler`] driving a [`VhostUserHandler`]). When
+//! the connection ends — EOF, a protocol error, or the device giving up —
+//! the session is detached and the next connection accepted (the VMM's
+//! chardev reconnect, or a VMM reconnecting to a restarted supervisor).
+//!
+//! Nothing here is specific to a disk but the model: the handler asks the
+//! device's [`VirtioModel`] (from its class; [`BlkGeometry`] for a disk)
+//! for features, queue count and config space.
 mod config_space;
 mod handler;
 mod inflight;
 pub(crate) mod memory;
+mod model;
 
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
@@ -36,8 +40,9 @@ use crate::device::{Attachment, DeviceHandle};
 use crate::SupervisorError;
 
 pub use config_space::{BlkGeometry, CONFIG_SPACE_SIZE};
-use handler::{BlkHandler, DiskFacts, SessionLink};
+use handler::{DeviceFacts, SessionLink, VhostUserHandler};
 pub use inflight::{inflight_mmap_size, queue_region_size};
+pub use model::VirtioModel;
 
 /// How often the serving thread looks at its stop flag and at the device.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
@@ -82,14 +87,9 @@ impl VhostUserServer {
             .try_clone()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| err(e.to_string()))?;
-        let facts = DiskFacts {
+        let facts = DeviceFacts {
             name: cfg.name.clone(),
-            geometry: BlkGeometry {
-                sectors: device.info.sectors,
-                readonly: cfg.readonly,
-                discard: cfg.discard,
-                num_queues: cfg.num_queues,
-            },
+            model: device.virtio.clone(),
             queue_size: cfg.queue_size,
             shadow: cfg.shadow,
         };
@@ -154,7 +154,7 @@ fn wait_readable(fd: &impl std::os::fd::AsFd, timeout: Duration) -> std::io::Res
     }
 }
 
-fn lock(handler: &Mutex<BlkHandler>) -> MutexGuard<'_, BlkHandler> {
+fn lock(handler: &Mutex<VhostUserHandler>) -> MutexGuard<'_, VhostUserHandler> {
     // The handler's state stays consistent across a panic in one request
     // (it is only ever replaced whole); keep serving.
     handler.lock().unwrap_or_else(|e| e.into_inner())
@@ -174,7 +174,7 @@ fn remove_stale_socket(path: &Path) -> Result<(), String> {
     }
 }
 
-fn serve_socket(polled: UnixListener, facts: DiskFacts, device: DeviceHandle, stop: &AtomicBool) {
+fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, stop: &AtomicBool) {
     // `vhost`'s listener accepts on its own descriptor of the socket; the
     // loop polls `polled`. Both are non-blocking.
     let mut listener = match polled.try_clone() {
@@ -202,7 +202,7 @@ fn serve_socket(polled: UnixListener, facts: DiskFacts, device: DeviceHandle, st
             device: device.clone(),
             attachment: None,
         };
-        let handler = Arc::new(Mutex::new(BlkHandler::new(
+        let handler = Arc::new(Mutex::new(VhostUserHandler::new(
             facts.clone(),
             frontend.clone(),
             Box::new(link),
@@ -229,8 +229,8 @@ fn serve_socket(polled: UnixListener, facts: DiskFacts, device: DeviceHandle, st
 
 /// Serves requests until the connection ends; returns why it ended.
 fn serve_connection(
-    mut conn: BackendReqHandler<Mutex<BlkHandler>>,
-    handler: &Mutex<BlkHandler>,
+    mut conn: BackendReqHandler<Mutex<VhostUserHandler>>,
+    handler: &Mutex<VhostUserHandler>,
     stop: &AtomicBool,
 ) -> String {
     let sock = match conn.try_clone_connection() {

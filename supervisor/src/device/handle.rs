@@ -1,0 +1,219 @@
+//! [`DeviceHandle`]: how connection tasks and vhost-user threads reach a
+//! device task, and the values they exchange with it.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shadowback_xenbus::protocol::{action, key, kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
+use shadowback_xenbus::{BackendInfo, Message, XenbusError};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Refusal;
+use crate::stats::DeviceStats;
+use crate::transport::Frontend;
+use crate::vhost_user::VirtioModel;
+
+/// Why a frontend lost its device (sent to its connection task).
+#[derive(Debug, Clone)]
+pub enum Lost {
+    /// The backend found the ring corrupt.
+    Disconnected(String),
+    /// No backend can serve the device any more (without the shadow layer:
+    /// the backend died; with it: every takeover failed).
+    BackendDied(String),
+}
+
+/// A frontend's hold on the device: detach with `id`; `lost` fires if the
+/// device goes away first.
+#[derive(Debug)]
+pub struct Attachment {
+    pub id: u64,
+    pub lost: oneshot::Receiver<Lost>,
+}
+
+/// A fault to inject into a device's current backend instance (the
+/// `fault` control message, docs/PROTOCOL.md §6a).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL it. The recovery's `detect` then runs from the kill.
+    Kill,
+    /// SIGSTOP it. The watchdog replaces it as soon as the guest has work
+    /// pending; an idle stopped backend is left alone.
+    Hang,
+    /// Make it, and every later instance of the device, abort on any
+    /// request covering `sector` (the crash-loop breaker then fails that
+    /// request in the third instance that replays it).
+    Poison { sector: u64 },
+    /// Make it spin in a busy loop (no heartbeat, a CPU burnt): the
+    /// watchdog must tell this hang too.
+    Spin,
+}
+
+impl Fault {
+    /// The `action` value.
+    pub fn action(self) -> &'static str {
+        match self {
+            Fault::Kill => action::KILL,
+            Fault::Hang => action::HANG,
+            Fault::Poison { .. } => action::POISON,
+            Fault::Spin => action::SPIN,
+        }
+    }
+
+    /// The `fault` message for `device`.
+    pub fn to_message(self, device: &str) -> Message {
+        let msg = Message::new(kind::FAULT)
+            .with(key::DEVICE, device)
+            .with(key::ACTION, self.action());
+        match self {
+            Fault::Poison { sector } => msg.with(key::SECTOR, sector),
+            Fault::Kill | Fault::Hang | Fault::Spin => msg,
+        }
+    }
+
+    /// Parses the `action` (and `sector`) keys of a `fault` message.
+    pub fn from_message(msg: &Message) -> Result<Self, XenbusError> {
+        msg.expect_kind(kind::FAULT)?;
+        match msg.require(key::ACTION)? {
+            action::KILL => Ok(Fault::Kill),
+            action::HANG => Ok(Fault::Hang),
+            action::SPIN => Ok(Fault::Spin),
+            action::POISON => Ok(Fault::Poison {
+                sector: msg.require_u64(key::SECTOR)?,
+            }),
+            other => Err(XenbusError::InvalidValue {
+                key: key::ACTION.to_owned(),
+                value: other.to_owned(),
+                reason: "expected kill, hang, spin or poison",
+            }),
+        }
+    }
+}
+pub(super) enum Command {
+    Attach {
+        frontend: Frontend,
+        reply: oneshot::Sender<Result<Attachment, Refusal>>,
+    },
+    /// A new call eventfd for virtqueue `queue` of attachment `id`.
+    SetCall {
+        id: u64,
+        queue: u16,
+        fd: OwnedFd,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// Detach attachment `id`; a stale id (already detached, or lost) is
+    /// acknowledged without touching the current frontend.
+    Detach { id: u64, reply: oneshot::Sender<()> },
+    Fault {
+        fault: Fault,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+}
+
+/// Cheap handle to a device task.
+#[derive(Clone)]
+pub struct DeviceHandle {
+    pub name: String,
+    pub info: BackendInfo,
+    /// What a vhost-user frontend sees of the device (its class's).
+    pub(crate) virtio: Arc<dyn VirtioModel>,
+    pub(super) tx: mpsc::Sender<Command>,
+    pub(super) stats: Arc<Mutex<DeviceStats>>,
+}
+
+fn stopped() -> Refusal {
+    (ErrorCode::Enodev, "device task stopped".to_string())
+}
+
+impl DeviceHandle {
+    /// Asks the backend to attach; on success returns a receiver that fires
+    /// if the device is lost while attached.
+    pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let frontend = Frontend::Xen { req, fds };
+        self.tx
+            .send(Command::Attach { frontend, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Attaches a vhost-user frontend's virtqueues (`fds.logs` is ignored:
+    /// the device creates the shadow logs). Blocks until the backend
+    /// answered; call it from a plain thread, not from async code.
+    pub fn attach_virtio_blocking(
+        &self,
+        req: VirtioAttachRequest,
+        fds: VirtioFds,
+    ) -> Result<Attachment, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let frontend = Frontend::Virtio { req, fds };
+        self.tx
+            .blocking_send(Command::Attach { frontend, reply })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// [`detach`](Self::detach) from a plain thread.
+    pub fn detach_blocking(&self, id: u64) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.blocking_send(Command::Detach { id, reply }).is_ok() {
+            let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Gives attachment `id`'s virtqueue `queue` a new call eventfd: the
+    /// running instance switches to it (`set-call`), later instances get
+    /// it. Nothing is restarted. Blocks; call it from a plain thread.
+    pub fn set_call_blocking(&self, id: u64, queue: u16, fd: OwnedFd) -> Result<(), Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::SetCall {
+                id,
+                queue,
+                fd,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Detaches attachment `id` (waits until the backend drained it).
+    pub async fn detach(&self, id: u64) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Detach { id, reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Injects `fault` into the current backend instance.
+    pub async fn fault(&self, fault: Fault) -> Result<(), Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Fault { fault, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// [`fault`](Self::fault) from a thread outside the supervisor's
+    /// runtime (panics inside an async context).
+    pub fn fault_blocking(&self, fault: Fault) -> Result<(), Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::Fault { fault, reply })
+            .map_err(|_| stopped())?;
+        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// The device's counters and state, as of the last event it handled.
+    pub fn stats(&self) -> DeviceStats {
+        lock(&self.stats).clone()
+    }
+}
+
+pub(super) fn lock(stats: &Mutex<DeviceStats>) -> MutexGuard<'_, DeviceStats> {
+    // Plain counters: a panic elsewhere cannot leave them inconsistent.
+    stats.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,129 @@
+//! One exported device: its backend instances, the frontend attached to
+//! it, and its recovery (docs/ARCHITECTURE.md §4, §7).
+//!
+//! A device task owns the current backend instance, a hot standby, and —
+//! for the attached frontend — everything that must outlive a backend (a
+//! [`Session`](crate::session::Session): the frontend's request and fds,
+//! a shadow log per ring). The frontend is a guest on the control socket
+//! (a Xen-style ring) or a VMM on the device's vhost-user socket
+//! (virtqueues); recovery treats both alike, and what differs between them
+//! is the transport's (`transport.rs`). What differs between a disk and
+//! another kind of device is its class's (`class/`): the task holds a
+//! `Box<dyn DeviceClass>` and starts every instance through it.
+//!
+//! - `handle.rs`: [`DeviceHandle`], the commands connection tasks and
+//!   vhost-user threads send, [`Fault`], [`Lost`];
+//! - `task.rs`: the task's loop, attach, detach, `set-call`, faults;
+//! - `takeover.rs`: failure, fence and takeover.
+//!
+//! The current instance is watched three ways: its pidfd (exit), its
+//! control channel (EOF), and, while a frontend is attached with the
+//! shadow layer, the watchdog on the log's heartbeat and the rings. A
+//! failure is fenced (SIGKILL, wait for the pidfd, reap, and for a
+//! writable disk wait for its last I/O) before anything else touches the
+//! rings; then the standby, or a cold-started instance, gets the attach
+//! with `recover=1` and replays the logs. The frontend stays Connected: it
+//! is told only if [`MAX_FAILED_TAKEOVERS`] takeovers in a row fail.
+
+mod handle;
+mod takeover;
+mod task;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shadowback_xenbus::protocol::ErrorCode;
+use tokio::sync::mpsc;
+
+use crate::class::{BlockClass, DeviceClass};
+use crate::config::DiskConfig;
+use crate::instance::Instance;
+use crate::spawn::BackendCommand;
+use crate::stats::DeviceStats;
+use crate::SupervisorError;
+
+pub use handle::{Attachment, DeviceHandle, Fault, Lost};
+pub use takeover::MAX_FAILED_TAKEOVERS;
+use task::DeviceTask;
+
+/// A request refused: the code and text the frontend is told.
+pub(crate) type Refusal = (ErrorCode, String);
+
+/// What the device task needs of a device's configuration, whatever its
+/// class.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    /// The shadow layer: shadow logs, transparent recovery.
+    pub shadow: bool,
+    /// Keep a hot-standby instance.
+    pub standby: bool,
+    /// The watchdog's `hang_timeout_ms`.
+    pub hang_timeout: Duration,
+    /// The Xen domain a ring's grants must name (for the watchdog's probe).
+    pub backend_id: u16,
+}
+
+impl Settings {
+    fn of(cfg: &DiskConfig) -> Self {
+        Settings {
+            shadow: cfg.shadow,
+            standby: cfg.standby,
+            hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
+            backend_id: cfg.backend_id,
+        }
+    }
+}
+
+/// Opens the disk, starts its backend (and standby) and the task that owns
+/// them.
+pub fn start_device(
+    cfg: &DiskConfig,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
+    let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
+    start(&cfg.name, class, Settings::of(cfg), cmd)
+}
+
+/// Starts the first backend instance of device `name` (and its standby)
+/// and the task that owns them.
+fn start(
+    name: &str,
+    class: Box<dyn DeviceClass>,
+    settings: Settings,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
+    let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
+    let info = class.backend_info();
+    let virtio = class.virtio_model();
+    let stats = Arc::new(Mutex::new(DeviceStats::default()));
+    let (tx, rx) = mpsc::channel(16);
+    let mut task = DeviceTask {
+        name: name.to_string(),
+        settings,
+        cmd: cmd.clone(),
+        class,
+        current: Some(current),
+        standby: None,
+        standby_retry: None,
+        attached: None,
+        next_attachment: 1,
+        given_up: None,
+        poisons: Vec::new(),
+        injected_kill: None,
+        injected_hang: false,
+        blame: true,
+        watchdog: None,
+        startup_deaths: 0,
+        stats: stats.clone(),
+    };
+    task.ensure_standby();
+    task.publish();
+    tokio::spawn(task.run(rx));
+    Ok(DeviceHandle {
+        name: name.to_string(),
+        info,
+        virtio,
+        tx,
+        stats,
+    })
+}

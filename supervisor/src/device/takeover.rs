@@ -1,0 +1,313 @@
+//! Recovery of a device whose backend instance failed
+//! (docs/ARCHITECTURE.md §7): fence the instance, then let the standby (or
+//! a cold-started instance) take the session over and replay its logs.
+
+use std::time::{Duration, Instant};
+
+use shadowback_xenbus::protocol::{key, kind};
+use shadowback_xenbus::Message;
+
+use super::handle::Lost;
+use super::task::{refusal, send_attach, DeviceTask};
+use crate::instance::{Instance, NoAnswer};
+use crate::stats::{micros, RecoveryTimes};
+use crate::SupervisorError;
+
+/// Takeovers in a row that may fail (the new instance dies, hangs or
+/// refuses) before the guest is disconnected. A request that kills every
+/// instance costs two (the crash-loop breaker fails it in the third
+/// replaying instance), so five leave room for one more failure.
+pub const MAX_FAILED_TAKEOVERS: u32 = 5;
+/// An idle instance that dies younger than this died "at start-up".
+const STABLE_AGE: Duration = Duration::from_secs(1);
+/// Start-up deaths in a row after which the device is given up, rather
+/// than forking backends that cannot run in a loop.
+const MAX_STARTUP_DEATHS: u32 = 5;
+
+/// How a failed instance failed.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Failure {
+    /// It exited or closed its control channel.
+    Crashed,
+    /// The watchdog (or a request) found it stuck since `since`.
+    Hung { since: Instant },
+}
+
+impl Failure {
+    pub(super) fn of(no_answer: &NoAnswer, asked: Instant) -> Self {
+        match no_answer {
+            NoAnswer::Died(_) => Failure::Crashed,
+            NoAnswer::Hung(_) => Failure::Hung { since: asked },
+        }
+    }
+}
+/// The replay report of an `attached` answer.
+#[derive(Debug, Default)]
+pub(super) struct ReplayReport {
+    pub(super) generation: u64,
+    pub(super) replayed: u64,
+    pub(super) repushed: u64,
+    pub(super) poisoned: u64,
+    pub(super) corrupt: u64,
+    pub(super) replay_us: u64,
+}
+
+impl ReplayReport {
+    pub(super) fn of(reply: &Message) -> Self {
+        let n = |k| reply.get_u64(k).ok().flatten().unwrap_or(0);
+        ReplayReport {
+            generation: n(key::GENERATION),
+            replayed: n(key::REPLAYED),
+            repushed: n(key::REPUSHED),
+            poisoned: n(key::POISONED),
+            corrupt: n(key::CORRUPT),
+            replay_us: n(key::REPLAY_US),
+        }
+    }
+}
+impl DeviceTask {
+    /// The standby if it is alive, else a cold-started instance; `true`
+    /// when it is the standby.
+    pub(super) async fn next_instance(&mut self) -> Result<(Instance, bool), SupervisorError> {
+        if let Some(standby) = self.standby.take() {
+            if !standby.has_exited() {
+                return Ok((standby, true));
+            }
+            let fenced = standby.fence().await;
+            tracing::warn!(device = %self.name, status = %fenced.status, "standby backend had exited");
+        }
+        Ok((self.start_instance()?, false))
+    }
+
+    /// The current instance failed: fence it (docs/ARCHITECTURE.md §7.3), then take
+    /// over the attachment, or just replace an idle backend.
+    pub(super) async fn on_failure(&mut self, failure: Failure) {
+        let seen = Instant::now();
+        let Some(old) = self.current.take() else {
+            return;
+        };
+        self.watchdog = None;
+        let injected = self.injected_kill.take();
+        let injected_hang = std::mem::take(&mut self.injected_hang);
+        // The crash-loop breaker (docs/ARCHITECTURE.md §7.5) counts the
+        // instances a request killed; a kill or hang we injected ourselves
+        // says nothing about the requests in flight.
+        self.blame =
+            injected.is_none() && !(injected_hang && matches!(failure, Failure::Hung { .. }));
+        // An injected SIGKILL explains a stalled heartbeat: the process is
+        // still exiting (io_uring teardown waits for its in-flight I/O).
+        let failure = if injected.is_some() {
+            Failure::Crashed
+        } else {
+            failure
+        };
+        let pid = old.pid();
+        let age = old.age();
+        let detect = match (failure, injected) {
+            (Failure::Hung { since }, _) => seen.saturating_duration_since(since),
+            (Failure::Crashed, Some(kill)) => seen.saturating_duration_since(kill),
+            (Failure::Crashed, None) => seen.elapsed(),
+        };
+        match failure {
+            Failure::Crashed => self.publish_with(|s| s.crashes += 1),
+            Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
+        }
+        let fenced = old.fence().await;
+        let fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
+        let io_wait = fenced.io_done.saturating_duration_since(fenced.reaped);
+        tracing::error!(
+            device = %self.name, pid, ?failure, status = %fenced.status,
+            detect_us = micros(detect), fence_us = micros(fence), io_wait_us = micros(io_wait),
+            "backend failed"
+        );
+        if self.recoverable() {
+            self.take_over(seen, detect, fence).await;
+            return;
+        }
+        if self.attached.as_ref().is_some_and(|a| a.lost.is_some()) {
+            // No shadow layer: nothing to replay from.
+            self.lose(Lost::BackendDied(format!(
+                "backend {pid} {}",
+                fenced.status
+            )));
+        }
+        // A kill we injected says nothing about the backend starting up
+        // badly: it must not count towards giving the device up.
+        let age = if injected.is_some() { STABLE_AGE } else { age };
+        self.replace_idle(age).await;
+    }
+
+    /// Gives the device a new, unattached backend.
+    async fn replace_idle(&mut self, dead_age: Duration) {
+        if dead_age >= STABLE_AGE {
+            self.startup_deaths = 0;
+        } else {
+            self.startup_deaths += 1;
+        }
+        if self.startup_deaths >= MAX_STARTUP_DEATHS {
+            self.give_up(format!(
+                "{} backends in a row died at start-up",
+                self.startup_deaths
+            ))
+            .await;
+            return;
+        }
+        match self.next_instance().await {
+            Ok((instance, _)) => self.current = Some(instance),
+            Err(e) => tracing::error!(device = %self.name, error = %e, "cannot start a backend"),
+        }
+        self.ensure_standby();
+    }
+
+    /// docs/ARCHITECTURE.md §7.5: a fresh instance attaches with `recover=1` and
+    /// replays the log; on failure, fence it and try the next, up to
+    /// [`MAX_FAILED_TAKEOVERS`].
+    async fn take_over(&mut self, first_seen: Instant, mut detect: Duration, mut fence: Duration) {
+        let mut failures = 0;
+        let mut aside = Vec::new();
+        while self.recoverable() {
+            let chosen = Instant::now();
+            let attempt = self.next_instance().await;
+            let (mut instance, from_standby) = match attempt {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(device = %self.name, error = %e, "cannot start a backend");
+                    failures += 1;
+                    self.publish_with(|s| s.failed_takeovers += 1);
+                    if failures >= MAX_FAILED_TAKEOVERS {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(session) = self.attached.as_ref().and_then(|a| a.session.as_ref()) else {
+                // Cannot happen (`recoverable` checked it); keep the
+                // instance as an idle backend rather than dropping it.
+                self.current = Some(instance);
+                return;
+            };
+            let blame = std::mem::replace(&mut self.blame, true);
+            let result = match session.attach_message(true) {
+                Ok(msg) => {
+                    let msg = msg.with(key::BLAME, u8::from(blame));
+                    send_attach(
+                        &mut instance,
+                        &self.poisons,
+                        &msg,
+                        &session.attach_fds(),
+                        &mut aside,
+                    )
+                    .await
+                }
+                Err((_, why)) => Err(NoAnswer::Died(why)),
+            };
+            for msg in aside.drain(..) {
+                self.unsolicited(msg);
+            }
+            let (failure, why) = match result {
+                Ok((reply, sent)) if reply.kind() == kind::ATTACHED => {
+                    self.took_over(
+                        instance,
+                        from_standby,
+                        &reply,
+                        RecoveryTimes {
+                            detect_us: micros(detect),
+                            fence_us: micros(fence),
+                            takeover_us: micros(sent.saturating_duration_since(chosen)),
+                            replay_us: 0,
+                            total_us: micros(first_seen.elapsed()),
+                        },
+                    );
+                    return;
+                }
+                Ok((reply, _)) => (None, format!("refused: {:?}", refusal(&reply))),
+                Err(e) => (Some(Failure::of(&e, chosen)), e.to_string()),
+            };
+            let seen = Instant::now();
+            failures += 1;
+            self.publish_with(|s| {
+                s.failed_takeovers += 1;
+                match failure {
+                    Some(Failure::Crashed) => s.crashes += 1,
+                    Some(Failure::Hung { .. }) => s.hangs += 1,
+                    None => {}
+                }
+            });
+            let pid = instance.pid();
+            let fenced = instance.fence().await;
+            detect = match failure {
+                Some(Failure::Hung { since }) => seen.saturating_duration_since(since),
+                _ => seen.elapsed(),
+            };
+            fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
+            tracing::error!(device = %self.name, pid, failures, %why, status = %fenced.status, "takeover failed");
+            if failures >= MAX_FAILED_TAKEOVERS {
+                break;
+            }
+        }
+        if self.recoverable() {
+            self.give_up(format!("{failures} takeovers in a row failed"))
+                .await;
+        } else {
+            // The guest went away (ring corrupt) while we were at it.
+            self.replace_idle(STABLE_AGE).await;
+        }
+    }
+
+    /// Bookkeeping of a successful takeover.
+    fn took_over(
+        &mut self,
+        mut instance: Instance,
+        from_standby: bool,
+        reply: &Message,
+        mut times: RecoveryTimes,
+    ) {
+        let report = ReplayReport::of(reply);
+        times.replay_us = report.replay_us;
+        instance.serving = true;
+        tracing::info!(
+            device = %self.name, pid = instance.pid(), from_standby,
+            generation = report.generation, replayed = report.replayed,
+            repushed = report.repushed, poisoned = report.poisoned, corrupt = report.corrupt,
+            detect_us = times.detect_us, fence_us = times.fence_us,
+            takeover_us = times.takeover_us, replay_us = times.replay_us,
+            total_us = times.total_us,
+            "backend recovered"
+        );
+        self.current = Some(instance);
+        self.startup_deaths = 0;
+        self.watch_current();
+        // docs/ARCHITECTURE.md §7.5: the next standby starts now, off the critical
+        // path (the guest is already being served).
+        self.ensure_standby();
+        self.publish_with(|s| {
+            s.recoveries += 1;
+            if from_standby {
+                s.standby_takeovers += 1;
+            } else {
+                s.cold_takeovers += 1;
+            }
+            s.replayed += report.replayed;
+            s.repushed += report.repushed;
+            s.poisoned += report.poisoned;
+            s.corrupt += report.corrupt;
+            s.last_recovery = Some(times);
+        });
+    }
+
+    /// No backend can serve the device: the guest is told, and every later
+    /// attach fails with `ENODEV`.
+    pub(super) async fn give_up(&mut self, why: String) {
+        tracing::error!(device = %self.name, %why, "giving up on the device");
+        self.lose(Lost::BackendDied(why.clone()));
+        self.given_up = Some(why);
+        self.watchdog = None;
+        for instance in [self.current.take(), self.standby.take()]
+            .into_iter()
+            .flatten()
+        {
+            instance.fence().await;
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! How a frontend reaches a device — the transport — as the device task
+//! sees it: the attach request and descriptors a frontend arrives with, the
+//! rings they describe, and the attach message every backend instance gets
+//! (docs/ARCHITECTURE.md §4, §8).
+//!
+//! Two wires exist and both are built, so [`Frontend`] is an enum and every
+//! per-transport difference is a `match` in this module; the device task,
+//! the session and recovery never look at the transport. What a device
+//! class changes (the Xen keys, the virtio model) is not here but in
+//! `class/`.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use shadowback_ring::blkif::Blkif;
+use shadowback_ring::grant::{Access, GrantMapper};
+use shadowback_ring::sring::{ring_size, RingProtocol};
+use shadowback_ring::SharedRegion;
+use shadowback_xenbus::protocol::{AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
+use shadowback_xenbus::Message;
+
+use crate::device::Refusal;
+use crate::vhost_user::memory::{MemoryTable, RegionDesc};
+
+/// What a frontend attaches with.
+#[derive(Debug)]
+pub enum Frontend {
+    /// A guest's Xen-style shared ring (the control socket's `connect`).
+    Xen { req: AttachRequest, fds: DeviceFds },
+    /// A VMM's virtqueues (the device's vhost-user socket); `fds.logs` is
+    /// ignored: shadow logs are the session's.
+    Virtio {
+        req: VirtioAttachRequest,
+        fds: VirtioFds,
+    },
+}
+
+impl Frontend {
+    /// Checks that the descriptors match the request.
+    pub fn check(&self) -> Result<(), Refusal> {
+        match self {
+            // `DeviceFds::check` ran on the control socket already.
+            Frontend::Xen { .. } => Ok(()),
+            Frontend::Virtio { req, fds } => {
+                let einval = |why: &str| Err((ErrorCode::Einval, why.to_string()));
+                if req.queues.is_empty() {
+                    return einval("no started virtqueue");
+                }
+                if fds.regions.len() != req.regions.len()
+                    || fds.queues.len() != req.queues.len()
+                    || fds.inflight.is_some() != req.inflight.is_some()
+                {
+                    return einval("descriptors do not match the request");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether shadow logs travel with the attach message. Only
+    /// `attach-virtio` says so in a key; a Xen backend started without
+    /// `--no-shadow` always expects its log as the fourth descriptor.
+    pub fn set_shadow(&mut self, shadow: bool) {
+        if let Frontend::Virtio { req, .. } = self {
+            req.shadow = shadow;
+        }
+    }
+
+    /// Slots of each ring's shadow log, in ring order (the order of the
+    /// logs in the attach message).
+    pub fn ring_slots(&self) -> Result<Vec<u32>, Refusal> {
+        match self {
+            Frontend::Xen { req, .. } => {
+                let order = req
+                    .connect
+                    .ring_page_order()
+                    .ok_or((ErrorCode::Einval, "bad ring page count".to_string()))?;
+                Ok(vec![ring_size(
+                    1 << order,
+                    <Blkif as RingProtocol>::ENTRY_SIZE,
+                )])
+            }
+            Frontend::Virtio { req, .. } => {
+                Ok(req.queues.iter().map(|q| u32::from(q.size)).collect())
+            }
+        }
+    }
+
+    /// A read-only view of each ring for the watchdog, in ring order; a
+    /// ring that cannot be read gets `None` (then no hang is ever declared
+    /// on it, and a Xen backend refuses such a ring anyway).
+    pub fn ring_probes(&self, backend_id: u16) -> Vec<Option<RingProbe>> {
+        match self {
+            Frontend::Xen { req, fds } => match RingProbe::shared(fds, req, backend_id) {
+                Ok(p) => vec![Some(p)],
+                Err(e) => {
+                    tracing::warn!(frontend = %req.frontend, error = %e, "ring not readable: no hang detection");
+                    vec![None]
+                }
+            },
+            Frontend::Virtio { req, fds } => match guest_memory(req, fds) {
+                Ok(memory) => req
+                    .queues
+                    .iter()
+                    .map(|q| {
+                        Some(RingProbe::Split {
+                            memory: memory.clone(),
+                            avail: q.avail,
+                            used: q.used,
+                        })
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(frontend = %req.frontend, error = %e, "guest memory not readable: no hang detection");
+                    req.queues.iter().map(|_| None).collect()
+                }
+            },
+        }
+    }
+
+    /// The attach message, without `recover` and `blame`.
+    pub fn attach_message(&self) -> Result<Message, Refusal> {
+        match self {
+            Frontend::Xen { req, .. } => req
+                .to_message()
+                .map_err(|e| (ErrorCode::Einval, e.to_string())),
+            Frontend::Virtio { req, .. } => Ok(req.to_message()),
+        }
+    }
+
+    /// The frontend's descriptors in message order; shadow logs, if any,
+    /// follow them.
+    pub fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
+        match self {
+            Frontend::Xen { fds, .. } => fds.as_borrowed().to_vec(),
+            Frontend::Virtio { fds, .. } => {
+                let mut v: Vec<BorrowedFd<'_>> = fds.regions.iter().map(AsFd::as_fd).collect();
+                for (kick, call) in &fds.queues {
+                    v.push(kick.as_fd());
+                    v.push(call.as_fd());
+                }
+                v.extend(fds.inflight.as_ref().map(AsFd::as_fd));
+                v
+            }
+        }
+    }
+
+    /// The descriptors of [`attach_fds`](Self::attach_fds), owned.
+    pub fn into_fds(self) -> Vec<OwnedFd> {
+        match self {
+            Frontend::Xen { fds, .. } => vec![fds.region, fds.kick, fds.notify],
+            Frontend::Virtio { fds, .. } => {
+                let mut v = fds.regions;
+                for (kick, call) in fds.queues {
+                    v.push(kick);
+                    v.push(call);
+                }
+                v.extend(fds.inflight);
+                v
+            }
+        }
+    }
+
+    /// Keeps a duplicate of `fd` as virtqueue `index`'s call eventfd, for
+    /// every later instance.
+    pub fn set_call(&mut self, index: u16, fd: &OwnedFd) -> Result<(), Refusal> {
+        let Frontend::Virtio { req, fds } = self else {
+            return Err((ErrorCode::Einval, "not a virtio session".into()));
+        };
+        let copy = fd
+            .try_clone()
+            .map_err(|e| (ErrorCode::Enodev, format!("dup: {e}")))?;
+        let pos = req.queues.iter().position(|q| q.index == index).ok_or((
+            ErrorCode::Einval,
+            format!("virtqueue {index} is not running"),
+        ))?;
+        fds.queues[pos].1 = copy;
+        Ok(())
+    }
+
+    /// Whether the frontend goes on with the rings after a detach: a
+    /// vhost-user VMM does (`GET_VRING_BASE`, a new memory table; it
+    /// resumes at `used->idx`), so what a backend consumed must be
+    /// answered before the detach completes (docs/ARCHITECTURE.md §8).
+    pub fn resumes_after_detach(&self) -> bool {
+        matches!(self, Frontend::Virtio { .. })
+    }
+}
+
+/// The guest memory of a virtio frontend, for reading ring indices.
+fn guest_memory(req: &VirtioAttachRequest, fds: &VirtioFds) -> Result<Arc<MemoryTable>, String> {
+    let dups = fds
+        .regions
+        .iter()
+        .map(|fd| fd.try_clone())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let regions = req
+        .regions
+        .iter()
+        .map(|r| RegionDesc {
+            gpa: r.gpa,
+            size: r.size,
+            user_addr: r.gpa,
+            mmap_offset: r.mmap_offset,
+        })
+        .collect();
+    MemoryTable::new(regions, dups)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
+/// Offsets of the shared indices in `struct X_sring` (`xen/io/ring.h`).
+const REQ_PROD: u64 = 0;
+const RSP_PROD: u64 = 8;
+/// Offsets of `idx` in `struct vring_avail` and `struct vring_used`.
+const AVAIL_IDX: u64 = 2;
+const USED_IDX: u64 = 2;
+
+/// One ring's producer indices, read from the supervisor's own view of the
+/// frontend's memory: whether the frontend waits for answers.
+#[derive(Debug)]
+pub enum RingProbe {
+    /// A `ring.h` shared ring in the guest's region: `req_prod` and
+    /// `rsp_prod`, through the supervisor's mapping.
+    Shared {
+        region: Arc<SharedRegion>,
+        /// Byte offset of the ring page (the `ring.h` header).
+        sring: u64,
+    },
+    /// A split virtqueue: `avail->idx` and `used->idx` at guest-physical
+    /// addresses, read with `pread` (a VMM that truncates its memfd costs
+    /// an error, not a SIGBUS).
+    Split {
+        memory: Arc<MemoryTable>,
+        avail: u64,
+        used: u64,
+    },
+}
+
+impl RingProbe {
+    /// Maps `fds.region` and resolves the first ring page through the grant
+    /// table, under the same rules as the backend (read access is enough).
+    pub fn shared(fds: &DeviceFds, req: &AttachRequest, backend_id: u16) -> Result<Self, String> {
+        let fd = fds.region.try_clone().map_err(|e| e.to_string())?;
+        let region = Arc::new(SharedRegion::from_fd(fd).map_err(|e| e.to_string())?);
+        let grants = GrantMapper::new(region.clone(), req.connect.grant_frames, backend_id)
+            .map_err(|e| e.to_string())?;
+        let first = *req.connect.ring_refs.first().ok_or("no ring-ref")?;
+        let sring = grants
+            .map(first, Access::Read)
+            .map_err(|e| format!("ring grant: {e}"))?;
+        Ok(RingProbe::Shared { region, sring })
+    }
+
+    /// The producer indices `(requests, responses)`; `None` if the ring
+    /// cannot be read.
+    pub fn indices(&self) -> Option<(u32, u32)> {
+        match self {
+            RingProbe::Shared { region, sring } => {
+                // Acquire pairs with the release stores of
+                // RING_PUSH_REQUESTS (guest) and RING_PUSH_RESPONSES
+                // (backend): nothing newer is needed, the values only have
+                // to be ones the producers published.
+                let req_prod = region.load(sring + REQ_PROD, Ordering::Acquire);
+                let rsp_prod = region.load(sring + RSP_PROD, Ordering::Acquire);
+                Some((req_prod.ok()?, rsp_prod.ok()?))
+            }
+            RingProbe::Split {
+                memory,
+                avail,
+                used,
+            } => {
+                let idx =
+                    |gpa: u64, off: u64| gpa.checked_add(off).and_then(|a| memory.read_u16(a).ok());
+                let (avail, used) = (idx(*avail, AVAIL_IDX)?, idx(*used, USED_IDX)?);
+                Some((u32::from(avail), u32::from(used)))
+            }
+        }
+    }
+
+    /// Whether the frontend has requests without responses; `None` if
+    /// the ring cannot be read.
+    pub fn pending(&self) -> Option<bool> {
+        self.indices().map(|(req, rsp)| req != rsp)
+    }
+}

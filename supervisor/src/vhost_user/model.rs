@@ -1,0 +1,25 @@
+//! What a vhost-user frontend sees of a device — its virtio model — as
+//! the device's class defines it (docs/ARCHITECTURE.md §8). The handler
+//! keeps the vhost-user protocol (memory, vrings, in-flight region,
+//! start/stop); the model answers the few requests whose answer is the
+//! device's: features, queue count, config space.
+
+use vhost::vhost_user::VhostUserProtocolFeatures;
+
+/// A virtio device model: virtio-blk today ([`BlkGeometry`]), virtio-net
+/// next.
+///
+/// [`BlkGeometry`]: super::BlkGeometry
+pub trait VirtioModel: Send + Sync + std::fmt::Debug {
+    /// Virtio features offered in `GET_FEATURES`, including
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn features(&self) -> u64;
+    /// Protocol features offered in `GET_PROTOCOL_FEATURES`.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// Virtqueues the device has (`GET_QUEUE_NUM`, the vrings a frontend
+    /// may configure, the in-flight region's limit).
+    fn num_queues(&self) -> u16;
+    /// `GET_CONFIG`: `size` bytes of the config space from `offset`;
+    /// `None` for a range outside it.
+    fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>>;
+}
