@@ -585,8 +585,13 @@ fn random_sigkill_soak() {
         "whole region verified"
     );
     let s = setup.stats();
-    assert!(s.crashes >= KILLS, "{s:#?}");
-    assert!(s.connected && !s.given_up, "{s:#?}");
+    // Every kill ends an instance, but two kills can end the same one: a
+    // recovery the watchdog started for a hang (a starved instance on a
+    // saturated machine) satisfies the killer's wait, and its next kill
+    // can reach the instance the previous kill is still ending. So each
+    // kill is a crash or stands beside a hang.
+    assert!(s.crashes + s.hangs >= KILLS, "{s:#?}");
+    assert!(s.crashes > 0 && s.connected && !s.given_up, "{s:#?}");
     assert!(
         s.replayed > 0,
         "kills landed with requests in flight: {s:#?}"
