@@ -38,18 +38,21 @@
 //!
 //! 3. **Each instance has its own open file description of the image**
 //!    ([`Disk::open_for_instance`]), on which the supervisor takes, before
-//!    the fork, a shared `flock` (so (2) still covers it) and an
-//!    open-file-description read lock on one byte far past the end of any
-//!    image, at an offset that names the instance ([`FENCE_LOCK_BASE`] plus
-//!    its slot). The supervisor keeps no reference to that description:
-//!    the instance's fd 4 and the references its io_uring requests take
-//!    are the only ones. The kernel releases the lock when the last of them
-//!    goes — after the process has exited *and* every request it submitted
-//!    has completed, whatever the image is (a file or a block device,
-//!    direct or buffered I/O). Fencing an instance ([`wait_for_instance_io`])
+//!    the fork, a shared `flock` (so (2) still covers it) and keeps no
+//!    reference to it: the instance's fd 4 and the references its io_uring
+//!    takes (its requests', its ring's registered-file table) are the only
+//!    ones. Fencing an instance ([`IoFence::wait`]) then waits, after the
+//!    reap, until none of its I/O can still reach the image: on an image
+//!    file through the inode's direct-I/O count; on a block device, which
+//!    has none, through an open-file-description read lock the supervisor
+//!    took on the instance's description, on one byte far past the end of
+//!    any image at an offset naming the instance ([`FENCE_LOCK_BASE`] plus
+//!    its slot). The kernel releases that lock when the last reference
+//!    goes — after the process has exited *and* its io_uring has been torn
+//!    down with every request completed — and [`wait_for_instance_io`]
 //!    takes a write lock on the same byte through the supervisor's own
-//!    description, waits for it, and releases it: only then may another
-//!    instance replay (docs/ARCHITECTURE.md §7.3).
+//!    description, waits for it, and releases it (docs/ARCHITECTURE.md
+//!    §7.3).
 //!
 //! Without (2) the order would still hold in practice: the old backends
 //! die within microseconds of their supervisor and their last writes land
@@ -110,8 +113,7 @@ static NEXT_FENCE_SLOT: std::sync::atomic::AtomicI64 = std::sync::atomic::Atomic
 #[derive(Debug)]
 pub struct InstanceFile {
     pub file: File,
-    /// Its fence lock's slot; `None` for a read-only disk, whose instances
-    /// write nothing a fence would have to wait for.
+    /// Its fence lock's slot, if it took one (see [`IoFence::wait`]).
     pub slot: Option<i64>,
 }
 
@@ -139,20 +141,45 @@ fn fence_lock(file: &File, slot: i64, kind: libc::c_short, wait: bool) -> nix::R
     }
 }
 
-/// What fencing one instance of a writable disk waits for: every
-/// reference to the instance's own description of the image gone (module
-/// docs, (3)). Created by the block class with the instance.
+/// What fencing one instance of a writable disk waits for after the reap
+/// (docs/ARCHITECTURE.md §7.3). Created by the block class with the
+/// instance.
 #[derive(Debug)]
 pub struct IoFence {
     /// The supervisor's own description of the image (a dup).
     disk: File,
-    slot: i64,
+    /// The instance's fence-lock slot (a block device), or `None` (an image
+    /// file: the inode's direct-I/O count is waited for instead).
+    slot: Option<i64>,
 }
 
 impl IoFence {
-    /// [`wait_for_instance_io`]. Blocks: call it from `spawn_blocking`.
+    /// Waits until no I/O of the fenced instance can still reach the
+    /// image. Blocks: call it from `spawn_blocking`.
+    ///
+    /// - An image file: `fallocate(KEEP_SIZE)` over its first block waits
+    ///   for every direct I/O in flight on the inode (`inode_dio_wait`) and
+    ///   changes no data. Quick: it returns as soon as the last direct
+    ///   write of the dead instance has completed.
+    /// - A block device refuses that `fallocate` and keeps no direct-I/O
+    ///   count: [`wait_for_instance_io`] waits for the instance's own file
+    ///   description to be released instead (module docs, (3)), which the
+    ///   kernel does only after the dead process's io_uring has been torn
+    ///   down — tens of milliseconds later (§7.3).
     pub fn wait(&self) -> nix::Result<()> {
-        wait_for_instance_io(&self.disk, self.slot)
+        match self.slot {
+            Some(slot) => wait_for_instance_io(&self.disk, slot),
+            None => {
+                use nix::fcntl::{fallocate, FallocateFlags};
+                fallocate(
+                    self.disk.as_raw_fd(),
+                    FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                )
+                .map(drop)
+            }
+        }
     }
 }
 
@@ -167,8 +194,18 @@ pub fn wait_for_instance_io(disk: &File, slot: i64) -> nix::Result<()> {
 }
 
 impl Disk {
-    /// The fence of the instance whose file took fence slot `slot`.
-    pub fn io_fence(&self, slot: i64) -> Result<IoFence, SupervisorError> {
+    /// Whether the image is a block device (fenced through fence locks,
+    /// see [`IoFence::wait`]).
+    pub fn is_block_device(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_block_device())
+    }
+
+    /// The fence of a writable instance whose file took fence slot `slot`
+    /// (`None`: an image file, see [`IoFence::wait`]).
+    pub fn io_fence(&self, slot: Option<i64>) -> Result<IoFence, SupervisorError> {
         let disk = self
             .file
             .try_clone()
@@ -177,9 +214,13 @@ impl Disk {
     }
 
     /// A new open file description of the image for one backend instance,
-    /// with the image's shared `flock` and, unless `readonly`, the
-    /// instance's fence lock (module docs, (3)).
-    pub fn open_for_instance(&self, readonly: bool) -> Result<InstanceFile, SupervisorError> {
+    /// with the image's shared `flock` and, if `fence_lock`, the instance's
+    /// fence lock (module docs, (3)).
+    pub fn open_for_instance(
+        &self,
+        readonly: bool,
+        fence_lock: bool,
+    ) -> Result<InstanceFile, SupervisorError> {
         use nix::fcntl::{fcntl, FcntlArg, FlockArg, OFlag};
         let err = |why: String| SupervisorError::Disk(format!("instance file: {why}"));
         let flags =
@@ -196,11 +237,11 @@ impl Disk {
             .map_err(|e| err(format!("{path}: {e}")))?;
         // Shared with this supervisor's own claim: cannot conflict.
         try_flock(&file, FlockArg::LockSharedNonblock).map_err(|e| err(format!("flock: {e}")))?;
-        if readonly {
+        if !fence_lock {
             return Ok(InstanceFile { file, slot: None });
         }
         let slot = NEXT_FENCE_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        fence_lock(&file, slot, libc::F_RDLCK as libc::c_short, false)
+        self::fence_lock(&file, slot, libc::F_RDLCK as libc::c_short, false)
             .map_err(|e| err(format!("fence lock: {e}")))?;
         Ok(InstanceFile {
             file,
@@ -477,8 +518,8 @@ mod tests {
         let disk = open_disk(&cfg).unwrap();
         assert_eq!(disk.sectors, 2048);
 
-        let first = disk.open_for_instance(false).unwrap();
-        let standby = disk.open_for_instance(false).unwrap();
+        let first = disk.open_for_instance(false, true).unwrap();
+        let standby = disk.open_for_instance(false, true).unwrap();
         let (a, b) = (first.slot.unwrap(), standby.slot.unwrap());
         assert_ne!(a, b);
         // A reference like the one an in-flight request holds.
@@ -498,8 +539,10 @@ mod tests {
         assert!(!fence_free(&disk.file, b));
         drop(standby);
         assert!(fence_free(&disk.file, b));
-        // A read-only instance takes no fence lock.
-        assert_eq!(disk.open_for_instance(true).unwrap().slot, None);
+        // An image file is fenced through its inode instead.
+        assert!(!disk.is_block_device());
+        assert_eq!(disk.open_for_instance(false, false).unwrap().slot, None);
+        disk.io_fence(None).unwrap().wait().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

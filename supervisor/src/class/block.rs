@@ -70,10 +70,13 @@ impl DeviceClass for BlockClass {
     /// docs/ARCHITECTURE.md §7.3).
     fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError> {
         let cfg = &self.cfg;
-        let file = self.disk.open_for_instance(cfg.readonly)?;
-        let io_fence = match file.slot {
-            Some(slot) => Some(self.disk.io_fence(slot)?),
-            None => None,
+        // A read-only instance writes nothing a fence would wait for.
+        let fence_lock = !cfg.readonly && self.disk.is_block_device();
+        let file = self.disk.open_for_instance(cfg.readonly, fence_lock)?;
+        let io_fence = if cfg.readonly {
+            None
+        } else {
+            Some(self.disk.io_fence(file.slot)?)
         };
         let mut args: Vec<std::ffi::OsString> = vec![
             "--disk-fd".into(),
