@@ -1068,7 +1068,7 @@ impl<'c> Engine<'c> {
         let bad = match result {
             Ok(()) => 0,
             Err(m) => {
-                let msg = match self.stale(&m, op.round) {
+                let msg = match self.stale(&m) {
                     Some(stale) => {
                         self.report.stale_reads += 1;
                         format!(
@@ -1090,18 +1090,25 @@ impl<'c> Engine<'c> {
 
     /// If `m` is a stale read — the right sector of this run, at a
     /// generation older than the acknowledged one — what it found, in
-    /// rounds when the read belongs to one.
-    fn stale(&self, m: &pattern::Mismatch, round: Option<RoundOp>) -> Option<String> {
+    /// rounds when the sector belongs to a round worker.
+    fn stale(&self, m: &pattern::Mismatch) -> Option<String> {
         let pattern::Found::Written { sector, gen, seed } = m.found else {
             return None;
         };
         if sector != m.sector || seed != self.cfg.seed || gen >= m.expected_gen {
             return None;
         }
-        let Some(r) = round else {
+        // The round worker whose share holds the sector, if any (the final
+        // check after rounds is not a round read, but the share tells).
+        let block = (sector - self.st.geometry.start) / SECTORS_PER_BLOCK;
+        let Some(worker) = self
+            .st
+            .workers
+            .iter()
+            .find(|w| (w.first..w.first + w.blocks).contains(&block))
+        else {
             return Some(m.to_string());
         };
-        let worker = &self.st.workers[r.worker];
         let mut msg = format!(
             "sector {sector} holds {} instead of {}, which was acknowledged before the read: \
              an acknowledged write was lost, or an older write landed after it",
@@ -2084,6 +2091,16 @@ mod tests {
         let msg = &r1.failures[0];
         assert!(
             msg.starts_with("stale read: round 1 read-back (worker 0, queue 0) of sectors 0+8")
+                && msg.contains("holds round 0 (gen 1) instead of round 1 (gen 65)"),
+            "{msg}"
+        );
+        // The final check is no round read, but the sector's share names
+        // the rounds all the same.
+        let all = w.verify_all(&mut disk, &mut |_| {}).unwrap();
+        assert_eq!((all.verify_failures, all.stale_reads), (1, 1));
+        let msg = &all.failures[0];
+        assert!(
+            msg.starts_with("stale read: final-check read of sectors 0+")
                 && msg.contains("holds round 0 (gen 1) instead of round 1 (gen 65)"),
             "{msg}"
         );
