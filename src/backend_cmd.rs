@@ -5,7 +5,7 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
 use clap::Args;
-use shadowback_blkback::backend::{Backend, BackendConfig, BackendError};
+use shadowback_blkback::backend::{Backend, BackendConfig, BackendError, CrashSpec};
 use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_blkback::uring::EngineConfig;
 use shadowback_xenbus::SeqPacket;
@@ -43,10 +43,12 @@ pub struct BlkbackArgs {
 }
 
 /// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
-/// log crash point (on its 100th occurrence), in the first instance only.
-fn crash_at_from_env() -> Result<Option<(shadowback_shadow::CrashPoint, u64)>, CliError> {
+/// log crash point (on its 100th occurrence), in the first instance only;
+/// `region-finish.3@2` names a crash point of the VMM's in-flight region
+/// instead (`blkback::virtio::inflight::RegionCrashPoint`).
+fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
-        return Ok(None);
+        return Ok(CrashSpec::default());
     };
     let (point, nth) = match spec.split_once('@') {
         Some((p, n)) => (
@@ -56,10 +58,23 @@ fn crash_at_from_env() -> Result<Option<(shadowback_shadow::CrashPoint, u64)>, C
         ),
         None => (spec.as_str(), 1),
     };
+    let nth = nth.max(1);
+    if point.starts_with("region-") {
+        let point = point
+            .parse()
+            .map_err(|e| format!("SHADOWBACK_CRASH_AT: {e}"))?;
+        return Ok(CrashSpec {
+            region: Some((point, nth)),
+            ..CrashSpec::default()
+        });
+    }
     let point = point
         .parse()
         .map_err(|e| format!("SHADOWBACK_CRASH_AT: {e}"))?;
-    Ok(Some((point, nth.max(1))))
+    Ok(CrashSpec {
+        log: Some((point, nth)),
+        ..CrashSpec::default()
+    })
 }
 
 /// Takes ownership of an fd inherited across exec, after checking it is open.

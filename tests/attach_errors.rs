@@ -10,6 +10,7 @@ mod common;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use common::*;
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
@@ -19,6 +20,7 @@ use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_ring::blkif::{
     BlkifRequest, BlkifRequestSegment, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY,
 };
+use shadowback_ring::grant::{GTF_PERMIT_ACCESS, GTF_SUB_PAGE};
 use shadowback_xenbus::{kind, ErrorCode, Message, SeqPacket};
 
 const PAGE: u64 = 4096;
@@ -289,6 +291,17 @@ fn cases() -> Vec<Case> {
             mem.grants
                 .grant(RAW_RING_REF, BACKEND_ID, RAW_RING_FRAME, true)
                 .expect("grant");
+            must_send(s, &connect_with(c.main, &[]), &mem.fds());
+        }),
+        case("ring-ref granted sub-page", Einval, |s, c| {
+            let mem = RawRegion::new(BACKEND_ID);
+            mem.region
+                .store(
+                    GTF_PERMIT_ACCESS | GTF_SUB_PAGE,
+                    u64::from(RAW_RING_REF) * 8,
+                    Ordering::Release,
+                )
+                .expect("flags");
             must_send(s, &connect_with(c.main, &[]), &mem.fds());
         }),
         case(

@@ -18,9 +18,12 @@ use common::*;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, DeviceError};
 use shadowback_ring::blkif::{
-    BlkifRequest, BlkifRequestDiscard, BlkifRequestIndirect, BlkifRequestSegment, BLKIF_OP_DISCARD,
-    BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
+    BlkifRequest, BlkifRequestDiscard, BlkifRequestIndirect, BlkifRequestSegment, BlkifResponse,
+    BLKIF_OP_DISCARD, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_OP_INDIRECT, BLKIF_OP_READ, BLKIF_OP_WRITE,
     BLKIF_OP_WRITE_BARRIER, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY,
+};
+use shadowback_ring::grant::{
+    GTF_PAT, GTF_PCD, GTF_PERMIT_ACCESS, GTF_PWT, GTF_READING, GTF_SUB_PAGE, GTF_WRITING,
 };
 use shadowback_xenbus::ErrorCode;
 
@@ -96,6 +99,13 @@ enum Tamper {
     FrameOutside,
     /// `GTF_readonly`.
     ReadOnly,
+    /// `GTF_sub_page` on a writable grant: refused (PROTOCOL.md §5.1).
+    SubPage,
+    /// An undefined flag bit (bit 9) on a writable grant: refused.
+    UndefinedFlag,
+    /// Xen's `GTF_reading`/`GTF_writing` and the x86 cache attributes on a
+    /// writable grant: accepted and ignored.
+    IgnoredFlags,
 }
 
 struct Case {
@@ -167,6 +177,52 @@ fn cases(front: &BlkFront) -> Vec<Case> {
             rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]),
             BLKIF_RSP_OKAY,
         ),
+        Case::new(
+            "control: flush with data from a read-only grant",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, SCRATCH - 192, &full),
+            BLKIF_RSP_OKAY,
+        )
+        .tamper(Tamper::ReadOnly),
+        // FLUSH_DISKCACHE with segments is validated as a write
+        // (PROTOCOL.md §5.3): every refusal below aims at the prefill.
+        Case::new(
+            "flush with data and 12 segments",
+            with_nr_segments(rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(g0, 0, 7); 11]), 12),
+            BLKIF_RSP_ERROR,
+        ),
+        Case::new(
+            "flush with data, first_sect > last_sect",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(g0, 0, 7), seg(g1, 5, 4)]),
+            BLKIF_RSP_ERROR,
+        ),
+        Case::new(
+            "flush with data, last_sect 8",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(g0, 0, 8)]),
+            BLKIF_RSP_ERROR,
+        ),
+        Case::new(
+            "flush with data past the end of the disk",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, cap - 4, &full),
+            BLKIF_RSP_ERROR,
+        ),
+        Case::new(
+            "flush with data from a revoked grant",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::Revoke),
+        Case::new(
+            "flush with data naming another domid",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::OtherDomain),
+        Case::new(
+            "flush with data from a sub-page grant",
+            rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::SubPage),
         // Operations.
         Case::new("unknown op 200", rw(200, 0, &full), BLKIF_RSP_ERROR),
         Case::new("reserved op 4", rw(4, 0, &full), BLKIF_RSP_ERROR),
@@ -317,6 +373,50 @@ fn cases(front: &BlkFront) -> Vec<Case> {
         )
         .tamper(Tamper::Revoke),
         Case::new(
+            "control: write from a grant with GTF_reading/writing/PWT/PCD/PAT",
+            rw(BLKIF_OP_WRITE, SCRATCH - 128, &full),
+            BLKIF_RSP_OKAY,
+        )
+        .tamper(Tamper::IgnoredFlags),
+        Case::new(
+            "control: read into a grant with GTF_reading/writing/PWT/PCD/PAT",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_OKAY,
+        )
+        .tamper(Tamper::IgnoredFlags)
+        .may_touch_pages(),
+        Case::new(
+            "write from a sub-page grant",
+            rw(BLKIF_OP_WRITE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "read into a sub-page grant",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "indirect segment from a sub-page grant",
+            indirect(BLKIF_OP_WRITE, 0, 1, &[ig]),
+            BLKIF_RSP_ERROR,
+        )
+        .indirect_page(vec![seg(g0, 0, 7)])
+        .tamper(Tamper::SubPage),
+        Case::new(
+            "write from a grant with an undefined flag bit",
+            rw(BLKIF_OP_WRITE, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::UndefinedFlag),
+        Case::new(
+            "read into a grant with an undefined flag bit",
+            rw(BLKIF_OP_READ, 0, &full),
+            BLKIF_RSP_ERROR,
+        )
+        .tamper(Tamper::UndefinedFlag),
+        Case::new(
             "indirect segment naming another domid",
             indirect(BLKIF_OP_WRITE, 0, 1, &[ig]),
             BLKIF_RSP_ERROR,
@@ -350,8 +450,36 @@ fn set_grant(front: &BlkFront, tamper: Tamper, undo: bool) {
             table.grant(gref, backend, front.region().pages() + 16, false)
         }
         (Tamper::ReadOnly, false) => table.grant(gref, backend, frame, true),
+        (Tamper::SubPage, false) => {
+            grant_with_flags(front, gref, frame, GTF_PERMIT_ACCESS | GTF_SUB_PAGE)
+        }
+        (Tamper::UndefinedFlag, false) => {
+            grant_with_flags(front, gref, frame, GTF_PERMIT_ACCESS | 1 << 9)
+        }
+        (Tamper::IgnoredFlags, false) => grant_with_flags(
+            front,
+            gref,
+            frame,
+            GTF_PERMIT_ACCESS | GTF_READING | GTF_WRITING | GTF_PWT | GTF_PCD | GTF_PAT,
+        ),
     };
     res.expect("grant table update");
+}
+
+/// Grants `frame` to the backend, then stores a raw `flags` word over the
+/// entry (as a C frontend would), with release ordering.
+fn grant_with_flags(
+    front: &BlkFront,
+    gref: u32,
+    frame: u32,
+    flags: u16,
+) -> Result<(), shadowback_ring::RingError> {
+    front
+        .grant_table()
+        .grant(gref, front.backend().backend_id, frame, false)?;
+    front
+        .region()
+        .store(flags, u64::from(gref) * 8, Ordering::Release)
 }
 
 fn poison_pages(front: &BlkFront) {
@@ -492,6 +620,130 @@ fn malformed_requests_get_error_responses_and_the_backend_survives() {
         failures.join("\n  ")
     );
     front.detach().expect("clean detach");
+    h.stop();
+}
+
+/// Puts `req` on the ring as it is, kicks, and returns the one response
+/// (checking that no second one follows).
+fn raw_request(front: &mut BlkFront, req: BlkifRequest) -> BlkifResponse {
+    front.submit_raw(req).expect("submit");
+    front.kick().expect("kick");
+    let rsp = front
+        .take_raw_response(REPLY_TIMEOUT)
+        .expect("ring")
+        .unwrap_or_else(|| panic!("no response to id {:#x}", req.id));
+    let extra = front.take_raw_response(Duration::ZERO).expect("ring");
+    assert!(extra.is_none(), "a second response: {extra:?}");
+    rsp
+}
+
+/// `len` bytes of the image file at 512-byte `sector`.
+fn image_bytes(image: &std::path::Path, sector: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(image).expect("open image");
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, sector * 512)
+        .expect("read image");
+    buf
+}
+
+/// PROTOCOL.md §5.3: `BLKIF_OP_FLUSH_DISKCACHE` with segments writes them
+/// and then flushes, answering `BLKIF_RSP_OKAY` only when both succeeded;
+/// on a read-only disk it is refused and writes nothing.
+#[test]
+fn flush_with_segments_writes_its_data_then_flushes() {
+    let name = unique_name("hg-fl");
+    let ro_name = unique_name("hg-fl-ro");
+    let h = Harness::start(
+        "flush-data",
+        &[
+            DiskSpec::new(&name, 16).backend_id(BACKEND_ID),
+            DiskSpec::new(&ro_name, 16)
+                .backend_id(BACKEND_ID)
+                .readonly(),
+        ],
+    );
+    const SECTOR: u64 = 1000;
+    let data = pattern(0xf1a5, 2 * PAGE as usize);
+    // Page 0 whole, then sectors 2..=5 of page 1: 12 sectors.
+    let mut want = data[..PAGE as usize].to_vec();
+    want.extend_from_slice(&data[PAGE as usize + 1024..PAGE as usize + 3072]);
+    let fill = |front: &BlkFront| {
+        for page in 0..2u32 {
+            let off = front.data_offset(HOSTILE_SLOT, page).expect("offset");
+            let at = page as usize * PAGE as usize;
+            front
+                .region()
+                .write(off, &data[at..at + PAGE as usize])
+                .expect("fill page");
+        }
+    };
+    let request = |front: &BlkFront, op: u8, id: u64| {
+        let g0 = front.data_gref(HOSTILE_SLOT, 0).expect("gref");
+        let g1 = front.data_gref(HOSTILE_SLOT, 1).expect("gref");
+        let mut req = rw(op, SECTOR, &[seg(g0, 0, 7), seg(g1, 2, 5)]);
+        req.id = id;
+        req
+    };
+
+    // A fresh image reads zeros; afterwards it holds the data.
+    let mut front = BlkFront::attach(h.socket(), &BlkFrontConfig::new(&name)).expect("attach");
+    fill(&front);
+    let req = request(&front, BLKIF_OP_FLUSH_DISKCACHE, 0xf1);
+    let rsp = raw_request(&mut front, req);
+    assert_eq!(
+        (rsp.id, rsp.operation, rsp.status),
+        (0xf1, BLKIF_OP_FLUSH_DISKCACHE, BLKIF_RSP_OKAY),
+        "FLUSH_DISKCACHE with segments"
+    );
+    let image = h.image(&name);
+    assert!(
+        image_bytes(&image, SECTOR, want.len()) == want,
+        "the image does not hold the data of the FLUSH_DISKCACHE at sector {SECTOR}"
+    );
+    let around = [
+        image_bytes(&image, SECTOR - 1, 512),
+        image_bytes(&image, SECTOR + 12, 512),
+    ];
+    assert!(
+        around.iter().flatten().all(|&b| b == 0),
+        "the FLUSH_DISKCACHE wrote outside its 12 sectors"
+    );
+    check(&mut front, SECTOR, &want).expect("read back through the ring");
+    front.detach().expect("detach");
+
+    // Read-only disk: refused like a write, nothing written; a flush
+    // without data is still fine.
+    let mut ro = BlkFront::attach(h.socket(), &BlkFrontConfig::new(&ro_name)).expect("attach");
+    assert_eq!(ro.backend().mode, shadowback_xenbus::DiskMode::ReadOnly);
+    fill(&ro);
+    for (op, id) in [(BLKIF_OP_FLUSH_DISKCACHE, 0xf2), (BLKIF_OP_WRITE, 0xf3)] {
+        let req = request(&ro, op, id);
+        let rsp = raw_request(&mut ro, req);
+        assert_eq!(
+            (rsp.id, rsp.operation, rsp.status),
+            (id, op, BLKIF_RSP_ERROR),
+            "operation {op} with segments on a read-only disk"
+        );
+    }
+    let flush = BlkifRequest {
+        operation: BLKIF_OP_FLUSH_DISKCACHE,
+        id: 0xf4,
+        ..Default::default()
+    };
+    let rsp = raw_request(&mut ro, flush);
+    assert_eq!(
+        (rsp.id, rsp.status),
+        (0xf4, BLKIF_RSP_OKAY),
+        "flush without data on a read-only disk"
+    );
+    assert!(
+        image_bytes(&h.image(&ro_name), SECTOR, want.len())
+            .iter()
+            .all(|&b| b == 0),
+        "a refused request wrote to the read-only image"
+    );
+    ro.detach().expect("detach");
     h.stop();
 }
 

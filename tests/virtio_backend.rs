@@ -523,3 +523,199 @@ fn a_burst_of_looping_chains_does_not_starve_the_loop() {
     assert_eq!(backend.recv().kind(), "ok");
     detach_and_exit(backend);
 }
+
+/// How [`crash_then_reuse_heads`] replaces the instance that crashed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restart {
+    /// A data-plane crash: the same shadow log, `recover=1`.
+    Takeover,
+    /// A restart of the supervisor: fresh shadow logs beside the VMM's
+    /// in-flight region.
+    Supervisor,
+    /// `shadow = false`: the in-flight region alone.
+    NoShadow,
+}
+
+/// Waits until `backend` has died at its crash point.
+fn wait_dead(mut backend: Backend, point: &str) {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while backend.alive() {
+        assert!(Instant::now() < deadline, "crash point {point} never fired");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Issue 8's reproducer, deterministic: the first instance answers a burst
+/// of 16 requests in one batch and dies at `point` (a store of the shadow
+/// log or of the VMM's in-flight region, before, inside or after the
+/// publication of that batch). The driver takes whatever answers were
+/// published and at once reuses those heads, most recently answered first
+/// (as Linux's free list does), for writes of new data. Then `restart`
+/// brings a new instance — itself dying at `adopt_point` if given, for a
+/// third to finish. Every request must be answered exactly once, with
+/// success, and every write must be on the disk: a head the driver has seen
+/// answered must never be resubmitted from stale state.
+fn crash_then_reuse_heads(point: &str, restart: Restart, adopt_point: Option<&str>) {
+    const BURST: u16 = 16;
+    let disk = TempFile::new("reuse", BLOCKS * BLOCK);
+    let sectors = BLOCKS * SECTORS_PER_BLOCK;
+    let mut dev = Device::new(64, restart != Restart::NoShadow, true, 0);
+    let first = Backend::spawn(&disk.file, sectors, &[("SHADOWBACK_CRASH_AT", point)]);
+    dev.attach(&first, false);
+    let burst: Vec<(u16, u32, u64, u32)> = (0..BURST).map(|h| (h, T_GET_ID, 0, 20)).collect();
+    dev.submit_all(&burst);
+    wait_dead(first, point);
+
+    // What the driver waits for: head → the block it writes (None: GET_ID).
+    let mut outstanding: HashMap<u16, Option<u64>> = (0..BURST).map(|h| (h, None)).collect();
+    let published = dev.take_used();
+    for &(id, _) in &published {
+        let head = id as u16;
+        assert!(
+            outstanding.remove(&head).is_some(),
+            "{point}: head {head} answered twice before the crash"
+        );
+        assert_eq!(dev.status(head), 0, "{point}: GET_ID failed");
+    }
+    let writes: Vec<(u16, u32, u64, u32)> = published
+        .iter()
+        .rev()
+        .take(8)
+        .enumerate()
+        .map(|(block, &(id, _))| {
+            let head = id as u16;
+            let block = block as u64;
+            dev.mem
+                .write(Device::data_addr(head), &pattern(block, 7))
+                .unwrap();
+            outstanding.insert(head, Some(block));
+            (head, T_OUT, block * SECTORS_PER_BLOCK, BLOCK as u32)
+        })
+        .collect();
+    if !writes.is_empty() {
+        dev.submit_all(&writes);
+    }
+
+    let recover = match restart {
+        Restart::Takeover => true,
+        Restart::Supervisor => {
+            dev.log = Some(ShadowLog::create(64).unwrap());
+            false
+        }
+        Restart::NoShadow => false,
+    };
+    let env: Vec<(&str, &str)> = adopt_point
+        .map(|p| vec![("SHADOWBACK_CRASH_AT", p)])
+        .unwrap_or_default();
+    let second = Backend::spawn(&disk.file, sectors, &env);
+    let last = match adopt_point {
+        None => {
+            dev.attach(&second, recover);
+            second
+        }
+        Some(p) => {
+            // It dies adopting the region: a third instance finishes.
+            dev.send_attach(&second, &dev.request(dev.avail_idx), recover);
+            wait_dead(second, p);
+            let third = Backend::spawn(&disk.file, sectors, &[]);
+            dev.attach(&third, true);
+            third
+        }
+    };
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while !outstanding.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "{point} {restart:?}: never answered: {outstanding:?}"
+        );
+        for (id, _) in dev.wait_used(Duration::from_millis(50)) {
+            let head = id as u16;
+            assert!(
+                outstanding.remove(&head).is_some(),
+                "{point} {restart:?}: head {head} answered although nothing was outstanding on it"
+            );
+            assert_eq!(
+                dev.status(head),
+                0,
+                "{point} {restart:?}: head {head} failed"
+            );
+        }
+    }
+    let extra = dev.wait_used(Duration::from_millis(100));
+    assert!(
+        extra.is_empty(),
+        "{point} {restart:?}: extra answers {extra:?}"
+    );
+    for block in 0..writes.len() as u64 {
+        let mut got = vec![0u8; BLOCK as usize];
+        disk.file.read_exact_at(&mut got, block * BLOCK).unwrap();
+        assert!(
+            got == pattern(block, 7),
+            "{point} {restart:?}: acknowledged write of block {block} is not on the disk"
+        );
+    }
+    detach_and_exit(last);
+}
+
+/// Crash points around the publication of one batch of 16: inside the
+/// in-flight region's `begin` (consumption), `link_batch` (before
+/// `used->idx` moves) and `finish_batch` (after it: the driver has seen the
+/// batch), and the shadow log's frees and first publication.
+const BATCH_POINTS: [&str; 17] = [
+    "region-begin.0@5",
+    "region-begin.1@5",
+    "region-begin.2@16",
+    "region-link.0",
+    "region-link.1",
+    "region-link.16",
+    "region-finish.0",
+    "region-finish.1",
+    "region-finish.2",
+    "region-finish.8",
+    "region-finish.15",
+    "region-finish.16",
+    "region-finish.17",
+    "free.0",
+    "free.1@9",
+    "published.0",
+    "published.1",
+];
+
+#[test]
+fn a_data_plane_crash_never_resubmits_a_head_the_driver_reused() {
+    for point in BATCH_POINTS {
+        crash_then_reuse_heads(point, Restart::Takeover, None);
+    }
+}
+
+#[test]
+fn a_supervisor_restart_never_resubmits_a_head_the_driver_reused() {
+    for point in BATCH_POINTS.iter().filter(|p| p.starts_with("region-")) {
+        crash_then_reuse_heads(point, Restart::Supervisor, None);
+    }
+}
+
+#[test]
+fn the_region_alone_never_resubmits_a_head_the_driver_reused() {
+    for point in BATCH_POINTS.iter().filter(|p| p.starts_with("region-")) {
+        crash_then_reuse_heads(point, Restart::NoShadow, None);
+    }
+}
+
+/// After a restart of the supervisor the first instance adopts the
+/// region's heads into its fresh shadow log; dying half-way (at any store
+/// of the k-th adopted request) must leave the next instance adopting the
+/// region again, not trusting a log that holds part of it.
+#[test]
+fn an_instance_dying_while_adopting_the_region_is_recovered() {
+    for adopt in [
+        "consume.0@1",
+        "consume.3@1",
+        "consume.7@6",
+        "consume.8@6",
+        "consume.8@16",
+    ] {
+        crash_then_reuse_heads("region-link.1", Restart::Supervisor, Some(adopt));
+        crash_then_reuse_heads("region-begin.2@12", Restart::Supervisor, Some(adopt));
+    }
+}

@@ -66,10 +66,19 @@ pub struct BackendConfig {
     /// Log every request in the shadow log the supervisor passes (off only
     /// for the overhead benchmark: a crash then loses in-flight requests).
     pub shadow: bool,
-    /// Test builds of the fault injector: abort at this crash point of the
-    /// shadow log, on its `nth` occurrence, in the first instance only
-    /// (`SHADOWBACK_CRASH_AT=consume.3@100`).
-    pub crash_at: Option<(CrashPoint, u64)>,
+    /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
+    pub crash_at: CrashSpec,
+}
+
+/// Fault injection: abort at a crash point on its `nth` occurrence, in the
+/// first instance of a device only (the one that finds its shadow logs
+/// fresh), so the next instance can recover.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashSpec {
+    /// A store of the shadow log (`SHADOWBACK_CRASH_AT=consume.3@100`).
+    pub log: Option<(CrashPoint, u64)>,
+    /// A store of the VMM's in-flight region (`region-finish.3@2`).
+    pub region: Option<(crate::virtio::inflight::RegionCrashPoint, u64)>,
 }
 
 /// What a completion belongs to, packed into the io_uring user data.
@@ -122,8 +131,13 @@ struct Inflight {
     /// Its shadow-log entry.
     entry: Option<EntryId>,
     operation: u8,
-    /// Bytes a data op must transfer; 0 for flush and discard.
+    /// What the op in flight must return: the bytes of a read or write;
+    /// 0 for flush and discard.
     expected: u64,
+    /// A `FLUSH_DISKCACHE` with segments whose write is in flight: once it
+    /// has written everything, an `fdatasync` follows in the same slot and
+    /// only its result is answered (PROTOCOL.md §5.3).
+    then_flush: bool,
 }
 
 /// Counters of one backend instance.
@@ -357,7 +371,10 @@ impl Backend {
             return;
         };
         let range = match parse(req, &self.cfg.disk, &fe.grants) {
-            Ok(BlkOp::Read { sector, ref bufs }) | Ok(BlkOp::Write { sector, ref bufs }) => {
+            Ok(BlkOp::Read { sector, ref bufs })
+            | Ok(BlkOp::Write {
+                sector, ref bufs, ..
+            }) => {
                 let len: u64 = bufs.iter().map(|b| u64::from(b.len)).sum();
                 Some((sector, len / BLKIF_SECTOR_SIZE))
             }
@@ -402,15 +419,24 @@ impl Backend {
             }
         };
         let expected = op.data_bytes();
+        let then_flush = matches!(
+            op,
+            BlkOp::Write {
+                then_flush: true,
+                ..
+            }
+        );
         let io = match op {
             BlkOp::Read { sector, bufs } => io_buffers(&fe.region, &bufs).map(|b| IoOp::Readv {
                 offset: sector * BLKIF_SECTOR_SIZE,
                 bufs: b,
             }),
-            BlkOp::Write { sector, bufs } => io_buffers(&fe.region, &bufs).map(|b| IoOp::Writev {
-                offset: sector * BLKIF_SECTOR_SIZE,
-                bufs: b,
-            }),
+            BlkOp::Write { sector, bufs, .. } => {
+                io_buffers(&fe.region, &bufs).map(|b| IoOp::Writev {
+                    offset: sector * BLKIF_SECTOR_SIZE,
+                    bufs: b,
+                })
+            }
             BlkOp::Flush => Ok(IoOp::Fsync),
             BlkOp::Discard { sector, sectors } => Ok(IoOp::PunchHole {
                 offset: sector * BLKIF_SECTOR_SIZE,
@@ -426,17 +452,29 @@ impl Backend {
                 return Ok(());
             }
         };
+        let inflight = Inflight {
+            id: req.id,
+            entry,
+            operation,
+            expected,
+            then_flush,
+        };
+        self.submit(slot, inflight, io);
+        Ok(())
+    }
+
+    /// Puts `io` in flight for `slot` (owned by `inflight` from now on); if
+    /// the engine refuses it, the request is answered with an error.
+    fn submit(&mut self, slot: u32, inflight: Inflight, io: IoOp) {
+        let Some(fe) = self.frontend.as_mut() else {
+            return;
+        };
         let token = EventSource::Io {
             generation: fe.generation,
             slot,
         }
         .encode();
-        fe.slots[slot as usize] = Some(Inflight {
-            id: req.id,
-            entry,
-            operation,
-            expected,
-        });
+        fe.slots[slot as usize] = Some(inflight);
         if let Err((e, _op)) = self.engine.push(token, io) {
             // The engine is sized for a full ring plus the polls; failing
             // here means the kernel refused: answer with an error.
@@ -445,9 +483,13 @@ impl Backend {
                 fe.slots[slot as usize] = None;
                 fe.free.push(slot);
             }
-            self.respond(entry, req.id, operation, BLKIF_RSP_ERROR);
+            self.respond(
+                inflight.entry,
+                inflight.id,
+                inflight.operation,
+                BLKIF_RSP_ERROR,
+            );
         }
-        Ok(())
     }
 
     fn complete_io(&mut self, generation: u32, slot: u32, result: i32) {
@@ -461,7 +503,6 @@ impl Backend {
             tracing::warn!(slot, "completion for an idle slot");
             return;
         };
-        fe.free.push(slot);
         let status = if result < 0 {
             if result == -libc::EOPNOTSUPP {
                 BLKIF_RSP_EOPNOTSUPP
@@ -473,6 +514,19 @@ impl Backend {
         } else {
             BLKIF_RSP_ERROR
         };
+        if status == BLKIF_RSP_OKAY && done.then_flush {
+            // The write of a FLUSH_DISKCACHE with segments is complete; the
+            // flush runs in the same slot and its result is the answer.
+            self.stats.bytes_written += done.expected;
+            let flush = Inflight {
+                expected: 0,
+                then_flush: false,
+                ..done
+            };
+            self.submit(slot, flush, IoOp::Fsync);
+            return;
+        }
+        fe.free.push(slot);
         if status == BLKIF_RSP_OKAY && done.expected > 0 {
             if done.operation == shadowback_ring::blkif::BLKIF_OP_READ {
                 self.stats.bytes_read += done.expected;
@@ -950,7 +1004,7 @@ pub(crate) fn open_shadow_log(
     fd: std::os::fd::OwnedFd,
 ) -> Result<(ShadowLog, u64), ShadowError> {
     let mut log = ShadowLog::open(fd)?;
-    if let Some((point, nth)) = cfg.crash_at {
+    if let Some((point, nth)) = cfg.crash_at.log {
         // Only the first instance crashes, so a restart can recover.
         if log.generation()? == 0 {
             let hits = std::sync::atomic::AtomicU64::new(0);

@@ -81,9 +81,16 @@ pub struct GuestBuf {
 pub enum BlkOp {
     /// Disk → guest pages.
     Read { sector: u64, bufs: Vec<GuestBuf> },
-    /// Guest pages → disk.
-    Write { sector: u64, bufs: Vec<GuestBuf> },
-    /// `FLUSH_DISKCACHE`: everything acknowledged so far reaches the disk.
+    /// Guest pages → disk. `then_flush`: a `FLUSH_DISKCACHE` carrying
+    /// segments (PROTOCOL.md §5.3): answered only after an `fdatasync`
+    /// that follows the write.
+    Write {
+        sector: u64,
+        bufs: Vec<GuestBuf>,
+        then_flush: bool,
+    },
+    /// `FLUSH_DISKCACHE` without segments: everything acknowledged so far
+    /// reaches the disk.
     Flush,
     /// Punch a hole.
     Discard { sector: u64, sectors: u64 },
@@ -108,7 +115,14 @@ pub fn parse(
     grants: &GrantMapper,
 ) -> Result<BlkOp, BlkError> {
     match req.operation {
-        BLKIF_OP_READ | BLKIF_OP_WRITE => {
+        // Without segments a flush touches no sector (any `sector_number`
+        // is ignored), so it is fine on a read-only disk too.
+        BLKIF_OP_FLUSH_DISKCACHE if req.nr_segments == 0 => Ok(BlkOp::Flush),
+        // With segments, a write of them followed by the flush, validated
+        // exactly like BLKIF_OP_WRITE (PROTOCOL.md §5.3). Linux blkback
+        // runs it as a write with REQ_PREFLUSH; flushing after the write
+        // instead also makes the write's own data durable.
+        BLKIF_OP_READ | BLKIF_OP_WRITE | BLKIF_OP_FLUSH_DISKCACHE => {
             let n = usize::from(req.nr_segments);
             if n > BLKIF_MAX_SEGMENTS_PER_REQUEST {
                 return Err(BlkError::TooManySegments {
@@ -129,6 +143,9 @@ pub fn parse(
             if disk.max_indirect_segments == 0 {
                 return Err(BlkError::Unsupported(BLKIF_OP_INDIRECT));
             }
+            // Only reads and writes, as in Linux blkback: an indirect
+            // FLUSH_DISKCACHE (with data or not) is refused (PROTOCOL.md
+            // §5.3).
             if ind.indirect_op != BLKIF_OP_READ && ind.indirect_op != BLKIF_OP_WRITE {
                 return Err(BlkError::UnknownOp(ind.indirect_op));
             }
@@ -144,7 +161,6 @@ pub fn parse(
             let segs = read_indirect_segments(&ind.indirect_grefs, n, grants)?;
             data_op(ind.indirect_op, ind.sector_number, &segs, disk, grants)
         }
-        BLKIF_OP_FLUSH_DISKCACHE => Ok(BlkOp::Flush),
         BLKIF_OP_DISCARD => {
             if !disk.discard {
                 return Err(BlkError::Unsupported(BLKIF_OP_DISCARD));
@@ -162,6 +178,8 @@ pub fn parse(
                 sectors: d.nr_sectors,
             })
         }
+        // Not offered (no `feature-barrier`): answered EOPNOTSUPP whatever
+        // it carries, nothing is written (PROTOCOL.md §5.3).
         BLKIF_OP_WRITE_BARRIER => Err(BlkError::Unsupported(BLKIF_OP_WRITE_BARRIER)),
         op => Err(BlkError::UnknownOp(op)),
     }
@@ -203,7 +221,8 @@ fn data_op(
     if segs.is_empty() {
         return Err(BlkError::NoSegments);
     }
-    let write = op == BLKIF_OP_WRITE;
+    let then_flush = op == BLKIF_OP_FLUSH_DISKCACHE;
+    let write = op == BLKIF_OP_WRITE || then_flush;
     if write && disk.readonly {
         return Err(BlkError::ReadOnly);
     }
@@ -233,7 +252,11 @@ fn data_op(
     }
     check_range(sector, total, disk)?;
     Ok(if write {
-        BlkOp::Write { sector, bufs }
+        BlkOp::Write {
+            sector,
+            bufs,
+            then_flush,
+        }
     } else {
         BlkOp::Read { sector, bufs }
     })
@@ -252,10 +275,11 @@ fn check_range(start: u64, count: u64, disk: &DiskGeometry) -> Result<(), BlkErr
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use shadowback_ring::blkif::{BlkifRequestDiscard, BlkifRequestIndirect};
-    use shadowback_ring::grant::GrantTable;
+    use shadowback_ring::grant::{GrantTable, GTF_PERMIT_ACCESS, GTF_SUB_PAGE};
     use shadowback_ring::SharedRegion;
 
     use super::*;
@@ -270,7 +294,7 @@ mod tests {
 
     /// Region of 64 pages; grant table in frame 0. Grants: 1..=40 → frame
     /// 8+gref read-write; 50 read-only; 51 for another domain; 52 to a frame
-    /// outside the region; 53 revoked; 60/61 indirect pages.
+    /// outside the region; 53 revoked; 54 sub-page; 60/61 indirect pages.
     fn setup() -> (GrantTable, GrantMapper) {
         let region = Arc::new(SharedRegion::create("t", 64).unwrap());
         let table = GrantTable::new(region.clone(), 1).unwrap();
@@ -282,6 +306,10 @@ mod tests {
         table.grant(52, BACKEND, 64, false).unwrap();
         table.grant(53, BACKEND, 5, false).unwrap();
         table.end_access(53).unwrap();
+        table.grant(54, BACKEND, 5, false).unwrap();
+        region
+            .store(GTF_PERMIT_ACCESS | GTF_SUB_PAGE, 54 * 8, Ordering::Release)
+            .unwrap();
         table.grant(60, BACKEND, 2, true).unwrap();
         table.grant(61, BACKEND, 3, true).unwrap();
         (table, GrantMapper::new(region, 1, BACKEND).unwrap())
@@ -305,6 +333,11 @@ mod tests {
             ..Default::default()
         };
         req.seg[..segs.len()].copy_from_slice(segs);
+        req
+    }
+
+    fn with_nr_segments(mut req: BlkifRequest, n: u8) -> BlkifRequest {
+        req.nr_segments = n;
         req
     }
 
@@ -366,26 +399,58 @@ mod tests {
             &grants,
         )
         .unwrap();
+        let bufs = vec![
+            GuestBuf {
+                offset: 5 * 4096 + 1024,
+                len: 3072,
+            },
+            GuestBuf {
+                offset: 11 * 4096,
+                len: 3072,
+            },
+        ];
         assert_eq!(
             op,
             BlkOp::Write {
                 sector: 1012,
-                bufs: vec![
-                    GuestBuf {
-                        offset: 5 * 4096 + 1024,
-                        len: 3072
-                    },
-                    GuestBuf {
-                        offset: 11 * 4096,
-                        len: 3072
-                    }
-                ]
+                bufs: bufs.clone(),
+                then_flush: false,
             }
         );
         assert_eq!(
             parse(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]), &DISK, &grants),
             Ok(BlkOp::Flush)
         );
+        // A flush without data touches no sector: fine on a read-only disk.
+        let readonly = DiskGeometry {
+            readonly: true,
+            ..DISK
+        };
+        assert_eq!(
+            parse(&rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[]), &readonly, &grants),
+            Ok(BlkOp::Flush)
+        );
+        // With segments it is a write of them, then a flush (PROTOCOL.md
+        // §5.3), parsed exactly like BLKIF_OP_WRITE.
+        let op = parse(
+            &rw(
+                BLKIF_OP_FLUSH_DISKCACHE,
+                1012,
+                &[seg(50, 2, 7), seg(3, 0, 5)],
+            ),
+            &DISK,
+            &grants,
+        )
+        .unwrap();
+        assert_eq!(
+            op,
+            BlkOp::Write {
+                sector: 1012,
+                bufs,
+                then_flush: true,
+            }
+        );
+        assert_eq!(op.data_bytes(), 6144);
         assert_eq!(
             parse(&discard(1000, 24), &DISK, &grants),
             Ok(BlkOp::Discard {
@@ -510,6 +575,16 @@ mod tests {
                 GrantError::NotPermitted { gref: 45, flags: 0 }.into(),
             ),
             (
+                "sub-page grant",
+                rw(BLKIF_OP_WRITE, 0, &[seg(1, 0, 7), seg(54, 0, 7)]),
+                DISK,
+                GrantError::BadFlags {
+                    gref: 54,
+                    flags: GTF_PERMIT_ACCESS | GTF_SUB_PAGE,
+                }
+                .into(),
+            ),
+            (
                 "grant for another domain",
                 rw(BLKIF_OP_WRITE, 0, &[seg(51, 0, 7)]),
                 DISK,
@@ -536,6 +611,55 @@ mod tests {
                 rw(BLKIF_OP_READ, 0, &[seg(50, 0, 7)]),
                 DISK,
                 GrantError::ReadOnly { gref: 50 }.into(),
+            ),
+            (
+                "flush with data on a read-only disk",
+                rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(1, 0, 7)]),
+                readonly,
+                BlkError::ReadOnly,
+            ),
+            (
+                "flush with 12 segments",
+                with_nr_segments(rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(1, 0, 7)]), 12),
+                DISK,
+                BlkError::TooManySegments { got: 12, max: 11 },
+            ),
+            (
+                "flush with data, first > last",
+                rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(1, 0, 7), seg(2, 6, 5)]),
+                DISK,
+                BlkError::BadSegment {
+                    index: 1,
+                    first: 6,
+                    last: 5,
+                },
+            ),
+            (
+                "flush with data past the end",
+                rw(BLKIF_OP_FLUSH_DISKCACHE, 1020, &[seg(1, 0, 7)]),
+                DISK,
+                BlkError::BeyondDisk {
+                    start: 1020,
+                    count: 8,
+                    capacity: 1024,
+                },
+            ),
+            (
+                "flush with data from another domain's grant",
+                rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(51, 0, 7)]),
+                DISK,
+                GrantError::WrongDomain {
+                    gref: 51,
+                    domid: 9,
+                    expected: 0,
+                }
+                .into(),
+            ),
+            (
+                "flush with data from a revoked grant",
+                rw(BLKIF_OP_FLUSH_DISKCACHE, 0, &[seg(53, 0, 7)]),
+                DISK,
+                GrantError::NotPermitted { gref: 53, flags: 0 }.into(),
             ),
             (
                 "write to read-only disk",

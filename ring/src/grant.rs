@@ -2,9 +2,11 @@
 //!
 //! The guest fills entries (`gnttab_grant_foreign_access`); a backend
 //! resolves a grant reference to a frame only through [`GrantMapper`], which
-//! enforces the rules of DESIGN §2: `GTF_permit_access` set, the entry names
-//! the backend's domid, the frame lies inside the region, and the entry is
-//! not `GTF_readonly` when the backend writes.
+//! enforces the rules of PROTOCOL.md §5.1 (and ARCHITECTURE.md §2): type
+//! `GTF_permit_access`, no flag outside [`GTF_MAP_ACCEPTED`] (so no
+//! `GTF_sub_page`), the entry names the backend's domid, the frame lies
+//! inside the region, and the entry is not `GTF_readonly` when the backend
+//! writes.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +26,31 @@ pub const GTF_PERMIT_ACCESS: u16 = 1;
 pub const GTF_READONLY: u16 = 1 << 2;
 /// Mask of the type bits (`GTF_type_mask`).
 pub const GTF_TYPE_MASK: u16 = 3;
+/// `GTF_reading`: in Xen, set by the hypervisor while the grantee has the
+/// frame mapped for reading. Not emulated; ignored when a guest sets it.
+pub const GTF_READING: u16 = 1 << 3;
+/// `GTF_writing`: in Xen, set by the hypervisor while the grantee has the
+/// frame mapped for writing. Not emulated; ignored when a guest sets it.
+pub const GTF_WRITING: u16 = 1 << 4;
+/// `GTF_PWT`: x86 cache attribute for mappings of the grant; ignored.
+pub const GTF_PWT: u16 = 1 << 5;
+/// `GTF_PCD`: x86 cache attribute for mappings of the grant; ignored.
+pub const GTF_PCD: u16 = 1 << 6;
+/// `GTF_PAT`: x86 cache attribute for mappings of the grant; ignored.
+pub const GTF_PAT: u16 = 1 << 7;
+/// `GTF_sub_page`: access to a sub-range of the frame only, by copy, never
+/// by mapping. A backend maps every frame it uses, so such an entry is
+/// refused (as Xen's `gnttab_map_grant_ref` refuses it).
+pub const GTF_SUB_PAGE: u16 = 1 << 8;
+
+/// Every bit a `GTF_permit_access` entry may carry besides its type for the
+/// backend to use its frame (PROTOCOL.md §5.1): `GTF_readonly` (checked per
+/// access), and Xen's `GTF_reading`/`GTF_writing` and the x86 cache
+/// attributes, which mean nothing here and are ignored, as Xen ignores them
+/// on a grant it maps. `GTF_sub_page` (Xen refuses to map such a grant) and
+/// the undefined bits 9..=15 are not in it.
+pub const GTF_MAP_ACCEPTED: u16 =
+    GTF_READONLY | GTF_READING | GTF_WRITING | GTF_PWT | GTF_PCD | GTF_PAT;
 
 /// `struct grant_entry_v1` from `xen/grant_table.h`.
 #[repr(C)]
@@ -62,6 +89,8 @@ pub enum GrantError {
         domid: DomId,
         expected: DomId,
     },
+    #[error("grant reference {gref} carries flags {flags:#x} a mapping may not have (GTF_sub_page or an undefined bit)")]
+    BadFlags { gref: GrantRef, flags: u16 },
     #[error("grant reference {gref} is read-only")]
     ReadOnly { gref: GrantRef },
     #[error("grant reference {gref} names frame {frame}, outside the region of {pages} pages")]
@@ -198,6 +227,12 @@ impl GrantMapper {
                 flags: entry.flags,
             });
         }
+        if entry.flags & !GTF_MAP_ACCEPTED != GTF_PERMIT_ACCESS {
+            return Err(GrantError::BadFlags {
+                gref,
+                flags: entry.flags,
+            });
+        }
         if entry.domid != self.backend {
             return Err(GrantError::WrongDomain {
                 gref,
@@ -271,6 +306,57 @@ mod tests {
             mapper.map(3, Access::Read),
             Err(GrantError::NotPermitted { .. })
         ));
+    }
+
+    /// Stores a raw `flags` word into entry `gref` (the other fields as
+    /// [`GrantTable::grant`] wrote them).
+    fn set_flags(table: &GrantTable, gref: GrantRef, flags: u16) {
+        table
+            .region
+            .store(flags, entry_offset(gref), Ordering::Release)
+            .unwrap();
+    }
+
+    #[test]
+    fn flags_a_mapping_may_not_carry_are_refused() {
+        let (table, mapper) = setup();
+        table.grant(3, 7, 5, false).unwrap();
+        // PROTOCOL.md §5.1: sub-page grants (copy-only in Xen) and the
+        // undefined bits 9..=15 are refused, for reads and writes alike.
+        for flags in [
+            GTF_PERMIT_ACCESS | GTF_SUB_PAGE,
+            GTF_PERMIT_ACCESS | GTF_READONLY | GTF_SUB_PAGE,
+            GTF_PERMIT_ACCESS | 1 << 9,
+            GTF_PERMIT_ACCESS | 1 << 15,
+        ] {
+            set_flags(&table, 3, flags);
+            for access in [Access::Read, Access::Write] {
+                assert_eq!(
+                    mapper.map(3, access),
+                    Err(GrantError::BadFlags { gref: 3, flags }),
+                    "flags {flags:#x}, {access:?}"
+                );
+            }
+        }
+        // Xen's own status bits and the x86 cache attributes are accepted
+        // and ignored; GTF_readonly still applies.
+        let ignored = GTF_READING | GTF_WRITING | GTF_PWT | GTF_PCD | GTF_PAT;
+        set_flags(&table, 3, GTF_PERMIT_ACCESS | ignored);
+        assert_eq!(mapper.map(3, Access::Write), Ok(5 * 4096));
+        set_flags(&table, 3, GTF_PERMIT_ACCESS | GTF_READONLY | ignored);
+        assert_eq!(mapper.map(3, Access::Read), Ok(5 * 4096));
+        assert_eq!(
+            mapper.map(3, Access::Write),
+            Err(GrantError::ReadOnly { gref: 3 })
+        );
+        // Transitive and accept-transfer entries are other types.
+        for flags in [GTF_TYPE_MASK, 2] {
+            set_flags(&table, 3, flags);
+            assert_eq!(
+                mapper.map(3, Access::Read),
+                Err(GrantError::NotPermitted { gref: 3, flags })
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use shadowback_ring::blkif::*;
 use shadowback_ring::grant::{
-    DomId, GrantEntryV1, GrantRef, GTF_PERMIT_ACCESS, GTF_READONLY, GTF_TYPE_MASK,
+    DomId, GrantEntryV1, GrantRef, GTF_PAT, GTF_PCD, GTF_PERMIT_ACCESS, GTF_PWT, GTF_READING,
+    GTF_READONLY, GTF_SUB_PAGE, GTF_TYPE_MASK, GTF_WRITING,
 };
 use shadowback_ring::netif::*;
 use shadowback_ring::sring::{
@@ -484,6 +485,12 @@ fn rust_layout(written: &WrittenLayout) -> Vec<(&'static str, i64)> {
         "const.GTF_permit_access" => GTF_PERMIT_ACCESS,
         "const.GTF_readonly" => GTF_READONLY,
         "const.GTF_type_mask" => GTF_TYPE_MASK,
+        "const.GTF_reading" => GTF_READING,
+        "const.GTF_writing" => GTF_WRITING,
+        "const.GTF_PWT" => GTF_PWT,
+        "const.GTF_PCD" => GTF_PCD,
+        "const.GTF_PAT" => GTF_PAT,
+        "const.GTF_sub_page" => GTF_SUB_PAGE,
 
         "ring_size.blkif.4096" => ring_size(1, Blkif::ENTRY_SIZE),
         "ring_size.blkif.8192" => ring_size(2, Blkif::ENTRY_SIZE),

@@ -23,7 +23,8 @@
 //! | 40 | u32 | `stalled_instances`: instances started since one last published a response (crash-loop counter) | each instance |
 //! | 44 | u32 | `entry_size` = 160 ([`ENTRY_SIZE`]) | supervisor, at creation |
 //! | 48 | u64 | `next_seq`: the `seq` the next consumed request gets | live instance |
-//! | 56 | u64 | reserved, zero | — |
+//! | 56 | u32 | `complete`: 1 once the log accounts for every request in flight on its ring; until then an instance taking over must also consult the record the log was started from (the VMM's in-flight region) | the first instance, once it has adopted that record |
+//! | 60 | u32 | reserved, zero | — |
 //!
 //! ## Entries (`entry_count` × 160 bytes, from offset 64)
 //!
@@ -101,6 +102,7 @@ pub(crate) mod header {
     pub const STALLED_INSTANCES: u64 = 40;
     pub const ENTRY_SIZE: u64 = 44;
     pub const NEXT_SEQ: u64 = 48;
+    pub const COMPLETE: u64 = 56;
 }
 
 pub(crate) mod entry {

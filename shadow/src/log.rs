@@ -159,6 +159,35 @@ impl ShadowLog {
             .load(header::STALLED_INSTANCES, Ordering::Acquire)?)
     }
 
+    /// Whether the log accounts for every request in flight on its ring.
+    ///
+    /// A log starts incomplete. For a ring whose previous backend left no
+    /// record but the log (a Xen ring, a fresh virtqueue) that changes
+    /// nothing. For a virtqueue whose VMM kept its own record of the heads
+    /// in flight across a restart of the supervisor (the in-flight region),
+    /// the first instance adopts that record into the log and only then
+    /// calls [`mark_complete`](Self::mark_complete): an instance that dies
+    /// half-way through the adoption leaves the log incomplete, and its
+    /// successor adopts again from the record instead of trusting a log
+    /// that holds only part of it (docs/ARCHITECTURE.md §7.4).
+    pub fn is_complete(&self) -> Result<bool, ShadowError> {
+        // Acquire pairs with the release in `mark_complete`.
+        let v: u32 = self.region.load(header::COMPLETE, Ordering::Acquire)?;
+        Ok(v == 1)
+    }
+
+    /// Records that the log now accounts for every request in flight (one
+    /// store: no crash point can fall inside it). Needs the writer.
+    pub fn mark_complete(&self) -> Result<(), ShadowError> {
+        let mut guard = self.lock();
+        writer(&mut guard)?;
+        // Release: every entry logged before is visible to whoever sees
+        // the flag.
+        self.region
+            .store(1u32, header::COMPLETE, Ordering::Release)?;
+        Ok(())
+    }
+
     /// Copies the whole log out. Take it after the previous writer is
     /// fenced (DESIGN.md §5 step 2); a copy of a log still being written
     /// may be torn, and the planner then reports corrupt entries instead

@@ -21,6 +21,9 @@ pub struct LogHeader {
     pub heartbeat: u64,
     pub stalled_instances: u32,
     pub next_seq: u64,
+    /// The log accounts for every request in flight on its ring
+    /// ([`ShadowLog::mark_complete`](crate::ShadowLog::mark_complete)).
+    pub complete: bool,
 }
 
 impl LogHeader {
@@ -64,6 +67,7 @@ impl LogHeader {
             heartbeat: u64_at(b, header::HEARTBEAT),
             stalled_instances: u32_at(b, header::STALLED_INSTANCES),
             next_seq: u64_at(b, header::NEXT_SEQ),
+            complete: u32_at(b, header::COMPLETE) == 1,
         })
     }
 }

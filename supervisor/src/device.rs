@@ -700,13 +700,11 @@ impl DeviceTask {
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
         let fenced = old.fence().await;
-        if !self.cfg.readonly {
-            drain_direct_io(&self.disk.file, &self.name);
-        }
-        let fence = fenced.reaped.saturating_duration_since(fenced.kill_sent);
+        let fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
+        let io_wait = fenced.io_done.saturating_duration_since(fenced.reaped);
         tracing::error!(
             device = %self.name, pid, ?failure, status = %fenced.status,
-            detect_us = micros(detect), fence_us = micros(fence),
+            detect_us = micros(detect), fence_us = micros(fence), io_wait_us = micros(io_wait),
             "backend failed"
         );
         if self.recoverable() {
@@ -829,7 +827,7 @@ impl DeviceTask {
                 Some(Failure::Hung { since }) => seen.saturating_duration_since(since),
                 _ => seen.elapsed(),
             };
-            fence = fenced.reaped.saturating_duration_since(fenced.kill_sent);
+            fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
             tracing::error!(device = %self.name, pid, failures, %why, status = %fenced.status, "takeover failed");
             if failures >= MAX_FAILED_TAKEOVERS {
                 break;
@@ -1189,24 +1187,4 @@ fn plain_virtio_fds(fds: VirtioFds) -> Vec<OwnedFd> {
     }
     v.extend(fds.inflight);
     v
-}
-
-/// Completes the fence for direct I/O: a write the dead instance submitted
-/// with `O_DIRECT` can still be in flight in the block layer after its
-/// process was reaped (io_uring finishes it from a kernel worker), and would
-/// land after the replay — over a newer write. `fallocate` waits for every
-/// direct I/O in flight on the inode before it does anything
-/// (`inode_dio_wait`); `KEEP_SIZE` over the first block changes no data and
-/// no size.
-fn drain_direct_io(disk: &std::fs::File, device: &str) {
-    use nix::fcntl::{fallocate, FallocateFlags};
-    use std::os::fd::AsRawFd;
-    if let Err(e) = fallocate(
-        disk.as_raw_fd(),
-        FallocateFlags::FALLOC_FL_KEEP_SIZE,
-        0,
-        4096,
-    ) {
-        tracing::warn!(device, error = %e, "could not wait for the dead backend's direct I/O");
-    }
 }

@@ -17,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::config::DiskConfig;
-use crate::spawn::{spawn_backend, BackendCommand, Disk};
+use crate::spawn::{spawn_backend, wait_for_instance_io, BackendCommand, Disk};
 use crate::watchdog::{Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
@@ -46,6 +46,8 @@ pub struct Fenced {
     pub kill_sent: Instant,
     /// `wait` returned: the process is gone, it can issue no more I/O.
     pub reaped: Instant,
+    /// Every I/O it had submitted has completed.
+    pub io_done: Instant,
     /// Its exit status, for logs.
     pub status: String,
 }
@@ -64,6 +66,10 @@ pub struct Instance {
     /// It serves the current attachment (answered `attach` with
     /// `attached`, not yet detached).
     pub serving: bool,
+    /// The supervisor's description of the image (a dup) and this
+    /// instance's fence slot, for [`Instance::fence`]; `None` for a
+    /// read-only disk.
+    io_fence: Option<(std::fs::File, i64)>,
 }
 
 impl Instance {
@@ -75,8 +81,12 @@ impl Instance {
         disk: &Disk,
         first: bool,
     ) -> Result<Self, SupervisorError> {
-        let (child, control) = spawn_backend(cmd, cfg, disk, first)?;
+        let (child, control, slot) = spawn_backend(cmd, cfg, disk, first)?;
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
+        let io_fence = match slot {
+            Some(slot) => Some((disk.file.try_clone().map_err(|e| spawn_err(&e))?, slot)),
+            None => None,
+        };
         // The child is not reaped before we `wait` for it, so its pid
         // cannot have been reused yet.
         let pid = child.id().ok_or_else(|| spawn_err(&"no pid"))?;
@@ -100,6 +110,7 @@ impl Instance {
             started: Instant::now(),
             poisons_sent: 0,
             serving: false,
+            io_fence,
         })
     }
 
@@ -194,9 +205,10 @@ impl Instance {
         }
     }
 
-    /// Fences the instance (DESIGN §5 step 2): SIGKILL, wait for the
-    /// pidfd, reap. When this returns the process no longer exists and can
-    /// issue no more I/O.
+    /// Fences the instance (docs/ARCHITECTURE.md §7.3): SIGKILL, wait for
+    /// the pidfd, reap, then wait until every I/O it submitted has
+    /// completed (its fence lock, `spawn` module docs (3)). When this
+    /// returns nothing the instance did can still reach the image.
     pub async fn fence(mut self) -> Fenced {
         let kill_sent = Instant::now();
         if let Err(e) = self.signal(Signal::KILL) {
@@ -207,9 +219,21 @@ impl Instance {
             Ok(s) => s.to_string(),
             Err(e) => format!("wait failed: {e}"),
         };
+        let reaped = Instant::now();
+        if let Some((disk, slot)) = self.io_fence.take() {
+            let pid = self.pid;
+            match tokio::task::spawn_blocking(move || wait_for_instance_io(&disk, slot)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(pid, error = %e, "could not wait for the dead backend's I/O")
+                }
+                Err(e) => tracing::error!(pid, error = %e, "I/O fence task failed"),
+            }
+        }
         Fenced {
             kill_sent,
-            reaped: Instant::now(),
+            reaped,
+            io_done: Instant::now(),
             status,
         }
     }

@@ -23,9 +23,9 @@
 //!    10 s idle, which would kill the backend) or from a short-lived thread.
 //!
 //! 2. **A `flock` on the image** ([`open_disk`]): the lock belongs to the
-//!    open file description, which the supervisor shares with all its
-//!    backends (fd 4 is a dup of it), and the kernel drops it only when the
-//!    last reference to that description goes. An io_uring request in
+//!    open file description, and the supervisor takes a shared one on its
+//!    own description and on each backend's (see (3)); the kernel drops
+//!    each only when the last reference to that description goes. An io_uring request in
 //!    flight holds a reference until it completes, and so does a ring's
 //!    registered-file table until the ring is torn down after its last
 //!    request. So the lock of a dead supervisor stays held until every
@@ -33,6 +33,23 @@
 //!    landed (or failed). A new supervisor takes the lock exclusively before
 //!    it starts anything on the image, and therefore waits for exactly
 //!    that.
+//!
+//! # A backend instance's death
+//!
+//! 3. **Each instance has its own open file description of the image**
+//!    ([`Disk::open_for_instance`]), on which the supervisor takes, before
+//!    the fork, a shared `flock` (so (2) still covers it) and an
+//!    open-file-description read lock on one byte far past the end of any
+//!    image, at an offset that names the instance ([`FENCE_LOCK_BASE`] plus
+//!    its slot). The supervisor keeps no reference to that description:
+//!    the instance's fd 4 and the references its io_uring requests take
+//!    are the only ones. The kernel releases the lock when the last of them
+//!    goes — after the process has exited *and* every request it submitted
+//!    has completed, whatever the image is (a file or a block device,
+//!    direct or buffered I/O). Fencing an instance ([`wait_for_instance_io`])
+//!    takes a write lock on the same byte through the supervisor's own
+//!    description, waits for it, and releases it: only then may another
+//!    instance replay (docs/ARCHITECTURE.md §7.3).
 //!
 //! Without (2) the order would still hold in practice: the old backends
 //! die within microseconds of their supervisor and their last writes land
@@ -46,6 +63,7 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
+use std::io::Seek;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::process::Stdio;
@@ -76,6 +94,93 @@ pub struct Disk {
     pub sectors: u64,
     /// This process's claim on the image's lock (see [`open_disk`]).
     _lock: ImageLock,
+}
+
+/// Where the instances' fence locks live: byte `FENCE_LOCK_BASE + slot`,
+/// far past the end of any image (a lock range need not lie inside the
+/// file), so they never meet a lock anyone takes on data.
+pub const FENCE_LOCK_BASE: i64 = 1 << 60;
+
+/// Slots for [`FENCE_LOCK_BASE`]: one per instance ever started by this
+/// process, never reused.
+static NEXT_FENCE_SLOT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// An instance's own open file description of its image, with its locks
+/// (module docs, (3)).
+#[derive(Debug)]
+pub struct InstanceFile {
+    pub file: File,
+    /// Its fence lock's slot; `None` for a read-only disk, whose instances
+    /// write nothing a fence would have to wait for.
+    pub slot: Option<i64>,
+}
+
+/// `fcntl(F_OFD_SETLK{,W})` of `kind` on byte [`FENCE_LOCK_BASE`]` + slot`.
+fn fence_lock(file: &File, slot: i64, kind: libc::c_short, wait: bool) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let lock = libc::flock {
+        l_type: kind,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: FENCE_LOCK_BASE + slot,
+        l_len: 1,
+        // Open-file-description locks require 0.
+        l_pid: 0,
+    };
+    loop {
+        let arg = if wait {
+            FcntlArg::F_OFD_SETLKW(&lock)
+        } else {
+            FcntlArg::F_OFD_SETLK(&lock)
+        };
+        match fcntl(file.as_raw_fd(), arg) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => return r.map(drop),
+        }
+    }
+}
+
+/// Waits until every reference to the open file description of the
+/// instance with fence slot `slot` is gone — its process and all the I/O
+/// it submitted (module docs, (3)). `disk` is the supervisor's own
+/// description of the image (opened for writing). Blocks: call it from
+/// `spawn_blocking`.
+pub fn wait_for_instance_io(disk: &File, slot: i64) -> nix::Result<()> {
+    fence_lock(disk, slot, libc::F_WRLCK as libc::c_short, true)?;
+    fence_lock(disk, slot, libc::F_UNLCK as libc::c_short, false)
+}
+
+impl Disk {
+    /// A new open file description of the image for one backend instance,
+    /// with the image's shared `flock` and, unless `readonly`, the
+    /// instance's fence lock (module docs, (3)).
+    pub fn open_for_instance(&self, readonly: bool) -> Result<InstanceFile, SupervisorError> {
+        use nix::fcntl::{fcntl, FcntlArg, FlockArg, OFlag};
+        let err = |why: String| SupervisorError::Disk(format!("instance file: {why}"));
+        let flags =
+            fcntl(self.file.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| err(e.to_string()))?;
+        let direct = OFlag::from_bits_truncate(flags) & OFlag::O_DIRECT;
+        // Reopening through /proc gives a new description of the same
+        // inode, whatever became of the path since.
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!readonly)
+            .custom_flags(direct.bits())
+            .open(&path)
+            .map_err(|e| err(format!("{path}: {e}")))?;
+        // Shared with this supervisor's own claim: cannot conflict.
+        try_flock(&file, FlockArg::LockSharedNonblock).map_err(|e| err(format!("flock: {e}")))?;
+        if readonly {
+            return Ok(InstanceFile { file, slot: None });
+        }
+        let slot = NEXT_FENCE_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        fence_lock(&file, slot, libc::F_RDLCK as libc::c_short, false)
+            .map_err(|e| err(format!("fence lock: {e}")))?;
+        Ok(InstanceFile {
+            file,
+            slot: Some(slot),
+        })
+    }
 }
 
 /// Images this process holds the lock of, as `(st_dev, st_ino, users)`.
@@ -185,10 +290,11 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
         .open(&cfg.path)
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
     let lock = lock_image(&file, &cfg.path)?;
-    let len = file
-        .metadata()
-        .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?
-        .len();
+    // Seeking to the end gives the size of a block device too (its
+    // metadata says 0).
+    let len = (&file)
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
     if len == 0 || len % 512 != 0 {
         return Err(SupervisorError::Disk(format!(
             "{}: size {len} is not a non-zero multiple of 512 bytes",
@@ -235,11 +341,13 @@ pub fn spawn_backend(
     cfg: &DiskConfig,
     disk: &Disk,
     first: bool,
-) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
+) -> Result<(tokio::process::Child, SeqPacket, Option<i64>), SupervisorError> {
     let (ours, theirs) = SeqPacket::pair().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
     let theirs: OwnedFd = theirs.into_fd();
     let control_src = theirs.as_raw_fd();
-    let disk_src = disk.file.as_raw_fd();
+    // Dropped after the spawn: the child's fd 4 is then its only holder.
+    let instance_file = disk.open_for_instance(cfg.readonly)?;
+    let disk_src = instance_file.file.as_raw_fd();
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -276,7 +384,7 @@ pub fn spawn_backend(
     // SAFETY: the closure runs in the forked child before exec and calls
     // only prctl, getppid, _exit, fcntl and dup2, which are
     // async-signal-safe; it allocates nothing. The source fds are open in
-    // the parent (owned by `theirs` and `disk`, alive across the spawn
+    // the parent (owned by `theirs` and `instance_file`, alive across the spawn
     // call). Both are first copied above fd 10 so that neither target
     // number can clobber the other source; dup2 then clears FD_CLOEXEC on
     // the copies at 3 and 4, and the high copies close on exec.
@@ -315,5 +423,65 @@ pub fn spawn_backend(
         .spawn()
         .map_err(|e| SupervisorError::Spawn(format!("{}: {e}", cmd.program.to_string_lossy())))?;
     drop(theirs);
-    Ok((child, ours))
+    let slot = instance_file.slot;
+    drop(instance_file);
+    Ok((child, ours, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the fence lock of `slot` can be taken now, without waiting.
+    fn fence_free(disk: &File, slot: i64) -> bool {
+        match fence_lock(disk, slot, libc::F_WRLCK as libc::c_short, false) {
+            Ok(()) => {
+                fence_lock(disk, slot, libc::F_UNLCK as libc::c_short, false).unwrap();
+                true
+            }
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => false,
+            Err(e) => panic!("fence lock: {e}"),
+        }
+    }
+
+    /// The fence waits for every reference to an instance's description —
+    /// its fd, and each in-flight io_uring request's — and for nothing
+    /// else: not for the supervisor's own description, not for another
+    /// instance (a hot standby) of the same image.
+    #[test]
+    fn the_fence_waits_for_the_last_reference_to_the_instance_file() {
+        let dir = std::env::temp_dir().join(format!("sb-fence-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let image = dir.join("disk.img");
+        File::create(&image).unwrap().set_len(1 << 20).unwrap();
+        let mut cfg = DiskConfig::new("fence", &image);
+        cfg.cache = CacheMode::Writeback;
+        let disk = open_disk(&cfg).unwrap();
+        assert_eq!(disk.sectors, 2048);
+
+        let first = disk.open_for_instance(false).unwrap();
+        let standby = disk.open_for_instance(false).unwrap();
+        let (a, b) = (first.slot.unwrap(), standby.slot.unwrap());
+        assert_ne!(a, b);
+        // A reference like the one an in-flight request holds.
+        let in_flight = first.file.try_clone().unwrap();
+        drop(first);
+        assert!(
+            !fence_free(&disk.file, a),
+            "the fence ignored an in-flight reference"
+        );
+        drop(in_flight);
+        assert!(
+            fence_free(&disk.file, a),
+            "the fence outlived the instance file"
+        );
+        wait_for_instance_io(&disk.file, a).unwrap();
+        // The standby's lock is its own.
+        assert!(!fence_free(&disk.file, b));
+        drop(standby);
+        assert!(fence_free(&disk.file, b));
+        // A read-only instance takes no fence lock.
+        assert_eq!(disk.open_for_instance(true).unwrap().slot, None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

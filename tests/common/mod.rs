@@ -93,6 +93,8 @@ pub struct DiskSpec {
     pub mib: u64,
     pub backend_id: u16,
     pub max_ring_page_order: u8,
+    /// Exported read-only (`mode=r`).
+    pub readonly: bool,
 }
 
 impl DiskSpec {
@@ -102,7 +104,13 @@ impl DiskSpec {
             mib,
             backend_id: 0,
             max_ring_page_order: 4,
+            readonly: false,
         }
+    }
+
+    pub fn readonly(mut self) -> Self {
+        self.readonly = true;
+        self
     }
 
     pub fn backend_id(mut self, id: u16) -> Self {
@@ -137,7 +145,7 @@ impl Harness {
                     name: d.name.clone(),
                     cache: cache_for(&path),
                     path,
-                    readonly: false,
+                    readonly: d.readonly,
                     backend_id: d.backend_id,
                     max_ring_page_order: d.max_ring_page_order,
                     discard: true,
@@ -166,6 +174,11 @@ impl Harness {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The image file of the disk named `name`.
+    pub fn image(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.img"))
     }
 
     /// Stops the supervisor and reports how that went.

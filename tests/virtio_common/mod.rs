@@ -274,6 +274,32 @@ impl Device {
     /// Builds a block request for `head` as an indirect table
     /// header / data / status, and makes it available.
     pub fn submit(&mut self, head: u16, req_type: u32, sector: u64, data_len: u32) {
+        self.build(head, req_type, sector, data_len);
+        self.make_available(head);
+    }
+
+    /// Builds requests `(head, type, sector, data_len)` and makes them all
+    /// available with one store of `avail->idx` and one kick, so the
+    /// backend consumes them as one burst.
+    pub fn submit_all(&mut self, reqs: &[(u16, u32, u64, u32)]) {
+        for (i, &(head, req_type, sector, data_len)) in reqs.iter().enumerate() {
+            self.build(head, req_type, sector, data_len);
+            let slot = u64::from(self.avail_idx.wrapping_add(i as u16) % self.size);
+            self.mem
+                .write(AVAIL + 4 + 2 * slot, &head.to_le_bytes())
+                .unwrap();
+        }
+        self.avail_idx = self.avail_idx.wrapping_add(reqs.len() as u16);
+        // Release: the ring entries are visible before the index (§2.7.13).
+        self.mem
+            .store(self.avail_idx.to_le(), AVAIL + 2, Ordering::Release)
+            .unwrap();
+        self.kick.notify().unwrap();
+    }
+
+    /// Writes the chain of a block request for `head` (indirect table
+    /// header / data / status) without making it available.
+    pub fn build(&mut self, head: u16, req_type: u32, sector: u64, data_len: u32) {
         let hdr = self.write_header(head, req_type, sector);
         let table = TABLES + 64 * u64::from(head);
         let mut n = 0;
@@ -291,7 +317,6 @@ impl Device {
         self.write_desc(table, n, Self::status_addr(head), 1, F_WRITE, 0);
         self.mem.write(Self::status_addr(head), &[0xff]).unwrap();
         self.write_desc(DESC, head, table, 16 * (u32::from(n) + 1), F_INDIRECT, 0);
-        self.make_available(head);
     }
 
     /// Puts `head` on the avail ring and kicks.

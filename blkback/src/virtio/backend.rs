@@ -19,7 +19,7 @@ use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, M
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use super::inflight::{InflightQueue, InflightRegion};
+use super::inflight::{InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint};
 use super::memory::GuestRam;
 use super::queue::{extend_index, guest_index, Chain, SplitQueue};
 use super::request::{
@@ -1041,6 +1041,12 @@ impl VirtioLoop<'_> {
             fresh_logs.extend(req.queues.iter().map(|_| true));
         }
 
+        let region_hook = self
+            .cfg
+            .crash_at
+            .region
+            .filter(|_| fresh_logs.iter().all(|&f| f))
+            .map(region_crash_hook);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let mut queues = Vec::with_capacity(req.queues.len());
@@ -1056,7 +1062,11 @@ impl VirtioLoop<'_> {
             let kick = EventChannel::from_fd(kick).map_err(|e| inval(&e))?;
             let call = EventChannel::from_fd(call).map_err(|e| inval(&e))?;
             let inflight = match &region {
-                Some(r) => Some(r.queue(qcfg.index, qcfg.size).map_err(|e| inval(&e))?),
+                Some(r) => {
+                    let mut iq = r.queue(qcfg.index, qcfg.size).map_err(|e| inval(&e))?;
+                    iq.set_crash_hook(region_hook.clone());
+                    Some(iq)
+                }
                 None => None,
             };
             let mut q = VQueue {
@@ -1130,9 +1140,14 @@ impl VirtioLoop<'_> {
         let plan = match replay {
             Replay::None => return Ok(()),
             Replay::Region(heads) => {
+                // Adopt every head into the log first and mark it complete
+                // only then: an instance dying half-way leaves an
+                // incomplete log, and its successor adopts the region
+                // again (see `recover_queue`).
+                let dev = self.device.as_mut().ok_or("no device")?;
+                let q = &mut dev.queues[qi];
+                let mut adopted = Vec::with_capacity(heads.len());
                 for head in heads {
-                    let dev = self.device.as_mut().ok_or("no device")?;
-                    let q = &mut dev.queues[qi];
                     let entry = match q.log.as_ref() {
                         Some(log) => {
                             let avail16 = guest_index(q.next_avail, q.delta);
@@ -1146,6 +1161,12 @@ impl VirtioLoop<'_> {
                         None => None,
                     };
                     q.next_avail = q.next_avail.wrapping_add(1);
+                    adopted.push((head, entry));
+                }
+                if let Some(log) = q.log.as_ref() {
+                    log.mark_complete().map_err(|e| e.to_string())?;
+                }
+                for (head, entry) in adopted {
                     stats.replayed += 1;
                     self.reexecute(qi, head, entry);
                 }
@@ -1255,16 +1276,45 @@ impl VirtioLoop<'_> {
     }
 }
 
+/// Fault injection: a hook that aborts the process at `point` on its
+/// `nth` occurrence over all queues (an update with fewer stores than the
+/// point's step does not count).
+fn region_crash_hook((point, nth): (RegionCrashPoint, u64)) -> RegionCrashHook {
+    let hits = std::sync::atomic::AtomicU64::new(0);
+    Arc::new(move |at: RegionCrashPoint, stores: u32| {
+        if at == point
+            && stores >= point.step
+            && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
+        {
+            tracing::error!(%at, "crash point reached: aborting (fault injection)");
+            std::process::abort();
+        }
+    })
+}
+
 /// Index of a queue from its token byte.
 fn qi_of(queue: u8) -> usize {
     usize::from(queue)
 }
 
-/// Decides where queue `q` resumes and what it must replay: the shadow log
-/// when it holds live entries of a previous instance, else the in-flight
-/// region, else `SET_VRING_BASE` (a fresh log) or `used->idx` (a log whose
-/// previous instance answered everything). Sets the queue's indices and
-/// rewrites the in-flight region to match.
+/// Decides where queue `q` resumes and what it must replay, and rewrites
+/// the in-flight region to match (docs/ARCHITECTURE.md §7.4):
+///
+/// - a *complete* shadow log is the only authority: its live entries are
+///   planned (re-push, re-execute, fail), and without any the queue
+///   resumes at `used->idx` with nothing in flight. The in-flight region
+///   is never read then: it lags the driver by up to a batch (cleared one
+///   head at a time after `used->idx` moves), and resubmitting from it
+///   re-executes heads the driver has already seen answered and reused;
+/// - a log that is not complete yet, beside an in-flight region (the
+///   first instance after a restart of the supervisor, or its successor
+///   if it died before it was done): the region says what is in flight;
+///   whatever a dead instance half-adopted into the log is dropped and the
+///   region adopted again, then the log is marked complete;
+/// - a log without a region: the log, as for a complete one;
+/// - a region without a log (`shadow = false`): the region;
+/// - neither: nothing is in flight; resume at `SET_VRING_BASE` on a first
+///   attach, else at `used->idx`.
 fn recover_queue(
     q: &mut VQueue,
     mem: &GuestRam,
@@ -1280,68 +1330,22 @@ fn recover_queue(
         Some(log) => Some(log.snapshot().map_err(|e| proto(e.to_string()))?),
         None => None,
     };
-    let live = snapshot.as_ref().is_some_and(|s| {
-        s.entries
+    let live = |snap: &shadowback_shadow::LogSnapshot| {
+        snap.entries
             .iter()
-            .any(|e| e.state() != Some(EntryState::Free))
-    });
-    if let (Some(log), Some(snap), true) = (
-        q.log.as_ref(),
-        snapshot.as_ref(),
-        live && (recover || !fresh_log),
-    ) {
-        // The mapping between log and guest indices, from the entry
-        // consumed last.
-        let delta = snap
-            .entries
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.state(),
-                    Some(EntryState::Inflight | EntryState::Completing)
-                )
-            })
-            .filter_map(|e| logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
-            .max_by_key(|&(seq, _, _)| seq)
-            .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
-            .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
-        let h = &snap.header;
-        let rsp_prod = extend_index(h.rsp_prod_pvt, delta, used16);
-        let req_prod = extend_index(h.req_cons, delta, avail16);
-        let plan = plan_recovery(snap, rsp_prod, req_prod, u32::from(size), POISON_THRESHOLD)
-            .map_err(|e| proto(format!("recovery impossible: {e}")))?;
-        log.log_recovered(&plan).map_err(|e| proto(e.to_string()))?;
-        q.delta = delta;
-        q.next_avail = plan.req_cons;
-        q.next_used = plan.rsp_prod;
-        q.published = plan.rsp_prod;
-        if let Some(iq) = q.inflight.as_ref() {
-            // Every head the guest still waits for is in flight.
-            let mut heads: Vec<u16> = plan
-                .repush
-                .iter()
-                .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
-                .collect();
-            heads.extend(
-                plan.poisoned
-                    .iter()
-                    .chain(&plan.reexecute)
-                    .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
-            );
-            heads.extend(
-                plan.corrupt_to_answer()
-                    .filter_map(|c| logged_head(&c.request).map(|(h, _)| h)),
-            );
-            heads.retain(|&h| h < size);
-            heads.sort_unstable();
-            heads.dedup();
-            q.counter = iq
-                .reset_to(used16, &heads, 1)
-                .map_err(|e| proto(e.to_string()))?;
+            .enumerate()
+            .filter(|(_, e)| e.state() != Some(EntryState::Free))
+            .map(|(i, _)| EntryId(i as u32))
+            .collect::<Vec<_>>()
+    };
+    let adopt_region =
+        q.inflight.is_some() && snapshot.as_ref().is_some_and(|s| !s.header.complete);
+    if let (Some(snap), false) = (snapshot.as_ref(), adopt_region) {
+        if !live(snap).is_empty() {
+            let plan = plan_from_log(q, snap, used16, avail16)?;
+            return Ok(Replay::Plan(plan));
         }
-        return Ok(Replay::Plan(plan));
     }
-    // Nothing to take from the log.
     let mut resubmit = Vec::new();
     let mut first16 = if fresh_log && !recover {
         vring_base
@@ -1349,11 +1353,34 @@ fn recover_queue(
         used16
     };
     if let Some(iq) = q.inflight.as_ref() {
-        let rec = iq.recover(used16).map_err(|e| proto(e.to_string()))?;
-        q.counter = rec.next_counter;
-        if !rec.fresh {
-            first16 = used16;
-            resubmit = rec.heads;
+        if q.log.is_none() || adopt_region {
+            if let (Some(log), Some(snap)) = (q.log.as_ref(), snapshot.as_ref()) {
+                let partial = live(snap);
+                if !partial.is_empty() {
+                    tracing::warn!(
+                        queue = q.index,
+                        entries = partial.len(),
+                        "an instance died adopting the in-flight region: adopting it again"
+                    );
+                }
+                for entry in partial {
+                    log.free(entry).map_err(|e| proto(e.to_string()))?;
+                }
+            }
+            let rec = iq
+                .recover(used16, avail16)
+                .map_err(|e| proto(e.to_string()))?;
+            q.counter = rec.next_counter;
+            if !rec.fresh {
+                first16 = used16;
+                resubmit = rec.heads;
+            }
+        } else {
+            // The complete log holds nothing in flight: neither may the
+            // region.
+            q.counter = iq
+                .reset_to(used16, &[], 1)
+                .map_err(|e| proto(e.to_string()))?;
         }
     }
     let gap = first16.wrapping_sub(used16);
@@ -1375,11 +1402,83 @@ fn recover_queue(
     q.next_avail = base;
     q.next_used = base.wrapping_sub(u32::from(gap));
     q.published = q.next_used;
-    Ok(if resubmit.is_empty() {
-        Replay::None
+    if resubmit.is_empty() {
+        // Nothing to adopt: the log accounts for everything from here on.
+        if let Some(log) = q.log.as_ref() {
+            log.mark_complete().map_err(|e| proto(e.to_string()))?;
+        }
+        Ok(Replay::None)
     } else {
-        Replay::Region(resubmit)
-    })
+        Ok(Replay::Region(resubmit))
+    }
+}
+
+/// The recovery plan of a queue whose shadow log holds live entries; sets
+/// the queue's indices and rewrites the in-flight region to the heads the
+/// driver still waits for.
+fn plan_from_log(
+    q: &mut VQueue,
+    snap: &shadowback_shadow::LogSnapshot,
+    used16: u16,
+    avail16: u16,
+) -> Result<RecoveryPlan, (ErrorCode, String)> {
+    let proto = |s: String| (ErrorCode::Eproto, s);
+    let size = q.size();
+    // The mapping between log and guest indices, from the entry consumed
+    // last.
+    let delta = snap
+        .entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.state(),
+                Some(EntryState::Inflight | EntryState::Completing)
+            )
+        })
+        .filter_map(|e| logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
+        .max_by_key(|&(seq, _, _)| seq)
+        .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
+        .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
+    let h = &snap.header;
+    let rsp_prod = extend_index(h.rsp_prod_pvt, delta, used16);
+    let req_prod = extend_index(h.req_cons, delta, avail16);
+    let plan = plan_recovery(snap, rsp_prod, req_prod, u32::from(size), POISON_THRESHOLD)
+        .map_err(|e| proto(format!("recovery impossible: {e}")))?;
+    let log = q
+        .log
+        .as_ref()
+        .ok_or_else(|| proto("no shadow log".into()))?;
+    log.log_recovered(&plan).map_err(|e| proto(e.to_string()))?;
+    log.mark_complete().map_err(|e| proto(e.to_string()))?;
+    q.delta = delta;
+    q.next_avail = plan.req_cons;
+    q.next_used = plan.rsp_prod;
+    q.published = plan.rsp_prod;
+    if let Some(iq) = q.inflight.as_ref() {
+        // Every head the guest still waits for is in flight.
+        let mut heads: Vec<u16> = plan
+            .repush
+            .iter()
+            .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
+            .collect();
+        heads.extend(
+            plan.poisoned
+                .iter()
+                .chain(&plan.reexecute)
+                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+        );
+        heads.extend(
+            plan.corrupt_to_answer()
+                .filter_map(|c| logged_head(&c.request).map(|(h, _)| h)),
+        );
+        heads.retain(|&h| h < size);
+        heads.sort_unstable();
+        heads.dedup();
+        q.counter = iq
+            .reset_to(used16, &heads, 1)
+            .map_err(|e| proto(e.to_string()))?;
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]

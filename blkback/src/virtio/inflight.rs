@@ -23,10 +23,18 @@
 //!   then `used_idx = used->idx`.
 //!
 //! Recovery ([`InflightQueue::recover`]): if `used_idx != used->idx` the
-//! last batch was published but not cleared: clear `used->idx - used_idx`
-//! heads walking `next` from `last_batch_head`; the heads still in flight
-//! are resubmitted in `counter` order, and the next avail index is
-//! `used->idx` plus their number.
+//! last batch was published but not (or not completely) cleared: walk
+//! exactly `used->idx - used_idx` links from `last_batch_head` and clear
+//! every head on the way, whether or not a crash inside
+//! [`InflightQueue::finish_batch`] already cleared it. The heads still in
+//! flight are resubmitted in `counter` order, and the next avail index is
+//! `used->idx` plus their number, so there can never be more of them than
+//! the avail ring holds beyond `used->idx`. A region that breaks any of
+//! this is refused, never half-trusted (docs/ARCHITECTURE.md §7.4).
+//!
+//! Every multi-store update (`begin`, `link_batch`, `finish_batch`) can be
+//! interrupted at any store by a crash hook ([`RegionCrashPoint`]), so the
+//! tests can leave the region exactly as a SIGKILL there would.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -117,6 +125,80 @@ pub enum InflightError {
     Access(u64),
 }
 
+/// A multi-store update of a queue's region, for crash points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RegionTransition {
+    /// [`InflightQueue::begin`]: 1 `counter`, 2 `inflight = 1`.
+    Begin,
+    /// [`InflightQueue::link_batch`]: one `next` per head but the last,
+    /// then `last_batch_head`.
+    Link,
+    /// [`InflightQueue::finish_batch`]: one `inflight = 0` per head, then
+    /// `used_idx`.
+    Finish,
+}
+
+impl RegionTransition {
+    /// Every region transition.
+    pub const ALL: [RegionTransition; 3] = [
+        RegionTransition::Begin,
+        RegionTransition::Link,
+        RegionTransition::Finish,
+    ];
+
+    /// Lower-case name used by `Display` and `FromStr` (`region-finish`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            RegionTransition::Begin => "region-begin",
+            RegionTransition::Link => "region-link",
+            RegionTransition::Finish => "region-finish",
+        }
+    }
+}
+
+/// A point inside a region update: `step` of its stores are done. A
+/// transition whose store count depends on the batch (`Link`, `Finish`)
+/// reaches `step` only in an update with at least `step` stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionCrashPoint {
+    pub transition: RegionTransition,
+    pub step: u32,
+}
+
+impl std::fmt::Display for RegionCrashPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.transition.name(), self.step)
+    }
+}
+
+impl std::str::FromStr for RegionCrashPoint {
+    type Err = InflightError;
+
+    /// Parses `region-finish.3`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InflightError::Invalid(format!("not a region crash point: {s:?}"));
+        let (name, step) = s.split_once('.').ok_or_else(bad)?;
+        let transition = RegionTransition::ALL
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(bad)?;
+        let step: u32 = step.parse().map_err(|_| bad())?;
+        // Begin has two stores; a batch has at most 32768 heads.
+        let max = match transition {
+            RegionTransition::Begin => 2,
+            RegionTransition::Link | RegionTransition::Finish => 1 << 15,
+        };
+        if step > max {
+            return Err(bad());
+        }
+        Ok(RegionCrashPoint { transition, step })
+    }
+}
+
+/// Called at every region crash point with the point and the number of
+/// stores the update makes in all.
+pub type RegionCrashHook = Arc<dyn Fn(RegionCrashPoint, u32) + Send + Sync>;
+
 /// The mapped in-flight region.
 #[derive(Debug)]
 pub struct InflightRegion {
@@ -186,6 +268,7 @@ impl InflightRegion {
             base,
             desc_num: self.queue_size,
             size,
+            hook: None,
         })
     }
 }
@@ -202,16 +285,38 @@ pub struct InflightRecovery {
 }
 
 /// One virtqueue's `QueueRegionSplit`.
-#[derive(Debug)]
 pub struct InflightQueue {
     region: Arc<InflightRegion>,
     base: u64,
     desc_num: u16,
     /// The virtqueue's size (heads at or above it are invalid).
     size: u16,
+    hook: Option<RegionCrashHook>,
+}
+
+impl std::fmt::Debug for InflightQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InflightQueue")
+            .field("base", &self.base)
+            .field("desc_num", &self.desc_num)
+            .field("size", &self.size)
+            .field("crash_hook", &self.hook.is_some())
+            .finish()
+    }
 }
 
 impl InflightQueue {
+    /// Installs (or removes) the crash hook of fault injection.
+    pub fn set_crash_hook(&mut self, hook: Option<RegionCrashHook>) {
+        self.hook = hook;
+    }
+
+    fn point(&self, transition: RegionTransition, step: u32, stores: u32) {
+        if let Some(hook) = &self.hook {
+            hook(RegionCrashPoint { transition, step }, stores);
+        }
+    }
+
     fn load<T: vm_memory::AtomicAccess>(&self, off: u64) -> Result<T, InflightError> {
         // Relaxed: the previous writer is a dead (fenced) process, or us.
         self.region
@@ -274,10 +379,15 @@ impl InflightQueue {
     pub fn begin(&self, head: u16, counter: u64) -> Result<(), InflightError> {
         self.check(head)?;
         let d = Self::desc(head);
+        let t = RegionTransition::Begin;
+        self.point(t, 0, 2);
         self.store(d + D_COUNTER, counter.to_le(), Ordering::Relaxed)?;
+        self.point(t, 1, 2);
         // Release: the counter is in place before the head reads in flight
         // (vhost-user.rst: "set desc[head].counter, then inflight = 1").
-        self.store(d + D_INFLIGHT, 1u8, Ordering::Release)
+        self.store(d + D_INFLIGHT, 1u8, Ordering::Release)?;
+        self.point(t, 2, 2);
+        Ok(())
     }
 
     /// Links the heads of a batch about to be published, first head in
@@ -286,35 +396,53 @@ impl InflightQueue {
         let Some(&first) = heads.first() else {
             return Ok(());
         };
-        for pair in heads.windows(2) {
+        let t = RegionTransition::Link;
+        let stores = heads.len() as u32;
+        self.point(t, 0, stores);
+        for (i, pair) in heads.windows(2).enumerate() {
             self.check(pair[0])?;
             self.store(
                 Self::desc(pair[0]) + D_NEXT,
                 pair[1].to_le(),
                 Ordering::Relaxed,
             )?;
+            self.point(t, i as u32 + 1, stores);
         }
         self.check(first)?;
         // Release: the links are complete before the batch is named.
-        self.store(LAST_BATCH_HEAD, first.to_le(), Ordering::Release)
+        self.store(LAST_BATCH_HEAD, first.to_le(), Ordering::Release)?;
+        self.point(t, stores, stores);
+        Ok(())
     }
 
     /// After `used->idx = used_idx` was stored: the batch's heads are no
     /// longer in flight.
     pub fn finish_batch(&self, heads: &[u16], used_idx: u16) -> Result<(), InflightError> {
-        for &head in heads {
+        let t = RegionTransition::Finish;
+        let stores = heads.len() as u32 + 1;
+        self.point(t, 0, stores);
+        for (i, &head) in heads.iter().enumerate() {
             self.check(head)?;
             self.store(Self::desc(head) + D_INFLIGHT, 0u8, Ordering::Relaxed)?;
+            self.point(t, i as u32 + 1, stores);
         }
         // Release: heads cleared before used_idx says the batch is done.
-        self.store(USED_IDX, used_idx.to_le(), Ordering::Release)
+        self.store(USED_IDX, used_idx.to_le(), Ordering::Release)?;
+        self.point(t, stores, stores);
+        Ok(())
     }
 
-    /// Recovers from the region alone, given the guest's `used->idx`
-    /// (see the module docs). Fixes the region up as it goes, so it is
-    /// consistent with the returned heads being in flight. An uninitialised
-    /// or inconsistent region is reset (nothing to resubmit).
-    pub fn recover(&self, used_now: u16) -> Result<InflightRecovery, InflightError> {
+    /// Recovers from the region alone, given the guest's `used->idx` and
+    /// `avail->idx` (see the module docs). Fixes the region up as it goes,
+    /// so it is consistent with the returned heads being in flight; doing
+    /// it again after a crash half-way gives the same answer. An
+    /// uninitialised region is reset (nothing to resubmit); one whose
+    /// indices and flags contradict each other is an error.
+    pub fn recover(
+        &self,
+        used_now: u16,
+        avail_now: u16,
+    ) -> Result<InflightRecovery, InflightError> {
         let version = u16::from_le(self.load(VERSION)?);
         let desc_num = u16::from_le(self.load(DESC_NUM)?);
         if version != INFLIGHT_VERSION || desc_num != self.desc_num {
@@ -329,7 +457,6 @@ impl InflightQueue {
             });
         }
         let mut inflight = vec![false; usize::from(self.desc_num)];
-        let mut count = 0u32;
         for head in 0..self.desc_num {
             let v: u8 = self.load(Self::desc(head) + D_INFLIGHT)?;
             // A head outside the queue, or a value no writer stores.
@@ -338,34 +465,37 @@ impl InflightQueue {
                 self.store(Self::desc(head) + D_INFLIGHT, 0u8, Ordering::Relaxed)?;
             } else if v == 1 {
                 inflight[usize::from(head)] = true;
-                count += 1;
             }
         }
         let logged_used = self.used_idx()?;
         let published = used_now.wrapping_sub(logged_used);
-        if published != 0 {
-            if u32::from(published) > count {
-                tracing::warn!(
-                    logged_used,
-                    used_now,
-                    in_flight = count,
-                    "used index moved further than the heads in flight: not clearing a batch"
-                );
-            } else {
-                // The last batch reached the guest but was not cleared.
-                let mut head: u16 = u16::from_le(self.load(LAST_BATCH_HEAD)?);
-                for i in 0..published {
-                    if head >= self.size || !inflight[usize::from(head)] {
-                        tracing::warn!(head, i, "broken batch link in the in-flight region");
-                        break;
-                    }
-                    inflight[usize::from(head)] = false;
-                    self.store(Self::desc(head) + D_INFLIGHT, 0u8, Ordering::Relaxed)?;
-                    head = u16::from_le(self.load(Self::desc(head) + D_NEXT)?);
-                }
+        if published > self.size {
+            return Err(InflightError::Invalid(format!(
+                "used index {used_now} is {published} past the region's {logged_used}, \
+                 more than one batch of a {}-entry queue",
+                self.size
+            )));
+        }
+        // The last batch reached the driver, and a crash may have come
+        // after any number of its heads were cleared: clear exactly the
+        // `published` heads it links, cleared already or not. Stopping at
+        // the first cleared one would leave the rest flagged, and they
+        // would be resubmitted although the driver may already have reused
+        // them for new requests (docs/ARCHITECTURE.md §7.4).
+        let mut walked = vec![false; usize::from(self.size)];
+        let mut head: u16 = u16::from_le(self.load(LAST_BATCH_HEAD)?);
+        for i in 0..published {
+            if head >= self.size || std::mem::replace(&mut walked[usize::from(head)], true) {
+                return Err(InflightError::Invalid(format!(
+                    "batch link {i} of {published} names head {head}: out of range or seen twice"
+                )));
+            }
+            inflight[usize::from(head)] = false;
+            self.store(Self::desc(head) + D_INFLIGHT, 0u8, Ordering::Relaxed)?;
+            if i + 1 < published {
+                head = u16::from_le(self.load(Self::desc(head) + D_NEXT)?);
             }
         }
-        self.store(USED_IDX, used_now.to_le(), Ordering::Release)?;
         let mut heads: Vec<(u64, u16)> = Vec::new();
         let mut max_counter = 0u64;
         for head in 0..self.size {
@@ -375,6 +505,18 @@ impl InflightQueue {
                 heads.push((c, head));
             }
         }
+        // Every head in flight was consumed from an avail entry the driver
+        // has not seen answered: at most `avail->idx - used->idx` of them.
+        let outstanding = avail_now.wrapping_sub(used_now);
+        if heads.len() > usize::from(outstanding) {
+            return Err(InflightError::Invalid(format!(
+                "{} heads marked in flight, but only {outstanding} requests are outstanding \
+                 (avail {avail_now}, used {used_now})",
+                heads.len()
+            )));
+        }
+        // Release: the cleared batch is complete before used_idx says so.
+        self.store(USED_IDX, used_now.to_le(), Ordering::Release)?;
         heads.sort_unstable();
         Ok(InflightRecovery {
             heads: heads.into_iter().map(|(_, h)| h).collect(),
@@ -443,7 +585,7 @@ mod tests {
         init_inflight_region(&file, 0, 2, 8).unwrap();
         for q in 0..2 {
             let iq = r.queue(q, 8).unwrap();
-            let rec = iq.recover(0).unwrap();
+            let rec = iq.recover(0, 0).unwrap();
             assert!(!rec.fresh, "initialised region seen as fresh");
             assert!(rec.heads.is_empty());
         }
@@ -455,10 +597,10 @@ mod tests {
     fn uninitialised_region_is_reset() {
         let (r, _f) = region(1, 8);
         let q = r.queue(0, 8).unwrap();
-        let rec = q.recover(17).unwrap();
+        let rec = q.recover(17, 17).unwrap();
         assert!(rec.fresh);
         assert_eq!(q.used_idx().unwrap(), 17);
-        assert!(!q.recover(17).unwrap().fresh);
+        assert!(!q.recover(17, 17).unwrap().fresh);
         assert!(r.queue(1, 8).is_err());
         assert!(r.queue(0, 16).is_err());
     }
@@ -477,7 +619,7 @@ mod tests {
         q.finish_batch(&[7, 5], 2).unwrap();
         // Second batch 0, 2: used->idx stored (4), crash before clearing.
         q.link_batch(&[0, 2]).unwrap();
-        let rec = q.recover(4).unwrap();
+        let rec = q.recover(4, 5).unwrap();
         assert_eq!(rec.heads, vec![3]);
         assert_eq!(rec.next_counter, 6);
         assert_eq!(q.used_idx().unwrap(), 4);
@@ -487,8 +629,61 @@ mod tests {
         // 0, 2, 3 are resubmitted, in counter order.
         q.reset_to(2, &[2, 0, 3], 3).unwrap();
         q.link_batch(&[0, 2]).unwrap();
-        let rec = q.recover(2).unwrap();
+        let rec = q.recover(2, 5).unwrap();
         assert_eq!(rec.heads, vec![2, 0, 3]);
+        // More heads in flight than the avail ring holds beyond used.
+        q.reset_to(2, &[2, 0, 3], 3).unwrap();
+        assert!(q.recover(2, 4).is_err());
+    }
+
+    /// Issue 8's root cause: a crash inside `finish_batch` after `j` of
+    /// the batch's heads were cleared. Whatever `j`, recovery must resubmit
+    /// only the heads that were still in flight beside the batch, never a
+    /// head of the batch the driver has already seen answered (it may
+    /// have reused it for a new request).
+    #[test]
+    fn a_crash_inside_finish_batch_never_resubmits_a_published_head() {
+        let batch: Vec<u16> = vec![9, 3, 14, 0, 7, 1, 12, 5];
+        for j in 0..=batch.len() as u32 + 1 {
+            let (r, _f) = region(1, 16);
+            let mut q = r.queue(0, 16).unwrap();
+            q.reset(10).unwrap();
+            // Head 4 consumed first and still in flight; then the batch.
+            q.begin(4, 1).unwrap();
+            for (c, &h) in batch.iter().enumerate() {
+                q.begin(h, c as u64 + 2).unwrap();
+            }
+            q.link_batch(&batch).unwrap();
+            let used = 10 + batch.len() as u16;
+            q.set_crash_hook(Some(Arc::new(move |p: RegionCrashPoint, _| {
+                if p.transition == RegionTransition::Finish && p.step == j {
+                    panic!("crash at {p}");
+                }
+            })));
+            let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                q.finish_batch(&batch, used).unwrap();
+            }))
+            .is_err();
+            assert!(crashed, "crash point finish.{j} not reached");
+            q.set_crash_hook(None);
+            // The driver saw used->idx = used (published before finish).
+            let rec = q.recover(used, used + 1).unwrap();
+            assert_eq!(rec.heads, vec![4], "crash after {j} clears");
+            assert_eq!(q.used_idx().unwrap(), used);
+            // Recovery is idempotent: done again, the same answer.
+            assert_eq!(q.recover(used, used + 1).unwrap().heads, vec![4]);
+        }
+    }
+
+    #[test]
+    fn region_crash_points_parse() {
+        let p: RegionCrashPoint = "region-finish.3".parse().unwrap();
+        assert_eq!(p.transition, RegionTransition::Finish);
+        assert_eq!(p.step, 3);
+        assert_eq!(p.to_string(), "region-finish.3");
+        assert!("region-begin.3".parse::<RegionCrashPoint>().is_err());
+        assert!("region-nope.1".parse::<RegionCrashPoint>().is_err());
+        assert!("finish.1".parse::<RegionCrashPoint>().is_err());
     }
 
     #[test]
@@ -502,17 +697,19 @@ mod tests {
         file.write_all_at(&[9], QUEUE_HEADER_SIZE + DESC_STATE_SIZE)
             .unwrap();
         q.begin(2, 1).unwrap();
-        // A batch link that loops back to 2 and a used index far ahead.
+        // A used index far ahead of the region's: refused.
+        assert!(q.recover(1000, 1000).is_err());
+        // The corrupt states were cleared; head 2 is still in flight.
+        assert!(!q.is_inflight(1).unwrap());
+        assert_eq!(q.recover(0, 1).unwrap().heads, vec![2]);
+        // A batch link that loops back to 2: refused.
         q.link_batch(&[2, 2]).unwrap();
-        let rec = q.recover(1000).unwrap();
-        assert_eq!(rec.heads, vec![2]);
+        assert!(q.recover(2, 2).is_err());
         // used moved by 1: clears head 2, the only one in flight.
-        q.reset_to(0, &[2], 1).unwrap();
-        q.link_batch(&[2, 2]).unwrap();
-        let rec = q.recover(1).unwrap();
+        let rec = q.recover(1, 1).unwrap();
         assert_eq!(rec.heads, Vec::<u16>::new());
         // Wrong version/desc_num: reset.
         file.write_all_at(&[7, 0], VERSION).unwrap();
-        assert!(q.recover(0).unwrap().fresh);
+        assert!(q.recover(0, 0).unwrap().fresh);
     }
 }

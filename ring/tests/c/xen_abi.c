@@ -171,6 +171,12 @@ static void print_layout(void)
     CONST(GTF_permit_access);
     CONST(GTF_readonly);
     CONST(GTF_type_mask);
+    CONST(GTF_reading);
+    CONST(GTF_writing);
+    CONST(GTF_PWT);
+    CONST(GTF_PCD);
+    CONST(GTF_PAT);
+    CONST(GTF_sub_page);
 
     RING_SIZE_OF(blkif, XEN_PAGE);
     RING_SIZE_OF(blkif, 2 * XEN_PAGE);
