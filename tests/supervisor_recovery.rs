@@ -633,7 +633,7 @@ fn random_sigkill_soak() {
 /// region verified at the end.
 #[test]
 fn sigkill_soak_with_the_ring_draining_in_rounds() {
-    const KILLS: u64 = 1000;
+    const KILLS: u64 = 500;
     /// 2 MiB: a round is about 1500 requests.
     const REGION: u64 = 4096;
     let setup = Setup::start("soak-rounds", |_| {}, &[]);
@@ -663,7 +663,9 @@ fn sigkill_soak_with_the_ring_draining_in_rounds() {
         "whole region verified"
     );
     let s = setup.stats();
-    assert!(s.crashes >= KILLS, "{s:#?}");
+    // A loaded machine may stall an instance past the hang timeout around
+    // a kill: the watchdog replaces it first, and that counts as a hang.
+    assert!(s.crashes + s.hangs >= KILLS, "{s:#?}");
     assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
     assert!(s.connected && !s.given_up, "{s:#?}");
     front

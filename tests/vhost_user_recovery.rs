@@ -196,9 +196,11 @@ fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
 /// instance is still answering what piled up during the takeover: a batch
 /// answered at once is a multi-head publication that empties a queue.
 /// With kills 3 to 23 ms apart (the soak above) that moment is rarely hit.
+/// Each kill costs the fence's wait for the dead instance's io_uring
+/// (tens of ms): 700 kills take 30 to 60 s here.
 #[test]
 fn sigkill_soak_with_queues_draining_in_rounds() {
-    const KILLS: u64 = 2000;
+    const KILLS: u64 = 700;
     const MIB: u64 = 4;
     let setup = VhostSetup::start("vu-rounds", "vu-rounds", MIB, |d| d.num_queues = 2, &[]);
     let mut rng = 0x2545_f491_4f6c_dd1du64;
@@ -222,7 +224,9 @@ fn sigkill_soak_with_queues_draining_in_rounds() {
     assert_eq!((report.flushes, report.discards), (0, 0), "{report:?}");
     assert_whole_image(&report, MIB);
     let s = setup.stats();
-    assert!(s.crashes >= KILLS, "{s:#?}");
+    // A loaded machine may stall an instance past the hang timeout around
+    // a kill: the watchdog replaces it first, and that counts as a hang.
+    assert!(s.crashes + s.hangs >= KILLS, "{s:#?}");
     assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
     assert_eq!(
         (s.failed_takeovers, s.poisoned, s.corrupt),
