@@ -7,6 +7,7 @@
 //!   indirect one against the grant table, as blkback does per request.
 //!
 //! Run with `cargo bench --bench ring`.
+#![deny(unsafe_code)]
 
 use std::hint::black_box;
 use std::sync::Arc;

@@ -78,6 +78,10 @@ fn crash_at_from_env() -> Result<CrashSpec, CliError> {
 }
 
 /// Takes ownership of an fd inherited across exec, after checking it is open.
+#[allow(
+    unsafe_code,
+    reason = "`OwnedFd::from_raw_fd`: the fd number comes from exec"
+)]
 fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
     if fd < 3 {
         return Err(format!("fd {fd} is a standard stream, not an inherited fd").into());

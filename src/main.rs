@@ -4,6 +4,10 @@
 //! - `up CONFIG.toml` runs the supervisor for the disks a config names;
 //! - `bench blk` measures the Xen-ring path against raw io_uring;
 //! - `blkback` and `guest` are the processes the others start.
+//!
+//! `unsafe` is denied; the one exception is taking ownership of the fds a
+//! backend inherits at exec (`backend_cmd::inherited`).
+#![deny(unsafe_code)]
 
 mod backend_cmd;
 mod bench;

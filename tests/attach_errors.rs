@@ -4,6 +4,7 @@
 //! Each must get one `error` with the right `code`, then EOF; none may
 //! disturb the supervisor, the backends or a well-behaved guest attaching
 //! afterwards.
+#![deny(unsafe_code)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The command-line entry points as a user runs them: `shadowback demo` and
 //! `shadowback up CONFIG.toml`, as real processes.
+#![deny(unsafe_code)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! A hostile guest against the real supervisor and `shadowback blkback`
-//! processes (DESIGN.md §6–7, PROTOCOL.md §5).
+//! processes (docs/ARCHITECTURE.md §3, docs/PROTOCOL.md §5).
 //!
 //! - Malformed requests are answered on the ring with an error status and
 //!   the request's own `id`; nothing reaches the disk or guest memory, the
@@ -8,6 +8,7 @@
 //!   that guest only: `error code=EPROTO` then EOF on its control socket,
 //!   while a guest on another disk keeps doing verified I/O and the
 //!   supervisor keeps accepting guests.
+#![deny(unsafe_code)]
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Backend failures under a verifying guest, with the real `shadowback
-//! blkback` (DESIGN §5): SIGKILL and SIGSTOP at arbitrary times, a crash
+//! blkback` (docs/ARCHITECTURE.md §7): SIGKILL and SIGSTOP at arbitrary times, a crash
 //! point inside the shadow-log stores, a poisoned request. The guest stays
 //! Connected, sees no I/O error and no wrong data (every read is checked
 //! against the model of acknowledged writes, and the whole region again at
@@ -7,6 +7,7 @@
 //!
 //! Self-contained (no `mod common`): it only needs the supervisor's Rust
 //! API, the guest crate and the `shadowback` binary.
+#![deny(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -587,7 +588,7 @@ fn kill_soak(
     })
 }
 
-/// DESIGN §5 soak: at least 300 SIGKILLs at random moments under a QD32
+/// The soak of docs/ARCHITECTURE.md §7.6: at least 300 SIGKILLs at random moments under a QD32
 /// workload of reads, writes, flushes and discards; no request lost or
 /// answered twice, no wrong data, the whole region verified at the end.
 #[test]

@@ -1,4 +1,4 @@
-//! The supervisor itself dies (DESIGN §8): a real `shadowback up` is
+//! The supervisor itself dies (docs/ARCHITECTURE.md §8): a real `shadowback up` is
 //! SIGKILLed and started again on the same configuration, like systemd
 //! would, while a vhost-user guest with `--reconnect` (QEMU's chardev
 //! `reconnect`, replayed by the native client) keeps many requests in
@@ -13,6 +13,7 @@
 //!   really resubmitted requests from the VMM's in-flight region.
 //!
 //! Self-contained (no `mod common`): it drives only processes.
+#![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -311,6 +312,7 @@ fn backends_die_with_their_supervisor_even_when_stopped() {
 }
 
 #[test]
+#[allow(unsafe_code, reason = "`libc::flock`")]
 fn a_supervisor_waits_for_the_images_previous_users() {
     use std::os::fd::AsRawFd;
     let mut site = Site::new("imglock", false);

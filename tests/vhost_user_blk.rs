@@ -5,6 +5,7 @@
 //! GET_ID, DISCARD, WRITE_ZEROES), a read-only disk, four queues, a VMM
 //! that reconnects, and a VMM that sends garbage; and the `virtio-drivers`
 //! crate's own `VirtIOBlk` driver as a second, independent driver.
+#![deny(unsafe_code)]
 
 mod common;
 

@@ -1,4 +1,5 @@
-//! The shadow log's crash tests (DESIGN §5) over vhost-user-blk (§8): a
+//! The shadow log's crash tests (docs/ARCHITECTURE.md §7) over
+//! vhost-user-blk (§8): a
 //! real supervisor exports the disk on a vhost-user socket, its data plane
 //! is the real `shadowback blkback`, and the guest is the native client —
 //! a `shadowback guest blk --transport vhost-user` process running a
@@ -9,6 +10,7 @@
 //! sees no lost, duplicate, wrong or failed request (except the one
 //! poisoned request, failed once), and the whole image is verified at the
 //! end of each run.
+#![deny(unsafe_code)]
 
 mod common;
 
@@ -141,7 +143,7 @@ fn inject_under_pattern(
     (report, injected)
 }
 
-/// DESIGN §5 soak over vhost-user: 200 SIGKILLs of the data plane at
+/// The soak of docs/ARCHITECTURE.md §7.6 over vhost-user: 200 SIGKILLs of the data plane at
 /// random moments under a QD32 verifying workload of reads, writes,
 /// flushes and discards spread over two virtqueues with EVENT_IDX: no
 /// request lost or answered twice, no wrong data, no I/O error, the whole

@@ -3,6 +3,7 @@
 //! (`virtio_common`), killed with SIGKILL mid-workload and recovered from
 //! its shadow logs or from the in-flight region alone; hostile chains and
 //! attach messages must be answered without killing it.
+#![deny(unsafe_code)]
 
 mod virtio_common;
 

@@ -1,4 +1,5 @@
-//! Guest-side drivers and verifying workloads for shadowback (DESIGN.md §7).
+//! Guest-side drivers and verifying workloads for shadowback
+//! (docs/ARCHITECTURE.md §5).
 //!
 //! Everything here runs in a separate process, like a real guest: a
 //! transport-neutral [`device::BlockDevice`] interface, predictable sector
@@ -6,8 +7,10 @@
 //! ([`workload`]), latency statistics ([`stats`]) and an in-memory device for
 //! tests ([`memdisk`]), and the vhost-user-blk client ([`vhost_user`]).
 //!
-//! `unsafe` is denied everywhere but in [`vhost_user::hal`], where
-//! `virtio-drivers`' pointer-based `Hal` and virtqueue API meet guest RAM.
+//! `unsafe` is denied crate-wide and allowed item by item only in
+//! [`vhost_user::hal`], where `virtio-drivers`' pointer-based `Hal` and
+//! virtqueue API meet guest RAM. (`forbid` is not possible: `Hal` is an
+//! unsafe trait.)
 #![deny(unsafe_code)]
 
 pub mod blkfront;

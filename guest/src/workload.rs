@@ -2,8 +2,9 @@
 //! tests and the demo, and a non-verifying benchmark.
 //!
 //! [`VerifyWorkload`] keeps a model of every sector's last acknowledged write
-//! generation and checks every byte it reads against it (DESIGN.md §7: "every
-//! sector's content is predictable from its last acknowledged write"). Two
+//! generation and checks every byte it reads against it: every sector's
+//! content is predictable from its last acknowledged write
+//! (docs/ARCHITECTURE.md §5). Two
 //! rules make that model exact without knowing the backend's ordering:
 //!
 //! - the model changes only when a write or discard is acknowledged `Ok`;

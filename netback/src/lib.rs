@@ -1,1 +1,4 @@
-//! placeholder
+//! placeholder: the network backend is not built yet
+//! (docs/ARCHITECTURE.md §9).
+
+#![forbid(unsafe_code)]

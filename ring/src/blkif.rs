@@ -42,6 +42,7 @@ pub struct BlkifRequestSegment {
     pub last_sect: u8,
     pub _pad: [u8; 2],
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers with explicit padding; any bit pattern is valid.
 unsafe impl ByteValued for BlkifRequestSegment {}
 
@@ -57,6 +58,7 @@ pub struct BlkifRequest {
     pub sector_number: u64,
     pub seg: [BlkifRequestSegment; BLKIF_MAX_SEGMENTS_PER_REQUEST],
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers with explicit padding; any bit pattern is valid.
 unsafe impl ByteValued for BlkifRequest {}
 
@@ -72,6 +74,7 @@ pub struct BlkifRequestDiscard {
     pub sector_number: u64,
     pub nr_sectors: u64,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers with explicit padding; any bit pattern is valid.
 unsafe impl ByteValued for BlkifRequestDiscard {}
 
@@ -90,6 +93,7 @@ pub struct BlkifRequestIndirect {
     pub indirect_grefs: [GrantRef; BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST],
     pub _pad3: u32,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers with explicit padding; any bit pattern is valid.
 unsafe impl ByteValued for BlkifRequestIndirect {}
 
@@ -103,6 +107,7 @@ pub struct BlkifResponse {
     pub status: i16,
     pub _pad2: u32,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers with explicit padding; any bit pattern is valid.
 unsafe impl ByteValued for BlkifResponse {}
 

@@ -61,6 +61,7 @@ pub struct GrantEntryV1 {
     pub frame: u32,
 }
 
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding, every bit pattern is valid.
 unsafe impl ByteValued for GrantEntryV1 {}
 

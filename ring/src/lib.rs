@@ -1,9 +1,19 @@
 //! Shared memory, grant tables, event channels and Xen-compatible shared
 //! rings.
 //!
-//! This is the only crate of shadowback that touches memory shared with a
-//! guest. Everything a guest controls is read through typed, range-checked
-//! accessors from `vm-memory`; other crates see validated values.
+//! This crate gives typed, range-checked access (through `vm-memory`) to a
+//! Xen-style guest's granted region: the grant table, the shared ring and
+//! the wire structs, each copied out and validated before it is used. It is
+//! not the only code that touches memory shared with a guest (see
+//! docs/ARCHITECTURE.md §2, §3, §8): blkback's I/O engine hands the kernel
+//! iovecs that point into granted pages (the data of reads and writes goes
+//! there without a copy), blkback's virtio data plane maps a VMM's guest
+//! RAM itself, the supervisor reads ring indices (through this crate for
+//! Xen rings, with `pread` for virtqueues), and `guest/` is the other side
+//! of every ring.
+//!
+//! Its only `unsafe` is `unsafe impl ByteValued` for the `#[repr(C)]` wire
+//! structs, each allowed on its own below the crate-wide deny.
 //!
 //! * [`SharedRegion`] — a memfd mapped with `vm-memory`: the guest's granted
 //!   memory. Guest addresses are byte offsets into the memfd.
@@ -13,6 +23,8 @@
 //! * [`sring`] — the generic `xen/io/ring.h` shared ring, front and back.
 //! * [`blkif`], [`netif`] — the wire structs of `xen/io/blkif.h` and
 //!   `xen/io/netif.h`.
+
+#![deny(unsafe_code)]
 
 mod error;
 mod event;

@@ -35,6 +35,7 @@ pub struct NetifTxRequest {
     pub id: u16,
     pub size: u16,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding.
 unsafe impl ByteValued for NetifTxRequest {}
 
@@ -45,6 +46,7 @@ pub struct NetifTxResponse {
     pub id: u16,
     pub status: i16,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding.
 unsafe impl ByteValued for NetifTxResponse {}
 
@@ -56,6 +58,7 @@ pub struct NetifRxRequest {
     pub pad: u16,
     pub gref: GrantRef,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding.
 unsafe impl ByteValued for NetifRxRequest {}
 
@@ -68,6 +71,7 @@ pub struct NetifRxResponse {
     pub flags: u16,
     pub status: i16,
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding.
 unsafe impl ByteValued for NetifRxResponse {}
 
@@ -80,6 +84,7 @@ pub struct NetifExtraInfo {
     pub flags: u8,
     pub u: [u16; 3],
 }
+#[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
 // SAFETY: plain integers, no padding.
 unsafe impl ByteValued for NetifExtraInfo {}
 

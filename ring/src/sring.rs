@@ -481,6 +481,7 @@ mod tests {
         id: u64,
         pad: [u64; 13],
     }
+    #[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
     // SAFETY: plain integers, no padding.
     unsafe impl ByteValued for Req {}
     #[repr(C)]
@@ -489,6 +490,7 @@ mod tests {
         id: u64,
         status: u64,
     }
+    #[allow(unsafe_code, reason = "a wire struct vm-memory copies as plain bytes")]
     // SAFETY: plain integers, no padding.
     unsafe impl ByteValued for Rsp {}
     struct Proto;

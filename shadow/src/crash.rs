@@ -1,4 +1,5 @@
-//! Deterministic crash points (DESIGN.md §7, fault injection).
+//! Deterministic crash points for fault injection (docs/ARCHITECTURE.md
+//! §7.4, §7.6).
 //!
 //! Every writer operation of [`ShadowLog`](crate::ShadowLog) is a
 //! [`Transition`] made of a fixed sequence of stores to shared memory. A

@@ -1,4 +1,4 @@
-//! Byte layout of the shadow log (DESIGN.md §4).
+//! Byte layout of the shadow log (docs/ARCHITECTURE.md §6).
 //!
 //! This comment is written to be copied into `docs/` as it stands.
 //!

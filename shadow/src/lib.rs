@@ -1,6 +1,6 @@
 //! The shadow log: a per-ring record of every in-flight request, kept in
 //! supervisor-owned shared memory, from which a fresh backend instance
-//! recovers after a crash (DESIGN.md §4 and §5).
+//! recovers after a crash (docs/ARCHITECTURE.md §6 and §7).
 //!
 //! * [`ShadowLog`] — the log in a sealed memfd: created by the supervisor,
 //!   written by the live backend instance with a commit protocol that

@@ -15,7 +15,8 @@ use crate::plan::RecoveryPlan;
 use crate::snapshot::{validate_entry_count, LogHeader, LogSnapshot};
 use crate::ShadowError;
 
-/// The per-ring shadow log (DESIGN.md §4), layout in [`crate::layout`].
+/// The per-ring shadow log (docs/ARCHITECTURE.md §6), layout in
+/// [`crate::layout`].
 ///
 /// The supervisor [`create`](Self::create)s it and keeps the memfd; every
 /// backend instance [`open`](Self::open)s the memfd it is handed, and the
@@ -145,14 +146,15 @@ impl ShadowLog {
         Ok(self.region.load(header::GENERATION, Ordering::Acquire)?)
     }
 
-    /// The heartbeat counter (watchdog, DESIGN.md §5 step 1).
+    /// The heartbeat counter (the watchdog's, docs/ARCHITECTURE.md §7.2).
     pub fn read_heartbeat(&self) -> Result<u64, ShadowError> {
         // Acquire pairs with the release in `heartbeat`.
         Ok(self.region.load(header::HEARTBEAT, Ordering::Acquire)?)
     }
 
-    /// Instances started since one last published a response: the
-    /// crash-loop counter the supervisor backs off on (DESIGN.md §5 step 5).
+    /// Instances started since one last published a response: above 1, a
+    /// recovering instance suspects a crash loop and replays serially
+    /// (docs/ARCHITECTURE.md §7.5).
     pub fn stalled_instances(&self) -> Result<u32, ShadowError> {
         Ok(self
             .region
@@ -189,7 +191,7 @@ impl ShadowLog {
     }
 
     /// Copies the whole log out. Take it after the previous writer is
-    /// fenced (DESIGN.md §5 step 2); a copy of a log still being written
+    /// fenced (docs/ARCHITECTURE.md §7.3); a copy of a log still being written
     /// may be torn, and the planner then reports corrupt entries instead
     /// of a plan for the real state.
     pub fn snapshot(&self) -> Result<LogSnapshot, ShadowError> {
@@ -212,7 +214,7 @@ impl ShadowLog {
         Ok(())
     }
 
-    /// Takes the log over for a new instance (DESIGN.md §5 step 3): bumps
+    /// Takes the log over for a new instance (docs/ARCHITECTURE.md §6): bumps
     /// the generation and the crash-loop counter and rebuilds the private
     /// writer state from the log. Returns the new generation. Call only
     /// once the previous instance has exited.
@@ -253,8 +255,8 @@ impl ShadowLog {
         Ok(generation)
     }
 
-    /// Logs the request consumed at ring index `ring_idx` (DESIGN.md §4,
-    /// "consume"): copies it into a FREE entry with a new `seq`, commits the
+    /// Logs the request consumed at ring index `ring_idx` (docs/ARCHITECTURE.md
+    /// §7.1, consume): copies it into a FREE entry with a new `seq`, commits the
     /// entry as INFLIGHT, then advances the logged `req_cons` to
     /// `ring_idx + 1`. Requests must be logged in ring order; `request` is
     /// the slot's bytes (at most 112, zero-padded).
@@ -298,7 +300,7 @@ impl ShadowLog {
         self.point(t, 5);
         self.store32(i, entry::REPLAYS, 0)?;
         self.point(t, 6);
-        // Release = DESIGN.md §4 commit: the payload above is complete
+        // Release = the commit of §7.1: the payload above is complete
         // before the entry reads INFLIGHT.
         self.commit(i, EntryState::Inflight)?;
         self.point(t, 7);
@@ -312,7 +314,7 @@ impl ShadowLog {
     }
 
     /// Logs the response written to ring slot `rsp_idx` for `entry`
-    /// (DESIGN.md §4, "complete"): saves it and `rsp_idx`, commits the
+    /// (docs/ARCHITECTURE.md §7.1, complete): saves it and `rsp_idx`, commits the
     /// entry as COMPLETING, then raises the logged `rsp_prod_pvt` to
     /// `rsp_idx + 1`. Call after writing the ring slot and before
     /// publishing `rsp_prod`. `response` is at most 16 bytes.
@@ -363,7 +365,7 @@ impl ShadowLog {
         self.store32(i, entry::RSP_IDX, rsp_idx)?;
         step += 1;
         self.point(t, step);
-        // Release = DESIGN.md §4 commit: response and rsp_idx are complete
+        // Release = the commit of §7.1: response and rsp_idx are complete
         // before the entry reads COMPLETING.
         self.commit(i, EntryState::Completing)?;
         step += 1;
@@ -377,7 +379,7 @@ impl ShadowLog {
     }
 
     /// Records that the saved response of a COMPLETING entry was re-pushed
-    /// at ring slot `rsp_idx` (DESIGN.md §5 step 4, renumbering). Only
+    /// at ring slot `rsp_idx` (re-push renumbering, docs/ARCHITECTURE.md §7.5). Only
     /// `rsp_idx` changes: a single store, so the entry is never torn.
     pub fn log_repushed(&self, entry: EntryId, rsp_idx: u32) -> Result<(), ShadowError> {
         let mut guard = self.lock();
@@ -415,7 +417,7 @@ impl ShadowLog {
     fn free_locked(&self, w: &mut Writer, i: u32) -> Result<(), ShadowError> {
         let t = Transition::Free;
         self.point(t, 0);
-        // Release = DESIGN.md §4 "state = FREE for the published batch":
+        // Release = §7.1, freeing the published batch:
         // ordered after the caller's release store of sring.rsp_prod.
         self.commit(i, EntryState::Free)?;
         self.point(t, 1);
@@ -427,8 +429,8 @@ impl ShadowLog {
     }
 
     /// Frees every COMPLETING entry this instance logged whose response is
-    /// covered by the just-published `rsp_prod` (DESIGN.md §4, last step of
-    /// "complete"). The first publication of an instance also clears the
+    /// covered by the just-published `rsp_prod` (docs/ARCHITECTURE.md §7.1,
+    /// last step of complete). The first publication of an instance also clears the
     /// crash-loop counter. Returns how many entries were freed.
     pub fn log_published(&self, rsp_prod: u32) -> Result<usize, ShadowError> {
         let mut guard = self.lock();
@@ -459,7 +461,7 @@ impl ShadowLog {
         Ok(published.len())
     }
 
-    /// Persists the recovered `req_cons` of `plan` (DESIGN.md §5 step 4),
+    /// Persists the recovered `req_cons` of `plan` (docs/ARCHITECTURE.md §7.5),
     /// before anything else is replayed: from here on the request the last
     /// instance consumed without logging `req_cons` is accounted for even
     /// once its entry leaves INFLIGHT.
@@ -476,7 +478,8 @@ impl ShadowLog {
         Ok(())
     }
 
-    /// Counts one more replay of each entry (DESIGN.md §5 step 5). Call
+    /// Counts one more replay of each entry (the crash-loop breaker,
+    /// docs/ARCHITECTURE.md §7.5). Call
     /// just before re-submitting each one, not for the whole plan at once,
     /// so requests queued behind a poison request are not charged for the
     /// crashes it causes.

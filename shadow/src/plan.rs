@@ -1,4 +1,4 @@
-//! The recovery planner (DESIGN.md §5 step 4): pure code from a
+//! The recovery planner (docs/ARCHITECTURE.md §7.5, replay): pure code from a
 //! [`LogSnapshot`] and the ring's shared indices to a [`RecoveryPlan`].
 //!
 //! # Rules
@@ -134,7 +134,8 @@ pub struct CorruptEntry {
     pub request: [u8; REQUEST_SIZE],
 }
 
-/// What a new instance does before taking new work (DESIGN.md §5 step 4).
+/// What a new instance does before taking new work (docs/ARCHITECTURE.md
+/// §7.5).
 ///
 /// In order: [`ShadowLog::log_recovered`](crate::ShadowLog::log_recovered);
 /// attach the ring at (`req_cons`, `rsp_prod`); write each `repush`
@@ -175,7 +176,7 @@ impl RecoveryPlan {
     }
 }
 
-/// Plans recovery from `log` (DESIGN.md §5 step 4); the rules are in the
+/// Plans recovery from `log` (docs/ARCHITECTURE.md §7.5); the rules are in the
 /// [module documentation](crate::plan). `rsp_prod` and `req_prod` are the ring's
 /// shared indices, `ring_size` its slot count.
 ///

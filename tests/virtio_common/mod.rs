@@ -83,6 +83,7 @@ pub struct Backend {
 impl Backend {
     /// Starts `shadowback blkback` with `disk` as fd 4 and a fresh control
     /// socket as fd 3, like `supervisor/src/spawn.rs`.
+    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
     pub fn spawn(disk: &File, sectors: u64, env: &[(&str, &str)]) -> Self {
         let (ours, theirs) = SeqPacket::pair().unwrap();
         let theirs: OwnedFd = theirs.into_fd();

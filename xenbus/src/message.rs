@@ -292,7 +292,8 @@ fn is_value_char(c: char) -> bool {
     matches!(c, ' '..='~')
 }
 
-/// Strict decimal: 1–20 ASCII digits, no sign, no whitespace.
+/// Strict decimal: one or more ASCII digits, no sign, no whitespace; leading
+/// zeros are allowed (`0008` is 8) as long as the value fits `u64`.
 fn parse_decimal(key: &str, value: &str) -> Result<u64, XenbusError> {
     if value.is_empty() || !value.bytes().all(|c| c.is_ascii_digit()) {
         return Err(XenbusError::invalid(

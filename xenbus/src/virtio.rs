@@ -1,5 +1,5 @@
 //! `attach-virtio`: how the supervisor hands a vhost-user device's virtqueues
-//! to a backend process (DESIGN §8).
+//! to a backend process (docs/ARCHITECTURE.md §8, docs/PROTOCOL.md §6b).
 //!
 //! The supervisor terminates the vhost-user socket and keeps everything the
 //! VMM sent; a backend instance receives it in one message, re-sent to every

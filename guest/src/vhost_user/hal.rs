@@ -45,6 +45,7 @@ fn ram() -> Option<&'static GuestRam> {
 #[derive(Debug)]
 pub struct GuestHal;
 
+#[allow(unsafe_code, reason = "virtio-drivers' `Hal` is an unsafe trait")]
 // SAFETY: `dma_alloc` returns page-aligned pointers into the 'static RAM
 // mapping, from runs the page allocator hands out exactly once until
 // `dma_dealloc`, zeroed; `share` returns gpas the device may use for the
@@ -155,6 +156,7 @@ pub const MAX_CHAIN: usize = 3;
 
 /// The operations used on a `VirtQueue<GuestHal, SIZE>`, object-safe so the
 /// queue size can be chosen at run time.
+#[allow(unsafe_code, reason = "mirrors `VirtQueue`'s unsafe add/pop contracts")]
 trait RawQueue: Send {
     /// # Safety
     /// `inputs`/`outputs` must stay valid until `pop` of the returned token.
@@ -175,6 +177,7 @@ trait RawQueue: Send {
 
 type QueueResult<T> = Result<T, virtio_drivers::Error>;
 
+#[allow(unsafe_code, reason = "forwards to `VirtQueue`'s unsafe add/pop")]
 impl<const SIZE: usize> RawQueue for VirtQueue<GuestHal, SIZE> {
     unsafe fn add<'a, 'b>(
         &mut self,
@@ -261,6 +264,7 @@ impl RequestQueue {
     /// Publishes a chain (driver-read buffers first, then device-written
     /// ones, as virtio requires) and returns its head descriptor, the token
     /// the device will report in the used ring.
+    #[allow(unsafe_code, reason = "calls `RawQueue::add` with RAM-backed slices")]
     pub fn add(&mut self, chain: &[ChainBuf]) -> QueueResult<u16> {
         let mut inputs: [&[u8]; MAX_CHAIN] = [&[]; MAX_CHAIN];
         let mut outputs: [&mut [u8]; MAX_CHAIN] = [&mut [], &mut [], &mut []];
@@ -275,6 +279,7 @@ impl RequestQueue {
     /// what was passed to [`RequestQueue::add`] for it. Returns the used
     /// length the device reported. Fails (without panicking) if `token` is
     /// not the next used entry.
+    #[allow(unsafe_code, reason = "calls `RawQueue::pop` with the slices of `add`")]
     pub fn pop(&mut self, token: u16, chain: &[ChainBuf]) -> QueueResult<u32> {
         let mut inputs: [&[u8]; MAX_CHAIN] = [&[]; MAX_CHAIN];
         let mut outputs: [&mut [u8]; MAX_CHAIN] = [&mut [], &mut [], &mut []];
@@ -289,6 +294,7 @@ impl RequestQueue {
 /// Turns a chain into the slices `VirtQueue` wants: `(inputs, outputs)`
 /// counts. Every buffer must lie in RAM, and device-written buffers must
 /// follow driver-written ones.
+#[allow(unsafe_code, reason = "builds slices over guest RAM from gpas")]
 fn slices<'s>(
     ram: &'static GuestRam,
     chain: &[ChainBuf],
@@ -326,12 +332,14 @@ fn slices<'s>(
 }
 
 /// Borrows the fd of an `EventFd` (which lacks `AsFd`) for `poll(2)`.
+#[allow(unsafe_code, reason = "`BorrowedFd::borrow_raw`")]
 pub fn borrow_eventfd(fd: &EventFd) -> BorrowedFd<'_> {
     // SAFETY: the EventFd owns its fd and outlives the borrow.
     unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
 }
 
 #[cfg(test)]
+#[allow(unsafe_code, reason = "the tests call the `Hal`'s unsafe functions")]
 mod tests {
     use super::*;
 

@@ -1,5 +1,5 @@
 //! A native vhost-user-blk client: this process plays the VMM *and* the
-//! guest driver, with no VM in between (DESIGN.md §8).
+//! guest driver, with no VM in between (docs/ARCHITECTURE.md §8).
 //!
 //! - [`memory`]: guest RAM, one sealed memfd at guest-physical address 0,
 //!   and its DMA allocator.
@@ -11,7 +11,6 @@
 //!   [`crate::device::BlockDevice`], and [`connect_simple`], `virtio-drivers`'
 //!   own `VirtIOBlk` over the same transport for cross-checks.
 
-#[allow(unsafe_code)]
 pub mod hal;
 
 pub mod blk;
