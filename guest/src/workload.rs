@@ -21,8 +21,8 @@
 //! region in batches, waiting for each batch to complete, so every queue
 //! drains to empty between batches — on its own schedule, while another
 //! queue may be busy. A queue that is often empty exercises what a
-//! saturated one never does: a backend crash at a moment when nothing of
-//! that queue is in flight (docs/ARCHITECTURE.md §5).
+//! saturated one never does: an instance killed at a moment when nothing
+//! of that queue is in flight (docs/ARCHITECTURE.md §5, §7.4).
 
 use std::collections::HashMap;
 use std::fmt;
