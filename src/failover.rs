@@ -1,7 +1,9 @@
 //! `shadowback bench failover`: the guest-visible stall of a backend crash.
 //!
-//! A guest process keeps a saturating QD32 verifying workload running
-//! while the backend is SIGKILLed N times at random moments. For every kill
+//! A guest process keeps a verifying workload running — a saturating QD32
+//! random mix, or (`--pattern rounds`) the Linux test guest's rounds, which
+//! let every queue drain between batches — while the backend is SIGKILLed
+//! N times at random moments. For every kill
 //! the stall is measured as the guest saw it — from its last completion
 //! before the kill to its first completion after — alongside the
 //! supervisor's own breakdown (detect, fence, takeover, replay). The guest
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use shadowback_guest::vhost_user::VhostUserBlkOptions;
-use shadowback_guest::workload::Report;
+use shadowback_guest::workload::{Pattern, Report};
 use shadowback_supervisor::{
     BackendCommand, Config, DiskConfig, SupervisorThread, MAX_VHOST_QUEUE_SIZE,
 };
@@ -55,9 +57,17 @@ pub struct FailoverArgs {
     /// Mean time between kills, in ms (each is drawn from 0.5x to 1.5x).
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
-    /// Requests the guest keeps in flight.
+    /// Requests the guest keeps in flight (`--pattern random`).
     #[arg(long, default_value_t = 32)]
     qd: usize,
+    /// The guest's verifying op stream: `random` or `rounds[:BATCH]` (see
+    /// `shadowback guest blk --help`).
+    #[arg(long, default_value = "random")]
+    pattern: Pattern,
+    /// vhost-user: virtqueues, each with its own round worker under
+    /// `--pattern rounds`.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
     /// Image size in MiB.
     #[arg(long, default_value_t = 256)]
     image_mib: u64,
@@ -96,11 +106,14 @@ struct Breakdown {
 struct FailoverReport {
     mode: Mode,
     transport: Transport,
+    pattern: String,
+    queues: u16,
     qd: usize,
     kills: u32,
     lost: u64,
     duplicates: u64,
     verify_failures: u64,
+    stale_reads: u64,
     io_errors: u64,
     stall_us: Dist,
     supervisor_us: Breakdown,
@@ -109,7 +122,10 @@ struct FailoverReport {
     replayed: u64,
     repushed: u64,
     ops: u64,
+    rounds: u64,
     sectors_verified_final: u64,
+    /// The guest's first failure descriptions.
+    failures: Vec<String>,
 }
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
@@ -118,6 +134,9 @@ pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
 }
 
 fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
+    if args.queues != 1 && args.transport != Transport::VhostUser {
+        return Err("--queues is for --transport vhost-user".into());
+    }
     // A vhost-user request takes three descriptors: size the virtqueue for
     // the queue depth, or the client would cap the depth silently.
     let vu_queue_size = args
@@ -149,6 +168,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             standby: args.mode == Mode::Hot,
             vhost_user: (args.transport == Transport::VhostUser).then(|| vhost_socket.clone()),
             queue_size: vu_queue_size,
+            num_queues: args.queues,
             ..DiskConfig::new("disk0", image)
         }],
     };
@@ -163,7 +183,8 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         Transport::VhostUser => guest
             .args(["guest", "blk", "--transport", "vhost-user", "--socket"])
             .arg(&vhost_socket)
-            .args(["--queue-size", &vu_queue_size.to_string()]),
+            .args(["--queue-size", &vu_queue_size.to_string()])
+            .args(["--queues", &args.queues.to_string()]),
     };
     let mut guest = guest
         .arg("--completions-file")
@@ -177,6 +198,8 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             &args.qd.to_string(),
             "--max-kib",
             "64",
+            "--pattern",
+            &args.pattern.to_string(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -267,11 +290,14 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let out = FailoverReport {
         mode: args.mode,
         transport: args.transport,
+        pattern: args.pattern.to_string(),
+        queues: args.queues,
         qd: args.qd,
         kills: args.kills,
         lost: report.lost,
         duplicates: report.duplicates,
         verify_failures: report.verify_failures,
+        stale_reads: report.stale_reads,
         io_errors: report.io_errors,
         stall_us: Dist::of(&stalls),
         supervisor_us: Breakdown {
@@ -286,7 +312,9 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         replayed: final_stats.replayed,
         repushed: final_stats.repushed,
         ops: report.ops,
+        rounds: report.rounds,
         sectors_verified_final: report.sectors_verified_final,
+        failures: report.failures,
     };
     let clean =
         out.lost == 0 && out.duplicates == 0 && out.verify_failures == 0 && out.io_errors == 0;
@@ -311,9 +339,22 @@ fn print(r: &FailoverReport, measured: usize) {
         Transport::Xen => "Xen ring",
         Transport::VhostUser => "vhost-user",
     };
+    let workload = if r.pattern == "random" {
+        format!("QD{} verifying workload", r.qd)
+    } else {
+        format!(
+            "verifying workload in rounds ({}: batches per queue, each drained before the next)",
+            r.pattern
+        )
+    };
+    let queues = if r.queues > 1 {
+        format!(", {} queues", r.queues)
+    } else {
+        String::new()
+    };
     println!(
-        "shadowback bench failover — {} SIGKILLs, {mode}, {transport}, QD{} verifying workload",
-        r.kills, r.qd
+        "shadowback bench failover — {} SIGKILLs, {mode}, {transport}{queues}, {workload}",
+        r.kills
     );
     println!(
         "  guest-visible stall   p50 {} us, p99 {} us, max {} us   ({measured} kills measured)",
@@ -336,9 +377,18 @@ fn print(r: &FailoverReport, measured: usize) {
         r.standby_takeovers, r.cold_takeovers, r.replayed, r.repushed
     );
     println!(
-        "  guest                 {} ops; lost {}, duplicates {}, verify failures {}, I/O errors {}; {} sectors verified at the end",
-        r.ops, r.lost, r.duplicates, r.verify_failures, r.io_errors, r.sectors_verified_final
+        "  guest                 {} ops; lost {}, duplicates {}, verify failures {} ({} stale reads), I/O errors {}; {} sectors verified at the end",
+        r.ops, r.lost, r.duplicates, r.verify_failures, r.stale_reads, r.io_errors, r.sectors_verified_final
     );
+    if r.pattern != "random" {
+        println!(
+            "  rounds                {} completed (summed over the queues)",
+            r.rounds
+        );
+    }
+    for f in &r.failures {
+        println!("  FAILURE: {f}");
+    }
     println!("  (stall = last completion before a kill → first completion after it, CLOCK_MONOTONIC in both processes;");
-    println!("   with QD32 in flight the stall includes the replayed requests' own I/O time)");
+    println!("   with requests in flight the stall includes the replayed requests' own I/O time)");
 }

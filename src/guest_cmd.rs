@@ -20,7 +20,7 @@ use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, DeviceErro
 use shadowback_guest::vhost_user::blk::MAX_REQUEST_BYTES;
 use shadowback_guest::vhost_user::{VhostUserBlk, VhostUserBlkOptions};
 use shadowback_guest::workload::{
-    BenchConfig, BenchOp, BenchWorkload, Progress, Report, VerifyConfig, VerifyWorkload,
+    BenchConfig, BenchOp, BenchWorkload, Pattern, Progress, Report, VerifyConfig, VerifyWorkload,
 };
 
 use crate::CliError;
@@ -72,9 +72,16 @@ pub struct GuestBlkArgs {
     /// Seconds of workload.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
-    /// Requests in flight.
+    /// Requests in flight (`--pattern random`).
     #[arg(long, default_value_t = 32)]
     pub qd: usize,
+    /// The verifying op stream: `random` (a mix of random ops, `--qd` in
+    /// flight all the time) or `rounds[:BATCH]` (the Linux test guest's
+    /// pattern: a worker per queue rewrites and re-reads its share of the
+    /// disk in batches of BATCH 4 KiB requests, default 16, waiting for
+    /// each batch, so every queue drains between batches).
+    #[arg(long, default_value = "random")]
+    pub pattern: Pattern,
     /// Workload seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -121,6 +128,8 @@ fn merge(total: &mut Report, r: &Report) {
     total.io_errors += r.io_errors;
     total.lost += r.lost;
     total.duplicates += r.duplicates;
+    total.stale_reads += r.stale_reads;
+    total.rounds += r.rounds;
     total.elapsed_s += r.elapsed_s;
     // Percentiles do not add up: keep the worst segment's.
     if r.lat_us.p99_us > total.lat_us.p99_us {
@@ -160,6 +169,17 @@ impl BlockDevice for Timed<'_> {
     }
     fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
         self.dev.submit(tag, req)
+    }
+    fn queues(&self) -> usize {
+        self.dev.queues()
+    }
+    fn submit_to(
+        &mut self,
+        queue: usize,
+        tag: u64,
+        req: &BlockRequest<'_>,
+    ) -> Result<(), DeviceError> {
+        self.dev.submit_to(queue, tag, req)
     }
     fn kick(&mut self) -> Result<(), DeviceError> {
         self.dev.kick()
@@ -333,6 +353,7 @@ fn run_blk(args: &GuestBlkArgs) -> Result<ExitCode, CliError> {
         flush_percent: args.flush_percent,
         discard_percent: args.discard_percent,
         max_bytes: args.max_kib.max(4) * 1024,
+        pattern: args.pattern,
         ..VerifyConfig::default()
     });
     let report = match &args.stop_file {

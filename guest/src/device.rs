@@ -187,6 +187,33 @@ pub trait BlockDevice {
     /// delivered for `tag`.
     fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError>;
 
+    /// How many hardware queues (virtqueues, rings) requests can be steered
+    /// to with [`submit_to`](Self::submit_to); 1 for single-queue
+    /// transports.
+    fn queues(&self) -> usize {
+        1
+    }
+
+    /// Like [`submit`](Self::submit), on queue `queue` (`< queues()`)
+    /// rather than wherever the device would put it. The round pattern of
+    /// [`crate::workload`] uses it so each queue drains on its own.
+    /// [`DeviceError::QueueFull`] means *that* queue is full. Devices with
+    /// one queue need not override it; wrappers must forward both.
+    fn submit_to(
+        &mut self,
+        queue: usize,
+        tag: u64,
+        req: &BlockRequest<'_>,
+    ) -> Result<(), DeviceError> {
+        if queue >= self.queues() {
+            return Err(DeviceError::InvalidRequest(format!(
+                "queue {queue} of {}",
+                self.queues()
+            )));
+        }
+        self.submit(tag, req)
+    }
+
     /// Publish queued requests and notify the backend if it asked for it.
     fn kick(&mut self) -> Result<(), DeviceError>;
 

@@ -4,7 +4,15 @@
 //! reaped (in submission order or shuffled, to exercise out-of-order
 //! completion) and has fault knobs that model the backend bugs the verifying
 //! workload must catch: lost writes and discards, corrupted reads, misdirected
-//! writes, torn failed writes, lost and duplicated completions.
+//! writes, torn failed writes, lost and duplicated completions, and an
+//! acknowledged write that lands again after a newer one (a recovery
+//! resubmitting a request the guest had already seen completed).
+//!
+//! It can have several queues ([`MemDisk::with_queues`]) sharing its slots
+//! evenly; [`BlockDevice::submit_to`] picks one, `submit` goes round-robin.
+//! The queues only matter for capacity and the statistics (how often one
+//! queue drained while another was busy): requests of all queues complete
+//! in one order.
 //!
 //! In strict mode (the default) it also rejects any request that overlaps an
 //! in-flight write or discard, so a workload that breaks the "no overlapping
@@ -46,12 +54,25 @@ pub struct MemDiskStats {
     pub overlap_violations: u64,
     /// Failed writes that stored part of their data before failing.
     pub torn_writes: u64,
+    /// Most requests in flight on one queue at once.
+    pub max_queue_in_flight_seen: usize,
+    /// Completions that left their queue empty.
+    pub queue_drains: u64,
+    /// Completions that left their queue empty while another queue still
+    /// had requests in flight.
+    pub drained_beside_busy: u64,
+    /// Requests accepted per queue.
+    pub submitted_per_queue: [u64; MAX_QUEUES],
 }
+
+/// Most queues a [`MemDisk`] can have.
+pub const MAX_QUEUES: usize = 8;
 
 /// A request between `submit` and its completion.
 #[derive(Debug)]
 struct Pending {
     tag: u64,
+    queue: usize,
     op: BlockOp,
     sector: u64,
     sectors: u32,
@@ -77,6 +98,18 @@ struct Faults {
     misdirect: Option<u64>,
     swallow: u64,
     duplicate: u64,
+    late: Late,
+}
+
+/// [`MemDisk::replay_next_write_late`]'s state.
+#[derive(Debug, Default)]
+enum Late {
+    #[default]
+    Off,
+    /// The next write is to be remembered.
+    Armed,
+    /// A write that lands again right after the next write overlapping it.
+    Holding { sector: u64, data: Vec<u8> },
 }
 
 /// An in-memory block device. See the module docs.
@@ -90,6 +123,8 @@ pub struct MemDisk {
     strict: bool,
     order: CompletionOrder,
     rng: SplitMix64,
+    queues: usize,
+    next_queue: usize,
     /// Submitted, not yet kicked.
     queued: Vec<Pending>,
     /// Kicked, not yet completed.
@@ -118,6 +153,8 @@ impl MemDisk {
             strict: true,
             order: CompletionOrder::InOrder,
             rng: SplitMix64::new(0),
+            queues: 1,
+            next_queue: 0,
             queued: Vec::new(),
             published: Vec::new(),
             lost: Vec::new(),
@@ -138,6 +175,20 @@ impl MemDisk {
     /// Sets the number of request slots.
     pub fn with_max_in_flight(mut self, slots: usize) -> Self {
         self.max_in_flight = slots;
+        self
+    }
+
+    /// Sets the number of queues (1..=[`MAX_QUEUES`]); each holds an even
+    /// share of the slots.
+    ///
+    /// # Panics
+    /// If `queues` is out of range (a test bug).
+    pub fn with_queues(mut self, queues: usize) -> Self {
+        assert!(
+            (1..=MAX_QUEUES).contains(&queues),
+            "MemDisk queues {queues}"
+        );
+        self.queues = queues;
         self
     }
 
@@ -223,6 +274,23 @@ impl MemDisk {
     /// Delivers the next `n` completions twice.
     pub fn duplicate_next_completion(&mut self, n: u64) {
         self.faults.duplicate += n;
+    }
+
+    /// Executes the next write normally, then stores its data again right
+    /// after the next write that overlaps it was executed: an acknowledged
+    /// write landing after a newer one, as when a restarted backend
+    /// resubmits a request whose completion the guest has already seen.
+    pub fn replay_next_write_late(&mut self) {
+        self.faults.late = Late::Armed;
+    }
+
+    /// Slots of one queue.
+    fn queue_slots(&self) -> usize {
+        (self.max_in_flight / self.queues).max(1)
+    }
+
+    fn queue_in_flight(&self, queue: usize) -> usize {
+        self.in_flight_iter().filter(|p| p.queue == queue).count()
     }
 
     fn capacity(&self) -> u64 {
@@ -332,6 +400,23 @@ impl MemDisk {
                     None => range,
                 };
                 self.image[range].copy_from_slice(data);
+                self.faults.late = match std::mem::take(&mut self.faults.late) {
+                    Late::Off => Late::Off,
+                    Late::Armed => Late::Holding {
+                        sector: p.sector,
+                        data: data.clone(),
+                    },
+                    Late::Holding { sector, data: old } => {
+                        let end = sector + old.len() as u64 / SECTOR_SIZE;
+                        if sector < p.sector + u64::from(p.sectors) && p.sector < end {
+                            let at = (sector * SECTOR_SIZE) as usize;
+                            self.image[at..at + old.len()].copy_from_slice(&old);
+                            Late::Off
+                        } else {
+                            Late::Holding { sector, data: old }
+                        }
+                    }
+                };
                 done(Status::Ok, None)
             }
             BlockOp::Discard if !self.discard => done(Status::NotSupported, None),
@@ -345,6 +430,18 @@ impl MemDisk {
             }
             BlockOp::Flush if !self.flush => done(Status::NotSupported, None),
             BlockOp::Flush => done(Status::Ok, None),
+        }
+    }
+
+    /// Counts `queue` draining, alone or while another is busy (after one
+    /// of its requests left the in-flight lists).
+    fn note_completion(&mut self, queue: usize) {
+        if self.queue_in_flight(queue) > 0 {
+            return;
+        }
+        self.stats.queue_drains += 1;
+        if (0..self.queues).any(|q| q != queue && self.queue_in_flight(q) > 0) {
+            self.stats.drained_beside_busy += 1;
         }
     }
 
@@ -381,7 +478,35 @@ impl BlockDevice for MemDisk {
     }
 
     fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
-        if self.in_flight() >= self.max_in_flight {
+        let slots = self.queue_slots();
+        let queue = (0..self.queues)
+            .map(|i| (self.next_queue + i) % self.queues)
+            .find(|&q| self.queue_in_flight(q) < slots)
+            .ok_or(DeviceError::QueueFull)?;
+        self.submit_to(queue, tag, req)?;
+        self.next_queue = (queue + 1) % self.queues;
+        Ok(())
+    }
+
+    fn queues(&self) -> usize {
+        self.queues
+    }
+
+    fn submit_to(
+        &mut self,
+        queue: usize,
+        tag: u64,
+        req: &BlockRequest<'_>,
+    ) -> Result<(), DeviceError> {
+        if queue >= self.queues {
+            return Err(DeviceError::InvalidRequest(format!(
+                "queue {queue} of {}",
+                self.queues
+            )));
+        }
+        if self.in_flight() >= self.max_in_flight
+            || self.queue_in_flight(queue) >= self.queue_slots()
+        {
             return Err(DeviceError::QueueFull);
         }
         self.validate(tag, req)?;
@@ -396,6 +521,7 @@ impl BlockDevice for MemDisk {
         }
         let pending = Pending {
             tag,
+            queue,
             op: req.op,
             sector: req.sector,
             sectors: req.sectors,
@@ -409,7 +535,12 @@ impl BlockDevice for MemDisk {
             self.queued.push(pending);
         }
         self.stats.submitted += 1;
+        self.stats.submitted_per_queue[queue] += 1;
         self.stats.max_in_flight_seen = self.stats.max_in_flight_seen.max(self.in_flight());
+        self.stats.max_queue_in_flight_seen = self
+            .stats
+            .max_queue_in_flight_seen
+            .max(self.queue_in_flight(queue));
         Ok(())
     }
 
@@ -425,8 +556,11 @@ impl BlockDevice for MemDisk {
     ) -> Result<(), DeviceError> {
         match self.order {
             CompletionOrder::InOrder => {
-                for p in std::mem::take(&mut self.published) {
+                while !self.published.is_empty() {
+                    let p = self.published.remove(0);
+                    let queue = p.queue;
                     let c = self.execute(p);
+                    self.note_completion(queue);
                     self.deliver(c, out);
                 }
             }
@@ -438,7 +572,9 @@ impl BlockDevice for MemDisk {
                 for _ in 0..=self.rng.below(n) {
                     let i = self.rng.below(self.published.len() as u64) as usize;
                     let p = self.published.swap_remove(i);
+                    let queue = p.queue;
                     let c = self.execute(p);
+                    self.note_completion(queue);
                     self.deliver(c, out);
                 }
             }
@@ -536,6 +672,53 @@ mod tests {
         sorted.sort_unstable();
         assert_eq!(sorted, (0..32).collect::<Vec<_>>());
         assert_ne!(tags, sorted, "seed 3 reorders");
+    }
+
+    #[test]
+    fn a_late_write_lands_again_after_the_next_overlapping_one() {
+        let mut disk = MemDisk::new(64);
+        disk.replay_next_write_late();
+        let (old, new) = (vec![1u8; 4096], vec![2u8; 4096]);
+        for (tag, req) in [
+            (1, BlockRequest::write(8, &old)),
+            (2, BlockRequest::write(32, &new)),
+            (3, BlockRequest::write(12, &new)),
+        ] {
+            disk.submit(tag, &req).unwrap();
+            disk.kick().unwrap();
+            assert_eq!(poll(&mut disk)[0].status, Status::Ok);
+            assert!(disk.image()[8 * 512..16 * 512].iter().all(|&b| b == 1));
+        }
+        assert!(disk.image()[32 * 512..40 * 512].iter().all(|&b| b == 2));
+        assert!(disk.image()[16 * 512..20 * 512].iter().all(|&b| b == 2));
+        // Once only.
+        disk.submit(4, &BlockRequest::write(8, &new)).unwrap();
+        disk.kick().unwrap();
+        poll(&mut disk);
+        assert!(disk.image()[8 * 512..16 * 512].iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn queues_share_the_slots_and_count_drains() {
+        let mut disk = MemDisk::new(1024).with_max_in_flight(8).with_queues(2);
+        for tag in 0..4 {
+            disk.submit_to(1, tag, &BlockRequest::read(tag * 8, 8, false))
+                .unwrap();
+        }
+        assert!(matches!(
+            disk.submit_to(1, 9, &BlockRequest::flush()),
+            Err(DeviceError::QueueFull)
+        ));
+        assert!(disk.submit_to(2, 9, &BlockRequest::flush()).is_err());
+        // Round-robin finds the queue with room.
+        disk.submit(10, &BlockRequest::flush()).unwrap();
+        disk.submit(11, &BlockRequest::flush()).unwrap();
+        assert_eq!(disk.stats().submitted_per_queue[..2], [2, 4]);
+        disk.kick().unwrap();
+        assert_eq!(poll(&mut disk).len(), 6);
+        let s = disk.stats();
+        assert_eq!((s.max_queue_in_flight_seen, s.queue_drains), (4, 2));
+        assert_eq!(s.drained_beside_busy, 1, "queue 1 was still busy");
     }
 
     #[test]

@@ -13,8 +13,20 @@
 //!
 //! A write or discard that fails leaves its range *unknown* (it may be torn);
 //! unknown sectors are not judged until a later write succeeds on them.
+//!
+//! Two op streams ([`Pattern`]): random ops that keep `queue_depth`
+//! requests in flight all the time, and the round pattern of the Linux test
+//! guest (`scripts/guest/guest-io.c`, docs/GUEST.md "The guest workload"):
+//! one worker per device queue rewrites and re-reads its own share of the
+//! region in batches, waiting for each batch to complete, so every queue
+//! drains to empty between batches — on its own schedule, while another
+//! queue may be busy. A queue that is often empty exercises what a
+//! saturated one never does: an instance killed at a moment when nothing
+//! of that queue is in flight (docs/ARCHITECTURE.md §5, §7.4).
 
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +87,71 @@ pub struct VerifyConfig {
     /// A request in flight longer than this counts as a lost completion and
     /// ends the run (checked whenever a poll returns nothing).
     pub stall_timeout: Duration,
+    /// What the timed phase issues. [`Pattern::Rounds`] ignores
+    /// `queue_depth`, the op sizes and the op mix.
+    pub pattern: Pattern,
+}
+
+/// The op stream of a [`VerifyWorkload`]'s timed phase.
+///
+/// Parsed from (and displayed as) `random`, `rounds` or `rounds:BATCH`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Pattern {
+    /// Reads, writes, flushes and discards of random sizes at random
+    /// places, `queue_depth` of them in flight all the time.
+    #[default]
+    Random,
+    /// Rounds, as the Linux test guest does them. The region is split into
+    /// one share per device queue ([`BlockDevice::queues`]); a worker per
+    /// share issues its requests on its own queue
+    /// ([`BlockDevice::submit_to`]) in batches of up to `batch` 4 KiB
+    /// requests — every request of a batch submitted before any is
+    /// reaped, the next batch only once all of them completed, so the
+    /// queue is empty between batches. Round `r` of a worker: for each
+    /// batch of its share, read it back and check it holds round `r - 1`
+    /// (from round 1 on), then write round `r`; then read the whole share
+    /// back, batch by batch, and check it holds round `r`. Workers are
+    /// independent: one queue drains while another is busy. A run that
+    /// ends mid-round (its duration or `max_ops`, both checked before each
+    /// batch) resumes there on the next [`VerifyWorkload::run`].
+    Rounds {
+        /// Requests per batch, capped at a queue's share of the device's
+        /// slots and at the worker's share of the region.
+        batch: usize,
+    },
+}
+
+/// The batch of `--pattern rounds`: as many requests as the Linux test
+/// guest's workers keep in flight.
+pub const DEFAULT_ROUND_BATCH: usize = 16;
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pattern::Random => write!(f, "random"),
+            Pattern::Rounds { batch } => write!(f, "rounds:{batch}"),
+        }
+    }
+}
+
+impl FromStr for Pattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            None if s == "random" => Ok(Pattern::Random),
+            None if s == "rounds" => Ok(Pattern::Rounds {
+                batch: DEFAULT_ROUND_BATCH,
+            }),
+            Some(("rounds", n)) => match n.parse::<usize>() {
+                Ok(batch) if batch > 0 => Ok(Pattern::Rounds { batch }),
+                _ => Err(format!("rounds:{n}: the batch is a positive number")),
+            },
+            _ => Err(format!(
+                "unknown pattern {s:?} (random, rounds or rounds:BATCH)"
+            )),
+        }
+    }
 }
 
 impl Default for VerifyConfig {
@@ -93,6 +170,7 @@ impl Default for VerifyConfig {
             region: None,
             assume_zeroed: true,
             stall_timeout: Duration::from_secs(30),
+            pattern: Pattern::Random,
         }
     }
 }
@@ -170,6 +248,15 @@ pub struct Report {
     /// too).
     #[serde(default)]
     pub duplicates: u64,
+    /// Reads that found an older generation of the right sector: an
+    /// acknowledged write lost, or an older one landing after it (counted
+    /// in `verify_failures` too).
+    #[serde(default)]
+    pub stale_reads: u64,
+    /// [`Pattern::Rounds`]: rounds whose read-back completed, summed over
+    /// the workers.
+    #[serde(default)]
+    pub rounds: u64,
 }
 
 /// A positive multiple of [`BLOCK_BYTES`].
@@ -333,6 +420,120 @@ struct Carried {
     rng: SplitMix64,
     next_gen: u32,
     next_tag: u64,
+    /// [`Pattern::Rounds`]: one per device queue, made by the first run.
+    workers: Vec<Worker>,
+}
+
+/// A batch of a [`Pattern::Rounds`] worker: batch `j` of the share is
+/// blocks `j * batch ..` of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Read batch `j` back: it must still hold the previous round.
+    Check(u64),
+    /// Write batch `j` with this round's data.
+    Write(u64),
+    /// Read batch `j` back: it must hold this round.
+    Verify(u64),
+}
+
+/// Oldest rounds a worker remembers the first write generation of.
+const ROUND_HISTORY: usize = 4;
+
+/// One [`Pattern::Rounds`] worker: its share of the region, its queue and
+/// where it is in its rounds.
+#[derive(Clone, Debug)]
+struct Worker {
+    /// The device queue it submits to (= its index).
+    queue: usize,
+    /// First block of the share, relative to the region start.
+    first: u64,
+    /// Blocks in the share.
+    blocks: u64,
+    /// Requests per batch.
+    batch: u64,
+    round: u64,
+    /// The next batch to issue.
+    next: Step,
+    /// Requests of its batch in flight.
+    in_flight: usize,
+    /// `(round, first generation written in it)`, newest last: a stale
+    /// read's generation tells which round's data came back.
+    gens: Vec<(u64, u32)>,
+}
+
+impl Worker {
+    fn batches(&self) -> u64 {
+        self.blocks.div_ceil(self.batch)
+    }
+
+    /// Share-relative blocks of batch `j`.
+    fn blocks_of(&self, j: u64) -> std::ops::Range<u64> {
+        j * self.batch..((j + 1) * self.batch).min(self.blocks)
+    }
+
+    /// The step after `step`, moving to the next round after the last
+    /// read-back.
+    fn advance(&mut self, step: Step) {
+        let last = self.batches() - 1;
+        self.next = match step {
+            Step::Check(j) => Step::Write(j),
+            Step::Write(j) if j < last && self.round > 0 => Step::Check(j + 1),
+            Step::Write(j) if j < last => Step::Write(j + 1),
+            Step::Write(_) => Step::Verify(0),
+            Step::Verify(j) if j < last => Step::Verify(j + 1),
+            Step::Verify(_) => {
+                self.round += 1;
+                Step::Check(0)
+            }
+        };
+    }
+
+    /// Which of the remembered rounds generation `gen` was written in.
+    fn round_of(&self, gen: u32) -> Option<u64> {
+        self.gens
+            .iter()
+            .rev()
+            .find(|&&(_, first)| gen >= first)
+            .map(|&(round, _)| round)
+    }
+
+    /// `gen` described as a round, for failure messages.
+    fn describe(&self, gen: u32) -> String {
+        match self.round_of(gen) {
+            Some(r) => format!("round {r} (gen {gen})"),
+            None if gen == pattern::GEN_ZERO => "zeros".into(),
+            None => format!(
+                "gen {gen}, from before round {}",
+                self.gens.first().map_or(0, |g| g.0)
+            ),
+        }
+    }
+}
+
+/// Splits `blocks` into one share per queue (fewer if there are fewer
+/// blocks than queues), continuing at round `round`.
+fn make_workers(blocks: u64, queues: usize, batch: u64, round: u64) -> Vec<Worker> {
+    let n = (queues as u64).clamp(1, blocks);
+    (0..n)
+        .map(|w| {
+            let first = w * blocks / n;
+            let share = (w + 1) * blocks / n - first;
+            Worker {
+                queue: w as usize,
+                first,
+                blocks: share,
+                batch: batch.min(share),
+                round,
+                next: if round == 0 {
+                    Step::Write(0)
+                } else {
+                    Step::Check(0)
+                },
+                in_flight: 0,
+                gens: Vec::new(),
+            }
+        })
+        .collect()
 }
 
 /// One request the workload wants to issue.
@@ -363,6 +564,16 @@ struct InflightOp {
     gen: u32,
     submitted_at: Instant,
     phase: Phase,
+    /// The [`Pattern::Rounds`] batch it belongs to.
+    round: Option<RoundOp>,
+}
+
+/// Where a request of a [`Pattern::Rounds`] batch belongs.
+#[derive(Clone, Copy, Debug)]
+struct RoundOp {
+    worker: usize,
+    round: u64,
+    step: Step,
 }
 
 /// Where the next ops come from.
@@ -496,6 +707,7 @@ impl<'c> Engine<'c> {
         dev: &mut dyn BlockDevice,
         op: PlannedOp,
         phase: Phase,
+        round: Option<RoundOp>,
     ) -> Result<(), DeviceError> {
         let tag = self.st.next_tag;
         let gen = if op.op == BlockOp::Write {
@@ -514,7 +726,10 @@ impl<'c> Engine<'c> {
             }
         };
         let submitted_at = Instant::now();
-        dev.submit(tag, &req)?;
+        match round {
+            Some(r) => dev.submit_to(self.st.workers[r.worker].queue, tag, &req)?,
+            None => dev.submit(tag, &req)?,
+        }
         self.st.next_tag = tag.wrapping_add(1);
         if op.op == BlockOp::Write {
             self.st.next_gen += 1;
@@ -531,6 +746,7 @@ impl<'c> Engine<'c> {
                 gen,
                 submitted_at,
                 phase,
+                round,
             },
         );
         Ok(())
@@ -564,7 +780,7 @@ impl<'c> Engine<'c> {
                 if self.conflicts(&op) {
                     break;
                 }
-                match self.submit(dev, op, phase) {
+                match self.submit(dev, op, phase, None) {
                     Ok(()) => {
                         self.pending = None;
                         batch += 1;
@@ -599,6 +815,131 @@ impl<'c> Engine<'c> {
             self.completions = completions;
             self.tick(now, phase, progress);
         }
+    }
+
+    /// [`Pattern::Rounds`]: one worker per device queue, carried over from
+    /// the previous run unless the queues or the batch changed (then a new
+    /// round starts on the new layout).
+    fn prepare_workers(&mut self, batch: usize, dev: &dyn BlockDevice) -> Result<(), DeviceError> {
+        if batch == 0 {
+            return Err(invalid("round batch 0"));
+        }
+        let queues = dev.queues().max(1);
+        let per_queue = (dev.max_in_flight() / queues).max(1);
+        let batch = batch.min(per_queue) as u64;
+        let blocks = self.st.geometry.blocks;
+        let same = self.st.workers.len() as u64 == (queues as u64).clamp(1, blocks)
+            && self
+                .st
+                .workers
+                .iter()
+                .all(|w| w.batch == batch.min(w.blocks));
+        if !same {
+            let round = self
+                .st
+                .workers
+                .iter()
+                .map(|w| w.round + 1)
+                .max()
+                .unwrap_or(0);
+            self.st.workers = make_workers(blocks, queues, batch, round);
+        }
+        Ok(())
+    }
+
+    /// [`Pattern::Rounds`]: every worker whose queue is empty issues its
+    /// next batch, until `deadline` or `max_ops`; then drains. Stops early
+    /// on a lost completion (`self.stalled`).
+    fn pump_rounds(
+        &mut self,
+        dev: &mut dyn BlockDevice,
+        deadline: Option<Instant>,
+        max_ops: Option<u64>,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), DeviceError> {
+        loop {
+            let now = Instant::now();
+            let timed_out = deadline.is_some_and(|d| now >= d);
+            let mut issued = false;
+            for w in 0..self.st.workers.len() {
+                if timed_out || max_ops.is_some_and(|m| self.submitted_timed >= m) {
+                    break;
+                }
+                if self.st.workers[w].in_flight == 0 {
+                    issued |= self.issue_batch(dev, w)?;
+                }
+            }
+            if issued {
+                dev.kick()?;
+            }
+            if self.in_flight.is_empty() {
+                return Ok(());
+            }
+            self.completions.clear();
+            dev.poll_completions(POLL_TIMEOUT, &mut self.completions)?;
+            let now = Instant::now();
+            let completions = std::mem::take(&mut self.completions);
+            if completions.is_empty() && self.check_stall(now) {
+                return Ok(());
+            }
+            for c in &completions {
+                self.complete(c, now);
+            }
+            self.completions = completions;
+            self.tick(now, Phase::Timed, progress);
+        }
+    }
+
+    /// Submits worker `w`'s next batch on its queue (not kicked). False
+    /// if the generations ran out.
+    fn issue_batch(&mut self, dev: &mut dyn BlockDevice, w: usize) -> Result<bool, DeviceError> {
+        let worker = &self.st.workers[w];
+        let step = worker.next;
+        let round = worker.round;
+        let (Step::Check(j) | Step::Write(j) | Step::Verify(j)) = step;
+        let blocks = worker.blocks_of(j);
+        let n = blocks.end - blocks.start;
+        let first = self.st.geometry.start + worker.first * SECTORS_PER_BLOCK;
+        let op = if let Step::Write(_) = step {
+            // Bounded by the region's blocks, far below u32::MAX.
+            if u64::from(self.st.next_gen) + n >= u64::from(GEN_UNKNOWN) {
+                return Ok(false);
+            }
+            if j == 0 {
+                let gens = &mut self.st.workers[w].gens;
+                if gens.len() == ROUND_HISTORY {
+                    gens.remove(0);
+                }
+                gens.push((round, self.st.next_gen));
+            }
+            BlockOp::Write
+        } else {
+            BlockOp::Read
+        };
+        let tagged = RoundOp {
+            worker: w,
+            round,
+            step,
+        };
+        for (i, block) in blocks.enumerate() {
+            let planned = PlannedOp {
+                op,
+                sector: first + block * SECTORS_PER_BLOCK,
+                sectors: SECTORS_PER_BLOCK as u32,
+            };
+            match self.submit(dev, planned, Phase::Timed, Some(tagged)) {
+                Ok(()) => self.st.workers[w].in_flight += 1,
+                Err(DeviceError::QueueFull) => {
+                    return Err(DeviceError::Transport(format!(
+                        "queue {} full with {i} of a batch of {n} in flight",
+                        self.st.workers[w].queue
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.st.workers[w].advance(step);
+        Ok(true)
     }
 
     /// Declares the run stalled if the oldest request waited too long.
@@ -637,6 +978,13 @@ impl<'c> Engine<'c> {
             return;
         };
         self.completed += 1;
+        if let Some(r) = op.round {
+            let worker = &mut self.st.workers[r.worker];
+            worker.in_flight -= 1;
+            if worker.in_flight == 0 && r.step == Step::Verify(worker.batches() - 1) {
+                self.report.rounds += 1;
+            }
+        }
         let timed = op.phase == Phase::Timed;
         let ok = c.status == Status::Ok;
         if timed {
@@ -682,9 +1030,21 @@ impl<'c> Engine<'c> {
     }
 
     fn verify_read(&mut self, op: &InflightOp, data: Option<&[u8]>) {
-        let what = match op.phase {
-            Phase::Timed => "read",
-            Phase::FinalCheck => "final-check read",
+        let what = match (op.phase, op.round) {
+            (Phase::FinalCheck, _) => "final-check read".to_string(),
+            (Phase::Timed, None) => "read".to_string(),
+            (Phase::Timed, Some(r)) => {
+                let kind = match r.step {
+                    Step::Check(_) => "check read (before rewriting)",
+                    _ => "read-back",
+                };
+                format!(
+                    "round {} {kind} (worker {w}, queue {q})",
+                    r.round,
+                    w = r.worker,
+                    q = self.st.workers[r.worker].queue
+                )
+            }
         };
         let Some(data) = data else {
             self.fail(format!(
@@ -709,10 +1069,17 @@ impl<'c> Engine<'c> {
         let bad = match result {
             Ok(()) => 0,
             Err(m) => {
-                self.fail(format!(
-                    "{what} of sectors {}+{}: {m}",
-                    op.sector, op.sectors
-                ));
+                let msg = match self.stale(&m) {
+                    Some(stale) => {
+                        self.report.stale_reads += 1;
+                        format!(
+                            "stale read: {what} of sectors {}+{}: {stale}",
+                            op.sector, op.sectors
+                        )
+                    }
+                    None => format!("{what} of sectors {}+{}: {m}", op.sector, op.sectors),
+                };
+                self.fail(msg);
                 m.bad_sectors
             }
         };
@@ -720,6 +1087,39 @@ impl<'c> Engine<'c> {
             Phase::Timed => self.report.reads_verified += u64::from(bad == 0),
             Phase::FinalCheck => self.report.sectors_verified_final += judged - bad,
         }
+    }
+
+    /// If `m` is a stale read — the right sector of this run, at a
+    /// generation older than the acknowledged one — what it found, in
+    /// rounds when the sector belongs to a round worker.
+    fn stale(&self, m: &pattern::Mismatch) -> Option<String> {
+        let pattern::Found::Written { sector, gen, seed } = m.found else {
+            return None;
+        };
+        if sector != m.sector || seed != self.cfg.seed || gen >= m.expected_gen {
+            return None;
+        }
+        // The round worker whose share holds the sector, if any (the final
+        // check after rounds is not a round read, but the share tells).
+        let block = (sector - self.st.geometry.start) / SECTORS_PER_BLOCK;
+        let Some(worker) = self
+            .st
+            .workers
+            .iter()
+            .find(|w| (w.first..w.first + w.blocks).contains(&block))
+        else {
+            return Some(m.to_string());
+        };
+        let mut msg = format!(
+            "sector {sector} holds {} instead of {}, which was acknowledged before the read: \
+             an acknowledged write was lost, or an older write landed after it",
+            worker.describe(gen),
+            worker.describe(m.expected_gen)
+        );
+        if m.bad_sectors > 1 {
+            msg.push_str(&format!(" ({} bad sectors in this buffer)", m.bad_sectors));
+        }
+        Some(msg)
     }
 
     fn fail(&mut self, msg: String) {
@@ -757,6 +1157,9 @@ impl<'c> Engine<'c> {
             if op.op.modifies_data() {
                 self.st.model.set(op.sector, op.sectors, GEN_UNKNOWN);
             }
+        }
+        for worker in &mut self.st.workers {
+            worker.in_flight = 0;
         }
         self.pending = None;
     }
@@ -859,6 +1262,7 @@ impl VerifyWorkload {
                 rng: SplitMix64::new(self.config.seed),
                 next_gen: 1,
                 next_tag: 0,
+                workers: Vec::new(),
             },
         };
         let mut engine = Engine::new(&self.config, carried, dev);
@@ -881,11 +1285,20 @@ impl VerifyWorkload {
     ) -> Result<Duration, DeviceError> {
         let mut elapsed = Duration::ZERO;
         if passes == Passes::Configured {
-            let timed = Source::Timed {
-                deadline: cfg.duration.map(|d| engine.started + d),
-                max_ops: cfg.max_ops,
-            };
-            engine.pump(dev, timed, progress)?;
+            let deadline = cfg.duration.map(|d| engine.started + d);
+            match cfg.pattern {
+                Pattern::Random => {
+                    let timed = Source::Timed {
+                        deadline,
+                        max_ops: cfg.max_ops,
+                    };
+                    engine.pump(dev, timed, progress)?;
+                }
+                Pattern::Rounds { batch } => {
+                    engine.prepare_workers(batch, dev)?;
+                    engine.pump_rounds(dev, deadline, cfg.max_ops, progress)?;
+                }
+            }
             elapsed = engine.started.elapsed();
         }
         if (cfg.final_check || passes == Passes::FinalCheckOnly) && !engine.stalled {
@@ -1413,6 +1826,17 @@ mod tests {
         fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
             self.disk.submit(tag, req)
         }
+        fn queues(&self) -> usize {
+            self.disk.queues()
+        }
+        fn submit_to(
+            &mut self,
+            queue: usize,
+            tag: u64,
+            req: &BlockRequest<'_>,
+        ) -> Result<(), DeviceError> {
+            self.disk.submit_to(queue, tag, req)
+        }
         fn kick(&mut self) -> Result<(), DeviceError> {
             self.disk.kick()?;
             if self.kicks_left == 0 {
@@ -1538,6 +1962,193 @@ mod tests {
                 "{cfg:?} gave {err:?}"
             );
         }
+    }
+
+    fn rounds(batch: usize, max_ops: u64) -> VerifyConfig {
+        VerifyConfig {
+            pattern: Pattern::Rounds { batch },
+            final_check: false,
+            ..config(max_ops)
+        }
+    }
+
+    #[test]
+    fn patterns_parse_and_display() {
+        assert_eq!("random".parse(), Ok(Pattern::Random));
+        assert_eq!(
+            "rounds".parse(),
+            Ok(Pattern::Rounds {
+                batch: DEFAULT_ROUND_BATCH
+            })
+        );
+        assert_eq!("rounds:4".parse(), Ok(Pattern::Rounds { batch: 4 }));
+        for bad in ["rounds:0", "rounds:", "rounds:x", "round", "random:3", ""] {
+            assert!(bad.parse::<Pattern>().is_err(), "{bad:?}");
+        }
+        for p in [Pattern::Random, Pattern::Rounds { batch: 7 }] {
+            assert_eq!(p.to_string().parse(), Ok(p));
+        }
+    }
+
+    #[test]
+    fn rounds_drain_each_queue_on_its_own_and_verify_every_block() {
+        // 1 MiB = 256 blocks over two queues: 128 blocks, 8 batches of 16
+        // per worker. Round 0 writes and reads back every block (256 ops
+        // per worker), later rounds also check the previous round first
+        // (384). The workers go at their own pace: 2048 ops are about three
+        // rounds each.
+        let mut disk = MemDisk::new(MIB_SECTORS)
+            .with_queues(2)
+            .with_order(CompletionOrder::Shuffled { seed: 4 });
+        let mut w = VerifyWorkload::new(rounds(16, 1024));
+        let first = w.run(&mut disk, &mut |_| {}).unwrap();
+        // Resumes mid-round where the first run stopped.
+        let second = w.run(&mut disk, &mut |_| {}).unwrap();
+        for r in [&first, &second] {
+            assert_eq!(
+                (r.verify_failures, r.io_errors),
+                (0, 0),
+                "{:#?}",
+                r.failures
+            );
+            assert_eq!(r.ops, 1024);
+            assert_eq!(r.reads_verified, r.reads);
+            assert_eq!((r.flushes, r.discards), (0, 0));
+        }
+        let rounds = first.rounds + second.rounds;
+        assert!((5..=7).contains(&rounds), "{rounds} rounds");
+        let s = disk.stats();
+        assert_eq!(s.overlap_violations, 0);
+        let per_queue = &s.submitted_per_queue[..2];
+        assert_eq!(per_queue.iter().sum::<u64>(), 2048, "a worker per queue");
+        assert!(per_queue.iter().all(|&n| n >= 768), "{per_queue:?}");
+        assert_eq!(
+            s.max_queue_in_flight_seen, 16,
+            "a batch at a time per queue"
+        );
+        assert_eq!(
+            s.queue_drains,
+            2048 / 16,
+            "each queue drains after every batch"
+        );
+        assert!(
+            s.drained_beside_busy > 0,
+            "a queue drains while the other is busy: {s:?}"
+        );
+        let all = w.verify_all(&mut disk, &mut |_| {}).unwrap();
+        assert_eq!(all.verify_failures, 0, "{:#?}", all.failures);
+        assert_eq!(all.sectors_verified_final, MIB_SECTORS);
+        // Every block was rewritten after round 0 (generations 1..=256).
+        assert!(disk
+            .image()
+            .chunks(512)
+            .all(|s| u32::from_le_bytes(s[8..12].try_into().unwrap()) > 256));
+    }
+
+    #[test]
+    fn rounds_cap_the_batch_at_a_queue_and_a_share() {
+        // 64 slots over 4 queues: 16 per queue; a share of 10 blocks.
+        let mut disk = MemDisk::new(40 * SECTORS_PER_BLOCK).with_queues(4);
+        let r = run(rounds(100, 80), &mut disk);
+        assert_eq!(r.verify_failures, 0, "{:#?}", r.failures);
+        assert_eq!(r.rounds, 4);
+        assert_eq!(disk.stats().max_queue_in_flight_seen, 10);
+        let mut disk = MemDisk::new(MIB_SECTORS).with_queues(4);
+        run(rounds(100, 64), &mut disk);
+        assert_eq!(disk.stats().max_queue_in_flight_seen, 16);
+    }
+
+    #[test]
+    fn a_lost_write_is_a_stale_read_of_the_previous_round() {
+        // One queue, 64 blocks: round 0 is 64 writes and 64 reads.
+        // Runs of 64 ops (four batches) at a time.
+        let mut disk = MemDisk::new(64 * SECTORS_PER_BLOCK);
+        let mut w = VerifyWorkload::new(rounds(16, 64));
+        let mut run_n = |disk: &mut MemDisk, n: usize| {
+            let mut total = Report::default();
+            for _ in 0..n {
+                let r = w.run(disk, &mut |_| {}).unwrap();
+                total.rounds += r.rounds;
+                total.verify_failures += r.verify_failures;
+                total.stale_reads += r.stale_reads;
+                total.failures.extend(r.failures);
+            }
+            total
+        };
+        let r0 = run_n(&mut disk, 2);
+        assert_eq!(
+            (r0.rounds, r0.verify_failures),
+            (1, 0),
+            "{:#?}",
+            r0.failures
+        );
+        // Round 1's first write is acknowledged but never stored; round 1
+        // checks round 0 and writes (2 runs), then reads back (1 run).
+        disk.drop_write(1);
+        let r1 = run_n(&mut disk, 3);
+        assert_eq!(r1.rounds, 1);
+        assert_eq!(r1.verify_failures, 1, "{:#?}", r1.failures);
+        assert_eq!(r1.stale_reads, 1);
+        let msg = &r1.failures[0];
+        assert!(
+            msg.starts_with("stale read: round 1 read-back (worker 0, queue 0) of sectors 0+8")
+                && msg.contains("holds round 0 (gen 1) instead of round 1 (gen 65)"),
+            "{msg}"
+        );
+        // The final check is no round read, but the sector's share names
+        // the rounds all the same.
+        let all = w.verify_all(&mut disk, &mut |_| {}).unwrap();
+        assert_eq!((all.verify_failures, all.stale_reads), (1, 1));
+        let msg = &all.failures[0];
+        assert!(
+            msg.starts_with("stale read: final-check read of sectors 0+")
+                && msg.contains("holds round 0 (gen 1) instead of round 1 (gen 65)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_acknowledged_write_landing_again_later_is_a_stale_read() {
+        // The bug class of a restarted backend resubmitting a request the
+        // guest saw completed: round 0's write lands again after round 1's.
+        let mut disk = MemDisk::new(MIB_SECTORS)
+            .with_queues(2)
+            .with_order(CompletionOrder::Shuffled { seed: 8 });
+        disk.replay_next_write_late();
+        // Rounds 0 and 1 (512 + 768 ops), then the final check.
+        let r = run(
+            VerifyConfig {
+                final_check: true,
+                ..rounds(16, 1280)
+            },
+            &mut disk,
+        );
+        assert!(r.stale_reads >= 1, "{r:?}");
+        assert_eq!(r.verify_failures, r.stale_reads, "{:#?}", r.failures);
+        let msg = &r.failures[0];
+        assert!(
+            msg.starts_with("stale read: round 1 read-back")
+                && msg.contains("holds round 0 (gen ")
+                && msg.contains("instead of round 1 (gen "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn rounds_never_overlap_and_keep_carried_state_across_a_device_error() {
+        let mut dev = DiesOnKick {
+            disk: MemDisk::new(MIB_SECTORS).with_queues(2),
+            kicks_left: 30,
+        };
+        let mut w = VerifyWorkload::new(rounds(8, 10_000));
+        let err = w.run(&mut dev, &mut |_| {}).unwrap_err();
+        assert!(matches!(err, DeviceError::Disconnected), "{err:?}");
+        // The abandoned batch's ranges are unknown; the rest verifies, and
+        // rounds carry on on the same disk.
+        let r = w.run(&mut dev.disk, &mut |_| {}).unwrap();
+        assert_eq!(r.verify_failures, 0, "{:#?}", r.failures);
+        assert_eq!(dev.disk.stats().overlap_violations, 0);
+        assert!(r.rounds > 0);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! buffers live in a per-request *slot* allocated in guest RAM at connect
 //! time, so nothing is copied except write payloads in and read data out.
 //!
+//! [`BlockDevice::submit`] puts each request on the next virtqueue with a
+//! free slot, round-robin, so a steady load keeps every queue busy;
+//! [`BlockDevice::submit_to`] picks the queue, for workloads that drain one
+//! queue while another is busy.
+//!
 //! Every used-ring entry is validated before it is trusted: the used index
 //! may advance by at most the number of requests in flight, and every id
 //! must name the head of a chain in flight. A violation is reported as
@@ -685,6 +690,64 @@ impl VhostUserBlk {
         Err(DeviceError::QueueFull)
     }
 
+    /// A free slot of queue `qi`.
+    fn take_slot_on(&mut self, qi: usize) -> Result<(usize, u16), DeviceError> {
+        if self.dead {
+            return Err(DeviceError::Disconnected);
+        }
+        let n = self.queues.len();
+        let q = self
+            .queues
+            .get_mut(qi)
+            .ok_or_else(|| invalid(format!("queue {qi} of {n}")))?;
+        q.free
+            .pop()
+            .map(|slot| (qi, slot))
+            .ok_or(DeviceError::QueueFull)
+    }
+
+    /// Submits `req` on queue `queue`, or (`None`) on the next queue with a
+    /// free slot, round-robin.
+    fn submit_on(
+        &mut self,
+        queue: Option<usize>,
+        tag: u64,
+        req: &BlockRequest<'_>,
+    ) -> Result<(), DeviceError> {
+        if self.dead {
+            return Err(DeviceError::Disconnected);
+        }
+        let p = plan(req, &self.limits)?;
+        let (qi, slot) = match queue {
+            Some(qi) => self.take_slot_on(qi)?,
+            None => self.take_slot()?,
+        };
+        let q = &self.queues[qi];
+        let data_off = u64::from(slot) * q.data_stride;
+        let staged = match req.op {
+            BlockOp::Write => match req.data {
+                Some(d) => q.data.write(data_off, d),
+                None => Ok(()),
+            },
+            BlockOp::Discard => q
+                .data
+                .write(data_off, &discard_segment(req.sector, req.sectors)),
+            _ => Ok(()),
+        };
+        if let Err(e) = staged {
+            self.queues[qi].free.push(slot);
+            return Err(DeviceError::Io(e));
+        }
+        let use_ = SlotUse::Block {
+            tag,
+            op: req.op,
+            bytes: p.data_len,
+            want_data: req.want_data,
+        };
+        let hdr = header_bytes(p.type_, p.sector);
+        self.publish(qi, slot, &hdr, p.data_len, p.dir, use_)
+    }
+
     /// Lays a request out in `slot` (data already written for writes) and
     /// publishes its chain. On error the slot is free again.
     fn publish(
@@ -963,35 +1026,20 @@ impl BlockDevice for VhostUserBlk {
     }
 
     fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
-        if self.dead {
-            return Err(DeviceError::Disconnected);
-        }
-        let p = plan(req, &self.limits)?;
-        let (qi, slot) = self.take_slot()?;
-        let q = &self.queues[qi];
-        let data_off = u64::from(slot) * q.data_stride;
-        let staged = match req.op {
-            BlockOp::Write => match req.data {
-                Some(d) => q.data.write(data_off, d),
-                None => Ok(()),
-            },
-            BlockOp::Discard => q
-                .data
-                .write(data_off, &discard_segment(req.sector, req.sectors)),
-            _ => Ok(()),
-        };
-        if let Err(e) = staged {
-            self.queues[qi].free.push(slot);
-            return Err(DeviceError::Io(e));
-        }
-        let use_ = SlotUse::Block {
-            tag,
-            op: req.op,
-            bytes: p.data_len,
-            want_data: req.want_data,
-        };
-        let hdr = header_bytes(p.type_, p.sector);
-        self.publish(qi, slot, &hdr, p.data_len, p.dir, use_)
+        self.submit_on(None, tag, req)
+    }
+
+    fn queues(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn submit_to(
+        &mut self,
+        queue: usize,
+        tag: u64,
+        req: &BlockRequest<'_>,
+    ) -> Result<(), DeviceError> {
+        self.submit_on(Some(queue), tag, req)
     }
 
     fn kick(&mut self) -> Result<(), DeviceError> {
