@@ -171,7 +171,9 @@ fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
     );
     assert_whole_image(&report, MIB);
     let s = setup.stats();
-    assert!(s.crashes >= KILLS, "{s:#?}");
+    // A kill can meet a watchdog hang and end the same instance (see
+    // supervisor_recovery.rs, random_sigkill_soak).
+    assert!(s.crashes + s.hangs >= KILLS && s.crashes > 0, "{s:#?}");
     assert_eq!(s.recoveries, s.crashes + s.hangs, "{s:#?}");
     assert_eq!(
         (s.failed_takeovers, s.poisoned, s.corrupt),
