@@ -45,7 +45,7 @@ pub struct BlkbackArgs {
 /// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
 /// log crash point (on its 100th occurrence), in the first instance only;
 /// `region-finish.3@2` names a crash point of the VMM's in-flight region
-/// instead (`blkback::virtio::inflight::RegionCrashPoint`).
+/// instead (`shadowback_virtio::inflight::RegionCrashPoint`).
 fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
         return Ok(CrashSpec::default());

@@ -78,7 +78,7 @@ pub struct CrashSpec {
     /// A store of the shadow log (`SHADOWBACK_CRASH_AT=consume.3@100`).
     pub log: Option<(CrashPoint, u64)>,
     /// A store of the VMM's in-flight region (`region-finish.3@2`).
-    pub region: Option<(crate::virtio::inflight::RegionCrashPoint, u64)>,
+    pub region: Option<(shadowback_virtio::inflight::RegionCrashPoint, u64)>,
 }
 
 /// What a completion belongs to, packed into the io_uring user data.

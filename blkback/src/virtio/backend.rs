@@ -19,9 +19,6 @@ use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, M
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use super::inflight::{InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint};
-use super::memory::GuestRam;
-use super::queue::{extend_index, guest_index, Chain, SplitQueue};
 use super::request::{
     parse, Action, BlkConfig, OutHdr, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
@@ -31,6 +28,11 @@ use crate::backend::{
     RecoveryStats, HEARTBEAT_INTERVAL, POISON_THRESHOLD,
 };
 use crate::uring::{Completion, Engine, IoBuffers, IoOp};
+use shadowback_virtio::inflight::{
+    InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint,
+};
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::queue::{extend_index, guest_index, Chain, SplitQueue};
 
 /// Requests parsed between two submissions to the kernel within a burst.
 const SUBMIT_BATCH: u64 = 8;
