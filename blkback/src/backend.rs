@@ -24,6 +24,7 @@ use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 use shadowback_shadow::{plan_recovery, CrashPoint, EntryId, RecoveryPlan, ShadowError, ShadowLog};
 use vm_memory::ByteValued;
 
+use crate::record;
 use crate::request::{parse, BlkOp, DiskGeometry};
 use crate::uring::{Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp};
 
@@ -931,7 +932,7 @@ impl Backend {
                     .map(|c| (c.entry, c.request, false)),
             );
         for (entry, request, poisoned) in failed {
-            let rsp = shadowback_shadow::blkif::error_response(&request);
+            let rsp = record::blkif::error_response(&request);
             let idx = fe
                 .ring
                 .put_response(&response_from(&rsp))
@@ -940,7 +941,7 @@ impl Backend {
                 .map_err(|e| e.to_string())?;
             if poisoned {
                 stats.poisoned += 1;
-                tracing::error!(device = %self.cfg.device, id = shadowback_shadow::blkif::request_id(&request),
+                tracing::error!(device = %self.cfg.device, id = record::blkif::request_id(&request),
                     "request failed every instance it ran in: answered with an error (crash-loop breaker)");
             } else {
                 stats.corrupt += 1;

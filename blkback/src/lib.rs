@@ -6,6 +6,8 @@
 //! - [`backend`]: the event loop of one backend process;
 //! - [`virtio`]: the virtio-blk data plane the same process switches to on
 //!   `attach-virtio`;
+//! - [`record`]: what the block model stores in the (device-agnostic)
+//!   shadow log, for each transport;
 //! - [`uring`]: the io_uring engine, the crate's only `unsafe`;
 //! - [`rawbench`]: the same engine driving a file directly, the baseline of
 //!   `shadowback bench blk`.
@@ -14,6 +16,7 @@
 
 pub mod backend;
 pub mod rawbench;
+pub mod record;
 pub mod request;
 // The io_uring engine hands the kernel raw iovecs and buffer addresses;
 // it is the crate's only unsafe module (docs/ARCHITECTURE.md §3, "The

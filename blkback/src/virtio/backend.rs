@@ -27,6 +27,7 @@ use crate::backend::{
     control_err, open_shadow_log, sanitize, BackendConfig, BackendError, BlkbackStats,
     RecoveryStats, HEARTBEAT_INTERVAL, POISON_THRESHOLD,
 };
+use crate::record::virtio_blk as vblk;
 use crate::uring::{Completion, Engine, IoBuffers, IoOp};
 use shadowback_virtio::inflight::{
     InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint,
@@ -46,9 +47,6 @@ const WALK_BUDGET: u32 = 1 << 16;
 
 /// Engine ops one request may need at most (one per discard segment).
 const MAX_OPS_PER_REQUEST: usize = MAX_DISCARD_SEG as usize;
-
-/// Marks the shadow-log request bytes as a virtio-blk request.
-const LOG_MAGIC: [u8; 4] = *b"VBLK";
 
 /// What a completion belongs to, packed into the io_uring user data.
 ///
@@ -243,50 +241,6 @@ pub(crate) fn serve(
     result
 }
 
-/// The shadow log's copy of a request: head, avail index, magic, queue
-/// index, then the header.
-fn log_request(head: u16, avail16: u16, index: u16, header: OutHdr) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[0..2].copy_from_slice(&head.to_le_bytes());
-    b[2..4].copy_from_slice(&avail16.to_le_bytes());
-    b[4..8].copy_from_slice(&LOG_MAGIC);
-    b[8..10].copy_from_slice(&index.to_le_bytes());
-    b[16..32].copy_from_slice(&header.to_bytes());
-    b
-}
-
-/// `(head, avail16)` of a logged request, if it is one of ours.
-fn logged_head(bytes: &[u8]) -> Option<(u16, u16)> {
-    if bytes.len() < 8 || bytes[4..8] != LOG_MAGIC {
-        return None;
-    }
-    Some((
-        u16::from_le_bytes([bytes[0], bytes[1]]),
-        u16::from_le_bytes([bytes[2], bytes[3]]),
-    ))
-}
-
-/// The shadow log's copy of a used element: id, len, status.
-fn log_response(id: u16, len: u32, status: u8) -> [u8; 9] {
-    let mut b = [0u8; 9];
-    b[0..4].copy_from_slice(&u32::from(id).to_le_bytes());
-    b[4..8].copy_from_slice(&len.to_le_bytes());
-    b[8] = status;
-    b
-}
-
-/// `(id, len)` of a used element saved by [`log_response`].
-fn saved_used_elem(response: &[u8]) -> (u32, u32) {
-    let word = |i: usize| {
-        let mut w = [0u8; 4];
-        if let Some(b) = response.get(i..i + 4) {
-            w.copy_from_slice(b);
-        }
-        u32::from_le_bytes(w)
-    };
-    (word(0), word(4))
-}
-
 fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
     tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
     std::process::abort();
@@ -466,7 +420,7 @@ impl VirtioLoop<'_> {
             let entry = match q.log.as_ref() {
                 None => None,
                 Some(log) => {
-                    let bytes = log_request(head, next16, q.index, parsed.header);
+                    let bytes = vblk::request(head, next16, q.index, parsed.header);
                     match log.log_consumed(q.next_avail, &bytes) {
                         Ok(e) => Some(e),
                         Err(e) => log_failed(&self.cfg.device, e),
@@ -734,7 +688,7 @@ impl VirtioLoop<'_> {
             return;
         }
         if let (Some(log), Some(entry)) = (q.log.as_ref(), entry) {
-            if let Err(e) = log.log_completing(entry, idx, &log_response(head, len, status)) {
+            if let Err(e) = log.log_completing(entry, idx, &vblk::response(head, len, status)) {
                 log_failed(&self.cfg.device, e);
             }
         }
@@ -1154,7 +1108,7 @@ impl VirtioLoop<'_> {
                         Some(log) => {
                             let avail16 = guest_index(q.next_avail, q.delta);
                             // The header is not known before the re-walk.
-                            let bytes = log_request(head, avail16, q.index, OutHdr::default());
+                            let bytes = vblk::request(head, avail16, q.index, OutHdr::default());
                             Some(
                                 log.log_consumed(q.next_avail, &bytes)
                                     .map_err(|e| e.to_string())?,
@@ -1181,7 +1135,7 @@ impl VirtioLoop<'_> {
         let size = q.size();
         let log = q.log.as_ref().ok_or("no shadow log")?;
         for r in &plan.repush {
-            let (id, len) = saved_used_elem(&r.response);
+            let (id, len) = vblk::saved_used_elem(&r.response);
             let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
                 return Err(format!("saved used element names head {id}"));
             };
@@ -1214,7 +1168,7 @@ impl VirtioLoop<'_> {
             plan.reexecute
                 .iter()
                 .chain(&plan.poisoned)
-                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+                .filter_map(|e| vblk::logged_head(&e.request).map(|(h, _)| h)),
         ) {
             if let Some(l) = live.get_mut(usize::from(h)) {
                 *l = true;
@@ -1222,13 +1176,14 @@ impl VirtioLoop<'_> {
         }
         let mut failures = Vec::new();
         for p in &plan.poisoned {
-            match logged_head(&p.request).filter(|&(h, _)| h < size) {
+            match vblk::logged_head(&p.request).filter(|&(h, _)| h < size) {
                 Some((head, _)) => failures.push((head, p.entry, true)),
                 None => return Err("poisoned entry without a valid head".into()),
             }
         }
         for c in plan.corrupt_to_answer() {
-            match logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)]) {
+            match vblk::logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)])
+            {
                 Some((head, _)) => {
                     live[usize::from(head)] = true;
                     failures.push((head, c.entry, false));
@@ -1242,7 +1197,7 @@ impl VirtioLoop<'_> {
         let serial = blame && log.stalled_instances().map_err(|e| e.to_string())? > 1;
         let mut reexec = Vec::new();
         for e in &plan.reexecute {
-            let (head, _) = logged_head(&e.request)
+            let (head, _) = vblk::logged_head(&e.request)
                 .filter(|&(h, _)| h < size)
                 .ok_or("re-execute entry without a valid head")?;
             reexec.push((e.entry, head));
@@ -1437,7 +1392,7 @@ fn plan_from_log(
                 Some(EntryState::Inflight | EntryState::Completing)
             )
         })
-        .filter_map(|e| logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
+        .filter_map(|e| vblk::logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
         .max_by_key(|&(seq, _, _)| seq)
         .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
         .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
@@ -1461,17 +1416,17 @@ fn plan_from_log(
         let mut heads: Vec<u16> = plan
             .repush
             .iter()
-            .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
+            .filter_map(|r| u16::try_from(vblk::saved_used_elem(&r.response).0).ok())
             .collect();
         heads.extend(
             plan.poisoned
                 .iter()
                 .chain(&plan.reexecute)
-                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+                .filter_map(|e| vblk::logged_head(&e.request).map(|(h, _)| h)),
         );
         heads.extend(
             plan.corrupt_to_answer()
-                .filter_map(|c| logged_head(&c.request).map(|(h, _)| h)),
+                .filter_map(|c| vblk::logged_head(&c.request).map(|(h, _)| h)),
         );
         heads.retain(|&h| h < size);
         heads.sort_unstable();
@@ -1512,23 +1467,5 @@ mod tests {
         for xen in [0u64, 1 | 5 << 32, 2 | 9 << 2] {
             assert_eq!(Token::decode(xen), None);
         }
-    }
-
-    #[test]
-    fn log_bytes_round_trip() {
-        let parsed = Parsed {
-            status_at: Some(1),
-            header: super::super::request::OutHdr {
-                req_type: 1,
-                ioprio: 0,
-                sector: 99,
-            },
-            action: Action::Flush,
-        };
-        let b = log_request(513, 0xfffe, 2, parsed.header);
-        assert_eq!(logged_head(&b), Some((513, 0xfffe)));
-        assert_eq!(logged_head(&[0u8; 32]), None);
-        assert_eq!(&log_response(7, 513, 1)[..], &[7, 0, 0, 0, 1, 2, 0, 0, 1]);
-        assert_eq!(saved_used_elem(&log_response(7, 513, 1)), (7, 513));
     }
 }

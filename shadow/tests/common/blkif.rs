@@ -1,12 +1,10 @@
-//! blkif helpers for answering requests found in the log.
-//!
-//! The log keeps requests and responses as bytes so it serves every ring
-//! class; these read the blkif ones (`struct blkif_request` and
-//! `struct blkif_response`, host byte order like the ring itself).
+//! The tests' record codec: they drive the log with blkif-shaped records
+//! (`struct blkif_request` and `struct blkif_response`, host byte order).
+//! The log itself keeps records as bytes and knows no device class; the
+//! block backend's own codec is `shadowback_blkback::record`.
 
 use shadowback_ring::blkif::BLKIF_RSP_ERROR;
-
-use crate::layout::{REQUEST_SIZE, RESPONSE_SIZE};
+use shadowback_shadow::{REQUEST_SIZE, RESPONSE_SIZE};
 
 /// `id` of a saved `struct blkif_request` (bytes 8..16, the same in the
 /// discard and indirect views).
