@@ -5,7 +5,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
 use clap::Args;
-use shadowback_blkback::backend::{Backend, BackendConfig, BackendError, CrashSpec};
+use shadowback_blkback::backend::Backend;
+use shadowback_blkback::dataplane::{BackendConfig, BackendError, CrashSpec};
 use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_blkback::uring::EngineConfig;
 use shadowback_xenbus::SeqPacket;

@@ -3,7 +3,10 @@
 //!
 //! - [`request`]: validation of blkif requests against the disk and the
 //!   guest's grants (pure code, table-tested);
-//! - [`backend`]: the event loop of one backend process;
+//! - [`dataplane`]: what the event loops of both transports share — the
+//!   instance's configuration and counters, the completion token, the
+//!   loop body, control-channel pieces, opening a shadow log;
+//! - [`backend`]: the Xen-ring event loop of one backend process;
 //! - [`virtio`]: the virtio-blk data plane the same process switches to on
 //!   `attach-virtio`;
 //! - [`record`]: what the block model stores in the (device-agnostic)
@@ -15,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod dataplane;
 pub mod rawbench;
 pub mod record;
 pub mod request;
