@@ -5,7 +5,8 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 
 use clap::Args;
-use shadowback_blkback::backend::{Backend, BackendConfig, BackendError, CrashSpec};
+use shadowback_blkback::backend::Backend;
+use shadowback_blkback::dataplane::{BackendConfig, BackendError, CrashSpec};
 use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_blkback::uring::EngineConfig;
 use shadowback_xenbus::SeqPacket;
@@ -45,7 +46,7 @@ pub struct BlkbackArgs {
 /// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
 /// log crash point (on its 100th occurrence), in the first instance only;
 /// `region-finish.3@2` names a crash point of the VMM's in-flight region
-/// instead (`blkback::virtio::inflight::RegionCrashPoint`).
+/// instead (`shadowback_virtio::inflight::RegionCrashPoint`).
 fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
         return Ok(CrashSpec::default());

@@ -685,7 +685,7 @@ unsafe impl IoMemory for shadowback_ring::SharedRegion {
 // inside one mapped region; the regions stay mapped as long as the
 // `GuestRam` (the op holds an `Arc` of it); guest memory is only accessed
 // through vm-memory's volatile accessors, never as `&[u8]`.
-unsafe impl IoMemory for crate::virtio::memory::GuestRam {
+unsafe impl IoMemory for shadowback_virtio::memory::GuestRam {
     fn io_range(&self, offset: u64, len: usize) -> Option<NonNull<u8>> {
         self.host_range(offset, len)
     }

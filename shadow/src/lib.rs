@@ -10,15 +10,16 @@
 //!   free, fail as poison, or fail as corrupt.
 //! * [`crash`] — numbered crash points between every pair of log stores,
 //!   for fault-injection tests.
-//! * [`blkif`] — reading ids out of saved blkif requests and building
-//!   error responses.
+//!
+//! The log is device-agnostic: it stores each request's and response's
+//! bytes and never interprets them. What they mean (the blkif and
+//! virtio-blk records) is the device model's business, in blkback.
 //!
 //! All shared-memory access goes through [`shadowback_ring::SharedRegion`];
 //! this crate has no `unsafe`.
 
 #![forbid(unsafe_code)]
 
-pub mod blkif;
 pub mod crash;
 mod error;
 pub mod layout;

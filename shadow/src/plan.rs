@@ -116,8 +116,8 @@ pub enum CorruptReason {
 /// What recovery does with a corrupt entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CorruptAction {
-    /// Answer the request with an error response (for blkif
-    /// [`crate::blkif::error_response`]), through
+    /// Answer the request with an error response (the device model
+    /// builds it from the saved request), through
     /// [`ShadowLog::log_completing`](crate::ShadowLog::log_completing).
     Answer,
     /// Free the entry without answering: the guest is not waiting for it.

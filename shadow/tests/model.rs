@@ -14,13 +14,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use common::{check_recovery, crash_hook, request_bytes, CrashAt, GuestView, Rng};
+use common::{blkif, check_recovery, crash_hook, request_bytes, CrashAt, GuestView, Rng};
 use proptest::prelude::*;
 use shadowback_ring::blkif::{BLKIF_RSP_ERROR, BLKIF_RSP_OKAY};
 use shadowback_ring::SharedRegion;
 use shadowback_shadow::layout::{ENTRY_SIZE, HEADER_SIZE};
 use shadowback_shadow::{
-    blkif, plan_recovery, CorruptAction, CrashPoint, EntryId, ShadowLog, Transition, REQUEST_SIZE,
+    plan_recovery, CorruptAction, CrashPoint, EntryId, ShadowLog, Transition, REQUEST_SIZE,
     RESPONSE_SIZE,
 };
 

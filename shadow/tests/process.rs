@@ -23,14 +23,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{check_recovery, ok_response, GuestView, Rng};
+use common::{blkif, check_recovery, ok_response, GuestView, Rng};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{raise, Signal};
 use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse, BLKIF_OP_WRITE, BLKIF_RSP_OKAY};
 use shadowback_ring::sring::{BackRing, FrontRing, RingPages};
 use shadowback_ring::SharedRegion;
 use shadowback_shadow::{
-    blkif, plan_recovery, CrashPoint, EntryId, ShadowLog, Transition, REQUEST_SIZE, RESPONSE_SIZE,
+    plan_recovery, CrashPoint, EntryId, ShadowLog, Transition, REQUEST_SIZE, RESPONSE_SIZE,
 };
 
 const CHILD_ENV: &str = "SHADOWBACK_SHADOW_TEST_CHILD";

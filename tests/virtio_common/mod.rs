@@ -168,7 +168,7 @@ impl Device {
             )
             .unwrap();
             let f = File::from(fd);
-            f.set_len(shadowback_blkback::virtio::inflight_mmap_size(1, size).max(4096))
+            f.set_len(shadowback_virtio::inflight_mmap_size(1, size).max(4096))
                 .unwrap();
             f
         });

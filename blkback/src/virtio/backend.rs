@@ -1,39 +1,40 @@
 //! The virtio-blk event loop: the same process, engine and control socket
-//! as the Xen path ([`crate::backend`]), serving split virtqueues after an
-//! `attach-virtio` (DESIGN §8).
+//! as the Xen path, serving split virtqueues after an `attach-virtio`
+//! (docs/ARCHITECTURE.md §8).
 //!
-//! Structure mirrors the Xen loop: every wait is an io_uring op told apart
-//! by [`Token`]; one iteration consumes what the avail rings hold (parsed,
-//! logged in the queue's shadow log and the VMM's in-flight region, then
-//! submitted in batches), reaps completions, and publishes each queue's
-//! used entries with one release store and at most one notification.
+//! Driven by [`dataplane::run`] like the Xen loop: one iteration consumes
+//! what the avail rings hold (parsed, logged in the queue's shadow log and
+//! the VMM's in-flight region, then submitted in batches), reaps
+//! completions, and publishes each queue's used entries with one release
+//! store and at most one notification.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use shadowback_ring::EventChannel;
 use shadowback_shadow::{plan_recovery, EntryId, EntryState, RecoveryPlan, ShadowLog};
 use shadowback_xenbus::protocol::{kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUES};
-use shadowback_xenbus::{Message, SeqPacket, XenbusError};
+use shadowback_xenbus::{Message, SeqPacket};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use super::inflight::{InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint};
-use super::memory::GuestRam;
-use super::queue::{extend_index, guest_index, Chain, SplitQueue};
 use super::request::{
     parse, Action, BlkConfig, OutHdr, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use crate::backend::{
-    control_err, open_shadow_log, sanitize, BackendConfig, BackendError, BlkbackStats,
-    RecoveryStats, HEARTBEAT_INTERVAL, POISON_THRESHOLD,
+use crate::dataplane::{
+    self, arm, attach_reply, control_err, fault_injection, free_seen, log_failed, open_shadow_log,
+    poisoned, recv_control, sanitize, serial_replay, submit_burst, AttachFlags, BackendConfig,
+    BackendError, BlkbackStats, EventLoop, Generations, RecoveryStats, SerialReplay, Token,
+    POISON_THRESHOLD,
 };
+use crate::record::virtio_blk as vblk;
 use crate::uring::{Completion, Engine, IoBuffers, IoOp};
-
-/// Requests parsed between two submissions to the kernel within a burst.
-const SUBMIT_BATCH: u64 = 8;
+use shadowback_virtio::inflight::{
+    InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint,
+};
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::queue::{extend_index, guest_index, Chain, SplitQueue};
 
 /// Descriptors one queue may walk per loop iteration. Requests answered at
 /// once take no engine slot, so without it a full ring of long hostile
@@ -44,71 +45,6 @@ const WALK_BUDGET: u32 = 1 << 16;
 
 /// Engine ops one request may need at most (one per discard segment).
 const MAX_OPS_PER_REQUEST: usize = MAX_DISCARD_SEG as usize;
-
-/// Marks the shadow-log request bytes as a virtio-blk request.
-const LOG_MAGIC: [u8; 4] = *b"VBLK";
-
-/// What a completion belongs to, packed into the io_uring user data.
-///
-/// The low two bits are always 3, a tag the Xen loop never uses, so a
-/// completion of an op the Xen loop left behind (a kick poll of a detached
-/// frontend) is recognised and ignored. Kick and I/O tokens carry the
-/// attachment generation, like the Xen loop's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Token {
-    /// The supervisor's control socket is readable.
-    Control,
-    /// The driver kicked queue number `queue` (position in the device).
-    Kick { generation: u32, queue: u8 },
-    /// Disk I/O for the request with head `head` of queue `queue`.
-    Io {
-        generation: u32,
-        queue: u8,
-        head: u16,
-    },
-}
-
-impl Token {
-    const TAG: u64 = 3;
-
-    fn encode(self) -> u64 {
-        match self {
-            Token::Control => Self::TAG,
-            Token::Kick { generation, queue } => {
-                Self::TAG | 1 << 2 | u64::from(queue) << 4 | u64::from(generation) << 32
-            }
-            Token::Io {
-                generation,
-                queue,
-                head,
-            } => {
-                Self::TAG
-                    | 2 << 2
-                    | u64::from(queue) << 4
-                    | u64::from(head) << 9
-                    | u64::from(generation) << 32
-            }
-        }
-    }
-
-    fn decode(token: u64) -> Option<Self> {
-        if token & 3 != Self::TAG {
-            return None;
-        }
-        let generation = (token >> 32) as u32;
-        let queue = ((token >> 4) & 0x1f) as u8;
-        match (token >> 2) & 3 {
-            0 => Some(Token::Control),
-            1 => Some(Token::Kick { generation, queue }),
-            2 => Some(Token::Io {
-                generation,
-                queue,
-                head: ((token >> 9) & 0xffff) as u16,
-            }),
-            _ => None,
-        }
-    }
-}
 
 /// A request between consumption and its used entry.
 #[derive(Clone, Copy, Debug)]
@@ -150,8 +86,8 @@ struct VQueue {
     in_flight: usize,
     /// Heads written to the used ring, not yet published.
     batch: Vec<u16>,
-    /// Serial replay after a suspected crash loop (see the Xen loop).
-    replay_queue: VecDeque<(EntryId, u16)>,
+    /// Serial replay after a suspected crash loop.
+    replay_queue: SerialReplay<u16>,
     /// The driver broke the ring: consume nothing more.
     broken: bool,
 }
@@ -195,7 +131,7 @@ struct VirtioLoop<'a> {
     poison: &'a mut Vec<u64>,
     blk: BlkConfig,
     device: Option<Device>,
-    next_generation: u32,
+    generations: &'a mut Generations,
     stats: BlkbackStats,
     completions: Vec<Completion>,
     chain: Chain,
@@ -211,6 +147,7 @@ pub(crate) fn serve(
     control: &SeqPacket,
     cfg: &BackendConfig,
     poison: &mut Vec<u64>,
+    generations: &mut Generations,
     first: (Message, Vec<OwnedFd>),
 ) -> Result<(), BackendError> {
     let blk = BlkConfig {
@@ -227,7 +164,7 @@ pub(crate) fn serve(
         poison,
         blk,
         device: None,
-        next_generation: 1,
+        generations,
         stats: BlkbackStats::default(),
         completions: Vec::with_capacity(256),
         chain: Chain::default(),
@@ -236,150 +173,17 @@ pub(crate) fn serve(
     };
     tracing::info!(device = %cfg.device, "serving virtqueues");
     lp.handle_message(first.0, first.1)?;
-    let result = lp.run();
+    let result = dataplane::run(&mut lp);
     tracing::info!(device = %cfg.device, stats = ?lp.stats, "virtio loop done");
     result
 }
 
-/// The shadow log's copy of a request: head, avail index, magic, queue
-/// index, then the header.
-fn log_request(head: u16, avail16: u16, index: u16, header: OutHdr) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[0..2].copy_from_slice(&head.to_le_bytes());
-    b[2..4].copy_from_slice(&avail16.to_le_bytes());
-    b[4..8].copy_from_slice(&LOG_MAGIC);
-    b[8..10].copy_from_slice(&index.to_le_bytes());
-    b[16..32].copy_from_slice(&header.to_bytes());
-    b
-}
-
-/// `(head, avail16)` of a logged request, if it is one of ours.
-fn logged_head(bytes: &[u8]) -> Option<(u16, u16)> {
-    if bytes.len() < 8 || bytes[4..8] != LOG_MAGIC {
-        return None;
-    }
-    Some((
-        u16::from_le_bytes([bytes[0], bytes[1]]),
-        u16::from_le_bytes([bytes[2], bytes[3]]),
-    ))
-}
-
-/// The shadow log's copy of a used element: id, len, status.
-fn log_response(id: u16, len: u32, status: u8) -> [u8; 9] {
-    let mut b = [0u8; 9];
-    b[0..4].copy_from_slice(&u32::from(id).to_le_bytes());
-    b[4..8].copy_from_slice(&len.to_le_bytes());
-    b[8] = status;
-    b
-}
-
-/// `(id, len)` of a used element saved by [`log_response`].
-fn saved_used_elem(response: &[u8]) -> (u32, u32) {
-    let word = |i: usize| {
-        let mut w = [0u8; 4];
-        if let Some(b) = response.get(i..i + 4) {
-            w.copy_from_slice(b);
-        }
-        u32::from_le_bytes(w)
-    };
-    (word(0), word(4))
-}
-
-fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
-    tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
-    std::process::abort();
-}
-
 impl VirtioLoop<'_> {
-    fn run(&mut self) -> Result<(), BackendError> {
-        self.arm(Token::Control, self.control.as_fd().as_raw_fd())?;
-        loop {
-            self.advance_serial_replay();
-            self.consume_all()?;
-            self.publish_all();
-            self.finish_detach()?;
-            self.heartbeat();
-            let more = self.has_work();
-            self.engine
-                .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
-                .map_err(BackendError::Engine)?;
-            let mut completions = std::mem::take(&mut self.completions);
-            self.engine.drain(&mut completions);
-            for c in completions.drain(..) {
-                match Token::decode(c.token) {
-                    Some(Token::Control) => {
-                        self.handle_control()?;
-                        self.arm(Token::Control, self.control.as_fd().as_raw_fd())?;
-                    }
-                    Some(Token::Kick { generation, queue }) => {
-                        self.handle_kick(generation, queue)?
-                    }
-                    Some(Token::Io {
-                        generation,
-                        queue,
-                        head,
-                    }) => self.complete_io(generation, queue, head, c.result),
-                    // Left behind by the Xen loop.
-                    None => {}
-                }
-            }
-            self.completions = completions;
-        }
-    }
-
-    fn arm(&mut self, token: Token, fd: i32) -> Result<(), BackendError> {
-        self.engine
-            .push(token.encode(), IoOp::PollIn { fd })
-            .map_err(|(e, _)| BackendError::Engine(e))
-    }
-
-    fn heartbeat(&self) {
-        let Some(dev) = self.device.as_ref() else {
-            return;
-        };
-        for q in &dev.queues {
-            if let Some(log) = q.log.as_ref() {
-                if let Err(e) = log.heartbeat() {
-                    tracing::warn!(device = %self.cfg.device, error = %e, "heartbeat failed");
-                }
-            }
-        }
-    }
-
     /// Room in the engine for one more request of the worst kind, beside
     /// the control and kick polls.
     fn engine_has_room(&self) -> bool {
         let reserve = MAX_OPS_PER_REQUEST + 1 + MAX_QUEUES;
         self.engine.capacity() - self.engine.in_flight() > reserve
-    }
-
-    /// Whether the loop must go round again without sleeping: a queue has
-    /// requests and room to take them, or a serial replay can advance.
-    fn has_work(&self) -> bool {
-        let Some(dev) = self.device.as_ref() else {
-            return false;
-        };
-        if dev.closing {
-            return false;
-        }
-        dev.queues.iter().any(|q| {
-            if !q.replay_queue.is_empty() {
-                return q.in_flight == 0;
-            }
-            !q.broken
-                && self.engine_has_room()
-                && q.ring
-                    .avail_idx(&dev.mem)
-                    .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
-        })
-    }
-
-    fn consume_all(&mut self) -> Result<(), BackendError> {
-        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
-        for qi in 0..n {
-            self.consume_queue(qi)?;
-        }
-        Ok(())
     }
 
     /// Takes every request queue `qi` holds (as far as the engine has
@@ -460,11 +264,11 @@ impl VirtioLoop<'_> {
                 }
                 q.counter += 1;
             }
-            // DESIGN §4 "consume": logged before any of it is executed.
+            // docs/ARCHITECTURE.md §7.1: logged before any of it is executed.
             let entry = match q.log.as_ref() {
                 None => None,
                 Some(log) => {
-                    let bytes = log_request(head, next16, q.index, parsed.header);
+                    let bytes = vblk::request(head, next16, q.index, parsed.header);
                     match log.log_consumed(q.next_avail, &bytes) {
                         Ok(e) => Some(e),
                         Err(e) => log_failed(&self.cfg.device, e),
@@ -475,11 +279,7 @@ impl VirtioLoop<'_> {
             self.stats.requests += 1;
             self.check_poison(&parsed);
             self.start(qi, head, entry, parsed);
-            if self.stats.requests.is_multiple_of(SUBMIT_BATCH) {
-                self.engine
-                    .submit_and_wait(0)
-                    .map_err(BackendError::Engine)?;
-            }
+            submit_burst(self.engine, self.stats.requests)?;
         }
     }
 
@@ -508,11 +308,7 @@ impl VirtioLoop<'_> {
         if self.poison.is_empty() {
             return;
         }
-        let hit = |start: u64, sectors: u64| {
-            self.poison
-                .iter()
-                .any(|&p| p >= start && p < start.saturating_add(sectors))
-        };
+        let hit = |start: u64, sectors: u64| poisoned(self.poison, start, sectors);
         let poisoned = match parsed.action {
             Action::Read { offset, bytes } | Action::Write { offset, bytes } => {
                 hit(offset / SECTOR_SIZE, bytes / SECTOR_SIZE)
@@ -617,8 +413,8 @@ impl VirtioLoop<'_> {
         q.in_flight += 1;
         let token = Token::Io {
             generation,
-            queue: qi as u8,
-            head,
+            ring: qi as u8,
+            slot: head,
         }
         .encode();
         for op in ops {
@@ -644,65 +440,8 @@ impl VirtioLoop<'_> {
         }
     }
 
-    fn complete_io(&mut self, generation: u32, queue: u8, head: u16, result: i32) {
-        let Some(dev) = self.device.as_mut() else {
-            return;
-        };
-        if dev.generation != generation {
-            return;
-        }
-        let Some(q) = dev.queues.get_mut(usize::from(queue)) else {
-            return;
-        };
-        let Some(p) = q.slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
-            tracing::warn!(head, "completion for an idle head");
-            return;
-        };
-        let ok = if result < 0 {
-            if result == -libc::EOPNOTSUPP && p.expected == 0 {
-                p.status = p.status.max(STATUS_UNSUPP);
-            }
-            false
-        } else {
-            u64::from(result as u32) == p.expected
-        };
-        if !ok {
-            tracing::debug!(device = %self.cfg.device, head, result, "I/O failed");
-            if p.status == STATUS_OK {
-                p.status = STATUS_IOERR;
-            }
-        }
-        p.ops_left -= 1;
-        if p.ops_left > 0 {
-            return;
-        }
-        let done = *p;
-        q.slots[usize::from(head)] = None;
-        q.in_flight -= 1;
-        if done.status == STATUS_OK {
-            if done.read {
-                self.stats.bytes_read += done.expected;
-            } else {
-                self.stats.bytes_written += done.expected;
-            }
-        }
-        let len = if done.status == STATUS_OK {
-            done.used_len
-        } else {
-            1
-        };
-        self.respond(
-            qi_of(queue),
-            head,
-            done.entry,
-            done.status_at,
-            done.status,
-            len,
-        );
-    }
-
     /// Writes the status byte and the used element for `head` and logs it
-    /// COMPLETING (DESIGN §4 "complete"); published in [`Self::publish_all`].
+    /// COMPLETING (docs/ARCHITECTURE.md §7.1); published in [`EventLoop::publish`].
     fn respond(
         &mut self,
         qi: usize,
@@ -732,113 +471,12 @@ impl VirtioLoop<'_> {
             return;
         }
         if let (Some(log), Some(entry)) = (q.log.as_ref(), entry) {
-            if let Err(e) = log.log_completing(entry, idx, &log_response(head, len, status)) {
+            if let Err(e) = log.log_completing(entry, idx, &vblk::response(head, len, status)) {
                 log_failed(&self.cfg.device, e);
             }
         }
         q.next_used = idx.wrapping_add(1);
         q.batch.push(head);
-    }
-
-    fn publish_all(&mut self) {
-        let Some(dev) = self.device.as_mut() else {
-            return;
-        };
-        for q in &mut dev.queues {
-            if q.batch.is_empty() {
-                continue;
-            }
-            if let Some(iq) = q.inflight.as_ref() {
-                if let Err(e) = iq.link_batch(&q.batch) {
-                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
-                }
-            }
-            let old = guest_index(q.published, q.delta);
-            let new = guest_index(q.next_used, q.delta);
-            if let Err(e) = q.ring.publish_used(&dev.mem, new) {
-                tracing::error!(device = %self.cfg.device, error = %e, "cannot publish used entries");
-                continue;
-            }
-            // DESIGN §4 "complete", last step.
-            if let Some(log) = q.log.as_ref() {
-                if let Err(e) = log.log_published(q.next_used) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            if let Some(iq) = q.inflight.as_ref() {
-                if let Err(e) = iq.finish_batch(&q.batch, new) {
-                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
-                }
-            }
-            q.batch.clear();
-            q.published = q.next_used;
-            match q.ring.needs_notify(&dev.mem, old, new) {
-                Ok(false) => {}
-                Ok(true) | Err(_) => {
-                    self.stats.notifications += 1;
-                    if let Err(e) = q.call.notify() {
-                        tracing::warn!(device = %self.cfg.device, error = %e, "notify failed");
-                    }
-                }
-            }
-        }
-    }
-
-    fn finish_detach(&mut self) -> Result<(), BackendError> {
-        let Some(dev) = self.device.as_ref() else {
-            return Ok(());
-        };
-        if !dev.closing || dev.in_flight() > 0 || dev.queues.iter().any(|q| !q.batch.is_empty()) {
-            return Ok(());
-        }
-        let name = dev.name.clone();
-        self.device = None;
-        tracing::info!(device = %self.cfg.device, frontend = %name, "virtio device detached");
-        let msg = Message::new(kind::DETACHED).with("frontend", &name);
-        self.control.send(&msg, &[]).map_err(control_err)
-    }
-
-    fn handle_kick(&mut self, generation: u32, queue: u8) -> Result<(), BackendError> {
-        let Some(dev) = self.device.as_mut() else {
-            return Ok(());
-        };
-        if dev.generation != generation {
-            return Ok(());
-        }
-        let Some(q) = dev.queues.get(usize::from(queue)) else {
-            return Ok(());
-        };
-        self.stats.kicks += 1;
-        let _ = q.kick.drain();
-        let fd = q.kick.as_raw_fd();
-        self.arm(Token::Kick { generation, queue }, fd)
-    }
-
-    /// Serial replay: starts the next queued request of a queue once the
-    /// previous one has completed.
-    fn advance_serial_replay(&mut self) {
-        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
-        for qi in 0..n {
-            let Some(dev) = self.device.as_mut() else {
-                return;
-            };
-            if dev.closing {
-                return;
-            }
-            let q = &mut dev.queues[qi];
-            if q.in_flight > 0 {
-                continue;
-            }
-            let Some((entry, head)) = q.replay_queue.pop_front() else {
-                continue;
-            };
-            if let Some(log) = q.log.as_ref() {
-                if let Err(e) = log.mark_replayed(&[entry]) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            self.reexecute(qi, head, Some(entry));
-        }
     }
 
     /// Re-walks the chain at `head` (still owned by the device: its used
@@ -877,23 +515,17 @@ impl VirtioLoop<'_> {
     }
 
     fn handle_message(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
+        if let Some(done) = fault_injection(&msg, &self.cfg.device, self.poison, self.control) {
+            return done;
+        }
         let send = |m: &Message| self.control.send(m, &[]).map_err(control_err);
         match msg.kind() {
             ATTACH_VIRTIO => {
-                let reply = match self.attach(&msg, fds) {
-                    Ok(r) => Message::new(kind::ATTACHED)
-                        .with("generation", r.generation)
-                        .with("replayed", r.replayed)
-                        .with("repushed", r.repushed)
-                        .with("poisoned", r.poisoned)
-                        .with("corrupt", r.corrupt)
-                        .with("replay-us", r.replay_us),
-                    Err((code, why)) => {
-                        tracing::warn!(device = %self.cfg.device, why, "attach-virtio refused");
-                        Message::error(code, &sanitize(&why))
-                    }
-                };
-                send(&reply)
+                let result = self.attach(&msg, fds);
+                if let Err((_, why)) = &result {
+                    tracing::warn!(device = %self.cfg.device, why, "attach-virtio refused");
+                }
+                send(&attach_reply(result))
             }
             kind::ATTACH => send(&Message::error(
                 ErrorCode::Ebusy,
@@ -906,24 +538,6 @@ impl VirtioLoop<'_> {
                 };
                 send(&reply)
             }
-            "spin" => {
-                // Fault injection: a hung backend (see the Xen loop).
-                tracing::warn!(device = %self.cfg.device, "spinning forever (fault injection)");
-                loop {
-                    std::hint::spin_loop();
-                }
-            }
-            kind::POISON => match msg.require_u64("sector") {
-                Ok(sector) => {
-                    tracing::warn!(device = %self.cfg.device, sector, "sector poisoned (fault injection)");
-                    self.poison.push(sector);
-                    send(&Message::new(kind::OK))
-                }
-                Err(e) => send(&Message::error(
-                    ErrorCode::Einval,
-                    &sanitize(&e.to_string()),
-                )),
-            },
             kind::DETACH => match self.device.as_mut() {
                 Some(dev) => {
                     dev.closing = true;
@@ -936,15 +550,6 @@ impl VirtioLoop<'_> {
                 send(&Message::error(ErrorCode::Eproto, "unexpected message"))
             }
         }
-    }
-
-    fn handle_control(&mut self) -> Result<(), BackendError> {
-        let (msg, fds) = match self.control.recv() {
-            Ok(m) => m,
-            Err(XenbusError::Closed) => return Err(BackendError::SupervisorGone),
-            Err(e) => return Err(control_err(e)),
-        };
-        self.handle_message(msg, fds)
     }
 
     /// `set-call queue=<virtqueue index>` with the new call eventfd.
@@ -979,14 +584,7 @@ impl VirtioLoop<'_> {
         }
         let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
         let req = VirtioAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
-        let recover = msg
-            .get_flag("recover")
-            .map_err(|e| inval(&e))?
-            .unwrap_or(false);
-        let blame = msg
-            .get_flag("blame")
-            .map_err(|e| inval(&e))?
-            .unwrap_or(true);
+        let AttachFlags { recover, blame } = AttachFlags::from_message(msg)?;
         let vfds = VirtioFds::from_received(&req, fds).map_err(|e| inval(&e))?;
         if req.queues.is_empty() {
             return Err((ErrorCode::Einval, "no queues".into()));
@@ -1047,8 +645,7 @@ impl VirtioLoop<'_> {
             .region
             .filter(|_| fresh_logs.iter().all(|&f| f))
             .map(region_crash_hook);
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let generation = self.generations.next();
         let mut queues = Vec::with_capacity(req.queues.len());
         let mut replays = Vec::with_capacity(req.queues.len());
         for ((((qcfg, ring), (kick, call)), log), fresh) in req
@@ -1084,7 +681,7 @@ impl VirtioLoop<'_> {
                 slots: vec![None; usize::from(qcfg.size)],
                 in_flight: 0,
                 batch: Vec::with_capacity(usize::from(qcfg.size)),
-                replay_queue: VecDeque::new(),
+                replay_queue: SerialReplay::default(),
                 broken: false,
             };
             let replay = recover_queue(&mut q, &mem, qcfg.next_avail, recover, fresh)?;
@@ -1105,7 +702,7 @@ impl VirtioLoop<'_> {
         stats.replay_us = started.elapsed().as_micros() as u64;
         // The driver may be asleep waiting for responses the dead instance
         // owed it: publish and notify unconditionally.
-        self.publish_all();
+        self.publish();
         let Some(dev) = self.device.as_ref() else {
             return Err((ErrorCode::Enodev, "device gone".into()));
         };
@@ -1118,18 +715,18 @@ impl VirtioLoop<'_> {
                 (i as u8, q.kick.as_raw_fd())
             })
             .collect();
-        for (queue, fd) in kicks {
-            self.arm(Token::Kick { generation, queue }, fd)
+        for (ring, fd) in kicks {
+            arm(self.engine, Token::Kick { generation, ring }, fd)
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
         tracing::info!(device = %self.cfg.device, queues = req.queues.len(), event_idx, recover, ?stats, "virtio device attached");
         Ok(stats)
     }
 
-    /// DESIGN §5 step 4 for one queue, after it is set up: re-push saved
-    /// used elements, free what the driver has seen, fail poisoned and
-    /// corrupt requests, re-execute the rest in seq order (or resubmit the
-    /// in-flight region's heads).
+    /// Replay (docs/ARCHITECTURE.md §7.5) for one queue, after it is set
+    /// up: re-push saved used elements, free what the driver has seen, fail
+    /// poisoned and corrupt requests, re-execute the rest in seq order (or
+    /// resubmit the in-flight region's heads).
     fn apply_replay(
         &mut self,
         qi: usize,
@@ -1152,7 +749,7 @@ impl VirtioLoop<'_> {
                         Some(log) => {
                             let avail16 = guest_index(q.next_avail, q.delta);
                             // The header is not known before the re-walk.
-                            let bytes = log_request(head, avail16, q.index, OutHdr::default());
+                            let bytes = vblk::request(head, avail16, q.index, OutHdr::default());
                             Some(
                                 log.log_consumed(q.next_avail, &bytes)
                                     .map_err(|e| e.to_string())?,
@@ -1179,7 +776,7 @@ impl VirtioLoop<'_> {
         let size = q.size();
         let log = q.log.as_ref().ok_or("no shadow log")?;
         for r in &plan.repush {
-            let (id, len) = saved_used_elem(&r.response);
+            let (id, len) = vblk::saved_used_elem(&r.response);
             let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
                 return Err(format!("saved used element names head {id}"));
             };
@@ -1198,21 +795,14 @@ impl VirtioLoop<'_> {
             q.batch.push(head);
             stats.repushed += 1;
         }
-        for &entry in plan.free.iter().chain(
-            plan.corrupt
-                .iter()
-                .filter(|c| c.action == shadowback_shadow::CorruptAction::Discard)
-                .map(|c| &c.entry),
-        ) {
-            log.free(entry).map_err(|e| e.to_string())?;
-        }
+        free_seen(log, &plan)?;
         // Heads with a live request, to refuse a corrupt entry naming one.
         let mut live: Vec<bool> = vec![false; usize::from(size)];
         for h in q.batch.iter().copied().chain(
             plan.reexecute
                 .iter()
                 .chain(&plan.poisoned)
-                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+                .filter_map(|e| vblk::logged_head(&e.request).map(|(h, _)| h)),
         ) {
             if let Some(l) = live.get_mut(usize::from(h)) {
                 *l = true;
@@ -1220,13 +810,14 @@ impl VirtioLoop<'_> {
         }
         let mut failures = Vec::new();
         for p in &plan.poisoned {
-            match logged_head(&p.request).filter(|&(h, _)| h < size) {
+            match vblk::logged_head(&p.request).filter(|&(h, _)| h < size) {
                 Some((head, _)) => failures.push((head, p.entry, true)),
                 None => return Err("poisoned entry without a valid head".into()),
             }
         }
         for c in plan.corrupt_to_answer() {
-            match logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)]) {
+            match vblk::logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)])
+            {
                 Some((head, _)) => {
                     live[usize::from(head)] = true;
                     failures.push((head, c.entry, false));
@@ -1237,30 +828,23 @@ impl VirtioLoop<'_> {
                 }
             }
         }
-        let serial = blame && log.stalled_instances().map_err(|e| e.to_string())? > 1;
+        let serial = serial_replay(log, blame, &self.cfg.device, plan.reexecute.len())?;
         let mut reexec = Vec::new();
         for e in &plan.reexecute {
-            let (head, _) = logged_head(&e.request)
+            let (head, _) = vblk::logged_head(&e.request)
                 .filter(|&(h, _)| h < size)
                 .ok_or("re-execute entry without a valid head")?;
             reexec.push((e.entry, head));
         }
         for (head, entry, poisoned) in failures {
-            if poisoned {
-                stats.poisoned += 1;
-                tracing::error!(device = %self.cfg.device, head,
-                    "request failed every instance it ran in: answered with an error (crash-loop breaker)");
-            } else {
-                stats.corrupt += 1;
-            }
+            stats.count_failure(&self.cfg.device, poisoned, &format_args!("head {head}"));
             self.fail(qi, head, entry);
         }
         let dev = self.device.as_mut().ok_or("no device")?;
         let q = &mut dev.queues[qi];
         stats.replayed += reexec.len() as u64;
         if serial {
-            tracing::warn!(device = %self.cfg.device, requests = reexec.len(), "crash loop suspected: replaying one request at a time");
-            q.replay_queue = reexec.into_iter().collect();
+            q.replay_queue = SerialReplay::new(reexec);
             return Ok(());
         }
         for (entry, head) in reexec {
@@ -1435,7 +1019,7 @@ fn plan_from_log(
                 Some(EntryState::Inflight | EntryState::Completing)
             )
         })
-        .filter_map(|e| logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
+        .filter_map(|e| vblk::logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
         .max_by_key(|&(seq, _, _)| seq)
         .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
         .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
@@ -1459,17 +1043,17 @@ fn plan_from_log(
         let mut heads: Vec<u16> = plan
             .repush
             .iter()
-            .filter_map(|r| u16::try_from(saved_used_elem(&r.response).0).ok())
+            .filter_map(|r| u16::try_from(vblk::saved_used_elem(&r.response).0).ok())
             .collect();
         heads.extend(
             plan.poisoned
                 .iter()
                 .chain(&plan.reexecute)
-                .filter_map(|e| logged_head(&e.request).map(|(h, _)| h)),
+                .filter_map(|e| vblk::logged_head(&e.request).map(|(h, _)| h)),
         );
         heads.extend(
             plan.corrupt_to_answer()
-                .filter_map(|c| logged_head(&c.request).map(|(h, _)| h)),
+                .filter_map(|c| vblk::logged_head(&c.request).map(|(h, _)| h)),
         );
         heads.retain(|&h| h < size);
         heads.sort_unstable();
@@ -1481,52 +1065,219 @@ fn plan_from_log(
     Ok(plan)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl EventLoop for VirtioLoop<'_> {
+    fn engine(&mut self) -> &mut Engine {
+        self.engine
+    }
 
-    #[test]
-    fn tokens_round_trip_and_skip_xen_tokens() {
-        for t in [
-            Token::Control,
-            Token::Kick {
-                generation: 7,
-                queue: 15,
-            },
-            Token::Io {
-                generation: u32::MAX,
-                queue: 3,
-                head: 32767,
-            },
-            Token::Io {
-                generation: 1,
-                queue: 0,
-                head: 0,
-            },
-        ] {
-            assert_eq!(Token::decode(t.encode()), Some(t));
+    fn control(&self) -> &SeqPacket {
+        self.control
+    }
+
+    fn completions(&mut self) -> &mut Vec<Completion> {
+        &mut self.completions
+    }
+
+    /// Serial replay: starts the next queued request of a queue once the
+    /// previous one has completed.
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
+        for qi in 0..n {
+            let Some(dev) = self.device.as_mut() else {
+                break;
+            };
+            if dev.closing {
+                break;
+            }
+            let q = &mut dev.queues[qi];
+            let Some((entry, head)) =
+                q.replay_queue
+                    .next(q.in_flight, q.log.as_ref(), &self.cfg.device)
+            else {
+                continue;
+            };
+            self.reexecute(qi, head, Some(entry));
         }
-        // The Xen loop's tags 0, 1, 2.
-        for xen in [0u64, 1 | 5 << 32, 2 | 9 << 2] {
-            assert_eq!(Token::decode(xen), None);
+        Ok(())
+    }
+
+    fn consume(&mut self) -> Result<(), BackendError> {
+        let n = self.device.as_ref().map_or(0, |d| d.queues.len());
+        for qi in 0..n {
+            self.consume_queue(qi)?;
+        }
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        for q in &mut dev.queues {
+            if q.batch.is_empty() {
+                continue;
+            }
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.link_batch(&q.batch) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+            }
+            let old = guest_index(q.published, q.delta);
+            let new = guest_index(q.next_used, q.delta);
+            if let Err(e) = q.ring.publish_used(&dev.mem, new) {
+                tracing::error!(device = %self.cfg.device, error = %e, "cannot publish used entries");
+                continue;
+            }
+            // docs/ARCHITECTURE.md §7.1, last step: free what is now visible.
+            if let Some(log) = q.log.as_ref() {
+                if let Err(e) = log.log_published(q.next_used) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            if let Some(iq) = q.inflight.as_ref() {
+                if let Err(e) = iq.finish_batch(&q.batch, new) {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "in-flight region update failed");
+                }
+            }
+            q.batch.clear();
+            q.published = q.next_used;
+            match q.ring.needs_notify(&dev.mem, old, new) {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
+                    self.stats.notifications += 1;
+                    if let Err(e) = q.call.notify() {
+                        tracing::warn!(device = %self.cfg.device, error = %e, "notify failed");
+                    }
+                }
+            }
         }
     }
 
-    #[test]
-    fn log_bytes_round_trip() {
-        let parsed = Parsed {
-            status_at: Some(1),
-            header: super::super::request::OutHdr {
-                req_type: 1,
-                ioprio: 0,
-                sector: 99,
-            },
-            action: Action::Flush,
+    fn finish_detach(&mut self) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_ref() else {
+            return Ok(());
         };
-        let b = log_request(513, 0xfffe, 2, parsed.header);
-        assert_eq!(logged_head(&b), Some((513, 0xfffe)));
-        assert_eq!(logged_head(&[0u8; 32]), None);
-        assert_eq!(&log_response(7, 513, 1)[..], &[7, 0, 0, 0, 1, 2, 0, 0, 1]);
-        assert_eq!(saved_used_elem(&log_response(7, 513, 1)), (7, 513));
+        if !dev.closing || dev.in_flight() > 0 || dev.queues.iter().any(|q| !q.batch.is_empty()) {
+            return Ok(());
+        }
+        let name = dev.name.clone();
+        self.device = None;
+        tracing::info!(device = %self.cfg.device, frontend = %name, "virtio device detached");
+        let msg = Message::new(kind::DETACHED).with("frontend", &name);
+        self.control.send(&msg, &[]).map_err(control_err)
+    }
+
+    fn heartbeat(&mut self) {
+        let logs = self
+            .device
+            .iter()
+            .flat_map(|dev| dev.queues.iter().filter_map(|q| q.log.as_ref()));
+        dataplane::heartbeat(&self.cfg.device, logs);
+    }
+
+    /// Whether the loop must go round again without sleeping: a queue has
+    /// requests and room to take them, or a serial replay can advance.
+    fn has_work(&mut self) -> bool {
+        let Some(dev) = self.device.as_ref() else {
+            return false;
+        };
+        if dev.closing {
+            return false;
+        }
+        dev.queues.iter().any(|q| {
+            if !q.replay_queue.is_empty() {
+                return q.in_flight == 0;
+            }
+            !q.broken
+                && self.engine_has_room()
+                && q.ring
+                    .avail_idx(&dev.mem)
+                    .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
+        })
+    }
+
+    fn on_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = recv_control(self.control)?;
+        self.handle_message(msg, fds)
+    }
+
+    fn on_kick(&mut self, generation: u32, queue: u8) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        if dev.generation != generation {
+            return Ok(());
+        }
+        let Some(q) = dev.queues.get(usize::from(queue)) else {
+            return Ok(());
+        };
+        self.stats.kicks += 1;
+        let _ = q.kick.drain();
+        let fd = q.kick.as_raw_fd();
+        arm(
+            self.engine,
+            Token::Kick {
+                generation,
+                ring: queue,
+            },
+            fd,
+        )
+    }
+
+    fn on_io(&mut self, generation: u32, queue: u8, head: u16, result: i32) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        if dev.generation != generation {
+            return;
+        }
+        let Some(q) = dev.queues.get_mut(usize::from(queue)) else {
+            return;
+        };
+        let Some(p) = q.slots.get_mut(usize::from(head)).and_then(|s| s.as_mut()) else {
+            tracing::warn!(head, "completion for an idle head");
+            return;
+        };
+        let ok = if result < 0 {
+            if result == -libc::EOPNOTSUPP && p.expected == 0 {
+                p.status = p.status.max(STATUS_UNSUPP);
+            }
+            false
+        } else {
+            u64::from(result as u32) == p.expected
+        };
+        if !ok {
+            tracing::debug!(device = %self.cfg.device, head, result, "I/O failed");
+            if p.status == STATUS_OK {
+                p.status = STATUS_IOERR;
+            }
+        }
+        p.ops_left -= 1;
+        if p.ops_left > 0 {
+            return;
+        }
+        let done = *p;
+        q.slots[usize::from(head)] = None;
+        q.in_flight -= 1;
+        if done.status == STATUS_OK {
+            if done.read {
+                self.stats.bytes_read += done.expected;
+            } else {
+                self.stats.bytes_written += done.expected;
+            }
+        }
+        let len = if done.status == STATUS_OK {
+            done.used_len
+        } else {
+            1
+        };
+        self.respond(
+            qi_of(queue),
+            head,
+            done.entry,
+            done.status_at,
+            done.status,
+            len,
+        );
     }
 }

@@ -14,19 +14,14 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 
-use super::memory::GuestRam;
-use super::queue::{Chain, ChainError};
+pub use shadowback_virtio::blk::{MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SEG, SEG_MAX};
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::queue::{Chain, ChainError};
 
 /// Bytes per virtio-blk sector, whatever the disk's block size.
 pub const SECTOR_SIZE: u64 = 512;
 /// `virtio_blk_outhdr`: type, ioprio, sector.
 pub const HEADER_SIZE: u64 = 16;
-/// Data descriptors per request (`seg_max` in the config space).
-pub const SEG_MAX: u32 = 128;
-/// `max_discard_seg`.
-pub const MAX_DISCARD_SEG: u32 = 32;
-/// `max_write_zeroes_seg`.
-pub const MAX_WRITE_ZEROES_SEG: u32 = 32;
 /// Size of one `virtio_blk_discard_write_zeroes` segment.
 pub const SEGMENT_SIZE: u64 = 16;
 /// Buffers kept by a chain walk: data plus header and status.
@@ -398,8 +393,8 @@ fn segments(
 
 #[cfg(test)]
 mod tests {
-    use super::super::queue::{walk_chain, Chain};
     use super::*;
+    use shadowback_virtio::queue::{walk_chain, Chain};
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::split::Descriptor;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

@@ -3,12 +3,13 @@
 //! recovery plan accounts for every outstanding request exactly once.
 #![allow(dead_code)]
 
+pub mod blkif;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once};
 
 use shadowback_ring::blkif::{BLKIF_OP_WRITE, BLKIF_RSP_OKAY};
-use shadowback_shadow::blkif;
 use shadowback_shadow::{
     CrashHook, CrashPoint, EntryState, LogSnapshot, RecoveryPlan, REQUEST_SIZE, RESPONSE_SIZE,
 };

@@ -15,14 +15,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 
 use super::model::VirtioModel;
 
-/// Segments per request (`seg_max`).
-pub const SEG_MAX: u32 = 128;
+pub use shadowback_virtio::blk::{MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SEG, SEG_MAX};
+
 /// Logical block size in bytes (`blk_size`).
 pub const BLK_SIZE: u32 = 512;
 /// Largest discard / write-zeroes request, in 512-byte sectors (1 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Segments per discard / write-zeroes request.
-pub const MAX_DISCARD_SEG: u32 = 32;
 /// Discard alignment in sectors (4 KiB, the hole-punch granularity).
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
@@ -82,7 +80,7 @@ impl BlkGeometry {
             ),
             (
                 offset_of!(virtio_blk_config, max_write_zeroes_seg),
-                MAX_DISCARD_SEG,
+                MAX_WRITE_ZEROES_SEG,
             ),
         ] {
             put(offset, &value.to_le_bytes());

@@ -6,15 +6,13 @@
 //!
 //! The supervisor only creates, sizes and keeps the region; the data plane
 //! reads and writes it. The layout arithmetic is the data plane's
-//! (`shadowback_blkback::virtio`), so both sides agree by construction.
+//! (`shadowback_virtio`), so both sides agree by construction.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
-use shadowback_blkback::virtio::init_inflight_region;
-pub use shadowback_blkback::virtio::{
-    inflight_mmap_size, inflight_queue_region_size as queue_region_size,
-};
+use shadowback_virtio::init_inflight_region;
+pub use shadowback_virtio::{inflight_mmap_size, inflight_queue_region_size as queue_region_size};
 use vhost::vhost_user::message::VhostUserInflight;
 
 /// Why an in-flight region was refused.

@@ -15,7 +15,7 @@ use virtio_bindings::bindings::virtio_ring::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::memory::GuestRam;
+use crate::memory::GuestRam;
 
 /// Size of one descriptor (`struct virtq_desc`).
 pub const DESC_SIZE: u64 = 16;

@@ -5,8 +5,9 @@
 //! guest-physical range either lies inside one mapped region or the access
 //! fails with an error, never a fault. Buffers the kernel reads or writes
 //! for a request are split at region boundaries ([`GuestRam::split`]) and
-//! handed to the I/O engine through the [`IoMemory`](crate::uring::IoMemory)
-//! implementation in `uring.rs`, the crate's only `unsafe` module.
+//! handed to an I/O engine as host addresses ([`GuestRam::host_range`]);
+//! blkback's `IoMemory` implementation in `blkback/src/uring.rs`, its only
+//! `unsafe` module, is what turns them into iovecs.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -141,7 +142,7 @@ impl GuestRam {
     }
 
     /// Host address of `len` bytes at `gpa` if they lie inside one region.
-    pub(crate) fn host_range(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
+    pub fn host_range(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
         let region = self.mem.find_region(GuestAddress(gpa))?;
         let offset = gpa.checked_sub(region.start_addr().raw_value())?;
         let end = offset.checked_add(u64::try_from(len).ok()?)?;
