@@ -361,7 +361,15 @@ fn every_in_flight_region_crash_point_is_recovered_over_vhost_user() {
         "region-finish.3",
     ];
     for (i, point) in points.into_iter().enumerate() {
-        sweep_one(&format!("{point}@29"), true, 71 + i);
+        // `begin` runs once per request, like the log's `consume`; `link`
+        // and `finish` once per published batch, of which a 0.3 s run on a
+        // saturated machine was seen to publish fewer than 29.
+        let nth = if point.starts_with("region-begin") {
+            29
+        } else {
+            5
+        };
+        sweep_one(&format!("{point}@{nth}"), true, 71 + i);
     }
 }
 

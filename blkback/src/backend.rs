@@ -19,7 +19,7 @@ use shadowback_ring::blkif::{
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion, MAX_REGION_PAGES, PAGE_SIZE};
-use shadowback_xenbus::protocol::{kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use shadowback_shadow::{plan_recovery, EntryId, RecoveryPlan, ShadowLog};
@@ -362,8 +362,8 @@ impl Backend {
         tracing::warn!(device = %self.cfg.device, frontend = %fe.name, error = %err, "ring corrupt, disconnecting");
         fe.closing = Closing::Broken;
         let msg = Message::new(kind::DISCONNECT)
-            .with("frontend", &fe.name)
-            .with("reason", sanitize(&err.to_string()));
+            .with(key::FRONTEND, &fe.name)
+            .with(key::REASON, sanitize(&err.to_string()));
         self.control.send(&msg, &[]).map_err(control_err)
     }
 
@@ -722,7 +722,7 @@ impl EventLoop for Backend {
         self.frontend = None;
         tracing::info!(device = %self.cfg.device, frontend = %name, "frontend detached");
         if closing == Closing::Detach {
-            let msg = Message::new(kind::DETACHED).with("frontend", &name);
+            let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
             self.control.send(&msg, &[]).map_err(control_err)?;
         }
         Ok(())

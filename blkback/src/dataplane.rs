@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use shadowback_shadow::{CorruptAction, CrashPoint, EntryId, RecoveryPlan, ShadowError, ShadowLog};
 use shadowback_virtio::inflight::RegionCrashPoint;
-use shadowback_xenbus::protocol::{kind, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 
 use crate::request::DiskGeometry;
@@ -409,11 +409,11 @@ impl AttachFlags {
         let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
         Ok(AttachFlags {
             recover: msg
-                .get_flag("recover")
+                .get_flag(key::RECOVER)
                 .map_err(|e| inval(&e))?
                 .unwrap_or(false),
             blame: msg
-                .get_flag("blame")
+                .get_flag(key::BLAME)
                 .map_err(|e| inval(&e))?
                 .unwrap_or(true),
         })
@@ -425,12 +425,12 @@ impl AttachFlags {
 pub(crate) fn attach_reply(result: Result<RecoveryStats, (ErrorCode, String)>) -> Message {
     match result {
         Ok(r) => Message::new(kind::ATTACHED)
-            .with("generation", r.generation)
-            .with("replayed", r.replayed)
-            .with("repushed", r.repushed)
-            .with("poisoned", r.poisoned)
-            .with("corrupt", r.corrupt)
-            .with("replay-us", r.replay_us),
+            .with(key::GENERATION, r.generation)
+            .with(key::REPLAYED, r.replayed)
+            .with(key::REPUSHED, r.repushed)
+            .with(key::POISONED, r.poisoned)
+            .with(key::CORRUPT, r.corrupt)
+            .with(key::REPLAY_US, r.replay_us),
         Err((code, why)) => Message::error(code, &sanitize(&why)),
     }
 }
@@ -444,7 +444,7 @@ pub(crate) fn fault_injection(
     control: &SeqPacket,
 ) -> Option<Result<(), BackendError>> {
     match msg.kind() {
-        "spin" => {
+        kind::SPIN => {
             // A backend stuck in a busy loop, for the hang watchdog (it
             // stops the heartbeat like SIGSTOP, but burns a CPU while doing
             // so). No answer: the supervisor does not wait for one.
@@ -454,7 +454,7 @@ pub(crate) fn fault_injection(
             }
         }
         kind::POISON => {
-            let reply = match msg.require_u64("sector") {
+            let reply = match msg.require_u64(key::SECTOR) {
                 Ok(sector) => {
                     tracing::warn!(device, sector, "sector poisoned (fault injection)");
                     poison.push(sector);

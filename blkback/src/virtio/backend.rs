@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use shadowback_ring::EventChannel;
 use shadowback_shadow::{plan_recovery, EntryId, EntryState, RecoveryPlan, ShadowLog};
-use shadowback_xenbus::protocol::{kind, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUES};
 use shadowback_xenbus::{Message, SeqPacket};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -296,9 +296,9 @@ impl VirtioLoop<'_> {
         q.broken = true;
         tracing::warn!(device = %self.cfg.device, queue = q.index, why, "virtqueue broken, not consuming from it");
         let msg = Message::new(kind::DISCONNECT)
-            .with("frontend", &dev.name)
-            .with("queue", q.index)
-            .with("reason", sanitize(why));
+            .with(key::FRONTEND, &dev.name)
+            .with(key::QUEUE, q.index)
+            .with(key::REASON, sanitize(why));
         self.control.send(&msg, &[]).map_err(control_err)
     }
 
@@ -531,7 +531,7 @@ impl VirtioLoop<'_> {
                 ErrorCode::Ebusy,
                 "this instance serves virtqueues",
             )),
-            "set-call" => {
+            kind::SET_CALL => {
                 let reply = match self.set_call(&msg, fds) {
                     Ok(()) => Message::new(kind::OK),
                     Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
@@ -554,7 +554,7 @@ impl VirtioLoop<'_> {
 
     /// `set-call queue=<virtqueue index>` with the new call eventfd.
     fn set_call(&mut self, msg: &Message, mut fds: Vec<OwnedFd>) -> Result<(), String> {
-        let index = msg.require_u16("queue").map_err(|e| e.to_string())?;
+        let index = msg.require_u16(key::QUEUE).map_err(|e| e.to_string())?;
         if fds.len() != 1 {
             return Err(format!("set-call carries {} fds, expected 1", fds.len()));
         }
@@ -1163,7 +1163,7 @@ impl EventLoop for VirtioLoop<'_> {
         let name = dev.name.clone();
         self.device = None;
         tracing::info!(device = %self.cfg.device, frontend = %name, "virtio device detached");
-        let msg = Message::new(kind::DETACHED).with("frontend", &name);
+        let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
         self.control.send(&msg, &[]).map_err(control_err)
     }
 
