@@ -802,18 +802,9 @@ impl<'c> Engine<'c> {
                 ));
             }
 
-            self.completions.clear();
-            dev.poll_completions(POLL_TIMEOUT, &mut self.completions)?;
-            let now = Instant::now();
-            let completions = std::mem::take(&mut self.completions);
-            if completions.is_empty() && self.check_stall(now) {
+            if self.wait_and_complete(dev, phase, progress)? {
                 return Ok(());
             }
-            for c in &completions {
-                self.complete(c, now);
-            }
-            self.completions = completions;
-            self.tick(now, phase, progress);
         }
     }
 
@@ -875,18 +866,9 @@ impl<'c> Engine<'c> {
             if self.in_flight.is_empty() {
                 return Ok(());
             }
-            self.completions.clear();
-            dev.poll_completions(POLL_TIMEOUT, &mut self.completions)?;
-            let now = Instant::now();
-            let completions = std::mem::take(&mut self.completions);
-            if completions.is_empty() && self.check_stall(now) {
+            if self.wait_and_complete(dev, Phase::Timed, progress)? {
                 return Ok(());
             }
-            for c in &completions {
-                self.complete(c, now);
-            }
-            self.completions = completions;
-            self.tick(now, Phase::Timed, progress);
         }
     }
 
@@ -943,6 +925,29 @@ impl<'c> Engine<'c> {
     }
 
     /// Declares the run stalled if the oldest request waited too long.
+    /// Waits for completions (at most [`POLL_TIMEOUT`]) and applies them;
+    /// `Ok(true)` when the run must end (the device stalled).
+    fn wait_and_complete(
+        &mut self,
+        dev: &mut dyn BlockDevice,
+        phase: Phase,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<bool, DeviceError> {
+        self.completions.clear();
+        dev.poll_completions(POLL_TIMEOUT, &mut self.completions)?;
+        let now = Instant::now();
+        let completions = std::mem::take(&mut self.completions);
+        if completions.is_empty() && self.check_stall(now) {
+            return Ok(true);
+        }
+        for c in &completions {
+            self.complete(c, now);
+        }
+        self.completions = completions;
+        self.tick(now, phase, progress);
+        Ok(false)
+    }
+
     fn check_stall(&mut self, now: Instant) -> bool {
         let Some((tag, oldest)) = self
             .in_flight
