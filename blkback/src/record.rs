@@ -10,7 +10,7 @@ use shadowback_shadow::{REQUEST_SIZE, RESPONSE_SIZE};
 /// blkif_response` verbatim (host byte order, like the ring itself).
 pub mod blkif {
     use super::{REQUEST_SIZE, RESPONSE_SIZE};
-    use shadowback_ring::blkif::BLKIF_RSP_ERROR;
+    use shadowback_ring::blkif::{BLKIF_OP_INDIRECT, BLKIF_RSP_ERROR};
 
     /// `id` of a saved `struct blkif_request` (bytes 8..16, the same in the
     /// discard and indirect views).
@@ -20,16 +20,21 @@ pub mod blkif {
         u64::from_ne_bytes(id)
     }
 
-    /// `operation` of a saved request (byte 0).
-    pub fn request_operation(request: &[u8; REQUEST_SIZE]) -> u8 {
-        request[0]
+    /// The `operation` a response to a saved request carries: byte 0, or
+    /// for `BLKIF_OP_INDIRECT` its `indirect_op` (byte 1), as the normal
+    /// path answers an indirect request (docs/PROTOCOL.md §5.3).
+    pub fn response_operation(request: &[u8; REQUEST_SIZE]) -> u8 {
+        match request[0] {
+            BLKIF_OP_INDIRECT => request[1],
+            op => op,
+        }
     }
 
     /// A `struct blkif_response` answering `request` with `status`.
     pub fn response(request: &[u8; REQUEST_SIZE], status: i16) -> [u8; RESPONSE_SIZE] {
         let mut rsp = [0u8; RESPONSE_SIZE];
         rsp[0..8].copy_from_slice(&request_id(request).to_ne_bytes());
-        rsp[8] = request_operation(request);
+        rsp[8] = response_operation(request);
         rsp[10..12].copy_from_slice(&status.to_ne_bytes());
         rsp
     }
@@ -122,6 +127,11 @@ mod tests {
             (0xdead_beef, BLKIF_RSP_ERROR)
         );
         assert_eq!(rsp[8], BLKIF_OP_WRITE);
+        // An indirect request is answered with its inner operation, as the
+        // normal path does.
+        req[0] = shadowback_ring::blkif::BLKIF_OP_INDIRECT;
+        req[1] = BLKIF_OP_WRITE;
+        assert_eq!(blkif::error_response(&req)[8], BLKIF_OP_WRITE);
     }
 
     #[test]
