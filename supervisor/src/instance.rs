@@ -99,6 +99,8 @@ impl Instance {
         // SAFETY: `pidfd` is an `OwnedFd`: it owns an open descriptor that
         // nothing else can close, and the `AsyncFd` takes it over, so the
         // descriptor stays open for as long as it is registered.
+        // The pidfd is watched by the runtime's reactor.
+        #[allow(unsafe_code)]
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
         let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;

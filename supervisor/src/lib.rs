@@ -29,6 +29,8 @@
 //! (`transport.rs`); a `session.rs` session is a transport's frontend and
 //! its list of rings.
 
+#![deny(unsafe_code)]
+
 mod class;
 mod config;
 mod connection;

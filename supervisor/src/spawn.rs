@@ -448,6 +448,9 @@ pub fn spawn_backend(
     // call). Both are first copied above fd 10 so that neither target
     // number can clobber the other source; dup2 then clears FD_CLOEXEC on
     // the copies at 3 and 4, and the high copies close on exec.
+    // `pre_exec` is the one way to set the death signal and place the fds
+    // between fork and exec.
+    #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(move || {
             // The backend dies with the supervisor (module docs). The
