@@ -720,3 +720,50 @@ fn an_instance_dying_while_adopting_the_region_is_recovered() {
         crash_then_reuse_heads("region-begin.2@12", Restart::Supervisor, Some(adopt));
     }
 }
+
+/// A detach that arrives while a suspected crash loop is replayed one
+/// request at a time: every consumed request is answered before
+/// `detached` (the VMM restarts the ring at `used->idx` after it, so an
+/// unanswered consumed head would be lost).
+#[test]
+fn a_detach_during_serial_replay_answers_every_consumed_request() {
+    const N: u16 = 48;
+    let disk = TempFile::new("serial-detach", BLOCKS * BLOCK);
+    let sectors = BLOCKS * SECTORS_PER_BLOCK;
+    let mut dev = Device::new(64, true, true, 0);
+    // The first instance dies before it answers anything: the next one
+    // suspects a crash loop and replays serially.
+    let first = Backend::spawn(
+        &disk.file,
+        sectors,
+        &[("SHADOWBACK_CRASH_AT", "complete.0")],
+    );
+    dev.attach(&first, false);
+    let reads: Vec<(u16, u32, u64, u32)> = (0..N)
+        .map(|h| (h, T_IN, u64::from(h) * SECTORS_PER_BLOCK, BLOCK as u32))
+        .collect();
+    dev.submit_all(&reads);
+    wait_dead(first, "complete.0");
+    assert!(dev.take_used().is_empty(), "answered before the crash");
+
+    let second = Backend::spawn(&disk.file, sectors, &[]);
+    dev.send_attach_blaming(&second, &dev.request(dev.avail_idx), true, true);
+    let reply = second.recv();
+    assert_eq!(reply.kind(), "attached", "{reply}");
+    second
+        .control
+        .send(&shadowback_xenbus::Message::new("detach"), &[])
+        .unwrap();
+    assert_eq!(second.recv().kind(), "detached");
+    let mut answered = std::collections::HashSet::new();
+    for (id, _) in dev.take_used() {
+        assert!(answered.insert(id), "head {id} answered twice");
+        assert_eq!(dev.status(id as u16), 0, "head {id} failed");
+    }
+    assert_eq!(
+        answered.len(),
+        usize::from(N),
+        "detached with consumed requests unanswered"
+    );
+    detach_and_exit(second);
+}

@@ -611,7 +611,9 @@ impl EventLoop for Backend {
         let Some(fe) = self.frontend.as_mut() else {
             return Ok(());
         };
-        if fe.closing != Closing::No {
+        // Also while a close waits: the queued requests were consumed and
+        // are answered before `closed`/`detached`. Not on a broken ring.
+        if fe.closing == Closing::Broken {
             return Ok(());
         }
         let in_flight = fe.in_flight();
@@ -714,7 +716,8 @@ impl EventLoop for Backend {
         let Some(fe) = self.frontend.as_ref() else {
             return Ok(());
         };
-        if fe.closing == Closing::No || fe.in_flight() > 0 {
+        let replaying = fe.closing != Closing::Broken && !fe.replay_queue.is_empty();
+        if fe.closing == Closing::No || fe.in_flight() > 0 || replaying {
             return Ok(());
         }
         let closing = fe.closing;

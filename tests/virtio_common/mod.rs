@@ -213,9 +213,21 @@ impl Device {
 
     /// Sends `attach-virtio` with every descriptor, in the documented order.
     pub fn send_attach(&self, backend: &Backend, req: &VirtioAttachRequest, recover: bool) {
+        self.send_attach_blaming(backend, req, recover, false);
+    }
+
+    /// [`Self::send_attach`] with `blame` (the previous instance's death
+    /// counts against its requests: crash-loop breaker, serial replay).
+    pub fn send_attach_blaming(
+        &self,
+        backend: &Backend,
+        req: &VirtioAttachRequest,
+        recover: bool,
+        blame: bool,
+    ) {
         let mut msg = req.to_message();
         msg.set("recover", u8::from(recover));
-        msg.set("blame", 0);
+        msg.set("blame", u8::from(blame));
         let kick = self.kick.try_clone_fd().unwrap();
         let call = self.call.try_clone_fd().unwrap();
         let mut fds = vec![self.mem.file().as_fd(), kick.as_fd(), call.as_fd()];

@@ -1086,9 +1086,9 @@ impl EventLoop for VirtioLoop<'_> {
             let Some(dev) = self.device.as_mut() else {
                 break;
             };
-            if dev.closing {
-                break;
-            }
+            // Also while a detach waits: the queued requests were consumed
+            // and must be answered before `detached` (the VMM then restarts
+            // the ring at `used->idx`).
             let q = &mut dev.queues[qi];
             let Some((entry, head)) =
                 q.replay_queue
@@ -1157,7 +1157,13 @@ impl EventLoop for VirtioLoop<'_> {
         let Some(dev) = self.device.as_ref() else {
             return Ok(());
         };
-        if !dev.closing || dev.in_flight() > 0 || dev.queues.iter().any(|q| !q.batch.is_empty()) {
+        if !dev.closing
+            || dev.in_flight() > 0
+            || dev
+                .queues
+                .iter()
+                .any(|q| !q.batch.is_empty() || !q.replay_queue.is_empty())
+        {
             return Ok(());
         }
         let name = dev.name.clone();
@@ -1181,14 +1187,12 @@ impl EventLoop for VirtioLoop<'_> {
         let Some(dev) = self.device.as_ref() else {
             return false;
         };
-        if dev.closing {
-            return false;
-        }
         dev.queues.iter().any(|q| {
             if !q.replay_queue.is_empty() {
                 return q.in_flight == 0;
             }
-            !q.broken
+            !dev.closing
+                && !q.broken
                 && self.engine_has_room()
                 && q.ring
                     .avail_idx(&dev.mem)
