@@ -6,9 +6,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 use shadowback_blkback::backend::Backend;
-use shadowback_blkback::dataplane::{BackendConfig, BackendError, CrashSpec};
+use shadowback_blkback::instance::BackendConfig;
 use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
-use shadowback_blkback::uring::EngineConfig;
+use shadowback_dataplane::event_loop::BackendError;
+use shadowback_dataplane::recovery::CrashSpec;
+use shadowback_dataplane::uring::EngineConfig;
 use shadowback_xenbus::SeqPacket;
 
 use crate::CliError;

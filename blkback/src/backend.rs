@@ -3,7 +3,7 @@
 //!
 //! Everything waits in one place, `io_uring_enter`: disk I/O, the guest's
 //! kick eventfd and the supervisor's control socket are all io_uring ops,
-//! told apart by [`Token`]. One loop iteration ([`dataplane::run`])
+//! told apart by [`Token`]. One loop iteration ([`event_loop::run`])
 //! consumes what the ring holds, submits it in one batch, reaps
 //! completions and publishes their responses with one notification at
 //! most.
@@ -25,15 +25,20 @@ use shadowback_xenbus::{Message, SeqPacket};
 use shadowback_shadow::{plan_recovery, EntryId, RecoveryPlan, ShadowLog};
 use vm_memory::ByteValued;
 
-use crate::dataplane::{
-    self, arm, attach_reply, control_err, fault_injection, free_seen, log_failed, open_shadow_log,
-    poisoned, recv_control, sanitize, serial_replay, submit_burst, AttachFlags, BackendConfig,
-    BackendError, BlkbackStats, EventLoop, Generations, RecoveryStats, SerialReplay, Token,
-    POISON_THRESHOLD,
-};
+use crate::instance::{BackendConfig, BlkbackStats};
 use crate::record;
 use crate::request::{parse, BlkOp};
-use crate::uring::{Completion, Engine, EngineError, IoBuffers, IoOp};
+use shadowback_dataplane::control::{
+    attach_reply, control_err, fault_injection, poisoned, recv_control, sanitize, AttachFlags,
+};
+use shadowback_dataplane::event_loop::{
+    self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
+};
+use shadowback_dataplane::recovery::{
+    free_seen, log_failed, open_shadow_log, serial_replay, RecoveryStats, SerialReplay,
+    POISON_THRESHOLD,
+};
+use shadowback_dataplane::uring::{Completion, Engine, EngineError, IoBuffers, IoOp};
 
 /// A request between consumption and response.
 #[derive(Clone, Copy, Debug)]
@@ -124,7 +129,7 @@ impl Backend {
 
     /// Serves until the supervisor closes the control channel.
     pub fn run(&mut self) -> Result<(), BackendError> {
-        dataplane::run(self)
+        event_loop::run(self)
     }
 
     /// Fault injection: a poisoned sector kills this instance.
@@ -419,7 +424,8 @@ impl Backend {
         let mut stats = RecoveryStats::default();
         let log = match log_fd {
             Some(fd) if self.cfg.shadow => {
-                let (log, generation) = open_shadow_log(&self.cfg, fd).map_err(|e| inval(&e))?;
+                let (log, generation) =
+                    open_shadow_log(&self.cfg.crash_at, fd).map_err(|e| inval(&e))?;
                 stats.generation = generation;
                 Some(log)
             }
@@ -456,7 +462,7 @@ impl Backend {
                 format!("shadow log does not have {size} entries"),
             ));
         }
-        let generation = self.generations.next();
+        let generation = self.generations.new_attachment();
         let kick_fd = kick.as_raw_fd();
         self.frontend = Some(Frontend {
             name: req.frontend,
@@ -733,7 +739,7 @@ impl EventLoop for Backend {
 
     fn heartbeat(&mut self) {
         let logs = self.frontend.as_ref().and_then(|fe| fe.log.as_ref());
-        dataplane::heartbeat(&self.cfg.device, logs);
+        event_loop::heartbeat(&self.cfg.device, logs);
     }
 
     /// Whether the loop must go round again without sleeping:

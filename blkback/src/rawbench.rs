@@ -10,7 +10,9 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::uring::{AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp};
+use shadowback_dataplane::uring::{
+    AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp,
+};
 
 /// What one run measured.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! as the Xen path, serving split virtqueues after an `attach-virtio`
 //! (docs/ARCHITECTURE.md §8).
 //!
-//! Driven by [`dataplane::run`] like the Xen loop: one iteration consumes
+//! Driven by [`event_loop::run`] like the Xen loop: one iteration consumes
 //! what the avail rings hold (parsed, logged in the queue's shadow log and
 //! the VMM's in-flight region, then submitted in batches), reaps
 //! completions, and publishes each queue's used entries with one release
@@ -22,14 +22,19 @@ use super::request::{
     parse, Action, BlkConfig, OutHdr, Parsed, CHAIN_CAP, MAX_DISCARD_SEG, SECTOR_SIZE,
     STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use crate::dataplane::{
-    self, arm, attach_reply, control_err, fault_injection, free_seen, log_failed, open_shadow_log,
-    poisoned, recv_control, sanitize, serial_replay, submit_burst, AttachFlags, BackendConfig,
-    BackendError, BlkbackStats, EventLoop, Generations, RecoveryStats, SerialReplay, Token,
+use crate::instance::{BackendConfig, BlkbackStats};
+use crate::record::virtio_blk as vblk;
+use shadowback_dataplane::control::{
+    attach_reply, control_err, fault_injection, poisoned, recv_control, sanitize, AttachFlags,
+};
+use shadowback_dataplane::event_loop::{
+    self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
+};
+use shadowback_dataplane::recovery::{
+    free_seen, log_failed, open_shadow_log, serial_replay, RecoveryStats, SerialReplay,
     POISON_THRESHOLD,
 };
-use crate::record::virtio_blk as vblk;
-use crate::uring::{Completion, Engine, IoBuffers, IoOp};
+use shadowback_dataplane::uring::{Completion, Engine, IoBuffers, IoOp};
 use shadowback_virtio::inflight::{
     InflightQueue, InflightRegion, RegionCrashHook, RegionCrashPoint,
 };
@@ -173,7 +178,7 @@ pub(crate) fn serve(
     };
     tracing::info!(device = %cfg.device, "serving virtqueues");
     lp.handle_message(first.0, first.1)?;
-    let result = dataplane::run(&mut lp);
+    let result = event_loop::run(&mut lp);
     tracing::info!(device = %cfg.device, stats = ?lp.stats, "virtio loop done");
     result
 }
@@ -623,7 +628,8 @@ impl VirtioLoop<'_> {
         let mut fresh_logs = Vec::new();
         if self.cfg.shadow && req.shadow {
             for (fd, ring) in vfds.logs.into_iter().zip(&rings) {
-                let (log, generation) = open_shadow_log(self.cfg, fd).map_err(|e| inval(&e))?;
+                let (log, generation) =
+                    open_shadow_log(&self.cfg.crash_at, fd).map_err(|e| inval(&e))?;
                 if log.entries() != u32::from(ring.size) {
                     return Err((
                         ErrorCode::Einval,
@@ -645,7 +651,7 @@ impl VirtioLoop<'_> {
             .region
             .filter(|_| fresh_logs.iter().all(|&f| f))
             .map(region_crash_hook);
-        let generation = self.generations.next();
+        let generation = self.generations.new_attachment();
         let mut queues = Vec::with_capacity(req.queues.len());
         let mut replays = Vec::with_capacity(req.queues.len());
         for ((((qcfg, ring), (kick, call)), log), fresh) in req
@@ -1178,7 +1184,7 @@ impl EventLoop for VirtioLoop<'_> {
             .device
             .iter()
             .flat_map(|dev| dev.queues.iter().filter_map(|q| q.log.as_ref()));
-        dataplane::heartbeat(&self.cfg.device, logs);
+        event_loop::heartbeat(&self.cfg.device, logs);
     }
 
     /// Whether the loop must go round again without sleeping: a queue has

@@ -1,6 +1,7 @@
 //! The I/O engine: a thin, single-threaded wrapper over `io-uring`.
 //!
-//! This is the only module of blkback with `unsafe`. What it guarantees:
+//! This is the only module of the data plane with `unsafe`. What it
+//! guarantees:
 //!
 //! - Memory handed to the kernel for an op ([`IoBuffers`]) is owned by the
 //!   in-flight table until the op's completion is reaped in [`Engine::drain`]

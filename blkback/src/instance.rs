@@ -1,0 +1,43 @@
+//! What configures and counts one block backend instance, whatever the
+//! transport.
+
+use shadowback_dataplane::recovery::CrashSpec;
+use shadowback_dataplane::uring::EngineConfig;
+
+use crate::request::DiskGeometry;
+
+/// Static configuration of one backend instance.
+#[derive(Clone, Debug)]
+pub struct BackendConfig {
+    /// Device name, for logs.
+    pub device: String,
+    /// Domain id the guest's grants must name.
+    pub backend_id: u16,
+    /// What the disk offers.
+    pub disk: DiskGeometry,
+    /// Largest accepted `ring-page-order`.
+    pub max_ring_page_order: u8,
+    /// io_uring parameters.
+    pub engine: EngineConfig,
+    /// Log every request in the shadow log the supervisor passes (off only
+    /// for the overhead benchmark: a crash then loses in-flight requests).
+    pub shadow: bool,
+    /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
+    pub crash_at: CrashSpec,
+}
+/// Counters of one backend instance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BlkbackStats {
+    /// Requests consumed from the ring.
+    pub requests: u64,
+    /// Requests answered with an error status.
+    pub errors: u64,
+    /// Bytes read from the disk into guest pages.
+    pub bytes_read: u64,
+    /// Bytes written from guest pages to the disk.
+    pub bytes_written: u64,
+    /// Kicks received from the guest.
+    pub kicks: u64,
+    /// Notifications sent to the guest.
+    pub notifications: u64,
+}

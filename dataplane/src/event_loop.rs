@@ -1,0 +1,248 @@
+//! The event loop every backend process runs, whatever its transport and
+//! device class: one completion token for every wait, attachment
+//! generations, the loop body [`run`] over [`EventLoop`], and the helpers
+//! that arm polls and batch submissions (docs/ARCHITECTURE.md §3 and §11).
+
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+
+use shadowback_shadow::ShadowLog;
+use shadowback_xenbus::{SeqPacket, XenbusError};
+
+use crate::uring::{Completion, Engine, EngineError, IoOp};
+
+/// Errors that end the backend process.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("I/O engine failed")]
+    Engine(#[source] EngineError),
+    #[error("control channel failed")]
+    Control(#[source] XenbusError),
+    #[error("the supervisor closed the control channel")]
+    SupervisorGone,
+}
+
+/// Requests parsed between two submissions to the kernel within a burst.
+pub const SUBMIT_BATCH: u64 = 8;
+
+/// The event loop turns at least this often, so the heartbeat in the shadow
+/// log moves even when the backend is idle or waiting for the disk.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+/// What a completion belongs to, packed into the io_uring user data; the
+/// one token type of every loop.
+///
+/// Kick and I/O tokens carry the attachment generation. Generations are
+/// numbered per process, across loops ([`Generations`]), so a completion
+/// of a frontend that has since detached — including one the Xen loop left
+/// behind when the process switched to virtqueues — is recognised and
+/// ignored instead of being credited to its successor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Token {
+    /// The supervisor's control socket is readable.
+    Control,
+    /// The guest kicked ring `ring` (0 for a Xen ring; the virtqueue's
+    /// position in the device).
+    Kick { generation: u32, ring: u8 },
+    /// Disk I/O for the request in `slot` of ring `ring` (a Xen in-flight
+    /// slot, a virtqueue head).
+    Io {
+        generation: u32,
+        ring: u8,
+        slot: u16,
+    },
+}
+
+impl Token {
+    const CONTROL: u64 = 0;
+    const KICK: u64 = 1;
+    const IO: u64 = 2;
+
+    pub fn encode(self) -> u64 {
+        match self {
+            Token::Control => Self::CONTROL,
+            Token::Kick { generation, ring } => {
+                Self::KICK | u64::from(ring) << 2 | u64::from(generation) << 32
+            }
+            Token::Io {
+                generation,
+                ring,
+                slot,
+            } => {
+                Self::IO | u64::from(ring) << 2 | u64::from(slot) << 8 | u64::from(generation) << 32
+            }
+        }
+    }
+
+    /// `None` for a user data no loop produces.
+    pub fn decode(token: u64) -> Option<Self> {
+        let generation = (token >> 32) as u32;
+        let ring = ((token >> 2) & 0x3f) as u8;
+        match token & 3 {
+            Self::CONTROL => Some(Token::Control),
+            Self::KICK => Some(Token::Kick { generation, ring }),
+            Self::IO => Some(Token::Io {
+                generation,
+                ring,
+                slot: ((token >> 8) & 0xffff) as u16,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Attachment generations of one process, shared by its loops.
+#[derive(Debug)]
+pub struct Generations(u32);
+
+impl Default for Generations {
+    fn default() -> Self {
+        Generations(1)
+    }
+}
+
+impl Generations {
+    /// The generation of a new attachment (never 0).
+    pub fn new_attachment(&mut self) -> u32 {
+        let g = self.0;
+        self.0 = self.0.wrapping_add(1).max(1);
+        g
+    }
+}
+
+/// One transport's event loop, as [`run`] drives it. Every wait is an
+/// io_uring op told apart by [`Token`]; one turn runs the steps below in
+/// this order, then sleeps in `io_uring_enter` unless
+/// [`EventLoop::has_work`], and dispatches what completed.
+pub trait EventLoop {
+    fn engine(&mut self) -> &mut Engine;
+    fn control(&self) -> &SeqPacket;
+    /// Scratch space for reaped completions.
+    fn completions(&mut self) -> &mut Vec<Completion>;
+    /// Starts the next request of a serial replay once the previous one
+    /// completed (docs/ARCHITECTURE.md §7.5).
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError>;
+    /// Takes what the rings hold, logs it, and submits its I/O.
+    fn consume(&mut self) -> Result<(), BackendError>;
+    /// Makes the responses put since the last turn visible, notifying at
+    /// most once per ring.
+    fn publish(&mut self);
+    /// Drops a detaching frontend once nothing is in flight.
+    fn finish_detach(&mut self) -> Result<(), BackendError>;
+    /// Moves the heartbeat of every shadow log.
+    fn heartbeat(&mut self);
+    /// Whether to go round again without sleeping.
+    fn has_work(&mut self) -> bool;
+    /// The control socket is readable.
+    fn on_control(&mut self) -> Result<(), BackendError>;
+    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
+    fn on_io(&mut self, generation: u32, ring: u8, slot: u16, result: i32);
+}
+
+/// Serves until the supervisor closes the control channel.
+pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
+    arm_control(lp)?;
+    loop {
+        lp.advance_serial_replay()?;
+        lp.consume()?;
+        lp.publish();
+        lp.finish_detach()?;
+        lp.heartbeat();
+        let more = lp.has_work();
+        lp.engine()
+            .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
+            .map_err(BackendError::Engine)?;
+        let mut completions = std::mem::take(lp.completions());
+        lp.engine().drain(&mut completions);
+        for c in completions.drain(..) {
+            match Token::decode(c.token) {
+                Some(Token::Control) => {
+                    lp.on_control()?;
+                    arm_control(lp)?;
+                }
+                Some(Token::Kick { generation, ring }) => lp.on_kick(generation, ring)?,
+                Some(Token::Io {
+                    generation,
+                    ring,
+                    slot,
+                }) => lp.on_io(generation, ring, slot, c.result),
+                None => {}
+            }
+        }
+        *lp.completions() = completions;
+    }
+}
+
+fn arm_control<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
+    let fd = lp.control().as_fd().as_raw_fd();
+    arm(lp.engine(), Token::Control, fd)
+}
+
+/// A one-shot poll for input on `fd`, completing with `token`.
+pub fn arm(engine: &mut Engine, token: Token, fd: RawFd) -> Result<(), BackendError> {
+    engine
+        .push(token.encode(), IoOp::PollIn { fd })
+        .map_err(|(e, _)| BackendError::Engine(e))
+}
+
+/// Hands the device the first requests of a burst while the rest are
+/// still being parsed: a submission every [`SUBMIT_BATCH`] requests.
+pub fn submit_burst(engine: &mut Engine, requests: u64) -> Result<(), BackendError> {
+    if requests.is_multiple_of(SUBMIT_BATCH) {
+        engine.submit_and_wait(0).map_err(BackendError::Engine)?;
+    }
+    Ok(())
+}
+
+/// Moves the heartbeat of each log (docs/ARCHITECTURE.md §7.2).
+pub fn heartbeat<'a>(device: &str, logs: impl IntoIterator<Item = &'a ShadowLog>) {
+    for log in logs {
+        if let Err(e) = log.heartbeat() {
+            tracing::warn!(device, error = %e, "heartbeat failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for t in [
+            Token::Control,
+            Token::Kick {
+                generation: 7,
+                ring: 15,
+            },
+            Token::Kick {
+                generation: 1,
+                ring: 0,
+            },
+            Token::Io {
+                generation: u32::MAX,
+                ring: 3,
+                slot: 32767,
+            },
+            Token::Io {
+                generation: 1,
+                ring: 0,
+                slot: 511,
+            },
+            Token::Io {
+                generation: 1,
+                ring: 0,
+                slot: 0,
+            },
+        ] {
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        assert_eq!(Token::decode(3), None);
+    }
+
+    #[test]
+    fn generations_are_never_zero_and_never_repeat_soon() {
+        let mut g = Generations(u32::MAX);
+        assert_eq!(g.new_attachment(), u32::MAX);
+        assert_eq!(g.new_attachment(), 1);
+        assert_eq!(g.new_attachment(), 2);
+    }
+}

@@ -1,0 +1,20 @@
+//! The data plane every shadowback backend process runs, whatever its
+//! device class (docs/ARCHITECTURE.md §3 and §11):
+//!
+//! - [`event_loop`]: the one completion token, attachment generations and
+//!   the loop body, driving any transport through [`event_loop::EventLoop`];
+//! - [`control`]: the control-channel pieces every loop answers alike
+//!   (attach flags and reply, fault injection);
+//! - [`recovery`]: opening a shadow log, recovery counters, freeing what the
+//!   guest has seen, and the crash-loop breaker's serial replay;
+//! - [`uring`]: the io_uring engine, the crate's only `unsafe`.
+
+#![deny(unsafe_code)]
+
+pub mod control;
+pub mod event_loop;
+pub mod recovery;
+// The io_uring engine hands the kernel raw iovecs and buffer addresses;
+// its `unsafe` is documented at the top of the module.
+#[allow(unsafe_code)]
+pub mod uring;

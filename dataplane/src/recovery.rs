@@ -1,0 +1,169 @@
+//! Recovery pieces every device class shares (docs/ARCHITECTURE.md §7):
+//! opening a shadow log with its crash hook, the counters reported in
+//! `attached`, freeing what the guest has seen, and the crash-loop
+//! breaker's serial replay.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
+use shadowback_shadow::{CorruptAction, CrashPoint, EntryId, RecoveryPlan, ShadowError, ShadowLog};
+use shadowback_virtio::inflight::RegionCrashPoint;
+
+/// Instances a request may be in flight in before it is failed instead of
+/// replayed again (the crash-loop breaker, docs/ARCHITECTURE.md §7.5): the
+/// one that consumed it and two that replayed it.
+pub const POISON_THRESHOLD: u32 = 3;
+/// Fault injection: abort at a crash point on its `nth` occurrence, in the
+/// first instance of a device only (the one that finds its shadow logs
+/// fresh), so the next instance can recover.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CrashSpec {
+    /// A store of the shadow log (`SHADOWBACK_CRASH_AT=consume.3@100`).
+    pub log: Option<(CrashPoint, u64)>,
+    /// A store of the VMM's in-flight region (`region-finish.3@2`).
+    pub region: Option<(RegionCrashPoint, u64)>,
+}
+
+/// Counters of one backend instance./// What the last recovery did (reported to the supervisor in `attached`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryStats {
+    /// Log generation of this instance.
+    pub generation: u64,
+    /// Requests re-executed.
+    pub replayed: u64,
+    /// Saved responses published again.
+    pub repushed: u64,
+    /// Requests failed by the crash-loop breaker.
+    pub poisoned: u64,
+    /// Corrupt log entries answered with an error.
+    pub corrupt: u64,
+    /// From opening the log to the recovered requests being submitted.
+    pub replay_us: u64,
+}
+
+impl RecoveryStats {
+    /// Counts a request recovery answered with an error without running
+    /// it: `poisoned` by the crash-loop breaker, or found corrupt in the
+    /// log.
+    pub fn count_failure(&mut self, device: &str, poisoned: bool, request: &dyn std::fmt::Display) {
+        if poisoned {
+            self.poisoned += 1;
+            tracing::error!(device, %request,
+                "request failed every instance it ran in: answered with an error (crash-loop breaker)");
+        } else {
+            self.corrupt += 1;
+        }
+    }
+}
+
+/// Frees the log entries of a plan the guest needs nothing more for: those
+/// whose responses it has seen, and corrupt ones it is not waiting for
+/// (docs/ARCHITECTURE.md §7.5).
+pub fn free_seen(log: &ShadowLog, plan: &RecoveryPlan) -> Result<(), String> {
+    let discarded = plan
+        .corrupt
+        .iter()
+        .filter(|c| c.action == CorruptAction::Discard)
+        .map(|c| &c.entry);
+    for &entry in plan.free.iter().chain(discarded) {
+        log.free(entry).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Whether a replay runs one request at a time: instances started since
+/// one last published a response above 1 means the previous instance died
+/// before publishing anything, a crash loop is suspected, and only the
+/// request running when an instance dies should be charged a replay
+/// (docs/ARCHITECTURE.md §7.5). Not when the previous instance was killed
+/// from outside (`blame=0`).
+pub fn serial_replay(
+    log: &ShadowLog,
+    blame: bool,
+    device: &str,
+    requests: usize,
+) -> Result<bool, String> {
+    let serial = blame && log.stalled_instances().map_err(|e| e.to_string())? > 1;
+    if serial {
+        tracing::warn!(
+            device,
+            requests,
+            "crash loop suspected: replaying one request at a time"
+        );
+    }
+    Ok(serial)
+}
+
+/// Requests still to re-execute one at a time, in sequence order, after
+/// a suspected crash loop ([`serial_replay`]): only the request running
+/// when an instance dies is then charged a replay, so requests in flight
+/// beside a poison request are not failed with it. New requests wait until
+/// it is empty. `T` says where a request is (a saved blkif request, a
+/// virtqueue head).
+#[derive(Debug)]
+pub struct SerialReplay<T>(VecDeque<(EntryId, T)>);
+
+impl<T> Default for SerialReplay<T> {
+    fn default() -> Self {
+        SerialReplay(VecDeque::new())
+    }
+}
+
+impl<T> SerialReplay<T> {
+    pub fn new(requests: impl IntoIterator<Item = (EntryId, T)>) -> Self {
+        SerialReplay(requests.into_iter().collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The next request to start, once nothing is in flight on its ring;
+    /// charged a replay in `log` before it runs.
+    pub fn next(
+        &mut self,
+        in_flight: usize,
+        log: Option<&ShadowLog>,
+        device: &str,
+    ) -> Option<(EntryId, T)> {
+        if in_flight > 0 {
+            return None;
+        }
+        let (entry, request) = self.0.pop_front()?;
+        if let Some(log) = log {
+            if let Err(e) = log.mark_replayed(&[entry]) {
+                log_failed(device, e);
+            }
+        }
+        Some((entry, request))
+    }
+}
+
+/// Maps a shadow log and makes this instance its writer; returns the new
+/// generation (1 for a log no instance used before). With
+/// `SHADOWBACK_CRASH_AT`, the first instance aborts at that crash point.
+pub fn open_shadow_log(crash_at: &CrashSpec, fd: OwnedFd) -> Result<(ShadowLog, u64), ShadowError> {
+    let mut log = ShadowLog::open(fd)?;
+    if let Some((point, nth)) = crash_at.log {
+        // Only the first instance crashes, so a restart can recover.
+        if log.generation()? == 0 {
+            let hits = std::sync::atomic::AtomicU64::new(0);
+            log.set_crash_hook(Some(Box::new(move |at| {
+                if at == point && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
+                {
+                    std::process::abort();
+                }
+            })));
+        }
+    }
+    let generation = log.begin_instance()?;
+    Ok((log, generation))
+}
+
+/// The shadow log refused a transition: that is a bug or a corrupt log,
+/// and serving on without logging would break the recovery guarantee.
+/// Exit and let the supervisor replace this instance.
+pub fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
+    tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
+    std::process::abort();
+}
