@@ -49,9 +49,13 @@ pub struct TempFile {
 
 impl TempFile {
     pub fn new(tag: &str, bytes: u64) -> Self {
+        // Tests of one binary run in parallel threads and may share a tag:
+        // the clock alone is not unique (two threads read the same value).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = std::env::temp_dir().join(format!(
-            "sbt-virtio-{tag}-{}-{}",
+            "sbt-virtio-{tag}-{}-{}-{}",
             std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
