@@ -22,7 +22,7 @@ use shadowback_ring::{EventChannel, RingError, SharedRegion, MAX_REGION_PAGES, P
 use shadowback_xenbus::protocol::{key, kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
-use shadowback_shadow::{plan_recovery, EntryId, RecoveryPlan, ShadowLog};
+use shadowback_shadow::{plan_recovery, EntryId, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
 use vm_memory::ByteValued;
 
 use crate::instance::{BackendConfig, BlkbackStats};
@@ -35,8 +35,7 @@ use shadowback_dataplane::event_loop::{
     self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
 };
 use shadowback_dataplane::recovery::{
-    free_seen, log_failed, open_shadow_log, serial_replay, RecoveryStats, SerialReplay,
-    POISON_THRESHOLD,
+    self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay, POISON_THRESHOLD,
 };
 use shadowback_dataplane::uring::{Completion, Engine, EngineError, IoBuffers, IoOp};
 
@@ -497,88 +496,96 @@ impl Backend {
         Ok(stats)
     }
 
-    /// Replay (docs/ARCHITECTURE.md §7.5), in the order `RecoveryPlan`
-    /// documents: re-push saved responses, free what the guest has seen,
-    /// answer poisoned and corrupt requests with errors, re-execute the
-    /// rest in sequence order.
+    /// Replay (docs/ARCHITECTURE.md §7.5) through the shared applier, then
+    /// publish and notify unconditionally: the guest may be asleep waiting
+    /// for responses the dead instance owed it.
     fn apply_plan(
         &mut self,
         plan: &RecoveryPlan,
         blame: bool,
         stats: &mut RecoveryStats,
     ) -> Result<(), String> {
-        let fe = self.frontend.as_mut().ok_or("no frontend")?;
-        let log = fe.log.as_ref().ok_or("no shadow log")?;
-        for r in &plan.repush {
-            let idx = fe
-                .ring
-                .put_response(&response_from(&r.response))
-                .map_err(|e| e.to_string())?;
-            if idx != r.rsp_idx {
-                return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
-            }
-            log.log_repushed(r.entry, idx).map_err(|e| e.to_string())?;
-            stats.repushed += 1;
-        }
-        free_seen(log, plan)?;
-        let failed = plan
-            .poisoned
-            .iter()
-            .map(|p| (p.entry, p.request, true))
-            .chain(
-                plan.corrupt_to_answer()
-                    .map(|c| (c.entry, c.request, false)),
-            );
-        for (entry, request, poisoned) in failed {
-            let rsp = record::blkif::error_response(&request);
-            let idx = fe
-                .ring
-                .put_response(&response_from(&rsp))
-                .map_err(|e| e.to_string())?;
-            log.log_completing(entry, idx, &rsp)
-                .map_err(|e| e.to_string())?;
-            let id = record::blkif::request_id(&request);
-            stats.count_failure(&self.cfg.device, poisoned, &format_args!("id {id}"));
-        }
-        fe.unpublished = true;
-        self.stats.errors += stats.poisoned + stats.corrupt;
-        if serial_replay(log, blame, &self.cfg.device, plan.reexecute.len())? {
-            fe.replay_queue = SerialReplay::new(plan.reexecute.iter().map(|e| {
-                let mut req = BlkifRequest::default();
-                req.as_mut_slice().copy_from_slice(&e.request);
-                (e.entry, req)
-            }));
-            stats.replayed += plan.reexecute.len() as u64;
-        }
-        let parallel = if fe.replay_queue.is_empty() {
-            &plan.reexecute[..]
-        } else {
-            &[]
-        };
-        for e in parallel {
-            let Some(fe) = self.frontend.as_mut() else {
-                break;
-            };
-            let Some(slot) = fe.free.pop() else {
-                return Err("more requests to replay than slots".into());
-            };
-            if let Some(log) = fe.log.as_ref().filter(|_| blame) {
-                log.mark_replayed(&[e.entry]).map_err(|e| e.to_string())?;
-            }
-            let mut req = BlkifRequest::default();
-            req.as_mut_slice().copy_from_slice(&e.request);
-            self.check_poison(&req);
-            self.start_request(slot, req, Some(e.entry))
-                .map_err(|e| e.to_string())?;
-            stats.replayed += 1;
-        }
-        // The guest may be asleep waiting for responses the dead instance
-        // owed it: publish and notify unconditionally.
+        recovery::apply_plan(self, plan, blame, stats)?;
         self.publish();
         if let Some(fe) = self.frontend.as_ref() {
             let _ = fe.notify.notify();
         }
         Ok(())
+    }
+}
+
+/// A Xen ring replays from the saved request bytes: the grants they name
+/// stay the frontend's until the request is answered.
+impl ReplayTarget for Backend {
+    type Request = BlkifRequest;
+
+    fn device(&self) -> &str {
+        &self.cfg.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        self.frontend.as_ref()?.log.as_ref()
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        let fe = self.frontend.as_mut().ok_or("no frontend")?;
+        let log = fe.log.as_ref().ok_or("no shadow log")?;
+        let idx = fe
+            .ring
+            .put_response(&response_from(&r.response))
+            .map_err(|e| e.to_string())?;
+        if idx != r.rsp_idx {
+            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
+        }
+        log.log_repushed(r.entry, idx).map_err(|e| e.to_string())?;
+        fe.unpublished = true;
+        Ok(())
+    }
+
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<BlkifRequest> {
+        let mut req = BlkifRequest::default();
+        req.as_mut_slice().copy_from_slice(record);
+        Some(req)
+    }
+
+    /// Slots are the backend's, not the guest's: nothing to collide.
+    fn claim(&mut self, _request: &BlkifRequest) -> bool {
+        true
+    }
+
+    fn fail(&mut self, request: BlkifRequest, entry: EntryId) -> Result<(), String> {
+        let fe = self.frontend.as_mut().ok_or("no frontend")?;
+        let log = fe.log.as_ref().ok_or("no shadow log")?;
+        let mut record = [0u8; REQUEST_SIZE];
+        record.copy_from_slice(request.as_slice());
+        let rsp = record::blkif::error_response(&record);
+        let idx = fe
+            .ring
+            .put_response(&response_from(&rsp))
+            .map_err(|e| e.to_string())?;
+        log.log_completing(entry, idx, &rsp)
+            .map_err(|e| e.to_string())?;
+        fe.unpublished = true;
+        self.stats.errors += 1;
+        Ok(())
+    }
+
+    fn reexecute(&mut self, request: BlkifRequest, entry: EntryId) -> Result<(), String> {
+        let fe = self.frontend.as_mut().ok_or("no frontend")?;
+        let slot = fe.free.pop().ok_or("more requests to replay than slots")?;
+        self.check_poison(&request);
+        self.start_request(slot, request, Some(entry))
+            .map_err(|e| e.to_string())
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<BlkifRequest>) {
+        if let Some(fe) = self.frontend.as_mut() {
+            fe.replay_queue = queue;
+        }
+    }
+
+    fn describe(&self, request: &BlkifRequest) -> String {
+        format!("id {}", request.id)
     }
 }
 

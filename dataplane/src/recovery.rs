@@ -6,7 +6,10 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 
-use shadowback_shadow::{CorruptAction, CrashPoint, EntryId, RecoveryPlan, ShadowError, ShadowLog};
+use shadowback_shadow::{
+    CorruptAction, CrashPoint, EntryId, InflightEntry, RecoveryPlan, Repush, ShadowError,
+    ShadowLog, REQUEST_SIZE,
+};
 use shadowback_virtio::inflight::RegionCrashPoint;
 
 /// Instances a request may be in flight in before it is failed instead of
@@ -166,4 +169,112 @@ pub fn open_shadow_log(crash_at: &CrashSpec, fd: OwnedFd) -> Result<(ShadowLog, 
 pub fn log_failed(device: &str, err: impl std::fmt::Display) -> ! {
     tracing::error!(device, error = %err, "shadow log failed: exiting for a restart");
     std::process::abort();
+}
+
+/// What one ring does with the entries of its recovery plan; the applier
+/// ([`apply_plan`]) is the same for every transport and device class.
+pub trait ReplayTarget {
+    /// Where a logged request is: the saved request itself (Xen rings: the
+    /// grants stay the frontend's until answered) or a virtqueue head (the
+    /// chain stays the device's until its used entry is visible).
+    type Request;
+
+    /// Device name, for logs.
+    fn device(&self) -> &str;
+    /// The ring's shadow log.
+    fn log(&self) -> Option<&ShadowLog>;
+    /// Writes a saved response again at its planned index, unpublished,
+    /// and logs it re-pushed.
+    fn repush(&mut self, repush: &Repush) -> Result<(), String>;
+    /// The request a logged record names; `None` when the record names
+    /// nothing usable.
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<Self::Request>;
+    /// Marks the place of `request` taken by a live request; `false` when
+    /// it already was (a corrupt entry naming it is then not answered: the
+    /// guest gets exactly one response per request).
+    fn claim(&mut self, request: &Self::Request) -> bool;
+    /// Answers `request` with an error without running it, logged
+    /// COMPLETING.
+    fn fail(&mut self, request: Self::Request, entry: EntryId) -> Result<(), String>;
+    /// Runs `request` again (its entry stays the same).
+    fn reexecute(&mut self, request: Self::Request, entry: EntryId) -> Result<(), String>;
+    /// Keeps `queue` to run one request at a time (a suspected crash loop).
+    fn replay_serially(&mut self, queue: SerialReplay<Self::Request>);
+    /// A name for `request` in logs.
+    fn describe(&self, request: &Self::Request) -> String;
+}
+
+/// Applies a recovery plan to one ring (docs/ARCHITECTURE.md §7.5), in the
+/// order [`RecoveryPlan`] documents: re-push saved responses, free what the
+/// guest has seen, answer poisoned and corrupt requests with errors, and
+/// re-execute the rest in sequence order — all at once, or one at a time
+/// after a suspected crash loop ([`serial_replay`]). Publishing what was put
+/// is the caller's.
+pub fn apply_plan<T: ReplayTarget>(
+    target: &mut T,
+    plan: &RecoveryPlan,
+    blame: bool,
+    stats: &mut RecoveryStats,
+) -> Result<(), String> {
+    for r in &plan.repush {
+        target.repush(r)?;
+        stats.repushed += 1;
+    }
+    let log = target.log().ok_or("no shadow log")?;
+    free_seen(log, plan)?;
+    let located = |entries: &[InflightEntry], what: &str| {
+        entries
+            .iter()
+            .map(|e| {
+                target
+                    .locate(&e.request)
+                    .map(|r| (e.entry, r))
+                    .ok_or_else(|| format!("{what} entry {} names no request", e.entry))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    let poisoned = located(&plan.poisoned, "poisoned")?;
+    let reexecute = located(&plan.reexecute, "re-execute")?;
+    for (_, request) in poisoned.iter().chain(&reexecute) {
+        target.claim(request);
+    }
+    let mut failures: Vec<(EntryId, T::Request, bool)> = poisoned
+        .into_iter()
+        .map(|(entry, request)| (entry, request, true))
+        .collect();
+    for c in plan.corrupt_to_answer() {
+        match target.locate(&c.request) {
+            Some(request) if target.claim(&request) => failures.push((c.entry, request, false)),
+            _ => {
+                tracing::warn!(device = target.device(), entry = %c.entry,
+                    "corrupt entry without a usable request: not answered");
+                target
+                    .log()
+                    .ok_or("no shadow log")?
+                    .free(c.entry)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    let log = target.log().ok_or("no shadow log")?;
+    let serial = serial_replay(log, blame, target.device(), reexecute.len())?;
+    for (entry, request, poisoned) in failures {
+        let name = target.describe(&request);
+        stats.count_failure(target.device(), poisoned, &name);
+        target.fail(request, entry)?;
+    }
+    stats.replayed += reexecute.len() as u64;
+    if serial {
+        target.replay_serially(SerialReplay::new(reexecute));
+        return Ok(());
+    }
+    for (entry, request) in reexecute {
+        if blame {
+            if let Some(log) = target.log() {
+                log.mark_replayed(&[entry]).map_err(|e| e.to_string())?;
+            }
+        }
+        target.reexecute(request, entry)?;
+    }
+    Ok(())
 }

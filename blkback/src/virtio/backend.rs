@@ -12,7 +12,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{plan_recovery, EntryId, EntryState, RecoveryPlan, ShadowLog};
+use shadowback_shadow::{
+    plan_recovery, EntryId, EntryState, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+};
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUES};
 use shadowback_xenbus::{Message, SeqPacket};
@@ -31,8 +33,7 @@ use shadowback_dataplane::event_loop::{
     self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
 };
 use shadowback_dataplane::recovery::{
-    free_seen, log_failed, open_shadow_log, serial_replay, RecoveryStats, SerialReplay,
-    POISON_THRESHOLD,
+    self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay, POISON_THRESHOLD,
 };
 use shadowback_dataplane::uring::{Completion, Engine, IoBuffers, IoOp};
 use shadowback_virtio::inflight::{
@@ -777,92 +778,114 @@ impl VirtioLoop<'_> {
             }
             Replay::Plan(plan) => plan,
         };
-        let dev = self.device.as_mut().ok_or("no device")?;
-        let q = &mut dev.queues[qi];
-        let size = q.size();
-        let log = q.log.as_ref().ok_or("no shadow log")?;
-        for r in &plan.repush {
-            let (id, len) = vblk::saved_used_elem(&r.response);
-            let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
-                return Err(format!("saved used element names head {id}"));
-            };
-            if r.rsp_idx != q.next_used {
-                return Err(format!(
-                    "re-push at {}, expected {}",
-                    r.rsp_idx, q.next_used
-                ));
-            }
-            q.ring
-                .write_used(&dev.mem, guest_index(r.rsp_idx, q.delta), id, len)
-                .map_err(|e| e.to_string())?;
-            log.log_repushed(r.entry, r.rsp_idx)
-                .map_err(|e| e.to_string())?;
-            q.next_used = r.rsp_idx.wrapping_add(1);
-            q.batch.push(head);
-            stats.repushed += 1;
+        let size = self
+            .device
+            .as_ref()
+            .ok_or("no device")?
+            .queues
+            .get(qi)
+            .ok_or("no queue")?
+            .size();
+        let mut target = QueueReplay {
+            lp: self,
+            qi,
+            size,
+            live: vec![false; usize::from(size)],
+        };
+        recovery::apply_plan(&mut target, &plan, blame, stats)
+    }
+}
+
+/// One virtqueue as the recovery applier sees it. A virtqueue replays
+/// from the ring: a head stays the device's until its used entry is
+/// visible, so the chain is walked again (docs/ARCHITECTURE.md §7.4). Heads
+/// are the driver's, so a corrupt entry naming a head another live request
+/// holds is not answered.
+struct QueueReplay<'l, 'a> {
+    lp: &'l mut VirtioLoop<'a>,
+    qi: usize,
+    size: u16,
+    /// Heads with a live request.
+    live: Vec<bool>,
+}
+
+impl QueueReplay<'_, '_> {
+    fn queue(&mut self) -> Result<(&GuestRam, &mut VQueue), String> {
+        let dev = self.lp.device.as_mut().ok_or("no device")?;
+        let q = dev.queues.get_mut(self.qi).ok_or("no queue")?;
+        Ok((&dev.mem, q))
+    }
+}
+
+impl ReplayTarget for QueueReplay<'_, '_> {
+    type Request = u16;
+
+    fn device(&self) -> &str {
+        &self.lp.cfg.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        self.lp.device.as_ref()?.queues.get(self.qi)?.log.as_ref()
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        let size = self.size;
+        let (id, len) = vblk::saved_used_elem(&r.response);
+        let Some(head) = u16::try_from(id).ok().filter(|&h| h < size) else {
+            return Err(format!("saved used element names head {id}"));
+        };
+        let (mem, q) = self.queue()?;
+        if r.rsp_idx != q.next_used {
+            return Err(format!(
+                "re-push at {}, expected {}",
+                r.rsp_idx, q.next_used
+            ));
         }
-        free_seen(log, &plan)?;
-        // Heads with a live request, to refuse a corrupt entry naming one.
-        let mut live: Vec<bool> = vec![false; usize::from(size)];
-        for h in q.batch.iter().copied().chain(
-            plan.reexecute
-                .iter()
-                .chain(&plan.poisoned)
-                .filter_map(|e| vblk::logged_head(&e.request).map(|(h, _)| h)),
-        ) {
-            if let Some(l) = live.get_mut(usize::from(h)) {
-                *l = true;
-            }
-        }
-        let mut failures = Vec::new();
-        for p in &plan.poisoned {
-            match vblk::logged_head(&p.request).filter(|&(h, _)| h < size) {
-                Some((head, _)) => failures.push((head, p.entry, true)),
-                None => return Err("poisoned entry without a valid head".into()),
-            }
-        }
-        for c in plan.corrupt_to_answer() {
-            match vblk::logged_head(&c.request).filter(|&(h, _)| h < size && !live[usize::from(h)])
-            {
-                Some((head, _)) => {
-                    live[usize::from(head)] = true;
-                    failures.push((head, c.entry, false));
-                }
-                None => {
-                    tracing::warn!(device = %self.cfg.device, entry = %c.entry, "corrupt entry without a usable head: not answered");
-                    log.free(c.entry).map_err(|e| e.to_string())?;
-                }
-            }
-        }
-        let serial = serial_replay(log, blame, &self.cfg.device, plan.reexecute.len())?;
-        let mut reexec = Vec::new();
-        for e in &plan.reexecute {
-            let (head, _) = vblk::logged_head(&e.request)
-                .filter(|&(h, _)| h < size)
-                .ok_or("re-execute entry without a valid head")?;
-            reexec.push((e.entry, head));
-        }
-        for (head, entry, poisoned) in failures {
-            stats.count_failure(&self.cfg.device, poisoned, &format_args!("head {head}"));
-            self.fail(qi, head, entry);
-        }
-        let dev = self.device.as_mut().ok_or("no device")?;
-        let q = &mut dev.queues[qi];
-        stats.replayed += reexec.len() as u64;
-        if serial {
-            q.replay_queue = SerialReplay::new(reexec);
-            return Ok(());
-        }
-        for (entry, head) in reexec {
-            let dev = self.device.as_mut().ok_or("no device")?;
-            if blame {
-                if let Some(log) = dev.queues[qi].log.as_ref() {
-                    log.mark_replayed(&[entry]).map_err(|e| e.to_string())?;
-                }
-            }
-            self.reexecute(qi, head, Some(entry));
-        }
+        q.ring
+            .write_used(mem, guest_index(r.rsp_idx, q.delta), id, len)
+            .map_err(|e| e.to_string())?;
+        q.log
+            .as_ref()
+            .ok_or("no shadow log")?
+            .log_repushed(r.entry, r.rsp_idx)
+            .map_err(|e| e.to_string())?;
+        q.next_used = r.rsp_idx.wrapping_add(1);
+        q.batch.push(head);
+        self.live[usize::from(head)] = true;
         Ok(())
+    }
+
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<u16> {
+        vblk::logged_head(record)
+            .map(|(head, _)| head)
+            .filter(|&head| head < self.size)
+    }
+
+    fn claim(&mut self, head: &u16) -> bool {
+        match self.live.get_mut(usize::from(*head)) {
+            Some(live) => !std::mem::replace(live, true),
+            None => false,
+        }
+    }
+
+    fn fail(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
+        self.lp.fail(self.qi, head, entry);
+        Ok(())
+    }
+
+    fn reexecute(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
+        self.lp.reexecute(self.qi, head, Some(entry));
+        Ok(())
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<u16>) {
+        if let Ok((_, q)) = self.queue() {
+            q.replay_queue = queue;
+        }
+    }
+
+    fn describe(&self, head: &u16) -> String {
+        format!("head {head}")
     }
 }
 
