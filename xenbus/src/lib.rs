@@ -19,6 +19,7 @@
 mod async_socket;
 mod error;
 mod message;
+pub mod netif;
 pub mod protocol;
 mod socket;
 mod state;
