@@ -2,3 +2,6 @@
 //! (docs/ARCHITECTURE.md §9).
 
 #![forbid(unsafe_code)]
+
+pub mod netif;
+pub mod record;

@@ -166,8 +166,8 @@ impl Peer {
             .unwrap_or_else(|v: Vec<u32>| panic!("{want}: expected {N} numbers, got {v:?}"))
     }
 
-    /// Ends the child and returns the two private indices it reports.
-    fn quit(mut self) -> [u32; 2] {
+    /// Ends the child and returns the private indices it reports.
+    fn quit<const N: usize>(mut self) -> [u32; N] {
         let bye = self.call("quit", "bye");
         let status = self.child.wait().expect("wait for the C peer");
         assert!(status.success(), "C {} exited with {status}", self.mode);
@@ -361,6 +361,16 @@ fn sring_layout_written_by_the_crate() -> WrittenLayout {
     }
 }
 
+/// Where the crate's `from_mcast` puts the address in an extra-info slot.
+fn mcast_addr_offset() -> usize {
+    let addr = [0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xA6];
+    let slot = NetifExtraInfo::from_mcast(XEN_NETIF_EXTRA_TYPE_MCAST_ADD, 0, addr);
+    let bytes = slot.as_slice();
+    (0..=bytes.len() - addr.len())
+        .find(|&off| bytes[off..off + addr.len()] == addr)
+        .expect("the address is in the slot")
+}
+
 /// Every value the C side prints, as the crate has it.
 fn rust_layout(written: &WrittenLayout) -> Vec<(&'static str, i64)> {
     macro_rules! entries {
@@ -438,6 +448,16 @@ fn rust_layout(written: &WrittenLayout) -> Vec<(&'static str, i64)> {
         "offsetof.netif_extra_info.type" => offset_of!(NetifExtraInfo, type_),
         "offsetof.netif_extra_info.flags" => offset_of!(NetifExtraInfo, flags),
         "offsetof.netif_extra_info.u" => offset_of!(NetifExtraInfo, u),
+        "offsetof.netif_extra_info.u.gso.size" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraGso, size),
+        "offsetof.netif_extra_info.u.gso.type" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraGso, type_),
+        "offsetof.netif_extra_info.u.gso.pad" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraGso, pad),
+        "offsetof.netif_extra_info.u.gso.features" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraGso, features),
+        "offsetof.netif_extra_info.u.mcast.addr" => mcast_addr_offset(),
+        "offsetof.netif_extra_info.u.hash.type" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraHash, type_),
+        "offsetof.netif_extra_info.u.hash.algorithm" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraHash, algorithm),
+        "offsetof.netif_extra_info.u.hash.value" => NETIF_EXTRA_UNION_OFFSET + offset_of!(NetifExtraHash, value),
+        "sizeof.netif_extra_info.u" => size_of::<NetifExtraInfo>() - offset_of!(NetifExtraInfo, u),
+        "alignof.netif_extra_info" => std::mem::align_of::<NetifExtraInfo>(),
 
         "sizeof.netif_tx_sring_entry" => NetifTx::ENTRY_SIZE,
         "sizeof.netif_rx_sring_entry" => NetifRx::ENTRY_SIZE,
@@ -476,7 +496,16 @@ fn rust_layout(written: &WrittenLayout) -> Vec<(&'static str, i64)> {
         "const.NETRXF_gso_prefix" => NETRXF_GSO_PREFIX,
         "const.XEN_NETIF_EXTRA_TYPE_NONE" => XEN_NETIF_EXTRA_TYPE_NONE,
         "const.XEN_NETIF_EXTRA_TYPE_GSO" => XEN_NETIF_EXTRA_TYPE_GSO,
+        "const.XEN_NETIF_EXTRA_TYPE_MCAST_ADD" => XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+        "const.XEN_NETIF_EXTRA_TYPE_MCAST_DEL" => XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+        "const.XEN_NETIF_EXTRA_TYPE_HASH" => XEN_NETIF_EXTRA_TYPE_HASH,
+        "const.XEN_NETIF_EXTRA_TYPE_MAX" => XEN_NETIF_EXTRA_TYPE_MAX,
         "const.XEN_NETIF_EXTRA_FLAG_MORE" => XEN_NETIF_EXTRA_FLAG_MORE,
+        "const.XEN_NETIF_GSO_TYPE_NONE" => XEN_NETIF_GSO_TYPE_NONE,
+        "const.XEN_NETIF_GSO_TYPE_TCPV4" => XEN_NETIF_GSO_TYPE_TCPV4,
+        "const.XEN_NETIF_GSO_TYPE_TCPV6" => XEN_NETIF_GSO_TYPE_TCPV6,
+        "const.XEN_NETIF_NR_SLOTS_MIN" => XEN_NETIF_NR_SLOTS_MIN,
+        "const.XEN_NETIF_MAX_TX_SIZE" => XEN_NETIF_MAX_TX_SIZE,
         "const.NETIF_RSP_DROPPED" => NETIF_RSP_DROPPED,
         "const.NETIF_RSP_ERROR" => NETIF_RSP_ERROR,
         "const.NETIF_RSP_OKAY" => NETIF_RSP_OKAY,
@@ -496,8 +525,8 @@ fn rust_layout(written: &WrittenLayout) -> Vec<(&'static str, i64)> {
         "ring_size.blkif.8192" => ring_size(2, Blkif::ENTRY_SIZE),
         "ring_size.blkif.28672" => ring_size(7, Blkif::ENTRY_SIZE),
         "ring_size.blkif.65536" => ring_size(16, Blkif::ENTRY_SIZE),
-        "ring_size.netif_tx.4096" => ring_size(1, NetifTx::ENTRY_SIZE),
-        "ring_size.netif_rx.4096" => ring_size(1, NetifRx::ENTRY_SIZE),
+        "ring_size.netif_tx.4096" => NET_TX_RING_SIZE,
+        "ring_size.netif_rx.4096" => NET_RX_RING_SIZE,
     }
 }
 
@@ -816,4 +845,193 @@ fn rust_frontend_to_c_backend() {
     // Scattered, descending frames: entries straddle a page boundary that is
     // not one in the memfd (the C side maps the frames side by side).
     rust_frontend_c_backend(&reference, &[6, 3]);
+}
+
+// ------------------------------------------------------ netif round trip
+
+// Netif test data, written identically in the C source (`make_tx_request`,
+// `make_tx_response`, `make_rx_request`, `make_rx_response`).
+
+fn tx_is_extra(s: u32) -> bool {
+    s % 7 == 1
+}
+
+fn rx_is_extra(r: u32) -> bool {
+    r % 5 == 1
+}
+
+fn gso_extra(s: u32) -> NetifExtraInfo {
+    NetifExtraInfo::from_gso(
+        if s % 2 == 1 {
+            XEN_NETIF_EXTRA_FLAG_MORE
+        } else {
+            0
+        },
+        &NetifExtraGso {
+            size: (1000 + s % 500) as u16,
+            type_: if !s.is_multiple_of(3) {
+                XEN_NETIF_GSO_TYPE_TCPV4
+            } else {
+                XEN_NETIF_GSO_TYPE_TCPV6
+            },
+            pad: 0,
+            features: (s % 4) as u16,
+        },
+    )
+}
+
+fn expected_tx_request(s: u32) -> NetifTxRequest {
+    if tx_is_extra(s) {
+        return NetifTxRequest::from_extra(&gso_extra(s));
+    }
+    let mut flags = 0;
+    if s.is_multiple_of(7) {
+        flags |= NETTXF_EXTRA_INFO;
+    }
+    if s.is_multiple_of(3) {
+        flags |= NETTXF_MORE_DATA;
+    }
+    if s % 2 == 1 {
+        flags |= NETTXF_CSUM_BLANK | NETTXF_DATA_VALIDATED;
+    }
+    NetifTxRequest {
+        gref: 0x7000_0000 | s,
+        offset: ((s * 64) % PAGE_SIZE as u32) as u16,
+        flags,
+        id: s.wrapping_mul(3) as u16,
+        size: (14 + s % 1500) as u16,
+    }
+}
+
+fn expected_tx_response(s: u32) -> NetifTxResponse {
+    if tx_is_extra(s) {
+        return NetifTxResponse {
+            id: 0,
+            status: NETIF_RSP_NULL,
+        };
+    }
+    NetifTxResponse {
+        id: expected_tx_request(s).id,
+        status: match s % 4 {
+            1 => NETIF_RSP_ERROR,
+            2 => NETIF_RSP_DROPPED,
+            _ => NETIF_RSP_OKAY,
+        },
+    }
+}
+
+fn expected_rx_request(r: u32) -> NetifRxRequest {
+    NetifRxRequest {
+        id: (r * 5 + 1) as u16,
+        pad: 0,
+        gref: 0x6000_0000 | r,
+    }
+}
+
+fn expected_rx_response(r: u32) -> NetifRxResponse {
+    if rx_is_extra(r) {
+        return NetifRxResponse::from_extra(&gso_extra(r));
+    }
+    let mut flags = 0;
+    if r.is_multiple_of(3) {
+        flags |= NETRXF_MORE_DATA;
+    }
+    if r.is_multiple_of(5) {
+        flags |= NETRXF_EXTRA_INFO | NETRXF_CSUM_BLANK | NETRXF_DATA_VALIDATED;
+    }
+    NetifRxResponse {
+        id: (r * 5 + 1) as u16,
+        offset: ((r * 16) % PAGE_SIZE as u32) as u16,
+        flags,
+        status: (1 + r % PAGE_SIZE as u32) as i16,
+    }
+}
+
+/// Consumes what the C side pushed on one ring with the crate's
+/// `BackRing`, checks each request, answers each, and lets the C side
+/// collect and check the answers.
+fn netif_round<P: RingProtocol>(
+    c: &mut Peer,
+    back: &mut BackRing<P>,
+    ring: &str,
+    k: u32,
+    seq: &mut u32,
+    expected_request: impl Fn(u32) -> P::Request,
+    expected_response: impl Fn(u32) -> P::Response,
+) where
+    P::Request: PartialEq + std::fmt::Debug,
+{
+    let [req_prod, _notify] = c.call(&format!("{ring} {k}"), "pushed");
+    assert_eq!(req_prod, *seq + k, "{ring} req_prod");
+    assert_eq!(back.unconsumed_requests().unwrap(), k, "{ring} unconsumed");
+    for _ in 0..k {
+        let (idx, req) = back.take_request().unwrap();
+        assert_eq!(idx, *seq, "{ring} slot index");
+        assert_eq!(req, expected_request(*seq), "{ring} request {seq}");
+        // The response goes to the slot of its request (netif.h's rule).
+        let at = back.put_response(&expected_response(*seq)).unwrap();
+        assert_eq!(at, idx, "{ring} response slot");
+        *seq += 1;
+    }
+    back.push_responses().unwrap();
+    let [got] = c.call(&format!("{ring}_collect"), "collected");
+    assert_eq!(got, k, "{ring} responses the C side saw");
+}
+
+/// A C netfront (`SHARED_RING_INIT`, `FRONT_RING_INIT`, `RING_GET_REQUEST`,
+/// `RING_GET_RESPONSE` on `netif_tx`/`netif_rx` rings, extra-info slots
+/// through `netif_extra_info_t`) against the crate's two `BackRing`s.
+#[test]
+fn c_netfront_to_rust_netback() {
+    let reference = build_reference("netfront");
+    let region = Arc::new(SharedRegion::create("xen-abi-netfront", 8).unwrap());
+    let frames = [5, 2];
+    let (mut c, tx_size) = Peer::spawn(&reference, "netfront", &region, &frames);
+    let [c_tx, c_rx] = c.call("sizes", "sizes");
+    assert_eq!(tx_size, c_tx);
+    let tx_pages = RingPages::new(region.clone(), frame_offsets(&frames[..1])).unwrap();
+    let rx_pages = RingPages::new(region.clone(), frame_offsets(&frames[1..])).unwrap();
+    let mut tx = BackRing::<NetifTx>::attach(tx_pages).unwrap();
+    let mut rx = BackRing::<NetifRx>::attach(rx_pages).unwrap();
+    assert_eq!(
+        (tx.size(), rx.size()),
+        (c_tx, c_rx),
+        "RING_SIZE of netif_tx, netif_rx"
+    );
+
+    let (mut tx_seq, mut rx_seq) = (0u32, 0u32);
+    for r in 0..ROUNDS {
+        for k in batches(r, tx.size()) {
+            netif_round(
+                &mut c,
+                &mut tx,
+                "tx",
+                k,
+                &mut tx_seq,
+                expected_tx_request,
+                expected_tx_response,
+            );
+        }
+        for k in batches(r + 5, rx.size()) {
+            netif_round(
+                &mut c,
+                &mut rx,
+                "rx",
+                k,
+                &mut rx_seq,
+                expected_rx_request,
+                expected_rx_response,
+            );
+        }
+    }
+    assert!(
+        tx_seq > 4 * tx.size() && rx_seq > 4 * rx.size(),
+        "indices must lap the rings"
+    );
+    let bye: [u32; 4] = c.quit();
+    assert_eq!(
+        bye,
+        [tx_seq, tx_seq, rx_seq, rx_seq],
+        "C netfront's private indices"
+    );
 }

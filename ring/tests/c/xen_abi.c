@@ -6,6 +6,8 @@
  *                                   constants and ring sizes from the headers
  *   xen_abi front FD FRAME[,FRAME]  a blkif frontend on the memfd FD
  *   xen_abi back  FD FRAME[,FRAME]  a blkif backend on the memfd FD
+ *   xen_abi netfront FD TX,RX       a netif frontend: its TX ring on frame
+ *                                   TX, its RX ring on frame RX
  *
  * FRAMES are the 4 KiB pages of the memfd holding the ring, in ring order;
  * they are mapped side by side, so a ring may be scattered in the memfd.
@@ -124,6 +126,16 @@ static void print_layout(void)
     OFF(netif_extra_info, type);
     OFF(netif_extra_info, flags);
     OFF(netif_extra_info, u);
+    OFF(netif_extra_info, u.gso.size);
+    OFF(netif_extra_info, u.gso.type);
+    OFF(netif_extra_info, u.gso.pad);
+    OFF(netif_extra_info, u.gso.features);
+    OFF(netif_extra_info, u.mcast.addr);
+    OFF(netif_extra_info, u.hash.type);
+    OFF(netif_extra_info, u.hash.algorithm);
+    OFF(netif_extra_info, u.hash.value);
+    printf("sizeof.netif_extra_info.u %zu\n", sizeof(((struct netif_extra_info *)0)->u));
+    printf("alignof.netif_extra_info %zu\n", _Alignof(struct netif_extra_info));
 
     SIZE(union, netif_tx_sring_entry);
     SIZE(union, netif_rx_sring_entry);
@@ -162,7 +174,16 @@ static void print_layout(void)
     CONST(NETRXF_gso_prefix);
     CONST(XEN_NETIF_EXTRA_TYPE_NONE);
     CONST(XEN_NETIF_EXTRA_TYPE_GSO);
+    CONST(XEN_NETIF_EXTRA_TYPE_MCAST_ADD);
+    CONST(XEN_NETIF_EXTRA_TYPE_MCAST_DEL);
+    CONST(XEN_NETIF_EXTRA_TYPE_HASH);
+    CONST(XEN_NETIF_EXTRA_TYPE_MAX);
     CONST(XEN_NETIF_EXTRA_FLAG_MORE);
+    CONST(XEN_NETIF_GSO_TYPE_NONE);
+    CONST(XEN_NETIF_GSO_TYPE_TCPV4);
+    CONST(XEN_NETIF_GSO_TYPE_TCPV6);
+    CONST(XEN_NETIF_NR_SLOTS_MIN);
+    CONST(XEN_NETIF_MAX_TX_SIZE);
     CONST(NETIF_RSP_DROPPED);
     CONST(NETIF_RSP_ERROR);
     CONST(NETIF_RSP_OKAY);
@@ -586,6 +607,202 @@ static int run_back(const char *fd_arg, const char *frames_arg)
     return 1;
 }
 
+/* ------------------------------------------------------------- netfront */
+
+/*
+ * Netif test data, written identically in xen_abi.rs. TX slot s is an
+ * extra-info (GSO) slot when s % 7 == 1, a netif_tx_request otherwise; RX
+ * response r is an extra-info (GSO) slot when r % 5 == 1, written by the
+ * backend into the response slot as netback does.
+ */
+static int tx_is_extra(uint32_t s) { return s % 7 == 1; }
+static int rx_is_extra(uint32_t r) { return r % 5 == 1; }
+
+static void make_gso_extra(uint32_t s, netif_extra_info_t *e)
+{
+    memset(e, 0, sizeof(*e));
+    e->type = XEN_NETIF_EXTRA_TYPE_GSO;
+    e->flags = s % 2 ? XEN_NETIF_EXTRA_FLAG_MORE : 0;
+    e->u.gso.size = (uint16_t)(1000 + s % 500);
+    e->u.gso.type = s % 3 ? XEN_NETIF_GSO_TYPE_TCPV4 : XEN_NETIF_GSO_TYPE_TCPV6;
+    e->u.gso.pad = 0;
+    e->u.gso.features = (uint16_t)(s % 4);
+}
+
+static void make_tx_request(uint32_t s, netif_tx_request_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (tx_is_extra(s)) {
+        netif_extra_info_t e;
+        make_gso_extra(s, &e);
+        memcpy(out, &e, sizeof(e));
+        return;
+    }
+    out->gref = 0x70000000u | s;
+    out->offset = (uint16_t)((s * 64) % XEN_PAGE);
+    out->flags = (uint16_t)((s % 7 == 0 ? NETTXF_extra_info : 0) | (s % 3 == 0 ? NETTXF_more_data : 0) |
+                            (s % 2 ? NETTXF_csum_blank | NETTXF_data_validated : 0));
+    out->id = (uint16_t)(s * 3);
+    out->size = (uint16_t)(14 + s % 1500);
+}
+
+static void make_tx_response(uint32_t s, netif_tx_response_t *out)
+{
+    netif_tx_request_t req;
+    make_tx_request(s, &req);
+    memset(out, 0, sizeof(*out));
+    if (tx_is_extra(s)) {
+        out->status = NETIF_RSP_NULL;
+        return;
+    }
+    out->id = req.id;
+    switch (s % 4) {
+    case 1: out->status = NETIF_RSP_ERROR; break;
+    case 2: out->status = NETIF_RSP_DROPPED; break;
+    default: out->status = NETIF_RSP_OKAY; break;
+    }
+}
+
+static void make_rx_request(uint32_t r, netif_rx_request_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->id = (uint16_t)(r * 5 + 1);
+    out->gref = 0x60000000u | r;
+}
+
+static void make_rx_response(uint32_t r, netif_rx_response_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (rx_is_extra(r)) {
+        netif_extra_info_t e;
+        make_gso_extra(r, &e);
+        memcpy(out, &e, sizeof(e));
+        return;
+    }
+    out->id = (uint16_t)(r * 5 + 1);
+    out->offset = (uint16_t)((r * 16) % XEN_PAGE);
+    out->flags = (uint16_t)((r % 3 == 0 ? NETRXF_more_data : 0) |
+                            (r % 5 == 0 ? NETRXF_extra_info | NETRXF_csum_blank | NETRXF_data_validated : 0));
+    out->status = (int16_t)(1 + r % XEN_PAGE);
+}
+
+static void check_tx_response(uint32_t s, const netif_tx_response_t *got)
+{
+    const char *kind = "tx response";
+    netif_tx_response_t want;
+    make_tx_response(s, &want);
+    CHECK(s, "status", (long long)got->status, (long long)want.status);
+    if (want.status != NETIF_RSP_NULL)
+        CHECK(s, "id", got->id, want.id);
+    check_bytes(kind, s, got, &want, sizeof(want));
+}
+
+/* Through the extra-info view where netback writes one, then every byte. */
+static void check_rx_response(uint32_t r, const netif_rx_response_t *got)
+{
+    const char *kind = "rx response";
+    netif_rx_response_t want;
+    make_rx_response(r, &want);
+    if (rx_is_extra(r)) {
+        netif_extra_info_t g, w;
+        memcpy(&g, got, sizeof(g));
+        make_gso_extra(r, &w);
+        CHECK(r, "extra.type", g.type, w.type);
+        CHECK(r, "extra.flags", g.flags, w.flags);
+        CHECK(r, "extra.u.gso.size", g.u.gso.size, w.u.gso.size);
+        CHECK(r, "extra.u.gso.type", g.u.gso.type, w.u.gso.type);
+        CHECK(r, "extra.u.gso.pad", g.u.gso.pad, w.u.gso.pad);
+        CHECK(r, "extra.u.gso.features", g.u.gso.features, w.u.gso.features);
+    } else {
+        CHECK(r, "id", got->id, want.id);
+        CHECK(r, "offset", got->offset, want.offset);
+        CHECK(r, "flags", got->flags, want.flags);
+        CHECK(r, "status", (long long)got->status, (long long)want.status);
+    }
+    check_bytes(kind, r, got, &want, sizeof(want));
+}
+
+/* Queues k requests made by make(seq) and pushes them; prints the result. */
+#define NETFRONT_PUSH(ring, type, make, next, k)                          \
+    do {                                                                  \
+        int notify_;                                                      \
+        for (unsigned i_ = 0; i_ < (k); i_++) {                           \
+            type req_;                                                    \
+            if (RING_FULL(ring))                                          \
+                fail("%s ring full at %u", #ring, (next));                \
+            make((next)++, &req_);                                        \
+            memcpy(RING_GET_REQUEST(ring, (ring)->req_prod_pvt), &req_,   \
+                   sizeof(req_));                                         \
+            (ring)->req_prod_pvt++;                                       \
+        }                                                                 \
+        RING_PUSH_REQUESTS_AND_CHECK_NOTIFY(ring, notify_);               \
+        printf("pushed %u %d\n", (ring)->sring->req_prod, notify_);       \
+    } while (0)
+
+/* Takes every published response, checking each with check(seq). */
+#define NETFRONT_COLLECT(ring, check, next)                               \
+    do {                                                                  \
+        unsigned n_ = 0;                                                  \
+        RING_IDX rp_ = (ring)->sring->rsp_prod;                           \
+        if (RING_RESPONSE_PROD_OVERFLOW(ring, rp_))                       \
+            fail("%s rsp_prod %u overflows", #ring, rp_);                 \
+        xen_rmb(); /* responses are read after rsp_prod */                \
+        for (; (ring)->rsp_cons != rp_; (ring)->rsp_cons++, n_++)         \
+            check((next)++, RING_GET_RESPONSE(ring, (ring)->rsp_cons));   \
+        printf("collected %u\n", n_);                                     \
+    } while (0)
+
+/*
+ *   sizes         -> "sizes <tx RING_SIZE> <rx RING_SIZE>"
+ *   tx K / rx K   queue K requests, RING_PUSH_REQUESTS_AND_CHECK_NOTIFY
+ *                 -> "pushed <req_prod> <notify>"
+ *   tx_collect / rx_collect
+ *                 take every response -> "collected <count>"
+ *   quit          -> "bye <tx req_prod_pvt> <tx rsp_cons> <rx req_prod_pvt> <rx rsp_cons>"
+ */
+static int run_netfront(const char *fd_arg, const char *frames_arg)
+{
+    struct mapping m = map_ring(fd_arg, frames_arg);
+    netif_tx_sring_t *txs = m.base;
+    netif_rx_sring_t *rxs = (void *)((char *)m.base + XEN_PAGE);
+    netif_tx_front_ring_t tx;
+    netif_rx_front_ring_t rx;
+    uint32_t tx_req = 0, tx_rsp = 0, rx_req = 0, rx_rsp = 0;
+    char line[128], *cmd;
+
+    if (m.len != 2 * XEN_PAGE)
+        fail("netfront wants two frames, got %s", frames_arg);
+    SHARED_RING_INIT(txs);
+    FRONT_RING_INIT(&tx, txs, XEN_PAGE);
+    SHARED_RING_INIT(rxs);
+    FRONT_RING_INIT(&rx, rxs, XEN_PAGE);
+    printf("ready %u\n", RING_SIZE(&tx));
+    fflush(stdout);
+
+    while ((cmd = next_command(line, sizeof(line)))) {
+        if (is(cmd, "sizes")) {
+            printf("sizes %u %u\n", RING_SIZE(&tx), RING_SIZE(&rx));
+        } else if (is(cmd, "tx")) {
+            unsigned k = arg_u(cmd, "tx");
+            NETFRONT_PUSH(&tx, netif_tx_request_t, make_tx_request, tx_req, k);
+        } else if (is(cmd, "rx")) {
+            unsigned k = arg_u(cmd, "rx");
+            NETFRONT_PUSH(&rx, netif_rx_request_t, make_rx_request, rx_req, k);
+        } else if (is(cmd, "tx_collect")) {
+            NETFRONT_COLLECT(&tx, check_tx_response, tx_rsp);
+        } else if (is(cmd, "rx_collect")) {
+            NETFRONT_COLLECT(&rx, check_rx_response, rx_rsp);
+        } else if (is(cmd, "quit")) {
+            printf("bye %u %u %u %u\n", tx.req_prod_pvt, tx.rsp_cons, rx.req_prod_pvt, rx.rsp_cons);
+            return 0;
+        } else {
+            fail("unknown command: %s", cmd);
+        }
+        fflush(stdout);
+    }
+    return 1;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "layout") == 0) {
@@ -596,6 +813,8 @@ int main(int argc, char **argv)
         return run_front(argv[2], argv[3]);
     if (argc == 4 && strcmp(argv[1], "back") == 0)
         return run_back(argv[2], argv[3]);
-    fprintf(stderr, "usage: %s layout | front FD FRAMES | back FD FRAMES\n", argv[0]);
+    if (argc == 4 && strcmp(argv[1], "netfront") == 0)
+        return run_netfront(argv[2], argv[3]);
+    fprintf(stderr, "usage: %s layout | front FD FRAMES | back FD FRAMES | netfront FD TX,RX\n", argv[0]);
     return 2;
 }
