@@ -1,4 +1,6 @@
 //! placeholder: the network backend is not built yet
 //! (docs/ARCHITECTURE.md §9).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+pub mod wire;
