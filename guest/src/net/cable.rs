@@ -20,7 +20,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
+};
 use tracing::debug;
 
 use super::device::{FrameDevice, FrameError, ETHERNET_HEADER_LEN};
@@ -284,7 +286,11 @@ impl FrameDevice for CableEnd {
         let mut link = self.shared.link(self.me);
         link.stats.sent += 1;
         let n = link.stats.sent;
-        if link.faults.drop_every.is_some_and(|k| k > 0 && n % k == 0) {
+        if link
+            .faults
+            .drop_every
+            .is_some_and(|k| k > 0 && n.is_multiple_of(k))
+        {
             link.stats.dropped_by_fault += 1;
             return Ok(());
         }
@@ -356,10 +362,7 @@ mod tests {
         tcp.set_seq_number(TcpSeqNumber(seq as i32));
         tcp.set_syn(syn);
         tcp.payload_mut().copy_from_slice(payload);
-        let (src, dst) = (
-            IpAddress::v4(10, 0, 0, 1),
-            IpAddress::v4(10, 0, 0, 2),
-        );
+        let (src, dst) = (IpAddress::v4(10, 0, 0, 1), IpAddress::v4(10, 0, 0, 2));
         tcp.fill_checksum(&src, &dst);
         frame
     }

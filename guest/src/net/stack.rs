@@ -314,8 +314,12 @@ mod tests {
         let la = sa.add_tcp_socket(4096, 4096);
         let lb = sb.add_tcp_socket(4096, 4096);
         sb.listen(lb, 80).unwrap();
-        sa.connect(la, SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), 80), 40000)
-            .unwrap();
+        sa.connect(
+            la,
+            SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 9), 80),
+            40000,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             let now = Instant::now();
