@@ -336,5 +336,6 @@ fn a_reset_mid_stream_is_a_failure() {
     assert!(!tx.passed(), "{tx:?}");
     assert_eq!(tx.resets, 1, "{tx:?}");
     assert!(tx.failures[0].contains("reset"), "{tx:?}");
-    assert!(tx.bytes >= 100 * 1024 && tx.bytes < 4 * MIB, "{tx:?}");
+    // Acknowledged: most of what B read (its last ACK may lose to the RST).
+    assert!(tx.bytes >= 64 * 1024 && tx.bytes < 4 * MIB, "{tx:?}");
 }
