@@ -100,6 +100,8 @@ pub(crate) struct PhyAdapter<'d> {
     dev: &'d mut dyn FrameDevice,
     /// The last received frame, reused for every receive.
     rx_buf: Vec<u8>,
+    /// The frame being built, reused for every transmit.
+    tx_buf: Vec<u8>,
     mtu: usize,
     stats: PhyStats,
     fatal: Option<FrameError>,
@@ -111,6 +113,7 @@ impl<'d> PhyAdapter<'d> {
         PhyAdapter {
             dev,
             rx_buf: Vec::with_capacity(mtu + ETHERNET_HEADER_LEN),
+            tx_buf: Vec::with_capacity(mtu + ETHERNET_HEADER_LEN),
             mtu,
             stats: PhyStats::default(),
             fatal: None,
@@ -177,6 +180,7 @@ impl phy::Device for PhyAdapter<'_> {
                         },
                         TxToken {
                             dev: &mut *self.dev,
+                            frame: &mut self.tx_buf,
                             stats: &mut self.stats,
                             fatal: &mut self.fatal,
                             max,
@@ -199,6 +203,7 @@ impl phy::Device for PhyAdapter<'_> {
         let max = self.max_frame();
         Some(TxToken {
             dev: &mut *self.dev,
+            frame: &mut self.tx_buf,
             stats: &mut self.stats,
             fatal: &mut self.fatal,
             max,
@@ -230,6 +235,7 @@ impl phy::RxToken for RxToken<'_> {
 /// Room for one frame to send.
 pub(crate) struct TxToken<'a> {
     dev: &'a mut dyn FrameDevice,
+    frame: &'a mut Vec<u8>,
     stats: &'a mut PhyStats,
     fatal: &'a mut Option<FrameError>,
     max: usize,
@@ -242,12 +248,13 @@ impl phy::TxToken for TxToken<'_> {
     {
         // smoltcp sizes frames from `capabilities()`, so `len <= max`; a
         // longer one is still built (the closure must run) but refused below.
-        let mut frame = vec![0u8; len];
-        let result = f(&mut frame);
+        self.frame.clear();
+        self.frame.resize(len, 0);
+        let result = f(self.frame);
         let sent = if len > self.max {
             Err(FrameError::TooLong { len, max: self.max })
         } else {
-            self.dev.send(&frame)
+            self.dev.send(self.frame)
         };
         match sent {
             Ok(()) => self.stats.tx_frames += 1,

@@ -18,6 +18,7 @@
 //! Every report carries the longest time the stream made no progress (what
 //! a backend crash costs the guest) and the resets and timeouts it saw; a
 //! reset is a failure, never hidden.
+#![forbid(unsafe_code)]
 
 mod device;
 mod pattern;

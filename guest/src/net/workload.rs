@@ -24,7 +24,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Lowest ephemeral port a connecting role picks (IANA's dynamic range).
 const EPHEMERAL_BASE: u16 = 49152;
 /// How many failure descriptions a report keeps (all are counted).
-pub const MAX_FAILURE_MESSAGES: usize = 10;
+const MAX_FAILURE_MESSAGES: usize = 10;
 
 /// What one side of a workload does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,7 +140,7 @@ pub struct StreamReport {
     pub phy: PhyStats,
     /// Total number of failures.
     pub failure_count: u64,
-    /// The first [`MAX_FAILURE_MESSAGES`] of them, in words.
+    /// The first ten of them, in words.
     pub failures: Vec<String>,
 }
 
