@@ -1,0 +1,33 @@
+//! The guest's network stack: TCP over any Ethernet frame device
+//! (docs/ARCHITECTURE.md §5).
+//!
+//! A transport (a Xen netfront, a vhost-user-net client, a TAP device, the
+//! in-memory [`cable`]) implements [`FrameDevice`]: send one Ethernet frame,
+//! receive frames without blocking, say how to wait for the next one.
+//! [`NetStack`] runs smoltcp's interface (static IPv4, ARP, TCP) over it, and
+//! [`run_stream`] runs one verifying TCP workload on a stack and returns a
+//! [`StreamReport`]:
+//!
+//! - a **checksummed stream**: the sender writes N bytes whose value is a
+//!   function of (seed, stream offset) ([`StreamPattern`]), so the receiver
+//!   checks every byte without a copy of the data and catches loss,
+//!   duplication, reordering and corruption inside the stream, at the
+//!   offset where it happened;
+//! - a **ping-pong**: fixed-size requests echoed back, with their latency.
+//!
+//! Every report carries the longest time the stream made no progress (what
+//! a backend crash costs the guest) and the resets and timeouts it saw; a
+//! reset is a failure, never hidden.
+#![forbid(unsafe_code)]
+
+mod device;
+mod pattern;
+mod stack;
+mod workload;
+
+pub mod cable;
+
+pub use device::{FrameDevice, FrameError, PhyStats, ETHERNET_HEADER_LEN};
+pub use pattern::{Crc32, StreamMismatch, StreamPattern, StreamVerifier};
+pub use stack::{NetConfig, NetError, NetStack};
+pub use workload::{run_stream, StreamParams, StreamReport, StreamRole};
