@@ -1,4 +1,5 @@
-//! `shadowback blkback`: the backend process the supervisor execs.
+//! `shadowback blkback` and `shadowback netback`: the backend processes the
+//! supervisor execs.
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -11,6 +12,7 @@ use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_dataplane::event_loop::BackendError;
 use shadowback_dataplane::recovery::CrashSpec;
 use shadowback_dataplane::uring::EngineConfig;
+use shadowback_netback::backend::{NetBackend, NetConfig};
 use shadowback_xenbus::SeqPacket;
 
 use crate::CliError;
@@ -49,7 +51,7 @@ pub struct BlkbackArgs {
 /// log crash point (on its 100th occurrence), in the first instance only;
 /// `region-finish.3@2` names a crash point of the VMM's in-flight region
 /// instead (`shadowback_virtio::inflight::RegionCrashPoint`).
-fn crash_at_from_env() -> Result<CrashSpec, CliError> {
+pub(crate) fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
         return Ok(CrashSpec::default());
     };
@@ -85,7 +87,7 @@ fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     unsafe_code,
     reason = "`OwnedFd::from_raw_fd`: the fd number comes from exec"
 )]
-fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
+pub(crate) fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
     if fd < 3 {
         return Err(format!("fd {fd} is a standard stream, not an inherited fd").into());
     }
@@ -126,6 +128,43 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
     match backend.run() {
         Ok(()) | Err(BackendError::SupervisorGone) => {
             tracing::info!(device = %args.device, stats = ?backend.stats(), "blkback exiting");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct NetbackArgs {
+    /// Device name (for logs).
+    #[arg(long)]
+    device: String,
+    /// Inherited control socket (SOCK_SEQPACKET) to the supervisor.
+    #[arg(long)]
+    control_fd: RawFd,
+    /// Domain id the guest's grants must name.
+    #[arg(long, default_value_t = 0)]
+    backend_id: u16,
+    /// Do not write the shadow logs (overhead benchmark only).
+    #[arg(long)]
+    no_shadow: bool,
+}
+
+/// The network backend: serves one vif per `attach-net` until the
+/// supervisor closes the control channel.
+pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
+    let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    let cfg = NetConfig {
+        device: args.device.clone(),
+        backend_id: args.backend_id,
+        shadow: !args.no_shadow,
+        crash_at: crash_at_from_env()?,
+    };
+    let mut backend = NetBackend::new(cfg, control)?;
+    tracing::info!(device = %args.device, pid = std::process::id(), "netback running");
+    match backend.run() {
+        Ok(()) | Err(BackendError::SupervisorGone) => {
+            tracing::info!(device = %args.device, stats = ?backend.stats(), "netback exiting");
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => Err(e.into()),

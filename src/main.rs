@@ -3,7 +3,7 @@
 //! - `demo` runs the whole thing on an embedded default and reports;
 //! - `up CONFIG.toml` runs the supervisor for the disks a config names;
 //! - `bench blk` measures the Xen-ring path against raw io_uring;
-//! - `blkback` and `guest` are the processes the others start.
+//! - `blkback`, `netback` and `guest` are the processes the others start.
 //!
 //! `unsafe` is denied; the one exception is taking ownership of the fds a
 //! backend inherits at exec (`backend_cmd::inherited`).
@@ -55,6 +55,9 @@ enum Command {
     /// Block backend process (started by the supervisor with its fds).
     #[command(hide = true)]
     Blkback(backend_cmd::BlkbackArgs),
+    /// Network backend process (started with its control fd).
+    #[command(hide = true)]
+    Netback(backend_cmd::NetbackArgs),
     /// Guest process: a frontend plus a workload, reporting JSON lines on stdout.
     #[command(hide = true)]
     Guest {
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         Command::Fault(args) => control_cmd::fault(args),
         Command::Bench { what } => bench::run(what),
         Command::Blkback(args) => backend_cmd::run(args),
+        Command::Netback(args) => backend_cmd::run_netback(args),
         Command::Guest { what } => guest_cmd::run(what),
     };
     match result {

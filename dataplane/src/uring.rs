@@ -315,14 +315,29 @@ impl Engine {
     /// Sets up a ring and registers `disk` as fixed file 0. The ring holds
     /// its own reference to the file, so `disk` may be closed afterwards.
     pub fn new(disk: impl AsFd, cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let ring = Self::build(cfg)?;
+        ring.submitter()
+            .register_files(&[disk.as_fd().as_raw_fd()])
+            .map_err(EngineError::RegisterDisk)?;
+        Self::with_ring(ring, cfg)
+    }
+
+    /// A ring without a registered file, for a loop that only waits on
+    /// fds ([`IoOp::PollIn`]): a NIC's wire is read and written by the
+    /// loop itself, without blocking. Disk ops on it fail with `EBADF`.
+    pub fn for_polls(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        Self::with_ring(Self::build(cfg)?, cfg)
+    }
+
+    fn build(cfg: &EngineConfig) -> Result<IoUring, EngineError> {
         let mut builder = IoUring::builder();
         if cfg.sqpoll {
             builder.setup_sqpoll(SQPOLL_IDLE_MS);
         }
-        let ring = builder.build(cfg.entries).map_err(EngineError::Setup)?;
-        ring.submitter()
-            .register_files(&[disk.as_fd().as_raw_fd()])
-            .map_err(EngineError::RegisterDisk)?;
+        builder.build(cfg.entries).map_err(EngineError::Setup)
+    }
+
+    fn with_ring(ring: IoUring, cfg: &EngineConfig) -> Result<Self, EngineError> {
         // One CQ entry stays free for the cancel-all request issued on drop,
         // so even then the CQ cannot overflow.
         let cq_entries = usize::try_from(ring.params().cq_entries()).map_err(|_| {

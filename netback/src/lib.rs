@@ -1,5 +1,8 @@
 //! netback: the network backend (docs/ARCHITECTURE.md §11).
 //!
+//! - [`backend`]: the Xen netif loop of one backend process, on the
+//!   shared data plane;
+//! - [`checksum`]: completing a blank TCP/UDP checksum in software;
 //! - [`netif`]: validation of netif TX requests as Linux xen-netback does
 //!   it, and the RX buffer plan (pure code, table-tested);
 //! - [`record`]: what a vif stores in the (device-agnostic) shadow log;
@@ -9,6 +12,8 @@
 
 #![deny(unsafe_code)]
 
+pub mod backend;
+pub mod checksum;
 pub mod netif;
 pub mod record;
 pub mod wire;

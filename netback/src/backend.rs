@@ -1,0 +1,1327 @@
+//! The Xen netif loop of one network backend process
+//! (docs/ARCHITECTURE.md §11.6).
+//!
+//! One vif: a TX ring and an RX ring in the guest's granted region, one or
+//! two event channels, a wire (TAP or cable) the supervisor holds and lends
+//! to each instance, and one shadow log per ring. It runs on the shared
+//! data plane ([`shadowback_dataplane`]): the same completion token, loop
+//! body, control pieces and recovery applier as the block backend. The
+//! engine only waits (kicks, the control socket, the wire's readability);
+//! frames move with non-blocking `send`/`recv` on the wire, one packet at a
+//! time, so nothing is in flight between two loop turns.
+//!
+//! - **TX**, per packet: its slots are copied out of the ring once and
+//!   validated as Linux netback does ([`crate::netif::parse_tx`]), each
+//!   slot logged (one shadow-log entry per slot), the data read from the
+//!   granted pages into a private frame, a blank checksum completed, the
+//!   frame written to the wire, the first slot's entry marked *sent*, and
+//!   every slot answered. A fatal verdict disconnects this vif only.
+//! - **RX**: posted buffers are logged as taken and kept in a pool; a frame
+//!   from the wire is copied into the first buffers of the pool and each
+//!   buffer answered in its own slot. With no buffer posted, the wire is not
+//!   read: frames wait in its kernel queue, nothing grows here.
+//! - **Recovery**: TX entries marked sent are answered only; the others are
+//!   sent again (at most the one packet being written at the crash can go
+//!   out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
+//!   dead instance was still logging is completed from the ring. RX
+//!   buffers not answered go back to the pool (`rx-buffers-recovered`).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use shadowback_dataplane::control::{
+    attach_reply, control_err, fault_injection, recv_control, sanitize, AttachFlags,
+};
+use shadowback_dataplane::event_loop::{self, arm, BackendError, EventLoop, Generations, Token};
+use shadowback_dataplane::recovery::{
+    self, log_failed, open_shadow_log, CrashSpec, RecoveryStats, ReplayTarget, SerialReplay,
+    POISON_THRESHOLD,
+};
+use shadowback_dataplane::uring::{Completion, Engine, EngineConfig};
+use shadowback_ring::grant::{Access, GrantMapper};
+use shadowback_ring::netif::{
+    NetifRx, NetifRxRequest, NetifRxResponse, NetifTx, NetifTxResponse, NETIF_RSP_ERROR,
+    NETIF_RSP_OKAY,
+};
+use shadowback_ring::sring::{BackRing, RingPages};
+use shadowback_ring::{EventChannel, RingError, SharedRegion};
+use shadowback_shadow::{
+    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+};
+use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::{Message, SeqPacket};
+
+use crate::checksum;
+use crate::netif::tx::{parse_tx, TxRequest, TxVerdict};
+use crate::netif::{rx_plan, Checksum, NetifRxError, RxFeatures, RxFrame, TxSlots};
+use crate::record::response;
+use crate::record::rx as rxrec;
+use crate::record::tx::{self as txrec, TxSlotRecord};
+use crate::wire::{SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN};
+
+/// Token ring numbers of a vif.
+const TX: u8 = 0;
+const RX: u8 = 1;
+/// The wire's readability.
+const WIRE: u8 = 2;
+
+/// Progress flag of a TX packet's first entry: the frame was handed to the
+/// wire (`ShadowLog::set_progress`).
+pub const TX_SENT: u32 = 1;
+
+/// `attach-net`: `wire=tap` or `wire=cable`, the kind of the wire fd.
+pub const KEY_WIRE: &str = "wire";
+/// `attached` of a vif: TX packets sent again by this instance.
+pub const KEY_TX_REPLAYED: &str = "tx-replayed";
+/// `attached` of a vif: of those, ones the dead instance may have sent.
+pub const KEY_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
+/// `attached` of a vif: posted RX buffers handed over from the dead
+/// instance.
+pub const KEY_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+
+/// Static configuration of one network backend instance.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// Device name, for logs.
+    pub device: String,
+    /// Domain id the guest's grants must name.
+    pub backend_id: u16,
+    /// Log every slot in the shadow logs the supervisor passes.
+    pub shadow: bool,
+    /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
+    pub crash_at: CrashSpec,
+}
+
+/// Counters of one network backend instance.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetStats {
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// TX packets answered with an error (refused, bad grant).
+    pub tx_errors: u64,
+    /// TX packets the wire dropped (queue full, link down).
+    pub tx_wire_drops: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Frames from the wire that could not be delivered (too large, no
+    /// `feature-sg`, bad grant).
+    pub rx_dropped: u64,
+    pub kicks: u64,
+    pub notifications: u64,
+}
+
+/// What a vif's recovery did, beyond [`RecoveryStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRecovery {
+    pub tx_replayed: u64,
+    pub tx_maybe_duplicated: u64,
+    pub rx_buffers_recovered: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    No,
+    Detach,
+    Broken,
+}
+
+/// A posted RX buffer.
+#[derive(Clone, Copy, Debug)]
+struct Posted {
+    req: NetifRxRequest,
+    entry: Option<EntryId>,
+}
+
+/// One ring's event channel, shared by both rings unless split.
+struct Channel {
+    kick: EventChannel,
+    notify: EventChannel,
+}
+
+/// The attached vif.
+struct Vif {
+    name: String,
+    generation: u32,
+    region: Arc<SharedRegion>,
+    grants: GrantMapper,
+    tx: BackRing<NetifTx>,
+    rx: BackRing<NetifRx>,
+    tx_chan: Channel,
+    /// The RX ring's own channel (`split-event-channels=1`).
+    rx_chan: Option<Channel>,
+    tx_log: Option<ShadowLog>,
+    rx_log: Option<ShadowLog>,
+    wire: Wire,
+    rx_features: RxFeatures,
+    /// Complete blank checksums before RX delivery.
+    no_csum_offload: bool,
+    pool: VecDeque<Posted>,
+    /// A frame read from the wire that waits for more buffers.
+    held: Option<Vec<u8>>,
+    /// A poll on the wire is armed.
+    wire_armed: bool,
+    /// The wire was seen readable and not yet drained.
+    wire_readable: bool,
+    tx_unpublished: bool,
+    rx_unpublished: bool,
+    /// Slots of a packet being replayed, collected in ring order.
+    tx_pending: Vec<(EntryId, TxSlotRecord)>,
+    /// Packets the dead instance sent (first slot marked, or a slot
+    /// already answered: answers follow the write).
+    tx_sent: HashSet<u32>,
+    /// Slots the dead instance answered, by packet: a packet it was
+    /// answering when it died is whole with them.
+    tx_answered: HashMap<u32, Vec<TxSlotRecord>>,
+    tx_serial: SerialReplay<TxSlotRecord>,
+    rx_serial: SerialReplay<NetifRxRequest>,
+    closing: Closing,
+}
+
+impl Vif {
+    fn rx_notify(&self) -> &EventChannel {
+        &self.rx_chan.as_ref().unwrap_or(&self.tx_chan).notify
+    }
+}
+
+/// The backend instance.
+pub struct NetBackend {
+    cfg: NetConfig,
+    engine: Engine,
+    control: SeqPacket,
+    vif: Option<Vif>,
+    generations: Generations,
+    stats: NetStats,
+    recovery: NetRecovery,
+    completions: Vec<Completion>,
+    poison: Vec<u64>,
+    /// Scratch frame: virtio-net header + the largest frame.
+    frame: Vec<u8>,
+}
+
+impl NetBackend {
+    pub fn new(cfg: NetConfig, control: SeqPacket) -> Result<Self, BackendError> {
+        let engine = Engine::for_polls(&EngineConfig::default()).map_err(BackendError::Engine)?;
+        Ok(NetBackend {
+            cfg,
+            engine,
+            control,
+            vif: None,
+            generations: Generations::default(),
+            stats: NetStats::default(),
+            recovery: NetRecovery::default(),
+            completions: Vec::with_capacity(64),
+            poison: Vec::new(),
+            frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Serves until the supervisor closes the control channel.
+    pub fn run(&mut self) -> Result<(), BackendError> {
+        event_loop::run(self)
+    }
+
+    /// Protocol violation on a ring: stop serving this vif, tell the
+    /// supervisor (which disconnects this guest only).
+    fn broken(&mut self, why: &str) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if vif.closing == Closing::Broken {
+            return Ok(());
+        }
+        tracing::warn!(device = %self.cfg.device, frontend = %vif.name, why, "vif broken, disconnecting");
+        vif.closing = Closing::Broken;
+        let msg = Message::new(kind::DISCONNECT)
+            .with(key::FRONTEND, &vif.name)
+            .with(key::REASON, sanitize(why));
+        self.control.send(&msg, &[]).map_err(control_err)
+    }
+
+    // ---- TX ------------------------------------------------------------
+
+    /// Takes every packet the TX ring holds.
+    fn consume_tx(&mut self) -> Result<(), BackendError> {
+        loop {
+            let Some(vif) = self.vif.as_mut() else {
+                return Ok(());
+            };
+            if vif.closing != Closing::No || !vif.tx_serial.is_empty() {
+                return Ok(());
+            }
+            let available = match vif.tx.unconsumed_requests() {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) => return self.broken(&e.to_string()),
+            };
+            let first_index = vif.tx.req_cons();
+            let mut ring_err = None;
+            let mut left = available;
+            let mut source = std::iter::from_fn(|| {
+                if left == 0 || ring_err.is_some() {
+                    return None;
+                }
+                left -= 1;
+                match vif.tx.take_request() {
+                    Ok((_, slot)) => Some(slot),
+                    Err(e) => {
+                        ring_err = Some(e);
+                        None
+                    }
+                }
+            });
+            let parsed = parse_tx(&mut source);
+            if let Some(e) = ring_err {
+                return self.broken(&e.to_string());
+            }
+            match parsed {
+                None => return Ok(()),
+                Some(Err(TxVerdict::Fatal(f))) => return self.broken(&f.to_string()),
+                Some(Err(TxVerdict::Error { slots, reason })) => {
+                    tracing::debug!(device = %self.cfg.device, %reason, "TX packet refused");
+                    let entries = self.log_tx(first_index, &slots);
+                    self.stats.tx_errors += 1;
+                    self.answer_tx(&slots, &entries, NETIF_RSP_ERROR, &[]);
+                }
+                Some(Ok(request)) => {
+                    let slots = request.slots().clone();
+                    let entries = self.log_tx(first_index, &slots);
+                    self.execute_tx(request, &entries, false);
+                }
+            }
+        }
+    }
+
+    /// Logs every slot of a packet (docs/ARCHITECTURE.md §7.1: before any
+    /// of it is executed); one entry per slot, in ring order.
+    fn log_tx(&mut self, first_index: u32, slots: &TxSlots) -> Vec<Option<EntryId>> {
+        let Some(log) = self.vif.as_ref().and_then(|v| v.tx_log.as_ref()) else {
+            return vec![None; slots.len()];
+        };
+        txrec::records(first_index, slots)
+            .iter()
+            .enumerate()
+            .map(|(i, rec)| {
+                let idx = first_index.wrapping_add(i as u32);
+                match log.log_consumed(idx, &txrec::encode(rec)) {
+                    Ok(e) => Some(e),
+                    Err(e) => log_failed(&self.cfg.device, e),
+                }
+            })
+            .collect()
+    }
+
+    /// Sends a valid packet (unless `sent`: the dead instance did) and
+    /// answers its slots.
+    fn execute_tx(&mut self, request: TxRequest, entries: &[Option<EntryId>], sent: bool) {
+        let packet = match request {
+            TxRequest::Multicast(m) => {
+                // No filter: every frame is delivered. Accepted as Linux
+                // accepts a change within its list's limit.
+                self.answer_tx(&m.slots, entries, NETIF_RSP_OKAY, &[]);
+                return;
+            }
+            TxRequest::Packet(p) => p,
+        };
+        if poisoned(&self.poison, &packet.slots) {
+            tracing::error!(device = %self.cfg.device, "poisoned packet: aborting (fault injection)");
+            std::process::abort();
+        }
+        let status = if sent {
+            NETIF_RSP_OKAY
+        } else {
+            match self.send_packet(&packet) {
+                Ok(()) => {
+                    if let (Some(log), Some(Some(first))) = (
+                        self.vif.as_ref().and_then(|v| v.tx_log.as_ref()),
+                        entries.first(),
+                    ) {
+                        if let Err(e) = log.set_progress(*first, TX_SENT) {
+                            log_failed(&self.cfg.device, e);
+                        }
+                    }
+                    NETIF_RSP_OKAY
+                }
+                Err(why) => {
+                    tracing::debug!(device = %self.cfg.device, why, "TX packet failed");
+                    self.stats.tx_errors += 1;
+                    NETIF_RSP_ERROR
+                }
+            }
+        };
+        self.answer_tx(&packet.slots, entries, status, &[]);
+    }
+
+    /// Reads a packet out of its grants into the scratch frame, completes a
+    /// blank checksum and writes it to the wire.
+    fn send_packet(&mut self, packet: &crate::netif::TxPacket) -> Result<(), String> {
+        let vif = self.vif.as_mut().ok_or("no vif")?;
+        let hdr = vif.wire.header_len().bytes();
+        let size = usize::from(packet.size);
+        if packet.gso.is_some() {
+            return Err("GSO was not negotiated".into());
+        }
+        let frame = &mut self.frame[..hdr + size];
+        frame[..hdr].fill(0);
+        let mut at = hdr;
+        for frag in &packet.fragments {
+            let page = vif
+                .grants
+                .map(frag.gref, Access::Read)
+                .map_err(|e| e.to_string())?;
+            let len = usize::from(frag.len);
+            let dst = frame
+                .get_mut(at..at + len)
+                .ok_or("fragments exceed the packet size")?;
+            vif.region
+                .read(page + u64::from(frag.offset), dst)
+                .map_err(|e| e.to_string())?;
+            at += len;
+        }
+        if packet.checksum == Checksum::Partial {
+            checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+        }
+        VnetHeader::plain()
+            .encode(&mut frame[..hdr], vif.wire.header_len())
+            .map_err(|e| e.to_string())?;
+        match vif.wire.send(frame).map_err(|e| e.to_string())? {
+            SendOutcome::Sent => {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += size as u64;
+            }
+            // Lost like on a full NIC queue; TCP resends.
+            SendOutcome::Dropped(_) => self.stats.tx_wire_drops += 1,
+        }
+        Ok(())
+    }
+
+    /// Puts one response per slot (`NULL` for extra-info slots) and logs
+    /// each COMPLETING; slots whose `answered` flag is set are skipped (a
+    /// dead instance answered them).
+    fn answer_tx(
+        &mut self,
+        slots: &TxSlots,
+        entries: &[Option<EntryId>],
+        status: i16,
+        answered: &[bool],
+    ) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        for (i, (rsp, entry)) in slots.responses(status).iter().zip(entries).enumerate() {
+            if answered.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let idx = match vif.tx.put_response(rsp) {
+                Ok(idx) => idx,
+                Err(e) => {
+                    tracing::error!(device = %self.cfg.device, error = %e, "cannot put a TX response");
+                    return;
+                }
+            };
+            vif.tx_unpublished = true;
+            if let (Some(log), Some(entry)) = (vif.tx_log.as_ref(), entry) {
+                if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(rsp)) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+        }
+    }
+
+    /// A replayed TX slot: collected until its packet is whole, then the
+    /// packet is answered (sent before the crash) or sent again.
+    fn replay_tx_slot(&mut self, rec: TxSlotRecord, entry: EntryId) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        if vif
+            .tx_pending
+            .first()
+            .is_some_and(|(_, first)| first.packet != rec.packet)
+        {
+            // The previous packet never became whole: fail its slots.
+            let stale = std::mem::take(&mut vif.tx_pending);
+            self.fail_tx_slots(&stale);
+        }
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        vif.tx_pending.push((entry, rec));
+        let answered = vif.tx_answered.get(&rec.packet).map_or(0, Vec::len);
+        if vif.tx_pending.len() + answered == usize::from(rec.count) {
+            self.finish_replayed_packet();
+        }
+    }
+
+    /// Executes the collected slots of one whole packet (with those the
+    /// dead instance answered): sent again unless the dead instance sent
+    /// it, and only the slots not answered yet are answered.
+    fn finish_replayed_packet(&mut self) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        let pending = std::mem::take(&mut vif.tx_pending);
+        let Some(&(_, first)) = pending.first() else {
+            return;
+        };
+        let answered = vif.tx_answered.remove(&first.packet).unwrap_or_default();
+        let records: Vec<TxSlotRecord> = pending
+            .iter()
+            .map(|(_, r)| *r)
+            .chain(answered.iter().copied())
+            .collect();
+        let Ok(slots) = txrec::reassemble(&records) else {
+            self.fail_tx_slots(&pending);
+            return;
+        };
+        // Entries and answered flags in ring order, as reassemble ordered
+        // the slots.
+        let mut entries = vec![None; slots.len()];
+        for (entry, rec) in &pending {
+            if let Some(place) = entries.get_mut(usize::from(rec.position)) {
+                *place = Some(*entry);
+            }
+        }
+        let mut done = vec![false; slots.len()];
+        for rec in &answered {
+            if let Some(place) = done.get_mut(usize::from(rec.position)) {
+                *place = true;
+            }
+        }
+        let sent = !answered.is_empty() || vif.tx_sent.contains(&first.packet);
+        let mut source = slots.into_iter();
+        match parse_tx(&mut source) {
+            Some(Ok(request)) => {
+                if sent {
+                    self.answer_tx(request.slots(), &entries, NETIF_RSP_OKAY, &done);
+                    return;
+                }
+                self.recovery.tx_replayed += 1;
+                self.execute_tx(request, &entries, false);
+            }
+            // The slots were valid when first taken; anything else means a
+            // corrupt log: answer every slot with an error.
+            _ => self.fail_tx_slots(&pending),
+        }
+    }
+
+    fn fail_tx_slots(&mut self, slots: &[(EntryId, TxSlotRecord)]) {
+        for &(entry, rec) in slots {
+            if let Err(e) = self.fail_tx(rec, entry) {
+                tracing::error!(device = %self.cfg.device, error = %e, "cannot fail a TX slot");
+            }
+        }
+    }
+
+    fn fail_tx(&mut self, rec: TxSlotRecord, entry: EntryId) -> Result<(), String> {
+        let vif = self.vif.as_mut().ok_or("no vif")?;
+        let rsp = txrec::error_response(&rec);
+        let idx = vif.tx.put_response(&rsp).map_err(|e| e.to_string())?;
+        vif.tx_unpublished = true;
+        if let Some(log) = vif.tx_log.as_ref() {
+            log.log_completing(entry, idx, &response::encode_tx(&rsp))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A packet the dead instance was still logging when it died: the rest
+    /// of its slots are still on the ring, right after the logged ones.
+    fn complete_partial_packet(&mut self) -> Result<(), String> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        let Some(&(_, first)) = vif.tx_pending.first() else {
+            return Ok(());
+        };
+        let have = vif.tx_pending.len() + vif.tx_answered.get(&first.packet).map_or(0, Vec::len);
+        let missing = usize::from(first.count).saturating_sub(have);
+        let available = vif.tx.unconsumed_requests().map_err(|e| e.to_string())?;
+        if available < missing as u32 {
+            return Err("a half-logged packet's slots are no longer on the ring".into());
+        }
+        let mut taken = Vec::with_capacity(missing);
+        for _ in 0..missing {
+            let (idx, slot) = vif.tx.take_request().map_err(|e| e.to_string())?;
+            taken.push((idx, slot));
+        }
+        let mut recs = Vec::with_capacity(missing);
+        for (i, (idx, slot)) in taken.into_iter().enumerate() {
+            let position = u16::try_from(have + i).map_err(|_| "packet too long")?;
+            let rec = TxSlotRecord {
+                slot,
+                packet: first.packet,
+                position,
+                count: first.count,
+                kind: if position <= extra_count(&vif.tx_pending) {
+                    txrec::SlotKind::Extra
+                } else {
+                    txrec::SlotKind::Following
+                },
+            };
+            let entry = match vif.tx_log.as_ref() {
+                Some(log) => log
+                    .log_consumed(idx, &txrec::encode(&rec))
+                    .map_err(|e| e.to_string())?,
+                None => return Err("no TX log".into()),
+            };
+            recs.push((entry, rec));
+        }
+        tracing::warn!(device = %self.cfg.device, slots = missing, "completing a packet the dead instance was logging");
+        for (entry, rec) in recs {
+            self.replay_tx_slot(rec, entry);
+        }
+        Ok(())
+    }
+
+    // ---- RX ------------------------------------------------------------
+
+    /// Takes every posted RX buffer into the pool.
+    fn consume_rx(&mut self) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if vif.closing != Closing::No || !vif.rx_serial.is_empty() {
+            return Ok(());
+        }
+        let available = match vif.rx.unconsumed_requests() {
+            Ok(n) => n,
+            Err(e) => return self.broken(&e.to_string()),
+        };
+        for _ in 0..available {
+            let Some(vif) = self.vif.as_mut() else {
+                break;
+            };
+            let (idx, req) = match vif.rx.take_request() {
+                Ok(taken) => taken,
+                Err(e) => return self.broken(&e.to_string()),
+            };
+            let entry = match vif.rx_log.as_ref() {
+                None => None,
+                Some(log) => match log.log_consumed(idx, &rxrec::encode(&req)) {
+                    Ok(e) => Some(e),
+                    Err(e) => log_failed(&self.cfg.device, e),
+                },
+            };
+            vif.pool.push_back(Posted { req, entry });
+        }
+        Ok(())
+    }
+
+    /// Moves frames from the wire into posted buffers while there are
+    /// both; re-arms the wire's poll once it is drained.
+    fn deliver_rx(&mut self) -> Result<(), BackendError> {
+        loop {
+            let Some(vif) = self.vif.as_mut() else {
+                return Ok(());
+            };
+            if vif.closing != Closing::No || vif.pool.is_empty() {
+                return Ok(());
+            }
+            let frame = match vif.held.take() {
+                Some(f) => f,
+                None => {
+                    if !vif.wire_readable {
+                        return Ok(());
+                    }
+                    let mut buf = vec![0u8; vif.wire.recv_buf_len()];
+                    match vif.wire.recv(&mut buf) {
+                        Ok(Some(n)) => {
+                            buf.truncate(n);
+                            buf
+                        }
+                        Ok(None) => {
+                            vif.wire_readable = false;
+                            return self.arm_wire();
+                        }
+                        Err(e) => {
+                            tracing::warn!(device = %self.cfg.device, error = %e, "wire read failed");
+                            vif.wire_readable = false;
+                            return self.arm_wire();
+                        }
+                    }
+                }
+            };
+            self.deliver_frame(frame);
+        }
+    }
+
+    /// Copies one frame (virtio-net header first) into posted buffers and
+    /// answers them, or holds it until enough buffers are posted.
+    fn deliver_frame(&mut self, mut frame: Vec<u8>) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        let hdr_len = vif.wire.header_len();
+        let Ok(hdr) = VnetHeader::decode(&frame, hdr_len) else {
+            self.stats.rx_dropped += 1;
+            return;
+        };
+        let data = &mut frame[hdr_len.bytes()..];
+        let mut csum = if hdr.needs_csum() {
+            Checksum::Partial
+        } else {
+            Checksum::Unknown
+        };
+        if csum == Checksum::Partial && vif.no_csum_offload {
+            if checksum::complete(data).is_err() {
+                self.stats.rx_dropped += 1;
+                return;
+            }
+            csum = Checksum::Validated;
+        }
+        if hdr.gso_size != 0 {
+            // The supervisor does not enable TAP offloads for a netif vif
+            // without GSO, so this is a misbehaving peer.
+            self.stats.rx_dropped += 1;
+            return;
+        }
+        let rx_frame = RxFrame {
+            len: data.len(),
+            checksum: csum,
+            gso: None,
+        };
+        let posted: Vec<NetifRxRequest> = vif.pool.iter().map(|p| p.req).collect();
+        let plan = match rx_plan(&posted, &rx_frame, vif.rx_features) {
+            Ok(plan) => plan,
+            Err(NetifRxError::NotEnoughBuffers { .. }) => {
+                vif.held = Some(frame);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(device = %self.cfg.device, error = %e, "RX frame dropped");
+                self.stats.rx_dropped += 1;
+                return;
+            }
+        };
+        let mut ok = true;
+        for copy in &plan.copies {
+            let written = vif
+                .grants
+                .map(copy.gref, Access::Write)
+                .map_err(|e| e.to_string())
+                .and_then(|page| {
+                    let src = data
+                        .get(copy.range.clone())
+                        .ok_or("copy beyond the frame")?;
+                    vif.region
+                        .write(page + u64::from(copy.offset), src)
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(why) = written {
+                tracing::debug!(device = %self.cfg.device, why, "RX buffer not writable");
+                ok = false;
+            }
+        }
+        if ok {
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += data.len() as u64;
+        } else {
+            self.stats.rx_dropped += 1;
+        }
+        for mut rsp in plan.responses {
+            let Some(posted) = vif.pool.pop_front() else {
+                break;
+            };
+            if !ok && rsp.status >= 0 {
+                rsp.status = NETIF_RSP_ERROR;
+            }
+            answer_rx(&self.cfg.device, vif, posted.entry, &rsp);
+        }
+    }
+
+    fn arm_wire(&mut self) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if vif.wire_armed {
+            return Ok(());
+        }
+        vif.wire_armed = true;
+        let token = Token::Kick {
+            generation: vif.generation,
+            ring: WIRE,
+        };
+        arm(&mut self.engine, token, vif.wire.fd().as_raw_fd())
+    }
+
+    // ---- control ---------------------------------------------------------
+
+    fn attach(
+        &mut self,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+    ) -> Result<RecoveryStats, (ErrorCode, String)> {
+        if self.vif.is_some() {
+            return Err((ErrorCode::Ebusy, "a vif is already attached".into()));
+        }
+        let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
+        let req = NetAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
+        let AttachFlags { recover, blame } = AttachFlags::from_message(msg)?;
+        let wire_kind = match msg.get(KEY_WIRE) {
+            Some("tap") => WireKind::Tap,
+            Some("cable") => WireKind::Cable,
+            other => return Err(inval(&format!("wire={other:?}: tap or cable"))),
+        };
+        let shadow = msg
+            .get_flag(key::SHADOW)
+            .map_err(|e| inval(&e))?
+            .unwrap_or(false);
+        let conn: &NetConnectRequest = &req.connect;
+        let want = conn.fd_count() + 1 + if shadow { 2 } else { 0 };
+        if fds.len() != want {
+            return Err(inval(&format!(
+                "attach-net carries {} fds, expected {want}",
+                fds.len()
+            )));
+        }
+        let mut fds = fds.into_iter();
+        let mut next = || fds.next().ok_or_else(|| inval(&"missing fd"));
+        let region = Arc::new(SharedRegion::from_fd(next()?).map_err(|e| inval(&e))?);
+        let channel = |kick: OwnedFd, notify: OwnedFd| -> Result<Channel, (ErrorCode, String)> {
+            Ok(Channel {
+                kick: EventChannel::from_fd(kick).map_err(|e| inval(&e))?,
+                notify: EventChannel::from_fd(notify).map_err(|e| inval(&e))?,
+            })
+        };
+        let tx_chan = channel(next()?, next()?)?;
+        let rx_chan = if conn.split_event_channels {
+            Some(channel(next()?, next()?)?)
+        } else {
+            None
+        };
+        let wire =
+            Wire::from_fd(wire_kind, next()?, VnetHeaderLen::Basic).map_err(|e| inval(&e))?;
+        let logs = if shadow && self.cfg.shadow {
+            let (tx_log, g1) =
+                open_shadow_log(&self.cfg.crash_at, next()?).map_err(|e| inval(&e))?;
+            let (rx_log, g2) =
+                open_shadow_log(&self.cfg.crash_at, next()?).map_err(|e| inval(&e))?;
+            Some((tx_log, rx_log, g1.max(g2)))
+        } else {
+            None
+        };
+        let grants = GrantMapper::new(region.clone(), conn.grant_frames, self.cfg.backend_id)
+            .map_err(|e| inval(&e))?;
+        let ring_pages = |gref| -> Result<RingPages, (ErrorCode, String)> {
+            let page = grants
+                .map(gref, Access::Write)
+                .map_err(|e| (ErrorCode::Einval, format!("ring grant: {e}")))?;
+            RingPages::new(region.clone(), vec![page]).map_err(|e| inval(&e))
+        };
+        let tx_pages = ring_pages(conn.tx_ring_ref)?;
+        let rx_pages = ring_pages(conn.rx_ring_ref)?;
+
+        let started = std::time::Instant::now();
+        let mut stats = RecoveryStats::default();
+        let (tx_log, rx_log) = match logs {
+            Some((t, r, generation)) => {
+                stats.generation = generation;
+                (Some(t), Some(r))
+            }
+            None => (None, None),
+        };
+        let mut plans = [None, None];
+        let mut tx_snapshot = None;
+        let tx = match (&tx_log, recover) {
+            (Some(log), true) => {
+                let (ring, plan, snapshot) = recover_ring::<NetifTx>(log, tx_pages)?;
+                plans[0] = Some(plan);
+                tx_snapshot = Some(snapshot);
+                ring
+            }
+            _ => BackRing::<NetifTx>::attach(tx_pages).map_err(|e| inval(&e))?,
+        };
+        let rx = match (&rx_log, recover) {
+            (Some(log), true) => {
+                let (ring, plan, _) = recover_ring::<NetifRx>(log, rx_pages)?;
+                plans[1] = Some(plan);
+                ring
+            }
+            _ => BackRing::<NetifRx>::attach(rx_pages).map_err(|e| inval(&e))?,
+        };
+        for (log, size) in [(&tx_log, tx.size()), (&rx_log, rx.size())] {
+            if log.as_ref().is_some_and(|l| l.entries() != size) {
+                return Err(inval(&format!("shadow log does not have {size} entries")));
+            }
+        }
+        let (tx_sent, tx_answered) = tx_snapshot.as_ref().map(tx_progress).unwrap_or_default();
+        let generation = self.generations.new_attachment();
+        let features = conn.features;
+        self.vif = Some(Vif {
+            name: req.frontend.clone(),
+            generation,
+            region,
+            grants,
+            tx,
+            rx,
+            tx_chan,
+            rx_chan,
+            tx_log,
+            rx_log,
+            wire,
+            rx_features: RxFeatures {
+                sg: features.sg,
+                gso_tcpv4: false,
+                gso_tcpv6: false,
+            },
+            no_csum_offload: conn.no_csum_offload,
+            pool: VecDeque::new(),
+            held: None,
+            wire_armed: false,
+            wire_readable: true,
+            tx_unpublished: false,
+            rx_unpublished: false,
+            tx_pending: Vec::new(),
+            tx_sent,
+            tx_answered,
+            tx_serial: SerialReplay::default(),
+            rx_serial: SerialReplay::default(),
+            closing: Closing::No,
+        });
+        let proto = |e: String| (ErrorCode::Eproto, format!("replay failed: {e}"));
+        let replayed_before = self.recovery.tx_replayed;
+        if let Some(plan) = &plans[1] {
+            recovery::apply_plan(&mut RxReplay(self), plan, blame, &mut stats).map_err(proto)?;
+        }
+        if let Some(plan) = &plans[0] {
+            recovery::apply_plan(&mut TxReplay(self), plan, blame, &mut stats).map_err(proto)?;
+            self.complete_partial_packet().map_err(proto)?;
+            if self.recovery.tx_replayed > replayed_before {
+                // Packets go out in ring order and each is marked sent
+                // right after its write, so only the first one resent can
+                // have left the dead instance too.
+                self.recovery.tx_maybe_duplicated += 1;
+            }
+        }
+        stats.replay_us = started.elapsed().as_micros() as u64;
+        // The guest may be asleep waiting for what the dead instance owed.
+        self.publish();
+        let vif = self
+            .vif
+            .as_ref()
+            .ok_or((ErrorCode::Enodev, "vif gone".into()))?;
+        let _ = vif.tx_chan.notify.notify();
+        let _ = vif.rx_notify().notify();
+        let mut polls = vec![(TX, vif.tx_chan.kick.as_raw_fd())];
+        if let Some(rx) = &vif.rx_chan {
+            polls.push((RX, rx.kick.as_raw_fd()));
+        }
+        for (ring, fd) in polls {
+            arm(&mut self.engine, Token::Kick { generation, ring }, fd)
+                .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+        }
+        tracing::info!(device = %self.cfg.device, frontend = %req.frontend, recover, ?stats, recovery = ?self.recovery, "vif attached");
+        Ok(stats)
+    }
+
+    fn handle_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if vif.generation != generation {
+            return Ok(());
+        }
+        if ring == WIRE {
+            vif.wire_armed = false;
+            vif.wire_readable = true;
+            return Ok(());
+        }
+        self.stats.kicks += 1;
+        let chan = match (ring, &vif.rx_chan) {
+            (RX, Some(rx)) => rx,
+            _ => &vif.tx_chan,
+        };
+        let _ = chan.kick.drain();
+        let fd = chan.kick.as_raw_fd();
+        arm(&mut self.engine, Token::Kick { generation, ring }, fd)
+    }
+}
+
+/// Puts an RX response in the slot of its request and logs it COMPLETING.
+fn answer_rx(device: &str, vif: &mut Vif, entry: Option<EntryId>, rsp: &NetifRxResponse) {
+    let idx = match vif.rx.put_response(rsp) {
+        Ok(idx) => idx,
+        Err(e) => {
+            tracing::error!(device, error = %e, "cannot put an RX response");
+            return;
+        }
+    };
+    vif.rx_unpublished = true;
+    if let (Some(log), Some(entry)) = (vif.rx_log.as_ref(), entry) {
+        if let Err(e) = log.log_completing(entry, idx, &response::encode_rx(rsp)) {
+            log_failed(device, e);
+        }
+    }
+}
+
+/// What a dead instance did with the TX packets still in its log: the
+/// packets it sent, and the slots it answered, by packet.
+fn tx_progress(snap: &LogSnapshot) -> (HashSet<u32>, HashMap<u32, Vec<TxSlotRecord>>) {
+    let mut sent = HashSet::new();
+    let mut answered: HashMap<u32, Vec<TxSlotRecord>> = HashMap::new();
+    for e in &snap.entries {
+        let state = e.state();
+        if matches!(state, Some(EntryState::Free) | None) {
+            continue;
+        }
+        let Ok(rec) = txrec::decode(&e.request) else {
+            continue;
+        };
+        if e.progress & TX_SENT != 0 {
+            sent.insert(rec.packet);
+        }
+        if state != Some(EntryState::Inflight) {
+            answered.entry(rec.packet).or_default().push(rec);
+        }
+    }
+    (sent, answered)
+}
+
+/// Extra-info slots at the start of a packet's collected slots.
+fn extra_count(pending: &[(EntryId, TxSlotRecord)]) -> u16 {
+    pending
+        .iter()
+        .filter(|(_, r)| r.kind == txrec::SlotKind::Extra)
+        .count() as u16
+}
+
+/// Fault injection: a poisoned "sector" names a TX slot id here.
+fn poisoned(poison: &[u64], slots: &TxSlots) -> bool {
+    !poison.is_empty()
+        && slots
+            .all()
+            .iter()
+            .any(|s| poison.contains(&u64::from(s.id)))
+}
+
+/// Plans one ring's recovery from its log and attaches the ring where the
+/// plan resumes.
+fn recover_ring<P: shadowback_ring::sring::RingProtocol>(
+    log: &ShadowLog,
+    pages: RingPages,
+) -> Result<(BackRing<P>, RecoveryPlan, LogSnapshot), (ErrorCode, String)> {
+    let inval = |e: RingError| (ErrorCode::Einval, e.to_string());
+    let probe = BackRing::<P>::attach(pages.clone()).map_err(inval)?;
+    let rsp_prod = probe.shared_rsp_prod().map_err(inval)?;
+    let req_prod = probe.shared_req_prod().map_err(inval)?;
+    let snapshot = log
+        .snapshot()
+        .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+    let plan = plan_recovery(
+        &snapshot,
+        rsp_prod,
+        req_prod,
+        probe.size(),
+        POISON_THRESHOLD,
+    )
+    .map_err(|e| (ErrorCode::Eproto, format!("recovery impossible: {e}")))?;
+    log.log_recovered(&plan)
+        .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
+    let ring = BackRing::<P>::attach_at(pages, plan.req_cons, plan.rsp_prod).map_err(inval)?;
+    Ok((ring, plan, snapshot))
+}
+
+/// The TX ring as the recovery applier sees it: requests are the logged
+/// slots (the grants they name stay the frontend's until answered).
+struct TxReplay<'a>(&'a mut NetBackend);
+
+impl ReplayTarget for TxReplay<'_> {
+    type Request = TxSlotRecord;
+
+    fn device(&self) -> &str {
+        &self.0.cfg.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        self.0.vif.as_ref()?.tx_log.as_ref()
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        let vif = self.0.vif.as_mut().ok_or("no vif")?;
+        let rsp: NetifTxResponse = response::decode_tx(&r.response).map_err(|e| e.to_string())?;
+        let idx = vif.tx.put_response(&rsp).map_err(|e| e.to_string())?;
+        if idx != r.rsp_idx {
+            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
+        }
+        vif.tx_log
+            .as_ref()
+            .ok_or("no TX log")?
+            .log_repushed(r.entry, idx)
+            .map_err(|e| e.to_string())?;
+        vif.tx_unpublished = true;
+        Ok(())
+    }
+
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<TxSlotRecord> {
+        txrec::decode(record).ok()
+    }
+
+    fn claim(&mut self, _slot: &TxSlotRecord) -> bool {
+        true
+    }
+
+    fn fail(&mut self, slot: TxSlotRecord, entry: EntryId) -> Result<(), String> {
+        self.0.fail_tx(slot, entry)
+    }
+
+    fn reexecute(&mut self, slot: TxSlotRecord, entry: EntryId) -> Result<(), String> {
+        self.0.replay_tx_slot(slot, entry);
+        Ok(())
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<TxSlotRecord>) {
+        if let Some(vif) = self.0.vif.as_mut() {
+            vif.tx_serial = queue;
+        }
+    }
+
+    fn describe(&self, slot: &TxSlotRecord) -> String {
+        format!("TX slot id {}", slot.slot.id)
+    }
+}
+
+/// The RX ring as the recovery applier sees it: an unanswered buffer goes
+/// back to the pool; nothing was delivered into it that the guest saw.
+struct RxReplay<'a>(&'a mut NetBackend);
+
+impl ReplayTarget for RxReplay<'_> {
+    type Request = NetifRxRequest;
+
+    fn device(&self) -> &str {
+        &self.0.cfg.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        self.0.vif.as_ref()?.rx_log.as_ref()
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        let vif = self.0.vif.as_mut().ok_or("no vif")?;
+        let rsp: NetifRxResponse = response::decode_rx(&r.response).map_err(|e| e.to_string())?;
+        let idx = vif.rx.put_response(&rsp).map_err(|e| e.to_string())?;
+        if idx != r.rsp_idx {
+            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
+        }
+        vif.rx_log
+            .as_ref()
+            .ok_or("no RX log")?
+            .log_repushed(r.entry, idx)
+            .map_err(|e| e.to_string())?;
+        vif.rx_unpublished = true;
+        Ok(())
+    }
+
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<NetifRxRequest> {
+        rxrec::decode(record).ok()
+    }
+
+    fn claim(&mut self, _req: &NetifRxRequest) -> bool {
+        true
+    }
+
+    fn fail(&mut self, req: NetifRxRequest, entry: EntryId) -> Result<(), String> {
+        let vif = self.0.vif.as_mut().ok_or("no vif")?;
+        let rsp = NetifRxResponse {
+            id: req.id,
+            offset: 0,
+            flags: 0,
+            status: NETIF_RSP_ERROR,
+        };
+        answer_rx(&self.0.cfg.device, vif, Some(entry), &rsp);
+        Ok(())
+    }
+
+    fn reexecute(&mut self, req: NetifRxRequest, entry: EntryId) -> Result<(), String> {
+        let vif = self.0.vif.as_mut().ok_or("no vif")?;
+        vif.pool.push_back(Posted {
+            req,
+            entry: Some(entry),
+        });
+        self.0.recovery.rx_buffers_recovered += 1;
+        Ok(())
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<NetifRxRequest>) {
+        if let Some(vif) = self.0.vif.as_mut() {
+            vif.rx_serial = queue;
+        }
+    }
+
+    fn describe(&self, req: &NetifRxRequest) -> String {
+        format!("RX buffer id {}", req.id)
+    }
+}
+
+impl EventLoop for NetBackend {
+    fn engine(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    fn control(&self) -> &SeqPacket {
+        &self.control
+    }
+
+    fn completions(&mut self) -> &mut Vec<Completion> {
+        &mut self.completions
+    }
+
+    /// Nothing is in flight between turns: one queued entry per turn.
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if vif.closing == Closing::Broken {
+            return Ok(());
+        }
+        let device = self.cfg.device.clone();
+        if let Some((entry, rec)) = vif.tx_serial.next(0, vif.tx_log.as_ref(), &device) {
+            self.replay_tx_slot(rec, entry);
+        }
+        let Some(vif) = self.vif.as_mut() else {
+            return Ok(());
+        };
+        if let Some((entry, req)) = vif.rx_serial.next(0, vif.rx_log.as_ref(), &device) {
+            vif.pool.push_back(Posted {
+                req,
+                entry: Some(entry),
+            });
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self) -> Result<(), BackendError> {
+        self.consume_tx()?;
+        self.consume_rx()?;
+        self.deliver_rx()
+    }
+
+    fn publish(&mut self) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut vif.tx_unpublished) {
+            let pushed = vif.tx.push_responses();
+            if let (Ok(_), Some(log)) = (&pushed, vif.tx_log.as_ref()) {
+                if let Err(e) = log.log_published(vif.tx.rsp_prod_pvt()) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            if let Ok(true) = pushed {
+                self.stats.notifications += 1;
+                let _ = vif.tx_chan.notify.notify();
+            }
+        }
+        if std::mem::take(&mut vif.rx_unpublished) {
+            let pushed = vif.rx.push_responses();
+            if let (Ok(_), Some(log)) = (&pushed, vif.rx_log.as_ref()) {
+                if let Err(e) = log.log_published(vif.rx.rsp_prod_pvt()) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            if let Ok(true) = pushed {
+                self.stats.notifications += 1;
+                let _ = vif.rx_notify().notify();
+            }
+        }
+    }
+
+    fn finish_detach(&mut self) -> Result<(), BackendError> {
+        let Some(vif) = self.vif.as_ref() else {
+            return Ok(());
+        };
+        let replaying = !vif.tx_serial.is_empty() || !vif.rx_serial.is_empty();
+        if vif.closing == Closing::No || (vif.closing == Closing::Detach && replaying) {
+            return Ok(());
+        }
+        let closing = vif.closing;
+        let name = vif.name.clone();
+        self.vif = None;
+        tracing::info!(device = %self.cfg.device, frontend = %name, stats = ?self.stats, "vif detached");
+        if closing == Closing::Detach {
+            let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
+            self.control.send(&msg, &[]).map_err(control_err)?;
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self) {
+        let logs = self
+            .vif
+            .iter()
+            .flat_map(|v| v.tx_log.iter().chain(v.rx_log.iter()));
+        event_loop::heartbeat(&self.cfg.device, logs);
+    }
+
+    fn has_work(&mut self) -> bool {
+        let Some(vif) = self.vif.as_mut() else {
+            return false;
+        };
+        if vif.closing != Closing::No {
+            return false;
+        }
+        if !vif.tx_serial.is_empty() || !vif.rx_serial.is_empty() {
+            return true;
+        }
+        let tx = vif.tx.final_check_for_requests().unwrap_or(true);
+        let rx = vif.rx.final_check_for_requests().unwrap_or(true);
+        let wire = (vif.wire_readable || vif.held.is_some()) && !vif.pool.is_empty();
+        tx || rx || wire
+    }
+
+    fn on_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = recv_control(&self.control)?;
+        if let Some(done) = fault_injection(&msg, &self.cfg.device, &mut self.poison, &self.control)
+        {
+            return done;
+        }
+        match msg.kind() {
+            ATTACH_NET => {
+                let result = self.attach(&msg, fds);
+                if let Err((_, why)) = &result {
+                    tracing::warn!(device = %self.cfg.device, why, "attach-net refused");
+                    self.vif = None;
+                }
+                let recovered = self.recovery;
+                let reply = attach_reply(result)
+                    .with(KEY_TX_REPLAYED, recovered.tx_replayed)
+                    .with(KEY_TX_MAYBE_DUPLICATED, recovered.tx_maybe_duplicated)
+                    .with(KEY_RX_BUFFERS_RECOVERED, recovered.rx_buffers_recovered);
+                self.control.send(&reply, &[]).map_err(control_err)
+            }
+            kind::DETACH => match self.vif.as_mut() {
+                Some(vif) => {
+                    vif.closing = Closing::Detach;
+                    Ok(())
+                }
+                None => self
+                    .control
+                    .send(&Message::new(kind::DETACHED), &[])
+                    .map_err(control_err),
+            },
+            other => {
+                tracing::warn!(kind = other, "unexpected control message");
+                let reply = Message::error(ErrorCode::Eproto, "unexpected message");
+                self.control.send(&reply, &[]).map_err(control_err)
+            }
+        }
+    }
+
+    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+        self.handle_kick(generation, ring)
+    }
+
+    fn on_io(&mut self, _generation: u32, _ring: u8, _slot: u16, _result: i32) {}
+}
+
+impl AsFd for NetBackend {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.control.as_fd()
+    }
+}

@@ -1,0 +1,475 @@
+//! The network backend against a raw netif frontend, with the test acting
+//! as the supervisor: it holds the guest region, the eventfds, the cable
+//! and the two shadow logs, starts `shadowback netback` processes, hands
+//! them the vif with `attach-net` (docs/PROTOCOL.md §6c) and SIGKILLs them
+//! while frames move both ways. What must hold across every kill
+//! (docs/ARCHITECTURE.md §11.6): every TX request is answered exactly once;
+//! TX frames reach the wire in order, none lost, a duplicate only where the
+//! backend reported one possible; every posted RX buffer is answered at most
+//! once and RX frames arrive in order, uncorrupted, never twice.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shadowback_netback::wire::{
+    cable_pair, CableConfig, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind,
+};
+use shadowback_ring::grant::GrantTable;
+use shadowback_ring::netif::{
+    NetifRx, NetifRxRequest, NetifTx, NetifTxRequest, NETIF_RSP_OKAY, NETTXF_MORE_DATA,
+};
+use shadowback_ring::sring::{FrontRing, RingPages};
+use shadowback_ring::{EventChannel, SharedRegion};
+use shadowback_shadow::ShadowLog;
+use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest, NetFeatures};
+use shadowback_xenbus::{Message, SeqPacket};
+
+const RING: u32 = 256;
+const GRANT_FRAMES: u32 = 2;
+const TX_RING_FRAME: u32 = 2;
+const RX_RING_FRAME: u32 = 3;
+const TX_BUF_FRAME: u32 = 4;
+const RX_BUF_FRAME: u32 = TX_BUF_FRAME + RING;
+const PAGES: u32 = RX_BUF_FRAME + RING;
+const TX_RING_GREF: u32 = 8;
+const RX_RING_GREF: u32 = 9;
+const TX_BUF_GREF: u32 = 10;
+const RX_BUF_GREF: u32 = TX_BUF_GREF + RING;
+const ETHERTYPE_TEST: u16 = 0x88b5;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+const PAGE: u64 = 4096;
+
+/// What outlives backend instances: the guest's side of the vif and what
+/// the supervisor holds for it.
+struct Vif {
+    region: Arc<SharedRegion>,
+    tx: FrontRing<NetifTx>,
+    rx: FrontRing<NetifRx>,
+    kick: EventChannel,
+    notify: EventChannel,
+    /// The backend's end of the cable, lent to each instance.
+    cable: OwnedFd,
+    /// The far end: another vif's wire, played by the test.
+    peer: Wire,
+    tx_log: ShadowLog,
+    rx_log: ShadowLog,
+}
+
+impl Vif {
+    fn new() -> Self {
+        let region = Arc::new(SharedRegion::create("nb-test", PAGES).unwrap());
+        let gt = GrantTable::new(region.clone(), GRANT_FRAMES).unwrap();
+        gt.grant(TX_RING_GREF, 0, TX_RING_FRAME, false).unwrap();
+        gt.grant(RX_RING_GREF, 0, RX_RING_FRAME, false).unwrap();
+        for i in 0..RING {
+            gt.grant(TX_BUF_GREF + i, 0, TX_BUF_FRAME + i, true)
+                .unwrap();
+            gt.grant(RX_BUF_GREF + i, 0, RX_BUF_FRAME + i, false)
+                .unwrap();
+        }
+        let pages =
+            |frame: u32| RingPages::new(region.clone(), vec![u64::from(frame) * PAGE]).unwrap();
+        let tx = FrontRing::<NetifTx>::init(pages(TX_RING_FRAME)).unwrap();
+        let rx = FrontRing::<NetifRx>::init(pages(RX_RING_FRAME)).unwrap();
+        let [cable, peer] = cable_pair(CableConfig::default()).unwrap();
+        Vif {
+            region,
+            tx,
+            rx,
+            kick: EventChannel::new().unwrap(),
+            notify: EventChannel::new().unwrap(),
+            cable,
+            peer: Wire::from_fd(WireKind::Cable, peer, VnetHeaderLen::Basic).unwrap(),
+            tx_log: ShadowLog::create(RING).unwrap(),
+            rx_log: ShadowLog::create(RING).unwrap(),
+        }
+    }
+
+    fn attach_message(&self, recover: bool) -> Message {
+        let req = NetAttachRequest {
+            frontend: "test-guest".into(),
+            connect: NetConnectRequest {
+                device: "vif0".into(),
+                frontend_id: 1,
+                grant_frames: GRANT_FRAMES,
+                tx_ring_ref: TX_RING_GREF,
+                rx_ring_ref: RX_RING_GREF,
+                features: NetFeatures {
+                    sg: true,
+                    ..NetFeatures::default()
+                },
+                no_csum_offload: false,
+                split_event_channels: false,
+            },
+            mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            mtu: 1500,
+        };
+        req.to_message()
+            .with("wire", "cable")
+            .with("shadow", 1)
+            .with("recover", u8::from(recover))
+            // Killed from outside: not the requests' fault.
+            .with("blame", 0)
+    }
+
+    fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![
+            self.region.file().as_fd(),
+            self.kick_fd(),
+            self.notify_fd(),
+            self.cable.as_fd(),
+            self.tx_log.file().as_fd(),
+            self.rx_log.file().as_fd(),
+        ]
+    }
+
+    fn kick_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY-free: EventChannel exposes its fd through AsFd.
+        self.kick.as_fd()
+    }
+
+    fn notify_fd(&self) -> BorrowedFd<'_> {
+        self.notify.as_fd()
+    }
+}
+
+/// One `shadowback netback` process and our end of its control socket.
+struct Backend {
+    child: Child,
+    control: SeqPacket,
+}
+
+impl Backend {
+    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
+    fn spawn() -> Self {
+        let (ours, theirs) = SeqPacket::pair().unwrap();
+        let theirs: OwnedFd = theirs.into_fd();
+        let src = theirs.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shadowback"));
+        cmd.args(["netback", "--device", "vif0", "--control-fd", "3"]);
+        // SAFETY: runs in the forked child before exec and calls only fcntl
+        // and dup2 (async-signal-safe) on an fd open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                let c = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
+                if c < 0 || libc::dup2(c, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn shadowback netback");
+        drop(theirs);
+        Backend {
+            child,
+            control: ours,
+        }
+    }
+
+    fn attach(&self, vif: &Vif, recover: bool) -> Message {
+        self.control
+            .send(&vif.attach_message(recover), &vif.attach_fds())
+            .unwrap();
+        let (msg, _) = self
+            .control
+            .recv_timeout(REPLY_TIMEOUT)
+            .expect("control socket")
+            .expect("backend answered in time");
+        assert_eq!(msg.kind(), "attached", "{msg:?}");
+        msg
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+/// A test frame: Ethernet header, the sequence number, then a pattern of
+/// both.
+fn frame(seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&ETHERTYPE_TEST.to_be_bytes());
+    f[14..18].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in f[18..].iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    f
+}
+
+/// The sequence number of a frame built by [`frame`], after checking
+/// every byte of it.
+fn check_frame(f: &[u8]) -> u32 {
+    assert!(f.len() >= 60, "short frame {}", f.len());
+    let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
+    assert_eq!(f, &frame(seq, f.len())[..], "frame {seq} corrupted");
+    seq
+}
+
+fn frame_len(seq: u32) -> usize {
+    60 + (seq as usize * 37) % 700
+}
+
+/// Drives the raw frontend and the peer; counts what the checks need.
+#[derive(Default)]
+struct Traffic {
+    /// TX: next sequence number to post; id (slot) → seq in flight.
+    tx_next: u32,
+    tx_next_id: u16,
+    /// Slots posted, and slots answered.
+    tx_slots: u32,
+    tx_out: HashMap<u16, u32>,
+    tx_answered: u32,
+    tx_bad: u32,
+    /// Peer: next TX seq expected on the wire; duplicates seen.
+    wire_next: u32,
+    wire_dups: u32,
+    /// RX: next seq the peer writes; next seq the guest expects.
+    rx_sent: u32,
+    rx_peer_drops: u32,
+    rx_next: u32,
+    rx_lost: u32,
+    rx_received: u32,
+    /// RX buffer ids posted and not yet answered.
+    rx_posted: Vec<bool>,
+    rx_bad: u32,
+}
+
+impl Traffic {
+    fn new(vif: &mut Vif) -> Self {
+        let mut t = Traffic {
+            rx_posted: vec![false; RING as usize],
+            ..Traffic::default()
+        };
+        for id in 0..RING as u16 {
+            t.post_rx(vif, id);
+        }
+        vif.rx.push_requests().unwrap();
+        t
+    }
+
+    fn post_rx(&mut self, vif: &mut Vif, id: u16) {
+        let req = NetifRxRequest {
+            id,
+            pad: 0,
+            gref: RX_BUF_GREF + u32::from(id),
+        };
+        vif.rx.put_request(&req).unwrap();
+        self.rx_posted[usize::from(id)] = true;
+    }
+
+    /// One round: post TX frames while slots are free (up to `tx_total`),
+    /// feed RX frames into the peer (up to `rx_total`), reap both rings and
+    /// the wire.
+    fn step(&mut self, vif: &mut Vif, tx_total: u32, rx_total: u32) {
+        let mut posted = false;
+        loop {
+            let seq = self.tx_next;
+            // 1 to 3 slots per packet (NETTXF_more_data), so a crash can
+            // land between the slots of one packet.
+            let k = 1 + (seq % 3) as usize;
+            if seq >= tx_total || self.tx_out.len() + k > RING as usize {
+                break;
+            }
+            let f = frame(seq, frame_len(seq));
+            let chunk = f.len() / (k + 1);
+            let first = f.len() - chunk * (k - 1);
+            let mut at = 0;
+            for i in 0..k {
+                let id = (0..RING as u16)
+                    .map(|j| (self.tx_next_id.wrapping_add(j)) % RING as u16)
+                    .find(|id| !self.tx_out.contains_key(id))
+                    .unwrap();
+                self.tx_next_id = id.wrapping_add(1);
+                let len = if i == 0 { first } else { chunk };
+                let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
+                vif.region.write(page, &f[at..at + len]).unwrap();
+                at += len;
+                let req = NetifTxRequest {
+                    gref: TX_BUF_GREF + u32::from(id),
+                    offset: 0,
+                    flags: if i + 1 < k { NETTXF_MORE_DATA } else { 0 },
+                    id,
+                    // The first slot's size is the whole packet's.
+                    size: if i == 0 { f.len() as u16 } else { len as u16 },
+                };
+                vif.tx.put_request(&req).unwrap();
+                self.tx_out.insert(id, seq);
+                self.tx_slots += 1;
+            }
+            self.tx_next += 1;
+            posted = true;
+        }
+        if posted && vif.tx.push_requests().unwrap() {
+            vif.kick.notify().unwrap();
+        }
+        // RX: the peer sends a few frames per round.
+        for _ in 0..8 {
+            if self.rx_sent >= rx_total {
+                break;
+            }
+            let f = frame(self.rx_sent, frame_len(self.rx_sent));
+            let mut out = vec![0u8; VnetHeaderLen::Basic.bytes()];
+            VnetHeader::plain()
+                .encode(&mut out, VnetHeaderLen::Basic)
+                .unwrap();
+            out.extend(&f);
+            match vif.peer.send(&out).unwrap() {
+                SendOutcome::Sent => self.rx_sent += 1,
+                SendOutcome::Dropped(_) => {
+                    // The backend is down long enough for the cable to
+                    // fill: the peer's loss, not the backend's. Retry.
+                    self.rx_peer_drops += 1;
+                    break;
+                }
+            }
+        }
+        self.reap(vif);
+    }
+
+    fn reap(&mut self, vif: &mut Vif) {
+        let _ = vif.notify.drain();
+        while let Some(rsp) = vif.tx.take_response().unwrap() {
+            match self.tx_out.remove(&rsp.id) {
+                Some(_) if rsp.status == NETIF_RSP_OKAY => self.tx_answered += 1,
+                _ => self.tx_bad += 1,
+            }
+        }
+        let mut buf = vec![0u8; vif.peer.recv_buf_len()];
+        while let Some(n) = vif.peer.recv(&mut buf).unwrap() {
+            let seq = check_frame(&buf[VnetHeaderLen::Basic.bytes()..n]);
+            if seq == self.wire_next {
+                self.wire_next += 1;
+            } else if seq + 1 == self.wire_next {
+                self.wire_dups += 1;
+            } else {
+                panic!("TX frame {seq} on the wire, expected {}", self.wire_next);
+            }
+        }
+        let mut repost = Vec::new();
+        while let Some(rsp) = vif.rx.take_response().unwrap() {
+            let Some(slot) = self.rx_posted.get_mut(usize::from(rsp.id)) else {
+                self.rx_bad += 1;
+                continue;
+            };
+            if !std::mem::replace(slot, false) {
+                self.rx_bad += 1;
+                continue;
+            }
+            repost.push(rsp.id);
+            assert!(rsp.status > 0, "RX status {}", rsp.status);
+            let mut data = vec![0u8; rsp.status as usize];
+            let page = u64::from(RX_BUF_FRAME + u32::from(rsp.id)) * PAGE;
+            vif.region
+                .read(page + u64::from(rsp.offset), &mut data)
+                .unwrap();
+            let seq = check_frame(&data);
+            assert!(seq >= self.rx_next, "RX frame {seq} again or out of order");
+            self.rx_lost += seq - self.rx_next;
+            self.rx_next = seq + 1;
+            self.rx_received += 1;
+        }
+        for id in repost.iter().copied() {
+            self.post_rx(vif, id);
+        }
+        if !repost.is_empty() && vif.rx.push_requests().unwrap() {
+            vif.kick.notify().unwrap();
+        }
+    }
+}
+
+#[test]
+fn frames_cross_both_ways_and_every_request_is_answered_once() {
+    let mut vif = Vif::new();
+    let backend = Backend::spawn();
+    backend.attach(&vif, false);
+    let mut t = Traffic::new(&mut vif);
+    vif.kick.notify().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (t.wire_next < 2000 || t.rx_received < 1000 || !t.tx_out.is_empty())
+        && Instant::now() < deadline
+    {
+        t.step(&mut vif, 2000, 1000);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!(t.tx_answered, t.tx_slots, "TX slots answered");
+    assert!(t.tx_out.is_empty());
+    assert_eq!(t.wire_next, 2000, "TX frames on the wire");
+    assert_eq!((t.tx_bad, t.wire_dups, t.rx_bad), (0, 0, 0));
+    assert_eq!(t.rx_received, 1000);
+    assert_eq!(t.rx_lost, 0);
+    backend.kill();
+}
+
+#[test]
+fn tx_and_rx_survive_sigkills_of_the_backend() {
+    const TX_TOTAL: u32 = 20_000;
+    const RX_TOTAL: u32 = 10_000;
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn();
+    backend.attach(&vif, false);
+    let mut t = Traffic::new(&mut vif);
+    vif.kick.notify().unwrap();
+    let mut kills = 0u32;
+    let mut maybe_dup = 0u64;
+    let mut tx_replayed = 0u64;
+    let mut rx_recovered = 0u64;
+    let mut next_kill = Instant::now() + Duration::from_millis(40);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (t.tx_next < TX_TOTAL || t.rx_sent < RX_TOTAL) && Instant::now() < deadline {
+        t.step(&mut vif, TX_TOTAL, RX_TOTAL);
+        if Instant::now() >= next_kill && kills < 40 {
+            backend.kill();
+            kills += 1;
+            backend = Backend::spawn();
+            let attached = backend.attach(&vif, true);
+            let get = |k| attached.get_u64(k).unwrap().unwrap_or(0);
+            maybe_dup += get("tx-maybe-duplicated");
+            tx_replayed += get("tx-replayed");
+            rx_recovered += get("rx-buffers-recovered");
+            next_kill = Instant::now() + Duration::from_millis(20 + u64::from(kills * 7 % 60));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    // Drain what is still in flight.
+    let drain = Instant::now() + Duration::from_secs(10);
+    while (!t.tx_out.is_empty() || t.rx_next < t.rx_sent) && Instant::now() < drain {
+        t.reap(&mut vif);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    eprintln!(
+        "kills={kills} tx_answered={} wire_dups={} maybe_dup={maybe_dup} tx_replayed={tx_replayed} \
+         rx_received={} rx_lost={} rx_recovered={rx_recovered} rx_peer_drops={}",
+        t.tx_answered, t.wire_dups, t.rx_received, t.rx_lost, t.rx_peer_drops
+    );
+    assert!(kills >= 10, "only {kills} kills");
+    assert_eq!(t.tx_bad, 0, "TX responses for no request, or failed");
+    assert_eq!(t.tx_next, TX_TOTAL);
+    assert_eq!(t.tx_answered, t.tx_slots, "every TX slot answered once");
+    assert!(t.tx_out.is_empty());
+    assert_eq!(t.wire_next, TX_TOTAL, "no TX frame lost on the wire");
+    assert!(
+        u64::from(t.wire_dups) <= maybe_dup,
+        "{} duplicates, {maybe_dup} reported possible",
+        t.wire_dups
+    );
+    assert_eq!(t.rx_bad, 0, "RX responses for buffers not posted");
+    // A frame inside a dying instance is lost, as on any NIC: at most the
+    // one being delivered and the one held for buffers, per kill.
+    assert!(
+        t.rx_lost <= 2 * kills,
+        "{} RX frames lost in {kills} kills",
+        t.rx_lost
+    );
+    assert!(
+        t.rx_received + t.rx_lost >= t.rx_sent,
+        "RX frames unaccounted for"
+    );
+    backend.kill();
+}
