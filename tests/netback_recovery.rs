@@ -89,7 +89,7 @@ impl Vif {
         }
     }
 
-    fn attach_message(&self, recover: bool) -> Message {
+    fn attach_message(&self, recover: bool, blame: bool) -> Message {
         let req = NetAttachRequest {
             frontend: "test-guest".into(),
             connect: NetConnectRequest {
@@ -112,8 +112,8 @@ impl Vif {
             .with("wire", "cable")
             .with("shadow", 1)
             .with("recover", u8::from(recover))
-            // Killed from outside: not the requests' fault.
-            .with("blame", 0)
+            // 0: killed from outside, not the requests' fault.
+            .with("blame", u8::from(blame))
     }
 
     fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
@@ -145,12 +145,13 @@ struct Backend {
 
 impl Backend {
     #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
-    fn spawn() -> Self {
+    fn spawn(env: &[(&str, String)]) -> Self {
         let (ours, theirs) = SeqPacket::pair().unwrap();
         let theirs: OwnedFd = theirs.into_fd();
         let src = theirs.as_raw_fd();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shadowback"));
-        cmd.args(["netback", "--device", "vif0", "--control-fd", "3"]);
+        cmd.args(["netback", "--device", "vif0", "--control-fd", "3"])
+            .envs(env.iter().map(|(k, v)| (k, v)));
         // SAFETY: runs in the forked child before exec and calls only fcntl
         // and dup2 (async-signal-safe) on an fd open in the parent.
         unsafe {
@@ -170,9 +171,9 @@ impl Backend {
         }
     }
 
-    fn attach(&self, vif: &Vif, recover: bool) -> Message {
+    fn attach(&self, vif: &Vif, recover: bool, blame: bool) -> Message {
         self.control
-            .send(&vif.attach_message(recover), &vif.attach_fds())
+            .send(&vif.attach_message(recover, blame), &vif.attach_fds())
             .unwrap();
         let (msg, _) = self
             .control
@@ -183,8 +184,8 @@ impl Backend {
         msg
     }
 
-    fn kill(mut self) {
-        self.child.kill().unwrap();
+    fn kill_in_place(&mut self) {
+        let _ = self.child.kill();
         self.child.wait().unwrap();
     }
 }
@@ -387,8 +388,8 @@ impl Traffic {
 #[test]
 fn frames_cross_both_ways_and_every_request_is_answered_once() {
     let mut vif = Vif::new();
-    let backend = Backend::spawn();
-    backend.attach(&vif, false);
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
     let mut t = Traffic::new(&mut vif);
     vif.kick.notify().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -404,72 +405,167 @@ fn frames_cross_both_ways_and_every_request_is_answered_once() {
     assert_eq!((t.tx_bad, t.wire_dups, t.rx_bad), (0, 0, 0));
     assert_eq!(t.rx_received, 1000);
     assert_eq!(t.rx_lost, 0);
-    backend.kill();
+    backend.kill_in_place();
+}
+
+/// What a run saw.
+#[derive(Default)]
+struct Outcome {
+    kills: u32,
+    crashes: u32,
+    maybe_dup: u64,
+    tx_replayed: u64,
+    rx_recovered: u64,
+}
+
+/// How a run treats its backends.
+struct Run {
+    tx_total: u32,
+    rx_total: u32,
+    /// SIGKILL the serving backend this often (at most `kills` times).
+    kill_every: Option<Duration>,
+    kills: u32,
+    /// Environment of the first instance (`SHADOWBACK_CRASH_AT`).
+    first_env: Vec<(&'static str, String)>,
+}
+
+impl Run {
+    /// Moves the traffic to the end through kills and crashes, replacing
+    /// each dead backend with a recovering one, then checks every
+    /// invariant of the module documentation.
+    fn run(&self) -> Outcome {
+        let mut vif = Vif::new();
+        let mut backend = Backend::spawn(&self.first_env);
+        backend.attach(&vif, false, true);
+        let mut t = Traffic::new(&mut vif);
+        vif.kick.notify().unwrap();
+        let mut o = Outcome::default();
+        let mut next_kill = self.kill_every.map(|d| Instant::now() + d);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let replace = |backend: &mut Backend, vif: &Vif, o: &mut Outcome, blame: bool| {
+            *backend = Backend::spawn(&[]);
+            let attached = backend.attach(vif, true, blame);
+            let get = |k| attached.get_u64(k).unwrap().unwrap_or(0);
+            o.maybe_dup += get("tx-maybe-duplicated");
+            o.tx_replayed += get("tx-replayed");
+            o.rx_recovered += get("rx-buffers-recovered");
+        };
+        while (t.tx_next < self.tx_total || t.rx_sent < self.rx_total || !t.tx_out.is_empty())
+            && Instant::now() < deadline
+        {
+            t.step(&mut vif, self.tx_total, self.rx_total);
+            if let Some(status) = backend.child.try_wait().unwrap() {
+                assert!(!status.success(), "the backend exited on its own: {status}");
+                o.crashes += 1;
+                replace(&mut backend, &vif, &mut o, true);
+            }
+            if next_kill.is_some_and(|k| Instant::now() >= k) && o.kills < self.kills {
+                backend.kill_in_place();
+                o.kills += 1;
+                replace(&mut backend, &vif, &mut o, false);
+                next_kill = self.kill_every.map(|d| {
+                    Instant::now() + d + Duration::from_millis(u64::from(o.kills * 7 % 40))
+                });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        let drain = Instant::now() + Duration::from_secs(10);
+        while t.rx_next < t.rx_sent && Instant::now() < drain {
+            t.reap(&mut vif);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        eprintln!(
+            "kills={} crashes={} tx_slots={} wire_dups={} maybe_dup={} tx_replayed={} \
+             rx_received={} rx_lost={} rx_recovered={} rx_peer_drops={}",
+            o.kills,
+            o.crashes,
+            t.tx_slots,
+            t.wire_dups,
+            o.maybe_dup,
+            o.tx_replayed,
+            t.rx_received,
+            t.rx_lost,
+            o.rx_recovered,
+            t.rx_peer_drops
+        );
+        assert_eq!(t.tx_bad, 0, "TX responses for no request, or failed");
+        assert_eq!(t.tx_next, self.tx_total, "the run did not finish");
+        assert!(t.tx_out.is_empty(), "TX requests never answered");
+        assert_eq!(t.tx_answered, t.tx_slots, "every TX slot answered once");
+        assert_eq!(t.wire_next, self.tx_total, "no TX frame lost on the wire");
+        assert!(
+            u64::from(t.wire_dups) <= o.maybe_dup,
+            "{} duplicates, {} reported possible",
+            t.wire_dups,
+            o.maybe_dup
+        );
+        assert_eq!(t.rx_bad, 0, "RX responses for buffers not posted");
+        // A frame inside a dying instance is lost, as on any NIC: at most
+        // the one being delivered and the one held for buffers, per death.
+        let deaths = o.kills + o.crashes;
+        assert!(
+            t.rx_lost <= 2 * deaths,
+            "{} RX frames lost in {deaths} deaths",
+            t.rx_lost
+        );
+        assert_eq!(
+            t.rx_received + t.rx_lost,
+            t.rx_sent,
+            "RX frames unaccounted for"
+        );
+        backend.kill_in_place();
+        o
+    }
 }
 
 #[test]
 fn tx_and_rx_survive_sigkills_of_the_backend() {
-    const TX_TOTAL: u32 = 20_000;
-    const RX_TOTAL: u32 = 10_000;
-    let mut vif = Vif::new();
-    let mut backend = Backend::spawn();
-    backend.attach(&vif, false);
-    let mut t = Traffic::new(&mut vif);
-    vif.kick.notify().unwrap();
-    let mut kills = 0u32;
-    let mut maybe_dup = 0u64;
-    let mut tx_replayed = 0u64;
-    let mut rx_recovered = 0u64;
-    let mut next_kill = Instant::now() + Duration::from_millis(40);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (t.tx_next < TX_TOTAL || t.rx_sent < RX_TOTAL) && Instant::now() < deadline {
-        t.step(&mut vif, TX_TOTAL, RX_TOTAL);
-        if Instant::now() >= next_kill && kills < 40 {
-            backend.kill();
-            kills += 1;
-            backend = Backend::spawn();
-            let attached = backend.attach(&vif, true);
-            let get = |k| attached.get_u64(k).unwrap().unwrap_or(0);
-            maybe_dup += get("tx-maybe-duplicated");
-            tx_replayed += get("tx-replayed");
-            rx_recovered += get("rx-buffers-recovered");
-            next_kill = Instant::now() + Duration::from_millis(20 + u64::from(kills * 7 % 60));
+    let o = Run {
+        tx_total: 20_000,
+        rx_total: 10_000,
+        kill_every: Some(Duration::from_millis(15)),
+        kills: 40,
+        first_env: Vec::new(),
+    }
+    .run();
+    assert!(o.kills >= 20, "only {} kills", o.kills);
+}
+
+/// The first instance aborts at each crash point of the shadow log a vif
+/// uses, on an occurrence deep in the stream; the next instance recovers.
+#[test]
+fn every_crash_point_of_a_vif_is_recovered() {
+    let mut crashed = 0;
+    for point in shadowback_shadow::CrashPoint::all() {
+        let name = point.to_string();
+        // Points a serving instance of a vif reaches (not those of a
+        // recovery, which a first instance never runs).
+        let served = ["consume", "complete", "free", "published", "progress"]
+            .iter()
+            .any(|t| name.starts_with(&format!("{t}.")));
+        if !served {
+            continue;
         }
-        std::thread::sleep(Duration::from_micros(100));
+        // `published` fires once per instance and log: its first
+        // publication.
+        let nth = if name.starts_with("published.") {
+            1
+        } else {
+            37
+        };
+        let o = Run {
+            tx_total: 400,
+            rx_total: 200,
+            kill_every: None,
+            kills: 0,
+            first_env: vec![("SHADOWBACK_CRASH_AT", format!("{name}@{nth}"))],
+        }
+        .run();
+        assert_eq!(
+            o.crashes, 1,
+            "{name}: the first instance did not crash there"
+        );
+        crashed += 1;
     }
-    // Drain what is still in flight.
-    let drain = Instant::now() + Duration::from_secs(10);
-    while (!t.tx_out.is_empty() || t.rx_next < t.rx_sent) && Instant::now() < drain {
-        t.reap(&mut vif);
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    eprintln!(
-        "kills={kills} tx_answered={} wire_dups={} maybe_dup={maybe_dup} tx_replayed={tx_replayed} \
-         rx_received={} rx_lost={} rx_recovered={rx_recovered} rx_peer_drops={}",
-        t.tx_answered, t.wire_dups, t.rx_received, t.rx_lost, t.rx_peer_drops
-    );
-    assert!(kills >= 10, "only {kills} kills");
-    assert_eq!(t.tx_bad, 0, "TX responses for no request, or failed");
-    assert_eq!(t.tx_next, TX_TOTAL);
-    assert_eq!(t.tx_answered, t.tx_slots, "every TX slot answered once");
-    assert!(t.tx_out.is_empty());
-    assert_eq!(t.wire_next, TX_TOTAL, "no TX frame lost on the wire");
-    assert!(
-        u64::from(t.wire_dups) <= maybe_dup,
-        "{} duplicates, {maybe_dup} reported possible",
-        t.wire_dups
-    );
-    assert_eq!(t.rx_bad, 0, "RX responses for buffers not posted");
-    // A frame inside a dying instance is lost, as on any NIC: at most the
-    // one being delivered and the one held for buffers, per kill.
-    assert!(
-        t.rx_lost <= 2 * kills,
-        "{} RX frames lost in {kills} kills",
-        t.rx_lost
-    );
-    assert!(
-        t.rx_received + t.rx_lost >= t.rx_sent,
-        "RX frames unaccounted for"
-    );
-    backend.kill();
+    assert!(crashed >= 10, "only {crashed} crash points");
 }

@@ -163,12 +163,18 @@ fn under_load(
     inject: impl Fn(&Setup) + Sync,
 ) -> (Report, u64) {
     let done = AtomicBool::new(false);
+    let start = Instant::now();
+    // A hung backend is only declared hung while it has work (an idle one
+    // costs nothing), so every fault must land well inside the timed phase:
+    // one injected as the workload ends would never be recovered and the
+    // injector would wait for it in vain (seen once at load 16).
+    let last_inject = duration.saturating_sub(Duration::from_secs(1));
     std::thread::scope(|s| {
         let injector = s.spawn(|| {
             let mut n = 0;
             // Let the workload fill the ring first.
             std::thread::sleep(every);
-            while !done.load(Ordering::Acquire) {
+            while !done.load(Ordering::Acquire) && start.elapsed() < last_inject {
                 inject(setup);
                 n += 1;
                 std::thread::sleep(every);
@@ -734,7 +740,7 @@ fn a_spinning_backend_with_work_is_replaced() {
         &setup,
         &mut front,
         41,
-        Duration::from_secs(2),
+        Duration::from_secs(3),
         Duration::from_millis(400),
         |setup| {
             let before = setup.stats().recoveries;

@@ -502,7 +502,6 @@ impl NetBackend {
                     self.answer_tx(request.slots(), &entries, NETIF_RSP_OKAY, &done);
                     return;
                 }
-                self.recovery.tx_replayed += 1;
                 self.execute_tx(request, &entries, false);
             }
             // The slots were valid when first taken; anything else means a
@@ -852,6 +851,23 @@ impl NetBackend {
             }
         }
         let (tx_sent, tx_answered) = tx_snapshot.as_ref().map(tx_progress).unwrap_or_default();
+        if let Some(plan) = &plans[0] {
+            // Counted now: a serial replay runs after the reply.
+            let unsent: HashSet<u32> = plan
+                .reexecute
+                .iter()
+                .filter_map(|e| txrec::decode(&e.request).ok())
+                .map(|r| r.packet)
+                .filter(|p| !tx_sent.contains(p) && !tx_answered.contains_key(p))
+                .collect();
+            self.recovery.tx_replayed += unsent.len() as u64;
+            // Packets go out in ring order and each is marked sent right
+            // after its write: only the first one not marked can have left
+            // the dead instance too.
+            if !unsent.is_empty() {
+                self.recovery.tx_maybe_duplicated += 1;
+            }
+        }
         let generation = self.generations.new_attachment();
         let features = conn.features;
         self.vif = Some(Vif {
@@ -886,19 +902,12 @@ impl NetBackend {
             closing: Closing::No,
         });
         let proto = |e: String| (ErrorCode::Eproto, format!("replay failed: {e}"));
-        let replayed_before = self.recovery.tx_replayed;
         if let Some(plan) = &plans[1] {
             recovery::apply_plan(&mut RxReplay(self), plan, blame, &mut stats).map_err(proto)?;
         }
         if let Some(plan) = &plans[0] {
             recovery::apply_plan(&mut TxReplay(self), plan, blame, &mut stats).map_err(proto)?;
             self.complete_partial_packet().map_err(proto)?;
-            if self.recovery.tx_replayed > replayed_before {
-                // Packets go out in ring order and each is marked sent
-                // right after its write, so only the first one resent can
-                // have left the dead instance too.
-                self.recovery.tx_maybe_duplicated += 1;
-            }
         }
         stats.replay_us = started.elapsed().as_micros() as u64;
         // The guest may be asleep waiting for what the dead instance owed.
