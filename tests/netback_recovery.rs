@@ -569,3 +569,82 @@ fn every_crash_point_of_a_vif_is_recovered() {
     }
     assert!(crashed >= 10, "only {crashed} crash points");
 }
+
+/// A hostile TX ring: an error is answered and the vif carries on; a
+/// protocol violation disconnects this vif, and the backend stays up.
+#[test]
+fn bad_tx_requests_are_answered_or_disconnect_the_vif_only() {
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
+    // A runt (under an Ethernet header): answered with an error.
+    let runt = NetifTxRequest {
+        gref: TX_BUF_GREF,
+        offset: 0,
+        flags: 0,
+        id: 7,
+        size: 10,
+    };
+    vif.tx.put_request(&runt).unwrap();
+    vif.tx.push_requests().unwrap();
+    vif.kick.notify().unwrap();
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    let rsp = loop {
+        if let Some(rsp) = vif.tx.take_response().unwrap() {
+            break rsp;
+        }
+        assert!(Instant::now() < deadline, "no answer to a runt");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!((rsp.id, rsp.status), (7, -1), "a runt is an error");
+    // Still serving: a good frame goes out.
+    let mut t = Traffic::new(&mut vif);
+    while t.wire_next < 10 && Instant::now() < deadline {
+        t.step(&mut vif, 10, 0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(t.wire_next, 10);
+    // Data crossing its page: fatal for the vif (Linux netback's rule).
+    let crossing = NetifTxRequest {
+        gref: TX_BUF_GREF,
+        offset: 4000,
+        flags: 0,
+        id: 9,
+        size: 200,
+    };
+    vif.tx.put_request(&crossing).unwrap();
+    vif.tx.push_requests().unwrap();
+    vif.kick.notify().unwrap();
+    let (msg, _) = backend
+        .control
+        .recv_timeout(REPLY_TIMEOUT)
+        .unwrap()
+        .expect("a disconnect in time");
+    assert_eq!(msg.kind(), "disconnect", "{msg:?}");
+    assert!(
+        msg.get("reason").unwrap().contains("crosses its page"),
+        "{msg:?}"
+    );
+    assert!(
+        backend.child.try_wait().unwrap().is_none(),
+        "the backend died"
+    );
+    // The process serves the next vif.
+    backend.control.send(&Message::new("detach"), &[]).unwrap();
+    let (msg, _) = backend
+        .control
+        .recv_timeout(REPLY_TIMEOUT)
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.kind(), "detached", "{msg:?}");
+    let mut other = Vif::new();
+    backend.attach(&other, false, true);
+    let mut t = Traffic::new(&mut other);
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while t.wire_next < 10 && Instant::now() < deadline {
+        t.step(&mut other, 10, 0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(t.wire_next, 10, "the next vif is served");
+    backend.kill_in_place();
+}
