@@ -5,24 +5,26 @@
 //! requests that get errors while the supervisor keeps serving.
 //!
 //! The data plane is a fake: this test binary re-executed by the supervisor
-//! (see [`fake_backend_entry`]). It answers `attach-virtio`, `set-call` and
+//! (see [`fake_backend_entry`], `shadowback_testsupport::fake_backend`). It answers `attach-virtio`, `set-call` and
 //! `detach`, beats queue 0's shadow log, and records what it received in an
 //! event file. The real virtqueue data plane is the integrator's to test.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{
-    BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
-};
+use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
+use shadowback_testsupport::fake_backend::{start_fake, EventLog, FakeBackend};
+use shadowback_testsupport::fd::memfd;
+use shadowback_testsupport::harness::Harness;
+use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
-use shadowback_xenbus::{key, kind, Message, SeqPacket};
+use shadowback_xenbus::{key, kind, Message};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -49,124 +51,77 @@ const USED: u64 = 0x1_2000;
 /// becomes one and never returns.
 #[test]
 fn fake_backend_entry() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--control-fd") {
-        fake::run(&args);
+    if let Some(fake) = FakeBackend::from_args() {
+        fake.serve(script);
     }
 }
 
-mod fake {
-    use super::*;
-    use std::fs::OpenOptions;
-
-    fn record(events: &Path, line: &str) {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(events)
-            .expect("event file");
-        // One write per line: appends from several processes interleave
-        // by whole lines.
-        f.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-
-    pub fn run(args: &[String]) -> ! {
-        let events = args
-            .iter()
-            .find_map(|a| a.strip_prefix("events="))
-            .map(PathBuf::from)
-            .expect("events=PATH");
-        let me = std::process::id();
-        let die_on_recover = args.iter().any(|a| a == "die-on-recover");
-        let die_on_first_detach = args.iter().any(|a| a == "die-on-first-detach");
-        // SAFETY: the supervisor hands every backend its control socket as
-        // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
-        // in it uses fd 3.
-        let control = SeqPacket::from_fd(unsafe { OwnedFd::from_raw_fd(3) }).expect("fd 3");
-        let mut heartbeat: Option<ShadowLog> = None;
-        loop {
-            if let Some(log) = &heartbeat {
-                log.heartbeat().expect("heartbeat");
+/// What the fake data plane answers: `attach-virtio` (beating queue 0's
+/// shadow log), `set-call` and `detach`.
+fn script(fake: &mut FakeBackend, msg: Message, fds: Vec<OwnedFd>) -> Message {
+    let die_on_recover = fake.has_flag("die-on-recover");
+    let die_on_first_detach = fake.has_flag("die-on-first-detach");
+    match msg.kind() {
+        kind::ATTACH_VIRTIO => {
+            let got = fds.len();
+            let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
+            let fds = VirtioFds::from_received(&req, fds).expect("fd count");
+            let queues: Vec<String> = req
+                .queues
+                .iter()
+                .map(|q| {
+                    format!(
+                        "{}:{}:{:x}:{:x}:{:x}:{}",
+                        q.index, q.size, q.desc, q.avail, q.used, q.next_avail
+                    )
+                })
+                .collect();
+            fake.record(&format!(
+                "attach-virtio queues={} fds={got} inflight={} shadow={} recover={}",
+                queues.join(","),
+                u8::from(req.inflight.is_some()),
+                u8::from(req.shadow),
+                msg.get(key::RECOVER).unwrap_or("0"),
+            ));
+            if die_on_recover && msg.get(key::RECOVER) == Some("1") {
+                std::process::exit(70);
             }
-            let (msg, fds) = match control.recv_timeout(Duration::from_millis(5)) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(_) => std::process::exit(0),
-            };
-            let reply = match msg.kind() {
-                kind::ATTACH_VIRTIO => {
-                    let got = fds.len();
-                    let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
-                    let fds = VirtioFds::from_received(&req, fds).expect("fd count");
-                    let queues: Vec<String> = req
-                        .queues
-                        .iter()
-                        .map(|q| {
-                            format!(
-                                "{}:{}:{:x}:{:x}:{:x}:{}",
-                                q.index, q.size, q.desc, q.avail, q.used, q.next_avail
-                            )
-                        })
-                        .collect();
-                    record(
-                        &events,
-                        &format!(
-                            "{me} attach-virtio queues={} fds={got} inflight={} shadow={} recover={}",
-                            queues.join(","),
-                            u8::from(req.inflight.is_some()),
-                            u8::from(req.shadow),
-                            msg.get(key::RECOVER).unwrap_or("0"),
-                        ),
-                    );
-                    if die_on_recover && msg.get(key::RECOVER) == Some("1") {
-                        std::process::exit(70);
-                    }
-                    let mut generation = 0;
-                    if let Some(log) = fds.logs.into_iter().next() {
-                        let log = ShadowLog::open(log).expect("log");
-                        generation = log.begin_instance().expect("begin");
-                        heartbeat = Some(log);
-                    }
-                    Message::new("attached")
-                        .with("generation", generation)
-                        .with("replayed", 0)
-                        .with("repushed", 0)
-                        .with("poisoned", 0)
-                        .with("corrupt", 0)
-                        .with("replay-us", 0)
-                }
-                kind::SET_CALL => {
-                    record(
-                        &events,
-                        &format!(
-                            "{me} set-call queue={} fds={}",
-                            msg.get(key::QUEUE).unwrap_or("?"),
-                            fds.len()
-                        ),
-                    );
-                    Message::new("ok")
-                }
-                "detach" => {
-                    let died = std::fs::read_to_string(&events)
-                        .unwrap_or_default()
-                        .contains("died-on-detach");
-                    if die_on_first_detach && !died {
-                        // Mid-drain, with requests in flight.
-                        record(&events, &format!("{me} died-on-detach"));
-                        std::process::exit(71);
-                    }
-                    heartbeat = None;
-                    record(&events, &format!("{me} detach"));
-                    Message::new("detached")
-                }
-                other => Message::new("error")
-                    .with("code", "EPROTO")
-                    .with("message", other),
-            };
-            if control.send(&reply, &[]).is_err() {
-                std::process::exit(0);
+            let mut generation = 0;
+            if let Some(log) = fds.logs.into_iter().next() {
+                let log = ShadowLog::open(log).expect("log");
+                generation = log.begin_instance().expect("begin");
+                fake.heartbeat = Some(log);
             }
+            Message::new("attached")
+                .with("generation", generation)
+                .with("replayed", 0)
+                .with("repushed", 0)
+                .with("poisoned", 0)
+                .with("corrupt", 0)
+                .with("replay-us", 0)
         }
+        kind::SET_CALL => {
+            fake.record(&format!(
+                "set-call queue={} fds={}",
+                msg.get(key::QUEUE).unwrap_or("?"),
+                fds.len()
+            ));
+            Message::new("ok")
+        }
+        "detach" => {
+            let died = fake.events().count("died-on-detach") > 0;
+            if die_on_first_detach && !died {
+                // Mid-drain, with requests in flight.
+                fake.record("died-on-detach");
+                std::process::exit(71);
+            }
+            fake.heartbeat = None;
+            fake.record("detach");
+            Message::new("detached")
+        }
+        other => Message::new("error")
+            .with("code", "EPROTO")
+            .with("message", other),
     }
 }
 
@@ -174,8 +129,8 @@ mod fake {
 // Harness.
 
 struct Setup {
-    dir: tempfile::TempDir,
-    sup: Option<SupervisorThread>,
+    harness: Harness,
+    events: EventLog,
 }
 
 impl Setup {
@@ -184,101 +139,43 @@ impl Setup {
     }
 
     fn start_with(fake_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("vd.img");
-        File::create(&image)
-            .and_then(|f| f.set_len(SECTORS * 512))
-            .unwrap();
-        let events = dir.path().join("events");
-        let cmd = BackendCommand {
-            program: std::env::current_exe().unwrap().into(),
-            args: [
-                "--exact".into(),
-                "--nocapture".into(),
-                "--quiet".into(),
-                "fake_backend_entry".into(),
-                "--".into(),
-                format!("events={}", events.display()).into(),
-            ]
-            .into_iter()
-            .chain(fake_args.iter().map(Into::into))
-            .collect(),
-            env: Vec::new(),
-        };
-        let cfg = Config {
-            socket: dir.path().join("control.sock"),
-            disks: vec![DiskConfig {
-                cache: CacheMode::Writeback,
-                // A directory that does not exist yet, and a stale file.
-                vhost_user: Some(dir.path().join("run/vd.vhost")),
-                num_queues: 2,
-                queue_size: 256,
-                ..DiskConfig::new("vd", image)
-            }],
-        };
-        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        let dir = TempDir::new("vu-protocol");
+        let image = dir.create_image("vd.img", SECTORS * 512);
+        // A directory that does not exist yet, and a stale file.
+        let vhost = dir.join("run/vd.vhost");
+        let disks = vec![DiskConfig {
+            cache: CacheMode::Writeback,
+            vhost_user: Some(vhost.clone()),
+            num_queues: 2,
+            queue_size: 256,
+            ..DiskConfig::new("vd", image)
+        }];
+        std::fs::create_dir_all(dir.join("run")).unwrap();
         // A stale socket left by a dead supervisor.
-        drop(std::os::unix::net::UnixListener::bind(dir.path().join("run/vd.vhost")).unwrap());
-        let sup = SupervisorThread::start(cfg, cmd).expect("supervisor starts");
-        Setup {
-            dir,
-            sup: Some(sup),
-        }
+        drop(std::os::unix::net::UnixListener::bind(&vhost).unwrap());
+        let (harness, events) = start_fake(dir, disks, fake_args, &[]);
+        Setup { harness, events }
     }
 
     fn vhost_socket(&self) -> PathBuf {
-        self.dir.path().join("run/vd.vhost")
-    }
-
-    fn events(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("events"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        self.harness.dir().join("run/vd.vhost")
     }
 
     /// Waits until some event line contains every one of `parts`.
     fn wait_event(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(line) = self
-                .events()
-                .into_iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no event with {parts:?} in {:#?}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.events.wait_for(parts)
     }
 
     fn count_events(&self, part: &str) -> usize {
-        self.events().iter().filter(|l| l.contains(part)).count()
+        self.events.count(part)
     }
 
     fn stats(&self) -> DeviceStats {
-        self.sup.as_ref().unwrap().status().remove(0).1
+        self.harness.stats("vd")
     }
 
     fn wait_stats(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = self.stats();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {s:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.harness.wait_for("vd", what, pred)
     }
 
     /// A frontend that asks for REPLY_ACK on every request.
@@ -286,14 +183,6 @@ impl Setup {
         let fe = Frontend::connect(self.vhost_socket(), 16).expect("connect");
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         fe
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if let Some(sup) = self.sup.take() {
-            let _ = sup.stop();
-        }
     }
 }
 
@@ -308,11 +197,7 @@ fn negotiate(fe: &mut Frontend) -> u64 {
 }
 
 fn guest_memory() -> File {
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    let fd = memfd_create(c"guest", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
-    let f = File::from(fd);
-    f.set_len(GUEST_SIZE).unwrap();
-    f
+    memfd(GUEST_SIZE)
 }
 
 /// One memory-table entry (struct literal: `new` is test-utils only).
@@ -456,11 +341,7 @@ fn a_started_queue_survives_a_data_plane_kill() {
 
     // SIGKILL the data plane: a new instance takes over with recover=1;
     // the VMM's connection never notices.
-    s.sup
-        .as_ref()
-        .unwrap()
-        .fault("vd", Fault::Kill)
-        .expect("fault");
+    s.harness.sup().fault("vd", Fault::Kill).expect("fault");
     s.wait_stats("a recovery", |st| st.recoveries == 1);
     let line = s.wait_event(&["attach-virtio", "recover=1"]);
     assert!(line.contains("fds=5"), "{line}");
@@ -508,11 +389,7 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
     let mut fe = s.connect();
     let _keep = start_queue0(&mut fe);
     s.wait_event(&["attach-virtio", "recover=0"]);
-    s.sup
-        .as_ref()
-        .unwrap()
-        .fault("vd", Fault::Kill)
-        .expect("fault");
+    s.harness.sup().fault("vd", Fault::Kill).expect("fault");
     s.wait_stats("giving up", |st| st.given_up);
     // The supervisor closes the socket: the VMM sees the failure.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -634,7 +511,7 @@ fn the_socket_is_removed_on_shutdown() {
     let mut s = Setup::start();
     let path = s.vhost_socket();
     assert!(path.exists());
-    s.sup.take().unwrap().stop().unwrap();
+    s.harness.stop_keeping_files();
     assert!(!path.exists());
 }
 

@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::BackendCommand;
+use shadowback_supervisor::{BackendCommand, DiskConfig};
 use shadowback_xenbus::{Message, SeqPacket};
 
+use crate::harness::Harness;
+use crate::temp::TempDir;
 use crate::wait::wait_for_state;
 
 /// The name of the entry test the supervisor runs.
@@ -59,6 +61,19 @@ pub fn fake_backend_command(
             .map(|(k, v)| (k.into(), v.into()))
             .collect(),
     }
+}
+
+/// A [`Harness`] serving `disks` with fake backends (see
+/// [`fake_backend_command`]) that record to `events` in `dir`.
+pub fn start_fake(
+    dir: TempDir,
+    disks: Vec<DiskConfig>,
+    fake_args: &[&str],
+    first_env: &[(&str, &str)],
+) -> (Harness, EventLog) {
+    let events = EventLog(dir.join("events"));
+    let cmd = fake_backend_command(&events.0, fake_args, first_env);
+    (Harness::start_with(dir, disks, cmd), events)
 }
 
 /// One fake backend process.

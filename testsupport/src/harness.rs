@@ -178,6 +178,12 @@ impl Harness {
 
     /// Stops the supervisor and reports how that went.
     pub fn stop(mut self) {
+        self.stop_keeping_files();
+    }
+
+    /// Stops the supervisor (once) and keeps the directory, for a look at
+    /// what the supervisor left behind.
+    pub fn stop_keeping_files(&mut self) {
         if let Some(s) = self.supervisor.take() {
             s.stop().expect("supervisor stopped with an error");
         }

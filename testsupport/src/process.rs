@@ -134,9 +134,15 @@ pub fn backend_pids(device: &str, parent: u32) -> Vec<u32> {
 /// spawned, and a forked child shows its parent's command line until it
 /// has exec'd.
 pub fn backend_pid(device: &str) -> u32 {
+    backend_pid_under(device, std::process::id())
+}
+
+/// The one backend process of `device` whose parent is `parent` (a
+/// `shadowback up`), waiting for it like [`backend_pid`].
+pub fn backend_pid_under(device: &str, parent: u32) -> u32 {
     let deadline = Instant::now() + REPLY_TIMEOUT;
     loop {
-        let pids = backend_pids(device, std::process::id());
+        let pids = backend_pids(device, parent);
         if pids.len() == 1 || Instant::now() > deadline {
             assert_eq!(
                 pids.len(),
