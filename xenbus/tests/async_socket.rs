@@ -1,28 +1,12 @@
 //! The tokio flavour against itself and against the blocking flavour.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use shadowback_testsupport::{eventfd, TempDir};
 use shadowback_xenbus::{
     kind, AsyncSeqPacket, AsyncSeqPacketListener, BackendInfo, ConnectRequest, DeviceFds, DiskMode,
     Message, SeqPacket, SeqPacketListener, XenbusError, XenbusState, MAX_FDS,
 };
-
-fn socket_path(name: &str) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "shadowback-xenbus-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn eventfd() -> std::os::fd::OwnedFd {
-    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap()
-}
 
 fn disk() -> BackendInfo {
     BackendInfo {
@@ -43,7 +27,8 @@ fn disk() -> BackendInfo {
 
 #[tokio::test]
 async fn listener_probe_connect_close() {
-    let path = socket_path("control.sock");
+    let dir = TempDir::new("xenbus-async");
+    let path = dir.join("control.sock");
     let listener = AsyncSeqPacketListener::bind(&path).unwrap();
 
     // The "supervisor".
@@ -178,7 +163,8 @@ async fn async_send_waits_for_room() {
 
 #[tokio::test]
 async fn blocking_and_async_interoperate() {
-    let path = socket_path("mixed.sock");
+    let dir = TempDir::new("xenbus-async");
+    let path = dir.join("mixed.sock");
     let listener = SeqPacketListener::bind(&path).unwrap();
     let listener = AsyncSeqPacketListener::new(listener).unwrap();
     let client = AsyncSeqPacket::connect(&path);
