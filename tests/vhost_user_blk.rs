@@ -472,17 +472,9 @@ fn vu_connect(setup: &DiskSetup) -> UnixStream {
     sock
 }
 
-/// Reads until EOF (the supervisor hung up) or fails after the timeout.
+/// Reads until the supervisor hangs up, or fails after 15 s of silence.
 fn expect_hangup(sock: &mut UnixStream, what: &str) {
-    let mut buf = [0u8; 256];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("{what}: expected the supervisor to hang up: {e}"),
-        }
-    }
+    shadowback_testsupport::socket::expect_hangup(sock, Duration::from_secs(15), what);
 }
 
 /// Garbage on the vhost-user socket the protocol tests do not send: a bad

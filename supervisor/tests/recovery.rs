@@ -11,13 +11,12 @@
 //! is exercised by the workspace's `tests/supervisor_recovery.rs`.
 
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault, SupervisorThread};
-use shadowback_testsupport::fake_backend::{lines_of, start_fake, EventLog, FakeBackend};
-use shadowback_testsupport::harness::Harness;
+use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
+use shadowback_testsupport::fake_backend::{lines_of, EventLog, FakeBackend, FakeSupervisor};
 use shadowback_testsupport::raw_guest::RawGuest;
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::{key, Message, SeqPacket};
@@ -105,9 +104,15 @@ fn script(fake: &mut FakeBackend, msg: Message, mut fds: Vec<OwnedFd>) -> Messag
 // ---------------------------------------------------------------------------
 // Harness.
 
-struct Setup {
-    harness: Harness,
-    events: EventLog,
+/// The fake supervisor, and the control requests these tests send it.
+struct Setup(FakeSupervisor);
+
+impl std::ops::Deref for Setup {
+    type Target = FakeSupervisor;
+
+    fn deref(&self) -> &FakeSupervisor {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -121,34 +126,11 @@ impl Setup {
                 ..d.clone()
             })
             .collect();
-        let (harness, events) = start_fake(dir, disks, fake_args, first_env);
-        Setup { harness, events }
-    }
-
-    fn sup(&self) -> &SupervisorThread {
-        self.harness.sup()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.harness.socket().to_path_buf()
+        Setup(FakeSupervisor::start(dir, disks, fake_args, first_env))
     }
 
     fn events(&self) -> Vec<String> {
         self.events.lines()
-    }
-
-    fn stats(&self, device: &str) -> DeviceStats {
-        self.harness.stats(device)
-    }
-
-    /// Waits until `pred` holds for `device`'s stats.
-    fn wait_for(
-        &self,
-        device: &str,
-        what: &str,
-        pred: impl Fn(&DeviceStats) -> bool,
-    ) -> DeviceStats {
-        self.harness.wait_for(device, what, pred)
     }
 
     /// Sends one control request on a fresh socket; returns every answer
@@ -191,7 +173,7 @@ fn connect(socket: &Path, device: &str) -> Result<RawGuest, Message> {
 #[test]
 fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
     assert!(before.connected);
     let (old, standby) = (before.pid.unwrap(), before.standby_pid.unwrap());
@@ -241,7 +223,7 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
         &[],
         &[],
     );
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
     guest.post(1);
     // Beating (the fake heartbeats every 5 ms): pending work alone is no hang.
@@ -264,7 +246,7 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
 #[test]
 fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
     let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
     setup.fault("d0", Fault::Hang);
     std::thread::sleep(Duration::from_millis(500));
@@ -292,7 +274,7 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
         &[],
         &[],
     );
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
     assert_eq!(before.standby_pid, None);
     setup.fault("d0", Fault::Kill);
@@ -306,7 +288,7 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
 #[test]
 fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
     let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
     setup.fault("d0", Fault::Poison { sector: 77 });
     setup.fault("d0", Fault::Poison { sector: 78 });
@@ -341,7 +323,7 @@ fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
 fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
     // Only the first instance gets the environment: it dies on `attach`.
     let setup = Setup::start(&[disk("d0")], &[], &[("FAKE_DIE_ON_ATTACH", "1")]);
-    let guest = connect(&setup.socket(), "d0").expect("connected after a takeover");
+    let guest = connect(setup.socket(), "d0").expect("connected after a takeover");
     let s = setup.stats("d0");
     assert_eq!((s.crashes, s.recoveries), (1, 1));
     assert!(s.connected);
@@ -359,7 +341,7 @@ fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
 #[test]
 fn the_guest_is_told_only_when_every_takeover_fails() {
     let setup = Setup::start(&[disk("d0")], &["die-on-recover"], &[]);
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     setup.fault("d0", Fault::Kill);
     let msg = guest.next_message();
     assert_eq!(msg.kind(), "error");
@@ -373,7 +355,7 @@ fn the_guest_is_told_only_when_every_takeover_fails() {
     assert_eq!(s.recoveries, 0);
     assert_eq!((s.pid, s.standby_pid), (None, None));
     // The device is gone for later guests too.
-    let refused = connect(&setup.socket(), "d0").err().expect("refused");
+    let refused = connect(setup.socket(), "d0").err().expect("refused");
     assert_eq!(refused.get("code"), Some("ENODEV"));
 }
 
@@ -387,7 +369,7 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
         &[],
         &[],
     );
-    let guest = connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
     setup.fault("d0", Fault::Kill);
     let msg = guest.next_message();
@@ -405,7 +387,7 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
     drop(guest);
     let again = setup.wait_for("d0", "the detach", |s| !s.connected);
     assert!(!again.given_up);
-    connect(&setup.socket(), "d0").expect("a new guest attaches");
+    connect(setup.socket(), "d0").expect("a new guest attaches");
 }
 
 #[test]
@@ -417,7 +399,7 @@ fn an_unattached_backend_that_dies_is_replaced() {
         s.pid != before.pid && s.pid.is_some()
     });
     assert_eq!((after.crashes, after.recoveries), (1, 0));
-    connect(&setup.socket(), "d0").expect("attaches to the replacement");
+    connect(setup.socket(), "d0").expect("attaches to the replacement");
 }
 
 #[test]

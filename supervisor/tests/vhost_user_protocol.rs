@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
 use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
-use shadowback_testsupport::fake_backend::{start_fake, EventLog, FakeBackend};
+use shadowback_testsupport::fake_backend::{FakeBackend, FakeSupervisor};
 use shadowback_testsupport::fd::memfd;
-use shadowback_testsupport::harness::Harness;
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use shadowback_xenbus::{key, kind, Message};
@@ -128,9 +127,15 @@ fn script(fake: &mut FakeBackend, msg: Message, fds: Vec<OwnedFd>) -> Message {
 // ---------------------------------------------------------------------------
 // Harness.
 
-struct Setup {
-    harness: Harness,
-    events: EventLog,
+/// The fake supervisor exporting `vd` over vhost-user.
+struct Setup(FakeSupervisor);
+
+impl std::ops::Deref for Setup {
+    type Target = FakeSupervisor;
+
+    fn deref(&self) -> &FakeSupervisor {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -153,8 +158,7 @@ impl Setup {
         std::fs::create_dir_all(dir.join("run")).unwrap();
         // A stale socket left by a dead supervisor.
         drop(std::os::unix::net::UnixListener::bind(&vhost).unwrap());
-        let (harness, events) = start_fake(dir, disks, fake_args, &[]);
-        Setup { harness, events }
+        Setup(FakeSupervisor::start(dir, disks, fake_args, &[]))
     }
 
     fn vhost_socket(&self) -> PathBuf {
@@ -171,11 +175,11 @@ impl Setup {
     }
 
     fn stats(&self) -> DeviceStats {
-        self.harness.stats("vd")
+        self.0.stats("vd")
     }
 
     fn wait_stats(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
-        self.harness.wait_for("vd", what, pred)
+        self.wait_for("vd", what, pred)
     }
 
     /// A frontend that asks for REPLY_ACK on every request.
@@ -511,7 +515,7 @@ fn the_socket_is_removed_on_shutdown() {
     let mut s = Setup::start();
     let path = s.vhost_socket();
     assert!(path.exists());
-    s.harness.stop_keeping_files();
+    s.0.harness.stop_keeping_files();
     assert!(!path.exists());
 }
 
@@ -523,21 +527,9 @@ fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
     sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None).unwrap();
 }
 
-/// Reads (and discards replies) until the supervisor hangs up; fails if it
-/// has not within the read timeout.
+/// Reads until the supervisor hangs up, or fails after 15 s of silence.
 fn expect_hangup(sock: &mut UnixStream, what: &str) {
-    sock.set_nonblocking(false).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("{what}: the supervisor did not hang up: {e}"),
-        }
-    }
+    shadowback_testsupport::socket::expect_hangup(sock, Duration::from_secs(15), what);
 }
 
 /// A VMM that stalls, floods or desynchronises the stream — without ever

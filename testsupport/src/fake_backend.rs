@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{BackendCommand, DiskConfig};
+use shadowback_supervisor::{BackendCommand, DeviceStats, DiskConfig, SupervisorThread};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::harness::Harness;
@@ -63,17 +63,53 @@ pub fn fake_backend_command(
     }
 }
 
-/// A [`Harness`] serving `disks` with fake backends (see
-/// [`fake_backend_command`]) that record to `events` in `dir`.
-pub fn start_fake(
-    dir: TempDir,
-    disks: Vec<DiskConfig>,
-    fake_args: &[&str],
-    first_env: &[(&str, &str)],
-) -> (Harness, EventLog) {
-    let events = EventLog(dir.join("events"));
-    let cmd = fake_backend_command(&events.0, fake_args, first_env);
-    (Harness::start_with(dir, disks, cmd), events)
+/// A [`Harness`] whose backends are fake backends (see
+/// [`fake_backend_command`]), and the event file they record to.
+pub struct FakeSupervisor {
+    pub harness: Harness,
+    pub events: EventLog,
+}
+
+impl FakeSupervisor {
+    /// Serves `disks` (whose files the caller made in `dir`); the events
+    /// go to `events` in `dir`.
+    pub fn start(
+        dir: TempDir,
+        disks: Vec<DiskConfig>,
+        fake_args: &[&str],
+        first_env: &[(&str, &str)],
+    ) -> Self {
+        let events = EventLog(dir.join("events"));
+        let cmd = fake_backend_command(&events.0, fake_args, first_env);
+        FakeSupervisor {
+            harness: Harness::start_with(dir, disks, cmd),
+            events,
+        }
+    }
+
+    pub fn sup(&self) -> &SupervisorThread {
+        self.harness.sup()
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        self.harness.socket()
+    }
+
+    /// The counters of `device`.
+    pub fn stats(&self, device: &str) -> DeviceStats {
+        self.harness.stats(device)
+    }
+
+    /// Waits until `pred` holds for `device`'s counters.
+    pub fn wait_for(
+        &self,
+        device: &str,
+        what: &str,
+        pred: impl Fn(&DeviceStats) -> bool,
+    ) -> DeviceStats {
+        self.harness.wait_for(device, what, pred)
+    }
 }
 
 /// One fake backend process.
