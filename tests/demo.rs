@@ -14,6 +14,7 @@ use shadowback_testsupport::blockio::{run_clean, verified_io, verify_workload};
 use shadowback_testsupport::harness::{cache_for, unique_name};
 use shadowback_testsupport::process::{alive, backend_pid_under, shadowback_bin, ChildGuard};
 use shadowback_testsupport::temp::{make_image, TempDir};
+use shadowback_testsupport::wait_for;
 
 #[test]
 fn demo_reports_a_clean_verified_run() {
@@ -160,14 +161,11 @@ fn up_serves_guests_until_sigterm() {
         "`shadowback up` after SIGTERM: {status}; log:\n{log}"
     );
     assert!(!socket.exists(), "`shadowback up` left its socket behind");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(backend) {
-        assert!(
-            Instant::now() < deadline,
-            "backend {backend} outlived the supervisor"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        Duration::from_secs(10),
+        &format!("backend {backend} to die with the supervisor"),
+        || !alive(backend),
+    );
     assert!(
         second.detach().is_err(),
         "the device must be gone once the supervisor exited"

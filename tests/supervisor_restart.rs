@@ -26,6 +26,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use shadowback_testsupport::process::{alive, children, shadowback_bin, ChildGuard};
 use shadowback_testsupport::temp::TempDir;
+use shadowback_testsupport::wait_for_state;
 
 const IMAGE_MIB: u64 = 32;
 /// How long any one step (a supervisor starting, a process exiting, the
@@ -33,15 +34,17 @@ const IMAGE_MIB: u64 = 32;
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn wait_dead(pids: &[u32], what: &str) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while pids.iter().any(|&p| alive(p)) {
-        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        assert!(
-            Instant::now() < deadline,
-            "{what}: processes {left:?} outlived their supervisor"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_state(
+        STEP_TIMEOUT,
+        &format!("{what}: processes outliving their supervisor to die"),
+        || {
+            pids.iter()
+                .copied()
+                .filter(|&p| alive(p))
+                .collect::<Vec<u32>>()
+        },
+        Vec::is_empty,
+    );
 }
 
 /// One disk and the `shadowback up` configuration exporting it.

@@ -21,6 +21,7 @@ use shadowback_supervisor::Fault;
 use shadowback_testsupport::blockio::{assert_clean_report, complete_one};
 use shadowback_testsupport::harness::DiskSetup;
 use shadowback_testsupport::process::GuestProcess;
+use shadowback_testsupport::wait_for;
 
 /// How long a guest process may take after it was told to stop.
 const GUEST_EXIT: Duration = Duration::from_secs(60);
@@ -76,12 +77,10 @@ fn guest_until_stopped(
 /// Waits until the guest has attached the device and had a moment to fill
 /// its queues; fails early if the guest process already exited.
 fn wait_for_guest(setup: &DiskSetup, guest: &mut GuestProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !setup.stats().connected {
+    wait_for(Duration::from_secs(20), "the guest to attach", || {
         assert!(!guest.exited(), "the guest exited before attaching");
-        assert!(Instant::now() < deadline, "the guest never attached");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        setup.stats().connected
+    });
     std::thread::sleep(Duration::from_millis(150));
 }
 

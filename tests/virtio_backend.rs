@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use shadowback_shadow::ShadowLog;
 use shadowback_testsupport::temp::TempImage;
 use shadowback_testsupport::virtqueue::*;
-use shadowback_testsupport::REPLY_TIMEOUT;
+use shadowback_testsupport::{wait_for, REPLY_TIMEOUT};
 
 const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
 
@@ -539,11 +539,11 @@ enum Restart {
 
 /// Waits until `backend` has died at its crash point.
 fn wait_dead(mut backend: BlkbackProcess, point: &str) {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    while backend.alive() {
-        assert!(Instant::now() < deadline, "crash point {point} never fired");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(
+        REPLY_TIMEOUT,
+        &format!("crash point {point} to fire"),
+        || !backend.alive(),
+    );
 }
 
 /// Issue 8's reproducer, deterministic: the first instance answers a burst
