@@ -3,7 +3,8 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+pub use nix::fcntl::SealFlag;
+use nix::fcntl::{fcntl, FcntlArg};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 

@@ -2,6 +2,7 @@
 
 use std::os::fd::AsFd;
 
+use shadowback_testsupport::fd::{add_seals, sealable_memfd, SealFlag};
 use shadowback_testsupport::{eventfd, TempDir};
 use shadowback_xenbus::{
     kind, AsyncSeqPacket, AsyncSeqPacketListener, BackendInfo, ConnectRequest, DeviceFds, DiskMode,
@@ -69,11 +70,8 @@ async fn listener_probe_connect_close() {
         assert_eq!(answer.state().unwrap(), XenbusState::InitWait);
         assert_eq!(BackendInfo::from_message(&answer).unwrap(), disk());
 
-        use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-        let region =
-            memfd_create("region", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
-        ftruncate(&region, 4 * 4096).unwrap();
-        fcntl_add_seals(&region, SealFlags::SHRINK).unwrap();
+        let region = sealable_memfd(4 * 4096, true);
+        add_seals(&region, SealFlag::F_SEAL_SHRINK);
         let (kick, notify) = (eventfd(), eventfd());
         let req = ConnectRequest {
             device: "xvda".into(),
@@ -107,7 +105,6 @@ async fn listener_probe_connect_close() {
     // A stale socket file is replaced on the next bind.
     let again = AsyncSeqPacketListener::bind(&path).unwrap();
     drop(again);
-    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 #[tokio::test]
@@ -176,5 +173,4 @@ async fn blocking_and_async_interoperate() {
     // A live listener is not replaced.
     assert!(SeqPacketListener::bind(&path).is_err());
     drop(listener);
-    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
