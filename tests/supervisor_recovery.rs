@@ -17,6 +17,7 @@ use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::workload::{Pattern, Report, VerifyConfig, VerifyWorkload};
 use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
+use shadowback_testsupport::blockio::assert_verified;
 use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
 use shadowback_testsupport::temp::TempDir;
 
@@ -49,17 +50,6 @@ fn workload(seed: u64, duration: Duration) -> VerifyWorkload {
         stall_timeout: Duration::from_secs(10),
         ..VerifyConfig::default()
     })
-}
-
-fn assert_clean(report: &Report, what: &str) {
-    assert!(report.ops > 0, "{what}: no ops: {report:?}");
-    assert_eq!(
-        report.verify_failures, 0,
-        "{what}: verify failures: {:?}",
-        report.failures
-    );
-    assert_eq!(report.io_errors, 0, "{what}: I/O errors: {report:?}");
-    assert!(report.sectors_verified_final > 0, "{what}: no final check");
 }
 
 /// Runs a verifying workload while `inject` is called every `every` on
@@ -111,7 +101,7 @@ fn sigkill_under_load_is_invisible_to_the_guest() {
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest under SIGKILLs");
+    assert_verified(&report, "guest under SIGKILLs");
     let s = setup.stats();
     assert!(kills >= 3, "only {kills} kills");
     // A loaded machine may also stall a backend past the hang timeout while
@@ -143,7 +133,7 @@ fn sigstop_under_load_is_detected_and_recovered() {
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest under SIGSTOPs");
+    assert_verified(&report, "guest under SIGSTOPs");
     let s = setup.stats();
     assert!(hangs >= 3, "only {hangs} hangs");
     assert!(s.hangs >= hangs, "{s:#?}");
@@ -178,7 +168,7 @@ fn a_crash_inside_a_shadow_log_transition_is_recovered() {
         let report = workload(13, Duration::from_secs(2))
             .run(&mut front, &mut |_| {})
             .unwrap_or_else(|e| panic!("{point}: {e}"));
-        assert_clean(&report, point);
+        assert_verified(&report, point);
         let s = setup.stats();
         assert_eq!((s.crashes, s.recoveries), (1, 1), "{point}: {s:#?}");
         front.detach().expect("detach");
@@ -299,7 +289,7 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
     let report = workload(14, Duration::from_secs(1))
         .run(&mut front, &mut |_| {})
         .expect("workload after the poison");
-    assert_clean(&report, "after the poison");
+    assert_verified(&report, "after the poison");
     front.detach().expect("detach");
 }
 
@@ -628,7 +618,7 @@ fn every_crash_point_of_the_request_lifecycle_is_recovered() {
         let report = workload(31, Duration::from_millis(600))
             .run(&mut front, &mut |_| {})
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
-        assert_clean(&report, &spec);
+        assert_verified(&report, &spec);
         assert_eq!((report.lost, report.duplicates), (0, 0), "{spec}");
         let s = setup.stats();
         assert_eq!(s.crashes, 1, "{spec}: the crash point fired once: {s:#?}");
@@ -653,7 +643,7 @@ fn a_spinning_backend_with_work_is_replaced() {
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest with spinning backends");
+    assert_verified(&report, "guest with spinning backends");
     let s = setup.stats();
     assert!(spins >= 2, "only {spins} spins");
     assert!(s.hangs >= spins, "spinning backends count as hangs: {s:#?}");
@@ -871,8 +861,8 @@ fn faults_on_one_disk_do_not_disturb_another() {
         killer.join().expect("killer");
         (ra, guest_b.join().expect("guest b"))
     });
-    assert_clean(&ra, "faulted disk");
-    assert_clean(&rb, "neighbour disk");
+    assert_verified(&ra, "faulted disk");
+    assert_verified(&rb, "neighbour disk");
     let (sa, sb) = (stats(&names[0]), stats(&names[1]));
     assert!(sa.recoveries >= 20, "{sa:#?}");
     assert_eq!((sb.crashes, sb.hangs, sb.recoveries), (0, 0, 0), "{sb:#?}");
@@ -909,7 +899,7 @@ fn attach_detach_reattach_while_faults_are_injected() {
             let r = w
                 .run(&mut front, &mut |_| {})
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_clean(&r, &format!("attachment {round}"));
+            assert_verified(&r, &format!("attachment {round}"));
             front
                 .detach()
                 .unwrap_or_else(|e| panic!("round {round}: detach: {e}"));

@@ -104,58 +104,42 @@ fn script(fake: &mut FakeBackend, msg: Message, mut fds: Vec<OwnedFd>) -> Messag
 // ---------------------------------------------------------------------------
 // Harness.
 
-/// The fake supervisor, and the control requests these tests send it.
-struct Setup(FakeSupervisor);
+/// The fake supervisor serving `disks` on 1 MiB images.
+fn start(disks: &[DiskConfig], fake_args: &[&str], first_env: &[(&str, &str)]) -> FakeSupervisor {
+    let dir = TempDir::new("sup-recovery");
+    let disks = disks
+        .iter()
+        .map(|d| DiskConfig {
+            path: dir.create_image(&format!("{}.img", d.name), 1 << 20),
+            cache: CacheMode::Writeback,
+            ..d.clone()
+        })
+        .collect();
+    FakeSupervisor::start(dir, disks, fake_args, first_env)
+}
 
-impl std::ops::Deref for Setup {
-    type Target = FakeSupervisor;
-
-    fn deref(&self) -> &FakeSupervisor {
-        &self.0
+/// Sends one control request on a fresh socket; returns every answer up
+/// to the last (`ok`, `error` or `status-end`).
+fn control(setup: &FakeSupervisor, msg: &Message) -> Vec<Message> {
+    let sock = SeqPacket::connect(setup.socket()).unwrap();
+    sock.send(msg, &[]).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let (m, _) = sock
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap()
+            .expect("an answer");
+        let last = m.kind() != "status";
+        out.push(m);
+        if last {
+            return out;
+        }
     }
 }
 
-impl Setup {
-    fn start(disks: &[DiskConfig], fake_args: &[&str], first_env: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new("sup-recovery");
-        let disks = disks
-            .iter()
-            .map(|d| DiskConfig {
-                path: dir.create_image(&format!("{}.img", d.name), 1 << 20),
-                cache: CacheMode::Writeback,
-                ..d.clone()
-            })
-            .collect();
-        Setup(FakeSupervisor::start(dir, disks, fake_args, first_env))
-    }
-
-    fn events(&self) -> Vec<String> {
-        self.events.lines()
-    }
-
-    /// Sends one control request on a fresh socket; returns every answer
-    /// up to the last (`ok`, `error` or `status-end`).
-    fn control(&self, msg: &Message) -> Vec<Message> {
-        let sock = SeqPacket::connect(self.socket()).unwrap();
-        sock.send(msg, &[]).unwrap();
-        let mut out = Vec::new();
-        loop {
-            let (m, _) = sock
-                .recv_timeout(Duration::from_secs(15))
-                .unwrap()
-                .expect("an answer");
-            let last = m.kind() != "status";
-            out.push(m);
-            if last {
-                return out;
-            }
-        }
-    }
-
-    fn fault(&self, device: &str, fault: Fault) {
-        let answer = self.control(&fault.to_message(device));
-        assert_eq!(answer[0].kind(), "ok", "{answer:?}");
-    }
+fn fault(setup: &FakeSupervisor, device: &str, fault: Fault) {
+    let answer = control(setup, &fault.to_message(device));
+    assert_eq!(answer[0].kind(), "ok", "{answer:?}");
 }
 
 fn disk(name: &str) -> DiskConfig {
@@ -172,13 +156,13 @@ fn connect(socket: &Path, device: &str) -> Result<RawGuest, Message> {
 
 #[test]
 fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
+    let setup = start(&[disk("d0")], &[], &[]);
     let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
     assert!(before.connected);
     let (old, standby) = (before.pid.unwrap(), before.standby_pid.unwrap());
 
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!(after.crashes, 1);
     assert_eq!(after.hangs, 0);
@@ -195,7 +179,7 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     assert_ne!(later.standby_pid, Some(old));
     guest.assert_undisturbed(Duration::from_millis(200));
 
-    let events = setup.events();
+    let events = setup.events.lines();
     let new = lines_of(&events, standby);
     assert!(
         new.contains(&"attach recover=1 fds=4 prev-alive=Some(false) blame=0".to_string()),
@@ -207,7 +191,7 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     // The guest leaves normally: the new instance is detached.
     guest.control.send(&Message::new("close"), &[]).unwrap();
     assert_eq!(guest.next_message().kind(), "closed");
-    assert!(lines_of(&setup.events(), standby).contains(&"detach".to_string()));
+    assert!(lines_of(&setup.events.lines(), standby).contains(&"detach".to_string()));
     assert!(!setup.stats("d0").connected);
 }
 
@@ -215,7 +199,7 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
 fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
     // Twice the default timeout: the fake must not look hung on a loaded
     // two-CPU test machine while it still beats.
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             hang_timeout_ms: 200,
             ..disk("d0")
@@ -230,7 +214,7 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(setup.stats("d0").hangs, 0);
 
-    setup.fault("d0", Fault::Hang);
+    fault(&setup, "d0", Fault::Hang);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!((after.hangs, after.crashes), (1, 0));
     assert_eq!(after.pid, before.standby_pid);
@@ -245,10 +229,10 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
 
 #[test]
 fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
+    let setup = start(&[disk("d0")], &[], &[]);
     let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
-    setup.fault("d0", Fault::Hang);
+    fault(&setup, "d0", Fault::Hang);
     std::thread::sleep(Duration::from_millis(500));
     let idle = setup.stats("d0");
     assert_eq!((idle.hangs, idle.recoveries), (0, 0));
@@ -266,7 +250,7 @@ fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
 
 #[test]
 fn without_a_standby_the_takeover_is_a_cold_restart() {
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             standby: false,
             ..disk("d0")
@@ -277,7 +261,7 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
     let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
     assert_eq!(before.standby_pid, None);
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!((after.cold_takeovers, after.standby_takeovers), (1, 0));
     assert_ne!(after.pid, before.pid);
@@ -287,22 +271,22 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
 
 #[test]
 fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
+    let setup = start(&[disk("d0")], &[], &[]);
     let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
-    setup.fault("d0", Fault::Poison { sector: 77 });
-    setup.fault("d0", Fault::Poison { sector: 78 });
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Poison { sector: 77 });
+    fault(&setup, "d0", Fault::Poison { sector: 78 });
+    fault(&setup, "d0", Fault::Kill);
     let second = setup
         .wait_for("d0", "a recovery", |s| s.recoveries == 1)
         .pid
         .unwrap();
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let third = setup
         .wait_for("d0", "a second recovery", |s| s.recoveries == 2)
         .pid
         .unwrap();
-    let events = setup.events();
+    let events = setup.events.lines();
     assert_eq!(lines_of(&events, first)[3..5], ["poison 77", "poison 78"]);
     for pid in [second, third] {
         let lines = lines_of(&events, pid);
@@ -322,13 +306,13 @@ fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
 #[test]
 fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
     // Only the first instance gets the environment: it dies on `attach`.
-    let setup = Setup::start(&[disk("d0")], &[], &[("FAKE_DIE_ON_ATTACH", "1")]);
+    let setup = start(&[disk("d0")], &[], &[("FAKE_DIE_ON_ATTACH", "1")]);
     let guest = connect(setup.socket(), "d0").expect("connected after a takeover");
     let s = setup.stats("d0");
     assert_eq!((s.crashes, s.recoveries), (1, 1));
     assert!(s.connected);
     // A death nobody injected counts against the requests in flight.
-    let events = setup.events();
+    let events = setup.events.lines();
     assert!(
         events
             .iter()
@@ -340,9 +324,9 @@ fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
 
 #[test]
 fn the_guest_is_told_only_when_every_takeover_fails() {
-    let setup = Setup::start(&[disk("d0")], &["die-on-recover"], &[]);
+    let setup = start(&[disk("d0")], &["die-on-recover"], &[]);
     let guest = connect(setup.socket(), "d0").unwrap();
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let msg = guest.next_message();
     assert_eq!(msg.kind(), "error");
     assert_eq!(msg.get("code"), Some("ENODEV"));
@@ -361,7 +345,7 @@ fn the_guest_is_told_only_when_every_takeover_fails() {
 
 #[test]
 fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             shadow: false,
             ..disk("d0")
@@ -371,10 +355,10 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
     );
     let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let msg = guest.next_message();
     assert_eq!(msg.get("code"), Some("ENODEV"), "{msg}");
-    let events = setup.events();
+    let events = setup.events.lines();
     assert!(lines_of(&events, first).contains(&"start no-shadow=1".to_string()));
     assert!(lines_of(&events, first)
         .iter()
@@ -392,9 +376,9 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
 
 #[test]
 fn an_unattached_backend_that_dies_is_replaced() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
+    let setup = start(&[disk("d0")], &[], &[]);
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a replacement", |s| {
         s.pid != before.pid && s.pid.is_some()
     });
@@ -404,8 +388,8 @@ fn an_unattached_backend_that_dies_is_replaced() {
 
 #[test]
 fn status_lists_every_device_in_order_and_fault_checks_its_arguments() {
-    let setup = Setup::start(&[disk("b"), disk("a")], &[], &[]);
-    let answers = setup.control(&Message::new("status"));
+    let setup = start(&[disk("b"), disk("a")], &[], &[]);
+    let answers = control(&setup, &Message::new("status"));
     assert_eq!(answers.len(), 3, "{answers:?}");
     assert_eq!(answers[2].kind(), "status-end");
     let names: Vec<String> = answers[..2]
@@ -456,7 +440,7 @@ fn status_lists_every_device_in_order_and_fault_checks_its_arguments() {
         (Message::new("fault").with("action", "kill"), "EINVAL"),
     ];
     for (msg, code) in bad {
-        let answer = setup.control(&msg);
+        let answer = control(&setup, &msg);
         assert_eq!(answer[0].get("code"), Some(code), "{msg}: {answer:?}");
     }
     // The in-process API reaches the same device task.

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
+use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
 use shadowback_testsupport::fake_backend::{FakeBackend, FakeSupervisor};
 use shadowback_testsupport::fd::memfd;
 use shadowback_testsupport::temp::TempDir;
@@ -129,66 +129,37 @@ fn script(fake: &mut FakeBackend, msg: Message, fds: Vec<OwnedFd>) -> Message {
 // Harness.
 
 /// The fake supervisor exporting `vd` over vhost-user.
-struct Setup(FakeSupervisor);
-
-impl std::ops::Deref for Setup {
-    type Target = FakeSupervisor;
-
-    fn deref(&self) -> &FakeSupervisor {
-        &self.0
-    }
+fn start() -> FakeSupervisor {
+    start_with(&[])
 }
 
-impl Setup {
-    fn start() -> Self {
-        Self::start_with(&[])
-    }
+fn start_with(fake_args: &[&str]) -> FakeSupervisor {
+    let dir = TempDir::new("vu-protocol");
+    let image = dir.create_image("vd.img", SECTORS * 512);
+    // A directory that does not exist yet, and a stale file.
+    let vhost = dir.join("run/vd.vhost");
+    let disks = vec![DiskConfig {
+        cache: CacheMode::Writeback,
+        vhost_user: Some(vhost.clone()),
+        num_queues: 2,
+        queue_size: 256,
+        ..DiskConfig::new("vd", image)
+    }];
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    // A stale socket left by a dead supervisor.
+    drop(std::os::unix::net::UnixListener::bind(&vhost).unwrap());
+    FakeSupervisor::start(dir, disks, fake_args, &[])
+}
 
-    fn start_with(fake_args: &[&str]) -> Self {
-        let dir = TempDir::new("vu-protocol");
-        let image = dir.create_image("vd.img", SECTORS * 512);
-        // A directory that does not exist yet, and a stale file.
-        let vhost = dir.join("run/vd.vhost");
-        let disks = vec![DiskConfig {
-            cache: CacheMode::Writeback,
-            vhost_user: Some(vhost.clone()),
-            num_queues: 2,
-            queue_size: 256,
-            ..DiskConfig::new("vd", image)
-        }];
-        std::fs::create_dir_all(dir.join("run")).unwrap();
-        // A stale socket left by a dead supervisor.
-        drop(std::os::unix::net::UnixListener::bind(&vhost).unwrap());
-        Setup(FakeSupervisor::start(dir, disks, fake_args, &[]))
-    }
+fn vhost_socket(s: &FakeSupervisor) -> PathBuf {
+    s.dir().join("run/vd.vhost")
+}
 
-    fn vhost_socket(&self) -> PathBuf {
-        self.harness.dir().join("run/vd.vhost")
-    }
-
-    /// Waits until some event line contains every one of `parts`.
-    fn wait_event(&self, parts: &[&str]) -> String {
-        self.events.wait_for(parts)
-    }
-
-    fn count_events(&self, part: &str) -> usize {
-        self.events.count(part)
-    }
-
-    fn stats(&self) -> DeviceStats {
-        self.0.stats("vd")
-    }
-
-    fn wait_stats(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
-        self.wait_for("vd", what, pred)
-    }
-
-    /// A frontend that asks for REPLY_ACK on every request.
-    fn connect(&self) -> Frontend {
-        let fe = Frontend::connect(self.vhost_socket(), 16).expect("connect");
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe
-    }
+/// A frontend that asks for REPLY_ACK on every request.
+fn connect(s: &FakeSupervisor) -> Frontend {
+    let fe = Frontend::connect(vhost_socket(s), 16).expect("connect");
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
 }
 
 /// SET_OWNER, features and protocol features as QEMU negotiates them.
@@ -256,8 +227,8 @@ fn raw_reply(sock: &mut UnixStream, body: usize) -> Vec<u8> {
 
 #[test]
 fn negotiation_config_space_and_inflight_region() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     let features = negotiate(&mut fe);
     for bit in [32, 29, 28, 2, 6, 9, 12, 13, 14] {
         assert_ne!(features & (1 << bit), 0, "feature bit {bit}");
@@ -304,8 +275,8 @@ fn negotiation_config_space_and_inflight_region() {
 
 #[test]
 fn a_started_queue_survives_a_data_plane_kill() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     let ask = VhostUserInflight {
         num_queues: 2,
@@ -325,30 +296,30 @@ fn a_started_queue_survives_a_data_plane_kill() {
     fe.set_vring_addr(0, &ring_config(256)).unwrap();
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_call(0, &call).unwrap();
-    assert_eq!(s.count_events("attach-virtio"), 0, "not enabled yet");
+    assert_eq!(s.events.count("attach-virtio"), 0, "not enabled yet");
     fe.set_vring_enable(0, true).unwrap();
 
     // Queue 1 has no addresses: the session runs queue 0 alone, at the
     // guest-physical addresses, from SET_VRING_BASE. One region, kick and
     // call, the in-flight region, one shadow log.
-    let line = s.wait_event(&["attach-virtio", "recover=0"]);
+    let line = s.events.wait_for(&["attach-virtio", "recover=0"]);
     assert!(
         line.contains("queues=0:256:10000:11000:12000:7 fds=5 inflight=1 shadow=1"),
         "{line}"
     );
-    s.wait_stats("connected", |st| st.connected);
+    s.wait_for("vd", "connected", |st| st.connected);
 
     // Interrupt masking: the call fd changes, nothing restarts.
     let masked = EventFd::new(0).unwrap();
     fe.set_vring_call(0, &masked).unwrap();
-    s.wait_event(&["set-call queue=0 fds=1"]);
-    assert_eq!(s.count_events("detach"), 0);
+    s.events.wait_for(&["set-call queue=0 fds=1"]);
+    assert_eq!(s.events.count("detach"), 0);
 
     // SIGKILL the data plane: a new instance takes over with recover=1;
     // the VMM's connection never notices.
     s.sup().fault("vd", Fault::Kill).expect("fault");
-    s.wait_stats("a recovery", |st| st.recoveries == 1);
-    let line = s.wait_event(&["attach-virtio", "recover=1"]);
+    s.wait_for("vd", "a recovery", |st| st.recoveries == 1);
+    let line = s.events.wait_for(&["attach-virtio", "recover=1"]);
     assert!(line.contains("fds=5"), "{line}");
     assert_eq!(fe.get_queue_num().unwrap(), 2, "connection still up");
 
@@ -356,19 +327,19 @@ fn a_started_queue_survives_a_data_plane_kill() {
     // is used->idx as the data plane left it.
     guest.write_all_at(&42u16.to_le_bytes(), USED + 2).unwrap();
     assert_eq!(fe.get_vring_base(0).unwrap(), 42);
-    s.wait_event(&["detach"]);
-    s.wait_stats("detached", |st| !st.connected);
+    s.events.wait_for(&["detach"]);
+    s.wait_for("vd", "detached", |st| !st.connected);
 
     // QEMU starts the device again: kick, and the session resumes at 42.
     fe.set_vring_kick(0, &kick).unwrap();
-    s.wait_event(&["attach-virtio", "12000:42"]);
+    s.events.wait_for(&["attach-virtio", "12000:42"]);
     // The backend records the attach before it answers: wait for the
     // device to count the session, or the EOF below may find it not yet
     // attached (and the stats still saying "detached").
-    s.wait_stats("attached again", |st| st.connected);
+    s.wait_for("vd", "attached again", |st| st.connected);
     drop(fe);
-    s.wait_stats("detached on EOF", |st| !st.connected && !st.given_up);
-    assert_eq!(s.count_events("detach"), 2);
+    s.wait_for("vd", "detached on EOF", |st| !st.connected && !st.given_up);
+    assert_eq!(s.events.count("detach"), 2);
 }
 
 /// Negotiates, sets up memory and queue 0, enables it; returns what must
@@ -390,19 +361,19 @@ fn start_queue0(fe: &mut Frontend) -> (File, EventFd, EventFd) {
 
 #[test]
 fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
-    let s = Setup::start_with(&["die-on-recover"]);
-    let mut fe = s.connect();
+    let s = start_with(&["die-on-recover"]);
+    let mut fe = connect(&s);
     let _keep = start_queue0(&mut fe);
-    s.wait_event(&["attach-virtio", "recover=0"]);
+    s.events.wait_for(&["attach-virtio", "recover=0"]);
     s.sup().fault("vd", Fault::Kill).expect("fault");
-    s.wait_stats("giving up", |st| st.given_up);
+    s.wait_for("vd", "giving up", |st| st.given_up);
     // The supervisor closes the socket: the VMM sees the failure.
     wait_for(Duration::from_secs(15), "the connection to close", || {
         fe.get_queue_num().is_err()
     });
-    assert!(s.count_events("recover=1") >= 1);
+    assert!(s.events.count("recover=1") >= 1);
     // A new connection is accepted, but the device refuses to start.
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     let (guest, kick, call) = (
         guest_memory(),
         EventFd::new(0).unwrap(),
@@ -421,8 +392,8 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
 
 #[test]
 fn bad_requests_get_errors_and_the_socket_keeps_serving() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     // Refused with a NACK; the connection stays.
     assert!(fe.set_vring_num(0, 300).is_err(), "not a power of two");
@@ -458,7 +429,7 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
     drop(fe);
 
     // Garbage: an unknown request code. The supervisor hangs up.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut header = Vec::new();
     header.extend_from_slice(&0xffffu32.to_le_bytes());
@@ -471,7 +442,7 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
 
     // GET_CONFIG past the end of the config space: an empty reply (how
     // the spec signals failure), and the connection stays.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let features = (1u64 << 30) | (1 << 32);
     raw_request(&mut raw, 1, &[]);
@@ -497,24 +468,24 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
     drop(raw);
 
     // A truncated message followed by EOF.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.write_all(&[1, 0, 0]).unwrap();
     drop(raw);
 
     // And the next VMM is served as if nothing happened.
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     assert_eq!(fe.get_queue_num().unwrap(), 2);
-    assert!(!s.stats().given_up);
-    assert_eq!(s.count_events("attach-virtio"), 0);
+    assert!(!s.stats("vd").given_up);
+    assert_eq!(s.events.count("attach-virtio"), 0);
 }
 
 #[test]
 fn the_socket_is_removed_on_shutdown() {
-    let mut s = Setup::start();
-    let path = s.vhost_socket();
+    let mut s = start();
+    let path = vhost_socket(&s);
     assert!(path.exists());
-    s.0.harness.stop_keeping_files();
+    s.harness.stop_keeping_files();
     assert!(!path.exists());
 }
 
@@ -539,7 +510,7 @@ fn expect_hangup(sock: &mut UnixStream, what: &str) {
 /// read. The next VMM is served, and the supervisor stops promptly.
 #[test]
 fn stalled_or_desynchronised_vmms_are_hung_up_on() {
-    let s = Setup::start();
+    let s = start();
     let null = File::open("/dev/null").unwrap();
     let kick_header = |flags: u32| {
         let mut msg = Vec::new();
@@ -550,20 +521,20 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
         msg
     };
 
-    let mut half = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut half = UnixStream::connect(vhost_socket(&s)).unwrap();
     half.write_all(&1u32.to_le_bytes()).unwrap();
     expect_hangup(&mut half, "half a header");
 
-    let mut many = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut many = UnixStream::connect(vhost_socket(&s)).unwrap();
     send_with_fds(&many, &kick_header(1), &[null.as_raw_fd(); 40]);
     expect_hangup(&mut many, "40 fds");
 
-    let mut two = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut two = UnixStream::connect(vhost_socket(&s)).unwrap();
     send_with_fds(&two, &kick_header(1 | 8), &[null.as_raw_fd(); 2]);
     expect_hangup(&mut two, "SET_VRING_KICK with 2 fds");
 
     // GET_FEATURES until our send buffer is full; the replies pile up.
-    let mut deaf = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut deaf = UnixStream::connect(vhost_socket(&s)).unwrap();
     deaf.set_nonblocking(true).unwrap();
     let get_features = [1u32, 1, 0]
         .iter()
@@ -595,7 +566,7 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
         "replies never read: the supervisor did not hang up ({sent} requests)"
     );
 
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     assert_eq!(fe.get_queue_num().unwrap(), 2);
     drop((half, many, two, deaf));
@@ -607,21 +578,21 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
 /// is taken over (`recover=1`) and the new instance detached.
 #[test]
 fn a_data_plane_dying_in_a_detach_is_recovered_before_the_ring_stops() {
-    let s = Setup::start_with(&["die-on-first-detach"]);
-    let mut fe = s.connect();
+    let s = start_with(&["die-on-first-detach"]);
+    let mut fe = connect(&s);
     let (guest, kick, _call) = start_queue0(&mut fe);
-    s.wait_event(&["attach-virtio", "recover=0"]);
+    s.events.wait_for(&["attach-virtio", "recover=0"]);
     guest.write_all_at(&9u16.to_le_bytes(), USED + 2).unwrap();
     assert_eq!(fe.get_vring_base(0).unwrap(), 9);
-    let died = s.wait_event(&["died-on-detach"]);
-    let recovered = s.wait_event(&["attach-virtio", "recover=1"]);
+    let died = s.events.wait_for(&["died-on-detach"]);
+    let recovered = s.events.wait_for(&["attach-virtio", "recover=1"]);
     let pid = |line: &str| line.split(' ').next().unwrap().to_string();
     assert_ne!(pid(&died), pid(&recovered), "a new instance took over");
-    s.wait_event(&[&format!("{} detach", pid(&recovered))]);
-    let st = s.wait_stats("detached", |st| !st.connected);
+    s.events.wait_for(&[&format!("{} detach", pid(&recovered))]);
+    let st = s.wait_for("vd", "detached", |st| !st.connected);
     assert_eq!((st.crashes, st.recoveries), (1, 1), "{st:#?}");
     assert!(!st.given_up);
     // And the ring starts again where the VMM expects.
     fe.set_vring_kick(0, &kick).unwrap();
-    s.wait_event(&["attach-virtio", "12000:9"]);
+    s.events.wait_for(&["attach-virtio", "12000:9"]);
 }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{BackendCommand, DeviceStats, DiskConfig, SupervisorThread};
+use shadowback_supervisor::{BackendCommand, DiskConfig};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::harness::Harness;
@@ -63,8 +63,8 @@ pub fn fake_backend_command(
     }
 }
 
-/// A [`Harness`] whose backends are fake backends (see
-/// [`fake_backend_command`]), and the event file they record to.
+/// A [`Harness`] (which it derefs to) whose backends are fake backends
+/// (see [`fake_backend_command`]), and the event file they record to.
 pub struct FakeSupervisor {
     pub harness: Harness,
     pub events: EventLog,
@@ -86,29 +86,13 @@ impl FakeSupervisor {
             events,
         }
     }
+}
 
-    pub fn sup(&self) -> &SupervisorThread {
-        self.harness.sup()
-    }
+impl std::ops::Deref for FakeSupervisor {
+    type Target = Harness;
 
-    /// The control socket.
-    pub fn socket(&self) -> &Path {
-        self.harness.socket()
-    }
-
-    /// The counters of `device`.
-    pub fn stats(&self, device: &str) -> DeviceStats {
-        self.harness.stats(device)
-    }
-
-    /// Waits until `pred` holds for `device`'s counters.
-    pub fn wait_for(
-        &self,
-        device: &str,
-        what: &str,
-        pred: impl Fn(&DeviceStats) -> bool,
-    ) -> DeviceStats {
-        self.harness.wait_for(device, what, pred)
+    fn deref(&self) -> &Harness {
+        &self.harness
     }
 }
 

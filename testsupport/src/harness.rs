@@ -219,36 +219,13 @@ impl DiskSetup {
         edit: impl FnOnce(&mut DiskConfig),
         first_env: &[(&str, &str)],
     ) -> Self {
-        Self::start_inner(tag, name, mib, false, edit, first_env)
-    }
-
-    /// [`Self::start`], the disk also exported on a vhost-user socket.
-    pub fn start_vhost(
-        tag: &str,
-        name: &str,
-        mib: u64,
-        edit: impl FnOnce(&mut DiskConfig),
-        first_env: &[(&str, &str)],
-    ) -> Self {
-        Self::start_inner(tag, name, mib, true, edit, first_env)
-    }
-
-    fn start_inner(
-        tag: &str,
-        name: &str,
-        mib: u64,
-        vhost_user: bool,
-        edit: impl FnOnce(&mut DiskConfig),
-        first_env: &[(&str, &str)],
-    ) -> Self {
         let dir = TempDir::new(tag);
         let image = dir.join("disk.img");
         make_image(&image, mib << 20);
-        let vhost = vhost_user.then(|| dir.join("vhost.sock"));
         let mut disk = DiskConfig::new(name, &image);
         disk.cache = cache_for(&image);
-        disk.vhost_user = vhost.clone();
         edit(&mut disk);
+        let vhost = disk.vhost_user.clone();
         let harness = Harness::start_with(dir, vec![disk], backend_command_with_env(first_env));
         DiskSetup {
             harness,
@@ -256,6 +233,22 @@ impl DiskSetup {
             vhost,
             image,
         }
+    }
+
+    /// [`Self::start`], the disk also exported on the vhost-user socket
+    /// `vhost.sock` next to the image.
+    pub fn start_vhost(
+        tag: &str,
+        name: &str,
+        mib: u64,
+        edit: impl FnOnce(&mut DiskConfig),
+        first_env: &[(&str, &str)],
+    ) -> Self {
+        let with_vhost = |disk: &mut DiskConfig| {
+            disk.vhost_user = Some(disk.path.with_file_name("vhost.sock"));
+            edit(disk);
+        };
+        Self::start(tag, name, mib, with_vhost, first_env)
     }
 
     pub fn sup(&self) -> &SupervisorThread {
@@ -272,7 +265,7 @@ impl DiskSetup {
     }
 
     pub fn vhost_socket(&self) -> &Path {
-        self.vhost.as_deref().expect("started with start_vhost")
+        self.vhost.as_deref().expect("exported over vhost-user")
     }
 
     pub fn image(&self) -> &Path {
