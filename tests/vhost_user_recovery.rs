@@ -19,7 +19,7 @@ use shadowback_guest::workload::{Report, VerifyConfig, VerifyWorkload};
 use shadowback_shadow::{CrashPoint, Transition};
 use shadowback_supervisor::Fault;
 use shadowback_testsupport::blockio::{assert_clean_report, complete_one};
-use shadowback_testsupport::harness::DiskSetup;
+use shadowback_testsupport::harness::{with_vhost_user, DiskSetup};
 use shadowback_testsupport::process::GuestProcess;
 use shadowback_testsupport::wait_for;
 
@@ -151,7 +151,13 @@ fn inject_under_pattern(
 fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
     const KILLS: u64 = 200;
     const MIB: u64 = 16;
-    let setup = DiskSetup::start_vhost("vu-soak", "vu-soak", MIB, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-soak",
+        "vu-soak",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let report = inject_under_load(
         &setup,
@@ -205,7 +211,13 @@ fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
 fn sigkill_soak_with_queues_draining_in_rounds() {
     const KILLS: u64 = 700;
     const MIB: u64 = 4;
-    let setup = DiskSetup::start_vhost("vu-rounds", "vu-rounds", MIB, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-rounds",
+        "vu-rounds",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let (report, kills) = inject_under_pattern(
         &setup,
@@ -265,17 +277,17 @@ const LIFECYCLE: [Transition; 5] = [
 /// never fired.
 fn sweep_one(spec: &str, reachable: bool, seed: usize) {
     const MIB: u64 = 8;
-    let setup = DiskSetup::start_vhost(
+    let setup = DiskSetup::start(
         "vu-sweep",
         "vu-sweep",
         MIB,
-        |d| {
+        with_vhost_user(|d| {
             d.num_queues = 2;
             // Crashes are seen by the pidfd; a long hang timeout keeps
             // a loaded machine's scheduling delays from replacing the
             // first instance before its crash point.
             d.hang_timeout_ms = 5_000;
-        },
+        }),
         &[("SHADOWBACK_CRASH_AT", spec)],
     );
     let seed = seed.to_string();
@@ -376,7 +388,13 @@ fn every_in_flight_region_crash_point_is_recovered_over_vhost_user() {
 /// requests pending, replaces the instance, and the guest only stalls.
 #[test]
 fn a_stopped_data_plane_is_replaced_by_the_watchdog() {
-    let setup = DiskSetup::start_vhost("vu-hang", "vu-hang", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-hang",
+        "vu-hang",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     const HANGS: u64 = 4;
     let report = inject_under_load(
         &setup,
@@ -397,7 +415,13 @@ fn a_stopped_data_plane_is_replaced_by_the_watchdog() {
 /// hang too: replaced, and the guest only stalls.
 #[test]
 fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
-    let setup = DiskSetup::start_vhost("vu-spin", "vu-spin", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-spin",
+        "vu-spin",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     const SPINS: u64 = 3;
     let report = inject_under_load(
         &setup,
@@ -425,7 +449,13 @@ fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
 fn a_poisoned_request_is_failed_once_and_the_device_keeps_serving() {
     const REGION: u64 = 8 * 2048;
     const SECTOR: u64 = REGION + 1_000;
-    let setup = DiskSetup::start_vhost("vu-poison", "vu-poison", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-poison",
+        "vu-poison",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut dev = setup.connect(2);
     let before = vec![0x5au8; 4096];
     complete_ok(&mut dev, &BlockRequest::write(SECTOR + 64, &before));

@@ -90,14 +90,8 @@ fn script(fake: &mut FakeBackend, msg: Message, mut fds: Vec<OwnedFd>) -> Messag
             fake.record(&format!("poison {}", msg.get("sector").unwrap()));
             Message::new("ok")
         }
-        "detach" => {
-            fake.heartbeat = None;
-            fake.record("detach");
-            Message::new("detached")
-        }
-        other => Message::new("error")
-            .with("code", "EPROTO")
-            .with("message", other),
+        "detach" => fake.detach(),
+        other => FakeBackend::refuse(other),
     }
 }
 

@@ -115,13 +115,9 @@ fn script(fake: &mut FakeBackend, msg: Message, fds: Vec<OwnedFd>) -> Message {
                 fake.record("died-on-detach");
                 std::process::exit(71);
             }
-            fake.heartbeat = None;
-            fake.record("detach");
-            Message::new("detached")
+            fake.detach()
         }
-        other => Message::new("error")
-            .with("code", "EPROTO")
-            .with("message", other),
+        other => FakeBackend::refuse(other),
     }
 }
 

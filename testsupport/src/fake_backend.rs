@@ -163,6 +163,21 @@ impl FakeBackend {
             .expect("write event");
     }
 
+    /// The usual answer to `detach`: the heartbeat stops, `detach` is
+    /// recorded.
+    pub fn detach(&mut self) -> Message {
+        self.heartbeat = None;
+        self.record("detach");
+        Message::new("detached")
+    }
+
+    /// The answer to a message kind the script does not know.
+    pub fn refuse(kind: &str) -> Message {
+        Message::new("error")
+            .with("code", "EPROTO")
+            .with("message", kind)
+    }
+
     /// Answers every control message with `script`'s reply, beating the
     /// heartbeat every 5 ms; exits when the supervisor closes the socket.
     pub fn serve(

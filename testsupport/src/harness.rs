@@ -198,8 +198,18 @@ impl Drop for Harness {
     }
 }
 
+/// An `edit` for [`DiskSetup::start`] that also exports the disk on the
+/// vhost-user socket `vhost.sock` next to its image, then applies `edit`.
+pub fn with_vhost_user(edit: impl FnOnce(&mut DiskConfig)) -> impl FnOnce(&mut DiskConfig) {
+    |disk: &mut DiskConfig| {
+        disk.vhost_user = Some(disk.path.with_file_name("vhost.sock"));
+        edit(disk);
+    }
+}
+
 /// A [`Harness`] exporting one fresh disk (`disk.img`) with real
-/// backends, on the control socket and optionally over vhost-user.
+/// backends, on the control socket and optionally over vhost-user
+/// ([`with_vhost_user`]).
 pub struct DiskSetup {
     harness: Harness,
     name: String,
@@ -233,22 +243,6 @@ impl DiskSetup {
             vhost,
             image,
         }
-    }
-
-    /// [`Self::start`], the disk also exported on the vhost-user socket
-    /// `vhost.sock` next to the image.
-    pub fn start_vhost(
-        tag: &str,
-        name: &str,
-        mib: u64,
-        edit: impl FnOnce(&mut DiskConfig),
-        first_env: &[(&str, &str)],
-    ) -> Self {
-        let with_vhost = |disk: &mut DiskConfig| {
-            disk.vhost_user = Some(disk.path.with_file_name("vhost.sock"));
-            edit(disk);
-        };
-        Self::start(tag, name, mib, with_vhost, first_env)
     }
 
     pub fn sup(&self) -> &SupervisorThread {
