@@ -6,22 +6,22 @@
 //! afterwards.
 #![deny(unsafe_code)]
 
-mod common;
-
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use common::*;
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_ring::blkif::{
     BlkifRequest, BlkifRequestSegment, BLKIF_OP_READ, BLKIF_OP_WRITE, BLKIF_RSP_OKAY,
 };
 use shadowback_ring::grant::{GTF_PERMIT_ACCESS, GTF_SUB_PAGE};
+use shadowback_testsupport::blockio::*;
+use shadowback_testsupport::fd::{add_seals, eventfd, nonblocking_eventfd, sealable_memfd};
+use shadowback_testsupport::harness::*;
+use shadowback_testsupport::process::*;
+use shadowback_testsupport::raw_guest::*;
 use shadowback_xenbus::{kind, ErrorCode, Message, SeqPacket};
 
 const PAGE: u64 = 4096;
@@ -82,27 +82,16 @@ fn connect_edited(sock: &SeqPacket, device: &str, edits: &[(&str, Option<&str>)]
 /// A memfd of `bytes` with the ring grant written through the file,
 /// `seals` applied (when it allows sealing).
 fn memfd(bytes: u64, allow_sealing: bool, seals: SealFlag) -> File {
-    let mut flags = MemFdCreateFlag::MFD_CLOEXEC;
-    if allow_sealing {
-        flags |= MemFdCreateFlag::MFD_ALLOW_SEALING;
-    }
-    let file = File::from(memfd_create(c"bad-region", flags).expect("memfd_create"));
-    file.set_len(bytes).expect("size memfd");
+    let file = sealable_memfd(bytes, allow_sealing);
     write_grant_via_file(&file, RAW_RING_REF, 1, BACKEND_ID, RAW_RING_FRAME);
-    if !seals.is_empty() {
-        fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).expect("seal memfd");
-    }
+    add_seals(&file, seals);
     file
-}
-
-fn eventfd() -> EventFd {
-    EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).expect("eventfd")
 }
 
 /// Sends a valid `connect` text for `device` with `region` as descriptor 0
 /// and fresh eventfds.
 fn connect_region(sock: &SeqPacket, device: &str, region: RawFd) {
-    let (kick, notify) = (eventfd(), eventfd());
+    let (kick, notify) = (nonblocking_eventfd(), nonblocking_eventfd());
     must_send(
         sock,
         &encode_text(kind::CONNECT, &connect_keys(device)),
@@ -130,7 +119,7 @@ fn cases() -> Vec<Case> {
         }),
         case("connect with 4 fds", Einval, |s, c| {
             let mem = RawRegion::new(BACKEND_ID);
-            let extra = eventfd();
+            let extra = nonblocking_eventfd();
             let [a, b, d] = mem.fds();
             must_send(
                 s,
@@ -139,12 +128,12 @@ fn cases() -> Vec<Case> {
             );
         }),
         case("connect with 9 fds (> MAX_FDS)", Einval, |s, c| {
-            let fds: Vec<EventFd> = (0..9).map(|_| eventfd()).collect();
+            let fds: Vec<OwnedFd> = (0..9).map(|_| nonblocking_eventfd()).collect();
             let raw: Vec<RawFd> = fds.iter().map(|f| f.as_fd().as_raw_fd()).collect();
             must_send(s, &connect_with(c.main, &[]), &raw);
         }),
         case("probe carrying an fd", Einval, |s, c| {
-            let fd = eventfd();
+            let fd = nonblocking_eventfd();
             must_send(
                 s,
                 &encode_text(kind::PROBE, &[("device".into(), c.main.into())]),
@@ -160,7 +149,7 @@ fn cases() -> Vec<Case> {
             connect_region(s, c.main, file.as_raw_fd());
         }),
         case("region is an eventfd", Einval, |s, c| {
-            let fd = eventfd();
+            let fd = nonblocking_eventfd();
             connect_region(s, c.main, fd.as_fd().as_raw_fd());
         }),
         case("kick and notify are pipes, not eventfds", Einval, |s, c| {
@@ -549,8 +538,7 @@ fn attaching_leaves_the_guests_descriptor_flags_alone() {
     );
     let mem = RawRegion::new(BACKEND_ID);
     // Blocking eventfds, as a C frontend may well use.
-    let kick = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd");
-    let notify = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).expect("eventfd");
+    let (kick, notify) = (eventfd(), eventfd());
     let fds = [
         mem.region.file().as_raw_fd(),
         kick.as_fd().as_raw_fd(),

@@ -2,69 +2,25 @@
 //! `shadowback up CONFIG.toml`, as real processes.
 #![deny(unsafe_code)]
 
-mod common;
-
 use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
-
-const EXE: &str = env!("CARGO_BIN_EXE_shadowback");
-
-/// Kills the child on drop unless it was waited for.
-struct ChildGuard(Option<Child>);
-
-impl ChildGuard {
-    fn spawn(cmd: &mut Command) -> Self {
-        ChildGuard(Some(cmd.spawn().expect("spawn shadowback")))
-    }
-
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("child")
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.as_ref().expect("child").id()
-    }
-
-    /// Waits up to `timeout`; kills the child and fails on a timeout.
-    fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child().try_wait().expect("try_wait") {
-                self.0 = None;
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child().kill();
-                let _ = self.child().wait();
-                self.0 = None;
-                panic!("shadowback did not exit within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use shadowback_testsupport::blockio::{run_clean, verified_io, verify_workload};
+use shadowback_testsupport::harness::{cache_for, unique_name};
+use shadowback_testsupport::process::{alive, backend_pid_under, shadowback_bin, ChildGuard};
+use shadowback_testsupport::temp::{make_image, TempDir};
+use shadowback_testsupport::wait_for;
 
 #[test]
 fn demo_reports_a_clean_verified_run() {
     let dir = TempDir::new("demo");
     let mut child = ChildGuard::spawn(
-        Command::new(EXE)
+        Command::new(shadowback_bin())
             .args([
                 "demo",
                 "--duration",
@@ -96,7 +52,7 @@ fn demo_reports_a_clean_verified_run() {
         .expect("stdout")
         .read_to_string(&mut stdout)
         .expect("read stdout");
-    let status = child.wait(Duration::from_secs(60));
+    let status = child.wait(Duration::from_secs(60), "shadowback demo");
     let stderr = err_reader.join().expect("stderr reader");
     assert!(
         status.success(),
@@ -156,7 +112,7 @@ fn wait_for_socket(child: &mut ChildGuard, path: &Path) {
 fn up_serves_guests_until_sigterm() {
     let dir = TempDir::new("up");
     let image = dir.path().join("disk0.img");
-    make_image(&image, 16);
+    make_image(&image, 16 << 20);
     let socket = dir.path().join("control.sock");
     let name = unique_name("up-disk");
     let cache = match cache_for(&image) {
@@ -173,7 +129,7 @@ fn up_serves_guests_until_sigterm() {
     .expect("write config");
     let log = std::fs::File::create(dir.path().join("up.log")).expect("log file");
     let mut up = ChildGuard::spawn(
-        Command::new(EXE)
+        Command::new(shadowback_bin())
             .arg("up")
             .arg(&config)
             .stdin(Stdio::null())
@@ -184,7 +140,7 @@ fn up_serves_guests_until_sigterm() {
 
     let mut first = BlkFront::attach(&socket, &BlkFrontConfig::new(&name)).expect("attach");
     assert_eq!(first.backend().backend_id, 2);
-    let backend = backend_pids_wait(&name, up.pid());
+    let backend = backend_pid_under(&name, up.pid());
     let mut work = verify_workload(21, 0, 4096);
     run_clean(&mut work, &mut first, "guest of `shadowback up`");
     first.detach().expect("detach");
@@ -197,7 +153,7 @@ fn up_serves_guests_until_sigterm() {
     verified_io(&mut second, 8192, 4).expect("verified I/O");
 
     kill(Pid::from_raw(up.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
-    let status = up.wait(Duration::from_secs(20));
+    let status = up.wait(Duration::from_secs(20), "shadowback up");
     let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
     assert_eq!(
         status.code(),
@@ -205,32 +161,13 @@ fn up_serves_guests_until_sigterm() {
         "`shadowback up` after SIGTERM: {status}; log:\n{log}"
     );
     assert!(!socket.exists(), "`shadowback up` left its socket behind");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while alive(backend) {
-        assert!(
-            Instant::now() < deadline,
-            "backend {backend} outlived the supervisor"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        Duration::from_secs(10),
+        &format!("backend {backend} to die with the supervisor"),
+        || !alive(backend),
+    );
     assert!(
         second.detach().is_err(),
         "the device must be gone once the supervisor exited"
     );
-}
-
-/// The one backend of `device` under `parent`, waiting for it to exec.
-fn backend_pids_wait(device: &str, parent: u32) -> u32 {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pids = backend_pids(device, parent);
-        if pids.len() == 1 {
-            return pids[0];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "backends of {device} under {parent}: {pids:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }

@@ -10,12 +10,9 @@
 //!   supervisor keeps accepting guests.
 #![deny(unsafe_code)]
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::*;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, DeviceError};
 use shadowback_ring::blkif::{
@@ -26,6 +23,11 @@ use shadowback_ring::blkif::{
 use shadowback_ring::grant::{
     GTF_PAT, GTF_PCD, GTF_PERMIT_ACCESS, GTF_PWT, GTF_READING, GTF_SUB_PAGE, GTF_WRITING,
 };
+use shadowback_testsupport::blockio::*;
+use shadowback_testsupport::harness::*;
+use shadowback_testsupport::process::*;
+use shadowback_testsupport::raw_guest::*;
+use shadowback_testsupport::REPLY_TIMEOUT;
 use shadowback_xenbus::ErrorCode;
 
 const PAGE: u64 = 4096;

@@ -5,8 +5,8 @@
 //! against the model of acknowledged writes, and the whole region again at
 //! the end), and the supervisor's counters account for every failure.
 //!
-//! Self-contained (no `mod common`): it only needs the supervisor's Rust
-//! API, the guest crate and the `shadowback` binary.
+//! The supervisor runs in this process (`shadowback_testsupport::harness`);
+//! the guest is the guest crate's `BlkFront`.
 #![deny(unsafe_code)]
 
 use std::path::PathBuf;
@@ -16,113 +16,25 @@ use std::time::{Duration, Instant};
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::workload::{Pattern, Report, VerifyConfig, VerifyWorkload};
-use shadowback_supervisor::{
-    BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
-};
+use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
+use shadowback_testsupport::blockio::assert_verified;
+use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
+use shadowback_testsupport::temp::TempDir;
 
-const EXE: &str = env!("CARGO_BIN_EXE_shadowback");
 const IMAGE_MIB: u64 = 32;
 /// The workload's region: the first 16 MiB.
 const REGION_SECTORS: u64 = 32 * 1024;
 
-/// A temporary directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::AtomicU32;
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("sbr-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Scratch(path)
-    }
+/// A supervisor serving one fresh disk, named after `tag`, with real
+/// backends.
+fn start(tag: &str, edit: impl FnOnce(&mut DiskConfig), first_env: &[(&str, &str)]) -> DiskSetup {
+    DiskSetup::start(tag, &unique_name(tag), IMAGE_MIB, edit, first_env)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A supervisor serving one fresh disk named `name`.
-struct Setup {
-    // Dropped first: stop the supervisor before removing its files.
-    sup: SupervisorThread,
-    name: String,
-    socket: PathBuf,
-    dir: Scratch,
-}
-
-impl Setup {
-    fn start(tag: &str, edit: impl FnOnce(&mut DiskConfig), first_env: &[(&str, &str)]) -> Self {
-        let dir = Scratch::new(tag);
-        let name = format!("{tag}-{}", std::process::id());
-        let image = dir.0.join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(IMAGE_MIB << 20))
-            .expect("image");
-        let mut disk = DiskConfig::new(&name, &image);
-        disk.cache = CacheMode::best_for(&image);
-        edit(&mut disk);
-        let socket = dir.0.join("control.sock");
-        let cfg = Config {
-            socket: socket.clone(),
-            disks: vec![disk],
-        };
-        let cmd = BackendCommand {
-            program: EXE.into(),
-            args: vec!["blkback".into()],
-            env: first_env
-                .iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        };
-        let sup = SupervisorThread::start(cfg, cmd).expect("supervisor starts");
-        Setup {
-            sup,
-            name,
-            socket,
-            dir,
-        }
-    }
-
-    fn stats(&self) -> DeviceStats {
-        self.sup
-            .status()
-            .into_iter()
-            .find(|(n, _)| *n == self.name)
-            .expect("device listed")
-            .1
-    }
-
-    /// Waits until `pred` holds (or fails after 20 s).
-    fn wait_for(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.stats();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {s:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// The disk image file.
-    fn image(&self) -> PathBuf {
-        self.dir.0.join("disk.img")
-    }
-
-    fn attach(&self) -> BlkFront {
-        let mut cfg = BlkFrontConfig::new(&self.name);
-        cfg.max_request_bytes = 64 * 1024;
-        BlkFront::attach(&self.socket, &cfg).expect("guest attaches")
-    }
+fn attach(setup: &DiskSetup) -> BlkFront {
+    let mut cfg = BlkFrontConfig::new(setup.name());
+    cfg.max_request_bytes = 64 * 1024;
+    BlkFront::attach(setup.socket(), &cfg).expect("guest attaches")
 }
 
 fn workload(seed: u64, duration: Duration) -> VerifyWorkload {
@@ -140,27 +52,16 @@ fn workload(seed: u64, duration: Duration) -> VerifyWorkload {
     })
 }
 
-fn assert_clean(report: &Report, what: &str) {
-    assert!(report.ops > 0, "{what}: no ops: {report:?}");
-    assert_eq!(
-        report.verify_failures, 0,
-        "{what}: verify failures: {:?}",
-        report.failures
-    );
-    assert_eq!(report.io_errors, 0, "{what}: I/O errors: {report:?}");
-    assert!(report.sectors_verified_final > 0, "{what}: no final check");
-}
-
 /// Runs a verifying workload while `inject` is called every `every` on
 /// another thread (until the workload ends); returns the report and how
 /// many times `inject` ran.
 fn under_load(
-    setup: &Setup,
+    setup: &DiskSetup,
     front: &mut BlkFront,
     seed: u64,
     duration: Duration,
     every: Duration,
-    inject: impl Fn(&Setup) + Sync,
+    inject: impl Fn(&DiskSetup) + Sync,
 ) -> (Report, u64) {
     let done = AtomicBool::new(false);
     let start = Instant::now();
@@ -192,8 +93,8 @@ fn under_load(
 
 #[test]
 fn sigkill_under_load_is_invisible_to_the_guest() {
-    let setup = Setup::start("kill", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("kill", |_| {}, &[]);
+    let mut front = attach(&setup);
     let (report, kills) = under_load(
         &setup,
         &mut front,
@@ -202,11 +103,11 @@ fn sigkill_under_load_is_invisible_to_the_guest() {
         Duration::from_millis(250),
         |setup| {
             let before = setup.stats().recoveries;
-            setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+            setup.sup().fault(setup.name(), Fault::Kill).expect("kill");
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest under SIGKILLs");
+    assert_verified(&report, "guest under SIGKILLs");
     let s = setup.stats();
     assert!(kills >= 3, "only {kills} kills");
     // A loaded machine may also stall a backend past the hang timeout while
@@ -224,8 +125,8 @@ fn sigkill_under_load_is_invisible_to_the_guest() {
 
 #[test]
 fn sigstop_under_load_is_detected_and_recovered() {
-    let setup = Setup::start("hang", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("hang", |_| {}, &[]);
+    let mut front = attach(&setup);
     let (report, hangs) = under_load(
         &setup,
         &mut front,
@@ -234,11 +135,11 @@ fn sigstop_under_load_is_detected_and_recovered() {
         Duration::from_millis(300),
         |setup| {
             let before = setup.stats().recoveries;
-            setup.sup.fault(&setup.name, Fault::Hang).expect("hang");
+            setup.sup().fault(setup.name(), Fault::Hang).expect("hang");
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest under SIGSTOPs");
+    assert_verified(&report, "guest under SIGSTOPs");
     let s = setup.stats();
     assert!(hangs >= 3, "only {hangs} hangs");
     assert!(s.hangs >= hangs, "{s:#?}");
@@ -264,16 +165,16 @@ fn a_crash_inside_a_shadow_log_transition_is_recovered() {
         // machine's scheduling delays (a 100 ms stall of the recovered
         // instance was seen with both cores saturated) from adding a
         // watchdog replacement to the one recovery this test counts.
-        let setup = Setup::start(
+        let setup = start(
             "crashpt",
             |d| d.hang_timeout_ms = 5_000,
             &[("SHADOWBACK_CRASH_AT", point)],
         );
-        let mut front = setup.attach();
+        let mut front = attach(&setup);
         let report = workload(13, Duration::from_secs(2))
             .run(&mut front, &mut |_| {})
             .unwrap_or_else(|e| panic!("{point}: {e}"));
-        assert_clean(&report, point);
+        assert_verified(&report, point);
         let s = setup.stats();
         assert_eq!((s.crashes, s.recoveries), (1, 1), "{point}: {s:#?}");
         front.detach().expect("detach");
@@ -309,12 +210,12 @@ fn a_flush_with_data_logged_before_a_crash_is_replayed_as_a_write_and_a_flush() 
     // The first request consumed dies right after its last log store
     // (INFLIGHT, req_cons): logged, not executed. The watchdog must not
     // act first.
-    let setup = Setup::start(
+    let setup = start(
         "flush-replay",
         |d| d.hang_timeout_ms = 5_000,
         &[("SHADOWBACK_CRASH_AT", "consume.8@1")],
     );
-    let mut front = setup.attach();
+    let mut front = attach(&setup);
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 511) as u8).collect();
     for page in 0..2 {
         let off = front.data_offset(0, page).expect("data page");
@@ -367,15 +268,15 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
     // Outside the workload's region: a request covering it would kill
     // every instance again.
     const SECTOR: u64 = REGION_SECTORS + 1_000;
-    let setup = Setup::start("poison", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("poison", |_| {}, &[]);
+    let mut front = attach(&setup);
     let data = vec![0x5au8; 4096];
     let ok = complete_one(&mut front, &BlockRequest::write(SECTOR + 64, &data));
     assert_eq!(ok.status, Status::Ok);
 
     setup
-        .sup
-        .fault(&setup.name, Fault::Poison { sector: SECTOR })
+        .sup()
+        .fault(setup.name(), Fault::Poison { sector: SECTOR })
         .expect("poison");
     let poisoned = complete_one(&mut front, &BlockRequest::write(SECTOR, &data));
     assert_eq!(
@@ -394,7 +295,7 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
     let report = workload(14, Duration::from_secs(1))
         .run(&mut front, &mut |_| {})
         .expect("workload after the poison");
-    assert_clean(&report, "after the poison");
+    assert_verified(&report, "after the poison");
     front.detach().expect("detach");
 }
 
@@ -402,11 +303,11 @@ fn a_poisoned_request_is_failed_by_the_crash_loop_breaker_and_the_device_keeps_s
 fn requests_in_flight_beside_a_poison_request_are_not_failed_with_it() {
     const SECTOR: u64 = REGION_SECTORS + 2_000;
     const POISON_TAG: u64 = 8;
-    let setup = Setup::start("poison-mix", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("poison-mix", |_| {}, &[]);
+    let mut front = attach(&setup);
     setup
-        .sup
-        .fault(&setup.name, Fault::Poison { sector: SECTOR })
+        .sup()
+        .fault(setup.name(), Fault::Poison { sector: SECTOR })
         .expect("poison");
     // The poison request and 16 innocent writes, all in flight together.
     let sector_of = |tag: u64| {
@@ -463,14 +364,14 @@ fn requests_in_flight_beside_a_poison_request_are_not_failed_with_it() {
 
 #[test]
 fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
-    let setup = Setup::start("noshadow", |d| d.shadow = false, &[]);
-    let mut front = setup.attach();
+    let setup = start("noshadow", |d| d.shadow = false, &[]);
+    let mut front = attach(&setup);
     let data = vec![1u8; 4096];
     assert_eq!(
         complete_one(&mut front, &BlockRequest::write(0, &data)).status,
         Status::Ok
     );
-    setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+    setup.sup().fault(setup.name(), Fault::Kill).expect("kill");
     setup.wait_for("the crash", |s| s.crashes == 1);
     // The next request finds the device gone (the control socket carries
     // `error code=ENODEV`, then closes).
@@ -490,7 +391,7 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
     let s = setup.wait_for("a fresh backend", |s| s.pid.is_some() && !s.connected);
     assert_eq!((s.crashes, s.recoveries), (1, 0));
     // A new guest gets the new backend.
-    let mut again = setup.attach();
+    let mut again = attach(&setup);
     assert_eq!(
         complete_one(&mut again, &BlockRequest::write(8, &data)).status,
         Status::Ok
@@ -562,7 +463,7 @@ fn run_segments(front: &mut BlkFront, cfg: VerifyConfig, until: &AtomicBool) -> 
 /// each `pause(rng)` after the previous recovery; returns the report and
 /// the number of kills. A failing segment ends the run (and the kills).
 fn kill_soak(
-    setup: &Setup,
+    setup: &DiskSetup,
     front: &mut BlkFront,
     cfg: VerifyConfig,
     n: u64,
@@ -581,7 +482,7 @@ fn kill_soak(
                 rng ^= rng << 17;
                 std::thread::sleep(pause(rng));
                 let before = setup.stats().recoveries;
-                setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+                setup.sup().fault(setup.name(), Fault::Kill).expect("kill");
                 setup.wait_for("the recovery", |s| s.recoveries > before);
                 kills += 1;
             }
@@ -600,8 +501,8 @@ fn kill_soak(
 #[test]
 fn random_sigkill_soak() {
     const KILLS: u64 = 300;
-    let setup = Setup::start("soak", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("soak", |_| {}, &[]);
+    let mut front = attach(&setup);
     let (report, kills) = kill_soak(&setup, &mut front, segments(21, 32), KILLS, |rng| {
         Duration::from_micros(3_000 + rng % 20_000)
     });
@@ -648,8 +549,8 @@ fn sigkill_soak_with_the_ring_draining_in_rounds() {
     const KILLS: u64 = 500;
     /// 2 MiB: a round is about 1500 requests.
     const REGION: u64 = 4096;
-    let setup = Setup::start("soak-rounds", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("soak-rounds", |_| {}, &[]);
+    let mut front = attach(&setup);
     let cfg = VerifyConfig {
         pattern: Pattern::Rounds { batch: 16 },
         region: Some((0, REGION)),
@@ -714,16 +615,16 @@ fn every_crash_point_of_the_request_lifecycle_is_recovered() {
         let spec = format!("{point}@{nth}");
         // Only the crash point may end the first instance: on a loaded
         // machine the 100 ms watchdog could replace it before it fires.
-        let setup = Setup::start(
+        let setup = start(
             "sweep",
             |d| d.hang_timeout_ms = 5_000,
             &[("SHADOWBACK_CRASH_AT", &spec)],
         );
-        let mut front = setup.attach();
+        let mut front = attach(&setup);
         let report = workload(31, Duration::from_millis(600))
             .run(&mut front, &mut |_| {})
             .unwrap_or_else(|e| panic!("{spec}: {e}"));
-        assert_clean(&report, &spec);
+        assert_verified(&report, &spec);
         assert_eq!((report.lost, report.duplicates), (0, 0), "{spec}");
         let s = setup.stats();
         assert_eq!(s.crashes, 1, "{spec}: the crash point fired once: {s:#?}");
@@ -734,8 +635,8 @@ fn every_crash_point_of_the_request_lifecycle_is_recovered() {
 
 #[test]
 fn a_spinning_backend_with_work_is_replaced() {
-    let setup = Setup::start("spin", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("spin", |_| {}, &[]);
+    let mut front = attach(&setup);
     let (report, spins) = under_load(
         &setup,
         &mut front,
@@ -744,11 +645,11 @@ fn a_spinning_backend_with_work_is_replaced() {
         Duration::from_millis(400),
         |setup| {
             let before = setup.stats().recoveries;
-            setup.sup.fault(&setup.name, Fault::Spin).expect("spin");
+            setup.sup().fault(setup.name(), Fault::Spin).expect("spin");
             setup.wait_for("the recovery", |s| s.recoveries > before);
         },
     );
-    assert_clean(&report, "guest with spinning backends");
+    assert_verified(&report, "guest with spinning backends");
     let s = setup.stats();
     assert!(spins >= 2, "only {spins} spins");
     assert!(s.hangs >= spins, "spinning backends count as hangs: {s:#?}");
@@ -757,15 +658,15 @@ fn a_spinning_backend_with_work_is_replaced() {
 
 #[test]
 fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
-    let setup = Setup::start("idle", |_| {}, &[]);
-    let mut front = setup.attach();
+    let setup = start("idle", |_| {}, &[]);
+    let mut front = attach(&setup);
     let data = vec![0xa5u8; 4096];
     assert_eq!(
         complete_one(&mut front, &BlockRequest::write(64, &data)).status,
         Status::Ok
     );
     let pid = setup.stats().pid.expect("a backend serves the device");
-    setup.sup.fault(&setup.name, Fault::Hang).expect("hang");
+    setup.sup().fault(setup.name(), Fault::Hang).expect("hang");
     // Far beyond the 100 ms hang timeout, with nothing pending.
     std::thread::sleep(Duration::from_millis(600));
     let s = setup.stats();
@@ -790,7 +691,7 @@ fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
 /// any stray I/O every range must hold the newer data.
 #[test]
 fn writes_of_a_killed_instance_never_land_after_the_replay() {
-    let setup = Setup::start("zombie", |_| {}, &[]);
+    let setup = start("zombie", |_| {}, &[]);
     killed_instances_writes_never_land_late(&setup);
 }
 
@@ -801,7 +702,7 @@ fn writes_of_a_killed_instance_never_land_after_the_replay() {
 #[test]
 fn writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device() {
     let mut loop_dev = None;
-    let setup = Setup::start(
+    let setup = start(
         "zombie-blk",
         |d| {
             let dev = LoopDevice::attach(&d.path);
@@ -855,10 +756,10 @@ impl Drop for LoopDevice {
     }
 }
 
-fn killed_instances_writes_never_land_late(setup: &Setup) {
+fn killed_instances_writes_never_land_late(setup: &DiskSetup) {
     const RANGES: u64 = 32;
     const SECTORS: u32 = 128; // 64 KiB each
-    let mut front = setup.attach();
+    let mut front = attach(setup);
     let wait_all = |front: &mut BlkFront, n: usize| {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut out = Vec::new();
@@ -883,7 +784,7 @@ fn killed_instances_writes_never_land_late(setup: &Setup) {
                 .expect("submit");
         }
         front.kick().expect("kick");
-        setup.sup.fault(&setup.name, Fault::Kill).expect("kill");
+        setup.sup().fault(setup.name(), Fault::Kill).expect("kill");
         for c in wait_all(&mut front, RANGES as usize) {
             assert_eq!(c.status, Status::Ok, "round {round}");
         }
@@ -919,7 +820,7 @@ fn killed_instances_writes_never_land_late(setup: &Setup) {
 /// zero, its workload stays clean).
 #[test]
 fn faults_on_one_disk_do_not_disturb_another() {
-    let dir = Scratch::new("two");
+    let dir = TempDir::new("two");
     let names = [
         format!("a-{}", std::process::id()),
         format!("b-{}", std::process::id()),
@@ -927,10 +828,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
     let disks = names
         .iter()
         .map(|name| {
-            let image = dir.0.join(format!("{name}.img"));
-            std::fs::File::create(&image)
-                .and_then(|f| f.set_len(IMAGE_MIB << 20))
-                .expect("image");
+            let image = dir.create_image(&format!("{name}.img"), IMAGE_MIB << 20);
             let mut disk = DiskConfig::new(name, &image);
             disk.cache = CacheMode::best_for(&image);
             disk
@@ -940,32 +838,14 @@ fn faults_on_one_disk_do_not_disturb_another() {
     // machine's scheduling delays from being taken for a hang there.
     let mut disks = disks;
     disks[1].hang_timeout_ms = 2_000;
-    let socket = dir.0.join("control.sock");
-    let cmd = BackendCommand {
-        program: EXE.into(),
-        args: vec!["blkback".into()],
-        env: Vec::new(),
-    };
-    let sup = SupervisorThread::start(
-        Config {
-            socket: socket.clone(),
-            disks,
-        },
-        cmd,
-    )
-    .expect("supervisor");
+    let harness = Harness::start_with(dir, disks, backend_command());
+    let sup = harness.sup();
     let attach = |name: &str| {
         let mut cfg = BlkFrontConfig::new(name);
         cfg.max_request_bytes = 64 * 1024;
-        BlkFront::attach(&socket, &cfg).expect("attach")
+        BlkFront::attach(harness.socket(), &cfg).expect("attach")
     };
-    let stats = |name: &str| {
-        sup.status()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .expect("listed")
-            .1
-    };
+    let stats = |name: &str| harness.stats(name);
     let mut a = attach(&names[0]);
     let mut b = attach(&names[1]);
     let b_pid = stats(&names[1]).pid;
@@ -978,11 +858,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
                 let before = stats(&names[0]).recoveries;
                 let fault = if i % 4 == 3 { Fault::Hang } else { Fault::Kill };
                 sup.fault(&names[0], fault).expect("fault");
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while stats(&names[0]).recoveries <= before {
-                    assert!(Instant::now() < deadline, "no recovery");
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+                harness.wait_for(&names[0], "a recovery", |s| s.recoveries > before);
             }
             stop.store(true, Ordering::Release);
         });
@@ -991,8 +867,8 @@ fn faults_on_one_disk_do_not_disturb_another() {
         killer.join().expect("killer");
         (ra, guest_b.join().expect("guest b"))
     });
-    assert_clean(&ra, "faulted disk");
-    assert_clean(&rb, "neighbour disk");
+    assert_verified(&ra, "faulted disk");
+    assert_verified(&rb, "neighbour disk");
     let (sa, sb) = (stats(&names[0]), stats(&names[1]));
     assert!(sa.recoveries >= 20, "{sa:#?}");
     assert_eq!((sb.crashes, sb.hangs, sb.recoveries), (0, 0, 0), "{sb:#?}");
@@ -1006,7 +882,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
 /// the data written by earlier attachments.
 #[test]
 fn attach_detach_reattach_while_faults_are_injected() {
-    let setup = Setup::start("reattach", |_| {}, &[]);
+    let setup = start("reattach", |_| {}, &[]);
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         // Stops the killer even when an assertion below fails.
@@ -1017,7 +893,7 @@ fn attach_detach_reattach_while_faults_are_injected() {
                 std::thread::sleep(Duration::from_millis(35));
                 // The device may be between guests; a kill then replaces an
                 // idle backend.
-                if setup.sup.fault(&setup.name, Fault::Kill).is_ok() {
+                if setup.sup().fault(setup.name(), Fault::Kill).is_ok() {
                     n += 1;
                 }
             }
@@ -1025,11 +901,11 @@ fn attach_detach_reattach_while_faults_are_injected() {
         });
         let mut w = workload(61, Duration::from_millis(400));
         for round in 0..6 {
-            let mut front = setup.attach();
+            let mut front = attach(&setup);
             let r = w
                 .run(&mut front, &mut |_| {})
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_clean(&r, &format!("attachment {round}"));
+            assert_verified(&r, &format!("attachment {round}"));
             front
                 .detach()
                 .unwrap_or_else(|e| panic!("round {round}: detach: {e}"));

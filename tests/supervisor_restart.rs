@@ -12,7 +12,7 @@
 //!   duplicated completion and no wrong data, and the new data planes
 //!   really resubmitted requests from the VMM's in-flight region.
 //!
-//! Self-contained (no `mod common`): it drives only processes.
+//! It drives only processes (`shadowback_testsupport::process`).
 #![deny(unsafe_code)]
 
 use std::io::{BufRead, BufReader};
@@ -24,116 +24,32 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use shadowback_testsupport::process::{alive, children, shadowback_bin, ChildGuard};
+use shadowback_testsupport::temp::TempDir;
+use shadowback_testsupport::wait_for_state;
 
-const EXE: &str = env!("CARGO_BIN_EXE_shadowback");
 const IMAGE_MIB: u64 = 32;
 /// How long any one step (a supervisor starting, a process exiting, the
 /// guest making progress) may take before the test fails.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A temporary directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::AtomicU32;
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("sbrs-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temp dir");
-        Scratch(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A child process, SIGKILLed and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn sigkill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    /// Waits for the exit, failing after `timeout`.
-    fn wait(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what} did not exit in {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-/// Whether `pid` still runs (gone and zombie both count as dead: an
-/// orphaned backend is reaped by whatever init this container has).
-fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the command name, which may contain ')'.
-    stat.rfind(')')
-        .and_then(|i| stat[i + 1..].split_whitespace().next())
-        .is_some_and(|state| state != "Z" && state != "X")
-}
-
-/// Processes whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| {
-            std::fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
-}
-
 fn wait_dead(pids: &[u32], what: &str) {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    while pids.iter().any(|&p| alive(p)) {
-        let left: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
-        assert!(
-            Instant::now() < deadline,
-            "{what}: processes {left:?} outlived their supervisor"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_state(
+        STEP_TIMEOUT,
+        &format!("{what}: processes outliving their supervisor to die"),
+        || {
+            pids.iter()
+                .copied()
+                .filter(|&p| alive(p))
+                .collect::<Vec<u32>>()
+        },
+        Vec::is_empty,
+    );
 }
 
 /// One disk and the `shadowback up` configuration exporting it.
 struct Site {
-    dir: Scratch,
+    dir: TempDir,
     config: PathBuf,
     control: PathBuf,
     vhost: PathBuf,
@@ -146,7 +62,7 @@ struct Site {
 impl Site {
     /// `vhost_user`: export the disk on a vhost-user socket too.
     fn new(tag: &str, vhost_user: bool) -> Self {
-        let dir = Scratch::new(tag);
+        let dir = TempDir::new(tag);
         let image = dir.path().join("disk.img");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(IMAGE_MIB << 20))
@@ -184,25 +100,23 @@ impl Site {
 
     /// Starts `shadowback up` (its backends log their attach statistics to
     /// the same file) without waiting for it.
-    fn spawn_up(&mut self) -> Proc {
+    fn spawn_up(&mut self) -> ChildGuard {
         self.ups += 1;
         let log = std::fs::File::create(self.log_path(self.ups)).expect("log file");
-        Proc(
-            Command::new(EXE)
+        ChildGuard::spawn(
+            Command::new(shadowback_bin())
                 .arg("up")
                 .arg(&self.config)
                 .env("RUST_LOG", "warn,shadowback_blkback=info")
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn shadowback up"),
+                .stderr(log),
         )
     }
 
     /// Starts `shadowback up` and waits until it serves the disk.
-    fn up(&mut self) -> Proc {
+    fn up(&mut self) -> ChildGuard {
         let mut up = self.spawn_up();
         let deadline = Instant::now() + STEP_TIMEOUT;
         loop {
@@ -211,7 +125,7 @@ impl Site {
                     return up;
                 }
             }
-            if let Some(status) = up.0.try_wait().expect("try_wait") {
+            if let Some(status) = up.child().try_wait().expect("try_wait") {
                 panic!("shadowback up exited early ({status}):\n{}", self.logs());
             }
             assert!(
@@ -225,7 +139,7 @@ impl Site {
 
     /// `shadowback status --json` for the disk, if the supervisor answers.
     fn status(&self) -> Option<Status> {
-        let out = Command::new(EXE)
+        let out = Command::new(shadowback_bin())
             .args(["status", "--json", "--socket"])
             .arg(&self.control)
             .stderr(Stdio::null())
@@ -327,11 +241,11 @@ fn a_supervisor_waits_for_the_images_previous_users() {
     // held (the control socket answers only once every disk is up).
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        up.0.try_wait().expect("try_wait").is_none(),
+        up.child().try_wait().expect("try_wait").is_none(),
         "shadowback up gave up early:\n{}",
         site.logs()
     );
-    let started = children(up.0.id());
+    let started = children(up.pid());
     assert!(
         started.is_empty(),
         "backends {started:?} were started while another process held the image:\n{}",
@@ -451,8 +365,8 @@ fn supervisor_restarts_under_load_are_invisible_to_a_reconnecting_vhost_user_gue
     let stop = site.dir.path().join("stop");
     let stamps = site.dir.path().join("completions.bin");
     let guest_log = site.dir.path().join("guest.log");
-    let mut guest = Proc(
-        Command::new(EXE)
+    let mut guest = ChildGuard::spawn(
+        Command::new(shadowback_bin())
             .args(["guest", "blk", "--transport", "vhost-user", "--reconnect"])
             .arg("--socket")
             .arg(&site.vhost)
@@ -469,11 +383,9 @@ fn supervisor_restarts_under_load_are_invisible_to_a_reconnecting_vhost_user_gue
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&guest_log).expect("guest log"))
-            .spawn()
-            .expect("spawn guest"),
+            .stderr(std::fs::File::create(&guest_log).expect("guest log")),
     );
-    let out = read_guest(&mut guest.0);
+    let out = read_guest(guest.child());
     let guest_stderr = || std::fs::read_to_string(&guest_log).unwrap_or_default();
     wait_progress(&out, &site, &guest_log, 0, "before the first restart");
     let mut restarts = 0;

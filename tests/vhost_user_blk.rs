@@ -7,20 +7,19 @@
 //! crate's own `VirtIOBlk` driver as a second, independent driver.
 #![deny(unsafe_code)]
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::{
-    check, complete_one, pattern, read, run_clean, verify_workload, write, VhostSetup,
-    REPLY_TIMEOUT,
-};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::vhost_user::{connect_simple, VhostUserBlk, VhostUserBlkOptions};
+use shadowback_testsupport::blockio::{
+    check, complete_one, pattern, read, run_clean, verify_workload, write,
+};
+use shadowback_testsupport::harness::{with_vhost_user, DiskSetup};
+use shadowback_testsupport::REPLY_TIMEOUT;
 
 // virtio 1.2 §5.2.3 (feature bits), §5.2.4 (config layout), §5.2.6
 // (request types); §6 and §2.7 for the ring features.
@@ -95,7 +94,13 @@ fn segment(sector: u64, sectors: u32, flags: u32) -> [u8; 16] {
 #[test]
 fn config_space_shows_the_disk_and_its_queues() {
     const MIB: u64 = 8;
-    let setup = VhostSetup::start("vu-config", "vu-config", MIB, |d| d.num_queues = 3, &[]);
+    let setup = DiskSetup::start(
+        "vu-config",
+        "vu-config",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 3),
+        &[],
+    );
     let mut dev = setup.connect(3);
     let f = dev.transport().device_features();
     for bit in [
@@ -151,7 +156,7 @@ fn config_space_shows_the_disk_and_its_queues() {
 #[test]
 fn get_id_returns_the_device_name() {
     let name = "vu-get-id-0123456789abcdef";
-    let setup = VhostSetup::start("vu-id", name, 4, |_| {}, &[]);
+    let setup = DiskSetup::start("vu-id", name, 4, with_vhost_user(|_| {}), &[]);
     let mut dev = setup.connect(1);
     let data = pattern(7, 8192);
     write(&mut dev, 16, &data).expect("write");
@@ -185,7 +190,7 @@ fn get_id_returns_the_device_name() {
 #[test]
 fn virtio_drivers_blk_interoperates_with_the_data_plane() {
     let name = "vu-virtio-drivers";
-    let setup = VhostSetup::start("vu-vd", name, 4, |_| {}, &[]);
+    let setup = DiskSetup::start("vu-vd", name, 4, with_vhost_user(|_| {}), &[]);
     let ours = pattern(11, 8192);
     let theirs = pattern(12, 4096);
     {
@@ -227,7 +232,13 @@ fn virtio_drivers_blk_interoperates_with_the_data_plane() {
 #[test]
 fn flush_discard_and_write_zeroes() {
     const MIB: u64 = 4;
-    let setup = VhostSetup::start("vu-ops", "vu-ops", MIB, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-ops",
+        "vu-ops",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut dev = setup.connect(2);
     let mut model = pattern(3, 512 * 512); // sectors 0..512
     for chunk in 0..4u64 {
@@ -293,18 +304,18 @@ fn flush_discard_and_write_zeroes() {
 #[test]
 fn a_readonly_disk_refuses_writes_with_ioerr() {
     let content = pattern(5, 64 * 1024);
-    let setup = VhostSetup::start(
+    let setup = DiskSetup::start(
         "vu-ro",
         "vu-ro",
         4,
-        |d| {
+        with_vhost_user(|d| {
             d.readonly = true;
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&d.path)
                 .and_then(|f| f.write_all_at(&content, 0))
                 .expect("fill the image");
-        },
+        }),
         &[],
     );
     let mut dev = setup.connect(1);
@@ -334,7 +345,13 @@ fn a_readonly_disk_refuses_writes_with_ioerr() {
 /// of them (each queue's used index moved) and verify clean.
 #[test]
 fn four_queues_are_all_used_and_verify_clean() {
-    let setup = VhostSetup::start("vu-mq", "vu-mq", 16, |d| d.num_queues = 4, &[]);
+    let setup = DiskSetup::start(
+        "vu-mq",
+        "vu-mq",
+        16,
+        with_vhost_user(|d| d.num_queues = 4),
+        &[],
+    );
     let mut dev = setup.connect(4);
     let mut w = verify_workload(77, 0, 16 * 2048);
     run_clean(&mut w, &mut dev, "four queues");
@@ -352,7 +369,13 @@ fn four_queues_are_all_used_and_verify_clean() {
 /// with requests in flight; the data plane is never treated as failed.
 #[test]
 fn a_vmm_that_reconnects_finds_its_data() {
-    let setup = VhostSetup::start("vu-reconn", "vu-reconn", 8, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-reconn",
+        "vu-reconn",
+        8,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut expected: Vec<(u64, Vec<u8>)> = Vec::new();
     for round in 0..4u64 {
         let mut dev = setup.connect(if round % 2 == 0 { 2 } else { 1 });
@@ -466,24 +489,16 @@ fn u64_of(body: &[u8]) -> u64 {
         .map_or(u64::MAX, u64::from_le_bytes)
 }
 
-fn vu_connect(setup: &VhostSetup) -> UnixStream {
+fn vu_connect(setup: &DiskSetup) -> UnixStream {
     let sock = UnixStream::connect(setup.vhost_socket()).expect("connect");
     sock.set_read_timeout(Some(Duration::from_secs(15)))
         .expect("timeout");
     sock
 }
 
-/// Reads until EOF (the supervisor hung up) or fails after the timeout.
+/// Reads until the supervisor hangs up, or fails after 15 s of silence.
 fn expect_hangup(sock: &mut UnixStream, what: &str) {
-    let mut buf = [0u8; 256];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("{what}: expected the supervisor to hang up: {e}"),
-        }
-    }
+    shadowback_testsupport::socket::expect_hangup(sock, Duration::from_secs(15), what);
 }
 
 /// Garbage on the vhost-user socket the protocol tests do not send: a bad
@@ -495,7 +510,13 @@ fn expect_hangup(sock: &mut UnixStream, what: &str) {
 /// intact.
 #[test]
 fn hostile_vmm_messages_do_not_take_the_device_down() {
-    let setup = VhostSetup::start("vu-hostile", "vu-hostile", 8, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-hostile",
+        "vu-hostile",
+        8,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let data = pattern(11, 32 * 1024);
     {
         let mut dev = setup.connect(2);

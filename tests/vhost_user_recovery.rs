@@ -12,15 +12,16 @@
 //! end of each run.
 #![deny(unsafe_code)]
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{assert_clean_report, complete_one, GuestProcess, VhostSetup};
 use shadowback_guest::device::{BlockRequest, Status};
 use shadowback_guest::workload::{Report, VerifyConfig, VerifyWorkload};
 use shadowback_shadow::{CrashPoint, Transition};
 use shadowback_supervisor::Fault;
+use shadowback_testsupport::blockio::{assert_clean_report, complete_one};
+use shadowback_testsupport::harness::{with_vhost_user, DiskSetup};
+use shadowback_testsupport::process::GuestProcess;
+use shadowback_testsupport::wait_for;
 
 /// How long a guest process may take after it was told to stop.
 const GUEST_EXIT: Duration = Duration::from_secs(60);
@@ -45,7 +46,7 @@ fn assert_whole_image(report: &Report, mib: u64) {
 /// `pattern` (in half-second workload segments) until `stop` exists, then
 /// verifies the whole image.
 fn guest_until_stopped(
-    setup: &VhostSetup,
+    setup: &DiskSetup,
     seed: u64,
     stop: &std::path::Path,
     pattern: &str,
@@ -75,13 +76,11 @@ fn guest_until_stopped(
 
 /// Waits until the guest has attached the device and had a moment to fill
 /// its queues; fails early if the guest process already exited.
-fn wait_for_guest(setup: &VhostSetup, guest: &mut GuestProcess) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !setup.stats().connected {
+fn wait_for_guest(setup: &DiskSetup, guest: &mut GuestProcess) {
+    wait_for(Duration::from_secs(20), "the guest to attach", || {
         assert!(!guest.exited(), "the guest exited before attaching");
-        assert!(Instant::now() < deadline, "the guest never attached");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        setup.stats().connected
+    });
     std::thread::sleep(Duration::from_millis(150));
 }
 
@@ -89,7 +88,7 @@ fn wait_for_guest(setup: &VhostSetup, guest: &mut GuestProcess) {
 /// recovered, while the guest keeps running the random pattern at QD32;
 /// then stops the guest and returns its report.
 fn inject_under_load(
-    setup: &VhostSetup,
+    setup: &DiskSetup,
     seed: u64,
     n: u64,
     every: impl FnMut(u64) -> Duration,
@@ -106,7 +105,7 @@ fn inject_under_load(
 /// guest that stops early — it does after a segment with a failure —
 /// ends the injections, so its report tells why.
 fn inject_under_pattern(
-    setup: &VhostSetup,
+    setup: &DiskSetup,
     seed: u64,
     pattern: &str,
     n: u64,
@@ -152,7 +151,13 @@ fn inject_under_pattern(
 fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
     const KILLS: u64 = 200;
     const MIB: u64 = 16;
-    let setup = VhostSetup::start("vu-soak", "vu-soak", MIB, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-soak",
+        "vu-soak",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let report = inject_under_load(
         &setup,
@@ -206,7 +211,13 @@ fn sigkill_soak_over_two_queues_is_invisible_to_the_guest() {
 fn sigkill_soak_with_queues_draining_in_rounds() {
     const KILLS: u64 = 700;
     const MIB: u64 = 4;
-    let setup = VhostSetup::start("vu-rounds", "vu-rounds", MIB, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-rounds",
+        "vu-rounds",
+        MIB,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let (report, kills) = inject_under_pattern(
         &setup,
@@ -266,17 +277,17 @@ const LIFECYCLE: [Transition; 5] = [
 /// never fired.
 fn sweep_one(spec: &str, reachable: bool, seed: usize) {
     const MIB: u64 = 8;
-    let setup = VhostSetup::start(
+    let setup = DiskSetup::start(
         "vu-sweep",
         "vu-sweep",
         MIB,
-        |d| {
+        with_vhost_user(|d| {
             d.num_queues = 2;
             // Crashes are seen by the pidfd; a long hang timeout keeps
             // a loaded machine's scheduling delays from replacing the
             // first instance before its crash point.
             d.hang_timeout_ms = 5_000;
-        },
+        }),
         &[("SHADOWBACK_CRASH_AT", spec)],
     );
     let seed = seed.to_string();
@@ -377,7 +388,13 @@ fn every_in_flight_region_crash_point_is_recovered_over_vhost_user() {
 /// requests pending, replaces the instance, and the guest only stalls.
 #[test]
 fn a_stopped_data_plane_is_replaced_by_the_watchdog() {
-    let setup = VhostSetup::start("vu-hang", "vu-hang", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-hang",
+        "vu-hang",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     const HANGS: u64 = 4;
     let report = inject_under_load(
         &setup,
@@ -398,7 +415,13 @@ fn a_stopped_data_plane_is_replaced_by_the_watchdog() {
 /// hang too: replaced, and the guest only stalls.
 #[test]
 fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
-    let setup = VhostSetup::start("vu-spin", "vu-spin", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-spin",
+        "vu-spin",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     const SPINS: u64 = 3;
     let report = inject_under_load(
         &setup,
@@ -426,7 +449,13 @@ fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
 fn a_poisoned_request_is_failed_once_and_the_device_keeps_serving() {
     const REGION: u64 = 8 * 2048;
     const SECTOR: u64 = REGION + 1_000;
-    let setup = VhostSetup::start("vu-poison", "vu-poison", 16, |d| d.num_queues = 2, &[]);
+    let setup = DiskSetup::start(
+        "vu-poison",
+        "vu-poison",
+        16,
+        with_vhost_user(|d| d.num_queues = 2),
+        &[],
+    );
     let mut dev = setup.connect(2);
     let before = vec![0x5au8; 4096];
     complete_ok(&mut dev, &BlockRequest::write(SECTOR + 64, &before));

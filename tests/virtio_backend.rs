@@ -1,11 +1,9 @@
 //! The virtio-blk data plane end to end: a real `shadowback blkback`
 //! process driven through `attach-virtio` by a minimal split-ring driver
-//! (`virtio_common`), killed with SIGKILL mid-workload and recovered from
+//! (`shadowback_testsupport::virtqueue`), killed with SIGKILL mid-workload and recovered from
 //! its shadow logs or from the in-flight region alone; hostile chains and
 //! attach messages must be answered without killing it.
 #![deny(unsafe_code)]
-
-mod virtio_common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -13,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
-use virtio_common::*;
+use shadowback_testsupport::temp::TempImage;
+use shadowback_testsupport::virtqueue::*;
+use shadowback_testsupport::{wait_for, REPLY_TIMEOUT};
 
 const SECTORS_PER_BLOCK: u64 = BLOCK / 512;
 
@@ -163,7 +163,7 @@ impl Workload {
     }
 
     /// Reads every block through the device and from the file.
-    fn verify_all(&mut self, dev: &mut Device, disk: &TempFile) {
+    fn verify_all(&mut self, dev: &mut Device, disk: &TempImage) {
         for block in 0..self.blocks {
             let mut on_disk = vec![0u8; BLOCK as usize];
             disk.file
@@ -193,7 +193,7 @@ impl Workload {
 
 /// SIGKILLs `backend` at a moment its shadow log shows requests INFLIGHT:
 /// stop it (SIGSTOP, so the moment holds), look, and kill or let it go on.
-fn kill_with_work_in_flight(backend: Backend, dev: &mut Device, w: &mut Workload) {
+fn kill_with_work_in_flight(backend: BlkbackProcess, dev: &mut Device, w: &mut Workload) {
     use nix::sys::signal::{kill, Signal};
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
     use nix::unistd::Pid;
@@ -227,13 +227,13 @@ fn kill_with_work_in_flight(backend: Backend, dev: &mut Device, w: &mut Workload
     panic!("never caught the backend with a request in flight");
 }
 
-fn detach_and_exit(backend: Backend) {
+fn detach_and_exit(backend: BlkbackProcess) {
     backend
         .control
         .send(&shadowback_xenbus::Message::new("detach"), &[])
         .unwrap();
     assert_eq!(backend.recv().kind(), "detached");
-    let Backend { mut child, control } = backend;
+    let BlkbackProcess { mut child, control } = backend;
     drop(control);
     let deadline = Instant::now() + REPLY_TIMEOUT;
     loop {
@@ -253,12 +253,12 @@ const DEPTH: usize = 48;
 /// exactly one used entry and every acknowledged write reads back.
 #[test]
 fn sigkill_mid_workload_every_head_answered_once() {
-    let disk = TempFile::new("kill", BLOCKS * BLOCK);
+    let disk = TempImage::new("kill", BLOCKS * BLOCK);
     let mut dev = Device::new(64, true, true, FEATURE_EVENT_IDX);
     let mut w = Workload::new(BLOCKS, 64);
     let mut generation = 0;
     for round in 0..5u64 {
-        let backend = Backend::spawn(&disk.file, BLOCKS * SECTORS_PER_BLOCK, &[]);
+        let backend = BlkbackProcess::spawn(&disk.file, BLOCKS * SECTORS_PER_BLOCK, &[]);
         let reply = dev.attach(&backend, round > 0);
         let g: u64 = reply.get("generation").unwrap().parse().unwrap();
         assert!(g > generation, "generation must grow: {reply}");
@@ -288,11 +288,11 @@ fn sigkill_mid_workload_every_head_answered_once() {
 /// logs do not. The region alone must account for every head.
 #[test]
 fn inflight_region_alone_recovers_with_fresh_logs() {
-    let disk = TempFile::new("region", BLOCKS * BLOCK);
+    let disk = TempImage::new("region", BLOCKS * BLOCK);
     let mut dev = Device::new(64, true, true, 0);
     let mut w = Workload::new(BLOCKS, 64);
     for round in 0..3u64 {
-        let backend = Backend::spawn(&disk.file, BLOCKS * SECTORS_PER_BLOCK, &[]);
+        let backend = BlkbackProcess::spawn(&disk.file, BLOCKS * SECTORS_PER_BLOCK, &[]);
         let reply = dev.attach(&backend, false);
         if round > 0 {
             let replayed: u64 = reply.get("replayed").unwrap().parse().unwrap();
@@ -325,9 +325,9 @@ fn chain(dev: &mut Device, case: u16, descs: &[(u64, u32, u16)]) -> u16 {
 
 #[test]
 fn hostile_chains_are_answered_and_the_backend_survives() {
-    let disk = TempFile::new("hostile", 64 * BLOCK);
+    let disk = TempImage::new("hostile", 64 * BLOCK);
     let mut dev = Device::new(64, false, false, 0);
-    let mut backend = Backend::spawn(&disk.file, 64 * SECTORS_PER_BLOCK, &[]);
+    let mut backend = BlkbackProcess::spawn(&disk.file, 64 * SECTORS_PER_BLOCK, &[]);
     dev.attach(&backend, false);
     let hdr = |dev: &Device, case: u16, t: u32, sector: u64| dev.write_header(case, t, sector);
     let st = |case: u16| Device::status_addr(case);
@@ -432,9 +432,9 @@ fn hostile_chains_are_answered_and_the_backend_survives() {
 
 #[test]
 fn bad_attach_is_refused_without_crashing() {
-    let disk = TempFile::new("attach", 16 * BLOCK);
+    let disk = TempImage::new("attach", 16 * BLOCK);
     let dev = Device::new(64, true, false, 0);
-    let mut backend = Backend::spawn(&disk.file, 16 * SECTORS_PER_BLOCK, &[]);
+    let mut backend = BlkbackProcess::spawn(&disk.file, 16 * SECTORS_PER_BLOCK, &[]);
     type Edit = Box<dyn Fn(&mut shadowback_xenbus::virtio::VirtioAttachRequest)>;
     let cases: Vec<(&str, Edit)> = vec![
         (
@@ -484,9 +484,9 @@ fn a_burst_of_looping_chains_does_not_starve_the_loop() {
     const BIG_DESC: u64 = 0x200000;
     const BIG_AVAIL: u64 = 0x280000;
     const BIG_USED: u64 = 0x2a0000;
-    let disk = TempFile::new("loops", 16 * BLOCK);
+    let disk = TempImage::new("loops", 16 * BLOCK);
     let dev = Device::new(SIZE, false, false, 0);
-    let backend = Backend::spawn(&disk.file, 16 * SECTORS_PER_BLOCK, &[]);
+    let backend = BlkbackProcess::spawn(&disk.file, 16 * SECTORS_PER_BLOCK, &[]);
     let mut req = dev.request(0);
     req.queues[0].desc = BIG_DESC;
     req.queues[0].avail = BIG_AVAIL;
@@ -538,12 +538,12 @@ enum Restart {
 }
 
 /// Waits until `backend` has died at its crash point.
-fn wait_dead(mut backend: Backend, point: &str) {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    while backend.alive() {
-        assert!(Instant::now() < deadline, "crash point {point} never fired");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_dead(mut backend: BlkbackProcess, point: &str) {
+    wait_for(
+        REPLY_TIMEOUT,
+        &format!("crash point {point} to fire"),
+        || !backend.alive(),
+    );
 }
 
 /// Issue 8's reproducer, deterministic: the first instance answers a burst
@@ -558,10 +558,10 @@ fn wait_dead(mut backend: Backend, point: &str) {
 /// answered must never be resubmitted from stale state.
 fn crash_then_reuse_heads(point: &str, restart: Restart, adopt_point: Option<&str>) {
     const BURST: u16 = 16;
-    let disk = TempFile::new("reuse", BLOCKS * BLOCK);
+    let disk = TempImage::new("reuse", BLOCKS * BLOCK);
     let sectors = BLOCKS * SECTORS_PER_BLOCK;
     let mut dev = Device::new(64, restart != Restart::NoShadow, true, 0);
-    let first = Backend::spawn(&disk.file, sectors, &[("SHADOWBACK_CRASH_AT", point)]);
+    let first = BlkbackProcess::spawn(&disk.file, sectors, &[("SHADOWBACK_CRASH_AT", point)]);
     dev.attach(&first, false);
     let burst: Vec<(u16, u32, u64, u32)> = (0..BURST).map(|h| (h, T_GET_ID, 0, 20)).collect();
     dev.submit_all(&burst);
@@ -608,7 +608,7 @@ fn crash_then_reuse_heads(point: &str, restart: Restart, adopt_point: Option<&st
     let env: Vec<(&str, &str)> = adopt_point
         .map(|p| vec![("SHADOWBACK_CRASH_AT", p)])
         .unwrap_or_default();
-    let second = Backend::spawn(&disk.file, sectors, &env);
+    let second = BlkbackProcess::spawn(&disk.file, sectors, &env);
     let last = match adopt_point {
         None => {
             dev.attach(&second, recover);
@@ -618,7 +618,7 @@ fn crash_then_reuse_heads(point: &str, restart: Restart, adopt_point: Option<&st
             // It dies adopting the region: a third instance finishes.
             dev.send_attach(&second, &dev.request(dev.avail_idx), recover);
             wait_dead(second, p);
-            let third = Backend::spawn(&disk.file, sectors, &[]);
+            let third = BlkbackProcess::spawn(&disk.file, sectors, &[]);
             dev.attach(&third, true);
             third
         }
@@ -728,12 +728,12 @@ fn an_instance_dying_while_adopting_the_region_is_recovered() {
 #[test]
 fn a_detach_during_serial_replay_answers_every_consumed_request() {
     const N: u16 = 48;
-    let disk = TempFile::new("serial-detach", BLOCKS * BLOCK);
+    let disk = TempImage::new("serial-detach", BLOCKS * BLOCK);
     let sectors = BLOCKS * SECTORS_PER_BLOCK;
     let mut dev = Device::new(64, true, true, 0);
     // The first instance dies before it answers anything: the next one
     // suspects a crash loop and replays serially.
-    let first = Backend::spawn(
+    let first = BlkbackProcess::spawn(
         &disk.file,
         sectors,
         &[("SHADOWBACK_CRASH_AT", "complete.0")],
@@ -746,7 +746,7 @@ fn a_detach_during_serial_replay_answers_every_consumed_request() {
     wait_dead(first, "complete.0");
     assert!(dev.take_used().is_empty(), "answered before the crash");
 
-    let second = Backend::spawn(&disk.file, sectors, &[]);
+    let second = BlkbackProcess::spawn(&disk.file, sectors, &[]);
     dev.send_attach_blaming(&second, &dev.request(dev.avail_idx), true, true);
     let reply = second.recv();
     assert_eq!(reply.kind(), "attached", "{reply}");

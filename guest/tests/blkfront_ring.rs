@@ -6,7 +6,6 @@
 //! so a frontend that grants the wrong frame or domain fails here.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,6 +22,7 @@ use shadowback_ring::blkif::{
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion};
+use shadowback_testsupport::TempDir;
 use shadowback_xenbus::{
     kind, BackendInfo, ConnectRequest, DeviceFds, DiskMode, ErrorCode, Message, SeqPacket,
     SeqPacketListener, XenbusError,
@@ -85,16 +85,13 @@ fn info(opts: &BackendOpts) -> BackendInfo {
 struct TestBackend {
     path: PathBuf,
     thread: Option<JoinHandle<BackendReport>>,
+    _dir: TempDir,
 }
 
 impl TestBackend {
     fn spawn(opts: BackendOpts) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "sb-blkfront-{}-{}.sock",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
+        let dir = TempDir::new("blkfront");
+        let path = dir.join("control.sock");
         let listener = SeqPacketListener::bind(&path).expect("bind test control socket");
         let thread = std::thread::spawn(move || {
             let conn = listener.accept().expect("accept");
@@ -103,6 +100,7 @@ impl TestBackend {
         TestBackend {
             path,
             thread: Some(thread),
+            _dir: dir,
         }
     }
 
@@ -117,12 +115,6 @@ impl TestBackend {
             .expect("joined once")
             .join()
             .expect("test backend panicked")
-    }
-}
-
-impl Drop for TestBackend {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -6,41 +6,24 @@
 //! `scripts/install-test-deps.sh` if it is missing. The tests fail, rather
 //! than skip, without it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, DeviceError, Status};
 use shadowback_guest::vhost_user::{connect_simple, VhostUserBlk, VhostUserBlkOptions};
 use shadowback_guest::workload::{VerifyConfig, VerifyWorkload};
+use shadowback_testsupport::temp::TempDir;
 
 const IMAGE_BYTES: u64 = 64 << 20;
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("sb-vu-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = std::fs::File::create(dir.join("disk.img")).unwrap();
-        img.set_len(IMAGE_BYTES).unwrap();
-        Scratch(dir)
-    }
-    fn image(&self) -> PathBuf {
-        self.0.join("disk.img")
-    }
-    fn socket(&self) -> PathBuf {
-        self.0.join("vhost.sock")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A scratch directory (removed on drop) holding `disk.img`; the export's
+/// socket is `vhost.sock` next to it.
+fn scratch(name: &str) -> TempDir {
+    let dir = TempDir::new(&format!("vu-{name}"));
+    dir.create_image("disk.img", IMAGE_BYTES);
+    dir
 }
 
 #[derive(Clone, Copy, Default)]
@@ -54,7 +37,7 @@ struct Qsd {
 }
 
 impl Qsd {
-    fn start(s: &Scratch, opts: QsdOpts) -> Qsd {
+    fn start(s: &TempDir, opts: QsdOpts) -> Qsd {
         match Command::new("qemu-storage-daemon")
             .arg("--version")
             .stdout(Stdio::null())
@@ -66,12 +49,12 @@ impl Qsd {
                  (Debian package qemu-utils)"
             ),
         }
-        let sock = s.socket();
+        let sock = s.join("vhost.sock");
         let _ = std::fs::remove_file(&sock);
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev").arg(format!(
             "driver=file,node-name=disk,filename={},cache.direct=off,discard=unmap",
-            s.image().display()
+            s.join("disk.img").display()
         ));
         cmd.arg("--export").arg(format!(
             "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={}",
@@ -228,10 +211,10 @@ impl BlockDevice for Peak<'_> {
 
 #[test]
 fn verify_workload_runs_clean_at_high_queue_depth() {
-    let s = Scratch::new("verify");
+    let s = scratch("verify");
     let _qsd = Qsd::start(&s, QsdOpts { queues: 2 });
     let mut dev = VhostUserBlk::connect(
-        s.socket(),
+        s.join("vhost.sock"),
         VhostUserBlkOptions {
             queues: 2,
             ..VhostUserBlkOptions::default()
@@ -273,11 +256,12 @@ fn verify_workload_runs_clean_at_high_queue_depth() {
 
 #[test]
 fn virtio_drivers_blk_cross_checks_our_driver() {
-    let s = Scratch::new("smoke");
+    let s = scratch("smoke");
     let _qsd = Qsd::start(&s, QsdOpts::default());
     let ours = pattern(1, 8192);
     let (id, capacity) = {
-        let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+        let mut dev =
+            VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
         let c = one(&mut dev, 1, BlockRequest::write(64, &ours));
         assert_eq!(c.status, Status::Ok);
         (dev.get_id(WAIT).unwrap(), dev.capacity_sectors())
@@ -285,7 +269,7 @@ fn virtio_drivers_blk_cross_checks_our_driver() {
     // The same transport under virtio-drivers' own driver and queue code.
     let theirs = pattern(2, 4096);
     {
-        let mut blk = connect_simple(s.socket(), 256 << 20).unwrap();
+        let mut blk = connect_simple(s.join("vhost.sock"), 256 << 20).unwrap();
         assert_eq!(blk.capacity(), capacity);
         let mut buf = vec![0u8; 8192];
         blk.read_blocks(64, &mut buf).unwrap();
@@ -300,7 +284,8 @@ fn virtio_drivers_blk_cross_checks_our_driver() {
             "both drivers read the same serial"
         );
     }
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     assert_eq!(
         read(&mut dev, 200, 8),
         theirs,
@@ -311,9 +296,10 @@ fn virtio_drivers_blk_cross_checks_our_driver() {
 
 #[test]
 fn discard_zeroes_and_flush_completes() {
-    let s = Scratch::new("discard");
+    let s = scratch("discard");
     let _qsd = Qsd::start(&s, QsdOpts::default());
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     let data = pattern(3, 64 * 1024);
     assert_eq!(
         one(&mut dev, 1, BlockRequest::write(2048, &data)).status,
@@ -344,9 +330,10 @@ fn discard_zeroes_and_flush_completes() {
 
 #[test]
 fn backend_death_is_reported_as_disconnected() {
-    let s = Scratch::new("death");
+    let s = scratch("death");
     let mut qsd = Qsd::start(&s, QsdOpts::default());
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     for tag in 0..16 {
         dev.submit(tag, &BlockRequest::read(tag * 8, 8, false))
             .unwrap();
@@ -376,10 +363,10 @@ fn backend_death_is_reported_as_disconnected() {
 
 #[test]
 fn reconnect_completes_requests_in_flight_at_a_backend_kill() {
-    let s = Scratch::new("reconnect");
+    let s = scratch("reconnect");
     let mut qsd = Qsd::start(&s, QsdOpts::default());
     let mut dev = VhostUserBlk::connect(
-        s.socket(),
+        s.join("vhost.sock"),
         VhostUserBlkOptions {
             reconnect: true,
             ..VhostUserBlkOptions::default()
@@ -424,9 +411,9 @@ fn reconnect_completes_requests_in_flight_at_a_backend_kill() {
 
 #[test]
 fn missing_socket_fails_cleanly() {
-    let s = Scratch::new("missing");
+    let s = scratch("missing");
     let err = VhostUserBlk::connect(
-        Path::new(&s.socket()),
+        Path::new(&s.join("vhost.sock")),
         VhostUserBlkOptions {
             connect_timeout: Duration::from_millis(100),
             ..VhostUserBlkOptions::default()
@@ -441,9 +428,10 @@ fn forged_used_entries_are_protocol_errors_not_panics() {
     use shadowback_guest::vhost_user::GuestRam;
     use std::sync::atomic::Ordering;
 
-    let s = Scratch::new("forged");
+    let s = scratch("forged");
     let qsd = Qsd::start(&s, QsdOpts::default());
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     // One real request the frozen backend never answers.
     qsd.freeze();
     dev.submit(1, &BlockRequest::read(0, 8, true)).unwrap();
@@ -482,13 +470,13 @@ fn forged_used_entries_are_protocol_errors_not_panics() {
 
 #[test]
 fn a_hung_backend_fails_connect_instead_of_hanging() {
-    let s = Scratch::new("hung");
+    let s = scratch("hung");
     let qsd = Qsd::start(&s, QsdOpts::default());
     // The kernel still accepts the connection (listen backlog), but
     // nothing answers GET_FEATURES; the vhost crate alone would wait for
     // the reply forever.
     qsd.freeze();
-    let socket = s.socket();
+    let socket = s.join("vhost.sock");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let r = VhostUserBlk::connect(
@@ -512,9 +500,10 @@ fn a_hung_backend_fails_connect_instead_of_hanging() {
 
 #[test]
 fn a_get_id_answered_after_its_timeout_does_not_cut_polls_short() {
-    let s = Scratch::new("late-id");
+    let s = scratch("late-id");
     let _qsd = Qsd::start(&s, QsdOpts::default());
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     // Gives up at once; the request stays in flight and is answered later.
     assert!(dev.get_id(Duration::ZERO).is_err());
     let deadline = Instant::now() + WAIT;
@@ -540,9 +529,10 @@ fn a_get_id_answered_after_its_timeout_does_not_cut_polls_short() {
 
 #[test]
 fn an_endless_poll_timeout_is_accepted() {
-    let s = Scratch::new("endless");
+    let s = scratch("endless");
     let _qsd = Qsd::start(&s, QsdOpts::default());
-    let mut dev = VhostUserBlk::connect(s.socket(), VhostUserBlkOptions::default()).unwrap();
+    let mut dev =
+        VhostUserBlk::connect(s.join("vhost.sock"), VhostUserBlkOptions::default()).unwrap();
     dev.submit(7, &BlockRequest::read(0, 8, true)).unwrap();
     dev.kick().unwrap();
     let mut out = Vec::new();

@@ -31,6 +31,7 @@ use shadowback_ring::sring::{
     ring_size, BackRing, FrontRing, RingPages, RingProtocol, SRING_HEADER_SIZE,
 };
 use shadowback_ring::{SharedRegion, PAGE_SIZE};
+use shadowback_testsupport::TempDir;
 use vm_memory::ByteValued;
 
 const XEN_RING_H: &str = "/usr/include/xen/io/ring.h";
@@ -39,14 +40,8 @@ const XEN_RING_H: &str = "/usr/include/xen/io/ring.h";
 
 /// The compiled C program, in a directory removed on drop.
 struct Reference {
-    dir: PathBuf,
+    _dir: TempDir,
     bin: PathBuf,
-}
-
-impl Drop for Reference {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Compiles `tests/c/xen_abi.c`; `tag` keeps concurrent tests apart.
@@ -56,9 +51,7 @@ fn build_reference(tag: &str) -> Reference {
         "{XEN_RING_H} not found: the Xen public headers are not installed. \
          Run scripts/install-test-deps.sh (it installs libxen-dev) and re-run."
     );
-    let dir = std::env::temp_dir().join(format!("shadowback-xen-abi-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let dir = TempDir::new(&format!("xen-abi-{tag}"));
     let bin = dir.join("xen_abi");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/xen_abi.c");
     let cc = std::env::var_os("CC").unwrap_or_else(|| "cc".into());
@@ -74,7 +67,7 @@ fn build_reference(tag: &str) -> Reference {
         src.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    Reference { dir, bin }
+    Reference { _dir: dir, bin }
 }
 
 /// A running `front`/`back` half of the C program.

@@ -3,31 +3,25 @@
 //! giving up, and the `status`/`fault` control messages.
 //!
 //! The fake backend is this test binary itself, re-executed with the
-//! `fake_backend_entry` filter (see [`fake`]): it speaks the supervisor ↔
+//! `fake_backend_entry` filter (`shadowback_testsupport::fake_backend`,
+//! scripted by [`script`]): it speaks the supervisor ↔
 //! backend protocol (`attach` with the shadow log, `poison`, `detach`),
 //! beats the log's heartbeat every 5 ms, never serves the ring, and records
 //! what it was told in an event file the tests read. The real block backend
 //! is exercised by the workspace's `tests/supervisor_recovery.rs`.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use shadowback_ring::grant::GrantTable;
-use shadowback_ring::SharedRegion;
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{
-    BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
-};
-use shadowback_xenbus::{key, ConnectRequest, DeviceFds, Message, SeqPacket};
+use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
+use shadowback_testsupport::fake_backend::{lines_of, EventLog, FakeBackend, FakeSupervisor};
+use shadowback_testsupport::raw_guest::RawGuest;
+use shadowback_testsupport::temp::TempDir;
+use shadowback_xenbus::{key, Message, SeqPacket};
 
 const BACKEND_ID: u16 = 0;
-/// `req_prod` of the guest's ring: frame 1 of the region.
-const REQ_PROD: u64 = 4096;
 
 // ---------------------------------------------------------------------------
 // The fake backend.
@@ -37,334 +31,118 @@ const REQ_PROD: u64 = 4096;
 /// `--control-fd`), it becomes one and never returns.
 #[test]
 fn fake_backend_entry() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--control-fd") {
-        fake::run(&args);
+    if let Some(fake) = FakeBackend::from_args() {
+        let no_shadow = fake.has_flag("--no-shadow");
+        fake.record(&format!("start no-shadow={}", u8::from(no_shadow)));
+        fake.serve(script);
     }
 }
 
-mod fake {
-    use super::*;
+/// The last other instance that reported `attached`, if any.
+fn previous_server(events: &EventLog, me: u32) -> Option<u32> {
+    events
+        .lines()
+        .iter()
+        .rev()
+        .filter_map(|l| l.strip_suffix(" attached"))
+        .filter_map(|pid| pid.parse().ok())
+        .find(|&pid| pid != me)
+}
 
-    fn opt<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
-        args.iter()
-            .find_map(|a| a.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-    }
-
-    fn record(events: &Path, line: &str) {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(events)
-            .expect("event file");
-        // One write per line: appends from several processes interleave
-        // by whole lines.
-        f.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-
-    /// The last other instance that reported `attached`, if any.
-    fn previous_server(events: &Path, me: u32) -> Option<u32> {
-        let text = std::fs::read_to_string(events).unwrap_or_default();
-        text.lines()
-            .rev()
-            .filter_map(|l| l.strip_suffix(" attached"))
-            .filter_map(|pid| pid.parse().ok())
-            .find(|&pid| pid != me)
-    }
-
-    pub fn run(args: &[String]) -> ! {
-        let events = PathBuf::from(opt(args, "events").expect("events=PATH"));
-        let die_on_recover = args.iter().any(|a| a == "die-on-recover");
-        let die_on_attach = std::env::var_os("FAKE_DIE_ON_ATTACH").is_some();
-        let no_shadow = args.iter().any(|a| a == "--no-shadow");
-        let me = std::process::id();
-        // SAFETY: the supervisor hands every backend its control socket as
-        // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
-        // in it uses fd 3.
-        let control = SeqPacket::from_fd(unsafe { OwnedFd::from_raw_fd(3) }).expect("fd 3");
-        record(
-            &events,
-            &format!("{me} start no-shadow={}", u8::from(no_shadow)),
-        );
-        let mut log: Option<ShadowLog> = None;
-        loop {
-            if let Some(log) = &log {
-                log.heartbeat().expect("heartbeat");
+/// What the fake answers: `attach` (opening the shadow log unless
+/// `--no-shadow`), `poison` and `detach`.
+fn script(fake: &mut FakeBackend, msg: Message, mut fds: Vec<OwnedFd>) -> Message {
+    let die_on_recover = fake.has_flag("die-on-recover");
+    let die_on_attach = std::env::var_os("FAKE_DIE_ON_ATTACH").is_some();
+    let no_shadow = fake.has_flag("--no-shadow");
+    let me = std::process::id();
+    match msg.kind() {
+        "attach" => {
+            let recover = msg.get(key::RECOVER) == Some("1");
+            let prev_alive = previous_server(&fake.events(), me)
+                .map(|pid| Path::new(&format!("/proc/{pid}")).exists());
+            fake.record(&format!(
+                "attach recover={} fds={} prev-alive={prev_alive:?} blame={}",
+                u8::from(recover),
+                fds.len(),
+                msg.get(key::BLAME).unwrap_or("-")
+            ));
+            if (recover && die_on_recover) || die_on_attach {
+                std::process::exit(70);
             }
-            let (msg, mut fds) = match control.recv_timeout(Duration::from_millis(5)) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(_) => std::process::exit(0),
-            };
-            let reply = match msg.kind() {
-                "attach" => {
-                    let recover = msg.get(key::RECOVER) == Some("1");
-                    let prev_alive = previous_server(&events, me)
-                        .map(|pid| Path::new(&format!("/proc/{pid}")).exists());
-                    record(
-                        &events,
-                        &format!(
-                            "{me} attach recover={} fds={} prev-alive={prev_alive:?} blame={}",
-                            u8::from(recover),
-                            fds.len(),
-                            msg.get(key::BLAME).unwrap_or("-")
-                        ),
-                    );
-                    if (recover && die_on_recover) || die_on_attach {
-                        std::process::exit(70);
-                    }
-                    let mut generation = 0;
-                    if fds.len() == 4 && !no_shadow {
-                        let l = ShadowLog::open(fds.pop().unwrap()).expect("log");
-                        generation = l.begin_instance().expect("begin");
-                        log = Some(l);
-                    }
-                    record(&events, &format!("{me} attached"));
-                    let n = u64::from(recover);
-                    Message::new("attached")
-                        .with("generation", generation)
-                        .with("replayed", 3 * n)
-                        .with("repushed", 2 * n)
-                        .with("poisoned", 0)
-                        .with("corrupt", 0)
-                        .with("replay-us", 77 * n)
-                }
-                "poison" => {
-                    record(
-                        &events,
-                        &format!("{me} poison {}", msg.get("sector").unwrap()),
-                    );
-                    Message::new("ok")
-                }
-                "detach" => {
-                    log = None;
-                    record(&events, &format!("{me} detach"));
-                    Message::new("detached")
-                }
-                other => Message::new("error")
-                    .with("code", "EPROTO")
-                    .with("message", other),
-            };
-            if control.send(&reply, &[]).is_err() {
-                std::process::exit(0);
+            let mut generation = 0;
+            if fds.len() == 4 && !no_shadow {
+                let l = ShadowLog::open(fds.pop().unwrap()).expect("log");
+                generation = l.begin_instance().expect("begin");
+                fake.heartbeat = Some(l);
             }
+            fake.record("attached");
+            let n = u64::from(recover);
+            Message::new("attached")
+                .with("generation", generation)
+                .with("replayed", 3 * n)
+                .with("repushed", 2 * n)
+                .with("poisoned", 0)
+                .with("corrupt", 0)
+                .with("replay-us", 77 * n)
         }
+        "poison" => {
+            fake.record(&format!("poison {}", msg.get("sector").unwrap()));
+            Message::new("ok")
+        }
+        "detach" => fake.detach(),
+        other => FakeBackend::refuse(other),
     }
 }
 
 // ---------------------------------------------------------------------------
 // Harness.
 
-struct Setup {
-    dir: tempfile::TempDir,
-    sup: Option<SupervisorThread>,
+/// The fake supervisor serving `disks` on 1 MiB images.
+fn start(disks: &[DiskConfig], fake_args: &[&str], first_env: &[(&str, &str)]) -> FakeSupervisor {
+    let dir = TempDir::new("sup-recovery");
+    let disks = disks
+        .iter()
+        .map(|d| DiskConfig {
+            path: dir.create_image(&format!("{}.img", d.name), 1 << 20),
+            cache: CacheMode::Writeback,
+            ..d.clone()
+        })
+        .collect();
+    FakeSupervisor::start(dir, disks, fake_args, first_env)
 }
 
-impl Setup {
-    fn start(disks: &[DiskConfig], fake_args: &[&str], first_env: &[(&str, &str)]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let disks = disks
-            .iter()
-            .map(|d| {
-                let path = dir.path().join(format!("{}.img", d.name));
-                std::fs::File::create(&path)
-                    .and_then(|f| f.set_len(1 << 20))
-                    .unwrap();
-                DiskConfig {
-                    path,
-                    cache: CacheMode::Writeback,
-                    ..d.clone()
-                }
-            })
-            .collect();
-        let events = dir.path().join("events");
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--exact".into(),
-            "--nocapture".into(),
-            "--quiet".into(),
-            "fake_backend_entry".into(),
-            "--".into(),
-            format!("events={}", events.display()).into(),
-        ];
-        args.extend(fake_args.iter().map(Into::into));
-        let cmd = BackendCommand {
-            program: std::env::current_exe().unwrap().into(),
-            args,
-            env: first_env
-                .iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        };
-        let cfg = Config {
-            socket: dir.path().join("control.sock"),
-            disks,
-        };
-        let sup = SupervisorThread::start(cfg, cmd).expect("supervisor starts");
-        Setup {
-            dir,
-            sup: Some(sup),
+/// Sends one control request on a fresh socket; returns every answer up
+/// to the last (`ok`, `error` or `status-end`).
+fn control(setup: &FakeSupervisor, msg: &Message) -> Vec<Message> {
+    let sock = SeqPacket::connect(setup.socket()).unwrap();
+    sock.send(msg, &[]).unwrap();
+    let mut out = Vec::new();
+    loop {
+        let (m, _) = sock
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap()
+            .expect("an answer");
+        let last = m.kind() != "status";
+        out.push(m);
+        if last {
+            return out;
         }
-    }
-
-    fn sup(&self) -> &SupervisorThread {
-        self.sup.as_ref().unwrap()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-
-    fn events(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("events"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    fn stats(&self, device: &str) -> DeviceStats {
-        self.sup()
-            .status()
-            .into_iter()
-            .find(|(name, _)| name == device)
-            .map(|(_, s)| s)
-            .expect("device listed")
-    }
-
-    /// Waits until `pred` holds for `device`'s stats.
-    fn wait_for(
-        &self,
-        device: &str,
-        what: &str,
-        pred: impl Fn(&DeviceStats) -> bool,
-    ) -> DeviceStats {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = self.stats(device);
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {s:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Sends one control request on a fresh socket; returns every answer
-    /// up to the last (`ok`, `error` or `status-end`).
-    fn control(&self, msg: &Message) -> Vec<Message> {
-        let sock = SeqPacket::connect(self.socket()).unwrap();
-        sock.send(msg, &[]).unwrap();
-        let mut out = Vec::new();
-        loop {
-            let (m, _) = sock
-                .recv_timeout(Duration::from_secs(15))
-                .unwrap()
-                .expect("an answer");
-            let last = m.kind() != "status";
-            out.push(m);
-            if last {
-                return out;
-            }
-        }
-    }
-
-    fn fault(&self, device: &str, fault: Fault) {
-        let answer = self.control(&fault.to_message(device));
-        assert_eq!(answer[0].kind(), "ok", "{answer:?}");
     }
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if let Some(sup) = self.sup.take() {
-            let _ = sup.stop();
-        }
-    }
+fn fault(setup: &FakeSupervisor, device: &str, fault: Fault) {
+    let answer = control(setup, &fault.to_message(device));
+    assert_eq!(answer[0].kind(), "ok", "{answer:?}");
 }
 
 fn disk(name: &str) -> DiskConfig {
     DiskConfig::new(name, "/unused")
 }
 
-fn eventfd() -> OwnedFd {
-    nix::sys::eventfd::EventFd::from_value_and_flags(0, nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
-        .unwrap()
-        .into()
-}
-
-/// A minimal guest: a region with a grant table (frame 0) and one ring
-/// page (frame 1, grant ref 8), attached through the control socket.
-struct Guest {
-    sock: SeqPacket,
-    region: Arc<SharedRegion>,
-}
-
-impl Guest {
-    fn connect(socket: &Path, device: &str) -> Result<Self, Message> {
-        let region = Arc::new(SharedRegion::create("guest", 4).unwrap());
-        GrantTable::new(region.clone(), 1)
-            .unwrap()
-            .grant(8, BACKEND_ID, 1, false)
-            .unwrap();
-        let req = ConnectRequest {
-            device: device.into(),
-            frontend_id: 1,
-            ring_refs: vec![8],
-            grant_frames: 1,
-            feature_persistent: false,
-        };
-        let fds = DeviceFds {
-            region: region.file().try_clone().unwrap().into(),
-            kick: eventfd(),
-            notify: eventfd(),
-        };
-        let sock = SeqPacket::connect(socket).unwrap();
-        sock.send(&req.to_message().unwrap(), &fds.as_borrowed())
-            .unwrap();
-        let (reply, _) = sock
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap()
-            .expect("an answer to connect");
-        if reply.kind() == "connected" {
-            Ok(Guest { sock, region })
-        } else {
-            Err(reply)
-        }
-    }
-
-    /// Posts `n` requests (only the index: the fake never serves them), so
-    /// the ring has pending work.
-    fn post(&self, n: u32) {
-        self.region.store(n, REQ_PROD, Ordering::Release).unwrap();
-    }
-
-    /// Nothing arrives on the guest's socket for `wait`: it is still
-    /// Connected.
-    fn assert_undisturbed(&self, wait: Duration) {
-        if let Some((msg, _)) = self.sock.recv_timeout(wait).unwrap() {
-            panic!("the guest was told {msg}");
-        }
-    }
-
-    fn next_message(&self) -> Message {
-        self.sock
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap()
-            .expect("a message for the guest")
-            .0
-    }
-}
-
-fn lines_of(events: &[String], pid: u32) -> Vec<String> {
-    let prefix = format!("{pid} ");
-    events
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .map(str::to_string)
-        .collect()
+/// The raw guest, attached without a probe.
+fn connect(socket: &Path, device: &str) -> Result<RawGuest, Message> {
+    RawGuest::connect(socket, device, BACKEND_ID)
 }
 
 // ---------------------------------------------------------------------------
@@ -372,13 +150,13 @@ fn lines_of(events: &[String], pid: u32) -> Vec<String> {
 
 #[test]
 fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let setup = start(&[disk("d0")], &[], &[]);
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
     assert!(before.connected);
     let (old, standby) = (before.pid.unwrap(), before.standby_pid.unwrap());
 
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!(after.crashes, 1);
     assert_eq!(after.hangs, 0);
@@ -395,7 +173,7 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     assert_ne!(later.standby_pid, Some(old));
     guest.assert_undisturbed(Duration::from_millis(200));
 
-    let events = setup.events();
+    let events = setup.events.lines();
     let new = lines_of(&events, standby);
     assert!(
         new.contains(&"attach recover=1 fds=4 prev-alive=Some(false) blame=0".to_string()),
@@ -405,9 +183,9 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
     assert!(!Path::new(&format!("/proc/{old}")).exists());
 
     // The guest leaves normally: the new instance is detached.
-    guest.sock.send(&Message::new("close"), &[]).unwrap();
+    guest.control.send(&Message::new("close"), &[]).unwrap();
     assert_eq!(guest.next_message().kind(), "closed");
-    assert!(lines_of(&setup.events(), standby).contains(&"detach".to_string()));
+    assert!(lines_of(&setup.events.lines(), standby).contains(&"detach".to_string()));
     assert!(!setup.stats("d0").connected);
 }
 
@@ -415,7 +193,7 @@ fn a_killed_backend_is_replaced_by_the_standby_without_the_guest_noticing() {
 fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
     // Twice the default timeout: the fake must not look hung on a loaded
     // two-CPU test machine while it still beats.
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             hang_timeout_ms: 200,
             ..disk("d0")
@@ -423,14 +201,14 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
         &[],
         &[],
     );
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
     guest.post(1);
     // Beating (the fake heartbeats every 5 ms): pending work alone is no hang.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(setup.stats("d0").hangs, 0);
 
-    setup.fault("d0", Fault::Hang);
+    fault(&setup, "d0", Fault::Hang);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!((after.hangs, after.crashes), (1, 0));
     assert_eq!(after.pid, before.standby_pid);
@@ -445,10 +223,10 @@ fn a_stopped_backend_with_pending_work_is_declared_hung_and_replaced() {
 
 #[test]
 fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let setup = start(&[disk("d0")], &[], &[]);
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
-    setup.fault("d0", Fault::Hang);
+    fault(&setup, "d0", Fault::Hang);
     std::thread::sleep(Duration::from_millis(500));
     let idle = setup.stats("d0");
     assert_eq!((idle.hangs, idle.recoveries), (0, 0));
@@ -466,7 +244,7 @@ fn an_idle_stopped_backend_is_left_alone_until_work_arrives() {
 
 #[test]
 fn without_a_standby_the_takeover_is_a_cold_restart() {
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             standby: false,
             ..disk("d0")
@@ -474,10 +252,10 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
         &[],
         &[],
     );
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let before = setup.stats("d0");
     assert_eq!(before.standby_pid, None);
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a recovery", |s| s.recoveries == 1);
     assert_eq!((after.cold_takeovers, after.standby_takeovers), (1, 0));
     assert_ne!(after.pid, before.pid);
@@ -487,22 +265,22 @@ fn without_a_standby_the_takeover_is_a_cold_restart() {
 
 #[test]
 fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let setup = start(&[disk("d0")], &[], &[]);
+    let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
-    setup.fault("d0", Fault::Poison { sector: 77 });
-    setup.fault("d0", Fault::Poison { sector: 78 });
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Poison { sector: 77 });
+    fault(&setup, "d0", Fault::Poison { sector: 78 });
+    fault(&setup, "d0", Fault::Kill);
     let second = setup
         .wait_for("d0", "a recovery", |s| s.recoveries == 1)
         .pid
         .unwrap();
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let third = setup
         .wait_for("d0", "a second recovery", |s| s.recoveries == 2)
         .pid
         .unwrap();
-    let events = setup.events();
+    let events = setup.events.lines();
     assert_eq!(lines_of(&events, first)[3..5], ["poison 77", "poison 78"]);
     for pid in [second, third] {
         let lines = lines_of(&events, pid);
@@ -522,13 +300,13 @@ fn poisoned_sectors_are_told_to_every_later_instance_before_its_attach() {
 #[test]
 fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
     // Only the first instance gets the environment: it dies on `attach`.
-    let setup = Setup::start(&[disk("d0")], &[], &[("FAKE_DIE_ON_ATTACH", "1")]);
-    let guest = Guest::connect(&setup.socket(), "d0").expect("connected after a takeover");
+    let setup = start(&[disk("d0")], &[], &[("FAKE_DIE_ON_ATTACH", "1")]);
+    let guest = connect(setup.socket(), "d0").expect("connected after a takeover");
     let s = setup.stats("d0");
     assert_eq!((s.crashes, s.recoveries), (1, 1));
     assert!(s.connected);
     // A death nobody injected counts against the requests in flight.
-    let events = setup.events();
+    let events = setup.events.lines();
     assert!(
         events
             .iter()
@@ -540,9 +318,9 @@ fn a_backend_dying_during_the_first_attach_is_recovered_before_connected() {
 
 #[test]
 fn the_guest_is_told_only_when_every_takeover_fails() {
-    let setup = Setup::start(&[disk("d0")], &["die-on-recover"], &[]);
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
-    setup.fault("d0", Fault::Kill);
+    let setup = start(&[disk("d0")], &["die-on-recover"], &[]);
+    let guest = connect(setup.socket(), "d0").unwrap();
+    fault(&setup, "d0", Fault::Kill);
     let msg = guest.next_message();
     assert_eq!(msg.kind(), "error");
     assert_eq!(msg.get("code"), Some("ENODEV"));
@@ -555,15 +333,13 @@ fn the_guest_is_told_only_when_every_takeover_fails() {
     assert_eq!(s.recoveries, 0);
     assert_eq!((s.pid, s.standby_pid), (None, None));
     // The device is gone for later guests too.
-    let refused = Guest::connect(&setup.socket(), "d0")
-        .err()
-        .expect("refused");
+    let refused = connect(setup.socket(), "d0").err().expect("refused");
     assert_eq!(refused.get("code"), Some("ENODEV"));
 }
 
 #[test]
 fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
-    let setup = Setup::start(
+    let setup = start(
         &[DiskConfig {
             shadow: false,
             ..disk("d0")
@@ -571,12 +347,12 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
         &[],
         &[],
     );
-    let guest = Guest::connect(&setup.socket(), "d0").unwrap();
+    let guest = connect(setup.socket(), "d0").unwrap();
     let first = setup.stats("d0").pid.unwrap();
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let msg = guest.next_message();
     assert_eq!(msg.get("code"), Some("ENODEV"), "{msg}");
-    let events = setup.events();
+    let events = setup.events.lines();
     assert!(lines_of(&events, first).contains(&"start no-shadow=1".to_string()));
     assert!(lines_of(&events, first)
         .iter()
@@ -589,25 +365,25 @@ fn without_the_shadow_layer_a_crash_disconnects_the_guest() {
     drop(guest);
     let again = setup.wait_for("d0", "the detach", |s| !s.connected);
     assert!(!again.given_up);
-    Guest::connect(&setup.socket(), "d0").expect("a new guest attaches");
+    connect(setup.socket(), "d0").expect("a new guest attaches");
 }
 
 #[test]
 fn an_unattached_backend_that_dies_is_replaced() {
-    let setup = Setup::start(&[disk("d0")], &[], &[]);
+    let setup = start(&[disk("d0")], &[], &[]);
     let before = setup.wait_for("d0", "a standby", |s| s.standby_pid.is_some());
-    setup.fault("d0", Fault::Kill);
+    fault(&setup, "d0", Fault::Kill);
     let after = setup.wait_for("d0", "a replacement", |s| {
         s.pid != before.pid && s.pid.is_some()
     });
     assert_eq!((after.crashes, after.recoveries), (1, 0));
-    Guest::connect(&setup.socket(), "d0").expect("attaches to the replacement");
+    connect(setup.socket(), "d0").expect("attaches to the replacement");
 }
 
 #[test]
 fn status_lists_every_device_in_order_and_fault_checks_its_arguments() {
-    let setup = Setup::start(&[disk("b"), disk("a")], &[], &[]);
-    let answers = setup.control(&Message::new("status"));
+    let setup = start(&[disk("b"), disk("a")], &[], &[]);
+    let answers = control(&setup, &Message::new("status"));
     assert_eq!(answers.len(), 3, "{answers:?}");
     assert_eq!(answers[2].kind(), "status-end");
     let names: Vec<String> = answers[..2]
@@ -658,7 +434,7 @@ fn status_lists_every_device_in_order_and_fault_checks_its_arguments() {
         (Message::new("fault").with("action", "kill"), "EINVAL"),
     ];
     for (msg, code) in bad {
-        let answer = setup.control(&msg);
+        let answer = control(&setup, &msg);
         assert_eq!(answer[0].get("code"), Some(code), "{msg}: {answer:?}");
     }
     // The in-process API reaches the same device task.

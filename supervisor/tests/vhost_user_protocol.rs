@@ -5,24 +5,26 @@
 //! requests that get errors while the supervisor keeps serving.
 //!
 //! The data plane is a fake: this test binary re-executed by the supervisor
-//! (see [`fake_backend_entry`]). It answers `attach-virtio`, `set-call` and
+//! (see [`fake_backend_entry`], `shadowback_testsupport::fake_backend`). It answers `attach-virtio`, `set-call` and
 //! `detach`, beats queue 0's shadow log, and records what it received in an
 //! event file. The real virtqueue data plane is the integrator's to test.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use shadowback_shadow::ShadowLog;
-use shadowback_supervisor::{
-    BackendCommand, CacheMode, Config, DeviceStats, DiskConfig, Fault, SupervisorThread,
-};
+use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
+use shadowback_testsupport::fake_backend::{FakeBackend, FakeSupervisor};
+use shadowback_testsupport::fd::memfd;
+use shadowback_testsupport::temp::TempDir;
+use shadowback_testsupport::wait_for;
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
-use shadowback_xenbus::{key, kind, Message, SeqPacket};
+use shadowback_xenbus::{key, kind, Message};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures,
@@ -49,252 +51,111 @@ const USED: u64 = 0x1_2000;
 /// becomes one and never returns.
 #[test]
 fn fake_backend_entry() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.iter().any(|a| a == "--control-fd") {
-        fake::run(&args);
+    if let Some(fake) = FakeBackend::from_args() {
+        fake.serve(script);
     }
 }
 
-mod fake {
-    use super::*;
-    use std::fs::OpenOptions;
-
-    fn record(events: &Path, line: &str) {
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(events)
-            .expect("event file");
-        // One write per line: appends from several processes interleave
-        // by whole lines.
-        f.write_all(format!("{line}\n").as_bytes()).unwrap();
-    }
-
-    pub fn run(args: &[String]) -> ! {
-        let events = args
-            .iter()
-            .find_map(|a| a.strip_prefix("events="))
-            .map(PathBuf::from)
-            .expect("events=PATH");
-        let me = std::process::id();
-        let die_on_recover = args.iter().any(|a| a == "die-on-recover");
-        let die_on_first_detach = args.iter().any(|a| a == "die-on-first-detach");
-        // SAFETY: the supervisor hands every backend its control socket as
-        // fd 3 (BACKEND_CONTROL_FD); this process owns it and nothing else
-        // in it uses fd 3.
-        let control = SeqPacket::from_fd(unsafe { OwnedFd::from_raw_fd(3) }).expect("fd 3");
-        let mut heartbeat: Option<ShadowLog> = None;
-        loop {
-            if let Some(log) = &heartbeat {
-                log.heartbeat().expect("heartbeat");
+/// What the fake data plane answers: `attach-virtio` (beating queue 0's
+/// shadow log), `set-call` and `detach`.
+fn script(fake: &mut FakeBackend, msg: Message, fds: Vec<OwnedFd>) -> Message {
+    let die_on_recover = fake.has_flag("die-on-recover");
+    let die_on_first_detach = fake.has_flag("die-on-first-detach");
+    match msg.kind() {
+        kind::ATTACH_VIRTIO => {
+            let got = fds.len();
+            let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
+            let fds = VirtioFds::from_received(&req, fds).expect("fd count");
+            let queues: Vec<String> = req
+                .queues
+                .iter()
+                .map(|q| {
+                    format!(
+                        "{}:{}:{:x}:{:x}:{:x}:{}",
+                        q.index, q.size, q.desc, q.avail, q.used, q.next_avail
+                    )
+                })
+                .collect();
+            fake.record(&format!(
+                "attach-virtio queues={} fds={got} inflight={} shadow={} recover={}",
+                queues.join(","),
+                u8::from(req.inflight.is_some()),
+                u8::from(req.shadow),
+                msg.get(key::RECOVER).unwrap_or("0"),
+            ));
+            if die_on_recover && msg.get(key::RECOVER) == Some("1") {
+                std::process::exit(70);
             }
-            let (msg, fds) = match control.recv_timeout(Duration::from_millis(5)) {
-                Ok(Some(m)) => m,
-                Ok(None) => continue,
-                Err(_) => std::process::exit(0),
-            };
-            let reply = match msg.kind() {
-                kind::ATTACH_VIRTIO => {
-                    let got = fds.len();
-                    let req = VirtioAttachRequest::from_message(&msg).expect("attach-virtio");
-                    let fds = VirtioFds::from_received(&req, fds).expect("fd count");
-                    let queues: Vec<String> = req
-                        .queues
-                        .iter()
-                        .map(|q| {
-                            format!(
-                                "{}:{}:{:x}:{:x}:{:x}:{}",
-                                q.index, q.size, q.desc, q.avail, q.used, q.next_avail
-                            )
-                        })
-                        .collect();
-                    record(
-                        &events,
-                        &format!(
-                            "{me} attach-virtio queues={} fds={got} inflight={} shadow={} recover={}",
-                            queues.join(","),
-                            u8::from(req.inflight.is_some()),
-                            u8::from(req.shadow),
-                            msg.get(key::RECOVER).unwrap_or("0"),
-                        ),
-                    );
-                    if die_on_recover && msg.get(key::RECOVER) == Some("1") {
-                        std::process::exit(70);
-                    }
-                    let mut generation = 0;
-                    if let Some(log) = fds.logs.into_iter().next() {
-                        let log = ShadowLog::open(log).expect("log");
-                        generation = log.begin_instance().expect("begin");
-                        heartbeat = Some(log);
-                    }
-                    Message::new("attached")
-                        .with("generation", generation)
-                        .with("replayed", 0)
-                        .with("repushed", 0)
-                        .with("poisoned", 0)
-                        .with("corrupt", 0)
-                        .with("replay-us", 0)
-                }
-                kind::SET_CALL => {
-                    record(
-                        &events,
-                        &format!(
-                            "{me} set-call queue={} fds={}",
-                            msg.get(key::QUEUE).unwrap_or("?"),
-                            fds.len()
-                        ),
-                    );
-                    Message::new("ok")
-                }
-                "detach" => {
-                    let died = std::fs::read_to_string(&events)
-                        .unwrap_or_default()
-                        .contains("died-on-detach");
-                    if die_on_first_detach && !died {
-                        // Mid-drain, with requests in flight.
-                        record(&events, &format!("{me} died-on-detach"));
-                        std::process::exit(71);
-                    }
-                    heartbeat = None;
-                    record(&events, &format!("{me} detach"));
-                    Message::new("detached")
-                }
-                other => Message::new("error")
-                    .with("code", "EPROTO")
-                    .with("message", other),
-            };
-            if control.send(&reply, &[]).is_err() {
-                std::process::exit(0);
+            let mut generation = 0;
+            if let Some(log) = fds.logs.into_iter().next() {
+                let log = ShadowLog::open(log).expect("log");
+                generation = log.begin_instance().expect("begin");
+                fake.heartbeat = Some(log);
             }
+            Message::new("attached")
+                .with("generation", generation)
+                .with("replayed", 0)
+                .with("repushed", 0)
+                .with("poisoned", 0)
+                .with("corrupt", 0)
+                .with("replay-us", 0)
         }
+        kind::SET_CALL => {
+            fake.record(&format!(
+                "set-call queue={} fds={}",
+                msg.get(key::QUEUE).unwrap_or("?"),
+                fds.len()
+            ));
+            Message::new("ok")
+        }
+        "detach" => {
+            let died = fake.events().count("died-on-detach") > 0;
+            if die_on_first_detach && !died {
+                // Mid-drain, with requests in flight.
+                fake.record("died-on-detach");
+                std::process::exit(71);
+            }
+            fake.detach()
+        }
+        other => FakeBackend::refuse(other),
     }
 }
 
 // ---------------------------------------------------------------------------
 // Harness.
 
-struct Setup {
-    dir: tempfile::TempDir,
-    sup: Option<SupervisorThread>,
+/// The fake supervisor exporting `vd` over vhost-user.
+fn start() -> FakeSupervisor {
+    start_with(&[])
 }
 
-impl Setup {
-    fn start() -> Self {
-        Self::start_with(&[])
-    }
-
-    fn start_with(fake_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("vd.img");
-        File::create(&image)
-            .and_then(|f| f.set_len(SECTORS * 512))
-            .unwrap();
-        let events = dir.path().join("events");
-        let cmd = BackendCommand {
-            program: std::env::current_exe().unwrap().into(),
-            args: [
-                "--exact".into(),
-                "--nocapture".into(),
-                "--quiet".into(),
-                "fake_backend_entry".into(),
-                "--".into(),
-                format!("events={}", events.display()).into(),
-            ]
-            .into_iter()
-            .chain(fake_args.iter().map(Into::into))
-            .collect(),
-            env: Vec::new(),
-        };
-        let cfg = Config {
-            socket: dir.path().join("control.sock"),
-            disks: vec![DiskConfig {
-                cache: CacheMode::Writeback,
-                // A directory that does not exist yet, and a stale file.
-                vhost_user: Some(dir.path().join("run/vd.vhost")),
-                num_queues: 2,
-                queue_size: 256,
-                ..DiskConfig::new("vd", image)
-            }],
-        };
-        std::fs::create_dir_all(dir.path().join("run")).unwrap();
-        // A stale socket left by a dead supervisor.
-        drop(std::os::unix::net::UnixListener::bind(dir.path().join("run/vd.vhost")).unwrap());
-        let sup = SupervisorThread::start(cfg, cmd).expect("supervisor starts");
-        Setup {
-            dir,
-            sup: Some(sup),
-        }
-    }
-
-    fn vhost_socket(&self) -> PathBuf {
-        self.dir.path().join("run/vd.vhost")
-    }
-
-    fn events(&self) -> Vec<String> {
-        std::fs::read_to_string(self.dir.path().join("events"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// Waits until some event line contains every one of `parts`.
-    fn wait_event(&self, parts: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(line) = self
-                .events()
-                .into_iter()
-                .find(|l| parts.iter().all(|p| l.contains(p)))
-            {
-                return line;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no event with {parts:?} in {:#?}",
-                self.events()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn count_events(&self, part: &str) -> usize {
-        self.events().iter().filter(|l| l.contains(part)).count()
-    }
-
-    fn stats(&self) -> DeviceStats {
-        self.sup.as_ref().unwrap().status().remove(0).1
-    }
-
-    fn wait_stats(&self, what: &str, pred: impl Fn(&DeviceStats) -> bool) -> DeviceStats {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let s = self.stats();
-            if pred(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {s:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// A frontend that asks for REPLY_ACK on every request.
-    fn connect(&self) -> Frontend {
-        let fe = Frontend::connect(self.vhost_socket(), 16).expect("connect");
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        fe
-    }
+fn start_with(fake_args: &[&str]) -> FakeSupervisor {
+    let dir = TempDir::new("vu-protocol");
+    let image = dir.create_image("vd.img", SECTORS * 512);
+    // A directory that does not exist yet, and a stale file.
+    let vhost = dir.join("run/vd.vhost");
+    let disks = vec![DiskConfig {
+        cache: CacheMode::Writeback,
+        vhost_user: Some(vhost.clone()),
+        num_queues: 2,
+        queue_size: 256,
+        ..DiskConfig::new("vd", image)
+    }];
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    // A stale socket left by a dead supervisor.
+    drop(std::os::unix::net::UnixListener::bind(&vhost).unwrap());
+    FakeSupervisor::start(dir, disks, fake_args, &[])
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if let Some(sup) = self.sup.take() {
-            let _ = sup.stop();
-        }
-    }
+fn vhost_socket(s: &FakeSupervisor) -> PathBuf {
+    s.dir().join("run/vd.vhost")
+}
+
+/// A frontend that asks for REPLY_ACK on every request.
+fn connect(s: &FakeSupervisor) -> Frontend {
+    let fe = Frontend::connect(vhost_socket(s), 16).expect("connect");
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe
 }
 
 /// SET_OWNER, features and protocol features as QEMU negotiates them.
@@ -308,11 +169,7 @@ fn negotiate(fe: &mut Frontend) -> u64 {
 }
 
 fn guest_memory() -> File {
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    let fd = memfd_create(c"guest", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
-    let f = File::from(fd);
-    f.set_len(GUEST_SIZE).unwrap();
-    f
+    memfd(GUEST_SIZE)
 }
 
 /// One memory-table entry (struct literal: `new` is test-utils only).
@@ -366,8 +223,8 @@ fn raw_reply(sock: &mut UnixStream, body: usize) -> Vec<u8> {
 
 #[test]
 fn negotiation_config_space_and_inflight_region() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     let features = negotiate(&mut fe);
     for bit in [32, 29, 28, 2, 6, 9, 12, 13, 14] {
         assert_ne!(features & (1 << bit), 0, "feature bit {bit}");
@@ -414,8 +271,8 @@ fn negotiation_config_space_and_inflight_region() {
 
 #[test]
 fn a_started_queue_survives_a_data_plane_kill() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     let ask = VhostUserInflight {
         num_queues: 2,
@@ -435,34 +292,30 @@ fn a_started_queue_survives_a_data_plane_kill() {
     fe.set_vring_addr(0, &ring_config(256)).unwrap();
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_call(0, &call).unwrap();
-    assert_eq!(s.count_events("attach-virtio"), 0, "not enabled yet");
+    assert_eq!(s.events.count("attach-virtio"), 0, "not enabled yet");
     fe.set_vring_enable(0, true).unwrap();
 
     // Queue 1 has no addresses: the session runs queue 0 alone, at the
     // guest-physical addresses, from SET_VRING_BASE. One region, kick and
     // call, the in-flight region, one shadow log.
-    let line = s.wait_event(&["attach-virtio", "recover=0"]);
+    let line = s.events.wait_for(&["attach-virtio", "recover=0"]);
     assert!(
         line.contains("queues=0:256:10000:11000:12000:7 fds=5 inflight=1 shadow=1"),
         "{line}"
     );
-    s.wait_stats("connected", |st| st.connected);
+    s.wait_for("vd", "connected", |st| st.connected);
 
     // Interrupt masking: the call fd changes, nothing restarts.
     let masked = EventFd::new(0).unwrap();
     fe.set_vring_call(0, &masked).unwrap();
-    s.wait_event(&["set-call queue=0 fds=1"]);
-    assert_eq!(s.count_events("detach"), 0);
+    s.events.wait_for(&["set-call queue=0 fds=1"]);
+    assert_eq!(s.events.count("detach"), 0);
 
     // SIGKILL the data plane: a new instance takes over with recover=1;
     // the VMM's connection never notices.
-    s.sup
-        .as_ref()
-        .unwrap()
-        .fault("vd", Fault::Kill)
-        .expect("fault");
-    s.wait_stats("a recovery", |st| st.recoveries == 1);
-    let line = s.wait_event(&["attach-virtio", "recover=1"]);
+    s.sup().fault("vd", Fault::Kill).expect("fault");
+    s.wait_for("vd", "a recovery", |st| st.recoveries == 1);
+    let line = s.events.wait_for(&["attach-virtio", "recover=1"]);
     assert!(line.contains("fds=5"), "{line}");
     assert_eq!(fe.get_queue_num().unwrap(), 2, "connection still up");
 
@@ -470,19 +323,19 @@ fn a_started_queue_survives_a_data_plane_kill() {
     // is used->idx as the data plane left it.
     guest.write_all_at(&42u16.to_le_bytes(), USED + 2).unwrap();
     assert_eq!(fe.get_vring_base(0).unwrap(), 42);
-    s.wait_event(&["detach"]);
-    s.wait_stats("detached", |st| !st.connected);
+    s.events.wait_for(&["detach"]);
+    s.wait_for("vd", "detached", |st| !st.connected);
 
     // QEMU starts the device again: kick, and the session resumes at 42.
     fe.set_vring_kick(0, &kick).unwrap();
-    s.wait_event(&["attach-virtio", "12000:42"]);
+    s.events.wait_for(&["attach-virtio", "12000:42"]);
     // The backend records the attach before it answers: wait for the
     // device to count the session, or the EOF below may find it not yet
     // attached (and the stats still saying "detached").
-    s.wait_stats("attached again", |st| st.connected);
+    s.wait_for("vd", "attached again", |st| st.connected);
     drop(fe);
-    s.wait_stats("detached on EOF", |st| !st.connected && !st.given_up);
-    assert_eq!(s.count_events("detach"), 2);
+    s.wait_for("vd", "detached on EOF", |st| !st.connected && !st.given_up);
+    assert_eq!(s.events.count("detach"), 2);
 }
 
 /// Negotiates, sets up memory and queue 0, enables it; returns what must
@@ -504,25 +357,19 @@ fn start_queue0(fe: &mut Frontend) -> (File, EventFd, EventFd) {
 
 #[test]
 fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
-    let s = Setup::start_with(&["die-on-recover"]);
-    let mut fe = s.connect();
+    let s = start_with(&["die-on-recover"]);
+    let mut fe = connect(&s);
     let _keep = start_queue0(&mut fe);
-    s.wait_event(&["attach-virtio", "recover=0"]);
-    s.sup
-        .as_ref()
-        .unwrap()
-        .fault("vd", Fault::Kill)
-        .expect("fault");
-    s.wait_stats("giving up", |st| st.given_up);
+    s.events.wait_for(&["attach-virtio", "recover=0"]);
+    s.sup().fault("vd", Fault::Kill).expect("fault");
+    s.wait_for("vd", "giving up", |st| st.given_up);
     // The supervisor closes the socket: the VMM sees the failure.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while fe.get_queue_num().is_ok() {
-        assert!(Instant::now() < deadline, "connection still up");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(s.count_events("recover=1") >= 1);
+    wait_for(Duration::from_secs(15), "the connection to close", || {
+        fe.get_queue_num().is_err()
+    });
+    assert!(s.events.count("recover=1") >= 1);
     // A new connection is accepted, but the device refuses to start.
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     let (guest, kick, call) = (
         guest_memory(),
         EventFd::new(0).unwrap(),
@@ -541,8 +388,8 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
 
 #[test]
 fn bad_requests_get_errors_and_the_socket_keeps_serving() {
-    let s = Setup::start();
-    let mut fe = s.connect();
+    let s = start();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     // Refused with a NACK; the connection stays.
     assert!(fe.set_vring_num(0, 300).is_err(), "not a power of two");
@@ -578,7 +425,7 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
     drop(fe);
 
     // Garbage: an unknown request code. The supervisor hangs up.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let mut header = Vec::new();
     header.extend_from_slice(&0xffffu32.to_le_bytes());
@@ -591,7 +438,7 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
 
     // GET_CONFIG past the end of the config space: an empty reply (how
     // the spec signals failure), and the connection stays.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let features = (1u64 << 30) | (1 << 32);
     raw_request(&mut raw, 1, &[]);
@@ -617,24 +464,24 @@ fn bad_requests_get_errors_and_the_socket_keeps_serving() {
     drop(raw);
 
     // A truncated message followed by EOF.
-    let mut raw = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut raw = UnixStream::connect(vhost_socket(&s)).unwrap();
     raw.write_all(&[1, 0, 0]).unwrap();
     drop(raw);
 
     // And the next VMM is served as if nothing happened.
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     assert_eq!(fe.get_queue_num().unwrap(), 2);
-    assert!(!s.stats().given_up);
-    assert_eq!(s.count_events("attach-virtio"), 0);
+    assert!(!s.stats("vd").given_up);
+    assert_eq!(s.events.count("attach-virtio"), 0);
 }
 
 #[test]
 fn the_socket_is_removed_on_shutdown() {
-    let mut s = Setup::start();
-    let path = s.vhost_socket();
+    let mut s = start();
+    let path = vhost_socket(&s);
     assert!(path.exists());
-    s.sup.take().unwrap().stop().unwrap();
+    s.harness.stop_keeping_files();
     assert!(!path.exists());
 }
 
@@ -646,21 +493,9 @@ fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[std::os::fd::RawFd]) {
     sendmsg::<UnixAddr>(sock.as_raw_fd(), &iov, &rights, MsgFlags::empty(), None).unwrap();
 }
 
-/// Reads (and discards replies) until the supervisor hangs up; fails if it
-/// has not within the read timeout.
+/// Reads until the supervisor hangs up, or fails after 15 s of silence.
 fn expect_hangup(sock: &mut UnixStream, what: &str) {
-    sock.set_nonblocking(false).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(15)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sock.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("{what}: the supervisor did not hang up: {e}"),
-        }
-    }
+    shadowback_testsupport::socket::expect_hangup(sock, Duration::from_secs(15), what);
 }
 
 /// A VMM that stalls, floods or desynchronises the stream — without ever
@@ -671,7 +506,7 @@ fn expect_hangup(sock: &mut UnixStream, what: &str) {
 /// read. The next VMM is served, and the supervisor stops promptly.
 #[test]
 fn stalled_or_desynchronised_vmms_are_hung_up_on() {
-    let s = Setup::start();
+    let s = start();
     let null = File::open("/dev/null").unwrap();
     let kick_header = |flags: u32| {
         let mut msg = Vec::new();
@@ -682,20 +517,20 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
         msg
     };
 
-    let mut half = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut half = UnixStream::connect(vhost_socket(&s)).unwrap();
     half.write_all(&1u32.to_le_bytes()).unwrap();
     expect_hangup(&mut half, "half a header");
 
-    let mut many = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut many = UnixStream::connect(vhost_socket(&s)).unwrap();
     send_with_fds(&many, &kick_header(1), &[null.as_raw_fd(); 40]);
     expect_hangup(&mut many, "40 fds");
 
-    let mut two = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut two = UnixStream::connect(vhost_socket(&s)).unwrap();
     send_with_fds(&two, &kick_header(1 | 8), &[null.as_raw_fd(); 2]);
     expect_hangup(&mut two, "SET_VRING_KICK with 2 fds");
 
     // GET_FEATURES until our send buffer is full; the replies pile up.
-    let mut deaf = UnixStream::connect(s.vhost_socket()).unwrap();
+    let mut deaf = UnixStream::connect(vhost_socket(&s)).unwrap();
     deaf.set_nonblocking(true).unwrap();
     let get_features = [1u32, 1, 0]
         .iter()
@@ -727,7 +562,7 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
         "replies never read: the supervisor did not hang up ({sent} requests)"
     );
 
-    let mut fe = s.connect();
+    let mut fe = connect(&s);
     negotiate(&mut fe);
     assert_eq!(fe.get_queue_num().unwrap(), 2);
     drop((half, many, two, deaf));
@@ -739,21 +574,21 @@ fn stalled_or_desynchronised_vmms_are_hung_up_on() {
 /// is taken over (`recover=1`) and the new instance detached.
 #[test]
 fn a_data_plane_dying_in_a_detach_is_recovered_before_the_ring_stops() {
-    let s = Setup::start_with(&["die-on-first-detach"]);
-    let mut fe = s.connect();
+    let s = start_with(&["die-on-first-detach"]);
+    let mut fe = connect(&s);
     let (guest, kick, _call) = start_queue0(&mut fe);
-    s.wait_event(&["attach-virtio", "recover=0"]);
+    s.events.wait_for(&["attach-virtio", "recover=0"]);
     guest.write_all_at(&9u16.to_le_bytes(), USED + 2).unwrap();
     assert_eq!(fe.get_vring_base(0).unwrap(), 9);
-    let died = s.wait_event(&["died-on-detach"]);
-    let recovered = s.wait_event(&["attach-virtio", "recover=1"]);
+    let died = s.events.wait_for(&["died-on-detach"]);
+    let recovered = s.events.wait_for(&["attach-virtio", "recover=1"]);
     let pid = |line: &str| line.split(' ').next().unwrap().to_string();
     assert_ne!(pid(&died), pid(&recovered), "a new instance took over");
-    s.wait_event(&[&format!("{} detach", pid(&recovered))]);
-    let st = s.wait_stats("detached", |st| !st.connected);
+    s.events.wait_for(&[&format!("{} detach", pid(&recovered))]);
+    let st = s.wait_for("vd", "detached", |st| !st.connected);
     assert_eq!((st.crashes, st.recoveries), (1, 1), "{st:#?}");
     assert!(!st.given_up);
     // And the ring starts again where the VMM expects.
     fe.set_vring_kick(0, &kick).unwrap();
-    s.wait_event(&["attach-virtio", "12000:9"]);
+    s.events.wait_for(&["attach-virtio", "12000:9"]);
 }

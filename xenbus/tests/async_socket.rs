@@ -1,28 +1,13 @@
 //! The tokio flavour against itself and against the blocking flavour.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use shadowback_testsupport::fd::{add_seals, sealable_memfd, SealFlag};
+use shadowback_testsupport::{eventfd, TempDir};
 use shadowback_xenbus::{
     kind, AsyncSeqPacket, AsyncSeqPacketListener, BackendInfo, ConnectRequest, DeviceFds, DiskMode,
     Message, SeqPacket, SeqPacketListener, XenbusError, XenbusState, MAX_FDS,
 };
-
-fn socket_path(name: &str) -> PathBuf {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "shadowback-xenbus-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn eventfd() -> std::os::fd::OwnedFd {
-    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap()
-}
 
 fn disk() -> BackendInfo {
     BackendInfo {
@@ -43,7 +28,8 @@ fn disk() -> BackendInfo {
 
 #[tokio::test]
 async fn listener_probe_connect_close() {
-    let path = socket_path("control.sock");
+    let dir = TempDir::new("xenbus-async");
+    let path = dir.join("control.sock");
     let listener = AsyncSeqPacketListener::bind(&path).unwrap();
 
     // The "supervisor".
@@ -84,11 +70,8 @@ async fn listener_probe_connect_close() {
         assert_eq!(answer.state().unwrap(), XenbusState::InitWait);
         assert_eq!(BackendInfo::from_message(&answer).unwrap(), disk());
 
-        use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
-        let region =
-            memfd_create("region", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING).unwrap();
-        ftruncate(&region, 4 * 4096).unwrap();
-        fcntl_add_seals(&region, SealFlags::SHRINK).unwrap();
+        let region = sealable_memfd(4 * 4096, true);
+        add_seals(&region, SealFlag::F_SEAL_SHRINK);
         let (kick, notify) = (eventfd(), eventfd());
         let req = ConnectRequest {
             device: "xvda".into(),
@@ -122,7 +105,6 @@ async fn listener_probe_connect_close() {
     // A stale socket file is replaced on the next bind.
     let again = AsyncSeqPacketListener::bind(&path).unwrap();
     drop(again);
-    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }
 
 #[tokio::test]
@@ -178,7 +160,8 @@ async fn async_send_waits_for_room() {
 
 #[tokio::test]
 async fn blocking_and_async_interoperate() {
-    let path = socket_path("mixed.sock");
+    let dir = TempDir::new("xenbus-async");
+    let path = dir.join("mixed.sock");
     let listener = SeqPacketListener::bind(&path).unwrap();
     let listener = AsyncSeqPacketListener::new(listener).unwrap();
     let client = AsyncSeqPacket::connect(&path);
@@ -190,5 +173,4 @@ async fn blocking_and_async_interoperate() {
     // A live listener is not replaced.
     assert!(SeqPacketListener::bind(&path).is_err());
     drop(listener);
-    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
 }

@@ -1,21 +1,19 @@
-//! A minimal split-ring virtio-blk driver over memfd "guest memory", and a
-//! `shadowback blkback` process started the way the supervisor starts it
-//! (control socket on fd 3, disk on fd 4), for the virtio data-plane tests.
-#![allow(dead_code)]
+//! A minimal split-ring virtio-blk driver over memfd "guest memory", for
+//! tests that drive a `shadowback blkback` data plane directly
+//! ([`BlkbackProcess`]) the way the supervisor does.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::virtio::{InflightConfig, MemoryRegion, QueueConfig, VirtioAttachRequest};
-use shadowback_xenbus::{Message, SeqPacket};
+use shadowback_xenbus::Message;
 
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::fd::memfd;
+pub use crate::process::BlkbackProcess;
 
 /// Guest memory: 4 MiB at guest-physical 0.
 pub const MEM_PAGES: u32 = 1024;
@@ -41,113 +39,6 @@ pub const T_FLUSH: u32 = 4;
 pub const T_GET_ID: u32 = 8;
 pub const FEATURE_EVENT_IDX: u64 = 1 << 29;
 
-/// A temporary disk image, removed on drop.
-pub struct TempFile {
-    pub path: std::path::PathBuf,
-    pub file: File,
-}
-
-impl TempFile {
-    pub fn new(tag: &str, bytes: u64) -> Self {
-        // Tests of one binary run in parallel threads and may share a tag:
-        // the clock alone is not unique (two threads read the same value).
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "sbt-virtio-{tag}-{}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(bytes).unwrap();
-        TempFile { path, file }
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// One `shadowback blkback` process and our end of its control socket.
-pub struct Backend {
-    pub child: Child,
-    pub control: SeqPacket,
-}
-
-impl Backend {
-    /// Starts `shadowback blkback` with `disk` as fd 4 and a fresh control
-    /// socket as fd 3, like `supervisor/src/spawn.rs`.
-    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
-    pub fn spawn(disk: &File, sectors: u64, env: &[(&str, &str)]) -> Self {
-        let (ours, theirs) = SeqPacket::pair().unwrap();
-        let theirs: OwnedFd = theirs.into_fd();
-        let control_src = theirs.as_raw_fd();
-        let disk_src = disk.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shadowback"));
-        cmd.args([
-            "blkback",
-            "--device",
-            "vd0",
-            "--control-fd",
-            "3",
-            "--disk-fd",
-            "4",
-        ])
-        .arg("--sectors")
-        .arg(sectors.to_string())
-        .envs(env.iter().copied());
-        // SAFETY: runs in the forked child before exec and calls only fcntl
-        // and dup2 (async-signal-safe); both sources are open in the parent
-        // for the duration of spawn, and are first copied above fd 10 so
-        // neither target number clobbers the other source.
-        unsafe {
-            cmd.pre_exec(move || {
-                let c = libc::fcntl(control_src, libc::F_DUPFD_CLOEXEC, 10);
-                let d = libc::fcntl(disk_src, libc::F_DUPFD_CLOEXEC, 10);
-                if c < 0 || d < 0 || libc::dup2(c, 3) < 0 || libc::dup2(d, 4) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn shadowback blkback");
-        drop(theirs);
-        Backend {
-            child,
-            control: ours,
-        }
-    }
-
-    pub fn recv(&self) -> Message {
-        let (msg, _) = self
-            .control
-            .recv_timeout(REPLY_TIMEOUT)
-            .expect("control socket")
-            .expect("backend answered in time");
-        msg
-    }
-
-    /// SIGKILL and reap.
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
 /// Everything of one virtio-blk device that outlives backend instances
 /// (what the supervisor keeps): memory, eventfds, logs, in-flight region.
 pub struct Device {
@@ -165,17 +56,8 @@ pub struct Device {
 
 impl Device {
     pub fn new(size: u16, shadow: bool, inflight: bool, features: u64) -> Self {
-        let inflight = inflight.then(|| {
-            let fd = nix::sys::memfd::memfd_create(
-                c"inflight",
-                nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-            )
-            .unwrap();
-            let f = File::from(fd);
-            f.set_len(shadowback_virtio::inflight_mmap_size(1, size).max(4096))
-                .unwrap();
-            f
-        });
+        let inflight =
+            inflight.then(|| memfd(shadowback_virtio::inflight_mmap_size(1, size).max(4096)));
         Device {
             mem: SharedRegion::create("virtio-test-ram", MEM_PAGES).unwrap(),
             size,
@@ -216,7 +98,7 @@ impl Device {
     }
 
     /// Sends `attach-virtio` with every descriptor, in the documented order.
-    pub fn send_attach(&self, backend: &Backend, req: &VirtioAttachRequest, recover: bool) {
+    pub fn send_attach(&self, backend: &BlkbackProcess, req: &VirtioAttachRequest, recover: bool) {
         self.send_attach_blaming(backend, req, recover, false);
     }
 
@@ -224,7 +106,7 @@ impl Device {
     /// counts against its requests: crash-loop breaker, serial replay).
     pub fn send_attach_blaming(
         &self,
-        backend: &Backend,
+        backend: &BlkbackProcess,
         req: &VirtioAttachRequest,
         recover: bool,
         blame: bool,
@@ -245,7 +127,7 @@ impl Device {
     }
 
     /// Attaches and expects `attached`.
-    pub fn attach(&self, backend: &Backend, recover: bool) -> Message {
+    pub fn attach(&self, backend: &BlkbackProcess, recover: bool) -> Message {
         self.send_attach(backend, &self.request(self.avail_idx), recover);
         let reply = backend.recv();
         assert_eq!(reply.kind(), "attached", "{reply}");
