@@ -9,9 +9,7 @@
 //! once and RX frames arrive in order, uncorrupted, never twice.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,8 +23,11 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{FrontRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_shadow::ShadowLog;
-use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest, NetFeatures};
-use shadowback_xenbus::{Message, SeqPacket};
+use shadowback_xenbus::netif::{NetConnectRequest, NetFeatures};
+use shadowback_xenbus::Message;
+
+mod netback_common;
+use netback_common::{NetbackProcess, REPLY_TIMEOUT};
 
 const RING: u32 = 256;
 const GRANT_FRAMES: u32 = 2;
@@ -40,7 +41,6 @@ const RX_RING_GREF: u32 = 9;
 const TX_BUF_GREF: u32 = 10;
 const RX_BUF_GREF: u32 = TX_BUF_GREF + RING;
 const ETHERTYPE_TEST: u16 = 0x88b5;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const PAGE: u64 = 4096;
 
 /// What outlives backend instances: the guest's side of the vif and what
@@ -90,30 +90,20 @@ impl Vif {
     }
 
     fn attach_message(&self, recover: bool, blame: bool) -> Message {
-        let req = NetAttachRequest {
-            frontend: "test-guest".into(),
-            connect: NetConnectRequest {
-                device: "vif0".into(),
-                frontend_id: 1,
-                grant_frames: GRANT_FRAMES,
-                tx_ring_ref: TX_RING_GREF,
-                rx_ring_ref: RX_RING_GREF,
-                features: NetFeatures {
-                    sg: true,
-                    ..NetFeatures::default()
-                },
-                no_csum_offload: false,
-                split_event_channels: false,
+        let connect = NetConnectRequest {
+            device: "vif0".into(),
+            frontend_id: 1,
+            grant_frames: GRANT_FRAMES,
+            tx_ring_ref: TX_RING_GREF,
+            rx_ring_ref: RX_RING_GREF,
+            features: NetFeatures {
+                sg: true,
+                ..NetFeatures::default()
             },
-            mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            mtu: 1500,
+            no_csum_offload: false,
+            split_event_channels: false,
         };
-        req.to_message()
-            .with("wire", "cable")
-            .with("shadow", 1)
-            .with("recover", u8::from(recover))
-            // 0: killed from outside, not the requests' fault.
-            .with("blame", u8::from(blame))
+        netback_common::attach_message(connect, recover, blame)
     }
 
     fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
@@ -137,56 +127,21 @@ impl Vif {
     }
 }
 
-/// One `shadowback netback` process and our end of its control socket.
-struct Backend {
-    child: Child,
-    control: SeqPacket,
-}
+/// A netback process and what this test sends it.
+struct Backend(NetbackProcess);
 
 impl Backend {
-    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
     fn spawn(env: &[(&str, String)]) -> Self {
-        let (ours, theirs) = SeqPacket::pair().unwrap();
-        let theirs: OwnedFd = theirs.into_fd();
-        let src = theirs.as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shadowback"));
-        cmd.args(["netback", "--device", "vif0", "--control-fd", "3"])
-            .envs(env.iter().map(|(k, v)| (k, v)));
-        // SAFETY: runs in the forked child before exec and calls only fcntl
-        // and dup2 (async-signal-safe) on an fd open in the parent.
-        unsafe {
-            cmd.pre_exec(move || {
-                let c = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
-                if c < 0 || libc::dup2(c, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().expect("spawn shadowback netback");
-        drop(theirs);
-        Backend {
-            child,
-            control: ours,
-        }
+        Backend(NetbackProcess::spawn(env))
     }
 
     fn attach(&self, vif: &Vif, recover: bool, blame: bool) -> Message {
-        self.control
-            .send(&vif.attach_message(recover, blame), &vif.attach_fds())
-            .unwrap();
-        let (msg, _) = self
-            .control
-            .recv_timeout(REPLY_TIMEOUT)
-            .expect("control socket")
-            .expect("backend answered in time");
-        assert_eq!(msg.kind(), "attached", "{msg:?}");
-        msg
+        self.0
+            .attach(&vif.attach_message(recover, blame), &vif.attach_fds())
     }
 
     fn kill_in_place(&mut self) {
-        let _ = self.child.kill();
-        self.child.wait().unwrap();
+        self.0.kill_in_place();
     }
 }
 
@@ -454,7 +409,7 @@ impl Run {
             && Instant::now() < deadline
         {
             t.step(&mut vif, self.tx_total, self.rx_total);
-            if let Some(status) = backend.child.try_wait().unwrap() {
+            if let Some(status) = backend.0.child.try_wait().unwrap() {
                 assert!(!status.success(), "the backend exited on its own: {status}");
                 o.crashes += 1;
                 replace(&mut backend, &vif, &mut o, true);
@@ -616,6 +571,7 @@ fn bad_tx_requests_are_answered_or_disconnect_the_vif_only() {
     vif.tx.push_requests().unwrap();
     vif.kick.notify().unwrap();
     let (msg, _) = backend
+        .0
         .control
         .recv_timeout(REPLY_TIMEOUT)
         .unwrap()
@@ -626,12 +582,17 @@ fn bad_tx_requests_are_answered_or_disconnect_the_vif_only() {
         "{msg:?}"
     );
     assert!(
-        backend.child.try_wait().unwrap().is_none(),
+        backend.0.child.try_wait().unwrap().is_none(),
         "the backend died"
     );
     // The process serves the next vif.
-    backend.control.send(&Message::new("detach"), &[]).unwrap();
+    backend
+        .0
+        .control
+        .send(&Message::new("detach"), &[])
+        .unwrap();
     let (msg, _) = backend
+        .0
         .control
         .recv_timeout(REPLY_TIMEOUT)
         .unwrap()

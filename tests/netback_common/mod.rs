@@ -1,0 +1,85 @@
+//! What the netback tests share: a `shadowback netback` process started
+//! the way the supervisor will start it, and the `attach-net` a
+//! supervisor sends it (docs/PROTOCOL.md §6c).
+
+#![allow(dead_code)]
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest};
+use shadowback_xenbus::{Message, SeqPacket};
+
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One `shadowback netback` process and our end of its control socket.
+pub struct NetbackProcess {
+    pub child: Child,
+    pub control: SeqPacket,
+}
+
+impl NetbackProcess {
+    /// Starts `shadowback netback` with a fresh control socket as fd 3.
+    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
+    pub fn spawn(env: &[(&str, String)]) -> Self {
+        let (ours, theirs) = SeqPacket::pair().unwrap();
+        let theirs: OwnedFd = theirs.into_fd();
+        let src = theirs.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shadowback"));
+        cmd.args(["netback", "--device", "vif0", "--control-fd", "3"])
+            .envs(env.iter().map(|(k, v)| (k, v)));
+        // SAFETY: runs in the forked child before exec and calls only fcntl
+        // and dup2 (async-signal-safe) on an fd open in the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                let c = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10);
+                if c < 0 || libc::dup2(c, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn shadowback netback");
+        drop(theirs);
+        NetbackProcess {
+            child,
+            control: ours,
+        }
+    }
+
+    /// Sends `attach-net` and returns the `attached` answer.
+    pub fn attach(&self, msg: &Message, fds: &[BorrowedFd<'_>]) -> Message {
+        self.control.send(msg, fds).unwrap();
+        let (msg, _) = self
+            .control
+            .recv_timeout(REPLY_TIMEOUT)
+            .expect("control socket")
+            .expect("backend answered in time");
+        assert_eq!(msg.kind(), "attached", "{msg:?}");
+        msg
+    }
+
+    /// SIGKILL (if still running) and reap.
+    pub fn kill_in_place(&mut self) {
+        let _ = self.child.kill();
+        self.child.wait().unwrap();
+    }
+}
+
+/// The `attach-net` of a vif on a cable, with both shadow logs.
+pub fn attach_message(connect: NetConnectRequest, recover: bool, blame: bool) -> Message {
+    NetAttachRequest {
+        frontend: "test-guest".into(),
+        connect,
+        mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        mtu: 1500,
+    }
+    .to_message()
+    .with("wire", "cable")
+    .with("shadow", 1)
+    .with("recover", u8::from(recover))
+    // 0: killed from outside, not the requests' fault.
+    .with("blame", u8::from(blame))
+}
