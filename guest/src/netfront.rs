@@ -48,8 +48,9 @@
 //! slot is reposted the same way, as Linux's `xennet_get_extras` does.
 //!
 //! Every index the backend controls is bounded by the ring size before use;
-//! a response producer running past the requests (`RING_RESPONSE_PROD_
-//! OVERFLOW`) marks the device broken: every later call fails.
+//! a response producer running past the requests
+//! (`RING_RESPONSE_PROD_OVERFLOW`) marks the device broken: every later
+//! call fails.
 //!
 //! [`BlkFront`]: crate::blkfront::BlkFront
 #![forbid(unsafe_code)]
@@ -792,10 +793,11 @@ impl NetFront {
         // Drain before looking at the ring: a notification sent after the
         // look is then still pending for the next wait.
         self.rx_notify().drain()?;
-        if !self.cfg.split_event_channels {
-            // One channel: its notifications were for TX responses too.
-            self.reclaim_tx()?;
+        if let Some(tx_notify) = self.rx_channel.as_ref().map(|_| &self.tx_channel.notify) {
+            // Split channels: nobody waits on the TX one; keep it drained.
+            tx_notify.drain()?;
         }
+        self.reclaim_tx()?;
         let got = self.take_rx_frames(buf);
         let refilled = self.refill_rx();
         let got = got?;
@@ -830,7 +832,7 @@ impl NetFront {
             // An extra-info slot: no id, no data; its slot's buffer was
             // only used to carry it (xennet_get_extras).
             let extra = rsp.as_extra();
-            self.rx_frame.extras += 1;
+            self.rx_frame.extras = self.rx_frame.extras.saturating_add(1);
             if extra.type_ == XEN_NETIF_EXTRA_TYPE_NONE
                 || extra.type_ >= XEN_NETIF_EXTRA_TYPE_MAX
                 || self.rx_frame.extras > MAX_RX_EXTRAS
@@ -840,7 +842,7 @@ impl NetFront {
             self.rx_frame.extras_pending = extra.flags & XEN_NETIF_EXTRA_FLAG_MORE != 0;
             return Ok(self.rx_frame_step());
         }
-        self.rx_frame.slots += 1;
+        self.rx_frame.slots = self.rx_frame.slots.saturating_add(1);
         self.rx_frame.more_data = rsp.flags & NETRXF_MORE_DATA != 0;
         self.rx_frame.extras_pending = rsp.flags & NETRXF_EXTRA_INFO != 0;
         if posted != Some(rsp.id) {
