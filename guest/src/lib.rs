@@ -17,6 +17,7 @@ pub mod blkfront;
 pub mod device;
 pub mod memdisk;
 pub mod net;
+pub mod netfront;
 pub mod pattern;
 pub mod stats;
 pub mod vhost_user;
