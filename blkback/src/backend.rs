@@ -32,7 +32,7 @@ use shadowback_dataplane::control::{
     attach_reply, control_err, fault_injection, poisoned, recv_control, sanitize, AttachFlags,
 };
 use shadowback_dataplane::event_loop::{
-    self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
+    self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
 };
 use shadowback_dataplane::recovery::{
     self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay, POISON_THRESHOLD,
@@ -74,15 +74,6 @@ struct Frontend {
     unpublished: bool,
     /// Stop consuming; drop the frontend once nothing is in flight.
     closing: Closing,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Closing {
-    No,
-    /// The supervisor asked: answer `detached` when idle.
-    Detach,
-    /// The ring is corrupt: we told the supervisor already.
-    Broken,
 }
 
 impl Frontend {

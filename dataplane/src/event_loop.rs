@@ -89,6 +89,17 @@ impl Token {
     }
 }
 
+/// Where an attachment stands on its way out, the same for every ring
+/// type: serving, detaching at the supervisor's request (answer
+/// `detached` once idle), or given up because the guest broke the ring
+/// (the supervisor was told with `disconnect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    No,
+    Detach,
+    Broken,
+}
+
 /// Attachment generations of one process, shared by its loops.
 #[derive(Debug)]
 pub struct Generations(u32);

@@ -33,7 +33,9 @@ use std::sync::Arc;
 use shadowback_dataplane::control::{
     attach_reply, control_err, fault_injection, recv_control, sanitize, AttachFlags,
 };
-use shadowback_dataplane::event_loop::{self, arm, BackendError, EventLoop, Generations, Token};
+use shadowback_dataplane::event_loop::{
+    self, arm, BackendError, Closing, EventLoop, Generations, Token,
+};
 use shadowback_dataplane::recovery::{
     self, log_failed, open_shadow_log, CrashSpec, RecoveryStats, ReplayTarget, SerialReplay,
     POISON_THRESHOLD,
@@ -118,13 +120,6 @@ pub struct NetRecovery {
     pub tx_replayed: u64,
     pub tx_maybe_duplicated: u64,
     pub rx_buffers_recovered: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Closing {
-    No,
-    Detach,
-    Broken,
 }
 
 /// A posted RX buffer.
