@@ -44,7 +44,7 @@ use shadowback_dataplane::uring::{Completion, Engine, EngineConfig};
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::netif::{
     NetifRx, NetifRxRequest, NetifRxResponse, NetifTx, NetifTxResponse, NETIF_RSP_ERROR,
-    NETIF_RSP_OKAY,
+    NETIF_RSP_OKAY, XEN_NETIF_NR_SLOTS_MIN,
 };
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
@@ -193,6 +193,8 @@ pub struct NetBackend {
     poison: Vec<u64>,
     /// Scratch frame: virtio-net header + the largest frame.
     frame: Vec<u8>,
+    /// Scratch for frames read from the wire.
+    rx_scratch: Vec<u8>,
 }
 
 impl NetBackend {
@@ -209,6 +211,7 @@ impl NetBackend {
             completions: Vec::with_capacity(64),
             poison: Vec::new(),
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
+            rx_scratch: Vec::new(),
         })
     }
 
@@ -618,44 +621,58 @@ impl NetBackend {
             if vif.closing != Closing::No || vif.pool.is_empty() {
                 return Ok(());
             }
-            let frame = match vif.held.take() {
-                Some(f) => f,
-                None => {
-                    if !vif.wire_readable {
-                        return Ok(());
+            if let Some(mut held) = vif.held.take() {
+                if !self.deliver_frame(&mut held) {
+                    if let Some(vif) = self.vif.as_mut() {
+                        vif.held = Some(held);
                     }
-                    let mut buf = vec![0u8; vif.wire.recv_buf_len()];
-                    match vif.wire.recv(&mut buf) {
-                        Ok(Some(n)) => {
-                            buf.truncate(n);
-                            buf
-                        }
-                        Ok(None) => {
-                            vif.wire_readable = false;
-                            return self.arm_wire();
-                        }
-                        Err(e) => {
-                            tracing::warn!(device = %self.cfg.device, error = %e, "wire read failed");
-                            vif.wire_readable = false;
-                            return self.arm_wire();
+                    return Ok(());
+                }
+                continue;
+            }
+            if !vif.wire_readable {
+                return Ok(());
+            }
+            // One scratch buffer for every frame: no allocation per frame.
+            let mut buf = std::mem::take(&mut self.rx_scratch);
+            buf.resize(vif.wire.recv_buf_len(), 0);
+            let received = vif.wire.recv(&mut buf);
+            let result = match received {
+                Ok(Some(n)) => {
+                    if !self.deliver_frame(&mut buf[..n]) {
+                        if let Some(vif) = self.vif.as_mut() {
+                            vif.held = Some(buf[..n].to_vec());
                         }
                     }
+                    None
+                }
+                Ok(None) => Some(Ok(())),
+                Err(e) => {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "wire read failed");
+                    Some(Ok(()))
                 }
             };
-            self.deliver_frame(frame);
+            self.rx_scratch = buf;
+            if let Some(done) = result {
+                if let Some(vif) = self.vif.as_mut() {
+                    vif.wire_readable = false;
+                }
+                return done.and_then(|()| self.arm_wire());
+            }
         }
     }
 
     /// Copies one frame (virtio-net header first) into posted buffers and
-    /// answers them, or holds it until enough buffers are posted.
-    fn deliver_frame(&mut self, mut frame: Vec<u8>) {
+    /// answers them, or drops it; `false` when it needs more buffers than
+    /// are posted (the caller holds it).
+    fn deliver_frame(&mut self, frame: &mut [u8]) -> bool {
         let Some(vif) = self.vif.as_mut() else {
-            return;
+            return true;
         };
         let hdr_len = vif.wire.header_len();
-        let Ok(hdr) = VnetHeader::decode(&frame, hdr_len) else {
+        let Ok(hdr) = VnetHeader::decode(frame, hdr_len) else {
             self.stats.rx_dropped += 1;
-            return;
+            return true;
         };
         let data = &mut frame[hdr_len.bytes()..];
         let mut csum = if hdr.needs_csum() {
@@ -666,7 +683,7 @@ impl NetBackend {
         if csum == Checksum::Partial && vif.no_csum_offload {
             if checksum::complete(data).is_err() {
                 self.stats.rx_dropped += 1;
-                return;
+                return true;
             }
             csum = Checksum::Validated;
         }
@@ -674,24 +691,28 @@ impl NetBackend {
             // The supervisor does not enable TAP offloads for a netif vif
             // without GSO, so this is a misbehaving peer.
             self.stats.rx_dropped += 1;
-            return;
+            return true;
         }
         let rx_frame = RxFrame {
             len: data.len(),
             checksum: csum,
             gso: None,
         };
-        let posted: Vec<NetifRxRequest> = vif.pool.iter().map(|p| p.req).collect();
+        // A frame takes at most XEN_NETIF_NR_SLOTS_MIN data buffers and a
+        // GSO extra: look no further into the pool.
+        let posted: Vec<NetifRxRequest> = vif
+            .pool
+            .iter()
+            .take(XEN_NETIF_NR_SLOTS_MIN + 1)
+            .map(|p| p.req)
+            .collect();
         let plan = match rx_plan(&posted, &rx_frame, vif.rx_features) {
             Ok(plan) => plan,
-            Err(NetifRxError::NotEnoughBuffers { .. }) => {
-                vif.held = Some(frame);
-                return;
-            }
+            Err(NetifRxError::NotEnoughBuffers { .. }) => return false,
             Err(e) => {
                 tracing::debug!(device = %self.cfg.device, error = %e, "RX frame dropped");
                 self.stats.rx_dropped += 1;
-                return;
+                return true;
             }
         };
         let mut ok = true;
@@ -728,6 +749,7 @@ impl NetBackend {
             }
             answer_rx(&self.cfg.device, vif, posted.entry, &rsp);
         }
+        true
     }
 
     fn arm_wire(&mut self) -> Result<(), BackendError> {
