@@ -207,7 +207,10 @@ mod tests {
         // The open file description is shared: the peer's F_SETFL is ours.
         fcntl(peer.as_raw_fd(), FcntlArg::F_SETFL(OFlag::empty())).unwrap();
         let c = ch.clone();
-        assert_eq!(within_5s("drain of an empty counter", move || c.drain()).unwrap(), 0);
+        assert_eq!(
+            within_5s("drain of an empty counter", move || c.drain()).unwrap(),
+            0
+        );
         nix::unistd::write(&peer, &FULL.to_ne_bytes()).unwrap();
         let c = ch.clone();
         within_5s("notify on a full counter", move || c.notify()).unwrap();
