@@ -69,6 +69,7 @@ impl Setup {
         let socket = dir.0.join("control.sock");
         let cfg = Config {
             socket: socket.clone(),
+            control: Default::default(),
             disks: vec![disk],
         };
         let cmd = BackendCommand {
@@ -943,6 +944,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
     let sup = SupervisorThread::start(
         Config {
             socket: socket.clone(),
+            control: Default::default(),
             disks,
         },
         cmd,

@@ -197,6 +197,7 @@ impl Setup {
         };
         let cfg = Config {
             socket: dir.path().join("control.sock"),
+            control: Default::default(),
             disks,
         };
         let sup = SupervisorThread::start(cfg, cmd).expect("supervisor starts");

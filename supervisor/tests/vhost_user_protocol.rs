@@ -207,6 +207,7 @@ impl Setup {
         };
         let cfg = Config {
             socket: dir.path().join("control.sock"),
+            control: Default::default(),
             disks: vec![DiskConfig {
                 cache: CacheMode::Writeback,
                 // A directory that does not exist yet, and a stale file.

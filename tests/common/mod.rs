@@ -158,6 +158,7 @@ impl Harness {
         let socket = dir.path().join("control.sock");
         let cfg = Config {
             socket: socket.clone(),
+            control: Default::default(),
             disks,
         };
         let supervisor = SupervisorThread::start(cfg, backend_command()).expect("start supervisor");
@@ -664,6 +665,7 @@ impl VhostSetup {
         edit(&mut disk);
         let cfg = Config {
             socket: dir.path().join("control.sock"),
+            control: Default::default(),
             disks: vec![disk],
         };
         let cmd = BackendCommand {
