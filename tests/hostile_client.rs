@@ -62,12 +62,13 @@ struct Up {
 }
 
 impl Up {
-    fn start(tag: &str) -> Self {
+    /// `control_table`: the `[control]` table's lines.
+    fn start(tag: &str, control_table: &str) -> Self {
         let dir = TempDir::new(tag);
         let control = dir.path().join("control.sock");
         let guest_disk = unique_name(&format!("{tag}-g"));
         let other_disk = unique_name(&format!("{tag}-o"));
-        let mut text = format!("socket = {control:?}\n");
+        let mut text = format!("socket = {control:?}\n[control]\n{control_table}\n");
         for name in [&guest_disk, &other_disk] {
             let image = dir.path().join(format!("{name}.img"));
             make_image(&image, 16);
@@ -313,7 +314,7 @@ fn open_idle(path: &Path, n: usize) -> Vec<OwnedFd> {
 
 #[test]
 fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
-    let up = Up::start("hc-idle");
+    let up = Up::start("hc-idle", "");
     let mut guest = up.attach_guest();
     verified_io(&mut guest, 0, 1).expect("verified I/O before");
     let baseline_fds = up.fds();
@@ -361,8 +362,40 @@ fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
 }
 
 #[test]
+fn one_client_filling_the_socket_cannot_lock_out_another() {
+    // No per-peer limit to speak of: the socket's own (half the
+    // descriptors) is what holds.
+    let up = Up::start(
+        "hc-fill",
+        "max_connections = 4096\nmax_connections_per_peer = 4096\nhandshake_timeout_ms = 600000",
+    );
+    let held = open_idle(&up.control, 2 * SUPERVISOR_NOFILE as usize);
+    assert!(
+        held.len() > SUPERVISOR_NOFILE as usize,
+        "only {} connections could be opened\n{}",
+        held.len(),
+        up.log_tail()
+    );
+    // `status` comes from another process: it takes a slot of ours.
+    for _ in 0..3 {
+        assert_eq!(up.device(&up.other_disk)["given-up"].as_u64(), Some(0));
+    }
+    let mut guest = up.attach_guest();
+    verified_io(&mut guest, 0, 31).expect("verified I/O while the socket is full");
+    up.kill_backend_and_see_it_replaced();
+    verified_io(&mut guest, 256, 32).expect("verified I/O after the takeover");
+    let fds = up.fds();
+    assert!(
+        fds < SUPERVISOR_NOFILE as usize,
+        "the supervisor ran out of descriptors ({fds})"
+    );
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+#[test]
 fn a_connect_close_storm_wedges_nothing() {
-    let up = Up::start("hc-storm");
+    let up = Up::start("hc-storm", "");
     let mut guest = up.attach_guest();
     verified_io(&mut guest, 0, 11).expect("verified I/O before");
     let baseline_fds = up.fds();

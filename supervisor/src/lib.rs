@@ -200,7 +200,7 @@ async fn serve_registered(
                     let pause = pacer.failed();
                     if let Some(suppressed) = accept_log.allow(std::time::Instant::now()) {
                         tracing::warn!(
-                            error = %e, pause_ms = pause.as_millis() as u64, suppressed,
+                            error = ?e, pause_ms = pause.as_millis() as u64, suppressed,
                             "accept failed"
                         );
                     }
