@@ -27,7 +27,8 @@
 //! (`class/`: [`VirtioModel`], backend keys, spawn arguments, I/O fence),
 //! and what depends on the wire of the frontend of its transport
 //! (`transport.rs`); a `session.rs` session is a transport's frontend and
-//! its list of rings.
+//! its list of rings. `admission.rs` bounds what clients of the control
+//! socket hold (docs/PROTOCOL.md §1.1).
 
 #![deny(unsafe_code)]
 
