@@ -98,6 +98,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let cache = CacheMode::best_for(&image);
     let cfg = Config {
         socket: dir.0.join("control.sock"),
+        control: Default::default(),
         disks: vec![DiskConfig {
             cache,
             ..DiskConfig::new("disk0", image.clone())

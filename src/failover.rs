@@ -163,6 +163,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let vhost_socket = dir.join("disk0.vhost.sock");
     let cfg = Config {
         socket: dir.join("control.sock"),
+        control: Default::default(),
         disks: vec![DiskConfig {
             cache,
             standby: args.mode == Mode::Hot,

@@ -146,12 +146,110 @@ fn default_true() -> bool {
     true
 }
 
+/// Limits of the control socket (`[control]`, docs/PROTOCOL.md §1.1): how
+/// many connections it holds and how long one may stay silent before it
+/// is attached. An attached guest's connection counts against none of
+/// them (there is at most one per disk).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Connections held at once that are not attached. Never more than
+    /// half the process's soft `RLIMIT_NOFILE`: the rest stays for the
+    /// devices and takeovers, whatever the clients do.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Of those, connections one peer process may hold (the peer is the
+    /// pid and uid of `SO_PEERCRED`).
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: u32,
+    /// A connection whose first message has not arrived this long after
+    /// it was accepted is closed.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// A connection that is not attached and has sent nothing for this
+    /// long is closed; so is one that does not read its answers for this
+    /// long.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+/// Default `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 256;
+/// Largest accepted `max_connections`.
+pub const MAX_MAX_CONNECTIONS: u32 = 65_536;
+/// Default `max_connections_per_peer`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_PEER: u32 = 32;
+/// Default `handshake_timeout_ms`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Default `idle_timeout_ms`.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Smallest accepted `handshake_timeout_ms` and `idle_timeout_ms`.
+pub const MIN_CONTROL_TIMEOUT_MS: u64 = 100;
+/// Largest accepted `handshake_timeout_ms` and `idle_timeout_ms` (one hour).
+pub const MAX_CONTROL_TIMEOUT_MS: u64 = 3_600_000;
+
+fn default_max_connections() -> u32 {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_connections_per_peer() -> u32 {
+    DEFAULT_MAX_CONNECTIONS_PER_PEER
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    DEFAULT_HANDSHAKE_TIMEOUT_MS
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_MS
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+        }
+    }
+}
+
+impl ControlConfig {
+    fn validate(&self) -> Result<(), SupervisorError> {
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            ("max_connections_per_peer", self.max_connections_per_peer),
+        ] {
+            if !(1..=MAX_MAX_CONNECTIONS).contains(&value) {
+                return Err(SupervisorError::Config(format!(
+                    "[control] {key} {value} is outside 1..={MAX_MAX_CONNECTIONS}"
+                )));
+            }
+        }
+        for (key, value) in [
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+        ] {
+            if !(MIN_CONTROL_TIMEOUT_MS..=MAX_CONTROL_TIMEOUT_MS).contains(&value) {
+                return Err(SupervisorError::Config(format!(
+                    "[control] {key} {value} is outside {MIN_CONTROL_TIMEOUT_MS}..={MAX_CONTROL_TIMEOUT_MS}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole supervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Control socket guests connect to.
     pub socket: PathBuf,
+    /// Its limits.
+    #[serde(default)]
+    pub control: ControlConfig,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
 }
@@ -177,6 +275,7 @@ impl Config {
         if self.disks.is_empty() {
             return Err(SupervisorError::Config("no [[disk]] configured".into()));
         }
+        self.control.validate()?;
         for (i, d) in self.disks.iter().enumerate() {
             let ok_name = !d.name.is_empty()
                 && d.name.len() <= 64
@@ -263,6 +362,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.disks.len(), 2);
+        assert_eq!(cfg.control, ControlConfig::default());
         assert_eq!(cfg.disks[0].cache, CacheMode::Writeback);
         assert_eq!(cfg.disks[1].cache, CacheMode::None);
         assert!(cfg.disks[1].readonly);
@@ -290,6 +390,32 @@ mod tests {
         assert!(!cfg.disks[0].standby);
         assert!(!cfg.disks[0].shadow);
         assert_eq!(cfg.disks[0].hang_timeout_ms, 250);
+    }
+
+    #[test]
+    fn parses_control_limits() {
+        let cfg = Config::parse(
+            "socket = \"/s\"\n[control]\nmax_connections = 8\nmax_connections_per_peer = 2\n\
+             handshake_timeout_ms = 500\nidle_timeout_ms = 2000\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.control,
+            ControlConfig {
+                max_connections: 8,
+                max_connections_per_peer: 2,
+                handshake_timeout_ms: 500,
+                idle_timeout_ms: 2000,
+            }
+        );
+        let partial =
+            Config::parse("socket = \"/s\"\n[control]\nmax_connections = 9\n[[disk]]\nname = \"a\"\npath = \"/x\"")
+                .unwrap();
+        assert_eq!(partial.control.max_connections, 9);
+        assert_eq!(
+            partial.control.max_connections_per_peer,
+            DEFAULT_MAX_CONNECTIONS_PER_PEER
+        );
     }
 
     #[test]
@@ -325,6 +451,12 @@ mod tests {
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nqueue_size = 100",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nqueue_size = 2048",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nvhost_user = \"/s\"",
+            "socket = \"/s\"\n[control]\nmax_connections = 0\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+            "socket = \"/s\"\n[control]\nmax_connections_per_peer = 0\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+            "socket = \"/s\"\n[control]\nmax_connections = 70000\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+            "socket = \"/s\"\n[control]\nhandshake_timeout_ms = 10\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+            "socket = \"/s\"\n[control]\nidle_timeout_ms = 4000000\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+            "socket = \"/s\"\n[control]\nbacklog = 5\n[[disk]]\nname = \"a\"\npath = \"/x\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nvhost_user = \"/v\"\n\
              [[disk]]\nname = \"b\"\npath = \"/y\"\nvhost_user = \"/v\"",
         ] {
@@ -343,6 +475,7 @@ mod fixture_tests {
         assert_eq!(cfg.disks[0].name, "disk0");
         assert_eq!(cfg.disks[0].cache, CacheMode::None);
         assert_eq!(cfg.disks[0].vhost_user, None);
+        assert_eq!(cfg.control, ControlConfig::default());
     }
 
     #[test]

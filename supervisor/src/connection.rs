@@ -1,28 +1,67 @@
 //! One guest's control connection: probe → connect → connected until the
 //! socket closes.
+//!
+//! Until it is attached, a connection holds a slot of the control socket
+//! ([`Ticket`]) and must keep talking: its first message is due within the
+//! handshake timeout, each later one within the idle timeout, and it must
+//! read its answers within the idle timeout too (docs/PROTOCOL.md §1.1).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use shadowback_xenbus::protocol::{
     expect_no_fds, key, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode,
 };
-use shadowback_xenbus::{AsyncSeqPacket, Message, XenbusError, XenbusState};
+use shadowback_xenbus::{AsyncSeqPacket, Message, Received, XenbusError, XenbusState};
 
+use crate::admission::Ticket;
+use crate::config::ControlConfig;
 use crate::device::{Attachment, DeviceHandle, Fault, Lost};
 use crate::Devices;
 
 static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// How long a connection that is not attached may stay silent.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    /// Until the first message.
+    pub handshake: Duration,
+    /// Between later messages, and for the guest to read an answer.
+    pub idle: Duration,
+}
+
+impl Timeouts {
+    pub(crate) fn new(cfg: &ControlConfig) -> Self {
+        Timeouts {
+            handshake: Duration::from_millis(cfg.handshake_timeout_ms),
+            idle: Duration::from_millis(cfg.idle_timeout_ms),
+        }
+    }
+}
+
 /// Serves one guest connection to its end. Protocol errors are answered
 /// with an `error` message and the socket is closed; nothing a guest sends
 /// can stop the supervisor or disturb another guest.
-pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<Devices>) {
+pub async fn serve_guest(
+    conn: AsyncSeqPacket,
+    devices: Arc<Devices>,
+    ticket: Ticket,
+    timeouts: Timeouts,
+) {
     let frontend = format!(
         "fe{}",
         NEXT_FRONTEND.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     );
-    match handshake(&conn, &devices, &frontend).await {
+    let session = Session {
+        conn: &conn,
+        ticket: &ticket,
+        timeouts,
+    };
+    match handshake(&session, &devices, &frontend).await {
         Ok(Some((device, attachment))) => {
+            // Attached: at most one connection per disk, it no longer
+            // counts against the socket's limits and may stay silent.
+            ticket.release();
             let end = connected(&conn, &device, attachment.lost, &frontend).await;
             // Exactly one detach per attachment, tagged so that it can never
             // detach a guest that attached after us.
@@ -33,12 +72,66 @@ pub async fn serve_guest(conn: AsyncSeqPacket, devices: Arc<Devices>) {
                 End::Refused(code, why) => Message::error(code, &clean(&why)),
                 End::Gone => return,
             };
-            let _ = conn.send(&reply, &[]).await;
+            let _ = session.send(&reply).await;
         }
         Ok(None) => {}
         Err((code, why)) => {
-            tracing::info!(%frontend, ?code, %why, "guest refused");
-            let _ = conn.send(&Message::error(code, &clean(&why)), &[]).await;
+            // A client can repeat this as fast as it can connect.
+            if let Some(suppressed) = ticket.admission().log_allowed() {
+                tracing::info!(%frontend, ?code, %why, suppressed, "guest refused");
+            }
+            // Never wait for a client that does not read.
+            let _ = conn.try_send(&Message::error(code, &clean(&why)));
+        }
+    }
+}
+
+/// A connection before it is attached.
+struct Session<'a> {
+    conn: &'a AsyncSeqPacket,
+    ticket: &'a Ticket,
+    timeouts: Timeouts,
+}
+
+impl Session<'_> {
+    /// The next message, within the handshake timeout for the `first`
+    /// one and the idle timeout after that; a refusal if it does not come
+    /// or the slot was taken for another connection. `Ok(None)`: EOF.
+    async fn recv(&self, first: bool) -> Result<Option<Received>, Refusal> {
+        let (limit, what) = if first {
+            (self.timeouts.handshake, "handshake_timeout_ms")
+        } else {
+            (self.timeouts.idle, "idle_timeout_ms")
+        };
+        tokio::select! {
+            got = tokio::time::timeout(limit, self.conn.recv()) => match got {
+                Ok(Ok(m)) => Ok(Some(m)),
+                Ok(Err(XenbusError::Closed)) => Ok(None),
+                Ok(Err(e)) => Err(refuse(e)),
+                Err(_) => Err((
+                    ErrorCode::Eproto,
+                    format!("no message within {} ms ({what})", limit.as_millis()),
+                )),
+            },
+            _ = self.ticket.evicted() => Err((
+                ErrorCode::Ebusy,
+                "closed to make room for another client (max_connections)".to_string(),
+            )),
+        }
+    }
+
+    /// Sends an answer, waiting at most the idle timeout for the guest to
+    /// make room for it.
+    async fn send(&self, msg: &Message) -> Result<(), Refusal> {
+        match tokio::time::timeout(self.timeouts.idle, self.conn.send(msg, &[])).await {
+            Ok(sent) => sent.map_err(refuse),
+            Err(_) => Err((
+                ErrorCode::Eproto,
+                format!(
+                    "answer not read within {} ms (idle_timeout_ms)",
+                    self.timeouts.idle.as_millis()
+                ),
+            )),
         }
     }
 }
@@ -51,15 +144,14 @@ fn refuse(e: XenbusError) -> Refusal {
 
 /// Until Connected. `Ok(None)` means the guest went away.
 async fn handshake(
-    conn: &AsyncSeqPacket,
+    session: &Session<'_>,
     devices: &Devices,
     frontend: &str,
 ) -> Result<Option<(DeviceHandle, Attachment)>, Refusal> {
+    let mut first = true;
     loop {
-        let (msg, fds) = match conn.recv().await {
-            Ok(m) => m,
-            Err(XenbusError::Closed) => return Ok(None),
-            Err(e) => return Err(refuse(e)),
+        let Some((msg, fds)) = session.recv(std::mem::take(&mut first)).await? else {
+            return Ok(None);
         };
         let lookup = |msg: &Message| -> Result<DeviceHandle, Refusal> {
             let name = msg.require(key::DEVICE).map_err(refuse)?;
@@ -72,20 +164,14 @@ async fn handshake(
             kind::PROBE => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
-                conn.send(&dev.info.backend_message(), &[])
-                    .await
-                    .map_err(refuse)?;
+                session.send(&dev.info.backend_message()).await?;
             }
             kind::STATUS => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 for dev in devices.iter() {
-                    conn.send(&dev.stats().to_message(&dev.name), &[])
-                        .await
-                        .map_err(refuse)?;
+                    session.send(&dev.stats().to_message(&dev.name)).await?;
                 }
-                conn.send(&Message::new(kind::STATUS_END), &[])
-                    .await
-                    .map_err(refuse)?;
+                session.send(&Message::new(kind::STATUS_END)).await?;
             }
             kind::FAULT => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
@@ -93,9 +179,7 @@ async fn handshake(
                 let fault = Fault::from_message(&msg).map_err(refuse)?;
                 tracing::warn!(%frontend, device = %dev.name, ?fault, "fault requested");
                 dev.fault(fault).await?;
-                conn.send(&Message::new(kind::OK), &[])
-                    .await
-                    .map_err(refuse)?;
+                session.send(&Message::new(kind::OK)).await?;
             }
             kind::CONNECT => {
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
@@ -116,9 +200,9 @@ async fn handshake(
                     connect: req,
                 };
                 let attachment = dev.attach(attach, fds).await?;
-                if let Err(e) = conn.send(&dev.info.connected_message(), &[]).await {
+                if let Err(e) = session.send(&dev.info.connected_message()).await {
                     dev.detach(attachment.id).await;
-                    return Err(refuse(e));
+                    return Err(e);
                 }
                 tracing::info!(%frontend, device = %dev.name, "guest connected");
                 return Ok(Some((dev, attachment)));

@@ -27,10 +27,12 @@
 //! (`class/`: [`VirtioModel`], backend keys, spawn arguments, I/O fence),
 //! and what depends on the wire of the frontend of its transport
 //! (`transport.rs`); a `session.rs` session is a transport's frontend and
-//! its list of rings.
+//! its list of rings. `admission.rs` bounds what clients of the control
+//! socket hold (docs/PROTOCOL.md §1.1).
 
 #![deny(unsafe_code)]
 
+mod admission;
 mod class;
 mod config;
 mod connection;
@@ -46,12 +48,14 @@ mod watchdog;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use shadowback_xenbus::AsyncSeqPacketListener;
+use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Message, XenbusError};
 use tokio::sync::watch;
 
 pub use config::{
-    CacheMode, Config, DiskConfig, DEFAULT_HANG_TIMEOUT_MS, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
-    MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
+    CacheMode, Config, ControlConfig, DiskConfig, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE,
+    MIN_HANG_TIMEOUT_MS,
 };
 pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
@@ -152,14 +156,56 @@ async fn serve_registered(
     if let Some(registry) = registry {
         let _ = registry.set(devices.clone());
     }
-    tracing::info!(socket = %cfg.socket.display(), "supervisor listening");
+    let fd_limit = admission::fd_limit();
+    let limits = admission::Limits::new(&cfg.control, fd_limit);
+    if usize::try_from(cfg.control.max_connections).is_ok_and(|m| m > limits.max) {
+        tracing::warn!(
+            configured = cfg.control.max_connections,
+            max_connections = limits.max,
+            ?fd_limit,
+            "max_connections capped at half the descriptor limit (RLIMIT_NOFILE)"
+        );
+    }
+    let admission = admission::Admission::new(limits);
+    let timeouts = connection::Timeouts::new(&cfg.control);
+    tracing::info!(
+        socket = %cfg.socket.display(), max_connections = limits.max,
+        max_connections_per_peer = limits.per_peer, "supervisor listening"
+    );
+    let mut pacer = admission::AcceptPacer::default();
+    let mut accept_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
+    let mut refusal_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
     loop {
         tokio::select! {
-            conn = listener.accept() => match conn {
+            conn = accept_paced(&listener, pacer.pause()) => match conn {
                 Ok(conn) => {
-                    tokio::spawn(connection::serve_guest(conn, devices.clone()));
+                    pacer.succeeded();
+                    match admit(&conn, &admission) {
+                        Ok(ticket) => {
+                            tokio::spawn(connection::serve_guest(
+                                conn, devices.clone(), ticket, timeouts,
+                            ));
+                        }
+                        Err(why) => {
+                            if let Some(suppressed) = refusal_log.allow(std::time::Instant::now()) {
+                                tracing::warn!(%why, suppressed, "control connection refused");
+                            }
+                            let _ = conn.try_send(&Message::error(ErrorCode::Ebusy, &why));
+                        }
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays
+                    // queued and the listener readable; accepting again at
+                    // once would spin and starve every other task.
+                    let pause = pacer.failed();
+                    if let Some(suppressed) = accept_log.allow(std::time::Instant::now()) {
+                        tracing::warn!(
+                            error = ?e, pause_ms = pause.as_millis() as u64, suppressed,
+                            "accept failed"
+                        );
+                    }
+                }
             },
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
@@ -171,6 +217,29 @@ async fn serve_registered(
     let _ = std::fs::remove_file(&cfg.socket);
     stop_vhost(vhost).await;
     Ok(())
+}
+
+/// Accepts the next connection after `pause` (the back-off of
+/// [`admission::AcceptPacer`]).
+async fn accept_paced(
+    listener: &AsyncSeqPacketListener,
+    pause: Option<std::time::Duration>,
+) -> Result<AsyncSeqPacket, XenbusError> {
+    if let Some(pause) = pause {
+        tokio::time::sleep(pause).await;
+    }
+    listener.accept().await
+}
+
+/// A slot for `conn`'s peer, or why there is none.
+fn admit(
+    conn: &AsyncSeqPacket,
+    admission: &Arc<admission::Admission>,
+) -> Result<admission::Ticket, String> {
+    let peer = admission::PeerKey::of(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    admission
+        .admit(peer)
+        .map_err(|e| format!("{peer}: {e}; try again later"))
 }
 
 /// Stops the vhost-user servers off the runtime's threads: each may wait

@@ -129,6 +129,7 @@ impl Harness {
         let cfg = Config {
             socket: socket.clone(),
             disks,
+            control: Default::default(),
         };
         let supervisor = SupervisorThread::start(cfg, backend).expect("start supervisor");
         Harness {

@@ -87,6 +87,16 @@ impl AsyncSeqPacket {
         }
     }
 
+    /// Sends `msg` (without descriptors) only if the socket takes it at
+    /// once; never waits. For a last word to a peer that may not be
+    /// reading: a full receive queue is an error, not a wait.
+    pub fn try_send(&self, msg: &Message) -> Result<(), XenbusError> {
+        let payload = encode_for_send(msg, &[])?;
+        send_datagram(self.inner.get_ref().as_fd(), &payload, &[]).map_err(send_error)?;
+        tracing::trace!(message = %msg, "sent control message");
+        Ok(())
+    }
+
     /// Receives one message and its descriptors.
     pub async fn recv(&self) -> Result<Received, XenbusError> {
         loop {
@@ -139,7 +149,9 @@ impl AsyncSeqPacketListener {
         })
     }
 
-    /// Waits for the next connection.
+    /// Waits for the next connection. A failed `accept` (`EMFILE` and
+    /// the like) leaves the connection queued and the listener readable:
+    /// calling this again at once fails again, so callers pause first.
     pub async fn accept(&self) -> Result<AsyncSeqPacket, XenbusError> {
         loop {
             let mut guard = self.inner.readable().await?;

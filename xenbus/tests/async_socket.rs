@@ -174,3 +174,27 @@ async fn blocking_and_async_interoperate() {
     assert!(SeqPacketListener::bind(&path).is_err());
     drop(listener);
 }
+
+#[tokio::test]
+async fn try_send_never_waits_for_a_peer_that_does_not_read() {
+    let (a, b) = AsyncSeqPacket::pair().unwrap();
+    let msg = Message::new(kind::STATUS_END);
+    // Fill b's receive queue without b ever reading.
+    let mut sent = 0usize;
+    let refused = loop {
+        match a.try_send(&msg) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 1_000_000, "the receive queue never filled");
+    };
+    assert!(sent > 0, "nothing was sent");
+    assert!(
+        matches!(&refused, XenbusError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a full queue is WouldBlock, got {refused:?}"
+    );
+    let (first, _) = b.recv().await.unwrap();
+    assert_eq!(first.kind(), kind::STATUS_END);
+    drop(b);
+    assert!(matches!(a.try_send(&msg), Err(XenbusError::Closed)));
+}

@@ -1,0 +1,679 @@
+//! A hostile local client of the control socket, and a hostile frontend's
+//! eventfds (docs/PROTOCOL.md §1.1, §4.3), against a real `shadowback up`
+//! or supervisor thread and real `shadowback blkback` processes.
+//!
+//! - A supervisor whose descriptor limit is far below the number of idle
+//!   connections a client opens, or that is hit by a connect/close storm,
+//!   keeps answering `status`, keeps a guest on another disk doing verified
+//!   I/O, replaces a SIGKILLed backend, stops on SIGTERM, gives its
+//!   descriptors back once the clients are gone, and writes a bounded log.
+//! - A frontend whose notify (Xen ring) or call (vhost-user) eventfd is
+//!   blocking and at its maximum count blocks no backend: its requests
+//!   still complete, the disk is neither replaced nor given up, and the
+//!   supervisor keeps serving.
+#![deny(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use nix::unistd::Pid;
+use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
+use shadowback_guest::device::BlockDevice;
+use shadowback_guest::vhost_user::VhostUserBlkOptions;
+use shadowback_ring::blkif::{BlkifRequest, BlkifRequestSegment, BLKIF_OP_READ, BLKIF_OP_WRITE};
+use shadowback_ring::EventChannel;
+use shadowback_testsupport::blockio::*;
+use shadowback_testsupport::harness::*;
+use shadowback_testsupport::process::*;
+use shadowback_testsupport::raw_guest::*;
+use shadowback_testsupport::temp::*;
+use shadowback_testsupport::REPLY_TIMEOUT;
+use shadowback_xenbus::{kind, Message, SeqPacket};
+
+const EXE: &str = env!("CARGO_BIN_EXE_shadowback");
+/// The supervisor's `RLIMIT_NOFILE` in the descriptor tests.
+const SUPERVISOR_NOFILE: u64 = 256;
+/// How long `shadowback status` may take to answer (generous: 2 busy
+/// cores).
+const STATUS_BOUND: Duration = Duration::from_secs(5);
+/// How much the supervisor's log (at `info`) may grow while a client
+/// misbehaves.
+const LOG_GROWTH_BOUND: u64 = 256 * 1024;
+/// The largest count an eventfd holds.
+const EVENTFD_FULL: u64 = 0xffff_ffff_ffff_fffe;
+
+/// A `shadowback up` child process with a lowered descriptor limit, two
+/// disks and its log in a file; SIGKILLed on drop.
+struct Up {
+    child: Child,
+    control: PathBuf,
+    log: PathBuf,
+    /// The disk a guest uses.
+    guest_disk: String,
+    /// A disk nobody attaches.
+    other_disk: String,
+    /// Removed after the process is killed (fields drop after `drop`).
+    _dir: TempDir,
+}
+
+impl Up {
+    /// `control_table`: the `[control]` table's lines.
+    fn start(tag: &str, control_table: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let control = dir.path().join("control.sock");
+        let guest_disk = unique_name(&format!("{tag}-g"));
+        let other_disk = unique_name(&format!("{tag}-o"));
+        let mut text = format!("socket = {control:?}\n[control]\n{control_table}\n");
+        for name in [&guest_disk, &other_disk] {
+            let image = dir.path().join(format!("{name}.img"));
+            make_image(&image, 16);
+            let cache = match cache_for(&image) {
+                shadowback_supervisor::CacheMode::None => "none",
+                shadowback_supervisor::CacheMode::Writeback => "writeback",
+            };
+            text.push_str(&format!(
+                "\n[[disk]]\nname = {name:?}\npath = {image:?}\ncache = {cache:?}\n"
+            ));
+        }
+        let config = dir.path().join("shadowback.toml");
+        std::fs::write(&config, text).expect("config");
+        let log = dir.path().join("up.log");
+        let mut cmd = Command::new(EXE);
+        cmd.arg("up")
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        lower_nofile(&mut cmd, SUPERVISOR_NOFILE);
+        let child = cmd.spawn().expect("spawn shadowback up");
+        let up = Up {
+            child,
+            control,
+            log,
+            guest_disk,
+            other_disk,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            if let Ok(list) = up.status() {
+                let ready = list.iter().filter(|d| d["pid"].as_u64() > Some(0)).count();
+                if ready == 2 {
+                    return up;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shadowback up did not come up:\n{}",
+                up.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `shadowback status --json`, killed unless it answers within
+    /// [`STATUS_BOUND`].
+    fn status(&self) -> Result<Vec<serde_json::Value>, String> {
+        let mut child = Command::new(EXE)
+            .args(["status", "--json", "--socket"])
+            .arg(&self.control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn status: {e}"))?;
+        let deadline = Instant::now() + STATUS_BOUND;
+        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("status not answered within {STATUS_BOUND:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "status failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .map_err(|e| format!("status output: {e}"))?
+            .as_array()
+            .cloned()
+            .ok_or_else(|| "status output is not a list".to_string())
+    }
+
+    /// The status of `device`, failing the test if none comes.
+    fn device(&self, device: &str) -> serde_json::Value {
+        let list = self
+            .status()
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.log_tail()));
+        list.into_iter()
+            .find(|d| d["device"].as_str() == Some(device))
+            .unwrap_or_else(|| panic!("{device} not in the status list"))
+    }
+
+    /// Descriptors the supervisor holds.
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        format!("--- shadowback up log (last 30 lines)\n{tail}")
+    }
+
+    /// The guest on [`guest_disk`](Self::guest_disk).
+    fn attach_guest(&self) -> BlkFront {
+        let mut cfg = BlkFrontConfig::new(&self.guest_disk);
+        cfg.max_request_bytes = 64 * 1024;
+        BlkFront::attach(&self.control, &cfg).expect("guest attaches")
+    }
+
+    /// SIGKILLs the guest disk's backend and waits (within 20 s) for the
+    /// recovery counter to move past `before`.
+    fn kill_backend_and_see_it_replaced(&self) {
+        let dev = self.device(&self.guest_disk);
+        let before = dev["recoveries"].as_u64().expect("recoveries");
+        let pid = dev["pid"].as_u64().expect("pid") as i32;
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL the backend");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = self.device(&self.guest_disk);
+            if now["recoveries"].as_u64() > Some(before) {
+                assert_ne!(now["pid"].as_u64(), Some(pid as u64), "same backend");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the killed backend was not replaced: {now}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the supervisor's descriptors to come back to `baseline`
+    /// (plus a little slack for backend pipes and timers).
+    fn wait_fds_back_to(&self, baseline: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = self.fds();
+            if now <= baseline + 8 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the supervisor still holds {now} descriptors (baseline {baseline})\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then a clean exit within 10 s.
+    fn sigterm(mut self) {
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                assert!(
+                    status.success(),
+                    "shadowback up exited with {status}\n{}",
+                    self.log_tail()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shadowback up ignored SIGTERM for 10 s\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sets the child's soft and hard `RLIMIT_NOFILE` to `n` before it execs.
+#[allow(unsafe_code, reason = "`pre_exec`: setrlimit between fork and exec")]
+fn lower_nofile(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit(2), which is async-signal-safe, on a stack value.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// One non-blocking connect to the control socket: `Ok(None)` when the
+/// listener's backlog is full (the supervisor is not accepting).
+fn connect_nonblocking(path: &Path) -> Result<Option<OwnedFd>, Errno> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Ok(()) => Ok(Some(fd)),
+        Err(Errno::EAGAIN) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens up to `n` connections that never send anything, for at most 10 s.
+fn open_idle(path: &Path, n: usize) -> Vec<OwnedFd> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut held = Vec::with_capacity(n);
+    while held.len() < n && Instant::now() < deadline {
+        match connect_nonblocking(path).expect("connect") {
+            Some(fd) => held.push(fd),
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+    held
+}
+
+#[test]
+fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
+    let up = Up::start("hc-idle", "");
+    let mut guest = up.attach_guest();
+    verified_io(&mut guest, 0, 1).expect("verified I/O before");
+    let baseline_fds = up.fds();
+    let log_before = up.log_len();
+
+    // Far more idle connections than the supervisor has descriptors.
+    let held = open_idle(&up.control, 3 * SUPERVISOR_NOFILE as usize);
+    assert!(
+        held.len() > SUPERVISOR_NOFILE as usize,
+        "only {} connections could be opened: the supervisor stopped accepting\n{}",
+        held.len(),
+        up.log_tail()
+    );
+    // While they are held.
+    assert_eq!(
+        up.device(&up.other_disk)["given-up"].as_u64(),
+        Some(0),
+        "status while held"
+    );
+    verified_io(&mut guest, 256, 2).expect("verified I/O while held");
+    up.kill_backend_and_see_it_replaced();
+    verified_io(&mut guest, 512, 3).expect("verified I/O after the takeover");
+    let while_held = up.fds();
+    assert!(
+        while_held < SUPERVISOR_NOFILE as usize,
+        "the supervisor ran out of descriptors ({while_held})"
+    );
+
+    // After they are gone.
+    drop(held);
+    up.wait_fds_back_to(baseline_fds);
+    assert!(up.device(&up.guest_disk)["connected"].as_u64() == Some(1));
+    verified_io(&mut guest, 768, 4).expect("verified I/O after");
+    let grown = up.log_len() - log_before;
+    assert!(
+        grown < LOG_GROWTH_BOUND,
+        "the log grew by {grown} bytes\n{}",
+        up.log_tail()
+    );
+
+    // A fresh batch held while SIGTERM arrives.
+    guest.detach().expect("guest detaches");
+    let _held = open_idle(&up.control, SUPERVISOR_NOFILE as usize);
+    up.sigterm();
+}
+
+#[test]
+fn one_client_filling_the_socket_cannot_lock_out_another() {
+    // No per-peer limit to speak of: the socket's own (half the
+    // descriptors) is what holds.
+    let up = Up::start(
+        "hc-fill",
+        "max_connections = 4096\nmax_connections_per_peer = 4096\nhandshake_timeout_ms = 600000",
+    );
+    let held = open_idle(&up.control, 2 * SUPERVISOR_NOFILE as usize);
+    assert!(
+        held.len() > SUPERVISOR_NOFILE as usize,
+        "only {} connections could be opened\n{}",
+        held.len(),
+        up.log_tail()
+    );
+    // `status` comes from another process: it takes a slot of ours.
+    for _ in 0..3 {
+        assert_eq!(up.device(&up.other_disk)["given-up"].as_u64(), Some(0));
+    }
+    let mut guest = up.attach_guest();
+    verified_io(&mut guest, 0, 31).expect("verified I/O while the socket is full");
+    up.kill_backend_and_see_it_replaced();
+    verified_io(&mut guest, 256, 32).expect("verified I/O after the takeover");
+    let fds = up.fds();
+    assert!(
+        fds < SUPERVISOR_NOFILE as usize,
+        "the supervisor ran out of descriptors ({fds})"
+    );
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+#[test]
+fn a_connect_close_storm_wedges_nothing() {
+    let up = Up::start("hc-storm", "");
+    let mut guest = up.attach_guest();
+    verified_io(&mut guest, 0, 11).expect("verified I/O before");
+    let baseline_fds = up.fds();
+    let log_before = up.log_len();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cycles = Arc::new(AtomicU64::new(0));
+    let stormers: Vec<_> = (0..3)
+        .map(|i| {
+            let (stop, cycles) = (stop.clone(), cycles.clone());
+            let path = up.control.clone();
+            let device = up.other_disk.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(Some(fd)) = connect_nonblocking(&path) else {
+                        std::thread::yield_now();
+                        continue;
+                    };
+                    // One thread only connects and closes, one probes
+                    // first, one sends bytes that are not a message.
+                    if i % 3 == 1 {
+                        let sock = SeqPacket::from_fd(fd).expect("seqpacket");
+                        let _ = send_raw(
+                            &sock,
+                            &Message::probe(&device).encode().unwrap_or_default(),
+                            &[],
+                        );
+                    } else if i % 3 == 2 {
+                        let sock = SeqPacket::from_fd(fd).expect("seqpacket");
+                        let _ = send_raw(&sock, b"\xff\xfe not a message", &[]);
+                    }
+                    cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+
+    let storm_end = Instant::now() + Duration::from_secs(6);
+    let mut rounds = 0u64;
+    while Instant::now() < storm_end {
+        let dev = up.device(&up.other_disk);
+        assert_eq!(dev["given-up"].as_u64(), Some(0), "status during the storm");
+        verified_io(&mut guest, 256 + 128 * (rounds % 8), 20 + rounds)
+            .expect("verified I/O during the storm");
+        rounds += 1;
+    }
+    up.kill_backend_and_see_it_replaced();
+    verified_io(&mut guest, 2048, 12).expect("verified I/O after the takeover");
+    stop.store(true, Ordering::Relaxed);
+    for s in stormers {
+        s.join().expect("storm thread");
+    }
+    let cycles = cycles.load(Ordering::Relaxed);
+    assert!(cycles > 500, "the storm made only {cycles} connections");
+
+    up.wait_fds_back_to(baseline_fds);
+    verified_io(&mut guest, 4096, 13).expect("verified I/O after the storm");
+    let grown = up.log_len() - log_before;
+    assert!(
+        grown < LOG_GROWTH_BOUND,
+        "the log grew by {grown} bytes over {cycles} connections\n{}",
+        up.log_tail()
+    );
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+// ---------------------------------------------------------------------
+// A blocking eventfd at its maximum count.
+// ---------------------------------------------------------------------
+
+/// A blocking eventfd already at its maximum count.
+fn full_blocking_eventfd() -> OwnedFd {
+    let fd: OwnedFd =
+        nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+            .expect("eventfd")
+            .into();
+    nix::unistd::write(&fd, &EVENTFD_FULL.to_ne_bytes()).expect("fill the eventfd");
+    fd
+}
+
+/// The count of an eventfd, read without blocking (0 when empty).
+fn eventfd_count(fd: &impl std::os::fd::AsFd) -> u64 {
+    let ch = EventChannel::from_fd(fd.as_fd().try_clone_to_owned().expect("dup")).expect("wrap");
+    ch.drain().expect("drain")
+}
+
+/// Waits (without reading any eventfd) for the response to the one
+/// outstanding request on `guest`'s ring.
+fn ring_response(guest: &mut RawGuest, id: u64) -> Result<i16, String> {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        if let Some(rsp) = guest
+            .mem
+            .ring
+            .take_response()
+            .map_err(|e| format!("take_response: {e}"))?
+        {
+            if rsp.id != id {
+                return Err(format!("response to id {} instead of {id}", rsp.id));
+            }
+            return Ok(rsp.status);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "request {id} not answered within {REPLY_TIMEOUT:?}: the backend is blocked"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Puts one one-page request on the ring and kicks.
+fn put(guest: &mut RawGuest, op: u8, sector: u64, id: u64) {
+    let mut req = BlkifRequest {
+        operation: op,
+        nr_segments: 1,
+        sector_number: sector,
+        id,
+        ..Default::default()
+    };
+    req.seg[0] = BlkifRequestSegment {
+        gref: raw_data_gref(0),
+        first_sect: 0,
+        last_sect: 7,
+        _pad: [0; 2],
+    };
+    guest.mem.ring.put_request(&req).expect("put_request");
+    if guest.mem.ring.push_requests().expect("push") {
+        guest.mem.kick.notify().expect("kick");
+    }
+}
+
+#[test]
+fn a_full_blocking_notify_eventfd_blocks_no_ring_backend() {
+    let hostile = unique_name("hc-evtchn");
+    let other = unique_name("hc-evtchn-o");
+    let h = Harness::start(
+        "hc-evtchn",
+        &[DiskSpec::new(&hostile, 16), DiskSpec::new(&other, 16)],
+    );
+    let mut mem = RawRegion::new(0);
+    mem.notify = EventChannel::from_fd(full_blocking_eventfd()).expect("notify");
+    let control = SeqPacket::connect(h.socket()).expect("connect");
+    control.send(&Message::probe(&hostile), &[]).expect("probe");
+    expect_kind(&control, kind::BACKEND).expect("backend");
+    send_raw(
+        &control,
+        &encode_text(kind::CONNECT, &connect_keys(&hostile)),
+        &mem.fds(),
+    )
+    .expect("send connect");
+    expect_kind(&control, kind::CONNECTED).expect("connected");
+    let mut guest = RawGuest { control, mem };
+    let backend = backend_pid(&hostile);
+
+    let mut front = BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("attach");
+    for round in 0..6u64 {
+        let data = pattern(round, 4096);
+        let sector = 8 * round;
+        guest
+            .mem
+            .region
+            .write(RawGuest::data_offset(0), &data)
+            .expect("fill page");
+        put(&mut guest, BLKIF_OP_WRITE, sector, 2 * round);
+        assert_eq!(ring_response(&mut guest, 2 * round), Ok(0), "write {round}");
+        guest
+            .mem
+            .region
+            .write(RawGuest::data_offset(0), &[0u8; 4096])
+            .expect("clear page");
+        put(&mut guest, BLKIF_OP_READ, sector, 2 * round + 1);
+        assert_eq!(
+            ring_response(&mut guest, 2 * round + 1),
+            Ok(0),
+            "read {round}"
+        );
+        let mut back = vec![0u8; 4096];
+        guest
+            .mem
+            .region
+            .read(RawGuest::data_offset(0), &mut back)
+            .expect("read page");
+        assert!(back == data, "round {round}: read back other data");
+        verified_io(&mut front, 64 * round, 100 + round).expect("the other disk's I/O");
+    }
+    assert_eq!(
+        eventfd_count(&guest.mem.notify),
+        EVENTFD_FULL,
+        "the notify counter moved"
+    );
+    assert_eq!(backend_pid(&hostile), backend, "the backend was replaced");
+    front.detach().expect("detach");
+    guest
+        .control
+        .send(&Message::new(kind::CLOSE), &[])
+        .expect("close");
+    expect_kind(&guest.control, kind::CLOSED).expect("closed");
+    h.stop();
+}
+
+/// `VIRTIO_BLK_T_OUT` (virtio 1.2 §5.2.6).
+const VIRTIO_BLK_T_OUT: u32 = 1;
+
+#[test]
+fn a_full_blocking_call_eventfd_blocks_no_vhost_user_backend() {
+    let name = unique_name("hc-call");
+    let setup = DiskSetup::start("hc-call", &name, 16, with_vhost_user(|_| {}), &[]);
+    let mut dev = setup.connect_with(VhostUserBlkOptions {
+        queues: 1,
+        event_idx: false,
+        ..VhostUserBlkOptions::default()
+    });
+    // The frontend fills the counter of the call eventfd it handed over
+    // and clears O_NONBLOCK on it (the open file description is shared).
+    let call = dev
+        .transport()
+        .call_fd(0)
+        .expect("call fd")
+        .try_clone_to_owned()
+        .expect("dup");
+    let flags =
+        OFlag::from_bits_truncate(fcntl(call.as_raw_fd(), FcntlArg::F_GETFL).expect("getfl"));
+    assert!(flags.contains(OFlag::O_NONBLOCK), "the client's call fd");
+    loop {
+        // The backend may have signalled already: empty the counter first.
+        eventfd_count(&call);
+        match nix::unistd::write(&call, &EVENTFD_FULL.to_ne_bytes()) {
+            Ok(_) => break,
+            Err(Errno::EAGAIN) => continue,
+            Err(e) => panic!("filling the call eventfd: {e}"),
+        }
+    }
+    fcntl(
+        call.as_raw_fd(),
+        FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK),
+    )
+    .expect("setfl");
+
+    let image = std::fs::File::open(setup.image()).expect("image");
+    for round in 0..8u64 {
+        let before = dev.transport().used_idx(0).expect("used idx");
+        let data = pattern(round, 4096);
+        let sector = 8 * round;
+        dev.submit_raw(round, VIRTIO_BLK_T_OUT, sector, &data, 0)
+            .expect("submit");
+        dev.kick().expect("kick");
+        // Completion seen in the used ring; the call eventfd is never read.
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        while dev.transport().used_idx(0).expect("used idx") == before {
+            assert!(
+                Instant::now() < deadline,
+                "write {round} not completed within {REPLY_TIMEOUT:?}: {:#?}",
+                setup.stats()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut back = vec![0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&image, &mut back, sector * 512)
+            .expect("read the image");
+        assert!(back == data, "write {round} did not land");
+    }
+    // The supervisor still answers on its control socket.
+    let sock = SeqPacket::connect(setup.dir().join("control.sock")).expect("connect");
+    sock.send(&Message::new(kind::STATUS), &[]).expect("status");
+    expect_kind(&sock, kind::STATUS).expect("a status answer");
+    let stats = setup.stats();
+    assert!(
+        !stats.given_up && stats.hangs == 0 && stats.crashes == 0 && stats.recoveries == 0,
+        "the disk was disturbed: {stats:#?}"
+    );
+    assert_eq!(eventfd_count(&call), EVENTFD_FULL, "the call counter moved");
+    // Hand the client its non-blocking eventfd back before it shuts down.
+    fcntl(call.as_raw_fd(), FcntlArg::F_SETFL(flags)).expect("setfl");
+    drop(dev);
+    setup.stop();
+}
