@@ -74,7 +74,7 @@ impl Up {
         let mut text = format!("socket = {control:?}\n[control]\n{control_table}\n");
         for name in [&guest_disk, &other_disk] {
             let image = dir.path().join(format!("{name}.img"));
-            make_image(&image, 16);
+            make_image(&image, 16 << 20);
             let cache = match cache_for(&image) {
                 shadowback_supervisor::CacheMode::None => "none",
                 shadowback_supervisor::CacheMode::Writeback => "writeback",
