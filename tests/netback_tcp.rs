@@ -89,9 +89,10 @@ fn params(address: Ipv4Addr, peer: Ipv4Addr) -> StreamParams {
     }
 }
 
-fn front(mac: u8) -> NetFront {
+fn front(mac: u8, split_event_channels: bool) -> NetFront {
     let mut cfg = NetFrontConfig::new("vif0");
     cfg.mac = MacAddr([2, 0, 0, 0, 0, mac]);
+    cfg.split_event_channels = split_event_channels;
     NetFront::new(cfg).unwrap()
 }
 
@@ -100,8 +101,10 @@ fn a_tcp_stream_survives_fifty_backend_kills() {
     let a_addr = Ipv4Addr::new(10, 9, 0, 1);
     let b_addr = Ipv4Addr::new(10, 9, 0, 2);
     let [cable_a, cable_b] = cable_pair(CableConfig::default()).unwrap();
-    let front_a = front(1);
-    let front_b = front(2);
+    // One event channel on A; TX and RX channels of their own on B
+    // (`split-event-channels`).
+    let front_a = front(1, false);
+    let front_b = front(2, true);
     let mut vifs = [Vif::new(&front_a, cable_a), Vif::new(&front_b, cable_b)];
     let done = Arc::new(AtomicBool::new(false));
     let side = |mut front: NetFront, role, p: StreamParams, done: Arc<AtomicBool>| {
