@@ -129,6 +129,7 @@ impl Harness {
         let cfg = Config {
             socket: socket.clone(),
             disks,
+            nics: Vec::new(),
         };
         let supervisor = SupervisorThread::start(cfg, backend).expect("start supervisor");
         Harness {
