@@ -165,17 +165,17 @@ fn two_vifs_on_a_cable_carry_a_tcp_stream_through_twenty_kills() {
     for vif in ["vifa", "vifb"] {
         assert!(stats_of(&socket, vif).connected, "{vif} is not connected");
     }
-    // A kill every 40-110 ms, alternating sides, MIN_KILLS + 10 times at
+    // A kill every 25-95 ms, alternating sides, MIN_KILLS + 20 times at
     // most; each can cost the stream a retransmission timeout (a frame
     // inside the dead process is lost, as on any NIC).
     let mut kills = [0u64; 2];
     let started = Instant::now();
     while !done.load(Ordering::Acquire)
-        && kills.iter().sum::<u64>() < u64::from(MIN_KILLS + 10)
+        && kills.iter().sum::<u64>() < u64::from(MIN_KILLS + 20)
         && started.elapsed() < Duration::from_secs(300)
     {
         let n = kills.iter().sum::<u64>();
-        thread::sleep(Duration::from_millis(40 + n * 37 % 70));
+        thread::sleep(Duration::from_millis(25 + n * 37 % 70));
         if done.load(Ordering::Acquire) {
             break;
         }
