@@ -374,6 +374,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                 }),
         )
         .collect(),
+        nics: Vec::new(),
     };
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let qsd = match &qsd_bin {

@@ -103,6 +103,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             cache,
             ..DiskConfig::new("disk0", image.clone())
         }],
+        nics: Vec::new(),
     };
     let cache_name = match cache {
         CacheMode::None => "none (O_DIRECT)",

@@ -172,6 +172,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             num_queues: args.queues,
             ..DiskConfig::new("disk0", image)
         }],
+        nics: Vec::new(),
     };
     let sup = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
     let stamps_path = dir.join("completions.bin");

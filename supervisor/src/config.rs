@@ -1,8 +1,10 @@
-//! `shadowback up CONFIG.toml`: which disks to serve and where.
+//! `shadowback up CONFIG.toml`: which disks and network interfaces to
+//! serve and where.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shadowback_xenbus::netif::{MacAddr, MAX_MTU, MIN_MTU};
 
 use crate::SupervisorError;
 
@@ -215,6 +217,137 @@ impl Default for ControlConfig {
     }
 }
 
+/// One network interface (vif) to export over Xen netif
+/// (docs/PROTOCOL.md §4.7): the guest's side of a link whose other side
+/// — the *wire* — the supervisor creates at start and holds for its
+/// lifetime, lending it to every backend instance.
+///
+/// Exactly one of `cable` and `tap` says what the wire is. A cable joins
+/// two vifs of this supervisor point to point, and both must name each
+/// other (`cable = "b"` in vif `a`, `cable = "a"` in vif `b`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// Device name guests ask for (`device=` key).
+    pub name: String,
+    /// The vif's MAC address (`xx:xx:xx:xx:xx:xx`, unicast); by default a
+    /// locally administered address derived from `name`
+    /// ([`NicConfig::mac_addr`]).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// Link MTU, 68–65521.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// The other vif of a point-to-point cable (it must name this one).
+    #[serde(default)]
+    pub cable: Option<String>,
+    /// A TAP interface: adopted if it exists, else created; the
+    /// supervisor holds its fd, so its carrier stays up across backend
+    /// restarts.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Keep a hot-standby backend process, as for a disk.
+    #[serde(default = "default_true")]
+    pub standby: bool,
+    /// The shadow layer: two shadow logs (TX, RX) per attached vif and
+    /// transparent recovery; `false` disconnects the guest when its
+    /// backend fails.
+    #[serde(default = "default_true")]
+    pub shadow: bool,
+    /// Domain id the backend uses (what guests name in their grants).
+    #[serde(default)]
+    pub backend_id: u16,
+    /// Hang watchdog, as for a disk (a vif is hung when TX requests wait
+    /// and the heartbeat stalls).
+    #[serde(default = "default_hang_timeout_ms")]
+    pub hang_timeout_ms: u64,
+}
+
+/// What a vif's wire is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NicWire<'a> {
+    /// A cable to the named vif.
+    Cable(&'a str),
+    /// The named TAP interface.
+    Tap(&'a str),
+}
+
+/// Default `mtu`.
+pub const DEFAULT_MTU: u16 = 1500;
+/// Longest TAP interface name (`IFNAMSIZ` less the NUL).
+const MAX_IFNAME: usize = 15;
+
+fn default_mtu() -> u16 {
+    DEFAULT_MTU
+}
+
+impl NicConfig {
+    /// A vif on a cable to `peer`, every other setting at its default.
+    pub fn cable(name: impl Into<String>, peer: impl Into<String>) -> Self {
+        NicConfig {
+            cable: Some(peer.into()),
+            ..Self::bare(name.into())
+        }
+    }
+
+    /// A vif on TAP interface `ifname`, every other setting at its
+    /// default.
+    pub fn tap(name: impl Into<String>, ifname: impl Into<String>) -> Self {
+        NicConfig {
+            tap: Some(ifname.into()),
+            ..Self::bare(name.into())
+        }
+    }
+
+    fn bare(name: String) -> Self {
+        NicConfig {
+            name,
+            mac: None,
+            mtu: DEFAULT_MTU,
+            cable: None,
+            tap: None,
+            standby: true,
+            shadow: true,
+            backend_id: 0,
+            hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
+        }
+    }
+
+    /// The configured MAC, or `02:` followed by five bytes of a hash of
+    /// the name: locally administered, unicast, stable across restarts.
+    pub fn mac_addr(&self) -> Result<MacAddr, SupervisorError> {
+        let bad = |why: &str| {
+            SupervisorError::Config(format!("nic {:?}: mac {:?}: {why}", self.name, self.mac))
+        };
+        let Some(text) = &self.mac else {
+            // FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
+            let hash = self.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let b = hash.to_be_bytes();
+            return Ok(MacAddr([0x02, b[0], b[1], b[2], b[3], b[4]]));
+        };
+        let mac: MacAddr = text.parse().map_err(|why: &str| bad(why))?;
+        if !mac.is_unicast() {
+            return Err(bad("the multicast bit is set"));
+        }
+        if mac.0 == [0; 6] {
+            return Err(bad("all zeros"));
+        }
+        Ok(mac)
+    }
+
+    /// The wire, once [`Config::validate`] has checked there is exactly
+    /// one.
+    pub fn wire(&self) -> Option<NicWire<'_>> {
+        match (&self.cable, &self.tap) {
+            (Some(peer), None) => Some(NicWire::Cable(peer)),
+            (None, Some(tap)) => Some(NicWire::Tap(tap)),
+            _ => None,
+        }
+    }
+}
+
 impl ControlConfig {
     fn validate(&self) -> Result<(), SupervisorError> {
         for (key, value) in [
@@ -252,6 +385,17 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
+    #[serde(default, rename = "nic")]
+    pub nics: Vec<NicConfig>,
+}
+
+/// A device name usable as a key value.
+fn good_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl Config {
@@ -270,19 +414,17 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Names are unique and usable as key values, ring orders in range.
+    /// Names are unique (disks and nics together) and usable as key
+    /// values, ring orders in range, each nic's wire well-formed.
     pub fn validate(&self) -> Result<(), SupervisorError> {
-        if self.disks.is_empty() {
-            return Err(SupervisorError::Config("no [[disk]] configured".into()));
+        if self.disks.is_empty() && self.nics.is_empty() {
+            return Err(SupervisorError::Config(
+                "no [[disk]] or [[nic]] configured".into(),
+            ));
         }
         self.control.validate()?;
         for (i, d) in self.disks.iter().enumerate() {
-            let ok_name = !d.name.is_empty()
-                && d.name.len() <= 64
-                && d.name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !ok_name {
+            if !good_name(&d.name) {
                 return Err(SupervisorError::Config(format!(
                     "disk name {:?}: use 1-64 characters of [A-Za-z0-9_-]",
                     d.name
@@ -337,7 +479,73 @@ impl Config {
                 }
             }
         }
+        for (i, n) in self.nics.iter().enumerate() {
+            self.validate_nic(i, n)?;
+        }
         Ok(())
+    }
+
+    fn validate_nic(&self, i: usize, n: &NicConfig) -> Result<(), SupervisorError> {
+        let bad = |why: String| Err(SupervisorError::Config(format!("nic {:?}: {why}", n.name)));
+        if !good_name(&n.name) {
+            return bad("use 1-64 characters of [A-Za-z0-9_-] in a name".into());
+        }
+        if self.disks.iter().any(|d| d.name == n.name) {
+            return bad("the name is a disk's too".into());
+        }
+        if self.nics[..i].iter().any(|o| o.name == n.name) {
+            return bad("name used twice".into());
+        }
+        if !(MIN_MTU..=MAX_MTU).contains(&n.mtu) {
+            return bad(format!("mtu {} is outside {MIN_MTU}..={MAX_MTU}", n.mtu));
+        }
+        if !(MIN_HANG_TIMEOUT_MS..=MAX_HANG_TIMEOUT_MS).contains(&n.hang_timeout_ms) {
+            return bad(format!(
+                "hang_timeout_ms {} is outside {MIN_HANG_TIMEOUT_MS}..={MAX_HANG_TIMEOUT_MS}",
+                n.hang_timeout_ms
+            ));
+        }
+        let mac = n.mac_addr()?;
+        for o in &self.nics[..i] {
+            if o.mac_addr()? == mac {
+                return bad(format!("mac {mac} is nic {:?}'s too", o.name));
+            }
+        }
+        match n.wire() {
+            None => bad("set exactly one of `cable` and `tap`".into()),
+            Some(NicWire::Cable(peer)) => {
+                if peer == n.name {
+                    return bad("a cable cannot join a nic to itself".into());
+                }
+                match self.nics.iter().find(|o| o.name == peer) {
+                    None => bad(format!("cable to unknown nic {peer:?}")),
+                    Some(o) if o.cable.as_deref() != Some(n.name.as_str()) => bad(format!(
+                        "cable to nic {peer:?}, which does not name {:?} as its cable",
+                        n.name
+                    )),
+                    Some(_) => Ok(()),
+                }
+            }
+            Some(NicWire::Tap(ifname)) => {
+                let ok = !ifname.is_empty()
+                    && ifname.len() <= MAX_IFNAME
+                    && ifname
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    return bad(format!(
+                        "tap {ifname:?}: use 1-{MAX_IFNAME} characters of [A-Za-z0-9_.-]"
+                    ));
+                }
+                if self.nics[..i]
+                    .iter()
+                    .any(|o| o.tap.as_deref() == Some(ifname))
+                {
+                    return bad(format!("tap {ifname:?} used twice"));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -466,6 +674,127 @@ mod tests {
 }
 
 #[cfg(test)]
+mod nic_tests {
+    use super::*;
+
+    const CABLE: &str = "socket = \"/s\"\n\
+        [[nic]]\nname = \"a\"\ncable = \"b\"\n\
+        [[nic]]\nname = \"b\"\ncable = \"a\"\nmac = \"02:00:00:00:00:0b\"\nmtu = 9000\n";
+
+    #[test]
+    fn parses_nics_with_defaults() {
+        let cfg = Config::parse(CABLE).unwrap();
+        assert!(cfg.disks.is_empty());
+        let [a, b] = &cfg.nics[..] else {
+            panic!("two nics: {:?}", cfg.nics);
+        };
+        assert_eq!(a, &NicConfig::cable("a", "b"));
+        assert_eq!(
+            (a.mtu, a.standby, a.shadow, a.backend_id),
+            (1500, true, true, 0)
+        );
+        assert_eq!(a.wire(), Some(NicWire::Cable("b")));
+        assert_eq!(b.mtu, 9000);
+        assert_eq!(b.mac_addr().unwrap(), MacAddr([2, 0, 0, 0, 0, 0x0b]));
+        let tap = Config::parse(
+            "socket = \"/s\"\n[[nic]]\nname = \"t\"\ntap = \"sbtap0\"\nstandby = false\nshadow = false\nbackend_id = 3",
+        )
+        .unwrap();
+        let t = &tap.nics[0];
+        assert_eq!(t.wire(), Some(NicWire::Tap("sbtap0")));
+        assert_eq!((t.standby, t.shadow, t.backend_id), (false, false, 3));
+    }
+
+    #[test]
+    fn the_default_mac_is_local_unicast_and_stable() {
+        let a = NicConfig::tap("vif0", "t0").mac_addr().unwrap();
+        assert_eq!(a, NicConfig::tap("vif0", "t1").mac_addr().unwrap());
+        assert_ne!(a, NicConfig::tap("vif1", "t0").mac_addr().unwrap());
+        assert!(a.is_unicast());
+        assert_eq!(a.0[0] & 0x02, 0x02, "locally administered");
+    }
+
+    /// Each bad config is refused, with an error that says why.
+    #[test]
+    fn rejects_bad_nics_with_clear_errors() {
+        let nic = |name: &str, extra: &str| format!("[[nic]]\nname = \"{name}\"\n{extra}\n");
+        let with = |nics: &[String]| format!("socket = \"/s\"\n{}", nics.concat());
+        let disk = "[[disk]]\nname = \"a\"\npath = \"/x\"\n".to_string();
+        for (text, says) in [
+            (with(&[nic("a", "cable = \"zz\"")]), "unknown nic"),
+            (with(&[nic("a", "cable = \"a\"")]), "itself"),
+            (
+                with(&[nic("a", "cable = \"b\""), nic("b", "tap = \"t0\"")]),
+                "does not name",
+            ),
+            (
+                with(&[
+                    nic("a", "cable = \"b\""),
+                    nic("b", "cable = \"c\""),
+                    nic("c", "cable = \"b\""),
+                ]),
+                "does not name",
+            ),
+            (with(&[nic("a", "")]), "exactly one"),
+            (
+                with(&[nic("a", "tap = \"t0\"\ncable = \"a\"")]),
+                "exactly one",
+            ),
+            (
+                with(&[disk.clone(), nic("a", "tap = \"t0\"")]),
+                "disk's too",
+            ),
+            (
+                with(&[nic("a", "tap = \"t0\""), nic("a", "tap = \"t1\"")]),
+                "used twice",
+            ),
+            (
+                with(&[nic("a", "tap = \"t0\""), nic("b", "tap = \"t0\"")]),
+                "used twice",
+            ),
+            (
+                with(&[nic("a", "tap = \"t0\"\nmac = \"03:00:00:00:00:01\"")]),
+                "multicast",
+            ),
+            (
+                with(&[nic("a", "tap = \"t0\"\nmac = \"02:00:00:00:01\"")]),
+                "six parts",
+            ),
+            (
+                with(&[nic("a", "tap = \"t0\"\nmac = \"00:00:00:00:00:00\"")]),
+                "zeros",
+            ),
+            (
+                with(&[
+                    nic("a", "tap = \"t0\"\nmac = \"02:00:00:00:00:01\""),
+                    nic("b", "tap = \"t1\"\nmac = \"02:00:00:00:00:01\""),
+                ]),
+                "nic \"a\"'s too",
+            ),
+            (with(&[nic("a", "tap = \"t0\"\nmtu = 67")]), "mtu 67"),
+            (with(&[nic("a", "tap = \"t0\"\nmtu = 65522")]), "mtu 65522"),
+            (with(&[nic("a", "tap = \"a-name-far-too-long\"")]), "tap"),
+            (with(&[nic("a", "tap = \"t/0\"")]), "tap"),
+            (with(&[nic("a b", "tap = \"t0\"")]), "name"),
+            (
+                with(&[nic("a", "tap = \"t0\"\nhang_timeout_ms = 1")]),
+                "hang_timeout_ms",
+            ),
+            (with(&[nic("a", "tap = \"t0\"\ncolour = 1")]), "colour"),
+            ("socket = \"/s\"".to_string(), "no [[disk]] or [[nic]]"),
+        ] {
+            match Config::parse(&text) {
+                Ok(_) => panic!("accepted: {text}"),
+                Err(e) => assert!(
+                    e.to_string().contains(says),
+                    "{text}\n=> {e}\n(wanted {says:?})"
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
 mod fixture_tests {
     use super::*;
 
@@ -499,5 +828,9 @@ mod fixture_tests {
             Some(Path::new("/run/shadowback/vdisk0.vhost"))
         );
         assert_eq!((d.num_queues, d.queue_size), (1, 256));
+        let names: Vec<_> = cfg.nics.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["vif0", "vif1", "vif2"]);
+        assert_eq!(cfg.nics[0].wire(), Some(NicWire::Tap("sbtap0")));
+        assert_eq!(cfg.nics[1].wire(), Some(NicWire::Cable("vif2")));
     }
 }

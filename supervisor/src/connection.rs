@@ -9,14 +9,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
+use shadowback_xenbus::netif::{NetAttachRequest, NetBackendInfo, NetConnectRequest, NetFds};
 use shadowback_xenbus::protocol::{
     expect_no_fds, key, kind, AttachRequest, ConnectRequest, DeviceFds, ErrorCode,
 };
 use shadowback_xenbus::{AsyncSeqPacket, Message, Received, XenbusError, XenbusState};
 
 use crate::admission::Ticket;
+use crate::class::ClassInfo;
 use crate::config::ControlConfig;
 use crate::device::{Attachment, DeviceHandle, Fault, Lost};
+use crate::transport::check_net_fds;
 use crate::Devices;
 
 static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -164,7 +169,11 @@ async fn handshake(
             kind::PROBE => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
-                session.send(&dev.info.backend_message()).await?;
+                let answer = match &dev.info {
+                    ClassInfo::Disk(info) => info.backend_message(),
+                    ClassInfo::Net(info) => info.to_message(kind::BACKEND, XenbusState::InitWait),
+                };
+                session.send(&answer).await?;
             }
             kind::STATUS => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
@@ -182,25 +191,49 @@ async fn handshake(
                 session.send(&Message::new(kind::OK)).await?;
             }
             kind::CONNECT => {
+                // A vif's keys are its own (docs/PROTOCOL.md §4.7); an
+                // unknown device is refused after the disk keys are
+                // parsed, as it always was.
+                let vif = msg
+                    .get(key::DEVICE)
+                    .and_then(|name| devices.get(name))
+                    .and_then(|dev| match &dev.info {
+                        ClassInfo::Net(info) => Some((dev.clone(), info.clone())),
+                        ClassInfo::Disk(_) => None,
+                    });
+                if let Some((dev, info)) = vif {
+                    let attachment = connect_vif(&msg, fds, &dev, &info, frontend).await?;
+                    let connected = info.to_message(kind::CONNECTED, XenbusState::Connected);
+                    if let Err(e) = session.send(&connected).await {
+                        dev.detach(attachment.id).await;
+                        return Err(e);
+                    }
+                    tracing::info!(%frontend, device = %dev.name, "vif connected");
+                    return Ok(Some((dev, attachment)));
+                }
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
                 let fds = DeviceFds::from_received(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
+                let ClassInfo::Disk(info) = &dev.info else {
+                    return Err((ErrorCode::Einval, "not a disk".into()));
+                };
                 fds.check(&req).map_err(refuse)?;
-                if req.ring_page_order().unwrap_or(u8::MAX) > dev.info.max_ring_page_order {
+                if req.ring_page_order().unwrap_or(u8::MAX) > info.max_ring_page_order {
                     return Err((
                         ErrorCode::E2big,
                         format!(
                             "ring-page-order above max-ring-page-order {}",
-                            dev.info.max_ring_page_order
+                            info.max_ring_page_order
                         ),
                     ));
                 }
+                let connected = info.connected_message();
                 let attach = AttachRequest {
                     frontend: frontend.to_string(),
                     connect: req,
                 };
                 let attachment = dev.attach(attach, fds).await?;
-                if let Err(e) = session.send(&dev.info.connected_message()).await {
+                if let Err(e) = session.send(&connected).await {
                     dev.detach(attachment.id).await;
                     return Err(e);
                 }
@@ -217,6 +250,34 @@ async fn handshake(
             other => return Err((ErrorCode::Einval, format!("unknown message kind {other:?}"))),
         }
     }
+}
+
+/// A vif's `connect` (docs/PROTOCOL.md §4.7): its keys, its 3 or 5
+/// descriptors (checked like a disk's), offloads within what `backend`
+/// offered; then `attach-net` with the vif's MAC and MTU.
+async fn connect_vif(
+    msg: &Message,
+    fds: Vec<OwnedFd>,
+    dev: &DeviceHandle,
+    info: &NetBackendInfo,
+    frontend: &str,
+) -> Result<Attachment, Refusal> {
+    let req = NetConnectRequest::from_message(msg).map_err(refuse)?;
+    let fds = NetFds::from_received(msg, &req, fds).map_err(refuse)?;
+    check_net_fds(&fds, req.grant_frames)?;
+    if req.features.intersect(info.features) != req.features {
+        return Err((
+            ErrorCode::Einval,
+            "an offload the backend did not offer was asked for".into(),
+        ));
+    }
+    let attach = NetAttachRequest {
+        frontend: frontend.to_string(),
+        connect: req,
+        mac: info.mac,
+        mtu: info.mtu,
+    };
+    dev.attach_net(attach, fds).await
 }
 
 /// How a connected session ended.

@@ -16,6 +16,11 @@
 //! [`SupervisorThread::status`]; faults are injected with `fault` or
 //! [`SupervisorThread::fault`].
 //!
+//! A `[[nic]]` is a vif served over Xen netif rings by `shadowback
+//! netback` (docs/ARCHITECTURE.md §11.6): the supervisor creates its wire
+//! (a cable to another vif, or a TAP) at start and lends it to every
+//! backend instance, so a takeover keeps the link and its queued frames.
+//!
 //! A disk with `vhost_user` in its config is also served to a VMM as a
 //! vhost-user-blk device on that socket ([`VhostUserServer`],
 //! docs/ARCHITECTURE.md §8): the supervisor keeps the VMM's memory,
@@ -52,10 +57,10 @@ use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Messa
 use tokio::sync::watch;
 
 pub use config::{
-    CacheMode, Config, ControlConfig, DiskConfig, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    CacheMode, Config, ControlConfig, DiskConfig, NicConfig, NicWire, DEFAULT_HANDSHAKE_TIMEOUT_MS,
     DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_PEER, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE,
-    MIN_HANG_TIMEOUT_MS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
+    MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
 pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
@@ -146,11 +151,40 @@ async fn serve_registered(
             }
         };
         tracing::info!(
-            device = %disk.name, sectors = handle.info.sectors, path = %disk.path.display(),
+            device = %disk.name, path = %disk.path.display(),
             shadow = disk.shadow, standby = disk.standby, hang_timeout_ms = disk.hang_timeout_ms,
             vhost_user = ?disk.vhost_user, "disk exported"
         );
         list.push(handle);
+    }
+    // The wires of every vif exist before any backend starts, and live as
+    // long as their device tasks (docs/ARCHITECTURE.md §11.5).
+    let started = class::net::open_wires(&cfg.nics).and_then(|mut wires| {
+        cfg.nics
+            .iter()
+            .map(|nic| {
+                let wire = wires
+                    .remove(&nic.name)
+                    .ok_or_else(|| SupervisorError::Device {
+                        device: nic.name.clone(),
+                        reason: "no wire".into(),
+                    })?;
+                let handle = device::start_nic(nic, wire, &backend)?;
+                tracing::info!(
+                    device = %nic.name, wire = ?nic.wire(), mtu = nic.mtu,
+                    shadow = nic.shadow, standby = nic.standby, "vif exported"
+                );
+                Ok(handle)
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
+    match started {
+        Ok(handles) => list.extend(handles),
+        Err(e) => {
+            let _ = std::fs::remove_file(&cfg.socket);
+            stop_vhost(vhost).await;
+            return Err(e);
+        }
     }
     let devices = Arc::new(Devices { list });
     if let Some(registry) = registry {

@@ -377,7 +377,8 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
 
 /// How to run a backend: the program and the arguments before those the
 /// supervisor and the device class add (`shadowback blkback` by default:
-/// the block class's backend, the only class so far).
+/// the block class's backend; a NIC's runs
+/// [`with_subcommand`](Self::with_subcommand)`("blkback", "netback")`).
 #[derive(Clone, Debug)]
 pub struct BackendCommand {
     pub program: OsString,
@@ -400,19 +401,34 @@ impl BackendCommand {
             env: Vec::new(),
         })
     }
+
+    /// The same command for another class's backend: every argument
+    /// `from` (a subcommand, `blkback`) becomes `to` (`netback`). A
+    /// command without `from` (a test's fake backend) is kept as it is.
+    pub fn with_subcommand(&self, from: &str, to: &str) -> Self {
+        let args = self
+            .args
+            .iter()
+            .map(|a| if a == from { to.into() } else { a.clone() })
+            .collect();
+        BackendCommand {
+            args,
+            ..self.clone()
+        }
+    }
 }
 
 /// Starts a backend instance of device `name`: `cmd`, then `--device
 /// NAME --control-fd 3`, the class's `setup.args`, and `--no-shadow`
 /// without the shadow layer. It inherits the control socket as fd 3 and
-/// `setup.device_file` as fd 4, nothing else; the supervisor's copy of the
-/// latter is closed once the process is started. `first` marks the
+/// `device_file` (if the class has one) as fd 4, nothing else; the
+/// supervisor's copy of the latter is closed once the process is started. `first` marks the
 /// device's first instance, the only one that gets [`BackendCommand::env`].
 pub fn spawn_backend(
     cmd: &BackendCommand,
     name: &str,
     args: &[std::ffi::OsString],
-    device_file: File,
+    device_file: Option<File>,
     shadow: bool,
     first: bool,
 ) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
@@ -420,7 +436,7 @@ pub fn spawn_backend(
     let theirs: OwnedFd = theirs.into_fd();
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
-    let disk_src = device_file.as_raw_fd();
+    let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -447,7 +463,8 @@ pub fn spawn_backend(
     // the parent (owned by `theirs` and `device_file`, alive across the spawn
     // call). Both are first copied above fd 10 so that neither target
     // number can clobber the other source; dup2 then clears FD_CLOEXEC on
-    // the copies at 3 and 4, and the high copies close on exec.
+    // the copies at 3 and 4, and the high copies close on exec. Without a
+    // device file only fd 3 is placed.
     // `pre_exec` is the one way to set the death signal and place the fds
     // between fork and exec.
     #[allow(unsafe_code)]
@@ -471,12 +488,14 @@ pub fn spawn_backend(
                 libc::_exit(1);
             }
             let control = libc::fcntl(control_src, libc::F_DUPFD_CLOEXEC, 10);
-            let disk = libc::fcntl(disk_src, libc::F_DUPFD_CLOEXEC, 10);
-            if control < 0
-                || disk < 0
-                || libc::dup2(control, BACKEND_CONTROL_FD) < 0
-                || libc::dup2(disk, BACKEND_DISK_FD) < 0
-            {
+            let disk = match disk_src {
+                Some(src) => libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10),
+                None => 0,
+            };
+            if control < 0 || disk < 0 || libc::dup2(control, BACKEND_CONTROL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if disk_src.is_some() && libc::dup2(disk, BACKEND_DISK_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -41,6 +41,15 @@ pub struct DeviceStats {
     pub poisoned: u64,
     /// Corrupt log entries answered with an error (backend `corrupt`).
     pub corrupt: u64,
+    /// A vif's TX packets sent again by recovering instances (backend
+    /// `tx-replayed`, summed over recoveries); 0 for a disk.
+    pub tx_replayed: u64,
+    /// Recoveries after which the first TX packet sent again may have left
+    /// the dead instance too (backend `tx-maybe-duplicated`, summed).
+    pub tx_maybe_duplicated: u64,
+    /// Posted RX buffers handed over to recovering instances (backend
+    /// `rx-buffers-recovered`, summed).
+    pub rx_buffers_recovered: u64,
     /// A guest is attached (its connection is in state Connected).
     pub connected: bool,
     /// Process id of the instance serving the device, if one runs.
@@ -100,6 +109,9 @@ impl DeviceStats {
             .with(key::REPUSHED, self.repushed)
             .with(key::POISONED, self.poisoned)
             .with(key::CORRUPT, self.corrupt)
+            .with(STATUS_TX_REPLAYED, self.tx_replayed)
+            .with(STATUS_TX_MAYBE_DUPLICATED, self.tx_maybe_duplicated)
+            .with(STATUS_RX_BUFFERS_RECOVERED, self.rx_buffers_recovered)
             .with(STATUS_FAILED_TAKEOVERS, self.failed_takeovers)
             .with(STATUS_STANDBY_TAKEOVERS, self.standby_takeovers)
             .with(STATUS_COLD_TAKEOVERS, self.cold_takeovers)
@@ -141,6 +153,9 @@ impl DeviceStats {
             repushed: n(key::REPUSHED)?,
             poisoned: n(key::POISONED)?,
             corrupt: n(key::CORRUPT)?,
+            tx_replayed: n(STATUS_TX_REPLAYED)?,
+            tx_maybe_duplicated: n(STATUS_TX_MAYBE_DUPLICATED)?,
+            rx_buffers_recovered: n(STATUS_RX_BUFFERS_RECOVERED)?,
             connected: msg.get_flag(key::CONNECTED)?.unwrap_or(false),
             pid: pid(key::PID)?,
             standby_pid: pid(key::STANDBY_PID)?,
@@ -157,6 +172,11 @@ const STATUS_FAILED_TAKEOVERS: &str = "failed-takeovers";
 const STATUS_STANDBY_TAKEOVERS: &str = "standby-takeovers";
 const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
 const STATUS_GIVEN_UP: &str = "given-up";
+/// A vif's recovery counters, named as the backend's `attached` keys
+/// (docs/PROTOCOL.md §6c).
+const STATUS_TX_REPLAYED: &str = "tx-replayed";
+const STATUS_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
+const STATUS_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
 
 #[cfg(test)]
 mod tests {
@@ -175,6 +195,9 @@ mod tests {
             repushed: 5,
             poisoned: 1,
             corrupt: 0,
+            tx_replayed: 9,
+            tx_maybe_duplicated: 1,
+            rx_buffers_recovered: 256,
             connected: true,
             pid: Some(4242),
             standby_pid: None,
@@ -204,6 +227,9 @@ mod tests {
             "last-takeover-us",
             "last-replay-us",
             "last-total-us",
+            "tx-replayed",
+            "tx-maybe-duplicated",
+            "rx-buffers-recovered",
         ] {
             assert!(msg.contains(k), "status lacks {k}");
         }

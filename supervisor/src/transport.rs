@@ -3,32 +3,55 @@
 //! rings they describe, and the attach message every backend instance gets
 //! (docs/ARCHITECTURE.md §4, §8).
 //!
-//! Two wires exist and both are built, so [`Frontend`] is an enum and every
+//! Three frontends exist — a blkif ring, a netif ring pair and
+//! virtqueues — and all are built, so [`Frontend`] is an enum and every
 //! per-transport difference is a `match` in this module; the device task,
 //! the session and recovery never look at the transport. What a device
 //! class changes (the Xen keys, the virtio model) is not here but in
 //! `class/`.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use shadowback_ring::blkif::Blkif;
 use shadowback_ring::grant::{Access, GrantMapper};
+use shadowback_ring::netif::{NET_RX_RING_SIZE, NET_TX_RING_SIZE};
 use shadowback_ring::sring::{ring_size, RingProtocol};
 use shadowback_ring::SharedRegion;
-use shadowback_xenbus::protocol::{AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
+use shadowback_xenbus::protocol::{key, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use shadowback_xenbus::Message;
 
 use crate::device::Refusal;
 use crate::vhost_user::memory::{MemoryTable, RegionDesc};
 
+/// `attach-net`'s key naming what the wire descriptor is
+/// (docs/PROTOCOL.md §6c).
+const KEY_WIRE: &str = "wire";
+
+/// A vif's wire as one attachment holds it: a duplicate of the fd the
+/// supervisor keeps, and what it is (`wire=cable` or `wire=tap`).
+#[derive(Debug)]
+pub struct NetWire {
+    pub kind: &'static str,
+    pub fd: OwnedFd,
+}
+
 /// What a frontend attaches with.
 #[derive(Debug)]
 pub enum Frontend {
     /// A guest's Xen-style shared ring (the control socket's `connect`).
     Xen { req: AttachRequest, fds: DeviceFds },
+    /// A guest's netif TX and RX rings (`connect` for a vif); `wire` is
+    /// the device's, lent by its class before the session is made.
+    Net {
+        req: NetAttachRequest,
+        fds: NetFds,
+        wire: Option<NetWire>,
+        shadow: bool,
+    },
     /// A VMM's virtqueues (the device's vhost-user socket); `fds.logs` is
     /// ignored: shadow logs are the session's.
     Virtio {
@@ -43,6 +66,11 @@ impl Frontend {
         match self {
             // `DeviceFds::check` ran on the control socket already.
             Frontend::Xen { .. } => Ok(()),
+            // So did `check_net_fds`; the wire must have been lent.
+            Frontend::Net { wire, .. } => match wire {
+                Some(_) => Ok(()),
+                None => Err((ErrorCode::Enodev, "the vif has no wire".into())),
+            },
             Frontend::Virtio { req, fds } => {
                 let einval = |why: &str| Err((ErrorCode::Einval, why.to_string()));
                 if req.queues.is_empty() {
@@ -63,8 +91,18 @@ impl Frontend {
     /// `attach-virtio` says so in a key; a Xen backend started without
     /// `--no-shadow` always expects its log as the fourth descriptor.
     pub fn set_shadow(&mut self, shadow: bool) {
-        if let Frontend::Virtio { req, .. } = self {
-            req.shadow = shadow;
+        match self {
+            Frontend::Virtio { req, .. } => req.shadow = shadow,
+            Frontend::Net { shadow: s, .. } => *s = shadow,
+            Frontend::Xen { .. } => {}
+        }
+    }
+
+    /// Gives a vif's attachment its wire (a no-op for other frontends,
+    /// whose class lends none).
+    pub fn set_wire(&mut self, lent: Option<NetWire>) {
+        if let Frontend::Net { wire, .. } = self {
+            *wire = lent;
         }
     }
 
@@ -85,6 +123,8 @@ impl Frontend {
             Frontend::Virtio { req, .. } => {
                 Ok(req.queues.iter().map(|q| u32::from(q.size)).collect())
             }
+            // One log per ring, TX then RX (docs/PROTOCOL.md §6c).
+            Frontend::Net { .. } => Ok(vec![NET_TX_RING_SIZE, NET_RX_RING_SIZE]),
         }
     }
 
@@ -93,6 +133,24 @@ impl Frontend {
     /// on it, and a Xen backend refuses such a ring anyway).
     pub fn ring_probes(&self, backend_id: u16) -> Vec<Option<RingProbe>> {
         match self {
+            // Only TX says whether the guest waits for the backend: RX
+            // requests are buffers posted for frames that may never come,
+            // so unanswered ones are the idle state, not pending work.
+            Frontend::Net { req, fds, .. } => {
+                let tx = RingProbe::granted(
+                    &fds.region,
+                    req.connect.grant_frames,
+                    req.connect.tx_ring_ref,
+                    backend_id,
+                );
+                match tx {
+                    Ok(p) => vec![Some(p), None],
+                    Err(e) => {
+                        tracing::warn!(frontend = %req.frontend, error = %e, "TX ring not readable: no hang detection");
+                        vec![None, None]
+                    }
+                }
+            }
             Frontend::Xen { req, fds } => match RingProbe::shared(fds, req, backend_id) {
                 Ok(p) => vec![Some(p)],
                 Err(e) => {
@@ -127,6 +185,17 @@ impl Frontend {
                 .to_message()
                 .map_err(|e| (ErrorCode::Einval, e.to_string())),
             Frontend::Virtio { req, .. } => Ok(req.to_message()),
+            Frontend::Net {
+                req, wire, shadow, ..
+            } => {
+                let wire = wire
+                    .as_ref()
+                    .ok_or((ErrorCode::Enodev, "the vif has no wire".to_string()))?;
+                Ok(req
+                    .to_message()
+                    .with(KEY_WIRE, wire.kind)
+                    .with(key::SHADOW, u8::from(*shadow)))
+            }
         }
     }
 
@@ -135,6 +204,11 @@ impl Frontend {
     pub fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
             Frontend::Xen { fds, .. } => fds.as_borrowed().to_vec(),
+            Frontend::Net { fds, wire, .. } => {
+                let mut v = fds.as_borrowed();
+                v.extend(wire.as_ref().map(|w| w.fd.as_fd()));
+                v
+            }
             Frontend::Virtio { fds, .. } => {
                 let mut v: Vec<BorrowedFd<'_>> = fds.regions.iter().map(AsFd::as_fd).collect();
                 for (kick, call) in &fds.queues {
@@ -151,6 +225,14 @@ impl Frontend {
     pub fn into_fds(self) -> Vec<OwnedFd> {
         match self {
             Frontend::Xen { fds, .. } => vec![fds.region, fds.kick, fds.notify],
+            Frontend::Net { fds, wire, .. } => {
+                let mut v = vec![fds.region, fds.tx.kick, fds.tx.notify];
+                if let Some(rx) = fds.rx {
+                    v.extend([rx.kick, rx.notify]);
+                }
+                v.extend(wire.map(|w| w.fd));
+                v
+            }
             Frontend::Virtio { fds, .. } => {
                 let mut v = fds.regions;
                 for (kick, call) in fds.queues {
@@ -244,13 +326,24 @@ impl RingProbe {
     /// Maps `fds.region` and resolves the first ring page through the grant
     /// table, under the same rules as the backend (read access is enough).
     pub fn shared(fds: &DeviceFds, req: &AttachRequest, backend_id: u16) -> Result<Self, String> {
-        let fd = fds.region.try_clone().map_err(|e| e.to_string())?;
-        let region = Arc::new(SharedRegion::from_fd(fd).map_err(|e| e.to_string())?);
-        let grants = GrantMapper::new(region.clone(), req.connect.grant_frames, backend_id)
-            .map_err(|e| e.to_string())?;
         let first = *req.connect.ring_refs.first().ok_or("no ring-ref")?;
+        Self::granted(&fds.region, req.connect.grant_frames, first, backend_id)
+    }
+
+    /// Maps `region` and resolves ring page `gref` through its grant
+    /// table of `grant_frames` frames (read access is enough).
+    pub fn granted(
+        region: &OwnedFd,
+        grant_frames: u32,
+        gref: u32,
+        backend_id: u16,
+    ) -> Result<Self, String> {
+        let fd = region.try_clone().map_err(|e| e.to_string())?;
+        let region = Arc::new(SharedRegion::from_fd(fd).map_err(|e| e.to_string())?);
+        let grants = GrantMapper::new(region.clone(), grant_frames, backend_id)
+            .map_err(|e| e.to_string())?;
         let sring = grants
-            .map(first, Access::Read)
+            .map(gref, Access::Read)
             .map_err(|e| format!("ring grant: {e}"))?;
         Ok(RingProbe::Shared { region, sring })
     }
@@ -286,4 +379,42 @@ impl RingProbe {
     pub fn pending(&self) -> Option<bool> {
         self.indices().map(|(req, rsp)| req != rsp)
     }
+}
+
+/// Checks a vif's `connect` descriptors as `DeviceFds::check` does a
+/// disk's (docs/ARCHITECTURE.md §4): the region a memfd sealed against
+/// shrinking but not against writes, whole pages, larger than its grant
+/// table; every other descriptor an eventfd.
+pub fn check_net_fds(fds: &NetFds, grant_frames: u32) -> Result<(), Refusal> {
+    use rustix::fs::{fcntl_get_seals, fstat, FileType, SealFlags};
+    const PAGE_SIZE: u64 = 4096;
+
+    let bad = |index: usize, why: &str| Err((ErrorCode::Einval, format!("fd {index}: {why}")));
+    let stat = fstat(&fds.region).map_err(|e| (ErrorCode::Einval, format!("fd 0: {e}")))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return bad(0, "region is not a memfd");
+    }
+    let Ok(seals) = fcntl_get_seals(&fds.region) else {
+        return bad(0, "region is not a memfd");
+    };
+    if !seals.contains(SealFlags::SHRINK) {
+        return bad(0, "region is not sealed with F_SEAL_SHRINK");
+    }
+    if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
+        return bad(0, "region is sealed against writes");
+    }
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
+    if size == 0 || size % PAGE_SIZE != 0 {
+        return bad(0, "region size is not a non-zero multiple of 4096");
+    }
+    if size / PAGE_SIZE <= u64::from(grant_frames) {
+        return bad(0, "region holds no page beyond the grant table");
+    }
+    for (index, fd) in fds.as_borrowed().into_iter().enumerate().skip(1) {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if !link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
+            return bad(index, "not an eventfd");
+        }
+    }
+    Ok(())
 }

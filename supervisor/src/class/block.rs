@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use shadowback_xenbus::{BackendInfo, DiskMode};
 
-use super::{DeviceClass, InstanceSetup};
+use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
 use crate::spawn::{open_disk, Disk, BACKEND_DISK_FD};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
@@ -34,9 +34,9 @@ impl BlockClass {
 }
 
 impl DeviceClass for BlockClass {
-    fn backend_info(&self) -> BackendInfo {
+    fn backend_info(&self) -> ClassInfo {
         let cfg = &self.cfg;
-        BackendInfo {
+        ClassInfo::Disk(BackendInfo {
             backend_id: cfg.backend_id,
             sectors: self.disk.sectors,
             sector_size: 512,
@@ -53,16 +53,16 @@ impl DeviceClass for BlockClass {
             max_indirect_segments: 256,
             max_ring_page_order: cfg.max_ring_page_order,
             info: u32::from(cfg.readonly) * 4,
-        }
+        })
     }
 
-    fn virtio_model(&self) -> Arc<dyn VirtioModel> {
-        Arc::new(BlkGeometry {
+    fn virtio_model(&self) -> Option<Arc<dyn VirtioModel>> {
+        Some(Arc::new(BlkGeometry {
             sectors: self.disk.sectors,
             readonly: self.cfg.readonly,
             discard: self.cfg.discard,
             num_queues: self.cfg.num_queues,
-        })
+        }))
     }
 
     /// The instance's own description of the image and, unless the disk is
@@ -96,7 +96,7 @@ impl DeviceClass for BlockClass {
         }
         Ok(InstanceSetup {
             args,
-            device_file: file.file,
+            device_file: Some(file.file),
             io_fence,
         })
     }

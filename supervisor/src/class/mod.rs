@@ -1,18 +1,21 @@
 //! Device classes (docs/ARCHITECTURE.md §4): what a device task asks of
-//! the kind of device it exports — a disk today, a NIC next.
+//! the kind of device it exports — a disk or a NIC (vif).
 //!
 //! The device task, the session, recovery and the vhost-user server are
 //! the same for every class; a class answers the few questions whose answer
 //! depends on the device:
 //!
-//! - what a Xen frontend probes ([`DeviceClass::backend_info`]);
+//! - what a Xen frontend probes ([`DeviceClass::backend_info`]): a
+//!   disk's `BackendInfo` or a vif's `NetBackendInfo`;
 //! - what a vhost-user frontend sees: features, queues, config space
-//!   ([`DeviceClass::virtio_model`], a [`VirtioModel`]);
+//!   ([`DeviceClass::virtio_model`], a [`VirtioModel`]; none for a vif);
 //! - how one backend instance is started — the arguments after
 //!   `--device`/`--control-fd`, the device fd it inherits — and whether
 //!   fencing it must wait for its I/O ([`DeviceClass::prepare_instance`]):
 //!   a disk's instance gets an I/O fence (docs/ARCHITECTURE.md §7.3), a
-//!   NIC's would not.
+//!   NIC's does not;
+//! - what a frontend's attachment is lent besides its own descriptors
+//!   ([`DeviceClass::lend_wire`]: a vif's wire).
 //!
 //! A trait rather than an enum of classes: a class holds state of its own
 //! (a disk: the opened image and its locks), the questions are few and all
@@ -21,29 +24,49 @@
 //! task holds a `Box<dyn DeviceClass>`; nothing is generic over it.
 
 pub mod block;
+pub mod net;
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::sync::Arc;
 
+use shadowback_xenbus::netif::NetBackendInfo;
 use shadowback_xenbus::BackendInfo;
 
 use crate::spawn::IoFence;
+use crate::transport::NetWire;
 use crate::vhost_user::VirtioModel;
 use crate::SupervisorError;
 
 pub use block::BlockClass;
+pub use net::NetClass;
+
+/// The backend keys a Xen frontend gets in `backend` and `connected`, by
+/// class (docs/PROTOCOL.md §4.2, §4.7).
+#[derive(Clone, Debug)]
+pub enum ClassInfo {
+    Disk(BackendInfo),
+    Net(NetBackendInfo),
+}
 
 /// The kind of device a device task exports.
 pub trait DeviceClass: Send + Sync + std::fmt::Debug {
     /// The backend keys a Xen frontend gets in `backend` and `connected`.
-    fn backend_info(&self) -> BackendInfo;
+    fn backend_info(&self) -> ClassInfo;
 
-    /// What a vhost-user frontend sees of the device.
-    fn virtio_model(&self) -> Arc<dyn VirtioModel>;
+    /// What a vhost-user frontend sees of the device; `None` for a class
+    /// not served over vhost-user.
+    fn virtio_model(&self) -> Option<Arc<dyn VirtioModel>>;
 
     /// Everything one new backend instance needs from the class.
     fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError>;
+
+    /// A duplicate of the wire every attachment of a vif is lent (it
+    /// travels after the frontend's descriptors, docs/PROTOCOL.md §6c);
+    /// `None` for a class without one.
+    fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
+        Ok(None)
+    }
 }
 
 /// One backend instance as its class sets it up.
@@ -53,8 +76,9 @@ pub struct InstanceSetup {
     pub args: Vec<OsString>,
     /// Inherited as fd [`BACKEND_DISK_FD`](crate::BACKEND_DISK_FD); the
     /// supervisor closes its copy once the process is started, so that the
-    /// instance holds the only references.
-    pub device_file: File,
+    /// instance holds the only references. `None` for a class without a
+    /// device file (a NIC).
+    pub device_file: Option<File>,
     /// What fencing the instance must wait for after it is reaped; `None`
     /// when nothing it did can land later (a read-only disk, a NIC).
     pub io_fence: Option<IoFence>,

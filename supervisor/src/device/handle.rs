@@ -4,12 +4,14 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
 use shadowback_xenbus::protocol::{action, key, kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
-use shadowback_xenbus::{BackendInfo, Message, XenbusError};
+use shadowback_xenbus::{Message, XenbusError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Refusal;
+use crate::class::ClassInfo;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
 use crate::vhost_user::VirtioModel;
@@ -115,9 +117,11 @@ pub(super) enum Command {
 #[derive(Clone)]
 pub struct DeviceHandle {
     pub name: String,
-    pub info: BackendInfo,
-    /// What a vhost-user frontend sees of the device (its class's).
-    pub(crate) virtio: Arc<dyn VirtioModel>,
+    /// The Xen backend keys of the device (its class's).
+    pub info: ClassInfo,
+    /// What a vhost-user frontend sees of the device (its class's; `None`
+    /// for a vif).
+    pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
 }
@@ -132,6 +136,27 @@ impl DeviceHandle {
     pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {
         let (reply, rx) = oneshot::channel();
         let frontend = Frontend::Xen { req, fds };
+        self.tx
+            .send(Command::Attach { frontend, reply })
+            .await
+            .map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Asks the backend to attach a vif's rings (`attach-net`, with the
+    /// device's wire); as [`attach`](Self::attach) otherwise.
+    pub async fn attach_net(
+        &self,
+        req: NetAttachRequest,
+        fds: NetFds,
+    ) -> Result<Attachment, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let frontend = Frontend::Net {
+            req,
+            fds,
+            wire: None,
+            shadow: true,
+        };
         self.tx
             .send(Command::Attach { frontend, reply })
             .await

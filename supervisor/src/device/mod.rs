@@ -35,8 +35,9 @@ use std::time::Duration;
 use shadowback_xenbus::protocol::ErrorCode;
 use tokio::sync::mpsc;
 
-use crate::class::{BlockClass, DeviceClass};
-use crate::config::DiskConfig;
+use crate::class::net::HeldWire;
+use crate::class::{BlockClass, DeviceClass, NetClass};
+use crate::config::{DiskConfig, NicConfig};
 use crate::instance::Instance;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
@@ -72,6 +73,15 @@ impl Settings {
             backend_id: cfg.backend_id,
         }
     }
+
+    fn of_nic(cfg: &NicConfig) -> Self {
+        Settings {
+            shadow: cfg.shadow,
+            standby: cfg.standby,
+            hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
+            backend_id: cfg.backend_id,
+        }
+    }
 }
 
 /// Opens the disk, starts its backend (and standby) and the task that owns
@@ -82,6 +92,18 @@ pub fn start_device(
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
     start(&cfg.name, class, Settings::of(cfg), cmd)
+}
+
+/// Starts the backend (and standby) of vif `cfg` on `wire`, which the
+/// device holds from now on, and the task that owns them.
+pub fn start_nic(
+    cfg: &NicConfig,
+    wire: HeldWire,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
+    let class: Box<dyn DeviceClass> = Box::new(NetClass::new(cfg, wire)?);
+    let cmd = cmd.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
+    start(&cfg.name, class, Settings::of_nic(cfg), &cmd)
 }
 
 /// Starts the first backend instance of device `name` (and its standby)

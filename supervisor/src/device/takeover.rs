@@ -41,6 +41,11 @@ impl Failure {
         }
     }
 }
+/// Keys of a vif's `attached` (docs/PROTOCOL.md §6c).
+const KEY_TX_REPLAYED: &str = "tx-replayed";
+const KEY_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
+const KEY_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+
 /// The replay report of an `attached` answer.
 #[derive(Debug, Default)]
 pub(super) struct ReplayReport {
@@ -50,6 +55,10 @@ pub(super) struct ReplayReport {
     pub(super) poisoned: u64,
     pub(super) corrupt: u64,
     pub(super) replay_us: u64,
+    /// A vif's recovery (docs/PROTOCOL.md §6c); 0 for a disk.
+    pub(super) tx_replayed: u64,
+    pub(super) tx_maybe_duplicated: u64,
+    pub(super) rx_buffers_recovered: u64,
 }
 
 impl ReplayReport {
@@ -62,6 +71,9 @@ impl ReplayReport {
             poisoned: n(key::POISONED),
             corrupt: n(key::CORRUPT),
             replay_us: n(key::REPLAY_US),
+            tx_replayed: n(KEY_TX_REPLAYED),
+            tx_maybe_duplicated: n(KEY_TX_MAYBE_DUPLICATED),
+            rx_buffers_recovered: n(KEY_RX_BUFFERS_RECOVERED),
         }
     }
 }
@@ -270,6 +282,7 @@ impl DeviceTask {
             device = %self.name, pid = instance.pid(), from_standby,
             generation = report.generation, replayed = report.replayed,
             repushed = report.repushed, poisoned = report.poisoned, corrupt = report.corrupt,
+            tx_replayed = report.tx_replayed, rx_buffers_recovered = report.rx_buffers_recovered,
             detect_us = times.detect_us, fence_us = times.fence_us,
             takeover_us = times.takeover_us, replay_us = times.replay_us,
             total_us = times.total_us,
@@ -292,6 +305,9 @@ impl DeviceTask {
             s.repushed += report.repushed;
             s.poisoned += report.poisoned;
             s.corrupt += report.corrupt;
+            s.tx_replayed += report.tx_replayed;
+            s.tx_maybe_duplicated += report.tx_maybe_duplicated;
+            s.rx_buffers_recovered += report.rx_buffers_recovered;
             s.last_recovery = Some(times);
         });
     }

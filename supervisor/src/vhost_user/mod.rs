@@ -87,9 +87,13 @@ impl VhostUserServer {
             .try_clone()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
             .map_err(|e| err(e.to_string()))?;
+        let model = device
+            .virtio
+            .clone()
+            .ok_or_else(|| err("the device has no virtio model".into()))?;
         let facts = DeviceFacts {
             name: cfg.name.clone(),
-            model: device.virtio.clone(),
+            model,
             queue_size: cfg.queue_size,
             shadow: cfg.shadow,
         };

@@ -1,0 +1,195 @@
+//! The network device class: a vif (docs/PROTOCOL.md §4.7) served by
+//! `shadowback netback` over a wire the supervisor holds
+//! (docs/ARCHITECTURE.md §11.5, §11.6).
+//!
+//! A NIC has no disk file and nothing to fence after the reap: a frame is
+//! written to the wire with one non-blocking `send`, so nothing a dead
+//! instance submitted can land later. What must outlive every instance is
+//! the wire: a cable end or a TAP queue fd, opened when the supervisor
+//! starts ([`open_wires`]) and lent, as a duplicate, with every
+//! `attach-net`.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+
+use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode};
+use shadowback_xenbus::netif::{NetBackendInfo, NetFeatures};
+
+use super::{ClassInfo, DeviceClass, InstanceSetup};
+use crate::config::{NicConfig, NicWire};
+use crate::transport::NetWire;
+use crate::vhost_user::VirtioModel;
+use crate::SupervisorError;
+
+/// `wire=` of `attach-net` for a cable end.
+const WIRE_CABLE: &str = "cable";
+/// `wire=` of `attach-net` for a TAP queue.
+const WIRE_TAP: &str = "tap";
+
+/// What the backend offers a netfront: scatter-gather, and IPv6 packets
+/// with a blank checksum (the backend completes it in software). GSO is
+/// not offered yet (docs/ARCHITECTURE.md §11.6).
+pub const OFFERED: NetFeatures = NetFeatures {
+    sg: true,
+    gso_tcpv4: false,
+    gso_tcpv6: false,
+    ipv6_csum_offload: true,
+};
+
+/// A vif's wire, held by the supervisor for its whole life.
+#[derive(Debug)]
+pub enum HeldWire {
+    /// One end of a cable between two vifs of this supervisor.
+    Cable(OwnedFd),
+    /// A TAP interface (its queue fd and its ioctl socket).
+    Tap(Tap),
+}
+
+impl HeldWire {
+    /// A duplicate for one attachment, with its `wire=` value.
+    fn lend(&self) -> Result<NetWire, SupervisorError> {
+        let (kind, fd) = match self {
+            HeldWire::Cable(fd) => (WIRE_CABLE, fd),
+            HeldWire::Tap(tap) => (
+                WIRE_TAP,
+                tap.queue_fds()
+                    .first()
+                    .ok_or_else(|| SupervisorError::Spawn("a TAP without queue".into()))?,
+            ),
+        };
+        let fd = fd
+            .try_clone()
+            .map_err(|e| SupervisorError::Spawn(format!("dup of the wire: {e}")))?;
+        Ok(NetWire { kind, fd })
+    }
+}
+
+/// Opens every vif's wire, by vif name: a cable per pair of vifs that
+/// name each other, a TAP (adopted if it exists, else created) per `tap`.
+/// Runs in the calling thread's network namespace. `nics` was validated.
+pub fn open_wires(nics: &[NicConfig]) -> Result<HashMap<String, HeldWire>, SupervisorError> {
+    let mut wires = HashMap::new();
+    for nic in nics {
+        if wires.contains_key(&nic.name) {
+            continue;
+        }
+        let err = |why: String| SupervisorError::Device {
+            device: nic.name.clone(),
+            reason: why,
+        };
+        match nic.wire() {
+            Some(NicWire::Cable(peer)) => {
+                let [ours, theirs] =
+                    cable_pair(CableConfig::default()).map_err(|e| err(format!("cable: {e}")))?;
+                wires.insert(nic.name.clone(), HeldWire::Cable(ours));
+                wires.insert(peer.to_string(), HeldWire::Cable(theirs));
+                tracing::info!(nic = %nic.name, %peer, "cable created");
+            }
+            Some(NicWire::Tap(ifname)) => {
+                let tap =
+                    open_tap(ifname, nic.mtu).map_err(|e| err(format!("tap {ifname}: {e}")))?;
+                wires.insert(nic.name.clone(), HeldWire::Tap(tap));
+            }
+            None => return Err(err("no wire".into())),
+        }
+    }
+    Ok(wires)
+}
+
+/// Adopts `ifname` if it exists, else creates it, with the vif's MTU.
+fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::WireError> {
+    use shadowback_netback::wire::WireError;
+    let cfg = |mode| TapConfig {
+        mtu: Some(u32::from(mtu)),
+        ..TapConfig::new(ifname, mode)
+    };
+    match Tap::open(&cfg(TapMode::Adopt)) {
+        Err(WireError::NotFound(_)) => Tap::open(&cfg(TapMode::Create)),
+        other => other,
+    }
+}
+
+/// A vif: its configuration and its wire.
+#[derive(Debug)]
+pub struct NetClass {
+    info: NetBackendInfo,
+    wire: HeldWire,
+}
+
+impl NetClass {
+    /// The `shadowback` subcommand that runs a network backend.
+    pub const SUBCOMMAND: &'static str = "netback";
+
+    /// The class of vif `cfg` on `wire` (from [`open_wires`]).
+    pub fn new(cfg: &NicConfig, wire: HeldWire) -> Result<Self, SupervisorError> {
+        Ok(NetClass {
+            info: NetBackendInfo {
+                device: cfg.name.clone(),
+                backend_id: cfg.backend_id,
+                mac: cfg.mac_addr()?,
+                mtu: cfg.mtu,
+                features: OFFERED,
+            },
+            wire,
+        })
+    }
+}
+
+impl DeviceClass for NetClass {
+    fn backend_info(&self) -> ClassInfo {
+        ClassInfo::Net(self.info.clone())
+    }
+
+    fn virtio_model(&self) -> Option<std::sync::Arc<dyn VirtioModel>> {
+        None
+    }
+
+    fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError> {
+        Ok(InstanceSetup {
+            args: vec![
+                "--backend-id".into(),
+                self.info.backend_id.to_string().into(),
+            ],
+            device_file: None,
+            io_fence: None,
+        })
+    }
+
+    fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
+        self.wire.lend().map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cable_pair_gets_one_cable_and_lends_duplicates() {
+        let nics = [NicConfig::cable("a", "b"), NicConfig::cable("b", "a")];
+        let mut wires = open_wires(&nics).unwrap();
+        assert_eq!(wires.len(), 2);
+        let a = NetClass::new(&nics[0], wires.remove("a").unwrap()).unwrap();
+        let b = NetClass::new(&nics[1], wires.remove("b").unwrap()).unwrap();
+        let (la, lb) = (
+            a.lend_wire().unwrap().unwrap(),
+            b.lend_wire().unwrap().unwrap(),
+        );
+        assert_eq!((la.kind, lb.kind), (WIRE_CABLE, WIRE_CABLE));
+        // The two ends are connected: what one lent copy sends, the other
+        // side's lent copy receives.
+        nix::unistd::write(&la.fd, b"frame").unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&lb.fd), &mut buf).unwrap(),
+            5
+        );
+        let ClassInfo::Net(info) = a.backend_info() else {
+            panic!("not a vif");
+        };
+        assert_eq!(info.mac, nics[0].mac_addr().unwrap());
+        assert_ne!(info.mac, nics[1].mac_addr().unwrap());
+        let setup = a.prepare_instance().unwrap();
+        assert!(setup.device_file.is_none() && setup.io_fence.is_none());
+    }
+}

@@ -1,0 +1,517 @@
+//! The supervisor serving vifs (docs/ARCHITECTURE.md §4, §11.6): a
+//! `[[nic]]` config written by the test, guests attached through the
+//! control socket with `NetFront::attach`, TCP streams between them (or
+//! to a Linux socket behind a TAP) while the test injects `fault kill`
+//! on the control socket, as an operator would. The guests must see a
+//! stall only: no reset, every byte once and in order, every ring request
+//! answered exactly once; `status` counts the recoveries.
+
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use shadowback_guest::net::{
+    run_stream, NetConfig, StreamParams, StreamReport, StreamRole, StreamVerifier,
+};
+use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
+use shadowback_supervisor::{Config, DeviceStats, NicConfig, SupervisorThread};
+use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::temp::TempDir;
+use shadowback_xenbus::protocol::kind;
+use shadowback_xenbus::{Message, SeqPacket};
+
+const MIB: u64 = 1 << 20;
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `fault kill` for `device` on the supervisor's control socket.
+fn fault_kill(socket: &Path, device: &str) {
+    let control = SeqPacket::connect(socket).expect("control socket");
+    let msg = Message::new(kind::FAULT)
+        .with("device", device)
+        .with("action", "kill");
+    control.send(&msg, &[]).unwrap();
+    let (reply, _) = control
+        .recv_timeout(REPLY_TIMEOUT)
+        .expect("control socket")
+        .expect("an answer to fault");
+    assert_eq!(reply.kind(), kind::OK, "fault kill {device}: {reply:?}");
+}
+
+/// `status` on the supervisor's control socket, by device.
+fn status(socket: &Path) -> Vec<(String, DeviceStats)> {
+    let control = SeqPacket::connect(socket).expect("control socket");
+    control.send(&Message::new(kind::STATUS), &[]).unwrap();
+    let mut devices = Vec::new();
+    loop {
+        let (msg, _) = control
+            .recv_timeout(REPLY_TIMEOUT)
+            .expect("control socket")
+            .expect("an answer to status");
+        if msg.kind() == kind::STATUS_END {
+            return devices;
+        }
+        devices.push(DeviceStats::from_message(&msg).expect("a status message"));
+    }
+}
+
+fn stats_of(socket: &Path, device: &str) -> DeviceStats {
+    status(socket)
+        .into_iter()
+        .find(|(name, _)| name == device)
+        .map(|(_, s)| s)
+        .unwrap_or_else(|| panic!("status lists no {device}"))
+}
+
+fn params(address: Ipv4Addr, peer: Ipv4Addr, port: u16, bytes: u64) -> StreamParams {
+    StreamParams {
+        net: NetConfig {
+            address,
+            prefix_len: 24,
+            gateway: None,
+            seed: u64::from(address.octets()[3]) * 7919,
+        },
+        peer,
+        port,
+        seed: 4242,
+        bytes,
+        stall_timeout: Duration::from_secs(30),
+        ..StreamParams::default()
+    }
+}
+
+/// Runs `role` on a guest attached to `device` through the supervisor;
+/// `done` is raised when the stream ends.
+fn guest(
+    socket: &Path,
+    device: &str,
+    role: StreamRole,
+    p: StreamParams,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<(StreamReport, NetFrontStats)> {
+    let mut front = NetFront::attach(socket, &NetFrontConfig::new(device))
+        .expect("attach through the supervisor");
+    thread::spawn(move || {
+        let report = run_stream(&mut front, role, &p);
+        done.store(true, Ordering::Release);
+        let stats = front.stats();
+        front.detach().expect("a clean close");
+        (report, stats)
+    })
+}
+
+fn assert_clean_front(who: &str, s: &NetFrontStats) {
+    assert_eq!(
+        s.tx_bad_responses, 0,
+        "{who}: a TX request answered twice or never sent"
+    );
+    assert_eq!(
+        s.rx_bad_responses, 0,
+        "{who}: an RX buffer answered twice or never posted"
+    );
+}
+
+fn assert_stream_passed(report: &StreamReport, bytes: u64) {
+    eprintln!("{}", serde_json::to_string(report).unwrap());
+    assert!(report.passed(), "{report:#?}");
+    assert_eq!(report.bytes, bytes);
+    assert_eq!(report.resets, 0, "the connection reset");
+}
+
+/// Writes `toml` as the config file and starts a supervisor on it.
+fn start(dir: &TempDir, toml: &str) -> SupervisorThread {
+    let path = dir.join("shadowback.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = Config::from_file(&path).expect("the test's config");
+    SupervisorThread::start(cfg, backend_command()).expect("start the supervisor")
+}
+
+#[test]
+fn two_vifs_on_a_cable_carry_a_tcp_stream_through_twenty_kills() {
+    const BYTES: u64 = 16 * MIB;
+    const MIN_KILLS: u32 = 20;
+    let dir = TempDir::new("sup-net-cable");
+    let socket = dir.join("control.sock");
+    let sup = start(
+        &dir,
+        &format!(
+            "socket = \"{}\"\n\
+             [[nic]]\nname = \"vifa\"\ncable = \"vifb\"\n\
+             [[nic]]\nname = \"vifb\"\ncable = \"vifa\"\n",
+            socket.display()
+        ),
+    );
+    let a = Ipv4Addr::new(10, 9, 1, 1);
+    let b = Ipv4Addr::new(10, 9, 1, 2);
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = guest(
+        &socket,
+        "vifb",
+        StreamRole::Receiver,
+        params(b, a, 5001, BYTES),
+        done.clone(),
+    );
+    let sender = guest(
+        &socket,
+        "vifa",
+        StreamRole::Sender,
+        params(a, b, 5001, BYTES),
+        done.clone(),
+    );
+    for vif in ["vifa", "vifb"] {
+        assert!(stats_of(&socket, vif).connected, "{vif} is not connected");
+    }
+    // A kill every 25-95 ms, alternating sides, MIN_KILLS + 20 times at
+    // most; each can cost the stream a retransmission timeout (a frame
+    // inside the dead process is lost, as on any NIC).
+    let mut kills = [0u64; 2];
+    let started = Instant::now();
+    while !done.load(Ordering::Acquire)
+        && kills.iter().sum::<u64>() < u64::from(MIN_KILLS + 20)
+        && started.elapsed() < Duration::from_secs(300)
+    {
+        let n = kills.iter().sum::<u64>();
+        thread::sleep(Duration::from_millis(25 + n * 37 % 70));
+        if done.load(Ordering::Acquire) {
+            break;
+        }
+        let side = (n % 2) as usize;
+        fault_kill(&socket, ["vifa", "vifb"][side]);
+        kills[side] += 1;
+    }
+    let (tx, tx_front) = sender.join().expect("sender");
+    let (rx, rx_front) = receiver.join().expect("receiver");
+    eprintln!("kills={kills:?} sender={tx_front:?} receiver={rx_front:?}");
+    assert_stream_passed(&tx, BYTES);
+    assert_stream_passed(&rx, BYTES);
+    assert_eq!(tx.checksum, rx.checksum);
+    assert_eq!(rx.first_mismatch, None);
+    assert_clean_front("sender", &tx_front);
+    assert_clean_front("receiver", &rx_front);
+    assert!(
+        kills.iter().sum::<u64>() >= u64::from(MIN_KILLS),
+        "only {kills:?} kills before the stream ended"
+    );
+    for (vif, killed) in ["vifa", "vifb"].into_iter().zip(kills) {
+        let s = stats_of(&socket, vif);
+        eprintln!("{vif}: {s:?}");
+        assert!(
+            s.recoveries >= killed,
+            "{vif}: {} recoveries for {killed} kills",
+            s.recoveries
+        );
+        assert!(s.crashes >= killed, "{vif}: {s:?}");
+        assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{vif}: {s:?}");
+        assert!(s.pid.is_some(), "{vif}: no backend after the run");
+    }
+    // The receiver's side held posted RX buffers at every kill.
+    assert!(stats_of(&socket, "vifb").rx_buffers_recovered > 0);
+    sup.stop().expect("supervisor stop");
+}
+
+/// `struct ifreq`: a 16-byte name and a 24-byte union.
+type IfReq = [u8; 40];
+
+/// Sets an IPv4 address-type field (`SIOCSIFADDR`, `SIOCSIFNETMASK`) of
+/// interface `name`.
+#[allow(unsafe_code, reason = "an interface ioctl; the test has no `ip` tool")]
+fn set_if_addr(sock: BorrowedFd<'_>, name: &str, request: libc::c_ulong, addr: Ipv4Addr) {
+    let mut req: IfReq = [0; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    // struct sockaddr_in: family (host order), port, address.
+    req[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    req[20..24].copy_from_slice(&addr.octets());
+    // SAFETY: SIOCSIFADDR and SIOCSIFNETMASK read a `struct ifreq` (40
+    // bytes on 64-bit Linux), which `req` is; `sock` is open.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req.as_mut_ptr()) };
+    assert_eq!(rc, 0, "ioctl: {}", std::io::Error::last_os_error());
+}
+
+/// Moves the calling thread into a new network namespace and a new mount
+/// namespace with a sysfs of its own, so that `/sys/class/net` shows the
+/// new namespace's interfaces.
+#[allow(
+    unsafe_code,
+    reason = "unshare and mount; no wrapper in the test's dependencies"
+)]
+fn enter_fresh_netns() {
+    // SAFETY: unshare takes no pointers; it changes only the calling
+    // thread's namespaces (and its fs_struct, a private copy after
+    // CLONE_NEWNS), which nothing else in the test uses.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare needs root: {}",
+        std::io::Error::last_os_error()
+    );
+    let root = c"/";
+    let sys = c"/sys";
+    let sysfs = c"sysfs";
+    // SAFETY: every pointer is a NUL-terminated literal or null, as
+    // mount(2) takes them; the mounts are private to the new namespace.
+    unsafe {
+        let rc = libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+        assert_eq!(
+            rc,
+            0,
+            "mount --make-rprivate /: {}",
+            std::io::Error::last_os_error()
+        );
+        let rc = libc::mount(
+            sysfs.as_ptr(),
+            sys.as_ptr(),
+            sysfs.as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+        assert_eq!(rc, 0, "mount sysfs: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[test]
+fn a_vif_on_a_tap_streams_to_a_linux_socket_through_kills_with_carrier_up() {
+    const TAP: &str = "sbnic0";
+    const BYTES: u64 = 16 * MIB;
+    const MIN_KILLS: u64 = 10;
+    let linux = Ipv4Addr::new(10, 78, 0, 1);
+    let guest_addr = Ipv4Addr::new(10, 78, 0, 2);
+    let outcome = thread::spawn(move || {
+        enter_fresh_netns();
+        let dir = TempDir::new("sup-net-tap");
+        let socket = dir.join("control.sock");
+        // The supervisor's thread starts in this namespace: it creates
+        // the TAP here.
+        let sup = start(
+            &dir,
+            &format!(
+                "socket = \"{}\"\n[[nic]]\nname = \"viftap\"\ntap = \"{TAP}\"\n",
+                socket.display()
+            ),
+        );
+        let ctl = UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
+        set_if_addr(ctl.as_fd(), TAP, libc::SIOCSIFADDR as _, linux);
+        set_if_addr(
+            ctl.as_fd(),
+            TAP,
+            libc::SIOCSIFNETMASK as _,
+            Ipv4Addr::new(255, 255, 255, 0),
+        );
+        let carrier_path = format!("/sys/class/net/{TAP}/carrier");
+        let carrier = || std::fs::read_to_string(&carrier_path).map(|s| s.trim().to_string());
+        assert_eq!(carrier().expect("the TAP in sysfs"), "1");
+
+        let listener = TcpListener::bind(SocketAddrV4::new(linux, 5002)).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let sender = guest(
+            &socket,
+            "viftap",
+            StreamRole::Sender,
+            params(guest_addr, linux, 5002, BYTES),
+            done.clone(),
+        );
+        let reader = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("the guest connects");
+            conn.set_read_timeout(Some(Duration::from_secs(60)))
+                .unwrap();
+            let mut verifier = StreamVerifier::new(4242);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = conn.read(&mut buf).expect("read from the guest");
+                if n == 0 {
+                    break;
+                }
+                verifier.feed(&buf[..n]);
+            }
+            (
+                verifier.bytes(),
+                verifier.checksum(),
+                verifier.first_mismatch(),
+            )
+        });
+        let mut kills = 0u64;
+        let mut samples = 0u64;
+        let mut carrier_down = Vec::new();
+        let started = Instant::now();
+        let mut next_kill = Instant::now() + Duration::from_millis(100);
+        while !done.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(300) {
+            thread::sleep(Duration::from_millis(5));
+            match carrier() {
+                Ok(c) if c == "1" => {}
+                other => carrier_down.push(format!("{:?}: {other:?}", started.elapsed())),
+            }
+            samples += 1;
+            if kills < MIN_KILLS + 10 && Instant::now() >= next_kill {
+                fault_kill(&socket, "viftap");
+                kills += 1;
+                next_kill = Instant::now() + Duration::from_millis(60 + kills * 37 % 90);
+            }
+        }
+        let (report, front) = sender.join().expect("sender");
+        let linux_side = reader.join().expect("reader");
+        let stats = stats_of(&socket, "viftap");
+        let after = carrier();
+        sup.stop().expect("supervisor stop");
+        (
+            report,
+            front,
+            linux_side,
+            stats,
+            kills,
+            samples,
+            carrier_down,
+            after,
+        )
+    })
+    .join()
+    .expect("the namespace thread panicked");
+    let (report, front, (bytes, crc, mismatch), stats, kills, samples, down, after) = outcome;
+    eprintln!("kills={kills} samples={samples} front={front:?} stats={stats:?}");
+    assert_stream_passed(&report, BYTES);
+    assert_eq!((bytes, crc, mismatch), (BYTES, report.checksum, None));
+    assert_clean_front("guest", &front);
+    assert!(
+        kills >= MIN_KILLS,
+        "only {kills} kills before the stream ended"
+    );
+    assert!(samples > kills, "the carrier was sampled {samples} times");
+    assert!(down.is_empty(), "the TAP lost its carrier: {down:?}");
+    assert_eq!(after.as_deref().ok(), Some("1"));
+    assert!(stats.recoveries >= kills, "{stats:?}");
+    assert_eq!(stats.failed_takeovers, 0, "{stats:?}");
+}
+
+#[test]
+fn bad_nic_configs_are_refused_before_anything_starts() {
+    let dir = TempDir::new("sup-net-bad");
+    let socket = dir.join("control.sock");
+    for (nics, says) in [
+        ("[[nic]]\nname = \"a\"\ncable = \"nobody\"\n", "unknown nic"),
+        (
+            "[[nic]]\nname = \"a\"\ncable = \"b\"\n[[nic]]\nname = \"b\"\ntap = \"t0\"\n",
+            "does not name",
+        ),
+        ("[[nic]]\nname = \"a\"\ntap = \"t0\"\nmac = \"01:00:5e:00:00:01\"\n", "multicast"),
+        ("[[nic]]\nname = \"a\"\ntap = \"t0\"\nmtu = 40\n", "mtu 40"),
+        ("[[nic]]\nname = \"a\"\n", "exactly one"),
+        (
+            "[[disk]]\nname = \"a\"\npath = \"/nonexistent\"\n[[nic]]\nname = \"a\"\ntap = \"t0\"\n",
+            "disk's too",
+        ),
+    ] {
+        let text = format!("socket = \"{}\"\n{nics}", socket.display());
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, &text).unwrap();
+        let err = Config::from_file(&path).expect_err(&text).to_string();
+        assert!(err.contains(says), "{text}\n=> {err} (wanted {says:?})");
+    }
+    // A config built in code is validated by the supervisor too, before
+    // it binds its socket or makes any wire.
+    for (nics, says) in [
+        (vec![NicConfig::cable("a", "nobody")], "unknown nic"),
+        (
+            vec![NicConfig {
+                mtu: 40,
+                ..NicConfig::tap("a", "t0")
+            }],
+            "mtu 40",
+        ),
+    ] {
+        let cfg = Config {
+            socket: socket.clone(),
+            disks: Vec::new(),
+            nics,
+            control: Default::default(),
+        };
+        let err = SupervisorThread::start(cfg, backend_command())
+            .err()
+            .expect("the supervisor refused it")
+            .to_string();
+        assert!(err.contains(says), "{err} (wanted {says:?})");
+        assert!(!socket.exists(), "a refused config left its socket");
+    }
+}
+
+fn borrowed(fds: &[std::os::fd::OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|f| f.as_fd()).collect()
+}
+
+/// `connect` for a vif with `fds`; returns the supervisor's answer.
+fn raw_connect(socket: &Path, msg: &Message, fds: &[BorrowedFd<'_>]) -> Message {
+    let control = SeqPacket::connect(socket).expect("control socket");
+    control.send(msg, fds).unwrap();
+    let (reply, _) = control
+        .recv_timeout(REPLY_TIMEOUT)
+        .expect("control socket")
+        .expect("an answer to connect");
+    reply
+}
+
+#[test]
+fn hostile_vif_connects_are_refused_and_the_vif_stays_usable() {
+    let dir = TempDir::new("sup-net-hostile");
+    let socket = dir.join("control.sock");
+    let sup = start(
+        &dir,
+        &format!(
+            "socket = \"{}\"\n\
+             [[nic]]\nname = \"vifa\"\ncable = \"vifb\"\nstandby = false\n\
+             [[nic]]\nname = \"vifb\"\ncable = \"vifa\"\nstandby = false\n",
+            socket.display()
+        ),
+    );
+    let front = NetFront::new(NetFrontConfig::new("vifa")).unwrap();
+    let fds = front.fds().unwrap();
+    let good = front.connect_request();
+    let mut gso = good.clone();
+    gso.features.gso_tcpv4 = true;
+    let mut split = good.clone();
+    split.split_event_channels = true;
+    let swapped = [&fds[1], &fds[0], &fds[2]].map(|f| f.try_clone().unwrap());
+    let no_event = [&fds[0], &fds[0], &fds[2]].map(|f| f.try_clone().unwrap());
+    let cases: [(&str, Message, Vec<BorrowedFd<'_>>); 5] = [
+        ("two fds", good.to_message(), borrowed(&fds[..2])),
+        ("5 fds expected", split.to_message(), borrowed(&fds)),
+        ("an offload not offered", gso.to_message(), borrowed(&fds)),
+        (
+            "an eventfd as the region",
+            good.to_message(),
+            borrowed(&swapped),
+        ),
+        (
+            "the region as an eventfd",
+            good.to_message(),
+            borrowed(&no_event),
+        ),
+    ];
+    for (what, msg, fds) in cases {
+        let reply = raw_connect(&socket, &msg, &fds);
+        assert_eq!(reply.kind(), kind::ERROR, "{what}: {reply:?}");
+        assert_eq!(reply.get("code"), Some("EINVAL"), "{what}: {reply:?}");
+    }
+    let s = stats_of(&socket, "vifa");
+    assert_eq!((s.connected, s.crashes), (false, 0), "{s:?}");
+    // A vif's probe answers the vif's keys; the vif still attaches.
+    drop(front);
+    let front = NetFront::attach(&socket, &NetFrontConfig::new("vifa")).expect("attach");
+    assert!(stats_of(&socket, "vifa").connected);
+    assert_eq!(
+        front.config().mac,
+        NicConfig::cable("vifa", "vifb").mac_addr().unwrap()
+    );
+    // The device is taken while attached.
+    let again = NetFront::attach(&socket, &NetFrontConfig::new("vifa"));
+    assert!(again.is_err(), "a second guest attached the same vif");
+    front.detach().expect("close");
+    sup.stop().expect("supervisor stop");
+}
