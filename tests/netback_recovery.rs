@@ -609,3 +609,36 @@ fn bad_tx_requests_are_answered_or_disconnect_the_vif_only() {
     assert_eq!(t.wire_next, 10, "the next vif is served");
     backend.kill_in_place();
 }
+
+/// `attach-net` is checked by the backend itself, not only by the
+/// supervisor: a non-eventfd where an event channel belongs, or an offload
+/// this backend does not implement, is refused; the process then serves a
+/// correct attach.
+#[test]
+fn a_bad_attach_net_is_refused_and_the_process_serves_the_next() {
+    let vif = Vif::new();
+    let backend = Backend::spawn(&[]);
+    let refused = |msg: &Message, fds: &[BorrowedFd<'_>]| {
+        backend.0.control.send(msg, fds).unwrap();
+        let (reply, _) = backend
+            .0
+            .control
+            .recv_timeout(REPLY_TIMEOUT)
+            .unwrap()
+            .expect("an answer in time");
+        assert_eq!(reply.kind(), "error", "{reply:?}");
+        reply.get("message").unwrap_or_default().to_owned()
+    };
+    // The region where the kick eventfd belongs.
+    let mut fds = vif.attach_fds();
+    fds[1] = vif.region.file().as_fd();
+    let why = refused(&vif.attach_message(false, true), &fds);
+    assert!(why.contains("not an eventfd"), "{why}");
+    // GSO asked for.
+    let msg = vif.attach_message(false, true).with("feature-gso-tcpv4", 1);
+    let why = refused(&msg, &vif.attach_fds());
+    assert!(why.contains("GSO"), "{why}");
+    let mut backend = backend;
+    backend.attach(&vif, false, true);
+    backend.kill_in_place();
+}

@@ -52,7 +52,7 @@ use shadowback_shadow::{
     plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
-use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::checksum;
@@ -790,6 +790,11 @@ impl NetBackend {
             .map_err(|e| inval(&e))?
             .unwrap_or(false);
         let conn: &NetConnectRequest = &req.connect;
+        // Segmentation offload is not built: a frontend must not have been
+        // offered it (docs/ARCHITECTURE.md §11.6).
+        if conn.features.gso_tcpv4 || conn.features.gso_tcpv6 {
+            return Err(inval(&"GSO is not offered by this backend"));
+        }
         let want = conn.fd_count() + 1 + if shadow { 2 } else { 0 };
         if fds.len() != want {
             return Err(inval(&format!(
@@ -801,6 +806,11 @@ impl NetBackend {
         let mut next = || fds.next().ok_or_else(|| inval(&"missing fd"));
         let region = Arc::new(SharedRegion::from_fd(next()?).map_err(|e| inval(&e))?);
         let channel = |kick: OwnedFd, notify: OwnedFd| -> Result<Channel, (ErrorCode, String)> {
+            for fd in [&kick, &notify] {
+                if !is_eventfd(fd.as_fd()).map_err(|e| inval(&e))? {
+                    return Err(inval(&"an event channel descriptor is not an eventfd"));
+                }
+            }
             Ok(Channel {
                 kick: EventChannel::from_fd(kick).map_err(|e| inval(&e))?,
                 notify: EventChannel::from_fd(notify).map_err(|e| inval(&e))?,

@@ -689,7 +689,8 @@ pub fn expect_no_fds(msg: &Message, fds: Vec<OwnedFd>) -> Result<(), XenbusError
     }
 }
 
-fn is_eventfd(fd: BorrowedFd<'_>) -> Result<bool, XenbusError> {
+/// Whether `fd` is an eventfd (every event channel must be one).
+pub fn is_eventfd(fd: BorrowedFd<'_>) -> Result<bool, XenbusError> {
     use std::os::fd::AsRawFd;
 
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
