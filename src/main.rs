@@ -16,6 +16,10 @@ mod demo;
 mod failover;
 mod faults;
 mod guest_cmd;
+mod netbench;
+mod netfailover;
+mod netns;
+mod netvif;
 mod scratch;
 
 use std::path::PathBuf;
