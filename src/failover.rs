@@ -62,6 +62,10 @@ pub struct FailoverArgs {
     /// Number of SIGKILLs (default: 1000 for blk, 50 for net).
     #[arg(long)]
     pub kills: Option<u32>,
+    /// `--class net`: length of each TCP stream in MiB (streams follow one
+    /// another until every kill is done).
+    #[arg(long, default_value_t = 64)]
+    pub stream_mib: u64,
     #[arg(long, value_enum, default_value_t = Mode::Hot)]
     mode: Mode,
     #[arg(long, value_enum, default_value_t = Transport::Xen)]
@@ -142,7 +146,7 @@ struct FailoverReport {
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
     if args.class == Class::Net {
-        return crate::netfailover::run(args.kills.unwrap_or(50), args.json);
+        return crate::netfailover::run(args.kills.unwrap_or(50), args.stream_mib, args.json);
     }
     let dir = crate::scratch::TempDir::new(args.dir.as_deref(), "failover")?;
     run_in(&args, &dir.0)

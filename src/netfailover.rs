@@ -8,9 +8,9 @@
 //! (`recover=1`). For every kill the gap is the time from the SIGKILL to
 //! the next new stream data the receiver checked (a progress hook of the
 //! receiver's workload); the next kill comes 30–130 ms after that. Streams
-//! of [`STREAM_BYTES`] follow one another until every kill is done, and no
-//! kill lands in the last [`QUIET_TAIL`] bytes of a stream, so each gap
-//! ends with data of the same stream. Lost, duplicated and corrupt bytes
+//! of `--stream-mib` follow one another until every kill is done, and no
+//! kill lands in the last quarter of a stream, so each gap ends with data
+//! of the same stream. Lost, duplicated and corrupt bytes
 //! come from the receiver's verifier; a gap above
 //! [`RTO_THRESHOLD`] is counted as a retransmission timeout (smoltcp does
 //! not count its own; its minimum RTO is far above a crash's stall).
@@ -30,10 +30,6 @@ use crate::netbench::{cable_vifs, stream_params};
 use crate::CliError;
 
 const MIB: u64 = 1 << 20;
-/// Length of one stream.
-const STREAM_BYTES: u64 = 128 * MIB;
-/// No kill once the receiver is this close to the end of a stream.
-const QUIET_TAIL: u64 = 24 * MIB;
 /// A gap longer than this is a retransmission timeout: a segment was lost
 /// with the killed instance and TCP waited for its timer.
 const RTO_THRESHOLD: Duration = Duration::from_millis(200);
@@ -80,7 +76,13 @@ struct Probe {
     first_after: Option<Instant>,
 }
 
-pub fn run(kills: u32, json: bool) -> Result<ExitCode, CliError> {
+pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError> {
+    if !(1..=1 << 20).contains(&stream_mib) {
+        return Err("--stream-mib must be within 1..=1048576".into());
+    }
+    let stream_bytes = stream_mib * MIB;
+    // No kill once the receiver is this close to the end of a stream.
+    let quiet_tail = stream_bytes / 4;
     let (mut a, mut b, mut vifs) = cable_vifs(true)?;
     let probe = Arc::new(Mutex::new(Probe::default()));
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
@@ -100,9 +102,15 @@ pub fn run(kills: u32, json: bool) -> Result<ExitCode, CliError> {
         bad_responses: 0,
     };
     let started = Instant::now();
+    // Streams in a row that ended before a kill could land in them.
+    let mut idle_streams = 0u32;
     while report.kills < kills {
+        if idle_streams == 3 {
+            return Err("three streams ended before a kill could land: raise --stream-mib".into());
+        }
+        let kills_before = report.kills;
         let local_port = 50000 + (report.streams % 10000) as u16;
-        let (pa, mut pb) = stream_params(STREAM_BYTES, local_port);
+        let (pa, mut pb) = stream_params(stream_bytes, local_port);
         *probe.lock().map_err(|_| "probe poisoned")? = Probe::default();
         let hook_probe = probe.clone();
         pb.on_progress = Some(ProgressHook::new(move |now, offset| {
@@ -130,7 +138,7 @@ pub fn run(kills: u32, json: bool) -> Result<ExitCode, CliError> {
             rng ^= rng << 17;
             thread::sleep(Duration::from_millis(30 + rng % 100));
             let offset = probe.lock().map_err(|_| "probe poisoned")?.offset;
-            if done.load(Ordering::Acquire) || offset + QUIET_TAIL > STREAM_BYTES {
+            if done.load(Ordering::Acquire) || offset + quiet_tail > stream_bytes {
                 break;
             }
             {
@@ -181,14 +189,19 @@ pub fn run(kills: u32, json: bool) -> Result<ExitCode, CliError> {
             let _ = (tx.join(), rx.join());
             return Err(e);
         }
+        idle_streams = if report.kills == kills_before {
+            idle_streams + 1
+        } else {
+            0
+        };
         let (front_a, tr) = tx.join().map_err(|_| "the sender panicked")?;
         let (front_b, rr) = rx.join().map_err(|_| "the receiver panicked")?;
         report.streams += 1;
         report.bytes += rr.bytes;
-        report.lost += STREAM_BYTES.saturating_sub(rr.bytes);
-        report.duplicates += rr.bytes.saturating_sub(STREAM_BYTES);
+        report.lost += stream_bytes.saturating_sub(rr.bytes);
+        report.duplicates += rr.bytes.saturating_sub(stream_bytes);
         report.corrupt += rr.mismatched_bytes;
-        if rr.checksum != tr.checksum && rr.mismatched_bytes == 0 && rr.bytes == STREAM_BYTES {
+        if rr.checksum != tr.checksum && rr.mismatched_bytes == 0 && rr.bytes == stream_bytes {
             // Cannot happen with a position-checked stream; never hide it.
             report.corrupt += 1;
         }
