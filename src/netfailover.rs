@@ -172,7 +172,7 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
                 }
                 None => report.unmeasured += 1,
             }
-            if !json && report.kills % 10 == 0 {
+            if !json && report.kills.is_multiple_of(10) {
                 eprint!(
                     "\r  {} kills in {:.1} s   ",
                     report.kills,
@@ -209,7 +209,8 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
         let stall = tr.max_gap_ms.max(rr.max_gap_ms) * 1e3;
         report.max_stall_us = report.max_stall_us.max(stall as u64);
         report.bad_responses += bad(&front_a.stats()) + bad(&front_b.stats());
-        if !(tr.passed() && rr.passed()) && !json {
+        let passed = tr.passed() && rr.passed();
+        if !passed && !json {
             eprintln!(
                 "\n  stream {} failed: {:?} {:?}",
                 report.streams, tr.failures, rr.failures
