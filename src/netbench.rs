@@ -2,7 +2,9 @@
 //! netback → wire, against the same wire driven directly, in one run.
 //!
 //! Paths (docs/ARCHITECTURE.md §11.5–§11.6), each row measured for
-//! `--seconds` after a short warm-up:
+//! `--seconds`, split into `--rounds` slices in which the paths of one
+//! frame size take turns (each slice after a short warm-up, on a fresh
+//! set-up; the row is the mean of its slices):
 //!
 //! - `raw-cable`: this process writes frames straight into one end of a
 //!   cable and reads them from the other: the baseline of the cable rows;
@@ -59,6 +61,10 @@ pub struct NetBenchArgs {
     /// profile one; a ratio needs its raw row in the same run.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
+    /// Slices per row: the paths of one frame size take turns slice by
+    /// slice, so a disturbance of the machine (another job) hits them alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Only these frames: 64, 1500, tcp (comma-separated).
     #[arg(long, value_delimiter = ',')]
     frames: Vec<String>,
@@ -188,6 +194,9 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
     if !(args.seconds > 0.0 && args.seconds.is_finite() && args.seconds <= 3600.0) {
         return Err("--seconds must be a positive number of seconds, at most 3600".into());
     }
+    if !(1..=100).contains(&args.rounds) {
+        return Err("--rounds must be within 1..=100".into());
+    }
     let secs = Duration::from_secs_f64(args.seconds);
     // /proc/self belongs to the process's effective user.
     let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
@@ -227,28 +236,45 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
         (args.paths.is_empty() || args.paths.iter().any(|n| n == p.name()))
             && (args.frames.is_empty() || args.frames.iter().any(|n| n == f.name()))
     });
+    let slice = secs / args.rounds;
     let mut rows: Vec<Row> = Vec::new();
-    for (path, frame) in plan {
-        if !args.json {
-            eprint!("  {:<22} {:<5} ", path.name(), frame.name());
-        }
-        let rate = measure_row(path, frame, secs)
-            .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
-        let ratio = rows
+    for frame in [Frame::Small, Frame::Mtu, Frame::Tcp] {
+        let paths: Vec<NetPath> = plan
             .iter()
-            .find(|r| r.path == path.baseline().name() && r.frame == frame.name())
-            .filter(|_| path != path.baseline())
-            .map(|b| if b.pps > 0.0 { rate.pps / b.pps } else { 0.0 });
-        if !args.json {
-            eprintln!("{:>12.0} pps {:>7.3} Gbit/s", rate.pps, rate.gbps);
+            .filter(|(_, f)| *f == frame)
+            .map(|&(p, _)| p)
+            .collect();
+        // Sums of the slices' rates (the slices are equally long).
+        let mut sums = vec![(0.0f64, 0.0f64); paths.len()];
+        for _ in 0..args.rounds {
+            for (&path, sum) in paths.iter().zip(&mut sums) {
+                let rate = measure_row(path, frame, slice)
+                    .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
+                sum.0 += rate.pps;
+                sum.1 += rate.gbps;
+                if !args.json {
+                    eprint!(".");
+                }
+            }
         }
-        rows.push(Row {
-            path: path.name(),
-            frame: frame.name(),
-            pps: rate.pps,
-            gbps: rate.gbps,
-            ratio,
-        });
+        for (&path, &(pps, gbps)) in paths.iter().zip(&sums) {
+            let (pps, gbps) = (pps / f64::from(args.rounds), gbps / f64::from(args.rounds));
+            let ratio = rows
+                .iter()
+                .find(|r| r.path == path.baseline().name() && r.frame == frame.name())
+                .filter(|_| path != path.baseline())
+                .map(|b| if b.pps > 0.0 { pps / b.pps } else { 0.0 });
+            rows.push(Row {
+                path: path.name(),
+                frame: frame.name(),
+                pps,
+                gbps,
+                ratio,
+            });
+        }
+    }
+    if !args.json {
+        eprintln!();
     }
     if args.json {
         println!(
@@ -259,7 +285,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             })?
         );
     } else {
-        print_table(&rows, &skipped, args.seconds);
+        print_table(&rows, &skipped, args);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -668,9 +694,10 @@ fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
     rate
 }
 
-fn print_table(rows: &[Row], skipped: &[String], seconds: f64) {
+fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     println!(
-        "shadowback bench net — {seconds:.1} s per row; frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks"
+        "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks",
+        args.seconds, args.rounds
     );
     println!();
     println!(

@@ -26,7 +26,15 @@ fn is_root() -> bool {
 
 #[test]
 fn bench_net_measures_every_row() {
-    let (ok, v) = run_json(&["bench", "net", "--seconds", "0.3", "--json"]);
+    let (ok, v) = run_json(&[
+        "bench",
+        "net",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
     assert!(ok, "{v}");
     let rows = v["rows"].as_array().expect("rows");
     let mut want = vec![
