@@ -112,3 +112,36 @@ impl PacketCounter {
         Ok(self.total)
     }
 }
+
+/// Gives `ifname` (in the calling thread's namespace) the IPv4 address
+/// `addr` with a /24 netmask (`SIOCSIFADDR`, `SIOCSIFNETMASK`).
+#[allow(unsafe_code, reason = "ioctl(2) with an ifreq")]
+pub fn set_ipv4_24(ifname: &str, addr: std::net::Ipv4Addr) -> Result<(), CliError> {
+    if ifname.len() >= libc::IFNAMSIZ {
+        return Err(format!("interface name {ifname:?} too long").into());
+    }
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    for (request, value) in [
+        (libc::SIOCSIFADDR, addr),
+        (
+            libc::SIOCSIFNETMASK,
+            std::net::Ipv4Addr::new(255, 255, 255, 0),
+        ),
+    ] {
+        // struct ifreq: the name, then a struct sockaddr_in (family in
+        // host order, port, address) in the union.
+        let mut req = [0u8; 40];
+        req[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        req[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        req[20..24].copy_from_slice(&value.octets());
+        // SAFETY: `req` is 40 bytes, the size of struct ifreq, and lives
+        // through the call.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(
+                format!("{ifname}: set address: {}", std::io::Error::last_os_error()).into(),
+            );
+        }
+    }
+    Ok(())
+}

@@ -49,7 +49,7 @@ fn bench_net_measures_every_row() {
         ("netif-cable-noshadow", "tcp"),
     ];
     if is_root() {
-        for frame in ["64", "1500"] {
+        for frame in ["64", "1500", "tcp"] {
             for path in ["raw-tap", "netif-tap", "netif-tap-noshadow"] {
                 want.push((path, frame));
             }
