@@ -43,6 +43,9 @@ pub enum BenchCommand {
     Blk(BlkBenchArgs),
     /// Guest-visible stall of backend crashes under load (hot or cold).
     Failover(crate::failover::FailoverArgs),
+    /// Network: frames and TCP through netfront → netback → cable or TAP
+    /// vs. the raw wire, in one run.
+    Net(crate::netbench::NetBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -288,6 +291,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
     match cmd {
         BenchCommand::Blk(args) => run_blk(&args),
         BenchCommand::Failover(args) => crate::failover::run(args),
+        BenchCommand::Net(args) => crate::netbench::run(&args),
     }
 }
 

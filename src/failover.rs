@@ -45,11 +45,27 @@ pub enum Transport {
     VhostUser,
 }
 
+/// Which kind of device's backend is killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Class {
+    /// A disk under a verifying block workload.
+    Blk,
+    /// A TCP stream between two vifs on a cable (crate::netfailover).
+    Net,
+}
+
 #[derive(Args, Debug)]
 pub struct FailoverArgs {
-    /// Number of SIGKILLs.
-    #[arg(long, default_value_t = 1000)]
-    kills: u32,
+    /// Kind of device.
+    #[arg(long, value_enum, default_value_t = Class::Blk)]
+    pub class: Class,
+    /// Number of SIGKILLs (default: 1000 for blk, 50 for net).
+    #[arg(long)]
+    pub kills: Option<u32>,
+    /// `--class net`: length of each TCP stream in MiB (streams follow one
+    /// another until every kill is done).
+    #[arg(long, default_value_t = 64)]
+    pub stream_mib: u64,
     #[arg(long, value_enum, default_value_t = Mode::Hot)]
     mode: Mode,
     #[arg(long, value_enum, default_value_t = Transport::Xen)]
@@ -129,11 +145,15 @@ struct FailoverReport {
 }
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
+    if args.class == Class::Net {
+        return crate::netfailover::run(args.kills.unwrap_or(50), args.stream_mib, args.json);
+    }
     let dir = crate::scratch::TempDir::new(args.dir.as_deref(), "failover")?;
     run_in(&args, &dir.0)
 }
 
 fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliError> {
+    let kills = args.kills.unwrap_or(1000);
     if args.queues != 1 && args.transport != Transport::VhostUser {
         return Err("--queues is for --transport vhost-user".into());
     }
@@ -237,7 +257,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let started = Instant::now();
-    for i in 0..args.kills {
+    for i in 0..kills {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -295,7 +315,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         pattern: args.pattern.to_string(),
         queues: args.queues,
         qd: args.qd,
-        kills: args.kills,
+        kills,
         lost: report.lost,
         duplicates: report.duplicates,
         verify_failures: report.verify_failures,

@@ -3,6 +3,8 @@
 //! - `demo` runs the whole thing on an embedded default and reports;
 //! - `up CONFIG.toml` runs the supervisor for the disks a config names;
 //! - `bench blk` measures the Xen-ring path against raw io_uring;
+//! - `bench net` measures netfront → netback → cable or TAP against the raw
+//!   wire, `bench failover` the stall of backend crashes (disk or vif);
 //! - `blkback`, `netback` and `guest` are the processes the others start.
 //!
 //! `unsafe` is denied; the one exception is taking ownership of the fds a
@@ -16,6 +18,10 @@ mod demo;
 mod failover;
 mod faults;
 mod guest_cmd;
+mod netbench;
+mod netfailover;
+mod netns;
+mod netvif;
 mod scratch;
 
 use std::path::PathBuf;

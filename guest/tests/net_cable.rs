@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shadowback_guest::net::cable::{cable, CableConfig, CableControl, CableEnd, Direction};
 use shadowback_guest::net::{
-    run_stream, NetConfig, NetStack, StreamParams, StreamReport, StreamRole,
+    run_stream, NetConfig, NetStack, ProgressHook, StreamParams, StreamReport, StreamRole,
 };
 
 const A_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -338,4 +338,29 @@ fn a_reset_mid_stream_is_a_failure() {
     assert!(tx.failures[0].contains("reset"), "{tx:?}");
     // Acknowledged: most of what B read (its last ACK may lose to the RST).
     assert!(tx.bytes >= 64 * 1024 && tx.bytes < 4 * MIB, "{tx:?}");
+}
+
+#[test]
+fn the_progress_hook_sees_every_advance_of_the_receiver() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+    let log = seen.clone();
+    let hook = ProgressHook::new(move |at, offset| log.lock().unwrap().push((at, offset)));
+    let (tx, rx, _) = run_pair(
+        CableConfig::default(),
+        (StreamRole::Sender, StreamRole::Receiver),
+        |p| {
+            p.bytes = 2 * MIB;
+            // Only the receiver (B) reports.
+            if p.net.address == B_ADDR {
+                p.on_progress = Some(hook.clone());
+            }
+        },
+        |_| {},
+    );
+    assert_passed(&tx);
+    assert_passed(&rx);
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() > 1, "{} calls", seen.len());
+    assert!(seen.windows(2).all(|w| w[0].1 < w[1].1 && w[0].0 <= w[1].0));
+    assert_eq!(seen.last().map(|s| s.1), Some(2 * MIB));
 }

@@ -30,4 +30,4 @@ pub mod cable;
 pub use device::{FrameDevice, FrameError, PhyStats, ETHERNET_HEADER_LEN};
 pub use pattern::{Crc32, StreamMismatch, StreamPattern, StreamVerifier};
 pub use stack::{NetConfig, NetError, NetStack};
-pub use workload::{run_stream, StreamParams, StreamReport, StreamRole};
+pub use workload::{run_stream, ProgressHook, StreamParams, StreamReport, StreamRole};

@@ -1,6 +1,7 @@
 //! The verifying TCP workloads: [`run_stream`] and its [`StreamReport`].
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -72,7 +73,37 @@ pub struct StreamParams {
     /// No progress for this long (including while connecting or waiting
     /// for a connection) ends the run as a timeout.
     pub stall_timeout: Duration,
+    /// Called whenever the stream moves (the moments [`StreamReport`]'s
+    /// gap is measured between), for an observer in another thread.
+    pub on_progress: Option<ProgressHook>,
 }
+
+/// A callback told `(when, stream offset)` each time a side's stream
+/// moves: new data checked (receiving roles) or newly acknowledged
+/// (sender). It runs in the workload's loop, so it must be quick.
+#[derive(Clone)]
+pub struct ProgressHook(Arc<dyn Fn(Instant, u64) + Send + Sync>);
+
+impl ProgressHook {
+    pub fn new(f: impl Fn(Instant, u64) + Send + Sync + 'static) -> Self {
+        ProgressHook(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for ProgressHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressHook")
+    }
+}
+
+/// Two hooks are equal when they are the same callback.
+impl PartialEq for ProgressHook {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ProgressHook {}
 
 impl Default for StreamParams {
     fn default() -> Self {
@@ -92,6 +123,7 @@ impl Default for StreamParams {
             requests: 1000,
             socket_buffer: 256 * 1024,
             stall_timeout: Duration::from_secs(10),
+            on_progress: None,
         }
     }
 }
@@ -383,6 +415,9 @@ impl Run {
         self.first_progress.get_or_insert(now);
         self.last_progress = Some(now);
         self.last_activity = now;
+        if let Some(hook) = &self.params.on_progress {
+            (hook.0)(now, offset);
+        }
     }
 
     /// One step of this side's state machine after a poll; true when it

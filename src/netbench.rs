@@ -1,0 +1,932 @@
+//! `shadowback bench net`: frames and a TCP stream through netfront →
+//! netback → wire, against the same wire driven directly, in one run.
+//!
+//! Paths (docs/ARCHITECTURE.md §11.5–§11.6), each row measured for
+//! `--seconds`, split into `--rounds` slices in which the paths of one
+//! frame size take turns (each slice after a short warm-up, on a fresh
+//! set-up; the row is the mean of its slices):
+//!
+//! - `raw-cable`: this process writes frames straight into one end of a
+//!   cable and reads them from the other: the baseline of the cable rows;
+//! - `netif-cable`: guest A's netfront TX ring → netback A → cable →
+//!   netback B → guest B's RX ring, counted by guest B;
+//! - `raw-tap`: this process writes frames straight into a TAP fd; the
+//!   baseline of the TAP rows;
+//! - `netif-tap`: guest A's netfront TX ring → netback A → the TAP.
+//!
+//! `-noshadow` rows run the same backends with `--no-shadow`. TAP rows
+//! open the TAP in a fresh network namespace (root only) and count the
+//! frames arriving there with an `AF_PACKET` socket bound to the TAP and to
+//! the frames' EtherType: the kernel counts each frame delivered to the
+//! socket (`PACKET_STATISTICS`, drops from its deliberately small receive
+//! buffer included), so nothing has to read them. Frames are Ethernet
+//! frames of 64 and 1514 bytes (the 1500-byte MTU plus the header, "1500"
+//! in the table) with the local experimental EtherType 0x88b5, which no
+//! protocol handler takes. Gbit/s counts the Ethernet frame (no FCS,
+//! preamble or gap).
+//!
+//! TCP rows run a verified stream ([`run_stream`], smoltcp) from guest A:
+//! on the cable to guest B's stack (`raw-cable`: both stacks straight on
+//! the cable's ends), on the TAP to a Linux socket in the namespace that
+//! checks every byte (`raw-tap`: the guest stack straight on the TAP fd).
+//! Each slice runs a 2 MiB stream to calibrate, then one sized to last
+//! the slice; Gbit/s is the verified payload, pps the frames the receiving
+//! guest took in (cable) or the sending guest sent (TAP).
+
+use std::io::IoSlice;
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recv, sendmsg, MsgFlags};
+use serde::Serialize;
+use shadowback_guest::net::{
+    run_stream, FrameDevice, FrameError, NetConfig, StreamParams, StreamReport, StreamRole,
+    StreamVerifier,
+};
+use shadowback_guest::netfront::{NetFront, NetFrontConfig};
+use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode, VNET_HDR_LEN};
+use shadowback_xenbus::netif::MacAddr;
+
+use crate::netvif::{BenchVif, WireType};
+use crate::CliError;
+
+#[derive(Args, Debug)]
+pub struct NetBenchArgs {
+    /// Print `{"rows":[…]}` on stdout and nothing else.
+    #[arg(long)]
+    json: bool,
+    /// Seconds each row is measured (after a warm-up of a fifth of it).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Only these paths (comma-separated names from the table), e.g. to
+    /// profile one; a ratio needs its raw row in the same run.
+    #[arg(long, value_delimiter = ',')]
+    paths: Vec<String>,
+    /// Slices per row: the paths of one frame size take turns slice by
+    /// slice, so a disturbance of the machine (another job) hits them alike.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Only these frames: 64, 1500, tcp (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    frames: Vec<String>,
+}
+
+/// EtherType of the benchmark frames: IEEE 802 local experimental.
+pub const BENCH_ETHERTYPE: u16 = 0x88b5;
+/// Largest Ethernet frame at a 1500-byte MTU.
+const MTU_FRAME: usize = 1514;
+/// How long the Linux end of a TCP row waits for a connection or data.
+const LINUX_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a raw cable device waits for room in the cable's queue.
+const RAW_SEND_PATIENCE: Duration = Duration::from_millis(50);
+/// Where an idle loop sleeps at most before looking at its stop flag.
+const IDLE_WAIT_MS: u16 = 10;
+/// MAC of guest A (the sender) and guest B.
+const MAC_A: MacAddr = MacAddr([2, 0, 0, 0, 0, 1]);
+const MAC_B: MacAddr = MacAddr([2, 0, 0, 0, 0, 2]);
+/// Destination of the TAP frames: nobody in the namespace.
+const MAC_NOBODY: [u8; 6] = [2, 0, 0, 0, 0, 0x99];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Frame {
+    Small,
+    Mtu,
+    Tcp,
+}
+
+impl Frame {
+    fn name(self) -> &'static str {
+        match self {
+            Frame::Small => "64",
+            Frame::Mtu => "1500",
+            Frame::Tcp => "tcp",
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Frame::Small => 64,
+            Frame::Mtu | Frame::Tcp => MTU_FRAME,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NetPath {
+    RawCable,
+    NetifCable,
+    NetifCableNoShadow,
+    RawTap,
+    NetifTap,
+    NetifTapNoShadow,
+}
+
+/// Run order within a frame size: each raw row right before the rows
+/// divided by it.
+const ALL_PATHS: [NetPath; 6] = [
+    NetPath::RawCable,
+    NetPath::NetifCable,
+    NetPath::NetifCableNoShadow,
+    NetPath::RawTap,
+    NetPath::NetifTap,
+    NetPath::NetifTapNoShadow,
+];
+
+impl NetPath {
+    fn name(self) -> &'static str {
+        match self {
+            NetPath::RawCable => "raw-cable",
+            NetPath::NetifCable => "netif-cable",
+            NetPath::NetifCableNoShadow => "netif-cable-noshadow",
+            NetPath::RawTap => "raw-tap",
+            NetPath::NetifTap => "netif-tap",
+            NetPath::NetifTapNoShadow => "netif-tap-noshadow",
+        }
+    }
+
+    fn is_tap(self) -> bool {
+        matches!(
+            self,
+            NetPath::RawTap | NetPath::NetifTap | NetPath::NetifTapNoShadow
+        )
+    }
+
+    /// The raw path of the same wire.
+    fn baseline(self) -> NetPath {
+        if self.is_tap() {
+            NetPath::RawTap
+        } else {
+            NetPath::RawCable
+        }
+    }
+
+    fn shadow(self) -> bool {
+        !matches!(
+            self,
+            NetPath::NetifCableNoShadow | NetPath::NetifTapNoShadow
+        )
+    }
+}
+
+/// A stream's thread panicked: smoltcp 0.12 can panic on a peer's
+/// segment (smoltcp#1048, "attempt to subtract sequence numbers with
+/// underflow", fixed in 0.13); the slice is run again, once, and said so.
+#[derive(Debug)]
+struct StreamPanicked(&'static str);
+
+impl std::fmt::Display for StreamPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the {} thread panicked", self.0)
+    }
+}
+
+impl std::error::Error for StreamPanicked {}
+
+/// One line of the table and of the JSON output.
+#[derive(Serialize)]
+struct Row {
+    path: &'static str,
+    frame: &'static str,
+    pps: f64,
+    gbps: f64,
+    /// pps over the raw row of the same wire and frame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    rows: &'a [Row],
+    /// Rows not run, and why.
+    skipped: &'a [String],
+}
+
+/// What one row measured.
+struct Rate {
+    pps: f64,
+    gbps: f64,
+}
+
+pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
+    if !(args.seconds > 0.0 && args.seconds.is_finite() && args.seconds <= 3600.0) {
+        return Err("--seconds must be a positive number of seconds, at most 3600".into());
+    }
+    if !(1..=100).contains(&args.rounds) {
+        return Err("--rounds must be within 1..=100".into());
+    }
+    let secs = Duration::from_secs_f64(args.seconds);
+    // /proc/self belongs to the process's effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    let mut skipped = Vec::new();
+    if !root {
+        let why = "raw-tap and netif-tap rows: a TAP in a fresh network namespace needs root";
+        eprintln!("shadowback bench net: skipping {why}");
+        skipped.push(why.to_string());
+    }
+    let mut plan: Vec<(NetPath, Frame)> = Vec::new();
+    for frame in [Frame::Small, Frame::Mtu] {
+        for path in ALL_PATHS {
+            if root || !path.is_tap() {
+                plan.push((path, frame));
+            }
+        }
+    }
+    for path in ALL_PATHS {
+        if root || !path.is_tap() {
+            plan.push((path, Frame::Tcp));
+        }
+    }
+    for (given, known) in [
+        (&args.paths, ALL_PATHS.map(NetPath::name).to_vec()),
+        (&args.frames, vec!["64", "1500", "tcp"]),
+    ] {
+        if let Some(bad) = given.iter().find(|g| !known.contains(&g.as_str())) {
+            return Err(format!("{bad:?}: not one of {}", known.join(", ")).into());
+        }
+    }
+    plan.retain(|(p, f)| {
+        (args.paths.is_empty() || args.paths.iter().any(|n| n == p.name()))
+            && (args.frames.is_empty() || args.frames.iter().any(|n| n == f.name()))
+    });
+    let slice = secs / args.rounds;
+    let mut rows: Vec<Row> = Vec::new();
+    for frame in [Frame::Small, Frame::Mtu, Frame::Tcp] {
+        let paths: Vec<NetPath> = plan
+            .iter()
+            .filter(|(_, f)| *f == frame)
+            .map(|&(p, _)| p)
+            .collect();
+        // Sums of the slices' rates (the slices are equally long).
+        let mut sums = vec![(0.0f64, 0.0f64); paths.len()];
+        for _ in 0..args.rounds {
+            for (&path, sum) in paths.iter().zip(&mut sums) {
+                let rate = match measure_row(path, frame, slice) {
+                    Err(e) if e.is::<StreamPanicked>() => {
+                        eprintln!(
+                            "shadowback bench net: {} {}: {e} (smoltcp#1048?); running the slice again",
+                            path.name(),
+                            frame.name()
+                        );
+                        measure_row(path, frame, slice)
+                    }
+                    other => other,
+                }
+                .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
+                sum.0 += rate.pps;
+                sum.1 += rate.gbps;
+                if !args.json {
+                    eprint!(".");
+                }
+            }
+        }
+        for (&path, &(pps, gbps)) in paths.iter().zip(&sums) {
+            let (pps, gbps) = (pps / f64::from(args.rounds), gbps / f64::from(args.rounds));
+            let ratio = rows
+                .iter()
+                .find(|r| r.path == path.baseline().name() && r.frame == frame.name())
+                .filter(|_| path != path.baseline())
+                .map(|b| if b.pps > 0.0 { pps / b.pps } else { 0.0 });
+            rows.push(Row {
+                path: path.name(),
+                frame: frame.name(),
+                pps,
+                gbps,
+                ratio,
+            });
+        }
+    }
+    if !args.json {
+        eprintln!();
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&JsonReport {
+                rows: &rows,
+                skipped: &skipped,
+            })?
+        );
+    } else {
+        print_table(&rows, &skipped, args);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliError> {
+    match (path, frame) {
+        (NetPath::RawCable, Frame::Tcp) => tcp_raw_cable(secs),
+        (NetPath::NetifCable | NetPath::NetifCableNoShadow, Frame::Tcp) => {
+            tcp_netif_cable(path.shadow(), secs)
+        }
+        (NetPath::RawTap, Frame::Tcp) => tcp_raw_tap(secs),
+        (NetPath::NetifTap | NetPath::NetifTapNoShadow, Frame::Tcp) => {
+            tcp_netif_tap(path.shadow(), secs)
+        }
+        (NetPath::RawCable, _) => raw_cable(frame.len(), secs),
+        (NetPath::NetifCable | NetPath::NetifCableNoShadow, _) => {
+            netif_cable(frame.len(), path.shadow(), secs)
+        }
+        (NetPath::RawTap, _) => raw_tap(frame.len(), secs),
+        (NetPath::NetifTap | NetPath::NetifTapNoShadow, _) => {
+            netif_tap(frame.len(), path.shadow(), secs)
+        }
+    }
+}
+
+/// An Ethernet frame of `len` bytes from guest A to `dst`.
+fn bench_frame(len: usize, dst: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&MAC_A.0);
+    f[12..14].copy_from_slice(&BENCH_ETHERTYPE.to_be_bytes());
+    for (i, b) in f[14..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    f
+}
+
+fn is_bench_frame(f: &[u8], len: usize) -> bool {
+    f.len() == len && f.get(12..14) == Some(&BENCH_ETHERTYPE.to_be_bytes()[..])
+}
+
+/// Runs `senders` until the window closes: a warm-up of a fifth of
+/// `secs` (at least 100 ms), then `secs` between two reads of `count`.
+fn timed_window(
+    secs: Duration,
+    stop: &AtomicBool,
+    mut count: impl FnMut() -> Result<u64, CliError>,
+    frame_len: usize,
+) -> Result<Rate, CliError> {
+    thread::sleep((secs / 5).max(Duration::from_millis(100)));
+    let c0 = count()?;
+    let t0 = Instant::now();
+    thread::sleep(secs);
+    let c1 = count()?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let pps = c1.saturating_sub(c0) as f64 / elapsed;
+    Ok(Rate {
+        pps,
+        gbps: pps * frame_len as f64 * 8.0 / 1e9,
+    })
+}
+
+/// Joins a worker, turning its panic or error into this row's error.
+fn join<T>(h: thread::JoinHandle<Result<T, CliError>>) -> Result<T, CliError> {
+    h.join().map_err(|_| "a worker thread panicked")?
+}
+
+/// Sleeps until `fd` polls `flags`, or for `IDLE_WAIT_MS`.
+fn wait_fd(fd: BorrowedFd<'_>, flags: PollFlags) -> Result<(), CliError> {
+    match poll(
+        &mut [PollFd::new(fd, flags)],
+        PollTimeout::from(IDLE_WAIT_MS),
+    ) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One frame on a cable: the 10-byte virtio-net header, zero, and the frame.
+fn cable_send(fd: BorrowedFd<'_>, frame: &[u8]) -> Result<bool, CliError> {
+    let hdr = [0u8; VNET_HDR_LEN];
+    match sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[IoSlice::new(&hdr), IoSlice::new(frame)],
+        &[],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) {
+        Ok(_) => Ok(true),
+        Err(Errno::EAGAIN | Errno::ENOBUFS | Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// One message from a cable into `buf`; its length, or `None` if none.
+fn cable_recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Option<usize>, CliError> {
+    match recv(fd.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => Err("the cable's other end closed".into()),
+        Ok(n) => Ok(Some(n)),
+        Err(Errno::EAGAIN | Errno::EINTR) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn raw_cable(len: usize, secs: Duration) -> Result<Rate, CliError> {
+    let [a, b] = cable_pair(CableConfig::default())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let frame = bench_frame(len, MAC_B.0);
+    let count = Arc::new(AtomicU64::new(0));
+    let tx = {
+        let stop = stop.clone();
+        thread::spawn(move || -> Result<(), CliError> {
+            while !stop.load(Ordering::Relaxed) {
+                if !cable_send(a.as_fd(), &frame)? {
+                    wait_fd(a.as_fd(), PollFlags::POLLOUT)?;
+                }
+            }
+            Ok(())
+        })
+    };
+    let rx = {
+        let (stop, count) = (stop.clone(), count.clone());
+        thread::spawn(move || -> Result<(), CliError> {
+            let mut buf = vec![0u8; VNET_HDR_LEN + MTU_FRAME + 1];
+            while !stop.load(Ordering::Relaxed) {
+                match cable_recv(b.as_fd(), &mut buf)? {
+                    Some(n) if n >= VNET_HDR_LEN && is_bench_frame(&buf[VNET_HDR_LEN..n], len) => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => wait_fd(b.as_fd(), PollFlags::POLLIN)?,
+                }
+            }
+            Ok(())
+        })
+    };
+    let rate = timed_window(secs, &stop, || Ok(count.load(Ordering::Relaxed)), len);
+    stop.store(true, Ordering::Relaxed);
+    join(tx)?;
+    join(rx)?;
+    rate
+}
+
+fn guest(mac: MacAddr) -> Result<NetFront, CliError> {
+    let mut cfg = NetFrontConfig::new("vif0");
+    cfg.mac = mac;
+    Ok(NetFront::new(cfg)?)
+}
+
+/// Puts `frame` on `front`'s TX ring as fast as the backend answers.
+fn netfront_sender(
+    mut front: NetFront,
+    frame: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> thread::JoinHandle<Result<(), CliError>> {
+    thread::spawn(move || {
+        let mut sink = Vec::with_capacity(MTU_FRAME);
+        while !stop.load(Ordering::Relaxed) {
+            if front.can_send() {
+                front.send(&frame)?;
+                continue;
+            }
+            // Drains the notification (TX completions share the channel)
+            // and whatever arrived, then looks again before sleeping.
+            while front.recv(&mut sink)? {}
+            if !front.can_send() {
+                wait_fd(front.wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Counts the benchmark frames of `len` bytes arriving on `front`.
+fn netfront_counter(
+    mut front: NetFront,
+    len: usize,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> thread::JoinHandle<Result<(), CliError>> {
+    thread::spawn(move || {
+        let mut buf = Vec::with_capacity(MTU_FRAME);
+        while !stop.load(Ordering::Relaxed) {
+            if front.recv(&mut buf)? {
+                if is_bench_frame(&buf, len) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            }
+            if front.poll_again_in() != Some(Duration::ZERO) {
+                wait_fd(front.wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Guests A and B, each with its backend, on the two ends of a cable.
+pub(crate) fn cable_vifs(shadow: bool) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
+    let [ca, cb] = cable_pair(CableConfig::default())?;
+    let (a, b) = (guest(MAC_A)?, guest(MAC_B)?);
+    let va = BenchVif::start(&a, ca, WireType::Cable, shadow)?;
+    let vb = BenchVif::start(&b, cb, WireType::Cable, shadow)?;
+    Ok((a, b, [va, vb]))
+}
+
+fn netif_cable(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (a, b, vifs) = cable_vifs(shadow)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let tx = netfront_sender(a, bench_frame(len, MAC_B.0), stop.clone());
+    let rx = netfront_counter(b, len, stop.clone(), count.clone());
+    let rate = timed_window(secs, &stop, || Ok(count.load(Ordering::Relaxed)), len);
+    stop.store(true, Ordering::Relaxed);
+    join(tx)?;
+    join(rx)?;
+    drop(vifs);
+    rate
+}
+
+fn raw_tap(len: usize, secs: Duration) -> Result<Rate, CliError> {
+    let (tap, mut counter) = tap_in_fresh_netns()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut msg = vec![0u8; VNET_HDR_LEN];
+    msg.extend(bench_frame(len, MAC_NOBODY));
+    let fd = tap.queue_fds()[0].try_clone()?;
+    let tx = {
+        let stop = stop.clone();
+        thread::spawn(move || -> Result<(), CliError> {
+            while !stop.load(Ordering::Relaxed) {
+                match nix::unistd::write(&fd, &msg) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(Errno::EAGAIN) => wait_fd(fd.as_fd(), PollFlags::POLLOUT)?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    };
+    let rate = timed_window(secs, &stop, || counter.total(), len);
+    stop.store(true, Ordering::Relaxed);
+    join(tx)?;
+    rate
+}
+
+fn netif_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (tap, mut counter) = tap_in_fresh_netns()?;
+    let a = guest(MAC_A)?;
+    let vif = BenchVif::start(&a, tap.queue_fds()[0].try_clone()?, WireType::Tap, shadow)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tx = netfront_sender(a, bench_frame(len, MAC_NOBODY), stop.clone());
+    let rate = timed_window(secs, &stop, || counter.total(), len);
+    stop.store(true, Ordering::Relaxed);
+    join(tx)?;
+    drop(vif);
+    rate
+}
+
+/// A TAP (`sbbench0`, MTU 1500) in a new network namespace, and a counter
+/// of the benchmark frames arriving on it there. The namespace lives as
+/// long as the TAP's fd and the counter's socket.
+fn tap_in_fresh_netns() -> Result<(Tap, crate::netns::PacketCounter), CliError> {
+    thread::spawn(|| -> Result<_, CliError> {
+        let tap = open_netns_tap()?;
+        let counter = crate::netns::PacketCounter::open(tap.name(), BENCH_ETHERTYPE)?;
+        Ok((tap, counter))
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked")?
+}
+
+fn open_netns_tap() -> Result<Tap, CliError> {
+    crate::netns::unshare_net()?;
+    let mut cfg = TapConfig::new("sbbench%d", TapMode::Create);
+    cfg.mtu = Some(1500);
+    Ok(Tap::open(&cfg)?)
+}
+
+/// The Linux end of a TCP row: a TAP in a fresh namespace with the
+/// receiver's address (10.9.0.2/24), and a listener on it.
+fn tap_with_listener() -> Result<(Tap, TcpListener), CliError> {
+    thread::spawn(|| -> Result<_, CliError> {
+        let tap = open_netns_tap()?;
+        let (_, receiver) = stream_params(0, 0);
+        crate::netns::set_ipv4_24(tap.name(), receiver.net.address)?;
+        let listener = TcpListener::bind((receiver.net.address, receiver.port))?;
+        listener.set_nonblocking(true)?;
+        Ok((tap, listener))
+    })
+    .join()
+    .map_err(|_| "the namespace thread panicked")?
+}
+
+/// A guest stack's frame device straight on a cable end or a TAP fd: the
+/// TCP baselines. Either way a frame is the 10-byte virtio-net header,
+/// zero, and the Ethernet frame.
+struct RawWireDevice {
+    fd: OwnedFd,
+    tap: bool,
+    mac: MacAddr,
+    buf: Vec<u8>,
+}
+
+impl RawWireDevice {
+    fn new(fd: OwnedFd, tap: bool, mac: MacAddr) -> Self {
+        RawWireDevice {
+            fd,
+            tap,
+            mac,
+            buf: vec![0u8; VNET_HDR_LEN + MTU_FRAME + 1],
+        }
+    }
+
+    /// One attempt; false when the queue is full.
+    fn try_send(&self, frame: &[u8]) -> Result<bool, CliError> {
+        if !self.tap {
+            return cable_send(self.fd.as_fd(), frame);
+        }
+        let hdr = [0u8; VNET_HDR_LEN];
+        match nix::sys::uio::writev(&self.fd, &[IoSlice::new(&hdr), IoSlice::new(frame)]) {
+            Ok(_) => Ok(true),
+            Err(Errno::EAGAIN | Errno::EINTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn try_recv(&mut self) -> Result<Option<usize>, CliError> {
+        if !self.tap {
+            return cable_recv(self.fd.as_fd(), &mut self.buf);
+        }
+        match nix::unistd::read(self.fd.as_raw_fd(), &mut self.buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(Errno::EAGAIN | Errno::EINTR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl FrameDevice for RawWireDevice {
+    /// Waits for room (up to [`RAW_SEND_PATIENCE`]) as a qdisc in front
+    /// of a NIC holds a packet back, rather than dropping: the baseline is
+    /// the wire's capacity, not TCP's loss recovery.
+    fn send(&mut self, frame: &[u8]) -> Result<(), FrameError> {
+        let io = |e| FrameError::Io(std::io::Error::other(e));
+        let deadline = Instant::now() + RAW_SEND_PATIENCE;
+        while !self.try_send(frame).map_err(io)? {
+            if Instant::now() >= deadline {
+                break;
+            }
+            wait_fd(self.fd.as_fd(), PollFlags::POLLOUT).map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn recv(&mut self, buf: &mut Vec<u8>) -> Result<bool, FrameError> {
+        let io = |e| FrameError::Io(std::io::Error::other(e));
+        match self.try_recv().map_err(io)? {
+            Some(n) if n >= VNET_HDR_LEN => {
+                buf.clear();
+                buf.extend_from_slice(&self.buf[VNET_HDR_LEN..n]);
+                Ok(true)
+            }
+            Some(_) | None => Ok(false),
+        }
+    }
+
+    fn wait_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.fd.as_fd())
+    }
+
+    fn poll_again_in(&self) -> Option<Duration> {
+        None
+    }
+
+    fn mac(&self) -> [u8; 6] {
+        self.mac.0
+    }
+
+    fn mtu(&self) -> usize {
+        1500
+    }
+}
+
+/// Both sides of a TCP stream between guest stacks at 10.9.0.1 (sender)
+/// and 10.9.0.2 (receiver); `local_port` tells successive streams apart.
+pub fn stream_params(bytes: u64, local_port: u16) -> (StreamParams, StreamParams) {
+    let side = |me: u8, peer: u8| StreamParams {
+        net: NetConfig {
+            address: std::net::Ipv4Addr::new(10, 9, 0, me),
+            prefix_len: 24,
+            gateway: None,
+            seed: u64::from(me) * 7919,
+        },
+        peer: std::net::Ipv4Addr::new(10, 9, 0, peer),
+        local_port,
+        seed: 4242,
+        bytes,
+        stall_timeout: Duration::from_secs(30),
+        ..StreamParams::default()
+    };
+    (side(1, 2), side(2, 1))
+}
+
+/// Runs one stream of `bytes` from `a` to `b`; returns the devices and the
+/// two reports, failing unless both passed.
+fn stream<D: FrameDevice + Send + 'static>(
+    a: D,
+    b: D,
+    bytes: u64,
+    local_port: u16,
+) -> Result<(D, D, StreamReport), CliError> {
+    let (pa, pb) = stream_params(bytes, local_port);
+    let rx = thread::spawn(move || {
+        let mut b = b;
+        let r = run_stream(&mut b, StreamRole::Receiver, &pb);
+        (b, r)
+    });
+    let tx = thread::spawn(move || {
+        let mut a = a;
+        let r = run_stream(&mut a, StreamRole::Sender, &pa);
+        (a, r)
+    });
+    let tx = tx.join().map_err(|_| StreamPanicked("sender"));
+    let rx = rx.join().map_err(|_| StreamPanicked("receiver"));
+    let ((a, tr), (b, rr)) = (tx?, rx?);
+    for r in [&tr, &rr] {
+        if !r.passed() {
+            return Err(format!("the stream failed: {:?}", r.failures).into());
+        }
+    }
+    if tr.checksum != rr.checksum || rr.bytes != bytes {
+        return Err("the stream arrived different from what was sent".into());
+    }
+    Ok((a, b, rr))
+}
+
+/// A calibration stream of 2 MiB, then one sized to last about `secs`.
+fn tcp_rate<D: FrameDevice + Send + 'static>(a: D, b: D, secs: Duration) -> Result<Rate, CliError> {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let (a, b, cal) = stream(a, b, 8 << 20, 50001)?;
+    let bytes =
+        (cal.throughput_mib_s * MIB * secs.as_secs_f64()).clamp(8.0 * MIB, 64.0 * 1024.0 * MIB);
+    let (_, _, r) = stream(a, b, bytes as u64, 50002)?;
+    let bytes_per_s = r.throughput_mib_s * MIB;
+    if bytes_per_s <= 0.0 {
+        return Err("the stream measured no throughput".into());
+    }
+    let secs = r.bytes as f64 / bytes_per_s;
+    Ok(Rate {
+        pps: r.phy.rx_frames as f64 / secs,
+        gbps: bytes_per_s * 8.0 / 1e9,
+    })
+}
+
+fn tcp_raw_cable(secs: Duration) -> Result<Rate, CliError> {
+    let [ca, cb] = cable_pair(CableConfig::default())?;
+    tcp_rate(
+        RawWireDevice::new(ca, false, MAC_A),
+        RawWireDevice::new(cb, false, MAC_B),
+        secs,
+    )
+}
+
+fn tcp_raw_tap(secs: Duration) -> Result<Rate, CliError> {
+    let (tap, listener) = tap_with_listener()?;
+    let dev = RawWireDevice::new(tap.queue_fds()[0].try_clone()?, true, MAC_A);
+    tcp_to_linux_rate(dev, &listener, secs)
+}
+
+fn tcp_netif_tap(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (tap, listener) = tap_with_listener()?;
+    let a = guest(MAC_A)?;
+    let vif = BenchVif::start(&a, tap.queue_fds()[0].try_clone()?, WireType::Tap, shadow)?;
+    let rate = tcp_to_linux_rate(a, &listener, secs);
+    drop(vif);
+    rate
+}
+
+/// Accepts one connection on `listener` (non-blocking) and reads it to the
+/// end, checking every byte against the stream's pattern; returns the bytes
+/// and their CRC, or fails on a mismatch.
+fn linux_receiver(listener: &TcpListener, seed: u64) -> Result<(u64, u32), CliError> {
+    let deadline = Instant::now() + LINUX_TIMEOUT;
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err("the guest did not connect to the Linux listener".into());
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(LINUX_TIMEOUT))?;
+    let mut verifier = StreamVerifier::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut conn, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        verifier.feed(&buf[..n]);
+    }
+    if let Some(m) = verifier.first_mismatch() {
+        return Err(format!("the Linux side read a corrupt stream: {m}").into());
+    }
+    Ok((verifier.bytes(), verifier.checksum()))
+}
+
+/// [`tcp_rate`] towards a Linux socket: the guest on `dev` sends, Linux
+/// reads and checks; the rate is the sender's (acknowledged bytes).
+fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
+    dev: D,
+    listener: &TcpListener,
+    secs: Duration,
+) -> Result<Rate, CliError> {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let one = |mut dev: D, bytes: u64, local_port: u16| -> Result<(D, StreamReport), CliError> {
+        let (pa, _) = stream_params(bytes, local_port);
+        let seed = pa.seed;
+        let tx = thread::spawn(move || {
+            let r = run_stream(&mut dev, StreamRole::Sender, &pa);
+            (dev, r)
+        });
+        let linux = linux_receiver(listener, seed);
+        let (dev, r) = tx.join().map_err(|_| StreamPanicked("sender"))?;
+        let (got, crc) = linux?;
+        if !r.passed() {
+            return Err(format!("the stream failed: {:?}", r.failures).into());
+        }
+        if got != bytes || crc != r.checksum {
+            return Err("the stream arrived different from what was sent".into());
+        }
+        Ok((dev, r))
+    };
+    let (dev, cal) = one(dev, 2 << 20, 50001)?;
+    let bytes =
+        (cal.throughput_mib_s * MIB * secs.as_secs_f64()).clamp(2.0 * MIB, 64.0 * 1024.0 * MIB);
+    let (_, r) = one(dev, bytes as u64, 50002)?;
+    let bytes_per_s = r.throughput_mib_s * MIB;
+    if bytes_per_s <= 0.0 {
+        return Err("the stream measured no throughput".into());
+    }
+    let secs = r.bytes as f64 / bytes_per_s;
+    Ok(Rate {
+        pps: r.phy.tx_frames as f64 / secs,
+        gbps: bytes_per_s * 8.0 / 1e9,
+    })
+}
+
+fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (a, b, vifs) = cable_vifs(shadow)?;
+    let rate = tcp_rate(a, b, secs);
+    drop(vifs);
+    rate
+}
+
+fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
+    println!(
+        "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks",
+        args.seconds, args.rounds
+    );
+    println!();
+    println!(
+        "{:<22} {:<5} {:>12} {:>9} {:>8}",
+        "path", "frame", "pps", "Gbit/s", "vs raw"
+    );
+    let mut last: Option<&str> = None;
+    for r in rows {
+        if last.is_some_and(|f| f != r.frame) {
+            println!();
+        }
+        last = Some(r.frame);
+        let ratio = r.ratio.map_or("base".to_string(), |x| format!("{x:.2}"));
+        println!(
+            "{:<22} {:<5} {:>12.0} {:>9.3} {:>8}",
+            r.path, r.frame, r.pps, r.gbps, ratio
+        );
+    }
+    println!();
+    for (with, without) in [
+        (NetPath::NetifCable, NetPath::NetifCableNoShadow),
+        (NetPath::NetifTap, NetPath::NetifTapNoShadow),
+    ] {
+        for r in rows.iter().filter(|r| r.path == with.name()) {
+            let o = rows
+                .iter()
+                .find(|o| o.path == without.name() && o.frame == r.frame);
+            if let Some(o) = o.filter(|o| o.pps > 0.0) {
+                println!(
+                    "shadow log cost, {} {}: {:+.1}% pps",
+                    with.name(),
+                    r.frame,
+                    (r.pps / o.pps - 1.0) * 100.0
+                );
+            }
+        }
+    }
+    println!();
+    println!("notes:");
+    println!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
+    println!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
+    println!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
+    for s in skipped {
+        println!("  - skipped: {s}");
+    }
+}

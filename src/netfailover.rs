@@ -1,0 +1,268 @@
+//! `shadowback bench failover --class net`: what backend crashes cost a
+//! TCP stream (docs/ARCHITECTURE.md §11.6).
+//!
+//! Two guest stacks run a verifying TCP stream (guest A sends, guest B
+//! checks every byte) over netfront → netback → cable → netback →
+//! netfront, while this process, in the supervisor's place, SIGKILLs
+//! netback A and netback B in turn and hands each vif to a fresh instance
+//! (`recover=1`). For every kill the gap is the time from the SIGKILL to
+//! the next new stream data the receiver checked (a progress hook of the
+//! receiver's workload); the next kill comes 30–130 ms after that. Streams
+//! of `--stream-mib` follow one another until every kill is done, and no
+//! kill lands in the last quarter of a stream, so each gap ends with data
+//! of the same stream. Lost, duplicated and corrupt bytes
+//! come from the receiver's verifier; a gap above
+//! [`RTO_THRESHOLD`] is counted as a retransmission timeout (smoltcp does
+//! not count its own; its minimum RTO is far above a crash's stall).
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use shadowback_guest::net::{run_stream, ProgressHook, StreamReport, StreamRole};
+use shadowback_guest::netfront::{NetFront, NetFrontStats};
+
+use crate::faults::percentiles;
+use crate::netbench::{cable_vifs, stream_params};
+use crate::CliError;
+
+const MIB: u64 = 1 << 20;
+/// A gap longer than this is a retransmission timeout: a segment was lost
+/// with the killed instance and TCP waited for its timer.
+const RTO_THRESHOLD: Duration = Duration::from_millis(200);
+/// Longest wait for data after a kill before the kill counts as unmeasured.
+const GAP_LIMIT: Duration = Duration::from_secs(20);
+
+#[derive(Serialize, Default)]
+struct Dist {
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+#[derive(Serialize)]
+struct NetFailoverReport {
+    kills: u32,
+    /// Stream bytes that never arrived.
+    lost: u64,
+    /// Stream bytes beyond a stream's length.
+    duplicates: u64,
+    /// Stream bytes that arrived different from what was sent.
+    corrupt: u64,
+    /// Per kill: SIGKILL to the next new data at the receiver.
+    gap_us: Dist,
+    /// Gaps longer than 200 ms.
+    retransmission_timeouts: u64,
+    /// Kills after which no data came within 20 s (not in `gap_us`).
+    unmeasured: u64,
+    /// The longest stall either side saw in any stream, in µs.
+    max_stall_us: u64,
+    streams: u32,
+    bytes: u64,
+    /// Connections that reset or timed out (must be 0).
+    failed_streams: u64,
+    /// TX or RX responses the guests found answered twice or never asked for.
+    bad_responses: u64,
+}
+
+/// What the receiver's progress hook shares with the killing loop.
+#[derive(Default)]
+struct Probe {
+    offset: u64,
+    kill_at: Option<Instant>,
+    first_after: Option<Instant>,
+}
+
+pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError> {
+    if !(1..=1 << 20).contains(&stream_mib) {
+        return Err("--stream-mib must be within 1..=1048576".into());
+    }
+    let stream_bytes = stream_mib * MIB;
+    // No kill once the receiver is this close to the end of a stream.
+    let quiet_tail = stream_bytes / 4;
+    let (mut a, mut b, mut vifs) = cable_vifs(true)?;
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
+    let mut gaps: Vec<u64> = Vec::new();
+    let mut report = NetFailoverReport {
+        kills: 0,
+        lost: 0,
+        duplicates: 0,
+        corrupt: 0,
+        gap_us: Dist::default(),
+        retransmission_timeouts: 0,
+        unmeasured: 0,
+        max_stall_us: 0,
+        streams: 0,
+        bytes: 0,
+        failed_streams: 0,
+        bad_responses: 0,
+    };
+    let started = Instant::now();
+    // Streams in a row that ended before a kill could land in them.
+    let mut idle_streams = 0u32;
+    while report.kills < kills {
+        if idle_streams == 3 {
+            return Err("three streams ended before a kill could land: raise --stream-mib".into());
+        }
+        let kills_before = report.kills;
+        let local_port = 50000 + (report.streams % 10000) as u16;
+        let (pa, mut pb) = stream_params(stream_bytes, local_port);
+        *probe.lock().map_err(|_| "probe poisoned")? = Probe::default();
+        let hook_probe = probe.clone();
+        pb.on_progress = Some(ProgressHook::new(move |now, offset| {
+            let Ok(mut p) = hook_probe.lock() else { return };
+            p.offset = offset;
+            if p.first_after.is_none() && p.kill_at.is_some_and(|k| now >= k) {
+                p.first_after = Some(now);
+            }
+        }));
+        let done = Arc::new(AtomicBool::new(false));
+        let side = |front: NetFront, role, p, done: Arc<AtomicBool>| {
+            thread::spawn(move || -> (NetFront, StreamReport) {
+                let mut front = front;
+                let r = run_stream(&mut front, role, &p);
+                done.store(true, Ordering::Release);
+                (front, r)
+            })
+        };
+        let rx = side(b, StreamRole::Receiver, pb, done.clone());
+        let tx = side(a, StreamRole::Sender, pa, done.clone());
+        let mut kill_error = None;
+        while report.kills < kills {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            thread::sleep(Duration::from_millis(30 + rng % 100));
+            let offset = probe.lock().map_err(|_| "probe poisoned")?.offset;
+            if done.load(Ordering::Acquire) || offset + quiet_tail > stream_bytes {
+                break;
+            }
+            {
+                let mut p = probe.lock().map_err(|_| "probe poisoned")?;
+                p.kill_at = Some(Instant::now());
+                p.first_after = None;
+            }
+            let kill_at = Instant::now();
+            if let Err(e) = vifs[(report.kills % 2) as usize].kill_and_replace() {
+                kill_error = Some(e);
+                break;
+            }
+            report.kills += 1;
+            let gap = loop {
+                let p = probe.lock().map_err(|_| "probe poisoned")?;
+                if let (Some(k), Some(t)) = (p.kill_at, p.first_after) {
+                    break Some(t.saturating_duration_since(k));
+                }
+                drop(p);
+                if done.load(Ordering::Acquire) || kill_at.elapsed() > GAP_LIMIT {
+                    break None;
+                }
+                thread::sleep(Duration::from_micros(200));
+            };
+            match gap {
+                Some(g) => {
+                    if g > RTO_THRESHOLD {
+                        report.retransmission_timeouts += 1;
+                    }
+                    gaps.push(u64::try_from(g.as_micros()).unwrap_or(u64::MAX));
+                }
+                None => report.unmeasured += 1,
+            }
+            if !json && report.kills.is_multiple_of(10) {
+                eprint!(
+                    "\r  {} kills in {:.1} s   ",
+                    report.kills,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if let Some(e) = kill_error {
+            // The stream cannot end without a backend: stop it by killing
+            // both, then report the error.
+            for v in &mut vifs {
+                v.kill();
+            }
+            let _ = (tx.join(), rx.join());
+            return Err(e);
+        }
+        idle_streams = if report.kills == kills_before {
+            idle_streams + 1
+        } else {
+            0
+        };
+        let (front_a, tr) = tx.join().map_err(|_| "the sender panicked")?;
+        let (front_b, rr) = rx.join().map_err(|_| "the receiver panicked")?;
+        report.streams += 1;
+        report.bytes += rr.bytes;
+        report.lost += stream_bytes.saturating_sub(rr.bytes);
+        report.duplicates += rr.bytes.saturating_sub(stream_bytes);
+        report.corrupt += rr.mismatched_bytes;
+        if rr.checksum != tr.checksum && rr.mismatched_bytes == 0 && rr.bytes == stream_bytes {
+            // Cannot happen with a position-checked stream; never hide it.
+            report.corrupt += 1;
+        }
+        report.failed_streams += tr.resets + tr.timeouts + rr.resets + rr.timeouts;
+        let stall = tr.max_gap_ms.max(rr.max_gap_ms) * 1e3;
+        report.max_stall_us = report.max_stall_us.max(stall as u64);
+        report.bad_responses += bad(&front_a.stats()) + bad(&front_b.stats());
+        let passed = tr.passed() && rr.passed();
+        if !passed && !json {
+            eprintln!(
+                "\n  stream {} failed: {:?} {:?}",
+                report.streams, tr.failures, rr.failures
+            );
+        }
+        (a, b) = (front_a, front_b);
+    }
+    let (p50, p99, max) = percentiles(&gaps);
+    report.gap_us = Dist { p50, p99, max };
+    let clean = report.lost == 0
+        && report.duplicates == 0
+        && report.corrupt == 0
+        && report.failed_streams == 0
+        && report.bad_responses == 0;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report, gaps.len(), started.elapsed());
+    }
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn bad(s: &NetFrontStats) -> u64 {
+    s.tx_bad_responses + s.rx_bad_responses
+}
+
+fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
+    println!();
+    println!(
+        "shadowback bench failover --class net — a TCP stream between two vifs on a cable, netback A and B SIGKILLed in turn"
+    );
+    println!(
+        "  {} kills in {:.1} s over {} streams ({} MiB verified)",
+        r.kills,
+        took.as_secs_f64(),
+        r.streams,
+        r.bytes / MIB
+    );
+    println!(
+        "  lost {} B, duplicated {} B, corrupt {} B, failed streams {}, bad ring responses {}",
+        r.lost, r.duplicates, r.corrupt, r.failed_streams, r.bad_responses
+    );
+    println!(
+        "  gap (kill → next new data at the receiver)   p50 {} us, p99 {} us, max {} us   ({measured} kills measured, {} not)",
+        r.gap_us.p50, r.gap_us.p99, r.gap_us.max, r.unmeasured
+    );
+    println!(
+        "  retransmission timeouts (gaps > 200 ms): {}; longest stall either side saw: {} us",
+        r.retransmission_timeouts, r.max_stall_us
+    );
+}

@@ -1,0 +1,109 @@
+//! `shadowback bench net` and `bench failover --class net` run end to end,
+//! briefly: every row moves frames, and a stream through killed backends
+//! arrives whole. (The figures themselves are for the README, not tests.)
+
+use std::process::Command;
+
+fn run_json(args: &[&str]) -> (bool, serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_shadowback"))
+        .args(args)
+        .output()
+        .expect("run shadowback");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "{args:?}: no JSON on stdout ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[test]
+fn bench_net_measures_every_row() {
+    let (ok, v) = run_json(&[
+        "bench",
+        "net",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{v}");
+    let rows = v["rows"].as_array().expect("rows");
+    let mut want = vec![
+        ("raw-cable", "64"),
+        ("netif-cable", "64"),
+        ("netif-cable-noshadow", "64"),
+        ("raw-cable", "1500"),
+        ("netif-cable", "1500"),
+        ("netif-cable-noshadow", "1500"),
+        ("raw-cable", "tcp"),
+        ("netif-cable", "tcp"),
+        ("netif-cable-noshadow", "tcp"),
+    ];
+    if is_root() {
+        for frame in ["64", "1500", "tcp"] {
+            for path in ["raw-tap", "netif-tap", "netif-tap-noshadow"] {
+                want.push((path, frame));
+            }
+        }
+    } else {
+        // Not silently: the skip is in the report.
+        assert_eq!(v["skipped"].as_array().map(Vec::len), Some(1), "{v}");
+    }
+    assert_eq!(rows.len(), want.len(), "{v}");
+    for (path, frame) in want {
+        let row = rows
+            .iter()
+            .find(|r| r["path"] == path && r["frame"] == frame)
+            .unwrap_or_else(|| panic!("no row {path} {frame}: {v}"));
+        let pps = row["pps"].as_f64().unwrap_or(0.0);
+        let gbps = row["gbps"].as_f64().unwrap_or(0.0);
+        assert!(pps > 0.0 && gbps > 0.0, "{row}");
+        if path.starts_with("raw-") {
+            assert!(row.get("ratio").is_none(), "{row}");
+        } else {
+            let ratio = row["ratio"].as_f64().expect("ratio");
+            assert!(ratio > 0.0, "{row}");
+        }
+    }
+}
+
+#[test]
+fn bench_failover_net_loses_nothing() {
+    let (ok, v) = run_json(&[
+        "bench",
+        "failover",
+        "--class",
+        "net",
+        "--kills",
+        "4",
+        "--stream-mib",
+        "4",
+        "--json",
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["kills"], 4, "{v}");
+    for key in [
+        "lost",
+        "duplicates",
+        "corrupt",
+        "failed_streams",
+        "bad_responses",
+    ] {
+        assert_eq!(v[key], 0, "{key}: {v}");
+    }
+    let gap = &v["gap_us"];
+    let measured = 4 - v["unmeasured"].as_u64().expect("unmeasured");
+    assert!(measured >= 1, "{v}");
+    assert!(gap["max"].as_u64().expect("max") > 0, "{v}");
+    assert!(gap["p50"].as_u64() <= gap["max"].as_u64(), "{v}");
+    assert!(v["retransmission_timeouts"].is_u64(), "{v}");
+}
