@@ -176,9 +176,7 @@ impl NetPath {
     }
 }
 
-/// A stream's thread panicked: smoltcp 0.12 can panic on a peer's
-/// segment (smoltcp#1048, "attempt to subtract sequence numbers with
-/// underflow", fixed in 0.13); the slice is run again, once, and said so.
+/// A stream's thread panicked: the run fails and says which.
 #[derive(Debug)]
 struct StreamPanicked(&'static str);
 
@@ -271,18 +269,8 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
         let mut sums = vec![(0.0f64, 0.0f64); paths.len()];
         for _ in 0..args.rounds {
             for (&path, sum) in paths.iter().zip(&mut sums) {
-                let rate = match measure_row(path, frame, slice) {
-                    Err(e) if e.is::<StreamPanicked>() => {
-                        eprintln!(
-                            "shadowback bench net: {} {}: {e} (smoltcp#1048?); running the slice again",
-                            path.name(),
-                            frame.name()
-                        );
-                        measure_row(path, frame, slice)
-                    }
-                    other => other,
-                }
-                .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
+                let rate = measure_row(path, frame, slice)
+                    .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
                 if !args.json {

@@ -116,7 +116,11 @@ fn drops_and_a_300_ms_pause_stall_the_stream_but_it_verifies() {
         "receiver gap {} ms < pause",
         rx.max_gap_ms
     );
-    assert!(rx.max_gap_at > 0 && rx.max_gap_at < 4 * MIB, "{rx:?}");
+    // Not necessarily the pause: with drops, a lost last segment waits for
+    // a retransmission timeout (no later segment to trigger a fast
+    // retransmit), which can be the longest gap, at the stream's end. The
+    // pause alone is measured by the next test.
+    assert!(rx.max_gap_at > 0 && rx.max_gap_at <= 4 * MIB, "{rx:?}");
     assert!(tx.max_gap_ms >= PAUSE.as_secs_f64() * 1e3, "{tx:?}");
     assert_eq!(
         (rx.resets, rx.timeouts, tx.resets, tx.timeouts),
