@@ -247,6 +247,12 @@ async fn serve_registered(
                 }
             }
         }
+        // The runtime has one thread, and under a connect storm `accept`
+        // is always ready: without this the loop never lets the
+        // connections it admitted (status, guests, the storm's own, which
+        // free their slots on EOF) or the device tasks run — seen as
+        // `status` unanswered for seconds while a peer stormed.
+        tokio::task::yield_now().await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
     stop_vhost(vhost).await;
