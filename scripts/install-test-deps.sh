@@ -20,6 +20,8 @@ need=()
 [ -f /usr/include/xen/io/ring.h ] || need+=(libxen-dev)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v fio >/dev/null 2>&1 || need+=(fio)
+# `ip netns` for the TAP tests in network namespaces.
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if ! command -v qemu-storage-daemon >/dev/null 2>&1 \
    && ! dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q 'install ok installed'; then
   need+=(qemu-utils)
