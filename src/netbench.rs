@@ -421,8 +421,13 @@ fn raw_cable(len: usize, secs: Duration) -> Result<Rate, CliError> {
         let stop = stop.clone();
         thread::spawn(move || -> Result<(), CliError> {
             while !stop.load(Ordering::Relaxed) {
-                if !cable_send(a.as_fd(), &frame)? {
-                    wait_fd(a.as_fd(), PollFlags::POLLOUT)?;
+                match cable_send(a.as_fd(), &frame) {
+                    Ok(true) => {}
+                    Ok(false) => wait_fd(a.as_fd(), PollFlags::POLLOUT)?,
+                    // The receiver may see `stop` first and close its end
+                    // (ECONNRESET): the window is over, not an error.
+                    Err(_) if stop.load(Ordering::Relaxed) => break,
+                    Err(e) => return Err(e),
                 }
             }
             Ok(())
@@ -433,7 +438,13 @@ fn raw_cable(len: usize, secs: Duration) -> Result<Rate, CliError> {
         thread::spawn(move || -> Result<(), CliError> {
             let mut buf = vec![0u8; VNET_HDR_LEN + MTU_FRAME + 1];
             while !stop.load(Ordering::Relaxed) {
-                match cable_recv(b.as_fd(), &mut buf)? {
+                let got = match cable_recv(b.as_fd(), &mut buf) {
+                    Ok(got) => got,
+                    // The sender may see `stop` first and close its end.
+                    Err(_) if stop.load(Ordering::Relaxed) => break,
+                    Err(e) => return Err(e),
+                };
+                match got {
                     Some(n) if n >= VNET_HDR_LEN && is_bench_frame(&buf[VNET_HDR_LEN..n], len) => {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
