@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shadowback_guest::net::{run_stream, NetConfig, StreamParams, StreamReport, StreamRole};
+use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_netback::wire::{cable_pair, CableConfig};
 use shadowback_shadow::ShadowLog;
@@ -75,17 +75,10 @@ impl Vif {
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr) -> StreamParams {
     StreamParams {
-        net: NetConfig {
-            address,
-            prefix_len: 24,
-            gateway: None,
-            seed: u64::from(address.octets()[3]) * 7919,
-        },
-        peer,
         seed: 4242,
         bytes: STREAM_BYTES,
         stall_timeout: Duration::from_secs(30),
-        ..StreamParams::default()
+        ..StreamParams::between(address, peer)
     }
 }
 

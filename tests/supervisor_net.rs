@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use shadowback_guest::net::{
-    run_stream, NetConfig, StreamParams, StreamReport, StreamRole, StreamVerifier,
-};
+use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, StreamVerifier};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, DeviceStats, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
@@ -69,18 +67,11 @@ fn stats_of(socket: &Path, device: &str) -> DeviceStats {
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr, port: u16, bytes: u64) -> StreamParams {
     StreamParams {
-        net: NetConfig {
-            address,
-            prefix_len: 24,
-            gateway: None,
-            seed: u64::from(address.octets()[3]) * 7919,
-        },
-        peer,
         port,
         seed: 4242,
         bytes,
         stall_timeout: Duration::from_secs(30),
-        ..StreamParams::default()
+        ..StreamParams::between(address, peer)
     }
 }
 

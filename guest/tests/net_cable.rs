@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shadowback_guest::net::cable::{cable, CableConfig, CableControl, CableEnd, Direction};
 use shadowback_guest::net::{
-    run_stream, NetConfig, NetStack, ProgressHook, StreamParams, StreamReport, StreamRole,
+    run_stream, NetStack, ProgressHook, StreamParams, StreamReport, StreamRole,
 };
 
 const A_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -17,16 +17,9 @@ const MIB: u64 = 1 << 20;
 /// Parameters of the side at `address` talking to `peer`.
 fn params(address: Ipv4Addr, peer: Ipv4Addr, seed: u64) -> StreamParams {
     StreamParams {
-        net: NetConfig {
-            address,
-            prefix_len: 24,
-            gateway: None,
-            seed: u64::from(address.octets()[3]) * 7919,
-        },
-        peer,
         seed,
         stall_timeout: Duration::from_secs(20),
-        ..StreamParams::default()
+        ..StreamParams::between(address, peer)
     }
 }
 

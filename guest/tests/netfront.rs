@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use shadowback_guest::net::{
-    run_stream, FrameDevice, FrameError, NetConfig, StreamParams, StreamReport, StreamRole,
+    run_stream, FrameDevice, FrameError, StreamParams, StreamReport, StreamRole,
 };
 use shadowback_guest::netfront::{
     NetFront, NetFrontConfig, NetFrontError, NetFrontStats, RX_BUFFERS, TX_BUFFERS,
@@ -332,17 +332,10 @@ impl Drop for LoopBackend {
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr) -> StreamParams {
     StreamParams {
-        net: NetConfig {
-            address,
-            prefix_len: 24,
-            gateway: None,
-            seed: u64::from(address.octets()[3]) * 7919,
-        },
-        peer,
         seed: 41,
         bytes: 4 * MIB,
         stall_timeout: Duration::from_secs(20),
-        ..StreamParams::default()
+        ..StreamParams::between(address, peer)
     }
 }
 

@@ -105,6 +105,24 @@ impl PartialEq for ProgressHook {
 
 impl Eq for ProgressHook {}
 
+impl StreamParams {
+    /// The side at `address` (on a /24, no gateway) talking to `peer`, its
+    /// stack seeded from the address so that two sides of one test never
+    /// pick the same ports; the rest as [`Default`].
+    pub fn between(address: Ipv4Addr, peer: Ipv4Addr) -> Self {
+        StreamParams {
+            net: NetConfig {
+                address,
+                prefix_len: 24,
+                gateway: None,
+                seed: u64::from(address.octets()[3]) * 7919,
+            },
+            peer,
+            ..StreamParams::default()
+        }
+    }
+}
+
 impl Default for StreamParams {
     fn default() -> Self {
         StreamParams {
