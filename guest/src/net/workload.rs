@@ -19,9 +19,12 @@ use crate::stats::{LatencyHistogram, LatencySummary};
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 /// Longest single sleep of the loop, so deadlines are checked in time.
 const MAX_WAIT: Duration = Duration::from_millis(20);
-/// How long a side that closed last waits for its FIN to be acknowledged.
-/// Not a failure when it runs out: every byte was already checked.
-const CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// How long a side that has closed keeps its stack running for the close
+/// handshake: long enough for two retransmissions of a lost FIN (TCP's
+/// minimum retransmission timeout is 1 s), so that the peer, which only
+/// finishes on our FIN, gets it. Not a failure when it runs out: every byte
+/// was already checked.
+const CLOSE_LINGER: Duration = Duration::from_secs(3);
 /// Lowest ephemeral port a connecting role picks (IANA's dynamic range).
 const EPHEMERAL_BASE: u16 = 49152;
 /// How many failure descriptions a report keeps (all are counted).
@@ -586,6 +589,12 @@ impl Run {
             State::Closed | State::Listen | State::SynSent | State::SynReceived => {
                 self.reset(state)
             }
+            // Every byte is acknowledged and our FIN is out: the stream is
+            // delivered. The rest of the close is best effort, as for the
+            // other roles: on a lossy link the receiver's FIN may be lost
+            // after it has stopped, and waiting for it would turn a
+            // delivered stream into a stall (seen once on a fresh clone).
+            _ if all_acked && self.closed => self.phase = Phase::Closing { since: now },
             _ => {}
         }
         acted
@@ -631,6 +640,14 @@ impl Run {
                     return false;
                 }
             }
+        }
+        if self.verifier.bytes() == self.params.bytes {
+            // Every byte is in and verified: the stream is delivered. The
+            // close is best effort (the sender's FIN may be lost on a lossy
+            // link after the sender has stopped), as on the sender's side.
+            socket.close();
+            self.phase = Phase::Closing { since: now };
+            return true;
         }
         if !socket.is_active() {
             self.reset(socket.state());
