@@ -29,7 +29,8 @@ use crate::instance::{BackendConfig, BlkbackStats};
 use crate::record;
 use crate::request::{parse, BlkOp};
 use shadowback_dataplane::control::{
-    attach_reply, control_err, fault_injection, poisoned, recv_control, sanitize, AttachFlags,
+    attach_reply, control_err, fault_injection, poisoned, recv_control, refuse_unexpected,
+    sanitize, send_detached, AttachFlags,
 };
 use shadowback_dataplane::event_loop::{
     self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
@@ -729,8 +730,7 @@ impl EventLoop for Backend {
         self.frontend = None;
         tracing::info!(device = %self.cfg.device, frontend = %name, "frontend detached");
         if closing == Closing::Detach {
-            let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
-            self.control.send(&msg, &[]).map_err(control_err)?;
+            send_detached(&self.control, Some(&name))?;
         }
         Ok(())
     }
@@ -786,16 +786,9 @@ impl EventLoop for Backend {
                     fe.closing = Closing::Detach;
                     Ok(())
                 }
-                None => self
-                    .control
-                    .send(&Message::new(kind::DETACHED), &[])
-                    .map_err(control_err),
+                None => send_detached(&self.control, None),
             },
-            other => {
-                tracing::warn!(kind = other, "unexpected control message");
-                let reply = Message::error(ErrorCode::Eproto, "unexpected message");
-                self.control.send(&reply, &[]).map_err(control_err)
-            }
+            other => refuse_unexpected(&self.control, other),
         }
     }
 

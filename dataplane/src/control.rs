@@ -117,3 +117,21 @@ pub fn sanitize(s: &str) -> String {
         .take(200)
         .collect()
 }
+
+/// The answer to a control message this loop does not take: `EPROTO`,
+/// logged.
+pub fn refuse_unexpected(control: &SeqPacket, kind: &str) -> Result<(), BackendError> {
+    tracing::warn!(kind, "unexpected control message");
+    let reply = Message::error(ErrorCode::Eproto, "unexpected message");
+    control.send(&reply, &[]).map_err(control_err)
+}
+
+/// `detached`, for a detach with nothing attached (`frontend` absent) or
+/// once an attachment has let go of everything (`frontend` named).
+pub fn send_detached(control: &SeqPacket, frontend: Option<&str>) -> Result<(), BackendError> {
+    let mut msg = Message::new(kind::DETACHED);
+    if let Some(name) = frontend {
+        msg.set(key::FRONTEND, name);
+    }
+    control.send(&msg, &[]).map_err(control_err)
+}

@@ -31,7 +31,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use shadowback_dataplane::control::{
-    attach_reply, control_err, fault_injection, recv_control, sanitize, AttachFlags,
+    attach_reply, control_err, fault_injection, recv_control, refuse_unexpected, sanitize,
+    send_detached, AttachFlags,
 };
 use shadowback_dataplane::event_loop::{
     self, arm, BackendError, Closing, EventLoop, Generations, Token,
@@ -1281,8 +1282,7 @@ impl EventLoop for NetBackend {
         self.vif = None;
         tracing::info!(device = %self.cfg.device, frontend = %name, stats = ?self.stats, "vif detached");
         if closing == Closing::Detach {
-            let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
-            self.control.send(&msg, &[]).map_err(control_err)?;
+            send_detached(&self.control, Some(&name))?;
         }
         Ok(())
     }
@@ -1336,16 +1336,9 @@ impl EventLoop for NetBackend {
                     vif.closing = Closing::Detach;
                     Ok(())
                 }
-                None => self
-                    .control
-                    .send(&Message::new(kind::DETACHED), &[])
-                    .map_err(control_err),
+                None => send_detached(&self.control, None),
             },
-            other => {
-                tracing::warn!(kind = other, "unexpected control message");
-                let reply = Message::error(ErrorCode::Eproto, "unexpected message");
-                self.control.send(&reply, &[]).map_err(control_err)
-            }
+            other => refuse_unexpected(&self.control, other),
         }
     }
 

@@ -27,7 +27,8 @@ use super::request::{
 use crate::instance::{BackendConfig, BlkbackStats};
 use crate::record::virtio_blk as vblk;
 use shadowback_dataplane::control::{
-    attach_reply, control_err, fault_injection, poisoned, recv_control, sanitize, AttachFlags,
+    attach_reply, control_err, fault_injection, poisoned, recv_control, refuse_unexpected,
+    sanitize, send_detached, AttachFlags,
 };
 use shadowback_dataplane::event_loop::{
     self, arm, submit_burst, BackendError, EventLoop, Generations, Token,
@@ -549,12 +550,9 @@ impl VirtioLoop<'_> {
                     dev.closing = true;
                     Ok(())
                 }
-                None => send(&Message::new(kind::DETACHED)),
+                None => send_detached(self.control, None),
             },
-            other => {
-                tracing::warn!(kind = other, "unexpected control message");
-                send(&Message::error(ErrorCode::Eproto, "unexpected message"))
-            }
+            other => refuse_unexpected(self.control, other),
         }
     }
 
@@ -1198,8 +1196,7 @@ impl EventLoop for VirtioLoop<'_> {
         let name = dev.name.clone();
         self.device = None;
         tracing::info!(device = %self.cfg.device, frontend = %name, "virtio device detached");
-        let msg = Message::new(kind::DETACHED).with(key::FRONTEND, &name);
-        self.control.send(&msg, &[]).map_err(control_err)
+        send_detached(self.control, Some(&name))
     }
 
     fn heartbeat(&mut self) {
