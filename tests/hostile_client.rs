@@ -13,7 +13,7 @@
 //!   supervisor keeps serving.
 #![deny(unsafe_code)]
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,12 +67,26 @@ struct Up {
 impl Up {
     /// `control_table`: the `[control]` table's lines.
     fn start(tag: &str, control_table: &str) -> Self {
+        Self::start_with(tag, control_table, |_| [String::new(), String::new()])
+    }
+
+    /// As [`start`](Self::start); `disk_lines` gives, from the directory
+    /// of the run, more lines for the guest disk's and the other disk's
+    /// `[[disk]]` tables.
+    fn start_with(
+        tag: &str,
+        control_table: &str,
+        disk_lines: impl FnOnce(&Path) -> [String; 2],
+    ) -> Self {
         let dir = TempDir::new(tag);
         let control = dir.path().join("control.sock");
         let guest_disk = unique_name(&format!("{tag}-g"));
         let other_disk = unique_name(&format!("{tag}-o"));
         let mut text = format!("socket = {control:?}\n[control]\n{control_table}\n");
-        for name in [&guest_disk, &other_disk] {
+        for (name, lines) in [&guest_disk, &other_disk]
+            .into_iter()
+            .zip(disk_lines(dir.path()))
+        {
             let image = dir.path().join(format!("{name}.img"));
             make_image(&image, 16 << 20);
             let cache = match cache_for(&image) {
@@ -80,7 +94,7 @@ impl Up {
                 shadowback_supervisor::CacheMode::Writeback => "writeback",
             };
             text.push_str(&format!(
-                "\n[[disk]]\nname = {name:?}\npath = {image:?}\ncache = {cache:?}\n"
+                "\n[[disk]]\nname = {name:?}\npath = {image:?}\ncache = {cache:?}\n{lines}\n"
             ));
         }
         let config = dir.path().join("shadowback.toml");
@@ -128,24 +142,15 @@ impl Up {
     /// `shadowback status --json`, killed unless it answers within
     /// [`STATUS_BOUND`].
     fn status(&self) -> Result<Vec<serde_json::Value>, String> {
-        let mut child = Command::new(EXE)
-            .args(["status", "--json", "--socket"])
-            .arg(&self.control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn status: {e}"))?;
-        let deadline = Instant::now() + STATUS_BOUND;
-        while child.try_wait().map_err(|e| e.to_string())?.is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("status not answered within {STATUS_BOUND:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        self.status_as(Command::new(EXE))
+    }
+
+    /// `status` from `cmd` (`shadowback`, perhaps set to run as another
+    /// user).
+    fn status_as(&self, mut cmd: Command) -> Result<Vec<serde_json::Value>, String> {
+        cmd.args(["status", "--json", "--socket"])
+            .arg(&self.control);
+        let out = run_bounded(cmd, STATUS_BOUND)?;
         if !out.status.success() {
             return Err(format!(
                 "status failed: {}",
@@ -263,6 +268,28 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cmd` to its end with its output captured; killed, and an error,
+/// if it takes longer than `bound`.
+fn run_bounded(mut cmd: Command, bound: Duration) -> Result<std::process::Output, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn {what}: {e}"))?;
+    let deadline = Instant::now() + bound;
+    while child.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{what} did not finish within {bound:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().map_err(|e| e.to_string())
 }
 
 /// Sets the child's soft and hard `RLIMIT_NOFILE` to `n` before it execs.
@@ -676,4 +703,76 @@ fn a_full_blocking_call_eventfd_blocks_no_vhost_user_backend() {
     fcntl(call.as_raw_fd(), FcntlArg::F_SETFL(flags)).expect("setfl");
     drop(dev);
     setup.stop();
+}
+
+// ---------------------------------------------------------------------
+// Guest memory that can fault.
+// ---------------------------------------------------------------------
+
+/// A 2 MiB `MFD_HUGETLB` memfd sealed against shrinking and growing: it
+/// passes every check a plain memfd does, but touching a page the
+/// huge-page pool cannot supply is SIGBUS.
+fn sealed_hugetlbfs_memfd() -> OwnedFd {
+    use nix::fcntl::SealFlag;
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(
+        c"hostile-huge",
+        MemFdCreateFlag::MFD_CLOEXEC
+            | MemFdCreateFlag::MFD_ALLOW_SEALING
+            | MemFdCreateFlag::MFD_HUGETLB,
+    )
+    .expect("MFD_HUGETLB memfd");
+    nix::unistd::ftruncate(&fd, 2 << 20).expect("size it");
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+    )
+    .expect("seal it");
+    fd
+}
+
+#[test]
+fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
+    let up = Up::start("hc-huge", "");
+    let mut guest = up.attach_guest();
+    verified_io(&mut guest, 0, 51).expect("verified I/O before");
+
+    let region = sealed_hugetlbfs_memfd();
+    let (kick, notify) = (
+        EventChannel::new().expect("eventfd"),
+        EventChannel::new().expect("eventfd"),
+    );
+    let hostile = SeqPacket::connect(&up.control).expect("connect");
+    send_raw(
+        &hostile,
+        &encode_text(kind::CONNECT, &connect_keys(&up.other_disk)),
+        &[
+            region.as_raw_fd(),
+            kick.as_fd().as_raw_fd(),
+            notify.as_fd().as_raw_fd(),
+        ],
+    )
+    .expect("send connect");
+    expect_refusal(&hostile, shadowback_xenbus::ErrorCode::Einval)
+        .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
+
+    verified_io(&mut guest, 256, 52).expect("verified I/O after");
+    let other = up.device(&up.other_disk);
+    assert_eq!(
+        (
+            other["given-up"].as_u64(),
+            other["connected"].as_u64(),
+            other["crashes"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0)),
+        "{other}"
+    );
+    // The other disk is still there for a well-behaved guest.
+    let mut cfg = BlkFrontConfig::new(&up.other_disk);
+    cfg.max_request_bytes = 64 * 1024;
+    let mut second = BlkFront::attach(&up.control, &cfg).expect("a good guest attaches");
+    verified_io(&mut second, 0, 53).expect("verified I/O on the other disk");
+    second.detach().expect("detach");
+    guest.detach().expect("guest detaches");
+    up.sigterm();
 }

@@ -11,6 +11,8 @@ pub enum RingError {
     BadRegionSize(u64),
     #[error("the shared region is not sealed against shrinking (F_SEAL_SHRINK)")]
     NotSealed,
+    #[error("the shared region is not a shmem memfd (hugetlbfs and other memory that can fault is refused)")]
+    NotShmem,
     #[error("mapping the shared region failed: {0}")]
     Map(String),
     #[error("guest memory access at offset {offset:#x} failed: {reason}")]

@@ -5,6 +5,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use std::sync::atomic::Ordering;
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
 use vm_memory::{
     AtomicAccess, ByteValued, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
 };
@@ -53,8 +54,9 @@ impl SharedRegion {
         Self::map(file, pages)
     }
 
-    /// Maps a region received from a guest. Its size must be a non-zero
-    /// multiple of the page size, at most [`MAX_REGION_PAGES`] pages.
+    /// Maps a region received from a guest: a shmem memfd sealed against
+    /// shrinking, whose size is a non-zero multiple of the page size, at
+    /// most [`MAX_REGION_PAGES`] pages.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
         let file = File::from(fd);
         // A region the guest could truncate would turn every later access
@@ -64,6 +66,13 @@ impl SharedRegion {
         if SealFlag::from_bits_truncate(seals) & SealFlag::F_SEAL_SHRINK != SealFlag::F_SEAL_SHRINK
         {
             return Err(RingError::NotSealed);
+        }
+        // Sealed hugetlbfs memory still faults where the huge-page pool
+        // cannot supply a page (or the guest punched one out): only shmem
+        // has every page of a sealed file for as long as it is mapped.
+        let fs = fstatfs(&file).map_err(|e| RingError::Map(format!("fstatfs: {e}")))?;
+        if fs.filesystem_type() != TMPFS_MAGIC {
+            return Err(RingError::NotShmem);
         }
         let len = file
             .metadata()
@@ -247,6 +256,30 @@ mod tests {
         assert!(matches!(
             SharedRegion::from_fd(file.into()),
             Err(RingError::NotSealed)
+        ));
+    }
+
+    #[test]
+    fn sealed_hugetlbfs_memory_is_refused() {
+        // Creating it needs no huge page: touching one does (SIGBUS when
+        // the pool is empty, as it is on most hosts).
+        let raw = memfd_create(
+            c"huge",
+            MemFdCreateFlag::MFD_CLOEXEC
+                | MemFdCreateFlag::MFD_ALLOW_SEALING
+                | MemFdCreateFlag::MFD_HUGETLB,
+        )
+        .expect("MFD_HUGETLB (hugetlbfs is in every kernel this runs on)");
+        let file = File::from(raw);
+        file.set_len(2 << 20).unwrap();
+        fcntl(
+            file.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        assert!(matches!(
+            SharedRegion::from_fd(file.into()),
+            Err(RingError::NotShmem)
         ));
     }
 }

@@ -10,7 +10,7 @@
 //! class changes (the Xen keys, the virtio model) is not here but in
 //! `class/`.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -382,38 +382,17 @@ impl RingProbe {
 }
 
 /// Checks a vif's `connect` descriptors as `DeviceFds::check` does a
-/// disk's (docs/ARCHITECTURE.md §4): the region a memfd sealed against
-/// shrinking but not against writes, whole pages, larger than its grant
-/// table; every other descriptor an eventfd.
+/// disk's (docs/ARCHITECTURE.md §4): the region as
+/// [`check_region`](shadowback_xenbus::protocol::check_region) wants it,
+/// every other descriptor an eventfd.
 pub fn check_net_fds(fds: &NetFds, grant_frames: u32) -> Result<(), Refusal> {
-    use rustix::fs::{fcntl_get_seals, fstat, FileType, SealFlags};
-    const PAGE_SIZE: u64 = 4096;
+    use shadowback_xenbus::protocol::{check_region, is_eventfd};
 
-    let bad = |index: usize, why: &str| Err((ErrorCode::Einval, format!("fd {index}: {why}")));
-    let stat = fstat(&fds.region).map_err(|e| (ErrorCode::Einval, format!("fd 0: {e}")))?;
-    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-        return bad(0, "region is not a memfd");
-    }
-    let Ok(seals) = fcntl_get_seals(&fds.region) else {
-        return bad(0, "region is not a memfd");
-    };
-    if !seals.contains(SealFlags::SHRINK) {
-        return bad(0, "region is not sealed with F_SEAL_SHRINK");
-    }
-    if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
-        return bad(0, "region is sealed against writes");
-    }
-    let size = u64::try_from(stat.st_size).unwrap_or(0);
-    if size == 0 || size % PAGE_SIZE != 0 {
-        return bad(0, "region size is not a non-zero multiple of 4096");
-    }
-    if size / PAGE_SIZE <= u64::from(grant_frames) {
-        return bad(0, "region holds no page beyond the grant table");
-    }
+    check_region(fds.region.as_fd(), grant_frames)
+        .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
     for (index, fd) in fds.as_borrowed().into_iter().enumerate().skip(1) {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        if !link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
-            return bad(index, "not an eventfd");
+        if !is_eventfd(fd).unwrap_or(false) {
+            return Err((ErrorCode::Einval, format!("fd {index}: not an eventfd")));
         }
     }
     Ok(())

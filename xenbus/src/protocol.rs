@@ -633,37 +633,16 @@ impl DeviceFds {
     }
 
     /// Checks the descriptors before anything maps or polls them: the
-    /// region must be a memfd sealed with `F_SEAL_SHRINK` (so a guest cannot
-    /// shrink it under a mapping and SIGBUS the backend), writable (no
-    /// `F_SEAL_WRITE`/`F_SEAL_FUTURE_WRITE`), a whole number of 4 KiB pages
-    /// and larger than the grant table; the other two must be eventfds.
+    /// region as [`check_region`] does, the other two must be eventfds.
     /// Returns the region size in pages.
     pub fn check(&self, req: &ConnectRequest) -> Result<u64, XenbusError> {
-        use rustix::fs::{fcntl_get_seals, fstat, FileType, SealFlags};
-
-        let bad = |index, reason| XenbusError::BadFd { index, reason };
-        let stat = fstat(&self.region)?;
-        if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
-            return Err(bad(0, "region is not a memfd"));
-        }
-        let seals = fcntl_get_seals(&self.region).map_err(|_| bad(0, "region is not a memfd"))?;
-        if !seals.contains(SealFlags::SHRINK) {
-            return Err(bad(0, "region is not sealed with F_SEAL_SHRINK"));
-        }
-        if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
-            return Err(bad(0, "region is sealed against writes"));
-        }
-        let size = u64::try_from(stat.st_size).map_err(|_| bad(0, "negative region size"))?;
-        if size % PAGE_SIZE != 0 {
-            return Err(bad(0, "region size is not a multiple of 4096"));
-        }
-        let pages = size / PAGE_SIZE;
-        if pages <= u64::from(req.grant_frames) {
-            return Err(bad(0, "region holds no page beyond the grant table"));
-        }
+        let pages = check_region(self.region.as_fd(), req.grant_frames)?;
         for (index, fd) in [(1, &self.kick), (2, &self.notify)] {
             if !is_eventfd(fd.as_fd())? {
-                return Err(bad(index, "not an eventfd"));
+                return Err(XenbusError::BadFd {
+                    index,
+                    reason: "not an eventfd",
+                });
             }
         }
         Ok(pages)
@@ -673,6 +652,53 @@ impl DeviceFds {
     pub fn as_borrowed(&self) -> [BorrowedFd<'_>; DEVICE_FDS] {
         [self.region.as_fd(), self.kick.as_fd(), self.notify.as_fd()]
     }
+}
+
+/// `TMPFS_MAGIC` (`linux/magic.h`): the file system of a plain memfd.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+/// Checks a guest's granted region (descriptor 0 of a disk's or a vif's
+/// `connect`) before anything maps it: a memfd on shmem (`fstatfs` says
+/// tmpfs), sealed with `F_SEAL_SHRINK`, writable (no `F_SEAL_WRITE` or
+/// `F_SEAL_FUTURE_WRITE`), a whole number of 4 KiB pages and larger than
+/// the grant table of `grant_frames` frames. Returns its size in pages.
+///
+/// Every page of such a region exists for as long as it is mapped: it
+/// cannot shrink, and a hole the guest punches reads back as zeros. A
+/// `MFD_HUGETLB` memfd (hugetlbfs) is refused even when sealed: a page of
+/// it the host's huge-page pool cannot supply — or one the guest punched
+/// out — is SIGBUS on first touch, in the supervisor or a backend
+/// (docs/ARCHITECTURE.md §2).
+pub fn check_region(region: BorrowedFd<'_>, grant_frames: u32) -> Result<u64, XenbusError> {
+    use rustix::fs::{fcntl_get_seals, fstat, fstatfs, FileType, SealFlags};
+
+    let bad = |reason| XenbusError::BadFd { index: 0, reason };
+    let stat = fstat(region)?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
+        return Err(bad("region is not a memfd"));
+    }
+    let seals = fcntl_get_seals(region).map_err(|_| bad("region is not a memfd"))?;
+    let fs = fstatfs(region)?;
+    if u64::try_from(fs.f_type).ok() != Some(TMPFS_MAGIC) {
+        return Err(bad(
+            "region is not a shmem memfd (hugetlbfs memory can fault: refused)",
+        ));
+    }
+    if !seals.contains(SealFlags::SHRINK) {
+        return Err(bad("region is not sealed with F_SEAL_SHRINK"));
+    }
+    if seals.intersects(SealFlags::WRITE | SealFlags::FUTURE_WRITE) {
+        return Err(bad("region is sealed against writes"));
+    }
+    let size = u64::try_from(stat.st_size).map_err(|_| bad("negative region size"))?;
+    if size == 0 || size % PAGE_SIZE != 0 {
+        return Err(bad("region size is not a non-zero multiple of 4096"));
+    }
+    let pages = size / PAGE_SIZE;
+    if pages <= u64::from(grant_frames) {
+        return Err(bad("region holds no page beyond the grant table"));
+    }
+    Ok(pages)
 }
 
 /// Checks that a message arrived without descriptors (every kind except

@@ -5,9 +5,17 @@
 //! would make every access to the mapping fault (SIGBUS) and take the
 //! supervisor down. The few bytes it needs (`avail->idx`, `used->idx`) are
 //! read with `pread`, which fails cleanly instead.
+//!
+//! Backends do map it, so a table is refused up front where a mapping
+//! would fault from the start: a region that ends beyond its file, or a
+//! hugetlbfs region whose huge pages the host cannot supply (the
+//! supervisor allocates them with `fallocate`, as QEMU's `prealloc=on`
+//! would). A VMM can still truncate or punch an unsealed file later; then
+//! only its own device's backends fault, and the device is given up like
+//! any crash loop (docs/ARCHITECTURE.md §8).
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -32,6 +40,44 @@ pub enum MemoryError {
     GuestAddress(u64, u64),
     #[error("reading guest memory at {0:#x}: {1}")]
     Read(u64, String),
+    #[error("region {index} ends at file offset {end:#x}, beyond its file of {len:#x} bytes")]
+    BeyondFile { index: usize, end: u64, len: u64 },
+    #[error("region {0}: the host cannot supply its huge pages ({1})")]
+    Unbacked(usize, String),
+}
+
+/// `HUGETLBFS_MAGIC` (`linux/magic.h`) as `fstatfs` reports it.
+const HUGETLBFS: nix::sys::statfs::FsType = nix::sys::statfs::HUGETLBFS_MAGIC;
+
+/// Refuses region `index` if a backend mapping it would fault at once: it
+/// ends beyond its file, or it is hugetlbfs memory whose pages cannot all
+/// be allocated now.
+fn check_backing(index: usize, r: &RegionDesc, file: &File) -> Result<(), MemoryError> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+
+    let unbacked = |why: String| MemoryError::Unbacked(index, why);
+    let len = file.metadata().map_err(|e| unbacked(e.to_string()))?.len();
+    // `new` checked that the sum does not wrap.
+    let end = r.mmap_offset + r.size;
+    if end > len {
+        return Err(MemoryError::BeyondFile { index, end, len });
+    }
+    let fs = nix::sys::statfs::fstatfs(file).map_err(|e| unbacked(e.to_string()))?;
+    if fs.filesystem_type() == HUGETLBFS {
+        let (Ok(offset), Ok(size)) = (i64::try_from(r.mmap_offset), i64::try_from(r.size)) else {
+            return Err(unbacked("offset out of range".into()));
+        };
+        // Allocates the pages not yet allocated (a no-op for the others):
+        // ENOSPC when the pool is short, where a mapping would SIGBUS.
+        fallocate(
+            file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset,
+            size,
+        )
+        .map_err(|e| unbacked(format!("fallocate: {e}")))?;
+    }
+    Ok(())
 }
 
 /// One region as the VMM described it.
@@ -63,7 +109,8 @@ pub struct MemoryTable {
 impl MemoryTable {
     /// Validates the table: at most [`MAX_REGIONS`], one fd per region, no
     /// empty or wrapping region, no overlap in guest-physical or user
-    /// address space (either would make a translation ambiguous).
+    /// address space (either would make a translation ambiguous), every
+    /// region backed (see the module comment).
     pub fn new(regions: Vec<RegionDesc>, fds: Vec<OwnedFd>) -> Result<Self, MemoryError> {
         if regions.len() > MAX_REGIONS {
             return Err(MemoryError::TooManyRegions(regions.len()));
@@ -92,7 +139,10 @@ impl MemoryTable {
                 }
             }
         }
-        let files = fds.into_iter().map(|fd| Arc::new(File::from(fd))).collect();
+        let files: Vec<Arc<File>> = fds.into_iter().map(|fd| Arc::new(File::from(fd))).collect();
+        for (i, (r, file)) in regions.iter().zip(&files).enumerate() {
+            check_backing(i, r, file)?;
+        }
         Ok(MemoryTable { regions, files })
     }
 
@@ -250,5 +300,39 @@ pub(crate) mod tests {
         }
         let adjacent = vec![region(0, 0x1000, 0, 0), region(0x1000, 0x1000, 0x1000, 0)];
         assert!(MemoryTable::new(adjacent, fds(2)).is_ok());
+    }
+
+    #[test]
+    fn refuses_memory_a_mapping_would_fault_on() {
+        // Ends one page beyond its memfd.
+        assert!(matches!(
+            MemoryTable::new(vec![region(0, 0x2000, 0, 0x1000)], vec![memfd(0x2000)]),
+            Err(MemoryError::BeyondFile {
+                index: 0,
+                end: 0x3000,
+                len: 0x2000
+            })
+        ));
+        // hugetlbfs memory larger than the free huge pages: creating it
+        // takes none, touching a page the pool lacks is SIGBUS.
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        const HUGE: u64 = 2 << 20;
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let free = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        let size = (free + 1) * HUGE;
+        let fd = memfd_create(
+            c"test-huge",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_HUGETLB,
+        )
+        .expect("MFD_HUGETLB");
+        nix::unistd::ftruncate(fd.as_fd(), i64::try_from(size).unwrap()).unwrap();
+        assert!(matches!(
+            MemoryTable::new(vec![region(0, size, 0, 0)], vec![fd]),
+            Err(MemoryError::Unbacked(0, _))
+        ));
     }
 }
