@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
@@ -27,6 +28,9 @@ use shadowback_testsupport::blockio::*;
 use shadowback_testsupport::harness::*;
 use shadowback_testsupport::process::*;
 use shadowback_testsupport::raw_guest::*;
+use shadowback_ring::SharedRegion;
+use shadowback_supervisor::{Fault, FRESH_START_AFTER};
+use shadowback_testsupport::wait::wait_for_state;
 use shadowback_testsupport::REPLY_TIMEOUT;
 use shadowback_xenbus::ErrorCode;
 
@@ -901,5 +905,79 @@ fn ring_corruption_disconnects_only_that_guest() {
     assert_eq!(backend_pids(&b, std::process::id()), [pid_b]);
     guest_a3.detach().expect("detach A");
     guest_b.detach().expect("detach B");
+    h.stop();
+}
+
+/// A region like [`RawRegion::new`]'s but without `F_SEAL_SEAL`, so that
+/// its guest can add seals after connecting.
+fn resealable_region() -> Arc<SharedRegion> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::AsRawFd;
+    let fd = memfd_create(
+        c"resealable",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .expect("memfd");
+    nix::unistd::ftruncate(&fd, i64::from(RAW_PAGES) * PAGE as i64).expect("size");
+    fcntl(
+        fd.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+    )
+    .expect("seal");
+    Arc::new(SharedRegion::from_fd(fd).expect("map"))
+}
+
+#[test]
+fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
+    let hostile = unique_name("gu-h");
+    let other = unique_name("gu-o");
+    let h = Harness::start(
+        "given-up",
+        &[DiskSpec::new(&hostile, 16), DiskSpec::new(&other, 16)],
+    );
+    let mut bystander =
+        BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("bystander attaches");
+    verified_io(&mut bystander, 0, 61).expect("bystander before");
+
+    // Connected with a writable region, the guest then seals it against
+    // writable mappings: the backend serving it keeps its mapping, but no
+    // new instance can map it, so every takeover fails.
+    let region = resealable_region();
+    let mut guest =
+        RawGuest::attach_with(h.socket(), &hostile, RawRegion::on(region.clone(), 0))
+            .expect("hostile guest attaches");
+    raw_round_trip(&mut guest);
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(region.file()),
+        nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_FUTURE_WRITE),
+    )
+    .expect("F_SEAL_FUTURE_WRITE");
+    let pid = backend_pid(&hostile);
+    h.sup().fault(&hostile, Fault::Kill).expect("kill its backend");
+    let s = wait_for_state(STATS_TIMEOUT, "the device given up", || h.stats(&hostile), |s| {
+        s.given_up
+    });
+    assert_eq!(s.recoveries, 0, "{s:#?}");
+    let told = guest.next_message();
+    assert_eq!(
+        (told.kind(), told.get("code")),
+        ("error", Some("ENODEV")),
+        "{told}"
+    );
+    verified_io(&mut bystander, 256, 62).expect("bystander while the other disk is given up");
+    drop(guest);
+
+    // A well-behaved guest, after the hold-off: a new backend, a new log.
+    std::thread::sleep(FRESH_START_AFTER);
+    let mut fresh =
+        BlkFront::attach(h.socket(), &BlkFrontConfig::new(&hostile)).expect("a fresh start");
+    verified_io(&mut fresh, 0, 63).expect("verified I/O after the fresh start");
+    let s = h.stats(&hostile);
+    assert!(!s.given_up && s.connected && s.fresh_starts == 1, "{s:#?}");
+    assert_ne!(backend_pid(&hostile), pid, "a new backend");
+    verified_io(&mut bystander, 512, 64).expect("bystander after");
+    fresh.detach().expect("detach");
+    bystander.detach().expect("detach");
     h.stop();
 }

@@ -62,7 +62,7 @@ pub use config::{
     DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
     MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
-pub use device::{DeviceHandle, Fault, MAX_FAILED_TAKEOVERS};
+pub use device::{DeviceHandle, Fault, FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
 pub use vhost_user::{

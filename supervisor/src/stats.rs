@@ -57,8 +57,12 @@ pub struct DeviceStats {
     /// Process id of the hot standby, if one is ready.
     pub standby_pid: Option<u32>,
     /// The supervisor gave up on the device (too many failed takeovers or
-    /// backends dying at start-up); attaching it fails with `ENODEV`.
+    /// backends dying at start-up). Attaching it fails with `ENODEV` for a
+    /// second; the next attach after that gives it a fresh start.
     pub given_up: bool,
+    /// Attaches that gave a given-up device a fresh start: a new backend
+    /// and a new shadow log (docs/ARCHITECTURE.md §7.6).
+    pub fresh_starts: u64,
     /// Breakdown of the last recovery, if there was one.
     pub last_recovery: Option<RecoveryTimes>,
 }
@@ -116,6 +120,7 @@ impl DeviceStats {
             .with(STATUS_STANDBY_TAKEOVERS, self.standby_takeovers)
             .with(STATUS_COLD_TAKEOVERS, self.cold_takeovers)
             .with(STATUS_GIVEN_UP, u8::from(self.given_up))
+            .with(STATUS_FRESH_STARTS, self.fresh_starts)
             .with(key::CONNECTED, u8::from(self.connected))
             .with(key::PID, self.pid.unwrap_or(0))
             .with(key::STANDBY_PID, self.standby_pid.unwrap_or(0))
@@ -160,6 +165,7 @@ impl DeviceStats {
             pid: pid(key::PID)?,
             standby_pid: pid(key::STANDBY_PID)?,
             given_up: msg.get_flag(STATUS_GIVEN_UP)?.unwrap_or(false),
+            fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
         };
         Ok((msg.require(key::DEVICE)?.to_owned(), stats))
@@ -172,6 +178,7 @@ const STATUS_FAILED_TAKEOVERS: &str = "failed-takeovers";
 const STATUS_STANDBY_TAKEOVERS: &str = "standby-takeovers";
 const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
 const STATUS_GIVEN_UP: &str = "given-up";
+const STATUS_FRESH_STARTS: &str = "fresh-starts";
 /// A vif's recovery counters, named as the backend's `attached` keys
 /// (docs/PROTOCOL.md §6c).
 const STATUS_TX_REPLAYED: &str = "tx-replayed";
@@ -202,6 +209,7 @@ mod tests {
             pid: Some(4242),
             standby_pid: None,
             given_up: false,
+            fresh_starts: 2,
             last_recovery: Some(RecoveryTimes {
                 detect_us: 100_512,
                 fence_us: 230,
@@ -230,6 +238,8 @@ mod tests {
             "tx-replayed",
             "tx-maybe-duplicated",
             "rx-buffers-recovered",
+            "given-up",
+            "fresh-starts",
         ] {
             assert!(msg.contains(k), "status lacks {k}");
         }

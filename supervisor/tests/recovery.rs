@@ -332,9 +332,15 @@ fn the_guest_is_told_only_when_every_takeover_fails() {
     assert_eq!(s.crashes, 1 + s.failed_takeovers);
     assert_eq!(s.recoveries, 0);
     assert_eq!((s.pid, s.standby_pid), (None, None));
-    // The device is gone for later guests too.
-    let refused = connect(setup.socket(), "d0").err().expect("refused");
-    assert_eq!(refused.get("code"), Some("ENODEV"));
+    // A later guest, once the hold-off has passed, gets a fresh start: a
+    // new instance, attached without recovery.
+    let attaches = setup.events.count("recover=0");
+    std::thread::sleep(shadowback_supervisor::FRESH_START_AFTER);
+    let _later = connect(setup.socket(), "d0").expect("a fresh start");
+    let s = setup.stats("d0");
+    assert!(!s.given_up && s.connected && s.pid.is_some(), "{s:#?}");
+    assert_eq!((s.fresh_starts, s.recoveries), (1, 0));
+    assert_eq!(setup.events.count("recover=0"), attaches + 1);
 }
 
 #[test]

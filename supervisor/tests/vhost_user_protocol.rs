@@ -368,7 +368,10 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
         fe.get_queue_num().is_err()
     });
     assert!(s.events.count("recover=1") >= 1);
-    // A new connection is accepted, but the device refuses to start.
+    // A new connection after the hold-off gives the device a fresh start:
+    // a new instance, attached without recovery.
+    let attaches = s.events.count("recover=0");
+    std::thread::sleep(shadowback_supervisor::FRESH_START_AFTER);
     let mut fe = connect(&s);
     let (guest, kick, call) = (
         guest_memory(),
@@ -382,8 +385,11 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
     fe.set_vring_addr(0, &ring_config(256)).unwrap();
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_call(0, &call).unwrap();
-    assert!(fe.set_vring_enable(0, true).is_err(), "ENODEV as a NACK");
-    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    fe.set_vring_enable(0, true).expect("a fresh start");
+    let st = s.stats("vd");
+    assert!(!st.given_up && st.connected, "{st:#?}");
+    assert_eq!(st.fresh_starts, 1);
+    assert_eq!(s.events.count("recover=0"), attaches + 1);
 }
 
 #[test]

@@ -102,6 +102,12 @@ pub struct RawRegion {
 impl RawRegion {
     pub fn new(backend_id: u16) -> Self {
         let region = Arc::new(SharedRegion::create("raw-guest", RAW_PAGES).expect("region"));
+        Self::on(region, backend_id)
+    }
+
+    /// The same layout on `region` (of at least [`RAW_PAGES`] pages), for
+    /// a guest that does something to its memory later.
+    pub fn on(region: Arc<SharedRegion>, backend_id: u16) -> Self {
         let grants = GrantTable::new(region.clone(), 1).expect("grant table");
         grants
             .grant(RAW_RING_REF, backend_id, RAW_RING_FRAME, false)
@@ -168,8 +174,12 @@ pub struct RawGuest {
 impl RawGuest {
     /// Probes and connects `device` with a fresh [`RawRegion`].
     pub fn attach(socket: &Path, device: &str, backend_id: u16) -> Result<Self, String> {
+        Self::attach_with(socket, device, RawRegion::new(backend_id))
+    }
+
+    /// Probes and connects `device` with `mem`.
+    pub fn attach_with(socket: &Path, device: &str, mem: RawRegion) -> Result<Self, String> {
         let control = SeqPacket::connect(socket).map_err(|e| format!("connect: {e}"))?;
-        let mem = RawRegion::new(backend_id);
         control
             .send(&Message::probe(device), &[])
             .map_err(|e| format!("probe: {e}"))?;

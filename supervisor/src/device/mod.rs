@@ -44,7 +44,7 @@ use crate::stats::DeviceStats;
 use crate::SupervisorError;
 
 pub use handle::{Attachment, DeviceHandle, Fault, Lost};
-pub use takeover::MAX_FAILED_TAKEOVERS;
+pub use takeover::{FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 use task::DeviceTask;
 
 /// A request refused: the code and text the frontend is told.

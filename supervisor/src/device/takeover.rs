@@ -4,11 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use shadowback_xenbus::protocol::{key, kind};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::Message;
 
 use super::handle::Lost;
 use super::task::{refusal, send_attach, DeviceTask};
+use super::Refusal;
 use crate::instance::{Instance, NoAnswer};
 use crate::stats::{micros, RecoveryTimes};
 use crate::SupervisorError;
@@ -23,6 +24,26 @@ const STABLE_AGE: Duration = Duration::from_secs(1);
 /// Start-up deaths in a row after which the device is given up, rather
 /// than forking backends that cannot run in a loop.
 const MAX_STARTUP_DEATHS: u32 = 5;
+
+/// How long a given-up device refuses attaches before the next one gets a
+/// fresh start: a frontend that makes every backend fail (memory it
+/// truncates or seals after connecting) costs at most one round of
+/// takeovers per second.
+pub const FRESH_START_AFTER: Duration = Duration::from_secs(1);
+
+/// Why and when the supervisor gave up on a device.
+#[derive(Debug)]
+pub(super) struct GivenUp {
+    pub(super) why: String,
+    pub(super) at: Instant,
+}
+
+impl GivenUp {
+    /// How much longer, at `now`, attaches are refused.
+    fn hold_off(&self, now: Instant) -> Duration {
+        FRESH_START_AFTER.saturating_sub(now.saturating_duration_since(self.at))
+    }
+}
 
 /// How a failed instance failed.
 #[derive(Clone, Copy, Debug)]
@@ -267,6 +288,38 @@ impl DeviceTask {
         }
     }
 
+    /// An attach to a given-up device (docs/ARCHITECTURE.md §7.6): refused
+    /// within [`FRESH_START_AFTER`] of the give-up, else the device starts
+    /// afresh — no instance, no session (the guest given up on was told
+    /// and its requests stay unanswered; its log went with its session),
+    /// no count of start-up deaths. The attach that follows starts a new
+    /// instance and creates new shadow logs. Poisoned sectors stay: they
+    /// are the operator's.
+    pub(super) fn fresh_start(&mut self) -> Result<(), Refusal> {
+        let Some(given_up) = &self.given_up else {
+            return Ok(());
+        };
+        let wait = given_up.hold_off(Instant::now());
+        if !wait.is_zero() {
+            return Err((
+                ErrorCode::Enodev,
+                format!(
+                    "{}; the device starts afresh in {} ms",
+                    given_up.why,
+                    wait.as_millis()
+                ),
+            ));
+        }
+        tracing::info!(device = %self.name, given_up = %given_up.why, "fresh start after giving up");
+        self.given_up = None;
+        self.startup_deaths = 0;
+        self.injected_kill = None;
+        self.injected_hang = false;
+        self.blame = true;
+        self.publish_with(|s| s.fresh_starts += 1);
+        Ok(())
+    }
+
     /// Bookkeeping of a successful takeover.
     fn took_over(
         &mut self,
@@ -312,12 +365,15 @@ impl DeviceTask {
         });
     }
 
-    /// No backend can serve the device: the guest is told, and every later
-    /// attach fails with `ENODEV`.
+    /// No backend can serve the device: the guest is told, and attaches
+    /// fail with `ENODEV` for [`FRESH_START_AFTER`].
     pub(super) async fn give_up(&mut self, why: String) {
         tracing::error!(device = %self.name, %why, "giving up on the device");
         self.lose(Lost::BackendDied(why.clone()));
-        self.given_up = Some(why);
+        self.given_up = Some(GivenUp {
+            why,
+            at: Instant::now(),
+        });
         self.watchdog = None;
         for instance in [self.current.take(), self.standby.take()]
             .into_iter()
@@ -325,5 +381,26 @@ impl DeviceTask {
         {
             instance.fence().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_up_device_refuses_attaches_for_a_second() {
+        let at = Instant::now();
+        let g = GivenUp {
+            why: "test".into(),
+            at,
+        };
+        assert_eq!(g.hold_off(at), FRESH_START_AFTER);
+        assert_eq!(
+            g.hold_off(at + Duration::from_millis(400)),
+            FRESH_START_AFTER - Duration::from_millis(400)
+        );
+        assert_eq!(g.hold_off(at + FRESH_START_AFTER), Duration::ZERO);
+        assert_eq!(g.hold_off(at + 2 * FRESH_START_AFTER), Duration::ZERO);
     }
 }

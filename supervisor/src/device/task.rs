@@ -12,7 +12,7 @@ use shadowback_xenbus::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use super::handle::{lock, Attachment, Command, Fault, Lost};
-use super::takeover::{Failure, ReplayReport, MAX_FAILED_TAKEOVERS};
+use super::takeover::{Failure, GivenUp, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
 use super::Settings;
 use crate::class::DeviceClass;
@@ -67,8 +67,9 @@ pub(super) struct DeviceTask {
     pub(super) standby_retry: Option<tokio::time::Instant>,
     pub(super) attached: Option<Attached>,
     pub(super) next_attachment: u64,
-    /// Set when the supervisor gave up on the device; attaches then fail.
-    pub(super) given_up: Option<String>,
+    /// Set when the supervisor gave up on the device; until the next
+    /// fresh start attaches fail.
+    pub(super) given_up: Option<GivenUp>,
     /// Sectors poisoned by `fault`, in order; every instance is told all
     /// of them before its `attach`.
     pub(super) poisons: Vec<u64>,
@@ -318,14 +319,14 @@ impl DeviceTask {
 
 impl DeviceTask {
     async fn attach(&mut self, mut frontend: Frontend) -> Result<Attachment, Refusal> {
-        if let Some(why) = &self.given_up {
-            return Err((ErrorCode::Enodev, why.clone()));
-        }
         if self.attached.is_some() {
             return Err((
                 ErrorCode::Ebusy,
                 format!("device {} is already connected", self.name),
             ));
+        }
+        if self.given_up.is_some() {
+            self.fresh_start()?;
         }
         if self.current.is_none() {
             let (instance, _) = self
@@ -529,8 +530,8 @@ impl DeviceTask {
     }
 
     async fn fault(&mut self, fault: Fault) -> Result<(), Refusal> {
-        if let Some(why) = &self.given_up {
-            return Err((ErrorCode::Enodev, why.clone()));
+        if let Some(given_up) = &self.given_up {
+            return Err((ErrorCode::Enodev, given_up.why.clone()));
         }
         let hang_timeout = self.hang_timeout();
         let Some(instance) = self.current.as_mut() else {
