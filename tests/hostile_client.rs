@@ -11,6 +11,14 @@
 //!   blocking and at its maximum count blocks no backend: its requests
 //!   still complete, the disk is neither replaced nor given up, and the
 //!   supervisor keeps serving.
+//! - A sealed hugetlbfs memfd offered as guest memory is refused with
+//!   `EINVAL` (it used to SIGBUS the supervisor), and the supervisor keeps
+//!   serving the other guests.
+//! - A client of another uid (`nobody`) cannot `fault` anything, sees only
+//!   the disk allowed to it in `status`, cannot attach another tenant's
+//!   disk over the control socket or vhost-user, and attaches its own;
+//!   the owner's guest does verified I/O meanwhile. An operator uid may
+//!   `fault` and see every disk, but attaches only what it is allowed.
 #![deny(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -774,5 +782,201 @@ fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
     verified_io(&mut second, 0, 53).expect("verified I/O on the other disk");
     second.detach().expect("detach");
     guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+// ---------------------------------------------------------------------
+// Tenants and roles.
+// ---------------------------------------------------------------------
+
+/// The uid and gid another tenant's clients run as (`nobody`).
+const NOBODY: u32 = 65534;
+/// How long a client of another tenant may take (a guest process runs
+/// its workload for a second, then checks the whole disk).
+const CLIENT_BOUND: Duration = Duration::from_secs(60);
+
+/// `shadowback`, to be run as `nobody`.
+fn as_nobody() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(EXE);
+    cmd.uid(NOBODY).gid(NOBODY);
+    cmd
+}
+
+/// A `shadowback guest blk` process as `nobody` with `args`.
+fn guest_as_nobody(args: &[&str]) -> GuestProcess {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = GuestProcess::command();
+    cmd.uid(NOBODY).gid(NOBODY).args(args);
+    GuestProcess::start(cmd)
+}
+
+/// `shadowback fault DEVICE ACTION` as `nobody`: its stderr, or a panic if
+/// the fault was accepted.
+fn refused_fault(up: &Up, device: &str, action: &str) -> String {
+    let mut cmd = as_nobody();
+    cmd.args(["fault", device, action, "--socket"])
+        .arg(&up.control);
+    let out = run_bounded(cmd, STATUS_BOUND).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !out.status.success(),
+        "fault {device} {action} was accepted"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Lets every local user connect to the socket at `path`: its file mode is
+/// the first gate, the supervisor's allow lists the second.
+fn open_to_everyone(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+}
+
+#[test]
+fn a_client_of_another_uid_reaches_only_what_it_is_allowed() {
+    let mut vhost = PathBuf::new();
+    let up = Up::start_with("hc-uid", "", |dir| {
+        vhost = dir.join("guest.vhost");
+        [
+            format!("vhost_user = {vhost:?}"),
+            format!("allow_uids = [{NOBODY}]"),
+        ]
+    });
+    open_to_everyone(&up.control);
+    open_to_everyone(&vhost);
+
+    // The guest disk is free, but not nobody's: over the control socket
+    // and over vhost-user alike.
+    let refused = guest_as_nobody(&[
+        "--socket",
+        up.control.to_str().unwrap(),
+        "--device",
+        &up.guest_disk,
+        "--duration",
+        "1",
+    ])
+    .finish(CLIENT_BOUND)
+    .expect_err("nobody attached the guest disk");
+    assert!(refused.contains("EACCES"), "{refused}");
+    let refused = guest_as_nobody(&[
+        "--transport",
+        "vhost-user",
+        "--socket",
+        vhost.to_str().unwrap(),
+        "--duration",
+        "1",
+    ])
+    .finish(CLIENT_BOUND)
+    .expect_err("nobody attached the guest disk over vhost-user");
+    let dev = up.device(&up.guest_disk);
+    assert_eq!(dev["connected"].as_u64(), Some(0), "{refused}\n{dev}");
+
+    // Its owner's guest does verified I/O while nobody tries everything.
+    let mut guest = up.attach_guest();
+    let pid = up.device(&up.guest_disk)["pid"].as_u64();
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                verified_io(&mut guest, 128 * (rounds % 16), 70 + rounds)?;
+                rounds += 1;
+            }
+            guest.detach().map_err(|e| e.to_string())?;
+            Ok::<u64, String>(rounds)
+        })
+    };
+    for (device, action) in [
+        (&up.guest_disk, "kill"),
+        (&up.guest_disk, "poison"),
+        (&up.other_disk, "kill"),
+    ] {
+        let why = refused_fault(&up, device, action);
+        assert!(why.contains("EACCES") && why.contains("operator"), "{why}");
+    }
+    let seen: Vec<_> = up
+        .status_as(as_nobody())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|d| d["device"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(seen, std::slice::from_ref(&up.other_disk), "nobody's status");
+    let report = guest_as_nobody(&[
+        "--socket",
+        up.control.to_str().unwrap(),
+        "--device",
+        &up.other_disk,
+        "--duration",
+        "1",
+    ])
+    .finish(CLIENT_BOUND)
+    .expect("nobody's own disk");
+    assert!(
+        report.ops > 0 && report.io_errors == 0 && report.verify_failures == 0,
+        "{report:?}"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let rounds = io
+        .join()
+        .expect("I/O thread")
+        .expect("the owner's verified I/O");
+    assert!(rounds > 0);
+    let dev = up.device(&up.guest_disk);
+    assert_eq!(
+        dev["pid"].as_u64(),
+        pid,
+        "the guest disk's backend was replaced"
+    );
+    assert_eq!(
+        (dev["crashes"].as_u64(), dev["poisoned"].as_u64()),
+        (Some(0), Some(0)),
+        "{dev}"
+    );
+    assert_eq!(
+        up.status().expect("status").len(),
+        2,
+        "root sees every disk"
+    );
+    up.sigterm();
+}
+
+#[test]
+fn an_operator_uid_may_fault_and_see_every_disk() {
+    let up = Up::start("hc-op", &format!("operator_uids = [{NOBODY}]"));
+    open_to_everyone(&up.control);
+    let seen = up.status_as(as_nobody()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(seen.len(), 2, "an operator's status: {seen:?}");
+    let before = up.device(&up.other_disk)["pid"].as_u64();
+    let mut cmd = as_nobody();
+    cmd.args(["fault", &up.other_disk, "kill", "--socket"])
+        .arg(&up.control);
+    let out = run_bounded(cmd, STATUS_BOUND).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while up.device(&up.other_disk)["pid"].as_u64() == before {
+        assert!(
+            Instant::now() < deadline,
+            "the killed backend was not replaced"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // An operator is not a tenant: attaching still takes the disk's lists.
+    let refused = guest_as_nobody(&[
+        "--socket",
+        up.control.to_str().unwrap(),
+        "--device",
+        &up.guest_disk,
+        "--duration",
+        "1",
+    ])
+    .finish(CLIENT_BOUND)
+    .expect_err("an operator attached a disk not allowed to it");
+    assert!(refused.contains("EACCES"), "{refused}");
     up.sigterm();
 }

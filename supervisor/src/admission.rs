@@ -20,11 +20,13 @@ use tokio::sync::Notify;
 
 use crate::config::ControlConfig;
 
-/// A peer process: its uid and pid as `SO_PEERCRED` reported them at
-/// `connect` time (pid 0 when the peer is outside our pid namespace).
+/// A peer process: its uid, primary gid and pid as `SO_PEERCRED` reported
+/// them at `connect` time (pid 0 when the peer is outside our pid
+/// namespace).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PeerKey {
     pub uid: u32,
+    pub gid: u32,
     pub pid: i32,
 }
 
@@ -35,6 +37,7 @@ impl PeerKey {
         let cred = getsockopt(sock, PeerCredentials).map_err(std::io::Error::from)?;
         Ok(PeerKey {
             uid: cred.uid(),
+            gid: cred.gid(),
             pid: cred.pid(),
         })
     }
@@ -318,7 +321,11 @@ mod tests {
     use super::*;
 
     fn peer(pid: i32) -> PeerKey {
-        PeerKey { uid: 0, pid }
+        PeerKey {
+            uid: 0,
+            gid: 0,
+            pid,
+        }
     }
 
     fn admission(max: usize, per_peer: usize) -> Arc<Admission> {

@@ -92,6 +92,14 @@ pub struct DiskConfig {
     /// up to [`MAX_VHOST_QUEUE_SIZE`]).
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
+    /// Peer uids (`SO_PEERCRED`) that may probe, connect and see the disk
+    /// on the control socket and use its vhost-user socket, besides root
+    /// and the supervisor's own uid (docs/PROTOCOL.md §1.2).
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Peer primary gids that may, as `allow_uids`.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
 }
 
 /// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
@@ -124,6 +132,8 @@ impl DiskConfig {
             vhost_user: None,
             num_queues: default_num_queues(),
             queue_size: default_queue_size(),
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
         }
     }
 }
@@ -173,6 +183,14 @@ pub struct ControlConfig {
     /// long.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Peer uids (`SO_PEERCRED`) that are operators — may `fault` any
+    /// device and see every device in `status` — besides root and the
+    /// supervisor's own uid (docs/PROTOCOL.md §1.2).
+    #[serde(default)]
+    pub operator_uids: Vec<u32>,
+    /// Peer primary gids that are operators, as `operator_uids`.
+    #[serde(default)]
+    pub operator_gids: Vec<u32>,
 }
 
 /// Default `max_connections`.
@@ -213,6 +231,8 @@ impl Default for ControlConfig {
             max_connections_per_peer: DEFAULT_MAX_CONNECTIONS_PER_PEER,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            operator_uids: Vec::new(),
+            operator_gids: Vec::new(),
         }
     }
 }
@@ -261,6 +281,12 @@ pub struct NicConfig {
     /// and the heartbeat stalls).
     #[serde(default = "default_hang_timeout_ms")]
     pub hang_timeout_ms: u64,
+    /// Peer uids that may probe, connect and see the vif, as for a disk.
+    #[serde(default)]
+    pub allow_uids: Vec<u32>,
+    /// Peer primary gids that may, as `allow_uids`.
+    #[serde(default)]
+    pub allow_gids: Vec<u32>,
 }
 
 /// What a vif's wire is.
@@ -310,6 +336,8 @@ impl NicConfig {
             shadow: true,
             backend_id: 0,
             hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
         }
     }
 
@@ -604,7 +632,9 @@ mod tests {
     fn parses_control_limits() {
         let cfg = Config::parse(
             "socket = \"/s\"\n[control]\nmax_connections = 8\nmax_connections_per_peer = 2\n\
-             handshake_timeout_ms = 500\nidle_timeout_ms = 2000\n[[disk]]\nname = \"a\"\npath = \"/x\"",
+             handshake_timeout_ms = 500\nidle_timeout_ms = 2000\noperator_uids = [1000]\n\
+             operator_gids = [10, 11]\n[[disk]]\nname = \"a\"\npath = \"/x\"\nallow_uids = [1001]\n\
+             allow_gids = [100]\n[[nic]]\nname = \"n\"\ntap = \"t0\"\nallow_uids = [1002]",
         )
         .unwrap();
         assert_eq!(
@@ -614,7 +644,17 @@ mod tests {
                 max_connections_per_peer: 2,
                 handshake_timeout_ms: 500,
                 idle_timeout_ms: 2000,
+                operator_uids: vec![1000],
+                operator_gids: vec![10, 11],
             }
+        );
+        assert_eq!(
+            (&cfg.disks[0].allow_uids, &cfg.disks[0].allow_gids),
+            (&vec![1001], &vec![100])
+        );
+        assert_eq!(
+            (&cfg.nics[0].allow_uids, &cfg.nics[0].allow_gids),
+            (&vec![1002], &vec![])
         );
         let partial =
             Config::parse("socket = \"/s\"\n[control]\nmax_connections = 9\n[[disk]]\nname = \"a\"\npath = \"/x\"")

@@ -17,6 +17,7 @@ use shadowback_xenbus::protocol::{
 };
 use shadowback_xenbus::{AsyncSeqPacket, Message, Received, XenbusError, XenbusState};
 
+use crate::access::Caller;
 use crate::admission::Ticket;
 use crate::class::ClassInfo;
 use crate::config::ControlConfig;
@@ -51,6 +52,7 @@ pub async fn serve_guest(
     conn: AsyncSeqPacket,
     devices: Arc<Devices>,
     ticket: Ticket,
+    caller: Caller,
     timeouts: Timeouts,
 ) {
     let frontend = format!(
@@ -60,6 +62,7 @@ pub async fn serve_guest(
     let session = Session {
         conn: &conn,
         ticket: &ticket,
+        caller,
         timeouts,
     };
     match handshake(&session, &devices, &frontend).await {
@@ -95,6 +98,7 @@ pub async fn serve_guest(
 struct Session<'a> {
     conn: &'a AsyncSeqPacket,
     ticket: &'a Ticket,
+    caller: Caller,
     timeouts: Timeouts,
 }
 
@@ -158,12 +162,19 @@ async fn handshake(
         let Some((msg, fds)) = session.recv(std::mem::take(&mut first)).await? else {
             return Ok(None);
         };
-        let lookup = |msg: &Message| -> Result<DeviceHandle, Refusal> {
+        let caller = session.caller;
+        let find = |msg: &Message| -> Result<DeviceHandle, Refusal> {
             let name = msg.require(key::DEVICE).map_err(refuse)?;
             devices
                 .get(name)
                 .cloned()
                 .ok_or_else(|| (ErrorCode::Enoent, format!("no device {name:?}")))
+        };
+        // A device the caller may use (docs/PROTOCOL.md §1.2).
+        let lookup = |msg: &Message| -> Result<DeviceHandle, Refusal> {
+            let dev = find(msg)?;
+            caller.may_use(&dev)?;
+            Ok(dev)
         };
         match msg.kind() {
             kind::PROBE => {
@@ -177,14 +188,15 @@ async fn handshake(
             }
             kind::STATUS => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
-                for dev in devices.iter() {
+                for dev in devices.iter().filter(|d| caller.sees(d)) {
                     session.send(&dev.stats().to_message(&dev.name)).await?;
                 }
                 session.send(&Message::new(kind::STATUS_END)).await?;
             }
             kind::FAULT => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
-                let dev = lookup(&msg)?;
+                caller.may_operate(kind::FAULT)?;
+                let dev = find(&msg)?;
                 let fault = Fault::from_message(&msg).map_err(refuse)?;
                 tracing::warn!(%frontend, device = %dev.name, ?fault, "fault requested");
                 dev.fault(fault).await?;
@@ -202,6 +214,7 @@ async fn handshake(
                         ClassInfo::Disk(_) => None,
                     });
                 if let Some((dev, info)) = vif {
+                    caller.may_use(&dev)?;
                     let attachment = connect_vif(&msg, fds, &dev, &info, frontend).await?;
                     let connected = info.to_message(kind::CONNECTED, XenbusState::Connected);
                     if let Err(e) = session.send(&connected).await {

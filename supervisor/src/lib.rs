@@ -33,10 +33,12 @@
 //! and what depends on the wire of the frontend of its transport
 //! (`transport.rs`); a `session.rs` session is a transport's frontend and
 //! its list of rings. `admission.rs` bounds what clients of the control
-//! socket hold (docs/PROTOCOL.md §1.1).
+//! socket hold (docs/PROTOCOL.md §1.1); `access.rs` says which peer may
+//! use which device and who is an operator (docs/PROTOCOL.md §1.2).
 
 #![deny(unsafe_code)]
 
+mod access;
 mod admission;
 mod class;
 mod config;
@@ -202,6 +204,7 @@ async fn serve_registered(
     }
     let admission = admission::Admission::new(limits);
     let timeouts = connection::Timeouts::new(&cfg.control);
+    let operators = access::AccessList::new(&cfg.control.operator_uids, &cfg.control.operator_gids);
     tracing::info!(
         socket = %cfg.socket.display(), max_connections = limits.max,
         max_connections_per_peer = limits.per_peer, "supervisor listening"
@@ -215,9 +218,10 @@ async fn serve_registered(
                 Ok(conn) => {
                     pacer.succeeded();
                     match admit(&conn, &admission) {
-                        Ok(ticket) => {
+                        Ok((ticket, peer)) => {
+                            let caller = access::Caller::new(peer, &operators);
                             tokio::spawn(connection::serve_guest(
-                                conn, devices.clone(), ticket, timeouts,
+                                conn, devices.clone(), ticket, caller, timeouts,
                             ));
                         }
                         Err(why) => {
@@ -271,14 +275,15 @@ async fn accept_paced(
     listener.accept().await
 }
 
-/// A slot for `conn`'s peer, or why there is none.
+/// A slot for `conn`'s peer (and who the peer is), or why there is none.
 fn admit(
     conn: &AsyncSeqPacket,
     admission: &Arc<admission::Admission>,
-) -> Result<admission::Ticket, String> {
+) -> Result<(admission::Ticket, admission::PeerKey), String> {
     let peer = admission::PeerKey::of(conn).map_err(|e| format!("SO_PEERCRED: {e}"))?;
     admission
         .admit(peer)
+        .map(|ticket| (ticket, peer))
         .map_err(|e| format!("{peer}: {e}; try again later"))
 }
 

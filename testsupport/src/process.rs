@@ -243,8 +243,7 @@ impl BlkbackProcess {
     }
 }
 
-/// A `shadowback guest blk --transport vhost-user` process; killed on drop
-/// if still running.
+/// A `shadowback guest blk` process; killed on drop if still running.
 pub struct GuestProcess {
     child: std::process::Child,
     reader: Option<std::thread::JoinHandle<GuestOutput>>,
@@ -263,11 +262,25 @@ impl GuestProcess {
     /// Starts the guest on the vhost-user socket `socket` with `args`
     /// after `guest blk --transport vhost-user --socket SOCKET`.
     pub fn spawn(socket: &Path, args: &[&str]) -> Self {
-        use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(shadowback_bin())
-            .args(["guest", "blk", "--transport", "vhost-user", "--socket"])
+        let mut cmd = Self::command();
+        cmd.args(["--transport", "vhost-user", "--socket"])
             .arg(socket)
-            .args(args)
+            .args(args);
+        Self::start(cmd)
+    }
+
+    /// `shadowback guest blk`, for [`start`](Self::start) once its
+    /// arguments (and, say, its uid) are set.
+    pub fn command() -> std::process::Command {
+        let mut cmd = std::process::Command::new(shadowback_bin());
+        cmd.args(["guest", "blk"]);
+        cmd
+    }
+
+    /// Starts `cmd` (made by [`command`](Self::command)).
+    pub fn start(mut cmd: std::process::Command) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = cmd
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -235,6 +235,9 @@ pub enum ErrorCode {
     Eproto,
     /// The backend cannot serve the device (failed to start, gave up).
     Enodev,
+    /// The peer (`SO_PEERCRED`) may not use the device, or is not an
+    /// operator.
+    Eacces,
 }
 
 impl ErrorCode {
@@ -247,6 +250,7 @@ impl ErrorCode {
             Self::E2big => "E2BIG",
             Self::Eproto => "EPROTO",
             Self::Enodev => "ENODEV",
+            Self::Eacces => "EACCES",
         }
     }
 }
@@ -268,6 +272,7 @@ impl FromStr for ErrorCode {
             "E2BIG" => Self::E2big,
             "EPROTO" => Self::Eproto,
             "ENODEV" => Self::Enodev,
+            "EACCES" => Self::Eacces,
             _ => return Err(XenbusError::invalid(key::CODE, s, "unknown error code")),
         })
     }
@@ -1008,6 +1013,7 @@ mod tests {
             ErrorCode::E2big,
             ErrorCode::Eproto,
             ErrorCode::Enodev,
+            ErrorCode::Eacces,
         ] {
             assert_eq!(code.as_str().parse::<ErrorCode>().unwrap(), code);
         }

@@ -11,6 +11,7 @@ use shadowback_xenbus::{Message, XenbusError};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Refusal;
+use crate::access::AccessList;
 use crate::class::ClassInfo;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
@@ -122,6 +123,8 @@ pub struct DeviceHandle {
     /// What a vhost-user frontend sees of the device (its class's; `None`
     /// for a vif).
     pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
+    /// Who may probe, connect, see and reach it over vhost-user.
+    pub(crate) access: AccessList,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
 }

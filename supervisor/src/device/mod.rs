@@ -35,6 +35,7 @@ use std::time::Duration;
 use shadowback_xenbus::protocol::ErrorCode;
 use tokio::sync::mpsc;
 
+use crate::access::AccessList;
 use crate::class::net::HeldWire;
 use crate::class::{BlockClass, DeviceClass, NetClass};
 use crate::config::{DiskConfig, NicConfig};
@@ -91,7 +92,8 @@ pub fn start_device(
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
-    start(&cfg.name, class, Settings::of(cfg), cmd)
+    let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
+    start(&cfg.name, class, Settings::of(cfg), access, cmd)
 }
 
 /// Starts the backend (and standby) of vif `cfg` on `wire`, which the
@@ -103,15 +105,17 @@ pub fn start_nic(
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(NetClass::new(cfg, wire)?);
     let cmd = cmd.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
-    start(&cfg.name, class, Settings::of_nic(cfg), &cmd)
+    let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
+    start(&cfg.name, class, Settings::of_nic(cfg), access, &cmd)
 }
 
 /// Starts the first backend instance of device `name` (and its standby)
-/// and the task that owns them.
+/// and the task that owns them; `access` says who may use it.
 fn start(
     name: &str,
     class: Box<dyn DeviceClass>,
     settings: Settings,
+    access: AccessList,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
     let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
@@ -145,6 +149,7 @@ fn start(
         name: name.to_string(),
         info,
         virtio,
+        access,
         tx,
         stats,
     })

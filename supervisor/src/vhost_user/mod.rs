@@ -35,6 +35,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
 
+use crate::admission::{LogLimiter, PeerKey, LOG_INTERVAL};
 use crate::config::DiskConfig;
 use crate::device::{Attachment, DeviceHandle};
 use crate::SupervisorError;
@@ -189,6 +190,7 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
         }
     };
     let mut connections = 0u64;
+    let mut refusal_log = LogLimiter::new(LOG_INTERVAL);
     // Acquire pairs with the Release store in `shutdown`.
     while !stop.load(Ordering::Acquire) {
         match wait_readable(&polled, POLL_PERIOD) {
@@ -221,6 +223,14 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
                 continue;
             }
         };
+        if let Err(why) = admitted(&conn, &device) {
+            // Dropping the connection closes it: vhost-user has no error
+            // message, the VMM sees EOF.
+            if let Some(suppressed) = refusal_log.allow(Instant::now()) {
+                tracing::warn!(device = %facts.name, %why, suppressed, "vhost-user frontend refused");
+            }
+            continue;
+        }
         tracing::info!(device = %facts.name, %frontend, "vhost-user frontend connected");
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve_connection(conn, &handler, stop)
@@ -228,6 +238,26 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
         let why = served.unwrap_or_else(|_| "handler panicked".to_string());
         lock(&handler).disconnect();
         tracing::info!(device = %facts.name, %frontend, %why, "vhost-user frontend disconnected");
+    }
+}
+
+/// Whether the peer of `conn` (`SO_PEERCRED`) may use `device`
+/// (docs/PROTOCOL.md §1.2).
+fn admitted(
+    conn: &BackendReqHandler<Mutex<VhostUserHandler>>,
+    device: &DeviceHandle,
+) -> Result<(), String> {
+    let sock = conn
+        .try_clone_connection()
+        .map_err(|e| format!("cloning the socket: {e}"))?;
+    let peer = PeerKey::of(&sock).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    if device.access.admits(&peer) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{peer} gid {} may not use the device (not in its allow_uids or allow_gids)",
+            peer.gid
+        ))
     }
 }
 
