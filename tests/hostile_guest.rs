@@ -24,12 +24,12 @@ use shadowback_ring::blkif::{
 use shadowback_ring::grant::{
     GTF_PAT, GTF_PCD, GTF_PERMIT_ACCESS, GTF_PWT, GTF_READING, GTF_SUB_PAGE, GTF_WRITING,
 };
+use shadowback_ring::SharedRegion;
+use shadowback_supervisor::{Fault, FRESH_START_AFTER};
 use shadowback_testsupport::blockio::*;
 use shadowback_testsupport::harness::*;
 use shadowback_testsupport::process::*;
 use shadowback_testsupport::raw_guest::*;
-use shadowback_ring::SharedRegion;
-use shadowback_supervisor::{Fault, FRESH_START_AFTER};
 use shadowback_testsupport::wait::wait_for_state;
 use shadowback_testsupport::REPLY_TIMEOUT;
 use shadowback_xenbus::ErrorCode;
@@ -944,9 +944,8 @@ fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
     // writable mappings: the backend serving it keeps its mapping, but no
     // new instance can map it, so every takeover fails.
     let region = resealable_region();
-    let mut guest =
-        RawGuest::attach_with(h.socket(), &hostile, RawRegion::on(region.clone(), 0))
-            .expect("hostile guest attaches");
+    let mut guest = RawGuest::attach_with(h.socket(), &hostile, RawRegion::on(region.clone(), 0))
+        .expect("hostile guest attaches");
     raw_round_trip(&mut guest);
     nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(region.file()),
@@ -954,10 +953,15 @@ fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
     )
     .expect("F_SEAL_FUTURE_WRITE");
     let pid = backend_pid(&hostile);
-    h.sup().fault(&hostile, Fault::Kill).expect("kill its backend");
-    let s = wait_for_state(STATS_TIMEOUT, "the device given up", || h.stats(&hostile), |s| {
-        s.given_up
-    });
+    h.sup()
+        .fault(&hostile, Fault::Kill)
+        .expect("kill its backend");
+    let s = wait_for_state(
+        STATS_TIMEOUT,
+        "the device given up",
+        || h.stats(&hostile),
+        |s| s.given_up,
+    );
     assert_eq!(s.recoveries, 0, "{s:#?}");
     let told = guest.next_message();
     assert_eq!(
