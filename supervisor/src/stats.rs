@@ -61,7 +61,7 @@ pub struct DeviceStats {
     /// second; the next attach after that gives it a fresh start.
     pub given_up: bool,
     /// Attaches that gave a given-up device a fresh start: a new backend
-    /// and a new shadow log (docs/ARCHITECTURE.md §7.6).
+    /// and a new shadow log (docs/ARCHITECTURE.md §7.5).
     pub fresh_starts: u64,
     /// Breakdown of the last recovery, if there was one.
     pub last_recovery: Option<RecoveryTimes>,

@@ -288,7 +288,7 @@ impl DeviceTask {
         }
     }
 
-    /// An attach to a given-up device (docs/ARCHITECTURE.md §7.6): refused
+    /// An attach to a given-up device (docs/ARCHITECTURE.md §7.5): refused
     /// within [`FRESH_START_AFTER`] of the give-up, else the device starts
     /// afresh — no instance, no session (the guest given up on was told
     /// and its requests stay unanswered; its log went with its session),
