@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use nix::unistd::Pid;
@@ -717,35 +717,17 @@ fn a_full_blocking_call_eventfd_blocks_no_vhost_user_backend() {
 // Guest memory that can fault.
 // ---------------------------------------------------------------------
 
-/// A 2 MiB `MFD_HUGETLB` memfd sealed against shrinking and growing: it
-/// passes every check a plain memfd does, but touching a page the
-/// huge-page pool cannot supply is SIGBUS.
-fn sealed_hugetlbfs_memfd() -> OwnedFd {
-    use nix::fcntl::SealFlag;
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    let fd = memfd_create(
-        c"hostile-huge",
-        MemFdCreateFlag::MFD_CLOEXEC
-            | MemFdCreateFlag::MFD_ALLOW_SEALING
-            | MemFdCreateFlag::MFD_HUGETLB,
-    )
-    .expect("MFD_HUGETLB memfd");
-    nix::unistd::ftruncate(&fd, 2 << 20).expect("size it");
-    fcntl(
-        fd.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-    )
-    .expect("seal it");
-    fd
-}
-
 #[test]
 fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
     let up = Up::start("hc-huge", "");
     let mut guest = up.attach_guest();
     verified_io(&mut guest, 0, 51).expect("verified I/O before");
 
-    let region = sealed_hugetlbfs_memfd();
+    // Sealed like a good region: only its file system tells it apart.
+    let region = shadowback_testsupport::fd::hugetlbfs_memfd(
+        2 << 20,
+        SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+    );
     let (kick, notify) = (
         EventChannel::new().expect("eventfd"),
         EventChannel::new().expect("eventfd"),
@@ -811,13 +793,31 @@ fn guest_as_nobody(args: &[&str]) -> GuestProcess {
     GuestProcess::start(cmd)
 }
 
+impl Up {
+    /// A verifying Xen guest process as `nobody` on `device` for a second:
+    /// its report, or why it failed.
+    fn xen_guest_as_nobody(
+        &self,
+        device: &str,
+    ) -> Result<shadowback_guest::workload::Report, String> {
+        let socket = self.control.to_str().expect("utf-8 path");
+        guest_as_nobody(&["--socket", socket, "--device", device, "--duration", "1"])
+            .finish(CLIENT_BOUND)
+    }
+
+    /// `shadowback fault DEVICE ACTION` as `nobody`.
+    fn fault_as_nobody(&self, device: &str, action: &str) -> std::process::Output {
+        let mut cmd = as_nobody();
+        cmd.args(["fault", device, action, "--socket"])
+            .arg(&self.control);
+        run_bounded(cmd, STATUS_BOUND).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
 /// `shadowback fault DEVICE ACTION` as `nobody`: its stderr, or a panic if
 /// the fault was accepted.
 fn refused_fault(up: &Up, device: &str, action: &str) -> String {
-    let mut cmd = as_nobody();
-    cmd.args(["fault", device, action, "--socket"])
-        .arg(&up.control);
-    let out = run_bounded(cmd, STATUS_BOUND).unwrap_or_else(|e| panic!("{e}"));
+    let out = up.fault_as_nobody(device, action);
     assert!(
         !out.status.success(),
         "fault {device} {action} was accepted"
@@ -847,16 +847,9 @@ fn a_client_of_another_uid_reaches_only_what_it_is_allowed() {
 
     // The guest disk is free, but not nobody's: over the control socket
     // and over vhost-user alike.
-    let refused = guest_as_nobody(&[
-        "--socket",
-        up.control.to_str().unwrap(),
-        "--device",
-        &up.guest_disk,
-        "--duration",
-        "1",
-    ])
-    .finish(CLIENT_BOUND)
-    .expect_err("nobody attached the guest disk");
+    let refused = up
+        .xen_guest_as_nobody(&up.guest_disk)
+        .expect_err("nobody attached the guest disk");
     assert!(refused.contains("EACCES"), "{refused}");
     let refused = guest_as_nobody(&[
         "--transport",
@@ -901,17 +894,14 @@ fn a_client_of_another_uid_reaches_only_what_it_is_allowed() {
         .iter()
         .map(|d| d["device"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(seen, std::slice::from_ref(&up.other_disk), "nobody's status");
-    let report = guest_as_nobody(&[
-        "--socket",
-        up.control.to_str().unwrap(),
-        "--device",
-        &up.other_disk,
-        "--duration",
-        "1",
-    ])
-    .finish(CLIENT_BOUND)
-    .expect("nobody's own disk");
+    assert_eq!(
+        seen,
+        std::slice::from_ref(&up.other_disk),
+        "nobody's status"
+    );
+    let report = up
+        .xen_guest_as_nobody(&up.other_disk)
+        .expect("nobody's own disk");
     assert!(
         report.ops > 0 && report.io_errors == 0 && report.verify_failures == 0,
         "{report:?}"
@@ -949,10 +939,7 @@ fn an_operator_uid_may_fault_and_see_every_disk() {
     let seen = up.status_as(as_nobody()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(seen.len(), 2, "an operator's status: {seen:?}");
     let before = up.device(&up.other_disk)["pid"].as_u64();
-    let mut cmd = as_nobody();
-    cmd.args(["fault", &up.other_disk, "kill", "--socket"])
-        .arg(&up.control);
-    let out = run_bounded(cmd, STATUS_BOUND).unwrap_or_else(|e| panic!("{e}"));
+    let out = up.fault_as_nobody(&up.other_disk, "kill");
     assert!(
         out.status.success(),
         "{}",
@@ -967,16 +954,9 @@ fn an_operator_uid_may_fault_and_see_every_disk() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // An operator is not a tenant: attaching still takes the disk's lists.
-    let refused = guest_as_nobody(&[
-        "--socket",
-        up.control.to_str().unwrap(),
-        "--device",
-        &up.guest_disk,
-        "--duration",
-        "1",
-    ])
-    .finish(CLIENT_BOUND)
-    .expect_err("an operator attached a disk not allowed to it");
+    let refused = up
+        .xen_guest_as_nobody(&up.guest_disk)
+        .expect_err("an operator attached a disk not allowed to it");
     assert!(refused.contains("EACCES"), "{refused}");
     up.sigterm();
 }

@@ -911,21 +911,10 @@ fn ring_corruption_disconnects_only_that_guest() {
 /// A region like [`RawRegion::new`]'s but without `F_SEAL_SEAL`, so that
 /// its guest can add seals after connecting.
 fn resealable_region() -> Arc<SharedRegion> {
-    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    use std::os::fd::AsRawFd;
-    let fd = memfd_create(
-        c"resealable",
-        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-    )
-    .expect("memfd");
-    nix::unistd::ftruncate(&fd, i64::from(RAW_PAGES) * PAGE as i64).expect("size");
-    fcntl(
-        fd.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-    )
-    .expect("seal");
-    Arc::new(SharedRegion::from_fd(fd).expect("map"))
+    use shadowback_testsupport::fd::{add_seals, sealable_memfd, SealFlag};
+    let file = sealable_memfd(u64::from(RAW_PAGES) * PAGE, true);
+    add_seals(&file, SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW);
+    Arc::new(SharedRegion::from_fd(file.into()).expect("map"))
 }
 
 #[test]

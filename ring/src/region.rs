@@ -261,24 +261,10 @@ mod tests {
 
     #[test]
     fn sealed_hugetlbfs_memory_is_refused() {
-        // Creating it needs no huge page: touching one does (SIGBUS when
-        // the pool is empty, as it is on most hosts).
-        let raw = memfd_create(
-            c"huge",
-            MemFdCreateFlag::MFD_CLOEXEC
-                | MemFdCreateFlag::MFD_ALLOW_SEALING
-                | MemFdCreateFlag::MFD_HUGETLB,
-        )
-        .expect("MFD_HUGETLB (hugetlbfs is in every kernel this runs on)");
-        let file = File::from(raw);
-        file.set_len(2 << 20).unwrap();
-        fcntl(
-            file.as_raw_fd(),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
-        )
-        .unwrap();
+        use shadowback_testsupport::fd::hugetlbfs_memfd;
+        let seals = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW;
         assert!(matches!(
-            SharedRegion::from_fd(file.into()),
+            SharedRegion::from_fd(hugetlbfs_memfd(2 << 20, seals).into()),
             Err(RingError::NotShmem)
         ));
     }

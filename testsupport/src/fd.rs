@@ -41,6 +41,19 @@ pub fn sealable_memfd(bytes: u64, allow_sealing: bool) -> File {
     file
 }
 
+/// A close-on-exec `MFD_HUGETLB` memfd of `bytes` bytes (a multiple of the
+/// huge page size) with `seals`: creating and sizing it takes no huge page,
+/// touching a page the pool cannot supply is `SIGBUS`.
+pub fn hugetlbfs_memfd(bytes: u64, seals: SealFlag) -> File {
+    let flags = MemFdCreateFlag::MFD_CLOEXEC
+        | MemFdCreateFlag::MFD_ALLOW_SEALING
+        | MemFdCreateFlag::MFD_HUGETLB;
+    let file = File::from(memfd_create(c"shadowback-test-huge", flags).expect("MFD_HUGETLB"));
+    file.set_len(bytes).expect("size hugetlbfs memfd");
+    add_seals(&file, seals);
+    file
+}
+
 /// Adds `seals` to a memfd made with `allow_sealing` (nothing when empty).
 pub fn add_seals(file: &File, seals: SealFlag) {
     if !seals.is_empty() {

@@ -209,6 +209,7 @@ impl MemoryTable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use shadowback_testsupport::fd::SealFlag;
     use std::os::fd::AsFd;
 
     /// A memfd of `len` bytes.
@@ -315,7 +316,6 @@ pub(crate) mod tests {
         ));
         // hugetlbfs memory larger than the free huge pages: creating it
         // takes none, touching a page the pool lacks is SIGBUS.
-        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
         const HUGE: u64 = 2 << 20;
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
         let free = meminfo
@@ -324,12 +324,7 @@ pub(crate) mod tests {
             .and_then(|n| n.trim().parse::<u64>().ok())
             .unwrap_or(0);
         let size = (free + 1) * HUGE;
-        let fd = memfd_create(
-            c"test-huge",
-            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_HUGETLB,
-        )
-        .expect("MFD_HUGETLB");
-        nix::unistd::ftruncate(fd.as_fd(), i64::try_from(size).unwrap()).unwrap();
+        let fd = shadowback_testsupport::fd::hugetlbfs_memfd(size, SealFlag::empty()).into();
         assert!(matches!(
             MemoryTable::new(vec![region(0, size, 0, 0)], vec![fd]),
             Err(MemoryError::Unbacked(0, _))
