@@ -387,6 +387,28 @@ fn an_unattached_backend_that_dies_is_replaced() {
 }
 
 #[test]
+fn every_kill_answered_ok_is_one_crash() {
+    let setup = start(&[disk("d0")], &[], &[]);
+    setup.wait_for("d0", "a backend", |s| s.pid.is_some());
+    // Kills back to back: one that arrives before the last one's death has
+    // been seen would hit the same dying process, and is refused.
+    let (mut ok, mut busy) = (0u64, 0u64);
+    for _ in 0..12 {
+        let answer = control(&setup, &Fault::Kill.to_message("d0"));
+        match (answer[0].kind(), answer[0].get("code")) {
+            ("ok", _) => ok += 1,
+            ("error", Some("EBUSY")) => busy += 1,
+            other => panic!("fault kill answered {other:?}: {answer:?}"),
+        }
+    }
+    eprintln!("{ok} kills, {busy} refused as already dying");
+    let s = setup.wait_for("d0", "a backend after the kills", |s| {
+        s.crashes >= ok && s.pid.is_some()
+    });
+    assert_eq!(s.crashes, ok, "{s:?}");
+}
+
+#[test]
 fn status_lists_every_device_in_order_and_fault_checks_its_arguments() {
     let setup = start(&[disk("b"), disk("a")], &[], &[]);
     let answers = control(&setup, &Message::new("status"));

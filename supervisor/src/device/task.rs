@@ -544,6 +544,12 @@ impl DeviceTask {
                 .map_err(|e| (ErrorCode::Enodev, format!("signal: {e}")))
         };
         match fault {
+            // A second kill before the first one's death has been seen
+            // would hit the same dying process: one crash for two kills.
+            Fault::Kill if self.injected_kill.is_some() => Err((
+                ErrorCode::Ebusy,
+                "the backend was killed already and is being replaced".into(),
+            )),
             Fault::Kill => {
                 signal(Signal::KILL)?;
                 self.injected_kill = Some(Instant::now());
