@@ -109,15 +109,7 @@ fn decode_records(request: &[u8; REQUEST_SIZE], response: &[u8; RESPONSE_SIZE]) 
 /// The plan's promises (shadow/src/plan.rs, rules 1–7).
 fn check(plan: &RecoveryPlan, log: &LogSnapshot, size: u32) {
     let mut seen = HashSet::new();
-    let ids = plan
-        .repush
-        .iter()
-        .map(|r| r.entry)
-        .chain(plan.free.iter().copied())
-        .chain(plan.reexecute.iter().map(|e| e.entry))
-        .chain(plan.poisoned.iter().map(|e| e.entry))
-        .chain(plan.corrupt.iter().map(|c| c.entry));
-    for id in ids {
+    for id in plan.entries() {
         assert!(id.index() < size, "{id:?} beyond the log");
         assert!(seen.insert(id), "{id:?} planned twice: {plan:#?}");
         let state = log.entries[id.index() as usize].state();

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
-use shadowback_blkback::request::{parse as parse_blkif, BlkOp, DiskGeometry};
+use shadowback_blkback::request::{parse as parse_blkif, DiskGeometry};
 use shadowback_blkback::virtio::request::{parse as parse_virtio, BlkConfig, Parsed, CHAIN_CAP};
 use shadowback_netback::netif::{parse_tx, TxRequest};
 use shadowback_ring::blkif::{
@@ -54,6 +54,9 @@ const MAX_RACE: Duration = Duration::from_secs(60);
 const PAGE: u64 = PAGE_SIZE as u64;
 const BACKEND: u16 = 0;
 
+/// Writes a field's valid (`false`) or hostile (`true`) value.
+type Flip = Box<dyn Fn(bool) + Send>;
+
 /// A guest thread rewriting fields while the backend reads them: each
 /// `(write valid, write hostile)` pair in turn, forever, until dropped.
 struct Rewriter {
@@ -62,7 +65,7 @@ struct Rewriter {
 }
 
 impl Rewriter {
-    fn start(flips: Vec<Box<dyn Fn(bool) + Send>>) -> Self {
+    fn start(flips: Vec<Flip>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let cpus = two_cpus();
@@ -200,44 +203,61 @@ fn slot_field<P: RingProtocol>(frame: u32, slot: u32, field: u64) -> u64 {
     u64::from(frame) * PAGE + 64 + u64::from(slot) * P::ENTRY_SIZE as u64 + field
 }
 
-/// Takes and parses every published blkif request while `rewriter` runs.
-fn consume_blkif(
-    front: &mut FrontRing<Blkif>,
-    back: &mut BackRing<Blkif>,
-    grants: &GrantMapper,
-    request: &BlkifRequest,
-    expected: &BlkOp,
-    what: &str,
-    rewriter: Rewriter,
-) {
-    let mut seen = Outcomes::default();
-    let start = Instant::now();
-    while seen.more(start) {
-        while front.free_requests() > 0 {
-            front.put_request(request).unwrap();
+/// A blkif ring on frame 1 of a [`blkif_setup`] region.
+struct BlkifRig {
+    region: Arc<SharedRegion>,
+    grants: GrantMapper,
+    front: FrontRing<Blkif>,
+    back: BackRing<Blkif>,
+}
+
+impl BlkifRig {
+    fn new() -> Self {
+        let (region, grants) = blkif_setup();
+        let (front, back) = rings::<Blkif>(&region, 1);
+        BlkifRig {
+            region,
+            grants,
+            front,
+            back,
         }
-        front.push_requests().unwrap();
-        for _ in 0..back.unconsumed_requests().unwrap() {
-            let (_, req) = back.take_request().unwrap();
-            match parse_blkif(&req, &DISK, grants) {
-                Ok(op) => {
-                    assert_eq!(&op, expected, "{what}: accepted a request never written");
-                    seen.accepted += 1;
-                }
-                Err(_) => seen.refused += 1,
-            }
-            back.put_response(&BlkifResponse::default()).unwrap();
-        }
-        back.push_responses().unwrap();
-        while front.take_response().unwrap().is_some() {}
     }
-    seen.check_raced(what, rewriter.stop());
+
+    /// Publishes `request` in every free slot, takes and parses every
+    /// published request, while `flips` rewrite them; every accepted one
+    /// must parse to `expected`.
+    fn consume(mut self, request: &BlkifRequest, what: &str, flips: Vec<Flip>) {
+        let expected = parse_blkif(request, &DISK, &self.grants).unwrap();
+        let rewriter = Rewriter::start(flips);
+        let mut seen = Outcomes::default();
+        let start = Instant::now();
+        while seen.more(start) {
+            while self.front.free_requests() > 0 {
+                self.front.put_request(request).unwrap();
+            }
+            self.front.push_requests().unwrap();
+            for _ in 0..self.back.unconsumed_requests().unwrap() {
+                let (_, req) = self.back.take_request().unwrap();
+                match parse_blkif(&req, &DISK, &self.grants) {
+                    Ok(op) => {
+                        assert_eq!(op, expected, "{what}: accepted a request never written");
+                        seen.accepted += 1;
+                    }
+                    Err(_) => seen.refused += 1,
+                }
+                self.back.put_response(&BlkifResponse::default()).unwrap();
+            }
+            self.back.push_responses().unwrap();
+            while self.front.take_response().unwrap().is_some() {}
+        }
+        seen.check_raced(what, rewriter.stop());
+    }
 }
 
 #[test]
 fn blkif_request_rewritten_in_the_ring() {
-    let (region, grants) = blkif_setup();
-    let (mut front, mut back) = rings::<Blkif>(&region, 1);
+    let rig = BlkifRig::new();
+    let region = &rig.region;
     let mut req = BlkifRequest {
         operation: BLKIF_OP_READ,
         nr_segments: 1,
@@ -247,35 +267,25 @@ fn blkif_request_rewritten_in_the_ring() {
     };
     req.seg[0].gref = 1;
     req.seg[0].last_sect = 7;
-    let expected = parse_blkif(&req, &DISK, &grants).unwrap();
     let mut flips = Vec::new();
-    for slot in 0..back.size() {
+    for slot in 0..rig.back.size() {
         let at = |field| slot_field::<Blkif>(1, slot, field);
         // nr_segments: 1 or 0x40 (more than 11).
-        flips.push(flip_bytes(&region, at(1), &[1], &[0x40]));
+        flips.push(flip_bytes(region, at(1), &[1], &[0x40]));
         // sector_number: 8 or 0x4040…40 (beyond the disk, whatever mix).
-        flips.push(flip_bytes(&region, at(16), &8u64.to_ne_bytes(), &[0x40; 8]));
+        flips.push(flip_bytes(region, at(16), &8u64.to_ne_bytes(), &[0x40; 8]));
         // seg[0].gref: 1 or 0x40404040 (not granted, whatever mix).
-        flips.push(flip_bytes(&region, at(24), &1u32.to_ne_bytes(), &[0x40; 4]));
+        flips.push(flip_bytes(region, at(24), &1u32.to_ne_bytes(), &[0x40; 4]));
         // seg[0].last_sect: 7 or 0x40 (beyond the page).
-        flips.push(flip_bytes(&region, at(29), &[7], &[0x40]));
+        flips.push(flip_bytes(region, at(29), &[7], &[0x40]));
     }
-    let rewriter = Rewriter::start(flips);
-    consume_blkif(
-        &mut front,
-        &mut back,
-        &grants,
-        &req,
-        &expected,
-        "blkif ring",
-        rewriter,
-    );
+    rig.consume(&req, "blkif ring", flips);
 }
 
 #[test]
 fn blkif_indirect_segments_and_grants_rewritten() {
-    let (region, grants) = blkif_setup();
-    let (mut front, mut back) = rings::<Blkif>(&region, 1);
+    let rig = BlkifRig::new();
+    let region = &rig.region;
     let mut ind = BlkifRequestIndirect {
         operation: BLKIF_OP_INDIRECT,
         indirect_op: BLKIF_OP_READ,
@@ -294,7 +304,7 @@ fn blkif_indirect_segments_and_grants_rewritten() {
         seg[5] = 7;
         region.write(page + 8 * i as u64, &seg).unwrap();
     }
-    let expected = parse_blkif(&req, &DISK, &grants).unwrap();
+    let expected = parse_blkif(&req, &DISK, &rig.grants).unwrap();
     assert_eq!(expected.data_bytes(), 2 * PAGE);
     // Grant 2's entry: frame 10, or frame 0x40404040 (outside the region).
     let mut valid_entry = [0u8; 8];
@@ -305,21 +315,12 @@ fn blkif_indirect_segments_and_grants_rewritten() {
     let flips = vec![
         // Segment 0: first_sect 0 or 0x40 (after last_sect), last_sect 7 or
         // 0x40 (beyond the page); segment 1: gref 2 or 0x40404040.
-        flip_bytes(&region, page + 4, &[0], &[0x40]),
-        flip_bytes(&region, page + 5, &[7], &[0x40]),
-        flip_bytes(&region, page + 8, &2u32.to_ne_bytes(), &[0x40; 4]),
-        flip_bytes(&region, 2 * 8, &valid_entry, &hostile_entry),
+        flip_bytes(region, page + 4, &[0], &[0x40]),
+        flip_bytes(region, page + 5, &[7], &[0x40]),
+        flip_bytes(region, page + 8, &2u32.to_ne_bytes(), &[0x40; 4]),
+        flip_bytes(region, 2 * 8, &valid_entry, &hostile_entry),
     ];
-    let rewriter = Rewriter::start(flips);
-    consume_blkif(
-        &mut front,
-        &mut back,
-        &grants,
-        &req,
-        &expected,
-        "blkif indirect page and grant entry",
-        rewriter,
-    );
+    rig.consume(&req, "blkif indirect page and grant entry", flips);
 }
 
 #[test]
@@ -491,7 +492,7 @@ fn virtqueue_descriptors_and_header_rewritten() {
         })
         .collect();
 
-    let flip = |addr: u64, valid: Vec<u8>, hostile: Vec<u8>| -> Box<dyn Fn(bool) + Send> {
+    let flip = |addr: u64, valid: Vec<u8>, hostile: Vec<u8>| -> Flip {
         let guest = guest.clone();
         Box::new(move |h| {
             guest
