@@ -3,7 +3,7 @@
 //! as the Xen data plane does.
 //!
 //! Region layout: frame 0 the grant table, frames 1..=4 the ring (1, 2 or
-//! 4 pages), frames 5 and 6 indirect segment pages, the rest data pages
+//! 4 pages, in any order), frames 5 and 6 indirect segment pages, the rest data pages
 //! (grants may name any frame, as a guest's may).
 
 use std::sync::Arc;
@@ -79,29 +79,44 @@ fn run_input(u: &mut Unstructured) -> Result<()> {
     let Ok(grants) = GrantMapper::new(region.clone(), 1, BACKEND) else {
         return Ok(());
     };
-    let ring_pages = 1usize << u.int_in_range(0..=2)?;
-    let pages = || RingPages::contiguous(region.clone(), RING_FRAME, ring_pages);
-    let Ok(ring_pages_for_guest) = pages() else {
+    // 1, 2 or 4 ring pages, contiguous or any frames of 1..=4 (a guest
+    // may even name one page twice).
+    let count = 1usize << u.int_in_range(0..=2)?;
+    let frames: Vec<u32> = if u.arbitrary()? {
+        (0..count as u32).map(|i| RING_FRAME + i).collect()
+    } else {
+        (0..count)
+            .map(|_| u.int_in_range(RING_FRAME..=RING_FRAME + 3))
+            .collect::<Result<_>>()?
+    };
+    let offsets: Vec<u64> = frames
+        .iter()
+        .map(|&f| u64::from(f) * PAGE_SIZE as u64)
+        .collect();
+    let Ok(ring_pages) = RingPages::new(region.clone(), offsets.clone()) else {
         return Ok(());
     };
     let base: u32 = u.arbitrary()?;
     let ahead: u32 = u.int_in_range(0..=130)?;
     let mut back = match if u.arbitrary()? {
-        BackRing::<Blkif>::attach_at(ring_pages_for_guest, base.wrapping_add(ahead), base)
+        BackRing::<Blkif>::attach_at(ring_pages, base.wrapping_add(ahead), base)
     } else {
-        BackRing::<Blkif>::attach(ring_pages_for_guest)
+        BackRing::<Blkif>::attach(ring_pages)
     } {
         Ok(b) => b,
         Err(_) => return Ok(()),
     };
     let size = back.size();
-    let guest = Guest::new(&region);
+    let guest = Guest {
+        region: &region,
+        pages: offsets,
+    };
     let mut req_prod = back.req_cons();
     let mut taken = 0u32;
     for _ in 0..u.int_in_range(1..=MAX_ROUNDS)? {
         for _ in 0..u.int_in_range(0..=size.min(40))? {
             let req = request(u)?;
-            guest.put(ring_pages, size, req_prod, &req);
+            guest.put(size, req_prod, &req);
             req_prod = req_prod.wrapping_add(1);
         }
         let published = if u.ratio(1, 16)? {
@@ -146,27 +161,33 @@ fn run_input(u: &mut Unstructured) -> Result<()> {
 /// leave the ring in any state; no `FrontRing` bookkeeping applies).
 struct Guest<'a> {
     region: &'a SharedRegion,
+    /// Region offset of each ring page, in ring order.
+    pages: Vec<u64>,
 }
 
-impl<'a> Guest<'a> {
-    fn new(region: &'a SharedRegion) -> Self {
-        Guest { region }
+impl Guest<'_> {
+    /// Writes `bytes` at ring offset `at`, split at page boundaries.
+    fn write(&self, at: usize, bytes: &[u8]) {
+        let mut done = 0;
+        while done < bytes.len() {
+            let (page, in_page) = ((at + done) / PAGE_SIZE, (at + done) % PAGE_SIZE);
+            let n = (PAGE_SIZE - in_page).min(bytes.len() - done);
+            if let Some(base) = self.pages.get(page) {
+                let _ = self
+                    .region
+                    .write(base + in_page as u64, &bytes[done..done + n]);
+            }
+            done += n;
+        }
     }
 
-    fn put(&self, pages: usize, size: u32, idx: u32, req: &BlkifRequest) {
+    fn put(&self, size: u32, idx: u32, req: &BlkifRequest) {
         let entry = std::mem::size_of::<BlkifRequest>();
-        let at = 64 + (idx & (size - 1)) as usize * entry;
-        // Contiguous ring pages: the slot is a plain range of the region.
-        debug_assert!(at + entry <= pages * PAGE_SIZE);
-        let base = u64::from(RING_FRAME) * PAGE_SIZE as u64;
-        let _ = self.region.write(base + at as u64, req.as_slice());
+        self.write(64 + (idx & (size - 1)) as usize * entry, req.as_slice());
     }
 
     fn publish(&self, req_prod: u32) {
-        let at = u64::from(RING_FRAME) * PAGE_SIZE as u64;
-        let _ = self
-            .region
-            .store(req_prod, at, std::sync::atomic::Ordering::Release);
+        self.write(0, &req_prod.to_ne_bytes());
     }
 }
 
