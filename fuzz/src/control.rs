@@ -122,7 +122,7 @@ fn structured(u: &mut Unstructured) -> Result<Option<Vec<u8>>> {
     }
     let mut text = String::from(*u.choose(KINDS)?);
     text.push('\n');
-    for _ in 0..u.int_in_range(0..=24)? {
+    for _ in 0..u.int_in_range(0..=40)? {
         if u.ratio(1, 16)? {
             let raw: String = u.arbitrary()?;
             text.push_str(&raw);
@@ -132,11 +132,19 @@ fn structured(u: &mut Unstructured) -> Result<Option<Vec<u8>>> {
             if u.ratio(1, 8)? {
                 let n: u64 = u.arbitrary()?;
                 text.push_str(&n.to_string());
+            } else if u.ratio(1, 8)? {
+                // Long values: messages near the size limit.
+                let len = u.int_in_range(0..=300)?;
+                text.extend(std::iter::repeat_n('v', len));
             } else {
                 text.push_str(u.choose(VALUES)?);
             }
         }
         text.push('\n');
+    }
+    // The final newline is optional on the wire.
+    if u.arbitrary()? {
+        text.pop();
     }
     Ok(Some(text.into_bytes()))
 }
