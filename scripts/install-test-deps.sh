@@ -2,6 +2,8 @@
 # Installs what the test suite needs on a fresh Debian machine:
 #  - libxen-dev: Xen's public headers, for the ABI test (ring/tests/xen_abi.rs)
 #  - gcc: compiles that test's C side (and the guest workload)
+#  - g++: libfuzzer-sys compiles libFuzzer (C++) for the long fuzz runs of
+#    scripts/fuzz.sh (docs/FUZZING.md); `cargo test` does not need it
 #  - fio: optional baseline row of `shadowback bench blk`
 #  - qemu-utils: qemu-storage-daemon, the reference vhost-user-blk backend of
 #    scripts/guest/run-qsd.sh (an installed qemu-utils of any version, e.g.
@@ -19,6 +21,7 @@ cd "$(dirname "$0")/.."
 need=()
 [ -f /usr/include/xen/io/ring.h ] || need+=(libxen-dev)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 command -v fio >/dev/null 2>&1 || need+=(fio)
 # `ip netns` for the TAP tests in network namespaces.
 command -v ip >/dev/null 2>&1 || need+=(iproute2)

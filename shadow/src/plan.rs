@@ -168,6 +168,18 @@ impl RecoveryPlan {
         self.req_cons.wrapping_sub(self.rsp_prod)
     }
 
+    /// Every entry the plan names, list by list (each live entry of the
+    /// log appears exactly once).
+    pub fn entries(&self) -> impl Iterator<Item = EntryId> + '_ {
+        self.repush
+            .iter()
+            .map(|r| r.entry)
+            .chain(self.free.iter().copied())
+            .chain(self.reexecute.iter().map(|e| e.entry))
+            .chain(self.poisoned.iter().map(|e| e.entry))
+            .chain(self.corrupt.iter().map(|c| c.entry))
+    }
+
     /// Corrupt entries to answer with an error.
     pub fn corrupt_to_answer(&self) -> impl Iterator<Item = &CorruptEntry> {
         self.corrupt

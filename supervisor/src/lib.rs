@@ -67,6 +67,8 @@ pub use config::{
 pub use device::{DeviceHandle, Fault, FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
 pub use stats::{DeviceStats, RecoveryTimes};
+#[doc(hidden)]
+pub use vhost_user::fuzzing as vhost_user_fuzzing;
 pub use vhost_user::{
     inflight_mmap_size, queue_region_size, BlkGeometry, VhostUserServer, VirtioModel,
     CONFIG_SPACE_SIZE,

@@ -210,6 +210,13 @@ impl Message {
         }
         let text = std::str::from_utf8(bytes).map_err(XenbusError::BadUtf8)?;
         let text = text.strip_suffix('\n').unwrap_or(text);
+        // What a reader accepts, a writer must be able to send back: with
+        // its final newline the message still fits one datagram.
+        if text.len() + 1 > MAX_MESSAGE {
+            return Err(XenbusError::Oversize {
+                len: text.len() + 1,
+            });
+        }
         let mut lines = text.split('\n');
         // `split` always yields at least one item, even for "".
         let kind = lines.next().unwrap_or_default();
@@ -360,6 +367,31 @@ mod tests {
             msg.set(&format!("k{i}"), "v".repeat(MAX_VALUE_LEN));
         }
         assert!(matches!(msg.encode(), Err(XenbusError::Oversize { .. })));
+    }
+
+    #[test]
+    fn what_decodes_fits_when_encoded() {
+        // 4096 bytes without the final newline: the writer's form (with
+        // it) would not fit a datagram, so the reader refuses it too.
+        let mut s = String::from("status\nk=");
+        s.push_str(&"v".repeat(200));
+        let mut i = 0;
+        while s.len() < MAX_MESSAGE - 220 {
+            s.push_str(&format!("\nk{i}={}", "v".repeat(200)));
+            i += 1;
+        }
+        s.push_str("\nlast=");
+        s.push_str(&"v".repeat(MAX_MESSAGE - s.len()));
+        assert_eq!(s.len(), MAX_MESSAGE);
+        assert!(matches!(
+            decode_str(&s),
+            Err(XenbusError::Oversize { len }) if len == MAX_MESSAGE + 1
+        ));
+        // One byte less decodes, and encodes to exactly MAX_MESSAGE.
+        s.pop();
+        let msg = decode_str(&s).unwrap();
+        assert_eq!(msg.encode().unwrap().len(), MAX_MESSAGE);
+        assert_eq!(decode_str(&(s + "\n")).unwrap(), msg);
     }
 
     #[test]

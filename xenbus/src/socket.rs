@@ -508,7 +508,8 @@ mod tests {
     fn exactly_max_message_is_accepted() {
         let (a, b) = SeqPacket::pair().unwrap();
         let mut raw = b"probe\nk=".to_vec();
-        raw.resize(MAX_MESSAGE, b'a');
+        raw.resize(MAX_MESSAGE - 1, b'a');
+        raw.push(b'\n');
         // Too long a value for the grammar, but not truncated.
         net::send(a.as_fd(), &raw, SendFlags::empty()).unwrap();
         assert!(matches!(b.recv(), Err(XenbusError::BadValue { .. })));

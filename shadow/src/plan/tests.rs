@@ -93,15 +93,7 @@ impl Scene {
 /// Every non-FREE entry appears exactly once in the plan, and the
 /// responses the plan produces match what the guest waits for.
 fn assert_accounts(snap: &LogSnapshot, plan: &RecoveryPlan) {
-    let mut seen: Vec<EntryId> = plan
-        .repush
-        .iter()
-        .map(|r| r.entry)
-        .chain(plan.free.iter().copied())
-        .chain(plan.reexecute.iter().map(|e| e.entry))
-        .chain(plan.poisoned.iter().map(|e| e.entry))
-        .chain(plan.corrupt.iter().map(|c| c.entry))
-        .collect();
+    let mut seen: Vec<EntryId> = plan.entries().collect();
     seen.sort();
     let live: Vec<EntryId> = snap
         .entries

@@ -14,6 +14,8 @@
 //! device's [`VirtioModel`] (from its class; [`BlkGeometry`] for a disk)
 //! for features, queue count and config space.
 mod config_space;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 mod inflight;
 pub(crate) mod memory;
