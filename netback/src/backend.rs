@@ -24,7 +24,9 @@
 //!   sent again (at most the one packet being written at the crash can go
 //!   out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
 //!   dead instance was still logging is completed from the ring. RX
-//!   buffers not answered go back to the pool (`rx-buffers-recovered`).
+//!   buffers not answered go back to the pool (`rx-buffers-recovered`); a
+//!   frame the dead instance had read from the wire and not delivered is
+//!   lost, as on any NIC, and counted (`rx-dropped-in-crash`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -50,7 +52,8 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
 use shadowback_shadow::{
-    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowError, ShadowLog,
+    REQUEST_SIZE,
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
 use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
@@ -74,6 +77,12 @@ const WIRE: u8 = 2;
 /// wire (`ShadowLog::set_progress`).
 pub const TX_SENT: u32 = 1;
 
+/// Progress flag of an RX buffer's entry: a frame read from the wire starts
+/// in this buffer (it is being copied there, or held for more buffers).
+/// Still set on an INFLIGHT entry after a crash, it counts a frame the
+/// dead instance took from the wire and never delivered.
+pub const RX_TAKEN: u32 = 1;
+
 /// `attach-net`: `wire=tap` or `wire=cable`, the kind of the wire fd.
 pub const KEY_WIRE: &str = "wire";
 /// `attached` of a vif: TX packets sent again by this instance.
@@ -83,6 +92,9 @@ pub const KEY_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
 /// `attached` of a vif: posted RX buffers handed over from the dead
 /// instance.
 pub const KEY_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+/// `attached` of a vif: frames the dead instance had read from the wire
+/// and not delivered ([`RX_TAKEN`]).
+pub const KEY_RX_DROPPED_IN_CRASH: &str = "rx-dropped-in-crash";
 
 /// Static configuration of one network backend instance.
 #[derive(Clone, Debug)]
@@ -121,6 +133,7 @@ pub struct NetRecovery {
     pub tx_replayed: u64,
     pub tx_maybe_duplicated: u64,
     pub rx_buffers_recovered: u64,
+    pub rx_dropped_in_crash: u64,
 }
 
 /// A posted RX buffer.
@@ -156,6 +169,9 @@ struct Vif {
     pool: VecDeque<Posted>,
     /// A frame read from the wire that waits for more buffers.
     held: Option<Vec<u8>>,
+    /// The RX entry last marked [`RX_TAKEN`] (so a held frame is marked
+    /// once, not at every retry).
+    rx_taken: Option<EntryId>,
     /// A poll on the wire is armed.
     wire_armed: bool,
     /// The wire was seen readable and not yet drained.
@@ -709,13 +725,19 @@ impl NetBackend {
             .collect();
         let plan = match rx_plan(&posted, &rx_frame, vif.rx_features) {
             Ok(plan) => plan,
-            Err(NetifRxError::NotEnoughBuffers { .. }) => return false,
+            Err(NetifRxError::NotEnoughBuffers { .. }) => {
+                mark_rx_taken(&self.cfg.device, vif);
+                return false;
+            }
             Err(e) => {
                 tracing::debug!(device = %self.cfg.device, error = %e, "RX frame dropped");
                 self.stats.rx_dropped += 1;
                 return true;
             }
         };
+        // Before the first copy: from here a crash loses a frame the wire
+        // no longer holds, and the next instance counts it.
+        mark_rx_taken(&self.cfg.device, vif);
         let mut ok = true;
         for copy in &plan.copies {
             let written = vif
@@ -750,6 +772,7 @@ impl NetBackend {
             }
             answer_rx(&self.cfg.device, vif, posted.entry, &rsp);
         }
+        vif.rx_taken = None;
         true
     }
 
@@ -867,8 +890,10 @@ impl NetBackend {
         };
         let rx = match (&rx_log, recover) {
             (Some(log), true) => {
-                let (ring, plan, _) = recover_ring::<NetifRx>(log, rx_pages)?;
+                let (ring, plan, snapshot) = recover_ring::<NetifRx>(log, rx_pages)?;
                 plans[1] = Some(plan);
+                self.recovery.rx_dropped_in_crash += rx_taken_and_lost(log, &snapshot)
+                    .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
                 ring
             }
             _ => BackRing::<NetifRx>::attach(rx_pages).map_err(|e| inval(&e))?,
@@ -918,6 +943,7 @@ impl NetBackend {
             no_csum_offload: conn.no_csum_offload,
             pool: VecDeque::new(),
             held: None,
+            rx_taken: None,
             wire_armed: false,
             wire_readable: true,
             tx_unpublished: false,
@@ -981,6 +1007,23 @@ impl NetBackend {
     }
 }
 
+/// Marks the first pooled RX buffer's entry [`RX_TAKEN`]: a frame from
+/// the wire is bound for it.
+fn mark_rx_taken(device: &str, vif: &mut Vif) {
+    let Some(entry) = vif.pool.front().and_then(|p| p.entry) else {
+        return;
+    };
+    if vif.rx_taken == Some(entry) {
+        return;
+    }
+    if let Some(log) = vif.rx_log.as_ref() {
+        if let Err(e) = log.set_progress(entry, RX_TAKEN) {
+            log_failed(device, e);
+        }
+    }
+    vif.rx_taken = Some(entry);
+}
+
 /// Puts an RX response in the slot of its request and logs it COMPLETING.
 fn answer_rx(device: &str, vif: &mut Vif, entry: Option<EntryId>, rsp: &NetifRxResponse) {
     let idx = match vif.rx.put_response(rsp) {
@@ -1019,6 +1062,22 @@ fn tx_progress(snap: &LogSnapshot) -> (HashSet<u32>, HashMap<u32, Vec<TxSlotReco
         }
     }
     (sent, answered)
+}
+
+/// Frames the dead instance took from the wire and never delivered: RX
+/// entries still INFLIGHT with [`RX_TAKEN`] set. Their flags are cleared
+/// before the buffers go back to the pool, so a later crash does not count
+/// them again. (A crash between the clearing and the `attached` reply
+/// loses the count, never doubles it.)
+fn rx_taken_and_lost(log: &ShadowLog, snap: &LogSnapshot) -> Result<u64, ShadowError> {
+    let mut lost = 0;
+    for (i, e) in snap.entries.iter().enumerate() {
+        if e.state() == Some(EntryState::Inflight) && e.progress & RX_TAKEN != 0 {
+            log.set_progress(EntryId(i as u32), 0)?;
+            lost += 1;
+        }
+    }
+    Ok(lost)
 }
 
 /// Extra-info slots at the start of a packet's collected slots.
@@ -1328,7 +1387,8 @@ impl EventLoop for NetBackend {
                 let reply = attach_reply(result)
                     .with(KEY_TX_REPLAYED, recovered.tx_replayed)
                     .with(KEY_TX_MAYBE_DUPLICATED, recovered.tx_maybe_duplicated)
-                    .with(KEY_RX_BUFFERS_RECOVERED, recovered.rx_buffers_recovered);
+                    .with(KEY_RX_BUFFERS_RECOVERED, recovered.rx_buffers_recovered)
+                    .with(KEY_RX_DROPPED_IN_CRASH, recovered.rx_dropped_in_crash);
                 self.control.send(&reply, &[]).map_err(control_err)
             }
             kind::DETACH => match self.vif.as_mut() {
