@@ -305,8 +305,7 @@ impl NetBackend {
                     self.answer_tx(&slots, &entries, NETIF_RSP_ERROR, &[]);
                 }
                 Some(Ok(request)) => {
-                    let slots = request.slots().clone();
-                    let entries = self.log_tx(first_index, &slots);
+                    let entries = self.log_tx(first_index, request.slots());
                     self.execute_tx(request, &entries, false);
                 }
             }
