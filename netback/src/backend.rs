@@ -13,8 +13,9 @@
 //! - **TX**, per packet: its slots are copied out of the ring once and
 //!   validated as Linux netback does ([`crate::netif::parse_tx`]), each
 //!   slot logged (one shadow-log entry per slot), the data read from the
-//!   granted pages into a private frame, a blank checksum completed, the
-//!   frame written to the wire, the first slot's entry marked *sent*, and
+//!   granted pages into a private frame, a blank checksum completed (a
+//!   cable) or left to the kernel with GSO (a TAP: `NEEDS_CSUM` and the
+//!   segmentation in the virtio-net header), the frame written to the wire, the first slot's entry marked *sent*, and
 //!   every slot answered. A fatal verdict disconnects this vif only.
 //! - **RX**: posted buffers are logged as taken and kept in a pool; a frame
 //!   from the wire is copied into the first buffers of the pool and each
@@ -65,7 +66,9 @@ use crate::netif::{rx_plan, Checksum, NetifRxError, RxFeatures, RxFrame, TxSlots
 use crate::record::response;
 use crate::record::rx as rxrec;
 use crate::record::tx::{self as txrec, TxSlotRecord};
-use crate::wire::{SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN};
+use crate::wire::{
+    Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN,
+};
 
 /// Token ring numbers of a vif.
 const TX: u8 = 0;
@@ -378,8 +381,11 @@ impl NetBackend {
         let vif = self.vif.as_mut().ok_or("no vif")?;
         let hdr = vif.wire.header_len().bytes();
         let size = usize::from(packet.size);
-        if packet.gso.is_some() {
-            return Err("GSO was not negotiated".into());
+        // A TAP takes partial checksums and TCP super-frames as they are
+        // (the kernel finishes them); a cable carries only finished frames.
+        let offload = vif.wire.kind() == WireKind::Tap;
+        if packet.gso.is_some() && !offload {
+            return Err("GSO on a wire that does not segment".into());
         }
         let frame = &mut self.frame[..hdr + size];
         frame[..hdr].fill(0);
@@ -398,11 +404,34 @@ impl NetBackend {
                 .map_err(|e| e.to_string())?;
             at += len;
         }
-        if packet.checksum == Checksum::Partial {
-            checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
-        }
-        VnetHeader::plain()
-            .encode(&mut frame[..hdr], vif.wire.header_len())
+        let vnet = match (packet.gso, packet.checksum, offload) {
+            (None, Checksum::Partial, false) => {
+                checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                VnetHeader::plain()
+            }
+            (None, Checksum::Partial, true) => {
+                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                VnetHeader::partial(as_u16(at.start)?, as_u16(at.offset)?)
+            }
+            (None, _, _) => VnetHeader::plain(),
+            (Some(gso), _, _) => {
+                // Segmentation needs a partial checksum whatever the guest
+                // flagged (Linux netback sets one up the same way).
+                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                let ipv6 = gso.kind == crate::netif::GsoType::TcpV6;
+                if !at.is_tcp() || at.ipv6 != ipv6 {
+                    return Err(format!("GSO {:?} on a frame that is not one", gso.kind));
+                }
+                VnetHeader::tcp_segmentation(
+                    ipv6,
+                    gso.size,
+                    as_u16(at.header_end)?,
+                    as_u16(at.start)?,
+                    as_u16(at.offset)?,
+                )
+            }
+        };
+        vnet.encode(&mut frame[..hdr], vif.wire.header_len())
             .map_err(|e| e.to_string())?;
         match vif.wire.send(frame).map_err(|e| e.to_string())? {
             SendOutcome::Sent => {
@@ -703,16 +732,28 @@ impl NetBackend {
             }
             csum = Checksum::Validated;
         }
-        if hdr.gso_size != 0 {
-            // The supervisor does not enable TAP offloads for a netif vif
-            // without GSO, so this is a misbehaving peer.
-            self.stats.rx_dropped += 1;
-            return true;
-        }
+        // A TCP super-frame, which the TAP only hands over when this vif's
+        // guest accepts the kind (TUNSETOFFLOAD at attach); anything else
+        // is a misbehaving peer. rx_plan checks the size and the kind.
+        let gso = match hdr.tcp_gso() {
+            Ok(None) => None,
+            Ok(Some((ipv6, size))) if csum == Checksum::Partial => Some(crate::netif::Gso {
+                kind: if ipv6 {
+                    crate::netif::GsoType::TcpV6
+                } else {
+                    crate::netif::GsoType::TcpV4
+                },
+                size,
+            }),
+            Ok(Some(_)) | Err(()) => {
+                self.stats.rx_dropped += 1;
+                return true;
+            }
+        };
         let rx_frame = RxFrame {
             len: data.len(),
             checksum: csum,
-            gso: None,
+            gso,
         };
         // A frame takes at most XEN_NETIF_NR_SLOTS_MIN data buffers and a
         // GSO extra: look no further into the pool.
@@ -813,10 +854,16 @@ impl NetBackend {
             .map_err(|e| inval(&e))?
             .unwrap_or(false);
         let conn: &NetConnectRequest = &req.connect;
-        // Segmentation offload is not built: a frontend must not have been
-        // offered it (docs/ARCHITECTURE.md §11.6).
-        if conn.features.gso_tcpv4 || conn.features.gso_tcpv6 {
-            return Err(inval(&"GSO is not offered by this backend"));
+        // Segmentation is the TAP's (docs/ARCHITECTURE.md §11.6): a cable
+        // carries finished frames only, so its vifs are not offered GSO.
+        let gso = conn.features.gso_tcpv4 || conn.features.gso_tcpv6;
+        if gso && wire_kind == WireKind::Cable {
+            return Err(inval(&"GSO is not offered on a cable"));
+        }
+        if gso && conn.no_csum_offload {
+            return Err(inval(
+                &"GSO needs checksum offload (feature-no-csum-offload=0)",
+            ));
         }
         let want = conn.fd_count() + 1 + if shadow { 2 } else { 0 };
         if fds.len() != want {
@@ -847,6 +894,17 @@ impl NetBackend {
         };
         let wire =
             Wire::from_fd(wire_kind, next()?, VnetHeaderLen::Basic).map_err(|e| inval(&e))?;
+        if wire_kind == WireKind::Tap {
+            // What the kernel may hand over unfinished: what this guest
+            // accepts (a previous attachment's guest may have differed).
+            wire.set_offloads(Offloads {
+                csum: !conn.no_csum_offload,
+                tso4: conn.features.gso_tcpv4,
+                tso6: conn.features.gso_tcpv6,
+                ..Offloads::default()
+            })
+            .map_err(|e| inval(&e))?;
+        }
         let logs = if shadow && self.cfg.shadow {
             let (tx_log, g1) =
                 open_shadow_log(&self.cfg.crash_at, next()?).map_err(|e| inval(&e))?;
@@ -936,8 +994,8 @@ impl NetBackend {
             wire,
             rx_features: RxFeatures {
                 sg: features.sg,
-                gso_tcpv4: false,
-                gso_tcpv6: false,
+                gso_tcpv4: features.gso_tcpv4,
+                gso_tcpv6: features.gso_tcpv6,
             },
             no_csum_offload: conn.no_csum_offload,
             pool: VecDeque::new(),
@@ -1061,6 +1119,11 @@ fn tx_progress(snap: &LogSnapshot) -> (HashSet<u32>, HashMap<u32, Vec<TxSlotReco
         }
     }
     (sent, answered)
+}
+
+/// An offset inside a frame (at most [`MAX_FRAME_LEN`]) as a header field.
+fn as_u16(at: usize) -> Result<u16, String> {
+    u16::try_from(at).map_err(|_| format!("offset {at} beyond a frame"))
 }
 
 /// Frames the dead instance took from the wire and never delivered: RX
