@@ -17,7 +17,7 @@ use shadowback_guest::workload::Report;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
 use crate::demo_net::{self, NetPair, NetReport};
-use crate::faults::{self, FaultKind, FaultSpec, Injector};
+use crate::faults::{self, FaultSpec, Injector};
 use crate::scratch::TempDir;
 use crate::CliError;
 
@@ -284,18 +284,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     } else {
         print_report(&r);
         if !injected.is_empty() {
-            let kills = injected
-                .iter()
-                .filter(|f| f.kind == FaultKind::Kill)
-                .count();
-            println!("recovery");
-            println!(
-                "  faults injected   {:>10}  ({kills} kills, {} hangs)",
-                injected.len(),
-                injected.len() - kills
+            faults::print_recovery_head(
+                "recovery",
+                &injected,
+                [out.crashes, out.hangs, out.recoveries],
             );
-            println!("  crashes / hangs   {:>10} / {}", out.crashes, out.hangs);
-            println!("  recoveries        {:>10}", out.recoveries);
             println!(
                 "  replayed          {:>10}  requests re-executed",
                 out.replayed

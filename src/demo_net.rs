@@ -14,7 +14,7 @@ use shadowback_guest::net::{run_stream, ProgressHook, StreamParams, StreamReport
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::NicConfig;
 
-use crate::faults::{self, FaultKind, FaultSpec, Injected, Injector};
+use crate::faults::{self, FaultSpec, Injected, Injector};
 use crate::guest_cmd::monotonic_ns;
 use crate::CliError;
 
@@ -226,15 +226,11 @@ impl NetReport {
         if faults.is_empty() {
             return;
         }
-        let kills = faults.iter().filter(|f| f.kind == FaultKind::Kill).count();
-        println!("recovery (both vifs)");
-        println!(
-            "  faults injected   {:>10}  ({kills} kills, {} hangs)",
-            faults.len(),
-            faults.len() - kills
+        faults::print_recovery_head(
+            "recovery (both vifs)",
+            faults,
+            [self.crashes, self.hangs, self.recoveries],
         );
-        println!("  crashes / hangs   {:>10} / {}", self.crashes, self.hangs);
-        println!("  recoveries        {:>10}", self.recoveries);
         println!(
             "  TX replayed       {:>10}  packets sent again ({} recoveries may have sent one twice)",
             self.tx_replayed, self.tx_maybe_duplicated

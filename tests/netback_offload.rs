@@ -18,10 +18,10 @@ use shadowback_ring::netif::{
 };
 use shadowback_ring::sring::{FrontRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion};
-use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest, NetFeatures};
+use shadowback_xenbus::netif::NetFeatures;
 
 mod netback_common;
-use netback_common::NetbackProcess;
+use netback_common::{attach_message_on, test_connect, NetbackProcess};
 
 const PAGE: u64 = 4096;
 const GRANT_FRAMES: u32 = 1;
@@ -292,31 +292,13 @@ fn gso_and_blank_checksums_reach_the_tap_as_offloads() {
         let sock = packet_socket(TAP_NAME);
         let mut guest = Guest::new();
         let mut backend = NetbackProcess::spawn(&[]);
-        let connect = NetConnectRequest {
-            device: "vif0".into(),
-            frontend_id: 1,
-            grant_frames: GRANT_FRAMES,
-            tx_ring_ref: TX_RING_GREF,
-            rx_ring_ref: RX_RING_GREF,
-            features: NetFeatures {
-                sg: true,
-                gso_tcpv4: true,
-                ..NetFeatures::default()
-            },
-            no_csum_offload: false,
-            split_event_channels: false,
+        let features = NetFeatures {
+            sg: true,
+            gso_tcpv4: true,
+            ..NetFeatures::default()
         };
-        let msg = NetAttachRequest {
-            frontend: "test-guest".into(),
-            connect,
-            mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            mtu: 1500,
-        }
-        .to_message()
-        .with("wire", "tap")
-        .with("shadow", 0)
-        .with("recover", 0)
-        .with("blame", 0);
+        let connect = test_connect(GRANT_FRAMES, TX_RING_GREF, RX_RING_GREF, features);
+        let msg = attach_message_on(connect, "tap", false, false, false);
         let wire = tap.queue_fds()[0].as_fd();
         backend.attach(
             &msg,

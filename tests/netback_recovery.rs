@@ -23,7 +23,7 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{FrontRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_shadow::ShadowLog;
-use shadowback_xenbus::netif::{NetConnectRequest, NetFeatures};
+use shadowback_xenbus::netif::NetFeatures;
 use shadowback_xenbus::Message;
 
 mod netback_common;
@@ -90,19 +90,12 @@ impl Vif {
     }
 
     fn attach_message(&self, recover: bool, blame: bool) -> Message {
-        let connect = NetConnectRequest {
-            device: "vif0".into(),
-            frontend_id: 1,
-            grant_frames: GRANT_FRAMES,
-            tx_ring_ref: TX_RING_GREF,
-            rx_ring_ref: RX_RING_GREF,
-            features: NetFeatures {
-                sg: true,
-                ..NetFeatures::default()
-            },
-            no_csum_offload: false,
-            split_event_channels: false,
+        let features = NetFeatures {
+            sg: true,
+            ..NetFeatures::default()
         };
+        let connect =
+            netback_common::test_connect(GRANT_FRAMES, TX_RING_GREF, RX_RING_GREF, features);
         netback_common::attach_message(connect, recover, blame)
     }
 
