@@ -137,10 +137,18 @@ fn demo_kills_the_network_pair_like_the_disk() {
     let net = assert_clean_net(&v, 8);
     let faults = int(net, "faults");
     // A kill that lands while the previous one is being recovered finds
-    // no process to kill: crashes may be fewer than the faults sent.
+    // no process to kill: crashes may be fewer than the faults sent. On a
+    // loaded machine the hang watchdog may also catch a slow instance
+    // (a recovery too), and the last kill of each vif may still be being
+    // recovered when the stream ends and status is read.
     let crashes = int(net, "crashes");
+    let failures = crashes + int(net, "hangs");
+    let recoveries = int(net, "recoveries");
     assert!(crashes >= 2 && crashes <= faults, "{v}");
-    assert_eq!(int(net, "recoveries"), crashes, "{v}");
+    assert!(
+        recoveries <= failures && recoveries + 2 >= failures,
+        "{recoveries} recoveries for {failures} failures: {v}"
+    );
     assert!(int(net, "rx_buffers_recovered") > 0, "{v}");
     assert!(int(&net["stall_us"], "max") > 0, "{v}");
     let net_plot = dir.path().join("timeline-net.svg");
