@@ -2,7 +2,10 @@
 //!
 //! A temporary sparse disk image, the supervisor with one blkback process
 //! for it, and a guest process running the verifying workload through a
-//! Xen ring. Prints live progress, then a report (or one JSON object).
+//! Xen ring; next to it (unless `--no-net`) two vifs on a cable with a
+//! guest on each moving a verified TCP stream ([`crate::demo_net`]). The
+//! faults of `--faults` hit the disk's and both vifs' backends alike.
+//! Prints live progress, then a report (or one JSON object).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -13,7 +16,8 @@ use serde::Serialize;
 use shadowback_guest::workload::Report;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
-use crate::faults::{self, FaultKind, FaultSpec, Injector};
+use crate::demo_net::{self, NetPair, NetReport};
+use crate::faults::{self, FaultSpec, Injector};
 use crate::scratch::TempDir;
 use crate::CliError;
 
@@ -40,9 +44,16 @@ pub struct DemoArgs {
     /// Faults to inject while the guest runs, e.g. `kill:every=200ms,hang:every=3s`.
     #[arg(long)]
     faults: Option<String>,
-    /// Where to write the timeline plot (SVG) of a run with faults.
+    /// Where to write the timeline plot (SVG) of a run with faults; the
+    /// network pair's goes next to it, with `-net` added to the name.
     #[arg(long, default_value = "shadowback-demo-timeline.svg")]
     plot: PathBuf,
+    /// Run the disk alone, without the network pair.
+    #[arg(long)]
+    no_net: bool,
+    /// Length of the network pair's TCP stream in MiB.
+    #[arg(long, default_value_t = 128)]
+    net_mib: u64,
 }
 
 /// The demo's JSON report.
@@ -70,13 +81,15 @@ struct DemoReport {
     duplicates: u64,
     stall_us: StallUs,
     plot: Option<PathBuf>,
+    /// The network pair (absent with `--no-net`).
+    net: Option<NetReport>,
 }
 
 #[derive(Serialize, Default, Clone, Copy)]
-struct StallUs {
-    p50: u64,
-    p99: u64,
-    max: u64,
+pub struct StallUs {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
 }
 
 #[derive(Serialize)]
@@ -103,7 +116,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             cache,
             ..DiskConfig::new("disk0", image.clone())
         }],
-        nics: Vec::new(),
+        nics: if args.no_net {
+            Vec::new()
+        } else {
+            demo_net::nics()
+        },
     };
     let cache_name = match cache {
         CacheMode::None => "none (O_DIRECT)",
@@ -114,8 +131,26 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             "shadowback demo: disk0 = {} MiB sparse image, cache {cache_name}; guest QD{} for {} s, then a full-image check",
             args.image_mib, args.qd, args.duration
         );
+        if !args.no_net {
+            eprintln!(
+                "  and {} <-> cable <-> {}: a guest on each, one verified TCP stream of {} MiB",
+                demo_net::VIF_A,
+                demo_net::VIF_B,
+                args.net_mib
+            );
+        }
     }
     let supervisor = SupervisorThread::start(cfg.clone(), BackendCommand::current_exe()?)?;
+    let net = if args.no_net {
+        None
+    } else {
+        Some(NetPair::start(
+            &cfg.socket,
+            args.net_mib.max(1) << 20,
+            args.seed,
+            &specs,
+        )?)
+    };
     let exe = std::env::current_exe()?;
     let stamps_path = dir.0.join("completions.bin");
     let mut guest = Command::new(exe)
@@ -175,17 +210,25 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     if !args.json {
         eprintln!();
     }
-    let counters = crate::control_cmd::query_status(&cfg.socket)
-        .ok()
-        .and_then(|mut d| d.pop());
+    let net = net.map(NetPair::finish).transpose()?;
+    let devices = crate::control_cmd::query_status(&cfg.socket).unwrap_or_default();
     supervisor.stop()?;
-    let count = |key: &str| {
-        counters
-            .as_ref()
-            .and_then(|m| m.get(key))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
+    // `key` of the status of each device in `names`, summed.
+    let sum = |names: &[&str], key: &str| -> u64 {
+        devices
+            .iter()
+            .filter(|m| m.get("device").is_some_and(|d| names.contains(&d)))
+            .filter_map(|m| m.get(key).and_then(|v| v.parse::<u64>().ok()))
+            .sum()
     };
+    let count = |key: &str| sum(&["disk0"], key);
+    let net_report = net.as_ref().map(|o| {
+        NetReport::new(
+            o,
+            |key| sum(&[demo_net::VIF_A, demo_net::VIF_B], key),
+            &args.plot,
+        )
+    });
     let mut stall = StallUs::default();
     let mut plot = None;
     if !injected.is_empty() {
@@ -234,24 +277,18 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         duplicates: r.duplicates,
         stall_us: stall,
         plot,
+        net: net_report,
     };
     if args.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         print_report(&r);
         if !injected.is_empty() {
-            let kills = injected
-                .iter()
-                .filter(|f| f.kind == FaultKind::Kill)
-                .count();
-            println!("recovery");
-            println!(
-                "  faults injected   {:>10}  ({kills} kills, {} hangs)",
-                injected.len(),
-                injected.len() - kills
+            faults::print_recovery_head(
+                "recovery",
+                &injected,
+                [out.crashes, out.hangs, out.recoveries],
             );
-            println!("  crashes / hangs   {:>10} / {}", out.crashes, out.hangs);
-            println!("  recoveries        {:>10}", out.recoveries);
             println!(
                 "  replayed          {:>10}  requests re-executed",
                 out.replayed
@@ -278,8 +315,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 println!("  timeline plot     {}", p.display());
             }
         }
+        if let (Some(n), Some(o)) = (&out.net, &net) {
+            n.print(&o.faults);
+        }
     }
-    Ok(if r.verify_failures == 0 && r.io_errors == 0 {
+    let net_ok = out.net.as_ref().is_none_or(NetReport::passed);
+    Ok(if r.verify_failures == 0 && r.io_errors == 0 && net_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -167,6 +167,24 @@ impl Injector {
     }
 }
 
+/// The first lines of a report's recovery table: what was injected and
+/// what the supervisor counted.
+pub fn print_recovery_head(title: &str, injected: &[Injected], counted: [u64; 3]) {
+    let [crashes, hangs, recoveries] = counted;
+    let kills = injected
+        .iter()
+        .filter(|f| f.kind == FaultKind::Kill)
+        .count();
+    println!("{title}");
+    println!(
+        "  faults injected   {:>10}  ({kills} kills, {} hangs)",
+        injected.len(),
+        injected.len() - kills
+    );
+    println!("  crashes / hangs   {:>10} / {hangs}", crashes);
+    println!("  recoveries        {:>10}", recoveries);
+}
+
 /// Reads the guest's completion stamps (u64 LE ns).
 pub fn read_stamps(path: &Path) -> Result<Vec<u64>, CliError> {
     let bytes = std::fs::read(path)?;

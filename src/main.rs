@@ -15,6 +15,7 @@ mod backend_cmd;
 mod bench;
 mod control_cmd;
 mod demo;
+mod demo_net;
 mod failover;
 mod faults;
 mod guest_cmd;

@@ -16,21 +16,14 @@ use shadowback_testsupport::process::{alive, backend_pid_under, shadowback_bin, 
 use shadowback_testsupport::temp::{make_image, TempDir};
 use shadowback_testsupport::wait_for;
 
-#[test]
-fn demo_reports_a_clean_verified_run() {
-    let dir = TempDir::new("demo");
+/// Runs `shadowback demo --json` with `args` in `dir`; returns its report
+/// and the work directory it used (which must be gone afterwards).
+fn run_demo(dir: &TempDir, args: &[&str]) -> (serde_json::Value, std::path::PathBuf) {
     let mut child = ChildGuard::spawn(
         Command::new(shadowback_bin())
-            .args([
-                "demo",
-                "--duration",
-                "2",
-                "--json",
-                "--image-mib",
-                "64",
-                "--dir",
-            ])
+            .args(["demo", "--json", "--dir"])
             .arg(dir.path())
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
@@ -52,13 +45,12 @@ fn demo_reports_a_clean_verified_run() {
         .expect("stdout")
         .read_to_string(&mut stdout)
         .expect("read stdout");
-    let status = child.wait(Duration::from_secs(60), "shadowback demo");
+    let status = child.wait(Duration::from_secs(90), "shadowback demo");
     let stderr = err_reader.join().expect("stderr reader");
     assert!(
         status.success(),
         "demo failed ({status}); stderr:\n{stderr}\nstdout:\n{stdout}"
     );
-
     let json_line = stdout
         .lines()
         .rev()
@@ -66,11 +58,36 @@ fn demo_reports_a_clean_verified_run() {
         .unwrap_or_else(|| {
             panic!("no JSON object on stdout:\n{stdout}\nstderr:\n{stderr}");
         });
-    let v: serde_json::Value = serde_json::from_str(json_line).expect("demo prints valid JSON");
-    let u = |k: &str| {
-        v[k].as_u64()
-            .unwrap_or_else(|| panic!("{k} missing or not an integer in {v}"))
-    };
+    let v = serde_json::from_str(json_line).expect("demo prints valid JSON");
+    (v, work_dir)
+}
+
+/// `key` of `v` as an integer, or a failure naming it.
+fn int(v: &serde_json::Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing or not an integer in {v}"))
+}
+
+/// The network pair's report: every byte of the stream verified, no
+/// reset, no response a guest did not ask for.
+fn assert_clean_net(v: &serde_json::Value, mib: u64) -> &serde_json::Value {
+    let net = &v["net"];
+    assert_eq!(net["verified"], true, "net stream: {v}");
+    assert_eq!(int(net, "bytes"), mib << 20, "net stream: {v}");
+    assert_eq!(int(net, "resets"), 0, "net stream: {v}");
+    assert_eq!(int(net, "bad_responses"), 0, "net stream: {v}");
+    net
+}
+
+#[test]
+fn demo_reports_a_clean_verified_run() {
+    let dir = TempDir::new("demo");
+    let (v, work_dir) = run_demo(
+        &dir,
+        &["--duration", "2", "--image-mib", "64", "--net-mib", "8"],
+    );
+    let u = |k: &str| int(&v, k);
     assert!(u("ops") > 0, "ops: {v}");
     assert!(u("bytes") > 0, "bytes: {v}");
     assert_eq!(u("verify_failures"), 0, "verify failures: {v}");
@@ -85,10 +102,61 @@ fn demo_reports_a_clean_verified_run() {
         "final check: {v}"
     );
     assert_eq!(u("image_bytes"), 64 * 1024 * 1024, "image size: {v}");
+    let net = assert_clean_net(&v, 8);
+    assert_eq!(int(net, "faults"), 0, "no faults asked: {v}");
     assert!(
         !work_dir.exists(),
         "the demo left {} behind",
         work_dir.display()
+    );
+}
+
+/// The network pair next to the disk takes the same kills: both vifs'
+/// backends are killed and recovered while the stream runs, and its
+/// report and timeline say so.
+#[test]
+fn demo_kills_the_network_pair_like_the_disk() {
+    let dir = TempDir::new("demo-net-faults");
+    let plot = dir.path().join("timeline.svg");
+    let (v, _) = run_demo(
+        &dir,
+        &[
+            "--duration",
+            "3",
+            "--image-mib",
+            "32",
+            "--net-mib",
+            "8",
+            "--faults",
+            "kill:every=150ms",
+            "--plot",
+            plot.to_str().expect("a UTF-8 temp path"),
+        ],
+    );
+    assert_eq!(int(&v, "verify_failures"), 0, "{v}");
+    let net = assert_clean_net(&v, 8);
+    let faults = int(net, "faults");
+    // A kill that lands while the previous one is being recovered finds
+    // no process to kill: crashes may be fewer than the faults sent. On a
+    // loaded machine the hang watchdog may also catch a slow instance
+    // (a recovery too), and the last kill of each vif may still be being
+    // recovered when the stream ends and status is read.
+    let crashes = int(net, "crashes");
+    let failures = crashes + int(net, "hangs");
+    let recoveries = int(net, "recoveries");
+    assert!(crashes >= 2 && crashes <= faults, "{v}");
+    assert!(
+        recoveries <= failures && recoveries + 2 >= failures,
+        "{recoveries} recoveries for {failures} failures: {v}"
+    );
+    assert!(int(net, "rx_buffers_recovered") > 0, "{v}");
+    assert!(int(&net["stall_us"], "max") > 0, "{v}");
+    let net_plot = dir.path().join("timeline-net.svg");
+    assert_eq!(net["plot"].as_str(), net_plot.to_str(), "{v}");
+    let svg = std::fs::read_to_string(&net_plot).expect("the network timeline");
+    assert!(
+        svg.contains("<svg") && svg.contains("stroke=\"red\""),
+        "{svg}"
     );
 }
 

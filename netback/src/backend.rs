@@ -13,8 +13,9 @@
 //! - **TX**, per packet: its slots are copied out of the ring once and
 //!   validated as Linux netback does ([`crate::netif::parse_tx`]), each
 //!   slot logged (one shadow-log entry per slot), the data read from the
-//!   granted pages into a private frame, a blank checksum completed, the
-//!   frame written to the wire, the first slot's entry marked *sent*, and
+//!   granted pages into a private frame, a blank checksum completed (a
+//!   cable) or left to the kernel with GSO (a TAP: `NEEDS_CSUM` and the
+//!   segmentation in the virtio-net header), the frame written to the wire, the first slot's entry marked *sent*, and
 //!   every slot answered. A fatal verdict disconnects this vif only.
 //! - **RX**: posted buffers are logged as taken and kept in a pool; a frame
 //!   from the wire is copied into the first buffers of the pool and each
@@ -24,7 +25,9 @@
 //!   sent again (at most the one packet being written at the crash can go
 //!   out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
 //!   dead instance was still logging is completed from the ring. RX
-//!   buffers not answered go back to the pool (`rx-buffers-recovered`).
+//!   buffers not answered go back to the pool (`rx-buffers-recovered`); a
+//!   frame the dead instance had read from the wire and not delivered is
+//!   lost, as on any NIC, and counted (`rx-dropped-in-crash`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -50,7 +53,8 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
 use shadowback_shadow::{
-    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowError, ShadowLog,
+    REQUEST_SIZE,
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
 use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
@@ -62,7 +66,9 @@ use crate::netif::{rx_plan, Checksum, NetifRxError, RxFeatures, RxFrame, TxSlots
 use crate::record::response;
 use crate::record::rx as rxrec;
 use crate::record::tx::{self as txrec, TxSlotRecord};
-use crate::wire::{SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN};
+use crate::wire::{
+    Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN,
+};
 
 /// Token ring numbers of a vif.
 const TX: u8 = 0;
@@ -74,6 +80,12 @@ const WIRE: u8 = 2;
 /// wire (`ShadowLog::set_progress`).
 pub const TX_SENT: u32 = 1;
 
+/// Progress flag of an RX buffer's entry: a frame read from the wire starts
+/// in this buffer (it is being copied there, or held for more buffers).
+/// Still set on an INFLIGHT entry after a crash, it counts a frame the
+/// dead instance took from the wire and never delivered.
+pub const RX_TAKEN: u32 = 1;
+
 /// `attach-net`: `wire=tap` or `wire=cable`, the kind of the wire fd.
 pub const KEY_WIRE: &str = "wire";
 /// `attached` of a vif: TX packets sent again by this instance.
@@ -83,6 +95,9 @@ pub const KEY_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
 /// `attached` of a vif: posted RX buffers handed over from the dead
 /// instance.
 pub const KEY_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+/// `attached` of a vif: frames the dead instance had read from the wire
+/// and not delivered ([`RX_TAKEN`]).
+pub const KEY_RX_DROPPED_IN_CRASH: &str = "rx-dropped-in-crash";
 
 /// Static configuration of one network backend instance.
 #[derive(Clone, Debug)]
@@ -121,6 +136,7 @@ pub struct NetRecovery {
     pub tx_replayed: u64,
     pub tx_maybe_duplicated: u64,
     pub rx_buffers_recovered: u64,
+    pub rx_dropped_in_crash: u64,
 }
 
 /// A posted RX buffer.
@@ -156,6 +172,9 @@ struct Vif {
     pool: VecDeque<Posted>,
     /// A frame read from the wire that waits for more buffers.
     held: Option<Vec<u8>>,
+    /// The RX entry last marked [`RX_TAKEN`] (so a held frame is marked
+    /// once, not at every retry).
+    rx_taken: Option<EntryId>,
     /// A poll on the wire is armed.
     wire_armed: bool,
     /// The wire was seen readable and not yet drained.
@@ -289,8 +308,7 @@ impl NetBackend {
                     self.answer_tx(&slots, &entries, NETIF_RSP_ERROR, &[]);
                 }
                 Some(Ok(request)) => {
-                    let slots = request.slots().clone();
-                    let entries = self.log_tx(first_index, &slots);
+                    let entries = self.log_tx(first_index, request.slots());
                     self.execute_tx(request, &entries, false);
                 }
             }
@@ -363,8 +381,11 @@ impl NetBackend {
         let vif = self.vif.as_mut().ok_or("no vif")?;
         let hdr = vif.wire.header_len().bytes();
         let size = usize::from(packet.size);
-        if packet.gso.is_some() {
-            return Err("GSO was not negotiated".into());
+        // A TAP takes partial checksums and TCP super-frames as they are
+        // (the kernel finishes them); a cable carries only finished frames.
+        let offload = vif.wire.kind() == WireKind::Tap;
+        if packet.gso.is_some() && !offload {
+            return Err("GSO on a wire that does not segment".into());
         }
         let frame = &mut self.frame[..hdr + size];
         frame[..hdr].fill(0);
@@ -383,11 +404,34 @@ impl NetBackend {
                 .map_err(|e| e.to_string())?;
             at += len;
         }
-        if packet.checksum == Checksum::Partial {
-            checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
-        }
-        VnetHeader::plain()
-            .encode(&mut frame[..hdr], vif.wire.header_len())
+        let vnet = match (packet.gso, packet.checksum, offload) {
+            (None, Checksum::Partial, false) => {
+                checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                VnetHeader::plain()
+            }
+            (None, Checksum::Partial, true) => {
+                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                VnetHeader::partial(as_u16(at.start)?, as_u16(at.offset)?)
+            }
+            (None, _, _) => VnetHeader::plain(),
+            (Some(gso), _, _) => {
+                // Segmentation needs a partial checksum whatever the guest
+                // flagged (Linux netback sets one up the same way).
+                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+                let ipv6 = gso.kind == crate::netif::GsoType::TcpV6;
+                if !at.is_tcp() || at.ipv6 != ipv6 {
+                    return Err(format!("GSO {:?} on a frame that is not one", gso.kind));
+                }
+                VnetHeader::tcp_segmentation(
+                    ipv6,
+                    gso.size,
+                    as_u16(at.header_end)?,
+                    as_u16(at.start)?,
+                    as_u16(at.offset)?,
+                )
+            }
+        };
+        vnet.encode(&mut frame[..hdr], vif.wire.header_len())
             .map_err(|e| e.to_string())?;
         match vif.wire.send(frame).map_err(|e| e.to_string())? {
             SendOutcome::Sent => {
@@ -688,16 +732,28 @@ impl NetBackend {
             }
             csum = Checksum::Validated;
         }
-        if hdr.gso_size != 0 {
-            // The supervisor does not enable TAP offloads for a netif vif
-            // without GSO, so this is a misbehaving peer.
-            self.stats.rx_dropped += 1;
-            return true;
-        }
+        // A TCP super-frame, which the TAP only hands over when this vif's
+        // guest accepts the kind (TUNSETOFFLOAD at attach); anything else
+        // is a misbehaving peer. rx_plan checks the size and the kind.
+        let gso = match hdr.tcp_gso() {
+            Ok(None) => None,
+            Ok(Some((ipv6, size))) if csum == Checksum::Partial => Some(crate::netif::Gso {
+                kind: if ipv6 {
+                    crate::netif::GsoType::TcpV6
+                } else {
+                    crate::netif::GsoType::TcpV4
+                },
+                size,
+            }),
+            Ok(Some(_)) | Err(()) => {
+                self.stats.rx_dropped += 1;
+                return true;
+            }
+        };
         let rx_frame = RxFrame {
             len: data.len(),
             checksum: csum,
-            gso: None,
+            gso,
         };
         // A frame takes at most XEN_NETIF_NR_SLOTS_MIN data buffers and a
         // GSO extra: look no further into the pool.
@@ -709,13 +765,19 @@ impl NetBackend {
             .collect();
         let plan = match rx_plan(&posted, &rx_frame, vif.rx_features) {
             Ok(plan) => plan,
-            Err(NetifRxError::NotEnoughBuffers { .. }) => return false,
+            Err(NetifRxError::NotEnoughBuffers { .. }) => {
+                mark_rx_taken(&self.cfg.device, vif);
+                return false;
+            }
             Err(e) => {
                 tracing::debug!(device = %self.cfg.device, error = %e, "RX frame dropped");
                 self.stats.rx_dropped += 1;
                 return true;
             }
         };
+        // Before the first copy: from here a crash loses a frame the wire
+        // no longer holds, and the next instance counts it.
+        mark_rx_taken(&self.cfg.device, vif);
         let mut ok = true;
         for copy in &plan.copies {
             let written = vif
@@ -750,6 +812,7 @@ impl NetBackend {
             }
             answer_rx(&self.cfg.device, vif, posted.entry, &rsp);
         }
+        vif.rx_taken = None;
         true
     }
 
@@ -791,10 +854,16 @@ impl NetBackend {
             .map_err(|e| inval(&e))?
             .unwrap_or(false);
         let conn: &NetConnectRequest = &req.connect;
-        // Segmentation offload is not built: a frontend must not have been
-        // offered it (docs/ARCHITECTURE.md §11.6).
-        if conn.features.gso_tcpv4 || conn.features.gso_tcpv6 {
-            return Err(inval(&"GSO is not offered by this backend"));
+        // Segmentation is the TAP's (docs/ARCHITECTURE.md §11.6): a cable
+        // carries finished frames only, so its vifs are not offered GSO.
+        let gso = conn.features.gso_tcpv4 || conn.features.gso_tcpv6;
+        if gso && wire_kind == WireKind::Cable {
+            return Err(inval(&"GSO is not offered on a cable"));
+        }
+        if gso && conn.no_csum_offload {
+            return Err(inval(
+                &"GSO needs checksum offload (feature-no-csum-offload=0)",
+            ));
         }
         let want = conn.fd_count() + 1 + if shadow { 2 } else { 0 };
         if fds.len() != want {
@@ -825,6 +894,17 @@ impl NetBackend {
         };
         let wire =
             Wire::from_fd(wire_kind, next()?, VnetHeaderLen::Basic).map_err(|e| inval(&e))?;
+        if wire_kind == WireKind::Tap {
+            // What the kernel may hand over unfinished: what this guest
+            // accepts (a previous attachment's guest may have differed).
+            wire.set_offloads(Offloads {
+                csum: !conn.no_csum_offload,
+                tso4: conn.features.gso_tcpv4,
+                tso6: conn.features.gso_tcpv6,
+                ..Offloads::default()
+            })
+            .map_err(|e| inval(&e))?;
+        }
         let logs = if shadow && self.cfg.shadow {
             let (tx_log, g1) =
                 open_shadow_log(&self.cfg.crash_at, next()?).map_err(|e| inval(&e))?;
@@ -867,8 +947,10 @@ impl NetBackend {
         };
         let rx = match (&rx_log, recover) {
             (Some(log), true) => {
-                let (ring, plan, _) = recover_ring::<NetifRx>(log, rx_pages)?;
+                let (ring, plan, snapshot) = recover_ring::<NetifRx>(log, rx_pages)?;
                 plans[1] = Some(plan);
+                self.recovery.rx_dropped_in_crash += rx_taken_and_lost(log, &snapshot)
+                    .map_err(|e| (ErrorCode::Einval, e.to_string()))?;
                 ring
             }
             _ => BackRing::<NetifRx>::attach(rx_pages).map_err(|e| inval(&e))?,
@@ -912,12 +994,13 @@ impl NetBackend {
             wire,
             rx_features: RxFeatures {
                 sg: features.sg,
-                gso_tcpv4: false,
-                gso_tcpv6: false,
+                gso_tcpv4: features.gso_tcpv4,
+                gso_tcpv6: features.gso_tcpv6,
             },
             no_csum_offload: conn.no_csum_offload,
             pool: VecDeque::new(),
             held: None,
+            rx_taken: None,
             wire_armed: false,
             wire_readable: true,
             tx_unpublished: false,
@@ -981,6 +1064,23 @@ impl NetBackend {
     }
 }
 
+/// Marks the first pooled RX buffer's entry [`RX_TAKEN`]: a frame from
+/// the wire is bound for it.
+fn mark_rx_taken(device: &str, vif: &mut Vif) {
+    let Some(entry) = vif.pool.front().and_then(|p| p.entry) else {
+        return;
+    };
+    if vif.rx_taken == Some(entry) {
+        return;
+    }
+    if let Some(log) = vif.rx_log.as_ref() {
+        if let Err(e) = log.set_progress(entry, RX_TAKEN) {
+            log_failed(device, e);
+        }
+    }
+    vif.rx_taken = Some(entry);
+}
+
 /// Puts an RX response in the slot of its request and logs it COMPLETING.
 fn answer_rx(device: &str, vif: &mut Vif, entry: Option<EntryId>, rsp: &NetifRxResponse) {
     let idx = match vif.rx.put_response(rsp) {
@@ -1019,6 +1119,27 @@ fn tx_progress(snap: &LogSnapshot) -> (HashSet<u32>, HashMap<u32, Vec<TxSlotReco
         }
     }
     (sent, answered)
+}
+
+/// An offset inside a frame (at most [`MAX_FRAME_LEN`]) as a header field.
+fn as_u16(at: usize) -> Result<u16, String> {
+    u16::try_from(at).map_err(|_| format!("offset {at} beyond a frame"))
+}
+
+/// Frames the dead instance took from the wire and never delivered: RX
+/// entries still INFLIGHT with [`RX_TAKEN`] set. Their flags are cleared
+/// before the buffers go back to the pool, so a later crash does not count
+/// them again. (A crash between the clearing and the `attached` reply
+/// loses the count, never doubles it.)
+fn rx_taken_and_lost(log: &ShadowLog, snap: &LogSnapshot) -> Result<u64, ShadowError> {
+    let mut lost = 0;
+    for (i, e) in snap.entries.iter().enumerate() {
+        if e.state() == Some(EntryState::Inflight) && e.progress & RX_TAKEN != 0 {
+            log.set_progress(EntryId(i as u32), 0)?;
+            lost += 1;
+        }
+    }
+    Ok(lost)
 }
 
 /// Extra-info slots at the start of a packet's collected slots.
@@ -1328,7 +1449,8 @@ impl EventLoop for NetBackend {
                 let reply = attach_reply(result)
                     .with(KEY_TX_REPLAYED, recovered.tx_replayed)
                     .with(KEY_TX_MAYBE_DUPLICATED, recovered.tx_maybe_duplicated)
-                    .with(KEY_RX_BUFFERS_RECOVERED, recovered.rx_buffers_recovered);
+                    .with(KEY_RX_BUFFERS_RECOVERED, recovered.rx_buffers_recovered)
+                    .with(KEY_RX_DROPPED_IN_CRASH, recovered.rx_dropped_in_crash);
                 self.control.send(&reply, &[]).map_err(control_err)
             }
             kind::DETACH => match self.vif.as_mut() {

@@ -29,10 +29,67 @@ const ETHERTYPE_VLAN: u16 = 0x8100;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 
+/// Where a frame's TCP or UDP checksum is, found by [`locate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L4Checksum {
+    /// The transport protocol: TCP (6) or UDP (17).
+    pub proto: u8,
+    /// Whether the network header is IPv6.
+    pub ipv6: bool,
+    /// Offset of the transport header in the frame (`csum_start`).
+    pub start: usize,
+    /// Offset of the checksum field from `start` (`csum_offset`).
+    pub offset: usize,
+    /// End of the transport header (TCP: by its data offset), where the
+    /// payload a segmentation splits begins.
+    pub header_end: usize,
+    /// Bytes of transport header and payload.
+    l4_len: usize,
+    /// The pseudo-header's sum, unfolded.
+    pseudo: u32,
+}
+
+impl L4Checksum {
+    pub fn is_tcp(&self) -> bool {
+        self.proto == PROTO_TCP
+    }
+}
+
 /// Completes the TCP or UDP checksum of an Ethernet frame in place: the
 /// checksum is computed over the pseudo-header and the whole segment,
 /// ignoring whatever partial sum the field held.
 pub fn complete(frame: &mut [u8]) -> Result<(), ChecksumError> {
+    let at = locate(frame)?;
+    let (l4, field) = (at.start, at.start + at.offset);
+    frame[field] = 0;
+    frame[field + 1] = 0;
+    let mut csum = fold(add(at.pseudo, &frame[l4..l4 + at.l4_len]));
+    if at.proto == PROTO_UDP && csum == 0 {
+        // RFC 768: a computed 0 is sent as all ones.
+        csum = 0xffff;
+    }
+    frame[field..field + 2].copy_from_slice(&csum.to_be_bytes());
+    Ok(())
+}
+
+/// Leaves the checksum to the device that receives the frame
+/// (`CHECKSUM_PARTIAL`, a virtio-net header's `NEEDS_CSUM`): the field is
+/// set to the pseudo-header's sum, as the device expects, whatever the
+/// guest wrote there. Returns where the checksum is, for the header.
+pub fn prepare_partial(frame: &mut [u8]) -> Result<L4Checksum, ChecksumError> {
+    let at = locate(frame)?;
+    let field = at.start + at.offset;
+    // The folded sum, not complemented: the device adds the segment to it
+    // and complements the total.
+    let sum = !fold(at.pseudo);
+    frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+    Ok(at)
+}
+
+/// Finds the TCP or UDP checksum of an Ethernet frame (IPv4, or IPv6
+/// without extension headers; one VLAN tag at most), checking every
+/// length against the frame.
+pub fn locate(frame: &[u8]) -> Result<L4Checksum, ChecksumError> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = be16(frame, 12).ok_or(ChecksumError::NotIp)?;
     if ethertype == ETHERTYPE_VLAN {
@@ -78,21 +135,27 @@ pub fn complete(frame: &mut [u8]) -> Result<(), ChecksumError> {
         }
         _ => return Err(ChecksumError::NotIp),
     };
-    let field = match proto {
-        PROTO_TCP if l4_len >= 20 => l4 + 16,
-        PROTO_UDP if l4_len >= 8 => l4 + 6,
+    let (offset, header_len) = match proto {
+        PROTO_TCP if l4_len >= 20 => {
+            let data_offset = usize::from(frame[l4 + 12] >> 4) * 4;
+            if data_offset < 20 || data_offset > l4_len {
+                return Err(ChecksumError::Truncated);
+            }
+            (16, data_offset)
+        }
+        PROTO_UDP if l4_len >= 8 => (6, 8),
         PROTO_TCP | PROTO_UDP => return Err(ChecksumError::Truncated),
         other => return Err(ChecksumError::Protocol(other)),
     };
-    frame[field] = 0;
-    frame[field + 1] = 0;
-    let mut csum = fold(add(pseudo, &frame[l4..l4 + l4_len]));
-    if proto == PROTO_UDP && csum == 0 {
-        // RFC 768: a computed 0 is sent as all ones.
-        csum = 0xffff;
-    }
-    frame[field..field + 2].copy_from_slice(&csum.to_be_bytes());
-    Ok(())
+    Ok(L4Checksum {
+        proto,
+        ipv6: ethertype == ETHERTYPE_IPV6,
+        start: l4,
+        offset,
+        header_end: l4 + header_len,
+        l4_len,
+        pseudo,
+    })
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
@@ -192,6 +255,24 @@ mod tests {
         f.extend(payload);
         complete(&mut f).unwrap();
         assert!(verify(&f, 54, &f[22..54], PROTO_TCP));
+    }
+
+    /// A partial checksum left to a device: the device sums the segment
+    /// from `start` (the field holding what `prepare_partial` put there)
+    /// and stores the complement; the result must verify.
+    #[test]
+    fn a_prepared_partial_checksum_is_completed_by_a_device() {
+        let mut f = udp4(b"left to the device");
+        f[14 + 20 + 6] = 0x55;
+        let at = prepare_partial(&mut f).unwrap();
+        assert_eq!(
+            (at.proto, at.start, at.offset, at.header_end),
+            (PROTO_UDP, 34, 6, 42)
+        );
+        assert!(!at.is_tcp() && !at.ipv6);
+        let device = fold(add(0, &f[at.start..]));
+        f[at.start + at.offset..at.start + at.offset + 2].copy_from_slice(&device.to_be_bytes());
+        assert!(verify(&f, 34, &f[26..34], PROTO_UDP));
     }
 
     #[test]

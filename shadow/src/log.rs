@@ -42,13 +42,89 @@ struct Writer {
     next_seq: u64,
     req_cons: u32,
     rsp_prod_pvt: u32,
-    /// Entries in state FREE.
+    /// Entries in state FREE, as a stack; `is_free[i]` says whether entry
+    /// `i` is on it, so every operation on it is O(1).
     free: Vec<u32>,
+    is_free: Vec<bool>,
     /// COMPLETING entries this instance wrote, with their `rsp_idx`, to be
     /// freed once `rsp_prod` covers them.
-    completing: Vec<(u32, u32)>,
+    completing: Completing,
     /// Whether this instance has published a response yet.
     productive: bool,
+}
+
+/// The COMPLETING entries of the live instance with their `rsp_idx`: a
+/// set over entry indices with O(1) insert and remove, so answering and
+/// freeing an entry costs the same whatever the ring size. Publishing
+/// walks only the entries still waiting for `rsp_prod`.
+#[derive(Debug)]
+struct Completing {
+    /// Entries in the set, in no particular order.
+    members: Vec<u32>,
+    /// Per entry: its position in `members` and its `rsp_idx`.
+    slot: Vec<Option<(u32, u32)>>,
+    /// A spare vector for `covered_by`, so publishing does not allocate.
+    spare: Vec<u32>,
+}
+
+impl Completing {
+    fn new(entries: u32) -> Self {
+        Completing {
+            members: Vec::new(),
+            slot: vec![None; entries as usize],
+            spare: Vec::new(),
+        }
+    }
+
+    /// Adds entry `i` answered at `rsp_idx`, or moves it there (re-push).
+    fn insert(&mut self, i: u32, rsp_idx: u32) {
+        let Some(slot) = self.slot.get_mut(i as usize) else {
+            return;
+        };
+        match slot {
+            Some((_, r)) => *r = rsp_idx,
+            None => {
+                *slot = Some((self.members.len() as u32, rsp_idx));
+                self.members.push(i);
+            }
+        }
+    }
+
+    fn remove(&mut self, i: u32) {
+        let Some((pos, _)) = self.slot.get_mut(i as usize).and_then(Option::take) else {
+            return;
+        };
+        self.members.swap_remove(pos as usize);
+        if let Some(&moved) = self.members.get(pos as usize) {
+            if let Some(Some((p, _))) = self.slot.get_mut(moved as usize) {
+                *p = pos;
+            }
+        }
+    }
+
+    /// Entries whose response `rsp_prod` publishes: `rsp_idx` in
+    /// `[rsp_prod - size, rsp_prod)` by wrapping difference — at most
+    /// `size` responses are ever unpublished. Hand the vector back with
+    /// [`recycle`](Self::recycle).
+    fn covered_by(&mut self, rsp_prod: u32, size: u32) -> Vec<u32> {
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.extend(self.members.iter().copied().filter(|&i| {
+            self.slot
+                .get(i as usize)
+                .copied()
+                .flatten()
+                .is_some_and(|(_, r)| {
+                    let behind = rsp_prod.wrapping_sub(r);
+                    behind >= 1 && behind <= size
+                })
+        }));
+        out
+    }
+
+    fn recycle(&mut self, v: Vec<u32>) {
+        self.spare = v;
+    }
 }
 
 impl std::fmt::Debug for ShadowLog {
@@ -223,12 +299,14 @@ impl ShadowLog {
         // Acquire: see every store of the fenced previous instance.
         fence(Ordering::Acquire);
         let mut free = Vec::new();
+        let mut is_free = vec![false; self.entries as usize];
         for i in (0..self.entries).rev() {
             let state: u32 = self
                 .region
                 .load(self.field(i, entry::STATE), Ordering::Acquire)?;
             if state == EntryState::Free.word() {
                 free.push(i);
+                is_free[i as usize] = true;
             }
         }
         let writer = Writer {
@@ -236,7 +314,8 @@ impl ShadowLog {
             req_cons: self.region.load(header::REQ_CONS, Ordering::Relaxed)?,
             rsp_prod_pvt: self.region.load(header::RSP_PROD_PVT, Ordering::Relaxed)?,
             free,
-            completing: Vec::new(),
+            is_free,
+            completing: Completing::new(self.entries),
             productive: false,
         };
         let generation = self.generation()?.wrapping_add(1);
@@ -288,6 +367,7 @@ impl ShadowLog {
             .store(next_seq, header::NEXT_SEQ, Ordering::Relaxed)?;
         w.next_seq = next_seq;
         w.free.pop();
+        w.is_free[i as usize] = false;
         self.point(t, 1);
         self.region.write(self.field(i, entry::REQUEST), &saved)?;
         self.point(t, 2);
@@ -373,8 +453,7 @@ impl ShadowLog {
         self.raise_rsp_prod_pvt(w, rsp_idx)?;
         step += 1;
         self.point(t, step);
-        w.completing.retain(|&(e, _)| e != i);
-        w.completing.push((i, rsp_idx));
+        w.completing.insert(i, rsp_idx);
         Ok(())
     }
 
@@ -399,8 +478,7 @@ impl ShadowLog {
         self.point(t, 1);
         self.raise_rsp_prod_pvt(w, rsp_idx)?;
         self.point(t, 2);
-        w.completing.retain(|&(e, _)| e != i);
-        w.completing.push((i, rsp_idx));
+        w.completing.insert(i, rsp_idx);
         Ok(())
     }
 
@@ -421,8 +499,8 @@ impl ShadowLog {
         // ordered after the caller's release store of sring.rsp_prod.
         self.commit(i, EntryState::Free)?;
         self.point(t, 1);
-        w.completing.retain(|&(e, _)| e != i);
-        if !w.free.contains(&i) {
+        w.completing.remove(i);
+        if !std::mem::replace(&mut w.is_free[i as usize], true) {
             w.free.push(i);
         }
         Ok(())
@@ -435,22 +513,13 @@ impl ShadowLog {
     pub fn log_published(&self, rsp_prod: u32) -> Result<usize, ShadowError> {
         let mut guard = self.lock();
         let w = writer(&mut guard)?;
-        let size = self.entries;
-        // Published: rsp_idx in [rsp_prod - size, rsp_prod), by wrapping
-        // difference — at most `size` responses are ever unpublished.
-        let published: Vec<u32> = w
-            .completing
-            .iter()
-            .filter(|&&(_, r)| {
-                let behind = rsp_prod.wrapping_sub(r);
-                behind >= 1 && behind <= size
-            })
-            .map(|&(e, _)| e)
-            .collect();
+        let published = w.completing.covered_by(rsp_prod, self.entries);
         for &i in &published {
             self.free_locked(w, i)?;
         }
-        if !published.is_empty() && !w.productive {
+        let freed = published.len();
+        w.completing.recycle(published);
+        if freed != 0 && !w.productive {
             let t = Transition::Published;
             self.point(t, 0);
             self.region
@@ -458,7 +527,7 @@ impl ShadowLog {
             self.point(t, 1);
             w.productive = true;
         }
-        Ok(published.len())
+        Ok(freed)
     }
 
     /// Persists the recovered `req_cons` of `plan` (docs/ARCHITECTURE.md §7.5),
@@ -823,6 +892,66 @@ mod tests {
             let _ = crate::plan_recovery(&snap, hdr.rsp_prod_pvt, hdr.req_cons, size, 3);
             log.begin_instance().unwrap();
             let _ = log.log_consumed(hdr.req_cons, &[1; 112]);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// The writer's O(1) free and COMPLETING sets against a plain
+        /// model: a ring served in order, responses answered out of order
+        /// and published in batches; every count the writer reports and
+        /// every entry state in the log match the model.
+        #[test]
+        fn bookkeeping_matches_a_model(
+            ops in proptest::collection::vec((0u8..4, proptest::num::u8::ANY), 1..400),
+        ) {
+            const SIZE: u32 = 8;
+            let log = begun(SIZE);
+            let (mut req_cons, mut rsp_prod_pvt, mut rsp_prod) = (0u32, 0u32, 0u32);
+            let mut inflight: Vec<EntryId> = Vec::new();
+            let mut completing: Vec<(EntryId, u32)> = Vec::new();
+            for (op, pick) in ops {
+                match op {
+                    0 if req_cons.wrapping_sub(rsp_prod) < SIZE => {
+                        inflight.push(log.log_consumed(req_cons, &[op; 12]).unwrap());
+                        req_cons = req_cons.wrapping_add(1);
+                    }
+                    1 if !inflight.is_empty() => {
+                        let e = inflight.swap_remove(usize::from(pick) % inflight.len());
+                        log.log_completing(e, rsp_prod_pvt, &[1; 16]).unwrap();
+                        completing.push((e, rsp_prod_pvt));
+                        rsp_prod_pvt = rsp_prod_pvt.wrapping_add(1);
+                    }
+                    2 => {
+                        let to = rsp_prod.wrapping_add(u32::from(pick) % 3).min(rsp_prod_pvt);
+                        let (gone, kept): (Vec<_>, Vec<_>) =
+                            completing.iter().partition(|&&(_, r)| r < to);
+                        completing = kept;
+                        rsp_prod = to;
+                        proptest::prop_assert_eq!(log.log_published(to).unwrap(), gone.len());
+                    }
+                    _ => {
+                        // Freeing a FREE entry again changes nothing.
+                        let free_before = log.free_entries().unwrap();
+                        let snap = log.snapshot().unwrap();
+                        if let Some(i) = snap.entries.iter().position(|e| e.state() == Some(EntryState::Free)) {
+                            log.free(EntryId(i as u32)).unwrap();
+                        }
+                        proptest::prop_assert_eq!(log.free_entries().unwrap(), free_before);
+                    }
+                }
+                let live = inflight.len() + completing.len();
+                proptest::prop_assert_eq!(log.free_entries().unwrap(), SIZE as usize - live);
+                let snap = log.snapshot().unwrap();
+                for e in &inflight {
+                    proptest::prop_assert_eq!(snap.entries[e.index() as usize].state(), Some(EntryState::Inflight));
+                }
+                for (e, r) in &completing {
+                    let s = snap.entries[e.index() as usize];
+                    proptest::prop_assert_eq!((s.state(), s.rsp_idx), (Some(EntryState::Completing), *r));
+                }
+            }
         }
     }
 

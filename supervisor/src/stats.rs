@@ -50,6 +50,10 @@ pub struct DeviceStats {
     /// Posted RX buffers handed over to recovering instances (backend
     /// `rx-buffers-recovered`, summed).
     pub rx_buffers_recovered: u64,
+    /// Frames the wire had handed to an instance that died before
+    /// delivering them (backend `rx-dropped-in-crash`, summed): lost as on
+    /// any NIC, the guest's TCP sends them again.
+    pub rx_dropped_in_crash: u64,
     /// A guest is attached (its connection is in state Connected).
     pub connected: bool,
     /// Process id of the instance serving the device, if one runs.
@@ -116,6 +120,7 @@ impl DeviceStats {
             .with(STATUS_TX_REPLAYED, self.tx_replayed)
             .with(STATUS_TX_MAYBE_DUPLICATED, self.tx_maybe_duplicated)
             .with(STATUS_RX_BUFFERS_RECOVERED, self.rx_buffers_recovered)
+            .with(STATUS_RX_DROPPED_IN_CRASH, self.rx_dropped_in_crash)
             .with(STATUS_FAILED_TAKEOVERS, self.failed_takeovers)
             .with(STATUS_STANDBY_TAKEOVERS, self.standby_takeovers)
             .with(STATUS_COLD_TAKEOVERS, self.cold_takeovers)
@@ -161,6 +166,7 @@ impl DeviceStats {
             tx_replayed: n(STATUS_TX_REPLAYED)?,
             tx_maybe_duplicated: n(STATUS_TX_MAYBE_DUPLICATED)?,
             rx_buffers_recovered: n(STATUS_RX_BUFFERS_RECOVERED)?,
+            rx_dropped_in_crash: n(STATUS_RX_DROPPED_IN_CRASH)?,
             connected: msg.get_flag(key::CONNECTED)?.unwrap_or(false),
             pid: pid(key::PID)?,
             standby_pid: pid(key::STANDBY_PID)?,
@@ -184,6 +190,7 @@ const STATUS_FRESH_STARTS: &str = "fresh-starts";
 const STATUS_TX_REPLAYED: &str = "tx-replayed";
 const STATUS_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
 const STATUS_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+const STATUS_RX_DROPPED_IN_CRASH: &str = "rx-dropped-in-crash";
 
 #[cfg(test)]
 mod tests {
@@ -205,6 +212,7 @@ mod tests {
             tx_replayed: 9,
             tx_maybe_duplicated: 1,
             rx_buffers_recovered: 256,
+            rx_dropped_in_crash: 2,
             connected: true,
             pid: Some(4242),
             standby_pid: None,
@@ -240,6 +248,7 @@ mod tests {
             "rx-buffers-recovered",
             "given-up",
             "fresh-starts",
+            "rx-dropped-in-crash",
         ] {
             assert!(msg.contains(k), "status lacks {k}");
         }

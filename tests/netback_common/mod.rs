@@ -9,7 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest};
+use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest, NetFeatures};
 use shadowback_xenbus::{Message, SeqPacket};
 
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,8 +68,40 @@ impl NetbackProcess {
     }
 }
 
+/// The `connect` of the test guest's `vif0` (frontend 1, one event
+/// channel, checksum offload accepted).
+pub fn test_connect(
+    grant_frames: u32,
+    tx_ring_ref: u32,
+    rx_ring_ref: u32,
+    features: NetFeatures,
+) -> NetConnectRequest {
+    NetConnectRequest {
+        device: "vif0".into(),
+        frontend_id: 1,
+        grant_frames,
+        tx_ring_ref,
+        rx_ring_ref,
+        features,
+        no_csum_offload: false,
+        split_event_channels: false,
+    }
+}
+
 /// The `attach-net` of a vif on a cable, with both shadow logs.
 pub fn attach_message(connect: NetConnectRequest, recover: bool, blame: bool) -> Message {
+    attach_message_on(connect, "cable", true, recover, blame)
+}
+
+/// The `attach-net` of a vif on `wire` (`cable` or `tap`), with both
+/// shadow logs or none.
+pub fn attach_message_on(
+    connect: NetConnectRequest,
+    wire: &str,
+    shadow: bool,
+    recover: bool,
+    blame: bool,
+) -> Message {
     NetAttachRequest {
         frontend: "test-guest".into(),
         connect,
@@ -77,8 +109,8 @@ pub fn attach_message(connect: NetConnectRequest, recover: bool, blame: bool) ->
         mtu: 1500,
     }
     .to_message()
-    .with("wire", "cable")
-    .with("shadow", 1)
+    .with("wire", wire)
+    .with("shadow", u8::from(shadow))
     .with("recover", u8::from(recover))
     // 0: killed from outside, not the requests' fault.
     .with("blame", u8::from(blame))

@@ -176,6 +176,24 @@ impl Wire {
         self.stats
     }
 
+    /// Tells a TAP which offloads the guest accepts on receive
+    /// (`TUNSETOFFLOAD`, see [`Offloads`]); the kernel then hands over
+    /// frames with partial checksums or TCP super-frames accordingly. A
+    /// cable has nothing to set: asking it for any offload is an error.
+    pub fn set_offloads(&self, offloads: Offloads) -> Result<(), WireError> {
+        let flags = offloads.tun_flags()?;
+        match self.kind {
+            WireKind::Tap => {
+                sys::tun_set_offload(self.fd.as_fd(), flags).map_err(|e| WireError::Io {
+                    op: "TUNSETOFFLOAD",
+                    source: e,
+                })
+            }
+            WireKind::Cable if flags == 0 => Ok(()),
+            WireKind::Cable => Err(WireError::Config("a cable takes no receive offloads")),
+        }
+    }
+
     /// The fd to poll for readability.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -112,6 +112,52 @@ impl VnetHeader {
         }
     }
 
+    /// A partial checksum for the device to complete: the field at
+    /// `csum_start + csum_offset` holds the pseudo-header's sum.
+    pub const fn partial(csum_start: u16, csum_offset: u16) -> Self {
+        VnetHeader {
+            flags: NEEDS_CSUM,
+            csum_start,
+            csum_offset,
+            ..VnetHeader::plain()
+        }
+    }
+
+    /// A TCP super-frame for the device to cut into `gso_size`-byte
+    /// segments (`VIRTIO_NET_HDR_GSO_TCPV4`/`V6`), its checksum partial;
+    /// `hdr_len` is where the payload starts.
+    pub const fn tcp_segmentation(
+        ipv6: bool,
+        gso_size: u16,
+        hdr_len: u16,
+        csum_start: u16,
+        csum_offset: u16,
+    ) -> Self {
+        VnetHeader {
+            gso_type: if ipv6 {
+                VIRTIO_NET_HDR_GSO_TCPV6 as u8
+            } else {
+                VIRTIO_NET_HDR_GSO_TCPV4 as u8
+            },
+            gso_size,
+            hdr_len,
+            ..VnetHeader::partial(csum_start, csum_offset)
+        }
+    }
+
+    /// The TCP segmentation a header asks for: `Some((ipv6, gso_size))`
+    /// for `GSO_TCPV4`/`TCPV6` without ECN, `None` for no segmentation;
+    /// `Err(())` for any other kind, which a netif guest cannot take.
+    #[allow(clippy::result_unit_err)]
+    pub fn tcp_gso(&self) -> Result<Option<(bool, u16)>, ()> {
+        match u32::from(self.gso_type) {
+            VIRTIO_NET_HDR_GSO_NONE => Ok(None),
+            VIRTIO_NET_HDR_GSO_TCPV4 => Ok(Some((false, self.gso_size))),
+            VIRTIO_NET_HDR_GSO_TCPV6 => Ok(Some((true, self.gso_size))),
+            _ => Err(()),
+        }
+    }
+
     pub fn needs_csum(&self) -> bool {
         self.flags & NEEDS_CSUM != 0
     }

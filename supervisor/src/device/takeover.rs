@@ -66,6 +66,7 @@ impl Failure {
 const KEY_TX_REPLAYED: &str = "tx-replayed";
 const KEY_TX_MAYBE_DUPLICATED: &str = "tx-maybe-duplicated";
 const KEY_RX_BUFFERS_RECOVERED: &str = "rx-buffers-recovered";
+const KEY_RX_DROPPED_IN_CRASH: &str = "rx-dropped-in-crash";
 
 /// The replay report of an `attached` answer.
 #[derive(Debug, Default)]
@@ -80,6 +81,7 @@ pub(super) struct ReplayReport {
     pub(super) tx_replayed: u64,
     pub(super) tx_maybe_duplicated: u64,
     pub(super) rx_buffers_recovered: u64,
+    pub(super) rx_dropped_in_crash: u64,
 }
 
 impl ReplayReport {
@@ -95,6 +97,7 @@ impl ReplayReport {
             tx_replayed: n(KEY_TX_REPLAYED),
             tx_maybe_duplicated: n(KEY_TX_MAYBE_DUPLICATED),
             rx_buffers_recovered: n(KEY_RX_BUFFERS_RECOVERED),
+            rx_dropped_in_crash: n(KEY_RX_DROPPED_IN_CRASH),
         }
     }
 }
@@ -336,6 +339,7 @@ impl DeviceTask {
             generation = report.generation, replayed = report.replayed,
             repushed = report.repushed, poisoned = report.poisoned, corrupt = report.corrupt,
             tx_replayed = report.tx_replayed, rx_buffers_recovered = report.rx_buffers_recovered,
+            rx_dropped_in_crash = report.rx_dropped_in_crash,
             detect_us = times.detect_us, fence_us = times.fence_us,
             takeover_us = times.takeover_us, replay_us = times.replay_us,
             total_us = times.total_us,
@@ -361,6 +365,7 @@ impl DeviceTask {
             s.tx_replayed += report.tx_replayed;
             s.tx_maybe_duplicated += report.tx_maybe_duplicated;
             s.rx_buffers_recovered += report.rx_buffers_recovered;
+            s.rx_dropped_in_crash += report.rx_dropped_in_crash;
             s.last_recovery = Some(times);
         });
     }
