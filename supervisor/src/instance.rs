@@ -18,7 +18,7 @@ use tokio::io::Interest;
 
 use crate::class::DeviceClass;
 use crate::spawn::{spawn_backend, BackendCommand, IoFence};
-use crate::watchdog::{Watchdog, CHECK_PERIOD};
+use crate::watchdog::{SchedSample, Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
 /// Why an instance gave no answer to a request.
@@ -199,7 +199,8 @@ impl Instance {
                 }
                 _ = tick.tick(), if watchdog.is_some() => {
                     if let Some((log, w)) = watchdog.as_mut() {
-                        if w.check(Instant::now(), beat(log), Some(true)).is_some() {
+                        let sample = SchedSample::read(self.pid);
+                        if w.check(Instant::now(), beat(log), Some(true), sample).is_some() {
                             return Err(NoAnswer::Hung("heartbeat stalled".into()));
                         }
                     }

@@ -3,8 +3,17 @@
 //! work pending on the ring. An idle backend is never declared hung, even
 //! a stopped one: killing it would gain the guest nothing.
 //!
+//! Time the backend could not have beaten is not held against it: time it
+//! spent runnable but waiting for a CPU (the scheduler's `run_delay`), and
+//! time it spent blocked in the kernel (`D`, e.g. an io_uring submission
+//! waiting for the file system's journal). Without this a backend starved
+//! by a loaded host was declared hung again and again, and the crash-loop
+//! breaker, blaming the requests in flight, failed them. A stopped (`T`) or
+//! spinning backend gets no such credit.
+//!
 //! Pure logic, fed by the device task every [`CHECK_PERIOD`] with the
-//! heartbeat it read from the log and what the ring says.
+//! heartbeat it read from the log, what the ring says and a
+//! [`SchedSample`] of the backend's main thread.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +28,40 @@ pub struct Hang {
     pub since: Instant,
 }
 
+/// What the scheduler says of a backend's main thread at one check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedSample {
+    /// Total time spent runnable, waiting for a CPU
+    /// (`/proc/PID/task/PID/schedstat`, second field).
+    pub run_delay: Duration,
+    /// Blocked in the kernel, uninterruptibly (state `D`).
+    pub blocked: bool,
+}
+
+impl SchedSample {
+    /// Reads `pid`'s main thread; `None` if it is gone or /proc says
+    /// something unexpected (no credit is given then).
+    pub fn read(pid: u32) -> Option<SchedSample> {
+        let schedstat =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat")).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
+        Self::parse(&schedstat, &stat)
+    }
+
+    fn parse(schedstat: &str, stat: &str) -> Option<SchedSample> {
+        let run_delay: u64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
+        // `pid (comm) S ...`: comm may hold spaces and parentheses.
+        let state = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .next()?;
+        Some(SchedSample {
+            run_delay: Duration::from_nanos(run_delay),
+            blocked: state == "D",
+        })
+    }
+}
+
 /// Heartbeat progress of one backend instance.
 #[derive(Clone, Debug)]
 pub struct Watchdog {
@@ -26,6 +69,10 @@ pub struct Watchdog {
     last_beat: u64,
     last_change: Instant,
     pending_since: Option<Instant>,
+    /// The previous check's time and sample.
+    last_sample: Option<(Instant, SchedSample)>,
+    /// Time since `last_change` the backend could not have beaten.
+    excused: Duration,
 }
 
 impl Watchdog {
@@ -36,23 +83,48 @@ impl Watchdog {
             last_beat: beat,
             last_change: now,
             pending_since: None,
+            last_sample: None,
+            excused: Duration::ZERO,
         }
     }
 
     /// One check at `now`: `beat` is the log's heartbeat, `pending` whether
     /// the shared ring has unanswered requests (`req_prod != rsp_prod`), or
-    /// `None` when the ring cannot be read (never hung then).
-    pub fn check(&mut self, now: Instant, beat: u64, pending: Option<bool>) -> Option<Hang> {
+    /// `None` when the ring cannot be read (never hung then); `sample` the
+    /// backend's scheduling state now (`None`: no credit).
+    pub fn check(
+        &mut self,
+        now: Instant,
+        beat: u64,
+        pending: Option<bool>,
+        sample: Option<SchedSample>,
+    ) -> Option<Hang> {
         if beat != self.last_beat {
             self.last_beat = beat;
             self.last_change = now;
+            self.excused = Duration::ZERO;
+        } else if let (Some((then, before)), Some(sample)) = (self.last_sample, sample) {
+            // Since the last check: time spent waiting for a CPU, or all of
+            // it if the thread is blocked in the kernel now.
+            let elapsed = now.saturating_duration_since(then);
+            let credit = if sample.blocked {
+                elapsed
+            } else {
+                sample
+                    .run_delay
+                    .saturating_sub(before.run_delay)
+                    .min(elapsed)
+            };
+            self.excused += credit;
         }
+        self.last_sample = sample.map(|s| (now, s));
         if pending != Some(true) {
             self.pending_since = None;
             return None;
         }
         let pending_since = *self.pending_since.get_or_insert(now);
-        (now.saturating_duration_since(self.last_change) >= self.timeout).then(|| Hang {
+        let stalled = now.saturating_duration_since(self.last_change);
+        (stalled.saturating_sub(self.excused) >= self.timeout).then(|| Hang {
             since: self.last_change.max(pending_since),
         })
     }
@@ -75,7 +147,11 @@ mod tests {
         for (i, t) in (10..2_000).step_by(10).enumerate() {
             // Beats every 20 ms, always busy.
             let beat = 7 + (i as u64) / 2;
-            assert_eq!(w.check(ms(t0, t), beat, Some(true)), None, "at {t} ms");
+            assert_eq!(
+                w.check(ms(t0, t), beat, Some(true), None),
+                None,
+                "at {t} ms"
+            );
         }
     }
 
@@ -84,22 +160,24 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, 1);
         for t in (10..10_000).step_by(10) {
-            assert_eq!(w.check(ms(t0, t), 1, Some(false)), None);
+            assert_eq!(w.check(ms(t0, t), 1, Some(false), None), None);
         }
         // Unreadable ring: cannot tell, so never hung either.
-        assert_eq!(w.check(ms(t0, 20_000), 1, None), None);
+        assert_eq!(w.check(ms(t0, 20_000), 1, None, None), None);
     }
 
     #[test]
     fn a_stalled_busy_backend_is_hung_after_the_timeout() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, 1);
-        assert_eq!(w.check(ms(t0, 10), 2, Some(true)), None);
+        assert_eq!(w.check(ms(t0, 10), 2, Some(true), None), None);
         // Heartbeat last moved at 10 ms; work pending throughout.
         for t in (20..110).step_by(10) {
-            assert_eq!(w.check(ms(t0, t), 2, Some(true)), None, "at {t} ms");
+            assert_eq!(w.check(ms(t0, t), 2, Some(true), None), None, "at {t} ms");
         }
-        let hang = w.check(ms(t0, 110), 2, Some(true)).expect("hung at 110 ms");
+        let hang = w
+            .check(ms(t0, 110), 2, Some(true), None)
+            .expect("hung at 110 ms");
         assert_eq!(hang.since, ms(t0, 10));
     }
 
@@ -108,10 +186,10 @@ mod tests {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, 5);
         for t in (10..5_000).step_by(10) {
-            assert_eq!(w.check(ms(t0, t), 5, Some(false)), None);
+            assert_eq!(w.check(ms(t0, t), 5, Some(false), None), None);
         }
         // The heartbeat stalled long ago; detection counts from the work.
-        let hang = w.check(ms(t0, 5_000), 5, Some(true)).expect("hung");
+        let hang = w.check(ms(t0, 5_000), 5, Some(true), None).expect("hung");
         assert_eq!(hang.since, ms(t0, 5_000));
     }
 
@@ -119,21 +197,125 @@ mod tests {
     fn pending_work_that_drains_resets_nothing_but_pending() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, 0);
-        assert_eq!(w.check(ms(t0, 50), 0, Some(true)), None);
-        assert_eq!(w.check(ms(t0, 60), 0, Some(false)), None);
+        assert_eq!(w.check(ms(t0, 50), 0, Some(true), None), None);
+        assert_eq!(w.check(ms(t0, 60), 0, Some(false), None), None);
         // Stalled since 0, pending again from 120: hung, counted from 120.
-        let hang = w.check(ms(t0, 120), 0, Some(true)).expect("hung");
+        let hang = w.check(ms(t0, 120), 0, Some(true), None).expect("hung");
         assert_eq!(hang.since, ms(t0, 120));
         // A beat clears it.
-        assert_eq!(w.check(ms(t0, 130), 1, Some(true)), None);
+        assert_eq!(w.check(ms(t0, 130), 1, Some(true), None), None);
     }
 
     #[test]
     fn a_wrapping_heartbeat_still_counts_as_progress() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, u64::MAX);
-        assert_eq!(w.check(ms(t0, 90), 0, Some(true)), None);
-        assert_eq!(w.check(ms(t0, 180), 0, Some(true)), None);
-        assert!(w.check(ms(t0, 190), 0, Some(true)).is_some());
+        assert_eq!(w.check(ms(t0, 90), 0, Some(true), None), None);
+        assert_eq!(w.check(ms(t0, 180), 0, Some(true), None), None);
+        assert!(w.check(ms(t0, 190), 0, Some(true), None).is_some());
+    }
+
+    fn sample(run_delay_ms: u64, blocked: bool) -> Option<SchedSample> {
+        Some(SchedSample {
+            run_delay: Duration::from_millis(run_delay_ms),
+            blocked,
+        })
+    }
+
+    #[test]
+    fn time_spent_waiting_for_a_cpu_is_not_a_hang() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        // Starved: of every 10 ms, 8 are spent runnable but not running.
+        for (i, t) in (10..300).step_by(10).enumerate() {
+            let delay = 8 * (i as u64 + 1);
+            assert_eq!(
+                w.check(ms(t0, t), 1, Some(true), sample(delay, false)),
+                None,
+                "at {t} ms"
+            );
+        }
+        // The first 10 ms (no sample before them) and 2 ms of every 10
+        // after count: hung once 100 ms of them have passed, at 460 ms.
+        let mut t = 300;
+        let mut delay = 8 * 30;
+        while w
+            .check(ms(t0, t), 1, Some(true), sample(delay, false))
+            .is_none()
+        {
+            t += 10;
+            delay += 8;
+            assert!(t < 600, "never declared hung");
+        }
+        assert_eq!(t, 460, "hung at {t} ms");
+    }
+
+    #[test]
+    fn time_blocked_in_the_kernel_is_not_a_hang_but_a_stopped_backend_is() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        for t in (10..1_000).step_by(10) {
+            assert_eq!(
+                w.check(ms(t0, t), 1, Some(true), sample(0, true)),
+                None,
+                "at {t} ms"
+            );
+        }
+        // Out of the kernel at 1 s, still no beat: hung once 100 ms count
+        // (the first 10 ms, unsampled, and everything from 990 ms on).
+        for t in (1_000..1_080).step_by(10) {
+            assert_eq!(
+                w.check(ms(t0, t), 1, Some(true), sample(0, false)),
+                None,
+                "at {t} ms"
+            );
+        }
+        assert!(w
+            .check(ms(t0, 1_100), 1, Some(true), sample(0, false))
+            .is_some());
+        // A stopped (or spinning) one gets no credit.
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        for t in (10..100).step_by(10) {
+            assert_eq!(w.check(ms(t0, t), 1, Some(true), sample(0, false)), None);
+        }
+        assert!(w
+            .check(ms(t0, 100), 1, Some(true), sample(0, false))
+            .is_some());
+    }
+
+    #[test]
+    fn a_beat_clears_the_credit() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 1, Some(true), sample(0, false)), None);
+        assert_eq!(w.check(ms(t0, 90), 1, Some(true), sample(80, false)), None);
+        // A beat at 100 ms; credit earned before it does not carry over.
+        assert_eq!(w.check(ms(t0, 100), 2, Some(true), sample(80, false)), None);
+        assert!(w
+            .check(ms(t0, 200), 2, Some(true), sample(80, false))
+            .is_some());
+    }
+
+    #[test]
+    fn proc_samples_parse() {
+        let s = SchedSample::parse(
+            "123 456000000 7\n",
+            "42 (shadow (x) y) D 1 42 42 0 -1 4194560",
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            SchedSample {
+                run_delay: Duration::from_millis(456),
+                blocked: true
+            }
+        );
+        let s = SchedSample::parse("1 2 3", "42 (b) S 1").unwrap();
+        assert!(!s.blocked);
+        assert_eq!(SchedSample::parse("1", "42 (b) S 1"), None);
+        assert_eq!(SchedSample::parse("1 2", "42 b S"), None);
+        // This process, for real.
+        let me = SchedSample::read(std::process::id()).expect("own schedstat");
+        assert!(!me.blocked);
     }
 }

@@ -21,7 +21,7 @@ use crate::session::Session;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
-use crate::watchdog::{Watchdog, CHECK_PERIOD};
+use crate::watchdog::{SchedSample, Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
 /// How long a backend may take to answer a control request (`attach`,
@@ -286,7 +286,11 @@ impl DeviceTask {
         let watchdog = self.watchdog.as_mut()?;
         let beat = session.log().read_heartbeat().ok()?;
         let pending = session.pending();
-        watchdog.check(Instant::now(), beat, pending)
+        let sample = self
+            .current
+            .as_ref()
+            .and_then(|i| SchedSample::read(i.pid()));
+        watchdog.check(Instant::now(), beat, pending, sample)
     }
 
     /// Starts watching the current instance's heartbeat.
