@@ -1,0 +1,121 @@
+//! The block model (docs/ARCHITECTURE.md §11.2): what a block request
+//! does to the disk, for each wire format. Parsing is per wire (blkif
+//! segments and grants; a virtio-blk chain); running the disk ops and
+//! judging their results is the same for both, here.
+//!
+//! - [`blkif`]: the model over a Xen ring;
+//! - [`virtio_blk`]: the model over virtqueues.
+
+pub mod blkif;
+pub mod virtio_blk;
+
+use shadowback_dataplane::model::{Submit, Traffic};
+use shadowback_dataplane::uring::IoOp;
+
+/// The disk ops of one request on the engine, and what they returned so
+/// far.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskIo {
+    /// Ops not completed yet.
+    ops_left: u16,
+    /// Bytes each data op must transfer (0: a result of 0 is success).
+    expected: u64,
+    /// Data moves into guest memory (a read).
+    read: bool,
+    /// A `FLUSH_DISKCACHE` with segments whose write is in flight: once it
+    /// has written everything, an `fdatasync` follows and only its result
+    /// counts (PROTOCOL.md §5.3).
+    then_flush: bool,
+    /// An op failed, was refused, or moved fewer bytes than asked.
+    failed: bool,
+    /// An op returned `-EOPNOTSUPP`.
+    unsupported: bool,
+}
+
+impl DiskIo {
+    pub fn new(expected: u64, read: bool, then_flush: bool) -> Self {
+        DiskIo {
+            ops_left: 0,
+            expected,
+            read,
+            then_flush,
+            failed: false,
+            unsupported: false,
+        }
+    }
+
+    /// Puts `ops` in flight; an op the engine refuses fails the request
+    /// (the engine is sized with room to spare: the kernel refused).
+    /// Returns whether any op is in flight.
+    pub fn submit(
+        &mut self,
+        ops: impl IntoIterator<Item = IoOp>,
+        engine: &mut Submit<'_>,
+        device: &str,
+    ) -> bool {
+        for op in ops {
+            match engine.push(op) {
+                Ok(()) => self.ops_left += 1,
+                Err((e, _op)) => {
+                    tracing::warn!(device, error = %e, "submission failed");
+                    self.failed = true;
+                }
+            }
+        }
+        self.ops_left > 0
+    }
+
+    /// One op completed with `result`; `true` once the request is done
+    /// (counted in `traffic` if it succeeded).
+    pub fn complete(
+        &mut self,
+        result: i32,
+        engine: &mut Submit<'_>,
+        traffic: &mut Traffic,
+        device: &str,
+    ) -> bool {
+        if result < 0 {
+            self.failed = true;
+            self.unsupported |= result == -libc::EOPNOTSUPP;
+        } else if u64::from(result as u32) != self.expected {
+            self.failed = true;
+        }
+        if self.failed {
+            tracing::debug!(device, result, "I/O failed");
+        }
+        self.ops_left = self.ops_left.saturating_sub(1);
+        if self.ops_left > 0 {
+            return false;
+        }
+        if !self.failed && self.then_flush {
+            // The write is complete; the flush runs under the same token
+            // and its result is the answer.
+            traffic.from_guest += self.expected;
+            self.expected = 0;
+            self.then_flush = false;
+            return !self.submit([IoOp::Fsync], engine, device);
+        }
+        if !self.failed {
+            if self.read {
+                traffic.to_guest += self.expected;
+            } else {
+                traffic.from_guest += self.expected;
+            }
+        }
+        true
+    }
+
+    /// Bytes each data op moves (0 for flushes and discards).
+    pub fn expected(&self) -> u64 {
+        self.expected
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// An op returned `-EOPNOTSUPP`.
+    pub fn unsupported(&self) -> bool {
+        self.unsupported
+    }
+}
