@@ -3,11 +3,11 @@
 //! replay re-executes the saved bytes (their grants stay the frontend's
 //! until answered); slots are the backend's, never the guest's.
 
-use shadowback_dataplane::rings::{RingSet, Taken, DETAIL_SIZE};
+use shadowback_dataplane::rings::{Detail, Record, RingSet, Taken};
 use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse};
 use shadowback_ring::sring::BackRing;
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{REQUEST_SIZE, RESPONSE_SIZE};
+use shadowback_shadow::{Repush, REQUEST_SIZE, RESPONSE_SIZE};
 use vm_memory::ByteValued;
 
 /// One attached blkif ring and its event channels.
@@ -120,20 +120,13 @@ impl RingSet for XenRing {
         self.unpublished
     }
 
-    fn request_record(
-        &self,
-        _ring: usize,
-        req: &BlkifRequest,
-        _detail: &[u8; DETAIL_SIZE],
-        out: &mut [u8; REQUEST_SIZE],
-    ) -> usize {
-        out.copy_from_slice(req.as_slice());
-        REQUEST_SIZE
+    /// The request itself.
+    fn request_record(&self, _ring: usize, req: &BlkifRequest, _detail: &Detail) -> Record {
+        Record::new(req.as_slice())
     }
 
-    fn response_record(&self, rsp: &BlkifResponse, out: &mut [u8; RESPONSE_SIZE]) -> usize {
-        out.copy_from_slice(rsp.as_slice());
-        RESPONSE_SIZE
+    fn response_record(&self, rsp: &BlkifResponse) -> Record {
+        Record::new(rsp.as_slice())
     }
 
     fn locate(&self, _ring: usize, record: &[u8; REQUEST_SIZE]) -> Option<BlkifRequest> {
@@ -147,18 +140,11 @@ impl RingSet for XenRing {
         None
     }
 
-    fn repush(
-        &mut self,
-        _ring: usize,
-        saved: &[u8; RESPONSE_SIZE],
-        at: u32,
-    ) -> Result<Option<u16>, String> {
-        let idx = self
-            .ring
-            .put_response(&response_from(saved))
-            .map_err(|e| e.to_string())?;
-        if idx != at {
-            return Err(format!("re-push landed at {idx}, planned {at}"));
+    fn repush(&mut self, _ring: usize, r: &Repush) -> Result<Option<u16>, String> {
+        let rsp = response_from(&r.response);
+        let idx = self.ring.put_response(&rsp).map_err(|e| e.to_string())?;
+        if idx != r.rsp_idx {
+            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
         }
         self.unpublished = true;
         Ok(None)

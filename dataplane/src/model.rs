@@ -3,19 +3,29 @@
 //! complete, answer with an error. It knows the requests' meaning, not the
 //! wire: responses are built as the ring's [`RingSet::Response`].
 
-use crate::rings::{RingSet, DETAIL_SIZE};
+use crate::rings::{Detail, RingSet};
 use crate::uring::{Engine, EngineError, IoOp};
 
 /// The engine, as one request's ops see it: every op goes in under the
-/// request's token.
+/// request's token; what they move is counted in the process's traffic.
 pub struct Submit<'e> {
     engine: &'e mut Engine,
     token: u64,
+    traffic: &'e mut Traffic,
 }
 
 impl<'e> Submit<'e> {
-    pub(crate) fn new(engine: &'e mut Engine, token: u64) -> Self {
-        Submit { engine, token }
+    pub(crate) fn new(engine: &'e mut Engine, token: u64, traffic: &'e mut Traffic) -> Self {
+        Submit {
+            engine,
+            token,
+            traffic,
+        }
+    }
+
+    /// Bytes moved so far (counted by the model).
+    pub fn traffic(&mut self) -> &mut Traffic {
+        self.traffic
     }
 
     /// Puts `op` in flight; on failure the op is handed back.
@@ -57,27 +67,27 @@ pub trait DeviceModel<R: RingSet> {
     /// error it is answered with.
     fn parse(&mut self, rings: &R, ring: usize, request: &R::Request) -> Self::Request;
     /// The device's part of the request's log record.
-    fn detail(&self, request: &Self::Request) -> [u8; DETAIL_SIZE];
+    fn detail(&self, request: &Self::Request) -> Detail;
     /// Fault injection: whether the request touches a poisoned sector
     /// (`poison` from the supervisor).
     fn poisoned(&self, request: &Self::Request, poison: &[u64]) -> bool;
     /// Executes a parsed request: its ops on the engine, or its answer.
+    /// (A model whose rings differ in role keeps the ring in its parsed
+    /// request.)
     fn start(
         &mut self,
-        ring: usize,
         request: Self::Request,
-        engine: &mut Submit<'_>,
+        io: &mut Submit<'_>,
     ) -> Started<Self::Pending, R::Response>;
     /// One op of `pending` completed with `result`; `Some` once the
     /// request is answered, `None` while ops are left (a discard's other
     /// segments, the flush after a `FLUSH_DISKCACHE`'s write, submitted
-    /// here through `engine`).
+    /// here through `io`).
     fn complete(
         &mut self,
         pending: &mut Self::Pending,
         result: i32,
-        engine: &mut Submit<'_>,
-        traffic: &mut Traffic,
+        io: &mut Submit<'_>,
     ) -> Option<R::Response>;
     /// The error answer to a request recovery does not run (poisoned by
     /// the crash-loop breaker, or corrupt in the log).

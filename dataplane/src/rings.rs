@@ -10,11 +10,39 @@
 use std::os::fd::RawFd;
 
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{RecoveryPlan, REQUEST_SIZE, RESPONSE_SIZE};
+use shadowback_shadow::{RecoveryPlan, Repush, REQUEST_SIZE};
 
 /// Bytes a device model adds to a request's log record (a virtio-blk
 /// header); the rest of the record is the transport's.
 pub const DETAIL_SIZE: usize = 16;
+
+/// The device model's part of a request's log record.
+pub type Detail = [u8; DETAIL_SIZE];
+
+/// A shadow-log record (a request's, or a response's), as a transport
+/// lays it out.
+#[derive(Clone, Copy)]
+pub struct Record {
+    bytes: [u8; REQUEST_SIZE],
+    len: usize,
+}
+
+impl Record {
+    /// The first `REQUEST_SIZE` bytes of `bytes`.
+    pub fn new(bytes: &[u8]) -> Self {
+        let len = bytes.len().min(REQUEST_SIZE);
+        let mut record = Record {
+            bytes: [0; REQUEST_SIZE],
+            len,
+        };
+        record.bytes[..len].copy_from_slice(&bytes[..len]);
+        record
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
 
 /// What [`RingSet::take`] handed over.
 #[derive(Debug)]
@@ -114,16 +142,10 @@ pub trait RingSet {
     fn unpublished(&self, ring: usize) -> bool;
 
     /// The transport's log record of a request; `detail` is the device
-    /// model's part. Returns the record's length.
-    fn request_record(
-        &self,
-        ring: usize,
-        request: &Self::Request,
-        detail: &[u8; DETAIL_SIZE],
-        out: &mut [u8; REQUEST_SIZE],
-    ) -> usize;
-    /// The log record of a response; returns its length.
-    fn response_record(&self, response: &Self::Response, out: &mut [u8; RESPONSE_SIZE]) -> usize;
+    /// model's part.
+    fn request_record(&self, ring: usize, request: &Self::Request, detail: &Detail) -> Record;
+    /// The log record of a response (at most `RESPONSE_SIZE` bytes).
+    fn response_record(&self, response: &Self::Response) -> Record;
     /// The request a logged record names; `None` when it names nothing
     /// usable.
     fn locate(&self, ring: usize, record: &[u8; REQUEST_SIZE]) -> Option<Self::Request>;
@@ -131,14 +153,9 @@ pub trait RingSet {
     /// the guest expects exactly one answer; `None` when places are the
     /// backend's (Xen slots).
     fn place(&self, request: &Self::Request) -> Option<u16>;
-    /// Writes a saved response again at log index `at`, unpublished;
-    /// returns the place it answers.
-    fn repush(
-        &mut self,
-        ring: usize,
-        saved: &[u8; RESPONSE_SIZE],
-        at: u32,
-    ) -> Result<Option<u16>, String>;
+    /// Writes a saved response again at its planned log index,
+    /// unpublished; returns the place it answers.
+    fn repush(&mut self, ring: usize, repush: &Repush) -> Result<Option<u16>, String>;
     /// A name for `request` in logs.
     fn describe(&self, request: &Self::Request) -> String;
 }

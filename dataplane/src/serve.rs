@@ -10,7 +10,7 @@
 
 use std::os::fd::OwnedFd;
 
-use shadowback_shadow::{EntryId, Repush, ShadowLog, REQUEST_SIZE, RESPONSE_SIZE};
+use shadowback_shadow::{EntryId, Repush, ShadowLog, REQUEST_SIZE};
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
@@ -221,12 +221,9 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 let entry = match self.state[ring].log.as_ref() {
                     None => None,
                     Some(log) => {
-                        let mut record = [0u8; REQUEST_SIZE];
                         let detail = self.model.detail(&parsed);
-                        let n =
-                            self.rings
-                                .request_record(ring, &taken.request, &detail, &mut record);
-                        match log.log_consumed(taken.log_index, &record[..n]) {
+                        let record = self.rings.request_record(ring, &taken.request, &detail);
+                        match log.log_consumed(taken.log_index, record.as_slice()) {
                             Ok(entry) => Some(entry),
                             Err(e) => log_failed(&core.device, e),
                         }
@@ -269,8 +266,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             slot,
         }
         .encode();
-        let mut submit = Submit::new(&mut core.engine, token);
-        match self.model.start(ring, parsed, &mut submit) {
+        let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
+        match self.model.start(parsed, &mut submit) {
             Started::Pending(pending) => {
                 self.state[ring].slots[usize::from(slot)] = Some(InFlight { entry, pending });
             }
@@ -315,9 +312,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         }
         let idx = self.rings.put(ring, response)?;
         if let (Some(log), Some(entry)) = (self.state[ring].log.as_ref(), entry) {
-            let mut record = [0u8; RESPONSE_SIZE];
-            let n = self.rings.response_record(response, &mut record);
-            if let Err(e) = log.log_completing(entry, idx, &record[..n]) {
+            let record = self.rings.response_record(response);
+            if let Err(e) = log.log_completing(entry, idx, record.as_slice()) {
                 log_failed(&core.device, e);
             }
         }
@@ -468,15 +464,10 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                         Some(log) => {
                             // What the device adds is not known before the
                             // request is read again.
-                            let mut record = [0u8; REQUEST_SIZE];
-                            let n = self.rings.request_record(
-                                ring,
-                                &request,
-                                &[0; DETAIL_SIZE],
-                                &mut record,
-                            );
+                            let record =
+                                self.rings.request_record(ring, &request, &[0; DETAIL_SIZE]);
                             Some(
-                                log.log_consumed(log_index, &record[..n])
+                                log.log_consumed(log_index, record.as_slice())
                                     .map_err(|e| e.to_string())?,
                             )
                         }
@@ -523,7 +514,7 @@ impl<R: RingSet, M: DeviceModel<R>> ReplayTarget for ReplayRing<'_, R, M> {
         if self.log().is_none() {
             return Err("no shadow log".into());
         }
-        let place = self.att.rings.repush(self.ring, &r.response, r.rsp_idx)?;
+        let place = self.att.rings.repush(self.ring, r)?;
         self.log()
             .ok_or("no shadow log")?
             .log_repushed(r.entry, r.rsp_idx)
@@ -797,13 +788,10 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         }
         .encode();
         let core = &mut *self.core;
-        let mut submit = Submit::new(&mut core.engine, token);
-        let done = att.model.complete(
-            &mut inflight.pending,
-            result,
-            &mut submit,
-            &mut core.stats.traffic,
-        );
+        let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
+        let done = att
+            .model
+            .complete(&mut inflight.pending, result, &mut submit);
         let Some(response) = done else {
             return;
         };

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use shadowback_dataplane::control::poisoned;
-use shadowback_dataplane::model::{DeviceModel, Started, Submit, Traffic};
-use shadowback_dataplane::rings::DETAIL_SIZE;
+use shadowback_dataplane::model::{DeviceModel, Started, Submit};
+use shadowback_dataplane::rings::{Detail, DETAIL_SIZE};
 use shadowback_dataplane::uring::{EngineError, IoBuffers, IoOp};
 use shadowback_ring::blkif::{
     BlkifRequest, BlkifResponse, BLKIF_OP_INDIRECT, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
@@ -17,7 +17,7 @@ use shadowback_ring::SharedRegion;
 use shadowback_shadow::REQUEST_SIZE;
 use vm_memory::ByteValued;
 
-use super::DiskIo;
+use super::{DiskIo, Outcome};
 use crate::record;
 use crate::request::{parse, BlkOp, DiskGeometry, GuestBuf};
 use crate::xen::{response_from, XenRing};
@@ -97,7 +97,7 @@ impl DeviceModel<XenRing> for BlkifModel {
     }
 
     /// The Xen ring's record is the request itself.
-    fn detail(&self, _req: &Parsed) -> [u8; DETAIL_SIZE] {
+    fn detail(&self, _req: &Parsed) -> Detail {
         [0; DETAIL_SIZE]
     }
 
@@ -113,18 +113,13 @@ impl DeviceModel<XenRing> for BlkifModel {
         range.is_some_and(|(start, n)| poisoned(poison, start, n))
     }
 
-    fn start(
-        &mut self,
-        _ring: usize,
-        req: Parsed,
-        engine: &mut Submit<'_>,
-    ) -> Started<Pending, BlkifResponse> {
+    fn start(&mut self, req: Parsed, io: &mut Submit<'_>) -> Started<Pending, BlkifResponse> {
         let (id, operation) = (req.id, req.operation);
         let op = match req.op {
             Ok(op) => op,
             Err(status) => return Started::Done(answer(id, operation, status)),
         };
-        let mut io = DiskIo::new(
+        let mut disk = DiskIo::new(
             op.data_bytes(),
             matches!(op, BlkOp::Read { .. }),
             matches!(
@@ -159,28 +154,26 @@ impl DeviceModel<XenRing> for BlkifModel {
                 return Started::Done(answer(id, operation, BLKIF_RSP_ERROR));
             }
         };
-        if !io.submit([disk_op], engine, &self.device) {
+        if !disk.submit([disk_op], io, &self.device) {
             return Started::Done(answer(id, operation, BLKIF_RSP_ERROR));
         }
-        Started::Pending(Pending { id, operation, io })
+        Started::Pending(Pending {
+            id,
+            operation,
+            io: disk,
+        })
     }
 
     fn complete(
         &mut self,
         p: &mut Pending,
         result: i32,
-        engine: &mut Submit<'_>,
-        traffic: &mut Traffic,
+        io: &mut Submit<'_>,
     ) -> Option<BlkifResponse> {
-        if !p.io.complete(result, engine, traffic, &self.device) {
-            return None;
-        }
-        let status = if p.io.unsupported() {
-            BLKIF_RSP_EOPNOTSUPP
-        } else if p.io.failed() {
-            BLKIF_RSP_ERROR
-        } else {
-            BLKIF_RSP_OKAY
+        let status = match p.io.complete(result, io, &self.device)? {
+            Outcome::Done => BLKIF_RSP_OKAY,
+            Outcome::Failed => BLKIF_RSP_ERROR,
+            Outcome::Unsupported { .. } => BLKIF_RSP_EOPNOTSUPP,
         };
         Some(answer(p.id, p.operation, status))
     }

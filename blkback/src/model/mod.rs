@@ -9,7 +9,7 @@
 pub mod blkif;
 pub mod virtio_blk;
 
-use shadowback_dataplane::model::{Submit, Traffic};
+use shadowback_dataplane::model::Submit;
 use shadowback_dataplane::uring::IoOp;
 
 /// The disk ops of one request on the engine, and what they returned so
@@ -50,11 +50,11 @@ impl DiskIo {
     pub fn submit(
         &mut self,
         ops: impl IntoIterator<Item = IoOp>,
-        engine: &mut Submit<'_>,
+        io: &mut Submit<'_>,
         device: &str,
     ) -> bool {
         for op in ops {
-            match engine.push(op) {
+            match io.push(op) {
                 Ok(()) => self.ops_left += 1,
                 Err((e, _op)) => {
                     tracing::warn!(device, error = %e, "submission failed");
@@ -65,15 +65,9 @@ impl DiskIo {
         self.ops_left > 0
     }
 
-    /// One op completed with `result`; `true` once the request is done
-    /// (counted in `traffic` if it succeeded).
-    pub fn complete(
-        &mut self,
-        result: i32,
-        engine: &mut Submit<'_>,
-        traffic: &mut Traffic,
-        device: &str,
-    ) -> bool {
+    /// One op completed with `result`; the outcome once the request is
+    /// done (its bytes counted if it succeeded).
+    pub fn complete(&mut self, result: i32, io: &mut Submit<'_>, device: &str) -> Option<Outcome> {
         if result < 0 {
             self.failed = true;
             self.unsupported |= result == -libc::EOPNOTSUPP;
@@ -85,37 +79,47 @@ impl DiskIo {
         }
         self.ops_left = self.ops_left.saturating_sub(1);
         if self.ops_left > 0 {
-            return false;
+            return None;
         }
         if !self.failed && self.then_flush {
             // The write is complete; the flush runs under the same token
             // and its result is the answer.
-            traffic.from_guest += self.expected;
+            io.traffic().from_guest += self.expected;
             self.expected = 0;
             self.then_flush = false;
-            return !self.submit([IoOp::Fsync], engine, device);
+            if self.submit([IoOp::Fsync], io, device) {
+                return None;
+            }
         }
         if !self.failed {
+            let traffic = io.traffic();
             if self.read {
                 traffic.to_guest += self.expected;
             } else {
                 traffic.from_guest += self.expected;
             }
         }
-        true
+        Some(if self.unsupported {
+            Outcome::Unsupported {
+                moved_data: self.expected > 0,
+            }
+        } else if self.failed {
+            Outcome::Failed
+        } else {
+            Outcome::Done
+        })
     }
+}
 
-    /// Bytes each data op moves (0 for flushes and discards).
-    pub fn expected(&self) -> u64 {
-        self.expected
-    }
-
-    pub fn failed(&self) -> bool {
-        self.failed
-    }
-
-    /// An op returned `-EOPNOTSUPP`.
-    pub fn unsupported(&self) -> bool {
-        self.unsupported
-    }
+/// How a request's disk ops ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// An op failed, was refused, or moved fewer bytes than asked.
+    Failed,
+    /// An op returned `-EOPNOTSUPP`; `moved_data`: the request reads or
+    /// writes data (else it is a flush, discard or write-zeroes).
+    Unsupported {
+        moved_data: bool,
+    },
 }

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 
 use shadowback_dataplane::control::poisoned;
-use shadowback_dataplane::model::{DeviceModel, Started, Submit, Traffic};
-use shadowback_dataplane::rings::DETAIL_SIZE;
+use shadowback_dataplane::model::{DeviceModel, Started, Submit};
+use shadowback_dataplane::rings::Detail;
 use shadowback_dataplane::uring::{IoBuffers, IoOp};
 use shadowback_virtio::memory::GuestRam;
 
-use super::DiskIo;
+use super::{DiskIo, Outcome};
 use crate::virtio::queues::{Head, Used, VirtQueues};
 use crate::virtio::request::{
     parse, Action, BlkConfig, Parsed, MAX_DISCARD_SEG, SECTOR_SIZE, STATUS_IOERR, STATUS_OK,
@@ -87,7 +87,7 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
     }
 
     /// The request header.
-    fn detail(&self, req: &Request) -> [u8; DETAIL_SIZE] {
+    fn detail(&self, req: &Request) -> Detail {
         req.parsed.header.to_bytes()
     }
 
@@ -105,12 +105,7 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
         }
     }
 
-    fn start(
-        &mut self,
-        _ring: usize,
-        req: Request,
-        engine: &mut Submit<'_>,
-    ) -> Started<Pending, Used> {
+    fn start(&mut self, req: Request, io: &mut Submit<'_>) -> Started<Pending, Used> {
         let Request { head, parsed } = req;
         let status_at = parsed.status_at;
         let mut used_len = 1;
@@ -177,35 +172,25 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
             let len = if status == STATUS_OK { used_len } else { 1 };
             return Started::Done(self.answer(head, status_at, status, len));
         }
-        let mut io = DiskIo::new(expected, read, false);
-        if !io.submit(ops, engine, &self.device) {
+        let mut disk = DiskIo::new(expected, read, false);
+        if !disk.submit(ops, io, &self.device) {
             return Started::Done(self.answer(head, status_at, STATUS_IOERR, 1));
         }
         Started::Pending(Pending {
             head,
             status_at,
             used_len,
-            io,
+            io: disk,
         })
     }
 
-    fn complete(
-        &mut self,
-        p: &mut Pending,
-        result: i32,
-        engine: &mut Submit<'_>,
-        traffic: &mut Traffic,
-    ) -> Option<Used> {
-        if !p.io.complete(result, engine, traffic, &self.device) {
-            return None;
-        }
-        // Only an op that moves no data can be unsupported (a discard).
-        let status = if p.io.unsupported() && p.io.expected() == 0 {
-            STATUS_UNSUPP
-        } else if p.io.failed() {
-            STATUS_IOERR
-        } else {
-            STATUS_OK
+    fn complete(&mut self, p: &mut Pending, result: i32, io: &mut Submit<'_>) -> Option<Used> {
+        let status = match p.io.complete(result, io, &self.device)? {
+            Outcome::Done => STATUS_OK,
+            // Only a request that moves no data is unsupported (a
+            // discard, write-zeroes or flush).
+            Outcome::Unsupported { moved_data: false } => STATUS_UNSUPP,
+            Outcome::Failed | Outcome::Unsupported { moved_data: true } => STATUS_IOERR,
         };
         let len = if status == STATUS_OK { p.used_len } else { 1 };
         Some(self.answer(p.head, p.status_at, status, len))

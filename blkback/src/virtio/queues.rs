@@ -8,11 +8,10 @@
 use std::sync::Arc;
 
 use shadowback_dataplane::recovery::POISON_THRESHOLD;
-use shadowback_dataplane::rings::{Recovery, RingSet, Taken, DETAIL_SIZE};
+use shadowback_dataplane::rings::{Detail, Record, Recovery, RingSet, Taken};
 use shadowback_ring::EventChannel;
 use shadowback_shadow::{
-    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, ShadowLog, REQUEST_SIZE,
-    RESPONSE_SIZE,
+    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
 };
 use shadowback_virtio::inflight::InflightQueue;
 use shadowback_virtio::memory::GuestRam;
@@ -497,22 +496,14 @@ impl RingSet for VirtQueues {
         !self.queues[ring].batch.is_empty()
     }
 
-    fn request_record(
-        &self,
-        ring: usize,
-        req: &Head,
-        detail: &[u8; DETAIL_SIZE],
-        out: &mut [u8; REQUEST_SIZE],
-    ) -> usize {
-        let record = vrecord::request(req.head, req.avail16, self.queues[ring].index, detail);
-        out[..record.len()].copy_from_slice(&record);
-        record.len()
+    /// Where the request is (head, avail index, queue), then the detail.
+    fn request_record(&self, ring: usize, req: &Head, detail: &Detail) -> Record {
+        let index = self.queues[ring].index;
+        Record::new(&vrecord::request(req.head, req.avail16, index, detail))
     }
 
-    fn response_record(&self, used: &Used, out: &mut [u8; RESPONSE_SIZE]) -> usize {
-        let record = vrecord::response(used.head, used.len, used.status);
-        out[..record.len()].copy_from_slice(&record);
-        record.len()
+    fn response_record(&self, used: &Used) -> Record {
+        Record::new(&vrecord::response(used.head, used.len, used.status))
     }
 
     fn locate(&self, ring: usize, record: &[u8; REQUEST_SIZE]) -> Option<Head> {
@@ -527,14 +518,10 @@ impl RingSet for VirtQueues {
         Some(req.head)
     }
 
-    fn repush(
-        &mut self,
-        ring: usize,
-        saved: &[u8; RESPONSE_SIZE],
-        at: u32,
-    ) -> Result<Option<u16>, String> {
+    fn repush(&mut self, ring: usize, r: &Repush) -> Result<Option<u16>, String> {
         let q = &mut self.queues[ring];
-        let (id, len) = vrecord::saved_used_elem(saved);
+        let (id, len) = vrecord::saved_used_elem(&r.response);
+        let at = r.rsp_idx;
         let Some(head) = u16::try_from(id).ok().filter(|&h| h < q.size()) else {
             return Err(format!("saved used element names head {id}"));
         };
