@@ -15,7 +15,7 @@ pub struct Submit<'e> {
 }
 
 impl<'e> Submit<'e> {
-    pub(crate) fn new(engine: &'e mut Engine, token: u64, traffic: &'e mut Traffic) -> Self {
+    pub fn new(engine: &'e mut Engine, token: u64, traffic: &'e mut Traffic) -> Self {
         Submit {
             engine,
             token,

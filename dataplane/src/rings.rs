@@ -3,7 +3,7 @@
 //! netif's tx and rx rings (docs/ARCHITECTURE.md §11.2).
 //!
 //! Indices are the shadow log's 32-bit counters; an adapter maps them onto
-//! the wire (virtqueues: 16 bits, §8.3). What is not a ring but belongs to
+//! the wire (virtqueues: 16 bits, §8). What is not a ring but belongs to
 //! the transport — the VMM's in-flight region of §7.4, guest memory, the
 //! grant table — is the adapter's too.
 

@@ -123,3 +123,67 @@ pub enum Outcome {
         moved_data: bool,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shadowback_dataplane::model::Traffic;
+    use shadowback_dataplane::uring::{Engine, EngineConfig};
+
+    /// An engine whose ops are only queued: the tests feed `complete` the
+    /// results themselves.
+    fn engine() -> Engine {
+        Engine::for_polls(&EngineConfig::default()).expect("io_uring")
+    }
+
+    #[test]
+    fn a_write_with_flush_answers_with_the_flush_after_counting_the_write() {
+        let (mut engine, mut traffic) = (engine(), Traffic::default());
+        let mut io = Submit::new(&mut engine, 7, &mut traffic);
+        let mut disk = DiskIo::new(4096, false, true);
+        assert!(disk.submit([IoOp::Fsync], &mut io, "t"));
+        // The write completed: the flush is queued, nothing answered yet.
+        assert_eq!(disk.complete(4096, &mut io, "t"), None);
+        assert_eq!(io.traffic().from_guest, 4096);
+        assert_eq!(disk.complete(0, &mut io, "t"), Some(Outcome::Done));
+        assert_eq!(io.traffic().from_guest, 4096);
+        drop(io);
+        assert_eq!(engine.in_flight(), 2, "the write and its flush");
+    }
+
+    #[test]
+    fn a_failed_write_is_answered_without_its_flush() {
+        let (mut engine, mut traffic) = (engine(), Traffic::default());
+        let mut io = Submit::new(&mut engine, 7, &mut traffic);
+        let mut disk = DiskIo::new(4096, false, true);
+        assert!(disk.submit([IoOp::Fsync], &mut io, "t"));
+        assert_eq!(disk.complete(512, &mut io, "t"), Some(Outcome::Failed));
+        assert_eq!(io.traffic().from_guest, 0);
+        drop(io);
+        assert_eq!(engine.in_flight(), 1);
+    }
+
+    #[test]
+    fn every_op_of_a_request_completes_before_it_is_answered() {
+        let (mut engine, mut traffic) = (engine(), Traffic::default());
+        let mut io = Submit::new(&mut engine, 7, &mut traffic);
+        let mut disk = DiskIo::new(0, false, false);
+        assert!(disk.submit([IoOp::Fsync, IoOp::Fsync], &mut io, "t"));
+        assert_eq!(disk.complete(-libc::EOPNOTSUPP, &mut io, "t"), None);
+        assert_eq!(
+            disk.complete(0, &mut io, "t"),
+            Some(Outcome::Unsupported { moved_data: false })
+        );
+        let mut read = DiskIo::new(8192, true, false);
+        assert!(read.submit([IoOp::Fsync], &mut io, "t"));
+        assert_eq!(read.complete(8192, &mut io, "t"), Some(Outcome::Done));
+        assert_eq!(io.traffic().to_guest, 8192);
+        let mut failed = DiskIo::new(512, true, false);
+        assert!(failed.submit([IoOp::Fsync], &mut io, "t"));
+        assert_eq!(
+            failed.complete(-libc::EOPNOTSUPP, &mut io, "t"),
+            Some(Outcome::Unsupported { moved_data: true })
+        );
+        assert_eq!(io.traffic().to_guest, 8192);
+    }
+}
