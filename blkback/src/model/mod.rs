@@ -141,14 +141,16 @@ mod tests {
     /// counted written and the ops pushed.
     fn write_then_flush(written: i32) -> (Vec<Option<Outcome>>, u64, usize) {
         let (mut engine, mut traffic) = (engine(), Traffic::default());
-        let mut io = Submit::new(&mut engine, 7, &mut traffic);
-        let mut disk = DiskIo::new(4096, false, true);
-        assert!(disk.submit([IoOp::Fsync], &mut io, "t"));
-        let mut outcomes = vec![disk.complete(written, &mut io, "t")];
-        if outcomes[0].is_none() {
-            outcomes.push(disk.complete(0, &mut io, "t"));
-        }
-        drop(io);
+        let outcomes = {
+            let mut io = Submit::new(&mut engine, 7, &mut traffic);
+            let mut disk = DiskIo::new(4096, false, true);
+            assert!(disk.submit([IoOp::Fsync], &mut io, "t"));
+            let mut outcomes = vec![disk.complete(written, &mut io, "t")];
+            if outcomes[0].is_none() {
+                outcomes.push(disk.complete(0, &mut io, "t"));
+            }
+            outcomes
+        };
         (outcomes, traffic.from_guest, engine.in_flight())
     }
 
