@@ -107,7 +107,7 @@ impl Site {
             Command::new(shadowback_bin())
                 .arg("up")
                 .arg(&self.config)
-                .env("RUST_LOG", "warn,shadowback_blkback=info")
+                .env("RUST_LOG", "warn,shadowback_dataplane=info")
                 .env("NO_COLOR", "1")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

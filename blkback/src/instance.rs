@@ -25,19 +25,3 @@ pub struct BackendConfig {
     /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
     pub crash_at: CrashSpec,
 }
-/// Counters of one backend instance.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BlkbackStats {
-    /// Requests consumed from the ring.
-    pub requests: u64,
-    /// Requests answered with an error status.
-    pub errors: u64,
-    /// Bytes read from the disk into guest pages.
-    pub bytes_read: u64,
-    /// Bytes written from guest pages to the disk.
-    pub bytes_written: u64,
-    /// Kicks received from the guest.
-    pub kicks: u64,
-    /// Notifications sent to the guest.
-    pub notifications: u64,
-}

@@ -4,8 +4,12 @@
 //! - [`request`]: validation of blkif requests against the disk and the
 //!   guest's grants (pure code, table-tested);
 //! - [`instance`]: the configuration and counters of a backend instance;
-//! - [`backend`]: the Xen-ring event loop of one backend process;
-//! - [`virtio`]: the virtio-blk data plane the same process switches to on
+//! - [`backend`]: the backend process: the generic data-plane loop with
+//!   the block model, attached over a Xen ring or virtqueues;
+//! - [`model`]: the block model (blkif and virtio-blk requests on the
+//!   disk);
+//! - [`xen`]: the Xen back ring as a ring set;
+//! - [`virtio`]: virtio-blk parsing, the virtqueues as a ring set, and
 //!   `attach-virtio`;
 //! - [`record`]: what the block model stores in the (device-agnostic)
 //!   shadow log, for each transport;
@@ -16,7 +20,9 @@
 
 pub mod backend;
 pub mod instance;
+pub mod model;
 pub mod rawbench;
 pub mod record;
 pub mod request;
 pub mod virtio;
+pub mod xen;

@@ -60,20 +60,18 @@ pub mod blkif {
 /// was taken at, a `VBLK` tag, the virtqueue index and the request header;
 /// the response record is the used element (id, len) and the status.
 pub mod virtio_blk {
-    use crate::virtio::request::OutHdr;
-
     /// Marks the shadow-log request bytes as a virtio-blk request.
     const LOG_MAGIC: [u8; 4] = *b"VBLK";
 
     /// The shadow log's copy of a request: head, avail index, magic, queue
     /// index, then the header.
-    pub fn request(head: u16, avail16: u16, index: u16, header: OutHdr) -> [u8; 32] {
+    pub fn request(head: u16, avail16: u16, index: u16, header: &[u8; 16]) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[0..2].copy_from_slice(&head.to_le_bytes());
         b[2..4].copy_from_slice(&avail16.to_le_bytes());
         b[4..8].copy_from_slice(&LOG_MAGIC);
         b[8..10].copy_from_slice(&index.to_le_bytes());
-        b[16..32].copy_from_slice(&header.to_bytes());
+        b[16..32].copy_from_slice(header);
         b
     }
 
@@ -141,7 +139,7 @@ mod tests {
             ioprio: 0,
             sector: 99,
         };
-        let b = virtio_blk::request(513, 0xfffe, 2, header);
+        let b = virtio_blk::request(513, 0xfffe, 2, &header.to_bytes());
         assert_eq!(virtio_blk::logged_head(&b), Some((513, 0xfffe)));
         assert_eq!(virtio_blk::logged_head(&[0u8; 32]), None);
         assert_eq!(

@@ -32,9 +32,9 @@ pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 ///
 /// Kick and I/O tokens carry the attachment generation. Generations are
 /// numbered per process, across loops ([`Generations`]), so a completion
-/// of a frontend that has since detached — including one the Xen loop left
-/// behind when the process switched to virtqueues — is recognised and
-/// ignored instead of being credited to its successor.
+/// of a frontend that has since detached — including one the loop serving
+/// Xen rings left behind when the process switched to virtqueues — is
+/// recognised and ignored instead of being credited to its successor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Token {
     /// The supervisor's control socket is readable.

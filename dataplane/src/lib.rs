@@ -5,6 +5,10 @@
 //!   the loop body, driving any transport through [`event_loop::EventLoop`];
 //! - [`control`]: the control-channel pieces every loop answers alike
 //!   (attach flags and reply, fault injection);
+//! - [`rings`] and [`model`]: the two traits a device class implements,
+//!   a set of rings per transport and a device model;
+//! - [`serve`]: the one loop over any rings and model (consume, start,
+//!   complete, respond, publish, attach, recovery, serial replay);
 //! - [`recovery`]: opening a shadow log, recovery counters, freeing what the
 //!   guest has seen, and the crash-loop breaker's serial replay;
 //! - [`uring`]: the io_uring engine, the crate's only `unsafe`.
@@ -13,7 +17,10 @@
 
 pub mod control;
 pub mod event_loop;
+pub mod model;
 pub mod recovery;
+pub mod rings;
+pub mod serve;
 // The io_uring engine hands the kernel raw iovecs and buffer addresses;
 // its `unsafe` is documented at the top of the module.
 #[allow(unsafe_code)]

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use io_uring::types::{CancelBuilder, Fd, Fixed, FsyncFlags, SubmitArgs, Timespec};
 use io_uring::{opcode, squeue, IoUring};
 
-/// Who a completion belongs to; the caller encodes it (e.g. a named
-/// `EventSource` enum packed into a `u64`).
+/// Who a completion belongs to; the caller encodes it (the loops'
+/// [`crate::event_loop::Token`] packed into a `u64`).
 pub type Token = u64;
 
 /// Index of the disk in the ring's registered-file table.

@@ -1,0 +1,542 @@
+//! The split virtqueues of one vhost-user device as a [`RingSet`]
+//! (docs/ARCHITECTURE.md §8, §11.2): guest memory, the queues' 16-bit
+//! indices mapped onto the log's 32-bit ones, and the VMM's in-flight
+//! region (§7.4), updated on take and around each publish and recovered
+//! here before the shadow log is planned. A head stays the device's until
+//! its used entry is written, so a replay walks its chain again.
+
+use std::sync::Arc;
+
+use shadowback_dataplane::recovery::POISON_THRESHOLD;
+use shadowback_dataplane::rings::{Detail, Record, Recovery, RingSet, Taken};
+use shadowback_ring::EventChannel;
+use shadowback_shadow::{
+    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+};
+use shadowback_virtio::inflight::InflightQueue;
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::queue::{extend_index, guest_index, Chain, ChainError, SplitQueue};
+use shadowback_xenbus::protocol::ErrorCode;
+use shadowback_xenbus::virtio::MAX_QUEUES;
+
+use crate::record::virtio_blk as vrecord;
+
+/// Where a request is: its head, and the avail index it was taken at.
+#[derive(Clone, Copy, Debug)]
+pub struct Head {
+    pub head: u16,
+    pub avail16: u16,
+}
+
+/// A used element, and the status byte the log keeps beside it.
+#[derive(Clone, Copy, Debug)]
+pub struct Used {
+    pub head: u16,
+    pub len: u32,
+    pub status: u8,
+}
+
+/// One started virtqueue.
+pub struct VQueue {
+    /// Virtqueue index in the device.
+    index: u16,
+    ring: SplitQueue,
+    kick: EventChannel,
+    call: EventChannel,
+    inflight: Option<InflightQueue>,
+    /// Next in-flight region counter.
+    counter: u64,
+    /// Guest u16 index = log u32 index (low half) + `delta`.
+    delta: u16,
+    /// Log-space index of the next avail entry to consume.
+    next_avail: u32,
+    /// Log-space index of the next used entry to write.
+    next_used: u32,
+    /// Log-space `used->idx` last published.
+    published: u32,
+    /// Heads taken and not answered yet.
+    busy: Vec<bool>,
+    /// Heads written to the used ring, not yet published.
+    batch: Vec<u16>,
+}
+
+impl VQueue {
+    pub fn new(
+        index: u16,
+        ring: SplitQueue,
+        kick: EventChannel,
+        call: EventChannel,
+        inflight: Option<InflightQueue>,
+    ) -> Self {
+        let size = usize::from(ring.size);
+        VQueue {
+            index,
+            ring,
+            kick,
+            call,
+            inflight,
+            counter: 1,
+            delta: 0,
+            next_avail: 0,
+            next_used: 0,
+            published: 0,
+            busy: vec![false; size],
+            batch: Vec::with_capacity(size),
+        }
+    }
+
+    fn size(&self) -> u16 {
+        self.ring.size
+    }
+}
+
+/// The virtqueues of one device.
+pub struct VirtQueues {
+    mem: Arc<GuestRam>,
+    queues: Vec<VQueue>,
+    /// Most descriptors a chain may have.
+    chain_cap: usize,
+    /// The chain taken or reloaded last, and how its walk ended.
+    chain: Chain,
+    walked: Result<(), ChainError>,
+}
+
+impl VirtQueues {
+    pub fn new(mem: Arc<GuestRam>, queues: Vec<VQueue>, chain_cap: usize) -> Self {
+        VirtQueues {
+            mem,
+            queues,
+            chain_cap,
+            chain: Chain::default(),
+            walked: Ok(()),
+        }
+    }
+
+    /// The chain taken or reloaded last (or why its walk failed).
+    pub fn walked(&self) -> Result<&Chain, ChainError> {
+        self.walked.as_ref().map(|()| &self.chain).map_err(|e| *e)
+    }
+
+    fn walk(&mut self, ring: usize, head: u16) {
+        let q = &self.queues[ring];
+        self.walked = q
+            .ring
+            .walk(&self.mem, head, self.chain_cap, &mut self.chain);
+        if let Err(e) = &self.walked {
+            tracing::debug!(queue = q.index, head, error = %e, "bad chain");
+        }
+    }
+
+    /// `set-call`: the VMM replaced the call eventfd of virtqueue `index`.
+    pub fn set_call(&mut self, index: u16, call: EventChannel) -> Result<(), String> {
+        let q = self
+            .queues
+            .iter_mut()
+            .find(|q| q.index == index)
+            .ok_or_else(|| format!("no queue {index}"))?;
+        q.call = call;
+        // A notification may have gone to the old eventfd while the VMM was
+        // switching: one spurious interrupt is harmless, a lost one hangs.
+        let _ = q.call.notify();
+        Ok(())
+    }
+
+    /// Decides where queue `ring` resumes and what it must replay, and
+    /// rewrites the in-flight region to match (docs/ARCHITECTURE.md §7.4):
+    ///
+    /// - a *complete* shadow log is the only authority: its live entries are
+    ///   planned (re-push, re-execute, fail), and without any the queue
+    ///   resumes at `used->idx` with nothing in flight. The in-flight region
+    ///   is never read then: it lags the driver by up to a batch (cleared one
+    ///   head at a time after `used->idx` moves), and resubmitting from it
+    ///   re-executes heads the driver has already seen answered and reused;
+    /// - a log that is not complete yet, beside an in-flight region (the
+    ///   first instance after a restart of the supervisor, or its successor
+    ///   if it died before it was done): the region says what is in flight;
+    ///   whatever a dead instance half-adopted into the log is dropped and the
+    ///   region adopted again, then the log is marked complete;
+    /// - a log without a region: the log, as for a complete one;
+    /// - a region without a log (`shadow = false`): the region;
+    /// - neither: nothing is in flight; resume at `SET_VRING_BASE` on a first
+    ///   attach, else at `used->idx`.
+    pub fn recover(
+        &mut self,
+        ring: usize,
+        log: Option<&ShadowLog>,
+        vring_base: u16,
+        recover: bool,
+        fresh_log: bool,
+    ) -> Result<Recovery<Head>, (ErrorCode, String)> {
+        let proto = |s: String| (ErrorCode::Eproto, s);
+        let mem = &self.mem;
+        let q = &mut self.queues[ring];
+        let size = q.size();
+        let used16 = q.ring.used_idx(mem).map_err(|e| proto(e.to_string()))?;
+        let avail16 = q.ring.avail_idx(mem).map_err(|e| proto(e.to_string()))?;
+        let snapshot = match log {
+            Some(log) => Some(log.snapshot().map_err(|e| proto(e.to_string()))?),
+            None => None,
+        };
+        let live = |snap: &LogSnapshot| {
+            snap.entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.state() != Some(EntryState::Free))
+                .map(|(i, _)| EntryId(i as u32))
+                .collect::<Vec<_>>()
+        };
+        let adopt_region =
+            q.inflight.is_some() && snapshot.as_ref().is_some_and(|s| !s.header.complete);
+        if let (Some(log), Some(snap), false) = (log, snapshot.as_ref(), adopt_region) {
+            if !live(snap).is_empty() {
+                let plan = plan_from_log(q, log, snap, used16, avail16)?;
+                return Ok(Recovery::Plan(plan));
+            }
+        }
+        let mut resubmit = Vec::new();
+        let mut first16 = if fresh_log && !recover {
+            vring_base
+        } else {
+            used16
+        };
+        if let Some(iq) = q.inflight.as_ref() {
+            if log.is_none() || adopt_region {
+                if let (Some(log), Some(snap)) = (log, snapshot.as_ref()) {
+                    let partial = live(snap);
+                    if !partial.is_empty() {
+                        tracing::warn!(
+                            queue = q.index,
+                            entries = partial.len(),
+                            "an instance died adopting the in-flight region: adopting it again"
+                        );
+                    }
+                    for entry in partial {
+                        log.free(entry).map_err(|e| proto(e.to_string()))?;
+                    }
+                }
+                let rec = iq
+                    .recover(used16, avail16)
+                    .map_err(|e| proto(e.to_string()))?;
+                q.counter = rec.next_counter;
+                if !rec.fresh {
+                    first16 = used16;
+                    resubmit = rec.heads;
+                }
+            } else {
+                // The complete log holds nothing in flight: neither may the
+                // region.
+                q.counter = iq
+                    .reset_to(used16, &[], 1)
+                    .map_err(|e| proto(e.to_string()))?;
+            }
+        }
+        let gap = first16.wrapping_sub(used16);
+        if gap > size {
+            return Err((
+                ErrorCode::Einval,
+                format!("next avail {first16} is more than a ring ahead of used {used16}"),
+            ));
+        }
+        if gap > 0 {
+            tracing::warn!(
+                queue = q.index,
+                gap,
+                "requests consumed before attach will not be answered"
+            );
+        }
+        let base = snapshot.as_ref().map_or(0, |s| s.header.req_cons);
+        q.delta = first16.wrapping_sub(base as u16);
+        q.next_avail = base;
+        q.next_used = base.wrapping_sub(u32::from(gap));
+        q.published = q.next_used;
+        if resubmit.is_empty() {
+            // Nothing to adopt: the log accounts for everything from here on.
+            if let Some(log) = log {
+                log.mark_complete().map_err(|e| proto(e.to_string()))?;
+            }
+            return Ok(Recovery::Nothing);
+        }
+        // Each head is adopted at the next avail position.
+        let adopted = resubmit
+            .into_iter()
+            .map(|head| {
+                let at = q.next_avail;
+                q.next_avail = at.wrapping_add(1);
+                let avail16 = guest_index(at, q.delta);
+                (at, Head { head, avail16 })
+            })
+            .collect();
+        Ok(Recovery::Adopt(adopted))
+    }
+}
+
+/// The recovery plan of a queue whose shadow log holds live entries; sets
+/// the queue's indices and rewrites the in-flight region to the heads the
+/// driver still waits for.
+fn plan_from_log(
+    q: &mut VQueue,
+    log: &ShadowLog,
+    snap: &LogSnapshot,
+    used16: u16,
+    avail16: u16,
+) -> Result<RecoveryPlan, (ErrorCode, String)> {
+    let proto = |s: String| (ErrorCode::Eproto, s);
+    let size = q.size();
+    // The mapping between log and guest indices, from the entry consumed
+    // last.
+    let delta = snap
+        .entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.state(),
+                Some(EntryState::Inflight | EntryState::Completing)
+            )
+        })
+        .filter_map(|e| vrecord::logged_head(&e.request).map(|(_, a)| (e.seq, a, e.ring_idx)))
+        .max_by_key(|&(seq, _, _)| seq)
+        .map(|(_, avail16, ring_idx)| avail16.wrapping_sub(ring_idx as u16))
+        .ok_or_else(|| proto("no live entry tells the ring position".into()))?;
+    let h = &snap.header;
+    let rsp_prod = extend_index(h.rsp_prod_pvt, delta, used16);
+    let req_prod = extend_index(h.req_cons, delta, avail16);
+    let plan = plan_recovery(snap, rsp_prod, req_prod, u32::from(size), POISON_THRESHOLD)
+        .map_err(|e| proto(format!("recovery impossible: {e}")))?;
+    log.log_recovered(&plan).map_err(|e| proto(e.to_string()))?;
+    log.mark_complete().map_err(|e| proto(e.to_string()))?;
+    q.delta = delta;
+    q.next_avail = plan.req_cons;
+    q.next_used = plan.rsp_prod;
+    q.published = plan.rsp_prod;
+    if let Some(iq) = q.inflight.as_ref() {
+        // Every head the guest still waits for is in flight.
+        let mut heads: Vec<u16> = plan
+            .repush
+            .iter()
+            .filter_map(|r| u16::try_from(vrecord::saved_used_elem(&r.response).0).ok())
+            .collect();
+        heads.extend(
+            plan.poisoned
+                .iter()
+                .chain(&plan.reexecute)
+                .filter_map(|e| vrecord::logged_head(&e.request).map(|(h, _)| h)),
+        );
+        heads.extend(
+            plan.corrupt_to_answer()
+                .filter_map(|c| vrecord::logged_head(&c.request).map(|(h, _)| h)),
+        );
+        heads.retain(|&h| h < size);
+        heads.sort_unstable();
+        heads.dedup();
+        q.counter = iq
+            .reset_to(used16, &heads, 1)
+            .map_err(|e| proto(e.to_string()))?;
+    }
+    Ok(plan)
+}
+
+impl RingSet for VirtQueues {
+    type Request = Head;
+    type Response = Used;
+    const MAX_RINGS: usize = MAX_QUEUES;
+    const BREAK_ENDS_ATTACHMENT: bool = false;
+    const WAKE_ON_ATTACH: bool = true;
+
+    fn count(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn size(&self, ring: usize) -> u32 {
+        u32::from(self.queues[ring].size())
+    }
+
+    fn kick(&self, ring: usize) -> &EventChannel {
+        &self.queues[ring].kick
+    }
+
+    fn notify(&self, ring: usize) -> Result<(), String> {
+        self.queues[ring].call.notify().map_err(|e| e.to_string())
+    }
+
+    fn label(&self, ring: usize) -> Option<u16> {
+        Some(self.queues[ring].index)
+    }
+
+    fn take(&mut self, ring: usize) -> Result<Option<Taken<Head>>, String> {
+        let mem = &self.mem;
+        let q = &mut self.queues[ring];
+        let next16 = guest_index(q.next_avail, q.delta);
+        loop {
+            let avail16 = q.ring.avail_idx(mem).map_err(|e| e.to_string())?;
+            if avail16 != next16 {
+                if avail16.wrapping_sub(next16) > q.size() {
+                    return Err(format!(
+                        "avail index {avail16} is more than a ring ahead of {next16}"
+                    ));
+                }
+                break;
+            }
+            if !q.ring.event_idx {
+                return Ok(None);
+            }
+            // EVENT_IDX: ask for a kick at the next index, then check
+            // again (the driver may have added one before seeing it).
+            if q.ring.set_avail_event(mem, next16).is_err() {
+                return Err("avail_event not writable".into());
+            }
+            // SeqCst fence: avail_event is visible before avail->idx is
+            // re-read (§2.7.10, the device-side mb()).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            if q.ring.avail_idx(mem).map_err(|e| e.to_string())? == next16 {
+                return Ok(None);
+            }
+        }
+        let head = q.ring.avail_head(mem, next16).map_err(|e| e.to_string())?;
+        if head >= q.size() {
+            return Err(format!("avail head {head} out of range"));
+        }
+        if std::mem::replace(&mut q.busy[usize::from(head)], true) {
+            return Err(format!("head {head} made available twice"));
+        }
+        let log_index = q.next_avail;
+        q.next_avail = log_index.wrapping_add(1);
+        self.walk(ring, head);
+        Ok(Some(Taken {
+            request: Head {
+                head,
+                avail16: next16,
+            },
+            log_index,
+            cost: self.chain.descriptors_read,
+        }))
+    }
+
+    fn has_requests(&mut self, ring: usize) -> bool {
+        let q = &self.queues[ring];
+        q.ring
+            .avail_idx(&self.mem)
+            .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
+    }
+
+    /// The in-flight region first: a head it marks but the shadow log
+    /// lacks is consumed again from the avail ring by a log-driven
+    /// recovery, while region-only recovery counts it.
+    fn begin(&mut self, ring: usize, req: &Head) {
+        let q = &mut self.queues[ring];
+        if let Some(iq) = q.inflight.as_ref() {
+            if let Err(e) = iq.begin(req.head, q.counter) {
+                tracing::warn!(queue = q.index, error = %e, "in-flight region update failed");
+            }
+            q.counter += 1;
+        }
+    }
+
+    fn reload(&mut self, ring: usize, req: &Head) {
+        if let Some(busy) = self.queues[ring].busy.get_mut(usize::from(req.head)) {
+            *busy = true;
+        }
+        self.walk(ring, req.head);
+    }
+
+    fn put(&mut self, ring: usize, used: &Used) -> Result<u32, String> {
+        let q = &mut self.queues[ring];
+        let idx = q.next_used;
+        q.ring
+            .write_used(
+                &self.mem,
+                guest_index(idx, q.delta),
+                u32::from(used.head),
+                used.len,
+            )
+            .map_err(|e| e.to_string())?;
+        q.next_used = idx.wrapping_add(1);
+        q.batch.push(used.head);
+        if let Some(busy) = q.busy.get_mut(usize::from(used.head)) {
+            *busy = false;
+        }
+        Ok(idx)
+    }
+
+    /// Links the batch in the in-flight region, then one release store of
+    /// `used->idx`.
+    fn publish(&mut self, ring: usize) -> Result<Option<u32>, String> {
+        let q = &mut self.queues[ring];
+        if q.batch.is_empty() {
+            return Ok(None);
+        }
+        if let Some(iq) = q.inflight.as_ref() {
+            if let Err(e) = iq.link_batch(&q.batch) {
+                tracing::warn!(queue = q.index, error = %e, "in-flight region update failed");
+            }
+        }
+        let new = guest_index(q.next_used, q.delta);
+        q.ring
+            .publish_used(&self.mem, new)
+            .map_err(|e| e.to_string())?;
+        Ok(Some(q.next_used))
+    }
+
+    /// Finishes the batch in the in-flight region; notifies unless
+    /// EVENT_IDX says the driver does not want it.
+    fn published(&mut self, ring: usize) -> bool {
+        let q = &mut self.queues[ring];
+        let old = guest_index(q.published, q.delta);
+        let new = guest_index(q.next_used, q.delta);
+        if let Some(iq) = q.inflight.as_ref() {
+            if let Err(e) = iq.finish_batch(&q.batch, new) {
+                tracing::warn!(queue = q.index, error = %e, "in-flight region update failed");
+            }
+        }
+        q.batch.clear();
+        q.published = q.next_used;
+        q.ring.needs_notify(&self.mem, old, new).unwrap_or(true)
+    }
+
+    fn unpublished(&self, ring: usize) -> bool {
+        !self.queues[ring].batch.is_empty()
+    }
+
+    /// Where the request is (head, avail index, queue), then the detail.
+    fn request_record(&self, ring: usize, req: &Head, detail: &Detail) -> Record {
+        let index = self.queues[ring].index;
+        Record::new(&vrecord::request(req.head, req.avail16, index, detail))
+    }
+
+    fn response_record(&self, used: &Used) -> Record {
+        Record::new(&vrecord::response(used.head, used.len, used.status))
+    }
+
+    fn locate(&self, ring: usize, record: &[u8; REQUEST_SIZE]) -> Option<Head> {
+        let size = self.queues[ring].size();
+        vrecord::logged_head(record)
+            .map(|(head, avail16)| Head { head, avail16 })
+            .filter(|h| h.head < size)
+    }
+
+    /// Heads are the driver's.
+    fn place(&self, req: &Head) -> Option<u16> {
+        Some(req.head)
+    }
+
+    fn repush(&mut self, ring: usize, r: &Repush) -> Result<Option<u16>, String> {
+        let q = &mut self.queues[ring];
+        let (id, len) = vrecord::saved_used_elem(&r.response);
+        let at = r.rsp_idx;
+        let Some(head) = u16::try_from(id).ok().filter(|&h| h < q.size()) else {
+            return Err(format!("saved used element names head {id}"));
+        };
+        if at != q.next_used {
+            return Err(format!("re-push at {at}, expected {}", q.next_used));
+        }
+        q.ring
+            .write_used(&self.mem, guest_index(at, q.delta), id, len)
+            .map_err(|e| e.to_string())?;
+        q.next_used = at.wrapping_add(1);
+        q.batch.push(head);
+        Ok(Some(head))
+    }
+
+    fn describe(&self, req: &Head) -> String {
+        format!("head {}", req.head)
+    }
+}

@@ -1,0 +1,156 @@
+//! The Xen back ring as a [`RingSet`] of one ring (docs/ARCHITECTURE.md
+//! §3, §11.2): requests are copied off the ring and logged verbatim, so a
+//! replay re-executes the saved bytes (their grants stay the frontend's
+//! until answered); slots are the backend's, never the guest's.
+
+use shadowback_dataplane::rings::{Detail, Record, RingSet, Taken};
+use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse};
+use shadowback_ring::sring::BackRing;
+use shadowback_ring::EventChannel;
+use shadowback_shadow::{Repush, REQUEST_SIZE, RESPONSE_SIZE};
+use vm_memory::ByteValued;
+
+/// One attached blkif ring and its event channels.
+pub struct XenRing {
+    ring: BackRing<Blkif>,
+    kick: EventChannel,
+    notify: EventChannel,
+    /// Requests the last look at the ring found, not taken yet.
+    pending: u32,
+    /// Responses put but not published.
+    unpublished: bool,
+    /// The last publish asked for a notification.
+    notify_due: bool,
+}
+
+impl XenRing {
+    pub fn new(ring: BackRing<Blkif>, kick: EventChannel, notify: EventChannel) -> Self {
+        XenRing {
+            ring,
+            kick,
+            notify,
+            pending: 0,
+            unpublished: false,
+            notify_due: false,
+        }
+    }
+}
+
+/// A blkif response from its 16 saved bytes.
+pub fn response_from(bytes: &[u8; RESPONSE_SIZE]) -> BlkifResponse {
+    let mut rsp = BlkifResponse::default();
+    rsp.as_mut_slice().copy_from_slice(bytes);
+    rsp
+}
+
+impl RingSet for XenRing {
+    type Request = BlkifRequest;
+    type Response = BlkifResponse;
+    const MAX_RINGS: usize = 1;
+    const BREAK_ENDS_ATTACHMENT: bool = true;
+    const WAKE_ON_ATTACH: bool = false;
+
+    fn count(&self) -> usize {
+        1
+    }
+
+    fn size(&self, _ring: usize) -> u32 {
+        self.ring.size()
+    }
+
+    fn kick(&self, _ring: usize) -> &EventChannel {
+        &self.kick
+    }
+
+    fn notify(&self, _ring: usize) -> Result<(), String> {
+        self.notify.notify().map_err(|e| e.to_string())
+    }
+
+    fn label(&self, _ring: usize) -> Option<u16> {
+        None
+    }
+
+    fn take(&mut self, _ring: usize) -> Result<Option<Taken<BlkifRequest>>, String> {
+        if self.pending == 0 {
+            self.pending = self.ring.unconsumed_requests().map_err(|e| e.to_string())?;
+            if self.pending == 0 {
+                return Ok(None);
+            }
+        }
+        let (idx, req) = self.ring.take_request().map_err(|e| e.to_string())?;
+        self.pending -= 1;
+        Ok(Some(Taken {
+            request: req,
+            log_index: idx,
+            cost: 1,
+        }))
+    }
+
+    /// `RING_FINAL_CHECK_FOR_REQUESTS`; an error is reported by the next
+    /// take.
+    fn has_requests(&mut self, _ring: usize) -> bool {
+        self.ring.final_check_for_requests().unwrap_or(true)
+    }
+
+    fn begin(&mut self, _ring: usize, _req: &BlkifRequest) {}
+
+    fn reload(&mut self, _ring: usize, _req: &BlkifRequest) {}
+
+    fn put(&mut self, _ring: usize, rsp: &BlkifResponse) -> Result<u32, String> {
+        let idx = self.ring.put_response(rsp).map_err(|e| e.to_string())?;
+        self.unpublished = true;
+        Ok(idx)
+    }
+
+    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`.
+    fn publish(&mut self, _ring: usize) -> Result<Option<u32>, String> {
+        if !self.unpublished {
+            return Ok(None);
+        }
+        self.unpublished = false;
+        self.notify_due = self.ring.push_responses().map_err(|e| e.to_string())?;
+        Ok(Some(self.ring.rsp_prod_pvt()))
+    }
+
+    fn published(&mut self, _ring: usize) -> bool {
+        self.notify_due
+    }
+
+    fn unpublished(&self, _ring: usize) -> bool {
+        self.unpublished
+    }
+
+    /// The request itself.
+    fn request_record(&self, _ring: usize, req: &BlkifRequest, _detail: &Detail) -> Record {
+        Record::new(req.as_slice())
+    }
+
+    fn response_record(&self, rsp: &BlkifResponse) -> Record {
+        Record::new(rsp.as_slice())
+    }
+
+    fn locate(&self, _ring: usize, record: &[u8; REQUEST_SIZE]) -> Option<BlkifRequest> {
+        let mut req = BlkifRequest::default();
+        req.as_mut_slice().copy_from_slice(record);
+        Some(req)
+    }
+
+    /// Slots are the backend's, not the guest's: nothing to collide.
+    fn place(&self, _req: &BlkifRequest) -> Option<u16> {
+        None
+    }
+
+    fn repush(&mut self, _ring: usize, r: &Repush) -> Result<Option<u16>, String> {
+        let rsp = response_from(&r.response);
+        let idx = self.ring.put_response(&rsp).map_err(|e| e.to_string())?;
+        if idx != r.rsp_idx {
+            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
+        }
+        self.unpublished = true;
+        Ok(None)
+    }
+
+    fn describe(&self, req: &BlkifRequest) -> String {
+        format!("id {}", req.id)
+    }
+}

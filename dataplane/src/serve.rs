@@ -1,0 +1,804 @@
+//! The one data-plane loop (docs/ARCHITECTURE.md §11.2): any
+//! [`RingSet`] with any [`DeviceModel`], driven by [`event_loop::run`].
+//!
+//! Per ring it keeps the shadow log, the in-flight table (slot → logged
+//! entry and the model's pending state; the slot is the `Io` token's),
+//! and a serial replay; per attachment, where it stands on its way out.
+//! The steps of one turn, the control dispatch, recovery and replay are
+//! written once here; an [`AttachKind`] builds the rings and the model
+//! from an attach message.
+
+use std::os::fd::OwnedFd;
+
+use shadowback_shadow::{EntryId, Repush, ShadowLog, REQUEST_SIZE};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::{Message, SeqPacket};
+
+use crate::control::{
+    attach_reply, control_err, fault_injection, recv_control, refuse_unexpected, sanitize,
+    send_detached, AttachFlags,
+};
+use crate::event_loop::{
+    self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
+};
+use crate::model::{DeviceModel, Started, Submit, Traffic};
+use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
+use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
+use crate::uring::{Completion, Engine};
+
+/// Counters of one backend process, over all its attachments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopStats {
+    /// Requests taken from the rings.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Bytes moved, as the device model counts them.
+    pub traffic: Traffic,
+    /// Kicks received from the guest.
+    pub kicks: u64,
+    /// Notifications sent to the guest.
+    pub notifications: u64,
+}
+
+/// What every loop of a process shares: the engine, the control socket,
+/// attachment generations, fault injection and the counters. A process
+/// that switches transport (a block backend taking `attach-virtio`) hands
+/// the same core to the next loop.
+pub struct Core {
+    /// Device name, for logs.
+    pub device: String,
+    pub engine: Engine,
+    pub control: SeqPacket,
+    pub generations: Generations,
+    /// Fault injection: taking a request that covers one of these sectors
+    /// aborts the process (`poison` from the supervisor).
+    pub poison: Vec<u64>,
+    pub stats: LoopStats,
+}
+
+impl Core {
+    pub fn new(device: String, engine: Engine, control: SeqPacket) -> Self {
+        Core {
+            device,
+            engine,
+            control,
+            generations: Generations::default(),
+            poison: Vec::new(),
+            stats: LoopStats::default(),
+        }
+    }
+
+    /// Sends a control message; a closed channel means the supervisor is
+    /// gone.
+    pub fn send(&self, msg: &Message) -> Result<(), BackendError> {
+        self.control.send(msg, &[]).map_err(control_err)
+    }
+
+    /// Engine room for one more request of `ops` ops, beside the control
+    /// poll and `rings` kick polls.
+    fn has_room(&self, ops: usize, rings: usize) -> bool {
+        let free = self
+            .engine
+            .capacity()
+            .saturating_sub(self.engine.in_flight());
+        free > ops + 1 + rings
+    }
+}
+
+/// What an attach built: the rings, the model, and what recovery found.
+pub struct Built<R: RingSet, M> {
+    /// The frontend's name (for `detached` and `disconnect`).
+    pub name: String,
+    pub rings: R,
+    pub model: M,
+    /// One per ring, opened (`recovery::open_shadow_log`); `None` without
+    /// the shadow layer.
+    pub logs: Vec<Option<ShadowLog>>,
+    /// One per ring: what recovery left to do.
+    pub recoveries: Vec<Recovery<R::Request>>,
+    /// The log generation; the other counters are filled by the loop.
+    pub stats: RecoveryStats,
+    /// When recovery started (for `replay-us`).
+    pub started: std::time::Instant,
+}
+
+/// One attach message kind and what it builds.
+pub trait AttachKind {
+    type Rings: RingSet;
+    type Model: DeviceModel<Self::Rings>;
+    /// The control message that attaches (`attach`, `attach-virtio`).
+    const KIND: &'static str;
+    /// What it attaches, in log lines (`frontend`, `virtio device`).
+    const WHAT: &'static str;
+
+    /// Maps what the message names, opens the shadow logs and decides
+    /// where each ring resumes; on error nothing is kept.
+    fn build(
+        &mut self,
+        core: &mut Core,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+        flags: AttachFlags,
+    ) -> Result<Built<Self::Rings, Self::Model>, (ErrorCode, String)>;
+
+    /// A control message the loop does not handle itself (a transport's
+    /// own, such as `set-call`; another attach kind); `None` refuses it.
+    fn on_other(
+        &mut self,
+        core: &mut Core,
+        rings: Option<&mut Self::Rings>,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+    ) -> Option<Result<(), BackendError>>;
+}
+
+/// A request the engine works on.
+struct InFlight<P> {
+    entry: Option<EntryId>,
+    pending: P,
+}
+
+/// One ring's loop state.
+struct RingState<T, P> {
+    /// The shadow log (absent with `--no-shadow`).
+    log: Option<ShadowLog>,
+    /// Requests in flight, by slot (the `Io` token's).
+    slots: Vec<Option<InFlight<P>>>,
+    free: Vec<u16>,
+    /// Serial replay after a suspected crash loop.
+    replay: SerialReplay<T>,
+    /// The guest broke the ring: take nothing more from it.
+    broken: bool,
+}
+
+impl<T, P> RingState<T, P> {
+    fn new(log: Option<ShadowLog>, size: u32) -> Self {
+        // Rings have at most 32768 entries (virtqueues; a Xen ring 512).
+        let size = size.min(1 << 15) as u16;
+        RingState {
+            log,
+            slots: (0..size).map(|_| None).collect(),
+            free: (0..size).rev().collect(),
+            replay: SerialReplay::default(),
+            broken: false,
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
+/// One attached frontend.
+struct Attachment<R: RingSet, M: DeviceModel<R>> {
+    name: String,
+    generation: u32,
+    rings: R,
+    model: M,
+    state: Vec<RingState<R::Request, M::Pending>>,
+    closing: Closing,
+}
+
+impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
+    fn in_flight(&self) -> usize {
+        self.state.iter().map(RingState::in_flight).sum()
+    }
+
+    fn has_room(&self, core: &Core) -> bool {
+        core.has_room(M::MAX_OPS, R::MAX_RINGS)
+    }
+
+    /// Takes what each ring holds (as far as slots, engine room and the
+    /// turn's budget allow): take, parse, log, execute.
+    fn consume(&mut self, core: &mut Core) -> Result<(), BackendError> {
+        for ring in 0..self.state.len() {
+            let mut budget = TAKE_BUDGET;
+            loop {
+                let st = &self.state[ring];
+                if self.closing != Closing::No
+                    || st.broken
+                    || !st.replay.is_empty()
+                    || st.free.is_empty()
+                    || budget == 0
+                    || !self.has_room(core)
+                {
+                    break;
+                }
+                let taken = match self.rings.take(ring) {
+                    Ok(Some(taken)) => taken,
+                    Ok(None) => break,
+                    Err(why) => {
+                        self.ring_broken(core, ring, &why)?;
+                        break;
+                    }
+                };
+                budget = budget.saturating_sub(taken.cost.max(1));
+                let parsed = self.model.parse(&self.rings, ring, &taken.request);
+                self.rings.begin(ring, &taken.request);
+                // docs/ARCHITECTURE.md §7.1: the request is in the log
+                // before any of it is executed.
+                let entry = match self.state[ring].log.as_ref() {
+                    None => None,
+                    Some(log) => {
+                        let detail = self.model.detail(&parsed);
+                        let record = self.rings.request_record(ring, &taken.request, &detail);
+                        match log.log_consumed(taken.log_index, record.as_slice()) {
+                            Ok(entry) => Some(entry),
+                            Err(e) => log_failed(&core.device, e),
+                        }
+                    }
+                };
+                core.stats.requests += 1;
+                self.check_poison(core, &parsed);
+                let Some(slot) = self.state[ring].free.pop() else {
+                    break;
+                };
+                self.start(core, ring, slot, entry, parsed);
+                submit_burst(&mut core.engine, core.stats.requests)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fault injection: a request covering a poisoned sector kills this
+    /// instance.
+    fn check_poison(&self, core: &Core, parsed: &M::Request) {
+        if !core.poison.is_empty() && self.model.poisoned(parsed, &core.poison) {
+            tracing::error!(device = %core.device, "poisoned request: aborting (fault injection)");
+            std::process::abort();
+        }
+    }
+
+    /// Executes a parsed request in `slot` (owned by it from now on) or
+    /// answers it at once.
+    fn start(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        slot: u16,
+        entry: Option<EntryId>,
+        parsed: M::Request,
+    ) {
+        let token = Token::Io {
+            generation: self.generation,
+            ring: ring as u8,
+            slot,
+        }
+        .encode();
+        let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
+        match self.model.start(parsed, &mut submit) {
+            Started::Pending(pending) => {
+                self.state[ring].slots[usize::from(slot)] = Some(InFlight { entry, pending });
+            }
+            Started::Done(response) => {
+                self.state[ring].free.push(slot);
+                self.respond_or_warn(core, ring, entry, &response);
+            }
+        }
+    }
+
+    /// Re-executes a logged request (replay): parsed again from what the
+    /// ring says it is.
+    fn execute(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        entry: Option<EntryId>,
+        request: R::Request,
+    ) -> Result<(), String> {
+        let slot = self.state[ring]
+            .free
+            .pop()
+            .ok_or("more requests to replay than slots")?;
+        self.rings.reload(ring, &request);
+        let parsed = self.model.parse(&self.rings, ring, &request);
+        self.check_poison(core, &parsed);
+        self.start(core, ring, slot, entry, parsed);
+        Ok(())
+    }
+
+    /// Puts a response on the ring and logs it COMPLETING
+    /// (docs/ARCHITECTURE.md §7.1); published in [`Attachment::publish`].
+    fn respond(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        entry: Option<EntryId>,
+        response: &R::Response,
+    ) -> Result<(), String> {
+        if self.model.is_error(response) {
+            core.stats.errors += 1;
+        }
+        let idx = self.rings.put(ring, response)?;
+        if let (Some(log), Some(entry)) = (self.state[ring].log.as_ref(), entry) {
+            let record = self.rings.response_record(response);
+            if let Err(e) = log.log_completing(entry, idx, record.as_slice()) {
+                log_failed(&core.device, e);
+            }
+        }
+        Ok(())
+    }
+
+    fn respond_or_warn(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        entry: Option<EntryId>,
+        response: &R::Response,
+    ) {
+        if let Err(e) = self.respond(core, ring, entry, response) {
+            tracing::error!(device = %core.device, ring, error = %e, "cannot put a response");
+        }
+    }
+
+    /// The guest broke `ring`: stop taking from it (or, where a broken ring
+    /// ends the attachment, from all) and tell the supervisor, which
+    /// disconnects the guest. Requests in flight still complete.
+    fn ring_broken(&mut self, core: &Core, ring: usize, why: &str) -> Result<(), BackendError> {
+        let st = &mut self.state[ring];
+        if st.broken {
+            return Ok(());
+        }
+        st.broken = true;
+        if R::BREAK_ENDS_ATTACHMENT {
+            self.closing = Closing::Broken;
+        }
+        tracing::warn!(device = %core.device, frontend = %self.name, ring, why, "ring broken, not taking from it");
+        let mut msg = Message::new(kind::DISCONNECT).with(key::FRONTEND, &self.name);
+        if let Some(label) = self.rings.label(ring) {
+            msg.set(key::QUEUE, label);
+        }
+        msg.set(key::REASON, sanitize(why));
+        core.send(&msg)
+    }
+
+    /// Starts the next request of each serial replay once its ring has
+    /// nothing in flight. Also while a detach waits: the queued requests
+    /// were consumed and are answered before `detached`. Not once a broken
+    /// ring ended the attachment.
+    fn advance_serial_replay(&mut self, core: &mut Core) {
+        if self.closing == Closing::Broken {
+            return;
+        }
+        for ring in 0..self.state.len() {
+            let st = &mut self.state[ring];
+            let in_flight = st.in_flight();
+            let Some((entry, request)) = st.replay.next(in_flight, st.log.as_ref(), &core.device)
+            else {
+                continue;
+            };
+            if let Err(e) = self.execute(core, ring, Some(entry), request) {
+                tracing::error!(device = %core.device, ring, error = %e, "serial replay failed");
+            }
+        }
+    }
+
+    /// Makes the responses put since the last turn visible, logs them
+    /// published (docs/ARCHITECTURE.md §7.1, last step: their entries are
+    /// freed) and notifies at most once per ring.
+    fn publish(&mut self, core: &mut Core) {
+        for ring in 0..self.state.len() {
+            let visible = match self.rings.publish(ring) {
+                Ok(Some(idx)) => idx,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(device = %core.device, ring, error = %e, "cannot publish responses");
+                    continue;
+                }
+            };
+            if let Some(log) = self.state[ring].log.as_ref() {
+                if let Err(e) = log.log_published(visible) {
+                    log_failed(&core.device, e);
+                }
+            }
+            if self.rings.published(ring) {
+                core.stats.notifications += 1;
+                if let Err(e) = self.rings.notify(ring) {
+                    tracing::warn!(device = %core.device, ring, error = %e, "notify failed");
+                }
+            }
+        }
+    }
+
+    /// Whether the loop must go round again without sleeping: a ring has
+    /// requests and room to take them, or a serial replay can advance.
+    fn has_work(&mut self, core: &Core) -> bool {
+        let room = self.has_room(core);
+        for ring in 0..self.state.len() {
+            let st = &self.state[ring];
+            let more = if !st.replay.is_empty() {
+                st.in_flight() == 0 && self.closing != Closing::Broken
+            } else {
+                self.closing == Closing::No
+                    && !st.broken
+                    && !st.free.is_empty()
+                    && room
+                    && self.rings.has_requests(ring)
+            };
+            if more {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether a closing attachment can let go: nothing in flight, queued
+    /// or unpublished.
+    fn idle(&self) -> bool {
+        let replaying =
+            self.closing != Closing::Broken && self.state.iter().any(|s| !s.replay.is_empty());
+        self.in_flight() == 0
+            && !replaying
+            && (0..self.state.len()).all(|ring| !self.rings.unpublished(ring))
+    }
+
+    /// Applies what recovery left for `ring` (docs/ARCHITECTURE.md §7.5).
+    fn recover(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        recovery: Recovery<R::Request>,
+        blame: bool,
+        stats: &mut RecoveryStats,
+    ) -> Result<(), String> {
+        match recovery {
+            Recovery::Nothing => Ok(()),
+            Recovery::Plan(plan) => {
+                let size = self.rings.size(ring) as usize;
+                let mut target = ReplayRing {
+                    att: self,
+                    core,
+                    ring,
+                    live: vec![false; size],
+                };
+                recovery::apply_plan(&mut target, &plan, blame, stats)
+            }
+            Recovery::Adopt(requests) => {
+                // Every request is logged before the log is marked
+                // complete: an instance dying half-way leaves an
+                // incomplete log, and its successor adopts again (§7.4).
+                let mut adopted = Vec::with_capacity(requests.len());
+                for (log_index, request) in requests {
+                    let entry = match self.state[ring].log.as_ref() {
+                        Some(log) => {
+                            // What the device adds is not known before the
+                            // request is read again.
+                            let record =
+                                self.rings.request_record(ring, &request, &[0; DETAIL_SIZE]);
+                            Some(
+                                log.log_consumed(log_index, record.as_slice())
+                                    .map_err(|e| e.to_string())?,
+                            )
+                        }
+                        None => None,
+                    };
+                    adopted.push((entry, request));
+                }
+                if let Some(log) = self.state[ring].log.as_ref() {
+                    log.mark_complete().map_err(|e| e.to_string())?;
+                }
+                for (entry, request) in adopted {
+                    stats.replayed += 1;
+                    self.execute(core, ring, entry, request)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One ring of an attachment as the recovery applier sees it. Where the
+/// guest owns the places (virtqueue heads), a corrupt entry naming a place
+/// another live request holds is not answered.
+struct ReplayRing<'a, R: RingSet, M: DeviceModel<R>> {
+    att: &'a mut Attachment<R, M>,
+    core: &'a mut Core,
+    ring: usize,
+    /// Places with a live request.
+    live: Vec<bool>,
+}
+
+impl<R: RingSet, M: DeviceModel<R>> ReplayTarget for ReplayRing<'_, R, M> {
+    type Request = R::Request;
+
+    fn device(&self) -> &str {
+        &self.core.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        self.att.state[self.ring].log.as_ref()
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        if self.log().is_none() {
+            return Err("no shadow log".into());
+        }
+        let place = self.att.rings.repush(self.ring, r)?;
+        self.log()
+            .ok_or("no shadow log")?
+            .log_repushed(r.entry, r.rsp_idx)
+            .map_err(|e| e.to_string())?;
+        if let Some(live) = place.and_then(|p| self.live.get_mut(usize::from(p))) {
+            *live = true;
+        }
+        Ok(())
+    }
+
+    fn locate(&self, record: &[u8; REQUEST_SIZE]) -> Option<R::Request> {
+        self.att.rings.locate(self.ring, record)
+    }
+
+    fn claim(&mut self, request: &R::Request) -> bool {
+        match self.att.rings.place(request) {
+            None => true,
+            Some(p) => match self.live.get_mut(usize::from(p)) {
+                Some(live) => !std::mem::replace(live, true),
+                None => false,
+            },
+        }
+    }
+
+    fn fail(&mut self, request: R::Request, entry: EntryId) -> Result<(), String> {
+        let att = &mut *self.att;
+        att.rings.reload(self.ring, &request);
+        let response = att.model.fail(&att.rings, self.ring, &request);
+        att.respond(self.core, self.ring, Some(entry), &response)
+    }
+
+    fn reexecute(&mut self, request: R::Request, entry: EntryId) -> Result<(), String> {
+        self.att.execute(self.core, self.ring, Some(entry), request)
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<R::Request>) {
+        self.att.state[self.ring].replay = queue;
+    }
+
+    fn describe(&self, request: &R::Request) -> String {
+        self.att.rings.describe(request)
+    }
+}
+
+/// The loop of one attach kind over a process's [`Core`].
+pub struct DataPlane<'c, K: AttachKind> {
+    core: &'c mut Core,
+    kind: K,
+    attachment: Option<Attachment<K::Rings, K::Model>>,
+    completions: Vec<Completion>,
+}
+
+impl<'c, K: AttachKind> DataPlane<'c, K> {
+    pub fn new(core: &'c mut Core, kind: K) -> Self {
+        DataPlane {
+            core,
+            kind,
+            attachment: None,
+            completions: Vec::with_capacity(256),
+        }
+    }
+
+    /// Serves until the supervisor closes the control channel.
+    pub fn run(&mut self) -> Result<(), BackendError> {
+        event_loop::run(self)
+    }
+
+    /// Handles one control message (the first one may come from a loop
+    /// that handed this one its core).
+    pub fn handle(&mut self, msg: &Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
+        let core = &mut *self.core;
+        if let Some(done) = fault_injection(msg, &core.device, &mut core.poison, &core.control) {
+            return done;
+        }
+        match msg.kind() {
+            k if k == K::KIND => {
+                let result = self.attach(msg, fds);
+                if let Err((_, why)) = &result {
+                    tracing::warn!(device = %self.core.device, kind = k, why, "attach refused");
+                }
+                self.core.send(&attach_reply(result))
+            }
+            kind::DETACH => match self.attachment.as_mut() {
+                Some(att) => {
+                    // Answer `detached` once nothing is in flight.
+                    att.closing = Closing::Detach;
+                    Ok(())
+                }
+                None => send_detached(&core.control, None),
+            },
+            other => {
+                let rings = self.attachment.as_mut().map(|a| &mut a.rings);
+                match self.kind.on_other(core, rings, msg, fds) {
+                    Some(done) => done,
+                    None => refuse_unexpected(&core.control, other),
+                }
+            }
+        }
+    }
+
+    /// Builds the attachment, applies recovery and starts serving.
+    fn attach(
+        &mut self,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+    ) -> Result<RecoveryStats, (ErrorCode, String)> {
+        if self.attachment.is_some() {
+            return Err((ErrorCode::Ebusy, "a frontend is already attached".into()));
+        }
+        let flags = AttachFlags::from_message(msg)?;
+        let core = &mut *self.core;
+        let built = self.kind.build(core, msg, fds, flags)?;
+        let generation = core.generations.new_attachment();
+        let rings = built.rings;
+        let state = built
+            .logs
+            .into_iter()
+            .enumerate()
+            .map(|(ring, log)| RingState::new(log, rings.size(ring)))
+            .collect();
+        let att = self.attachment.insert(Attachment {
+            name: built.name,
+            generation,
+            rings,
+            model: built.model,
+            state,
+            closing: Closing::No,
+        });
+        let mut stats = built.stats;
+        let recovered = built
+            .recoveries
+            .iter()
+            .any(|r| !matches!(r, Recovery::Nothing));
+        for (ring, recovery) in built.recoveries.into_iter().enumerate() {
+            att.recover(core, ring, recovery, flags.blame, &mut stats)
+                .map_err(|e| (ErrorCode::Eproto, format!("replay failed: {e}")))?;
+        }
+        // The guest may be asleep waiting for responses the dead instance
+        // owed it: publish and notify unconditionally.
+        if recovered || K::Rings::WAKE_ON_ATTACH {
+            att.publish(core);
+            for ring in 0..att.rings.count() {
+                let _ = att.rings.notify(ring);
+            }
+        }
+        stats.replay_us = built.started.elapsed().as_micros() as u64;
+        for ring in 0..att.rings.count() {
+            let token = Token::Kick {
+                generation,
+                ring: ring as u8,
+            };
+            arm(&mut core.engine, token, att.rings.kick_fd(ring))
+                .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+        }
+        tracing::info!(device = %core.device, frontend = %att.name, rings = att.rings.count(),
+            recover = flags.recover, ?stats, "{} attached", K::WHAT);
+        Ok(stats)
+    }
+}
+
+impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
+    fn engine(&mut self) -> &mut Engine {
+        &mut self.core.engine
+    }
+
+    fn control(&self) -> &SeqPacket {
+        &self.core.control
+    }
+
+    fn completions(&mut self) -> &mut Vec<Completion> {
+        &mut self.completions
+    }
+
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+        if let Some(att) = self.attachment.as_mut() {
+            att.advance_serial_replay(self.core);
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self) -> Result<(), BackendError> {
+        match self.attachment.as_mut() {
+            Some(att) => att.consume(self.core),
+            None => Ok(()),
+        }
+    }
+
+    fn publish(&mut self) {
+        if let Some(att) = self.attachment.as_mut() {
+            att.publish(self.core);
+        }
+    }
+
+    /// Drops a closing attachment once it is idle; `detached` answers a
+    /// detach (a broken ring was reported with `disconnect` already).
+    fn finish_detach(&mut self) -> Result<(), BackendError> {
+        let Some(att) = self.attachment.as_ref() else {
+            return Ok(());
+        };
+        if att.closing == Closing::No || !att.idle() {
+            return Ok(());
+        }
+        let closing = att.closing;
+        let name = att.name.clone();
+        self.attachment = None;
+        tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
+        if closing == Closing::Detach {
+            send_detached(&self.core.control, Some(&name))?;
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self) {
+        let logs = self
+            .attachment
+            .iter()
+            .flat_map(|att| att.state.iter().filter_map(|s| s.log.as_ref()));
+        event_loop::heartbeat(&self.core.device, logs);
+    }
+
+    fn has_work(&mut self) -> bool {
+        match self.attachment.as_mut() {
+            Some(att) => att.has_work(self.core),
+            None => false,
+        }
+    }
+
+    fn on_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = recv_control(&self.core.control)?;
+        self.handle(&msg, fds)
+    }
+
+    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+        let Some(att) = self.attachment.as_mut() else {
+            return Ok(());
+        };
+        let r = usize::from(ring);
+        if att.generation != generation || r >= att.rings.count() {
+            return Ok(());
+        }
+        self.core.stats.kicks += 1;
+        let _ = att.rings.kick(r).drain();
+        arm(
+            &mut self.core.engine,
+            Token::Kick { generation, ring },
+            att.rings.kick_fd(r),
+        )
+    }
+
+    fn on_io(&mut self, generation: u32, ring: u8, slot: u16, result: i32) {
+        let Some(att) = self.attachment.as_mut() else {
+            return;
+        };
+        if att.generation != generation {
+            return;
+        }
+        let r = usize::from(ring);
+        let Some(inflight) = att
+            .state
+            .get_mut(r)
+            .and_then(|st| st.slots.get_mut(usize::from(slot)))
+            .and_then(Option::as_mut)
+        else {
+            tracing::warn!(ring, slot, "completion for an idle slot");
+            return;
+        };
+        let token = Token::Io {
+            generation,
+            ring,
+            slot,
+        }
+        .encode();
+        let core = &mut *self.core;
+        let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
+        let done = att
+            .model
+            .complete(&mut inflight.pending, result, &mut submit);
+        let Some(response) = done else {
+            return;
+        };
+        let entry = inflight.entry;
+        let st = &mut att.state[r];
+        st.slots[usize::from(slot)] = None;
+        st.free.push(slot);
+        att.respond_or_warn(core, r, entry, &response);
+    }
+}
