@@ -94,7 +94,9 @@ impl Fault {
 }
 pub(super) enum Command {
     Attach {
-        frontend: Frontend,
+        /// Boxed: a frontend is several times the size of the other
+        /// commands.
+        frontend: Box<Frontend>,
         reply: oneshot::Sender<Result<Attachment, Refusal>>,
     },
     /// A new call eventfd for virtqueue `queue` of attachment `id`.
@@ -119,8 +121,7 @@ pub struct DeviceHandle {
     pub name: String,
     /// The Xen backend keys of the device (its class's).
     pub info: ClassInfo,
-    /// What a vhost-user frontend sees of the device (its class's; `None`
-    /// for a vif).
+    /// What a vhost-user frontend sees of the device (its class's).
     pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
@@ -137,7 +138,10 @@ impl DeviceHandle {
         let (reply, rx) = oneshot::channel();
         let frontend = Frontend::Xen { req, fds };
         self.tx
-            .send(Command::Attach { frontend, reply })
+            .send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
@@ -158,7 +162,10 @@ impl DeviceHandle {
             shadow: true,
         };
         self.tx
-            .send(Command::Attach { frontend, reply })
+            .send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
@@ -175,7 +182,10 @@ impl DeviceHandle {
         let (reply, rx) = oneshot::channel();
         let frontend = Frontend::Virtio { req, fds };
         self.tx
-            .blocking_send(Command::Attach { frontend, reply })
+            .blocking_send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .map_err(|_| stopped())?;
         rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
     }

@@ -35,7 +35,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NicConfig};
 use crate::device::{Attachment, DeviceHandle};
 use crate::SupervisorError;
 
@@ -56,7 +56,40 @@ const RECHECK_PERIOD: Duration = Duration::from_millis(10);
 /// Bytes of a vhost-user message header (`request`, `flags`, `size`).
 const HEADER_SIZE: usize = 12;
 
-/// The vhost-user socket of one disk and the thread serving it.
+/// What a device's `vhost_user` export is configured with (a disk's or a
+/// nic's).
+#[derive(Clone, Debug)]
+pub struct VhostUserExport {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+    /// Largest `SET_VRING_NUM`.
+    pub queue_size: u16,
+    pub shadow: bool,
+}
+
+impl From<&DiskConfig> for VhostUserExport {
+    fn from(cfg: &DiskConfig) -> Self {
+        VhostUserExport {
+            name: cfg.name.clone(),
+            socket: cfg.vhost_user.clone(),
+            queue_size: cfg.queue_size,
+            shadow: cfg.shadow,
+        }
+    }
+}
+
+impl From<&NicConfig> for VhostUserExport {
+    fn from(cfg: &NicConfig) -> Self {
+        VhostUserExport {
+            name: cfg.name.clone(),
+            socket: cfg.vhost_user.clone(),
+            queue_size: cfg.queue_size,
+            shadow: cfg.shadow,
+        }
+    }
+}
+
+/// The vhost-user socket of one device and the thread serving it.
 pub struct VhostUserServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
@@ -64,12 +97,16 @@ pub struct VhostUserServer {
 }
 
 impl VhostUserServer {
-    /// Binds `cfg.vhost_user` (creating its directory, replacing a stale
+    /// Binds `cfg.socket` (creating its directory, replacing a stale
     /// socket file) and starts serving it for `device`.
-    pub fn start(cfg: &DiskConfig, device: DeviceHandle) -> Result<Self, SupervisorError> {
-        let Some(path) = cfg.vhost_user.clone() else {
+    pub fn start(
+        cfg: impl Into<VhostUserExport>,
+        device: DeviceHandle,
+    ) -> Result<Self, SupervisorError> {
+        let cfg: VhostUserExport = cfg.into();
+        let Some(path) = cfg.socket.clone() else {
             return Err(SupervisorError::Config(format!(
-                "disk {:?} has no vhost_user socket",
+                "device {:?} has no vhost_user socket",
                 cfg.name
             )));
         };
