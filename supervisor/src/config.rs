@@ -656,6 +656,46 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_takes_a_vhost_user_socket_of_its_own() {
+        let nic = |name: &str, peer: &str, sock: &str| {
+            format!("[[nic]]\nname = \"{name}\"\ncable = \"{peer}\"\nvhost_user = \"{sock}\"\n")
+        };
+        let cfg = Config::parse(&format!(
+            "socket = \"/s\"\n{}{}",
+            nic("a", "b", "/a.sock"),
+            nic("b", "a", "/b.sock")
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.nics[0].vhost_user.as_deref(),
+            Some(Path::new("/a.sock"))
+        );
+        assert_eq!(cfg.nics[1].queue_size, 256);
+        for bad in [
+            format!("{}{}", nic("a", "b", "/v"), nic("b", "a", "/v")),
+            format!("{}{}", nic("a", "b", "/s"), nic("b", "a", "/b")),
+            format!(
+                "[[disk]]\nname = \"d\"\npath = \"/x\"\nvhost_user = \"/v\"\n{}{}",
+                nic("a", "b", "/v"),
+                nic("b", "a", "/b")
+            ),
+            format!(
+                "{}queue_size = 100\n{}",
+                nic("a", "b", "/a"),
+                nic("b", "a", "/b")
+            ),
+        ] {
+            let err = Config::parse(&format!("socket = \"/s\"\n{bad}")).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("nic \"")
+                    && (msg.contains("vhost_user") || msg.contains("queue_size")),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn parses_vhost_user_settings() {
         let cfg = Config::parse(
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
