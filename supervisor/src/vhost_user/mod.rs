@@ -33,7 +33,9 @@ use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use tokio::sync::oneshot::error::TryRecvError;
 use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
-use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
+use vhost::vhost_user::{
+    BackendListener, BackendReqHandler, Error as VhostError, Listener, VhostUserVirtioFeatures,
+};
 
 use crate::config::{DiskConfig, NicConfig};
 use crate::device::{Attachment, DeviceHandle};
@@ -305,6 +307,17 @@ fn serve_connection(
         match conn.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) => return "EOF".into(),
+            // QEMU's virtio-net enables (or disables) its first queue pair
+            // when the device is realized or reset, before SET_FEATURES;
+            // `vhost` refuses that (PROTOCOL_FEATURES not acked yet) after
+            // reading the whole message, without a reply, which QEMU does
+            // not wait for. QEMU sends the enable again once it starts the
+            // device, so the early one is dropped, not a reason to hang up.
+            Err(VhostError::InactiveFeature(f))
+                if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
+            {
+                tracing::debug!("SET_VRING_ENABLE before SET_FEATURES ignored");
+            }
             Err(e) if lock(handler).take_soft_refusal() => {
                 tracing::debug!(error = %e, "request refused; connection kept");
             }
