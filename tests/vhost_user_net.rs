@@ -18,43 +18,12 @@ use std::time::{Duration, Instant};
 use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions, VhostUserNetStats};
-use shadowback_supervisor::{Config, DeviceStats, SupervisorThread};
+use shadowback_supervisor::{Config, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
-use shadowback_xenbus::protocol::kind;
-use shadowback_xenbus::{Message, SeqPacket};
 
 const MIB: u64 = 1 << 20;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn fault_kill(socket: &Path, device: &str) {
-    let control = SeqPacket::connect(socket).expect("control socket");
-    let msg = Message::new(kind::FAULT)
-        .with("device", device)
-        .with("action", "kill");
-    control.send(&msg, &[]).unwrap();
-    let (reply, _) = control
-        .recv_timeout(REPLY_TIMEOUT)
-        .expect("control socket")
-        .expect("an answer to fault");
-    assert_eq!(reply.kind(), kind::OK, "fault kill {device}: {reply:?}");
-}
-
-fn stats_of(socket: &Path, device: &str) -> DeviceStats {
-    let control = SeqPacket::connect(socket).expect("control socket");
-    control.send(&Message::new(kind::STATUS), &[]).unwrap();
-    loop {
-        let (msg, _) = control
-            .recv_timeout(REPLY_TIMEOUT)
-            .expect("control socket")
-            .expect("an answer to status");
-        assert_ne!(msg.kind(), kind::STATUS_END, "status lists no {device}");
-        let (name, stats) = DeviceStats::from_message(&msg).expect("a status message");
-        if name == device {
-            return stats;
-        }
-    }
-}
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr, bytes: u64) -> StreamParams {
     StreamParams {
