@@ -304,6 +304,7 @@ fn serve_connection(
             return why;
         }
         lock(handler).take_soft_refusal();
+        let early_enable = peek_vring_enable(&sock);
         match conn.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) => return "EOF".into(),
@@ -316,7 +317,13 @@ fn serve_connection(
             Err(VhostError::InactiveFeature(f))
                 if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
             {
-                tracing::debug!("SET_VRING_ENABLE before SET_FEATURES ignored");
+                // The ring state it asked for stands (QEMU 7.2 sends it once,
+                // right before SET_FEATURES): kept from the peeked message.
+                if let Some((index, enable)) = early_enable {
+                    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+                    let kept = lock(handler).set_vring_enable(index, enable);
+                    tracing::debug!(index, enable, ?kept, "SET_VRING_ENABLE before SET_FEATURES");
+                }
             }
             Err(e) if lock(handler).take_soft_refusal() => {
                 tracing::debug!(error = %e, "request refused; connection kept");
@@ -366,6 +373,24 @@ fn next_request_ready(sock: &UnixStream, stop: &AtomicBool) -> Result<(), String
             ));
         }
         std::thread::sleep(RECHECK_PERIOD);
+    }
+}
+
+/// `(index, enable)` of the next message if it is a whole
+/// `SET_VRING_ENABLE` (peeked, left in the socket): `vhost` refuses one
+/// that comes before SET_FEATURES without telling what it asked.
+fn peek_vring_enable(sock: &UnixStream) -> Option<(u32, bool)> {
+    const SET_VRING_ENABLE: u32 = 18;
+    let mut msg = [0u8; HEADER_SIZE + 8];
+    let got = rustix::net::recv(sock, &mut msg, RecvFlags::PEEK | RecvFlags::DONTWAIT).ok()?;
+    let u32_at = |at: usize| u32::from_le_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
+    if got.0 < msg.len() || u32_at(0) != SET_VRING_ENABLE || u32_at(8) != 8 {
+        return None;
+    }
+    match u32_at(16) {
+        0 => Some((u32_at(12), false)),
+        1 => Some((u32_at(12), true)),
+        _ => None,
     }
 }
 
