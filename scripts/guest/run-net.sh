@@ -43,13 +43,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 require_guest_image
-BIN=${SHADOWBACK_BIN:-}
-if [ -z "$BIN" ]; then
-    for b in "$REPO/target/release/shadowback" "$REPO/target/debug/shadowback"; do
-        [ -x "$b" ] && { BIN=$b; break; }
-    done
-fi
-[ -n "$BIN" ] && [ -x "$BIN" ] || die "shadowback binary not found: set SHADOWBACK_BIN or run cargo build"
+BIN=$(shadowback_bin "$REPO")
 command -v busybox > /dev/null || die "busybox not found (build-image.sh installs busybox-static)"
 
 C=$SHADOWBACK_GUEST_CACHE
