@@ -288,3 +288,63 @@ fn host_image_check_rejects_stale_and_corrupt_blocks() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A real Linux guest on a vif's vhost-user-net export (virtio_net, a TAP
+/// in a network namespace, `scripts/guest/run-net.sh`): 64 MiB over TCP to
+/// a server behind the TAP while the vif's data plane is SIGKILLed 12
+/// times. The server's sha256 must be the guest's, the guest's carrier
+/// (sampled every 50 ms) and the TAP's (every 20 ms) must stay up, no
+/// "Link is Down" in the guest's kernel log, and QEMU must not notice.
+#[test]
+fn linux_guest_streams_over_vhost_user_net_through_data_plane_kills() {
+    let script = repo().join("scripts/guest/run-net.sh");
+    let _one = ONE_GUEST.lock().unwrap_or_else(PoisonError::into_inner);
+    let start = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["--kills", "12", "--mib", "64", "--timeout", "150"])
+        .env("SHADOWBACK_BIN", EXE)
+        .output()
+        .expect("run scripts/guest/run-net.sh");
+    eprintln!("run-net.sh: {:.1} s", start.elapsed().as_secs_f64());
+    let t = transcript(&out);
+    match out.status.code() {
+        Some(3) => panic!("{IMAGE_MISSING}\n{t}"),
+        Some(4) => panic!("`shadowback up` did not serve the vif\n{t}"),
+        _ => {}
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields = result_fields(&stdout).unwrap_or_else(|| panic!("no RESULT line\n{t}"));
+    let get = |k: &str| fields.get(k).map(String::as_str).unwrap_or("");
+    assert_eq!(get("verdict"), "PASS", "verdict\n{t}");
+    assert_eq!(
+        number(&fields, "bytes", &t),
+        64 << 20,
+        "bytes received\n{t}"
+    );
+    assert_eq!(get("guest_sum"), get("server_sum"), "sha256 differs\n{t}");
+    assert_eq!(number(&fields, "link_down", &t), 0, "Link is Down\n{t}");
+    assert_eq!(
+        number(&fields, "guest_carrier_down", &t),
+        0,
+        "guest carrier\n{t}"
+    );
+    assert_eq!(
+        number(&fields, "tap_carrier_down", &t),
+        0,
+        "TAP carrier\n{t}"
+    );
+    assert_eq!(
+        number(&fields, "qemu_vhost_errors", &t),
+        0,
+        "QEMU noticed\n{t}"
+    );
+    let kills = number(&fields, "kills", &t);
+    assert!(kills >= 10, "only {kills} kills injected\n{t}");
+    assert!(
+        number(&fields, "recoveries", &t) >= kills,
+        "{kills} kills, fewer recoveries\n{t}"
+    );
+    assert!(out.status.success(), "the script failed\n{t}");
+    eprintln!("{}", stdout.trim_end());
+}

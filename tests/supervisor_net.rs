@@ -17,60 +17,15 @@ use std::time::{Duration, Instant};
 
 use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, StreamVerifier};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
-use shadowback_supervisor::{Config, DeviceStats, NicConfig, SupervisorThread};
+use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::kind;
 use shadowback_xenbus::{Message, SeqPacket};
 
 const MIB: u64 = 1 << 20;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// `fault kill` for `device` on the supervisor's control socket.
-/// Kills `device`'s backend; false when the supervisor answers `EBUSY`
-/// because the instance the last kill hit has not been replaced yet (that
-/// kill would be no crash of its own).
-fn fault_kill(socket: &Path, device: &str) -> bool {
-    let control = SeqPacket::connect(socket).expect("control socket");
-    let msg = Message::new(kind::FAULT)
-        .with("device", device)
-        .with("action", "kill");
-    control.send(&msg, &[]).unwrap();
-    let (reply, _) = control
-        .recv_timeout(REPLY_TIMEOUT)
-        .expect("control socket")
-        .expect("an answer to fault");
-    if reply.kind() == kind::ERROR && reply.get("code") == Some("EBUSY") {
-        return false;
-    }
-    assert_eq!(reply.kind(), kind::OK, "fault kill {device}: {reply:?}");
-    true
-}
-
-/// `status` on the supervisor's control socket, by device.
-fn status(socket: &Path) -> Vec<(String, DeviceStats)> {
-    let control = SeqPacket::connect(socket).expect("control socket");
-    control.send(&Message::new(kind::STATUS), &[]).unwrap();
-    let mut devices = Vec::new();
-    loop {
-        let (msg, _) = control
-            .recv_timeout(REPLY_TIMEOUT)
-            .expect("control socket")
-            .expect("an answer to status");
-        if msg.kind() == kind::STATUS_END {
-            return devices;
-        }
-        devices.push(DeviceStats::from_message(&msg).expect("a status message"));
-    }
-}
-
-fn stats_of(socket: &Path, device: &str) -> DeviceStats {
-    status(socket)
-        .into_iter()
-        .find(|(name, _)| name == device)
-        .map(|(_, s)| s)
-        .unwrap_or_else(|| panic!("status lists no {device}"))
-}
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr, port: u16, bytes: u64) -> StreamParams {
     StreamParams {

@@ -414,6 +414,7 @@ fn a_vmm_that_reconnects_finds_its_data() {
 // vhost-user messages (QEMU docs/interop/vhost-user.rst).
 const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
 const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_KICK: u32 = 12;
 const GET_PROTOCOL_FEATURES: u32 = 15;
@@ -499,6 +500,27 @@ fn vu_connect(setup: &DiskSetup) -> UnixStream {
 /// Reads until the supervisor hangs up, or fails after 15 s of silence.
 fn expect_hangup(sock: &mut UnixStream, what: &str) {
     shadowback_testsupport::socket::expect_hangup(sock, Duration::from_secs(15), what);
+}
+
+/// QEMU's virtio-net enables its first queue pair when the device is
+/// realized, before SET_FEATURES: `vhost` refuses the request (the
+/// PROTOCOL_FEATURES bit is not acked yet) without a reply, and the
+/// supervisor must keep the connection rather than hang up on the VMM.
+#[test]
+fn an_early_set_vring_enable_keeps_the_connection() {
+    let setup = DiskSetup::start("vu-early", "vu-early", 8, with_vhost_user(|_| {}), &[]);
+    let mut s = vu_connect(&setup);
+    vu_send(&s, GET_FEATURES, 0, &[]);
+    let offered = u64_of(&vu_reply(&mut s).expect("GET_FEATURES answered"));
+    assert!(has(offered, 30), "PROTOCOL_FEATURES offered: {offered:#x}");
+    let mut state = Vec::new();
+    state.extend_from_slice(&0u32.to_le_bytes());
+    state.extend_from_slice(&1u32.to_le_bytes());
+    vu_send(&s, SET_VRING_ENABLE, 0, &state);
+    vu_send(&s, GET_FEATURES, 0, &[]);
+    let again = vu_reply_or_eof(&mut s, "after an early SET_VRING_ENABLE")
+        .expect("the supervisor hung up on an early SET_VRING_ENABLE");
+    assert_eq!(u64_of(&again), offered);
 }
 
 /// Garbage on the vhost-user socket the protocol tests do not send: a bad

@@ -58,6 +58,7 @@ use shadowback_shadow::{
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
 use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
+use shadowback_xenbus::virtio::ATTACH_VIRTIO;
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::checksum;
@@ -1453,6 +1454,16 @@ impl EventLoop for NetBackend {
                     .with(KEY_RX_DROPPED_IN_CRASH, recovered.rx_dropped_in_crash);
                 self.control.send(&reply, &[]).map_err(control_err)
             }
+            // A vif served over vhost-user: this instance serves its
+            // virtqueues from now on (docs/ARCHITECTURE.md §8.1).
+            ATTACH_VIRTIO if self.vif.is_none() => crate::vnet::serve(
+                &mut self.engine,
+                &self.control,
+                &self.cfg,
+                &mut self.poison,
+                &mut self.generations,
+                (msg, fds),
+            ),
             kind::DETACH => match self.vif.as_mut() {
                 Some(vif) => {
                     vif.closing = Closing::Detach;

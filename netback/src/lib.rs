@@ -6,6 +6,8 @@
 //! - [`netif`]: validation of netif TX requests as Linux xen-netback does
 //!   it, and the RX buffer plan (pure code, table-tested);
 //! - [`record`]: what a vif stores in the (device-agnostic) shadow log;
+//! - [`vnet`]: the virtio-net loop (vhost-user-net), on the same data
+//!   plane and wires;
 //! - [`wire`]: the TAP device and the cable the supervisor holds, and the
 //!   virtio-net header both carry; the crate's only `unsafe` is the ioctls
 //!   in `wire::sys`.
@@ -16,4 +18,5 @@ pub mod backend;
 pub mod checksum;
 pub mod netif;
 pub mod record;
+pub mod vnet;
 pub mod wire;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the shadowback test guest: a Debian 6.1 kernel + a busybox initramfs
-# whose /init runs a verifying O_DIRECT workload on /dev/vda.
+# whose /init runs a verifying O_DIRECT workload on /dev/vda, or (sb.net=...)
+# a checksummed TCP transfer over virtio-net.
 #
 # Idempotent; outputs go to $SHADOWBACK_GUEST_CACHE (default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/shadowback/guest):
@@ -132,7 +133,9 @@ else
     cp "$HERE/guest-init.sh" "$W/init"; chmod +x "$W/init"
 
     # Resolve modules (and their dependencies) through modules.dep; skip built-ins.
-    WANT="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk"
+    # virtio_net brings its dependencies (failover, net_failover) through
+    # modules.dep, from the same kernel package whatever its ABI number.
+    WANT="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net"
     declare -A seen=(); order=()
     modpath() { # module name -> relative path from modules.dep (or empty)
         awk -F: -v m="$1" '{ n=$1; sub(/.*\//,"",n); sub(/\.ko(\.xz|\.zst|\.gz)?$/,"",n); gsub(/-/,"_",n);

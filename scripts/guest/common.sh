@@ -14,6 +14,19 @@ SHADOWBACK_QSD=${SHADOWBACK_QSD:-$(command -v qemu-storage-daemon || echo "$SHAD
 # Host build of guest-io.c: `guest-io check` verifies the image after a run.
 GUEST_IO_HOST=$SHADOWBACK_GUEST_CACHE/bin/guest-io
 
+# The shadowback binary a run uses: $SHADOWBACK_BIN, else the release or
+# debug build in the repo at $1; dies if there is none.
+shadowback_bin() {
+    local b=${SHADOWBACK_BIN:-}
+    if [ -z "$b" ]; then
+        for b in "$1/target/release/shadowback" "$1/target/debug/shadowback" ""; do
+            [ -n "$b" ] && [ -x "$b" ] && break
+        done
+    fi
+    [ -n "$b" ] && [ -x "$b" ] || die "shadowback binary not found: set SHADOWBACK_BIN or run cargo build"
+    echo "$b"
+}
+
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 

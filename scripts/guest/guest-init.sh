@@ -8,7 +8,8 @@
 # sb.sched=none|mq-deadline (I/O scheduler, default none: the plugged batch
 # goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
 # after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
-# sb.shell=1 (drop to a shell instead of powering off).
+# sb.shell=1 (drop to a shell instead of powering off),
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB (a TCP transfer over eth0 instead; below).
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -16,7 +17,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "SHADOWBACK-GUEST: init at $(cut -d' ' -f1 /proc/uptime)s kernel $(uname -r)"
 
-ROUNDS=4; DURATION=0; WORKERS=2; DEPTH=16; BLOCKS=1024; SCHED=none; WTIMEOUT=0; DEV=/dev/vda; SHELL_AT_END=0
+ROUNDS=4; DURATION=0; WORKERS=2; DEPTH=16; BLOCKS=1024; SCHED=none; WTIMEOUT=0; DEV=/dev/vda; SHELL_AT_END=0; NET=
 for a in $(cat /proc/cmdline); do
     case "$a" in
         sb.rounds=*)  ROUNDS=${a#*=} ;;
@@ -28,6 +29,7 @@ for a in $(cat /proc/cmdline); do
         sb.blocks=*)  BLOCKS=${a#*=} ;;
         sb.dev=*)     DEV=${a#*=} ;;
         sb.shell=*)   SHELL_AT_END=${a#*=} ;;
+        sb.net=*)     NET=${a#*=} ;;
     esac
 done
 
@@ -51,6 +53,37 @@ dmesg_report() {
 for m in $(cat /etc/modules); do
     insmod /lib/modules/$m.ko || finish "FAIL insmod $m"
 done
+
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB: no disk; send MIB MiB of random data
+# over TCP (busybox nc) to SERVER_IP:PORT on eth0 (virtio-net), with its
+# sha256, while /sys/class/net/eth0/carrier is sampled every 50 ms.
+if [ -n "$NET" ]; then
+    OLDIFS=$IFS; IFS=,; set -- $NET; IFS=$OLDIFS
+    GIP=$1; SIP=$2; PORT=$3; MIB=$4
+    i=0
+    while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    [ -e /sys/class/net/eth0 ] || finish "FAIL no eth0 (modules: $(cat /etc/modules | tr '\n' ' '))"
+    ip link set lo up
+    ip addr add "$GIP/24" dev eth0
+    ip link set eth0 up
+    dd if=/dev/urandom of=/tmp/data bs=1048576 count="$MIB" 2>/dev/null
+    SUM=$(sha256sum /tmp/data | cut -d' ' -f1)
+    ( while :; do
+          [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ] || echo down >> /tmp/carrier
+          sleep 0.05
+      done ) &
+    SAMPLER=$!
+    echo "SHADOWBACK-GUEST: net sending $MIB MiB to $SIP:$PORT at $(cut -d' ' -f1 /proc/uptime)s sha256=$SUM"
+    T0=$(cut -d' ' -f1 /proc/uptime)
+    nc "$SIP" "$PORT" < /tmp/data; RC=$?
+    T1=$(cut -d' ' -f1 /proc/uptime)
+    kill $SAMPLER 2>/dev/null
+    DOWN=$(cat /tmp/carrier 2>/dev/null | wc -l)
+    LINKDOWN=$(dmesg | grep -c 'Link is Down')
+    dmesg | grep -iE 'virtio_net|eth0|Link is' | tail -5
+    [ $RC = 0 ] || finish "FAIL nc exited $RC bytes=$((MIB * 1048576)) carrier_down=$DOWN link_down=$LINKDOWN"
+    finish "PASS net bytes=$((MIB * 1048576)) sha256=$SUM seconds=$(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') carrier_down=$DOWN link_down=$LINKDOWN"
+fi
 
 i=0
 while [ ! -b "$DEV" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done

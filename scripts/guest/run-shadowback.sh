@@ -89,13 +89,7 @@ if [ -z "$DURATION" ]; then
 fi
 
 require_guest_image
-BIN=${SHADOWBACK_BIN:-}
-if [ -z "$BIN" ]; then
-    for b in "$REPO/target/release/shadowback" "$REPO/target/debug/shadowback"; do
-        [ -x "$b" ] && { BIN=$b; break; }
-    done
-fi
-[ -n "$BIN" ] && [ -x "$BIN" ] || die "shadowback binary not found: set SHADOWBACK_BIN or run cargo build"
+BIN=$(shadowback_bin "$REPO")
 
 C=$SHADOWBACK_GUEST_CACHE
 RUN=$(mktemp -d "$C/run.XXXXXX")

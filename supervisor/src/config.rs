@@ -287,6 +287,15 @@ pub struct NicConfig {
     /// Peer primary gids that may, as `allow_uids`.
     #[serde(default)]
     pub allow_gids: Vec<u32>,
+    /// Also serve the vif as a vhost-user-net device on this unix socket
+    /// (docs/ARCHITECTURE.md §8.1), on the same wire; one frontend at a
+    /// time, as for a disk.
+    #[serde(default)]
+    pub vhost_user: Option<PathBuf>,
+    /// Largest virtqueue a vhost-user frontend may set up (a power of two
+    /// up to [`MAX_VHOST_QUEUE_SIZE`]).
+    #[serde(default = "default_queue_size")]
+    pub queue_size: u16,
 }
 
 /// What a vif's wire is.
@@ -338,6 +347,8 @@ impl NicConfig {
             hang_timeout_ms: DEFAULT_HANG_TIMEOUT_MS,
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            vhost_user: None,
+            queue_size: default_queue_size(),
         }
     }
 
@@ -489,22 +500,9 @@ impl Config {
                 )));
             }
             if let Some(sock) = &d.vhost_user {
-                if sock.as_os_str().is_empty() || sock == &self.socket {
-                    return Err(SupervisorError::Config(format!(
-                        "disk {:?}: vhost_user must be a socket path of its own",
-                        d.name
-                    )));
-                }
-                let twice = self.disks[..i]
-                    .iter()
-                    .any(|o| o.vhost_user.as_ref() == Some(sock));
-                if twice {
-                    return Err(SupervisorError::Config(format!(
-                        "disk {:?}: vhost_user socket {} used twice",
-                        d.name,
-                        sock.display()
-                    )));
-                }
+                let earlier = self.disks[..i].iter().map(|o| &o.vhost_user);
+                self.check_vhost_socket(sock, earlier)
+                    .map_err(|why| SupervisorError::Config(format!("disk {:?}: {why}", d.name)))?;
             }
         }
         for (i, n) in self.nics.iter().enumerate() {
@@ -513,8 +511,39 @@ impl Config {
         Ok(())
     }
 
+    /// A vhost-user socket is a path of its own: not the control socket,
+    /// not one an `earlier` device (disk or nic) serves.
+    fn check_vhost_socket<'a>(
+        &self,
+        sock: &Path,
+        mut earlier: impl Iterator<Item = &'a Option<PathBuf>>,
+    ) -> Result<(), String> {
+        if sock.as_os_str().is_empty() || sock == self.socket {
+            return Err("vhost_user must be a socket path of its own".into());
+        }
+        if earlier.any(|o| o.as_deref() == Some(sock)) {
+            return Err(format!("vhost_user socket {} used twice", sock.display()));
+        }
+        Ok(())
+    }
+
     fn validate_nic(&self, i: usize, n: &NicConfig) -> Result<(), SupervisorError> {
         let bad = |why: String| Err(SupervisorError::Config(format!("nic {:?}: {why}", n.name)));
+        if let Some(sock) = &n.vhost_user {
+            let earlier = self.disks.iter().map(|d| &d.vhost_user);
+            if let Err(why) = self.check_vhost_socket(
+                sock,
+                earlier.chain(self.nics[..i].iter().map(|o| &o.vhost_user)),
+            ) {
+                return bad(why);
+            }
+        }
+        if !n.queue_size.is_power_of_two() || n.queue_size > MAX_VHOST_QUEUE_SIZE {
+            return bad(format!(
+                "queue_size {} is not a power of two up to {MAX_VHOST_QUEUE_SIZE}",
+                n.queue_size
+            ));
+        }
         if !good_name(&n.name) {
             return bad("use 1-64 characters of [A-Za-z0-9_-] in a name".into());
         }
@@ -664,6 +693,46 @@ mod tests {
             partial.control.max_connections_per_peer,
             DEFAULT_MAX_CONNECTIONS_PER_PEER
         );
+    }
+
+    #[test]
+    fn a_nic_takes_a_vhost_user_socket_of_its_own() {
+        let nic = |name: &str, peer: &str, sock: &str| {
+            format!("[[nic]]\nname = \"{name}\"\ncable = \"{peer}\"\nvhost_user = \"{sock}\"\n")
+        };
+        let cfg = Config::parse(&format!(
+            "socket = \"/s\"\n{}{}",
+            nic("a", "b", "/a.sock"),
+            nic("b", "a", "/b.sock")
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.nics[0].vhost_user.as_deref(),
+            Some(Path::new("/a.sock"))
+        );
+        assert_eq!(cfg.nics[1].queue_size, 256);
+        for bad in [
+            format!("{}{}", nic("a", "b", "/v"), nic("b", "a", "/v")),
+            format!("{}{}", nic("a", "b", "/s"), nic("b", "a", "/b")),
+            format!(
+                "[[disk]]\nname = \"d\"\npath = \"/x\"\nvhost_user = \"/v\"\n{}{}",
+                nic("a", "b", "/v"),
+                nic("b", "a", "/b")
+            ),
+            format!(
+                "{}queue_size = 100\n{}",
+                nic("a", "b", "/a"),
+                nic("b", "a", "/b")
+            ),
+        ] {
+            let err = Config::parse(&format!("socket = \"/s\"\n{bad}")).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("nic \"")
+                    && (msg.contains("vhost_user") || msg.contains("queue_size")),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

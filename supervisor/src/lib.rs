@@ -174,9 +174,13 @@ async fn serve_registered(
                         reason: "no wire".into(),
                     })?;
                 let handle = device::start_nic(nic, wire, &backend)?;
+                if nic.vhost_user.is_some() {
+                    vhost.push(VhostUserServer::start(nic, handle.clone())?);
+                }
                 tracing::info!(
                     device = %nic.name, wire = ?nic.wire(), mtu = nic.mtu,
-                    shadow = nic.shadow, standby = nic.standby, "vif exported"
+                    shadow = nic.shadow, standby = nic.standby,
+                    vhost_user = ?nic.vhost_user, "vif exported"
                 );
                 Ok(handle)
             })

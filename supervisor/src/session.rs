@@ -227,12 +227,14 @@ mod tests {
                 }],
                 queues: vec![queue(0, 128, 0x10000), queue(1, 256, 0x18000)],
                 inflight: None,
+                wire: None,
                 shadow: false,
             };
             let fds = VirtioFds {
                 regions: vec![guest.try_clone().unwrap().into()],
                 queues: vec![(eventfd(), eventfd()), (eventfd(), eventfd())],
                 inflight: None,
+                wire: None,
                 logs: Vec::new(),
             };
             let session = Session::new(Frontend::Virtio { req, fds }, 0).unwrap();
@@ -285,12 +287,14 @@ mod tests {
                 regions: Vec::new(),
                 queues: Vec::new(),
                 inflight: None,
+                wire: None,
                 shadow: true,
             };
             let fds = || VirtioFds {
                 regions: Vec::new(),
                 queues: Vec::new(),
                 inflight: None,
+                wire: None,
                 logs: Vec::new(),
             };
             let session = |req, fds| Session::new(Frontend::Virtio { req, fds }, 0);

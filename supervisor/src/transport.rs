@@ -53,7 +53,8 @@ pub enum Frontend {
         shadow: bool,
     },
     /// A VMM's virtqueues (the device's vhost-user socket); `fds.logs` is
-    /// ignored: shadow logs are the session's.
+    /// ignored: shadow logs are the session's. A vif's wire is lent into
+    /// `req.wire` and `fds.wire` ([`Frontend::set_wire`]).
     Virtio {
         req: VirtioAttachRequest,
         fds: VirtioFds,
@@ -79,6 +80,7 @@ impl Frontend {
                 if fds.regions.len() != req.regions.len()
                     || fds.queues.len() != req.queues.len()
                     || fds.inflight.is_some() != req.inflight.is_some()
+                    || fds.wire.is_some() != req.wire.is_some()
                 {
                     return einval("descriptors do not match the request");
                 }
@@ -98,11 +100,16 @@ impl Frontend {
         }
     }
 
-    /// Gives a vif's attachment its wire (a no-op for other frontends,
-    /// whose class lends none).
+    /// Gives a vif's attachment its wire, over netif rings or virtqueues
+    /// (a no-op for a disk, whose class lends none).
     pub fn set_wire(&mut self, lent: Option<NetWire>) {
-        if let Frontend::Net { wire, .. } = self {
-            *wire = lent;
+        match self {
+            Frontend::Net { wire, .. } => *wire = lent,
+            Frontend::Virtio { req, fds } => {
+                req.wire = lent.as_ref().map(|w| w.kind.to_string());
+                fds.wire = lent.map(|w| w.fd);
+            }
+            Frontend::Xen { .. } => {}
         }
     }
 
@@ -158,12 +165,16 @@ impl Frontend {
                     vec![None]
                 }
             },
+            // A virtio-net receive queue (even index) holds buffers posted
+            // for frames that may never come: as for netif RX, not pending
+            // work.
             Frontend::Virtio { req, fds } => match guest_memory(req, fds) {
                 Ok(memory) => req
                     .queues
                     .iter()
                     .map(|q| {
-                        Some(RingProbe::Split {
+                        let receive = req.wire.is_some() && q.index % 2 == 0;
+                        (!receive).then(|| RingProbe::Split {
                             memory: memory.clone(),
                             avail: q.avail,
                             used: q.used,
@@ -216,6 +227,7 @@ impl Frontend {
                     v.push(call.as_fd());
                 }
                 v.extend(fds.inflight.as_ref().map(AsFd::as_fd));
+                v.extend(fds.wire.as_ref().map(AsFd::as_fd));
                 v
             }
         }
@@ -240,6 +252,7 @@ impl Frontend {
                     v.push(call);
                 }
                 v.extend(fds.inflight);
+                v.extend(fds.wire);
                 v
             }
         }

@@ -29,6 +29,8 @@ pub mod blockio;
 #[cfg(feature = "harness")]
 pub mod harness;
 #[cfg(feature = "harness")]
+pub mod operator;
+#[cfg(feature = "harness")]
 pub mod process;
 
 pub use fd::{eventfd, memfd};

@@ -93,6 +93,7 @@ impl Device {
                 mmap_offset: 0,
                 queue_size: self.size,
             }),
+            wire: None,
             shadow: self.log.is_some(),
         }
     }

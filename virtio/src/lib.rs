@@ -7,7 +7,9 @@
 //! - [`inflight`]: QEMU's in-flight region, and the sizing the supervisor
 //!   uses for `GET_INFLIGHT_FD`;
 //! - [`blk`]: the virtio-blk limits that the config space the supervisor
-//!   advertises and the request parser in blkback must agree on.
+//!   advertises and the request parser in blkback must agree on;
+//! - [`net`]: the virtio-net features and config space the supervisor
+//!   advertises and netback's virtqueue loop serves.
 //!
 //! The supervisor depends on this crate (for the in-flight layout and the
 //! advertised limits), not on blkback and its io_uring engine.
@@ -17,6 +19,7 @@
 pub mod blk;
 pub mod inflight;
 pub mod memory;
+pub mod net;
 pub mod queue;
 
 pub use inflight::{

@@ -81,9 +81,15 @@ pub struct VirtioAttachRequest {
     pub regions: Vec<MemoryRegion>,
     pub queues: Vec<QueueConfig>,
     pub inflight: Option<InflightConfig>,
+    /// A vif's wire (`wire=tap` or `wire=cable`, docs/PROTOCOL.md §6b):
+    /// its descriptor follows the in-flight region's. `None` for a disk.
+    pub wire: Option<String>,
     /// One shadow log per queue follows the other descriptors.
     pub shadow: bool,
 }
+
+/// `attach-virtio`'s key naming a vif's wire descriptor.
+pub const KEY_WIRE: &str = "wire";
 
 fn hex_list(msg: &Message, key: &str, n: usize) -> Result<Vec<u64>, XenbusError> {
     let raw = msg.require(key)?;
@@ -130,6 +136,7 @@ impl VirtioAttachRequest {
         self.regions.len()
             + 2 * queues
             + usize::from(self.inflight.is_some())
+            + usize::from(self.wire.is_some())
             + if self.shadow { queues } else { 0 }
     }
 
@@ -161,6 +168,9 @@ impl VirtioAttachRequest {
                 key::INFLIGHT,
                 format!("{:x},{:x},{:x}", f.mmap_size, f.mmap_offset, f.queue_size),
             );
+        }
+        if let Some(wire) = &self.wire {
+            msg.set(KEY_WIRE, wire);
         }
         msg
     }
@@ -223,6 +233,7 @@ impl VirtioAttachRequest {
             regions,
             queues,
             inflight,
+            wire: msg.get(KEY_WIRE).map(str::to_owned),
             shadow: msg.require_flag(key::SHADOW)?,
         })
     }
@@ -236,6 +247,8 @@ pub struct VirtioFds {
     /// Per queue: `(kick, call)` eventfds.
     pub queues: Vec<(OwnedFd, OwnedFd)>,
     pub inflight: Option<OwnedFd>,
+    /// A vif's wire, when [`VirtioAttachRequest::wire`] is set.
+    pub wire: Option<OwnedFd>,
     /// Per queue, when `shadow`.
     pub logs: Vec<OwnedFd>,
 }
@@ -268,11 +281,13 @@ impl VirtioFds {
         } else {
             None
         };
+        let wire = if req.wire.is_some() { it.next() } else { None };
         let logs = it.collect();
         Ok(Self {
             regions,
             queues,
             inflight,
+            wire,
             logs,
         })
     }
@@ -313,6 +328,7 @@ mod tests {
                 mmap_offset: 0,
                 queue_size: 256,
             }),
+            wire: None,
             shadow: true,
         }
     }

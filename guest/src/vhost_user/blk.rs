@@ -408,6 +408,7 @@ impl VhostUserBlk {
                 queue_size: opts.queue_size,
                 connect_timeout: opts.connect_timeout,
                 reply_timeout: opts.reply_timeout,
+                ..TransportOptions::default()
             },
             ram,
         )?;

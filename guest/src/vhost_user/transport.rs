@@ -83,6 +83,9 @@ pub struct TransportOptions {
     /// A set-up step (handshake, memory table, one vring, a reset) whose
     /// replies take longer than this fails as a disconnect.
     pub reply_timeout: Duration,
+    /// Bytes of config space read with `GET_CONFIG` (the device's config
+    /// struct: [`CONFIG_BYTES`] for virtio-blk).
+    pub config_bytes: u32,
 }
 
 impl Default for TransportOptions {
@@ -92,6 +95,7 @@ impl Default for TransportOptions {
             queue_size: 256,
             connect_timeout: Duration::from_secs(2),
             reply_timeout: REPLY_TIMEOUT,
+            config_bytes: CONFIG_BYTES,
         }
     }
 }
@@ -362,14 +366,15 @@ impl VhostUserTransport {
         }
         self.frontend.set_owner().map_err(vu_err("SET_OWNER"))?;
         if self.protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let buf = vec![0u8; CONFIG_BYTES as usize];
+            let bytes = self.opts.config_bytes;
+            let buf = vec![0u8; bytes as usize];
             let (_, payload) = self
                 .frontend
-                .get_config(0, CONFIG_BYTES, VhostUserConfigFlags::empty(), &buf)
+                .get_config(0, bytes, VhostUserConfigFlags::empty(), &buf)
                 .map_err(vu_err("GET_CONFIG"))?;
-            if payload.len() != CONFIG_BYTES as usize {
+            if payload.len() != bytes as usize {
                 return Err(DeviceError::Transport(format!(
-                    "GET_CONFIG returned {} bytes, {CONFIG_BYTES} asked",
+                    "GET_CONFIG returned {} bytes, {bytes} asked",
                     payload.len()
                 )));
             }

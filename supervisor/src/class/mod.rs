@@ -8,7 +8,8 @@
 //! - what a Xen frontend probes ([`DeviceClass::backend_info`]): a
 //!   disk's `BackendInfo` or a vif's `NetBackendInfo`;
 //! - what a vhost-user frontend sees: features, queues, config space
-//!   ([`DeviceClass::virtio_model`], a [`VirtioModel`]; none for a vif);
+//!   ([`DeviceClass::virtio_model`], a [`VirtioModel`]: virtio-blk or
+//!   virtio-net);
 //! - how one backend instance is started — the arguments after
 //!   `--device`/`--control-fd`, the device fd it inherits — and whether
 //!   fencing it must wait for its I/O ([`DeviceClass::prepare_instance`]):

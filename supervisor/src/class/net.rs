@@ -12,6 +12,9 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
+use shadowback_virtio::net;
+use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+
 use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode};
 use shadowback_xenbus::netif::{NetBackendInfo, NetFeatures};
 
@@ -109,6 +112,48 @@ fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::Wir
     }
 }
 
+/// The virtio-net face of a vif (`[[nic]] vhost_user`): the features and
+/// config space of `shadowback_virtio::net`, with the vif's MAC and MTU.
+/// The link status in it is always up: the supervisor answers
+/// `GET_CONFIG`, so no backend restart can take it down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetModel {
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+impl VirtioModel for NetModel {
+    fn features(&self) -> u64 {
+        net::OFFERED_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    /// No `INFLIGHT_SHMFD`: QEMU's vhost-user-net never asks for the
+    /// region, and the shadow logs are the authority after a data-plane
+    /// crash anyway (docs/ARCHITECTURE.md §8.1).
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn num_queues(&self) -> u16 {
+        net::NUM_QUEUES
+    }
+
+    fn min_queues(&self) -> u16 {
+        net::NUM_QUEUES
+    }
+
+    fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(size).ok()?)?;
+        net::config_space(self.mac, self.mtu)
+            .get(start..end)
+            .map(<[u8]>::to_vec)
+    }
+}
+
 /// A vif: its configuration and its wire.
 #[derive(Debug)]
 pub struct NetClass {
@@ -150,7 +195,10 @@ impl DeviceClass for NetClass {
     }
 
     fn virtio_model(&self) -> Option<std::sync::Arc<dyn VirtioModel>> {
-        None
+        Some(std::sync::Arc::new(NetModel {
+            mac: self.info.mac.0,
+            mtu: self.info.mtu,
+        }))
     }
 
     fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError> {
@@ -200,5 +248,23 @@ mod tests {
         assert_ne!(info.mac, nics[1].mac_addr().unwrap());
         let setup = a.prepare_instance().unwrap();
         assert!(setup.device_file.is_none() && setup.io_fence.is_none());
+    }
+
+    #[test]
+    fn the_virtio_model_shows_mac_mtu_and_a_link_that_is_up() {
+        let model = NetModel {
+            mac: [2, 0xaa, 0, 0, 0, 1],
+            mtu: 9000,
+        };
+        assert_eq!(model.read_config(0, 6).unwrap(), vec![2, 0xaa, 0, 0, 0, 1]);
+        assert_eq!(model.read_config(6, 2).unwrap(), vec![1, 0], "LINK_UP");
+        assert_eq!(model.read_config(10, 2).unwrap(), 9000u16.to_le_bytes());
+        assert!(model.read_config(10, 3).is_none());
+        assert!(model.read_config(u32::MAX, 2).is_none());
+        assert_eq!(model.num_queues(), 2);
+        assert_ne!(model.features() & (1 << 30), 0, "PROTOCOL_FEATURES");
+        assert!(!model
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
     }
 }

@@ -95,7 +95,9 @@ impl Fault {
 }
 pub(super) enum Command {
     Attach {
-        frontend: Frontend,
+        /// Boxed: a frontend is several times the size of the other
+        /// commands.
+        frontend: Box<Frontend>,
         reply: oneshot::Sender<Result<Attachment, Refusal>>,
     },
     /// A new call eventfd for virtqueue `queue` of attachment `id`.
@@ -120,8 +122,7 @@ pub struct DeviceHandle {
     pub name: String,
     /// The Xen backend keys of the device (its class's).
     pub info: ClassInfo,
-    /// What a vhost-user frontend sees of the device (its class's; `None`
-    /// for a vif).
+    /// What a vhost-user frontend sees of the device (its class's).
     pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
     /// Who may probe, connect, see and reach it over vhost-user.
     pub(crate) access: AccessList,
@@ -140,7 +141,10 @@ impl DeviceHandle {
         let (reply, rx) = oneshot::channel();
         let frontend = Frontend::Xen { req, fds };
         self.tx
-            .send(Command::Attach { frontend, reply })
+            .send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
@@ -161,7 +165,10 @@ impl DeviceHandle {
             shadow: true,
         };
         self.tx
-            .send(Command::Attach { frontend, reply })
+            .send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .await
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
@@ -178,7 +185,10 @@ impl DeviceHandle {
         let (reply, rx) = oneshot::channel();
         let frontend = Frontend::Virtio { req, fds };
         self.tx
-            .blocking_send(Command::Attach { frontend, reply })
+            .blocking_send(Command::Attach {
+                frontend: Box::new(frontend),
+                reply,
+            })
             .map_err(|_| stopped())?;
         rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
     }

@@ -177,7 +177,7 @@ impl DeviceTask {
             };
             match event {
                 Event::Command(Command::Attach { frontend, reply }) => {
-                    let res = self.attach(frontend).await;
+                    let res = self.attach(*frontend).await;
                     let _ = reply.send(res);
                 }
                 Event::Command(Command::SetCall {

@@ -256,7 +256,8 @@ impl VhostUserHandler {
             }
             queues.push(u16::try_from(i).ok()?);
         }
-        (!queues.is_empty()).then_some(queues)
+        let enough = queues.len().max(1) >= usize::from(self.facts.model.min_queues());
+        (!queues.is_empty() && enough).then_some(queues)
     }
 
     /// Brings the session in line with the configuration: detach if it
@@ -343,6 +344,7 @@ impl VhostUserHandler {
                 mmap_offset: f.mmap_offset,
                 queue_size: f.queue_size,
             }),
+            wire: None,
             shadow: self.facts.shadow,
         };
         let inflight = match &self.inflight {
@@ -353,6 +355,7 @@ impl VhostUserHandler {
             regions: memory.dup_fds().map_err(|e| e.to_string())?,
             queues: fds,
             inflight,
+            wire: None,
             logs: Vec::new(),
         };
         Ok((req, fds))

@@ -35,10 +35,12 @@ use rustix::net::{recvmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags,
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use tokio::sync::oneshot::error::TryRecvError;
 use vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
-use vhost::vhost_user::{BackendListener, BackendReqHandler, Error as VhostError, Listener};
+use vhost::vhost_user::{
+    BackendListener, BackendReqHandler, Error as VhostError, Listener, VhostUserVirtioFeatures,
+};
 
 use crate::admission::{LogLimiter, PeerKey, LOG_INTERVAL};
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NicConfig};
 use crate::device::{Attachment, DeviceHandle};
 use crate::SupervisorError;
 
@@ -59,7 +61,40 @@ const RECHECK_PERIOD: Duration = Duration::from_millis(10);
 /// Bytes of a vhost-user message header (`request`, `flags`, `size`).
 const HEADER_SIZE: usize = 12;
 
-/// The vhost-user socket of one disk and the thread serving it.
+/// What a device's `vhost_user` export is configured with (a disk's or a
+/// nic's).
+#[derive(Clone, Debug)]
+pub struct VhostUserExport {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+    /// Largest `SET_VRING_NUM`.
+    pub queue_size: u16,
+    pub shadow: bool,
+}
+
+impl From<&DiskConfig> for VhostUserExport {
+    fn from(cfg: &DiskConfig) -> Self {
+        VhostUserExport {
+            name: cfg.name.clone(),
+            socket: cfg.vhost_user.clone(),
+            queue_size: cfg.queue_size,
+            shadow: cfg.shadow,
+        }
+    }
+}
+
+impl From<&NicConfig> for VhostUserExport {
+    fn from(cfg: &NicConfig) -> Self {
+        VhostUserExport {
+            name: cfg.name.clone(),
+            socket: cfg.vhost_user.clone(),
+            queue_size: cfg.queue_size,
+            shadow: cfg.shadow,
+        }
+    }
+}
+
+/// The vhost-user socket of one device and the thread serving it.
 pub struct VhostUserServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
@@ -67,12 +102,16 @@ pub struct VhostUserServer {
 }
 
 impl VhostUserServer {
-    /// Binds `cfg.vhost_user` (creating its directory, replacing a stale
+    /// Binds `cfg.socket` (creating its directory, replacing a stale
     /// socket file) and starts serving it for `device`.
-    pub fn start(cfg: &DiskConfig, device: DeviceHandle) -> Result<Self, SupervisorError> {
-        let Some(path) = cfg.vhost_user.clone() else {
+    pub fn start(
+        cfg: impl Into<VhostUserExport>,
+        device: DeviceHandle,
+    ) -> Result<Self, SupervisorError> {
+        let cfg: VhostUserExport = cfg.into();
+        let Some(path) = cfg.socket.clone() else {
             return Err(SupervisorError::Config(format!(
-                "disk {:?} has no vhost_user socket",
+                "device {:?} has no vhost_user socket",
                 cfg.name
             )));
         };
@@ -297,9 +336,27 @@ fn serve_connection(
             return why;
         }
         lock(handler).take_soft_refusal();
+        let early_enable = peek_vring_enable(&sock);
         match conn.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) => return "EOF".into(),
+            // QEMU's virtio-net enables (or disables) its first queue pair
+            // when the device is realized or reset, before SET_FEATURES;
+            // `vhost` refuses that (PROTOCOL_FEATURES not acked yet) after
+            // reading the whole message, without a reply, which QEMU does
+            // not wait for. QEMU sends the enable again once it starts the
+            // device, so the early one is dropped, not a reason to hang up.
+            Err(VhostError::InactiveFeature(f))
+                if f == VhostUserVirtioFeatures::PROTOCOL_FEATURES =>
+            {
+                // The ring state it asked for stands (QEMU 7.2 sends it once,
+                // right before SET_FEATURES): kept from the peeked message.
+                if let Some((index, enable)) = early_enable {
+                    use vhost::vhost_user::VhostUserBackendReqHandlerMut;
+                    let kept = lock(handler).set_vring_enable(index, enable);
+                    tracing::debug!(index, enable, ?kept, "SET_VRING_ENABLE before SET_FEATURES");
+                }
+            }
             Err(e) if lock(handler).take_soft_refusal() => {
                 tracing::debug!(error = %e, "request refused; connection kept");
             }
@@ -348,6 +405,24 @@ fn next_request_ready(sock: &UnixStream, stop: &AtomicBool) -> Result<(), String
             ));
         }
         std::thread::sleep(RECHECK_PERIOD);
+    }
+}
+
+/// `(index, enable)` of the next message if it is a whole
+/// `SET_VRING_ENABLE` (peeked, left in the socket): `vhost` refuses one
+/// that comes before SET_FEATURES without telling what it asked.
+fn peek_vring_enable(sock: &UnixStream) -> Option<(u32, bool)> {
+    const SET_VRING_ENABLE: u32 = 18;
+    let mut msg = [0u8; HEADER_SIZE + 8];
+    let got = rustix::net::recv(sock, &mut msg, RecvFlags::PEEK | RecvFlags::DONTWAIT).ok()?;
+    let u32_at = |at: usize| u32::from_le_bytes([msg[at], msg[at + 1], msg[at + 2], msg[at + 3]]);
+    if got.0 < msg.len() || u32_at(0) != SET_VRING_ENABLE || u32_at(8) != 8 {
+        return None;
+    }
+    match u32_at(16) {
+        0 => Some((u32_at(12), false)),
+        1 => Some((u32_at(12), true)),
+        _ => None,
     }
 }
 

@@ -6,8 +6,8 @@
 
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
-/// A virtio device model: virtio-blk today ([`BlkGeometry`]), virtio-net
-/// next.
+/// A virtio device model: virtio-blk ([`BlkGeometry`]) or virtio-net
+/// (`class::net::NetModel`).
 ///
 /// [`BlkGeometry`]: super::BlkGeometry
 pub trait VirtioModel: Send + Sync + std::fmt::Debug {
@@ -22,4 +22,10 @@ pub trait VirtioModel: Send + Sync + std::fmt::Debug {
     /// `GET_CONFIG`: `size` bytes of the config space from `offset`;
     /// `None` for a range outside it.
     fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>>;
+    /// The fewest started queues a session runs with: one for a disk;
+    /// virtio-net needs its receive and its transmit queue, and a VMM
+    /// (or our test client) may start them one after the other.
+    fn min_queues(&self) -> u16 {
+        1
+    }
 }

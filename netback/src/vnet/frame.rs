@@ -1,0 +1,253 @@
+//! Frames between descriptor chains and the wire (docs/ARCHITECTURE.md
+//! §8.1): a transmit chain gathered into a private frame, a received frame
+//! scattered into the driver's buffers, and the virtio-net header the
+//! driver uses translated to and from the wire's.
+//!
+//! Every length here comes from the driver and is checked against the
+//! buffers it describes and the largest frame a wire carries.
+
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::queue::Buf;
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_GSO_NONE};
+
+use crate::checksum;
+use crate::wire::{VnetHeader, MAX_FRAME_LEN, MIN_FRAME_LEN};
+
+/// Why a transmit chain is not sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    #[error("a device-writable buffer in a transmit chain")]
+    WritableBuffer,
+    #[error("{0} bytes after the virtio-net header: not an Ethernet frame")]
+    TooShort(usize),
+    #[error("more than {MAX_FRAME_LEN} bytes after the virtio-net header")]
+    TooLong,
+    #[error("buffer at {0:#x} is not guest memory")]
+    Unreadable(u64),
+    #[error("segmentation offload (gso_type {0}) was not offered")]
+    Gso(u8),
+    #[error("bad virtio-net header: {0}")]
+    Header(String),
+    #[error("the partial checksum cannot be completed: {0}")]
+    Checksum(String),
+}
+
+/// Copies the driver-readable buffers of a transmit chain: the first
+/// `hdr.len()` bytes into `hdr`, the rest into `frame`; returns the frame's
+/// length. `frame` holds at least [`MAX_FRAME_LEN`] bytes.
+pub fn gather(
+    mem: &GuestRam,
+    bufs: &[Buf],
+    hdr: &mut [u8],
+    frame: &mut [u8],
+) -> Result<usize, TxError> {
+    let mut at = 0usize;
+    let hdr_len = hdr.len();
+    for b in bufs {
+        if b.writable {
+            return Err(TxError::WritableBuffer);
+        }
+        let mut gpa = b.addr;
+        let mut left = b.len as usize;
+        if at < hdr_len {
+            let n = left.min(hdr_len - at);
+            mem.read(gpa, &mut hdr[at..at + n])
+                .map_err(|_| TxError::Unreadable(gpa))?;
+            at += n;
+            left -= n;
+            gpa = gpa.checked_add(n as u64).ok_or(TxError::Unreadable(gpa))?;
+        }
+        if left == 0 {
+            continue;
+        }
+        let start = at - hdr_len;
+        let end = start.checked_add(left).filter(|&e| e <= MAX_FRAME_LEN);
+        let dst = end
+            .and_then(|end| frame.get_mut(start..end))
+            .ok_or(TxError::TooLong)?;
+        mem.read(gpa, dst).map_err(|_| TxError::Unreadable(gpa))?;
+        at += left;
+    }
+    let len = at.saturating_sub(hdr_len);
+    if at < hdr_len || len < MIN_FRAME_LEN {
+        return Err(TxError::TooShort(len));
+    }
+    Ok(len)
+}
+
+/// Checks the driver's header for a transmit frame and completes a
+/// partial checksum (`VIRTIO_NET_F_CSUM`) in software, so the wire gets a
+/// plain frame. Segmentation is not offered, so a GSO header is refused.
+pub fn prepare_tx(hdr: &VnetHeader, frame: &mut [u8], csum_offered: bool) -> Result<(), TxError> {
+    hdr.validate(frame.len())
+        .map_err(|e| TxError::Header(e.to_string()))?;
+    if u32::from(hdr.gso_type) != VIRTIO_NET_HDR_GSO_NONE {
+        return Err(TxError::Gso(hdr.gso_type));
+    }
+    if hdr.needs_csum() {
+        if !csum_offered {
+            return Err(TxError::Header(
+                "NEEDS_CSUM without VIRTIO_NET_F_CSUM".into(),
+            ));
+        }
+        checksum::complete(frame).map_err(|e| TxError::Checksum(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The header a received frame gets in the driver's buffer, from the
+/// wire's: a partial checksum is passed on when the driver accepts one
+/// (`VIRTIO_NET_F_GUEST_CSUM`), else completed here; `None` when the frame
+/// must be dropped (segmentation, or a checksum that cannot be completed).
+pub fn rx_header(wire: &VnetHeader, frame: &mut [u8], guest_csum: bool) -> Option<VnetHeader> {
+    if u32::from(wire.gso_type) != VIRTIO_NET_HDR_GSO_NONE || wire.gso_size != 0 {
+        return None;
+    }
+    let mut hdr = VnetHeader::plain();
+    if wire.needs_csum() {
+        if guest_csum {
+            hdr.flags = wire.flags;
+            hdr.csum_start = wire.csum_start;
+            hdr.csum_offset = wire.csum_offset;
+        } else {
+            checksum::complete(frame).ok()?;
+        }
+    } else if guest_csum {
+        hdr.flags = wire.flags & VIRTIO_NET_HDR_F_DATA_VALID as u8;
+    }
+    Some(hdr)
+}
+
+/// Writes `data` from offset `from` into the device-writable buffers of
+/// one chain, in order; returns the bytes written (at most what the
+/// buffers hold). `Err` when a buffer is not writable guest memory.
+pub fn scatter(mem: &GuestRam, bufs: &[Buf], data: &[u8], from: usize) -> Result<usize, u64> {
+    let mut at = from;
+    for b in bufs.iter().filter(|b| b.writable) {
+        if at >= data.len() {
+            break;
+        }
+        let n = (b.len as usize).min(data.len() - at);
+        mem.write(b.addr, &data[at..at + n]).map_err(|_| b.addr)?;
+        at += n;
+    }
+    Ok(at - from)
+}
+
+/// Bytes the device-writable buffers of a chain hold.
+pub fn capacity(bufs: &[Buf]) -> usize {
+    bufs.iter()
+        .filter(|b| b.writable)
+        .map(|b| b.len as usize)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram() -> GuestRam {
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+        GuestRam::from_memory(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap())
+    }
+
+    fn buf(addr: u64, len: u32, writable: bool) -> Buf {
+        Buf {
+            addr,
+            len,
+            writable,
+        }
+    }
+
+    #[test]
+    fn gather_splits_header_and_frame_across_buffers() {
+        let mem = ram();
+        let bytes: Vec<u8> = (0..100u8).collect();
+        mem.write(0x1000, &bytes[..7]).unwrap();
+        mem.write(0x2000, &bytes[7..]).unwrap();
+        let mut hdr = [0u8; 12];
+        let mut frame = vec![0u8; MAX_FRAME_LEN];
+        let bufs = [buf(0x1000, 7, false), buf(0x2000, 93, false)];
+        let n = gather(&mem, &bufs, &mut hdr, &mut frame).unwrap();
+        assert_eq!(n, 88);
+        assert_eq!(&hdr[..], &bytes[..12]);
+        assert_eq!(&frame[..n], &bytes[12..]);
+    }
+
+    #[test]
+    fn gather_refuses_what_a_driver_must_not_send() {
+        let mem = ram();
+        let mut hdr = [0u8; 12];
+        let mut frame = vec![0u8; MAX_FRAME_LEN];
+        let mut go = |bufs: &[Buf]| gather(&mem, bufs, &mut hdr, &mut frame);
+        assert_eq!(go(&[buf(0, 20, false)]), Err(TxError::TooShort(8)));
+        assert_eq!(go(&[buf(0, 4, false)]), Err(TxError::TooShort(0)));
+        assert_eq!(
+            go(&[buf(0, 100, false), buf(0x100, 8, true)]),
+            Err(TxError::WritableBuffer)
+        );
+        assert_eq!(
+            go(&[buf(0xff00, 0x200, false)]),
+            Err(TxError::Unreadable(0xff0c)),
+            "the frame's first byte, past the header"
+        );
+        // 6 × 16 KiB after the header: beyond the largest frame.
+        let big: Vec<Buf> = (0..6).map(|_| buf(0, 0x4000, false)).collect();
+        assert_eq!(go(&big), Err(TxError::TooLong));
+    }
+
+    #[test]
+    fn scatter_fills_writable_buffers_in_order() {
+        let mem = ram();
+        let data: Vec<u8> = (0..50u8).collect();
+        let bufs = [
+            buf(0x100, 8, false),
+            buf(0x1000, 16, true),
+            buf(0x2000, 16, true),
+        ];
+        assert_eq!(capacity(&bufs), 32);
+        assert_eq!(scatter(&mem, &bufs, &data, 10), Ok(32));
+        let mut got = [0u8; 16];
+        mem.read(0x2000, &mut got).unwrap();
+        assert_eq!(&got[..], &data[26..42]);
+        assert_eq!(scatter(&mem, &bufs, &data, 42), Ok(8));
+        assert_eq!(
+            scatter(&mem, &[buf(0xfff8, 16, true)], &data, 0),
+            Err(0xfff8)
+        );
+    }
+
+    #[test]
+    fn headers_pass_a_partial_checksum_only_to_a_driver_that_takes_one() {
+        // An IPv4/UDP frame with a blank checksum at 40 (csum_start 34).
+        let mut frame = vec![0u8; 60];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        frame[16..18].copy_from_slice(&46u16.to_be_bytes());
+        frame[23] = 17;
+        frame[38..40].copy_from_slice(&26u16.to_be_bytes());
+        let mut wire = VnetHeader::plain();
+        wire.flags = 1;
+        wire.csum_start = 34;
+        wire.csum_offset = 6;
+        let kept = rx_header(&wire, &mut frame.clone(), true).unwrap();
+        assert_eq!((kept.flags, kept.csum_start, kept.csum_offset), (1, 34, 6));
+        let mut done = frame.clone();
+        let plain = rx_header(&wire, &mut done, false).unwrap();
+        assert_eq!(plain, VnetHeader::plain());
+        assert_ne!(&done[40..42], &[0, 0], "checksum completed");
+        let mut gso = wire;
+        gso.gso_type = 1;
+        gso.gso_size = 10;
+        assert_eq!(rx_header(&gso, &mut frame.clone(), true), None);
+        // Transmit: a partial checksum needs VIRTIO_NET_F_CSUM.
+        assert!(prepare_tx(&wire, &mut frame.clone(), false).is_err());
+        let mut sent = frame.clone();
+        prepare_tx(&wire, &mut sent, true).unwrap();
+        assert_eq!(sent, done);
+        assert!(matches!(
+            prepare_tx(&gso, &mut frame, true),
+            Err(TxError::Gso(1))
+        ));
+    }
+}

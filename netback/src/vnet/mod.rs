@@ -1,0 +1,963 @@
+//! The virtio-net loop of a network backend process: the same process,
+//! engine and control socket as the netif loop, serving a vif's receive
+//! and transmit virtqueues after an `attach-virtio` (docs/ARCHITECTURE.md
+//! §8.1), on the wire the supervisor lends.
+//!
+//! Driven by [`event_loop::run`] like the other loops. Each iteration:
+//!
+//! - **TX** (queue 1): every available head is logged, its chain gathered
+//!   into a private frame ([`frame::gather`]), a partial checksum
+//!   completed, the frame written to the wire, the entry marked *sent*,
+//!   then the used element written (logged COMPLETING). A malformed chain
+//!   gets its used element too (length 0), so no driver waits for ever.
+//! - **RX** (queue 0): available heads are logged and kept in a pool in
+//!   avail order; while the pool is not empty the wire is read and each
+//!   frame written into the first heads of the pool (several with
+//!   `MRG_RXBUF`, `num_buffers` in the header), each head answered in
+//!   order. With no head posted the wire is not read: frames wait in its
+//!   kernel queue.
+//! - **Publish**: per queue one release store of `used->idx` and at most
+//!   one call.
+//!
+//! Recovery is the shared applier on each queue's log, with the virtqueue
+//! rule of §7.4: a head stays the device's until its used element is
+//! visible, so a head to replay is walked again in the ring. TX heads
+//! marked sent are answered only; the others are sent again. RX heads go
+//! back to the pool; a receive frame whose used elements were not all
+//! written is shown to the driver as empty buffers, never in part.
+
+mod frame;
+mod queue;
+mod record;
+
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use shadowback_dataplane::control::{
+    attach_reply, control_err, fault_injection, recv_control, refuse_unexpected, sanitize,
+    send_detached, AttachFlags,
+};
+use shadowback_dataplane::event_loop::{self, arm, BackendError, EventLoop, Generations, Token};
+use shadowback_dataplane::recovery::{
+    self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay,
+};
+use shadowback_dataplane::uring::{Completion, Engine};
+use shadowback_ring::EventChannel;
+use shadowback_shadow::{EntryId, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
+use shadowback_virtio::memory::GuestRam;
+use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
+use shadowback_virtio::queue::{Chain, SplitQueue};
+use shadowback_xenbus::netif::ATTACH_NET;
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO};
+use shadowback_xenbus::{Message, SeqPacket};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+use crate::backend::{
+    NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED, KEY_TX_MAYBE_DUPLICATED,
+    KEY_TX_REPLAYED, TX_SENT,
+};
+use crate::wire::{SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN};
+use frame::TxError;
+use queue::{Taken, VQueue};
+use record::UsedRecord;
+
+/// Token ring numbers: the queues by position, and the wire's readability.
+const RX: u8 = 0;
+const TX: u8 = 1;
+const WIRE: u8 = 2;
+/// Buffers of a chain kept by a walk: more than any driver uses for one
+/// frame (Linux: MAX_SKB_FRAGS + 2).
+const CHAIN_CAP: usize = 64;
+/// Descriptors one queue may walk per loop iteration (as for
+/// virtio-blk): a ring of long hostile chains cannot keep the loop from
+/// its heartbeat and control socket.
+const WALK_BUDGET: u32 = 1 << 16;
+/// The header the wire carries (the supervisor sets the TAP up with it).
+const WIRE_HDR: VnetHeaderLen = VnetHeaderLen::Basic;
+
+/// A posted receive head.
+#[derive(Clone, Copy, Debug)]
+struct Posted {
+    taken: Taken,
+    /// Bytes its device-writable buffers hold (walked when it was taken).
+    capacity: usize,
+}
+
+/// The attached vif.
+struct Device {
+    name: String,
+    generation: u32,
+    mem: Arc<GuestRam>,
+    /// The driver's virtio-net header length (10 or 12).
+    hdr_len: usize,
+    mrg_rxbuf: bool,
+    csum: bool,
+    guest_csum: bool,
+    rx: VQueue,
+    tx: VQueue,
+    wire: Wire,
+    pool: VecDeque<Posted>,
+    /// A frame from the wire (wire header first) waiting for more heads.
+    held: Option<Vec<u8>>,
+    wire_armed: bool,
+    wire_readable: bool,
+    tx_serial: SerialReplay<u16>,
+    rx_serial: SerialReplay<u16>,
+    /// `detach` received: answer `detached` once the replay is done.
+    closing: bool,
+}
+
+impl Device {
+    fn queue(&mut self, ring: u8) -> &mut VQueue {
+        if ring == TX {
+            &mut self.tx
+        } else {
+            &mut self.rx
+        }
+    }
+}
+
+/// The loop state; it borrows the engine and the control socket from the
+/// netif loop that received `attach-virtio`.
+struct VnetLoop<'a> {
+    engine: &'a mut Engine,
+    control: &'a SeqPacket,
+    cfg: &'a NetConfig,
+    poison: &'a mut Vec<u64>,
+    generations: &'a mut Generations,
+    device: Option<Device>,
+    stats: NetStats,
+    recovery: NetRecovery,
+    completions: Vec<Completion>,
+    chain: Chain,
+    /// Wire header + the largest frame: one transmit frame at a time.
+    frame: Vec<u8>,
+    /// Frames read from the wire.
+    rx_scratch: Vec<u8>,
+    /// Driver header + frame, as written into receive heads.
+    out: Vec<u8>,
+}
+
+/// Serves a vif's virtqueues until the supervisor closes the control
+/// channel, starting with the `attach-virtio` in `first`. Called by the
+/// netif loop, which must have no vif attached.
+pub(crate) fn serve(
+    engine: &mut Engine,
+    control: &SeqPacket,
+    cfg: &NetConfig,
+    poison: &mut Vec<u64>,
+    generations: &mut Generations,
+    first: (Message, Vec<OwnedFd>),
+) -> Result<(), BackendError> {
+    let mut lp = VnetLoop {
+        engine,
+        control,
+        cfg,
+        poison,
+        generations,
+        device: None,
+        stats: NetStats::default(),
+        recovery: NetRecovery::default(),
+        completions: Vec::with_capacity(16),
+        chain: Chain::default(),
+        frame: vec![0; WIRE_HDR.bytes() + MAX_FRAME_LEN],
+        rx_scratch: Vec::new(),
+        out: Vec::new(),
+    };
+    tracing::info!(device = %cfg.device, "serving virtio-net queues");
+    lp.handle_message(first.0, first.1)?;
+    let result = event_loop::run(&mut lp);
+    tracing::info!(device = %cfg.device, stats = ?lp.stats, "virtio-net loop done");
+    result
+}
+
+impl VnetLoop<'_> {
+    /// The driver broke a queue: stop consuming from it and tell the
+    /// supervisor (which closes this VMM's session only).
+    fn queue_broken(&mut self, ring: u8, why: &str) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        let q = dev.queue(ring);
+        if q.broken {
+            return Ok(());
+        }
+        q.broken = true;
+        let index = q.index;
+        tracing::warn!(device = %self.cfg.device, queue = index, why, "virtqueue broken, not consuming from it");
+        let msg = Message::new(kind::DISCONNECT)
+            .with(key::FRONTEND, &dev.name)
+            .with(key::QUEUE, index)
+            .with(key::REASON, sanitize(why));
+        self.control.send(&msg, &[]).map_err(control_err)
+    }
+
+    /// Walks the chain at `head` of queue `ring` into `self.chain`.
+    fn walk(&mut self, ring: u8, head: u16) -> Result<(), String> {
+        let dev = self.device.as_mut().ok_or("no device")?;
+        let mem = dev.mem.clone();
+        let q = dev.queue(ring);
+        q.ring
+            .walk(&mem, head, CHAIN_CAP, &mut self.chain)
+            .map_err(|e| e.to_string())?;
+        if self.chain.overflowed() {
+            return Err(format!("chain of {} buffers", self.chain.count));
+        }
+        Ok(())
+    }
+
+    /// Writes a used element on queue `ring`.
+    fn answer(&mut self, ring: u8, entry: Option<EntryId>, used: UsedRecord) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let mem = dev.mem.clone();
+        if let Err(e) = dev
+            .queue(ring)
+            .put_used(&mem, entry, &used, &self.cfg.device)
+        {
+            tracing::error!(device = %self.cfg.device, error = %e, "cannot write a used element");
+        }
+    }
+
+    // ---- TX ------------------------------------------------------------
+
+    /// Takes and sends every head the transmit queue holds.
+    fn consume_tx(&mut self) -> Result<(), BackendError> {
+        let mut budget = WALK_BUDGET;
+        loop {
+            let Some(dev) = self.device.as_mut() else {
+                return Ok(());
+            };
+            if dev.closing || dev.tx.broken || !dev.tx_serial.is_empty() || budget == 0 {
+                return Ok(());
+            }
+            let mem = dev.mem.clone();
+            let taken = match dev.tx.take(&mem, &self.cfg.device) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Ok(()),
+                Err(why) => return self.queue_broken(TX, &why),
+            };
+            if self.poison.contains(&u64::from(taken.head)) {
+                tracing::error!(device = %self.cfg.device, head = taken.head, "poisoned head: aborting (fault injection)");
+                std::process::abort();
+            }
+            self.send_head(taken.head, taken.entry);
+            budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
+        }
+    }
+
+    /// Sends the frame of transmit head `head`, marks it sent, answers it.
+    fn send_head(&mut self, head: u16, entry: Option<EntryId>) {
+        match self.transmit(head) {
+            Ok(()) => {
+                let log = self.device.as_ref().and_then(|d| d.tx.log.as_ref());
+                if let (Some(log), Some(entry)) = (log, entry) {
+                    if let Err(e) = log.set_progress(entry, TX_SENT) {
+                        log_failed(&self.cfg.device, e);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(device = %self.cfg.device, head, error = %e, "TX frame refused");
+                self.stats.tx_errors += 1;
+            }
+        }
+        self.answer(TX, entry, UsedRecord::single(head, 0));
+    }
+
+    /// Gathers, checks and writes one transmit frame to the wire.
+    fn transmit(&mut self, head: u16) -> Result<(), TxError> {
+        self.walk(TX, head).map_err(TxError::Header)?;
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        let wire_hdr = WIRE_HDR.bytes();
+        let mut hdr = [0u8; 12];
+        let len = frame::gather(
+            &dev.mem,
+            &self.chain.bufs,
+            &mut hdr[..dev.hdr_len],
+            &mut self.frame[wire_hdr..],
+        )?;
+        let driver_hdr =
+            VnetHeader::decode(&hdr, WIRE_HDR).map_err(|e| TxError::Header(e.to_string()))?;
+        let data = &mut self.frame[wire_hdr..wire_hdr + len];
+        frame::prepare_tx(&driver_hdr, data, dev.csum)?;
+        VnetHeader::plain()
+            .encode(&mut self.frame[..wire_hdr], WIRE_HDR)
+            .map_err(|e| TxError::Header(e.to_string()))?;
+        match dev.wire.send(&self.frame[..wire_hdr + len]) {
+            Ok(SendOutcome::Sent) => {
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += len as u64;
+            }
+            // A full queue or a down link loses the frame, as on a NIC.
+            Ok(SendOutcome::Dropped(_)) => self.stats.tx_wire_drops += 1,
+            Err(e) => return Err(TxError::Header(format!("wire: {e}"))),
+        }
+        Ok(())
+    }
+
+    // ---- RX ------------------------------------------------------------
+
+    /// Takes every head the receive queue holds into the pool; a head
+    /// without a usable writable buffer is answered at once (length 0).
+    fn consume_rx(&mut self) -> Result<(), BackendError> {
+        let mut budget = WALK_BUDGET;
+        loop {
+            let Some(dev) = self.device.as_mut() else {
+                return Ok(());
+            };
+            if dev.closing || dev.rx.broken || !dev.rx_serial.is_empty() || budget == 0 {
+                return Ok(());
+            }
+            let mem = dev.mem.clone();
+            let taken = match dev.rx.take(&mem, &self.cfg.device) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Ok(()),
+                Err(why) => return self.queue_broken(RX, &why),
+            };
+            self.post(taken);
+            budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
+        }
+    }
+
+    /// Puts a receive head into the pool, or answers it empty if the
+    /// driver did not give it a usable buffer.
+    fn post(&mut self, taken: Taken) {
+        let capacity = match self.walk(RX, taken.head) {
+            Ok(()) if !self.chain.bufs.iter().any(|b| !b.writable) => {
+                frame::capacity(&self.chain.bufs)
+            }
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::debug!(device = %self.cfg.device, head = taken.head, error = %e, "bad receive chain");
+                0
+            }
+        };
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        if capacity == 0 || !dev.pool.is_empty() && capacity < dev.hdr_len {
+            self.stats.rx_dropped += 1;
+            self.answer(RX, taken.entry, UsedRecord::single(taken.head, 0));
+            return;
+        }
+        dev.pool.push_back(Posted { taken, capacity });
+    }
+
+    /// Moves frames from the wire into posted heads while there are both;
+    /// re-arms the wire's poll once it is drained.
+    fn deliver_rx(&mut self) -> Result<(), BackendError> {
+        loop {
+            let Some(dev) = self.device.as_mut() else {
+                return Ok(());
+            };
+            if dev.closing || dev.pool.is_empty() {
+                return Ok(());
+            }
+            if let Some(mut held) = dev.held.take() {
+                if !self.deliver_frame(&mut held) {
+                    if let Some(dev) = self.device.as_mut() {
+                        dev.held = Some(held);
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
+            if !dev.wire_readable {
+                return Ok(());
+            }
+            let mut buf = std::mem::take(&mut self.rx_scratch);
+            buf.resize(dev.wire.recv_buf_len(), 0);
+            let received = dev.wire.recv(&mut buf);
+            let drained = match received {
+                Ok(Some(n)) => {
+                    if !self.deliver_frame(&mut buf[..n]) {
+                        if let Some(dev) = self.device.as_mut() {
+                            dev.held = Some(buf[..n].to_vec());
+                        }
+                    }
+                    false
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    tracing::warn!(device = %self.cfg.device, error = %e, "wire read failed");
+                    true
+                }
+            };
+            self.rx_scratch = buf;
+            if drained {
+                if let Some(dev) = self.device.as_mut() {
+                    dev.wire_readable = false;
+                }
+                return self.arm_wire();
+            }
+        }
+    }
+
+    /// Writes one frame (wire header first) into the first heads of the
+    /// pool and answers them, or drops it; `false` when it needs more
+    /// heads than are posted (the caller holds it).
+    fn deliver_frame(&mut self, wire_frame: &mut [u8]) -> bool {
+        let Some(dev) = self.device.as_mut() else {
+            return true;
+        };
+        let Ok(wire_hdr) = VnetHeader::decode(wire_frame, WIRE_HDR) else {
+            self.stats.rx_dropped += 1;
+            return true;
+        };
+        let data = &mut wire_frame[WIRE_HDR.bytes()..];
+        let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum) else {
+            self.stats.rx_dropped += 1;
+            return true;
+        };
+        let total = dev.hdr_len + data.len();
+        // Heads the frame needs: one without MRG_RXBUF.
+        let mut count = 0usize;
+        let mut room = 0usize;
+        for p in &dev.pool {
+            count += 1;
+            room += p.capacity;
+            if room >= total || !dev.mrg_rxbuf {
+                break;
+            }
+        }
+        if room < total {
+            let ring_full = dev.pool.len() >= usize::from(dev.rx.size());
+            if dev.mrg_rxbuf && !ring_full {
+                return false;
+            }
+            // No head (or every head the ring can post) holds it.
+            self.stats.rx_dropped += 1;
+            return true;
+        }
+        hdr.num_buffers = count as u16;
+        let hdr_layout = if dev.hdr_len == 12 {
+            VnetHeaderLen::MergeableRx
+        } else {
+            VnetHeaderLen::Basic
+        };
+        self.out.clear();
+        self.out.resize(dev.hdr_len, 0);
+        if hdr.encode(&mut self.out, hdr_layout).is_err() {
+            self.stats.rx_dropped += 1;
+            return true;
+        }
+        self.out.extend_from_slice(data);
+        let frame_len = data.len() as u64;
+        let mut at = 0usize;
+        let mut ok = true;
+        for position in 0..count {
+            let Some(posted) = self.device.as_mut().and_then(|d| d.pool.pop_front()) else {
+                break;
+            };
+            let head = posted.taken.head;
+            // Walked again: the chain is the driver's memory.
+            let written = if ok && self.walk(RX, head).is_ok() {
+                let mem = self.device.as_ref().map(|d| d.mem.clone());
+                mem.and_then(|m| frame::scatter(&m, &self.chain.bufs, &self.out, at).ok())
+            } else {
+                None
+            };
+            let len = match written {
+                Some(n) => {
+                    at += n;
+                    n as u32
+                }
+                None => {
+                    ok = false;
+                    0
+                }
+            };
+            let used = UsedRecord {
+                id: u32::from(head),
+                len,
+                position: position as u16,
+                count: count as u16,
+            };
+            self.answer(RX, posted.taken.entry, used);
+        }
+        if ok && at == self.out.len() {
+            self.stats.rx_packets += 1;
+            self.stats.rx_bytes += frame_len;
+        } else {
+            self.stats.rx_dropped += 1;
+        }
+        true
+    }
+
+    fn arm_wire(&mut self) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        if dev.wire_armed {
+            return Ok(());
+        }
+        dev.wire_armed = true;
+        let token = Token::Kick {
+            generation: dev.generation,
+            ring: WIRE,
+        };
+        arm(self.engine, token, dev.wire.fd().as_raw_fd())
+    }
+
+    // ---- control ---------------------------------------------------------
+
+    fn handle_message(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
+        if let Some(done) = fault_injection(&msg, &self.cfg.device, self.poison, self.control) {
+            return done;
+        }
+        let send = |m: &Message| self.control.send(m, &[]).map_err(control_err);
+        match msg.kind() {
+            ATTACH_VIRTIO => {
+                let result = self.attach(&msg, fds);
+                if let Err((_, why)) = &result {
+                    tracing::warn!(device = %self.cfg.device, why, "attach-virtio refused");
+                    self.device = None;
+                }
+                let r = self.recovery;
+                send(
+                    &attach_reply(result)
+                        .with(KEY_TX_REPLAYED, r.tx_replayed)
+                        .with(KEY_TX_MAYBE_DUPLICATED, r.tx_maybe_duplicated)
+                        .with(KEY_RX_BUFFERS_RECOVERED, r.rx_buffers_recovered),
+                )
+            }
+            ATTACH_NET => send(&Message::error(
+                ErrorCode::Ebusy,
+                "this instance serves virtqueues",
+            )),
+            kind::SET_CALL => {
+                let reply = match self.set_call(&msg, fds) {
+                    Ok(()) => Message::new(kind::OK),
+                    Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
+                };
+                send(&reply)
+            }
+            kind::DETACH => match self.device.as_mut() {
+                Some(dev) => {
+                    dev.closing = true;
+                    Ok(())
+                }
+                None => send_detached(self.control, None),
+            },
+            other => refuse_unexpected(self.control, other),
+        }
+    }
+
+    /// `set-call queue=<virtqueue index>` with the new call eventfd.
+    fn set_call(&mut self, msg: &Message, mut fds: Vec<OwnedFd>) -> Result<(), String> {
+        let index = msg.require_u16(key::QUEUE).map_err(|e| e.to_string())?;
+        if fds.len() != 1 {
+            return Err(format!("set-call carries {} fds, expected 1", fds.len()));
+        }
+        let dev = self.device.as_mut().ok_or("no device attached")?;
+        let q = match index {
+            RX_QUEUE => &mut dev.rx,
+            TX_QUEUE => &mut dev.tx,
+            _ => return Err(format!("no queue {index}")),
+        };
+        let fd = fds.pop().ok_or("no fd")?;
+        q.call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
+        // A call may have gone to the old eventfd while the VMM switched:
+        // one spurious interrupt is harmless, a lost one hangs the driver.
+        let _ = q.call.notify();
+        Ok(())
+    }
+
+    /// Maps memory and rings, recovers both queues and starts serving.
+    fn attach(
+        &mut self,
+        msg: &Message,
+        fds: Vec<OwnedFd>,
+    ) -> Result<RecoveryStats, (ErrorCode, String)> {
+        if self.device.is_some() {
+            return Err((ErrorCode::Ebusy, "a device is already attached".into()));
+        }
+        let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
+        let req = VirtioAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
+        let AttachFlags { recover, blame } = AttachFlags::from_message(msg)?;
+        let vfds = VirtioFds::from_received(&req, fds).map_err(|e| inval(&e))?;
+        let unknown = req.features & !vnet::OFFERED_FEATURES;
+        if unknown != 0 {
+            return Err(inval(&format!("features {unknown:#x} were not offered")));
+        }
+        if vfds.inflight.is_some() {
+            return Err(inval(&"no in-flight region is offered for virtio-net"));
+        }
+        let wire_kind = match req.wire.as_deref() {
+            Some("tap") => WireKind::Tap,
+            Some("cable") => WireKind::Cable,
+            other => return Err(inval(&format!("wire={other:?}: tap or cable"))),
+        };
+        let wire_fd = vfds.wire.ok_or_else(|| inval(&"no wire descriptor"))?;
+        let wire = Wire::from_fd(wire_kind, wire_fd, WIRE_HDR).map_err(|e| inval(&e))?;
+        let positions: Vec<u16> = req.queues.iter().map(|q| q.index).collect();
+        if positions != [RX_QUEUE, TX_QUEUE] {
+            return Err(inval(&format!(
+                "queues {positions:?}: a receive and a transmit queue (0, 1)"
+            )));
+        }
+        let mem = Arc::new(GuestRam::map(&req.regions, vfds.regions).map_err(|e| inval(&e))?);
+        let event_idx = req.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut logs: Vec<Option<ShadowLog>> = vec![None, None];
+        let mut stats = RecoveryStats::default();
+        let mut fresh = true;
+        if self.cfg.shadow && req.shadow {
+            for (slot, (fd, q)) in logs.iter_mut().zip(vfds.logs.into_iter().zip(&req.queues)) {
+                let (log, generation) =
+                    open_shadow_log(&self.cfg.crash_at, fd).map_err(|e| inval(&e))?;
+                if log.entries() != u32::from(q.size) {
+                    return Err(inval(&format!(
+                        "shadow log does not have {} entries",
+                        q.size
+                    )));
+                }
+                stats.generation = stats.generation.max(generation);
+                fresh &= generation == 1;
+                *slot = Some(log);
+            }
+        }
+        let started = std::time::Instant::now();
+        let mut queues = Vec::with_capacity(2);
+        let mut plans = Vec::with_capacity(2);
+        for ((qcfg, (kick, call)), log) in req.queues.iter().zip(vfds.queues).zip(logs) {
+            let ring = SplitQueue::new(qcfg, &mem, event_idx)
+                .map_err(|e| inval(&format!("queue {}: {e}", qcfg.index)))?;
+            let kick = EventChannel::from_fd(kick).map_err(|e| inval(&e))?;
+            let call = EventChannel::from_fd(call).map_err(|e| inval(&e))?;
+            let mut q = VQueue::new(qcfg.index, ring, kick, call, log);
+            plans.push(q.recover(&mem, qcfg.next_avail, fresh && !recover)?);
+            queues.push(q);
+        }
+        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
+            return Err(inval(&"two queues expected"));
+        };
+        let tx_plan = plans.pop().flatten();
+        let rx_plan = plans.pop().flatten();
+        let has = |f| vnet::has(req.features, f);
+        self.device = Some(Device {
+            name: req.frontend.clone(),
+            generation: self.generations.new_attachment(),
+            mem,
+            hdr_len: vnet::header_len(req.features),
+            mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
+            csum: has(VIRTIO_NET_F_CSUM),
+            guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
+            rx,
+            tx,
+            wire,
+            pool: VecDeque::new(),
+            held: None,
+            wire_armed: false,
+            wire_readable: true,
+            tx_serial: SerialReplay::default(),
+            rx_serial: SerialReplay::default(),
+            closing: false,
+        });
+        let proto = |e: String| (ErrorCode::Eproto, format!("replay failed: {e}"));
+        if let Some(plan) = &rx_plan {
+            let mut target = QueueReplay::new(self, RX, plan);
+            recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
+        }
+        if let Some(plan) = &tx_plan {
+            let mut target = QueueReplay::new(self, TX, plan);
+            // Counted now: a serial replay runs after the reply. Heads are
+            // sent in consumption order and each is marked right after its
+            // write: only the first unmarked one can have left the dead
+            // instance too.
+            let unsent = plan.reexecute.len() - target.sent.len();
+            target.lp.recovery.tx_replayed += unsent as u64;
+            if unsent > 0 {
+                target.lp.recovery.tx_maybe_duplicated += 1;
+            }
+            recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
+        }
+        stats.replay_us = started.elapsed().as_micros() as u64;
+        // The driver may be asleep waiting for what the dead instance owed.
+        self.publish();
+        let dev = self
+            .device
+            .as_ref()
+            .ok_or((ErrorCode::Enodev, "device gone".into()))?;
+        let generation = dev.generation;
+        let kicks = [(RX, dev.rx.kick.as_raw_fd()), (TX, dev.tx.kick.as_raw_fd())];
+        let _ = dev.rx.call.notify();
+        let _ = dev.tx.call.notify();
+        for (ring, fd) in kicks {
+            arm(self.engine, Token::Kick { generation, ring }, fd)
+                .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+        }
+        tracing::info!(device = %self.cfg.device, frontend = %req.frontend, event_idx, recover, ?stats, recovery = ?self.recovery, "virtio-net attached");
+        Ok(stats)
+    }
+}
+
+/// One queue as the recovery applier sees it (docs/ARCHITECTURE.md §7.4,
+/// §8.1): a head to replay is walked again in the ring. Transmit heads the
+/// dead instance marked sent are answered only. A receive frame whose
+/// used elements were not all logged before the crash is re-pushed as
+/// empty buffers: the driver drops them, as it drops any runt.
+struct QueueReplay<'l, 'a> {
+    lp: &'l mut VnetLoop<'a>,
+    ring: u8,
+    /// Heads with a live request.
+    live: Vec<bool>,
+    /// Transmit entries whose frame the dead instance wrote to the wire.
+    sent: HashSet<EntryId>,
+    /// Re-pushes (by their old index) of receive frames not whole.
+    partial: HashSet<u32>,
+}
+
+impl<'l, 'a> QueueReplay<'l, 'a> {
+    fn new(lp: &'l mut VnetLoop<'a>, ring: u8, plan: &RecoveryPlan) -> Self {
+        let size = lp.device.as_mut().map_or(0, |d| d.queue(ring).size());
+        let sent = plan
+            .reexecute
+            .iter()
+            .filter(|e| ring == TX && e.progress & TX_SENT != 0)
+            .map(|e| e.entry)
+            .collect();
+        QueueReplay {
+            lp,
+            ring,
+            live: vec![false; usize::from(size)],
+            sent,
+            partial: partial_frames(&plan.repush),
+        }
+    }
+}
+
+/// The old indices of re-pushes whose frame is not whole among them.
+fn partial_frames(repush: &[Repush]) -> HashSet<u32> {
+    let saved: std::collections::HashMap<u32, UsedRecord> = repush
+        .iter()
+        .filter_map(|r| UsedRecord::decode(&r.response).map(|u| (r.old_rsp_idx, u)))
+        .collect();
+    saved
+        .iter()
+        .filter(|(&idx, u)| {
+            let first = idx.wrapping_sub(u32::from(u.position));
+            (0..u32::from(u.count)).any(|k| !saved.contains_key(&first.wrapping_add(k)))
+        })
+        .map(|(&idx, _)| idx)
+        .collect()
+}
+
+impl ReplayTarget for QueueReplay<'_, '_> {
+    type Request = u16;
+
+    fn device(&self) -> &str {
+        &self.lp.cfg.device
+    }
+
+    fn log(&self) -> Option<&ShadowLog> {
+        let dev = self.lp.device.as_ref()?;
+        if self.ring == TX {
+            dev.tx.log.as_ref()
+        } else {
+            dev.rx.log.as_ref()
+        }
+    }
+
+    fn repush(&mut self, r: &Repush) -> Result<(), String> {
+        let mut used = UsedRecord::decode(&r.response).ok_or("not a used element")?;
+        let size = self.live.len();
+        let head = usize::try_from(used.id).ok().filter(|&h| h < size);
+        let head = head.ok_or_else(|| format!("saved used element names head {}", used.id))?;
+        if self.partial.contains(&r.old_rsp_idx) {
+            used.len = 0;
+        }
+        let dev = self.lp.device.as_mut().ok_or("no device")?;
+        let mem = dev.mem.clone();
+        dev.queue(self.ring)
+            .repush(&mem, r.entry, r.rsp_idx, &used)?;
+        self.live[head] = true;
+        Ok(())
+    }
+
+    fn locate(&self, saved: &[u8; REQUEST_SIZE]) -> Option<u16> {
+        record::logged_head(saved)
+            .map(|(head, _)| head)
+            .filter(|&h| usize::from(h) < self.live.len())
+    }
+
+    fn claim(&mut self, head: &u16) -> bool {
+        match self.live.get_mut(usize::from(*head)) {
+            Some(live) => !std::mem::replace(live, true),
+            None => false,
+        }
+    }
+
+    fn fail(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
+        self.lp
+            .answer(self.ring, Some(entry), UsedRecord::single(head, 0));
+        Ok(())
+    }
+
+    fn reexecute(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
+        if self.ring == RX {
+            self.lp.recovery.rx_buffers_recovered += 1;
+            self.lp.post(Taken {
+                head,
+                entry: Some(entry),
+            });
+        } else if self.sent.contains(&entry) {
+            self.lp.answer(TX, Some(entry), UsedRecord::single(head, 0));
+        } else {
+            self.lp.send_head(head, Some(entry));
+        }
+        Ok(())
+    }
+
+    fn replay_serially(&mut self, queue: SerialReplay<u16>) {
+        if let Some(dev) = self.lp.device.as_mut() {
+            if self.ring == TX {
+                dev.tx_serial = queue;
+            } else {
+                dev.rx_serial = queue;
+            }
+        }
+    }
+
+    fn describe(&self, head: &u16) -> String {
+        format!("virtqueue {} head {head}", self.ring)
+    }
+}
+
+impl EventLoop for VnetLoop<'_> {
+    fn engine(&mut self) -> &mut Engine {
+        self.engine
+    }
+
+    fn control(&self) -> &SeqPacket {
+        self.control
+    }
+
+    fn completions(&mut self) -> &mut Vec<Completion> {
+        &mut self.completions
+    }
+
+    /// Nothing is in flight between turns: one queued head per turn.
+    fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+        let device = &self.cfg.device;
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        let tx = dev.tx_serial.next(0, dev.tx.log.as_ref(), device);
+        let rx = dev.rx_serial.next(0, dev.rx.log.as_ref(), device);
+        if let Some((entry, head)) = tx {
+            // A serial replay follows a suspected crash loop: the dead
+            // instance marked nothing sent that this one could trust less.
+            self.send_head(head, Some(entry));
+        }
+        if let Some((entry, head)) = rx {
+            self.post(Taken {
+                head,
+                entry: Some(entry),
+            });
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self) -> Result<(), BackendError> {
+        self.consume_tx()?;
+        self.consume_rx()?;
+        self.deliver_rx()
+    }
+
+    fn publish(&mut self) {
+        let Some(dev) = self.device.as_mut() else {
+            return;
+        };
+        let mem = dev.mem.clone();
+        for q in [&mut dev.rx, &mut dev.tx] {
+            match q.publish(&mem, &self.cfg.device) {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.stats.notifications += 1;
+                    if let Err(e) = q.call.notify() {
+                        tracing::warn!(device = %self.cfg.device, error = %e, "notify failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(device = %self.cfg.device, error = %e, "cannot publish used elements");
+                }
+            }
+        }
+    }
+
+    fn finish_detach(&mut self) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_ref() else {
+            return Ok(());
+        };
+        if !dev.closing || !dev.tx_serial.is_empty() || !dev.rx_serial.is_empty() {
+            return Ok(());
+        }
+        // Receive heads still pooled are not answered: they were taken in
+        // avail order and are the last ones, so the VMM, resuming at
+        // `used->idx`, hands them to the next attachment again.
+        let name = dev.name.clone();
+        self.device = None;
+        tracing::info!(device = %self.cfg.device, frontend = %name, stats = ?self.stats, "virtio-net detached");
+        send_detached(self.control, Some(&name))
+    }
+
+    fn heartbeat(&mut self) {
+        let logs = self
+            .device
+            .iter()
+            .flat_map(|d| d.rx.log.iter().chain(d.tx.log.iter()));
+        event_loop::heartbeat(&self.cfg.device, logs);
+    }
+
+    fn has_work(&mut self) -> bool {
+        let Some(dev) = self.device.as_ref() else {
+            return false;
+        };
+        if dev.closing {
+            return !dev.tx_serial.is_empty() || !dev.rx_serial.is_empty();
+        }
+        !dev.tx_serial.is_empty()
+            || !dev.rx_serial.is_empty()
+            || dev.tx.has_avail(&dev.mem)
+            || dev.rx.has_avail(&dev.mem)
+            || ((dev.wire_readable || dev.held.is_some()) && !dev.pool.is_empty())
+    }
+
+    fn on_control(&mut self) -> Result<(), BackendError> {
+        let (msg, fds) = recv_control(self.control)?;
+        self.handle_message(msg, fds)
+    }
+
+    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+        let Some(dev) = self.device.as_mut() else {
+            return Ok(());
+        };
+        if dev.generation != generation {
+            return Ok(());
+        }
+        if ring == WIRE {
+            dev.wire_armed = false;
+            dev.wire_readable = true;
+            return Ok(());
+        }
+        if ring > TX {
+            return Ok(());
+        }
+        self.stats.kicks += 1;
+        let q = dev.queue(ring);
+        let _ = q.kick.drain();
+        let fd = q.kick.as_raw_fd();
+        arm(self.engine, Token::Kick { generation, ring }, fd)
+    }
+
+    fn on_io(&mut self, _generation: u32, _ring: u8, _slot: u16, _result: i32) {}
+}

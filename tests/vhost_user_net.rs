@@ -1,0 +1,201 @@
+//! vhost-user-net (docs/ARCHITECTURE.md §8.1): a guest on a native
+//! vhost-user-net client (`VhostUserNet`, the test playing VMM and driver)
+//! streams TCP over a supervisor's `[[nic]] vhost_user` socket, through
+//! the vif's cable, to a guest on netfront attached to the other end —
+//! while the test kills the vhost-user side's data plane with `fault kill`
+//! on the control socket, as an operator would. The stream must never
+//! reset, every byte must arrive once and in order, every transmit head
+//! and every receive buffer must be used exactly once, and the link in
+//! the config space stays up (the supervisor answers it, not a backend).
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole};
+use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
+use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions, VhostUserNetStats};
+use shadowback_supervisor::{Config, SupervisorThread};
+use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::operator::{fault_kill, stats_of};
+use shadowback_testsupport::temp::TempDir;
+
+const MIB: u64 = 1 << 20;
+
+fn params(address: Ipv4Addr, peer: Ipv4Addr, bytes: u64) -> StreamParams {
+    StreamParams {
+        port: 5001,
+        seed: 77,
+        bytes,
+        stall_timeout: Duration::from_secs(30),
+        ..StreamParams::between(address, peer)
+    }
+}
+
+/// A supervisor with vif `vnet` (vhost-user, cable to `vif`) and `vif`
+/// (netif), and the vhost-user socket's path.
+fn start(dir: &TempDir) -> (SupervisorThread, std::path::PathBuf, std::path::PathBuf) {
+    let socket = dir.join("control.sock");
+    let vhost = dir.join("vnet.sock");
+    let toml = format!(
+        "socket = \"{}\"\n\
+         [[nic]]\nname = \"vnet\"\ncable = \"vif\"\nvhost_user = \"{}\"\n\
+         [[nic]]\nname = \"vif\"\ncable = \"vnet\"\n",
+        socket.display(),
+        vhost.display()
+    );
+    let path = dir.join("shadowback.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = Config::from_file(&path).expect("the test's config");
+    let sup = SupervisorThread::start(cfg, backend_command()).expect("start the supervisor");
+    (sup, socket, vhost)
+}
+
+/// The vhost-user side: connects, runs `role`, waits for every transmit
+/// head to be answered.
+fn vhost_guest(
+    vhost: &Path,
+    role: StreamRole,
+    p: StreamParams,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<(StreamReport, VhostUserNetStats, bool)> {
+    let vhost = vhost.to_path_buf();
+    thread::spawn(move || {
+        let mut dev = VhostUserNet::connect(&vhost, &VhostUserNetOptions::default())
+            .expect("vhost-user-net connect");
+        let link_up = dev.link_up();
+        let report = run_stream(&mut dev, role, &p);
+        done.store(true, Ordering::Release);
+        let left = dev.settle(Duration::from_secs(10)).expect("settle");
+        assert_eq!(left, 0, "transmit heads never answered");
+        (report, dev.stats(), link_up)
+    })
+}
+
+fn netfront_guest(
+    socket: &Path,
+    role: StreamRole,
+    p: StreamParams,
+    done: Arc<AtomicBool>,
+) -> thread::JoinHandle<(StreamReport, NetFrontStats)> {
+    let mut front = NetFront::attach(socket, &NetFrontConfig::new("vif"))
+        .expect("attach through the supervisor");
+    thread::spawn(move || {
+        let report = run_stream(&mut front, role, &p);
+        done.store(true, Ordering::Release);
+        let stats = front.stats();
+        front.detach().expect("a clean close");
+        (report, stats)
+    })
+}
+
+fn assert_passed(who: &str, report: &StreamReport, bytes: u64) {
+    eprintln!("{who}: {}", serde_json::to_string(report).unwrap());
+    assert!(report.passed(), "{who}: {report:#?}");
+    assert_eq!(report.bytes, bytes, "{who}");
+    assert_eq!(report.resets, 0, "{who}: the connection reset");
+}
+
+/// Runs a stream of `bytes` from the vhost-user guest (`vnet_sends`) or to
+/// it, killing `vnet`'s backend every 40–110 ms until the stream ends or
+/// `max_kills` were done; returns the kills.
+fn stream_with_kills(bytes: u64, vnet_sends: bool, max_kills: u32) -> u32 {
+    let dir = TempDir::new("vhost-user-net");
+    let (sup, socket, vhost) = start(&dir);
+    let a = Ipv4Addr::new(10, 9, 2, 1);
+    let b = Ipv4Addr::new(10, 9, 2, 2);
+    let (vrole, frole) = if vnet_sends {
+        (StreamRole::Sender, StreamRole::Receiver)
+    } else {
+        (StreamRole::Receiver, StreamRole::Sender)
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    // Listener first: the receiver listens, the sender connects.
+    let (vguest, fguest) = if vnet_sends {
+        let f = netfront_guest(&socket, frole, params(b, a, bytes), done.clone());
+        let v = vhost_guest(&vhost, vrole, params(a, b, bytes), done.clone());
+        (v, f)
+    } else {
+        let v = vhost_guest(&vhost, vrole, params(a, b, bytes), done.clone());
+        let f = netfront_guest(&socket, frole, params(b, a, bytes), done.clone());
+        (v, f)
+    };
+    let mut kills = 0u32;
+    let started = Instant::now();
+    // Give the vhost-user session time to start before the first kill.
+    while !stats_of(&socket, "vnet").connected && started.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(10));
+    }
+    while !done.load(Ordering::Acquire)
+        && kills < max_kills
+        && started.elapsed() < Duration::from_secs(300)
+    {
+        thread::sleep(Duration::from_millis(40 + u64::from(kills) * 37 % 70));
+        if done.load(Ordering::Acquire) {
+            break;
+        }
+        // A kill refused because the last one's instance is still being
+        // replaced would be no kill of its own: not counted.
+        if fault_kill(&socket, "vnet") {
+            kills += 1;
+        }
+    }
+    let (vreport, vstats, link_up) = vguest.join().expect("vhost-user guest");
+    let (freport, fstats) = fguest.join().expect("netfront guest");
+    eprintln!("kills={kills} vhost-user={vstats:?} netfront={fstats:?}");
+    assert!(link_up, "the config space showed the link down");
+    assert_passed("vhost-user", &vreport, bytes);
+    assert_passed("netfront", &freport, bytes);
+    assert_eq!(vreport.checksum, freport.checksum);
+    assert_eq!(
+        vstats.bad_used, 0,
+        "a head used twice, or never made available"
+    );
+    assert_eq!(
+        (fstats.tx_bad_responses, fstats.rx_bad_responses),
+        (0, 0),
+        "netfront: {fstats:?}"
+    );
+    // `fault kill` returns once the signal is sent; the supervisor counts
+    // the death when it reaps the process, which the last kill may not
+    // have reached yet.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = stats_of(&socket, "vnet");
+    while s.recoveries < u64::from(kills) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+        s = stats_of(&socket, "vnet");
+    }
+    eprintln!("vnet: {s:?}");
+    assert!(s.recoveries >= u64::from(kills), "{s:?} for {kills} kills");
+    assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+    sup.stop().expect("supervisor stop");
+    kills
+}
+
+#[test]
+fn a_vhost_user_net_guest_streams_to_a_netif_guest() {
+    stream_with_kills(4 * MIB, true, 0);
+}
+
+#[test]
+fn a_vhost_user_net_stream_survives_fifty_kills_of_its_data_plane() {
+    const MIN_KILLS: u32 = 50;
+    let kills = stream_with_kills(64 * MIB, true, MIN_KILLS + 10);
+    assert!(
+        kills >= MIN_KILLS,
+        "only {kills} kills before the stream ended"
+    );
+}
+
+#[test]
+fn a_vhost_user_net_guest_receives_through_twenty_kills() {
+    const MIN_KILLS: u32 = 20;
+    let kills = stream_with_kills(16 * MIB, false, MIN_KILLS + 10);
+    assert!(
+        kills >= MIN_KILLS,
+        "only {kills} kills before the stream ended"
+    );
+}

@@ -1,0 +1,108 @@
+//! What a virtio-net device served over vhost-user offers, defined once:
+//! the supervisor advertises it (features, `virtio_net_config`) and
+//! netback's virtqueue loop serves exactly it (docs/ARCHITECTURE.md §8.1).
+
+use std::mem::{offset_of, size_of};
+
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{
+    virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+/// Virtqueue index of the receive queue (the device writes frames into
+/// the driver's buffers).
+pub const RX_QUEUE: u16 = 0;
+/// Virtqueue index of the transmit queue.
+pub const TX_QUEUE: u16 = 1;
+/// Virtqueues of the device: one receive/transmit pair, no control queue.
+pub const NUM_QUEUES: u16 = 2;
+
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
+
+/// Virtio features offered (without `VHOST_USER_F_PROTOCOL_FEATURES`):
+/// virtio 1.x, EVENT_IDX, indirect tables, a partial checksum accepted on
+/// transmit (`CSUM`: completed in software before the wire) and delivered
+/// on receive (`GUEST_CSUM`), mergeable receive buffers, MAC, MTU and a
+/// link status that is always up.
+pub const OFFERED_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_MTU)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MRG_RXBUF);
+
+/// Bytes of `virtio_net_config` served: `mac`, `status`,
+/// `max_virtqueue_pairs` and `mtu` (the fields the offered features make
+/// valid), up to the end of `mtu`.
+pub const CONFIG_SPACE_SIZE: usize = offset_of!(virtio_net_config, mtu) + size_of::<u16>();
+
+/// `virtio_net_config.status`: the link is up, and stays up while backends
+/// come and go (the supervisor answers `GET_CONFIG`, never a backend).
+pub const STATUS_LINK_UP: u16 = VIRTIO_NET_S_LINK_UP as u16;
+
+/// The virtio-net header a driver that acked `features` puts before every
+/// frame: 12 bytes (`virtio_net_hdr_mrg_rxbuf`) with VERSION_1 or
+/// MRG_RXBUF, else 10.
+pub fn header_len(features: u64) -> usize {
+    if features & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+        12
+    } else {
+        10
+    }
+}
+
+/// Whether `features` include virtio-net feature `feature`.
+pub fn has(features: u64, feature: u32) -> bool {
+    features & bit(feature) != 0
+}
+
+/// The config space of a vif with MAC `mac` and MTU `mtu`, little-endian.
+pub fn config_space(mac: [u8; 6], mtu: u16) -> [u8; CONFIG_SPACE_SIZE] {
+    let mut buf = [0u8; CONFIG_SPACE_SIZE];
+    let mut put = |offset: usize, bytes: &[u8]| {
+        buf[offset..offset + bytes.len()].copy_from_slice(bytes);
+    };
+    put(offset_of!(virtio_net_config, mac), &mac);
+    put(
+        offset_of!(virtio_net_config, status),
+        &STATUS_LINK_UP.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_net_config, max_virtqueue_pairs),
+        &1u16.to_le_bytes(),
+    );
+    put(offset_of!(virtio_net_config, mtu), &mtu.to_le_bytes());
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_follows_the_virtio_layout() {
+        let c = config_space([2, 1, 2, 3, 4, 5], 1500);
+        // virtio 1.2 §5.1.4: mac[6], status, max_virtqueue_pairs, mtu.
+        assert_eq!(c.len(), 12);
+        assert_eq!(&c[..6], &[2, 1, 2, 3, 4, 5]);
+        assert_eq!(u16::from_le_bytes([c[6], c[7]]), 1, "LINK_UP");
+        assert_eq!(u16::from_le_bytes([c[8], c[9]]), 1, "one pair");
+        assert_eq!(u16::from_le_bytes([c[10], c[11]]), 1500, "mtu");
+    }
+
+    #[test]
+    fn header_length_follows_the_features() {
+        assert_eq!(header_len(0), 10);
+        assert_eq!(header_len(bit(VIRTIO_F_VERSION_1)), 12);
+        assert_eq!(header_len(bit(VIRTIO_NET_F_MRG_RXBUF)), 12);
+        // Bits 0, 1, 3, 5, 15, 16 (net), 28, 29 (ring), 32 (VERSION_1).
+        assert_eq!(OFFERED_FEATURES, 0x1_3001_802b);
+    }
+}
