@@ -237,6 +237,27 @@ impl Default for ControlConfig {
     }
 }
 
+/// What every backend process of this supervisor may do (`[backend]`,
+/// docs/ARCHITECTURE.md §3.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPolicy {
+    /// Backends confine themselves once set up, before they read guest
+    /// data: no capabilities, `no_new_privs`, bounded `RLIMIT_NOFILE`, no
+    /// core dumps, a seccomp filter that kills on any other syscall and an
+    /// io_uring restricted to its opcodes. `false` starts them with
+    /// `--no-confine`, for debugging (strace is fine either way; gdb and
+    /// core dumps are not).
+    #[serde(default = "default_true")]
+    pub confine: bool,
+}
+
+impl Default for BackendPolicy {
+    fn default() -> Self {
+        BackendPolicy { confine: true }
+    }
+}
+
 /// One network interface (vif) to export over Xen netif
 /// (docs/PROTOCOL.md §4.7): the guest's side of a link whose other side
 /// — the *wire* — the supervisor creates at start and holds for its
@@ -411,6 +432,9 @@ pub struct Config {
     /// Its limits.
     #[serde(default)]
     pub control: ControlConfig,
+    /// What backends may do.
+    #[serde(default)]
+    pub backend: BackendPolicy,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
