@@ -47,12 +47,12 @@ pub struct BlkbackArgs {
     no_shadow: bool,
     /// Do not confine the process (seccomp, capabilities, limits): for
     /// debugging with tools the filter would kill (docs/ARCHITECTURE.md
-    /// §3.1).
+    /// §1.1).
     #[arg(long)]
     no_confine: bool,
 }
 
-/// Confines the process (docs/ARCHITECTURE.md §3.1) unless told not to:
+/// Confines the process (docs/ARCHITECTURE.md §1.1) unless told not to:
 /// called once its engine is set up and its fds are open, before the
 /// first control message, so before anything a guest wrote is read.
 fn confine(device: &str, no_confine: bool) -> Result<(), CliError> {

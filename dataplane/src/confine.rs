@@ -1,4 +1,4 @@
-//! Least privilege for a backend process (docs/ARCHITECTURE.md §3.1).
+//! Least privilege for a backend process (docs/ARCHITECTURE.md §1.1).
 //!
 //! Once a backend has its engine set up and its inherited fds open, and
 //! before it reads anything a guest wrote, [`confine`] takes away what the
@@ -121,18 +121,47 @@ fn drop_capabilities() -> Result<(), ConfineError> {
 /// A syscall allowed only when argument `index` equals one of `values`.
 type ArgRule = (i64, u8, &'static [u64]);
 
+/// A rule that holds when argument `index` equals `value`.
+fn arg_is(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        value,
+    )?])
+}
+
+/// Rules that need more than a list of values: no executable memory,
+/// signals only to this process (a panic's abort).
+fn special_rules() -> Result<Vec<(i64, Vec<SeccompRule>)>, seccompiler::BackendError> {
+    let no_exec = || {
+        let prot = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )?;
+        SeccompRule::new(vec![prot]).map(|r| vec![r])
+    };
+    let me = u64::from(std::process::id());
+    Ok(vec![
+        (libc::SYS_mmap, no_exec()?),
+        (libc::SYS_mprotect, no_exec()?),
+        (libc::SYS_tgkill, vec![arg_is(0, me)?]),
+    ])
+}
+
 /// The syscalls a running backend makes, found with `strace -f` on every
 /// path (Xen rings and vhost-user, block and net, recovery and replay,
 /// standby promotion, detach and attach, kills, hangs and aborts), plus a
 /// few the allocator and the standard library make on rarer paths.
 pub fn allowed_syscalls() -> &'static [(i64, &'static str)] {
     &[
-        // Guest memory and shadow logs (mapped per attach), the allocator.
-        (libc::SYS_mmap, "mmap"),
+        // Guest memory and shadow logs (mapped per attach), the allocator;
+        // `mmap` and `mprotect` only without PROT_EXEC (`argument_rules`).
         (libc::SYS_munmap, "munmap"),
         (libc::SYS_mremap, "mremap"),
         (libc::SYS_madvise, "madvise"),
-        (libc::SYS_mprotect, "mprotect"),
         (libc::SYS_brk, "brk"),
         // The control channel, with fds (SCM_RIGHTS); eventfds; the wires.
         (libc::SYS_recvmsg, "recvmsg"),
@@ -167,7 +196,8 @@ pub fn allowed_syscalls() -> &'static [(i64, &'static str)] {
         (libc::SYS_gettid, "gettid"),
         (libc::SYS_rt_sigreturn, "rt_sigreturn"),
         (libc::SYS_rt_sigprocmask, "rt_sigprocmask"),
-        (libc::SYS_tgkill, "tgkill"),
+        // A thread's exit takes down its stack-overflow handler stack.
+        (libc::SYS_sigaltstack, "sigaltstack"),
         (libc::SYS_exit, "exit"),
         (libc::SYS_exit_group, "exit_group"),
     ]
@@ -197,8 +227,9 @@ fn argument_rules() -> &'static [ArgRule] {
     ]
 }
 
-/// The BPF program: [`allowed_syscalls`] and [`argument_rules`] allowed,
-/// anything else kills the process.
+/// The BPF program: [`allowed_syscalls`], [`argument_rules`] and
+/// `special_rules` allowed, anything else kills the process. Built in the
+/// process it will confine (`tgkill` names its pid).
 pub fn filter() -> Result<BpfProgram, ConfineError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls()
         .iter()
@@ -207,14 +238,12 @@ pub fn filter() -> Result<BpfProgram, ConfineError> {
     for &(nr, index, values) in argument_rules() {
         let alternatives = values
             .iter()
-            .map(|&v| {
-                SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
-                    .and_then(|c| SeccompRule::new(vec![c]))
-            })
+            .map(|&v| arg_is(index, v))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ConfineError::Filter)?;
         rules.insert(nr, alternatives);
     }
+    rules.extend(special_rules().map_err(ConfineError::Filter)?);
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::Filter)?;
     let filter = SeccompFilter::new(
         rules,

@@ -361,7 +361,7 @@ impl Engine {
     /// then enables it. io_uring requests bypass seccomp, so this, not the
     /// backend's seccomp filter, is what keeps a confined backend from
     /// opening files or sockets through its ring (docs/ARCHITECTURE.md
-    /// §3.1).
+    /// §1.1).
     fn restrict(ring: &IoUring) -> Result<(), EngineError> {
         let mut allow: Vec<Restriction> = ALLOWED_OPCODES
             .iter()

@@ -238,7 +238,7 @@ impl Default for ControlConfig {
 }
 
 /// What every backend process of this supervisor may do (`[backend]`,
-/// docs/ARCHITECTURE.md §3.1).
+/// docs/ARCHITECTURE.md §1.1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendPolicy {
@@ -869,6 +869,18 @@ mod fixture_tests {
         assert_eq!(cfg.disks[0].cache, CacheMode::None);
         assert_eq!(cfg.disks[0].vhost_user, None);
         assert_eq!(cfg.control, ControlConfig::default());
+        assert_eq!(cfg.backend, BackendPolicy::default());
+        assert!(cfg.backend.confine);
+    }
+
+    #[test]
+    fn backends_are_confined_unless_the_config_says_otherwise() {
+        let base = "socket = \"/s\"\n[[disk]]\nname = \"d\"\npath = \"/d\"\n";
+        assert!(Config::parse(base).unwrap().backend.confine);
+        let off = Config::parse(&format!("{base}[backend]\nconfine = false\n")).unwrap();
+        assert!(!off.backend.confine);
+        assert!(Config::parse(&format!("{base}[backend]\nconfine = 1\n")).is_err());
+        assert!(Config::parse(&format!("{base}[backend]\nseccomp = false\n")).is_err());
     }
 
     #[test]

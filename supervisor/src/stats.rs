@@ -66,7 +66,7 @@ pub struct DeviceStats {
     /// Breakdown of the last recovery, if there was one.
     pub last_recovery: Option<RecoveryTimes>,
     /// How the last failed serving instance ended, e.g. "killed by
-    /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §3.1)
+    /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §1.1)
     /// or "killed by SIGKILL" (fenced, or `fault kill`).
     pub last_failure: Option<String>,
 }
