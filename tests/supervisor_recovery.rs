@@ -20,6 +20,7 @@ use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
 use shadowback_testsupport::blockio::assert_verified;
 use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
 use shadowback_testsupport::temp::TempDir;
+use shadowback_testsupport::wait::wait_for_state;
 
 const IMAGE_MIB: u64 = 32;
 /// The workload's region: the first 16 MiB.
@@ -719,8 +720,16 @@ fn backends_are_confined_unless_configured_otherwise() {
     let s = setup.wait_for("a standby", |s| s.pid.is_some() && s.standby_pid.is_some());
     let zero = "0000000000000000".to_owned();
     for pid in [s.pid.unwrap(), s.standby_pid.unwrap()] {
+        // A standby is listed from its spawn on; the filter comes last in
+        // its start-up.
+        let confined = wait_for_state(
+            Duration::from_secs(10),
+            "a confined instance",
+            || confinement_of(pid),
+            |c| c.0 == "2",
+        );
         assert_eq!(
-            confinement_of(pid),
+            confined,
             ("2".into(), "1".into(), zero.clone(), zero.clone()),
             "instance {pid}"
         );

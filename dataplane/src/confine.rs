@@ -29,9 +29,8 @@ use seccompiler::{
 };
 
 /// Most fds a confined backend may hold: its rings, eventfds, guest
-/// memory regions and logs take a few dozen at most; a guest that makes
-/// it take more gets `EMFILE` on that attach, not a supervisor short of
-/// fds.
+/// memory regions and logs take a few dozen at most. Past it, the attach
+/// that needs more fails in that backend alone.
 pub const MAX_OPEN_FILES: u64 = 1024;
 
 /// Why a backend could not confine itself (it then refuses to run).
