@@ -45,6 +45,34 @@ pub struct BlkbackArgs {
     /// loses the requests in flight).
     #[arg(long)]
     no_shadow: bool,
+    /// Do not confine the process (seccomp, capabilities, limits): for
+    /// debugging with tools the filter would kill (docs/ARCHITECTURE.md
+    /// §1.1).
+    #[arg(long)]
+    no_confine: bool,
+}
+
+/// Confines the process (docs/ARCHITECTURE.md §1.1) unless told not to:
+/// called once its engine is set up and its fds are open, before the
+/// first control message, so before anything a guest wrote is read.
+fn confine(device: &str, no_confine: bool) -> Result<(), CliError> {
+    if no_confine {
+        tracing::warn!(device, "not confined (--no-confine)");
+        return Ok(());
+    }
+    shadowback_dataplane::confine::confine()
+        .map_err(|e| format!("{device}: {e}: {}", error_chain(&e)))?;
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
@@ -124,6 +152,7 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
         crash_at: crash_at_from_env()?,
     };
     let mut backend = Backend::new(cfg, control, &disk)?;
+    confine(&args.device, args.no_confine)?;
     tracing::info!(device = %args.device, pid = std::process::id(), "blkback running");
     match backend.run() {
         Ok(()) | Err(BackendError::SupervisorGone) => {
@@ -148,6 +177,9 @@ pub struct NetbackArgs {
     /// Do not write the shadow logs (overhead benchmark only).
     #[arg(long)]
     no_shadow: bool,
+    /// As for `blkback`.
+    #[arg(long)]
+    no_confine: bool,
 }
 
 /// The network backend: serves one vif per `attach-net` until the
@@ -161,6 +193,7 @@ pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
         crash_at: crash_at_from_env()?,
     };
     let mut backend = NetBackend::new(cfg, control)?;
+    confine(&args.device, args.no_confine)?;
     tracing::info!(device = %args.device, pid = std::process::id(), "netback running");
     match backend.run() {
         Ok(()) | Err(BackendError::SupervisorGone) => {

@@ -34,6 +34,8 @@ pub enum FaultAction {
     Poison,
     /// Make it spin in a busy loop (a hang that burns a CPU).
     Spin,
+    /// Make it call a syscall its seccomp filter forbids (killed by SIGSYS).
+    Syscall,
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +118,7 @@ pub fn fault(args: FaultArgs) -> Result<ExitCode, CliError> {
         FaultAction::Hang => "hang",
         FaultAction::Poison => "poison",
         FaultAction::Spin => "spin",
+        FaultAction::Syscall => "syscall",
     };
     let mut msg = Message::new("fault")
         .with("device", &args.device)

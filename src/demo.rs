@@ -112,6 +112,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
     let cfg = Config {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
+        backend: Default::default(),
         disks: vec![DiskConfig {
             cache,
             ..DiskConfig::new("disk0", image.clone())

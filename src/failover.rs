@@ -184,6 +184,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let cfg = Config {
         socket: dir.join("control.sock"),
         control: Default::default(),
+        backend: Default::default(),
         disks: vec![DiskConfig {
             cache,
             standby: args.mode == Mode::Hot,

@@ -52,7 +52,7 @@ enum Command {
     },
     /// Per-device counters of a running supervisor (crashes, recoveries, …).
     Status(control_cmd::StatusArgs),
-    /// Inject a fault into a device's backend: kill, hang or poison.
+    /// Inject a fault into a device's backend: kill, hang, spin, syscall or poison.
     Fault(control_cmd::FaultArgs),
     /// Benchmarks (commands, not tests: they print ratios measured in one run).
     Bench {

@@ -387,6 +387,7 @@ fn bad_nic_configs_are_refused_before_anything_starts() {
             disks: Vec::new(),
             nics,
             control: Default::default(),
+            backend: Default::default(),
         };
         let err = SupervisorThread::start(cfg, backend_command())
             .err()

@@ -20,6 +20,7 @@ use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
 use shadowback_testsupport::blockio::assert_verified;
 use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
 use shadowback_testsupport::temp::TempDir;
+use shadowback_testsupport::wait::wait_for_state;
 
 const IMAGE_MIB: u64 = 32;
 /// The workload's region: the first 16 MiB.
@@ -654,6 +655,127 @@ fn a_spinning_backend_with_work_is_replaced() {
     assert!(spins >= 2, "only {spins} spins");
     assert!(s.hangs >= spins, "spinning backends count as hangs: {s:#?}");
     front.detach().expect("detach");
+}
+
+/// A backend that breaks its seccomp filter is killed by SIGSYS (the
+/// `syscall` fault makes it call `socket`): the supervisor says so and
+/// recovers it like any crash, and the guest sees nothing.
+#[test]
+fn a_backend_killed_by_its_seccomp_filter_is_recovered_like_any_crash() {
+    // Only the filter may end an instance here: on a loaded machine the
+    // 100 ms watchdog once declared a fresh instance hung, and its SIGKILL
+    // became the last failure.
+    let setup = start("sigsys", |d| d.hang_timeout_ms = 5_000, &[]);
+    let mut front = attach(&setup);
+    let (report, faults) = under_load(
+        &setup,
+        &mut front,
+        43,
+        Duration::from_secs(3),
+        Duration::from_millis(400),
+        |setup| {
+            let before = setup.stats().recoveries;
+            setup
+                .sup()
+                .fault(setup.name(), Fault::Syscall)
+                .expect("syscall");
+            setup.wait_for("the recovery", |s| s.recoveries > before);
+        },
+    );
+    assert_verified(&report, "guest with backends killed by SIGSYS");
+    let s = setup.stats();
+    assert!(faults >= 2, "only {faults} faults");
+    assert_eq!(
+        (s.crashes, s.hangs),
+        (faults, 0),
+        "SIGSYS is a crash: {s:#?}"
+    );
+    assert_eq!(
+        s.last_failure.as_deref(),
+        Some("killed by SIGSYS"),
+        "{s:#?}"
+    );
+    front.detach().expect("detach");
+}
+
+/// The fields of `/proc/PID/status` that say how confined `pid` is.
+fn confinement_of(pid: u32) -> (String, String, String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (
+        field("Seccomp:"),
+        field("NoNewPrivs:"),
+        field("CapEff:"),
+        field("CapBnd:"),
+    )
+}
+
+/// Serving and standby instances run confined (seccomp filter mode, no
+/// new privileges, no capabilities, bounded fds, no core dumps), whatever
+/// the supervisor's privileges; `[backend] confine = false` leaves them as
+/// they were started, and then the forbidden syscall is survived.
+#[test]
+fn backends_are_confined_unless_configured_otherwise() {
+    let setup = start("confined", |_| {}, &[]);
+    let mut front = attach(&setup);
+    let s = setup.wait_for("a standby", |s| s.pid.is_some() && s.standby_pid.is_some());
+    let zero = "0000000000000000".to_owned();
+    for pid in [s.pid.unwrap(), s.standby_pid.unwrap()] {
+        // A standby is listed from its spawn on; the filter comes last in
+        // its start-up.
+        let confined = wait_for_state(
+            Duration::from_secs(10),
+            "a confined instance",
+            || confinement_of(pid),
+            |c| c.0 == "2",
+        );
+        assert_eq!(
+            confined,
+            ("2".into(), "1".into(), zero.clone(), zero.clone()),
+            "instance {pid}"
+        );
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let limit = |name: &str| {
+            let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+            line.split_whitespace()
+                .rev()
+                .skip(1)
+                .take(2)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(limit("Max open files"), ["1024", "1024"], "{limits}");
+        assert_eq!(limit("Max core file size"), ["0", "0"], "{limits}");
+    }
+    // Still serving.
+    let data = vec![0x3cu8; 4096];
+    assert_eq!(
+        complete_one(&mut front, &BlockRequest::write(8, &data)).status,
+        Status::Ok
+    );
+    front.detach().expect("detach");
+    drop(setup);
+
+    let dir = TempDir::new("unconfined");
+    let image = dir.create_image("unconfined.img", IMAGE_MIB << 20);
+    let disk = DiskConfig::new("unconfined", &image);
+    let harness = Harness::start_with(dir, vec![disk], backend_command().unconfined());
+    let s = harness.wait_for("unconfined", "a backend", |s| s.pid.is_some());
+    let pid = s.pid.unwrap();
+    let (seccomp, no_new_privs, ..) = confinement_of(pid);
+    assert_eq!((seccomp.as_str(), no_new_privs.as_str()), ("0", "0"));
+    harness
+        .sup()
+        .fault("unconfined", Fault::Syscall)
+        .expect("syscall");
+    std::thread::sleep(Duration::from_millis(300));
+    let s = harness.stats("unconfined");
+    assert_eq!((s.crashes, s.pid), (0, Some(pid)), "{s:#?}");
 }
 
 #[test]

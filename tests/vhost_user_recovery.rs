@@ -441,6 +441,46 @@ fn a_spinning_data_plane_is_replaced_by_the_watchdog() {
     assert!(!s.given_up, "{s:#?}");
 }
 
+/// A data plane killed by SIGSYS (a syscall outside its seccomp filter)
+/// over vhost-user: recovered like any crash, the guest only stalls.
+#[test]
+fn a_data_plane_killed_by_its_seccomp_filter_is_recovered() {
+    let setup = DiskSetup::start(
+        "vu-sigsys",
+        "vu-sigsys",
+        16,
+        // Only the filter may end an instance (a loaded machine's 100 ms
+        // watchdog could otherwise make a SIGKILL the last failure).
+        with_vhost_user(|d| {
+            d.num_queues = 2;
+            d.hang_timeout_ms = 5_000;
+        }),
+        &[],
+    );
+    const FAULTS: u64 = 3;
+    let report = inject_under_load(
+        &setup,
+        47,
+        FAULTS,
+        |_| Duration::from_millis(250),
+        Fault::Syscall,
+    );
+    assert_clean_report(&report, "guest with data planes killed by SIGSYS");
+    assert_whole_image(&report, 16);
+    let s = setup.stats();
+    assert_eq!(
+        (s.crashes, s.hangs),
+        (FAULTS, 0),
+        "SIGSYS is a crash: {s:#?}"
+    );
+    assert_eq!(
+        s.last_failure.as_deref(),
+        Some("killed by SIGSYS"),
+        "{s:#?}"
+    );
+    assert!(!s.given_up, "{s:#?}");
+}
+
 /// The crash-loop breaker over vhost-user: a write that kills every
 /// instance replaying it is answered VIRTIO_BLK_S_IOERR — the guest sees
 /// that one error and nothing else — and the device keeps serving a

@@ -79,6 +79,16 @@ pub fn fault_injection(
                 std::hint::spin_loop();
             }
         }
+        kind::SYSCALL => {
+            // A confined backend does not return from this: the kernel
+            // kills it with SIGSYS. No answer either way.
+            tracing::warn!(device, "making a forbidden syscall (fault injection)");
+            match crate::confine::forbidden_syscall() {
+                Ok(()) => tracing::error!(device, "forbidden syscall allowed: not confined"),
+                Err(e) => tracing::error!(device, error = %e, "forbidden syscall failed"),
+            }
+            Some(Ok(()))
+        }
         kind::POISON => {
             let reply = match msg.require_u64(key::SECTOR) {
                 Ok(sector) => {

@@ -3,6 +3,8 @@
 //!
 //! - [`event_loop`]: the one completion token, attachment generations and
 //!   the loop body, driving any transport through [`event_loop::EventLoop`];
+//! - [`confine`]: what a backend gives up before it serves a guest
+//!   (limits, capabilities, seccomp);
 //! - [`control`]: the control-channel pieces every loop answers alike
 //!   (attach flags and reply, fault injection);
 //! - [`rings`] and [`model`]: the two traits a device class implements,
@@ -15,6 +17,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod confine;
 pub mod control;
 pub mod event_loop;
 pub mod model;

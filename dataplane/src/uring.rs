@@ -27,12 +27,24 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use io_uring::register::Restriction;
 use io_uring::types::{CancelBuilder, Fd, Fixed, FsyncFlags, SubmitArgs, Timespec};
 use io_uring::{opcode, squeue, IoUring};
 
 /// Who a completion belongs to; the caller encodes it (the loops'
 /// [`crate::event_loop::Token`] packed into a `u64`).
 pub type Token = u64;
+
+/// The only opcodes a ring accepts once enabled ([`Engine::restrict`]):
+/// those [`build_sqe`] makes and the cancel-all of `Drop`.
+const ALLOWED_OPCODES: [u8; 6] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::Fallocate::CODE,
+    opcode::PollAdd::CODE,
+    opcode::AsyncCancel2::CODE,
+];
 
 /// Index of the disk in the ring's registered-file table.
 const DISK_FIXED_INDEX: u32 = 0;
@@ -54,6 +66,10 @@ pub enum EngineError {
     /// The kernel refused to set up a ring.
     #[error("cannot set up io_uring")]
     Setup(#[source] io::Error),
+    /// The ring's opcode allowlist could not be installed, or the ring
+    /// not enabled.
+    #[error("cannot restrict io_uring to its opcodes")]
+    Restrict(#[source] io::Error),
     /// The disk could not be registered as a fixed file.
     #[error("cannot register the disk with io_uring")]
     RegisterDisk(#[source] io::Error),
@@ -329,15 +345,42 @@ impl Engine {
         Self::with_ring(Self::build(cfg)?, cfg)
     }
 
+    /// A ring created disabled, so [`Engine::restrict`] can install its
+    /// allowlist before any request runs.
     fn build(cfg: &EngineConfig) -> Result<IoUring, EngineError> {
         let mut builder = IoUring::builder();
+        builder.setup_r_disabled();
         if cfg.sqpoll {
             builder.setup_sqpoll(SQPOLL_IDLE_MS);
         }
         builder.build(cfg.entries).map_err(EngineError::Setup)
     }
 
+    /// Allows on `ring` only the opcodes [`build_sqe`] and the cancel on
+    /// drop make, and only the fixed-file flag; no more registrations;
+    /// then enables it. io_uring requests bypass seccomp, so this, not the
+    /// backend's seccomp filter, is what keeps a confined backend from
+    /// opening files or sockets through its ring (docs/ARCHITECTURE.md
+    /// §1.1).
+    fn restrict(ring: &IoUring) -> Result<(), EngineError> {
+        let mut allow: Vec<Restriction> = ALLOWED_OPCODES
+            .iter()
+            .map(|&op| Restriction::sqe_op(op))
+            .collect();
+        allow.push(Restriction::sqe_flags_allowed(
+            squeue::Flags::FIXED_FILE.bits(),
+        ));
+        let submitter = ring.submitter();
+        submitter
+            .register_restrictions(&mut allow)
+            .map_err(EngineError::Restrict)?;
+        submitter
+            .register_enable_rings()
+            .map_err(EngineError::Restrict)
+    }
+
     fn with_ring(ring: IoUring, cfg: &EngineConfig) -> Result<Self, EngineError> {
+        Self::restrict(&ring)?;
         // One CQ entry stays free for the cancel-all request issued on drop,
         // so even then the CQ cannot overflow.
         let cq_entries = usize::try_from(ring.params().cq_entries()).map_err(|_| {
@@ -750,6 +793,50 @@ mod tests {
 
     fn open_engine(disk: &TempDisk) -> Engine {
         Engine::new(&disk.file, &EngineConfig::default()).unwrap()
+    }
+
+    /// Puts `sqe` on the engine's ring behind its back and returns the
+    /// result of its completion.
+    fn raw_result(engine: &mut Engine, sqe: squeue::Entry) -> i32 {
+        let sqe = sqe.user_data(CANCEL_USER_DATA - 1);
+        // SAFETY: the entries given here carry no pointers into memory.
+        unsafe { engine.ring.submission().push(&sqe) }.unwrap();
+        engine.ring.submitter().submit_and_wait(1).unwrap();
+        let cqe = engine.ring.completion().next().unwrap();
+        assert_eq!(cqe.user_data(), CANCEL_USER_DATA - 1);
+        cqe.result()
+    }
+
+    #[test]
+    fn rings_refuse_opcodes_and_flags_outside_their_allowlist() {
+        let disk = temp_disk(64 * 1024, false);
+        for mut engine in [
+            open_engine(&disk),
+            Engine::for_polls(&EngineConfig::default()).unwrap(),
+        ] {
+            // What a confined backend must not do through its ring.
+            let nop = opcode::Nop::new().build();
+            assert_eq!(raw_result(&mut engine, nop), -libc::EACCES);
+            let path = c"/";
+            let open = opcode::OpenAt::new(Fd(libc::AT_FDCWD), path.as_ptr()).build();
+            assert_eq!(raw_result(&mut engine, open), -libc::EACCES);
+            // An allowed opcode with a flag outside the allowlist.
+            let fsync = opcode::Fsync::new(Fixed(DISK_FIXED_INDEX))
+                .build()
+                .flags(squeue::Flags::IO_LINK);
+            assert_eq!(raw_result(&mut engine, fsync), -libc::EACCES);
+            // No new registrations once enabled.
+            let err = engine
+                .ring
+                .submitter()
+                .register_files(&[disk.file.as_raw_fd()])
+                .unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+        }
+        // What it does still works.
+        let mut engine = open_engine(&disk);
+        let fsync = opcode::Fsync::new(Fixed(DISK_FIXED_INDEX)).build();
+        assert_eq!(raw_result(&mut engine, fsync), 0);
     }
 
     /// Submits and reaps until `n` completions arrived (fails after 5 s).

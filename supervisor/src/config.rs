@@ -237,6 +237,27 @@ impl Default for ControlConfig {
     }
 }
 
+/// What every backend process of this supervisor may do (`[backend]`,
+/// docs/ARCHITECTURE.md §1.1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendPolicy {
+    /// Backends confine themselves once set up, before they read guest
+    /// data: no capabilities, `no_new_privs`, bounded `RLIMIT_NOFILE`, no
+    /// core dumps, a seccomp filter that kills on any other syscall and an
+    /// io_uring restricted to its opcodes. `false` starts them with
+    /// `--no-confine`, for debugging (strace is fine either way; gdb and
+    /// core dumps are not).
+    #[serde(default = "default_true")]
+    pub confine: bool,
+}
+
+impl Default for BackendPolicy {
+    fn default() -> Self {
+        BackendPolicy { confine: true }
+    }
+}
+
 /// One network interface (vif) to export over Xen netif
 /// (docs/PROTOCOL.md §4.7): the guest's side of a link whose other side
 /// — the *wire* — the supervisor creates at start and holds for its
@@ -422,6 +443,9 @@ pub struct Config {
     /// Its limits.
     #[serde(default)]
     pub control: ControlConfig,
+    /// What backends may do.
+    #[serde(default)]
+    pub backend: BackendPolicy,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
@@ -914,6 +938,18 @@ mod fixture_tests {
         assert_eq!(cfg.disks[0].cache, CacheMode::None);
         assert_eq!(cfg.disks[0].vhost_user, None);
         assert_eq!(cfg.control, ControlConfig::default());
+        assert_eq!(cfg.backend, BackendPolicy::default());
+        assert!(cfg.backend.confine);
+    }
+
+    #[test]
+    fn backends_are_confined_unless_the_config_says_otherwise() {
+        let base = "socket = \"/s\"\n[[disk]]\nname = \"d\"\npath = \"/d\"\n";
+        assert!(Config::parse(base).unwrap().backend.confine);
+        let off = Config::parse(&format!("{base}[backend]\nconfine = false\n")).unwrap();
+        assert!(!off.backend.confine);
+        assert!(Config::parse(&format!("{base}[backend]\nconfine = 1\n")).is_err());
+        assert!(Config::parse(&format!("{base}[backend]\nseccomp = false\n")).is_err());
     }
 
     #[test]

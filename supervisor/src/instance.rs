@@ -221,7 +221,7 @@ impl Instance {
         }
         self.exited().await;
         let status = match self.child.wait().await {
-            Ok(s) => s.to_string(),
+            Ok(s) => describe_exit(s),
             Err(e) => format!("wait failed: {e}"),
         };
         let reaped = Instant::now();
@@ -241,5 +241,18 @@ impl Instance {
             io_done: Instant::now(),
             status,
         }
+    }
+}
+
+/// An exit status for logs: "killed by SIGSYS" (a seccomp violation),
+/// "killed by SIGKILL", or the status as the standard library shows it.
+pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(n) => match nix::sys::signal::Signal::try_from(n) {
+            Ok(sig) => format!("killed by {}", sig.as_str()),
+            Err(_) => format!("killed by signal {n}"),
+        },
+        None => status.to_string(),
     }
 }

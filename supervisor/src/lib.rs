@@ -59,10 +59,10 @@ use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Messa
 use tokio::sync::watch;
 
 pub use config::{
-    CacheMode, Config, ControlConfig, DiskConfig, NicConfig, NicWire, DEFAULT_HANDSHAKE_TIMEOUT_MS,
-    DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, MAX_HANG_TIMEOUT_MS, MAX_VHOST_QUEUES,
-    MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
+    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, NicConfig, NicWire,
+    DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, MAX_HANG_TIMEOUT_MS,
+    MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
 pub use device::{DeviceHandle, Fault, FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
@@ -125,6 +125,11 @@ async fn serve_registered(
     registry: Option<Registry>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
+    let backend = if cfg.backend.confine {
+        backend
+    } else {
+        backend.unconfined()
+    };
     // `/run/shadowback` does not exist on a fresh host.
     if let Some(dir) = cfg.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| SupervisorError::Socket {

@@ -416,7 +416,18 @@ impl BackendCommand {
             ..self.clone()
         }
     }
+
+    /// The same command with `--no-confine` (`[backend] confine =
+    /// false`): its backends skip seccomp, capability dropping and limits.
+    pub fn unconfined(&self) -> Self {
+        let mut cmd = self.clone();
+        cmd.args.push(NO_CONFINE.into());
+        cmd
+    }
 }
+
+/// The backend flag of `[backend] confine = false`.
+pub const NO_CONFINE: &str = "--no-confine";
 
 /// Starts a backend instance of device `name`: `cmd`, then `--device
 /// NAME --control-fd 3`, the class's `setup.args`, and `--no-shadow`

@@ -69,6 +69,10 @@ pub struct DeviceStats {
     pub fresh_starts: u64,
     /// Breakdown of the last recovery, if there was one.
     pub last_recovery: Option<RecoveryTimes>,
+    /// How the last failed serving instance ended, e.g. "killed by
+    /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §1.1)
+    /// or "killed by SIGKILL" (fenced, or `fault kill`).
+    pub last_failure: Option<String>,
 }
 
 /// Where the time of one recovery went, in microseconds.
@@ -108,7 +112,7 @@ impl DeviceStats {
     /// none).
     pub fn to_message(&self, name: &str) -> Message {
         let last = self.last_recovery.unwrap_or_default();
-        Message::new(kind::STATUS)
+        let msg = Message::new(kind::STATUS)
             .with(key::DEVICE, name)
             .with(key::CRASHES, self.crashes)
             .with(key::HANGS, self.hangs)
@@ -133,7 +137,11 @@ impl DeviceStats {
             .with(key::LAST_FENCE_US, last.fence_us)
             .with(key::LAST_TAKEOVER_US, last.takeover_us)
             .with(key::LAST_REPLAY_US, last.replay_us)
-            .with(key::LAST_TOTAL_US, last.total_us)
+            .with(key::LAST_TOTAL_US, last.total_us);
+        match &self.last_failure {
+            Some(how) => msg.with(STATUS_LAST_FAILURE, how),
+            None => msg,
+        }
     }
 
     /// Parses a `status` message; returns the device name and its stats.
@@ -173,6 +181,7 @@ impl DeviceStats {
             given_up: msg.get_flag(STATUS_GIVEN_UP)?.unwrap_or(false),
             fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
+            last_failure: msg.get(STATUS_LAST_FAILURE).map(str::to_owned),
         };
         Ok((msg.require(key::DEVICE)?.to_owned(), stats))
     }
@@ -185,6 +194,7 @@ const STATUS_STANDBY_TAKEOVERS: &str = "standby-takeovers";
 const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
 const STATUS_GIVEN_UP: &str = "given-up";
 const STATUS_FRESH_STARTS: &str = "fresh-starts";
+const STATUS_LAST_FAILURE: &str = "last-failure";
 /// A vif's recovery counters, named as the backend's `attached` keys
 /// (docs/PROTOCOL.md §6c).
 const STATUS_TX_REPLAYED: &str = "tx-replayed";
@@ -225,6 +235,7 @@ mod tests {
                 replay_us: 800,
                 total_us: 1_200,
             }),
+            last_failure: Some("killed by SIGSYS".into()),
         };
         let msg = Message::decode(&stats.to_message("xvda").encode().unwrap()).unwrap();
         for k in [

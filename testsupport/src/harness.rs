@@ -130,6 +130,7 @@ impl Harness {
             socket: socket.clone(),
             disks,
             control: Default::default(),
+            backend: Default::default(),
             nics: Vec::new(),
         };
         let supervisor = SupervisorThread::start(cfg, backend).expect("start supervisor");

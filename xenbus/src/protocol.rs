@@ -63,6 +63,10 @@ pub mod kind {
     /// Supervisor → backend: busy-loop without a heartbeat (fault
     /// injection); never answered.
     pub const SPIN: &str = "spin";
+    /// Supervisor → backend: make a syscall outside the seccomp filter
+    /// (fault injection): a confined backend is killed by SIGSYS; never
+    /// answered.
+    pub const SYSCALL: &str = "syscall";
 }
 
 /// Key names.
@@ -200,6 +204,8 @@ pub mod action {
     pub const SPIN: &str = "spin";
     /// Make every instance abort on requests covering `sector`.
     pub const POISON: &str = "poison";
+    /// Make it call a syscall its seccomp filter forbids (`syscall`).
+    pub const SYSCALL: &str = "syscall";
 }
 
 /// The only ring ABI this protocol speaks.
@@ -758,8 +764,13 @@ mod tests {
     #[test]
     fn control_keys_are_spelled_as_documented() {
         assert_eq!(
-            [kind::ATTACH_VIRTIO, kind::SET_CALL, kind::SPIN],
-            ["attach-virtio", "set-call", "spin"]
+            [
+                kind::ATTACH_VIRTIO,
+                kind::SET_CALL,
+                kind::SPIN,
+                kind::SYSCALL
+            ],
+            ["attach-virtio", "set-call", "spin", "syscall"]
         );
         assert_eq!(
             [key::RECOVER, key::BLAME, key::QUEUE, key::SHADOW],
@@ -774,8 +785,14 @@ mod tests {
             ("region-2".to_string(), "queue-15".to_string())
         );
         assert_eq!(
-            [action::KILL, action::HANG, action::SPIN, action::POISON],
-            ["kill", "hang", "spin", "poison"]
+            [
+                action::KILL,
+                action::HANG,
+                action::SPIN,
+                action::POISON,
+                action::SYSCALL
+            ],
+            ["kill", "hang", "spin", "poison", "syscall"]
         );
     }
 

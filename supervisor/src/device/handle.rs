@@ -51,6 +51,9 @@ pub enum Fault {
     /// Make it spin in a busy loop (no heartbeat, a CPU burnt): the
     /// watchdog must tell this hang too.
     Spin,
+    /// Make it call a syscall outside its seccomp filter: a confined
+    /// backend is killed by SIGSYS, a crash like any other.
+    Syscall,
 }
 
 impl Fault {
@@ -61,6 +64,7 @@ impl Fault {
             Fault::Hang => action::HANG,
             Fault::Poison { .. } => action::POISON,
             Fault::Spin => action::SPIN,
+            Fault::Syscall => action::SYSCALL,
         }
     }
 
@@ -71,7 +75,7 @@ impl Fault {
             .with(key::ACTION, self.action());
         match self {
             Fault::Poison { sector } => msg.with(key::SECTOR, sector),
-            Fault::Kill | Fault::Hang | Fault::Spin => msg,
+            Fault::Kill | Fault::Hang | Fault::Spin | Fault::Syscall => msg,
         }
     }
 
@@ -82,13 +86,14 @@ impl Fault {
             action::KILL => Ok(Fault::Kill),
             action::HANG => Ok(Fault::Hang),
             action::SPIN => Ok(Fault::Spin),
+            action::SYSCALL => Ok(Fault::Syscall),
             action::POISON => Ok(Fault::Poison {
                 sector: msg.require_u64(key::SECTOR)?,
             }),
             other => Err(XenbusError::InvalidValue {
                 key: key::ACTION.to_owned(),
                 value: other.to_owned(),
-                reason: "expected kill, hang, spin or poison",
+                reason: "expected kill, hang, spin, syscall or poison",
             }),
         }
     }

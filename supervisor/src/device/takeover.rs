@@ -149,6 +149,7 @@ impl DeviceTask {
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
         let fenced = old.fence().await;
+        self.publish_with(|s| s.last_failure = Some(fenced.status.clone()));
         let fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
         let io_wait = fenced.io_done.saturating_duration_since(fenced.reaped);
         tracing::error!(

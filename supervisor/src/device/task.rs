@@ -573,6 +573,12 @@ impl DeviceTask {
                 self.injected_hang = true;
                 Ok(())
             }
+            // Not marked injected: the SIGSYS is a crash like any other,
+            // which is what this fault shows.
+            Fault::Syscall => instance
+                .send(&Message::new(kind::SYSCALL), &[])
+                .await
+                .map_err(|e| (ErrorCode::Enodev, e.to_string())),
             Fault::Poison { sector } => {
                 if !self.poisons.contains(&sector) {
                     self.poisons.push(sector);
