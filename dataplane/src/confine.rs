@@ -217,11 +217,17 @@ fn argument_rules() -> &'static [ArgRule] {
             ],
         ),
         // The checks that a wire fd is a TAP queue as the supervisor set
-        // it up; nothing that changes an interface.
+        // it up, and the offloads the guest negotiated (TUNSETOFFLOAD, on
+        // the vif's own TAP: it changes nothing of another interface).
         (
             libc::SYS_ioctl,
             1,
-            &[libc::TUNGETIFF, libc::TUNGETVNETHDRSZ, libc::FIONBIO],
+            &[
+                libc::TUNGETIFF,
+                libc::TUNGETVNETHDRSZ,
+                libc::TUNSETOFFLOAD,
+                libc::FIONBIO,
+            ],
         ),
     ]
 }
