@@ -143,8 +143,12 @@ impl DeviceHandle {
     /// Asks the backend to attach; on success returns a receiver that fires
     /// if the device is lost while attached.
     pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {
+        self.send_attach(Frontend::Xen { req, fds }).await
+    }
+
+    /// Hands `frontend` to the device task and waits for its answer.
+    async fn send_attach(&self, frontend: Frontend) -> Result<Attachment, Refusal> {
         let (reply, rx) = oneshot::channel();
-        let frontend = Frontend::Xen { req, fds };
         self.tx
             .send(Command::Attach {
                 frontend: Box::new(frontend),
@@ -162,21 +166,13 @@ impl DeviceHandle {
         req: NetAttachRequest,
         fds: NetFds,
     ) -> Result<Attachment, Refusal> {
-        let (reply, rx) = oneshot::channel();
-        let frontend = Frontend::Net {
+        self.send_attach(Frontend::Net {
             req,
             fds,
             wire: None,
             shadow: true,
-        };
-        self.tx
-            .send(Command::Attach {
-                frontend: Box::new(frontend),
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        rx.await.unwrap_or_else(|_| Err(stopped()))
+        })
+        .await
     }
 
     /// Attaches a vhost-user frontend's virtqueues (`fds.logs` is ignored:
