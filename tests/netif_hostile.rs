@@ -22,13 +22,12 @@ use shadowback_ring::netif::{
 use shadowback_testsupport::operator::stats_of;
 
 mod net_hostile_common;
+mod netback_common;
 use net_hostile_common::*;
 
 /// Refused packets carry sequence numbers from here: the peer must never
 /// see one.
 const REFUSED_SEQ: u32 = 1_000_000;
-/// The frame that ends a drain.
-const MARKER: u32 = u32::MAX;
 
 /// What a case must end with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,49 +343,19 @@ fn a_hostile_netif_guest_hurts_only_its_own_vif() {
     evil.close();
     let mut evil = RawNetif::attach(&socket, "evil");
     let pid = stats_of(&socket, "evil").pid.expect("evil's backend");
-    let rss_before = rss_kib(pid);
-    const BLAST: u32 = 16 * 1024;
-    const BLAST_LEN: usize = 1024;
-    peer.blast(0, BLAST, BLAST_LEN);
-    let rss_after = rss_kib(pid);
-    eprintln!("evil's backend: {rss_before} KiB before, {rss_after} KiB after");
-    assert!(
-        rss_after < rss_before + 2048,
-        "{what}: the backend grew from {rss_before} to {rss_after} KiB"
-    );
+    blast_at_silent_vif(&mut peer, pid, what);
     // What was queued is delivered once buffers come, and no more.
     for id in 0..RX_BUFS as u16 {
         evil.post_rx_id(id);
     }
     evil.push();
-    // Once one frame is delivered the cable has room again: a marker
-    // sent then is queued behind whatever was, and ends the drain.
-    let mut delivered = Vec::new();
-    let mut marker_sent = false;
-    loop {
+    drain_queued(&mut peer, what, || {
         let (req, rsp) = evil.next_rx();
         let seq = check_frame(&evil.rx_data(&req, &rsp));
         evil.post_rx(req);
         evil.push();
-        if seq == MARKER {
-            break;
-        }
-        delivered.push(seq);
-        if !marker_sent {
-            peer.guest.send(&frame(MARKER, 200), 1, NETIF_RSP_OKAY);
-            marker_sent = true;
-        }
-    }
-    eprintln!(
-        "{} of {BLAST} frames were queued for the vif",
-        delivered.len()
-    );
-    assert!(
-        !delivered.is_empty() && delivered.len() * BLAST_LEN <= 1 << 20,
-        "{what}: {} frames of {BLAST_LEN} bytes queued for a vif without buffers",
-        delivered.len()
-    );
-    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{delivered:?}");
+        seq
+    });
     assert_eq!(stats_of(&socket, "evil").pid, Some(pid));
     h.good.assert_moving(what);
     h.bystanders.assert_untouched(what);

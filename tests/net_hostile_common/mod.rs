@@ -32,6 +32,8 @@ use shadowback_xenbus::netif::{NetBackendInfo, NetConnectRequest, NetFeatures};
 use shadowback_xenbus::protocol::kind;
 use shadowback_xenbus::{Message, SeqPacket, XenbusError};
 
+pub use crate::netback_common::{check_frame, frame};
+
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Bytes of one round of the well-behaved stream.
@@ -282,30 +284,55 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS")
 }
 
-// ---- test frames ----------------------------------------------------------------
+// ---- a vif that posts no receive buffer -------------------------------------------
 
-const ETHERTYPE_TEST: u16 = 0x88b5;
+/// Frames the peer sends towards a vif that posts no receive buffer.
+pub const BLAST: u32 = 16 * 1024;
+pub const BLAST_LEN: usize = 1024;
+/// The frame that ends a drain.
+pub const MARKER: u32 = u32::MAX;
 
-/// A test frame: Ethernet header, `seq`, then a pattern of both.
-pub fn frame(seq: u32, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 0xee]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xef]);
-    f[12..14].copy_from_slice(&ETHERTYPE_TEST.to_be_bytes());
-    f[14..18].copy_from_slice(&seq.to_le_bytes());
-    for (i, b) in f[18..].iter_mut().enumerate() {
-        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
-    }
-    f
+/// The peer sends [`BLAST`] frames of [`BLAST_LEN`] bytes (16 MiB)
+/// towards the hostile vif, which has posted nothing: its backend
+/// (`pid`) must not grow.
+pub fn blast_at_silent_vif(peer: &mut Peer, pid: u32, what: &str) {
+    let rss_before = rss_kib(pid);
+    peer.blast(0, BLAST, BLAST_LEN);
+    let rss_after = rss_kib(pid);
+    eprintln!("evil's backend: {rss_before} KiB before, {rss_after} KiB after");
+    assert!(
+        rss_after < rss_before + 2048,
+        "{what}: the backend grew from {rss_before} to {rss_after} KiB"
+    );
 }
 
-/// The sequence number of a frame built by [`frame`], after checking
-/// every byte of it.
-pub fn check_frame(f: &[u8]) -> u32 {
-    assert!(f.len() >= 18, "short frame of {} bytes", f.len());
-    let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
-    assert_eq!(f, &frame(seq, f.len())[..], "frame {seq} corrupted");
-    seq
+/// Once the hostile vif posted buffers: takes what the wire had queued
+/// for it, `next` giving the sequence number of the next frame delivered
+/// (its buffer reposted), and checks it was at most a socket buffer's
+/// worth, in order. Once one frame is delivered the cable has room again:
+/// a marker sent then is queued behind whatever was, and ends the drain.
+pub fn drain_queued(peer: &mut Peer, what: &str, mut next: impl FnMut() -> u32) {
+    let mut delivered = Vec::new();
+    loop {
+        let seq = next();
+        if seq == MARKER {
+            break;
+        }
+        if delivered.is_empty() {
+            peer.guest.send(&frame(MARKER, 200), 1, 0);
+        }
+        delivered.push(seq);
+    }
+    eprintln!(
+        "{} of {BLAST} frames were queued for the vif",
+        delivered.len()
+    );
+    assert!(
+        !delivered.is_empty() && delivered.len() * BLAST_LEN <= 1 << 20,
+        "{what}: {} frames of {BLAST_LEN} bytes queued for a vif without buffers",
+        delivered.len()
+    );
+    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{delivered:?}");
 }
 
 // ---- a raw netif frontend -----------------------------------------------------------
