@@ -242,6 +242,8 @@ fn after_case(
             );
             let again = RawNetif::attach(h.socket, "evil");
             bad_grants(&again);
+            // The same process serves the guest's next connect.
+            assert_eq!(stats_of(h.socket, "evil").pid, pid, "{what}");
             again
         }
         None => {
