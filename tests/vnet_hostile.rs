@@ -36,6 +36,7 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 const VERSION_1: u64 = 1 << 32;
 const INDIRECT_DESC: u64 = 1 << 28;
+const MRG_RXBUF: u64 = 1 << 15;
 /// `virtio_net_hdr_mrg_rxbuf`, the header with VERSION_1.
 const HDR: usize = 12;
 const RAM_BYTES: u64 = 64 << 20;
@@ -75,6 +76,11 @@ struct RawVnet {
 
 impl RawVnet {
     fn connect(path: &Path) -> Self {
+        Self::connect_with(path, 0)
+    }
+
+    /// Connects acking VERSION_1, INDIRECT_DESC and `more` features.
+    fn connect_with(path: &Path, more: u64) -> Self {
         let ram = GuestRam::global(RAM_BYTES).expect("guest RAM");
         let mut t = VhostUserTransport::connect(
             path,
@@ -90,8 +96,9 @@ impl RawVnet {
         .expect("vhost-user connect");
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
-        let acked = t.read_device_features() & (VERSION_1 | INDIRECT_DESC);
-        assert_eq!(acked, VERSION_1 | INDIRECT_DESC, "features offered");
+        let wanted = VERSION_1 | INDIRECT_DESC | more;
+        let acked = t.read_device_features() & wanted;
+        assert_eq!(acked, wanted, "features offered");
         t.write_driver_features(acked);
         let ok = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
         t.set_status(ok);
@@ -612,6 +619,28 @@ fn a_hostile_virtio_net_driver_hurts_only_its_own_vif() {
         evil.make_available(q, QUEUE_SIZE + 44);
         evil = after_case(what, true, evil, pid, &h, &mut seqs, &mut peer);
     }
+
+    // With MRG_RXBUF a buffer needs only hold the header: a smaller one
+    // goes back at once, one of the header's size starts a merged frame.
+    let what = "with MRG_RXBUF, a receive buffer of 4 bytes";
+    eprintln!("case: {what}");
+    drop(evil);
+    evil = RawVnet::connect_with(&vhost, MRG_RXBUF);
+    evil.post(20, 4);
+    assert_eq!(evil.wait_used(RX, what), (20, 0), "{what}");
+    evil.post(21, HDR as u32);
+    evil.post(22, 2048);
+    peer.guest
+        .send(&frame(3 * REFUSED_SEQ + 7, 300), 1, NETIF_RSP_OKAY);
+    assert_eq!(evil.wait_used(RX, what), (21, HDR as u32), "{what}");
+    let mut hdr = [0u8; HDR];
+    evil.ram.read(evil.buf(256 + 21), &mut hdr).unwrap();
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 2, "num_buffers");
+    assert_eq!(evil.wait_used(RX, what), (22, 300), "{what}");
+    let mut data = vec![0u8; 300];
+    evil.ram.read(evil.buf(256 + 22), &mut data).unwrap();
+    assert_eq!(check_frame(&data), 3 * REFUSED_SEQ + 7);
+    evil = after_case(what, false, evil, pid, &h, &mut seqs, &mut peer);
 
     let moved = good.finish();
     eprintln!("the good stream moved {moved} bytes during the cases");
