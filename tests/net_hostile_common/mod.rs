@@ -56,9 +56,12 @@ pub struct Setup {
 /// The hang watchdog waits [`HANG_TIMEOUT_MS`]: with its default 100 ms
 /// it declared busy, well-behaved backends (the good stream's sender,
 /// the peer while it floods the cable) hung when the machine ran at a
-/// load of ~19 on 2 cores, before any hostile case; those recoveries
-/// are the watchdog's matter, not this test's. A hang the hostile guest
-/// caused would last and still be caught: the good stream stops moving
+/// load of ~19 on 2 cores, with or without a hostile case running: a
+/// turn of 64–150 TX packets took 40–80 ms of wall time there, and the
+/// watchdog's excuse for CPU starvation (`run_delay` of schedstat) only
+/// counts a wait once the thread gets a CPU. Those recoveries are the
+/// watchdog's matter, not this test's. A hang the hostile guest caused
+/// would last and still be caught: the good stream stops moving
 /// ([`GoodStream::assert_moving`]) or a bystander's pid changes.
 pub fn start(tag: &str, evil_vhost: bool) -> Setup {
     let dir = TempDir::new(tag);
