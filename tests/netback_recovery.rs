@@ -27,7 +27,7 @@ use shadowback_xenbus::netif::NetFeatures;
 use shadowback_xenbus::Message;
 
 mod netback_common;
-use netback_common::{NetbackProcess, REPLY_TIMEOUT};
+use netback_common::{check_frame, frame, NetbackProcess, REPLY_TIMEOUT};
 
 const RING: u32 = 256;
 const GRANT_FRAMES: u32 = 2;
@@ -40,7 +40,6 @@ const TX_RING_GREF: u32 = 8;
 const RX_RING_GREF: u32 = 9;
 const TX_BUF_GREF: u32 = 10;
 const RX_BUF_GREF: u32 = TX_BUF_GREF + RING;
-const ETHERTYPE_TEST: u16 = 0x88b5;
 const PAGE: u64 = 4096;
 
 /// What outlives backend instances: the guest's side of the vif and what
@@ -138,27 +137,10 @@ impl Backend {
     }
 }
 
-/// A test frame: Ethernet header, the sequence number, then a pattern of
-/// both.
-fn frame(seq: u32, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    f[12..14].copy_from_slice(&ETHERTYPE_TEST.to_be_bytes());
-    f[14..18].copy_from_slice(&seq.to_le_bytes());
-    for (i, b) in f[18..].iter_mut().enumerate() {
-        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
-    }
-    f
-}
-
-/// The sequence number of a frame built by [`frame`], after checking
-/// every byte of it.
-fn check_frame(f: &[u8]) -> u32 {
+/// [`check_frame`] of a frame this test made: never under 60 bytes.
+fn check_long_frame(f: &[u8]) -> u32 {
     assert!(f.len() >= 60, "short frame {}", f.len());
-    let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
-    assert_eq!(f, &frame(seq, f.len())[..], "frame {seq} corrupted");
-    seq
+    check_frame(f)
 }
 
 fn frame_len(seq: u32) -> usize {
@@ -292,7 +274,7 @@ impl Traffic {
         }
         let mut buf = vec![0u8; vif.peer.recv_buf_len()];
         while let Some(n) = vif.peer.recv(&mut buf).unwrap() {
-            let seq = check_frame(&buf[VnetHeaderLen::Basic.bytes()..n]);
+            let seq = check_long_frame(&buf[VnetHeaderLen::Basic.bytes()..n]);
             if seq == self.wire_next {
                 self.wire_next += 1;
             } else if seq + 1 == self.wire_next {
@@ -318,7 +300,7 @@ impl Traffic {
             vif.region
                 .read(page + u64::from(rsp.offset), &mut data)
                 .unwrap();
-            let seq = check_frame(&data);
+            let seq = check_long_frame(&data);
             assert!(seq >= self.rx_next, "RX frame {seq} again or out of order");
             self.rx_lost += seq - self.rx_next;
             self.rx_next = seq + 1;

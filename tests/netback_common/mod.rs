@@ -115,3 +115,28 @@ pub fn attach_message_on(
     // 0: killed from outside, not the requests' fault.
     .with("blame", u8::from(blame))
 }
+
+const ETHERTYPE_TEST: u16 = 0x88b5;
+
+/// A test frame: Ethernet header, the sequence number, then a pattern of
+/// both.
+pub fn frame(seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&ETHERTYPE_TEST.to_be_bytes());
+    f[14..18].copy_from_slice(&seq.to_le_bytes());
+    for (i, b) in f[18..].iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(31).wrapping_add(i) as u8;
+    }
+    f
+}
+
+/// The sequence number of a frame built by [`frame`], after checking
+/// every byte of it.
+pub fn check_frame(f: &[u8]) -> u32 {
+    assert!(f.len() >= 18, "short frame of {} bytes", f.len());
+    let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
+    assert_eq!(f, &frame(seq, f.len())[..], "frame {seq} corrupted");
+    seq
+}

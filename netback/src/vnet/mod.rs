@@ -61,7 +61,9 @@ use crate::backend::{
     NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED, KEY_TX_MAYBE_DUPLICATED,
     KEY_TX_REPLAYED, TX_SENT,
 };
-use crate::wire::{SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN};
+use crate::wire::{
+    SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
+};
 use frame::TxError;
 use queue::{Taken, VQueue};
 use record::UsedRecord;
@@ -344,7 +346,17 @@ impl VnetLoop<'_> {
         let Some(dev) = self.device.as_mut() else {
             return;
         };
-        if capacity == 0 || !dev.pool.is_empty() && capacity < dev.hdr_len {
+        // A head that can never hold a frame goes back at once: one
+        // smaller than the driver's header (with MRG_RXBUF every buffer
+        // holds at least that, virtio 1.2 §5.1.6.3.1), or without
+        // MRG_RXBUF one short of the header and an Ethernet header. Kept,
+        // it would sit at the front of the pool and drop every frame.
+        let least = if dev.mrg_rxbuf {
+            dev.hdr_len
+        } else {
+            dev.hdr_len + MIN_FRAME_LEN
+        };
+        if capacity < least {
             self.stats.rx_dropped += 1;
             self.answer(RX, taken.entry, UsedRecord::single(taken.head, 0));
             return;

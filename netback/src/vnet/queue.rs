@@ -99,9 +99,14 @@ impl VQueue {
                 return Ok(None);
             }
         }
-        if avail16.wrapping_sub(next16) > self.size() {
+        // Heads out (taken and not used yet: receive heads in the pool)
+        // and heads newly made available are all distinct descriptors,
+        // so together at most a ring: counted from the used index, not
+        // from the next head to take.
+        let used16 = guest_index(self.next_used, self.delta);
+        if avail16.wrapping_sub(used16) > self.size() {
             return Err(format!(
-                "avail index {avail16} is more than a ring ahead of {next16}"
+                "avail index {avail16} is more than a ring ahead of used index {used16}"
             ));
         }
         let head = self
