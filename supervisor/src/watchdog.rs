@@ -4,9 +4,13 @@
 //! a stopped one: killing it would gain the guest nothing.
 //!
 //! Time the backend could not have beaten is not held against it: time it
-//! spent runnable but waiting for a CPU (the scheduler's `run_delay`), and
-//! time it spent blocked in the kernel (`D`, e.g. an io_uring submission
-//! waiting for the file system's journal). Without this a backend starved
+//! spent runnable but waiting for a CPU, and time it spent blocked in the
+//! kernel (`D`, e.g. an io_uring submission waiting for the file system's
+//! journal). The scheduler adds a wait to `run_delay` only when the wait
+//! ends, so a thread still queued for a CPU shows no delay yet: a check that
+//! finds it runnable (`R`) without having run since the previous check
+//! credits the whole interval at once, and the `run_delay` that arrives
+//! later for that wait is not credited twice. Without this a backend starved
 //! by a loaded host was declared hung again and again, and the crash-loop
 //! breaker, blaming the requests in flight, failed them. A stopped (`T`) or
 //! spinning backend gets no such credit.
@@ -31,11 +35,16 @@ pub struct Hang {
 /// What the scheduler says of a backend's main thread at one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SchedSample {
-    /// Total time spent runnable, waiting for a CPU
-    /// (`/proc/PID/task/PID/schedstat`, second field).
+    /// Total time spent on a CPU (`/proc/PID/task/PID/schedstat`, first
+    /// field).
+    pub run_time: Duration,
+    /// Total time spent runnable, waiting for a CPU, counted when each wait
+    /// ends (schedstat, second field).
     pub run_delay: Duration,
     /// Blocked in the kernel, uninterruptibly (state `D`).
     pub blocked: bool,
+    /// Runnable (state `R`): on a CPU or queued for one.
+    pub runnable: bool,
 }
 
 impl SchedSample {
@@ -49,15 +58,19 @@ impl SchedSample {
     }
 
     fn parse(schedstat: &str, stat: &str) -> Option<SchedSample> {
-        let run_delay: u64 = schedstat.split_whitespace().nth(1)?.parse().ok()?;
+        let mut fields = schedstat.split_whitespace();
+        let run_time: u64 = fields.next()?.parse().ok()?;
+        let run_delay: u64 = fields.next()?.parse().ok()?;
         // `pid (comm) S ...`: comm may hold spaces and parentheses.
         let state = stat
             .get(stat.rfind(')')? + 1..)?
             .split_whitespace()
             .next()?;
         Some(SchedSample {
+            run_time: Duration::from_nanos(run_time),
             run_delay: Duration::from_nanos(run_delay),
             blocked: state == "D",
+            runnable: state == "R",
         })
     }
 }
@@ -73,6 +86,9 @@ pub struct Watchdog {
     last_sample: Option<(Instant, SchedSample)>,
     /// Time since `last_change` the backend could not have beaten.
     excused: Duration,
+    /// Waits credited while still in progress (runnable, not running),
+    /// which `run_delay` has not counted yet.
+    credited_ahead: Duration,
 }
 
 impl Watchdog {
@@ -85,6 +101,7 @@ impl Watchdog {
             pending_since: None,
             last_sample: None,
             excused: Duration::ZERO,
+            credited_ahead: Duration::ZERO,
         }
     }
 
@@ -104,16 +121,21 @@ impl Watchdog {
             self.last_change = now;
             self.excused = Duration::ZERO;
         } else if let (Some((then, before)), Some(sample)) = (self.last_sample, sample) {
-            // Since the last check: time spent waiting for a CPU, or all of
-            // it if the thread is blocked in the kernel now.
+            // Since the last check: all of it if the thread is blocked in
+            // the kernel now, or runnable and has not run (queued for a CPU
+            // all along); otherwise the waits for a CPU that ended, less
+            // what was credited while they were still going on.
             let elapsed = now.saturating_duration_since(then);
+            let waited = sample.run_delay.saturating_sub(before.run_delay);
+            let settled = waited.min(self.credited_ahead);
+            self.credited_ahead -= settled;
             let credit = if sample.blocked {
                 elapsed
+            } else if sample.runnable && sample.run_time == before.run_time {
+                self.credited_ahead += elapsed;
+                elapsed
             } else {
-                sample
-                    .run_delay
-                    .saturating_sub(before.run_delay)
-                    .min(elapsed)
+                (waited - settled).min(elapsed)
             };
             self.excused += credit;
         }
@@ -217,9 +239,63 @@ mod tests {
 
     fn sample(run_delay_ms: u64, blocked: bool) -> Option<SchedSample> {
         Some(SchedSample {
+            run_time: Duration::ZERO,
             run_delay: Duration::from_millis(run_delay_ms),
             blocked,
+            runnable: false,
         })
+    }
+
+    /// Runnable (`R`), having run `run_time_ms` and waited `run_delay_ms`.
+    fn runnable(run_time_ms: u64, run_delay_ms: u64) -> Option<SchedSample> {
+        Some(SchedSample {
+            run_time: Duration::from_millis(run_time_ms),
+            run_delay: Duration::from_millis(run_delay_ms),
+            blocked: false,
+            runnable: true,
+        })
+    }
+
+    #[test]
+    fn a_thread_still_queued_for_a_cpu_is_not_hung_and_its_wait_counts_once() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 1, Some(true), runnable(5, 0)), None);
+        // Queued for 300 ms: it has not run, and `run_delay` shows nothing
+        // until the wait ends.
+        for t in (20..=310).step_by(10) {
+            assert_eq!(
+                w.check(ms(t0, t), 1, Some(true), runnable(5, 0)),
+                None,
+                "at {t} ms"
+            );
+        }
+        // It runs, and the scheduler adds the 300 ms wait at once: credited
+        // already, so not again. Spinning from here without a beat, it is
+        // hung once 100 ms count: the first 10 ms and 90 ms from 310 on.
+        let mut t = 320;
+        let mut run = 10;
+        while w
+            .check(ms(t0, t), 1, Some(true), runnable(run, 300))
+            .is_none()
+        {
+            t += 10;
+            run += 10;
+            assert!(t < 1_000, "never declared hung");
+        }
+        assert_eq!(t, 400, "hung at {t} ms");
+    }
+
+    #[test]
+    fn a_spinning_backend_gets_no_credit() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        for t in (10..100).step_by(10) {
+            assert_eq!(w.check(ms(t0, t), 1, Some(true), runnable(t, 0)), None);
+        }
+        assert!(w
+            .check(ms(t0, 100), 1, Some(true), runnable(100, 0))
+            .is_some());
     }
 
     #[test]
@@ -306,12 +382,15 @@ mod tests {
         assert_eq!(
             s,
             SchedSample {
+                run_time: Duration::from_nanos(123),
                 run_delay: Duration::from_millis(456),
-                blocked: true
+                blocked: true,
+                runnable: false,
             }
         );
         let s = SchedSample::parse("1 2 3", "42 (b) S 1").unwrap();
-        assert!(!s.blocked);
+        assert!(!s.blocked && !s.runnable);
+        assert!(SchedSample::parse("1 2 3", "42 (b) R 1").unwrap().runnable);
         assert_eq!(SchedSample::parse("1", "42 (b) S 1"), None);
         assert_eq!(SchedSample::parse("1 2", "42 b S"), None);
         // This process, for real.
