@@ -92,6 +92,12 @@ impl RingSet for XenRing {
         self.ring.final_check_for_requests().unwrap_or(true)
     }
 
+    /// `RING_HAS_UNCONSUMED_REQUESTS`: `req_event` stays where it is, so a
+    /// frontend that checks it does not kick.
+    fn peek_requests(&mut self, _ring: usize) -> bool {
+        self.pending > 0 || self.ring.unconsumed_requests().map_or(true, |n| n > 0)
+    }
+
     fn begin(&mut self, _ring: usize, _req: &BlkifRequest) {}
 
     fn reload(&mut self, _ring: usize, _req: &BlkifRequest) {}

@@ -4,6 +4,7 @@
 //! that arm polls and batch submissions (docs/ARCHITECTURE.md §3 and §11).
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::{SeqPacket, XenbusError};
@@ -26,7 +27,10 @@ pub const SUBMIT_BATCH: u64 = 8;
 
 /// The event loop turns at least this often, so the heartbeat in the shadow
 /// log moves even when the backend is idle or waiting for the disk.
-pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest poll window a device may ask for (`poll_us`): far below the
+/// heartbeat interval.
+pub const MAX_POLL_WINDOW: Duration = Duration::from_millis(1);
 /// What a completion belongs to, packed into the io_uring user data; the
 /// one token type of every loop.
 ///
@@ -140,8 +144,19 @@ pub trait EventLoop {
     fn finish_detach(&mut self) -> Result<(), BackendError>;
     /// Moves the heartbeat of every shadow log.
     fn heartbeat(&mut self);
-    /// Whether to go round again without sleeping.
+    /// Whether to go round again without sleeping; asks the guest to kick
+    /// the rings it finds empty (called just before sleeping).
     fn has_work(&mut self) -> bool;
+    /// [`EventLoop::has_work`] without asking for kicks: what a polling
+    /// loop checks. A loop that does not poll may leave it false.
+    fn peek_work(&mut self) -> bool {
+        false
+    }
+    /// How long to keep polling after the last activity before sleeping
+    /// (zero, the default: sleep at once).
+    fn poll_window(&self) -> Duration {
+        Duration::ZERO
+    }
     /// The control socket is readable.
     fn on_control(&mut self) -> Result<(), BackendError>;
     fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
@@ -149,20 +164,37 @@ pub trait EventLoop {
 }
 
 /// Serves until the supervisor closes the control channel.
+///
+/// Adaptive polling (docs/ARCHITECTURE.md §11.3): with a poll window, a
+/// loop that has nothing to do within the window after its last activity
+/// (a completion: a kick, a disk op, a control message) watches the rings
+/// and the completion queue instead of sleeping, without asking the guest
+/// to kick; once the window has passed it asks for kicks and sleeps.
 pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
     arm_control(lp)?;
+    let window = lp.poll_window();
+    let mut last_active = Instant::now();
     loop {
         lp.advance_serial_replay()?;
         lp.consume()?;
         lp.publish();
         lp.finish_detach()?;
         lp.heartbeat();
-        let more = lp.has_work();
+        let mut more = lp.peek_work();
+        if !more && !window.is_zero() {
+            more = poll(lp, last_active + window)?;
+        }
+        if !more {
+            more = lp.has_work();
+        }
         lp.engine()
             .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
             .map_err(BackendError::Engine)?;
         let mut completions = std::mem::take(lp.completions());
         lp.engine().drain(&mut completions);
+        if !completions.is_empty() {
+            last_active = Instant::now();
+        }
         for c in completions.drain(..) {
             match Token::decode(c.token) {
                 Some(Token::Control) => {
@@ -179,6 +211,22 @@ pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
             }
         }
         *lp.completions() = completions;
+    }
+}
+
+/// Watches the completion queue and the rings until one has something or
+/// `until` has passed; whether one had. What is queued is submitted first.
+/// Bounded by the poll window, so the heartbeat still moves.
+fn poll<L: EventLoop>(lp: &mut L, until: Instant) -> Result<bool, BackendError> {
+    lp.engine().submit_queued().map_err(BackendError::Engine)?;
+    loop {
+        if lp.engine().has_completions() || lp.peek_work() {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
     }
 }
 

@@ -543,6 +543,20 @@ impl Engine {
         }
     }
 
+    /// Whether completions wait to be drained (no syscall: a look at the
+    /// CQ's tail), for a loop that polls instead of sleeping.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Hands the kernel what is queued, if anything, without waiting.
+    pub fn submit_queued(&mut self) -> Result<(), EngineError> {
+        if !self.ring.submission().is_empty() {
+            self.enter(0, None)?;
+        }
+        Ok(())
+    }
+
     /// Pops every available completion into `out`; the buffers of finished
     /// ops are released here.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {

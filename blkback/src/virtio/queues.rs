@@ -366,30 +366,14 @@ impl RingSet for VirtQueues {
         let mem = &self.mem;
         let q = &mut self.queues[ring];
         let next16 = guest_index(q.next_avail, q.delta);
-        loop {
-            let avail16 = q.ring.avail_idx(mem).map_err(|e| e.to_string())?;
-            if avail16 != next16 {
-                if avail16.wrapping_sub(next16) > q.size() {
-                    return Err(format!(
-                        "avail index {avail16} is more than a ring ahead of {next16}"
-                    ));
-                }
-                break;
-            }
-            if !q.ring.event_idx {
-                return Ok(None);
-            }
-            // EVENT_IDX: ask for a kick at the next index, then check
-            // again (the driver may have added one before seeing it).
-            if q.ring.set_avail_event(mem, next16).is_err() {
-                return Err("avail_event not writable".into());
-            }
-            // SeqCst fence: avail_event is visible before avail->idx is
-            // re-read (§2.7.10, the device-side mb()).
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if q.ring.avail_idx(mem).map_err(|e| e.to_string())? == next16 {
-                return Ok(None);
-            }
+        let avail16 = q.ring.avail_idx(mem).map_err(|e| e.to_string())?;
+        if avail16 == next16 {
+            return Ok(None);
+        }
+        if avail16.wrapping_sub(next16) > q.size() {
+            return Err(format!(
+                "avail index {avail16} is more than a ring ahead of {next16}"
+            ));
         }
         let head = q.ring.avail_head(mem, next16).map_err(|e| e.to_string())?;
         if head >= q.size() {
@@ -411,11 +395,31 @@ impl RingSet for VirtQueues {
         }))
     }
 
+    /// With EVENT_IDX, asks for a kick at the next index, then checks
+    /// again (the driver may have added one before seeing it).
     fn has_requests(&mut self, ring: usize) -> bool {
+        let q = &self.queues[ring];
+        if q.ring.event_idx {
+            let next16 = guest_index(q.next_avail, q.delta);
+            // Cannot fail: the used ring, event word included, was found
+            // mapped when the queue was set up.
+            if let Err(e) = q.ring.set_avail_event(&self.mem, next16) {
+                tracing::warn!(queue = q.index, error = %e, "avail_event not writable");
+            }
+            // SeqCst fence: avail_event is visible before avail->idx is
+            // re-read (§2.7.10, the device-side mb()).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+        self.peek_requests(ring)
+    }
+
+    /// `avail_event` is left behind, so an EVENT_IDX driver does not kick
+    /// (event-index suppression while the loop is busy or polling).
+    fn peek_requests(&mut self, ring: usize) -> bool {
         let q = &self.queues[ring];
         q.ring
             .avail_idx(&self.mem)
-            .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
+            .map_or(true, |a| a != guest_index(q.next_avail, q.delta))
     }
 
     /// The in-flight region first: a head it marks but the shadow log
