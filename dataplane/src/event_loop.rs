@@ -263,6 +263,111 @@ pub fn heartbeat<'a>(device: &str, logs: impl IntoIterator<Item = &'a ShadowLog>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uring::EngineConfig;
+
+    /// A loop whose rings get a request after `work_after` looks, and
+    /// that stops on its second turn; it counts the looks and the kick
+    /// requests (`has_work`).
+    struct PollProbe {
+        engine: Engine,
+        control: SeqPacket,
+        _peer: SeqPacket,
+        completions: Vec<Completion>,
+        window: Duration,
+        work_after: u32,
+        turns: u32,
+        peeks: u32,
+        armed: u32,
+    }
+
+    impl PollProbe {
+        fn run(window: Duration, work_after: u32) -> Self {
+            let (control, peer) = SeqPacket::pair().unwrap();
+            let mut probe = PollProbe {
+                engine: Engine::for_polls(&EngineConfig::default()).unwrap(),
+                control,
+                _peer: peer,
+                completions: Vec::new(),
+                window,
+                work_after,
+                turns: 0,
+                peeks: 0,
+                armed: 0,
+            };
+            assert!(matches!(run(&mut probe), Err(BackendError::SupervisorGone)));
+            probe
+        }
+    }
+
+    impl EventLoop for PollProbe {
+        fn engine(&mut self) -> &mut Engine {
+            &mut self.engine
+        }
+        fn control(&self) -> &SeqPacket {
+            &self.control
+        }
+        fn completions(&mut self) -> &mut Vec<Completion> {
+            &mut self.completions
+        }
+        fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn consume(&mut self) -> Result<(), BackendError> {
+            self.turns += 1;
+            if self.turns == 2 {
+                return Err(BackendError::SupervisorGone);
+            }
+            Ok(())
+        }
+        fn publish(&mut self) {}
+        fn finish_detach(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn heartbeat(&mut self) {}
+        /// Asking for kicks; "work" so the turn does not sleep.
+        fn has_work(&mut self) -> bool {
+            self.armed += 1;
+            true
+        }
+        fn peek_work(&mut self) -> bool {
+            self.peeks += 1;
+            self.peeks > self.work_after
+        }
+        fn poll_window(&self) -> Duration {
+            self.window
+        }
+        fn on_control(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn on_kick(&mut self, _generation: u32, _ring: u8) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn on_io(&mut self, _generation: u32, _ring: u8, _slot: u16, _result: i32) {}
+    }
+
+    #[test]
+    fn a_polling_loop_finds_work_without_asking_for_kicks() {
+        // Work shows up on the 50th look, well within the window.
+        let probe = PollProbe::run(Duration::from_secs(30), 50);
+        assert_eq!(probe.peeks, 51, "polled until the work showed up");
+        assert_eq!(probe.armed, 0, "asked for a kick while polling");
+    }
+
+    #[test]
+    fn without_a_window_the_loop_asks_for_kicks_at_once() {
+        let probe = PollProbe::run(Duration::ZERO, 50);
+        assert_eq!(probe.peeks, 1);
+        assert_eq!(probe.armed, 1);
+    }
+
+    #[test]
+    fn once_the_window_has_passed_the_loop_asks_for_kicks() {
+        let t0 = Instant::now();
+        let probe = PollProbe::run(Duration::from_millis(5), u32::MAX);
+        assert!(t0.elapsed() >= Duration::from_millis(5));
+        assert!(probe.peeks > 1, "did not poll");
+        assert_eq!(probe.armed, 1);
+    }
 
     #[test]
     fn tokens_round_trip() {

@@ -544,3 +544,71 @@ impl RingSet for VirtQueues {
         format!("head {}", req.head)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use shadowback_virtio::queue::vring_need_event;
+    use shadowback_xenbus::virtio::QueueConfig;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::virtio::request::CHAIN_CAP;
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+
+    /// One EVENT_IDX queue of 8 in 64 KiB of memory.
+    fn queues() -> VirtQueues {
+        let mem = GuestRam::from_memory(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let cfg = QueueConfig {
+            index: 0,
+            size: SIZE,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+            next_avail: 0,
+        };
+        let ring = SplitQueue::new(&cfg, &mem, true).unwrap();
+        let ch = || EventChannel::new().unwrap();
+        let q = VQueue::new(0, ring, ch(), ch(), None);
+        VirtQueues::new(Arc::new(mem), vec![q], CHAIN_CAP)
+    }
+
+    /// Makes head `n` (one 16-byte descriptor) available as avail index
+    /// `n`; whether the driver must kick for it (§2.7.10).
+    fn post(vq: &VirtQueues, n: u16) -> bool {
+        let mut desc = [0u8; 16];
+        desc[..8].copy_from_slice(&0x3000u64.to_le_bytes());
+        desc[8..12].copy_from_slice(&16u32.to_le_bytes());
+        vq.mem.write(DESC + 16 * u64::from(n), &desc).unwrap();
+        vq.mem
+            .write(AVAIL + 4 + 2 * u64::from(n % SIZE), &n.to_le_bytes())
+            .unwrap();
+        vq.mem.write(AVAIL + 2, &(n + 1).to_le_bytes()).unwrap();
+        let mut event = [0u8; 2];
+        vq.mem
+            .read(USED + 4 + 8 * u64::from(SIZE), &mut event)
+            .unwrap();
+        vring_need_event(u16::from_le_bytes(event), n + 1, n)
+    }
+
+    #[test]
+    fn taking_and_peeking_leave_avail_event_behind_and_only_the_final_check_asks_for_a_kick() {
+        let mut vq = queues();
+        assert!(post(&vq, 0), "the first request is kicked");
+        assert!(vq.take(0).unwrap().is_some());
+        // An empty ring found by a busy or polling loop asks for no kick.
+        assert!(vq.take(0).unwrap().is_none());
+        assert!(!vq.peek_requests(0));
+        assert!(!post(&vq, 1), "kicked while the backend polls");
+        assert!(vq.peek_requests(0));
+        assert!(vq.take(0).unwrap().is_some());
+        // About to sleep: the final check asks for the next one.
+        assert!(!vq.has_requests(0));
+        assert!(post(&vq, 2), "not kicked while the backend sleeps");
+    }
+}
