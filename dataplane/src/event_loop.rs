@@ -165,7 +165,7 @@ pub trait EventLoop {
 
 /// Serves until the supervisor closes the control channel.
 ///
-/// Adaptive polling (docs/ARCHITECTURE.md §11.3): with a poll window, a
+/// Adaptive polling (docs/ARCHITECTURE.md §11.2): with a poll window, a
 /// loop that has nothing to do within the window after its last activity
 /// (a completion: a kick, a disk op, a control message) watches the rings
 /// and the completion queue instead of sleeping, without asking the guest

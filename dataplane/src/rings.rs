@@ -121,7 +121,7 @@ pub trait RingSet {
     /// guest kick when it adds one (`req_event`, EVENT_IDX `avail_event`).
     /// Called before the loop sleeps, and only then: while the loop is
     /// busy or polling the guest is not asked to kick (docs/ARCHITECTURE.md
-    /// §11.3).
+    /// §11.2).
     fn has_requests(&mut self, ring: usize) -> bool;
     /// Whether `ring` holds requests not taken yet, without asking the
     /// guest for a kick: what the loop polls.

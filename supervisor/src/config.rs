@@ -100,7 +100,7 @@ pub struct DiskConfig {
     /// Peer primary gids that may, as `allow_uids`.
     #[serde(default)]
     pub allow_gids: Vec<u32>,
-    /// Adaptive polling (docs/ARCHITECTURE.md §11.3): after activity, the
+    /// Adaptive polling (docs/ARCHITECTURE.md §11.2): after activity, the
     /// backend polls the rings and its completion queue for this many µs
     /// before it sleeps, and the guest is not asked to kick meanwhile.
     /// Buys QD1 latency with CPU; 0 never polls. At most [`MAX_POLL_US`].
