@@ -196,10 +196,10 @@ fn a_xen_ring_request_allocates_nothing_in_steady_state() {
     let data_pages = RAW_PAGES - 2;
     let allocs = backend.allocations_in_steady_state(|n| {
         // One request alone, then a burst of one per data page, in turn.
-        let burst = if n % 2 == 0 { 1 } else { data_pages };
+        let burst = if n.is_multiple_of(2) { 1 } else { data_pages };
         for i in 0..burst {
             let mut r = BlkifRequest {
-                operation: if (n + i as usize) % 3 == 0 {
+                operation: if (n + i as usize).is_multiple_of(3) {
                     BLKIF_OP_WRITE
                 } else {
                     BLKIF_OP_READ
@@ -255,10 +255,10 @@ fn a_virtio_request_allocates_nothing_in_steady_state() {
 
     const BURST: u16 = 8;
     let allocs = backend.allocations_in_steady_state(|n| {
-        let burst = if n % 2 == 0 { 1 } else { BURST };
+        let burst = if n.is_multiple_of(2) { 1 } else { BURST };
         let reqs: Vec<(u16, u32, u64, u32)> = (0..burst)
             .map(|head| {
-                let t = if (n + usize::from(head)) % 3 == 0 {
+                let t = if (n + usize::from(head)).is_multiple_of(3) {
                     T_OUT
                 } else {
                     T_IN

@@ -151,6 +151,10 @@ const EMPTY_IOVEC: libc::iovec = libc::iovec {
 
 /// The iovec array of one op: in place up to [`INLINE_IOVECS`], else on
 /// the heap.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the inline array is the point: no allocation per request"
+)]
 enum Iovecs {
     Inline {
         len: usize,
@@ -451,6 +455,10 @@ impl Engine {
     /// caller can complete it on its error path; [`EngineError::Busy`] and
     /// [`EngineError::SubmissionQueueFull`] mean "reap completions and
     /// retry".
+    #[allow(
+        clippy::result_large_err,
+        reason = "the op is handed back whole, inline iovecs and all (Firecracker style)"
+    )]
     pub fn push(&mut self, token: Token, op: IoOp) -> Result<(), (EngineError, IoOp)> {
         let Some(slot) = self.free.pop() else {
             return Err((
