@@ -783,6 +783,16 @@ mod tests {
     }
 
     #[test]
+    fn poll_us_defaults_to_zero_and_is_read() {
+        assert_eq!(DiskConfig::new("a", "/x").poll_us, DEFAULT_POLL_US);
+        assert_eq!(DEFAULT_POLL_US, 0);
+        let cfg =
+            Config::parse("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\npoll_us = 50")
+                .unwrap();
+        assert_eq!(cfg.disks[0].poll_us, 50);
+    }
+
+    #[test]
     fn parses_vhost_user_settings() {
         let cfg = Config::parse(
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
@@ -806,6 +816,7 @@ mod tests {
             "socket = \"/s\"\n[[disk]]\nname = \"a b\"\npath = \"/x\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n[[disk]]\nname = \"a\"\npath = \"/y\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nmax_ring_page_order = 5",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\npoll_us = 1001",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncolour = 1",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncache = \"sometimes\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nhang_timeout_ms = 10",
