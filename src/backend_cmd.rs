@@ -45,6 +45,10 @@ pub struct BlkbackArgs {
     /// loses the requests in flight).
     #[arg(long)]
     no_shadow: bool,
+    /// Adaptive polling: after activity, poll the rings and the completion
+    /// queue for this many µs before sleeping (0: never poll; at most 1000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    poll_us: u32,
     /// Do not confine the process (seccomp, capabilities, limits): for
     /// debugging with tools the filter would kill (docs/ARCHITECTURE.md
     /// §1.1).
@@ -150,6 +154,7 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
         },
         shadow: !args.no_shadow,
         crash_at: crash_at_from_env()?,
+        poll_us: args.poll_us,
     };
     let mut backend = Backend::new(cfg, control, &disk)?;
     confine(&args.device, args.no_confine)?;

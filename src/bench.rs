@@ -18,8 +18,13 @@
 //!   qemu-storage-daemon is installed;
 //! - `fio`: fio's io_uring engine on the same file, where fio is installed.
 //!
-//! Every non-baseline row shows its IOPS as a ratio to the `raw-uring` row
-//! of the same op and queue depth.
+//! fio is the yardstick: every row shows its IOPS as a ratio to the `fio`
+//! row of the same op and queue depth, and to the `raw-uring` row beside
+//! it, and the CPU time it cost per I/O: the CPU of every process of this
+//! process tree (this one with its supervisor thread, the backends, the
+//! guest or fio, qemu-storage-daemon) over the slices, divided by the I/Os
+//! (see [`TreeCpu`]). `--compare-poll-us` adds rows of exports with
+//! another adaptive polling window (`poll_us`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -32,7 +37,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use shadowback_blkback::rawbench::raw_random_io;
-use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
+use shadowback_supervisor::{
+    BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread, DEFAULT_POLL_US, MAX_POLL_US,
+};
 
 use crate::scratch::TempDir;
 use crate::CliError;
@@ -78,6 +85,14 @@ pub struct BlkBenchArgs {
     /// installed) next to the Xen-ring rows, which always run.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "xen")]
     transport: Vec<BenchTransport>,
+    /// `poll_us` of the exports (adaptive polling window in µs; default:
+    /// the supervisor's default).
+    #[arg(long, default_value_t = DEFAULT_POLL_US, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_US)))]
+    poll_us: u32,
+    /// Also measure exports with this `poll_us` (rows `xen-ring-poll`,
+    /// `vhost-user-poll`), e.g. 50 beside the default 0.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_US)))]
+    compare_poll_us: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -120,6 +135,9 @@ const DEVICE_NOSHADOW: &str = "disk0-noshadow";
 /// The vhost-user exports of the image (with and without the shadow log).
 const DEVICE_VU: &str = "disk0-vu";
 const DEVICE_VU_NOSHADOW: &str = "disk0-vu-noshadow";
+/// The exports with the other polling window (`--compare-poll-us`).
+const DEVICE_POLL: &str = "disk0-poll";
+const DEVICE_VU_POLL: &str = "disk0-vu-poll";
 /// Largest queue depth accepted (a ring of order 4 holds 512 requests).
 const MAX_QD: usize = 512;
 /// Virtqueue size of the vhost-user rows: three descriptors per request,
@@ -146,23 +164,29 @@ enum IoPath {
     VhostUser,
     /// The same without the shadow log.
     VhostUserNoShadow,
+    /// `XenRing` with the other polling window.
+    XenRingPoll,
+    /// `VhostUser` with the other polling window.
+    VhostUserPoll,
     /// qemu-storage-daemon's vhost-user-blk export, same client.
     Qsd,
-    /// fio's io_uring engine (only where fio is installed).
+    /// fio's io_uring engine: the yardstick (only where fio is installed).
     Fio,
 }
 
 impl IoPath {
-    /// Run order within one op and queue depth: baseline first, the rest
-    /// right after it, so slow drift of the device hits them alike.
-    const ALL: [IoPath; 7] = [
+    /// Run order within one op and queue depth: the baselines first, the
+    /// rest right after them, so slow drift of the device hits them alike.
+    const ALL: [IoPath; 9] = [
+        IoPath::Fio,
         IoPath::RawUring,
         IoPath::XenRing,
         IoPath::XenRingNoShadow,
+        IoPath::XenRingPoll,
         IoPath::VhostUser,
         IoPath::VhostUserNoShadow,
+        IoPath::VhostUserPoll,
         IoPath::Qsd,
-        IoPath::Fio,
     ];
 
     fn name(self) -> &'static str {
@@ -172,20 +196,22 @@ impl IoPath {
             IoPath::XenRingNoShadow => "xen-ring-noshadow",
             IoPath::VhostUser => "vhost-user",
             IoPath::VhostUserNoShadow => "vhost-user-noshadow",
+            IoPath::XenRingPoll => "xen-ring-poll",
+            IoPath::VhostUserPoll => "vhost-user-poll",
             IoPath::Qsd => "qsd",
             IoPath::Fio => "fio",
         }
     }
 
-    fn is_baseline(self) -> bool {
-        self == IoPath::RawUring
-    }
-
     fn is_vhost_user(self) -> bool {
         matches!(
             self,
-            IoPath::VhostUser | IoPath::VhostUserNoShadow | IoPath::Qsd
+            IoPath::VhostUser | IoPath::VhostUserNoShadow | IoPath::VhostUserPoll | IoPath::Qsd
         )
+    }
+
+    fn is_poll_comparison(self) -> bool {
+        matches!(self, IoPath::XenRingPoll | IoPath::VhostUserPoll)
     }
 }
 
@@ -217,6 +243,8 @@ struct Sample {
     elapsed: Duration,
     p50_us: f64,
     p99_us: f64,
+    /// CPU time of the whole process tree during the slice.
+    cpu: Duration,
 }
 
 /// The slices of one row, summed: IOPS over the total time, latency
@@ -231,6 +259,17 @@ impl Slices {
         let secs: f64 = self.0.iter().map(|s| s.elapsed.as_secs_f64()).sum();
         if secs > 0.0 {
             ops as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// CPU time per I/O over all slices, in µs.
+    fn cpu_us_per_io(&self) -> f64 {
+        let ops: u64 = self.0.iter().map(|s| s.ops).sum();
+        let cpu: f64 = self.0.iter().map(|s| s.cpu.as_secs_f64()).sum();
+        if ops > 0 {
+            cpu * 1e6 / ops as f64
         } else {
             0.0
         }
@@ -256,9 +295,15 @@ struct Row {
     iops: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU time of the whole process tree per I/O, in µs.
+    cpu_us_per_io: f64,
+    /// IOPS over the `fio` row of the same op and queue depth (absent for
+    /// fio itself, or without fio).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vs_fio: Option<f64>,
     /// IOPS over the `raw-uring` row of the same op and queue depth.
     #[serde(skip_serializing_if = "Option::is_none")]
-    ratio: Option<f64>,
+    vs_raw: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -347,36 +392,39 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         control: Default::default(),
         backend: Default::default(),
         // Everything else at its default, as a production disk would run.
-        // Two exports of the one image: with and without the shadow log
-        // (only one is driven at a time).
-        disks: vec![
-            DiskConfig {
-                cache: args.cache.mode(),
-                max_ring_page_order: 4,
-                discard: false,
-                ..DiskConfig::new(DEVICE, image.clone())
-            },
-            DiskConfig {
-                cache: args.cache.mode(),
-                max_ring_page_order: 4,
-                discard: false,
-                shadow: false,
-                ..DiskConfig::new(DEVICE_NOSHADOW, image.clone())
-            },
+        // Exports of the one image: with and without the shadow log, and
+        // with the other polling window (only one is driven at a time).
+        disks: [
+            (DEVICE, true, args.poll_us),
+            (DEVICE_NOSHADOW, false, args.poll_us),
         ]
         .into_iter()
+        .chain(args.compare_poll_us.map(|p| (DEVICE_POLL, true, p)))
+        .map(|(name, shadow, poll_us)| DiskConfig {
+            cache: args.cache.mode(),
+            max_ring_page_order: 4,
+            discard: false,
+            shadow,
+            poll_us,
+            ..DiskConfig::new(name, image.clone())
+        })
         .chain(
-            [(DEVICE_VU, true), (DEVICE_VU_NOSHADOW, false)]
-                .into_iter()
-                .filter(|_| vhost_user)
-                .map(|(name, shadow)| DiskConfig {
-                    cache: args.cache.mode(),
-                    discard: false,
-                    shadow,
-                    queue_size: VU_QUEUE_SIZE,
-                    vhost_user: Some(dir.0.join(format!("{name}.sock"))),
-                    ..DiskConfig::new(name, image.clone())
-                }),
+            [
+                (DEVICE_VU, true, args.poll_us),
+                (DEVICE_VU_NOSHADOW, false, args.poll_us),
+            ]
+            .into_iter()
+            .chain(args.compare_poll_us.map(|p| (DEVICE_VU_POLL, true, p)))
+            .filter(|_| vhost_user)
+            .map(|(name, shadow, poll_us)| DiskConfig {
+                cache: args.cache.mode(),
+                discard: false,
+                shadow,
+                poll_us,
+                queue_size: VU_QUEUE_SIZE,
+                vhost_user: Some(dir.0.join(format!("{name}.sock"))),
+                ..DiskConfig::new(name, image.clone())
+            }),
         )
         .collect(),
         nics: Vec::new(),
@@ -407,6 +455,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         .filter(|&p| p != IoPath::Fio || bench.fio.is_some())
         .filter(|&p| !p.is_vhost_user() || vhost_user)
         .filter(|&p| p != IoPath::Qsd || bench.qsd_socket.is_some())
+        .filter(|&p| !p.is_poll_comparison() || args.compare_poll_us.is_some())
         .collect();
     if bench.fio.is_none() {
         log("  fio not found in PATH: no fio rows".into());
@@ -434,9 +483,11 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                 // for the next slice.
                 let seed = SEED + u64::from(round);
                 for (&path, acc) in paths.iter().zip(&mut slices) {
-                    let s = bench
+                    let cpu = TreeCpu::now();
+                    let mut s = bench
                         .run_slice(path, op, qd, seed)
                         .map_err(|e| format!("{} {} QD{qd}: {e}", path.name(), op.name()))?;
+                    s.cpu = cpu.since();
                     acc.0.push(s);
                     if !args.json {
                         eprint!(" .");
@@ -444,16 +495,19 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     }
                 }
             }
-            let baseline = paths
-                .iter()
-                .zip(&slices)
-                .find(|(p, _)| p.is_baseline())
-                .map(|(_, s)| s.iops());
+            let iops_of = |which: IoPath| {
+                paths
+                    .iter()
+                    .zip(&slices)
+                    .find(|(&p, _)| p == which)
+                    .map(|(_, s)| s.iops())
+                    .filter(|&iops| iops > 0.0)
+            };
+            let (fio_iops, raw_iops) = (iops_of(IoPath::Fio), iops_of(IoPath::RawUring));
             for (&path, s) in paths.iter().zip(&slices) {
                 let iops = s.iops();
-                let ratio = match baseline {
-                    Some(base) if !path.is_baseline() && base > 0.0 => Some(iops / base),
-                    _ => None,
+                let ratio = |base: Option<f64>, base_path: IoPath| {
+                    base.filter(|_| path != base_path).map(|b| iops / b)
                 };
                 if !args.json {
                     eprint!("  {} {iops:.0}", path.name());
@@ -465,7 +519,9 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     iops,
                     p50_us: s.median(|x| x.p50_us),
                     p99_us: s.median(|x| x.p99_us),
-                    ratio,
+                    cpu_us_per_io: s.cpu_us_per_io(),
+                    vs_fio: ratio(fio_iops, IoPath::Fio),
+                    vs_raw: ratio(raw_iops, IoPath::RawUring),
                 });
             }
             if !args.json {
@@ -552,6 +608,10 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
             IoPath::RawUring => self.raw_uring(op, qd, seed),
             IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
             IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
+            IoPath::XenRingPoll => self.xen_ring(DEVICE_POLL, op, qd, seed),
+            IoPath::VhostUserPoll => {
+                self.vhost_user(&(self.vu_socket)(DEVICE_VU_POLL), op, qd, seed)
+            }
             IoPath::VhostUser => self.vhost_user(&(self.vu_socket)(DEVICE_VU), op, qd, seed),
             IoPath::VhostUserNoShadow => {
                 self.vhost_user(&(self.vu_socket)(DEVICE_VU_NOSHADOW), op, qd, seed)
@@ -581,6 +641,7 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
             elapsed: stats.elapsed,
             p50_us: ns_to_us(stats.latency.percentile(50.0)),
             p99_us: ns_to_us(stats.latency.percentile(99.0)),
+            cpu: Duration::ZERO,
         })
     }
 
@@ -665,6 +726,7 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
             elapsed: Duration::from_secs_f64(field("elapsed_s")?.max(0.0)),
             p50_us: field("p50_us")?,
             p99_us: field("p99_us")?,
+            cpu: Duration::ZERO,
         })
     }
 
@@ -733,6 +795,88 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
             elapsed: Duration::from_millis(runtime_ms),
             p50_us: pct("50.000000"),
             p99_us: pct("99.000000"),
+            cpu: Duration::ZERO,
+        })
+    }
+}
+
+/// CPU time of this process tree at one instant: this process (all its
+/// threads: the bench and the supervisor), its live children (backends,
+/// standbys, qemu-storage-daemon), and the children it has reaped (guest
+/// clients, fio with the job processes it reaped), all from
+/// `/proc/PID/stat`. Idle processes add nothing, so the difference over a
+/// slice is the CPU that slice's path cost.
+struct TreeCpu {
+    own: Duration,
+    live: Vec<(u32, Duration)>,
+    reaped: Duration,
+}
+
+impl TreeCpu {
+    fn now() -> Self {
+        let me = std::process::id();
+        let (mut own, mut reaped) = (Duration::ZERO, Duration::ZERO);
+        let mut live = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            match ProcCpu::of(pid) {
+                Some(p) if pid == me => (own, reaped) = (p.own, p.reaped),
+                Some(p) if p.ppid == me => live.push((pid, p.own)),
+                _ => {}
+            }
+        }
+        TreeCpu { own, live, reaped }
+    }
+
+    /// CPU the tree used since `self` was taken.
+    fn since(&self) -> Duration {
+        let now = TreeCpu::now();
+        let live: Duration = now
+            .live
+            .iter()
+            .map(|&(pid, cpu)| {
+                let before = self.live.iter().find(|&&(p, _)| p == pid);
+                cpu.saturating_sub(before.map_or(Duration::ZERO, |&(_, c)| c))
+            })
+            .sum();
+        now.own.saturating_sub(self.own) + live + now.reaped.saturating_sub(self.reaped)
+    }
+}
+
+/// What `/proc/PID/stat` says of a process's CPU time.
+struct ProcCpu {
+    ppid: u32,
+    /// utime + stime.
+    own: Duration,
+    /// cutime + cstime: the children it waited for.
+    reaped: Duration,
+}
+
+impl ProcCpu {
+    /// `/proc` counts in USER_HZ, 100 on every Linux architecture.
+    const USER_HZ: u64 = 100;
+
+    fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces and parentheses: fields are
+        // counted from the last ')'. After it come state, ppid, … and
+        // utime, stime, cutime, cstime (fields 14–17 of the line).
+        let fields: Vec<&str> = stat
+            .get(stat.rfind(')')? + 1..)?
+            .split_whitespace()
+            .collect();
+        let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+        let time = |t: u64| Duration::from_millis(t * 1000 / Self::USER_HZ);
+        Some(ProcCpu {
+            ppid: fields.get(1)?.parse().ok()?,
+            own: time(ticks(11)? + ticks(12)?),
+            reaped: time(ticks(13)? + ticks(14)?),
         })
     }
 }
@@ -846,18 +990,23 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
     println!(
-        "shadowback bench blk — 4 KiB random I/O, {:.1} s per row, {} MiB preallocated and fully written image, cache {}",
+        "shadowback bench blk — 4 KiB random I/O, {:.1} s per row, {} MiB preallocated and fully written image, cache {}, poll_us {}{}",
         args.duration,
         args.image_mib,
         match args.cache {
             BenchCache::None => "none (O_DIRECT)",
             BenchCache::Writeback => "writeback",
+        },
+        args.poll_us,
+        match args.compare_poll_us {
+            Some(p) => format!(" (the -poll rows: {p})"),
+            None => String::new(),
         }
     );
     println!();
     println!(
-        "{:<20} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
-        "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "vs raw"
+        "{:<20} {:<9} {:>3} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
+        "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "CPU µs/IO", "vs fio", "vs raw"
     );
     let mut last_group: Option<(&str, usize)> = None;
     for r in rows {
@@ -865,13 +1014,22 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             println!();
         }
         last_group = Some((r.op, r.qd));
-        let ratio = match r.ratio {
+        let ratio = |x: Option<f64>, base: IoPath| match x {
             Some(x) => format!("{x:.2}"),
-            None => "base".into(),
+            None if r.path == base.name() => "base".into(),
+            None => "-".into(),
         };
         println!(
-            "{:<20} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
-            r.path, r.op, r.qd, r.iops, r.p50_us, r.p99_us, ratio
+            "{:<20} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>7}",
+            r.path,
+            r.op,
+            r.qd,
+            r.iops,
+            r.p50_us,
+            r.p99_us,
+            r.cpu_us_per_io,
+            ratio(r.vs_fio, IoPath::Fio),
+            ratio(r.vs_raw, IoPath::RawUring)
         );
     }
     println!();
@@ -882,6 +1040,8 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             IoPath::VhostUserNoShadow,
             "shadow log cost",
         ),
+        (IoPath::XenRingPoll, IoPath::XenRing, "polling"),
+        (IoPath::VhostUserPoll, IoPath::VhostUser, "polling"),
         (IoPath::VhostUser, IoPath::XenRing, "transports"),
         (
             IoPath::VhostUser,
@@ -896,26 +1056,59 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
                 .find(|o| o.path == other.name() && o.op == r.op && o.qd == r.qd);
             if let Some(o) = o.filter(|o| o.iops > 0.0) {
                 println!(
-                    "{what}, {} QD{}: {} / {} = {:.3} ({:+.1}% IOPS)",
+                    "{what}, {} QD{}: {} / {} = {:.3} ({:+.1}% IOPS, CPU per I/O {:.1} vs {:.1} µs)",
                     r.op,
                     r.qd,
                     this.name(),
                     other.name(),
                     r.iops / o.iops,
-                    (r.iops / o.iops - 1.0) * 100.0
+                    (r.iops / o.iops - 1.0) * 100.0,
+                    r.cpu_us_per_io,
+                    o.cpu_us_per_io,
                 );
             }
+        }
+    }
+    if with_fio {
+        println!();
+        println!("targets (issue 12): QD32 ≥ 0.95× fio, QD1 ≥ 0.85× fio");
+        let targeted = [
+            IoPath::XenRing,
+            IoPath::XenRingPoll,
+            IoPath::VhostUser,
+            IoPath::VhostUserPoll,
+        ];
+        for r in rows
+            .iter()
+            .filter(|r| targeted.iter().any(|p| p.name() == r.path))
+        {
+            let (Some(x), target) = (r.vs_fio, if r.qd >= 32 { 0.95 } else { 0.85 }) else {
+                continue;
+            };
+            println!(
+                "  {:<16} {:<9} QD{:<3} {x:.2}× fio: {}",
+                r.path,
+                r.op,
+                r.qd,
+                if x >= target { "met" } else { "missed" }
+            );
         }
     }
     println!();
     println!("notes:");
     println!(
-        "  - `vs raw` = IOPS / the raw-uring row of the same op and QD; the paths took turns in {} slices of {:.2} s",
+        "  - `vs fio` = IOPS / the fio row of the same op and QD (the yardstick); `vs raw` = / the raw-uring row;"
+    );
+    println!(
+        "    the paths took turns in {} slices of {:.2} s (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles).",
         args.rounds,
         args.duration / f64::from(args.rounds)
     );
     println!(
-        "    (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles)."
+        "  - CPU µs/IO = CPU time of the whole process tree during the row's slices (this process with its supervisor thread,"
+    );
+    println!(
+        "    backends, guest client or fio, qemu-storage-daemon; /proc/PID/stat, 10 ms ticks) / I/Os."
     );
     println!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
     println!(
@@ -925,7 +1118,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
         println!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
     } else {
         println!(
-            "    (ring + kick + backend + notify/call). fio was not found, so there are no fio rows."
+            "    (ring + kick + backend + notify/call). fio was not found, so there are no fio rows and no `vs fio`."
         );
     }
 }

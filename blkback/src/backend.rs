@@ -9,9 +9,10 @@
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use shadowback_dataplane::control::AttachFlags;
-use shadowback_dataplane::event_loop::BackendError;
+use shadowback_dataplane::event_loop::{BackendError, MAX_POLL_WINDOW};
 use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats, POISON_THRESHOLD};
 use shadowback_dataplane::rings::Recovery;
 use shadowback_dataplane::serve::{AttachKind, Built, Core, DataPlane, LoopStats};
@@ -39,7 +40,8 @@ impl Backend {
     /// Sets up the engine on `disk`; nothing runs before [`Backend::run`].
     pub fn new(cfg: BackendConfig, control: SeqPacket, disk: &File) -> Result<Self, BackendError> {
         let engine = Engine::new(disk.as_fd(), &cfg.engine).map_err(BackendError::Engine)?;
-        let core = Core::new(cfg.device.clone(), engine, control);
+        let mut core = Core::new(cfg.device.clone(), engine, control);
+        core.poll_window = Duration::from_micros(u64::from(cfg.poll_us)).min(MAX_POLL_WINDOW);
         Ok(Backend { cfg, core })
     }
 

@@ -24,4 +24,8 @@ pub struct BackendConfig {
     pub shadow: bool,
     /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
     pub crash_at: CrashSpec,
+    /// Adaptive polling window in µs (`poll_us` of the disk; 0: never
+    /// poll), at most
+    /// [`shadowback_dataplane::event_loop::MAX_POLL_WINDOW`].
+    pub poll_us: u32,
 }

@@ -114,6 +114,18 @@ pub fn parse(
     disk: &DiskGeometry,
     grants: &GrantMapper,
 ) -> Result<BlkOp, BlkError> {
+    parse_reusing(req, disk, grants, Vec::new())
+}
+
+/// [`parse`], with the pieces of a read or write put in `bufs` (cleared
+/// first): the vector of an earlier request handed back, so that a request
+/// of up to as many pieces as it holds allocates nothing.
+pub fn parse_reusing(
+    req: &BlkifRequest,
+    disk: &DiskGeometry,
+    grants: &GrantMapper,
+    bufs: Vec<GuestBuf>,
+) -> Result<BlkOp, BlkError> {
     match req.operation {
         // Without segments a flush touches no sector (any `sector_number`
         // is ignored), so it is fine on a read-only disk too.
@@ -136,6 +148,7 @@ pub fn parse(
                 &req.seg[..n],
                 disk,
                 grants,
+                bufs,
             )
         }
         BLKIF_OP_INDIRECT => {
@@ -159,7 +172,14 @@ pub fn parse(
                 });
             }
             let segs = read_indirect_segments(&ind.indirect_grefs, n, grants)?;
-            data_op(ind.indirect_op, ind.sector_number, &segs, disk, grants)
+            data_op(
+                ind.indirect_op,
+                ind.sector_number,
+                &segs,
+                disk,
+                grants,
+                bufs,
+            )
         }
         BLKIF_OP_DISCARD => {
             if !disk.discard {
@@ -217,6 +237,7 @@ fn data_op(
     segs: &[BlkifRequestSegment],
     disk: &DiskGeometry,
     grants: &GrantMapper,
+    mut bufs: Vec<GuestBuf>,
 ) -> Result<BlkOp, BlkError> {
     if segs.is_empty() {
         return Err(BlkError::NoSegments);
@@ -228,7 +249,8 @@ fn data_op(
     }
     // A disk read writes into guest memory, a disk write reads from it.
     let access = if write { Access::Read } else { Access::Write };
-    let mut bufs: Vec<GuestBuf> = Vec::with_capacity(segs.len());
+    bufs.clear();
+    bufs.reserve(segs.len());
     let mut total: u64 = 0;
     for (index, seg) in segs.iter().enumerate() {
         if seg.first_sect > seg.last_sect || seg.last_sect >= SECTORS_PER_PAGE {

@@ -92,6 +92,12 @@ impl RingSet for XenRing {
         self.ring.final_check_for_requests().unwrap_or(true)
     }
 
+    /// `RING_HAS_UNCONSUMED_REQUESTS`: `req_event` stays where it is, so a
+    /// frontend that checks it does not kick.
+    fn peek_requests(&mut self, _ring: usize) -> bool {
+        self.pending > 0 || self.ring.unconsumed_requests().map_or(true, |n| n > 0)
+    }
+
     fn begin(&mut self, _ring: usize, _req: &BlkifRequest) {}
 
     fn reload(&mut self, _ring: usize, _req: &BlkifRequest) {}
@@ -152,5 +158,53 @@ impl RingSet for XenRing {
 
     fn describe(&self, req: &BlkifRequest) -> String {
         format!("id {}", req.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use shadowback_ring::sring::{FrontRing, RingPages};
+    use shadowback_ring::SharedRegion;
+
+    use super::*;
+
+    /// A one-page ring with its front end.
+    fn rings() -> (FrontRing<Blkif>, XenRing) {
+        let region = Arc::new(SharedRegion::create("xen-ring-test", 1).unwrap());
+        let pages = || RingPages::contiguous(region.clone(), 0, 1).unwrap();
+        let front = FrontRing::init(pages()).unwrap();
+        let back = BackRing::attach(pages()).unwrap();
+        let ch = || EventChannel::new().unwrap();
+        (front, XenRing::new(back, ch(), ch()))
+    }
+
+    /// Puts one request; whether the frontend must kick for it.
+    fn post(front: &mut FrontRing<Blkif>, id: u64) -> bool {
+        front
+            .put_request(&BlkifRequest {
+                id,
+                ..Default::default()
+            })
+            .unwrap();
+        front.push_requests().unwrap()
+    }
+
+    #[test]
+    fn peeking_leaves_req_event_behind_and_only_the_final_check_asks_for_a_kick() {
+        let (mut front, mut back) = rings();
+        assert!(post(&mut front, 1), "the first request is kicked");
+        assert!(back.peek_requests(0));
+        assert!(back.take(0).unwrap().is_some());
+        assert!(back.take(0).unwrap().is_none());
+        // Busy or polling: the backend looks without asking for kicks.
+        assert!(!back.peek_requests(0));
+        assert!(!post(&mut front, 2), "kicked while the backend polls");
+        assert!(back.peek_requests(0));
+        assert!(back.take(0).unwrap().is_some());
+        // About to sleep: the final check asks for the next one.
+        assert!(!back.has_requests(0));
+        assert!(post(&mut front, 3), "not kicked while the backend sleeps");
     }
 }

@@ -4,6 +4,7 @@
 //! that arm polls and batch submissions (docs/ARCHITECTURE.md §3 and §11).
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::{SeqPacket, XenbusError};
@@ -26,7 +27,10 @@ pub const SUBMIT_BATCH: u64 = 8;
 
 /// The event loop turns at least this often, so the heartbeat in the shadow
 /// log moves even when the backend is idle or waiting for the disk.
-pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(20);
+/// Longest poll window a device may ask for (`poll_us`): far below the
+/// heartbeat interval.
+pub const MAX_POLL_WINDOW: Duration = Duration::from_millis(1);
 /// What a completion belongs to, packed into the io_uring user data; the
 /// one token type of every loop.
 ///
@@ -140,8 +144,19 @@ pub trait EventLoop {
     fn finish_detach(&mut self) -> Result<(), BackendError>;
     /// Moves the heartbeat of every shadow log.
     fn heartbeat(&mut self);
-    /// Whether to go round again without sleeping.
+    /// Whether to go round again without sleeping; asks the guest to kick
+    /// the rings it finds empty (called just before sleeping).
     fn has_work(&mut self) -> bool;
+    /// [`EventLoop::has_work`] without asking for kicks: what a polling
+    /// loop checks. A loop that does not poll may leave it false.
+    fn peek_work(&mut self) -> bool {
+        false
+    }
+    /// How long to keep polling after the last activity before sleeping
+    /// (zero, the default: sleep at once).
+    fn poll_window(&self) -> Duration {
+        Duration::ZERO
+    }
     /// The control socket is readable.
     fn on_control(&mut self) -> Result<(), BackendError>;
     fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
@@ -149,20 +164,37 @@ pub trait EventLoop {
 }
 
 /// Serves until the supervisor closes the control channel.
+///
+/// Adaptive polling (docs/ARCHITECTURE.md §11.2): with a poll window, a
+/// loop that has nothing to do within the window after its last activity
+/// (a completion: a kick, a disk op, a control message) watches the rings
+/// and the completion queue instead of sleeping, without asking the guest
+/// to kick; once the window has passed it asks for kicks and sleeps.
 pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
     arm_control(lp)?;
+    let window = lp.poll_window();
+    let mut last_active = Instant::now();
     loop {
         lp.advance_serial_replay()?;
         lp.consume()?;
         lp.publish();
         lp.finish_detach()?;
         lp.heartbeat();
-        let more = lp.has_work();
+        let mut more = lp.peek_work();
+        if !more && !window.is_zero() {
+            more = poll(lp, last_active + window)?;
+        }
+        if !more {
+            more = lp.has_work();
+        }
         lp.engine()
             .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
             .map_err(BackendError::Engine)?;
         let mut completions = std::mem::take(lp.completions());
         lp.engine().drain(&mut completions);
+        if !completions.is_empty() {
+            last_active = Instant::now();
+        }
         for c in completions.drain(..) {
             match Token::decode(c.token) {
                 Some(Token::Control) => {
@@ -179,6 +211,22 @@ pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
             }
         }
         *lp.completions() = completions;
+    }
+}
+
+/// Watches the completion queue and the rings until one has something or
+/// `until` has passed; whether one had. What is queued is submitted first.
+/// Bounded by the poll window, so the heartbeat still moves.
+fn poll<L: EventLoop>(lp: &mut L, until: Instant) -> Result<bool, BackendError> {
+    lp.engine().submit_queued().map_err(BackendError::Engine)?;
+    loop {
+        if lp.engine().has_completions() || lp.peek_work() {
+            return Ok(true);
+        }
+        if Instant::now() >= until {
+            return Ok(false);
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -215,6 +263,111 @@ pub fn heartbeat<'a>(device: &str, logs: impl IntoIterator<Item = &'a ShadowLog>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uring::EngineConfig;
+
+    /// A loop whose rings get a request after `work_after` looks, and
+    /// that stops on its second turn; it counts the looks and the kick
+    /// requests (`has_work`).
+    struct PollProbe {
+        engine: Engine,
+        control: SeqPacket,
+        _peer: SeqPacket,
+        completions: Vec<Completion>,
+        window: Duration,
+        work_after: u32,
+        turns: u32,
+        peeks: u32,
+        armed: u32,
+    }
+
+    impl PollProbe {
+        fn run(window: Duration, work_after: u32) -> Self {
+            let (control, peer) = SeqPacket::pair().unwrap();
+            let mut probe = PollProbe {
+                engine: Engine::for_polls(&EngineConfig::default()).unwrap(),
+                control,
+                _peer: peer,
+                completions: Vec::new(),
+                window,
+                work_after,
+                turns: 0,
+                peeks: 0,
+                armed: 0,
+            };
+            assert!(matches!(run(&mut probe), Err(BackendError::SupervisorGone)));
+            probe
+        }
+    }
+
+    impl EventLoop for PollProbe {
+        fn engine(&mut self) -> &mut Engine {
+            &mut self.engine
+        }
+        fn control(&self) -> &SeqPacket {
+            &self.control
+        }
+        fn completions(&mut self) -> &mut Vec<Completion> {
+            &mut self.completions
+        }
+        fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn consume(&mut self) -> Result<(), BackendError> {
+            self.turns += 1;
+            if self.turns == 2 {
+                return Err(BackendError::SupervisorGone);
+            }
+            Ok(())
+        }
+        fn publish(&mut self) {}
+        fn finish_detach(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn heartbeat(&mut self) {}
+        /// Asking for kicks; "work" so the turn does not sleep.
+        fn has_work(&mut self) -> bool {
+            self.armed += 1;
+            true
+        }
+        fn peek_work(&mut self) -> bool {
+            self.peeks += 1;
+            self.peeks > self.work_after
+        }
+        fn poll_window(&self) -> Duration {
+            self.window
+        }
+        fn on_control(&mut self) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn on_kick(&mut self, _generation: u32, _ring: u8) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn on_io(&mut self, _generation: u32, _ring: u8, _slot: u16, _result: i32) {}
+    }
+
+    #[test]
+    fn a_polling_loop_finds_work_without_asking_for_kicks() {
+        // Work shows up on the 50th look, well within the window.
+        let probe = PollProbe::run(Duration::from_secs(30), 50);
+        assert_eq!(probe.peeks, 51, "polled until the work showed up");
+        assert_eq!(probe.armed, 0, "asked for a kick while polling");
+    }
+
+    #[test]
+    fn without_a_window_the_loop_asks_for_kicks_at_once() {
+        let probe = PollProbe::run(Duration::ZERO, 50);
+        assert_eq!(probe.peeks, 1);
+        assert_eq!(probe.armed, 1);
+    }
+
+    #[test]
+    fn once_the_window_has_passed_the_loop_asks_for_kicks() {
+        let t0 = Instant::now();
+        let probe = PollProbe::run(Duration::from_millis(5), u32::MAX);
+        assert!(t0.elapsed() >= Duration::from_millis(5));
+        assert!(probe.peeks > 1, "did not poll");
+        assert_eq!(probe.armed, 1);
+    }
 
     #[test]
     fn tokens_round_trip() {

@@ -29,6 +29,10 @@ impl<'e> Submit<'e> {
     }
 
     /// Puts `op` in flight; on failure the op is handed back.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the op is handed back whole, as by `Engine::push`"
+    )]
     pub fn push(&mut self, op: IoOp) -> Result<(), (EngineError, IoOp)> {
         self.engine.push(self.token, op)
     }

@@ -113,14 +113,19 @@ pub trait RingSet {
     /// has several.
     fn label(&self, ring: usize) -> Option<u16>;
 
-    /// The next request of `ring`, after the final check for requests
-    /// (`RING_FINAL_CHECK_FOR_REQUESTS`, EVENT_IDX `avail_event`); `None`
-    /// when there is none; `Err` when the guest broke the ring.
+    /// The next request of `ring`; `None` when there is none; `Err` when
+    /// the guest broke the ring. Asks for no kick
+    /// ([`RingSet::has_requests`] does).
     fn take(&mut self, ring: usize) -> Result<Option<Taken<Self::Request>>, String>;
     /// Whether `ring` holds requests not taken yet; sets what makes the
-    /// guest kick when it adds one (`req_event`). Called before the loop
-    /// sleeps.
+    /// guest kick when it adds one (`req_event`, EVENT_IDX `avail_event`).
+    /// Called before the loop sleeps, and only then: while the loop is
+    /// busy or polling the guest is not asked to kick (docs/ARCHITECTURE.md
+    /// §11.2).
     fn has_requests(&mut self, ring: usize) -> bool;
+    /// Whether `ring` holds requests not taken yet, without asking the
+    /// guest for a kick: what the loop polls.
+    fn peek_requests(&mut self, ring: usize) -> bool;
     /// Marks `request` started, just before the log records it consumed (the in-flight region's first store, §7.4).
     fn begin(&mut self, ring: usize, request: &Self::Request);
     /// Makes what the device model parses for `request` available again

@@ -9,6 +9,7 @@
 //! from an attach message.
 
 use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use shadowback_shadow::{EntryId, Repush, ShadowLog, REQUEST_SIZE};
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
@@ -55,6 +56,9 @@ pub struct Core {
     /// aborts the process (`poison` from the supervisor).
     pub poison: Vec<u64>,
     pub stats: LoopStats,
+    /// Adaptive polling: how long the loop polls after activity before it
+    /// sleeps (`poll_us` of the device; zero: never polls).
+    pub poll_window: Duration,
 }
 
 impl Core {
@@ -66,6 +70,7 @@ impl Core {
             generations: Generations::default(),
             poison: Vec::new(),
             stats: LoopStats::default(),
+            poll_window: Duration::ZERO,
         }
     }
 
@@ -403,7 +408,9 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
 
     /// Whether the loop must go round again without sleeping: a ring has
     /// requests and room to take them, or a serial replay can advance.
-    fn has_work(&mut self, core: &Core) -> bool {
+    /// `arm`: ask the guest to kick the rings found empty (before
+    /// sleeping; not while busy or polling).
+    fn has_work(&mut self, core: &Core, arm: bool) -> bool {
         let room = self.has_room(core);
         for ring in 0..self.state.len() {
             let st = &self.state[ring];
@@ -414,7 +421,11 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     && !st.broken
                     && !st.free.is_empty()
                     && room
-                    && self.rings.has_requests(ring)
+                    && if arm {
+                        self.rings.has_requests(ring)
+                    } else {
+                        self.rings.peek_requests(ring)
+                    }
             };
             if more {
                 return true;
@@ -737,9 +748,20 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
 
     fn has_work(&mut self) -> bool {
         match self.attachment.as_mut() {
-            Some(att) => att.has_work(self.core),
+            Some(att) => att.has_work(self.core, true),
             None => false,
         }
+    }
+
+    fn peek_work(&mut self) -> bool {
+        match self.attachment.as_mut() {
+            Some(att) => att.has_work(self.core, false),
+            None => false,
+        }
+    }
+
+    fn poll_window(&self) -> Duration {
+        self.core.poll_window
     }
 
     fn on_control(&mut self) -> Result<(), BackendError> {

@@ -137,12 +137,50 @@ pub unsafe trait IoMemory: Send + Sync + 'static {
     fn io_range(&self, offset: u64, len: usize) -> Option<NonNull<u8>>;
 }
 
+/// Iovecs an [`IoBuffers`] holds in place, without a heap array: more
+/// than the pieces of a direct blkif request (11 segments) or of a
+/// virtio-blk request of a few pages, so the block models allocate
+/// nothing per request (docs/ARCHITECTURE.md §11.2). Longer lists take
+/// one heap array.
+pub const INLINE_IOVECS: usize = 16;
+
+const EMPTY_IOVEC: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// The iovec array of one op: in place up to [`INLINE_IOVECS`], else on
+/// the heap.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the inline array is the point: no allocation per request"
+)]
+enum Iovecs {
+    Inline {
+        len: usize,
+        array: [libc::iovec; INLINE_IOVECS],
+    },
+    Heap(Box<[libc::iovec]>),
+}
+
+impl Iovecs {
+    fn as_slice(&self) -> &[libc::iovec] {
+        match self {
+            Iovecs::Inline { len, array } => &array[..*len],
+            Iovecs::Heap(iovecs) => iovecs,
+        }
+    }
+}
+
 /// Memory the kernel reads or writes for one op: an iovec array plus the
 /// owner that keeps the memory it points into alive until the op completes.
+///
+/// The array may be inline, so the SQE carrying its address is built only
+/// once the op rests in the engine's in-flight table ([`Engine::push`]).
 pub struct IoBuffers {
-    /// Heap array; its address is what the SQE carries, so it must not move
-    /// or be freed before the completion (moving the `Box` itself is fine).
-    iovecs: Box<[libc::iovec]>,
+    /// What the SQE points at; must not move or be freed before the
+    /// completion once the op is queued.
+    iovecs: Iovecs,
     /// Keeps the memory behind `iovecs` mapped.
     _owner: Arc<dyn Send + Sync>,
 }
@@ -168,28 +206,38 @@ impl IoBuffers {
     /// to that memory may be live while an op using it is in flight.
     pub unsafe fn new(iovecs: Vec<libc::iovec>, owner: Arc<dyn Send + Sync + 'static>) -> Self {
         IoBuffers {
-            iovecs: iovecs.into_boxed_slice(),
+            iovecs: Iovecs::Heap(iovecs.into_boxed_slice()),
             _owner: owner,
         }
     }
 
     /// Buffers for `(offset, len)` ranges of `mem`, each checked to lie
-    /// inside it. The op holds a clone of `mem` until it completes.
+    /// inside it. The op holds a clone of `mem` until it completes. Up to
+    /// [`INLINE_IOVECS`] ranges allocate nothing.
     pub fn from_ranges<M: IoMemory>(
         mem: Arc<M>,
         ranges: &[(u64, usize)],
     ) -> Result<Self, EngineError> {
-        let iovecs = ranges
-            .iter()
-            .map(|&(offset, len)| {
-                mem.io_range(offset, len)
-                    .map(|base| libc::iovec {
-                        iov_base: base.as_ptr().cast(),
-                        iov_len: len,
-                    })
-                    .ok_or(EngineError::BufferOutOfRange { offset, len })
-            })
-            .collect::<Result<Box<[_]>, _>>()?;
+        let iovec = |&(offset, len): &(u64, usize)| {
+            mem.io_range(offset, len)
+                .map(|base| libc::iovec {
+                    iov_base: base.as_ptr().cast(),
+                    iov_len: len,
+                })
+                .ok_or(EngineError::BufferOutOfRange { offset, len })
+        };
+        let iovecs = if ranges.len() <= INLINE_IOVECS {
+            let mut array = [EMPTY_IOVEC; INLINE_IOVECS];
+            for (slot, range) in array.iter_mut().zip(ranges) {
+                *slot = iovec(range)?;
+            }
+            Iovecs::Inline {
+                len: ranges.len(),
+                array,
+            }
+        } else {
+            Iovecs::Heap(ranges.iter().map(iovec).collect::<Result<_, _>>()?)
+        };
         Ok(IoBuffers {
             iovecs,
             _owner: mem,
@@ -199,20 +247,21 @@ impl IoBuffers {
     /// Total bytes described: what a full read or write returns.
     pub fn len_bytes(&self) -> usize {
         self.iovecs
+            .as_slice()
             .iter()
             .fold(0usize, |sum, iov| sum.saturating_add(iov.iov_len))
     }
 
     /// Number of iovecs.
     pub fn segments(&self) -> usize {
-        self.iovecs.len()
+        self.iovecs.as_slice().len()
     }
 }
 
 impl fmt::Debug for IoBuffers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IoBuffers")
-            .field("segments", &self.iovecs.len())
+            .field("segments", &self.segments())
             .field("len_bytes", &self.len_bytes())
             .finish()
     }
@@ -261,17 +310,6 @@ pub enum IoOp {
     },
 }
 
-impl IoOp {
-    fn into_buffers(self) -> Option<IoBuffers> {
-        match self {
-            IoOp::Readv { bufs, .. } | IoOp::Writev { bufs, .. } => Some(bufs),
-            IoOp::Fsync | IoOp::PunchHole { .. } | IoOp::ZeroRange { .. } | IoOp::PollIn { .. } => {
-                None
-            }
-        }
-    }
-}
-
 /// A finished op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
@@ -304,8 +342,9 @@ impl Default for EngineConfig {
 /// What the in-flight table keeps for an op until its completion is reaped.
 struct InflightEntry {
     token: Token,
-    /// Dropped when the completion is reaped, not before.
-    _bufs: Option<IoBuffers>,
+    /// The op, buffers and all: its SQE points into them, so it stays here
+    /// and is dropped when the completion is reaped, not before.
+    op: IoOp,
 }
 
 /// An io_uring instance with the disk registered as fixed file 0, owned by
@@ -416,6 +455,10 @@ impl Engine {
     /// caller can complete it on its error path; [`EngineError::Busy`] and
     /// [`EngineError::SubmissionQueueFull`] mean "reap completions and
     /// retry".
+    #[allow(
+        clippy::result_large_err,
+        reason = "the op is handed back whole, inline iovecs and all (Firecracker style)"
+    )]
     pub fn push(&mut self, token: Token, op: IoOp) -> Result<(), (EngineError, IoOp)> {
         let Some(slot) = self.free.pop() else {
             return Err((
@@ -425,29 +468,31 @@ impl Engine {
                 op,
             ));
         };
-        match self.queue(slot, &op) {
-            Ok(()) => {
-                self.slots[slot] = Some(InflightEntry {
-                    token,
-                    _bufs: op.into_buffers(),
-                });
-                Ok(())
-            }
+        // The op rests in its slot before its SQE is built: the SQE points
+        // into its iovecs, which may be inline in the op.
+        let entry = self.slots[slot].insert(InflightEntry { token, op });
+        let queued = build_sqe(&entry.op).and_then(|sqe| self.queue(sqe.user_data(slot as u64)));
+        match queued {
+            Ok(()) => Ok(()),
             Err(e) => {
                 self.free.push(slot);
-                Err((e, op))
+                let Some(entry) = self.slots[slot].take() else {
+                    unreachable!("the op was put in slot {slot} above");
+                };
+                Err((e, entry.op))
             }
         }
     }
 
-    /// Builds the SQE for `op` and puts it in the SQ under `slot`.
-    fn queue(&mut self, slot: usize, op: &IoOp) -> Result<(), EngineError> {
-        let sqe = build_sqe(op)?.user_data(slot as u64);
-        // SAFETY: every pointer in `sqe` points into `op`'s IoBuffers (heap
-        // iovec array + memory kept alive by its owner, per the IoBuffers
-        // contract); on success `push` moves those buffers into
-        // `slots[slot]`, which keeps them until `drain` reaps this slot's CQE
-        // or `Drop` has waited for it (else leaks them).
+    /// Puts `sqe` in the SQ, submitting what is queued first if it is
+    /// full.
+    fn queue(&mut self, sqe: squeue::Entry) -> Result<(), EngineError> {
+        // SAFETY: every pointer in `sqe` points into the buffers of the op
+        // in the slot named by its user data (heap or inline iovec array,
+        // and memory kept alive by its owner, per the IoBuffers contract);
+        // the slot keeps the op, unmoved (`slots` never grows), until
+        // `drain` reaps its CQE or `Drop` has waited for it (else leaks
+        // it). On failure `push` takes the op back before anything ran.
         if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
             return Ok(());
         }
@@ -504,6 +549,20 @@ impl Engine {
                 _ => Err(EngineError::Submit(e)),
             },
         }
+    }
+
+    /// Whether completions wait to be drained (no syscall: a look at the
+    /// CQ's tail), for a loop that polls instead of sleeping.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Hands the kernel what is queued, if anything, without waiting.
+    pub fn submit_queued(&mut self) -> Result<(), EngineError> {
+        if !self.ring.submission().is_empty() {
+            self.enter(0, None)?;
+        }
+        Ok(())
     }
 
     /// Pops every available completion into `out`; the buffers of finished
@@ -592,12 +651,12 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
     let disk = Fixed(DISK_FIXED_INDEX);
     Ok(match op {
         IoOp::Readv { offset, bufs } => {
-            opcode::Readv::new(disk, bufs.iovecs.as_ptr(), iovec_count(bufs)?)
+            opcode::Readv::new(disk, bufs.iovecs.as_slice().as_ptr(), iovec_count(bufs)?)
                 .offset(file_offset(*offset)?)
                 .build()
         }
         IoOp::Writev { offset, bufs } => {
-            opcode::Writev::new(disk, bufs.iovecs.as_ptr(), iovec_count(bufs)?)
+            opcode::Writev::new(disk, bufs.iovecs.as_slice().as_ptr(), iovec_count(bufs)?)
                 .offset(file_offset(*offset)?)
                 .build()
         }
@@ -626,7 +685,7 @@ fn file_offset(value: u64) -> Result<u64, EngineError> {
 }
 
 fn iovec_count(bufs: &IoBuffers) -> Result<u32, EngineError> {
-    u32::try_from(bufs.iovecs.len()).map_err(|_| EngineError::InvalidOp("too many iovecs"))
+    u32::try_from(bufs.segments()).map_err(|_| EngineError::InvalidOp("too many iovecs"))
 }
 
 /// Page-aligned anonymous memory (so `O_DIRECT` works), usable as

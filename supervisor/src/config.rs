@@ -100,6 +100,12 @@ pub struct DiskConfig {
     /// Peer primary gids that may, as `allow_uids`.
     #[serde(default)]
     pub allow_gids: Vec<u32>,
+    /// Adaptive polling (docs/ARCHITECTURE.md §11.2): after activity, the
+    /// backend polls the rings and its completion queue for this many µs
+    /// before it sleeps, and the guest is not asked to kick meanwhile.
+    /// Buys QD1 latency with CPU; 0 never polls. At most [`MAX_POLL_US`].
+    #[serde(default = "default_poll_us")]
+    pub poll_us: u32,
 }
 
 /// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
@@ -109,6 +115,12 @@ pub const MIN_HANG_TIMEOUT_MS: u64 = 40;
 pub const MAX_HANG_TIMEOUT_MS: u64 = 3_600_000;
 /// Default `hang_timeout_ms`.
 pub const DEFAULT_HANG_TIMEOUT_MS: u64 = 100;
+/// Default `poll_us`: 0, from `shadowback bench blk --poll-us` on two
+/// shared cores (README, "Performance"): polling took a core from the
+/// guest and the device for little gain.
+pub const DEFAULT_POLL_US: u32 = 0;
+/// Largest accepted `poll_us` (the backend's cap, 1 ms).
+pub const MAX_POLL_US: u32 = 1000;
 /// Most virtqueues per vhost-user disk.
 pub const MAX_VHOST_QUEUES: u16 = 16;
 /// Largest accepted `queue_size`.
@@ -134,8 +146,13 @@ impl DiskConfig {
             queue_size: default_queue_size(),
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
+            poll_us: DEFAULT_POLL_US,
         }
     }
+}
+
+fn default_poll_us() -> u32 {
+    DEFAULT_POLL_US
 }
 
 fn default_num_queues() -> u16 {
@@ -511,6 +528,12 @@ impl Config {
                     d.name, d.hang_timeout_ms
                 )));
             }
+            if d.poll_us > MAX_POLL_US {
+                return Err(SupervisorError::Config(format!(
+                    "disk {:?}: poll_us {} is above {MAX_POLL_US}",
+                    d.name, d.poll_us
+                )));
+            }
             if !(1..=MAX_VHOST_QUEUES).contains(&d.num_queues) {
                 return Err(SupervisorError::Config(format!(
                     "disk {:?}: num_queues {} is outside 1..={MAX_VHOST_QUEUES}",
@@ -760,6 +783,16 @@ mod tests {
     }
 
     #[test]
+    fn poll_us_defaults_to_zero_and_is_read() {
+        assert_eq!(DiskConfig::new("a", "/x").poll_us, DEFAULT_POLL_US);
+        assert_eq!(DEFAULT_POLL_US, 0);
+        let cfg =
+            Config::parse("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\npoll_us = 50")
+                .unwrap();
+        assert_eq!(cfg.disks[0].poll_us, 50);
+    }
+
+    #[test]
     fn parses_vhost_user_settings() {
         let cfg = Config::parse(
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n\
@@ -783,6 +816,7 @@ mod tests {
             "socket = \"/s\"\n[[disk]]\nname = \"a b\"\npath = \"/x\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n[[disk]]\nname = \"a\"\npath = \"/y\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nmax_ring_page_order = 5",
+            "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\npoll_us = 1001",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncolour = 1",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\ncache = \"sometimes\"",
             "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\nhang_timeout_ms = 10",

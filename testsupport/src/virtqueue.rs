@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::virtio::{InflightConfig, MemoryRegion, QueueConfig, VirtioAttachRequest};
-use shadowback_xenbus::Message;
+use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::fd::memfd;
 pub use crate::process::BlkbackProcess;
@@ -112,6 +112,18 @@ impl Device {
         recover: bool,
         blame: bool,
     ) {
+        self.send_attach_on(&backend.control, req, recover, blame);
+    }
+
+    /// Sends `attach-virtio` on `control`, the supervisor's end of a
+    /// backend's control socket (a process's or one in this process).
+    pub fn send_attach_on(
+        &self,
+        control: &SeqPacket,
+        req: &VirtioAttachRequest,
+        recover: bool,
+        blame: bool,
+    ) {
         let mut msg = req.to_message();
         msg.set("recover", u8::from(recover));
         msg.set("blame", u8::from(blame));
@@ -124,7 +136,7 @@ impl Device {
         if let Some(log) = &self.log {
             fds.push(log.file().as_fd());
         }
-        backend.control.send(&msg, &fds).unwrap();
+        control.send(&msg, &fds).unwrap();
     }
 
     /// Attaches and expects `attached`.

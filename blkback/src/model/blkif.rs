@@ -9,8 +9,8 @@ use shadowback_dataplane::model::{DeviceModel, Started, Submit};
 use shadowback_dataplane::rings::{Detail, DETAIL_SIZE};
 use shadowback_dataplane::uring::{EngineError, IoBuffers, IoOp};
 use shadowback_ring::blkif::{
-    BlkifRequest, BlkifResponse, BLKIF_OP_INDIRECT, BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR,
-    BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
+    BlkifRequest, BlkifResponse, BLKIF_MAX_SEGMENTS_PER_REQUEST, BLKIF_OP_INDIRECT,
+    BLKIF_RSP_EOPNOTSUPP, BLKIF_RSP_ERROR, BLKIF_RSP_OKAY, BLKIF_SECTOR_SIZE,
 };
 use shadowback_ring::grant::GrantMapper;
 use shadowback_ring::SharedRegion;
@@ -19,7 +19,7 @@ use vm_memory::ByteValued;
 
 use super::{DiskIo, Outcome};
 use crate::record;
-use crate::request::{parse, BlkOp, DiskGeometry, GuestBuf};
+use crate::request::{parse_reusing, BlkOp, DiskGeometry, GuestBuf};
 use crate::xen::{response_from, XenRing};
 
 /// The block model of one Xen frontend.
@@ -28,6 +28,11 @@ pub struct BlkifModel {
     disk: DiskGeometry,
     grants: GrantMapper,
     region: Arc<SharedRegion>,
+    /// The pieces vector of the request started last, handed to the next
+    /// parse, and the scratch its iovecs are built from: the hot path
+    /// allocates nothing (docs/ARCHITECTURE.md §11.2).
+    spare: Vec<GuestBuf>,
+    ranges: Vec<(u64, usize)>,
 }
 
 impl BlkifModel {
@@ -42,7 +47,20 @@ impl BlkifModel {
             disk,
             grants,
             region,
+            spare: Vec::with_capacity(BLKIF_MAX_SEGMENTS_PER_REQUEST),
+            ranges: Vec::with_capacity(BLKIF_MAX_SEGMENTS_PER_REQUEST),
         }
+    }
+
+    /// The iovecs of `bufs`, checked against the mapping; `bufs` becomes
+    /// the next parse's vector.
+    fn io_buffers(&mut self, mut bufs: Vec<GuestBuf>) -> Result<IoBuffers, EngineError> {
+        self.ranges.clear();
+        self.ranges
+            .extend(bufs.iter().map(|b| (b.offset, b.len as usize)));
+        bufs.clear();
+        self.spare = bufs;
+        IoBuffers::from_ranges(self.region.clone(), &self.ranges)
     }
 }
 
@@ -85,7 +103,8 @@ impl DeviceModel<XenRing> for BlkifModel {
         } else {
             req.operation
         };
-        let op = parse(req, &self.disk, &self.grants).map_err(|e| {
+        let bufs = std::mem::take(&mut self.spare);
+        let op = parse_reusing(req, &self.disk, &self.grants, bufs).map_err(|e| {
             tracing::debug!(device = %self.device, id = req.id, error = %e, "request refused");
             e.status()
         });
@@ -131,16 +150,14 @@ impl DeviceModel<XenRing> for BlkifModel {
             ),
         );
         let disk_op = match op {
-            BlkOp::Read { sector, bufs } => io_buffers(&self.region, &bufs).map(|b| IoOp::Readv {
+            BlkOp::Read { sector, bufs } => self.io_buffers(bufs).map(|b| IoOp::Readv {
                 offset: sector * BLKIF_SECTOR_SIZE,
                 bufs: b,
             }),
-            BlkOp::Write { sector, bufs, .. } => {
-                io_buffers(&self.region, &bufs).map(|b| IoOp::Writev {
-                    offset: sector * BLKIF_SECTOR_SIZE,
-                    bufs: b,
-                })
-            }
+            BlkOp::Write { sector, bufs, .. } => self.io_buffers(bufs).map(|b| IoOp::Writev {
+                offset: sector * BLKIF_SECTOR_SIZE,
+                bufs: b,
+            }),
             BlkOp::Flush => Ok(IoOp::Fsync),
             BlkOp::Discard { sector, sectors } => Ok(IoOp::PunchHole {
                 offset: sector * BLKIF_SECTOR_SIZE,
@@ -189,10 +206,4 @@ impl DeviceModel<XenRing> for BlkifModel {
     fn is_error(&self, rsp: &BlkifResponse) -> bool {
         rsp.status != BLKIF_RSP_OKAY
     }
-}
-
-/// Turns region byte ranges into iovecs checked against the mapping.
-fn io_buffers(region: &Arc<SharedRegion>, bufs: &[GuestBuf]) -> Result<IoBuffers, EngineError> {
-    let ranges: Vec<(u64, usize)> = bufs.iter().map(|b| (b.offset, b.len as usize)).collect();
-    IoBuffers::from_ranges(region.clone(), &ranges)
 }

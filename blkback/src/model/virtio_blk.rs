@@ -50,6 +50,30 @@ impl VirtioBlkModel {
     }
 }
 
+impl VirtioBlkModel {
+    /// Puts the ops of the request in `head` on the engine; answers it with
+    /// IOERR at once if none could be.
+    fn submit(
+        &self,
+        head: u16,
+        status_at: Option<u64>,
+        used_len: u32,
+        mut disk: DiskIo,
+        ops: impl IntoIterator<Item = IoOp>,
+        io: &mut Submit<'_>,
+    ) -> Started<Pending, Used> {
+        if !disk.submit(ops, io, &self.device) {
+            return Started::Done(self.answer(head, status_at, STATUS_IOERR, 1));
+        }
+        Started::Pending(Pending {
+            head,
+            status_at,
+            used_len,
+            io: disk,
+        })
+    }
+}
+
 /// A parsed virtio-blk request (its data pieces and ranges are the
 /// model's scratch until it starts).
 pub struct Request {
@@ -109,11 +133,11 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
         let Request { head, parsed } = req;
         let status_at = parsed.status_at;
         let mut used_len = 1;
-        let mut ops: Vec<IoOp> = Vec::new();
-        let mut read = false;
-        let mut expected = 0;
-        let immediate = match parsed.action {
-            Action::Done(status) => Some(status),
+        let mut disk = DiskIo::new(0, false, false);
+        // Each arm answers at once or puts its ops on the engine (without
+        // collecting them: nothing is allocated per request).
+        let status = match parsed.action {
+            Action::Done(status) => status,
             Action::GetId { bytes } => {
                 let mut at = 0usize;
                 let mut ok = true;
@@ -123,65 +147,62 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
                     at = end;
                 }
                 used_len = bytes + 1;
-                Some(if ok { STATUS_OK } else { STATUS_IOERR })
+                if ok {
+                    STATUS_OK
+                } else {
+                    STATUS_IOERR
+                }
             }
             Action::Read { offset, bytes } | Action::Write { offset, bytes } => {
-                read = matches!(parsed.action, Action::Read { .. });
+                let read = matches!(parsed.action, Action::Read { .. });
                 match IoBuffers::from_ranges(self.mem.clone(), &self.data) {
                     Ok(bufs) => {
-                        expected = bytes;
-                        if read {
+                        disk = DiskIo::new(bytes, read, false);
+                        let op = if read {
                             // The walk bounds a chain to 4 GiB.
                             used_len = u32::try_from(bytes + 1).unwrap_or(u32::MAX);
-                            ops.push(IoOp::Readv { offset, bufs });
+                            IoOp::Readv { offset, bufs }
                         } else {
-                            ops.push(IoOp::Writev { offset, bufs });
-                        }
-                        None
+                            IoOp::Writev { offset, bufs }
+                        };
+                        return self.submit(head, status_at, used_len, disk, [op], io);
                     }
                     Err(e) => {
                         tracing::warn!(device = %self.device, error = %e, "buffer setup failed");
-                        Some(STATUS_IOERR)
+                        STATUS_IOERR
                     }
                 }
             }
             Action::Flush => {
-                ops.push(IoOp::Fsync);
-                None
+                return self.submit(head, status_at, used_len, disk, [IoOp::Fsync], io);
             }
-            Action::Discard | Action::WriteZeroes { .. } => {
+            Action::Discard | Action::WriteZeroes { .. } if !self.ranges.is_empty() => {
                 let punch = matches!(
                     parsed.action,
                     Action::Discard | Action::WriteZeroes { unmap: true }
                 );
-                ops.extend(self.ranges.iter().map(|&(offset, len)| {
-                    if punch {
-                        IoOp::PunchHole { offset, len }
-                    } else {
-                        IoOp::ZeroRange { offset, len }
-                    }
-                }));
-                if ops.is_empty() {
-                    Some(STATUS_OK)
-                } else {
-                    None
-                }
+                let ops = std::mem::take(&mut self.ranges);
+                let started = self.submit(
+                    head,
+                    status_at,
+                    used_len,
+                    disk,
+                    ops.iter().map(|&(offset, len)| {
+                        if punch {
+                            IoOp::PunchHole { offset, len }
+                        } else {
+                            IoOp::ZeroRange { offset, len }
+                        }
+                    }),
+                    io,
+                );
+                self.ranges = ops;
+                return started;
             }
+            Action::Discard | Action::WriteZeroes { .. } => STATUS_OK,
         };
-        if let Some(status) = immediate {
-            let len = if status == STATUS_OK { used_len } else { 1 };
-            return Started::Done(self.answer(head, status_at, status, len));
-        }
-        let mut disk = DiskIo::new(expected, read, false);
-        if !disk.submit(ops, io, &self.device) {
-            return Started::Done(self.answer(head, status_at, STATUS_IOERR, 1));
-        }
-        Started::Pending(Pending {
-            head,
-            status_at,
-            used_len,
-            io: disk,
-        })
+        let len = if status == STATUS_OK { used_len } else { 1 };
+        Started::Done(self.answer(head, status_at, status, len))
     }
 
     fn complete(&mut self, p: &mut Pending, result: i32, io: &mut Submit<'_>) -> Option<Used> {

@@ -366,30 +366,14 @@ impl RingSet for VirtQueues {
         let mem = &self.mem;
         let q = &mut self.queues[ring];
         let next16 = guest_index(q.next_avail, q.delta);
-        loop {
-            let avail16 = q.ring.avail_idx(mem).map_err(|e| e.to_string())?;
-            if avail16 != next16 {
-                if avail16.wrapping_sub(next16) > q.size() {
-                    return Err(format!(
-                        "avail index {avail16} is more than a ring ahead of {next16}"
-                    ));
-                }
-                break;
-            }
-            if !q.ring.event_idx {
-                return Ok(None);
-            }
-            // EVENT_IDX: ask for a kick at the next index, then check
-            // again (the driver may have added one before seeing it).
-            if q.ring.set_avail_event(mem, next16).is_err() {
-                return Err("avail_event not writable".into());
-            }
-            // SeqCst fence: avail_event is visible before avail->idx is
-            // re-read (§2.7.10, the device-side mb()).
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            if q.ring.avail_idx(mem).map_err(|e| e.to_string())? == next16 {
-                return Ok(None);
-            }
+        let avail16 = q.ring.avail_idx(mem).map_err(|e| e.to_string())?;
+        if avail16 == next16 {
+            return Ok(None);
+        }
+        if avail16.wrapping_sub(next16) > q.size() {
+            return Err(format!(
+                "avail index {avail16} is more than a ring ahead of {next16}"
+            ));
         }
         let head = q.ring.avail_head(mem, next16).map_err(|e| e.to_string())?;
         if head >= q.size() {
@@ -411,11 +395,31 @@ impl RingSet for VirtQueues {
         }))
     }
 
+    /// With EVENT_IDX, asks for a kick at the next index, then checks
+    /// again (the driver may have added one before seeing it).
     fn has_requests(&mut self, ring: usize) -> bool {
+        let q = &self.queues[ring];
+        if q.ring.event_idx {
+            let next16 = guest_index(q.next_avail, q.delta);
+            // Cannot fail: the used ring, event word included, was found
+            // mapped when the queue was set up.
+            if let Err(e) = q.ring.set_avail_event(&self.mem, next16) {
+                tracing::warn!(queue = q.index, error = %e, "avail_event not writable");
+            }
+            // SeqCst fence: avail_event is visible before avail->idx is
+            // re-read (§2.7.10, the device-side mb()).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        }
+        self.peek_requests(ring)
+    }
+
+    /// `avail_event` is left behind, so an EVENT_IDX driver does not kick
+    /// (event-index suppression while the loop is busy or polling).
+    fn peek_requests(&mut self, ring: usize) -> bool {
         let q = &self.queues[ring];
         q.ring
             .avail_idx(&self.mem)
-            .is_ok_and(|a| a != guest_index(q.next_avail, q.delta))
+            .map_or(true, |a| a != guest_index(q.next_avail, q.delta))
     }
 
     /// The in-flight region first: a head it marks but the shadow log
@@ -538,5 +542,73 @@ impl RingSet for VirtQueues {
 
     fn describe(&self, req: &Head) -> String {
         format!("head {}", req.head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shadowback_virtio::queue::vring_need_event;
+    use shadowback_xenbus::virtio::QueueConfig;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::virtio::request::CHAIN_CAP;
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+
+    /// One EVENT_IDX queue of 8 in 64 KiB of memory.
+    fn queues() -> VirtQueues {
+        let mem = GuestRam::from_memory(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+        );
+        let cfg = QueueConfig {
+            index: 0,
+            size: SIZE,
+            desc: DESC,
+            avail: AVAIL,
+            used: USED,
+            next_avail: 0,
+        };
+        let ring = SplitQueue::new(&cfg, &mem, true).unwrap();
+        let ch = || EventChannel::new().unwrap();
+        let q = VQueue::new(0, ring, ch(), ch(), None);
+        VirtQueues::new(Arc::new(mem), vec![q], CHAIN_CAP)
+    }
+
+    /// Makes head `n` (one 16-byte descriptor) available as avail index
+    /// `n`; whether the driver must kick for it (§2.7.10).
+    fn post(vq: &VirtQueues, n: u16) -> bool {
+        let mut desc = [0u8; 16];
+        desc[..8].copy_from_slice(&0x3000u64.to_le_bytes());
+        desc[8..12].copy_from_slice(&16u32.to_le_bytes());
+        vq.mem.write(DESC + 16 * u64::from(n), &desc).unwrap();
+        vq.mem
+            .write(AVAIL + 4 + 2 * u64::from(n % SIZE), &n.to_le_bytes())
+            .unwrap();
+        vq.mem.write(AVAIL + 2, &(n + 1).to_le_bytes()).unwrap();
+        let mut event = [0u8; 2];
+        vq.mem
+            .read(USED + 4 + 8 * u64::from(SIZE), &mut event)
+            .unwrap();
+        vring_need_event(u16::from_le_bytes(event), n + 1, n)
+    }
+
+    #[test]
+    fn taking_and_peeking_leave_avail_event_behind_and_only_the_final_check_asks_for_a_kick() {
+        let mut vq = queues();
+        assert!(post(&vq, 0), "the first request is kicked");
+        assert!(vq.take(0).unwrap().is_some());
+        // An empty ring found by a busy or polling loop asks for no kick.
+        assert!(vq.take(0).unwrap().is_none());
+        assert!(!vq.peek_requests(0));
+        assert!(!post(&vq, 1), "kicked while the backend polls");
+        assert!(vq.peek_requests(0));
+        assert!(vq.take(0).unwrap().is_some());
+        // About to sleep: the final check asks for the next one.
+        assert!(!vq.has_requests(0));
+        assert!(post(&vq, 2), "not kicked while the backend sleeps");
     }
 }

@@ -165,7 +165,6 @@ pub fn parse(
     // Readable stream: header then data-out.
     let mut header = [0u8; 16];
     let mut header_got = 0u64;
-    let mut out_pieces: Vec<(u64, u64)> = Vec::new();
     let mut out_bytes = 0u64;
     let mut in_bytes = 0u64;
     let mut in_segments = 0u32;
@@ -186,8 +185,7 @@ pub fn parse(
                 header_got += take;
             }
             if len > take {
-                // Checked: the walk bounded the chain to 4 GiB.
-                out_pieces.push((b.addr.wrapping_add(take), len - take));
+                // The data-out pieces are walked again by `readable_data`.
                 out_bytes += len - take;
                 out_segments += 1;
             }
@@ -222,12 +220,12 @@ pub fn parse(
                 match sector_range(hdr.sector, bytes, cfg.sectors) {
                     None => ioerr,
                     Some(offset) => {
-                        let pieces = if read {
-                            writable_data(chain)
+                        let split = if read {
+                            split_all(mem, writable_data(chain), data)
                         } else {
-                            std::mem::take(&mut out_pieces)
+                            split_all(mem, readable_data(chain), data)
                         };
-                        if split_all(mem, &pieces, data).is_err() {
+                        if split.is_err() {
                             ioerr
                         } else if bytes == 0 {
                             Action::Done(STATUS_OK)
@@ -243,9 +241,9 @@ pub fn parse(
         VIRTIO_BLK_T_FLUSH => Action::Flush,
         VIRTIO_BLK_T_GET_ID => {
             let bytes = in_bytes.min(u64::from(VIRTIO_BLK_ID_BYTES));
-            let mut pieces = writable_data(chain);
+            let mut pieces: Vec<(u64, u64)> = writable_data(chain).collect();
             truncate_pieces(&mut pieces, bytes);
-            if split_all(mem, &pieces, data).is_err() {
+            if split_all(mem, pieces, data).is_err() {
                 ioerr
             } else {
                 Action::GetId {
@@ -267,7 +265,7 @@ pub fn parse(
             } else {
                 segments(
                     mem,
-                    &out_pieces,
+                    readable_data(chain),
                     out_bytes,
                     max,
                     discard,
@@ -295,20 +293,37 @@ fn sector_range(sector: u64, bytes: u64, capacity: u64) -> Option<u64> {
     Some(offset)
 }
 
-/// The device-writable bytes before the status byte.
-fn writable_data(chain: &Chain) -> Vec<(u64, u64)> {
+/// The device-writable bytes before the status byte, as
+/// `(address, length)` pieces.
+fn writable_data(chain: &Chain) -> impl Iterator<Item = (u64, u64)> + '_ {
     let n = chain.bufs.len();
     chain
         .bufs
         .iter()
         .enumerate()
         .filter(|(_, b)| b.writable)
-        .map(|(i, b)| {
+        .map(move |(i, b)| {
             let len = u64::from(b.len) - u64::from(i + 1 == n);
             (b.addr, len)
         })
         .filter(|&(_, len)| len > 0)
-        .collect()
+}
+
+/// The device-readable bytes after the header (data-out), as
+/// `(address, length)` pieces.
+fn readable_data(chain: &Chain) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut header_left = HEADER_SIZE;
+    chain
+        .bufs
+        .iter()
+        .filter(|b| !b.writable)
+        .filter_map(move |b| {
+            let len = u64::from(b.len);
+            let take = header_left.min(len);
+            header_left -= take;
+            // Checked: the walk bounded the chain to 4 GiB.
+            (len > take).then(|| (b.addr.wrapping_add(take), len - take))
+        })
 }
 
 fn truncate_pieces(pieces: &mut Vec<(u64, u64)>, mut bytes: u64) {
@@ -322,10 +337,10 @@ fn truncate_pieces(pieces: &mut Vec<(u64, u64)>, mut bytes: u64) {
 
 fn split_all(
     mem: &GuestRam,
-    pieces: &[(u64, u64)],
+    pieces: impl IntoIterator<Item = (u64, u64)>,
     data: &mut Vec<(u64, usize)>,
 ) -> Result<(), ()> {
-    for &(addr, len) in pieces {
+    for (addr, len) in pieces {
         mem.split(addr, len, data).map_err(|_| ())?;
     }
     Ok(())
@@ -334,7 +349,7 @@ fn split_all(
 /// Reads and validates the discard/write-zeroes segments.
 fn segments(
     mem: &GuestRam,
-    pieces: &[(u64, u64)],
+    pieces: impl Iterator<Item = (u64, u64)>,
     bytes: u64,
     max: u32,
     discard: bool,
@@ -352,7 +367,7 @@ fn segments(
     // At most 32 segments of 16 bytes.
     let mut raw = vec![0u8; bytes as usize];
     let mut at = 0usize;
-    for &(addr, len) in pieces {
+    for (addr, len) in pieces {
         let len = len as usize;
         if mem.read(addr, &mut raw[at..at + len]).is_err() {
             return ioerr;

@@ -87,6 +87,8 @@ impl DeviceClass for BlockClass {
             self.disk.sectors.to_string().into(),
             "--max-ring-page-order".into(),
             cfg.max_ring_page_order.to_string().into(),
+            "--poll-us".into(),
+            cfg.poll_us.to_string().into(),
         ];
         if cfg.readonly {
             args.push("--readonly".into());
