@@ -121,11 +121,7 @@ fn inject_under_pattern(
         if guest.exited() {
             break;
         }
-        let before = setup.stats().recoveries;
-        setup
-            .sup()
-            .fault(setup.name(), fault)
-            .expect("inject fault");
+        let before = setup.inject(fault);
         injected += 1;
         let deadline = Instant::now() + Duration::from_secs(20);
         while setup.stats().recoveries <= before && !guest.exited() {

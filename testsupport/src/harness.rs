@@ -3,7 +3,7 @@
 //! Stopped (backends killed) and its directory removed on drop.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shadowback_guest::vhost_user::{VhostUserBlk, VhostUserBlkOptions};
 use shadowback_supervisor::{
@@ -284,9 +284,26 @@ impl DiskSetup {
 
     /// Injects `fault` and waits for the recovery it causes.
     pub fn fault_and_recover(&self, fault: Fault) {
-        let before = self.stats().recoveries;
-        self.sup().fault(&self.name, fault).expect("inject fault");
+        let before = self.inject(fault);
         self.wait_for("the recovery", |s| s.recoveries > before);
+    }
+
+    /// Injects `fault`, again while the supervisor answers `EBUSY` (the
+    /// instance an earlier fault ended, or one the watchdog found hung, is
+    /// still being replaced: nothing was done, docs/PROTOCOL.md §6a), and
+    /// returns the recovery count read just before the accepted one.
+    pub fn inject(&self, fault: Fault) -> u64 {
+        let deadline = Instant::now() + STATS_TIMEOUT;
+        loop {
+            let before = self.stats().recoveries;
+            match self.sup().fault(&self.name, fault) {
+                Ok(()) => return before,
+                Err(e) if e.to_string().contains("EBUSY") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("inject {fault:?} into {}: {e}", self.name),
+            }
+        }
     }
 
     /// The native client with `queues` virtqueues (EVENT_IDX on).
