@@ -113,6 +113,23 @@ impl Frontend {
         }
     }
 
+    /// The sizes of the guest memory regions the frontend hands over, as
+    /// the backend will map them: a Xen region's file size (sealed
+    /// against shrinking, `check_region`), or each vhost-user region's.
+    pub fn guest_memory(&self) -> Result<Vec<u64>, Refusal> {
+        let file_size = |fd: &OwnedFd| {
+            rustix::fs::fstat(fd)
+                .ok()
+                .and_then(|st| u64::try_from(st.st_size).ok())
+                .ok_or((ErrorCode::Einval, "region size unknown".to_string()))
+        };
+        match self {
+            Frontend::Xen { fds, .. } => Ok(vec![file_size(&fds.region)?]),
+            Frontend::Net { fds, .. } => Ok(vec![file_size(&fds.region)?]),
+            Frontend::Virtio { req, .. } => Ok(req.regions.iter().map(|r| r.size).collect()),
+        }
+    }
+
     /// Slots of each ring's shadow log, in ring order (the order of the
     /// logs in the attach message).
     pub fn ring_slots(&self) -> Result<Vec<u32>, Refusal> {

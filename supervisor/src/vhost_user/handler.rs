@@ -30,6 +30,7 @@ use super::inflight::InflightRegion;
 use super::memory::{MemoryTable, RegionDesc};
 use super::model::VirtioModel;
 use crate::config::MAX_VHOST_QUEUE_SIZE;
+use crate::limits::DeviceLimits;
 
 type Result<T> = std::result::Result<T, VhostError>;
 
@@ -61,6 +62,8 @@ pub(crate) struct DeviceFacts {
     /// Largest `SET_VRING_NUM`.
     pub queue_size: u16,
     pub shadow: bool,
+    /// What a memory table may hold (`[limits]`).
+    pub limits: DeviceLimits,
 }
 
 /// Guest-physical ring addresses.
@@ -409,6 +412,12 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        // Before anything is looked at or allocated (a hugetlbfs region's
+        // pages are, by the table's checks).
+        let sizes: Vec<u64> = ctx.iter().map(|r| r.memory_size).collect();
+        if let Err((_, why)) = self.facts.limits.check_memory(&sizes) {
+            return Err(self.refuse(format!("memory table: {why}")));
+        }
         let regions = ctx
             .iter()
             .map(|r| RegionDesc {
@@ -693,6 +702,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LimitsConfig;
     use crate::vhost_user::memory::tests::memfd;
     use crate::vhost_user::BlkGeometry;
     use std::os::unix::fs::FileExt;
@@ -780,6 +790,7 @@ mod tests {
                 }),
                 queue_size: 256,
                 shadow: true,
+                limits: DeviceLimits::new(&LimitsConfig::default()),
             };
             let h = VhostUserHandler::new(facts, "vmm".into(), Box::new(MockLink(calls.clone())));
             let guest = File::from(memfd(0x10_0000));

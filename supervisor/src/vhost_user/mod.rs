@@ -138,6 +138,7 @@ impl VhostUserServer {
             model,
             queue_size: cfg.queue_size,
             shadow: cfg.shadow,
+            limits: device.limits,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
