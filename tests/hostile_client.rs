@@ -739,6 +739,27 @@ fn a_full_blocking_call_eventfd_blocks_no_vhost_user_backend() {
 // Guest memory that can fault.
 // ---------------------------------------------------------------------
 
+/// A `connect` of `device` offering `region` as guest memory (with two
+/// fresh eventfds); the socket, for its answer.
+fn connect_with_region(control: &Path, device: &str, region: &impl AsRawFd) -> SeqPacket {
+    let (kick, notify) = (
+        EventChannel::new().expect("eventfd"),
+        EventChannel::new().expect("eventfd"),
+    );
+    let sock = SeqPacket::connect(control).expect("connect");
+    send_raw(
+        &sock,
+        &encode_text(kind::CONNECT, &connect_keys(device)),
+        &[
+            region.as_raw_fd(),
+            kick.as_fd().as_raw_fd(),
+            notify.as_fd().as_raw_fd(),
+        ],
+    )
+    .expect("send connect");
+    sock
+}
+
 #[test]
 fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
     let up = Up::start("hc-huge", "");
@@ -750,21 +771,7 @@ fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
         2 << 20,
         SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
     );
-    let (kick, notify) = (
-        EventChannel::new().expect("eventfd"),
-        EventChannel::new().expect("eventfd"),
-    );
-    let hostile = SeqPacket::connect(&up.control).expect("connect");
-    send_raw(
-        &hostile,
-        &encode_text(kind::CONNECT, &connect_keys(&up.other_disk)),
-        &[
-            region.as_raw_fd(),
-            kick.as_fd().as_raw_fd(),
-            notify.as_fd().as_raw_fd(),
-        ],
-    )
-    .expect("send connect");
+    let hostile = connect_with_region(&up.control, &up.other_disk, &region);
     expect_refusal(&hostile, shadowback_xenbus::ErrorCode::Einval)
         .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
 
@@ -1127,21 +1134,7 @@ fn guest_memory_beyond_the_limits_is_refused() {
 
     // A Xen region of 16 MiB, good in every other way.
     let region = sealed_memfd(16 * MIB);
-    let (kick, notify) = (
-        EventChannel::new().expect("eventfd"),
-        EventChannel::new().expect("eventfd"),
-    );
-    let hostile = SeqPacket::connect(&up.control).expect("connect");
-    send_raw(
-        &hostile,
-        &encode_text(kind::CONNECT, &connect_keys(&up.other_disk)),
-        &[
-            region.as_raw_fd(),
-            kick.as_fd().as_raw_fd(),
-            notify.as_fd().as_raw_fd(),
-        ],
-    )
-    .expect("send connect");
+    let hostile = connect_with_region(&up.control, &up.other_disk, &region);
     expect_refusal(&hostile, shadowback_xenbus::ErrorCode::E2big)
         .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
     bystander.progressing("after the Xen refusal");

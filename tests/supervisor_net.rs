@@ -21,7 +21,7 @@ use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, 
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
-use shadowback_testsupport::operator::{fault_kill, stats_of};
+use shadowback_testsupport::operator::{fault_kill, stats_of, status};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::kind;
 use shadowback_xenbus::{Message, SeqPacket};
@@ -503,20 +503,7 @@ fn on_thread_as<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'stat
 
 /// The devices `status` lists to the calling thread.
 fn status_devices(socket: &Path) -> Vec<String> {
-    let control = SeqPacket::connect(socket).expect("control socket");
-    control.send(&Message::new(kind::STATUS), &[]).unwrap();
-    let mut seen = Vec::new();
-    loop {
-        let (msg, _) = control
-            .recv_timeout(REPLY_TIMEOUT)
-            .expect("control socket")
-            .expect("a status answer");
-        match msg.kind() {
-            kind::STATUS => seen.push(msg.get("device").unwrap_or_default().to_string()),
-            kind::STATUS_END => return seen,
-            other => panic!("status answered {other}: {msg:?}"),
-        }
-    }
+    status(socket).into_iter().map(|(name, _)| name).collect()
 }
 
 #[test]
