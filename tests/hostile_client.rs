@@ -1137,7 +1137,14 @@ fn guest_memory_beyond_the_limits_is_refused() {
     let hostile = connect_with_region(&up.control, &up.other_disk, &region);
     expect_refusal(&hostile, shadowback_xenbus::ErrorCode::E2big)
         .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
-    bystander.progressing("after the Xen refusal");
+    // A small one that could grow after the check: it counts as the
+    // 4 GiB a Xen region may grow to.
+    let growable = shadowback_testsupport::fd::sealable_memfd(MIB, true);
+    shadowback_testsupport::fd::add_seals(&growable, SealFlag::F_SEAL_SHRINK);
+    let hostile = connect_with_region(&up.control, &up.other_disk, &growable);
+    expect_refusal(&hostile, shadowback_xenbus::ErrorCode::E2big)
+        .unwrap_or_else(|e| panic!("a growable region: {e}\n{}", up.log_tail()));
+    bystander.progressing("after the Xen refusals");
 
     // A vhost-user memory table: too large, too many regions, then one
     // within both limits.

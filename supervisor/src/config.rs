@@ -267,7 +267,7 @@ pub const MAX_MAX_GUEST_MEMORY_MIB: u64 = 8 << 20;
 /// Default and largest `max_memory_regions` (the protocol's maximum).
 pub const DEFAULT_MAX_MEMORY_REGIONS: u32 = 8;
 /// Default `attaches_per_second`.
-pub const DEFAULT_ATTACHES_PER_SECOND: u32 = 20;
+pub const DEFAULT_ATTACHES_PER_SECOND: u32 = 50;
 /// Largest accepted `attaches_per_second`.
 pub const MAX_ATTACHES_PER_SECOND: u32 = 10_000;
 
