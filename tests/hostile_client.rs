@@ -24,7 +24,8 @@
 //!   `max_guest_memory_mib` or `max_memory_regions` is refused, as a Xen
 //!   region (`E2BIG`) and as a vhost-user memory table; hugetlbfs
 //!   vhost-user memory is served if its huge pages can be allocated up
-//!   front and refused otherwise; `fault poison` keeps a bounded list.
+//!   front and refused otherwise; `fault poison` keeps a bounded list; a
+//!   VMM repeating refused vhost-user requests writes a bounded log.
 //!
 //! Wherever a client misbehaves, a [`Bystander`] guest on another disk
 //! runs verified I/O from before to after, and must see no error and no
@@ -1043,18 +1044,17 @@ fn attach_attempts_beyond_attaches_per_second_get_eagain() {
     up.sigterm();
 }
 
-/// What the supervisor answered a memory table: `Ok` (acknowledged) or
-/// why not.
-type TableAnswer = Result<(), String>;
-
-/// Offers `regions` (memfd, size) as guest memory over the vhost-user
-/// socket at `path`, as a VMM would: features, `REPLY_ACK`, `SET_OWNER`,
-/// `SET_MEM_TABLE` asking for an acknowledgement. The socket is shut
-/// down if the supervisor takes more than 10 s, so nothing hangs.
-fn offer_memory_table(path: &Path, regions: &[(&std::fs::File, u64)]) -> TableAnswer {
+/// Runs `f` on a raw vhost-user frontend connected to `path` and set up
+/// as a VMM would: features, `REPLY_ACK` (every request then asks for an
+/// acknowledgement), `SET_OWNER`. The socket is shut down if the
+/// supervisor takes more than [`REPLY_TIMEOUT`], so nothing hangs.
+fn with_raw_vhost_frontend<T>(
+    path: &Path,
+    f: impl FnOnce(&mut vhost::vhost_user::Frontend) -> Result<T, String>,
+) -> Result<T, String> {
     use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
     use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    use vhost::VhostBackend;
 
     const VERSION_1: u64 = 1 << 32;
     let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
@@ -1087,6 +1087,19 @@ fn offer_memory_table(path: &Path, regions: &[(&std::fs::File, u64)]) -> TableAn
             .map_err(e("SET_PROTOCOL_FEATURES"))?;
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         fe.set_owner().map_err(e("SET_OWNER"))?;
+        f(&mut fe)
+    })();
+    done.store(true, Ordering::Relaxed);
+    watchdog.join().expect("watchdog");
+    answer
+}
+
+/// Offers `regions` (memfd, size) as guest memory over the vhost-user
+/// socket at `path` with `SET_MEM_TABLE`: `Ok` if it was acknowledged,
+/// else why not.
+fn offer_memory_table(path: &Path, regions: &[(&std::fs::File, u64)]) -> Result<(), String> {
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    with_raw_vhost_frontend(path, |fe| {
         let mut gpa = 0u64;
         let table: Vec<VhostUserMemoryRegionInfo> = regions
             .iter()
@@ -1102,12 +1115,10 @@ fn offer_memory_table(path: &Path, regions: &[(&std::fs::File, u64)]) -> TableAn
                 region
             })
             .collect();
-        fe.set_mem_table(&table).map_err(e("SET_MEM_TABLE"))?;
-        Ok(())
-    })();
-    done.store(true, Ordering::Relaxed);
-    watchdog.join().expect("watchdog");
-    answer
+        fe.set_mem_table(&table)
+            .map(|_| ())
+            .map_err(|e| format!("SET_MEM_TABLE: {e}"))
+    })
 }
 
 /// A shmem memfd of `bytes`, sealed against shrinking.
@@ -1273,5 +1284,47 @@ fn poisoned_sectors_are_bounded_per_device() {
     )
     .expect("send fault");
     expect_kind(&sock, kind::OK).expect("a repeated poison");
+    up.sigterm();
+}
+
+#[test]
+fn a_vmm_repeating_refused_requests_writes_a_bounded_log() {
+    use vhost::VhostBackend;
+    const REFUSED: u32 = 3000;
+    let mut vhost = PathBuf::new();
+    let up = Up::start_with("hc-vlog", "", |dir| {
+        vhost = dir.join("other.vhost");
+        [String::new(), format!("vhost_user = {vhost:?}")]
+    });
+    let bystander = Bystander::start(up.attach_guest(), 111);
+    let log_before = up.log_len();
+    // A virtqueue size that is not a power of two, over and over: each
+    // is refused (a failed acknowledgement) and the connection stays.
+    let refused = with_raw_vhost_frontend(&vhost, |fe| {
+        let mut refused = 0;
+        for _ in 0..REFUSED {
+            if fe.set_vring_num(0, 3).is_err() {
+                refused += 1;
+            }
+        }
+        Ok(refused)
+    })
+    .expect("a raw vhost-user frontend");
+    assert_eq!(refused, REFUSED, "every bad SET_VRING_NUM is refused");
+    // And connections that hang up at once.
+    for _ in 0..300 {
+        drop(std::os::unix::net::UnixStream::connect(&vhost).expect("connect"));
+    }
+    bystander.progressing("after the refused requests");
+    let grown = up.log_len() - log_before;
+    assert!(
+        grown < LOG_GROWTH_BOUND,
+        "the log grew by {grown} bytes over {REFUSED} refused requests\n{}",
+        up.log_tail()
+    );
+    let other = up.device(&up.other_disk);
+    assert_eq!(other["crashes"].as_u64(), Some(0), "{other}");
+    let (guest, _) = bystander.finish("a VMM repeating refused requests");
+    guest.detach().expect("guest detaches");
     up.sigterm();
 }

@@ -49,6 +49,7 @@ pub fn serve_stream(stream: UnixStream, num_queues: u16, queue_size: u16, max_re
         queue_size,
         shadow: true,
         limits: DeviceLimits::new(&LimitsConfig::default()),
+        log: DeviceFacts::new_log(),
     };
     let handler = Arc::new(Mutex::new(VhostUserHandler::new(
         facts,
