@@ -391,6 +391,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        limits: Default::default(),
         // Everything else at its default, as a production disk would run.
         // Exports of the one image: with and without the shadow log, and
         // with the other polling window (only one is driven at a time).

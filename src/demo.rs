@@ -113,6 +113,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        limits: Default::default(),
         disks: vec![DiskConfig {
             cache,
             ..DiskConfig::new("disk0", image.clone())

@@ -185,6 +185,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         socket: dir.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        limits: Default::default(),
         disks: vec![DiskConfig {
             cache,
             standby: args.mode == Mode::Hot,

@@ -19,6 +19,17 @@
 //!   disk over the control socket or vhost-user, and attaches its own;
 //!   the owner's guest does verified I/O meanwhile. An operator uid may
 //!   `fault` and see every disk, but attaches only what it is allowed.
+//! - `[limits]` (docs/PROTOCOL.md §1.3): attach attempts beyond
+//!   `attaches_per_second` get `EAGAIN`; guest memory beyond
+//!   `max_guest_memory_mib` or `max_memory_regions` is refused, as a Xen
+//!   region (`E2BIG`) and as a vhost-user memory table; hugetlbfs
+//!   vhost-user memory is served if its huge pages can be allocated up
+//!   front and refused otherwise; `fault poison` keeps a bounded list; a
+//!   VMM repeating refused vhost-user requests writes a bounded log.
+//!
+//! Wherever a client misbehaves, a [`Bystander`] guest on another disk
+//! runs verified I/O from before to after, and must see no error and no
+//! wrong data.
 #![deny(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -357,6 +368,7 @@ fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
     verified_io(&mut guest, 0, 1).expect("verified I/O before");
     let baseline_fds = up.fds();
     let log_before = up.log_len();
+    let bystander = Bystander::start(guest, 2);
 
     // Far more idle connections than the supervisor has descriptors.
     let held = open_idle(&up.control, 3 * SUPERVISOR_NOFILE as usize);
@@ -372,9 +384,9 @@ fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
         Some(0),
         "status while held"
     );
-    verified_io(&mut guest, 256, 2).expect("verified I/O while held");
+    bystander.progressing("while held");
     up.kill_backend_and_see_it_replaced();
-    verified_io(&mut guest, 512, 3).expect("verified I/O after the takeover");
+    bystander.progressing("after the takeover");
     let while_held = up.fds();
     assert!(
         while_held < SUPERVISOR_NOFILE as usize,
@@ -385,7 +397,8 @@ fn idle_connections_beyond_the_descriptor_limit_wedge_nothing() {
     drop(held);
     up.wait_fds_back_to(baseline_fds);
     assert!(up.device(&up.guest_disk)["connected"].as_u64() == Some(1));
-    verified_io(&mut guest, 768, 4).expect("verified I/O after");
+    bystander.progressing("after");
+    let (guest, _) = bystander.finish("idle connections");
     let grown = up.log_len() - log_before;
     assert!(
         grown < LOG_GROWTH_BOUND,
@@ -413,7 +426,7 @@ fn one_client_filling_the_socket_cannot_lock_out_another() {
     // calls below, it depended on the supervisor seeing the last status
     // client's EOF before its connect: refused 1 run in 9 with two busy
     // cores.) An attached guest holds no slot.
-    let mut guest = up.attach_guest();
+    let bystander = Bystander::start(up.attach_guest(), 31);
     let held = open_idle(&up.control, 2 * SUPERVISOR_NOFILE as usize);
     assert!(
         held.len() > SUPERVISOR_NOFILE as usize,
@@ -425,14 +438,15 @@ fn one_client_filling_the_socket_cannot_lock_out_another() {
     for _ in 0..3 {
         assert_eq!(up.device(&up.other_disk)["given-up"].as_u64(), Some(0));
     }
-    verified_io(&mut guest, 0, 31).expect("verified I/O while the socket is full");
+    bystander.progressing("while the socket is full");
     up.kill_backend_and_see_it_replaced();
-    verified_io(&mut guest, 256, 32).expect("verified I/O after the takeover");
+    bystander.progressing("after the takeover");
     let fds = up.fds();
     assert!(
         fds < SUPERVISOR_NOFILE as usize,
         "the supervisor ran out of descriptors ({fds})"
     );
+    let (guest, _) = bystander.finish("a full socket");
     guest.detach().expect("guest detaches");
     up.sigterm();
 }
@@ -477,17 +491,15 @@ fn a_connect_close_storm_wedges_nothing() {
         })
         .collect();
 
+    let bystander = Bystander::start(guest, 20);
     let storm_end = Instant::now() + Duration::from_secs(6);
-    let mut rounds = 0u64;
     while Instant::now() < storm_end {
         let dev = up.device(&up.other_disk);
         assert_eq!(dev["given-up"].as_u64(), Some(0), "status during the storm");
-        verified_io(&mut guest, 256 + 128 * (rounds % 8), 20 + rounds)
-            .expect("verified I/O during the storm");
-        rounds += 1;
+        bystander.progressing("during the storm");
     }
     up.kill_backend_and_see_it_replaced();
-    verified_io(&mut guest, 2048, 12).expect("verified I/O after the takeover");
+    bystander.progressing("after the takeover");
     stop.store(true, Ordering::Relaxed);
     for s in stormers {
         s.join().expect("storm thread");
@@ -496,7 +508,8 @@ fn a_connect_close_storm_wedges_nothing() {
     assert!(cycles > 500, "the storm made only {cycles} connections");
 
     up.wait_fds_back_to(baseline_fds);
-    verified_io(&mut guest, 4096, 13).expect("verified I/O after the storm");
+    bystander.progressing("after the storm");
+    let (guest, _) = bystander.finish("a connect/close storm");
     let grown = up.log_len() - log_before;
     assert!(
         grown < LOG_GROWTH_BOUND,
@@ -596,7 +609,10 @@ fn a_full_blocking_notify_eventfd_blocks_no_ring_backend() {
     let mut guest = RawGuest { control, mem };
     let backend = backend_pid(&hostile);
 
-    let mut front = BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("attach");
+    let bystander = Bystander::start(
+        BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("attach"),
+        100,
+    );
     for round in 0..6u64 {
         let data = pattern(round, 4096);
         let sector = 8 * round;
@@ -625,7 +641,7 @@ fn a_full_blocking_notify_eventfd_blocks_no_ring_backend() {
             .read(RawGuest::data_offset(0), &mut back)
             .expect("read page");
         assert!(back == data, "round {round}: read back other data");
-        verified_io(&mut front, 64 * round, 100 + round).expect("the other disk's I/O");
+        bystander.progressing(&format!("round {round}"));
     }
     assert_eq!(
         eventfd_count(&guest.mem.notify),
@@ -633,6 +649,7 @@ fn a_full_blocking_notify_eventfd_blocks_no_ring_backend() {
         "the notify counter moved"
     );
     assert_eq!(backend_pid(&hostile), backend, "the backend was replaced");
+    let (front, _) = bystander.finish("a full blocking notify eventfd");
     front.detach().expect("detach");
     guest
         .control
@@ -723,25 +740,17 @@ fn a_full_blocking_call_eventfd_blocks_no_vhost_user_backend() {
 // Guest memory that can fault.
 // ---------------------------------------------------------------------
 
-#[test]
-fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
-    let up = Up::start("hc-huge", "");
-    let mut guest = up.attach_guest();
-    verified_io(&mut guest, 0, 51).expect("verified I/O before");
-
-    // Sealed like a good region: only its file system tells it apart.
-    let region = shadowback_testsupport::fd::hugetlbfs_memfd(
-        2 << 20,
-        SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
-    );
+/// A `connect` of `device` offering `region` as guest memory (with two
+/// fresh eventfds); the socket, for its answer.
+fn connect_with_region(control: &Path, device: &str, region: &impl AsRawFd) -> SeqPacket {
     let (kick, notify) = (
         EventChannel::new().expect("eventfd"),
         EventChannel::new().expect("eventfd"),
     );
-    let hostile = SeqPacket::connect(&up.control).expect("connect");
+    let sock = SeqPacket::connect(control).expect("connect");
     send_raw(
-        &hostile,
-        &encode_text(kind::CONNECT, &connect_keys(&up.other_disk)),
+        &sock,
+        &encode_text(kind::CONNECT, &connect_keys(device)),
         &[
             region.as_raw_fd(),
             kick.as_fd().as_raw_fd(),
@@ -749,10 +758,25 @@ fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
         ],
     )
     .expect("send connect");
+    sock
+}
+
+#[test]
+fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
+    let up = Up::start("hc-huge", "");
+    let bystander = Bystander::start(up.attach_guest(), 51);
+    bystander.progressing("before");
+
+    // Sealed like a good region: only its file system tells it apart.
+    let region = shadowback_testsupport::fd::hugetlbfs_memfd(
+        2 << 20,
+        SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW,
+    );
+    let hostile = connect_with_region(&up.control, &up.other_disk, &region);
     expect_refusal(&hostile, shadowback_xenbus::ErrorCode::Einval)
         .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
 
-    verified_io(&mut guest, 256, 52).expect("verified I/O after");
+    bystander.progressing("after the refusal");
     let other = up.device(&up.other_disk);
     assert_eq!(
         (
@@ -769,6 +793,7 @@ fn hugetlbfs_guest_memory_is_refused_and_the_supervisor_keeps_serving() {
     let mut second = BlkFront::attach(&up.control, &cfg).expect("a good guest attaches");
     verified_io(&mut second, 0, 53).expect("verified I/O on the other disk");
     second.detach().expect("detach");
+    let (guest, _) = bystander.finish("a hugetlbfs region");
     guest.detach().expect("guest detaches");
     up.sigterm();
 }
@@ -871,20 +896,7 @@ fn a_client_of_another_uid_reaches_only_what_it_is_allowed() {
     assert_eq!(dev["connected"].as_u64(), Some(0), "{refused}\n{dev}");
 
     // Its owner's guest does verified I/O while nobody tries everything.
-    let mut guest = up.attach_guest();
-    let stop = Arc::new(AtomicBool::new(false));
-    let io = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut rounds = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                verified_io(&mut guest, 128 * (rounds % 16), 70 + rounds)?;
-                rounds += 1;
-            }
-            guest.detach().map_err(|e| e.to_string())?;
-            Ok::<u64, String>(rounds)
-        })
-    };
+    let bystander = Bystander::start(up.attach_guest(), 70);
     for (device, action) in [
         (&up.guest_disk, "kill"),
         (&up.guest_disk, "poison"),
@@ -912,12 +924,9 @@ fn a_client_of_another_uid_reaches_only_what_it_is_allowed() {
         "{report:?}"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let rounds = io
-        .join()
-        .expect("I/O thread")
-        .expect("the owner's verified I/O");
-    assert!(rounds > 0);
+    bystander.progressing("after nobody's attempts");
+    let (guest, _) = bystander.finish("another uid's client");
+    guest.detach().expect("guest detaches");
     let dev = up.device(&up.guest_disk);
     // No fault reached it. (Its backend may still have been replaced: on
     // two busy cores the watchdog can find a heartbeat 100 ms late — a
@@ -961,5 +970,361 @@ fn an_operator_uid_may_fault_and_see_every_disk() {
         .xen_guest_as_nobody(&up.guest_disk)
         .expect_err("an operator attached a disk not allowed to it");
     assert!(refused.contains("EACCES"), "{refused}");
+    up.sigterm();
+}
+
+// ---------------------------------------------------------------------
+// Bounded resources per device (`[limits]`, docs/PROTOCOL.md §1.3).
+// ---------------------------------------------------------------------
+
+/// A `[limits]` table with `lines`, to follow the `[control]` lines given
+/// to [`Up::start`].
+fn limits_table(lines: &str) -> String {
+    format!("\n[limits]\n{lines}\n")
+}
+
+/// A raw `connect` of `device` with a good raw region: the error code of
+/// the answer, or `connected` (then the connection is closed again).
+fn raw_connect_answer(control: &Path, device: &str) -> String {
+    let mem = RawRegion::new(0);
+    let sock = SeqPacket::connect(control).expect("connect");
+    send_raw(
+        &sock,
+        &encode_text(kind::CONNECT, &connect_keys(device)),
+        &mem.fds(),
+    )
+    .expect("send connect");
+    let (answer, _) = sock
+        .recv_timeout(REPLY_TIMEOUT)
+        .expect("recv")
+        .expect("an answer to connect");
+    match answer.kind() {
+        kind::ERROR => answer.get("code").unwrap_or("no code").to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[test]
+fn attach_attempts_beyond_attaches_per_second_get_eagain() {
+    let up = Up::start("hc-rate", &limits_table("attaches_per_second = 2"));
+    let bystander = Bystander::start(up.attach_guest(), 81);
+    // The other disk's first attach stays: later attempts that get past
+    // the rate are EBUSY, and cost nothing but the refusal.
+    let mut cfg = BlkFrontConfig::new(&up.other_disk);
+    cfg.max_request_bytes = 64 * 1024;
+    let first = BlkFront::attach(&up.control, &cfg).expect("the first attach");
+    let started = Instant::now();
+    let mut answers = Vec::new();
+    for _ in 0..50 {
+        answers.push(raw_connect_answer(&up.control, &up.other_disk));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let busy = answers.iter().filter(|a| *a == "EBUSY").count();
+    let again = answers.iter().filter(|a| *a == "EAGAIN").count();
+    assert_eq!(busy + again, answers.len(), "{answers:?}");
+    assert!(
+        again > 0,
+        "no attempt was refused for its rate: {answers:?}"
+    );
+    // One token was left after the first attach, and 2 more a second.
+    let allowed = 1 + (2.0 * elapsed).ceil() as usize;
+    assert!(
+        busy <= allowed,
+        "{busy} attempts in {elapsed:.2} s got past a rate of 2/s: {answers:?}"
+    );
+    bystander.progressing("while the other disk's attaches are refused");
+    // The rate refills: a second later a new guest attaches.
+    first.detach().expect("detach");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut again = BlkFront::attach(&up.control, &cfg).expect("an attach a second later");
+    verified_io(&mut again, 0, 82).expect("verified I/O on the other disk");
+    again.detach().expect("detach");
+    let (guest, _) = bystander.finish("attach attempts beyond the rate");
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+/// Runs `f` on a raw vhost-user frontend connected to `path` and set up
+/// as a VMM would: features, `REPLY_ACK` (every request then asks for an
+/// acknowledgement), `SET_OWNER`. The socket is shut down if the
+/// supervisor takes more than [`REPLY_TIMEOUT`], so nothing hangs.
+fn with_raw_vhost_frontend<T>(
+    path: &Path,
+    f: impl FnOnce(&mut vhost::vhost_user::Frontend) -> Result<T, String>,
+) -> Result<T, String> {
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserVirtioFeatures};
+    use vhost::VhostBackend;
+
+    const VERSION_1: u64 = 1 << 32;
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    let watched = stream.try_clone().map_err(|e| e.to_string())?;
+    let done = Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + REPLY_TIMEOUT;
+            while !done.load(Ordering::Relaxed) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if !done.load(Ordering::Relaxed) {
+                let _ = watched.shutdown(std::net::Shutdown::Both);
+            }
+        })
+    };
+    let answer = (|| {
+        let e = |what: &'static str| move |err: vhost::Error| format!("{what}: {err}");
+        let mut fe = Frontend::from_stream(stream, 1);
+        let features = fe.get_features().map_err(e("GET_FEATURES"))?;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        fe.set_features(features & (VERSION_1 | protocol))
+            .map_err(e("SET_FEATURES"))?;
+        let offered = fe
+            .get_protocol_features()
+            .map_err(e("GET_PROTOCOL_FEATURES"))?;
+        assert!(offered.contains(VhostUserProtocolFeatures::REPLY_ACK));
+        fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+            .map_err(e("SET_PROTOCOL_FEATURES"))?;
+        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        fe.set_owner().map_err(e("SET_OWNER"))?;
+        f(&mut fe)
+    })();
+    done.store(true, Ordering::Relaxed);
+    watchdog.join().expect("watchdog");
+    answer
+}
+
+/// Offers `regions` (memfd, size) as guest memory over the vhost-user
+/// socket at `path` with `SET_MEM_TABLE`: `Ok` if it was acknowledged,
+/// else why not.
+fn offer_memory_table(path: &Path, regions: &[(&std::fs::File, u64)]) -> Result<(), String> {
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    with_raw_vhost_frontend(path, |fe| {
+        let mut gpa = 0u64;
+        let table: Vec<VhostUserMemoryRegionInfo> = regions
+            .iter()
+            .map(|(file, size)| {
+                let region = VhostUserMemoryRegionInfo {
+                    guest_phys_addr: gpa,
+                    memory_size: *size,
+                    userspace_addr: 0x7f00_0000_0000 + gpa,
+                    mmap_offset: 0,
+                    mmap_handle: file.as_raw_fd(),
+                };
+                gpa += size;
+                region
+            })
+            .collect();
+        fe.set_mem_table(&table)
+            .map(|_| ())
+            .map_err(|e| format!("SET_MEM_TABLE: {e}"))
+    })
+}
+
+/// A shmem memfd of `bytes`, sealed against shrinking.
+fn sealed_memfd(bytes: u64) -> std::fs::File {
+    use shadowback_testsupport::fd::{add_seals, sealable_memfd};
+    let file = sealable_memfd(bytes, true);
+    add_seals(&file, SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW);
+    file
+}
+
+#[test]
+fn guest_memory_beyond_the_limits_is_refused() {
+    const MIB: u64 = 1 << 20;
+    let mut vhost = PathBuf::new();
+    let up = Up::start_with(
+        "hc-mem",
+        &limits_table("max_guest_memory_mib = 8\nmax_memory_regions = 1"),
+        |dir| {
+            vhost = dir.join("other.vhost");
+            [String::new(), format!("vhost_user = {vhost:?}")]
+        },
+    );
+    let bystander = Bystander::start(up.attach_guest(), 91);
+
+    // A Xen region of 16 MiB, good in every other way.
+    let region = sealed_memfd(16 * MIB);
+    let hostile = connect_with_region(&up.control, &up.other_disk, &region);
+    expect_refusal(&hostile, shadowback_xenbus::ErrorCode::E2big)
+        .unwrap_or_else(|e| panic!("{e}\n{}", up.log_tail()));
+    // A small one that could grow after the check: it counts as the
+    // 4 GiB a Xen region may grow to.
+    let growable = shadowback_testsupport::fd::sealable_memfd(MIB, true);
+    shadowback_testsupport::fd::add_seals(&growable, SealFlag::F_SEAL_SHRINK);
+    let hostile = connect_with_region(&up.control, &up.other_disk, &growable);
+    expect_refusal(&hostile, shadowback_xenbus::ErrorCode::E2big)
+        .unwrap_or_else(|e| panic!("a growable region: {e}\n{}", up.log_tail()));
+    bystander.progressing("after the Xen refusals");
+
+    // A vhost-user memory table: too large, too many regions, then one
+    // within both limits.
+    let big = sealed_memfd(16 * MIB);
+    let small = [sealed_memfd(MIB), sealed_memfd(MIB)];
+    let why =
+        offer_memory_table(&vhost, &[(&big, 16 * MIB)]).expect_err("a 16 MiB table was accepted");
+    assert!(why.contains("SET_MEM_TABLE"), "{why}");
+    let why = offer_memory_table(&vhost, &[(&small[0], MIB), (&small[1], MIB)])
+        .expect_err("two regions were accepted");
+    assert!(why.contains("SET_MEM_TABLE"), "{why}");
+    offer_memory_table(&vhost, &[(&small[0], MIB)]).expect("one region of 1 MiB");
+    bystander.progressing("after the vhost-user refusals");
+
+    let other = up.device(&up.other_disk);
+    assert_eq!(
+        (other["crashes"].as_u64(), other["given-up"].as_u64()),
+        (Some(0), Some(0)),
+        "{other}"
+    );
+    let log = std::fs::read_to_string(&up.log).unwrap_or_default();
+    assert!(
+        log.contains("max_guest_memory_mib") && log.contains("max_memory_regions"),
+        "the refusals do not name their limits\n{}",
+        up.log_tail()
+    );
+    // The other disk still serves a guest within the limits.
+    let mut cfg = BlkFrontConfig::new(&up.other_disk);
+    cfg.max_request_bytes = 64 * 1024;
+    let mut second = BlkFront::attach(&up.control, &cfg).expect("a guest within the limits");
+    verified_io(&mut second, 0, 92).expect("verified I/O on the other disk");
+    second.detach().expect("detach");
+    let (guest, _) = bystander.finish("guest memory beyond the limits");
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+/// Huge pages free on this host (`HugePages_Free`).
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn hugetlbfs_vhost_user_memory_is_served_or_refused_and_the_supervisor_keeps_serving() {
+    const HUGE: u64 = 2 << 20;
+    let mut vhost = PathBuf::new();
+    let up = Up::start_with("hc-vhuge", "", |dir| {
+        vhost = dir.join("other.vhost");
+        [String::new(), format!("vhost_user = {vhost:?}")]
+    });
+    let bystander = Bystander::start(up.attach_guest(), 101);
+    // Served when the host can supply its huge page up front (the
+    // supervisor allocates it), refused otherwise: never a SIGBUS later.
+    let can_back = free_huge_pages() >= 1;
+    let region = shadowback_testsupport::fd::hugetlbfs_memfd(HUGE, SealFlag::empty());
+    let answer = offer_memory_table(&vhost, &[(&region, HUGE)]);
+    match (can_back, &answer) {
+        (true, Ok(())) => {}
+        (false, Err(why)) => assert!(why.contains("SET_MEM_TABLE"), "{why}"),
+        _ => panic!(
+            "huge pages free: {can_back}; the table was answered {answer:?}\n{}",
+            up.log_tail()
+        ),
+    }
+    bystander.progressing("after the hugetlbfs table");
+    let other = up.device(&up.other_disk);
+    assert_eq!(
+        (other["crashes"].as_u64(), other["given-up"].as_u64()),
+        (Some(0), Some(0)),
+        "{other}"
+    );
+    // A VMM with ordinary memory is served on the same socket.
+    let report = GuestProcess::start({
+        let mut cmd = GuestProcess::command();
+        cmd.args(["--transport", "vhost-user", "--socket"])
+            .arg(&vhost)
+            .args(["--duration", "1"]);
+        cmd
+    })
+    .finish(CLIENT_BOUND)
+    .expect("a vhost-user guest with shmem memory");
+    assert!(
+        report.ops > 0 && report.io_errors == 0 && report.verify_failures == 0,
+        "{report:?}"
+    );
+    let (guest, _) = bystander.finish("hugetlbfs vhost-user memory");
+    guest.detach().expect("guest detaches");
+    up.sigterm();
+}
+
+#[test]
+fn poisoned_sectors_are_bounded_per_device() {
+    use shadowback_supervisor::Fault;
+    let up = Up::start("hc-poison", "");
+    let sock = SeqPacket::connect(&up.control).expect("connect");
+    let mut answers = Vec::new();
+    for sector in 0..=64u64 {
+        let msg = Fault::Poison {
+            sector: 1_000_000 + sector,
+        }
+        .to_message(&up.other_disk);
+        sock.send(&msg, &[]).expect("send fault");
+        let (answer, _) = sock
+            .recv_timeout(REPLY_TIMEOUT)
+            .expect("recv")
+            .expect("an answer to fault");
+        answers.push(answer);
+    }
+    let (last, kept) = answers.split_last().expect("answers");
+    assert!(kept.iter().all(|a| a.kind() == kind::OK), "{kept:?}");
+    assert_eq!(
+        (last.kind(), last.get("code")),
+        (kind::ERROR, Some("E2BIG")),
+        "{last}"
+    );
+    // A sector poisoned already is no new entry.
+    let sock = SeqPacket::connect(&up.control).expect("connect");
+    sock.send(
+        &Fault::Poison { sector: 1_000_000 }.to_message(&up.other_disk),
+        &[],
+    )
+    .expect("send fault");
+    expect_kind(&sock, kind::OK).expect("a repeated poison");
+    up.sigterm();
+}
+
+#[test]
+fn a_vmm_repeating_refused_requests_writes_a_bounded_log() {
+    use vhost::VhostBackend;
+    const REFUSED: u32 = 3000;
+    let mut vhost = PathBuf::new();
+    let up = Up::start_with("hc-vlog", "", |dir| {
+        vhost = dir.join("other.vhost");
+        [String::new(), format!("vhost_user = {vhost:?}")]
+    });
+    let bystander = Bystander::start(up.attach_guest(), 111);
+    let log_before = up.log_len();
+    // A virtqueue size that is not a power of two, over and over: each
+    // is refused (a failed acknowledgement) and the connection stays.
+    let refused = with_raw_vhost_frontend(&vhost, |fe| {
+        let mut refused = 0;
+        for _ in 0..REFUSED {
+            if fe.set_vring_num(0, 3).is_err() {
+                refused += 1;
+            }
+        }
+        Ok(refused)
+    })
+    .expect("a raw vhost-user frontend");
+    assert_eq!(refused, REFUSED, "every bad SET_VRING_NUM is refused");
+    // And connections that hang up at once.
+    for _ in 0..300 {
+        drop(std::os::unix::net::UnixStream::connect(&vhost).expect("connect"));
+    }
+    bystander.progressing("after the refused requests");
+    let grown = up.log_len() - log_before;
+    assert!(
+        grown < LOG_GROWTH_BOUND,
+        "the log grew by {grown} bytes over {REFUSED} refused requests\n{}",
+        up.log_tail()
+    );
+    let other = up.device(&up.other_disk);
+    assert_eq!(other["crashes"].as_u64(), Some(0), "{other}");
+    let (guest, _) = bystander.finish("a VMM repeating refused requests");
+    guest.detach().expect("guest detaches");
     up.sigterm();
 }

@@ -925,9 +925,11 @@ fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
         "given-up",
         &[DiskSpec::new(&hostile, 16), DiskSpec::new(&other, 16)],
     );
-    let mut bystander =
-        BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("bystander attaches");
-    verified_io(&mut bystander, 0, 61).expect("bystander before");
+    let bystander = Bystander::start(
+        BlkFront::attach(h.socket(), &BlkFrontConfig::new(&other)).expect("bystander attaches"),
+        61,
+    );
+    bystander.progressing("before");
 
     // Connected with a writable region, the guest then seals it against
     // writable mappings: the backend serving it keeps its mapping, but no
@@ -958,7 +960,7 @@ fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
         ("error", Some("ENODEV")),
         "{told}"
     );
-    verified_io(&mut bystander, 256, 62).expect("bystander while the other disk is given up");
+    bystander.progressing("while the other disk is given up");
     drop(guest);
 
     // A well-behaved guest, after the hold-off: a new backend, a new log.
@@ -969,7 +971,8 @@ fn a_guest_that_makes_its_disk_given_up_leaves_it_to_a_fresh_start() {
     let s = h.stats(&hostile);
     assert!(!s.given_up && s.connected && s.fresh_starts == 1, "{s:#?}");
     assert_ne!(backend_pid(&hostile), pid, "a new backend");
-    verified_io(&mut bystander, 512, 64).expect("bystander after");
+    bystander.progressing("after the fresh start");
+    let (bystander, _) = bystander.finish("a disk given up and started afresh");
     fresh.detach().expect("detach");
     bystander.detach().expect("detach");
     h.stop();

@@ -4,7 +4,9 @@
 //! to a Linux socket behind a TAP) while the test injects `fault kill`
 //! on the control socket, as an operator would. The guests must see a
 //! stall only: no reset, every byte once and in order, every ring request
-//! answered exactly once; `status` counts the recoveries.
+//! answered exactly once; `status` counts the recoveries. A vif's
+//! `allow_uids` keep another tenant (a thread running as `nobody`) from
+//! probing, connecting or seeing it (docs/PROTOCOL.md §1.2).
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
@@ -19,7 +21,7 @@ use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, 
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
-use shadowback_testsupport::operator::{fault_kill, stats_of};
+use shadowback_testsupport::operator::{fault_kill, stats_of, status};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::kind;
 use shadowback_xenbus::{Message, SeqPacket};
@@ -391,6 +393,7 @@ fn bad_nic_configs_are_refused_before_anything_starts() {
             nics,
             control: Default::default(),
             backend: Default::default(),
+            limits: Default::default(),
         };
         let err = SupervisorThread::start(cfg, backend_command())
             .err()
@@ -471,6 +474,89 @@ fn hostile_vif_connects_are_refused_and_the_vif_stays_usable() {
     // The device is taken while attached.
     let again = NetFront::attach(&socket, &NetFrontConfig::new("vifa"));
     assert!(again.is_err(), "a second guest attached the same vif");
+    front.detach().expect("close");
+    sup.stop().expect("supervisor stop");
+}
+
+/// The uid and gid of another tenant (`nobody`).
+const NOBODY: u32 = 65534;
+
+/// Runs `f` on a thread of its own whose uid and gid are `id`: the raw
+/// syscalls change that thread's credentials only (glibc's wrappers would
+/// change every thread of the process), and `SO_PEERCRED` reports those
+/// of the thread that connects.
+#[allow(
+    unsafe_code,
+    reason = "setresgid/setresuid of one thread; no wrapper does that"
+)]
+fn on_thread_as<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    thread::spawn(move || {
+        // SAFETY: both syscalls take integers only and change the
+        // credentials of this thread, which ends with `f`.
+        let rc = unsafe { libc::syscall(libc::SYS_setresgid, id, id, id) };
+        assert_eq!(rc, 0, "setresgid: {}", std::io::Error::last_os_error());
+        // SAFETY: as above.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, id, id, id) };
+        assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread of another uid panicked")
+}
+
+/// The devices `status` lists to the calling thread.
+fn status_devices(socket: &Path) -> Vec<String> {
+    status(socket).into_iter().map(|(name, _)| name).collect()
+}
+
+#[test]
+fn a_vif_is_used_only_by_the_peers_its_allow_lists_name() {
+    let dir = TempDir::new("sup-net-tenants");
+    let socket = dir.join("control.sock");
+    let sup = start(
+        &dir,
+        &format!(
+            "socket = \"{}\"\n\
+             [[nic]]\nname = \"vifa\"\ncable = \"vifb\"\nstandby = false\nallow_uids = [{NOBODY}]\n\
+             [[nic]]\nname = \"vifb\"\ncable = \"vifa\"\nstandby = false\n",
+            socket.display()
+        ),
+    );
+    // The socket's mode is the first gate; the allow lists the second.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let at = socket.clone();
+    let (probed, connected, seen, own) = on_thread_as(NOBODY, move || {
+        let probed = NetFront::attach(&at, &NetFrontConfig::new("vifb"))
+            .map(|f| f.detach())
+            .err()
+            .map(|e| e.to_string());
+        // `connect` straight away, without a probe.
+        let front = NetFront::new(NetFrontConfig::new("vifb")).unwrap();
+        let fds = front.fds().unwrap();
+        let connected = raw_connect(&at, &front.connect_request().to_message(), &borrowed(&fds));
+        let seen = status_devices(&at);
+        let own = NetFront::attach(&at, &NetFrontConfig::new("vifa"))
+            .map_err(|e| e.to_string())
+            .and_then(|f| f.detach().map_err(|e| e.to_string()));
+        (probed, connected, seen, own)
+    });
+    let probed = probed.expect("nobody attached vifb");
+    assert!(probed.contains("EACCES"), "{probed}");
+    assert_eq!(
+        (connected.kind(), connected.get("code")),
+        (kind::ERROR, Some("EACCES")),
+        "{connected:?}"
+    );
+    assert_eq!(seen, ["vifa"], "nobody's status");
+    own.expect("nobody attaches the vif allowed to it");
+    let s = stats_of(&socket, "vifb");
+    assert_eq!((s.connected, s.crashes), (false, 0), "{s:?}");
+    // Its owner still attaches it, and sees both.
+    let front = NetFront::attach(&socket, &NetFrontConfig::new("vifb")).expect("root attaches");
+    assert_eq!(status_devices(&socket), ["vifa", "vifb"]);
     front.detach().expect("close");
     sup.stop().expect("supervisor stop");
 }

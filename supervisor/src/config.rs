@@ -254,6 +254,94 @@ impl Default for ControlConfig {
     }
 }
 
+/// What one frontend may make the supervisor and a backend hold for one
+/// device (`[limits]`, docs/PROTOCOL.md §1.3). Every device gets these
+/// limits; what else bounds a guest is the device's own keys (its ring or
+/// virtqueue sizes bound the requests in flight and the shadow logs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Guest memory a frontend may hand one device, in MiB: a Xen
+    /// region's size, or the sum of a vhost-user memory table's regions.
+    /// Backends map all of it.
+    #[serde(default = "default_max_guest_memory_mib")]
+    pub max_guest_memory_mib: u64,
+    /// Regions of a vhost-user memory table (1–8).
+    #[serde(default = "default_max_memory_regions")]
+    pub max_memory_regions: u32,
+    /// Attach attempts one device takes per second, over the control
+    /// socket and vhost-user together, with a burst of as many; more get
+    /// `EAGAIN`. Only clients allowed to use the device can spend them.
+    #[serde(default = "default_attaches_per_second")]
+    pub attaches_per_second: u32,
+}
+
+/// Default `max_guest_memory_mib` (256 GiB).
+pub const DEFAULT_MAX_GUEST_MEMORY_MIB: u64 = 256 << 10;
+/// Largest accepted `max_guest_memory_mib` (8 TiB: 8 regions of the 1 TiB
+/// a backend maps at most).
+pub const MAX_MAX_GUEST_MEMORY_MIB: u64 = 8 << 20;
+/// Default and largest `max_memory_regions` (the protocol's maximum).
+pub const DEFAULT_MAX_MEMORY_REGIONS: u32 = 8;
+/// Default `attaches_per_second`.
+pub const DEFAULT_ATTACHES_PER_SECOND: u32 = 50;
+/// Largest accepted `attaches_per_second`.
+pub const MAX_ATTACHES_PER_SECOND: u32 = 10_000;
+
+fn default_max_guest_memory_mib() -> u64 {
+    DEFAULT_MAX_GUEST_MEMORY_MIB
+}
+
+fn default_max_memory_regions() -> u32 {
+    DEFAULT_MAX_MEMORY_REGIONS
+}
+
+fn default_attaches_per_second() -> u32 {
+    DEFAULT_ATTACHES_PER_SECOND
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_guest_memory_mib: DEFAULT_MAX_GUEST_MEMORY_MIB,
+            max_memory_regions: DEFAULT_MAX_MEMORY_REGIONS,
+            attaches_per_second: DEFAULT_ATTACHES_PER_SECOND,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), SupervisorError> {
+        let bad = |key: &str, value: u64, max: u64| {
+            Err(SupervisorError::Config(format!(
+                "[limits] {key} {value} is outside 1..={max}"
+            )))
+        };
+        if !(1..=MAX_MAX_GUEST_MEMORY_MIB).contains(&self.max_guest_memory_mib) {
+            return bad(
+                "max_guest_memory_mib",
+                self.max_guest_memory_mib,
+                MAX_MAX_GUEST_MEMORY_MIB,
+            );
+        }
+        if !(1..=DEFAULT_MAX_MEMORY_REGIONS).contains(&self.max_memory_regions) {
+            return bad(
+                "max_memory_regions",
+                self.max_memory_regions.into(),
+                DEFAULT_MAX_MEMORY_REGIONS.into(),
+            );
+        }
+        if !(1..=MAX_ATTACHES_PER_SECOND).contains(&self.attaches_per_second) {
+            return bad(
+                "attaches_per_second",
+                self.attaches_per_second.into(),
+                MAX_ATTACHES_PER_SECOND.into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What every backend process of this supervisor may do (`[backend]`,
 /// docs/ARCHITECTURE.md §1.1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -463,6 +551,9 @@ pub struct Config {
     /// What backends may do.
     #[serde(default)]
     pub backend: BackendPolicy,
+    /// What one frontend may make a device hold.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
@@ -503,6 +594,7 @@ impl Config {
             ));
         }
         self.control.validate()?;
+        self.limits.validate()?;
         for (i, d) in self.disks.iter().enumerate() {
             if !good_name(&d.name) {
                 return Err(SupervisorError::Config(format!(
@@ -743,6 +835,41 @@ mod tests {
     }
 
     #[test]
+    fn parses_limits_with_defaults() {
+        let base = "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n";
+        assert_eq!(Config::parse(base).unwrap().limits, LimitsConfig::default());
+        let cfg = Config::parse(&format!(
+            "{base}[limits]\nmax_guest_memory_mib = 64\nmax_memory_regions = 2\nattaches_per_second = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.limits,
+            LimitsConfig {
+                max_guest_memory_mib: 64,
+                max_memory_regions: 2,
+                attaches_per_second: 5,
+            }
+        );
+        let partial = Config::parse(&format!("{base}[limits]\nattaches_per_second = 1\n")).unwrap();
+        assert_eq!(
+            partial.limits.max_guest_memory_mib,
+            DEFAULT_MAX_GUEST_MEMORY_MIB
+        );
+        for (bad, says) in [
+            ("max_guest_memory_mib = 0", "max_guest_memory_mib"),
+            ("max_guest_memory_mib = 8388609", "max_guest_memory_mib"),
+            ("max_memory_regions = 0", "max_memory_regions"),
+            ("max_memory_regions = 9", "max_memory_regions"),
+            ("attaches_per_second = 0", "attaches_per_second"),
+            ("attaches_per_second = 10001", "attaches_per_second"),
+            ("max_inflight = 5", "max_inflight"),
+        ] {
+            let err = Config::parse(&format!("{base}[limits]\n{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_nic_takes_a_vhost_user_socket_of_its_own() {
         let nic = |name: &str, peer: &str, sock: &str| {
             format!("[[nic]]\nname = \"{name}\"\ncable = \"{peer}\"\nvhost_user = \"{sock}\"\n")
@@ -973,6 +1100,7 @@ mod fixture_tests {
         assert_eq!(cfg.disks[0].vhost_user, None);
         assert_eq!(cfg.control, ControlConfig::default());
         assert_eq!(cfg.backend, BackendPolicy::default());
+        assert_eq!(cfg.limits, LimitsConfig::default());
         assert!(cfg.backend.confine);
     }
 

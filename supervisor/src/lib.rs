@@ -34,7 +34,9 @@
 //! (`transport.rs`); a `session.rs` session is a transport's frontend and
 //! its list of rings. `admission.rs` bounds what clients of the control
 //! socket hold (docs/PROTOCOL.md §1.1); `access.rs` says which peer may
-//! use which device and who is an operator (docs/PROTOCOL.md §1.2).
+//! use which device and who is an operator (docs/PROTOCOL.md §1.2);
+//! `limits.rs` bounds what one frontend makes a device hold
+//! (docs/PROTOCOL.md §1.3).
 
 #![deny(unsafe_code)]
 
@@ -45,6 +47,7 @@ mod config;
 mod connection;
 mod device;
 mod instance;
+mod limits;
 mod session;
 mod spawn;
 mod stats;
@@ -59,9 +62,10 @@ use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Messa
 use tokio::sync::watch;
 
 pub use config::{
-    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, NicConfig, NicWire,
-    DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, DEFAULT_POLL_US,
+    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, LimitsConfig, NicConfig, NicWire,
+    DEFAULT_ATTACHES_PER_SECOND, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HANG_TIMEOUT_MS,
+    DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER,
+    DEFAULT_MAX_GUEST_MEMORY_MIB, DEFAULT_MAX_MEMORY_REGIONS, DEFAULT_MTU, DEFAULT_POLL_US,
     MAX_HANG_TIMEOUT_MS, MAX_POLL_US, MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
 pub use device::{DeviceHandle, Fault, FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
@@ -145,7 +149,7 @@ async fn serve_registered(
     let mut list = Vec::new();
     let mut vhost = Vec::new();
     for disk in &cfg.disks {
-        let started = device::start_device(disk, &backend).and_then(|handle| {
+        let started = device::start_device(disk, &cfg.limits, &backend).and_then(|handle| {
             if disk.vhost_user.is_some() {
                 vhost.push(VhostUserServer::start(disk, handle.clone())?);
             }
@@ -178,7 +182,7 @@ async fn serve_registered(
                         device: nic.name.clone(),
                         reason: "no wire".into(),
                     })?;
-                let handle = device::start_nic(nic, wire, &backend)?;
+                let handle = device::start_nic(nic, &cfg.limits, wire, &backend)?;
                 if nic.vhost_user.is_some() {
                     vhost.push(VhostUserServer::start(nic, handle.clone())?);
                 }

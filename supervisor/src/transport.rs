@@ -18,7 +18,7 @@ use shadowback_ring::blkif::Blkif;
 use shadowback_ring::grant::{Access, GrantMapper};
 use shadowback_ring::netif::{NET_RX_RING_SIZE, NET_TX_RING_SIZE};
 use shadowback_ring::sring::{ring_size, RingProtocol};
-use shadowback_ring::SharedRegion;
+use shadowback_ring::{SharedRegion, MAX_REGION_PAGES, PAGE_SIZE};
 use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
 use shadowback_xenbus::protocol::{key, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
@@ -110,6 +110,31 @@ impl Frontend {
                 fds.wire = lent.map(|w| w.fd);
             }
             Frontend::Xen { .. } => {}
+        }
+    }
+
+    /// The sizes of the guest memory regions the frontend hands over, as
+    /// a backend may map them: each vhost-user region's, or a Xen
+    /// region's file size — which only `F_SEAL_GROW` keeps: a backend
+    /// maps the whole file when it attaches, a takeover's included, so an
+    /// unsealed region counts as the most a Xen region may be.
+    pub fn guest_memory(&self) -> Result<Vec<u64>, Refusal> {
+        use rustix::fs::{fcntl_get_seals, fstat, SealFlags};
+        let most = u64::from(MAX_REGION_PAGES) * PAGE_SIZE as u64;
+        let xen_region = |fd: &OwnedFd| {
+            let grows = fcntl_get_seals(fd).map_or(true, |s| !s.contains(SealFlags::GROW));
+            if grows {
+                return Ok(most);
+            }
+            fstat(fd)
+                .ok()
+                .and_then(|st| u64::try_from(st.st_size).ok())
+                .ok_or((ErrorCode::Einval, "region size unknown".to_string()))
+        };
+        match self {
+            Frontend::Xen { fds, .. } => Ok(vec![xen_region(&fds.region)?]),
+            Frontend::Net { fds, .. } => Ok(vec![xen_region(&fds.region)?]),
+            Frontend::Virtio { req, .. } => Ok(req.regions.iter().map(|r| r.size).collect()),
         }
     }
 

@@ -155,3 +155,82 @@ pub fn assert_clean_report(report: &Report, what: &str) {
     );
     assert_verified(report, what);
 }
+
+/// A verifying guest on a disk of its own that runs for the whole of a
+/// test while another client misbehaves (issue 11's "Done when"): rounds
+/// of [`verified_io`] on sectors it cycles through, in a thread, from
+/// [`start`](Self::start) to [`finish`](Self::finish). Any error or wrong
+/// data ends it, and `finish` fails the test with it.
+pub struct Bystander<D: BlockDevice + Send + 'static> {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rounds: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<(D, Result<u64, String>)>>,
+}
+
+impl<D: BlockDevice + Send + 'static> Bystander<D> {
+    /// Starts verified I/O on `dev` (seeds from `seed` on; sectors below
+    /// 4096).
+    pub fn start(mut dev: D, seed: u64) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let rounds = std::sync::Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let sector = 256 * (done % 16);
+                    if let Err(e) = verified_io(&mut dev, sector, seed.wrapping_add(done)) {
+                        return (dev, Err(format!("round {done}: {e}")));
+                    }
+                    done += 1;
+                    rounds.store(done, Ordering::Relaxed);
+                }
+                (dev, Ok(done))
+            })
+        };
+        Bystander {
+            stop,
+            rounds,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (at most [`REPLY_TIMEOUT`]) for one more round to complete
+    /// after this call: the guest is making progress now, not only before
+    /// and after. Fails the test otherwise.
+    pub fn progressing(&self, what: &str) {
+        use std::sync::atomic::Ordering;
+        let from = self.rounds.load(Ordering::Relaxed);
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        // Two more: the round running now may have started before.
+        while self.rounds.load(Ordering::Relaxed) < from + 2 {
+            let ended = self.thread.as_ref().is_none_or(|t| t.is_finished());
+            assert!(
+                !ended && Instant::now() < deadline,
+                "{what}: the bystander made no progress (stopped after {from} rounds{})",
+                if ended { ", it failed" } else { "" }
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops the I/O; returns the device and the rounds done, failing the
+    /// test on any error or wrong data, or if no round completed.
+    pub fn finish(mut self, what: &str) -> (D, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.thread.take().expect("running");
+        let (dev, result) = thread.join().expect("the bystander thread panicked");
+        match result {
+            Ok(rounds) if rounds > 0 => (dev, rounds),
+            Ok(_) => panic!("{what}: the bystander completed no round"),
+            Err(e) => panic!("{what}: the bystander's verified I/O failed: {e}"),
+        }
+    }
+}
+
+impl<D: BlockDevice + Send + 'static> Drop for Bystander<D> {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -244,6 +244,9 @@ pub enum ErrorCode {
     /// The peer (`SO_PEERCRED`) may not use the device, or is not an
     /// operator.
     Eacces,
+    /// Too many attaches of the device in the last second
+    /// (`attaches_per_second`): try again later.
+    Eagain,
 }
 
 impl ErrorCode {
@@ -257,6 +260,7 @@ impl ErrorCode {
             Self::Eproto => "EPROTO",
             Self::Enodev => "ENODEV",
             Self::Eacces => "EACCES",
+            Self::Eagain => "EAGAIN",
         }
     }
 }
@@ -279,6 +283,7 @@ impl FromStr for ErrorCode {
             "EPROTO" => Self::Eproto,
             "ENODEV" => Self::Enodev,
             "EACCES" => Self::Eacces,
+            "EAGAIN" => Self::Eagain,
             _ => return Err(XenbusError::invalid(key::CODE, s, "unknown error code")),
         })
     }
@@ -1031,6 +1036,7 @@ mod tests {
             ErrorCode::Eproto,
             ErrorCode::Enodev,
             ErrorCode::Eacces,
+            ErrorCode::Eagain,
         ] {
             assert_eq!(code.as_str().parse::<ErrorCode>().unwrap(), code);
         }

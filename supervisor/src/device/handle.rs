@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::Refusal;
 use crate::access::AccessList;
 use crate::class::ClassInfo;
+use crate::limits::DeviceLimits;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
 use crate::vhost_user::VirtioModel;
@@ -131,6 +132,8 @@ pub struct DeviceHandle {
     pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
     /// Who may probe, connect, see and reach it over vhost-user.
     pub(crate) access: AccessList,
+    /// What a frontend may make it hold (`[limits]`).
+    pub(crate) limits: DeviceLimits,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
 }

@@ -38,8 +38,9 @@ use tokio::sync::mpsc;
 use crate::access::AccessList;
 use crate::class::net::HeldWire;
 use crate::class::{BlockClass, DeviceClass, NetClass};
-use crate::config::{DiskConfig, NicConfig};
+use crate::config::{DiskConfig, LimitsConfig, NicConfig};
 use crate::instance::Instance;
+use crate::limits::{AttachRate, DeviceLimits};
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
 use crate::SupervisorError;
@@ -63,50 +64,62 @@ pub(crate) struct Settings {
     pub hang_timeout: Duration,
     /// The Xen domain a ring's grants must name (for the watchdog's probe).
     pub backend_id: u16,
+    /// What a frontend may make the device hold (`[limits]`).
+    pub limits: DeviceLimits,
 }
 
 impl Settings {
-    fn of(cfg: &DiskConfig) -> Self {
+    fn of(cfg: &DiskConfig, limits: &LimitsConfig) -> Self {
         Settings {
             shadow: cfg.shadow,
             standby: cfg.standby,
             hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
             backend_id: cfg.backend_id,
+            limits: DeviceLimits::new(limits),
         }
     }
 
-    fn of_nic(cfg: &NicConfig) -> Self {
+    fn of_nic(cfg: &NicConfig, limits: &LimitsConfig) -> Self {
         Settings {
             shadow: cfg.shadow,
             standby: cfg.standby,
             hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
             backend_id: cfg.backend_id,
+            limits: DeviceLimits::new(limits),
         }
     }
 }
 
 /// Opens the disk, starts its backend (and standby) and the task that owns
-/// them.
+/// them; `limits` bound what a frontend makes it hold.
 pub fn start_device(
     cfg: &DiskConfig,
+    limits: &LimitsConfig,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
     let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
-    start(&cfg.name, class, Settings::of(cfg), access, cmd)
+    start(&cfg.name, class, Settings::of(cfg, limits), access, cmd)
 }
 
 /// Starts the backend (and standby) of vif `cfg` on `wire`, which the
 /// device holds from now on, and the task that owns them.
 pub fn start_nic(
     cfg: &NicConfig,
+    limits: &LimitsConfig,
     wire: HeldWire,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(NetClass::new(cfg, wire)?);
     let cmd = cmd.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
     let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
-    start(&cfg.name, class, Settings::of_nic(cfg), access, &cmd)
+    start(
+        &cfg.name,
+        class,
+        Settings::of_nic(cfg, limits),
+        access,
+        &cmd,
+    )
 }
 
 /// Starts the first backend instance of device `name` (and its standby)
@@ -123,8 +136,11 @@ fn start(
     let virtio = class.virtio_model();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
     let (tx, rx) = mpsc::channel(16);
+    let task_limits = settings.limits;
+    let attach_rate = AttachRate::new(task_limits.attaches_per_second);
     let mut task = DeviceTask {
         name: name.to_string(),
+        attach_rate,
         settings,
         cmd: cmd.clone(),
         class,
@@ -150,6 +166,7 @@ fn start(
         info,
         virtio,
         access,
+        limits: task_limits,
         tx,
         stats,
     })

@@ -17,6 +17,7 @@ use super::Refusal;
 use super::Settings;
 use crate::class::DeviceClass;
 use crate::instance::{Instance, NoAnswer};
+use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
 use crate::session::Session;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
@@ -56,6 +57,8 @@ enum Event {
 pub(super) struct DeviceTask {
     pub(super) name: String,
     pub(super) settings: Settings,
+    /// Attach attempts left this second (`attaches_per_second`).
+    pub(super) attach_rate: AttachRate,
     pub(super) cmd: BackendCommand,
     /// What kind of device it is; it holds what must live as long as the
     /// device (a disk: the image, opened and locked).
@@ -323,12 +326,16 @@ impl DeviceTask {
 
 impl DeviceTask {
     async fn attach(&mut self, mut frontend: Frontend) -> Result<Attachment, Refusal> {
+        self.attach_rate.take(Instant::now())?;
         if self.attached.is_some() {
             return Err((
                 ErrorCode::Ebusy,
                 format!("device {} is already connected", self.name),
             ));
         }
+        self.settings
+            .limits
+            .check_memory(&frontend.guest_memory()?)?;
         if self.given_up.is_some() {
             self.fresh_start()?;
         }
@@ -581,6 +588,12 @@ impl DeviceTask {
                 .map_err(|e| (ErrorCode::Enodev, e.to_string())),
             Fault::Poison { sector } => {
                 if !self.poisons.contains(&sector) {
+                    if self.poisons.len() >= MAX_POISONED_SECTORS {
+                        return Err((
+                            ErrorCode::E2big,
+                            format!("{MAX_POISONED_SECTORS} sectors are poisoned already"),
+                        ));
+                    }
                     self.poisons.push(sector);
                 }
                 let liveness = self

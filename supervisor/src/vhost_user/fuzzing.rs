@@ -14,6 +14,8 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::handler::{DeviceFacts, SessionLink, VhostUserHandler};
 use super::{lock, BlkGeometry};
+use crate::config::LimitsConfig;
+use crate::limits::DeviceLimits;
 
 /// A device that accepts every session and call fd.
 struct AcceptAll;
@@ -46,6 +48,8 @@ pub fn serve_stream(stream: UnixStream, num_queues: u16, queue_size: u16, max_re
         }),
         queue_size,
         shadow: true,
+        limits: DeviceLimits::new(&LimitsConfig::default()),
+        log: DeviceFacts::new_log(),
     };
     let handler = Arc::new(Mutex::new(VhostUserHandler::new(
         facts,

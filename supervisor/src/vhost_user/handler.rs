@@ -14,7 +14,8 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use shadowback_xenbus::virtio::{InflightConfig, QueueConfig, VirtioAttachRequest, VirtioFds};
 use vhost::vhost_user::message::{
@@ -29,7 +30,9 @@ use vhost::VhostUserMemoryRegionBase;
 use super::inflight::InflightRegion;
 use super::memory::{MemoryTable, RegionDesc};
 use super::model::VirtioModel;
+use crate::admission::{LogLimiter, LOG_INTERVAL};
 use crate::config::MAX_VHOST_QUEUE_SIZE;
+use crate::limits::DeviceLimits;
 
 type Result<T> = std::result::Result<T, VhostError>;
 
@@ -61,6 +64,27 @@ pub(crate) struct DeviceFacts {
     /// Largest `SET_VRING_NUM`.
     pub queue_size: u16,
     pub shadow: bool,
+    /// What a memory table may hold (`[limits]`).
+    pub limits: DeviceLimits,
+    /// The rate limit of the device's log lines a VMM can repeat at will
+    /// (refused requests, connections), shared by its connections.
+    pub log: Arc<Mutex<LogLimiter>>,
+}
+
+impl DeviceFacts {
+    /// A fresh [`log`](Self::log) limiter.
+    pub(crate) fn new_log() -> Arc<Mutex<LogLimiter>> {
+        Arc::new(Mutex::new(LogLimiter::new(LOG_INTERVAL)))
+    }
+
+    /// `Some(suppressed since the last line)` if a line a VMM can repeat
+    /// may be written now.
+    pub(crate) fn log_allowed(&self) -> Option<u64> {
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allow(Instant::now())
+    }
 }
 
 /// Guest-physical ring addresses.
@@ -167,7 +191,9 @@ impl VhostUserHandler {
 
     /// A refusal the frontend is told about (REPLY_ACK or an empty reply).
     fn refuse(&mut self, why: String) -> VhostError {
-        tracing::warn!(device = %self.facts.name, frontend = %self.frontend, %why, "vhost-user request refused");
+        if let Some(suppressed) = self.facts.log_allowed() {
+            tracing::warn!(device = %self.facts.name, frontend = %self.frontend, %why, suppressed, "vhost-user request refused");
+        }
         self.soft_refusal = true;
         io_error(why)
     }
@@ -175,7 +201,9 @@ impl VhostUserHandler {
     /// A failed request that has no error answer (its reply carries data):
     /// the connection is closed.
     fn fail(&self, why: String) -> VhostError {
-        tracing::warn!(device = %self.facts.name, frontend = %self.frontend, %why, "vhost-user request failed");
+        if let Some(suppressed) = self.facts.log_allowed() {
+            tracing::warn!(device = %self.facts.name, frontend = %self.frontend, %why, suppressed, "vhost-user request failed");
+        }
         io_error(why)
     }
 
@@ -409,6 +437,12 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<VhostUserMemoryRegionBase>>> {
+        // Before anything is looked at or allocated (a hugetlbfs region's
+        // pages are, by the table's checks).
+        let sizes: Vec<u64> = ctx.iter().map(|r| r.memory_size).collect();
+        if let Err((_, why)) = self.facts.limits.check_memory(&sizes) {
+            return Err(self.refuse(format!("memory table: {why}")));
+        }
         let regions = ctx
             .iter()
             .map(|r| RegionDesc {
@@ -693,6 +727,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::LimitsConfig;
     use crate::vhost_user::memory::tests::memfd;
     use crate::vhost_user::BlkGeometry;
     use std::os::unix::fs::FileExt;
@@ -780,6 +815,8 @@ mod tests {
                 }),
                 queue_size: 256,
                 shadow: true,
+                limits: DeviceLimits::new(&LimitsConfig::default()),
+                log: DeviceFacts::new_log(),
             };
             let h = VhostUserHandler::new(facts, "vmm".into(), Box::new(MockLink(calls.clone())));
             let guest = File::from(memfd(0x10_0000));

@@ -39,7 +39,7 @@ use vhost::vhost_user::{
     BackendListener, BackendReqHandler, Error as VhostError, Listener, VhostUserVirtioFeatures,
 };
 
-use crate::admission::{LogLimiter, PeerKey, LOG_INTERVAL};
+use crate::admission::PeerKey;
 use crate::config::{DiskConfig, NicConfig};
 use crate::device::{Attachment, DeviceHandle};
 use crate::SupervisorError;
@@ -138,6 +138,8 @@ impl VhostUserServer {
             model,
             queue_size: cfg.queue_size,
             shadow: cfg.shadow,
+            limits: device.limits,
+            log: DeviceFacts::new_log(),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -231,7 +233,6 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
         }
     };
     let mut connections = 0u64;
-    let mut refusal_log = LogLimiter::new(LOG_INTERVAL);
     // Acquire pairs with the Release store in `shutdown`.
     while !stop.load(Ordering::Acquire) {
         match wait_readable(&polled, POLL_PERIOD) {
@@ -267,18 +268,25 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
         if let Err(why) = admitted(&conn, &device) {
             // Dropping the connection closes it: vhost-user has no error
             // message, the VMM sees EOF.
-            if let Some(suppressed) = refusal_log.allow(Instant::now()) {
+            if let Some(suppressed) = facts.log_allowed() {
                 tracing::warn!(device = %facts.name, %why, suppressed, "vhost-user frontend refused");
             }
             continue;
         }
-        tracing::info!(device = %facts.name, %frontend, "vhost-user frontend connected");
+        // A VMM may connect and hang up as fast as it likes: these lines
+        // are rate-limited with its refused requests.
+        let logged = facts.log_allowed();
+        if let Some(suppressed) = logged {
+            tracing::info!(device = %facts.name, %frontend, suppressed, "vhost-user frontend connected");
+        }
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve_connection(conn, &handler, stop)
         }));
         let why = served.unwrap_or_else(|_| "handler panicked".to_string());
         lock(&handler).disconnect();
-        tracing::info!(device = %facts.name, %frontend, %why, "vhost-user frontend disconnected");
+        if logged.is_some() {
+            tracing::info!(device = %facts.name, %frontend, %why, "vhost-user frontend disconnected");
+        }
     }
 }
 
