@@ -34,6 +34,7 @@ use serde::Serialize;
 use shadowback_blkback::rawbench::raw_random_io;
 use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread};
 
+use crate::out::{errln, errout, outln};
 use crate::scratch::TempDir;
 use crate::CliError;
 
@@ -322,7 +323,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     let qsd_bin = find_in_path("qemu-storage-daemon").filter(|_| vhost_user);
     let log = |msg: String| {
         if !args.json {
-            eprintln!("{msg}");
+            errln!("{msg}");
         }
     };
 
@@ -346,6 +347,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        metrics: Default::default(),
         // Everything else at its default, as a production disk would run.
         // Two exports of the one image: with and without the shadow log
         // (only one is driven at a time).
@@ -427,7 +429,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         for &qd in &args.qd {
             let mut slices: Vec<Slices> = paths.iter().map(|_| Slices::default()).collect();
             if !args.json {
-                eprint!("  {:<9} QD{:<3}", op.name(), qd);
+                errout!("  {:<9} QD{:<3}", op.name(), qd);
             }
             for round in 0..args.rounds {
                 // The same offsets for every path within a slice, new ones
@@ -439,7 +441,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                         .map_err(|e| format!("{} {} QD{qd}: {e}", path.name(), op.name()))?;
                     acc.0.push(s);
                     if !args.json {
-                        eprint!(" .");
+                        errout!(" .");
                         let _ = std::io::stderr().flush();
                     }
                 }
@@ -456,7 +458,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     _ => None,
                 };
                 if !args.json {
-                    eprint!("  {} {iops:.0}", path.name());
+                    errout!("  {} {iops:.0}", path.name());
                 }
                 rows.push(Row {
                     path: path.name(),
@@ -469,7 +471,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                 });
             }
             if !args.json {
-                eprintln!();
+                errln!();
             }
         }
     }
@@ -478,7 +480,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     drop(dir);
 
     if args.json {
-        println!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
+        outln!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
     } else {
         print_table(&rows, args, paths.contains(&IoPath::Fio));
         print_load_note(load_before, load_average());
@@ -823,10 +825,10 @@ fn print_load_note(before: Option<f64>, after: Option<f64>) {
         return;
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("  - load average {before:.2} before, {after:.2} after the run ({cpus} CPUs).");
+    outln!("  - load average {before:.2} before, {after:.2} after the run ({cpus} CPUs).");
     // This run itself adds about 1 to the figure after it.
     if before > 0.5 {
-        println!(
+        outln!(
             "    Other jobs were competing for the CPUs: ratios swing far more than ±15%; rerun on a quiet machine."
         );
     }
@@ -845,7 +847,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
-    println!(
+    outln!(
         "shadowback bench blk — 4 KiB random I/O, {:.1} s per row, {} MiB preallocated and fully written image, cache {}",
         args.duration,
         args.image_mib,
@@ -854,27 +856,39 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             BenchCache::Writeback => "writeback",
         }
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<20} {:<9} {:>3} {:>10} {:>9} {:>9} {:>8}",
-        "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "vs raw"
+        "path",
+        "op",
+        "qd",
+        "IOPS",
+        "p50 µs",
+        "p99 µs",
+        "vs raw"
     );
     let mut last_group: Option<(&str, usize)> = None;
     for r in rows {
         if last_group.is_some_and(|g| g != (r.op, r.qd)) {
-            println!();
+            outln!();
         }
         last_group = Some((r.op, r.qd));
         let ratio = match r.ratio {
             Some(x) => format!("{x:.2}"),
             None => "base".into(),
         };
-        println!(
+        outln!(
             "{:<20} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>8}",
-            r.path, r.op, r.qd, r.iops, r.p50_us, r.p99_us, ratio
+            r.path,
+            r.op,
+            r.qd,
+            r.iops,
+            r.p50_us,
+            r.p99_us,
+            ratio
         );
     }
-    println!();
+    outln!();
     let pairs = [
         (IoPath::XenRing, IoPath::XenRingNoShadow, "shadow log cost"),
         (
@@ -895,7 +909,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
                 .iter()
                 .find(|o| o.path == other.name() && o.op == r.op && o.qd == r.qd);
             if let Some(o) = o.filter(|o| o.iops > 0.0) {
-                println!(
+                outln!(
                     "{what}, {} QD{}: {} / {} = {:.3} ({:+.1}% IOPS)",
                     r.op,
                     r.qd,
@@ -907,24 +921,22 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             }
         }
     }
-    println!();
-    println!("notes:");
-    println!(
+    outln!();
+    outln!("notes:");
+    outln!(
         "  - `vs raw` = IOPS / the raw-uring row of the same op and QD; the paths took turns in {} slices of {:.2} s",
         args.rounds,
         args.duration / f64::from(args.rounds)
     );
-    println!(
-        "    (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles)."
-    );
-    println!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
-    println!(
+    outln!("    (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles).");
+    outln!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
+    outln!(
         "  - latency: raw-uring = submission to reap in one thread; xen-ring, vhost-user, qsd = the guest's submit to completion"
     );
     if with_fio {
-        println!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
+        outln!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
     } else {
-        println!(
+        outln!(
             "    (ring + kick + backend + notify/call). fio was not found, so there are no fio rows."
         );
     }

@@ -23,12 +23,14 @@ mod netbench;
 mod netfailover;
 mod netns;
 mod netvif;
+mod out;
 mod scratch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use out::errln;
 
 #[derive(Parser)]
 #[command(
@@ -59,14 +61,11 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Block backend process (started by the supervisor with its fds).
-    #[command(hide = true)]
+    /// Block backend process (the supervisor starts it with its fds; not run by hand).
     Blkback(backend_cmd::BlkbackArgs),
-    /// Network backend process (started with its control fd).
-    #[command(hide = true)]
+    /// Network backend process (the supervisor starts it with its control fd; not run by hand).
     Netback(backend_cmd::NetbackArgs),
-    /// Guest process: a frontend plus a workload, reporting JSON lines on stdout.
-    #[command(hide = true)]
+    /// Guest process: a frontend plus a verifying workload, reporting JSON lines on stdout.
     Guest {
         #[command(subcommand)]
         what: guest_cmd::GuestCommand,
@@ -103,7 +102,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shadowback: {e}");
+            errln!("shadowback: {e}");
             ExitCode::FAILURE
         }
     }

@@ -388,6 +388,7 @@ fn bad_nic_configs_are_refused_before_anything_starts() {
             nics,
             control: Default::default(),
             backend: Default::default(),
+            metrics: Default::default(),
         };
         let err = SupervisorThread::start(cfg, backend_command())
             .err()

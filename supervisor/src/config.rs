@@ -434,6 +434,17 @@ impl ControlConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus listener (docs/ARCHITECTURE.md §4.2).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve the Prometheus text format on (any path);
+    /// none by default. Meant for a loopback address: the page has no
+    /// access control beyond the address.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The whole supervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -450,6 +461,9 @@ pub struct Config {
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
     pub nics: Vec<NicConfig>,
+    /// The metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// A device name usable as a key value.

@@ -45,6 +45,7 @@ mod config;
 mod connection;
 mod device;
 mod instance;
+pub mod metrics;
 mod session;
 mod spawn;
 mod stats;
@@ -59,7 +60,7 @@ use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Messa
 use tokio::sync::watch;
 
 pub use config::{
-    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, NicConfig, NicWire,
+    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, MetricsConfig, NicConfig, NicWire,
     DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MTU, MAX_HANG_TIMEOUT_MS,
     MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
@@ -104,6 +105,14 @@ impl Devices {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &DeviceHandle> {
         self.list.iter()
     }
+
+    /// Every device's name and counters.
+    pub(crate) fn status(&self) -> Vec<(String, DeviceStats)> {
+        self.list
+            .iter()
+            .map(|h| (h.name.clone(), h.stats()))
+            .collect()
+    }
 }
 
 /// Where [`serve`] publishes its devices for [`SupervisorThread`].
@@ -142,6 +151,16 @@ async fn serve_registered(
             path: cfg.socket.clone(),
             reason: e.to_string(),
         })?;
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => match metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&cfg.socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let mut list = Vec::new();
     let mut vhost = Vec::new();
     for disk in &cfg.disks {
@@ -200,6 +219,10 @@ async fn serve_registered(
         }
     }
     let devices = Arc::new(Devices { list });
+    if let Some(listener) = metrics_listener {
+        tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
+        tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
+    }
     if let Some(registry) = registry {
         let _ = registry.set(devices.clone());
     }

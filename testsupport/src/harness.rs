@@ -131,6 +131,7 @@ impl Harness {
             disks,
             control: Default::default(),
             backend: Default::default(),
+            metrics: Default::default(),
             nics: Vec::new(),
         };
         let supervisor = SupervisorThread::start(cfg, backend).expect("start supervisor");

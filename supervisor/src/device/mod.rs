@@ -32,6 +32,7 @@ mod task;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shadowback_shadow::MetricsPage;
 use shadowback_xenbus::protocol::ErrorCode;
 use tokio::sync::mpsc;
 
@@ -118,7 +119,18 @@ fn start(
     access: AccessList,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
-    let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
+    // Outlives every instance, so its counters add up across them.
+    let metrics = Arc::new(
+        MetricsPage::create().map_err(|e| SupervisorError::Spawn(format!("metrics page: {e}")))?,
+    );
+    let current = Instance::start(
+        cmd,
+        name,
+        class.as_ref(),
+        settings.shadow,
+        true,
+        metrics.file(),
+    )?;
     let info = class.backend_info();
     let virtio = class.virtio_model();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
@@ -141,6 +153,7 @@ fn start(
         watchdog: None,
         startup_deaths: 0,
         stats: stats.clone(),
+        metrics: metrics.clone(),
     };
     task.ensure_standby();
     task.publish();
@@ -152,5 +165,6 @@ fn start(
         access,
         tx,
         stats,
+        metrics,
     })
 }
