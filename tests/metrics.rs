@@ -1,4 +1,4 @@
-//! Metrics as a monitoring system sees them (docs/ARCHITECTURE.md §4.2):
+//! Metrics as a monitoring system sees them (docs/ARCHITECTURE.md §4.1):
 //! `shadowback status --format prometheus` and the `[metrics] listen`
 //! page, scraped and parsed as the text exposition format, against a
 //! supervisor whose real `shadowback blkback` serves a guest doing I/O and

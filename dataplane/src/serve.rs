@@ -58,7 +58,7 @@ pub struct Core {
     /// aborts the process (`poison` from the supervisor).
     pub poison: Vec<u64>,
     pub stats: LoopStats,
-    /// Completion latency of this process's requests (docs/ARCHITECTURE.md §4.2).
+    /// Completion latency of this process's requests (docs/ARCHITECTURE.md §4.1).
     pub latency: Latency,
     /// The device's metrics page, if the supervisor gave one.
     pub metrics: Option<MetricsWriter>,

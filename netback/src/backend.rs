@@ -133,7 +133,7 @@ pub struct NetStats {
 
 impl NetStats {
     /// These counters as the metrics page counts them (a vif has no
-    /// request latency; docs/ARCHITECTURE.md §4.2).
+    /// request latency; docs/ARCHITECTURE.md §4.1).
     pub fn io_counters(&self) -> IoCounters {
         IoCounters {
             requests: self.tx_packets + self.tx_errors,

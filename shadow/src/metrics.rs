@@ -1,5 +1,5 @@
 //! Per-device I/O counters that outlive a backend instance
-//! (docs/ARCHITECTURE.md §4.2): a one-page sealed memfd the supervisor
+//! (docs/ARCHITECTURE.md §4.1): a one-page sealed memfd the supervisor
 //! creates per device and hands to every instance at exec.
 //!
 //! The serving instance counts in its own memory on the hot path (plain

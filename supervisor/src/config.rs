@@ -434,7 +434,7 @@ impl ControlConfig {
     }
 }
 
-/// `[metrics]`: the Prometheus listener (docs/ARCHITECTURE.md §4.2).
+/// `[metrics]`: the Prometheus listener (docs/ARCHITECTURE.md §4.1).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
@@ -731,6 +731,22 @@ mod tests {
             partial.control.max_connections_per_peer,
             DEFAULT_MAX_CONNECTIONS_PER_PEER
         );
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_unless_configured() {
+        let disk = "[[disk]]\nname = \"a\"\npath = \"/x\"\n";
+        let off = Config::parse(&format!("socket = \"/s\"\n{disk}")).unwrap();
+        assert_eq!(off.metrics.listen, None);
+        let on = Config::parse(&format!(
+            "socket = \"/s\"\n[metrics]\nlisten = \"127.0.0.1:9100\"\n{disk}"
+        ))
+        .unwrap();
+        assert_eq!(on.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+        for bad in ["listen = \"localhost\"", "port = 9100"] {
+            let text = format!("socket = \"/s\"\n[metrics]\n{bad}\n{disk}");
+            assert!(Config::parse(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -124,7 +124,18 @@ pub async fn serve(
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None).await
+    serve_registered(cfg, backend, shutdown, None, None).await
+}
+
+/// [`serve`], calling `ready` once the control socket listens and every
+/// device has its backend (for systemd's `READY=1`).
+pub async fn serve_notify(
+    cfg: Config,
+    backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+    ready: Box<dyn FnOnce() + Send>,
+) -> Result<(), SupervisorError> {
+    serve_registered(cfg, backend, shutdown, None, Some(ready)).await
 }
 
 async fn serve_registered(
@@ -132,6 +143,7 @@ async fn serve_registered(
     backend: BackendCommand,
     mut shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
+    ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
@@ -243,6 +255,9 @@ async fn serve_registered(
         socket = %cfg.socket.display(), max_connections = limits.max,
         max_connections_per_peer = limits.per_peer, "supervisor listening"
     );
+    if let Some(ready) = ready {
+        ready();
+    }
     let mut pacer = admission::AcceptPacer::default();
     let mut accept_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
     let mut refusal_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
@@ -356,7 +371,7 @@ impl SupervisorThread {
                     .enable_all()
                     .build()
                     .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
-                rt.block_on(serve_registered(cfg, backend, rx, Some(registry)))
+                rt.block_on(serve_registered(cfg, backend, rx, Some(registry), None))
             })
             .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
         let mut me = SupervisorThread {

@@ -1,5 +1,5 @@
 //! The device counters for people and for Prometheus
-//! (docs/ARCHITECTURE.md §4.2): the text exposition format, one human
+//! (docs/ARCHITECTURE.md §4.1): the text exposition format, one human
 //! line per device, and the optional local listener (`[metrics] listen`).
 
 use std::fmt::Write as _;

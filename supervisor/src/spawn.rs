@@ -82,7 +82,7 @@ use crate::SupervisorError;
 pub const BACKEND_CONTROL_FD: i32 = 3;
 /// fd number of the disk image in the backend.
 pub const BACKEND_DISK_FD: i32 = 4;
-/// The device's metrics page (docs/ARCHITECTURE.md §4.2) in a backend.
+/// The device's metrics page (docs/ARCHITECTURE.md §4.1) in a backend.
 pub const BACKEND_METRICS_FD: i32 = 5;
 
 /// How long [`open_disk`] waits for another holder of the image's lock (a

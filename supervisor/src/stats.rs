@@ -75,7 +75,7 @@ pub struct DeviceStats {
     /// failures, as the supervisor measures it.
     pub stall_us: u64,
     /// Requests, bytes, queue depth and latency, from the device's
-    /// metrics page (docs/ARCHITECTURE.md §4.2): every instance's counts
+    /// metrics page (docs/ARCHITECTURE.md §4.1): every instance's counts
     /// added up. Parsed from a `status` message, its latency histogram
     /// has octave resolution (`Latency::from_octaves`).
     pub io: IoCounters,

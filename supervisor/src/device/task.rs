@@ -86,7 +86,7 @@ pub(super) struct DeviceTask {
     pub(super) watchdog: Option<Watchdog>,
     pub(super) startup_deaths: u32,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
-    /// The device's metrics page (docs/ARCHITECTURE.md §4.2).
+    /// The device's metrics page (docs/ARCHITECTURE.md §4.1).
     pub(super) metrics: Arc<MetricsPage>,
 }
 
