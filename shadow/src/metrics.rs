@@ -191,26 +191,6 @@ impl Latency {
         }
         l
     }
-
-    fn added(&self, other: &Latency) -> Latency {
-        let mut out = *self;
-        out.count = out.count.wrapping_add(other.count);
-        out.sum_us = out.sum_us.wrapping_add(other.sum_us);
-        for (a, b) in out.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a = a.wrapping_add(*b);
-        }
-        out
-    }
-
-    fn minus(&self, other: &Latency) -> Latency {
-        let mut out = *self;
-        out.count = out.count.wrapping_sub(other.count);
-        out.sum_us = out.sum_us.wrapping_sub(other.sum_us);
-        for (a, b) in out.buckets.iter_mut().zip(other.buckets.iter()) {
-            *a = a.wrapping_sub(*b);
-        }
-        out
-    }
 }
 
 impl IoCounters {
@@ -253,37 +233,29 @@ impl IoCounters {
         }
     }
 
+    /// `op` applied word by word (the counters and the histogram).
+    fn combine(&self, other: &IoCounters, op: fn(u64, u64) -> u64) -> IoCounters {
+        let (a, b) = (self.to_words(), other.to_words());
+        let mut w = [0u64; WORDS];
+        for (out, (x, y)) in w.iter_mut().zip(a.iter().zip(b.iter())) {
+            *out = op(*x, *y);
+        }
+        IoCounters::from_words(&w)
+    }
+
     /// `self + other` for every counter; the gauge is `other`'s.
     fn added(&self, other: &IoCounters) -> IoCounters {
         IoCounters {
-            requests: self.requests.wrapping_add(other.requests),
-            errors: self.errors.wrapping_add(other.errors),
-            bytes_to_guest: self.bytes_to_guest.wrapping_add(other.bytes_to_guest),
-            bytes_from_guest: self.bytes_from_guest.wrapping_add(other.bytes_from_guest),
-            packets_to_guest: self.packets_to_guest.wrapping_add(other.packets_to_guest),
-            packets_from_guest: self
-                .packets_from_guest
-                .wrapping_add(other.packets_from_guest),
-            dropped: self.dropped.wrapping_add(other.dropped),
             in_flight: other.in_flight,
-            latency: self.latency.added(&other.latency),
+            ..self.combine(other, u64::wrapping_add)
         }
     }
 
     /// `self - other` for every counter; the gauge is `self`'s.
     fn minus(&self, other: &IoCounters) -> IoCounters {
         IoCounters {
-            requests: self.requests.wrapping_sub(other.requests),
-            errors: self.errors.wrapping_sub(other.errors),
-            bytes_to_guest: self.bytes_to_guest.wrapping_sub(other.bytes_to_guest),
-            bytes_from_guest: self.bytes_from_guest.wrapping_sub(other.bytes_from_guest),
-            packets_to_guest: self.packets_to_guest.wrapping_sub(other.packets_to_guest),
-            packets_from_guest: self
-                .packets_from_guest
-                .wrapping_sub(other.packets_from_guest),
-            dropped: self.dropped.wrapping_sub(other.dropped),
             in_flight: self.in_flight,
-            latency: self.latency.minus(&other.latency),
+            ..self.combine(other, u64::wrapping_sub)
         }
     }
 }
