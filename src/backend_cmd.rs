@@ -13,6 +13,7 @@ use shadowback_dataplane::event_loop::BackendError;
 use shadowback_dataplane::recovery::CrashSpec;
 use shadowback_dataplane::uring::EngineConfig;
 use shadowback_netback::backend::{NetBackend, NetConfig};
+use shadowback_shadow::{MetricsPage, MetricsWriter};
 use shadowback_xenbus::SeqPacket;
 
 use crate::CliError;
@@ -28,6 +29,9 @@ pub struct BlkbackArgs {
     /// Inherited disk image fd.
     #[arg(long)]
     disk_fd: RawFd,
+    /// Inherited metrics page (a sealed memfd) of the device.
+    #[arg(long)]
+    metrics_fd: Option<RawFd>,
     /// Domain id the guest's grants must name.
     #[arg(long, default_value_t = 0)]
     backend_id: u16,
@@ -135,6 +139,15 @@ pub(crate) fn inherited(fd: RawFd) -> Result<OwnedFd, CliError> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Maps the metrics page inherited at `fd`, if one was.
+fn metrics_page(fd: Option<RawFd>) -> Result<Option<MetricsWriter>, CliError> {
+    let Some(fd) = fd else {
+        return Ok(None);
+    };
+    let page = MetricsPage::open(inherited(fd)?).map_err(|e| format!("metrics page: {e}"))?;
+    Ok(Some(MetricsWriter::new(page)))
+}
+
 pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
     let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
     let disk = File::from(inherited(args.disk_fd)?);
@@ -157,6 +170,9 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
         poll_us: args.poll_us,
     };
     let mut backend = Backend::new(cfg, control, &disk)?;
+    if let Some(page) = metrics_page(args.metrics_fd)? {
+        backend.set_metrics(page);
+    }
     confine(&args.device, args.no_confine)?;
     tracing::info!(device = %args.device, pid = std::process::id(), "blkback running");
     match backend.run() {
@@ -185,6 +201,9 @@ pub struct NetbackArgs {
     /// As for `blkback`.
     #[arg(long)]
     no_confine: bool,
+    /// As for `blkback`.
+    #[arg(long)]
+    metrics_fd: Option<RawFd>,
 }
 
 /// The network backend: serves one vif per `attach-net` until the
@@ -198,6 +217,7 @@ pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
         crash_at: crash_at_from_env()?,
     };
     let mut backend = NetBackend::new(cfg, control)?;
+    backend.metrics = metrics_page(args.metrics_fd)?;
     confine(&args.device, args.no_confine)?;
     tracing::info!(device = %args.device, pid = std::process::id(), "netback running");
     match backend.run() {

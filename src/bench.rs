@@ -41,6 +41,7 @@ use shadowback_supervisor::{
     BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread, DEFAULT_POLL_US, MAX_POLL_US,
 };
 
+use crate::out::{errln, errout, outln};
 use crate::scratch::TempDir;
 use crate::CliError;
 
@@ -367,7 +368,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     let qsd_bin = find_in_path("qemu-storage-daemon").filter(|_| vhost_user);
     let log = |msg: String| {
         if !args.json {
-            eprintln!("{msg}");
+            errln!("{msg}");
         }
     };
 
@@ -392,6 +393,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         control: Default::default(),
         backend: Default::default(),
         limits: Default::default(),
+        metrics: Default::default(),
         // Everything else at its default, as a production disk would run.
         // Exports of the one image: with and without the shadow log, and
         // with the other polling window (only one is driven at a time).
@@ -477,7 +479,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         for &qd in &args.qd {
             let mut slices: Vec<Slices> = paths.iter().map(|_| Slices::default()).collect();
             if !args.json {
-                eprint!("  {:<9} QD{:<3}", op.name(), qd);
+                errout!("  {:<9} QD{:<3}", op.name(), qd);
             }
             for round in 0..args.rounds {
                 // The same offsets for every path within a slice, new ones
@@ -491,7 +493,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     s.cpu = cpu.since();
                     acc.0.push(s);
                     if !args.json {
-                        eprint!(" .");
+                        errout!(" .");
                         let _ = std::io::stderr().flush();
                     }
                 }
@@ -511,7 +513,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     base.filter(|_| path != base_path).map(|b| iops / b)
                 };
                 if !args.json {
-                    eprint!("  {} {iops:.0}", path.name());
+                    errout!("  {} {iops:.0}", path.name());
                 }
                 rows.push(Row {
                     path: path.name(),
@@ -526,7 +528,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                 });
             }
             if !args.json {
-                eprintln!();
+                errln!();
             }
         }
     }
@@ -535,7 +537,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     drop(dir);
 
     if args.json {
-        println!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
+        outln!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
     } else {
         print_table(&rows, args, paths.contains(&IoPath::Fio));
         print_load_note(load_before, load_average());
@@ -968,10 +970,10 @@ fn print_load_note(before: Option<f64>, after: Option<f64>) {
         return;
     };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("  - load average {before:.2} before, {after:.2} after the run ({cpus} CPUs).");
+    outln!("  - load average {before:.2} before, {after:.2} after the run ({cpus} CPUs).");
     // This run itself adds about 1 to the figure after it.
     if before > 0.5 {
-        println!(
+        outln!(
             "    Other jobs were competing for the CPUs: ratios swing far more than ±15%; rerun on a quiet machine."
         );
     }
@@ -990,7 +992,7 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 }
 
 fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
-    println!(
+    outln!(
         "shadowback bench blk — 4 KiB random I/O, {:.1} s per row, {} MiB preallocated and fully written image, cache {}, poll_us {}{}",
         args.duration,
         args.image_mib,
@@ -1004,15 +1006,23 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             None => String::new(),
         }
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<20} {:<9} {:>3} {:>10} {:>9} {:>9} {:>9} {:>7} {:>7}",
-        "path", "op", "qd", "IOPS", "p50 µs", "p99 µs", "CPU µs/IO", "vs fio", "vs raw"
+        "path",
+        "op",
+        "qd",
+        "IOPS",
+        "p50 µs",
+        "p99 µs",
+        "CPU µs/IO",
+        "vs fio",
+        "vs raw"
     );
     let mut last_group: Option<(&str, usize)> = None;
     for r in rows {
         if last_group.is_some_and(|g| g != (r.op, r.qd)) {
-            println!();
+            outln!();
         }
         last_group = Some((r.op, r.qd));
         let ratio = |x: Option<f64>, base: IoPath| match x {
@@ -1020,7 +1030,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             None if r.path == base.name() => "base".into(),
             None => "-".into(),
         };
-        println!(
+        outln!(
             "{:<20} {:<9} {:>3} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>7}",
             r.path,
             r.op,
@@ -1033,7 +1043,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             ratio(r.vs_raw, IoPath::RawUring)
         );
     }
-    println!();
+    outln!();
     let pairs = [
         (IoPath::XenRing, IoPath::XenRingNoShadow, "shadow log cost"),
         (
@@ -1056,7 +1066,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
                 .iter()
                 .find(|o| o.path == other.name() && o.op == r.op && o.qd == r.qd);
             if let Some(o) = o.filter(|o| o.iops > 0.0) {
-                println!(
+                outln!(
                     "{what}, {} QD{}: {} / {} = {:.3} ({:+.1}% IOPS, CPU per I/O {:.1} vs {:.1} µs)",
                     r.op,
                     r.qd,
@@ -1071,8 +1081,8 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
         }
     }
     if with_fio {
-        println!();
-        println!("targets (issue 12): QD32 ≥ 0.95× fio, QD1 ≥ 0.85× fio");
+        outln!();
+        outln!("targets (issue 12): QD32 ≥ 0.95× fio, QD1 ≥ 0.85× fio");
         let targeted = [
             IoPath::XenRing,
             IoPath::XenRingPoll,
@@ -1086,7 +1096,7 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             let (Some(x), target) = (r.vs_fio, if r.qd >= 32 { 0.95 } else { 0.85 }) else {
                 continue;
             };
-            println!(
+            outln!(
                 "  {:<16} {:<9} QD{:<3} {x:.2}× fio: {}",
                 r.path,
                 r.op,
@@ -1095,30 +1105,30 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
             );
         }
     }
-    println!();
-    println!("notes:");
-    println!(
+    outln!();
+    outln!("notes:");
+    outln!(
         "  - `vs fio` = IOPS / the fio row of the same op and QD (the yardstick); `vs raw` = / the raw-uring row;"
     );
-    println!(
+    outln!(
         "    the paths took turns in {} slices of {:.2} s (IOPS = all ops / all time; p50 and p99 = the median of the slices' percentiles).",
         args.rounds,
         args.duration / f64::from(args.rounds)
     );
-    println!(
+    outln!(
         "  - CPU µs/IO = CPU time of the whole process tree during the row's slices (this process with its supervisor thread,"
     );
-    println!(
+    outln!(
         "    backends, guest client or fio, qemu-storage-daemon; /proc/PID/stat, 10 ms ticks) / I/Os."
     );
-    println!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
-    println!(
+    outln!("  - figures vary by about ±15% between runs on a quiet machine; compare ratios within one run, not across runs.");
+    outln!(
         "  - latency: raw-uring = submission to reap in one thread; xen-ring, vhost-user, qsd = the guest's submit to completion"
     );
     if with_fio {
-        println!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
+        outln!("    (ring + kick + backend + notify/call); fio = its completion latency (clat).");
     } else {
-        println!(
+        outln!(
             "    (ring + kick + backend + notify/call). fio was not found, so there are no fio rows and no `vs fio`."
         );
     }

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use shadowback_supervisor::{metrics, DeviceStats};
 use shadowback_xenbus::{Message, SeqPacket};
 
+use crate::out::outln;
 use crate::CliError;
 
 /// Where `shadowback up` listens unless its config says otherwise.
@@ -19,9 +21,24 @@ pub struct StatusArgs {
     /// The supervisor's control socket.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// One JSON object per device, in a JSON array.
-    #[arg(long)]
+    /// What to print (README "Status fields").
+    #[arg(long, value_enum, default_value_t = StatusFormat::Table)]
+    format: StatusFormat,
+    /// The same as `--format json`.
+    #[arg(long, conflicts_with = "format")]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    /// One line per device a person can read.
+    Table,
+    /// Every `status` key of every device, one per line.
+    Keys,
+    /// One JSON object per device, in a JSON array.
+    Json,
+    /// The Prometheus text exposition format.
+    Prometheus,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -83,7 +100,28 @@ pub fn query_status(socket: &std::path::Path) -> Result<Vec<Message>, CliError> 
 
 pub fn status(args: StatusArgs) -> Result<ExitCode, CliError> {
     let devices = query_status(&args.socket)?;
-    if args.json {
+    let format = if args.json {
+        StatusFormat::Json
+    } else {
+        args.format
+    };
+    if matches!(format, StatusFormat::Table | StatusFormat::Prometheus) {
+        let parsed = devices
+            .iter()
+            .map(DeviceStats::from_message)
+            .collect::<Result<Vec<_>, _>>()?;
+        if format == StatusFormat::Prometheus {
+            // The text ends with its own newline.
+            let text = metrics::prometheus(&parsed);
+            outln!("{}", text.trim_end());
+        } else {
+            for (name, stats) in &parsed {
+                outln!("{}", metrics::human_line(name, stats));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if format == StatusFormat::Json {
         let list: Vec<serde_json::Value> = devices
             .iter()
             .map(|m| {
@@ -100,13 +138,13 @@ pub fn status(args: StatusArgs) -> Result<ExitCode, CliError> {
                 serde_json::Value::Object(obj)
             })
             .collect();
-        println!("{}", serde_json::Value::Array(list));
+        outln!("{}", serde_json::Value::Array(list));
         return Ok(ExitCode::SUCCESS);
     }
     for m in &devices {
-        println!("{}", m.get("device").unwrap_or("?"));
+        outln!("{}", m.get("device").unwrap_or("?"));
         for (k, v) in m.iter().filter(|(k, _)| *k != "device") {
-            println!("  {k:<18} {v}");
+            outln!("  {k:<18} {v}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -129,6 +167,6 @@ pub fn fault(args: FaultArgs) -> Result<ExitCode, CliError> {
     let sock = SeqPacket::connect(&args.socket)?;
     sock.send(&msg, &[])?;
     let reply = recv(&sock)?;
-    println!("{} {action}: {}", args.device, reply.kind());
+    outln!("{} {action}: {}", args.device, reply.kind());
     Ok(ExitCode::SUCCESS)
 }

@@ -18,6 +18,7 @@ use shadowback_supervisor::{BackendCommand, CacheMode, Config, DiskConfig, Super
 
 use crate::demo_net::{self, NetPair, NetReport};
 use crate::faults::{self, FaultSpec, Injector};
+use crate::out::{errln, errout, outln};
 use crate::scratch::TempDir;
 use crate::CliError;
 
@@ -114,6 +115,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         control: Default::default(),
         backend: Default::default(),
         limits: Default::default(),
+        metrics: Default::default(),
         disks: vec![DiskConfig {
             cache,
             ..DiskConfig::new("disk0", image.clone())
@@ -129,12 +131,12 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         CacheMode::Writeback => "writeback",
     };
     if !args.json {
-        eprintln!(
+        errln!(
             "shadowback demo: disk0 = {} MiB sparse image, cache {cache_name}; guest QD{} for {} s, then a full-image check",
             args.image_mib, args.qd, args.duration
         );
         if !args.no_net {
-            eprintln!(
+            errln!(
                 "  and {} <-> cable <-> {}: a guest on each, one verified TCP stream of {} MiB",
                 demo_net::VIF_A,
                 demo_net::VIF_B,
@@ -189,7 +191,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 } else {
                     "random I/O"
                 };
-                eprint!(
+                errout!(
                     "\r  {:6.1} s  {:<11} {:>9} ops  {:>8.0} IOPS  errors {}  verify failures {}   ",
                     v["elapsed_s"].as_f64().unwrap_or(0.0),
                     phase,
@@ -210,7 +212,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         injected = inj.finish();
     }
     if !args.json {
-        eprintln!();
+        errln!();
     }
     let net = net.map(NetPair::finish).transpose()?;
     let devices = crate::control_cmd::query_status(&cfg.socket).unwrap_or_default();
@@ -282,7 +284,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         net: net_report,
     };
     if args.json {
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
         print_report(&r);
         if !injected.is_empty() {
@@ -291,21 +293,23 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 &injected,
                 [out.crashes, out.hangs, out.recoveries],
             );
-            println!(
+            outln!(
                 "  replayed          {:>10}  requests re-executed",
                 out.replayed
             );
-            println!(
+            outln!(
                 "  re-pushed         {:>10}  saved responses published again",
                 out.repushed
             );
-            println!("  poisoned          {:>10}", out.poisoned);
-            println!("  lost / duplicate  {:>10} / {}", out.lost, out.duplicates);
-            println!(
+            outln!("  poisoned          {:>10}", out.poisoned);
+            outln!("  lost / duplicate  {:>10} / {}", out.lost, out.duplicates);
+            outln!(
                 "  guest-visible stall per fault: p50 {} us, p99 {} us, max {} us",
-                stall.p50, stall.p99, stall.max
+                stall.p50,
+                stall.p99,
+                stall.max
             );
-            println!(
+            outln!(
                 "  last recovery     detect {} us, fence {} us, takeover {} us, replay {} us, total {} us",
                 count("last-detect-us"),
                 count("last-fence-us"),
@@ -314,7 +318,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
                 count("last-total-us")
             );
             if let Some(p) = &out.plot {
-                println!("  timeline plot     {}", p.display());
+                outln!("  timeline plot     {}", p.display());
             }
         }
         if let (Some(n), Some(o)) = (&out.net, &net) {
@@ -330,26 +334,35 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
 }
 
 fn print_report(r: &Report) {
-    println!("shadowback demo report");
-    println!(
+    outln!("shadowback demo report");
+    outln!(
         "  ops               {:>10}  (reads {}, writes {}, flushes {}, discards {})",
-        r.ops, r.reads, r.writes, r.flushes, r.discards
+        r.ops,
+        r.reads,
+        r.writes,
+        r.flushes,
+        r.discards
     );
-    println!(
+    outln!(
         "  throughput        {:>10.0} IOPS, {:.1} MB/s over {:.1} s",
-        r.iops, r.mb_per_s, r.elapsed_s
+        r.iops,
+        r.mb_per_s,
+        r.elapsed_s
     );
-    println!(
+    outln!(
         "  latency           p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-        r.lat_us.p50_us, r.lat_us.p99_us, r.lat_us.max_us
+        r.lat_us.p50_us,
+        r.lat_us.p99_us,
+        r.lat_us.max_us
     );
-    println!(
+    outln!(
         "  verified          {} reads; {} sectors in the final image check",
-        r.reads_verified, r.sectors_verified_final
+        r.reads_verified,
+        r.sectors_verified_final
     );
-    println!("  verify failures   {:>10}", r.verify_failures);
-    println!("  I/O errors        {:>10}", r.io_errors);
+    outln!("  verify failures   {:>10}", r.verify_failures);
+    outln!("  I/O errors        {:>10}", r.io_errors);
     for f in &r.failures {
-        println!("    ! {f}");
+        outln!("    ! {f}");
     }
 }

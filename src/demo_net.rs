@@ -16,6 +16,7 @@ use shadowback_supervisor::NicConfig;
 
 use crate::faults::{self, FaultSpec, Injected, Injector};
 use crate::guest_cmd::monotonic_ns;
+use crate::out::outln;
 use crate::CliError;
 
 /// The two vifs of the demo's cable: guest A sends, guest B receives.
@@ -208,20 +209,21 @@ impl NetReport {
 
     /// The text report's lines for the network pair.
     pub fn print(&self, faults: &[Injected]) {
-        println!("network pair ({VIF_A} -> cable -> {VIF_B}, one TCP stream)");
-        println!(
+        outln!("network pair ({VIF_A} -> cable -> {VIF_B}, one TCP stream)");
+        outln!(
             "  stream            {:>10}  bytes verified, {:.1} MiB/s, CRC-32 {}",
             self.bytes,
             self.mib_per_s,
             if self.verified { "match" } else { "MISMATCH" }
         );
-        println!(
+        outln!(
             "  resets            {:>10}  (answered twice / never asked: {})",
-            self.resets, self.bad_responses
+            self.resets,
+            self.bad_responses
         );
-        println!("  longest gap       {:>10.1}  ms", self.max_gap_ms);
+        outln!("  longest gap       {:>10.1}  ms", self.max_gap_ms);
         for f in &self.failures {
-            println!("    ! {f}");
+            outln!("    ! {f}");
         }
         if faults.is_empty() {
             return;
@@ -231,20 +233,23 @@ impl NetReport {
             faults,
             [self.crashes, self.hangs, self.recoveries],
         );
-        println!(
+        outln!(
             "  TX replayed       {:>10}  packets sent again ({} recoveries may have sent one twice)",
             self.tx_replayed, self.tx_maybe_duplicated
         );
-        println!(
+        outln!(
             "  RX recovered      {:>10}  posted buffers handed over; {} frames dropped in a crash",
-            self.rx_buffers_recovered, self.rx_dropped_in_crash
+            self.rx_buffers_recovered,
+            self.rx_dropped_in_crash
         );
-        println!(
+        outln!(
             "  stream stall per fault: p50 {} us, p99 {} us, max {} us",
-            self.stall_us.p50, self.stall_us.p99, self.stall_us.max
+            self.stall_us.p50,
+            self.stall_us.p99,
+            self.stall_us.max
         );
         if let Some(p) = &self.plot {
-            println!("  timeline plot     {}", p.display());
+            outln!("  timeline plot     {}", p.display());
         }
     }
 }

@@ -24,6 +24,7 @@ use shadowback_supervisor::{
 };
 
 use crate::faults::{self, FaultKind, Injected};
+use crate::out::{errln, errout, outln};
 use crate::CliError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -186,6 +187,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         control: Default::default(),
         backend: Default::default(),
         limits: Default::default(),
+        metrics: Default::default(),
         disks: vec![DiskConfig {
             cache,
             standby: args.mode == Mode::Hot,
@@ -290,7 +292,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             total.push(t.total_us);
         }
         if !args.json && (i + 1) % 50 == 0 {
-            eprint!(
+            errout!(
                 "\r  {} kills in {:.1} s   ",
                 i + 1,
                 started.elapsed().as_secs_f64()
@@ -298,7 +300,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         }
     }
     if !args.json {
-        eprintln!();
+        errln!();
     }
     std::fs::write(&stop_path, b"")?;
     let status = guest.wait()?;
@@ -343,7 +345,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let clean =
         out.lost == 0 && out.duplicates == 0 && out.verify_failures == 0 && out.io_errors == 0;
     if args.json {
-        println!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
         print(&out, stalls.len());
     }
@@ -376,43 +378,47 @@ fn print(r: &FailoverReport, measured: usize) {
     } else {
         String::new()
     };
-    println!(
+    outln!(
         "shadowback bench failover — {} SIGKILLs, {mode}, {transport}{queues}, {workload}",
         r.kills
     );
-    println!(
+    outln!(
         "  guest-visible stall   p50 {} us, p99 {} us, max {} us   ({measured} kills measured)",
-        r.stall_us.p50, r.stall_us.p99, r.stall_us.max
+        r.stall_us.p50,
+        r.stall_us.p99,
+        r.stall_us.max
     );
     let row = |name: &str, d: &Dist| {
-        println!(
+        outln!(
             "  {name:<21} p50 {} us, p99 {} us, max {} us",
-            d.p50, d.p99, d.max
+            d.p50,
+            d.p99,
+            d.max
         );
     };
-    println!("  supervisor breakdown:");
+    outln!("  supervisor breakdown:");
     row("  detect", &r.supervisor_us.detect);
     row("  fence", &r.supervisor_us.fence);
     row("  takeover", &r.supervisor_us.takeover);
     row("  replay", &r.supervisor_us.replay);
     row("  total", &r.supervisor_us.total);
-    println!(
+    outln!(
         "  takeovers             {} from a standby, {} cold; {} requests replayed, {} responses re-pushed",
         r.standby_takeovers, r.cold_takeovers, r.replayed, r.repushed
     );
-    println!(
+    outln!(
         "  guest                 {} ops; lost {}, duplicates {}, verify failures {} ({} stale reads), I/O errors {}; {} sectors verified at the end",
         r.ops, r.lost, r.duplicates, r.verify_failures, r.stale_reads, r.io_errors, r.sectors_verified_final
     );
     if r.pattern != "random" {
-        println!(
+        outln!(
             "  rounds                {} completed (summed over the queues)",
             r.rounds
         );
     }
     for f in &r.failures {
-        println!("  FAILURE: {f}");
+        outln!("  FAILURE: {f}");
     }
-    println!("  (stall = last completion before a kill → first completion after it, CLOCK_MONOTONIC in both processes;");
-    println!("   with requests in flight the stall includes the replayed requests' own I/O time)");
+    outln!("  (stall = last completion before a kill → first completion after it, CLOCK_MONOTONIC in both processes;");
+    outln!("   with requests in flight the stall includes the replayed requests' own I/O time)");
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::guest_cmd::monotonic_ns;
+use crate::out::outln;
 use crate::CliError;
 
 /// What to inject.
@@ -175,14 +176,14 @@ pub fn print_recovery_head(title: &str, injected: &[Injected], counted: [u64; 3]
         .iter()
         .filter(|f| f.kind == FaultKind::Kill)
         .count();
-    println!("{title}");
-    println!(
+    outln!("{title}");
+    outln!(
         "  faults injected   {:>10}  ({kills} kills, {} hangs)",
         injected.len(),
         injected.len() - kills
     );
-    println!("  crashes / hangs   {:>10} / {hangs}", crashes);
-    println!("  recoveries        {:>10}", recoveries);
+    outln!("  crashes / hangs   {:>10} / {hangs}", crashes);
+    outln!("  recoveries        {:>10}", recoveries);
 }
 
 /// Reads the guest's completion stamps (u64 LE ns).

@@ -23,12 +23,16 @@ mod netbench;
 mod netfailover;
 mod netns;
 mod netvif;
+mod out;
 mod scratch;
+mod sd_notify;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use out::errln;
 
 #[derive(Parser)]
 #[command(
@@ -59,14 +63,11 @@ enum Command {
         #[command(subcommand)]
         what: bench::BenchCommand,
     },
-    /// Block backend process (started by the supervisor with its fds).
-    #[command(hide = true)]
+    /// Block backend process (the supervisor starts it with its fds; not run by hand).
     Blkback(backend_cmd::BlkbackArgs),
-    /// Network backend process (started with its control fd).
-    #[command(hide = true)]
+    /// Network backend process (the supervisor starts it with its control fd; not run by hand).
     Netback(backend_cmd::NetbackArgs),
-    /// Guest process: a frontend plus a workload, reporting JSON lines on stdout.
-    #[command(hide = true)]
+    /// Guest process: a frontend plus a verifying workload, reporting JSON lines on stdout.
     Guest {
         #[command(subcommand)]
         what: guest_cmd::GuestCommand,
@@ -89,6 +90,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // No colour codes in a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
@@ -103,7 +106,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shadowback: {e}");
+            errln!("shadowback: {e}");
             ExitCode::FAILURE
         }
     }
@@ -116,20 +119,41 @@ pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 fn up(config: PathBuf) -> Result<ExitCode, CliError> {
     let cfg = shadowback_supervisor::Config::from_file(&config)?;
     let backend = shadowback_supervisor::BackendCommand::current_exe()?;
+    // Under systemd (`Type=notify`): READY once serving, STOPPING on
+    // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything.
+    let notifier = sd_notify::Notifier::from_env().map(std::sync::Arc::new);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let (tx, rx) = tokio::sync::watch::channel(false);
+        let stopping = notifier.clone();
         tokio::spawn(async move {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
             }
+            if let Some(n) = &stopping {
+                n.send("STOPPING=1");
+            }
             let _ = tx.send(true);
         });
-        shadowback_supervisor::serve(cfg, backend, rx).await
+        if let (Some(n), Some(every)) = (notifier.clone(), sd_notify::watchdog_interval()) {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    n.send("WATCHDOG=1");
+                }
+            });
+        }
+        let ready: Box<dyn FnOnce() + Send> = Box::new(move || {
+            if let Some(n) = notifier {
+                n.send("READY=1");
+            }
+        });
+        shadowback_supervisor::serve_notify(cfg, backend, rx, ready).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

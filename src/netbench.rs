@@ -56,6 +56,7 @@ use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode,
 use shadowback_xenbus::netif::MacAddr;
 
 use crate::netvif::{BenchVif, WireType};
+use crate::out::{errln, errout, outln};
 use crate::CliError;
 
 #[derive(Args, Debug)]
@@ -229,7 +230,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
     let mut skipped = Vec::new();
     if !root {
         let why = "raw-tap and netif-tap rows: a TAP in a fresh network namespace needs root";
-        eprintln!("shadowback bench net: skipping {why}");
+        errln!("shadowback bench net: skipping {why}");
         skipped.push(why.to_string());
     }
     let mut plan: Vec<(NetPath, Frame)> = Vec::new();
@@ -274,7 +275,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
                 if !args.json {
-                    eprint!(".");
+                    errout!(".");
                 }
             }
         }
@@ -295,10 +296,10 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
         }
     }
     if !args.json {
-        eprintln!();
+        errln!();
     }
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(&JsonReport {
                 rows: &rows,
@@ -880,28 +881,36 @@ fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
 }
 
 fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
-    println!(
+    outln!(
         "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks",
         args.seconds, args.rounds
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<22} {:<5} {:>12} {:>9} {:>8}",
-        "path", "frame", "pps", "Gbit/s", "vs raw"
+        "path",
+        "frame",
+        "pps",
+        "Gbit/s",
+        "vs raw"
     );
     let mut last: Option<&str> = None;
     for r in rows {
         if last.is_some_and(|f| f != r.frame) {
-            println!();
+            outln!();
         }
         last = Some(r.frame);
         let ratio = r.ratio.map_or("base".to_string(), |x| format!("{x:.2}"));
-        println!(
+        outln!(
             "{:<22} {:<5} {:>12.0} {:>9.3} {:>8}",
-            r.path, r.frame, r.pps, r.gbps, ratio
+            r.path,
+            r.frame,
+            r.pps,
+            r.gbps,
+            ratio
         );
     }
-    println!();
+    outln!();
     for (with, without) in [
         (NetPath::NetifCable, NetPath::NetifCableNoShadow),
         (NetPath::NetifTap, NetPath::NetifTapNoShadow),
@@ -911,7 +920,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
                 .iter()
                 .find(|o| o.path == without.name() && o.frame == r.frame);
             if let Some(o) = o.filter(|o| o.pps > 0.0) {
-                println!(
+                outln!(
                     "shadow log cost, {} {}: {:+.1}% pps",
                     with.name(),
                     r.frame,
@@ -920,12 +929,12 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
             }
         }
     }
-    println!();
-    println!("notes:");
-    println!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
-    println!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
-    println!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
+    outln!();
+    outln!("notes:");
+    outln!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
+    outln!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
+    outln!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
     for s in skipped {
-        println!("  - skipped: {s}");
+        outln!("  - skipped: {s}");
     }
 }

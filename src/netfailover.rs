@@ -27,6 +27,7 @@ use shadowback_guest::netfront::{NetFront, NetFrontStats};
 
 use crate::faults::percentiles;
 use crate::netbench::{cable_vifs, stream_params};
+use crate::out::{errln, errout, outln};
 use crate::CliError;
 
 const MIB: u64 = 1 << 20;
@@ -173,7 +174,7 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
                 None => report.unmeasured += 1,
             }
             if !json && report.kills.is_multiple_of(10) {
-                eprint!(
+                errout!(
                     "\r  {} kills in {:.1} s   ",
                     report.kills,
                     started.elapsed().as_secs_f64()
@@ -211,9 +212,11 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
         report.bad_responses += bad(&front_a.stats()) + bad(&front_b.stats());
         let passed = tr.passed() && rr.passed();
         if !passed && !json {
-            eprintln!(
+            errln!(
                 "\n  stream {} failed: {:?} {:?}",
-                report.streams, tr.failures, rr.failures
+                report.streams,
+                tr.failures,
+                rr.failures
             );
         }
         (a, b) = (front_a, front_b);
@@ -226,7 +229,7 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
         && report.failed_streams == 0
         && report.bad_responses == 0;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
         print_report(&report, gaps.len(), started.elapsed());
     }
@@ -242,27 +245,32 @@ fn bad(s: &NetFrontStats) -> u64 {
 }
 
 fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
-    println!();
-    println!(
+    outln!();
+    outln!(
         "shadowback bench failover --class net — a TCP stream between two vifs on a cable, netback A and B SIGKILLed in turn"
     );
-    println!(
+    outln!(
         "  {} kills in {:.1} s over {} streams ({} MiB verified)",
         r.kills,
         took.as_secs_f64(),
         r.streams,
         r.bytes / MIB
     );
-    println!(
+    outln!(
         "  lost {} B, duplicated {} B, corrupt {} B, failed streams {}, bad ring responses {}",
-        r.lost, r.duplicates, r.corrupt, r.failed_streams, r.bad_responses
+        r.lost,
+        r.duplicates,
+        r.corrupt,
+        r.failed_streams,
+        r.bad_responses
     );
-    println!(
+    outln!(
         "  gap (kill → next new data at the receiver)   p50 {} us, p99 {} us, max {} us   ({measured} kills measured, {} not)",
         r.gap_us.p50, r.gap_us.p99, r.gap_us.max, r.unmeasured
     );
-    println!(
+    outln!(
         "  retransmission timeouts (gaps > 200 ms): {}; longest stall either side saw: {} us",
-        r.retransmission_timeouts, r.max_stall_us
+        r.retransmission_timeouts,
+        r.max_stall_us
     );
 }

@@ -618,7 +618,7 @@ fn malformed_requests_get_error_responses_and_the_backend_survives() {
             failures.push(format!("case {index} data lost: {e}"));
         }
     }
-    assert!(alive(pid), "backend {pid} died");
+    assert!(alive(pid), "backend {pid} died: {:?}", h.stats(&name));
     assert!(
         failures.is_empty(),
         "{} of {} cases failed:\n  {}",

@@ -394,6 +394,7 @@ fn bad_nic_configs_are_refused_before_anything_starts() {
             control: Default::default(),
             backend: Default::default(),
             limits: Default::default(),
+            metrics: Default::default(),
         };
         let err = SupervisorThread::start(cfg, backend_command())
             .err()

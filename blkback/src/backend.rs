@@ -45,6 +45,11 @@ impl Backend {
         Ok(Backend { cfg, core })
     }
 
+    /// Copies the counters into the device's metrics page while serving.
+    pub fn set_metrics(&mut self, metrics: shadowback_shadow::MetricsWriter) {
+        self.core.metrics = Some(metrics);
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> LoopStats {
         self.core.stats

@@ -9,9 +9,11 @@
 //! from an attach message.
 
 use std::os::fd::OwnedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shadowback_shadow::{EntryId, Repush, ShadowLog, REQUEST_SIZE};
+use shadowback_shadow::{
+    EntryId, IoCounters, Latency, MetricsWriter, Repush, ShadowLog, REQUEST_SIZE,
+};
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
@@ -59,6 +61,10 @@ pub struct Core {
     /// Adaptive polling: how long the loop polls after activity before it
     /// sleeps (`poll_us` of the device; zero: never polls).
     pub poll_window: Duration,
+    /// Completion latency of this process's requests (docs/ARCHITECTURE.md §4.1).
+    pub latency: Latency,
+    /// The device's metrics page, if the supervisor gave one.
+    pub metrics: Option<MetricsWriter>,
 }
 
 impl Core {
@@ -71,6 +77,37 @@ impl Core {
             poison: Vec::new(),
             stats: LoopStats::default(),
             poll_window: Duration::ZERO,
+            latency: Latency::default(),
+            metrics: None,
+        }
+    }
+
+    /// This process's totals, as the metrics page counts them.
+    fn io_counters(&self, in_flight: usize) -> IoCounters {
+        IoCounters {
+            requests: self.stats.requests,
+            errors: self.stats.errors,
+            bytes_to_guest: self.stats.traffic.to_guest,
+            bytes_from_guest: self.stats.traffic.from_guest,
+            in_flight: in_flight as u64,
+            latency: self.latency,
+            ..IoCounters::default()
+        }
+    }
+
+    /// Copies the totals into the metrics page (throttled, see
+    /// [`MetricsWriter::publish`]); `take_over`: this process starts
+    /// serving the device.
+    fn publish_metrics(&mut self, in_flight: usize, take_over: bool) {
+        if self.metrics.is_none() {
+            return;
+        }
+        let local = self.io_counters(in_flight);
+        if let Some(m) = self.metrics.as_mut() {
+            if take_over {
+                m.take_over(&local);
+            }
+            m.publish(Instant::now(), &local, take_over);
         }
     }
 
@@ -142,6 +179,8 @@ pub trait AttachKind {
 struct InFlight<P> {
     entry: Option<EntryId>,
     pending: P,
+    /// When it was started, for its latency.
+    started: Instant,
 }
 
 /// One ring's loop state.
@@ -274,9 +313,14 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
         match self.model.start(parsed, &mut submit) {
             Started::Pending(pending) => {
-                self.state[ring].slots[usize::from(slot)] = Some(InFlight { entry, pending });
+                self.state[ring].slots[usize::from(slot)] = Some(InFlight {
+                    entry,
+                    pending,
+                    started: Instant::now(),
+                });
             }
             Started::Done(response) => {
+                core.latency.record(Duration::ZERO);
                 self.state[ring].free.push(slot);
                 self.respond_or_warn(core, ring, entry, &response);
             }
@@ -680,6 +724,8 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             arm(&mut core.engine, token, att.rings.kick_fd(ring))
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
+        let in_flight = att.in_flight();
+        core.publish_metrics(in_flight, true);
         tracing::info!(device = %core.device, frontend = %att.name, rings = att.rings.count(),
             recover = flags.recover, ?stats, "{} attached", K::WHAT);
         Ok(stats)
@@ -744,6 +790,8 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .iter()
             .flat_map(|att| att.state.iter().filter_map(|s| s.log.as_ref()));
         event_loop::heartbeat(&self.core.device, logs);
+        let in_flight = self.attachment.as_ref().map_or(0, Attachment::in_flight);
+        self.core.publish_metrics(in_flight, false);
     }
 
     fn has_work(&mut self) -> bool {
@@ -818,6 +866,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return;
         };
         let entry = inflight.entry;
+        core.latency.record(inflight.started.elapsed());
         let st = &mut att.state[r];
         st.slots[usize::from(slot)] = None;
         st.free.push(slot);

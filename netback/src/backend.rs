@@ -53,8 +53,8 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
 use shadowback_shadow::{
-    plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, Repush, ShadowError, ShadowLog,
-    REQUEST_SIZE,
+    plan_recovery, EntryId, EntryState, IoCounters, LogSnapshot, MetricsWriter, RecoveryPlan,
+    Repush, ShadowError, ShadowLog, REQUEST_SIZE,
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
 use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
@@ -129,6 +129,39 @@ pub struct NetStats {
     pub rx_dropped: u64,
     pub kicks: u64,
     pub notifications: u64,
+}
+
+impl NetStats {
+    /// These counters as the metrics page counts them (a vif has no
+    /// request latency; docs/ARCHITECTURE.md §4.1).
+    pub fn io_counters(&self) -> IoCounters {
+        IoCounters {
+            requests: self.tx_packets + self.tx_errors,
+            errors: self.tx_errors,
+            bytes_to_guest: self.rx_bytes,
+            bytes_from_guest: self.tx_bytes,
+            packets_to_guest: self.rx_packets,
+            packets_from_guest: self.tx_packets,
+            dropped: self.rx_dropped + self.tx_wire_drops,
+            ..IoCounters::default()
+        }
+    }
+}
+
+/// Copies `stats` into the metrics page, if there is one (throttled);
+/// `take_over`: this process starts serving the vif.
+pub(crate) fn publish_metrics(
+    metrics: &mut Option<MetricsWriter>,
+    stats: &NetStats,
+    take_over: bool,
+) {
+    if let Some(m) = metrics.as_mut() {
+        let local = stats.io_counters();
+        if take_over {
+            m.take_over(&local);
+        }
+        m.publish(std::time::Instant::now(), &local, take_over);
+    }
 }
 
 /// What a vif's recovery did, beyond [`RecoveryStats`].
@@ -216,6 +249,8 @@ pub struct NetBackend {
     frame: Vec<u8>,
     /// Scratch for frames read from the wire.
     rx_scratch: Vec<u8>,
+    /// The device's metrics page, if the supervisor gave one.
+    pub metrics: Option<MetricsWriter>,
 }
 
 impl NetBackend {
@@ -233,6 +268,7 @@ impl NetBackend {
             poison: Vec::new(),
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
             rx_scratch: Vec::new(),
+            metrics: None,
         })
     }
 
@@ -1038,6 +1074,7 @@ impl NetBackend {
             arm(&mut self.engine, Token::Kick { generation, ring }, fd)
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
+        publish_metrics(&mut self.metrics, &self.stats, true);
         tracing::info!(device = %self.cfg.device, frontend = %req.frontend, recover, ?stats, recovery = ?self.recovery, "vif attached");
         Ok(stats)
     }
@@ -1415,6 +1452,7 @@ impl EventLoop for NetBackend {
             .iter()
             .flat_map(|v| v.tx_log.iter().chain(v.rx_log.iter()));
         event_loop::heartbeat(&self.cfg.device, logs);
+        publish_metrics(&mut self.metrics, &self.stats, false);
     }
 
     fn has_work(&mut self) -> bool {
@@ -1462,6 +1500,7 @@ impl EventLoop for NetBackend {
                 &self.cfg,
                 &mut self.poison,
                 &mut self.generations,
+                &mut self.metrics,
                 (msg, fds),
             ),
             kind::DETACH => match self.vif.as_mut() {

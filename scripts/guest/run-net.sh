@@ -141,7 +141,7 @@ field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<< "$VERDICT_LINE"; }
 GUEST_SUM=$(field sha256); SERVER_SUM=$(sha256sum "$RUN/received" | cut -d' ' -f1)
 RECEIVED=$(stat -c %s "$RUN/received")
 TAP_DOWN=$(wc -l < "$RUN/tap-carrier" 2>/dev/null || echo 0)
-STATUS=$("$BIN" status --socket "$CTL" 2>&1 || true)
+STATUS=$("$BIN" status --format keys --socket "$CTL" 2>&1 || true)
 stat_of() { awk -v k="$1" '$1 == k { print $2; exit }' <<< "$STATUS"; }
 VHOST_ERRORS=$(grep -ciE 'vhost.*(error|fail)|Failed to' "$LOG" || true)
 RESULT="kills=$DONE_KILLS bytes=$RECEIVED guest_sum=${GUEST_SUM:-none} server_sum=$SERVER_SUM"

@@ -217,7 +217,7 @@ REFUSED=$(grep -c 'refused' "$RUN/kills.log" 2>/dev/null || true)
 STATUS=""
 SUP_PID=$(cat "$SUP_PIDFILE" 2>/dev/null || true)
 if [ -n "$SUP_PID" ] && kill -0 "$SUP_PID" 2>/dev/null; then
-    STATUS=$("$BIN" status --socket "$CTL" 2>&1) || log "shadowback status failed: $STATUS"
+    STATUS=$("$BIN" status --format keys --socket "$CTL" 2>&1) || log "shadowback status failed: $STATUS"
     log "shadowback status:"; sed 's/^/    /' <<< "$STATUS" >&2
 else
     log "error: the supervisor died during the run (see $RUN/supervisor.log)"

@@ -8,6 +8,8 @@ pub enum ShadowError {
     Region(#[source] RingError),
     #[error("not a shadow log (magic {0:#018x})")]
     BadMagic(u64),
+    #[error("not a metrics page (magic {0:#018x})")]
+    NotMetricsPage(u64),
     #[error("shadow log version {0} is not supported")]
     BadVersion(u32),
     #[error("shadow log entry size {0} is not supported")]

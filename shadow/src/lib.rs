@@ -24,6 +24,7 @@ pub mod crash;
 mod error;
 pub mod layout;
 mod log;
+pub mod metrics;
 pub mod plan;
 mod snapshot;
 
@@ -31,6 +32,7 @@ pub use crash::{CrashHook, CrashPoint, Transition};
 pub use error::ShadowError;
 pub use layout::{EntryId, EntryState, REQUEST_SIZE, RESPONSE_SIZE};
 pub use log::ShadowLog;
+pub use metrics::{IoCounters, Latency, MetricsPage, MetricsWriter};
 pub use plan::{
     plan_recovery, CorruptAction, CorruptEntry, CorruptReason, InflightEntry, RecoveryPlan, Repush,
 };

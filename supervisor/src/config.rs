@@ -539,6 +539,17 @@ impl ControlConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus listener (docs/ARCHITECTURE.md §4.1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to serve the Prometheus text format on (any path);
+    /// none by default. Meant for a loopback address: the page has no
+    /// access control beyond the address.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
 /// The whole supervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -558,6 +569,9 @@ pub struct Config {
     pub disks: Vec<DiskConfig>,
     #[serde(default, rename = "nic")]
     pub nics: Vec<NicConfig>,
+    /// The metrics listener.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// A device name usable as a key value.
@@ -866,6 +880,22 @@ mod tests {
         ] {
             let err = Config::parse(&format!("{base}[limits]\n{bad}\n")).unwrap_err();
             assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_unless_configured() {
+        let disk = "[[disk]]\nname = \"a\"\npath = \"/x\"\n";
+        let off = Config::parse(&format!("socket = \"/s\"\n{disk}")).unwrap();
+        assert_eq!(off.metrics.listen, None);
+        let on = Config::parse(&format!(
+            "socket = \"/s\"\n[metrics]\nlisten = \"127.0.0.1:9100\"\n{disk}"
+        ))
+        .unwrap();
+        assert_eq!(on.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+        for bad in ["listen = \"localhost\"", "port = 9100"] {
+            let text = format!("socket = \"/s\"\n[metrics]\n{bad}\n{disk}");
+            assert!(Config::parse(&text).is_err(), "{bad}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! Signals go through the pidfd, never a pid number, so a signal can never
 //! reach a process that reused the pid of a reaped backend.
 
+use std::fs::File;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -82,10 +83,18 @@ impl Instance {
         class: &dyn DeviceClass,
         shadow: bool,
         first: bool,
+        metrics: &File,
     ) -> Result<Self, SupervisorError> {
         let setup = class.prepare_instance()?;
-        let (child, control) =
-            spawn_backend(cmd, name, &setup.args, setup.device_file, shadow, first)?;
+        let (child, control) = spawn_backend(
+            cmd,
+            name,
+            &setup.args,
+            setup.device_file,
+            metrics,
+            shadow,
+            first,
+        )?;
         let io_fence = setup.io_fence;
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
         // The child is not reaped before we `wait` for it, so its pid

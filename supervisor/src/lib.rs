@@ -48,6 +48,7 @@ mod connection;
 mod device;
 mod instance;
 mod limits;
+pub mod metrics;
 mod session;
 mod spawn;
 mod stats;
@@ -62,11 +63,12 @@ use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Messa
 use tokio::sync::watch;
 
 pub use config::{
-    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, LimitsConfig, NicConfig, NicWire,
-    DEFAULT_ATTACHES_PER_SECOND, DEFAULT_HANDSHAKE_TIMEOUT_MS, DEFAULT_HANG_TIMEOUT_MS,
-    DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_PEER,
-    DEFAULT_MAX_GUEST_MEMORY_MIB, DEFAULT_MAX_MEMORY_REGIONS, DEFAULT_MTU, DEFAULT_POLL_US,
-    MAX_HANG_TIMEOUT_MS, MAX_POLL_US, MAX_VHOST_QUEUES, MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
+    BackendPolicy, CacheMode, Config, ControlConfig, DiskConfig, LimitsConfig, MetricsConfig,
+    NicConfig, NicWire, DEFAULT_ATTACHES_PER_SECOND, DEFAULT_HANDSHAKE_TIMEOUT_MS,
+    DEFAULT_HANG_TIMEOUT_MS, DEFAULT_IDLE_TIMEOUT_MS, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_PEER, DEFAULT_MAX_GUEST_MEMORY_MIB, DEFAULT_MAX_MEMORY_REGIONS,
+    DEFAULT_MTU, DEFAULT_POLL_US, MAX_HANG_TIMEOUT_MS, MAX_POLL_US, MAX_VHOST_QUEUES,
+    MAX_VHOST_QUEUE_SIZE, MIN_HANG_TIMEOUT_MS,
 };
 pub use device::{DeviceHandle, Fault, FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 pub use spawn::{BackendCommand, BACKEND_CONTROL_FD, BACKEND_DISK_FD};
@@ -108,6 +110,14 @@ impl Devices {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &DeviceHandle> {
         self.list.iter()
     }
+
+    /// Every device's name and counters.
+    pub(crate) fn status(&self) -> Vec<(String, DeviceStats)> {
+        self.list
+            .iter()
+            .map(|h| (h.name.clone(), h.stats()))
+            .collect()
+    }
 }
 
 /// Where [`serve`] publishes its devices for [`SupervisorThread`].
@@ -119,7 +129,18 @@ pub async fn serve(
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None).await
+    serve_registered(cfg, backend, shutdown, None, None).await
+}
+
+/// [`serve`], calling `ready` once the control socket listens and every
+/// device has its backend (for systemd's `READY=1`).
+pub async fn serve_notify(
+    cfg: Config,
+    backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+    ready: Box<dyn FnOnce() + Send>,
+) -> Result<(), SupervisorError> {
+    serve_registered(cfg, backend, shutdown, None, Some(ready)).await
 }
 
 async fn serve_registered(
@@ -127,6 +148,7 @@ async fn serve_registered(
     backend: BackendCommand,
     mut shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
+    ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<(), SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
@@ -146,6 +168,16 @@ async fn serve_registered(
             path: cfg.socket.clone(),
             reason: e.to_string(),
         })?;
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => match metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&cfg.socket);
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let mut list = Vec::new();
     let mut vhost = Vec::new();
     for disk in &cfg.disks {
@@ -204,6 +236,10 @@ async fn serve_registered(
         }
     }
     let devices = Arc::new(Devices { list });
+    if let Some(listener) = metrics_listener {
+        tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
+        tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
+    }
     if let Some(registry) = registry {
         let _ = registry.set(devices.clone());
     }
@@ -224,6 +260,9 @@ async fn serve_registered(
         socket = %cfg.socket.display(), max_connections = limits.max,
         max_connections_per_peer = limits.per_peer, "supervisor listening"
     );
+    if let Some(ready) = ready {
+        ready();
+    }
     let mut pacer = admission::AcceptPacer::default();
     let mut accept_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
     let mut refusal_log = admission::LogLimiter::new(admission::LOG_INTERVAL);
@@ -337,7 +376,7 @@ impl SupervisorThread {
                     .enable_all()
                     .build()
                     .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
-                rt.block_on(serve_registered(cfg, backend, rx, Some(registry)))
+                rt.block_on(serve_registered(cfg, backend, rx, Some(registry), None))
             })
             .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
         let mut me = SupervisorThread {

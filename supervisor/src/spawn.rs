@@ -82,6 +82,8 @@ use crate::SupervisorError;
 pub const BACKEND_CONTROL_FD: i32 = 3;
 /// fd number of the disk image in the backend.
 pub const BACKEND_DISK_FD: i32 = 4;
+/// The device's metrics page (docs/ARCHITECTURE.md §4.1) in a backend.
+pub const BACKEND_METRICS_FD: i32 = 5;
 
 /// How long [`open_disk`] waits for another holder of the image's lock (a
 /// dead supervisor's backends and their last I/O) before it gives up.
@@ -432,14 +434,16 @@ pub const NO_CONFINE: &str = "--no-confine";
 /// Starts a backend instance of device `name`: `cmd`, then `--device
 /// NAME --control-fd 3`, the class's `setup.args`, and `--no-shadow`
 /// without the shadow layer. It inherits the control socket as fd 3 and
-/// `device_file` (if the class has one) as fd 4, nothing else; the
-/// supervisor's copy of the latter is closed once the process is started. `first` marks the
+/// `device_file` (if the class has one) as fd 4 and the device's
+/// `metrics` page as fd 5 (`--metrics-fd 5`), nothing else; the
+/// supervisor's copy of the device file is closed once the process is started. `first` marks the
 /// device's first instance, the only one that gets [`BackendCommand::env`].
 pub fn spawn_backend(
     cmd: &BackendCommand,
     name: &str,
     args: &[std::ffi::OsString],
     device_file: Option<File>,
+    metrics: &File,
     shadow: bool,
     first: bool,
 ) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
@@ -448,6 +452,7 @@ pub fn spawn_backend(
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
     let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
+    let metrics_src = metrics.as_raw_fd();
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -456,6 +461,8 @@ pub fn spawn_backend(
         .arg("--control-fd")
         .arg(BACKEND_CONTROL_FD.to_string())
         .args(args)
+        .arg("--metrics-fd")
+        .arg(BACKEND_METRICS_FD.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if !shadow {
@@ -471,11 +478,11 @@ pub fn spawn_backend(
     // SAFETY: the closure runs in the forked child before exec and calls
     // only prctl, getppid, _exit, fcntl and dup2, which are
     // async-signal-safe; it allocates nothing. The source fds are open in
-    // the parent (owned by `theirs` and `device_file`, alive across the spawn
-    // call). Both are first copied above fd 10 so that neither target
-    // number can clobber the other source; dup2 then clears FD_CLOEXEC on
-    // the copies at 3 and 4, and the high copies close on exec. Without a
-    // device file only fd 3 is placed.
+    // the parent (owned by `theirs`, `device_file` and the caller's
+    // `metrics`, alive across the spawn call). All are first copied above
+    // fd 10 so that no target number can clobber another source; dup2
+    // then clears FD_CLOEXEC on the copies at 3, 4 and 5, and the high
+    // copies close on exec. Without a device file fd 4 is left unused.
     // `pre_exec` is the one way to set the death signal and place the fds
     // between fork and exec.
     #[allow(unsafe_code)]
@@ -503,7 +510,13 @@ pub fn spawn_backend(
                 Some(src) => libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10),
                 None => 0,
             };
-            if control < 0 || disk < 0 || libc::dup2(control, BACKEND_CONTROL_FD) < 0 {
+            let metrics = libc::fcntl(metrics_src, libc::F_DUPFD_CLOEXEC, 10);
+            if control < 0
+                || disk < 0
+                || metrics < 0
+                || libc::dup2(control, BACKEND_CONTROL_FD) < 0
+                || libc::dup2(metrics, BACKEND_METRICS_FD) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if disk_src.is_some() && libc::dup2(disk, BACKEND_DISK_FD) < 0 {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use shadowback_shadow::metrics::OCTAVES;
+use shadowback_shadow::{IoCounters, Latency};
 use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{Message, XenbusError};
 
@@ -69,6 +71,18 @@ pub struct DeviceStats {
     pub fresh_starts: u64,
     /// Breakdown of the last recovery, if there was one.
     pub last_recovery: Option<RecoveryTimes>,
+    /// The recoveries' `total_us` added up: how long the guest waited on
+    /// failures, as the supervisor measures it.
+    pub stall_us: u64,
+    /// Requests, bytes, queue depth and latency, from the device's
+    /// metrics page (docs/ARCHITECTURE.md §4.1): every instance's counts
+    /// added up. Parsed from a `status` message, its latency histogram
+    /// has octave resolution (`Latency::from_octaves`).
+    pub io: IoCounters,
+    /// Latency quantiles from the full histogram (bucket upper bounds,
+    /// within 25%); `None` before the first request.
+    pub latency_p50_us: Option<u64>,
+    pub latency_p99_us: Option<u64>,
     /// How the last failed serving instance ended, e.g. "killed by
     /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §1.1)
     /// or "killed by SIGKILL" (fenced, or `fault kill`).
@@ -138,6 +152,26 @@ impl DeviceStats {
             .with(key::LAST_TAKEOVER_US, last.takeover_us)
             .with(key::LAST_REPLAY_US, last.replay_us)
             .with(key::LAST_TOTAL_US, last.total_us);
+        let io = &self.io;
+        let lat = &io.latency;
+        let msg = msg
+            .with(STATUS_STALL_US, self.stall_us)
+            .with(STATUS_REQUESTS, io.requests)
+            .with(STATUS_IO_ERRORS, io.errors)
+            .with(STATUS_BYTES_TO_GUEST, io.bytes_to_guest)
+            .with(STATUS_BYTES_FROM_GUEST, io.bytes_from_guest)
+            .with(STATUS_PACKETS_TO_GUEST, io.packets_to_guest)
+            .with(STATUS_PACKETS_FROM_GUEST, io.packets_from_guest)
+            .with(STATUS_DROPPED, io.dropped)
+            .with(STATUS_IN_FLIGHT, io.in_flight)
+            .with(STATUS_LATENCY_COUNT, lat.count)
+            .with(STATUS_LATENCY_SUM_US, lat.sum_us)
+            .with(STATUS_LATENCY_P50_US, self.latency_p50_us.unwrap_or(0))
+            .with(STATUS_LATENCY_P99_US, self.latency_p99_us.unwrap_or(0));
+        let mut msg = msg;
+        for (part, value) in encode_octaves(&lat.octaves()).iter().enumerate() {
+            msg.set(&octaves_key(part), value);
+        }
         match &self.last_failure {
             Some(how) => msg.with(STATUS_LAST_FAILURE, how),
             None => msg,
@@ -160,6 +194,13 @@ impl DeviceStats {
             replay_us: n(key::LAST_REPLAY_US)?,
             total_us: n(key::LAST_TOTAL_US)?,
         };
+        let parts: Vec<&str> = (0..OCTAVE_KEYS)
+            .filter_map(|part| msg.get(&octaves_key(part)))
+            .collect();
+        let octaves = decode_octaves(&parts).ok_or_else(|| XenbusError::BadValue {
+            key: STATUS_LATENCY_OCTAVES.into(),
+            line: 0,
+        })?;
         let stats = DeviceStats {
             crashes: n(key::CRASHES)?,
             hangs: n(key::HANGS)?,
@@ -182,6 +223,24 @@ impl DeviceStats {
             fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
             last_failure: msg.get(STATUS_LAST_FAILURE).map(str::to_owned),
+            stall_us: n(STATUS_STALL_US)?,
+            io: IoCounters {
+                requests: n(STATUS_REQUESTS)?,
+                errors: n(STATUS_IO_ERRORS)?,
+                bytes_to_guest: n(STATUS_BYTES_TO_GUEST)?,
+                bytes_from_guest: n(STATUS_BYTES_FROM_GUEST)?,
+                packets_to_guest: n(STATUS_PACKETS_TO_GUEST)?,
+                packets_from_guest: n(STATUS_PACKETS_FROM_GUEST)?,
+                dropped: n(STATUS_DROPPED)?,
+                in_flight: n(STATUS_IN_FLIGHT)?,
+                latency: Latency::from_octaves(
+                    n(STATUS_LATENCY_COUNT)?,
+                    n(STATUS_LATENCY_SUM_US)?,
+                    &octaves,
+                ),
+            },
+            latency_p50_us: Some(n(STATUS_LATENCY_P50_US)?).filter(|&us| us > 0),
+            latency_p99_us: Some(n(STATUS_LATENCY_P99_US)?).filter(|&us| us > 0),
         };
         Ok((msg.require(key::DEVICE)?.to_owned(), stats))
     }
@@ -195,6 +254,68 @@ const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
 const STATUS_GIVEN_UP: &str = "given-up";
 const STATUS_FRESH_STARTS: &str = "fresh-starts";
 const STATUS_LAST_FAILURE: &str = "last-failure";
+/// The stall total and the metrics page's counters.
+const STATUS_STALL_US: &str = "stall-us";
+const STATUS_REQUESTS: &str = "requests";
+const STATUS_IO_ERRORS: &str = "io-errors";
+const STATUS_BYTES_TO_GUEST: &str = "bytes-to-guest";
+const STATUS_BYTES_FROM_GUEST: &str = "bytes-from-guest";
+const STATUS_PACKETS_TO_GUEST: &str = "packets-to-guest";
+const STATUS_PACKETS_FROM_GUEST: &str = "packets-from-guest";
+const STATUS_DROPPED: &str = "dropped";
+const STATUS_IN_FLIGHT: &str = "in-flight";
+const STATUS_LATENCY_COUNT: &str = "latency-count";
+const STATUS_LATENCY_SUM_US: &str = "latency-sum-us";
+const STATUS_LATENCY_P50_US: &str = "latency-p50-us";
+const STATUS_LATENCY_P99_US: &str = "latency-p99-us";
+/// The latency histogram by octaves (`shadowback_shadow::metrics::OCTAVES`):
+/// `octave:count` of the non-empty ones, comma separated (`7:120,8:3`),
+/// split over `latency-octaves`, `latency-octaves-2`, … so that no value
+/// is longer than a message allows.
+const STATUS_LATENCY_OCTAVES: &str = "latency-octaves";
+/// At most this many keys for the octaves (28 pairs of at most 24 bytes).
+const OCTAVE_KEYS: usize = 4;
+
+fn octaves_key(part: usize) -> String {
+    if part == 0 {
+        STATUS_LATENCY_OCTAVES.to_string()
+    } else {
+        format!("{STATUS_LATENCY_OCTAVES}-{}", part + 1)
+    }
+}
+
+/// The non-empty octaves as `k:count` lists of at most `MAX_VALUE_LEN` bytes.
+fn encode_octaves(octaves: &[u64; OCTAVES]) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    for (k, &n) in octaves.iter().enumerate().filter(|(_, &n)| n > 0) {
+        let pair = format!("{k}:{n}");
+        let last = parts.last_mut().expect("one part at least");
+        if last.len() + 1 + pair.len() > shadowback_xenbus::MAX_VALUE_LEN {
+            parts.push(pair);
+        } else {
+            if !last.is_empty() {
+                last.push(',');
+            }
+            last.push_str(&pair);
+        }
+    }
+    parts
+}
+
+/// `None` for a malformed list or an octave out of range.
+fn decode_octaves(parts: &[&str]) -> Option<[u64; OCTAVES]> {
+    let mut octaves = [0u64; OCTAVES];
+    for pair in parts
+        .iter()
+        .flat_map(|p| p.split(','))
+        .filter(|p| !p.is_empty())
+    {
+        let (k, n) = pair.split_once(':')?;
+        let slot = octaves.get_mut(k.parse::<usize>().ok()?)?;
+        *slot = slot.checked_add(n.parse().ok()?)?;
+    }
+    Some(octaves)
+}
 /// A vif's recovery counters, named as the backend's `attached` keys
 /// (docs/PROTOCOL.md §6c).
 const STATUS_TX_REPLAYED: &str = "tx-replayed";
@@ -236,8 +357,28 @@ mod tests {
                 total_us: 1_200,
             }),
             last_failure: Some("killed by SIGSYS".into()),
+            stall_us: 2_400,
+            io: IoCounters {
+                requests: 1000,
+                errors: 2,
+                bytes_to_guest: 1 << 20,
+                bytes_from_guest: 3 << 20,
+                packets_to_guest: 7,
+                packets_from_guest: 8,
+                dropped: 1,
+                in_flight: 5,
+                latency: Latency::from_octaves(998, 123_456, &{
+                    let mut o = [0u64; OCTAVES];
+                    o[7] = 900;
+                    o[10] = 98;
+                    o
+                }),
+            },
+            latency_p50_us: Some(111),
+            latency_p99_us: Some(1279),
         };
         let msg = Message::decode(&stats.to_message("xvda").encode().unwrap()).unwrap();
+        assert_eq!(msg.get("latency-octaves"), Some("7:900,10:98"));
         for k in [
             "device",
             "crashes",
@@ -274,6 +415,24 @@ mod tests {
             DeviceStats::from_message(&fresh).unwrap().1,
             DeviceStats::default()
         );
+    }
+
+    #[test]
+    fn the_fullest_histogram_fits_a_message_and_bad_ones_are_refused() {
+        let mut stats = DeviceStats::default();
+        stats.io.latency = Latency::from_octaves(u64::MAX, u64::MAX, &[u64::MAX; OCTAVES]);
+        stats.io.requests = u64::MAX;
+        let bytes = stats.to_message("a-long-device-name").encode().unwrap();
+        let msg = Message::decode(&bytes).unwrap();
+        assert!(msg.contains("latency-octaves-3"), "split over keys");
+        let (_, back) = DeviceStats::from_message(&msg).unwrap();
+        assert_eq!(back.io.latency.octaves(), [u64::MAX; OCTAVES]);
+        for bad in ["28:1", "x:1", "1:-1", "1", "1:2:3"] {
+            let msg = DeviceStats::default()
+                .to_message("a")
+                .with("latency-octaves", bad);
+            assert!(DeviceStats::from_message(&msg).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl Harness {
             control: Default::default(),
             backend: Default::default(),
             limits: Default::default(),
+            metrics: Default::default(),
             nics: Vec::new(),
         };
         let supervisor = SupervisorThread::start(cfg, backend).expect("start supervisor");

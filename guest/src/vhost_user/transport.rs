@@ -14,7 +14,7 @@
 //! first queue: GET_INFLIGHT_FD (kept for reconnects) + SET_INFLIGHT_FD,
 //!              SET_FEATURES, SET_MEM_TABLE
 //! each queue:  SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR,
-//!              SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ENABLE
+//!              SET_VRING_CALL, SET_VRING_KICK, SET_VRING_ENABLE
 //! ```
 //!
 //! With `REPLY_ACK` every request asks for an acknowledgement, so a failure
@@ -459,10 +459,17 @@ impl VhostUserTransport {
             .map_err(vu_err("SET_VRING_BASE"))?;
         f.set_vring_addr(idx, &config)
             .map_err(vu_err("SET_VRING_ADDR"))?;
-        f.set_vring_kick(idx, &vr.kick)
-            .map_err(vu_err("SET_VRING_KICK"))?;
+        // CALL before KICK: a backend starts the ring at SET_VRING_KICK
+        // (vhost-user spec, "Starting and stopping rings"), and a kick left
+        // pending from before a reconnect makes it complete requests at
+        // once. libvhost-user (qemu-storage-daemon) then signals a call fd
+        // it does not have yet, panics with EBADF and drops the session
+        // half-done: requests it completed out of order are then behind a
+        // used index no resumed session can start from.
         f.set_vring_call(idx, &vr.call)
             .map_err(vu_err("SET_VRING_CALL"))?;
+        f.set_vring_kick(idx, &vr.kick)
+            .map_err(vu_err("SET_VRING_KICK"))?;
         if self.device_features & PROTOCOL_FEATURES_BIT != 0 {
             f.set_vring_enable(idx, true)
                 .map_err(vu_err("SET_VRING_ENABLE"))?;

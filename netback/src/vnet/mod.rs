@@ -44,7 +44,7 @@ use shadowback_dataplane::recovery::{
 };
 use shadowback_dataplane::uring::{Completion, Engine};
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{EntryId, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
+use shadowback_shadow::{EntryId, MetricsWriter, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
 use shadowback_virtio::queue::{Chain, SplitQueue};
@@ -58,8 +58,8 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use crate::backend::{
-    NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED, KEY_TX_MAYBE_DUPLICATED,
-    KEY_TX_REPLAYED, TX_SENT,
+    publish_metrics, NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED,
+    KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
 };
 use crate::wire::{
     SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
@@ -132,6 +132,7 @@ struct VnetLoop<'a> {
     cfg: &'a NetConfig,
     poison: &'a mut Vec<u64>,
     generations: &'a mut Generations,
+    metrics: &'a mut Option<MetricsWriter>,
     device: Option<Device>,
     stats: NetStats,
     recovery: NetRecovery,
@@ -154,6 +155,7 @@ pub(crate) fn serve(
     cfg: &NetConfig,
     poison: &mut Vec<u64>,
     generations: &mut Generations,
+    metrics: &mut Option<MetricsWriter>,
     first: (Message, Vec<OwnedFd>),
 ) -> Result<(), BackendError> {
     let mut lp = VnetLoop {
@@ -162,6 +164,7 @@ pub(crate) fn serve(
         cfg,
         poison,
         generations,
+        metrics,
         device: None,
         stats: NetStats::default(),
         recovery: NetRecovery::default(),
@@ -707,6 +710,7 @@ impl VnetLoop<'_> {
             arm(self.engine, Token::Kick { generation, ring }, fd)
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
+        publish_metrics(self.metrics, &self.stats, true);
         tracing::info!(device = %self.cfg.device, frontend = %req.frontend, event_idx, recover, ?stats, recovery = ?self.recovery, "virtio-net attached");
         Ok(stats)
     }
@@ -928,6 +932,7 @@ impl EventLoop for VnetLoop<'_> {
             .iter()
             .flat_map(|d| d.rx.log.iter().chain(d.tx.log.iter()));
         event_loop::heartbeat(&self.cfg.device, logs);
+        publish_metrics(self.metrics, &self.stats, false);
     }
 
     fn has_work(&mut self) -> bool {

@@ -4,6 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use shadowback_shadow::MetricsPage;
 use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
 use shadowback_xenbus::protocol::{action, key, kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
@@ -136,6 +137,8 @@ pub struct DeviceHandle {
     pub(crate) limits: DeviceLimits,
     pub(super) tx: mpsc::Sender<Command>,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
+    /// The device's metrics page, which its instances write.
+    pub(super) metrics: Arc<MetricsPage>,
 }
 
 fn stopped() -> Refusal {
@@ -249,9 +252,19 @@ impl DeviceHandle {
         rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
     }
 
-    /// The device's counters and state, as of the last event it handled.
+    /// The device's counters and state, as of the last event it handled,
+    /// and its I/O counters as of the serving instance's last copy.
     pub fn stats(&self) -> DeviceStats {
-        lock(&self.stats).clone()
+        let mut stats = lock(&self.stats).clone();
+        match self.metrics.read() {
+            Ok(io) => {
+                stats.latency_p50_us = io.latency.quantile_us(0.5);
+                stats.latency_p99_us = io.latency.quantile_us(0.99);
+                stats.io = io;
+            }
+            Err(e) => tracing::warn!(device = %self.name, error = %e, "metrics page unreadable"),
+        }
+        stats
     }
 }
 

@@ -32,6 +32,7 @@ mod task;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use shadowback_shadow::MetricsPage;
 use shadowback_xenbus::protocol::ErrorCode;
 use tokio::sync::mpsc;
 
@@ -131,7 +132,18 @@ fn start(
     access: AccessList,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
-    let current = Instance::start(cmd, name, class.as_ref(), settings.shadow, true)?;
+    // Outlives every instance, so its counters add up across them.
+    let metrics = Arc::new(
+        MetricsPage::create().map_err(|e| SupervisorError::Spawn(format!("metrics page: {e}")))?,
+    );
+    let current = Instance::start(
+        cmd,
+        name,
+        class.as_ref(),
+        settings.shadow,
+        true,
+        metrics.file(),
+    )?;
     let info = class.backend_info();
     let virtio = class.virtio_model();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
@@ -157,6 +169,7 @@ fn start(
         watchdog: None,
         startup_deaths: 0,
         stats: stats.clone(),
+        metrics: metrics.clone(),
     };
     task.ensure_standby();
     task.publish();
@@ -169,5 +182,6 @@ fn start(
         limits: task_limits,
         tx,
         stats,
+        metrics,
     })
 }

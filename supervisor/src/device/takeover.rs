@@ -368,6 +368,7 @@ impl DeviceTask {
             s.rx_buffers_recovered += report.rx_buffers_recovered;
             s.rx_dropped_in_crash += report.rx_dropped_in_crash;
             s.last_recovery = Some(times);
+            s.stall_us = s.stall_us.saturating_add(times.total_us);
         });
     }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
-use shadowback_shadow::ShadowLog;
+use shadowback_shadow::{MetricsPage, ShadowLog};
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::Message;
 use tokio::sync::{mpsc, oneshot};
@@ -89,6 +89,8 @@ pub(super) struct DeviceTask {
     pub(super) watchdog: Option<Watchdog>,
     pub(super) startup_deaths: u32,
     pub(super) stats: Arc<Mutex<DeviceStats>>,
+    /// The device's metrics page (docs/ARCHITECTURE.md §4.1).
+    pub(super) metrics: Arc<MetricsPage>,
 }
 
 async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
@@ -237,6 +239,7 @@ impl DeviceTask {
             self.class.as_ref(),
             self.settings.shadow,
             false,
+            self.metrics.file(),
         )
     }
 
