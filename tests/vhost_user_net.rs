@@ -199,3 +199,116 @@ fn a_vhost_user_net_guest_receives_through_twenty_kills() {
         "only {kills} kills before the stream ended"
     );
 }
+
+/// A test frame to `dst` from the netfront guest, carrying `tag`.
+fn tagged_frame(dst: [u8; 6], tag: u8) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[2, 0x77, 0, 0, 0, 1]);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+    f.push(tag);
+    f.resize(60, 0);
+    f
+}
+
+/// Receives on `dev` until the frame tagged `last` arrives; returns every
+/// tag received.
+fn tags_until(dev: &mut VhostUserNet, last: u8) -> Vec<u8> {
+    use shadowback_guest::net::FrameDevice;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tags = Vec::new();
+    let mut buf = Vec::new();
+    while Instant::now() < deadline {
+        if dev.recv(&mut buf).expect("receive") {
+            if buf.len() >= 15 && buf[12..14] == 0x88b5u16.to_be_bytes() {
+                tags.push(buf[14]);
+                if buf[14] == last {
+                    return tags;
+                }
+            }
+        } else {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    panic!("frame {last} never arrived; got {tags:?}");
+}
+
+/// What the driver sets on the control queue — its MAC, promiscuity off,
+/// a multicast table — is the device's, not the backend's: after the data
+/// plane is killed the next instance filters exactly as the dead one did.
+/// Hostile commands get `VIRTIO_NET_ERR` and change nothing.
+#[test]
+fn control_queue_state_survives_a_kill_of_the_data_plane() {
+    use shadowback_guest::net::FrameDevice;
+    let dir = TempDir::new("vhost-user-net-ctrl");
+    let (sup, socket, vhost) = start(&dir);
+    let opts = VhostUserNetOptions {
+        control_queue: true,
+        ..VhostUserNetOptions::default()
+    };
+    let mut dev = VhostUserNet::connect(&vhost, &opts).expect("vhost-user-net connect");
+    let mut front = NetFront::attach(&socket, &NetFrontConfig::new("vif")).expect("netfront");
+    let old_mac = dev.mac();
+    let new_mac = [2, 0x5b, 0, 0, 0, 0x42];
+    let joined = [0x33, 0x33, 0, 0, 0, 1];
+    let other_group = [0x33, 0x33, 0, 0, 0, 2];
+    let mut tables = 0u32.to_le_bytes().to_vec(); // no unicast entry
+    tables.extend_from_slice(&1u32.to_le_bytes());
+    tables.extend_from_slice(&joined);
+    // class MAC (1): ADDR_SET (1), TABLE_SET (0); class RX (0): PROMISC (0).
+    assert!(dev.control(1, 1, &new_mac).expect("MAC_ADDR_SET"));
+    assert!(dev.control(1, 0, &tables).expect("MAC_TABLE_SET"));
+    assert!(dev.control(0, 0, &[0]).expect("promiscuous off"));
+    // Hostile or unsupported: refused, the state unchanged.
+    assert!(!dev.control(9, 9, &[1; 40]).expect("unknown class"));
+    assert!(!dev.control(1, 1, &[1, 2, 3]).expect("short MAC"));
+    let mut lying = u32::MAX.to_le_bytes().to_vec();
+    lying.extend_from_slice(&[0; 8]);
+    assert!(!dev
+        .control(1, 0, &lying)
+        .expect("table longer than its bytes"));
+    assert!(!dev
+        .control(4, 0, &2u16.to_le_bytes())
+        .expect("MQ not offered"));
+
+    let send_round = |front: &mut NetFront, round: u8| {
+        let base = round * 10;
+        for (dst, tag) in [
+            (new_mac, base + 1),
+            (old_mac, base + 2),
+            (joined, base + 3),
+            (other_group, base + 4),
+            ([0xff; 6], base + 5),
+            (new_mac, base + 9),
+        ] {
+            front.send(&tagged_frame(dst, tag)).expect("netfront send");
+        }
+    };
+    let expected = |round: u8| -> Vec<u8> { [1, 3, 5, 9].iter().map(|t| round * 10 + t).collect() };
+    send_round(&mut front, 1);
+    assert_eq!(tags_until(&mut dev, 19), expected(1), "before the kill");
+
+    for round in 2..5u8 {
+        let before = stats_of(&socket, "vnet").recoveries;
+        assert!(fault_kill(&socket, "vnet"), "kill {round}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stats_of(&socket, "vnet").recoveries <= before {
+            assert!(Instant::now() < deadline, "no recovery after kill {round}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        send_round(&mut front, round);
+        assert_eq!(
+            tags_until(&mut dev, round * 10 + 9),
+            expected(round),
+            "after kill {}",
+            round - 1
+        );
+    }
+    // The driver can still change it, and that holds too.
+    assert!(dev.control(0, 0, &[1]).expect("promiscuous on"));
+    assert!(fault_kill(&socket, "vnet"));
+    send_round(&mut front, 6);
+    assert_eq!(tags_until(&mut dev, 69), vec![61, 62, 63, 64, 65, 69]);
+    assert_eq!(dev.stats().bad_used, 0);
+    front.detach().expect("a clean close");
+    sup.stop().expect("supervisor stop");
+}

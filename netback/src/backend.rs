@@ -127,6 +127,11 @@ pub struct NetStats {
     /// Frames from the wire that could not be delivered (too large, no
     /// `feature-sg`, bad grant).
     pub rx_dropped: u64,
+    /// Frames from the wire the driver's receive filter refused (virtio:
+    /// MAC, receive mode and tables set on the control queue).
+    pub rx_filtered: u64,
+    /// Control-queue commands answered `VIRTIO_NET_ERR`.
+    pub ctrl_errors: u64,
     pub kicks: u64,
     pub notifications: u64,
 }

@@ -8,7 +8,11 @@
 //! whole frame, so the device needs one receive buffer per frame (it may
 //! still merge several, `VIRTIO_NET_F_MRG_RXBUF`, and this driver joins
 //! them). Features: VERSION_1, MAC, MTU, STATUS, MRG_RXBUF; checksums are
-//! the stack's own, so neither CSUM nor GUEST_CSUM is acked.
+//! the stack's own, so neither CSUM nor GUEST_CSUM is acked. With
+//! [`VhostUserNetOptions::control_queue`] it also acks CTRL_VQ, CTRL_RX,
+//! CTRL_MAC_ADDR and CTRL_GUEST_OFFLOADS and starts the control queue,
+//! for [`VhostUserNet::control`]: one command at a time, as Linux sends
+//! them.
 //!
 //! Every used element is checked before it is trusted: its id must be a
 //! buffer this driver made available and not yet got back, else it is
@@ -20,9 +24,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::VIRTIO_NET_OK;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
@@ -50,6 +56,9 @@ pub struct VhostUserNetOptions {
     pub reply_timeout: Duration,
     /// Guest RAM, if this process has none yet.
     pub ram_bytes: u64,
+    /// Start the control queue (virtqueue 2) if the device offers
+    /// `VIRTIO_NET_F_CTRL_VQ`.
+    pub control_queue: bool,
 }
 
 impl Default for VhostUserNetOptions {
@@ -59,6 +68,7 @@ impl Default for VhostUserNetOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: REPLY_TIMEOUT,
             ram_bytes: 64 << 20,
+            control_queue: false,
         }
     }
 }
@@ -188,6 +198,22 @@ impl NetQueue {
     }
 }
 
+/// Bytes of a control command (class, command, data) this driver sends.
+const CTRL_COMMAND_BYTES: u64 = 4096;
+/// How long a control command may wait for its answer: long enough for a
+/// backend takeover.
+const CTRL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control queue: one command in flight at a time.
+struct CtrlQueue {
+    index: u16,
+    queue: RequestQueue,
+    /// Command bytes, then the ack byte.
+    buf: DmaBuffer,
+    /// `used->idx` after the last answered command.
+    last_used: u16,
+}
+
 /// A virtio-net device over vhost-user. See the module docs.
 pub struct VhostUserNet {
     ram: &'static GuestRam,
@@ -196,6 +222,7 @@ pub struct VhostUserNet {
     link_up: bool,
     rx: NetQueue,
     tx: NetQueue,
+    ctrl: Option<CtrlQueue>,
     /// Buffers of a merged receive frame so far, and how many are left.
     merging: Option<(Vec<u8>, u16)>,
     stats: VhostUserNetStats,
@@ -235,7 +262,7 @@ impl VhostUserNet {
         let mut t = VhostUserTransport::connect(
             socket_path,
             TransportOptions {
-                queues: 2,
+                queues: if opts.control_queue { 3 } else { 2 },
                 queue_size: opts.queue_size,
                 connect_timeout: opts.connect_timeout,
                 reply_timeout: opts.reply_timeout,
@@ -257,6 +284,15 @@ impl VhostUserNet {
             | bit(VIRTIO_NET_F_MTU)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF);
+        let control = bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_CTRL_RX)
+            | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
+        let wanted = if opts.control_queue {
+            wanted | control
+        } else {
+            wanted
+        };
         let acked = offered & wanted;
         t.write_driver_features(acked);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
@@ -285,6 +321,22 @@ impl VhostUserNet {
             .max(2048);
         let rx = NetQueue::new(&mut t, ram, 0, opts.queue_size, stride)?;
         let tx = NetQueue::new(&mut t, ram, 1, opts.queue_size, stride)?;
+        let ctrl = if acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0 {
+            let queue = RequestQueue::new(&mut t, ram, 2, opts.queue_size, false)
+                .map_err(|e| DeviceError::Transport(format!("control virtqueue: {e}")))?;
+            t.take_error()?;
+            let buf = ram
+                .alloc(CTRL_COMMAND_BYTES + 1)
+                .ok_or_else(|| DeviceError::Transport("guest RAM exhausted".into()))?;
+            Some(CtrlQueue {
+                index: 2,
+                queue,
+                buf,
+                last_used: 0,
+            })
+        } else {
+            None
+        };
         t.set_status(
             DeviceStatus::ACKNOWLEDGE
                 | DeviceStatus::DRIVER
@@ -299,6 +351,7 @@ impl VhostUserNet {
             link_up,
             rx,
             tx,
+            ctrl,
             merging: None,
             stats: VhostUserNetStats::default(),
             transport: t,
@@ -317,6 +370,62 @@ impl VhostUserNet {
             tx_in_flight: self.tx.in_flight() as u64,
             ..self.stats
         }
+    }
+
+    /// Sends control command `class`/`cmd` with `data` (virtio 1.2
+    /// §5.1.6.5) and waits for its ack: `Ok(true)` for `VIRTIO_NET_OK`,
+    /// `Ok(false)` for an error ack.
+    pub fn control(&mut self, class: u8, cmd: u8, data: &[u8]) -> Result<bool, DeviceError> {
+        let ctrl = self
+            .ctrl
+            .as_mut()
+            .ok_or_else(|| DeviceError::InvalidRequest("no control queue".into()))?;
+        let len = 2 + data.len() as u64;
+        if len > CTRL_COMMAND_BYTES {
+            return Err(DeviceError::InvalidRequest(format!("{len} command bytes")));
+        }
+        ctrl.buf.write(0, &[class, cmd]).map_err(DeviceError::Io)?;
+        ctrl.buf.write(2, data).map_err(DeviceError::Io)?;
+        ctrl.buf
+            .write(CTRL_COMMAND_BYTES, &[0xff])
+            .map_err(DeviceError::Io)?;
+        let chain = [
+            ChainBuf {
+                gpa: ctrl.buf.gpa(),
+                len: len as u32,
+                device_writes: false,
+            },
+            ChainBuf {
+                gpa: ctrl.buf.gpa() + CTRL_COMMAND_BYTES,
+                len: 1,
+                device_writes: true,
+            },
+        ];
+        let token = ctrl
+            .queue
+            .add(&chain)
+            .map_err(|e| DeviceError::Transport(format!("control add: {e}")))?;
+        self.transport.kick(ctrl.index)?;
+        let deadline = Instant::now() + CTRL_TIMEOUT;
+        // Linux spins on the control queue too (virtnet_send_command).
+        while self.transport.used_idx(ctrl.index)? == ctrl.last_used {
+            if Instant::now() >= deadline {
+                return Err(DeviceError::Transport(
+                    "control command never answered".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let used = ctrl
+            .queue
+            .pop(token, &chain)
+            .map_err(|e| DeviceError::Transport(format!("control pop: {e}")))?;
+        ctrl.last_used = ctrl.last_used.wrapping_add(1);
+        let mut ack = [0u8; 1];
+        ctrl.buf
+            .read(CTRL_COMMAND_BYTES, &mut ack)
+            .map_err(DeviceError::Io)?;
+        Ok(used == 1 && u32::from(ack[0]) == VIRTIO_NET_OK)
     }
 
     /// Whether the config space said the link is up.

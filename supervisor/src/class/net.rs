@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
 use shadowback_virtio::net;
+use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
 use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode};
@@ -142,7 +143,20 @@ impl VirtioModel for NetModel {
     }
 
     fn min_queues(&self) -> u16 {
-        net::NUM_QUEUES
+        net::MIN_QUEUES
+    }
+
+    /// MAC, receive mode, filter tables and guest offloads set on the
+    /// control queue outlive the backends (docs/ARCHITECTURE.md §8.1).
+    fn keeps_device_state(&self) -> bool {
+        true
+    }
+
+    fn reset_device_state(&self, file: std::fs::File, features: u64) -> Result<(), String> {
+        let state = NetDeviceState::initial(self.mac, features);
+        NetStateArea::create(file, &state)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
@@ -261,7 +275,7 @@ mod tests {
         assert_eq!(model.read_config(10, 2).unwrap(), 9000u16.to_le_bytes());
         assert!(model.read_config(10, 3).is_none());
         assert!(model.read_config(u32::MAX, 2).is_none());
-        assert_eq!(model.num_queues(), 2);
+        assert_eq!((model.num_queues(), model.min_queues()), (3, 2));
         assert_ne!(model.features() & (1 << 30), 0, "PROTOCOL_FEATURES");
         assert!(!model
             .protocol_features()

@@ -104,6 +104,11 @@ pub(crate) struct VhostUserHandler {
     memory: Option<MemoryTable>,
     vrings: Vec<Vring>,
     inflight: Option<InflightRegion>,
+    /// The device state area of this driver session (a model that
+    /// [keeps one](VirtioModel::keeps_device_state)): created at the
+    /// first start after a reset or `SET_FEATURES`, handed to every
+    /// session and instance until the next.
+    device_state: Option<File>,
     link: Box<dyn SessionLink>,
     /// Virtqueue indices of the attached session.
     running: Option<Vec<u16>>,
@@ -144,6 +149,7 @@ impl VhostUserHandler {
             memory: None,
             vrings,
             inflight: None,
+            device_state: None,
             link,
             running: None,
             soft_refusal: false,
@@ -275,6 +281,9 @@ impl VhostUserHandler {
 
     /// Builds `attach-virtio` for `queues` and attaches it.
     fn start(&mut self, queues: Vec<u16>) -> Result<()> {
+        if let Err(why) = self.ensure_device_state() {
+            return Err(self.refuse(why));
+        }
         let plan = self.attach_plan(&queues);
         let (req, fds) = match plan {
             Ok(x) => x,
@@ -288,6 +297,23 @@ impl VhostUserHandler {
             }
             Err(why) => Err(self.refuse(format!("device refused the session: {why}"))),
         }
+    }
+
+    /// Creates the device state area if the model keeps one and this
+    /// driver session has none yet.
+    fn ensure_device_state(&mut self) -> std::result::Result<(), String> {
+        if !self.facts.model.keeps_device_state() || self.device_state.is_some() {
+            return Ok(());
+        }
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(c"shadowback-device-state", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| format!("device state memfd: {e}"))?;
+        let file = File::from(fd);
+        let copy = file.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let features = self.acked_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.facts.model.reset_device_state(copy, features)?;
+        self.device_state = Some(file);
+        Ok(())
     }
 
     fn attach_plan(
@@ -345,10 +371,15 @@ impl VhostUserHandler {
                 queue_size: f.queue_size,
             }),
             wire: None,
+            device_state: self.device_state.is_some(),
             shadow: self.facts.shadow,
         };
         let inflight = match &self.inflight {
             Some(f) => Some(f.dup_fd().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let device_state = match &self.device_state {
+            Some(f) => Some(OwnedFd::from(f.try_clone().map_err(|e| e.to_string())?)),
             None => None,
         };
         let fds = VirtioFds {
@@ -356,14 +387,16 @@ impl VhostUserHandler {
             queues: fds,
             inflight,
             wire: None,
+            device_state,
             logs: Vec::new(),
         };
         Ok((req, fds))
     }
 
-    /// `reset` of `RESET_OWNER` / `RESET_DEVICE`: rings and features back
-    /// to their initial state (memory and in-flight region are kept: the
-    /// VMM sends them again before the next start anyway).
+    /// `reset` of `RESET_OWNER` / `RESET_DEVICE`: rings, features and the
+    /// device state back to their initial state (memory and in-flight
+    /// region are kept: the VMM sends them again before the next start
+    /// anyway).
     fn reset(&mut self) -> Result<()> {
         self.stop();
         for v in &mut self.vrings {
@@ -371,6 +404,7 @@ impl VhostUserHandler {
         }
         self.acked_features = 0;
         self.features_set = false;
+        self.device_state = None;
         Ok(())
     }
 }
@@ -398,6 +432,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
             return Err(self.refuse(format!("features {unknown:#x} were not offered")));
         }
         self.stop();
+        // A driver negotiates features after a reset of the device: what
+        // it set before is gone.
+        self.device_state = None;
         self.acked_features = features;
         self.features_set = true;
         self.reconcile()
