@@ -749,6 +749,8 @@ mod tests {
         attached: bool,
         /// Every attach request, never drained.
         attaches: Vec<(VirtioAttachRequest, usize)>,
+        /// The device state area of every attach.
+        states: Vec<Option<File>>,
     }
 
     struct MockLink(Arc<Mutex<Calls>>);
@@ -767,6 +769,8 @@ mod tests {
             assert!(fds.logs.is_empty());
             let n = fds.regions.len() + 2 * fds.queues.len() + usize::from(fds.inflight.is_some());
             c.attached = true;
+            assert_eq!(req.device_state, fds.device_state.is_some());
+            c.states.push(fds.device_state.map(File::from));
             c.attaches.push((req.clone(), n));
             c.events
                 .push(Ev::Attach(req.queues.iter().map(|q| q.index).collect()));
@@ -806,15 +810,19 @@ mod tests {
 
     impl Rig {
         fn new(num_queues: u16) -> Self {
+            Self::with_model(Arc::new(BlkGeometry {
+                sectors: 2048,
+                readonly: false,
+                discard: true,
+                num_queues,
+            }))
+        }
+
+        fn with_model(model: Arc<dyn VirtioModel>) -> Self {
             let calls = Arc::new(Mutex::new(Calls::default()));
             let facts = DeviceFacts {
                 name: "vd".into(),
-                model: Arc::new(BlkGeometry {
-                    sectors: 2048,
-                    readonly: false,
-                    discard: true,
-                    num_queues,
-                }),
+                model,
                 queue_size: 256,
                 shadow: true,
             };
@@ -868,6 +876,63 @@ mod tests {
         fn write_u16(&self, gpa: u64, v: u16) {
             self.guest.write_all_at(&v.to_le_bytes(), gpa).unwrap();
         }
+    }
+
+    /// A vif's control-queue state lives in one area per driver session:
+    /// every session until the driver starts over sees what was written,
+    /// and `SET_FEATURES` or a reset starts from the vif's MAC again.
+    #[test]
+    fn a_vif_keeps_one_device_state_area_per_driver_session() {
+        use crate::class::net::NetModel;
+        use shadowback_virtio::net_state::{rx_mode, NetStateArea};
+        use std::os::unix::fs::MetadataExt;
+        let mac = [2, 0xaa, 0, 0, 0, 1];
+        let mut r = Rig::with_model(Arc::new(NetModel { mac, mtu: 1500 }));
+        let start = |r: &mut Rig| {
+            r.memory();
+            r.queue(0, 0);
+            r.queue(1, 0);
+            r.h.set_vring_enable(0, true).unwrap();
+            r.h.set_vring_enable(1, true).unwrap();
+        };
+        let last_state = |r: &Rig| {
+            let c = r.calls.lock().unwrap();
+            let f = c.states.last().unwrap().as_ref().expect("an area");
+            let ino = f.metadata().unwrap().ino();
+            (ino, NetStateArea::open(f.try_clone().unwrap()).unwrap())
+        };
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        start(&mut r);
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        let (first, (mut area, state)) = last_state(&r);
+        assert_eq!((state.mac, state.rx_mode), (mac, rx_mode::PROMISC));
+        // A backend sets promiscuity off; a new memory table restarts the
+        // session, which gets the same area.
+        let mut changed = state.clone();
+        changed.rx_mode = 0;
+        area.store(&changed).unwrap();
+        r.memory();
+        assert_eq!(r.events(), ["detach", "attach [0, 1]"]);
+        let (again, (_, state)) = last_state(&r);
+        assert_eq!((again, &state), (first, &changed));
+        // The driver starts over: a fresh area with the reset state.
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0, 1]"]);
+        let (fresh, (_, state)) = last_state(&r);
+        assert_ne!(fresh, first);
+        assert_eq!(state.rx_mode, rx_mode::PROMISC);
+        r.h.reset_device().unwrap();
+        assert_eq!(r.events(), ["detach"]);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        start(&mut r);
+        assert_ne!(last_state(&r).0, fresh);
+        // A disk keeps none.
+        let mut disk = Rig::new(1);
+        disk.h.set_features(FEATURES | PROTOCOL).unwrap();
+        disk.memory();
+        disk.queue(0, 0);
+        disk.h.set_vring_enable(0, true).unwrap();
+        assert!(!disk.last_attach().0.device_state);
     }
 
     #[test]
