@@ -312,3 +312,150 @@ fn control_queue_state_survives_a_kill_of_the_data_plane() {
     front.detach().expect("a clean close");
     sup.stop().expect("supervisor stop");
 }
+
+/// A Linux TCP socket streams to a vhost-user-net guest through a TAP
+/// with TCP segmentation negotiated (GUEST_TSO4 and GUEST_CSUM, HOST_TSO4
+/// and CSUM): the TAP hands the backend super-frames, which reach the
+/// guest whole over merged receive buffers, partial checksums and all,
+/// while its data plane is killed. The data is checked byte for byte.
+#[test]
+fn tcp_super_frames_from_a_tap_reach_a_vhost_user_net_guest_through_kills() {
+    use shadowback_guest::net::StreamPattern;
+    use shadowback_testsupport::netns::{enter_fresh_netns, set_if_addr};
+    use std::io::Write;
+    use std::net::{SocketAddrV4, TcpStream, UdpSocket};
+    use std::os::fd::AsFd;
+    const TAP: &str = "sbvtso0";
+    const BYTES: u64 = 16 * MIB;
+    const MIN_KILLS: u32 = 5;
+    let linux = Ipv4Addr::new(10, 79, 0, 1);
+    let guest_addr = Ipv4Addr::new(10, 79, 0, 2);
+    let outcome = thread::spawn(move || {
+        enter_fresh_netns();
+        let dir = TempDir::new("vhost-user-net-tso");
+        let socket = dir.join("control.sock");
+        let vhost = dir.join("vnet.sock");
+        let toml = format!(
+            "socket = \"{}\"\n[[nic]]\nname = \"vnet\"\ntap = \"{TAP}\"\nvhost_user = \"{}\"\n",
+            socket.display(),
+            vhost.display()
+        );
+        let path = dir.join("shadowback.toml");
+        std::fs::write(&path, toml).unwrap();
+        let cfg = Config::from_file(&path).expect("the test's config");
+        let sup = SupervisorThread::start(cfg, backend_command()).expect("start the supervisor");
+        let ctl = UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
+        set_if_addr(ctl.as_fd(), TAP, libc::SIOCSIFADDR as _, linux);
+        set_if_addr(
+            ctl.as_fd(),
+            TAP,
+            libc::SIOCSIFNETMASK as _,
+            Ipv4Addr::new(255, 255, 255, 0),
+        );
+        let tap_stat = |name: &str| -> u64 {
+            std::fs::read_to_string(format!("/sys/class/net/{TAP}/statistics/{name}"))
+                .expect("TAP statistics")
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let done = done.clone();
+            let vhost = vhost.clone();
+            thread::spawn(move || {
+                let opts = VhostUserNetOptions {
+                    offloads: true,
+                    ..VhostUserNetOptions::default()
+                };
+                let mut dev = VhostUserNet::connect(&vhost, &opts).expect("vhost-user-net connect");
+                let p = StreamParams {
+                    port: 5003,
+                    ..params(guest_addr, linux, BYTES)
+                };
+                let report = run_stream(&mut dev, StreamRole::Receiver, &p);
+                done.store(true, Ordering::Release);
+                (report, dev.stats())
+            })
+        };
+        // The Linux side connects once the guest listens.
+        let writer = thread::spawn(move || {
+            let to = SocketAddrV4::new(guest_addr, 5003);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut conn = loop {
+                match TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("connect: {e}");
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("the guest never listened: {e}"),
+                }
+            };
+            // A guest that stops reading fails the test, never hangs it.
+            let limit = Some(Duration::from_secs(40));
+            conn.set_write_timeout(limit).unwrap();
+            conn.set_read_timeout(limit).unwrap();
+            let pattern = StreamPattern::new(77);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut at = 0u64;
+            while at < BYTES {
+                let n = (BYTES - at).min(buf.len() as u64) as usize;
+                pattern.fill(at, &mut buf[..n]);
+                if let Err(e) = conn.write_all(&buf[..n]) {
+                    return Err(format!("write at {at}: {e}"));
+                }
+                at += n as u64;
+            }
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            // Hold the socket until the guest has read everything.
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+            Ok(())
+        });
+        let mut kills = 0u32;
+        let started = Instant::now();
+        while !stats_of(&socket, "vnet").connected && started.elapsed() < Duration::from_secs(20) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut next_kill = Instant::now() + Duration::from_millis(200);
+        while !done.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(300) {
+            thread::sleep(Duration::from_millis(5));
+            if kills < MIN_KILLS + 5 && Instant::now() >= next_kill {
+                if fault_kill(&socket, "vnet") {
+                    kills += 1;
+                }
+                next_kill =
+                    Instant::now() + Duration::from_millis(150 + u64::from(kills) * 37 % 90);
+            }
+        }
+        let (report, stats) = guest.join().expect("guest");
+        let written = writer.join().expect("writer");
+        let tap_frames = tap_stat("tx_packets");
+        let tap_bytes = tap_stat("tx_bytes");
+        let s = stats_of(&socket, "vnet");
+        sup.stop().expect("supervisor stop");
+        (report, stats, kills, tap_frames, tap_bytes, s, written)
+    })
+    .join()
+    .expect("the namespace thread panicked");
+    let (report, stats, kills, tap_frames, tap_bytes, s, written) = outcome;
+    eprintln!("kills={kills} guest={stats:?} tap: {tap_frames} frames {tap_bytes} bytes; {s:?}");
+    assert_passed("vhost-user guest", &report, BYTES);
+    assert_eq!(written, Ok(()), "the Linux side");
+    assert!(
+        kills >= MIN_KILLS,
+        "only {kills} kills before the stream ended"
+    );
+    assert!(
+        stats.rx_gso > 0 && stats.rx_partial_csum >= stats.rx_gso,
+        "no TCP super-frame reached the guest: {stats:?}"
+    );
+    // The kernel handed the TAP's reader frames beyond the MTU.
+    assert!(
+        tap_bytes / tap_frames.max(1) > 1514,
+        "{tap_bytes} bytes in {tap_frames} frames"
+    );
+    assert_eq!(stats.bad_used, 0);
+    assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+}

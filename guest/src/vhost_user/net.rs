@@ -12,7 +12,11 @@
 //! [`VhostUserNetOptions::control_queue`] it also acks CTRL_VQ, CTRL_RX,
 //! CTRL_MAC_ADDR and CTRL_GUEST_OFFLOADS and starts the control queue,
 //! for [`VhostUserNet::control`]: one command at a time, as Linux sends
-//! them.
+//! them. With [`VhostUserNetOptions::offloads`] it acks CSUM, GUEST_CSUM,
+//! HOST_TSO4 and GUEST_TSO4 where offered, so a TAP hands it TCP
+//! super-frames (up to 64 KiB over merged buffers, counted in
+//! [`VhostUserNetStats::rx_gso`]); their partial checksums are completed
+//! here, as the stack checks every checksum.
 //!
 //! Every used element is checked before it is trusted: its id must be a
 //! buffer this driver made available and not yet got back, else it is
@@ -24,12 +28,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::VIRTIO_NET_OK;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_OK};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use super::hal::{ChainBuf, RequestQueue};
@@ -59,6 +64,9 @@ pub struct VhostUserNetOptions {
     /// Start the control queue (virtqueue 2) if the device offers
     /// `VIRTIO_NET_F_CTRL_VQ`.
     pub control_queue: bool,
+    /// Take partial checksums and TCP super-frames on receive (and allow
+    /// them on transmit) where the device offers it.
+    pub offloads: bool,
 }
 
 impl Default for VhostUserNetOptions {
@@ -69,6 +77,7 @@ impl Default for VhostUserNetOptions {
             reply_timeout: REPLY_TIMEOUT,
             ram_bytes: 64 << 20,
             control_queue: false,
+            offloads: false,
         }
     }
 }
@@ -89,6 +98,10 @@ pub struct VhostUserNetStats {
     pub bad_used: u64,
     /// Transmit buffers made available and not answered yet.
     pub tx_in_flight: u64,
+    /// Frames received as TCP super-frames (a `gso_type` in the header).
+    pub rx_gso: u64,
+    /// Frames received with a partial checksum, completed here.
+    pub rx_partial_csum: u64,
 }
 
 /// One virtqueue: fixed-size buffers, one descriptor each.
@@ -198,6 +211,42 @@ impl NetQueue {
     }
 }
 
+/// What the virtio-net header of a received frame said.
+#[derive(Clone, Copy, Debug)]
+struct RxHeader {
+    /// The L4 checksum is partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+    needs_csum: bool,
+    /// A TCP super-frame (`gso_type` other than NONE).
+    gso: bool,
+}
+
+/// Completes the TCP checksum of an IPv4 frame whose header said it is
+/// partial; anything else is left as it is (the stack drops it if wrong).
+fn complete_checksum(frame: &mut [u8]) {
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
+    };
+    let Ok(mut eth) = EthernetFrame::new_checked(frame) else {
+        return;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return;
+    }
+    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+        return;
+    };
+    if ip.next_header() != IpProtocol::Tcp {
+        return;
+    }
+    let (src, dst) = (
+        IpAddress::Ipv4(ip.src_addr()),
+        IpAddress::Ipv4(ip.dst_addr()),
+    );
+    if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
+        tcp.fill_checksum(&src, &dst);
+    }
+}
+
 /// Bytes of a control command (class, command, data) this driver sends.
 const CTRL_COMMAND_BYTES: u64 = 4096;
 /// How long a control command may wait for its answer: long enough for a
@@ -223,8 +272,10 @@ pub struct VhostUserNet {
     rx: NetQueue,
     tx: NetQueue,
     ctrl: Option<CtrlQueue>,
+    /// `GUEST_TSO4` was acked: TCP super-frames may arrive.
+    guest_tso: bool,
     /// Buffers of a merged receive frame so far, and how many are left.
-    merging: Option<(Vec<u8>, u16)>,
+    merging: Option<(Vec<u8>, u16, RxHeader)>,
     stats: VhostUserNetStats,
     /// Last: the rings are stopped before the buffers' memory is freed.
     transport: VhostUserTransport,
@@ -293,6 +344,15 @@ impl VhostUserNet {
         } else {
             wanted
         };
+        let offloads = bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO4);
+        let wanted = if opts.offloads {
+            wanted | offloads
+        } else {
+            wanted
+        };
         let acked = offered & wanted;
         t.write_driver_features(acked);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
@@ -352,6 +412,7 @@ impl VhostUserNet {
             rx,
             tx,
             ctrl,
+            guest_tso: acked & bit(VIRTIO_NET_F_GUEST_TSO4) != 0,
             merging: None,
             stats: VhostUserNetStats::default(),
             transport: t,
@@ -543,14 +604,14 @@ impl FrameDevice for VhostUserNet {
                 .read(u64::from(slot) * self.rx.stride, &mut data);
             self.repost(slot).map_err(Self::io)?;
             read.map_err(FrameError::Io)?;
-            let frame = match self.merging.take() {
-                Some((mut so_far, left)) => {
+            let (mut frame, header) = match self.merging.take() {
+                Some((mut so_far, left, header)) => {
                     so_far.extend_from_slice(&data);
                     if left > 1 {
-                        self.merging = Some((so_far, left - 1));
+                        self.merging = Some((so_far, left - 1, header));
                         continue;
                     }
-                    so_far
+                    (so_far, header)
                 }
                 None => {
                     if data.len() < HEADER_BYTES + ETHERNET_HEADER_LEN {
@@ -558,15 +619,26 @@ impl FrameDevice for VhostUserNet {
                         continue;
                     }
                     let buffers = u16::from_le_bytes([data[10], data[11]]);
+                    let header = RxHeader {
+                        needs_csum: data[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0,
+                        gso: data[1] != 0,
+                    };
                     let mut so_far = data.split_off(HEADER_BYTES);
                     if buffers > 1 {
                         so_far.reserve(self.mtu + ETHERNET_HEADER_LEN);
-                        self.merging = Some((so_far, buffers - 1));
+                        self.merging = Some((so_far, buffers - 1, header));
                         continue;
                     }
-                    so_far
+                    (so_far, header)
                 }
             };
+            if header.gso {
+                self.stats.rx_gso += 1;
+            }
+            if header.needs_csum {
+                self.stats.rx_partial_csum += 1;
+                complete_checksum(&mut frame);
+            }
             self.stats.rx_frames += 1;
             *buf = frame;
             return Ok(true);
@@ -587,5 +659,13 @@ impl FrameDevice for VhostUserNet {
 
     fn mtu(&self) -> usize {
         self.mtu
+    }
+
+    fn max_rx_frame(&self) -> usize {
+        if self.guest_tso {
+            ETHERNET_HEADER_LEN + usize::from(u16::MAX)
+        } else {
+            self.mtu + ETHERNET_HEADER_LEN
+        }
     }
 }

@@ -61,7 +61,8 @@ use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO};
 use shadowback_xenbus::{Message, SeqPacket};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
@@ -114,6 +115,10 @@ struct Device {
     guest_csum: bool,
     /// The virtio features the driver acked.
     features: u64,
+    /// TCP super-frames the driver sends (`HOST_TSO4/6`, on a TAP).
+    host_tso: frame::Tso,
+    /// TCP super-frames the driver takes (`GUEST_TSO4/6` in force).
+    guest_tso: frame::Tso,
     rx: VQueue,
     tx: VQueue,
     /// The control queue, if the VMM handed it over.
@@ -168,7 +173,13 @@ impl Device {
     /// Tells a TAP what the driver accepts on receive, from the guest
     /// offloads in force (a cable takes none).
     fn apply_offloads(&mut self) -> Result<(), String> {
-        self.guest_csum = vnet::has(self.state.offloads, VIRTIO_NET_F_GUEST_CSUM);
+        let on = |f| vnet::has(self.state.offloads, f);
+        self.guest_csum = on(VIRTIO_NET_F_GUEST_CSUM);
+        let tap = self.wire.kind() == WireKind::Tap;
+        self.guest_tso = frame::Tso {
+            v4: tap && on(VIRTIO_NET_F_GUEST_TSO4),
+            v6: tap && on(VIRTIO_NET_F_GUEST_TSO6),
+        };
         if self.wire.kind() != WireKind::Tap {
             return Ok(());
         }
@@ -348,8 +359,7 @@ impl VnetLoop<'_> {
         let driver_hdr =
             VnetHeader::decode(&hdr, WIRE_HDR).map_err(|e| TxError::Header(e.to_string()))?;
         let data = &mut self.frame[wire_hdr..wire_hdr + len];
-        frame::prepare_tx(&driver_hdr, data, dev.csum)?;
-        VnetHeader::plain()
+        frame::prepare_tx(&driver_hdr, data, dev.csum, dev.host_tso)?
             .encode(&mut self.frame[..wire_hdr], WIRE_HDR)
             .map_err(|e| TxError::Header(e.to_string()))?;
         match dev.wire.send(&self.frame[..wire_hdr + len]) {
@@ -479,7 +489,7 @@ impl VnetLoop<'_> {
             self.stats.rx_filtered += 1;
             return true;
         }
-        let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum) else {
+        let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum, dev.guest_tso) else {
             self.stats.rx_dropped += 1;
             return true;
         };
@@ -832,6 +842,11 @@ impl VnetLoop<'_> {
             csum: has(VIRTIO_NET_F_CSUM),
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             features: req.features,
+            host_tso: frame::Tso {
+                v4: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO4),
+                v6: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO6),
+            },
+            guest_tso: frame::Tso::default(),
             rx,
             tx,
             ctrl,

@@ -121,11 +121,19 @@ fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::Wir
 pub struct NetModel {
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// The vif is on a TAP: TCP segmentation is offered both ways
+    /// (`shadowback_virtio::net::TAP_FEATURES`).
+    pub tap: bool,
 }
 
 impl VirtioModel for NetModel {
     fn features(&self) -> u64 {
-        net::OFFERED_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let features = if self.tap {
+            net::OFFERED_FEATURES
+        } else {
+            net::OFFERED_FEATURES & !net::TAP_FEATURES
+        };
+        features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     /// No `INFLIGHT_SHMFD`: QEMU's vhost-user-net never asks for the
@@ -212,6 +220,7 @@ impl DeviceClass for NetClass {
         Some(std::sync::Arc::new(NetModel {
             mac: self.info.mac.0,
             mtu: self.info.mtu,
+            tap: matches!(self.wire, HeldWire::Tap(_)),
         }))
     }
 
@@ -269,6 +278,7 @@ mod tests {
         let model = NetModel {
             mac: [2, 0xaa, 0, 0, 0, 1],
             mtu: 9000,
+            tap: false,
         };
         assert_eq!(model.read_config(0, 6).unwrap(), vec![2, 0xaa, 0, 0, 0, 1]);
         assert_eq!(model.read_config(6, 2).unwrap(), vec![1, 0], "LINK_UP");
@@ -280,5 +290,8 @@ mod tests {
         assert!(!model
             .protocol_features()
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert_eq!(model.features() & net::TAP_FEATURES, 0, "no TSO on a cable");
+        let tap = NetModel { tap: true, ..model };
+        assert_eq!(tap.features() & net::TAP_FEATURES, net::TAP_FEATURES);
     }
 }

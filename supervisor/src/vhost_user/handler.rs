@@ -887,7 +887,11 @@ mod tests {
         use shadowback_virtio::net_state::{rx_mode, NetStateArea};
         use std::os::unix::fs::MetadataExt;
         let mac = [2, 0xaa, 0, 0, 0, 1];
-        let mut r = Rig::with_model(Arc::new(NetModel { mac, mtu: 1500 }));
+        let mut r = Rig::with_model(Arc::new(NetModel {
+            mac,
+            mtu: 1500,
+            tap: false,
+        }));
         let start = |r: &mut Rig| {
             r.memory();
             r.queue(0, 0);
