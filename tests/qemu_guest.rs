@@ -339,6 +339,13 @@ fn linux_guest_streams_over_vhost_user_net_through_data_plane_kills() {
         0,
         "QEMU noticed\n{t}"
     );
+    // The guest negotiated HOST_TSO4: its TCP super-frames reached the
+    // TAP whole (an Ethernet frame of the 1500-byte MTU is 1514 bytes).
+    let avg = number(&fields, "tap_rx_avg", &t);
+    assert!(
+        avg > 1514,
+        "no TCP super-frame reached the TAP (avg {avg})\n{t}"
+    );
     let kills = number(&fields, "kills", &t);
     assert!(kills >= 10, "only {kills} kills injected\n{t}");
     assert!(

@@ -7,7 +7,7 @@
 //! answered exactly once; `status` counts the recoveries.
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +19,7 @@ use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, 
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
-use shadowback_testsupport::netns::{enter_fresh_netns, set_if_addr};
+use shadowback_testsupport::netns::{enter_fresh_netns, set_ipv4_24};
 use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::kind;
@@ -188,14 +188,7 @@ fn a_vif_on_a_tap_streams_to_a_linux_socket_through_kills_with_carrier_up() {
                 socket.display()
             ),
         );
-        let ctl = UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
-        set_if_addr(ctl.as_fd(), TAP, libc::SIOCSIFADDR as _, linux);
-        set_if_addr(
-            ctl.as_fd(),
-            TAP,
-            libc::SIOCSIFNETMASK as _,
-            Ipv4Addr::new(255, 255, 255, 0),
-        );
+        set_ipv4_24(TAP, linux);
         let carrier_path = format!("/sys/class/net/{TAP}/carrier");
         let carrier = || std::fs::read_to_string(&carrier_path).map(|s| s.trim().to_string());
         assert_eq!(carrier().expect("the TAP in sysfs"), "1");

@@ -38,12 +38,24 @@ fn params(address: Ipv4Addr, peer: Ipv4Addr, bytes: u64) -> StreamParams {
 /// A supervisor with vif `vnet` (vhost-user, cable to `vif`) and `vif`
 /// (netif), and the vhost-user socket's path.
 fn start(dir: &TempDir) -> (SupervisorThread, std::path::PathBuf, std::path::PathBuf) {
+    start_with(
+        dir,
+        "cable = \"vif\"",
+        "[[nic]]\nname = \"vif\"\ncable = \"vnet\"\n",
+    )
+}
+
+/// A supervisor with vif `vnet` (vhost-user) on `wire` (a `cable` or `tap`
+/// line), then `more` config; the control and vhost-user sockets' paths.
+fn start_with(
+    dir: &TempDir,
+    wire: &str,
+    more: &str,
+) -> (SupervisorThread, std::path::PathBuf, std::path::PathBuf) {
     let socket = dir.join("control.sock");
     let vhost = dir.join("vnet.sock");
     let toml = format!(
-        "socket = \"{}\"\n\
-         [[nic]]\nname = \"vnet\"\ncable = \"vif\"\nvhost_user = \"{}\"\n\
-         [[nic]]\nname = \"vif\"\ncable = \"vnet\"\n",
+        "socket = \"{}\"\n[[nic]]\nname = \"vnet\"\n{wire}\nvhost_user = \"{}\"\n{more}",
         socket.display(),
         vhost.display()
     );
@@ -321,10 +333,9 @@ fn control_queue_state_survives_a_kill_of_the_data_plane() {
 #[test]
 fn tcp_super_frames_from_a_tap_reach_a_vhost_user_net_guest_through_kills() {
     use shadowback_guest::net::StreamPattern;
-    use shadowback_testsupport::netns::{enter_fresh_netns, set_if_addr};
+    use shadowback_testsupport::netns::{enter_fresh_netns, set_ipv4_24};
     use std::io::Write;
-    use std::net::{SocketAddrV4, TcpStream, UdpSocket};
-    use std::os::fd::AsFd;
+    use std::net::{SocketAddrV4, TcpStream};
     const TAP: &str = "sbvtso0";
     const BYTES: u64 = 16 * MIB;
     const MIN_KILLS: u32 = 5;
@@ -333,25 +344,10 @@ fn tcp_super_frames_from_a_tap_reach_a_vhost_user_net_guest_through_kills() {
     let outcome = thread::spawn(move || {
         enter_fresh_netns();
         let dir = TempDir::new("vhost-user-net-tso");
-        let socket = dir.join("control.sock");
-        let vhost = dir.join("vnet.sock");
-        let toml = format!(
-            "socket = \"{}\"\n[[nic]]\nname = \"vnet\"\ntap = \"{TAP}\"\nvhost_user = \"{}\"\n",
-            socket.display(),
-            vhost.display()
-        );
-        let path = dir.join("shadowback.toml");
-        std::fs::write(&path, toml).unwrap();
-        let cfg = Config::from_file(&path).expect("the test's config");
-        let sup = SupervisorThread::start(cfg, backend_command()).expect("start the supervisor");
-        let ctl = UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
-        set_if_addr(ctl.as_fd(), TAP, libc::SIOCSIFADDR as _, linux);
-        set_if_addr(
-            ctl.as_fd(),
-            TAP,
-            libc::SIOCSIFNETMASK as _,
-            Ipv4Addr::new(255, 255, 255, 0),
-        );
+        // The supervisor's thread starts in this namespace: it creates
+        // the TAP here.
+        let (sup, socket, vhost) = start_with(&dir, &format!("tap = \"{TAP}\""), "");
+        set_ipv4_24(TAP, linux);
         let tap_stat = |name: &str| -> u64 {
             std::fs::read_to_string(format!("/sys/class/net/{TAP}/statistics/{name}"))
                 .expect("TAP statistics")

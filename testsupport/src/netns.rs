@@ -11,7 +11,7 @@ type IfReq = [u8; 40];
 /// Sets an IPv4 address-type field (`SIOCSIFADDR`, `SIOCSIFNETMASK`) of
 /// interface `name`.
 #[allow(unsafe_code, reason = "an interface ioctl; the test has no `ip` tool")]
-pub fn set_if_addr(sock: BorrowedFd<'_>, name: &str, request: libc::c_ulong, addr: Ipv4Addr) {
+fn set_if_addr(sock: BorrowedFd<'_>, name: &str, request: libc::c_ulong, addr: Ipv4Addr) {
     let mut req: IfReq = [0; 40];
     req[..name.len()].copy_from_slice(name.as_bytes());
     // struct sockaddr_in: family (host order), port, address.
@@ -69,4 +69,17 @@ pub fn enter_fresh_netns() {
         );
         assert_eq!(rc, 0, "mount sysfs: {}", std::io::Error::last_os_error());
     }
+}
+
+/// Gives interface `name` the IPv4 address `addr` in a /24.
+pub fn set_ipv4_24(name: &str, addr: Ipv4Addr) {
+    use std::os::fd::AsFd;
+    let ctl = std::net::UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
+    set_if_addr(ctl.as_fd(), name, libc::SIOCSIFADDR as _, addr);
+    set_if_addr(
+        ctl.as_fd(),
+        name,
+        libc::SIOCSIFNETMASK as _,
+        Ipv4Addr::new(255, 255, 255, 0),
+    );
 }

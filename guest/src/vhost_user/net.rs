@@ -223,28 +223,7 @@ struct RxHeader {
 /// Completes the TCP checksum of an IPv4 frame whose header said it is
 /// partial; anything else is left as it is (the stack drops it if wrong).
 fn complete_checksum(frame: &mut [u8]) {
-    use smoltcp::wire::{
-        EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
-    };
-    let Ok(mut eth) = EthernetFrame::new_checked(frame) else {
-        return;
-    };
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return;
-    }
-    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
-        return;
-    };
-    if ip.next_header() != IpProtocol::Tcp {
-        return;
-    }
-    let (src, dst) = (
-        IpAddress::Ipv4(ip.src_addr()),
-        IpAddress::Ipv4(ip.dst_addr()),
-    );
-    if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
-        tcp.fill_checksum(&src, &dst);
-    }
+    crate::net::with_ipv4_tcp(frame, |tcp, src, dst| tcp.fill_checksum(&src, &dst));
 }
 
 /// Bytes of a control command (class, command, data) this driver sends.
