@@ -9,8 +9,8 @@
 //! probing, connecting or seeing it (docs/PROTOCOL.md §1.2).
 
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, 
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::netns::{enter_fresh_netns, set_ipv4_24};
 use shadowback_testsupport::operator::{fault_kill, stats_of, status};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::kind;
@@ -169,72 +170,6 @@ fn two_vifs_on_a_cable_carry_a_tcp_stream_through_twenty_kills() {
     sup.stop().expect("supervisor stop");
 }
 
-/// `struct ifreq`: a 16-byte name and a 24-byte union.
-type IfReq = [u8; 40];
-
-/// Sets an IPv4 address-type field (`SIOCSIFADDR`, `SIOCSIFNETMASK`) of
-/// interface `name`.
-#[allow(unsafe_code, reason = "an interface ioctl; the test has no `ip` tool")]
-fn set_if_addr(sock: BorrowedFd<'_>, name: &str, request: libc::c_ulong, addr: Ipv4Addr) {
-    let mut req: IfReq = [0; 40];
-    req[..name.len()].copy_from_slice(name.as_bytes());
-    // struct sockaddr_in: family (host order), port, address.
-    req[16..18].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-    req[20..24].copy_from_slice(&addr.octets());
-    // SAFETY: SIOCSIFADDR and SIOCSIFNETMASK read a `struct ifreq` (40
-    // bytes on 64-bit Linux), which `req` is; `sock` is open.
-    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req.as_mut_ptr()) };
-    assert_eq!(rc, 0, "ioctl: {}", std::io::Error::last_os_error());
-}
-
-/// Moves the calling thread into a new network namespace and a new mount
-/// namespace with a sysfs of its own, so that `/sys/class/net` shows the
-/// new namespace's interfaces.
-#[allow(
-    unsafe_code,
-    reason = "unshare and mount; no wrapper in the test's dependencies"
-)]
-fn enter_fresh_netns() {
-    // SAFETY: unshare takes no pointers; it changes only the calling
-    // thread's namespaces (and its fs_struct, a private copy after
-    // CLONE_NEWNS), which nothing else in the test uses.
-    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) };
-    assert_eq!(
-        rc,
-        0,
-        "unshare needs root: {}",
-        std::io::Error::last_os_error()
-    );
-    let root = c"/";
-    let sys = c"/sys";
-    let sysfs = c"sysfs";
-    // SAFETY: every pointer is a NUL-terminated literal or null, as
-    // mount(2) takes them; the mounts are private to the new namespace.
-    unsafe {
-        let rc = libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        );
-        assert_eq!(
-            rc,
-            0,
-            "mount --make-rprivate /: {}",
-            std::io::Error::last_os_error()
-        );
-        let rc = libc::mount(
-            sysfs.as_ptr(),
-            sys.as_ptr(),
-            sysfs.as_ptr(),
-            0,
-            std::ptr::null(),
-        );
-        assert_eq!(rc, 0, "mount sysfs: {}", std::io::Error::last_os_error());
-    }
-}
-
 #[test]
 fn a_vif_on_a_tap_streams_to_a_linux_socket_through_kills_with_carrier_up() {
     const TAP: &str = "sbnic0";
@@ -255,14 +190,7 @@ fn a_vif_on_a_tap_streams_to_a_linux_socket_through_kills_with_carrier_up() {
                 socket.display()
             ),
         );
-        let ctl = UdpSocket::bind("0.0.0.0:0").expect("a socket for interface ioctls");
-        set_if_addr(ctl.as_fd(), TAP, libc::SIOCSIFADDR as _, linux);
-        set_if_addr(
-            ctl.as_fd(),
-            TAP,
-            libc::SIOCSIFNETMASK as _,
-            Ipv4Addr::new(255, 255, 255, 0),
-        );
+        set_ipv4_24(TAP, linux);
         let carrier_path = format!("/sys/class/net/{TAP}/carrier");
         let carrier = || std::fs::read_to_string(&carrier_path).map(|s| s.trim().to_string());
         assert_eq!(carrier().expect("the TAP in sysfs"), "1");

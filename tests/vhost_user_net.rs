@@ -38,12 +38,24 @@ fn params(address: Ipv4Addr, peer: Ipv4Addr, bytes: u64) -> StreamParams {
 /// A supervisor with vif `vnet` (vhost-user, cable to `vif`) and `vif`
 /// (netif), and the vhost-user socket's path.
 fn start(dir: &TempDir) -> (SupervisorThread, std::path::PathBuf, std::path::PathBuf) {
+    start_with(
+        dir,
+        "cable = \"vif\"",
+        "[[nic]]\nname = \"vif\"\ncable = \"vnet\"\n",
+    )
+}
+
+/// A supervisor with vif `vnet` (vhost-user) on `wire` (a `cable` or `tap`
+/// line), then `more` config; the control and vhost-user sockets' paths.
+fn start_with(
+    dir: &TempDir,
+    wire: &str,
+    more: &str,
+) -> (SupervisorThread, std::path::PathBuf, std::path::PathBuf) {
     let socket = dir.join("control.sock");
     let vhost = dir.join("vnet.sock");
     let toml = format!(
-        "socket = \"{}\"\n\
-         [[nic]]\nname = \"vnet\"\ncable = \"vif\"\nvhost_user = \"{}\"\n\
-         [[nic]]\nname = \"vif\"\ncable = \"vnet\"\n",
+        "socket = \"{}\"\n[[nic]]\nname = \"vnet\"\n{wire}\nvhost_user = \"{}\"\n{more}",
         socket.display(),
         vhost.display()
     );
@@ -198,4 +210,248 @@ fn a_vhost_user_net_guest_receives_through_twenty_kills() {
         kills >= MIN_KILLS,
         "only {kills} kills before the stream ended"
     );
+}
+
+/// A test frame to `dst` from the netfront guest, carrying `tag`.
+fn tagged_frame(dst: [u8; 6], tag: u8) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[2, 0x77, 0, 0, 0, 1]);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+    f.push(tag);
+    f.resize(60, 0);
+    f
+}
+
+/// Receives on `dev` until the frame tagged `last` arrives; returns every
+/// tag received.
+fn tags_until(dev: &mut VhostUserNet, last: u8) -> Vec<u8> {
+    use shadowback_guest::net::FrameDevice;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut tags = Vec::new();
+    let mut buf = Vec::new();
+    while Instant::now() < deadline {
+        if dev.recv(&mut buf).expect("receive") {
+            if buf.len() >= 15 && buf[12..14] == 0x88b5u16.to_be_bytes() {
+                tags.push(buf[14]);
+                if buf[14] == last {
+                    return tags;
+                }
+            }
+        } else {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    panic!("frame {last} never arrived; got {tags:?}");
+}
+
+/// What the driver sets on the control queue — its MAC, promiscuity off,
+/// a multicast table — is the device's, not the backend's: after the data
+/// plane is killed the next instance filters exactly as the dead one did.
+/// Hostile commands get `VIRTIO_NET_ERR` and change nothing.
+#[test]
+fn control_queue_state_survives_a_kill_of_the_data_plane() {
+    use shadowback_guest::net::FrameDevice;
+    let dir = TempDir::new("vhost-user-net-ctrl");
+    let (sup, socket, vhost) = start(&dir);
+    let opts = VhostUserNetOptions {
+        control_queue: true,
+        ..VhostUserNetOptions::default()
+    };
+    let mut dev = VhostUserNet::connect(&vhost, &opts).expect("vhost-user-net connect");
+    let mut front = NetFront::attach(&socket, &NetFrontConfig::new("vif")).expect("netfront");
+    let old_mac = dev.mac();
+    let new_mac = [2, 0x5b, 0, 0, 0, 0x42];
+    let joined = [0x33, 0x33, 0, 0, 0, 1];
+    let other_group = [0x33, 0x33, 0, 0, 0, 2];
+    let mut tables = 0u32.to_le_bytes().to_vec(); // no unicast entry
+    tables.extend_from_slice(&1u32.to_le_bytes());
+    tables.extend_from_slice(&joined);
+    // class MAC (1): ADDR_SET (1), TABLE_SET (0); class RX (0): PROMISC (0).
+    assert!(dev.control(1, 1, &new_mac).expect("MAC_ADDR_SET"));
+    assert!(dev.control(1, 0, &tables).expect("MAC_TABLE_SET"));
+    assert!(dev.control(0, 0, &[0]).expect("promiscuous off"));
+    // Hostile or unsupported: refused, the state unchanged.
+    assert!(!dev.control(9, 9, &[1; 40]).expect("unknown class"));
+    assert!(!dev.control(1, 1, &[1, 2, 3]).expect("short MAC"));
+    let mut lying = u32::MAX.to_le_bytes().to_vec();
+    lying.extend_from_slice(&[0; 8]);
+    assert!(!dev
+        .control(1, 0, &lying)
+        .expect("table longer than its bytes"));
+    assert!(!dev
+        .control(4, 0, &2u16.to_le_bytes())
+        .expect("MQ not offered"));
+
+    let send_round = |front: &mut NetFront, round: u8| {
+        let base = round * 10;
+        for (dst, tag) in [
+            (new_mac, base + 1),
+            (old_mac, base + 2),
+            (joined, base + 3),
+            (other_group, base + 4),
+            ([0xff; 6], base + 5),
+            (new_mac, base + 9),
+        ] {
+            front.send(&tagged_frame(dst, tag)).expect("netfront send");
+        }
+    };
+    let expected = |round: u8| -> Vec<u8> { [1, 3, 5, 9].iter().map(|t| round * 10 + t).collect() };
+    send_round(&mut front, 1);
+    assert_eq!(tags_until(&mut dev, 19), expected(1), "before the kill");
+
+    for round in 2..5u8 {
+        let before = stats_of(&socket, "vnet").recoveries;
+        assert!(fault_kill(&socket, "vnet"), "kill {round}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stats_of(&socket, "vnet").recoveries <= before {
+            assert!(Instant::now() < deadline, "no recovery after kill {round}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        send_round(&mut front, round);
+        assert_eq!(
+            tags_until(&mut dev, round * 10 + 9),
+            expected(round),
+            "after kill {}",
+            round - 1
+        );
+    }
+    // The driver can still change it, and that holds too.
+    assert!(dev.control(0, 0, &[1]).expect("promiscuous on"));
+    assert!(fault_kill(&socket, "vnet"));
+    send_round(&mut front, 6);
+    assert_eq!(tags_until(&mut dev, 69), vec![61, 62, 63, 64, 65, 69]);
+    assert_eq!(dev.stats().bad_used, 0);
+    front.detach().expect("a clean close");
+    sup.stop().expect("supervisor stop");
+}
+
+/// A Linux TCP socket streams to a vhost-user-net guest through a TAP
+/// with TCP segmentation negotiated (GUEST_TSO4 and GUEST_CSUM, HOST_TSO4
+/// and CSUM): the TAP hands the backend super-frames, which reach the
+/// guest whole over merged receive buffers, partial checksums and all,
+/// while its data plane is killed. The data is checked byte for byte.
+#[test]
+fn tcp_super_frames_from_a_tap_reach_a_vhost_user_net_guest_through_kills() {
+    use shadowback_guest::net::StreamPattern;
+    use shadowback_testsupport::netns::{enter_fresh_netns, set_ipv4_24};
+    use std::io::Write;
+    use std::net::{SocketAddrV4, TcpStream};
+    const TAP: &str = "sbvtso0";
+    const BYTES: u64 = 16 * MIB;
+    const MIN_KILLS: u32 = 5;
+    let linux = Ipv4Addr::new(10, 79, 0, 1);
+    let guest_addr = Ipv4Addr::new(10, 79, 0, 2);
+    let outcome = thread::spawn(move || {
+        enter_fresh_netns();
+        let dir = TempDir::new("vhost-user-net-tso");
+        // The supervisor's thread starts in this namespace: it creates
+        // the TAP here.
+        let (sup, socket, vhost) = start_with(&dir, &format!("tap = \"{TAP}\""), "");
+        set_ipv4_24(TAP, linux);
+        let tap_stat = |name: &str| -> u64 {
+            std::fs::read_to_string(format!("/sys/class/net/{TAP}/statistics/{name}"))
+                .expect("TAP statistics")
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let done = Arc::new(AtomicBool::new(false));
+        let guest = {
+            let done = done.clone();
+            let vhost = vhost.clone();
+            thread::spawn(move || {
+                let opts = VhostUserNetOptions {
+                    offloads: true,
+                    ..VhostUserNetOptions::default()
+                };
+                let mut dev = VhostUserNet::connect(&vhost, &opts).expect("vhost-user-net connect");
+                let p = StreamParams {
+                    port: 5003,
+                    ..params(guest_addr, linux, BYTES)
+                };
+                let report = run_stream(&mut dev, StreamRole::Receiver, &p);
+                done.store(true, Ordering::Release);
+                (report, dev.stats())
+            })
+        };
+        // The Linux side connects once the guest listens.
+        let writer = thread::spawn(move || {
+            let to = SocketAddrV4::new(guest_addr, 5003);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut conn = loop {
+                match TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)) {
+                    Ok(c) => break c,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("connect: {e}");
+                        thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => panic!("the guest never listened: {e}"),
+                }
+            };
+            // A guest that stops reading fails the test, never hangs it.
+            let limit = Some(Duration::from_secs(40));
+            conn.set_write_timeout(limit).unwrap();
+            conn.set_read_timeout(limit).unwrap();
+            let pattern = StreamPattern::new(77);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut at = 0u64;
+            while at < BYTES {
+                let n = (BYTES - at).min(buf.len() as u64) as usize;
+                pattern.fill(at, &mut buf[..n]);
+                if let Err(e) = conn.write_all(&buf[..n]) {
+                    return Err(format!("write at {at}: {e}"));
+                }
+                at += n as u64;
+            }
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            // Hold the socket until the guest has read everything.
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut conn, &mut rest);
+            Ok(())
+        });
+        let mut kills = 0u32;
+        let started = Instant::now();
+        while !stats_of(&socket, "vnet").connected && started.elapsed() < Duration::from_secs(20) {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut next_kill = Instant::now() + Duration::from_millis(200);
+        while !done.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(300) {
+            thread::sleep(Duration::from_millis(5));
+            if kills < MIN_KILLS + 5 && Instant::now() >= next_kill {
+                if fault_kill(&socket, "vnet") {
+                    kills += 1;
+                }
+                next_kill =
+                    Instant::now() + Duration::from_millis(150 + u64::from(kills) * 37 % 90);
+            }
+        }
+        let (report, stats) = guest.join().expect("guest");
+        let written = writer.join().expect("writer");
+        let tap_frames = tap_stat("tx_packets");
+        let tap_bytes = tap_stat("tx_bytes");
+        let s = stats_of(&socket, "vnet");
+        sup.stop().expect("supervisor stop");
+        (report, stats, kills, tap_frames, tap_bytes, s, written)
+    })
+    .join()
+    .expect("the namespace thread panicked");
+    let (report, stats, kills, tap_frames, tap_bytes, s, written) = outcome;
+    eprintln!("kills={kills} guest={stats:?} tap: {tap_frames} frames {tap_bytes} bytes; {s:?}");
+    assert_passed("vhost-user guest", &report, BYTES);
+    assert_eq!(written, Ok(()), "the Linux side");
+    assert!(
+        kills >= MIN_KILLS,
+        "only {kills} kills before the stream ended"
+    );
+    assert!(
+        stats.rx_gso > 0 && stats.rx_partial_csum >= stats.rx_gso,
+        "no TCP super-frame reached the guest: {stats:?}"
+    );
+    // The kernel handed the TAP's reader frames beyond the MTU.
+    assert!(
+        tap_bytes / tap_frames.max(1) > 1514,
+        "{tap_bytes} bytes in {tap_frames} frames"
+    );
+    assert_eq!(stats.bad_used, 0);
+    assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
 }

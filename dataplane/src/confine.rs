@@ -169,6 +169,9 @@ pub fn allowed_syscalls() -> &'static [(i64, &'static str)] {
         (libc::SYS_write, "write"),
         (libc::SYS_readv, "readv"),
         (libc::SYS_writev, "writev"),
+        // A vif's device state area (a memfd the supervisor hands over).
+        (libc::SYS_pread64, "pread64"),
+        (libc::SYS_pwrite64, "pwrite64"),
         (libc::SYS_close, "close"),
         // Checks of what the supervisor hands over: region size and file
         // system, fd kind (`/proc/self/fd/N`), socket type.

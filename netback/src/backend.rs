@@ -127,6 +127,11 @@ pub struct NetStats {
     /// Frames from the wire that could not be delivered (too large, no
     /// `feature-sg`, bad grant).
     pub rx_dropped: u64,
+    /// Frames from the wire the driver's receive filter refused (virtio:
+    /// MAC, receive mode and tables set on the control queue).
+    pub rx_filtered: u64,
+    /// Control-queue commands answered `VIRTIO_NET_ERR`.
+    pub ctrl_errors: u64,
     pub kicks: u64,
     pub notifications: u64,
 }
@@ -451,22 +456,14 @@ impl NetBackend {
                 VnetHeader::partial(as_u16(at.start)?, as_u16(at.offset)?)
             }
             (None, _, _) => VnetHeader::plain(),
-            (Some(gso), _, _) => {
-                // Segmentation needs a partial checksum whatever the guest
-                // flagged (Linux netback sets one up the same way).
-                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
-                let ipv6 = gso.kind == crate::netif::GsoType::TcpV6;
-                if !at.is_tcp() || at.ipv6 != ipv6 {
-                    return Err(format!("GSO {:?} on a frame that is not one", gso.kind));
-                }
-                VnetHeader::tcp_segmentation(
-                    ipv6,
-                    gso.size,
-                    as_u16(at.header_end)?,
-                    as_u16(at.start)?,
-                    as_u16(at.offset)?,
-                )
-            }
+            // Segmentation needs a partial checksum whatever the guest
+            // flagged (Linux netback sets one up the same way).
+            (Some(gso), _, _) => checksum::prepare_tcp_segmentation(
+                &mut frame[hdr..],
+                gso.kind == crate::netif::GsoType::TcpV6,
+                gso.size,
+            )
+            .map_err(|e| format!("GSO {:?}: {e}", gso.kind))?,
         };
         vnet.encode(&mut frame[..hdr], vif.wire.header_len())
             .map_err(|e| e.to_string())?;

@@ -20,6 +20,10 @@ pub enum ChecksumError {
     Truncated,
     #[error("IPv6 extension headers are not parsed")]
     Ipv6Extension,
+    #[error("TCP segmentation of a frame that is not TCP over IPv{0}")]
+    NotTcp(u8),
+    #[error("offset {0} beyond a frame")]
+    Offset(usize),
 }
 
 const ETH_HLEN: usize = 14;
@@ -84,6 +88,29 @@ pub fn prepare_partial(frame: &mut [u8]) -> Result<L4Checksum, ChecksumError> {
     let sum = !fold(at.pseudo);
     frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(at)
+}
+
+/// Sets up a TCP super-frame for the device that receives it to cut into
+/// `gso_size`-byte segments: its checksum partial ([`prepare_partial`])
+/// and the virtio-net header that asks for the segmentation. Refused for a
+/// frame that is not TCP over IPv6 (`ipv6`) or IPv4.
+pub fn prepare_tcp_segmentation(
+    frame: &mut [u8],
+    ipv6: bool,
+    gso_size: u16,
+) -> Result<crate::wire::VnetHeader, ChecksumError> {
+    let at = prepare_partial(frame)?;
+    if !at.is_tcp() || at.ipv6 != ipv6 {
+        return Err(ChecksumError::NotTcp(if ipv6 { 6 } else { 4 }));
+    }
+    let u16_of = |n: usize| u16::try_from(n).map_err(|_| ChecksumError::Offset(n));
+    Ok(crate::wire::VnetHeader::tcp_segmentation(
+        ipv6,
+        gso_size,
+        u16_of(at.header_end)?,
+        u16_of(at.start)?,
+        u16_of(at.offset)?,
+    ))
 }
 
 /// Finds the TCP or UDP checksum of an Ethernet frame (IPv4, or IPv6

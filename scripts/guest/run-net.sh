@@ -11,7 +11,9 @@
 # the vif's data plane --kills N times (one every --kill-every S) once the
 # guest starts sending. Afterwards: the guest's verdict and sha256 against
 # the server's, the guest's carrier samples and "Link is Down" count, the
-# TAP's carrier as the namespace saw it, the supervisor's counters.
+# TAP's carrier as the namespace saw it, the average frame the TAP took
+# from the backend (beyond 1514 bytes: the guest's TCP super-frames,
+# HOST_TSO4, reached the TAP whole), the supervisor's counters.
 #
 # Exits 0 on PASS, 1 on FAIL, 2 on timeout / no verdict, 3 if the guest
 # image is not built, 4 if the supervisor did not come up. Needs root (ip
@@ -141,11 +143,15 @@ field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<< "$VERDICT_LINE"; }
 GUEST_SUM=$(field sha256); SERVER_SUM=$(sha256sum "$RUN/received" | cut -d' ' -f1)
 RECEIVED=$(stat -c %s "$RUN/received")
 TAP_DOWN=$(wc -l < "$RUN/tap-carrier" 2>/dev/null || echo 0)
+TAP_RX_PACKETS=$(nsx cat "/sys/class/net/$TAP/statistics/rx_packets" 2>/dev/null || echo 0)
+TAP_RX_BYTES=$(nsx cat "/sys/class/net/$TAP/statistics/rx_bytes" 2>/dev/null || echo 0)
+TAP_RX_AVG=$((TAP_RX_BYTES / (TAP_RX_PACKETS > 0 ? TAP_RX_PACKETS : 1)))
 STATUS=$("$BIN" status --format keys --socket "$CTL" 2>&1 || true)
 stat_of() { awk -v k="$1" '$1 == k { print $2; exit }' <<< "$STATUS"; }
 VHOST_ERRORS=$(grep -ciE 'vhost.*(error|fail)|Failed to' "$LOG" || true)
 RESULT="kills=$DONE_KILLS bytes=$RECEIVED guest_sum=${GUEST_SUM:-none} server_sum=$SERVER_SUM"
 RESULT+=" guest_carrier_down=$(field carrier_down) link_down=$(field link_down) tap_carrier_down=$TAP_DOWN"
+RESULT+=" tap_rx_packets=$TAP_RX_PACKETS tap_rx_avg=$TAP_RX_AVG"
 RESULT+=" seconds=$(field seconds) recoveries=$(stat_of recoveries) crashes=$(stat_of crashes)"
 RESULT+=" failed_takeovers=$(stat_of failed-takeovers) tx_replayed=$(stat_of tx-replayed)"
 RESULT+=" rx_buffers_recovered=$(stat_of rx-buffers-recovered) qemu_vhost_errors=$VHOST_ERRORS"

@@ -228,6 +228,7 @@ mod tests {
                 queues: vec![queue(0, 128, 0x10000), queue(1, 256, 0x18000)],
                 inflight: None,
                 wire: None,
+                device_state: false,
                 shadow: false,
             };
             let fds = VirtioFds {
@@ -235,6 +236,7 @@ mod tests {
                 queues: vec![(eventfd(), eventfd()), (eventfd(), eventfd())],
                 inflight: None,
                 wire: None,
+                device_state: None,
                 logs: Vec::new(),
             };
             let session = Session::new(Frontend::Virtio { req, fds }, 0).unwrap();
@@ -288,6 +290,7 @@ mod tests {
                 queues: Vec::new(),
                 inflight: None,
                 wire: None,
+                device_state: false,
                 shadow: true,
             };
             let fds = || VirtioFds {
@@ -295,6 +298,7 @@ mod tests {
                 queues: Vec::new(),
                 inflight: None,
                 wire: None,
+                device_state: None,
                 logs: Vec::new(),
             };
             let session = |req, fds| Session::new(Frontend::Virtio { req, fds }, 0);

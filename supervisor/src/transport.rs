@@ -81,6 +81,7 @@ impl Frontend {
                     || fds.queues.len() != req.queues.len()
                     || fds.inflight.is_some() != req.inflight.is_some()
                     || fds.wire.is_some() != req.wire.is_some()
+                    || fds.device_state.is_some() != req.device_state
                 {
                     return einval("descriptors do not match the request");
                 }
@@ -253,6 +254,7 @@ impl Frontend {
                 }
                 v.extend(fds.inflight.as_ref().map(AsFd::as_fd));
                 v.extend(fds.wire.as_ref().map(AsFd::as_fd));
+                v.extend(fds.device_state.as_ref().map(AsFd::as_fd));
                 v
             }
         }
@@ -278,6 +280,7 @@ impl Frontend {
                 }
                 v.extend(fds.inflight);
                 v.extend(fds.wire);
+                v.extend(fds.device_state);
                 v
             }
         }

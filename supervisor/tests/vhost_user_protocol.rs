@@ -386,7 +386,11 @@ fn the_vmm_is_disconnected_only_when_the_device_gives_up() {
     fe.set_vring_kick(0, &kick).unwrap();
     fe.set_vring_call(0, &call).unwrap();
     fe.set_vring_enable(0, true).expect("a fresh start");
-    let st = s.stats("vd");
+    // SET_VRING_ENABLE is not acknowledged (no NEED_REPLY): the attach it
+    // starts (a new instance, then `attach-virtio`) may still be running
+    // when it returns. Read right away, the stats once showed the fresh
+    // start counted and no instance yet.
+    let st = s.wait_for("vd", "the fresh start to attach", |st| st.connected);
     assert!(!st.given_up && st.connected, "{st:#?}");
     assert_eq!(st.fresh_starts, 1);
     assert_eq!(s.events.count("recover=0"), attaches + 1);

@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod fd;
+pub mod netns;
 pub mod socket;
 pub mod temp;
 pub mod wait;

@@ -94,6 +94,7 @@ impl Device {
                 queue_size: self.size,
             }),
             wire: None,
+            device_state: false,
             shadow: self.log.is_some(),
         }
     }

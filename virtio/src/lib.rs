@@ -9,7 +9,9 @@
 //! - [`blk`]: the virtio-blk limits that the config space the supervisor
 //!   advertises and the request parser in blkback must agree on;
 //! - [`net`]: the virtio-net features and config space the supervisor
-//!   advertises and netback's virtqueue loop serves.
+//!   advertises and netback's virtqueue loop serves;
+//! - [`net_state`]: what a virtio-net driver sets on the control queue,
+//!   and the area that keeps it across backend crashes.
 //!
 //! The supervisor depends on this crate (for the in-flight layout and the
 //! advertised limits), not on blkback and its io_uring engine.
@@ -20,6 +22,7 @@ pub mod blk;
 pub mod inflight;
 pub mod memory;
 pub mod net;
+pub mod net_state;
 pub mod queue;
 
 pub use inflight::{

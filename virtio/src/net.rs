@@ -6,8 +6,11 @@ use std::mem::{offset_of, size_of};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    virtio_net_config, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -16,8 +19,16 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub const RX_QUEUE: u16 = 0;
 /// Virtqueue index of the transmit queue.
 pub const TX_QUEUE: u16 = 1;
-/// Virtqueues of the device: one receive/transmit pair, no control queue.
-pub const NUM_QUEUES: u16 = 2;
+/// Virtqueue index of the control queue (with `VIRTIO_NET_F_CTRL_VQ`;
+/// after the one receive/transmit pair).
+pub const CTRL_QUEUE: u16 = 2;
+/// Virtqueues of the device: one receive/transmit pair and the control
+/// queue.
+pub const NUM_QUEUES: u16 = 3;
+/// Virtqueues a session runs with at least: the receive/transmit pair (a
+/// VMM that handles the control queue itself, as QEMU does, never hands
+/// it over).
+pub const MIN_QUEUES: u16 = 2;
 
 const fn bit(n: u32) -> u64 {
     1 << n
@@ -26,8 +37,14 @@ const fn bit(n: u32) -> u64 {
 /// Virtio features offered (without `VHOST_USER_F_PROTOCOL_FEATURES`):
 /// virtio 1.x, EVENT_IDX, indirect tables, a partial checksum accepted on
 /// transmit (`CSUM`: completed in software before the wire) and delivered
-/// on receive (`GUEST_CSUM`), mergeable receive buffers, MAC, MTU and a
-/// link status that is always up.
+/// on receive (`GUEST_CSUM`), mergeable receive buffers, MAC, MTU, a
+/// link status that is always up, and a control queue for the receive
+/// mode and MAC filter (`CTRL_RX`), the MAC (`CTRL_MAC_ADDR`) and the
+/// guest offloads (`CTRL_GUEST_OFFLOADS`); on a TAP also
+/// [`TAP_FEATURES`].
+///
+/// A backend accepts any subset of these; the supervisor offers a vif on
+/// a cable `OFFERED_FEATURES & !TAP_FEATURES`.
 pub const OFFERED_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_RING_F_EVENT_IDX)
     | bit(VIRTIO_RING_F_INDIRECT_DESC)
@@ -36,7 +53,21 @@ pub const OFFERED_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_MAC)
     | bit(VIRTIO_NET_F_MTU)
     | bit(VIRTIO_NET_F_STATUS)
-    | bit(VIRTIO_NET_F_MRG_RXBUF);
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_NET_F_CTRL_VQ)
+    | bit(VIRTIO_NET_F_CTRL_RX)
+    | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+    | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+    | TAP_FEATURES;
+
+/// TCP segmentation both ways (`HOST_TSO4/6`: the driver sends TCP
+/// super-frames, the TAP cuts them; `GUEST_TSO4/6`: the TAP hands over
+/// super-frames, `TUNSETOFFLOAD`), offered only for a vif on a TAP: a
+/// cable carries finished frames.
+pub const TAP_FEATURES: u64 = bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6);
 
 /// Bytes of `virtio_net_config` served: `mac`, `status`,
 /// `max_virtqueue_pairs` and `mtu` (the fields the offered features make
@@ -102,7 +133,9 @@ mod tests {
         assert_eq!(header_len(0), 10);
         assert_eq!(header_len(bit(VIRTIO_F_VERSION_1)), 12);
         assert_eq!(header_len(bit(VIRTIO_NET_F_MRG_RXBUF)), 12);
-        // Bits 0, 1, 3, 5, 15, 16 (net), 28, 29 (ring), 32 (VERSION_1).
-        assert_eq!(OFFERED_FEATURES, 0x1_3001_802b);
+        // Bits 0, 1, 2, 3, 5, 7, 8, 11, 12, 15, 16, 17, 18, 23 (net),
+        // 28, 29 (ring), 32 (VERSION_1).
+        assert_eq!(OFFERED_FEATURES, 0x1_3087_99af);
+        assert_eq!(TAP_FEATURES, 0x1980);
     }
 }

@@ -14,12 +14,15 @@
 //! queues=<n>                   started virtqueues
 //! queue-<i>=<index>,<size>,<desc>,<avail>,<used>,<next_avail>   (hex)
 //! inflight=<mmap_size>,<mmap_offset>,<queue_size>   (hex; absent: none)
+//! wire=<tap|cable>             a vif's wire (absent: none)
+//! device-state=1               a device state area follows (absent: none)
 //! shadow=<0|1>                 one shadow log per queue follows
 //! recover=<0|1>, blame=<0|1>   as for `attach`
 //! ```
 //!
 //! Descriptors, in order: one memfd per region, then `kick`, `call` per
-//! queue, then the in-flight region (if `inflight`), then one shadow log per
+//! queue, then the in-flight region (if `inflight`), the wire (if `wire`),
+//! the device state area (if `device-state`), then one shadow log per
 //! queue (if `shadow=1`). [`VirtioAttachRequest::fd_count`] gives the total.
 //! Addresses are guest-physical; the supervisor translates the VMM's
 //! user addresses (`SET_VRING_ADDR`) before sending.
@@ -84,12 +87,19 @@ pub struct VirtioAttachRequest {
     /// A vif's wire (`wire=tap` or `wire=cable`, docs/PROTOCOL.md §6b):
     /// its descriptor follows the in-flight region's. `None` for a disk.
     pub wire: Option<String>,
+    /// A device state area follows the wire (`device-state=1`): a memfd
+    /// the supervisor keeps for the connection, in which a virtio-net
+    /// backend keeps what the driver set on the control queue
+    /// (`shadowback_virtio::net_state`).
+    pub device_state: bool,
     /// One shadow log per queue follows the other descriptors.
     pub shadow: bool,
 }
 
 /// `attach-virtio`'s key naming a vif's wire descriptor.
 pub const KEY_WIRE: &str = "wire";
+/// `attach-virtio`'s key saying a device state area follows.
+pub const KEY_DEVICE_STATE: &str = "device-state";
 
 fn hex_list(msg: &Message, key: &str, n: usize) -> Result<Vec<u64>, XenbusError> {
     let raw = msg.require(key)?;
@@ -137,6 +147,7 @@ impl VirtioAttachRequest {
             + 2 * queues
             + usize::from(self.inflight.is_some())
             + usize::from(self.wire.is_some())
+            + usize::from(self.device_state)
             + if self.shadow { queues } else { 0 }
     }
 
@@ -171,6 +182,9 @@ impl VirtioAttachRequest {
         }
         if let Some(wire) = &self.wire {
             msg.set(KEY_WIRE, wire);
+        }
+        if self.device_state {
+            msg.set(KEY_DEVICE_STATE, 1);
         }
         msg
     }
@@ -234,6 +248,7 @@ impl VirtioAttachRequest {
             queues,
             inflight,
             wire: msg.get(KEY_WIRE).map(str::to_owned),
+            device_state: msg.get_flag(KEY_DEVICE_STATE)?.unwrap_or(false),
             shadow: msg.require_flag(key::SHADOW)?,
         })
     }
@@ -249,6 +264,8 @@ pub struct VirtioFds {
     pub inflight: Option<OwnedFd>,
     /// A vif's wire, when [`VirtioAttachRequest::wire`] is set.
     pub wire: Option<OwnedFd>,
+    /// The device state area, when [`VirtioAttachRequest::device_state`].
+    pub device_state: Option<OwnedFd>,
     /// Per queue, when `shadow`.
     pub logs: Vec<OwnedFd>,
 }
@@ -282,12 +299,14 @@ impl VirtioFds {
             None
         };
         let wire = if req.wire.is_some() { it.next() } else { None };
+        let device_state = if req.device_state { it.next() } else { None };
         let logs = it.collect();
         Ok(Self {
             regions,
             queues,
             inflight,
             wire,
+            device_state,
             logs,
         })
     }
@@ -328,7 +347,8 @@ mod tests {
                 mmap_offset: 0,
                 queue_size: 256,
             }),
-            wire: None,
+            wire: Some("tap".into()),
+            device_state: true,
             shadow: true,
         }
     }
@@ -339,7 +359,12 @@ mod tests {
         let msg = req.to_message();
         msg.encode().expect("fits one datagram");
         assert_eq!(VirtioAttachRequest::from_message(&msg).unwrap(), req);
-        assert_eq!(req.fd_count(), 2 + 32 + 1 + 16);
+        assert_eq!(req.fd_count(), 2 + 32 + 1 + 1 + 1 + 16);
+        let mut plain = req.clone();
+        plain.device_state = false;
+        let msg = plain.to_message();
+        assert_eq!(msg.get(KEY_DEVICE_STATE), None);
+        assert_eq!(VirtioAttachRequest::from_message(&msg).unwrap(), plain);
     }
 
     #[test]

@@ -20,12 +20,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
-};
+use smoltcp::wire::{IpAddress, TcpPacket};
 use tracing::debug;
 
 use super::device::{FrameDevice, FrameError, ETHERNET_HEADER_LEN};
+use super::with_ipv4_tcp;
 
 /// Faults of one direction of a cable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -124,25 +123,18 @@ impl Link {
         if self.corruption_done {
             return;
         }
-        let Ok(mut eth) = EthernetFrame::new_checked(&mut frame[..]) else {
-            return;
-        };
-        if eth.ethertype() != EthernetProtocol::Ipv4 {
-            return;
-        }
-        let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
-            return;
-        };
-        if ip.next_header() != IpProtocol::Tcp {
-            return;
-        }
-        let (src, dst) = (
-            IpAddress::Ipv4(ip.src_addr()),
-            IpAddress::Ipv4(ip.dst_addr()),
-        );
-        let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) else {
-            return;
-        };
+        with_ipv4_tcp(frame, |tcp, src, dst| {
+            self.corrupt_segment(target, tcp, src, dst)
+        });
+    }
+
+    fn corrupt_segment(
+        &mut self,
+        target: u64,
+        tcp: &mut TcpPacket<&mut [u8]>,
+        src: IpAddress,
+        dst: IpAddress,
+    ) {
         let seq = tcp.seq_number().0 as u32;
         if tcp.syn() {
             self.isn = Some(seq);
@@ -340,7 +332,9 @@ impl FrameDevice for CableEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smoltcp::wire::{Ipv4Address, TcpSeqNumber};
+    use smoltcp::wire::{
+        EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, TcpSeqNumber,
+    };
 
     /// An Ethernet/IPv4/TCP frame with `payload` at sequence `seq`.
     fn tcp_frame(seq: u32, syn: bool, payload: &[u8]) -> Vec<u8> {

@@ -77,6 +77,13 @@ pub trait FrameDevice {
     /// The largest Ethernet payload (IP packet) the link carries, like
     /// Linux's interface MTU.
     fn mtu(&self) -> usize;
+
+    /// The largest frame [`recv`](Self::recv) may return: a device that
+    /// takes TCP super-frames (virtio `GUEST_TSO4`) receives frames
+    /// beyond the MTU, which the stack accepts as large segments.
+    fn max_rx_frame(&self) -> usize {
+        self.mtu().saturating_add(ETHERNET_HEADER_LEN)
+    }
 }
 
 /// Frame counters of one stack's device, in every report.
@@ -164,9 +171,10 @@ impl phy::Device for PhyAdapter<'_> {
             return None;
         }
         let max = self.max_frame();
+        let max_rx = self.dev.max_rx_frame().max(max);
         loop {
             match self.dev.recv(&mut self.rx_buf) {
-                Ok(true) if self.rx_buf.len() > max => {
+                Ok(true) if self.rx_buf.len() > max_rx => {
                     // A device bug or a hostile peer: never hand smoltcp more
                     // than the MTU it was told about.
                     self.stats.rx_oversized += 1;

@@ -31,3 +31,34 @@ pub use device::{FrameDevice, FrameError, PhyStats, ETHERNET_HEADER_LEN};
 pub use pattern::{Crc32, StreamMismatch, StreamPattern, StreamVerifier};
 pub use stack::{NetConfig, NetError, NetStack};
 pub use workload::{run_stream, ProgressHook, StreamParams, StreamReport, StreamRole};
+
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
+};
+
+/// Runs `f` on the TCP segment of an IPv4 Ethernet frame, with the
+/// packet's addresses; does nothing for any other frame.
+pub(crate) fn with_ipv4_tcp(
+    frame: &mut [u8],
+    f: impl FnOnce(&mut TcpPacket<&mut [u8]>, IpAddress, IpAddress),
+) {
+    let Ok(mut eth) = EthernetFrame::new_checked(frame) else {
+        return;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return;
+    }
+    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+        return;
+    };
+    if ip.next_header() != IpProtocol::Tcp {
+        return;
+    }
+    let (src, dst) = (
+        IpAddress::Ipv4(ip.src_addr()),
+        IpAddress::Ipv4(ip.dst_addr()),
+    );
+    if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
+        f(&mut tcp, src, dst);
+    }
+}

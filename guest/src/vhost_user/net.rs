@@ -8,7 +8,15 @@
 //! whole frame, so the device needs one receive buffer per frame (it may
 //! still merge several, `VIRTIO_NET_F_MRG_RXBUF`, and this driver joins
 //! them). Features: VERSION_1, MAC, MTU, STATUS, MRG_RXBUF; checksums are
-//! the stack's own, so neither CSUM nor GUEST_CSUM is acked.
+//! the stack's own, so neither CSUM nor GUEST_CSUM is acked. With
+//! [`VhostUserNetOptions::control_queue`] it also acks CTRL_VQ, CTRL_RX,
+//! CTRL_MAC_ADDR and CTRL_GUEST_OFFLOADS and starts the control queue,
+//! for [`VhostUserNet::control`]: one command at a time, as Linux sends
+//! them. With [`VhostUserNetOptions::offloads`] it acks CSUM, GUEST_CSUM,
+//! HOST_TSO4 and GUEST_TSO4 where offered, so a TAP hands it TCP
+//! super-frames (up to 64 KiB over merged buffers, counted in
+//! [`VhostUserNetStats::rx_gso`]); their partial checksums are completed
+//! here, as the stack checks every checksum.
 //!
 //! Every used element is checked before it is trusted: its id must be a
 //! buffer this driver made available and not yet got back, else it is
@@ -21,9 +29,12 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_OK};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
 use super::hal::{ChainBuf, RequestQueue};
@@ -50,6 +61,12 @@ pub struct VhostUserNetOptions {
     pub reply_timeout: Duration,
     /// Guest RAM, if this process has none yet.
     pub ram_bytes: u64,
+    /// Start the control queue (virtqueue 2) if the device offers
+    /// `VIRTIO_NET_F_CTRL_VQ`.
+    pub control_queue: bool,
+    /// Take partial checksums and TCP super-frames on receive (and allow
+    /// them on transmit) where the device offers it.
+    pub offloads: bool,
 }
 
 impl Default for VhostUserNetOptions {
@@ -59,6 +76,8 @@ impl Default for VhostUserNetOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: REPLY_TIMEOUT,
             ram_bytes: 64 << 20,
+            control_queue: false,
+            offloads: false,
         }
     }
 }
@@ -79,6 +98,10 @@ pub struct VhostUserNetStats {
     pub bad_used: u64,
     /// Transmit buffers made available and not answered yet.
     pub tx_in_flight: u64,
+    /// Frames received as TCP super-frames (a `gso_type` in the header).
+    pub rx_gso: u64,
+    /// Frames received with a partial checksum, completed here.
+    pub rx_partial_csum: u64,
 }
 
 /// One virtqueue: fixed-size buffers, one descriptor each.
@@ -188,6 +211,37 @@ impl NetQueue {
     }
 }
 
+/// What the virtio-net header of a received frame said.
+#[derive(Clone, Copy, Debug)]
+struct RxHeader {
+    /// The L4 checksum is partial (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
+    needs_csum: bool,
+    /// A TCP super-frame (`gso_type` other than NONE).
+    gso: bool,
+}
+
+/// Completes the TCP checksum of an IPv4 frame whose header said it is
+/// partial; anything else is left as it is (the stack drops it if wrong).
+fn complete_checksum(frame: &mut [u8]) {
+    crate::net::with_ipv4_tcp(frame, |tcp, src, dst| tcp.fill_checksum(&src, &dst));
+}
+
+/// Bytes of a control command (class, command, data) this driver sends.
+const CTRL_COMMAND_BYTES: u64 = 4096;
+/// How long a control command may wait for its answer: long enough for a
+/// backend takeover.
+const CTRL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The control queue: one command in flight at a time.
+struct CtrlQueue {
+    index: u16,
+    queue: RequestQueue,
+    /// Command bytes, then the ack byte.
+    buf: DmaBuffer,
+    /// `used->idx` after the last answered command.
+    last_used: u16,
+}
+
 /// A virtio-net device over vhost-user. See the module docs.
 pub struct VhostUserNet {
     ram: &'static GuestRam,
@@ -196,8 +250,11 @@ pub struct VhostUserNet {
     link_up: bool,
     rx: NetQueue,
     tx: NetQueue,
+    ctrl: Option<CtrlQueue>,
+    /// `GUEST_TSO4` was acked: TCP super-frames may arrive.
+    guest_tso: bool,
     /// Buffers of a merged receive frame so far, and how many are left.
-    merging: Option<(Vec<u8>, u16)>,
+    merging: Option<(Vec<u8>, u16, RxHeader)>,
     stats: VhostUserNetStats,
     /// Last: the rings are stopped before the buffers' memory is freed.
     transport: VhostUserTransport,
@@ -235,7 +292,7 @@ impl VhostUserNet {
         let mut t = VhostUserTransport::connect(
             socket_path,
             TransportOptions {
-                queues: 2,
+                queues: if opts.control_queue { 3 } else { 2 },
                 queue_size: opts.queue_size,
                 connect_timeout: opts.connect_timeout,
                 reply_timeout: opts.reply_timeout,
@@ -257,6 +314,24 @@ impl VhostUserNet {
             | bit(VIRTIO_NET_F_MTU)
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF);
+        let control = bit(VIRTIO_NET_F_CTRL_VQ)
+            | bit(VIRTIO_NET_F_CTRL_RX)
+            | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
+            | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
+        let wanted = if opts.control_queue {
+            wanted | control
+        } else {
+            wanted
+        };
+        let offloads = bit(VIRTIO_NET_F_CSUM)
+            | bit(VIRTIO_NET_F_GUEST_CSUM)
+            | bit(VIRTIO_NET_F_HOST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO4);
+        let wanted = if opts.offloads {
+            wanted | offloads
+        } else {
+            wanted
+        };
         let acked = offered & wanted;
         t.write_driver_features(acked);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
@@ -285,6 +360,22 @@ impl VhostUserNet {
             .max(2048);
         let rx = NetQueue::new(&mut t, ram, 0, opts.queue_size, stride)?;
         let tx = NetQueue::new(&mut t, ram, 1, opts.queue_size, stride)?;
+        let ctrl = if acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0 {
+            let queue = RequestQueue::new(&mut t, ram, 2, opts.queue_size, false)
+                .map_err(|e| DeviceError::Transport(format!("control virtqueue: {e}")))?;
+            t.take_error()?;
+            let buf = ram
+                .alloc(CTRL_COMMAND_BYTES + 1)
+                .ok_or_else(|| DeviceError::Transport("guest RAM exhausted".into()))?;
+            Some(CtrlQueue {
+                index: 2,
+                queue,
+                buf,
+                last_used: 0,
+            })
+        } else {
+            None
+        };
         t.set_status(
             DeviceStatus::ACKNOWLEDGE
                 | DeviceStatus::DRIVER
@@ -299,6 +390,8 @@ impl VhostUserNet {
             link_up,
             rx,
             tx,
+            ctrl,
+            guest_tso: acked & bit(VIRTIO_NET_F_GUEST_TSO4) != 0,
             merging: None,
             stats: VhostUserNetStats::default(),
             transport: t,
@@ -317,6 +410,62 @@ impl VhostUserNet {
             tx_in_flight: self.tx.in_flight() as u64,
             ..self.stats
         }
+    }
+
+    /// Sends control command `class`/`cmd` with `data` (virtio 1.2
+    /// §5.1.6.5) and waits for its ack: `Ok(true)` for `VIRTIO_NET_OK`,
+    /// `Ok(false)` for an error ack.
+    pub fn control(&mut self, class: u8, cmd: u8, data: &[u8]) -> Result<bool, DeviceError> {
+        let ctrl = self
+            .ctrl
+            .as_mut()
+            .ok_or_else(|| DeviceError::InvalidRequest("no control queue".into()))?;
+        let len = 2 + data.len() as u64;
+        if len > CTRL_COMMAND_BYTES {
+            return Err(DeviceError::InvalidRequest(format!("{len} command bytes")));
+        }
+        ctrl.buf.write(0, &[class, cmd]).map_err(DeviceError::Io)?;
+        ctrl.buf.write(2, data).map_err(DeviceError::Io)?;
+        ctrl.buf
+            .write(CTRL_COMMAND_BYTES, &[0xff])
+            .map_err(DeviceError::Io)?;
+        let chain = [
+            ChainBuf {
+                gpa: ctrl.buf.gpa(),
+                len: len as u32,
+                device_writes: false,
+            },
+            ChainBuf {
+                gpa: ctrl.buf.gpa() + CTRL_COMMAND_BYTES,
+                len: 1,
+                device_writes: true,
+            },
+        ];
+        let token = ctrl
+            .queue
+            .add(&chain)
+            .map_err(|e| DeviceError::Transport(format!("control add: {e}")))?;
+        self.transport.kick(ctrl.index)?;
+        let deadline = Instant::now() + CTRL_TIMEOUT;
+        // Linux spins on the control queue too (virtnet_send_command).
+        while self.transport.used_idx(ctrl.index)? == ctrl.last_used {
+            if Instant::now() >= deadline {
+                return Err(DeviceError::Transport(
+                    "control command never answered".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let used = ctrl
+            .queue
+            .pop(token, &chain)
+            .map_err(|e| DeviceError::Transport(format!("control pop: {e}")))?;
+        ctrl.last_used = ctrl.last_used.wrapping_add(1);
+        let mut ack = [0u8; 1];
+        ctrl.buf
+            .read(CTRL_COMMAND_BYTES, &mut ack)
+            .map_err(DeviceError::Io)?;
+        Ok(used == 1 && u32::from(ack[0]) == VIRTIO_NET_OK)
     }
 
     /// Whether the config space said the link is up.
@@ -434,14 +583,14 @@ impl FrameDevice for VhostUserNet {
                 .read(u64::from(slot) * self.rx.stride, &mut data);
             self.repost(slot).map_err(Self::io)?;
             read.map_err(FrameError::Io)?;
-            let frame = match self.merging.take() {
-                Some((mut so_far, left)) => {
+            let (mut frame, header) = match self.merging.take() {
+                Some((mut so_far, left, header)) => {
                     so_far.extend_from_slice(&data);
                     if left > 1 {
-                        self.merging = Some((so_far, left - 1));
+                        self.merging = Some((so_far, left - 1, header));
                         continue;
                     }
-                    so_far
+                    (so_far, header)
                 }
                 None => {
                     if data.len() < HEADER_BYTES + ETHERNET_HEADER_LEN {
@@ -449,15 +598,26 @@ impl FrameDevice for VhostUserNet {
                         continue;
                     }
                     let buffers = u16::from_le_bytes([data[10], data[11]]);
+                    let header = RxHeader {
+                        needs_csum: data[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8 != 0,
+                        gso: data[1] != 0,
+                    };
                     let mut so_far = data.split_off(HEADER_BYTES);
                     if buffers > 1 {
                         so_far.reserve(self.mtu + ETHERNET_HEADER_LEN);
-                        self.merging = Some((so_far, buffers - 1));
+                        self.merging = Some((so_far, buffers - 1, header));
                         continue;
                     }
-                    so_far
+                    (so_far, header)
                 }
             };
+            if header.gso {
+                self.stats.rx_gso += 1;
+            }
+            if header.needs_csum {
+                self.stats.rx_partial_csum += 1;
+                complete_checksum(&mut frame);
+            }
             self.stats.rx_frames += 1;
             *buf = frame;
             return Ok(true);
@@ -478,5 +638,13 @@ impl FrameDevice for VhostUserNet {
 
     fn mtu(&self) -> usize {
         self.mtu
+    }
+
+    fn max_rx_frame(&self) -> usize {
+        if self.guest_tso {
+            ETHERNET_HEADER_LEN + usize::from(u16::MAX)
+        } else {
+            self.mtu + ETHERNET_HEADER_LEN
+        }
     }
 }

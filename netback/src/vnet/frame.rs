@@ -8,7 +8,7 @@
 
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::queue::Buf;
-use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_GSO_NONE};
+use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM};
 
 use crate::checksum;
 use crate::wire::{VnetHeader, MAX_FRAME_LEN, MIN_FRAME_LEN};
@@ -75,14 +75,46 @@ pub fn gather(
     Ok(len)
 }
 
-/// Checks the driver's header for a transmit frame and completes a
-/// partial checksum (`VIRTIO_NET_F_CSUM`) in software, so the wire gets a
-/// plain frame. Segmentation is not offered, so a GSO header is refused.
-pub fn prepare_tx(hdr: &VnetHeader, frame: &mut [u8], csum_offered: bool) -> Result<(), TxError> {
+/// TCP segmentation a direction allows: what the driver negotiated
+/// (transmit: `HOST_TSO4/6`; receive: `GUEST_TSO4/6` in force) on a wire
+/// that segments (a TAP; a cable carries finished frames only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tso {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl Tso {
+    fn allows(self, ipv6: bool) -> bool {
+        if ipv6 {
+            self.v6
+        } else {
+            self.v4
+        }
+    }
+}
+
+/// Checks the driver's header for a transmit frame and returns the
+/// header for the wire: a TCP super-frame the driver may send (`tso`) is
+/// passed on for the TAP to segment, its checksum set up partial; any
+/// other segmentation is refused; a partial checksum of a plain frame
+/// (`VIRTIO_NET_F_CSUM`) is completed in software and the frame goes out
+/// with a plain header.
+pub fn prepare_tx(
+    hdr: &VnetHeader,
+    frame: &mut [u8],
+    csum_offered: bool,
+    tso: Tso,
+) -> Result<VnetHeader, TxError> {
     hdr.validate(frame.len())
         .map_err(|e| TxError::Header(e.to_string()))?;
-    if u32::from(hdr.gso_type) != VIRTIO_NET_HDR_GSO_NONE {
-        return Err(TxError::Gso(hdr.gso_type));
+    match hdr.tcp_gso() {
+        Ok(None) => {}
+        Ok(Some((ipv6, gso_size))) if csum_offered && tso.allows(ipv6) => {
+            return checksum::prepare_tcp_segmentation(frame, ipv6, gso_size)
+                .map_err(|e| TxError::Checksum(e.to_string()));
+        }
+        Ok(Some(_)) | Err(()) => return Err(TxError::Gso(hdr.gso_type)),
     }
     if hdr.needs_csum() {
         if !csum_offered {
@@ -92,16 +124,32 @@ pub fn prepare_tx(hdr: &VnetHeader, frame: &mut [u8], csum_offered: bool) -> Res
         }
         checksum::complete(frame).map_err(|e| TxError::Checksum(e.to_string()))?;
     }
-    Ok(())
+    Ok(VnetHeader::plain())
 }
 
 /// The header a received frame gets in the driver's buffer, from the
-/// wire's: a partial checksum is passed on when the driver accepts one
-/// (`VIRTIO_NET_F_GUEST_CSUM`), else completed here; `None` when the frame
-/// must be dropped (segmentation, or a checksum that cannot be completed).
-pub fn rx_header(wire: &VnetHeader, frame: &mut [u8], guest_csum: bool) -> Option<VnetHeader> {
-    if u32::from(wire.gso_type) != VIRTIO_NET_HDR_GSO_NONE || wire.gso_size != 0 {
-        return None;
+/// wire's: a TCP super-frame goes to a driver that takes it (`tso`, with
+/// `GUEST_CSUM`) as it came, a partial checksum is passed on when the
+/// driver accepts one (`VIRTIO_NET_F_GUEST_CSUM`), else completed here;
+/// `None` when the frame must be dropped (segmentation the driver does not
+/// take, or a checksum that cannot be completed).
+pub fn rx_header(
+    wire: &VnetHeader,
+    frame: &mut [u8],
+    guest_csum: bool,
+    tso: Tso,
+) -> Option<VnetHeader> {
+    match wire.tcp_gso() {
+        Ok(None) if wire.gso_size == 0 => {}
+        Ok(Some((ipv6, _))) if guest_csum && tso.allows(ipv6) && wire.needs_csum() => {
+            wire.validate(frame.len()).ok()?;
+            return Some(VnetHeader {
+                flags: wire.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+                num_buffers: 0,
+                ..*wire
+            });
+        }
+        _ => return None,
     }
     let mut hdr = VnetHeader::plain();
     if wire.needs_csum() {
@@ -230,24 +278,106 @@ mod tests {
         wire.flags = 1;
         wire.csum_start = 34;
         wire.csum_offset = 6;
-        let kept = rx_header(&wire, &mut frame.clone(), true).unwrap();
+        let none = Tso::default();
+        let kept = rx_header(&wire, &mut frame.clone(), true, none).unwrap();
         assert_eq!((kept.flags, kept.csum_start, kept.csum_offset), (1, 34, 6));
         let mut done = frame.clone();
-        let plain = rx_header(&wire, &mut done, false).unwrap();
+        let plain = rx_header(&wire, &mut done, false, none).unwrap();
         assert_eq!(plain, VnetHeader::plain());
         assert_ne!(&done[40..42], &[0, 0], "checksum completed");
         let mut gso = wire;
         gso.gso_type = 1;
         gso.gso_size = 10;
-        assert_eq!(rx_header(&gso, &mut frame.clone(), true), None);
+        assert_eq!(rx_header(&gso, &mut frame.clone(), true, none), None);
         // Transmit: a partial checksum needs VIRTIO_NET_F_CSUM.
-        assert!(prepare_tx(&wire, &mut frame.clone(), false).is_err());
+        assert!(prepare_tx(&wire, &mut frame.clone(), false, none).is_err());
         let mut sent = frame.clone();
-        prepare_tx(&wire, &mut sent, true).unwrap();
+        assert_eq!(
+            prepare_tx(&wire, &mut sent, true, none),
+            Ok(VnetHeader::plain())
+        );
         assert_eq!(sent, done);
         assert!(matches!(
-            prepare_tx(&gso, &mut frame, true),
+            prepare_tx(&gso, &mut frame, true, none),
             Err(TxError::Gso(1))
         ));
+    }
+
+    /// An IPv4/TCP frame of `payload` bytes (no options).
+    fn tcp4(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 54 + payload];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        f[23] = 6;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f[46] = 5 << 4; // data offset: 20 bytes
+        f
+    }
+
+    fn gso_header(gso_type: u8, gso_size: u16) -> VnetHeader {
+        VnetHeader {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM as u8,
+            gso_type,
+            hdr_len: 54,
+            gso_size,
+            ..VnetHeader::partial(34, 16)
+        }
+    }
+
+    #[test]
+    fn tcp_super_frames_pass_only_where_negotiated() {
+        const TCPV4: u8 = 1;
+        const TCPV6: u8 = 4;
+        const UDP: u8 = 3;
+        let v4 = Tso {
+            v4: true,
+            v6: false,
+        };
+        let hdr = gso_header(TCPV4, 1448);
+        let mut frame = tcp4(20_000);
+        let out = prepare_tx(&hdr, &mut frame, true, v4).unwrap();
+        assert_eq!(
+            (
+                out.gso_type,
+                out.gso_size,
+                out.hdr_len,
+                out.csum_start,
+                out.csum_offset
+            ),
+            (TCPV4, 1448, 54, 34, 16)
+        );
+        assert!(out.needs_csum());
+        assert_ne!(&frame[50..52], &[0, 0], "pseudo-header sum in the field");
+        // Not negotiated, no CSUM, the wrong IP version, not TCP, UDP
+        // fragmentation, ECN, a segment size of 0: refused.
+        for (h, csum, tso) in [
+            (hdr, true, Tso::default()),
+            (hdr, false, v4),
+            (gso_header(TCPV6, 1448), true, Tso { v4: true, v6: true }),
+            (gso_header(UDP, 1448), true, v4),
+            (gso_header(TCPV4 | 0x80, 1448), true, v4),
+            (gso_header(TCPV4, 0), true, v4),
+        ] {
+            assert!(
+                prepare_tx(&h, &mut tcp4(20_000), csum, tso).is_err(),
+                "{h:?} csum={csum} {tso:?}"
+            );
+        }
+        let mut udp = tcp4(2000);
+        udp[23] = 17;
+        assert!(prepare_tx(&hdr, &mut udp, true, v4).is_err());
+        // Receive: passed on to a driver that takes it, dropped otherwise.
+        let got = rx_header(&hdr, &mut tcp4(20_000), true, v4).unwrap();
+        assert_eq!((got.gso_type, got.gso_size, got.hdr_len), (TCPV4, 1448, 54));
+        assert_eq!(rx_header(&hdr, &mut tcp4(20_000), false, v4), None);
+        assert_eq!(
+            rx_header(&hdr, &mut tcp4(20_000), true, Tso::default()),
+            None
+        );
+        let mut no_csum = hdr;
+        no_csum.flags = 0;
+        assert_eq!(rx_header(&no_csum, &mut tcp4(20_000), true, v4), None);
     }
 }

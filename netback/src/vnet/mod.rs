@@ -16,6 +16,11 @@
 //!   `MRG_RXBUF`, `num_buffers` in the header), each head answered in
 //!   order. With no head posted the wire is not read: frames wait in its
 //!   kernel queue.
+//! - **Control** (queue 2, with `VIRTIO_NET_F_CTRL_VQ` and a VMM that
+//!   hands it over): each command is parsed and checked ([`ctrl`]),
+//!   applied to the device state, which is written to the state area the
+//!   supervisor keeps before the command is answered, so the next
+//!   instance serves with it (`shadowback_virtio::net_state`).
 //! - **Publish**: per queue one release store of `used->idx` and at most
 //!   one call.
 //!
@@ -26,6 +31,7 @@
 //! back to the pool; a receive frame whose used elements were not all
 //! written is shown to the driver as empty buffers, never in part.
 
+mod ctrl;
 mod frame;
 mod queue;
 mod record;
@@ -46,14 +52,17 @@ use shadowback_dataplane::uring::{Completion, Engine};
 use shadowback_ring::EventChannel;
 use shadowback_shadow::{EntryId, MetricsWriter, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
 use shadowback_virtio::memory::GuestRam;
-use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
+use shadowback_virtio::net::{self as vnet, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
+use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use shadowback_virtio::queue::{Chain, SplitQueue};
 use shadowback_xenbus::netif::ATTACH_NET;
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO};
 use shadowback_xenbus::{Message, SeqPacket};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_OK,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
@@ -62,16 +71,18 @@ use crate::backend::{
     KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
 };
 use crate::wire::{
-    SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
+    Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
 };
 use frame::TxError;
 use queue::{Taken, VQueue};
 use record::UsedRecord;
 
-/// Token ring numbers: the queues by position, and the wire's readability.
+/// Token ring numbers: the queues by position, the wire's readability,
+/// and the control queue.
 const RX: u8 = 0;
 const TX: u8 = 1;
 const WIRE: u8 = 2;
+const CTRL: u8 = 3;
 /// Buffers of a chain kept by a walk: more than any driver uses for one
 /// frame (Linux: MAX_SKB_FRAGS + 2).
 const CHAIN_CAP: usize = 64;
@@ -99,9 +110,24 @@ struct Device {
     hdr_len: usize,
     mrg_rxbuf: bool,
     csum: bool,
+    /// Partial checksums are passed on to the driver (`GUEST_CSUM`
+    /// negotiated and not switched off on the control queue).
     guest_csum: bool,
+    /// The virtio features the driver acked.
+    features: u64,
+    /// TCP super-frames the driver sends (`HOST_TSO4/6`, on a TAP).
+    host_tso: frame::Tso,
+    /// TCP super-frames the driver takes (`GUEST_TSO4/6` in force).
+    guest_tso: frame::Tso,
     rx: VQueue,
     tx: VQueue,
+    /// The control queue, if the VMM handed it over.
+    ctrl: Option<VQueue>,
+    /// What the driver set on the control queue, and where it is kept
+    /// for the next instance (`None`: a supervisor that keeps none; the
+    /// state then lives as long as this instance).
+    state: NetDeviceState,
+    state_area: Option<NetStateArea>,
     wire: Wire,
     pool: VecDeque<Posted>,
     /// A frame from the wire (wire header first) waiting for more heads.
@@ -110,17 +136,56 @@ struct Device {
     wire_readable: bool,
     tx_serial: SerialReplay<u16>,
     rx_serial: SerialReplay<u16>,
+    ctrl_serial: SerialReplay<u16>,
     /// `detach` received: answer `detached` once the replay is done.
     closing: bool,
 }
 
 impl Device {
-    fn queue(&mut self, ring: u8) -> &mut VQueue {
-        if ring == TX {
-            &mut self.tx
-        } else {
-            &mut self.rx
+    fn queue(&mut self, ring: u8) -> Option<&mut VQueue> {
+        match ring {
+            RX => Some(&mut self.rx),
+            TX => Some(&mut self.tx),
+            CTRL => self.ctrl.as_mut(),
+            _ => None,
         }
+    }
+
+    fn queue_ref(&self, ring: u8) -> Option<&VQueue> {
+        match ring {
+            RX => Some(&self.rx),
+            TX => Some(&self.tx),
+            CTRL => self.ctrl.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn queues_mut(&mut self) -> impl Iterator<Item = &mut VQueue> {
+        [&mut self.rx, &mut self.tx]
+            .into_iter()
+            .chain(self.ctrl.as_mut())
+    }
+
+    fn serials_empty(&self) -> bool {
+        self.tx_serial.is_empty() && self.rx_serial.is_empty() && self.ctrl_serial.is_empty()
+    }
+
+    /// Tells a TAP what the driver accepts on receive, from the guest
+    /// offloads in force (a cable takes none).
+    fn apply_offloads(&mut self) -> Result<(), String> {
+        let on = |f| vnet::has(self.state.offloads, f);
+        self.guest_csum = on(VIRTIO_NET_F_GUEST_CSUM);
+        let tap = self.wire.kind() == WireKind::Tap;
+        self.guest_tso = frame::Tso {
+            v4: tap && on(VIRTIO_NET_F_GUEST_TSO4),
+            v6: tap && on(VIRTIO_NET_F_GUEST_TSO6),
+        };
+        if self.wire.kind() != WireKind::Tap {
+            return Ok(());
+        }
+        self.wire
+            .set_offloads(Offloads::from_virtio_features(self.state.offloads))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -185,18 +250,22 @@ impl VnetLoop<'_> {
     /// The driver broke a queue: stop consuming from it and tell the
     /// supervisor (which closes this VMM's session only).
     fn queue_broken(&mut self, ring: u8, why: &str) -> Result<(), BackendError> {
-        let Some(dev) = self.device.as_mut() else {
+        let Some(q) = self.device.as_mut().and_then(|d| d.queue(ring)) else {
             return Ok(());
         };
-        let q = dev.queue(ring);
         if q.broken {
             return Ok(());
         }
         q.broken = true;
         let index = q.index;
         tracing::warn!(device = %self.cfg.device, queue = index, why, "virtqueue broken, not consuming from it");
+        let name = self
+            .device
+            .as_ref()
+            .map(|d| d.name.clone())
+            .unwrap_or_default();
         let msg = Message::new(kind::DISCONNECT)
-            .with(key::FRONTEND, &dev.name)
+            .with(key::FRONTEND, &name)
             .with(key::QUEUE, index)
             .with(key::REASON, sanitize(why));
         self.control.send(&msg, &[]).map_err(control_err)
@@ -206,7 +275,7 @@ impl VnetLoop<'_> {
     fn walk(&mut self, ring: u8, head: u16) -> Result<(), String> {
         let dev = self.device.as_mut().ok_or("no device")?;
         let mem = dev.mem.clone();
-        let q = dev.queue(ring);
+        let q = dev.queue(ring).ok_or("no such queue")?;
         q.ring
             .walk(&mem, head, CHAIN_CAP, &mut self.chain)
             .map_err(|e| e.to_string())?;
@@ -222,10 +291,10 @@ impl VnetLoop<'_> {
             return;
         };
         let mem = dev.mem.clone();
-        if let Err(e) = dev
-            .queue(ring)
-            .put_used(&mem, entry, &used, &self.cfg.device)
-        {
+        let Some(q) = dev.queue(ring) else {
+            return;
+        };
+        if let Err(e) = q.put_used(&mem, entry, &used, &self.cfg.device) {
             tracing::error!(device = %self.cfg.device, error = %e, "cannot write a used element");
         }
     }
@@ -293,8 +362,7 @@ impl VnetLoop<'_> {
         let driver_hdr =
             VnetHeader::decode(&hdr, WIRE_HDR).map_err(|e| TxError::Header(e.to_string()))?;
         let data = &mut self.frame[wire_hdr..wire_hdr + len];
-        frame::prepare_tx(&driver_hdr, data, dev.csum)?;
-        VnetHeader::plain()
+        frame::prepare_tx(&driver_hdr, data, dev.csum, dev.host_tso)?
             .encode(&mut self.frame[..wire_hdr], WIRE_HDR)
             .map_err(|e| TxError::Header(e.to_string()))?;
         match dev.wire.send(&self.frame[..wire_hdr + len]) {
@@ -429,7 +497,12 @@ impl VnetLoop<'_> {
             return true;
         };
         let data = &mut wire_frame[WIRE_HDR.bytes()..];
-        let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum) else {
+        let dst: Option<[u8; 6]> = data.get(..6).and_then(|d| d.try_into().ok());
+        if !dst.is_some_and(|dst| dev.state.accepts(&dst)) {
+            self.stats.rx_filtered += 1;
+            return true;
+        }
+        let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum, dev.guest_tso) else {
             self.stats.rx_dropped += 1;
             return true;
         };
@@ -523,6 +596,99 @@ impl VnetLoop<'_> {
         arm(self.engine, token, dev.wire.fd().as_raw_fd())
     }
 
+    // ---- control queue -------------------------------------------------
+
+    /// Takes and executes every command the control queue holds.
+    fn consume_ctrl(&mut self) -> Result<(), BackendError> {
+        let mut budget = WALK_BUDGET;
+        loop {
+            let Some(dev) = self.device.as_mut() else {
+                return Ok(());
+            };
+            if dev.closing || !dev.ctrl_serial.is_empty() || budget == 0 {
+                return Ok(());
+            }
+            let mem = dev.mem.clone();
+            let Some(q) = dev.ctrl.as_mut().filter(|q| !q.broken) else {
+                return Ok(());
+            };
+            let taken = match q.take(&mem, &self.cfg.device) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Ok(()),
+                Err(why) => return self.queue_broken(CTRL, &why),
+            };
+            self.ctrl_head(taken.head, taken.entry, false);
+            budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
+        }
+    }
+
+    /// Executes the command of control head `head` (or, `refuse`d by the
+    /// crash-loop breaker, only answers it `VIRTIO_NET_ERR`), then writes
+    /// the ack and the used element. A chain without a writable byte for
+    /// the ack is answered with length 0 and not executed: the driver
+    /// could not be told the outcome.
+    fn ctrl_head(&mut self, head: u16, entry: Option<EntryId>, refuse: bool) {
+        let mut len = 0;
+        match self.walk(CTRL, head) {
+            Ok(()) if self.chain.bufs.iter().any(|b| b.writable) => {
+                let ack = match (refuse, self.run_ctrl()) {
+                    (false, Ok(())) => VIRTIO_NET_OK as u8,
+                    (true, _) => VIRTIO_NET_ERR as u8,
+                    (false, Err(why)) => {
+                        tracing::debug!(device = %self.cfg.device, head, why, "control command refused");
+                        self.stats.ctrl_errors += 1;
+                        VIRTIO_NET_ERR as u8
+                    }
+                };
+                let mem = self.device.as_ref().map(|d| d.mem.clone());
+                let written =
+                    mem.and_then(|m| frame::scatter(&m, &self.chain.bufs, &[ack], 0).ok());
+                len = written.unwrap_or(0) as u32;
+            }
+            Ok(()) => self.stats.ctrl_errors += 1,
+            Err(e) => {
+                tracing::debug!(device = %self.cfg.device, head, error = %e, "bad control chain");
+                self.stats.ctrl_errors += 1;
+            }
+        }
+        self.answer(CTRL, entry, UsedRecord::single(head, len));
+    }
+
+    /// Runs the command in `self.chain`: the new state is written to the
+    /// state area before it takes effect, and before the ack.
+    fn run_ctrl(&mut self) -> Result<(), String> {
+        let dev = self.device.as_mut().ok_or("no device")?;
+        if self.chain.misordered {
+            return Err("a readable buffer after a writable one".into());
+        }
+        let readable: usize = self
+            .chain
+            .bufs
+            .iter()
+            .filter(|b| !b.writable)
+            .map(|b| b.len as usize)
+            .sum();
+        if self.chain.overflowed() || readable > ctrl::MAX_COMMAND_BYTES {
+            return Err(format!("{readable} command bytes"));
+        }
+        let mut bytes = vec![0u8; readable];
+        let mut at = 0;
+        for b in self.chain.bufs.iter().filter(|b| !b.writable) {
+            let dst = &mut bytes[at..at + b.len as usize];
+            dev.mem
+                .read(b.addr, dst)
+                .map_err(|_| format!("buffer at {:#x} is not guest memory", b.addr))?;
+            at += b.len as usize;
+        }
+        let mut state = dev.state.clone();
+        ctrl::execute(&mut state, dev.features, &bytes).map_err(|e| e.to_string())?;
+        if let Some(area) = dev.state_area.as_mut() {
+            area.store(&state).map_err(|e| e.to_string())?;
+        }
+        dev.state = state;
+        dev.apply_offloads()
+    }
+
     // ---- control ---------------------------------------------------------
 
     fn handle_message(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
@@ -575,10 +741,12 @@ impl VnetLoop<'_> {
         }
         let dev = self.device.as_mut().ok_or("no device attached")?;
         let q = match index {
-            RX_QUEUE => &mut dev.rx,
-            TX_QUEUE => &mut dev.tx,
-            _ => return Err(format!("no queue {index}")),
+            RX_QUEUE => Some(&mut dev.rx),
+            TX_QUEUE => Some(&mut dev.tx),
+            CTRL_QUEUE => dev.ctrl.as_mut(),
+            _ => None,
         };
+        let q = q.ok_or_else(|| format!("no queue {index}"))?;
         let fd = fds.pop().ok_or("no fd")?;
         q.call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
         // A call may have gone to the old eventfd while the VMM switched:
@@ -615,14 +783,29 @@ impl VnetLoop<'_> {
         let wire_fd = vfds.wire.ok_or_else(|| inval(&"no wire descriptor"))?;
         let wire = Wire::from_fd(wire_kind, wire_fd, WIRE_HDR).map_err(|e| inval(&e))?;
         let positions: Vec<u16> = req.queues.iter().map(|q| q.index).collect();
-        if positions != [RX_QUEUE, TX_QUEUE] {
+        let with_ctrl = vnet::has(req.features, VIRTIO_NET_F_CTRL_VQ);
+        if positions != [RX_QUEUE, TX_QUEUE]
+            && !(with_ctrl && positions == [RX_QUEUE, TX_QUEUE, CTRL_QUEUE])
+        {
             return Err(inval(&format!(
-                "queues {positions:?}: a receive and a transmit queue (0, 1)"
+                "queues {positions:?}: a receive and a transmit queue (0, 1), and the \
+                 control queue (2) with CTRL_VQ"
             )));
         }
+        let (state_area, state) = match vfds.device_state {
+            Some(fd) => {
+                let (area, state) =
+                    NetStateArea::open(std::fs::File::from(fd)).map_err(|e| inval(&e))?;
+                (Some(area), state)
+            }
+            // A supervisor that keeps no state: a device reset, the MAC
+            // unknown (every unicast frame is accepted while promiscuous,
+            // and a driver that filters has set its MAC).
+            None => (None, NetDeviceState::initial([0; 6], req.features)),
+        };
         let mem = Arc::new(GuestRam::map(&req.regions, vfds.regions).map_err(|e| inval(&e))?);
         let event_idx = req.features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        let mut logs: Vec<Option<ShadowLog>> = vec![None, None];
+        let mut logs: Vec<Option<ShadowLog>> = req.queues.iter().map(|_| None).collect();
         let mut stats = RecoveryStats::default();
         let mut fresh = true;
         if self.cfg.shadow && req.shadow {
@@ -641,8 +824,8 @@ impl VnetLoop<'_> {
             }
         }
         let started = std::time::Instant::now();
-        let mut queues = Vec::with_capacity(2);
-        let mut plans = Vec::with_capacity(2);
+        let mut queues = Vec::with_capacity(req.queues.len());
+        let mut plans = Vec::with_capacity(req.queues.len());
         for ((qcfg, (kick, call)), log) in req.queues.iter().zip(vfds.queues).zip(logs) {
             let ring = SplitQueue::new(qcfg, &mem, event_idx)
                 .map_err(|e| inval(&format!("queue {}: {e}", qcfg.index)))?;
@@ -652,6 +835,11 @@ impl VnetLoop<'_> {
             plans.push(q.recover(&mem, qcfg.next_avail, fresh && !recover)?);
             queues.push(q);
         }
+        let (ctrl, ctrl_plan) = if with_ctrl && queues.len() == 3 {
+            (queues.pop(), plans.pop().flatten())
+        } else {
+            (None, None)
+        };
         let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
             return Err(inval(&"two queues expected"));
         };
@@ -666,8 +854,17 @@ impl VnetLoop<'_> {
             mrg_rxbuf: has(VIRTIO_NET_F_MRG_RXBUF),
             csum: has(VIRTIO_NET_F_CSUM),
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
+            features: req.features,
+            host_tso: frame::Tso {
+                v4: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO4),
+                v6: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO6),
+            },
+            guest_tso: frame::Tso::default(),
             rx,
             tx,
+            ctrl,
+            state,
+            state_area,
             wire,
             pool: VecDeque::new(),
             held: None,
@@ -675,9 +872,22 @@ impl VnetLoop<'_> {
             wire_readable: true,
             tx_serial: SerialReplay::default(),
             rx_serial: SerialReplay::default(),
+            ctrl_serial: SerialReplay::default(),
             closing: false,
         });
+        // What the driver set before this instance: in force before the
+        // first frame is served.
+        if let Some(dev) = self.device.as_mut() {
+            dev.apply_offloads()
+                .map_err(|e| (ErrorCode::Enodev, format!("guest offloads: {e}")))?;
+        }
         let proto = |e: String| (ErrorCode::Eproto, format!("replay failed: {e}"));
+        if let Some(plan) = &ctrl_plan {
+            // First: a command the dead instance did not answer takes
+            // effect again before any frame is served.
+            let mut target = QueueReplay::new(self, CTRL, plan);
+            recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
+        }
         if let Some(plan) = &rx_plan {
             let mut target = QueueReplay::new(self, RX, plan);
             recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
@@ -703,9 +913,13 @@ impl VnetLoop<'_> {
             .as_ref()
             .ok_or((ErrorCode::Enodev, "device gone".into()))?;
         let generation = dev.generation;
-        let kicks = [(RX, dev.rx.kick.as_raw_fd()), (TX, dev.tx.kick.as_raw_fd())];
+        let mut kicks = vec![(RX, dev.rx.kick.as_raw_fd()), (TX, dev.tx.kick.as_raw_fd())];
+        kicks.extend(dev.ctrl.as_ref().map(|q| (CTRL, q.kick.as_raw_fd())));
         let _ = dev.rx.call.notify();
         let _ = dev.tx.call.notify();
+        if let Some(q) = &dev.ctrl {
+            let _ = q.call.notify();
+        }
         for (ring, fd) in kicks {
             arm(self.engine, Token::Kick { generation, ring }, fd)
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
@@ -734,7 +948,11 @@ struct QueueReplay<'l, 'a> {
 
 impl<'l, 'a> QueueReplay<'l, 'a> {
     fn new(lp: &'l mut VnetLoop<'a>, ring: u8, plan: &RecoveryPlan) -> Self {
-        let size = lp.device.as_mut().map_or(0, |d| d.queue(ring).size());
+        let size = lp
+            .device
+            .as_mut()
+            .and_then(|d| d.queue(ring))
+            .map_or(0, |q| q.size());
         let sent = plan
             .reexecute
             .iter()
@@ -775,12 +993,7 @@ impl ReplayTarget for QueueReplay<'_, '_> {
     }
 
     fn log(&self) -> Option<&ShadowLog> {
-        let dev = self.lp.device.as_ref()?;
-        if self.ring == TX {
-            dev.tx.log.as_ref()
-        } else {
-            dev.rx.log.as_ref()
-        }
+        self.lp.device.as_ref()?.queue_ref(self.ring)?.log.as_ref()
     }
 
     fn repush(&mut self, r: &Repush) -> Result<(), String> {
@@ -794,6 +1007,7 @@ impl ReplayTarget for QueueReplay<'_, '_> {
         let dev = self.lp.device.as_mut().ok_or("no device")?;
         let mem = dev.mem.clone();
         dev.queue(self.ring)
+            .ok_or("no such queue")?
             .repush(&mem, r.entry, r.rsp_idx, &used)?;
         self.live[head] = true;
         Ok(())
@@ -813,13 +1027,20 @@ impl ReplayTarget for QueueReplay<'_, '_> {
     }
 
     fn fail(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
-        self.lp
-            .answer(self.ring, Some(entry), UsedRecord::single(head, 0));
+        if self.ring == CTRL {
+            self.lp.ctrl_head(head, Some(entry), true);
+        } else {
+            self.lp
+                .answer(self.ring, Some(entry), UsedRecord::single(head, 0));
+        }
         Ok(())
     }
 
     fn reexecute(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
-        if self.ring == RX {
+        if self.ring == CTRL {
+            // Every command sets state: executing it again is harmless.
+            self.lp.ctrl_head(head, Some(entry), false);
+        } else if self.ring == RX {
             self.lp.recovery.rx_buffers_recovered += 1;
             self.lp.post(Taken {
                 head,
@@ -835,10 +1056,10 @@ impl ReplayTarget for QueueReplay<'_, '_> {
 
     fn replay_serially(&mut self, queue: SerialReplay<u16>) {
         if let Some(dev) = self.lp.device.as_mut() {
-            if self.ring == TX {
-                dev.tx_serial = queue;
-            } else {
-                dev.rx_serial = queue;
+            match self.ring {
+                TX => dev.tx_serial = queue,
+                CTRL => dev.ctrl_serial = queue,
+                _ => dev.rx_serial = queue,
             }
         }
     }
@@ -869,6 +1090,11 @@ impl EventLoop for VnetLoop<'_> {
         };
         let tx = dev.tx_serial.next(0, dev.tx.log.as_ref(), device);
         let rx = dev.rx_serial.next(0, dev.rx.log.as_ref(), device);
+        let ctrl_log = dev.ctrl.as_ref().and_then(|q| q.log.as_ref());
+        let ctrl = dev.ctrl_serial.next(0, ctrl_log, device);
+        if let Some((entry, head)) = ctrl {
+            self.ctrl_head(head, Some(entry), false);
+        }
         if let Some((entry, head)) = tx {
             // A serial replay follows a suspected crash loop: the dead
             // instance marked nothing sent that this one could trust less.
@@ -884,6 +1110,7 @@ impl EventLoop for VnetLoop<'_> {
     }
 
     fn consume(&mut self) -> Result<(), BackendError> {
+        self.consume_ctrl()?;
         self.consume_tx()?;
         self.consume_rx()?;
         self.deliver_rx()
@@ -894,7 +1121,7 @@ impl EventLoop for VnetLoop<'_> {
             return;
         };
         let mem = dev.mem.clone();
-        for q in [&mut dev.rx, &mut dev.tx] {
+        for q in dev.queues_mut() {
             match q.publish(&mem, &self.cfg.device) {
                 Ok(false) => {}
                 Ok(true) => {
@@ -914,7 +1141,7 @@ impl EventLoop for VnetLoop<'_> {
         let Some(dev) = self.device.as_ref() else {
             return Ok(());
         };
-        if !dev.closing || !dev.tx_serial.is_empty() || !dev.rx_serial.is_empty() {
+        if !dev.closing || !dev.serials_empty() {
             return Ok(());
         }
         // Receive heads still pooled are not answered: they were taken in
@@ -927,10 +1154,10 @@ impl EventLoop for VnetLoop<'_> {
     }
 
     fn heartbeat(&mut self) {
-        let logs = self
-            .device
-            .iter()
-            .flat_map(|d| d.rx.log.iter().chain(d.tx.log.iter()));
+        let logs = self.device.iter().flat_map(|d| {
+            let ctrl = d.ctrl.iter().flat_map(|q| q.log.iter());
+            d.rx.log.iter().chain(d.tx.log.iter()).chain(ctrl)
+        });
         event_loop::heartbeat(&self.cfg.device, logs);
         publish_metrics(self.metrics, &self.stats, false);
     }
@@ -940,10 +1167,10 @@ impl EventLoop for VnetLoop<'_> {
             return false;
         };
         if dev.closing {
-            return !dev.tx_serial.is_empty() || !dev.rx_serial.is_empty();
+            return !dev.serials_empty();
         }
-        !dev.tx_serial.is_empty()
-            || !dev.rx_serial.is_empty()
+        !dev.serials_empty()
+            || dev.ctrl.as_ref().is_some_and(|q| q.has_avail(&dev.mem))
             || dev.tx.has_avail(&dev.mem)
             || dev.rx.has_avail(&dev.mem)
             || ((dev.wire_readable || dev.held.is_some()) && !dev.pool.is_empty())
@@ -966,11 +1193,10 @@ impl EventLoop for VnetLoop<'_> {
             dev.wire_readable = true;
             return Ok(());
         }
-        if ring > TX {
+        let Some(q) = dev.queue(ring) else {
             return Ok(());
-        }
+        };
         self.stats.kicks += 1;
-        let q = dev.queue(ring);
         let _ = q.kick.drain();
         let fd = q.kick.as_raw_fd();
         arm(self.engine, Token::Kick { generation, ring }, fd)

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 
 use shadowback_virtio::net;
+use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
 use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode};
@@ -120,11 +121,19 @@ fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::Wir
 pub struct NetModel {
     pub mac: [u8; 6],
     pub mtu: u16,
+    /// The vif is on a TAP: TCP segmentation is offered both ways
+    /// (`shadowback_virtio::net::TAP_FEATURES`).
+    pub tap: bool,
 }
 
 impl VirtioModel for NetModel {
     fn features(&self) -> u64 {
-        net::OFFERED_FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let features = if self.tap {
+            net::OFFERED_FEATURES
+        } else {
+            net::OFFERED_FEATURES & !net::TAP_FEATURES
+        };
+        features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     /// No `INFLIGHT_SHMFD`: QEMU's vhost-user-net never asks for the
@@ -142,7 +151,20 @@ impl VirtioModel for NetModel {
     }
 
     fn min_queues(&self) -> u16 {
-        net::NUM_QUEUES
+        net::MIN_QUEUES
+    }
+
+    /// MAC, receive mode, filter tables and guest offloads set on the
+    /// control queue outlive the backends (docs/ARCHITECTURE.md §8.1).
+    fn keeps_device_state(&self) -> bool {
+        true
+    }
+
+    fn reset_device_state(&self, file: std::fs::File, features: u64) -> Result<(), String> {
+        let state = NetDeviceState::initial(self.mac, features);
+        NetStateArea::create(file, &state)
+            .map(drop)
+            .map_err(|e| e.to_string())
     }
 
     fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
@@ -198,6 +220,7 @@ impl DeviceClass for NetClass {
         Some(std::sync::Arc::new(NetModel {
             mac: self.info.mac.0,
             mtu: self.info.mtu,
+            tap: matches!(self.wire, HeldWire::Tap(_)),
         }))
     }
 
@@ -255,16 +278,20 @@ mod tests {
         let model = NetModel {
             mac: [2, 0xaa, 0, 0, 0, 1],
             mtu: 9000,
+            tap: false,
         };
         assert_eq!(model.read_config(0, 6).unwrap(), vec![2, 0xaa, 0, 0, 0, 1]);
         assert_eq!(model.read_config(6, 2).unwrap(), vec![1, 0], "LINK_UP");
         assert_eq!(model.read_config(10, 2).unwrap(), 9000u16.to_le_bytes());
         assert!(model.read_config(10, 3).is_none());
         assert!(model.read_config(u32::MAX, 2).is_none());
-        assert_eq!(model.num_queues(), 2);
+        assert_eq!((model.num_queues(), model.min_queues()), (3, 2));
         assert_ne!(model.features() & (1 << 30), 0, "PROTOCOL_FEATURES");
         assert!(!model
             .protocol_features()
             .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert_eq!(model.features() & net::TAP_FEATURES, 0, "no TSO on a cable");
+        let tap = NetModel { tap: true, ..model };
+        assert_eq!(tap.features() & net::TAP_FEATURES, net::TAP_FEATURES);
     }
 }

@@ -128,6 +128,11 @@ pub(crate) struct VhostUserHandler {
     memory: Option<MemoryTable>,
     vrings: Vec<Vring>,
     inflight: Option<InflightRegion>,
+    /// The device state area of this driver session (a model that
+    /// [keeps one](VirtioModel::keeps_device_state)): created at the
+    /// first start after a reset or `SET_FEATURES`, handed to every
+    /// session and instance until the next.
+    device_state: Option<File>,
     link: Box<dyn SessionLink>,
     /// Virtqueue indices of the attached session.
     running: Option<Vec<u16>>,
@@ -168,6 +173,7 @@ impl VhostUserHandler {
             memory: None,
             vrings,
             inflight: None,
+            device_state: None,
             link,
             running: None,
             soft_refusal: false,
@@ -303,6 +309,9 @@ impl VhostUserHandler {
 
     /// Builds `attach-virtio` for `queues` and attaches it.
     fn start(&mut self, queues: Vec<u16>) -> Result<()> {
+        if let Err(why) = self.ensure_device_state() {
+            return Err(self.refuse(why));
+        }
         let plan = self.attach_plan(&queues);
         let (req, fds) = match plan {
             Ok(x) => x,
@@ -316,6 +325,23 @@ impl VhostUserHandler {
             }
             Err(why) => Err(self.refuse(format!("device refused the session: {why}"))),
         }
+    }
+
+    /// Creates the device state area if the model keeps one and this
+    /// driver session has none yet.
+    fn ensure_device_state(&mut self) -> std::result::Result<(), String> {
+        if !self.facts.model.keeps_device_state() || self.device_state.is_some() {
+            return Ok(());
+        }
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(c"shadowback-device-state", MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| format!("device state memfd: {e}"))?;
+        let file = File::from(fd);
+        let copy = file.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let features = self.acked_features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.facts.model.reset_device_state(copy, features)?;
+        self.device_state = Some(file);
+        Ok(())
     }
 
     fn attach_plan(
@@ -373,10 +399,15 @@ impl VhostUserHandler {
                 queue_size: f.queue_size,
             }),
             wire: None,
+            device_state: self.device_state.is_some(),
             shadow: self.facts.shadow,
         };
         let inflight = match &self.inflight {
             Some(f) => Some(f.dup_fd().map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let device_state = match &self.device_state {
+            Some(f) => Some(OwnedFd::from(f.try_clone().map_err(|e| e.to_string())?)),
             None => None,
         };
         let fds = VirtioFds {
@@ -384,14 +415,16 @@ impl VhostUserHandler {
             queues: fds,
             inflight,
             wire: None,
+            device_state,
             logs: Vec::new(),
         };
         Ok((req, fds))
     }
 
-    /// `reset` of `RESET_OWNER` / `RESET_DEVICE`: rings and features back
-    /// to their initial state (memory and in-flight region are kept: the
-    /// VMM sends them again before the next start anyway).
+    /// `reset` of `RESET_OWNER` / `RESET_DEVICE`: rings, features and the
+    /// device state back to their initial state (memory and in-flight
+    /// region are kept: the VMM sends them again before the next start
+    /// anyway).
     fn reset(&mut self) -> Result<()> {
         self.stop();
         for v in &mut self.vrings {
@@ -399,6 +432,7 @@ impl VhostUserHandler {
         }
         self.acked_features = 0;
         self.features_set = false;
+        self.device_state = None;
         Ok(())
     }
 }
@@ -426,6 +460,9 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
             return Err(self.refuse(format!("features {unknown:#x} were not offered")));
         }
         self.stop();
+        // A driver negotiates features after a reset of the device: what
+        // it set before is gone.
+        self.device_state = None;
         self.acked_features = features;
         self.features_set = true;
         self.reconcile()
@@ -747,6 +784,8 @@ mod tests {
         attached: bool,
         /// Every attach request, never drained.
         attaches: Vec<(VirtioAttachRequest, usize)>,
+        /// The device state area of every attach.
+        states: Vec<Option<File>>,
     }
 
     struct MockLink(Arc<Mutex<Calls>>);
@@ -765,6 +804,8 @@ mod tests {
             assert!(fds.logs.is_empty());
             let n = fds.regions.len() + 2 * fds.queues.len() + usize::from(fds.inflight.is_some());
             c.attached = true;
+            assert_eq!(req.device_state, fds.device_state.is_some());
+            c.states.push(fds.device_state.map(File::from));
             c.attaches.push((req.clone(), n));
             c.events
                 .push(Ev::Attach(req.queues.iter().map(|q| q.index).collect()));
@@ -804,15 +845,19 @@ mod tests {
 
     impl Rig {
         fn new(num_queues: u16) -> Self {
+            Self::with_model(Arc::new(BlkGeometry {
+                sectors: 2048,
+                readonly: false,
+                discard: true,
+                num_queues,
+            }))
+        }
+
+        fn with_model(model: Arc<dyn VirtioModel>) -> Self {
             let calls = Arc::new(Mutex::new(Calls::default()));
             let facts = DeviceFacts {
                 name: "vd".into(),
-                model: Arc::new(BlkGeometry {
-                    sectors: 2048,
-                    readonly: false,
-                    discard: true,
-                    num_queues,
-                }),
+                model,
                 queue_size: 256,
                 shadow: true,
                 limits: DeviceLimits::new(&LimitsConfig::default()),
@@ -868,6 +913,67 @@ mod tests {
         fn write_u16(&self, gpa: u64, v: u16) {
             self.guest.write_all_at(&v.to_le_bytes(), gpa).unwrap();
         }
+    }
+
+    /// A vif's control-queue state lives in one area per driver session:
+    /// every session until the driver starts over sees what was written,
+    /// and `SET_FEATURES` or a reset starts from the vif's MAC again.
+    #[test]
+    fn a_vif_keeps_one_device_state_area_per_driver_session() {
+        use crate::class::net::NetModel;
+        use shadowback_virtio::net_state::{rx_mode, NetStateArea};
+        use std::os::unix::fs::MetadataExt;
+        let mac = [2, 0xaa, 0, 0, 0, 1];
+        let mut r = Rig::with_model(Arc::new(NetModel {
+            mac,
+            mtu: 1500,
+            tap: false,
+        }));
+        let start = |r: &mut Rig| {
+            r.memory();
+            r.queue(0, 0);
+            r.queue(1, 0);
+            r.h.set_vring_enable(0, true).unwrap();
+            r.h.set_vring_enable(1, true).unwrap();
+        };
+        let last_state = |r: &Rig| {
+            let c = r.calls.lock().unwrap();
+            let f = c.states.last().unwrap().as_ref().expect("an area");
+            let ino = f.metadata().unwrap().ino();
+            (ino, NetStateArea::open(f.try_clone().unwrap()).unwrap())
+        };
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        start(&mut r);
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        let (first, (mut area, state)) = last_state(&r);
+        assert_eq!((state.mac, state.rx_mode), (mac, rx_mode::PROMISC));
+        // A backend sets promiscuity off; a new memory table restarts the
+        // session, which gets the same area.
+        let mut changed = state.clone();
+        changed.rx_mode = 0;
+        area.store(&changed).unwrap();
+        r.memory();
+        assert_eq!(r.events(), ["detach", "attach [0, 1]"]);
+        let (again, (_, state)) = last_state(&r);
+        assert_eq!((again, &state), (first, &changed));
+        // The driver starts over: a fresh area with the reset state.
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        assert_eq!(r.events(), ["detach", "attach [0, 1]"]);
+        let (fresh, (_, state)) = last_state(&r);
+        assert_ne!(fresh, first);
+        assert_eq!(state.rx_mode, rx_mode::PROMISC);
+        r.h.reset_device().unwrap();
+        assert_eq!(r.events(), ["detach"]);
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        start(&mut r);
+        assert_ne!(last_state(&r).0, fresh);
+        // A disk keeps none.
+        let mut disk = Rig::new(1);
+        disk.h.set_features(FEATURES | PROTOCOL).unwrap();
+        disk.memory();
+        disk.queue(0, 0);
+        disk.h.set_vring_enable(0, true).unwrap();
+        assert!(!disk.last_attach().0.device_state);
     }
 
     #[test]

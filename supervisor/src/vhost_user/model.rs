@@ -4,6 +4,8 @@
 //! start/stop); the model answers the few requests whose answer is the
 //! device's: features, queue count, config space.
 
+use std::fs::File;
+
 use vhost::vhost_user::VhostUserProtocolFeatures;
 
 /// A virtio device model: virtio-blk ([`BlkGeometry`]) or virtio-net
@@ -27,5 +29,17 @@ pub trait VirtioModel: Send + Sync + std::fmt::Debug {
     /// (or our test client) may start them one after the other.
     fn min_queues(&self) -> u16 {
         1
+    }
+    /// Whether the device keeps what a driver sets at run time (a NIC's
+    /// control-queue state) in an area that outlives its backends; the
+    /// handler then creates one per driver session with
+    /// [`reset_device_state`](Self::reset_device_state).
+    fn keeps_device_state(&self) -> bool {
+        false
+    }
+    /// Writes the device's state after a reset, for a driver that acked
+    /// `features`, into the fresh memfd `file`.
+    fn reset_device_state(&self, _file: File, _features: u64) -> Result<(), String> {
+        Ok(())
     }
 }
