@@ -195,6 +195,14 @@ struct Row {
     frame: &'static str,
     pps: f64,
     gbps: f64,
+    /// CPU time per frame, summed over this process's threads and the
+    /// backends (frame rows): a cost the other jobs of a shared machine
+    /// do not change, unlike pps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_frame: Option<f64>,
+    /// Of that, the backend processes' (the guest's share is the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_cpu_us_per_frame: Option<f64>,
     /// pps over the raw row of the same wire and frame.
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
@@ -211,6 +219,9 @@ struct JsonReport<'a> {
 struct Rate {
     pps: f64,
     gbps: f64,
+    /// CPU time per frame of every process of the path, and of the
+    /// backends alone (frame rows).
+    cpu_us: Option<(f64, f64)>,
 }
 
 pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
@@ -265,20 +276,26 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             .filter(|(_, f)| *f == frame)
             .map(|&(p, _)| p)
             .collect();
-        // Sums of the slices' rates (the slices are equally long).
-        let mut sums = vec![(0.0f64, 0.0f64); paths.len()];
+        // Sums of the slices' rates (the slices are equally long), and of
+        // their CPU times per frame with how many slices had one.
+        let mut sums = vec![(0.0f64, 0.0f64, (0.0f64, 0.0f64), 0u32); paths.len()];
         for _ in 0..args.rounds {
             for (&path, sum) in paths.iter().zip(&mut sums) {
                 let rate = measure_row(path, frame, slice)
                     .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
+                if let Some((all, backends)) = rate.cpu_us {
+                    sum.2 .0 += all;
+                    sum.2 .1 += backends;
+                    sum.3 += 1;
+                }
                 if !args.json {
                     eprint!(".");
                 }
             }
         }
-        for (&path, &(pps, gbps)) in paths.iter().zip(&sums) {
+        for (&path, &(pps, gbps, cpu, cpu_slices)) in paths.iter().zip(&sums) {
             let (pps, gbps) = (pps / f64::from(args.rounds), gbps / f64::from(args.rounds));
             let ratio = rows
                 .iter()
@@ -290,6 +307,9 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
                 frame: frame.name(),
                 pps,
                 gbps,
+                cpu_us_per_frame: (cpu_slices > 0).then(|| cpu.0 / f64::from(cpu_slices)),
+                backend_cpu_us_per_frame: (cpu_slices > 0 && path != path.baseline())
+                    .then(|| cpu.1 / f64::from(cpu_slices)),
                 ratio,
             });
         }
@@ -357,17 +377,58 @@ fn timed_window(
     frame_len: usize,
 ) -> Result<Rate, CliError> {
     thread::sleep((secs / 5).max(Duration::from_millis(100)));
-    let c0 = count()?;
+    let (c0, (own0, kids0)) = (count()?, cpu_ns()?);
     let t0 = Instant::now();
     thread::sleep(secs);
-    let c1 = count()?;
+    let (c1, (own1, kids1)) = (count()?, cpu_ns()?);
     let elapsed = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let pps = c1.saturating_sub(c0) as f64 / elapsed;
+    let frames = c1.saturating_sub(c0);
+    let pps = frames as f64 / elapsed;
     Ok(Rate {
         pps,
         gbps: pps * frame_len as f64 * 8.0 / 1e9,
+        cpu_us: (frames > 0).then(|| {
+            let per_frame = |ns: u64| ns as f64 / 1e3 / frames as f64;
+            let kids = kids1.saturating_sub(kids0);
+            (per_frame(own1.saturating_sub(own0) + kids), per_frame(kids))
+        }),
     })
+}
+
+/// CPU time so far, in ns, of this process (every thread) and of its
+/// children (the backends, started here or by a supervisor thread here):
+/// `/proc/PID/schedstat` of each process whose parent is this one.
+fn cpu_ns() -> Result<(u64, u64), CliError> {
+    let own = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)?;
+    let own = u64::try_from(Duration::from(own).as_nanos()).unwrap_or(u64::MAX);
+    let mut ns = 0u64;
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // A process may exit between the listing and the reads.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis: state, ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(me) {
+            continue;
+        }
+        if let Ok(sched) = std::fs::read_to_string(format!("/proc/{pid}/schedstat")) {
+            let on_cpu = sched
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok());
+            ns = ns.saturating_add(on_cpu.unwrap_or(0));
+        }
+    }
+    Ok((own, ns))
 }
 
 /// Joins a worker, turning its panic or error into this row's error.
@@ -516,17 +577,21 @@ fn netfront_counter(
     })
 }
 
-/// Guests A and B, each with its backend, on the two ends of a cable.
-pub(crate) fn cable_vifs(shadow: bool) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
+/// Guests A and B, each with its backend (and with `hot` a standby), on
+/// the two ends of a cable.
+pub(crate) fn cable_vifs(
+    shadow: bool,
+    hot: bool,
+) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
     let [ca, cb] = cable_pair(CableConfig::default())?;
     let (a, b) = (guest(MAC_A)?, guest(MAC_B)?);
-    let va = BenchVif::start(&a, ca, WireType::Cable, shadow)?;
-    let vb = BenchVif::start(&b, cb, WireType::Cable, shadow)?;
+    let va = BenchVif::start_with(&a, ca, WireType::Cable, shadow, hot)?;
+    let vb = BenchVif::start_with(&b, cb, WireType::Cable, shadow, hot)?;
     Ok((a, b, [va, vb]))
 }
 
 fn netif_cable(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow)?;
+    let (a, b, vifs) = cable_vifs(shadow, false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let tx = netfront_sender(a, bench_frame(len, MAC_B.0), stop.clone());
@@ -770,6 +835,7 @@ fn tcp_rate<D: FrameDevice + Send + 'static>(a: D, b: D, secs: Duration) -> Resu
     Ok(Rate {
         pps: r.phy.rx_frames as f64 / secs,
         gbps: bytes_per_s * 8.0 / 1e9,
+        cpu_us: None,
     })
 }
 
@@ -869,11 +935,12 @@ fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
     Ok(Rate {
         pps: r.phy.tx_frames as f64 / secs,
         gbps: bytes_per_s * 8.0 / 1e9,
+        cpu_us: None,
     })
 }
 
 fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow)?;
+    let (a, b, vifs) = cable_vifs(shadow, false)?;
     let rate = tcp_rate(a, b, secs);
     drop(vifs);
     rate
@@ -886,8 +953,8 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     );
     println!();
     println!(
-        "{:<22} {:<5} {:>12} {:>9} {:>8}",
-        "path", "frame", "pps", "Gbit/s", "vs raw"
+        "{:<22} {:<5} {:>12} {:>9} {:>8} {:>12} {:>8}",
+        "path", "frame", "pps", "Gbit/s", "vs raw", "CPU us/frame", "backend"
     );
     let mut last: Option<&str> = None;
     for r in rows {
@@ -896,9 +963,15 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
         }
         last = Some(r.frame);
         let ratio = r.ratio.map_or("base".to_string(), |x| format!("{x:.2}"));
+        let cpu = r
+            .cpu_us_per_frame
+            .map_or("-".to_string(), |c| format!("{c:.2}"));
+        let backend = r
+            .backend_cpu_us_per_frame
+            .map_or("-".to_string(), |c| format!("{c:.2}"));
         println!(
-            "{:<22} {:<5} {:>12.0} {:>9.3} {:>8}",
-            r.path, r.frame, r.pps, r.gbps, ratio
+            "{:<22} {:<5} {:>12.0} {:>9.3} {:>8} {:>12} {:>8}",
+            r.path, r.frame, r.pps, r.gbps, ratio, cpu, backend
         );
     }
     println!();
@@ -911,8 +984,14 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
                 .iter()
                 .find(|o| o.path == without.name() && o.frame == r.frame);
             if let Some(o) = o.filter(|o| o.pps > 0.0) {
+                let cpu = match (r.cpu_us_per_frame, o.cpu_us_per_frame) {
+                    (Some(w), Some(n)) if n > 0.0 => {
+                        format!(", {:+.1}% CPU per frame", (w / n - 1.0) * 100.0)
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "shadow log cost, {} {}: {:+.1}% pps",
+                    "shadow log cost, {} {}: {:+.1}% pps{cpu}",
                     with.name(),
                     r.frame,
                     (r.pps / o.pps - 1.0) * 100.0
@@ -925,6 +1004,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     println!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
     println!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
     println!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
+    println!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part); other jobs on the machine change pps much more than this.");
     for s in skipped {
         println!("  - skipped: {s}");
     }
