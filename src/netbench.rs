@@ -12,7 +12,10 @@
 //!   netback B → guest B's RX ring, counted by guest B;
 //! - `raw-tap`: this process writes frames straight into a TAP fd; the
 //!   baseline of the TAP rows;
-//! - `netif-tap`: guest A's netfront TX ring → netback A → the TAP.
+//! - `netif-tap`: guest A's netfront TX ring → netback A → the TAP;
+//! - `vhost-user-net-tap`: guest A's virtio-net driver over vhost-user
+//!   (`VhostUserNet`) → a supervisor's `[[nic]]` with `vhost_user` (threads
+//!   of this process; the TAP is the supervisor's) → its netback → the TAP.
 //!
 //! `-noshadow` rows run the same backends with `--no-shadow`. TAP rows
 //! open the TAP in a fresh network namespace (root only) and count the
@@ -36,6 +39,7 @@
 use std::io::IoSlice;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,7 +56,9 @@ use shadowback_guest::net::{
     StreamVerifier,
 };
 use shadowback_guest::netfront::{NetFront, NetFrontConfig};
+use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions};
 use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode, VNET_HDR_LEN};
+use shadowback_supervisor::{BackendCommand, Config, SupervisorThread};
 use shadowback_xenbus::netif::MacAddr;
 
 use crate::netvif::{BenchVif, WireType};
@@ -127,17 +133,21 @@ enum NetPath {
     RawTap,
     NetifTap,
     NetifTapNoShadow,
+    VhostTap,
+    VhostTapNoShadow,
 }
 
 /// Run order within a frame size: each raw row right before the rows
 /// divided by it.
-const ALL_PATHS: [NetPath; 6] = [
+const ALL_PATHS: [NetPath; 8] = [
     NetPath::RawCable,
     NetPath::NetifCable,
     NetPath::NetifCableNoShadow,
     NetPath::RawTap,
     NetPath::NetifTap,
     NetPath::NetifTapNoShadow,
+    NetPath::VhostTap,
+    NetPath::VhostTapNoShadow,
 ];
 
 impl NetPath {
@@ -149,13 +159,19 @@ impl NetPath {
             NetPath::RawTap => "raw-tap",
             NetPath::NetifTap => "netif-tap",
             NetPath::NetifTapNoShadow => "netif-tap-noshadow",
+            NetPath::VhostTap => "vhost-user-net-tap",
+            NetPath::VhostTapNoShadow => "vhost-user-net-tap-noshadow",
         }
     }
 
     fn is_tap(self) -> bool {
         matches!(
             self,
-            NetPath::RawTap | NetPath::NetifTap | NetPath::NetifTapNoShadow
+            NetPath::RawTap
+                | NetPath::NetifTap
+                | NetPath::NetifTapNoShadow
+                | NetPath::VhostTap
+                | NetPath::VhostTapNoShadow
         )
     }
 
@@ -171,7 +187,7 @@ impl NetPath {
     fn shadow(self) -> bool {
         !matches!(
             self,
-            NetPath::NetifCableNoShadow | NetPath::NetifTapNoShadow
+            NetPath::NetifCableNoShadow | NetPath::NetifTapNoShadow | NetPath::VhostTapNoShadow
         )
     }
 }
@@ -341,6 +357,9 @@ fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliE
         (NetPath::NetifTap | NetPath::NetifTapNoShadow, Frame::Tcp) => {
             tcp_netif_tap(path.shadow(), secs)
         }
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, Frame::Tcp) => {
+            tcp_vhost_tap(path.shadow(), secs)
+        }
         (NetPath::RawCable, _) => raw_cable(frame.len(), secs),
         (NetPath::NetifCable | NetPath::NetifCableNoShadow, _) => {
             netif_cable(frame.len(), path.shadow(), secs)
@@ -348,6 +367,9 @@ fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliE
         (NetPath::RawTap, _) => raw_tap(frame.len(), secs),
         (NetPath::NetifTap | NetPath::NetifTapNoShadow, _) => {
             netif_tap(frame.len(), path.shadow(), secs)
+        }
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, _) => {
+            vhost_tap(frame.len(), path.shadow(), secs)
         }
     }
 }
@@ -639,6 +661,122 @@ fn netif_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError>
     stop.store(true, Ordering::Relaxed);
     join(tx)?;
     drop(vif);
+    rate
+}
+
+/// What a vhost-user-net row runs on: a supervisor serving one vif over
+/// vhost-user on a TAP it creates, both in a fresh network namespace (its
+/// threads and backends start there), and a counter of the benchmark
+/// frames arriving on the TAP. Dropped, the supervisor stops and the
+/// namespace goes with the TAP.
+struct VhostTap {
+    supervisor: Option<SupervisorThread>,
+    counter: crate::netns::PacketCounter,
+    socket: PathBuf,
+    _dir: crate::scratch::TempDir,
+}
+
+/// The benchmark TAP of the vhost-user-net rows.
+const VHOST_TAP: &str = "sbbench0";
+
+impl VhostTap {
+    /// With `linux`, the TAP gets the receiver's address and a listener
+    /// (the TCP rows).
+    fn start(shadow: bool, linux: bool) -> Result<(Self, Option<TcpListener>), CliError> {
+        let dir = crate::scratch::TempDir::new(None, "bench-net")?;
+        let socket = dir.0.join("vnet.sock");
+        let toml = format!(
+            "socket = {:?}\n[[nic]]\nname = \"vnet\"\ntap = \"{VHOST_TAP}\"\nmtu = 1500\nvhost_user = {:?}\nshadow = {shadow}\nstandby = false\n",
+            dir.0.join("control.sock").display().to_string(),
+            socket.display().to_string(),
+        );
+        let cfg = Config::parse(&toml)?;
+        let (supervisor, counter, listener) = thread::spawn(move || -> Result<_, CliError> {
+            crate::netns::unshare_net()?;
+            // Started from this thread, the supervisor's threads and the
+            // backends they start are in its namespace, and so is the TAP.
+            let supervisor = SupervisorThread::start(cfg, BackendCommand::current_exe()?)?;
+            let counter = crate::netns::PacketCounter::open(VHOST_TAP, BENCH_ETHERTYPE)?;
+            let listener = if linux {
+                let (_, receiver) = stream_params(0, 0);
+                crate::netns::set_ipv4_24(VHOST_TAP, receiver.net.address)?;
+                let l = TcpListener::bind((receiver.net.address, receiver.port))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            } else {
+                None
+            };
+            Ok((supervisor, counter, listener))
+        })
+        .join()
+        .map_err(|_| "the namespace thread panicked")??;
+        Ok((
+            VhostTap {
+                supervisor: Some(supervisor),
+                counter,
+                socket,
+                _dir: dir,
+            },
+            listener,
+        ))
+    }
+
+    fn connect(&self) -> Result<VhostUserNet, CliError> {
+        Ok(VhostUserNet::connect(
+            &self.socket,
+            &VhostUserNetOptions::default(),
+        )?)
+    }
+}
+
+impl Drop for VhostTap {
+    fn drop(&mut self) {
+        if let Some(s) = self.supervisor.take() {
+            if let Err(e) = s.stop() {
+                tracing::warn!(error = %e, "benchmark supervisor did not stop cleanly");
+            }
+        }
+    }
+}
+
+fn vhost_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (mut vt, _) = VhostTap::start(shadow, false)?;
+    let mut dev = vt.connect()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let frame = bench_frame(len, MAC_NOBODY);
+    let tx = {
+        let stop = stop.clone();
+        thread::spawn(move || -> Result<VhostUserNet, CliError> {
+            let mut sink = Vec::with_capacity(MTU_FRAME);
+            while !stop.load(Ordering::Relaxed) {
+                if dev.can_send() {
+                    dev.send(&frame)?;
+                    continue;
+                }
+                // Drains the queues' notifications (and whatever arrived),
+                // then looks again before sleeping on the transmit queue's.
+                while dev.recv(&mut sink)? {}
+                if !dev.can_send() {
+                    wait_fd(dev.tx_wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
+                }
+            }
+            Ok(dev)
+        })
+    };
+    let rate = timed_window(secs, &stop, || vt.counter.total(), len);
+    stop.store(true, Ordering::Relaxed);
+    // The device goes before the supervisor, as a VMM's would.
+    drop(join(tx)?);
+    drop(vt);
+    rate
+}
+
+fn tcp_vhost_tap(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (vt, listener) = VhostTap::start(shadow, true)?;
+    let listener = listener.ok_or("no listener")?;
+    let dev = vt.connect()?;
+    let rate = tcp_to_linux_rate(dev, &listener, secs);
+    drop(vt);
     rate
 }
 
@@ -953,7 +1091,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     );
     println!();
     println!(
-        "{:<22} {:<5} {:>12} {:>9} {:>8} {:>12} {:>8}",
+        "{:<28} {:<5} {:>12} {:>9} {:>8} {:>12} {:>8}",
         "path", "frame", "pps", "Gbit/s", "vs raw", "CPU us/frame", "backend"
     );
     let mut last: Option<&str> = None;
@@ -970,7 +1108,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
             .backend_cpu_us_per_frame
             .map_or("-".to_string(), |c| format!("{c:.2}"));
         println!(
-            "{:<22} {:<5} {:>12.0} {:>9.3} {:>8} {:>12} {:>8}",
+            "{:<28} {:<5} {:>12.0} {:>9.3} {:>8} {:>12} {:>8}",
             r.path, r.frame, r.pps, r.gbps, ratio, cpu, backend
         );
     }
@@ -978,6 +1116,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     for (with, without) in [
         (NetPath::NetifCable, NetPath::NetifCableNoShadow),
         (NetPath::NetifTap, NetPath::NetifTapNoShadow),
+        (NetPath::VhostTap, NetPath::VhostTapNoShadow),
     ] {
         for r in rows.iter().filter(|r| r.path == with.name()) {
             let o = rows

@@ -226,18 +226,6 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
                         report.retransmission_timeouts += 1;
                     }
                     gaps.push(micros(g));
-                    if std::env::var_os("SB_DEBUG_GAPS").is_some() && g > Duration::from_millis(15)
-                    {
-                        let n = steps[0].len();
-                        eprintln!(
-                            "\nDEBUG kill {} vif {} gap {:?} reap {} attach {}",
-                            report.kills,
-                            (report.kills - 1) % 2,
-                            g,
-                            steps[0][n - 1],
-                            steps[2][n - 1]
-                        );
-                    }
                 }
                 None => report.unmeasured += 1,
             }
