@@ -553,25 +553,38 @@ fn guest(mac: MacAddr) -> Result<NetFront, CliError> {
 
 /// Puts `frame` on `front`'s TX ring as fast as the backend answers.
 fn netfront_sender(
-    mut front: NetFront,
+    front: NetFront,
     frame: Vec<u8>,
     stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<(), CliError>> {
+) -> thread::JoinHandle<Result<NetFront, CliError>> {
+    // TX completions share the channel the stack waits on.
+    frame_sender(front, frame, stop, |f| f.wait_fd())
+}
+
+/// Sends `frame` on `dev` as fast as its backend takes it, sleeping on
+/// `tx_fd(dev)` while every transmit buffer is in flight; returns the
+/// device when `stop` is set.
+fn frame_sender<D: FrameDevice + Send + 'static>(
+    mut dev: D,
+    frame: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    tx_fd: for<'a> fn(&'a D) -> Option<BorrowedFd<'a>>,
+) -> thread::JoinHandle<Result<D, CliError>> {
     thread::spawn(move || {
         let mut sink = Vec::with_capacity(MTU_FRAME);
         while !stop.load(Ordering::Relaxed) {
-            if front.can_send() {
-                front.send(&frame)?;
+            if dev.can_send() {
+                dev.send(&frame)?;
                 continue;
             }
-            // Drains the notification (TX completions share the channel)
-            // and whatever arrived, then looks again before sleeping.
-            while front.recv(&mut sink)? {}
-            if !front.can_send() {
-                wait_fd(front.wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
+            // Drains the notifications (and whatever arrived), then looks
+            // again before sleeping.
+            while dev.recv(&mut sink)? {}
+            if !dev.can_send() {
+                wait_fd(tx_fd(&dev).ok_or("no wait fd")?, PollFlags::POLLIN)?;
             }
         }
-        Ok(())
+        Ok(dev)
     })
 }
 
@@ -741,28 +754,14 @@ impl Drop for VhostTap {
 
 fn vhost_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
     let (mut vt, _) = VhostTap::start(shadow, false)?;
-    let mut dev = vt.connect()?;
+    let dev = vt.connect()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let frame = bench_frame(len, MAC_NOBODY);
-    let tx = {
-        let stop = stop.clone();
-        thread::spawn(move || -> Result<VhostUserNet, CliError> {
-            let mut sink = Vec::with_capacity(MTU_FRAME);
-            while !stop.load(Ordering::Relaxed) {
-                if dev.can_send() {
-                    dev.send(&frame)?;
-                    continue;
-                }
-                // Drains the queues' notifications (and whatever arrived),
-                // then looks again before sleeping on the transmit queue's.
-                while dev.recv(&mut sink)? {}
-                if !dev.can_send() {
-                    wait_fd(dev.tx_wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
-                }
-            }
-            Ok(dev)
-        })
-    };
+    let tx = frame_sender(
+        dev,
+        bench_frame(len, MAC_NOBODY),
+        stop.clone(),
+        VhostUserNet::tx_wait_fd,
+    );
     let rate = timed_window(secs, &stop, || vt.counter.total(), len);
     stop.store(true, Ordering::Relaxed);
     // The device goes before the supervisor, as a VMM's would.
