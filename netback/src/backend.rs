@@ -196,6 +196,10 @@ struct Vif {
     /// Responses put and not yet published, per ring.
     tx_unpublished: u32,
     rx_unpublished: u32,
+    /// The guest asked to be notified of answers published without a
+    /// notification (in the middle of a drain).
+    tx_notify_owed: bool,
+    rx_notify_owed: bool,
     /// Slots of a packet being replayed, collected in ring order.
     tx_pending: Vec<(EntryId, TxSlotRecord)>,
     /// Packets the dead instance sent (first slot marked by an older
@@ -278,6 +282,48 @@ impl NetBackend {
         self.control.send(&msg, &[]).map_err(control_err)
     }
 
+    /// Publishes the answers put on each ring (`RING_PUSH_RESPONSES`, then
+    /// `log_published`). A notification the guest asked for (`rsp_event`)
+    /// is sent with `notify`, else owed until the next call with it: a
+    /// drain publishing every [`PUBLISH_EVERY`] answers wakes the guest
+    /// once, at its end, not once per batch (a guest that is running
+    /// finds the answers itself; one asleep gets its notification no
+    /// later than when the drain publishes only at its end).
+    fn publish_rings(&mut self, notify: bool) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut vif.tx_unpublished) > 0 {
+            let pushed = vif.tx.push_responses();
+            if let (Ok(_), Some(log)) = (&pushed, vif.tx_log.as_ref()) {
+                if let Err(e) = log.log_published(vif.tx.rsp_prod_pvt()) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            vif.tx_notify_owed |= pushed.unwrap_or(false);
+        }
+        if std::mem::take(&mut vif.rx_unpublished) > 0 {
+            let pushed = vif.rx.push_responses();
+            if let (Ok(_), Some(log)) = (&pushed, vif.rx_log.as_ref()) {
+                if let Err(e) = log.log_published(vif.rx.rsp_prod_pvt()) {
+                    log_failed(&self.cfg.device, e);
+                }
+            }
+            vif.rx_notify_owed |= pushed.unwrap_or(false);
+        }
+        if !notify {
+            return;
+        }
+        if std::mem::take(&mut vif.tx_notify_owed) {
+            self.stats.notifications += 1;
+            let _ = vif.tx_chan.notify.notify();
+        }
+        if std::mem::take(&mut vif.rx_notify_owed) {
+            self.stats.notifications += 1;
+            let _ = vif.rx_notify().notify();
+        }
+    }
+
     // ---- TX ------------------------------------------------------------
 
     /// Takes every packet the TX ring holds.
@@ -291,7 +337,7 @@ impl NetBackend {
             }
             if vif.tx_unpublished >= PUBLISH_EVERY {
                 // The guest refills these slots while the rest are sent.
-                self.publish();
+                self.publish_rings(false);
                 continue;
             }
             let available = match vif.tx.unconsumed_requests() {
@@ -682,7 +728,7 @@ impl NetBackend {
             }
             if vif.rx_unpublished >= PUBLISH_EVERY {
                 // The guest takes these frames while the rest are copied.
-                self.publish();
+                self.publish_rings(false);
                 continue;
             }
             if let Some(mut held) = vif.held.take() {
@@ -1024,6 +1070,8 @@ impl NetBackend {
             wire_readable: true,
             tx_unpublished: 0,
             rx_unpublished: 0,
+            tx_notify_owed: false,
+            rx_notify_owed: false,
             tx_pending: Vec::new(),
             tx_sent,
             tx_answered,
@@ -1380,33 +1428,7 @@ impl EventLoop for NetBackend {
     }
 
     fn publish(&mut self) {
-        let Some(vif) = self.vif.as_mut() else {
-            return;
-        };
-        if std::mem::take(&mut vif.tx_unpublished) > 0 {
-            let pushed = vif.tx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.tx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.tx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            if let Ok(true) = pushed {
-                self.stats.notifications += 1;
-                let _ = vif.tx_chan.notify.notify();
-            }
-        }
-        if std::mem::take(&mut vif.rx_unpublished) > 0 {
-            let pushed = vif.rx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.rx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.rx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            if let Ok(true) = pushed {
-                self.stats.notifications += 1;
-                let _ = vif.rx_notify().notify();
-            }
-        }
+        self.publish_rings(true);
     }
 
     fn finish_detach(&mut self) -> Result<(), BackendError> {
