@@ -761,3 +761,47 @@ fn a_long_tx_drain_publishes_answers_before_it_ends() {
     );
     backend.kill_in_place();
 }
+
+/// A guest asleep while the backend drains a full TX ring — its
+/// `rsp_event` asks for the first answer — is woken once the drain ends:
+/// the publications in the middle of the drain owe the notification they
+/// did not send to the drain's end (one owed and never sent would leave
+/// this guest asleep for good).
+#[test]
+fn a_guest_asleep_through_a_long_drain_is_notified() {
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
+    // The wake-up every attach sends, before its reply.
+    vif.notify.drain().unwrap();
+    for id in 0..RING as u16 {
+        let f = frame(u32::from(id), 60);
+        let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
+        vif.region.write(page, &f).unwrap();
+        let req = NetifTxRequest {
+            gref: TX_BUF_GREF + u32::from(id),
+            offset: 0,
+            flags: 0,
+            id,
+            size: f.len() as u16,
+        };
+        vif.tx.put_request(&req).unwrap();
+    }
+    vif.tx.push_requests().unwrap();
+    vif.kick.notify().unwrap();
+    assert!(
+        vif.notify.wait(REPLY_TIMEOUT).unwrap(),
+        "the guest was never notified"
+    );
+    let mut answered = 0;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while answered < RING {
+        assert!(Instant::now() < deadline, "{answered} answers");
+        while let Some(rsp) = vif.tx.take_response().unwrap() {
+            assert_eq!(rsp.status, NETIF_RSP_OKAY);
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    backend.kill_in_place();
+}
