@@ -703,6 +703,26 @@ fn a_bad_attach_net_is_refused_and_the_process_serves_the_next() {
     backend.kill_in_place();
 }
 
+/// Fills the TX ring with one-slot frames, ids 0..RING, published with one
+/// `req_prod` store, and kicks.
+fn post_full_tx_ring(vif: &mut Vif) {
+    for id in 0..RING as u16 {
+        let f = frame(u32::from(id), 60);
+        let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
+        vif.region.write(page, &f).unwrap();
+        let req = NetifTxRequest {
+            gref: TX_BUF_GREF + u32::from(id),
+            offset: 0,
+            flags: 0,
+            id,
+            size: f.len() as u16,
+        };
+        vif.tx.put_request(&req).unwrap();
+    }
+    vif.tx.push_requests().unwrap();
+    vif.kick.notify().unwrap();
+}
+
 /// A drain of a full TX ring publishes its answers every 32 packets, so the
 /// guest can refill the ring while the backend works through the rest
 /// (docs/ARCHITECTURE.md §11.6). The backend dies at the 201st packet
@@ -725,22 +745,7 @@ fn a_long_tx_drain_publishes_answers_before_it_ends() {
         .unwrap()
         .expect("poison answered");
     assert_eq!(ok.kind(), shadowback_xenbus::protocol::kind::OK);
-    // The whole ring at once, pushed with one req_prod store.
-    for id in 0..RING as u16 {
-        let f = frame(u32::from(id), 60);
-        let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
-        vif.region.write(page, &f).unwrap();
-        let req = NetifTxRequest {
-            gref: TX_BUF_GREF + u32::from(id),
-            offset: 0,
-            flags: 0,
-            id,
-            size: f.len() as u16,
-        };
-        vif.tx.put_request(&req).unwrap();
-    }
-    vif.tx.push_requests().unwrap();
-    vif.kick.notify().unwrap();
+    post_full_tx_ring(&mut vif);
     let deadline = Instant::now() + REPLY_TIMEOUT;
     while backend.0.child.try_wait().unwrap().is_none() {
         assert!(
@@ -774,21 +779,7 @@ fn a_guest_asleep_through_a_long_drain_is_notified() {
     backend.attach(&vif, false, true);
     // The wake-up every attach sends, before its reply.
     vif.notify.drain().unwrap();
-    for id in 0..RING as u16 {
-        let f = frame(u32::from(id), 60);
-        let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
-        vif.region.write(page, &f).unwrap();
-        let req = NetifTxRequest {
-            gref: TX_BUF_GREF + u32::from(id),
-            offset: 0,
-            flags: 0,
-            id,
-            size: f.len() as u16,
-        };
-        vif.tx.put_request(&req).unwrap();
-    }
-    vif.tx.push_requests().unwrap();
-    vif.kick.notify().unwrap();
+    post_full_tx_ring(&mut vif);
     assert!(
         vif.notify.wait(REPLY_TIMEOUT).unwrap(),
         "the guest was never notified"

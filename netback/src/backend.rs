@@ -293,23 +293,12 @@ impl NetBackend {
         let Some(vif) = self.vif.as_mut() else {
             return;
         };
+        let device = &self.cfg.device;
         if std::mem::take(&mut vif.tx_unpublished) > 0 {
-            let pushed = vif.tx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.tx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.tx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            vif.tx_notify_owed |= pushed.unwrap_or(false);
+            vif.tx_notify_owed |= push_and_log(&mut vif.tx, vif.tx_log.as_ref(), device);
         }
         if std::mem::take(&mut vif.rx_unpublished) > 0 {
-            let pushed = vif.rx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.rx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.rx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            vif.rx_notify_owed |= pushed.unwrap_or(false);
+            vif.rx_notify_owed |= push_and_log(&mut vif.rx, vif.rx_log.as_ref(), device);
         }
         if !notify {
             return;
@@ -1129,6 +1118,23 @@ impl NetBackend {
         let fd = chan.kick.as_raw_fd();
         arm(&mut self.engine, Token::Kick { generation, ring }, fd)
     }
+}
+
+/// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` on one ring, then
+/// `log_published` (docs/ARCHITECTURE.md §7.1: the entries the guest can
+/// now see are freed); whether the guest asked to be notified.
+fn push_and_log<P: shadowback_ring::sring::RingProtocol>(
+    ring: &mut BackRing<P>,
+    log: Option<&ShadowLog>,
+    device: &str,
+) -> bool {
+    let pushed = ring.push_responses();
+    if let (Ok(_), Some(log)) = (&pushed, log) {
+        if let Err(e) = log.log_published(ring.rsp_prod_pvt()) {
+            log_failed(device, e);
+        }
+    }
+    pushed.unwrap_or(false)
 }
 
 /// Marks the first pooled RX buffer's entry [`RX_TAKEN`]: a frame from
