@@ -147,7 +147,12 @@ struct FailoverReport {
 
 pub fn run(args: FailoverArgs) -> Result<ExitCode, CliError> {
     if args.class == Class::Net {
-        return crate::netfailover::run(args.kills.unwrap_or(50), args.stream_mib, args.json);
+        return crate::netfailover::run(
+            args.kills.unwrap_or(50),
+            args.stream_mib,
+            args.mode == Mode::Hot,
+            args.json,
+        );
     }
     let dir = crate::scratch::TempDir::new(args.dir.as_deref(), "failover")?;
     run_in(&args, &dir.0)

@@ -12,7 +12,10 @@
 //!   netback B → guest B's RX ring, counted by guest B;
 //! - `raw-tap`: this process writes frames straight into a TAP fd; the
 //!   baseline of the TAP rows;
-//! - `netif-tap`: guest A's netfront TX ring → netback A → the TAP.
+//! - `netif-tap`: guest A's netfront TX ring → netback A → the TAP;
+//! - `vhost-user-net-tap`: guest A's virtio-net driver over vhost-user
+//!   (`VhostUserNet`) → a supervisor's `[[nic]]` with `vhost_user` (threads
+//!   of this process; the TAP is the supervisor's) → its netback → the TAP.
 //!
 //! `-noshadow` rows run the same backends with `--no-shadow`. TAP rows
 //! open the TAP in a fresh network namespace (root only) and count the
@@ -36,6 +39,7 @@
 use std::io::IoSlice;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,7 +56,9 @@ use shadowback_guest::net::{
     StreamVerifier,
 };
 use shadowback_guest::netfront::{NetFront, NetFrontConfig};
+use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions};
 use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode, VNET_HDR_LEN};
+use shadowback_supervisor::{BackendCommand, Config, SupervisorThread};
 use shadowback_xenbus::netif::MacAddr;
 
 use crate::netvif::{BenchVif, WireType};
@@ -128,17 +134,21 @@ enum NetPath {
     RawTap,
     NetifTap,
     NetifTapNoShadow,
+    VhostTap,
+    VhostTapNoShadow,
 }
 
 /// Run order within a frame size: each raw row right before the rows
 /// divided by it.
-const ALL_PATHS: [NetPath; 6] = [
+const ALL_PATHS: [NetPath; 8] = [
     NetPath::RawCable,
     NetPath::NetifCable,
     NetPath::NetifCableNoShadow,
     NetPath::RawTap,
     NetPath::NetifTap,
     NetPath::NetifTapNoShadow,
+    NetPath::VhostTap,
+    NetPath::VhostTapNoShadow,
 ];
 
 impl NetPath {
@@ -150,13 +160,19 @@ impl NetPath {
             NetPath::RawTap => "raw-tap",
             NetPath::NetifTap => "netif-tap",
             NetPath::NetifTapNoShadow => "netif-tap-noshadow",
+            NetPath::VhostTap => "vhost-user-net-tap",
+            NetPath::VhostTapNoShadow => "vhost-user-net-tap-noshadow",
         }
     }
 
     fn is_tap(self) -> bool {
         matches!(
             self,
-            NetPath::RawTap | NetPath::NetifTap | NetPath::NetifTapNoShadow
+            NetPath::RawTap
+                | NetPath::NetifTap
+                | NetPath::NetifTapNoShadow
+                | NetPath::VhostTap
+                | NetPath::VhostTapNoShadow
         )
     }
 
@@ -172,7 +188,7 @@ impl NetPath {
     fn shadow(self) -> bool {
         !matches!(
             self,
-            NetPath::NetifCableNoShadow | NetPath::NetifTapNoShadow
+            NetPath::NetifCableNoShadow | NetPath::NetifTapNoShadow | NetPath::VhostTapNoShadow
         )
     }
 }
@@ -196,6 +212,14 @@ struct Row {
     frame: &'static str,
     pps: f64,
     gbps: f64,
+    /// CPU time per frame, summed over this process's threads and the
+    /// backends (frame rows): a cost the other jobs of a shared machine
+    /// do not change, unlike pps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_us_per_frame: Option<f64>,
+    /// Of that, the backend processes' (the guest's share is the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_cpu_us_per_frame: Option<f64>,
     /// pps over the raw row of the same wire and frame.
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio: Option<f64>,
@@ -212,6 +236,9 @@ struct JsonReport<'a> {
 struct Rate {
     pps: f64,
     gbps: f64,
+    /// CPU time per frame of every process of the path, and of the
+    /// backends alone (frame rows).
+    cpu_us: Option<(f64, f64)>,
 }
 
 pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
@@ -266,20 +293,26 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             .filter(|(_, f)| *f == frame)
             .map(|&(p, _)| p)
             .collect();
-        // Sums of the slices' rates (the slices are equally long).
-        let mut sums = vec![(0.0f64, 0.0f64); paths.len()];
+        // Sums of the slices' rates (the slices are equally long), and of
+        // their CPU times per frame with how many slices had one.
+        let mut sums = vec![(0.0f64, 0.0f64, (0.0f64, 0.0f64), 0u32); paths.len()];
         for _ in 0..args.rounds {
             for (&path, sum) in paths.iter().zip(&mut sums) {
                 let rate = measure_row(path, frame, slice)
                     .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
+                if let Some((all, backends)) = rate.cpu_us {
+                    sum.2 .0 += all;
+                    sum.2 .1 += backends;
+                    sum.3 += 1;
+                }
                 if !args.json {
                     errout!(".");
                 }
             }
         }
-        for (&path, &(pps, gbps)) in paths.iter().zip(&sums) {
+        for (&path, &(pps, gbps, cpu, cpu_slices)) in paths.iter().zip(&sums) {
             let (pps, gbps) = (pps / f64::from(args.rounds), gbps / f64::from(args.rounds));
             let ratio = rows
                 .iter()
@@ -291,6 +324,9 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
                 frame: frame.name(),
                 pps,
                 gbps,
+                cpu_us_per_frame: (cpu_slices > 0).then(|| cpu.0 / f64::from(cpu_slices)),
+                backend_cpu_us_per_frame: (cpu_slices > 0 && path != path.baseline())
+                    .then(|| cpu.1 / f64::from(cpu_slices)),
                 ratio,
             });
         }
@@ -322,6 +358,9 @@ fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliE
         (NetPath::NetifTap | NetPath::NetifTapNoShadow, Frame::Tcp) => {
             tcp_netif_tap(path.shadow(), secs)
         }
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, Frame::Tcp) => {
+            tcp_vhost_tap(path.shadow(), secs)
+        }
         (NetPath::RawCable, _) => raw_cable(frame.len(), secs),
         (NetPath::NetifCable | NetPath::NetifCableNoShadow, _) => {
             netif_cable(frame.len(), path.shadow(), secs)
@@ -329,6 +368,9 @@ fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliE
         (NetPath::RawTap, _) => raw_tap(frame.len(), secs),
         (NetPath::NetifTap | NetPath::NetifTapNoShadow, _) => {
             netif_tap(frame.len(), path.shadow(), secs)
+        }
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, _) => {
+            vhost_tap(frame.len(), path.shadow(), secs)
         }
     }
 }
@@ -358,17 +400,58 @@ fn timed_window(
     frame_len: usize,
 ) -> Result<Rate, CliError> {
     thread::sleep((secs / 5).max(Duration::from_millis(100)));
-    let c0 = count()?;
+    let (c0, (own0, kids0)) = (count()?, cpu_ns()?);
     let t0 = Instant::now();
     thread::sleep(secs);
-    let c1 = count()?;
+    let (c1, (own1, kids1)) = (count()?, cpu_ns()?);
     let elapsed = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
-    let pps = c1.saturating_sub(c0) as f64 / elapsed;
+    let frames = c1.saturating_sub(c0);
+    let pps = frames as f64 / elapsed;
     Ok(Rate {
         pps,
         gbps: pps * frame_len as f64 * 8.0 / 1e9,
+        cpu_us: (frames > 0).then(|| {
+            let per_frame = |ns: u64| ns as f64 / 1e3 / frames as f64;
+            let kids = kids1.saturating_sub(kids0);
+            (per_frame(own1.saturating_sub(own0) + kids), per_frame(kids))
+        }),
     })
+}
+
+/// CPU time so far, in ns, of this process (every thread) and of its
+/// children (the backends, started here or by a supervisor thread here):
+/// `/proc/PID/schedstat` of each process whose parent is this one.
+fn cpu_ns() -> Result<(u64, u64), CliError> {
+    let own = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)?;
+    let own = u64::try_from(Duration::from(own).as_nanos()).unwrap_or(u64::MAX);
+    let mut ns = 0u64;
+    let me = std::process::id();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        // A process may exit between the listing and the reads.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis: state, ppid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(me) {
+            continue;
+        }
+        if let Ok(sched) = std::fs::read_to_string(format!("/proc/{pid}/schedstat")) {
+            let on_cpu = sched
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok());
+            ns = ns.saturating_add(on_cpu.unwrap_or(0));
+        }
+    }
+    Ok((own, ns))
 }
 
 /// Joins a worker, turning its panic or error into this row's error.
@@ -471,25 +554,38 @@ fn guest(mac: MacAddr) -> Result<NetFront, CliError> {
 
 /// Puts `frame` on `front`'s TX ring as fast as the backend answers.
 fn netfront_sender(
-    mut front: NetFront,
+    front: NetFront,
     frame: Vec<u8>,
     stop: Arc<AtomicBool>,
-) -> thread::JoinHandle<Result<(), CliError>> {
+) -> thread::JoinHandle<Result<NetFront, CliError>> {
+    // TX completions share the channel the stack waits on.
+    frame_sender(front, frame, stop, |f| f.wait_fd())
+}
+
+/// Sends `frame` on `dev` as fast as its backend takes it, sleeping on
+/// `tx_fd(dev)` while every transmit buffer is in flight; returns the
+/// device when `stop` is set.
+fn frame_sender<D: FrameDevice + Send + 'static>(
+    mut dev: D,
+    frame: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    tx_fd: for<'a> fn(&'a D) -> Option<BorrowedFd<'a>>,
+) -> thread::JoinHandle<Result<D, CliError>> {
     thread::spawn(move || {
         let mut sink = Vec::with_capacity(MTU_FRAME);
         while !stop.load(Ordering::Relaxed) {
-            if front.can_send() {
-                front.send(&frame)?;
+            if dev.can_send() {
+                dev.send(&frame)?;
                 continue;
             }
-            // Drains the notification (TX completions share the channel)
-            // and whatever arrived, then looks again before sleeping.
-            while front.recv(&mut sink)? {}
-            if !front.can_send() {
-                wait_fd(front.wait_fd().ok_or("no wait fd")?, PollFlags::POLLIN)?;
+            // Drains the notifications (and whatever arrived), then looks
+            // again before sleeping.
+            while dev.recv(&mut sink)? {}
+            if !dev.can_send() {
+                wait_fd(tx_fd(&dev).ok_or("no wait fd")?, PollFlags::POLLIN)?;
             }
         }
-        Ok(())
+        Ok(dev)
     })
 }
 
@@ -517,17 +613,21 @@ fn netfront_counter(
     })
 }
 
-/// Guests A and B, each with its backend, on the two ends of a cable.
-pub(crate) fn cable_vifs(shadow: bool) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
+/// Guests A and B, each with its backend (and with `hot` a standby), on
+/// the two ends of a cable.
+pub(crate) fn cable_vifs(
+    shadow: bool,
+    hot: bool,
+) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
     let [ca, cb] = cable_pair(CableConfig::default())?;
     let (a, b) = (guest(MAC_A)?, guest(MAC_B)?);
-    let va = BenchVif::start(&a, ca, WireType::Cable, shadow)?;
-    let vb = BenchVif::start(&b, cb, WireType::Cable, shadow)?;
+    let va = BenchVif::start_with(&a, ca, WireType::Cable, shadow, hot)?;
+    let vb = BenchVif::start_with(&b, cb, WireType::Cable, shadow, hot)?;
     Ok((a, b, [va, vb]))
 }
 
 fn netif_cable(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow)?;
+    let (a, b, vifs) = cable_vifs(shadow, false)?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let tx = netfront_sender(a, bench_frame(len, MAC_B.0), stop.clone());
@@ -575,6 +675,108 @@ fn netif_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError>
     stop.store(true, Ordering::Relaxed);
     join(tx)?;
     drop(vif);
+    rate
+}
+
+/// What a vhost-user-net row runs on: a supervisor serving one vif over
+/// vhost-user on a TAP it creates, both in a fresh network namespace (its
+/// threads and backends start there), and a counter of the benchmark
+/// frames arriving on the TAP. Dropped, the supervisor stops and the
+/// namespace goes with the TAP.
+struct VhostTap {
+    supervisor: Option<SupervisorThread>,
+    counter: crate::netns::PacketCounter,
+    socket: PathBuf,
+    _dir: crate::scratch::TempDir,
+}
+
+/// The benchmark TAP of the vhost-user-net rows.
+const VHOST_TAP: &str = "sbbench0";
+
+impl VhostTap {
+    /// With `linux`, the TAP gets the receiver's address and a listener
+    /// (the TCP rows).
+    fn start(shadow: bool, linux: bool) -> Result<(Self, Option<TcpListener>), CliError> {
+        let dir = crate::scratch::TempDir::new(None, "bench-net")?;
+        let socket = dir.0.join("vnet.sock");
+        let toml = format!(
+            "socket = {:?}\n[[nic]]\nname = \"vnet\"\ntap = \"{VHOST_TAP}\"\nmtu = 1500\nvhost_user = {:?}\nshadow = {shadow}\nstandby = false\n",
+            dir.0.join("control.sock").display().to_string(),
+            socket.display().to_string(),
+        );
+        let cfg = Config::parse(&toml)?;
+        let (supervisor, counter, listener) = thread::spawn(move || -> Result<_, CliError> {
+            crate::netns::unshare_net()?;
+            // Started from this thread, the supervisor's threads and the
+            // backends they start are in its namespace, and so is the TAP.
+            let supervisor = SupervisorThread::start(cfg, BackendCommand::current_exe()?)?;
+            let counter = crate::netns::PacketCounter::open(VHOST_TAP, BENCH_ETHERTYPE)?;
+            let listener = if linux {
+                let (_, receiver) = stream_params(0, 0);
+                crate::netns::set_ipv4_24(VHOST_TAP, receiver.net.address)?;
+                let l = TcpListener::bind((receiver.net.address, receiver.port))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            } else {
+                None
+            };
+            Ok((supervisor, counter, listener))
+        })
+        .join()
+        .map_err(|_| "the namespace thread panicked")??;
+        Ok((
+            VhostTap {
+                supervisor: Some(supervisor),
+                counter,
+                socket,
+                _dir: dir,
+            },
+            listener,
+        ))
+    }
+
+    fn connect(&self) -> Result<VhostUserNet, CliError> {
+        Ok(VhostUserNet::connect(
+            &self.socket,
+            &VhostUserNetOptions::default(),
+        )?)
+    }
+}
+
+impl Drop for VhostTap {
+    fn drop(&mut self) {
+        if let Some(s) = self.supervisor.take() {
+            if let Err(e) = s.stop() {
+                tracing::warn!(error = %e, "benchmark supervisor did not stop cleanly");
+            }
+        }
+    }
+}
+
+fn vhost_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (mut vt, _) = VhostTap::start(shadow, false)?;
+    let dev = vt.connect()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tx = frame_sender(
+        dev,
+        bench_frame(len, MAC_NOBODY),
+        stop.clone(),
+        VhostUserNet::tx_wait_fd,
+    );
+    let rate = timed_window(secs, &stop, || vt.counter.total(), len);
+    stop.store(true, Ordering::Relaxed);
+    // The device goes before the supervisor, as a VMM's would.
+    drop(join(tx)?);
+    drop(vt);
+    rate
+}
+
+fn tcp_vhost_tap(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+    let (vt, listener) = VhostTap::start(shadow, true)?;
+    let listener = listener.ok_or("no listener")?;
+    let dev = vt.connect()?;
+    let rate = tcp_to_linux_rate(dev, &listener, secs);
+    drop(vt);
     rate
 }
 
@@ -771,6 +973,7 @@ fn tcp_rate<D: FrameDevice + Send + 'static>(a: D, b: D, secs: Duration) -> Resu
     Ok(Rate {
         pps: r.phy.rx_frames as f64 / secs,
         gbps: bytes_per_s * 8.0 / 1e9,
+        cpu_us: None,
     })
 }
 
@@ -870,11 +1073,12 @@ fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
     Ok(Rate {
         pps: r.phy.tx_frames as f64 / secs,
         gbps: bytes_per_s * 8.0 / 1e9,
+        cpu_us: None,
     })
 }
 
 fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow)?;
+    let (a, b, vifs) = cable_vifs(shadow, false)?;
     let rate = tcp_rate(a, b, secs);
     drop(vifs);
     rate
@@ -887,12 +1091,14 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     );
     outln!();
     outln!(
-        "{:<22} {:<5} {:>12} {:>9} {:>8}",
+        "{:<28} {:<5} {:>12} {:>9} {:>8} {:>12} {:>8}",
         "path",
         "frame",
         "pps",
         "Gbit/s",
-        "vs raw"
+        "vs raw",
+        "CPU us/frame",
+        "backend"
     );
     let mut last: Option<&str> = None;
     for r in rows {
@@ -901,27 +1107,42 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
         }
         last = Some(r.frame);
         let ratio = r.ratio.map_or("base".to_string(), |x| format!("{x:.2}"));
+        let cpu = r
+            .cpu_us_per_frame
+            .map_or("-".to_string(), |c| format!("{c:.2}"));
+        let backend = r
+            .backend_cpu_us_per_frame
+            .map_or("-".to_string(), |c| format!("{c:.2}"));
         outln!(
-            "{:<22} {:<5} {:>12.0} {:>9.3} {:>8}",
+            "{:<28} {:<5} {:>12.0} {:>9.3} {:>8} {:>12} {:>8}",
             r.path,
             r.frame,
             r.pps,
             r.gbps,
-            ratio
+            ratio,
+            cpu,
+            backend
         );
     }
     outln!();
     for (with, without) in [
         (NetPath::NetifCable, NetPath::NetifCableNoShadow),
         (NetPath::NetifTap, NetPath::NetifTapNoShadow),
+        (NetPath::VhostTap, NetPath::VhostTapNoShadow),
     ] {
         for r in rows.iter().filter(|r| r.path == with.name()) {
             let o = rows
                 .iter()
                 .find(|o| o.path == without.name() && o.frame == r.frame);
             if let Some(o) = o.filter(|o| o.pps > 0.0) {
+                let cpu = match (r.cpu_us_per_frame, o.cpu_us_per_frame) {
+                    (Some(w), Some(n)) if n > 0.0 => {
+                        format!(", {:+.1}% CPU per frame", (w / n - 1.0) * 100.0)
+                    }
+                    _ => String::new(),
+                };
                 outln!(
-                    "shadow log cost, {} {}: {:+.1}% pps",
+                    "shadow log cost, {} {}: {:+.1}% pps{cpu}",
                     with.name(),
                     r.frame,
                     (r.pps / o.pps - 1.0) * 100.0
@@ -934,6 +1155,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     outln!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
     outln!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
     outln!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
+    outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part); other jobs on the machine change pps much more than this.");
     for s in skipped {
         outln!("  - skipped: {s}");
     }

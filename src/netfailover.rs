@@ -14,6 +14,14 @@
 //! come from the receiver's verifier; a gap above
 //! [`RTO_THRESHOLD`] is counted as a retransmission timeout (smoltcp does
 //! not count its own; its minimum RTO is far above a crash's stall).
+//!
+//! `--mode hot` (the default) keeps a standby process per vif, started
+//! before the kill (after the previous gap closed, so its start does not
+//! compete with the replay for the CPUs), as the supervisor does; `--mode cold` starts the new
+//! instance after the kill. What a gap is made of is reported per step
+//! (`takeover_us`): the reap of the killed process, the start of the new
+//! one (cold only), and its `attach-net` with the replay; the rest of a gap
+//! is the stream getting going again.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +65,17 @@ struct NetFailoverReport {
     gap_us: Dist,
     /// Gaps longer than 200 ms.
     retransmission_timeouts: u64,
+    /// The steps of the takeovers.
+    takeover_us: Steps,
+    /// `hot` or `cold`.
+    mode: &'static str,
+    /// Summed over the takeovers' `attached` replies: TX packets sent
+    /// again, of which the dead instance may have sent one already, and
+    /// frames it had taken from the cable and not delivered (TCP resends
+    /// them, as after any loss).
+    tx_replayed: u64,
+    tx_maybe_duplicated: u64,
+    rx_dropped_in_crash: u64,
     /// Kills after which no data came within 20 s (not in `gap_us`).
     unmeasured: u64,
     /// The longest stall either side saw in any stream, in µs.
@@ -69,6 +88,28 @@ struct NetFailoverReport {
     bad_responses: u64,
 }
 
+/// Per takeover step, its distribution.
+#[derive(Serialize, Default)]
+struct Steps {
+    /// SIGKILL to the reaped exit.
+    reap: Dist,
+    /// Starting the new process (0 with a standby).
+    spawn: Dist,
+    /// `attach-net recover=1` to `attached`: the replay.
+    attach: Dist,
+}
+
+impl Dist {
+    fn of(samples: &[u64]) -> Dist {
+        let (p50, p99, max) = percentiles(samples);
+        Dist { p50, p99, max }
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// What the receiver's progress hook shares with the killing loop.
 #[derive(Default)]
 struct Probe {
@@ -77,17 +118,18 @@ struct Probe {
     first_after: Option<Instant>,
 }
 
-pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError> {
+pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCode, CliError> {
     if !(1..=1 << 20).contains(&stream_mib) {
         return Err("--stream-mib must be within 1..=1048576".into());
     }
     let stream_bytes = stream_mib * MIB;
     // No kill once the receiver is this close to the end of a stream.
     let quiet_tail = stream_bytes / 4;
-    let (mut a, mut b, mut vifs) = cable_vifs(true)?;
+    let (mut a, mut b, mut vifs) = cable_vifs(true, hot)?;
     let probe = Arc::new(Mutex::new(Probe::default()));
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
     let mut gaps: Vec<u64> = Vec::new();
+    let mut steps: [Vec<u64>; 3] = Default::default();
     let mut report = NetFailoverReport {
         kills: 0,
         lost: 0,
@@ -95,6 +137,11 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
         corrupt: 0,
         gap_us: Dist::default(),
         retransmission_timeouts: 0,
+        takeover_us: Steps::default(),
+        mode: if hot { "hot" } else { "cold" },
+        tx_replayed: 0,
+        tx_maybe_duplicated: 0,
+        rx_dropped_in_crash: 0,
         unmeasured: 0,
         max_stall_us: 0,
         streams: 0,
@@ -148,9 +195,19 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
                 p.first_after = None;
             }
             let kill_at = Instant::now();
-            if let Err(e) = vifs[(report.kills % 2) as usize].kill_and_replace() {
-                kill_error = Some(e);
-                break;
+            match vifs[(report.kills % 2) as usize].kill_and_replace() {
+                Ok(t) => {
+                    report.tx_replayed += t.counts.tx_replayed;
+                    report.tx_maybe_duplicated += t.counts.tx_maybe_duplicated;
+                    report.rx_dropped_in_crash += t.counts.rx_dropped_in_crash;
+                    for (s, d) in steps.iter_mut().zip([t.reap, t.spawn, t.attach]) {
+                        s.push(micros(d));
+                    }
+                }
+                Err(e) => {
+                    kill_error = Some(e);
+                    break;
+                }
             }
             report.kills += 1;
             let gap = loop {
@@ -169,9 +226,12 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
                     if g > RTO_THRESHOLD {
                         report.retransmission_timeouts += 1;
                     }
-                    gaps.push(u64::try_from(g.as_micros()).unwrap_or(u64::MAX));
+                    gaps.push(micros(g));
                 }
                 None => report.unmeasured += 1,
+            }
+            for v in &mut vifs {
+                v.refill_standby()?;
             }
             if !json && report.kills.is_multiple_of(10) {
                 errout!(
@@ -221,8 +281,13 @@ pub fn run(kills: u32, stream_mib: u64, json: bool) -> Result<ExitCode, CliError
         }
         (a, b) = (front_a, front_b);
     }
-    let (p50, p99, max) = percentiles(&gaps);
-    report.gap_us = Dist { p50, p99, max };
+    report.gap_us = Dist::of(&gaps);
+    let [reap, spawn, attach] = &steps;
+    report.takeover_us = Steps {
+        reap: Dist::of(reap),
+        spawn: Dist::of(spawn),
+        attach: Dist::of(attach),
+    };
     let clean = report.lost == 0
         && report.duplicates == 0
         && report.corrupt == 0
@@ -247,7 +312,8 @@ fn bad(s: &NetFrontStats) -> u64 {
 fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
     outln!();
     outln!(
-        "shadowback bench failover --class net — a TCP stream between two vifs on a cable, netback A and B SIGKILLed in turn"
+        "shadowback bench failover --class net — a TCP stream between two vifs on a cable, netback A and B SIGKILLed in turn ({} standby)",
+        r.mode
     );
     outln!(
         "  {} kills in {:.1} s over {} streams ({} MiB verified)",
@@ -267,6 +333,22 @@ fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
     outln!(
         "  gap (kill → next new data at the receiver)   p50 {} us, p99 {} us, max {} us   ({measured} kills measured, {} not)",
         r.gap_us.p50, r.gap_us.p99, r.gap_us.max, r.unmeasured
+    );
+    outln!(
+        "  TX packets replayed {} (maybe duplicated {}), RX frames dropped in a crash {}",
+        r.tx_replayed,
+        r.tx_maybe_duplicated,
+        r.rx_dropped_in_crash
+    );
+    let t = &r.takeover_us;
+    outln!(
+        "  takeover steps p50/p99 in us: reap {}/{}, start {}/{}, attach+replay {}/{}",
+        t.reap.p50,
+        t.reap.p99,
+        t.spawn.p50,
+        t.spawn.p99,
+        t.attach.p50,
+        t.attach.p99
     );
     outln!(
         "  retransmission timeouts (gaps > 200 ms): {}; longest stall either side saw: {} us",

@@ -1,15 +1,19 @@
-//! What the network benchmarks hold in place of the supervisor, which does
-//! not serve vifs yet: per vif, the guest's descriptors, the wire fd, the
-//! two shadow logs and a `shadowback netback` process, attached with
-//! `attach-net` (docs/PROTOCOL.md §6c) and replaced after a kill as the
-//! supervisor will replace it (docs/ARCHITECTURE.md §11.6).
+//! What the network benchmarks hold in place of the supervisor: per vif,
+//! the guest's descriptors, the wire fd, the two shadow logs and a
+//! `shadowback netback` process, attached with `attach-net`
+//! (docs/PROTOCOL.md §6c) and replaced after a kill as the supervisor
+//! replaces it (docs/ARCHITECTURE.md §7.5, §11.6): by a hot standby
+//! started beforehand, or with none, by a process started after the kill.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shadowback_guest::netfront::NetFront;
+use shadowback_netback::backend::{
+    KEY_RX_DROPPED_IN_CRASH, KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED,
+};
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::netif::{MacAddr, NetAttachRequest, NetConnectRequest};
 use shadowback_xenbus::SeqPacket;
@@ -48,6 +52,31 @@ pub struct BenchVif {
     rx_log: ShadowLog,
     shadow: bool,
     backend: Option<Backend>,
+    /// A started process waiting for its `attach-net` (hot mode).
+    standby: Option<Backend>,
+    hot: bool,
+}
+
+/// How long the steps of one takeover took.
+#[derive(Clone, Copy, Debug)]
+pub struct Takeover {
+    /// SIGKILL to the reaped exit.
+    pub reap: Duration,
+    /// The reap to a process ready for `attach-net`: 0 with a standby,
+    /// else the start of a new one (its `attached` includes its start-up).
+    pub spawn: Duration,
+    /// `attach-net recover=1` to its `attached` reply: the replay.
+    pub attach: Duration,
+    /// What the new instance's `attached` reported (PROTOCOL.md §6c).
+    pub counts: TakeoverCounts,
+}
+
+/// The recovery counters of one `attached` reply.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TakeoverCounts {
+    pub tx_replayed: u64,
+    pub tx_maybe_duplicated: u64,
+    pub rx_dropped_in_crash: u64,
 }
 
 struct Backend {
@@ -57,12 +86,24 @@ struct Backend {
 
 impl BenchVif {
     /// Starts a backend (with `--no-shadow` unless `shadow`) for `front`
-    /// on `wire` and attaches it.
+    /// on `wire` and attaches it; no standby.
     pub fn start(
         front: &NetFront,
         wire: OwnedFd,
         wire_type: WireType,
         shadow: bool,
+    ) -> Result<Self, CliError> {
+        Self::start_with(front, wire, wire_type, shadow, false)
+    }
+
+    /// [`start`](Self::start), and with `hot` a standby process kept
+    /// ready for the next takeover, as the supervisor keeps one.
+    pub fn start_with(
+        front: &NetFront,
+        wire: OwnedFd,
+        wire_type: WireType,
+        shadow: bool,
+        hot: bool,
     ) -> Result<Self, CliError> {
         let mut vif = BenchVif {
             connect: front.connect_request(),
@@ -74,28 +115,55 @@ impl BenchVif {
             rx_log: ShadowLog::create(LOG_ENTRIES)?,
             shadow,
             backend: None,
+            standby: None,
+            hot,
         };
-        vif.attach_new(false)?;
+        let first = spawn_netback(shadow)?;
+        vif.attach(first, false)?;
+        vif.refill_standby()?;
         Ok(vif)
     }
 
-    /// SIGKILLs the backend, reaps it and hands the vif to a fresh one
-    /// (`recover=1`, `blame=0`: killed from outside).
-    pub fn kill_and_replace(&mut self) -> Result<(), CliError> {
+    /// SIGKILLs the backend, reaps it and hands the vif to the standby or
+    /// a fresh process (`recover=1`, `blame=0`: killed from outside). Says
+    /// how long each step took. The next standby is the caller's to start
+    /// ([`refill_standby`](Self::refill_standby)), once the stream runs
+    /// again: started at once, it competes for the CPUs with the replay.
+    pub fn kill_and_replace(&mut self) -> Result<Takeover, CliError> {
+        let t0 = Instant::now();
         self.kill();
-        self.attach_new(true)
+        let t1 = Instant::now();
+        let next = match self.standby.take() {
+            Some(b) => b,
+            None => spawn_netback(self.shadow)?,
+        };
+        let t2 = Instant::now();
+        let counts = self.attach(next, true)?;
+        let t3 = Instant::now();
+        Ok(Takeover {
+            reap: t1 - t0,
+            spawn: t2 - t1,
+            attach: t3 - t2,
+            counts,
+        })
     }
 
     /// SIGKILLs the backend (if any) and reaps it.
     pub fn kill(&mut self) {
-        if let Some(mut b) = self.backend.take() {
-            let _ = b.child.kill();
-            let _ = b.child.wait();
+        if let Some(b) = self.backend.take() {
+            b.kill();
         }
     }
 
-    fn attach_new(&mut self, recover: bool) -> Result<(), CliError> {
-        let backend = spawn_netback(self.shadow)?;
+    /// Starts a standby if the vif keeps one and has none.
+    pub fn refill_standby(&mut self) -> Result<(), CliError> {
+        if self.hot && self.standby.is_none() {
+            self.standby = Some(spawn_netback(self.shadow)?);
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, backend: Backend, recover: bool) -> Result<TakeoverCounts, CliError> {
         let msg = NetAttachRequest {
             frontend: "bench-guest".into(),
             connect: self.connect.clone(),
@@ -125,13 +193,28 @@ impl BenchVif {
         if answer.kind() != "attached" {
             return Err(format!("netback refused attach-net: {answer}").into());
         }
-        Ok(())
+        let count = |key| answer.get_u64(key).map(Option::unwrap_or_default);
+        Ok(TakeoverCounts {
+            tx_replayed: count(KEY_TX_REPLAYED)?,
+            tx_maybe_duplicated: count(KEY_TX_MAYBE_DUPLICATED)?,
+            rx_dropped_in_crash: count(KEY_RX_DROPPED_IN_CRASH)?,
+        })
     }
 }
 
 impl Drop for BenchVif {
     fn drop(&mut self) {
         self.kill();
+        if let Some(b) = self.standby.take() {
+            b.kill();
+        }
+    }
+}
+
+impl Backend {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

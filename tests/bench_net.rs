@@ -50,7 +50,13 @@ fn bench_net_measures_every_row() {
     ];
     if is_root() {
         for frame in ["64", "1500", "tcp"] {
-            for path in ["raw-tap", "netif-tap", "netif-tap-noshadow"] {
+            for path in [
+                "raw-tap",
+                "netif-tap",
+                "netif-tap-noshadow",
+                "vhost-user-net-tap",
+                "vhost-user-net-tap-noshadow",
+            ] {
                 want.push((path, frame));
             }
         }
@@ -72,6 +78,19 @@ fn bench_net_measures_every_row() {
         } else {
             let ratio = row["ratio"].as_f64().expect("ratio");
             assert!(ratio > 0.0, "{row}");
+        }
+        // Frame rows: CPU time per frame, the backends' part of it
+        // (not for a raw row, which has none) no more than the whole.
+        if frame != "tcp" {
+            let cpu = row["cpu_us_per_frame"].as_f64().expect("cpu");
+            assert!(cpu > 0.0, "{row}");
+            match row.get("backend_cpu_us_per_frame") {
+                None => assert!(path.starts_with("raw-"), "{row}"),
+                Some(b) => {
+                    let b = b.as_f64().expect("backend cpu");
+                    assert!(b > 0.0 && b <= cpu, "{row}");
+                }
+            }
         }
     }
 }
@@ -106,4 +125,12 @@ fn bench_failover_net_loses_nothing() {
     assert!(gap["max"].as_u64().expect("max") > 0, "{v}");
     assert!(gap["p50"].as_u64() <= gap["max"].as_u64(), "{v}");
     assert!(v["retransmission_timeouts"].is_u64(), "{v}");
+    // A standby per vif (the default): no takeover started a process.
+    assert_eq!(v["mode"], "hot", "{v}");
+    assert_eq!(v["takeover_us"]["spawn"]["max"], 0, "{v}");
+    assert!(v["takeover_us"]["reap"]["max"].as_u64() > Some(0), "{v}");
+    assert!(v["takeover_us"]["attach"]["max"].as_u64() > Some(0), "{v}");
+    for key in ["tx_replayed", "tx_maybe_duplicated", "rx_dropped_in_crash"] {
+        assert!(v[key].is_u64(), "{key}: {v}");
+    }
 }

@@ -684,3 +684,97 @@ fn a_bad_attach_net_is_refused_and_the_process_serves_the_next() {
     backend.attach(&vif, false, true);
     backend.kill_in_place();
 }
+
+/// Fills the TX ring with one-slot frames, ids 0..RING, published with one
+/// `req_prod` store, and kicks.
+fn post_full_tx_ring(vif: &mut Vif) {
+    for id in 0..RING as u16 {
+        let f = frame(u32::from(id), 60);
+        let page = u64::from(TX_BUF_FRAME + u32::from(id)) * PAGE;
+        vif.region.write(page, &f).unwrap();
+        let req = NetifTxRequest {
+            gref: TX_BUF_GREF + u32::from(id),
+            offset: 0,
+            flags: 0,
+            id,
+            size: f.len() as u16,
+        };
+        vif.tx.put_request(&req).unwrap();
+    }
+    vif.tx.push_requests().unwrap();
+    vif.kick.notify().unwrap();
+}
+
+/// A drain of a full TX ring publishes its answers every 32 packets, so the
+/// guest can refill the ring while the backend works through the rest
+/// (docs/ARCHITECTURE.md §11.6). The backend dies at the 201st packet
+/// (poisoned): the 192 answers of six whole batches before it were
+/// published, the 8 after the last batch were not. (A backend that
+/// published once per drain left the guest nothing.)
+#[test]
+fn a_long_tx_drain_publishes_answers_before_it_ends() {
+    const POISONED_ID: u16 = 200;
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
+    let poison = Message::new(shadowback_xenbus::protocol::kind::POISON)
+        .with(shadowback_xenbus::protocol::key::SECTOR, POISONED_ID);
+    backend.0.control.send(&poison, &[]).unwrap();
+    let (ok, _) = backend
+        .0
+        .control
+        .recv_timeout(REPLY_TIMEOUT)
+        .unwrap()
+        .expect("poison answered");
+    assert_eq!(ok.kind(), shadowback_xenbus::protocol::kind::OK);
+    post_full_tx_ring(&mut vif);
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while backend.0.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the backend never reached the poisoned packet"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut answered = Vec::new();
+    while let Some(rsp) = vif.tx.take_response().unwrap() {
+        assert_eq!(rsp.status, NETIF_RSP_OKAY);
+        answered.push(rsp.id);
+    }
+    let expected: Vec<u16> = (0..192).collect();
+    assert_eq!(
+        answered, expected,
+        "answers published before the poisoned packet"
+    );
+    backend.kill_in_place();
+}
+
+/// A guest asleep while the backend drains a full TX ring — its
+/// `rsp_event` asks for the first answer — is woken once the drain ends:
+/// the publications in the middle of the drain owe the notification they
+/// did not send to the drain's end (one owed and never sent would leave
+/// this guest asleep for good).
+#[test]
+fn a_guest_asleep_through_a_long_drain_is_notified() {
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
+    // The wake-up every attach sends, before its reply.
+    vif.notify.drain().unwrap();
+    post_full_tx_ring(&mut vif);
+    assert!(
+        vif.notify.wait(REPLY_TIMEOUT).unwrap(),
+        "the guest was never notified"
+    );
+    let mut answered = 0;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while answered < RING {
+        assert!(Instant::now() < deadline, "{answered} answers");
+        while let Some(rsp) = vif.tx.take_response().unwrap() {
+            assert_eq!(rsp.status, NETIF_RSP_OKAY);
+            answered += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    backend.kill_in_place();
+}

@@ -15,13 +15,17 @@
 //!   slot logged (one shadow-log entry per slot), the data read from the
 //!   granted pages into a private frame, a blank checksum completed (a
 //!   cable) or left to the kernel with GSO (a TAP: `NEEDS_CSUM` and the
-//!   segmentation in the virtio-net header), the frame written to the wire, the first slot's entry marked *sent*, and
-//!   every slot answered. A fatal verdict disconnects this vif only.
+//!   segmentation in the virtio-net header), the frame written to the
+//!   wire, and every slot answered, the first one first (its answer says
+//!   the packet went out). A fatal verdict disconnects this vif only. A
+//!   long drain publishes every [`PUBLISH_EVERY`] answers, so the guest
+//!   refills the ring while the backend works.
 //! - **RX**: posted buffers are logged as taken and kept in a pool; a frame
 //!   from the wire is copied into the first buffers of the pool and each
 //!   buffer answered in its own slot. With no buffer posted, the wire is not
 //!   read: frames wait in its kernel queue, nothing grows here.
-//! - **Recovery**: TX entries marked sent are answered only; the others are
+//! - **Recovery**: TX packets with an answered slot (or, in a log of an
+//!   older instance, marked [`TX_SENT`]) are answered only; the others are
 //!   sent again (at most the one packet being written at the crash can go
 //!   out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
 //!   dead instance was still logging is completed from the ring. RX
@@ -77,8 +81,17 @@ const RX: u8 = 1;
 /// The wire's readability.
 const WIRE: u8 = 2;
 
-/// Progress flag of a TX packet's first entry: the frame was handed to the
-/// wire (`ShadowLog::set_progress`).
+/// Responses a long drain of a ring puts before it publishes them (and
+/// notifies, if the guest asked): the guest refills the ring while the
+/// backend works through the rest, instead of the two taking turns with
+/// a whole ring each.
+const PUBLISH_EVERY: u32 = 32;
+
+/// Progress flag of a TX entry: the frame was handed to the wire
+/// (`ShadowLog::set_progress`). vhost-user-net sets it; the netif loop
+/// reads it (a log written by an older instance) but no longer sets it:
+/// its packet's first slot is answered right after the write, and an
+/// answered slot says the same.
 pub const TX_SENT: u32 = 1;
 
 /// Progress flag of an RX buffer's entry: a frame read from the wire starts
@@ -218,11 +231,17 @@ struct Vif {
     wire_armed: bool,
     /// The wire was seen readable and not yet drained.
     wire_readable: bool,
-    tx_unpublished: bool,
-    rx_unpublished: bool,
+    /// Responses put and not yet published, per ring.
+    tx_unpublished: u32,
+    rx_unpublished: u32,
+    /// The guest asked to be notified of answers published without a
+    /// notification (in the middle of a drain).
+    tx_notify_owed: bool,
+    rx_notify_owed: bool,
     /// Slots of a packet being replayed, collected in ring order.
     tx_pending: Vec<(EntryId, TxSlotRecord)>,
-    /// Packets the dead instance sent (first slot marked, or a slot
+    /// Packets the dead instance sent (first slot marked by an older
+    /// instance, or a slot
     /// already answered: answers follow the write).
     tx_sent: HashSet<u32>,
     /// Slots the dead instance answered, by packet: a packet it was
@@ -304,6 +323,37 @@ impl NetBackend {
         self.control.send(&msg, &[]).map_err(control_err)
     }
 
+    /// Publishes the answers put on each ring (`RING_PUSH_RESPONSES`, then
+    /// `log_published`). A notification the guest asked for (`rsp_event`)
+    /// is sent with `notify`, else owed until the next call with it: a
+    /// drain publishing every [`PUBLISH_EVERY`] answers wakes the guest
+    /// once, at its end, not once per batch (a guest that is running
+    /// finds the answers itself; one asleep gets its notification no
+    /// later than when the drain publishes only at its end).
+    fn publish_rings(&mut self, notify: bool) {
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        let device = &self.cfg.device;
+        if std::mem::take(&mut vif.tx_unpublished) > 0 {
+            vif.tx_notify_owed |= push_and_log(&mut vif.tx, vif.tx_log.as_ref(), device);
+        }
+        if std::mem::take(&mut vif.rx_unpublished) > 0 {
+            vif.rx_notify_owed |= push_and_log(&mut vif.rx, vif.rx_log.as_ref(), device);
+        }
+        if !notify {
+            return;
+        }
+        if std::mem::take(&mut vif.tx_notify_owed) {
+            self.stats.notifications += 1;
+            let _ = vif.tx_chan.notify.notify();
+        }
+        if std::mem::take(&mut vif.rx_notify_owed) {
+            self.stats.notifications += 1;
+            let _ = vif.rx_notify().notify();
+        }
+    }
+
     // ---- TX ------------------------------------------------------------
 
     /// Takes every packet the TX ring holds.
@@ -314,6 +364,11 @@ impl NetBackend {
             };
             if vif.closing != Closing::No || !vif.tx_serial.is_empty() {
                 return Ok(());
+            }
+            if vif.tx_unpublished >= PUBLISH_EVERY {
+                // The guest refills these slots while the rest are sent.
+                self.publish_rings(false);
+                continue;
             }
             let available = match vif.tx.unconsumed_requests() {
                 Ok(0) => return Ok(()),
@@ -395,18 +450,11 @@ impl NetBackend {
         let status = if sent {
             NETIF_RSP_OKAY
         } else {
+            // No progress flag: the first slot's answer, logged right
+            // after the write, says the packet went out (ARCHITECTURE.md
+            // §11.6), and saves a log store per packet.
             match self.send_packet(&packet) {
-                Ok(()) => {
-                    if let (Some(log), Some(Some(first))) = (
-                        self.vif.as_ref().and_then(|v| v.tx_log.as_ref()),
-                        entries.first(),
-                    ) {
-                        if let Err(e) = log.set_progress(*first, TX_SENT) {
-                            log_failed(&self.cfg.device, e);
-                        }
-                    }
-                    NETIF_RSP_OKAY
-                }
+                Ok(()) => NETIF_RSP_OKAY,
                 Err(why) => {
                     tracing::debug!(device = %self.cfg.device, why, "TX packet failed");
                     self.stats.tx_errors += 1;
@@ -502,7 +550,7 @@ impl NetBackend {
                     return;
                 }
             };
-            vif.tx_unpublished = true;
+            vif.tx_unpublished += 1;
             if let (Some(log), Some(entry)) = (vif.tx_log.as_ref(), entry) {
                 if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(rsp)) {
                     log_failed(&self.cfg.device, e);
@@ -599,7 +647,7 @@ impl NetBackend {
         let vif = self.vif.as_mut().ok_or("no vif")?;
         let rsp = txrec::error_response(&rec);
         let idx = vif.tx.put_response(&rsp).map_err(|e| e.to_string())?;
-        vif.tx_unpublished = true;
+        vif.tx_unpublished += 1;
         if let Some(log) = vif.tx_log.as_ref() {
             log.log_completing(entry, idx, &response::encode_tx(&rsp))
                 .map_err(|e| e.to_string())?;
@@ -699,6 +747,11 @@ impl NetBackend {
             };
             if vif.closing != Closing::No || vif.pool.is_empty() {
                 return Ok(());
+            }
+            if vif.rx_unpublished >= PUBLISH_EVERY {
+                // The guest takes these frames while the rest are copied.
+                self.publish_rings(false);
+                continue;
             }
             if let Some(mut held) = vif.held.take() {
                 if !self.deliver_frame(&mut held) {
@@ -1005,8 +1058,8 @@ impl NetBackend {
                 .filter(|p| !tx_sent.contains(p) && !tx_answered.contains_key(p))
                 .collect();
             self.recovery.tx_replayed += unsent.len() as u64;
-            // Packets go out in ring order and each is marked sent right
-            // after its write: only the first one not marked can have left
+            // Packets go out in ring order and each is answered right
+            // after its write: only the first one not answered can have left
             // the dead instance too.
             if !unsent.is_empty() {
                 self.recovery.tx_maybe_duplicated += 1;
@@ -1037,8 +1090,10 @@ impl NetBackend {
             rx_taken: None,
             wire_armed: false,
             wire_readable: true,
-            tx_unpublished: false,
-            rx_unpublished: false,
+            tx_unpublished: 0,
+            rx_unpublished: 0,
+            tx_notify_owed: false,
+            rx_notify_owed: false,
             tx_pending: Vec::new(),
             tx_sent,
             tx_answered,
@@ -1099,6 +1154,23 @@ impl NetBackend {
     }
 }
 
+/// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` on one ring, then
+/// `log_published` (docs/ARCHITECTURE.md §7.1: the entries the guest can
+/// now see are freed); whether the guest asked to be notified.
+fn push_and_log<P: shadowback_ring::sring::RingProtocol>(
+    ring: &mut BackRing<P>,
+    log: Option<&ShadowLog>,
+    device: &str,
+) -> bool {
+    let pushed = ring.push_responses();
+    if let (Ok(_), Some(log)) = (&pushed, log) {
+        if let Err(e) = log.log_published(ring.rsp_prod_pvt()) {
+            log_failed(device, e);
+        }
+    }
+    pushed.unwrap_or(false)
+}
+
 /// Marks the first pooled RX buffer's entry [`RX_TAKEN`]: a frame from
 /// the wire is bound for it.
 fn mark_rx_taken(device: &str, vif: &mut Vif) {
@@ -1125,7 +1197,7 @@ fn answer_rx(device: &str, vif: &mut Vif, entry: Option<EntryId>, rsp: &NetifRxR
             return;
         }
     };
-    vif.rx_unpublished = true;
+    vif.rx_unpublished += 1;
     if let (Some(log), Some(entry)) = (vif.rx_log.as_ref(), entry) {
         if let Err(e) = log.log_completing(entry, idx, &response::encode_rx(rsp)) {
             log_failed(device, e);
@@ -1248,7 +1320,7 @@ impl ReplayTarget for TxReplay<'_> {
             .ok_or("no TX log")?
             .log_repushed(r.entry, idx)
             .map_err(|e| e.to_string())?;
-        vif.tx_unpublished = true;
+        vif.tx_unpublished += 1;
         Ok(())
     }
 
@@ -1307,7 +1379,7 @@ impl ReplayTarget for RxReplay<'_> {
             .ok_or("no RX log")?
             .log_repushed(r.entry, idx)
             .map_err(|e| e.to_string())?;
-        vif.rx_unpublished = true;
+        vif.rx_unpublished += 1;
         Ok(())
     }
 
@@ -1396,33 +1468,7 @@ impl EventLoop for NetBackend {
     }
 
     fn publish(&mut self) {
-        let Some(vif) = self.vif.as_mut() else {
-            return;
-        };
-        if std::mem::take(&mut vif.tx_unpublished) {
-            let pushed = vif.tx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.tx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.tx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            if let Ok(true) = pushed {
-                self.stats.notifications += 1;
-                let _ = vif.tx_chan.notify.notify();
-            }
-        }
-        if std::mem::take(&mut vif.rx_unpublished) {
-            let pushed = vif.rx.push_responses();
-            if let (Ok(_), Some(log)) = (&pushed, vif.rx_log.as_ref()) {
-                if let Err(e) = log.log_published(vif.rx.rsp_prod_pvt()) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-            if let Ok(true) = pushed {
-                self.stats.notifications += 1;
-                let _ = vif.rx_notify().notify();
-            }
-        }
+        self.publish_rings(true);
     }
 
     fn finish_detach(&mut self) -> Result<(), BackendError> {

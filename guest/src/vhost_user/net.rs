@@ -468,6 +468,13 @@ impl VhostUserNet {
         Ok(used == 1 && u32::from(ack[0]) == VIRTIO_NET_OK)
     }
 
+    /// The fd the transmit queue's completions wake (the stack waits on
+    /// the receive queue's, [`FrameDevice::wait_fd`]): a sender that only
+    /// transmits sleeps on it while every transmit buffer is in flight.
+    pub fn tx_wait_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.transport.call_fd(self.tx.index)
+    }
+
     /// Whether the config space said the link is up.
     pub fn link_up(&self) -> bool {
         self.link_up
