@@ -10,6 +10,8 @@ pub enum ShadowError {
     BadMagic(u64),
     #[error("not a metrics page (magic {0:#018x})")]
     NotMetricsPage(u64),
+    #[error("metrics page: a copy never finished (the writer keeps it changing)")]
+    MetricsBusy,
     #[error("shadow log version {0} is not supported")]
     BadVersion(u32),
     #[error("shadow log entry size {0} is not supported")]

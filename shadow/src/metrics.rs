@@ -14,10 +14,12 @@
 //!
 //! Layout (version 1), little-endian `u64` words: magic `SBMETRC1`, then
 //! [`IoCounters`] in field order, then [`LATENCY_BUCKETS`] histogram
-//! buckets.
+//! buckets, then a sequence word: odd while a copy is being written, so a
+//! reader retries instead of mixing two copies (a seqlock; a reader gives
+//! up after [`READ_ATTEMPTS`], since the writer is a backend).
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use shadowback_ring::SharedRegion;
@@ -64,6 +66,10 @@ pub struct IoCounters {
 /// The number of `u64` words of [`IoCounters`] before the histogram.
 const SCALARS: usize = 10;
 const WORDS: usize = 1 + SCALARS + LATENCY_BUCKETS;
+/// Byte offset of the sequence word, after the counters.
+const SEQ: u64 = (WORDS * 8) as u64;
+/// Reads of a page whose copy keeps changing before one is given up.
+pub const READ_ATTEMPTS: usize = 1000;
 
 /// A histogram of request latencies in microseconds, from taking a
 /// request off the ring to putting its answer there.
@@ -292,26 +298,50 @@ impl MetricsPage {
         self.region.file()
     }
 
-    /// Stores every word. Relaxed: each word is a counter read on its
-    /// own; a reader may see one copy's `requests` with the previous
-    /// copy's bytes, never a torn word.
+    /// Stores every word inside an odd sequence number, so that a reader
+    /// sees one copy whole, never `requests` of one copy with the bytes of
+    /// the previous one. One writer at a time (the serving instance).
     fn write(&self, c: &IoCounters) -> Result<(), ShadowError> {
+        let seq: u64 = self.region.load(SEQ, Ordering::Relaxed)?;
+        let odd = seq | 1;
+        self.region.store(odd, SEQ, Ordering::Relaxed)?;
+        // The odd number is visible before any word below changes.
+        fence(Ordering::Release);
         for (i, w) in c.to_words().iter().enumerate().skip(1) {
             self.region.store(*w, (i * 8) as u64, Ordering::Relaxed)?;
         }
         // Release: a reader that checks the magic sees the words above.
         self.region.store(MAGIC, 0, Ordering::Release)?;
+        self.region
+            .store(odd.wrapping_add(1), SEQ, Ordering::Release)?;
         Ok(())
     }
 
-    /// Loads every word (see [`Self::write`] for what a copy racing with
-    /// it shows).
+    /// Loads one whole copy: again while a copy is being written or one
+    /// was written meanwhile, up to [`READ_ATTEMPTS`] times
+    /// ([`ShadowError::MetricsBusy`] then: a writer that never finishes).
     pub fn read(&self) -> Result<IoCounters, ShadowError> {
         let mut w = [0u64; WORDS];
-        for (i, slot) in w.iter_mut().enumerate() {
-            *slot = self.region.load((i * 8) as u64, Ordering::Relaxed)?;
+        for attempt in 0..READ_ATTEMPTS {
+            let before: u64 = self.region.load(SEQ, Ordering::Acquire)?;
+            if before & 1 == 0 {
+                for (i, slot) in w.iter_mut().enumerate() {
+                    *slot = self.region.load((i * 8) as u64, Ordering::Relaxed)?;
+                }
+                // The words are read before the sequence is read again.
+                fence(Ordering::Acquire);
+                let after: u64 = self.region.load(SEQ, Ordering::Relaxed)?;
+                if after == before {
+                    return Ok(IoCounters::from_words(&w));
+                }
+            }
+            if attempt % 16 == 15 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
-        Ok(IoCounters::from_words(&w))
+        Err(ShadowError::MetricsBusy)
     }
 }
 
@@ -496,6 +526,69 @@ mod tests {
         assert_eq!(seen.in_flight, 1, "the gauge is the serving instance's");
         assert_eq!(seen.latency.count, 2);
         assert_eq!(seen.latency.below_us(64), 1);
+    }
+
+    #[test]
+    fn a_reader_never_mixes_two_copies() {
+        let page = MetricsPage::create().unwrap();
+        let fd: OwnedFd = page.file().try_clone().unwrap().into();
+        let writer = MetricsPage::open(fd).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                // Every copy has as many requests as bytes and errors.
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let c = IoCounters {
+                        requests: n,
+                        errors: n,
+                        bytes_to_guest: n,
+                        bytes_from_guest: n,
+                        ..IoCounters::default()
+                    };
+                    writer.write(&c).unwrap();
+                    // A real writer copies every 10 ms; this one leaves a
+                    // reader room to finish, yet still races it.
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+            });
+            // Stops the writer even if an assertion below fails.
+            struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(&stop);
+            let mut changed = 0;
+            let mut last = 0;
+            for _ in 0..20_000 {
+                let c = page.read().unwrap();
+                assert_eq!(
+                    (c.errors, c.bytes_to_guest, c.bytes_from_guest),
+                    (c.requests, c.requests, c.requests),
+                    "two copies mixed"
+                );
+                assert!(c.requests >= last, "went back: {} after {last}", c.requests);
+                changed += usize::from(c.requests != last);
+                last = c.requests;
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(
+                changed > 10,
+                "the writer barely ran ({changed} copies seen)"
+            );
+        });
+    }
+
+    #[test]
+    fn a_copy_that_never_finishes_is_given_up_on() {
+        let page = MetricsPage::create().unwrap();
+        page.region.store(7u64, SEQ, Ordering::Relaxed).unwrap();
+        assert!(matches!(page.read(), Err(ShadowError::MetricsBusy)));
+        page.region.store(8u64, SEQ, Ordering::Relaxed).unwrap();
+        assert_eq!(page.read().unwrap(), IoCounters::default());
     }
 
     #[test]
