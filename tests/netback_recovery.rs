@@ -353,8 +353,10 @@ struct Outcome {
 struct Run {
     tx_total: u32,
     rx_total: u32,
-    /// SIGKILL the serving backend this often (at most `kills` times).
-    kill_every: Option<Duration>,
+    /// SIGKILL the serving backend this many times, spread over the
+    /// traffic's progress (TX packets posted plus RX frames sent), not
+    /// over time: the kills land inside the traffic whatever the speed of
+    /// the build and the machine.
     kills: u32,
     /// Environment of the first instance (`SHADOWBACK_CRASH_AT`).
     first_env: Vec<(&'static str, String)>,
@@ -371,7 +373,13 @@ impl Run {
         let mut t = Traffic::new(&mut vif);
         vif.kick.notify().unwrap();
         let mut o = Outcome::default();
-        let mut next_kill = self.kill_every.map(|d| Instant::now() + d);
+        let total = self.tx_total + self.rx_total;
+        // Evenly spaced, each shifted by up to a third of a space so the
+        // kills do not fall on the same ring positions every time.
+        let kill_at = |k: u32| {
+            let space = total / (self.kills + 1);
+            space * (k + 1) + (k * 7919) % (space / 3).max(1)
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         let replace = |backend: &mut Backend, vif: &Vif, o: &mut Outcome, blame: bool| {
             *backend = Backend::spawn(&[]);
@@ -391,13 +399,10 @@ impl Run {
                 o.crashes += 1;
                 replace(&mut backend, &vif, &mut o, true);
             }
-            if next_kill.is_some_and(|k| Instant::now() >= k) && o.kills < self.kills {
+            if o.kills < self.kills && t.tx_next + t.rx_sent >= kill_at(o.kills) {
                 backend.kill_in_place();
                 o.kills += 1;
                 replace(&mut backend, &vif, &mut o, false);
-                next_kill = self.kill_every.map(|d| {
-                    Instant::now() + d + Duration::from_millis(u64::from(o.kills * 7 % 40))
-                });
             }
             std::thread::sleep(Duration::from_micros(100));
         }
@@ -460,12 +465,11 @@ fn tx_and_rx_survive_sigkills_of_the_backend() {
     let o = Run {
         tx_total: 20_000,
         rx_total: 10_000,
-        kill_every: Some(Duration::from_millis(15)),
         kills: 40,
         first_env: Vec::new(),
     }
     .run();
-    assert!(o.kills >= 20, "only {} kills", o.kills);
+    assert_eq!(o.kills, 40, "kills while the traffic ran");
 }
 
 /// The first instance aborts at each crash point of the shadow log a vif
@@ -493,7 +497,6 @@ fn every_crash_point_of_a_vif_is_recovered() {
         let o = Run {
             tx_total: 400,
             rx_total: 200,
-            kill_every: None,
             kills: 0,
             first_env: vec![("SHADOWBACK_CRASH_AT", format!("{name}@{nth}"))],
         }
