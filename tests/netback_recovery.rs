@@ -13,8 +13,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use nix::sys::socket::MsgFlags;
+use shadowback_netback::tapbatch::TX_BATCH;
 use shadowback_netback::wire::{
-    cable_pair, CableConfig, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind,
+    cable_pair, CableConfig, SendOutcome, Tap, TapConfig, TapMode, VnetHeader, VnetHeaderLen, Wire,
+    WireError, WireKind,
 };
 use shadowback_ring::grant::GrantTable;
 use shadowback_ring::netif::{
@@ -23,6 +28,7 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{FrontRing, RingPages};
 use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_shadow::ShadowLog;
+use shadowback_testsupport::netns::enter_fresh_netns;
 use shadowback_xenbus::netif::NetFeatures;
 use shadowback_xenbus::Message;
 
@@ -50,16 +56,135 @@ struct Vif {
     rx: FrontRing<NetifRx>,
     kick: EventChannel,
     notify: EventChannel,
-    /// The backend's end of the cable, lent to each instance.
-    cable: OwnedFd,
-    /// The far end: another vif's wire, played by the test.
-    peer: Wire,
+    /// The backend's wire, lent to each instance: an end of a cable, or
+    /// a TAP queue.
+    wire: OwnedFd,
+    wire_kind: &'static str,
+    /// The far end: another vif's wire, played by the test, or what the
+    /// TAP's interface receives.
+    peer: Peer,
     tx_log: ShadowLog,
     rx_log: ShadowLog,
 }
 
+/// The far end of a vif's wire, as the test sees it: each frame is the
+/// 10-byte virtio-net header and the Ethernet frame.
+enum Peer {
+    Cable(Wire),
+    /// An `AF_PACKET` socket with `PACKET_VNET_HDR` on the TAP's
+    /// interface, seeing the test's frames the backend writes to the TAP
+    /// (the kernel's own frames, of other EtherTypes, are skipped).
+    Tap {
+        socket: OwnedFd,
+        _tap: Tap,
+    },
+}
+
+impl Peer {
+    fn recv_buf_len(&self) -> usize {
+        VnetHeaderLen::Basic.bytes() + 65535
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<SendOutcome, WireError> {
+        match self {
+            Peer::Cable(w) => w.send(frame),
+            Peer::Tap { .. } => panic!("the TAP runs carry TX frames only"),
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, WireError> {
+        let socket = match self {
+            Peer::Cable(w) => return w.recv(buf),
+            Peer::Tap { socket, .. } => socket,
+        };
+        let hdr = VnetHeaderLen::Basic.bytes();
+        loop {
+            match nix::sys::socket::recv(socket.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) if n >= hdr + 14 && buf[hdr + 12..hdr + 14] == [0x88, 0xb5] => {
+                    return Ok(Some(n))
+                }
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+                Err(e) => panic!("recv on the TAP's packet socket: {e}"),
+            }
+        }
+    }
+}
+
+/// The wire of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WireType {
+    Cable,
+    /// A TAP in a fresh network namespace: the calling thread must be in
+    /// one (root only).
+    Tap,
+}
+
+/// A TAP with IPv6 off (no router solicitations of the kernel's own on
+/// it) and a packet socket seeing what arrives on it, in the calling
+/// thread's network namespace.
+#[allow(
+    unsafe_code,
+    reason = "packet sockets; no wrapper in the test's dependencies"
+)]
+fn tap_peer() -> (OwnedFd, Peer) {
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
+    let tap = Tap::open(&TapConfig::new("sbrec%d", TapMode::Create)).unwrap();
+    let wire = tap.queue_fds()[0].try_clone().unwrap();
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket takes no pointers; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just opened and is owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let setopt = |opt: libc::c_int, level: libc::c_int, value: libc::c_int| {
+        // SAFETY: these options read an int, which `value` is, for its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                opt,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "setsockopt {opt}: {}",
+            std::io::Error::last_os_error()
+        );
+    };
+    setopt(libc::PACKET_VNET_HDR, libc::SOL_PACKET, 1);
+    // A whole TX ring of frames while the test is busy elsewhere.
+    setopt(libc::SO_RCVBUFFORCE, libc::SOL_SOCKET, 16 << 20);
+    let name = std::ffi::CString::new(tap.name()).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {}", tap.name());
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    (wire, Peer::Tap { socket, _tap: tap })
+}
+
 impl Vif {
     fn new() -> Self {
+        Self::on(WireType::Cable)
+    }
+
+    fn on(wire_type: WireType) -> Self {
         let region = Arc::new(SharedRegion::create("nb-test", PAGES).unwrap());
         let gt = GrantTable::new(region.clone(), GRANT_FRAMES).unwrap();
         gt.grant(TX_RING_GREF, 0, TX_RING_FRAME, false).unwrap();
@@ -74,15 +199,26 @@ impl Vif {
             |frame: u32| RingPages::new(region.clone(), vec![u64::from(frame) * PAGE]).unwrap();
         let tx = FrontRing::<NetifTx>::init(pages(TX_RING_FRAME)).unwrap();
         let rx = FrontRing::<NetifRx>::init(pages(RX_RING_FRAME)).unwrap();
-        let [cable, peer] = cable_pair(CableConfig::default()).unwrap();
+        let (wire, wire_kind, peer) = match wire_type {
+            WireType::Cable => {
+                let [wire, peer] = cable_pair(CableConfig::default()).unwrap();
+                let peer = Wire::from_fd(WireKind::Cable, peer, VnetHeaderLen::Basic).unwrap();
+                (wire, "cable", Peer::Cable(peer))
+            }
+            WireType::Tap => {
+                let (wire, peer) = tap_peer();
+                (wire, "tap", peer)
+            }
+        };
         Vif {
             region,
             tx,
             rx,
             kick: EventChannel::new().unwrap(),
             notify: EventChannel::new().unwrap(),
-            cable,
-            peer: Wire::from_fd(WireKind::Cable, peer, VnetHeaderLen::Basic).unwrap(),
+            wire,
+            wire_kind,
+            peer,
             tx_log: ShadowLog::create(RING).unwrap(),
             rx_log: ShadowLog::create(RING).unwrap(),
         }
@@ -95,7 +231,7 @@ impl Vif {
         };
         let connect =
             netback_common::test_connect(GRANT_FRAMES, TX_RING_GREF, RX_RING_GREF, features);
-        netback_common::attach_message(connect, recover, blame)
+        netback_common::attach_message_on(connect, self.wire_kind, true, recover, blame)
     }
 
     fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
@@ -103,7 +239,7 @@ impl Vif {
             self.region.file().as_fd(),
             self.kick_fd(),
             self.notify_fd(),
-            self.cable.as_fd(),
+            self.wire.as_fd(),
             self.tx_log.file().as_fd(),
             self.rx_log.file().as_fd(),
         ]
@@ -161,6 +297,9 @@ struct Traffic {
     /// Peer: next TX seq expected on the wire; duplicates seen.
     wire_next: u32,
     wire_dups: u32,
+    /// How far back a duplicate can be: frames written and not answered
+    /// when a backend died (1 on a cable, a batch on a TAP).
+    dup_window: u32,
     /// RX: next seq the peer writes; next seq the guest expects.
     rx_sent: u32,
     rx_peer_drops: u32,
@@ -176,6 +315,10 @@ impl Traffic {
     fn new(vif: &mut Vif) -> Self {
         let mut t = Traffic {
             rx_posted: vec![false; RING as usize],
+            dup_window: match vif.wire_kind {
+                "tap" => TX_BATCH as u32,
+                _ => 1,
+            },
             ..Traffic::default()
         };
         for id in 0..RING as u16 {
@@ -277,7 +420,10 @@ impl Traffic {
             let seq = check_long_frame(&buf[VnetHeaderLen::Basic.bytes()..n]);
             if seq == self.wire_next {
                 self.wire_next += 1;
-            } else if seq + 1 == self.wire_next {
+            } else if seq < self.wire_next && self.wire_next - seq <= self.dup_window {
+                // Sent again after a kill: a frame the dead instance wrote
+                // and never answered — the last one on a cable, one of the
+                // last batch on a TAP.
                 self.wire_dups += 1;
             } else {
                 panic!("TX frame {seq} on the wire, expected {}", self.wire_next);
@@ -351,6 +497,7 @@ struct Outcome {
 
 /// How a run treats its backends.
 struct Run {
+    wire: WireType,
     tx_total: u32,
     rx_total: u32,
     /// SIGKILL the serving backend this many times, spread over the
@@ -367,7 +514,7 @@ impl Run {
     /// each dead backend with a recovering one, then checks every
     /// invariant of the module documentation.
     fn run(&self) -> Outcome {
-        let mut vif = Vif::new();
+        let mut vif = Vif::on(self.wire);
         let mut backend = Backend::spawn(&self.first_env);
         backend.attach(&vif, false, true);
         let mut t = Traffic::new(&mut vif);
@@ -463,6 +610,7 @@ impl Run {
 #[test]
 fn tx_and_rx_survive_sigkills_of_the_backend() {
     let o = Run {
+        wire: WireType::Cable,
         tx_total: 20_000,
         rx_total: 10_000,
         kills: 40,
@@ -470,6 +618,29 @@ fn tx_and_rx_survive_sigkills_of_the_backend() {
     }
     .run();
     assert_eq!(o.kills, 40, "kills while the traffic ran");
+}
+
+/// The same on a TAP, TX only: frames leave in batches of
+/// `tapbatch::TX_BATCH` writes, so a kill can come after a batch's write
+/// and before its answers; the answers must still be exactly one per slot
+/// and the duplicates on the wire no more than reported possible.
+#[test]
+fn tx_batches_to_a_tap_survive_sigkills_of_the_backend() {
+    let o = std::thread::spawn(|| {
+        enter_fresh_netns();
+        Run {
+            wire: WireType::Tap,
+            tx_total: 20_000,
+            rx_total: 0,
+            kills: 40,
+            first_env: Vec::new(),
+        }
+        .run()
+    })
+    .join()
+    .expect("the run's thread");
+    assert_eq!(o.kills, 40, "kills while the traffic ran");
+    assert!(o.tx_replayed > 0, "no kill found a packet to send again");
 }
 
 /// The first instance aborts at each crash point of the shadow log a vif
@@ -495,6 +666,7 @@ fn every_crash_point_of_a_vif_is_recovered() {
             37
         };
         let o = Run {
+            wire: WireType::Cable,
             tx_total: 400,
             rx_total: 200,
             kills: 0,

@@ -244,6 +244,46 @@ impl IoBuffers {
         })
     }
 
+    /// Buffers for ranges of two memories, `first`'s ranges first (a
+    /// header in private memory, then a frame in guest memory): each range
+    /// checked as in [`IoBuffers::from_ranges`]; the op holds both until it
+    /// completes.
+    pub fn from_ranges_of_two<A: IoMemory, B: IoMemory>(
+        first: (Arc<A>, &[(u64, usize)]),
+        then: (Arc<B>, &[(u64, usize)]),
+    ) -> Result<Self, EngineError> {
+        fn iovec<M: IoMemory>(
+            mem: &M,
+            &(offset, len): &(u64, usize),
+        ) -> Result<libc::iovec, EngineError> {
+            mem.io_range(offset, len)
+                .map(|base| libc::iovec {
+                    iov_base: base.as_ptr().cast(),
+                    iov_len: len,
+                })
+                .ok_or(EngineError::BufferOutOfRange { offset, len })
+        }
+        let count = first.1.len() + then.1.len();
+        let all = first
+            .1
+            .iter()
+            .map(|r| iovec(&*first.0, r))
+            .chain(then.1.iter().map(|r| iovec(&*then.0, r)));
+        let iovecs = if count <= INLINE_IOVECS {
+            let mut array = [EMPTY_IOVEC; INLINE_IOVECS];
+            for (slot, iov) in array.iter_mut().zip(all) {
+                *slot = iov?;
+            }
+            Iovecs::Inline { len: count, array }
+        } else {
+            Iovecs::Heap(all.collect::<Result<_, _>>()?)
+        };
+        Ok(IoBuffers {
+            iovecs,
+            _owner: Arc::new((first.0, then.0)),
+        })
+    }
+
     /// Total bytes described: what a full read or write returns.
     pub fn len_bytes(&self) -> usize {
         self.iovecs
@@ -301,6 +341,16 @@ pub enum IoOp {
         offset: u64,
         /// Length in bytes.
         len: u64,
+    },
+    /// Write `bufs` to an fd that is not the disk and has no file
+    /// position (a TAP queue: one write is one frame). The fd must be
+    /// non-blocking (a full queue completes with `-EAGAIN`); closing it
+    /// before completion is memory-safe.
+    WriteStream {
+        /// The fd to write to.
+        fd: RawFd,
+        /// Source memory.
+        bufs: IoBuffers,
     },
     /// One-shot readiness for reading of an fd that is not the disk (an
     /// eventfd, a socket); the result is the ready `poll` mask or `-errno`.
@@ -669,6 +719,10 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
             .offset(file_offset(*offset)?)
             .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
             .build(),
+        IoOp::WriteStream { fd, bufs } => {
+            opcode::Writev::new(Fd(*fd), bufs.iovecs.as_slice().as_ptr(), iovec_count(bufs)?)
+                .build()
+        }
         IoOp::PollIn { fd } => opcode::PollAdd::new(Fd(*fd), libc::POLLIN as u32).build(),
     })
 }

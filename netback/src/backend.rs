@@ -7,8 +7,10 @@
 //! data plane ([`shadowback_dataplane`]): the same completion token, loop
 //! body, control pieces and recovery applier as the block backend. The
 //! engine only waits (kicks, the control socket, the wire's readability);
-//! frames move with non-blocking `send`/`recv` on the wire, one packet at a
-//! time, so nothing is in flight between two loop turns.
+//! frames move with non-blocking `send`/`recv` on the wire, one at a time,
+//! except TX frames to a TAP, written in batches through a ring of their
+//! own ([`crate::tapbatch`]) and waited for, so nothing is in flight
+//! between two loop turns.
 //!
 //! - **TX**, per packet: its slots are copied out of the ring once and
 //!   validated as Linux netback does ([`crate::netif::parse_tx`]), each
@@ -16,8 +18,10 @@
 //!   granted pages into a private frame, a blank checksum completed (a
 //!   cable) or left to the kernel with GSO (a TAP: `NEEDS_CSUM` and the
 //!   segmentation in the virtio-net header), the frame written to the
-//!   wire, and every slot answered, the first one first (its answer says
-//!   the packet went out). A fatal verdict disconnects this vif only. A
+//!   wire (to a TAP: queued, and written with up to
+//!   [`TX_BATCH`] others, straight from the granted pages unless a
+//!   header had to change), and every slot answered, the first one first
+//!   (its answer says the packet went out). A fatal verdict disconnects this vif only. A
 //!   long drain publishes every [`PUBLISH_EVERY`] answers, so the guest
 //!   refills the ring while the backend works.
 //! - **RX**: posted buffers are logged as taken and kept in a pool; a frame
@@ -26,8 +30,8 @@
 //!   read: frames wait in its kernel queue, nothing grows here.
 //! - **Recovery**: TX packets with an answered slot (or, in a log of an
 //!   older instance, marked [`TX_SENT`]) are answered only; the others are
-//!   sent again (at most the one packet being written at the crash can go
-//!   out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
+//!   sent again (at most the one packet being written at the crash, or on
+//!   a TAP the batch, can go out twice: counted in `tx-maybe-duplicated`). A packet whose slots the
 //!   dead instance was still logging is completed from the ring. RX
 //!   buffers not answered go back to the pool (`rx-buffers-recovered`); a
 //!   frame the dead instance had read from the wire and not delivered is
@@ -71,6 +75,7 @@ use crate::netif::{rx_plan, Checksum, NetifRxError, RxFeatures, RxFrame, TxSlots
 use crate::record::response;
 use crate::record::rx as rxrec;
 use crate::record::tx::{self as txrec, TxSlotRecord};
+use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
 use crate::wire::{
     Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN,
 };
@@ -271,6 +276,11 @@ pub struct NetBackend {
     poison: Vec<u64>,
     /// Scratch frame: virtio-net header + the largest frame.
     frame: Vec<u8>,
+    /// TX frames for a TAP, written together (ARCHITECTURE.md §11.6).
+    tap_batch: TapBatch,
+    /// The packets of `tap_batch`, in its order: answered once it is
+    /// written.
+    tx_batched: Vec<(TxSlots, Vec<Option<EntryId>>, u16)>,
     /// Scratch for frames read from the wire.
     rx_scratch: Vec<u8>,
     /// The device's metrics page, if the supervisor gave one.
@@ -291,6 +301,8 @@ impl NetBackend {
             completions: Vec::with_capacity(64),
             poison: Vec::new(),
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
+            tap_batch: TapBatch::new().map_err(BackendError::Engine)?,
+            tx_batched: Vec::with_capacity(TX_BATCH),
             rx_scratch: Vec::new(),
             metrics: None,
         })
@@ -356,8 +368,15 @@ impl NetBackend {
 
     // ---- TX ------------------------------------------------------------
 
-    /// Takes every packet the TX ring holds.
+    /// Takes every packet the TX ring holds; what is batched for a TAP is
+    /// written and answered before it returns.
     fn consume_tx(&mut self) -> Result<(), BackendError> {
+        let taken = self.take_tx();
+        self.flush_tx();
+        taken
+    }
+
+    fn take_tx(&mut self) -> Result<(), BackendError> {
         loop {
             let Some(vif) = self.vif.as_mut() else {
                 return Ok(());
@@ -406,10 +425,125 @@ impl NetBackend {
                 }
                 Some(Ok(request)) => {
                     let entries = self.log_tx(first_index, request.slots());
-                    self.execute_tx(request, &entries, false);
+                    self.queue_tx(request, entries);
                 }
             }
         }
+    }
+
+    /// A valid packet taken from the ring: on a TAP, queued in the batch
+    /// (written and answered at the next [`NetBackend::flush_tx`]); else
+    /// sent and answered now.
+    fn queue_tx(&mut self, request: TxRequest, entries: Vec<Option<EntryId>>) {
+        let on_tap = self
+            .vif
+            .as_ref()
+            .is_some_and(|v| v.wire.kind() == WireKind::Tap);
+        let packet = match request {
+            TxRequest::Packet(p) if on_tap && !poisoned(&self.poison, &p.slots) => p,
+            other => return self.execute_tx(other, &entries, false),
+        };
+        match self.batch_packet(&packet) {
+            Ok(()) => {
+                self.tx_batched.push((packet.slots, entries, packet.size));
+                if self.tap_batch.len() >= TX_BATCH {
+                    self.flush_tx();
+                }
+            }
+            Err(PushError::Fill(why)) => {
+                tracing::debug!(device = %self.cfg.device, why, "TX packet failed");
+                self.stats.tx_errors += 1;
+                self.answer_tx(&packet.slots, &entries, NETIF_RSP_ERROR, &[]);
+            }
+            // Not expected after a flush: send it on its own.
+            Err(PushError::Full | PushError::Busy) => {
+                self.execute_tx(TxRequest::Packet(packet), &entries, false)
+            }
+        }
+    }
+
+    /// Puts a packet in the TAP batch: a plain frame as its header and the
+    /// guest's pages, one whose headers must change (a partial checksum, a
+    /// GSO packet) copied with its header.
+    fn batch_packet(&mut self, packet: &crate::netif::TxPacket) -> Result<(), PushError<String>> {
+        let vif = self.vif.as_ref().ok_or(PushError::Fill("no vif".into()))?;
+        let hdr_len = vif.wire.header_len();
+        let hdr = hdr_len.bytes();
+        let size = usize::from(packet.size);
+        let zero_copy = packet.gso.is_none() && packet.checksum != Checksum::Partial;
+        let slab_len = if zero_copy { hdr } else { hdr + size };
+        if !self.tap_batch.has_room(slab_len) {
+            self.flush_tx();
+        }
+        let vif = self.vif.as_ref().ok_or(PushError::Fill("no vif".into()))?;
+        if !zero_copy {
+            return self.tap_batch.push(slab_len, &[], |frame| {
+                fill_frame(vif, packet, frame, true)?;
+                vif.wire
+                    .check_frame(&frame[..hdr], size)
+                    .map_err(|e| e.to_string())
+            });
+        }
+        let mut ranges = [(0u64, 0usize); crate::netif::tx::FATAL_SKB_SLOTS + 1];
+        if packet.fragments.len() > ranges.len() {
+            return Err(PushError::Fill("too many fragments".into()));
+        }
+        for (range, frag) in ranges.iter_mut().zip(&packet.fragments) {
+            let page = vif
+                .grants
+                .map(frag.gref, Access::Read)
+                .map_err(|e| PushError::Fill(e.to_string()))?;
+            *range = (page + u64::from(frag.offset), usize::from(frag.len));
+        }
+        let ranges = &ranges[..packet.fragments.len()];
+        self.tap_batch.push(slab_len, ranges, |header| {
+            VnetHeader::plain()
+                .encode(header, hdr_len)
+                .map_err(|e| e.to_string())?;
+            vif.wire
+                .check_frame(header, size)
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Writes the TAP batch and answers its packets, in ring order, each
+    /// `OKAY` unless the kernel refused the frame (a full queue or a down
+    /// interface drops it, as on a NIC).
+    fn flush_tx(&mut self) {
+        if self.tap_batch.is_empty() {
+            return;
+        }
+        let Some(vif) = self.vif.as_mut() else {
+            return;
+        };
+        let mut results = [0i32; TX_BATCH];
+        let written = self.tap_batch.flush(vif.wire.fd().as_raw_fd(), &vif.region);
+        results[..written.len()].copy_from_slice(written);
+        let mut batched = std::mem::take(&mut self.tx_batched);
+        for ((slots, entries, size), &result) in batched.iter().zip(&results) {
+            let Some(vif) = self.vif.as_mut() else {
+                break;
+            };
+            let status = match vif.wire.count_write(result) {
+                Ok(SendOutcome::Sent) => {
+                    self.stats.tx_packets += 1;
+                    self.stats.tx_bytes += u64::from(*size);
+                    NETIF_RSP_OKAY
+                }
+                Ok(SendOutcome::Dropped(_)) => {
+                    self.stats.tx_wire_drops += 1;
+                    NETIF_RSP_OKAY
+                }
+                Err(e) => {
+                    tracing::debug!(device = %self.cfg.device, error = %e, "TX frame refused by the TAP");
+                    self.stats.tx_errors += 1;
+                    NETIF_RSP_ERROR
+                }
+            };
+            self.answer_tx(slots, entries, status, &[]);
+        }
+        batched.clear();
+        self.tx_batched = batched;
     }
 
     /// Logs every slot of a packet (docs/ARCHITECTURE.md §7.1: before any
@@ -478,43 +612,7 @@ impl NetBackend {
             return Err("GSO on a wire that does not segment".into());
         }
         let frame = &mut self.frame[..hdr + size];
-        frame[..hdr].fill(0);
-        let mut at = hdr;
-        for frag in &packet.fragments {
-            let page = vif
-                .grants
-                .map(frag.gref, Access::Read)
-                .map_err(|e| e.to_string())?;
-            let len = usize::from(frag.len);
-            let dst = frame
-                .get_mut(at..at + len)
-                .ok_or("fragments exceed the packet size")?;
-            vif.region
-                .read(page + u64::from(frag.offset), dst)
-                .map_err(|e| e.to_string())?;
-            at += len;
-        }
-        let vnet = match (packet.gso, packet.checksum, offload) {
-            (None, Checksum::Partial, false) => {
-                checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
-                VnetHeader::plain()
-            }
-            (None, Checksum::Partial, true) => {
-                let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
-                VnetHeader::partial(as_u16(at.start)?, as_u16(at.offset)?)
-            }
-            (None, _, _) => VnetHeader::plain(),
-            // Segmentation needs a partial checksum whatever the guest
-            // flagged (Linux netback sets one up the same way).
-            (Some(gso), _, _) => checksum::prepare_tcp_segmentation(
-                &mut frame[hdr..],
-                gso.kind == crate::netif::GsoType::TcpV6,
-                gso.size,
-            )
-            .map_err(|e| format!("GSO {:?}: {e}", gso.kind))?,
-        };
-        vnet.encode(&mut frame[..hdr], vif.wire.header_len())
-            .map_err(|e| e.to_string())?;
+        fill_frame(vif, packet, frame, offload)?;
         match vif.wire.send(frame).map_err(|e| e.to_string())? {
             SendOutcome::Sent => {
                 self.stats.tx_packets += 1;
@@ -1058,12 +1156,15 @@ impl NetBackend {
                 .filter(|p| !tx_sent.contains(p) && !tx_answered.contains_key(p))
                 .collect();
             self.recovery.tx_replayed += unsent.len() as u64;
-            // Packets go out in ring order and each is answered right
-            // after its write: only the first one not answered can have left
-            // the dead instance too.
-            if !unsent.is_empty() {
-                self.recovery.tx_maybe_duplicated += 1;
-            }
+            // Packets go out in ring order and are answered right after
+            // their write — on a TAP a batch of them after the batch's
+            // write: only the first one not answered (on a TAP, the first
+            // TX_BATCH) can have left the dead instance too.
+            let window = match wire_kind {
+                WireKind::Tap => TX_BATCH,
+                WireKind::Cable => 1,
+            };
+            self.recovery.tx_maybe_duplicated += unsent.len().min(window) as u64;
         }
         let generation = self.generations.new_attachment();
         let features = conn.features;
@@ -1226,6 +1327,56 @@ fn tx_progress(snap: &LogSnapshot) -> (HashSet<u32>, HashMap<u32, Vec<TxSlotReco
         }
     }
     (sent, answered)
+}
+
+/// Fills `frame` (the wire's header length, then `packet.size` bytes) with
+/// a packet read out of its grants: the frame, and the virtio-net header
+/// saying what is left to do. `offload` (a TAP): a blank checksum is left
+/// partial and GSO set up for the kernel; else the checksum is completed.
+fn fill_frame(
+    vif: &Vif,
+    packet: &crate::netif::TxPacket,
+    frame: &mut [u8],
+    offload: bool,
+) -> Result<(), String> {
+    let hdr = vif.wire.header_len().bytes();
+    frame[..hdr].fill(0);
+    let mut at = hdr;
+    for frag in &packet.fragments {
+        let page = vif
+            .grants
+            .map(frag.gref, Access::Read)
+            .map_err(|e| e.to_string())?;
+        let len = usize::from(frag.len);
+        let dst = frame
+            .get_mut(at..at + len)
+            .ok_or("fragments exceed the packet size")?;
+        vif.region
+            .read(page + u64::from(frag.offset), dst)
+            .map_err(|e| e.to_string())?;
+        at += len;
+    }
+    let vnet = match (packet.gso, packet.checksum, offload) {
+        (None, Checksum::Partial, false) => {
+            checksum::complete(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+            VnetHeader::plain()
+        }
+        (None, Checksum::Partial, true) => {
+            let at = checksum::prepare_partial(&mut frame[hdr..]).map_err(|e| e.to_string())?;
+            VnetHeader::partial(as_u16(at.start)?, as_u16(at.offset)?)
+        }
+        (None, _, _) => VnetHeader::plain(),
+        // Segmentation needs a partial checksum whatever the guest
+        // flagged (Linux netback sets one up the same way).
+        (Some(gso), _, _) => checksum::prepare_tcp_segmentation(
+            &mut frame[hdr..],
+            gso.kind == crate::netif::GsoType::TcpV6,
+            gso.size,
+        )
+        .map_err(|e| format!("GSO {:?}: {e}", gso.kind))?,
+    };
+    vnet.encode(&mut frame[..hdr], vif.wire.header_len())
+        .map_err(|e| e.to_string())
 }
 
 /// An offset inside a frame (at most [`MAX_FRAME_LEN`]) as a header field.

@@ -6,6 +6,8 @@
 //! - [`netif`]: validation of netif TX requests as Linux xen-netback does
 //!   it, and the RX buffer plan (pure code, table-tested);
 //! - [`record`]: what a vif stores in the (device-agnostic) shadow log;
+//! - [`tapbatch`]: netif TX frames written to a TAP in batches through
+//!   io_uring, straight from the guest's pages;
 //! - [`vnet`]: the virtio-net loop (vhost-user-net), on the same data
 //!   plane and wires;
 //! - [`wire`]: the TAP device and the cable the supervisor holds, and the
@@ -18,5 +20,6 @@ pub mod backend;
 pub mod checksum;
 pub mod netif;
 pub mod record;
+pub mod tapbatch;
 pub mod vnet;
 pub mod wire;

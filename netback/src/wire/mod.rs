@@ -214,10 +214,7 @@ impl Wire {
         if len < hdr_len + MIN_FRAME_LEN {
             return Err(WireError::FrameTooShort { len });
         }
-        if len > hdr_len + MAX_FRAME_LEN {
-            return Err(WireError::FrameTooLong { len });
-        }
-        VnetHeader::decode(frame, self.hdr)?.validate(len - hdr_len)?;
+        self.check_frame(&frame[..hdr_len], len - hdr_len)?;
         let result = loop {
             let r = match self.kind {
                 WireKind::Tap => nix::sys::uio::writev(&self.fd, &[IoSlice::new(frame)]),
@@ -238,6 +235,37 @@ impl Wire {
                 break r;
             }
         };
+        self.count_send(result)
+    }
+
+    /// Checks a frame the caller writes itself (a batch to a TAP,
+    /// [`crate::tapbatch`]) as [`Wire::send`] does: `header` is its
+    /// virtio-net header, `frame_len` the Ethernet frame's length.
+    pub fn check_frame(&self, header: &[u8], frame_len: usize) -> Result<(), WireError> {
+        let len = header.len() + frame_len;
+        if header.len() < self.hdr.bytes() || frame_len < MIN_FRAME_LEN {
+            return Err(WireError::FrameTooShort { len });
+        }
+        if frame_len > MAX_FRAME_LEN {
+            return Err(WireError::FrameTooLong { len });
+        }
+        VnetHeader::decode(header, self.hdr)?.validate(frame_len)?;
+        Ok(())
+    }
+
+    /// What a write of a frame the caller made itself (bytes written or
+    /// `-errno`, as io_uring reports it) means, counted as [`Wire::send`]
+    /// counts its own.
+    pub fn count_write(&mut self, result: i32) -> Result<SendOutcome, WireError> {
+        let r = if result < 0 {
+            Err(Errno::from_raw(-result))
+        } else {
+            Ok(result as usize)
+        };
+        self.count_send(r)
+    }
+
+    fn count_send(&mut self, result: Result<usize, Errno>) -> Result<SendOutcome, WireError> {
         match result {
             Ok(_) => {
                 self.stats.tx_frames += 1;
