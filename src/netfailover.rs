@@ -20,8 +20,11 @@
 //! compete with the replay for the CPUs), as the supervisor does; `--mode cold` starts the new
 //! instance after the kill. What a gap is made of is reported per step
 //! (`takeover_us`): the reap of the killed process, the start of the new
-//! one (cold only), and its `attach-net` with the replay; the rest of a gap
-//! is the stream getting going again.
+//! one (cold only), its `attach-net` (of which its own replay,
+//! `replay-us`), and from its `attached` to the next new data (the guests
+//! and the new instance getting the stream going again). The kill is
+//! this process's own, so there is no detection step (the supervisor's
+//! pidfd sees an exit at once, ARCHITECTURE.md §7.2).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -95,8 +98,14 @@ struct Steps {
     reap: Dist,
     /// Starting the new process (0 with a standby).
     spawn: Dist,
-    /// `attach-net recover=1` to `attached`: the replay.
+    /// `attach-net recover=1` to `attached`: the replay, and getting the
+    /// message to the standby and its answer back.
     attach: Dist,
+    /// Of `attach`, the instance's own replay (`replay-us` of `attached`).
+    replay: Dist,
+    /// `attached` to the next new data at the receiver: the guests and
+    /// the new instance getting the stream going again.
+    first_data: Dist,
 }
 
 impl Dist {
@@ -129,7 +138,8 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
     let probe = Arc::new(Mutex::new(Probe::default()));
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ u64::from(std::process::id());
     let mut gaps: Vec<u64> = Vec::new();
-    let mut steps: [Vec<u64>; 3] = Default::default();
+    let mut steps: [Vec<u64>; 4] = Default::default();
+    let mut first_data: Vec<u64> = Vec::new();
     let mut report = NetFailoverReport {
         kills: 0,
         lost: 0,
@@ -195,24 +205,29 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
                 p.first_after = None;
             }
             let kill_at = Instant::now();
-            match vifs[(report.kills % 2) as usize].kill_and_replace() {
+            let attached_at = match vifs[(report.kills % 2) as usize].kill_and_replace() {
                 Ok(t) => {
                     report.tx_replayed += t.counts.tx_replayed;
                     report.tx_maybe_duplicated += t.counts.tx_maybe_duplicated;
                     report.rx_dropped_in_crash += t.counts.rx_dropped_in_crash;
-                    for (s, d) in steps.iter_mut().zip([t.reap, t.spawn, t.attach]) {
+                    for (s, d) in steps
+                        .iter_mut()
+                        .zip([t.reap, t.spawn, t.attach, t.counts.replay])
+                    {
                         s.push(micros(d));
                     }
+                    kill_at + t.reap + t.spawn + t.attach
                 }
                 Err(e) => {
                     kill_error = Some(e);
                     break;
                 }
-            }
+            };
             report.kills += 1;
             let gap = loop {
                 let p = probe.lock().map_err(|_| "probe poisoned")?;
                 if let (Some(k), Some(t)) = (p.kill_at, p.first_after) {
+                    first_data.push(micros(t.saturating_duration_since(attached_at)));
                     break Some(t.saturating_duration_since(k));
                 }
                 drop(p);
@@ -282,11 +297,13 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
         (a, b) = (front_a, front_b);
     }
     report.gap_us = Dist::of(&gaps);
-    let [reap, spawn, attach] = &steps;
+    let [reap, spawn, attach, replay] = &steps;
     report.takeover_us = Steps {
         reap: Dist::of(reap),
         spawn: Dist::of(spawn),
         attach: Dist::of(attach),
+        replay: Dist::of(replay),
+        first_data: Dist::of(&first_data),
     };
     let clean = report.lost == 0
         && report.duplicates == 0
@@ -342,13 +359,17 @@ fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
     );
     let t = &r.takeover_us;
     outln!(
-        "  takeover steps p50/p99 in us: reap {}/{}, start {}/{}, attach+replay {}/{}",
+        "  gap steps p50/p99 in us: reap {}/{}, start {}/{}, attach {}/{} (of which replay {}/{}), attached → first new data {}/{}",
         t.reap.p50,
         t.reap.p99,
         t.spawn.p50,
         t.spawn.p99,
         t.attach.p50,
-        t.attach.p99
+        t.attach.p99,
+        t.replay.p50,
+        t.replay.p99,
+        t.first_data.p50,
+        t.first_data.p99
     );
     outln!(
         "  retransmission timeouts (gaps > 200 ms): {}; longest stall either side saw: {} us",

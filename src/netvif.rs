@@ -74,6 +74,9 @@ pub struct Takeover {
 /// The recovery counters of one `attached` reply.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TakeoverCounts {
+    /// The new instance's own replay (`replay-us`): planning and applying
+    /// the logs, part of `attach`.
+    pub replay: Duration,
     pub tx_replayed: u64,
     pub tx_maybe_duplicated: u64,
     pub rx_dropped_in_crash: u64,
@@ -195,6 +198,7 @@ impl BenchVif {
         }
         let count = |key| answer.get_u64(key).map(Option::unwrap_or_default);
         Ok(TakeoverCounts {
+            replay: Duration::from_micros(count(shadowback_xenbus::protocol::key::REPLAY_US)?),
             tx_replayed: count(KEY_TX_REPLAYED)?,
             tx_maybe_duplicated: count(KEY_TX_MAYBE_DUPLICATED)?,
             rx_dropped_in_crash: count(KEY_RX_DROPPED_IN_CRASH)?,
