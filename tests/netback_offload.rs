@@ -6,7 +6,7 @@
 //! `PACKET_VNET_HDR` on the TAP sees. Each test runs in a thread moved into
 //! a fresh network namespace. Needs root and /dev/net/tun.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use shadowback_ring::{EventChannel, SharedRegion};
 use shadowback_xenbus::netif::NetFeatures;
 
 mod netback_common;
-use netback_common::{attach_message_on, test_connect, NetbackProcess};
+use netback_common::{attach_message_on, packet_socket, test_connect, NetbackProcess};
 
 const PAGE: u64 = 4096;
 const GRANT_FRAMES: u32 = 1;
@@ -57,57 +57,6 @@ fn in_fresh_netns(f: impl FnOnce() + Send + 'static) {
     })
     .join()
     .expect("the test thread");
-}
-
-/// An `AF_PACKET` socket on interface `ifname` that gets every frame with
-/// the kernel's virtio-net header in front (`PACKET_VNET_HDR`).
-#[allow(
-    unsafe_code,
-    reason = "packet sockets; no wrapper in the test's dependencies"
-)]
-fn packet_socket(ifname: &str) -> OwnedFd {
-    let all = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket takes no pointers; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just opened and is owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: PACKET_VNET_HDR reads an int, which `one` is, for its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_VNET_HDR,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "PACKET_VNET_HDR: {}",
-        std::io::Error::last_os_error()
-    );
-    let name = std::ffi::CString::new(ifname).unwrap();
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(index, 0, "no interface {ifname}");
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = all;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: `addr` is a sockaddr_ll of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-    fd
 }
 
 /// The next IPv4 TCP frame on the socket (the kernel's own IPv6 chatter

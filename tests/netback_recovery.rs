@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 
 use nix::sys::socket::MsgFlags;
 use shadowback_netback::tapbatch::TX_BATCH;
@@ -33,7 +33,7 @@ use shadowback_xenbus::netif::NetFeatures;
 use shadowback_xenbus::Message;
 
 mod netback_common;
-use netback_common::{check_frame, frame, NetbackProcess, REPLY_TIMEOUT};
+use netback_common::{check_frame, frame, packet_socket, NetbackProcess, REPLY_TIMEOUT};
 
 const RING: u32 = 256;
 const GRANT_FRAMES: u32 = 2;
@@ -131,51 +131,10 @@ fn tap_peer() -> (OwnedFd, Peer) {
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1");
     let tap = Tap::open(&TapConfig::new("sbrec%d", TapMode::Create)).unwrap();
     let wire = tap.queue_fds()[0].try_clone().unwrap();
-    let all = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket takes no pointers; the fd is owned below.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-    // SAFETY: fd was just opened and is owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let setopt = |opt: libc::c_int, level: libc::c_int, value: libc::c_int| {
-        // SAFETY: these options read an int, which `value` is, for its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                level,
-                opt,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "setsockopt {opt}: {}",
-            std::io::Error::last_os_error()
-        );
-    };
-    setopt(libc::PACKET_VNET_HDR, libc::SOL_PACKET, 1);
+    let socket = packet_socket(tap.name());
     // A whole TX ring of frames while the test is busy elsewhere.
-    setopt(libc::SO_RCVBUFFORCE, libc::SOL_SOCKET, 16 << 20);
-    let name = std::ffi::CString::new(tap.name()).unwrap();
-    // SAFETY: a NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(index, 0, "no interface {}", tap.name());
-    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = all;
-    addr.sll_ifindex = index as i32;
-    // SAFETY: `addr` is a sockaddr_ll of the size passed.
-    let rc = unsafe {
-        libc::bind(
-            socket.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+        .unwrap();
     (wire, Peer::Tap { socket, _tap: tap })
 }
 

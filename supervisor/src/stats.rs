@@ -46,8 +46,9 @@ pub struct DeviceStats {
     /// A vif's TX packets sent again by recovering instances (backend
     /// `tx-replayed`, summed over recoveries); 0 for a disk.
     pub tx_replayed: u64,
-    /// Recoveries after which the first TX packet sent again may have left
-    /// the dead instance too (backend `tx-maybe-duplicated`, summed).
+    /// TX packets sent again that may have left the dead instance too (at
+    /// most one per recovery on a cable, a batch on a TAP; backend
+    /// `tx-maybe-duplicated`, summed).
     pub tx_maybe_duplicated: u64,
     /// Posted RX buffers handed over to recovering instances (backend
     /// `rx-buffers-recovered`, summed).

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Duration;
@@ -139,4 +139,55 @@ pub fn check_frame(f: &[u8]) -> u32 {
     let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
     assert_eq!(f, &frame(seq, f.len())[..], "frame {seq} corrupted");
     seq
+}
+
+/// An `AF_PACKET` socket on interface `ifname` that gets every frame with
+/// the kernel's virtio-net header in front (`PACKET_VNET_HDR`).
+#[allow(
+    unsafe_code,
+    reason = "packet sockets; no wrapper in the test's dependencies"
+)]
+pub fn packet_socket(ifname: &str) -> OwnedFd {
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket takes no pointers; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
+    // SAFETY: fd was just opened and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: PACKET_VNET_HDR reads an int, which `one` is, for its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "PACKET_VNET_HDR: {}",
+        std::io::Error::last_os_error()
+    );
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {ifname}");
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: `addr` is a sockaddr_ll of the size passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+    fd
 }
