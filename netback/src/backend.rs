@@ -514,6 +514,9 @@ impl NetBackend {
             return;
         }
         let Some(vif) = self.vif.as_mut() else {
+            // Never queued without a vif; nothing of it may outlive it.
+            self.tap_batch.clear();
+            self.tx_batched.clear();
             return;
         };
         let mut results = [0i32; TX_BATCH];

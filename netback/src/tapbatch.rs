@@ -124,6 +124,13 @@ impl TapBatch {
         Ok(())
     }
 
+    /// Drops what is queued, unwritten.
+    pub fn clear(&mut self) {
+        self.frames.clear();
+        self.guest_ranges.clear();
+        self.used = 0;
+    }
+
     /// Writes every queued frame to `fd`, with one submission, and waits
     /// for all of them; the write results in queue order (bytes written or
     /// `-errno`). The batch is empty afterwards.
@@ -169,9 +176,7 @@ impl TapBatch {
                 }
             }
         }
-        self.frames.clear();
-        self.guest_ranges.clear();
-        self.used = 0;
+        self.clear();
         &self.results
     }
 }
