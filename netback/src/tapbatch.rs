@@ -191,3 +191,82 @@ pub enum PushError<E> {
     /// `fill` failed.
     Fill(E),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use nix::fcntl::OFlag;
+
+    use super::*;
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).unwrap()
+    }
+
+    fn read_all(fd: &OwnedFd) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                Ok(0) | Err(nix::errno::Errno::EAGAIN) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+    }
+
+    /// Each frame is its slab bytes then its guest ranges, frames in
+    /// queue order, one result each; a range outside the guest's memory
+    /// fails that frame only.
+    #[test]
+    fn frames_are_written_in_order_from_the_slab_and_guest_memory() {
+        let region = Arc::new(SharedRegion::create("tapbatch", 2).unwrap());
+        region.write(100, b"guest-one").unwrap();
+        region.write(4096 + 7, b"GUEST-TWO").unwrap();
+        let mut batch = TapBatch::new().unwrap();
+        let fill = |bytes: &'static [u8]| {
+            move |b: &mut [u8]| -> Result<(), ()> {
+                b.copy_from_slice(bytes);
+                Ok(())
+            }
+        };
+        batch.push(3, &[(100, 9)], fill(b"h1:")).unwrap();
+        batch
+            .push(4, &[(4096 + 7, 9), (100, 5)], fill(b"h2::"))
+            .unwrap();
+        batch.push(3, &[(8190, 4)], fill(b"h3:")).unwrap();
+        batch.push(7, &[], fill(b"copied!")).unwrap();
+        assert!(matches!(
+            batch.push(1, &[], |_| Err("refused")),
+            Err(PushError::Fill("refused"))
+        ));
+        assert_eq!(batch.len(), 4);
+        let (rd, wr) = pipe();
+        let results = batch.flush(wr.as_raw_fd(), &region).to_vec();
+        assert_eq!(results, [12, 18, -libc::EFAULT, 7]);
+        assert!(batch.is_empty());
+        assert_eq!(read_all(&rd), b"h1:guest-oneh2::GUEST-TWOguestcopied!");
+    }
+
+    /// A batch holds at most TX_BATCH frames and what its slab takes.
+    #[test]
+    fn a_batch_is_bounded() {
+        let region = Arc::new(SharedRegion::create("tapbatch", 1).unwrap());
+        let mut batch = TapBatch::new().unwrap();
+        assert!(!batch.has_room(SLAB_BYTES + 1));
+        for _ in 0..TX_BATCH {
+            batch.push(10, &[(0, 1)], |_| Ok::<(), ()>(())).unwrap();
+        }
+        assert!(matches!(
+            batch.push(10, &[], |_| Ok::<(), ()>(())),
+            Err(PushError::Full)
+        ));
+        let (_rd, wr) = pipe();
+        assert!(batch
+            .flush(wr.as_raw_fd(), &region)
+            .iter()
+            .all(|&r| r == 11));
+        assert!(batch.has_room(SLAB_BYTES));
+    }
+}
