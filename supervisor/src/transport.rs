@@ -31,12 +31,34 @@ use crate::vhost_user::memory::{MemoryTable, RegionDesc};
 /// (docs/PROTOCOL.md §6c).
 const KEY_WIRE: &str = "wire";
 
-/// A vif's wire as one attachment holds it: a duplicate of the fd the
-/// supervisor keeps, and what it is (`wire=cable` or `wire=tap`).
+/// A vif's wire as one attachment holds it: duplicates of the fds the
+/// supervisor keeps (a cable end, or every queue of a TAP), what they are
+/// (`wire=cable` or `wire=tap`), and the vif's queue pairs.
 #[derive(Debug)]
 pub struct NetWire {
     pub kind: &'static str,
-    pub fd: OwnedFd,
+    pub fds: Vec<OwnedFd>,
+    /// `max_virtqueue_pairs` of the vif (`[[nic]] queues`).
+    pub pairs: u16,
+}
+
+impl NetWire {
+    /// The one fd of a netif attachment (one TX/RX ring pair): the first
+    /// TAP queue, attached, the others detached so that the kernel steers
+    /// no flow to a queue nobody reads (docs/ARCHITECTURE.md §11.5).
+    fn single(self) -> Result<OwnedFd, String> {
+        let mut fds = self.fds.into_iter();
+        let first = fds.next().ok_or("a wire without descriptor")?;
+        let rest: Vec<OwnedFd> = fds.collect();
+        if !rest.is_empty() {
+            use shadowback_netback::wire::tap::set_queue_attached;
+            set_queue_attached(first.as_fd(), true).map_err(|e| e.to_string())?;
+            for fd in &rest {
+                set_queue_attached(fd.as_fd(), false).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(first)
+    }
 }
 
 /// What a frontend attaches with.
@@ -80,7 +102,7 @@ impl Frontend {
                 if fds.regions.len() != req.regions.len()
                     || fds.queues.len() != req.queues.len()
                     || fds.inflight.is_some() != req.inflight.is_some()
-                    || fds.wire.is_some() != req.wire.is_some()
+                    || fds.wire.len() != usize::from(req.wire_queues)
                     || fds.device_state.is_some() != req.device_state
                 {
                     return einval("descriptors do not match the request");
@@ -101,17 +123,33 @@ impl Frontend {
         }
     }
 
-    /// Gives a vif's attachment its wire, over netif rings or virtqueues
-    /// (a no-op for a disk, whose class lends none).
-    pub fn set_wire(&mut self, lent: Option<NetWire>) {
+    /// Gives a vif's attachment its wire, over netif rings (the first
+    /// queue) or virtqueues (every queue); a no-op for a disk, whose class
+    /// lends none.
+    pub fn set_wire(&mut self, lent: Option<NetWire>) -> Result<(), Refusal> {
+        let Some(lent) = lent else {
+            return Ok(());
+        };
         match self {
-            Frontend::Net { wire, .. } => *wire = lent,
+            Frontend::Net { wire, .. } => {
+                let kind = lent.kind;
+                let fd = lent.single().map_err(|e| (ErrorCode::Enodev, e))?;
+                *wire = Some(NetWire {
+                    kind,
+                    fds: vec![fd],
+                    pairs: 1,
+                });
+            }
             Frontend::Virtio { req, fds } => {
-                req.wire = lent.as_ref().map(|w| w.kind.to_string());
-                fds.wire = lent.map(|w| w.fd);
+                req.wire = Some(lent.kind.to_string());
+                req.wire_queues = u16::try_from(lent.fds.len())
+                    .map_err(|_| (ErrorCode::Enodev, "too many wire queues".to_string()))?;
+                req.queue_pairs = lent.pairs;
+                fds.wire = lent.fds;
             }
             Frontend::Xen { .. } => {}
         }
+        Ok(())
     }
 
     /// The sizes of the guest memory regions the frontend hands over, as
@@ -243,7 +281,7 @@ impl Frontend {
             Frontend::Xen { fds, .. } => fds.as_borrowed().to_vec(),
             Frontend::Net { fds, wire, .. } => {
                 let mut v = fds.as_borrowed();
-                v.extend(wire.as_ref().map(|w| w.fd.as_fd()));
+                v.extend(wire.iter().flat_map(|w| w.fds.iter().map(AsFd::as_fd)));
                 v
             }
             Frontend::Virtio { fds, .. } => {
@@ -253,7 +291,7 @@ impl Frontend {
                     v.push(call.as_fd());
                 }
                 v.extend(fds.inflight.as_ref().map(AsFd::as_fd));
-                v.extend(fds.wire.as_ref().map(AsFd::as_fd));
+                v.extend(fds.wire.iter().map(AsFd::as_fd));
                 v.extend(fds.device_state.as_ref().map(AsFd::as_fd));
                 v
             }
@@ -269,7 +307,7 @@ impl Frontend {
                 if let Some(rx) = fds.rx {
                     v.extend([rx.kick, rx.notify]);
                 }
-                v.extend(wire.map(|w| w.fd));
+                v.extend(wire.into_iter().flat_map(|w| w.fds));
                 v
             }
             Frontend::Virtio { fds, .. } => {

@@ -285,10 +285,14 @@ impl VhostUserHandler {
             if v.addr.is_none() {
                 continue;
             }
+            let index = u16::try_from(i).ok()?;
+            if !v.enabled && self.facts.model.may_stay_disabled(index) {
+                continue;
+            }
             if !v.started() {
                 return None;
             }
-            queues.push(u16::try_from(i).ok()?);
+            queues.push(index);
         }
         let enough = queues.len().max(1) >= usize::from(self.facts.model.min_queues());
         (!queues.is_empty() && enough).then_some(queues)
@@ -399,6 +403,8 @@ impl VhostUserHandler {
                 queue_size: f.queue_size,
             }),
             wire: None,
+            wire_queues: 0,
+            queue_pairs: 1,
             device_state: self.device_state.is_some(),
             shadow: self.facts.shadow,
         };
@@ -414,7 +420,7 @@ impl VhostUserHandler {
             regions: memory.dup_fds().map_err(|e| e.to_string())?,
             queues: fds,
             inflight,
-            wire: None,
+            wire: Vec::new(),
             device_state,
             logs: Vec::new(),
         };
@@ -656,7 +662,14 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> Result<Vec<u8>> {
-        match self.facts.model.read_config(offset, size) {
+        // What the driver set in this session (a vif's MAC) is in the
+        // device state area the backends write; before the first start
+        // or after a reset there is none, and the config is the device's.
+        let bytes = match &self.device_state {
+            Some(state) => self.facts.model.read_config_in(offset, size, state),
+            None => self.facts.model.read_config(offset, size),
+        };
+        match bytes {
             Some(bytes) => Ok(bytes),
             None => Err(self.refuse(format!(
                 "GET_CONFIG of {size} bytes at {offset} is outside the config space"
@@ -928,6 +941,7 @@ mod tests {
             mac,
             mtu: 1500,
             tap: false,
+            pairs: 1,
         }));
         let start = |r: &mut Rig| {
             r.memory();
