@@ -188,13 +188,27 @@ fn tcp_connections_over_three_pairs_of_a_tap_survive_kills() {
         let (reports, stats, left) = guest_side.join().expect("guest");
         let written: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
         let read: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        // The kernel's view: as many TAP queues attached as pairs in use
+        // (tun sizes the interface's queues by its attached fds).
+        let tap_queues = std::fs::read_dir(format!("/sys/class/net/{TAP}/queues"))
+            .expect("TAP queues in sysfs")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("tx-"))
+            })
+            .count();
         assert_recovered(&socket, kills);
         sup.stop().expect("supervisor stop");
-        (reports, stats, left, kills, written, read)
+        (reports, stats, left, kills, written, read, tap_queues)
     })
     .join()
     .expect("the namespace thread panicked");
-    let (reports, stats, left, kills, written, read) = outcome;
+    let (reports, stats, left, kills, written, read, tap_queues) = outcome;
+    assert_eq!(
+        tap_queues,
+        usize::from(USED_PAIRS),
+        "TAP queues attached: only those of the pairs in use"
+    );
     eprintln!("kills={kills} guest={stats:?}");
     assert_streams("guest", &reports, BYTES);
     for w in written {
