@@ -30,6 +30,8 @@ use crate::vhost_user::memory::{MemoryTable, RegionDesc};
 /// `attach-net`'s key naming what the wire descriptor is
 /// (docs/PROTOCOL.md §6c).
 const KEY_WIRE: &str = "wire";
+/// `attach-net`'s key saying a device state area follows the wire.
+const KEY_DEVICE_STATE: &str = "device-state";
 
 /// A vif's wire as one attachment holds it: duplicates of the fds the
 /// supervisor keeps (a cable end, or every queue of a TAP), what they are
@@ -72,6 +74,10 @@ pub enum Frontend {
         req: NetAttachRequest,
         fds: NetFds,
         wire: Option<NetWire>,
+        /// The device state area of this attachment (the guest's
+        /// multicast list), made with the wire and handed to every
+        /// instance that serves it.
+        state: Option<OwnedFd>,
         shadow: bool,
     },
     /// A VMM's virtqueues (the device's vhost-user socket); `fds.logs` is
@@ -131,7 +137,8 @@ impl Frontend {
             return Ok(());
         };
         match self {
-            Frontend::Net { wire, .. } => {
+            Frontend::Net { wire, state, .. } => {
+                *state = Some(net_state_area().map_err(|e| (ErrorCode::Enodev, e))?);
                 let kind = lent.kind;
                 let fd = lent.single().map_err(|e| (ErrorCode::Enodev, e))?;
                 *wire = Some(NetWire {
@@ -261,15 +268,23 @@ impl Frontend {
                 .map_err(|e| (ErrorCode::Einval, e.to_string())),
             Frontend::Virtio { req, .. } => Ok(req.to_message()),
             Frontend::Net {
-                req, wire, shadow, ..
+                req,
+                wire,
+                state,
+                shadow,
+                ..
             } => {
                 let wire = wire
                     .as_ref()
                     .ok_or((ErrorCode::Enodev, "the vif has no wire".to_string()))?;
-                Ok(req
+                let mut msg = req
                     .to_message()
                     .with(KEY_WIRE, wire.kind)
-                    .with(key::SHADOW, u8::from(*shadow)))
+                    .with(key::SHADOW, u8::from(*shadow));
+                if state.is_some() {
+                    msg.set(KEY_DEVICE_STATE, 1);
+                }
+                Ok(msg)
             }
         }
     }
@@ -279,9 +294,12 @@ impl Frontend {
     pub fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
             Frontend::Xen { fds, .. } => fds.as_borrowed().to_vec(),
-            Frontend::Net { fds, wire, .. } => {
+            Frontend::Net {
+                fds, wire, state, ..
+            } => {
                 let mut v = fds.as_borrowed();
                 v.extend(wire.iter().flat_map(|w| w.fds.iter().map(AsFd::as_fd)));
+                v.extend(state.as_ref().map(AsFd::as_fd));
                 v
             }
             Frontend::Virtio { fds, .. } => {
@@ -302,12 +320,15 @@ impl Frontend {
     pub fn into_fds(self) -> Vec<OwnedFd> {
         match self {
             Frontend::Xen { fds, .. } => vec![fds.region, fds.kick, fds.notify],
-            Frontend::Net { fds, wire, .. } => {
+            Frontend::Net {
+                fds, wire, state, ..
+            } => {
                 let mut v = vec![fds.region, fds.tx.kick, fds.tx.notify];
                 if let Some(rx) = fds.rx {
                     v.extend([rx.kick, rx.notify]);
                 }
                 v.extend(wire.into_iter().flat_map(|w| w.fds));
+                v.extend(state);
                 v
             }
             Frontend::Virtio { fds, .. } => {
@@ -348,6 +369,21 @@ impl Frontend {
     pub fn resumes_after_detach(&self) -> bool {
         matches!(self, Frontend::Virtio { .. })
     }
+}
+
+/// A netif attachment's device state area (docs/PROTOCOL.md §6c): the
+/// layout of `shadowback_virtio::net_state`, an empty multicast list, made
+/// once per guest connection so every backend instance serving it filters
+/// by the same list.
+fn net_state_area() -> Result<OwnedFd, String> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
+    let fd = memfd_create(c"shadowback-vif-state", MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(|e| format!("device state memfd: {e}"))?;
+    let file = std::fs::File::from(fd);
+    let copy = file.try_clone().map_err(|e| format!("dup: {e}"))?;
+    NetStateArea::create(copy, &NetDeviceState::netif()).map_err(|e| e.to_string())?;
+    Ok(OwnedFd::from(file))
 }
 
 /// The guest memory of a virtio frontend, for reading ring indices.

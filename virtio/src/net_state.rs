@@ -103,6 +103,16 @@ impl NetDeviceState {
         }
     }
 
+    /// A netif attachment's state: nothing but its multicast list, empty
+    /// (a Xen guest has no receive mode to set; docs/ARCHITECTURE.md
+    /// §11.6).
+    pub fn netif() -> Self {
+        NetDeviceState {
+            rx_mode: 0,
+            ..Self::initial([0; 6], 0)
+        }
+    }
+
     /// Whether a frame for Ethernet destination `dst` reaches the driver
     /// (virtio 1.2 §5.1.6.5.1, the receive filter QEMU implements).
     pub fn accepts(&self, dst: &[u8; 6]) -> bool {
