@@ -1093,7 +1093,7 @@ impl VnetLoop<'_> {
             }
         }
         let started = std::time::Instant::now();
-        let mut queues: Vec<(VQueue, Option<RecoveryPlan>)> = Vec::with_capacity(req.queues.len());
+        let mut queues: Vec<Recovered> = Vec::with_capacity(req.queues.len());
         for ((qcfg, (kick, call)), log) in req.queues.iter().zip(vfds.queues).zip(logs) {
             let ring = SplitQueue::new(qcfg, &mem, event_idx)
                 .map_err(|e| inval(&format!("queue {}: {e}", qcfg.index)))?;
@@ -1106,8 +1106,7 @@ impl VnetLoop<'_> {
         // Sorted out by role: pairs with both queues, the control queue,
         // and queues started alone (a VMM still setting up).
         let mut ctrl = None;
-        let mut halves: Vec<[Option<(VQueue, Option<RecoveryPlan>)>; 2]> =
-            (0..in_use).map(|_| [None, None]).collect();
+        let mut halves: Vec<[Option<Recovered>; 2]> = (0..in_use).map(|_| [None, None]).collect();
         for (q, plan) in queues {
             if with_ctrl && q.index == ctrl_index {
                 ctrl = Some((q, plan));
@@ -1248,6 +1247,9 @@ impl VnetLoop<'_> {
         Some(self.device.as_ref()?.ctrl.as_ref()?.index)
     }
 }
+
+/// A queue and the plan of its log, if it holds live entries.
+type Recovered = (VQueue, Option<RecoveryPlan>);
 
 /// The token ring number of virtqueue `index` (at most 14).
 fn queue_ring(index: u16) -> u8 {
