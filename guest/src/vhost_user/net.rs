@@ -326,18 +326,15 @@ impl VhostUserNet {
         // config space says; a first connection asks for one pair and its
         // control queue only to read it.
         let mq = wanted_pairs > 1;
+        let transport = |queues| TransportOptions {
+            queues,
+            queue_size: opts.queue_size,
+            connect_timeout: opts.connect_timeout,
+            reply_timeout: opts.reply_timeout,
+            config_bytes: CONFIG_BYTES,
+        };
         let device_pairs = if mq {
-            let probe = VhostUserTransport::connect(
-                socket_path.as_ref(),
-                TransportOptions {
-                    queues: 1,
-                    queue_size: opts.queue_size,
-                    connect_timeout: opts.connect_timeout,
-                    reply_timeout: opts.reply_timeout,
-                    config_bytes: CONFIG_BYTES,
-                },
-                ram,
-            )?;
+            let probe = VhostUserTransport::connect(socket_path.as_ref(), transport(1), ram)?;
             let cfg = probe.config();
             let n = cfg
                 .get(8..10)
@@ -353,17 +350,7 @@ impl VhostUserNet {
         }
         let with_ctrl = opts.control_queue || mq;
         let queues = 2 * device_pairs as u16 + u16::from(with_ctrl);
-        let mut t = VhostUserTransport::connect(
-            socket_path,
-            TransportOptions {
-                queues,
-                queue_size: opts.queue_size,
-                connect_timeout: opts.connect_timeout,
-                reply_timeout: opts.reply_timeout,
-                config_bytes: CONFIG_BYTES,
-            },
-            ram,
-        )?;
+        let mut t = VhostUserTransport::connect(socket_path, transport(queues), ram)?;
         // virtio 1.2 §3.1.1: reset, ACKNOWLEDGE|DRIVER, features, FEATURES_OK.
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);

@@ -319,14 +319,19 @@ mod tests {
         assert!(setup.device_file.is_none() && setup.io_fence.is_none());
     }
 
-    #[test]
-    fn the_virtio_model_shows_mac_mtu_and_a_link_that_is_up() {
-        let model = NetModel {
+    /// A vif on a cable, one queue pair, MTU `mtu`.
+    fn model(mtu: u16) -> NetModel {
+        NetModel {
             mac: [2, 0xaa, 0, 0, 0, 1],
-            mtu: 9000,
+            mtu,
             tap: false,
             pairs: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn the_virtio_model_shows_mac_mtu_and_a_link_that_is_up() {
+        let model = model(9000);
         assert_eq!(model.read_config(0, 6).unwrap(), vec![2, 0xaa, 0, 0, 0, 1]);
         assert_eq!(model.read_config(6, 2).unwrap(), vec![1, 0], "LINK_UP");
         assert_eq!(model.read_config(10, 2).unwrap(), 9000u16.to_le_bytes());
@@ -353,12 +358,7 @@ mod tests {
     #[test]
     fn the_config_space_shows_the_mac_the_driver_set() {
         use shadowback_virtio::net_state::NetStateArea;
-        let model = NetModel {
-            mac: [2, 0xaa, 0, 0, 0, 1],
-            mtu: 1500,
-            tap: false,
-            pairs: 1,
-        };
+        let model = model(1500);
         let fd =
             nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::empty()).unwrap();
         let file = std::fs::File::from(fd);

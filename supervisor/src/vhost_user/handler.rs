@@ -990,6 +990,52 @@ mod tests {
         assert!(!disk.last_attach().0.device_state);
     }
 
+    /// QEMU sets up every queue pair of a multiqueue vif but enables only
+    /// those its driver uses: the session starts without the disabled
+    /// pairs, and restarts with a pair once it is enabled.
+    #[test]
+    fn a_vif_starts_without_the_pairs_the_vmm_left_disabled() {
+        use crate::class::net::NetModel;
+        let mut r = Rig::with_model(Arc::new(NetModel {
+            mac: [2, 0xaa, 0, 0, 0, 1],
+            mtu: 1500,
+            tap: false,
+            pairs: 2,
+        }));
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        for q in 0..4 {
+            r.queue(q, 0);
+        }
+        r.h.set_vring_enable(2, false).unwrap();
+        r.h.set_vring_enable(3, false).unwrap();
+        assert!(r.events().is_empty());
+        r.h.set_vring_enable(0, true).unwrap();
+        assert!(r.events().is_empty(), "the first pair is waited for");
+        r.h.set_vring_enable(1, true).unwrap();
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        r.h.set_vring_enable(2, true).unwrap();
+        r.h.set_vring_enable(3, true).unwrap();
+        assert_eq!(
+            r.events(),
+            [
+                "detach",
+                "attach [0, 1, 2]",
+                "detach",
+                "attach [0, 1, 2, 3]"
+            ]
+        );
+        // A disk waits for every queue the VMM set up.
+        let mut disk = Rig::new(2);
+        disk.h.set_features(FEATURES | PROTOCOL).unwrap();
+        disk.memory();
+        disk.queue(0, 0);
+        disk.queue(1, 0);
+        disk.h.set_vring_enable(0, true).unwrap();
+        disk.h.set_vring_enable(1, false).unwrap();
+        assert!(disk.events().is_empty());
+    }
+
     #[test]
     fn attaches_once_every_configured_queue_is_enabled() {
         let mut r = Rig::new(2);
