@@ -25,6 +25,7 @@ use shadowback_guest::net::{
 };
 use shadowback_guest::netfront::{NetFront, NetFrontConfig};
 use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions, VhostUserNetStats};
+use shadowback_supervisor::DeviceStats;
 use shadowback_supervisor::{Config, SupervisorThread};
 use shadowback_testsupport::harness::backend_command;
 use shadowback_testsupport::operator::{fault_kill, stats_of};
@@ -117,17 +118,33 @@ fn assert_pairs(stats: &VhostUserNetStats) {
     );
 }
 
-/// Waits until the supervisor counted a recovery for every kill.
-fn assert_recovered(socket: &Path, kills: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+/// Waits until the supervisor counted a recovery for every kill (the
+/// guests stay connected meanwhile: a kill just before the last byte
+/// would otherwise find no session to recover), then lets the guests go.
+fn recovered(socket: &Path, kills: u32, release: &AtomicBool) -> DeviceStats {
+    let deadline = Instant::now() + Duration::from_secs(20);
     let mut s = stats_of(socket, "vnet");
     while s.recoveries < u64::from(kills) && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
         s = stats_of(socket, "vnet");
     }
+    release.store(true, Ordering::Release);
     eprintln!("vnet: {s:?}");
+    s
+}
+
+fn assert_recovered(s: &DeviceStats, kills: u32) {
     assert!(s.recoveries >= u64::from(kills), "{s:?} for {kills} kills");
     assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+}
+
+/// Holds a guest's connection until the test has counted the recoveries
+/// (or a minute has passed).
+fn hold_until(release: &AtomicBool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !release.load(Ordering::Acquire) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Three pairs of four through a TAP: four Linux sockets stream to the
@@ -158,8 +175,10 @@ fn tcp_connections_over_three_pairs_of_a_tap_survive_kills() {
             })
             .collect();
         let done = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
         let guest_side = {
             let done = done.clone();
+            let release = release.clone();
             thread::spawn(move || {
                 let mut dev = VhostUserNet::connect(&vhost, &mq_options()).expect("connect");
                 assert_eq!(dev.pairs(), usize::from(USED_PAIRS));
@@ -175,6 +194,7 @@ fn tcp_connections_over_three_pairs_of_a_tap_survive_kills() {
                 let reports = run_streams(&mut dev, &work);
                 done.store(true, Ordering::Release);
                 let left = dev.settle(Duration::from_secs(10)).expect("settle");
+                hold_until(&release);
                 (reports, dev.stats(), left)
             })
         };
@@ -185,6 +205,7 @@ fn tcp_connections_over_three_pairs_of_a_tap_survive_kills() {
             })
             .collect();
         let kills = kill_until(&socket, &done, MIN_KILLS + 5);
+        let s = recovered(&socket, kills, &release);
         let (reports, stats, left) = guest_side.join().expect("guest");
         let written: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
         let read: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
@@ -197,13 +218,13 @@ fn tcp_connections_over_three_pairs_of_a_tap_survive_kills() {
                     .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("tx-"))
             })
             .count();
-        assert_recovered(&socket, kills);
         sup.stop().expect("supervisor stop");
-        (reports, stats, left, kills, written, read, tap_queues)
+        (reports, stats, left, kills, written, read, tap_queues, s)
     })
     .join()
     .expect("the namespace thread panicked");
-    let (reports, stats, left, kills, written, read, tap_queues) = outcome;
+    let (reports, stats, left, kills, written, read, tap_queues, s) = outcome;
+    assert_recovered(&s, kills);
     assert_eq!(
         tap_queues,
         usize::from(USED_PAIRS),
@@ -310,6 +331,7 @@ fn tcp_connections_over_three_pairs_on_a_cable_survive_kills() {
         .chain((7101..7104).map(|p| (StreamRole::Sender, stream(b, a, p, BYTES))))
         .collect();
     let done = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
     let mut front = NetFront::attach(&socket, &NetFrontConfig::new("vif")).expect("netfront");
     let fguest = {
         let done = done.clone();
@@ -323,16 +345,19 @@ fn tcp_connections_over_three_pairs_on_a_cable_survive_kills() {
     };
     let vguest = {
         let done = done.clone();
+        let release = release.clone();
         let vhost = vhost.clone();
         thread::spawn(move || {
             let mut dev = VhostUserNet::connect(&vhost, &mq_options()).expect("connect");
             let reports = run_streams(&mut dev, &vwork);
             done.store(true, Ordering::Release);
             let left = dev.settle(Duration::from_secs(10)).expect("settle");
+            hold_until(&release);
             (reports, dev.stats(), left)
         })
     };
     let kills = kill_until(&socket, &done, MIN_KILLS + 8);
+    let s = recovered(&socket, kills, &release);
     let (vreports, vstats, left) = vguest.join().expect("vhost-user guest");
     let (freports, fstats) = fguest.join().expect("netfront guest");
     eprintln!("kills={kills} vhost-user={vstats:?} netfront={fstats:?}");
@@ -352,6 +377,6 @@ fn tcp_connections_over_three_pairs_on_a_cable_survive_kills() {
         "only {kills} kills before the streams ended"
     );
     assert_pairs(&vstats);
-    assert_recovered(&socket, kills);
+    assert_recovered(&s, kills);
     sup.stop().expect("supervisor stop");
 }
