@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-targets=(blkif netif virtio vhost_user control recovery)
+targets=(blkif netif virtio vhost_user control recovery vnet_ctrl)
 if [ "${1:-}" = "--list" ]; then
   printf '%s\n' "${targets[@]}"
   exit 0

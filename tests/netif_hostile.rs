@@ -444,3 +444,121 @@ fn a_hostile_netif_guest_hurts_only_its_own_vif() {
     assert_eq!((s.crashes, s.hangs, s.given_up), (0, 0, false), "{s:?}");
     setup.sup.stop().expect("supervisor stop");
 }
+
+/// A frame to `dst` from `peer`, carrying `tag` (an experimental
+/// ethertype the stacks ignore).
+fn tagged(dst: [u8; 6], tag: u8) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&[2, 0x77, 0, 0, 0, 2]);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes());
+    f.push(tag);
+    f.resize(60, 0);
+    f
+}
+
+/// Sends a multicast list change from `guest` (a first slot with
+/// `NETTXF_extra_info`, then the extra) and checks both slots' answers.
+fn mcast(guest: &mut RawNetif, kind: u8, addr: [u8; 6]) {
+    use shadowback_ring::netif::NETIF_RSP_NULL;
+    let first = NetifTxRequest {
+        gref: tx_gref(0),
+        offset: 0,
+        flags: NETTXF_EXTRA_INFO,
+        id: 0,
+        size: 0,
+    };
+    let extra = NetifTxRequest::from_extra(&NetifExtraInfo::from_mcast(kind, 0, addr));
+    guest.put_tx(&[first, extra]);
+    let rsps = guest.tx_responses(2);
+    assert_eq!(
+        (rsps[0].status, rsps[1].status),
+        (NETIF_RSP_OKAY, NETIF_RSP_NULL),
+        "{rsps:?}"
+    );
+}
+
+/// Sends one frame to each of `dsts` from `peer`, tagged `base + i`, then
+/// one to `evil`'s unicast address tagged `base + 9`; returns the tags
+/// `evil` receives up to that last one.
+fn round(peer: &mut RawNetif, evil: &mut RawNetif, dsts: &[[u8; 6]], base: u8) -> Vec<u8> {
+    let unicast = [2, 0x55, 0, 0, 0, 1];
+    for (i, dst) in dsts.iter().enumerate() {
+        peer.send(&tagged(*dst, base + i as u8), 1, NETIF_RSP_OKAY);
+    }
+    peer.send(&tagged(unicast, base + 9), 1, NETIF_RSP_OKAY);
+    let mut tags = Vec::new();
+    loop {
+        let (req, rsp) = evil.next_rx();
+        let data = evil.rx_data(&req, &rsp);
+        evil.post_rx(req);
+        evil.push();
+        if data.len() >= 15 && data[12..14] == 0x88b5u16.to_be_bytes() {
+            tags.push(data[14]);
+            if data[14] == base + 9 {
+                return tags;
+            }
+        }
+    }
+}
+
+/// `feature-multicast-control`: a guest that asks for it gets the
+/// multicast frames of the groups it listed (and broadcast and unicast),
+/// not the others; the list is the attachment's, not the backend's, so it
+/// filters the same after `fault kill`s; a delete takes a group off; more
+/// than 64 groups let every multicast frame through.
+#[test]
+fn a_netif_guest_gets_the_multicast_groups_it_listed_through_kills() {
+    use shadowback_ring::netif::{XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL};
+    use shadowback_testsupport::operator::fault_kill;
+    let setup = start("netif-mcast", false);
+    let mut evil = RawNetif::attach_with(&setup.socket, "evil", true);
+    for id in 0..RX_BUFS as u16 {
+        evil.post_rx_id(id);
+    }
+    evil.push();
+    let mut peer = RawNetif::attach(&setup.socket, "peer");
+    let (joined, other) = ([1, 0, 0x5e, 0, 0, 1], [1, 0, 0x5e, 0, 0, 2]);
+    let dsts = [joined, other, [0xff; 6]];
+    // Before any list: no multicast frame but broadcast.
+    assert_eq!(round(&mut peer, &mut evil, &dsts, 10), [12, 19]);
+    mcast(&mut evil, XEN_NETIF_EXTRA_TYPE_MCAST_ADD, joined);
+    assert_eq!(round(&mut peer, &mut evil, &dsts, 20), [20, 22, 29]);
+    let kill = |n: u32| {
+        let before = stats_of(&setup.socket, "evil").recoveries;
+        assert!(fault_kill(&setup.socket, "evil"), "kill {n}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while stats_of(&setup.socket, "evil").recoveries <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no recovery after kill {n}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    kill(1);
+    assert_eq!(
+        round(&mut peer, &mut evil, &dsts, 30),
+        [30, 32, 39],
+        "after a kill"
+    );
+    mcast(&mut evil, XEN_NETIF_EXTRA_TYPE_MCAST_DEL, joined);
+    kill(2);
+    assert_eq!(round(&mut peer, &mut evil, &dsts, 40), [42, 49], "deleted");
+    // 65 groups, neither of the two: the list overflows, every multicast
+    // frame passes, after a kill too.
+    for n in 0..65u8 {
+        mcast(
+            &mut evil,
+            XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+            [1, 0, 0x5e, 1, 0, n],
+        );
+    }
+    assert_eq!(round(&mut peer, &mut evil, &dsts, 50), [50, 51, 52, 59]);
+    kill(3);
+    assert_eq!(round(&mut peer, &mut evil, &dsts, 60), [60, 61, 62, 69]);
+    let s = stats_of(&setup.socket, "evil");
+    assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+    evil.close();
+    peer.close();
+    setup.sup.stop().expect("supervisor stop");
+}

@@ -267,7 +267,11 @@ fn control_queue_state_survives_a_kill_of_the_data_plane() {
     tables.extend_from_slice(&1u32.to_le_bytes());
     tables.extend_from_slice(&joined);
     // class MAC (1): ADDR_SET (1), TABLE_SET (0); class RX (0): PROMISC (0).
+    assert_eq!(dev.config_mac().expect("GET_CONFIG"), old_mac);
     assert!(dev.control(1, 1, &new_mac).expect("MAC_ADDR_SET"));
+    // The config space shows the MAC the driver set (the supervisor
+    // answers GET_CONFIG from the device state area).
+    assert_eq!(dev.config_mac().expect("GET_CONFIG"), new_mac);
     assert!(dev.control(1, 0, &tables).expect("MAC_TABLE_SET"));
     assert!(dev.control(0, 0, &[0]).expect("promiscuous off"));
     // Hostile or unsupported: refused, the state unchanged.
@@ -313,6 +317,11 @@ fn control_queue_state_survives_a_kill_of_the_data_plane() {
             expected(round),
             "after kill {}",
             round - 1
+        );
+        assert_eq!(
+            dev.config_mac().expect("GET_CONFIG"),
+            new_mac,
+            "after a kill"
         );
     }
     // The driver can still change it, and that holds too.

@@ -220,8 +220,10 @@ fn argument_rules() -> &'static [ArgRule] {
             ],
         ),
         // The checks that a wire fd is a TAP queue as the supervisor set
-        // it up, and the offloads the guest negotiated (TUNSETOFFLOAD, on
-        // the vif's own TAP: it changes nothing of another interface).
+        // it up, the offloads the guest negotiated (TUNSETOFFLOAD, on
+        // the vif's own TAP: it changes nothing of another interface),
+        // and which of its queues the kernel may steer to (TUNSETQUEUE,
+        // the queue pairs a virtio-net driver uses).
         (
             libc::SYS_ioctl,
             1,
@@ -229,6 +231,7 @@ fn argument_rules() -> &'static [ArgRule] {
                 libc::TUNGETIFF,
                 libc::TUNGETVNETHDRSZ,
                 libc::TUNSETOFFLOAD,
+                libc::TUNSETQUEUE,
                 libc::FIONBIO,
             ],
         ),

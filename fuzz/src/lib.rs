@@ -24,6 +24,7 @@ pub mod netif;
 pub mod recovery;
 pub mod vhost_user;
 pub mod virtio;
+pub mod vnet_ctrl;
 
 /// The fuzz targets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,17 +41,20 @@ pub enum Target {
     Control,
     /// The recovery planner fed arbitrary shadow logs.
     Recovery,
+    /// virtio-net control-queue commands through `vnet::ctrl::execute`.
+    VnetCtrl,
 }
 
 impl Target {
     /// Every target, in the order the docs list them.
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Blkif,
         Target::Netif,
         Target::Virtio,
         Target::VhostUser,
         Target::Control,
         Target::Recovery,
+        Target::VnetCtrl,
     ];
 
     /// The name used by `scripts/fuzz.sh` and the corpus directories.
@@ -62,6 +66,7 @@ impl Target {
             Target::VhostUser => "vhost_user",
             Target::Control => "control",
             Target::Recovery => "recovery",
+            Target::VnetCtrl => "vnet_ctrl",
         }
     }
 
@@ -79,6 +84,7 @@ impl Target {
             Target::VhostUser => vhost_user::run(data),
             Target::Control => control::run(data),
             Target::Recovery => recovery::run(data),
+            Target::VnetCtrl => vnet_ctrl::run(data),
         }
     }
 }

@@ -72,6 +72,11 @@ fn recovery() {
 }
 
 #[test]
+fn vnet_ctrl() {
+    check(Target::VnetCtrl, 0x7c741, ITERATIONS);
+}
+
+#[test]
 fn every_target_has_a_seed_corpus() {
     for t in Target::ALL {
         assert!(

@@ -537,6 +537,7 @@ impl NetFront {
             // smoltcp verifies every checksum and cannot complete a blank one.
             no_csum_offload: true,
             split_event_channels: self.cfg.split_event_channels,
+            multicast_control: false,
         }
     }
 

@@ -71,7 +71,9 @@ use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::checksum;
 use crate::netif::tx::{parse_tx, TxRequest, TxVerdict};
-use crate::netif::{rx_plan, Checksum, NetifRxError, RxFeatures, RxFrame, TxSlots};
+use crate::netif::{
+    rx_plan, Checksum, MulticastFilter, NetifRxError, RxFeatures, RxFrame, TxSlots,
+};
 use crate::record::response;
 use crate::record::rx as rxrec;
 use crate::record::tx::{self as txrec, TxSlotRecord};
@@ -107,6 +109,9 @@ pub const RX_TAKEN: u32 = 1;
 
 /// `attach-net`: `wire=tap` or `wire=cable`, the kind of the wire fd.
 pub const KEY_WIRE: &str = "wire";
+/// `attach-net`'s key saying the attachment's device state area (the
+/// guest's multicast list) follows the wire.
+pub const KEY_DEVICE_STATE: &str = "device-state";
 /// `attached` of a vif: TX packets sent again by this instance.
 pub const KEY_TX_REPLAYED: &str = "tx-replayed";
 /// `attached` of a vif: of those, ones the dead instance may have sent.
@@ -226,6 +231,8 @@ struct Vif {
     rx_features: RxFeatures,
     /// Complete blank checksums before RX delivery.
     no_csum_offload: bool,
+    /// The guest's multicast list (docs/ARCHITECTURE.md §11.6).
+    mcast: MulticastFilter,
     pool: VecDeque<Posted>,
     /// A frame read from the wire that waits for more buffers.
     held: Option<Vec<u8>>,
@@ -573,9 +580,17 @@ impl NetBackend {
     fn execute_tx(&mut self, request: TxRequest, entries: &[Option<EntryId>], sent: bool) {
         let packet = match request {
             TxRequest::Multicast(m) => {
-                // No filter: every frame is delivered. Accepted as Linux
-                // accepts a change within its list's limit.
-                self.answer_tx(&m.slots, entries, NETIF_RSP_OKAY, &[]);
+                // Kept in the device state area before it is answered.
+                let kept = self.vif.as_mut().map(|v| v.mcast.apply(m.op));
+                let status = match kept {
+                    Some(Ok(())) => NETIF_RSP_OKAY,
+                    Some(Err(why)) => {
+                        tracing::warn!(device = %self.cfg.device, why, "multicast list not kept");
+                        NETIF_RSP_ERROR
+                    }
+                    None => NETIF_RSP_ERROR,
+                };
+                self.answer_tx(&m.slots, entries, status, &[]);
                 return;
             }
             TxRequest::Packet(p) => p,
@@ -908,6 +923,11 @@ impl NetBackend {
             return true;
         };
         let data = &mut frame[hdr_len.bytes()..];
+        let dst: Option<[u8; 6]> = data.get(..6).and_then(|d| d.try_into().ok());
+        if !dst.is_some_and(|dst| vif.mcast.accepts(&dst)) {
+            self.stats.rx_filtered += 1;
+            return true;
+        }
         let mut csum = if hdr.needs_csum() {
             Checksum::Partial
         } else {
@@ -1053,7 +1073,13 @@ impl NetBackend {
                 &"GSO needs checksum offload (feature-no-csum-offload=0)",
             ));
         }
-        let want = conn.fd_count() + 1 + if shadow { 2 } else { 0 };
+        // The guest's multicast list, kept by the supervisor across
+        // instances (absent: this instance keeps it).
+        let device_state = msg
+            .get_flag(KEY_DEVICE_STATE)
+            .map_err(|e| inval(&e))?
+            .unwrap_or(false);
+        let want = conn.fd_count() + 1 + usize::from(device_state) + if shadow { 2 } else { 0 };
         if fds.len() != want {
             return Err(inval(&format!(
                 "attach-net carries {} fds, expected {want}",
@@ -1082,6 +1108,8 @@ impl NetBackend {
         };
         let wire =
             Wire::from_fd(wire_kind, next()?, VnetHeaderLen::Basic).map_err(|e| inval(&e))?;
+        let area = if device_state { Some(next()?) } else { None };
+        let mcast = MulticastFilter::open(area, conn.multicast_control).map_err(|e| inval(&e))?;
         if wire_kind == WireKind::Tap {
             // What the kernel may hand over unfinished: what this guest
             // accepts (a previous attachment's guest may have differed).
@@ -1189,6 +1217,7 @@ impl NetBackend {
                 gso_tcpv6: features.gso_tcpv6,
             },
             no_csum_offload: conn.no_csum_offload,
+            mcast,
             pool: VecDeque::new(),
             held: None,
             rx_taken: None,

@@ -422,6 +422,21 @@ pub struct NicConfig {
     /// up to [`MAX_VHOST_QUEUE_SIZE`]).
     #[serde(default = "default_queue_size")]
     pub queue_size: u16,
+    /// Receive/transmit queue pairs offered to a vhost-user-net driver
+    /// (`VIRTIO_NET_F_MQ`, `max_virtqueue_pairs`; 1 to
+    /// [`MAX_NIC_QUEUES`]). A TAP gets one queue per pair
+    /// (`IFF_MULTI_QUEUE`); a cable carries every pair's frames
+    /// (docs/ARCHITECTURE.md §8.1). A netif guest uses the first.
+    #[serde(default = "default_nic_queues")]
+    pub queues: u16,
+}
+
+/// Most queue pairs of a vif: with its control queue, the virtqueues one
+/// `attach-virtio` carries.
+pub const MAX_NIC_QUEUES: u16 = shadowback_xenbus::virtio::MAX_QUEUE_PAIRS;
+
+fn default_nic_queues() -> u16 {
+    1
 }
 
 /// What a vif's wire is.
@@ -475,6 +490,7 @@ impl NicConfig {
             allow_gids: Vec::new(),
             vhost_user: None,
             queue_size: default_queue_size(),
+            queues: default_nic_queues(),
         }
     }
 
@@ -695,6 +711,12 @@ impl Config {
             return bad(format!(
                 "queue_size {} is not a power of two up to {MAX_VHOST_QUEUE_SIZE}",
                 n.queue_size
+            ));
+        }
+        if !(1..=MAX_NIC_QUEUES).contains(&n.queues) {
+            return bad(format!(
+                "queues {} is outside 1..={MAX_NIC_QUEUES}",
+                n.queues
             ));
         }
         if !good_name(&n.name) {
@@ -1026,6 +1048,15 @@ mod nic_tests {
         .unwrap();
         let t = &tap.nics[0];
         assert_eq!(t.wire(), Some(NicWire::Tap("sbtap0")));
+        assert_eq!((a.queues, t.queues), (1, 1));
+        let mq = Config::parse("socket = \"/s\"\n[[nic]]\nname = \"t\"\ntap = \"t0\"\nqueues = 7")
+            .unwrap();
+        assert_eq!(mq.nics[0].queues, 7);
+        for n in [0, 8] {
+            let toml =
+                format!("socket = \"/s\"\n[[nic]]\nname = \"t\"\ntap = \"t0\"\nqueues = {n}");
+            assert!(Config::parse(&toml).is_err(), "queues = {n}");
+        }
         assert_eq!((t.standby, t.shadow, t.backend_id), (false, false, 3));
     }
 

@@ -228,6 +228,8 @@ mod tests {
                 queues: vec![queue(0, 128, 0x10000), queue(1, 256, 0x18000)],
                 inflight: None,
                 wire: None,
+                wire_queues: 0,
+                queue_pairs: 1,
                 device_state: false,
                 shadow: false,
             };
@@ -235,7 +237,7 @@ mod tests {
                 regions: vec![guest.try_clone().unwrap().into()],
                 queues: vec![(eventfd(), eventfd()), (eventfd(), eventfd())],
                 inflight: None,
-                wire: None,
+                wire: Vec::new(),
                 device_state: None,
                 logs: Vec::new(),
             };
@@ -290,6 +292,8 @@ mod tests {
                 queues: Vec::new(),
                 inflight: None,
                 wire: None,
+                wire_queues: 0,
+                queue_pairs: 1,
                 device_state: false,
                 shadow: true,
             };
@@ -297,7 +301,7 @@ mod tests {
                 regions: Vec::new(),
                 queues: Vec::new(),
                 inflight: None,
-                wire: None,
+                wire: Vec::new(),
                 device_state: None,
                 logs: Vec::new(),
             };

@@ -30,13 +30,37 @@ use crate::vhost_user::memory::{MemoryTable, RegionDesc};
 /// `attach-net`'s key naming what the wire descriptor is
 /// (docs/PROTOCOL.md §6c).
 const KEY_WIRE: &str = "wire";
+/// `attach-net`'s key saying a device state area follows the wire.
+const KEY_DEVICE_STATE: &str = "device-state";
 
-/// A vif's wire as one attachment holds it: a duplicate of the fd the
-/// supervisor keeps, and what it is (`wire=cable` or `wire=tap`).
+/// A vif's wire as one attachment holds it: duplicates of the fds the
+/// supervisor keeps (a cable end, or every queue of a TAP), what they are
+/// (`wire=cable` or `wire=tap`), and the vif's queue pairs.
 #[derive(Debug)]
 pub struct NetWire {
     pub kind: &'static str,
-    pub fd: OwnedFd,
+    pub fds: Vec<OwnedFd>,
+    /// `max_virtqueue_pairs` of the vif (`[[nic]] queues`).
+    pub pairs: u16,
+}
+
+impl NetWire {
+    /// The one fd of a netif attachment (one TX/RX ring pair): the first
+    /// TAP queue, attached, the others detached so that the kernel steers
+    /// no flow to a queue nobody reads (docs/ARCHITECTURE.md §11.5).
+    fn single(self) -> Result<OwnedFd, String> {
+        let mut fds = self.fds.into_iter();
+        let first = fds.next().ok_or("a wire without descriptor")?;
+        let rest: Vec<OwnedFd> = fds.collect();
+        if !rest.is_empty() {
+            use shadowback_netback::wire::tap::set_queue_attached;
+            set_queue_attached(first.as_fd(), true).map_err(|e| e.to_string())?;
+            for fd in &rest {
+                set_queue_attached(fd.as_fd(), false).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(first)
+    }
 }
 
 /// What a frontend attaches with.
@@ -50,6 +74,10 @@ pub enum Frontend {
         req: NetAttachRequest,
         fds: NetFds,
         wire: Option<NetWire>,
+        /// The device state area of this attachment (the guest's
+        /// multicast list), made with the wire and handed to every
+        /// instance that serves it.
+        state: Option<OwnedFd>,
         shadow: bool,
     },
     /// A VMM's virtqueues (the device's vhost-user socket); `fds.logs` is
@@ -80,7 +108,7 @@ impl Frontend {
                 if fds.regions.len() != req.regions.len()
                     || fds.queues.len() != req.queues.len()
                     || fds.inflight.is_some() != req.inflight.is_some()
-                    || fds.wire.is_some() != req.wire.is_some()
+                    || fds.wire.len() != usize::from(req.wire_queues)
                     || fds.device_state.is_some() != req.device_state
                 {
                     return einval("descriptors do not match the request");
@@ -101,17 +129,34 @@ impl Frontend {
         }
     }
 
-    /// Gives a vif's attachment its wire, over netif rings or virtqueues
-    /// (a no-op for a disk, whose class lends none).
-    pub fn set_wire(&mut self, lent: Option<NetWire>) {
+    /// Gives a vif's attachment its wire, over netif rings (the first
+    /// queue) or virtqueues (every queue); a no-op for a disk, whose class
+    /// lends none.
+    pub fn set_wire(&mut self, lent: Option<NetWire>) -> Result<(), Refusal> {
+        let Some(lent) = lent else {
+            return Ok(());
+        };
         match self {
-            Frontend::Net { wire, .. } => *wire = lent,
+            Frontend::Net { wire, state, .. } => {
+                *state = Some(net_state_area().map_err(|e| (ErrorCode::Enodev, e))?);
+                let kind = lent.kind;
+                let fd = lent.single().map_err(|e| (ErrorCode::Enodev, e))?;
+                *wire = Some(NetWire {
+                    kind,
+                    fds: vec![fd],
+                    pairs: 1,
+                });
+            }
             Frontend::Virtio { req, fds } => {
-                req.wire = lent.as_ref().map(|w| w.kind.to_string());
-                fds.wire = lent.map(|w| w.fd);
+                req.wire = Some(lent.kind.to_string());
+                req.wire_queues = u16::try_from(lent.fds.len())
+                    .map_err(|_| (ErrorCode::Enodev, "too many wire queues".to_string()))?;
+                req.queue_pairs = lent.pairs;
+                fds.wire = lent.fds;
             }
             Frontend::Xen { .. } => {}
         }
+        Ok(())
     }
 
     /// The sizes of the guest memory regions the frontend hands over, as
@@ -223,15 +268,23 @@ impl Frontend {
                 .map_err(|e| (ErrorCode::Einval, e.to_string())),
             Frontend::Virtio { req, .. } => Ok(req.to_message()),
             Frontend::Net {
-                req, wire, shadow, ..
+                req,
+                wire,
+                state,
+                shadow,
+                ..
             } => {
                 let wire = wire
                     .as_ref()
                     .ok_or((ErrorCode::Enodev, "the vif has no wire".to_string()))?;
-                Ok(req
+                let mut msg = req
                     .to_message()
                     .with(KEY_WIRE, wire.kind)
-                    .with(key::SHADOW, u8::from(*shadow)))
+                    .with(key::SHADOW, u8::from(*shadow));
+                if state.is_some() {
+                    msg.set(KEY_DEVICE_STATE, 1);
+                }
+                Ok(msg)
             }
         }
     }
@@ -241,9 +294,12 @@ impl Frontend {
     pub fn attach_fds(&self) -> Vec<BorrowedFd<'_>> {
         match self {
             Frontend::Xen { fds, .. } => fds.as_borrowed().to_vec(),
-            Frontend::Net { fds, wire, .. } => {
+            Frontend::Net {
+                fds, wire, state, ..
+            } => {
                 let mut v = fds.as_borrowed();
-                v.extend(wire.as_ref().map(|w| w.fd.as_fd()));
+                v.extend(wire.iter().flat_map(|w| w.fds.iter().map(AsFd::as_fd)));
+                v.extend(state.as_ref().map(AsFd::as_fd));
                 v
             }
             Frontend::Virtio { fds, .. } => {
@@ -253,7 +309,7 @@ impl Frontend {
                     v.push(call.as_fd());
                 }
                 v.extend(fds.inflight.as_ref().map(AsFd::as_fd));
-                v.extend(fds.wire.as_ref().map(AsFd::as_fd));
+                v.extend(fds.wire.iter().map(AsFd::as_fd));
                 v.extend(fds.device_state.as_ref().map(AsFd::as_fd));
                 v
             }
@@ -264,12 +320,15 @@ impl Frontend {
     pub fn into_fds(self) -> Vec<OwnedFd> {
         match self {
             Frontend::Xen { fds, .. } => vec![fds.region, fds.kick, fds.notify],
-            Frontend::Net { fds, wire, .. } => {
+            Frontend::Net {
+                fds, wire, state, ..
+            } => {
                 let mut v = vec![fds.region, fds.tx.kick, fds.tx.notify];
                 if let Some(rx) = fds.rx {
                     v.extend([rx.kick, rx.notify]);
                 }
-                v.extend(wire.map(|w| w.fd));
+                v.extend(wire.into_iter().flat_map(|w| w.fds));
+                v.extend(state);
                 v
             }
             Frontend::Virtio { fds, .. } => {
@@ -310,6 +369,21 @@ impl Frontend {
     pub fn resumes_after_detach(&self) -> bool {
         matches!(self, Frontend::Virtio { .. })
     }
+}
+
+/// A netif attachment's device state area (docs/PROTOCOL.md §6c): the
+/// layout of `shadowback_virtio::net_state`, an empty multicast list, made
+/// once per guest connection so every backend instance serving it filters
+/// by the same list.
+fn net_state_area() -> Result<OwnedFd, String> {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
+    let fd = memfd_create(c"shadowback-vif-state", MemFdCreateFlag::MFD_CLOEXEC)
+        .map_err(|e| format!("device state memfd: {e}"))?;
+    let file = std::fs::File::from(fd);
+    let copy = file.try_clone().map_err(|e| format!("dup: {e}"))?;
+    NetStateArea::create(copy, &NetDeviceState::netif()).map_err(|e| e.to_string())?;
+    Ok(OwnedFd::from(file))
 }
 
 /// The guest memory of a virtio frontend, for reading ring indices.

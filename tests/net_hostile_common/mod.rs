@@ -390,6 +390,12 @@ impl RawNetif {
     /// Probes and connects `device` through the supervisor, with
     /// `feature-sg` and checksums offloaded to nobody.
     pub fn attach(socket: &Path, device: &str) -> Self {
+        Self::attach_with(socket, device, false)
+    }
+
+    /// As [`attach`](Self::attach), asking for multicast filtering
+    /// (`request-multicast-control`) if `multicast_control`.
+    pub fn attach_with(socket: &Path, device: &str, multicast_control: bool) -> Self {
         let control = SeqPacket::connect(socket).expect("control socket");
         control.send(&Message::probe(device), &[]).unwrap();
         let reply = recv(&control, "probe");
@@ -420,6 +426,7 @@ impl RawNetif {
             },
             no_csum_offload: true,
             split_event_channels: false,
+            multicast_control,
         };
         control
             .send(

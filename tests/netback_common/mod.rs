@@ -85,6 +85,7 @@ pub fn test_connect(
         features,
         no_csum_offload: false,
         split_event_channels: false,
+        multicast_control: false,
     }
 }
 

@@ -94,6 +94,8 @@ impl Device {
                 queue_size: self.size,
             }),
             wire: None,
+            wire_queues: 0,
+            queue_pairs: 1,
             device_state: false,
             shadow: self.log.is_some(),
         }

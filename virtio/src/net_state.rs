@@ -17,7 +17,7 @@
 //! | `0..8` | sequence number (0: empty or being written) |
 //! | `8..12` | `NVST` |
 //! | `12..14` | payload length |
-//! | `16..` | payload: mac\[6\], rx mode (u8 bits), offloads (u64), unicast count (u8), multicast count (u8), the unicast then the multicast MACs |
+//! | `16..` | payload: mac\[6\], rx mode (u8 bits), offloads (u64), unicast count (u8), multicast count (u8), the unicast then the multicast MACs, queue pairs in use (u16; absent in a slot written before multiqueue: 1) |
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -37,7 +37,7 @@ const SLOT_HEADER: usize = 16;
 const TAG: [u8; 4] = *b"NVST";
 const FIXED_PAYLOAD: usize = 6 + 1 + 8 + 2;
 const _: () =
-    assert!(SLOT_HEADER + FIXED_PAYLOAD + 2 * MAC_TABLE_ENTRIES * 6 <= SLOT_BYTES as usize);
+    assert!(SLOT_HEADER + FIXED_PAYLOAD + 2 * MAC_TABLE_ENTRIES * 6 + 2 <= SLOT_BYTES as usize);
 
 /// The guest offloads a driver may switch with
 /// `VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET` (virtio 1.2 §5.1.6.5.6.1): the
@@ -75,6 +75,9 @@ pub struct NetDeviceState {
     pub offloads: u64,
     pub unicast: Vec<[u8; 6]>,
     pub multicast: Vec<[u8; 6]>,
+    /// Receive/transmit queue pairs the driver uses
+    /// (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`; 1 after a reset).
+    pub pairs: u16,
 }
 
 /// Why an area holds no usable state.
@@ -96,6 +99,17 @@ impl NetDeviceState {
             offloads: features & GUEST_OFFLOAD_BITS,
             unicast: Vec::new(),
             multicast: Vec::new(),
+            pairs: 1,
+        }
+    }
+
+    /// A netif attachment's state: nothing but its multicast list, empty
+    /// (a Xen guest has no receive mode to set; docs/ARCHITECTURE.md
+    /// §11.6).
+    pub fn netif() -> Self {
+        NetDeviceState {
+            rx_mode: 0,
+            ..Self::initial([0; 6], 0)
         }
     }
 
@@ -130,6 +144,7 @@ impl NetDeviceState {
         for m in uc.iter().chain(mc) {
             p.extend_from_slice(m);
         }
+        p.extend_from_slice(&self.pairs.to_le_bytes());
         p
     }
 
@@ -141,15 +156,22 @@ impl NetDeviceState {
         let rx_mode = fixed[6];
         let offloads = u64::from_le_bytes(fixed[7..15].try_into().ok()?);
         let (nu, nm) = (usize::from(fixed[15]), usize::from(fixed[16]));
+        let tables = FIXED_PAYLOAD + 6 * (nu + nm);
+        // A slot written before multiqueue ends with the tables.
+        let pairs = match p.get(tables..) {
+            Some([]) => 1,
+            Some([a, b]) => u16::from_le_bytes([*a, *b]),
+            _ => return None,
+        };
         if rx_mode & !rx_mode::KNOWN != 0
             || offloads & !GUEST_OFFLOAD_BITS != 0
             || nu > MAC_TABLE_ENTRIES
             || nm > MAC_TABLE_ENTRIES
-            || p.len() != FIXED_PAYLOAD + 6 * (nu + nm)
+            || pairs == 0
         {
             return None;
         }
-        let macs: Vec<[u8; 6]> = p[FIXED_PAYLOAD..]
+        let macs: Vec<[u8; 6]> = p[FIXED_PAYLOAD..tables]
             .chunks_exact(6)
             .map(|c| [c[0], c[1], c[2], c[3], c[4], c[5]])
             .collect();
@@ -159,6 +181,7 @@ impl NetDeviceState {
             offloads,
             unicast: macs[..nu].to_vec(),
             multicast: macs[nu..].to_vec(),
+            pairs,
         })
     }
 }
@@ -184,16 +207,17 @@ impl NetStateArea {
 
     /// Opens an area and reads its newest valid slot.
     pub fn open(file: File) -> Result<(Self, NetDeviceState), NetStateError> {
-        let mut best: Option<(u64, NetDeviceState)> = None;
-        for slot in 0..2 {
-            if let Some((seq, state)) = read_slot(&file, slot)? {
-                if best.as_ref().is_none_or(|(s, _)| seq > *s) {
-                    best = Some((seq, state));
-                }
-            }
-        }
-        let (seq, state) = best.ok_or(NetStateError::Empty)?;
+        let (seq, state) = newest(&file)?;
         Ok((NetStateArea { file, seq }, state))
+    }
+
+    /// The newest valid state in an area another process writes (the
+    /// supervisor reads the MAC a driver set this way, for `GET_CONFIG`).
+    /// A backend writes the slot it does not point at and only then its
+    /// sequence number, so a read sees a whole state: the newest, or,
+    /// during a write, the one before it.
+    pub fn read(file: &File) -> Result<NetDeviceState, NetStateError> {
+        newest(file).map(|(_, state)| state)
     }
 
     /// Writes `state` into the older slot and makes it the newest.
@@ -213,6 +237,18 @@ impl NetStateArea {
         self.seq = seq;
         Ok(())
     }
+}
+
+fn newest(file: &File) -> Result<(u64, NetDeviceState), NetStateError> {
+    let mut best: Option<(u64, NetDeviceState)> = None;
+    for slot in 0..2 {
+        if let Some((seq, state)) = read_slot(file, slot)? {
+            if best.as_ref().is_none_or(|(s, _)| seq > *s) {
+                best = Some((seq, state));
+            }
+        }
+    }
+    best.ok_or(NetStateError::Empty)
 }
 
 fn read_slot(file: &File, slot: u64) -> Result<Option<(u64, NetDeviceState)>, NetStateError> {
@@ -251,6 +287,7 @@ mod tests {
             offloads: 1 << VIRTIO_NET_F_GUEST_CSUM,
             unicast: vec![[2, 1, 1, 1, 1, 1]],
             multicast: vec![[0x33, 0x33, 0, 0, 0, 1], [1, 0, 0x5e, 0, 0, 1]],
+            pairs: 3,
         }
     }
 
@@ -303,6 +340,29 @@ mod tests {
         let tiny = memfd();
         tiny.set_len(10).unwrap();
         assert!(NetStateArea::open(tiny).is_err());
+        // Zero queue pairs: never written, refused.
+        let f = memfd();
+        let state = sample();
+        NetStateArea::create(f.try_clone().unwrap(), &state).unwrap();
+        let pairs_at = SLOT_BYTES + 16 + (FIXED_PAYLOAD + 6 * 3) as u64;
+        f.write_all_at(&[0, 0], pairs_at).unwrap();
+        assert!(NetStateArea::read(&f).is_err());
+    }
+
+    /// A slot written before multiqueue (no pairs field) is one pair.
+    #[test]
+    fn a_slot_without_queue_pairs_is_one_pair() {
+        let f = memfd();
+        let mut state = sample();
+        NetStateArea::create(f.try_clone().unwrap(), &state).unwrap();
+        assert_eq!(NetStateArea::read(&f).unwrap().pairs, 3);
+        let len_at = SLOT_BYTES + 12;
+        let mut len = [0u8; 2];
+        f.read_exact_at(&mut len, len_at).unwrap();
+        let shorter = u16::from_le_bytes(len) - 2;
+        f.write_all_at(&shorter.to_le_bytes(), len_at).unwrap();
+        state.pairs = 1;
+        assert_eq!(NetStateArea::read(&f).unwrap(), state);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! feature-rx-copy=1 feature-rx-flip=0 feature-sg=1
 //! feature-gso-tcpv4=1 feature-gso-tcpv6=1 feature-ipv6-csum-offload=1
 //! feature-split-event-channels=1 multi-queue-max-queues=1
+//! feature-multicast-control=1
 //!
 //! connect (frontend → supervisor)
 //! device=vif0 frontend-id=1 grant-frames=1 protocol=x86_64-abi
@@ -20,6 +21,7 @@
 //! feature-rx-notify=1 [feature-sg=1] [feature-gso-tcpv4=1]
 //! [feature-gso-tcpv6=1] [feature-ipv6-csum-offload=1]
 //! [feature-no-csum-offload=1] [split-event-channels=1]
+//! [request-multicast-control=1]
 //! [multi-queue-num-queues=1]
 //! ```
 //!
@@ -62,6 +64,11 @@ pub mod key {
     pub const FEATURE_SPLIT_EVENT_CHANNELS: &str = "feature-split-event-channels";
     /// `backend`: most queue pairs the backend serves.
     pub const MULTI_QUEUE_MAX_QUEUES: &str = "multi-queue-max-queues";
+    /// `1`: the backend filters multicast frames by the list a frontend
+    /// keeps with `XEN_NETIF_EXTRA_TYPE_MCAST_ADD`/`_DEL`.
+    pub const FEATURE_MULTICAST_CONTROL: &str = "feature-multicast-control";
+    /// `1`: this frontend wants its multicast list applied.
+    pub const REQUEST_MULTICAST_CONTROL: &str = "request-multicast-control";
     /// `connect`: grant ref of the TX ring page.
     pub const TX_RING_REF: &str = "tx-ring-ref";
     /// `connect`: grant ref of the RX ring page.
@@ -207,7 +214,8 @@ impl NetBackendInfo {
             .with(key::FEATURE_RX_COPY, 1)
             .with(key::FEATURE_RX_FLIP, 0)
             .with(key::FEATURE_SPLIT_EVENT_CHANNELS, 1)
-            .with(key::MULTI_QUEUE_MAX_QUEUES, MAX_QUEUES);
+            .with(key::MULTI_QUEUE_MAX_QUEUES, MAX_QUEUES)
+            .with(key::FEATURE_MULTICAST_CONTROL, 1);
         self.features.write(msg, true)
     }
 
@@ -250,6 +258,9 @@ pub struct NetConnectRequest {
     pub no_csum_offload: bool,
     /// TX and RX have an event channel each (two eventfd pairs).
     pub split_event_channels: bool,
+    /// Multicast frames are filtered by the frontend's list
+    /// (`request-multicast-control`).
+    pub multicast_control: bool,
 }
 
 impl NetConnectRequest {
@@ -284,6 +295,9 @@ impl NetConnectRequest {
         }
         if self.split_event_channels {
             msg.set(key::SPLIT_EVENT_CHANNELS, 1);
+        }
+        if self.multicast_control {
+            msg.set(key::REQUEST_MULTICAST_CONTROL, 1);
         }
         msg
     }
@@ -374,6 +388,9 @@ impl NetConnectRequest {
             features: NetFeatures::read(msg)?,
             no_csum_offload: msg.get_flag(key::FEATURE_NO_CSUM_OFFLOAD)?.unwrap_or(false),
             split_event_channels: msg.get_flag(key::SPLIT_EVENT_CHANNELS)?.unwrap_or(false),
+            multicast_control: msg
+                .get_flag(key::REQUEST_MULTICAST_CONTROL)?
+                .unwrap_or(false),
         })
     }
 }
@@ -510,6 +527,7 @@ mod tests {
             },
             no_csum_offload: false,
             split_event_channels: true,
+            multicast_control: true,
         }
     }
 

@@ -15,13 +15,15 @@
 //! queue-<i>=<index>,<size>,<desc>,<avail>,<used>,<next_avail>   (hex)
 //! inflight=<mmap_size>,<mmap_offset>,<queue_size>   (hex; absent: none)
 //! wire=<tap|cable>             a vif's wire (absent: none)
+//! wire-queues=<n>              its descriptors: one per TAP queue (absent: 1)
+//! queue-pairs=<n>              a vif's max_virtqueue_pairs (absent: 1)
 //! device-state=1               a device state area follows (absent: none)
 //! shadow=<0|1>                 one shadow log per queue follows
 //! recover=<0|1>, blame=<0|1>   as for `attach`
 //! ```
 //!
 //! Descriptors, in order: one memfd per region, then `kick`, `call` per
-//! queue, then the in-flight region (if `inflight`), the wire (if `wire`),
+//! queue, then the in-flight region (if `inflight`), the wire's (if `wire`),
 //! the device state area (if `device-state`), then one shadow log per
 //! queue (if `shadow=1`). [`VirtioAttachRequest::fd_count`] gives the total.
 //! Addresses are guest-physical; the supervisor translates the VMM's
@@ -41,6 +43,9 @@ pub const MAX_REGIONS: usize = 8;
 pub const MAX_QUEUES: usize = 16;
 /// Largest split virtqueue.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Most receive/transmit queue pairs of a vif: with its control queue,
+/// as many virtqueues as an attach carries.
+pub const MAX_QUEUE_PAIRS: u16 = ((MAX_QUEUES - 1) / 2) as u16;
 
 /// One guest memory region: guest-physical `[gpa, gpa + size)` lives at
 /// `mmap_offset` in its memfd.
@@ -87,6 +92,13 @@ pub struct VirtioAttachRequest {
     /// A vif's wire (`wire=tap` or `wire=cable`, docs/PROTOCOL.md §6b):
     /// its descriptor follows the in-flight region's. `None` for a disk.
     pub wire: Option<String>,
+    /// Descriptors of the wire: one per queue of a multi-queue TAP
+    /// (`wire-queues`), 1 for a cable or a single-queue TAP; 0 without a
+    /// wire.
+    pub wire_queues: u16,
+    /// The vif's `max_virtqueue_pairs` (`queue-pairs`, 1 to
+    /// [`MAX_QUEUE_PAIRS`]; 1 for a disk).
+    pub queue_pairs: u16,
     /// A device state area follows the wire (`device-state=1`): a memfd
     /// the supervisor keeps for the connection, in which a virtio-net
     /// backend keeps what the driver set on the control queue
@@ -98,6 +110,10 @@ pub struct VirtioAttachRequest {
 
 /// `attach-virtio`'s key naming a vif's wire descriptor.
 pub const KEY_WIRE: &str = "wire";
+/// `attach-virtio`'s key counting the wire's descriptors.
+pub const KEY_WIRE_QUEUES: &str = "wire-queues";
+/// `attach-virtio`'s key giving a vif's `max_virtqueue_pairs`.
+pub const KEY_QUEUE_PAIRS: &str = "queue-pairs";
 /// `attach-virtio`'s key saying a device state area follows.
 pub const KEY_DEVICE_STATE: &str = "device-state";
 
@@ -146,7 +162,7 @@ impl VirtioAttachRequest {
         self.regions.len()
             + 2 * queues
             + usize::from(self.inflight.is_some())
-            + usize::from(self.wire.is_some())
+            + usize::from(self.wire_queues)
             + usize::from(self.device_state)
             + if self.shadow { queues } else { 0 }
     }
@@ -182,6 +198,12 @@ impl VirtioAttachRequest {
         }
         if let Some(wire) = &self.wire {
             msg.set(KEY_WIRE, wire);
+            if self.wire_queues != 1 {
+                msg.set(KEY_WIRE_QUEUES, self.wire_queues);
+            }
+        }
+        if self.queue_pairs != 1 {
+            msg.set(KEY_QUEUE_PAIRS, self.queue_pairs);
         }
         if self.device_state {
             msg.set(KEY_DEVICE_STATE, 1);
@@ -241,13 +263,34 @@ impl VirtioAttachRequest {
                 })
             }
         };
+        let wire = msg.get(KEY_WIRE).map(str::to_owned);
+        let pairs = |key: &str, default: u16| -> Result<u16, XenbusError> {
+            let n = match msg.get(key) {
+                None => return Ok(default),
+                Some(_) => msg.require_u64(key)?,
+            };
+            u16::try_from(n)
+                .ok()
+                .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+                .ok_or_else(|| XenbusError::InvalidValue {
+                    key: key.to_owned(),
+                    value: n.to_string(),
+                    reason: "1 to 7",
+                })
+        };
+        let wire_queues = match wire {
+            Some(_) => pairs(KEY_WIRE_QUEUES, 1)?,
+            None => 0,
+        };
         Ok(Self {
             frontend: msg.require(key::FRONTEND)?.to_owned(),
             features,
             regions,
             queues,
             inflight,
-            wire: msg.get(KEY_WIRE).map(str::to_owned),
+            wire,
+            wire_queues,
+            queue_pairs: pairs(KEY_QUEUE_PAIRS, 1)?,
             device_state: msg.get_flag(KEY_DEVICE_STATE)?.unwrap_or(false),
             shadow: msg.require_flag(key::SHADOW)?,
         })
@@ -262,8 +305,8 @@ pub struct VirtioFds {
     /// Per queue: `(kick, call)` eventfds.
     pub queues: Vec<(OwnedFd, OwnedFd)>,
     pub inflight: Option<OwnedFd>,
-    /// A vif's wire, when [`VirtioAttachRequest::wire`] is set.
-    pub wire: Option<OwnedFd>,
+    /// A vif's wire: [`VirtioAttachRequest::wire_queues`] descriptors.
+    pub wire: Vec<OwnedFd>,
     /// The device state area, when [`VirtioAttachRequest::device_state`].
     pub device_state: Option<OwnedFd>,
     /// Per queue, when `shadow`.
@@ -298,7 +341,7 @@ impl VirtioFds {
         } else {
             None
         };
-        let wire = if req.wire.is_some() { it.next() } else { None };
+        let wire = it.by_ref().take(usize::from(req.wire_queues)).collect();
         let device_state = if req.device_state { it.next() } else { None };
         let logs = it.collect();
         Ok(Self {
@@ -348,6 +391,8 @@ mod tests {
                 queue_size: 256,
             }),
             wire: Some("tap".into()),
+            wire_queues: 4,
+            queue_pairs: 4,
             device_state: true,
             shadow: true,
         }
@@ -359,7 +404,7 @@ mod tests {
         let msg = req.to_message();
         msg.encode().expect("fits one datagram");
         assert_eq!(VirtioAttachRequest::from_message(&msg).unwrap(), req);
-        assert_eq!(req.fd_count(), 2 + 32 + 1 + 1 + 1 + 16);
+        assert_eq!(req.fd_count(), 2 + 32 + 1 + 4 + 1 + 16);
         let mut plain = req.clone();
         plain.device_state = false;
         let msg = plain.to_message();
@@ -384,5 +429,17 @@ mod tests {
         let mut msg = sample().to_message();
         msg.set("region-1", "zz,0,0");
         assert!(VirtioAttachRequest::from_message(&msg).is_err());
+        for (key, value) in [
+            ("wire-queues", "0"),
+            ("wire-queues", "8"),
+            ("queue-pairs", "0"),
+        ] {
+            let mut msg = sample().to_message();
+            msg.set(key, value);
+            assert!(
+                VirtioAttachRequest::from_message(&msg).is_err(),
+                "{key}={value}"
+            );
+        }
     }
 }

@@ -30,7 +30,7 @@ pub mod cable;
 pub use device::{FrameDevice, FrameError, PhyStats, ETHERNET_HEADER_LEN};
 pub use pattern::{Crc32, StreamMismatch, StreamPattern, StreamVerifier};
 pub use stack::{NetConfig, NetError, NetStack};
-pub use workload::{run_stream, ProgressHook, StreamParams, StreamReport, StreamRole};
+pub use workload::{run_stream, run_streams, ProgressHook, StreamParams, StreamReport, StreamRole};
 
 use smoltcp::wire::{
     EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
@@ -61,4 +61,23 @@ pub(crate) fn with_ipv4_tcp(
     if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
         f(&mut tcp, src, dst);
     }
+}
+
+/// A number for an IPv4 TCP or UDP frame's flow that is the same both
+/// ways (the sums of the addresses and of the ports): what a multi-queue
+/// device picks a transmit queue by. `None` for anything else.
+pub(crate) fn with_ipv4_ports(frame: &[u8]) -> Option<u32> {
+    let eth = EthernetFrame::new_checked(frame).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if !matches!(ip.next_header(), IpProtocol::Tcp | IpProtocol::Udp) {
+        return None;
+    }
+    let ports = ip.payload().get(..4)?;
+    let addrs = u32::from(ip.src_addr()).wrapping_add(u32::from(ip.dst_addr()));
+    let ports = u32::from(u16::from_be_bytes([ports[0], ports[1]]))
+        + u32::from(u16::from_be_bytes([ports[2], ports[3]]));
+    Some(addrs.wrapping_add(ports))
 }

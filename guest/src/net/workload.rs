@@ -294,74 +294,79 @@ pub fn run_stream(
     role: StreamRole,
     params: &StreamParams,
 ) -> StreamReport {
-    let expected = match role {
+    let mut reports = run_streams(device, &[(role, params.clone())]);
+    reports.pop().unwrap_or_else(|| StreamReport::new(role, 0))
+}
+
+/// Runs several workloads at once over one `device` and one stack (the
+/// first one's `net` addressing; each needs a port of its own), until
+/// every one has ended; a report each, in order. What [`run_stream`]
+/// does for one connection, for a device with several queues to spread
+/// connections over.
+pub fn run_streams(
+    device: &mut dyn FrameDevice,
+    workloads: &[(StreamRole, StreamParams)],
+) -> Vec<StreamReport> {
+    let Some((_, first)) = workloads.first() else {
+        return Vec::new();
+    };
+    let mut stack = match NetStack::new(device, &first.net) {
+        Ok(stack) => stack,
+        Err(err) => {
+            return workloads
+                .iter()
+                .map(|(role, params)| {
+                    let mut report = StreamReport::new(*role, expected_bytes(*role, params));
+                    report.fail(format!("setting up the stack: {}", chain(&err)));
+                    report
+                })
+                .collect();
+        }
+    };
+    let mut runs: Vec<Run> = workloads
+        .iter()
+        .map(|(role, params)| Run::start(&mut stack, *role, params))
+        .collect();
+    while runs.iter().any(|r| r.phase != Phase::Done) {
+        let now = Instant::now();
+        if let Err(err) = stack.poll(now) {
+            for run in runs.iter_mut().filter(|r| r.phase != Phase::Done) {
+                run.report.fail(chain(&err));
+                run.phase = Phase::Done;
+            }
+            break;
+        }
+        let mut acted = false;
+        for run in runs.iter_mut().filter(|r| r.phase != Phase::Done) {
+            acted |= run.step(&mut stack, now);
+        }
+        if acted {
+            continue;
+        }
+        let wait = runs
+            .iter()
+            .filter(|r| r.phase != Phase::Done)
+            .map(|r| r.max_wait(now))
+            .min()
+            .unwrap_or(MAX_WAIT);
+        if let Err(err) = stack.wait(now, wait) {
+            for run in runs.iter_mut().filter(|r| r.phase != Phase::Done) {
+                run.report.fail(chain(&err));
+                run.phase = Phase::Done;
+            }
+            break;
+        }
+    }
+    runs.into_iter().map(|run| run.finish(&stack)).collect()
+}
+
+fn expected_bytes(role: StreamRole, params: &StreamParams) -> u64 {
+    match role {
         StreamRole::Sender | StreamRole::Receiver => params.bytes,
         StreamRole::PingClient | StreamRole::EchoServer => {
             params.requests.saturating_mul(params.request_bytes as u64)
         }
-    };
-    let mut report = StreamReport::new(role, expected);
-    if let Some(problem) = check_params(role, params) {
-        report.fail(problem);
-        return report;
     }
-    let mut stack = match NetStack::new(device, &params.net) {
-        Ok(stack) => stack,
-        Err(err) => {
-            report.fail(format!("setting up the stack: {}", chain(&err)));
-            return report;
-        }
-    };
-    let now = Instant::now();
-    let handle = stack.add_tcp_socket(params.socket_buffer, params.socket_buffer);
-    if matches!(role, StreamRole::PingClient | StreamRole::EchoServer) {
-        // One small request at a time: neither side may sit on it.
-        let socket = stack.tcp(handle);
-        socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
-    }
-    let mut run = Run {
-        role,
-        params: params.clone(),
-        handle,
-        phase: Phase::Listening,
-        report,
-        started: now,
-        last_activity: now,
-        first_progress: None,
-        last_progress: None,
-        max_gap: Duration::ZERO,
-        written: 0,
-        written_crc: Crc32::new(),
-        acked: 0,
-        closed: false,
-        overrun: false,
-        verifier: StreamVerifier::new(params.seed),
-        request_started: None,
-        request_written: 0,
-        latency: LatencyHistogram::new(),
-        echo_pending: Vec::new(),
-    };
-    if let Err(err) = run.open(&mut stack) {
-        run.report.fail(chain(&err));
-        return run.finish(&stack);
-    }
-    while run.phase != Phase::Done {
-        let now = Instant::now();
-        if let Err(err) = stack.poll(now) {
-            run.report.fail(chain(&err));
-            break;
-        }
-        let acted = run.step(&mut stack, now);
-        if acted {
-            continue;
-        }
-        if let Err(err) = stack.wait(now, run.max_wait(now)) {
-            run.report.fail(chain(&err));
-            break;
-        }
-    }
-    run.finish(&stack)
 }
 
 /// What is wrong with `params` for `role`, if anything.
@@ -392,6 +397,53 @@ fn chain(err: &dyn std::error::Error) -> String {
 }
 
 impl Run {
+    /// A workload on `stack`, its socket opened (listening or connecting);
+    /// a bad parameter or a refused open ends it at once, as a failure.
+    fn start(stack: &mut NetStack<'_>, role: StreamRole, params: &StreamParams) -> Run {
+        let mut report = StreamReport::new(role, expected_bytes(role, params));
+        let problem = check_params(role, params);
+        if let Some(problem) = &problem {
+            report.fail(problem.clone());
+        }
+        let now = Instant::now();
+        let handle = stack.add_tcp_socket(params.socket_buffer.max(1), params.socket_buffer.max(1));
+        if matches!(role, StreamRole::PingClient | StreamRole::EchoServer) {
+            // One small request at a time: neither side may sit on it.
+            let socket = stack.tcp(handle);
+            socket.set_nagle_enabled(false);
+            socket.set_ack_delay(None);
+        }
+        let mut run = Run {
+            role,
+            params: params.clone(),
+            handle,
+            phase: Phase::Listening,
+            report,
+            started: now,
+            last_activity: now,
+            first_progress: None,
+            last_progress: None,
+            max_gap: Duration::ZERO,
+            written: 0,
+            written_crc: Crc32::new(),
+            acked: 0,
+            closed: false,
+            overrun: false,
+            verifier: StreamVerifier::new(params.seed),
+            request_started: None,
+            request_written: 0,
+            latency: LatencyHistogram::new(),
+            echo_pending: Vec::new(),
+        };
+        if problem.is_some() {
+            run.phase = Phase::Done;
+        } else if let Err(err) = run.open(stack) {
+            run.report.fail(chain(&err));
+            run.phase = Phase::Done;
+        }
+        run
+    }
+
     fn open(&mut self, stack: &mut NetStack<'_>) -> Result<(), NetError> {
         if self.role.connects() {
             self.phase = Phase::Connecting { retry_at: None };

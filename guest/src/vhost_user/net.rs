@@ -18,6 +18,15 @@
 //! [`VhostUserNetStats::rx_gso`]); their partial checksums are completed
 //! here, as the stack checks every checksum.
 //!
+//! With [`VhostUserNetOptions::queue_pairs`] above 1 it acks MQ, sets up
+//! every receive/transmit pair the device has (`max_virtqueue_pairs`)
+//! and the control queue after them, and asks for that many pairs with
+//! `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`: a frame goes out on the pair its
+//! flow hashes to (so a TAP, which steers a flow's replies to the queue
+//! it last came from, answers on the same pair), and every receive queue
+//! in use is read in turn; the receive queues share one call eventfd, as
+//! do the transmit queues, so the stack waits on one fd.
+//!
 //! Every used element is checked before it is trusted: its id must be a
 //! buffer this driver made available and not yet got back, else it is
 //! counted ([`VhostUserNetStats::bad_used`]) — the recovery tests assert
@@ -31,8 +40,8 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_OK};
 use virtio_drivers::transport::{DeviceStatus, Transport};
@@ -67,7 +76,14 @@ pub struct VhostUserNetOptions {
     /// Take partial checksums and TCP super-frames on receive (and allow
     /// them on transmit) where the device offers it.
     pub offloads: bool,
+    /// Receive/transmit pairs to use (above 1: MQ and the control queue
+    /// are required, every pair of the device is set up, this many are
+    /// enabled).
+    pub queue_pairs: u16,
 }
+
+/// Most queue pairs this driver sets up.
+pub const MAX_PAIRS: usize = 8;
 
 impl Default for VhostUserNetOptions {
     fn default() -> Self {
@@ -78,6 +94,7 @@ impl Default for VhostUserNetOptions {
             ram_bytes: 64 << 20,
             control_queue: false,
             offloads: false,
+            queue_pairs: 1,
         }
     }
 }
@@ -102,6 +119,9 @@ pub struct VhostUserNetStats {
     pub rx_gso: u64,
     /// Frames received with a partial checksum, completed here.
     pub rx_partial_csum: u64,
+    /// Frames sent and received per queue pair.
+    pub pair_tx: [u64; MAX_PAIRS],
+    pub pair_rx: [u64; MAX_PAIRS],
 }
 
 /// One virtqueue: fixed-size buffers, one descriptor each.
@@ -248,13 +268,19 @@ pub struct VhostUserNet {
     mac: [u8; 6],
     mtu: usize,
     link_up: bool,
-    rx: NetQueue,
-    tx: NetQueue,
+    /// Receive and transmit queue of each pair the device has.
+    rx: Vec<NetQueue>,
+    tx: Vec<NetQueue>,
+    /// Pairs in use: the first `active`.
+    active: usize,
+    /// The receive queue to look at first.
+    next_rx: usize,
     ctrl: Option<CtrlQueue>,
     /// `GUEST_TSO4` was acked: TCP super-frames may arrive.
     guest_tso: bool,
-    /// Buffers of a merged receive frame so far, and how many are left.
-    merging: Option<(Vec<u8>, u16, RxHeader)>,
+    /// Per receive queue: buffers of a merged frame so far, and how many
+    /// are left.
+    merging: Vec<Option<(Vec<u8>, u16, RxHeader)>>,
     stats: VhostUserNetStats,
     /// Last: the rings are stopped before the buffers' memory is freed.
     transport: VhostUserTransport,
@@ -288,18 +314,43 @@ impl VhostUserNet {
                 RequestQueue::SIZES
             )));
         }
+        let wanted_pairs = usize::from(opts.queue_pairs);
+        if !(1..=MAX_PAIRS).contains(&wanted_pairs) {
+            return Err(DeviceError::InvalidRequest(format!(
+                "{wanted_pairs} queue pairs (1..={MAX_PAIRS})"
+            )));
+        }
         let ram = GuestRam::global(opts.ram_bytes).map_err(DeviceError::Io)?;
-        let mut t = VhostUserTransport::connect(
-            socket_path,
-            TransportOptions {
-                queues: if opts.control_queue { 3 } else { 2 },
-                queue_size: opts.queue_size,
-                connect_timeout: opts.connect_timeout,
-                reply_timeout: opts.reply_timeout,
-                config_bytes: CONFIG_BYTES,
-            },
-            ram,
-        )?;
+        // With several pairs every queue of the device is set up: the
+        // control queue comes after the last pair. How many that is, the
+        // config space says; a first connection asks for one pair and its
+        // control queue only to read it.
+        let mq = wanted_pairs > 1;
+        let transport = |queues| TransportOptions {
+            queues,
+            queue_size: opts.queue_size,
+            connect_timeout: opts.connect_timeout,
+            reply_timeout: opts.reply_timeout,
+            config_bytes: CONFIG_BYTES,
+        };
+        let device_pairs = if mq {
+            let probe = VhostUserTransport::connect(socket_path.as_ref(), transport(1), ram)?;
+            let cfg = probe.config();
+            let n = cfg
+                .get(8..10)
+                .map_or(1, |b| u16::from_le_bytes([b[0], b[1]]));
+            usize::from(n).clamp(1, MAX_PAIRS)
+        } else {
+            1
+        };
+        if device_pairs < wanted_pairs {
+            return Err(DeviceError::Transport(format!(
+                "the device has {device_pairs} queue pairs, {wanted_pairs} wanted"
+            )));
+        }
+        let with_ctrl = opts.control_queue || mq;
+        let queues = 2 * device_pairs as u16 + u16::from(with_ctrl);
+        let mut t = VhostUserTransport::connect(socket_path, transport(queues), ram)?;
         // virtio 1.2 §3.1.1: reset, ACKNOWLEDGE|DRIVER, features, FEATURES_OK.
         t.set_status(DeviceStatus::empty());
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
@@ -318,8 +369,9 @@ impl VhostUserNet {
             | bit(VIRTIO_NET_F_CTRL_RX)
             | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
             | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS);
-        let wanted = if opts.control_queue {
-            wanted | control
+        let wanted = if with_ctrl { wanted | control } else { wanted };
+        let wanted = if mq {
+            wanted | bit(VIRTIO_NET_F_MQ)
         } else {
             wanted
         };
@@ -333,6 +385,14 @@ impl VhostUserNet {
             wanted
         };
         let acked = offered & wanted;
+        if mq
+            && acked & (bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ))
+                != bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ)
+        {
+            return Err(DeviceError::Transport(
+                "device does not offer VIRTIO_NET_F_MQ and a control queue".into(),
+            ));
+        }
         t.write_driver_features(acked);
         t.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
         t.take_error()?;
@@ -358,17 +418,38 @@ impl VhostUserNet {
         let stride = ((HEADER_BYTES + ETHERNET_HEADER_LEN + mtu) as u64)
             .next_multiple_of(64)
             .max(2048);
-        let rx = NetQueue::new(&mut t, ram, 0, opts.queue_size, stride)?;
-        let tx = NetQueue::new(&mut t, ram, 1, opts.queue_size, stride)?;
+        let mut rx = Vec::with_capacity(device_pairs);
+        let mut tx = Vec::with_capacity(device_pairs);
+        for pair in 0..device_pairs as u16 {
+            if pair > 0 {
+                t.share_call(0, 2 * pair)?;
+                t.share_call(1, 2 * pair + 1)?;
+            }
+            rx.push(NetQueue::new(
+                &mut t,
+                ram,
+                2 * pair,
+                opts.queue_size,
+                stride,
+            )?);
+            tx.push(NetQueue::new(
+                &mut t,
+                ram,
+                2 * pair + 1,
+                opts.queue_size,
+                stride,
+            )?);
+        }
+        let ctrl_index = 2 * device_pairs as u16;
         let ctrl = if acked & bit(VIRTIO_NET_F_CTRL_VQ) != 0 {
-            let queue = RequestQueue::new(&mut t, ram, 2, opts.queue_size, false)
+            let queue = RequestQueue::new(&mut t, ram, ctrl_index, opts.queue_size, false)
                 .map_err(|e| DeviceError::Transport(format!("control virtqueue: {e}")))?;
             t.take_error()?;
             let buf = ram
                 .alloc(CTRL_COMMAND_BYTES + 1)
                 .ok_or_else(|| DeviceError::Transport("guest RAM exhausted".into()))?;
             Some(CtrlQueue {
-                index: 2,
+                index: ctrl_index,
                 queue,
                 buf,
                 last_used: 0,
@@ -390,26 +471,61 @@ impl VhostUserNet {
             link_up,
             rx,
             tx,
+            active: 1,
+            next_rx: 0,
             ctrl,
             guest_tso: acked & bit(VIRTIO_NET_F_GUEST_TSO4) != 0,
-            merging: None,
+            merging: (0..device_pairs).map(|_| None).collect(),
             stats: VhostUserNetStats::default(),
             transport: t,
         };
-        while let Some(slot) = dev.rx.free.pop() {
-            dev.rx.add(slot, stride as u32, true)?;
+        for q in &mut dev.rx {
+            while let Some(slot) = q.free.pop() {
+                q.add(slot, stride as u32, true)?;
+            }
         }
-        dev.transport.kick(dev.rx.index)?;
-        tracing::debug!(?mac, mtu, link_up, "vhost-user-net connected");
+        for q in &dev.rx {
+            dev.transport.kick(q.index)?;
+        }
+        if mq {
+            let pairs = wanted_pairs as u16;
+            // class MQ (4), VQ_PAIRS_SET (0).
+            if !dev.control(4, 0, &pairs.to_le_bytes())? {
+                return Err(DeviceError::Transport(format!(
+                    "the device refused {pairs} queue pairs"
+                )));
+            }
+            dev.active = wanted_pairs;
+        }
+        tracing::debug!(
+            ?mac,
+            mtu,
+            link_up,
+            pairs = dev.active,
+            "vhost-user-net connected"
+        );
         Ok(dev)
     }
 
     /// Counters so far.
     pub fn stats(&self) -> VhostUserNetStats {
         VhostUserNetStats {
-            tx_in_flight: self.tx.in_flight() as u64,
+            tx_in_flight: self.tx.iter().map(|q| q.in_flight() as u64).sum(),
             ..self.stats
         }
+    }
+
+    /// Queue pairs in use.
+    pub fn pairs(&self) -> usize {
+        self.active
+    }
+
+    /// The MAC the config space shows now (`GET_CONFIG` again).
+    pub fn config_mac(&mut self) -> Result<[u8; 6], DeviceError> {
+        let cfg = self.transport.read_config()?;
+        cfg.get(..6)
+            .and_then(|m| m.try_into().ok())
+            .ok_or_else(|| DeviceError::Transport("config space without a MAC".into()))
     }
 
     /// Sends control command `class`/`cmd` with `data` (virtio 1.2
@@ -472,7 +588,7 @@ impl VhostUserNet {
     /// the receive queue's, [`FrameDevice::wait_fd`]): a sender that only
     /// transmits sleeps on it while every transmit buffer is in flight.
     pub fn tx_wait_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.transport.call_fd(self.tx.index)
+        self.transport.call_fd(self.tx[0].index)
     }
 
     /// Whether the config space said the link is up.
@@ -486,8 +602,9 @@ impl VhostUserNet {
         let deadline = Instant::now() + timeout;
         loop {
             self.reap_tx()?;
-            if self.tx.in_flight() == 0 || Instant::now() >= deadline {
-                return Ok(self.tx.in_flight());
+            let in_flight: usize = self.tx.iter().map(NetQueue::in_flight).sum();
+            if in_flight == 0 || Instant::now() >= deadline {
+                return Ok(in_flight);
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -495,16 +612,30 @@ impl VhostUserNet {
 
     /// Takes back every transmit buffer the device answered.
     fn reap_tx(&mut self) -> Result<(), DeviceError> {
-        loop {
-            match self.tx.next_used(&self.transport, self.ram) {
-                Ok(Some((slot, _))) => self.tx.free.push(slot),
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    self.stats.bad_used += 1;
-                    tracing::warn!(error = %e, "transmit used element rejected");
+        for q in &mut self.tx {
+            loop {
+                match q.next_used(&self.transport, self.ram) {
+                    Ok(Some((slot, _))) => q.free.push(slot),
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.stats.bad_used += 1;
+                        tracing::warn!(error = %e, "transmit used element rejected");
+                    }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The pair a frame goes out on: by its flow, among the pairs in use.
+    fn tx_pair(&self, frame: &[u8]) -> usize {
+        if self.active == 1 {
+            return 0;
+        }
+        // Addresses and ports (IPv4 TCP/UDP), summed so both directions
+        // agree; anything else on pair 0.
+        let flow = crate::net::with_ipv4_ports(frame).unwrap_or(0);
+        flow as usize % self.active
     }
 
     fn io(e: DeviceError) -> FrameError {
@@ -515,9 +646,23 @@ impl VhostUserNet {
     }
 
     /// Hands a receive buffer back to the device.
-    fn repost(&mut self, slot: u16) -> Result<(), DeviceError> {
-        self.rx.add(slot, self.rx.stride as u32, true)?;
-        self.transport.kick(self.rx.index)
+    fn repost(&mut self, pair: usize, slot: u16) -> Result<(), DeviceError> {
+        let q = &mut self.rx[pair];
+        q.add(slot, q.stride as u32, true)?;
+        self.transport.kick(q.index)
+    }
+
+    /// The next used element of a receive queue in use, looking at each
+    /// in turn from the one after the last that had one.
+    fn next_rx_used(&mut self) -> Result<Option<(usize, u16, u32)>, DeviceError> {
+        for k in 0..self.active {
+            let pair = (self.next_rx + k) % self.active;
+            if let Some((slot, len)) = self.rx[pair].next_used(&self.transport, self.ram)? {
+                self.next_rx = (pair + 1) % self.active;
+                return Ok(Some((pair, slot, len)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -531,44 +676,46 @@ impl FrameDevice for VhostUserNet {
             });
         }
         self.reap_tx().map_err(Self::io)?;
-        let Some(slot) = self.tx.free.pop() else {
+        let pair = self.tx_pair(frame);
+        let q = &mut self.tx[pair];
+        let Some(slot) = q.free.pop() else {
             self.stats.tx_full += 1;
             return Ok(());
         };
-        let off = u64::from(slot) * self.tx.stride;
-        let written = self
-            .tx
+        let off = u64::from(slot) * q.stride;
+        let written = q
             .bufs
             .write(off, &[0u8; HEADER_BYTES])
-            .and_then(|()| self.tx.bufs.write(off + HEADER_BYTES as u64, frame));
+            .and_then(|()| q.bufs.write(off + HEADER_BYTES as u64, frame));
         if let Err(e) = written {
-            self.tx.free.push(slot);
+            q.free.push(slot);
             return Err(FrameError::Io(e));
         }
         let len = (HEADER_BYTES + frame.len()) as u32;
-        if let Err(e) = self.tx.add(slot, len, false) {
-            self.tx.free.push(slot);
+        if let Err(e) = q.add(slot, len, false) {
+            q.free.push(slot);
             return Err(Self::io(e));
         }
-        self.transport.kick(self.tx.index).map_err(Self::io)?;
+        self.transport.kick(q.index).map_err(Self::io)?;
         self.stats.tx_frames += 1;
+        self.stats.pair_tx[pair] += 1;
         Ok(())
     }
 
     fn can_send(&mut self) -> bool {
         let _ = self.reap_tx();
-        !self.tx.free.is_empty()
+        self.tx[..self.active].iter().all(|q| !q.free.is_empty())
     }
 
     fn recv(&mut self, buf: &mut Vec<u8>) -> Result<bool, FrameError> {
         loop {
-            let used = match self.rx.next_used(&self.transport, self.ram) {
+            let used = match self.next_rx_used() {
                 Ok(Some(u)) => u,
                 Ok(None) => {
                     self.transport.drain_calls();
                     // A used element published between the check and the
                     // drain would have no call left: look once more.
-                    match self.rx.next_used(&self.transport, self.ram) {
+                    match self.next_rx_used() {
                         Ok(Some(u)) => u,
                         Ok(None) => return Ok(false),
                         Err(e) => {
@@ -582,19 +729,19 @@ impl FrameDevice for VhostUserNet {
                     return Err(Self::io(e));
                 }
             };
-            let (slot, len) = used;
+            let (pair, slot, len) = used;
             let mut data = vec![0u8; len as usize];
-            let read = self
-                .rx
-                .bufs
-                .read(u64::from(slot) * self.rx.stride, &mut data);
-            self.repost(slot).map_err(Self::io)?;
+            let q = &self.rx[pair];
+            let read = q.bufs.read(u64::from(slot) * q.stride, &mut data);
+            self.repost(pair, slot).map_err(Self::io)?;
             read.map_err(FrameError::Io)?;
-            let (mut frame, header) = match self.merging.take() {
+            let (mut frame, header) = match self.merging[pair].take() {
                 Some((mut so_far, left, header)) => {
                     so_far.extend_from_slice(&data);
                     if left > 1 {
-                        self.merging = Some((so_far, left - 1, header));
+                        self.merging[pair] = Some((so_far, left - 1, header));
+                        // The rest of this frame is on this queue.
+                        self.next_rx = pair;
                         continue;
                     }
                     (so_far, header)
@@ -612,7 +759,8 @@ impl FrameDevice for VhostUserNet {
                     let mut so_far = data.split_off(HEADER_BYTES);
                     if buffers > 1 {
                         so_far.reserve(self.mtu + ETHERNET_HEADER_LEN);
-                        self.merging = Some((so_far, buffers - 1, header));
+                        self.merging[pair] = Some((so_far, buffers - 1, header));
+                        self.next_rx = pair;
                         continue;
                     }
                     (so_far, header)
@@ -626,17 +774,21 @@ impl FrameDevice for VhostUserNet {
                 complete_checksum(&mut frame);
             }
             self.stats.rx_frames += 1;
+            self.stats.pair_rx[pair] += 1;
             *buf = frame;
             return Ok(true);
         }
     }
 
     fn wait_fd(&self) -> Option<BorrowedFd<'_>> {
-        self.transport.call_fd(self.rx.index)
+        self.transport.call_fd(self.rx[0].index)
     }
 
     fn poll_again_in(&self) -> Option<Duration> {
-        self.tx.free.is_empty().then_some(TX_BLOCKED_POLL)
+        self.tx[..self.active]
+            .iter()
+            .any(|q| q.free.is_empty())
+            .then_some(TX_BLOCKED_POLL)
     }
 
     fn mac(&self) -> [u8; 6] {

@@ -598,6 +598,40 @@ impl VhostUserTransport {
             .map(|v| borrow_eventfd(&v.call))
     }
 
+    /// Makes queue `to` signal the call eventfd of queue `from` (before
+    /// `to` is set up): a driver that waits for several queues at once
+    /// (a NIC's receive queues) waits on one fd. vhost-user lets queues
+    /// share a call eventfd.
+    pub fn share_call(&mut self, from: u16, to: u16) -> Result<(), DeviceError> {
+        let call = self
+            .vrings
+            .get(usize::from(from))
+            .ok_or_else(|| DeviceError::Transport(format!("no virtqueue {from}")))?
+            .call
+            .try_clone()
+            .map_err(DeviceError::Io)?;
+        let vr = self
+            .vrings
+            .get_mut(usize::from(to))
+            .ok_or_else(|| DeviceError::Transport(format!("no virtqueue {to}")))?;
+        vr.call = call;
+        Ok(())
+    }
+
+    /// Reads the config space again (`GET_CONFIG`): what the device shows
+    /// now.
+    pub fn read_config(&mut self) -> Result<Vec<u8>, DeviceError> {
+        let bytes = self.opts.config_bytes;
+        self.bounded(|t| {
+            let buf = vec![0u8; bytes as usize];
+            let (_, payload) = t
+                .frontend
+                .get_config(0, bytes, VhostUserConfigFlags::empty(), &buf)
+                .map_err(vu_err("GET_CONFIG"))?;
+            Ok(payload)
+        })
+    }
+
     /// Reads (resets) every call eventfd; true if any was signalled.
     pub fn drain_calls(&self) -> bool {
         // Every fd is read, not just up to the first signalled one.

@@ -9,9 +9,11 @@
 //! `xenvif_set_skb_gso` for TX; `xenvif_rx_skb` for RX), since netfront
 //! implementations are written and tested against it.
 
+pub mod mcast;
 pub mod rx;
 pub mod tx;
 
+pub use mcast::MulticastFilter;
 pub use rx::{rx_plan, rx_slots_needed, NetifRxError, RxCopy, RxFeatures, RxFrame, RxPlan};
 pub use tx::{
     parse_tx, MulticastOp, TxDrop, TxFatal, TxFragment, TxMulticast, TxPacket, TxRequest,

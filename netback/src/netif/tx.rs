@@ -181,8 +181,8 @@ pub enum MulticastOp {
 /// A request whose extras hold `XEN_NETIF_EXTRA_TYPE_MCAST_ADD` or `_DEL`:
 /// a filter change, not a frame. As in Linux, it is the first slot and its
 /// extras only (slots after it are the next packet), an ADD wins over a DEL
-/// in the same chain, and it is answered `OKAY` (or `ERROR` for an ADD the
-/// filter has no room for).
+/// in the same chain, and it is answered `OKAY` (a full list accepts every
+/// multicast frame: [`super::MulticastFilter`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxMulticast {
     pub slots: TxSlots,

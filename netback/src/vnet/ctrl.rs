@@ -9,11 +9,11 @@ use shadowback_virtio::net_state::{
 };
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
-    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_RX,
-    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ,
 };
 
 /// Most command bytes (class, command and data) read from a chain: two
@@ -42,15 +42,31 @@ pub enum CtrlError {
     Mac([u8; 6]),
     #[error("guest offloads {0:#x} are not all negotiated, or not a valid set")]
     Offloads(u64),
+    #[error("{got} queue pairs: the device has 1 to {max}")]
+    Pairs { got: u16, max: u16 },
+}
+
+/// What the device is, as the commands see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtrlDevice {
+    /// The virtio features the driver acked.
+    pub features: u64,
+    /// `max_virtqueue_pairs` of the config space.
+    pub max_pairs: u16,
 }
 
 const fn bit(n: u32) -> u64 {
     1 << n
 }
 
-/// Applies the command in `bytes` (class, command, data) for a driver
-/// that negotiated `features`; `state` is left as it was on an error.
-pub fn execute(state: &mut NetDeviceState, features: u64, bytes: &[u8]) -> Result<(), CtrlError> {
+/// Applies the command in `bytes` (class, command, data) for a driver on
+/// `device`; `state` is left as it was on an error.
+pub fn execute(
+    state: &mut NetDeviceState,
+    device: CtrlDevice,
+    bytes: &[u8],
+) -> Result<(), CtrlError> {
+    let features = device.features;
     let (&class, &cmd, data) = match bytes {
         [class, cmd, data @ ..] => (class, cmd, data),
         _ => return Err(CtrlError::Short(bytes.len())),
@@ -131,6 +147,19 @@ pub fn execute(state: &mut NetDeviceState, features: u64, bytes: &[u8]) -> Resul
             }
             state.offloads = offloads;
         }
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+            need(VIRTIO_NET_F_MQ)?;
+            exact("queue pairs", 2)?;
+            let pairs = u16::from_le_bytes([data[0], data[1]]);
+            // virtio 1.2 §5.1.6.5.5: 1 to max_virtqueue_pairs.
+            if pairs == 0 || pairs > device.max_pairs {
+                return Err(CtrlError::Pairs {
+                    got: pairs,
+                    max: device.max_pairs,
+                });
+            }
+            state.pairs = pairs;
+        }
         _ => return Err(CtrlError::Unsupported { class, cmd }),
     }
     Ok(())
@@ -181,10 +210,19 @@ mod tests {
     use super::*;
 
     const MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-    const ALL: u64 = bit(VIRTIO_NET_F_CTRL_RX)
+    const ALL_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_RX)
         | bit(VIRTIO_NET_F_CTRL_MAC_ADDR)
         | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
-        | bit(VIRTIO_NET_F_GUEST_CSUM);
+        | bit(VIRTIO_NET_F_GUEST_CSUM)
+        | bit(VIRTIO_NET_F_MQ);
+    const ALL: CtrlDevice = CtrlDevice {
+        features: ALL_FEATURES,
+        max_pairs: 4,
+    };
+    const NONE: CtrlDevice = CtrlDevice {
+        features: 0,
+        max_pairs: 4,
+    };
 
     fn table(macs: &[[u8; 6]]) -> Vec<u8> {
         let mut v = (macs.len() as u32).to_le_bytes().to_vec();
@@ -202,7 +240,7 @@ mod tests {
 
     #[test]
     fn commands_change_the_state() {
-        let mut s = NetDeviceState::initial(MAC, ALL);
+        let mut s = NetDeviceState::initial(MAC, ALL_FEATURES);
         let new_mac = [2, 0xaa, 0, 0, 0, 7];
         execute(&mut s, ALL, &cmd(1, 1, &new_mac)).unwrap();
         execute(&mut s, ALL, &cmd(0, 0, &[0])).unwrap();
@@ -213,6 +251,7 @@ mod tests {
         tables.extend(table(&mc));
         execute(&mut s, ALL, &cmd(1, 0, &tables)).unwrap();
         execute(&mut s, ALL, &cmd(5, 0, &0u64.to_le_bytes())).unwrap();
+        execute(&mut s, ALL, &cmd(4, 0, &4u16.to_le_bytes())).unwrap();
         assert_eq!(
             s,
             NetDeviceState {
@@ -221,6 +260,7 @@ mod tests {
                 offloads: 0,
                 unicast: uc.to_vec(),
                 multicast: mc.to_vec(),
+                pairs: 4,
             }
         );
         // An oversized multicast table: every multicast frame instead.
@@ -233,20 +273,20 @@ mod tests {
 
     #[test]
     fn hostile_commands_are_errors_and_change_nothing() {
-        let start = NetDeviceState::initial(MAC, ALL);
+        let start = NetDeviceState::initial(MAC, ALL_FEATURES);
         let huge_count = {
             let mut v = u32::MAX.to_le_bytes().to_vec();
             v.extend_from_slice(&[0; 12]);
             v
         };
-        let cases: Vec<(Vec<u8>, u64)> = vec![
+        let cases: Vec<(Vec<u8>, CtrlDevice)> = vec![
             (vec![], ALL),
             (vec![0], ALL),
             (cmd(0, 0, &[]), ALL),
             (cmd(0, 0, &[1, 1]), ALL),
-            (cmd(0, 2, &[1]), ALL), // ALLUNI: CTRL_RX_EXTRA not offered
-            (cmd(0, 0, &[1]), 0),   // CTRL_RX not negotiated
-            (cmd(1, 1, &MAC), 0),   // CTRL_MAC_ADDR not negotiated
+            (cmd(0, 2, &[1]), ALL),  // ALLUNI: CTRL_RX_EXTRA not offered
+            (cmd(0, 0, &[1]), NONE), // CTRL_RX not negotiated
+            (cmd(1, 1, &MAC), NONE), // CTRL_MAC_ADDR not negotiated
             (cmd(1, 1, &[1, 2, 3, 4, 5, 6]), ALL), // multicast MAC
             (cmd(1, 1, &[0; 6]), ALL),
             (cmd(1, 1, &[2; 7]), ALL),
@@ -256,7 +296,12 @@ mod tests {
             (cmd(5, 0, &(1u64 << 7).to_le_bytes()), ALL), // TSO4 not negotiated
             (cmd(5, 0, &(1u64 << 40).to_le_bytes()), ALL),
             (cmd(5, 0, &[0; 7]), ALL),
-            (cmd(4, 0, &1u16.to_le_bytes()), ALL), // MQ not offered
+            (cmd(4, 0, &1u16.to_le_bytes()), NONE), // MQ not negotiated
+            (cmd(4, 0, &0u16.to_le_bytes()), ALL),
+            (cmd(4, 0, &5u16.to_le_bytes()), ALL), // beyond max_virtqueue_pairs
+            (cmd(4, 0, &[1]), ALL),
+            (cmd(4, 0, &[1, 0, 0]), ALL),
+            (cmd(4, 1, &[0; 8]), ALL),             // RSS not offered
             (cmd(2, 0, &1u16.to_le_bytes()), ALL), // VLAN not offered
             (cmd(255, 255, &[0; 64]), ALL),
         ];
@@ -264,7 +309,7 @@ mod tests {
             let mut s = start.clone();
             assert!(
                 execute(&mut s, features, &bytes).is_err(),
-                "{bytes:?} with {features:#x} was accepted"
+                "{bytes:?} with {features:?} was accepted"
             );
             assert_eq!(s, start, "{bytes:?} changed the state");
         }

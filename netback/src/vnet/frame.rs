@@ -190,9 +190,75 @@ pub fn capacity(bufs: &[Buf]) -> usize {
         .sum()
 }
 
+/// A hash of a frame's flow that is the same in both directions: the
+/// IP addresses and, for TCP and UDP, the ports, each pair taken in an
+/// order that does not depend on which end sent (the Ethernet addresses
+/// for anything else). A cable's receive fan-in steers each flow to one
+/// receive queue with it, so a flow stays in order (docs/ARCHITECTURE.md
+/// §8.1). Every offset is checked: a short or odd frame hashes whatever
+/// of it there is.
+pub fn flow_hash(frame: &[u8]) -> u32 {
+    fn fnv(h: u32, bytes: &[u8]) -> u32 {
+        bytes
+            .iter()
+            .fold(h, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    }
+    fn both(h: u32, a: &[u8], b: &[u8]) -> u32 {
+        let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+        fnv(fnv(h, lo), hi)
+    }
+    const BASIS: u32 = 0x811c_9dc5;
+    let l3 = frame.get(MIN_FRAME_LEN..).unwrap_or_default();
+    let (addrs, proto, l4) = match frame.get(12..14) {
+        Some([0x08, 0x00]) => {
+            let ihl = usize::from(l3.first().map_or(0, |b| b & 0x0f)) * 4;
+            (l3.get(12..20), l3.get(9).copied(), l3.get(ihl..))
+        }
+        Some([0x86, 0xdd]) => (l3.get(8..40), l3.get(6).copied(), l3.get(40..)),
+        _ => {
+            return both(
+                BASIS,
+                frame.get(..6).unwrap_or_default(),
+                frame.get(6..12).unwrap_or_default(),
+            )
+        }
+    };
+    let Some(addrs) = addrs else {
+        return BASIS;
+    };
+    let (src, dst) = addrs.split_at(addrs.len() / 2);
+    let mut h = both(BASIS, src, dst);
+    if let (Some(p @ (6 | 17)), Some(ports)) = (proto, l4.and_then(|l| l.get(..4))) {
+        h = both(fnv(h, &[p]), &ports[..2], &ports[2..]);
+    }
+    h
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_hashes_alike_both_ways_and_short_frames_do_not_panic() {
+        let mut ab = vec![0u8; 14 + 20 + 4];
+        ab[12..14].copy_from_slice(&[0x08, 0x00]);
+        ab[14] = 0x45;
+        ab[14 + 9] = 6;
+        ab[14 + 12..14 + 16].copy_from_slice(&[10, 0, 0, 1]);
+        ab[14 + 16..14 + 20].copy_from_slice(&[10, 0, 0, 2]);
+        ab[34..38].copy_from_slice(&[0x13, 0x89, 0xc0, 0x00]);
+        let mut ba = ab.clone();
+        ba[14 + 12..14 + 16].copy_from_slice(&[10, 0, 0, 2]);
+        ba[14 + 16..14 + 20].copy_from_slice(&[10, 0, 0, 1]);
+        ba[34..38].copy_from_slice(&[0xc0, 0x00, 0x13, 0x89]);
+        assert_eq!(flow_hash(&ab), flow_hash(&ba));
+        let mut other = ab.clone();
+        other[36] = 0xc1;
+        assert_ne!(flow_hash(&ab), flow_hash(&other), "another port");
+        for n in 0..ab.len() {
+            let _ = flow_hash(&ab[..n]);
+        }
+    }
 
     fn ram() -> GuestRam {
         use vm_memory::{GuestAddress, GuestMemoryMmap};

@@ -3,20 +3,31 @@
 //! and transmit virtqueues after an `attach-virtio` (docs/ARCHITECTURE.md
 //! §8.1), on the wire the supervisor lends.
 //!
-//! Driven by [`event_loop::run`] like the other loops. Each iteration:
+//! Driven by [`event_loop::run`] like the other loops, one loop over every
+//! queue of the device (as blkback serves a disk's queues). A device has
+//! up to [`MAX_QUEUE_PAIRS`] receive/transmit *pairs* (pair `i` receives
+//! on virtqueue `2i`, transmits on `2i + 1`; `VIRTIO_NET_F_MQ`) and a
+//! control queue after them. The driver uses the first
+//! `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` pairs (kept in the device state
+//! area), or, when the VMM keeps the control queue (QEMU), the pairs the
+//! VMM started; the others get nothing. Each pair moves its frames on a
+//! *lane*: its own queue of a multi-queue TAP (the queues of pairs not in
+//! use are detached, `TUNSETQUEUE`, so the kernel steers no flow to
+//! them), or the one cable every pair shares, whose received frames are
+//! fanned out by flow hash ([`frame::flow_hash`]). Each iteration:
 //!
-//! - **TX** (queue 1): every available head is logged, its chain gathered
+//! - **TX** (queue `2i + 1`): every available head is logged, its chain gathered
 //!   into a private frame ([`frame::gather`]), a partial checksum
 //!   completed, the frame written to the wire, the entry marked *sent*,
 //!   then the used element written (logged COMPLETING). A malformed chain
 //!   gets its used element too (length 0), so no driver waits for ever.
-//! - **RX** (queue 0): available heads are logged and kept in a pool in
+//! - **RX** (queue `2i`): available heads are logged and kept in a pool in
 //!   avail order; while the pool is not empty the wire is read and each
 //!   frame written into the first heads of the pool (several with
 //!   `MRG_RXBUF`, `num_buffers` in the header), each head answered in
 //!   order. With no head posted the wire is not read: frames wait in its
 //!   kernel queue.
-//! - **Control** (queue 2, with `VIRTIO_NET_F_CTRL_VQ` and a VMM that
+//! - **Control** (after the pairs, with `VIRTIO_NET_F_CTRL_VQ` and a VMM that
 //!   hands it over): each command is parsed and checked ([`ctrl`]),
 //!   applied to the device state, which is written to the state area the
 //!   supervisor keeps before the command is answered, so the next
@@ -31,7 +42,7 @@
 //! back to the pool; a receive frame whose used elements were not all
 //! written is shown to the driver as empty buffers, never in part.
 
-mod ctrl;
+pub mod ctrl;
 mod frame;
 mod queue;
 mod record;
@@ -52,12 +63,12 @@ use shadowback_dataplane::uring::{Completion, Engine};
 use shadowback_ring::EventChannel;
 use shadowback_shadow::{EntryId, MetricsWriter, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
 use shadowback_virtio::memory::GuestRam;
-use shadowback_virtio::net::{self as vnet, CTRL_QUEUE, RX_QUEUE, TX_QUEUE};
+use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
 use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use shadowback_virtio::queue::{Chain, SplitQueue};
 use shadowback_xenbus::netif::ATTACH_NET;
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
-use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO};
+use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUE_PAIRS};
 use shadowback_xenbus::{Message, SeqPacket};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_ERR, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
@@ -70,6 +81,7 @@ use crate::backend::{
     publish_metrics, NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED,
     KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
 };
+use crate::wire::tap::set_queue_attached;
 use crate::wire::{
     Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
 };
@@ -77,12 +89,12 @@ use frame::TxError;
 use queue::{Taken, VQueue};
 use record::UsedRecord;
 
-/// Token ring numbers: the queues by position, the wire's readability,
-/// and the control queue.
-const RX: u8 = 0;
-const TX: u8 = 1;
-const WIRE: u8 = 2;
-const CTRL: u8 = 3;
+/// Token ring numbers (6 bits): a virtqueue's own index (at most 14:
+/// seven pairs and the control queue) and, from `LANE_TOKEN` on, a
+/// lane's readability.
+const LANE_TOKEN: u8 = 32;
+const _: () =
+    assert!(2 * MAX_QUEUE_PAIRS < LANE_TOKEN as u16 && LANE_TOKEN as u16 + MAX_QUEUE_PAIRS < 64);
 /// Buffers of a chain kept by a walk: more than any driver uses for one
 /// frame (Linux: MAX_SKB_FRAGS + 2).
 const CHAIN_CAP: usize = 64;
@@ -101,6 +113,37 @@ struct Posted {
     capacity: usize,
 }
 
+/// A receive/transmit queue pair the VMM started.
+struct Pair {
+    rx: VQueue,
+    tx: VQueue,
+    /// Receive heads taken, in avail order.
+    pool: VecDeque<Posted>,
+    rx_serial: SerialReplay<u16>,
+    tx_serial: SerialReplay<u16>,
+}
+
+/// Where frames of one or more pairs come and go: a TAP queue, or the
+/// cable.
+struct Lane {
+    wire: Wire,
+    /// A frame from the wire (wire header first) waiting for heads.
+    held: Option<Vec<u8>>,
+    armed: bool,
+    readable: bool,
+    /// Attached to its TAP (`TUNSETQUEUE`): a detached queue is neither
+    /// read nor polled. Always true for a lane of its own wire.
+    attached: bool,
+}
+
+/// What a virtqueue index is in this device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Rx(usize),
+    Tx(usize),
+    Ctrl,
+}
+
 /// The attached vif.
 struct Device {
     name: String,
@@ -115,75 +158,203 @@ struct Device {
     guest_csum: bool,
     /// The virtio features the driver acked.
     features: u64,
+    /// `max_virtqueue_pairs` of the device.
+    max_pairs: u16,
     /// TCP super-frames the driver sends (`HOST_TSO4/6`, on a TAP).
     host_tso: frame::Tso,
     /// TCP super-frames the driver takes (`GUEST_TSO4/6` in force).
     guest_tso: frame::Tso,
-    rx: VQueue,
-    tx: VQueue,
+    /// By pair number, as many as the driver may use (`None`: the VMM
+    /// did not start both of its queues).
+    pairs: Vec<Option<Pair>>,
+    /// Queues started without the other of their pair: kept for their
+    /// shadow logs, never served.
+    idle: Vec<VQueue>,
     /// The control queue, if the VMM handed it over.
     ctrl: Option<VQueue>,
+    ctrl_serial: SerialReplay<u16>,
     /// What the driver set on the control queue, and where it is kept
     /// for the next instance (`None`: a supervisor that keeps none; the
     /// state then lives as long as this instance).
     state: NetDeviceState,
     state_area: Option<NetStateArea>,
-    wire: Wire,
-    pool: VecDeque<Posted>,
-    /// A frame from the wire (wire header first) waiting for more heads.
-    held: Option<Vec<u8>>,
-    wire_armed: bool,
-    wire_readable: bool,
-    tx_serial: SerialReplay<u16>,
-    rx_serial: SerialReplay<u16>,
-    ctrl_serial: SerialReplay<u16>,
+    /// One per TAP queue (pair `i` on lane `i`), or one cable.
+    lanes: Vec<Lane>,
     /// `detach` received: answer `detached` once the replay is done.
     closing: bool,
 }
 
 impl Device {
+    fn role(&self, ring: u8) -> Option<Role> {
+        let index = u16::from(ring);
+        if self.ctrl.as_ref().is_some_and(|q| q.index == index) {
+            return Some(Role::Ctrl);
+        }
+        let pair = usize::from(index / 2);
+        self.pairs.get(pair)?.as_ref()?;
+        Some(if index % 2 == 0 {
+            Role::Rx(pair)
+        } else {
+            Role::Tx(pair)
+        })
+    }
+
     fn queue(&mut self, ring: u8) -> Option<&mut VQueue> {
-        match ring {
-            RX => Some(&mut self.rx),
-            TX => Some(&mut self.tx),
-            CTRL => self.ctrl.as_mut(),
-            _ => None,
+        let index = u16::from(ring);
+        match self.role(ring) {
+            Some(Role::Ctrl) => self.ctrl.as_mut(),
+            Some(Role::Rx(p)) => self.pairs[p].as_mut().map(|p| &mut p.rx),
+            Some(Role::Tx(p)) => self.pairs[p].as_mut().map(|p| &mut p.tx),
+            None => self.idle.iter_mut().find(|q| q.index == index),
         }
     }
 
     fn queue_ref(&self, ring: u8) -> Option<&VQueue> {
-        match ring {
-            RX => Some(&self.rx),
-            TX => Some(&self.tx),
-            CTRL => self.ctrl.as_ref(),
-            _ => None,
+        let index = u16::from(ring);
+        match self.role(ring) {
+            Some(Role::Ctrl) => self.ctrl.as_ref(),
+            Some(Role::Rx(p)) => self.pairs[p].as_ref().map(|p| &p.rx),
+            Some(Role::Tx(p)) => self.pairs[p].as_ref().map(|p| &p.tx),
+            None => self.idle.iter().find(|q| q.index == index),
         }
     }
 
+    fn pair(&mut self, pair: usize) -> Option<&mut Pair> {
+        self.pairs.get_mut(pair)?.as_mut()
+    }
+
+    fn queues(&self) -> impl Iterator<Item = &VQueue> {
+        let pairs = self.pairs.iter().flatten().flat_map(|p| [&p.rx, &p.tx]);
+        pairs.chain(self.ctrl.iter()).chain(self.idle.iter())
+    }
+
     fn queues_mut(&mut self) -> impl Iterator<Item = &mut VQueue> {
-        [&mut self.rx, &mut self.tx]
-            .into_iter()
-            .chain(self.ctrl.as_mut())
+        let pairs = self
+            .pairs
+            .iter_mut()
+            .flatten()
+            .flat_map(|p| [&mut p.rx, &mut p.tx]);
+        pairs
+            .chain(self.ctrl.iter_mut())
+            .chain(self.idle.iter_mut())
+    }
+
+    /// Whether pair `pair` is served: started, and among the pairs the
+    /// driver uses (`VQ_PAIRS_SET` when the control queue is ours; every
+    /// started pair when the VMM keeps it).
+    fn served(&self, pair: usize) -> bool {
+        self.pairs.get(pair).is_some_and(Option::is_some)
+            && (self.ctrl.is_none() || pair < usize::from(self.state.pairs))
+    }
+
+    fn lane_of(&self, pair: usize) -> usize {
+        if self.lanes.len() == 1 {
+            0
+        } else {
+            pair
+        }
+    }
+
+    /// The served pair a frame read from `lane` goes to: a TAP queue's
+    /// own, or on the cable one chosen by the frame's flow.
+    fn rx_target(&self, lane: usize, frame: &[u8]) -> Option<usize> {
+        if self.lanes.len() > 1 {
+            return self.served(lane).then_some(lane);
+        }
+        let served = (0..self.pairs.len()).filter(|&p| self.served(p));
+        let n = served.clone().count();
+        if n == 0 {
+            return None;
+        }
+        let k = frame::flow_hash(frame) as usize % n;
+        served.into_iter().nth(k)
+    }
+
+    fn pool_len(&self, pair: usize) -> usize {
+        self.pairs
+            .get(pair)
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.pool.len())
+    }
+
+    /// Whether lane `lane` has a frame to deliver and a head for it: its
+    /// held frame's pair has a head, or (nothing held) it is readable and
+    /// a pair it serves has one.
+    fn lane_ready(&self, lane: usize) -> bool {
+        let Some(l) = self.lanes.get(lane) else {
+            return false;
+        };
+        if !l.attached {
+            return false;
+        }
+        match &l.held {
+            Some(frame) => {
+                let data = frame.get(WIRE_HDR.bytes()..).unwrap_or_default();
+                self.rx_target(lane, data)
+                    .is_some_and(|p| self.pool_len(p) > 0)
+            }
+            None => {
+                l.readable
+                    && (0..self.pairs.len())
+                        .any(|p| self.lane_of(p) == lane && self.served(p) && self.pool_len(p) > 0)
+            }
+        }
     }
 
     fn serials_empty(&self) -> bool {
-        self.tx_serial.is_empty() && self.rx_serial.is_empty() && self.ctrl_serial.is_empty()
+        self.ctrl_serial.is_empty()
+            && self
+                .pairs
+                .iter()
+                .flatten()
+                .all(|p| p.tx_serial.is_empty() && p.rx_serial.is_empty())
+    }
+
+    /// Attaches the TAP queue of every pair served and detaches the
+    /// others (`force`: whatever this instance believes their state is,
+    /// as a new instance knows nothing of it).
+    fn sync_lanes(&mut self, force: bool) -> Result<(), String> {
+        if self.lanes.len() == 1 {
+            return Ok(());
+        }
+        for i in 0..self.lanes.len() {
+            let want = self.served(i);
+            let lane = &mut self.lanes[i];
+            if lane.attached == want && !force {
+                continue;
+            }
+            set_queue_attached(lane.wire.fd(), want).map_err(|e| e.to_string())?;
+            lane.attached = want;
+            lane.readable = want;
+            if !want {
+                // The kernel purged the queue; a frame read from it and
+                // held is dropped with it.
+                lane.held = None;
+            }
+        }
+        Ok(())
     }
 
     /// Tells a TAP what the driver accepts on receive, from the guest
-    /// offloads in force (a cable takes none).
+    /// offloads in force (a cable takes none). The offloads belong to the
+    /// interface: set through any attached queue.
     fn apply_offloads(&mut self) -> Result<(), String> {
         let on = |f| vnet::has(self.state.offloads, f);
         self.guest_csum = on(VIRTIO_NET_F_GUEST_CSUM);
-        let tap = self.wire.kind() == WireKind::Tap;
+        let tap = self.lanes[0].wire.kind() == WireKind::Tap;
         self.guest_tso = frame::Tso {
             v4: tap && on(VIRTIO_NET_F_GUEST_TSO4),
             v6: tap && on(VIRTIO_NET_F_GUEST_TSO6),
         };
-        if self.wire.kind() != WireKind::Tap {
+        if !tap {
             return Ok(());
         }
-        self.wire
+        let lane = self
+            .lanes
+            .iter()
+            .find(|l| l.attached)
+            .ok_or("no TAP queue attached")?;
+        lane.wire
             .set_offloads(Offloads::from_virtio_features(self.state.offloads))
             .map_err(|e| e.to_string())
     }
@@ -301,36 +472,49 @@ impl VnetLoop<'_> {
 
     // ---- TX ------------------------------------------------------------
 
-    /// Takes and sends every head the transmit queue holds.
-    fn consume_tx(&mut self) -> Result<(), BackendError> {
+    /// Takes and sends every head the transmit queue of `pair` holds.
+    fn consume_tx(&mut self, pair: usize) -> Result<(), BackendError> {
+        let ring = tx_ring(pair);
         let mut budget = WALK_BUDGET;
         loop {
             let Some(dev) = self.device.as_mut() else {
                 return Ok(());
             };
-            if dev.closing || dev.tx.broken || !dev.tx_serial.is_empty() || budget == 0 {
+            if dev.closing || budget == 0 {
                 return Ok(());
             }
             let mem = dev.mem.clone();
-            let taken = match dev.tx.take(&mem, &self.cfg.device) {
+            let Some(p) = dev.pair(pair) else {
+                return Ok(());
+            };
+            if p.tx.broken || !p.tx_serial.is_empty() {
+                return Ok(());
+            }
+            let taken = match p.tx.take(&mem, &self.cfg.device) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(()),
-                Err(why) => return self.queue_broken(TX, &why),
+                Err(why) => return self.queue_broken(ring, &why),
             };
             if self.poison.contains(&u64::from(taken.head)) {
                 tracing::error!(device = %self.cfg.device, head = taken.head, "poisoned head: aborting (fault injection)");
                 std::process::abort();
             }
-            self.send_head(taken.head, taken.entry);
+            self.send_head(pair, taken.head, taken.entry);
             budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
         }
     }
 
-    /// Sends the frame of transmit head `head`, marks it sent, answers it.
-    fn send_head(&mut self, head: u16, entry: Option<EntryId>) {
-        match self.transmit(head) {
+    /// Sends the frame of transmit head `head` of `pair`, marks it sent,
+    /// answers it.
+    fn send_head(&mut self, pair: usize, head: u16, entry: Option<EntryId>) {
+        let ring = tx_ring(pair);
+        match self.transmit(pair, head) {
             Ok(()) => {
-                let log = self.device.as_ref().and_then(|d| d.tx.log.as_ref());
+                let log = self
+                    .device
+                    .as_ref()
+                    .and_then(|d| d.queue_ref(ring))
+                    .and_then(|q| q.log.as_ref());
                 if let (Some(log), Some(entry)) = (log, entry) {
                     if let Err(e) = log.set_progress(entry, TX_SENT) {
                         log_failed(&self.cfg.device, e);
@@ -342,12 +526,13 @@ impl VnetLoop<'_> {
                 self.stats.tx_errors += 1;
             }
         }
-        self.answer(TX, entry, UsedRecord::single(head, 0));
+        self.answer(ring, entry, UsedRecord::single(head, 0));
     }
 
-    /// Gathers, checks and writes one transmit frame to the wire.
-    fn transmit(&mut self, head: u16) -> Result<(), TxError> {
-        self.walk(TX, head).map_err(TxError::Header)?;
+    /// Gathers, checks and writes one transmit frame to the lane of
+    /// `pair`.
+    fn transmit(&mut self, pair: usize, head: u16) -> Result<(), TxError> {
+        self.walk(tx_ring(pair), head).map_err(TxError::Header)?;
         let Some(dev) = self.device.as_mut() else {
             return Ok(());
         };
@@ -365,7 +550,9 @@ impl VnetLoop<'_> {
         frame::prepare_tx(&driver_hdr, data, dev.csum, dev.host_tso)?
             .encode(&mut self.frame[..wire_hdr], WIRE_HDR)
             .map_err(|e| TxError::Header(e.to_string()))?;
-        match dev.wire.send(&self.frame[..wire_hdr + len]) {
+        let lane = dev.lane_of(pair);
+        let wire = &mut dev.lanes[lane].wire;
+        match wire.send(&self.frame[..wire_hdr + len]) {
             Ok(SendOutcome::Sent) => {
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += len as u64;
@@ -379,32 +566,40 @@ impl VnetLoop<'_> {
 
     // ---- RX ------------------------------------------------------------
 
-    /// Takes every head the receive queue holds into the pool; a head
-    /// without a usable writable buffer is answered at once (length 0).
-    fn consume_rx(&mut self) -> Result<(), BackendError> {
+    /// Takes every head the receive queue of `pair` holds into its pool;
+    /// a head without a usable writable buffer is answered at once
+    /// (length 0).
+    fn consume_rx(&mut self, pair: usize) -> Result<(), BackendError> {
         let mut budget = WALK_BUDGET;
         loop {
             let Some(dev) = self.device.as_mut() else {
                 return Ok(());
             };
-            if dev.closing || dev.rx.broken || !dev.rx_serial.is_empty() || budget == 0 {
+            if dev.closing || budget == 0 {
                 return Ok(());
             }
             let mem = dev.mem.clone();
-            let taken = match dev.rx.take(&mem, &self.cfg.device) {
+            let Some(p) = dev.pair(pair) else {
+                return Ok(());
+            };
+            if p.rx.broken || !p.rx_serial.is_empty() {
+                return Ok(());
+            }
+            let taken = match p.rx.take(&mem, &self.cfg.device) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(()),
-                Err(why) => return self.queue_broken(RX, &why),
+                Err(why) => return self.queue_broken(rx_ring(pair), &why),
             };
-            self.post(taken);
+            self.post(pair, taken);
             budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
         }
     }
 
-    /// Puts a receive head into the pool, or answers it empty if the
-    /// driver did not give it a usable buffer.
-    fn post(&mut self, taken: Taken) {
-        let capacity = match self.walk(RX, taken.head) {
+    /// Puts a receive head into the pool of `pair`, or answers it empty if
+    /// the driver did not give it a usable buffer.
+    fn post(&mut self, pair: usize, taken: Taken) {
+        let ring = rx_ring(pair);
+        let capacity = match self.walk(ring, taken.head) {
             Ok(()) if !self.chain.bufs.iter().any(|b| !b.writable) => {
                 frame::capacity(&self.chain.bufs)
             }
@@ -427,44 +622,56 @@ impl VnetLoop<'_> {
         } else {
             dev.hdr_len + MIN_FRAME_LEN
         };
-        if capacity < least {
-            self.stats.rx_dropped += 1;
-            self.answer(RX, taken.entry, UsedRecord::single(taken.head, 0));
-            return;
+        match dev.pair(pair) {
+            Some(p) if capacity >= least => p.pool.push_back(Posted { taken, capacity }),
+            _ => {
+                self.stats.rx_dropped += 1;
+                self.answer(ring, taken.entry, UsedRecord::single(taken.head, 0));
+            }
         }
-        dev.pool.push_back(Posted { taken, capacity });
     }
 
-    /// Moves frames from the wire into posted heads while there are both;
-    /// re-arms the wire's poll once it is drained.
+    /// Moves frames from every lane into posted heads while there are
+    /// both.
     fn deliver_rx(&mut self) -> Result<(), BackendError> {
+        let lanes = self.device.as_ref().map_or(0, |d| d.lanes.len());
+        for lane in 0..lanes {
+            self.deliver_lane(lane)?;
+        }
+        Ok(())
+    }
+
+    /// Moves frames from `lane` into posted heads while there are both;
+    /// re-arms the lane's poll once it is drained.
+    fn deliver_lane(&mut self, lane: usize) -> Result<(), BackendError> {
         loop {
             let Some(dev) = self.device.as_mut() else {
                 return Ok(());
             };
-            if dev.closing || dev.pool.is_empty() {
+            if dev.closing || !dev.lanes[lane].attached {
                 return Ok(());
             }
-            if let Some(mut held) = dev.held.take() {
-                if !self.deliver_frame(&mut held) {
+            if let Some(mut held) = dev.lanes[lane].held.take() {
+                if !self.deliver_frame(lane, &mut held) {
                     if let Some(dev) = self.device.as_mut() {
-                        dev.held = Some(held);
+                        dev.lanes[lane].held = Some(held);
                     }
                     return Ok(());
                 }
                 continue;
             }
-            if !dev.wire_readable {
+            if !dev.lane_ready(lane) {
                 return Ok(());
             }
             let mut buf = std::mem::take(&mut self.rx_scratch);
-            buf.resize(dev.wire.recv_buf_len(), 0);
-            let received = dev.wire.recv(&mut buf);
+            let wire = &mut dev.lanes[lane].wire;
+            buf.resize(wire.recv_buf_len(), 0);
+            let received = wire.recv(&mut buf);
             let drained = match received {
                 Ok(Some(n)) => {
-                    if !self.deliver_frame(&mut buf[..n]) {
+                    if !self.deliver_frame(lane, &mut buf[..n]) {
                         if let Some(dev) = self.device.as_mut() {
-                            dev.held = Some(buf[..n].to_vec());
+                            dev.lanes[lane].held = Some(buf[..n].to_vec());
                         }
                     }
                     false
@@ -478,17 +685,18 @@ impl VnetLoop<'_> {
             self.rx_scratch = buf;
             if drained {
                 if let Some(dev) = self.device.as_mut() {
-                    dev.wire_readable = false;
+                    dev.lanes[lane].readable = false;
                 }
-                return self.arm_wire();
+                return self.arm_lane(lane);
             }
         }
     }
 
-    /// Writes one frame (wire header first) into the first heads of the
-    /// pool and answers them, or drops it; `false` when it needs more
-    /// heads than are posted (the caller holds it).
-    fn deliver_frame(&mut self, wire_frame: &mut [u8]) -> bool {
+    /// Writes one frame read from `lane` (wire header first) into the
+    /// first heads of its pair's pool and answers them, or drops it;
+    /// `false` when it needs more heads than are posted (the caller holds
+    /// it).
+    fn deliver_frame(&mut self, lane: usize, wire_frame: &mut [u8]) -> bool {
         let Some(dev) = self.device.as_mut() else {
             return true;
         };
@@ -502,24 +710,36 @@ impl VnetLoop<'_> {
             self.stats.rx_filtered += 1;
             return true;
         }
+        let Some(pair) = dev.rx_target(lane, data) else {
+            // No pair is served on this lane any more.
+            self.stats.rx_dropped += 1;
+            return true;
+        };
         let Some(mut hdr) = frame::rx_header(&wire_hdr, data, dev.guest_csum, dev.guest_tso) else {
             self.stats.rx_dropped += 1;
             return true;
         };
         let total = dev.hdr_len + data.len();
+        let (mrg_rxbuf, hdr_len) = (dev.mrg_rxbuf, dev.hdr_len);
+        let Some(p) = dev.pair(pair) else {
+            return true;
+        };
+        if p.pool.is_empty() {
+            return false;
+        }
         // Heads the frame needs: one without MRG_RXBUF.
         let mut count = 0usize;
         let mut room = 0usize;
-        for p in &dev.pool {
+        for posted in &p.pool {
             count += 1;
-            room += p.capacity;
-            if room >= total || !dev.mrg_rxbuf {
+            room += posted.capacity;
+            if room >= total || !mrg_rxbuf {
                 break;
             }
         }
         if room < total {
-            let ring_full = dev.pool.len() >= usize::from(dev.rx.size());
-            if dev.mrg_rxbuf && !ring_full {
+            let ring_full = p.pool.len() >= usize::from(p.rx.size());
+            if mrg_rxbuf && !ring_full {
                 return false;
             }
             // No head (or every head the ring can post) holds it.
@@ -527,28 +747,34 @@ impl VnetLoop<'_> {
             return true;
         }
         hdr.num_buffers = count as u16;
-        let hdr_layout = if dev.hdr_len == 12 {
+        let hdr_layout = if hdr_len == 12 {
             VnetHeaderLen::MergeableRx
         } else {
             VnetHeaderLen::Basic
         };
         self.out.clear();
-        self.out.resize(dev.hdr_len, 0);
+        self.out.resize(hdr_len, 0);
         if hdr.encode(&mut self.out, hdr_layout).is_err() {
             self.stats.rx_dropped += 1;
             return true;
         }
         self.out.extend_from_slice(data);
         let frame_len = data.len() as u64;
+        let ring = rx_ring(pair);
         let mut at = 0usize;
         let mut ok = true;
         for position in 0..count {
-            let Some(posted) = self.device.as_mut().and_then(|d| d.pool.pop_front()) else {
+            let posted = self
+                .device
+                .as_mut()
+                .and_then(|d| d.pair(pair))
+                .and_then(|p| p.pool.pop_front());
+            let Some(posted) = posted else {
                 break;
             };
             let head = posted.taken.head;
             // Walked again: the chain is the driver's memory.
-            let written = if ok && self.walk(RX, head).is_ok() {
+            let written = if ok && self.walk(ring, head).is_ok() {
                 let mem = self.device.as_ref().map(|d| d.mem.clone());
                 mem.and_then(|m| frame::scatter(&m, &self.chain.bufs, &self.out, at).ok())
             } else {
@@ -570,7 +796,7 @@ impl VnetLoop<'_> {
                 position: position as u16,
                 count: count as u16,
             };
-            self.answer(RX, posted.taken.entry, used);
+            self.answer(ring, posted.taken.entry, used);
         }
         if ok && at == self.out.len() {
             self.stats.rx_packets += 1;
@@ -581,19 +807,23 @@ impl VnetLoop<'_> {
         true
     }
 
-    fn arm_wire(&mut self) -> Result<(), BackendError> {
+    fn arm_lane(&mut self, lane: usize) -> Result<(), BackendError> {
         let Some(dev) = self.device.as_mut() else {
             return Ok(());
         };
-        if dev.wire_armed {
+        let generation = dev.generation;
+        let Some(l) = dev.lanes.get_mut(lane) else {
+            return Ok(());
+        };
+        if l.armed || !l.attached {
             return Ok(());
         }
-        dev.wire_armed = true;
+        l.armed = true;
         let token = Token::Kick {
-            generation: dev.generation,
-            ring: WIRE,
+            generation,
+            ring: lane_token(lane),
         };
-        arm(self.engine, token, dev.wire.fd().as_raw_fd())
+        arm(self.engine, token, l.wire.fd().as_raw_fd())
     }
 
     // ---- control queue -------------------------------------------------
@@ -612,10 +842,11 @@ impl VnetLoop<'_> {
             let Some(q) = dev.ctrl.as_mut().filter(|q| !q.broken) else {
                 return Ok(());
             };
+            let ring = queue_ring(q.index);
             let taken = match q.take(&mem, &self.cfg.device) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(()),
-                Err(why) => return self.queue_broken(CTRL, &why),
+                Err(why) => return self.queue_broken(ring, &why),
             };
             self.ctrl_head(taken.head, taken.entry, false);
             budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
@@ -628,13 +859,22 @@ impl VnetLoop<'_> {
     /// the ack is answered with length 0 and not executed: the driver
     /// could not be told the outcome.
     fn ctrl_head(&mut self, head: u16, entry: Option<EntryId>, refuse: bool) {
+        let Some(ring) = self
+            .device
+            .as_ref()
+            .and_then(|d| d.ctrl.as_ref())
+            .map(|q| queue_ring(q.index))
+        else {
+            return;
+        };
         let mut len = 0;
-        match self.walk(CTRL, head) {
+        match self.walk(ring, head) {
             Ok(()) if self.chain.bufs.iter().any(|b| b.writable) => {
-                let ack = match (refuse, self.run_ctrl()) {
-                    (false, Ok(())) => VIRTIO_NET_OK as u8,
-                    (true, _) => VIRTIO_NET_ERR as u8,
-                    (false, Err(why)) => {
+                let ran = if refuse { None } else { Some(self.run_ctrl()) };
+                let ack = match ran {
+                    Some(Ok(())) => VIRTIO_NET_OK as u8,
+                    None => VIRTIO_NET_ERR as u8,
+                    Some(Err(why)) => {
                         tracing::debug!(device = %self.cfg.device, head, why, "control command refused");
                         self.stats.ctrl_errors += 1;
                         VIRTIO_NET_ERR as u8
@@ -651,7 +891,7 @@ impl VnetLoop<'_> {
                 self.stats.ctrl_errors += 1;
             }
         }
-        self.answer(CTRL, entry, UsedRecord::single(head, len));
+        self.answer(ring, entry, UsedRecord::single(head, len));
     }
 
     /// Runs the command in `self.chain`: the new state is written to the
@@ -681,11 +921,18 @@ impl VnetLoop<'_> {
             at += b.len as usize;
         }
         let mut state = dev.state.clone();
-        ctrl::execute(&mut state, dev.features, &bytes).map_err(|e| e.to_string())?;
+        let device = ctrl::CtrlDevice {
+            features: dev.features,
+            max_pairs: dev.max_pairs,
+        };
+        ctrl::execute(&mut state, device, &bytes).map_err(|e| e.to_string())?;
         if let Some(area) = dev.state_area.as_mut() {
             area.store(&state).map_err(|e| e.to_string())?;
         }
         dev.state = state;
+        // A new pair count moves TAP queues in or out of the kernel's
+        // steering before the driver is told.
+        dev.sync_lanes(false)?;
         dev.apply_offloads()
     }
 
@@ -740,12 +987,7 @@ impl VnetLoop<'_> {
             return Err(format!("set-call carries {} fds, expected 1", fds.len()));
         }
         let dev = self.device.as_mut().ok_or("no device attached")?;
-        let q = match index {
-            RX_QUEUE => Some(&mut dev.rx),
-            TX_QUEUE => Some(&mut dev.tx),
-            CTRL_QUEUE => dev.ctrl.as_mut(),
-            _ => None,
-        };
+        let q = u8::try_from(index).ok().and_then(|ring| dev.queue(ring));
         let q = q.ok_or_else(|| format!("no queue {index}"))?;
         let fd = fds.pop().ok_or("no fd")?;
         q.call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
@@ -755,7 +997,7 @@ impl VnetLoop<'_> {
         Ok(())
     }
 
-    /// Maps memory and rings, recovers both queues and starts serving.
+    /// Maps memory and rings, recovers every queue and starts serving.
     fn attach(
         &mut self,
         msg: &Message,
@@ -780,17 +1022,44 @@ impl VnetLoop<'_> {
             Some("cable") => WireKind::Cable,
             other => return Err(inval(&format!("wire={other:?}: tap or cable"))),
         };
-        let wire_fd = vfds.wire.ok_or_else(|| inval(&"no wire descriptor"))?;
-        let wire = Wire::from_fd(wire_kind, wire_fd, WIRE_HDR).map_err(|e| inval(&e))?;
-        let positions: Vec<u16> = req.queues.iter().map(|q| q.index).collect();
-        let with_ctrl = vnet::has(req.features, VIRTIO_NET_F_CTRL_VQ);
-        if positions != [RX_QUEUE, TX_QUEUE]
-            && !(with_ctrl && positions == [RX_QUEUE, TX_QUEUE, CTRL_QUEUE])
-        {
+        // A TAP queue per pair, or one wire every pair shares.
+        let lanes_ok = vfds.wire.len() == 1
+            || (wire_kind == WireKind::Tap && vfds.wire.len() == usize::from(req.queue_pairs));
+        if !lanes_ok {
             return Err(inval(&format!(
-                "queues {positions:?}: a receive and a transmit queue (0, 1), and the \
-                 control queue (2) with CTRL_VQ"
+                "{} wire descriptors for {} queue pairs",
+                vfds.wire.len(),
+                req.queue_pairs
             )));
+        }
+        let mut lanes = Vec::with_capacity(vfds.wire.len());
+        for fd in vfds.wire {
+            lanes.push(Lane {
+                wire: Wire::from_fd(wire_kind, fd, WIRE_HDR).map_err(|e| inval(&e))?,
+                held: None,
+                armed: false,
+                readable: true,
+                attached: true,
+            });
+        }
+        // Which queue is which (virtio 1.2 §5.1.2): the pairs the driver
+        // may use, then the control queue.
+        let in_use = vnet::pairs_in_use(req.features, req.queue_pairs);
+        let ctrl_index = vnet::ctrl_queue(req.features, req.queue_pairs);
+        let with_ctrl = vnet::has(req.features, VIRTIO_NET_F_CTRL_VQ);
+        for q in &req.queues {
+            if q.index >= 2 * in_use && !(with_ctrl && q.index == ctrl_index) {
+                return Err(inval(&format!(
+                    "virtqueue {} is not a queue of a driver using {in_use} pairs",
+                    q.index
+                )));
+            }
+        }
+        let has_queue = |i: u16| req.queues.iter().any(|q| q.index == i);
+        if !has_queue(RX_QUEUE) || !has_queue(TX_QUEUE) {
+            return Err(inval(
+                &"the first receive and transmit queues (0, 1) are needed",
+            ));
         }
         let (state_area, state) = match vfds.device_state {
             Some(fd) => {
@@ -824,28 +1093,68 @@ impl VnetLoop<'_> {
             }
         }
         let started = std::time::Instant::now();
-        let mut queues = Vec::with_capacity(req.queues.len());
-        let mut plans = Vec::with_capacity(req.queues.len());
+        let mut queues: Vec<Recovered> = Vec::with_capacity(req.queues.len());
         for ((qcfg, (kick, call)), log) in req.queues.iter().zip(vfds.queues).zip(logs) {
             let ring = SplitQueue::new(qcfg, &mem, event_idx)
                 .map_err(|e| inval(&format!("queue {}: {e}", qcfg.index)))?;
             let kick = EventChannel::from_fd(kick).map_err(|e| inval(&e))?;
             let call = EventChannel::from_fd(call).map_err(|e| inval(&e))?;
             let mut q = VQueue::new(qcfg.index, ring, kick, call, log);
-            plans.push(q.recover(&mem, qcfg.next_avail, fresh && !recover)?);
-            queues.push(q);
+            let plan = q.recover(&mem, qcfg.next_avail, fresh && !recover)?;
+            queues.push((q, plan));
         }
-        let (ctrl, ctrl_plan) = if with_ctrl && queues.len() == 3 {
-            (queues.pop(), plans.pop().flatten())
-        } else {
-            (None, None)
+        // Sorted out by role: pairs with both queues, the control queue,
+        // and queues started alone (a VMM still setting up).
+        let mut ctrl = None;
+        let mut halves: Vec<[Option<Recovered>; 2]> = (0..in_use).map(|_| [None, None]).collect();
+        for (q, plan) in queues {
+            if with_ctrl && q.index == ctrl_index {
+                ctrl = Some((q, plan));
+            } else {
+                let half = &mut halves[usize::from(q.index / 2)][usize::from(q.index % 2)];
+                *half = Some((q, plan));
+            }
+        }
+        let mut pairs = Vec::with_capacity(halves.len());
+        let mut pair_plans = Vec::with_capacity(halves.len());
+        let mut idle = Vec::new();
+        for [rx, tx] in halves {
+            match (rx, tx) {
+                (Some((rx, rx_plan)), Some((tx, tx_plan))) => {
+                    pairs.push(Some(Pair {
+                        rx,
+                        tx,
+                        pool: VecDeque::new(),
+                        rx_serial: SerialReplay::default(),
+                        tx_serial: SerialReplay::default(),
+                    }));
+                    pair_plans.push((rx_plan, tx_plan));
+                }
+                (alone_rx, alone_tx) => {
+                    for (q, plan) in alone_rx.into_iter().chain(alone_tx) {
+                        // Never served in this session, so nothing logged.
+                        if plan.is_some() {
+                            return Err((
+                                ErrorCode::Eproto,
+                                format!(
+                                    "virtqueue {}: log entries of a queue never served",
+                                    q.index
+                                ),
+                            ));
+                        }
+                        idle.push(q);
+                    }
+                    pairs.push(None);
+                    pair_plans.push((None, None));
+                }
+            }
+        }
+        let (ctrl, ctrl_plan) = match ctrl {
+            Some((q, plan)) => (Some(q), plan),
+            None => (None, None),
         };
-        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
-            return Err(inval(&"two queues expected"));
-        };
-        let tx_plan = plans.pop().flatten();
-        let rx_plan = plans.pop().flatten();
         let has = |f| vnet::has(req.features, f);
+        let tap = wire_kind == WireKind::Tap;
         self.device = Some(Device {
             name: req.frontend.clone(),
             generation: self.generations.new_attachment(),
@@ -855,55 +1164,55 @@ impl VnetLoop<'_> {
             csum: has(VIRTIO_NET_F_CSUM),
             guest_csum: has(VIRTIO_NET_F_GUEST_CSUM),
             features: req.features,
+            max_pairs: req.queue_pairs,
             host_tso: frame::Tso {
-                v4: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO4),
-                v6: wire.kind() == WireKind::Tap && has(VIRTIO_NET_F_HOST_TSO6),
+                v4: tap && has(VIRTIO_NET_F_HOST_TSO4),
+                v6: tap && has(VIRTIO_NET_F_HOST_TSO6),
             },
             guest_tso: frame::Tso::default(),
-            rx,
-            tx,
+            pairs,
+            idle,
             ctrl,
+            ctrl_serial: SerialReplay::default(),
             state,
             state_area,
-            wire,
-            pool: VecDeque::new(),
-            held: None,
-            wire_armed: false,
-            wire_readable: true,
-            tx_serial: SerialReplay::default(),
-            rx_serial: SerialReplay::default(),
-            ctrl_serial: SerialReplay::default(),
+            lanes,
             closing: false,
         });
         // What the driver set before this instance: in force before the
-        // first frame is served.
+        // first frame is served — the TAP queues of the pairs in use
+        // attached and the others detached, the offloads.
         if let Some(dev) = self.device.as_mut() {
+            dev.sync_lanes(true)
+                .map_err(|e| (ErrorCode::Enodev, format!("TAP queues: {e}")))?;
             dev.apply_offloads()
                 .map_err(|e| (ErrorCode::Enodev, format!("guest offloads: {e}")))?;
         }
         let proto = |e: String| (ErrorCode::Eproto, format!("replay failed: {e}"));
-        if let Some(plan) = &ctrl_plan {
+        if let (Some(plan), Some(index)) = (&ctrl_plan, self.ctrl_index()) {
             // First: a command the dead instance did not answer takes
             // effect again before any frame is served.
-            let mut target = QueueReplay::new(self, CTRL, plan);
+            let mut target = QueueReplay::new(self, queue_ring(index), plan);
             recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
         }
-        if let Some(plan) = &rx_plan {
-            let mut target = QueueReplay::new(self, RX, plan);
-            recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
-        }
-        if let Some(plan) = &tx_plan {
-            let mut target = QueueReplay::new(self, TX, plan);
-            // Counted now: a serial replay runs after the reply. Heads are
-            // sent in consumption order and each is marked right after its
-            // write: only the first unmarked one can have left the dead
-            // instance too.
-            let unsent = plan.reexecute.len() - target.sent.len();
-            target.lp.recovery.tx_replayed += unsent as u64;
-            if unsent > 0 {
-                target.lp.recovery.tx_maybe_duplicated += 1;
+        for (pair, (rx_plan, tx_plan)) in pair_plans.iter().enumerate() {
+            if let Some(plan) = rx_plan {
+                let mut target = QueueReplay::new(self, rx_ring(pair), plan);
+                recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
             }
-            recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
+            if let Some(plan) = tx_plan {
+                let mut target = QueueReplay::new(self, tx_ring(pair), plan);
+                // Counted now: a serial replay runs after the reply. Heads
+                // are sent in consumption order and each is marked right
+                // after its write: per queue only the first unmarked one
+                // can have left the dead instance too.
+                let unsent = plan.reexecute.len() - target.sent.len();
+                target.lp.recovery.tx_replayed += unsent as u64;
+                if unsent > 0 {
+                    target.lp.recovery.tx_maybe_duplicated += 1;
+                }
+                recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
+            }
         }
         stats.replay_us = started.elapsed().as_micros() as u64;
         // The driver may be asleep waiting for what the dead instance owed.
@@ -913,11 +1222,15 @@ impl VnetLoop<'_> {
             .as_ref()
             .ok_or((ErrorCode::Enodev, "device gone".into()))?;
         let generation = dev.generation;
-        let mut kicks = vec![(RX, dev.rx.kick.as_raw_fd()), (TX, dev.tx.kick.as_raw_fd())];
-        kicks.extend(dev.ctrl.as_ref().map(|q| (CTRL, q.kick.as_raw_fd())));
-        let _ = dev.rx.call.notify();
-        let _ = dev.tx.call.notify();
-        if let Some(q) = &dev.ctrl {
+        let kicks: Vec<(u8, i32)> = dev
+            .pairs
+            .iter()
+            .flatten()
+            .flat_map(|p| [&p.rx, &p.tx])
+            .chain(dev.ctrl.iter())
+            .map(|q| (queue_ring(q.index), q.kick.as_raw_fd()))
+            .collect();
+        for q in dev.queues() {
             let _ = q.call.notify();
         }
         for (ring, fd) in kicks {
@@ -925,9 +1238,34 @@ impl VnetLoop<'_> {
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
         publish_metrics(self.metrics, &self.stats, true);
-        tracing::info!(device = %self.cfg.device, frontend = %req.frontend, event_idx, recover, ?stats, recovery = ?self.recovery, "virtio-net attached");
+        tracing::info!(device = %self.cfg.device, frontend = %req.frontend, event_idx, recover,
+            pairs = in_use, lanes = dev.lanes.len(), ?stats, recovery = ?self.recovery, "virtio-net attached");
         Ok(stats)
     }
+
+    fn ctrl_index(&self) -> Option<u16> {
+        Some(self.device.as_ref()?.ctrl.as_ref()?.index)
+    }
+}
+
+/// A queue and the plan of its log, if it holds live entries.
+type Recovered = (VQueue, Option<RecoveryPlan>);
+
+/// The token ring number of virtqueue `index` (at most 14).
+fn queue_ring(index: u16) -> u8 {
+    u8::try_from(index).unwrap_or(u8::MAX)
+}
+
+fn rx_ring(pair: usize) -> u8 {
+    queue_ring((2 * pair) as u16)
+}
+
+fn tx_ring(pair: usize) -> u8 {
+    queue_ring((2 * pair + 1) as u16)
+}
+
+fn lane_token(lane: usize) -> u8 {
+    LANE_TOKEN + u8::try_from(lane).unwrap_or(0)
 }
 
 /// One queue as the recovery applier sees it (docs/ARCHITECTURE.md §7.4,
@@ -938,6 +1276,7 @@ impl VnetLoop<'_> {
 struct QueueReplay<'l, 'a> {
     lp: &'l mut VnetLoop<'a>,
     ring: u8,
+    role: Option<Role>,
     /// Heads with a live request.
     live: Vec<bool>,
     /// Transmit entries whose frame the dead instance wrote to the wire.
@@ -953,15 +1292,17 @@ impl<'l, 'a> QueueReplay<'l, 'a> {
             .as_mut()
             .and_then(|d| d.queue(ring))
             .map_or(0, |q| q.size());
+        let role = lp.device.as_ref().and_then(|d| d.role(ring));
         let sent = plan
             .reexecute
             .iter()
-            .filter(|e| ring == TX && e.progress & TX_SENT != 0)
+            .filter(|e| matches!(role, Some(Role::Tx(_))) && e.progress & TX_SENT != 0)
             .map(|e| e.entry)
             .collect();
         QueueReplay {
             lp,
             ring,
+            role,
             live: vec![false; usize::from(size)],
             sent,
             partial: partial_frames(&plan.repush),
@@ -1027,7 +1368,7 @@ impl ReplayTarget for QueueReplay<'_, '_> {
     }
 
     fn fail(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
-        if self.ring == CTRL {
+        if self.role == Some(Role::Ctrl) {
             self.lp.ctrl_head(head, Some(entry), true);
         } else {
             self.lp
@@ -1037,30 +1378,44 @@ impl ReplayTarget for QueueReplay<'_, '_> {
     }
 
     fn reexecute(&mut self, head: u16, entry: EntryId) -> Result<(), String> {
-        if self.ring == CTRL {
+        let taken = Taken {
+            head,
+            entry: Some(entry),
+        };
+        match self.role {
             // Every command sets state: executing it again is harmless.
-            self.lp.ctrl_head(head, Some(entry), false);
-        } else if self.ring == RX {
-            self.lp.recovery.rx_buffers_recovered += 1;
-            self.lp.post(Taken {
-                head,
-                entry: Some(entry),
-            });
-        } else if self.sent.contains(&entry) {
-            self.lp.answer(TX, Some(entry), UsedRecord::single(head, 0));
-        } else {
-            self.lp.send_head(head, Some(entry));
+            Some(Role::Ctrl) => self.lp.ctrl_head(head, Some(entry), false),
+            Some(Role::Rx(pair)) => {
+                self.lp.recovery.rx_buffers_recovered += 1;
+                self.lp.post(pair, taken);
+            }
+            Some(Role::Tx(_)) if self.sent.contains(&entry) => {
+                self.lp
+                    .answer(self.ring, Some(entry), UsedRecord::single(head, 0));
+            }
+            Some(Role::Tx(pair)) => self.lp.send_head(pair, head, Some(entry)),
+            None => return Err(format!("virtqueue {} is not served", self.ring)),
         }
         Ok(())
     }
 
     fn replay_serially(&mut self, queue: SerialReplay<u16>) {
-        if let Some(dev) = self.lp.device.as_mut() {
-            match self.ring {
-                TX => dev.tx_serial = queue,
-                CTRL => dev.ctrl_serial = queue,
-                _ => dev.rx_serial = queue,
+        let Some(dev) = self.lp.device.as_mut() else {
+            return;
+        };
+        match self.role {
+            Some(Role::Ctrl) => dev.ctrl_serial = queue,
+            Some(Role::Rx(p)) => {
+                if let Some(p) = dev.pair(p) {
+                    p.rx_serial = queue;
+                }
             }
+            Some(Role::Tx(p)) => {
+                if let Some(p) = dev.pair(p) {
+                    p.tx_serial = queue;
+                }
+            }
+            None => {}
         }
     }
 
@@ -1082,37 +1437,54 @@ impl EventLoop for VnetLoop<'_> {
         &mut self.completions
     }
 
-    /// Nothing is in flight between turns: one queued head per turn.
+    /// Nothing is in flight between turns: one queued head per queue
+    /// and turn.
     fn advance_serial_replay(&mut self) -> Result<(), BackendError> {
         let device = &self.cfg.device;
         let Some(dev) = self.device.as_mut() else {
             return Ok(());
         };
-        let tx = dev.tx_serial.next(0, dev.tx.log.as_ref(), device);
-        let rx = dev.rx_serial.next(0, dev.rx.log.as_ref(), device);
         let ctrl_log = dev.ctrl.as_ref().and_then(|q| q.log.as_ref());
         let ctrl = dev.ctrl_serial.next(0, ctrl_log, device);
+        let mut next = Vec::new();
+        for (pair, p) in dev.pairs.iter_mut().enumerate() {
+            let Some(p) = p else { continue };
+            let tx = p.tx_serial.next(0, p.tx.log.as_ref(), device);
+            let rx = p.rx_serial.next(0, p.rx.log.as_ref(), device);
+            next.push((pair, tx, rx));
+        }
         if let Some((entry, head)) = ctrl {
             self.ctrl_head(head, Some(entry), false);
         }
-        if let Some((entry, head)) = tx {
-            // A serial replay follows a suspected crash loop: the dead
-            // instance marked nothing sent that this one could trust less.
-            self.send_head(head, Some(entry));
-        }
-        if let Some((entry, head)) = rx {
-            self.post(Taken {
-                head,
-                entry: Some(entry),
-            });
+        for (pair, tx, rx) in next {
+            if let Some((entry, head)) = tx {
+                // A serial replay follows a suspected crash loop: the dead
+                // instance marked nothing sent that this one could trust
+                // less.
+                self.send_head(pair, head, Some(entry));
+            }
+            if let Some((entry, head)) = rx {
+                self.post(
+                    pair,
+                    Taken {
+                        head,
+                        entry: Some(entry),
+                    },
+                );
+            }
         }
         Ok(())
     }
 
     fn consume(&mut self) -> Result<(), BackendError> {
         self.consume_ctrl()?;
-        self.consume_tx()?;
-        self.consume_rx()?;
+        let pairs = self.device.as_ref().map_or(0, |d| d.pairs.len());
+        for pair in 0..pairs {
+            if self.device.as_ref().is_some_and(|d| d.served(pair)) {
+                self.consume_tx(pair)?;
+                self.consume_rx(pair)?;
+            }
+        }
         self.deliver_rx()
     }
 
@@ -1154,10 +1526,10 @@ impl EventLoop for VnetLoop<'_> {
     }
 
     fn heartbeat(&mut self) {
-        let logs = self.device.iter().flat_map(|d| {
-            let ctrl = d.ctrl.iter().flat_map(|q| q.log.iter());
-            d.rx.log.iter().chain(d.tx.log.iter()).chain(ctrl)
-        });
+        let logs = self
+            .device
+            .iter()
+            .flat_map(|d| d.queues().flat_map(|q| q.log.iter()));
         event_loop::heartbeat(&self.cfg.device, logs);
         publish_metrics(self.metrics, &self.stats, false);
     }
@@ -1169,11 +1541,15 @@ impl EventLoop for VnetLoop<'_> {
         if dev.closing {
             return !dev.serials_empty();
         }
+        let pair_work = |(i, p): (usize, &Option<Pair>)| {
+            p.as_ref().is_some_and(|p| {
+                dev.served(i) && (p.tx.has_avail(&dev.mem) || p.rx.has_avail(&dev.mem))
+            })
+        };
         !dev.serials_empty()
             || dev.ctrl.as_ref().is_some_and(|q| q.has_avail(&dev.mem))
-            || dev.tx.has_avail(&dev.mem)
-            || dev.rx.has_avail(&dev.mem)
-            || ((dev.wire_readable || dev.held.is_some()) && !dev.pool.is_empty())
+            || dev.pairs.iter().enumerate().any(pair_work)
+            || (0..dev.lanes.len()).any(|l| dev.lane_ready(l))
     }
 
     fn on_control(&mut self) -> Result<(), BackendError> {
@@ -1188,9 +1564,11 @@ impl EventLoop for VnetLoop<'_> {
         if dev.generation != generation {
             return Ok(());
         }
-        if ring == WIRE {
-            dev.wire_armed = false;
-            dev.wire_readable = true;
+        if let Some(lane) = ring.checked_sub(LANE_TOKEN) {
+            if let Some(l) = dev.lanes.get_mut(usize::from(lane)) {
+                l.armed = false;
+                l.readable = true;
+            }
             return Ok(());
         }
         let Some(q) = dev.queue(ring) else {

@@ -69,6 +69,8 @@ impl IfReq {
 pub(super) enum TunIfReqOp {
     SetIff,
     GetIff,
+    /// `TUNSETQUEUE`: attach or detach a queue of a multi-queue TAP.
+    SetQueue,
 }
 
 /// `/dev/net/tun` requests whose argument is an `int *`.
@@ -101,8 +103,9 @@ pub(super) fn tun_ifreq(fd: BorrowedFd<'_>, op: TunIfReqOp, req: &mut IfReq) -> 
     let request = match op {
         TunIfReqOp::SetIff => libc::TUNSETIFF,
         TunIfReqOp::GetIff => libc::TUNGETIFF,
+        TunIfReqOp::SetQueue => libc::TUNSETQUEUE,
     };
-    // SAFETY: both requests read and/or write one `struct ifreq`; `req`
+    // SAFETY: these requests read and/or write one `struct ifreq`; `req`
     // is an exclusive borrow of an `IfReq`, which has its size (checked
     // at compile time above), and lives across the call. `fd` is open.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(req)) })

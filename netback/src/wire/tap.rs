@@ -320,16 +320,42 @@ impl Tap {
     }
 }
 
+/// Attaches (`true`) or detaches a queue of a multi-queue TAP
+/// (`TUNSETQUEUE`): the kernel steers flows only to attached queues and
+/// purges a queue it detaches. The state belongs to the open file, so
+/// the supervisor's copy and every backend's duplicate share it. A queue
+/// already in that state is left as it is (tun answers `EINVAL`).
+pub fn set_queue_attached(fd: BorrowedFd<'_>, attached: bool) -> Result<(), WireError> {
+    let mut req = IfReq::new("");
+    let flag = if attached {
+        libc::IFF_ATTACH_QUEUE
+    } else {
+        libc::IFF_DETACH_QUEUE
+    };
+    // Both flags fit the 16-bit ifr_flags.
+    req.set_short(flag as i16);
+    match sys::tun_ifreq(fd, TunIfReqOp::SetQueue, &mut req) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => return Err(ioctl_error("TUNSETQUEUE", "", e)),
+    }
+    Ok(())
+}
+
 /// Checks that `fd` is a TAP queue as [`Tap::open`] leaves it: a
 /// backend must not frame with one header length while the kernel uses
-/// another.
+/// another. A detached queue of a multi-queue TAP answers nothing
+/// (`EBADFD`) and is taken as it is: [`set_queue_attached`] checks it
+/// when it is attached.
 pub(super) fn check_queue_fd(fd: BorrowedFd<'_>, hdr: VnetHeaderLen) -> Result<(), WireError> {
     let wrong = WireError::WrongFd {
         expected: "TAP queue with IFF_NO_PI and IFF_VNET_HDR",
     };
     let mut req = IfReq::new("");
-    if sys::tun_ifreq(fd, TunIfReqOp::GetIff, &mut req).is_err() {
-        return Err(wrong);
+    match sys::tun_ifreq(fd, TunIfReqOp::GetIff, &mut req) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Ok(()),
+        Err(_) => return Err(wrong),
     }
     let flags = libc::c_int::from(req.short()) & 0xffff;
     if flags & TAP_FLAGS != TAP_FLAGS {

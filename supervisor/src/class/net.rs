@@ -45,26 +45,27 @@ pub const OFFERED: NetFeatures = NetFeatures {
 pub enum HeldWire {
     /// One end of a cable between two vifs of this supervisor.
     Cable(OwnedFd),
-    /// A TAP interface (its queue fd and its ioctl socket).
+    /// A TAP interface (a queue fd per queue pair and its ioctl socket).
     Tap(Tap),
 }
 
 impl HeldWire {
-    /// A duplicate for one attachment, with its `wire=` value.
-    fn lend(&self) -> Result<NetWire, SupervisorError> {
-        let (kind, fd) = match self {
-            HeldWire::Cable(fd) => (WIRE_CABLE, fd),
-            HeldWire::Tap(tap) => (
-                WIRE_TAP,
-                tap.queue_fds()
-                    .first()
-                    .ok_or_else(|| SupervisorError::Spawn("a TAP without queue".into()))?,
-            ),
+    /// Duplicates for one attachment (the cable end, or every TAP queue),
+    /// with the `wire=` value, for a vif of `pairs` queue pairs.
+    fn lend(&self, pairs: u16) -> Result<NetWire, SupervisorError> {
+        let (kind, fds) = match self {
+            HeldWire::Cable(fd) => (WIRE_CABLE, std::slice::from_ref(fd)),
+            HeldWire::Tap(tap) => (WIRE_TAP, tap.queue_fds()),
         };
-        let fd = fd
-            .try_clone()
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| SupervisorError::Spawn(format!("dup of the wire: {e}")))?;
-        Ok(NetWire { kind, fd })
+        if fds.is_empty() {
+            return Err(SupervisorError::Spawn("a wire without descriptor".into()));
+        }
+        Ok(NetWire { kind, fds, pairs })
     }
 }
 
@@ -90,8 +91,8 @@ pub fn open_wires(nics: &[NicConfig]) -> Result<HashMap<String, HeldWire>, Super
                 tracing::info!(nic = %nic.name, %peer, "cable created");
             }
             Some(NicWire::Tap(ifname)) => {
-                let tap =
-                    open_tap(ifname, nic.mtu).map_err(|e| err(format!("tap {ifname}: {e}")))?;
+                let tap = open_tap(ifname, nic.mtu, nic.queues)
+                    .map_err(|e| err(format!("tap {ifname}: {e}")))?;
                 wires.insert(nic.name.clone(), HeldWire::Tap(tap));
             }
             None => return Err(err("no wire".into())),
@@ -100,11 +101,18 @@ pub fn open_wires(nics: &[NicConfig]) -> Result<HashMap<String, HeldWire>, Super
     Ok(wires)
 }
 
-/// Adopts `ifname` if it exists, else creates it, with the vif's MTU.
-fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::WireError> {
+/// Adopts `ifname` if it exists, else creates it, with the vif's MTU and
+/// a queue per queue pair (`IFF_MULTI_QUEUE` for more than one: an
+/// adopted interface must have been made multi-queue too).
+fn open_tap(
+    ifname: &str,
+    mtu: u16,
+    queues: u16,
+) -> Result<Tap, shadowback_netback::wire::WireError> {
     use shadowback_netback::wire::WireError;
     let cfg = |mode| TapConfig {
         mtu: Some(u32::from(mtu)),
+        queues,
         ..TapConfig::new(ifname, mode)
     };
     match Tap::open(&cfg(TapMode::Adopt)) {
@@ -114,9 +122,9 @@ fn open_tap(ifname: &str, mtu: u16) -> Result<Tap, shadowback_netback::wire::Wir
 }
 
 /// The virtio-net face of a vif (`[[nic]] vhost_user`): the features and
-/// config space of `shadowback_virtio::net`, with the vif's MAC and MTU.
-/// The link status in it is always up: the supervisor answers
-/// `GET_CONFIG`, so no backend restart can take it down.
+/// config space of `shadowback_virtio::net`, with the vif's MAC, MTU and
+/// queue pairs. The link status in it is always up: the supervisor
+/// answers `GET_CONFIG`, so no backend restart can take it down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetModel {
     pub mac: [u8; 6],
@@ -124,15 +132,30 @@ pub struct NetModel {
     /// The vif is on a TAP: TCP segmentation is offered both ways
     /// (`shadowback_virtio::net::TAP_FEATURES`).
     pub tap: bool,
+    /// `max_virtqueue_pairs` (`[[nic]] queues`); `VIRTIO_NET_F_MQ` is
+    /// offered when more than one.
+    pub pairs: u16,
+}
+
+impl NetModel {
+    fn config(&self, mac: [u8; 6], offset: u32, size: u32) -> Option<Vec<u8>> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(size).ok()?)?;
+        net::config_space(mac, self.mtu, self.pairs)
+            .get(start..end)
+            .map(<[u8]>::to_vec)
+    }
 }
 
 impl VirtioModel for NetModel {
     fn features(&self) -> u64 {
-        let features = if self.tap {
-            net::OFFERED_FEATURES
-        } else {
-            net::OFFERED_FEATURES & !net::TAP_FEATURES
-        };
+        let mut features = net::OFFERED_FEATURES;
+        if !self.tap {
+            features &= !net::TAP_FEATURES;
+        }
+        if self.pairs <= 1 {
+            features &= !net::MQ_FEATURE;
+        }
         features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -147,11 +170,18 @@ impl VirtioModel for NetModel {
     }
 
     fn num_queues(&self) -> u16 {
-        net::NUM_QUEUES
+        net::num_queues(self.pairs)
     }
 
     fn min_queues(&self) -> u16 {
         net::MIN_QUEUES
+    }
+
+    /// The first pair is waited for; QEMU enables only the pairs its
+    /// driver uses (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on its own control
+    /// queue), and keeps the control queue.
+    fn may_stay_disabled(&self, index: u16) -> bool {
+        index >= net::MIN_QUEUES
     }
 
     /// MAC, receive mode, filter tables and guest offloads set on the
@@ -168,11 +198,22 @@ impl VirtioModel for NetModel {
     }
 
     fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(usize::try_from(size).ok()?)?;
-        net::config_space(self.mac, self.mtu)
-            .get(start..end)
-            .map(<[u8]>::to_vec)
+        self.config(self.mac, offset, size)
+    }
+
+    /// The MAC is the one the driver set (`VIRTIO_NET_CTRL_MAC_ADDR_SET`),
+    /// as the device state area says: a backend writes it there before it
+    /// acks the command, and the area outlives every backend, so after a
+    /// crash too the config shows what the driver was told took effect.
+    fn read_config_in(&self, offset: u32, size: u32, state: &std::fs::File) -> Option<Vec<u8>> {
+        let mac = match NetStateArea::read(state) {
+            Ok(s) => s.mac,
+            Err(e) => {
+                tracing::warn!(error = %e, "device state area unreadable: the vif's MAC shown");
+                self.mac
+            }
+        };
+        self.config(mac, offset, size)
     }
 }
 
@@ -181,6 +222,8 @@ impl VirtioModel for NetModel {
 pub struct NetClass {
     info: NetBackendInfo,
     wire: HeldWire,
+    /// Queue pairs (`[[nic]] queues`).
+    pairs: u16,
 }
 
 impl NetClass {
@@ -207,6 +250,7 @@ impl NetClass {
                 },
             },
             wire,
+            pairs: cfg.queues,
         })
     }
 }
@@ -221,6 +265,7 @@ impl DeviceClass for NetClass {
             mac: self.info.mac.0,
             mtu: self.info.mtu,
             tap: matches!(self.wire, HeldWire::Tap(_)),
+            pairs: self.pairs,
         }))
     }
 
@@ -236,7 +281,7 @@ impl DeviceClass for NetClass {
     }
 
     fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
-        self.wire.lend().map(Some)
+        self.wire.lend(self.pairs).map(Some)
     }
 }
 
@@ -258,12 +303,13 @@ mod tests {
         assert_eq!((la.kind, lb.kind), (WIRE_CABLE, WIRE_CABLE));
         // The two ends are connected: what one lent copy sends, the other
         // side's lent copy receives.
-        nix::unistd::write(&la.fd, b"frame").unwrap();
+        nix::unistd::write(&la.fds[0], b"frame").unwrap();
         let mut buf = [0u8; 16];
         assert_eq!(
-            nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&lb.fd), &mut buf).unwrap(),
+            nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&lb.fds[0]), &mut buf).unwrap(),
             5
         );
+        assert_eq!((la.fds.len(), la.pairs), (1, 1));
         let ClassInfo::Net(info) = a.backend_info() else {
             panic!("not a vif");
         };
@@ -273,13 +319,19 @@ mod tests {
         assert!(setup.device_file.is_none() && setup.io_fence.is_none());
     }
 
+    /// A vif on a cable, one queue pair, MTU `mtu`.
+    fn model(mtu: u16) -> NetModel {
+        NetModel {
+            mac: [2, 0xaa, 0, 0, 0, 1],
+            mtu,
+            tap: false,
+            pairs: 1,
+        }
+    }
+
     #[test]
     fn the_virtio_model_shows_mac_mtu_and_a_link_that_is_up() {
-        let model = NetModel {
-            mac: [2, 0xaa, 0, 0, 0, 1],
-            mtu: 9000,
-            tap: false,
-        };
+        let model = model(9000);
         assert_eq!(model.read_config(0, 6).unwrap(), vec![2, 0xaa, 0, 0, 0, 1]);
         assert_eq!(model.read_config(6, 2).unwrap(), vec![1, 0], "LINK_UP");
         assert_eq!(model.read_config(10, 2).unwrap(), 9000u16.to_le_bytes());
@@ -293,5 +345,36 @@ mod tests {
         assert_eq!(model.features() & net::TAP_FEATURES, 0, "no TSO on a cable");
         let tap = NetModel { tap: true, ..model };
         assert_eq!(tap.features() & net::TAP_FEATURES, net::TAP_FEATURES);
+        assert_eq!(model.features() & net::MQ_FEATURE, 0, "one pair: no MQ");
+        let mq = NetModel { pairs: 4, ..model };
+        assert_eq!(mq.features() & net::MQ_FEATURE, net::MQ_FEATURE);
+        assert_eq!(mq.num_queues(), 9);
+        assert_eq!(mq.read_config(8, 2).unwrap(), 4u16.to_le_bytes());
+        assert!(!mq.may_stay_disabled(1) && mq.may_stay_disabled(2) && mq.may_stay_disabled(8));
+    }
+
+    /// `GET_CONFIG` shows the MAC a driver set on the control queue: the
+    /// device state area says it, whichever backend wrote it.
+    #[test]
+    fn the_config_space_shows_the_mac_the_driver_set() {
+        use shadowback_virtio::net_state::NetStateArea;
+        let model = model(1500);
+        let fd =
+            nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MemFdCreateFlag::empty()).unwrap();
+        let file = std::fs::File::from(fd);
+        model
+            .reset_device_state(file.try_clone().unwrap(), 0)
+            .unwrap();
+        assert_eq!(model.read_config_in(0, 6, &file).unwrap(), model.mac);
+        let (mut area, mut state) = NetStateArea::open(file.try_clone().unwrap()).unwrap();
+        state.mac = [2, 0x5b, 0, 0, 0, 0x42];
+        area.store(&state).unwrap();
+        assert_eq!(model.read_config_in(0, 6, &file).unwrap(), state.mac);
+        assert_eq!(model.read_config_in(6, 2, &file).unwrap(), vec![1, 0]);
+        assert_eq!(
+            model.read_config(0, 6).unwrap(),
+            model.mac,
+            "no session: the vif's"
+        );
     }
 }

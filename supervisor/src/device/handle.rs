@@ -176,6 +176,7 @@ impl DeviceHandle {
             req,
             fds,
             wire: None,
+            state: None,
             shadow: true,
         })
         .await

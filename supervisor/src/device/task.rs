@@ -354,7 +354,7 @@ impl DeviceTask {
             .class
             .lend_wire()
             .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
-        frontend.set_wire(wire);
+        frontend.set_wire(wire)?;
         let (session, msg, plain) = if self.settings.shadow {
             let session = Session::new(frontend, self.settings.backend_id)?;
             let msg = session.attach_message(false)?;

@@ -285,10 +285,14 @@ impl VhostUserHandler {
             if v.addr.is_none() {
                 continue;
             }
+            let index = u16::try_from(i).ok()?;
+            if !v.enabled && self.facts.model.may_stay_disabled(index) {
+                continue;
+            }
             if !v.started() {
                 return None;
             }
-            queues.push(u16::try_from(i).ok()?);
+            queues.push(index);
         }
         let enough = queues.len().max(1) >= usize::from(self.facts.model.min_queues());
         (!queues.is_empty() && enough).then_some(queues)
@@ -399,6 +403,8 @@ impl VhostUserHandler {
                 queue_size: f.queue_size,
             }),
             wire: None,
+            wire_queues: 0,
+            queue_pairs: 1,
             device_state: self.device_state.is_some(),
             shadow: self.facts.shadow,
         };
@@ -414,7 +420,7 @@ impl VhostUserHandler {
             regions: memory.dup_fds().map_err(|e| e.to_string())?,
             queues: fds,
             inflight,
-            wire: None,
+            wire: Vec::new(),
             device_state,
             logs: Vec::new(),
         };
@@ -656,7 +662,14 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> Result<Vec<u8>> {
-        match self.facts.model.read_config(offset, size) {
+        // What the driver set in this session (a vif's MAC) is in the
+        // device state area the backends write; before the first start
+        // or after a reset there is none, and the config is the device's.
+        let bytes = match &self.device_state {
+            Some(state) => self.facts.model.read_config_in(offset, size, state),
+            None => self.facts.model.read_config(offset, size),
+        };
+        match bytes {
             Some(bytes) => Ok(bytes),
             None => Err(self.refuse(format!(
                 "GET_CONFIG of {size} bytes at {offset} is outside the config space"
@@ -928,6 +941,7 @@ mod tests {
             mac,
             mtu: 1500,
             tap: false,
+            pairs: 1,
         }));
         let start = |r: &mut Rig| {
             r.memory();
@@ -974,6 +988,52 @@ mod tests {
         disk.queue(0, 0);
         disk.h.set_vring_enable(0, true).unwrap();
         assert!(!disk.last_attach().0.device_state);
+    }
+
+    /// QEMU sets up every queue pair of a multiqueue vif but enables only
+    /// those its driver uses: the session starts without the disabled
+    /// pairs, and restarts with a pair once it is enabled.
+    #[test]
+    fn a_vif_starts_without_the_pairs_the_vmm_left_disabled() {
+        use crate::class::net::NetModel;
+        let mut r = Rig::with_model(Arc::new(NetModel {
+            mac: [2, 0xaa, 0, 0, 0, 1],
+            mtu: 1500,
+            tap: false,
+            pairs: 2,
+        }));
+        r.h.set_features(FEATURES | PROTOCOL).unwrap();
+        r.memory();
+        for q in 0..4 {
+            r.queue(q, 0);
+        }
+        r.h.set_vring_enable(2, false).unwrap();
+        r.h.set_vring_enable(3, false).unwrap();
+        assert!(r.events().is_empty());
+        r.h.set_vring_enable(0, true).unwrap();
+        assert!(r.events().is_empty(), "the first pair is waited for");
+        r.h.set_vring_enable(1, true).unwrap();
+        assert_eq!(r.events(), ["attach [0, 1]"]);
+        r.h.set_vring_enable(2, true).unwrap();
+        r.h.set_vring_enable(3, true).unwrap();
+        assert_eq!(
+            r.events(),
+            [
+                "detach",
+                "attach [0, 1, 2]",
+                "detach",
+                "attach [0, 1, 2, 3]"
+            ]
+        );
+        // A disk waits for every queue the VMM set up.
+        let mut disk = Rig::new(2);
+        disk.h.set_features(FEATURES | PROTOCOL).unwrap();
+        disk.memory();
+        disk.queue(0, 0);
+        disk.queue(1, 0);
+        disk.h.set_vring_enable(0, true).unwrap();
+        disk.h.set_vring_enable(1, false).unwrap();
+        assert!(disk.events().is_empty());
     }
 
     #[test]

@@ -24,11 +24,25 @@ pub trait VirtioModel: Send + Sync + std::fmt::Debug {
     /// `GET_CONFIG`: `size` bytes of the config space from `offset`;
     /// `None` for a range outside it.
     fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>>;
+    /// `GET_CONFIG` in a driver session with device state area `state`
+    /// (a model that [keeps one](Self::keeps_device_state)): a config
+    /// field the driver may change (a vif's MAC) is read from it.
+    fn read_config_in(&self, offset: u32, size: u32, _state: &File) -> Option<Vec<u8>> {
+        self.read_config(offset, size)
+    }
     /// The fewest started queues a session runs with: one for a disk;
     /// virtio-net needs its receive and its transmit queue, and a VMM
     /// (or our test client) may start them one after the other.
     fn min_queues(&self) -> u16 {
         1
+    }
+    /// Whether a queue the VMM set up but disabled (`SET_VRING_ENABLE 0`)
+    /// may stay out of the session, which then starts without it: a
+    /// vif's queue pairs beyond the first (QEMU enables only the pairs
+    /// its driver uses) and its control queue. For a disk every queue
+    /// the VMM set up is waited for.
+    fn may_stay_disabled(&self, _index: u16) -> bool {
+        false
     }
     /// Whether the device keeps what a driver sets at run time (a NIC's
     /// control-queue state) in an area that outlives its backends; the
