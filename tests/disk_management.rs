@@ -188,6 +188,29 @@ fn gone(pid: u64) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
+impl Up {
+    /// Pids of the processes serving `device` for this supervisor (its
+    /// children run with `--device DEVICE`), zombies included.
+    fn backends_of(&self, device: &str) -> Vec<u32> {
+        let parent = self.child.id().to_string();
+        let wanted = format!("--device\0{device}\0");
+        std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                // pid (comm) state ppid …: the ppid follows the last ')'.
+                let ppid = stat
+                    .rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().nth(1));
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                ppid == Some(parent.as_str()) && String::from_utf8_lossy(&cmdline).contains(&wanted)
+            })
+            .collect()
+    }
+}
+
 #[test]
 fn disks_are_added_resized_and_removed_while_another_keeps_serving() {
     let up = Up::start("dm-life", &[("keep", 16, "")]);
@@ -488,5 +511,57 @@ fn a_qos_limit_holds_changes_at_run_time_and_survives_a_takeover() {
             .any(|l| l.starts_with("q ") && l.contains(" 50 ")),
         "{list}"
     );
+    up.sigterm();
+}
+
+#[test]
+fn a_disk_removed_during_a_takeover_is_fenced_and_can_come_back() {
+    let up = Up::start("dm-takeover", &[("keep", 16, ""), ("victim", 8, "")]);
+    let bystander = Bystander::start(up.guest("keep"), 11);
+    for round in 0..3u64 {
+        let mut guest = up.guest("victim");
+        verified_io(&mut guest, 0, round).expect("I/O before the removal");
+        let pid = up.counter("victim", "pid");
+        let standby = up.counter("victim", "standby-pid");
+        let worker = std::thread::spawn(move || {
+            for i in 0.. {
+                if verified_io(&mut guest, 8 * (i % 32), i).is_err() {
+                    return;
+                }
+            }
+        });
+        // The kill and the removal race: the task serves the removal
+        // before, during or after the takeover the kill starts.
+        up.ok(&["fault", "victim", "kill"]);
+        up.ok(&["disk", "remove", "victim", "--force"]);
+        let deadline = Instant::now() + 2 * REPLY_TIMEOUT;
+        while !worker.is_finished() {
+            assert!(Instant::now() < deadline, "round {round}: the guest hangs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        worker.join().expect("worker");
+        assert!(up.device("victim").is_none());
+        for p in [pid, standby] {
+            assert!(gone(p), "round {round}: backend {p} is still there");
+        }
+        let left = up.backends_of("victim");
+        assert!(left.is_empty(), "round {round}: backends {left:?} are left");
+        assert!(
+            !up.backends_of("keep").is_empty(),
+            "the other disk's backends"
+        );
+        let image = up.dir.path().join("victim.img");
+        up.ok(&[
+            "disk",
+            "add",
+            "name=victim",
+            &format!("path={}", image.display()),
+            &format!("cache={}", cache_name(&image)),
+        ]);
+    }
+    bystander.progressing("after the removals");
+    let (guest, _) = bystander.finish("removals during takeovers");
+    guest.detach().expect("detach");
+    assert_eq!(up.counter("keep", "crashes"), 0);
     up.sigterm();
 }

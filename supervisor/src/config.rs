@@ -188,8 +188,8 @@ impl DiskConfig {
         QosLimits {
             iops: self.iops_limit,
             iops_burst: self.iops_burst,
-            bytes: self.bandwidth_limit_mib << 20,
-            bytes_burst: self.bandwidth_burst_mib << 20,
+            bytes: self.bandwidth_limit_mib.saturating_mul(1 << 20),
+            bytes_burst: self.bandwidth_burst_mib.saturating_mul(1 << 20),
         }
     }
 
@@ -1078,6 +1078,81 @@ mod tests {
                     && (msg.contains("vhost_user") || msg.contains("queue_size")),
                 "{msg}"
             );
+        }
+    }
+
+    #[test]
+    fn a_disk_from_message_pairs_is_parsed_like_the_file() {
+        let d = DiskConfig::from_pairs([
+            ("name", "\"d1\""),
+            ("path", "\"/x\""),
+            ("hang-timeout-ms", "200"),
+            ("allow-uids", "[1, 2]"),
+            ("iops-limit", "2000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                hang_timeout_ms: 200,
+                allow_uids: vec![1, 2],
+                iops_limit: 2000,
+                ..DiskConfig::new("d1", "/x")
+            }
+        );
+        for bad in [
+            vec![("name", "\"d\"")],
+            vec![("name", "\"d\""), ("path", "\"/x\""), ("colour", "1")],
+            vec![
+                ("name", "\"d\""),
+                ("path", "\"/x\""),
+                ("readonly", "\"yes\""),
+            ],
+            vec![
+                ("name", "\"d\""),
+                ("path", "\"/x\""),
+                ("standby", "true\nshadow = false"),
+            ],
+            vec![("name", "\"d\""), ("path", "\"/x\" \n[control]")],
+            vec![("name", "\"d\""), ("path", "1, extra = 2")],
+        ] {
+            assert!(DiskConfig::from_pairs(bad.clone()).is_err(), "{bad:?}");
+        }
+        let changed = d
+            .with_pairs([("iops_limit", "50"), ("bandwidth-limit-mib", "10")])
+            .unwrap();
+        assert_eq!((changed.iops_limit, changed.bandwidth_limit_mib), (50, 10));
+        assert_eq!(changed.qos().bytes, 10 << 20);
+        assert_eq!(
+            DiskConfig {
+                iops_limit: 0,
+                ..changed.clone()
+            }
+            .hang_timeout_ms,
+            200
+        );
+        let err = d.with_pairs([("readonly", "true")]).unwrap_err();
+        assert!(err.to_string().contains("only iops_limit"), "{err}");
+    }
+
+    #[test]
+    fn qos_keys_are_checked() {
+        let base = "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n";
+        let cfg = Config::parse(&format!(
+            "{base}iops_limit = 100\nbandwidth_limit_mib = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.disks[0].qos().iops, 100);
+        assert_eq!(DiskConfig::new("a", "/x").qos(), QosLimits::default());
+        for (bad, says) in [
+            ("iops_burst = 5", "iops_burst without iops_limit"),
+            ("bandwidth_burst_mib = 5", "bandwidth_burst_mib without"),
+            ("iops_limit = 100000001", "iops_limit"),
+            ("bandwidth_limit_mib = 1048577", "bandwidth_limit_mib"),
+            ("iops_limit = -1", "iops_limit"),
+        ] {
+            let err = Config::parse(&format!("{base}{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
         }
     }
 
