@@ -20,7 +20,7 @@
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_testsupport::blockio::*;
 use shadowback_testsupport::harness::*;
+use shadowback_testsupport::process::ChildGuard;
 use shadowback_testsupport::temp::*;
 use shadowback_testsupport::REPLY_TIMEOUT;
 
@@ -38,7 +39,7 @@ const MIB: u64 = 1 << 20;
 
 /// A `shadowback up` child process, its log in a file; SIGKILLed on drop.
 struct Up {
-    child: Child,
+    child: ChildGuard,
     control: PathBuf,
     log: PathBuf,
     dir: TempDir,
@@ -61,16 +62,16 @@ impl Up {
         let config = dir.path().join("shadowback.toml");
         std::fs::write(&config, text).expect("config");
         let log = dir.path().join("up.log");
-        let child = Command::new(EXE)
-            .arg("up")
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn shadowback up");
+        let child = ChildGuard::spawn(
+            Command::new(EXE)
+                .arg("up")
+                .arg(&config)
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file")),
+        );
         let up = Up {
             child,
             control,
@@ -156,23 +157,30 @@ impl Up {
     }
 
     fn sigterm(mut self) {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("SIGTERM");
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        while self.child.try_wait().expect("try_wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "SIGTERM ignored\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill(Pid::from_raw(self.child.pid() as i32), Signal::SIGTERM).expect("SIGTERM");
+        let status = self
+            .child
+            .wait(REPLY_TIMEOUT, "shadowback up after SIGTERM");
+        assert!(status.success(), "{status}\n{}", self.log_tail());
     }
-}
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// `disk add` of `NAME.img` in the run's directory (made, 8 MiB, if it
+    /// is not there) with `more` keys; the image's path.
+    fn add(&self, name: &str, more: &[&str]) -> PathBuf {
+        let image = self.dir.path().join(format!("{name}.img"));
+        if !image.exists() {
+            make_image(&image, 8 * MIB);
+        }
+        let mut args = vec![
+            "disk".to_string(),
+            "add".to_string(),
+            format!("name={name}"),
+            format!("path={}", image.display()),
+            format!("cache={}", cache_name(&image)),
+        ];
+        args.extend(more.iter().map(|m| m.to_string()));
+        self.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        image
     }
 }
 
@@ -192,7 +200,7 @@ impl Up {
     /// Pids of the processes serving `device` for this supervisor (its
     /// children run with `--device DEVICE`), zombies included.
     fn backends_of(&self, device: &str) -> Vec<u32> {
-        let parent = self.child.id().to_string();
+        let parent = self.child.pid().to_string();
         let wanted = format!("--device\0{device}\0");
         std::fs::read_dir("/proc")
             .expect("/proc")
@@ -312,7 +320,7 @@ fn disks_are_added_resized_and_removed_while_another_keeps_serving() {
     bystander.progressing("after the removal");
 
     // The same name and image again: lock and fence were let go.
-    up.ok(&["disk", "add", "name=new", &path, &cache]);
+    up.add("new", &[]);
     let mut again = up.guest("new");
     verified_io(&mut again, 200, 4).expect("I/O on the disk added again");
     again.detach().expect("detach");
@@ -360,16 +368,7 @@ fn a_vhost_user_frontend_is_told_of_a_resize() {
     let up = Up::start("dm-vhost", &[("v", 8, "")]);
     let vsock = up.dir.path().join(format!("{}.sock", unique_name("dmv")));
     // A second disk with a vhost-user socket, added at run time.
-    let image2 = up.dir.path().join("vu.img");
-    make_image(&image2, 8 * MIB);
-    up.ok(&[
-        "disk",
-        "add",
-        "name=vu",
-        &format!("path={}", image2.display()),
-        &format!("cache={}", cache_name(&image2)),
-        &format!("vhost_user={}", vsock.display()),
-    ]);
+    up.add("vu", &[&format!("vhost_user={}", vsock.display())]);
 
     let stream = UnixStream::connect(&vsock).expect("vhost-user socket");
     let mut fe = Frontend::from_stream(stream, 1);
@@ -550,14 +549,7 @@ fn a_disk_removed_during_a_takeover_is_fenced_and_can_come_back() {
             !up.backends_of("keep").is_empty(),
             "the other disk's backends"
         );
-        let image = up.dir.path().join("victim.img");
-        up.ok(&[
-            "disk",
-            "add",
-            "name=victim",
-            &format!("path={}", image.display()),
-            &format!("cache={}", cache_name(&image)),
-        ]);
+        up.add("victim", &[]);
     }
     bystander.progressing("after the removals");
     let (guest, _) = bystander.finish("removals during takeovers");

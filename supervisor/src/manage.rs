@@ -186,16 +186,16 @@ fn list(devices: &Devices) -> Vec<Message> {
         let qos = disk.qos();
         let mut msg = Message::new(kind::DISK)
             .with(key::DEVICE, &disk.name)
-            .with("path", printable(&disk.path.display().to_string()))
+            .with(key::PATH, printable(&disk.path.display().to_string()))
             .with(key::SECTORS, sectors)
-            .with("readonly", u8::from(disk.readonly))
+            .with(key::READONLY, u8::from(disk.readonly))
             .with(key::CONNECTED, u8::from(handle.stats().connected))
             .with(key::IOPS_LIMIT, qos.iops)
             .with(key::IOPS_BURST, qos.iops_burst)
             .with(key::BYTES_LIMIT, qos.bytes)
             .with(key::BYTES_BURST, qos.bytes_burst);
         if let Some(sock) = &disk.vhost_user {
-            msg.set("vhost-user", printable(&sock.display().to_string()));
+            msg.set(key::VHOST_USER, printable(&sock.display().to_string()));
         }
         out.push(msg);
     }

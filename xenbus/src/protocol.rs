@@ -208,6 +208,12 @@ pub mod key {
     pub const FORCE: &str = "force";
     /// `disk-resize`: the new size in bytes.
     pub const SIZE: &str = "size";
+    /// `disk`: the image's path.
+    pub const PATH: &str = "path";
+    /// `disk`: `1` for a read-only disk.
+    pub const READONLY: &str = "readonly";
+    /// `disk`: the disk's vhost-user socket, if it has one.
+    pub const VHOST_USER: &str = "vhost-user";
     /// `qos`: requests per second (0: no limit).
     pub const IOPS_LIMIT: &str = "iops-limit";
     /// `qos`: requests the bucket holds (0: a tenth of a second's worth).
@@ -862,6 +868,50 @@ mod tests {
             ["recover", "blame", "queue", "shadow"]
         );
         assert_eq!(
+            [
+                kind::DISK_ADD,
+                kind::DISK_REMOVE,
+                kind::DISK_LIST,
+                kind::DISK,
+                kind::DISK_LIST_END,
+                kind::DISK_RESIZE,
+                kind::DISK_SET,
+                kind::CHANGED,
+                kind::RESIZE,
+                kind::QOS
+            ],
+            [
+                "disk-add",
+                "disk-remove",
+                "disk-list",
+                "disk",
+                "disk-list-end",
+                "disk-resize",
+                "disk-set",
+                "changed",
+                "resize",
+                "qos"
+            ]
+        );
+        assert_eq!(
+            [
+                key::FORCE,
+                key::SIZE,
+                key::IOPS_LIMIT,
+                key::IOPS_BURST,
+                key::BYTES_LIMIT,
+                key::BYTES_BURST
+            ],
+            [
+                "force",
+                "size",
+                "iops-limit",
+                "iops-burst",
+                "bytes-limit",
+                "bytes-burst"
+            ]
+        );
+        assert_eq!(
             [key::FEATURES, key::REGIONS, key::QUEUES, key::INFLIGHT],
             ["features", "regions", "queues", "inflight"]
         );
@@ -910,6 +960,23 @@ mod tests {
 
     fn wire(msg: &Message) -> Message {
         Message::decode(&msg.encode().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn qos_limits_round_trip() {
+        let q = QosLimits {
+            iops: 2000,
+            iops_burst: 0,
+            bytes: 1 << 20,
+            bytes_burst: 5,
+        };
+        assert_eq!(QosLimits::from_message(&wire(&q.to_message())).unwrap(), q);
+        assert!(q.is_limited() && !QosLimits::default().is_limited());
+        let partial = Message::new(kind::QOS).with(key::IOPS_LIMIT, 7);
+        assert_eq!(QosLimits::from_message(&partial).unwrap().iops, 7);
+        let bad = Message::new(kind::QOS).with(key::BYTES_LIMIT, "-1");
+        assert!(QosLimits::from_message(&bad).is_err());
+        assert!(QosLimits::from_message(&Message::new(kind::OK)).is_err());
     }
 
     #[test]
