@@ -69,8 +69,12 @@ pub struct FaultArgs {
 }
 
 fn recv(sock: &SeqPacket) -> Result<Message, CliError> {
+    recv_within(sock, REPLY_TIMEOUT)
+}
+
+fn recv_within(sock: &SeqPacket, timeout: Duration) -> Result<Message, CliError> {
     let (msg, _fds) = sock
-        .recv_timeout(REPLY_TIMEOUT)?
+        .recv_timeout(timeout)?
         .ok_or("the supervisor did not answer")?;
     if msg.kind() == "error" {
         return Err(format!(
@@ -257,13 +261,17 @@ fn parse_size(text: &str) -> Result<u64, CliError> {
         .ok_or_else(|| format!("{text:?}: too large").into())
 }
 
+/// How long a `disk` command waits for its answer: a removal waits for
+/// the disk's backends and their I/O, an add may wait for the image's lock.
+const DISK_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One request, its answers until `ok` (or the end of a list).
 fn ask(socket: &std::path::Path, msg: &Message, end: &str) -> Result<Vec<Message>, CliError> {
     let sock = SeqPacket::connect(socket)?;
     sock.send(msg, &[])?;
     let mut answers = Vec::new();
     loop {
-        let reply = recv(&sock)?;
+        let reply = recv_within(&sock, DISK_REPLY_TIMEOUT)?;
         let last = reply.kind() == end;
         answers.push(reply);
         if last {

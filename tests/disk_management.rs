@@ -98,7 +98,9 @@ impl Up {
     }
 
     /// `shadowback ARGS --socket CONTROL`: its stdout, or its stderr if it
-    /// failed; killed after [`REPLY_TIMEOUT`].
+    /// failed; killed after a minute (the `disk` commands' own bound: a
+    /// removal waits for the kernel to let go of the dead backends'
+    /// io_uring, seconds on a loaded host).
     fn cli(&self, args: &[&str]) -> Result<String, String> {
         let mut child = Command::new(EXE)
             .args(args)
@@ -109,7 +111,7 @@ impl Up {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shadowback");
-        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let deadline = Instant::now() + Duration::from_secs(60);
         while child.try_wait().expect("try_wait").is_none() {
             if Instant::now() > deadline {
                 let _ = child.kill();
@@ -421,8 +423,18 @@ fn reader(
     })
 }
 
-/// Requests completed over `window`.
+/// Requests completed over `window`, counted from the reader's next
+/// completion (a reader that has not started yet is not a slow disk).
 fn completed_over(done: &AtomicU64, window: Duration) -> u64 {
+    let first = done.load(Ordering::Relaxed);
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while done.load(Ordering::Relaxed) == first {
+        assert!(
+            Instant::now() < deadline,
+            "no request completed in {REPLY_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let from = done.load(Ordering::Relaxed);
     std::thread::sleep(window);
     done.load(Ordering::Relaxed) - from

@@ -144,8 +144,25 @@ async fn remove(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
         .get_flag(key::FORCE)
         .map_err(|e| (ErrorCode::Einval, e.to_string()))?
         .unwrap_or(false);
-    let (held, handle, _) = devices.reserve_disk(name)?;
+    let (held, handle, cfg) = devices.reserve_disk(name)?;
     handle.remove(force).await?;
+    // The fence waited for the dead instances' I/O, but each one's own
+    // description of the image (and its share of the image's lock) goes
+    // only when the kernel has torn its io_uring down, which a loaded host
+    // may delay for seconds: wait for that too, so that the image can be
+    // added again, by us or another supervisor, once we answer.
+    let path = cfg.path.clone();
+    let waited = tokio::task::spawn_blocking(move || wait_until_unlocked(&path))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match waited {
+        Ok(waited) => {
+            tracing::debug!(device = %name, waited_ms = waited.as_millis() as u64, "image let go")
+        }
+        Err(why) => {
+            tracing::warn!(device = %name, %why, "the removed disk's image is still in use")
+        }
+    }
     let gone = {
         let mut exports = devices.exports();
         exports.cfg.disks.retain(|d| d.name != name);
@@ -159,6 +176,34 @@ async fn remove(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
     tracing::info!(device = %name, force, "disk removed");
     drop(held);
     Ok(Message::new(kind::OK))
+}
+
+/// How long a removal waits for the image's lock to be let go.
+const IMAGE_RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits until nobody holds the lock of the image at `path` (the removed
+/// disk's instances' descriptions are gone); how long that took.
+fn wait_until_unlocked(path: &std::path::Path) -> Result<std::time::Duration, String> {
+    use std::os::fd::AsRawFd;
+    let started = std::time::Instant::now();
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    loop {
+        // An exclusive lock through a description of our own, let go at
+        // once (closing the file drops it).
+        #[allow(deprecated)]
+        match nix::fcntl::flock(
+            file.as_raw_fd(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("flock: {e}")),
+        }
+        if started.elapsed() >= IMAGE_RELEASE_TIMEOUT {
+            return Err(format!("still locked after {IMAGE_RELEASE_TIMEOUT:?}"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// `disk-list`: one `disk` per disk, then `disk-list-end`.
