@@ -14,6 +14,7 @@ use shadowback_dataplane::recovery::CrashSpec;
 use shadowback_dataplane::uring::EngineConfig;
 use shadowback_netback::backend::{NetBackend, NetConfig};
 use shadowback_shadow::{MetricsPage, MetricsWriter};
+use shadowback_xenbus::protocol::QosLimits;
 use shadowback_xenbus::SeqPacket;
 
 use crate::CliError;
@@ -58,6 +59,18 @@ pub struct BlkbackArgs {
     /// §1.1).
     #[arg(long)]
     no_confine: bool,
+    /// QoS: requests per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    iops_limit: u64,
+    /// QoS: requests the bucket holds (0: a tenth of a second's worth).
+    #[arg(long, default_value_t = 0)]
+    iops_burst: u64,
+    /// QoS: bytes per second (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    bytes_limit: u64,
+    /// QoS: bytes the bucket holds (0: a tenth of a second's worth).
+    #[arg(long, default_value_t = 0)]
+    bytes_burst: u64,
 }
 
 /// Confines the process (docs/ARCHITECTURE.md §1.1) unless told not to:
@@ -168,6 +181,12 @@ pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
         shadow: !args.no_shadow,
         crash_at: crash_at_from_env()?,
         poll_us: args.poll_us,
+        qos: QosLimits {
+            iops: args.iops_limit,
+            iops_burst: args.iops_burst,
+            bytes: args.bytes_limit,
+            bytes_burst: args.bytes_burst,
+        },
     };
     let mut backend = Backend::new(cfg, control, &disk)?;
     if let Some(page) = metrics_page(args.metrics_fd)? {

@@ -94,6 +94,10 @@ pub struct BlkBenchArgs {
     /// `vhost-user-poll`), e.g. 50 beside the default 0.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_US)))]
     compare_poll_us: Option<u32>,
+    /// Also measure an export limited to this many IOPS (`iops_limit`,
+    /// default burst; row `xen-ring-qos`), printed beside the limit.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    qos_iops: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -136,6 +140,8 @@ const DEVICE_NOSHADOW: &str = "disk0-noshadow";
 /// The vhost-user exports of the image (with and without the shadow log).
 const DEVICE_VU: &str = "disk0-vu";
 const DEVICE_VU_NOSHADOW: &str = "disk0-vu-noshadow";
+/// The export with an IOPS limit (`--qos-iops`).
+const DEVICE_QOS: &str = "disk0-qos";
 /// The exports with the other polling window (`--compare-poll-us`).
 const DEVICE_POLL: &str = "disk0-poll";
 const DEVICE_VU_POLL: &str = "disk0-vu-poll";
@@ -169,6 +175,8 @@ enum IoPath {
     XenRingPoll,
     /// `VhostUser` with the other polling window.
     VhostUserPoll,
+    /// `XenRing` on the export limited by `--qos-iops`.
+    XenRingQos,
     /// qemu-storage-daemon's vhost-user-blk export, same client.
     Qsd,
     /// fio's io_uring engine: the yardstick (only where fio is installed).
@@ -178,12 +186,13 @@ enum IoPath {
 impl IoPath {
     /// Run order within one op and queue depth: the baselines first, the
     /// rest right after them, so slow drift of the device hits them alike.
-    const ALL: [IoPath; 9] = [
+    const ALL: [IoPath; 10] = [
         IoPath::Fio,
         IoPath::RawUring,
         IoPath::XenRing,
         IoPath::XenRingNoShadow,
         IoPath::XenRingPoll,
+        IoPath::XenRingQos,
         IoPath::VhostUser,
         IoPath::VhostUserNoShadow,
         IoPath::VhostUserPoll,
@@ -199,6 +208,7 @@ impl IoPath {
             IoPath::VhostUserNoShadow => "vhost-user-noshadow",
             IoPath::XenRingPoll => "xen-ring-poll",
             IoPath::VhostUserPoll => "vhost-user-poll",
+            IoPath::XenRingQos => "xen-ring-qos",
             IoPath::Qsd => "qsd",
             IoPath::Fio => "fio",
         }
@@ -305,6 +315,9 @@ struct Row {
     /// IOPS over the `raw-uring` row of the same op and queue depth.
     #[serde(skip_serializing_if = "Option::is_none")]
     vs_raw: Option<f64>,
+    /// The export's `iops_limit` (the `xen-ring-qos` row).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit_iops: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -403,12 +416,14 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         ]
         .into_iter()
         .chain(args.compare_poll_us.map(|p| (DEVICE_POLL, true, p)))
+        .chain(args.qos_iops.map(|_| (DEVICE_QOS, true, args.poll_us)))
         .map(|(name, shadow, poll_us)| DiskConfig {
             cache: args.cache.mode(),
             max_ring_page_order: 4,
             discard: false,
             shadow,
             poll_us,
+            iops_limit: args.qos_iops.filter(|_| name == DEVICE_QOS).unwrap_or(0),
             ..DiskConfig::new(name, image.clone())
         })
         .chain(
@@ -459,6 +474,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         .filter(|&p| !p.is_vhost_user() || vhost_user)
         .filter(|&p| p != IoPath::Qsd || bench.qsd_socket.is_some())
         .filter(|&p| !p.is_poll_comparison() || args.compare_poll_us.is_some())
+        .filter(|&p| p != IoPath::XenRingQos || args.qos_iops.is_some())
         .collect();
     if bench.fio.is_none() {
         log("  fio not found in PATH: no fio rows".into());
@@ -525,6 +541,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
                     cpu_us_per_io: s.cpu_us_per_io(),
                     vs_fio: ratio(fio_iops, IoPath::Fio),
                     vs_raw: ratio(raw_iops, IoPath::RawUring),
+                    limit_iops: args.qos_iops.filter(|_| path == IoPath::XenRingQos),
                 });
             }
             if !args.json {
@@ -540,6 +557,23 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         outln!("{}", serde_json::to_string(&JsonReport { rows: &rows })?);
     } else {
         print_table(&rows, args, paths.contains(&IoPath::Fio));
+        for r in rows.iter().filter(|r| r.limit_iops.is_some()) {
+            let limit = r.limit_iops.unwrap_or(0);
+            // The bucket refills while the other paths run: every slice
+            // may start with a full burst (a tenth of a second's worth).
+            let burst = (limit / 10).max(1);
+            let most = limit as f64 + burst as f64 / slice.as_secs_f64();
+            outln!(
+                "  {} {} QD{}: {:.0} IOPS against a limit of {limit} ({:.3} of it; at most {most:.0} with \
+                 a burst of {burst} per {:.2} s slice)",
+                r.path,
+                r.op,
+                r.qd,
+                r.iops,
+                r.iops / limit as f64,
+                slice.as_secs_f64()
+            );
+        }
         print_load_note(load_before, load_average());
     }
     Ok(ExitCode::SUCCESS)
@@ -612,6 +646,7 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
             IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
             IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
             IoPath::XenRingPoll => self.xen_ring(DEVICE_POLL, op, qd, seed),
+            IoPath::XenRingQos => self.xen_ring(DEVICE_QOS, op, qd, seed),
             IoPath::VhostUserPoll => {
                 self.vhost_user(&(self.vu_socket)(DEVICE_VU_POLL), op, qd, seed)
             }

@@ -69,8 +69,12 @@ pub struct FaultArgs {
 }
 
 fn recv(sock: &SeqPacket) -> Result<Message, CliError> {
+    recv_within(sock, REPLY_TIMEOUT)
+}
+
+fn recv_within(sock: &SeqPacket, timeout: Duration) -> Result<Message, CliError> {
     let (msg, _fds) = sock
-        .recv_timeout(REPLY_TIMEOUT)?
+        .recv_timeout(timeout)?
         .ok_or("the supervisor did not answer")?;
     if msg.kind() == "error" {
         return Err(format!(
@@ -169,4 +173,215 @@ pub fn fault(args: FaultArgs) -> Result<ExitCode, CliError> {
     let reply = recv(&sock)?;
     outln!("{} {action}: {}", args.device, reply.kind());
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Export a new disk: KEY=VALUE pairs of a `[[disk]]` table (README
+    /// "Configuration"), e.g. `name=d1 path=/srv/d1.img iops_limit=2000`.
+    /// Values are TOML (`readonly=true`, `allow_uids=[1000]`); a value
+    /// that is not TOML is sent as a string.
+    Add {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// The supervisor's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Stop exporting a disk; refused while a frontend is attached unless
+    /// `--force` (its guest then loses the disk, as a given-up one).
+    Remove {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        /// The supervisor's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// The exported disks: name, size, attached, QoS, path.
+    List {
+        /// The supervisor's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Resize a disk's image to SIZE (bytes, or with a K/M/G/T suffix);
+    /// without SIZE a block device's size is read again. The attached
+    /// guest is told the new capacity.
+    Resize {
+        name: String,
+        size: Option<String>,
+        /// The supervisor's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Change run-time settings of a disk (the QoS keys `iops_limit`,
+    /// `iops_burst`, `bandwidth_limit_mib`, `bandwidth_burst_mib`).
+    Set {
+        name: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        pairs: Vec<String>,
+        /// The supervisor's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+}
+
+/// `KEY=VALUE` as a message key and a TOML value: `_` in the key becomes
+/// `-` (message keys have no `_`), a value that is not TOML is quoted.
+fn pair(text: &str) -> Result<(String, String), CliError> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected KEY=VALUE"))?;
+    let is_toml = format!("v = {value}").parse::<toml::Table>().is_ok();
+    let value = if is_toml {
+        value.to_string()
+    } else {
+        toml::Value::String(value.to_string()).to_string()
+    };
+    Ok((key.trim().replace('_', "-"), value))
+}
+
+/// A size in bytes: digits with an optional K, M, G or T (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, CliError> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text:?}: unknown size suffix").into()),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?}: too large").into())
+}
+
+/// How long a `disk` command waits for its answer: a removal waits for
+/// the disk's backends and their I/O, an add may wait for the image's lock.
+const DISK_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One request, its answers until `ok` (or the end of a list).
+fn ask(socket: &std::path::Path, msg: &Message, end: &str) -> Result<Vec<Message>, CliError> {
+    let sock = SeqPacket::connect(socket)?;
+    sock.send(msg, &[])?;
+    let mut answers = Vec::new();
+    loop {
+        let reply = recv_within(&sock, DISK_REPLY_TIMEOUT)?;
+        let last = reply.kind() == end;
+        answers.push(reply);
+        if last {
+            return Ok(answers);
+        }
+    }
+}
+
+pub fn disk(cmd: DiskCommand) -> Result<ExitCode, CliError> {
+    match cmd {
+        DiskCommand::Add { pairs, socket } => {
+            let mut msg = Message::new("disk-add");
+            for text in &pairs {
+                let (k, v) = pair(text)?;
+                msg.set(&k, v);
+            }
+            ask(&socket, &msg, "ok")?;
+            outln!("disk added");
+        }
+        DiskCommand::Remove {
+            name,
+            force,
+            socket,
+        } => {
+            let msg = Message::new("disk-remove")
+                .with("device", &name)
+                .with("force", u8::from(force));
+            ask(&socket, &msg, "ok")?;
+            outln!("{name} removed");
+        }
+        DiskCommand::List { socket } => {
+            let answers = ask(&socket, &Message::new("disk-list"), "disk-list-end")?;
+            outln!(
+                "{:<16} {:>14} {:>9} {:>10} {:>12}  path",
+                "name",
+                "bytes",
+                "attached",
+                "iops-limit",
+                "MiB/s-limit"
+            );
+            for d in answers.iter().filter(|m| m.kind() == "disk") {
+                let n = |k| d.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                outln!(
+                    "{:<16} {:>14} {:>9} {:>10} {:>12}  {}",
+                    d.get("device").unwrap_or("?"),
+                    n("sectors") * 512,
+                    if n("connected") == 1 { "yes" } else { "no" },
+                    n("iops-limit"),
+                    n("bytes-limit") >> 20,
+                    d.get("path").unwrap_or("?")
+                );
+            }
+        }
+        DiskCommand::Resize { name, size, socket } => {
+            let mut msg = Message::new("disk-resize").with("device", &name);
+            if let Some(size) = size {
+                msg.set("size", parse_size(&size)?);
+            }
+            let answers = ask(&socket, &msg, "ok")?;
+            let sectors = answers.last().and_then(|m| m.get("sectors")).unwrap_or("?");
+            outln!("{name} resized to {sectors} sectors");
+        }
+        DiskCommand::Set {
+            name,
+            pairs,
+            socket,
+        } => {
+            let mut msg = Message::new("disk-set").with("device", &name);
+            for text in &pairs {
+                let (k, v) = pair(text)?;
+                msg.set(&k, v);
+            }
+            ask(&socket, &msg, "ok")?;
+            outln!("{name} updated");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_become_message_keys_and_toml_values() {
+        assert_eq!(
+            pair("iops_limit=2000").unwrap(),
+            ("iops-limit".into(), "2000".into())
+        );
+        assert_eq!(
+            pair("path=/srv/a b.img").unwrap(),
+            ("path".into(), "\"/srv/a b.img\"".into())
+        );
+        assert_eq!(
+            pair("readonly=true").unwrap(),
+            ("readonly".into(), "true".into())
+        );
+        assert_eq!(
+            pair("name=\"d1\"").unwrap(),
+            ("name".into(), "\"d1\"".into())
+        );
+        assert!(pair("novalue").is_err());
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("16M").unwrap(), 16 << 20);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
 }

@@ -58,6 +58,11 @@ enum Command {
     Status(control_cmd::StatusArgs),
     /// Inject a fault into a device's backend: kill, hang, spin, syscall or poison.
     Fault(control_cmd::FaultArgs),
+    /// Add, remove, list, resize and reconfigure disks of a running supervisor.
+    Disk {
+        #[command(subcommand)]
+        what: control_cmd::DiskCommand,
+    },
     /// Benchmarks (commands, not tests: they print ratios measured in one run).
     Bench {
         #[command(subcommand)]
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         Command::Up { config } => up(config),
         Command::Status(args) => control_cmd::status(args),
         Command::Fault(args) => control_cmd::fault(args),
+        Command::Disk { what } => control_cmd::disk(what),
         Command::Bench { what } => bench::run(what),
         Command::Blkback(args) => backend_cmd::run(args),
         Command::Netback(args) => backend_cmd::run_netback(args),

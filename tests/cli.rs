@@ -115,6 +115,7 @@ fn no_subcommand_panics_on_a_closed_pipe() {
         vec!["status", "--json", "--socket", &socket],
         vec!["status", "--socket", &socket],
         vec!["status", "--format", "prometheus", "--socket", &socket],
+        vec!["disk", "list", "--socket", &socket],
         vec!["--help"],
         vec!["--version"],
     ] {

@@ -116,6 +116,7 @@ impl InProcessBackend {
             shadow: true,
             crash_at: Default::default(),
             poll_us: 0,
+            qos: Default::default(),
         };
         let thread = std::thread::spawn(move || {
             COUNTER.with(|c| c.set(Some(counter)));

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use shadowback_dataplane::control::AttachFlags;
 use shadowback_dataplane::event_loop::{BackendError, MAX_POLL_WINDOW};
+use shadowback_dataplane::qos::Qos;
 use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats, POISON_THRESHOLD};
 use shadowback_dataplane::rings::Recovery;
 use shadowback_dataplane::serve::{AttachKind, Built, Core, DataPlane, LoopStats};
@@ -27,6 +28,7 @@ use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::instance::BackendConfig;
 use crate::model::blkif::BlkifModel;
+use crate::request::DiskGeometry;
 use crate::virtio::attach::VirtioAttach;
 use crate::xen::XenRing;
 
@@ -42,6 +44,7 @@ impl Backend {
         let engine = Engine::new(disk.as_fd(), &cfg.engine).map_err(BackendError::Engine)?;
         let mut core = Core::new(cfg.device.clone(), engine, control);
         core.poll_window = Duration::from_micros(u64::from(cfg.poll_us)).min(MAX_POLL_WINDOW);
+        core.qos = Qos::new(cfg.qos, std::time::Instant::now());
         Ok(Backend { cfg, core })
     }
 
@@ -76,7 +79,7 @@ impl AttachKind for XenAttach<'_> {
     /// indices; on failure nothing is kept.
     fn build(
         &mut self,
-        _core: &mut Core,
+        core: &mut Core,
         msg: &Message,
         mut fds: Vec<OwnedFd>,
         flags: AttachFlags,
@@ -162,7 +165,16 @@ impl AttachKind for XenAttach<'_> {
         Ok(Built {
             name: req.frontend,
             rings: XenRing::new(ring, kick, notify),
-            model: BlkifModel::new(cfg.device.clone(), cfg.disk, grants, region),
+            model: BlkifModel::new(
+                cfg.device.clone(),
+                DiskGeometry {
+                    // A resize this process was told of (`resize`).
+                    sectors: core.capacity.unwrap_or(cfg.disk.sectors),
+                    ..cfg.disk
+                },
+                grants,
+                region,
+            ),
             logs: vec![log],
             recoveries: vec![recovery],
             stats,

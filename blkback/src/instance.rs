@@ -4,6 +4,8 @@
 use shadowback_dataplane::recovery::CrashSpec;
 use shadowback_dataplane::uring::EngineConfig;
 
+use shadowback_xenbus::protocol::QosLimits;
+
 use crate::request::DiskGeometry;
 
 /// Static configuration of one backend instance.
@@ -28,4 +30,7 @@ pub struct BackendConfig {
     /// poll), at most
     /// [`shadowback_dataplane::event_loop::MAX_POLL_WINDOW`].
     pub poll_us: u32,
+    /// IOPS and bandwidth limits (`--iops-limit` …; docs/ARCHITECTURE.md
+    /// §11.2), until a `qos` message changes them.
+    pub qos: QosLimits,
 }

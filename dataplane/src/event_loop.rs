@@ -157,6 +157,11 @@ pub trait EventLoop {
     fn poll_window(&self) -> Duration {
         Duration::ZERO
     }
+    /// How soon the loop must wake without an event (QoS throttling: when
+    /// the buckets allow the next request); `None`: at the heartbeat.
+    fn wake_in(&self) -> Option<Duration> {
+        None
+    }
     /// The control socket is readable.
     fn on_control(&mut self) -> Result<(), BackendError>;
     fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
@@ -187,8 +192,11 @@ pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
         if !more {
             more = lp.has_work();
         }
+        let sleep = lp
+            .wake_in()
+            .map_or(HEARTBEAT_INTERVAL, |w| w.min(HEARTBEAT_INTERVAL));
         lp.engine()
-            .submit_and_wait_timeout(usize::from(!more), HEARTBEAT_INTERVAL)
+            .submit_and_wait_timeout(usize::from(!more), sleep)
             .map_err(BackendError::Engine)?;
         let mut completions = std::mem::take(lp.completions());
         lp.engine().drain(&mut completions);

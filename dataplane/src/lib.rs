@@ -11,6 +11,7 @@
 //!   a set of rings per transport and a device model;
 //! - [`serve`]: the one loop over any rings and model (consume, start,
 //!   complete, respond, publish, attach, recovery, serial replay);
+//! - [`qos`]: a device's IOPS and bandwidth limits (token buckets);
 //! - [`recovery`]: opening a shadow log, recovery counters, freeing what the
 //!   guest has seen, and the crash-loop breaker's serial replay;
 //! - [`uring`]: the io_uring engine, the crate's only `unsafe`.
@@ -21,6 +22,7 @@ pub mod confine;
 pub mod control;
 pub mod event_loop;
 pub mod model;
+pub mod qos;
 pub mod recovery;
 pub mod rings;
 pub mod serve;

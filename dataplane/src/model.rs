@@ -98,4 +98,12 @@ pub trait DeviceModel<R: RingSet> {
     fn fail(&mut self, rings: &R, ring: usize, request: &R::Request) -> R::Response;
     /// Whether `response` reports an error (counted).
     fn is_error(&self, response: &R::Response) -> bool;
+    /// The bytes a parsed request moves, as the byte bucket of the
+    /// device's QoS charges them (0: not a data request).
+    fn cost(&self, _request: &Self::Request) -> u64 {
+        0
+    }
+    /// The device now has `sectors` sectors (`resize`); a model without a
+    /// size ignores it.
+    fn resize(&mut self, _sectors: u64) {}
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use shadowback_shadow::{
     EntryId, IoCounters, Latency, MetricsWriter, Repush, ShadowLog, REQUEST_SIZE,
 };
-use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode, QosLimits};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::control::{
@@ -25,6 +25,7 @@ use crate::event_loop::{
     self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
 };
 use crate::model::{DeviceModel, Started, Submit, Traffic};
+use crate::qos::Qos;
 use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
 use crate::uring::{Completion, Engine};
@@ -65,6 +66,13 @@ pub struct Core {
     pub latency: Latency,
     /// The device's metrics page, if the supervisor gave one.
     pub metrics: Option<MetricsWriter>,
+    /// The device's IOPS and bandwidth limits (`qos`, or the instance's
+    /// arguments).
+    pub qos: Qos,
+    /// The device's size in sectors once the supervisor resized it
+    /// (`resize`); `None`: the size the process was started with. Later
+    /// attachments in this process use it.
+    pub capacity: Option<u64>,
 }
 
 impl Core {
@@ -79,6 +87,36 @@ impl Core {
             poll_window: Duration::ZERO,
             latency: Latency::default(),
             metrics: None,
+            qos: Qos::default(),
+            capacity: None,
+        }
+    }
+
+    /// How long until QoS lets the next request be taken; `None`: now
+    /// (or no limit).
+    fn throttled(&self) -> Option<Duration> {
+        if self.qos.is_off() {
+            return None;
+        }
+        self.qos.wait(Instant::now())
+    }
+
+    /// `qos` and `resize` (docs/PROTOCOL.md §6): the device's own settings
+    /// changed at run time; `None` for any other message.
+    fn reconfigure(&mut self, msg: &Message) -> Option<Result<Option<u64>, (ErrorCode, String)>> {
+        let inval = |e: shadowback_xenbus::XenbusError| (ErrorCode::Einval, e.to_string());
+        match msg.kind() {
+            kind::QOS => Some(QosLimits::from_message(msg).map_err(inval).map(|limits| {
+                tracing::info!(device = %self.device, ?limits, "QoS limits set");
+                self.qos = Qos::new(limits, Instant::now());
+                None
+            })),
+            kind::RESIZE => Some(msg.require_u64(key::SECTORS).map_err(inval).map(|sectors| {
+                tracing::info!(device = %self.device, sectors, "disk resized");
+                self.capacity = Some(sectors);
+                Some(sectors)
+            })),
+            _ => None,
         }
     }
 
@@ -249,6 +287,11 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 {
                     break;
                 }
+                // QoS: a throttled request stays on the ring; the loop
+                // wakes when the buckets allow it (`wake_in`).
+                if core.throttled().is_some() {
+                    break;
+                }
                 let taken = match self.rings.take(ring) {
                     Ok(Some(taken)) => taken,
                     Ok(None) => break,
@@ -259,6 +302,11 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 };
                 budget = budget.saturating_sub(taken.cost.max(1));
                 let parsed = self.model.parse(&self.rings, ring, &taken.request);
+                if !core.qos.is_off() {
+                    // Admitted: `throttled` just said so.
+                    let _ = core.qos.admit(Instant::now());
+                    core.qos.charge(self.model.cost(&parsed));
+                }
                 self.rings.begin(ring, &taken.request);
                 // docs/ARCHITECTURE.md §7.1: the request is in the log
                 // before any of it is executed.
@@ -455,7 +503,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// `arm`: ask the guest to kick the rings found empty (before
     /// sleeping; not while busy or polling).
     fn has_work(&mut self, core: &Core, arm: bool) -> bool {
-        let room = self.has_room(core);
+        // A throttled ring is not work: the loop sleeps until `wake_in`.
+        let room = self.has_room(core) && core.throttled().is_none();
         for ring in 0..self.state.len() {
             let st = &self.state[ring];
             let more = if !st.replay.is_empty() {
@@ -644,6 +693,16 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
         if let Some(done) = fault_injection(msg, &core.device, &mut core.poison, &core.control) {
             return done;
         }
+        if let Some(result) = core.reconfigure(msg) {
+            if let (Ok(Some(sectors)), Some(att)) = (&result, self.attachment.as_mut()) {
+                att.model.resize(*sectors);
+            }
+            let reply = match result {
+                Ok(_) => Message::new(kind::OK),
+                Err((code, why)) => Message::error(code, &sanitize(&why)),
+            };
+            return core.send(&reply);
+        }
         match msg.kind() {
             k if k == K::KIND => {
                 let result = self.attach(msg, fds);
@@ -810,6 +869,11 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
 
     fn poll_window(&self) -> Duration {
         self.core.poll_window
+    }
+
+    fn wake_in(&self) -> Option<Duration> {
+        self.attachment.as_ref()?;
+        self.core.throttled()
     }
 
     fn on_control(&mut self) -> Result<(), BackendError> {

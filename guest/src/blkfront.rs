@@ -792,15 +792,37 @@ impl BlkFront {
 
     /// After a wait that found nothing: has the supervisor closed the
     /// device connection (or sent an `error`, after which it closes)?
-    fn check_control(&self) -> Result<(), DeviceError> {
-        match self.control.recv_timeout(Duration::ZERO) {
-            Ok(None) => Ok(()),
-            Ok(Some((msg, _fds))) => {
-                tracing::warn!(message = %msg, "unsolicited control message; treating as disconnect");
-                Err(DeviceError::Disconnected)
+    fn check_control(&mut self) -> Result<(), DeviceError> {
+        loop {
+            match self.control.recv_timeout(Duration::ZERO) {
+                Ok(None) => return Ok(()),
+                Ok(Some((msg, _fds))) if msg.kind() == kind::CHANGED => self.apply_change(&msg)?,
+                Ok(Some((msg, _fds))) => {
+                    tracing::warn!(message = %msg, "unsolicited control message; treating as disconnect");
+                    return Err(DeviceError::Disconnected);
+                }
+                Err(e) => return Err(control_err("checking the control socket", e)),
             }
-            Err(e) => Err(control_err("checking the control socket", e)),
         }
+    }
+
+    /// `changed` (docs/PROTOCOL.md §4.4): the disk was resized.
+    fn apply_change(&mut self, msg: &Message) -> Result<(), DeviceError> {
+        let sectors = msg
+            .require_u64(shadowback_xenbus::key::SECTORS)
+            .map_err(|e| control_err("changed", e))?;
+        tracing::info!(old = self.backend.sectors, sectors, "disk resized");
+        self.backend.sectors = sectors;
+        Ok(())
+    }
+
+    /// Reads what the supervisor announced on the control socket (a
+    /// resize, PROTOCOL.md §4.4) and returns the disk's size in sectors.
+    /// A request past the known end does this by itself before it is
+    /// refused.
+    pub fn refresh_capacity(&mut self) -> Result<u64, DeviceError> {
+        self.check_control()?;
+        Ok(self.backend.sectors)
     }
 }
 
@@ -826,7 +848,11 @@ impl BlockDevice for BlkFront {
     }
 
     fn submit(&mut self, tag: u64, req: &BlockRequest<'_>) -> Result<(), DeviceError> {
-        self.validate(req)?;
+        if self.validate(req).is_err() {
+            // The disk may have grown: look for a `changed` first.
+            self.check_control()?;
+            self.validate(req)?;
+        }
         if let Some(status) = self.locally_refused(req.op) {
             self.stats.completed_locally += 1;
             self.local.push(Completion {
@@ -980,6 +1006,10 @@ fn recv_reply(
             DeviceError::Transport(format!("no reply to {what} within {CONTROL_TIMEOUT:?}"))
         })?;
     expect_no_fds(&msg, fds).map_err(|e| control_err(what, e))?;
+    if msg.kind() == kind::CHANGED && expected != kind::CHANGED {
+        // A resize announced before the answer (`close`): not it.
+        return recv_reply(control, expected, what);
+    }
     if msg.kind() == kind::ERROR {
         return Err(DeviceError::Transport(format!(
             "supervisor refused {what}: {} ({})",

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use shadowback_xenbus::netif::{MacAddr, MAX_MTU, MIN_MTU};
+use shadowback_xenbus::protocol::QosLimits;
 
 use crate::SupervisorError;
 
@@ -106,7 +107,35 @@ pub struct DiskConfig {
     /// Buys QD1 latency with CPU; 0 never polls. At most [`MAX_POLL_US`].
     #[serde(default = "default_poll_us")]
     pub poll_us: u32,
+    /// QoS (docs/ARCHITECTURE.md §11.2): requests per second the backend
+    /// takes from the guest; 0 (the default) is no limit.
+    #[serde(default)]
+    pub iops_limit: u64,
+    /// Requests the IOPS bucket holds (a burst at full speed after a
+    /// quiet spell); 0 is a tenth of a second's worth.
+    #[serde(default)]
+    pub iops_burst: u64,
+    /// QoS: MiB per second the guest's reads and writes move; 0 (the
+    /// default) is no limit.
+    #[serde(default)]
+    pub bandwidth_limit_mib: u64,
+    /// MiB the bandwidth bucket holds; 0 is a tenth of a second's worth.
+    #[serde(default)]
+    pub bandwidth_burst_mib: u64,
 }
+
+/// The `[[disk]]` keys `disk set` may change at run time (docs/PROTOCOL.md
+/// §6a): the QoS limits. The others need a `disk remove` and `disk add`.
+pub const RUNTIME_DISK_KEYS: [&str; 4] = [
+    "iops_limit",
+    "iops_burst",
+    "bandwidth_limit_mib",
+    "bandwidth_burst_mib",
+];
+/// Largest accepted `iops_limit` and `iops_burst`.
+pub const MAX_IOPS_LIMIT: u64 = 100_000_000;
+/// Largest accepted `bandwidth_limit_mib` and `bandwidth_burst_mib` (1 TiB).
+pub const MAX_BANDWIDTH_MIB: u64 = 1 << 20;
 
 /// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
 /// 20 ms heartbeat period.
@@ -147,8 +176,84 @@ impl DiskConfig {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             poll_us: DEFAULT_POLL_US,
+            iops_limit: 0,
+            iops_burst: 0,
+            bandwidth_limit_mib: 0,
+            bandwidth_burst_mib: 0,
         }
     }
+
+    /// The QoS limits its backends apply.
+    pub fn qos(&self) -> QosLimits {
+        QosLimits {
+            iops: self.iops_limit,
+            iops_burst: self.iops_burst,
+            bytes: self.bandwidth_limit_mib.saturating_mul(1 << 20),
+            bytes_burst: self.bandwidth_burst_mib.saturating_mul(1 << 20),
+        }
+    }
+
+    /// A `[[disk]]` table given as `key=value` pairs (a `disk-add`
+    /// message, docs/PROTOCOL.md §6a): each key is a `[[disk]]` key with
+    /// `-` for `_`, each value a TOML value. Parsed by the configuration
+    /// file's own parser (`toml` and serde, unknown keys refused); validate
+    /// the result with [`Config::validate`] like any configuration.
+    pub fn from_pairs<'a>(
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, SupervisorError> {
+        let table = pairs_to_table(pairs, toml::Table::new())?;
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| SupervisorError::Config(format!("[[disk]]: {e}")))
+    }
+
+    /// This disk with `pairs` (as [`from_pairs`](Self::from_pairs))
+    /// changed; only [`RUNTIME_DISK_KEYS`] may be named.
+    pub fn with_pairs<'a>(
+        &self,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, SupervisorError> {
+        let pairs: Vec<_> = pairs.into_iter().collect();
+        if let Some((k, _)) = pairs
+            .iter()
+            .find(|(k, _)| !RUNTIME_DISK_KEYS.contains(&k.replace('-', "_").as_str()))
+        {
+            return Err(SupervisorError::Config(format!(
+                "{k}: only {} change at run time",
+                RUNTIME_DISK_KEYS.join(", ")
+            )));
+        }
+        let current = toml::Table::try_from(self)
+            .map_err(|e| SupervisorError::Config(format!("[[disk]]: {e}")))?;
+        let table = pairs_to_table(pairs, current)?;
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| SupervisorError::Config(format!("[[disk]]: {e}")))
+    }
+}
+
+/// `key=value` pairs into `table`, each value parsed as one TOML value.
+fn pairs_to_table<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    mut table: toml::Table,
+) -> Result<toml::Table, SupervisorError> {
+    for (key, text) in pairs {
+        let key = key.replace('-', "_");
+        // One value, whatever the text holds: `v = <text>` must parse as a
+        // document of exactly that key.
+        let doc: toml::Table = toml::from_str(&format!("v = {text}"))
+            .map_err(|e| SupervisorError::Config(format!("{key} = {text}: {e}")))?;
+        let value = match (doc.len(), doc.get("v")) {
+            (1, Some(v)) => v.clone(),
+            _ => {
+                return Err(SupervisorError::Config(format!(
+                    "{key} = {text}: not one value"
+                )))
+            }
+        };
+        table.insert(key, value);
+    }
+    Ok(table)
 }
 
 fn default_poll_us() -> u32 {
@@ -668,6 +773,43 @@ impl Config {
                     d.name, d.queue_size
                 )));
             }
+            for (key, value, max) in [
+                ("iops_limit", d.iops_limit, MAX_IOPS_LIMIT),
+                ("iops_burst", d.iops_burst, MAX_IOPS_LIMIT),
+                (
+                    "bandwidth_limit_mib",
+                    d.bandwidth_limit_mib,
+                    MAX_BANDWIDTH_MIB,
+                ),
+                (
+                    "bandwidth_burst_mib",
+                    d.bandwidth_burst_mib,
+                    MAX_BANDWIDTH_MIB,
+                ),
+            ] {
+                if value > max {
+                    return Err(SupervisorError::Config(format!(
+                        "disk {:?}: {key} {value} is above {max}",
+                        d.name
+                    )));
+                }
+            }
+            for (burst, burst_value, limit, limit_value) in [
+                ("iops_burst", d.iops_burst, "iops_limit", d.iops_limit),
+                (
+                    "bandwidth_burst_mib",
+                    d.bandwidth_burst_mib,
+                    "bandwidth_limit_mib",
+                    d.bandwidth_limit_mib,
+                ),
+            ] {
+                if burst_value > 0 && limit_value == 0 {
+                    return Err(SupervisorError::Config(format!(
+                        "disk {:?}: {burst} without {limit}",
+                        d.name
+                    )));
+                }
+            }
             if let Some(sock) = &d.vhost_user {
                 let earlier = self.disks[..i].iter().map(|o| &o.vhost_user);
                 self.check_vhost_socket(sock, earlier)
@@ -958,6 +1100,81 @@ mod tests {
                     && (msg.contains("vhost_user") || msg.contains("queue_size")),
                 "{msg}"
             );
+        }
+    }
+
+    #[test]
+    fn a_disk_from_message_pairs_is_parsed_like_the_file() {
+        let d = DiskConfig::from_pairs([
+            ("name", "\"d1\""),
+            ("path", "\"/x\""),
+            ("hang-timeout-ms", "200"),
+            ("allow-uids", "[1, 2]"),
+            ("iops-limit", "2000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                hang_timeout_ms: 200,
+                allow_uids: vec![1, 2],
+                iops_limit: 2000,
+                ..DiskConfig::new("d1", "/x")
+            }
+        );
+        for bad in [
+            vec![("name", "\"d\"")],
+            vec![("name", "\"d\""), ("path", "\"/x\""), ("colour", "1")],
+            vec![
+                ("name", "\"d\""),
+                ("path", "\"/x\""),
+                ("readonly", "\"yes\""),
+            ],
+            vec![
+                ("name", "\"d\""),
+                ("path", "\"/x\""),
+                ("standby", "true\nshadow = false"),
+            ],
+            vec![("name", "\"d\""), ("path", "\"/x\" \n[control]")],
+            vec![("name", "\"d\""), ("path", "1, extra = 2")],
+        ] {
+            assert!(DiskConfig::from_pairs(bad.clone()).is_err(), "{bad:?}");
+        }
+        let changed = d
+            .with_pairs([("iops_limit", "50"), ("bandwidth-limit-mib", "10")])
+            .unwrap();
+        assert_eq!((changed.iops_limit, changed.bandwidth_limit_mib), (50, 10));
+        assert_eq!(changed.qos().bytes, 10 << 20);
+        assert_eq!(
+            DiskConfig {
+                iops_limit: 0,
+                ..changed.clone()
+            }
+            .hang_timeout_ms,
+            200
+        );
+        let err = d.with_pairs([("readonly", "true")]).unwrap_err();
+        assert!(err.to_string().contains("only iops_limit"), "{err}");
+    }
+
+    #[test]
+    fn qos_keys_are_checked() {
+        let base = "socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n";
+        let cfg = Config::parse(&format!(
+            "{base}iops_limit = 100\nbandwidth_limit_mib = 5\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.disks[0].qos().iops, 100);
+        assert_eq!(DiskConfig::new("a", "/x").qos(), QosLimits::default());
+        for (bad, says) in [
+            ("iops_burst = 5", "iops_burst without iops_limit"),
+            ("bandwidth_burst_mib = 5", "bandwidth_burst_mib without"),
+            ("iops_limit = 100000001", "iops_limit"),
+            ("bandwidth_limit_mib = 1048577", "bandwidth_limit_mib"),
+            ("iops_limit = -1", "iops_limit"),
+        ] {
+            let err = Config::parse(&format!("{base}{bad}\n")).unwrap_err();
+            assert!(err.to_string().contains(says), "{bad}: {err}");
         }
     }
 

@@ -154,7 +154,7 @@ fn refuse(e: XenbusError) -> Refusal {
 /// Until Connected. `Ok(None)` means the guest went away.
 async fn handshake(
     session: &Session<'_>,
-    devices: &Devices,
+    devices: &Arc<Devices>,
     frontend: &str,
 ) -> Result<Option<(DeviceHandle, Attachment)>, Refusal> {
     let mut first = true;
@@ -167,7 +167,6 @@ async fn handshake(
             let name = msg.require(key::DEVICE).map_err(refuse)?;
             devices
                 .get(name)
-                .cloned()
                 .ok_or_else(|| (ErrorCode::Enoent, format!("no device {name:?}")))
         };
         // A device the caller may use (docs/PROTOCOL.md §1.2).
@@ -180,7 +179,7 @@ async fn handshake(
             kind::PROBE => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
-                let answer = match &dev.info {
+                let answer = match &dev.info() {
                     ClassInfo::Disk(info) => info.backend_message(),
                     ClassInfo::Net(info) => info.to_message(kind::BACKEND, XenbusState::InitWait),
                 };
@@ -188,7 +187,7 @@ async fn handshake(
             }
             kind::STATUS => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
-                for dev in devices.iter().filter(|d| caller.sees(d)) {
+                for dev in devices.list().iter().filter(|d| caller.sees(d)) {
                     session.send(&dev.stats().to_message(&dev.name)).await?;
                 }
                 session.send(&Message::new(kind::STATUS_END)).await?;
@@ -202,6 +201,18 @@ async fn handshake(
                 dev.fault(fault).await?;
                 session.send(&Message::new(kind::OK)).await?;
             }
+            operator @ (kind::DISK_ADD
+            | kind::DISK_REMOVE
+            | kind::DISK_LIST
+            | kind::DISK_RESIZE
+            | kind::DISK_SET) => {
+                expect_no_fds(&msg, fds).map_err(refuse)?;
+                caller.may_operate(operator)?;
+                tracing::info!(%frontend, request = %msg, "device management");
+                for answer in crate::manage::serve(devices, &msg).await? {
+                    session.send(&answer).await?;
+                }
+            }
             kind::CONNECT => {
                 // A vif's keys are its own (docs/PROTOCOL.md §4.7); an
                 // unknown device is refused after the disk keys are
@@ -209,8 +220,8 @@ async fn handshake(
                 let vif = msg
                     .get(key::DEVICE)
                     .and_then(|name| devices.get(name))
-                    .and_then(|dev| match &dev.info {
-                        ClassInfo::Net(info) => Some((dev.clone(), info.clone())),
+                    .and_then(|dev| match dev.info() {
+                        ClassInfo::Net(info) => Some((dev, info)),
                         ClassInfo::Disk(_) => None,
                     });
                 if let Some((dev, info)) = vif {
@@ -227,7 +238,7 @@ async fn handshake(
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
                 let fds = DeviceFds::from_received(&msg, fds).map_err(refuse)?;
                 let dev = lookup(&msg)?;
-                let ClassInfo::Disk(info) = &dev.info else {
+                let ClassInfo::Disk(info) = dev.info() else {
                     return Err((ErrorCode::Einval, "not a disk".into()));
                 };
                 fds.check(&req).map_err(refuse)?;
@@ -308,7 +319,49 @@ enum End {
 async fn connected(
     conn: &AsyncSeqPacket,
     device: &DeviceHandle,
-    lost: tokio::sync::oneshot::Receiver<Lost>,
+    mut lost: tokio::sync::oneshot::Receiver<Lost>,
+    frontend: &str,
+) -> End {
+    let mut info = device.info.clone();
+    info.borrow_and_update();
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            changed = info.changed(), if watching => {
+                watching = changed.is_ok();
+                if watching {
+                    announce_change(conn, &info.borrow_and_update(), frontend, &device.name);
+                }
+            }
+            end = ended(conn, &mut lost, device, frontend) => return end,
+        }
+    }
+}
+
+/// `changed` (docs/PROTOCOL.md §4.4): the backend keys of a resized disk,
+/// sent without waiting — a guest that does not read its socket misses it
+/// and finds the new size on its next look.
+fn announce_change(conn: &AsyncSeqPacket, info: &ClassInfo, frontend: &str, device: &str) {
+    let ClassInfo::Disk(info) = info else {
+        return;
+    };
+    let mut msg = Message::new(kind::CHANGED);
+    for (k, v) in info.connected_message().iter() {
+        msg.set(k, v);
+    }
+    match conn.try_send(&msg) {
+        Ok(()) => {
+            tracing::info!(%frontend, %device, sectors = info.sectors, "guest told of a resize")
+        }
+        Err(e) => tracing::warn!(%frontend, %device, error = %e, "guest not told of a resize"),
+    }
+}
+
+/// The end of a connected session: `close`, EOF, or the device lost.
+async fn ended(
+    conn: &AsyncSeqPacket,
+    lost: &mut tokio::sync::oneshot::Receiver<Lost>,
+    device: &DeviceHandle,
     frontend: &str,
 ) -> End {
     tokio::select! {
@@ -325,6 +378,7 @@ async fn connected(
             let (code, text) = match why {
                 Ok(Lost::Disconnected(r)) => (ErrorCode::Eproto, format!("ring corrupt: {r}")),
                 Ok(Lost::BackendDied(r)) => (ErrorCode::Enodev, format!("backend died: {r}")),
+                Ok(Lost::Removed) => (ErrorCode::Enodev, "device removed by an operator".to_string()),
                 Err(_) => (ErrorCode::Enodev, "device stopped".to_string()),
             };
             tracing::warn!(%frontend, device = %device.name, %text, "guest disconnected");

@@ -56,8 +56,10 @@ mod transport;
 mod vhost_user;
 mod watchdog;
 
+mod manage;
+
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use shadowback_xenbus::{AsyncSeqPacket, AsyncSeqPacketListener, ErrorCode, Message, XenbusError};
 use tokio::sync::watch;
@@ -97,25 +99,69 @@ pub enum SupervisorError {
     Device { device: String, reason: String },
 }
 
-/// The exported devices, in configuration order.
+/// The exported devices, in configuration order (disks added at run time
+/// last), and the configuration they stand for (docs/PROTOCOL.md §6a:
+/// disks are added and removed at run time).
 pub(crate) struct Devices {
-    list: Vec<DeviceHandle>,
+    exports: Mutex<Exports>,
+    /// How to run a backend (`[backend]` applied).
+    backend: BackendCommand,
+}
+
+struct Exports {
+    /// The configuration as it stands: the file's, with the disks added
+    /// and removed since. A disk to add is validated as part of it.
+    cfg: Config,
+    list: Vec<Exported>,
+    /// Names being added, removed or reconfigured: one operator at a time
+    /// per name.
+    busy: Vec<String>,
+}
+
+/// One exported device and its vhost-user socket.
+struct Exported {
+    handle: DeviceHandle,
+    vhost: Option<VhostUserServer>,
 }
 
 impl Devices {
-    pub(crate) fn get(&self, name: &str) -> Option<&DeviceHandle> {
-        self.list.iter().find(|d| d.name == name)
+    fn exports(&self) -> MutexGuard<'_, Exports> {
+        // Every change is made whole under the lock: a panic elsewhere
+        // cannot leave it torn.
+        self.exports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &DeviceHandle> {
-        self.list.iter()
+    pub(crate) fn get(&self, name: &str) -> Option<DeviceHandle> {
+        self.exports()
+            .list
+            .iter()
+            .find(|d| d.handle.name == name)
+            .map(|d| d.handle.clone())
+    }
+
+    /// Every device, in order.
+    pub(crate) fn list(&self) -> Vec<DeviceHandle> {
+        self.exports()
+            .list
+            .iter()
+            .map(|d| d.handle.clone())
+            .collect()
     }
 
     /// Every device's name and counters.
     pub(crate) fn status(&self) -> Vec<(String, DeviceStats)> {
-        self.list
-            .iter()
+        self.list()
+            .into_iter()
             .map(|h| (h.name.clone(), h.stats()))
+            .collect()
+    }
+
+    /// The vhost-user servers, taken out to be stopped (shutdown).
+    fn take_vhost(&self) -> Vec<VhostUserServer> {
+        self.exports()
+            .list
+            .iter_mut()
+            .filter_map(|d| d.vhost.take())
             .collect()
     }
 }
@@ -178,20 +224,20 @@ async fn serve_registered(
         },
         None => None,
     };
-    let mut list = Vec::new();
-    let mut vhost = Vec::new();
+    let mut list: Vec<Exported> = Vec::new();
     for disk in &cfg.disks {
         let started = device::start_device(disk, &cfg.limits, &backend).and_then(|handle| {
-            if disk.vhost_user.is_some() {
-                vhost.push(VhostUserServer::start(disk, handle.clone())?);
-            }
-            Ok(handle)
+            let vhost = match disk.vhost_user {
+                Some(_) => Some(VhostUserServer::start(disk, handle.clone())?),
+                None => None,
+            };
+            Ok(Exported { handle, vhost })
         });
-        let handle = match started {
-            Ok(h) => h,
+        let exported = match started {
+            Ok(e) => e,
             Err(e) => {
                 let _ = std::fs::remove_file(&cfg.socket);
-                stop_vhost(vhost).await;
+                stop_vhost(list.into_iter().filter_map(|d| d.vhost).collect()).await;
                 return Err(e);
             }
         };
@@ -200,7 +246,7 @@ async fn serve_registered(
             shadow = disk.shadow, standby = disk.standby, hang_timeout_ms = disk.hang_timeout_ms,
             vhost_user = ?disk.vhost_user, "disk exported"
         );
-        list.push(handle);
+        list.push(exported);
     }
     // The wires of every vif exist before any backend starts, and live as
     // long as their device tasks (docs/ARCHITECTURE.md §11.5).
@@ -215,15 +261,16 @@ async fn serve_registered(
                         reason: "no wire".into(),
                     })?;
                 let handle = device::start_nic(nic, &cfg.limits, wire, &backend)?;
-                if nic.vhost_user.is_some() {
-                    vhost.push(VhostUserServer::start(nic, handle.clone())?);
-                }
+                let vhost = match nic.vhost_user {
+                    Some(_) => Some(VhostUserServer::start(nic, handle.clone())?),
+                    None => None,
+                };
                 tracing::info!(
                     device = %nic.name, wire = ?nic.wire(), mtu = nic.mtu,
                     shadow = nic.shadow, standby = nic.standby,
                     vhost_user = ?nic.vhost_user, "vif exported"
                 );
-                Ok(handle)
+                Ok(Exported { handle, vhost })
             })
             .collect::<Result<Vec<_>, _>>()
     });
@@ -231,11 +278,18 @@ async fn serve_registered(
         Ok(handles) => list.extend(handles),
         Err(e) => {
             let _ = std::fs::remove_file(&cfg.socket);
-            stop_vhost(vhost).await;
+            stop_vhost(list.into_iter().filter_map(|d| d.vhost).collect()).await;
             return Err(e);
         }
     }
-    let devices = Arc::new(Devices { list });
+    let devices = Arc::new(Devices {
+        exports: Mutex::new(Exports {
+            cfg: cfg.clone(),
+            list,
+            busy: Vec::new(),
+        }),
+        backend: backend.clone(),
+    });
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
         tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
@@ -313,7 +367,7 @@ async fn serve_registered(
         tokio::task::yield_now().await;
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    stop_vhost(vhost).await;
+    stop_vhost(devices.take_vhost()).await;
     Ok(())
 }
 
@@ -403,10 +457,7 @@ impl SupervisorThread {
     /// Every device's counters and state, in configuration order (empty
     /// until the devices are up, which [`start`](Self::start) waits for).
     pub fn status(&self) -> Vec<(String, DeviceStats)> {
-        self.devices
-            .get()
-            .map(|d| d.iter().map(|h| (h.name.clone(), h.stats())).collect())
-            .unwrap_or_default()
+        self.devices.get().map(|d| d.status()).unwrap_or_default()
     }
 
     /// Injects `fault` into `device`'s current backend, as the `fault`

@@ -359,10 +359,7 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
         .open(&cfg.path)
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
     let lock = lock_image(&file, &cfg.path)?;
-    // Seeking to the end gives the size of a block device too (its
-    // metadata says 0).
-    let len = (&file)
-        .seek(std::io::SeekFrom::End(0))
+    let len = disk_size(&file)
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
     if len == 0 || len % 512 != 0 {
         return Err(SupervisorError::Disk(format!(
@@ -375,6 +372,13 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
         sectors: len / 512,
         _lock: lock,
     })
+}
+
+/// The size of an image in bytes. Seeking to the end gives the size of a
+/// block device too (its metadata says 0).
+pub fn disk_size(file: &File) -> std::io::Result<u64> {
+    let mut file = file;
+    file.seek(std::io::SeekFrom::End(0))
 }
 
 /// How to run a backend: the program and the arguments before those the

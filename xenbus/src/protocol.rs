@@ -67,6 +67,34 @@ pub mod kind {
     /// (fault injection): a confined backend is killed by SIGSYS; never
     /// answered.
     pub const SYSCALL: &str = "syscall";
+    /// Operator → supervisor: export a new disk; its keys are a `[[disk]]`
+    /// table's (docs/PROTOCOL.md §6a); answered with [`OK`] or `error`.
+    pub const DISK_ADD: &str = "disk-add";
+    /// Operator → supervisor: stop exporting disk `device` (`force=1`
+    /// even while a frontend is attached); answered with [`OK`].
+    pub const DISK_REMOVE: &str = "disk-remove";
+    /// Operator → supervisor: list the disks; answered with one [`DISK`]
+    /// per disk, then [`DISK_LIST_END`].
+    pub const DISK_LIST: &str = "disk-list";
+    /// Supervisor → operator: one disk of a [`DISK_LIST`] answer.
+    pub const DISK: &str = "disk";
+    /// Supervisor → operator: the last answer to [`DISK_LIST`].
+    pub const DISK_LIST_END: &str = "disk-list-end";
+    /// Operator → supervisor: resize disk `device` to `size` bytes (a block
+    /// device: re-read its size); answered with [`OK`] and `sectors`.
+    pub const DISK_RESIZE: &str = "disk-resize";
+    /// Operator → supervisor: change run-time settings of disk `device`
+    /// (the QoS keys); answered with [`OK`].
+    pub const DISK_SET: &str = "disk-set";
+    /// Supervisor → connected frontend, unsolicited: the backend keys
+    /// changed (a resized disk's `sectors`), `state=4`.
+    pub const CHANGED: &str = "changed";
+    /// Supervisor → backend: the disk now has `sectors` sectors; answered
+    /// with [`OK`].
+    pub const RESIZE: &str = "resize";
+    /// Supervisor → backend: new QoS limits ([`crate::protocol::QosLimits`]);
+    /// answered with [`OK`].
+    pub const QOS: &str = "qos";
 }
 
 /// Key names.
@@ -176,6 +204,24 @@ pub mod key {
     pub const LAST_REPLAY_US: &str = "last-replay-us";
     /// `status`: last recovery, failure seen → `attached` (µs).
     pub const LAST_TOTAL_US: &str = "last-total-us";
+    /// `disk-remove`: `1` to remove a disk a frontend is attached to.
+    pub const FORCE: &str = "force";
+    /// `disk-resize`: the new size in bytes.
+    pub const SIZE: &str = "size";
+    /// `disk`: the image's path.
+    pub const PATH: &str = "path";
+    /// `disk`: `1` for a read-only disk.
+    pub const READONLY: &str = "readonly";
+    /// `disk`: the disk's vhost-user socket, if it has one.
+    pub const VHOST_USER: &str = "vhost-user";
+    /// `qos`: requests per second (0: no limit).
+    pub const IOPS_LIMIT: &str = "iops-limit";
+    /// `qos`: requests the bucket holds (0: a tenth of a second's worth).
+    pub const IOPS_BURST: &str = "iops-burst";
+    /// `qos`: bytes per second (0: no limit).
+    pub const BYTES_LIMIT: &str = "bytes-limit";
+    /// `qos`: bytes the bucket holds (0: a tenth of a second's worth).
+    pub const BYTES_BURST: &str = "bytes-burst";
 
     /// `ring-ref{index}`, the key of ring page `index` when the order is > 0.
     pub fn ring_ref(index: usize) -> String {
@@ -191,6 +237,46 @@ pub mod key {
     /// `attach-virtio` (not the virtqueue number, which it carries).
     pub fn queue_at(index: usize) -> String {
         format!("{QUEUE}-{index}")
+    }
+}
+
+/// A disk's QoS limits as a backend gets them (`qos`, and the
+/// `--iops-limit` … arguments of a new instance): two token buckets, one
+/// for requests and one for bytes, each a rate and a size; 0 is no limit
+/// (a rate) or a tenth of a second's worth (a size).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QosLimits {
+    pub iops: u64,
+    pub iops_burst: u64,
+    pub bytes: u64,
+    pub bytes_burst: u64,
+}
+
+impl QosLimits {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.iops > 0 || self.bytes > 0
+    }
+
+    /// The `qos` message.
+    pub fn to_message(&self) -> Message {
+        Message::new(kind::QOS)
+            .with(key::IOPS_LIMIT, self.iops)
+            .with(key::IOPS_BURST, self.iops_burst)
+            .with(key::BYTES_LIMIT, self.bytes)
+            .with(key::BYTES_BURST, self.bytes_burst)
+    }
+
+    /// Parses a `qos` message (an absent key is 0).
+    pub fn from_message(msg: &Message) -> Result<Self, XenbusError> {
+        msg.expect_kind(kind::QOS)?;
+        let n = |k| msg.get_u64(k).map(|v| v.unwrap_or(0));
+        Ok(QosLimits {
+            iops: n(key::IOPS_LIMIT)?,
+            iops_burst: n(key::IOPS_BURST)?,
+            bytes: n(key::BYTES_LIMIT)?,
+            bytes_burst: n(key::BYTES_BURST)?,
+        })
     }
 }
 
@@ -782,6 +868,50 @@ mod tests {
             ["recover", "blame", "queue", "shadow"]
         );
         assert_eq!(
+            [
+                kind::DISK_ADD,
+                kind::DISK_REMOVE,
+                kind::DISK_LIST,
+                kind::DISK,
+                kind::DISK_LIST_END,
+                kind::DISK_RESIZE,
+                kind::DISK_SET,
+                kind::CHANGED,
+                kind::RESIZE,
+                kind::QOS
+            ],
+            [
+                "disk-add",
+                "disk-remove",
+                "disk-list",
+                "disk",
+                "disk-list-end",
+                "disk-resize",
+                "disk-set",
+                "changed",
+                "resize",
+                "qos"
+            ]
+        );
+        assert_eq!(
+            [
+                key::FORCE,
+                key::SIZE,
+                key::IOPS_LIMIT,
+                key::IOPS_BURST,
+                key::BYTES_LIMIT,
+                key::BYTES_BURST
+            ],
+            [
+                "force",
+                "size",
+                "iops-limit",
+                "iops-burst",
+                "bytes-limit",
+                "bytes-burst"
+            ]
+        );
+        assert_eq!(
             [key::FEATURES, key::REGIONS, key::QUEUES, key::INFLIGHT],
             ["features", "regions", "queues", "inflight"]
         );
@@ -830,6 +960,23 @@ mod tests {
 
     fn wire(msg: &Message) -> Message {
         Message::decode(&msg.encode().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn qos_limits_round_trip() {
+        let q = QosLimits {
+            iops: 2000,
+            iops_burst: 0,
+            bytes: 1 << 20,
+            bytes_burst: 5,
+        };
+        assert_eq!(QosLimits::from_message(&wire(&q.to_message())).unwrap(), q);
+        assert!(q.is_limited() && !QosLimits::default().is_limited());
+        let partial = Message::new(kind::QOS).with(key::IOPS_LIMIT, 7);
+        assert_eq!(QosLimits::from_message(&partial).unwrap().iops, 7);
+        let bad = Message::new(kind::QOS).with(key::BYTES_LIMIT, "-1");
+        assert!(QosLimits::from_message(&bad).is_err());
+        assert!(QosLimits::from_message(&Message::new(kind::OK)).is_err());
     }
 
     #[test]

@@ -120,6 +120,14 @@ impl DeviceModel<XenRing> for BlkifModel {
         [0; DETAIL_SIZE]
     }
 
+    fn cost(&self, req: &Parsed) -> u64 {
+        req.op.as_ref().map_or(0, BlkOp::data_bytes)
+    }
+
+    fn resize(&mut self, sectors: u64) {
+        self.disk.sectors = sectors;
+    }
+
     fn poisoned(&self, req: &Parsed, poison: &[u64]) -> bool {
         let range = match &req.op {
             Ok(BlkOp::Read { sector, bufs }) | Ok(BlkOp::Write { sector, bufs, .. }) => {

@@ -115,6 +115,17 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
         req.parsed.header.to_bytes()
     }
 
+    fn cost(&self, req: &Request) -> u64 {
+        match req.parsed.action {
+            Action::Read { bytes, .. } | Action::Write { bytes, .. } => bytes,
+            _ => 0,
+        }
+    }
+
+    fn resize(&mut self, sectors: u64) {
+        self.blk.sectors = sectors;
+    }
+
     fn poisoned(&self, req: &Request, poison: &[u64]) -> bool {
         let hit = |start: u64, sectors: u64| poisoned(poison, start, sectors);
         match req.parsed.action {

@@ -52,7 +52,7 @@ impl AttachKind for VirtioAttach<'_> {
     /// Maps memory and rings and decides where each queue resumes.
     fn build(
         &mut self,
-        _core: &mut Core,
+        core: &mut Core,
         msg: &Message,
         fds: Vec<OwnedFd>,
         flags: AttachFlags,
@@ -150,7 +150,15 @@ impl AttachKind for VirtioAttach<'_> {
         Ok(Built {
             name: req.frontend.clone(),
             rings: vqs,
-            model: VirtioBlkModel::new(cfg.device.clone(), self.blk.clone(), mem),
+            model: VirtioBlkModel::new(
+                cfg.device.clone(),
+                BlkConfig {
+                    // A resize this process was told of (`resize`).
+                    sectors: core.capacity.unwrap_or(self.blk.sectors),
+                    ..self.blk.clone()
+                },
+                mem,
+            ),
             logs,
             recoveries,
             stats,

@@ -1,13 +1,18 @@
 //! The block device class: a disk image (a file or a block device) served
 //! by `shadowback blkback`, as a blkif ring or a virtio-blk device.
 
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use shadowback_xenbus::protocol::{ErrorCode, QosLimits};
 use shadowback_xenbus::{BackendInfo, DiskMode};
+use vhost::vhost_user::VhostUserProtocolFeatures;
 
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
-use crate::spawn::{open_disk, Disk, BACKEND_DISK_FD};
+use crate::device::Refusal;
+use crate::spawn::{disk_size, open_disk, Disk, BACKEND_DISK_FD};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
@@ -17,6 +22,45 @@ use crate::SupervisorError;
 pub struct BlockClass {
     cfg: DiskConfig,
     disk: Disk,
+    /// The size its vhost-user face shows (`GET_CONFIG`), changed by a
+    /// resize.
+    capacity: Arc<AtomicU64>,
+}
+
+/// The virtio-blk model of a disk whose size may change at run time: its
+/// geometry with the current capacity.
+#[derive(Debug)]
+struct ResizableBlk {
+    geometry: BlkGeometry,
+    capacity: Arc<AtomicU64>,
+}
+
+impl ResizableBlk {
+    fn now(&self) -> BlkGeometry {
+        BlkGeometry {
+            // Relaxed: a plain value; a resize is announced after the store.
+            sectors: self.capacity.load(Ordering::Relaxed),
+            ..self.geometry
+        }
+    }
+}
+
+impl VirtioModel for ResizableBlk {
+    fn features(&self) -> u64 {
+        self.geometry.features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.geometry.protocol_features()
+    }
+
+    fn num_queues(&self) -> u16 {
+        self.geometry.num_queues()
+    }
+
+    fn read_config(&self, offset: u32, size: u32) -> Option<Vec<u8>> {
+        self.now().read_config(offset, size)
+    }
 }
 
 impl BlockClass {
@@ -26,9 +70,11 @@ impl BlockClass {
     /// Opens the image as `cfg` says and takes its lock, waiting for a
     /// previous supervisor's backends and their last writes.
     pub fn open(cfg: &DiskConfig) -> Result<Self, SupervisorError> {
+        let disk = open_disk(cfg)?;
         Ok(BlockClass {
             cfg: cfg.clone(),
-            disk: open_disk(cfg)?,
+            capacity: Arc::new(AtomicU64::new(disk.sectors)),
+            disk,
         })
     }
 }
@@ -57,11 +103,14 @@ impl DeviceClass for BlockClass {
     }
 
     fn virtio_model(&self) -> Option<Arc<dyn VirtioModel>> {
-        Some(Arc::new(BlkGeometry {
-            sectors: self.disk.sectors,
-            readonly: self.cfg.readonly,
-            discard: self.cfg.discard,
-            num_queues: self.cfg.num_queues,
+        Some(Arc::new(ResizableBlk {
+            geometry: BlkGeometry {
+                sectors: self.disk.sectors,
+                readonly: self.cfg.readonly,
+                discard: self.cfg.discard,
+                num_queues: self.cfg.num_queues,
+            },
+            capacity: self.capacity.clone(),
         }))
     }
 
@@ -90,6 +139,17 @@ impl DeviceClass for BlockClass {
             "--poll-us".into(),
             cfg.poll_us.to_string().into(),
         ];
+        let qos = cfg.qos();
+        for (flag, value) in [
+            ("--iops-limit", qos.iops),
+            ("--iops-burst", qos.iops_burst),
+            ("--bytes-limit", qos.bytes),
+            ("--bytes-burst", qos.bytes_burst),
+        ] {
+            if value > 0 {
+                args.extend([flag.into(), value.to_string().into()]);
+            }
+        }
         if cfg.readonly {
             args.push("--readonly".into());
         }
@@ -101,5 +161,55 @@ impl DeviceClass for BlockClass {
             device_file: Some(file.file),
             io_fence,
         })
+    }
+
+    /// A block device: its size as the kernel now says (`bytes`, if
+    /// given, must match). An image file: `bytes`, a non-zero multiple of
+    /// 512, on a writable disk.
+    fn plan_resize(&self, bytes: Option<u64>) -> Result<u64, Refusal> {
+        let inval = |why: String| (ErrorCode::Einval, why);
+        if self.disk.is_block_device() {
+            let now = disk_size(&self.disk.file).map_err(|e| inval(e.to_string()))?;
+            if bytes.is_some_and(|b| b != now) {
+                return Err(inval(format!(
+                    "a block device is resized by the host; it has {now} bytes"
+                )));
+            }
+            return Ok(now / 512);
+        }
+        let bytes = bytes.ok_or_else(|| inval("an image file needs the new size".into()))?;
+        if bytes == 0 || !bytes.is_multiple_of(512) {
+            return Err(inval(format!(
+                "size {bytes} is not a non-zero multiple of 512 bytes"
+            )));
+        }
+        if self.cfg.readonly {
+            return Err(inval("the disk is read-only".into()));
+        }
+        Ok(bytes / 512)
+    }
+
+    /// Truncates an image file to `sectors` (a growth first cuts the file
+    /// back to the size the guest knows, so whatever a write past the old
+    /// end left there reads back as zeros).
+    fn apply_resize(&mut self, sectors: u64) -> Result<(), Refusal> {
+        let io = |e: std::io::Error| (ErrorCode::Einval, format!("resizing the image: {e}"));
+        if !self.disk.is_block_device() {
+            let file: &File = &self.disk.file;
+            file.set_len(self.disk.sectors * 512).map_err(io)?;
+            file.set_len(sectors * 512).map_err(io)?;
+        }
+        self.disk.sectors = sectors;
+        // Relaxed: see `ResizableBlk::now`.
+        self.capacity.store(sectors, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set_qos(&mut self, qos: QosLimits) -> Result<(), Refusal> {
+        let cfg = &mut self.cfg;
+        (cfg.iops_limit, cfg.iops_burst) = (qos.iops, qos.iops_burst);
+        (cfg.bandwidth_limit_mib, cfg.bandwidth_burst_mib) =
+            (qos.bytes >> 20, qos.bytes_burst >> 20);
+        Ok(())
     }
 }

@@ -32,7 +32,10 @@ use std::fs::File;
 use std::sync::Arc;
 
 use shadowback_xenbus::netif::NetBackendInfo;
+use shadowback_xenbus::protocol::{ErrorCode, QosLimits};
 use shadowback_xenbus::BackendInfo;
+
+use crate::device::Refusal;
 
 use crate::spawn::IoFence;
 use crate::transport::NetWire;
@@ -61,6 +64,23 @@ pub trait DeviceClass: Send + Sync + std::fmt::Debug {
 
     /// Everything one new backend instance needs from the class.
     fn prepare_instance(&self) -> Result<InstanceSetup, SupervisorError>;
+
+    /// The size in sectors a resize to `bytes` gives (`None`: re-read a
+    /// block device's size), checked but not applied yet.
+    fn plan_resize(&self, _bytes: Option<u64>) -> Result<u64, Refusal> {
+        Err((ErrorCode::Einval, "only a disk can be resized".into()))
+    }
+
+    /// Gives the device `sectors` sectors (the image file's new length);
+    /// later instances are started with it.
+    fn apply_resize(&mut self, _sectors: u64) -> Result<(), Refusal> {
+        Err((ErrorCode::Einval, "only a disk can be resized".into()))
+    }
+
+    /// The QoS limits later instances are started with.
+    fn set_qos(&mut self, _qos: QosLimits) -> Result<(), Refusal> {
+        Err((ErrorCode::Einval, "only a disk has QoS limits".into()))
+    }
 
     /// A duplicate of the wire every attachment of a vif is lent (it
     /// travels after the frontend's descriptors, docs/PROTOCOL.md §6c);

@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use shadowback_shadow::MetricsPage;
 use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
-use shadowback_xenbus::protocol::{action, key, kind, AttachRequest, DeviceFds, ErrorCode};
+use shadowback_xenbus::protocol::{
+    action, key, kind, AttachRequest, DeviceFds, ErrorCode, QosLimits,
+};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds};
 use shadowback_xenbus::{Message, XenbusError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Refusal;
 use crate::access::AccessList;
@@ -27,6 +29,8 @@ pub enum Lost {
     /// No backend can serve the device any more (without the shadow layer:
     /// the backend died; with it: every takeover failed).
     BackendDied(String),
+    /// An operator removed the device (`disk remove --force`).
+    Removed,
 }
 
 /// A frontend's hold on the device: detach with `id`; `lost` fires if the
@@ -121,14 +125,33 @@ pub(super) enum Command {
         fault: Fault,
         reply: oneshot::Sender<Result<(), Refusal>>,
     },
+    /// Stop exporting the device: refused while a frontend is attached
+    /// unless `force`. Answered once every instance is fenced and the task
+    /// has dropped the device (a disk's image and its lock).
+    Remove {
+        force: bool,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// Resize a disk to `bytes` (`None`: re-read a block device's size);
+    /// answered with the new size in sectors.
+    Resize {
+        bytes: Option<u64>,
+        reply: oneshot::Sender<Result<u64, Refusal>>,
+    },
+    /// New QoS limits for the running instances and later ones.
+    SetQos {
+        qos: QosLimits,
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
 }
 
 /// Cheap handle to a device task.
 #[derive(Clone)]
 pub struct DeviceHandle {
     pub name: String,
-    /// The Xen backend keys of the device (its class's).
-    pub info: ClassInfo,
+    /// The Xen backend keys of the device (its class's), as of its last
+    /// change (a resize).
+    pub(crate) info: watch::Receiver<ClassInfo>,
     /// What a vhost-user frontend sees of the device (its class's).
     pub(crate) virtio: Option<Arc<dyn VirtioModel>>,
     /// Who may probe, connect, see and reach it over vhost-user.
@@ -146,6 +169,38 @@ fn stopped() -> Refusal {
 }
 
 impl DeviceHandle {
+    /// The Xen backend keys now.
+    pub fn info(&self) -> ClassInfo {
+        self.info.borrow().clone()
+    }
+
+    /// Sends `command` (built around the reply channel) and waits for the
+    /// answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, Refusal>>) -> Command,
+    ) -> Result<T, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(command(reply)).await.map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Stops exporting the device (docs/PROTOCOL.md §6a `disk-remove`);
+    /// returns once its instances are fenced and its image released.
+    pub async fn remove(&self, force: bool) -> Result<(), Refusal> {
+        self.ask(|reply| Command::Remove { force, reply }).await
+    }
+
+    /// Resizes a disk; returns its new size in sectors.
+    pub async fn resize(&self, bytes: Option<u64>) -> Result<u64, Refusal> {
+        self.ask(|reply| Command::Resize { bytes, reply }).await
+    }
+
+    /// Gives a disk's running and later instances new QoS limits.
+    pub async fn set_qos(&self, qos: QosLimits) -> Result<(), Refusal> {
+        self.ask(|reply| Command::SetQos { qos, reply }).await
+    }
+
     /// Asks the backend to attach; on success returns a receiver that fires
     /// if the device is lost while attached.
     pub async fn attach(&self, req: AttachRequest, fds: DeviceFds) -> Result<Attachment, Refusal> {

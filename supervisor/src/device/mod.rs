@@ -98,7 +98,19 @@ pub fn start_device(
     limits: &LimitsConfig,
     cmd: &BackendCommand,
 ) -> Result<DeviceHandle, SupervisorError> {
-    let class: Box<dyn DeviceClass> = Box::new(BlockClass::open(cfg)?);
+    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd)
+}
+
+/// [`start_device`] with the image opened already (a disk added at run
+/// time opens it off the runtime's thread: the image's lock may be waited
+/// for).
+pub fn start_disk(
+    cfg: &DiskConfig,
+    class: BlockClass,
+    limits: &LimitsConfig,
+    cmd: &BackendCommand,
+) -> Result<DeviceHandle, SupervisorError> {
+    let class: Box<dyn DeviceClass> = Box::new(class);
     let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
     start(&cfg.name, class, Settings::of(cfg, limits), access, cmd)
 }
@@ -144,7 +156,7 @@ fn start(
         true,
         metrics.file(),
     )?;
-    let info = class.backend_info();
+    let (info_tx, info) = tokio::sync::watch::channel(class.backend_info());
     let virtio = class.virtio_model();
     let stats = Arc::new(Mutex::new(DeviceStats::default()));
     let (tx, rx) = mpsc::channel(16);
@@ -170,6 +182,7 @@ fn start(
         startup_deaths: 0,
         stats: stats.clone(),
         metrics: metrics.clone(),
+        info: info_tx,
     };
     task.ensure_standby();
     task.publish();

@@ -7,15 +7,15 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use shadowback_shadow::{MetricsPage, ShadowLog};
-use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode, QosLimits};
 use shadowback_xenbus::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::handle::{lock, Attachment, Command, Fault, Lost};
 use super::takeover::{Failure, GivenUp, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
 use super::Settings;
-use crate::class::DeviceClass;
+use crate::class::{ClassInfo, DeviceClass};
 use crate::instance::{Instance, NoAnswer};
 use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
 use crate::session::Session;
@@ -91,6 +91,8 @@ pub(super) struct DeviceTask {
     pub(super) stats: Arc<Mutex<DeviceStats>>,
     /// The device's metrics page (docs/ARCHITECTURE.md §4.1).
     pub(super) metrics: Arc<MetricsPage>,
+    /// The Xen backend keys every handle sees (changed by a resize).
+    pub(super) info: watch::Sender<ClassInfo>,
 }
 
 async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
@@ -171,7 +173,7 @@ impl DeviceTask {
     pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut tick = tokio::time::interval(CHECK_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let removed = loop {
             let event = tokio::select! {
                 cmd = rx.recv() => cmd.map_or(Event::Stop, Event::Command),
                 msg = next_message(self.current.as_ref()) => Event::Backend(msg),
@@ -202,6 +204,22 @@ impl DeviceTask {
                     let res = self.fault(fault).await;
                     let _ = reply.send(res);
                 }
+                Event::Command(Command::Remove { force, reply }) => {
+                    match self.remove(force).await {
+                        Ok(()) => break Some(reply),
+                        Err(refused) => {
+                            let _ = reply.send(Err(refused));
+                        }
+                    }
+                }
+                Event::Command(Command::Resize { bytes, reply }) => {
+                    let res = self.resize(bytes).await;
+                    let _ = reply.send(res);
+                }
+                Event::Command(Command::SetQos { qos, reply }) => {
+                    let res = self.set_qos(qos).await;
+                    let _ = reply.send(res);
+                }
                 Event::Backend(Ok(msg)) => self.unsolicited(msg),
                 Event::Backend(Err(e)) => {
                     tracing::debug!(device = %self.name, error = %e, "backend control channel closed");
@@ -224,11 +242,17 @@ impl DeviceTask {
                         self.on_failure(Failure::Hung { since: hang.since }).await;
                     }
                 }
-                Event::Stop => break,
+                Event::Stop => break None,
             }
             self.publish();
+        };
+        // Dropping the instances kills them (`kill_on_drop`); a removed
+        // device's were fenced already, and dropping the class closes its
+        // image (and lets go of its lock) before the removal is answered.
+        drop(self);
+        if let Some(reply) = removed {
+            let _ = reply.send(Ok(()));
         }
-        // Dropping the instances kills them (`kill_on_drop`).
     }
 
     /// A new instance (not the device's first).
@@ -328,6 +352,123 @@ impl DeviceTask {
 }
 
 impl DeviceTask {
+    /// `disk-remove` (docs/PROTOCOL.md §6a): refused while a frontend is
+    /// attached unless `force`. Forced, the backend is detached first —
+    /// it stops taking requests and answers those it holds — then the
+    /// frontend is told the device is gone (a Xen guest gets `error
+    /// code=ENODEV`, a VMM's vhost-user connection is closed), and every
+    /// instance is fenced (killed, reaped, its I/O waited for). `Ok`: the
+    /// task stops.
+    async fn remove(&mut self, force: bool) -> Result<(), Refusal> {
+        let connected = self.attached.as_ref().is_some_and(|a| a.lost.is_some());
+        if connected && !force {
+            return Err((
+                ErrorCode::Ebusy,
+                format!(
+                    "a frontend is attached to {}; detach it or remove with force",
+                    self.name
+                ),
+            ));
+        }
+        tracing::warn!(device = %self.name, connected, "removing the device");
+        // Taken first: no takeover for a frontend that is going away.
+        let lost = self.attached.as_mut().and_then(|a| a.lost.take());
+        if let Some(id) = self.attached.as_ref().map(|a| a.id) {
+            self.detach(id).await;
+        }
+        if let Some(tx) = lost {
+            let _ = tx.send(Lost::Removed);
+        }
+        self.attached = None;
+        self.watchdog = None;
+        self.standby_retry = None;
+        for instance in [self.current.take(), self.standby.take()]
+            .into_iter()
+            .flatten()
+        {
+            instance.fence().await;
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` (a `resize` or `qos`) to the serving instance and the
+    /// standby and waits for each answer. An instance that dies or hangs
+    /// meanwhile is replaced by the main loop, and its replacement is
+    /// started with the class's settings, which the caller changed first
+    /// (or, for a shrink, changes next).
+    async fn reconfigure_instances(&mut self, msg: &Message) {
+        let hang_timeout = self.hang_timeout();
+        let mut aside = Vec::new();
+        let log = self
+            .attached
+            .as_ref()
+            .and_then(|a| a.session.as_ref())
+            .map(|s| s.log());
+        for instance in [self.current.as_mut(), self.standby.as_mut()] {
+            let Some(instance) = instance else { continue };
+            // A serving instance is also given up on when its heartbeat
+            // stalls; a standby has none.
+            let liveness = log.filter(|_| instance.serving).map(|l| (l, hang_timeout));
+            let result = match instance.send(msg, &[]).await {
+                Ok(()) => {
+                    instance
+                        .reply(BACKEND_REPLY_TIMEOUT, liveness, &mut aside)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(reply) if reply.kind() == kind::OK => {}
+                Ok(reply) => {
+                    tracing::warn!(device = %self.name, pid = instance.pid(), %reply, "backend refused a setting");
+                }
+                Err(e) => {
+                    tracing::warn!(device = %self.name, pid = instance.pid(), error = %e, "backend did not take a setting");
+                }
+            }
+        }
+        for msg in aside {
+            self.unsolicited(msg);
+        }
+    }
+
+    /// `disk-resize`: a shrink reaches the instances before the image is
+    /// cut (no new request past the new end is taken once they answered),
+    /// a growth after it is extended; then every frontend is told the new
+    /// `sectors` (a Xen guest by `changed`, a VMM by a config-change
+    /// message).
+    async fn resize(&mut self, bytes: Option<u64>) -> Result<u64, Refusal> {
+        let sectors = self.class.plan_resize(bytes)?;
+        let msg = Message::new(kind::RESIZE).with(key::SECTORS, sectors);
+        let old = match self.class.backend_info() {
+            ClassInfo::Disk(info) => info.sectors,
+            ClassInfo::Net(_) => 0,
+        };
+        if sectors < old {
+            self.reconfigure_instances(&msg).await;
+            if let Err(refused) = self.class.apply_resize(sectors) {
+                let back = Message::new(kind::RESIZE).with(key::SECTORS, old);
+                self.reconfigure_instances(&back).await;
+                return Err(refused);
+            }
+        } else {
+            self.class.apply_resize(sectors)?;
+            self.reconfigure_instances(&msg).await;
+        }
+        tracing::info!(device = %self.name, old, sectors, "disk resized");
+        self.info.send_replace(self.class.backend_info());
+        Ok(sectors)
+    }
+
+    /// `disk-set`: the class starts later instances with `qos`; the
+    /// running instance and the standby are told now.
+    async fn set_qos(&mut self, qos: QosLimits) -> Result<(), Refusal> {
+        self.class.set_qos(qos)?;
+        tracing::info!(device = %self.name, ?qos, "QoS limits changed");
+        self.reconfigure_instances(&qos.to_message()).await;
+        Ok(())
+    }
+
     async fn attach(&mut self, mut frontend: Frontend) -> Result<Attachment, Refusal> {
         self.attach_rate.take(Instant::now())?;
         if self.attached.is_some() {

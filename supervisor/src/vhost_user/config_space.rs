@@ -119,6 +119,7 @@ impl VirtioModel for BlkGeometry {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::RESET_DEVICE
     }
@@ -207,6 +208,8 @@ mod tests {
         assert_ne!(ro & (1 << 5), 0);
         assert_eq!(ro & ((1 << 13) | (1 << 14)), 0);
         let p = disk().protocol_features().bits();
-        assert_eq!(p, 0x1 | 0x8 | 0x200 | 0x1000 | 0x2000);
+        // MQ, REPLY_ACK, BACKEND_REQ (config changes), CONFIG,
+        // INFLIGHT_SHMFD, RESET_DEVICE.
+        assert_eq!(p, 0x1 | 0x8 | 0x20 | 0x200 | 0x1000 | 0x2000);
     }
 }

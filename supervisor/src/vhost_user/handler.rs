@@ -52,6 +52,11 @@ pub(crate) trait SessionLink: Send {
     /// `Some(why)` once the device has lost the session (every takeover
     /// failed): the connection must be closed.
     fn lost(&mut self) -> Option<String>;
+    /// Whether the device's config space changed (a resize) since the
+    /// last call.
+    fn config_changed(&mut self) -> bool {
+        false
+    }
 }
 
 /// What the handler knows of its device.
@@ -140,6 +145,12 @@ pub(crate) struct VhostUserHandler {
     /// (a NACK, an empty config); the connection stays up. Any other
     /// failure closes it.
     soft_refusal: bool,
+    /// The VMM's end of the backend request channel (`SET_BACKEND_REQ_FD`,
+    /// taken from the peeked message: `vhost`'s `Backend` cannot send a
+    /// config change), for `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`.
+    backend_channel: Option<OwnedFd>,
+    /// The descriptor of a `SET_BACKEND_REQ_FD` being handled.
+    offered_channel: Option<OwnedFd>,
 }
 
 fn io_error(why: String) -> VhostError {
@@ -177,6 +188,46 @@ impl VhostUserHandler {
             link,
             running: None,
             soft_refusal: false,
+            backend_channel: None,
+            offered_channel: None,
+        }
+    }
+
+    /// The descriptor of the `SET_BACKEND_REQ_FD` about to be handled
+    /// (peeked); kept if `vhost` accepts the message.
+    pub(crate) fn offer_backend_channel(&mut self, fd: Option<OwnedFd>) {
+        self.offered_channel = fd;
+    }
+
+    /// Tells the VMM its config space changed (a resized disk), over the
+    /// backend request channel if it set one up: QEMU then reads the
+    /// config again and raises the guest's config-change interrupt. Never
+    /// blocks: a VMM that does not read its channel misses the message.
+    pub(crate) fn forward_config_change(&mut self) {
+        if !self.link.config_changed() {
+            return;
+        }
+        let Some(channel) = self.backend_channel.as_ref() else {
+            tracing::info!(frontend = %self.frontend, "config changed; the VMM set up no backend channel to be told");
+            return;
+        };
+        // `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`: request 2, version 1, no
+        // payload, no reply asked for.
+        const CONFIG_CHANGE_MSG: u32 = 2;
+        const VERSION: u32 = 1;
+        let mut header = [0u8; 12];
+        header[..4].copy_from_slice(&CONFIG_CHANGE_MSG.to_le_bytes());
+        header[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        let sent = rustix::net::send(
+            channel,
+            &header,
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        );
+        match sent {
+            Ok(12) => tracing::info!(frontend = %self.frontend, "VMM told of a config change"),
+            other => {
+                tracing::warn!(frontend = %self.frontend, ?other, "VMM not told of a config change")
+            }
         }
     }
 
@@ -683,7 +734,10 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
         )))
     }
 
-    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+    fn set_backend_req_fd(&mut self, _backend: Backend) {
+        // `vhost` accepted the channel (BACKEND_REQ was negotiated).
+        self.backend_channel = self.offered_channel.take();
+    }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> Result<()> {
         Err(self.unsupported("GPU_SET_SOCKET"))

@@ -333,6 +333,7 @@ fn serve_connection(
             // The device gave up: closing the socket is how the VMM learns.
             return format!("device lost: {why}");
         }
+        lock(handler).forward_config_change();
         match wait_readable(&sock, POLL_PERIOD) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -345,6 +346,7 @@ fn serve_connection(
         }
         lock(handler).take_soft_refusal();
         let early_enable = peek_vring_enable(&sock);
+        lock(handler).offer_backend_channel(peek_backend_channel(&sock));
         match conn.handle_request() {
             Ok(()) => {}
             Err(VhostError::Disconnected) => return "EOF".into(),
@@ -434,6 +436,47 @@ fn peek_vring_enable(sock: &UnixStream) -> Option<(u32, bool)> {
     }
 }
 
+/// The descriptor of the next message if it is a `SET_BACKEND_REQ_FD`
+/// (peeked: a copy, the message stays in the socket for `vhost`).
+fn peek_backend_channel(sock: &UnixStream) -> Option<OwnedFd> {
+    const SET_BACKEND_REQ_FD: u32 = 21;
+    let (got, header, mut fds) = peek_raw(sock);
+    let request = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if got.ok()?.bytes < HEADER_SIZE || request != SET_BACKEND_REQ_FD || fds.len() != 1 {
+        return None;
+    }
+    fds.pop()
+}
+
+/// Peeks the next header and copies of the fds that come with it (room
+/// for one more than `vhost` takes, so that too many show).
+fn peek_raw(
+    sock: &UnixStream,
+) -> (
+    rustix::io::Result<rustix::net::RecvMsg>,
+    [u8; HEADER_SIZE],
+    Vec<OwnedFd>,
+) {
+    let mut header = [0u8; HEADER_SIZE];
+    let mut space =
+        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ATTACHED_FD_ENTRIES + 1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = recvmsg(
+        sock,
+        &mut [IoSliceMut::new(&mut header)],
+        &mut control,
+        RecvFlags::PEEK | RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
+    );
+    let fds = control
+        .drain()
+        .flat_map(|m| match m {
+            RecvAncillaryMessage::ScmRights(fds) => fds.collect::<Vec<_>>(),
+            _ => Vec::new(),
+        })
+        .collect();
+    (got, header, fds)
+}
+
 /// What [`peek_header`] found.
 enum Peek {
     /// A whole header, with few enough fds.
@@ -448,23 +491,8 @@ enum Peek {
 /// Looks at the next header without consuming it; `Err` if it carries more
 /// fds than `vhost` takes. The peeked fds are copies, closed here.
 fn peek_header(sock: &UnixStream) -> Result<Peek, String> {
-    let mut header = [0u8; HEADER_SIZE];
-    let mut space =
-        [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_ATTACHED_FD_ENTRIES + 1))];
-    let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = recvmsg(
-        sock,
-        &mut [IoSliceMut::new(&mut header)],
-        &mut control,
-        RecvFlags::PEEK | RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
-    );
-    let fds: usize = control
-        .drain()
-        .map(|m| match m {
-            RecvAncillaryMessage::ScmRights(fds) => fds.count(),
-            _ => 0,
-        })
-        .sum();
+    let (got, _, fds) = peek_raw(sock);
+    let fds = fds.len();
     let bytes = match got {
         Ok(m) if m.flags.contains(ReturnFlags::CTRUNC) || fds > MAX_ATTACHED_FD_ENTRIES => {
             return Err(format!(
@@ -521,6 +549,14 @@ impl SessionLink for DeviceLink {
         self.device
             .set_call_blocking(id, queue, fd)
             .map_err(|(code, why)| format!("{code}: {why}"))
+    }
+
+    fn config_changed(&mut self) -> bool {
+        let changed = self.device.info.has_changed().unwrap_or(false);
+        if changed {
+            self.device.info.borrow_and_update();
+        }
+        changed
     }
 
     fn lost(&mut self) -> Option<String> {
