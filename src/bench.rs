@@ -392,6 +392,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        standby: Default::default(),
         limits: Default::default(),
         metrics: Default::default(),
         // Everything else at its default, as a production disk would run.

@@ -280,7 +280,12 @@ pub struct NetBackend {
 impl NetBackend {
     pub fn new(cfg: NetConfig, control: SeqPacket) -> Result<Self, BackendError> {
         let engine = Engine::for_polls(&EngineConfig::default()).map_err(BackendError::Engine)?;
-        Ok(NetBackend {
+        Ok(Self::with_engine(cfg, control, engine))
+    }
+
+    /// The backend on an engine set up beforehand (a spare's).
+    pub fn with_engine(cfg: NetConfig, control: SeqPacket, engine: Engine) -> Self {
+        NetBackend {
             cfg,
             engine,
             control,
@@ -293,7 +298,7 @@ impl NetBackend {
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
             rx_scratch: Vec::new(),
             metrics: None,
-        })
+        }
     }
 
     /// Counters so far.

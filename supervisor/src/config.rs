@@ -60,10 +60,11 @@ pub struct DiskConfig {
     /// Offer `feature-discard` (hole punching).
     #[serde(default = "default_true")]
     pub discard: bool,
-    /// Keep a hot-standby backend process per disk (docs/ARCHITECTURE.md §7.5): it
-    /// is exec'd, has the disk open and its io_uring set up, and waits on
-    /// its control socket, so a takeover skips process start-up. Without
-    /// it every takeover is a cold restart.
+    /// Take over with a spare of the block standby pool
+    /// (docs/ARCHITECTURE.md §7.5, `[standby]`): a backend already
+    /// exec'd, set up and confined, waiting for a device, so a takeover
+    /// skips process start-up. Without it (or with no spare ready) a
+    /// takeover is a cold restart.
     #[serde(default = "default_true")]
     pub standby: bool,
     /// The shadow layer (docs/ARCHITECTURE.md §6, §7): the supervisor hands the backend a
@@ -550,6 +551,20 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// `[standby]`: the standby pools (docs/ARCHITECTURE.md §7.5), one per
+/// device class, shared by its devices with `standby = true`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// Spares for the disks; by default one (one disk failing at a time
+    /// takes over warm), none if no disk has `standby = true`.
+    #[serde(default)]
+    pub block_pool: Option<usize>,
+    /// Spares for the vifs, as `block_pool`.
+    #[serde(default)]
+    pub net_pool: Option<usize>,
+}
+
 /// The whole supervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -562,6 +577,9 @@ pub struct Config {
     /// What backends may do.
     #[serde(default)]
     pub backend: BackendPolicy,
+    /// The standby pools.
+    #[serde(default)]
+    pub standby: StandbyConfig,
     /// What one frontend may make a device hold.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -572,6 +590,21 @@ pub struct Config {
     /// The metrics listener.
     #[serde(default)]
     pub metrics: MetricsConfig,
+}
+
+impl Config {
+    /// Spares in the block pool: `[standby] block_pool`, else one if a
+    /// disk may use it.
+    pub fn block_pool(&self) -> usize {
+        let wanted = self.disks.iter().any(|d| d.standby);
+        self.standby.block_pool.unwrap_or(usize::from(wanted))
+    }
+
+    /// Spares in the net pool, as [`block_pool`](Self::block_pool).
+    pub fn net_pool(&self) -> usize {
+        let wanted = self.nics.iter().any(|n| n.standby);
+        self.standby.net_pool.unwrap_or(usize::from(wanted))
+    }
 }
 
 /// A device name usable as a key value.
@@ -609,6 +642,17 @@ impl Config {
         }
         self.control.validate()?;
         self.limits.validate()?;
+        for (class, size) in [
+            ("block_pool", self.standby.block_pool),
+            ("net_pool", self.standby.net_pool),
+        ] {
+            if size.is_some_and(|n| n > crate::pool::MAX_POOL) {
+                return Err(SupervisorError::Config(format!(
+                    "[standby] {class} is above {}",
+                    crate::pool::MAX_POOL
+                )));
+            }
+        }
         for (i, d) in self.disks.iter().enumerate() {
             if !good_name(&d.name) {
                 return Err(SupervisorError::Config(format!(

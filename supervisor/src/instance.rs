@@ -5,20 +5,21 @@
 //! Signals go through the pidfd, never a pid number, so a signal can never
 //! reach a process that reused the pid of a reaped backend.
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use shadowback_shadow::ShadowLog;
-use shadowback_xenbus::protocol::kind;
+use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{AsyncSeqPacket, Message};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::class::DeviceClass;
-use crate::spawn::{spawn_backend, BackendCommand, IoFence};
+use crate::spawn::{spawn_backend, spawn_spare, BackendCommand, IoFence};
 use crate::watchdog::{SchedSample, Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
@@ -91,11 +92,63 @@ impl Instance {
             name,
             &setup.args,
             setup.device_file,
-            metrics,
+            Some(metrics),
             shadow,
             first,
         )?;
-        let io_fence = setup.io_fence;
+        tracing::debug!(device = %name, first, "backend started");
+        Self::started(child, control, setup.io_fence)
+    }
+
+    /// Execs a spare of the standby pool (docs/ARCHITECTURE.md §7.5): a
+    /// backend of `cmd`'s class with no device until [`adopt`](Self::adopt).
+    pub fn start_spare(cmd: &BackendCommand) -> Result<Self, SupervisorError> {
+        let (child, control) = spawn_spare(cmd)?;
+        Self::started(child, control, None)
+    }
+
+    /// Hands this spare device `name`: the instance's own file of the
+    /// device and its I/O fence, as `class` sets them up for any new
+    /// instance, and the device's `metrics` page, with `adopt`
+    /// (docs/PROTOCOL.md §6). The supervisor keeps no reference to the
+    /// file once it is sent (`spawn` module docs (3)). When this returns
+    /// `Ok` the instance is what [`Instance::start`] would have started.
+    pub async fn adopt(
+        &mut self,
+        name: &str,
+        class: &dyn DeviceClass,
+        shadow: bool,
+        metrics: &File,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let setup = class.prepare_instance().map_err(|e| e.to_string())?;
+        let msg = adopt_message(name, &setup.args, shadow)?;
+        // Set before the file leaves: whatever the spare does with it from
+        // now on, fencing the instance waits for it.
+        self.io_fence = setup.io_fence;
+        let mut fds = vec![metrics.as_fd()];
+        fds.extend(setup.device_file.as_ref().map(AsFd::as_fd));
+        self.send(&msg, &fds).await.map_err(|e| e.to_string())?;
+        drop(fds);
+        drop(setup.device_file);
+        let mut aside = Vec::new();
+        let reply = self
+            .reply(timeout, None, &mut aside)
+            .await
+            .map_err(|e| e.to_string())?;
+        if reply.kind() != kind::OK {
+            return Err(format!("spare refused adopt: {reply}"));
+        }
+        tracing::debug!(device = %name, pid = self.pid, "spare adopted");
+        Ok(())
+    }
+
+    /// The instance around a started `child` and its `control` channel.
+    fn started(
+        child: tokio::process::Child,
+        control: shadowback_xenbus::SeqPacket,
+        io_fence: Option<IoFence>,
+    ) -> Result<Self, SupervisorError> {
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
         // The child is not reaped before we `wait` for it, so its pid
         // cannot have been reused yet.
@@ -113,7 +166,6 @@ impl Instance {
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
         let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
-        tracing::debug!(device = %name, pid, first, "backend started");
         Ok(Instance {
             child,
             pid,
@@ -252,6 +304,32 @@ impl Instance {
         }
     }
 }
+
+/// `adopt` for device `name` (docs/PROTOCOL.md §6): `device`, each of the
+/// class's `args` as a key (`--sectors 2048` as `sectors=2048`, a bare
+/// `--readonly` as `readonly=`), and `no-shadow=` without the shadow
+/// layer — what [`spawn_backend`] puts on a backend's command line.
+fn adopt_message(name: &str, args: &[OsString], shadow: bool) -> Result<Message, String> {
+    let mut msg = Message::new(kind::ADOPT).with(key::DEVICE, name);
+    let mut args = args.iter().map(|a| a.to_str()).peekable();
+    while let Some(arg) = args.next() {
+        let flag = arg
+            .and_then(|a| a.strip_prefix("--"))
+            .ok_or_else(|| format!("backend argument {arg:?} is not a --flag"))?;
+        let value = match args.peek() {
+            Some(Some(v)) if !v.starts_with("--") => args.next().flatten().unwrap_or_default(),
+            _ => "",
+        };
+        msg.set(flag, value);
+    }
+    if !shadow {
+        msg.set(NO_SHADOW_KEY, "");
+    }
+    Ok(msg)
+}
+
+/// `--no-shadow` as a key of `adopt`.
+const NO_SHADOW_KEY: &str = "no-shadow";
 
 /// An exit status for logs: "killed by SIGSYS" (a seccomp violation),
 /// "killed by SIGKILL", or the status as the standard library shows it.

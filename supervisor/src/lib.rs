@@ -49,6 +49,7 @@ mod device;
 mod instance;
 mod limits;
 pub mod metrics;
+mod pool;
 mod session;
 mod spawn;
 mod stats;
@@ -180,8 +181,19 @@ async fn serve_registered(
     };
     let mut list = Vec::new();
     let mut vhost = Vec::new();
+    // docs/ARCHITECTURE.md §7.5: one pool of spares per class.
+    let block_pool = pool::StandbyPool::start("blkback", backend.clone(), cfg.block_pool());
+    let net_backend =
+        backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
+    let net_pool = pool::StandbyPool::start("netback", net_backend, cfg.net_pool());
+    tracing::info!(
+        block = cfg.block_pool(),
+        net = cfg.net_pool(),
+        "standby pools"
+    );
     for disk in &cfg.disks {
-        let started = device::start_device(disk, &cfg.limits, &backend).and_then(|handle| {
+        let pool = disk.standby.then(|| block_pool.clone());
+        let started = device::start_device(disk, &cfg.limits, &backend, pool).and_then(|handle| {
             if disk.vhost_user.is_some() {
                 vhost.push(VhostUserServer::start(disk, handle.clone())?);
             }
@@ -214,7 +226,8 @@ async fn serve_registered(
                         device: nic.name.clone(),
                         reason: "no wire".into(),
                     })?;
-                let handle = device::start_nic(nic, &cfg.limits, wire, &backend)?;
+                let pool = nic.standby.then(|| net_pool.clone());
+                let handle = device::start_nic(nic, &cfg.limits, wire, &backend, pool)?;
                 if nic.vhost_user.is_some() {
                     vhost.push(VhostUserServer::start(nic, handle.clone())?);
                 }

@@ -131,6 +131,7 @@ impl Harness {
             disks,
             control: Default::default(),
             backend: Default::default(),
+            standby: Default::default(),
             limits: Default::default(),
             metrics: Default::default(),
             nics: Vec::new(),

@@ -7,7 +7,7 @@ use shadowback_xenbus::{BackendInfo, DiskMode};
 
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
-use crate::spawn::{open_disk, Disk, BACKEND_DISK_FD};
+use crate::spawn::{open_disk, Disk};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
@@ -79,8 +79,6 @@ impl DeviceClass for BlockClass {
             Some(self.disk.io_fence(file.slot)?)
         };
         let mut args: Vec<std::ffi::OsString> = vec![
-            "--disk-fd".into(),
-            BACKEND_DISK_FD.to_string().into(),
             "--backend-id".into(),
             cfg.backend_id.to_string().into(),
             "--sectors".into(),

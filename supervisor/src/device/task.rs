@@ -18,6 +18,7 @@ use super::Settings;
 use crate::class::DeviceClass;
 use crate::instance::{Instance, NoAnswer};
 use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
+use crate::pool::StandbyPool;
 use crate::session::Session;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
@@ -28,8 +29,9 @@ use crate::SupervisorError;
 /// How long a backend may take to answer a control request (`attach`,
 /// including its replay; `detach`; `poison`).
 pub(super) const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Delay before replacing a standby that died or could not be started.
-pub(super) const STANDBY_RETRY: Duration = Duration::from_secs(1);
+/// How long a spare may take to answer `adopt` before a cold start is
+/// tried instead.
+pub(super) const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The current frontend.
 pub(super) struct Attached {
@@ -48,8 +50,6 @@ enum Event {
     Backend(Result<Message, String>),
     /// The current instance's pidfd became readable.
     Exited,
-    StandbyExited,
-    StandbyRetry,
     WatchdogTick,
     Stop,
 }
@@ -65,9 +65,9 @@ pub(super) struct DeviceTask {
     pub(super) class: Box<dyn DeviceClass>,
     /// The instance serving (or ready to serve) the device.
     pub(super) current: Option<Instance>,
-    /// A started instance waiting on its control socket, for takeovers.
-    pub(super) standby: Option<Instance>,
-    pub(super) standby_retry: Option<tokio::time::Instant>,
+    /// Where takeovers find a spare (docs/ARCHITECTURE.md §7.5); `None`
+    /// with `standby = false`.
+    pub(super) pool: Option<StandbyPool>,
     pub(super) attached: Option<Attached>,
     pub(super) next_attachment: u64,
     /// Set when the supervisor gave up on the device; until the next
@@ -103,13 +103,6 @@ async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
 async fn exited(instance: Option<&Instance>) {
     match instance {
         Some(i) => i.exited().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -176,8 +169,6 @@ impl DeviceTask {
                 cmd = rx.recv() => cmd.map_or(Event::Stop, Event::Command),
                 msg = next_message(self.current.as_ref()) => Event::Backend(msg),
                 () = exited(self.current.as_ref()) => Event::Exited,
-                () = exited(self.standby.as_ref()) => Event::StandbyExited,
-                () = sleep_until(self.standby_retry) => Event::StandbyRetry,
                 _ = tick.tick(), if self.watchdog.is_some() => Event::WatchdogTick,
             };
             match event {
@@ -208,17 +199,6 @@ impl DeviceTask {
                     self.on_failure(Failure::Crashed).await;
                 }
                 Event::Exited => self.on_failure(Failure::Crashed).await,
-                Event::StandbyExited => {
-                    if let Some(standby) = self.standby.take() {
-                        let fenced = standby.fence().await;
-                        tracing::warn!(device = %self.name, status = %fenced.status, "standby backend exited");
-                    }
-                    self.standby_retry = Some(tokio::time::Instant::now() + STANDBY_RETRY);
-                }
-                Event::StandbyRetry => {
-                    self.standby_retry = None;
-                    self.ensure_standby();
-                }
                 Event::WatchdogTick => {
                     if let Some(hang) = self.check_hang() {
                         self.on_failure(Failure::Hung { since: hang.since }).await;
@@ -255,7 +235,6 @@ impl DeviceTask {
         update(&mut s);
         s.connected = self.attached.as_ref().is_some_and(|a| a.lost.is_some());
         s.pid = self.current.as_ref().map(Instance::pid);
-        s.standby_pid = self.standby.as_ref().map(Instance::pid);
         s.given_up = self.given_up.is_some();
     }
 
@@ -309,19 +288,35 @@ impl DeviceTask {
         self.watchdog = beat.map(|beat| Watchdog::new(self.hang_timeout(), Instant::now(), beat));
     }
 
-    /// Starts a standby if the config wants one and none is running.
+    /// Asks the pool to replace the spare a takeover took, in the
+    /// background (the guest is already served).
     pub(super) fn ensure_standby(&mut self) {
-        if !self.settings.standby || self.standby.is_some() || self.given_up.is_some() {
-            return;
+        if let Some(pool) = &self.pool {
+            pool.refill();
         }
-        match self.start_instance() {
-            Ok(instance) => {
-                tracing::debug!(device = %self.name, pid = instance.pid(), "standby backend started");
-                self.standby = Some(instance);
-            }
-            Err(e) => {
-                tracing::warn!(device = %self.name, error = %e, "cannot start a standby backend");
-                self.standby_retry = Some(tokio::time::Instant::now() + STANDBY_RETRY);
+    }
+
+    /// A spare of the pool, adopted for this device; `None` when the
+    /// device uses no pool, none is ready, or the one taken failed to
+    /// adopt (it is fenced: a cold start follows).
+    pub(super) async fn adopt_spare(&mut self) -> Option<Instance> {
+        let mut spare = self.pool.as_ref()?.take()?;
+        let adopted = spare
+            .adopt(
+                &self.name,
+                self.class.as_ref(),
+                self.settings.shadow,
+                self.metrics.file(),
+                ADOPT_TIMEOUT,
+            )
+            .await;
+        match adopted {
+            Ok(()) => Some(spare),
+            Err(why) => {
+                let pid = spare.pid();
+                let fenced = spare.fence().await;
+                tracing::warn!(device = %self.name, pid, %why, status = %fenced.status, "spare could not adopt the device");
+                None
             }
         }
     }

@@ -1,0 +1,154 @@
+//! The standby pool (docs/ARCHITECTURE.md §7.5): warm spares of one
+//! device class, shared by every device of that class that may use one.
+//!
+//! A spare is a started, confined backend (`--spare`) waiting on its
+//! control socket with no device. A takeover takes one
+//! ([`StandbyPool::take`]) and hands it the device with `adopt`
+//! ([`Instance::adopt`]); the pool starts the next one in the background
+//! once the device task asks ([`StandbyPool::refill`], after the guest is
+//! served again), and a spare that died is fenced and replaced at the next
+//! tick. Spares are started from the supervisor's runtime thread like
+//! every backend (`spawn` module docs: the death signal).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::instance::Instance;
+use crate::spawn::BackendCommand;
+
+/// How often the pool looks for dead spares and fills itself up, besides
+/// when a device task asks; also the pause after a spare could not be
+/// started.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Largest pool a class may have (`[standby]`).
+pub const MAX_POOL: usize = 64;
+
+/// The spares of one class, shared by its devices and the refill task.
+#[derive(Clone, Debug)]
+pub struct StandbyPool {
+    inner: Arc<Mutex<Spares>>,
+    wake: Arc<Notify>,
+}
+
+#[derive(Debug)]
+struct Spares {
+    /// `blkback` or `netback`, for logs.
+    class: &'static str,
+    cmd: BackendCommand,
+    size: usize,
+    ready: Vec<Instance>,
+    /// Spares found dead by [`StandbyPool::take`], for the task to fence.
+    dead: Vec<Instance>,
+}
+
+impl StandbyPool {
+    /// A pool of `size` spares of `cmd` (a class's backend command), the
+    /// first ones started now, and its refill task. Must run on the
+    /// supervisor's runtime thread.
+    pub fn start(class: &'static str, cmd: BackendCommand, size: usize) -> Self {
+        let pool = StandbyPool {
+            inner: Arc::new(Mutex::new(Spares {
+                class,
+                cmd,
+                size,
+                ready: Vec::with_capacity(size),
+                dead: Vec::new(),
+            })),
+            wake: Arc::new(Notify::new()),
+        };
+        pool.fill();
+        tokio::spawn(pool.clone().refill_task());
+        pool
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Spares> {
+        // A list of processes: a panic elsewhere cannot leave it torn.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live spare, if one is ready. Does not start the next one: the
+    /// caller asks with [`refill`](Self::refill) once the guest is served,
+    /// so the fork is not on the takeover's path.
+    pub fn take(&self) -> Option<Instance> {
+        let mut spares = self.lock();
+        while let Some(spare) = spares.ready.pop() {
+            if !spare.has_exited() {
+                tracing::debug!(class = spares.class, pid = spare.pid(), "spare taken");
+                return Some(spare);
+            }
+            spares.dead.push(spare);
+        }
+        None
+    }
+
+    /// Asks the pool to start what it lacks, in the background.
+    pub fn refill(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Spares ready now.
+    pub fn ready(&self) -> usize {
+        self.lock().ready.len()
+    }
+
+    /// The configured number of spares.
+    pub fn size(&self) -> usize {
+        self.lock().size
+    }
+
+    /// The process id of the spare [`take`](Self::take) would give now.
+    pub fn next_pid(&self) -> Option<u32> {
+        self.lock().ready.last().map(Instance::pid)
+    }
+
+    /// Starts spares until the pool is full or one cannot be started.
+    fn fill(&self) {
+        let mut spares = self.lock();
+        while spares.ready.len() < spares.size {
+            match Instance::start_spare(&spares.cmd) {
+                Ok(spare) => {
+                    tracing::debug!(class = spares.class, pid = spare.pid(), "spare started");
+                    spares.ready.push(spare);
+                }
+                Err(e) => {
+                    tracing::warn!(class = spares.class, error = %e, "cannot start a spare");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Sets aside the spares that have exited, for fencing.
+    fn sweep(&self) -> Vec<Instance> {
+        let mut spares = self.lock();
+        let (dead, live): (Vec<_>, Vec<_>) = std::mem::take(&mut spares.ready)
+            .into_iter()
+            .partition(Instance::has_exited);
+        spares.ready = live;
+        let mut all = std::mem::take(&mut spares.dead);
+        all.extend(dead);
+        all
+    }
+
+    /// Runs for the supervisor's life: on each ask and each [`TICK`],
+    /// fences the dead spares and fills the pool up.
+    async fn refill_task(self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+            for spare in self.sweep() {
+                let pid = spare.pid();
+                let fenced = spare.fence().await;
+                tracing::warn!(pid, status = %fenced.status, "spare backend exited");
+            }
+            self.fill();
+        }
+    }
+}
