@@ -6,8 +6,8 @@
 //! ([`StandbyPool::take`]) and hands it the device with `adopt`
 //! ([`Instance::adopt`]); the pool starts the next one in the background
 //! once the device task asks ([`StandbyPool::refill`], after the guest is
-//! served again), and a spare that died is fenced and replaced at the next
-//! tick. Spares are started from the supervisor's runtime thread like
+//! served again: never while a takeover may still be looking for one), and
+//! a spare that died is fenced and replaced at the next tick. Spares are started from the supervisor's runtime thread like
 //! every backend (`spawn` module docs: the death signal).
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,9 +18,8 @@ use tokio::sync::Notify;
 use crate::instance::Instance;
 use crate::spawn::BackendCommand;
 
-/// How often the pool looks for dead spares and fills itself up, besides
-/// when a device task asks; also the pause after a spare could not be
-/// started.
+/// How often the pool looks for dead spares and replaces them; also the
+/// pause after a spare could not be started.
 const TICK: Duration = Duration::from_secs(1);
 
 /// Largest pool a class may have (`[standby]`).
@@ -59,8 +58,8 @@ impl StandbyPool {
             })),
             wake: Arc::new(Notify::new()),
         };
-        pool.fill();
-        tokio::spawn(pool.clone().refill_task());
+        let short = !pool.fill();
+        tokio::spawn(pool.clone().refill_task(short));
         pool
     }
 
@@ -104,8 +103,9 @@ impl StandbyPool {
         self.lock().ready.last().map(Instance::pid)
     }
 
-    /// Starts spares until the pool is full or one cannot be started.
-    fn fill(&self) {
+    /// Starts spares until the pool is full (`true`) or one cannot be
+    /// started (`false`).
+    fn fill(&self) -> bool {
         let mut spares = self.lock();
         while spares.ready.len() < spares.size {
             match Instance::start_spare(&spares.cmd) {
@@ -115,10 +115,11 @@ impl StandbyPool {
                 }
                 Err(e) => {
                     tracing::warn!(class = spares.class, error = %e, "cannot start a spare");
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 
     /// Sets aside the spares that have exited, for fencing.
@@ -133,22 +134,27 @@ impl StandbyPool {
         all
     }
 
-    /// Runs for the supervisor's life: on each ask and each [`TICK`],
-    /// fences the dead spares and fills the pool up.
-    async fn refill_task(self) {
+    /// Runs for the supervisor's life: fences the dead spares at each
+    /// [`TICK`], and fills the pool up when asked or when one died (or
+    /// when the last fill could not finish).
+    async fn refill_task(self, mut short: bool) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                () = self.wake.notified() => {}
-                _ = tick.tick() => {}
-            }
-            for spare in self.sweep() {
+            let asked = tokio::select! {
+                () = self.wake.notified() => true,
+                _ = tick.tick() => false,
+            };
+            let dead = self.sweep();
+            let refill = asked || short || !dead.is_empty();
+            for spare in dead {
                 let pid = spare.pid();
                 let fenced = spare.fence().await;
                 tracing::warn!(pid, status = %fenced.status, "spare backend exited");
             }
-            self.fill();
+            if refill {
+                short = !self.fill();
+            }
         }
     }
 }

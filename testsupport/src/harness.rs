@@ -182,6 +182,22 @@ impl Harness {
         wait_for_state(STATS_TIMEOUT, what, || self.stats(device), pred)
     }
 
+    /// Waits until `pred` holds for one of `devices`; returns its index.
+    pub fn wait_for_any(
+        &self,
+        devices: &[String],
+        what: &str,
+        pred: impl Fn(&DeviceStats) -> bool,
+    ) -> usize {
+        let found = wait_for_state(
+            STATS_TIMEOUT,
+            what,
+            || devices.iter().position(|d| pred(&self.stats(d))),
+            Option::is_some,
+        );
+        found.expect("checked by the wait")
+    }
+
     /// Stops the supervisor and reports how that went.
     pub fn stop(mut self) {
         self.stop_keeping_files();

@@ -29,9 +29,6 @@ use crate::SupervisorError;
 /// How long a backend may take to answer a control request (`attach`,
 /// including its replay; `detach`; `poison`).
 pub(super) const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a spare may take to answer `adopt` before a cold start is
-/// tried instead.
-pub(super) const ADOPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The current frontend.
 pub(super) struct Attached {
@@ -307,7 +304,7 @@ impl DeviceTask {
                 self.class.as_ref(),
                 self.settings.shadow,
                 self.metrics.file(),
-                ADOPT_TIMEOUT,
+                BACKEND_REPLY_TIMEOUT,
             )
             .await;
         match adopted {
@@ -316,6 +313,7 @@ impl DeviceTask {
                 let pid = spare.pid();
                 let fenced = spare.fence().await;
                 tracing::warn!(device = %self.name, pid, %why, status = %fenced.status, "spare could not adopt the device");
+                self.ensure_standby();
                 None
             }
         }
