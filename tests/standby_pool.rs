@@ -85,7 +85,8 @@ fn two_disks_failing_at_once_share_a_pool_of_one() {
         guest.progressing(name);
     }
     for (guest, name) in guests.into_iter().zip(&names) {
-        guest.finish(name);
+        // Still attached (the front detaches when dropped).
+        let (_front, _rounds) = guest.finish(name);
         let s = harness.stats(name);
         assert_eq!((s.crashes, s.failed_takeovers), (1, 0), "{name}: {s:#?}");
         assert!(s.connected && !s.given_up, "{name}: {s:#?}");

@@ -182,10 +182,10 @@ async fn serve_registered(
     let mut list = Vec::new();
     let mut vhost = Vec::new();
     // docs/ARCHITECTURE.md §7.5: one pool of spares per class.
-    let block_pool = pool::StandbyPool::start("blkback", backend.clone(), cfg.block_pool());
+    let block_pool = pool::StandbyPool::new("blkback", backend.clone(), cfg.block_pool());
     let net_backend =
         backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
-    let net_pool = pool::StandbyPool::start("netback", net_backend, cfg.net_pool());
+    let net_pool = pool::StandbyPool::new("netback", net_backend, cfg.net_pool());
     tracing::info!(
         block = cfg.block_pool(),
         net = cfg.net_pool(),
@@ -248,6 +248,8 @@ async fn serve_registered(
             return Err(e);
         }
     }
+    block_pool.start();
+    net_pool.start();
     let devices = Arc::new(Devices { list });
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");

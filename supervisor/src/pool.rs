@@ -44,11 +44,10 @@ struct Spares {
 }
 
 impl StandbyPool {
-    /// A pool of `size` spares of `cmd` (a class's backend command), the
-    /// first ones started now, and its refill task. Must run on the
-    /// supervisor's runtime thread.
-    pub fn start(class: &'static str, cmd: BackendCommand, size: usize) -> Self {
-        let pool = StandbyPool {
+    /// A pool of `size` spares of `cmd` (a class's backend command), empty
+    /// until [`start`](Self::start).
+    pub fn new(class: &'static str, cmd: BackendCommand, size: usize) -> Self {
+        StandbyPool {
             inner: Arc::new(Mutex::new(Spares {
                 class,
                 cmd,
@@ -57,10 +56,17 @@ impl StandbyPool {
                 dead: Vec::new(),
             })),
             wake: Arc::new(Notify::new()),
-        };
-        let short = !pool.fill();
-        tokio::spawn(pool.clone().refill_task(short));
-        pool
+        }
+    }
+
+    /// Starts the spares and the refill task. Called once every device
+    /// has its image and its first backend: no process of this supervisor
+    /// starts before the images' locks are its own (`spawn` module docs),
+    /// and serving instances come first. Must run on the supervisor's
+    /// runtime thread.
+    pub fn start(&self) {
+        let short = !self.fill();
+        tokio::spawn(self.clone().refill_task(short));
     }
 
     fn lock(&self) -> MutexGuard<'_, Spares> {
