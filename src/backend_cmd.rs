@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::Parser;
 use shadowback_blkback::backend::Backend;
@@ -16,7 +17,7 @@ use shadowback_dataplane::recovery::CrashSpec;
 use shadowback_dataplane::uring::{Engine, EngineConfig};
 use shadowback_netback::backend::{NetBackend, NetConfig};
 use shadowback_shadow::{MetricsPage, MetricsWriter};
-use shadowback_xenbus::protocol::{kind, ErrorCode};
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::CliError;
@@ -139,6 +140,12 @@ fn await_adoption(
     }
 }
 
+/// `ok` to `adopt`, with the µs since it was `told`.
+fn adopted_reply(told: Instant) -> Message {
+    let us = u64::try_from(told.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Message::new(kind::OK).with(key::ADOPT_US, us)
+}
+
 /// Answers a failed adoption and ends the spare: the supervisor starts
 /// the device a backend of its own instead.
 fn refuse_adoption(control: &SeqPacket, e: CliError) -> Result<ExitCode, CliError> {
@@ -253,6 +260,7 @@ fn run_blk_spare(spare: &BlkbackArgs, control: SeqPacket) -> Result<ExitCode, Cl
     let Some(adoption) = await_adoption(&control, spare.control_fd, "blkback")? else {
         return Ok(ExitCode::SUCCESS);
     };
+    let told = Instant::now();
     let set_up = |engine: &mut Engine| -> Result<_, CliError> {
         let args =
             BlkbackArgs::try_parse_from(&adoption.argv).map_err(|e| format!("adopt: {e}"))?;
@@ -267,7 +275,7 @@ fn run_blk_spare(spare: &BlkbackArgs, control: SeqPacket) -> Result<ExitCode, Cl
         Ok(x) => x,
         Err(e) => return refuse_adoption(&control, e),
     };
-    control.send(&Message::new(kind::OK), &[])?;
+    control.send(&adopted_reply(told), &[])?;
     serve_blk(&args, control, engine, Some(metrics))
 }
 
@@ -343,6 +351,7 @@ pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
         let Some(adoption) = await_adoption(&control, args.control_fd, "netback")? else {
             return Ok(ExitCode::SUCCESS);
         };
+        let told = Instant::now();
         let set_up = || -> Result<_, CliError> {
             let args =
                 NetbackArgs::try_parse_from(&adoption.argv).map_err(|e| format!("adopt: {e}"))?;
@@ -356,7 +365,7 @@ pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
             Ok(x) => x,
             Err(e) => return refuse_adoption(&control, e),
         };
-        control.send(&Message::new(kind::OK), &[])?;
+        control.send(&adopted_reply(told), &[])?;
         return serve_net(&args, control, engine, Some(metrics));
     }
     let metrics = metrics_page(args.metrics_fd)?;

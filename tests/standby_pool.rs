@@ -6,9 +6,9 @@
 #![deny(unsafe_code)]
 
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
-use shadowback_supervisor::{CacheMode, DeviceStats, DiskConfig, Fault};
+use shadowback_supervisor::{DeviceStats, Fault};
 use shadowback_testsupport::blockio::Bystander;
-use shadowback_testsupport::harness::{backend_command, Harness};
+use shadowback_testsupport::harness::{backend_command, default_disks, Harness};
 use shadowback_testsupport::temp::TempDir;
 
 const IMAGE_MIB: u64 = 16;
@@ -20,15 +20,7 @@ fn disks(tag: &str, n: usize) -> (Harness, Vec<String>, Vec<Bystander<BlkFront>>
     let names: Vec<String> = (0..n)
         .map(|i| format!("{tag}{i}-{}", std::process::id()))
         .collect();
-    let cfgs = names
-        .iter()
-        .map(|name| {
-            let image = dir.create_image(&format!("{name}.img"), IMAGE_MIB << 20);
-            let mut disk = DiskConfig::new(name, &image);
-            disk.cache = CacheMode::best_for(&image);
-            disk
-        })
-        .collect();
+    let cfgs = default_disks(&dir, &names, IMAGE_MIB);
     let harness = Harness::start_with(dir, cfgs, backend_command());
     let guests = names
         .iter()

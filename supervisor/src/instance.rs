@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -72,6 +73,10 @@ pub struct Instance {
     /// class set it up; `None` when nothing the instance did can land
     /// later (a read-only disk).
     io_fence: Option<IoFence>,
+    /// A spare was sent `adopt` and its `ok` is still to be read.
+    adopting: AtomicBool,
+    /// The spare's `adopt-us`.
+    adopt_us: AtomicU64,
 }
 
 impl Instance {
@@ -111,15 +116,19 @@ impl Instance {
     /// device and its I/O fence, as `class` sets them up for any new
     /// instance, and the device's `metrics` page, with `adopt`
     /// (docs/PROTOCOL.md §6). The supervisor keeps no reference to the
-    /// file once it is sent (`spawn` module docs (3)). When this returns
-    /// `Ok` the instance is what [`Instance::start`] would have started.
+    /// file once it is sent (`spawn` module docs (3)). From then on the
+    /// instance is what [`Instance::start`] would have started: the next
+    /// request (`poison`, `attach`) may follow at once, without a round
+    /// trip — the spare reads it only once it has set up and tightened its
+    /// filter — and [`reply`](Self::reply) takes the `ok` of `adopt` off
+    /// the channel before that request's answer (a refusal is that
+    /// request's failure).
     pub async fn adopt(
         &mut self,
         name: &str,
         class: &dyn DeviceClass,
         shadow: bool,
         metrics: &File,
-        timeout: Duration,
     ) -> Result<(), String> {
         let setup = class.prepare_instance().map_err(|e| e.to_string())?;
         let msg = adopt_message(name, &setup.args, shadow)?;
@@ -131,16 +140,16 @@ impl Instance {
         self.send(&msg, &fds).await.map_err(|e| e.to_string())?;
         drop(fds);
         drop(setup.device_file);
-        let mut aside = Vec::new();
-        let reply = self
-            .reply(timeout, None, &mut aside)
-            .await
-            .map_err(|e| e.to_string())?;
-        if reply.kind() != kind::OK {
-            return Err(format!("spare refused adopt: {reply}"));
-        }
-        tracing::debug!(device = %name, pid = self.pid, "spare adopted");
+        self.adopting.store(true, Ordering::Relaxed);
+        tracing::debug!(device = %name, pid = self.pid, "spare told its device");
         Ok(())
+    }
+
+    /// How long the spare took, by its own clock, from receiving `adopt`
+    /// to being set up for its device (its `adopt-us`); 0 for an instance
+    /// started for the device.
+    pub fn adopt_us(&self) -> u64 {
+        self.adopt_us.load(Ordering::Relaxed)
     }
 
     /// The instance around a started `child` and its `control` channel.
@@ -175,6 +184,8 @@ impl Instance {
             poisons_sent: 0,
             serving: false,
             io_fence,
+            adopting: AtomicBool::new(false),
+            adopt_us: AtomicU64::new(0),
         })
     }
 
@@ -213,11 +224,26 @@ impl Instance {
 
     /// The next message from the backend (cancel-safe).
     pub async fn recv(&self) -> Result<Message, String> {
-        self.control
-            .recv()
-            .await
-            .map(|(msg, _fds)| msg)
-            .map_err(|e| e.to_string())
+        loop {
+            let (msg, _fds) = self.control.recv().await.map_err(|e| e.to_string())?;
+            if !self.took_adopt_answer(&msg).map_err(|e| e.to_string())? {
+                return Ok(msg);
+            }
+        }
+    }
+
+    /// Whether `msg` is the pending answer to `adopt` (then taken: its
+    /// `adopt-us` kept); an error if the spare refused.
+    fn took_adopt_answer(&self, msg: &Message) -> Result<bool, NoAnswer> {
+        if !self.adopting.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if msg.kind() != kind::OK {
+            return Err(NoAnswer::Died(format!("spare refused adopt: {msg}")));
+        }
+        let us = msg.get_u64(key::ADOPT_US).ok().flatten().unwrap_or(0);
+        self.adopt_us.store(us, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Sends one control message.
@@ -251,7 +277,9 @@ impl Instance {
                 biased;
                 msg = self.control.recv() => match msg {
                     Ok((msg, _fds)) if msg.kind() == kind::DISCONNECT => aside.push(msg),
-                    Ok((msg, _fds)) => return Ok(msg),
+                    Ok((msg, _fds)) => if !self.took_adopt_answer(&msg)? {
+                        return Ok(msg);
+                    },
                     Err(e) => return Err(NoAnswer::Died(format!("control channel: {e}"))),
                 },
                 () = self.exited() => return Err(NoAnswer::Died("exited".into())),

@@ -220,6 +220,21 @@ impl Drop for Harness {
     }
 }
 
+/// A disk of the default configuration per name, on a fresh image
+/// `<name>.img` of `mib` MiB in `dir`, opened with O_DIRECT where the file
+/// system allows it.
+pub fn default_disks(dir: &TempDir, names: &[String], mib: u64) -> Vec<DiskConfig> {
+    names
+        .iter()
+        .map(|name| {
+            let image = dir.create_image(&format!("{name}.img"), mib << 20);
+            let mut disk = DiskConfig::new(name, &image);
+            disk.cache = CacheMode::best_for(&image);
+            disk
+        })
+        .collect()
+}
+
 /// An `edit` for [`DiskSetup::start`] that also exports the disk on the
 /// vhost-user socket `vhost.sock` next to its image, then applies `edit`.
 pub fn with_vhost_user(edit: impl FnOnce(&mut DiskConfig)) -> impl FnOnce(&mut DiskConfig) {

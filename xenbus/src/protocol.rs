@@ -76,6 +76,8 @@ pub mod kind {
 
 /// Key names.
 pub mod key {
+    /// A spare's `ok` to `adopt`: µs from receiving it to being set up.
+    pub const ADOPT_US: &str = "adopt-us";
     /// Device name, as configured in the supervisor.
     pub const DEVICE: &str = "device";
     /// XenBus state number.

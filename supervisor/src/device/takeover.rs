@@ -330,6 +330,9 @@ impl DeviceTask {
     ) {
         let report = ReplayReport::of(reply);
         times.replay_us = report.replay_us;
+        // A spare set itself up for the device after it was told: part of
+        // the takeover, though the supervisor did not wait for it alone.
+        times.takeover_us = times.takeover_us.saturating_add(instance.adopt_us());
         instance.serving = true;
         tracing::info!(
             device = %self.name, pid = instance.pid(), from_standby,

@@ -293,9 +293,10 @@ impl DeviceTask {
         }
     }
 
-    /// A spare of the pool, adopted for this device; `None` when the
-    /// device uses no pool, none is ready, or the one taken failed to
-    /// adopt (it is fenced: a cold start follows).
+    /// A spare of the pool, told it is this device's (its `ok` comes
+    /// before the answer to the next request, [`Instance::adopt`]); `None`
+    /// when the device uses no pool, none is ready, or the one taken could
+    /// not be told (it is fenced: a cold start follows).
     pub(super) async fn adopt_spare(&mut self) -> Option<Instance> {
         let mut spare = self.pool.as_ref()?.take()?;
         let adopted = spare
@@ -304,7 +305,6 @@ impl DeviceTask {
                 self.class.as_ref(),
                 self.settings.shadow,
                 self.metrics.file(),
-                BACKEND_REPLY_TIMEOUT,
             )
             .await;
         match adopted {
