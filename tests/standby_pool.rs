@@ -38,6 +38,16 @@ fn spare_ready(s: &DeviceStats) -> bool {
     s.pool_size == 1 && s.pool_spares == 1 && s.standby_pid.is_some()
 }
 
+/// `Seccomp_filters:` of `/proc/PID/status`: how many filters are stacked.
+fn seccomp_filters(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no Seccomp_filters in {status}"))
+}
+
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
     nix::sys::signal::kill(pid, sig).expect("signal the spare");
@@ -103,10 +113,15 @@ fn the_pool_refills_after_a_takeover_and_replaces_a_dead_spare() {
             })
             .standby_pid;
         used.push(spare);
+        let pid = spare.expect("spare");
+        // A spare waits under its own filter (docs/ARCHITECTURE.md §1.1)…
+        assert_eq!(seccomp_filters(pid), "1", "spare {pid}");
         harness.sup().fault(name, Fault::Kill).expect("kill");
         let s = harness.wait_for(name, "the takeover", |s| s.recoveries == round);
         assert_eq!(s.standby_takeovers, round, "round {round}: {s:#?}");
         assert_eq!(s.pid, spare, "round {round}: the spare serves the disk");
+        // …and serves under a backend's on top of it.
+        assert_eq!(seccomp_filters(pid), "2", "adopted spare {pid}");
         guests[0].progressing(name);
     }
     let spare = harness
