@@ -1188,6 +1188,24 @@ mod fixture_tests {
         assert!(Config::parse(&format!("{base}[backend]\nseccomp = false\n")).is_err());
     }
 
+    /// One spare per class that a device may use, unless `[standby]`
+    /// says otherwise; `standby = false` everywhere needs none.
+    #[test]
+    fn the_standby_pools_default_to_one_spare_per_class_in_use() {
+        let disk = "socket = \"/s\"\n[[disk]]\nname = \"d\"\npath = \"/d\"\n";
+        let cfg = Config::parse(disk).unwrap();
+        assert_eq!((cfg.block_pool(), cfg.net_pool()), (1, 0));
+        let cold = Config::parse(&format!("{disk}standby = false\n")).unwrap();
+        assert_eq!(cold.block_pool(), 0);
+        let sized =
+            Config::parse(&format!("{disk}[standby]\nblock_pool = 3\nnet_pool = 2\n")).unwrap();
+        assert_eq!((sized.block_pool(), sized.net_pool()), (3, 2));
+        let none = Config::parse(&format!("{disk}[standby]\nblock_pool = 0\n")).unwrap();
+        assert_eq!(none.block_pool(), 0);
+        assert!(Config::parse(&format!("{disk}[standby]\nblock_pool = 65\n")).is_err());
+        assert!(Config::parse(&format!("{disk}[standby]\npool = 1\n")).is_err());
+    }
+
     #[test]
     fn the_commented_vhost_user_example_is_valid() {
         let text = include_str!("../../fixtures/shadowback.toml");
