@@ -60,22 +60,27 @@ pub enum BenchCommand {
 pub struct BlkBenchArgs {
     /// Print `{"rows":[…]}` on stdout and nothing else.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Seconds per row.
     #[arg(long, default_value_t = 5.0)]
-    duration: f64,
+    pub(crate) duration: f64,
     /// Size of the image in MiB (the random offsets span all of it).
     #[arg(long, default_value_t = 1024)]
-    image_mib: u64,
+    pub(crate) image_mib: u64,
     /// Where to put the temporary image and socket (default: the system temp dir).
     #[arg(long)]
-    dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// How every path opens the image.
     #[arg(long, value_enum, default_value_t = BenchCache::None)]
-    cache: BenchCache,
+    pub(crate) cache: BenchCache,
     /// Queue depths, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
-    qd: Vec<usize>,
+    pub(crate) qd: Vec<usize>,
+    /// The scale curve instead (crate::scalebench): for each count, that
+    /// many disks with one guest each, all at once; aggregate IOPS, p99,
+    /// supervisor and backend CPU and memory per device. E.g. `1,4,16,64`.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) devices: Vec<usize>,
     /// Slices per row: each row's time is split into this many slices and
     /// the paths of one op and QD take turns slice by slice, so a disturbance
     /// of the machine (another job, a device stall) hits them alike.
@@ -89,7 +94,7 @@ pub struct BlkBenchArgs {
     /// `poll_us` of the exports (adaptive polling window in µs; default:
     /// the supervisor's default).
     #[arg(long, default_value_t = DEFAULT_POLL_US, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_US)))]
-    poll_us: u32,
+    pub(crate) poll_us: u32,
     /// Also measure exports with this `poll_us` (rows `xen-ring-poll`,
     /// `vhost-user-poll`), e.g. 50 beside the default 0.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_US)))]
@@ -109,7 +114,7 @@ enum BenchTransport {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum BenchCache {
+pub(crate) enum BenchCache {
     /// O_DIRECT, as the backend opens `cache = "none"` disks.
     None,
     /// Through the host page cache.
@@ -117,7 +122,7 @@ enum BenchCache {
 }
 
 impl BenchCache {
-    fn mode(self) -> CacheMode {
+    pub(crate) fn mode(self) -> CacheMode {
         match self {
             BenchCache::None => CacheMode::None,
             BenchCache::Writeback => CacheMode::Writeback,
@@ -227,16 +232,16 @@ impl IoPath {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
+pub(crate) enum Op {
     RandRead,
     RandWrite,
 }
 
 impl Op {
-    const ALL: [Op; 2] = [Op::RandRead, Op::RandWrite];
+    pub(crate) const ALL: [Op; 2] = [Op::RandRead, Op::RandWrite];
 
     /// Name in the table, the guest's `--bench` value and fio's `--rw`.
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Op::RandRead => "randread",
             Op::RandWrite => "randwrite",
@@ -326,10 +331,10 @@ struct JsonReport<'a> {
 }
 
 /// A child process killed and reaped if it is dropped before it exits.
-struct ChildGuard(Option<Child>);
+pub(crate) struct ChildGuard(pub(crate) Option<Child>);
 
 impl ChildGuard {
-    fn wait(mut self) -> Result<std::process::ExitStatus, CliError> {
+    pub(crate) fn wait(mut self) -> Result<std::process::ExitStatus, CliError> {
         match self.0.take() {
             Some(mut child) => Ok(child.wait()?),
             None => Err("child already reaped".into()),
@@ -369,6 +374,10 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
     if args.rounds == 0 {
         return Err("--rounds must be at least 1".into());
     }
+    if !args.devices.is_empty() {
+        crate::scalebench::run(args, &args.devices)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let slice = Duration::from_secs_f64(args.duration / f64::from(args.rounds));
     let fio = find_in_path("fio");
     let vhost_user = args.transport.contains(&BenchTransport::VhostUser);
@@ -405,6 +414,7 @@ fn run_blk(args: &BlkBenchArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        standby: Default::default(),
         limits: Default::default(),
         metrics: Default::default(),
         // Everything else at its default, as a production disk would run.
@@ -888,10 +898,10 @@ impl TreeCpu {
 }
 
 /// What `/proc/PID/stat` says of a process's CPU time.
-struct ProcCpu {
-    ppid: u32,
+pub(crate) struct ProcCpu {
+    pub(crate) ppid: u32,
     /// utime + stime.
-    own: Duration,
+    pub(crate) own: Duration,
     /// cutime + cstime: the children it waited for.
     reaped: Duration,
 }
@@ -900,7 +910,7 @@ impl ProcCpu {
     /// `/proc` counts in USER_HZ, 100 on every Linux architecture.
     const USER_HZ: u64 = 100;
 
-    fn of(pid: u32) -> Option<Self> {
+    pub(crate) fn of(pid: u32) -> Option<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         // The command name may hold spaces and parentheses: fields are
         // counted from the last ')'. After it come state, ppid, … and
@@ -943,7 +953,7 @@ fn open_image(path: &Path, cache: BenchCache) -> Result<File, CliError> {
 /// then makes it durable so no writeback runs during the measurements. With
 /// `cache none` the page cache is dropped too; with `writeback` it is left
 /// warm, so every path starts from a fully cached image.
-fn prepare_image(path: &Path, bytes: u64, cache: BenchCache) -> Result<(), CliError> {
+pub(crate) fn prepare_image(path: &Path, bytes: u64, cache: BenchCache) -> Result<(), CliError> {
     let ctx = |what: &str, e: &dyn std::fmt::Display| format!("{}: {what}: {e}", path.display());
     let file = OpenOptions::new()
         .read(true)

@@ -114,6 +114,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
         socket: dir.0.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        standby: Default::default(),
         limits: Default::default(),
         metrics: Default::default(),
         disks: vec![DiskConfig {

@@ -191,6 +191,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         socket: dir.join("control.sock"),
         control: Default::default(),
         backend: Default::default(),
+        standby: Default::default(),
         limits: Default::default(),
         metrics: Default::default(),
         disks: vec![DiskConfig {

@@ -24,6 +24,7 @@ mod netfailover;
 mod netns;
 mod netvif;
 mod out;
+mod scalebench;
 mod scratch;
 mod sd_notify;
 

@@ -169,6 +169,7 @@ fn counters_and_latency_move_with_io_and_survive_a_takeover() {
         socket: socket.clone(),
         control: Default::default(),
         backend: Default::default(),
+        standby: Default::default(),
         limits: Default::default(),
         disks: vec![DiskConfig {
             cache: cache_for(&path),

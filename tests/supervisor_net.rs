@@ -321,6 +321,7 @@ fn bad_nic_configs_are_refused_before_anything_starts() {
             nics,
             control: Default::default(),
             backend: Default::default(),
+            standby: Default::default(),
             limits: Default::default(),
             metrics: Default::default(),
         };

@@ -18,7 +18,9 @@ use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::workload::{Pattern, Report, VerifyConfig, VerifyWorkload};
 use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
 use shadowback_testsupport::blockio::assert_verified;
-use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
+use shadowback_testsupport::harness::{
+    backend_command, default_disks, unique_name, DiskSetup, Harness,
+};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_testsupport::wait::wait_for_state;
 
@@ -942,15 +944,7 @@ fn faults_on_one_disk_do_not_disturb_another() {
         format!("a-{}", std::process::id()),
         format!("b-{}", std::process::id()),
     ];
-    let disks = names
-        .iter()
-        .map(|name| {
-            let image = dir.create_image(&format!("{name}.img"), IMAGE_MIB << 20);
-            let mut disk = DiskConfig::new(name, &image);
-            disk.cache = CacheMode::best_for(&image);
-            disk
-        })
-        .collect::<Vec<_>>();
+    let disks = default_disks(&dir, &names, IMAGE_MIB);
     // The neighbour is never faulted: a long hang timeout keeps a busy CI
     // machine's scheduling delays from being taken for a hang there.
     let mut disks = disks;

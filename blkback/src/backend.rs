@@ -42,10 +42,16 @@ impl Backend {
     /// Sets up the engine on `disk`; nothing runs before [`Backend::run`].
     pub fn new(cfg: BackendConfig, control: SeqPacket, disk: &File) -> Result<Self, BackendError> {
         let engine = Engine::new(disk.as_fd(), &cfg.engine).map_err(BackendError::Engine)?;
+        Ok(Self::with_engine(cfg, control, engine))
+    }
+
+    /// The backend on an engine that has its disk already (a spare's,
+    /// adopted: [`Engine::adopt_disk`]).
+    pub fn with_engine(cfg: BackendConfig, control: SeqPacket, engine: Engine) -> Self {
         let mut core = Core::new(cfg.device.clone(), engine, control);
         core.poll_window = Duration::from_micros(u64::from(cfg.poll_us)).min(MAX_POLL_WINDOW);
         core.qos = Qos::new(cfg.qos, std::time::Instant::now());
-        Ok(Backend { cfg, core })
+        Backend { cfg, core }
     }
 
     /// Copies the counters into the device's metrics page while serving.

@@ -56,11 +56,42 @@ pub enum ConfineError {
 /// or have every thread it will ever have (the filter is synchronised to
 /// all of them).
 pub fn confine() -> Result<(), ConfineError> {
+    confine_with(&filter()?)
+}
+
+/// A spare backend's confinement (docs/ARCHITECTURE.md §1.1, §7.5): 1–4
+/// above, with a filter that also lets it do the two things adoption
+/// needs — put its disk in its ring's table (`io_uring_register`, that
+/// operation only) and install a further filter (`seccomp` and the
+/// `prctl` that sets `no_new_privs`, which only ever narrow what it may
+/// do). Returns [`Adopted`], which installs the backend's own filter on
+/// top once the device is set up: filters stack, the stricter answer
+/// wins, so from then on the spare may do exactly what a backend started
+/// for the device may.
+pub fn confine_spare() -> Result<Adopted, ConfineError> {
+    let then = filter()?;
+    confine_with(&build(spare_rules().map_err(ConfineError::Filter)?)?)?;
+    Ok(Adopted { program: then })
+}
+
+/// The backend filter a confined spare installs once it has its device
+/// ([`confine_spare`]); built beforehand, so installing it is one syscall.
+pub struct Adopted {
+    program: BpfProgram,
+}
+
+impl Adopted {
+    /// Installs the backend's filter over the spare's.
+    pub fn tighten(self) -> Result<(), ConfineError> {
+        seccompiler::apply_filter_all_threads(&self.program).map_err(ConfineError::Install)
+    }
+}
+
+fn confine_with(program: &BpfProgram) -> Result<(), ConfineError> {
     limit_resources()?;
     drop_capabilities()?;
     rustix::thread::set_no_new_privs(true).map_err(|e| ConfineError::NoNewPrivs(e.into()))?;
-    let program = filter()?;
-    seccompiler::apply_filter_all_threads(&program).map_err(ConfineError::Install)?;
+    seccompiler::apply_filter_all_threads(program).map_err(ConfineError::Install)?;
     tracing::debug!(
         syscalls = allowed_syscalls().len(),
         "confined: no capabilities, no_new_privs, seccomp filter"
@@ -242,6 +273,29 @@ fn argument_rules() -> &'static [ArgRule] {
 /// `special_rules` allowed, anything else kills the process. Built in the
 /// process it will confine (`tgkill` names its pid).
 pub fn filter() -> Result<BpfProgram, ConfineError> {
+    build(rules().map_err(ConfineError::Filter)?)
+}
+
+/// A spare's rules: a backend's, and what adoption needs
+/// ([`confine_spare`]).
+fn spare_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut rules = rules()?;
+    rules.insert(
+        libc::SYS_io_uring_register,
+        vec![arg_is(1, u64::from(crate::uring::SPARE_REGISTER_OP))?],
+    );
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![arg_is(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))?],
+    );
+    rules.insert(
+        libc::SYS_prctl,
+        vec![arg_is(0, libc::PR_SET_NO_NEW_PRIVS as u64)?],
+    );
+    Ok(rules)
+}
+
+fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls()
         .iter()
         .map(|&(nr, _)| (nr, Vec::new()))
@@ -250,11 +304,14 @@ pub fn filter() -> Result<BpfProgram, ConfineError> {
         let alternatives = values
             .iter()
             .map(|&v| arg_is(index, v))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ConfineError::Filter)?;
+            .collect::<Result<Vec<_>, _>>()?;
         rules.insert(nr, alternatives);
     }
-    rules.extend(special_rules().map_err(ConfineError::Filter)?);
+    rules.extend(special_rules()?);
+    Ok(rules)
+}
+
+fn build(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, ConfineError> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(ConfineError::Filter)?;
     let filter = SeccompFilter::new(
         rules,

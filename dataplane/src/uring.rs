@@ -46,6 +46,10 @@ const ALLOWED_OPCODES: [u8; 6] = [
     opcode::AsyncCancel2::CODE,
 ];
 
+/// The one registration a spare's ring allows once enabled
+/// (`IORING_REGISTER_FILES_UPDATE`): its disk, at adoption.
+pub const SPARE_REGISTER_OP: u8 = 6;
+
 /// Index of the disk in the ring's registered-file table.
 const DISK_FIXED_INDEX: u32 = 0;
 
@@ -424,14 +428,42 @@ impl Engine {
         ring.submitter()
             .register_files(&[disk.as_fd().as_raw_fd()])
             .map_err(EngineError::RegisterDisk)?;
+        Self::restrict(&ring, &[])?;
         Self::with_ring(ring, cfg)
+    }
+
+    /// A ring whose disk comes later ([`Engine::adopt_disk`]), for a spare
+    /// backend that does not know its device yet (docs/ARCHITECTURE.md
+    /// §7.5): the registered-file table has one empty slot, and the ring
+    /// allows one registration after it is enabled, the update of that
+    /// table ([`SPARE_REGISTER_OP`]). The seccomp filter a spare tightens
+    /// to once adopted forbids `io_uring_register` altogether.
+    pub fn spare(cfg: &EngineConfig) -> Result<Self, EngineError> {
+        let ring = Self::build(cfg)?;
+        ring.submitter()
+            .register_files_sparse(1)
+            .map_err(EngineError::RegisterDisk)?;
+        Self::restrict(&ring, &[SPARE_REGISTER_OP])?;
+        Self::with_ring(ring, cfg)
+    }
+
+    /// Puts `disk` in the empty slot of a [`spare`](Self::spare) engine's
+    /// table. As for [`Engine::new`], the ring holds its own reference.
+    pub fn adopt_disk(&mut self, disk: impl AsFd) -> Result<(), EngineError> {
+        self.ring
+            .submitter()
+            .register_files_update(DISK_FIXED_INDEX, &[disk.as_fd().as_raw_fd()])
+            .map_err(EngineError::RegisterDisk)
+            .map(drop)
     }
 
     /// A ring without a registered file, for a loop that only waits on
     /// fds ([`IoOp::PollIn`]): a NIC's wire is read and written by the
     /// loop itself, without blocking. Disk ops on it fail with `EBADF`.
     pub fn for_polls(cfg: &EngineConfig) -> Result<Self, EngineError> {
-        Self::with_ring(Self::build(cfg)?, cfg)
+        let ring = Self::build(cfg)?;
+        Self::restrict(&ring, &[])?;
+        Self::with_ring(ring, cfg)
     }
 
     /// A ring created disabled, so [`Engine::restrict`] can install its
@@ -446,15 +478,17 @@ impl Engine {
     }
 
     /// Allows on `ring` only the opcodes [`build_sqe`] and the cancel on
-    /// drop make, and only the fixed-file flag; no more registrations;
-    /// then enables it. io_uring requests bypass seccomp, so this, not the
+    /// drop make, and only the fixed-file flag; no more registrations
+    /// than `register_ops` (none but a spare's table update); then enables
+    /// it. io_uring requests bypass seccomp, so this, not the
     /// backend's seccomp filter, is what keeps a confined backend from
     /// opening files or sockets through its ring (docs/ARCHITECTURE.md
     /// §1.1).
-    fn restrict(ring: &IoUring) -> Result<(), EngineError> {
+    fn restrict(ring: &IoUring, register_ops: &[u8]) -> Result<(), EngineError> {
         let mut allow: Vec<Restriction> = ALLOWED_OPCODES
             .iter()
             .map(|&op| Restriction::sqe_op(op))
+            .chain(register_ops.iter().map(|&op| Restriction::register_op(op)))
             .collect();
         allow.push(Restriction::sqe_flags_allowed(
             squeue::Flags::FIXED_FILE.bits(),
@@ -469,7 +503,6 @@ impl Engine {
     }
 
     fn with_ring(ring: IoUring, cfg: &EngineConfig) -> Result<Self, EngineError> {
-        Self::restrict(&ring)?;
         // One CQ entry stays free for the cancel-all request issued on drop,
         // so even then the CQ cannot overflow.
         let cq_entries = usize::try_from(ring.params().cq_entries()).map_err(|_| {

@@ -297,7 +297,19 @@ pub struct NetBackend {
 impl NetBackend {
     pub fn new(cfg: NetConfig, control: SeqPacket) -> Result<Self, BackendError> {
         let engine = Engine::for_polls(&EngineConfig::default()).map_err(BackendError::Engine)?;
-        Ok(NetBackend {
+        let tap_batch = TapBatch::new().map_err(BackendError::Engine)?;
+        Ok(Self::with_engine(cfg, control, engine, tap_batch))
+    }
+
+    /// The backend on rings set up beforehand (a spare's: both are set up
+    /// before it is confined, docs/ARCHITECTURE.md §1.1).
+    pub fn with_engine(
+        cfg: NetConfig,
+        control: SeqPacket,
+        engine: Engine,
+        tap_batch: TapBatch,
+    ) -> Self {
+        NetBackend {
             cfg,
             engine,
             control,
@@ -308,11 +320,11 @@ impl NetBackend {
             completions: Vec::with_capacity(64),
             poison: Vec::new(),
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
-            tap_batch: TapBatch::new().map_err(BackendError::Engine)?,
+            tap_batch,
             tx_batched: Vec::with_capacity(TX_BATCH),
             rx_scratch: Vec::new(),
             metrics: None,
-        })
+        }
     }
 
     /// Counters so far.

@@ -61,10 +61,11 @@ pub struct DiskConfig {
     /// Offer `feature-discard` (hole punching).
     #[serde(default = "default_true")]
     pub discard: bool,
-    /// Keep a hot-standby backend process per disk (docs/ARCHITECTURE.md §7.5): it
-    /// is exec'd, has the disk open and its io_uring set up, and waits on
-    /// its control socket, so a takeover skips process start-up. Without
-    /// it every takeover is a cold restart.
+    /// Take over with a spare of the block standby pool
+    /// (docs/ARCHITECTURE.md §7.5, `[standby]`): a backend already
+    /// exec'd, set up and confined, waiting for a device, so a takeover
+    /// skips process start-up. Without it (or with no spare ready) a
+    /// takeover is a cold restart.
     #[serde(default = "default_true")]
     pub standby: bool,
     /// The shadow layer (docs/ARCHITECTURE.md §6, §7): the supervisor hands the backend a
@@ -671,6 +672,20 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// `[standby]`: the standby pools (docs/ARCHITECTURE.md §7.5), one per
+/// device class, shared by its devices with `standby = true`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyConfig {
+    /// Spares for the disks; by default one (one disk failing at a time
+    /// takes over warm), none if no disk has `standby = true`.
+    #[serde(default)]
+    pub block_pool: Option<usize>,
+    /// Spares for the vifs, as `block_pool`.
+    #[serde(default)]
+    pub net_pool: Option<usize>,
+}
+
 /// The whole supervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -683,6 +698,9 @@ pub struct Config {
     /// What backends may do.
     #[serde(default)]
     pub backend: BackendPolicy,
+    /// The standby pools.
+    #[serde(default)]
+    pub standby: StandbyConfig,
     /// What one frontend may make a device hold.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -693,6 +711,21 @@ pub struct Config {
     /// The metrics listener.
     #[serde(default)]
     pub metrics: MetricsConfig,
+}
+
+impl Config {
+    /// Spares in the block pool: `[standby] block_pool`, else one if a
+    /// disk may use it.
+    pub fn block_pool(&self) -> usize {
+        let wanted = self.disks.iter().any(|d| d.standby);
+        self.standby.block_pool.unwrap_or(usize::from(wanted))
+    }
+
+    /// Spares in the net pool, as [`block_pool`](Self::block_pool).
+    pub fn net_pool(&self) -> usize {
+        let wanted = self.nics.iter().any(|n| n.standby);
+        self.standby.net_pool.unwrap_or(usize::from(wanted))
+    }
 }
 
 /// A device name usable as a key value.
@@ -730,6 +763,17 @@ impl Config {
         }
         self.control.validate()?;
         self.limits.validate()?;
+        for (class, size) in [
+            ("block_pool", self.standby.block_pool),
+            ("net_pool", self.standby.net_pool),
+        ] {
+            if size.is_some_and(|n| n > crate::pool::MAX_POOL) {
+                return Err(SupervisorError::Config(format!(
+                    "[standby] {class} is above {}",
+                    crate::pool::MAX_POOL
+                )));
+            }
+        }
         for (i, d) in self.disks.iter().enumerate() {
             if !good_name(&d.name) {
                 return Err(SupervisorError::Config(format!(
@@ -1390,6 +1434,24 @@ mod fixture_tests {
         assert!(!off.backend.confine);
         assert!(Config::parse(&format!("{base}[backend]\nconfine = 1\n")).is_err());
         assert!(Config::parse(&format!("{base}[backend]\nseccomp = false\n")).is_err());
+    }
+
+    /// One spare per class that a device may use, unless `[standby]`
+    /// says otherwise; `standby = false` everywhere needs none.
+    #[test]
+    fn the_standby_pools_default_to_one_spare_per_class_in_use() {
+        let disk = "socket = \"/s\"\n[[disk]]\nname = \"d\"\npath = \"/d\"\n";
+        let cfg = Config::parse(disk).unwrap();
+        assert_eq!((cfg.block_pool(), cfg.net_pool()), (1, 0));
+        let cold = Config::parse(&format!("{disk}standby = false\n")).unwrap();
+        assert_eq!(cold.block_pool(), 0);
+        let sized =
+            Config::parse(&format!("{disk}[standby]\nblock_pool = 3\nnet_pool = 2\n")).unwrap();
+        assert_eq!((sized.block_pool(), sized.net_pool()), (3, 2));
+        let none = Config::parse(&format!("{disk}[standby]\nblock_pool = 0\n")).unwrap();
+        assert_eq!(none.block_pool(), 0);
+        assert!(Config::parse(&format!("{disk}[standby]\nblock_pool = 65\n")).is_err());
+        assert!(Config::parse(&format!("{disk}[standby]\npool = 1\n")).is_err());
     }
 
     #[test]

@@ -5,20 +5,22 @@
 //! Signals go through the pidfd, never a pid number, so a signal can never
 //! reach a process that reused the pid of a reaped backend.
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
 use shadowback_shadow::ShadowLog;
-use shadowback_xenbus::protocol::kind;
+use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{AsyncSeqPacket, Message};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::class::DeviceClass;
-use crate::spawn::{spawn_backend, BackendCommand, IoFence};
+use crate::spawn::{spawn_backend, spawn_spare, BackendCommand, IoFence};
 use crate::watchdog::{SchedSample, Watchdog, CHECK_PERIOD};
 use crate::SupervisorError;
 
@@ -71,6 +73,10 @@ pub struct Instance {
     /// class set it up; `None` when nothing the instance did can land
     /// later (a read-only disk).
     io_fence: Option<IoFence>,
+    /// A spare was sent `adopt` and its `ok` is still to be read.
+    adopting: AtomicBool,
+    /// The spare's `adopt-us`.
+    adopt_us: AtomicU64,
 }
 
 impl Instance {
@@ -91,11 +97,67 @@ impl Instance {
             name,
             &setup.args,
             setup.device_file,
-            metrics,
+            Some(metrics),
             shadow,
             first,
         )?;
-        let io_fence = setup.io_fence;
+        tracing::debug!(device = %name, first, "backend started");
+        Self::started(child, control, setup.io_fence)
+    }
+
+    /// Execs a spare of the standby pool (docs/ARCHITECTURE.md §7.5): a
+    /// backend of `cmd`'s class with no device until [`adopt`](Self::adopt).
+    pub fn start_spare(cmd: &BackendCommand) -> Result<Self, SupervisorError> {
+        let (child, control) = spawn_spare(cmd)?;
+        Self::started(child, control, None)
+    }
+
+    /// Hands this spare device `name`: the instance's own file of the
+    /// device and its I/O fence, as `class` sets them up for any new
+    /// instance, and the device's `metrics` page, with `adopt`
+    /// (docs/PROTOCOL.md §6). The supervisor keeps no reference to the
+    /// file once it is sent (`spawn` module docs (3)). From then on the
+    /// instance is what [`Instance::start`] would have started: the next
+    /// request (`poison`, `attach`) may follow at once, without a round
+    /// trip — the spare reads it only once it has set up and tightened its
+    /// filter — and [`reply`](Self::reply) takes the `ok` of `adopt` off
+    /// the channel before that request's answer (a refusal is that
+    /// request's failure).
+    pub async fn adopt(
+        &mut self,
+        name: &str,
+        class: &dyn DeviceClass,
+        shadow: bool,
+        metrics: &File,
+    ) -> Result<(), String> {
+        let setup = class.prepare_instance().map_err(|e| e.to_string())?;
+        let msg = adopt_message(name, &setup.args, shadow)?;
+        // Set before the file leaves: whatever the spare does with it from
+        // now on, fencing the instance waits for it.
+        self.io_fence = setup.io_fence;
+        let mut fds = vec![metrics.as_fd()];
+        fds.extend(setup.device_file.as_ref().map(AsFd::as_fd));
+        self.send(&msg, &fds).await.map_err(|e| e.to_string())?;
+        drop(fds);
+        drop(setup.device_file);
+        self.adopting.store(true, Ordering::Relaxed);
+        tracing::debug!(device = %name, pid = self.pid, "spare told its device");
+        Ok(())
+    }
+
+    /// How long the spare took, by its own clock, from receiving `adopt`
+    /// to being set up for its device (its `adopt-us`); 0 for an instance
+    /// started for the device.
+    pub fn adopt_us(&self) -> u64 {
+        self.adopt_us.load(Ordering::Relaxed)
+    }
+
+    /// The instance around a started `child` and its `control` channel.
+    fn started(
+        child: tokio::process::Child,
+        control: shadowback_xenbus::SeqPacket,
+        io_fence: Option<IoFence>,
+    ) -> Result<Self, SupervisorError> {
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
         // The child is not reaped before we `wait` for it, so its pid
         // cannot have been reused yet.
@@ -113,7 +175,6 @@ impl Instance {
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
         let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
-        tracing::debug!(device = %name, pid, first, "backend started");
         Ok(Instance {
             child,
             pid,
@@ -123,6 +184,8 @@ impl Instance {
             poisons_sent: 0,
             serving: false,
             io_fence,
+            adopting: AtomicBool::new(false),
+            adopt_us: AtomicU64::new(0),
         })
     }
 
@@ -161,11 +224,26 @@ impl Instance {
 
     /// The next message from the backend (cancel-safe).
     pub async fn recv(&self) -> Result<Message, String> {
-        self.control
-            .recv()
-            .await
-            .map(|(msg, _fds)| msg)
-            .map_err(|e| e.to_string())
+        loop {
+            let (msg, _fds) = self.control.recv().await.map_err(|e| e.to_string())?;
+            if !self.took_adopt_answer(&msg).map_err(|e| e.to_string())? {
+                return Ok(msg);
+            }
+        }
+    }
+
+    /// Whether `msg` is the pending answer to `adopt` (then taken: its
+    /// `adopt-us` kept); an error if the spare refused.
+    fn took_adopt_answer(&self, msg: &Message) -> Result<bool, NoAnswer> {
+        if !self.adopting.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        if msg.kind() != kind::OK {
+            return Err(NoAnswer::Died(format!("spare refused adopt: {msg}")));
+        }
+        let us = msg.get_u64(key::ADOPT_US).ok().flatten().unwrap_or(0);
+        self.adopt_us.store(us, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Sends one control message.
@@ -199,7 +277,9 @@ impl Instance {
                 biased;
                 msg = self.control.recv() => match msg {
                     Ok((msg, _fds)) if msg.kind() == kind::DISCONNECT => aside.push(msg),
-                    Ok((msg, _fds)) => return Ok(msg),
+                    Ok((msg, _fds)) => if !self.took_adopt_answer(&msg)? {
+                        return Ok(msg);
+                    },
                     Err(e) => return Err(NoAnswer::Died(format!("control channel: {e}"))),
                 },
                 () = self.exited() => return Err(NoAnswer::Died("exited".into())),
@@ -252,6 +332,32 @@ impl Instance {
         }
     }
 }
+
+/// `adopt` for device `name` (docs/PROTOCOL.md §6): `device`, each of the
+/// class's `args` as a key (`--sectors 2048` as `sectors=2048`, a bare
+/// `--readonly` as `readonly=`), and `no-shadow=` without the shadow
+/// layer — what [`spawn_backend`] puts on a backend's command line.
+fn adopt_message(name: &str, args: &[OsString], shadow: bool) -> Result<Message, String> {
+    let mut msg = Message::new(kind::ADOPT).with(key::DEVICE, name);
+    let mut args = args.iter().map(|a| a.to_str()).peekable();
+    while let Some(arg) = args.next() {
+        let flag = arg
+            .and_then(|a| a.strip_prefix("--"))
+            .ok_or_else(|| format!("backend argument {arg:?} is not a --flag"))?;
+        let value = match args.peek() {
+            Some(Some(v)) if !v.starts_with("--") => args.next().flatten().unwrap_or_default(),
+            _ => "",
+        };
+        msg.set(flag, value);
+    }
+    if !shadow {
+        msg.set(NO_SHADOW_KEY, "");
+    }
+    Ok(msg)
+}
+
+/// `--no-shadow` as a key of `adopt`.
+const NO_SHADOW_KEY: &str = "no-shadow";
 
 /// An exit status for logs: "killed by SIGSYS" (a seccomp violation),
 /// "killed by SIGKILL", or the status as the standard library shows it.

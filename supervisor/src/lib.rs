@@ -49,6 +49,7 @@ mod device;
 mod instance;
 mod limits;
 pub mod metrics;
+mod pool;
 mod session;
 mod spawn;
 mod stats;
@@ -106,6 +107,9 @@ pub(crate) struct Devices {
     exports: Mutex<Exports>,
     /// How to run a backend (`[backend]` applied).
     backend: BackendCommand,
+    /// The block class's spares (docs/ARCHITECTURE.md §7.5), for disks
+    /// added at run time too.
+    block_pool: pool::StandbyPool,
 }
 
 struct Exports {
@@ -225,8 +229,19 @@ async fn serve_registered(
         None => None,
     };
     let mut list: Vec<Exported> = Vec::new();
+    // docs/ARCHITECTURE.md §7.5: one pool of spares per class.
+    let block_pool = pool::StandbyPool::new("blkback", backend.clone(), cfg.block_pool());
+    let net_backend =
+        backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
+    let net_pool = pool::StandbyPool::new("netback", net_backend, cfg.net_pool());
+    tracing::info!(
+        block = cfg.block_pool(),
+        net = cfg.net_pool(),
+        "standby pools"
+    );
     for disk in &cfg.disks {
-        let started = device::start_device(disk, &cfg.limits, &backend).and_then(|handle| {
+        let pool = disk.standby.then(|| block_pool.clone());
+        let started = device::start_device(disk, &cfg.limits, &backend, pool).and_then(|handle| {
             let vhost = match disk.vhost_user {
                 Some(_) => Some(VhostUserServer::start(disk, handle.clone())?),
                 None => None,
@@ -260,7 +275,8 @@ async fn serve_registered(
                         device: nic.name.clone(),
                         reason: "no wire".into(),
                     })?;
-                let handle = device::start_nic(nic, &cfg.limits, wire, &backend)?;
+                let pool = nic.standby.then(|| net_pool.clone());
+                let handle = device::start_nic(nic, &cfg.limits, wire, &backend, pool)?;
                 let vhost = match nic.vhost_user {
                     Some(_) => Some(VhostUserServer::start(nic, handle.clone())?),
                     None => None,
@@ -282,6 +298,8 @@ async fn serve_registered(
             return Err(e);
         }
     }
+    block_pool.start();
+    net_pool.start();
     let devices = Arc::new(Devices {
         exports: Mutex::new(Exports {
             cfg: cfg.clone(),
@@ -289,6 +307,7 @@ async fn serve_registered(
             busy: Vec::new(),
         }),
         backend: backend.clone(),
+        block_pool,
     });
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");

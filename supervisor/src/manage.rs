@@ -96,12 +96,17 @@ impl Devices {
 /// then publish it.
 async fn add(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
     let disk = DiskConfig::from_pairs(msg.iter()).map_err(invalid)?;
-    let (held, limits) = {
+    let (held, limits, pool_size) = {
         let mut exports = devices.exports();
         let mut next = exports.cfg.clone();
         next.disks.push(disk.clone());
         next.validate().map_err(invalid)?;
-        (devices.reserve(&mut exports, &disk.name)?, next.limits)
+        let pool_size = next.block_pool();
+        (
+            devices.reserve(&mut exports, &disk.name)?,
+            next.limits,
+            pool_size,
+        )
     };
     let opening = disk.clone();
     let class = tokio::task::spawn_blocking(move || BlockClass::open(&opening))
@@ -109,8 +114,17 @@ async fn add(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
         .map_err(|e| (ErrorCode::Enodev, format!("opening the image: {e}")))?
         .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
     // Backends are forked from the runtime's thread (`spawn` module docs).
-    let handle = device::start_disk(&disk, class, &limits, &devices.backend)
-        .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+    let handle = device::start_disk(
+        &disk,
+        class,
+        &limits,
+        &devices.backend,
+        disk.standby.then(|| devices.block_pool.clone()),
+    )
+    .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
+    // The first disk that may use a spare gets the pool its default size
+    // (docs/ARCHITECTURE.md §7.5) when the file left it at 0.
+    devices.block_pool.grow_to(pool_size);
     let vhost = match disk.vhost_user {
         Some(_) => match VhostUserServer::start(&disk, handle.clone()) {
             Ok(server) => Some(server),

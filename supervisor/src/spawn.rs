@@ -438,16 +438,18 @@ pub const NO_CONFINE: &str = "--no-confine";
 /// Starts a backend instance of device `name`: `cmd`, then `--device
 /// NAME --control-fd 3`, the class's `setup.args`, and `--no-shadow`
 /// without the shadow layer. It inherits the control socket as fd 3 and
-/// `device_file` (if the class has one) as fd 4 and the device's
-/// `metrics` page as fd 5 (`--metrics-fd 5`), nothing else; the
-/// supervisor's copy of the device file is closed once the process is started. `first` marks the
-/// device's first instance, the only one that gets [`BackendCommand::env`].
+/// `device_file` (if the class has one) as fd 4 (`--disk-fd 4`) and the
+/// device's `metrics` page as fd 5 (`--metrics-fd 5`), nothing else; the
+/// supervisor's copy of the device file is closed once the process is
+/// started. `first` marks the device's first instance, the only one that
+/// gets [`BackendCommand::env`]. A spare of the standby pool
+/// ([`spawn_spare`]) gets neither file nor metrics page.
 pub fn spawn_backend(
     cmd: &BackendCommand,
     name: &str,
     args: &[std::ffi::OsString],
     device_file: Option<File>,
-    metrics: &File,
+    metrics: Option<&File>,
     shadow: bool,
     first: bool,
 ) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
@@ -456,7 +458,7 @@ pub fn spawn_backend(
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
     let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
-    let metrics_src = metrics.as_raw_fd();
+    let metrics_src = metrics.map(AsRawFd::as_raw_fd);
     let mut command = tokio::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
@@ -465,10 +467,16 @@ pub fn spawn_backend(
         .arg("--control-fd")
         .arg(BACKEND_CONTROL_FD.to_string())
         .args(args)
-        .arg("--metrics-fd")
-        .arg(BACKEND_METRICS_FD.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
+    if disk_src.is_some() {
+        command.arg("--disk-fd").arg(BACKEND_DISK_FD.to_string());
+    }
+    if metrics_src.is_some() {
+        command
+            .arg("--metrics-fd")
+            .arg(BACKEND_METRICS_FD.to_string());
+    }
     if !shadow {
         command.arg("--no-shadow");
     }
@@ -486,7 +494,8 @@ pub fn spawn_backend(
     // `metrics`, alive across the spawn call). All are first copied above
     // fd 10 so that no target number can clobber another source; dup2
     // then clears FD_CLOEXEC on the copies at 3, 4 and 5, and the high
-    // copies close on exec. Without a device file fd 4 is left unused.
+    // copies close on exec. Without a device file fd 4 is left unused,
+    // without a metrics page fd 5.
     // `pre_exec` is the one way to set the death signal and place the fds
     // between fork and exec.
     #[allow(unsafe_code)]
@@ -514,16 +523,18 @@ pub fn spawn_backend(
                 Some(src) => libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10),
                 None => 0,
             };
-            let metrics = libc::fcntl(metrics_src, libc::F_DUPFD_CLOEXEC, 10);
-            if control < 0
-                || disk < 0
-                || metrics < 0
-                || libc::dup2(control, BACKEND_CONTROL_FD) < 0
-                || libc::dup2(metrics, BACKEND_METRICS_FD) < 0
+            let metrics = match metrics_src {
+                Some(src) => libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 10),
+                None => 0,
+            };
+            if control < 0 || disk < 0 || metrics < 0 || libc::dup2(control, BACKEND_CONTROL_FD) < 0
             {
                 return Err(std::io::Error::last_os_error());
             }
             if disk_src.is_some() && libc::dup2(disk, BACKEND_DISK_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if metrics_src.is_some() && libc::dup2(metrics, BACKEND_METRICS_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -535,6 +546,22 @@ pub fn spawn_backend(
     drop(theirs);
     drop(device_file);
     Ok((child, ours))
+}
+
+/// The name a spare's logs go by until it is adopted.
+pub const SPARE_NAME: &str = "spare";
+/// The backend flag that starts a spare.
+pub const SPARE: &str = "--spare";
+
+/// Starts a spare of the standby pool (docs/ARCHITECTURE.md §7.5): `cmd`
+/// (a class's backend command) with `--spare`, inheriting the control
+/// socket alone. It sets itself up, confines itself and waits for
+/// `adopt`, which brings what [`spawn_backend`] would have passed a
+/// backend of the device.
+pub fn spawn_spare(
+    cmd: &BackendCommand,
+) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
+    spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false)
 }
 
 #[cfg(test)]

@@ -61,8 +61,14 @@ pub struct DeviceStats {
     pub connected: bool,
     /// Process id of the instance serving the device, if one runs.
     pub pid: Option<u32>,
-    /// Process id of the hot standby, if one is ready.
+    /// Process id of the spare a takeover of this device would get now
+    /// (its class's pool is shared: several devices may show the same);
+    /// `None` when none is ready or the device uses no pool.
     pub standby_pid: Option<u32>,
+    /// Spares ready in the device's class pool (0 without a pool).
+    pub pool_spares: usize,
+    /// The pool's configured size (0 without a pool).
+    pub pool_size: usize,
     /// The supervisor gave up on the device (too many failed takeovers or
     /// backends dying at start-up). Attaching it fails with `ENODEV` for a
     /// second; the next attach after that gives it a fresh start.
@@ -148,6 +154,8 @@ impl DeviceStats {
             .with(key::CONNECTED, u8::from(self.connected))
             .with(key::PID, self.pid.unwrap_or(0))
             .with(key::STANDBY_PID, self.standby_pid.unwrap_or(0))
+            .with(STATUS_POOL_SPARES, self.pool_spares)
+            .with(STATUS_POOL_SIZE, self.pool_size)
             .with(key::LAST_DETECT_US, last.detect_us)
             .with(key::LAST_FENCE_US, last.fence_us)
             .with(key::LAST_TAKEOVER_US, last.takeover_us)
@@ -188,6 +196,9 @@ impl DeviceStats {
         let pid = |k: &str| -> Result<Option<u32>, XenbusError> {
             Ok(msg.get_u32(k)?.filter(|&p| p != 0))
         };
+        let count = |k: &str| -> Result<usize, XenbusError> {
+            Ok(msg.get_u32(k)?.map_or(0, |c| c as usize))
+        };
         let last = RecoveryTimes {
             detect_us: n(key::LAST_DETECT_US)?,
             fence_us: n(key::LAST_FENCE_US)?,
@@ -220,6 +231,8 @@ impl DeviceStats {
             connected: msg.get_flag(key::CONNECTED)?.unwrap_or(false),
             pid: pid(key::PID)?,
             standby_pid: pid(key::STANDBY_PID)?,
+            pool_spares: count(STATUS_POOL_SPARES)?,
+            pool_size: count(STATUS_POOL_SIZE)?,
             given_up: msg.get_flag(STATUS_GIVEN_UP)?.unwrap_or(false),
             fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
@@ -254,6 +267,8 @@ const STATUS_STANDBY_TAKEOVERS: &str = "standby-takeovers";
 const STATUS_COLD_TAKEOVERS: &str = "cold-takeovers";
 const STATUS_GIVEN_UP: &str = "given-up";
 const STATUS_FRESH_STARTS: &str = "fresh-starts";
+const STATUS_POOL_SPARES: &str = "pool-spares";
+const STATUS_POOL_SIZE: &str = "pool-size";
 const STATUS_LAST_FAILURE: &str = "last-failure";
 /// The stall total and the metrics page's counters.
 const STATUS_STALL_US: &str = "stall-us";
@@ -348,6 +363,8 @@ mod tests {
             connected: true,
             pid: Some(4242),
             standby_pid: None,
+            pool_spares: 1,
+            pool_size: 2,
             given_up: false,
             fresh_starts: 2,
             last_recovery: Some(RecoveryTimes {
@@ -402,6 +419,8 @@ mod tests {
             "given-up",
             "fresh-starts",
             "rx-dropped-in-crash",
+            "pool-spares",
+            "pool-size",
         ] {
             assert!(msg.contains(k), "status lacks {k}");
         }

@@ -2,7 +2,10 @@
 //! supervisor as a backend process. It adopts the control socket on fd 3,
 //! beats the shadow log's heartbeat while a test's script holds one, answers
 //! each control message with what the script returns, and records what it
-//! saw, one line per event, in an event file the test reads.
+//! saw, one line per event, in an event file the test reads. Started as a
+//! spare of the standby pool (`--spare`), it takes `adopt` itself: the
+//! keys become arguments as on a backend's command line, and it answers
+//! `ok`.
 //!
 //! A test binary using it has an entry test, which is a no-op in a normal
 //! run:
@@ -171,6 +174,20 @@ impl FakeBackend {
         Message::new("detached")
     }
 
+    /// A spare's `adopt` (docs/PROTOCOL.md §6): its keys become the
+    /// arguments a backend started for the device has (`--no-shadow`,
+    /// `--sectors 2048`).
+    fn adopt(&mut self, msg: &Message) -> Message {
+        for (k, v) in msg.iter() {
+            self.args.push(format!("--{k}"));
+            if !v.is_empty() {
+                self.args.push(v.to_string());
+            }
+        }
+        self.record("adopt");
+        Message::new("ok")
+    }
+
     /// The answer to a message kind the script does not know.
     pub fn refuse(kind: &str) -> Message {
         Message::new("error")
@@ -193,7 +210,11 @@ impl FakeBackend {
                 Ok(None) => continue,
                 Err(_) => std::process::exit(0),
             };
-            let reply = script(&mut self, msg, fds);
+            let reply = if msg.kind() == "adopt" {
+                self.adopt(&msg)
+            } else {
+                script(&mut self, msg, fds)
+            };
             if self.control.send(&reply, &[]).is_err() {
                 std::process::exit(0);
             }

@@ -131,6 +131,7 @@ impl Harness {
             disks,
             control: Default::default(),
             backend: Default::default(),
+            standby: Default::default(),
             limits: Default::default(),
             metrics: Default::default(),
             nics: Vec::new(),
@@ -181,6 +182,22 @@ impl Harness {
         wait_for_state(STATS_TIMEOUT, what, || self.stats(device), pred)
     }
 
+    /// Waits until `pred` holds for one of `devices`; returns its index.
+    pub fn wait_for_any(
+        &self,
+        devices: &[String],
+        what: &str,
+        pred: impl Fn(&DeviceStats) -> bool,
+    ) -> usize {
+        let found = wait_for_state(
+            STATS_TIMEOUT,
+            what,
+            || devices.iter().position(|d| pred(&self.stats(d))),
+            Option::is_some,
+        );
+        found.expect("checked by the wait")
+    }
+
     /// Stops the supervisor and reports how that went.
     pub fn stop(mut self) {
         self.stop_keeping_files();
@@ -201,6 +218,21 @@ impl Drop for Harness {
             let _ = s.stop();
         }
     }
+}
+
+/// A disk of the default configuration per name, on a fresh image
+/// `<name>.img` of `mib` MiB in `dir`, opened with O_DIRECT where the file
+/// system allows it.
+pub fn default_disks(dir: &TempDir, names: &[String], mib: u64) -> Vec<DiskConfig> {
+    names
+        .iter()
+        .map(|name| {
+            let image = dir.create_image(&format!("{name}.img"), mib << 20);
+            let mut disk = DiskConfig::new(name, &image);
+            disk.cache = CacheMode::best_for(&image);
+            disk
+        })
+        .collect()
 }
 
 /// An `edit` for [`DiskSetup::start`] that also exports the disk on the

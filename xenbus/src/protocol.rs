@@ -60,6 +60,11 @@ pub mod kind {
     /// Supervisor → backend: switch virtqueue `queue`'s call eventfd to the
     /// one descriptor that comes with the message; answered with [`OK`].
     pub const SET_CALL: &str = "set-call";
+    /// Supervisor → spare backend: the device it takes over, as the
+    /// arguments a backend started for it would have, with its metrics
+    /// page and (a disk) its file (docs/PROTOCOL.md §6); answered with
+    /// [`OK`].
+    pub const ADOPT: &str = "adopt";
     /// Supervisor → backend: busy-loop without a heartbeat (fault
     /// injection); never answered.
     pub const SPIN: &str = "spin";
@@ -99,6 +104,8 @@ pub mod kind {
 
 /// Key names.
 pub mod key {
+    /// A spare's `ok` to `adopt`: µs from receiving it to being set up.
+    pub const ADOPT_US: &str = "adopt-us";
     /// Device name, as configured in the supervisor.
     pub const DEVICE: &str = "device";
     /// XenBus state number.
@@ -859,9 +866,10 @@ mod tests {
                 kind::ATTACH_VIRTIO,
                 kind::SET_CALL,
                 kind::SPIN,
-                kind::SYSCALL
+                kind::SYSCALL,
+                kind::ADOPT
             ],
-            ["attach-virtio", "set-call", "spin", "syscall"]
+            ["attach-virtio", "set-call", "spin", "syscall", "adopt"]
         );
         assert_eq!(
             [key::RECOVER, key::BLAME, key::QUEUE, key::SHADOW],

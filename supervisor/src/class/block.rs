@@ -12,7 +12,7 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
 use crate::device::Refusal;
-use crate::spawn::{disk_size, open_disk, Disk, BACKEND_DISK_FD};
+use crate::spawn::{disk_size, open_disk, Disk};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
@@ -128,8 +128,6 @@ impl DeviceClass for BlockClass {
             Some(self.disk.io_fence(file.slot)?)
         };
         let mut args: Vec<std::ffi::OsString> = vec![
-            "--disk-fd".into(),
-            BACKEND_DISK_FD.to_string().into(),
             "--backend-id".into(),
             cfg.backend_id.to_string().into(),
             "--sectors".into(),

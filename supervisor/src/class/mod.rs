@@ -93,7 +93,9 @@ pub trait DeviceClass: Send + Sync + std::fmt::Debug {
 /// One backend instance as its class sets it up.
 #[derive(Debug)]
 pub struct InstanceSetup {
-    /// The class's arguments, after `--device NAME --control-fd 3`.
+    /// The class's arguments, after `--device NAME --control-fd 3`: each
+    /// `--key value` or a bare `--flag` (a spare is told them as the keys
+    /// of `adopt`, docs/PROTOCOL.md §6).
     pub args: Vec<OsString>,
     /// Inherited as fd [`BACKEND_DISK_FD`](crate::BACKEND_DISK_FD); the
     /// supervisor closes its copy once the process is started, so that the

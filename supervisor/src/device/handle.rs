@@ -17,6 +17,7 @@ use super::Refusal;
 use crate::access::AccessList;
 use crate::class::ClassInfo;
 use crate::limits::DeviceLimits;
+use crate::pool::StandbyPool;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
 use crate::vhost_user::VirtioModel;
@@ -162,6 +163,8 @@ pub struct DeviceHandle {
     pub(super) stats: Arc<Mutex<DeviceStats>>,
     /// The device's metrics page, which its instances write.
     pub(super) metrics: Arc<MetricsPage>,
+    /// Its class's standby pool, if it may use it.
+    pub(super) pool: Option<StandbyPool>,
 }
 
 fn stopped() -> Refusal {
@@ -312,6 +315,11 @@ impl DeviceHandle {
     /// and its I/O counters as of the serving instance's last copy.
     pub fn stats(&self) -> DeviceStats {
         let mut stats = lock(&self.stats).clone();
+        if let Some(pool) = &self.pool {
+            stats.standby_pid = pool.next_pid();
+            stats.pool_spares = pool.ready();
+            stats.pool_size = pool.size();
+        }
         match self.metrics.read() {
             Ok(io) => {
                 stats.latency_p50_us = io.latency.quantile_us(0.5);

@@ -1,7 +1,8 @@
 //! One exported device: its backend instances, the frontend attached to
 //! it, and its recovery (docs/ARCHITECTURE.md §4, §7).
 //!
-//! A device task owns the current backend instance, a hot standby, and —
+//! A device task owns the current backend instance, a share of its
+//! class's standby pool (`pool.rs`), and —
 //! for the attached frontend — everything that must outlive a backend (a
 //! [`Session`](crate::session::Session): the frontend's request and fds,
 //! a shadow log per ring). The frontend is a guest on the control socket
@@ -42,6 +43,7 @@ use crate::class::{BlockClass, DeviceClass, NetClass};
 use crate::config::{DiskConfig, LimitsConfig, NicConfig};
 use crate::instance::Instance;
 use crate::limits::{AttachRate, DeviceLimits};
+use crate::pool::StandbyPool;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
 use crate::SupervisorError;
@@ -59,8 +61,6 @@ pub(crate) type Refusal = (ErrorCode, String);
 pub(crate) struct Settings {
     /// The shadow layer: shadow logs, transparent recovery.
     pub shadow: bool,
-    /// Keep a hot-standby instance.
-    pub standby: bool,
     /// The watchdog's `hang_timeout_ms`.
     pub hang_timeout: Duration,
     /// The Xen domain a ring's grants must name (for the watchdog's probe).
@@ -73,7 +73,6 @@ impl Settings {
     fn of(cfg: &DiskConfig, limits: &LimitsConfig) -> Self {
         Settings {
             shadow: cfg.shadow,
-            standby: cfg.standby,
             hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
             backend_id: cfg.backend_id,
             limits: DeviceLimits::new(limits),
@@ -83,7 +82,6 @@ impl Settings {
     fn of_nic(cfg: &NicConfig, limits: &LimitsConfig) -> Self {
         Settings {
             shadow: cfg.shadow,
-            standby: cfg.standby,
             hang_timeout: Duration::from_millis(cfg.hang_timeout_ms),
             backend_id: cfg.backend_id,
             limits: DeviceLimits::new(limits),
@@ -91,14 +89,16 @@ impl Settings {
     }
 }
 
-/// Opens the disk, starts its backend (and standby) and the task that owns
-/// them; `limits` bound what a frontend makes it hold.
+/// Opens the disk, starts its backend and the task that owns it;
+/// `limits` bound what a frontend makes it hold; its takeovers take
+/// spares from `pool` (none: `standby = false`).
 pub fn start_device(
     cfg: &DiskConfig,
     limits: &LimitsConfig,
     cmd: &BackendCommand,
+    pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
-    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd)
+    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd, pool)
 }
 
 /// [`start_device`] with the image opened already (a disk added at run
@@ -109,19 +109,28 @@ pub fn start_disk(
     class: BlockClass,
     limits: &LimitsConfig,
     cmd: &BackendCommand,
+    pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(class);
     let access = AccessList::new(&cfg.allow_uids, &cfg.allow_gids);
-    start(&cfg.name, class, Settings::of(cfg, limits), access, cmd)
+    start(
+        &cfg.name,
+        class,
+        Settings::of(cfg, limits),
+        access,
+        cmd,
+        pool,
+    )
 }
 
-/// Starts the backend (and standby) of vif `cfg` on `wire`, which the
-/// device holds from now on, and the task that owns them.
+/// Starts the backend of vif `cfg` on `wire`, which the device holds
+/// from now on, and the task that owns it; spares come from `pool`.
 pub fn start_nic(
     cfg: &NicConfig,
     limits: &LimitsConfig,
     wire: HeldWire,
     cmd: &BackendCommand,
+    pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
     let class: Box<dyn DeviceClass> = Box::new(NetClass::new(cfg, wire)?);
     let cmd = cmd.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
@@ -132,17 +141,19 @@ pub fn start_nic(
         Settings::of_nic(cfg, limits),
         access,
         &cmd,
+        pool,
     )
 }
 
-/// Starts the first backend instance of device `name` (and its standby)
-/// and the task that owns them; `access` says who may use it.
+/// Starts the first backend instance of device `name` and the task that
+/// owns it; `access` says who may use it.
 fn start(
     name: &str,
     class: Box<dyn DeviceClass>,
     settings: Settings,
     access: AccessList,
     cmd: &BackendCommand,
+    pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
     // Outlives every instance, so its counters add up across them.
     let metrics = Arc::new(
@@ -162,15 +173,14 @@ fn start(
     let (tx, rx) = mpsc::channel(16);
     let task_limits = settings.limits;
     let attach_rate = AttachRate::new(task_limits.attaches_per_second);
-    let mut task = DeviceTask {
+    let task = DeviceTask {
         name: name.to_string(),
         attach_rate,
         settings,
         cmd: cmd.clone(),
         class,
         current: Some(current),
-        standby: None,
-        standby_retry: None,
+        pool: pool.clone(),
         attached: None,
         next_attachment: 1,
         given_up: None,
@@ -184,7 +194,6 @@ fn start(
         metrics: metrics.clone(),
         info: info_tx,
     };
-    task.ensure_standby();
     task.publish();
     tokio::spawn(task.run(rx));
     Ok(DeviceHandle {
@@ -196,5 +205,6 @@ fn start(
         tx,
         stats,
         metrics,
+        pool,
     })
 }

@@ -102,15 +102,11 @@ impl ReplayReport {
     }
 }
 impl DeviceTask {
-    /// The standby if it is alive, else a cold-started instance; `true`
-    /// when it is the standby.
+    /// A spare of the pool, adopted, else a cold-started instance; `true`
+    /// when it is a spare.
     pub(super) async fn next_instance(&mut self) -> Result<(Instance, bool), SupervisorError> {
-        if let Some(standby) = self.standby.take() {
-            if !standby.has_exited() {
-                return Ok((standby, true));
-            }
-            let fenced = standby.fence().await;
-            tracing::warn!(device = %self.name, status = %fenced.status, "standby backend had exited");
+        if let Some(spare) = self.adopt_spare().await {
+            return Ok((spare, true));
         }
         Ok((self.start_instance()?, false))
     }
@@ -334,6 +330,9 @@ impl DeviceTask {
     ) {
         let report = ReplayReport::of(reply);
         times.replay_us = report.replay_us;
+        // A spare set itself up for the device after it was told: part of
+        // the takeover, though the supervisor did not wait for it alone.
+        times.takeover_us = times.takeover_us.saturating_add(instance.adopt_us());
         instance.serving = true;
         tracing::info!(
             device = %self.name, pid = instance.pid(), from_standby,
@@ -382,10 +381,7 @@ impl DeviceTask {
             at: Instant::now(),
         });
         self.watchdog = None;
-        for instance in [self.current.take(), self.standby.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(instance) = self.current.take() {
             instance.fence().await;
         }
     }

@@ -18,6 +18,7 @@ use super::Settings;
 use crate::class::{ClassInfo, DeviceClass};
 use crate::instance::{Instance, NoAnswer};
 use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
+use crate::pool::StandbyPool;
 use crate::session::Session;
 use crate::spawn::BackendCommand;
 use crate::stats::DeviceStats;
@@ -28,8 +29,6 @@ use crate::SupervisorError;
 /// How long a backend may take to answer a control request (`attach`,
 /// including its replay; `detach`; `poison`).
 pub(super) const BACKEND_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Delay before replacing a standby that died or could not be started.
-pub(super) const STANDBY_RETRY: Duration = Duration::from_secs(1);
 
 /// The current frontend.
 pub(super) struct Attached {
@@ -48,8 +47,6 @@ enum Event {
     Backend(Result<Message, String>),
     /// The current instance's pidfd became readable.
     Exited,
-    StandbyExited,
-    StandbyRetry,
     WatchdogTick,
     Stop,
 }
@@ -65,9 +62,9 @@ pub(super) struct DeviceTask {
     pub(super) class: Box<dyn DeviceClass>,
     /// The instance serving (or ready to serve) the device.
     pub(super) current: Option<Instance>,
-    /// A started instance waiting on its control socket, for takeovers.
-    pub(super) standby: Option<Instance>,
-    pub(super) standby_retry: Option<tokio::time::Instant>,
+    /// Where takeovers find a spare (docs/ARCHITECTURE.md §7.5); `None`
+    /// with `standby = false`.
+    pub(super) pool: Option<StandbyPool>,
     pub(super) attached: Option<Attached>,
     pub(super) next_attachment: u64,
     /// Set when the supervisor gave up on the device; until the next
@@ -105,13 +102,6 @@ async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
 async fn exited(instance: Option<&Instance>) {
     match instance {
         Some(i) => i.exited().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
@@ -178,8 +168,6 @@ impl DeviceTask {
                 cmd = rx.recv() => cmd.map_or(Event::Stop, Event::Command),
                 msg = next_message(self.current.as_ref()) => Event::Backend(msg),
                 () = exited(self.current.as_ref()) => Event::Exited,
-                () = exited(self.standby.as_ref()) => Event::StandbyExited,
-                () = sleep_until(self.standby_retry) => Event::StandbyRetry,
                 _ = tick.tick(), if self.watchdog.is_some() => Event::WatchdogTick,
             };
             match event {
@@ -226,17 +214,6 @@ impl DeviceTask {
                     self.on_failure(Failure::Crashed).await;
                 }
                 Event::Exited => self.on_failure(Failure::Crashed).await,
-                Event::StandbyExited => {
-                    if let Some(standby) = self.standby.take() {
-                        let fenced = standby.fence().await;
-                        tracing::warn!(device = %self.name, status = %fenced.status, "standby backend exited");
-                    }
-                    self.standby_retry = Some(tokio::time::Instant::now() + STANDBY_RETRY);
-                }
-                Event::StandbyRetry => {
-                    self.standby_retry = None;
-                    self.ensure_standby();
-                }
                 Event::WatchdogTick => {
                     if let Some(hang) = self.check_hang() {
                         self.on_failure(Failure::Hung { since: hang.since }).await;
@@ -279,7 +256,6 @@ impl DeviceTask {
         update(&mut s);
         s.connected = self.attached.as_ref().is_some_and(|a| a.lost.is_some());
         s.pid = self.current.as_ref().map(Instance::pid);
-        s.standby_pid = self.standby.as_ref().map(Instance::pid);
         s.given_up = self.given_up.is_some();
     }
 
@@ -333,19 +309,36 @@ impl DeviceTask {
         self.watchdog = beat.map(|beat| Watchdog::new(self.hang_timeout(), Instant::now(), beat));
     }
 
-    /// Starts a standby if the config wants one and none is running.
+    /// Asks the pool to replace the spare a takeover took, in the
+    /// background (the guest is already served).
     pub(super) fn ensure_standby(&mut self) {
-        if !self.settings.standby || self.standby.is_some() || self.given_up.is_some() {
-            return;
+        if let Some(pool) = &self.pool {
+            pool.refill();
         }
-        match self.start_instance() {
-            Ok(instance) => {
-                tracing::debug!(device = %self.name, pid = instance.pid(), "standby backend started");
-                self.standby = Some(instance);
-            }
-            Err(e) => {
-                tracing::warn!(device = %self.name, error = %e, "cannot start a standby backend");
-                self.standby_retry = Some(tokio::time::Instant::now() + STANDBY_RETRY);
+    }
+
+    /// A spare of the pool, told it is this device's (its `ok` comes
+    /// before the answer to the next request, [`Instance::adopt`]); `None`
+    /// when the device uses no pool, none is ready, or the one taken could
+    /// not be told (it is fenced: a cold start follows).
+    pub(super) async fn adopt_spare(&mut self) -> Option<Instance> {
+        let mut spare = self.pool.as_ref()?.take()?;
+        let adopted = spare
+            .adopt(
+                &self.name,
+                self.class.as_ref(),
+                self.settings.shadow,
+                self.metrics.file(),
+            )
+            .await;
+        match adopted {
+            Ok(()) => Some(spare),
+            Err(why) => {
+                let pid = spare.pid();
+                let fenced = spare.fence().await;
+                tracing::warn!(device = %self.name, pid, %why, status = %fenced.status, "spare could not adopt the device");
+                self.ensure_standby();
+                None
             }
         }
     }
@@ -381,18 +374,15 @@ impl DeviceTask {
         }
         self.attached = None;
         self.watchdog = None;
-        self.standby_retry = None;
-        for instance in [self.current.take(), self.standby.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(instance) = self.current.take() {
             instance.fence().await;
         }
         Ok(())
     }
 
-    /// Sends `msg` (a `resize` or `qos`) to the serving instance and the
-    /// standby and waits for each answer. An instance that dies or hangs
+    /// Sends `msg` (a `resize` or `qos`) to the serving instance and waits
+    /// for its answer (a spare of the pool learns the device's settings
+    /// when it adopts it, docs/ARCHITECTURE.md §7.5). An instance that dies or hangs
     /// meanwhile is replaced by the main loop, and its replacement is
     /// started with the class's settings, which the caller changed first
     /// (or, for a shrink, changes next).
@@ -404,10 +394,9 @@ impl DeviceTask {
             .as_ref()
             .and_then(|a| a.session.as_ref())
             .map(|s| s.log());
-        for instance in [self.current.as_mut(), self.standby.as_mut()] {
-            let Some(instance) = instance else { continue };
+        if let Some(instance) = self.current.as_mut() {
             // A serving instance is also given up on when its heartbeat
-            // stalls; a standby has none.
+            // stalls.
             let liveness = log.filter(|_| instance.serving).map(|l| (l, hang_timeout));
             let result = match instance.send(msg, &[]).await {
                 Ok(()) => {
