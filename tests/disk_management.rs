@@ -316,7 +316,10 @@ fn disks_are_added_resized_and_removed_while_another_keeps_serving() {
     worker.join().expect("worker");
     assert!(failed.load(Ordering::Relaxed));
     assert!(up.device("new").is_none(), "a removed disk is in status");
-    assert!(gone(pid), "backend {pid} of the removed disk is still there");
+    assert!(
+        gone(pid),
+        "backend {pid} of the removed disk is still there"
+    );
     assert!(!gone(spare), "the pool's spare went with a removed disk");
     assert_eq!(up.counter("keep", "standby-pid"), spare);
     bystander.progressing("after the removal");
