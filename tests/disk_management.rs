@@ -341,6 +341,36 @@ fn disks_are_added_resized_and_removed_while_another_keeps_serving() {
     up.sigterm();
 }
 
+/// A supervisor whose file names no disk that may use a spare starts an
+/// empty standby pool; the first such disk added at run time gets the
+/// pool its default size, and a spare takes its backend's place after a
+/// kill (docs/ARCHITECTURE.md §7.5).
+#[test]
+fn a_disk_added_at_run_time_gets_a_spare_from_the_pool() {
+    let up = Up::start("dm-pool", &[("plain", 8, "standby = false")]);
+    assert_eq!(up.counter("plain", "pool-size"), 0);
+    up.add("spared", &[]);
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while up.counter("spared", "standby-pid") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no spare for the added disk\n{}",
+            up.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(up.counter("spared", "pool-size"), 1);
+    let spare = up.counter("spared", "standby-pid");
+    let mut guest = up.guest("spared");
+    verified_io(&mut guest, 0, 1).expect("I/O before the kill");
+    up.ok(&["fault", "spared", "kill"]);
+    verified_io(&mut guest, 64, 2).expect("I/O after the kill");
+    assert_eq!(up.counter("spared", "pid"), spare, "the spare took over");
+    assert_eq!(up.counter("spared", "standby-takeovers"), 1);
+    guest.detach().expect("detach");
+    up.sigterm();
+}
+
 #[test]
 fn two_operators_cannot_race_on_one_name() {
     let up = Up::start("dm-race", &[("keep", 8, "")]);
