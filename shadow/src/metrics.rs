@@ -343,6 +343,20 @@ impl MetricsPage {
         }
         Err(ShadowError::MetricsBusy)
     }
+
+    /// Loads the page as its only writer may: the previous instance is
+    /// fenced (it runs no more), so an odd sequence number is a copy it
+    /// left half written, not one in progress. Each word of such a copy is
+    /// the old or the new value of a counter that only grows, so the
+    /// next instance may count on from it; its first copy makes the
+    /// sequence even again.
+    pub fn read_as_only_writer(&self) -> Result<IoCounters, ShadowError> {
+        let mut w = [0u64; WORDS];
+        for (i, slot) in w.iter_mut().enumerate() {
+            *slot = self.region.load((i * 8) as u64, Ordering::Acquire)?;
+        }
+        Ok(IoCounters::from_words(&w))
+    }
 }
 
 /// The serving instance's side: its own totals, added to what the page
@@ -368,7 +382,9 @@ impl MetricsWriter {
     /// This instance serves from now on (an attach succeeded): it was
     /// fenced before, or is the only one. `local`: its totals now.
     pub fn take_over(&mut self, local: &IoCounters) {
-        match self.page.read() {
+        // Not `read`: a predecessor killed inside a copy left the sequence
+        // odd for good, and this instance would never publish.
+        match self.page.read_as_only_writer() {
             Ok(page) => self.base = Some((page, *local)),
             Err(e) => tracing::warn!(error = %e, "metrics page unreadable"),
         }
@@ -563,8 +579,19 @@ mod tests {
             let _stop = Stop(&stop);
             let mut changed = 0;
             let mut last = 0;
+            let mut busy = 0;
             for _ in 0..20_000 {
-                let c = page.read().unwrap();
+                // Busy (the writer was preempted inside a copy for all of
+                // the reader's attempts, seen at load 30) is no copy, and
+                // never a mixed one.
+                let c = match page.read() {
+                    Ok(c) => c,
+                    Err(ShadowError::MetricsBusy) => {
+                        busy += 1;
+                        continue;
+                    }
+                    Err(e) => panic!("{e}"),
+                };
                 assert_eq!(
                     (c.errors, c.bytes_to_guest, c.bytes_from_guest),
                     (c.requests, c.requests, c.requests),
@@ -577,7 +604,7 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             assert!(
                 changed > 10,
-                "the writer barely ran ({changed} copies seen)"
+                "the writer barely ran ({changed} copies seen, {busy} reads busy)"
             );
         });
     }
@@ -589,6 +616,38 @@ mod tests {
         assert!(matches!(page.read(), Err(ShadowError::MetricsBusy)));
         page.region.store(8u64, SEQ, Ordering::Relaxed).unwrap();
         assert_eq!(page.read().unwrap(), IoCounters::default());
+    }
+
+    /// An instance killed inside a copy leaves the sequence odd; the next
+    /// one counts on from the half-written copy and its first copy makes
+    /// the page readable again (with `read` it never published at all).
+    #[test]
+    fn an_instance_takes_over_a_copy_its_predecessor_left_half_written() {
+        let page = MetricsPage::create().unwrap();
+        let open = || {
+            let fd: OwnedFd = page.file().try_clone().unwrap().into();
+            MetricsWriter::new(MetricsPage::open(fd).unwrap())
+        };
+        let mut first = open();
+        first.take_over(&IoCounters::default());
+        let five = IoCounters {
+            requests: 5,
+            ..IoCounters::default()
+        };
+        first.publish(Instant::now(), &five, true);
+        // Killed inside its next copy: odd sequence, `requests` written.
+        let seq: u64 = page.region.load(SEQ, Ordering::Relaxed).unwrap();
+        page.region.store(seq | 1, SEQ, Ordering::Relaxed).unwrap();
+        page.region.store(7u64, 8, Ordering::Relaxed).unwrap();
+        assert!(matches!(page.read(), Err(ShadowError::MetricsBusy)));
+        let mut next = open();
+        next.take_over(&IoCounters::default());
+        let two = IoCounters {
+            requests: 2,
+            ..IoCounters::default()
+        };
+        next.publish(Instant::now(), &two, true);
+        assert_eq!(page.read().unwrap().requests, 9);
     }
 
     #[test]

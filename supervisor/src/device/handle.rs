@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use shadowback_shadow::MetricsPage;
+use shadowback_shadow::{IoCounters, MetricsPage};
 use shadowback_xenbus::netif::{NetAttachRequest, NetFds};
 use shadowback_xenbus::protocol::{
     action, key, kind, AttachRequest, DeviceFds, ErrorCode, QosLimits,
@@ -163,6 +163,9 @@ pub struct DeviceHandle {
     pub(super) stats: Arc<Mutex<DeviceStats>>,
     /// The device's metrics page, which its instances write.
     pub(super) metrics: Arc<MetricsPage>,
+    /// The last copy read whole from `metrics`, shown while a read finds
+    /// the writer busy, so counters a scraper sees never go back.
+    pub(super) last_io: Arc<Mutex<IoCounters>>,
     /// Its class's standby pool, if it may use it.
     pub(super) pool: Option<StandbyPool>,
 }
@@ -320,14 +323,16 @@ impl DeviceHandle {
             stats.pool_spares = pool.ready();
             stats.pool_size = pool.size();
         }
+        let mut last = self.last_io.lock().unwrap_or_else(|e| e.into_inner());
         match self.metrics.read() {
-            Ok(io) => {
-                stats.latency_p50_us = io.latency.quantile_us(0.5);
-                stats.latency_p99_us = io.latency.quantile_us(0.99);
-                stats.io = io;
+            Ok(io) => *last = io,
+            Err(e) => {
+                tracing::warn!(device = %self.name, error = %e, "metrics page unreadable; showing the last copy");
             }
-            Err(e) => tracing::warn!(device = %self.name, error = %e, "metrics page unreadable"),
         }
+        stats.io = *last;
+        stats.latency_p50_us = last.latency.quantile_us(0.5);
+        stats.latency_p99_us = last.latency.quantile_us(0.99);
         stats
     }
 }

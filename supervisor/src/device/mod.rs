@@ -205,6 +205,7 @@ fn start(
         tx,
         stats,
         metrics,
+        last_io: Arc::default(),
         pool,
     })
 }
