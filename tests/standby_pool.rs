@@ -48,6 +48,20 @@ fn seccomp_filters(pid: u32) -> String {
         .unwrap_or_else(|| panic!("no Seccomp_filters in {status}"))
 }
 
+/// Waits until spare `pid` has confined itself: a spare is in the pool
+/// from its fork on, and installs its filter once its engine is set up,
+/// before it reads its first control message (so before any `adopt`).
+fn wait_confined(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while seccomp_filters(pid) == "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spare {pid} never confined itself"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid"));
     nix::sys::signal::kill(pid, sig).expect("signal the spare");
@@ -115,6 +129,7 @@ fn the_pool_refills_after_a_takeover_and_replaces_a_dead_spare() {
         used.push(spare);
         let pid = spare.expect("spare");
         // A spare waits under its own filter (docs/ARCHITECTURE.md §1.1)…
+        wait_confined(pid);
         assert_eq!(seccomp_filters(pid), "1", "spare {pid}");
         harness.sup().fault(name, Fault::Kill).expect("kill");
         let s = harness.wait_for(name, "the takeover", |s| s.recoveries == round);
