@@ -468,13 +468,36 @@ impl Engine {
 
     /// A ring created disabled, so [`Engine::restrict`] can install its
     /// allowlist before any request runs.
+    ///
+    /// Without SQPOLL the ring is set up as fio sets up its own
+    /// (docs/ARCHITECTURE.md §11.2): one task submits and reaps
+    /// (`SINGLE_ISSUER`), completions are posted only when that task
+    /// enters the kernel to reap (`DEFER_TASKRUN`), so a completion neither
+    /// interrupts the loop while it runs (`COOP_TASKRUN`) nor wakes it
+    /// before the wait it asked for is met; `TASKRUN_FLAG` shows pending
+    /// completions in the SQ flags, which [`Engine::has_completions`]
+    /// reads. A kernel that knows none of these (before 6.1) gets the
+    /// plain ring.
     fn build(cfg: &EngineConfig) -> Result<IoUring, EngineError> {
         let mut builder = IoUring::builder();
         builder.setup_r_disabled();
         if cfg.sqpoll {
             builder.setup_sqpoll(SQPOLL_IDLE_MS);
+            return builder.build(cfg.entries).map_err(EngineError::Setup);
         }
-        builder.build(cfg.entries).map_err(EngineError::Setup)
+        let mut deferred = builder.clone();
+        deferred
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .setup_single_issuer()
+            .setup_defer_taskrun();
+        match deferred.build(cfg.entries) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("io_uring without deferred task work (old kernel)");
+                builder.build(cfg.entries).map_err(EngineError::Setup)
+            }
+            ring => ring.map_err(EngineError::Setup),
+        }
     }
 
     /// Allows on `ring` only the opcodes [`build_sqe`] and the cancel on
@@ -635,9 +658,13 @@ impl Engine {
     }
 
     /// Whether completions wait to be drained (no syscall: a look at the
-    /// CQ's tail), for a loop that polls instead of sleeping.
+    /// CQ's tail and at the SQ flags), for a loop that polls instead of
+    /// sleeping. With deferred task work a finished op is not in the CQ
+    /// until the next [`Engine::submit_and_wait`] (any `min_complete`)
+    /// posts it; the kernel's `IORING_SQ_TASKRUN` flag says one is
+    /// pending.
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
     }
 
     /// Hands the kernel what is queued, if anything, without waiting.
@@ -1174,6 +1201,48 @@ mod tests {
             done[0].result > 0 && done[0].result & i32::from(libc::POLLIN) != 0,
             "{done:?}"
         );
+    }
+
+    /// A ring set up as fio's posts a finished op only when its task
+    /// enters the kernel to reap; a polling loop must still see that one
+    /// is pending without a syscall, or it polls out its window for
+    /// nothing.
+    #[test]
+    fn a_deferred_completion_shows_before_it_is_posted() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        assert!(engine.ring.params().is_setup_single_issuer());
+        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+        engine
+            .push(
+                7,
+                IoOp::PollIn {
+                    fd: efd.as_raw_fd(),
+                },
+            )
+            .unwrap();
+        engine.submit_and_wait(0).unwrap();
+        assert!(!engine.has_completions());
+        efd.write(1).unwrap();
+        assert!(
+            engine.ring.completion().is_empty(),
+            "completion posted without an enter: task work is not deferred"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !engine.has_completions() {
+            assert!(
+                Instant::now() < deadline,
+                "the pending completion never showed"
+            );
+            std::hint::spin_loop();
+        }
+        // What a polling loop does next: an enter that does not wait.
+        engine.submit_and_wait(0).unwrap();
+        let mut out = Vec::new();
+        engine.drain(&mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].token, 7);
+        assert!(!engine.has_completions());
     }
 
     #[test]
