@@ -7,7 +7,10 @@
 //! of the row's time each, round after round (see `--rounds`):
 //!
 //! - `raw-uring`: [`raw_random_io`] in this process, with the file opened
-//!   the way the supervisor opens it for the backend;
+//!   the way the supervisor opens it for the backend, on a ring set up as
+//!   the backends' are (as fio sets up its own: one issuer, deferred task
+//!   work); `raw-uring-plain` the same on a plain ring, so the two show
+//!   what that setup is worth;
 //! - `xen-ring`: a guest process → shared ring → blkback process, with the
 //!   supervisor running in-process as in `demo`;
 //! - `vhost-user` (with `--transport vhost-user`): a guest process with the
@@ -36,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use shadowback_blkback::rawbench::raw_random_io;
+use shadowback_blkback::rawbench::{raw_random_io, RawJob};
 use shadowback_supervisor::{
     BackendCommand, CacheMode, Config, DiskConfig, SupervisorThread, DEFAULT_POLL_US, MAX_POLL_US,
 };
@@ -166,6 +169,8 @@ const VU_MAX_QD: usize = VU_QUEUE_SIZE as usize / 3;
 enum IoPath {
     /// io_uring on the file from this process: what the others are divided by.
     RawUring,
+    /// The same on a ring without fio's setup flags.
+    RawUringPlain,
     /// Guest process → ring → blkback process (with the shadow log).
     XenRing,
     /// The same with the shadow log off (`shadow = false`): the cost of
@@ -191,9 +196,10 @@ enum IoPath {
 impl IoPath {
     /// Run order within one op and queue depth: the baselines first, the
     /// rest right after them, so slow drift of the device hits them alike.
-    const ALL: [IoPath; 10] = [
+    const ALL: [IoPath; 11] = [
         IoPath::Fio,
         IoPath::RawUring,
+        IoPath::RawUringPlain,
         IoPath::XenRing,
         IoPath::XenRingNoShadow,
         IoPath::XenRingPoll,
@@ -207,6 +213,7 @@ impl IoPath {
     fn name(self) -> &'static str {
         match self {
             IoPath::RawUring => "raw-uring",
+            IoPath::RawUringPlain => "raw-uring-plain",
             IoPath::XenRing => "xen-ring",
             IoPath::XenRingNoShadow => "xen-ring-noshadow",
             IoPath::VhostUser => "vhost-user",
@@ -652,7 +659,8 @@ struct Bench<'a, F: Fn(&str) -> PathBuf> {
 impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
     fn run_slice(&self, path: IoPath, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         match path {
-            IoPath::RawUring => self.raw_uring(op, qd, seed),
+            IoPath::RawUring => self.raw_uring(op, qd, seed, true),
+            IoPath::RawUringPlain => self.raw_uring(op, qd, seed, false),
             IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
             IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
             IoPath::XenRingPoll => self.xen_ring(DEVICE_POLL, op, qd, seed),
@@ -672,17 +680,21 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
         }
     }
 
-    /// The file opened as `supervisor::spawn::open_disk` opens it.
-    fn raw_uring(&self, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
+    /// The file opened as `supervisor::spawn::open_disk` opens it; the
+    /// ring set up as the backends' (`deferred`) or plain.
+    fn raw_uring(&self, op: Op, qd: usize, seed: u64, deferred: bool) -> Result<Sample, CliError> {
         let file = open_image(self.image, self.cache)?;
         let stats = raw_random_io(
             &file,
-            op.is_write(),
-            qd,
-            BLOCK,
-            self.image_bytes,
-            self.slice,
-            seed,
+            &RawJob {
+                write: op.is_write(),
+                qd,
+                block: BLOCK,
+                span_bytes: self.image_bytes,
+                duration: self.slice,
+                seed,
+                deferred,
+            },
         )?;
         Ok(Sample {
             ops: stats.ops,
@@ -1099,6 +1111,11 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
         (IoPath::XenRingPoll, IoPath::XenRing, "polling"),
         (IoPath::VhostUserPoll, IoPath::VhostUser, "polling"),
         (IoPath::VhostUser, IoPath::XenRing, "transports"),
+        (
+            IoPath::RawUring,
+            IoPath::RawUringPlain,
+            "ring setup as fio's",
+        ),
         (
             IoPath::VhostUser,
             IoPath::Qsd,

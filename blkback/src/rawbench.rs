@@ -168,6 +168,25 @@ impl SplitMix64 {
     }
 }
 
+/// One run of [`raw_random_io`].
+#[derive(Debug, Clone)]
+pub struct RawJob {
+    /// Writes, else reads.
+    pub write: bool,
+    /// Ops kept in flight.
+    pub qd: usize,
+    /// Bytes per op.
+    pub block: usize,
+    /// Offsets lie in the first `span_bytes` of the file.
+    pub span_bytes: u64,
+    /// How long to submit.
+    pub duration: Duration,
+    /// Seeds the offsets (and the written data).
+    pub seed: u64,
+    /// The ring set up as fio's ([`EngineConfig::deferred`]), else plain.
+    pub deferred: bool,
+}
+
 /// Drives `block`-sized random reads or writes at queue depth `qd` on
 /// `file` for `duration`, then waits for the stragglers.
 ///
@@ -176,15 +195,16 @@ impl SplitMix64 {
 /// when `block` is a multiple of its logical block size. Any op that
 /// fails or transfers less than `block` ends the run with
 /// [`EngineError::OpFailed`].
-pub fn raw_random_io(
-    file: &File,
-    write: bool,
-    qd: usize,
-    block: usize,
-    span_bytes: u64,
-    duration: Duration,
-    seed: u64,
-) -> Result<RawStats, EngineError> {
+pub fn raw_random_io(file: &File, job: &RawJob) -> Result<RawStats, EngineError> {
+    let RawJob {
+        write,
+        qd,
+        block,
+        span_bytes,
+        duration,
+        seed,
+        deferred,
+    } = *job;
     if qd == 0 || block == 0 {
         return Err(EngineError::InvalidOp(
             "queue depth and block size must be non-zero",
@@ -201,6 +221,7 @@ pub fn raw_random_io(
         &EngineConfig {
             entries,
             sqpoll: false,
+            deferred,
         },
     )?;
     if engine.capacity() < qd {
@@ -328,12 +349,15 @@ mod tests {
             for write in [true, false] {
                 let stats = raw_random_io(
                     &file,
-                    write,
-                    4,
-                    4096,
-                    4 << 20,
-                    Duration::from_millis(200),
-                    1,
+                    &RawJob {
+                        write,
+                        qd: 4,
+                        block: 4096,
+                        span_bytes: 4 << 20,
+                        duration: Duration::from_millis(200),
+                        seed: 1,
+                        deferred: direct,
+                    },
                 )
                 .unwrap();
                 assert!(stats.ops > 0, "direct={direct} write={write}: {stats:?}");
@@ -351,8 +375,17 @@ mod tests {
             std::env::temp_dir().join(format!("shadowback-rawbench-bad-{}", std::process::id()));
         let file = std::fs::File::create(&path).unwrap();
         for (qd, block, span) in [(0, 4096, 1 << 20), (4, 0, 1 << 20), (4, 4096, 100)] {
+            let job = RawJob {
+                write: false,
+                qd,
+                block,
+                span_bytes: span,
+                duration: Duration::ZERO,
+                seed: 0,
+                deferred: true,
+            };
             assert!(matches!(
-                raw_random_io(&file, false, qd, block, span, Duration::ZERO, 0),
+                raw_random_io(&file, &job),
                 Err(EngineError::InvalidOp(_))
             ));
         }

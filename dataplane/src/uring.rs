@@ -382,6 +382,9 @@ pub struct EngineConfig {
     pub entries: u32,
     /// Let a kernel thread poll the submission queue (`IORING_SETUP_SQPOLL`).
     pub sqpoll: bool,
+    /// Set the ring up as fio does (see `Engine::build`): one issuer,
+    /// deferred task work. `false`, or with `sqpoll`: the plain ring.
+    pub deferred: bool,
 }
 
 impl Default for EngineConfig {
@@ -389,6 +392,7 @@ impl Default for EngineConfig {
         EngineConfig {
             entries: 256,
             sqpoll: false,
+            deferred: true,
         }
     }
 }
@@ -469,7 +473,7 @@ impl Engine {
     /// A ring created disabled, so [`Engine::restrict`] can install its
     /// allowlist before any request runs.
     ///
-    /// Without SQPOLL the ring is set up as fio sets up its own
+    /// With [`EngineConfig::deferred`] the ring is set up as fio sets up its own
     /// (docs/ARCHITECTURE.md §11.2): one task submits and reaps
     /// (`SINGLE_ISSUER`), completions are posted only when that task
     /// enters the kernel to reap (`DEFER_TASKRUN`), so a completion neither
@@ -483,6 +487,8 @@ impl Engine {
         builder.setup_r_disabled();
         if cfg.sqpoll {
             builder.setup_sqpoll(SQPOLL_IDLE_MS);
+        }
+        if cfg.sqpoll || !cfg.deferred {
             return builder.build(cfg.entries).map_err(EngineError::Setup);
         }
         let mut deferred = builder.clone();
@@ -537,6 +543,7 @@ impl Engine {
             cq = cq_entries,
             capacity,
             sqpoll = cfg.sqpoll,
+            deferred = ring.params().is_setup_single_issuer(),
             "io_uring engine ready"
         );
         Ok(Engine {
@@ -1243,6 +1250,16 @@ mod tests {
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].token, 7);
         assert!(!engine.has_completions());
+
+        let plain = Engine::new(
+            &disk.file,
+            &EngineConfig {
+                deferred: false,
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(!plain.ring.params().is_setup_single_issuer());
     }
 
     #[test]
@@ -1250,7 +1267,7 @@ mod tests {
         let disk = temp_disk(4 * BLOCK as u64, false);
         let cfg = EngineConfig {
             entries: 4,
-            sqpoll: false,
+            ..EngineConfig::default()
         };
         let mut engine = Engine::new(&disk.file, &cfg).unwrap();
         let capacity = engine.capacity();
@@ -1477,6 +1494,7 @@ mod tests {
         let cfg = EngineConfig {
             entries: 8,
             sqpoll: true,
+            ..EngineConfig::default()
         };
         let mut engine = match Engine::new(&disk.file, &cfg) {
             Ok(engine) => engine,
