@@ -1019,6 +1019,20 @@ mod tests {
         assert_eq!(raw_result(&mut engine, fsync), 0);
     }
 
+    /// A fresh non-blocking eventfd and a `PollIn` on it queued with `token`.
+    fn push_eventfd_poll(engine: &mut Engine, token: Token) -> EventFd {
+        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+        engine
+            .push(
+                token,
+                IoOp::PollIn {
+                    fd: efd.as_raw_fd(),
+                },
+            )
+            .unwrap();
+        efd
+    }
+
     /// Submits and reaps until `n` completions arrived (fails after 5 s).
     fn wait_for(engine: &mut Engine, n: usize) -> Vec<Completion> {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -1174,15 +1188,7 @@ mod tests {
     fn poll_in_completes_only_after_eventfd_write() {
         let disk = temp_disk(BLOCK as u64, false);
         let mut engine = open_engine(&disk);
-        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
-        engine
-            .push(
-                42,
-                IoOp::PollIn {
-                    fd: efd.as_raw_fd(),
-                },
-            )
-            .unwrap();
+        let efd = push_eventfd_poll(&mut engine, 42);
 
         let mut out = Vec::new();
         assert_eq!(
@@ -1219,15 +1225,7 @@ mod tests {
         let disk = temp_disk(BLOCK as u64, false);
         let mut engine = open_engine(&disk);
         assert!(engine.ring.params().is_setup_single_issuer());
-        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
-        engine
-            .push(
-                7,
-                IoOp::PollIn {
-                    fd: efd.as_raw_fd(),
-                },
-            )
-            .unwrap();
+        let efd = push_eventfd_poll(&mut engine, 7);
         engine.submit_and_wait(0).unwrap();
         assert!(!engine.has_completions());
         efd.write(1).unwrap();
@@ -1425,16 +1423,8 @@ mod tests {
     fn drop_with_ops_in_flight_cancels_and_returns() {
         let disk = temp_disk(BLOCK as u64, false);
         let mut engine = open_engine(&disk);
-        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
         let mem = Arc::new(AlignedBuf::new(BLOCK).unwrap());
-        engine
-            .push(
-                1,
-                IoOp::PollIn {
-                    fd: efd.as_raw_fd(),
-                },
-            )
-            .unwrap();
+        let efd = push_eventfd_poll(&mut engine, 1);
         engine.submit_and_wait(0).unwrap();
         // Queued, never submitted: drop must submit then cancel it too.
         let bufs = IoBuffers::from_ranges(mem.clone(), &[(0, BLOCK)]).unwrap();
