@@ -1022,15 +1022,14 @@ mod tests {
     /// A fresh non-blocking eventfd and a `PollIn` on it queued with `token`.
     fn push_eventfd_poll(engine: &mut Engine, token: Token) -> EventFd {
         let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
-        engine
-            .push(
-                token,
-                IoOp::PollIn {
-                    fd: efd.as_raw_fd(),
-                },
-            )
-            .unwrap();
+        push_poll(engine, token, &efd);
         efd
+    }
+
+    /// Queues a `PollIn` on `efd` with `token`.
+    fn push_poll(engine: &mut Engine, token: Token, efd: &EventFd) {
+        let fd = efd.as_raw_fd();
+        engine.push(token, IoOp::PollIn { fd }).unwrap();
     }
 
     /// Submits and reaps until `n` completions arrived (fails after 5 s).
@@ -1273,14 +1272,7 @@ mod tests {
         let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
         // More polls than the SQ holds: push submits on its own when full.
         for token in 0..capacity as u64 {
-            engine
-                .push(
-                    token,
-                    IoOp::PollIn {
-                        fd: efd.as_raw_fd(),
-                    },
-                )
-                .unwrap();
+            push_poll(&mut engine, token, &efd);
         }
         assert_eq!(engine.in_flight(), capacity);
 
