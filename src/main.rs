@@ -58,6 +58,8 @@ enum Command {
     Status(control_cmd::StatusArgs),
     /// Inject a fault into a device's backend: kill, hang, spin, syscall or poison.
     Fault(control_cmd::FaultArgs),
+    /// Replace a running supervisor's binary in place, keeping every backend and connection.
+    Upgrade(control_cmd::UpgradeArgs),
     /// Benchmarks (commands, not tests: they print ratios measured in one run).
     Bench {
         #[command(subcommand)]
@@ -74,7 +76,18 @@ enum Command {
     },
 }
 
+/// The flag a running supervisor asks a binary it is about to exec in a
+/// live upgrade: which state versions it reads (docs/PROTOCOL.md §6a).
+const STATE_VERSION_FLAG: &str = "--state-version";
+
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(STATE_VERSION_FLAG))
+        && args.next().is_none()
+    {
+        out::outln!("{}", shadowback_supervisor::upgrade::state_versions());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     // The demo and the benchmarks kill backends on purpose: unless asked
     // for, keep the expected failure logs of the whole process tree (the
@@ -98,6 +111,7 @@ fn main() -> ExitCode {
         Command::Up { config } => up(config),
         Command::Status(args) => control_cmd::status(args),
         Command::Fault(args) => control_cmd::fault(args),
+        Command::Upgrade(args) => control_cmd::upgrade(args),
         Command::Bench { what } => bench::run(what),
         Command::Blkback(args) => backend_cmd::run(args),
         Command::Netback(args) => backend_cmd::run_netback(args),
@@ -117,7 +131,13 @@ fn main() -> ExitCode {
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 fn up(config: PathBuf) -> Result<ExitCode, CliError> {
-    let cfg = shadowback_supervisor::Config::from_file(&config)?;
+    // Exec'd by a live upgrade: the previous binary's state, not the file,
+    // says what to serve.
+    let state = shadowback_supervisor::upgrade::take_state_fd()?;
+    let cfg = match state {
+        Some(_) => None,
+        None => Some(shadowback_supervisor::Config::from_file(&config)?),
+    };
     let backend = shadowback_supervisor::BackendCommand::current_exe()?;
     // Under systemd (`Type=notify`): READY once serving, STOPPING on
     // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything.
@@ -153,7 +173,13 @@ fn up(config: PathBuf) -> Result<ExitCode, CliError> {
                 n.send("READY=1");
             }
         });
-        shadowback_supervisor::serve_notify(cfg, backend, rx, ready).await
+        match (state, cfg) {
+            (Some(state), _) => {
+                shadowback_supervisor::resume_notify(state, backend, rx, ready).await
+            }
+            (None, Some(cfg)) => shadowback_supervisor::serve_notify(cfg, backend, rx, ready).await,
+            (None, None) => unreachable!("a config is read unless a state is given"),
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }

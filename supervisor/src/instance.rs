@@ -1,16 +1,22 @@
-//! One backend process as the supervisor holds it: the child (reaped by
-//! tokio, killed on drop), a pidfd that becomes readable when it exits, and
-//! its control channel.
+//! One backend process as the supervisor holds it: a pidfd that becomes
+//! readable when it exits (and through which it is signalled and reaped),
+//! and its control channel. Dropping an instance kills and reaps it.
 //!
 //! Signals go through the pidfd, never a pid number, so a signal can never
-//! reach a process that reused the pid of a reaped backend.
+//! reach a process that reused the pid of a reaped backend. Nothing holds
+//! a `Child`: an instance is its pid, pidfd and control socket, which is
+//! what lets a new supervisor binary adopt it after a live upgrade
+//! ([`Instance::adopt`], docs/ARCHITECTURE.md §4.2).
 
 use std::fs::File;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+use rustix::process::{
+    pidfd_open, pidfd_send_signal, waitid, Pid, PidfdFlags, Signal, WaitId, WaitIdOptions,
+    WaitIdStatus,
+};
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::protocol::kind;
 use shadowback_xenbus::{AsyncSeqPacket, Message};
@@ -56,7 +62,6 @@ pub struct Fenced {
 /// A running backend process.
 #[derive(Debug)]
 pub struct Instance {
-    child: tokio::process::Child,
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     control: AsyncSeqPacket,
@@ -71,6 +76,8 @@ pub struct Instance {
     /// class set it up; `None` when nothing the instance did can land
     /// later (a read-only disk).
     io_fence: Option<IoFence>,
+    /// `waitid` collected its exit status: nothing left to kill or reap.
+    reaped: bool,
 }
 
 impl Instance {
@@ -86,7 +93,7 @@ impl Instance {
         metrics: &File,
     ) -> Result<Self, SupervisorError> {
         let setup = class.prepare_instance()?;
-        let (child, control) = spawn_backend(
+        let (pid, control) = spawn_backend(
             cmd,
             name,
             &setup.args,
@@ -97,14 +104,40 @@ impl Instance {
         )?;
         let io_fence = setup.io_fence;
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
-        // The child is not reaped before we `wait` for it, so its pid
+        // The child is not reaped before we `waitid` for it, so its pid
         // cannot have been reused yet.
-        let pid = child.id().ok_or_else(|| spawn_err(&"no pid"))?;
         let raw = i32::try_from(pid)
             .ok()
             .and_then(Pid::from_raw)
             .ok_or_else(|| spawn_err(&format!("pid {pid}")))?;
         let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| spawn_err(&e))?;
+        tracing::debug!(device = %name, pid, first, "backend started");
+        Self::from_parts(pid, pidfd, control.into_fd(), io_fence, 0, false)
+    }
+
+    /// Takes over an instance another supervisor process (the binary this
+    /// one replaced by `execve`) started: the same pid, its pidfd and
+    /// control socket. It is still this process's child.
+    pub fn adopt(
+        pid: u32,
+        pidfd: OwnedFd,
+        control: OwnedFd,
+        io_fence: Option<IoFence>,
+        poisons_sent: usize,
+        serving: bool,
+    ) -> Result<Self, SupervisorError> {
+        Self::from_parts(pid, pidfd, control, io_fence, poisons_sent, serving)
+    }
+
+    fn from_parts(
+        pid: u32,
+        pidfd: OwnedFd,
+        control: OwnedFd,
+        io_fence: Option<IoFence>,
+        poisons_sent: usize,
+        serving: bool,
+    ) -> Result<Self, SupervisorError> {
+        let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
         // SAFETY: `pidfd` is an `OwnedFd`: it owns an open descriptor that
         // nothing else can close, and the `AsyncFd` takes it over, so the
         // descriptor stays open for as long as it is registered.
@@ -112,18 +145,27 @@ impl Instance {
         #[allow(unsafe_code)]
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
-        let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
-        tracing::debug!(device = %name, pid, first, "backend started");
+        let control = AsyncSeqPacket::from_fd(control).map_err(|e| spawn_err(&e))?;
         Ok(Instance {
-            child,
             pid,
             pidfd,
             control,
             started: Instant::now(),
-            poisons_sent: 0,
-            serving: false,
+            poisons_sent,
+            serving,
             io_fence,
+            reaped: false,
         })
+    }
+
+    /// Its pidfd and control socket, for a live upgrade.
+    pub fn handover_fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.pidfd.get_ref().as_fd(), self.control.as_fd())
+    }
+
+    /// Its I/O fence, if its class gave it one.
+    pub fn io_fence(&self) -> Option<&IoFence> {
+        self.io_fence.as_ref()
     }
 
     /// Its process id (for status and logs only).
@@ -229,10 +271,15 @@ impl Instance {
             tracing::debug!(pid = self.pid, error = %e, "SIGKILL (already exited?)");
         }
         self.exited().await;
-        let status = match self.child.wait().await {
-            Ok(s) => describe_exit(s),
+        let status = match waitid(
+            WaitId::PidFd(self.pidfd.get_ref().as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(s)) => describe_exit(&s),
+            Ok(None) => "exited (no status)".to_string(),
             Err(e) => format!("wait failed: {e}"),
         };
+        self.reaped = true;
         let reaped = Instant::now();
         if let Some(io_fence) = self.io_fence.take() {
             let pid = self.pid;
@@ -253,15 +300,39 @@ impl Instance {
     }
 }
 
+impl Drop for Instance {
+    /// An instance nobody fenced (the device stopped): kill it and reap it
+    /// off the caller's thread, so no zombie is left behind.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = self.signal(Signal::KILL);
+        let Ok(pidfd) = self.pidfd.get_ref().try_clone() else {
+            return;
+        };
+        let reap = move || {
+            let _ = waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
+        };
+        if std::thread::Builder::new()
+            .name("reap".into())
+            .spawn(reap)
+            .is_err()
+        {
+            tracing::debug!(pid = self.pid, "cannot reap a dropped backend");
+        }
+    }
+}
+
 /// An exit status for logs: "killed by SIGSYS" (a seccomp violation),
-/// "killed by SIGKILL", or the status as the standard library shows it.
-pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status.signal() {
-        Some(n) => match nix::sys::signal::Signal::try_from(n) {
+/// "killed by SIGKILL", or "exit status: N".
+pub(crate) fn describe_exit(status: &WaitIdStatus) -> String {
+    match (status.terminating_signal(), status.exit_status()) {
+        (Some(n), _) => match nix::sys::signal::Signal::try_from(n) {
             Ok(sig) => format!("killed by {}", sig.as_str()),
             Err(_) => format!("killed by signal {n}"),
         },
-        None => status.to_string(),
+        (None, Some(code)) => format!("exit status: {code}"),
+        (None, None) => "exited".to_string(),
     }
 }

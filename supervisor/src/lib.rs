@@ -53,6 +53,7 @@ mod session;
 mod spawn;
 mod stats;
 mod transport;
+pub mod upgrade;
 mod vhost_user;
 mod watchdog;
 
@@ -143,13 +144,52 @@ pub async fn serve_notify(
     serve_registered(cfg, backend, shutdown, None, Some(ready)).await
 }
 
+/// [`serve_notify`] in a binary exec'd by a live upgrade
+/// (docs/ARCHITECTURE.md §4.2): `state` is the memfd the previous binary
+/// described everything in ([`upgrade::take_state_fd`]); the devices,
+/// backends and connections are taken over, not started.
+pub async fn resume_notify(
+    state: std::fs::File,
+    backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+    ready: Box<dyn FnOnce() + Send>,
+) -> Result<(), SupervisorError> {
+    let resumed = upgrade::resume(state, &backend)?;
+    let started = Started {
+        cfg: resumed.cfg,
+        listener: resumed.listener,
+        metrics_listener: resumed.metrics_listener,
+        devices: resumed.devices,
+        vhost: resumed.vhost,
+        pending: Some(resumed.pending),
+    };
+    run(started, shutdown, None, Some(ready)).await
+}
+
+/// What the control loop serves.
+struct Started {
+    cfg: Config,
+    listener: AsyncSeqPacketListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    devices: Vec<DeviceHandle>,
+    vhost: Vec<VhostUserServer>,
+    /// Connections taken over in a live upgrade.
+    pending: Option<upgrade::Pending>,
+}
+
 async fn serve_registered(
     cfg: Config,
     backend: BackendCommand,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
     ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<(), SupervisorError> {
+    let started = start(cfg, backend).await?;
+    run(started, shutdown, registry, ready).await
+}
+
+/// Binds the control socket and starts every device.
+async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
         backend
@@ -235,7 +275,42 @@ async fn serve_registered(
             return Err(e);
         }
     }
+    Ok(Started {
+        cfg,
+        listener,
+        metrics_listener,
+        devices: list,
+        vhost,
+        pending: None,
+    })
+}
+
+/// The control loop: accepts connections, serves `upgrade`, until
+/// `shutdown`.
+async fn run(
+    started: Started,
+    mut shutdown: watch::Receiver<bool>,
+    registry: Option<Registry>,
+    ready: Option<Box<dyn FnOnce() + Send>>,
+) -> Result<(), SupervisorError> {
+    let Started {
+        cfg,
+        listener,
+        metrics_listener,
+        devices: list,
+        vhost,
+        pending,
+    } = started;
     let devices = Arc::new(Devices { list });
+    // Kept for an upgrade: the listener itself moves into its task.
+    let metrics_fd = match &metrics_listener {
+        Some(l) => Some(
+            std::os::fd::AsFd::as_fd(l)
+                .try_clone_to_owned()
+                .map_err(|e| SupervisorError::Runtime(format!("metrics listener: {e}")))?,
+        ),
+        None => None,
+    };
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
         tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
@@ -254,7 +329,14 @@ async fn serve_registered(
         );
     }
     let admission = admission::Admission::new(limits);
-    let timeouts = connection::Timeouts::new(&cfg.control);
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    let shared = Arc::new(connection::ControlShared::new(
+        connection::Timeouts::new(&cfg.control),
+        upgrades,
+    ));
+    if let Some(pending) = pending {
+        pending.start(&shared);
+    }
     let operators = access::AccessList::new(&cfg.control.operator_uids, &cfg.control.operator_gids);
     tracing::info!(
         socket = %cfg.socket.display(), max_connections = limits.max,
@@ -275,7 +357,7 @@ async fn serve_registered(
                         Ok((ticket, peer)) => {
                             let caller = access::Caller::new(peer, &operators);
                             tokio::spawn(connection::serve_guest(
-                                conn, devices.clone(), ticket, caller, timeouts,
+                                conn, devices.clone(), ticket, caller, shared.clone(),
                             ));
                         }
                         Err(why) => {
@@ -299,6 +381,17 @@ async fn serve_registered(
                     }
                 }
             },
+            Some(request) = upgrade_requests.recv() => {
+                // Returns only if this binary goes on serving.
+                upgrade::upgrade(request, upgrade::Serving {
+                    cfg: &cfg,
+                    listener: &listener,
+                    metrics_listener: metrics_fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                    devices: &devices,
+                    vhost: &vhost,
+                    shared: &shared,
+                }).await;
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;

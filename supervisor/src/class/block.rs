@@ -7,7 +7,8 @@ use shadowback_xenbus::{BackendInfo, DiskMode};
 
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
-use crate::spawn::{open_disk, Disk, BACKEND_DISK_FD};
+use crate::spawn::{adopt_disk, open_disk, Disk, BACKEND_DISK_FD};
+use crate::upgrade::{ClassState, Handover};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
@@ -29,6 +30,15 @@ impl BlockClass {
         Ok(BlockClass {
             cfg: cfg.clone(),
             disk: open_disk(cfg)?,
+        })
+    }
+
+    /// The disk a previous binary opened and locked (a live upgrade):
+    /// `image` is its description of the image.
+    pub fn adopt(cfg: &DiskConfig, image: std::fs::File) -> Result<Self, SupervisorError> {
+        Ok(BlockClass {
+            cfg: cfg.clone(),
+            disk: adopt_disk(image, &cfg.path)?,
         })
     }
 }
@@ -63,6 +73,12 @@ impl DeviceClass for BlockClass {
             discard: self.cfg.discard,
             num_queues: self.cfg.num_queues,
         }))
+    }
+
+    fn handover(&self, fds: &mut Handover) -> ClassState {
+        ClassState::Disk {
+            image: fds.fd(&self.disk.file),
+        }
     }
 
     /// The instance's own description of the image and, unless the disk is

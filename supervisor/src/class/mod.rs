@@ -36,6 +36,7 @@ use shadowback_xenbus::BackendInfo;
 
 use crate::spawn::IoFence;
 use crate::transport::NetWire;
+use crate::upgrade::{ClassState, Handover};
 use crate::vhost_user::VirtioModel;
 use crate::SupervisorError;
 
@@ -68,6 +69,10 @@ pub trait DeviceClass: Send + Sync + std::fmt::Debug {
     fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
         Ok(None)
     }
+
+    /// What the class holds for the device's life, named for the binary
+    /// that takes over in a live upgrade (docs/ARCHITECTURE.md §4.2).
+    fn handover(&self, fds: &mut Handover) -> ClassState;
 }
 
 /// One backend instance as its class sets it up.

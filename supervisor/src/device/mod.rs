@@ -28,6 +28,7 @@
 mod handle;
 mod takeover;
 mod task;
+mod upgrade;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,6 +50,7 @@ use crate::SupervisorError;
 pub use handle::{Attachment, DeviceHandle, Fault, Lost};
 pub use takeover::{FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 use task::DeviceTask;
+pub(crate) use upgrade::{adopt_disk, adopt_nic, Frozen};
 
 /// A request refused: the code and text the frontend is told.
 pub(crate) type Refusal = (ErrorCode, String);
@@ -144,44 +146,59 @@ fn start(
         true,
         metrics.file(),
     )?;
-    let info = class.backend_info();
-    let virtio = class.virtio_model();
-    let stats = Arc::new(Mutex::new(DeviceStats::default()));
-    let (tx, rx) = mpsc::channel(16);
-    let task_limits = settings.limits;
-    let attach_rate = AttachRate::new(task_limits.attaches_per_second);
-    let mut task = DeviceTask {
-        name: name.to_string(),
-        attach_rate,
-        settings,
-        cmd: cmd.clone(),
-        class,
-        current: Some(current),
-        standby: None,
-        standby_retry: None,
-        attached: None,
-        next_attachment: 1,
-        given_up: None,
-        poisons: Vec::new(),
-        injected_kill: None,
-        injected_hang: false,
-        blame: true,
-        watchdog: None,
-        startup_deaths: 0,
-        stats: stats.clone(),
-        metrics: metrics.clone(),
-    };
+    let mut task = DeviceTask::new(name, class, settings, cmd, metrics);
+    task.current = Some(current);
     task.ensure_standby();
+    Ok(launch(task, access))
+}
+
+/// Publishes `task`'s state, spawns it and returns its handle.
+fn launch(task: DeviceTask, access: AccessList) -> DeviceHandle {
+    let (tx, rx) = mpsc::channel(16);
+    let handle = DeviceHandle {
+        name: task.name.clone(),
+        info: task.class.backend_info(),
+        virtio: task.class.virtio_model(),
+        access,
+        limits: task.settings.limits,
+        tx,
+        stats: task.stats.clone(),
+        metrics: task.metrics.clone(),
+    };
     task.publish();
     tokio::spawn(task.run(rx));
-    Ok(DeviceHandle {
-        name: name.to_string(),
-        info,
-        virtio,
-        access,
-        limits: task_limits,
-        tx,
-        stats,
-        metrics,
-    })
+    handle
+}
+
+impl DeviceTask {
+    /// A task for device `name` with no instance yet.
+    fn new(
+        name: &str,
+        class: Box<dyn DeviceClass>,
+        settings: Settings,
+        cmd: &BackendCommand,
+        metrics: Arc<MetricsPage>,
+    ) -> Self {
+        DeviceTask {
+            name: name.to_string(),
+            attach_rate: AttachRate::new(settings.limits.attaches_per_second),
+            settings,
+            cmd: cmd.clone(),
+            class,
+            current: None,
+            standby: None,
+            standby_retry: None,
+            attached: None,
+            next_attachment: 1,
+            given_up: None,
+            poisons: Vec::new(),
+            injected_kill: None,
+            injected_hang: false,
+            blame: true,
+            watchdog: None,
+            startup_deaths: 0,
+            stats: Arc::new(Mutex::new(DeviceStats::default())),
+            metrics,
+        }
+    }
 }

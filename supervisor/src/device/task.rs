@@ -202,6 +202,14 @@ impl DeviceTask {
                     let res = self.fault(fault).await;
                     let _ = reply.send(res);
                 }
+                Event::Command(Command::Freeze { reply, resume }) => {
+                    if reply.send(self.handover()).is_ok() {
+                        // Paused until the upgrade's `execve` failed (or
+                        // succeeded, and this process is gone).
+                        let _ = resume.await;
+                        tracing::info!(device = %self.name, "resumed after a failed upgrade");
+                    }
+                }
                 Event::Backend(Ok(msg)) => self.unsolicited(msg),
                 Event::Backend(Err(e)) => {
                     tracing::debug!(device = %self.name, error = %e, "backend control channel closed");
@@ -228,7 +236,7 @@ impl DeviceTask {
             }
             self.publish();
         }
-        // Dropping the instances kills them (`kill_on_drop`).
+        // Dropping the instances kills and reaps them (`Instance`'s `Drop`).
     }
 
     /// A new instance (not the device's first).
