@@ -96,15 +96,16 @@ pub struct FailoverArgs {
     json: bool,
 }
 
+/// p50 / p99 / max of a sample (µs), as the stall benchmarks print it.
 #[derive(Serialize, Default, Clone, Copy)]
-struct Dist {
-    p50: u64,
-    p99: u64,
-    max: u64,
+pub struct Dist {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
 }
 
 impl Dist {
-    fn of(values: &[u64]) -> Self {
+    pub fn of(values: &[u64]) -> Self {
         let (p50, p99, max) = faults::percentiles(values);
         Dist { p50, p99, max }
     }

@@ -26,6 +26,7 @@ mod netvif;
 mod out;
 mod scratch;
 mod sd_notify;
+mod upgradebench;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
