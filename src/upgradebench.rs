@@ -173,7 +173,8 @@ fn measure(
     let stamps_path = dir.join("completions.bin");
     let stop = dir.join("stop");
     let mut guest = Command::new(std::env::current_exe()?);
-    guest.args(["guest", "blk", "--duration", "3600", "--max-kib", "64"]);
+    // Segments of a second, each ending with a check of the stop file.
+    guest.args(["guest", "blk", "--duration", "1", "--max-kib", "64"]);
     match args.transport {
         Transport::Xen => guest.arg("--socket").arg(control),
         Transport::VhostUser => guest
