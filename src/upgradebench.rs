@@ -106,7 +106,10 @@ fn wait_serving(socket: &Path) -> Result<(), CliError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(devices) = crate::control_cmd::query_status(socket) {
-            if devices.iter().all(|d| d.get(key::PID).is_some_and(|p| p != "0")) {
+            if devices
+                .iter()
+                .all(|d| d.get(key::PID).is_some_and(|p| p != "0"))
+            {
                 return Ok(());
             }
         }
@@ -140,7 +143,9 @@ pub fn run(args: UpgradeBenchArgs) -> Result<ExitCode, CliError> {
 
 fn run_in(args: &UpgradeBenchArgs, dir: &Path) -> Result<ExitCode, CliError> {
     if args.restarts > 0 && args.transport == Transport::Xen {
-        return Err("--restarts needs --transport vhost-user (a Xen guest cannot reconnect)".into());
+        return Err(
+            "--restarts needs --transport vhost-user (a Xen guest cannot reconnect)".into(),
+        );
     }
     let image = dir.join("disk.img");
     std::fs::File::create(&image)?.set_len(256 << 20)?;
@@ -333,6 +338,10 @@ mod tests {
         assert_eq!(window_gap_us(&stamps, 5_000, 20_000), Some(39));
         assert_eq!(window_gap_us(&stamps, 2_500, 3_000), Some(8));
         assert_eq!(window_gap_us(&stamps, 500, 3_000), None, "nothing before");
-        assert_eq!(window_gap_us(&stamps, 50_500, 60_000), None, "nothing after");
+        assert_eq!(
+            window_gap_us(&stamps, 50_500, 60_000),
+            None,
+            "nothing after"
+        );
     }
 }

@@ -169,7 +169,13 @@ fn assert_clean(who: &str, report: &Result<Report, String>, site: &Site) -> u64 
     eprintln!("{who}: {} ops, p99 {:?} µs", r.ops, r.lat_us);
     assert!(r.ops > 0, "{who}: no I/O: {r:?}");
     assert_eq!(
-        (r.lost, r.duplicates, r.verify_failures, r.io_errors, r.stale_reads),
+        (
+            r.lost,
+            r.duplicates,
+            r.verify_failures,
+            r.io_errors,
+            r.stale_reads
+        ),
         (0, 0, 0, 0, 0),
         "{who}: lost, duplicated, wrong, failed or stale: {r:?}\n{}",
         site.logs()
