@@ -13,14 +13,12 @@
 //! baseline is the same measure over a window of the same length halfway
 //! between two upgrades.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use shadowback_guest::workload::Report;
 use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{Message, SeqPacket};
 
@@ -195,18 +193,7 @@ fn measure(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()?;
-    let stdout = guest.stdout.take().ok_or("guest stdout missing")?;
-    let reader = std::thread::spawn(move || {
-        let mut report: Option<Report> = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["event"] == "report" {
-                    report = serde_json::from_value(v["report"].clone()).ok();
-                }
-            }
-        }
-        report
-    });
+    let reader = crate::failover::read_guest(&mut guest)?;
     std::thread::sleep(Duration::from_millis(500));
     let interval = Duration::from_millis(args.interval_ms.max(10));
     let mut upgrades = Vec::new();
@@ -230,10 +217,13 @@ fn measure(
     }
     std::fs::write(&stop, b"")?;
     let status = guest.wait()?;
-    let report = reader
-        .join()
-        .map_err(|_| "reader thread panicked")?
-        .ok_or_else(|| format!("the guest gave no report ({status})"))?;
+    let (report, error) = reader.join().map_err(|_| "reader thread panicked")?;
+    let report = report.ok_or_else(|| {
+        format!(
+            "the guest gave no report ({status}): {}",
+            error.unwrap_or_default()
+        )
+    })?;
     let mut stamps = faults::read_stamps(&stamps_path)?;
     stamps.sort_unstable();
     let gaps = |windows: &[(u64, u64)]| -> Vec<u64> {
@@ -268,18 +258,7 @@ fn measure(
         io_errors: report.io_errors,
         ops: report.ops,
     };
-    let clean =
-        out.lost == 0 && out.duplicates == 0 && out.verify_failures == 0 && out.io_errors == 0;
-    if args.json {
-        outln!("{}", serde_json::to_string(&out)?);
-    } else {
-        print(&out);
-    }
-    Ok(if clean {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    crate::failover::conclude(&out, &report, args.json, print)
 }
 
 fn print(r: &UpgradeReport) {

@@ -112,24 +112,14 @@ impl Instance {
             .ok_or_else(|| spawn_err(&format!("pid {pid}")))?;
         let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| spawn_err(&e))?;
         tracing::debug!(device = %name, pid, first, "backend started");
-        Self::from_parts(pid, pidfd, control.into_fd(), io_fence, 0, false)
+        Self::adopt(pid, pidfd, control.into_fd(), io_fence, 0, false)
     }
 
-    /// Takes over an instance another supervisor process (the binary this
-    /// one replaced by `execve`) started: the same pid, its pidfd and
-    /// control socket. It is still this process's child.
+    /// An instance from its pid, pidfd and control socket: one just
+    /// spawned, or one another supervisor process (the binary this one
+    /// replaced by `execve`, docs/ARCHITECTURE.md §4.2) started, which is
+    /// still this process's child.
     pub fn adopt(
-        pid: u32,
-        pidfd: OwnedFd,
-        control: OwnedFd,
-        io_fence: Option<IoFence>,
-        poisons_sent: usize,
-        serving: bool,
-    ) -> Result<Self, SupervisorError> {
-        Self::from_parts(pid, pidfd, control, io_fence, poisons_sent, serving)
-    }
-
-    fn from_parts(
         pid: u32,
         pidfd: OwnedFd,
         control: OwnedFd,

@@ -50,15 +50,19 @@ impl Session {
             .map(ShadowLog::create)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| (ErrorCode::Enodev, format!("creating a shadow log: {e}")))?;
+        Self::with_logs(frontend, logs, backend_id)
+            .ok_or((ErrorCode::Einval, "no ring".to_string()))
+    }
+
+    /// The session of `frontend` with `logs`, one per ring; `None` without
+    /// a ring.
+    fn with_logs(frontend: Frontend, logs: Vec<ShadowLog>, backend_id: u16) -> Option<Self> {
         let rings = logs
             .into_iter()
             .zip(frontend.ring_probes(backend_id))
             .map(|(log, probe)| Ring { log, probe })
             .collect::<Vec<_>>();
-        if rings.is_empty() {
-            return Err((ErrorCode::Einval, "no ring".into()));
-        }
-        Ok(Session { frontend, rings })
+        (!rings.is_empty()).then_some(Session { frontend, rings })
     }
 
     /// The session for a live upgrade: its attach message (without
@@ -105,15 +109,7 @@ impl Session {
                     .and_then(|fd| ShadowLog::open(fd).map_err(|e| err(e.to_string())))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let rings = logs
-            .into_iter()
-            .zip(frontend.ring_probes(backend_id))
-            .map(|(log, probe)| Ring { log, probe })
-            .collect::<Vec<_>>();
-        if rings.is_empty() {
-            return Err(err("no ring".into()));
-        }
-        Ok(Session { frontend, rings })
+        Self::with_logs(frontend, logs, backend_id).ok_or_else(|| err("no ring".into()))
     }
 
     /// The rings, in message order.
