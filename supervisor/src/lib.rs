@@ -36,7 +36,9 @@
 //! socket hold (docs/PROTOCOL.md §1.1); `access.rs` says which peer may
 //! use which device and who is an operator (docs/PROTOCOL.md §1.2);
 //! `limits.rs` bounds what one frontend makes a device hold
-//! (docs/PROTOCOL.md §1.3).
+//! (docs/PROTOCOL.md §1.3). `upgrade/` hands every descriptor and the
+//! protocol state to a new binary exec'd in place (`upgrade`,
+//! docs/ARCHITECTURE.md §4.2), and [`resume_notify`] takes them over.
 
 #![deny(unsafe_code)]
 
