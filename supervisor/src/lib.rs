@@ -36,7 +36,9 @@
 //! socket hold (docs/PROTOCOL.md §1.1); `access.rs` says which peer may
 //! use which device and who is an operator (docs/PROTOCOL.md §1.2);
 //! `limits.rs` bounds what one frontend makes a device hold
-//! (docs/PROTOCOL.md §1.3).
+//! (docs/PROTOCOL.md §1.3). `upgrade/` hands every descriptor and the
+//! protocol state to a new binary exec'd in place (`upgrade`,
+//! docs/ARCHITECTURE.md §4.2), and [`resume_notify`] takes them over.
 
 #![deny(unsafe_code)]
 
@@ -54,6 +56,7 @@ mod session;
 mod spawn;
 mod stats;
 mod transport;
+pub mod upgrade;
 mod vhost_user;
 mod watchdog;
 
@@ -110,6 +113,8 @@ pub(crate) struct Devices {
     /// The block class's spares (docs/ARCHITECTURE.md §7.5), for disks
     /// added at run time too.
     block_pool: pool::StandbyPool,
+    /// The net class's spares (handed over in a live upgrade).
+    net_pool: pool::StandbyPool,
 }
 
 struct Exports {
@@ -193,13 +198,48 @@ pub async fn serve_notify(
     serve_registered(cfg, backend, shutdown, None, Some(ready)).await
 }
 
+/// [`serve_notify`] in a binary exec'd by a live upgrade
+/// (docs/ARCHITECTURE.md §4.2): `state` is the memfd the previous binary
+/// described everything in ([`upgrade::take_state_fd`]); the devices,
+/// backends and connections are taken over, not started.
+pub async fn resume_notify(
+    state: std::fs::File,
+    backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+    ready: Box<dyn FnOnce() + Send>,
+) -> Result<(), SupervisorError> {
+    let started = upgrade::resume(state, &backend)?;
+    run(started, shutdown, None, Some(ready)).await
+}
+
+/// What the control loop serves.
+pub(crate) struct Started {
+    /// The configuration as it stands (see [`Exports::cfg`]).
+    cfg: Config,
+    /// How to run a backend (`[backend]` applied).
+    backend: BackendCommand,
+    listener: AsyncSeqPacketListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    list: Vec<Exported>,
+    block_pool: pool::StandbyPool,
+    net_pool: pool::StandbyPool,
+    /// Connections taken over in a live upgrade.
+    pending: Option<upgrade::Pending>,
+}
+
 async fn serve_registered(
     cfg: Config,
     backend: BackendCommand,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
     ready: Option<Box<dyn FnOnce() + Send>>,
 ) -> Result<(), SupervisorError> {
+    let started = start(cfg, backend).await?;
+    run(started, shutdown, registry, ready).await
+}
+
+/// Binds the control socket and starts every device.
+async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
         backend
@@ -298,6 +338,36 @@ async fn serve_registered(
             return Err(e);
         }
     }
+    Ok(Started {
+        cfg,
+        backend,
+        listener,
+        metrics_listener,
+        list,
+        block_pool,
+        net_pool,
+        pending: None,
+    })
+}
+
+/// The control loop: accepts connections, serves `upgrade`, until
+/// `shutdown`.
+async fn run(
+    started: Started,
+    mut shutdown: watch::Receiver<bool>,
+    registry: Option<Registry>,
+    ready: Option<Box<dyn FnOnce() + Send>>,
+) -> Result<(), SupervisorError> {
+    let Started {
+        cfg,
+        backend,
+        listener,
+        metrics_listener,
+        list,
+        block_pool,
+        net_pool,
+        pending,
+    } = started;
     block_pool.start();
     net_pool.start();
     let devices = Arc::new(Devices {
@@ -306,9 +376,19 @@ async fn serve_registered(
             list,
             busy: Vec::new(),
         }),
-        backend: backend.clone(),
+        backend,
         block_pool,
+        net_pool,
     });
+    // Kept for an upgrade: the listener itself moves into its task.
+    let metrics_fd = match &metrics_listener {
+        Some(l) => Some(
+            std::os::fd::AsFd::as_fd(l)
+                .try_clone_to_owned()
+                .map_err(|e| SupervisorError::Runtime(format!("metrics listener: {e}")))?,
+        ),
+        None => None,
+    };
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
         tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
@@ -327,7 +407,14 @@ async fn serve_registered(
         );
     }
     let admission = admission::Admission::new(limits);
-    let timeouts = connection::Timeouts::new(&cfg.control);
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    let shared = Arc::new(connection::ControlShared::new(
+        connection::Timeouts::new(&cfg.control),
+        upgrades,
+    ));
+    if let Some(pending) = pending {
+        pending.start(&shared);
+    }
     let operators = access::AccessList::new(&cfg.control.operator_uids, &cfg.control.operator_gids);
     tracing::info!(
         socket = %cfg.socket.display(), max_connections = limits.max,
@@ -348,7 +435,7 @@ async fn serve_registered(
                         Ok((ticket, peer)) => {
                             let caller = access::Caller::new(peer, &operators);
                             tokio::spawn(connection::serve_guest(
-                                conn, devices.clone(), ticket, caller, timeouts,
+                                conn, devices.clone(), ticket, caller, shared.clone(),
                             ));
                         }
                         Err(why) => {
@@ -372,6 +459,15 @@ async fn serve_registered(
                     }
                 }
             },
+            Some(request) = upgrade_requests.recv() => {
+                // Returns only if this binary goes on serving.
+                upgrade::upgrade(request, upgrade::Serving {
+                    listener: &listener,
+                    metrics_listener: metrics_fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                    devices: &devices,
+                    shared: &shared,
+                }).await;
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;
