@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use super::{Adopted, Handover, State, STATE_FD_ENV, STATE_VERSION};
 use crate::connection::ControlShared;
 use crate::device::{self, Attachment, DeviceHandle, Refusal};
+use crate::pool::StandbyPool;
 use crate::spawn::BackendCommand;
 use crate::vhost_user::VhostUserServer;
-use crate::pool::StandbyPool;
 use crate::{class, Devices, Exported, Started, SupervisorError};
 
 /// How long a vhost-user thread may take to reach a point between two
