@@ -139,6 +139,13 @@ fn main() -> ExitCode {
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 fn up(config: PathBuf) -> Result<ExitCode, CliError> {
+    // Under systemd (`Type=notify`): READY once serving, STOPPING on
+    // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything;
+    // the listening sockets a crashed predecessor left in the
+    // file-descriptor store, taken before anything could reuse their
+    // numbers.
+    let notifier = sd_notify::Notifier::from_env().map(std::sync::Arc::new);
+    let listeners = shadowback_supervisor::fdstore::Listeners::from_env(notifier.clone())?;
     // Exec'd by a live upgrade: the previous binary's state, not the file,
     // says what to serve.
     let state = shadowback_supervisor::upgrade::take_state_fd()?;
@@ -147,9 +154,6 @@ fn up(config: PathBuf) -> Result<ExitCode, CliError> {
         None => Some(shadowback_supervisor::Config::from_file(&config)?),
     };
     let backend = shadowback_supervisor::BackendCommand::current_exe()?;
-    // Under systemd (`Type=notify`): READY once serving, STOPPING on
-    // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything.
-    let notifier = sd_notify::Notifier::from_env().map(std::sync::Arc::new);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -183,9 +187,11 @@ fn up(config: PathBuf) -> Result<ExitCode, CliError> {
         });
         match (state, cfg) {
             (Some(state), _) => {
-                shadowback_supervisor::resume_notify(state, backend, rx, ready).await
+                shadowback_supervisor::resume_notify(state, backend, rx, ready, listeners).await
             }
-            (None, Some(cfg)) => shadowback_supervisor::serve_notify(cfg, backend, rx, ready).await,
+            (None, Some(cfg)) => {
+                shadowback_supervisor::serve_notify(cfg, backend, rx, ready, listeners).await
+            }
             (None, None) => unreachable!("a config is read unless a state is given"),
         }
     })?;

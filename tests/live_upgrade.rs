@@ -404,26 +404,60 @@ fn an_upgrade_that_cannot_exec_leaves_the_old_supervisor_serving() {
 
 #[test]
 fn a_backend_killed_right_after_an_upgrade_is_recovered_by_the_new_binary() {
-    let site = Site::start("upgrade-kill", false);
+    const STREAM: u64 = 8 << 20;
+    let site = Site::start("upgrade-kill", true);
     let xen = site.xen_guest(5);
     let vhost = site.vhost_guest(5);
+    // A vif's takeover starts its new instance from the session the new
+    // binary rebuilt: the netif rings, the wire and the device state area.
+    let (a, b) = (Ipv4Addr::new(10, 7, 2, 1), Ipv4Addr::new(10, 7, 2, 2));
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = vif_guest(
+        &site.control,
+        "vifb",
+        StreamRole::Receiver,
+        stream_params(b, a, STREAM),
+        done.clone(),
+    );
+    let sender = vif_guest(
+        &site.control,
+        "vifa",
+        StreamRole::Sender,
+        stream_params(a, b, STREAM),
+        done.clone(),
+    );
     thread::sleep(Duration::from_millis(500));
     let before = site.stats();
     for round in 0..2 {
         upgrade(&site.control, None).unwrap_or_else(|e| panic!("{e}\n{}", site.logs()));
-        for dev in [XEN, VHOST] {
+        for dev in [XEN, VHOST, "vifa"] {
             assert!(fault_kill(&site.control, dev), "round {round}: {dev}");
         }
         thread::sleep(Duration::from_millis(700));
     }
     assert_clean("xen guest", &xen.finish(STEP_TIMEOUT), &site);
     assert_clean("vhost-user guest", &vhost.finish(STEP_TIMEOUT), &site);
-    for ((name, s), (_, was)) in site.stats().iter().zip(&before) {
+    let (tx, _) = sender.join().expect("sender");
+    let (rx, _) = receiver.join().expect("receiver");
+    for (who, report) in [("sender", &tx), ("receiver", &rx)] {
+        assert!(report.passed(), "{who}: {report:#?}\n{}", site.logs());
+        assert_eq!(report.resets, 0, "{who}: the TCP connection reset");
+    }
+    assert_eq!(tx.checksum, rx.checksum, "the stream arrived changed");
+    let after = site.stats();
+    for dev in [XEN, VHOST, "vifa"] {
+        let find = |list: &[(String, DeviceStats)]| {
+            list.iter()
+                .find(|(n, _)| n == dev)
+                .map(|(_, s)| s.clone())
+                .expect("listed")
+        };
+        let (s, was) = (find(&after), find(&before));
         assert!(
             s.recoveries >= 2 && s.crashes >= 2,
-            "{name}: the kills after the upgrades were not recovered: {s:?}"
+            "{dev}: the kills after the upgrades were not recovered: {s:?}"
         );
-        assert_ne!(s.pid, was.pid, "{name}: still the killed backend");
-        assert!(!s.given_up, "{name}: {s:?}");
+        assert_ne!(s.pid, was.pid, "{dev}: still the killed backend");
+        assert!(!s.given_up, "{dev}: {s:?}");
     }
 }

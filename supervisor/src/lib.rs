@@ -48,10 +48,12 @@ mod class;
 mod config;
 mod connection;
 mod device;
+pub mod fdstore;
 mod instance;
 mod limits;
 pub mod metrics;
 mod pool;
+pub mod sd_notify;
 mod session;
 mod spawn;
 mod stats;
@@ -115,6 +117,9 @@ pub(crate) struct Devices {
     block_pool: pool::StandbyPool,
     /// The net class's spares (handed over in a live upgrade).
     net_pool: pool::StandbyPool,
+    /// Where listening sockets are kept outside this process
+    /// ([`fdstore`]).
+    listeners: Arc<fdstore::Listeners>,
 }
 
 struct Exports {
@@ -184,18 +189,23 @@ pub async fn serve(
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None, None).await
+    let listeners = Arc::default();
+    serve_registered(cfg, backend, shutdown, None, None, listeners).await
 }
 
 /// [`serve`], calling `ready` once the control socket listens and every
-/// device has its backend (for systemd's `READY=1`).
+/// device has its backend (for systemd's `READY=1`); the listening
+/// sockets come from and go to `listeners` (systemd's file-descriptor
+/// store, [`fdstore`]).
 pub async fn serve_notify(
     cfg: Config,
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
     ready: Box<dyn FnOnce() + Send>,
+    listeners: fdstore::Listeners,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None, Some(ready)).await
+    let listeners = Arc::new(listeners);
+    serve_registered(cfg, backend, shutdown, None, Some(ready), listeners).await
 }
 
 /// [`serve_notify`] in a binary exec'd by a live upgrade
@@ -207,8 +217,9 @@ pub async fn resume_notify(
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
     ready: Box<dyn FnOnce() + Send>,
+    listeners: fdstore::Listeners,
 ) -> Result<(), SupervisorError> {
-    let started = upgrade::resume(state, &backend)?;
+    let started = upgrade::resume(state, &backend, Arc::new(listeners))?;
     run(started, shutdown, None, Some(ready)).await
 }
 
@@ -223,6 +234,8 @@ pub(crate) struct Started {
     list: Vec<Exported>,
     block_pool: pool::StandbyPool,
     net_pool: pool::StandbyPool,
+    /// Where listening sockets are kept outside this process.
+    listeners: Arc<fdstore::Listeners>,
     /// Connections taken over in a live upgrade.
     pending: Option<upgrade::Pending>,
 }
@@ -233,13 +246,19 @@ async fn serve_registered(
     shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
     ready: Option<Box<dyn FnOnce() + Send>>,
+    listeners: Arc<fdstore::Listeners>,
 ) -> Result<(), SupervisorError> {
-    let started = start(cfg, backend).await?;
+    let started = start(cfg, backend, listeners).await?;
     run(started, shutdown, registry, ready).await
 }
 
-/// Binds the control socket and starts every device.
-async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, SupervisorError> {
+/// Binds the control socket (or takes it from `listeners`) and starts
+/// every device.
+async fn start(
+    cfg: Config,
+    backend: BackendCommand,
+    listeners: Arc<fdstore::Listeners>,
+) -> Result<Started, SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
         backend
@@ -253,11 +272,7 @@ async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, Supervis
             reason: format!("creating {}: {e}", dir.display()),
         })?;
     }
-    let listener =
-        AsyncSeqPacketListener::bind(&cfg.socket).map_err(|e| SupervisorError::Socket {
-            path: cfg.socket.clone(),
-            reason: e.to_string(),
-        })?;
+    let listener = listeners.control(&cfg.socket)?;
     let metrics_listener = match cfg.metrics.listen {
         Some(addr) => match metrics::bind(addr).await {
             Ok(l) => Some(l),
@@ -283,7 +298,7 @@ async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, Supervis
         let pool = disk.standby.then(|| block_pool.clone());
         let started = device::start_device(disk, &cfg.limits, &backend, pool).and_then(|handle| {
             let vhost = match disk.vhost_user {
-                Some(_) => Some(VhostUserServer::start(disk, handle.clone())?),
+                Some(_) => Some(VhostUserServer::start(disk, handle.clone(), &listeners)?),
                 None => None,
             };
             Ok(Exported { handle, vhost })
@@ -318,7 +333,7 @@ async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, Supervis
                 let pool = nic.standby.then(|| net_pool.clone());
                 let handle = device::start_nic(nic, &cfg.limits, wire, &backend, pool)?;
                 let vhost = match nic.vhost_user {
-                    Some(_) => Some(VhostUserServer::start(nic, handle.clone())?),
+                    Some(_) => Some(VhostUserServer::start(nic, handle.clone(), &listeners)?),
                     None => None,
                 };
                 tracing::info!(
@@ -346,6 +361,7 @@ async fn start(cfg: Config, backend: BackendCommand) -> Result<Started, Supervis
         list,
         block_pool,
         net_pool,
+        listeners,
         pending: None,
     })
 }
@@ -366,6 +382,7 @@ async fn run(
         list,
         block_pool,
         net_pool,
+        listeners,
         pending,
     } = started;
     block_pool.start();
@@ -379,6 +396,7 @@ async fn run(
         backend,
         block_pool,
         net_pool,
+        listeners,
     });
     // Kept for an upgrade: the listener itself moves into its task.
     let metrics_fd = match &metrics_listener {
@@ -481,6 +499,8 @@ async fn run(
         // `status` unanswered for seconds while a peer stormed.
         tokio::task::yield_now().await;
     }
+    // A clean stop: no successor may take these sockets.
+    devices.listeners.forget_all();
     let _ = std::fs::remove_file(&cfg.socket);
     stop_vhost(devices.take_vhost()).await;
     Ok(())
@@ -545,7 +565,15 @@ impl SupervisorThread {
                     .enable_all()
                     .build()
                     .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
-                rt.block_on(serve_registered(cfg, backend, rx, Some(registry), None))
+                let listeners = Arc::default();
+                rt.block_on(serve_registered(
+                    cfg,
+                    backend,
+                    rx,
+                    Some(registry),
+                    None,
+                    listeners,
+                ))
             })
             .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
         let mut me = SupervisorThread {

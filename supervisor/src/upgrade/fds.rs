@@ -57,7 +57,7 @@ impl Handover {
 }
 
 /// The descriptors a new binary inherited, by the number the state gives
-/// them. Each is owned here once; users get duplicates (close-on-exec),
+/// them (or systemd's `LISTEN_FDS`, `fdstore`). Each is owned here once; users get duplicates (close-on-exec),
 /// and the inherited numbers are closed when this is dropped.
 #[derive(Debug)]
 pub(crate) struct Adopted {
@@ -73,16 +73,17 @@ impl Adopted {
         for &raw in list {
             if raw < 0 || fds.contains_key(&raw) {
                 return Err(SupervisorError::Runtime(format!(
-                    "upgrade state: bad descriptor {raw}"
+                    "inherited descriptors: bad descriptor {raw}"
                 )));
             }
             // Open (F_GETFD succeeds) before it is owned.
             fcntl(raw, FcntlArg::F_GETFD).map_err(|e| {
-                SupervisorError::Runtime(format!("upgrade state: descriptor {raw}: {e}"))
+                SupervisorError::Runtime(format!("inherited descriptor {raw}: {e}"))
             })?;
             // SAFETY: `raw` is open (checked just above) and was inherited
             // across `execve` from the previous binary, which named it in
-            // the state once (duplicates refused above). This process has
+            // the state once, or from systemd, which passed it in
+            // `LISTEN_FDS` (duplicates refused above). This process has
             // not opened it — an inherited number is taken when it starts,
             // so nothing it opened can have that number — and nothing else
             // here owns it, so this is its one owner.

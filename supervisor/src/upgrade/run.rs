@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shadowback_xenbus::protocol::{key, kind, ErrorCode};
@@ -218,6 +219,7 @@ pub(crate) struct Pending {
 pub(crate) fn resume(
     file: std::fs::File,
     backend: &BackendCommand,
+    listeners: Arc<crate::fdstore::Listeners>,
 ) -> Result<Started, SupervisorError> {
     let state = State::read(file)?;
     let fds = Adopted::take(&state.fds)?;
@@ -231,6 +233,7 @@ pub(crate) fn resume(
     let err = |why: String| SupervisorError::Runtime(format!("upgrade state: {why}"));
     let listener = AsyncSeqPacketListener::adopt(fds.fd(state.control)?, &cfg.socket)
         .map_err(|e| err(format!("control socket: {e}")))?;
+    listeners.kept_before(crate::fdstore::CONTROL_NAME);
     let metrics_listener = match state.metrics_listener {
         Some(fd) => {
             let l = std::net::TcpListener::from(fds.fd(fd)?);
@@ -314,6 +317,7 @@ pub(crate) fn resume(
             (None, Some(nic)) => VhostUserServer::adopt(nic, dev, vs, attachment, &fds)?,
             (None, None) => return Err(missing(&vs.device)),
         };
+        listeners.kept_before(&crate::fdstore::vhost_user_name(&vs.device));
         vhost.insert(vs.device.clone(), server);
     }
     let mut guests = Vec::new();
@@ -360,6 +364,7 @@ pub(crate) fn resume(
         list,
         block_pool,
         net_pool,
+        listeners,
         pending: Some(Pending {
             guests,
             orphans,

@@ -107,10 +107,12 @@ pub struct VhostUserServer {
 
 impl VhostUserServer {
     /// Binds `cfg.socket` (creating its directory, replacing a stale
-    /// socket file) and starts serving it for `device`.
-    pub fn start(
+    /// socket file) — or takes the one `listeners` kept across a restart —
+    /// and starts serving it for `device`.
+    pub(crate) fn start(
         cfg: impl Into<VhostUserExport>,
         device: DeviceHandle,
+        listeners: &crate::fdstore::Listeners,
     ) -> Result<Self, SupervisorError> {
         let cfg: VhostUserExport = cfg.into();
         let Some(path) = cfg.socket.clone() else {
@@ -127,8 +129,12 @@ impl VhostUserServer {
             std::fs::create_dir_all(dir)
                 .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
         }
-        remove_stale_socket(&path).map_err(err)?;
-        let socket = UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
+        let socket = listeners
+            .vhost_user(&cfg.name, &path, || {
+                remove_stale_socket(&path)?;
+                UnixListener::bind(&path).map_err(|e| e.to_string())
+            })
+            .map_err(err)?;
         Self::serve(cfg, path, socket, device, 0, None)
     }
 
