@@ -30,7 +30,7 @@ use nix::unistd::Pid;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_testsupport::blockio::*;
 use shadowback_testsupport::harness::*;
-use shadowback_testsupport::process::ChildGuard;
+use shadowback_testsupport::process::{shadowback_up, ChildGuard};
 use shadowback_testsupport::temp::*;
 use shadowback_testsupport::REPLY_TIMEOUT;
 
@@ -62,16 +62,7 @@ impl Up {
         let config = dir.path().join("shadowback.toml");
         std::fs::write(&config, text).expect("config");
         let log = dir.path().join("up.log");
-        let child = ChildGuard::spawn(
-            Command::new(EXE)
-                .arg("up")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log file")),
-        );
+        let child = shadowback_up(&config, &log);
         let up = Up {
             child,
             control,
@@ -164,6 +155,21 @@ impl Up {
             .child
             .wait(REPLY_TIMEOUT, "shadowback up after SIGTERM");
         assert!(status.success(), "{status}\n{}", self.log_tail());
+    }
+
+    /// `fault DEVICE kill`, then waits for the takeover to be counted.
+    fn kill_and_recover(&self, device: &str) {
+        let before = self.counter(device, "recoveries");
+        self.ok(&["fault", device, "kill"]);
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        while self.counter(device, "recoveries") <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no takeover\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `disk add` of `NAME.img` in the run's directory (made, 8 MiB, if it
@@ -531,13 +537,7 @@ fn a_qos_limit_holds_changes_at_run_time_and_survives_a_takeover() {
     );
 
     // A SIGKILLed backend's replacement keeps the changed limit.
-    let before = up.counter("q", "recoveries");
-    up.ok(&["fault", "q", "kill"]);
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    while up.counter("q", "recoveries") <= before {
-        assert!(Instant::now() < deadline, "no takeover\n{}", up.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    up.kill_and_recover("q");
     std::thread::sleep(Duration::from_millis(300));
     let after = completed_over(&done, window);
     assert!(
@@ -668,12 +668,7 @@ fn a_disk_added_at_run_time_keeps_its_size_limit_and_spare_across_an_upgrade() {
     );
 
     // The new binary's recovery, with the spare the old one started.
-    up.ok(&["fault", "late", "kill"]);
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    while up.counter("late", "recoveries") == 0 {
-        assert!(Instant::now() < deadline, "no takeover\n{}", up.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    up.kill_and_recover("late");
     assert_eq!(up.counter("late", "pid"), spare, "the spare took over");
     assert_eq!(up.counter("late", "standby-takeovers"), 1);
     std::thread::sleep(Duration::from_millis(300));

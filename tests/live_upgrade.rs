@@ -14,7 +14,6 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -25,7 +24,7 @@ use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_guest::workload::Report;
 use shadowback_supervisor::DeviceStats;
 use shadowback_testsupport::operator::{fault_kill, status};
-use shadowback_testsupport::process::{shadowback_bin, ChildGuard, GuestProcess};
+use shadowback_testsupport::process::{shadowback_up, ChildGuard, GuestProcess};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{Message, SeqPacket};
@@ -71,16 +70,7 @@ impl Site {
         let config = dir.join("shadowback.toml");
         std::fs::write(&config, text).expect("config");
         let log = dir.join("up.log");
-        let up = ChildGuard::spawn(
-            Command::new(shadowback_bin())
-                .arg("up")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log")),
-        );
+        let up = shadowback_up(&config, &log);
         let site = Site {
             dir,
             control,
@@ -212,6 +202,30 @@ fn vif_guest(
     })
 }
 
+/// One end of a stream: its report and the netfront's counters.
+type Side = thread::JoinHandle<(StreamReport, NetFrontStats)>;
+
+/// A TCP stream of `bytes` from a netfront on `vifa` (at `a`) to one on
+/// `vifb` (at `b`); `done` turns true once either side is through.
+fn vif_stream(site: &Site, a: Ipv4Addr, b: Ipv4Addr, bytes: u64) -> (Arc<AtomicBool>, Side, Side) {
+    let done = Arc::new(AtomicBool::new(false));
+    let receiver = vif_guest(
+        &site.control,
+        "vifb",
+        StreamRole::Receiver,
+        stream_params(b, a, bytes),
+        done.clone(),
+    );
+    let sender = vif_guest(
+        &site.control,
+        "vifa",
+        StreamRole::Sender,
+        stream_params(a, b, bytes),
+        done.clone(),
+    );
+    (done, sender, receiver)
+}
+
 /// Backend and standby pid of every device.
 fn pids(stats: &[(String, DeviceStats)]) -> Vec<(String, Option<u32>, Option<u32>)> {
     stats
@@ -228,21 +242,7 @@ fn upgrades_under_load_keep_every_guest_connected_and_every_backend_running() {
     let xen = site.xen_guest(6);
     let vhost = site.vhost_guest(6);
     let (a, b) = (Ipv4Addr::new(10, 7, 1, 1), Ipv4Addr::new(10, 7, 1, 2));
-    let done = Arc::new(AtomicBool::new(false));
-    let receiver = vif_guest(
-        &site.control,
-        "vifb",
-        StreamRole::Receiver,
-        stream_params(b, a, STREAM),
-        done.clone(),
-    );
-    let sender = vif_guest(
-        &site.control,
-        "vifa",
-        StreamRole::Sender,
-        stream_params(a, b, STREAM),
-        done.clone(),
-    );
+    let (done, sender, receiver) = vif_stream(&site, a, b, STREAM);
     thread::sleep(Duration::from_millis(800));
     let supervisor = site.up.pid();
     let before = site.stats();
@@ -265,7 +265,8 @@ fn upgrades_under_load_keep_every_guest_connected_and_every_backend_running() {
         assert_eq!(
             pids(&now),
             pids(&before),
-            "upgrade {n}: a backend was replaced"
+            "upgrade {n}: a backend was replaced\n{}",
+            site.logs()
         );
         for ((name, s), (_, was)) in now.iter().zip(&last) {
             // A vif's guest detaches once its stream is through.
@@ -411,21 +412,7 @@ fn a_backend_killed_right_after_an_upgrade_is_recovered_by_the_new_binary() {
     // A vif's takeover starts its new instance from the session the new
     // binary rebuilt: the netif rings, the wire and the device state area.
     let (a, b) = (Ipv4Addr::new(10, 7, 2, 1), Ipv4Addr::new(10, 7, 2, 2));
-    let done = Arc::new(AtomicBool::new(false));
-    let receiver = vif_guest(
-        &site.control,
-        "vifb",
-        StreamRole::Receiver,
-        stream_params(b, a, STREAM),
-        done.clone(),
-    );
-    let sender = vif_guest(
-        &site.control,
-        "vifa",
-        StreamRole::Sender,
-        stream_params(a, b, STREAM),
-        done.clone(),
-    );
+    let (_, sender, receiver) = vif_stream(&site, a, b, STREAM);
     thread::sleep(Duration::from_millis(500));
     let before = site.stats();
     for round in 0..2 {

@@ -284,11 +284,7 @@ async fn start(
         None => None,
     };
     let mut list: Vec<Exported> = Vec::new();
-    // docs/ARCHITECTURE.md §7.5: one pool of spares per class.
-    let block_pool = pool::StandbyPool::new("blkback", backend.clone(), cfg.block_pool());
-    let net_backend =
-        backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
-    let net_pool = pool::StandbyPool::new("netback", net_backend, cfg.net_pool());
+    let (block_pool, net_pool) = pool::StandbyPool::per_class(&cfg, &backend);
     tracing::info!(
         block = cfg.block_pool(),
         net = cfg.net_pool(),

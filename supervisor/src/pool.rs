@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::class::{BlockClass, NetClass};
+use crate::config::Config;
 use crate::device::{inherit_instance, instance_state};
 use crate::instance::Instance;
 use crate::spawn::BackendCommand;
@@ -60,6 +62,16 @@ impl StandbyPool {
             })),
             wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// The block and net classes' pools (docs/ARCHITECTURE.md §7.5: one
+    /// per class) of the sizes `cfg` asks for, spares run by `backend`.
+    pub fn per_class(cfg: &Config, backend: &BackendCommand) -> (Self, Self) {
+        let net = backend.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
+        (
+            StandbyPool::new("blkback", backend.clone(), cfg.block_pool()),
+            StandbyPool::new("netback", net, cfg.net_pool()),
+        )
     }
 
     /// Starts the spares and the refill task. Called once every device

@@ -19,7 +19,7 @@ use crate::device::{self, Attachment, DeviceHandle, Refusal};
 use crate::pool::StandbyPool;
 use crate::spawn::BackendCommand;
 use crate::vhost_user::VhostUserServer;
-use crate::{class, Devices, Exported, Started, SupervisorError};
+use crate::{Devices, Exported, Started, SupervisorError};
 
 /// How long a vhost-user thread may take to reach a point between two
 /// requests (a request that has started to arrive is given the message
@@ -248,11 +248,8 @@ pub(crate) fn resume(
     };
     // docs/ARCHITECTURE.md §7.5: the pools as they were (a disk added at
     // run time may have grown the block pool), with their spares.
-    let block_pool = StandbyPool::new("blkback", backend.clone(), cfg.block_pool());
+    let (block_pool, net_pool) = StandbyPool::per_class(&cfg, &backend);
     block_pool.inherit(&state.block_pool, &fds)?;
-    let net_backend =
-        backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
-    let net_pool = StandbyPool::new("netback", net_backend, cfg.net_pool());
     net_pool.inherit(&state.net_pool, &fds)?;
     let mut devices = Vec::new();
     let mut attachments: HashMap<String, Attachment> = HashMap::new();

@@ -305,6 +305,29 @@ mod tests {
         assert!(err.to_string().contains("version"), "{err}");
     }
 
+    /// The configuration as it stands goes through the state whole:
+    /// QoS limits, the standby pool sizes, a multiqueue vif.
+    #[test]
+    fn the_configuration_as_it_stands_reads_back_unchanged() {
+        let cfg = Config::parse(
+            "socket = \"/tmp/none.sock\"\n[standby]\nblock_pool = 3\n\
+             [[disk]]\nname = \"d\"\npath = \"/tmp/none.img\"\niops_limit = 50\n\
+             iops_burst = 5\nbandwidth_limit_mib = 7\nstandby = false\n\
+             [[nic]]\nname = \"n\"\ntap = \"t0\"\nqueues = 4\n\
+             vhost_user = \"/tmp/n.sock\"\n",
+        )
+        .unwrap();
+        let mut st = state();
+        st.config = cfg.clone();
+        st.block_pool = PoolState {
+            size: 3,
+            spares: Vec::new(),
+        };
+        let back = State::read(st.to_memfd().unwrap()).unwrap();
+        assert_eq!(back.config, cfg);
+        assert_eq!(back.block_pool.size, 3);
+    }
+
     #[test]
     fn version_answers_are_lists_of_numbers() {
         assert_eq!(versions_read("1\n"), vec![1]);
