@@ -310,7 +310,8 @@ fn upgrades_under_load_keep_every_guest_connected_and_every_backend_running() {
         assert_eq!(
             (s.crashes, s.hangs, s.recoveries),
             (0, 0, 0),
-            "{name}: a backend failed: {s:?}"
+            "{name}: a backend failed: {s:?}\n{}",
+            site.logs()
         );
         assert!(
             s.io.requests > was.io.requests,
