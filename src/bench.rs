@@ -57,6 +57,8 @@ pub enum BenchCommand {
     /// Network: frames and TCP through netfront → netback → cable or TAP
     /// vs. the raw wire, in one run.
     Net(crate::netbench::NetBenchArgs),
+    /// Guest-visible stall of a live upgrade (vs. no upgrade and a restart).
+    Upgrade(crate::upgradebench::UpgradeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -363,6 +365,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, CliError> {
         BenchCommand::Blk(args) => run_blk(&args),
         BenchCommand::Failover(args) => crate::failover::run(args),
         BenchCommand::Net(args) => crate::netbench::run(&args),
+        BenchCommand::Upgrade(args) => crate::upgradebench::run(args),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `shadowback status` and `shadowback fault`: small clients of the
-//! supervisor's control socket.
+//! `shadowback status`, `shadowback fault` and `shadowback upgrade`:
+//! small clients of the supervisor's control socket.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +67,21 @@ pub struct FaultArgs {
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 }
+
+#[derive(Args, Debug)]
+pub struct UpgradeArgs {
+    /// The new binary (default: the running supervisor's path, i.e. the
+    /// file a package upgrade put there).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// The supervisor's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+/// An upgrade pauses every device and vhost-user thread (each up to the
+/// message timeout) before the new binary answers.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn recv(sock: &SeqPacket) -> Result<Message, CliError> {
     recv_within(sock, REPLY_TIMEOUT)
@@ -348,6 +363,29 @@ pub fn disk(cmd: DiskCommand) -> Result<ExitCode, CliError> {
             outln!("{name} updated");
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn upgrade(args: UpgradeArgs) -> Result<ExitCode, CliError> {
+    use shadowback_xenbus::protocol::{key, kind};
+    let mut msg = Message::new(kind::UPGRADE);
+    if let Some(binary) = &args.binary {
+        // The supervisor runs elsewhere: a relative path is made absolute
+        // here (its existence is the supervisor's to check).
+        let path = std::path::absolute(binary)?;
+        msg.set(key::BINARY, path.display());
+    }
+    let sock = SeqPacket::connect(&args.socket)?;
+    sock.send(&msg, &[])?;
+    let reply = recv_within(&sock, UPGRADE_TIMEOUT)?;
+    if reply.kind() != kind::UPGRADED {
+        return Err(format!("unexpected {:?} in answer to upgrade", reply.kind()).into());
+    }
+    outln!(
+        "upgraded: pid {}, state version {}",
+        reply.get(key::PID).unwrap_or("?"),
+        reply.get(key::STATE_VERSION).unwrap_or("?")
+    );
     Ok(ExitCode::SUCCESS)
 }
 

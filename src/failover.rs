@@ -96,15 +96,16 @@ pub struct FailoverArgs {
     json: bool,
 }
 
+/// p50 / p99 / max of a sample (µs), as the stall benchmarks print it.
 #[derive(Serialize, Default, Clone, Copy)]
-struct Dist {
-    p50: u64,
-    p99: u64,
-    max: u64,
+pub struct Dist {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
 }
 
 impl Dist {
-    fn of(values: &[u64]) -> Self {
+    pub fn of(values: &[u64]) -> Self {
         let (p50, p99, max) = faults::percentiles(values);
         Dist { p50, p99, max }
     }
@@ -236,22 +237,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()?;
-    let stdout = guest.stdout.take().ok_or("guest stdout missing")?;
-    let reader = std::thread::spawn(move || {
-        let mut report: Option<Report> = None;
-        let mut error = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            match v["event"].as_str() {
-                Some("report") => report = serde_json::from_value(v["report"].clone()).ok(),
-                Some("error") => error = v["message"].as_str().map(str::to_string),
-                _ => {}
-            }
-        }
-        (report, error)
-    });
+    let reader = read_guest(&mut guest)?;
 
     let stats = |sup: &SupervisorThread| {
         sup.status()
@@ -346,15 +332,56 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         ops: report.ops,
         rounds: report.rounds,
         sectors_verified_final: report.sectors_verified_final,
-        failures: report.failures,
+        failures: report.failures.clone(),
     };
-    let clean =
-        out.lost == 0 && out.duplicates == 0 && out.verify_failures == 0 && out.io_errors == 0;
-    if args.json {
-        outln!("{}", serde_json::to_string(&out)?);
+    let measured = stalls.len();
+    conclude(&out, &report, args.json, |r| print(r, measured))
+}
+
+/// What a guest process printed: its `report`, and the message of its
+/// `error` line if it failed.
+pub type GuestOutcome = (Option<Report>, Option<String>);
+
+/// Reads a guest process's JSON lines on a thread.
+pub fn read_guest(
+    guest: &mut std::process::Child,
+) -> Result<std::thread::JoinHandle<GuestOutcome>, CliError> {
+    let stdout = guest.stdout.take().ok_or("guest stdout missing")?;
+    Ok(std::thread::spawn(move || {
+        let mut report: Option<Report> = None;
+        let mut error = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match v["event"].as_str() {
+                Some("report") => report = serde_json::from_value(v["report"].clone()).ok(),
+                Some("error") => error = v["message"].as_str().map(str::to_string),
+                _ => {}
+            }
+        }
+        (report, error)
+    }))
+}
+
+/// Prints a stall benchmark's report `out` (one JSON object with `json`,
+/// else by `print`); fails the command if the guest's `report` saw a lost,
+/// duplicate, wrong or failed completion.
+pub fn conclude<T: Serialize>(
+    out: &T,
+    report: &Report,
+    json: bool,
+    print: impl FnOnce(&T),
+) -> Result<ExitCode, CliError> {
+    if json {
+        outln!("{}", serde_json::to_string(out)?);
     } else {
-        print(&out, stalls.len());
+        print(out);
     }
+    let clean = report.lost == 0
+        && report.duplicates == 0
+        && report.verify_failures == 0
+        && report.io_errors == 0;
     Ok(if clean {
         ExitCode::SUCCESS
     } else {

@@ -27,6 +27,7 @@ mod out;
 mod scalebench;
 mod scratch;
 mod sd_notify;
+mod upgradebench;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ enum Command {
         #[command(subcommand)]
         what: control_cmd::DiskCommand,
     },
+    /// Replace a running supervisor's binary in place, keeping every backend and connection.
+    Upgrade(control_cmd::UpgradeArgs),
     /// Benchmarks (commands, not tests: they print ratios measured in one run).
     Bench {
         #[command(subcommand)]
@@ -80,7 +83,18 @@ enum Command {
     },
 }
 
+/// The flag a running supervisor asks a binary it is about to exec in a
+/// live upgrade: which state versions it reads (docs/PROTOCOL.md §6a).
+const STATE_VERSION_FLAG: &str = "--state-version";
+
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(STATE_VERSION_FLAG))
+        && args.next().is_none()
+    {
+        out::outln!("{}", shadowback_supervisor::upgrade::state_versions());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
     // The demo and the benchmarks kill backends on purpose: unless asked
     // for, keep the expected failure logs of the whole process tree (the
@@ -105,6 +119,7 @@ fn main() -> ExitCode {
         Command::Status(args) => control_cmd::status(args),
         Command::Fault(args) => control_cmd::fault(args),
         Command::Disk { what } => control_cmd::disk(what),
+        Command::Upgrade(args) => control_cmd::upgrade(args),
         Command::Bench { what } => bench::run(what),
         Command::Blkback(args) => backend_cmd::run(args),
         Command::Netback(args) => backend_cmd::run_netback(args),
@@ -124,11 +139,21 @@ fn main() -> ExitCode {
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 fn up(config: PathBuf) -> Result<ExitCode, CliError> {
-    let cfg = shadowback_supervisor::Config::from_file(&config)?;
-    let backend = shadowback_supervisor::BackendCommand::current_exe()?;
     // Under systemd (`Type=notify`): READY once serving, STOPPING on
-    // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything.
+    // SIGTERM/SIGINT, WATCHDOG from the runtime that serves everything;
+    // the listening sockets a crashed predecessor left in the
+    // file-descriptor store, taken before anything could reuse their
+    // numbers.
     let notifier = sd_notify::Notifier::from_env().map(std::sync::Arc::new);
+    let listeners = shadowback_supervisor::fdstore::Listeners::from_env(notifier.clone())?;
+    // Exec'd by a live upgrade: the previous binary's state, not the file,
+    // says what to serve.
+    let state = shadowback_supervisor::upgrade::take_state_fd()?;
+    let cfg = match state {
+        Some(_) => None,
+        None => Some(shadowback_supervisor::Config::from_file(&config)?),
+    };
+    let backend = shadowback_supervisor::BackendCommand::current_exe()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -160,7 +185,15 @@ fn up(config: PathBuf) -> Result<ExitCode, CliError> {
                 n.send("READY=1");
             }
         });
-        shadowback_supervisor::serve_notify(cfg, backend, rx, ready).await
+        match (state, cfg) {
+            (Some(state), _) => {
+                shadowback_supervisor::resume_notify(state, backend, rx, ready, listeners).await
+            }
+            (None, Some(cfg)) => {
+                shadowback_supervisor::serve_notify(cfg, backend, rx, ready, listeners).await
+            }
+            (None, None) => unreachable!("a config is read unless a state is given"),
+        }
     })?;
     Ok(ExitCode::SUCCESS)
 }

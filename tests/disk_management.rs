@@ -30,7 +30,7 @@ use nix::unistd::Pid;
 use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_testsupport::blockio::*;
 use shadowback_testsupport::harness::*;
-use shadowback_testsupport::process::ChildGuard;
+use shadowback_testsupport::process::{shadowback_up, ChildGuard};
 use shadowback_testsupport::temp::*;
 use shadowback_testsupport::REPLY_TIMEOUT;
 
@@ -62,16 +62,7 @@ impl Up {
         let config = dir.path().join("shadowback.toml");
         std::fs::write(&config, text).expect("config");
         let log = dir.path().join("up.log");
-        let child = ChildGuard::spawn(
-            Command::new(EXE)
-                .arg("up")
-                .arg(&config)
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(&log).expect("log file")),
-        );
+        let child = shadowback_up(&config, &log);
         let up = Up {
             child,
             control,
@@ -164,6 +155,21 @@ impl Up {
             .child
             .wait(REPLY_TIMEOUT, "shadowback up after SIGTERM");
         assert!(status.success(), "{status}\n{}", self.log_tail());
+    }
+
+    /// `fault DEVICE kill`, then waits for the takeover to be counted.
+    fn kill_and_recover(&self, device: &str) {
+        let before = self.counter(device, "recoveries");
+        self.ok(&["fault", device, "kill"]);
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        while self.counter(device, "recoveries") <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no takeover\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `disk add` of `NAME.img` in the run's directory (made, 8 MiB, if it
@@ -531,13 +537,7 @@ fn a_qos_limit_holds_changes_at_run_time_and_survives_a_takeover() {
     );
 
     // A SIGKILLed backend's replacement keeps the changed limit.
-    let before = up.counter("q", "recoveries");
-    up.ok(&["fault", "q", "kill"]);
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    while up.counter("q", "recoveries") <= before {
-        assert!(Instant::now() < deadline, "no takeover\n{}", up.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    up.kill_and_recover("q");
     std::thread::sleep(Duration::from_millis(300));
     let after = completed_over(&done, window);
     assert!(
@@ -614,5 +614,95 @@ fn a_disk_removed_during_a_takeover_is_fenced_and_can_come_back() {
     let (guest, _) = bystander.finish("removals during takeovers");
     guest.detach().expect("detach");
     assert_eq!(up.counter("keep", "crashes"), 0);
+    up.sigterm();
+}
+
+/// A live upgrade (docs/ARCHITECTURE.md §4.2) keeps what was changed at
+/// run time: a disk added, its QoS limit changed and its image grown go on
+/// as they were under the new binary, the spare the pool started for it
+/// before the upgrade is the one that takes over a SIGKILL after it (the
+/// new binary owns both the pool and the recovery), the limit holds on
+/// that spare, and the disk can still be removed. A [`Bystander`] on a
+/// disk of the file does verified I/O throughout.
+#[test]
+fn a_disk_added_at_run_time_keeps_its_size_limit_and_spare_across_an_upgrade() {
+    let up = Up::start("dm-upgrade", &[("keep", 16, "standby = false")]);
+    let bystander = Bystander::start(up.guest("keep"), 13);
+    up.add("late", &["iops_limit=200", "iops_burst=20"]);
+    up.ok(&["disk", "set", "late", "iops_limit=50", "iops_burst=5"]);
+    up.ok(&["disk", "resize", "late", "12M"]);
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while up.counter("late", "standby-pid") == 0 {
+        assert!(Instant::now() < deadline, "no spare\n{}", up.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spare = up.counter("late", "standby-pid");
+    let serving = up.counter("late", "pid");
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let worker = reader(up.guest("late"), stop.clone(), done.clone());
+    completed_over(&done, Duration::from_millis(200));
+
+    let answer = up.ok(&["upgrade"]);
+    assert!(
+        answer.contains(&format!("pid {}", up.child.pid())),
+        "{answer}"
+    );
+    assert!(
+        up.log_tail().contains("took over from the previous binary"),
+        "{}",
+        up.log_tail()
+    );
+    assert_eq!(
+        (up.counter("late", "pid"), up.counter("late", "standby-pid")),
+        (serving, spare),
+        "the upgrade replaced a backend or the spare"
+    );
+    assert_eq!(
+        up.counter("late", "connected"),
+        1,
+        "the guest lost the disk\n{}",
+        up.log_tail()
+    );
+
+    // The new binary's recovery, with the spare the old one started.
+    up.kill_and_recover("late");
+    assert_eq!(up.counter("late", "pid"), spare, "the spare took over");
+    assert_eq!(up.counter("late", "standby-takeovers"), 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let window = Duration::from_secs(2);
+    let limited = completed_over(&done, window);
+    assert!(
+        limited <= most(50, 5, window) && limited > 0,
+        "50 IOPS after the upgrade and a takeover: {limited} requests in {window:?}"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let guest = worker.join().expect("reader").expect("reads");
+    guest.detach().expect("detach");
+    // A guest attaching now is shown the new binary's idea of the size.
+    let mut fresh = up.guest("late");
+    let sectors = fresh.refresh_capacity().expect("capacity");
+    assert_eq!(sectors, 12 * MIB / 512, "the capacity");
+    verified_io(&mut fresh, sectors - 256, 3).expect("I/O at the grown end");
+    fresh.detach().expect("detach");
+    let list = up.ok(&["disk", "list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("late "))
+        .unwrap_or_else(|| panic!("{list}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        (cols[1], cols[3]),
+        ((12 * MIB).to_string().as_str(), "50"),
+        "size and limit after the upgrade: {list}"
+    );
+
+    up.ok(&["disk", "remove", "late"]);
+    assert!(up.device("late").is_none(), "still listed after removal");
+    let (guest, rounds) = bystander.finish("the disk of the file");
+    assert!(rounds > 0);
+    guest.detach().expect("bystander detaches");
     up.sigterm();
 }

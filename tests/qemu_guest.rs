@@ -2,7 +2,8 @@
 //! shadowback's vhost-user-blk export (one, two and four virtqueues, one
 //! test each), with the data-plane process SIGKILLed two dozen times while
 //! the guest keeps 32 O_DIRECT requests in flight;
-//! and with the supervisor itself killed and restarted (QEMU reconnects).
+//! and with the supervisor itself killed and restarted (QEMU reconnects),
+//! or upgraded in place (QEMU notices nothing).
 //!
 //! The run is `scripts/guest/run-shadowback.sh` (docs/GUEST.md): it starts
 //! `shadowback up` with one vhost-user disk, boots the guest built by
@@ -224,6 +225,49 @@ fn linux_guest_survives_supervisor_restarts() {
     assert_guest_clean(&fields, &t);
     let restarts = number(&fields, "kills", &t);
     assert!(restarts >= RESTARTS, "only {restarts} restarts\n{t}");
+    assert!(out.status.success(), "the script failed\n{t}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
+}
+
+/// Live upgrades of the supervisor (docs/ARCHITECTURE.md §4.2) while the
+/// guest runs: the binary is exec'd in place, QEMU's vhost-user
+/// connection stays up, so QEMU notices nothing (no reconnect, no
+/// message), the guest sees no error, and no request of the guest's takes
+/// a second (a restart costs QEMU's reconnect period, about a second: the
+/// test above). The slowest request is printed (`lat_max_us`); the stall
+/// distribution is `shadowback bench upgrade`'s.
+#[test]
+fn linux_guest_does_not_notice_supervisor_upgrades() {
+    const UPGRADES: u64 = 8;
+    let (fields, t, out) = run_guest(&[
+        "--fault",
+        "upgrade",
+        "--kills",
+        &UPGRADES.to_string(),
+        "--kill-every",
+        "0.5",
+    ]);
+    assert_guest_clean(&fields, &t);
+    let upgrades = number(&fields, "kills", &t);
+    assert!(upgrades >= UPGRADES, "only {upgrades} upgrades\n{t}");
+    assert_eq!(
+        number(&fields, "qemu_vhost_errors", &t),
+        0,
+        "QEMU noticed an upgrade (vhost-user EOF/reconnect)\n{t}"
+    );
+    assert_eq!(
+        (
+            number(&fields, "crashes", &t),
+            number(&fields, "recoveries", &t)
+        ),
+        (0, 0),
+        "an upgrade replaced the data plane\n{t}"
+    );
+    assert_eq!(
+        number(&fields, "over_1s", &t),
+        0,
+        "a guest request took over 1 s across {upgrades} upgrades\n{t}"
+    );
     assert!(out.status.success(), "the script failed\n{t}");
     eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim_end());
 }

@@ -58,17 +58,25 @@ fn up_notifies_ready_watchdog_and_stopping_and_logs_without_colour() {
         .spawn()
         .unwrap();
     let started = Instant::now();
-    // Watchdog pings may come first; READY comes once, when serving.
+    // Watchdog pings may come first, and the listening socket goes to
+    // the file-descriptor store (tests/supervisor_crash.rs); READY comes
+    // once, when serving.
     let mut pings = 0;
+    let mut stored = Vec::new();
     loop {
         let msg = next(&notify, "READY=1");
         if msg == "READY=1" {
             break;
         }
+        if msg.starts_with("FDSTORE=1\n") {
+            stored.push(msg);
+            continue;
+        }
         assert_eq!(msg, "WATCHDOG=1");
         pings += 1;
         assert!(started.elapsed() < WAIT, "no READY=1");
     }
+    assert_eq!(stored, ["FDSTORE=1\nFDNAME=control"]);
     assert!(control.exists(), "READY=1 before the control socket");
     let status = Command::new(EXE)
         .args(["status", "--format", "keys", "--socket"])

@@ -143,10 +143,11 @@ analyze_run() {
     else
         log "host check skipped: no 'GUEST-IO: final' lines in the console (the workload did not finish)"
     fi
-    local lat p50 p99 max o100
+    local lat p50 p99 max o100 o1s
     lat=$(grep -o 'GUEST-IO: latency_us .*' "$logf" | tail -1 || true)
     p50=$(sed -n 's/.* p50=\([0-9]*\).*/\1/p' <<< "$lat"); p99=$(sed -n 's/.* p99=\([0-9]*\).*/\1/p' <<< "$lat")
     max=$(sed -n 's/.* max=\([0-9]*\).*/\1/p' <<< "$lat"); o100=$(sed -n 's/.* over_100ms=\([0-9]*\).*/\1/p' <<< "$lat")
+    o1s=$(sed -n 's/.* over_1s=\([0-9]*\).*/\1/p' <<< "$lat")
     # The virtqueues Linux drives ("virtio_blk virtio0: 2/0/0 default/read/poll queues").
     local gq
     gq=$(sed -n 's/.*virtio_blk [^:]*: \([0-9]*\)\/[0-9]*\/[0-9]* default\/read\/poll queues.*/\1/p' "$logf" | head -1 || true)
@@ -159,7 +160,7 @@ analyze_run() {
     case "$verdict" in *PASS*) v=PASS ;; *FAIL*) v=FAIL ;; esac
     echo "RESULT verdict=$v kills=$kills kills_failed=$kfail not_a_head=$nohead io_errors=$ioerr" \
          "qemu_vhost_errors=$qerr host_check=$host host_blocks=${hblocks:-0} host_bad=${hbad:-0}" \
-         "lat_p50_us=${p50:-?} lat_p99_us=${p99:-?} lat_max_us=${max:-?} over_100ms=${o100:-?}" \
+         "lat_p50_us=${p50:-?} lat_p99_us=${p99:-?} lat_max_us=${max:-?} over_100ms=${o100:-?} over_1s=${o1s:-?}" \
          "guest_queues=${gq:-?} boot_s=${init:-?} workload_done_s=${done:-?} qemu_rc=$qrc${extra:+ $extra}"
     echo "${verdict:-SHADOWBACK-GUEST: no verdict (qemu rc=$qrc)}"
     RUN_OK=0

@@ -22,12 +22,17 @@
 # guest must still see no error and the host check must pass. Give it a
 # --kill-every of a few seconds (QEMU reconnects once per second).
 #
+# --fault upgrade runs `shadowback upgrade` instead (docs/ARCHITECTURE.md
+# §4.2): the supervisor execs its binary in place and keeps QEMU's
+# connection, so QEMU must notice nothing (as for data-plane kills) and the
+# guest's slowest request says how long the upgrades stalled it.
+#
 # Exits 0 on PASS (guest PASS, no bad message, host check passed, no QEMU
 # vhost-user error, all N kills done), 1 on FAIL, 2 on timeout / no verdict,
 # 3 if the guest image is not built, 4 if the supervisor did not come up.
 #
 # Usage: scripts/guest/run-shadowback.sh [--kills N] [--kill-every S]
-#            [--fault kill|hang|spin|supervisor-kill] [--rounds N | --duration S]
+#            [--fault kill|hang|spin|supervisor-kill|upgrade] [--rounds N | --duration S]
 #            [--workers N] [--depth N] [--blocks N] [--image-mib N]
 #            [--timeout S] [--log FILE] [--keep] [--reconnect] [--queues N]
 #   --kills N       data-plane faults to inject (0); they start when the
@@ -76,9 +81,9 @@ case "$QUEUES" in ''|*[!0-9]*|0) die "--queues wants a number from 1" ;; esac
 # boot_guest (common.sh) reads these.
 SB_SMP=$QUEUES; SB_BLK_OPTS="num-queues=$QUEUES"
 case "$FAULT" in
-    kill|hang|spin) ;;
+    kill|hang|spin|upgrade) ;;
     supervisor-kill) RECONNECT=1 ;;
-    *) die "--fault wants kill, hang, spin or supervisor-kill" ;;
+    *) die "--fault wants kill, hang, spin, supervisor-kill or upgrade" ;;
 esac
 if [ -z "$DURATION" ]; then
     if [ "$KILLS" -gt 0 ]; then
@@ -191,7 +196,9 @@ if [ "$KILLS" -gt 0 ]; then
                 echo "=== supervisor $old killed at $EPOCHREALTIME; restarting" >> "$RUN/supervisor.log"
                 start_supervisor
                 n=$((n+1)); echo "[injector] $FAULT #$n at $EPOCHREALTIME: $old -> $(cat "$SUP_PIDFILE")" >> "$RUN/kills.log"
-            elif out=$("$BIN" fault --socket "$CTL" vd0 "$FAULT" 2>&1); then
+            elif [ "$FAULT" = upgrade ] && out=$("$BIN" upgrade --socket "$CTL" 2>&1); then
+                n=$((n+1)); echo "[injector] $FAULT #$n at $EPOCHREALTIME: $out" >> "$RUN/kills.log"
+            elif [ "$FAULT" != upgrade ] && out=$("$BIN" fault --socket "$CTL" vd0 "$FAULT" 2>&1); then
                 n=$((n+1)); echo "[injector] $FAULT #$n at $EPOCHREALTIME: $out" >> "$RUN/kills.log"
             else
                 bad=$((bad+1)); echo "[injector] refused at $EPOCHREALTIME: $out" >> "$RUN/kills.log"

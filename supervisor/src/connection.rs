@@ -23,6 +23,7 @@ use crate::class::ClassInfo;
 use crate::config::ControlConfig;
 use crate::device::{Attachment, DeviceHandle, Fault, Lost};
 use crate::transport::check_net_fds;
+use crate::upgrade::{GuestState, Handover, UpgradeRequest};
 use crate::Devices;
 
 static NEXT_FRONTEND: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -45,6 +46,106 @@ impl Timeouts {
     }
 }
 
+/// What every connection task shares with the control loop: for a live
+/// upgrade (docs/ARCHITECTURE.md §4.2), the guests that are connected and
+/// a gate that attaches hold while they are under way.
+pub(crate) struct ControlShared {
+    guests: std::sync::Mutex<std::collections::HashMap<u64, Connected>>,
+    next_guest: std::sync::atomic::AtomicU64,
+    /// Read-held from a guest's `connect` until it is registered as
+    /// connected; the upgrade write-holds it, so it sees no attach half
+    /// done.
+    pub attach_gate: tokio::sync::RwLock<()>,
+    /// Where `upgrade` requests go (the control loop).
+    pub upgrades: tokio::sync::mpsc::Sender<UpgradeRequest>,
+    pub timeouts: Timeouts,
+}
+
+/// A connected guest, as the upgrade hands it over.
+struct Connected {
+    /// A duplicate of its socket: open for as long as the entry is.
+    socket: OwnedFd,
+    device: String,
+    attachment: u64,
+    frontend: String,
+}
+
+/// Removes a guest from [`ControlShared`]'s list when its session ends.
+struct Registered<'a> {
+    shared: &'a ControlShared,
+    key: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.shared.guests().remove(&self.key);
+    }
+}
+
+impl ControlShared {
+    pub(crate) fn new(
+        timeouts: Timeouts,
+        upgrades: tokio::sync::mpsc::Sender<UpgradeRequest>,
+    ) -> Self {
+        ControlShared {
+            guests: Default::default(),
+            next_guest: std::sync::atomic::AtomicU64::new(1),
+            attach_gate: tokio::sync::RwLock::new(()),
+            upgrades,
+            timeouts,
+        }
+    }
+
+    fn guests(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Connected>> {
+        // A map changed by whole entries: a panic cannot leave it torn.
+        self.guests.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connected guests, for the upgrade's state.
+    pub(crate) fn handover(&self, fds: &mut Handover) -> Vec<GuestState> {
+        self.guests()
+            .values()
+            .map(|g| GuestState {
+                socket: fds.fd(&g.socket),
+                device: g.device.clone(),
+                attachment: g.attachment,
+                frontend: g.frontend.clone(),
+            })
+            .collect()
+    }
+
+    fn register(
+        &self,
+        conn: &AsyncSeqPacket,
+        device: &str,
+        attachment: u64,
+        frontend: &str,
+    ) -> Option<Registered<'_>> {
+        use std::os::fd::AsFd;
+        let socket = match conn.as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Only an upgrade would miss it: the guest then sees EOF.
+                tracing::warn!(%frontend, error = %e, "cannot keep the guest for an upgrade");
+                return None;
+            }
+        };
+        let key = self
+            .next_guest
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.guests().insert(
+            key,
+            Connected {
+                socket,
+                device: device.to_string(),
+                attachment,
+                frontend: frontend.to_string(),
+            },
+        );
+        Some(Registered { shared: self, key })
+    }
+}
+
 /// Serves one guest connection to its end. Protocol errors are answered
 /// with an `error` message and the socket is closed; nothing a guest sends
 /// can stop the supervisor or disturb another guest.
@@ -53,7 +154,7 @@ pub async fn serve_guest(
     devices: Arc<Devices>,
     ticket: Ticket,
     caller: Caller,
-    timeouts: Timeouts,
+    shared: Arc<ControlShared>,
 ) {
     let frontend = format!(
         "fe{}",
@@ -63,24 +164,15 @@ pub async fn serve_guest(
         conn: &conn,
         ticket: &ticket,
         caller,
-        timeouts,
+        timeouts: shared.timeouts,
+        shared: &shared,
     };
     match handshake(&session, &devices, &frontend).await {
-        Ok(Some((device, attachment))) => {
+        Ok(Some((device, attachment, gate))) => {
             // Attached: at most one connection per disk, it no longer
             // counts against the socket's limits and may stay silent.
             ticket.release();
-            let end = connected(&conn, &device, attachment.lost, &frontend).await;
-            // Exactly one detach per attachment, tagged so that it can never
-            // detach a guest that attached after us.
-            device.detach(attachment.id).await;
-            tracing::info!(%frontend, device = %device.name, "guest detached");
-            let reply = match end {
-                End::Closed => Message::new(kind::CLOSED).with(key::STATE, XenbusState::Closed),
-                End::Refused(code, why) => Message::error(code, &clean(&why)),
-                End::Gone => return,
-            };
-            let _ = session.send(&reply).await;
+            serve_attached(&conn, device, attachment, frontend, &shared, Some(gate)).await;
         }
         Ok(None) => {}
         Err((code, why)) => {
@@ -94,12 +186,42 @@ pub async fn serve_guest(
     }
 }
 
+/// A guest's connection once it is attached, until its session ends:
+/// after `connect`, or in the binary that took over from the one it
+/// connected to (a live upgrade, `gate` then `None`).
+pub(crate) async fn serve_attached(
+    conn: &AsyncSeqPacket,
+    device: DeviceHandle,
+    attachment: Attachment,
+    frontend: String,
+    shared: &ControlShared,
+    gate: Option<tokio::sync::RwLockReadGuard<'_, ()>>,
+) {
+    let registered = shared.register(conn, &device.name, attachment.id, &frontend);
+    drop(gate);
+    let end = connected(conn, &device, attachment.lost, &frontend).await;
+    // Before anything waits: an upgrade from now on hands over no
+    // connection for this attachment, and the new binary detaches it.
+    drop(registered);
+    // Exactly one detach per attachment, tagged so that it can never
+    // detach a guest that attached after us.
+    device.detach(attachment.id).await;
+    tracing::info!(%frontend, device = %device.name, "guest detached");
+    let reply = match end {
+        End::Closed => Message::new(kind::CLOSED).with(key::STATE, XenbusState::Closed),
+        End::Refused(code, why) => Message::error(code, &clean(&why)),
+        End::Gone => return,
+    };
+    let _ = tokio::time::timeout(shared.timeouts.idle, conn.send(&reply, &[])).await;
+}
+
 /// A connection before it is attached.
 struct Session<'a> {
     conn: &'a AsyncSeqPacket,
     ticket: &'a Ticket,
     caller: Caller,
     timeouts: Timeouts,
+    shared: &'a ControlShared,
 }
 
 impl Session<'_> {
@@ -151,12 +273,20 @@ fn refuse(e: XenbusError) -> Refusal {
     (ErrorCode::Einval, e.to_string())
 }
 
+/// Connected: the device, the attachment and the attach gate, held until
+/// the guest is registered (see [`ControlShared::attach_gate`]).
+type Attached<'a> = (
+    DeviceHandle,
+    Attachment,
+    tokio::sync::RwLockReadGuard<'a, ()>,
+);
+
 /// Until Connected. `Ok(None)` means the guest went away.
-async fn handshake(
-    session: &Session<'_>,
+async fn handshake<'a>(
+    session: &Session<'a>,
     devices: &Arc<Devices>,
     frontend: &str,
-) -> Result<Option<(DeviceHandle, Attachment)>, Refusal> {
+) -> Result<Option<Attached<'a>>, Refusal> {
     let mut first = true;
     loop {
         let Some((msg, fds)) = session.recv(std::mem::take(&mut first)).await? else {
@@ -208,12 +338,22 @@ async fn handshake(
             | kind::DISK_SET) => {
                 expect_no_fds(&msg, fds).map_err(refuse)?;
                 caller.may_operate(operator)?;
+                // A live upgrade waits for the change, and a change waits
+                // for an upgrade that failed to resume.
+                let _gate = session.shared.attach_gate.read().await;
                 tracing::info!(%frontend, request = %msg, "device management");
                 for answer in crate::manage::serve(devices, &msg).await? {
                     session.send(&answer).await?;
                 }
             }
+            kind::UPGRADE => {
+                expect_no_fds(&msg, fds).map_err(refuse)?;
+                caller.may_operate(kind::UPGRADE)?;
+                upgrade(session, &msg, frontend).await?;
+                return Ok(None);
+            }
             kind::CONNECT => {
+                let gate = session.shared.attach_gate.read().await;
                 // A vif's keys are its own (docs/PROTOCOL.md §4.7); an
                 // unknown device is refused after the disk keys are
                 // parsed, as it always was.
@@ -233,7 +373,7 @@ async fn handshake(
                         return Err(e);
                     }
                     tracing::info!(%frontend, device = %dev.name, "vif connected");
-                    return Ok(Some((dev, attachment)));
+                    return Ok(Some((dev, attachment, gate)));
                 }
                 let req = ConnectRequest::from_message(&msg).map_err(refuse)?;
                 let fds = DeviceFds::from_received(&msg, fds).map_err(refuse)?;
@@ -262,7 +402,7 @@ async fn handshake(
                     return Err(e);
                 }
                 tracing::info!(%frontend, device = %dev.name, "guest connected");
-                return Ok(Some((dev, attachment)));
+                return Ok(Some((dev, attachment, gate)));
             }
             known
             @ (kind::CLOSE | kind::BACKEND | kind::CONNECTED | kind::CLOSED | kind::ERROR) => {
@@ -274,6 +414,34 @@ async fn handshake(
             other => return Err((ErrorCode::Einval, format!("unknown message kind {other:?}"))),
         }
     }
+}
+
+/// `upgrade` (docs/PROTOCOL.md §6a): hands the request to the control
+/// loop. If the new binary takes over, it answers on this connection; an
+/// `Err` is the old one's refusal.
+async fn upgrade(session: &Session<'_>, msg: &Message, frontend: &str) -> Result<(), Refusal> {
+    use std::os::fd::AsFd;
+    let binary = msg.get(key::BINARY).map(std::path::PathBuf::from);
+    tracing::warn!(%frontend, ?binary, "upgrade requested");
+    let requester = session
+        .conn
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| (ErrorCode::Enodev, format!("dup: {e}")))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = UpgradeRequest {
+        binary,
+        requester,
+        reply,
+    };
+    let stopped = || (ErrorCode::Enodev, "the supervisor is stopping".to_string());
+    session
+        .shared
+        .upgrades
+        .send(request)
+        .await
+        .map_err(|_| stopped())?;
+    answer.await.unwrap_or_else(|_| Err(stopped()))
 }
 
 /// A vif's `connect` (docs/PROTOCOL.md §4.7): its keys, its 3 or 5

@@ -1,9 +1,12 @@
-//! One backend process as the supervisor holds it: the child (reaped by
-//! tokio, killed on drop), a pidfd that becomes readable when it exits, and
-//! its control channel.
+//! One backend process as the supervisor holds it: a pidfd that becomes
+//! readable when it exits (and through which it is signalled and reaped),
+//! and its control channel. Dropping an instance kills and reaps it.
 //!
 //! Signals go through the pidfd, never a pid number, so a signal can never
-//! reach a process that reused the pid of a reaped backend.
+//! reach a process that reused the pid of a reaped backend. Nothing holds
+//! a `Child`: an instance is its pid, pidfd and control socket, which is
+//! what lets a new supervisor binary adopt it after a live upgrade
+//! ([`Instance::inherit`], docs/ARCHITECTURE.md §4.2).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -12,7 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
-use rustix::process::{pidfd_open, pidfd_send_signal, Pid, PidfdFlags, Signal};
+use rustix::process::{
+    pidfd_open, pidfd_send_signal, waitid, Pid, PidfdFlags, Signal, WaitId, WaitIdOptions,
+    WaitIdStatus,
+};
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{AsyncSeqPacket, Message};
@@ -58,7 +64,6 @@ pub struct Fenced {
 /// A running backend process.
 #[derive(Debug)]
 pub struct Instance {
-    child: tokio::process::Child,
     pid: u32,
     pidfd: AsyncFd<OwnedFd>,
     control: AsyncSeqPacket,
@@ -77,6 +82,8 @@ pub struct Instance {
     adopting: AtomicBool,
     /// The spare's `adopt-us`.
     adopt_us: AtomicU64,
+    /// `waitid` collected its exit status: nothing left to kill or reap.
+    reaped: bool,
 }
 
 impl Instance {
@@ -92,7 +99,7 @@ impl Instance {
         metrics: &File,
     ) -> Result<Self, SupervisorError> {
         let setup = class.prepare_instance()?;
-        let (child, control) = spawn_backend(
+        let (pid, control) = spawn_backend(
             cmd,
             name,
             &setup.args,
@@ -101,15 +108,15 @@ impl Instance {
             shadow,
             first,
         )?;
-        tracing::debug!(device = %name, first, "backend started");
-        Self::started(child, control, setup.io_fence)
+        tracing::debug!(device = %name, pid, first, "backend started");
+        Self::started(pid, control, setup.io_fence)
     }
 
     /// Execs a spare of the standby pool (docs/ARCHITECTURE.md §7.5): a
     /// backend of `cmd`'s class with no device until [`adopt`](Self::adopt).
     pub fn start_spare(cmd: &BackendCommand) -> Result<Self, SupervisorError> {
-        let (child, control) = spawn_spare(cmd)?;
-        Self::started(child, control, None)
+        let (pid, control) = spawn_spare(cmd)?;
+        Self::started(pid, control, None)
     }
 
     /// Hands this spare device `name`: the instance's own file of the
@@ -152,21 +159,36 @@ impl Instance {
         self.adopt_us.load(Ordering::Relaxed)
     }
 
-    /// The instance around a started `child` and its `control` channel.
+    /// The instance around a started child `pid` and its `control` channel.
     fn started(
-        child: tokio::process::Child,
+        pid: u32,
         control: shadowback_xenbus::SeqPacket,
         io_fence: Option<IoFence>,
     ) -> Result<Self, SupervisorError> {
         let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
-        // The child is not reaped before we `wait` for it, so its pid
+        // The child is not reaped before we `waitid` for it, so its pid
         // cannot have been reused yet.
-        let pid = child.id().ok_or_else(|| spawn_err(&"no pid"))?;
         let raw = i32::try_from(pid)
             .ok()
             .and_then(Pid::from_raw)
             .ok_or_else(|| spawn_err(&format!("pid {pid}")))?;
         let pidfd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| spawn_err(&e))?;
+        Self::inherit(pid, pidfd, control.into_fd(), io_fence, 0, false)
+    }
+
+    /// An instance from its pid, pidfd and control socket: one just
+    /// spawned, or one another supervisor process (the binary this one
+    /// replaced by `execve`, docs/ARCHITECTURE.md §4.2) started, which is
+    /// still this process's child.
+    pub fn inherit(
+        pid: u32,
+        pidfd: OwnedFd,
+        control: OwnedFd,
+        io_fence: Option<IoFence>,
+        poisons_sent: usize,
+        serving: bool,
+    ) -> Result<Self, SupervisorError> {
+        let spawn_err = |e: &dyn std::fmt::Display| SupervisorError::Spawn(e.to_string());
         // SAFETY: `pidfd` is an `OwnedFd`: it owns an open descriptor that
         // nothing else can close, and the `AsyncFd` takes it over, so the
         // descriptor stays open for as long as it is registered.
@@ -174,19 +196,29 @@ impl Instance {
         #[allow(unsafe_code)]
         let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }
             .map_err(|e| spawn_err(&e))?;
-        let control = AsyncSeqPacket::new(control).map_err(|e| spawn_err(&e))?;
+        let control = AsyncSeqPacket::from_fd(control).map_err(|e| spawn_err(&e))?;
         Ok(Instance {
-            child,
             pid,
             pidfd,
             control,
             started: Instant::now(),
-            poisons_sent: 0,
-            serving: false,
+            poisons_sent,
+            serving,
             io_fence,
             adopting: AtomicBool::new(false),
             adopt_us: AtomicU64::new(0),
+            reaped: false,
         })
+    }
+
+    /// Its pidfd and control socket, for a live upgrade.
+    pub fn handover_fds(&self) -> (BorrowedFd<'_>, BorrowedFd<'_>) {
+        (self.pidfd.get_ref().as_fd(), self.control.as_fd())
+    }
+
+    /// Its I/O fence, if its class gave it one.
+    pub fn io_fence(&self) -> Option<&IoFence> {
+        self.io_fence.as_ref()
     }
 
     /// Its process id (for status and logs only).
@@ -309,10 +341,15 @@ impl Instance {
             tracing::debug!(pid = self.pid, error = %e, "SIGKILL (already exited?)");
         }
         self.exited().await;
-        let status = match self.child.wait().await {
-            Ok(s) => describe_exit(s),
+        let status = match waitid(
+            WaitId::PidFd(self.pidfd.get_ref().as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(s)) => describe_exit(&s),
+            Ok(None) => "exited (no status)".to_string(),
             Err(e) => format!("wait failed: {e}"),
         };
+        self.reaped = true;
         let reaped = Instant::now();
         if let Some(io_fence) = self.io_fence.take() {
             let pid = self.pid;
@@ -359,15 +396,39 @@ fn adopt_message(name: &str, args: &[OsString], shadow: bool) -> Result<Message,
 /// `--no-shadow` as a key of `adopt`.
 const NO_SHADOW_KEY: &str = "no-shadow";
 
+impl Drop for Instance {
+    /// An instance nobody fenced (the device stopped): kill it and reap it
+    /// off the caller's thread, so no zombie is left behind.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let _ = self.signal(Signal::KILL);
+        let Ok(pidfd) = self.pidfd.get_ref().try_clone() else {
+            return;
+        };
+        let reap = move || {
+            let _ = waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
+        };
+        if std::thread::Builder::new()
+            .name("reap".into())
+            .spawn(reap)
+            .is_err()
+        {
+            tracing::debug!(pid = self.pid, "cannot reap a dropped backend");
+        }
+    }
+}
+
 /// An exit status for logs: "killed by SIGSYS" (a seccomp violation),
-/// "killed by SIGKILL", or the status as the standard library shows it.
-pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match status.signal() {
-        Some(n) => match nix::sys::signal::Signal::try_from(n) {
+/// "killed by SIGKILL", or "exit status: N".
+pub(crate) fn describe_exit(status: &WaitIdStatus) -> String {
+    match (status.terminating_signal(), status.exit_status()) {
+        (Some(n), _) => match nix::sys::signal::Signal::try_from(n) {
             Ok(sig) => format!("killed by {}", sig.as_str()),
             Err(_) => format!("killed by signal {n}"),
         },
-        None => status.to_string(),
+        (None, Some(code)) => format!("exit status: {code}"),
+        (None, None) => "exited".to_string(),
     }
 }

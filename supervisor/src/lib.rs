@@ -36,7 +36,9 @@
 //! socket hold (docs/PROTOCOL.md §1.1); `access.rs` says which peer may
 //! use which device and who is an operator (docs/PROTOCOL.md §1.2);
 //! `limits.rs` bounds what one frontend makes a device hold
-//! (docs/PROTOCOL.md §1.3).
+//! (docs/PROTOCOL.md §1.3). `upgrade/` hands every descriptor and the
+//! protocol state to a new binary exec'd in place (`upgrade`,
+//! docs/ARCHITECTURE.md §4.2), and [`resume_notify`] takes them over.
 
 #![deny(unsafe_code)]
 
@@ -46,14 +48,17 @@ mod class;
 mod config;
 mod connection;
 mod device;
+pub mod fdstore;
 mod instance;
 mod limits;
 pub mod metrics;
 mod pool;
+pub mod sd_notify;
 mod session;
 mod spawn;
 mod stats;
 mod transport;
+pub mod upgrade;
 mod vhost_user;
 mod watchdog;
 
@@ -110,6 +115,11 @@ pub(crate) struct Devices {
     /// The block class's spares (docs/ARCHITECTURE.md §7.5), for disks
     /// added at run time too.
     block_pool: pool::StandbyPool,
+    /// The net class's spares (handed over in a live upgrade).
+    net_pool: pool::StandbyPool,
+    /// Where listening sockets are kept outside this process
+    /// ([`fdstore`]).
+    listeners: Arc<fdstore::Listeners>,
 }
 
 struct Exports {
@@ -179,27 +189,76 @@ pub async fn serve(
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None, None).await
+    let listeners = Arc::default();
+    serve_registered(cfg, backend, shutdown, None, None, listeners).await
 }
 
 /// [`serve`], calling `ready` once the control socket listens and every
-/// device has its backend (for systemd's `READY=1`).
+/// device has its backend (for systemd's `READY=1`); the listening
+/// sockets come from and go to `listeners` (systemd's file-descriptor
+/// store, [`fdstore`]).
 pub async fn serve_notify(
     cfg: Config,
     backend: BackendCommand,
     shutdown: watch::Receiver<bool>,
     ready: Box<dyn FnOnce() + Send>,
+    listeners: fdstore::Listeners,
 ) -> Result<(), SupervisorError> {
-    serve_registered(cfg, backend, shutdown, None, Some(ready)).await
+    let listeners = Arc::new(listeners);
+    serve_registered(cfg, backend, shutdown, None, Some(ready), listeners).await
+}
+
+/// [`serve_notify`] in a binary exec'd by a live upgrade
+/// (docs/ARCHITECTURE.md §4.2): `state` is the memfd the previous binary
+/// described everything in ([`upgrade::take_state_fd`]); the devices,
+/// backends and connections are taken over, not started.
+pub async fn resume_notify(
+    state: std::fs::File,
+    backend: BackendCommand,
+    shutdown: watch::Receiver<bool>,
+    ready: Box<dyn FnOnce() + Send>,
+    listeners: fdstore::Listeners,
+) -> Result<(), SupervisorError> {
+    let started = upgrade::resume(state, &backend, Arc::new(listeners))?;
+    run(started, shutdown, None, Some(ready)).await
+}
+
+/// What the control loop serves.
+pub(crate) struct Started {
+    /// The configuration as it stands (see [`Exports::cfg`]).
+    cfg: Config,
+    /// How to run a backend (`[backend]` applied).
+    backend: BackendCommand,
+    listener: AsyncSeqPacketListener,
+    metrics_listener: Option<tokio::net::TcpListener>,
+    list: Vec<Exported>,
+    block_pool: pool::StandbyPool,
+    net_pool: pool::StandbyPool,
+    /// Where listening sockets are kept outside this process.
+    listeners: Arc<fdstore::Listeners>,
+    /// Connections taken over in a live upgrade.
+    pending: Option<upgrade::Pending>,
 }
 
 async fn serve_registered(
     cfg: Config,
     backend: BackendCommand,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     registry: Option<Registry>,
     ready: Option<Box<dyn FnOnce() + Send>>,
+    listeners: Arc<fdstore::Listeners>,
 ) -> Result<(), SupervisorError> {
+    let started = start(cfg, backend, listeners).await?;
+    run(started, shutdown, registry, ready).await
+}
+
+/// Binds the control socket (or takes it from `listeners`) and starts
+/// every device.
+async fn start(
+    cfg: Config,
+    backend: BackendCommand,
+    listeners: Arc<fdstore::Listeners>,
+) -> Result<Started, SupervisorError> {
     cfg.validate()?;
     let backend = if cfg.backend.confine {
         backend
@@ -213,11 +272,7 @@ async fn serve_registered(
             reason: format!("creating {}: {e}", dir.display()),
         })?;
     }
-    let listener =
-        AsyncSeqPacketListener::bind(&cfg.socket).map_err(|e| SupervisorError::Socket {
-            path: cfg.socket.clone(),
-            reason: e.to_string(),
-        })?;
+    let listener = listeners.control(&cfg.socket)?;
     let metrics_listener = match cfg.metrics.listen {
         Some(addr) => match metrics::bind(addr).await {
             Ok(l) => Some(l),
@@ -229,11 +284,7 @@ async fn serve_registered(
         None => None,
     };
     let mut list: Vec<Exported> = Vec::new();
-    // docs/ARCHITECTURE.md §7.5: one pool of spares per class.
-    let block_pool = pool::StandbyPool::new("blkback", backend.clone(), cfg.block_pool());
-    let net_backend =
-        backend.with_subcommand(class::BlockClass::SUBCOMMAND, class::NetClass::SUBCOMMAND);
-    let net_pool = pool::StandbyPool::new("netback", net_backend, cfg.net_pool());
+    let (block_pool, net_pool) = pool::StandbyPool::per_class(&cfg, &backend);
     tracing::info!(
         block = cfg.block_pool(),
         net = cfg.net_pool(),
@@ -243,7 +294,7 @@ async fn serve_registered(
         let pool = disk.standby.then(|| block_pool.clone());
         let started = device::start_device(disk, &cfg.limits, &backend, pool).and_then(|handle| {
             let vhost = match disk.vhost_user {
-                Some(_) => Some(VhostUserServer::start(disk, handle.clone())?),
+                Some(_) => Some(VhostUserServer::start(disk, handle.clone(), &listeners)?),
                 None => None,
             };
             Ok(Exported { handle, vhost })
@@ -278,7 +329,7 @@ async fn serve_registered(
                 let pool = nic.standby.then(|| net_pool.clone());
                 let handle = device::start_nic(nic, &cfg.limits, wire, &backend, pool)?;
                 let vhost = match nic.vhost_user {
-                    Some(_) => Some(VhostUserServer::start(nic, handle.clone())?),
+                    Some(_) => Some(VhostUserServer::start(nic, handle.clone(), &listeners)?),
                     None => None,
                 };
                 tracing::info!(
@@ -298,6 +349,38 @@ async fn serve_registered(
             return Err(e);
         }
     }
+    Ok(Started {
+        cfg,
+        backend,
+        listener,
+        metrics_listener,
+        list,
+        block_pool,
+        net_pool,
+        listeners,
+        pending: None,
+    })
+}
+
+/// The control loop: accepts connections, serves `upgrade`, until
+/// `shutdown`.
+async fn run(
+    started: Started,
+    mut shutdown: watch::Receiver<bool>,
+    registry: Option<Registry>,
+    ready: Option<Box<dyn FnOnce() + Send>>,
+) -> Result<(), SupervisorError> {
+    let Started {
+        cfg,
+        backend,
+        listener,
+        metrics_listener,
+        list,
+        block_pool,
+        net_pool,
+        listeners,
+        pending,
+    } = started;
     block_pool.start();
     net_pool.start();
     let devices = Arc::new(Devices {
@@ -306,9 +389,20 @@ async fn serve_registered(
             list,
             busy: Vec::new(),
         }),
-        backend: backend.clone(),
+        backend,
         block_pool,
+        net_pool,
+        listeners,
     });
+    // Kept for an upgrade: the listener itself moves into its task.
+    let metrics_fd = match &metrics_listener {
+        Some(l) => Some(
+            std::os::fd::AsFd::as_fd(l)
+                .try_clone_to_owned()
+                .map_err(|e| SupervisorError::Runtime(format!("metrics listener: {e}")))?,
+        ),
+        None => None,
+    };
     if let Some(listener) = metrics_listener {
         tracing::info!(listen = ?listener.local_addr().ok(), "metrics listener");
         tokio::spawn(metrics::serve(listener, devices.clone(), shutdown.clone()));
@@ -327,7 +421,14 @@ async fn serve_registered(
         );
     }
     let admission = admission::Admission::new(limits);
-    let timeouts = connection::Timeouts::new(&cfg.control);
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    let shared = Arc::new(connection::ControlShared::new(
+        connection::Timeouts::new(&cfg.control),
+        upgrades,
+    ));
+    if let Some(pending) = pending {
+        pending.start(&shared);
+    }
     let operators = access::AccessList::new(&cfg.control.operator_uids, &cfg.control.operator_gids);
     tracing::info!(
         socket = %cfg.socket.display(), max_connections = limits.max,
@@ -348,7 +449,7 @@ async fn serve_registered(
                         Ok((ticket, peer)) => {
                             let caller = access::Caller::new(peer, &operators);
                             tokio::spawn(connection::serve_guest(
-                                conn, devices.clone(), ticket, caller, timeouts,
+                                conn, devices.clone(), ticket, caller, shared.clone(),
                             ));
                         }
                         Err(why) => {
@@ -372,6 +473,15 @@ async fn serve_registered(
                     }
                 }
             },
+            Some(request) = upgrade_requests.recv() => {
+                // Returns only if this binary goes on serving.
+                upgrade::upgrade(request, upgrade::Serving {
+                    listener: &listener,
+                    metrics_listener: metrics_fd.as_ref().map(std::os::fd::AsFd::as_fd),
+                    devices: &devices,
+                    shared: &shared,
+                }).await;
+            }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     break;
@@ -385,6 +495,8 @@ async fn serve_registered(
         // `status` unanswered for seconds while a peer stormed.
         tokio::task::yield_now().await;
     }
+    // A clean stop: no successor may take these sockets.
+    devices.listeners.forget_all();
     let _ = std::fs::remove_file(&cfg.socket);
     stop_vhost(devices.take_vhost()).await;
     Ok(())
@@ -449,7 +561,15 @@ impl SupervisorThread {
                     .enable_all()
                     .build()
                     .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
-                rt.block_on(serve_registered(cfg, backend, rx, Some(registry), None))
+                let listeners = Arc::default();
+                rt.block_on(serve_registered(
+                    cfg,
+                    backend,
+                    rx,
+                    Some(registry),
+                    None,
+                    listeners,
+                ))
             })
             .map_err(|e| SupervisorError::Runtime(e.to_string()))?;
         let mut me = SupervisorThread {

@@ -126,7 +126,7 @@ async fn add(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
     // (docs/ARCHITECTURE.md §7.5) when the file left it at 0.
     devices.block_pool.grow_to(pool_size);
     let vhost = match disk.vhost_user {
-        Some(_) => match VhostUserServer::start(&disk, handle.clone()) {
+        Some(_) => match VhostUserServer::start(&disk, handle.clone(), &devices.listeners) {
             Ok(server) => Some(server),
             Err(e) => {
                 let _ = handle.remove(true).await;
@@ -184,6 +184,9 @@ async fn remove(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
         at.map(|i| exports.list.remove(i))
     };
     if let Some(vhost) = gone.and_then(|d| d.vhost) {
+        devices
+            .listeners
+            .forget(&crate::fdstore::vhost_user_name(name));
         // Blocks until its thread has let go of the connection.
         let _ = tokio::task::spawn_blocking(move || vhost.stop()).await;
     }

@@ -15,8 +15,13 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::class::{BlockClass, NetClass};
+use crate::config::Config;
+use crate::device::{inherit_instance, instance_state};
 use crate::instance::Instance;
 use crate::spawn::BackendCommand;
+use crate::upgrade::{Adopted, Handover, PoolState};
+use crate::SupervisorError;
 
 /// How often the pool looks for dead spares and replaces them; also the
 /// pause after a spare could not be started.
@@ -57,6 +62,16 @@ impl StandbyPool {
             })),
             wake: Arc::new(Notify::new()),
         }
+    }
+
+    /// The block and net classes' pools (docs/ARCHITECTURE.md §7.5: one
+    /// per class) of the sizes `cfg` asks for, spares run by `backend`.
+    pub fn per_class(cfg: &Config, backend: &BackendCommand) -> (Self, Self) {
+        let net = backend.with_subcommand(BlockClass::SUBCOMMAND, NetClass::SUBCOMMAND);
+        (
+            StandbyPool::new("blkback", backend.clone(), cfg.block_pool()),
+            StandbyPool::new("netback", net, cfg.net_pool()),
+        )
     }
 
     /// Starts the spares and the refill task. Called once every device
@@ -119,6 +134,35 @@ impl StandbyPool {
     /// The process id of the spare [`take`](Self::take) would give now.
     pub fn next_pid(&self) -> Option<u32> {
         self.lock().ready.last().map(Instance::pid)
+    }
+
+    /// The pool as the binary that takes over in a live upgrade needs it
+    /// (docs/ARCHITECTURE.md §4.2): its size and every spare, dead ones
+    /// included (the new binary fences them: they are its children).
+    /// Called with nothing awaited until the `execve`, so the refill task
+    /// cannot start a spare the state does not list.
+    pub(crate) fn handover(&self, fds: &mut Handover) -> PoolState {
+        let spares = self.lock();
+        PoolState {
+            size: spares.size,
+            spares: spares
+                .ready
+                .iter()
+                .chain(&spares.dead)
+                .map(|i| instance_state(i, fds))
+                .collect(),
+        }
+    }
+
+    /// Takes over the spares a previous binary described in `state`; the
+    /// pool is then [`start`](Self::start)ed like a new one.
+    pub(crate) fn inherit(&self, state: &PoolState, fds: &Adopted) -> Result<(), SupervisorError> {
+        let mut spares = self.lock();
+        spares.size = state.size.min(MAX_POOL);
+        for s in &state.spares {
+            spares.ready.push(inherit_instance(s, fds)?);
+        }
+        Ok(())
     }
 
     /// Starts spares until the pool is full (`true`) or one cannot be

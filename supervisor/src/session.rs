@@ -14,6 +14,8 @@ use shadowback_xenbus::Message;
 
 use crate::device::Refusal;
 use crate::transport::{Frontend, RingProbe};
+use crate::upgrade::{Adopted, Handover, SessionState};
+use crate::SupervisorError;
 
 /// One ring of a session.
 #[derive(Debug)]
@@ -48,15 +50,66 @@ impl Session {
             .map(ShadowLog::create)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| (ErrorCode::Enodev, format!("creating a shadow log: {e}")))?;
+        Self::with_logs(frontend, logs, backend_id)
+            .ok_or((ErrorCode::Einval, "no ring".to_string()))
+    }
+
+    /// The session of `frontend` with `logs`, one per ring; `None` without
+    /// a ring.
+    fn with_logs(frontend: Frontend, logs: Vec<ShadowLog>, backend_id: u16) -> Option<Self> {
         let rings = logs
             .into_iter()
             .zip(frontend.ring_probes(backend_id))
             .map(|(log, probe)| Ring { log, probe })
             .collect::<Vec<_>>();
-        if rings.is_empty() {
-            return Err((ErrorCode::Einval, "no ring".into()));
-        }
-        Ok(Session { frontend, rings })
+        (!rings.is_empty()).then_some(Session { frontend, rings })
+    }
+
+    /// The session for a live upgrade: its attach message (without
+    /// `recover`), the frontend's descriptors and the logs.
+    pub fn handover(&self, fds: &mut Handover) -> Result<SessionState, String> {
+        let message = self
+            .frontend
+            .attach_message()
+            .map_err(|(_, why)| why)
+            .and_then(|m| m.encode().map_err(|e| e.to_string()))?;
+        Ok(SessionState {
+            message: String::from_utf8(message).map_err(|e| e.to_string())?,
+            fds: self
+                .frontend
+                .attach_fds()
+                .into_iter()
+                .map(|fd| fds.fd(fd))
+                .collect(),
+            logs: self.rings.iter().map(|r| fds.fd(r.log.file())).collect(),
+        })
+    }
+
+    /// The session a previous binary handed over (its checks passed when
+    /// it was made); the probes are made again.
+    pub fn adopt(
+        state: &SessionState,
+        fds: &Adopted,
+        backend_id: u16,
+    ) -> Result<Self, SupervisorError> {
+        let err = |why: String| SupervisorError::Runtime(format!("upgrade state: session: {why}"));
+        let msg = shadowback_xenbus::Message::decode(state.message.as_bytes())
+            .map_err(|e| err(e.to_string()))?;
+        let frontend_fds = state
+            .fds
+            .iter()
+            .map(|&fd| fds.fd(fd))
+            .collect::<Result<Vec<_>, _>>()?;
+        let frontend = Frontend::from_attach(&msg, frontend_fds).map_err(err)?;
+        let logs = state
+            .logs
+            .iter()
+            .map(|&fd| {
+                fds.fd(fd)
+                    .and_then(|fd| ShadowLog::open(fd).map_err(|e| err(e.to_string())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_logs(frontend, logs, backend_id).ok_or_else(|| err("no ring".into()))
     }
 
     /// The rings, in message order.

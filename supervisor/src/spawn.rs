@@ -156,6 +156,18 @@ pub struct IoFence {
 }
 
 impl IoFence {
+    /// The supervisor's description of the image and the fence slot, for
+    /// a live upgrade.
+    pub fn parts(&self) -> (&File, Option<i64>) {
+        (&self.disk, self.slot)
+    }
+
+    /// The fence [`parts`](Self::parts) described, in the binary that
+    /// took over.
+    pub fn from_parts(disk: File, slot: Option<i64>) -> Self {
+        IoFence { disk, slot }
+    }
+
     /// Waits until no I/O of the fenced instance can still reach the
     /// image. Blocks: call it from `spawn_blocking`.
     ///
@@ -359,17 +371,47 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
         .open(&cfg.path)
         .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
     let lock = lock_image(&file, &cfg.path)?;
-    let len = disk_size(&file)
-        .map_err(|e| SupervisorError::Disk(format!("{}: {e}", cfg.path.display())))?;
+    let sectors = sectors_of(&file, &cfg.path)?;
+    Ok(Disk {
+        file,
+        sectors,
+        _lock: lock,
+    })
+}
+
+/// The size of an image in 512-byte sectors.
+fn sectors_of(file: &File, path: &std::path::Path) -> Result<u64, SupervisorError> {
+    let len =
+        disk_size(file).map_err(|e| SupervisorError::Disk(format!("{}: {e}", path.display())))?;
     if len == 0 || len % 512 != 0 {
         return Err(SupervisorError::Disk(format!(
             "{}: size {len} is not a non-zero multiple of 512 bytes",
-            cfg.path.display()
+            path.display()
         )));
     }
+    Ok(len / 512)
+}
+
+/// The image the previous binary of this process opened and locked (a
+/// live upgrade, docs/ARCHITECTURE.md §4.2): `file` is that description,
+/// so it still holds the image's `flock`, which is not taken again.
+pub fn adopt_disk(file: File, path: &std::path::Path) -> Result<Disk, SupervisorError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| SupervisorError::Disk(format!("{}: {e}", path.display())))?;
+    let (dev, ino) = (meta.dev(), meta.ino());
+    {
+        let mut held = locked_images();
+        match held.iter_mut().find(|e| (e.0, e.1) == (dev, ino)) {
+            Some(entry) => entry.2 += 1,
+            None => held.push((dev, ino, 1)),
+        }
+    }
+    let lock = ImageLock { dev, ino };
+    let sectors = sectors_of(&file, path)?;
     Ok(Disk {
         file,
-        sectors: len / 512,
+        sectors,
         _lock: lock,
     })
 }
@@ -379,6 +421,18 @@ pub fn open_disk(cfg: &DiskConfig) -> Result<Disk, SupervisorError> {
 pub fn disk_size(file: &File) -> std::io::Result<u64> {
     let mut file = file;
     file.seek(std::io::SeekFrom::End(0))
+}
+
+/// The next I/O fence slot this process would give an instance, for the
+/// binary that takes over in a live upgrade.
+pub fn next_fence_slot() -> i64 {
+    NEXT_FENCE_SLOT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Continues the fence slots of the previous binary: a slot is never
+/// reused, also across an upgrade.
+pub fn continue_fence_slots(next: i64) {
+    NEXT_FENCE_SLOT.fetch_max(next, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How to run a backend: the program and the arguments before those the
@@ -452,14 +506,17 @@ pub fn spawn_backend(
     metrics: Option<&File>,
     shadow: bool,
     first: bool,
-) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
+) -> Result<(u32, SeqPacket), SupervisorError> {
     let (ours, theirs) = SeqPacket::pair().map_err(|e| SupervisorError::Spawn(e.to_string()))?;
     let theirs: OwnedFd = theirs.into_fd();
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
     let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
     let metrics_src = metrics.map(AsRawFd::as_raw_fd);
-    let mut command = tokio::process::Command::new(&cmd.program);
+    // A plain `std` child: nothing reaps it behind the supervisor's back
+    // and dropping it kills nothing; the `Instance` owns it through its
+    // pidfd (and a new supervisor binary can adopt it, §4.2).
+    let mut command = std::process::Command::new(&cmd.program);
     command
         .args(&cmd.args)
         .arg("--device")
@@ -467,8 +524,7 @@ pub fn spawn_backend(
         .arg("--control-fd")
         .arg(BACKEND_CONTROL_FD.to_string())
         .args(args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+        .stdin(Stdio::null());
     if disk_src.is_some() {
         command.arg("--disk-fd").arg(BACKEND_DISK_FD.to_string());
     }
@@ -500,6 +556,7 @@ pub fn spawn_backend(
     // between fork and exec.
     #[allow(unsafe_code)]
     unsafe {
+        use std::os::unix::process::CommandExt;
         command.pre_exec(move || {
             // The backend dies with the supervisor (module docs). The
             // setting survives exec; it is cleared only by a set-uid exec.
@@ -545,7 +602,7 @@ pub fn spawn_backend(
         .map_err(|e| SupervisorError::Spawn(format!("{}: {e}", cmd.program.to_string_lossy())))?;
     drop(theirs);
     drop(device_file);
-    Ok((child, ours))
+    Ok((child.id(), ours))
 }
 
 /// The name a spare's logs go by until it is adopted.
@@ -558,9 +615,7 @@ pub const SPARE: &str = "--spare";
 /// socket alone. It sets itself up, confines itself and waits for
 /// `adopt`, which brings what [`spawn_backend`] would have passed a
 /// backend of the device.
-pub fn spawn_spare(
-    cmd: &BackendCommand,
-) -> Result<(tokio::process::Child, SeqPacket), SupervisorError> {
+pub fn spawn_spare(cmd: &BackendCommand) -> Result<(u32, SeqPacket), SupervisorError> {
     spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false)
 }
 

@@ -90,6 +90,59 @@ pub enum Frontend {
 }
 
 impl Frontend {
+    /// The frontend an attach message and its descriptors describe, as
+    /// [`attach_message`](Self::attach_message) and
+    /// [`attach_fds`](Self::attach_fds) made them (a live upgrade hands a
+    /// session over in that form).
+    pub fn from_attach(msg: &Message, mut fds: Vec<OwnedFd>) -> Result<Self, String> {
+        use shadowback_xenbus::netif::ATTACH_NET;
+        use shadowback_xenbus::protocol::kind;
+        use shadowback_xenbus::virtio::ATTACH_VIRTIO;
+        let text = |e: shadowback_xenbus::XenbusError| e.to_string();
+        match msg.kind() {
+            kind::ATTACH => Ok(Frontend::Xen {
+                req: AttachRequest::from_message(msg).map_err(text)?,
+                fds: DeviceFds::from_received(msg, fds).map_err(text)?,
+            }),
+            ATTACH_NET => {
+                let req = NetAttachRequest::from_message(msg).map_err(text)?;
+                // The device state area follows the wire, which follows
+                // the rings' descriptors.
+                let state = match msg.get_flag(KEY_DEVICE_STATE).map_err(text)? {
+                    Some(true) => Some(fds.pop().ok_or("no device state area")?),
+                    _ => None,
+                };
+                let wire_fd = fds.pop().ok_or("no wire descriptor")?;
+                let kind = match msg.get(KEY_WIRE) {
+                    Some(k) if k == crate::class::net::WIRE_CABLE => crate::class::net::WIRE_CABLE,
+                    Some(k) if k == crate::class::net::WIRE_TAP => crate::class::net::WIRE_TAP,
+                    other => return Err(format!("wire {other:?}")),
+                };
+                let fds = NetFds::from_received(msg, &req.connect, fds).map_err(text)?;
+                Ok(Frontend::Net {
+                    req,
+                    fds,
+                    wire: Some(NetWire {
+                        kind,
+                        fds: vec![wire_fd],
+                        pairs: 1,
+                    }),
+                    state,
+                    shadow: msg.get_flag(key::SHADOW).map_err(text)?.unwrap_or(true),
+                })
+            }
+            ATTACH_VIRTIO => {
+                let mut req = VirtioAttachRequest::from_message(msg).map_err(text)?;
+                // The shadow logs are the session's, not among `fds`.
+                let shadow = std::mem::replace(&mut req.shadow, false);
+                let fds = VirtioFds::from_received(&req, fds).map_err(text)?;
+                req.shadow = shadow;
+                Ok(Frontend::Virtio { req, fds })
+            }
+            other => Err(format!("not an attach message: {other:?}")),
+        }
+    }
+
     /// Checks that the descriptors match the request.
     pub fn check(&self) -> Result<(), Refusal> {
         match self {

@@ -38,6 +38,21 @@ pub fn shadowback_bin() -> PathBuf {
 /// A child process, killed and reaped on drop unless it was waited for.
 pub struct ChildGuard(Option<Child>);
 
+/// `shadowback up CONFIG` at `RUST_LOG=info`, without colour codes, its
+/// stderr (the log) into the file `log`.
+pub fn shadowback_up(config: &Path, log: &Path) -> ChildGuard {
+    ChildGuard::spawn(
+        Command::new(shadowback_bin())
+            .arg("up")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(File::create(log).expect("log file")),
+    )
+}
+
 impl ChildGuard {
     pub fn spawn(cmd: &mut Command) -> Self {
         ChildGuard(Some(cmd.spawn().expect("spawn a child process")))

@@ -138,6 +138,18 @@ impl AsyncSeqPacketListener {
         })
     }
 
+    /// A listening socket this process already holds, bound at `path` —
+    /// inherited from the supervisor binary this one replaced in a live
+    /// upgrade.
+    pub fn adopt(fd: OwnedFd, path: impl AsRef<Path>) -> Result<Self, XenbusError> {
+        check_seqpacket(fd.as_fd())?;
+        set_fd_nonblocking(fd.as_fd(), true)?;
+        Ok(Self {
+            inner: register(fd, Interest::READABLE)?,
+            path: path.as_ref().to_owned(),
+        })
+    }
+
     /// Registers a blocking-flavour listener with the reactor.
     pub fn new(listener: SeqPacketListener) -> Result<Self, XenbusError> {
         let path = listener.path().to_owned();

@@ -54,6 +54,14 @@ pub mod kind {
     /// Any client → supervisor: inject a fault into a device's backend
     /// (`device`, `action`, `sector`); answered with [`OK`] or `error`.
     pub const FAULT: &str = "fault";
+    /// Operator → supervisor: replace the supervisor's binary in place
+    /// (`binary`, optional), keeping every connection and backend
+    /// (docs/PROTOCOL.md §6a); answered by the new binary with
+    /// [`UPGRADED`], or by the old one with `error`.
+    pub const UPGRADE: &str = "upgrade";
+    /// Supervisor → operator: the new binary took over (`pid`,
+    /// `state-version`).
+    pub const UPGRADED: &str = "upgraded";
     /// Supervisor → backend: a vhost-user device's virtqueues
     /// (docs/PROTOCOL.md §6b, [`crate::virtio`]); answered like [`ATTACH`].
     pub const ATTACH_VIRTIO: &str = "attach-virtio";
@@ -189,6 +197,11 @@ pub mod key {
     pub const SECTOR: &str = "sector";
     /// `fault`: one of [`action`](super::action).
     pub const ACTION: &str = "action";
+    /// `upgrade`: the path of the binary to exec (default: the running
+    /// one's path).
+    pub const BINARY: &str = "binary";
+    /// `upgraded`: the state version the new binary read.
+    pub const STATE_VERSION: &str = "state-version";
     /// `status`: backend instances that died (crashed or were killed).
     pub const CRASHES: &str = "crashes";
     /// `status`: backend instances the watchdog declared hung.
@@ -870,6 +883,15 @@ mod tests {
                 kind::ADOPT
             ],
             ["attach-virtio", "set-call", "spin", "syscall", "adopt"]
+        );
+        assert_eq!(
+            [
+                kind::UPGRADE,
+                kind::UPGRADED,
+                key::BINARY,
+                key::STATE_VERSION
+            ],
+            ["upgrade", "upgraded", "binary", "state-version"]
         );
         assert_eq!(
             [key::RECOVER, key::BLAME, key::QUEUE, key::SHADOW],

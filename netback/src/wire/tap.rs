@@ -270,6 +270,34 @@ impl Tap {
         self.vnet_hdr
     }
 
+    /// The socket interface requests go through (MTU, MAC, up), for a
+    /// supervisor that hands the interface to its successor across
+    /// `execve` (a live upgrade).
+    pub fn ctl_fd(&self) -> &OwnedFd {
+        &self.ctl
+    }
+
+    /// The interface a predecessor process opened: its name, queue fds,
+    /// header layout and request socket, as [`Tap::name`],
+    /// [`Tap::queue_fds`], [`Tap::vnet_hdr`] and [`Tap::ctl_fd`] gave them.
+    /// Nothing is configured again: the interface is as it was left.
+    pub fn from_parts(
+        name: String,
+        queues: Vec<OwnedFd>,
+        vnet_hdr: VnetHeaderLen,
+        ctl: OwnedFd,
+    ) -> Result<Self, WireError> {
+        if queues.is_empty() || queues.len() > usize::from(MAX_QUEUES) {
+            return Err(WireError::Config("queues must be 1..=256"));
+        }
+        Ok(Tap {
+            name,
+            queues,
+            vnet_hdr,
+            ctl,
+        })
+    }
+
     /// A [`Wire`] on a duplicate of queue `queue`'s fd, as a backend
     /// builds it from the fd it receives.
     pub fn wire(&self, queue: usize) -> Result<Wire, WireError> {

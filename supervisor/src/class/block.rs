@@ -12,7 +12,8 @@ use vhost::vhost_user::VhostUserProtocolFeatures;
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::DiskConfig;
 use crate::device::Refusal;
-use crate::spawn::{disk_size, open_disk, Disk};
+use crate::spawn::{adopt_disk, disk_size, open_disk, Disk};
+use crate::upgrade::{ClassState, Handover};
 use crate::vhost_user::{BlkGeometry, VirtioModel};
 use crate::SupervisorError;
 
@@ -77,6 +78,23 @@ impl BlockClass {
             disk,
         })
     }
+
+    /// The disk a previous binary opened and locked (a live upgrade):
+    /// `image` is its description of the image, `sectors` the capacity
+    /// its guests were shown (a resize included).
+    pub fn adopt(
+        cfg: &DiskConfig,
+        image: std::fs::File,
+        sectors: u64,
+    ) -> Result<Self, SupervisorError> {
+        let mut disk = adopt_disk(image, &cfg.path)?;
+        disk.sectors = sectors;
+        Ok(BlockClass {
+            cfg: cfg.clone(),
+            capacity: Arc::new(AtomicU64::new(disk.sectors)),
+            disk,
+        })
+    }
 }
 
 impl DeviceClass for BlockClass {
@@ -112,6 +130,13 @@ impl DeviceClass for BlockClass {
             },
             capacity: self.capacity.clone(),
         }))
+    }
+
+    fn handover(&self, fds: &mut Handover) -> ClassState {
+        ClassState::Disk {
+            image: fds.fd(&self.disk.file),
+            sectors: self.disk.sectors,
+        }
     }
 
     /// The instance's own description of the image and, unless the disk is

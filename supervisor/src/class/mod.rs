@@ -39,6 +39,7 @@ use crate::device::Refusal;
 
 use crate::spawn::IoFence;
 use crate::transport::NetWire;
+use crate::upgrade::{ClassState, Handover};
 use crate::vhost_user::VirtioModel;
 use crate::SupervisorError;
 
@@ -88,6 +89,10 @@ pub trait DeviceClass: Send + Sync + std::fmt::Debug {
     fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
         Ok(None)
     }
+
+    /// What the class holds for the device's life, named for the binary
+    /// that takes over in a live upgrade (docs/ARCHITECTURE.md §4.2).
+    fn handover(&self, fds: &mut Handover) -> ClassState;
 }
 
 /// One backend instance as its class sets it up.

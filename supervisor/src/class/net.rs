@@ -16,19 +16,20 @@ use shadowback_virtio::net;
 use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 
-use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode};
+use shadowback_netback::wire::{cable_pair, CableConfig, Tap, TapConfig, TapMode, VnetHeaderLen};
 use shadowback_xenbus::netif::{NetBackendInfo, NetFeatures};
 
 use super::{ClassInfo, DeviceClass, InstanceSetup};
 use crate::config::{NicConfig, NicWire};
 use crate::transport::NetWire;
+use crate::upgrade::{Adopted, ClassState, Handover};
 use crate::vhost_user::VirtioModel;
 use crate::SupervisorError;
 
 /// `wire=` of `attach-net` for a cable end.
-const WIRE_CABLE: &str = "cable";
+pub(crate) const WIRE_CABLE: &str = "cable";
 /// `wire=` of `attach-net` for a TAP queue.
-const WIRE_TAP: &str = "tap";
+pub(crate) const WIRE_TAP: &str = "tap";
 
 /// What the backend offers a netfront on a cable: scatter-gather, and
 /// IPv6 packets with a blank checksum (the backend completes it in
@@ -50,6 +51,44 @@ pub enum HeldWire {
 }
 
 impl HeldWire {
+    /// The wire a previous binary held (a live upgrade); `None` if the
+    /// class state is not a vif's.
+    pub fn adopt(state: &ClassState, fds: &Adopted) -> Result<Option<Self>, SupervisorError> {
+        Ok(match state {
+            ClassState::Disk { .. } => None,
+            ClassState::Cable { fd } => Some(HeldWire::Cable(fds.fd(*fd)?)),
+            ClassState::Tap {
+                name,
+                queues,
+                vnet_hdr,
+                ctl,
+            } => {
+                let queues = queues
+                    .iter()
+                    .map(|q| fds.fd(*q))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let vnet_hdr = VnetHeaderLen::from_bytes(*vnet_hdr).ok_or_else(|| {
+                    SupervisorError::Runtime(format!("upgrade state: vnet header of {vnet_hdr}"))
+                })?;
+                let tap = Tap::from_parts(name.clone(), queues, vnet_hdr, fds.fd(*ctl)?)
+                    .map_err(|e| SupervisorError::Runtime(format!("tap {name}: {e}")))?;
+                Some(HeldWire::Tap(tap))
+            }
+        })
+    }
+
+    fn handover(&self, fds: &mut Handover) -> ClassState {
+        match self {
+            HeldWire::Cable(fd) => ClassState::Cable { fd: fds.fd(fd) },
+            HeldWire::Tap(tap) => ClassState::Tap {
+                name: tap.name().to_string(),
+                queues: tap.queue_fds().iter().map(|q| fds.fd(q)).collect(),
+                vnet_hdr: tap.vnet_hdr().bytes(),
+                ctl: fds.fd(tap.ctl_fd()),
+            },
+        }
+    }
+
     /// Duplicates for one attachment (the cable end, or every TAP queue),
     /// with the `wire=` value, for a vif of `pairs` queue pairs.
     fn lend(&self, pairs: u16) -> Result<NetWire, SupervisorError> {
@@ -282,6 +321,10 @@ impl DeviceClass for NetClass {
 
     fn lend_wire(&self) -> Result<Option<NetWire>, SupervisorError> {
         self.wire.lend(self.pairs).map(Some)
+    }
+
+    fn handover(&self, fds: &mut Handover) -> ClassState {
+        self.wire.handover(fds)
     }
 }
 

@@ -20,6 +20,7 @@ use crate::limits::DeviceLimits;
 use crate::pool::StandbyPool;
 use crate::stats::DeviceStats;
 use crate::transport::Frontend;
+use crate::upgrade::{DeviceState, Handover};
 use crate::vhost_user::VirtioModel;
 
 /// Why a frontend lost its device (sent to its connection task).
@@ -143,6 +144,12 @@ pub(super) enum Command {
     SetQos {
         qos: QosLimits,
         reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// Pause for a live upgrade: describe the device (`reply`), then wait
+    /// until `resume` fires or is dropped (the `execve` failed).
+    Freeze {
+        reply: oneshot::Sender<Result<(DeviceState, Handover), String>>,
+        resume: oneshot::Receiver<()>,
     },
 }
 
@@ -312,6 +319,22 @@ impl DeviceHandle {
             .blocking_send(Command::Fault { fault, reply })
             .map_err(|_| stopped())?;
         rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Pauses the device task between two events for a live upgrade and
+    /// returns its state (see [`super::Frozen`]).
+    pub(crate) async fn freeze(&self) -> Result<super::Frozen, String> {
+        let (reply, rx) = oneshot::channel();
+        let (resume, resumed) = oneshot::channel();
+        self.tx
+            .send(Command::Freeze {
+                reply,
+                resume: resumed,
+            })
+            .await
+            .map_err(|_| "device task stopped".to_string())?;
+        let (state, fds) = rx.await.map_err(|_| "device task stopped".to_string())??;
+        Ok(super::Frozen { state, fds, resume })
     }
 
     /// The device's counters and state, as of the last event it handled,

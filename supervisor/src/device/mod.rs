@@ -29,6 +29,7 @@
 mod handle;
 mod takeover;
 mod task;
+mod upgrade;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,7 @@ use crate::SupervisorError;
 pub use handle::{Attachment, DeviceHandle, Fault, Lost};
 pub use takeover::{FRESH_START_AFTER, MAX_FAILED_TAKEOVERS};
 use task::DeviceTask;
+pub(crate) use upgrade::{adopt_disk, adopt_nic, inherit_instance, instance_state, Frozen};
 
 /// A request refused: the code and text the frontend is told.
 pub(crate) type Refusal = (ErrorCode, String);
@@ -167,45 +169,63 @@ fn start(
         true,
         metrics.file(),
     )?;
-    let (info_tx, info) = tokio::sync::watch::channel(class.backend_info());
-    let virtio = class.virtio_model();
-    let stats = Arc::new(Mutex::new(DeviceStats::default()));
+    let mut task = DeviceTask::new(name, class, settings, cmd, metrics, pool);
+    task.current = Some(current);
+    Ok(launch(task, access))
+}
+
+/// Publishes `task`'s state, spawns it and returns its handle.
+fn launch(task: DeviceTask, access: AccessList) -> DeviceHandle {
     let (tx, rx) = mpsc::channel(16);
-    let task_limits = settings.limits;
-    let attach_rate = AttachRate::new(task_limits.attaches_per_second);
-    let task = DeviceTask {
-        name: name.to_string(),
-        attach_rate,
-        settings,
-        cmd: cmd.clone(),
-        class,
-        current: Some(current),
-        pool: pool.clone(),
-        attached: None,
-        next_attachment: 1,
-        given_up: None,
-        poisons: Vec::new(),
-        injected_kill: None,
-        injected_hang: false,
-        blame: true,
-        watchdog: None,
-        startup_deaths: 0,
-        stats: stats.clone(),
-        metrics: metrics.clone(),
-        info: info_tx,
+    let handle = DeviceHandle {
+        name: task.name.clone(),
+        info: task.info.subscribe(),
+        virtio: task.class.virtio_model(),
+        access,
+        limits: task.settings.limits,
+        tx,
+        stats: task.stats.clone(),
+        metrics: task.metrics.clone(),
+        last_io: Arc::default(),
+        pool: task.pool.clone(),
     };
     task.publish();
     tokio::spawn(task.run(rx));
-    Ok(DeviceHandle {
-        name: name.to_string(),
-        info,
-        virtio,
-        access,
-        limits: task_limits,
-        tx,
-        stats,
-        metrics,
-        last_io: Arc::default(),
-        pool,
-    })
+    handle
+}
+
+impl DeviceTask {
+    /// A task for device `name` with no instance yet; its takeovers take
+    /// spares from `pool`.
+    fn new(
+        name: &str,
+        class: Box<dyn DeviceClass>,
+        settings: Settings,
+        cmd: &BackendCommand,
+        metrics: Arc<MetricsPage>,
+        pool: Option<StandbyPool>,
+    ) -> Self {
+        let (info, _) = tokio::sync::watch::channel(class.backend_info());
+        DeviceTask {
+            name: name.to_string(),
+            attach_rate: AttachRate::new(settings.limits.attaches_per_second),
+            settings,
+            cmd: cmd.clone(),
+            class,
+            current: None,
+            pool,
+            attached: None,
+            next_attachment: 1,
+            given_up: None,
+            poisons: Vec::new(),
+            injected_kill: None,
+            injected_hang: false,
+            blame: true,
+            watchdog: None,
+            startup_deaths: 0,
+            stats: Arc::new(Mutex::new(DeviceStats::default())),
+            metrics,
+            info,
+        }
+    }
 }

@@ -208,6 +208,14 @@ impl DeviceTask {
                     let res = self.set_qos(qos).await;
                     let _ = reply.send(res);
                 }
+                Event::Command(Command::Freeze { reply, resume }) => {
+                    if reply.send(self.handover()).is_ok() {
+                        // Paused until the upgrade's `execve` failed (or
+                        // succeeded, and this process is gone).
+                        let _ = resume.await;
+                        tracing::info!(device = %self.name, "resumed after a failed upgrade");
+                    }
+                }
                 Event::Backend(Ok(msg)) => self.unsolicited(msg),
                 Event::Backend(Err(e)) => {
                     tracing::debug!(device = %self.name, error = %e, "backend control channel closed");
@@ -223,9 +231,10 @@ impl DeviceTask {
             }
             self.publish();
         };
-        // Dropping the instances kills them (`kill_on_drop`); a removed
-        // device's were fenced already, and dropping the class closes its
-        // image (and lets go of its lock) before the removal is answered.
+        // Dropping the instances kills and reaps them (`Instance`'s `Drop`);
+        // a removed device's were fenced already, and dropping the class
+        // closes its image (and lets go of its lock) before the removal is
+        // answered.
         drop(self);
         if let Some(reply) = removed {
             let _ = reply.send(Ok(()));

@@ -13,7 +13,7 @@
 //! (QEMU does that when it masks interrupts).
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,6 +33,10 @@ use super::model::VirtioModel;
 use crate::admission::{LogLimiter, LOG_INTERVAL};
 use crate::config::MAX_VHOST_QUEUE_SIZE;
 use crate::limits::DeviceLimits;
+use crate::upgrade::{
+    Adopted, Handover, InflightState, RegionState, VhostConnState, VringState, WireFeatures,
+};
+use crate::SupervisorError;
 
 type Result<T> = std::result::Result<T, VhostError>;
 
@@ -56,6 +60,10 @@ pub(crate) trait SessionLink: Send {
     /// last call.
     fn config_changed(&mut self) -> bool {
         false
+    }
+    /// The id of the attached session, for a live upgrade.
+    fn attachment(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -151,6 +159,9 @@ pub(crate) struct VhostUserHandler {
     backend_channel: Option<OwnedFd>,
     /// The descriptor of a `SET_BACKEND_REQ_FD` being handled.
     offered_channel: Option<OwnedFd>,
+    /// What `vhost`'s request handler recorded of the negotiation, for a
+    /// live upgrade (it keeps its own copy and has no setter).
+    pub(super) wire: WireFeatures,
 }
 
 fn io_error(why: String) -> VhostError {
@@ -190,6 +201,7 @@ impl VhostUserHandler {
             soft_refusal: false,
             backend_channel: None,
             offered_channel: None,
+            wire: WireFeatures::default(),
         }
     }
 
@@ -229,6 +241,116 @@ impl VhostUserHandler {
                 tracing::warn!(frontend = %self.frontend, ?other, "VMM not told of a config change")
             }
         }
+    }
+
+    /// What the VMM set up on this connection, for a live upgrade
+    /// (docs/ARCHITECTURE.md §4.2); `socket` is the connection.
+    pub(crate) fn handover(&self, socket: BorrowedFd<'_>, fds: &mut Handover) -> VhostConnState {
+        VhostConnState {
+            socket: fds.fd(socket),
+            frontend: self.frontend.clone(),
+            wire: self.wire,
+            acked_features: self.acked_features,
+            features_set: self.features_set,
+            memory: self.memory.as_ref().map(|m| {
+                m.parts()
+                    .map(|(r, f)| RegionState {
+                        gpa: r.gpa,
+                        size: r.size,
+                        user_addr: r.user_addr,
+                        mmap_offset: r.mmap_offset,
+                        fd: fds.fd(f),
+                    })
+                    .collect()
+            }),
+            vrings: self
+                .vrings
+                .iter()
+                .map(|v| VringState {
+                    size: v.size,
+                    addr: v.addr.map(|a| (a.desc, a.avail, a.used)),
+                    base: v.base,
+                    kick: v.kick.as_ref().map(|f| fds.fd(f)),
+                    call: v.call.as_ref().map(|f| fds.fd(f)),
+                    enabled: v.enabled,
+                })
+                .collect(),
+            inflight: self.inflight.as_ref().map(|f| InflightState {
+                fd: fds.fd(&f.file),
+                mmap_size: f.mmap_size,
+                mmap_offset: f.mmap_offset,
+                num_queues: f.num_queues,
+                queue_size: f.queue_size,
+            }),
+            device_state: self.device_state.as_ref().map(|f| fds.fd(f)),
+            running: self.running.clone(),
+            attachment: self.link.attachment(),
+            backend_channel: self.backend_channel.as_ref().map(|f| fds.fd(f)),
+        }
+    }
+
+    /// The handler of a connection a previous binary handed over;
+    /// `attached` says whether the device still has its session.
+    pub(crate) fn adopt(
+        facts: DeviceFacts,
+        state: &VhostConnState,
+        fds: &Adopted,
+        link: Box<dyn SessionLink>,
+        attached: bool,
+    ) -> std::result::Result<Self, SupervisorError> {
+        let err =
+            |why: String| SupervisorError::Runtime(format!("upgrade state: vhost-user: {why}"));
+        let mut handler = VhostUserHandler::new(facts, state.frontend.clone(), link);
+        if state.vrings.len() != handler.vrings.len() {
+            return Err(err(format!("{} vrings", state.vrings.len())));
+        }
+        handler.wire = state.wire;
+        handler.acked_features = state.acked_features;
+        handler.features_set = state.features_set;
+        if let Some(regions) = &state.memory {
+            let descs = regions
+                .iter()
+                .map(|r| RegionDesc {
+                    gpa: r.gpa,
+                    size: r.size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                })
+                .collect();
+            let files = regions
+                .iter()
+                .map(|r| fds.fd(r.fd))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            handler.memory = Some(MemoryTable::new(descs, files).map_err(|e| err(e.to_string()))?);
+        }
+        for (v, s) in handler.vrings.iter_mut().zip(&state.vrings) {
+            let file = |fd: Option<i32>| fd.map(|fd| fds.file(fd)).transpose();
+            *v = Vring {
+                size: s.size,
+                addr: s
+                    .addr
+                    .map(|(desc, avail, used)| RingAddrs { desc, avail, used }),
+                base: s.base,
+                kick: file(s.kick)?,
+                call: file(s.call)?,
+                enabled: s.enabled,
+            };
+        }
+        if let Some(f) = &state.inflight {
+            handler.inflight = Some(InflightRegion {
+                file: fds.file(f.fd)?,
+                mmap_size: f.mmap_size,
+                mmap_offset: f.mmap_offset,
+                num_queues: f.num_queues,
+                queue_size: f.queue_size,
+            });
+        }
+        handler.device_state = state.device_state.map(|fd| fds.file(fd)).transpose()?;
+        handler.backend_channel = state.backend_channel.map(|fd| fds.fd(fd)).transpose()?;
+        // A session the device no longer has is not running: the next
+        // change of the configuration starts one.
+        handler.running = state.running.clone().filter(|_| attached);
+        Ok(handler)
     }
 
     /// Clears and returns the soft-refusal mark of the last request.
@@ -508,10 +630,12 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
     }
 
     fn get_features(&mut self) -> Result<u64> {
+        self.wire.features_asked = true;
         Ok(self.facts.model.features())
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
+        self.wire.acked = Some(features);
         let unknown = features & !self.facts.model.features();
         if unknown != 0 {
             return Err(self.refuse(format!("features {unknown:#x} were not offered")));
@@ -687,6 +811,7 @@ impl VhostUserBackendReqHandlerMut for VhostUserHandler {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
+        self.wire.protocol = Some(features);
         let unknown = features & !self.facts.model.protocol_features().bits();
         if unknown != 0 {
             return Err(self.refuse(format!("protocol features {unknown:#x} were not offered")));

@@ -158,6 +158,11 @@ impl MemoryTable {
             .collect()
     }
 
+    /// Each region and the supervisor's copy of its memfd, in order.
+    pub fn parts(&self) -> impl Iterator<Item = (&RegionDesc, &File)> {
+        self.regions.iter().zip(self.files.iter().map(|f| &**f))
+    }
+
     /// Fresh descriptors of the region memfds, in order.
     pub fn dup_fds(&self) -> std::io::Result<Vec<OwnedFd>> {
         self.files

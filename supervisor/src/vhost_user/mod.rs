@@ -20,10 +20,11 @@ mod handler;
 mod inflight;
 pub(crate) mod memory;
 mod model;
+mod upgrade;
 
 use std::io::IoSliceMut;
 use std::mem::MaybeUninit;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,7 @@ pub use config_space::{BlkGeometry, CONFIG_SPACE_SIZE};
 use handler::{DeviceFacts, SessionLink, VhostUserHandler};
 pub use inflight::{inflight_mmap_size, queue_region_size};
 pub use model::VirtioModel;
+pub(crate) use upgrade::PauseSlot;
 
 /// How often the serving thread looks at its stop flag and at the device.
 const POLL_PERIOD: Duration = Duration::from_millis(50);
@@ -98,15 +100,19 @@ impl From<&NicConfig> for VhostUserExport {
 pub struct VhostUserServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Where a live upgrade asks the thread to pause.
+    pause: Arc<PauseSlot>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl VhostUserServer {
     /// Binds `cfg.socket` (creating its directory, replacing a stale
-    /// socket file) and starts serving it for `device`.
-    pub fn start(
+    /// socket file) — or takes the one `listeners` kept across a restart —
+    /// and starts serving it for `device`.
+    pub(crate) fn start(
         cfg: impl Into<VhostUserExport>,
         device: DeviceHandle,
+        listeners: &crate::fdstore::Listeners,
     ) -> Result<Self, SupervisorError> {
         let cfg: VhostUserExport = cfg.into();
         let Some(path) = cfg.socket.clone() else {
@@ -123,8 +129,33 @@ impl VhostUserServer {
             std::fs::create_dir_all(dir)
                 .map_err(|e| err(format!("creating {}: {e}", dir.display())))?;
         }
-        remove_stale_socket(&path).map_err(err)?;
-        let socket = UnixListener::bind(&path).map_err(|e| err(e.to_string()))?;
+        let socket = listeners
+            .vhost_user(&cfg.name, &path, || {
+                remove_stale_socket(&path)?;
+                UnixListener::bind(&path).map_err(|e| e.to_string())
+            })
+            .map_err(err)?;
+        Self::serve(cfg, path, socket, device, 0, None)
+    }
+
+    /// Serves a socket a previous binary listened on (a live upgrade,
+    /// docs/ARCHITECTURE.md §4.2), first the VMM connected to it if any.
+    fn serve(
+        cfg: VhostUserExport,
+        path: PathBuf,
+        socket: UnixListener,
+        device: DeviceHandle,
+        connections: u64,
+        adopted: Option<(
+            &crate::upgrade::VhostConnState,
+            Option<Attachment>,
+            &crate::upgrade::Adopted,
+        )>,
+    ) -> Result<Self, SupervisorError> {
+        let err = |reason: String| SupervisorError::Socket {
+            path: path.clone(),
+            reason,
+        };
         let polled = socket
             .try_clone()
             .and_then(|s| s.set_nonblocking(true).map(|()| s))
@@ -143,9 +174,25 @@ impl VhostUserServer {
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let pause = Arc::new(PauseSlot::default());
+        let slot = pause.clone();
+        let adopted = match adopted {
+            Some((state, attachment, fds)) => Some(upgrade::connection(
+                state, attachment, fds, &facts, &device,
+            )?),
+            None => None,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-{}", cfg.name))
-            .spawn(move || serve_socket(polled, facts, device, &flag))
+            .spawn(move || {
+                let served = Served {
+                    facts,
+                    device,
+                    stop: &flag,
+                    pause: &slot,
+                };
+                serve_socket(polled, &served, connections, adopted)
+            })
             .map_err(|e| {
                 let _ = std::fs::remove_file(&path);
                 err(e.to_string())
@@ -154,8 +201,37 @@ impl VhostUserServer {
         Ok(VhostUserServer {
             path,
             stop,
+            pause,
             thread: Some(thread),
         })
+    }
+
+    /// The device's vhost-user socket and connection a previous binary
+    /// handed over.
+    pub(crate) fn adopt(
+        cfg: impl Into<VhostUserExport>,
+        device: DeviceHandle,
+        state: &crate::upgrade::VhostState,
+        attachment: Option<Attachment>,
+        fds: &crate::upgrade::Adopted,
+    ) -> Result<Self, SupervisorError> {
+        let cfg: VhostUserExport = cfg.into();
+        let path = cfg.socket.clone().ok_or_else(|| {
+            SupervisorError::Config(format!("device {:?} has no vhost_user socket", cfg.name))
+        })?;
+        let socket = UnixListener::from(fds.fd(state.listener)?);
+        let adopted = state
+            .connection
+            .as_ref()
+            .map(|conn| (conn, attachment, fds));
+        Self::serve(cfg, path, socket, device, state.connections, adopted)
+    }
+
+    /// Where a live upgrade asks the serving thread to pause between two
+    /// requests ([`PauseSlot::freeze`]); apart from the server, which
+    /// stays in the device registry.
+    pub(crate) fn pause_slot(&self) -> Arc<PauseSlot> {
+        self.pause.clone()
     }
 
     /// The socket path.
@@ -222,7 +298,29 @@ fn remove_stale_socket(path: &Path) -> Result<(), String> {
     }
 }
 
-fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, stop: &AtomicBool) {
+/// What a serving thread works with.
+struct Served<'a> {
+    facts: DeviceFacts,
+    device: DeviceHandle,
+    stop: &'a AtomicBool,
+    pause: &'a PauseSlot,
+}
+
+/// A connection being served: `vhost`'s request handler and ours.
+type Connection = (
+    BackendReqHandler<Mutex<VhostUserHandler>>,
+    Arc<Mutex<VhostUserHandler>>,
+    String,
+);
+
+fn serve_socket(
+    polled: UnixListener,
+    served: &Served<'_>,
+    mut connections: u64,
+    mut adopted: Option<Connection>,
+) {
+    let facts = &served.facts;
+    let device = &served.device;
     // `vhost`'s listener accepts on its own descriptor of the socket; the
     // loop polls `polled`. Both are non-blocking.
     let mut listener = match polled.try_clone() {
@@ -232,57 +330,65 @@ fn serve_socket(polled: UnixListener, facts: DeviceFacts, device: DeviceHandle, 
             return;
         }
     };
-    let mut connections = 0u64;
     // Acquire pairs with the Release store in `shutdown`.
-    while !stop.load(Ordering::Acquire) {
-        match wait_readable(&polled, POLL_PERIOD) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                tracing::error!(device = %facts.name, error = %e, "vhost-user listener poll failed");
-                std::thread::sleep(POLL_PERIOD);
-                continue;
+    while !served.stop.load(Ordering::Acquire) {
+        let (conn, handler, frontend) = match adopted.take() {
+            Some(conn) => conn,
+            None => {
+                served
+                    .pause
+                    .pause_point(|fds| upgrade::listening(&polled, facts, connections, fds));
+                match wait_readable(&polled, POLL_PERIOD) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(device = %facts.name, error = %e, "vhost-user listener poll failed");
+                        std::thread::sleep(POLL_PERIOD);
+                        continue;
+                    }
+                }
+                connections += 1;
+                let frontend = format!("vhost-user-{}-{connections}", facts.name);
+                let link = DeviceLink {
+                    device: device.clone(),
+                    attachment: None,
+                };
+                let handler = Arc::new(Mutex::new(VhostUserHandler::new(
+                    facts.clone(),
+                    frontend.clone(),
+                    Box::new(link),
+                )));
+                let accepted = BackendListener::new(&mut listener, handler.clone())
+                    .and_then(|mut l| l.accept());
+                let conn = match accepted {
+                    Ok(Some(conn)) => conn,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(device = %facts.name, error = %e, "vhost-user accept failed");
+                        continue;
+                    }
+                };
+                if let Err(why) = admitted(&conn, device) {
+                    // Dropping the connection closes it: vhost-user has no error
+                    // message, the VMM sees EOF.
+                    if let Some(suppressed) = facts.log_allowed() {
+                        tracing::warn!(device = %facts.name, %why, suppressed, "vhost-user frontend refused");
+                    }
+                    continue;
+                }
+                (conn, handler, frontend)
             }
-        }
-        connections += 1;
-        let frontend = format!("vhost-user-{}-{connections}", facts.name);
-        let link = DeviceLink {
-            device: device.clone(),
-            attachment: None,
         };
-        let handler = Arc::new(Mutex::new(VhostUserHandler::new(
-            facts.clone(),
-            frontend.clone(),
-            Box::new(link),
-        )));
-        let accepted =
-            BackendListener::new(&mut listener, handler.clone()).and_then(|mut l| l.accept());
-        let conn = match accepted {
-            Ok(Some(conn)) => conn,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(device = %facts.name, error = %e, "vhost-user accept failed");
-                continue;
-            }
-        };
-        if let Err(why) = admitted(&conn, &device) {
-            // Dropping the connection closes it: vhost-user has no error
-            // message, the VMM sees EOF.
-            if let Some(suppressed) = facts.log_allowed() {
-                tracing::warn!(device = %facts.name, %why, suppressed, "vhost-user frontend refused");
-            }
-            continue;
-        }
         // A VMM may connect and hang up as fast as it likes: these lines
         // are rate-limited with its refused requests.
         let logged = facts.log_allowed();
         if let Some(suppressed) = logged {
             tracing::info!(device = %facts.name, %frontend, suppressed, "vhost-user frontend connected");
         }
-        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve_connection(conn, &handler, stop)
+        let served_conn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve_connection(conn, &handler, served, &polled, connections)
         }));
-        let why = served.unwrap_or_else(|_| "handler panicked".to_string());
+        let why = served_conn.unwrap_or_else(|_| "handler panicked".to_string());
         lock(&handler).disconnect();
         if logged.is_some() {
             tracing::info!(device = %facts.name, %frontend, %why, "vhost-user frontend disconnected");
@@ -314,8 +420,11 @@ fn admitted(
 fn serve_connection(
     mut conn: BackendReqHandler<Mutex<VhostUserHandler>>,
     handler: &Mutex<VhostUserHandler>,
-    stop: &AtomicBool,
+    served: &Served<'_>,
+    polled: &UnixListener,
+    connections: u64,
 ) -> String {
+    let stop = served.stop;
     let sock = match conn.try_clone_connection() {
         Ok(s) => s,
         Err(e) => return format!("cloning the socket: {e}"),
@@ -329,6 +438,13 @@ fn serve_connection(
     }
     // Acquire pairs with the Release store in `shutdown`.
     while !stop.load(Ordering::Acquire) {
+        // Between two requests: where a live upgrade may take the
+        // connection over.
+        served.pause.pause_point(|fds| {
+            let mut state = upgrade::listening(polled, &served.facts, connections, fds);
+            state.connection = Some(lock(handler).handover(sock.as_fd(), fds));
+            state
+        });
         if let Some(why) = lock(handler).lost() {
             // The device gave up: closing the socket is how the VMM learns.
             return format!("device lost: {why}");
@@ -557,6 +673,10 @@ impl SessionLink for DeviceLink {
             self.device.info.borrow_and_update();
         }
         changed
+    }
+
+    fn attachment(&self) -> Option<u64> {
+        self.attachment.as_ref().map(|a| a.id)
     }
 
     fn lost(&mut self) -> Option<String> {
