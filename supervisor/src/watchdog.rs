@@ -116,27 +116,36 @@ impl Watchdog {
         pending: Option<bool>,
         sample: Option<SchedSample>,
     ) -> Option<Hang> {
+        // Since the last check: all of it if the thread is blocked in the
+        // kernel now, or runnable and has not run (queued for a CPU all
+        // along); otherwise the waits for a CPU that ended, less what was
+        // credited while they were still going on. Waits credited ahead
+        // are settled at every check, a beat's too: the wait that ends as
+        // the thread gets the CPU to beat arrives in `run_delay` at that
+        // check, and one left unsettled there would later swallow the
+        // credit of as much real waiting.
+        let credit = match (self.last_sample, sample) {
+            (Some((then, before)), Some(sample)) => {
+                let elapsed = now.saturating_duration_since(then);
+                let waited = sample.run_delay.saturating_sub(before.run_delay);
+                let settled = waited.min(self.credited_ahead);
+                self.credited_ahead -= settled;
+                if sample.blocked {
+                    elapsed
+                } else if sample.runnable && sample.run_time == before.run_time {
+                    self.credited_ahead += elapsed;
+                    elapsed
+                } else {
+                    (waited - settled).min(elapsed)
+                }
+            }
+            _ => Duration::ZERO,
+        };
         if beat != self.last_beat {
             self.last_beat = beat;
             self.last_change = now;
             self.excused = Duration::ZERO;
-        } else if let (Some((then, before)), Some(sample)) = (self.last_sample, sample) {
-            // Since the last check: all of it if the thread is blocked in
-            // the kernel now, or runnable and has not run (queued for a CPU
-            // all along); otherwise the waits for a CPU that ended, less
-            // what was credited while they were still going on.
-            let elapsed = now.saturating_duration_since(then);
-            let waited = sample.run_delay.saturating_sub(before.run_delay);
-            let settled = waited.min(self.credited_ahead);
-            self.credited_ahead -= settled;
-            let credit = if sample.blocked {
-                elapsed
-            } else if sample.runnable && sample.run_time == before.run_time {
-                self.credited_ahead += elapsed;
-                elapsed
-            } else {
-                (waited - settled).min(elapsed)
-            };
+        } else {
             self.excused += credit;
         }
         self.last_sample = sample.map(|s| (now, s));
@@ -370,6 +379,40 @@ mod tests {
         assert!(w
             .check(ms(t0, 200), 2, Some(true), sample(80, false))
             .is_some());
+    }
+
+    /// Seen at load 30: a starved backend, its waits for a CPU credited
+    /// ahead, beats; the `run_delay` reporting those waits arrives at the
+    /// check that sees the beat. Settled there, it leaves nothing to
+    /// swallow the waits that follow: a backend that gets 1 ms of CPU in
+    /// every 10 and beats no more is hung only once 100 ms of its own time
+    /// have passed.
+    #[test]
+    fn waits_credited_ahead_are_settled_by_the_check_that_sees_a_beat() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 1, Some(true), runnable(5, 0)), None);
+        // Queued for a CPU from 10 to 90 ms, credited as it goes.
+        for t in (20..=90).step_by(10) {
+            assert_eq!(w.check(ms(t0, t), 1, Some(true), runnable(5, 0)), None);
+        }
+        // It ran and beat: the 80 ms wait shows up now.
+        assert_eq!(w.check(ms(t0, 100), 2, Some(true), runnable(6, 80)), None);
+        // Then 1 ms on a CPU and 9 ms waiting for one, every 10 ms.
+        let (mut t, mut run, mut delay) = (100, 6, 80);
+        loop {
+            t += 10;
+            run += 1;
+            delay += 9;
+            if w.check(ms(t0, t), 2, Some(true), runnable(run, delay))
+                .is_some()
+            {
+                break;
+            }
+            assert!(t < 2_000, "never declared hung");
+        }
+        // 1 ms of every 10 counts: 100 ms of them after 1 s.
+        assert_eq!(t, 1_100, "hung at {t} ms");
     }
 
     #[test]
