@@ -143,7 +143,14 @@ impl Watchdog {
                     self.credited_ahead += elapsed;
                     elapsed
                 } else {
-                    (waited - settled).min(elapsed)
+                    // A wait that ended now may have begun before the last
+                    // check, one that found the thread queued again after
+                    // running (nothing credited then): bounded by the time
+                    // not yet excused, not by this interval.
+                    let unexcused = now
+                        .saturating_duration_since(self.last_change)
+                        .saturating_sub(self.excused);
+                    (waited - settled).min(unexcused)
                 }
             }
             _ => Duration::ZERO,
@@ -467,6 +474,23 @@ mod tests {
         }
         // 1 ms of every 10 counts: 100 ms of them after 1 s.
         assert_eq!(t, 1_100, "hung at {t} ms");
+    }
+
+    /// A check 100 ms after the last finds the thread queued again after
+    /// running, 80 ms into a wait; 10 ms later the wait has ended (89 ms in
+    /// all), it ran and sleeps. The whole wait counts, not the 10 ms since
+    /// the last check.
+    #[test]
+    fn a_wait_that_began_before_the_last_check_counts_whole() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 2, Some(true), runnable(10, 0)), None);
+        assert_eq!(w.check(ms(t0, 110), 2, Some(true), runnable(30, 0)), None);
+        let asleep = Some(SchedSample {
+            runnable: false,
+            ..runnable(31, 89).unwrap()
+        });
+        assert_eq!(w.check(ms(t0, 120), 2, Some(true), asleep), None);
     }
 
     #[test]
