@@ -17,10 +17,12 @@ use shadowback_guest::blkfront::{BlkFront, BlkFrontConfig};
 use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::workload::{Pattern, Report, VerifyConfig, VerifyWorkload};
 use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
-use shadowback_testsupport::blockio::assert_verified;
+use shadowback_testsupport::blockio::{assert_verified, Bystander};
 use shadowback_testsupport::harness::{
-    backend_command, default_disks, unique_name, DiskSetup, Harness,
+    backend_command, default_disks, unique_name, DiskSetup, Harness, STATS_TIMEOUT,
 };
+use shadowback_testsupport::operator::stats_of;
+use shadowback_testsupport::process::share_fd_of;
 use shadowback_testsupport::temp::TempDir;
 use shadowback_testsupport::wait::wait_for_state;
 
@@ -834,6 +836,78 @@ fn writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device() {
     killed_instances_writes_never_land_late(&setup);
     drop(setup);
     drop(loop_dev);
+}
+
+/// One disk's dead backend held in the kernel stalls only that disk
+/// (docs/ARCHITECTURE.md §7.3): its fence waits in a thread of the blocking
+/// pool, not on the supervisor's runtime. The killed instance's io_uring
+/// — whose registered-file table holds its description of the block
+/// device, and so its fence lock — is kept alive by the test, as the
+/// kernel keeps it while the ring's teardown waits for a CPU; another disk
+/// killed at the same moment recovers and its guest keeps verifying, the
+/// control socket answers, and the held disk recovers once the ring goes.
+#[test]
+fn a_fence_held_in_the_kernel_stalls_only_its_own_disk() {
+    let dir = TempDir::new("held-fence");
+    let names = [unique_name("held"), unique_name("free")];
+    let mut disks = default_disks(&dir, &names, IMAGE_MIB);
+    let dev = LoopDevice::attach(&disks[0].path);
+    disks[0].path = dev.path.clone();
+    disks[0].cache = CacheMode::None;
+    let harness = Harness::start_with(dir, disks, backend_command());
+    let attach = |name: &str| {
+        let mut cfg = BlkFrontConfig::new(name);
+        cfg.max_request_bytes = 64 * 1024;
+        BlkFront::attach(harness.socket(), &cfg).expect("attach")
+    };
+    let mut held = attach(&names[0]);
+    let bystander = Bystander::start(attach(&names[1]), 90);
+    let data = vec![0x5au8; 4096];
+    assert_eq!(
+        complete_one(&mut held, &BlockRequest::write(8, &data)).status,
+        Status::Ok
+    );
+    let pid = harness.stats(&names[0]).pid.expect("a backend");
+    let ring = share_fd_of(pid, std::path::Path::new("anon_inode:[io_uring]"));
+    bystander.progressing("before the kills");
+
+    held.submit(1, &BlockRequest::write(16, &data))
+        .expect("submit");
+    held.kick().expect("kick");
+    let sup = harness.sup();
+    sup.fault(&names[0], Fault::Kill)
+        .expect("kill the held disk's backend");
+    sup.fault(&names[1], Fault::Kill)
+        .expect("kill the free disk's backend");
+    harness.wait_for(&names[1], "the free disk's recovery", |s| s.recoveries == 1);
+    bystander.progressing("while the other disk's fence is held");
+    let s = stats_of(harness.socket(), &names[0]);
+    assert_eq!(
+        (s.crashes, s.recoveries),
+        (1, 0),
+        "the held disk is still fencing: {s:#?}"
+    );
+
+    drop(ring);
+    harness.wait_for(&names[0], "the held disk's recovery", |s| s.recoveries == 1);
+    let mut out = Vec::new();
+    let deadline = Instant::now() + STATS_TIMEOUT;
+    while out.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the pending write was never answered"
+        );
+        held.poll_completions(Duration::from_millis(50), &mut out)
+            .expect("poll");
+    }
+    assert_eq!(out[0].status, Status::Ok);
+    let got = complete_one(&mut held, &BlockRequest::read(16, 8, true));
+    assert_eq!(got.data.as_deref(), Some(&data[..]));
+    let (free, _) = bystander.finish("the free disk");
+    held.detach().expect("detach");
+    free.detach().expect("detach");
+    drop(harness);
+    drop(dev);
 }
 
 /// A loop device over a file, detached on drop.

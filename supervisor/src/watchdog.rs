@@ -13,7 +13,9 @@
 //! later for that wait is not credited twice. Without this a backend starved
 //! by a loaded host was declared hung again and again, and the crash-loop
 //! breaker, blaming the requests in flight, failed them. A stopped (`T`) or
-//! spinning backend gets no such credit.
+//! spinning backend gets no such credit. A thread found runnable is not
+//! judged (its current wait shows nowhere yet) until a check finds it not
+//! runnable, or until it has used the timeout on a CPU without a beat.
 //!
 //! Pure logic, fed by the device task every [`CHECK_PERIOD`] with the
 //! heartbeat it read from the log, what the ring says and a
@@ -89,6 +91,8 @@ pub struct Watchdog {
     /// Waits credited while still in progress (runnable, not running),
     /// which `run_delay` has not counted yet.
     credited_ahead: Duration,
+    /// CPU time the backend has used since `last_change`, as sampled.
+    cpu: Duration,
 }
 
 impl Watchdog {
@@ -102,6 +106,7 @@ impl Watchdog {
             last_sample: None,
             excused: Duration::ZERO,
             credited_ahead: Duration::ZERO,
+            cpu: Duration::ZERO,
         }
     }
 
@@ -116,28 +121,48 @@ impl Watchdog {
         pending: Option<bool>,
         sample: Option<SchedSample>,
     ) -> Option<Hang> {
+        // Since the last check: all of it if the thread is blocked in the
+        // kernel now, or runnable and has not run (queued for a CPU all
+        // along); otherwise the waits for a CPU that ended, less what was
+        // credited while they were still going on. Waits credited ahead
+        // are settled at every check, a beat's too: the wait that ends as
+        // the thread gets the CPU to beat arrives in `run_delay` at that
+        // check, and one left unsettled there would later swallow the
+        // credit of as much real waiting.
+        let mut ran = Duration::ZERO;
+        let credit = match (self.last_sample, sample) {
+            (Some((then, before)), Some(sample)) => {
+                ran = sample.run_time.saturating_sub(before.run_time);
+                let elapsed = now.saturating_duration_since(then);
+                let waited = sample.run_delay.saturating_sub(before.run_delay);
+                let settled = waited.min(self.credited_ahead);
+                self.credited_ahead -= settled;
+                if sample.blocked {
+                    elapsed
+                } else if sample.runnable && sample.run_time == before.run_time {
+                    self.credited_ahead += elapsed;
+                    elapsed
+                } else {
+                    // A wait that ended now may have begun before the last
+                    // check, one that found the thread queued again after
+                    // running (nothing credited then): bounded by the time
+                    // not yet excused, not by this interval.
+                    let unexcused = now
+                        .saturating_duration_since(self.last_change)
+                        .saturating_sub(self.excused);
+                    (waited - settled).min(unexcused)
+                }
+            }
+            _ => Duration::ZERO,
+        };
         if beat != self.last_beat {
             self.last_beat = beat;
             self.last_change = now;
             self.excused = Duration::ZERO;
-        } else if let (Some((then, before)), Some(sample)) = (self.last_sample, sample) {
-            // Since the last check: all of it if the thread is blocked in
-            // the kernel now, or runnable and has not run (queued for a CPU
-            // all along); otherwise the waits for a CPU that ended, less
-            // what was credited while they were still going on.
-            let elapsed = now.saturating_duration_since(then);
-            let waited = sample.run_delay.saturating_sub(before.run_delay);
-            let settled = waited.min(self.credited_ahead);
-            self.credited_ahead -= settled;
-            let credit = if sample.blocked {
-                elapsed
-            } else if sample.runnable && sample.run_time == before.run_time {
-                self.credited_ahead += elapsed;
-                elapsed
-            } else {
-                (waited - settled).min(elapsed)
-            };
+            self.cpu = Duration::ZERO;
+        } else {
             self.excused += credit;
+            self.cpu += ran;
         }
         self.last_sample = sample.map(|s| (now, s));
         if pending != Some(true) {
@@ -146,7 +171,13 @@ impl Watchdog {
         }
         let pending_since = *self.pending_since.get_or_insert(now);
         let stalled = now.saturating_duration_since(self.last_change);
-        (stalled.saturating_sub(self.excused) >= self.timeout).then(|| Hang {
+        // A thread found runnable is waiting for a CPU now, a wait that
+        // began after it last ran and is not credited until it ends: it is
+        // judged once it has had the CPU (sleeping, stopped or beating at a
+        // later check), or once it has spent the timeout on a CPU without
+        // beating (spinning).
+        let judged = sample.is_none_or(|s| !s.runnable) || self.cpu >= self.timeout;
+        (judged && stalled.saturating_sub(self.excused) >= self.timeout).then(|| Hang {
             since: self.last_change.max(pending_since),
         })
     }
@@ -271,8 +302,9 @@ mod tests {
             );
         }
         // It runs, and the scheduler adds the 300 ms wait at once: credited
-        // already, so not again. Spinning from here without a beat, it is
-        // hung once 100 ms count: the first 10 ms and 90 ms from 310 on.
+        // already, so not again. Spinning from here without a beat, and
+        // runnable at every check, it is hung once it has spent 100 ms on
+        // a CPU as sampled: 5 ms by 320 ms, then 10 ms in every 10.
         let mut t = 320;
         let mut run = 10;
         while w
@@ -283,19 +315,57 @@ mod tests {
             run += 10;
             assert!(t < 1_000, "never declared hung");
         }
-        assert_eq!(t, 400, "hung at {t} ms");
+        assert_eq!(t, 420, "hung at {t} ms");
     }
 
+    /// No credit, and hung once its sampled CPU time reaches the timeout:
+    /// the first 10 ms come before the first sample.
     #[test]
     fn a_spinning_backend_gets_no_credit() {
         let t0 = Instant::now();
         let mut w = Watchdog::new(TIMEOUT, t0, 1);
-        for t in (10..100).step_by(10) {
+        for t in (10..=100).step_by(10) {
             assert_eq!(w.check(ms(t0, t), 1, Some(true), runnable(t, 0)), None);
         }
         assert!(w
-            .check(ms(t0, 100), 1, Some(true), runnable(100, 0))
+            .check(ms(t0, 110), 1, Some(true), runnable(110, 0))
             .is_some());
+    }
+
+    /// Seen at load 30 once the credit was settled: 100 ms after the last
+    /// check (the supervisor starved too), the thread has run 0.3 ms, 20
+    /// ms of waiting ended, and it is runnable again — queued since it
+    /// last ran, a wait no counter shows yet. Not judged while queued; it
+    /// is once found asleep without a beat.
+    #[test]
+    fn a_thread_queued_again_since_it_last_ran_is_judged_once_it_has_run() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(
+            w.check(ms(t0, 10), 2, Some(true), runnable(50, 6_000)),
+            None
+        );
+        let queued = |run_us: u64, delay_ms: u64| {
+            Some(SchedSample {
+                run_time: Duration::from_micros(50_000 + run_us),
+                ..runnable(0, delay_ms).unwrap()
+            })
+        };
+        assert_eq!(w.check(ms(t0, 20), 2, Some(true), queued(0, 6_000)), None);
+        assert_eq!(
+            w.check(ms(t0, 120), 2, Some(true), queued(300, 6_020)),
+            None
+        );
+        assert_eq!(
+            w.check(ms(t0, 200), 2, Some(true), queued(600, 6_040)),
+            None
+        );
+        // Asleep with work pending and no beat: its own time counts now.
+        let asleep = Some(SchedSample {
+            runnable: false,
+            ..queued(900, 6_060).unwrap()
+        });
+        assert!(w.check(ms(t0, 210), 2, Some(true), asleep).is_some());
     }
 
     #[test]
@@ -370,6 +440,57 @@ mod tests {
         assert!(w
             .check(ms(t0, 200), 2, Some(true), sample(80, false))
             .is_some());
+    }
+
+    /// Seen at load 30: a starved backend, its waits for a CPU credited
+    /// ahead, beats; the `run_delay` reporting those waits arrives at the
+    /// check that sees the beat. Settled there, it leaves nothing to
+    /// swallow the waits that follow: a backend that gets 1 ms of CPU in
+    /// every 10 and beats no more is hung only once 100 ms of its own time
+    /// have passed.
+    #[test]
+    fn waits_credited_ahead_are_settled_by_the_check_that_sees_a_beat() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 1, Some(true), runnable(5, 0)), None);
+        // Queued for a CPU from 10 to 90 ms, credited as it goes.
+        for t in (20..=90).step_by(10) {
+            assert_eq!(w.check(ms(t0, t), 1, Some(true), runnable(5, 0)), None);
+        }
+        // It ran and beat: the 80 ms wait shows up now.
+        assert_eq!(w.check(ms(t0, 100), 2, Some(true), runnable(6, 80)), None);
+        // Then 1 ms on a CPU and 9 ms waiting for one, every 10 ms.
+        let (mut t, mut run, mut delay) = (100, 6, 80);
+        loop {
+            t += 10;
+            run += 1;
+            delay += 9;
+            if w.check(ms(t0, t), 2, Some(true), runnable(run, delay))
+                .is_some()
+            {
+                break;
+            }
+            assert!(t < 2_000, "never declared hung");
+        }
+        // 1 ms of every 10 counts: 100 ms of them after 1 s.
+        assert_eq!(t, 1_100, "hung at {t} ms");
+    }
+
+    /// A check 100 ms after the last finds the thread queued again after
+    /// running, 80 ms into a wait; 10 ms later the wait has ended (89 ms in
+    /// all), it ran and sleeps. The whole wait counts, not the 10 ms since
+    /// the last check.
+    #[test]
+    fn a_wait_that_began_before_the_last_check_counts_whole() {
+        let t0 = Instant::now();
+        let mut w = Watchdog::new(TIMEOUT, t0, 1);
+        assert_eq!(w.check(ms(t0, 10), 2, Some(true), runnable(10, 0)), None);
+        assert_eq!(w.check(ms(t0, 110), 2, Some(true), runnable(30, 0)), None);
+        let asleep = Some(SchedSample {
+            runnable: false,
+            ..runnable(31, 89).unwrap()
+        });
+        assert_eq!(w.check(ms(t0, 120), 2, Some(true), asleep), None);
     }
 
     #[test]
