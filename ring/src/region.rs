@@ -230,7 +230,7 @@ impl SharedRegion {
         let inside = offset
             .checked_add(size as u64)
             .is_some_and(|end| end <= self.region.len());
-        if !inside || offset % size as u64 != 0 {
+        if !inside || !offset.is_multiple_of(size as u64) {
             return Err(access_err(
                 offset,
                 "not an aligned atomic inside the region",
