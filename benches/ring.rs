@@ -4,7 +4,10 @@
 //!   responses back (put + push → take + respond + push → take), all in one
 //!   thread, so this is the cost of the shared-memory protocol itself;
 //! - `parse/*`: validating a typical 11-segment request and a 32-segment
-//!   indirect one against the grant table, as blkback does per request.
+//!   indirect one against the grant table, as blkback does per request;
+//! - `shadow/slot_lifecycle`: what the shadow log adds per request, as a
+//!   netif TX drain pays it: `batch` slots logged on consume, each answer
+//!   logged COMPLETING, then one publication freeing them all.
 //!
 //! Run with `cargo bench --bench ring`.
 #![deny(unsafe_code)]
@@ -22,6 +25,7 @@ use shadowback_ring::blkif::{
 use shadowback_ring::grant::{DomId, GrantMapper, GrantRef, GrantTable};
 use shadowback_ring::sring::{BackRing, FrontRing, RingPages};
 use shadowback_ring::SharedRegion;
+use shadowback_shadow::ShadowLog;
 
 const BACKEND: DomId = 0;
 /// Region layout: frame 0 grant table, 1..=16 ring, 20 indirect page,
@@ -172,5 +176,41 @@ fn parse_requests(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ring_round_trip, parse_requests);
+fn shadow_slot_lifecycle(c: &mut Criterion) {
+    let log = ShadowLog::create(256).expect("shadow log");
+    log.begin_instance().expect("begin");
+    let request = [7u8; 25];
+    let response = [3u8; 8];
+    let mut idx = 0u32;
+    let mut group = c.benchmark_group("shadow/slot_lifecycle");
+    for batch in [1u32, 32] {
+        group.throughput(Throughput::Elements(u64::from(batch)));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            let mut entries = Vec::with_capacity(batch as usize);
+            b.iter(|| {
+                entries.clear();
+                for i in 0..batch {
+                    let e = log
+                        .log_consumed(idx.wrapping_add(i), black_box(&request))
+                        .expect("consume");
+                    entries.push(e);
+                }
+                for (i, &e) in entries.iter().enumerate() {
+                    log.log_completing(e, idx.wrapping_add(i as u32), black_box(&response))
+                        .expect("complete");
+                }
+                idx = idx.wrapping_add(batch);
+                assert_eq!(log.log_published(idx).expect("publish"), batch as usize);
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    ring_round_trip,
+    parse_requests,
+    shadow_slot_lifecycle
+);
 criterion_main!(benches);

@@ -575,11 +575,10 @@ impl NetBackend {
             return vec![None; slots.len()];
         };
         txrec::records(first_index, slots)
-            .iter()
             .enumerate()
             .map(|(i, rec)| {
                 let idx = first_index.wrapping_add(i as u32);
-                match log.log_consumed(idx, &txrec::encode(rec)) {
+                match log.log_consumed(idx, &txrec::encode(&rec)) {
                     Ok(e) => Some(e),
                     Err(e) => log_failed(&self.cfg.device, e),
                 }

@@ -96,14 +96,17 @@ pub mod tx {
     /// The records of a packet whose first slot was taken at ring index
     /// `first_index`, one per slot in ring order (slot `i` at index
     /// `first_index + i`).
-    pub fn records(first_index: u32, slots: &TxSlots) -> Vec<TxSlotRecord> {
+    pub fn records(
+        first_index: u32,
+        slots: &TxSlots,
+    ) -> impl ExactSizeIterator<Item = TxSlotRecord> + '_ {
         // A packet never takes more than a ring (parse_tx stops there).
         let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
         slots
             .all()
             .iter()
             .enumerate()
-            .map(|(i, slot)| TxSlotRecord {
+            .map(move |(i, slot)| TxSlotRecord {
                 slot: *slot,
                 packet: first_index,
                 position: u16::try_from(i).unwrap_or(u16::MAX),
@@ -116,7 +119,6 @@ pub mod tx {
                     SlotKind::Following
                 },
             })
-            .collect()
     }
 
     /// The log bytes of `rec`.

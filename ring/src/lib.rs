@@ -13,7 +13,9 @@
 //! of every ring.
 //!
 //! Its only `unsafe` is `unsafe impl ByteValued` for the `#[repr(C)]` wire
-//! structs, each allowed on its own below the crate-wide deny.
+//! structs and the two atomics of [`SharedRegion::atomic_u32`] /
+//! [`SharedRegion::atomic_u64`], each allowed on its own below the
+//! crate-wide deny.
 //!
 //! * [`SharedRegion`] — a memfd mapped with `vm-memory`: the guest's granted
 //!   memory. Guest addresses are byte offsets into the memfd.

@@ -46,6 +46,11 @@ struct Writer {
     /// `i` is on it, so every operation on it is O(1).
     free: Vec<u32>,
     is_free: Vec<bool>,
+    /// Per entry: how many bytes of its request field may be non-zero (the
+    /// longest request written there since the instance began), so a
+    /// shorter request clears only what is left of a longer one instead of
+    /// writing all [`REQUEST_SIZE`] bytes (a netif slot is 25).
+    request_len: Vec<u8>,
     /// COMPLETING entries this instance wrote, with their `rsp_idx`, to be
     /// freed once `rsp_prod` covers them.
     completing: Completing,
@@ -315,6 +320,8 @@ impl ShadowLog {
             rsp_prod_pvt: self.region.load(header::RSP_PROD_PVT, Ordering::Relaxed)?,
             free,
             is_free,
+            // Unknown: whatever an earlier instance wrote.
+            request_len: vec![REQUEST_SIZE as u8; self.entries as usize],
             completing: Completing::new(self.entries),
             productive: false,
         };
@@ -348,14 +355,12 @@ impl ShadowLog {
                 got: ring_idx,
             });
         }
-        let mut saved = [0u8; REQUEST_SIZE];
-        saved
-            .get_mut(..request.len())
-            .ok_or(ShadowError::PayloadTooLong {
+        if request.len() > REQUEST_SIZE {
+            return Err(ShadowError::PayloadTooLong {
                 len: request.len(),
                 max: REQUEST_SIZE,
-            })?
-            .copy_from_slice(request);
+            });
+        }
         let seq = w.next_seq;
         let next_seq = seq.checked_add(1).ok_or(ShadowError::SeqExhausted)?;
         let i = *w.free.last().ok_or(ShadowError::LogFull)?;
@@ -364,17 +369,28 @@ impl ShadowLog {
         // The seq is burnt before it is used: a crash from here on leaves a
         // gap in seq order, never a duplicate.
         self.region
-            .store(next_seq, header::NEXT_SEQ, Ordering::Relaxed)?;
+            .atomic_u64(header::NEXT_SEQ)?
+            .store(next_seq, Ordering::Relaxed);
         w.next_seq = next_seq;
         w.free.pop();
         w.is_free[i as usize] = false;
         self.point(t, 1);
-        self.region.write(self.field(i, entry::REQUEST), &saved)?;
+        // The field ends up as `request`, zero-padded, as if written whole.
+        let field = self.field(i, entry::REQUEST);
+        self.region.write(field, request)?;
+        let stale = &mut w.request_len[i as usize];
+        if usize::from(*stale) > request.len() {
+            let rest = &ZEROS[request.len()..usize::from(*stale)];
+            self.region.write(field + request.len() as u64, rest)?;
+        }
+        // At most REQUEST_SIZE (checked above), which fits a u8.
+        *stale = request.len() as u8;
         self.point(t, 2);
         self.store32(i, entry::RING_IDX, ring_idx)?;
         self.point(t, 3);
         self.region
-            .store(seq, self.field(i, entry::SEQ), Ordering::Relaxed)?;
+            .atomic_u64(self.field(i, entry::SEQ))?
+            .store(seq, Ordering::Relaxed);
         self.point(t, 4);
         self.store32(i, entry::PROGRESS, 0)?;
         self.point(t, 5);
@@ -387,7 +403,8 @@ impl ShadowLog {
         let req_cons = ring_idx.wrapping_add(1);
         // Release: logged req_cons never runs ahead of the entry for it.
         self.region
-            .store(req_cons, header::REQ_CONS, Ordering::Release)?;
+            .atomic_u32(header::REQ_CONS)?
+            .store(req_cons, Ordering::Release);
         w.req_cons = req_cons;
         self.point(t, 8);
         Ok(EntryId(i))
@@ -420,9 +437,10 @@ impl ShadowLog {
                 max: RESPONSE_SIZE,
             })?
             .copy_from_slice(response);
-        let state: u32 = self
+        let state = self
             .region
-            .load(self.field(i, entry::STATE), Ordering::Relaxed)?;
+            .atomic_u32(self.field(i, entry::STATE))?
+            .load(Ordering::Relaxed);
         let (t, mut step) = match EntryState::from_word(state) {
             Some(EntryState::Free) => return Err(ShadowError::WrongState { entry: i, state }),
             Some(EntryState::Inflight) => {
@@ -598,7 +616,8 @@ impl ShadowLog {
         if is_after(new, w.rsp_prod_pvt) {
             // Release: never ahead of the COMPLETING entry justifying it.
             self.region
-                .store(new, header::RSP_PROD_PVT, Ordering::Release)?;
+                .atomic_u32(header::RSP_PROD_PVT)?
+                .store(new, Ordering::Release);
             w.rsp_prod_pvt = new;
         }
         Ok(())
@@ -629,15 +648,17 @@ impl ShadowLog {
 
     fn store32(&self, i: u32, off: u64, val: u32) -> Result<(), ShadowError> {
         // Relaxed: payload, published by the release store of `state`.
-        Ok(self
-            .region
-            .store(val, self.field(i, off), Ordering::Relaxed)?)
+        self.region
+            .atomic_u32(self.field(i, off))?
+            .store(val, Ordering::Relaxed);
+        Ok(())
     }
 
     fn commit(&self, i: u32, state: EntryState) -> Result<(), ShadowError> {
-        Ok(self
-            .region
-            .store(state.word(), self.field(i, entry::STATE), Ordering::Release)?)
+        self.region
+            .atomic_u32(self.field(i, entry::STATE))?
+            .store(state.word(), Ordering::Release);
+        Ok(())
     }
 }
 
@@ -652,6 +673,10 @@ fn writer<'a>(
 ) -> Result<&'a mut Writer, ShadowError> {
     guard.as_mut().ok_or(ShadowError::NotBegun)
 }
+
+/// Zero padding of a saved request.
+const ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
+const _: () = assert!(REQUEST_SIZE <= u8::MAX as usize);
 
 /// `a` is after `b` on the free-running index circle.
 fn is_after(a: u32, b: u32) -> bool {
@@ -683,6 +708,41 @@ mod tests {
         log.log_consumed(u32::MAX, &[0; 112]).unwrap();
         log.log_consumed(0, &[0; 112]).unwrap();
         assert_eq!(log.snapshot().unwrap().header.req_cons, 1);
+    }
+
+    /// A request shorter than the one an entry held before is saved
+    /// zero-padded, as if the whole field were written, in this instance
+    /// and in the next (which does not know what the last one wrote).
+    #[test]
+    fn a_short_request_in_a_reused_entry_is_zero_padded() {
+        let log = begun(4);
+        let entry_of = |log: &ShadowLog, ring_idx: u32| {
+            let snap = log.snapshot().unwrap();
+            let e = snap
+                .entries
+                .iter()
+                .find(|e| e.ring_idx == ring_idx && e.state == EntryState::Inflight.word());
+            e.unwrap().request
+        };
+        let serve = |log: &ShadowLog, idx: u32, request: &[u8]| {
+            let e = log.log_consumed(idx, request).unwrap();
+            let saved = entry_of(log, idx);
+            log.log_completing(e, idx, &[1]).unwrap();
+            assert_eq!(log.log_published(idx + 1).unwrap(), 1);
+            saved
+        };
+        let mut want = [0u8; REQUEST_SIZE];
+        want[..3].copy_from_slice(&[1, 2, 3]);
+        assert_eq!(serve(&log, 0, &[0xAB; REQUEST_SIZE]), [0xAB; REQUEST_SIZE]);
+        // The free stack hands the same entry out again.
+        assert_eq!(serve(&log, 1, &[1, 2, 3]), want);
+        assert_eq!(serve(&log, 2, &[0xCD; 40])[..40], [0xCD; 40]);
+        assert_eq!(serve(&log, 3, &[1, 2, 3]), want);
+        assert_eq!(serve(&log, 4, &[0xEF; REQUEST_SIZE]), [0xEF; REQUEST_SIZE]);
+        let next = ShadowLog::open(log.file().try_clone().unwrap().into()).unwrap();
+        drop(log);
+        next.begin_instance().unwrap();
+        assert_eq!(serve(&next, 5, &[1, 2, 3]), want);
     }
 
     #[test]

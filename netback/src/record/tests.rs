@@ -36,7 +36,7 @@ fn a_tx_packet_round_trips_through_its_slot_records() {
     let Some(Ok(TxRequest::Packet(packet))) = parse_tx(&mut slots.iter().copied()) else {
         panic!("a valid packet")
     };
-    let records = tx::records(0xFFFF_FFFE, &packet.slots);
+    let records: Vec<_> = tx::records(0xFFFF_FFFE, &packet.slots).collect();
     assert_eq!(records.len(), 4);
     assert_eq!(
         records.iter().map(|r| r.kind).collect::<Vec<_>>(),
@@ -77,7 +77,7 @@ fn incomplete_or_mixed_packets_are_refused() {
     let Some(Ok(req)) = parse_tx(&mut slots.iter().copied()) else {
         panic!("a valid packet")
     };
-    let records = tx::records(7, req.slots());
+    let records: Vec<_> = tx::records(7, req.slots()).collect();
     let err = Err(NetifRecordError::IncompletePacket);
     assert_eq!(tx::reassemble(&records[..3]), err);
     assert_eq!(tx::reassemble(&[]), err);
