@@ -64,6 +64,14 @@ pub struct BlkbackArgs {
 /// called once its engine is set up and its fds are open, before the
 /// first control message, so before anything a guest wrote is read.
 fn confine(device: &str, no_confine: bool) -> Result<(), CliError> {
+    // docs/ARCHITECTURE.md §7.2: before the filter, which does not allow
+    // `membarrier`.
+    if !shadowback_dataplane::death::register_for_fencing() {
+        tracing::warn!(
+            device,
+            "membarrier unavailable: a takeover waits for this process's exit"
+        );
+    }
     if no_confine {
         tracing::warn!(device, "not confined (--no-confine)");
         return Ok(());
@@ -150,6 +158,8 @@ fn metrics_page(fd: Option<RawFd>) -> Result<Option<MetricsWriter>, CliError> {
 
 pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
     let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    // docs/ARCHITECTURE.md §7.2: a crash tells the supervisor at once.
+    shadowback_dataplane::death::announce_crashes(args.control_fd);
     let disk = File::from(inherited(args.disk_fd)?);
     let cfg = BackendConfig {
         device: args.device.clone(),
@@ -210,6 +220,8 @@ pub struct NetbackArgs {
 /// supervisor closes the control channel.
 pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
     let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    // docs/ARCHITECTURE.md §7.2: a crash tells the supervisor at once.
+    shadowback_dataplane::death::announce_crashes(args.control_fd);
     let cfg = NetConfig {
         device: args.device.clone(),
         backend_id: args.backend_id,

@@ -18,6 +18,7 @@ use shadowback_guest::device::{BlockDevice, BlockRequest, Completion, Status};
 use shadowback_guest::workload::{Pattern, Report, VerifyConfig, VerifyWorkload};
 use shadowback_supervisor::{CacheMode, DiskConfig, Fault};
 use shadowback_testsupport::blockio::assert_verified;
+use shadowback_testsupport::fd::steal_fd;
 use shadowback_testsupport::harness::{backend_command, unique_name, DiskSetup, Harness};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_testsupport::wait::wait_for_state;
@@ -830,6 +831,111 @@ fn writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device() {
         &[],
     );
     killed_instances_writes_never_land_late(&setup);
+    drop(setup);
+    drop(loop_dev);
+}
+
+/// docs/ARCHITECTURE.md §7.3: after a takeover the new instance serves at
+/// once what does not conflict with the dead instance's requests, and holds
+/// back — until the dead instance's I/O is gone — the requests it logged
+/// and every new request overlapping one of them. On a block device the
+/// fence waits for the last reference to the dead instance's own open file
+/// description; the test holds one (taken with `pidfd_getfd`, as an
+/// in-flight request would), so the fence stays up until it lets go: a read
+/// of other sectors must be answered meanwhile, a write over a range the
+/// dead instance had in flight must not.
+#[test]
+fn a_request_overlapping_a_dead_instances_write_waits_for_the_fence() {
+    const RANGES: u64 = 32;
+    const SECTORS: u32 = 128; // 64 KiB each
+    const HELD: Duration = Duration::from_millis(400);
+    let mut loop_dev = None;
+    let setup = start(
+        "holdback",
+        |d| {
+            let dev = LoopDevice::attach(&d.path);
+            d.path = dev.path.clone();
+            d.cache = CacheMode::None;
+            loop_dev = Some(dev);
+        },
+        &[],
+    );
+    let mut front = attach(&setup);
+    let data = vec![0x5au8; SECTORS as usize * 512];
+    let elsewhere = RANGES * u64::from(SECTORS) + 1024;
+    let mut checked = false;
+    for round in 0..20 {
+        let pid = setup.stats().pid.expect("a backend serves");
+        for r in 0..RANGES {
+            front
+                .submit(r, &BlockRequest::write(r * u64::from(SECTORS), &data))
+                .expect("submit");
+        }
+        front.kick().expect("kick");
+        // A reference to the instance's file description, like an
+        // in-flight request's: the fence waits for it.
+        let reference = steal_fd(pid, 4);
+        setup.sup().fault(setup.name(), Fault::Kill).expect("kill");
+        let killed = Instant::now();
+        // What the dead instance answered shows up at once; what it had in
+        // flight is held back with the fence.
+        let mut done = Vec::new();
+        while killed.elapsed() < HELD / 4 {
+            front
+                .poll_completions(Duration::from_millis(10), &mut done)
+                .expect("poll");
+        }
+        let answered: Vec<u64> = done.iter().map(|c| c.tag).collect();
+        let pending = (0..RANGES).find(|r| !answered.contains(r));
+        if let Some(r) = pending {
+            // Over the range of a write the dead instance had in flight,
+            // and a read elsewhere.
+            front
+                .submit(100, &BlockRequest::write(r * u64::from(SECTORS), &data))
+                .expect("submit");
+            front
+                .submit(101, &BlockRequest::read(elsewhere, 8, false))
+                .expect("submit");
+            front.kick().expect("kick");
+            let mut early = Vec::new();
+            while killed.elapsed() < HELD * 3 / 4 {
+                front
+                    .poll_completions(Duration::from_millis(10), &mut early)
+                    .expect("poll");
+            }
+            let tags: Vec<u64> = early.iter().map(|c| c.tag).collect();
+            assert!(
+                tags.contains(&101),
+                "round {round}: a read of other sectors waited for the fence ({tags:?})"
+            );
+            assert!(
+                !tags.contains(&100) && !tags.contains(&r),
+                "round {round}: a write over range {r}, which the dead instance had in flight, \
+                 was answered before its I/O was fenced ({tags:?})"
+            );
+            done.extend(early);
+        }
+        drop(reference);
+        let want = RANGES as usize + if pending.is_some() { 2 } else { 0 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while done.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {want} completions",
+                done.len()
+            );
+            front
+                .poll_completions(Duration::from_millis(50), &mut done)
+                .expect("poll");
+        }
+        assert!(done.iter().all(|c| c.status == Status::Ok), "{done:?}");
+        if pending.is_some() {
+            checked = true;
+            break;
+        }
+    }
+    assert!(checked, "no kill in 20 found a write in flight");
+    front.detach().expect("detach");
     drop(setup);
     drop(loop_dev);
 }

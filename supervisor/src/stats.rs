@@ -87,6 +87,11 @@ pub struct DeviceStats {
     /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §1.1)
     /// or "killed by SIGKILL" (fenced, or `fault kill`).
     pub last_failure: Option<String>,
+    /// From the SIGKILL to the last I/O of the dead instance being gone,
+    /// for the last fence that ran in the background while the next
+    /// instance served (docs/ARCHITECTURE.md §7.3): how long its held-back
+    /// requests waited. In process only; not carried by `status`.
+    pub background_fence_us: Option<u64>,
 }
 
 /// Where the time of one recovery went, in microseconds.
@@ -223,6 +228,7 @@ impl DeviceStats {
             fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
             last_failure: msg.get(STATUS_LAST_FAILURE).map(str::to_owned),
+            background_fence_us: None,
             stall_us: n(STATUS_STALL_US)?,
             io: IoCounters {
                 requests: n(STATUS_REQUESTS)?,

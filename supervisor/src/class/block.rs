@@ -65,6 +65,11 @@ impl DeviceClass for BlockClass {
         }))
     }
 
+    /// Both block models hold back requests by their sector ranges.
+    fn holds_back(&self) -> bool {
+        true
+    }
+
     /// The instance's own description of the image and, unless the disk is
     /// read-only, its I/O fence (`spawn` module docs (3),
     /// docs/ARCHITECTURE.md §7.3).

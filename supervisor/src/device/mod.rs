@@ -159,6 +159,7 @@ fn start(
         current: Some(current),
         standby: None,
         standby_retry: None,
+        fencing: None,
         attached: None,
         next_attachment: 1,
         given_up: None,

@@ -16,7 +16,7 @@ use super::takeover::{Failure, GivenUp, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
 use super::Settings;
 use crate::class::DeviceClass;
-use crate::instance::{Instance, NoAnswer};
+use crate::instance::{Fenced, Instance, NoAnswer};
 use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
 use crate::session::Session;
 use crate::spawn::BackendCommand;
@@ -51,6 +51,8 @@ enum Event {
     StandbyExited,
     StandbyRetry,
     WatchdogTick,
+    /// Every dead instance's fence is down (or its task failed).
+    Fenced(Result<Fenced, tokio::task::JoinError>),
     Stop,
 }
 
@@ -68,6 +70,10 @@ pub(super) struct DeviceTask {
     /// A started instance waiting on its control socket, for takeovers.
     pub(super) standby: Option<Instance>,
     pub(super) standby_retry: Option<tokio::time::Instant>,
+    /// The fences of dead instances still running in the background, one
+    /// after the other: done once every earlier instance's I/O is gone
+    /// (docs/ARCHITECTURE.md §7.3).
+    pub(super) fencing: Option<tokio::task::JoinHandle<Fenced>>,
     pub(super) attached: Option<Attached>,
     pub(super) next_attachment: u64,
     /// Set when the supervisor gave up on the device; until the next
@@ -103,6 +109,15 @@ async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
 async fn exited(instance: Option<&Instance>) {
     match instance {
         Some(i) => i.exited().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn fence_done(
+    fencing: &mut Option<tokio::task::JoinHandle<Fenced>>,
+) -> Result<Fenced, tokio::task::JoinError> {
+    match fencing {
+        Some(handle) => handle.await,
         None => std::future::pending().await,
     }
 }
@@ -178,6 +193,7 @@ impl DeviceTask {
                 () = exited(self.current.as_ref()) => Event::Exited,
                 () = exited(self.standby.as_ref()) => Event::StandbyExited,
                 () = sleep_until(self.standby_retry) => Event::StandbyRetry,
+                fenced = fence_done(&mut self.fencing) => Event::Fenced(fenced),
                 _ = tick.tick(), if self.watchdog.is_some() => Event::WatchdogTick,
             };
             match event {
@@ -200,7 +216,18 @@ impl DeviceTask {
                 }
                 Event::Command(Command::Fault { fault, reply }) => {
                     let res = self.fault(fault).await;
+                    let killed = fault == Fault::Kill && res.is_ok();
                     let _ = reply.send(res);
+                    // docs/ARCHITECTURE.md §7.2: a kill we sent is known
+                    // now; when it can be proven final at once, take over
+                    // without waiting for the exit.
+                    if killed && self.current.as_ref().is_some_and(|i| i.membarrier) {
+                        self.on_failure(Failure::Crashed).await;
+                    }
+                }
+                Event::Backend(Ok(msg)) if msg.kind() == kind::DYING => {
+                    tracing::warn!(device = %self.name, "backend sent a crash note");
+                    self.on_failure(Failure::Crashed).await;
                 }
                 Event::Backend(Ok(msg)) => self.unsolicited(msg),
                 Event::Backend(Err(e)) => {
@@ -223,6 +250,10 @@ impl DeviceTask {
                     if let Some(hang) = self.check_hang() {
                         self.on_failure(Failure::Hung { since: hang.since }).await;
                     }
+                }
+                Event::Fenced(fenced) => {
+                    self.fencing = None;
+                    self.fence_down(fenced).await;
                 }
                 Event::Stop => break,
             }
@@ -388,6 +419,8 @@ impl DeviceTask {
             Ok((reply, _)) if reply.kind() == kind::ATTACHED => {
                 if let Some(instance) = self.current.as_mut() {
                     instance.serving = true;
+                    instance.membarrier =
+                        reply.get_flag(key::MEMBARRIER).ok().flatten() == Some(true);
                 }
                 // A first attach replays too when a virtqueue comes with
                 // requests in flight in the VMM's in-flight region (after a
@@ -441,6 +474,9 @@ impl DeviceTask {
             tracing::debug!(device = %self.name, id, "stale detach ignored");
             return;
         }
+        // A backend holding requests back answers them only after
+        // `fenced`, and drains before `detached`.
+        self.await_fences().await;
         // Dropped at the end: the session (the guest's fds, the log) is
         // released only once no backend touches it.
         let mut attached = self.attached.take();
