@@ -177,6 +177,9 @@ fn a_crash_inside_a_shadow_log_transition_is_recovered() {
         assert_verified(&report, point);
         let s = setup.stats();
         assert_eq!((s.crashes, s.recoveries), (1, 1), "{point}: {s:#?}");
+        // The abort announced itself before the process died
+        // (docs/ARCHITECTURE.md §7.2).
+        assert_eq!(s.crash_notes, 1, "{point}: {s:#?}");
         front.detach().expect("detach");
     }
 }

@@ -92,6 +92,9 @@ pub struct DeviceStats {
     /// instance served (docs/ARCHITECTURE.md §7.3): how long its held-back
     /// requests waited. In process only; not carried by `status`.
     pub background_fence_us: Option<u64>,
+    /// Crash notes (`dying`) the serving instances sent before they died
+    /// (docs/ARCHITECTURE.md §7.2). In process only.
+    pub crash_notes: u64,
 }
 
 /// Where the time of one recovery went, in microseconds.
@@ -229,6 +232,7 @@ impl DeviceStats {
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
             last_failure: msg.get(STATUS_LAST_FAILURE).map(str::to_owned),
             background_fence_us: None,
+            crash_notes: 0,
             stall_us: n(STATUS_STALL_US)?,
             io: IoCounters {
                 requests: n(STATUS_REQUESTS)?,

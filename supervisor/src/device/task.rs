@@ -227,6 +227,7 @@ impl DeviceTask {
                 }
                 Event::Backend(Ok(msg)) if msg.kind() == kind::DYING => {
                     tracing::warn!(device = %self.name, "backend sent a crash note");
+                    self.publish_with(|s| s.crash_notes += 1);
                     self.on_failure(Failure::Crashed).await;
                 }
                 Event::Backend(Ok(msg)) => self.unsolicited(msg),
@@ -234,7 +235,19 @@ impl DeviceTask {
                     tracing::debug!(device = %self.name, error = %e, "backend control channel closed");
                     self.on_failure(Failure::Crashed).await;
                 }
-                Event::Exited => self.on_failure(Failure::Crashed).await,
+                Event::Exited => {
+                    // A crash note queued before the exit, seen after it.
+                    if let Some(i) = self.current.as_ref() {
+                        if let Ok(Ok(msg)) = tokio::time::timeout(Duration::ZERO, i.recv()).await {
+                            if msg.kind() == kind::DYING {
+                                self.publish_with(|s| s.crash_notes += 1);
+                            } else {
+                                self.unsolicited(msg);
+                            }
+                        }
+                    }
+                    self.on_failure(Failure::Crashed).await;
+                }
                 Event::StandbyExited => {
                     if let Some(standby) = self.standby.take() {
                         let fenced = standby.fence().await;
