@@ -110,9 +110,14 @@ pub struct RecoveryTimes {
     /// to the check that declared the hang (≈ `hang_timeout_ms`). Crash:
     /// from the pidfd (or control channel) waking the supervisor to the
     /// handling starting (≈ 0), except for a kill injected by `fault`:
-    /// from the SIGKILL being sent to the exit being seen.
+    /// from the SIGKILL being sent to the exit being seen — or, for an
+    /// instance that registered for the membarrier (docs/ARCHITECTURE.md
+    /// §7.2), to the handling starting right after the kill.
     pub detect_us: u64,
-    /// From the SIGKILL being sent to the old process being reaped.
+    /// From the SIGKILL being sent to the old process being reaped and
+    /// its I/O gone; for a disk whose instance could be stopped at once,
+    /// to it being stopped (the rest of the fence runs in the background,
+    /// docs/ARCHITECTURE.md §7.3, [`DeviceStats::background_fence_us`]).
     pub fence_us: u64,
     /// From the standby being released (or a new instance being spawned)
     /// to `attach` being sent, including the `poison` replays.
