@@ -372,6 +372,9 @@ mod tests {
                 total_us: 1_200,
             }),
             last_failure: Some("killed by SIGSYS".into()),
+            // In process only: not carried by `status`.
+            background_fence_us: None,
+            crash_notes: 0,
             stall_us: 2_400,
             io: IoCounters {
                 requests: 1000,
