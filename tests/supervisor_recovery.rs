@@ -180,6 +180,12 @@ fn a_crash_inside_a_shadow_log_transition_is_recovered() {
         // The abort announced itself before the process died
         // (docs/ARCHITECTURE.md §7.2).
         assert_eq!(s.crash_notes, 1, "{point}: {s:#?}");
+        // Announcing it does not turn the abort into a seccomp kill.
+        assert_ne!(
+            s.last_failure.as_deref(),
+            Some("killed by SIGSYS"),
+            "{point}"
+        );
         front.detach().expect("detach");
     }
 }

@@ -68,12 +68,18 @@ fn send_note() {
     }
 }
 
-extern "C" fn on_fatal_signal(_sig: libc::c_int) {
+extern "C" fn on_fatal_signal(sig: libc::c_int) {
     send_note();
-    // Returning re-runs the faulting instruction (or, for SIGABRT, lets
-    // `abort` go on): the handler was installed with SA_RESETHAND, so the
-    // signal now takes its default action and the process dies as it
-    // would have.
+    // SA_RESETHAND made the action the default again; the signal raised
+    // here is blocked until the handler returns and then kills the
+    // process as the first one would have. (Returning into `abort`
+    // instead would make it call `rt_sigaction`, which the seccomp filter
+    // answers with SIGSYS.) `raise` is `tgkill` on this process.
+    // SAFETY: async-signal-safe; no memory is passed.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::raise(sig);
+    }
 }
 
 /// Makes a panic or a catchable fatal signal send the supervisor a
