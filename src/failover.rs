@@ -113,6 +113,10 @@ pub struct FailoverArgs {
     /// The op mix under `--pattern random`.
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
+    /// The disk's `fast_takeover`: serve at once, holding back only what
+    /// conflicts with the dead instance's I/O (docs/ARCHITECTURE.md §7.3).
+    #[arg(long)]
+    fast_takeover: bool,
     /// vhost-user: virtqueues, each with its own round worker under
     /// `--pattern rounds`.
     #[arg(long, default_value_t = 1)]
@@ -237,6 +241,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             vhost_user: (args.transport == Transport::VhostUser).then(|| vhost_socket.clone()),
             queue_size: vu_queue_size,
             num_queues: args.queues,
+            fast_takeover: args.fast_takeover,
             ..DiskConfig::new("disk0", image)
         }],
         nics: Vec::new(),

@@ -866,6 +866,7 @@ fn a_request_overlapping_a_dead_instances_write_waits_for_the_fence() {
             d.path = dev.path.clone();
             d.cache = CacheMode::None;
             d.hang_timeout_ms = 60_000;
+            d.fast_takeover = true;
             loop_dev = Some(dev);
         },
         &[("SHADOWBACK_CRASH_AT", "consume.8@2")],

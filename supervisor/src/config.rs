@@ -106,6 +106,13 @@ pub struct DiskConfig {
     /// Buys QD1 latency with CPU; 0 never polls. At most [`MAX_POLL_US`].
     #[serde(default = "default_poll_us")]
     pub poll_us: u32,
+    /// Take over without waiting for the dead instance's I/O: the next
+    /// instance serves at once and holds back only what conflicts with
+    /// the dead instance's requests (docs/ARCHITECTURE.md §7.3). Off by
+    /// default: a vhost-user soak with a session restart between kills
+    /// saw a takeover that never completed.
+    #[serde(default)]
+    pub fast_takeover: bool,
 }
 
 /// Smallest accepted `hang_timeout_ms`: comfortably above the backend's
@@ -147,6 +154,7 @@ impl DiskConfig {
             allow_uids: Vec::new(),
             allow_gids: Vec::new(),
             poll_us: DEFAULT_POLL_US,
+            fast_takeover: false,
         }
     }
 }

@@ -65,9 +65,10 @@ impl DeviceClass for BlockClass {
         }))
     }
 
-    /// Both block models hold back requests by their sector ranges.
+    /// Both block models hold back requests by their sector ranges;
+    /// used when the disk asks for it (`fast_takeover`).
     fn holds_back(&self) -> bool {
-        true
+        self.cfg.fast_takeover
     }
 
     /// The instance's own description of the image and, unless the disk is

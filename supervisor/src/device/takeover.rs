@@ -155,7 +155,16 @@ impl DeviceTask {
             Failure::Crashed => self.publish_with(|s| s.crashes += 1),
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
-        if self.recoverable() && self.class.holds_back() {
+        // One fence in the background at a time: an instance that dies
+        // while it still holds requests back is fenced, with the earlier
+        // one, before its successor takes over — which then replays at
+        // once. Without that, kills coming faster than fences would keep
+        // the held requests from ever running.
+        let fence_pending = self.fencing.as_ref().is_some_and(|f| !f.is_finished());
+        if !fence_pending {
+            self.await_fences().await;
+        }
+        if !fence_pending && self.recoverable() && self.class.holds_back() {
             let stopping = Instant::now();
             if old.stop() {
                 // docs/ARCHITECTURE.md §7.3: it runs no more instructions;
@@ -182,6 +191,8 @@ impl DeviceTask {
             "backend failed"
         );
         if self.recoverable() {
+            // Every earlier fence too: the next instance holds nothing back.
+            self.await_fences().await;
             self.take_over(seen, detect, fence).await;
             return;
         }
