@@ -221,7 +221,10 @@ impl DeviceTask {
                     // docs/ARCHITECTURE.md §7.2: a kill we sent is known
                     // now; when it can be proven final at once, take over
                     // without waiting for the exit.
-                    if killed && self.current.as_ref().is_some_and(|i| i.membarrier) {
+                    if killed
+                        && self.class.holds_back()
+                        && self.current.as_ref().is_some_and(|i| i.membarrier)
+                    {
                         self.on_failure(Failure::Crashed).await;
                     }
                 }
