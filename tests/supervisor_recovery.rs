@@ -906,6 +906,13 @@ fn a_request_overlapping_a_dead_instances_write_waits_for_the_fence() {
         .expect("submit");
     front.kick().expect("kick");
     until(&mut front, &mut done, 2);
+    // The supervisor counts the takeover once it has read `attached`,
+    // which the new instance may answer requests before.
+    let counted = Instant::now() + Duration::from_secs(60);
+    while setup.stats().recoveries == 0 {
+        assert!(Instant::now() < counted, "{:#?}", setup.stats());
+        std::thread::sleep(Duration::from_millis(2));
+    }
     assert_eq!(setup.stats().recoveries, 1, "{:#?}", setup.stats());
     front
         .submit(3, &BlockRequest::write(64, &newer))
