@@ -123,6 +123,13 @@ pub struct DiskConfig {
     /// MiB the bandwidth bucket holds; 0 is a tenth of a second's worth.
     #[serde(default)]
     pub bandwidth_burst_mib: u64,
+    /// Take over without waiting for the dead instance's I/O: the next
+    /// instance serves at once and holds back only what conflicts with
+    /// the dead instance's requests (docs/ARCHITECTURE.md §7.3). Off by
+    /// default: a vhost-user soak with a session restart between kills
+    /// saw a takeover that never completed.
+    #[serde(default)]
+    pub fast_takeover: bool,
 }
 
 /// The `[[disk]]` keys `disk set` may change at run time (docs/PROTOCOL.md
@@ -181,6 +188,7 @@ impl DiskConfig {
             iops_burst: 0,
             bandwidth_limit_mib: 0,
             bandwidth_burst_mib: 0,
+            fast_takeover: false,
         }
     }
 

@@ -181,6 +181,7 @@ fn start(
         class,
         current: Some(current),
         pool: pool.clone(),
+        fencing: None,
         attached: None,
         next_attachment: 1,
         given_up: None,
