@@ -124,11 +124,11 @@ pub struct DiskConfig {
     #[serde(default)]
     pub bandwidth_burst_mib: u64,
     /// Take over without waiting for the dead instance's I/O: the next
-    /// instance serves at once and holds back only what conflicts with
-    /// the dead instance's requests (docs/ARCHITECTURE.md §7.3). Off by
-    /// default: a vhost-user soak with a session restart between kills
-    /// saw a takeover that never completed.
-    #[serde(default)]
+    /// instance serves at once and holds back only the dead instance's
+    /// unanswered requests and what conflicts with them, until its fence is
+    /// down (docs/ARCHITECTURE.md §7.3). On by default; `false` fences
+    /// first, then takes over.
+    #[serde(default = "default_fast_takeover")]
     pub fast_takeover: bool,
 }
 
@@ -188,7 +188,7 @@ impl DiskConfig {
             iops_burst: 0,
             bandwidth_limit_mib: 0,
             bandwidth_burst_mib: 0,
-            fast_takeover: false,
+            fast_takeover: true,
         }
     }
 
@@ -263,6 +263,10 @@ fn pairs_to_table<'a>(
         table.insert(key, value);
     }
     Ok(table)
+}
+
+fn default_fast_takeover() -> bool {
+    true
 }
 
 fn default_poll_us() -> u32 {
@@ -1228,6 +1232,17 @@ mod tests {
             let err = Config::parse(&format!("{base}{bad}\n")).unwrap_err();
             assert!(err.to_string().contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn fast_takeover_is_on_unless_turned_off() {
+        assert!(DiskConfig::new("a", "/x").fast_takeover);
+        let disk = |extra: &str| {
+            let text = format!("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n{extra}");
+            Config::parse(&text).unwrap().disks[0].fast_takeover
+        };
+        assert!(disk(""));
+        assert!(!disk("fast_takeover = false"));
     }
 
     #[test]

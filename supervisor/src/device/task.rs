@@ -627,14 +627,15 @@ impl DeviceTask {
             tracing::debug!(device = %self.name, id, "stale detach ignored");
             return;
         }
-        // A backend holding requests back answers them only after
-        // `fenced`, and drains before `detached`.
-        self.await_fences().await;
         // Dropped at the end: the session (the guest's fds, the log) is
         // released only once no backend touches it.
         let mut attached = self.attached.take();
         let mut takeovers = 0;
         loop {
+            // A backend holding requests back answers them only after
+            // `fenced`, and drains before `detached`: every fence first,
+            // also the one a takeover inside this loop left running.
+            self.await_fences().await;
             self.watchdog = None;
             let hang_timeout = self.hang_timeout();
             let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
