@@ -113,10 +113,10 @@ pub struct FailoverArgs {
     /// The op mix under `--pattern random`.
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
-    /// The disk's `fast_takeover` (default on): serve at once, holding
-    /// back only what conflicts with the dead instance's I/O
-    /// (docs/ARCHITECTURE.md §7.3); `--fast-takeover=false` fences first.
-    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true",
+    /// The disk's `fast_takeover`: serve at once, holding back only what
+    /// conflicts with the dead instance's I/O (docs/ARCHITECTURE.md §7.3).
+    /// `--fast-takeover=false` (the default) fences first.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true",
           action = clap::ArgAction::Set)]
     fast_takeover: bool,
     /// vhost-user: virtqueues, each with its own round worker under
