@@ -129,7 +129,9 @@ pub struct DiskConfig {
     /// down (docs/ARCHITECTURE.md §7.3). Off by default: on a block
     /// device under load the held requests were once never released (no
     /// `fenced`; `writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device`),
-    /// cause not found yet.
+    /// and once answered a held write before the fence
+    /// (`a_request_overlapping_a_dead_instances_write_waits_for_the_fence`);
+    /// causes not found yet.
     #[serde(default)]
     pub fast_takeover: bool,
 }
