@@ -86,6 +86,7 @@ pub struct BlkbackArgs {
 /// called once its engine is set up and its fds are open, before the
 /// first control message, so before anything a guest wrote is read.
 fn confine(device: &str, no_confine: bool) -> Result<(), CliError> {
+    register_for_fencing(device);
     if no_confine {
         tracing::warn!(device, "not confined (--no-confine)");
         return Ok(());
@@ -95,10 +96,22 @@ fn confine(device: &str, no_confine: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// docs/ARCHITECTURE.md §7.2: registers for the supervisor's membarrier,
+/// before the filter, which does not allow `membarrier`.
+fn register_for_fencing(device: &str) {
+    if !shadowback_dataplane::death::register_for_fencing() {
+        tracing::warn!(
+            device,
+            "membarrier unavailable: a takeover waits for this process's exit"
+        );
+    }
+}
+
 /// A spare's confinement (docs/ARCHITECTURE.md §1.1, §7.5): before it
 /// reads its first control message, with what adoption needs besides;
 /// `None` unconfined.
 fn confine_spare(device: &str, no_confine: bool) -> Result<Option<Adopted>, CliError> {
+    register_for_fencing(device);
     if no_confine {
         tracing::warn!(device, "not confined (--no-confine)");
         return Ok(None);
@@ -253,6 +266,8 @@ fn blk_engine_config() -> EngineConfig {
 
 pub fn run(args: BlkbackArgs) -> Result<ExitCode, CliError> {
     let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    // docs/ARCHITECTURE.md §7.2: a crash tells the supervisor at once.
+    shadowback_dataplane::death::announce_crashes(args.control_fd);
     if args.spare {
         return run_blk_spare(&args, control);
     }
@@ -364,6 +379,8 @@ pub struct NetbackArgs {
 /// supervisor closes the control channel.
 pub fn run_netback(args: NetbackArgs) -> Result<ExitCode, CliError> {
     let control = SeqPacket::from_fd(inherited(args.control_fd)?)?;
+    // docs/ARCHITECTURE.md §7.2: a crash tells the supervisor at once.
+    shadowback_dataplane::death::announce_crashes(args.control_fd);
     let engine = Engine::for_polls(&EngineConfig::default())?;
     // The TAP's batch ring too is set up before confinement.
     let tap_batch = TapBatch::new()?;

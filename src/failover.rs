@@ -46,6 +46,35 @@ pub enum Transport {
     VhostUser,
 }
 
+/// The op mix of the verifying guest under `--pattern random`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Reads, writes, flushes and discards of 4 to 64 KiB.
+    Mixed,
+    /// 4 KiB random reads and writes, half each.
+    Rand4k,
+}
+
+impl Workload {
+    /// The guest's arguments for it.
+    fn guest_args(self) -> &'static [&'static str] {
+        match self {
+            Workload::Mixed => &["--max-kib", "64"],
+            Workload::Rand4k => &[
+                "--max-kib",
+                "4",
+                "--read-percent",
+                "50",
+                "--flush-percent",
+                "0",
+                "--discard-percent",
+                "0",
+            ],
+        }
+    }
+}
+
 /// Which kind of device's backend is killed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Class {
@@ -81,6 +110,15 @@ pub struct FailoverArgs {
     /// `shadowback guest blk --help`).
     #[arg(long, default_value = "random")]
     pattern: Pattern,
+    /// The op mix under `--pattern random`.
+    #[arg(long, value_enum, default_value_t = Workload::Mixed)]
+    workload: Workload,
+    /// The disk's `fast_takeover`: serve at once, holding back only what
+    /// conflicts with the dead instance's I/O (docs/ARCHITECTURE.md §7.3).
+    /// `--fast-takeover=false` (the default) fences first.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    fast_takeover: bool,
     /// vhost-user: virtqueues, each with its own round worker under
     /// `--pattern rounds`.
     #[arg(long, default_value_t = 1)]
@@ -118,6 +156,11 @@ struct Breakdown {
     takeover: Dist,
     replay: Dist,
     total: Dist,
+    /// From the SIGKILL to the dead instance's last I/O being gone, for
+    /// fences run in the background while the next instance served (what
+    /// its held-back requests waited): one sample per fence seen between
+    /// kills.
+    background_fence: Dist,
 }
 
 #[derive(Serialize)]
@@ -125,6 +168,7 @@ struct FailoverReport {
     mode: Mode,
     transport: Transport,
     pattern: String,
+    workload: Workload,
     queues: u16,
     qd: usize,
     kills: u32,
@@ -201,6 +245,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             vhost_user: (args.transport == Transport::VhostUser).then(|| vhost_socket.clone()),
             queue_size: vu_queue_size,
             num_queues: args.queues,
+            fast_takeover: args.fast_takeover,
             ..DiskConfig::new("disk0", image)
         }],
         nics: Vec::new(),
@@ -229,11 +274,10 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             "0.5",
             "--qd",
             &args.qd.to_string(),
-            "--max-kib",
-            "64",
             "--pattern",
             &args.pattern.to_string(),
         ])
+        .args(args.workload.guest_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -251,6 +295,8 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
     let mut injected: Vec<Injected> = Vec::new();
     let (mut detect, mut fence, mut takeover, mut replay, mut total) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut background = Vec::new();
+    let mut last_background = None;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let started = Instant::now();
     for i in 0..kills {
@@ -259,7 +305,12 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         rng ^= rng << 17;
         let mean = args.interval_ms.max(1) * 1000;
         std::thread::sleep(Duration::from_micros(mean / 2 + rng % mean.max(1)));
-        let before = stats(&sup).recoveries;
+        let now = stats(&sup);
+        if now.background_fence_us != last_background {
+            last_background = now.background_fence_us;
+            background.extend(now.background_fence_us);
+        }
+        let before = now.recoveries;
         let at_ns = faults::inject(&cfg.socket, "disk0", FaultKind::Kill)?;
         injected.push(Injected {
             kind: FaultKind::Kill,
@@ -309,6 +360,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
         mode: args.mode,
         transport: args.transport,
         pattern: args.pattern.to_string(),
+        workload: args.workload,
         queues: args.queues,
         qd: args.qd,
         kills,
@@ -324,6 +376,7 @@ fn run_in(args: &FailoverArgs, dir: &std::path::Path) -> Result<ExitCode, CliErr
             takeover: Dist::of(&takeover),
             replay: Dist::of(&replay),
             total: Dist::of(&total),
+            background_fence: Dist::of(&background),
         },
         standby_takeovers: final_stats.standby_takeovers,
         cold_takeovers: final_stats.cold_takeovers,
@@ -399,7 +452,11 @@ fn print(r: &FailoverReport, measured: usize) {
         Transport::VhostUser => "vhost-user",
     };
     let workload = if r.pattern == "random" {
-        format!("QD{} verifying workload", r.qd)
+        let mix = match r.workload {
+            Workload::Mixed => "mixed 4-64 KiB read/write/flush/discard",
+            Workload::Rand4k => "4 KiB random read/write",
+        };
+        format!("QD{} verifying workload ({mix})", r.qd)
     } else {
         format!(
             "verifying workload in rounds ({}: batches per queue, each drained before the next)",
@@ -435,6 +492,7 @@ fn print(r: &FailoverReport, measured: usize) {
     row("  takeover", &r.supervisor_us.takeover);
     row("  replay", &r.supervisor_us.replay);
     row("  total", &r.supervisor_us.total);
+    row("  fence (background)", &r.supervisor_us.background_fence);
     outln!(
         "  takeovers             {} from a standby, {} cold; {} requests replayed, {} responses re-pushed",
         r.standby_takeovers, r.cold_takeovers, r.replayed, r.repushed

@@ -180,6 +180,15 @@ fn a_crash_inside_a_shadow_log_transition_is_recovered() {
         assert_verified(&report, point);
         let s = setup.stats();
         assert_eq!((s.crashes, s.recoveries), (1, 1), "{point}: {s:#?}");
+        // The abort announced itself before the process died
+        // (docs/ARCHITECTURE.md §7.2).
+        assert_eq!(s.crash_notes, 1, "{point}: {s:#?}");
+        // Announcing it does not turn the abort into a seccomp kill.
+        assert_ne!(
+            s.last_failure.as_deref(),
+            Some("killed by SIGSYS"),
+            "{point}"
+        );
         front.detach().expect("detach");
     }
 }
@@ -908,6 +917,119 @@ fn a_fence_held_in_the_kernel_stalls_only_its_own_disk() {
     free.detach().expect("detach");
     drop(harness);
     drop(dev);
+}
+
+/// docs/ARCHITECTURE.md §7.3: after a takeover the new instance serves at
+/// once what does not conflict with the dead instance's requests, and holds
+/// back — until the dead instance's I/O is gone — the requests it logged
+/// and every new request overlapping one of them. The first instance dies
+/// right after logging the second request it takes (a crash point), so that
+/// write is in its log, unanswered. On a block device the fence waits for
+/// the last reference to the dead instance's own open file description;
+/// the test holds one (taken with `pidfd_getfd`, as an in-flight request
+/// would), so the fence stays up until it lets go: reads of other sectors
+/// are answered meanwhile, a write overlapping the logged one is not, nor
+/// is the logged one's replay. Nothing here depends on timing: the fence is
+/// up until the test drops its reference.
+#[test]
+fn a_request_overlapping_a_dead_instances_write_waits_for_the_fence() {
+    let mut loop_dev = None;
+    let setup = start(
+        "holdback",
+        |d| {
+            let dev = LoopDevice::attach(&d.path);
+            d.path = dev.path.clone();
+            d.cache = CacheMode::None;
+            d.hang_timeout_ms = 60_000;
+            d.fast_takeover = true;
+            loop_dev = Some(dev);
+        },
+        &[("SHADOWBACK_CRASH_AT", "consume.8@2")],
+    );
+    let mut front = attach(&setup);
+    // The first request is answered (an instance that published nothing
+    // before dying is suspected of a crash loop, and its successor replays
+    // one request at a time, serving nothing new meanwhile, §7.5).
+    complete_one(&mut front, &BlockRequest::read(4096, 8, false));
+    let pid = setup.stats().pid.expect("a backend serves");
+    // A reference to the instance's ring, whose registered-file table holds
+    // its description of the disk (the backend closes the fd it was given
+    // once the file is registered), as the kernel keeps the ring while the
+    // dead instance's I/O is in flight: its fence waits for it.
+    let reference = share_fd_of(pid, std::path::Path::new("anon_inode:[io_uring]"));
+    let logged = vec![0x11u8; 64 * 1024];
+    let newer = vec![0x22u8; 64 * 1024];
+    front
+        .submit(1, &BlockRequest::write(0, &logged))
+        .expect("submit");
+    front.kick().expect("kick");
+    // Polls until `tag` has completed.
+    let until = |front: &mut BlkFront, done: &mut Vec<Completion>, tag: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done.iter().any(|c| c.tag == tag) {
+            assert!(Instant::now() < deadline, "request {tag} never answered");
+            front
+                .poll_completions(Duration::from_millis(10), done)
+                .expect("poll");
+        }
+    };
+    // Once the next instance answers a read elsewhere, it has taken over;
+    // then a write overlapping the logged one, and another read: once that
+    // is answered, the write has been taken too (requests are taken in
+    // ring order).
+    let mut done = Vec::new();
+    front
+        .submit(2, &BlockRequest::read(8192, 8, false))
+        .expect("submit");
+    front.kick().expect("kick");
+    until(&mut front, &mut done, 2);
+    // The supervisor counts the takeover once it has read `attached`,
+    // which the new instance may answer requests before.
+    let counted = Instant::now() + Duration::from_secs(60);
+    while setup.stats().recoveries == 0 {
+        assert!(Instant::now() < counted, "{:#?}", setup.stats());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(setup.stats().recoveries, 1, "{:#?}", setup.stats());
+    front
+        .submit(3, &BlockRequest::write(64, &newer))
+        .expect("submit");
+    front
+        .submit(4, &BlockRequest::read(16384, 8, false))
+        .expect("submit");
+    front.kick().expect("kick");
+    until(&mut front, &mut done, 4);
+    let settle = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < settle {
+        front
+            .poll_completions(Duration::from_millis(10), &mut done)
+            .expect("poll");
+    }
+    let tags: Vec<u64> = done.iter().map(|c| c.tag).collect();
+    assert!(
+        !tags.contains(&1) && !tags.contains(&3),
+        "the logged write or one overlapping it was answered before the dead instance's \
+         I/O was fenced ({tags:?})"
+    );
+    // The fence goes down: both run, in the order they were held.
+    drop(reference);
+    until(&mut front, &mut done, 1);
+    until(&mut front, &mut done, 3);
+    assert!(done.iter().all(|c| c.status == Status::Ok), "{done:?}");
+    // Both landed: the overlap holds one of them (the guest had both in
+    // flight at once, so either order is right).
+    let head = complete_one(&mut front, &BlockRequest::read(0, 128, true));
+    let head = head.data.expect("read data");
+    assert_eq!(&head[..32 * 1024], &logged[..32 * 1024]);
+    assert!(
+        head[32 * 1024..] == newer[..32 * 1024] || head[32 * 1024..] == logged[32 * 1024..],
+        "the overlap holds neither write"
+    );
+    let tail = complete_one(&mut front, &BlockRequest::read(128, 64, true));
+    assert_eq!(tail.data.as_deref(), Some(&newer[32 * 1024..]));
+    front.detach().expect("detach");
+    drop(setup);
+    drop(loop_dev);
 }
 
 /// A loop device over a file, detached on drop.

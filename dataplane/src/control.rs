@@ -28,6 +28,10 @@ pub struct AttachFlags {
     /// operator fault), so this replay does not count against the requests
     /// in flight (the crash-loop breaker).
     pub blame: bool,
+    /// `fence=1`: I/O of an earlier instance may still be in the kernel:
+    /// hold back what it logged, and what conflicts with that, until
+    /// `fenced` (docs/ARCHITECTURE.md §7.3).
+    pub fence: bool,
 }
 
 impl AttachFlags {
@@ -42,6 +46,10 @@ impl AttachFlags {
                 .get_flag(key::BLAME)
                 .map_err(|e| inval(&e))?
                 .unwrap_or(true),
+            fence: msg
+                .get_flag(key::FENCE)
+                .map_err(|e| inval(&e))?
+                .unwrap_or(false),
         })
     }
 }
@@ -56,7 +64,11 @@ pub fn attach_reply(result: Result<RecoveryStats, (ErrorCode, String)>) -> Messa
             .with(key::REPUSHED, r.repushed)
             .with(key::POISONED, r.poisoned)
             .with(key::CORRUPT, r.corrupt)
-            .with(key::REPLAY_US, r.replay_us),
+            .with(key::REPLAY_US, r.replay_us)
+            .with(
+                key::MEMBARRIER,
+                u8::from(crate::death::fencing_registered()),
+            ),
         Err((code, why)) => Message::error(code, &sanitize(&why)),
     }
 }

@@ -5,6 +5,8 @@
 //!   the loop body, driving any transport through [`event_loop::EventLoop`];
 //! - [`confine`]: what a backend gives up before it serves a guest
 //!   (limits, capabilities, seccomp);
+//! - [`death`]: a backend's death made visible and final at once (the
+//!   `dying` note, membarrier registration);
 //! - [`control`]: the control-channel pieces every loop answers alike
 //!   (attach flags and reply, fault injection);
 //! - [`rings`] and [`model`]: the two traits a device class implements,
@@ -20,6 +22,7 @@
 
 pub mod confine;
 pub mod control;
+pub mod death;
 pub mod event_loop;
 pub mod model;
 pub mod qos;

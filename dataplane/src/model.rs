@@ -56,6 +56,72 @@ pub struct Traffic {
     pub from_guest: u64,
 }
 
+/// What a request may do to the device's data, in bytes of the device:
+/// what the hold-back after a takeover compares (docs/ARCHITECTURE.md
+/// §7.3). Two requests conflict when their ranges overlap and one of them
+/// writes; a flush spans the whole device without writing, so it conflicts
+/// with every write and with no read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footprint {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte (`start` for a request that touches no data).
+    pub end: u64,
+    /// It changes the data (a write, discard, write-zeroes).
+    pub writes: bool,
+}
+
+impl Footprint {
+    /// Touches no data: refused, answered from memory, a network frame.
+    pub const NONE: Footprint = Footprint {
+        start: 0,
+        end: 0,
+        writes: false,
+    };
+    /// A flush: orders against every write.
+    pub const FLUSH: Footprint = Footprint {
+        start: 0,
+        end: u64::MAX,
+        writes: false,
+    };
+    /// Anything at all: what a request nobody can read may have done.
+    pub const ALL: Footprint = Footprint {
+        start: 0,
+        end: u64::MAX,
+        writes: true,
+    };
+
+    /// `len` bytes from `start`; `writes` if it changes them.
+    pub fn range(start: u64, len: u64, writes: bool) -> Self {
+        Footprint {
+            start,
+            end: start.saturating_add(len),
+            writes,
+        }
+    }
+
+    /// The smallest footprint covering both.
+    pub fn union(self, other: Footprint) -> Self {
+        if other.start >= other.end {
+            return self;
+        }
+        if self.start >= self.end {
+            return other;
+        }
+        Footprint {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+            writes: self.writes || other.writes,
+        }
+    }
+
+    /// Whether the two must not run out of order: their ranges overlap
+    /// and one of them writes.
+    pub fn conflicts(&self, other: &Footprint) -> bool {
+        (self.writes || other.writes) && self.start < other.end && other.start < self.end
+    }
+}
+
 /// A device class over rings of type `R`.
 pub trait DeviceModel<R: RingSet> {
     /// A request as parsed (validated, or refused with what to answer).
@@ -72,6 +138,12 @@ pub trait DeviceModel<R: RingSet> {
     fn parse(&mut self, rings: &R, ring: usize, request: &R::Request) -> Self::Request;
     /// The device's part of the request's log record.
     fn detail(&self, request: &Self::Request) -> Detail;
+    /// What the request may do to the device's data (the hold-back after
+    /// a takeover, docs/ARCHITECTURE.md §7.3). A class whose requests
+    /// never conflict keeps the default.
+    fn footprint(&self, _request: &Self::Request) -> Footprint {
+        Footprint::NONE
+    }
     /// Fault injection: whether the request touches a poisoned sector
     /// (`poison` from the supervisor).
     fn poisoned(&self, request: &Self::Request, poison: &[u64]) -> bool;
@@ -106,4 +178,46 @@ pub trait DeviceModel<R: RingSet> {
     /// The device now has `sectors` sectors (`resize`); a model without a
     /// size ignores it.
     fn resize(&mut self, _sectors: u64) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Footprint;
+
+    #[test]
+    fn requests_conflict_when_they_overlap_and_one_writes() {
+        let read = |s, l| Footprint::range(s, l, false);
+        let write = |s, l| Footprint::range(s, l, true);
+        // Overlap and a write, either way round.
+        assert!(write(0, 4096).conflicts(&read(4095, 1)));
+        assert!(read(4095, 1).conflicts(&write(0, 4096)));
+        assert!(write(0, 4096).conflicts(&write(1024, 512)));
+        // Two reads never; adjacent ranges never.
+        assert!(!read(0, 4096).conflicts(&read(0, 4096)));
+        assert!(!write(0, 4096).conflicts(&write(4096, 4096)));
+        assert!(!write(4096, 4096).conflicts(&read(0, 4096)));
+        // A flush orders against every write, no read, no flush.
+        assert!(Footprint::FLUSH.conflicts(&write(1 << 40, 512)));
+        assert!(write(0, 512).conflicts(&Footprint::FLUSH));
+        assert!(!Footprint::FLUSH.conflicts(&read(0, 1 << 30)));
+        assert!(!Footprint::FLUSH.conflicts(&Footprint::FLUSH));
+        // Nothing conflicts with a request that touches no data.
+        assert!(!Footprint::NONE.conflicts(&Footprint::ALL));
+        assert!(!Footprint::ALL.conflicts(&Footprint::NONE));
+        assert!(Footprint::ALL.conflicts(&read(7, 1)));
+        // The end saturates rather than wrapping round to a small range.
+        assert!(write(u64::MAX - 10, 100).conflicts(&read(u64::MAX - 1, 1)));
+    }
+
+    #[test]
+    fn a_union_covers_both_and_writes_if_either_does() {
+        let a = Footprint::range(4096, 4096, false);
+        let b = Footprint::range(65536, 512, true);
+        let u = a.union(b);
+        assert_eq!(u, Footprint::range(4096, 65536 + 512 - 4096, true));
+        assert_eq!(Footprint::NONE.union(a), a);
+        assert_eq!(a.union(Footprint::NONE), a);
+        assert_eq!(a.union(Footprint::FLUSH), Footprint::FLUSH);
+        assert_eq!(b.union(Footprint::FLUSH), Footprint::ALL);
+    }
 }

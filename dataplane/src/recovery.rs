@@ -121,6 +121,11 @@ impl<T> SerialReplay<T> {
         self.0.is_empty()
     }
 
+    /// The requests still queued, in order.
+    pub fn requests(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|(_, request)| request)
+    }
+
     /// The next request to start, once nothing is in flight on its ring;
     /// charged a replay in `log` before it runs.
     pub fn next(

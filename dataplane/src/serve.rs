@@ -8,6 +8,7 @@
 //! written once here; an [`AttachKind`] builds the rings and the model
 //! from an attach message.
 
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use crate::control::{
 use crate::event_loop::{
     self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
 };
-use crate::model::{DeviceModel, Started, Submit, Traffic};
+use crate::model::{DeviceModel, Footprint, Started, Submit, Traffic};
 use crate::qos::Qos;
 use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
@@ -252,6 +253,71 @@ impl<T, P> RingState<T, P> {
     }
 }
 
+/// What a held-back request does once the fence is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HeldAs {
+    /// A logged request of an earlier instance: run again.
+    Replay,
+    /// A logged request recovery answers with an error (poisoned,
+    /// corrupt).
+    Fail,
+    /// A request this instance took that overlaps one held back.
+    Start,
+}
+
+/// One request held back until the fence.
+struct Held<T> {
+    ring: usize,
+    entry: Option<EntryId>,
+    request: T,
+    what: HeldAs,
+}
+
+/// While I/O of an earlier instance may still be in the kernel (attached
+/// with `fence=1`, until `fenced`): the requests held back and what they
+/// may touch (docs/ARCHITECTURE.md §7.3). Everything an earlier instance
+/// logged and did not answer waits — it may be in the kernel — and so does
+/// every new request that conflicts with anything waiting; the rest is
+/// served at once. Bounded: every entry is a request the guest has not
+/// been answered, at most the rings' sizes.
+pub(crate) struct Holding<T> {
+    /// What the held requests, and those a serial replay queued, may touch.
+    footprints: Vec<Footprint>,
+    queue: VecDeque<Held<T>>,
+}
+
+impl<T> Default for Holding<T> {
+    fn default() -> Self {
+        Holding {
+            footprints: Vec::new(),
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Holding<T> {
+    /// Whether a request with footprint `f` must wait too.
+    pub(crate) fn conflicts(&self, f: &Footprint) -> bool {
+        self.footprints.iter().any(|h| h.conflicts(f))
+    }
+
+    /// Holds `request` back, in arrival order.
+    fn hold(&mut self, held: Held<T>, footprint: Footprint) {
+        self.footprints.push(footprint);
+        self.queue.push_back(held);
+    }
+
+    /// Counts what may touch `footprint` without holding a request (a
+    /// serial replay keeps its own queue).
+    fn cover(&mut self, footprint: Footprint) {
+        self.footprints.push(footprint);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+}
+
 /// One attached frontend.
 struct Attachment<R: RingSet, M: DeviceModel<R>> {
     name: String,
@@ -260,6 +326,9 @@ struct Attachment<R: RingSet, M: DeviceModel<R>> {
     model: M,
     state: Vec<RingState<R::Request, M::Pending>>,
     closing: Closing,
+    /// Requests held back until an earlier instance's I/O is gone; `None`
+    /// once it is (or was from the start).
+    holding: Option<Holding<R::Request>>,
 }
 
 impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
@@ -323,6 +392,22 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 };
                 core.stats.requests += 1;
                 self.check_poison(core, &parsed);
+                if let Some(holding) = self.holding.as_mut() {
+                    // docs/ARCHITECTURE.md §7.3: a request that conflicts
+                    // with what an earlier instance may still have in the
+                    // kernel waits for the fence, behind it.
+                    let footprint = self.model.footprint(&parsed);
+                    if holding.conflicts(&footprint) {
+                        let held = Held {
+                            ring,
+                            entry,
+                            request: taken.request,
+                            what: HeldAs::Start,
+                        };
+                        holding.hold(held, footprint);
+                        continue;
+                    }
+                }
                 let Some(slot) = self.state[ring].free.pop() else {
                     break;
                 };
@@ -395,6 +480,78 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         Ok(())
     }
 
+    /// What `request` of `ring` may touch, parsed again from what the ring
+    /// says it is (a logged request, before it is held back).
+    fn footprint_of(&mut self, ring: usize, request: &R::Request) -> Footprint {
+        self.rings.reload(ring, request);
+        let parsed = self.model.parse(&self.rings, ring, request);
+        self.model.footprint(&parsed)
+    }
+
+    /// Holds back a logged request of an earlier instance (`what`: run it
+    /// again or answer it with an error) until the fence, if one is
+    /// pending; else hands it back.
+    fn hold_logged(
+        &mut self,
+        ring: usize,
+        entry: EntryId,
+        request: R::Request,
+        what: HeldAs,
+    ) -> Option<R::Request> {
+        if self.holding.is_none() {
+            return Some(request);
+        }
+        let footprint = self.footprint_of(ring, &request);
+        if let Some(holding) = self.holding.as_mut() {
+            let held = Held {
+                ring,
+                entry: Some(entry),
+                request,
+                what,
+            };
+            holding.hold(held, footprint);
+        }
+        None
+    }
+
+    /// Answers a logged request with an error without running it.
+    fn fail_logged(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        entry: Option<EntryId>,
+        request: &R::Request,
+    ) -> Result<(), String> {
+        self.rings.reload(ring, request);
+        let response = self.model.fail(&self.rings, ring, request);
+        self.respond(core, ring, entry, &response)
+    }
+
+    /// `fenced`: no I/O of an earlier instance can reach the device any
+    /// more; runs what was held back, in the order it was held, and lets
+    /// serial replays go on.
+    fn release(&mut self, core: &mut Core) {
+        let Some(holding) = self.holding.take() else {
+            return;
+        };
+        tracing::info!(device = %core.device, held = holding.len(), "fence down: running what was held back");
+        for held in holding.queue {
+            let Held {
+                ring,
+                entry,
+                request,
+                what,
+            } = held;
+            let done = match what {
+                HeldAs::Replay | HeldAs::Start => self.execute(core, ring, entry, request),
+                HeldAs::Fail => self.fail_logged(core, ring, entry, &request),
+            };
+            if let Err(e) = done {
+                tracing::error!(device = %core.device, ring, error = %e, "held-back request failed");
+            }
+        }
+    }
+
     /// Puts a response on the ring and logs it COMPLETING
     /// (docs/ARCHITECTURE.md §7.1); published in [`Attachment::publish`].
     fn respond(
@@ -455,7 +612,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// were consumed and are answered before `detached`. Not once a broken
     /// ring ended the attachment.
     fn advance_serial_replay(&mut self, core: &mut Core) {
-        if self.closing == Closing::Broken {
+        if self.closing == Closing::Broken || self.holding.is_some() {
             return;
         }
         for ring in 0..self.state.len() {
@@ -530,8 +687,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// Whether a closing attachment can let go: nothing in flight, queued
     /// or unpublished.
     fn idle(&self) -> bool {
-        let replaying =
-            self.closing != Closing::Broken && self.state.iter().any(|s| !s.replay.is_empty());
+        let replaying = self.closing != Closing::Broken
+            && (self.holding.is_some() || self.state.iter().any(|s| !s.replay.is_empty()));
         self.in_flight() == 0
             && !replaying
             && (0..self.state.len()).all(|ring| !self.rings.unpublished(ring))
@@ -584,7 +741,13 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 }
                 for (entry, request) in adopted {
                     stats.replayed += 1;
-                    self.execute(core, ring, entry, request)?;
+                    let request = match entry {
+                        Some(e) => self.hold_logged(ring, e, request, HeldAs::Replay),
+                        None => Some(request),
+                    };
+                    if let Some(request) = request {
+                        self.execute(core, ring, entry, request)?;
+                    }
                 }
                 Ok(())
             }
@@ -643,18 +806,46 @@ impl<R: RingSet, M: DeviceModel<R>> ReplayTarget for ReplayRing<'_, R, M> {
         }
     }
 
+    /// Held back while a fence is pending: the earlier instance may still
+    /// have the request in the kernel, and an answer would let the guest
+    /// reuse its buffers (docs/ARCHITECTURE.md §7.3).
     fn fail(&mut self, request: R::Request, entry: EntryId) -> Result<(), String> {
-        let att = &mut *self.att;
-        att.rings.reload(self.ring, &request);
-        let response = att.model.fail(&att.rings, self.ring, &request);
-        att.respond(self.core, self.ring, Some(entry), &response)
+        match self
+            .att
+            .hold_logged(self.ring, entry, request, HeldAs::Fail)
+        {
+            Some(request) => self
+                .att
+                .fail_logged(self.core, self.ring, Some(entry), &request),
+            None => Ok(()),
+        }
     }
 
+    /// Held back while a fence is pending, as [`Self::fail`].
     fn reexecute(&mut self, request: R::Request, entry: EntryId) -> Result<(), String> {
-        self.att.execute(self.core, self.ring, Some(entry), request)
+        match self
+            .att
+            .hold_logged(self.ring, entry, request, HeldAs::Replay)
+        {
+            Some(request) => self.att.execute(self.core, self.ring, Some(entry), request),
+            None => Ok(()),
+        }
     }
 
+    /// The queue waits for the fence too (it is not advanced while one is
+    /// pending), and what it may touch holds back conflicting requests.
     fn replay_serially(&mut self, queue: SerialReplay<R::Request>) {
+        if self.att.holding.is_some() {
+            let footprints: Vec<Footprint> = queue
+                .requests()
+                .map(|r| self.att.footprint_of(self.ring, r))
+                .collect();
+            if let Some(holding) = self.att.holding.as_mut() {
+                for f in footprints {
+                    holding.cover(f);
+                }
+            }
+        }
         self.att.state[self.ring].replay = queue;
     }
 
@@ -711,6 +902,12 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
                 }
                 self.core.send(&attach_reply(result))
             }
+            kind::FENCED => {
+                if let Some(att) = self.attachment.as_mut() {
+                    att.release(core);
+                }
+                Ok(())
+            }
             kind::DETACH => match self.attachment.as_mut() {
                 Some(att) => {
                     // Answer `detached` once nothing is in flight.
@@ -756,6 +953,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             model: built.model,
             state,
             closing: Closing::No,
+            holding: (flags.recover && flags.fence).then(Holding::default),
         });
         let mut stats = built.stats;
         let recovered = built

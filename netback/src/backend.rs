@@ -1062,7 +1062,7 @@ impl NetBackend {
         }
         let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
         let req = NetAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
-        let AttachFlags { recover, blame } = AttachFlags::from_message(msg)?;
+        let AttachFlags { recover, blame, .. } = AttachFlags::from_message(msg)?;
         let wire_kind = match msg.get(KEY_WIRE) {
             Some("tap") => WireKind::Tap,
             Some("cable") => WireKind::Cable,

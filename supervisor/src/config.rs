@@ -123,6 +123,17 @@ pub struct DiskConfig {
     /// MiB the bandwidth bucket holds; 0 is a tenth of a second's worth.
     #[serde(default)]
     pub bandwidth_burst_mib: u64,
+    /// Take over without waiting for the dead instance's I/O: the next
+    /// instance serves at once and holds back only the dead instance's
+    /// unanswered requests and what conflicts with them, until its fence is
+    /// down (docs/ARCHITECTURE.md §7.3). Off by default: on a block
+    /// device under load the held requests were once never released (no
+    /// `fenced`; `writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device`),
+    /// and once answered a held write before the fence
+    /// (`a_request_overlapping_a_dead_instances_write_waits_for_the_fence`);
+    /// causes not found yet.
+    #[serde(default)]
+    pub fast_takeover: bool,
 }
 
 /// The `[[disk]]` keys `disk set` may change at run time (docs/PROTOCOL.md
@@ -181,6 +192,7 @@ impl DiskConfig {
             iops_burst: 0,
             bandwidth_limit_mib: 0,
             bandwidth_burst_mib: 0,
+            fast_takeover: false,
         }
     }
 
@@ -1220,6 +1232,17 @@ mod tests {
             let err = Config::parse(&format!("{base}{bad}\n")).unwrap_err();
             assert!(err.to_string().contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn fast_takeover_is_off_unless_turned_on() {
+        assert!(!DiskConfig::new("a", "/x").fast_takeover);
+        let disk = |extra: &str| {
+            let text = format!("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n{extra}");
+            Config::parse(&text).unwrap().disks[0].fast_takeover
+        };
+        assert!(!disk(""));
+        assert!(disk("fast_takeover = true"));
     }
 
     #[test]

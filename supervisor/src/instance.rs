@@ -74,6 +74,12 @@ pub struct Instance {
     /// It serves the current attachment (answered `attach` with
     /// `attached`, not yet detached).
     pub serving: bool,
+    /// It registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED` (its
+    /// `attached` said so): [`Instance::stop`] can prove a SIGKILL final
+    /// at once.
+    pub membarrier: bool,
+    /// It was attached with `fence=1` and has not been sent `fenced`.
+    pub held: bool,
     /// What [`Instance::fence`] waits for after the reap, as the device
     /// class set it up; `None` when nothing the instance did can land
     /// later (a read-only disk).
@@ -204,6 +210,8 @@ impl Instance {
             started: Instant::now(),
             poisons_sent,
             serving,
+            membarrier: false,
+            held: false,
             io_fence,
             adopting: AtomicBool::new(false),
             adopt_us: AtomicU64::new(0),
@@ -309,6 +317,9 @@ impl Instance {
                 biased;
                 msg = self.control.recv() => match msg {
                     Ok((msg, _fds)) if msg.kind() == kind::DISCONNECT => aside.push(msg),
+                    Ok((msg, _fds)) if msg.kind() == kind::DYING => {
+                        return Err(NoAnswer::Died("dying (crash note)".into()))
+                    }
                     Ok((msg, _fds)) => if !self.took_adopt_answer(&msg)? {
                         return Ok(msg);
                     },
@@ -326,6 +337,35 @@ impl Instance {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Kills the instance and proves at once that it runs no more
+    /// instructions of its own (docs/ARCHITECTURE.md §7.2): SIGKILL, then
+    /// `MEMBARRIER_CMD_GLOBAL_EXPEDITED`, which interrupts every CPU
+    /// running a registered process and returns once each has taken the
+    /// interrupt — on its way back to user mode the instance meets the
+    /// pending SIGKILL. Its stores before that are visible to us and to
+    /// the next instance. `false` when that cannot be proven (the instance
+    /// did not register, the kernel has no such barrier): then only its
+    /// exit says so. Its I/O may still be in the kernel: [`Instance::fence`]
+    /// waits for that.
+    pub fn stop(&self) -> bool {
+        if self.has_exited() {
+            return true;
+        }
+        if !self.membarrier {
+            return false;
+        }
+        if let Err(e) = self.signal(Signal::KILL) {
+            tracing::debug!(pid = self.pid, error = %e, "SIGKILL (already exited?)");
+        }
+        match rustix::thread::membarrier(rustix::thread::MembarrierCommand::GlobalExpedited) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(pid = self.pid, error = %e, "membarrier failed: waiting for the exit");
+                false
             }
         }
     }

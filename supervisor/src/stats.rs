@@ -94,6 +94,18 @@ pub struct DeviceStats {
     /// SIGSYS" (it broke its seccomp filter, docs/ARCHITECTURE.md §1.1)
     /// or "killed by SIGKILL" (fenced, or `fault kill`).
     pub last_failure: Option<String>,
+    /// From the SIGKILL to the last I/O of the dead instance being gone,
+    /// for the last fence that ran in the background while the next
+    /// instance served (docs/ARCHITECTURE.md §7.3): how long its held-back
+    /// requests waited. In process only; not carried by `status`.
+    pub background_fence_us: Option<u64>,
+    /// Crash notes (`dying`) the serving instances sent before they died
+    /// (docs/ARCHITECTURE.md §7.2). In process only.
+    pub crash_notes: u64,
+    /// Failed instances replaced without a takeover, so without a
+    /// recovery: no frontend was attached (a kill between two sessions),
+    /// or one without a shadow log (which is told). In process only.
+    pub idle_replacements: u64,
 }
 
 /// Where the time of one recovery went, in microseconds.
@@ -109,9 +121,14 @@ pub struct RecoveryTimes {
     /// to the check that declared the hang (≈ `hang_timeout_ms`). Crash:
     /// from the pidfd (or control channel) waking the supervisor to the
     /// handling starting (≈ 0), except for a kill injected by `fault`:
-    /// from the SIGKILL being sent to the exit being seen.
+    /// from the SIGKILL being sent to the exit being seen — or, for an
+    /// instance that registered for the membarrier (docs/ARCHITECTURE.md
+    /// §7.2), to the handling starting right after the kill.
     pub detect_us: u64,
-    /// From the SIGKILL being sent to the old process being reaped.
+    /// From the SIGKILL being sent to the old process being reaped and
+    /// its I/O gone; for a disk whose instance could be stopped at once,
+    /// to it being stopped (the rest of the fence runs in the background,
+    /// docs/ARCHITECTURE.md §7.3, [`DeviceStats::background_fence_us`]).
     pub fence_us: u64,
     /// From the standby being released (or a new instance being spawned)
     /// to `attach` being sent, including the `poison` replays.
@@ -237,6 +254,9 @@ impl DeviceStats {
             fresh_starts: n(STATUS_FRESH_STARTS)?,
             last_recovery: (last != RecoveryTimes::default()).then_some(last),
             last_failure: msg.get(STATUS_LAST_FAILURE).map(str::to_owned),
+            background_fence_us: None,
+            crash_notes: 0,
+            idle_replacements: 0,
             stall_us: n(STATUS_STALL_US)?,
             io: IoCounters {
                 requests: n(STATUS_REQUESTS)?,
@@ -375,6 +395,10 @@ mod tests {
                 total_us: 1_200,
             }),
             last_failure: Some("killed by SIGSYS".into()),
+            // In process only: not carried by `status`.
+            background_fence_us: None,
+            crash_notes: 0,
+            idle_replacements: 0,
             stall_us: 2_400,
             io: IoCounters {
                 requests: 1000,

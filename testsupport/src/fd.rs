@@ -61,6 +61,20 @@ pub fn add_seals(file: &File, seals: SealFlag) {
     }
 }
 
+/// A duplicate of fd `target` of process `pid` (`pidfd_getfd`): a
+/// reference to its open file description that outlives the process, as
+/// an in-flight io_uring request's does. Needs ptrace rights over it (the
+/// tests run as root).
+pub fn steal_fd(pid: u32, target: i32) -> OwnedFd {
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .expect("a process id");
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).expect("pidfd_open");
+    pidfd_getfd(&pidfd, target, PidfdGetfdFlags::empty()).expect("pidfd_getfd")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,15 @@ pub const STATS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A device name no other test (or concurrent run) uses: the backend
 /// process is found by it.
+/// Failures of a device's instances that the supervisor is done with:
+/// taken over (a recovery) or, with nothing to take over (no frontend
+/// attached, a kill between two sessions), replaced by an idle backend.
+/// A test that injects a fault at a random moment waits for this to grow,
+/// not for a recovery: its fault may land between sessions.
+pub fn failures_handled(s: &DeviceStats) -> u64 {
+    s.recoveries + s.idle_replacements
+}
+
 pub fn unique_name(tag: &str) -> String {
     format!("{tag}-{}", std::process::id())
 }
@@ -318,18 +327,18 @@ impl DiskSetup {
 
     /// Injects `fault` and waits for the recovery it causes.
     pub fn fault_and_recover(&self, fault: Fault) {
-        let before = self.inject(fault);
+        let before = self.inject(fault).recoveries;
         self.wait_for("the recovery", |s| s.recoveries > before);
     }
 
     /// Injects `fault`, again while the supervisor answers `EBUSY` (the
     /// instance an earlier fault ended, or one the watchdog found hung, is
     /// still being replaced: nothing was done, docs/PROTOCOL.md §6a), and
-    /// returns the recovery count read just before the accepted one.
-    pub fn inject(&self, fault: Fault) -> u64 {
+    /// returns the device's counters read just before the accepted one.
+    pub fn inject(&self, fault: Fault) -> DeviceStats {
         let deadline = Instant::now() + STATS_TIMEOUT;
         loop {
-            let before = self.stats().recoveries;
+            let before = self.stats();
             match self.sup().fault(&self.name, fault) {
                 Ok(()) => return before,
                 Err(e) if e.to_string().contains("EBUSY") && Instant::now() < deadline => {

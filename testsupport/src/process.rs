@@ -195,7 +195,6 @@ pub fn children(pid: u32) -> Vec<u32> {
 /// registered files, a file's locks — as the kernel does while it still
 /// has work of the dead process.
 pub fn share_fd_of(pid: u32, link: &Path) -> OwnedFd {
-    use std::os::fd::FromRawFd;
     let dir = format!("/proc/{pid}/fd");
     let target: i32 = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
@@ -203,26 +202,7 @@ pub fn share_fd_of(pid: u32, link: &Path) -> OwnedFd {
         .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == link))
         .and_then(|e| e.file_name().to_str()?.parse().ok())
         .unwrap_or_else(|| panic!("process {pid} has no fd on {}", link.display()));
-    let pid = libc::pid_t::try_from(pid).expect("a pid");
-    #[allow(unsafe_code, reason = "pidfd_open and pidfd_getfd have no wrapper")]
-    // SAFETY: plain syscalls with integer arguments; each result is checked
-    // before it is owned, and each fd is owned exactly once.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        assert!(
-            pidfd >= 0,
-            "pidfd_open({pid}): {}",
-            std::io::Error::last_os_error()
-        );
-        let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).expect("an fd"));
-        let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0);
-        assert!(
-            fd >= 0,
-            "pidfd_getfd({pid}, {target}): {}",
-            std::io::Error::last_os_error()
-        );
-        OwnedFd::from_raw_fd(i32::try_from(fd).expect("an fd"))
-    }
+    crate::fd::steal_fd(pid, target)
 }
 
 /// One `shadowback blkback` process and our end of its control socket.

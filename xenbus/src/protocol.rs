@@ -108,6 +108,14 @@ pub mod kind {
     /// Supervisor → backend: new QoS limits ([`crate::protocol::QosLimits`]);
     /// answered with [`OK`].
     pub const QOS: &str = "qos";
+    /// Supervisor → backend attached with `fence=1`: every earlier
+    /// instance's I/O is gone; run what was held back
+    /// (docs/ARCHITECTURE.md §7.3). Never answered.
+    pub const FENCED: &str = "fenced";
+    /// Backend → supervisor, from a panic hook or a fatal-signal handler:
+    /// the instance is about to die; kill it and take over now
+    /// (docs/ARCHITECTURE.md §7.2). Never answered.
+    pub const DYING: &str = "dying";
 }
 
 /// Key names.
@@ -169,6 +177,15 @@ pub mod key {
     /// instance was killed or stopped by an operator fault, so its death
     /// does not count towards the crash-loop breaker.
     pub const BLAME: &str = "blame";
+    /// `attach`, `attach-virtio` with `recover=1`: `1` while I/O of an
+    /// earlier instance may still be in the kernel: hold back the logged
+    /// requests and those overlapping them until [`kind::FENCED`]
+    /// (docs/ARCHITECTURE.md §7.3).
+    pub const FENCE: &str = "fence";
+    /// `attached`: `1` when the backend registered for
+    /// `MEMBARRIER_CMD_GLOBAL_EXPEDITED`, so a SIGKILL the supervisor sends
+    /// can be proven final at once (docs/ARCHITECTURE.md §7.2).
+    pub const MEMBARRIER: &str = "membarrier";
     /// `set-call`, `disconnect` of a virtio backend: a virtqueue index.
     pub const QUEUE: &str = "queue";
     /// `attach-virtio`: acked virtio features (hex).
@@ -880,9 +897,19 @@ mod tests {
                 kind::SET_CALL,
                 kind::SPIN,
                 kind::SYSCALL,
-                kind::ADOPT
+                kind::ADOPT,
+                kind::FENCED,
+                kind::DYING
             ],
-            ["attach-virtio", "set-call", "spin", "syscall", "adopt"]
+            [
+                "attach-virtio",
+                "set-call",
+                "spin",
+                "syscall",
+                "adopt",
+                "fenced",
+                "dying"
+            ]
         );
         assert_eq!(
             [
@@ -894,8 +921,14 @@ mod tests {
             ["upgrade", "upgraded", "binary", "state-version"]
         );
         assert_eq!(
-            [key::RECOVER, key::BLAME, key::QUEUE, key::SHADOW],
-            ["recover", "blame", "queue", "shadow"]
+            [
+                key::RECOVER,
+                key::BLAME,
+                key::QUEUE,
+                key::SHADOW,
+                key::FENCE
+            ],
+            ["recover", "blame", "queue", "shadow", "fence"]
         );
         assert_eq!(
             [

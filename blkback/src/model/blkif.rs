@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shadowback_dataplane::control::poisoned;
-use shadowback_dataplane::model::{DeviceModel, Started, Submit};
+use shadowback_dataplane::model::{DeviceModel, Footprint, Started, Submit};
 use shadowback_dataplane::rings::{Detail, DETAIL_SIZE};
 use shadowback_dataplane::uring::{EngineError, IoBuffers, IoOp};
 use shadowback_ring::blkif::{
@@ -126,6 +126,34 @@ impl DeviceModel<XenRing> for BlkifModel {
 
     fn resize(&mut self, sectors: u64) {
         self.disk.sectors = sectors;
+    }
+
+    fn footprint(&self, req: &Parsed) -> Footprint {
+        let bytes = |sector: u64| sector.saturating_mul(BLKIF_SECTOR_SIZE);
+        match &req.op {
+            Ok(BlkOp::Read { sector, bufs }) => {
+                let len = bufs.iter().map(|b| u64::from(b.len)).sum();
+                Footprint::range(bytes(*sector), len, false)
+            }
+            Ok(BlkOp::Write {
+                sector,
+                bufs,
+                then_flush,
+            }) => {
+                let len = bufs.iter().map(|b| u64::from(b.len)).sum();
+                let write = Footprint::range(bytes(*sector), len, true);
+                if *then_flush {
+                    write.union(Footprint::FLUSH)
+                } else {
+                    write
+                }
+            }
+            Ok(BlkOp::Flush) => Footprint::FLUSH,
+            Ok(BlkOp::Discard { sector, sectors }) => {
+                Footprint::range(bytes(*sector), bytes(*sectors), true)
+            }
+            Err(_) => Footprint::NONE,
+        }
     }
 
     fn poisoned(&self, req: &Parsed, poison: &[u64]) -> bool {

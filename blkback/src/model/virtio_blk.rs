@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shadowback_dataplane::control::poisoned;
-use shadowback_dataplane::model::{DeviceModel, Started, Submit};
+use shadowback_dataplane::model::{DeviceModel, Footprint, Started, Submit};
 use shadowback_dataplane::rings::Detail;
 use shadowback_dataplane::uring::{IoBuffers, IoOp};
 use shadowback_virtio::memory::GuestRam;
@@ -124,6 +124,23 @@ impl DeviceModel<VirtQueues> for VirtioBlkModel {
 
     fn resize(&mut self, sectors: u64) {
         self.blk.sectors = sectors;
+    }
+
+    /// Discard and write-zeroes ranges are the model's scratch of the
+    /// request parsed last, which is `req` here.
+    fn footprint(&self, req: &Request) -> Footprint {
+        match req.parsed.action {
+            Action::Read { offset, bytes } => Footprint::range(offset, bytes, false),
+            Action::Write { offset, bytes } => Footprint::range(offset, bytes, true),
+            Action::Flush => Footprint::FLUSH,
+            Action::Discard | Action::WriteZeroes { .. } => self
+                .ranges
+                .iter()
+                .fold(Footprint::NONE, |f, &(offset, len)| {
+                    f.union(Footprint::range(offset, len, true))
+                }),
+            Action::Done(_) | Action::GetId { .. } => Footprint::NONE,
+        }
     }
 
     fn poisoned(&self, req: &Request, poison: &[u64]) -> bool {

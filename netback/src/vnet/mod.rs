@@ -1008,7 +1008,7 @@ impl VnetLoop<'_> {
         }
         let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
         let req = VirtioAttachRequest::from_message(msg).map_err(|e| inval(&e))?;
-        let AttachFlags { recover, blame } = AttachFlags::from_message(msg)?;
+        let AttachFlags { recover, blame, .. } = AttachFlags::from_message(msg)?;
         let vfds = VirtioFds::from_received(&req, fds).map_err(|e| inval(&e))?;
         let unknown = req.features & !vnet::OFFERED_FEATURES;
         if unknown != 0 {

@@ -139,6 +139,12 @@ impl DeviceClass for BlockClass {
         }
     }
 
+    /// Both block models hold back requests by their sector ranges;
+    /// used when the disk asks for it (`fast_takeover`).
+    fn holds_back(&self) -> bool {
+        self.cfg.fast_takeover
+    }
+
     /// The instance's own description of the image and, unless the disk is
     /// read-only, its I/O fence (`spawn` module docs (3),
     /// docs/ARCHITECTURE.md §7.3).

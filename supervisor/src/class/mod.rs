@@ -93,6 +93,14 @@ pub trait DeviceClass: Send + Sync + std::fmt::Debug {
     /// What the class holds for the device's life, named for the binary
     /// that takes over in a live upgrade (docs/ARCHITECTURE.md §4.2).
     fn handover(&self, fds: &mut Handover) -> ClassState;
+
+    /// Whether a new instance may serve while the last one's fence still
+    /// runs, holding back what conflicts with the dead instance's requests
+    /// (`fence=1`, docs/ARCHITECTURE.md §7.3). A class without it waits
+    /// for the whole fence before the takeover.
+    fn holds_back(&self) -> bool {
+        false
+    }
 }
 
 /// One backend instance as its class sets it up.

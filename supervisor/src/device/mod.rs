@@ -214,6 +214,7 @@ impl DeviceTask {
             class,
             current: None,
             pool,
+            fencing: None,
             attached: None,
             next_attachment: 1,
             given_up: None,

@@ -1,6 +1,13 @@
 //! Recovery of a device whose backend instance failed
 //! (docs/ARCHITECTURE.md §7): fence the instance, then let the standby (or
 //! a cold-started instance) take the session over and replay its logs.
+//!
+//! When the class holds back (a disk) and the dead instance can be
+//! proven stopped at once ([`Instance::stop`]), the fence — the exit, the
+//! reap, the wait for its last I/O — runs in the background: the next
+//! instance attaches with `fence=1`, serves what does not conflict with the
+//! dead instance's requests, and is sent `fenced` once every earlier
+//! instance's fence is down (§7.3).
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +17,7 @@ use shadowback_xenbus::Message;
 use super::handle::Lost;
 use super::task::{refusal, send_attach, DeviceTask};
 use super::Refusal;
-use crate::instance::{Instance, NoAnswer};
+use crate::instance::{Fenced, Instance, NoAnswer};
 use crate::stats::{micros, RecoveryTimes};
 use crate::SupervisorError;
 
@@ -144,6 +151,32 @@ impl DeviceTask {
             Failure::Crashed => self.publish_with(|s| s.crashes += 1),
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
+        // One fence in the background at a time: an instance that dies
+        // while it still holds requests back is fenced, with the earlier
+        // one, before its successor takes over — which then replays at
+        // once. Without that, kills coming faster than fences would keep
+        // the held requests from ever running.
+        let fence_pending = self.fencing.as_ref().is_some_and(|f| !f.is_finished());
+        if !fence_pending {
+            self.await_fences().await;
+        }
+        if !fence_pending && self.recoverable() && self.class.holds_back() {
+            let stopping = Instant::now();
+            if old.stop() {
+                // docs/ARCHITECTURE.md §7.3: it runs no more instructions;
+                // its I/O is fenced in the background while the next
+                // instance serves what does not conflict with it.
+                let fence = stopping.elapsed();
+                tracing::error!(
+                    device = %self.name, pid, ?failure,
+                    detect_us = micros(detect), stop_us = micros(fence),
+                    "backend failed: stopped, I/O fenced in the background"
+                );
+                self.fence_in_background(old);
+                self.take_over(seen, detect, fence).await;
+                return;
+            }
+        }
         let fenced = old.fence().await;
         self.publish_with(|s| s.last_failure = Some(fenced.status.clone()));
         let fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
@@ -154,6 +187,8 @@ impl DeviceTask {
             "backend failed"
         );
         if self.recoverable() {
+            // Every earlier fence too: the next instance holds nothing back.
+            self.await_fences().await;
             self.take_over(seen, detect, fence).await;
             return;
         }
@@ -164,6 +199,9 @@ impl DeviceTask {
                 fenced.status
             )));
         }
+        // Nothing to take over (no frontend attached, or no shadow log):
+        // the device only gets a new idle backend.
+        self.publish_with(|s| s.idle_replacements += 1);
         // A kill we injected says nothing about the backend starting up
         // badly: it must not count towards giving the device up.
         let age = if injected.is_some() { STABLE_AGE } else { age };
@@ -221,9 +259,14 @@ impl DeviceTask {
                 return;
             };
             let blame = std::mem::replace(&mut self.blame, true);
+            // An earlier instance's I/O may still be in the kernel: the
+            // new one holds back what conflicts with it until `fenced`.
+            let held = self.fencing.as_ref().is_some_and(|f| !f.is_finished());
             let result = match session.attach_message(true) {
                 Ok(msg) => {
-                    let msg = msg.with(key::BLAME, u8::from(blame));
+                    let msg = msg
+                        .with(key::BLAME, u8::from(blame))
+                        .with(key::FENCE, u8::from(held));
                     send_attach(
                         &mut instance,
                         &self.poisons,
@@ -240,6 +283,7 @@ impl DeviceTask {
             }
             let (failure, why) = match result {
                 Ok((reply, sent)) if reply.kind() == kind::ATTACHED => {
+                    instance.held = held;
                     self.took_over(
                         instance,
                         from_standby,
@@ -334,6 +378,7 @@ impl DeviceTask {
         // the takeover, though the supervisor did not wait for it alone.
         times.takeover_us = times.takeover_us.saturating_add(instance.adopt_us());
         instance.serving = true;
+        instance.membarrier = reply.get_flag(key::MEMBARRIER).ok().flatten() == Some(true);
         tracing::info!(
             device = %self.name, pid = instance.pid(), from_standby,
             generation = report.generation, replayed = report.replayed,
@@ -348,8 +393,8 @@ impl DeviceTask {
         self.current = Some(instance);
         self.startup_deaths = 0;
         self.watch_current();
-        // docs/ARCHITECTURE.md §7.5: the next standby starts now, off the critical
-        // path (the guest is already being served).
+        // docs/ARCHITECTURE.md §7.5: the pool replaces the spare taken,
+        // off the critical path (the guest is already being served).
         self.ensure_standby();
         self.publish_with(|s| {
             s.recoveries += 1;
@@ -371,6 +416,62 @@ impl DeviceTask {
         });
     }
 
+    /// Fences `old` (stopped already) in the background, after every
+    /// earlier instance still being fenced: [`DeviceTask::fencing`] is
+    /// done once all are.
+    fn fence_in_background(&mut self, old: Instance) {
+        let earlier = self.fencing.take();
+        let device = self.name.clone();
+        self.fencing = Some(tokio::spawn(async move {
+            if let Some(earlier) = earlier {
+                if let Err(e) = earlier.await {
+                    tracing::error!(%device, error = %e, "an earlier fence task failed");
+                }
+            }
+            let pid = old.pid();
+            let fenced = old.fence().await;
+            tracing::info!(
+                %device, pid, status = %fenced.status,
+                reap_us = micros(fenced.reaped.saturating_duration_since(fenced.kill_sent)),
+                io_wait_us = micros(fenced.io_done.saturating_duration_since(fenced.reaped)),
+                "dead backend fenced"
+            );
+            fenced
+        }));
+    }
+
+    /// Every dead instance's fence is down: the serving instance, if it
+    /// holds requests back, runs them now (`fenced`).
+    pub(super) async fn fence_down(&mut self, fenced: Result<Fenced, tokio::task::JoinError>) {
+        match fenced {
+            Ok(f) => {
+                let fence_us = micros(f.io_done.saturating_duration_since(f.kill_sent));
+                self.publish_with(|s| {
+                    s.last_failure = Some(f.status.clone());
+                    s.background_fence_us = Some(fence_us);
+                });
+            }
+            // The instance went with the task (killed on drop): nothing
+            // it did can still be waited for here.
+            Err(e) => tracing::error!(device = %self.name, error = %e, "fence task failed"),
+        }
+        if let Some(instance) = self.current.as_mut().filter(|i| i.held) {
+            instance.held = false;
+            if let Err(e) = instance.send(&Message::new(kind::FENCED), &[]).await {
+                // It died: the main loop replaces it.
+                tracing::warn!(device = %self.name, error = %e, "cannot send fenced");
+            }
+        }
+    }
+
+    /// Waits for the fences still running and sends `fenced`.
+    pub(super) async fn await_fences(&mut self) {
+        if let Some(fencing) = self.fencing.take() {
+            let fenced = fencing.await;
+            self.fence_down(fenced).await;
+        }
+    }
+
     /// No backend can serve the device: the guest is told, and attaches
     /// fail with `ENODEV` for [`FRESH_START_AFTER`].
     pub(super) async fn give_up(&mut self, why: String) {
@@ -380,6 +481,8 @@ impl DeviceTask {
             why,
             at: Instant::now(),
         });
+        // A fresh start must not meet a dead instance's late I/O.
+        self.await_fences().await;
         self.watchdog = None;
         if let Some(instance) = self.current.take() {
             instance.fence().await;

@@ -16,7 +16,7 @@ use super::takeover::{Failure, GivenUp, ReplayReport, MAX_FAILED_TAKEOVERS};
 use super::Refusal;
 use super::Settings;
 use crate::class::{ClassInfo, DeviceClass};
-use crate::instance::{Instance, NoAnswer};
+use crate::instance::{Fenced, Instance, NoAnswer};
 use crate::limits::{AttachRate, MAX_POISONED_SECTORS};
 use crate::pool::StandbyPool;
 use crate::session::Session;
@@ -48,6 +48,8 @@ enum Event {
     /// The current instance's pidfd became readable.
     Exited,
     WatchdogTick,
+    /// Every dead instance's fence is down (or its task failed).
+    Fenced(Result<Fenced, tokio::task::JoinError>),
     Stop,
 }
 
@@ -65,6 +67,10 @@ pub(super) struct DeviceTask {
     /// Where takeovers find a spare (docs/ARCHITECTURE.md §7.5); `None`
     /// with `standby = false`.
     pub(super) pool: Option<StandbyPool>,
+    /// The fences of dead instances still running in the background, one
+    /// after the other: done once every earlier instance's I/O is gone
+    /// (docs/ARCHITECTURE.md §7.3).
+    pub(super) fencing: Option<tokio::task::JoinHandle<Fenced>>,
     pub(super) attached: Option<Attached>,
     pub(super) next_attachment: u64,
     /// Set when the supervisor gave up on the device; until the next
@@ -102,6 +108,15 @@ async fn next_message(instance: Option<&Instance>) -> Result<Message, String> {
 async fn exited(instance: Option<&Instance>) {
     match instance {
         Some(i) => i.exited().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn fence_done(
+    fencing: &mut Option<tokio::task::JoinHandle<Fenced>>,
+) -> Result<Fenced, tokio::task::JoinError> {
+    match fencing {
+        Some(handle) => handle.await,
         None => std::future::pending().await,
     }
 }
@@ -168,6 +183,7 @@ impl DeviceTask {
                 cmd = rx.recv() => cmd.map_or(Event::Stop, Event::Command),
                 msg = next_message(self.current.as_ref()) => Event::Backend(msg),
                 () = exited(self.current.as_ref()) => Event::Exited,
+                fenced = fence_done(&mut self.fencing) => Event::Fenced(fenced),
                 _ = tick.tick(), if self.watchdog.is_some() => Event::WatchdogTick,
             };
             match event {
@@ -190,7 +206,22 @@ impl DeviceTask {
                 }
                 Event::Command(Command::Fault { fault, reply }) => {
                     let res = self.fault(fault).await;
+                    let killed = fault == Fault::Kill && res.is_ok();
                     let _ = reply.send(res);
+                    // docs/ARCHITECTURE.md §7.2: a kill we sent is known
+                    // now; when it can be proven final at once, take over
+                    // without waiting for the exit.
+                    if killed
+                        && self.class.holds_back()
+                        && self.current.as_ref().is_some_and(|i| i.membarrier)
+                    {
+                        self.on_failure(Failure::Crashed).await;
+                    }
+                }
+                Event::Backend(Ok(msg)) if msg.kind() == kind::DYING => {
+                    tracing::warn!(device = %self.name, "backend sent a crash note");
+                    self.publish_with(|s| s.crash_notes += 1);
+                    self.on_failure(Failure::Crashed).await;
                 }
                 Event::Command(Command::Remove { force, reply }) => {
                     match self.remove(force).await {
@@ -221,11 +252,27 @@ impl DeviceTask {
                     tracing::debug!(device = %self.name, error = %e, "backend control channel closed");
                     self.on_failure(Failure::Crashed).await;
                 }
-                Event::Exited => self.on_failure(Failure::Crashed).await,
+                Event::Exited => {
+                    // A crash note queued before the exit, seen after it.
+                    if let Some(i) = self.current.as_ref() {
+                        if let Ok(Ok(msg)) = tokio::time::timeout(Duration::ZERO, i.recv()).await {
+                            if msg.kind() == kind::DYING {
+                                self.publish_with(|s| s.crash_notes += 1);
+                            } else {
+                                self.unsolicited(msg);
+                            }
+                        }
+                    }
+                    self.on_failure(Failure::Crashed).await;
+                }
                 Event::WatchdogTick => {
                     if let Some(hang) = self.check_hang() {
                         self.on_failure(Failure::Hung { since: hang.since }).await;
                     }
+                }
+                Event::Fenced(fenced) => {
+                    self.fencing = None;
+                    self.fence_down(fenced).await;
                 }
                 Event::Stop => break None,
             }
@@ -386,6 +433,9 @@ impl DeviceTask {
         if let Some(instance) = self.current.take() {
             instance.fence().await;
         }
+        // No dead instance's late write may reach the image after the
+        // removal is answered (docs/ARCHITECTURE.md §7.3).
+        self.await_fences().await;
         Ok(())
     }
 
@@ -436,6 +486,10 @@ impl DeviceTask {
     /// `sectors` (a Xen guest by `changed`, a VMM by a config-change
     /// message).
     async fn resize(&mut self, bytes: Option<u64>) -> Result<u64, Refusal> {
+        // A dead instance's write still in the kernel could land past a
+        // new end, or in a region the growth zeroes (docs/ARCHITECTURE.md
+        // §7.3).
+        self.await_fences().await;
         let sectors = self.class.plan_resize(bytes)?;
         let msg = Message::new(kind::RESIZE).with(key::SECTORS, sectors);
         let old = match self.class.backend_info() {
@@ -527,6 +581,8 @@ impl DeviceTask {
             Ok((reply, _)) if reply.kind() == kind::ATTACHED => {
                 if let Some(instance) = self.current.as_mut() {
                     instance.serving = true;
+                    instance.membarrier =
+                        reply.get_flag(key::MEMBARRIER).ok().flatten() == Some(true);
                 }
                 // A first attach replays too when a virtqueue comes with
                 // requests in flight in the VMM's in-flight region (after a
@@ -585,6 +641,10 @@ impl DeviceTask {
         let mut attached = self.attached.take();
         let mut takeovers = 0;
         loop {
+            // A backend holding requests back answers them only after
+            // `fenced`, and drains before `detached`: every fence first,
+            // also the one a takeover inside this loop left running.
+            self.await_fences().await;
             self.watchdog = None;
             let hang_timeout = self.hang_timeout();
             let Some(instance) = self.current.as_mut().filter(|i| i.serving) else {
