@@ -7,9 +7,9 @@
 //! of the row's time each, round after round (see `--rounds`):
 //!
 //! - `raw-uring`: [`raw_random_io`] in this process, with the file opened
-//!   the way the supervisor opens it for the backend, on a ring set up as
-//!   the backends' are (as fio sets up its own: one issuer, deferred task
-//!   work); `raw-uring-plain` the same on a plain ring, so the two show
+//!   the way the supervisor opens it for the backend, on a plain ring as
+//!   the backends' are; `raw-uring-deferred` the same on a ring set up as
+//!   fio sets up its own (one issuer, deferred task work), so the two show
 //!   what that setup is worth;
 //! - `xen-ring`: a guest process → shared ring → blkback process, with the
 //!   supervisor running in-process as in `demo`;
@@ -171,8 +171,9 @@ const VU_MAX_QD: usize = VU_QUEUE_SIZE as usize / 3;
 enum IoPath {
     /// io_uring on the file from this process: what the others are divided by.
     RawUring,
-    /// The same on a ring without fio's setup flags.
-    RawUringPlain,
+    /// The same on a ring set up as fio sets up its own (one issuer,
+    /// deferred task work), which the backends do not use by default.
+    RawUringDeferred,
     /// Guest process → ring → blkback process (with the shadow log).
     XenRing,
     /// The same with the shadow log off (`shadow = false`): the cost of
@@ -201,7 +202,7 @@ impl IoPath {
     const ALL: [IoPath; 11] = [
         IoPath::Fio,
         IoPath::RawUring,
-        IoPath::RawUringPlain,
+        IoPath::RawUringDeferred,
         IoPath::XenRing,
         IoPath::XenRingNoShadow,
         IoPath::XenRingPoll,
@@ -215,7 +216,7 @@ impl IoPath {
     fn name(self) -> &'static str {
         match self {
             IoPath::RawUring => "raw-uring",
-            IoPath::RawUringPlain => "raw-uring-plain",
+            IoPath::RawUringDeferred => "raw-uring-deferred",
             IoPath::XenRing => "xen-ring",
             IoPath::XenRingNoShadow => "xen-ring-noshadow",
             IoPath::VhostUser => "vhost-user",
@@ -662,8 +663,8 @@ struct Bench<'a, F: Fn(&str) -> PathBuf> {
 impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
     fn run_slice(&self, path: IoPath, op: Op, qd: usize, seed: u64) -> Result<Sample, CliError> {
         match path {
-            IoPath::RawUring => self.raw_uring(op, qd, seed, true),
-            IoPath::RawUringPlain => self.raw_uring(op, qd, seed, false),
+            IoPath::RawUring => self.raw_uring(op, qd, seed, false),
+            IoPath::RawUringDeferred => self.raw_uring(op, qd, seed, true),
             IoPath::XenRing => self.xen_ring(DEVICE, op, qd, seed),
             IoPath::XenRingNoShadow => self.xen_ring(DEVICE_NOSHADOW, op, qd, seed),
             IoPath::XenRingPoll => self.xen_ring(DEVICE_POLL, op, qd, seed),
@@ -684,7 +685,7 @@ impl<F: Fn(&str) -> PathBuf> Bench<'_, F> {
     }
 
     /// The file opened as `supervisor::spawn::open_disk` opens it; the
-    /// ring set up as the backends' (`deferred`) or plain.
+    /// ring plain, as the backends' is, or as fio's (`deferred`).
     fn raw_uring(&self, op: Op, qd: usize, seed: u64, deferred: bool) -> Result<Sample, CliError> {
         let file = open_image(self.image, self.cache)?;
         let stats = raw_random_io(
@@ -1115,8 +1116,8 @@ fn print_table(rows: &[Row], args: &BlkBenchArgs, with_fio: bool) {
         (IoPath::VhostUserPoll, IoPath::VhostUser, "polling"),
         (IoPath::VhostUser, IoPath::XenRing, "transports"),
         (
+            IoPath::RawUringDeferred,
             IoPath::RawUring,
-            IoPath::RawUringPlain,
             "ring setup as fio's",
         ),
         (

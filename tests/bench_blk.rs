@@ -46,7 +46,7 @@ fn bench_blk_divides_every_row_by_fio_and_reports_its_cpu() {
     let fio = fio_installed();
     let mut want = vec![
         "raw-uring",
-        "raw-uring-plain",
+        "raw-uring-deferred",
         "xen-ring",
         "xen-ring-noshadow",
         "xen-ring-poll",
