@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole, StreamVerifier};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_supervisor::{Config, NicConfig, SupervisorThread};
-use shadowback_testsupport::harness::backend_command;
+use shadowback_testsupport::harness::{backend_command, supervisor_from_toml};
 use shadowback_testsupport::netns::{enter_fresh_netns, set_ipv4_24};
 use shadowback_testsupport::operator::{fault_kill, stats_of, status};
 use shadowback_testsupport::temp::TempDir;
@@ -80,10 +80,7 @@ fn assert_stream_passed(report: &StreamReport, bytes: u64) {
 
 /// Writes `toml` as the config file and starts a supervisor on it.
 fn start(dir: &TempDir, toml: &str) -> SupervisorThread {
-    let path = dir.join("shadowback.toml");
-    std::fs::write(&path, toml).unwrap();
-    let cfg = Config::from_file(&path).expect("the test's config");
-    SupervisorThread::start(cfg, backend_command()).expect("start the supervisor")
+    supervisor_from_toml(dir, toml)
 }
 
 #[test]

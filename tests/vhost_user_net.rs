@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use shadowback_guest::net::{run_stream, StreamParams, StreamReport, StreamRole};
 use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions, VhostUserNetStats};
-use shadowback_supervisor::{Config, SupervisorThread};
-use shadowback_testsupport::harness::backend_command;
+use shadowback_supervisor::SupervisorThread;
+use shadowback_testsupport::harness::supervisor_from_toml;
 use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
 
@@ -59,11 +59,7 @@ fn start_with(
         socket.display(),
         vhost.display()
     );
-    let path = dir.join("shadowback.toml");
-    std::fs::write(&path, toml).unwrap();
-    let cfg = Config::from_file(&path).expect("the test's config");
-    let sup = SupervisorThread::start(cfg, backend_command()).expect("start the supervisor");
-    (sup, socket, vhost)
+    (supervisor_from_toml(dir, &toml), socket, vhost)
 }
 
 /// The vhost-user side: connects, runs `role`, waits for every transmit

@@ -26,8 +26,8 @@ use shadowback_guest::net::{
 use shadowback_guest::netfront::{NetFront, NetFrontConfig};
 use shadowback_guest::vhost_user::{VhostUserNet, VhostUserNetOptions, VhostUserNetStats};
 use shadowback_supervisor::DeviceStats;
-use shadowback_supervisor::{Config, SupervisorThread};
-use shadowback_testsupport::harness::backend_command;
+use shadowback_supervisor::SupervisorThread;
+use shadowback_testsupport::harness::supervisor_from_toml;
 use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
 
@@ -45,11 +45,7 @@ fn start(dir: &TempDir, wire: &str, more: &str) -> (SupervisorThread, PathBuf, P
         socket.display(),
         vhost.display()
     );
-    let path = dir.join("shadowback.toml");
-    std::fs::write(&path, toml).unwrap();
-    let cfg = Config::from_file(&path).expect("the test's config");
-    let sup = SupervisorThread::start(cfg, backend_command()).expect("start the supervisor");
-    (sup, socket, vhost)
+    (supervisor_from_toml(dir, &toml), socket, vhost)
 }
 
 fn stream(address: Ipv4Addr, peer: Ipv4Addr, port: u16, bytes: u64) -> StreamParams {

@@ -46,6 +46,15 @@ pub fn backend_command() -> BackendCommand {
     }
 }
 
+/// Writes `toml` as `dir`'s `shadowback.toml` and starts a supervisor on
+/// it with the real backend binary.
+pub fn supervisor_from_toml(dir: &TempDir, toml: &str) -> SupervisorThread {
+    let path = dir.join("shadowback.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = Config::from_file(&path).expect("the test's config");
+    SupervisorThread::start(cfg, backend_command()).expect("start the supervisor")
+}
+
 /// [`backend_command`] with `first_env` as the environment of each
 /// device's first backend instance (`SHADOWBACK_CRASH_AT`).
 pub fn backend_command_with_env(first_env: &[(&str, &str)]) -> BackendCommand {
