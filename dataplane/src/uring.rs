@@ -256,6 +256,17 @@ impl IoBuffers {
         first: (Arc<A>, &[(u64, usize)]),
         then: (Arc<B>, &[(u64, usize)]),
     ) -> Result<Self, EngineError> {
+        Self::from_ranges_of_pair(&Arc::new((first.0, then.0)), first.1, then.1)
+    }
+
+    /// Like [`IoBuffers::from_ranges_of_two`], with the two memories
+    /// already paired by the caller: a batch of ops on the same two
+    /// memories clones one `Arc` per op instead of allocating an owner.
+    pub fn from_ranges_of_pair<A: IoMemory, B: IoMemory>(
+        pair: &Arc<(Arc<A>, Arc<B>)>,
+        first: &[(u64, usize)],
+        then: &[(u64, usize)],
+    ) -> Result<Self, EngineError> {
         fn iovec<M: IoMemory>(
             mem: &M,
             &(offset, len): &(u64, usize),
@@ -267,12 +278,11 @@ impl IoBuffers {
                 })
                 .ok_or(EngineError::BufferOutOfRange { offset, len })
         }
-        let count = first.1.len() + then.1.len();
+        let count = first.len() + then.len();
         let all = first
-            .1
             .iter()
-            .map(|r| iovec(&*first.0, r))
-            .chain(then.1.iter().map(|r| iovec(&*then.0, r)));
+            .map(|r| iovec(&*pair.0, r))
+            .chain(then.iter().map(|r| iovec(&*pair.1, r)));
         let iovecs = if count <= INLINE_IOVECS {
             let mut array = [EMPTY_IOVEC; INLINE_IOVECS];
             for (slot, iov) in array.iter_mut().zip(all) {
@@ -284,7 +294,7 @@ impl IoBuffers {
         };
         Ok(IoBuffers {
             iovecs,
-            _owner: Arc::new((first.0, then.0)),
+            _owner: pair.clone(),
         })
     }
 
@@ -689,14 +699,19 @@ impl Engine {
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         for cqe in self.ring.completion() {
             let user_data = cqe.user_data();
-            let entry = usize::try_from(user_data)
-                .ok()
-                .and_then(|slot| self.slots.get_mut(slot).map(|e| (slot, e.take())));
-            match entry {
-                Some((slot, Some(entry))) => {
+            // The op is dropped where it rests (`*e = None`), not moved out
+            // first: it holds its iovecs inline, a few hundred bytes.
+            let token = usize::try_from(user_data).ok().and_then(|slot| {
+                let e = self.slots.get_mut(slot)?;
+                let token = e.as_ref()?.token;
+                *e = None;
+                Some((slot, token))
+            });
+            match token {
+                Some((slot, token)) => {
                     self.free.push(slot);
                     out.push(Completion {
-                        token: entry.token,
+                        token,
                         result: cqe.result(),
                     });
                 }

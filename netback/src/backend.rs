@@ -70,7 +70,7 @@ use shadowback_xenbus::virtio::ATTACH_VIRTIO;
 use shadowback_xenbus::{Message, SeqPacket};
 
 use crate::checksum;
-use crate::netif::tx::{parse_tx, TxRequest, TxVerdict};
+use crate::netif::tx::{parse_tx, parse_tx_reusing, TxRequest, TxSpares, TxVerdict};
 use crate::netif::{
     rx_plan, Checksum, MulticastFilter, NetifRxError, RxFeatures, RxFrame, TxSlots,
 };
@@ -288,6 +288,11 @@ pub struct NetBackend {
     /// The packets of `tap_batch`, in its order: answered once it is
     /// written.
     tx_batched: Vec<(TxSlots, Vec<Option<EntryId>>, u16)>,
+    /// Emptied entry lists of answered packets, reused by
+    /// [`NetBackend::log_tx`] so a packet allocates none.
+    tx_entry_lists: Vec<Vec<Option<EntryId>>>,
+    /// Emptied slot and fragment lists, reused by the TX parser.
+    tx_spares: TxSpares,
     /// Scratch for frames read from the wire.
     rx_scratch: Vec<u8>,
     /// The device's metrics page, if the supervisor gave one.
@@ -322,6 +327,8 @@ impl NetBackend {
             frame: vec![0; VnetHeaderLen::Basic.bytes() + MAX_FRAME_LEN],
             tap_batch,
             tx_batched: Vec::with_capacity(TX_BATCH),
+            tx_entry_lists: Vec::with_capacity(TX_BATCH),
+            tx_spares: TxSpares::default(),
             rx_scratch: Vec::new(),
             metrics: None,
         }
@@ -429,7 +436,7 @@ impl NetBackend {
                     }
                 }
             });
-            let parsed = parse_tx(&mut source);
+            let parsed = parse_tx_reusing(&mut source, &mut self.tx_spares);
             if let Some(e) = ring_err {
                 return self.broken(&e.to_string());
             }
@@ -441,6 +448,7 @@ impl NetBackend {
                     let entries = self.log_tx(first_index, &slots);
                     self.stats.tx_errors += 1;
                     self.answer_tx(&slots, &entries, NETIF_RSP_ERROR, &[]);
+                    self.recycle_entries(entries);
                 }
                 Some(Ok(request)) => {
                     let entries = self.log_tx(first_index, request.slots());
@@ -460,11 +468,15 @@ impl NetBackend {
             .is_some_and(|v| v.wire.kind() == WireKind::Tap);
         let packet = match request {
             TxRequest::Packet(p) if on_tap && !poisoned(&self.poison, &p.slots) => p,
-            other => return self.execute_tx(other, &entries, false),
+            other => {
+                self.execute_tx(other, &entries, false);
+                return self.recycle_entries(entries);
+            }
         };
         match self.batch_packet(&packet) {
             Ok(()) => {
                 self.tx_batched.push((packet.slots, entries, packet.size));
+                self.tx_spares.keep_fragments(packet.fragments);
                 if self.tap_batch.len() >= TX_BATCH {
                     self.flush_tx();
                 }
@@ -473,10 +485,12 @@ impl NetBackend {
                 tracing::debug!(device = %self.cfg.device, why, "TX packet failed");
                 self.stats.tx_errors += 1;
                 self.answer_tx(&packet.slots, &entries, NETIF_RSP_ERROR, &[]);
+                self.recycle_entries(entries);
             }
             // Not expected after a flush: send it on its own.
             Err(PushError::Full | PushError::Busy) => {
-                self.execute_tx(TxRequest::Packet(packet), &entries, false)
+                self.execute_tx(TxRequest::Packet(packet), &entries, false);
+                self.recycle_entries(entries);
             }
         }
     }
@@ -542,14 +556,14 @@ impl NetBackend {
         let written = self.tap_batch.flush(vif.wire.fd().as_raw_fd(), &vif.region);
         results[..written.len()].copy_from_slice(written);
         let mut batched = std::mem::take(&mut self.tx_batched);
-        for ((slots, entries, size), &result) in batched.iter().zip(&results) {
+        for ((slots, entries, size), &result) in batched.drain(..).zip(&results) {
             let Some(vif) = self.vif.as_mut() else {
                 break;
             };
             let status = match vif.wire.count_write(result) {
                 Ok(SendOutcome::Sent) => {
                     self.stats.tx_packets += 1;
-                    self.stats.tx_bytes += u64::from(*size);
+                    self.stats.tx_bytes += u64::from(size);
                     NETIF_RSP_OKAY
                 }
                 Ok(SendOutcome::Dropped(_)) => {
@@ -562,7 +576,9 @@ impl NetBackend {
                     NETIF_RSP_ERROR
                 }
             };
-            self.answer_tx(slots, entries, status, &[]);
+            self.answer_tx(&slots, &entries, status, &[]);
+            self.recycle_entries(entries);
+            self.tx_spares.keep_slots(slots);
         }
         batched.clear();
         self.tx_batched = batched;
@@ -571,19 +587,33 @@ impl NetBackend {
     /// Logs every slot of a packet (docs/ARCHITECTURE.md §7.1: before any
     /// of it is executed); one entry per slot, in ring order.
     fn log_tx(&mut self, first_index: u32, slots: &TxSlots) -> Vec<Option<EntryId>> {
+        let mut entries = self.tx_entry_lists.pop().unwrap_or_default();
+        entries.clear();
         let Some(log) = self.vif.as_ref().and_then(|v| v.tx_log.as_ref()) else {
-            return vec![None; slots.len()];
+            entries.resize(slots.len(), None);
+            return entries;
         };
-        txrec::records(first_index, slots)
-            .enumerate()
-            .map(|(i, rec)| {
-                let idx = first_index.wrapping_add(i as u32);
-                match log.log_consumed(idx, &txrec::encode(&rec)) {
-                    Ok(e) => Some(e),
-                    Err(e) => log_failed(&self.cfg.device, e),
-                }
-            })
-            .collect()
+        entries.extend(
+            txrec::records(first_index, slots)
+                .enumerate()
+                .map(|(i, rec)| {
+                    let idx = first_index.wrapping_add(i as u32);
+                    match log.log_consumed(idx, &txrec::encode(&rec)) {
+                        Ok(e) => Some(e),
+                        Err(e) => log_failed(&self.cfg.device, e),
+                    }
+                }),
+        );
+        entries
+    }
+
+    /// Keeps an answered packet's entry list for the next
+    /// [`NetBackend::log_tx`] (a bounded number of them, none longer than
+    /// the parser's spares: a batch's worth of short lists).
+    fn recycle_entries(&mut self, entries: Vec<Option<EntryId>>) {
+        if self.tx_entry_lists.len() < TX_BATCH && entries.capacity() <= TxSpares::LONGEST_KEPT {
+            self.tx_entry_lists.push(entries);
+        }
     }
 
     /// Sends a valid packet (unless `sent`: the dead instance did) and
@@ -666,11 +696,11 @@ impl NetBackend {
         let Some(vif) = self.vif.as_mut() else {
             return;
         };
-        for (i, (rsp, entry)) in slots.responses(status).iter().zip(entries).enumerate() {
+        for (i, (rsp, entry)) in slots.responses_iter(status).zip(entries).enumerate() {
             if answered.get(i).copied().unwrap_or(false) {
                 continue;
             }
-            let idx = match vif.tx.put_response(rsp) {
+            let idx = match vif.tx.put_response(&rsp) {
                 Ok(idx) => idx,
                 Err(e) => {
                     tracing::error!(device = %self.cfg.device, error = %e, "cannot put a TX response");
@@ -679,7 +709,7 @@ impl NetBackend {
             };
             vif.tx_unpublished += 1;
             if let (Some(log), Some(entry)) = (vif.tx_log.as_ref(), entry) {
-                if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(rsp)) {
+                if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(&rsp)) {
                     log_failed(&self.cfg.device, e);
                 }
             }

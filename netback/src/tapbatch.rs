@@ -138,13 +138,14 @@ impl TapBatch {
         self.results.clear();
         self.results.resize(self.frames.len(), -libc::EIO);
         let mut pushed = 0;
+        // One owner of both memories for the whole batch, not one per
+        // frame; dropped on return, when no op holds it any more.
+        let memories = Arc::new((self.slab.clone(), region.clone()));
         for (i, frame) in self.frames.iter().enumerate() {
-            let bufs = IoBuffers::from_ranges_of_two(
-                (self.slab.clone(), &[frame.slab]),
-                (
-                    region.clone(),
-                    &self.guest_ranges[frame.guest.0..frame.guest.1],
-                ),
+            let bufs = IoBuffers::from_ranges_of_pair(
+                &memories,
+                &[frame.slab],
+                &self.guest_ranges[frame.guest.0..frame.guest.1],
             );
             let op = match bufs {
                 Ok(bufs) => IoOp::WriteStream { fd, bufs },

@@ -16,8 +16,9 @@ pub mod tx;
 pub use mcast::MulticastFilter;
 pub use rx::{rx_plan, rx_slots_needed, NetifRxError, RxCopy, RxFeatures, RxFrame, RxPlan};
 pub use tx::{
-    parse_tx, MulticastOp, TxDrop, TxFatal, TxFragment, TxMulticast, TxPacket, TxRequest,
-    TxSlotSource, TxSlots, TxVerdict, ETH_HLEN, FATAL_SKB_SLOTS, LEGACY_SLOTS_MAX,
+    parse_tx, parse_tx_reusing, MulticastOp, TxDrop, TxFatal, TxFragment, TxMulticast, TxPacket,
+    TxRequest, TxSlotSource, TxSlots, TxSpares, TxVerdict, ETH_HLEN, FATAL_SKB_SLOTS,
+    LEGACY_SLOTS_MAX,
 };
 
 use shadowback_ring::netif::{XEN_NETIF_GSO_TYPE_TCPV4, XEN_NETIF_GSO_TYPE_TCPV6};

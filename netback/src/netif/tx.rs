@@ -67,9 +67,11 @@ pub struct TxSlots {
 }
 
 impl TxSlots {
-    fn new(first: NetifTxRequest) -> Self {
+    fn new(first: NetifTxRequest, mut spare: Vec<NetifTxRequest>) -> Self {
+        spare.clear();
+        spare.push(first);
         TxSlots {
-            slots: vec![first],
+            slots: spare,
             extra_count: 0,
         }
     }
@@ -120,9 +122,16 @@ impl TxSlots {
     /// for the first and every data slot, `XEN_NETIF_RSP_NULL` for each
     /// extra-info slot (`make_tx_response`).
     pub fn responses(&self, status: i16) -> Vec<NetifTxResponse> {
-        (0..self.slots.len())
-            .map(|i| slot_response(&self.slots[i], self.is_extra(i), status))
-            .collect()
+        self.responses_iter(status).collect()
+    }
+
+    /// [`TxSlots::responses`] without collecting them (the TX hot path
+    /// puts each in the ring as it goes).
+    pub fn responses_iter(&self, status: i16) -> impl Iterator<Item = NetifTxResponse> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(move |(i, slot)| slot_response(slot, self.is_extra(i), status))
     }
 }
 
@@ -262,12 +271,57 @@ impl TxVerdict {
 /// no slot. Never takes more than the packet's slots, and never more than
 /// a ring's worth.
 pub fn parse_tx(src: &mut impl TxSlotSource) -> Option<Result<TxRequest, TxVerdict>> {
-    let first = src.next_slot()?;
-    Some(parse_from(first, src))
+    parse_tx_reusing(src, &mut TxSpares::default())
 }
 
-fn parse_from(first: NetifTxRequest, src: &mut impl TxSlotSource) -> Result<TxRequest, TxVerdict> {
-    let mut slots = TxSlots::new(first);
+/// [`parse_tx`], building the packet in vectors of packets already
+/// answered (the TX hot path allocates nothing per packet then).
+pub fn parse_tx_reusing(
+    src: &mut impl TxSlotSource,
+    spares: &mut TxSpares,
+) -> Option<Result<TxRequest, TxVerdict>> {
+    let first = src.next_slot()?;
+    Some(parse_from(first, src, spares))
+}
+
+/// Emptied vectors of answered packets, for [`parse_tx_reusing`]. It keeps
+/// at most [`TxSpares::KEPT`] of each kind, none longer than
+/// [`TxSpares::LONGEST_KEPT`]: a guest chaining the longest packets it may
+/// cannot make it hold more than a few KiB.
+#[derive(Debug, Default)]
+pub struct TxSpares {
+    slots: Vec<Vec<NetifTxRequest>>,
+    fragments: Vec<Vec<TxFragment>>,
+}
+
+impl TxSpares {
+    /// Spare vectors kept of each kind: two TAP batches of packets.
+    pub const KEPT: usize = 64;
+    /// Longest vector kept: a packet's first slot and every slot after it
+    /// a legal packet may have, plus room for extras.
+    pub const LONGEST_KEPT: usize = 1 + FATAL_SKB_SLOTS + 4;
+
+    /// Keeps the vector of an answered packet's slots.
+    pub fn keep_slots(&mut self, slots: TxSlots) {
+        if self.slots.len() < Self::KEPT && slots.slots.capacity() <= Self::LONGEST_KEPT {
+            self.slots.push(slots.slots);
+        }
+    }
+
+    /// Keeps the vector of a sent packet's fragments.
+    pub fn keep_fragments(&mut self, fragments: Vec<TxFragment>) {
+        if self.fragments.len() < Self::KEPT && fragments.capacity() <= Self::LONGEST_KEPT {
+            self.fragments.push(fragments);
+        }
+    }
+}
+
+fn parse_from(
+    first: NetifTxRequest,
+    src: &mut impl TxSlotSource,
+    spares: &mut TxSpares,
+) -> Result<TxRequest, TxVerdict> {
+    let mut slots = TxSlots::new(first, spares.slots.pop().unwrap_or_default());
     // The latest extra of each type (`extras[type - 1]` in Linux).
     let mut extras: [Option<NetifExtraInfo>; XEN_NETIF_EXTRA_TYPE_MAX as usize - 1] =
         [None; XEN_NETIF_EXTRA_TYPE_MAX as usize - 1];
@@ -356,12 +410,14 @@ fn parse_from(first: NetifTxRequest, src: &mut impl TxSlotSource) -> Result<TxRe
     } else {
         Checksum::Unknown
     };
-    let fragments = std::iter::once(TxFragment {
+    let mut fragments = spares.fragments.pop().unwrap_or_default();
+    fragments.clear();
+    fragments.push(TxFragment {
         gref: first.gref,
         offset: first.offset,
         len: first_len,
-    })
-    .chain(
+    });
+    fragments.extend(
         slots
             .following()
             .iter()
@@ -371,8 +427,7 @@ fn parse_from(first: NetifTxRequest, src: &mut impl TxSlotSource) -> Result<TxRe
                 offset: s.offset,
                 len: s.size,
             }),
-    )
-    .collect();
+    );
     Ok(TxRequest::Packet(TxPacket {
         size: first.size,
         fragments,

@@ -524,3 +524,38 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    /// Parsing into the vectors of earlier packets gives exactly what a
+    /// fresh parse gives: nothing of an earlier packet shows through.
+    #[test]
+    fn reused_vectors_parse_like_fresh_ones(
+        rings in proptest::collection::vec(proptest::collection::vec(any_slot(), 1..40), 1..8),
+    ) {
+        let mut spares = TxSpares::default();
+        for slots in &rings {
+            let mut fresh_src = slots.iter().copied();
+            let mut reused_src = slots.iter().copied();
+            loop {
+                let fresh = parse_tx(&mut fresh_src);
+                let reused = parse_tx_reusing(&mut reused_src, &mut spares);
+                proptest::prop_assert_eq!(&fresh, &reused);
+                proptest::prop_assert_eq!(fresh_src.len(), reused_src.len());
+                match reused {
+                    Some(Ok(TxRequest::Packet(p))) => {
+                        spares.keep_fragments(p.fragments);
+                        spares.keep_slots(p.slots);
+                    }
+                    Some(Ok(TxRequest::Multicast(m))) => spares.keep_slots(m.slots),
+                    Some(Err(TxVerdict::Error { slots, .. })) => spares.keep_slots(slots),
+                    Some(Err(TxVerdict::Fatal(_))) | None => break,
+                }
+            }
+        }
+        proptest::prop_assert!(spares.slots.len() <= TxSpares::KEPT);
+        proptest::prop_assert!(spares
+            .slots
+            .iter()
+            .all(|v| v.capacity() <= TxSpares::LONGEST_KEPT));
+    }
+}
