@@ -623,6 +623,7 @@ impl VnetLoop<'_> {
                 .map(|()| len);
         }
         let (csum, tso) = (dev.csum, dev.host_tso);
+        let lane = dev.lanes.get(dev.lane_of(pair)).ok_or_else(no_device)?;
         self.tap_batch
             .push(slab_len, &[], |slab| {
                 let (wire, data) = slab.split_at_mut(wire_hdr);
@@ -643,7 +644,11 @@ impl VnetLoop<'_> {
                 }
                 frame::prepare_tx(&copied_hdr, data, csum, tso)?
                     .encode(wire, WIRE_HDR)
-                    .map_err(|e| TxError::Header(e.to_string()))
+                    .map_err(|e| TxError::Header(e.to_string()))?;
+                // As `Wire::send` checks what it is handed.
+                lane.wire
+                    .check_frame(wire, len)
+                    .map_err(|e| TxError::Header(format!("wire: {e}")))
             })
             .map(|()| len)
     }
