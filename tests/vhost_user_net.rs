@@ -23,6 +23,8 @@ use shadowback_testsupport::harness::supervisor_from_toml;
 use shadowback_testsupport::operator::{fault_kill, stats_of};
 use shadowback_testsupport::temp::TempDir;
 
+mod netback_common;
+
 const MIB: u64 = 1 << 20;
 
 fn params(address: Ipv4Addr, peer: Ipv4Addr, bytes: u64) -> StreamParams {
@@ -459,4 +461,147 @@ fn tcp_super_frames_from_a_tap_reach_a_vhost_user_net_guest_through_kills() {
     );
     assert_eq!(stats.bad_used, 0);
     assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+}
+
+/// Transmit frames to a TAP leave in batches (docs/ARCHITECTURE.md §8.1):
+/// a kill can come after a batch's write and before its answers. The
+/// native client sends numbered frames, as fast as its transmit buffers
+/// come back, through ≥ 8 `fault kill`s of the data plane (more until one
+/// finds frames to send again); a packet socket on the TAP sees every
+/// frame, the first time in order (a frame sent again comes after the
+/// ones already out), every transmit buffer is answered exactly once, and
+/// the duplicates are no more than the supervisor reports possible
+/// (`tx-maybe-duplicated`).
+#[test]
+fn tx_batches_to_a_tap_survive_kills_with_every_duplicate_reported() {
+    use shadowback_testsupport::netns::enter_fresh_netns;
+    use std::os::fd::{AsFd, AsRawFd};
+    const TAP: &str = "sbvtxb0";
+    const MIN_KILLS: u32 = 8;
+    const LEN: usize = 600;
+    let outcome = thread::spawn(|| {
+        enter_fresh_netns();
+        let dir = TempDir::new("vhost-user-net-txb");
+        let (sup, socket, vhost) = start_with(&dir, &format!("tap = \"{TAP}\""), "");
+        let sock = netback_common::packet_socket(TAP);
+        // Room for every frame a loaded machine keeps the reader from.
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
+            .expect("SO_RCVBUFFORCE");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut dev = VhostUserNet::connect(&vhost, &VhostUserNetOptions::default())
+                    .expect("vhost-user-net connect");
+                let mut sent = 0u32;
+                let deadline = Instant::now() + Duration::from_secs(240);
+                while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
+                    if shadowback_guest::net::FrameDevice::can_send(&mut dev) {
+                        let f = netback_common::frame(sent, LEN);
+                        shadowback_guest::net::FrameDevice::send(&mut dev, &f).expect("send");
+                        sent += 1;
+                    } else {
+                        thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                let left = dev.settle(Duration::from_secs(20)).expect("settle");
+                (sent, left, dev.stats())
+            })
+        };
+        let (mut seen, mut buf) = (Vec::new(), vec![0u8; 4096]);
+        let mut read = |seen: &mut Vec<u32>| loop {
+            match nix::sys::socket::recv(
+                sock.as_fd().as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                // The kernel's virtio-net header, then the frame.
+                Ok(n) if n == 10 + LEN && buf[10 + 12..10 + 14] == [0x88, 0xb5] => {
+                    seen.push(netback_common::check_frame(&buf[10..n]));
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(e) => panic!("recv: {e}"),
+            }
+        };
+        let started = Instant::now();
+        let mut kills = 0u32;
+        // The first kill once frames flow.
+        while seen.is_empty() && started.elapsed() < Duration::from_secs(30) {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(2));
+        }
+        let mut next_kill = Instant::now() + Duration::from_millis(50);
+        // Until a kill found frames to send again, too.
+        let replayed = |socket: &Path| stats_of(socket, "vnet").tx_replayed > 0;
+        while (kills < MIN_KILLS || (kills < 4 * MIN_KILLS && !replayed(&socket)))
+            && started.elapsed() < Duration::from_secs(200)
+        {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(2));
+            if Instant::now() >= next_kill {
+                if fault_kill(&socket, "vnet") {
+                    kills += 1;
+                }
+                next_kill = Instant::now() + Duration::from_millis(40 + u64::from(kills) * 37 % 70);
+            }
+        }
+        // Frames after the last recovery too.
+        let before = seen.len();
+        while seen.len() < before + 1000 && started.elapsed() < Duration::from_secs(220) {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(2));
+        }
+        stop.store(true, Ordering::Release);
+        let (sent, left, stats) = sender.join().expect("sender");
+        let quiet = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < quiet {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(5));
+        }
+        let s = stats_of(&socket, "vnet");
+        sup.stop().expect("supervisor stop");
+        (kills, sent, left, stats, seen, s)
+    })
+    .join()
+    .expect("the namespace thread panicked");
+    let (kills, sent, left, stats, seen, s) = outcome;
+    assert!(kills >= MIN_KILLS, "only {kills} kills");
+    assert!(s.recoveries >= u64::from(kills), "{s:?}");
+    assert!(s.tx_replayed > 0, "no kill found a frame to send again");
+    assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
+    assert_eq!(left, 0, "transmit buffers never answered");
+    assert_eq!(
+        stats.bad_used, 0,
+        "a transmit buffer answered twice or never made available"
+    );
+    assert_eq!(stats.tx_full, 0, "the sender dropped a frame itself");
+    // First sightings: every frame, in the order sent.
+    let mut first = Vec::with_capacity(seen.len());
+    let mut at_least_once = vec![false; sent as usize];
+    for &seq in &seen {
+        let slot = at_least_once
+            .get_mut(seq as usize)
+            .unwrap_or_else(|| panic!("frame {seq} was never sent"));
+        if !std::mem::replace(slot, true) {
+            first.push(seq);
+        }
+    }
+    let dups = (seen.len() - first.len()) as u64;
+    eprintln!(
+        "kills={kills} sent={sent} seen={} dups={dups} maybe_dup={} replayed={} {stats:?}",
+        seen.len(),
+        s.tx_maybe_duplicated,
+        s.tx_replayed
+    );
+    assert_eq!(
+        first,
+        (0..sent).collect::<Vec<_>>(),
+        "a frame lost or out of order"
+    );
+    assert!(
+        dups <= s.tx_maybe_duplicated,
+        "{dups} duplicates, {} reported possible",
+        s.tx_maybe_duplicated
+    );
 }

@@ -1768,6 +1768,7 @@ impl EventLoop for NetBackend {
                 &mut self.poison,
                 &mut self.generations,
                 &mut self.metrics,
+                &mut self.tap_batch,
                 (msg, fds),
             ),
             kind::DETACH => match self.vif.as_mut() {

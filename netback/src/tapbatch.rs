@@ -19,9 +19,8 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use shadowback_dataplane::uring::{
-    AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoBuffers, IoOp,
+    AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoBuffers, IoMemory, IoOp,
 };
-use shadowback_ring::SharedRegion;
 
 /// Frames written with one submission; also the most a crash can leave
 /// written and unanswered (`tx-maybe-duplicated`).
@@ -133,8 +132,10 @@ impl TapBatch {
 
     /// Writes every queued frame to `fd`, with one submission, and waits
     /// for all of them; the write results in queue order (bytes written or
-    /// `-errno`). The batch is empty afterwards.
-    pub fn flush(&mut self, fd: RawFd, region: &Arc<SharedRegion>) -> &[i32] {
+    /// `-errno`). The guest ranges are offsets in `region` (a netif vif's
+    /// granted pages, or a virtio-net device's guest RAM). The batch is
+    /// empty afterwards.
+    pub fn flush<M: IoMemory>(&mut self, fd: RawFd, region: &Arc<M>) -> &[i32] {
         self.results.clear();
         self.results.resize(self.frames.len(), -libc::EIO);
         let mut pushed = 0;
@@ -198,6 +199,7 @@ mod tests {
     use std::os::fd::{AsRawFd, OwnedFd};
 
     use nix::fcntl::OFlag;
+    use shadowback_ring::SharedRegion;
 
     use super::*;
 

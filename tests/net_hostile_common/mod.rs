@@ -55,6 +55,12 @@ pub struct Setup {
 /// well-behaved backend on a loaded host must not be declared hung
 /// (docs/ARCHITECTURE.md §7.2), so a bystander's pid must not change.
 pub fn start(tag: &str, evil_vhost: bool) -> Setup {
+    start_on(tag, evil_vhost, "cable = \"peer\"", "cable = \"evil\"")
+}
+
+/// [`start`] with `evil`'s and `peer`'s wires given (`tap = "…"` puts
+/// each on a TAP of its own, in the calling thread's network namespace).
+pub fn start_on(tag: &str, evil_vhost: bool, evil_link: &str, peer_link: &str) -> Setup {
     let dir = TempDir::new(tag);
     let socket = dir.join("control.sock");
     let vhost = dir.join("evil.sock");
@@ -68,8 +74,8 @@ pub fn start(tag: &str, evil_vhost: bool) -> Setup {
         "socket = \"{}\"\n\
          [[nic]]\nname = \"gooda\"\ncable = \"goodb\"\n{common}\
          [[nic]]\nname = \"goodb\"\ncable = \"gooda\"\n{common}\
-         [[nic]]\nname = \"evil\"\ncable = \"peer\"\n{common}{evil_wire}\
-         [[nic]]\nname = \"peer\"\ncable = \"evil\"\n{common}",
+         [[nic]]\nname = \"evil\"\n{evil_link}\n{common}{evil_wire}\
+         [[nic]]\nname = \"peer\"\n{peer_link}\n{common}",
         socket.display()
     );
     let path = dir.join("shadowback.toml");

@@ -75,6 +75,64 @@ pub fn gather(
     Ok(len)
 }
 
+/// Where the frame of a transmit chain lies, for a write straight from
+/// guest memory: copies the first `hdr.len()` bytes of the driver-readable
+/// buffers into `hdr` and appends the rest to `ranges` as
+/// guest-physical ranges, each inside one memory region; returns the
+/// frame's length. Checked as [`gather`] checks: the same chain is
+/// refused by both for the same reason.
+pub fn locate(
+    mem: &GuestRam,
+    bufs: &[Buf],
+    hdr: &mut [u8],
+    ranges: &mut Vec<(u64, usize)>,
+) -> Result<usize, TxError> {
+    let mut at = 0usize;
+    let hdr_len = hdr.len();
+    for b in bufs {
+        if b.writable {
+            return Err(TxError::WritableBuffer);
+        }
+        let mut gpa = b.addr;
+        let mut left = b.len as usize;
+        if at < hdr_len {
+            let n = left.min(hdr_len - at);
+            mem.read(gpa, &mut hdr[at..at + n])
+                .map_err(|_| TxError::Unreadable(gpa))?;
+            at += n;
+            left -= n;
+            gpa = gpa.checked_add(n as u64).ok_or(TxError::Unreadable(gpa))?;
+        }
+        if left == 0 {
+            continue;
+        }
+        let start = at - hdr_len;
+        if start
+            .checked_add(left)
+            .is_none_or(|end| end > MAX_FRAME_LEN)
+        {
+            return Err(TxError::TooLong);
+        }
+        mem.split(gpa, left as u64, ranges)
+            .map_err(|_| TxError::Unreadable(gpa))?;
+        at += left;
+    }
+    let len = at.saturating_sub(hdr_len);
+    if at < hdr_len || len < MIN_FRAME_LEN {
+        return Err(TxError::TooShort(len));
+    }
+    Ok(len)
+}
+
+/// Whether a transmit frame with this driver header goes out as the
+/// driver wrote it, behind a plain wire header: no partial checksum to
+/// complete or set up and no segmentation. Only such a frame may be
+/// written straight from guest memory: the others are changed on the way,
+/// so they are copied first and checked in the copy.
+pub fn is_plain(hdr: &VnetHeader) -> bool {
+    !hdr.needs_csum() && matches!(hdr.tcp_gso(), Ok(None))
+}
+
 /// TCP segmentation a direction allows: what the driver negotiated
 /// (transmit: `HOST_TSO4/6`; receive: `GUEST_TSO4/6` in force) on a wire
 /// that segments (a TAP; a cable carries finished frames only).
@@ -308,6 +366,54 @@ mod tests {
         // 6 × 16 KiB after the header: beyond the largest frame.
         let big: Vec<Buf> = (0..6).map(|_| buf(0, 0x4000, false)).collect();
         assert_eq!(go(&big), Err(TxError::TooLong));
+    }
+
+    /// `locate` finds the bytes `gather` copies, and refuses every chain
+    /// `gather` refuses, for the same reason.
+    #[test]
+    fn locate_names_the_bytes_gather_copies() {
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+        // Two adjacent regions: a buffer may straddle them.
+        let mem = GuestRam::from_memory(
+            GuestMemoryMmap::from_ranges(&[
+                (GuestAddress(0), 0x10000),
+                (GuestAddress(0x10000), 0x10000),
+            ])
+            .unwrap(),
+        );
+        let bytes: Vec<u8> = (0..200u8).collect();
+        mem.write(0x1000, &bytes[..7]).unwrap();
+        mem.write(0xff80, &bytes[7..]).unwrap();
+        let bufs = [buf(0x1000, 7, false), buf(0xff80, 193, false)];
+        let (mut hdr, mut ranges) = ([0u8; 12], Vec::new());
+        assert_eq!(locate(&mem, &bufs, &mut hdr, &mut ranges), Ok(188));
+        assert_eq!(&hdr[..], &bytes[..12]);
+        assert_eq!(ranges, [(0xff85, 0x7b), (0x10000, 0x41)]);
+        let mut located = Vec::new();
+        for &(gpa, len) in &ranges {
+            let mut piece = vec![0u8; len];
+            mem.read(gpa, &mut piece).unwrap();
+            located.extend(piece);
+        }
+        let mut frame = vec![0u8; MAX_FRAME_LEN];
+        let n = gather(&mem, &bufs, &mut hdr, &mut frame).unwrap();
+        assert_eq!(located, &frame[..n]);
+
+        let big: Vec<Buf> = (0..6).map(|_| buf(0, 0x4000, false)).collect();
+        for bad in [
+            vec![buf(0, 20, false)],
+            vec![buf(0, 4, false)],
+            vec![buf(0, 100, false), buf(0x100, 8, true)],
+            vec![buf(0x1ff00, 0x200, false)],
+            big,
+        ] {
+            ranges.clear();
+            assert_eq!(
+                locate(&mem, &bad, &mut hdr, &mut ranges),
+                gather(&mem, &bad, &mut hdr, &mut frame).map(|_| 0),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

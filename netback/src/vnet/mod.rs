@@ -16,11 +16,16 @@
 //! them), or the one cable every pair shares, whose received frames are
 //! fanned out by flow hash ([`frame::flow_hash`]). Each iteration:
 //!
-//! - **TX** (queue `2i + 1`): every available head is logged, its chain gathered
-//!   into a private frame ([`frame::gather`]), a partial checksum
-//!   completed, the frame written to the wire, the entry marked *sent*,
-//!   then the used element written (logged COMPLETING). A malformed chain
-//!   gets its used element too (length 0), so no driver waits for ever.
+//! - **TX** (queue `2i + 1`): every available head is logged and its chain
+//!   walked. To a TAP, up to [`TX_BATCH`] frames are written with one
+//!   submission ([`TapBatch`]): a plain frame straight from the driver's
+//!   buffers ([`frame::locate`]), one with a partial checksum or a TCP
+//!   super-frame gathered and finished in the batch's slab first; to a
+//!   cable (and in a replay) each frame is gathered into a private frame
+//!   ([`frame::gather`]) and sent on its own. Each head's used element is
+//!   written (logged COMPLETING) after its frame's write — on a TAP after
+//!   the batch's. A malformed chain gets its used element too (length 0),
+//!   so no driver waits for ever.
 //! - **RX** (queue `2i`): available heads are logged and kept in a pool in
 //!   avail order; while the pool is not empty the wire is read and each
 //!   frame written into the first heads of the pool (several with
@@ -38,7 +43,8 @@
 //! Recovery is the shared applier on each queue's log, with the virtqueue
 //! rule of §7.4: a head stays the device's until its used element is
 //! visible, so a head to replay is walked again in the ring. TX heads
-//! marked sent are answered only; the others are sent again. RX heads go
+//! answered (or, by an older instance, marked sent) are answered only;
+//! the others are sent again. RX heads go
 //! back to the pool; a receive frame whose used elements were not all
 //! written is shown to the driver as empty buffers, never in part.
 
@@ -57,7 +63,7 @@ use shadowback_dataplane::control::{
 };
 use shadowback_dataplane::event_loop::{self, arm, BackendError, EventLoop, Generations, Token};
 use shadowback_dataplane::recovery::{
-    self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay,
+    self, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay,
 };
 use shadowback_dataplane::uring::{Completion, Engine};
 use shadowback_ring::EventChannel;
@@ -81,6 +87,7 @@ use crate::backend::{
     publish_metrics, NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED,
     KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
 };
+use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
 use crate::wire::tap::set_queue_attached;
 use crate::wire::{
     Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MAX_FRAME_LEN, MIN_FRAME_LEN,
@@ -104,6 +111,16 @@ const CHAIN_CAP: usize = 64;
 const WALK_BUDGET: u32 = 1 << 16;
 /// The header the wire carries (the supervisor sets the TAP up with it).
 const WIRE_HDR: VnetHeaderLen = VnetHeaderLen::Basic;
+
+/// A transmit head whose frame is in the TAP batch: answered once the
+/// batch is written.
+#[derive(Clone, Copy, Debug)]
+struct Batched {
+    head: u16,
+    entry: Option<EntryId>,
+    /// Bytes of the frame (without any header).
+    len: usize,
+}
 
 /// A posted receive head.
 #[derive(Clone, Copy, Debug)]
@@ -374,6 +391,13 @@ struct VnetLoop<'a> {
     recovery: NetRecovery,
     completions: Vec<Completion>,
     chain: Chain,
+    /// Transmit frames for a TAP, written together (the netif loop's
+    /// batch, made before the process was confined).
+    tap_batch: &'a mut TapBatch,
+    /// The heads of `tap_batch`, in its order, all of one pair.
+    tx_batched: Vec<Batched>,
+    /// Scratch: the guest ranges of one transmit frame.
+    tx_ranges: Vec<(u64, usize)>,
     /// Wire header + the largest frame: one transmit frame at a time.
     frame: Vec<u8>,
     /// Frames read from the wire.
@@ -385,6 +409,10 @@ struct VnetLoop<'a> {
 /// Serves a vif's virtqueues until the supervisor closes the control
 /// channel, starting with the `attach-virtio` in `first`. Called by the
 /// netif loop, which must have no vif attached.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is a separate borrow of the netif loop's state, lent for the loop's life"
+)]
 pub(crate) fn serve(
     engine: &mut Engine,
     control: &SeqPacket,
@@ -392,6 +420,7 @@ pub(crate) fn serve(
     poison: &mut Vec<u64>,
     generations: &mut Generations,
     metrics: &mut Option<MetricsWriter>,
+    tap_batch: &mut TapBatch,
     first: (Message, Vec<OwnedFd>),
 ) -> Result<(), BackendError> {
     let mut lp = VnetLoop {
@@ -406,6 +435,9 @@ pub(crate) fn serve(
         recovery: NetRecovery::default(),
         completions: Vec::with_capacity(16),
         chain: Chain::default(),
+        tap_batch,
+        tx_batched: Vec::with_capacity(TX_BATCH),
+        tx_ranges: Vec::with_capacity(2 * CHAIN_CAP),
         frame: vec![0; WIRE_HDR.bytes() + MAX_FRAME_LEN],
         rx_scratch: Vec::new(),
         out: Vec::new(),
@@ -472,8 +504,15 @@ impl VnetLoop<'_> {
 
     // ---- TX ------------------------------------------------------------
 
-    /// Takes and sends every head the transmit queue of `pair` holds.
+    /// Takes and sends every head the transmit queue of `pair` holds; what
+    /// is batched for a TAP is written and answered before it returns.
     fn consume_tx(&mut self, pair: usize) -> Result<(), BackendError> {
+        let taken = self.take_tx(pair);
+        self.flush_tx(pair);
+        taken
+    }
+
+    fn take_tx(&mut self, pair: usize) -> Result<(), BackendError> {
         let ring = tx_ring(pair);
         let mut budget = WALK_BUDGET;
         loop {
@@ -484,6 +523,8 @@ impl VnetLoop<'_> {
                 return Ok(());
             }
             let mem = dev.mem.clone();
+            let on_tap =
+                (dev.lanes.get(dev.lane_of(pair))).is_some_and(|l| l.wire.kind() == WireKind::Tap);
             let Some(p) = dev.pair(pair) else {
                 return Ok(());
             };
@@ -499,34 +540,157 @@ impl VnetLoop<'_> {
                 tracing::error!(device = %self.cfg.device, head = taken.head, "poisoned head: aborting (fault injection)");
                 std::process::abort();
             }
-            self.send_head(pair, taken.head, taken.entry);
+            if on_tap {
+                self.queue_tx(pair, taken.head, taken.entry);
+            } else {
+                self.send_head(pair, taken.head, taken.entry);
+            }
             budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
         }
     }
 
-    /// Sends the frame of transmit head `head` of `pair`, marks it sent,
-    /// answers it.
+    /// Sends the frame of transmit head `head` of `pair` on its own and
+    /// answers it: its used element, logged COMPLETING right after the
+    /// write, is what says the frame went out (docs/ARCHITECTURE.md §8.1).
     fn send_head(&mut self, pair: usize, head: u16, entry: Option<EntryId>) {
-        let ring = tx_ring(pair);
-        match self.transmit(pair, head) {
-            Ok(()) => {
-                let log = self
-                    .device
-                    .as_ref()
-                    .and_then(|d| d.queue_ref(ring))
-                    .and_then(|q| q.log.as_ref());
-                if let (Some(log), Some(entry)) = (log, entry) {
-                    if let Err(e) = log.set_progress(entry, TX_SENT) {
-                        log_failed(&self.cfg.device, e);
-                    }
+        if let Err(e) = self.transmit(pair, head) {
+            tracing::debug!(device = %self.cfg.device, head, error = %e, "TX frame refused");
+            self.stats.tx_errors += 1;
+        }
+        self.answer(tx_ring(pair), entry, UsedRecord::single(head, 0));
+    }
+
+    /// Puts the frame of transmit head `head` of `pair` in the TAP batch
+    /// (written and answered at the next [`VnetLoop::flush_tx`], at the
+    /// latest when the drain of the queue ends); a frame refused here is
+    /// answered at once.
+    fn queue_tx(&mut self, pair: usize, head: u16, entry: Option<EntryId>) {
+        match self.batch_frame(pair, head) {
+            Ok(len) => {
+                self.tx_batched.push(Batched { head, entry, len });
+                if self.tap_batch.len() >= TX_BATCH {
+                    self.flush_tx(pair);
                 }
             }
-            Err(e) => {
+            Err(PushError::Fill(e)) => {
                 tracing::debug!(device = %self.cfg.device, head, error = %e, "TX frame refused");
                 self.stats.tx_errors += 1;
+                self.answer(tx_ring(pair), entry, UsedRecord::single(head, 0));
             }
+            // Not expected after a flush: sent on its own.
+            Err(PushError::Full | PushError::Busy) => self.send_head(pair, head, entry),
         }
-        self.answer(ring, entry, UsedRecord::single(head, 0));
+    }
+
+    /// Puts one transmit frame in the TAP batch; its length. A plain
+    /// frame ([`frame::is_plain`]) is its wire header, in the batch's
+    /// slab, and its ranges of guest memory: the kernel copies it once,
+    /// straight from the driver's buffers. Any other is gathered into the
+    /// slab and finished there ([`frame::prepare_tx`]), so what was
+    /// checked is what is written.
+    fn batch_frame(&mut self, pair: usize, head: u16) -> Result<usize, PushError<TxError>> {
+        let no_device = || PushError::Fill(TxError::Header("no device".into()));
+        self.walk(tx_ring(pair), head)
+            .map_err(|e| PushError::Fill(TxError::Header(e)))?;
+        let dev = self.device.as_ref().ok_or_else(no_device)?;
+        let wire_hdr = WIRE_HDR.bytes();
+        let mut hdr = [0u8; 12];
+        self.tx_ranges.clear();
+        let len = frame::locate(
+            &dev.mem,
+            &self.chain.bufs,
+            &mut hdr[..dev.hdr_len],
+            &mut self.tx_ranges,
+        )
+        .map_err(PushError::Fill)?;
+        let header = |e: &dyn std::fmt::Display| PushError::Fill(TxError::Header(e.to_string()));
+        let driver_hdr = VnetHeader::decode(&hdr, WIRE_HDR).map_err(|e| header(&e))?;
+        driver_hdr.validate(len).map_err(|e| header(&e))?;
+        let plain = frame::is_plain(&driver_hdr);
+        let slab_len = if plain { wire_hdr } else { wire_hdr + len };
+        if !self.tap_batch.has_room(slab_len) {
+            self.flush_tx(pair);
+        }
+        let dev = self.device.as_ref().ok_or_else(no_device)?;
+        if plain {
+            return self
+                .tap_batch
+                .push(slab_len, &self.tx_ranges, |slab| {
+                    VnetHeader::plain()
+                        .encode(slab, WIRE_HDR)
+                        .map_err(|e| TxError::Header(e.to_string()))
+                })
+                .map(|()| len);
+        }
+        let (csum, tso) = (dev.csum, dev.host_tso);
+        let lane = dev.lanes.get(dev.lane_of(pair)).ok_or_else(no_device)?;
+        self.tap_batch
+            .push(slab_len, &[], |slab| {
+                let (wire, data) = slab.split_at_mut(wire_hdr);
+                let mut copied_hdr = [0u8; 12];
+                let copied = frame::gather(
+                    &dev.mem,
+                    &self.chain.bufs,
+                    &mut copied_hdr[..dev.hdr_len],
+                    data,
+                )?;
+                // The copy is what goes out: its header is the one checked.
+                let copied_hdr = VnetHeader::decode(&copied_hdr, WIRE_HDR)
+                    .map_err(|e| TxError::Header(e.to_string()))?;
+                if copied != len {
+                    return Err(TxError::Header(
+                        "the chain changed while it was read".into(),
+                    ));
+                }
+                frame::prepare_tx(&copied_hdr, data, csum, tso)?
+                    .encode(wire, WIRE_HDR)
+                    .map_err(|e| TxError::Header(e.to_string()))?;
+                // As `Wire::send` checks what it is handed.
+                lane.wire
+                    .check_frame(wire, len)
+                    .map_err(|e| TxError::Header(format!("wire: {e}")))
+            })
+            .map(|()| len)
+    }
+
+    /// Writes the TAP batch to the lane of `pair` and answers its heads
+    /// in batch order (avail order), each after the whole batch's write.
+    fn flush_tx(&mut self, pair: usize) {
+        if self.tap_batch.is_empty() {
+            return;
+        }
+        let Some(dev) = self.device.as_mut() else {
+            // Never queued without a device; nothing of it may outlive it.
+            self.tap_batch.clear();
+            self.tx_batched.clear();
+            return;
+        };
+        let lane = dev.lane_of(pair);
+        let fd = dev.lanes[lane].wire.fd().as_raw_fd();
+        let mut results = [0i32; TX_BATCH];
+        let written = self.tap_batch.flush(fd, &dev.mem);
+        results[..written.len()].copy_from_slice(written);
+        let mut batched = std::mem::take(&mut self.tx_batched);
+        for (b, &result) in batched.iter().zip(&results) {
+            let Some(dev) = self.device.as_mut() else {
+                break;
+            };
+            match dev.lanes[lane].wire.count_write(result) {
+                Ok(SendOutcome::Sent) => {
+                    self.stats.tx_packets += 1;
+                    self.stats.tx_bytes += b.len as u64;
+                }
+                // A full queue or a down link loses the frame, as on a NIC.
+                Ok(SendOutcome::Dropped(_)) => self.stats.tx_wire_drops += 1,
+                Err(e) => {
+                    tracing::debug!(device = %self.cfg.device, head = b.head, error = %e, "TX frame refused by the TAP");
+                    self.stats.tx_errors += 1;
+                }
+            }
+            self.answer(tx_ring(pair), b.entry, UsedRecord::single(b.head, 0));
+        }
+        batched.clear();
+        self.tx_batched = batched;
     }
 
     /// Gathers, checks and writes one transmit frame to the lane of
@@ -1195,6 +1359,11 @@ impl VnetLoop<'_> {
             let mut target = QueueReplay::new(self, queue_ring(index), plan);
             recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
         }
+        // Frames a crash can leave written and not answered, per queue.
+        let window = match wire_kind {
+            WireKind::Tap => TX_BATCH,
+            WireKind::Cable => 1,
+        };
         for (pair, (rx_plan, tx_plan)) in pair_plans.iter().enumerate() {
             if let Some(plan) = rx_plan {
                 let mut target = QueueReplay::new(self, rx_ring(pair), plan);
@@ -1203,14 +1372,13 @@ impl VnetLoop<'_> {
             if let Some(plan) = tx_plan {
                 let mut target = QueueReplay::new(self, tx_ring(pair), plan);
                 // Counted now: a serial replay runs after the reply. Heads
-                // are sent in consumption order and each is marked right
-                // after its write: per queue only the first unmarked one
-                // can have left the dead instance too.
+                // are sent in consumption order and each is answered right
+                // after its write — on a TAP after its batch's write: per
+                // queue only the first one not answered (on a TAP, the
+                // first TX_BATCH) can have left the dead instance too.
                 let unsent = plan.reexecute.len() - target.sent.len();
                 target.lp.recovery.tx_replayed += unsent as u64;
-                if unsent > 0 {
-                    target.lp.recovery.tx_maybe_duplicated += 1;
-                }
+                target.lp.recovery.tx_maybe_duplicated += unsent.min(window) as u64;
                 recovery::apply_plan(&mut target, plan, blame, &mut stats).map_err(proto)?;
             }
         }
