@@ -838,6 +838,7 @@ fn writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device() {
             let dev = LoopDevice::attach(&d.path);
             d.path = dev.path.clone();
             d.cache = CacheMode::None;
+            d.fast_takeover = true;
             loop_dev = Some(dev);
         },
         &[],
@@ -863,6 +864,10 @@ fn a_fence_held_in_the_kernel_stalls_only_its_own_disk() {
     let dev = LoopDevice::attach(&disks[0].path);
     disks[0].path = dev.path.clone();
     disks[0].cache = CacheMode::None;
+    // The fence before the takeover: the wait this test is about stalls the
+    // takeover itself (with `fast_takeover` it runs beside the next
+    // instance, `a_request_overlapping_a_dead_instances_write_waits_for_the_fence`).
+    disks[0].fast_takeover = false;
     let harness = Harness::start_with(dir, disks, backend_command());
     let attach = |name: &str| {
         let mut cfg = BlkFrontConfig::new(name);

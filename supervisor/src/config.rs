@@ -126,13 +126,9 @@ pub struct DiskConfig {
     /// Take over without waiting for the dead instance's I/O: the next
     /// instance serves at once and holds back only the dead instance's
     /// unanswered requests and what conflicts with them, until its fence is
-    /// down (docs/ARCHITECTURE.md §7.3). Off by default: on a block
-    /// device under load the held requests were once never released (no
-    /// `fenced`; `writes_of_a_killed_instance_never_land_after_the_replay_on_a_block_device`),
-    /// and once answered a held write before the fence
-    /// (`a_request_overlapping_a_dead_instances_write_waits_for_the_fence`);
-    /// causes not found yet.
-    #[serde(default)]
+    /// down (docs/ARCHITECTURE.md §7.3). On by default; `false` fences
+    /// first and then takes over.
+    #[serde(default = "default_true")]
     pub fast_takeover: bool,
 }
 
@@ -192,7 +188,7 @@ impl DiskConfig {
             iops_burst: 0,
             bandwidth_limit_mib: 0,
             bandwidth_burst_mib: 0,
-            fast_takeover: false,
+            fast_takeover: true,
         }
     }
 
@@ -1235,14 +1231,14 @@ mod tests {
     }
 
     #[test]
-    fn fast_takeover_is_off_unless_turned_on() {
-        assert!(!DiskConfig::new("a", "/x").fast_takeover);
+    fn fast_takeover_is_on_unless_turned_off() {
+        assert!(DiskConfig::new("a", "/x").fast_takeover);
         let disk = |extra: &str| {
             let text = format!("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\n{extra}");
             Config::parse(&text).unwrap().disks[0].fast_takeover
         };
-        assert!(!disk(""));
-        assert!(disk("fast_takeover = true"));
+        assert!(disk(""));
+        assert!(!disk("fast_takeover = false"));
     }
 
     #[test]

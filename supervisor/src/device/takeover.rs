@@ -142,6 +142,7 @@ impl DeviceTask {
         };
         let pid = old.pid();
         let age = old.age();
+        let held = old.held;
         let detect = match (failure, injected) {
             (Failure::Hung { since }, _) => seen.saturating_duration_since(since),
             (Failure::Crashed, Some(kill)) => seen.saturating_duration_since(kill),
@@ -155,12 +156,16 @@ impl DeviceTask {
         // while it still holds requests back is fenced, with the earlier
         // one, before its successor takes over — which then replays at
         // once. Without that, kills coming faster than fences would keep
-        // the held requests from ever running.
-        let fence_pending = self.fencing.as_ref().is_some_and(|f| !f.is_finished());
-        if !fence_pending {
+        // the held requests from ever running. It still holds them when it
+        // was never sent `fenced`, also when the fence it waited for is
+        // done and its `Event::Fenced` was not handled yet (the kill won
+        // the main loop's select): then its successor must not hold them
+        // back again either.
+        let fence_first = held || self.fencing.as_ref().is_some_and(|f| !f.is_finished());
+        if !fence_first {
             self.await_fences().await;
         }
-        if !fence_pending && self.recoverable() && self.class.holds_back() {
+        if !fence_first && self.recoverable() && self.class.holds_back() {
             let stopping = Instant::now();
             if old.stop() {
                 // docs/ARCHITECTURE.md §7.3: it runs no more instructions;
@@ -168,7 +173,7 @@ impl DeviceTask {
                 // instance serves what does not conflict with it.
                 let fence = stopping.elapsed();
                 tracing::error!(
-                    device = %self.name, pid, ?failure,
+                    device = %self.name, pid, ?failure, held,
                     detect_us = micros(detect), stop_us = micros(fence),
                     "backend failed: stopped, I/O fenced in the background"
                 );
@@ -182,7 +187,7 @@ impl DeviceTask {
         let fence = fenced.io_done.saturating_duration_since(fenced.kill_sent);
         let io_wait = fenced.io_done.saturating_duration_since(fenced.reaped);
         tracing::error!(
-            device = %self.name, pid, ?failure, status = %fenced.status,
+            device = %self.name, pid, ?failure, held, status = %fenced.status,
             detect_us = micros(detect), fence_us = micros(fence), io_wait_us = micros(io_wait),
             "backend failed"
         );
@@ -380,7 +385,7 @@ impl DeviceTask {
         instance.serving = true;
         instance.membarrier = reply.get_flag(key::MEMBARRIER).ok().flatten() == Some(true);
         tracing::info!(
-            device = %self.name, pid = instance.pid(), from_standby,
+            device = %self.name, pid = instance.pid(), from_standby, held = instance.held,
             generation = report.generation, replayed = report.replayed,
             repushed = report.repushed, poisoned = report.poisoned, corrupt = report.corrupt,
             tx_replayed = report.tx_replayed, rx_buffers_recovered = report.rx_buffers_recovered,

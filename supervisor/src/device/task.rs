@@ -240,6 +240,11 @@ impl DeviceTask {
                     let _ = reply.send(res);
                 }
                 Event::Command(Command::Freeze { reply, resume }) => {
+                    // The state names no background fence: an instance
+                    // holding requests back gets its `fenced` from this
+                    // binary, or the one taking over would never send it
+                    // (docs/ARCHITECTURE.md §7.3).
+                    self.await_fences().await;
                     if reply.send(self.handover()).is_ok() {
                         // Paused until the upgrade's `execve` failed (or
                         // succeeded, and this process is gone).

@@ -47,6 +47,7 @@ pub(crate) fn instance_state(i: &Instance, fds: &mut Handover) -> InstanceState 
         control: fds.fd(control),
         poisons_sent: i.poisons_sent,
         serving: i.serving,
+        membarrier: i.membarrier,
         fence: i.io_fence().map(|f| {
             let (disk, slot) = f.parts();
             FenceState {
@@ -208,12 +209,15 @@ pub(crate) fn inherit_instance(
         Some(f) => Some(IoFence::from_parts(fds.file(f.disk)?, f.slot)),
         None => None,
     };
-    Instance::inherit(
+    let mut instance = Instance::inherit(
         s.pid,
         fds.fd(s.pidfd)?,
         fds.fd(s.control)?,
         fence,
         s.poisons_sent,
         s.serving,
-    )
+    )?;
+    // Registered once, before its filter: still so in this binary.
+    instance.membarrier = s.membarrier;
+    Ok(instance)
 }

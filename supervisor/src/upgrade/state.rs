@@ -157,6 +157,13 @@ pub(crate) struct InstanceState {
     pub poisons_sent: usize,
     pub serving: bool,
     pub fence: Option<FenceState>,
+    /// It registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED`
+    /// (`Instance::membarrier`): the binary that takes over can prove a
+    /// kill of it final at once (docs/ARCHITECTURE.md §7.2). A state
+    /// written without it reads `false`: that instance's kill waits for
+    /// its exit, as it did before.
+    #[serde(default)]
+    pub membarrier: bool,
 }
 
 /// An instance's I/O fence (`spawn::IoFence`).
@@ -326,6 +333,27 @@ mod tests {
         let back = State::read(st.to_memfd().unwrap()).unwrap();
         assert_eq!(back.config, cfg);
         assert_eq!(back.block_pool.size, 3);
+    }
+
+    #[test]
+    fn an_instance_keeps_its_membarrier_and_an_older_state_reads_without_it() {
+        let instance = InstanceState {
+            pid: 10,
+            pidfd: 11,
+            control: 12,
+            poisons_sent: 0,
+            serving: true,
+            fence: None,
+            membarrier: true,
+        };
+        let text = serde_json::to_string(&instance).unwrap();
+        let back: InstanceState = serde_json::from_str(&text).unwrap();
+        assert!(back.membarrier);
+        // As a binary from before the field wrote it.
+        let older = text.replace(",\"membarrier\":true", "");
+        assert_ne!(older, text);
+        let back: InstanceState = serde_json::from_str(&older).unwrap();
+        assert!(!back.membarrier);
     }
 
     #[test]
