@@ -115,9 +115,8 @@ pub struct FailoverArgs {
     workload: Workload,
     /// The disk's `fast_takeover`: serve at once, holding back only what
     /// conflicts with the dead instance's I/O (docs/ARCHITECTURE.md §7.3).
-    /// On by default, as in a `[[disk]]`; `--fast-takeover=false` fences
-    /// first.
-    #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true",
+    /// Off by default, as in a `[[disk]]`: `--fast-takeover` turns it on.
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true",
           action = clap::ArgAction::Set)]
     fast_takeover: bool,
     /// vhost-user: virtqueues, each with its own round worker under
