@@ -1075,6 +1075,15 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         }
         let closing = att.closing;
         let name = att.name.clone();
+        // Its kick reads would take the first kick of a later attachment
+        // that shares an eventfd (a VMM re-sends its kick fds).
+        for ring in 0..att.rings.count() {
+            let token = Token::Kick {
+                generation: att.generation,
+                ring: ring as u8,
+            };
+            self.core.engine.cancel(token.encode());
+        }
         self.attachment = None;
         tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
         if closing == Closing::Detach {

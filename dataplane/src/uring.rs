@@ -391,6 +391,12 @@ pub enum IoOp {
         /// What to add; lives in the op's slot.
         value: u64,
     },
+    /// Cancels the op in slot `slot` ([`Engine::cancel`]); the result is
+    /// 0, `-ENOENT` (it finished first) or `-EALREADY`.
+    Cancel {
+        /// The engine slot (the `user_data`) of the op to cancel.
+        slot: u64,
+    },
 }
 
 impl IoOp {
@@ -614,6 +620,25 @@ impl Engine {
     /// Ops pushed and not yet reaped by [`Engine::drain`].
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Cancels the ops in flight that were pushed with `token` (not
+    /// cancels themselves): e.g. a kick's read once its attachment is
+    /// gone, so that it does not take the next attachment's kick from a
+    /// shared eventfd. Each cancel is an op of its own, with the same
+    /// token, so the table still bounds the completion queue; a cancelled
+    /// op completes with `-ECANCELED`. What finds no room stays in
+    /// flight. Returns how many cancels were queued.
+    pub fn cancel(&mut self, token: Token) -> usize {
+        let mut queued = 0;
+        for slot in 0..self.slots.len() {
+            let target = matches!(&self.slots[slot],
+                Some(e) if e.token == token && !matches!(e.op, IoOp::Cancel { .. }));
+            if target && self.push(token, IoOp::Cancel { slot: slot as u64 }).is_ok() {
+                queued += 1;
+            }
+        }
+        queued
     }
 
     /// Queues an op (no syscall). When the SQ is full, submits what is
@@ -868,6 +893,7 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
                 .offset(u64::MAX)
                 .build()
         }
+        IoOp::Cancel { slot } => opcode::AsyncCancel2::new(CancelBuilder::user_data(*slot)).build(),
         IoOp::AddCounter { fd, value } => {
             opcode::Write::new(Fd(*fd), std::ptr::from_ref(value).cast(), 8)
                 .offset(u64::MAX)
@@ -1382,6 +1408,43 @@ mod tests {
             }]
         );
         assert_eq!(full.read().unwrap(), 1);
+    }
+
+    /// A cancelled counter read leaves the next kick in the eventfd for
+    /// whoever waits next.
+    #[test]
+    fn a_cancelled_counter_read_takes_no_kick() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        engine.push(5, IoOp::read_counter(efd.as_raw_fd())).unwrap();
+        engine.push(6, IoOp::read_counter(efd.as_raw_fd())).unwrap();
+        engine.submit_and_wait(0).unwrap();
+        assert_eq!(engine.cancel(5), 1);
+        let mut done = wait_for(&mut engine, 2);
+        done.sort_by_key(|c| c.result);
+        assert_eq!(
+            done,
+            [
+                Completion {
+                    token: 5,
+                    result: -libc::ECANCELED
+                },
+                Completion {
+                    token: 5,
+                    result: 0
+                },
+            ]
+        );
+        assert_eq!(engine.in_flight(), 1, "token 6 is still waiting");
+        efd.write(1).unwrap();
+        assert_eq!(
+            wait_for(&mut engine, 1),
+            [Completion {
+                token: 6,
+                result: 8
+            }]
+        );
     }
 
     /// A loop that notifies and then waits for its next event is not
