@@ -66,6 +66,10 @@ impl RingSet for XenRing {
         self.notify.notify().map_err(|e| e.to_string())
     }
 
+    fn notify_channel(&self, _ring: usize) -> &EventChannel {
+        &self.notify
+    }
+
     fn label(&self, _ring: usize) -> Option<u16> {
         None
     }

@@ -6,6 +6,7 @@
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
+use shadowback_ring::EventChannel;
 use shadowback_shadow::ShadowLog;
 use shadowback_xenbus::{SeqPacket, XenbusError};
 
@@ -53,12 +54,16 @@ pub enum Token {
         ring: u8,
         slot: u16,
     },
+    /// The notification of ring `ring`'s guest was sent
+    /// ([`IoOp::AddCounter`]).
+    Notify { generation: u32, ring: u8 },
 }
 
 impl Token {
     const CONTROL: u64 = 0;
     const KICK: u64 = 1;
     const IO: u64 = 2;
+    const NOTIFY: u64 = 3;
 
     pub fn encode(self) -> u64 {
         match self {
@@ -72,6 +77,9 @@ impl Token {
                 slot,
             } => {
                 Self::IO | u64::from(ring) << 2 | u64::from(slot) << 8 | u64::from(generation) << 32
+            }
+            Token::Notify { generation, ring } => {
+                Self::NOTIFY | u64::from(ring) << 2 | u64::from(generation) << 32
             }
         }
     }
@@ -88,6 +96,9 @@ impl Token {
                 ring,
                 slot: ((token >> 8) & 0xffff) as u16,
             }),
+            Self::NOTIFY if (token >> 8) & 0xff_ffff == 0 => {
+                Some(Token::Notify { generation, ring })
+            }
             _ => None,
         }
     }
@@ -165,7 +176,25 @@ pub trait EventLoop {
     /// The control socket is readable.
     fn on_control(&mut self) -> Result<(), BackendError>;
     fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
+    /// A kick's wait completed with `result`: a `poll` mask, or
+    /// [`COUNTER_OK`] where the loop waits with [`arm_kick`]. By default
+    /// [`EventLoop::on_kick`], for loops that wait with polls.
+    fn on_kick_result(
+        &mut self,
+        generation: u32,
+        ring: u8,
+        result: i32,
+    ) -> Result<(), BackendError> {
+        let _ = result;
+        self.on_kick(generation, ring)
+    }
     fn on_io(&mut self, generation: u32, ring: u8, slot: u16, result: i32);
+    /// A notification queued on the engine ([`IoOp::AddCounter`])
+    /// completed with `result` (8, or `-errno`). By default nothing: loops
+    /// that notify with `write(2)` queue none.
+    fn on_notified(&mut self, generation: u32, ring: u8, result: i32) {
+        let _ = (generation, ring, result);
+    }
 }
 
 /// Serves until the supervisor closes the control channel.
@@ -209,12 +238,17 @@ pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
                     lp.on_control()?;
                     arm_control(lp)?;
                 }
-                Some(Token::Kick { generation, ring }) => lp.on_kick(generation, ring)?,
+                Some(Token::Kick { generation, ring }) => {
+                    lp.on_kick_result(generation, ring, c.result)?;
+                }
                 Some(Token::Io {
                     generation,
                     ring,
                     slot,
                 }) => lp.on_io(generation, ring, slot, c.result),
+                Some(Token::Notify { generation, ring }) => {
+                    lp.on_notified(generation, ring, c.result);
+                }
                 None => {}
             }
         }
@@ -248,6 +282,42 @@ pub fn arm(engine: &mut Engine, token: Token, fd: RawFd) -> Result<(), BackendEr
     engine
         .push(token.encode(), IoOp::PollIn { fd })
         .map_err(|(e, _)| BackendError::Engine(e))
+}
+
+/// The result of an [`IoOp::ReadCounter`] that took an eventfd's counter,
+/// or of an [`IoOp::AddCounter`] that added to it: the 8 bytes.
+pub const COUNTER_OK: i32 = 8;
+
+/// Waits for the next kick on `channel` with a read of its counter
+/// ([`IoOp::ReadCounter`]), completing with `token`: the wake-up and the
+/// read in one completion, where a poll needs a `poll` and a `read` after
+/// it (docs/ARCHITECTURE.md §11.2, "Kicks and adaptive polling").
+pub fn arm_kick(
+    engine: &mut Engine,
+    token: Token,
+    channel: &EventChannel,
+) -> Result<(), BackendError> {
+    engine
+        .push(token.encode(), IoOp::read_counter(channel.as_raw_fd()))
+        .map_err(|(e, _)| BackendError::Engine(e))
+}
+
+/// Waits for the next kick after one completed with `result`. A read that
+/// took the counter ([`COUNTER_OK`]) is armed again; anything else (a poll
+/// mask, or a read the fd refused: it is not an eventfd) is drained with
+/// `read(2)` behind a guard and answered by a poll, so a fd that fails
+/// every read cannot make the loop spin: each poll waits for input.
+pub fn rearm_kick(
+    engine: &mut Engine,
+    token: Token,
+    channel: &EventChannel,
+    result: i32,
+) -> Result<(), BackendError> {
+    if result == COUNTER_OK {
+        return arm_kick(engine, token, channel);
+    }
+    let _ = channel.drain();
+    arm(engine, token, channel.as_raw_fd())
 }
 
 /// Hands the device the first requests of a burst while the rest are
@@ -404,10 +474,19 @@ mod tests {
                 ring: 0,
                 slot: 0,
             },
+            Token::Notify {
+                generation: u32::MAX,
+                ring: 63,
+            },
+            Token::Notify {
+                generation: 1,
+                ring: 0,
+            },
         ] {
             assert_eq!(Token::decode(t.encode()), Some(t));
         }
-        assert_eq!(Token::decode(3), None);
+        // A notification has no slot.
+        assert_eq!(Token::decode(3 | 1 << 8), None);
     }
 
     #[test]

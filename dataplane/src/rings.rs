@@ -107,8 +107,12 @@ pub trait RingSet {
         use std::os::fd::AsRawFd;
         self.kick(ring).as_raw_fd()
     }
-    /// Signals the guest that `ring` has responses.
+    /// Signals the guest that `ring` has responses, with a guarded
+    /// `write(2)`.
     fn notify(&self, ring: usize) -> Result<(), String>;
+    /// The eventfd [`RingSet::notify`] writes, for a loop that sends the
+    /// notification through its engine instead.
+    fn notify_channel(&self, ring: usize) -> &EventChannel;
     /// The ring's name in a `disconnect` (`queue=`), if the transport
     /// has several.
     fn label(&self, ring: usize) -> Option<u16>;

@@ -9,7 +9,7 @@
 //! from an attach message.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::{
@@ -23,13 +23,14 @@ use crate::control::{
     send_detached, AttachFlags,
 };
 use crate::event_loop::{
-    self, arm, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
+    self, arm_kick, rearm_kick, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
+    COUNTER_OK,
 };
 use crate::model::{DeviceModel, Footprint, Started, Submit, Traffic};
 use crate::qos::Qos;
 use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
-use crate::uring::{Completion, Engine};
+use crate::uring::{Completion, Engine, IoOp};
 
 /// Counters of one backend process, over all its attachments.
 #[derive(Clone, Copy, Debug, Default)]
@@ -233,6 +234,8 @@ struct RingState<T, P> {
     replay: SerialReplay<T>,
     /// The guest broke the ring: take nothing more from it.
     broken: bool,
+    /// A notification is on the engine, not reaped yet.
+    notifying: bool,
 }
 
 impl<T, P> RingState<T, P> {
@@ -245,6 +248,7 @@ impl<T, P> RingState<T, P> {
             free: (0..size).rev().collect(),
             replay: SerialReplay::default(),
             broken: false,
+            notifying: false,
         }
     }
 
@@ -337,7 +341,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     }
 
     fn has_room(&self, core: &Core) -> bool {
-        core.has_room(M::MAX_OPS, R::MAX_RINGS)
+        // Each ring's kick read and notification beside the request.
+        core.has_room(M::MAX_OPS, 2 * R::MAX_RINGS)
     }
 
     /// Takes what each ring holds (as far as slots, engine room and the
@@ -648,9 +653,46 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             }
             if self.rings.published(ring) {
                 core.stats.notifications += 1;
-                if let Err(e) = self.rings.notify(ring) {
-                    tracing::warn!(device = %core.device, ring, error = %e, "notify failed");
-                }
+                self.notify(core, ring);
+            }
+        }
+    }
+
+    /// Signals ring `ring`'s guest: through the engine, sent with the
+    /// loop's next `io_uring_enter` (no syscall of its own); with a
+    /// guarded `write(2)` at once while the previous one is still on the
+    /// engine (it may have been sent before this publish) or the engine
+    /// has no room.
+    fn notify(&mut self, core: &mut Core, ring: usize) {
+        let st = &mut self.state[ring];
+        if !st.notifying {
+            let token = Token::Notify {
+                generation: self.generation,
+                ring: ring as u8,
+            };
+            let fd = self.rings.notify_channel(ring).as_raw_fd();
+            if core.engine.push(token.encode(), IoOp::signal(fd)).is_ok() {
+                st.notifying = true;
+                return;
+            }
+        }
+        if let Err(e) = self.rings.notify(ring) {
+            tracing::warn!(device = %core.device, ring, error = %e, "notify failed");
+        }
+    }
+
+    /// The engine sent ring `ring`'s notification with `result`. One it
+    /// could not send (a full counter: the guest has a wake-up pending;
+    /// a fd that is not an eventfd) is sent the guarded way, which skips
+    /// a full counter and reports the rest.
+    fn notified(&mut self, core: &Core, ring: usize, result: i32) {
+        let Some(st) = self.state.get_mut(ring) else {
+            return;
+        };
+        st.notifying = false;
+        if result != COUNTER_OK {
+            if let Err(e) = self.rings.notify(ring) {
+                tracing::warn!(device = %core.device, ring, error = %e, result, "notify failed");
             }
         }
     }
@@ -978,7 +1020,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
                 generation,
                 ring: ring as u8,
             };
-            arm(&mut core.engine, token, att.rings.kick_fd(ring))
+            arm_kick(&mut core.engine, token, att.rings.kick(ring))
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
         let in_flight = att.in_flight();
@@ -1033,6 +1075,15 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         }
         let closing = att.closing;
         let name = att.name.clone();
+        // Its kick reads would take the first kick of a later attachment
+        // that shares an eventfd (a VMM re-sends its kick fds).
+        for ring in 0..att.rings.count() {
+            let token = Token::Kick {
+                generation: att.generation,
+                ring: ring as u8,
+            };
+            self.core.engine.cancel(token.encode());
+        }
         self.attachment = None;
         tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
         if closing == Closing::Detach {
@@ -1080,6 +1131,15 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
     }
 
     fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+        self.on_kick_result(generation, ring, 0)
+    }
+
+    fn on_kick_result(
+        &mut self,
+        generation: u32,
+        ring: u8,
+        result: i32,
+    ) -> Result<(), BackendError> {
         let Some(att) = self.attachment.as_mut() else {
             return Ok(());
         };
@@ -1088,12 +1148,21 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return Ok(());
         }
         self.core.stats.kicks += 1;
-        let _ = att.rings.kick(r).drain();
-        arm(
+        rearm_kick(
             &mut self.core.engine,
             Token::Kick { generation, ring },
-            att.rings.kick_fd(r),
+            att.rings.kick(r),
+            result,
         )
+    }
+
+    fn on_notified(&mut self, generation: u32, ring: u8, result: i32) {
+        match self.attachment.as_mut() {
+            Some(att) if att.generation == generation => {
+                att.notified(self.core, usize::from(ring), result);
+            }
+            _ => {}
+        }
     }
 
     fn on_io(&mut self, generation: u32, ring: u8, slot: u16, result: i32) {

@@ -20,6 +20,7 @@
 //! `result` with [`IoBuffers::len_bytes`] and treats any difference as an
 //! I/O error.
 
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -37,8 +38,10 @@ pub type Token = u64;
 
 /// The only opcodes a ring accepts once enabled ([`Engine::restrict`]):
 /// those [`build_sqe`] makes and the cancel-all of `Drop`.
-const ALLOWED_OPCODES: [u8; 6] = [
+const ALLOWED_OPCODES: [u8; 8] = [
     opcode::Readv::CODE,
+    opcode::Read::CODE,
+    opcode::Write::CODE,
     opcode::Writev::CODE,
     opcode::Fsync::CODE,
     opcode::Fallocate::CODE,
@@ -372,6 +375,53 @@ pub enum IoOp {
         /// The fd to watch. Closing it before completion is memory-safe.
         fd: RawFd,
     },
+    /// Reads an eventfd's counter (8 bytes) into `value` once it is
+    /// non-zero, whether or not the fd is `O_NONBLOCK`: the kernel tries
+    /// without blocking and otherwise waits for readiness inside the ring,
+    /// so the loop never blocks (a wake-up and the read in one
+    /// completion, where [`IoOp::PollIn`] needs a `read(2)` after it).
+    /// The result is 8, or `-errno`. Closing the fd before completion is
+    /// memory-safe: the ring holds its own reference to the file.
+    ReadCounter {
+        /// The eventfd.
+        fd: RawFd,
+        /// Where the kernel puts the counter; lives in the op's slot
+        /// (an `UnsafeCell`: the kernel writes it behind a shared
+        /// reference). Nobody reads it: the result says a kick came.
+        value: UnsafeCell<u64>,
+    },
+    /// Adds `value` to an eventfd's counter (a notification), sent with
+    /// the next `io_uring_enter` and never blocking the loop: on an
+    /// `O_NONBLOCK` eventfd the write runs in that call (a full counter
+    /// completes with `-EAGAIN`), on a blocking one the kernel hands it to
+    /// a worker of the ring. The result is 8, or `-errno`.
+    AddCounter {
+        /// The eventfd.
+        fd: RawFd,
+        /// What to add; lives in the op's slot.
+        value: u64,
+    },
+    /// Cancels the op in slot `slot` ([`Engine::cancel`]); the result is
+    /// 0, `-ENOENT` (it finished first) or `-EALREADY`.
+    Cancel {
+        /// The engine slot (the `user_data`) of the op to cancel.
+        slot: u64,
+    },
+}
+
+impl IoOp {
+    /// [`IoOp::ReadCounter`] of `fd`.
+    pub fn read_counter(fd: RawFd) -> Self {
+        IoOp::ReadCounter {
+            fd,
+            value: UnsafeCell::new(0),
+        }
+    }
+
+    /// [`IoOp::AddCounter`] of 1 to `fd`.
+    pub fn signal(fd: RawFd) -> Self {
+        IoOp::AddCounter { fd, value: 1 }
+    }
 }
 
 /// A finished op.
@@ -380,7 +430,9 @@ pub struct Completion {
     /// The token the op was pushed with.
     pub token: Token,
     /// Bytes transferred (possibly short, see the module docs), the `poll`
-    /// mask for [`IoOp::PollIn`], `0` for fsync/punch-hole, or `-errno`.
+    /// mask for [`IoOp::PollIn`], 8 for [`IoOp::ReadCounter`] and
+    /// [`IoOp::AddCounter`], `0` for
+    /// fsync/punch-hole, or `-errno`.
     pub result: i32,
 }
 
@@ -425,6 +477,10 @@ pub struct Engine {
     slots: Vec<Option<InflightEntry>>,
     /// Free slot indices; `slots.len() - free.len()` ops are in flight.
     free: Vec<usize>,
+    /// [`IoOp::AddCounter`]s queued since the last `io_uring_enter`: each
+    /// normally completes in the call that submits it, so a wait asks for
+    /// that many completions more (see [`Engine::submit_and_wait`]).
+    signals: usize,
 }
 
 impl fmt::Debug for Engine {
@@ -562,6 +618,7 @@ impl Engine {
             ring,
             slots: (0..capacity).map(|_| None).collect(),
             free: (0..capacity).rev().collect(),
+            signals: 0,
         })
     }
 
@@ -573,6 +630,25 @@ impl Engine {
     /// Ops pushed and not yet reaped by [`Engine::drain`].
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Cancels the ops in flight that were pushed with `token` (not
+    /// cancels themselves): e.g. a kick's read once its attachment is
+    /// gone, so that it does not take the next attachment's kick from a
+    /// shared eventfd. Each cancel is an op of its own, with the same
+    /// token, so the table still bounds the completion queue; a cancelled
+    /// op completes with `-ECANCELED`. What finds no room stays in
+    /// flight. Returns how many cancels were queued.
+    pub fn cancel(&mut self, token: Token) -> usize {
+        let mut queued = 0;
+        for slot in 0..self.slots.len() {
+            let target = matches!(&self.slots[slot],
+                Some(e) if e.token == token && !matches!(e.op, IoOp::Cancel { .. }));
+            if target && self.push(token, IoOp::Cancel { slot: slot as u64 }).is_ok() {
+                queued += 1;
+            }
+        }
+        queued
     }
 
     /// Queues an op (no syscall). When the SQ is full, submits what is
@@ -596,9 +672,13 @@ impl Engine {
         // The op rests in its slot before its SQE is built: the SQE points
         // into its iovecs, which may be inline in the op.
         let entry = self.slots[slot].insert(InflightEntry { token, op });
+        let signal = matches!(entry.op, IoOp::AddCounter { .. });
         let queued = build_sqe(&entry.op).and_then(|sqe| self.queue(sqe.user_data(slot as u64)));
         match queued {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.signals += usize::from(signal);
+                Ok(())
+            }
             Err(e) => {
                 self.free.push(slot);
                 let Some(entry) = self.slots[slot].take() else {
@@ -614,7 +694,8 @@ impl Engine {
     fn queue(&mut self, sqe: squeue::Entry) -> Result<(), EngineError> {
         // SAFETY: every pointer in `sqe` points into the buffers of the op
         // in the slot named by its user data (heap or inline iovec array,
-        // and memory kept alive by its owner, per the IoBuffers contract);
+        // and memory kept alive by its owner, per the IoBuffers contract;
+        // a counter read's cell, which the kernel alone writes);
         // the slot keeps the op, unmoved (`slots` never grows), until
         // `drain` reaps its CQE or `Drop` has waited for it (else leaks
         // it). On failure `push` takes the op back before anything ran.
@@ -629,6 +710,13 @@ impl Engine {
     /// One `io_uring_enter`: submits queued SQEs and waits for at least
     /// `min_complete` completions (`0` = don't wait). `min_complete` is
     /// capped at [`Engine::in_flight`] so the call cannot wait forever.
+    ///
+    /// An [`IoOp::AddCounter`] queued since the last call completes in
+    /// this one (the eventfd's write runs as it is submitted), so it does
+    /// not count towards `min_complete`: a loop that waits for its next
+    /// event is not woken by its own notification. One that the kernel
+    /// could not finish at once (a blocking eventfd) still counts once it
+    /// does, so the wait ends late by that write at most.
     ///
     /// Returns how many SQEs were submitted. A signal (`EINTR`) or a
     /// transiently busy kernel (`EBUSY`, `EAGAIN`) returns `Ok(0)`: the
@@ -653,7 +741,12 @@ impl Engine {
         min_complete: usize,
         timeout: Option<Duration>,
     ) -> Result<usize, EngineError> {
-        let want = min_complete.min(self.in_flight());
+        let signals = std::mem::take(&mut self.signals);
+        let want = if min_complete == 0 {
+            0
+        } else {
+            (min_complete + signals).min(self.in_flight())
+        };
         let submitter = self.ring.submitter();
         let res = match timeout {
             None => submitter.submit_and_wait(want),
@@ -808,6 +901,19 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
                 .build()
         }
         IoOp::PollIn { fd } => opcode::PollAdd::new(Fd(*fd), libc::POLLIN as u32).build(),
+        IoOp::ReadCounter { fd, value } => {
+            // The counter is read at the current position (eventfds have
+            // none): offset -1 as `read(2)`.
+            opcode::Read::new(Fd(*fd), value.get().cast(), 8)
+                .offset(u64::MAX)
+                .build()
+        }
+        IoOp::Cancel { slot } => opcode::AsyncCancel2::new(CancelBuilder::user_data(*slot)).build(),
+        IoOp::AddCounter { fd, value } => {
+            opcode::Write::new(Fd(*fd), std::ptr::from_ref(value).cast(), 8)
+                .offset(u64::MAX)
+                .build()
+        }
     })
 }
 
@@ -955,6 +1061,7 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU32, Ordering};
 
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::eventfd::{EfdFlags, EventFd};
 
     const BLOCK: usize = 4096;
@@ -1229,6 +1336,161 @@ mod tests {
         assert!(
             done[0].result > 0 && done[0].result & i32::from(libc::POLLIN) != 0,
             "{done:?}"
+        );
+    }
+
+    /// A counter read waits inside the ring, on a blocking eventfd as on a
+    /// non-blocking one, and completes with the 8 bytes once a kick came:
+    /// the counter is taken, so a poll after it would wait.
+    #[test]
+    fn a_counter_read_waits_in_the_ring_and_takes_the_counter() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        for flags in [EfdFlags::EFD_CLOEXEC, EfdFlags::EFD_NONBLOCK] {
+            let efd = EventFd::from_flags(flags).unwrap();
+            engine.push(7, IoOp::read_counter(efd.as_raw_fd())).unwrap();
+            engine
+                .submit_and_wait_timeout(1, Duration::from_millis(50))
+                .unwrap();
+            let mut out = Vec::new();
+            engine.drain(&mut out);
+            assert!(
+                out.is_empty(),
+                "{flags:?}: read completed with no kick: {out:?}"
+            );
+            efd.write(3).unwrap();
+            let done = wait_for(&mut engine, 1);
+            assert_eq!(
+                done,
+                [Completion {
+                    token: 7,
+                    result: 8
+                }],
+                "{flags:?}"
+            );
+            // Taken: nothing is left for a poll to see.
+            let mut fds = [PollFd::new(efd.as_fd(), PollFlags::POLLIN)];
+            assert_eq!(poll(&mut fds, PollTimeout::ZERO).unwrap(), 0, "{flags:?}");
+        }
+        // A fd that is not an eventfd (a directory) fails the read.
+        let dir = File::open(std::env::temp_dir()).unwrap();
+        engine.push(9, IoOp::read_counter(dir.as_raw_fd())).unwrap();
+        let done = wait_for(&mut engine, 1);
+        assert_eq!(
+            done,
+            [Completion {
+                token: 9,
+                result: -libc::EISDIR
+            }]
+        );
+    }
+
+    /// A notification through the ring adds to the counter; on a
+    /// blocking eventfd whose counter is full it waits in the ring, not in
+    /// the loop, and lands once the peer reads.
+    #[test]
+    fn a_counter_add_never_blocks_the_loop() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        engine.push(1, IoOp::signal(efd.as_raw_fd())).unwrap();
+        assert_eq!(
+            wait_for(&mut engine, 1),
+            [Completion {
+                token: 1,
+                result: 8
+            }]
+        );
+        assert_eq!(efd.read().unwrap(), 1);
+        // Full and blocking: a write(2) would wait for the peer.
+        let full = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap();
+        full.write(0xffff_ffff_ffff_fffe).unwrap();
+        let t0 = Instant::now();
+        engine.push(2, IoOp::signal(full.as_raw_fd())).unwrap();
+        engine
+            .submit_and_wait_timeout(1, Duration::from_millis(50))
+            .unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "the loop blocked");
+        let mut out = Vec::new();
+        engine.drain(&mut out);
+        assert!(out.is_empty(), "added to a full counter: {out:?}");
+        assert_eq!(full.read().unwrap(), 0xffff_ffff_ffff_fffe);
+        assert_eq!(
+            wait_for(&mut engine, 1),
+            [Completion {
+                token: 2,
+                result: 8
+            }]
+        );
+        assert_eq!(full.read().unwrap(), 1);
+    }
+
+    /// A cancelled counter read leaves the next kick in the eventfd for
+    /// whoever waits next.
+    #[test]
+    fn a_cancelled_counter_read_takes_no_kick() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        engine.push(5, IoOp::read_counter(efd.as_raw_fd())).unwrap();
+        engine.push(6, IoOp::read_counter(efd.as_raw_fd())).unwrap();
+        engine.submit_and_wait(0).unwrap();
+        assert_eq!(engine.cancel(5), 1);
+        let mut done = wait_for(&mut engine, 2);
+        done.sort_by_key(|c| c.result);
+        assert_eq!(
+            done,
+            [
+                Completion {
+                    token: 5,
+                    result: -libc::ECANCELED
+                },
+                Completion {
+                    token: 5,
+                    result: 0
+                },
+            ]
+        );
+        assert_eq!(engine.in_flight(), 1, "token 6 is still waiting");
+        efd.write(1).unwrap();
+        assert_eq!(
+            wait_for(&mut engine, 1),
+            [Completion {
+                token: 6,
+                result: 8
+            }]
+        );
+    }
+
+    /// A loop that notifies and then waits for its next event is not
+    /// woken by its own notification.
+    #[test]
+    fn a_wait_is_not_ended_by_the_signal_it_submits() {
+        let disk = temp_disk(BLOCK as u64, false);
+        let mut engine = open_engine(&disk);
+        let kick = push_eventfd_poll(&mut engine, 1);
+        let notify = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).unwrap();
+        engine.push(2, IoOp::signal(notify.as_raw_fd())).unwrap();
+        let t0 = Instant::now();
+        engine
+            .submit_and_wait_timeout(1, Duration::from_millis(100))
+            .unwrap();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(100),
+            "woken by its own signal after {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(notify.read().unwrap(), 1, "the signal was sent");
+        kick.write(1).unwrap();
+        let mut done = wait_for(&mut engine, 2);
+        done.sort_by_key(|c| c.token);
+        assert_eq!(done[0].token, 1);
+        assert_eq!(
+            done[1],
+            Completion {
+                token: 2,
+                result: 8
+            }
         );
     }
 

@@ -358,6 +358,10 @@ impl RingSet for VirtQueues {
         self.queues[ring].call.notify().map_err(|e| e.to_string())
     }
 
+    fn notify_channel(&self, ring: usize) -> &EventChannel {
+        &self.queues[ring].call
+    }
+
     fn label(&self, ring: usize) -> Option<u16> {
         Some(self.queues[ring].index)
     }
