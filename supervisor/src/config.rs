@@ -126,8 +126,7 @@ pub struct DiskConfig {
     /// Take over without waiting for the dead instance's I/O: the next
     /// instance serves at once and holds back only the dead instance's
     /// unanswered requests and what conflicts with them, until its fence is
-    /// down (docs/ARCHITECTURE.md §7.3). Off by default: on an image file
-    /// its stall tail was longer than fencing first in idle runs (§7.3).
+    /// down (docs/ARCHITECTURE.md §7.3). Off by default (§7.3 says why).
     #[serde(default)]
     pub fast_takeover: bool,
 }
