@@ -41,51 +41,40 @@ pub fn gather(
     hdr: &mut [u8],
     frame: &mut [u8],
 ) -> Result<usize, TxError> {
-    let mut at = 0usize;
-    let hdr_len = hdr.len();
-    for b in bufs {
-        if b.writable {
-            return Err(TxError::WritableBuffer);
-        }
-        let mut gpa = b.addr;
-        let mut left = b.len as usize;
-        if at < hdr_len {
-            let n = left.min(hdr_len - at);
-            mem.read(gpa, &mut hdr[at..at + n])
-                .map_err(|_| TxError::Unreadable(gpa))?;
-            at += n;
-            left -= n;
-            gpa = gpa.checked_add(n as u64).ok_or(TxError::Unreadable(gpa))?;
-        }
-        if left == 0 {
-            continue;
-        }
-        let start = at - hdr_len;
-        let end = start.checked_add(left).filter(|&e| e <= MAX_FRAME_LEN);
-        let dst = end
-            .and_then(|end| frame.get_mut(start..end))
-            .ok_or(TxError::TooLong)?;
-        mem.read(gpa, dst).map_err(|_| TxError::Unreadable(gpa))?;
-        at += left;
-    }
-    let len = at.saturating_sub(hdr_len);
-    if at < hdr_len || len < MIN_FRAME_LEN {
-        return Err(TxError::TooShort(len));
-    }
-    Ok(len)
+    walk(mem, bufs, hdr, |start, gpa, len| {
+        let dst = frame.get_mut(start..start + len).ok_or(TxError::TooLong)?;
+        mem.read(gpa, dst).map_err(|_| TxError::Unreadable(gpa))
+    })
 }
 
 /// Where the frame of a transmit chain lies, for a write straight from
 /// guest memory: copies the first `hdr.len()` bytes of the driver-readable
 /// buffers into `hdr` and appends the rest to `ranges` as
 /// guest-physical ranges, each inside one memory region; returns the
-/// frame's length. Checked as [`gather`] checks: the same chain is
-/// refused by both for the same reason.
+/// frame's length. The chain is walked and checked as [`gather`] walks
+/// and checks it (one [`walk`]): the same chain is refused by both for
+/// the same reason.
 pub fn locate(
     mem: &GuestRam,
     bufs: &[Buf],
     hdr: &mut [u8],
     ranges: &mut Vec<(u64, usize)>,
+) -> Result<usize, TxError> {
+    walk(mem, bufs, hdr, |_, gpa, len| {
+        mem.split(gpa, len as u64, ranges)
+            .map_err(|_| TxError::Unreadable(gpa))
+    })
+}
+
+/// Walks the driver-readable buffers of a transmit chain: the first
+/// `hdr.len()` bytes are read into `hdr`, and each later piece is handed
+/// to `frame_part` as (offset in the frame, guest address, length), never
+/// past [`MAX_FRAME_LEN`]; returns the frame's length.
+fn walk(
+    mem: &GuestRam,
+    bufs: &[Buf],
+    hdr: &mut [u8],
+    mut frame_part: impl FnMut(usize, u64, usize) -> Result<(), TxError>,
 ) -> Result<usize, TxError> {
     let mut at = 0usize;
     let hdr_len = hdr.len();
@@ -113,8 +102,7 @@ pub fn locate(
         {
             return Err(TxError::TooLong);
         }
-        mem.split(gpa, left as u64, ranges)
-            .map_err(|_| TxError::Unreadable(gpa))?;
+        frame_part(start, gpa, left)?;
         at += left;
     }
     let len = at.saturating_sub(hdr_len);
