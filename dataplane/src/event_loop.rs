@@ -175,19 +175,10 @@ pub trait EventLoop {
     }
     /// The control socket is readable.
     fn on_control(&mut self) -> Result<(), BackendError>;
-    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError>;
-    /// A kick's wait completed with `result`: a `poll` mask, or
-    /// [`COUNTER_OK`] where the loop waits with [`arm_kick`]. By default
-    /// [`EventLoop::on_kick`], for loops that wait with polls.
-    fn on_kick_result(
-        &mut self,
-        generation: u32,
-        ring: u8,
-        result: i32,
-    ) -> Result<(), BackendError> {
-        let _ = result;
-        self.on_kick(generation, ring)
-    }
+    /// A kick's wait on ring `ring` completed with `result`: a `poll`
+    /// mask where the loop waits with [`arm`], [`COUNTER_OK`] (or the
+    /// read's error) where it waits with [`arm_kick`].
+    fn on_kick(&mut self, generation: u32, ring: u8, result: i32) -> Result<(), BackendError>;
     fn on_io(&mut self, generation: u32, ring: u8, slot: u16, result: i32);
     /// A notification queued on the engine ([`IoOp::AddCounter`])
     /// completed with `result` (8, or `-errno`). By default nothing: loops
@@ -239,7 +230,7 @@ pub fn run<L: EventLoop>(lp: &mut L) -> Result<(), BackendError> {
                     arm_control(lp)?;
                 }
                 Some(Token::Kick { generation, ring }) => {
-                    lp.on_kick_result(generation, ring, c.result)?;
+                    lp.on_kick(generation, ring, c.result)?;
                 }
                 Some(Token::Io {
                     generation,
@@ -417,7 +408,12 @@ mod tests {
         fn on_control(&mut self) -> Result<(), BackendError> {
             Ok(())
         }
-        fn on_kick(&mut self, _generation: u32, _ring: u8) -> Result<(), BackendError> {
+        fn on_kick(
+            &mut self,
+            _generation: u32,
+            _ring: u8,
+            _result: i32,
+        ) -> Result<(), BackendError> {
             Ok(())
         }
         fn on_io(&mut self, _generation: u32, _ring: u8, _slot: u16, _result: i32) {}

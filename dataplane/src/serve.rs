@@ -1130,16 +1130,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         self.handle(&msg, fds)
     }
 
-    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
-        self.on_kick_result(generation, ring, 0)
-    }
-
-    fn on_kick_result(
-        &mut self,
-        generation: u32,
-        ring: u8,
-        result: i32,
-    ) -> Result<(), BackendError> {
+    fn on_kick(&mut self, generation: u32, ring: u8, result: i32) -> Result<(), BackendError> {
         let Some(att) = self.attachment.as_mut() else {
             return Ok(());
         };

@@ -1782,7 +1782,7 @@ impl EventLoop for NetBackend {
         }
     }
 
-    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+    fn on_kick(&mut self, generation: u32, ring: u8, _poll: i32) -> Result<(), BackendError> {
         self.handle_kick(generation, ring)
     }
 

@@ -1725,7 +1725,7 @@ impl EventLoop for VnetLoop<'_> {
         self.handle_message(msg, fds)
     }
 
-    fn on_kick(&mut self, generation: u32, ring: u8) -> Result<(), BackendError> {
+    fn on_kick(&mut self, generation: u32, ring: u8, _poll: i32) -> Result<(), BackendError> {
         let Some(dev) = self.device.as_mut() else {
             return Ok(());
         };
