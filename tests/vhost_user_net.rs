@@ -676,3 +676,138 @@ fn every_crash_point_of_a_vhost_user_net_vif_is_recovered() {
     }
     assert!(fired >= 10, "only {fired} crash points");
 }
+
+/// Waits until process `pid` is stopped (state `T` in `/proc/PID/stat`).
+fn wait_stopped(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        if state == Some("T") {
+            return;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    panic!("process {pid} never stopped");
+}
+
+/// With EVENT_IDX the driver kicks only a data plane that asked for it
+/// (docs/ARCHITECTURE.md §8.1): a data plane frozen with SIGSTOP while
+/// idle, before it could take a ring full of frames, gets one kick for all
+/// of them (the first frame's). Then it is killed (SIGKILL): the next
+/// instance sends them all and wakes the driver, which sleeps on the
+/// transmit call it asked for with every buffer in flight. Every frame
+/// reaches the TAP once, in order. (A kill while the data plane is busy,
+/// every kick suppressed and none pending, is what the flooding kill
+/// tests below hit: a new instance that waited for a kick would stall
+/// them.)
+#[test]
+fn a_new_data_plane_sends_what_the_driver_did_not_kick_the_frozen_one_for() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use shadowback_guest::net::FrameDevice;
+    use shadowback_testsupport::netns::enter_fresh_netns;
+    use std::os::fd::{AsFd, AsRawFd};
+    const TAP: &str = "sbveidx0";
+    const LEN: usize = 200;
+    let (sent, kicks, stats, seen, s) = thread::spawn(move || {
+        enter_fresh_netns();
+        let dir = TempDir::new("vhost-user-net-eventidx");
+        let (sup, socket, vhost) = start_with(&dir, &format!("tap = \"{TAP}\""), "");
+        let sock = netback_common::packet_socket(TAP);
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20))
+            .expect("SO_RCVBUFFORCE");
+        let mut seen: Vec<u32> = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let mut read = |seen: &mut Vec<u32>| loop {
+            match nix::sys::socket::recv(
+                sock.as_fd().as_raw_fd(),
+                &mut buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            ) {
+                // The kernel's virtio-net header, then the frame.
+                Ok(n) if n == 10 + LEN && buf[10 + 12..10 + 14] == [0x88, 0xb5] => {
+                    seen.push(netback_common::check_frame(&buf[10..n]));
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(e) => panic!("recv: {e}"),
+            }
+        };
+        let mut dev = VhostUserNet::connect(&vhost, &VhostUserNetOptions::default())
+            .expect("vhost-user-net connect");
+        // Frame 0 goes out and is answered: the data plane is idle again.
+        dev.send(&netback_common::frame(0, LEN)).expect("send");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.is_empty() && Instant::now() < deadline {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen, [0], "the first frame");
+        assert_eq!(dev.settle(Duration::from_secs(10)).expect("settle"), 0);
+        let pid = stats_of(&socket, "vnet").pid.expect("a data plane") as i32;
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).expect("SIGSTOP");
+        wait_stopped(pid);
+        let kicks_before = dev.stats().kicks;
+        let mut sent = 1u32;
+        while dev.can_send() {
+            dev.send(&netback_common::frame(sent, LEN)).expect("send");
+            sent += 1;
+        }
+        let kicks = dev.stats().kicks - kicks_before;
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL");
+        // The driver sleeps on its transmit call until there is room.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dev.can_send() && Instant::now() < deadline {
+            let fd = dev.tx_wait_fd().expect("a transmit call fd");
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(1000u16));
+            // Drains the calls (and whatever arrived).
+            let mut sink = Vec::new();
+            while dev.recv(&mut sink).expect("receive") {}
+        }
+        while seen.len() < sent as usize && Instant::now() < deadline {
+            read(&mut seen);
+            thread::sleep(Duration::from_millis(2));
+        }
+        let left = dev.settle(Duration::from_secs(10)).expect("settle");
+        assert_eq!(left, 0, "transmit buffers never answered");
+        thread::sleep(Duration::from_millis(200));
+        read(&mut seen);
+        let s = stats_of(&socket, "vnet");
+        let stats = dev.stats();
+        drop(dev);
+        sup.stop().expect("supervisor stop");
+        (sent, kicks, stats, seen, s)
+    })
+    .join()
+    .expect("the namespace thread panicked");
+    eprintln!(
+        "sent={sent} kicks={kicks} seen={} crashes={} recoveries={}",
+        seen.len(),
+        s.crashes,
+        s.recoveries
+    );
+    assert_eq!(
+        sent,
+        1 + u32::from(VhostUserNetOptions::default().queue_size),
+        "a ring full of frames after the first"
+    );
+    assert!(
+        kicks <= 1,
+        "{kicks} kicks for frames the data plane never asked for"
+    );
+    assert_eq!(stats.bad_used, 0, "{stats:?}");
+    assert_eq!(
+        (s.crashes, s.recoveries, s.failed_takeovers),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!(
+        seen,
+        (0..sent).collect::<Vec<_>>(),
+        "every frame once, in order"
+    );
+}

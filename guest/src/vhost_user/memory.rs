@@ -27,8 +27,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use vm_memory::{
-    AtomicAccess, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestRegionMmap, MmapRegion,
+    AtomicAccess, Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion,
 };
 
 /// Page size of the DMA allocator (and of virtio-drivers' `PAGE_SIZE`).
@@ -119,7 +119,10 @@ impl PageAllocator {
 /// The guest's physical memory. See the module docs.
 #[derive(Debug)]
 pub struct GuestRam {
-    mem: GuestMemoryMmap,
+    /// The one region, at gpa 0: a gpa is its region address, so no
+    /// access looks a region up (the driver's rings and frames are
+    /// accessed several times per frame).
+    mem: GuestRegionMmap,
     /// The memfd, for `SET_MEM_TABLE`.
     file: File,
     size: u64,
@@ -173,10 +176,8 @@ impl GuestRam {
             .map_err(|e| io::Error::other(format!("mapping guest RAM: {e}")))?;
         let region = GuestRegionMmap::new(region, GuestAddress(0))
             .ok_or_else(|| io::Error::other("guest RAM region overflows"))?;
-        let mem = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| io::Error::other(format!("guest RAM: {e}")))?;
         Ok(GuestRam {
-            mem,
+            mem: region,
             file,
             size,
             pages: Mutex::new(PageAllocator::new(size / PAGE_BYTES)),
@@ -209,7 +210,7 @@ impl GuestRam {
         if gpa >= self.size {
             return None;
         }
-        self.mem.get_host_address(GuestAddress(gpa)).ok()
+        self.mem.get_host_address(MemoryRegionAddress(gpa)).ok()
     }
 
     /// The guest-physical address of `[addr, addr + len)` when it lies
@@ -263,28 +264,28 @@ impl GuestRam {
     /// Copies `buf` to guest memory at `gpa`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> io::Result<()> {
         self.mem
-            .write_slice(buf, GuestAddress(gpa))
+            .write_slice(buf, MemoryRegionAddress(gpa))
             .map_err(|e| io::Error::other(format!("guest RAM write at {gpa:#x}: {e}")))
     }
 
     /// Copies guest memory at `gpa` into `buf`.
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> io::Result<()> {
         self.mem
-            .read_slice(buf, GuestAddress(gpa))
+            .read_slice(buf, MemoryRegionAddress(gpa))
             .map_err(|e| io::Error::other(format!("guest RAM read at {gpa:#x}: {e}")))
     }
 
     /// Atomic load of a naturally aligned integer (ring indices).
     pub fn load<T: AtomicAccess>(&self, gpa: u64, order: Ordering) -> io::Result<T> {
         self.mem
-            .load(GuestAddress(gpa), order)
+            .load(MemoryRegionAddress(gpa), order)
             .map_err(|e| io::Error::other(format!("guest RAM load at {gpa:#x}: {e}")))
     }
 
     /// Atomic store of a naturally aligned integer.
     pub fn store<T: AtomicAccess>(&self, gpa: u64, val: T, order: Ordering) -> io::Result<()> {
         self.mem
-            .store(val, GuestAddress(gpa), order)
+            .store(val, MemoryRegionAddress(gpa), order)
             .map_err(|e| io::Error::other(format!("guest RAM store at {gpa:#x}: {e}")))
     }
 }

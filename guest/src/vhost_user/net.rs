@@ -27,13 +27,23 @@
 //! in use is read in turn; the receive queues share one call eventfd, as
 //! do the transmit queues, so the stack waits on one fd.
 //!
+//! Notifications follow Linux's virtio-net: with
+//! `VIRTIO_RING_F_EVENT_IDX` (acked by default,
+//! [`VhostUserNetOptions::event_idx`]) a kick goes out only when the device
+//! asked for one (it does when it finds the ring empty, so a busy device
+//! gets none); transmit calls stay off while a buffer is free and, with
+//! every buffer in flight, are asked for once three quarters are answered
+//! ([`FrameDevice::can_send`] saying no arms it: the caller sleeps on
+//! [`VhostUserNet::tx_wait_fd`]); reposted receive buffers are kicked per
+//! quarter ring or at the end of a receive burst.
+//!
 //! Every used element is checked before it is trusted: its id must be a
 //! buffer this driver made available and not yet got back, else it is
 //! counted ([`VhostUserNetStats::bad_used`]) — the recovery tests assert
 //! every transmit head is answered exactly once.
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -44,9 +54,10 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_net::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_OK};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_USED_F_NO_NOTIFY};
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
-use super::hal::{ChainBuf, RequestQueue};
+use super::hal::{need_event, ChainBuf, RequestQueue};
 use super::memory::{DmaBuffer, GuestRam};
 use super::transport::{TransportOptions, VhostUserTransport, REPLY_TIMEOUT};
 use crate::device::DeviceError;
@@ -80,6 +91,8 @@ pub struct VhostUserNetOptions {
     /// are required, every pair of the device is set up, this many are
     /// enabled).
     pub queue_pairs: u16,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` when offered.
+    pub event_idx: bool,
 }
 
 /// Most queue pairs this driver sets up.
@@ -95,6 +108,7 @@ impl Default for VhostUserNetOptions {
             control_queue: false,
             offloads: false,
             queue_pairs: 1,
+            event_idx: true,
         }
     }
 }
@@ -122,6 +136,9 @@ pub struct VhostUserNetStats {
     /// Frames sent and received per queue pair.
     pub pair_tx: [u64; MAX_PAIRS],
     pub pair_rx: [u64; MAX_PAIRS],
+    /// Kicks sent (all queues): with EVENT_IDX only those the device
+    /// asked for.
+    pub kicks: u64,
 }
 
 /// One virtqueue: fixed-size buffers, one descriptor each.
@@ -132,7 +149,13 @@ struct NetQueue {
     bufs: DmaBuffer,
     stride: u64,
     used_gpa: u64,
+    /// `used_event` (EVENT_IDX): the word after the avail ring.
+    used_event_gpa: u64,
     last_used: u16,
+    /// `avail->idx` as published, and when the last kick was decided.
+    avail_idx: u16,
+    notified_idx: u16,
+    event_idx: bool,
     /// Head (token) → buffer slot and the chain made available.
     by_token: Vec<Option<(u16, ChainBuf)>>,
     free: Vec<u16>,
@@ -145,8 +168,9 @@ impl NetQueue {
         index: u16,
         size: u16,
         stride: u64,
+        event_idx: bool,
     ) -> Result<Self, DeviceError> {
-        let queue = RequestQueue::new(t, ram, index, size, false)
+        let queue = RequestQueue::new(t, ram, index, size, event_idx)
             .map_err(|e| DeviceError::Transport(format!("virtqueue {index}: {e}")))?;
         t.take_error()?;
         let bufs = ram
@@ -155,6 +179,9 @@ impl NetQueue {
         let used_gpa = t
             .used_ring(index)
             .ok_or_else(|| DeviceError::Transport(format!("no used ring for queue {index}")))?;
+        let avail_gpa = t
+            .avail_ring(index)
+            .ok_or_else(|| DeviceError::Transport(format!("no avail ring for queue {index}")))?;
         Ok(NetQueue {
             index,
             size,
@@ -162,7 +189,11 @@ impl NetQueue {
             bufs,
             stride,
             used_gpa,
+            used_event_gpa: avail_gpa + 4 + 2 * u64::from(size),
             last_used: 0,
+            avail_idx: 0,
+            notified_idx: 0,
+            event_idx,
             by_token: vec![None; usize::from(size)],
             free: (0..size).rev().collect(),
         })
@@ -192,7 +223,52 @@ impl NetQueue {
             .get_mut(usize::from(token))
             .ok_or_else(|| DeviceError::Transport(format!("token {token} out of range")))?;
         *entry = Some((slot, chain));
+        self.avail_idx = self.avail_idx.wrapping_add(1);
         Ok(())
+    }
+
+    /// Buffers made available since the last kick decision.
+    fn unnotified(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.notified_idx)
+    }
+
+    /// Kicks the device for the buffers made available since the last
+    /// decision if it asked for a kick (virtio 1.2 §2.7.13.4): with
+    /// EVENT_IDX if `avail->idx` passed its `avail_event`, else unless it
+    /// set `VRING_USED_F_NO_NOTIFY`. A busy device asks for none. Returns
+    /// whether it kicked.
+    fn notify(&mut self, t: &VhostUserTransport, ram: &GuestRam) -> Result<bool, DeviceError> {
+        if self.unnotified() == 0 {
+            return Ok(false);
+        }
+        // Full barrier between publishing avail->idx (in `add`) and
+        // reading the device's suppression field.
+        fence(Ordering::SeqCst);
+        let need = if self.event_idx {
+            let avail_event = self.used_gpa + 4 + 8 * u64::from(self.size);
+            let event: u16 = ram
+                .load(avail_event, Ordering::Relaxed)
+                .map_err(DeviceError::Io)?;
+            need_event(event, self.avail_idx, self.notified_idx)
+        } else {
+            let flags: u16 = ram
+                .load(self.used_gpa, Ordering::Relaxed)
+                .map_err(DeviceError::Io)?;
+            u32::from(flags) & VRING_USED_F_NO_NOTIFY == 0
+        };
+        self.notified_idx = self.avail_idx;
+        if need {
+            t.kick(self.index)?;
+        }
+        Ok(need)
+    }
+
+    /// Sets `used_event` (EVENT_IDX): the device calls once it publishes
+    /// the used element at index `idx`. (`VirtQueue` sets it to the next
+    /// used index on every pop: "call at the next one".)
+    fn set_used_event(&self, ram: &GuestRam, idx: u16) -> Result<(), DeviceError> {
+        ram.store(self.used_event_gpa, idx, Ordering::Relaxed)
+            .map_err(DeviceError::Io)
     }
 
     /// The next used element, checked: `(slot, len)`; `Ok(None)` when
@@ -384,7 +460,13 @@ impl VhostUserNet {
         } else {
             wanted
         };
+        let wanted = if opts.event_idx {
+            wanted | bit(VIRTIO_RING_F_EVENT_IDX)
+        } else {
+            wanted
+        };
         let acked = offered & wanted;
+        let event_idx = acked & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
         if mq
             && acked & (bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ))
                 != bit(VIRTIO_NET_F_MQ) | bit(VIRTIO_NET_F_CTRL_VQ)
@@ -431,6 +513,7 @@ impl VhostUserNet {
                 2 * pair,
                 opts.queue_size,
                 stride,
+                event_idx,
             )?);
             tx.push(NetQueue::new(
                 &mut t,
@@ -438,6 +521,7 @@ impl VhostUserNet {
                 2 * pair + 1,
                 opts.queue_size,
                 stride,
+                event_idx,
             )?);
         }
         let ctrl_index = 2 * device_pairs as u16;
@@ -484,8 +568,9 @@ impl VhostUserNet {
                 q.add(slot, stride as u32, true)?;
             }
         }
-        for q in &dev.rx {
+        for q in &mut dev.rx {
             dev.transport.kick(q.index)?;
+            q.notified_idx = q.avail_idx;
         }
         if mq {
             let pairs = wanted_pairs as u16;
@@ -501,6 +586,7 @@ impl VhostUserNet {
             ?mac,
             mtu,
             link_up,
+            event_idx,
             pairs = dev.active,
             "vhost-user-net connected"
         );
@@ -611,8 +697,15 @@ impl VhostUserNet {
     }
 
     /// Takes back every transmit buffer the device answered.
+    ///
+    /// With EVENT_IDX transmit calls are off while a buffer is free, as
+    /// Linux's virtio-net keeps them (`virtqueue_disable_cb`): the sender
+    /// reaps as it sends, and asks for a call only when it has to wait
+    /// ([`Self::arm_tx_calls`]). `used_event` one behind the next used
+    /// index is never reached: the device publishes at most a ring ahead.
     fn reap_tx(&mut self) -> Result<(), DeviceError> {
         for q in &mut self.tx {
+            let before = q.last_used;
             loop {
                 match q.next_used(&self.transport, self.ram) {
                     Ok(Some((slot, _))) => q.free.push(slot),
@@ -623,7 +716,34 @@ impl VhostUserNet {
                     }
                 }
             }
+            if q.event_idx && q.last_used != before {
+                q.set_used_event(self.ram, q.last_used.wrapping_sub(1))?;
+            }
         }
+        Ok(())
+    }
+
+    /// Whether every transmit queue in use has a free buffer.
+    fn tx_room(&self) -> bool {
+        self.tx[..self.active].iter().all(|q| !q.free.is_empty())
+    }
+
+    /// Asks for a call on each transmit queue in use with every buffer in
+    /// flight, once three quarters of them are answered (Linux's
+    /// `virtqueue_enable_cb_delayed`): the sender then refills the ring
+    /// in one burst instead of waking for each answer. Without EVENT_IDX
+    /// every answer calls.
+    fn arm_tx_calls(&mut self) -> Result<(), DeviceError> {
+        for q in &self.tx[..self.active] {
+            if q.event_idx && q.free.is_empty() {
+                let later = (q.in_flight() * 3 / 4) as u16;
+                q.set_used_event(self.ram, q.last_used.wrapping_add(later))?;
+            }
+        }
+        // Full barrier between publishing used_event and reading used->idx
+        // again (virtio 1.2 §2.7.10): an answer racing with it is either
+        // seen by the caller's next reap or called.
+        fence(Ordering::SeqCst);
         Ok(())
     }
 
@@ -645,11 +765,25 @@ impl VhostUserNet {
         }
     }
 
-    /// Hands a receive buffer back to the device.
+    /// Hands a receive buffer back to the device. The kick waits for a
+    /// quarter of the ring or the end of the receive burst
+    /// ([`Self::notify_rx`]), as Linux refills in batches.
     fn repost(&mut self, pair: usize, slot: u16) -> Result<(), DeviceError> {
         let q = &mut self.rx[pair];
         q.add(slot, q.stride as u32, true)?;
-        self.transport.kick(q.index)
+        if q.unnotified() >= q.size / 4 {
+            self.stats.kicks += u64::from(q.notify(&self.transport, self.ram)?);
+        }
+        Ok(())
+    }
+
+    /// Kicks each receive queue in use for its reposted buffers, if the
+    /// device asked.
+    fn notify_rx(&mut self) -> Result<(), DeviceError> {
+        for q in &mut self.rx[..self.active] {
+            self.stats.kicks += u64::from(q.notify(&self.transport, self.ram)?);
+        }
+        Ok(())
     }
 
     /// The next used element of a receive queue in use, looking at each
@@ -696,7 +830,7 @@ impl FrameDevice for VhostUserNet {
             q.free.push(slot);
             return Err(Self::io(e));
         }
-        self.transport.kick(q.index).map_err(Self::io)?;
+        self.stats.kicks += u64::from(q.notify(&self.transport, self.ram).map_err(Self::io)?);
         self.stats.tx_frames += 1;
         self.stats.pair_tx[pair] += 1;
         Ok(())
@@ -704,7 +838,15 @@ impl FrameDevice for VhostUserNet {
 
     fn can_send(&mut self) -> bool {
         let _ = self.reap_tx();
-        self.tx[..self.active].iter().all(|q| !q.free.is_empty())
+        if self.tx_room() {
+            return true;
+        }
+        // The caller waits for room next: ask for a call, then look again.
+        if self.arm_tx_calls().is_err() {
+            return false;
+        }
+        let _ = self.reap_tx();
+        self.tx_room()
     }
 
     fn recv(&mut self, buf: &mut Vec<u8>) -> Result<bool, FrameError> {
@@ -712,9 +854,14 @@ impl FrameDevice for VhostUserNet {
             let used = match self.next_rx_used() {
                 Ok(Some(u)) => u,
                 Ok(None) => {
+                    self.notify_rx().map_err(Self::io)?;
                     self.transport.drain_calls();
                     // A used element published between the check and the
-                    // drain would have no call left: look once more.
+                    // drain would have no call left: look once more. The
+                    // full barrier orders `used_event` (set by the last
+                    // pop) before that look (virtio 1.2 §2.7.10), so the
+                    // device either calls or is seen.
+                    fence(Ordering::SeqCst);
                     match self.next_rx_used() {
                         Ok(Some(u)) => u,
                         Ok(None) => return Ok(false),

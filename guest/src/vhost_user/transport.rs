@@ -651,6 +651,11 @@ impl VhostUserTransport {
         vr.kick.write(1).map_err(DeviceError::Io)
     }
 
+    /// The guest-physical address of queue `q`'s avail ring.
+    pub fn avail_ring(&self, q: u16) -> Option<u64> {
+        self.vrings.get(usize::from(q)).map(|v| v.avail)
+    }
+
     /// The guest-physical address of queue `q`'s used ring.
     pub fn used_ring(&self, q: u16) -> Option<u64> {
         self.vrings.get(usize::from(q)).map(|v| v.used)
