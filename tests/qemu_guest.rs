@@ -26,15 +26,13 @@ const MIN_KILLS: u64 = 20;
 
 /// One QEMU guest at a time. The harness runs tests in parallel, and the
 /// runs could share the machine (each has its own run dir, sockets and
-/// image; QEMU has no network), but TCG needs a host thread per guest CPU:
-/// the 4-queue guest alone has 4 vCPUs for the CI machine's 2 cores, and two
-/// or three guests at once (plus their supervisors) oversubscribe it 3-4x.
-/// Measured (debug build, 2 cores): each run alone 24-26 s, boot 5-7 s; the
-/// 1-, 2- and 4-queue runs together 31 s each, boot 10-11 s, the guest's p50
-/// I/O latency 1.3-1.5 ms -> 2-4 ms. A test would then measure whatever the
-/// other tests happen to be doing (fewer requests in flight per kill, a
-/// different interleaving), and a failure would not reproduce by running it
-/// alone. Load is what `scripts/guest/stress.sh` is for.
+/// image), but each guest keeps a host core busy (TCG runs all its vCPUs on
+/// one host thread) and its supervisor and data plane want another: two or
+/// three guests at once on the CI machine's 2 cores starve each other. A
+/// test would then measure whatever the other tests happen to be doing
+/// (fewer requests in flight per kill, a different interleaving), and a
+/// failure would not reproduce by running it alone. Load is what
+/// `scripts/guest/stress.sh` is for.
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
 fn repo() -> &'static Path {
@@ -144,9 +142,12 @@ fn assert_guest_clean(fields: &HashMap<String, String>, t: &str) {
     );
 }
 
-/// `queues` virtqueues and as many guest CPUs, so Linux drives them all;
-/// the data plane SIGKILLed [`KILLS`] times, 0.4 s apart, during the
-/// workload.
+/// `queues` virtqueues and as many guest CPUs, so Linux drives them all,
+/// with a workload process pinned to each CPU, so every queue carries
+/// requests; the data plane SIGKILLed [`KILLS`] times, 0.4 s apart, during
+/// the workload. The vCPUs share one host thread (`tcg_accel` in
+/// `scripts/guest/common.sh`): with a thread each, a loaded host left a
+/// 4-vCPU guest stuck in its own IPIs while booting.
 fn data_plane_kills(queues: u64) {
     let (fields, t, out) = run_guest(&[
         "--queues",
@@ -168,6 +169,14 @@ fn data_plane_kills(queues: u64) {
         number(&fields, "guest_queues", &t),
         queues,
         "Linux drives all {queues} virtqueues\n{t}"
+    );
+    // Each virtqueue completed requests while the data plane was being
+    // killed: the guest's interrupt count per queue (a worker pinned to
+    // each guest CPU, a CPU per queue), `queue_irqs` for the numbers.
+    assert_eq!(
+        number(&fields, "queues_used", &t),
+        queues,
+        "not every virtqueue carried requests\n{t}"
     );
     let kills = number(&fields, "kills", &t);
     assert!(kills >= MIN_KILLS, "only {kills} kills injected\n{t}");

@@ -9,7 +9,12 @@
 # goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
 # after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
 # sb.shell=1 (drop to a shell instead of powering off),
-# sb.net=GUEST_IP,SERVER_IP,PORT,MIB (a TCP transfer over eth0 instead; below).
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB[,CONNS] (a TCP transfer over eth0
+# instead; below).
+# With more than one CPU, worker W runs on CPU W mod the CPUs (GUEST_IO_PIN):
+# blk-mq submits on the virtqueue mapped to the submitting CPU, so a worker
+# per CPU puts requests on every virtqueue; each queue's interrupts (its
+# MSI-X vector's) during the workload are reported after it.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -97,6 +102,17 @@ echo "SHADOWBACK-GUEST: $DEV ready at $(cut -d' ' -f1 /proc/uptime)s, $((SECTORS
 NEED=$((WORKERS * BLOCKS * 8))
 [ "$SECTORS" -ge "$NEED" ] || finish "FAIL disk too small: $SECTORS sectors < $NEED"
 
+[ "$(nproc)" -gt 1 ] && export GUEST_IO_PIN=1
+echo "SHADOWBACK-GUEST: cpus $(nproc), queue -> cpus:" \
+     "$(for q in /sys/block/${DEV##*/}/mq/*; do echo "${q##*/}:$(cat $q/cpu_list)"; done | tr '\n' ' ')"
+# Interrupts per virtqueue (virtio_blk's vectors are "virtioN-req.Q"), all
+# CPUs added, one "Q N" line each.
+queue_irqs() {
+    awk '$NF ~ /-req\.[0-9]+$/ {
+        n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i
+        q = $NF; sub(/.*-req\./, "", q); print q, n }' /proc/interrupts
+}
+queue_irqs > /tmp/irqs.before
 /bin/guest-io "$DEV" "$WORKERS" "$DEPTH" "$BLOCKS" "$ROUNDS" "$DURATION" > /tmp/io.out 2> /tmp/io.err &
 IOPID=$!
 T=0
@@ -116,6 +132,12 @@ cat /tmp/io.err | head -40
 grep -v progress /tmp/io.out
 BLK=$(sed -n 's/^GUEST-IO: blocks=\([0-9]*\).*/\1/p' /tmp/io.out)
 echo "SHADOWBACK-GUEST: workload done at $(cut -d' ' -f1 /proc/uptime)s"
+# The interrupts of each virtqueue during the workload (not boot's own
+# reads). An idle queue still gets one per data-plane recovery (the new data
+# plane signals every queue): analyze_run in common.sh allows for that.
+queue_irqs > /tmp/irqs.after
+echo "SHADOWBACK-GUEST: queue interrupts" $(awk 'NR == FNR { b[$1] = $2; next }
+    { printf "q%s=%d ", $1, $2 - b[$1] }' /tmp/irqs.before /tmp/irqs.after)
 
 dmesg_report
 if [ $RC -eq 0 ] && [ $NOHEAD -eq 0 ] && [ $IOERR -eq 0 ]; then

@@ -21,6 +21,9 @@
  * Usage: guest-io DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS [DURATION_S]
  *   DURATION_S > 0: run whole rounds until that many seconds have passed
  *   (ROUNDS is then ignored), so kills injected from outside land in it.
+ *   GUEST_IO_PIN=1 in the environment pins worker W to CPU W mod the online
+ *   CPUs: blk-mq submits on the queue of the submitting CPU, so with a CPU
+ *   per virtqueue and a worker per CPU every virtqueue carries requests.
  * Prints, on stdout:
  *   GUEST-IO: final worker=W round=R blocks=N     (one per worker: worker W's
  *             BLOCKS blocks at byte W*N*4096 now all hold round R; R=-1: none)
@@ -46,8 +49,14 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <linux/aio_abi.h>
+#include <linux/ethtool.h>
+#include <linux/sockios.h>
+#include <net/if.h>
 
 #define BS 4096
 #define MAGIC 0x534844574241434bull /* "SHDWBACK" */
@@ -306,10 +315,22 @@ int main(int argc, char **argv)
 	memset(st, 0, sizeof(*st) * nw);
 	uint64_t t0 = now_us();
 	uint64_t until = duration ? t0 + duration * 1000000u : 0;
+	const char *pin = getenv("GUEST_IO_PIN");
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	for (int w = 0; w < nw; w++) {
 		st[w].final_round = -1;
 		pid_t p = fork();
-		if (p == 0) { worker(dev, w, depth, nblk, rounds, until, &st[w]); _exit(0); }
+		if (p == 0) {
+			if (pin && strcmp(pin, "1") == 0 && ncpu > 1) {
+				cpu_set_t set;
+				CPU_ZERO(&set);
+				CPU_SET(w % ncpu, &set);
+				if (sched_setaffinity(0, sizeof(set), &set) < 0)
+					perror("GUEST-IO: sched_setaffinity");
+			}
+			worker(dev, w, depth, nblk, rounds, until, &st[w]);
+			_exit(0);
+		}
 		if (p < 0) { perror("fork"); return 2; }
 	}
 	while (wait(NULL) > 0) ;

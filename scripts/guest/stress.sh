@@ -174,6 +174,8 @@ for i in $(seq "$RUNS"); do
     [ "$rc" -eq 0 ] || why+=("run-shadowback.sh exit $rc")
     [ -n "$res" ] || why+=("no RESULT line")
     [ "$gq" = "$q" ] || why+=("guest_queues=${gq:-?} (want $q)")
+    qu=$(field queues_used "$res")
+    [ "$qu" = "$q" ] || why+=("queues_used=${qu:-?} (want $q: queue_irqs=$(field queue_irqs "$res"))")
     [ "$(num "$crashes")" -ge "$(num "$kills")" ] || why+=("crashes=${crashes:-?} < kills=${kills:-?}")
     [ "$(num "$recov")" -ge "$(num "$kills")" ] || why+=("recoveries=${recov:-?} < kills=${kills:-?}")
     [ "$given" = 0 ] || why+=("given_up=${given:-?}")
