@@ -59,35 +59,55 @@ for m in $(cat /etc/modules); do
     insmod /lib/modules/$m.ko || finish "FAIL insmod $m"
 done
 
-# sb.net=GUEST_IP,SERVER_IP,PORT,MIB: no disk; send MIB MiB of random data
-# over TCP (busybox nc) to SERVER_IP:PORT on eth0 (virtio-net), with its
-# sha256, while /sys/class/net/eth0/carrier is sampled every 50 ms.
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB[,CONNS]: no disk; send MIB MiB of random
+# data over TCP (busybox nc) to SERVER_IP on eth0 (virtio-net), with its
+# sha256, while /sys/class/net/eth0/carrier is sampled every 50 ms. CONNS
+# (default 1) connections at once, to ports PORT.. PORT+CONNS-1, MIB/CONNS
+# MiB each (the sha256 is that of the parts in port order); connection I
+# runs on CPU I mod the CPUs, so with multiqueue (one queue pair per CPU,
+# virtio_net's XPS) the flows leave on every transmit queue. Afterwards the
+# driver's per-queue packet counters (NETSTAT lines, guest-io netstats).
 if [ -n "$NET" ]; then
     OLDIFS=$IFS; IFS=,; set -- $NET; IFS=$OLDIFS
-    GIP=$1; SIP=$2; PORT=$3; MIB=$4
+    GIP=$1; SIP=$2; PORT=$3; MIB=$4; CONNS=${5:-1}
+    NCPU=$(nproc)
     i=0
     while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
     [ -e /sys/class/net/eth0 ] || finish "FAIL no eth0 (modules: $(cat /etc/modules | tr '\n' ' '))"
     ip link set lo up
     ip addr add "$GIP/24" dev eth0
     ip link set eth0 up
-    dd if=/dev/urandom of=/tmp/data bs=1048576 count="$MIB" 2>/dev/null
-    SUM=$(sha256sum /tmp/data | cut -d' ' -f1)
+    PART=$((MIB / CONNS)); i=0
+    while [ $i -lt "$CONNS" ]; do
+        dd if=/dev/urandom of=/tmp/data.$i bs=1048576 count="$PART" 2>/dev/null; i=$((i + 1))
+    done
+    SUM=$(i=0; while [ $i -lt "$CONNS" ]; do cat /tmp/data.$i; i=$((i + 1)); done | sha256sum | cut -d' ' -f1)
+    echo "SHADOWBACK-GUEST: net queues $(ls /sys/class/net/eth0/queues | tr '\n' ' ')cpus $NCPU"
     ( while :; do
           [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ] || echo down >> /tmp/carrier
           sleep 0.05
       done ) &
     SAMPLER=$!
-    echo "SHADOWBACK-GUEST: net sending $MIB MiB to $SIP:$PORT at $(cut -d' ' -f1 /proc/uptime)s sha256=$SUM"
+    echo "SHADOWBACK-GUEST: net sending $((PART * CONNS)) MiB to $SIP:$PORT over $CONNS connections at $(cut -d' ' -f1 /proc/uptime)s sha256=$SUM"
     T0=$(cut -d' ' -f1 /proc/uptime)
-    nc "$SIP" "$PORT" < /tmp/data; RC=$?
+    i=0; PIDS=
+    while [ $i -lt "$CONNS" ]; do
+        ( taskset -c $((i % NCPU)) nc "$SIP" $((PORT + i)) < /tmp/data.$i; echo $? > /tmp/rc.$i ) &
+        PIDS="$PIDS $!"; i=$((i + 1))
+    done
+    wait $PIDS
+    RC=0; i=0
+    while [ $i -lt "$CONNS" ]; do
+        [ "$(cat /tmp/rc.$i 2>/dev/null)" = 0 ] || RC="$RC,$i:$(cat /tmp/rc.$i 2>/dev/null)"; i=$((i + 1))
+    done
     T1=$(cut -d' ' -f1 /proc/uptime)
+    /bin/guest-io netstats eth0
     kill $SAMPLER 2>/dev/null
     DOWN=$(cat /tmp/carrier 2>/dev/null | wc -l)
     LINKDOWN=$(dmesg | grep -c 'Link is Down')
     dmesg | grep -iE 'virtio_net|eth0|Link is' | tail -5
-    [ $RC = 0 ] || finish "FAIL nc exited $RC bytes=$((MIB * 1048576)) carrier_down=$DOWN link_down=$LINKDOWN"
-    finish "PASS net bytes=$((MIB * 1048576)) sha256=$SUM seconds=$(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') carrier_down=$DOWN link_down=$LINKDOWN"
+    [ "$RC" = 0 ] || finish "FAIL nc exited $RC bytes=$((PART * CONNS * 1048576)) carrier_down=$DOWN link_down=$LINKDOWN"
+    finish "PASS net bytes=$((PART * CONNS * 1048576)) sha256=$SUM seconds=$(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') carrier_down=$DOWN link_down=$LINKDOWN"
 fi
 
 i=0
