@@ -14,7 +14,8 @@
 # Each run passes only if run-shadowback.sh exits 0 (guest PASS, no "is not
 # a head", no I/O error, host check PASS, no QEMU vhost-user complaint, all
 # kills injected) and, as tests/qemu_guest.rs asserts, Linux drives Q
-# queues, crashes >= kills, recoveries >= kills and given_up == 0.
+# queues, every one carried requests (queues_used), crashes >= kills,
+# recoveries >= kills and given_up == 0.
 #
 # Prints one line per run (queues, verdict, kills, replayed, …) and finally
 # "N passed, M failed"; exits 0 only if every run passed, 1 on a failure,
