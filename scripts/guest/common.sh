@@ -69,6 +69,17 @@ stamp() {
     done
 }
 
+# QEMU's -accel for every test guest: TCG with one host thread for all
+# vCPUs (thread=single: they run round-robin). With a host thread per vCPU
+# (MTTCG, the default) a guest of more vCPUs than the host has free cores
+# stalls on itself: a vCPU spinning for the others' answer to an IPI
+# (smp_call_function_many_cond, e.g. from text_poke_bp_batch while booting)
+# waits for host threads the host does not run, and the guest's soft-lockup
+# detector fires ("CPU#0 stuck for 26s ... 104s") before any I/O. Round-robin
+# on one thread, every vCPU gets its turn whatever the host's load; a starved
+# host makes the guest slower, not stuck. docs/ARCHITECTURE.md §8.1.
+tcg_accel() { echo tcg,thread=single; }
+
 # boot_guest SOCK CHARDEV_EXTRA APPEND TIMEOUT LOG PIDFILE
 # Boots the test guest under TCG against the vhost-user-blk socket SOCK, with
 # guest RAM in a shared memfd (vhost-user needs the backend to map it), and
@@ -78,7 +89,7 @@ stamp() {
 boot_guest() {
     local sock=$1 extra=$2 append=$3 timeout=$4 logf=$5 pidf=$6 chardev
     chardev="socket,id=c0,path=$sock${extra:+,$extra}"
-    QEMU_CMD=("$SHADOWBACK_QEMU" -accel tcg -m 512 -smp "${SB_SMP:-1}"
+    QEMU_CMD=("$SHADOWBACK_QEMU" -accel "$(tcg_accel)" -m 512 -smp "${SB_SMP:-1}"
         -object memory-backend-memfd,id=mem,size=512M,share=on
         -machine q35,memory-backend=mem
         -chardev "$chardev" -device "vhost-user-blk-pci,chardev=c0${SB_BLK_OPTS:+,$SB_BLK_OPTS}"
@@ -151,6 +162,18 @@ analyze_run() {
     # The virtqueues Linux drives ("virtio_blk virtio0: 2/0/0 default/read/poll queues").
     local gq
     gq=$(sed -n 's/.*virtio_blk [^:]*: \([0-9]*\)\/[0-9]*\/[0-9]* default\/read\/poll queues.*/\1/p' "$logf" | head -1 || true)
+    # The interrupts of each virtqueue during the workload ("queue
+    # interrupts q0=N q1=N ..."): queues_used counts those with at least a
+    # quarter of an even share. The workers are pinned a CPU each, so every
+    # queue gets about the same; an idle queue still gets one per recovery
+    # (the new data plane signals every queue), far below that.
+    local qirq used=0 qi nq=0 sum=0
+    qirq=$(grep -o 'SHADOWBACK-GUEST: queue interrupts.*' "$logf" | tail -1 | cut -d' ' -f4- || true)
+    for qi in $qirq; do nq=$((nq + 1)); sum=$((sum + ${qi#*=})); done
+    for qi in $qirq; do
+        if [ $(( ${qi#*=} * 4 * nq )) -ge "$sum" ] && [ "${qi#*=}" -gt 0 ]; then used=$((used + 1)); fi
+    done
+    qirq=$(tr ' ' ',' <<< "$qirq" | sed 's/,*$//')
     local init ready done v=NONE
     init=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: init at.*/\1/p' "$logf" | head -1 || true)
     ready=$(sed -n 's/^\[ *\([0-9.]*\)\] SHADOWBACK-GUEST: \/dev\/.* ready at.*/\1/p' "$logf" | head -1 || true)
@@ -161,7 +184,7 @@ analyze_run() {
     echo "RESULT verdict=$v kills=$kills kills_failed=$kfail not_a_head=$nohead io_errors=$ioerr" \
          "qemu_vhost_errors=$qerr host_check=$host host_blocks=${hblocks:-0} host_bad=${hbad:-0}" \
          "lat_p50_us=${p50:-?} lat_p99_us=${p99:-?} lat_max_us=${max:-?} over_100ms=${o100:-?} over_1s=${o1s:-?}" \
-         "guest_queues=${gq:-?} boot_s=${init:-?} workload_done_s=${done:-?} qemu_rc=$qrc${extra:+ $extra}"
+         "guest_queues=${gq:-?} queues_used=$used queue_irqs=${qirq:-none} boot_s=${init:-?} workload_done_s=${done:-?} qemu_rc=$qrc${extra:+ $extra}"
     echo "${verdict:-SHADOWBACK-GUEST: no verdict (qemu rc=$qrc)}"
     RUN_OK=0
     if [ $v = PASS ] && [ "$nohead" -eq 0 ] && [ "$ioerr" -eq 0 ] && [ $host = PASS ]; then RUN_OK=1; fi

@@ -9,7 +9,12 @@
 # goes to virtio-blk in one go), sb.timeout=S (give up on a stuck workload
 # after S s and report FAIL; 0 = never, the default), sb.dev=/dev/vda,
 # sb.shell=1 (drop to a shell instead of powering off),
-# sb.net=GUEST_IP,SERVER_IP,PORT,MIB (a TCP transfer over eth0 instead; below).
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB[,CONNS] (a TCP transfer over eth0
+# instead; below).
+# With more than one CPU, worker W runs on CPU W mod the CPUs (GUEST_IO_PIN):
+# blk-mq submits on the virtqueue mapped to the submitting CPU, so a worker
+# per CPU puts requests on every virtqueue; each queue's interrupts (its
+# MSI-X vector's) during the workload are reported after it.
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin
 mount -t proc proc /proc
@@ -54,35 +59,55 @@ for m in $(cat /etc/modules); do
     insmod /lib/modules/$m.ko || finish "FAIL insmod $m"
 done
 
-# sb.net=GUEST_IP,SERVER_IP,PORT,MIB: no disk; send MIB MiB of random data
-# over TCP (busybox nc) to SERVER_IP:PORT on eth0 (virtio-net), with its
-# sha256, while /sys/class/net/eth0/carrier is sampled every 50 ms.
+# sb.net=GUEST_IP,SERVER_IP,PORT,MIB[,CONNS]: no disk; send MIB MiB of random
+# data over TCP (busybox nc) to SERVER_IP on eth0 (virtio-net), with its
+# sha256, while /sys/class/net/eth0/carrier is sampled every 50 ms. CONNS
+# (default 1) connections at once, to ports PORT.. PORT+CONNS-1, MIB/CONNS
+# MiB each (the sha256 is that of the parts in port order); connection I
+# runs on CPU I mod the CPUs, so with multiqueue (one queue pair per CPU,
+# virtio_net's XPS) the flows leave on every transmit queue. Afterwards the
+# driver's per-queue packet counters (NETSTAT lines, guest-io netstats).
 if [ -n "$NET" ]; then
     OLDIFS=$IFS; IFS=,; set -- $NET; IFS=$OLDIFS
-    GIP=$1; SIP=$2; PORT=$3; MIB=$4
+    GIP=$1; SIP=$2; PORT=$3; MIB=$4; CONNS=${5:-1}
+    NCPU=$(nproc)
     i=0
     while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
     [ -e /sys/class/net/eth0 ] || finish "FAIL no eth0 (modules: $(cat /etc/modules | tr '\n' ' '))"
     ip link set lo up
     ip addr add "$GIP/24" dev eth0
     ip link set eth0 up
-    dd if=/dev/urandom of=/tmp/data bs=1048576 count="$MIB" 2>/dev/null
-    SUM=$(sha256sum /tmp/data | cut -d' ' -f1)
+    PART=$((MIB / CONNS)); i=0
+    while [ $i -lt "$CONNS" ]; do
+        dd if=/dev/urandom of=/tmp/data.$i bs=1048576 count="$PART" 2>/dev/null; i=$((i + 1))
+    done
+    SUM=$(i=0; while [ $i -lt "$CONNS" ]; do cat /tmp/data.$i; i=$((i + 1)); done | sha256sum | cut -d' ' -f1)
+    echo "SHADOWBACK-GUEST: net queues $(ls /sys/class/net/eth0/queues | tr '\n' ' ')cpus $NCPU"
     ( while :; do
           [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" = 1 ] || echo down >> /tmp/carrier
           sleep 0.05
       done ) &
     SAMPLER=$!
-    echo "SHADOWBACK-GUEST: net sending $MIB MiB to $SIP:$PORT at $(cut -d' ' -f1 /proc/uptime)s sha256=$SUM"
+    echo "SHADOWBACK-GUEST: net sending $((PART * CONNS)) MiB to $SIP:$PORT over $CONNS connections at $(cut -d' ' -f1 /proc/uptime)s sha256=$SUM"
     T0=$(cut -d' ' -f1 /proc/uptime)
-    nc "$SIP" "$PORT" < /tmp/data; RC=$?
+    i=0; PIDS=
+    while [ $i -lt "$CONNS" ]; do
+        ( taskset -c $((i % NCPU)) nc "$SIP" $((PORT + i)) < /tmp/data.$i; echo $? > /tmp/rc.$i ) &
+        PIDS="$PIDS $!"; i=$((i + 1))
+    done
+    wait $PIDS
+    RC=0; i=0
+    while [ $i -lt "$CONNS" ]; do
+        [ "$(cat /tmp/rc.$i 2>/dev/null)" = 0 ] || RC="$RC,$i:$(cat /tmp/rc.$i 2>/dev/null)"; i=$((i + 1))
+    done
     T1=$(cut -d' ' -f1 /proc/uptime)
+    /bin/guest-io netstats eth0
     kill $SAMPLER 2>/dev/null
     DOWN=$(cat /tmp/carrier 2>/dev/null | wc -l)
     LINKDOWN=$(dmesg | grep -c 'Link is Down')
     dmesg | grep -iE 'virtio_net|eth0|Link is' | tail -5
-    [ $RC = 0 ] || finish "FAIL nc exited $RC bytes=$((MIB * 1048576)) carrier_down=$DOWN link_down=$LINKDOWN"
-    finish "PASS net bytes=$((MIB * 1048576)) sha256=$SUM seconds=$(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') carrier_down=$DOWN link_down=$LINKDOWN"
+    [ "$RC" = 0 ] || finish "FAIL nc exited $RC bytes=$((PART * CONNS * 1048576)) carrier_down=$DOWN link_down=$LINKDOWN"
+    finish "PASS net bytes=$((PART * CONNS * 1048576)) sha256=$SUM seconds=$(awk -v a=$T0 -v b=$T1 'BEGIN{print b-a}') carrier_down=$DOWN link_down=$LINKDOWN"
 fi
 
 i=0
@@ -97,6 +122,17 @@ echo "SHADOWBACK-GUEST: $DEV ready at $(cut -d' ' -f1 /proc/uptime)s, $((SECTORS
 NEED=$((WORKERS * BLOCKS * 8))
 [ "$SECTORS" -ge "$NEED" ] || finish "FAIL disk too small: $SECTORS sectors < $NEED"
 
+[ "$(nproc)" -gt 1 ] && export GUEST_IO_PIN=1
+echo "SHADOWBACK-GUEST: cpus $(nproc), queue -> cpus:" \
+     "$(for q in /sys/block/${DEV##*/}/mq/*; do echo "${q##*/}:$(cat $q/cpu_list)"; done | tr '\n' ' ')"
+# Interrupts per virtqueue (virtio_blk's vectors are "virtioN-req.Q"), all
+# CPUs added, one "Q N" line each.
+queue_irqs() {
+    awk '$NF ~ /-req\.[0-9]+$/ {
+        n = 0; for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i
+        q = $NF; sub(/.*-req\./, "", q); print q, n }' /proc/interrupts
+}
+queue_irqs > /tmp/irqs.before
 /bin/guest-io "$DEV" "$WORKERS" "$DEPTH" "$BLOCKS" "$ROUNDS" "$DURATION" > /tmp/io.out 2> /tmp/io.err &
 IOPID=$!
 T=0
@@ -116,6 +152,12 @@ cat /tmp/io.err | head -40
 grep -v progress /tmp/io.out
 BLK=$(sed -n 's/^GUEST-IO: blocks=\([0-9]*\).*/\1/p' /tmp/io.out)
 echo "SHADOWBACK-GUEST: workload done at $(cut -d' ' -f1 /proc/uptime)s"
+# The interrupts of each virtqueue during the workload (not boot's own
+# reads). An idle queue still gets one per data-plane recovery (the new data
+# plane signals every queue): analyze_run in common.sh allows for that.
+queue_irqs > /tmp/irqs.after
+echo "SHADOWBACK-GUEST: queue interrupts" $(awk 'NR == FNR { b[$1] = $2; next }
+    { printf "q%s=%d ", $1, $2 - b[$1] }' /tmp/irqs.before /tmp/irqs.after)
 
 dmesg_report
 if [ $RC -eq 0 ] && [ $NOHEAD -eq 0 ] && [ $IOERR -eq 0 ]; then

@@ -21,6 +21,9 @@
  * Usage: guest-io DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS [DURATION_S]
  *   DURATION_S > 0: run whole rounds until that many seconds have passed
  *   (ROUNDS is then ignored), so kills injected from outside land in it.
+ *   GUEST_IO_PIN=1 in the environment pins worker W to CPU W mod the online
+ *   CPUs: blk-mq submits on the queue of the submitting CPU, so with a CPU
+ *   per virtqueue and a worker per CPU every virtqueue carries requests.
  * Prints, on stdout:
  *   GUEST-IO: final worker=W round=R blocks=N     (one per worker: worker W's
  *             BLOCKS blocks at byte W*N*4096 now all hold round R; R=-1: none)
@@ -34,6 +37,11 @@
  *   "final" lines above); prints
  *   HOST-CHECK: blocks=N ok=K bad=B
  *   and exits 0 only if B == 0 and N > 0.
+ *
+ * Guest side, network: guest-io netstats IFACE
+ *   prints the interface's per-queue packet counters from the driver's
+ *   ethtool statistics (virtio_net: rx_queue_N_packets, tx_queue_N_packets),
+ *   one "NETSTAT NAME VALUE" line each (busybox has no ethtool).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,8 +54,14 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <sched.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <linux/aio_abi.h>
+#include <linux/ethtool.h>
+#include <linux/sockios.h>
+#include <net/if.h>
 
 #define BS 4096
 #define MAGIC 0x534844574241434bull /* "SHDWBACK" */
@@ -282,9 +296,48 @@ static int host_check(int argc, char **argv)
 	return (bad == 0 && total > 0) ? 0 : 1;
 }
 
+/* The ethtool statistics of IFACE whose name holds "queue_" and ends in
+ * "_packets" (SIOCETHTOOL: ETHTOOL_GSSET_INFO, GSTRINGS, GSTATS). */
+static int netstats(const char *iface)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	if (fd < 0) { perror("socket"); return 2; }
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", iface);
+	struct { struct ethtool_sset_info hdr; uint32_t len; } info;
+	memset(&info, 0, sizeof(info));
+	info.hdr.cmd = ETHTOOL_GSSET_INFO;
+	info.hdr.sset_mask = 1ull << ETH_SS_STATS;
+	ifr.ifr_data = (void *)&info;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) { perror("ETHTOOL_GSSET_INFO"); return 2; }
+	uint32_t n = info.hdr.sset_mask ? info.len : 0;
+	if (n == 0 || n > 4096) { fprintf(stderr, "%s: %u statistics\n", iface, n); return 2; }
+	struct ethtool_gstrings *names = calloc(1, sizeof(*names) + (size_t)n * ETH_GSTRING_LEN);
+	struct ethtool_stats *vals = calloc(1, sizeof(*vals) + (size_t)n * sizeof(uint64_t));
+	if (!names || !vals) return 2;
+	names->cmd = ETHTOOL_GSTRINGS; names->string_set = ETH_SS_STATS; names->len = n;
+	ifr.ifr_data = (void *)names;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) { perror("ETHTOOL_GSTRINGS"); return 2; }
+	vals->cmd = ETHTOOL_GSTATS; vals->n_stats = n;
+	ifr.ifr_data = (void *)vals;
+	if (ioctl(fd, SIOCETHTOOL, &ifr) < 0) { perror("ETHTOOL_GSTATS"); return 2; }
+	for (uint32_t i = 0; i < n && i < vals->n_stats; i++) {
+		char name[ETH_GSTRING_LEN + 1];
+		memcpy(name, names->data + (size_t)i * ETH_GSTRING_LEN, ETH_GSTRING_LEN);
+		name[ETH_GSTRING_LEN] = 0;
+		size_t len = strlen(name);
+		if (strstr(name, "queue_") && len > 8 && strcmp(name + len - 8, "_packets") == 0)
+			printf("NETSTAT %s %llu\n", name, (unsigned long long)vals->data[i]);
+	}
+	close(fd);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc >= 2 && strcmp(argv[1], "check") == 0) return host_check(argc, argv);
+	if (argc == 3 && strcmp(argv[1], "netstats") == 0) return netstats(argv[2]);
 	if (argc != 6 && argc != 7) {
 		fprintf(stderr, "usage: %s DEV WORKERS DEPTH BLOCKS_PER_WORKER ROUNDS [DURATION_S]\n"
 			"       %s check IMAGE BLOCKS_PER_WORKER ROUND0 [ROUND1 ...]\n", argv[0], argv[0]);
@@ -306,10 +359,22 @@ int main(int argc, char **argv)
 	memset(st, 0, sizeof(*st) * nw);
 	uint64_t t0 = now_us();
 	uint64_t until = duration ? t0 + duration * 1000000u : 0;
+	const char *pin = getenv("GUEST_IO_PIN");
+	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
 	for (int w = 0; w < nw; w++) {
 		st[w].final_round = -1;
 		pid_t p = fork();
-		if (p == 0) { worker(dev, w, depth, nblk, rounds, until, &st[w]); _exit(0); }
+		if (p == 0) {
+			if (pin && strcmp(pin, "1") == 0 && ncpu > 1) {
+				cpu_set_t set;
+				CPU_ZERO(&set);
+				CPU_SET(w % ncpu, &set);
+				if (sched_setaffinity(0, sizeof(set), &set) < 0)
+					perror("GUEST-IO: sched_setaffinity");
+			}
+			worker(dev, w, depth, nblk, rounds, until, &st[w]);
+			_exit(0);
+		}
 		if (p < 0) { perror("fork"); return 2; }
 	}
 	while (wait(NULL) > 0) ;

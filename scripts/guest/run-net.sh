@@ -22,8 +22,17 @@
 # QEMU 7.2 (TCG) segfaults in vhost_net_start (msix_set_vector_notifiers)
 # with vhost-user-net and MSI-X, so the device has vectors=0 (INTx).
 #
+# --queues N: a vif of N queue pairs (`queues = N`, a multi-queue TAP),
+# QEMU's `-netdev vhost-user,queues=N` and `virtio-net-pci,mq=on`, and N
+# guest CPUs (virtio_net uses min(CPUs, pairs) pairs, one per CPU);
+# --conns M sends the data over M connections at once, connection I from
+# guest CPU I mod N, so the flows leave on every pair (XPS) and their ACKs
+# come back on it (the TAP steers a flow to the queue it came from). The
+# guest's per-queue packet counters (ethtool statistics) are in RESULT:
+# rx_queues_used / tx_queues_used count the queues that carried any.
+#
 # Usage: scripts/guest/run-net.sh [--kills N (12)] [--kill-every S (0.2)] [--mib N (64)]
-#            [--timeout S] [--keep]
+#            [--queues N (1)] [--conns M (1)] [--timeout S] [--keep]
 # Environment: SHADOWBACK_BIN (default target/release/shadowback if built,
 # else target/debug/shadowback), RUST_LOG for the supervisor (warn), and
 # common.sh's SHADOWBACK_GUEST_CACHE, SHADOWBACK_QEMU.
@@ -32,18 +41,23 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/common.sh"
 
-KILLS=12; KILL_EVERY=0.2; MIB=64; TIMEOUT=170; KEEP=0
+KILLS=12; KILL_EVERY=0.2; MIB=64; TIMEOUT=170; KEEP=0; QUEUES=1; CONNS=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --kills)      KILLS=$2; shift 2 ;;
         --kill-every) KILL_EVERY=$2; shift 2 ;;
         --mib)        MIB=$2; shift 2 ;;
         --timeout)    TIMEOUT=$2; shift 2 ;;
+        --queues)     QUEUES=$2; shift 2 ;;
+        --conns)      CONNS=$2; shift 2 ;;
         --keep)       KEEP=1; shift ;;
-        -h|--help)    sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help)    sed -n '2,38p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
+case "$QUEUES" in [1-7]) ;; *) die "--queues wants 1 to 7" ;; esac
+case "$CONNS" in ''|*[!0-9]*|0) die "--conns wants a number from 1" ;; esac
+[ $((MIB % CONNS)) = 0 ] || die "--mib must be a multiple of --conns"
 require_guest_image
 BIN=$(shadowback_bin "$REPO")
 command -v busybox > /dev/null || die "busybox not found (build-image.sh installs busybox-static)"
@@ -74,6 +88,7 @@ socket = "$CTL"
 name = "vif0"
 tap = "$TAP"
 vhost_user = "$VSOCK"
+queues = $QUEUES
 EOF
 RUST_LOG=${RUST_LOG:-warn} ip netns exec "$NS" "$BIN" up "$CFG" > "$RUN/supervisor.log" 2>&1 &
 SUP_PID=$!
@@ -89,8 +104,10 @@ nsx ip link set "$TAP" up
 # guest's nc stops when the server's side ends: the server's stdin is a
 # FIFO this script holds open and never writes.
 mkfifo "$RUN/hold"
-nsx busybox nc -l -p 5001 < "$RUN/hold" > "$RUN/received" &
-SERVER_PID=$!
+for i in $(seq 0 $((CONNS - 1))); do
+    nsx busybox nc -l -p $((5001 + i)) < "$RUN/hold" > "$RUN/received.$i" &
+    SERVER_PID+=" $!"
+done
 exec 9> "$RUN/hold"
 # The TAP's carrier, as the namespace sees it, every 20 ms.
 ( while :; do
@@ -117,14 +134,15 @@ CARRIER_PID=$!
 KILLER_PID=$!
 
 # --- the guest -----------------------------------------------------------------
-QEMU_CMD=("$SHADOWBACK_QEMU" -accel tcg -m 512 -smp 1
+MQ_OPT=""; [ "$QUEUES" -gt 1 ] && MQ_OPT=",mq=on"
+QEMU_CMD=("$SHADOWBACK_QEMU" -accel "$(tcg_accel)" -m 512 -smp "$QUEUES"
     -object memory-backend-memfd,id=mem,size=512M,share=on
     -machine q35,memory-backend=mem
     -chardev "socket,id=n0,path=$VSOCK"
-    -netdev vhost-user,id=net0,chardev=n0
-    -device virtio-net-pci,netdev=net0,mac=52:54:00:5b:00:01,vectors=0
+    -netdev "vhost-user,id=net0,chardev=n0,queues=$QUEUES"
+    -device "virtio-net-pci,netdev=net0,mac=52:54:00:5b:00:01,vectors=0$MQ_OPT"
     -kernel "$C/vmlinuz" -initrd "$C/initramfs.cpio.gz"
-    -append "console=ttyS0 quiet panic=-1 sb.net=10.0.2.15,10.0.2.1,5001,$MIB"
+    -append "console=ttyS0 quiet panic=-1 sb.net=10.0.2.15,10.0.2.1,5001,$MIB,$CONNS"
     -nographic -no-reboot)
 log "qemu: ${QEMU_CMD[*]}"
 STAMP_T0=$(now_us)
@@ -134,14 +152,24 @@ QRC=${PIPESTATUS[0]}
 set -e
 kill "$KILLER_PID" 2>/dev/null || true; wait "$KILLER_PID" 2>/dev/null || true; KILLER_PID=""
 kill "$CARRIER_PID" 2>/dev/null || true; wait "$CARRIER_PID" 2>/dev/null || true; CARRIER_PID=""
-for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
-kill "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""
+for p in $SERVER_PID; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill "$p" 2>/dev/null || true
+done
+SERVER_PID=""
 
 DONE_KILLS=$(grep -c 'kill #' "$RUN/kills.log" 2>/dev/null || true)
 VERDICT_LINE=$(grep -o 'SHADOWBACK-GUEST: \(PASS\|FAIL\).*' "$LOG" | tail -1 || true)
 field() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<< "$VERDICT_LINE"; }
-GUEST_SUM=$(field sha256); SERVER_SUM=$(sha256sum "$RUN/received" | cut -d' ' -f1)
-RECEIVED=$(stat -c %s "$RUN/received")
+RECEIVED_FILES=()
+for i in $(seq 0 $((CONNS - 1))); do RECEIVED_FILES+=("$RUN/received.$i"); done
+GUEST_SUM=$(field sha256); SERVER_SUM=$(cat "${RECEIVED_FILES[@]}" | sha256sum | cut -d' ' -f1)
+RECEIVED=$(cat "${RECEIVED_FILES[@]}" | wc -c)
+# The guest's per-queue packet counters ("NETSTAT rx_queue_0_packets N").
+QSTATS=$(sed -n 's/.*NETSTAT \([rt]x\)_queue_\([0-9]*\)_packets \([0-9]*\).*/\1_q\2=\3/p' "$LOG" | sort -u | tr '\n' ' ')
+used() { local n=0 kv; for kv in $QSTATS; do
+    case "$kv" in "$1"_q*) [ "${kv#*=}" -gt 0 ] && n=$((n + 1)) ;; esac; done; echo $n; }
+TAP_QUEUES=$(nsx ls "/sys/class/net/$TAP/queues" 2>/dev/null | grep -c '^rx-' || true)
 TAP_DOWN=$(wc -l < "$RUN/tap-carrier" 2>/dev/null || echo 0)
 TAP_RX_PACKETS=$(nsx cat "/sys/class/net/$TAP/statistics/rx_packets" 2>/dev/null || echo 0)
 TAP_RX_BYTES=$(nsx cat "/sys/class/net/$TAP/statistics/rx_bytes" 2>/dev/null || echo 0)
@@ -155,6 +183,8 @@ RESULT+=" tap_rx_packets=$TAP_RX_PACKETS tap_rx_avg=$TAP_RX_AVG"
 RESULT+=" seconds=$(field seconds) recoveries=$(stat_of recoveries) crashes=$(stat_of crashes)"
 RESULT+=" failed_takeovers=$(stat_of failed-takeovers) tx_replayed=$(stat_of tx-replayed)"
 RESULT+=" rx_buffers_recovered=$(stat_of rx-buffers-recovered) qemu_vhost_errors=$VHOST_ERRORS"
+RESULT+=" pairs=$QUEUES conns=$CONNS tap_queues=$TAP_QUEUES rx_queues_used=$(used rx) tx_queues_used=$(used tx)"
+RESULT+=" $QSTATS"
 log "shadowback status:"; sed 's/^/    /' <<< "$STATUS" >&2
 log "console tail:"; tail -15 "$LOG" | sed 's/^/    /' >&2
 if [ -z "$VERDICT_LINE" ]; then

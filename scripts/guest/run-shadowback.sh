@@ -45,7 +45,9 @@
 #                   supervisor keeps the vhost-user connection across kills)
 #   --keep          keep the run directory (image, config, logs) even on PASS
 #   --queues N      virtqueues (1): num_queues in the config, num-queues on
-#                   QEMU's device, and N guest CPUs so Linux uses them all
+#                   QEMU's device, N guest CPUs so Linux uses them all, and
+#                   (without --workers) N workers, one on each CPU
+#   --workers N     workload processes (default: 2, or --queues if more)
 # Environment: SHADOWBACK_BIN (default target/release/shadowback if built,
 # else target/debug/shadowback), RUST_LOG for the supervisor (warn), and
 # common.sh's SHADOWBACK_GUEST_CACHE, SHADOWBACK_QEMU.
@@ -54,7 +56,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 . "$HERE/common.sh"
 
-KILLS=0; KILL_EVERY=0.4; FAULT=kill; ROUNDS=4; DURATION=""; WORKERS=2; DEPTH=16; BLOCKS=1024
+KILLS=0; KILL_EVERY=0.4; FAULT=kill; ROUNDS=4; DURATION=""; WORKERS=""; DEPTH=16; BLOCKS=1024
 IMAGE_MIB=256; TIMEOUT=180; LOG=""; KEEP=0; RECONNECT=0; QUEUES=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,7 +74,7 @@ while [ $# -gt 0 ]; do
         --keep)       KEEP=1; shift ;;
         --reconnect)  RECONNECT=1; shift ;;
         --queues)     QUEUES=$2; shift 2 ;;
-        -h|--help)    sed -n '2,46p' "$0"; exit 0 ;;
+        -h|--help)    sed -n '2,53p' "$0"; exit 0 ;;
         *) die "unknown argument $1" ;;
     esac
 done
@@ -80,6 +82,9 @@ case "$KILLS" in ''|*[!0-9]*) die "--kills wants a number" ;; esac
 case "$QUEUES" in ''|*[!0-9]*|0) die "--queues wants a number from 1" ;; esac
 # boot_guest (common.sh) reads these.
 SB_SMP=$QUEUES; SB_BLK_OPTS="num-queues=$QUEUES"
+# A worker per guest CPU (at least 2): the guest pins worker W to CPU W, so
+# every virtqueue carries requests.
+[ -n "$WORKERS" ] || WORKERS=$(( QUEUES > 2 ? QUEUES : 2 ))
 case "$FAULT" in
     kill|hang|spin|upgrade) ;;
     supervisor-kill) RECONNECT=1 ;;

@@ -14,7 +14,8 @@
 # Each run passes only if run-shadowback.sh exits 0 (guest PASS, no "is not
 # a head", no I/O error, host check PASS, no QEMU vhost-user complaint, all
 # kills injected) and, as tests/qemu_guest.rs asserts, Linux drives Q
-# queues, crashes >= kills, recoveries >= kills and given_up == 0.
+# queues, every one carried requests (queues_used), crashes >= kills,
+# recoveries >= kills and given_up == 0.
 #
 # Prints one line per run (queues, verdict, kills, replayed, …) and finally
 # "N passed, M failed"; exits 0 only if every run passed, 1 on a failure,
@@ -174,6 +175,8 @@ for i in $(seq "$RUNS"); do
     [ "$rc" -eq 0 ] || why+=("run-shadowback.sh exit $rc")
     [ -n "$res" ] || why+=("no RESULT line")
     [ "$gq" = "$q" ] || why+=("guest_queues=${gq:-?} (want $q)")
+    qu=$(field queues_used "$res")
+    [ "$qu" = "$q" ] || why+=("queues_used=${qu:-?} (want $q: queue_irqs=$(field queue_irqs "$res"))")
     [ "$(num "$crashes")" -ge "$(num "$kills")" ] || why+=("crashes=${crashes:-?} < kills=${kills:-?}")
     [ "$(num "$recov")" -ge "$(num "$kills")" ] || why+=("recoveries=${recov:-?} < kills=${kills:-?}")
     [ "$given" = 0 ] || why+=("given_up=${given:-?}")
