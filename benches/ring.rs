@@ -7,7 +7,9 @@
 //!   indirect one against the grant table, as blkback does per request;
 //! - `shadow/slot_lifecycle`: what the shadow log adds per request, as a
 //!   netif TX drain pays it: `batch` slots logged on consume, each answer
-//!   logged COMPLETING, then one publication freeing them all.
+//!   logged COMPLETING, then one publication freeing them all; and
+//!   `shadow/slot_lifecycle_one_writer`, the same through one
+//!   `ShadowLog::writer` per batch (one lock instead of one per step).
 //!
 //! Run with `cargo bench --bench ring`.
 #![deny(unsafe_code)]
@@ -201,6 +203,32 @@ fn shadow_slot_lifecycle(c: &mut Criterion) {
                 }
                 idx = idx.wrapping_add(batch);
                 assert_eq!(log.log_published(idx).expect("publish"), batch as usize);
+            });
+        });
+    }
+    group.finish();
+    // The same transitions through one writer per batch, as netback's TX
+    // path logs a TAP batch's answers.
+    let mut group = c.benchmark_group("shadow/slot_lifecycle_one_writer");
+    for batch in [1u32, 32] {
+        group.throughput(Throughput::Elements(u64::from(batch)));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            let mut entries = Vec::with_capacity(batch as usize);
+            b.iter(|| {
+                entries.clear();
+                let mut w = log.writer().expect("writer");
+                for i in 0..batch {
+                    let e = w
+                        .log_consumed(idx.wrapping_add(i), black_box(&request))
+                        .expect("consume");
+                    entries.push(e);
+                }
+                for (i, &e) in entries.iter().enumerate() {
+                    w.log_completing(e, idx.wrapping_add(i as u32), black_box(&response))
+                        .expect("complete");
+                }
+                idx = idx.wrapping_add(batch);
+                assert_eq!(w.log_published(idx).expect("publish"), batch as usize);
             });
         });
     }
