@@ -1780,6 +1780,15 @@ impl EventLoop for NetBackend {
         let device = self.cfg.device.clone();
         if let Some((entry, rec)) = vif.tx_serial.next(0, vif.tx_log.as_ref(), &device) {
             self.replay_tx_slot(rec, entry);
+            // The last logged packet may be one the dead instance was still
+            // logging: completed from the ring once every logged slot is
+            // replayed, before anything new is taken from the ring (as
+            // `attach` does right after a replay that is not serial).
+            if self.vif.as_ref().is_some_and(|v| v.tx_serial.is_empty()) {
+                if let Err(e) = self.complete_partial_packet() {
+                    return self.broken(&format!("replay failed: {e}"));
+                }
+            }
         }
         let Some(vif) = self.vif.as_mut() else {
             return Ok(());
