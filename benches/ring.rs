@@ -7,15 +7,22 @@
 //!   indirect one against the grant table, as blkback does per request;
 //! - `shadow/slot_lifecycle`: what the shadow log adds per request, as a
 //!   netif TX drain pays it: `batch` slots logged on consume, each answer
-//!   logged COMPLETING, then one publication freeing them all.
+//!   logged COMPLETING, then one publication freeing them all; and
+//!   `shadow/slot_lifecycle_one_writer`, the same through one
+//!   `ShadowLog::writer` per batch (one lock instead of one per step).
+//!   The `shadow/` groups are timed in the thread's CPU time, which other
+//!   jobs on the machine hardly move; the others in wall time.
 //!
 //! Run with `cargo bench --bench ring`.
 #![deny(unsafe_code)]
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 
+use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use nix::time::{clock_gettime, ClockId};
 use shadowback_blkback::request::{parse, DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_ring::blkif::{
     Blkif, BlkifRequest, BlkifRequestIndirect, BlkifRequestSegment, BlkifResponse,
@@ -176,7 +183,51 @@ fn parse_requests(c: &mut Criterion) {
     group.finish();
 }
 
-fn shadow_slot_lifecycle(c: &mut Criterion) {
+/// Criterion's measurement as the calling thread's CPU time
+/// (`CLOCK_THREAD_CPUTIME_ID`) instead of wall time: on a machine other
+/// jobs load, wall time counts the time the loop waited for a CPU, its CPU
+/// time does not.
+struct ThreadCpuTime;
+
+/// Formats values as durations, as wall time does.
+static WALL_TIME: WallTime = WallTime;
+
+fn thread_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(Duration::from)
+        .expect("thread CPU clock")
+}
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = Duration;
+    type Value = Duration;
+
+    fn start(&self) -> Duration {
+        thread_cpu()
+    }
+
+    fn end(&self, started: Duration) -> Duration {
+        thread_cpu().saturating_sub(started)
+    }
+
+    fn add(&self, a: &Duration, b: &Duration) -> Duration {
+        *a + *b
+    }
+
+    fn zero(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    fn to_f64(&self, value: &Duration) -> f64 {
+        value.as_nanos() as f64
+    }
+
+    fn formatter(&self) -> &dyn ValueFormatter {
+        WALL_TIME.formatter()
+    }
+}
+
+fn shadow_slot_lifecycle(c: &mut Criterion<ThreadCpuTime>) {
     let log = ShadowLog::create(256).expect("shadow log");
     log.begin_instance().expect("begin");
     let request = [7u8; 25];
@@ -205,12 +256,38 @@ fn shadow_slot_lifecycle(c: &mut Criterion) {
         });
     }
     group.finish();
+    // The same transitions through one writer per batch, as netback's TX
+    // path logs a TAP batch's answers.
+    let mut group = c.benchmark_group("shadow/slot_lifecycle_one_writer");
+    for batch in [1u32, 32] {
+        group.throughput(Throughput::Elements(u64::from(batch)));
+        group.bench_function(BenchmarkId::from_parameter(batch), |b| {
+            let mut entries = Vec::with_capacity(batch as usize);
+            b.iter(|| {
+                entries.clear();
+                let mut w = log.writer().expect("writer");
+                for i in 0..batch {
+                    let e = w
+                        .log_consumed(idx.wrapping_add(i), black_box(&request))
+                        .expect("consume");
+                    entries.push(e);
+                }
+                for (i, &e) in entries.iter().enumerate() {
+                    w.log_completing(e, idx.wrapping_add(i as u32), black_box(&response))
+                        .expect("complete");
+                }
+                idx = idx.wrapping_add(batch);
+                assert_eq!(w.log_published(idx).expect("publish"), batch as usize);
+            });
+        });
+    }
+    group.finish();
 }
 
-criterion_group!(
-    benches,
-    ring_round_trip,
-    parse_requests,
-    shadow_slot_lifecycle
-);
-criterion_main!(benches);
+criterion_group!(benches, ring_round_trip, parse_requests);
+criterion_group! {
+    name = cpu_time_benches;
+    config = Criterion::default().with_measurement(ThreadCpuTime);
+    targets = shadow_slot_lifecycle
+}
+criterion_main!(benches, cpu_time_benches);

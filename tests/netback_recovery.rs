@@ -641,6 +641,60 @@ fn every_crash_point_of_a_vif_is_recovered() {
     assert!(crashed >= 10, "only {crashed} crash points");
 }
 
+/// The same on a TAP, where a batch's slots are logged together just
+/// before the batch is written and answered together after it
+/// (docs/ARCHITECTURE.md §11.6): the first instance aborts at each crash
+/// point of the TX log, on an early occurrence (inside the first batches)
+/// and a later one; the next instance recovers with nothing lost, every
+/// slot answered once and no more duplicates than reported possible. An
+/// early crash comes before the first instance ever published, so the next
+/// one replays serially (a suspected crash loop, §7.5); a packet the dead
+/// instance was still logging then has to be completed from the ring once
+/// that replay ends, or its first slot is taken for a packet of its own
+/// (what this sweep found).
+#[test]
+fn every_crash_point_of_a_tap_batch_is_recovered() {
+    let crashed = std::thread::spawn(|| {
+        enter_fresh_netns();
+        let mut crashed = 0;
+        for point in shadowback_shadow::CrashPoint::all() {
+            let name = point.to_string();
+            // The TX log's points (`progress` is the RX log's).
+            let served = ["consume", "complete", "free", "published"]
+                .iter()
+                .any(|t| name.starts_with(&format!("{t}.")));
+            if !served {
+                continue;
+            }
+            let nths: &[u32] = if name.starts_with("published.") {
+                &[1]
+            } else {
+                &[5, 70]
+            };
+            for nth in nths {
+                eprintln!("crash point {name}@{nth}");
+                let o = Run {
+                    wire: WireType::Tap,
+                    tx_total: 400,
+                    rx_total: 0,
+                    kills: 0,
+                    first_env: vec![("SHADOWBACK_CRASH_AT", format!("{name}@{nth}"))],
+                }
+                .run();
+                assert_eq!(
+                    o.crashes, 1,
+                    "{name}@{nth}: the first instance did not crash there"
+                );
+                crashed += 1;
+            }
+        }
+        crashed
+    })
+    .join()
+    .expect("the sweep's thread");
+    assert!(crashed >= 20, "only {crashed} crash points");
+}
+
 /// A frame the backend read from the wire and held for a second buffer
 /// dies with the backend: the next instance reports it in
 /// `rx-dropped-in-crash`, once, and serves the buffer it was bound for.

@@ -61,8 +61,8 @@ use shadowback_ring::netif::{
 use shadowback_ring::sring::{BackRing, RingPages};
 use shadowback_ring::{EventChannel, RingError, SharedRegion};
 use shadowback_shadow::{
-    plan_recovery, EntryId, EntryState, IoCounters, LogSnapshot, MetricsWriter, RecoveryPlan,
-    Repush, ShadowError, ShadowLog, REQUEST_SIZE,
+    plan_recovery, EntryId, EntryState, IoCounters, LogSnapshot, LogWriter, MetricsWriter,
+    RecoveryPlan, Repush, ShadowError, ShadowLog, REQUEST_SIZE,
 };
 use shadowback_xenbus::netif::{NetAttachRequest, NetConnectRequest, ATTACH_NET};
 use shadowback_xenbus::protocol::{is_eventfd, key, kind, ErrorCode};
@@ -285,9 +285,9 @@ pub struct NetBackend {
     frame: Vec<u8>,
     /// TX frames for a TAP, written together (ARCHITECTURE.md §11.6).
     tap_batch: TapBatch,
-    /// The packets of `tap_batch`, in its order: answered once it is
-    /// written.
-    tx_batched: Vec<(TxSlots, Vec<Option<EntryId>>, u16)>,
+    /// The packets of `tap_batch`, in its order: logged just before it is
+    /// written, answered once it is.
+    tx_batched: Vec<Batched>,
     /// Emptied entry lists of answered packets, reused by
     /// [`NetBackend::log_tx`] so a packet allocates none.
     tx_entry_lists: Vec<Vec<Option<EntryId>>>,
@@ -445,23 +445,23 @@ impl NetBackend {
                 Some(Err(TxVerdict::Fatal(f))) => return self.broken(&f.to_string()),
                 Some(Err(TxVerdict::Error { slots, reason })) => {
                     tracing::debug!(device = %self.cfg.device, %reason, "TX packet refused");
+                    // Logged in ring order: the batch's packets first.
+                    self.flush_tx();
                     let entries = self.log_tx(first_index, &slots);
                     self.stats.tx_errors += 1;
                     self.answer_tx(&slots, &entries, NETIF_RSP_ERROR, &[]);
                     self.recycle_entries(entries);
                 }
-                Some(Ok(request)) => {
-                    let entries = self.log_tx(first_index, request.slots());
-                    self.queue_tx(request, entries);
-                }
+                Some(Ok(request)) => self.queue_tx(first_index, request),
             }
         }
     }
 
-    /// A valid packet taken from the ring: on a TAP, queued in the batch
-    /// (written and answered at the next [`NetBackend::flush_tx`]); else
-    /// sent and answered now.
-    fn queue_tx(&mut self, request: TxRequest, entries: Vec<Option<EntryId>>) {
+    /// A valid packet taken from the ring at `first_index`: on a TAP,
+    /// queued in the batch (logged, written and answered at the next
+    /// [`NetBackend::flush_tx`]); else logged, sent and answered now, after
+    /// the batch (the log takes slots in ring order).
+    fn queue_tx(&mut self, first_index: u32, request: TxRequest) {
         let on_tap = self
             .vif
             .as_ref()
@@ -469,13 +469,22 @@ impl NetBackend {
         let packet = match request {
             TxRequest::Packet(p) if on_tap && !poisoned(&self.poison, &p.slots) => p,
             other => {
+                self.flush_tx();
+                let entries = self.log_tx(first_index, other.slots());
                 self.execute_tx(other, &entries, false);
                 return self.recycle_entries(entries);
             }
         };
         match self.batch_packet(&packet) {
             Ok(()) => {
-                self.tx_batched.push((packet.slots, entries, packet.size));
+                let mut entries = self.tx_entry_lists.pop().unwrap_or_default();
+                entries.clear();
+                self.tx_batched.push(Batched {
+                    first_index,
+                    slots: packet.slots,
+                    entries,
+                    size: packet.size,
+                });
                 self.tx_spares.keep_fragments(packet.fragments);
                 if self.tap_batch.len() >= TX_BATCH {
                     self.flush_tx();
@@ -483,12 +492,16 @@ impl NetBackend {
             }
             Err(PushError::Fill(why)) => {
                 tracing::debug!(device = %self.cfg.device, why, "TX packet failed");
+                self.flush_tx();
+                let entries = self.log_tx(first_index, &packet.slots);
                 self.stats.tx_errors += 1;
                 self.answer_tx(&packet.slots, &entries, NETIF_RSP_ERROR, &[]);
                 self.recycle_entries(entries);
             }
             // Not expected after a flush: send it on its own.
             Err(PushError::Full | PushError::Busy) => {
+                self.flush_tx();
+                let entries = self.log_tx(first_index, &packet.slots);
                 self.execute_tx(TxRequest::Packet(packet), &entries, false);
                 self.recycle_entries(entries);
             }
@@ -539,9 +552,10 @@ impl NetBackend {
         })
     }
 
-    /// Writes the TAP batch and answers its packets, in ring order, each
-    /// `OKAY` unless the kernel refused the frame (a full queue or a down
-    /// interface drops it, as on a NIC).
+    /// Logs the TAP batch's packets, writes the batch and answers its
+    /// packets, in ring order, each `OKAY` unless the kernel refused the
+    /// frame (a full queue or a down interface drops it, as on a NIC). The
+    /// log's lock is taken once for all of it.
     fn flush_tx(&mut self) {
         if self.tap_batch.is_empty() {
             return;
@@ -552,14 +566,27 @@ impl NetBackend {
             self.tx_batched.clear();
             return;
         };
+        let device = &self.cfg.device;
+        let mut w = vif
+            .tx_log
+            .as_ref()
+            .map(|log| log.writer().unwrap_or_else(|e| log_failed(device, e)));
+        // docs/ARCHITECTURE.md §7.1: every slot is logged before any of
+        // the batch is written.
+        for b in &mut self.tx_batched {
+            log_slots(device, w.as_mut(), b.first_index, &b.slots, &mut b.entries);
+        }
         let mut results = [0i32; TX_BATCH];
         let written = self.tap_batch.flush(vif.wire.fd().as_raw_fd(), &vif.region);
         results[..written.len()].copy_from_slice(written);
         let mut batched = std::mem::take(&mut self.tx_batched);
-        for ((slots, entries, size), &result) in batched.drain(..).zip(&results) {
-            let Some(vif) = self.vif.as_mut() else {
-                break;
-            };
+        for (b, &result) in batched.drain(..).zip(&results) {
+            let Batched {
+                slots,
+                entries,
+                size,
+                ..
+            } = b;
             let status = match vif.wire.count_write(result) {
                 Ok(SendOutcome::Sent) => {
                     self.stats.tx_packets += 1;
@@ -571,15 +598,22 @@ impl NetBackend {
                     NETIF_RSP_OKAY
                 }
                 Err(e) => {
-                    tracing::debug!(device = %self.cfg.device, error = %e, "TX frame refused by the TAP");
+                    tracing::debug!(device = %device, error = %e, "TX frame refused by the TAP");
                     self.stats.tx_errors += 1;
                     NETIF_RSP_ERROR
                 }
             };
-            self.answer_tx(&slots, &entries, status, &[]);
-            self.recycle_entries(entries);
+            let answer = TxAnswer {
+                slots: &slots,
+                entries: &entries,
+                status,
+                answered: &[],
+            };
+            answer.put(device, &mut vif.tx, &mut vif.tx_unpublished, w.as_mut());
+            recycle_entries(&mut self.tx_entry_lists, entries);
             self.tx_spares.keep_slots(slots);
         }
+        drop(w);
         batched.clear();
         self.tx_batched = batched;
     }
@@ -589,21 +623,13 @@ impl NetBackend {
     fn log_tx(&mut self, first_index: u32, slots: &TxSlots) -> Vec<Option<EntryId>> {
         let mut entries = self.tx_entry_lists.pop().unwrap_or_default();
         entries.clear();
-        let Some(log) = self.vif.as_ref().and_then(|v| v.tx_log.as_ref()) else {
-            entries.resize(slots.len(), None);
-            return entries;
-        };
-        entries.extend(
-            txrec::records(first_index, slots)
-                .enumerate()
-                .map(|(i, rec)| {
-                    let idx = first_index.wrapping_add(i as u32);
-                    match log.log_consumed(idx, &txrec::encode(&rec)) {
-                        Ok(e) => Some(e),
-                        Err(e) => log_failed(&self.cfg.device, e),
-                    }
-                }),
-        );
+        let device = &self.cfg.device;
+        let mut w = self
+            .vif
+            .as_ref()
+            .and_then(|v| v.tx_log.as_ref())
+            .map(|log| log.writer().unwrap_or_else(|e| log_failed(device, e)));
+        log_slots(device, w.as_mut(), first_index, slots, &mut entries);
         entries
     }
 
@@ -611,9 +637,7 @@ impl NetBackend {
     /// [`NetBackend::log_tx`] (a bounded number of them, none longer than
     /// the parser's spares: a batch's worth of short lists).
     fn recycle_entries(&mut self, entries: Vec<Option<EntryId>>) {
-        if self.tx_entry_lists.len() < TX_BATCH && entries.capacity() <= TxSpares::LONGEST_KEPT {
-            self.tx_entry_lists.push(entries);
-        }
+        recycle_entries(&mut self.tx_entry_lists, entries);
     }
 
     /// Sends a valid packet (unless `sent`: the dead instance did) and
@@ -696,24 +720,22 @@ impl NetBackend {
         let Some(vif) = self.vif.as_mut() else {
             return;
         };
-        for (i, (rsp, entry)) in slots.responses_iter(status).zip(entries).enumerate() {
-            if answered.get(i).copied().unwrap_or(false) {
-                continue;
-            }
-            let idx = match vif.tx.put_response(&rsp) {
-                Ok(idx) => idx,
-                Err(e) => {
-                    tracing::error!(device = %self.cfg.device, error = %e, "cannot put a TX response");
-                    return;
-                }
-            };
-            vif.tx_unpublished += 1;
-            if let (Some(log), Some(entry)) = (vif.tx_log.as_ref(), entry) {
-                if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(&rsp)) {
-                    log_failed(&self.cfg.device, e);
-                }
-            }
-        }
+        let mut w = vif.tx_log.as_ref().map(|log| {
+            log.writer()
+                .unwrap_or_else(|e| log_failed(&self.cfg.device, e))
+        });
+        let answer = TxAnswer {
+            slots,
+            entries,
+            status,
+            answered,
+        };
+        answer.put(
+            &self.cfg.device,
+            &mut vif.tx,
+            &mut vif.tx_unpublished,
+            w.as_mut(),
+        );
     }
 
     /// A replayed TX slot: collected until its packet is whole, then the
@@ -1328,6 +1350,92 @@ impl NetBackend {
     }
 }
 
+/// A packet in the TAP batch: taken from the ring at `first_index`, its
+/// slots logged in `entries` when the batch is written.
+struct Batched {
+    first_index: u32,
+    slots: TxSlots,
+    entries: Vec<Option<EntryId>>,
+    size: u16,
+}
+
+/// Logs the slots of a packet taken at `first_index` through `log`, the TX
+/// log's writer, one entry per slot in ring order, into `entries` (`None`
+/// each without a log). A transition the log refuses ends the process
+/// ([`log_failed`]).
+fn log_slots(
+    device: &str,
+    log: Option<&mut LogWriter<'_>>,
+    first_index: u32,
+    slots: &TxSlots,
+    entries: &mut Vec<Option<EntryId>>,
+) {
+    let Some(log) = log else {
+        entries.resize(slots.len(), None);
+        return;
+    };
+    entries.extend(
+        txrec::records(first_index, slots)
+            .enumerate()
+            .map(|(i, rec)| {
+                let idx = first_index.wrapping_add(i as u32);
+                match log.log_consumed(idx, &txrec::encode(&rec)) {
+                    Ok(e) => Some(e),
+                    Err(e) => log_failed(device, e),
+                }
+            }),
+    );
+}
+
+/// Keeps an answered packet's entry list in `lists`
+/// ([`NetBackend::recycle_entries`]).
+fn recycle_entries(lists: &mut Vec<Vec<Option<EntryId>>>, entries: Vec<Option<EntryId>>) {
+    if lists.len() < TX_BATCH && entries.capacity() <= TxSpares::LONGEST_KEPT {
+        lists.push(entries);
+    }
+}
+
+/// The answers to one TX packet's slots ([`NetBackend::answer_tx`]).
+struct TxAnswer<'a> {
+    slots: &'a TxSlots,
+    entries: &'a [Option<EntryId>],
+    status: i16,
+    /// Slots a dead instance answered, skipped.
+    answered: &'a [bool],
+}
+
+impl TxAnswer<'_> {
+    /// Puts one response per slot not answered yet on `tx` and logs each
+    /// COMPLETING through `log`, the TX log's writer.
+    fn put(
+        &self,
+        device: &str,
+        tx: &mut BackRing<NetifTx>,
+        unpublished: &mut u32,
+        mut log: Option<&mut LogWriter<'_>>,
+    ) {
+        let responses = self.slots.responses_iter(self.status);
+        for (i, (rsp, entry)) in responses.zip(self.entries).enumerate() {
+            if self.answered.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let idx = match tx.put_response(&rsp) {
+                Ok(idx) => idx,
+                Err(e) => {
+                    tracing::error!(device, error = %e, "cannot put a TX response");
+                    return;
+                }
+            };
+            *unpublished += 1;
+            if let (Some(log), Some(entry)) = (log.as_deref_mut(), entry) {
+                if let Err(e) = log.log_completing(*entry, idx, &response::encode_tx(&rsp)) {
+                    log_failed(device, e);
+                }
+            }
+        }
+    }
+}
+
 /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY` on one ring, then
 /// `log_published` (docs/ARCHITECTURE.md §7.1: the entries the guest can
 /// now see are freed); whether the guest asked to be notified.
@@ -1672,6 +1780,15 @@ impl EventLoop for NetBackend {
         let device = self.cfg.device.clone();
         if let Some((entry, rec)) = vif.tx_serial.next(0, vif.tx_log.as_ref(), &device) {
             self.replay_tx_slot(rec, entry);
+            // The last logged packet may be one the dead instance was still
+            // logging: completed from the ring once every logged slot is
+            // replayed, before anything new is taken from the ring (as
+            // `attach` does right after a replay that is not serial).
+            if self.vif.as_ref().is_some_and(|v| v.tx_serial.is_empty()) {
+                if let Err(e) = self.complete_partial_packet() {
+                    return self.broken(&format!("replay failed: {e}"));
+                }
+            }
         }
         let Some(vif) = self.vif.as_mut() else {
             return Ok(());

@@ -31,7 +31,7 @@ mod snapshot;
 pub use crash::{CrashHook, CrashPoint, Transition};
 pub use error::ShadowError;
 pub use layout::{EntryId, EntryState, REQUEST_SIZE, RESPONSE_SIZE};
-pub use log::ShadowLog;
+pub use log::{LogWriter, ShadowLog};
 pub use metrics::{IoCounters, Latency, MetricsPage, MetricsWriter};
 pub use plan::{
     plan_recovery, CorruptAction, CorruptEntry, CorruptReason, InflightEntry, RecoveryPlan, Repush,
