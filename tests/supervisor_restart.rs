@@ -374,7 +374,7 @@ const RESTARTS: u32 = 6;
 /// slower side, leaving the data plane idle between batches), so only the
 /// aimed ones prove the resubmission from the in-flight region.
 fn aimed(restart: u32) -> bool {
-    restart % 2 == 0
+    restart.is_multiple_of(2)
 }
 
 /// The crash point an aimed restart's data plane stops at: right after it
@@ -542,5 +542,178 @@ fn supervisor_restarts_under_load_are_invisible_to_a_reconnecting_vhost_user_gue
         "{restarts} supervisor restarts: {} ops, {reconnects} reconnects, replayed per \
          supervisor {replayed:?}, largest completion gaps {gaps:?}",
         n("ops")
+    );
+}
+
+/// One `status` over a new control connection: how long until its
+/// `status-end`, and the device lines. The connection task answers it on
+/// the supervisor's runtime thread, so it waits for whatever holds that
+/// thread.
+fn status_round_trip(control: &Path) -> (Duration, Vec<shadowback_xenbus::Message>) {
+    use shadowback_xenbus::protocol::kind;
+    let started = Instant::now();
+    let socket = shadowback_xenbus::SeqPacket::connect(control).expect("connect");
+    socket
+        .send(&shadowback_xenbus::Message::new(kind::STATUS), &[])
+        .expect("send status");
+    let mut lines = Vec::new();
+    loop {
+        let (msg, _) = socket
+            .recv_timeout(STEP_TIMEOUT)
+            .expect("status reply")
+            .expect("status answered in time");
+        if msg.kind() == kind::STATUS_END {
+            return (started.elapsed(), lines);
+        }
+        lines.push(msg);
+    }
+}
+
+/// `device`'s backend pid in a `status` answer (0: none).
+fn pid_in(lines: &[shadowback_xenbus::Message], device: &str) -> u64 {
+    use shadowback_xenbus::protocol::key;
+    lines
+        .iter()
+        .find(|m| m.get(key::DEVICE) == Some(device))
+        .and_then(|m| m.get_u64(key::PID).ok().flatten())
+        .unwrap_or(0)
+}
+
+/// `p` (0..=100) percentile of `v`, in ms.
+fn percentile_ms(v: &mut [Duration], p: usize) -> f64 {
+    v.sort_unstable();
+    let i = (v.len().saturating_sub(1) * p) / 100;
+    v.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// Cold starts of one device's backend must not hold up the supervisor's
+/// other work (docs/ARCHITECTURE.md §4: backends are forked on the spawner
+/// thread, not the runtime's): a probe times `status` round trips over the
+/// control socket, first for a while with nothing else going on, then
+/// while another disk's backend is SIGKILLed and started cold again and
+/// again. The figures are reported, not asserted (the host's load decides
+/// them); what is checked is that every kill was followed by a new backend
+/// and every probe was answered.
+#[test]
+fn status_latency_while_another_disk_cold_starts() {
+    const KILLS: usize = 12;
+    let dir = TempDir::new("coldstart");
+    let control = dir.path().join("control.sock");
+    let mut text = format!("socket = {control:?}\n");
+    for name in ["calm", "busy"] {
+        let image = dir.path().join(format!("{name}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        text.push_str(&format!(
+            "\n[[disk]]\nname = \"{name}\"\npath = {image:?}\ncache = \"writeback\"\n\
+             standby = false\n"
+        ));
+    }
+    let config = dir.path().join("shadowback.toml");
+    std::fs::write(&config, text).expect("config");
+    let log = dir.path().join("up.log");
+    let mut up = ChildGuard::spawn(
+        Command::new(shadowback_bin())
+            .arg("up")
+            .arg(&config)
+            .env("RUST_LOG", "info,shadowback_supervisor::spawn=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file")),
+    );
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while !control.exists() {
+        assert!(
+            up.child().try_wait().expect("try_wait").is_none() && Instant::now() < deadline,
+            "shadowback up did not come up:\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The probe: a round trip every 2 ms, tagged with the phase it began in.
+    let phase = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicU64::new(0));
+    let probe = {
+        let (phase, stop, control) = (phase.clone(), stop.clone(), control.clone());
+        std::thread::spawn(move || {
+            let mut by_phase: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+            while stop.load(Ordering::Relaxed) == 0 {
+                let p = phase.load(Ordering::Relaxed) as usize;
+                let (took, _) = status_round_trip(&control);
+                by_phase[p.min(1)].push(took);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            by_phase
+        })
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    phase.store(1, Ordering::Relaxed);
+    let kills_started = Instant::now();
+    for kill in 0..KILLS {
+        let (_, lines) = status_round_trip(&control);
+        let old = pid_in(&lines, "busy");
+        assert_ne!(old, 0, "kill {kill}: busy has no backend\n{}", logs());
+        let status = Command::new(shadowback_bin())
+            .args(["fault", "busy", "kill", "--socket"])
+            .arg(&control)
+            .stdout(Stdio::null())
+            .status()
+            .expect("shadowback fault");
+        assert!(status.success(), "kill {kill}: fault refused\n{}", logs());
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let (_, lines) = status_round_trip(&control);
+            let pid = pid_in(&lines, "busy");
+            if pid != 0 && pid != old {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: no new backend for busy\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let kills_took = kills_started.elapsed();
+    stop.store(1, Ordering::Relaxed);
+    let [mut calm, mut cold] = probe.join().expect("probe thread");
+    assert!(
+        !calm.is_empty() && !cold.is_empty(),
+        "probes: {} calm, {} during cold starts",
+        calm.len(),
+        cold.len()
+    );
+    up.sigkill();
+    // What each fork and exec took on the spawner thread (`backend forked`
+    // at debug), which is what the runtime's thread waited when it forked
+    // the backends itself.
+    let mut forks: Vec<Duration> = logs()
+        .lines()
+        .filter(|l| l.contains("backend forked"))
+        .filter_map(|l| number_after(l, "fork_exec_us="))
+        .map(Duration::from_micros)
+        .collect();
+    eprintln!(
+        "status round trip (ms) p50/p99/max: calm {:.2}/{:.2}/{:.2} ({} probes); \
+         during {KILLS} cold starts of another disk ({:.1} s) {:.2}/{:.2}/{:.2} ({} probes); \
+         fork+exec (ms) p50/max {:.2}/{:.2} ({} forks)",
+        percentile_ms(&mut calm, 50),
+        percentile_ms(&mut calm, 99),
+        percentile_ms(&mut calm, 100),
+        calm.len(),
+        kills_took.as_secs_f64(),
+        percentile_ms(&mut cold, 50),
+        percentile_ms(&mut cold, 99),
+        percentile_ms(&mut cold, 100),
+        cold.len(),
+        percentile_ms(&mut forks, 50),
+        percentile_ms(&mut forks, 100),
+        forks.len()
     );
 }

@@ -79,8 +79,8 @@ impl StandbyPool {
     /// starts before the images' locks are its own (`spawn` module docs),
     /// and serving instances come first. Must run on the supervisor's
     /// runtime thread.
-    pub fn start(&self) {
-        let short = !self.fill();
+    pub async fn start(&self) {
+        let short = !self.fill().await;
         tokio::spawn(self.clone().refill_task(short));
     }
 
@@ -166,22 +166,29 @@ impl StandbyPool {
     }
 
     /// Starts spares until the pool is full (`true`) or one cannot be
-    /// started (`false`).
-    fn fill(&self) -> bool {
-        let mut spares = self.lock();
-        while spares.ready.len() < spares.size {
-            match Instance::start_spare(&spares.cmd) {
+    /// started (`false`). Only the refill task (and [`start`](Self::start)
+    /// before it) fills, so no two fills race; the lock is not held while
+    /// a spare is forked.
+    async fn fill(&self) -> bool {
+        loop {
+            let (cmd, class) = {
+                let spares = self.lock();
+                if spares.ready.len() >= spares.size {
+                    return true;
+                }
+                (spares.cmd.clone(), spares.class)
+            };
+            match Instance::start_spare(&cmd).await {
                 Ok(spare) => {
-                    tracing::debug!(class = spares.class, pid = spare.pid(), "spare started");
-                    spares.ready.push(spare);
+                    tracing::debug!(class, pid = spare.pid(), "spare started");
+                    self.lock().ready.push(spare);
                 }
                 Err(e) => {
-                    tracing::warn!(class = spares.class, error = %e, "cannot start a spare");
+                    tracing::warn!(class, error = %e, "cannot start a spare");
                     return false;
                 }
             }
         }
-        true
     }
 
     /// Sets aside the spares that have exited, for fencing.
@@ -215,7 +222,7 @@ impl StandbyPool {
                 tracing::warn!(pid, status = %fenced.status, "spare backend exited");
             }
             if refill {
-                short = !self.fill();
+                short = !self.fill().await;
             }
         }
     }

@@ -497,8 +497,10 @@ pub const NO_CONFINE: &str = "--no-confine";
 /// supervisor's copy of the device file is closed once the process is
 /// started. `first` marks the device's first instance, the only one that
 /// gets [`BackendCommand::env`]. A spare of the standby pool
-/// ([`spawn_spare`]) gets neither file nor metrics page.
-pub fn spawn_backend(
+/// ([`spawn_spare`]) gets neither file nor metrics page. The fork and exec
+/// run on the supervisor's spawner thread ([`crate::spawner`]); this
+/// awaits them.
+pub async fn spawn_backend(
     cmd: &BackendCommand,
     name: &str,
     args: &[std::ffi::OsString],
@@ -512,7 +514,12 @@ pub fn spawn_backend(
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
     let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
-    let metrics_src = metrics.map(AsRawFd::as_raw_fd);
+    // Our own copy: the fork may happen after the caller gave up waiting.
+    let metrics = metrics
+        .map(File::try_clone)
+        .transpose()
+        .map_err(|e| SupervisorError::Spawn(format!("metrics page: {e}")))?;
+    let metrics_src = metrics.as_ref().map(AsRawFd::as_raw_fd);
     // A plain `std` child: nothing reaps it behind the supervisor's back
     // and dropping it kills nothing; the `Instance` owns it through its
     // pidfd (and a new supervisor binary can adopt it, §4.2).
@@ -546,8 +553,8 @@ pub fn spawn_backend(
     // SAFETY: the closure runs in the forked child before exec and calls
     // only prctl, getppid, _exit, fcntl and dup2, which are
     // async-signal-safe; it allocates nothing. The source fds are open in
-    // the parent (owned by `theirs`, `device_file` and the caller's
-    // `metrics`, alive across the spawn call). All are first copied above
+    // the parent (owned by `theirs`, `device_file` and `metrics`, which the
+    // job below keeps until the spawn call has returned). All are first copied above
     // fd 10 so that no target number can clobber another source; dup2
     // then clears FD_CLOEXEC on the copies at 3, 4 and 5, and the high
     // copies close on exec. Without a device file fd 4 is left unused,
@@ -597,11 +604,19 @@ pub fn spawn_backend(
             Ok(())
         });
     }
-    let child = command
-        .spawn()
-        .map_err(|e| SupervisorError::Spawn(format!("{}: {e}", cmd.program.to_string_lossy())))?;
-    drop(theirs);
-    drop(device_file);
+    let program = cmd.program.to_string_lossy().into_owned();
+    let (child, took) = crate::spawner::Spawner::run(move || {
+        let started = Instant::now();
+        let child = command.spawn();
+        drop((theirs, device_file, metrics));
+        (child, started.elapsed())
+    })
+    .await?;
+    let child = child.map_err(|e| SupervisorError::Spawn(format!("{program}: {e}")))?;
+    // How long the fork and exec took: what the runtime's thread would
+    // have waited, had it forked itself.
+    tracing::debug!(device = %name, pid = child.id(), fork_exec_us = took.as_micros() as u64,
+        "backend forked");
     Ok((child.id(), ours))
 }
 
@@ -615,8 +630,8 @@ pub const SPARE: &str = "--spare";
 /// socket alone. It sets itself up, confines itself and waits for
 /// `adopt`, which brings what [`spawn_backend`] would have passed a
 /// backend of the device.
-pub fn spawn_spare(cmd: &BackendCommand) -> Result<(u32, SeqPacket), SupervisorError> {
-    spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false)
+pub async fn spawn_spare(cmd: &BackendCommand) -> Result<(u32, SeqPacket), SupervisorError> {
+    spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false).await
 }
 
 #[cfg(test)]

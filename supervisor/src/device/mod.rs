@@ -94,19 +94,19 @@ impl Settings {
 /// Opens the disk, starts its backend and the task that owns it;
 /// `limits` bound what a frontend makes it hold; its takeovers take
 /// spares from `pool` (none: `standby = false`).
-pub fn start_device(
+pub async fn start_device(
     cfg: &DiskConfig,
     limits: &LimitsConfig,
     cmd: &BackendCommand,
     pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
-    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd, pool)
+    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd, pool).await
 }
 
 /// [`start_device`] with the image opened already (a disk added at run
 /// time opens it off the runtime's thread: the image's lock may be waited
 /// for).
-pub fn start_disk(
+pub async fn start_disk(
     cfg: &DiskConfig,
     class: BlockClass,
     limits: &LimitsConfig,
@@ -123,11 +123,12 @@ pub fn start_disk(
         cmd,
         pool,
     )
+    .await
 }
 
 /// Starts the backend of vif `cfg` on `wire`, which the device holds
 /// from now on, and the task that owns it; spares come from `pool`.
-pub fn start_nic(
+pub async fn start_nic(
     cfg: &NicConfig,
     limits: &LimitsConfig,
     wire: HeldWire,
@@ -145,11 +146,12 @@ pub fn start_nic(
         &cmd,
         pool,
     )
+    .await
 }
 
 /// Starts the first backend instance of device `name` and the task that
 /// owns it; `access` says who may use it.
-fn start(
+async fn start(
     name: &str,
     class: Box<dyn DeviceClass>,
     settings: Settings,
@@ -168,7 +170,8 @@ fn start(
         settings.shadow,
         true,
         metrics.file(),
-    )?;
+    )
+    .await?;
     let mut task = DeviceTask::new(name, class, settings, cmd, metrics, pool);
     task.current = Some(current);
     Ok(launch(task, access))

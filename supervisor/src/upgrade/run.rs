@@ -159,7 +159,10 @@ async fn prepare_and_exec(
         Ok(()) => {
             tracing::warn!(binary = %binary.display(), fds = state.fds.len(),
                 paused_us = started.elapsed().as_micros() as u64, "upgrading: exec");
-            exec(&binary, memfd.as_raw_fd()).to_string()
+            let (binary, state) = (binary.clone(), memfd.as_raw_fd());
+            // On the spawner's thread: the one that forked the backends
+            // and must survive the exec (`spawner` module docs).
+            crate::spawner::Spawner::exec(move || exec(&binary, state)).to_string()
         }
         Err(why) => why,
     };
