@@ -7,8 +7,9 @@
 //! ([`Instance::adopt`]); the pool starts the next one in the background
 //! once the device task asks ([`StandbyPool::refill`], after the guest is
 //! served again: never while a takeover may still be looking for one), and
-//! a spare that died is fenced and replaced at the next tick. Spares are started from the supervisor's runtime thread like
-//! every backend (`spawn` module docs: the death signal).
+//! a spare that died is fenced and replaced at the next tick. Spares are
+//! forked by the supervisor's spawner thread like every backend (`spawn`
+//! module docs: the death signal), asked from the runtime's thread.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

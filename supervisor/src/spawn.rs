@@ -13,14 +13,12 @@
 //!    and exec, see [`spawn_backend`]): the kernel kills it the moment the
 //!    supervisor dies, stopped or not. The signal fires when the *thread*
 //!    that forked the backend exits, not the process; every backend is
-//!    forked from the thread that runs the supervisor's runtime. `shadowback
-//!    up` and `SupervisorThread` run a current-thread runtime, so that is
-//!    the one thread that calls `block_on` and lives until the supervisor
-//!    returns: `start_device` runs in `serve` and the device tasks are
-//!    `tokio::spawn`ed onto that runtime. On a multi-thread runtime they
-//!    would run on worker threads, which also live as long as the runtime.
-//!    Never spawn a backend from `spawn_blocking` (its threads retire after
-//!    10 s idle, which would kill the backend) or from a short-lived thread.
+//!    forked by the supervisor's spawner thread ([`crate::spawner`]), which
+//!    lives as long as the supervisor (in `shadowback up` it is the main
+//!    thread, which also execs a live upgrade), so the runtime's thread
+//!    never waits for a fork. Never fork a backend from `spawn_blocking`
+//!    (its threads retire after 10 s idle, which would kill the backend)
+//!    or from any other short-lived thread.
 //!
 //! 2. **A `flock` on the image** ([`open_disk`]): the lock belongs to the
 //!    open file description, and the supervisor takes a shared one on its
