@@ -36,6 +36,9 @@ pub const MAX_POOL: usize = 64;
 pub struct StandbyPool {
     inner: Arc<Mutex<Spares>>,
     wake: Arc<Notify>,
+    /// Held while a spare is forked and listed, and by a live upgrade
+    /// from its handover to its `execve` ([`hold_forks`](Self::hold_forks)).
+    forking: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug)]
@@ -62,6 +65,7 @@ impl StandbyPool {
                 dead: Vec::new(),
             })),
             wake: Arc::new(Notify::new()),
+            forking: Arc::default(),
         }
     }
 
@@ -155,6 +159,14 @@ impl StandbyPool {
         }
     }
 
+    /// Waits until no spare is being forked and keeps it so while the
+    /// guard lives: a live upgrade holds it from its handover to its
+    /// `execve`, so that every spare this process started is in the state
+    /// it hands over (a spare forked meanwhile would be no one's).
+    pub(crate) async fn hold_forks(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.forking.clone().lock_owned().await
+    }
+
     /// Takes over the spares a previous binary described in `state`; the
     /// pool is then [`start`](Self::start)ed like a new one.
     pub(crate) fn inherit(&self, state: &PoolState, fds: &Adopted) -> Result<(), SupervisorError> {
@@ -172,6 +184,7 @@ impl StandbyPool {
     /// a spare is forked.
     async fn fill(&self) -> bool {
         loop {
+            let _forking = self.forking.lock().await;
             let (cmd, class) = {
                 let spares = self.lock();
                 if spares.ready.len() >= spares.size {

@@ -129,6 +129,12 @@ async fn prepare_and_exec(
             }
         }
     }
+    // No spare is half forked when the pools are listed (kept until the
+    // exec, or until this fails and everything resumes).
+    let _forks = (
+        s.devices.block_pool.hold_forks().await,
+        s.devices.net_pool.hold_forks().await,
+    );
     // Nothing awaits from here to `execve`: the guests listed are exactly
     // those connected.
     let guests = s.shared.handover(&mut fds);
