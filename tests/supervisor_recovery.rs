@@ -499,16 +499,23 @@ fn fault_soak(
             let _stop_guard = StopOnDrop(&stop);
             let mut rng = 0x9e37_79b9_7f4a_7c15u64;
             let mut kills = 0;
+            let mut longest = Duration::ZERO;
             std::thread::sleep(Duration::from_millis(100));
             while kills < n && !stop.load(Ordering::Acquire) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 std::thread::sleep(pause(rng));
+                let injected = Instant::now();
                 setup.fault_and_recover(fault);
+                longest = longest.max(injected.elapsed());
                 kills += 1;
             }
             stop.store(true, Ordering::Release);
+            eprintln!(
+                "{kills} {fault:?} faults, the longest from injection to recovery {:.1} ms",
+                longest.as_secs_f64() * 1e3
+            );
             kills
         });
         let report = run_segments(front, cfg, &stop);
