@@ -154,32 +154,6 @@ fn up(config: PathBuf) -> Result<ExitCode, CliError> {
         None => Some(shadowback_supervisor::Config::from_file(&config)?),
     };
     let backend = shadowback_supervisor::BackendCommand::current_exe()?;
-    // The main thread forks every backend and execs a live upgrade; the
-    // runtime serves from a thread of its own (docs/ARCHITECTURE.md §4,
-    // `shadowback_supervisor::spawner`).
-    let (spawner, jobs) = shadowback_supervisor::spawner::Spawner::new();
-    let runtime = std::thread::Builder::new()
-        .name("supervisor".into())
-        .spawn(move || serve_up(spawner, state, cfg, backend, notifier, listeners))?;
-    // Until the runtime's thread lets go of its spawner.
-    jobs.run();
-    match runtime.join() {
-        Ok(result) => result.map(|()| ExitCode::SUCCESS),
-        Err(_) => Err("the supervisor thread panicked".into()),
-    }
-}
-
-/// `up`'s runtime, on its own thread, forking through `spawner`.
-fn serve_up(
-    spawner: shadowback_supervisor::spawner::Spawner,
-    state: Option<std::fs::File>,
-    cfg: Option<shadowback_supervisor::Config>,
-    backend: shadowback_supervisor::BackendCommand,
-    notifier: Option<std::sync::Arc<sd_notify::Notifier>>,
-    listeners: shadowback_supervisor::fdstore::Listeners,
-) -> Result<(), CliError> {
-    let entered = spawner.enter();
-    drop(spawner);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -221,8 +195,5 @@ fn serve_up(
             (None, None) => unreachable!("a config is read unless a state is given"),
         }
     })?;
-    // The backends are gone with the runtime's tasks; then the spawner.
-    drop(rt);
-    drop(entered);
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -446,7 +446,8 @@ fn a_backend_killed_right_after_an_upgrade_is_recovered_by_the_new_binary() {
             "{dev}: the kills after the upgrades were not recovered: {s:?}"
         );
         // The backend the first upgraded binary started survived the
-        // second upgrade (it was forked by the thread that execs).
+        // second upgrade (it was forked by the thread that execs:
+        // `PR_SET_PDEATHSIG` follows the forking thread).
         assert_eq!(
             s.crashes, 2,
             "{dev}: a backend died besides the two kills: {s:?}"

@@ -96,7 +96,7 @@ impl Instance {
     /// Execs a backend instance of device `name`, set up by its `class`;
     /// `shadow` is the device's shadow layer. `first` marks the device's
     /// first instance (see [`BackendCommand::env`]).
-    pub async fn start(
+    pub fn start(
         cmd: &BackendCommand,
         name: &str,
         class: &dyn DeviceClass,
@@ -113,16 +113,15 @@ impl Instance {
             Some(metrics),
             shadow,
             first,
-        )
-        .await?;
+        )?;
         tracing::debug!(device = %name, pid, first, "backend started");
         Self::started(pid, control, setup.io_fence)
     }
 
     /// Execs a spare of the standby pool (docs/ARCHITECTURE.md §7.5): a
     /// backend of `cmd`'s class with no device until [`adopt`](Self::adopt).
-    pub async fn start_spare(cmd: &BackendCommand) -> Result<Self, SupervisorError> {
-        let (pid, control) = spawn_spare(cmd).await?;
+    pub fn start_spare(cmd: &BackendCommand) -> Result<Self, SupervisorError> {
+        let (pid, control) = spawn_spare(cmd)?;
         Self::started(pid, control, None)
     }
 

@@ -56,7 +56,6 @@ mod pool;
 pub mod sd_notify;
 mod session;
 mod spawn;
-pub mod spawner;
 mod stats;
 mod transport;
 pub mod upgrade;
@@ -293,15 +292,13 @@ async fn start(
     );
     for disk in &cfg.disks {
         let pool = disk.standby.then(|| block_pool.clone());
-        let started = device::start_device(disk, &cfg.limits, &backend, pool)
-            .await
-            .and_then(|handle| {
-                let vhost = match disk.vhost_user {
-                    Some(_) => Some(VhostUserServer::start(disk, handle.clone(), &listeners)?),
-                    None => None,
-                };
-                Ok(Exported { handle, vhost })
-            });
+        let started = device::start_device(disk, &cfg.limits, &backend, pool).and_then(|handle| {
+            let vhost = match disk.vhost_user {
+                Some(_) => Some(VhostUserServer::start(disk, handle.clone(), &listeners)?),
+                None => None,
+            };
+            Ok(Exported { handle, vhost })
+        });
         let exported = match started {
             Ok(e) => e,
             Err(e) => {
@@ -319,57 +316,31 @@ async fn start(
     }
     // The wires of every vif exist before any backend starts, and live as
     // long as their device tasks (docs/ARCHITECTURE.md §11.5).
-    let started = match class::net::open_wires(&cfg.nics) {
-        Ok(mut wires) => {
-            let mut handles = Vec::with_capacity(cfg.nics.len());
-            let mut failed = None;
-            for nic in &cfg.nics {
-                let wire = match wires.remove(&nic.name) {
-                    Some(w) => w,
-                    None => {
-                        failed = Some(SupervisorError::Device {
-                            device: nic.name.clone(),
-                            reason: "no wire".into(),
-                        });
-                        break;
-                    }
-                };
+    let started = class::net::open_wires(&cfg.nics).and_then(|mut wires| {
+        cfg.nics
+            .iter()
+            .map(|nic| {
+                let wire = wires
+                    .remove(&nic.name)
+                    .ok_or_else(|| SupervisorError::Device {
+                        device: nic.name.clone(),
+                        reason: "no wire".into(),
+                    })?;
                 let pool = nic.standby.then(|| net_pool.clone());
-                let exported = device::start_nic(nic, &cfg.limits, wire, &backend, pool)
-                    .await
-                    .and_then(|handle| {
-                        let vhost = match nic.vhost_user {
-                            Some(_) => {
-                                Some(VhostUserServer::start(nic, handle.clone(), &listeners)?)
-                            }
-                            None => None,
-                        };
-                        tracing::info!(
-                            device = %nic.name, wire = ?nic.wire(), mtu = nic.mtu,
-                            shadow = nic.shadow, standby = nic.standby,
-                            vhost_user = ?nic.vhost_user, "vif exported"
-                        );
-                        Ok(Exported { handle, vhost })
-                    });
-                match exported {
-                    Ok(e) => handles.push(e),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                None => Ok(handles),
-                Some(e) => {
-                    // As `collect` did: what started is dropped.
-                    drop(handles);
-                    Err(e)
-                }
-            }
-        }
-        Err(e) => Err(e),
-    };
+                let handle = device::start_nic(nic, &cfg.limits, wire, &backend, pool)?;
+                let vhost = match nic.vhost_user {
+                    Some(_) => Some(VhostUserServer::start(nic, handle.clone(), &listeners)?),
+                    None => None,
+                };
+                tracing::info!(
+                    device = %nic.name, wire = ?nic.wire(), mtu = nic.mtu,
+                    shadow = nic.shadow, standby = nic.standby,
+                    vhost_user = ?nic.vhost_user, "vif exported"
+                );
+                Ok(Exported { handle, vhost })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    });
     match started {
         Ok(handles) => list.extend(handles),
         Err(e) => {
@@ -410,8 +381,8 @@ async fn run(
         listeners,
         pending,
     } = started;
-    block_pool.start().await;
-    net_pool.start().await;
+    block_pool.start();
+    net_pool.start();
     let devices = Arc::new(Devices {
         exports: Mutex::new(Exports {
             cfg: cfg.clone(),
@@ -586,9 +557,6 @@ impl SupervisorThread {
         let thread = std::thread::Builder::new()
             .name("supervisor".into())
             .spawn(move || {
-                // Forks backends for this supervisor, and ends with it.
-                let spawner = spawner::Spawner::start()?;
-                let _entered = spawner.enter();
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

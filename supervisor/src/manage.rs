@@ -113,8 +113,7 @@ async fn add(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
         .await
         .map_err(|e| (ErrorCode::Enodev, format!("opening the image: {e}")))?
         .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
-    // Backends are forked by the supervisor's spawner thread (`spawner`
-    // module docs), asked from the runtime's thread.
+    // Backends are forked from the runtime's thread (`spawn` module docs).
     let handle = device::start_disk(
         &disk,
         class,
@@ -122,7 +121,6 @@ async fn add(devices: &Devices, msg: &Message) -> Result<Message, Refusal> {
         &devices.backend,
         disk.standby.then(|| devices.block_pool.clone()),
     )
-    .await
     .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
     // The first disk that may use a spare gets the pool its default size
     // (docs/ARCHITECTURE.md §7.5) when the file left it at 0.

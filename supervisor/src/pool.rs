@@ -7,9 +7,8 @@
 //! ([`Instance::adopt`]); the pool starts the next one in the background
 //! once the device task asks ([`StandbyPool::refill`], after the guest is
 //! served again: never while a takeover may still be looking for one), and
-//! a spare that died is fenced and replaced at the next tick. Spares are
-//! forked by the supervisor's spawner thread like every backend (`spawn`
-//! module docs: the death signal), asked from the runtime's thread.
+//! a spare that died is fenced and replaced at the next tick. Spares are started from the supervisor's runtime thread like
+//! every backend (`spawn` module docs: the death signal).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,9 +35,6 @@ pub const MAX_POOL: usize = 64;
 pub struct StandbyPool {
     inner: Arc<Mutex<Spares>>,
     wake: Arc<Notify>,
-    /// Held while a spare is forked and listed, and by a live upgrade
-    /// from its handover to its `execve` ([`hold_forks`](Self::hold_forks)).
-    forking: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug)]
@@ -65,7 +61,6 @@ impl StandbyPool {
                 dead: Vec::new(),
             })),
             wake: Arc::new(Notify::new()),
-            forking: Arc::default(),
         }
     }
 
@@ -84,8 +79,8 @@ impl StandbyPool {
     /// starts before the images' locks are its own (`spawn` module docs),
     /// and serving instances come first. Must run on the supervisor's
     /// runtime thread.
-    pub async fn start(&self) {
-        let short = !self.fill().await;
+    pub fn start(&self) {
+        let short = !self.fill();
         tokio::spawn(self.clone().refill_task(short));
     }
 
@@ -159,14 +154,6 @@ impl StandbyPool {
         }
     }
 
-    /// Waits until no spare is being forked and keeps it so while the
-    /// guard lives: a live upgrade holds it from its handover to its
-    /// `execve`, so that every spare this process started is in the state
-    /// it hands over (a spare forked meanwhile would be no one's).
-    pub(crate) async fn hold_forks(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.forking.clone().lock_owned().await
-    }
-
     /// Takes over the spares a previous binary described in `state`; the
     /// pool is then [`start`](Self::start)ed like a new one.
     pub(crate) fn inherit(&self, state: &PoolState, fds: &Adopted) -> Result<(), SupervisorError> {
@@ -179,30 +166,22 @@ impl StandbyPool {
     }
 
     /// Starts spares until the pool is full (`true`) or one cannot be
-    /// started (`false`). Only the refill task (and [`start`](Self::start)
-    /// before it) fills, so no two fills race; the lock is not held while
-    /// a spare is forked.
-    async fn fill(&self) -> bool {
-        loop {
-            let _forking = self.forking.lock().await;
-            let (cmd, class) = {
-                let spares = self.lock();
-                if spares.ready.len() >= spares.size {
-                    return true;
-                }
-                (spares.cmd.clone(), spares.class)
-            };
-            match Instance::start_spare(&cmd).await {
+    /// started (`false`).
+    fn fill(&self) -> bool {
+        let mut spares = self.lock();
+        while spares.ready.len() < spares.size {
+            match Instance::start_spare(&spares.cmd) {
                 Ok(spare) => {
-                    tracing::debug!(class, pid = spare.pid(), "spare started");
-                    self.lock().ready.push(spare);
+                    tracing::debug!(class = spares.class, pid = spare.pid(), "spare started");
+                    spares.ready.push(spare);
                 }
                 Err(e) => {
-                    tracing::warn!(class, error = %e, "cannot start a spare");
+                    tracing::warn!(class = spares.class, error = %e, "cannot start a spare");
                     return false;
                 }
             }
         }
+        true
     }
 
     /// Sets aside the spares that have exited, for fencing.
@@ -236,7 +215,7 @@ impl StandbyPool {
                 tracing::warn!(pid, status = %fenced.status, "spare backend exited");
             }
             if refill {
-                short = !self.fill().await;
+                short = !self.fill();
             }
         }
     }

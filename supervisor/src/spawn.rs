@@ -13,12 +13,14 @@
 //!    and exec, see [`spawn_backend`]): the kernel kills it the moment the
 //!    supervisor dies, stopped or not. The signal fires when the *thread*
 //!    that forked the backend exits, not the process; every backend is
-//!    forked by the supervisor's spawner thread ([`crate::spawner`]), which
-//!    lives as long as the supervisor (in `shadowback up` it is the main
-//!    thread, which also execs a live upgrade), so the runtime's thread
-//!    never waits for a fork. Never fork a backend from `spawn_blocking`
-//!    (its threads retire after 10 s idle, which would kill the backend)
-//!    or from any other short-lived thread.
+//!    forked from the thread that runs the supervisor's runtime. `shadowback
+//!    up` and `SupervisorThread` run a current-thread runtime, so that is
+//!    the one thread that calls `block_on` and lives until the supervisor
+//!    returns: `start_device` runs in `serve` and the device tasks are
+//!    `tokio::spawn`ed onto that runtime. On a multi-thread runtime they
+//!    would run on worker threads, which also live as long as the runtime.
+//!    Never spawn a backend from `spawn_blocking` (its threads retire after
+//!    10 s idle, which would kill the backend) or from a short-lived thread.
 //!
 //! 2. **A `flock` on the image** ([`open_disk`]): the lock belongs to the
 //!    open file description, and the supervisor takes a shared one on its
@@ -495,10 +497,8 @@ pub const NO_CONFINE: &str = "--no-confine";
 /// supervisor's copy of the device file is closed once the process is
 /// started. `first` marks the device's first instance, the only one that
 /// gets [`BackendCommand::env`]. A spare of the standby pool
-/// ([`spawn_spare`]) gets neither file nor metrics page. The fork and exec
-/// run on the supervisor's spawner thread ([`crate::spawner`]); this
-/// awaits them.
-pub async fn spawn_backend(
+/// ([`spawn_spare`]) gets neither file nor metrics page.
+pub fn spawn_backend(
     cmd: &BackendCommand,
     name: &str,
     args: &[std::ffi::OsString],
@@ -512,12 +512,7 @@ pub async fn spawn_backend(
     let control_src = theirs.as_raw_fd();
     // Dropped after the spawn: the child's fd 4 is then its only holder.
     let disk_src = device_file.as_ref().map(AsRawFd::as_raw_fd);
-    // Our own copy: the fork may happen after the caller gave up waiting.
-    let metrics = metrics
-        .map(File::try_clone)
-        .transpose()
-        .map_err(|e| SupervisorError::Spawn(format!("metrics page: {e}")))?;
-    let metrics_src = metrics.as_ref().map(AsRawFd::as_raw_fd);
+    let metrics_src = metrics.map(AsRawFd::as_raw_fd);
     // A plain `std` child: nothing reaps it behind the supervisor's back
     // and dropping it kills nothing; the `Instance` owns it through its
     // pidfd (and a new supervisor binary can adopt it, §4.2).
@@ -551,8 +546,8 @@ pub async fn spawn_backend(
     // SAFETY: the closure runs in the forked child before exec and calls
     // only prctl, getppid, _exit, fcntl and dup2, which are
     // async-signal-safe; it allocates nothing. The source fds are open in
-    // the parent (owned by `theirs`, `device_file` and `metrics`, which the
-    // job below keeps until the spawn call has returned). All are first copied above
+    // the parent (owned by `theirs`, `device_file` and the caller's
+    // `metrics`, alive across the spawn call). All are first copied above
     // fd 10 so that no target number can clobber another source; dup2
     // then clears FD_CLOEXEC on the copies at 3, 4 and 5, and the high
     // copies close on exec. Without a device file fd 4 is left unused,
@@ -602,19 +597,11 @@ pub async fn spawn_backend(
             Ok(())
         });
     }
-    let program = cmd.program.to_string_lossy().into_owned();
-    let (child, took) = crate::spawner::Spawner::run(move || {
-        let started = Instant::now();
-        let child = command.spawn();
-        drop((theirs, device_file, metrics));
-        (child, started.elapsed())
-    })
-    .await?;
-    let child = child.map_err(|e| SupervisorError::Spawn(format!("{program}: {e}")))?;
-    // How long the fork and exec took: what the runtime's thread would
-    // have waited, had it forked itself.
-    tracing::debug!(device = %name, pid = child.id(), fork_exec_us = took.as_micros() as u64,
-        "backend forked");
+    let child = command
+        .spawn()
+        .map_err(|e| SupervisorError::Spawn(format!("{}: {e}", cmd.program.to_string_lossy())))?;
+    drop(theirs);
+    drop(device_file);
     Ok((child.id(), ours))
 }
 
@@ -628,8 +615,8 @@ pub const SPARE: &str = "--spare";
 /// socket alone. It sets itself up, confines itself and waits for
 /// `adopt`, which brings what [`spawn_backend`] would have passed a
 /// backend of the device.
-pub async fn spawn_spare(cmd: &BackendCommand) -> Result<(u32, SeqPacket), SupervisorError> {
-    spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false).await
+pub fn spawn_spare(cmd: &BackendCommand) -> Result<(u32, SeqPacket), SupervisorError> {
+    spawn_backend(cmd, SPARE_NAME, &[SPARE.into()], None, None, true, false)
 }
 
 #[cfg(test)]

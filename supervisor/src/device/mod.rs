@@ -94,19 +94,19 @@ impl Settings {
 /// Opens the disk, starts its backend and the task that owns it;
 /// `limits` bound what a frontend makes it hold; its takeovers take
 /// spares from `pool` (none: `standby = false`).
-pub async fn start_device(
+pub fn start_device(
     cfg: &DiskConfig,
     limits: &LimitsConfig,
     cmd: &BackendCommand,
     pool: Option<StandbyPool>,
 ) -> Result<DeviceHandle, SupervisorError> {
-    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd, pool).await
+    start_disk(cfg, BlockClass::open(cfg)?, limits, cmd, pool)
 }
 
 /// [`start_device`] with the image opened already (a disk added at run
 /// time opens it off the runtime's thread: the image's lock may be waited
 /// for).
-pub async fn start_disk(
+pub fn start_disk(
     cfg: &DiskConfig,
     class: BlockClass,
     limits: &LimitsConfig,
@@ -123,12 +123,11 @@ pub async fn start_disk(
         cmd,
         pool,
     )
-    .await
 }
 
 /// Starts the backend of vif `cfg` on `wire`, which the device holds
 /// from now on, and the task that owns it; spares come from `pool`.
-pub async fn start_nic(
+pub fn start_nic(
     cfg: &NicConfig,
     limits: &LimitsConfig,
     wire: HeldWire,
@@ -146,12 +145,11 @@ pub async fn start_nic(
         &cmd,
         pool,
     )
-    .await
 }
 
 /// Starts the first backend instance of device `name` and the task that
 /// owns it; `access` says who may use it.
-async fn start(
+fn start(
     name: &str,
     class: Box<dyn DeviceClass>,
     settings: Settings,
@@ -170,8 +168,7 @@ async fn start(
         settings.shadow,
         true,
         metrics.file(),
-    )
-    .await?;
+    )?;
     let mut task = DeviceTask::new(name, class, settings, cmd, metrics, pool);
     task.current = Some(current);
     Ok(launch(task, access))

@@ -115,7 +115,7 @@ impl DeviceTask {
         if let Some(spare) = self.adopt_spare().await {
             return Ok((spare, true));
         }
-        Ok((self.start_instance().await?, false))
+        Ok((self.start_instance()?, false))
     }
 
     /// The current instance failed: fence it (docs/ARCHITECTURE.md §7.3), then take

@@ -294,7 +294,7 @@ impl DeviceTask {
     }
 
     /// A new instance (not the device's first).
-    pub(super) async fn start_instance(&self) -> Result<Instance, SupervisorError> {
+    pub(super) fn start_instance(&self) -> Result<Instance, SupervisorError> {
         Instance::start(
             &self.cmd,
             &self.name,
@@ -303,7 +303,6 @@ impl DeviceTask {
             false,
             self.metrics.file(),
         )
-        .await
     }
 
     pub(super) fn hang_timeout(&self) -> Duration {

@@ -129,12 +129,6 @@ async fn prepare_and_exec(
             }
         }
     }
-    // No spare is half forked when the pools are listed (kept until the
-    // exec, or until this fails and everything resumes).
-    let _forks = (
-        s.devices.block_pool.hold_forks().await,
-        s.devices.net_pool.hold_forks().await,
-    );
     // Nothing awaits from here to `execve`: the guests listed are exactly
     // those connected.
     let guests = s.shared.handover(&mut fds);
@@ -165,10 +159,7 @@ async fn prepare_and_exec(
         Ok(()) => {
             tracing::warn!(binary = %binary.display(), fds = state.fds.len(),
                 paused_us = started.elapsed().as_micros() as u64, "upgrading: exec");
-            let (binary, state) = (binary.clone(), memfd.as_raw_fd());
-            // On the spawner's thread: the one that forked the backends
-            // and must survive the exec (`spawner` module docs).
-            crate::spawner::Spawner::exec(move || exec(&binary, state)).to_string()
+            exec(&binary, memfd.as_raw_fd()).to_string()
         }
         Err(why) => why,
     };
