@@ -13,7 +13,7 @@ use shadowback_blkback::request::{DiskGeometry, DEFAULT_MAX_INDIRECT_SEGMENTS};
 use shadowback_dataplane::confine::Adopted;
 use shadowback_dataplane::control::{recv_control, refuse_unexpected, sanitize};
 use shadowback_dataplane::event_loop::BackendError;
-use shadowback_dataplane::recovery::CrashSpec;
+use shadowback_dataplane::recovery::{CrashAction, CrashSpec};
 use shadowback_dataplane::uring::{Engine, EngineConfig};
 use shadowback_netback::backend::{NetBackend, NetConfig};
 use shadowback_netback::tapbatch::TapBatch;
@@ -194,10 +194,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// `SHADOWBACK_CRASH_AT=consume.3` or `consume.3@100`: abort at that shadow
 /// log crash point (on its 100th occurrence), in the first instance only;
 /// `region-finish.3@2` names a crash point of the VMM's in-flight region
-/// instead (`shadowback_virtio::inflight::RegionCrashPoint`).
+/// instead (`shadowback_virtio::inflight::RegionCrashPoint`). A `stop:`
+/// prefix stops the instance there instead of aborting it
+/// ([`CrashAction::Stop`]).
 pub(crate) fn crash_at_from_env() -> Result<CrashSpec, CliError> {
     let Ok(spec) = std::env::var("SHADOWBACK_CRASH_AT") else {
         return Ok(CrashSpec::default());
+    };
+    let (action, spec) = match spec.strip_prefix("stop:") {
+        Some(rest) => (CrashAction::Stop, rest.to_string()),
+        None => (CrashAction::Abort, spec),
     };
     let (point, nth) = match spec.split_once('@') {
         Some((p, n)) => (
@@ -214,6 +220,7 @@ pub(crate) fn crash_at_from_env() -> Result<CrashSpec, CliError> {
             .map_err(|e| format!("SHADOWBACK_CRASH_AT: {e}"))?;
         return Ok(CrashSpec {
             region: Some((point, nth)),
+            action,
             ..CrashSpec::default()
         });
     }
@@ -222,6 +229,7 @@ pub(crate) fn crash_at_from_env() -> Result<CrashSpec, CliError> {
         .map_err(|e| format!("SHADOWBACK_CRASH_AT: {e}"))?;
     Ok(CrashSpec {
         log: Some((point, nth)),
+        action,
         ..CrashSpec::default()
     })
 }

@@ -24,7 +24,7 @@ use shadowback_guest::netfront::{NetFront, NetFrontConfig, NetFrontStats};
 use shadowback_guest::workload::Report;
 use shadowback_supervisor::DeviceStats;
 use shadowback_testsupport::operator::{fault_kill, status};
-use shadowback_testsupport::process::{shadowback_up, ChildGuard, GuestProcess};
+use shadowback_testsupport::process::{alive, children, shadowback_up, ChildGuard, GuestProcess};
 use shadowback_testsupport::temp::TempDir;
 use shadowback_xenbus::protocol::{key, kind};
 use shadowback_xenbus::{Message, SeqPacket};
@@ -407,7 +407,7 @@ fn an_upgrade_that_cannot_exec_leaves_the_old_supervisor_serving() {
 #[test]
 fn a_backend_killed_right_after_an_upgrade_is_recovered_by_the_new_binary() {
     const STREAM: u64 = 8 << 20;
-    let site = Site::start("upgrade-kill", true);
+    let mut site = Site::start("upgrade-kill", true);
     let xen = site.xen_guest(5);
     let vhost = site.vhost_guest(5);
     // A vif's takeover starts its new instance from the session the new
@@ -442,10 +442,31 @@ fn a_backend_killed_right_after_an_upgrade_is_recovered_by_the_new_binary() {
         };
         let (s, was) = (find(&after), find(&before));
         assert!(
-            s.recoveries >= 2 && s.crashes >= 2,
+            s.recoveries >= 2,
             "{dev}: the kills after the upgrades were not recovered: {s:?}"
+        );
+        // The backend the first upgraded binary started survived the
+        // second upgrade (it was forked by the thread that execs:
+        // `PR_SET_PDEATHSIG` follows the forking thread).
+        assert_eq!(
+            s.crashes, 2,
+            "{dev}: a backend died besides the two kills: {s:?}"
         );
         assert_ne!(s.pid, was.pid, "{dev}: still the killed backend");
         assert!(!s.given_up, "{dev}: {s:?}");
+    }
+    // Backends of every binary die with the supervisor (`PR_SET_PDEATHSIG`
+    // follows the thread that forked them, which the execs kept).
+    let backends = children(site.up.pid());
+    assert!(backends.len() >= 6, "backends: {backends:?}");
+    site.up.sigkill();
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while backends.iter().any(|&p| alive(p)) {
+        assert!(
+            Instant::now() < deadline,
+            "backends outlived their supervisor: {:?}",
+            backends.iter().filter(|&&p| alive(p)).collect::<Vec<_>>()
+        );
+        thread::sleep(Duration::from_millis(20));
     }
 }

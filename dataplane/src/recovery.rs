@@ -16,15 +16,55 @@ use shadowback_virtio::inflight::RegionCrashPoint;
 /// replayed again (the crash-loop breaker, docs/ARCHITECTURE.md §7.5): the
 /// one that consumed it and two that replayed it.
 pub const POISON_THRESHOLD: u32 = 3;
-/// Fault injection: abort at a crash point on its `nth` occurrence, in the
-/// first instance of a device only (the one that finds its shadow logs
-/// fresh), so the next instance can recover.
+/// Fault injection: abort (or stop) at a crash point on its `nth`
+/// occurrence, in the first instance of a device only (the one that finds
+/// its shadow logs fresh), so the next instance can recover.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CrashSpec {
     /// A store of the shadow log (`SHADOWBACK_CRASH_AT=consume.3@100`).
     pub log: Option<(CrashPoint, u64)>,
     /// A store of the VMM's in-flight region (`region-finish.3@2`).
     pub region: Option<(RegionCrashPoint, u64)>,
+    /// What the point does when it fires.
+    pub action: CrashAction,
+}
+
+/// What a crash point of a [`CrashSpec`] does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CrashAction {
+    /// `abort()`: the instance crashes there.
+    #[default]
+    Abort,
+    /// `SIGSTOP` to itself (`SHADOWBACK_CRASH_AT=stop:region-begin.2@300`):
+    /// the instance freezes there with everything it consumed still in
+    /// flight, until someone else kills (or continues) it — a kill at a
+    /// known instant, e.g. its supervisor's death with requests certainly
+    /// in flight (`tests/supervisor_restart.rs`).
+    Stop,
+}
+
+impl CrashAction {
+    /// Fires at crash point `at`. `Abort` does not return.
+    pub fn fire(self, at: &dyn std::fmt::Display) {
+        match self {
+            CrashAction::Abort => {
+                tracing::error!(%at, "crash point reached: aborting (fault injection)");
+                std::process::abort();
+            }
+            CrashAction::Stop => {
+                tracing::warn!(%at, "crash point reached: stopping (fault injection)");
+                // `raise` is `tgkill` on this process, which the seccomp
+                // filter allows (`confine.rs`).
+                // SAFETY: raise has no memory-safety preconditions.
+                #[allow(unsafe_code)]
+                let rc = unsafe { libc::raise(libc::SIGSTOP) };
+                if rc != 0 {
+                    tracing::error!(%at, "raise(SIGSTOP) failed: aborting instead");
+                    std::process::abort();
+                }
+            }
+        }
+    }
 }
 
 /// Counters of one backend instance./// What the last recovery did (reported to the supervisor in `attached`).
@@ -149,17 +189,19 @@ impl<T> SerialReplay<T> {
 
 /// Maps a shadow log and makes this instance its writer; returns the new
 /// generation (1 for a log no instance used before). With
-/// `SHADOWBACK_CRASH_AT`, the first instance aborts at that crash point.
+/// `SHADOWBACK_CRASH_AT`, the first instance aborts (or stops) at that
+/// crash point.
 pub fn open_shadow_log(crash_at: &CrashSpec, fd: OwnedFd) -> Result<(ShadowLog, u64), ShadowError> {
     let mut log = ShadowLog::open(fd)?;
     if let Some((point, nth)) = crash_at.log {
         // Only the first instance crashes, so a restart can recover.
         if log.generation()? == 0 {
             let hits = std::sync::atomic::AtomicU64::new(0);
+            let action = crash_at.action;
             log.set_crash_hook(Some(Box::new(move |at| {
                 if at == point && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
                 {
-                    std::process::abort();
+                    action.fire(&at);
                 }
             })));
         }

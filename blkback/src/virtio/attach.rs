@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use shadowback_dataplane::control::{sanitize, AttachFlags};
 use shadowback_dataplane::event_loop::BackendError;
-use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats};
+use shadowback_dataplane::recovery::{open_shadow_log, CrashAction, RecoveryStats};
 use shadowback_dataplane::serve::{AttachKind, Built, Core};
 use shadowback_ring::EventChannel;
 use shadowback_shadow::ShadowLog;
@@ -119,7 +119,7 @@ impl AttachKind for VirtioAttach<'_> {
             .crash_at
             .region
             .filter(|_| fresh_logs.iter().all(|&f| f))
-            .map(region_crash_hook);
+            .map(|spec| region_crash_hook(spec, cfg.crash_at.action));
         let mut queues = Vec::with_capacity(req.queues.len());
         for ((qcfg, ring), (kick, call)) in req.queues.iter().zip(rings).zip(vfds.queues) {
             let kick = EventChannel::from_fd(kick).map_err(|e| inval(&e))?;
@@ -201,18 +201,20 @@ impl AttachKind for VirtioAttach<'_> {
     }
 }
 
-/// Fault injection: a hook that aborts the process at `point` on its
+/// Fault injection: a hook that aborts (or stops) the process at `point` on its
 /// `nth` occurrence over all queues (an update with fewer stores than the
 /// point's step does not count).
-fn region_crash_hook((point, nth): (RegionCrashPoint, u64)) -> RegionCrashHook {
+fn region_crash_hook(
+    (point, nth): (RegionCrashPoint, u64),
+    action: CrashAction,
+) -> RegionCrashHook {
     let hits = std::sync::atomic::AtomicU64::new(0);
     Arc::new(move |at: RegionCrashPoint, stores: u32| {
         if at == point
             && stores >= point.step
             && hits.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == nth
         {
-            tracing::error!(%at, "crash point reached: aborting (fault injection)");
-            std::process::abort();
+            action.fire(&at);
         }
     })
 }
