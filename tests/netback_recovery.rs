@@ -610,37 +610,32 @@ fn tx_batches_to_a_tap_survive_sigkills_of_the_backend() {
     assert!(o.tx_replayed > 0, "no kill found a packet to send again");
 }
 
-/// The first instance aborts at each crash point of the shadow log a vif
-/// uses, on an early occurrence and one deep in the stream; the next
-/// instance recovers.
-#[test]
-fn every_crash_point_of_a_vif_is_recovered() {
+/// Runs `wire` traffic once per crash point of the `transitions` given,
+/// the first instance aborting there on each occurrence of `nths`
+/// (`published` fires once per instance and log, so only on its first);
+/// the next instance must recover with every invariant of [`Run::run`].
+/// Returns how many runs crashed where they were told to.
+fn crash_point_sweep(wire: WireType, transitions: &[&str], nths: &[u32], rx_total: u32) -> u32 {
     let mut crashed = 0;
     for point in shadowback_shadow::CrashPoint::all() {
         let name = point.to_string();
-        // Points a serving instance of a vif reaches (not those of a
-        // recovery, which a first instance never runs).
-        let served = ["consume", "complete", "free", "published", "progress"]
+        if !transitions
             .iter()
-            .any(|t| name.starts_with(&format!("{t}.")));
-        if !served {
+            .any(|t| name.starts_with(&format!("{t}.")))
+        {
             continue;
         }
-        // `published` fires once per instance and log: its first
-        // publication. Otherwise an early occurrence, before the first
-        // instance ever published (its successor replays serially, §7.5),
-        // and one deep in the stream.
-        let nths: &[u32] = if name.starts_with("published.") {
-            &[1]
+        let nths = if name.starts_with("published.") {
+            &[1][..]
         } else {
-            &[5, 37]
+            nths
         };
         for nth in nths {
-            eprintln!("crash point {name}@{nth} (cable)");
+            eprintln!("crash point {name}@{nth} ({wire:?})");
             let o = Run {
-                wire: WireType::Cable,
+                wire,
                 tx_total: 400,
-                rx_total: 200,
+                rx_total,
                 kills: 0,
                 first_env: vec![("SHADOWBACK_CRASH_AT", format!("{name}@{nth}"))],
             }
@@ -652,57 +647,35 @@ fn every_crash_point_of_a_vif_is_recovered() {
             crashed += 1;
         }
     }
+    crashed
+}
+
+/// The first instance aborts at each crash point of the shadow logs a vif
+/// serves with (not those of a recovery, which a first instance never
+/// runs), on an early occurrence — before the first instance ever
+/// published, so its successor replays serially (a suspected crash loop,
+/// docs/ARCHITECTURE.md §7.5) — and one deep in the stream; the next
+/// instance recovers.
+#[test]
+fn every_crash_point_of_a_vif_is_recovered() {
+    let served = ["consume", "complete", "free", "published", "progress"];
+    let crashed = crash_point_sweep(WireType::Cable, &served, &[5, 37], 200);
     assert!(crashed >= 18, "only {crashed} crash points");
 }
 
 /// The same on a TAP, where a batch's slots are logged together just
 /// before the batch is written and answered together after it
-/// (docs/ARCHITECTURE.md §11.6): the first instance aborts at each crash
-/// point of the TX log, on an early occurrence (inside the first batches)
-/// and a later one; the next instance recovers with nothing lost, every
-/// slot answered once and no more duplicates than reported possible. An
-/// early crash comes before the first instance ever published, so the next
-/// one replays serially (a suspected crash loop, §7.5); a packet the dead
-/// instance was still logging then has to be completed from the ring once
-/// that replay ends, or its first slot is taken for a packet of its own
-/// (what this sweep found).
+/// (docs/ARCHITECTURE.md §11.6), for the TX log's points (`progress` is the
+/// RX log's), early (inside the first batches) and later. After an early
+/// crash a packet the dead instance was still logging has to be completed
+/// from the ring once the serial replay ends, or its first slot is taken
+/// for a packet of its own (what this sweep found).
 #[test]
 fn every_crash_point_of_a_tap_batch_is_recovered() {
     let crashed = std::thread::spawn(|| {
         enter_fresh_netns();
-        let mut crashed = 0;
-        for point in shadowback_shadow::CrashPoint::all() {
-            let name = point.to_string();
-            // The TX log's points (`progress` is the RX log's).
-            let served = ["consume", "complete", "free", "published"]
-                .iter()
-                .any(|t| name.starts_with(&format!("{t}.")));
-            if !served {
-                continue;
-            }
-            let nths: &[u32] = if name.starts_with("published.") {
-                &[1]
-            } else {
-                &[5, 70]
-            };
-            for nth in nths {
-                eprintln!("crash point {name}@{nth}");
-                let o = Run {
-                    wire: WireType::Tap,
-                    tx_total: 400,
-                    rx_total: 0,
-                    kills: 0,
-                    first_env: vec![("SHADOWBACK_CRASH_AT", format!("{name}@{nth}"))],
-                }
-                .run();
-                assert_eq!(
-                    o.crashes, 1,
-                    "{name}@{nth}: the first instance did not crash there"
-                );
-                crashed += 1;
-            }
-        }
-        crashed
+        let tx = ["consume", "complete", "free", "published"];
+        crash_point_sweep(WireType::Tap, &tx, &[5, 70], 0)
     })
     .join()
     .expect("the sweep's thread");

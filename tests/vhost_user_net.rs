@@ -9,6 +9,7 @@
 //! the config space stays up (the supervisor answers it, not a backend).
 
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -332,6 +333,26 @@ fn control_queue_state_survives_a_kill_of_the_data_plane() {
     sup.stop().expect("supervisor stop");
 }
 
+/// Reads what a packet socket on the TAP has queued, without waiting, and
+/// appends the number of each numbered test frame of `len` bytes (after the
+/// kernel's 10-byte virtio-net header) to `seen`; other frames are skipped.
+fn read_numbered_frames(sock: &impl AsFd, buf: &mut [u8], len: usize, seen: &mut Vec<u32>) {
+    loop {
+        match nix::sys::socket::recv(
+            sock.as_fd().as_raw_fd(),
+            buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(n) if n == 10 + len && buf[10 + 12..10 + 14] == [0x88, 0xb5] => {
+                seen.push(netback_common::check_frame(&buf[10..n]));
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
 /// A Linux TCP socket streams to a vhost-user-net guest through a TAP
 /// with TCP segmentation negotiated (GUEST_TSO4 and GUEST_CSUM, HOST_TSO4
 /// and CSUM): the TAP hands the backend super-frames, which reach the
@@ -481,7 +502,6 @@ struct TapTx {
 fn tx_to_a_tap(tag: &str, min_kills: u32, first_env: &[(&str, &str)]) -> TapTx {
     use shadowback_testsupport::harness::backend_command_with_env;
     use shadowback_testsupport::netns::enter_fresh_netns;
-    use std::os::fd::{AsFd, AsRawFd};
     const TAP: &str = "sbvtxb0";
     const LEN: usize = 600;
     let env: Vec<(String, String)> = first_env
@@ -531,21 +551,7 @@ fn tx_to_a_tap(tag: &str, min_kills: u32, first_env: &[(&str, &str)]) -> TapTx {
             })
         };
         let (mut seen, mut buf) = (Vec::new(), vec![0u8; 4096]);
-        let mut read = |seen: &mut Vec<u32>| loop {
-            match nix::sys::socket::recv(
-                sock.as_fd().as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ) {
-                // The kernel's virtio-net header, then the frame.
-                Ok(n) if n == 10 + LEN && buf[10 + 12..10 + 14] == [0x88, 0xb5] => {
-                    seen.push(netback_common::check_frame(&buf[10..n]));
-                }
-                Ok(_) => {}
-                Err(nix::errno::Errno::EAGAIN) => return,
-                Err(e) => panic!("recv: {e}"),
-            }
-        };
+        let mut read = |seen: &mut Vec<u32>| read_numbered_frames(&sock, &mut buf, LEN, seen);
         let started = Instant::now();
         let mut kills = 0u32;
         // The first kill once frames flow.
@@ -709,7 +715,6 @@ fn a_new_data_plane_sends_what_the_driver_did_not_kick_the_frozen_one_for() {
     use nix::unistd::Pid;
     use shadowback_guest::net::FrameDevice;
     use shadowback_testsupport::netns::enter_fresh_netns;
-    use std::os::fd::{AsFd, AsRawFd};
     const TAP: &str = "sbveidx0";
     const LEN: usize = 200;
     let (sent, kicks, stats, seen, s) = thread::spawn(move || {
@@ -721,21 +726,7 @@ fn a_new_data_plane_sends_what_the_driver_did_not_kick_the_frozen_one_for() {
             .expect("SO_RCVBUFFORCE");
         let mut seen: Vec<u32> = Vec::new();
         let mut buf = vec![0u8; 4096];
-        let mut read = |seen: &mut Vec<u32>| loop {
-            match nix::sys::socket::recv(
-                sock.as_fd().as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-            ) {
-                // The kernel's virtio-net header, then the frame.
-                Ok(n) if n == 10 + LEN && buf[10 + 12..10 + 14] == [0x88, 0xb5] => {
-                    seen.push(netback_common::check_frame(&buf[10..n]));
-                }
-                Ok(_) => {}
-                Err(nix::errno::Errno::EAGAIN) => return,
-                Err(e) => panic!("recv: {e}"),
-            }
-        };
+        let mut read = |seen: &mut Vec<u32>| read_numbered_frames(&sock, &mut buf, LEN, seen);
         let mut dev = VhostUserNet::connect(&vhost, &VhostUserNetOptions::default())
             .expect("vhost-user-net connect");
         // Frame 0 goes out and is answered: the data plane is idle again.
