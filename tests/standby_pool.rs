@@ -94,6 +94,10 @@ fn two_disks_failing_at_once_share_a_pool_of_one() {
     let s = harness.wait_for(&names[warm], "the warm takeover", |s| s.recoveries == 1);
     assert_eq!((s.standby_takeovers, s.cold_takeovers), (1, 0), "{s:#?}");
     assert_eq!(s.pid, Some(spare), "the spare serves the disk now");
+    // The spare's `adopt` is part of the takeover, and the takeover and
+    // the replay both lie inside the stall, however they overlapped.
+    let t = s.last_recovery.expect("the warm takeover's times");
+    assert!(t.total_us >= t.takeover_us + t.replay_us, "{t:?}");
     let c = harness.stats(&names[cold]);
     assert_eq!((c.standby_takeovers, c.cold_takeovers), (0, 1), "{c:#?}");
     assert!(c.pid.is_some() && c.pid != Some(spare) && c.pid != pids[cold]);

@@ -131,7 +131,8 @@ pub struct RecoveryTimes {
     /// docs/ARCHITECTURE.md §7.3, [`DeviceStats::background_fence_us`]).
     pub fence_us: u64,
     /// From the standby being released (or a new instance being spawned)
-    /// to `attach` being sent, including the `poison` replays.
+    /// to the instance's `attached`, less its own replay (`replay_us`):
+    /// the `poison` replays, a spare's `adopt`, the instance's set-up.
     pub takeover_us: u64,
     /// The new instance's own replay time (its `replay-us`).
     pub replay_us: u64,

@@ -287,7 +287,7 @@ impl DeviceTask {
                 self.unsolicited(msg);
             }
             let (failure, why) = match result {
-                Ok((reply, sent)) if reply.kind() == kind::ATTACHED => {
+                Ok((reply, answered)) if reply.kind() == kind::ATTACHED => {
                     instance.held = held;
                     self.took_over(
                         instance,
@@ -296,7 +296,9 @@ impl DeviceTask {
                         RecoveryTimes {
                             detect_us: micros(detect),
                             fence_us: micros(fence),
-                            takeover_us: micros(sent.saturating_duration_since(chosen)),
+                            // Until the answer; `took_over` takes the
+                            // instance's own replay time out of it.
+                            takeover_us: micros(answered.saturating_duration_since(chosen)),
                             replay_us: 0,
                             total_us: micros(first_seen.elapsed()),
                         },
@@ -379,9 +381,12 @@ impl DeviceTask {
     ) {
         let report = ReplayReport::of(reply);
         times.replay_us = report.replay_us;
-        // A spare set itself up for the device after it was told: part of
-        // the takeover, though the supervisor did not wait for it alone.
-        times.takeover_us = times.takeover_us.saturating_add(instance.adopt_us());
+        // What the new instance spent replaying is `replay_us`; the rest of
+        // the wait for its answer — a spare setting itself up (`adopt`),
+        // mapping the rings, opening the logs — is the takeover's. Both lie
+        // inside `total_us`, however the spare's set-up overlapped the
+        // supervisor's own steps.
+        times.takeover_us = times.takeover_us.saturating_sub(times.replay_us);
         instance.serving = true;
         instance.membarrier = reply.get_flag(key::MEMBARRIER).ok().flatten() == Some(true);
         tracing::info!(
@@ -391,7 +396,8 @@ impl DeviceTask {
             tx_replayed = report.tx_replayed, rx_buffers_recovered = report.rx_buffers_recovered,
             rx_dropped_in_crash = report.rx_dropped_in_crash,
             detect_us = times.detect_us, fence_us = times.fence_us,
-            takeover_us = times.takeover_us, replay_us = times.replay_us,
+            takeover_us = times.takeover_us, adopt_us = instance.adopt_us(),
+            replay_us = times.replay_us,
             total_us = times.total_us,
             "backend recovered"
         );

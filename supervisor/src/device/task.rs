@@ -142,7 +142,7 @@ pub(super) async fn send_poisons(
     Ok(())
 }
 
-/// Poisons, then `attach`; returns the answer and when `attach` was sent.
+/// Poisons, then `attach`; returns the answer and when it arrived.
 pub(super) async fn send_attach(
     instance: &mut Instance,
     poisons: &[u64],
@@ -152,11 +152,10 @@ pub(super) async fn send_attach(
 ) -> Result<(Message, Instant), NoAnswer> {
     send_poisons(instance, poisons, None, aside).await?;
     instance.send(msg, fds).await?;
-    let sent = Instant::now();
     // No heartbeat check: a replaying instance has not entered its event
     // loop yet.
     let reply = instance.reply(BACKEND_REPLY_TIMEOUT, None, aside).await?;
-    Ok((reply, sent))
+    Ok((reply, Instant::now()))
 }
 
 /// The backend's `error` answer as a refusal.
