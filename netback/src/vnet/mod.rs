@@ -404,8 +404,6 @@ struct VnetLoop<'a> {
     frame: Vec<u8>,
     /// Frames read from the wire.
     rx_scratch: Vec<u8>,
-    /// Driver header + frame, as written into receive heads.
-    out: Vec<u8>,
 }
 
 /// Serves a vif's virtqueues until the supervisor closes the control
@@ -442,7 +440,6 @@ pub(crate) fn serve(
         tx_ranges: Vec::with_capacity(2 * CHAIN_CAP),
         frame: vec![0; WIRE_HDR.bytes() + MAX_FRAME_LEN],
         rx_scratch: Vec::new(),
-        out: Vec::new(),
     };
     tracing::info!(device = %cfg.device, "serving virtio-net queues");
     lp.handle_message(first.0, first.1)?;
@@ -972,13 +969,13 @@ impl VnetLoop<'_> {
         } else {
             VnetHeaderLen::Basic
         };
-        self.out.clear();
-        self.out.resize(hdr_len, 0);
-        if hdr.encode(&mut self.out, hdr_layout).is_err() {
+        // Written into the heads after the header, as one string with it.
+        let mut hdr_bytes = [0u8; 12];
+        let hdr_bytes = &mut hdr_bytes[..hdr_len];
+        if hdr.encode(hdr_bytes, hdr_layout).is_err() {
             self.stats.rx_dropped += 1;
             return true;
         }
-        self.out.extend_from_slice(data);
         let frame_len = data.len() as u64;
         let ring = rx_ring(pair);
         let mut at = 0usize;
@@ -996,7 +993,9 @@ impl VnetLoop<'_> {
             // Walked again: the chain is the driver's memory.
             let written = if ok && self.walk(ring, head).is_ok() {
                 let mem = self.device.as_ref().map(|d| d.mem.clone());
-                mem.and_then(|m| frame::scatter(&m, &self.chain.bufs, &self.out, at).ok())
+                mem.and_then(|m| {
+                    frame::scatter_parts(&m, &self.chain.bufs, hdr_bytes, data, at).ok()
+                })
             } else {
                 None
             };
@@ -1018,7 +1017,7 @@ impl VnetLoop<'_> {
             };
             self.answer(ring, posted.taken.entry, used);
         }
-        if ok && at == self.out.len() {
+        if ok && at == total {
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += frame_len;
         } else {
