@@ -34,7 +34,8 @@
 //! checks every byte (`raw-tap`: the guest stack straight on the TAP fd).
 //! Each slice runs a 2 MiB stream to calibrate, then one sized to last
 //! the slice; Gbit/s is the verified payload, pps the frames the receiving
-//! guest took in (cable) or the sending guest sent (TAP).
+//! guest took in (cable) or the sending guest sent (TAP). On the TAP the
+//! CPU time of the second stream is the row's CPU per frame.
 
 use std::io::IoSlice;
 use std::net::TcpListener;
@@ -1064,16 +1065,26 @@ fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
     let (dev, cal) = one(dev, 2 << 20, 50001)?;
     let bytes =
         (cal.throughput_mib_s * MIB * secs.as_secs_f64()).clamp(2.0 * MIB, 64.0 * 1024.0 * MIB);
+    let (own0, kids0) = cpu_ns()?;
     let (_, r) = one(dev, bytes as u64, 50002)?;
+    let (own1, kids1) = cpu_ns()?;
     let bytes_per_s = r.throughput_mib_s * MIB;
     if bytes_per_s <= 0.0 {
         return Err("the stream measured no throughput".into());
     }
     let secs = r.bytes as f64 / bytes_per_s;
+    // The whole stream, its set-up and close included, per frame sent:
+    // the sending stack, the Linux receiver and the kernel's TCP are in
+    // every row alike.
+    let frames = r.phy.tx_frames;
     Ok(Rate {
-        pps: r.phy.tx_frames as f64 / secs,
+        pps: frames as f64 / secs,
         gbps: bytes_per_s * 8.0 / 1e9,
-        cpu_us: None,
+        cpu_us: (frames > 0).then(|| {
+            let per_frame = |ns: u64| ns as f64 / 1e3 / frames as f64;
+            let kids = kids1.saturating_sub(kids0);
+            (per_frame(own1.saturating_sub(own0) + kids), per_frame(kids))
+        }),
     })
 }
 
@@ -1155,7 +1166,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     outln!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
     outln!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
     outln!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
-    outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part); other jobs on the machine change pps much more than this.");
+    outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part; TCP rows on the TAP: over the measured stream, per frame the guest sent, the Linux receiver included); other jobs on the machine change pps much more than this.");
     for s in skipped {
         outln!("  - skipped: {s}");
     }

@@ -216,14 +216,38 @@ pub fn rx_header(
 /// one chain, in order; returns the bytes written (at most what the
 /// buffers hold). `Err` when a buffer is not writable guest memory.
 pub fn scatter(mem: &GuestRam, bufs: &[Buf], data: &[u8], from: usize) -> Result<usize, u64> {
+    scatter_parts(mem, bufs, &[], data, from)
+}
+
+/// [`scatter`] of `head` followed by `data` as one byte string (a
+/// received frame's virtio-net header and the frame, without copying
+/// them together first).
+pub fn scatter_parts(
+    mem: &GuestRam,
+    bufs: &[Buf],
+    head: &[u8],
+    data: &[u8],
+    from: usize,
+) -> Result<usize, u64> {
+    let total = head.len() + data.len();
     let mut at = from;
     for b in bufs.iter().filter(|b| b.writable) {
-        if at >= data.len() {
+        if at >= total {
             break;
         }
-        let n = (b.len as usize).min(data.len() - at);
-        mem.write(b.addr, &data[at..at + n]).map_err(|_| b.addr)?;
-        at += n;
+        let end = at + (b.len as usize).min(total - at);
+        let mut addr = b.addr;
+        while at < end {
+            let (src, off) = match at.checked_sub(head.len()) {
+                None => (head, at),
+                Some(off) => (data, off),
+            };
+            let piece = (src.len() - off).min(end - at);
+            mem.write(addr, &src[off..off + piece])
+                .map_err(|_| b.addr)?;
+            addr = addr.checked_add(piece as u64).ok_or(b.addr)?;
+            at += piece;
+        }
     }
     Ok(at - from)
 }
@@ -421,6 +445,41 @@ mod tests {
         assert_eq!(scatter(&mem, &bufs, &data, 42), Ok(8));
         assert_eq!(
             scatter(&mem, &[buf(0xfff8, 16, true)], &data, 0),
+            Err(0xfff8)
+        );
+    }
+
+    #[test]
+    fn scatter_parts_writes_header_and_frame_as_one_string() {
+        let mem = ram();
+        let head: Vec<u8> = (100..112u8).collect();
+        let data: Vec<u8> = (0..50u8).collect();
+        let whole: Vec<u8> = head.iter().chain(&data).copied().collect();
+        // Buffers of 5, 10 and 100 bytes: the header crosses the first
+        // two, the second holds the end of the header and the frame's
+        // start, the last the rest.
+        let bufs = [
+            buf(0x1000, 5, true),
+            buf(0x100, 8, false),
+            buf(0x2000, 10, true),
+            buf(0x3000, 100, true),
+        ];
+        // A frame over two heads: the first takes 5 + 10 bytes.
+        assert_eq!(scatter_parts(&mem, &bufs[..3], &head, &data, 0), Ok(15));
+        assert_eq!(scatter_parts(&mem, &bufs[3..], &head, &data, 15), Ok(47));
+        let mut got = vec![0u8; 5];
+        mem.read(0x1000, &mut got).unwrap();
+        let mut more = vec![0u8; 10];
+        mem.read(0x2000, &mut more).unwrap();
+        got.extend_from_slice(&more);
+        let mut rest = vec![0u8; 47];
+        mem.read(0x3000, &mut rest).unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got, whole);
+        // The same bytes as scattering the joined string.
+        assert_eq!(scatter(&mem, &bufs, &whole, 0), Ok(62));
+        assert_eq!(
+            scatter_parts(&mem, &[buf(0xfff8, 16, true)], &head, &data, 0),
             Err(0xfff8)
         );
     }

@@ -63,11 +63,13 @@ use shadowback_dataplane::control::{
 };
 use shadowback_dataplane::event_loop::{self, arm, BackendError, EventLoop, Generations, Token};
 use shadowback_dataplane::recovery::{
-    self, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay,
+    self, log_failed, open_shadow_log, RecoveryStats, ReplayTarget, SerialReplay,
 };
 use shadowback_dataplane::uring::{Completion, Engine};
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{EntryId, MetricsWriter, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE};
+use shadowback_shadow::{
+    EntryId, LogWriter, MetricsWriter, RecoveryPlan, Repush, ShadowLog, REQUEST_SIZE,
+};
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
 use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
@@ -402,8 +404,6 @@ struct VnetLoop<'a> {
     frame: Vec<u8>,
     /// Frames read from the wire.
     rx_scratch: Vec<u8>,
-    /// Driver header + frame, as written into receive heads.
-    out: Vec<u8>,
 }
 
 /// Serves a vif's virtqueues until the supervisor closes the control
@@ -440,7 +440,6 @@ pub(crate) fn serve(
         tx_ranges: Vec::with_capacity(2 * CHAIN_CAP),
         frame: vec![0; WIRE_HDR.bytes() + MAX_FRAME_LEN],
         rx_scratch: Vec::new(),
-        out: Vec::new(),
     };
     tracing::info!(device = %cfg.device, "serving virtio-net queues");
     lp.handle_message(first.0, first.1)?;
@@ -490,6 +489,18 @@ impl VnetLoop<'_> {
 
     /// Writes a used element on queue `ring`.
     fn answer(&mut self, ring: u8, entry: Option<EntryId>, used: UsedRecord) {
+        self.answer_with(ring, entry, used, None);
+    }
+
+    /// [`Self::answer`], logged through `writer`, the locked writer of
+    /// queue `ring`'s log, if given.
+    fn answer_with(
+        &mut self,
+        ring: u8,
+        entry: Option<EntryId>,
+        used: UsedRecord,
+        writer: Option<&mut LogWriter<'_>>,
+    ) {
         let Some(dev) = self.device.as_mut() else {
             return;
         };
@@ -497,7 +508,7 @@ impl VnetLoop<'_> {
         let Some(q) = dev.queue(ring) else {
             return;
         };
-        if let Err(e) = q.put_used(&mem, entry, &used, &self.cfg.device) {
+        if let Err(e) = q.put_used(&mem, entry, &used, &self.cfg.device, writer) {
             tracing::error!(device = %self.cfg.device, error = %e, "cannot write a used element");
         }
     }
@@ -506,13 +517,25 @@ impl VnetLoop<'_> {
 
     /// Takes and sends every head the transmit queue of `pair` holds; what
     /// is batched for a TAP is written and answered before it returns.
+    /// Every transition of the drain is logged under one lock of the
+    /// queue's log ([`LogWriter`]: the same stores in the same order as
+    /// one lock per transition, as netif's TAP batches, §11.6).
     fn consume_tx(&mut self, pair: usize) -> Result<(), BackendError> {
-        let taken = self.take_tx(pair);
-        self.flush_tx(pair);
+        let log = self
+            .device
+            .as_mut()
+            .and_then(|d| d.pair(pair))
+            .and_then(|p| p.tx.log.clone());
+        let device = &self.cfg.device;
+        let mut w = log
+            .as_ref()
+            .map(|log| log.writer().unwrap_or_else(|e| log_failed(device, e)));
+        let taken = self.take_tx(pair, &mut w);
+        self.flush_tx(pair, &mut w);
         taken
     }
 
-    fn take_tx(&mut self, pair: usize) -> Result<(), BackendError> {
+    fn take_tx(&mut self, pair: usize, w: &mut Option<LogWriter<'_>>) -> Result<(), BackendError> {
         let ring = tx_ring(pair);
         let mut budget = WALK_BUDGET;
         loop {
@@ -531,7 +554,7 @@ impl VnetLoop<'_> {
             if p.tx.broken || !p.tx_serial.is_empty() {
                 return Ok(());
             }
-            let taken = match p.tx.take(&mem, &self.cfg.device) {
+            let taken = match p.tx.take_with(&mem, &self.cfg.device, w.as_mut()) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(()),
                 Err(why) => return self.queue_broken(ring, &why),
@@ -541,9 +564,9 @@ impl VnetLoop<'_> {
                 std::process::abort();
             }
             if on_tap {
-                self.queue_tx(pair, taken.head, taken.entry);
+                self.queue_tx(pair, taken.head, taken.entry, w);
             } else {
-                self.send_head(pair, taken.head, taken.entry);
+                self.send_head(pair, taken.head, taken.entry, w.as_mut());
             }
             budget = budget.saturating_sub(self.chain.descriptors_read.max(1));
         }
@@ -552,33 +575,52 @@ impl VnetLoop<'_> {
     /// Sends the frame of transmit head `head` of `pair` on its own and
     /// answers it: its used element, logged COMPLETING right after the
     /// write, is what says the frame went out (docs/ARCHITECTURE.md §8.1).
-    fn send_head(&mut self, pair: usize, head: u16, entry: Option<EntryId>) {
+    /// `writer`: the locked writer of the queue's log, if the caller holds
+    /// it.
+    fn send_head(
+        &mut self,
+        pair: usize,
+        head: u16,
+        entry: Option<EntryId>,
+        writer: Option<&mut LogWriter<'_>>,
+    ) {
         if let Err(e) = self.transmit(pair, head) {
             tracing::debug!(device = %self.cfg.device, head, error = %e, "TX frame refused");
             self.stats.tx_errors += 1;
         }
-        self.answer(tx_ring(pair), entry, UsedRecord::single(head, 0));
+        self.answer_with(tx_ring(pair), entry, UsedRecord::single(head, 0), writer);
     }
 
     /// Puts the frame of transmit head `head` of `pair` in the TAP batch
     /// (written and answered at the next [`VnetLoop::flush_tx`], at the
     /// latest when the drain of the queue ends); a frame refused here is
     /// answered at once.
-    fn queue_tx(&mut self, pair: usize, head: u16, entry: Option<EntryId>) {
-        match self.batch_frame(pair, head) {
+    fn queue_tx(
+        &mut self,
+        pair: usize,
+        head: u16,
+        entry: Option<EntryId>,
+        w: &mut Option<LogWriter<'_>>,
+    ) {
+        match self.batch_frame(pair, head, w) {
             Ok(len) => {
                 self.tx_batched.push(Batched { head, entry, len });
                 if self.tap_batch.len() >= TX_BATCH {
-                    self.flush_tx(pair);
+                    self.flush_tx(pair, w);
                 }
             }
             Err(PushError::Fill(e)) => {
                 tracing::debug!(device = %self.cfg.device, head, error = %e, "TX frame refused");
                 self.stats.tx_errors += 1;
-                self.answer(tx_ring(pair), entry, UsedRecord::single(head, 0));
+                self.answer_with(
+                    tx_ring(pair),
+                    entry,
+                    UsedRecord::single(head, 0),
+                    w.as_mut(),
+                );
             }
             // Not expected after a flush: sent on its own.
-            Err(PushError::Full | PushError::Busy) => self.send_head(pair, head, entry),
+            Err(PushError::Full | PushError::Busy) => self.send_head(pair, head, entry, w.as_mut()),
         }
     }
 
@@ -588,7 +630,12 @@ impl VnetLoop<'_> {
     /// straight from the driver's buffers. Any other is gathered into the
     /// slab and finished there ([`frame::prepare_tx`]), so what was
     /// checked is what is written.
-    fn batch_frame(&mut self, pair: usize, head: u16) -> Result<usize, PushError<TxError>> {
+    fn batch_frame(
+        &mut self,
+        pair: usize,
+        head: u16,
+        w: &mut Option<LogWriter<'_>>,
+    ) -> Result<usize, PushError<TxError>> {
         let no_device = || PushError::Fill(TxError::Header("no device".into()));
         self.walk(tx_ring(pair), head)
             .map_err(|e| PushError::Fill(TxError::Header(e)))?;
@@ -609,7 +656,7 @@ impl VnetLoop<'_> {
         let plain = frame::is_plain(&driver_hdr);
         let slab_len = if plain { wire_hdr } else { wire_hdr + len };
         if !self.tap_batch.has_room(slab_len) {
-            self.flush_tx(pair);
+            self.flush_tx(pair, w);
         }
         let dev = self.device.as_ref().ok_or_else(no_device)?;
         if plain {
@@ -654,8 +701,9 @@ impl VnetLoop<'_> {
     }
 
     /// Writes the TAP batch to the lane of `pair` and answers its heads
-    /// in batch order (avail order), each after the whole batch's write.
-    fn flush_tx(&mut self, pair: usize) {
+    /// in batch order (avail order), each after the whole batch's write;
+    /// `w`: the locked writer of the transmit queue's log.
+    fn flush_tx(&mut self, pair: usize, w: &mut Option<LogWriter<'_>>) {
         if self.tap_batch.is_empty() {
             return;
         }
@@ -687,7 +735,12 @@ impl VnetLoop<'_> {
                     self.stats.tx_errors += 1;
                 }
             }
-            self.answer(tx_ring(pair), b.entry, UsedRecord::single(b.head, 0));
+            self.answer_with(
+                tx_ring(pair),
+                b.entry,
+                UsedRecord::single(b.head, 0),
+                w.as_mut(),
+            );
         }
         batched.clear();
         self.tx_batched = batched;
@@ -916,13 +969,13 @@ impl VnetLoop<'_> {
         } else {
             VnetHeaderLen::Basic
         };
-        self.out.clear();
-        self.out.resize(hdr_len, 0);
-        if hdr.encode(&mut self.out, hdr_layout).is_err() {
+        // Written into the heads after the header, as one string with it.
+        let mut hdr_bytes = [0u8; 12];
+        let hdr_bytes = &mut hdr_bytes[..hdr_len];
+        if hdr.encode(hdr_bytes, hdr_layout).is_err() {
             self.stats.rx_dropped += 1;
             return true;
         }
-        self.out.extend_from_slice(data);
         let frame_len = data.len() as u64;
         let ring = rx_ring(pair);
         let mut at = 0usize;
@@ -940,7 +993,9 @@ impl VnetLoop<'_> {
             // Walked again: the chain is the driver's memory.
             let written = if ok && self.walk(ring, head).is_ok() {
                 let mem = self.device.as_ref().map(|d| d.mem.clone());
-                mem.and_then(|m| frame::scatter(&m, &self.chain.bufs, &self.out, at).ok())
+                mem.and_then(|m| {
+                    frame::scatter_parts(&m, &self.chain.bufs, hdr_bytes, data, at).ok()
+                })
             } else {
                 None
             };
@@ -962,7 +1017,7 @@ impl VnetLoop<'_> {
             };
             self.answer(ring, posted.taken.entry, used);
         }
-        if ok && at == self.out.len() {
+        if ok && at == total {
             self.stats.rx_packets += 1;
             self.stats.rx_bytes += frame_len;
         } else {
@@ -1502,7 +1557,12 @@ impl ReplayTarget for QueueReplay<'_, '_> {
     }
 
     fn log(&self) -> Option<&ShadowLog> {
-        self.lp.device.as_ref()?.queue_ref(self.ring)?.log.as_ref()
+        self.lp
+            .device
+            .as_ref()?
+            .queue_ref(self.ring)?
+            .log
+            .as_deref()
     }
 
     fn repush(&mut self, r: &Repush) -> Result<(), String> {
@@ -1561,7 +1621,7 @@ impl ReplayTarget for QueueReplay<'_, '_> {
                 self.lp
                     .answer(self.ring, Some(entry), UsedRecord::single(head, 0));
             }
-            Some(Role::Tx(pair)) => self.lp.send_head(pair, head, Some(entry)),
+            Some(Role::Tx(pair)) => self.lp.send_head(pair, head, Some(entry), None),
             None => return Err(format!("virtqueue {} is not served", self.ring)),
         }
         Ok(())
@@ -1612,13 +1672,13 @@ impl EventLoop for VnetLoop<'_> {
         let Some(dev) = self.device.as_mut() else {
             return Ok(());
         };
-        let ctrl_log = dev.ctrl.as_ref().and_then(|q| q.log.as_ref());
+        let ctrl_log = dev.ctrl.as_ref().and_then(|q| q.log.as_deref());
         let ctrl = dev.ctrl_serial.next(0, ctrl_log, device);
         let mut next = Vec::new();
         for (pair, p) in dev.pairs.iter_mut().enumerate() {
             let Some(p) = p else { continue };
-            let tx = p.tx_serial.next(0, p.tx.log.as_ref(), device);
-            let rx = p.rx_serial.next(0, p.rx.log.as_ref(), device);
+            let tx = p.tx_serial.next(0, p.tx.log.as_deref(), device);
+            let rx = p.rx_serial.next(0, p.rx.log.as_deref(), device);
             next.push((pair, tx, rx));
         }
         if let Some((entry, head)) = ctrl {
@@ -1629,7 +1689,7 @@ impl EventLoop for VnetLoop<'_> {
                 // A serial replay follows a suspected crash loop: the dead
                 // instance marked nothing sent that this one could trust
                 // less.
-                self.send_head(pair, head, Some(entry));
+                self.send_head(pair, head, Some(entry), None);
             }
             if let Some((entry, head)) = rx {
                 self.post(
@@ -1697,7 +1757,7 @@ impl EventLoop for VnetLoop<'_> {
         let logs = self
             .device
             .iter()
-            .flat_map(|d| d.queues().flat_map(|q| q.log.iter()));
+            .flat_map(|d| d.queues().flat_map(|q| q.log.as_deref()));
         event_loop::heartbeat(&self.cfg.device, logs);
         publish_metrics(self.metrics, &self.stats, false);
     }

@@ -6,8 +6,12 @@
 //! Nothing here is specific to virtio-net but the record codec: this is
 //! the virtqueue half of the `RingSet` adapter of §11.2.
 
+use std::sync::Arc;
+
 use shadowback_ring::EventChannel;
-use shadowback_shadow::{plan_recovery, EntryId, EntryState, LogSnapshot, RecoveryPlan, ShadowLog};
+use shadowback_shadow::{
+    plan_recovery, EntryId, EntryState, LogSnapshot, LogWriter, RecoveryPlan, ShadowLog,
+};
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::queue::{extend_index, guest_index, SplitQueue};
 use shadowback_xenbus::protocol::ErrorCode;
@@ -30,11 +34,17 @@ pub struct VQueue {
     pub ring: SplitQueue,
     pub kick: EventChannel,
     pub call: EventChannel,
-    pub log: Option<ShadowLog>,
+    /// Shared so a caller can hold its [`LogWriter`] (one lock for a
+    /// whole transmit drain) while it drives the queue.
+    pub log: Option<Arc<ShadowLog>>,
     /// Guest u16 index = log u32 index (low half) + `delta`.
     delta: u16,
     /// Log-space index of the next avail entry to consume.
     next_avail: u32,
+    /// `avail->idx` as last read: the heads up to it are taken without
+    /// reading it again (the driver's cache line stays with the driver).
+    /// Equal to the next head's index when it must be read.
+    avail_seen: u16,
     /// Log-space index of the next used entry to write.
     next_used: u32,
     /// Log-space `used->idx` last published.
@@ -56,9 +66,10 @@ impl VQueue {
             ring,
             kick,
             call,
-            log,
+            log: log.map(Arc::new),
             delta: 0,
             next_avail: 0,
+            avail_seen: 0,
             next_used: 0,
             published: 0,
             broken: false,
@@ -71,34 +82,37 @@ impl VQueue {
 
     /// Whether the avail ring holds a head not taken yet.
     pub fn has_avail(&self, mem: &GuestRam) -> bool {
+        let next16 = guest_index(self.next_avail, self.delta);
         !self.broken
-            && self
-                .ring
-                .avail_idx(mem)
-                .is_ok_and(|a| a != guest_index(self.next_avail, self.delta))
+            && (self.avail_seen != next16 || self.ring.avail_idx(mem).is_ok_and(|a| a != next16))
     }
 
     /// Takes the next head and logs it; `Ok(None)` when the ring is empty
     /// (with EVENT_IDX, after asking for a kick at the next index and
     /// checking again). `Err` when the driver broke the ring.
     pub fn take(&mut self, mem: &GuestRam, device: &str) -> Result<Option<Taken>, String> {
+        self.take_with(mem, device, None)
+    }
+
+    /// [`Self::take`], logged through `writer` if given: the locked
+    /// writer of this queue's log (the same transition, one lock for many).
+    pub fn take_with(
+        &mut self,
+        mem: &GuestRam,
+        device: &str,
+        writer: Option<&mut LogWriter<'_>>,
+    ) -> Result<Option<Taken>, String> {
         let next16 = guest_index(self.next_avail, self.delta);
-        let mut avail16 = self.ring.avail_idx(mem).map_err(|e| e.to_string())?;
-        if avail16 == next16 {
-            if !self.ring.event_idx {
-                return Ok(None);
-            }
-            self.ring
-                .set_avail_event(mem, next16)
-                .map_err(|e| e.to_string())?;
-            // SeqCst fence: avail_event is visible before avail->idx is
-            // read again (virtio 1.2 §2.7.10, the device-side mb()).
-            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            avail16 = self.ring.avail_idx(mem).map_err(|e| e.to_string())?;
+        let avail16 = if self.avail_seen != next16 {
+            self.avail_seen
+        } else {
+            let avail16 = self.read_avail(mem, next16)?;
             if avail16 == next16 {
                 return Ok(None);
             }
-        }
+            self.avail_seen = avail16;
+            avail16
+        };
         // Heads out (taken and not used yet: receive heads in the pool)
         // and heads newly made available are all distinct descriptors,
         // so together at most a ring: counted from the used index, not
@@ -117,29 +131,56 @@ impl VQueue {
             return Err(format!("avail head {head} out of range"));
         }
         // docs/ARCHITECTURE.md §7.1: logged before any of it is executed.
-        let entry = self.log.as_ref().map(|log| {
-            let bytes = record::request(head, next16, self.index);
-            log.log_consumed(self.next_avail, &bytes)
-                .unwrap_or_else(|e| log_failed(device, e))
-        });
+        let bytes = record::request(head, next16, self.index);
+        let logged = match (writer, self.log.as_ref()) {
+            (Some(w), _) => Some(w.log_consumed(self.next_avail, &bytes)),
+            (None, Some(log)) => Some(log.log_consumed(self.next_avail, &bytes)),
+            (None, None) => None,
+        };
+        let entry = logged.map(|r| r.unwrap_or_else(|e| log_failed(device, e)));
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(Some(Taken { head, entry }))
     }
 
-    /// Writes a used element, unpublished, and logs it COMPLETING.
+    /// `avail->idx`, read while the ring looks empty at `next16`: with
+    /// EVENT_IDX, when it is, the driver is asked for a kick at `next16`
+    /// and the index read once more.
+    fn read_avail(&self, mem: &GuestRam, next16: u16) -> Result<u16, String> {
+        let avail16 = self.ring.avail_idx(mem).map_err(|e| e.to_string())?;
+        if avail16 != next16 || !self.ring.event_idx {
+            return Ok(avail16);
+        }
+        self.ring
+            .set_avail_event(mem, next16)
+            .map_err(|e| e.to_string())?;
+        // SeqCst fence: avail_event is visible before avail->idx is
+        // read again (virtio 1.2 §2.7.10, the device-side mb()).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.ring.avail_idx(mem).map_err(|e| e.to_string())
+    }
+
+    /// Writes a used element, unpublished, and logs it COMPLETING,
+    /// through `writer` if given (see [`Self::take_with`]).
     pub fn put_used(
         &mut self,
         mem: &GuestRam,
         entry: Option<EntryId>,
         used: &UsedRecord,
         device: &str,
+        writer: Option<&mut LogWriter<'_>>,
     ) -> Result<(), String> {
         let idx = self.next_used;
         self.ring
             .write_used(mem, guest_index(idx, self.delta), used.id, used.len)
             .map_err(|e| e.to_string())?;
-        if let (Some(log), Some(entry)) = (self.log.as_ref(), entry) {
-            if let Err(e) = log.log_completing(entry, idx, &used.encode()) {
+        if let Some(entry) = entry {
+            let response = used.encode();
+            let logged = match (writer, self.log.as_ref()) {
+                (Some(w), _) => Some(w.log_completing(entry, idx, &response)),
+                (None, Some(log)) => Some(log.log_completing(entry, idx, &response)),
+                (None, None) => None,
+            };
+            if let Some(Err(e)) = logged {
                 log_failed(device, e);
             }
         }
@@ -229,6 +270,7 @@ impl VQueue {
         self.next_avail = base;
         self.next_used = base.wrapping_sub(u32::from(gap));
         self.published = self.next_used;
+        self.avail_seen = first16;
         if let Some(log) = self.log.as_ref() {
             log.mark_complete().map_err(|e| proto(e.to_string()))?;
         }
@@ -280,6 +322,7 @@ impl VQueue {
         self.next_avail = plan.req_cons;
         self.next_used = plan.rsp_prod;
         self.published = plan.rsp_prod;
+        self.avail_seen = guest_index(self.next_avail, self.delta);
         Ok(Some(plan))
     }
 }
