@@ -26,7 +26,7 @@ use crate::event_loop::{
     self, arm_kick, rearm_kick, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
     COUNTER_OK,
 };
-use crate::model::{DeviceModel, Footprint, Started, Submit, Traffic};
+use crate::model::{Answer, DeviceModel, Footprint, HeldEntries, Started, Submit, Traffic};
 use crate::qos::Qos;
 use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
@@ -215,12 +215,14 @@ pub trait AttachKind {
     ) -> Option<Result<(), BackendError>>;
 }
 
-/// A request the engine works on.
+/// A request the engine works on, or the model holds.
 struct InFlight<P> {
     entry: Option<EntryId>,
     pending: P,
     /// When it was started, for its latency.
     started: Instant,
+    /// Held by the model ([`Started::Held`]): no engine op, not in flight.
+    held: bool,
 }
 
 /// One ring's loop state.
@@ -230,6 +232,8 @@ struct RingState<T, P> {
     /// Requests in flight, by slot (the `Io` token's).
     slots: Vec<Option<InFlight<P>>>,
     free: Vec<u16>,
+    /// Slots the model holds ([`Started::Held`]).
+    held: usize,
     /// Serial replay after a suspected crash loop.
     replay: SerialReplay<T>,
     /// The guest broke the ring: take nothing more from it.
@@ -246,14 +250,43 @@ impl<T, P> RingState<T, P> {
             log,
             slots: (0..size).map(|_| None).collect(),
             free: (0..size).rev().collect(),
+            held: 0,
             replay: SerialReplay::default(),
             broken: false,
             notifying: false,
         }
     }
 
+    /// Requests the engine works on: taken slots the model does not
+    /// hold.
     fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() - self.held
+    }
+}
+
+/// The log entries of one attachment's rings, as a model marks those of
+/// its held requests ([`DeviceModel::ready`]).
+struct Marks<'a, T, P> {
+    device: &'a str,
+    state: &'a [RingState<T, P>],
+}
+
+impl<T, P> HeldEntries for Marks<'_, T, P> {
+    fn mark(&mut self, ring: usize, slot: u16, flags: u32) {
+        let Some(st) = self.state.get(ring) else {
+            return;
+        };
+        let entry = st
+            .slots
+            .get(usize::from(slot))
+            .and_then(Option::as_ref)
+            .filter(|f| f.held)
+            .and_then(|f| f.entry);
+        if let (Some(log), Some(entry)) = (st.log.as_ref(), entry) {
+            if let Err(e) = log.set_progress(entry, flags) {
+                log_failed(self.device, e);
+            }
+        }
     }
 }
 
@@ -333,6 +366,8 @@ struct Attachment<R: RingSet, M: DeviceModel<R>> {
     /// Requests held back until an earlier instance's I/O is gone; `None`
     /// once it is (or was from the start).
     holding: Option<Holding<R::Request>>,
+    /// The model's event source is polled ([`DeviceModel::source`]).
+    source_armed: bool,
 }
 
 impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
@@ -341,8 +376,87 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     }
 
     fn has_room(&self, core: &Core) -> bool {
-        // Each ring's kick read and notification beside the request.
-        core.has_room(M::MAX_OPS, 2 * R::MAX_RINGS)
+        // Each ring's kick read and notification beside the request, and
+        // the poll of the model's source.
+        core.has_room(
+            M::MAX_OPS,
+            2 * R::MAX_RINGS + usize::from(self.source_armed),
+        )
+    }
+
+    /// The token the model's source is polled with: the ring after the
+    /// last.
+    fn source_token(&self) -> Token {
+        Token::Kick {
+            generation: self.generation,
+            ring: self.rings.count() as u8,
+        }
+    }
+
+    /// Polls the model's source if it has one to watch and it is not
+    /// polled yet (end of a turn). An engine without room tries again
+    /// next turn.
+    fn arm_source(&mut self, core: &mut Core) {
+        if self.source_armed || self.closing == Closing::Broken {
+            return;
+        }
+        let Some(fd) = self.model.source() else {
+            return;
+        };
+        match event_loop::arm(&mut core.engine, self.source_token(), fd) {
+            Ok(()) => self.source_armed = true,
+            Err(e) => {
+                tracing::warn!(device = %core.device, error = %e, "cannot poll the device's source")
+            }
+        }
+    }
+
+    /// The model's source is ready: the model answers what it can.
+    fn source_ready(&mut self, core: &mut Core, result: i32) {
+        self.source_armed = false;
+        if result < 0 {
+            tracing::warn!(device = %core.device, result, "poll of the device's source failed");
+        }
+        let mut marks = Marks {
+            device: &core.device,
+            state: &self.state,
+        };
+        self.model.ready(&self.rings, &mut marks);
+        self.take_answers(core);
+    }
+
+    /// Puts and logs the model's answers to requests it held, in the order
+    /// it queued them.
+    fn take_answers(&mut self, core: &mut Core) {
+        while let Some(answer) = self.model.next_answer() {
+            self.answer_held(core, answer);
+        }
+    }
+
+    /// Frees the held slot an answer names and answers its request.
+    fn answer_held(&mut self, core: &mut Core, answer: Answer<R::Response>) {
+        let Answer {
+            ring,
+            slot,
+            response,
+        } = answer;
+        let Some(st) = self.state.get_mut(ring) else {
+            tracing::error!(device = %core.device, ring, "answer for no ring");
+            return;
+        };
+        let held = st
+            .slots
+            .get_mut(usize::from(slot))
+            .filter(|f| f.as_ref().is_some_and(|f| f.held))
+            .and_then(Option::take);
+        let Some(inflight) = held else {
+            tracing::error!(device = %core.device, ring, slot, "answer for a slot not held");
+            return;
+        };
+        st.held -= 1;
+        st.free.push(slot);
+        core.latency.record(inflight.started.elapsed());
+        self.respond_or_warn(core, ring, inflight.entry, &response);
     }
 
     /// Takes what each ring holds (as far as slots, engine room and the
@@ -419,6 +533,8 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 self.start(core, ring, slot, entry, parsed);
                 submit_burst(&mut core.engine, core.stats.requests)?;
             }
+            self.model.drained(&self.rings, ring);
+            self.take_answers(core);
         }
         Ok(())
     }
@@ -449,13 +565,28 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         }
         .encode();
         let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
-        match self.model.start(parsed, &mut submit) {
+        let started = self.model.start(parsed, &mut submit);
+        // Starting one request may finish others the model held (the
+        // earlier slots of a packet): answered first, in the order queued.
+        self.take_answers(core);
+        match started {
             Started::Pending(pending) => {
                 self.state[ring].slots[usize::from(slot)] = Some(InFlight {
                     entry,
                     pending,
                     started: Instant::now(),
+                    held: false,
                 });
+            }
+            Started::Held(pending) => {
+                let st = &mut self.state[ring];
+                st.slots[usize::from(slot)] = Some(InFlight {
+                    entry,
+                    pending,
+                    started: Instant::now(),
+                    held: true,
+                });
+                st.held += 1;
             }
             Started::Done(response) => {
                 core.latency.record(Duration::ZERO);
@@ -996,6 +1127,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             state,
             closing: Closing::No,
             holding: (flags.recover && flags.fence).then(Holding::default),
+            source_armed: false,
         });
         let mut stats = built.stats;
         let recovered = built
@@ -1061,6 +1193,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
     fn publish(&mut self) {
         if let Some(att) = self.attachment.as_mut() {
             att.publish(self.core);
+            att.arm_source(self.core);
         }
     }
 
@@ -1083,6 +1216,9 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
                 ring: ring as u8,
             };
             self.core.engine.cancel(token.encode());
+        }
+        if att.source_armed {
+            self.core.engine.cancel(att.source_token().encode());
         }
         self.attachment = None;
         tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
@@ -1135,7 +1271,11 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return Ok(());
         };
         let r = usize::from(ring);
-        if att.generation != generation || r >= att.rings.count() {
+        if att.generation != generation || r > att.rings.count() {
+            return Ok(());
+        }
+        if r == att.rings.count() {
+            att.source_ready(self.core, result);
             return Ok(());
         }
         self.core.stats.kicks += 1;
@@ -1169,6 +1309,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .get_mut(r)
             .and_then(|st| st.slots.get_mut(usize::from(slot)))
             .and_then(Option::as_mut)
+            .filter(|f| !f.held)
         else {
             tracing::warn!(ring, slot, "completion for an idle slot");
             return;
@@ -1195,3 +1336,6 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         att.respond_or_warn(core, r, entry, &response);
     }
 }
+
+#[cfg(test)]
+mod tests;
