@@ -5,6 +5,8 @@
 
 use std::os::fd::RawFd;
 
+use shadowback_shadow::IoCounters;
+
 use crate::event_loop::Token;
 use crate::rings::{Detail, RingSet};
 use crate::uring::{Engine, EngineError, IoOp};
@@ -234,12 +236,26 @@ pub trait DeviceModel<R: RingSet> {
     }
     /// The source is ready: the model answers what it can of its held
     /// requests (several answers per event), marking their entries
-    /// first where a successor must know what was under way.
-    fn ready(&mut self, _rings: &R, _entries: &mut dyn HeldEntries) {}
+    /// first where a successor must know what was under way. `true`: it
+    /// stopped with more to do (a publication's worth of answers, see
+    /// [`RingSet::PUBLISH_EVERY`]) and is called again once the loop has
+    /// taken them.
+    fn ready(&mut self, _rings: &R, _entries: &mut dyn HeldEntries) -> bool {
+        false
+    }
     /// The loop stops taking from `ring` for this turn (drained, out of
     /// slots or room, closing): work the model gathered across requests
     /// (a batch of frames) is finished now, before the turn publishes.
-    fn drained(&mut self, _rings: &R, _ring: usize) {}
+    /// `true` as for [`DeviceModel::ready`].
+    fn drained(&mut self, _rings: &R, _ring: usize, _entries: &mut dyn HeldEntries) -> bool {
+        false
+    }
+    /// The process's counters as the metrics page shows them, from the
+    /// loop's (`base`); a model counting its own (frames, drops) replaces
+    /// them.
+    fn io_counters(&self, base: IoCounters) -> IoCounters {
+        base
+    }
 }
 
 #[cfg(test)]

@@ -135,14 +135,11 @@ impl Core {
         }
     }
 
-    /// Copies the totals into the metrics page (throttled, see
+    /// Copies the totals (`local`: from [`Core::io_counters`], as the model
+    /// or the attach kind sees them) into the metrics page (throttled, see
     /// [`MetricsWriter::publish`]); `take_over`: this process starts
     /// serving the device.
-    fn publish_metrics(&mut self, in_flight: usize, take_over: bool) {
-        if self.metrics.is_none() {
-            return;
-        }
-        let local = self.io_counters(in_flight);
+    fn publish_metrics(&mut self, local: IoCounters, take_over: bool) {
         if let Some(m) = self.metrics.as_mut() {
             if take_over {
                 m.take_over(&local);
@@ -213,6 +210,22 @@ pub trait AttachKind {
         msg: &Message,
         fds: Vec<OwnedFd>,
     ) -> Option<Result<(), BackendError>>;
+
+    /// The reply to an attach (`attached` or the error), with what the kind
+    /// adds (a vif's recovery counters).
+    fn reply(&self, reply: Message) -> Message {
+        reply
+    }
+
+    /// The attachment ended (or the loop did); the model is handed back
+    /// (what outlives an attachment: the process's counters, buffers).
+    fn detached(&mut self, _model: Self::Model) {}
+
+    /// The process's counters for the metrics page while nothing is
+    /// attached (see [`DeviceModel::io_counters`]).
+    fn io_counters(&self, base: IoCounters) -> IoCounters {
+        base
+    }
 }
 
 /// A request the engine works on, or the model holds.
@@ -240,6 +253,12 @@ struct RingState<T, P> {
     broken: bool,
     /// A notification is on the engine, not reaped yet.
     notifying: bool,
+    /// Answers put since the last publication (counted only with
+    /// [`RingSet::PUBLISH_EVERY`]).
+    put: u32,
+    /// A publication in the middle of a drain found the guest asking for
+    /// a notification: sent at the end of the turn.
+    notify_owed: bool,
 }
 
 impl<T, P> RingState<T, P> {
@@ -254,6 +273,8 @@ impl<T, P> RingState<T, P> {
             replay: SerialReplay::default(),
             broken: false,
             notifying: false,
+            put: 0,
+            notify_owed: false,
         }
     }
 
@@ -417,12 +438,18 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         if result < 0 {
             tracing::warn!(device = %core.device, result, "poll of the device's source failed");
         }
-        let mut marks = Marks {
-            device: &core.device,
-            state: &self.state,
-        };
-        self.model.ready(&self.rings, &mut marks);
-        self.take_answers(core);
+        loop {
+            let mut marks = Marks {
+                device: &core.device,
+                state: &self.state,
+            };
+            let more = self.model.ready(&self.rings, &mut marks);
+            self.take_answers(core);
+            self.publish_due(core);
+            if !more {
+                break;
+            }
+        }
     }
 
     /// Puts and logs the model's answers to requests it held, in the order
@@ -480,6 +507,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 if core.throttled().is_some() {
                     break;
                 }
+                self.publish_due(core);
                 let taken = match self.rings.take(ring) {
                     Ok(Some(taken)) => taken,
                     Ok(None) => break,
@@ -533,8 +561,18 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 self.start(core, ring, slot, entry, parsed);
                 submit_burst(&mut core.engine, core.stats.requests)?;
             }
-            self.model.drained(&self.rings, ring);
-            self.take_answers(core);
+            loop {
+                let mut marks = Marks {
+                    device: &core.device,
+                    state: &self.state,
+                };
+                let more = self.model.drained(&self.rings, ring, &mut marks);
+                self.take_answers(core);
+                self.publish_due(core);
+                if !more {
+                    break;
+                }
+            }
         }
         Ok(())
     }
@@ -565,11 +603,10 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         }
         .encode();
         let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
-        let started = self.model.start(parsed, &mut submit);
         // Starting one request may finish others the model held (the
-        // earlier slots of a packet): answered first, in the order queued.
-        self.take_answers(core);
-        match started {
+        // earlier slots of a packet, or this one's too): their answers are
+        // taken once it is in its slot, before its own answer.
+        match self.model.start(parsed, &mut submit) {
             Started::Pending(pending) => {
                 self.state[ring].slots[usize::from(slot)] = Some(InFlight {
                     entry,
@@ -577,6 +614,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     started: Instant::now(),
                     held: false,
                 });
+                self.take_answers(core);
             }
             Started::Held(pending) => {
                 let st = &mut self.state[ring];
@@ -587,8 +625,10 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     held: true,
                 });
                 st.held += 1;
+                self.take_answers(core);
             }
             Started::Done(response) => {
+                self.take_answers(core);
                 core.latency.record(Duration::ZERO);
                 self.state[ring].free.push(slot);
                 self.respond_or_warn(core, ring, entry, &response);
@@ -701,6 +741,9 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             core.stats.errors += 1;
         }
         let idx = self.rings.put(ring, response)?;
+        if R::PUBLISH_EVERY.is_some() {
+            self.state[ring].put += 1;
+        }
         if let (Some(log), Some(entry)) = (self.state[ring].log.as_ref(), entry) {
             let record = self.rings.response_record(response);
             if let Err(e) = log.log_completing(entry, idx, record.as_slice()) {
@@ -769,22 +812,45 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// freed) and notifies at most once per ring.
     fn publish(&mut self, core: &mut Core) {
         for ring in 0..self.state.len() {
-            let visible = match self.rings.publish(ring) {
-                Ok(Some(idx)) => idx,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(device = %core.device, ring, error = %e, "cannot publish responses");
-                    continue;
-                }
-            };
-            if let Some(log) = self.state[ring].log.as_ref() {
-                if let Err(e) = log.log_published(visible) {
-                    log_failed(&core.device, e);
-                }
-            }
-            if self.rings.published(ring) {
+            let asked = self.publish_ring(core, ring);
+            let st = &mut self.state[ring];
+            if asked || std::mem::take(&mut st.notify_owed) {
                 core.stats.notifications += 1;
                 self.notify(core, ring);
+            }
+        }
+    }
+
+    /// Publishes what ring `ring` has put and logs it published; whether
+    /// the guest asked to be notified.
+    fn publish_ring(&mut self, core: &Core, ring: usize) -> bool {
+        self.state[ring].put = 0;
+        let visible = match self.rings.publish(ring) {
+            Ok(Some(idx)) => idx,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(device = %core.device, ring, error = %e, "cannot publish responses");
+                return false;
+            }
+        };
+        if let Some(log) = self.state[ring].log.as_ref() {
+            if let Err(e) = log.log_published(visible) {
+                log_failed(&core.device, e);
+            }
+        }
+        self.rings.published(ring)
+    }
+
+    /// In the middle of a drain: publishes each ring that has put
+    /// [`RingSet::PUBLISH_EVERY`] answers; the notification the guest asks
+    /// for is owed to the end of the turn, so a drain wakes it once.
+    fn publish_due(&mut self, core: &Core) {
+        let Some(every) = R::PUBLISH_EVERY else {
+            return;
+        };
+        for ring in 0..self.state.len() {
+            if self.state[ring].put >= every && self.publish_ring(core, ring) {
+                self.state[ring].notify_owed = true;
             }
         }
     }
@@ -1050,6 +1116,15 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
         event_loop::run(self)
     }
 
+    /// The attach kind back, once the loop has ended (with the model of an
+    /// attachment still in place, [`AttachKind::detached`]).
+    pub fn into_kind(mut self) -> K {
+        if let Some(att) = self.attachment.take() {
+            self.kind.detached(att.model);
+        }
+        self.kind
+    }
+
     /// Handles one control message (the first one may come from a loop
     /// that handed this one its core).
     pub fn handle(&mut self, msg: &Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
@@ -1073,7 +1148,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
                 if let Err((_, why)) = &result {
                     tracing::warn!(device = %self.core.device, kind = k, why, "attach refused");
                 }
-                self.core.send(&attach_reply(result))
+                self.core.send(&self.kind.reply(attach_reply(result)))
             }
             kind::FENCED => {
                 if let Some(att) = self.attachment.as_mut() {
@@ -1147,7 +1222,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             }
         }
         stats.replay_us = built.started.elapsed().as_micros() as u64;
-        for ring in 0..att.rings.count() {
+        for ring in (0..att.rings.count()).filter(|&r| !att.rings.shares_kick(r)) {
             let token = Token::Kick {
                 generation,
                 ring: ring as u8,
@@ -1155,8 +1230,8 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             arm_kick(&mut core.engine, token, att.rings.kick(ring))
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
-        let in_flight = att.in_flight();
-        core.publish_metrics(in_flight, true);
+        let counters = att.model.io_counters(core.io_counters(att.in_flight()));
+        core.publish_metrics(counters, true);
         tracing::info!(device = %core.device, frontend = %att.name, rings = att.rings.count(),
             recover = flags.recover, ?stats, "{} attached", K::WHAT);
         Ok(stats)
@@ -1220,7 +1295,9 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         if att.source_armed {
             self.core.engine.cancel(att.source_token().encode());
         }
-        self.attachment = None;
+        if let Some(att) = self.attachment.take() {
+            self.kind.detached(att.model);
+        }
         tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
         if closing == Closing::Detach {
             send_detached(&self.core.control, Some(&name))?;
@@ -1234,8 +1311,14 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .iter()
             .flat_map(|att| att.state.iter().filter_map(|s| s.log.as_ref()));
         event_loop::heartbeat(&self.core.device, logs);
-        let in_flight = self.attachment.as_ref().map_or(0, Attachment::in_flight);
-        self.core.publish_metrics(in_flight, false);
+        if self.core.metrics.is_none() {
+            return;
+        }
+        let counters = match self.attachment.as_ref() {
+            Some(att) => att.model.io_counters(self.core.io_counters(att.in_flight())),
+            None => self.kind.io_counters(self.core.io_counters(0)),
+        };
+        self.core.publish_metrics(counters, false);
     }
 
     fn has_work(&mut self) -> bool {

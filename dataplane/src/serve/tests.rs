@@ -33,6 +33,8 @@ const BATCH: u32 = 1 << 9;
 /// The progress flag `ready` marks every held buffer with.
 const UNDER_WAY: u32 = 1;
 const KIND: &str = "attach-test";
+/// Answers a drain puts before it publishes them.
+const PUBLISH_EVERY: u32 = 4;
 
 /// One ring as both sides see it.
 #[derive(Default)]
@@ -41,6 +43,8 @@ struct Ring {
     taken: u32,
     put: Vec<u32>,
     published: Vec<u32>,
+    /// Publications that made answers visible.
+    publications: u32,
 }
 
 #[derive(Default)]
@@ -71,6 +75,7 @@ impl RingSet for TestRings {
     const MAX_RINGS: usize = 2;
     const BREAK_ENDS_ATTACHMENT: bool = true;
     const WAKE_ON_ATTACH: bool = false;
+    const PUBLISH_EVERY: Option<u32> = Some(PUBLISH_EVERY);
 
     fn count(&self) -> usize {
         2
@@ -126,6 +131,7 @@ impl RingSet for TestRings {
         }
         let put = std::mem::take(&mut r.put);
         r.published.extend(put);
+        r.publications += 1;
         Ok(Some(r.published.len() as u32))
     }
     fn published(&mut self, _ring: usize) -> bool {
@@ -221,7 +227,7 @@ impl DeviceModel<TestRings> for TestModel {
     }
     /// Answers as many buffers, oldest first, as the source's counter
     /// says, after marking every held buffer under way.
-    fn ready(&mut self, _rings: &TestRings, entries: &mut dyn HeldEntries) {
+    fn ready(&mut self, _rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
         let frames = self.source.drain().unwrap_or(0);
         lock(&self.shared).readies += 1;
         for &(slot, _) in &self.buffers {
@@ -237,8 +243,9 @@ impl DeviceModel<TestRings> for TestModel {
                 response: value + 1000,
             });
         }
+        false
     }
-    fn drained(&mut self, _rings: &TestRings, ring: usize) {
+    fn drained(&mut self, _rings: &TestRings, ring: usize, _entries: &mut dyn HeldEntries) -> bool {
         lock(&self.shared).drained[ring] += 1;
         if ring == PACKETS {
             for (slot, response) in self.batch.drain(..) {
@@ -249,6 +256,7 @@ impl DeviceModel<TestRings> for TestModel {
                 });
             }
         }
+        false
     }
 }
 
@@ -303,6 +311,7 @@ struct Harness {
     control: SeqPacket,
     shared: SharedRef,
     kicks: [EventChannel; 2],
+    notify: [EventChannel; 2],
     source: EventChannel,
     logs: [ShadowLog; 2],
     thread: Option<JoinHandle<Result<(), BackendError>>>,
@@ -331,10 +340,11 @@ impl Harness {
             log.begin_instance().unwrap();
         }
         let mine = [reopen(&logs[0]), reopen(&logs[1])];
+        let notify = [EventChannel::new().unwrap(), EventChannel::new().unwrap()];
         let rings = TestRings {
             shared: shared.clone(),
             kicks: [clone(&kicks[0]), clone(&kicks[1])],
-            notify: [EventChannel::new().unwrap(), EventChannel::new().unwrap()],
+            notify: [clone(&notify[0]), clone(&notify[1])],
         };
         let model = TestModel {
             shared: shared.clone(),
@@ -355,6 +365,7 @@ impl Harness {
             control,
             shared,
             kicks,
+            notify,
             source,
             logs: mine,
             thread: Some(thread),
@@ -528,5 +539,29 @@ fn the_source_is_not_polled_while_the_model_holds_nothing() {
         "the source was polled with nothing held"
     );
     assert_eq!(h.published(BUFFERS), [1001]);
+    h.stop();
+}
+
+#[test]
+fn a_long_drain_publishes_as_it_goes_and_notifies_once_at_the_end() {
+    let h = Harness::attached();
+    // Two publications' worth, taken in one turn: published in the middle
+    // of the drain (before the fifth take) and after it; the end of the
+    // turn has nothing left to publish and still sends the notification
+    // the guest asked for.
+    let _ = h.notify[PACKETS].drain();
+    h.post(PACKETS, &[10, 11, 12, 13, 14, 15, 16, 17]);
+    h.until("the drain is published", |s| {
+        s.rings[PACKETS].published.len() == 8
+    });
+    let turns = lock(&h.shared).drained[PACKETS];
+    h.until("two more turns", |s| s.drained[PACKETS] >= turns + 2);
+    assert_eq!(h.published(PACKETS), [10, 11, 12, 13, 14, 15, 16, 17]);
+    assert_eq!(lock(&h.shared).rings[PACKETS].publications, 2);
+    assert_eq!(
+        h.notify[PACKETS].drain().unwrap(),
+        1,
+        "one notification for the drain, none lost"
+    );
     h.stop();
 }
