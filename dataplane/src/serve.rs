@@ -213,7 +213,7 @@ pub trait AttachKind {
 
     /// The reply to an attach (`attached` or the error), with what the kind
     /// adds (a vif's recovery counters).
-    fn reply(&self, reply: Message) -> Message {
+    fn reply(&self, _model: Option<&Self::Model>, reply: Message) -> Message {
         reply
     }
 
@@ -559,7 +559,11 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     break;
                 };
                 self.start(core, ring, slot, entry, parsed);
-                submit_burst(&mut core.engine, core.stats.requests)?;
+                if M::MAX_OPS > 0 {
+                    // A model without engine ops (a NIC's) has nothing to
+                    // hand the kernel.
+                    submit_burst(&mut core.engine, core.stats.requests)?;
+                }
             }
             loop {
                 let mut marks = Marks {
@@ -1148,7 +1152,9 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
                 if let Err((_, why)) = &result {
                     tracing::warn!(device = %self.core.device, kind = k, why, "attach refused");
                 }
-                self.core.send(&self.kind.reply(attach_reply(result)))
+                let model = self.attachment.as_ref().map(|a| &a.model);
+                let reply = self.kind.reply(model, attach_reply(result));
+                self.core.send(&reply)
             }
             kind::FENCED => {
                 if let Some(att) = self.attachment.as_mut() {
@@ -1315,7 +1321,9 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return;
         }
         let counters = match self.attachment.as_ref() {
-            Some(att) => att.model.io_counters(self.core.io_counters(att.in_flight())),
+            Some(att) => att
+                .model
+                .io_counters(self.core.io_counters(att.in_flight())),
             None => self.kind.io_counters(self.core.io_counters(0)),
         };
         self.core.publish_metrics(counters, false);

@@ -6,7 +6,45 @@
 //! response written again at its planned index (§7.5). Requests are
 //! copied off the ring: their grants stay the frontend's until answered.
 
-use shadowback_ring::sring::{BackRing, RingProtocol};
+use shadowback_ring::sring::{BackRing, RingPages, RingProtocol};
+use shadowback_ring::RingError;
+use shadowback_shadow::{plan_recovery, LogSnapshot, RecoveryPlan, ShadowLog};
+use shadowback_xenbus::protocol::ErrorCode;
+
+use crate::recovery::POISON_THRESHOLD;
+
+/// A ring's recovery plan and its log as the dead instance left it.
+pub type Planned = (RecoveryPlan, LogSnapshot);
+
+/// Attaches a back ring: with `recover` and a shadow log, where the log's
+/// recovery plan resumes (docs/ARCHITECTURE.md §7.5; the plan is logged
+/// before anything else), else where the shared ring stands.
+pub fn attach_ring<P: RingProtocol>(
+    log: Option<&ShadowLog>,
+    recover: bool,
+    pages: RingPages,
+) -> Result<(BackRing<P>, Option<Planned>), (ErrorCode, String)> {
+    let inval = |e: &dyn std::fmt::Display| (ErrorCode::Einval, e.to_string());
+    let ring_err = |e: RingError| inval(&e);
+    let Some(log) = log.filter(|_| recover) else {
+        return Ok((BackRing::<P>::attach(pages).map_err(ring_err)?, None));
+    };
+    let probe = BackRing::<P>::attach(pages.clone()).map_err(ring_err)?;
+    let rsp_prod = probe.shared_rsp_prod().map_err(ring_err)?;
+    let req_prod = probe.shared_req_prod().map_err(ring_err)?;
+    let snapshot = log.snapshot().map_err(|e| inval(&e))?;
+    let plan = plan_recovery(
+        &snapshot,
+        rsp_prod,
+        req_prod,
+        probe.size(),
+        POISON_THRESHOLD,
+    )
+    .map_err(|e| (ErrorCode::Eproto, format!("recovery impossible: {e}")))?;
+    log.log_recovered(&plan).map_err(|e| inval(&e))?;
+    let ring = BackRing::<P>::attach_at(pages, plan.req_cons, plan.rsp_prod).map_err(ring_err)?;
+    Ok((ring, Some((plan, snapshot))))
+}
 
 /// One attached back ring and what the loop needs to know of it.
 pub struct XenRing<P: RingProtocol> {
