@@ -232,10 +232,19 @@ pub trait AttachKind {
 struct InFlight<P> {
     entry: Option<EntryId>,
     pending: P,
-    /// When it was started, for its latency.
-    started: Instant,
-    /// Held by the model ([`Started::Held`]): no engine op, not in flight.
-    held: bool,
+    /// When it was started, for its latency; `None` for a request the
+    /// model holds ([`Started::Held`]: no engine op, not in flight, no
+    /// latency — a posted receive buffer waits for the wire, not for the
+    /// device to finish, so no clock is read for it).
+    started: Option<Instant>,
+}
+
+impl<P> InFlight<P> {
+    /// Held by the model: no engine op, answered through
+    /// [`DeviceModel::next_answer`].
+    fn held(&self) -> bool {
+        self.started.is_none()
+    }
 }
 
 /// One ring's loop state.
@@ -301,7 +310,7 @@ impl<T, P> HeldEntries for Marks<'_, T, P> {
             .slots
             .get(usize::from(slot))
             .and_then(Option::as_ref)
-            .filter(|f| f.held)
+            .filter(|f| f.held())
             .and_then(|f| f.entry);
         if let (Some(log), Some(entry)) = (st.log.as_ref(), entry) {
             if let Err(e) = log.set_progress(entry, flags) {
@@ -474,7 +483,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         let held = st
             .slots
             .get_mut(usize::from(slot))
-            .filter(|f| f.as_ref().is_some_and(|f| f.held))
+            .filter(|f| f.as_ref().is_some_and(InFlight::held))
             .and_then(Option::take);
         let Some(inflight) = held else {
             tracing::error!(device = %core.device, ring, slot, "answer for a slot not held");
@@ -482,7 +491,6 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         };
         st.held -= 1;
         st.free.push(slot);
-        core.latency.record(inflight.started.elapsed());
         self.respond_or_warn(core, ring, inflight.entry, &response);
     }
 
@@ -615,8 +623,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 self.state[ring].slots[usize::from(slot)] = Some(InFlight {
                     entry,
                     pending,
-                    started: Instant::now(),
-                    held: false,
+                    started: Some(Instant::now()),
                 });
                 self.take_answers(core);
             }
@@ -625,8 +632,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 st.slots[usize::from(slot)] = Some(InFlight {
                     entry,
                     pending,
-                    started: Instant::now(),
-                    held: true,
+                    started: None,
                 });
                 st.held += 1;
                 self.take_answers(core);
@@ -1400,7 +1406,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .get_mut(r)
             .and_then(|st| st.slots.get_mut(usize::from(slot)))
             .and_then(Option::as_mut)
-            .filter(|f| !f.held)
+            .filter(|f| !f.held())
         else {
             tracing::warn!(ring, slot, "completion for an idle slot");
             return;
@@ -1420,7 +1426,9 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return;
         };
         let entry = inflight.entry;
-        core.latency.record(inflight.started.elapsed());
+        if let Some(started) = inflight.started {
+            core.latency.record(started.elapsed());
+        }
         let st = &mut att.state[r];
         st.slots[usize::from(slot)] = None;
         st.free.push(slot);
