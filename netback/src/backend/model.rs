@@ -66,6 +66,14 @@ struct Collecting {
     parsed: Option<TxParsed>,
 }
 
+impl Collecting {
+    /// Whether `answered` slots answered by a dead instance make the
+    /// packet whole.
+    fn whole(&self, answered: usize) -> bool {
+        self.slots.len() + answered >= usize::from(self.count)
+    }
+}
+
 /// A packet in the TAP batch, answered once the batch is written.
 struct Batched {
     /// The loop's slots holding its ring slots, in ring order.
@@ -100,6 +108,8 @@ pub struct NetifModel {
     pub(super) tap_batch: TapBatch,
     pub(super) progress: TxProgress,
     collecting: Collecting,
+    /// The packet whose first slot was just parsed, until it is started.
+    fresh: Option<TxParsed>,
     batched: Vec<Batched>,
     /// Emptied lists of answered packets' held slots, reused.
     held_lists: Vec<Vec<u16>>,
@@ -122,11 +132,10 @@ pub struct NetifModel {
     wire_readable: bool,
 }
 
-/// A parsed slot.
+/// A parsed slot (a packet taken by this instance waits in the model
+/// from its first slot's parse).
 pub struct NetifRequest {
     slot: NetifSlot,
-    /// With a packet's first slot taken by this instance: the packet.
-    parsed: Option<TxParsed>,
 }
 
 impl NetifModel {
@@ -152,6 +161,7 @@ impl NetifModel {
             tap_batch,
             progress,
             collecting: Collecting::default(),
+            fresh: None,
             batched: Vec::with_capacity(TX_BATCH),
             held_lists: Vec::with_capacity(TX_BATCH),
             answers: VecDeque::with_capacity(4 * TX_BATCH),
@@ -201,7 +211,7 @@ impl NetifModel {
 
     /// A TX slot: collected until its packet is whole, then the packet is
     /// executed.
-    fn start_tx(&mut self, slot: u16, rec: TxSlotRecord, parsed: Option<TxParsed>) {
+    fn start_tx(&mut self, slot: u16, rec: TxSlotRecord) {
         if !self.collecting.slots.is_empty() && self.collecting.packet != rec.packet {
             // The previous packet never became whole.
             self.fail_collected();
@@ -212,23 +222,41 @@ impl NetifModel {
             c.count = rec.count;
         }
         c.slots.push((slot, rec));
-        if parsed.is_some() {
-            c.parsed = parsed;
+        let fresh = if rec.position == 0 {
+            self.fresh.take()
+        } else {
+            None
+        };
+        let answered = if self.progress.answered.is_empty() {
+            0
+        } else {
+            self.progress.answered.get(&rec.packet).map_or(0, Vec::len)
+        };
+        if !c.whole(answered) {
+            if fresh.is_some() {
+                c.parsed = fresh;
+            }
+            return;
         }
-        let answered = self.progress.answered.get(&rec.packet).map_or(0, Vec::len);
-        if c.slots.len() + answered >= usize::from(c.count) {
-            let whole = std::mem::take(&mut self.collecting);
-            self.finish_packet(whole);
-        }
+        // A one-slot packet goes straight on: a packet is a few hundred
+        // bytes, moved as little as possible.
+        let parsed = if fresh.is_some() {
+            fresh
+        } else {
+            c.parsed.take()
+        };
+        self.finish_packet(parsed);
     }
 
-    /// A whole packet: one this instance took and validated, or a replayed
-    /// one, reassembled from its records.
-    fn finish_packet(&mut self, mut c: Collecting) {
+    /// The whole packet collected: one this instance took and validated,
+    /// or a replayed one, reassembled from its records.
+    fn finish_packet(&mut self, parsed: Option<TxParsed>) {
+        let mut collected = std::mem::take(&mut self.collecting.slots);
+        let packet = self.collecting.packet;
         let mut held = self.held_lists.pop().unwrap_or_default();
         held.clear();
-        held.extend(c.slots.iter().map(|(slot, _)| *slot));
-        match c.parsed.take() {
+        held.extend(collected.iter().map(|(slot, _)| *slot));
+        match parsed {
             Some(TxParsed::Refused(slots)) => {
                 // Answered in ring order: the batch before it first.
                 self.flush_tx();
@@ -239,13 +267,13 @@ impl NetifModel {
             }
             Some(TxParsed::Request(request)) => self.execute_fresh(held, request),
             None => {
-                self.replay_packet(&c);
+                self.replay_packet(packet, &collected);
                 self.keep_held(held);
             }
         }
         // Keep the collecting list's allocation.
-        c.slots.clear();
-        self.collecting.slots = c.slots;
+        collected.clear();
+        self.collecting.slots = collected;
     }
 
     fn keep_held(&mut self, held: Vec<u16>) {
@@ -350,10 +378,9 @@ impl NetifModel {
     /// A replayed packet, whole with the slots the dead instance answered:
     /// answered only (the slots not answered yet) if it was sent, else sent
     /// again.
-    fn replay_packet(&mut self, c: &Collecting) {
-        let answered = self.progress.answered.remove(&c.packet).unwrap_or_default();
-        let records: Vec<TxSlotRecord> = c
-            .slots
+    fn replay_packet(&mut self, packet: u32, collected: &[(u16, TxSlotRecord)]) {
+        let answered = self.progress.answered.remove(&packet).unwrap_or_default();
+        let records: Vec<TxSlotRecord> = collected
             .iter()
             .map(|(_, r)| *r)
             .chain(answered.iter().copied())
@@ -363,16 +390,16 @@ impl NetifModel {
             .and_then(|slots| parse_tx(&mut slots.into_iter()));
         let Some(Ok(request)) = parsed else {
             // Valid when first taken: a corrupt log. Every slot an error.
-            for &(slot, rec) in &c.slots {
+            for &(slot, rec) in collected {
                 self.answer_tx(slot, txrec::error_response(&rec));
             }
             return;
         };
-        let sent = !answered.is_empty() || self.progress.sent.contains(&c.packet);
+        let sent = !answered.is_empty() || self.progress.sent.contains(&packet);
         if sent {
             let responses: Vec<NetifTxResponse> =
                 request.slots().responses_iter(NETIF_RSP_OKAY).collect();
-            for &(slot, rec) in &c.slots {
+            for &(slot, rec) in collected {
                 if let Some(rsp) = responses.get(usize::from(rec.position)) {
                     self.answer_tx(slot, *rsp);
                 }
@@ -381,7 +408,7 @@ impl NetifModel {
         }
         // In ring order, as reassembled.
         let mut held: Vec<u16> = vec![u16::MAX; request.slots().len()];
-        for &(slot, rec) in &c.slots {
+        for &(slot, rec) in collected {
             if let Some(place) = held.get_mut(usize::from(rec.position)) {
                 *place = slot;
             }
@@ -739,17 +766,16 @@ impl DeviceModel<NetifRings> for NetifModel {
 
     fn parse(&mut self, rings: &NetifRings, _ring: usize, slot: &NetifSlot) -> NetifRequest {
         self.return_spent(rings);
-        let parsed = match slot {
-            NetifSlot::Tx {
-                rec,
-                replayed: false,
-            } if rec.position == 0 => rings.take_parsed(rec.packet),
-            _ => None,
-        };
-        NetifRequest {
-            slot: *slot,
-            parsed,
+        if let NetifSlot::Tx {
+            rec,
+            replayed: false,
+        } = slot
+        {
+            if rec.position == 0 {
+                self.fresh = rings.take_parsed(rec.packet);
+            }
         }
+        NetifRequest { slot: *slot }
     }
 
     fn detail(&self, _request: &NetifRequest) -> Detail {
@@ -767,7 +793,7 @@ impl DeviceModel<NetifRings> for NetifModel {
     fn start(&mut self, request: NetifRequest, io: &mut Submit<'_>) -> Started<(), NetifAnswer> {
         let (_, slot) = io.place();
         match request.slot {
-            NetifSlot::Tx { rec, .. } => self.start_tx(slot, rec, request.parsed),
+            NetifSlot::Tx { rec, .. } => self.start_tx(slot, rec),
             NetifSlot::Rx { req, replayed } => {
                 if replayed {
                     self.rx_buffers_recovered += 1;

@@ -184,26 +184,34 @@ impl NetifRings {
                 }
             }
         });
-        let parsed = parse_tx_reusing(&mut source, &mut self.spares.borrow_mut());
+        let verdict = parse_tx_reusing(&mut source, self.spares.get_mut());
         if let Some(e) = ring_err {
             return Err(e);
         }
-        let (parsed, first_index) = match (parsed, first_index) {
-            (None, _) | (_, None) => return Ok(None),
-            (Some(Err(TxVerdict::Fatal(f))), _) => return Err(f.to_string()),
-            (Some(Err(TxVerdict::Error { slots, reason })), Some(first)) => {
+        let Some(first_index) = first_index else {
+            return Ok(None);
+        };
+        // Built where it is kept: a packet is a few hundred bytes, moved
+        // as little as possible.
+        let parsed = self.parsed.get_mut();
+        *parsed = match verdict {
+            None => return Ok(None),
+            Some(Ok(request)) => Some((first_index, TxParsed::Request(request))),
+            Some(Err(TxVerdict::Fatal(f))) => return Err(f.to_string()),
+            Some(Err(TxVerdict::Error { slots, reason })) => {
                 tracing::debug!(%reason, "TX packet refused");
-                (TxParsed::Refused(slots), first)
+                Some((first_index, TxParsed::Refused(slots)))
             }
-            (Some(Ok(request)), Some(first)) => (TxParsed::Request(request), first),
         };
-        let slots = match &parsed {
-            TxParsed::Request(r) => r.slots(),
-            TxParsed::Refused(s) => s,
+        let slots = match parsed {
+            Some((_, TxParsed::Request(r))) => r.slots(),
+            Some((_, TxParsed::Refused(s))) => s,
+            None => return Ok(None),
         };
-        self.tx_queue.extend(txrec::records(first_index, slots));
-        self.parsed.set(Some((first_index, parsed)));
-        Ok(self.tx_queue.pop_front().map(|rec| tx_taken(rec, false)))
+        let mut records = txrec::records(first_index, slots);
+        let first = records.next();
+        self.tx_queue.extend(records);
+        Ok(first.map(|rec| tx_taken(rec, false)))
     }
 }
 
