@@ -78,7 +78,7 @@ use rings::{Channel, NetifRings, Resume};
 pub const PUBLISH_EVERY: u32 = 32;
 
 /// Progress flag of a TX entry: the frame was handed to the wire
-/// (`ShadowLog::set_progress`). vhost-user-net sets it; the netif loop
+/// (`ShadowLog::set_progress`). vhost-user-net sets it; the netif backend
 /// reads it (a log written by an older instance) but no longer sets it:
 /// its packet's first slot is answered right after the write, and an
 /// answered slot says the same.
