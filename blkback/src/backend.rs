@@ -14,15 +14,15 @@ use std::time::Duration;
 use shadowback_dataplane::control::AttachFlags;
 use shadowback_dataplane::event_loop::{BackendError, MAX_POLL_WINDOW};
 use shadowback_dataplane::qos::Qos;
-use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats, POISON_THRESHOLD};
+use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats};
 use shadowback_dataplane::rings::Recovery;
 use shadowback_dataplane::serve::{AttachKind, Built, Core, DataPlane, LoopStats};
 use shadowback_dataplane::uring::Engine;
+use shadowback_dataplane::xen::attach_ring;
 use shadowback_ring::blkif::Blkif;
 use shadowback_ring::grant::{Access, GrantMapper};
-use shadowback_ring::sring::{BackRing, RingPages};
+use shadowback_ring::sring::RingPages;
 use shadowback_ring::{EventChannel, RingError, SharedRegion, MAX_REGION_PAGES, PAGE_SIZE};
-use shadowback_shadow::plan_recovery;
 use shadowback_xenbus::protocol::{kind, AttachRequest, DeviceFds, ErrorCode};
 use shadowback_xenbus::{Message, SeqPacket};
 
@@ -136,29 +136,10 @@ impl AttachKind for XenAttach<'_> {
             }
             _ => None,
         };
-        let (ring, recovery) = match (&log, flags.recover) {
-            (Some(log), true) => {
-                let probe = BackRing::<Blkif>::attach(pages.clone()).map_err(|e| inval(&e))?;
-                let rsp_prod = probe.shared_rsp_prod().map_err(|e| inval(&e))?;
-                let req_prod = probe.shared_req_prod().map_err(|e| inval(&e))?;
-                let snapshot = log.snapshot().map_err(|e| inval(&e))?;
-                let plan = plan_recovery(
-                    &snapshot,
-                    rsp_prod,
-                    req_prod,
-                    probe.size(),
-                    POISON_THRESHOLD,
-                )
-                .map_err(|e| (ErrorCode::Eproto, format!("recovery impossible: {e}")))?;
-                log.log_recovered(&plan).map_err(|e| inval(&e))?;
-                let ring = BackRing::<Blkif>::attach_at(pages, plan.req_cons, plan.rsp_prod)
-                    .map_err(|e| inval(&e))?;
-                (ring, Recovery::Plan(plan))
-            }
-            _ => (
-                BackRing::<Blkif>::attach(pages).map_err(|e| inval(&e))?,
-                Recovery::Nothing,
-            ),
+        let (ring, planned) = attach_ring::<Blkif>(log.as_ref(), flags.recover, pages)?;
+        let recovery = match planned {
+            Some((plan, _)) => Recovery::Plan(plan),
+            None => Recovery::Nothing,
         };
         let size = ring.size();
         if log.as_ref().is_some_and(|l| l.entries() != size) {

@@ -4,6 +4,7 @@
 //! until answered); slots are the backend's, never the guest's.
 
 use shadowback_dataplane::rings::{Detail, Record, RingSet, Taken};
+use shadowback_dataplane::xen;
 use shadowback_ring::blkif::{Blkif, BlkifRequest, BlkifResponse};
 use shadowback_ring::sring::BackRing;
 use shadowback_ring::EventChannel;
@@ -12,26 +13,17 @@ use vm_memory::ByteValued;
 
 /// One attached blkif ring and its event channels.
 pub struct XenRing {
-    ring: BackRing<Blkif>,
+    ring: xen::XenRing<Blkif>,
     kick: EventChannel,
     notify: EventChannel,
-    /// Requests the last look at the ring found, not taken yet.
-    pending: u32,
-    /// Responses put but not published.
-    unpublished: bool,
-    /// The last publish asked for a notification.
-    notify_due: bool,
 }
 
 impl XenRing {
     pub fn new(ring: BackRing<Blkif>, kick: EventChannel, notify: EventChannel) -> Self {
         XenRing {
-            ring,
+            ring: xen::XenRing::new(ring),
             kick,
             notify,
-            pending: 0,
-            unpublished: false,
-            notify_due: false,
         }
     }
 }
@@ -75,31 +67,19 @@ impl RingSet for XenRing {
     }
 
     fn take(&mut self, _ring: usize) -> Result<Option<Taken<BlkifRequest>>, String> {
-        if self.pending == 0 {
-            self.pending = self.ring.unconsumed_requests().map_err(|e| e.to_string())?;
-            if self.pending == 0 {
-                return Ok(None);
-            }
-        }
-        let (idx, req) = self.ring.take_request().map_err(|e| e.to_string())?;
-        self.pending -= 1;
-        Ok(Some(Taken {
+        Ok(self.ring.take()?.map(|(idx, req)| Taken {
             request: req,
             log_index: idx,
             cost: 1,
         }))
     }
 
-    /// `RING_FINAL_CHECK_FOR_REQUESTS`; an error is reported by the next
-    /// take.
     fn has_requests(&mut self, _ring: usize) -> bool {
-        self.ring.final_check_for_requests().unwrap_or(true)
+        self.ring.has_requests()
     }
 
-    /// `RING_HAS_UNCONSUMED_REQUESTS`: `req_event` stays where it is, so a
-    /// frontend that checks it does not kick.
     fn peek_requests(&mut self, _ring: usize) -> bool {
-        self.pending > 0 || self.ring.unconsumed_requests().map_or(true, |n| n > 0)
+        self.ring.peek_requests()
     }
 
     fn begin(&mut self, _ring: usize, _req: &BlkifRequest) {}
@@ -107,27 +87,19 @@ impl RingSet for XenRing {
     fn reload(&mut self, _ring: usize, _req: &BlkifRequest) {}
 
     fn put(&mut self, _ring: usize, rsp: &BlkifResponse) -> Result<u32, String> {
-        let idx = self.ring.put_response(rsp).map_err(|e| e.to_string())?;
-        self.unpublished = true;
-        Ok(idx)
+        self.ring.put(rsp)
     }
 
-    /// `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`.
     fn publish(&mut self, _ring: usize) -> Result<Option<u32>, String> {
-        if !self.unpublished {
-            return Ok(None);
-        }
-        self.unpublished = false;
-        self.notify_due = self.ring.push_responses().map_err(|e| e.to_string())?;
-        Ok(Some(self.ring.rsp_prod_pvt()))
+        self.ring.publish()
     }
 
     fn published(&mut self, _ring: usize) -> bool {
-        self.notify_due
+        self.ring.published()
     }
 
     fn unpublished(&self, _ring: usize) -> bool {
-        self.unpublished
+        self.ring.unpublished()
     }
 
     /// The request itself.
@@ -151,12 +123,7 @@ impl RingSet for XenRing {
     }
 
     fn repush(&mut self, _ring: usize, r: &Repush) -> Result<Option<u16>, String> {
-        let rsp = response_from(&r.response);
-        let idx = self.ring.put_response(&rsp).map_err(|e| e.to_string())?;
-        if idx != r.rsp_idx {
-            return Err(format!("re-push landed at {idx}, planned {}", r.rsp_idx));
-        }
-        self.unpublished = true;
+        self.ring.repush(&response_from(&r.response), r.rsp_idx)?;
         Ok(None)
     }
 

@@ -16,7 +16,9 @@
 //! - [`qos`]: a device's IOPS and bandwidth limits (token buckets);
 //! - [`recovery`]: opening a shadow log, recovery counters, freeing what the
 //!   guest has seen, and the crash-loop breaker's serial replay;
-//! - [`uring`]: the io_uring engine, the crate's only `unsafe`.
+//! - [`uring`]: the io_uring engine, the crate's only `unsafe`;
+//! - [`xen`]: one Xen back ring, generic over its `sring` protocol, for
+//!   the ring sets of blkif and netif.
 
 #![deny(unsafe_code)]
 
@@ -33,3 +35,4 @@ pub mod serve;
 // its `unsafe` is documented at the top of the module.
 #[allow(unsafe_code)]
 pub mod uring;
+pub mod xen;

@@ -3,6 +3,11 @@
 //! complete, answer with an error. It knows the requests' meaning, not the
 //! wire: responses are built as the ring's [`RingSet::Response`].
 
+use std::os::fd::RawFd;
+
+use shadowback_shadow::IoCounters;
+
+use crate::event_loop::Token;
 use crate::rings::{Detail, RingSet};
 use crate::uring::{Engine, EngineError, IoOp};
 
@@ -28,6 +33,15 @@ impl<'e> Submit<'e> {
         self.traffic
     }
 
+    /// Where the request is started: its ring and slot (what an
+    /// [`Answer`] to a held request names).
+    pub fn place(&self) -> (usize, u16) {
+        match Token::decode(self.token) {
+            Some(Token::Io { ring, slot, .. }) => (usize::from(ring), slot),
+            _ => (0, 0),
+        }
+    }
+
     /// Puts `op` in flight; on failure the op is handed back.
     #[allow(
         clippy::result_large_err,
@@ -45,6 +59,31 @@ pub enum Started<P, R> {
     Pending(P),
     /// Answered at once (refused, or nothing to wait for).
     Done(R),
+    /// Kept by the device with no engine op: a posted receive buffer
+    /// waiting for a frame, a slot of a packet whose other slots are still
+    /// to come. The slot stays taken until the model answers it
+    /// ([`DeviceModel::next_answer`]); it is not in flight for a detach, a
+    /// serial replay or the metrics (docs/ARCHITECTURE.md §11.2).
+    Held(P),
+}
+
+/// The model's answer to a request it held ([`Started::Held`]), put and
+/// logged by the loop like any answer.
+#[derive(Debug)]
+pub struct Answer<R> {
+    pub ring: usize,
+    pub slot: u16,
+    pub response: R,
+}
+
+/// What a model may do to the log entries of its held requests while it
+/// works on them outside the loop's steps ([`DeviceModel::ready`]).
+pub trait HeldEntries {
+    /// Sets progress `flags` on the entry of the request held in `slot` of
+    /// `ring`, at once (a mark a successor must find even if this instance
+    /// dies right after it). No entry (no shadow log, an idle slot):
+    /// nothing.
+    fn mark(&mut self, ring: usize, slot: u16, flags: u32);
 }
 
 /// Bytes moved between the guest and the device, counted by the model.
@@ -178,6 +217,45 @@ pub trait DeviceModel<R: RingSet> {
     /// The device now has `sectors` sectors (`resize`); a model without a
     /// size ignores it.
     fn resize(&mut self, _sectors: u64) {}
+
+    /// The next answer to a held request, queued by `start`, `ready` or
+    /// `drained`; the loop takes them all after each of those calls, in
+    /// the order queued — after `start`, before the started request's own
+    /// answer (a packet's first slot is answered first). A request is
+    /// answered in its own `start` with [`Started::Done`], never here. A
+    /// model that holds nothing keeps the default.
+    fn next_answer(&mut self) -> Option<Answer<R::Response>> {
+        None
+    }
+    /// The device's own event source (a network wire), polled by the loop
+    /// under the attachment's token as ring [`RingSet::count`] while this
+    /// says `Some`: asked again at the end of every turn, so a model
+    /// waiting for nothing (no buffer posted) is not woken.
+    fn source(&self) -> Option<RawFd> {
+        None
+    }
+    /// The source is ready: the model answers what it can of its held
+    /// requests (several answers per event), marking their entries
+    /// first where a successor must know what was under way. `true`: it
+    /// stopped with more to do (a publication's worth of answers, see
+    /// [`RingSet::PUBLISH_EVERY`]) and is called again once the loop has
+    /// taken them.
+    fn ready(&mut self, _rings: &R, _entries: &mut dyn HeldEntries) -> bool {
+        false
+    }
+    /// The loop stops taking from `ring` for this turn (drained, out of
+    /// slots or room, closing): work the model gathered across requests
+    /// (a batch of frames) is finished now, before the turn publishes.
+    /// `true` as for [`DeviceModel::ready`].
+    fn drained(&mut self, _rings: &R, _ring: usize, _entries: &mut dyn HeldEntries) -> bool {
+        false
+    }
+    /// The process's counters as the metrics page shows them, from the
+    /// loop's (`base`); a model counting its own (frames, drops) replaces
+    /// them.
+    fn io_counters(&self, base: IoCounters) -> IoCounters {
+        base
+    }
 }
 
 #[cfg(test)]

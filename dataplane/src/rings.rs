@@ -97,6 +97,13 @@ pub trait RingSet {
     /// not (virtqueues: a driver of a restarted VMM may be waiting),
     /// rather than only after a recovery.
     const WAKE_ON_ATTACH: bool;
+    /// Answers a ring may have put before the loop publishes them in the
+    /// middle of a drain, between two takes (and between two calls of the
+    /// model's `ready`/`drained`): the guest refills those slots while the
+    /// backend works through the rest. A notification such a publication
+    /// finds asked for is owed, sent at the end of the turn. `None`:
+    /// published at the end of the turn only.
+    const PUBLISH_EVERY: Option<u32> = None;
 
     fn count(&self) -> usize;
     /// Entries of `ring`: the most requests it can have in flight.
@@ -106,6 +113,12 @@ pub trait RingSet {
     fn kick_fd(&self, ring: usize) -> RawFd {
         use std::os::fd::AsRawFd;
         self.kick(ring).as_raw_fd()
+    }
+    /// Whether `ring` is kicked through the same eventfd as an earlier ring
+    /// of the set (netif without split event channels): the loop waits on
+    /// that eventfd once.
+    fn shares_kick(&self, _ring: usize) -> bool {
+        false
     }
     /// Signals the guest that `ring` has responses, with a guarded
     /// `write(2)`.

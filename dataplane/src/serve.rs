@@ -26,7 +26,7 @@ use crate::event_loop::{
     self, arm_kick, rearm_kick, submit_burst, BackendError, Closing, EventLoop, Generations, Token,
     COUNTER_OK,
 };
-use crate::model::{DeviceModel, Footprint, Started, Submit, Traffic};
+use crate::model::{Answer, DeviceModel, Footprint, HeldEntries, Started, Submit, Traffic};
 use crate::qos::Qos;
 use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialReplay};
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
@@ -135,14 +135,11 @@ impl Core {
         }
     }
 
-    /// Copies the totals into the metrics page (throttled, see
+    /// Copies the totals (`local`: from [`Core::io_counters`], as the model
+    /// or the attach kind sees them) into the metrics page (throttled, see
     /// [`MetricsWriter::publish`]); `take_over`: this process starts
     /// serving the device.
-    fn publish_metrics(&mut self, in_flight: usize, take_over: bool) {
-        if self.metrics.is_none() {
-            return;
-        }
-        let local = self.io_counters(in_flight);
+    fn publish_metrics(&mut self, local: IoCounters, take_over: bool) {
         if let Some(m) = self.metrics.as_mut() {
             if take_over {
                 m.take_over(&local);
@@ -213,14 +210,41 @@ pub trait AttachKind {
         msg: &Message,
         fds: Vec<OwnedFd>,
     ) -> Option<Result<(), BackendError>>;
+
+    /// The reply to an attach (`attached` or the error), with what the kind
+    /// adds (a vif's recovery counters).
+    fn reply(&self, _model: Option<&Self::Model>, reply: Message) -> Message {
+        reply
+    }
+
+    /// The attachment ended (or the loop did); the model is handed back
+    /// (what outlives an attachment: the process's counters, buffers).
+    fn detached(&mut self, _model: Self::Model) {}
+
+    /// The process's counters for the metrics page while nothing is
+    /// attached (see [`DeviceModel::io_counters`]).
+    fn io_counters(&self, base: IoCounters) -> IoCounters {
+        base
+    }
 }
 
-/// A request the engine works on.
+/// A request the engine works on, or the model holds.
 struct InFlight<P> {
     entry: Option<EntryId>,
     pending: P,
-    /// When it was started, for its latency.
-    started: Instant,
+    /// When it was started, for its latency; `None` for a request the
+    /// model holds ([`Started::Held`]: no engine op, not in flight, no
+    /// latency — a posted receive buffer waits for the wire, not for the
+    /// device to finish, so no clock is read for it).
+    started: Option<Instant>,
+}
+
+impl<P> InFlight<P> {
+    /// Held by the model: no engine op, answered through
+    /// [`DeviceModel::next_answer`].
+    fn held(&self) -> bool {
+        self.started.is_none()
+    }
 }
 
 /// One ring's loop state.
@@ -230,12 +254,20 @@ struct RingState<T, P> {
     /// Requests in flight, by slot (the `Io` token's).
     slots: Vec<Option<InFlight<P>>>,
     free: Vec<u16>,
+    /// Slots the model holds ([`Started::Held`]).
+    held: usize,
     /// Serial replay after a suspected crash loop.
     replay: SerialReplay<T>,
     /// The guest broke the ring: take nothing more from it.
     broken: bool,
     /// A notification is on the engine, not reaped yet.
     notifying: bool,
+    /// Answers put since the last publication (counted only with
+    /// [`RingSet::PUBLISH_EVERY`]).
+    put: u32,
+    /// A publication in the middle of a drain found the guest asking for
+    /// a notification: sent at the end of the turn.
+    notify_owed: bool,
 }
 
 impl<T, P> RingState<T, P> {
@@ -246,14 +278,45 @@ impl<T, P> RingState<T, P> {
             log,
             slots: (0..size).map(|_| None).collect(),
             free: (0..size).rev().collect(),
+            held: 0,
             replay: SerialReplay::default(),
             broken: false,
             notifying: false,
+            put: 0,
+            notify_owed: false,
         }
     }
 
+    /// Requests the engine works on: taken slots the model does not
+    /// hold.
     fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() - self.held
+    }
+}
+
+/// The log entries of one attachment's rings, as a model marks those of
+/// its held requests ([`DeviceModel::ready`]).
+struct Marks<'a, T, P> {
+    device: &'a str,
+    state: &'a [RingState<T, P>],
+}
+
+impl<T, P> HeldEntries for Marks<'_, T, P> {
+    fn mark(&mut self, ring: usize, slot: u16, flags: u32) {
+        let Some(st) = self.state.get(ring) else {
+            return;
+        };
+        let entry = st
+            .slots
+            .get(usize::from(slot))
+            .and_then(Option::as_ref)
+            .filter(|f| f.held())
+            .and_then(|f| f.entry);
+        if let (Some(log), Some(entry)) = (st.log.as_ref(), entry) {
+            if let Err(e) = log.set_progress(entry, flags) {
+                log_failed(self.device, e);
+            }
+        }
     }
 }
 
@@ -333,6 +396,8 @@ struct Attachment<R: RingSet, M: DeviceModel<R>> {
     /// Requests held back until an earlier instance's I/O is gone; `None`
     /// once it is (or was from the start).
     holding: Option<Holding<R::Request>>,
+    /// The model's event source is polled ([`DeviceModel::source`]).
+    source_armed: bool,
 }
 
 impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
@@ -341,8 +406,92 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     }
 
     fn has_room(&self, core: &Core) -> bool {
-        // Each ring's kick read and notification beside the request.
-        core.has_room(M::MAX_OPS, 2 * R::MAX_RINGS)
+        // Each ring's kick read and notification beside the request, and
+        // the poll of the model's source.
+        core.has_room(
+            M::MAX_OPS,
+            2 * R::MAX_RINGS + usize::from(self.source_armed),
+        )
+    }
+
+    /// The token the model's source is polled with: the ring after the
+    /// last.
+    fn source_token(&self) -> Token {
+        Token::Kick {
+            generation: self.generation,
+            ring: self.rings.count() as u8,
+        }
+    }
+
+    /// Polls the model's source if it has one to watch and it is not
+    /// polled yet (end of a turn). An engine without room tries again
+    /// next turn.
+    fn arm_source(&mut self, core: &mut Core) {
+        if self.source_armed || self.closing == Closing::Broken {
+            return;
+        }
+        let Some(fd) = self.model.source() else {
+            return;
+        };
+        match event_loop::arm(&mut core.engine, self.source_token(), fd) {
+            Ok(()) => self.source_armed = true,
+            Err(e) => {
+                tracing::warn!(device = %core.device, error = %e, "cannot poll the device's source")
+            }
+        }
+    }
+
+    /// The model's source is ready: the model answers what it can.
+    fn source_ready(&mut self, core: &mut Core, result: i32) {
+        self.source_armed = false;
+        if result < 0 {
+            tracing::warn!(device = %core.device, result, "poll of the device's source failed");
+        }
+        loop {
+            let mut marks = Marks {
+                device: &core.device,
+                state: &self.state,
+            };
+            let more = self.model.ready(&self.rings, &mut marks);
+            self.take_answers(core);
+            self.publish_due(core);
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// Puts and logs the model's answers to requests it held, in the order
+    /// it queued them.
+    fn take_answers(&mut self, core: &mut Core) {
+        while let Some(answer) = self.model.next_answer() {
+            self.answer_held(core, answer);
+        }
+    }
+
+    /// Frees the held slot an answer names and answers its request.
+    fn answer_held(&mut self, core: &mut Core, answer: Answer<R::Response>) {
+        let Answer {
+            ring,
+            slot,
+            response,
+        } = answer;
+        let Some(st) = self.state.get_mut(ring) else {
+            tracing::error!(device = %core.device, ring, "answer for no ring");
+            return;
+        };
+        let held = st
+            .slots
+            .get_mut(usize::from(slot))
+            .filter(|f| f.as_ref().is_some_and(InFlight::held))
+            .and_then(Option::take);
+        let Some(inflight) = held else {
+            tracing::error!(device = %core.device, ring, slot, "answer for a slot not held");
+            return;
+        };
+        st.held -= 1;
+        st.free.push(slot);
+        self.respond_or_warn(core, ring, inflight.entry, &response);
     }
 
     /// Takes what each ring holds (as far as slots, engine room and the
@@ -366,6 +515,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 if core.throttled().is_some() {
                     break;
                 }
+                self.publish_due(core);
                 let taken = match self.rings.take(ring) {
                     Ok(Some(taken)) => taken,
                     Ok(None) => break,
@@ -417,7 +567,23 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     break;
                 };
                 self.start(core, ring, slot, entry, parsed);
-                submit_burst(&mut core.engine, core.stats.requests)?;
+                if M::MAX_OPS > 0 {
+                    // A model without engine ops (a NIC's) has nothing to
+                    // hand the kernel.
+                    submit_burst(&mut core.engine, core.stats.requests)?;
+                }
+            }
+            loop {
+                let mut marks = Marks {
+                    device: &core.device,
+                    state: &self.state,
+                };
+                let more = self.model.drained(&self.rings, ring, &mut marks);
+                self.take_answers(core);
+                self.publish_due(core);
+                if !more {
+                    break;
+                }
             }
         }
         Ok(())
@@ -449,15 +615,30 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         }
         .encode();
         let mut submit = Submit::new(&mut core.engine, token, &mut core.stats.traffic);
+        // Starting one request may finish others the model held (the
+        // earlier slots of a packet, or this one's too): their answers are
+        // taken once it is in its slot, before its own answer.
         match self.model.start(parsed, &mut submit) {
             Started::Pending(pending) => {
                 self.state[ring].slots[usize::from(slot)] = Some(InFlight {
                     entry,
                     pending,
-                    started: Instant::now(),
+                    started: Some(Instant::now()),
                 });
+                self.take_answers(core);
+            }
+            Started::Held(pending) => {
+                let st = &mut self.state[ring];
+                st.slots[usize::from(slot)] = Some(InFlight {
+                    entry,
+                    pending,
+                    started: None,
+                });
+                st.held += 1;
+                self.take_answers(core);
             }
             Started::Done(response) => {
+                self.take_answers(core);
                 core.latency.record(Duration::ZERO);
                 self.state[ring].free.push(slot);
                 self.respond_or_warn(core, ring, entry, &response);
@@ -570,6 +751,9 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             core.stats.errors += 1;
         }
         let idx = self.rings.put(ring, response)?;
+        if R::PUBLISH_EVERY.is_some() {
+            self.state[ring].put += 1;
+        }
         if let (Some(log), Some(entry)) = (self.state[ring].log.as_ref(), entry) {
             let record = self.rings.response_record(response);
             if let Err(e) = log.log_completing(entry, idx, record.as_slice()) {
@@ -638,22 +822,45 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// freed) and notifies at most once per ring.
     fn publish(&mut self, core: &mut Core) {
         for ring in 0..self.state.len() {
-            let visible = match self.rings.publish(ring) {
-                Ok(Some(idx)) => idx,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(device = %core.device, ring, error = %e, "cannot publish responses");
-                    continue;
-                }
-            };
-            if let Some(log) = self.state[ring].log.as_ref() {
-                if let Err(e) = log.log_published(visible) {
-                    log_failed(&core.device, e);
-                }
-            }
-            if self.rings.published(ring) {
+            let asked = self.publish_ring(core, ring);
+            let st = &mut self.state[ring];
+            if asked || std::mem::take(&mut st.notify_owed) {
                 core.stats.notifications += 1;
                 self.notify(core, ring);
+            }
+        }
+    }
+
+    /// Publishes what ring `ring` has put and logs it published; whether
+    /// the guest asked to be notified.
+    fn publish_ring(&mut self, core: &Core, ring: usize) -> bool {
+        self.state[ring].put = 0;
+        let visible = match self.rings.publish(ring) {
+            Ok(Some(idx)) => idx,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::error!(device = %core.device, ring, error = %e, "cannot publish responses");
+                return false;
+            }
+        };
+        if let Some(log) = self.state[ring].log.as_ref() {
+            if let Err(e) = log.log_published(visible) {
+                log_failed(&core.device, e);
+            }
+        }
+        self.rings.published(ring)
+    }
+
+    /// In the middle of a drain: publishes each ring that has put
+    /// [`RingSet::PUBLISH_EVERY`] answers; the notification the guest asks
+    /// for is owed to the end of the turn, so a drain wakes it once.
+    fn publish_due(&mut self, core: &Core) {
+        let Some(every) = R::PUBLISH_EVERY else {
+            return;
+        };
+        for ring in 0..self.state.len() {
+            if self.state[ring].put >= every && self.publish_ring(core, ring) {
+                self.state[ring].notify_owed = true;
             }
         }
     }
@@ -919,6 +1126,15 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
         event_loop::run(self)
     }
 
+    /// The attach kind back, once the loop has ended (with the model of an
+    /// attachment still in place, [`AttachKind::detached`]).
+    pub fn into_kind(mut self) -> K {
+        if let Some(att) = self.attachment.take() {
+            self.kind.detached(att.model);
+        }
+        self.kind
+    }
+
     /// Handles one control message (the first one may come from a loop
     /// that handed this one its core).
     pub fn handle(&mut self, msg: &Message, fds: Vec<OwnedFd>) -> Result<(), BackendError> {
@@ -942,7 +1158,9 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
                 if let Err((_, why)) = &result {
                     tracing::warn!(device = %self.core.device, kind = k, why, "attach refused");
                 }
-                self.core.send(&attach_reply(result))
+                let model = self.attachment.as_ref().map(|a| &a.model);
+                let reply = self.kind.reply(model, attach_reply(result));
+                self.core.send(&reply)
             }
             kind::FENCED => {
                 if let Some(att) = self.attachment.as_mut() {
@@ -996,6 +1214,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             state,
             closing: Closing::No,
             holding: (flags.recover && flags.fence).then(Holding::default),
+            source_armed: false,
         });
         let mut stats = built.stats;
         let recovered = built
@@ -1015,7 +1234,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             }
         }
         stats.replay_us = built.started.elapsed().as_micros() as u64;
-        for ring in 0..att.rings.count() {
+        for ring in (0..att.rings.count()).filter(|&r| !att.rings.shares_kick(r)) {
             let token = Token::Kick {
                 generation,
                 ring: ring as u8,
@@ -1023,8 +1242,8 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             arm_kick(&mut core.engine, token, att.rings.kick(ring))
                 .map_err(|e| (ErrorCode::Enodev, e.to_string()))?;
         }
-        let in_flight = att.in_flight();
-        core.publish_metrics(in_flight, true);
+        let counters = att.model.io_counters(core.io_counters(att.in_flight()));
+        core.publish_metrics(counters, true);
         tracing::info!(device = %core.device, frontend = %att.name, rings = att.rings.count(),
             recover = flags.recover, ?stats, "{} attached", K::WHAT);
         Ok(stats)
@@ -1061,6 +1280,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
     fn publish(&mut self) {
         if let Some(att) = self.attachment.as_mut() {
             att.publish(self.core);
+            att.arm_source(self.core);
         }
     }
 
@@ -1084,7 +1304,12 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             };
             self.core.engine.cancel(token.encode());
         }
-        self.attachment = None;
+        if att.source_armed {
+            self.core.engine.cancel(att.source_token().encode());
+        }
+        if let Some(att) = self.attachment.take() {
+            self.kind.detached(att.model);
+        }
         tracing::info!(device = %self.core.device, frontend = %name, "{} detached", K::WHAT);
         if closing == Closing::Detach {
             send_detached(&self.core.control, Some(&name))?;
@@ -1098,8 +1323,16 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .iter()
             .flat_map(|att| att.state.iter().filter_map(|s| s.log.as_ref()));
         event_loop::heartbeat(&self.core.device, logs);
-        let in_flight = self.attachment.as_ref().map_or(0, Attachment::in_flight);
-        self.core.publish_metrics(in_flight, false);
+        if self.core.metrics.is_none() {
+            return;
+        }
+        let counters = match self.attachment.as_ref() {
+            Some(att) => att
+                .model
+                .io_counters(self.core.io_counters(att.in_flight())),
+            None => self.kind.io_counters(self.core.io_counters(0)),
+        };
+        self.core.publish_metrics(counters, false);
     }
 
     fn has_work(&mut self) -> bool {
@@ -1135,7 +1368,11 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return Ok(());
         };
         let r = usize::from(ring);
-        if att.generation != generation || r >= att.rings.count() {
+        if att.generation != generation || r > att.rings.count() {
+            return Ok(());
+        }
+        if r == att.rings.count() {
+            att.source_ready(self.core, result);
             return Ok(());
         }
         self.core.stats.kicks += 1;
@@ -1169,6 +1406,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             .get_mut(r)
             .and_then(|st| st.slots.get_mut(usize::from(slot)))
             .and_then(Option::as_mut)
+            .filter(|f| !f.held())
         else {
             tracing::warn!(ring, slot, "completion for an idle slot");
             return;
@@ -1188,10 +1426,15 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return;
         };
         let entry = inflight.entry;
-        core.latency.record(inflight.started.elapsed());
+        if let Some(started) = inflight.started {
+            core.latency.record(started.elapsed());
+        }
         let st = &mut att.state[r];
         st.slots[usize::from(slot)] = None;
         st.free.push(slot);
         att.respond_or_warn(core, r, entry, &response);
     }
 }
+
+#[cfg(test)]
+mod tests;

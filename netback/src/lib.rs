@@ -1,7 +1,8 @@
 //! netback: the network backend (docs/ARCHITECTURE.md §11).
 //!
-//! - [`backend`]: the Xen netif loop of one backend process, on the
-//!   shared data plane;
+//! - [`backend`]: the Xen netif backend of one backend process, on the
+//!   data plane's generic loop (`attach-net`: the ring set and the device
+//!   model);
 //! - [`checksum`]: completing a blank TCP/UDP checksum in software;
 //! - [`netif`]: validation of netif TX requests as Linux xen-netback does
 //!   it, and the RX buffer plan (pure code, table-tested);
