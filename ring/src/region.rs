@@ -246,6 +246,33 @@ impl SharedRegion {
         Ok(unsafe { &*ptr.cast::<[AtomicU64; N]>() })
     }
 
+    /// The `count` `u32`s from `offset` as atomics, checked once; as
+    /// [`SharedRegion::atomic_u32s`], for a run whose length is known at
+    /// run time (a whole shadow log, viewed once per batch it logs).
+    #[inline]
+    pub fn atomic_u32_slice(&self, offset: u64, count: usize) -> Result<&[AtomicU32], RingError> {
+        let size = count
+            .checked_mul(4)
+            .ok_or_else(|| access_err(offset, "overflow"))?;
+        let ptr = self.atomic_ptr_aligned(offset, size, 4)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u32s`, for `count` words.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU32>(), count) })
+    }
+
+    /// The `count` `u64`s from `offset` as atomics; as
+    /// [`SharedRegion::atomic_u32_slice`].
+    #[inline]
+    pub fn atomic_u64_slice(&self, offset: u64, count: usize) -> Result<&[AtomicU64], RingError> {
+        let size = count
+            .checked_mul(8)
+            .ok_or_else(|| access_err(offset, "overflow"))?;
+        let ptr = self.atomic_ptr_aligned(offset, size, 8)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u64s`, for `count` words.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), count) })
+    }
+
     /// The host address of `size` bytes at `offset`, inside the mapping
     /// and aligned to `size`.
     #[inline]
@@ -355,6 +382,14 @@ mod tests {
         for bad in [4088, 4, 12, u64::MAX - 7] {
             assert!(a.atomic_u64s::<2>(bad).is_err(), "u64s at {bad}");
         }
+        let all = a.atomic_u32_slice(0, 1024).unwrap();
+        assert_eq!(all[1023].load(Ordering::Acquire), 0x0102_0304);
+        let all = a.atomic_u64_slice(8, 511).unwrap();
+        assert_eq!(all[2].load(Ordering::Acquire), u64::MAX - 5);
+        assert!(a.atomic_u32_slice(4, 1024).is_err());
+        assert!(a.atomic_u32_slice(2, 1).is_err());
+        assert!(a.atomic_u64_slice(8, 512).is_err());
+        assert!(a.atomic_u64_slice(0, usize::MAX).is_err());
     }
 
     #[test]

@@ -366,11 +366,30 @@ impl ShadowLog {
     /// `ring_idx + 1`. Requests must be logged in ring order; `request` is
     /// the slot's bytes (at most 112, zero-padded).
     pub fn log_consumed(&self, ring_idx: u32, request: &[u8]) -> Result<EntryId, ShadowError> {
-        self.writer()?.log_consumed(ring_idx, request)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.consumed(&self.words()?, w, ring_idx, request)
+    }
+
+    /// The `consume` transition, compiled with crash points if the log
+    /// has a hook (see [`point_if`](Self::point_if)).
+    fn consumed(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        ring_idx: u32,
+        request: &[u8],
+    ) -> Result<EntryId, ShadowError> {
+        if self.hook.is_some() {
+            self.consumed_locked::<true>(words, w, ring_idx, request)
+        } else {
+            self.consumed_locked::<false>(words, w, ring_idx, request)
+        }
     }
 
     fn consumed_locked<const HOOKED: bool>(
         &self,
+        words: &LogWords<'_>,
         w: &mut Writer,
         ring_idx: u32,
         request: &[u8],
@@ -390,14 +409,12 @@ impl ShadowLog {
         let seq = w.next_seq;
         let next_seq = seq.checked_add(1).ok_or(ShadowError::SeqExhausted)?;
         let i = *w.free.last().ok_or(ShadowError::LogFull)?;
-        let e = self.entry(i)?;
-        let req_cons_word = self.region.atomic_u32(header::REQ_CONS)?;
-        let next_seq_word = self.region.atomic_u64(header::NEXT_SEQ)?;
+        let e = words.entry(i)?;
         let t = Transition::Consume;
         self.point_if::<HOOKED>(t, 0);
         // The seq is burnt before it is used: a crash from here on leaves a
         // gap in seq order, never a duplicate.
-        next_seq_word.store(next_seq, Ordering::Relaxed);
+        words.next_seq.store(next_seq, Ordering::Relaxed);
         w.next_seq = next_seq;
         w.free.pop();
         if let Some(f) = w.is_free.get_mut(i as usize) {
@@ -434,7 +451,7 @@ impl ShadowLog {
         self.point_if::<HOOKED>(t, 7);
         let req_cons = ring_idx.wrapping_add(1);
         // Release: logged req_cons never runs ahead of the entry for it.
-        req_cons_word.store(req_cons, Ordering::Release);
+        words.req_cons.store(req_cons, Ordering::Release);
         w.req_cons = req_cons;
         self.point_if::<HOOKED>(t, 8);
         Ok(EntryId(i))
@@ -456,11 +473,31 @@ impl ShadowLog {
         rsp_idx: u32,
         response: &[u8],
     ) -> Result<(), ShadowError> {
-        self.writer()?.log_completing(entry, rsp_idx, response)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.completing(&self.words()?, w, entry, rsp_idx, response)
+    }
+
+    /// The `complete` or `rewrite` transition; as
+    /// [`consumed`](Self::consumed).
+    fn completing(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        entry: EntryId,
+        rsp_idx: u32,
+        response: &[u8],
+    ) -> Result<(), ShadowError> {
+        if self.hook.is_some() {
+            self.completing_locked::<true>(words, w, entry, rsp_idx, response)
+        } else {
+            self.completing_locked::<false>(words, w, entry, rsp_idx, response)
+        }
     }
 
     fn completing_locked<const HOOKED: bool>(
         &self,
+        words: &LogWords<'_>,
         w: &mut Writer,
         entry: EntryId,
         rsp_idx: u32,
@@ -473,8 +510,7 @@ impl ShadowLog {
                 max: RESPONSE_SIZE,
             });
         }
-        let e = self.entry(i)?;
-        let rsp_prod_pvt_word = self.region.atomic_u32(header::RSP_PROD_PVT)?;
+        let e = words.entry(i)?;
         let state = e.w32[E_STATE].load(Ordering::Relaxed);
         let (t, mut step) = match EntryState::from_word(state) {
             Some(EntryState::Free) => return Err(ShadowError::WrongState { entry: i, state }),
@@ -508,7 +544,7 @@ impl ShadowLog {
         e.commit(EntryState::Completing);
         step += 1;
         self.point_if::<HOOKED>(t, step);
-        raise_rsp_prod_pvt(rsp_prod_pvt_word, w, rsp_idx);
+        raise_rsp_prod_pvt(words.rsp_prod_pvt, w, rsp_idx);
         step += 1;
         self.point_if::<HOOKED>(t, step);
         w.completing.insert(i, rsp_idx);
@@ -548,13 +584,18 @@ impl ShadowLog {
         let w = writer(&mut guard)?;
         let i = self.check(entry)?;
         w.completing.remove(i);
-        self.free_locked::<true>(w, i)
+        self.free_locked::<true>(&self.words()?, w, i)
     }
 
     /// The `free` transition of entry `i`, already out of the COMPLETING
     /// set.
-    fn free_locked<const HOOKED: bool>(&self, w: &mut Writer, i: u32) -> Result<(), ShadowError> {
-        let e = self.entry(i)?;
+    fn free_locked<const HOOKED: bool>(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        i: u32,
+    ) -> Result<(), ShadowError> {
+        let e = words.entry(i)?;
         let t = Transition::Free;
         self.point_if::<HOOKED>(t, 0);
         // Release = §7.1, freeing the published batch:
@@ -574,18 +615,36 @@ impl ShadowLog {
     /// last step of complete). The first publication of an instance also clears the
     /// crash-loop counter. Returns how many entries were freed.
     pub fn log_published(&self, rsp_prod: u32) -> Result<usize, ShadowError> {
-        self.writer()?.log_published(rsp_prod)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.published(&self.words()?, w, rsp_prod)
+    }
+
+    /// The `free` transitions of a publication, then `published`; as
+    /// [`consumed`](Self::consumed).
+    fn published(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        rsp_prod: u32,
+    ) -> Result<usize, ShadowError> {
+        if self.hook.is_some() {
+            self.published_locked::<true>(words, w, rsp_prod)
+        } else {
+            self.published_locked::<false>(words, w, rsp_prod)
+        }
     }
 
     fn published_locked<const HOOKED: bool>(
         &self,
+        words: &LogWords<'_>,
         w: &mut Writer,
         rsp_prod: u32,
     ) -> Result<usize, ShadowError> {
         let published = w.completing.take_covered(rsp_prod, self.entries);
         let mut result = Ok(());
         for &i in &published {
-            result = self.free_locked::<HOOKED>(w, i);
+            result = self.free_locked::<HOOKED>(words, w, i);
             if result.is_err() {
                 break;
             }
@@ -670,7 +729,11 @@ impl ShadowLog {
     pub fn writer(&self) -> Result<LogWriter<'_>, ShadowError> {
         let mut guard = self.lock();
         writer(&mut guard)?;
-        Ok(LogWriter { log: self, guard })
+        Ok(LogWriter {
+            log: self,
+            words: self.words()?,
+            guard,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Writer>> {
@@ -697,13 +760,26 @@ impl ShadowLog {
         }
     }
 
-    /// Entry `i`'s words, checked against the region once.
+    /// The log's words, checked against the region once, for the hot
+    /// transitions (one [`LogWriter`] or one call).
     #[inline]
-    fn entry(&self, i: u32) -> Result<EntryView<'_>, ShadowError> {
-        let at = entry_offset(i);
-        Ok(EntryView {
-            w32: self.region.atomic_u32s(at)?,
-            w64: self.region.atomic_u64s(at)?,
+    fn words(&self) -> Result<LogWords<'_>, ShadowError> {
+        let bytes = layout::log_bytes(self.entries) as usize;
+        let w32 = self.region.atomic_u32_slice(0, bytes / 4)?;
+        let w64 = self.region.atomic_u64_slice(0, bytes / 8)?;
+        // A log has a header (`open` checked its length).
+        let short = || ShadowError::TooSmall {
+            len: bytes as u64,
+            need: layout::HEADER_SIZE,
+        };
+        Ok(LogWords {
+            w32,
+            w64,
+            next_seq: w64.get(header::NEXT_SEQ as usize / 8).ok_or_else(short)?,
+            req_cons: w32.get(header::REQ_CONS as usize / 4).ok_or_else(short)?,
+            rsp_prod_pvt: w32
+                .get(header::RSP_PROD_PVT as usize / 4)
+                .ok_or_else(short)?,
         })
     }
 
@@ -719,10 +795,40 @@ impl ShadowLog {
     }
 }
 
-/// One entry's words (layout in [`crate::layout`]), checked against the
-/// region once per transition: its fields are then fixed indices, and a
-/// transition's dozen stores carry no check each (docs/ARCHITECTURE.md
-/// §11.6, what the log costs per TX slot).
+/// The whole log as atomics, checked against the region once per
+/// [`LogWriter`], with the header words the hot transitions store.
+struct LogWords<'a> {
+    w32: &'a [AtomicU32],
+    w64: &'a [AtomicU64],
+    next_seq: &'a AtomicU64,
+    req_cons: &'a AtomicU32,
+    rsp_prod_pvt: &'a AtomicU32,
+}
+
+impl<'a> LogWords<'a> {
+    /// Entry `i`'s words.
+    #[inline(always)]
+    fn entry(&self, i: u32) -> Result<EntryView<'a>, ShadowError> {
+        let at = entry_offset(i) as usize;
+        let w32 = self
+            .w32
+            .get(at / 4..at / 4 + ENTRY_WORDS)
+            .and_then(|w| w.try_into().ok());
+        let w64 = self
+            .w64
+            .get(at / 8..at / 8 + ENTRY_WORDS / 2)
+            .and_then(|w| w.try_into().ok());
+        match (w32, w64) {
+            (Some(w32), Some(w64)) => Ok(EntryView { w32, w64 }),
+            _ => Err(ShadowError::NoSuchEntry(i)),
+        }
+    }
+}
+
+/// One entry's words (layout in [`crate::layout`]), checked once per
+/// transition: its fields are then fixed indices, and a transition's
+/// dozen stores carry no check each (docs/ARCHITECTURE.md §11.6, what the
+/// log costs per TX slot).
 struct EntryView<'a> {
     w32: &'a [AtomicU32; ENTRY_WORDS],
     w64: &'a [AtomicU64; ENTRY_WORDS / 2],
@@ -833,6 +939,7 @@ fn raise_rsp_prod_pvt(word: &AtomicU32, w: &mut Writer, rsp_idx: u32) {
 /// thread needs the log.
 pub struct LogWriter<'a> {
     log: &'a ShadowLog,
+    words: LogWords<'a>,
     guard: MutexGuard<'a, Option<Writer>>,
 }
 
@@ -846,11 +953,7 @@ impl LogWriter<'_> {
     /// [`ShadowLog::log_consumed`].
     pub fn log_consumed(&mut self, ring_idx: u32, request: &[u8]) -> Result<EntryId, ShadowError> {
         let w = writer(&mut self.guard)?;
-        if self.log.hook.is_some() {
-            self.log.consumed_locked::<true>(w, ring_idx, request)
-        } else {
-            self.log.consumed_locked::<false>(w, ring_idx, request)
-        }
+        self.log.consumed(&self.words, w, ring_idx, request)
     }
 
     /// [`ShadowLog::log_completing`].
@@ -861,23 +964,14 @@ impl LogWriter<'_> {
         response: &[u8],
     ) -> Result<(), ShadowError> {
         let w = writer(&mut self.guard)?;
-        if self.log.hook.is_some() {
-            self.log
-                .completing_locked::<true>(w, entry, rsp_idx, response)
-        } else {
-            self.log
-                .completing_locked::<false>(w, entry, rsp_idx, response)
-        }
+        self.log
+            .completing(&self.words, w, entry, rsp_idx, response)
     }
 
     /// [`ShadowLog::log_published`].
     pub fn log_published(&mut self, rsp_prod: u32) -> Result<usize, ShadowError> {
         let w = writer(&mut self.guard)?;
-        if self.log.hook.is_some() {
-            self.log.published_locked::<true>(w, rsp_prod)
-        } else {
-            self.log.published_locked::<false>(w, rsp_prod)
-        }
+        self.log.published(&self.words, w, rsp_prod)
     }
 }
 
