@@ -198,10 +198,9 @@ impl SharedRegion {
     }
 
     /// The `u32` at `offset` as an atomic, checked against the region and
-    /// its alignment once: the shadow log stores a dozen fields per request
-    /// with it, and a store through [`SharedRegion::store`] (a volatile
-    /// slice made and checked, a call into `vm-memory`) cost more than the
-    /// store (`perf` of netback, issue 10).
+    /// its alignment once: a store through [`SharedRegion::store`] (a
+    /// volatile slice made and checked, a call into `vm-memory`) cost more
+    /// than the store (`perf` of netback, issue 10).
     #[inline]
     pub fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, RingError> {
         let ptr = self.atomic_ptr(offset, std::mem::size_of::<AtomicU32>())?;

@@ -844,13 +844,13 @@ const E_REPLAYS: usize = entry::REPLAYS as usize / 4;
 const E_REQUEST: usize = entry::REQUEST as usize / 8;
 const E_RESPONSE: usize = entry::RESPONSE as usize / 8;
 const _: () = assert!(
-    ENTRY_SIZE % 8 == 0
-        && layout::HEADER_SIZE % 8 == 0
-        && entry::SEQ % 8 == 0
-        && entry::REQUEST % 8 == 0
-        && entry::RESPONSE % 8 == 0
-        && REQUEST_SIZE % 8 == 0
-        && RESPONSE_SIZE % 8 == 0
+    ENTRY_SIZE.is_multiple_of(8)
+        && layout::HEADER_SIZE.is_multiple_of(8)
+        && entry::SEQ.is_multiple_of(8)
+        && entry::REQUEST.is_multiple_of(8)
+        && entry::RESPONSE.is_multiple_of(8)
+        && REQUEST_SIZE.is_multiple_of(8)
+        && RESPONSE_SIZE.is_multiple_of(8)
         && entry::RESPONSE as usize + RESPONSE_SIZE == ENTRY_SIZE as usize
 );
 
