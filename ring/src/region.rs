@@ -198,10 +198,9 @@ impl SharedRegion {
     }
 
     /// The `u32` at `offset` as an atomic, checked against the region and
-    /// its alignment once: the shadow log stores a dozen fields per request
-    /// with it, and a store through [`SharedRegion::store`] (a volatile
-    /// slice made and checked, a call into `vm-memory`) cost more than the
-    /// store (`perf` of netback, issue 10).
+    /// its alignment once: a store through [`SharedRegion::store`] (a
+    /// volatile slice made and checked, a call into `vm-memory`) cost more
+    /// than the store (`perf` of netback, issue 10).
     #[inline]
     pub fn atomic_u32(&self, offset: u64) -> Result<&AtomicU32, RingError> {
         let ptr = self.atomic_ptr(offset, std::mem::size_of::<AtomicU32>())?;
@@ -223,14 +222,76 @@ impl SharedRegion {
         Ok(unsafe { AtomicU64::from_ptr(ptr.cast()) })
     }
 
+    /// `N` consecutive `u32`s from `offset` as atomics, checked against the
+    /// region and their alignment once: the shadow log's view of one entry,
+    /// whose fields are then fixed indices with no check per store
+    /// (docs/ARCHITECTURE.md §11.6, what the log costs per TX slot).
+    #[inline]
+    pub fn atomic_u32s<const N: usize>(&self, offset: u64) -> Result<&[AtomicU32; N], RingError> {
+        let ptr = self.atomic_ptr_aligned(offset, N * 4, 4)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u32`, for `N` consecutive 4-aligned words
+        // inside the mapping; `[AtomicU32; N]` has the layout of `N` `u32`s.
+        Ok(unsafe { &*ptr.cast::<[AtomicU32; N]>() })
+    }
+
+    /// `N` consecutive `u64`s from `offset` as atomics; as
+    /// [`SharedRegion::atomic_u32s`].
+    #[inline]
+    pub fn atomic_u64s<const N: usize>(&self, offset: u64) -> Result<&[AtomicU64; N], RingError> {
+        let ptr = self.atomic_ptr_aligned(offset, N * 8, 8)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u64`, for `N` consecutive 8-aligned words.
+        Ok(unsafe { &*ptr.cast::<[AtomicU64; N]>() })
+    }
+
+    /// The `count` `u32`s from `offset` as atomics, checked once; as
+    /// [`SharedRegion::atomic_u32s`], for a run whose length is known at
+    /// run time (a whole shadow log, viewed once per batch it logs).
+    #[inline]
+    pub fn atomic_u32_slice(&self, offset: u64, count: usize) -> Result<&[AtomicU32], RingError> {
+        let size = count
+            .checked_mul(4)
+            .ok_or_else(|| access_err(offset, "overflow"))?;
+        let ptr = self.atomic_ptr_aligned(offset, size, 4)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u32s`, for `count` words.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU32>(), count) })
+    }
+
+    /// The `count` `u64`s from `offset` as atomics; as
+    /// [`SharedRegion::atomic_u32_slice`].
+    #[inline]
+    pub fn atomic_u64_slice(&self, offset: u64, count: usize) -> Result<&[AtomicU64], RingError> {
+        let size = count
+            .checked_mul(8)
+            .ok_or_else(|| access_err(offset, "overflow"))?;
+        let ptr = self.atomic_ptr_aligned(offset, size, 8)?;
+        #[allow(unsafe_code)]
+        // SAFETY: as in `atomic_u64s`, for `count` words.
+        Ok(unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), count) })
+    }
+
     /// The host address of `size` bytes at `offset`, inside the mapping
     /// and aligned to `size`.
     #[inline]
     fn atomic_ptr(&self, offset: u64, size: usize) -> Result<*mut u8, RingError> {
+        self.atomic_ptr_aligned(offset, size, size)
+    }
+
+    /// The host address of `size` bytes at `offset`, inside the mapping
+    /// and aligned to `align`.
+    #[inline]
+    fn atomic_ptr_aligned(
+        &self,
+        offset: u64,
+        size: usize,
+        align: usize,
+    ) -> Result<*mut u8, RingError> {
         let inside = offset
             .checked_add(size as u64)
             .is_some_and(|end| end <= self.region.len());
-        if !inside || !offset.is_multiple_of(size as u64) {
+        if !inside || !offset.is_multiple_of(align as u64) {
             return Err(access_err(
                 offset,
                 "not an aligned atomic inside the region",
@@ -300,6 +361,34 @@ mod tests {
         for bad in [4092, 4096, 4, u64::MAX - 7] {
             assert!(a.atomic_u64(bad).is_err(), "u64 at {bad}");
         }
+    }
+
+    /// A run of atomics is checked once, as a whole: each word is the
+    /// region's bytes at its offset; a run reaching past the end or not
+    /// aligned is refused.
+    #[test]
+    fn runs_of_atomics_are_checked_as_a_whole() {
+        let a = SharedRegion::create("t", 1).unwrap();
+        let words = a.atomic_u32s::<4>(4080).unwrap();
+        words[3].store(0x0102_0304, Ordering::Release);
+        assert_eq!(a.load::<u32>(4092, Ordering::Acquire).unwrap(), 0x0102_0304);
+        let longs = a.atomic_u64s::<2>(16).unwrap();
+        longs[1].store(u64::MAX - 5, Ordering::Release);
+        assert_eq!(a.load::<u64>(24, Ordering::Acquire).unwrap(), u64::MAX - 5);
+        for bad in [4084, 4096, 2, u64::MAX - 3] {
+            assert!(a.atomic_u32s::<4>(bad).is_err(), "u32s at {bad}");
+        }
+        for bad in [4088, 4, 12, u64::MAX - 7] {
+            assert!(a.atomic_u64s::<2>(bad).is_err(), "u64s at {bad}");
+        }
+        let all = a.atomic_u32_slice(0, 1024).unwrap();
+        assert_eq!(all[1023].load(Ordering::Acquire), 0x0102_0304);
+        let all = a.atomic_u64_slice(8, 511).unwrap();
+        assert_eq!(all[2].load(Ordering::Acquire), u64::MAX - 5);
+        assert!(a.atomic_u32_slice(4, 1024).is_err());
+        assert!(a.atomic_u32_slice(2, 1).is_err());
+        assert!(a.atomic_u64_slice(8, 512).is_err());
+        assert!(a.atomic_u64_slice(0, usize::MAX).is_err());
     }
 
     #[test]

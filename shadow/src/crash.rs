@@ -24,6 +24,12 @@
 //! | `replay` | 1 `replays += 1` | 2 |
 //! | `progress` | 1 `progress` | 2 |
 //!
+//! The transitions of a slot's life (`consume`, `complete` or
+//! `rewrite`, `free`, `published`) are compiled twice from the same code:
+//! with the hook's calls between the stores, taken when a hook is set,
+//! and without them for a log with no hook, so a backend's stores carry
+//! no call between them; the stores and their order are the same in both.
+//!
 //! A header `rsp_prod_pvt` store that would not raise the value is skipped,
 //! but its crash points are still reported, so the numbering is fixed.
 //! The heartbeat is a single store outside any transition and has no

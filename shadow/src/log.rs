@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use shadowback_ring::{SharedRegion, PAGE_SIZE};
@@ -64,66 +64,85 @@ struct Writer {
 /// walks only the entries still waiting for `rsp_prod`.
 #[derive(Debug)]
 struct Completing {
-    /// Entries in the set, in no particular order.
-    members: Vec<u32>,
-    /// Per entry: its position in `members` and its `rsp_idx`.
-    slot: Vec<Option<(u32, u32)>>,
-    /// A spare vector for `covered_by`, so publishing does not allocate.
+    /// Entries in the set with their `rsp_idx`, in the order they were
+    /// answered (until a removal moves the last one into its place).
+    members: Vec<(u32, u32)>,
+    /// Per entry: its position in `members`, or [`Completing::ABSENT`].
+    pos: Vec<u32>,
+    /// A spare vector for `take_covered`, so publishing does not allocate.
     spare: Vec<u32>,
 }
 
 impl Completing {
+    const ABSENT: u32 = u32::MAX;
+
     fn new(entries: u32) -> Self {
         Completing {
-            members: Vec::new(),
-            slot: vec![None; entries as usize],
-            spare: Vec::new(),
+            members: Vec::with_capacity(entries as usize),
+            pos: vec![Self::ABSENT; entries as usize],
+            spare: Vec::with_capacity(entries as usize),
         }
     }
 
     /// Adds entry `i` answered at `rsp_idx`, or moves it there (re-push).
     fn insert(&mut self, i: u32, rsp_idx: u32) {
-        let Some(slot) = self.slot.get_mut(i as usize) else {
+        let Some(pos) = self.pos.get_mut(i as usize) else {
             return;
         };
-        match slot {
-            Some((_, r)) => *r = rsp_idx,
+        match self.members.get_mut(*pos as usize) {
+            Some(member) => member.1 = rsp_idx,
             None => {
-                *slot = Some((self.members.len() as u32, rsp_idx));
-                self.members.push(i);
+                *pos = self.members.len() as u32;
+                self.members.push((i, rsp_idx));
             }
         }
     }
 
     fn remove(&mut self, i: u32) {
-        let Some((pos, _)) = self.slot.get_mut(i as usize).and_then(Option::take) else {
+        let Some(pos) = self.pos.get_mut(i as usize) else {
             return;
         };
-        self.members.swap_remove(pos as usize);
-        if let Some(&moved) = self.members.get(pos as usize) {
-            if let Some(Some((p, _))) = self.slot.get_mut(moved as usize) {
-                *p = pos;
+        let at = std::mem::replace(pos, Self::ABSENT) as usize;
+        if at >= self.members.len() {
+            return;
+        }
+        self.members.swap_remove(at);
+        if let Some(&(moved, _)) = self.members.get(at) {
+            if let Some(p) = self.pos.get_mut(moved as usize) {
+                *p = at as u32;
             }
         }
     }
 
-    /// Entries whose response `rsp_prod` publishes: `rsp_idx` in
-    /// `[rsp_prod - size, rsp_prod)` by wrapping difference — at most
-    /// `size` responses are ever unpublished. Hand the vector back with
-    /// [`recycle`](Self::recycle).
-    fn covered_by(&mut self, rsp_prod: u32, size: u32) -> Vec<u32> {
+    /// Takes out the entries whose response `rsp_prod` publishes, in
+    /// `members` order: `rsp_idx` in `[rsp_prod - size, rsp_prod)` by
+    /// wrapping difference — at most `size` responses are ever
+    /// unpublished. Hand the vector back with [`recycle`](Self::recycle).
+    fn take_covered(&mut self, rsp_prod: u32, size: u32) -> Vec<u32> {
         let mut out = std::mem::take(&mut self.spare);
         out.clear();
-        out.extend(self.members.iter().copied().filter(|&i| {
-            self.slot
-                .get(i as usize)
-                .copied()
-                .flatten()
-                .is_some_and(|(_, r)| {
-                    let behind = rsp_prod.wrapping_sub(r);
-                    behind >= 1 && behind <= size
-                })
-        }));
+        let covered = |r: u32| {
+            let behind = rsp_prod.wrapping_sub(r);
+            behind >= 1 && behind <= size
+        };
+        self.members.retain(|&(i, r)| {
+            if covered(r) {
+                out.push(i);
+                false
+            } else {
+                true
+            }
+        });
+        for &i in &out {
+            if let Some(p) = self.pos.get_mut(i as usize) {
+                *p = Self::ABSENT;
+            }
+        }
+        for (at, &(i, _)) in self.members.iter().enumerate() {
+            if let Some(p) = self.pos.get_mut(i as usize) {
+                *p = at as u32;
+            }
+        }
         out
     }
 
@@ -347,11 +366,30 @@ impl ShadowLog {
     /// `ring_idx + 1`. Requests must be logged in ring order; `request` is
     /// the slot's bytes (at most 112, zero-padded).
     pub fn log_consumed(&self, ring_idx: u32, request: &[u8]) -> Result<EntryId, ShadowError> {
-        self.writer()?.log_consumed(ring_idx, request)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.consumed(&self.words()?, w, ring_idx, request)
     }
 
-    fn consumed_locked(
+    /// The `consume` transition, compiled with crash points if the log
+    /// has a hook (see [`point_if`](Self::point_if)).
+    fn consumed(
         &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        ring_idx: u32,
+        request: &[u8],
+    ) -> Result<EntryId, ShadowError> {
+        if self.hook.is_some() {
+            self.consumed_locked::<true>(words, w, ring_idx, request)
+        } else {
+            self.consumed_locked::<false>(words, w, ring_idx, request)
+        }
+    }
+
+    fn consumed_locked<const HOOKED: bool>(
+        &self,
+        words: &LogWords<'_>,
         w: &mut Writer,
         ring_idx: u32,
         request: &[u8],
@@ -371,49 +409,51 @@ impl ShadowLog {
         let seq = w.next_seq;
         let next_seq = seq.checked_add(1).ok_or(ShadowError::SeqExhausted)?;
         let i = *w.free.last().ok_or(ShadowError::LogFull)?;
+        let e = words.entry(i)?;
         let t = Transition::Consume;
-        self.point(t, 0);
+        self.point_if::<HOOKED>(t, 0);
         // The seq is burnt before it is used: a crash from here on leaves a
         // gap in seq order, never a duplicate.
-        self.region
-            .atomic_u64(header::NEXT_SEQ)?
-            .store(next_seq, Ordering::Relaxed);
+        words.next_seq.store(next_seq, Ordering::Relaxed);
         w.next_seq = next_seq;
         w.free.pop();
-        w.is_free[i as usize] = false;
-        self.point(t, 1);
-        // The field ends up as `request`, zero-padded, as if written whole.
-        let field = self.field(i, entry::REQUEST);
-        self.region.write(field, request)?;
-        let stale = &mut w.request_len[i as usize];
-        if usize::from(*stale) > request.len() {
-            let rest = &ZEROS[request.len()..usize::from(*stale)];
-            self.region.write(field + request.len() as u64, rest)?;
+        if let Some(f) = w.is_free.get_mut(i as usize) {
+            *f = false;
         }
-        // At most REQUEST_SIZE (checked above), which fits a u8.
-        *stale = request.len() as u8;
-        self.point(t, 2);
-        self.store32(i, entry::RING_IDX, ring_idx)?;
-        self.point(t, 3);
-        self.region
-            .atomic_u64(self.field(i, entry::SEQ))?
-            .store(seq, Ordering::Relaxed);
-        self.point(t, 4);
-        self.store32(i, entry::PROGRESS, 0)?;
-        self.point(t, 5);
-        self.store32(i, entry::REPLAYS, 0)?;
-        self.point(t, 6);
+        self.point_if::<HOOKED>(t, 1);
+        // The field ends up as `request`, zero-padded, as if written whole.
+        let field = e.request();
+        let written = store_bytes(field, request);
+        if let Some(stale) = w.request_len.get_mut(i as usize) {
+            for word in field
+                .iter()
+                .take(usize::from(*stale).div_ceil(8))
+                .skip(written)
+            {
+                word.store(0, Ordering::Relaxed);
+            }
+            // At most REQUEST_SIZE (checked above), which fits a u8.
+            *stale = request.len() as u8;
+        }
+        self.point_if::<HOOKED>(t, 2);
+        e.store_payload(E_RING_IDX, ring_idx);
+        self.point_if::<HOOKED>(t, 3);
+        // Relaxed: payload, published by the release store of `state`.
+        e.w64[E_SEQ].store(seq, Ordering::Relaxed);
+        self.point_if::<HOOKED>(t, 4);
+        e.store_payload(E_PROGRESS, 0);
+        self.point_if::<HOOKED>(t, 5);
+        e.store_payload(E_REPLAYS, 0);
+        self.point_if::<HOOKED>(t, 6);
         // Release = the commit of §7.1: the payload above is complete
         // before the entry reads INFLIGHT.
-        self.commit(i, EntryState::Inflight)?;
-        self.point(t, 7);
+        e.commit(EntryState::Inflight);
+        self.point_if::<HOOKED>(t, 7);
         let req_cons = ring_idx.wrapping_add(1);
         // Release: logged req_cons never runs ahead of the entry for it.
-        self.region
-            .atomic_u32(header::REQ_CONS)?
-            .store(req_cons, Ordering::Release);
+        words.req_cons.store(req_cons, Ordering::Release);
         w.req_cons = req_cons;
-        self.point(t, 8);
+        self.point_if::<HOOKED>(t, 8);
         Ok(EntryId(i))
     }
 
@@ -433,59 +473,80 @@ impl ShadowLog {
         rsp_idx: u32,
         response: &[u8],
     ) -> Result<(), ShadowError> {
-        self.writer()?.log_completing(entry, rsp_idx, response)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.completing(&self.words()?, w, entry, rsp_idx, response)
     }
 
-    fn completing_locked(
+    /// The `complete` or `rewrite` transition; as
+    /// [`consumed`](Self::consumed).
+    fn completing(
         &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        entry: EntryId,
+        rsp_idx: u32,
+        response: &[u8],
+    ) -> Result<(), ShadowError> {
+        if self.hook.is_some() {
+            self.completing_locked::<true>(words, w, entry, rsp_idx, response)
+        } else {
+            self.completing_locked::<false>(words, w, entry, rsp_idx, response)
+        }
+    }
+
+    fn completing_locked<const HOOKED: bool>(
+        &self,
+        words: &LogWords<'_>,
         w: &mut Writer,
         entry: EntryId,
         rsp_idx: u32,
         response: &[u8],
     ) -> Result<(), ShadowError> {
         let i = self.check(entry)?;
-        let mut saved = [0u8; RESPONSE_SIZE];
-        saved
-            .get_mut(..response.len())
-            .ok_or(ShadowError::PayloadTooLong {
+        if response.len() > RESPONSE_SIZE {
+            return Err(ShadowError::PayloadTooLong {
                 len: response.len(),
                 max: RESPONSE_SIZE,
-            })?
-            .copy_from_slice(response);
-        let state = self
-            .region
-            .atomic_u32(self.field(i, entry::STATE))?
-            .load(Ordering::Relaxed);
+            });
+        }
+        let e = words.entry(i)?;
+        let state = e.w32[E_STATE].load(Ordering::Relaxed);
         let (t, mut step) = match EntryState::from_word(state) {
             Some(EntryState::Free) => return Err(ShadowError::WrongState { entry: i, state }),
             Some(EntryState::Inflight) => {
-                self.point(Transition::Complete, 0);
+                self.point_if::<HOOKED>(Transition::Complete, 0);
                 (Transition::Complete, 0)
             }
             _ => {
                 let t = Transition::Rewrite;
-                self.point(t, 0);
+                self.point_if::<HOOKED>(t, 0);
                 // Release: the entry reads REWRITING before its response
                 // bytes start to change.
-                self.commit(i, EntryState::Rewriting)?;
-                self.point(t, 1);
+                e.commit(EntryState::Rewriting);
+                self.point_if::<HOOKED>(t, 1);
                 (t, 1)
             }
         };
-        self.region.write(self.field(i, entry::RESPONSE), &saved)?;
+        // The whole field, zero-padded.
+        let field = e.response();
+        let written = store_bytes(field, response);
+        for word in field.iter().skip(written) {
+            word.store(0, Ordering::Relaxed);
+        }
         step += 1;
-        self.point(t, step);
-        self.store32(i, entry::RSP_IDX, rsp_idx)?;
+        self.point_if::<HOOKED>(t, step);
+        e.store_payload(E_RSP_IDX, rsp_idx);
         step += 1;
-        self.point(t, step);
+        self.point_if::<HOOKED>(t, step);
         // Release = the commit of §7.1: response and rsp_idx are complete
         // before the entry reads COMPLETING.
-        self.commit(i, EntryState::Completing)?;
+        e.commit(EntryState::Completing);
         step += 1;
-        self.point(t, step);
-        self.raise_rsp_prod_pvt(w, rsp_idx)?;
+        self.point_if::<HOOKED>(t, step);
+        raise_rsp_prod_pvt(words.rsp_prod_pvt, w, rsp_idx);
         step += 1;
-        self.point(t, step);
+        self.point_if::<HOOKED>(t, step);
         w.completing.insert(i, rsp_idx);
         Ok(())
     }
@@ -509,7 +570,7 @@ impl ShadowLog {
         self.region
             .store(rsp_idx, self.field(i, entry::RSP_IDX), Ordering::Release)?;
         self.point(t, 1);
-        self.raise_rsp_prod_pvt(w, rsp_idx)?;
+        raise_rsp_prod_pvt(self.region.atomic_u32(header::RSP_PROD_PVT)?, w, rsp_idx);
         self.point(t, 2);
         w.completing.insert(i, rsp_idx);
         Ok(())
@@ -522,19 +583,29 @@ impl ShadowLog {
         let mut guard = self.lock();
         let w = writer(&mut guard)?;
         let i = self.check(entry)?;
-        self.free_locked(w, i)
+        w.completing.remove(i);
+        self.free_locked::<true>(&self.words()?, w, i)
     }
 
-    fn free_locked(&self, w: &mut Writer, i: u32) -> Result<(), ShadowError> {
+    /// The `free` transition of entry `i`, already out of the COMPLETING
+    /// set.
+    fn free_locked<const HOOKED: bool>(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        i: u32,
+    ) -> Result<(), ShadowError> {
+        let e = words.entry(i)?;
         let t = Transition::Free;
-        self.point(t, 0);
+        self.point_if::<HOOKED>(t, 0);
         // Release = §7.1, freeing the published batch:
         // ordered after the caller's release store of sring.rsp_prod.
-        self.commit(i, EntryState::Free)?;
-        self.point(t, 1);
-        w.completing.remove(i);
-        if !std::mem::replace(&mut w.is_free[i as usize], true) {
-            w.free.push(i);
+        e.commit(EntryState::Free);
+        self.point_if::<HOOKED>(t, 1);
+        if let Some(f) = w.is_free.get_mut(i as usize) {
+            if !std::mem::replace(f, true) {
+                w.free.push(i);
+            }
         }
         Ok(())
     }
@@ -544,22 +615,49 @@ impl ShadowLog {
     /// last step of complete). The first publication of an instance also clears the
     /// crash-loop counter. Returns how many entries were freed.
     pub fn log_published(&self, rsp_prod: u32) -> Result<usize, ShadowError> {
-        self.writer()?.log_published(rsp_prod)
+        let mut guard = self.lock();
+        let w = writer(&mut guard)?;
+        self.published(&self.words()?, w, rsp_prod)
     }
 
-    fn published_locked(&self, w: &mut Writer, rsp_prod: u32) -> Result<usize, ShadowError> {
-        let published = w.completing.covered_by(rsp_prod, self.entries);
+    /// The `free` transitions of a publication, then `published`; as
+    /// [`consumed`](Self::consumed).
+    fn published(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        rsp_prod: u32,
+    ) -> Result<usize, ShadowError> {
+        if self.hook.is_some() {
+            self.published_locked::<true>(words, w, rsp_prod)
+        } else {
+            self.published_locked::<false>(words, w, rsp_prod)
+        }
+    }
+
+    fn published_locked<const HOOKED: bool>(
+        &self,
+        words: &LogWords<'_>,
+        w: &mut Writer,
+        rsp_prod: u32,
+    ) -> Result<usize, ShadowError> {
+        let published = w.completing.take_covered(rsp_prod, self.entries);
+        let mut result = Ok(());
         for &i in &published {
-            self.free_locked(w, i)?;
+            result = self.free_locked::<HOOKED>(words, w, i);
+            if result.is_err() {
+                break;
+            }
         }
         let freed = published.len();
         w.completing.recycle(published);
+        result?;
         if freed != 0 && !w.productive {
             let t = Transition::Published;
-            self.point(t, 0);
+            self.point_if::<HOOKED>(t, 0);
             self.region
                 .store(0u32, header::STALLED_INSTANCES, Ordering::Release)?;
-            self.point(t, 1);
+            self.point_if::<HOOKED>(t, 1);
             w.productive = true;
         }
         Ok(freed)
@@ -625,28 +723,17 @@ impl ShadowLog {
         Ok(writer(&mut guard)?.free.len())
     }
 
-    fn raise_rsp_prod_pvt(&self, w: &mut Writer, rsp_idx: u32) -> Result<(), ShadowError> {
-        let new = rsp_idx.wrapping_add(1);
-        // Only raise it (by wrapping difference): renumbered responses
-        // during recovery go below the old value, and the logged value must
-        // stay an upper bound of every rsp_idx in the log.
-        if is_after(new, w.rsp_prod_pvt) {
-            // Release: never ahead of the COMPLETING entry justifying it.
-            self.region
-                .atomic_u32(header::RSP_PROD_PVT)?
-                .store(new, Ordering::Release);
-            w.rsp_prod_pvt = new;
-        }
-        Ok(())
-    }
-
     /// The writer of the live instance, locked once for as many
     /// transitions as the caller logs in a row (a TX batch): see
     /// [`LogWriter`]. Needs [`begin_instance`](Self::begin_instance).
     pub fn writer(&self) -> Result<LogWriter<'_>, ShadowError> {
         let mut guard = self.lock();
         writer(&mut guard)?;
-        Ok(LogWriter { log: self, guard })
+        Ok(LogWriter {
+            log: self,
+            words: self.words()?,
+            guard,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Writer>> {
@@ -661,6 +748,41 @@ impl ShadowLog {
         }
     }
 
+    /// [`point`](Self::point) in a transition compiled for a log with a
+    /// crash hook (`HOOKED`) or for one without: the two are the same
+    /// code, the stores and their order included, but the one without a
+    /// hook has no call between its stores (the hot path; the crash-point
+    /// sweeps run the other).
+    #[inline(always)]
+    fn point_if<const HOOKED: bool>(&self, transition: Transition, step: u32) {
+        if HOOKED {
+            self.point(transition, step);
+        }
+    }
+
+    /// The log's words, checked against the region once, for the hot
+    /// transitions (one [`LogWriter`] or one call).
+    #[inline]
+    fn words(&self) -> Result<LogWords<'_>, ShadowError> {
+        let bytes = layout::log_bytes(self.entries) as usize;
+        let w32 = self.region.atomic_u32_slice(0, bytes / 4)?;
+        let w64 = self.region.atomic_u64_slice(0, bytes / 8)?;
+        // A log has a header (`open` checked its length).
+        let short = || ShadowError::TooSmall {
+            len: bytes as u64,
+            need: layout::HEADER_SIZE,
+        };
+        Ok(LogWords {
+            w32,
+            w64,
+            next_seq: w64.get(header::NEXT_SEQ as usize / 8).ok_or_else(short)?,
+            req_cons: w32.get(header::REQ_CONS as usize / 4).ok_or_else(short)?,
+            rsp_prod_pvt: w32
+                .get(header::RSP_PROD_PVT as usize / 4)
+                .ok_or_else(short)?,
+        })
+    }
+
     fn check(&self, entry: EntryId) -> Result<u32, ShadowError> {
         if entry.0 >= self.entries {
             return Err(ShadowError::NoSuchEntry(entry.0));
@@ -671,20 +793,139 @@ impl ShadowLog {
     fn field(&self, i: u32, off: u64) -> u64 {
         entry_offset(i) + off
     }
+}
 
-    fn store32(&self, i: u32, off: u64, val: u32) -> Result<(), ShadowError> {
+/// The whole log as atomics, checked against the region once per
+/// [`LogWriter`], with the header words the hot transitions store.
+struct LogWords<'a> {
+    w32: &'a [AtomicU32],
+    w64: &'a [AtomicU64],
+    next_seq: &'a AtomicU64,
+    req_cons: &'a AtomicU32,
+    rsp_prod_pvt: &'a AtomicU32,
+}
+
+impl<'a> LogWords<'a> {
+    /// Entry `i`'s words.
+    #[inline(always)]
+    fn entry(&self, i: u32) -> Result<EntryView<'a>, ShadowError> {
+        let at = entry_offset(i) as usize;
+        let w32 = self
+            .w32
+            .get(at / 4..at / 4 + ENTRY_WORDS)
+            .and_then(|w| w.try_into().ok());
+        let w64 = self
+            .w64
+            .get(at / 8..at / 8 + ENTRY_WORDS / 2)
+            .and_then(|w| w.try_into().ok());
+        match (w32, w64) {
+            (Some(w32), Some(w64)) => Ok(EntryView { w32, w64 }),
+            _ => Err(ShadowError::NoSuchEntry(i)),
+        }
+    }
+}
+
+/// One entry's words (layout in [`crate::layout`]), checked once per
+/// transition: its fields are then fixed indices, and a transition's
+/// dozen stores carry no check each (docs/ARCHITECTURE.md §11.6, what the
+/// log costs per TX slot).
+struct EntryView<'a> {
+    w32: &'a [AtomicU32; ENTRY_WORDS],
+    w64: &'a [AtomicU64; ENTRY_WORDS / 2],
+}
+
+const ENTRY_WORDS: usize = ENTRY_SIZE as usize / 4;
+const E_STATE: usize = entry::STATE as usize / 4;
+const E_RING_IDX: usize = entry::RING_IDX as usize / 4;
+const E_SEQ: usize = entry::SEQ as usize / 8;
+const E_PROGRESS: usize = entry::PROGRESS as usize / 4;
+const E_RSP_IDX: usize = entry::RSP_IDX as usize / 4;
+const E_REPLAYS: usize = entry::REPLAYS as usize / 4;
+const E_REQUEST: usize = entry::REQUEST as usize / 8;
+const E_RESPONSE: usize = entry::RESPONSE as usize / 8;
+const _: () = assert!(
+    ENTRY_SIZE.is_multiple_of(8)
+        && layout::HEADER_SIZE.is_multiple_of(8)
+        && entry::SEQ.is_multiple_of(8)
+        && entry::REQUEST.is_multiple_of(8)
+        && entry::RESPONSE.is_multiple_of(8)
+        && REQUEST_SIZE.is_multiple_of(8)
+        && RESPONSE_SIZE.is_multiple_of(8)
+        && entry::RESPONSE as usize + RESPONSE_SIZE == ENTRY_SIZE as usize
+);
+
+impl EntryView<'_> {
+    /// Stores a payload word.
+    #[inline(always)]
+    fn store_payload(&self, field: usize, val: u32) {
         // Relaxed: payload, published by the release store of `state`.
-        self.region
-            .atomic_u32(self.field(i, off))?
-            .store(val, Ordering::Relaxed);
-        Ok(())
+        self.w32[field].store(val, Ordering::Relaxed);
     }
 
-    fn commit(&self, i: u32, state: EntryState) -> Result<(), ShadowError> {
-        self.region
-            .atomic_u32(self.field(i, entry::STATE))?
-            .store(state.word(), Ordering::Release);
-        Ok(())
+    /// Release-stores the `state` word: the commit of a transition.
+    #[inline(always)]
+    fn commit(&self, state: EntryState) {
+        self.w32[E_STATE].store(state.word(), Ordering::Release);
+    }
+
+    /// The request field, as words.
+    #[inline(always)]
+    fn request(&self) -> &[AtomicU64] {
+        &self.w64[E_REQUEST..E_RESPONSE]
+    }
+
+    /// The response field, as words.
+    #[inline(always)]
+    fn response(&self) -> &[AtomicU64] {
+        &self.w64[E_RESPONSE..]
+    }
+}
+
+/// Stores `bytes` at the start of `words` as a byte copy would leave them,
+/// the last word zero-padded; returns how many words it stored. `bytes`
+/// must fit (the callers check it). Relaxed: payload, published by the
+/// release store of `state`.
+#[inline(always)]
+fn store_bytes(words: &[AtomicU64], bytes: &[u8]) -> usize {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut stored = 0;
+    for (word, chunk) in words.iter().zip(&mut chunks) {
+        let chunk: [u8; 8] = chunk.try_into().unwrap_or_default();
+        word.store(u64::from_ne_bytes(chunk), Ordering::Relaxed);
+        stored += 1;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        if let Some(word) = words.get(stored) {
+            // Assembled in a register: copying the tail into a zeroed
+            // array and loading that as a word stalls the load behind the
+            // narrower stores (most of the consume transition's time in
+            // `perf annotate`).
+            let last = rest.iter().enumerate().fold(0u64, |acc, (k, &b)| {
+                let shift = if cfg!(target_endian = "little") {
+                    8 * k
+                } else {
+                    56 - 8 * k
+                };
+                acc | u64::from(b) << shift
+            });
+            word.store(last, Ordering::Relaxed);
+            stored += 1;
+        }
+    }
+    stored
+}
+
+/// Raises the logged `rsp_prod_pvt` (`word`) to `rsp_idx + 1`.
+fn raise_rsp_prod_pvt(word: &AtomicU32, w: &mut Writer, rsp_idx: u32) {
+    let new = rsp_idx.wrapping_add(1);
+    // Only raise it (by wrapping difference): renumbered responses
+    // during recovery go below the old value, and the logged value must
+    // stay an upper bound of every rsp_idx in the log.
+    if is_after(new, w.rsp_prod_pvt) {
+        // Release: never ahead of the COMPLETING entry justifying it.
+        word.store(new, Ordering::Release);
+        w.rsp_prod_pvt = new;
     }
 }
 
@@ -698,6 +939,7 @@ impl ShadowLog {
 /// thread needs the log.
 pub struct LogWriter<'a> {
     log: &'a ShadowLog,
+    words: LogWords<'a>,
     guard: MutexGuard<'a, Option<Writer>>,
 }
 
@@ -711,7 +953,7 @@ impl LogWriter<'_> {
     /// [`ShadowLog::log_consumed`].
     pub fn log_consumed(&mut self, ring_idx: u32, request: &[u8]) -> Result<EntryId, ShadowError> {
         let w = writer(&mut self.guard)?;
-        self.log.consumed_locked(w, ring_idx, request)
+        self.log.consumed(&self.words, w, ring_idx, request)
     }
 
     /// [`ShadowLog::log_completing`].
@@ -722,13 +964,14 @@ impl LogWriter<'_> {
         response: &[u8],
     ) -> Result<(), ShadowError> {
         let w = writer(&mut self.guard)?;
-        self.log.completing_locked(w, entry, rsp_idx, response)
+        self.log
+            .completing(&self.words, w, entry, rsp_idx, response)
     }
 
     /// [`ShadowLog::log_published`].
     pub fn log_published(&mut self, rsp_prod: u32) -> Result<usize, ShadowError> {
         let w = writer(&mut self.guard)?;
-        self.log.published_locked(w, rsp_prod)
+        self.log.published(&self.words, w, rsp_prod)
     }
 }
 
@@ -744,8 +987,6 @@ fn writer<'a>(
     guard.as_mut().ok_or(ShadowError::NotBegun)
 }
 
-/// Zero padding of a saved request.
-const ZEROS: [u8; REQUEST_SIZE] = [0; REQUEST_SIZE];
 const _: () = assert!(REQUEST_SIZE <= u8::MAX as usize);
 
 /// `a` is after `b` on the free-running index circle.

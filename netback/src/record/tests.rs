@@ -5,6 +5,7 @@ use shadowback_ring::netif::{
     NetifTxResponse, NETIF_RSP_ERROR, NETIF_RSP_NULL, NETTXF_EXTRA_INFO, NETTXF_MORE_DATA,
     XEN_NETIF_GSO_TYPE_TCPV4,
 };
+use vm_memory::ByteValued;
 
 /// A GSO packet of 1 + 1 extra + 2 following slots.
 fn packet_slots() -> Vec<NetifTxRequest> {
@@ -148,4 +149,31 @@ fn foreign_bytes_are_not_records() {
     });
     bad_kind[24] = 3;
     assert_eq!(tx::decode(&bad_kind), Err(NetifRecordError::BadKind(3)));
+}
+
+/// A TX slot record's bytes are the layout of the module's table: the
+/// slot verbatim, the tag, the packet's fields little-endian, the kind.
+#[test]
+fn a_tx_slot_record_is_laid_out_as_documented() {
+    let rec = tx::TxSlotRecord {
+        slot: NetifTxRequest {
+            gref: 0x0102_0304,
+            offset: 0x0506,
+            flags: 0x0708,
+            id: 0x090A,
+            size: 0x0B0C,
+        },
+        packet: 0x1112_1314,
+        position: 0x1516,
+        count: 0x1718,
+        kind: tx::SlotKind::Following,
+    };
+    let b = tx::encode(&rec);
+    assert_eq!(&b[0..12], rec.slot.as_slice());
+    assert_eq!(&b[12..16], b"NTXS");
+    assert_eq!(b[16..20], 0x1112_1314u32.to_le_bytes());
+    assert_eq!(b[20..22], 0x1516u16.to_le_bytes());
+    assert_eq!(b[22..24], 0x1718u16.to_le_bytes());
+    assert_eq!(b[24], 2);
+    assert_eq!(tx::decode(&b), Ok(rec));
 }
