@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use shadowback_shadow::{
-    EntryId, IoCounters, Latency, MetricsWriter, Repush, ShadowLog, REQUEST_SIZE,
+    EntryId, IoCounters, Latency, LogWriter, MetricsWriter, Repush, ShadowLog, REQUEST_SIZE,
 };
 use shadowback_xenbus::protocol::{key, kind, ErrorCode, QosLimits};
 use shadowback_xenbus::{Message, SeqPacket};
@@ -294,14 +294,26 @@ impl<T, P> RingState<T, P> {
     }
 }
 
-/// The log entries of one attachment's rings, as a model marks those of
-/// its held requests ([`DeviceModel::ready`]).
-struct Marks<'a, T, P> {
-    device: &'a str,
-    state: &'a [RingState<T, P>],
+/// The log of the ring a drain takes from, locked once for the drain
+/// (docs/ARCHITECTURE.md §11.2): the consumed, completing and published
+/// transitions logged while it takes go through this one writer — the
+/// same stores and crash points as one call each, without a lock taken
+/// per transition.
+struct Draining<'l> {
+    ring: usize,
+    writer: LogWriter<'l>,
 }
 
-impl<T, P> HeldEntries for Marks<'_, T, P> {
+/// The log entries of one attachment's rings, as a model marks those of
+/// its held requests ([`DeviceModel::ready`]).
+struct Marks<'a, 'd, 'l, T, P> {
+    device: &'a str,
+    state: &'a [RingState<T, P>],
+    /// The drained ring's log (out of `state` for the drain).
+    draining: &'d mut Option<Draining<'l>>,
+}
+
+impl<T, P> HeldEntries for Marks<'_, '_, '_, T, P> {
     fn mark(&mut self, ring: usize, slot: u16, flags: u32) {
         let Some(st) = self.state.get(ring) else {
             return;
@@ -312,10 +324,15 @@ impl<T, P> HeldEntries for Marks<'_, T, P> {
             .and_then(Option::as_ref)
             .filter(|f| f.held())
             .and_then(|f| f.entry);
-        if let (Some(log), Some(entry)) = (st.log.as_ref(), entry) {
-            if let Err(e) = log.set_progress(entry, flags) {
-                log_failed(self.device, e);
-            }
+        let Some(entry) = entry else {
+            return;
+        };
+        let marked = match self.draining {
+            Some(d) if d.ring == ring => Some(d.writer.set_progress(entry, flags)),
+            _ => st.log.as_ref().map(|log| log.set_progress(entry, flags)),
+        };
+        if let Some(Err(e)) = marked {
+            log_failed(self.device, e);
         }
     }
 }
@@ -451,10 +468,11 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             let mut marks = Marks {
                 device: &core.device,
                 state: &self.state,
+                draining: &mut None,
             };
             let more = self.model.ready(&self.rings, &mut marks);
-            self.take_answers(core);
-            self.publish_due(core);
+            self.take_answers(core, &mut None);
+            self.publish_due(core, &mut None);
             if !more {
                 break;
             }
@@ -463,14 +481,19 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
 
     /// Puts and logs the model's answers to requests it held, in the order
     /// it queued them.
-    fn take_answers(&mut self, core: &mut Core) {
+    fn take_answers(&mut self, core: &mut Core, draining: &mut Option<Draining<'_>>) {
         while let Some(answer) = self.model.next_answer() {
-            self.answer_held(core, answer);
+            self.answer_held(core, answer, draining);
         }
     }
 
     /// Frees the held slot an answer names and answers its request.
-    fn answer_held(&mut self, core: &mut Core, answer: Answer<R::Response>) {
+    fn answer_held(
+        &mut self,
+        core: &mut Core,
+        answer: Answer<R::Response>,
+        draining: &mut Option<Draining<'_>>,
+    ) {
         let Answer {
             ring,
             slot,
@@ -491,99 +514,131 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         };
         st.held -= 1;
         st.free.push(slot);
-        self.respond_or_warn(core, ring, inflight.entry, &response);
+        self.respond_or_warn(core, ring, inflight.entry, &response, draining);
     }
 
     /// Takes what each ring holds (as far as slots, engine room and the
     /// turn's budget allow): take, parse, log, execute.
     fn consume(&mut self, core: &mut Core) -> Result<(), BackendError> {
         for ring in 0..self.state.len() {
-            let mut budget = TAKE_BUDGET;
-            loop {
-                let st = &self.state[ring];
-                if self.closing != Closing::No
-                    || st.broken
-                    || !st.replay.is_empty()
-                    || st.free.is_empty()
-                    || budget == 0
-                    || !self.has_room(core)
-                {
+            // The ring's log leaves its state for the drain: its
+            // transitions go through one writer (`Draining`) and it is
+            // back before the next lock of it.
+            let log = self.state[ring].log.take();
+            let mut draining = log.as_ref().map(|log| match log.writer() {
+                Ok(writer) => Draining { ring, writer },
+                Err(e) => log_failed(&core.device, e),
+            });
+            let took = self.take_from(core, ring, &mut draining);
+            if took.is_ok() {
+                self.finish_drain(core, ring, &mut draining);
+            }
+            drop(draining);
+            self.state[ring].log = log;
+            took?;
+        }
+        Ok(())
+    }
+
+    /// The end of ring `ring`'s drain: the model answers what it
+    /// collected (a TAP batch), answers put and published.
+    fn finish_drain(&mut self, core: &mut Core, ring: usize, draining: &mut Option<Draining<'_>>) {
+        loop {
+            let mut marks = Marks {
+                device: &core.device,
+                state: &self.state,
+                draining: &mut *draining,
+            };
+            let more = self.model.drained(&self.rings, ring, &mut marks);
+            self.take_answers(core, draining);
+            self.publish_due(core, draining);
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// Takes what ring `ring` holds, its log transitions through
+    /// `draining` (`None` without a shadow log).
+    fn take_from(
+        &mut self,
+        core: &mut Core,
+        ring: usize,
+        draining: &mut Option<Draining<'_>>,
+    ) -> Result<(), BackendError> {
+        let mut budget = TAKE_BUDGET;
+        loop {
+            let st = &self.state[ring];
+            if self.closing != Closing::No
+                || st.broken
+                || !st.replay.is_empty()
+                || st.free.is_empty()
+                || budget == 0
+                || !self.has_room(core)
+            {
+                break;
+            }
+            // QoS: a throttled request stays on the ring; the loop
+            // wakes when the buckets allow it (`wake_in`).
+            if core.throttled().is_some() {
+                break;
+            }
+            self.publish_due(core, draining);
+            let taken = match self.rings.take(ring) {
+                Ok(Some(taken)) => taken,
+                Ok(None) => break,
+                Err(why) => {
+                    self.ring_broken(core, ring, &why)?;
                     break;
                 }
-                // QoS: a throttled request stays on the ring; the loop
-                // wakes when the buckets allow it (`wake_in`).
-                if core.throttled().is_some() {
-                    break;
-                }
-                self.publish_due(core);
-                let taken = match self.rings.take(ring) {
-                    Ok(Some(taken)) => taken,
-                    Ok(None) => break,
-                    Err(why) => {
-                        self.ring_broken(core, ring, &why)?;
-                        break;
-                    }
-                };
-                budget = budget.saturating_sub(taken.cost.max(1));
-                let parsed = self.model.parse(&self.rings, ring, &taken.request);
-                if !core.qos.is_off() {
-                    // Admitted: `throttled` just said so.
-                    let _ = core.qos.admit(Instant::now());
-                    core.qos.charge(self.model.cost(&parsed));
-                }
-                self.rings.begin(ring, &taken.request);
-                // docs/ARCHITECTURE.md §7.1: the request is in the log
-                // before any of it is executed.
-                let entry = match self.state[ring].log.as_ref() {
-                    None => None,
-                    Some(log) => {
-                        let detail = self.model.detail(&parsed);
-                        let record = self.rings.request_record(ring, &taken.request, &detail);
-                        match log.log_consumed(taken.log_index, record.as_slice()) {
-                            Ok(entry) => Some(entry),
-                            Err(e) => log_failed(&core.device, e),
-                        }
-                    }
-                };
-                core.stats.requests += 1;
-                self.check_poison(core, &parsed);
-                if let Some(holding) = self.holding.as_mut() {
-                    // docs/ARCHITECTURE.md §7.3: a request that conflicts
-                    // with what an earlier instance may still have in the
-                    // kernel waits for the fence, behind it.
-                    let footprint = self.model.footprint(&parsed);
-                    if holding.conflicts(&footprint) {
-                        let held = Held {
-                            ring,
-                            entry,
-                            request: taken.request,
-                            what: HeldAs::Start,
-                        };
-                        holding.hold(held, footprint);
-                        continue;
+            };
+            budget = budget.saturating_sub(taken.cost.max(1));
+            let parsed = self.model.parse(&self.rings, ring, &taken.request);
+            if !core.qos.is_off() {
+                // Admitted: `throttled` just said so.
+                let _ = core.qos.admit(Instant::now());
+                core.qos.charge(self.model.cost(&parsed));
+            }
+            self.rings.begin(ring, &taken.request);
+            // docs/ARCHITECTURE.md §7.1: the request is in the log
+            // before any of it is executed.
+            let entry = match draining.as_mut() {
+                None => None,
+                Some(d) => {
+                    let detail = self.model.detail(&parsed);
+                    let record = self.rings.request_record(ring, &taken.request, &detail);
+                    match d.writer.log_consumed(taken.log_index, record.as_slice()) {
+                        Ok(entry) => Some(entry),
+                        Err(e) => log_failed(&core.device, e),
                     }
                 }
-                let Some(slot) = self.state[ring].free.pop() else {
-                    break;
-                };
-                self.start(core, ring, slot, entry, parsed);
-                if M::MAX_OPS > 0 {
-                    // A model without engine ops (a NIC's) has nothing to
-                    // hand the kernel.
-                    submit_burst(&mut core.engine, core.stats.requests)?;
+            };
+            core.stats.requests += 1;
+            self.check_poison(core, &parsed);
+            if let Some(holding) = self.holding.as_mut() {
+                // docs/ARCHITECTURE.md §7.3: a request that conflicts
+                // with what an earlier instance may still have in the
+                // kernel waits for the fence, behind it.
+                let footprint = self.model.footprint(&parsed);
+                if holding.conflicts(&footprint) {
+                    let held = Held {
+                        ring,
+                        entry,
+                        request: taken.request,
+                        what: HeldAs::Start,
+                    };
+                    holding.hold(held, footprint);
+                    continue;
                 }
             }
-            loop {
-                let mut marks = Marks {
-                    device: &core.device,
-                    state: &self.state,
-                };
-                let more = self.model.drained(&self.rings, ring, &mut marks);
-                self.take_answers(core);
-                self.publish_due(core);
-                if !more {
-                    break;
-                }
+            let Some(slot) = self.state[ring].free.pop() else {
+                break;
+            };
+            self.start(core, ring, slot, entry, parsed, draining);
+            if M::MAX_OPS > 0 {
+                // A model without engine ops (a NIC's) has nothing to
+                // hand the kernel.
+                submit_burst(&mut core.engine, core.stats.requests)?;
             }
         }
         Ok(())
@@ -607,6 +662,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         slot: u16,
         entry: Option<EntryId>,
         parsed: M::Request,
+        draining: &mut Option<Draining<'_>>,
     ) {
         let token = Token::Io {
             generation: self.generation,
@@ -625,7 +681,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     pending,
                     started: Some(Instant::now()),
                 });
-                self.take_answers(core);
+                self.take_answers(core, draining);
             }
             Started::Held(pending) => {
                 let st = &mut self.state[ring];
@@ -635,13 +691,13 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                     started: None,
                 });
                 st.held += 1;
-                self.take_answers(core);
+                self.take_answers(core, draining);
             }
             Started::Done(response) => {
-                self.take_answers(core);
+                self.take_answers(core, draining);
                 core.latency.record(Duration::ZERO);
                 self.state[ring].free.push(slot);
-                self.respond_or_warn(core, ring, entry, &response);
+                self.respond_or_warn(core, ring, entry, &response, draining);
             }
         }
     }
@@ -662,7 +718,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         self.rings.reload(ring, &request);
         let parsed = self.model.parse(&self.rings, ring, &request);
         self.check_poison(core, &parsed);
-        self.start(core, ring, slot, entry, parsed);
+        self.start(core, ring, slot, entry, parsed, &mut None);
         Ok(())
     }
 
@@ -710,7 +766,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     ) -> Result<(), String> {
         self.rings.reload(ring, request);
         let response = self.model.fail(&self.rings, ring, request);
-        self.respond(core, ring, entry, &response)
+        self.respond(core, ring, entry, &response, &mut None)
     }
 
     /// `fenced`: no I/O of an earlier instance can reach the device any
@@ -746,6 +802,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         ring: usize,
         entry: Option<EntryId>,
         response: &R::Response,
+        draining: &mut Option<Draining<'_>>,
     ) -> Result<(), String> {
         if self.model.is_error(response) {
             core.stats.errors += 1;
@@ -754,11 +811,21 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         if R::PUBLISH_EVERY.is_some() {
             self.state[ring].put += 1;
         }
-        if let (Some(log), Some(entry)) = (self.state[ring].log.as_ref(), entry) {
-            let record = self.rings.response_record(response);
-            if let Err(e) = log.log_completing(entry, idx, record.as_slice()) {
-                log_failed(&core.device, e);
+        let Some(entry) = entry else {
+            return Ok(());
+        };
+        let logged = match draining {
+            Some(d) if d.ring == ring => {
+                let record = self.rings.response_record(response);
+                Some(d.writer.log_completing(entry, idx, record.as_slice()))
             }
+            _ => self.state[ring].log.as_ref().map(|log| {
+                let record = self.rings.response_record(response);
+                log.log_completing(entry, idx, record.as_slice())
+            }),
+        };
+        if let Some(Err(e)) = logged {
+            log_failed(&core.device, e);
         }
         Ok(())
     }
@@ -769,8 +836,9 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         ring: usize,
         entry: Option<EntryId>,
         response: &R::Response,
+        draining: &mut Option<Draining<'_>>,
     ) {
-        if let Err(e) = self.respond(core, ring, entry, response) {
+        if let Err(e) = self.respond(core, ring, entry, response, draining) {
             tracing::error!(device = %core.device, ring, error = %e, "cannot put a response");
         }
     }
@@ -822,7 +890,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// freed) and notifies at most once per ring.
     fn publish(&mut self, core: &mut Core) {
         for ring in 0..self.state.len() {
-            let asked = self.publish_ring(core, ring);
+            let asked = self.publish_ring(core, ring, &mut None);
             let st = &mut self.state[ring];
             if asked || std::mem::take(&mut st.notify_owed) {
                 core.stats.notifications += 1;
@@ -833,7 +901,12 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
 
     /// Publishes what ring `ring` has put and logs it published; whether
     /// the guest asked to be notified.
-    fn publish_ring(&mut self, core: &Core, ring: usize) -> bool {
+    fn publish_ring(
+        &mut self,
+        core: &Core,
+        ring: usize,
+        draining: &mut Option<Draining<'_>>,
+    ) -> bool {
         self.state[ring].put = 0;
         let visible = match self.rings.publish(ring) {
             Ok(Some(idx)) => idx,
@@ -843,10 +916,15 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 return false;
             }
         };
-        if let Some(log) = self.state[ring].log.as_ref() {
-            if let Err(e) = log.log_published(visible) {
-                log_failed(&core.device, e);
-            }
+        let logged = match draining {
+            Some(d) if d.ring == ring => Some(d.writer.log_published(visible)),
+            _ => self.state[ring]
+                .log
+                .as_ref()
+                .map(|log| log.log_published(visible)),
+        };
+        if let Some(Err(e)) = logged {
+            log_failed(&core.device, e);
         }
         self.rings.published(ring)
     }
@@ -854,12 +932,12 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     /// In the middle of a drain: publishes each ring that has put
     /// [`RingSet::PUBLISH_EVERY`] answers; the notification the guest asks
     /// for is owed to the end of the turn, so a drain wakes it once.
-    fn publish_due(&mut self, core: &Core) {
+    fn publish_due(&mut self, core: &Core, draining: &mut Option<Draining<'_>>) {
         let Some(every) = R::PUBLISH_EVERY else {
             return;
         };
         for ring in 0..self.state.len() {
-            if self.state[ring].put >= every && self.publish_ring(core, ring) {
+            if self.state[ring].put >= every && self.publish_ring(core, ring, draining) {
                 self.state[ring].notify_owed = true;
             }
         }
@@ -1432,7 +1510,7 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
         let st = &mut att.state[r];
         st.slots[usize::from(slot)] = None;
         st.free.push(slot);
-        att.respond_or_warn(core, r, entry, &response);
+        att.respond_or_warn(core, r, entry, &response, &mut None);
     }
 }
 

@@ -707,6 +707,11 @@ impl ShadowLog {
     pub fn set_progress(&self, entry: EntryId, flags: u32) -> Result<(), ShadowError> {
         let mut guard = self.lock();
         writer(&mut guard)?;
+        self.progress(entry, flags)
+    }
+
+    /// [`set_progress`](Self::set_progress) under the writer's lock.
+    fn progress(&self, entry: EntryId, flags: u32) -> Result<(), ShadowError> {
         let i = self.check(entry)?;
         let t = Transition::Progress;
         self.point(t, 0);
@@ -973,6 +978,12 @@ impl LogWriter<'_> {
         let w = writer(&mut self.guard)?;
         self.log.published(&self.words, w, rsp_prod)
     }
+
+    /// [`ShadowLog::set_progress`].
+    pub fn set_progress(&mut self, entry: EntryId, flags: u32) -> Result<(), ShadowError> {
+        writer(&mut self.guard)?;
+        self.log.progress(entry, flags)
+    }
 }
 
 impl AsFd for ShadowLog {
@@ -1143,6 +1154,7 @@ mod tests {
             let ids: Vec<EntryId> = (first..first + 5)
                 .map(|i| single.log_consumed(i, &request(i)).unwrap())
                 .collect();
+            single.set_progress(ids[1], round + 1).unwrap();
             // Answered out of order, published in two steps.
             for (k, &e) in ids.iter().enumerate().rev() {
                 let at = first + 4 - k as u32;
@@ -1155,6 +1167,7 @@ mod tests {
             let ids: Vec<EntryId> = (first..first + 5)
                 .map(|i| w.log_consumed(i, &request(i)).unwrap())
                 .collect();
+            w.set_progress(ids[1], round + 1).unwrap();
             for (k, &e) in ids.iter().enumerate().rev() {
                 let at = first + 4 - k as u32;
                 w.log_completing(e, at, &response(at)).unwrap();
@@ -1169,6 +1182,7 @@ mod tests {
                 w.log_completing(ids[0], 0, &[0; 17]),
                 Err(ShadowError::PayloadTooLong { .. })
             ));
+            assert!(w.set_progress(EntryId(8), 1).is_err());
         }
         assert_eq!(single.snapshot().unwrap(), batched.snapshot().unwrap());
         assert_eq!(*single_seen.lock().unwrap(), *batched_seen.lock().unwrap());
