@@ -36,7 +36,7 @@ use shadowback_ring::SharedRegion;
 use shadowback_shadow::IoCounters;
 
 use super::rings::{NetifAnswer, NetifRings, NetifSlot, TxParsed, RX, TX};
-use super::{NetStats, PUBLISH_EVERY, RX_TAKEN};
+use super::{NetStats, RX_TAKEN};
 use crate::checksum;
 use crate::netif::tx::{parse_tx, TxPacket, TxRequest, TxSlots};
 use crate::netif::{
@@ -523,16 +523,22 @@ impl NetifModel {
     // ---- RX ------------------------------------------------------------
 
     /// Moves frames from the wire into posted buffers while there are
-    /// both; `true` when it stopped after a publication's worth of answers
-    /// with more to do.
+    /// both; `true` when it stopped after one frame's answers with more to
+    /// do (the loop logs them and calls again).
     fn deliver_rx(&mut self, entries: &mut dyn HeldEntries) -> bool {
         let mut answered = 0;
         loop {
             if self.pool.is_empty() {
                 return false;
             }
-            if answered >= PUBLISH_EVERY as usize {
-                // The guest takes these frames while the rest are copied.
+            if answered > 0 {
+                // The loop logs a frame's answers before the next frame is
+                // read: a frame copied into buffers and answered but not yet
+                // logged dies with this instance (counted, never seen by
+                // the guest), so at most one is in that state at a death
+                // (docs/ARCHITECTURE.md §11.6). Batching answers here lost
+                // up to a publication's worth per kill, and TCP streams
+                // then waited for a retransmission timeout.
                 return true;
             }
             let before = self.pool.len();
