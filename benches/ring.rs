@@ -256,8 +256,8 @@ fn shadow_slot_lifecycle(c: &mut Criterion<ThreadCpuTime>) {
         });
     }
     group.finish();
-    // The same transitions through one writer per batch, as netback's TX
-    // path logs a TAP batch's answers.
+    // The same transitions through one writer per batch, as the generic
+    // loop logs a ring's drain and vhost-user-net its transmit drain.
     let mut group = c.benchmark_group("shadow/slot_lifecycle_one_writer");
     for batch in [1u32, 32] {
         group.throughput(Throughput::Elements(u64::from(batch)));
