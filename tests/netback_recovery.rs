@@ -1057,3 +1057,46 @@ fn a_guest_asleep_through_a_long_drain_is_notified() {
     }
     backend.kill_in_place();
 }
+
+/// A cable whose far end is closed (the supervisor tearing the other vif
+/// down first) has nothing more for this guest: the backend says so once
+/// and stops polling that wire, where the closed end used to wake it at
+/// once, every turn, with a warning each time, until the detach.
+#[test]
+fn a_closed_far_end_of_a_cable_is_reported_once_and_not_polled_again() {
+    let mut vif = Vif::new();
+    let mut backend = Backend(NetbackProcess::spawn_logging(&[]));
+    backend.attach(&vif, false, true);
+    let mut t = Traffic::new(&mut vif);
+    vif.kick.notify().unwrap();
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    while (t.wire_next < 20 || t.rx_received < 20 || !t.tx_out.is_empty())
+        && Instant::now() < deadline
+    {
+        t.step(&mut vif, 20, 20);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    assert_eq!((t.wire_next, t.rx_received), (20, 20), "frames both ways");
+    let Peer::Cable(far) = &vif.peer else {
+        unreachable!("a cable vif");
+    };
+    nix::sys::socket::shutdown(far.fd().as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        backend.0.child.try_wait().unwrap().is_none(),
+        "the backend died of a closed cable"
+    );
+    let mut log = backend.0.child.stderr.take().expect("piped stderr");
+    backend.kill_in_place();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut log, &mut text).unwrap();
+    assert_eq!(
+        text.matches("far end closed").count(),
+        1,
+        "one report of the closed end:\n{text}"
+    );
+    assert!(
+        !text.contains("wire read failed"),
+        "the closed end was read again:\n{text}"
+    );
+}

@@ -22,8 +22,18 @@ pub struct NetbackProcess {
 
 impl NetbackProcess {
     /// Starts `shadowback netback` with a fresh control socket as fd 3.
-    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
     pub fn spawn(env: &[(&str, String)]) -> Self {
+        Self::spawn_with(env, false)
+    }
+
+    /// Like [`NetbackProcess::spawn`], with the process's log (stderr) on a
+    /// pipe the test reads through `child.stderr` once it has killed it.
+    pub fn spawn_logging(env: &[(&str, String)]) -> Self {
+        Self::spawn_with(env, true)
+    }
+
+    #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
+    fn spawn_with(env: &[(&str, String)], log_to_pipe: bool) -> Self {
         let (ours, theirs) = SeqPacket::pair().unwrap();
         let theirs: OwnedFd = theirs.into_fd();
         let src = theirs.as_raw_fd();
@@ -40,6 +50,9 @@ impl NetbackProcess {
                 }
                 Ok(())
             });
+        }
+        if log_to_pipe {
+            cmd.stderr(std::process::Stdio::piped());
         }
         let child = cmd.spawn().expect("spawn shadowback netback");
         drop(theirs);

@@ -44,7 +44,7 @@ use crate::netif::{
 };
 use crate::record::tx::{self as txrec, TxSlotRecord};
 use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
-use crate::wire::{SendOutcome, VnetHeader, Wire, WireKind};
+use crate::wire::{SendOutcome, VnetHeader, Wire, WireError, WireKind};
 
 /// What a vif reads and writes frames with: the wire and the guest's
 /// granted pages.
@@ -130,6 +130,10 @@ pub struct NetifModel {
     /// The wire may hold frames: read at the end of a drain rather than
     /// polled.
     wire_readable: bool,
+    /// The cable's far end is closed: nothing more can arrive, and a poll
+    /// of it would report its end at once, every turn, so it is not
+    /// polled again (docs/ARCHITECTURE.md §11.5).
+    wire_closed: bool,
 }
 
 /// A parsed slot (a packet taken by this instance waits in the model
@@ -172,6 +176,7 @@ impl NetifModel {
             held_frame: None,
             rx_taken: None,
             wire_readable: true,
+            wire_closed: false,
         }
     }
 
@@ -565,6 +570,13 @@ impl NetifModel {
                     true
                 }
                 Ok(None) => false,
+                Err(WireError::Closed) => {
+                    if !self.wire_closed {
+                        tracing::warn!(device = %self.device, "the cable's far end closed: nothing more for the guest");
+                        self.wire_closed = true;
+                    }
+                    false
+                }
                 Err(e) => {
                     tracing::warn!(device = %self.device, error = %e, "wire read failed");
                     false
@@ -842,12 +854,15 @@ impl DeviceModel<NetifRings> for NetifModel {
         self.answers.pop_front()
     }
 
-    /// The wire, while buffers are posted and it is not known to hold
-    /// frames already (then the drain reads it) and no frame waits for
-    /// buffers.
+    /// The wire, while buffers are posted, it is open and not known to
+    /// hold frames already (then the drain reads it) and no frame waits
+    /// for buffers.
     fn source(&self) -> Option<RawFd> {
-        (!self.pool.is_empty() && !self.wire_readable && self.held_frame.is_none())
-            .then(|| self.io.wire.fd().as_raw_fd())
+        (!self.pool.is_empty()
+            && !self.wire_readable
+            && !self.wire_closed
+            && self.held_frame.is_none())
+        .then(|| self.io.wire.fd().as_raw_fd())
     }
 
     fn ready(&mut self, rings: &NetifRings, entries: &mut dyn HeldEntries) -> bool {
