@@ -23,7 +23,8 @@ const BLIND_POLL: Duration = Duration::from_millis(1);
 /// receiver that took a whole ring's worth first answered it with one ACK,
 /// and losing that one frame (a backend dying with it, ARCHITECTURE.md
 /// §11.6) left the sender waiting for its retransmission timeout (≥ 1 s in
-/// smoltcp). 16 frames is a few dozen microseconds of work.
+/// smoltcp, which has no tail-loss probe). Linux's NAPI takes up to 64
+/// frames per poll and ACKs every second full segment.
 const RX_BUDGET: usize = 16;
 
 /// Smallest MTU an IPv4 link may have (RFC 791).
