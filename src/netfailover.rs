@@ -13,7 +13,12 @@
 //! of the same stream. Lost, duplicated and corrupt bytes
 //! come from the receiver's verifier; a gap above
 //! [`RTO_THRESHOLD`] is counted as a retransmission timeout (smoltcp does
-//! not count its own; its minimum RTO is far above a crash's stall).
+//! not count its own; its minimum RTO is far above a crash's stall), and
+//! listed with its steps (`long_gaps`): a slow reap or attach is the
+//! machine, a wait after `attached` the guests. The ≈ 1 s ones seen before
+//! the guest stack took frames in budgets of 16 were the receiver's one
+//! ACK per burst, lost with the killed sender-side backend (ARCHITECTURE.md
+//! §5, §11.6).
 //!
 //! `--mode hot` (the default) keeps a standby process per vif, started
 //! before the kill (after the previous gap closed, so its start does not
@@ -68,6 +73,10 @@ struct NetFailoverReport {
     gap_us: Dist,
     /// Gaps longer than 200 ms.
     retransmission_timeouts: u64,
+    /// Each of those gaps with its steps, to tell the machine (a slow reap
+    /// or attach) from the guests waiting after `attached` (a TCP
+    /// retransmission timeout, ≥ 1 s in smoltcp).
+    long_gaps: Vec<LongGap>,
     /// The steps of the takeovers.
     takeover_us: Steps,
     /// `hot` or `cold`.
@@ -89,6 +98,21 @@ struct NetFailoverReport {
     failed_streams: u64,
     /// TX or RX responses the guests found answered twice or never asked for.
     bad_responses: u64,
+}
+
+/// One gap longer than [`RTO_THRESHOLD`].
+#[derive(Serialize)]
+struct LongGap {
+    /// The kill's number, from 1.
+    kill: u32,
+    /// 0 (A, the sender's) or 1 (B, the receiver's).
+    vif: u32,
+    gap_us: u64,
+    reap_us: u64,
+    attach_us: u64,
+    /// `attached` to the next new data.
+    first_data_us: u64,
+    rx_dropped_in_crash: u64,
 }
 
 /// Per takeover step, its distribution.
@@ -147,6 +171,7 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
         corrupt: 0,
         gap_us: Dist::default(),
         retransmission_timeouts: 0,
+        long_gaps: Vec::new(),
         takeover_us: Steps::default(),
         mode: if hot { "hot" } else { "cold" },
         tx_replayed: 0,
@@ -205,24 +230,24 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
                 p.first_after = None;
             }
             let kill_at = Instant::now();
-            let attached_at = match vifs[(report.kills % 2) as usize].kill_and_replace() {
-                Ok(t) => {
-                    report.tx_replayed += t.counts.tx_replayed;
-                    report.tx_maybe_duplicated += t.counts.tx_maybe_duplicated;
-                    report.rx_dropped_in_crash += t.counts.rx_dropped_in_crash;
-                    for (s, d) in steps
-                        .iter_mut()
-                        .zip([t.reap, t.spawn, t.attach, t.counts.replay])
-                    {
-                        s.push(micros(d));
-                    }
-                    kill_at + t.reap + t.spawn + t.attach
-                }
+            let vif = report.kills % 2;
+            let t = match vifs[vif as usize].kill_and_replace() {
+                Ok(t) => t,
                 Err(e) => {
                     kill_error = Some(e);
                     break;
                 }
             };
+            report.tx_replayed += t.counts.tx_replayed;
+            report.tx_maybe_duplicated += t.counts.tx_maybe_duplicated;
+            report.rx_dropped_in_crash += t.counts.rx_dropped_in_crash;
+            for (s, d) in steps
+                .iter_mut()
+                .zip([t.reap, t.spawn, t.attach, t.counts.replay])
+            {
+                s.push(micros(d));
+            }
+            let attached_at = kill_at + t.reap + t.spawn + t.attach;
             report.kills += 1;
             let gap = loop {
                 let p = probe.lock().map_err(|_| "probe poisoned")?;
@@ -240,6 +265,15 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
                 Some(g) => {
                     if g > RTO_THRESHOLD {
                         report.retransmission_timeouts += 1;
+                        report.long_gaps.push(LongGap {
+                            kill: report.kills,
+                            vif,
+                            gap_us: micros(g),
+                            reap_us: micros(t.reap),
+                            attach_us: micros(t.spawn + t.attach),
+                            first_data_us: first_data.last().copied().unwrap_or_default(),
+                            rx_dropped_in_crash: t.counts.rx_dropped_in_crash,
+                        });
                     }
                     gaps.push(micros(g));
                 }
@@ -376,4 +410,16 @@ fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
         r.retransmission_timeouts,
         r.max_stall_us
     );
+    for g in &r.long_gaps {
+        outln!(
+            "    kill {} (vif {}): gap {} us; reap {}, start and attach {}, attached → first new data {} us; RX frames dropped in that crash {}",
+            g.kill,
+            ["A", "B"][g.vif as usize & 1],
+            g.gap_us,
+            g.reap_us,
+            g.attach_us,
+            g.first_data_us,
+            g.rx_dropped_in_crash
+        );
+    }
 }

@@ -361,3 +361,37 @@ fn the_progress_hook_sees_every_advance_of_the_receiver() {
     assert!(seen.windows(2).all(|w| w[0].1 < w[1].1 && w[0].0 <= w[1].0));
     assert_eq!(seen.last().map(|s| s.1), Some(2 * MIB));
 }
+
+/// Losing one of the receiver's ACKs must not cost the stream a
+/// retransmission timeout (smoltcp's is at least 1 s) while more data is
+/// coming: a backend dying with a frame loses it (docs/ARCHITECTURE.md
+/// §11.6), and on a vif carrying a stream's ACKs that frame is an ACK.
+/// Every 5th frame from the receiver is dropped here. When a stack took
+/// every frame its device held before sending anything, the receiver
+/// answered a whole burst with one ACK, the sender waited for exactly
+/// that one, and losing it stalled the stream ≈ 1 s (`bench failover
+/// --class net`'s occasional retransmission timeout).
+#[test]
+fn lost_acks_cost_no_retransmission_timeout() {
+    let mut config = CableConfig::default();
+    config.faults[1].drop_every = Some(5);
+    let (tx, rx, ctl) = run_pair(
+        config,
+        (StreamRole::Sender, StreamRole::Receiver),
+        |p| p.bytes = 8 * MIB,
+        |_| {},
+    );
+    assert_passed(&tx);
+    assert_passed(&rx);
+    assert_eq!(tx.checksum, rx.checksum);
+    let acks = ctl.stats(Direction::BToA);
+    assert!(acks.dropped_by_fault >= 10, "{acks:?}");
+    // The receiver's gaps: the sender's last one can be a lost ACK of
+    // the stream's last data, which nothing follows.
+    assert!(
+        rx.max_gap_ms < 500.0,
+        "the receiver waited {:.0} ms at offset {} ({acks:?})",
+        rx.max_gap_ms,
+        rx.max_gap_at
+    );
+}

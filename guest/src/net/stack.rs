@@ -4,7 +4,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{
+    Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet,
+};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, IpEndpoint, Ipv4Cidr};
@@ -15,6 +17,15 @@ use super::device::{FrameDevice, FrameError, PhyAdapter, PhyStats};
 /// How long [`NetStack::wait`] sleeps when the device has neither an fd nor
 /// a hint: a device that says nothing is polled, not waited on.
 const BLIND_POLL: Duration = Duration::from_millis(1);
+
+/// Frames one [`NetStack::poll`] takes in before it sends what the sockets
+/// have (ACKs, window updates, data) and lets the application read: a
+/// receiver that took a whole ring's worth first answered it with one ACK,
+/// and losing that one frame (a backend dying with it, ARCHITECTURE.md
+/// §11.6) left the sender waiting for its retransmission timeout (≥ 1 s in
+/// smoltcp, which has no tail-loss probe). Linux's NAPI takes up to 64
+/// frames per poll and ACKs every second full segment.
+const RX_BUDGET: usize = 16;
 
 /// Smallest MTU an IPv4 link may have (RFC 791).
 const MIN_IPV4_MTU: usize = 68;
@@ -85,6 +96,9 @@ pub struct NetStack<'d> {
     phy: PhyAdapter<'d>,
     /// smoltcp's clock counts from here.
     epoch: Instant,
+    /// The last poll stopped at [`RX_BUDGET`] frames: the device may hold
+    /// more, so [`wait`](Self::wait) does not sleep.
+    rx_more: bool,
 }
 
 impl<'d> NetStack<'d> {
@@ -137,6 +151,7 @@ impl<'d> NetStack<'d> {
             sockets: SocketSet::new(Vec::new()),
             phy,
             epoch,
+            rx_more: false,
         })
     }
 
@@ -186,14 +201,36 @@ impl<'d> NetStack<'d> {
             .map_err(|reason| NetError::Connect { remote, reason })
     }
 
-    /// Moves frames both ways and runs the TCP timers; true when a socket's
-    /// state may have changed.
+    /// Takes in up to [`RX_BUDGET`] frames, then sends what the sockets
+    /// have and runs the TCP timers; true when a socket's state may have
+    /// changed. What is left on the device waits for the next call, which
+    /// [`wait`](Self::wait) then does not delay: between two calls the
+    /// application reads, so the window stays open, and ACKs go out every
+    /// few frames instead of one per burst.
     pub fn poll(&mut self, now: Instant) -> Result<bool, NetError> {
         let at = self.smol_now(now);
-        let changed = self.iface.poll(at, &mut self.phy, &mut self.sockets);
+        self.iface.poll_maintenance(at);
+        let mut changed = false;
+        self.rx_more = false;
+        for taken in 1..=RX_BUDGET {
+            match self
+                .iface
+                .poll_ingress_single(at, &mut self.phy, &mut self.sockets)
+            {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+            self.rx_more = taken == RX_BUDGET;
+        }
+        while self.iface.poll_egress(at, &mut self.phy, &mut self.sockets)
+            == PollResult::SocketStateChanged
+        {
+            changed = true;
+        }
         match self.phy.take_fatal() {
             Some(err) => Err(NetError::Device(err)),
-            None => Ok(changed == PollResult::SocketStateChanged),
+            None => Ok(changed),
         }
     }
 
@@ -210,6 +247,9 @@ impl<'d> NetStack<'d> {
     /// Sleeps until a frame may have arrived, a stack timer is due, or `max`
     /// passed, whichever comes first.
     pub fn wait(&mut self, now: Instant, max: Duration) -> Result<(), NetError> {
+        if self.rx_more {
+            return Ok(());
+        }
         let mut timeout = max;
         if let Some(d) = self.poll_delay(now) {
             timeout = timeout.min(d);
