@@ -298,6 +298,13 @@ impl RingSet for NetifRings {
         }
     }
 
+    fn requests_left(&self, ring: usize) -> Option<u32> {
+        Some(match ring {
+            TX => self.tx.requests_left(),
+            _ => self.rx.requests_left(),
+        })
+    }
+
     fn begin(&mut self, _ring: usize, _request: &NetifSlot) {}
 
     fn reload(&mut self, _ring: usize, _request: &NetifSlot) {}
