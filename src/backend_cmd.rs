@@ -372,6 +372,10 @@ pub struct NetbackArgs {
     /// Do not write the shadow logs (overhead benchmark only).
     #[arg(long)]
     no_shadow: bool,
+    /// As for `blkback`: poll the rings for this many µs after activity
+    /// before sleeping (0: never poll; at most 1000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    poll_us: u32,
     /// As for `blkback`.
     #[arg(long)]
     no_confine: bool,
@@ -432,6 +436,7 @@ fn serve_net(
         backend_id: args.backend_id,
         shadow: !args.no_shadow,
         crash_at: crash_at_from_env()?,
+        poll_us: args.poll_us,
     };
     let mut backend = NetBackend::with_engine(cfg, control, engine, tap_batch);
     backend.metrics = metrics;

@@ -85,6 +85,18 @@ pub struct NetBenchArgs {
     /// Only these frames: 64, 1500, tcp (comma-separated).
     #[arg(long, value_delimiter = ',')]
     frames: Vec<String>,
+    /// Adaptive polling window of every backend row's backends, in µs
+    /// (`[[nic]] poll_us`, `netback --poll-us`; 0: they never poll).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    poll_us: u32,
+}
+
+/// How a row's backends run: with shadow logs or not, and their polling
+/// window (`--poll-us`).
+#[derive(Clone, Copy, Debug)]
+struct Backends {
+    shadow: bool,
+    poll_us: u32,
 }
 
 /// EtherType of the benchmark frames: IEEE 802 local experimental.
@@ -229,6 +241,8 @@ struct Row {
 #[derive(Serialize)]
 struct JsonReport<'a> {
     rows: &'a [Row],
+    /// The backends' polling window (`--poll-us`).
+    poll_us: u32,
     /// Rows not run, and why.
     skipped: &'a [String],
 }
@@ -299,7 +313,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
         let mut sums = vec![(0.0f64, 0.0f64, (0.0f64, 0.0f64), 0u32); paths.len()];
         for _ in 0..args.rounds {
             for (&path, sum) in paths.iter().zip(&mut sums) {
-                let rate = measure_row(path, frame, slice)
+                let rate = measure_row(path, frame, slice, args.poll_us)
                     .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
@@ -340,6 +354,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             "{}",
             serde_json::to_string(&JsonReport {
                 rows: &rows,
+                poll_us: args.poll_us,
                 skipped: &skipped,
             })?
         );
@@ -349,30 +364,31 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn measure_row(path: NetPath, frame: Frame, secs: Duration) -> Result<Rate, CliError> {
+fn measure_row(
+    path: NetPath,
+    frame: Frame,
+    secs: Duration,
+    poll_us: u32,
+) -> Result<Rate, CliError> {
+    let how = Backends {
+        shadow: path.shadow(),
+        poll_us,
+    };
     match (path, frame) {
         (NetPath::RawCable, Frame::Tcp) => tcp_raw_cable(secs),
         (NetPath::NetifCable | NetPath::NetifCableNoShadow, Frame::Tcp) => {
-            tcp_netif_cable(path.shadow(), secs)
+            tcp_netif_cable(how, secs)
         }
         (NetPath::RawTap, Frame::Tcp) => tcp_raw_tap(secs),
-        (NetPath::NetifTap | NetPath::NetifTapNoShadow, Frame::Tcp) => {
-            tcp_netif_tap(path.shadow(), secs)
-        }
-        (NetPath::VhostTap | NetPath::VhostTapNoShadow, Frame::Tcp) => {
-            tcp_vhost_tap(path.shadow(), secs)
-        }
+        (NetPath::NetifTap | NetPath::NetifTapNoShadow, Frame::Tcp) => tcp_netif_tap(how, secs),
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, Frame::Tcp) => tcp_vhost_tap(how, secs),
         (NetPath::RawCable, _) => raw_cable(frame.len(), secs),
         (NetPath::NetifCable | NetPath::NetifCableNoShadow, _) => {
-            netif_cable(frame.len(), path.shadow(), secs)
+            netif_cable(frame.len(), how, secs)
         }
         (NetPath::RawTap, _) => raw_tap(frame.len(), secs),
-        (NetPath::NetifTap | NetPath::NetifTapNoShadow, _) => {
-            netif_tap(frame.len(), path.shadow(), secs)
-        }
-        (NetPath::VhostTap | NetPath::VhostTapNoShadow, _) => {
-            vhost_tap(frame.len(), path.shadow(), secs)
-        }
+        (NetPath::NetifTap | NetPath::NetifTapNoShadow, _) => netif_tap(frame.len(), how, secs),
+        (NetPath::VhostTap | NetPath::VhostTapNoShadow, _) => vhost_tap(frame.len(), how, secs),
     }
 }
 
@@ -620,15 +636,25 @@ pub(crate) fn cable_vifs(
     shadow: bool,
     hot: bool,
 ) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
+    polling_cable_vifs(shadow, hot, 0)
+}
+
+/// [`cable_vifs`] with backends that poll for `poll_us` after activity.
+fn polling_cable_vifs(
+    shadow: bool,
+    hot: bool,
+    poll_us: u32,
+) -> Result<(NetFront, NetFront, [BenchVif; 2]), CliError> {
     let [ca, cb] = cable_pair(CableConfig::default())?;
     let (a, b) = (guest(MAC_A)?, guest(MAC_B)?);
-    let va = BenchVif::start_with(&a, ca, WireType::Cable, shadow, hot)?;
-    let vb = BenchVif::start_with(&b, cb, WireType::Cable, shadow, hot)?;
+    let how = (shadow, hot, poll_us);
+    let va = BenchVif::start_as(&a, ca, WireType::Cable, how)?;
+    let vb = BenchVif::start_as(&b, cb, WireType::Cable, how)?;
     Ok((a, b, [va, vb]))
 }
 
-fn netif_cable(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow, false)?;
+fn netif_cable(len: usize, how: Backends, secs: Duration) -> Result<Rate, CliError> {
+    let (a, b, vifs) = polling_cable_vifs(how.shadow, false, how.poll_us)?;
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let tx = netfront_sender(a, bench_frame(len, MAC_B.0), stop.clone());
@@ -666,10 +692,11 @@ fn raw_tap(len: usize, secs: Duration) -> Result<Rate, CliError> {
     rate
 }
 
-fn netif_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+fn netif_tap(len: usize, how: Backends, secs: Duration) -> Result<Rate, CliError> {
     let (tap, mut counter) = tap_in_fresh_netns()?;
     let a = guest(MAC_A)?;
-    let vif = BenchVif::start(&a, tap.queue_fds()[0].try_clone()?, WireType::Tap, shadow)?;
+    let wire = tap.queue_fds()[0].try_clone()?;
+    let vif = BenchVif::start_as(&a, wire, WireType::Tap, (how.shadow, false, how.poll_us))?;
     let stop = Arc::new(AtomicBool::new(false));
     let tx = netfront_sender(a, bench_frame(len, MAC_NOBODY), stop.clone());
     let rate = timed_window(secs, &stop, || counter.total(), len);
@@ -697,13 +724,15 @@ const VHOST_TAP: &str = "sbbench0";
 impl VhostTap {
     /// With `linux`, the TAP gets the receiver's address and a listener
     /// (the TCP rows).
-    fn start(shadow: bool, linux: bool) -> Result<(Self, Option<TcpListener>), CliError> {
+    fn start(how: Backends, linux: bool) -> Result<(Self, Option<TcpListener>), CliError> {
         let dir = crate::scratch::TempDir::new(None, "bench-net")?;
         let socket = dir.0.join("vnet.sock");
         let toml = format!(
-            "socket = {:?}\n[[nic]]\nname = \"vnet\"\ntap = \"{VHOST_TAP}\"\nmtu = 1500\nvhost_user = {:?}\nshadow = {shadow}\nstandby = false\n",
+            "socket = {:?}\n[[nic]]\nname = \"vnet\"\ntap = \"{VHOST_TAP}\"\nmtu = 1500\nvhost_user = {:?}\nshadow = {}\nstandby = false\npoll_us = {}\n",
             dir.0.join("control.sock").display().to_string(),
             socket.display().to_string(),
+            how.shadow,
+            how.poll_us,
         );
         let cfg = Config::parse(&toml)?;
         let (supervisor, counter, listener) = thread::spawn(move || -> Result<_, CliError> {
@@ -754,8 +783,8 @@ impl Drop for VhostTap {
     }
 }
 
-fn vhost_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (mut vt, _) = VhostTap::start(shadow, false)?;
+fn vhost_tap(len: usize, how: Backends, secs: Duration) -> Result<Rate, CliError> {
+    let (mut vt, _) = VhostTap::start(how, false)?;
     let dev = vt.connect()?;
     let stop = Arc::new(AtomicBool::new(false));
     let tx = frame_sender(
@@ -772,8 +801,8 @@ fn vhost_tap(len: usize, shadow: bool, secs: Duration) -> Result<Rate, CliError>
     rate
 }
 
-fn tcp_vhost_tap(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (vt, listener) = VhostTap::start(shadow, true)?;
+fn tcp_vhost_tap(how: Backends, secs: Duration) -> Result<Rate, CliError> {
+    let (vt, listener) = VhostTap::start(how, true)?;
     let listener = listener.ok_or("no listener")?;
     let dev = vt.connect()?;
     let rate = tcp_to_linux_rate(dev, &listener, secs);
@@ -993,10 +1022,11 @@ fn tcp_raw_tap(secs: Duration) -> Result<Rate, CliError> {
     tcp_to_linux_rate(dev, &listener, secs)
 }
 
-fn tcp_netif_tap(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
+fn tcp_netif_tap(how: Backends, secs: Duration) -> Result<Rate, CliError> {
     let (tap, listener) = tap_with_listener()?;
     let a = guest(MAC_A)?;
-    let vif = BenchVif::start(&a, tap.queue_fds()[0].try_clone()?, WireType::Tap, shadow)?;
+    let wire = tap.queue_fds()[0].try_clone()?;
+    let vif = BenchVif::start_as(&a, wire, WireType::Tap, (how.shadow, false, how.poll_us))?;
     let rate = tcp_to_linux_rate(a, &listener, secs);
     drop(vif);
     rate
@@ -1088,8 +1118,8 @@ fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
     })
 }
 
-fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
-    let (a, b, vifs) = cable_vifs(shadow, false)?;
+fn tcp_netif_cable(how: Backends, secs: Duration) -> Result<Rate, CliError> {
+    let (a, b, vifs) = polling_cable_vifs(how.shadow, false, how.poll_us)?;
     let rate = tcp_rate(a, b, secs);
     drop(vifs);
     rate
@@ -1097,8 +1127,8 @@ fn tcp_netif_cable(shadow: bool, secs: Duration) -> Result<Rate, CliError> {
 
 fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     outln!(
-        "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks",
-        args.seconds, args.rounds
+        "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks; backends' poll_us {}",
+        args.seconds, args.rounds, args.poll_us
     );
     outln!();
     outln!(
@@ -1166,6 +1196,15 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     outln!("  - `vs raw` = pps / the raw row of the same wire and frame (raw-cable: this process on both cable ends; raw-tap: this process writing the TAP fd).");
     outln!("  - TAP rows count frames arriving in the TAP's namespace (an AF_PACKET socket's kernel counter); cable rows count frames the far guest (or cable end) received.");
     outln!("  - Gbit/s: Ethernet frames without FCS; TCP: verified payload. Every process shares the same CPUs: compare ratios within one run.");
+    outln!(
+        "  - poll_us {}: {}",
+        args.poll_us,
+        if args.poll_us == 0 {
+            "the backends sleep as soon as they find nothing to do (the default; `--poll-us N` to measure polling).".to_string()
+        } else {
+            format!("the netif rows' backends poll their rings for {} µs after activity before sleeping, taking CPU from the rest (`netback --poll-us`); the vhost-user-net rows' nic has that `poll_us`, which their backend's loop does not use yet.", args.poll_us)
+        }
+    );
     outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part; TCP rows on the TAP: over the measured stream, per frame the guest sent, the Linux receiver included); other jobs on the machine change pps much more than this.");
     for s in skipped {
         outln!("  - skipped: {s}");

@@ -55,6 +55,8 @@ pub struct BenchVif {
     /// A started process waiting for its `attach-net` (hot mode).
     standby: Option<Backend>,
     hot: bool,
+    /// Each backend's `--poll-us`.
+    poll_us: u32,
 }
 
 /// How long the steps of one takeover took.
@@ -88,25 +90,15 @@ struct Backend {
 }
 
 impl BenchVif {
-    /// Starts a backend (with `--no-shadow` unless `shadow`) for `front`
-    /// on `wire` and attaches it; no standby.
-    pub fn start(
+    /// Starts a backend for `front` on `wire` and attaches it, as
+    /// `(shadow, hot, poll_us)` say: `--no-shadow` unless `shadow`; with
+    /// `hot` a standby process kept ready for the next takeover, as the
+    /// supervisor keeps one; `--poll-us`.
+    pub fn start_as(
         front: &NetFront,
         wire: OwnedFd,
         wire_type: WireType,
-        shadow: bool,
-    ) -> Result<Self, CliError> {
-        Self::start_with(front, wire, wire_type, shadow, false)
-    }
-
-    /// [`start`](Self::start), and with `hot` a standby process kept
-    /// ready for the next takeover, as the supervisor keeps one.
-    pub fn start_with(
-        front: &NetFront,
-        wire: OwnedFd,
-        wire_type: WireType,
-        shadow: bool,
-        hot: bool,
+        (shadow, hot, poll_us): (bool, bool, u32),
     ) -> Result<Self, CliError> {
         let mut vif = BenchVif {
             connect: front.connect_request(),
@@ -120,8 +112,9 @@ impl BenchVif {
             backend: None,
             standby: None,
             hot,
+            poll_us,
         };
-        let first = spawn_netback(shadow)?;
+        let first = spawn_netback(shadow, poll_us)?;
         vif.attach(first, false)?;
         vif.refill_standby()?;
         Ok(vif)
@@ -140,7 +133,7 @@ impl BenchVif {
         // clock read around taking one said 1 µs once in a while).
         let (next, spawn) = match self.standby.take() {
             Some(b) => (b, Duration::ZERO),
-            None => (spawn_netback(self.shadow)?, t1.elapsed()),
+            None => (spawn_netback(self.shadow, self.poll_us)?, t1.elapsed()),
         };
         let t2 = Instant::now();
         let counts = self.attach(next, true)?;
@@ -163,7 +156,7 @@ impl BenchVif {
     /// Starts a standby if the vif keeps one and has none.
     pub fn refill_standby(&mut self) -> Result<(), CliError> {
         if self.hot && self.standby.is_none() {
-            self.standby = Some(spawn_netback(self.shadow)?);
+            self.standby = Some(spawn_netback(self.shadow, self.poll_us)?);
         }
         Ok(())
     }
@@ -227,7 +220,7 @@ impl Backend {
 /// `shadowback netback --device vif0 --control-fd 3` with a fresh control
 /// socket as fd 3, as the supervisor will start it.
 #[allow(unsafe_code, reason = "`pre_exec`: fd set-up between fork and exec")]
-fn spawn_netback(shadow: bool) -> Result<Backend, CliError> {
+fn spawn_netback(shadow: bool, poll_us: u32) -> Result<Backend, CliError> {
     let (ours, theirs) = SeqPacket::pair()?;
     let theirs: OwnedFd = theirs.into_fd();
     let src = theirs.as_raw_fd();
@@ -236,6 +229,9 @@ fn spawn_netback(shadow: bool) -> Result<Backend, CliError> {
         .stdin(Stdio::null());
     if !shadow {
         cmd.arg("--no-shadow");
+    }
+    if poll_us > 0 {
+        cmd.args(["--poll-us", &poll_us.to_string()]);
     }
     // SAFETY: runs in the forked child before exec and calls only fcntl
     // and dup2 (async-signal-safe) on an fd open in the parent.

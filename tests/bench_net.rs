@@ -96,6 +96,41 @@ fn bench_net_measures_every_row() {
     }
 }
 
+/// `--poll-us`: the backends poll (`netback --poll-us`) and still move
+/// every row's frames; the table says which window was used.
+#[test]
+fn bench_net_runs_polling_backends() {
+    let (ok, v) = run_json(&[
+        "bench",
+        "net",
+        "--seconds",
+        "0.3",
+        "--rounds",
+        "1",
+        "--paths",
+        "raw-cable,netif-cable",
+        "--frames",
+        "64",
+        "--poll-us",
+        "200",
+        "--json",
+    ]);
+    assert!(ok, "{v}");
+    let row = v["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["path"] == "netif-cable")
+        .unwrap_or_else(|| panic!("no netif-cable row: {v}"));
+    assert!(row["pps"].as_f64().unwrap_or(0.0) > 0.0, "{row}");
+    assert_eq!(v["poll_us"], 200, "{v}");
+    let out = Command::new(env!("CARGO_BIN_EXE_shadowback"))
+        .args(["bench", "net", "--poll-us", "1001"])
+        .output()
+        .expect("run shadowback");
+    assert!(!out.status.success(), "--poll-us above 1000 accepted");
+}
+
 #[test]
 fn bench_failover_net_loses_nothing() {
     let (ok, v) = run_json(&[

@@ -105,7 +105,8 @@ pub trait RingSet {
     /// middle of a drain, between two takes (and between two calls of the
     /// model's `ready`/`drained`): the guest refills those slots while the
     /// backend works through the rest. A notification such a publication
-    /// finds asked for is owed, sent at the end of the turn. `None`:
+    /// finds asked for is owed, sent at the end of the turn, or at once
+    /// when the ring is running low ([`RingSet::requests_left`]). `None`:
     /// published at the end of the turn only.
     const PUBLISH_EVERY: Option<u32> = None;
 
@@ -147,6 +148,15 @@ pub trait RingSet {
     /// Whether `ring` holds requests not taken yet, without asking the
     /// guest for a kick: what the loop polls.
     fn peek_requests(&mut self, ring: usize) -> bool;
+    /// Requests the guest has put on `ring` and the loop not taken yet,
+    /// where the transport can tell cheaply (a Xen ring: `req_prod -
+    /// req_cons`). With [`RingSet::PUBLISH_EVERY`], a publication that
+    /// finds the guest asking for a notification while at most half the
+    /// ring is left sends it at once (docs/ARCHITECTURE.md §11.2); `None`
+    /// (the default): it waits for the end of the turn.
+    fn requests_left(&self, _ring: usize) -> Option<u32> {
+        None
+    }
     /// Marks `request` started, just before the log records it consumed (the in-flight region's first store, §7.4).
     fn begin(&mut self, ring: usize, request: &Self::Request);
     /// Makes what the device model parses for `request` available again

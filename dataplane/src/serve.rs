@@ -930,15 +930,36 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
     }
 
     /// In the middle of a drain: publishes each ring that has put
-    /// [`RingSet::PUBLISH_EVERY`] answers; the notification the guest asks
-    /// for is owed to the end of the turn, so a drain wakes it once.
-    fn publish_due(&mut self, core: &Core, draining: &mut Option<Draining<'_>>) {
+    /// [`RingSet::PUBLISH_EVERY`] answers. The notification the guest asks
+    /// for is owed to the end of the turn, so a drain wakes it once —
+    /// unless at most half the ring is left to take: then it is sent at
+    /// once (`write(2)`: the engine's would wait for the turn's end), so
+    /// the guest refills the ring while the backend works through the
+    /// rest instead of after it ran dry (docs/ARCHITECTURE.md §11.2).
+    fn publish_due(&mut self, core: &mut Core, draining: &mut Option<Draining<'_>>) {
         let Some(every) = R::PUBLISH_EVERY else {
             return;
         };
         for ring in 0..self.state.len() {
-            if self.state[ring].put >= every && self.publish_ring(core, ring, draining) {
+            if self.state[ring].put < every {
+                continue;
+            }
+            if self.publish_ring(core, ring, draining) {
                 self.state[ring].notify_owed = true;
+            }
+            // The guest asks once (`rsp_event`) and waits: what an earlier
+            // publication found asked for is sent once the ring runs low.
+            let low = self.rings.size(ring) / 2;
+            let running_low = |left: u32| left <= low;
+            if !self.state[ring].notify_owed
+                || !self.rings.requests_left(ring).is_some_and(running_low)
+            {
+                continue;
+            }
+            self.state[ring].notify_owed = false;
+            core.stats.notifications += 1;
+            if let Err(e) = self.rings.notify(ring) {
+                tracing::warn!(device = %core.device, ring, error = %e, "notify failed");
             }
         }
     }

@@ -270,30 +270,15 @@ impl IoBuffers {
         first: &[(u64, usize)],
         then: &[(u64, usize)],
     ) -> Result<Self, EngineError> {
-        fn iovec<M: IoMemory>(
-            mem: &M,
-            &(offset, len): &(u64, usize),
-        ) -> Result<libc::iovec, EngineError> {
-            mem.io_range(offset, len)
-                .map(|base| libc::iovec {
-                    iov_base: base.as_ptr().cast(),
-                    iov_len: len,
-                })
-                .ok_or(EngineError::BufferOutOfRange { offset, len })
-        }
         let count = first.len() + then.len();
-        let all = first
-            .iter()
-            .map(|r| iovec(&*pair.0, r))
-            .chain(then.iter().map(|r| iovec(&*pair.1, r)));
         let iovecs = if count <= INLINE_IOVECS {
             let mut array = [EMPTY_IOVEC; INLINE_IOVECS];
-            for (slot, iov) in array.iter_mut().zip(all) {
-                *slot = iov?;
-            }
+            fill_pair(&mut array[..count], pair, first, then)?;
             Iovecs::Inline { len: count, array }
         } else {
-            Iovecs::Heap(all.collect::<Result<_, _>>()?)
+            let mut all = vec![EMPTY_IOVEC; count];
+            fill_pair(&mut all, pair, first, then)?;
+            Iovecs::Heap(all.into_boxed_slice())
         };
         Ok(IoBuffers {
             iovecs,
@@ -313,6 +298,36 @@ impl IoBuffers {
     pub fn segments(&self) -> usize {
         self.iovecs.as_slice().len()
     }
+}
+
+/// Writes the iovecs of `first`'s ranges of `pair.0` then `then`'s of
+/// `pair.1` into `out` (as long as both lists), each range checked to lie
+/// inside its memory.
+fn fill_pair<A: IoMemory, B: IoMemory>(
+    out: &mut [libc::iovec],
+    pair: &(Arc<A>, Arc<B>),
+    first: &[(u64, usize)],
+    then: &[(u64, usize)],
+) -> Result<(), EngineError> {
+    fn iovec<M: IoMemory>(
+        mem: &M,
+        &(offset, len): &(u64, usize),
+    ) -> Result<libc::iovec, EngineError> {
+        mem.io_range(offset, len)
+            .map(|base| libc::iovec {
+                iov_base: base.as_ptr().cast(),
+                iov_len: len,
+            })
+            .ok_or(EngineError::BufferOutOfRange { offset, len })
+    }
+    let (head, tail) = out.split_at_mut(first.len());
+    for (slot, range) in head.iter_mut().zip(first) {
+        *slot = iovec(&*pair.0, range)?;
+    }
+    for (slot, range) in tail.iter_mut().zip(then) {
+        *slot = iovec(&*pair.1, range)?;
+    }
+    Ok(())
 }
 
 impl fmt::Debug for IoBuffers {
@@ -687,6 +702,66 @@ impl Engine {
                 Err((e, entry.op))
             }
         }
+    }
+
+    /// Queues a write of ranges of two memories to a stream `fd`
+    /// ([`IoOp::WriteStream`] on [`IoBuffers::from_ranges_of_pair`]),
+    /// its iovecs written straight into the op's slot: a batch of small
+    /// writes (a TAP's frames) does not move each op's inline iovec array
+    /// from the caller to the slot. Errors as [`Engine::push`]'s, and
+    /// [`EngineError::BufferOutOfRange`]; nothing is queued then.
+    pub fn push_write_stream<A: IoMemory, B: IoMemory>(
+        &mut self,
+        token: Token,
+        fd: RawFd,
+        pair: &Arc<(Arc<A>, Arc<B>)>,
+        first: &[(u64, usize)],
+        then: &[(u64, usize)],
+    ) -> Result<(), EngineError> {
+        let count = first.len() + then.len();
+        if count > INLINE_IOVECS {
+            let bufs = IoBuffers::from_ranges_of_pair(pair, first, then)?;
+            return self
+                .push(token, IoOp::WriteStream { fd, bufs })
+                .map_err(|(e, _)| e);
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(EngineError::Busy {
+                capacity: self.capacity(),
+            });
+        };
+        let entry = self.slots[slot].insert(InflightEntry {
+            token,
+            op: IoOp::WriteStream {
+                fd,
+                bufs: IoBuffers {
+                    iovecs: Iovecs::Inline {
+                        len: 0,
+                        array: [EMPTY_IOVEC; INLINE_IOVECS],
+                    },
+                    _owner: pair.clone(),
+                },
+            },
+        });
+        let filled = match &mut entry.op {
+            IoOp::WriteStream {
+                bufs:
+                    IoBuffers {
+                        iovecs: Iovecs::Inline { len, array },
+                        ..
+                    },
+                ..
+            } => fill_pair(&mut array[..count], pair, first, then).map(|()| *len = count),
+            _ => unreachable!("a stream write with inline iovecs was put in slot {slot}"),
+        };
+        let queued = filled
+            .and_then(|()| build_sqe(&entry.op))
+            .and_then(|sqe| self.queue(sqe.user_data(slot as u64)));
+        if queued.is_err() {
+            self.slots[slot] = None;
+            self.free.push(slot);
+        }
+        queued
     }
 
     /// Puts `sqe` in the SQ, submitting what is queued first if it is

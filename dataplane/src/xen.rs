@@ -104,6 +104,16 @@ impl<P: RingProtocol> XenRing<P> {
         self.pending > 0 || self.ring.unconsumed_requests().map_or(true, |n| n > 0)
     }
 
+    /// Requests published and not taken yet, looked up afresh (one load
+    /// of `req_prod`); 0 when the guest broke the ring (the next take
+    /// says so).
+    pub fn requests_left(&self) -> u32 {
+        self.ring
+            .unconsumed_requests()
+            .unwrap_or(0)
+            .max(self.pending)
+    }
+
     /// Writes a response, unpublished; returns its ring index.
     pub fn put(&mut self, rsp: &P::Response) -> Result<u32, String> {
         let idx = self.ring.put_response(rsp).map_err(|e| e.to_string())?;

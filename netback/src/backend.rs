@@ -44,9 +44,10 @@ mod rings;
 use std::collections::HashSet;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use shadowback_dataplane::control::AttachFlags;
-use shadowback_dataplane::event_loop::BackendError;
+use shadowback_dataplane::event_loop::{BackendError, MAX_POLL_WINDOW};
 use shadowback_dataplane::recovery::{open_shadow_log, CrashSpec, RecoveryStats};
 use shadowback_dataplane::rings::Recovery;
 use shadowback_dataplane::serve::{AttachKind, Built, Core, DataPlane};
@@ -117,6 +118,10 @@ pub struct NetConfig {
     pub shadow: bool,
     /// Fault injection for crash tests (`SHADOWBACK_CRASH_AT`).
     pub crash_at: CrashSpec,
+    /// Adaptive polling window in µs (`poll_us` of the nic; 0: never
+    /// poll), capped at
+    /// [`shadowback_dataplane::event_loop::MAX_POLL_WINDOW`].
+    pub poll_us: u32,
 }
 
 /// Counters of one network backend instance.
@@ -467,8 +472,10 @@ impl NetBackend {
         engine: Engine,
         tap_batch: TapBatch,
     ) -> Self {
+        let mut core = Core::new(cfg.device.clone(), engine, control);
+        core.poll_window = Duration::from_micros(u64::from(cfg.poll_us)).min(MAX_POLL_WINDOW);
         NetBackend {
-            core: Core::new(cfg.device.clone(), engine, control),
+            core,
             kind: Some(NetifAttach::new(cfg, tap_batch)),
             metrics: None,
         }
@@ -566,6 +573,27 @@ mod tests {
             position,
             count,
             kind,
+        }
+    }
+
+    /// `--poll-us` becomes the loop's poll window, capped as a disk's.
+    #[test]
+    fn the_poll_window_is_the_configured_one_capped() {
+        for (poll_us, window) in [
+            (0, Duration::ZERO),
+            (50, Duration::from_micros(50)),
+            (5000, MAX_POLL_WINDOW),
+        ] {
+            let cfg = NetConfig {
+                device: "vif0".into(),
+                backend_id: 0,
+                shadow: true,
+                crash_at: CrashSpec::default(),
+                poll_us,
+            };
+            let (control, _supervisor) = SeqPacket::pair().unwrap();
+            let backend = NetBackend::new(cfg, control).unwrap();
+            assert_eq!(backend.core.poll_window, window, "poll_us {poll_us}");
         }
     }
 

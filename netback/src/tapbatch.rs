@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use shadowback_dataplane::uring::{
-    AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoBuffers, IoMemory, IoOp,
+    AlignedBuf, Completion, Engine, EngineConfig, EngineError, IoMemory,
 };
 
 /// Frames written with one submission; also the most a crash can leave
@@ -143,24 +143,17 @@ impl TapBatch {
         // frame; dropped on return, when no op holds it any more.
         let memories = Arc::new((self.slab.clone(), region.clone()));
         for (i, frame) in self.frames.iter().enumerate() {
-            let bufs = IoBuffers::from_ranges_of_pair(
-                &memories,
-                &[frame.slab],
-                &self.guest_ranges[frame.guest.0..frame.guest.1],
-            );
-            let op = match bufs {
-                Ok(bufs) => IoOp::WriteStream { fd, bufs },
-                Err(e) => {
+            let guest = &self.guest_ranges[frame.guest.0..frame.guest.1];
+            match self
+                .engine
+                .push_write_stream(i as u64, fd, &memories, &[frame.slab], guest)
+            {
+                Ok(()) => pushed += 1,
+                Err(e @ EngineError::BufferOutOfRange { .. }) => {
                     tracing::debug!(error = %e, "TX frame outside the guest's memory");
                     self.results[i] = -libc::EFAULT;
-                    continue;
                 }
-            };
-            match self.engine.push(i as u64, op) {
-                Ok(()) => pushed += 1,
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, "cannot queue a TAP write");
-                }
+                Err(e) => tracing::warn!(error = %e, "cannot queue a TAP write"),
             }
         }
         while self.engine.in_flight() > 0 {
@@ -250,6 +243,26 @@ mod tests {
         assert_eq!(results, [12, 18, -libc::EFAULT, 7]);
         assert!(batch.is_empty());
         assert_eq!(read_all(&rd), b"h1:guest-oneh2::GUEST-TWOguestcopied!");
+    }
+
+    /// A frame of more ranges than an op holds inline is written whole
+    /// too.
+    #[test]
+    fn a_frame_of_many_ranges_is_written_whole() {
+        let region = Arc::new(SharedRegion::create("tapbatch", 1).unwrap());
+        region.write(0, b"abcdefghijklmnopqrstuvwxyz").unwrap();
+        let ranges: Vec<(u64, usize)> = (0..20).map(|i| (i, 1)).collect();
+        assert!(ranges.len() + 1 > shadowback_dataplane::uring::INLINE_IOVECS);
+        let mut batch = TapBatch::new().unwrap();
+        batch
+            .push(2, &ranges, |b| {
+                b.copy_from_slice(b"h:");
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        let (rd, wr) = pipe();
+        assert_eq!(batch.flush(wr.as_raw_fd(), &region), [22]);
+        assert_eq!(read_all(&rd), b"h:abcdefghijklmnopqrst");
     }
 
     /// A batch holds at most TX_BATCH frames and what its slab takes.

@@ -542,6 +542,12 @@ pub struct NicConfig {
     /// (docs/ARCHITECTURE.md §8.1). A netif guest uses the first.
     #[serde(default = "default_nic_queues")]
     pub queues: u16,
+    /// Adaptive polling, as for a disk: after activity, the netif backend
+    /// polls its rings for this many µs before it sleeps, and the guest is
+    /// not asked to kick meanwhile. 0 (the default) never polls; at most
+    /// [`MAX_POLL_US`].
+    #[serde(default = "default_poll_us")]
+    pub poll_us: u32,
 }
 
 /// Most queue pairs of a vif: with its control queue, the virtqueues one
@@ -604,6 +610,7 @@ impl NicConfig {
             vhost_user: None,
             queue_size: default_queue_size(),
             queues: default_nic_queues(),
+            poll_us: DEFAULT_POLL_US,
         }
     }
 
@@ -905,6 +912,9 @@ impl Config {
                 "queue_size {} is not a power of two up to {MAX_VHOST_QUEUE_SIZE}",
                 n.queue_size
             ));
+        }
+        if n.poll_us > MAX_POLL_US {
+            return bad(format!("poll_us {} is above {MAX_POLL_US}", n.poll_us));
         }
         if !(1..=MAX_NIC_QUEUES).contains(&n.queues) {
             return bad(format!(
@@ -1248,6 +1258,22 @@ mod tests {
             Config::parse("socket = \"/s\"\n[[disk]]\nname = \"a\"\npath = \"/x\"\npoll_us = 50")
                 .unwrap();
         assert_eq!(cfg.disks[0].poll_us, 50);
+    }
+
+    #[test]
+    fn a_nics_poll_us_defaults_to_zero_is_read_and_bounded() {
+        assert_eq!(NicConfig::tap("t", "t0").poll_us, DEFAULT_POLL_US);
+        let nic = |extra: &str| {
+            Config::parse(&format!(
+                "socket = \"/s\"\n[[nic]]\nname = \"t\"\ntap = \"t0\"\n{extra}"
+            ))
+            .map(|cfg| cfg.nics[0].poll_us)
+        };
+        assert_eq!(nic("").unwrap(), 0);
+        assert_eq!(nic("poll_us = 50").unwrap(), 50);
+        assert_eq!(nic("poll_us = 1000").unwrap(), MAX_POLL_US);
+        let err = nic("poll_us = 1001").unwrap_err().to_string();
+        assert!(err.contains("poll_us 1001 is above 1000"), "{err}");
     }
 
     #[test]

@@ -55,6 +55,14 @@ struct Shared {
     /// `drained` calls, per ring.
     drained: [u32; 2],
     readies: u32,
+    /// The rings say how many requests are left to take
+    /// ([`RingSet::requests_left`]), and the guest asks for a notification
+    /// once (the first publication finds it asking), as a guest waiting
+    /// for room does.
+    asks_once: bool,
+    /// Answers published when the loop notified with `write(2)`
+    /// ([`RingSet::notify`]) rather than through its engine.
+    written_at: Vec<usize>,
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -87,6 +95,9 @@ impl RingSet for TestRings {
         &self.kicks[ring]
     }
     fn notify(&self, ring: usize) -> Result<(), String> {
+        let mut shared = lock(&self.shared);
+        let published = shared.rings[ring].published.len();
+        shared.written_at.push(published);
         self.notify[ring].notify().map_err(|e| e.to_string())
     }
     fn notify_channel(&self, ring: usize) -> &EventChannel {
@@ -115,6 +126,12 @@ impl RingSet for TestRings {
     fn peek_requests(&mut self, ring: usize) -> bool {
         !lock(&self.shared).rings[ring].requests.is_empty()
     }
+    fn requests_left(&self, ring: usize) -> Option<u32> {
+        let shared = lock(&self.shared);
+        shared
+            .asks_once
+            .then(|| shared.rings[ring].requests.len() as u32)
+    }
     fn begin(&mut self, _ring: usize, _request: &u32) {}
     fn reload(&mut self, _ring: usize, _request: &u32) {}
     fn put(&mut self, ring: usize, response: &u32) -> Result<u32, String> {
@@ -134,8 +151,9 @@ impl RingSet for TestRings {
         r.publications += 1;
         Ok(Some(r.published.len() as u32))
     }
-    fn published(&mut self, _ring: usize) -> bool {
-        true
+    fn published(&mut self, ring: usize) -> bool {
+        let shared = lock(&self.shared);
+        !shared.asks_once || shared.rings[ring].publications == 1
     }
     fn unpublished(&self, ring: usize) -> bool {
         !lock(&self.shared).rings[ring].put.is_empty()
@@ -563,5 +581,28 @@ fn a_long_drain_publishes_as_it_goes_and_notifies_once_at_the_end() {
         1,
         "one notification for the drain, none lost"
     );
+    h.stop();
+}
+
+#[test]
+fn a_drain_notifies_at_once_when_at_most_half_the_ring_is_left() {
+    let h = Harness::attached();
+    lock(&h.shared).asks_once = true;
+    let _ = h.notify[PACKETS].drain();
+    // A whole ring in one turn, published every 4 answers. The first
+    // publication finds the guest asking, with 12 requests left: owed.
+    // The second leaves 8, half the ring: the notification goes at once,
+    // not at the end of the turn, and only once.
+    let requests: Vec<u32> = (20..20 + SIZE).collect();
+    h.post(PACKETS, &requests);
+    h.until("the drain is published", |s| {
+        s.rings[PACKETS].published.len() == SIZE as usize
+    });
+    let turns = lock(&h.shared).drained[PACKETS];
+    h.until("two more turns", |s| s.drained[PACKETS] >= turns + 2);
+    assert_eq!(h.published(PACKETS), requests);
+    assert_eq!(lock(&h.shared).rings[PACKETS].publications, 4);
+    assert_eq!(lock(&h.shared).written_at, [8], "sent once, at once");
+    assert_eq!(h.notify[PACKETS].drain().unwrap(), 1, "one notification");
     h.stop();
 }

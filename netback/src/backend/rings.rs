@@ -298,6 +298,14 @@ impl RingSet for NetifRings {
         }
     }
 
+    /// TX only: a guest waits for TX answers when its ring is full, so
+    /// the backend is about to run dry when few requests are left. RX
+    /// buffers are taken into the pool as soon as posted (nearly none are
+    /// ever left), so RX notifications stay owed to the end of the turn.
+    fn requests_left(&self, ring: usize) -> Option<u32> {
+        (ring == TX).then(|| self.tx.requests_left())
+    }
+
     fn begin(&mut self, _ring: usize, _request: &NetifSlot) {}
 
     fn reload(&mut self, _ring: usize, _request: &NetifSlot) {}

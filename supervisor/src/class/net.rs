@@ -263,6 +263,8 @@ pub struct NetClass {
     wire: HeldWire,
     /// Queue pairs (`[[nic]] queues`).
     pairs: u16,
+    /// The backend's adaptive polling window (`[[nic]] poll_us`).
+    poll_us: u32,
 }
 
 impl NetClass {
@@ -290,6 +292,7 @@ impl NetClass {
             },
             wire,
             pairs: cfg.queues,
+            poll_us: cfg.poll_us,
         })
     }
 }
@@ -313,6 +316,8 @@ impl DeviceClass for NetClass {
             args: vec![
                 "--backend-id".into(),
                 self.info.backend_id.to_string().into(),
+                "--poll-us".into(),
+                self.poll_us.to_string().into(),
             ],
             device_file: None,
             io_fence: None,
@@ -360,6 +365,26 @@ mod tests {
         assert_ne!(info.mac, nics[1].mac_addr().unwrap());
         let setup = a.prepare_instance().unwrap();
         assert!(setup.device_file.is_none() && setup.io_fence.is_none());
+    }
+
+    /// The backend is started with the nic's polling window.
+    #[test]
+    fn the_backend_gets_the_nics_poll_window() {
+        let nics = [
+            NicConfig {
+                poll_us: 50,
+                ..NicConfig::cable("a", "b")
+            },
+            NicConfig::cable("b", "a"),
+        ];
+        let mut wires = open_wires(&nics).unwrap();
+        for (nic, want) in nics.iter().zip(["50", "0"]) {
+            let class = NetClass::new(nic, wires.remove(nic.name.as_str()).unwrap()).unwrap();
+            let args = class.prepare_instance().unwrap().args;
+            let at = args.iter().position(|a| a == "--poll-us");
+            let value = at.and_then(|at| args.get(at + 1));
+            assert_eq!(value.and_then(|v| v.to_str()), Some(want), "{args:?}");
+        }
     }
 
     /// A vif on a cable, one queue pair, MTU `mtu`.
