@@ -55,6 +55,10 @@ struct Shared {
     /// `drained` calls, per ring.
     drained: [u32; 2],
     readies: u32,
+    /// Events of the second source the model read.
+    second_readies: u32,
+    /// The model does not take from the packet ring.
+    gated: bool,
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -165,6 +169,9 @@ impl RingSet for TestRings {
 struct TestModel {
     shared: SharedRef,
     source: EventChannel,
+    /// A second source: each of its frames answers the oldest buffer with
+    /// `value + 2000`.
+    second: EventChannel,
     buffers: VecDeque<(u16, u32)>,
     packet: Vec<(u16, u32)>,
     batch: Vec<(u16, u32)>,
@@ -224,6 +231,36 @@ impl DeviceModel<TestRings> for TestModel {
     }
     fn source(&self) -> Option<RawFd> {
         (!self.buffers.is_empty()).then(|| self.source.as_raw_fd())
+    }
+    fn sources(&self) -> usize {
+        2
+    }
+    fn source_at(&self, n: usize) -> Option<RawFd> {
+        match n {
+            0 => self.source(),
+            _ => (!self.buffers.is_empty()).then(|| self.second.as_raw_fd()),
+        }
+    }
+    fn ready_at(&mut self, n: usize, rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
+        if n == 0 {
+            return self.ready(rings, entries);
+        }
+        let frames = self.second.drain().unwrap_or(0);
+        lock(&self.shared).second_readies += 1;
+        for _ in 0..frames {
+            let Some((slot, value)) = self.buffers.pop_front() else {
+                break;
+            };
+            self.answers.push_back(Answer {
+                ring: BUFFERS,
+                slot,
+                response: value + 2000,
+            });
+        }
+        false
+    }
+    fn takes(&self, ring: usize) -> bool {
+        ring != PACKETS || !lock(&self.shared).gated
     }
     /// Answers as many buffers, oldest first, as the source's counter
     /// says, after marking every held buffer under way.
@@ -313,6 +350,7 @@ struct Harness {
     kicks: [EventChannel; 2],
     notify: [EventChannel; 2],
     source: EventChannel,
+    second: EventChannel,
     logs: [ShadowLog; 2],
     thread: Option<JoinHandle<Result<(), BackendError>>>,
 }
@@ -332,6 +370,7 @@ impl Harness {
         let shared = SharedRef::default();
         let kicks = [EventChannel::new().unwrap(), EventChannel::new().unwrap()];
         let source = EventChannel::new().unwrap();
+        let second = EventChannel::new().unwrap();
         let logs = [
             ShadowLog::create(SIZE).unwrap(),
             ShadowLog::create(SIZE).unwrap(),
@@ -349,6 +388,7 @@ impl Harness {
         let model = TestModel {
             shared: shared.clone(),
             source: clone(&source),
+            second: clone(&second),
             buffers: VecDeque::new(),
             packet: Vec::new(),
             batch: Vec::new(),
@@ -367,6 +407,7 @@ impl Harness {
             kicks,
             notify,
             source,
+            second,
             logs: mine,
             thread: Some(thread),
         };
@@ -563,5 +604,69 @@ fn a_long_drain_publishes_as_it_goes_and_notifies_once_at_the_end() {
         1,
         "one notification for the drain, none lost"
     );
+    h.stop();
+}
+
+#[test]
+fn each_source_is_polled_on_its_own() {
+    let h = Harness::attached();
+    h.post(BUFFERS, &[1, 2, 3]);
+    h.until("the buffers are started", |s| s.started[BUFFERS] == 3);
+    // A frame on the second source: answered by it, the first one not read.
+    nix::unistd::write(&h.second, &1u64.to_ne_bytes()).unwrap();
+    h.until("a buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 1
+    });
+    assert_eq!(h.published(BUFFERS), [2001]);
+    assert_eq!(lock(&h.shared).readies, 0, "the first source was read");
+    // Then one on the first: both stay polled while buffers are held.
+    h.frames(1);
+    h.until("a second buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 2
+    });
+    nix::unistd::write(&h.second, &1u64.to_ne_bytes()).unwrap();
+    h.until("the third buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 3
+    });
+    assert_eq!(h.published(BUFFERS), [2001, 1002, 2003]);
+    let s = lock(&h.shared);
+    assert_eq!((s.readies, s.second_readies), (1, 2));
+    drop(s);
+    h.stop();
+}
+
+#[test]
+fn a_ring_the_model_does_not_take_from_keeps_its_requests_and_is_not_work() {
+    let h = Harness::attached();
+    lock(&h.shared).gated = true;
+    h.post(PACKETS, &[5, 6]);
+    // Another ring's kick makes turns; the gated ring is not taken from.
+    h.post(BUFFERS, &[1]);
+    h.until("the buffer is started", |s| s.started[BUFFERS] == 1);
+    let turns = lock(&h.shared).drained[BUFFERS];
+    h.post(BUFFERS, &[2]);
+    h.until("two more turns", |s| s.drained[BUFFERS] >= turns + 2);
+    assert_eq!(
+        lock(&h.shared).started[PACKETS],
+        0,
+        "a gated ring was taken from"
+    );
+    // Waiting requests on a gated ring are not work: the loop sleeps,
+    // woken by its heartbeat only (every 20 ms; a loop that took them for
+    // work would turn thousands of times).
+    let turns = lock(&h.shared).drained[BUFFERS];
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_turns = lock(&h.shared).drained[BUFFERS] - turns;
+    assert!(
+        idle_turns <= 40,
+        "{idle_turns} turns in 200 ms with nothing to take"
+    );
+    // Served again: what waited is taken at the next turn.
+    lock(&h.shared).gated = false;
+    h.post(BUFFERS, &[3]);
+    h.until("the packets are answered", |s| {
+        s.rings[PACKETS].published.len() == 2
+    });
+    assert_eq!(h.published(PACKETS), [5, 6]);
     h.stop();
 }
