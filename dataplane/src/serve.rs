@@ -591,10 +591,18 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 || st.broken
                 || !self.model.takes(ring)
                 || !st.replay.is_empty()
-                || st.free.is_empty()
                 || budget == 0
                 || !self.has_room(core)
             {
+                break;
+            }
+            if st.free.is_empty() {
+                // A slot per ring entry, every one taken (a network
+                // model's held buffers): a request the ring still shows is
+                // one more than it holds, whatever the transport.
+                if self.rings.peek_requests(ring) {
+                    self.ring_broken(core, ring, "more requests out than the ring has entries")?;
+                }
                 break;
             }
             // QoS: a throttled request stays on the ring; the loop

@@ -670,3 +670,31 @@ fn a_ring_the_model_does_not_take_from_keeps_its_requests_and_is_not_work() {
     assert_eq!(h.published(PACKETS), [5, 6]);
     h.stop();
 }
+
+#[test]
+fn a_request_beyond_a_ring_whose_every_slot_is_held_breaks_the_ring() {
+    let h = Harness::attached();
+    // As many held buffers as the ring has entries: the ring is full,
+    // nothing is wrong yet.
+    let full: Vec<u32> = (0..SIZE).collect();
+    h.post(BUFFERS, &full);
+    h.until("every buffer is started", |s| s.started[BUFFERS] == SIZE);
+    let turns = lock(&h.shared).drained[BUFFERS];
+    h.post(PACKETS, &[7]);
+    h.until("two more turns", |s| s.drained[BUFFERS] >= turns + 2);
+    // One more: more requests out than the ring has entries.
+    h.post(BUFFERS, &[SIZE]);
+    let (msg, _) = h
+        .control
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("no disconnect from the loop");
+    assert_eq!(msg.kind(), kind::DISCONNECT, "{msg:?}");
+    assert!(
+        msg.get(key::REASON)
+            .is_some_and(|r| r.contains("more requests")),
+        "{msg:?}"
+    );
+    assert_eq!(lock(&h.shared).started[BUFFERS], SIZE);
+    h.stop();
+}
