@@ -257,7 +257,7 @@ fn shadow_slot_lifecycle(c: &mut Criterion<ThreadCpuTime>) {
     }
     group.finish();
     // The same transitions through one writer per batch, as the generic
-    // loop logs a ring's drain and vhost-user-net its transmit drain.
+    // loop logs a ring's drain (netif's rings, virtqueues).
     let mut group = c.benchmark_group("shadow/slot_lifecycle_one_writer");
     for batch in [1u32, 32] {
         group.throughput(Throughput::Elements(u64::from(batch)));

@@ -17,6 +17,8 @@
 //! - [`recovery`]: opening a shadow log, recovery counters, freeing what the
 //!   guest has seen, and the crash-loop breaker's serial replay;
 //! - [`uring`]: the io_uring engine, the crate's only `unsafe`;
+//! - [`virtq`]: the split virtqueues of a vhost-user device, generic over
+//!   what its class logs, the ring set of virtio-blk and virtio-net;
 //! - [`xen`]: one Xen back ring, generic over its `sring` protocol, for
 //!   the ring sets of blkif and netif.
 
@@ -35,4 +37,5 @@ pub mod serve;
 // its `unsafe` is documented at the top of the module.
 #[allow(unsafe_code)]
 pub mod uring;
+pub mod virtq;
 pub mod xen;

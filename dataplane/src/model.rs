@@ -234,6 +234,34 @@ pub trait DeviceModel<R: RingSet> {
     fn source(&self) -> Option<RawFd> {
         None
     }
+    /// How many event sources the model has (a multi-queue TAP: one per
+    /// queue); each is polled on its own, as [`DeviceModel::source_at`]
+    /// says, under ring `RingSet::count() + n`. One by default: the
+    /// [`DeviceModel::source`].
+    fn sources(&self) -> usize {
+        1
+    }
+    /// Source `n` of [`DeviceModel::sources`], polled while this says
+    /// `Some`, as [`DeviceModel::source`].
+    fn source_at(&self, n: usize) -> Option<RawFd> {
+        if n == 0 {
+            self.source()
+        } else {
+            None
+        }
+    }
+    /// Source `n` is ready, as [`DeviceModel::ready`].
+    fn ready_at(&mut self, _n: usize, rings: &R, entries: &mut dyn HeldEntries) -> bool {
+        self.ready(rings, entries)
+    }
+    /// Whether the loop takes from `ring` now: `false` for a ring the
+    /// device does not serve at the moment (a virtio-net queue pair beyond
+    /// the pairs the driver uses, a queue started without its pair). Such
+    /// a ring is not taken from and is not work for the loop; what it
+    /// holds waits.
+    fn takes(&self, _ring: usize) -> bool {
+        true
+    }
     /// The source is ready: the model answers what it can of its held
     /// requests (several answers per event), marking their entries
     /// first where a successor must know what was under way. `true`: it

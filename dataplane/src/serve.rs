@@ -32,6 +32,10 @@ use crate::recovery::{self, log_failed, RecoveryStats, ReplayTarget, SerialRepla
 use crate::rings::{Recovery, RingSet, DETAIL_SIZE, TAKE_BUDGET};
 use crate::uring::{Completion, Engine, IoOp};
 
+/// Ring numbers a token carries (6 bits): the rings of an attachment, then
+/// the model's sources.
+const MAX_TOKEN_RINGS: usize = 64;
+
 /// Counters of one backend process, over all its attachments.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopStats {
@@ -413,8 +417,9 @@ struct Attachment<R: RingSet, M: DeviceModel<R>> {
     /// Requests held back until an earlier instance's I/O is gone; `None`
     /// once it is (or was from the start).
     holding: Option<Holding<R::Request>>,
-    /// The model's event source is polled ([`DeviceModel::source`]).
-    source_armed: bool,
+    /// The model's event sources polled ([`DeviceModel::source_at`]), one
+    /// bit each.
+    sources_armed: u64,
 }
 
 impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
@@ -427,42 +432,55 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
         // the poll of the model's source.
         core.has_room(
             M::MAX_OPS,
-            2 * R::MAX_RINGS + usize::from(self.source_armed),
+            2 * R::MAX_RINGS + self.sources_armed.count_ones() as usize,
         )
     }
 
-    /// The token the model's source is polled with: the ring after the
-    /// last.
-    fn source_token(&self) -> Token {
+    /// The token the model's source `n` is polled with: the rings after
+    /// the last.
+    fn source_token(&self, n: usize) -> Token {
         Token::Kick {
             generation: self.generation,
-            ring: self.rings.count() as u8,
+            ring: (self.rings.count() + n) as u8,
         }
     }
 
-    /// Polls the model's source if it has one to watch and it is not
+    /// Sources a token can name: ring numbers are 6 bits.
+    fn source_count(&self) -> usize {
+        self.model
+            .sources()
+            .min(MAX_TOKEN_RINGS.saturating_sub(self.rings.count()))
+    }
+
+    /// Polls each of the model's sources it has to watch that is not
     /// polled yet (end of a turn). An engine without room tries again
     /// next turn.
     fn arm_source(&mut self, core: &mut Core) {
-        if self.source_armed || self.closing == Closing::Broken {
+        if self.closing == Closing::Broken {
             return;
         }
-        let Some(fd) = self.model.source() else {
-            return;
-        };
-        match event_loop::arm(&mut core.engine, self.source_token(), fd) {
-            Ok(()) => self.source_armed = true,
-            Err(e) => {
-                tracing::warn!(device = %core.device, error = %e, "cannot poll the device's source")
+        for n in 0..self.source_count() {
+            if self.sources_armed & (1 << n) != 0 {
+                continue;
+            }
+            let Some(fd) = self.model.source_at(n) else {
+                continue;
+            };
+            match event_loop::arm(&mut core.engine, self.source_token(n), fd) {
+                Ok(()) => self.sources_armed |= 1 << n,
+                Err(e) => {
+                    tracing::warn!(device = %core.device, source = n, error = %e, "cannot poll the device's source");
+                    return;
+                }
             }
         }
     }
 
-    /// The model's source is ready: the model answers what it can.
-    fn source_ready(&mut self, core: &mut Core, result: i32) {
-        self.source_armed = false;
+    /// The model's source `n` is ready: the model answers what it can.
+    fn source_ready(&mut self, core: &mut Core, n: usize, result: i32) {
+        self.sources_armed &= !(1 << n);
         if result < 0 {
-            tracing::warn!(device = %core.device, result, "poll of the device's source failed");
+            tracing::warn!(device = %core.device, source = n, result, "poll of the device's source failed");
         }
         loop {
             let mut marks = Marks {
@@ -470,7 +488,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 state: &self.state,
                 draining: &mut None,
             };
-            let more = self.model.ready(&self.rings, &mut marks);
+            let more = self.model.ready_at(n, &self.rings, &mut marks);
             self.take_answers(core, &mut None);
             self.publish_due(core, &mut None);
             if !more {
@@ -571,11 +589,20 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             let st = &self.state[ring];
             if self.closing != Closing::No
                 || st.broken
+                || !self.model.takes(ring)
                 || !st.replay.is_empty()
-                || st.free.is_empty()
                 || budget == 0
                 || !self.has_room(core)
             {
+                break;
+            }
+            if st.free.is_empty() {
+                // A slot per ring entry, every one taken (a network
+                // model's held buffers): a request the ring still shows is
+                // one more than it holds, whatever the transport.
+                if self.rings.peek_requests(ring) {
+                    self.ring_broken(core, ring, "more requests out than the ring has entries")?;
+                }
                 break;
             }
             // QoS: a throttled request stays on the ring; the loop
@@ -1017,6 +1044,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             } else {
                 self.closing == Closing::No
                     && !st.broken
+                    && self.model.takes(ring)
                     && !st.free.is_empty()
                     && room
                     && if arm {
@@ -1313,7 +1341,7 @@ impl<'c, K: AttachKind> DataPlane<'c, K> {
             state,
             closing: Closing::No,
             holding: (flags.recover && flags.fence).then(Holding::default),
-            source_armed: false,
+            sources_armed: 0,
         });
         let mut stats = built.stats;
         let recovered = built
@@ -1403,8 +1431,8 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             };
             self.core.engine.cancel(token.encode());
         }
-        if att.source_armed {
-            self.core.engine.cancel(att.source_token().encode());
+        for n in (0..64).filter(|n| att.sources_armed & (1 << n) != 0) {
+            self.core.engine.cancel(att.source_token(n).encode());
         }
         if let Some(att) = self.attachment.take() {
             self.kind.detached(att.model);
@@ -1467,11 +1495,13 @@ impl<K: AttachKind> EventLoop for DataPlane<'_, K> {
             return Ok(());
         };
         let r = usize::from(ring);
-        if att.generation != generation || r > att.rings.count() {
+        if att.generation != generation {
             return Ok(());
         }
-        if r == att.rings.count() {
-            att.source_ready(self.core, result);
+        if let Some(n) = r.checked_sub(att.rings.count()) {
+            if n < att.source_count() {
+                att.source_ready(self.core, n, result);
+            }
             return Ok(());
         }
         self.core.stats.kicks += 1;

@@ -164,22 +164,6 @@ impl NetStats {
     }
 }
 
-/// Copies `stats` into the metrics page, if there is one (throttled);
-/// `take_over`: this process starts serving the vif.
-pub(crate) fn publish_metrics(
-    metrics: &mut Option<MetricsWriter>,
-    stats: &NetStats,
-    take_over: bool,
-) {
-    if let Some(m) = metrics.as_mut() {
-        let local = stats.io_counters();
-        if take_over {
-            m.take_over(&local);
-        }
-        m.publish(std::time::Instant::now(), &local, take_over);
-    }
-}
-
 /// What a vif's recovery did, beyond [`RecoveryStats`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetRecovery {
@@ -413,17 +397,10 @@ impl AttachKind for NetifAttach {
         if msg.kind() != ATTACH_VIRTIO || rings.is_some() {
             return None;
         }
-        let tap_batch = self.tap_batch.as_mut()?;
-        Some(crate::vnet::serve(
-            &mut core.engine,
-            &core.control,
-            &self.cfg,
-            &mut core.poison,
-            &mut core.generations,
-            &mut core.metrics,
-            tap_batch,
-            (msg.clone(), fds),
-        ))
+        let tap_batch = self.tap_batch.take()?;
+        let (result, tap_batch) = crate::vnet::serve(core, &self.cfg, tap_batch, (msg, fds));
+        self.tap_batch = tap_batch;
+        Some(result)
     }
 
     fn reply(&self, model: Option<&NetifModel>, reply: Message) -> Message {

@@ -9,8 +9,8 @@
 //! - [`record`]: what a vif stores in the (device-agnostic) shadow log;
 //! - [`tapbatch`]: netif TX frames written to a TAP in batches through
 //!   io_uring, straight from the guest's pages;
-//! - [`vnet`]: the virtio-net loop (vhost-user-net), on the same data
-//!   plane and wires;
+//! - [`vnet`]: vhost-user-net on the same generic loop and wires
+//!   (`attach-virtio`: the virtqueue ring set and the device model);
 //! - [`wire`]: the TAP device and the cable the supervisor holds, and the
 //!   virtio-net header both carry; the crate's only `unsafe` is the ioctls
 //!   in `wire::sys`.

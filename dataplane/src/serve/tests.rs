@@ -63,6 +63,10 @@ struct Shared {
     /// Answers published when the loop notified with `write(2)`
     /// ([`RingSet::notify`]) rather than through its engine.
     written_at: Vec<usize>,
+    /// Events of the second source the model read.
+    second_readies: u32,
+    /// The model does not take from the packet ring.
+    gated: bool,
 }
 
 type SharedRef = Arc<Mutex<Shared>>;
@@ -183,6 +187,9 @@ impl RingSet for TestRings {
 struct TestModel {
     shared: SharedRef,
     source: EventChannel,
+    /// A second source: each of its frames answers the oldest buffer with
+    /// `value + 2000`.
+    second: EventChannel,
     buffers: VecDeque<(u16, u32)>,
     packet: Vec<(u16, u32)>,
     batch: Vec<(u16, u32)>,
@@ -242,6 +249,36 @@ impl DeviceModel<TestRings> for TestModel {
     }
     fn source(&self) -> Option<RawFd> {
         (!self.buffers.is_empty()).then(|| self.source.as_raw_fd())
+    }
+    fn sources(&self) -> usize {
+        2
+    }
+    fn source_at(&self, n: usize) -> Option<RawFd> {
+        match n {
+            0 => self.source(),
+            _ => (!self.buffers.is_empty()).then(|| self.second.as_raw_fd()),
+        }
+    }
+    fn ready_at(&mut self, n: usize, rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
+        if n == 0 {
+            return self.ready(rings, entries);
+        }
+        let frames = self.second.drain().unwrap_or(0);
+        lock(&self.shared).second_readies += 1;
+        for _ in 0..frames {
+            let Some((slot, value)) = self.buffers.pop_front() else {
+                break;
+            };
+            self.answers.push_back(Answer {
+                ring: BUFFERS,
+                slot,
+                response: value + 2000,
+            });
+        }
+        false
+    }
+    fn takes(&self, ring: usize) -> bool {
+        ring != PACKETS || !lock(&self.shared).gated
     }
     /// Answers as many buffers, oldest first, as the source's counter
     /// says, after marking every held buffer under way.
@@ -331,6 +368,7 @@ struct Harness {
     kicks: [EventChannel; 2],
     notify: [EventChannel; 2],
     source: EventChannel,
+    second: EventChannel,
     logs: [ShadowLog; 2],
     thread: Option<JoinHandle<Result<(), BackendError>>>,
 }
@@ -350,6 +388,7 @@ impl Harness {
         let shared = SharedRef::default();
         let kicks = [EventChannel::new().unwrap(), EventChannel::new().unwrap()];
         let source = EventChannel::new().unwrap();
+        let second = EventChannel::new().unwrap();
         let logs = [
             ShadowLog::create(SIZE).unwrap(),
             ShadowLog::create(SIZE).unwrap(),
@@ -367,6 +406,7 @@ impl Harness {
         let model = TestModel {
             shared: shared.clone(),
             source: clone(&source),
+            second: clone(&second),
             buffers: VecDeque::new(),
             packet: Vec::new(),
             batch: Vec::new(),
@@ -385,6 +425,7 @@ impl Harness {
             kicks,
             notify,
             source,
+            second,
             logs: mine,
             thread: Some(thread),
         };
@@ -604,5 +645,97 @@ fn a_drain_notifies_at_once_when_at_most_half_the_ring_is_left() {
     assert_eq!(lock(&h.shared).rings[PACKETS].publications, 4);
     assert_eq!(lock(&h.shared).written_at, [8], "sent once, at once");
     assert_eq!(h.notify[PACKETS].drain().unwrap(), 1, "one notification");
+    h.stop();
+}
+
+#[test]
+fn each_source_is_polled_on_its_own() {
+    let h = Harness::attached();
+    h.post(BUFFERS, &[1, 2, 3]);
+    h.until("the buffers are started", |s| s.started[BUFFERS] == 3);
+    // A frame on the second source: answered by it, the first one not read.
+    nix::unistd::write(&h.second, &1u64.to_ne_bytes()).unwrap();
+    h.until("a buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 1
+    });
+    assert_eq!(h.published(BUFFERS), [2001]);
+    assert_eq!(lock(&h.shared).readies, 0, "the first source was read");
+    // Then one on the first: both stay polled while buffers are held.
+    h.frames(1);
+    h.until("a second buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 2
+    });
+    nix::unistd::write(&h.second, &1u64.to_ne_bytes()).unwrap();
+    h.until("the third buffer is answered", |s| {
+        s.rings[BUFFERS].published.len() == 3
+    });
+    assert_eq!(h.published(BUFFERS), [2001, 1002, 2003]);
+    let s = lock(&h.shared);
+    assert_eq!((s.readies, s.second_readies), (1, 2));
+    drop(s);
+    h.stop();
+}
+
+#[test]
+fn a_ring_the_model_does_not_take_from_keeps_its_requests_and_is_not_work() {
+    let h = Harness::attached();
+    lock(&h.shared).gated = true;
+    h.post(PACKETS, &[5, 6]);
+    // Another ring's kick makes turns; the gated ring is not taken from.
+    h.post(BUFFERS, &[1]);
+    h.until("the buffer is started", |s| s.started[BUFFERS] == 1);
+    let turns = lock(&h.shared).drained[BUFFERS];
+    h.post(BUFFERS, &[2]);
+    h.until("two more turns", |s| s.drained[BUFFERS] >= turns + 2);
+    assert_eq!(
+        lock(&h.shared).started[PACKETS],
+        0,
+        "a gated ring was taken from"
+    );
+    // Waiting requests on a gated ring are not work: the loop sleeps,
+    // woken by its heartbeat only (every 20 ms; a loop that took them for
+    // work would turn thousands of times).
+    let turns = lock(&h.shared).drained[BUFFERS];
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_turns = lock(&h.shared).drained[BUFFERS] - turns;
+    assert!(
+        idle_turns <= 40,
+        "{idle_turns} turns in 200 ms with nothing to take"
+    );
+    // Served again: what waited is taken at the next turn.
+    lock(&h.shared).gated = false;
+    h.post(BUFFERS, &[3]);
+    h.until("the packets are answered", |s| {
+        s.rings[PACKETS].published.len() == 2
+    });
+    assert_eq!(h.published(PACKETS), [5, 6]);
+    h.stop();
+}
+
+#[test]
+fn a_request_beyond_a_ring_whose_every_slot_is_held_breaks_the_ring() {
+    let h = Harness::attached();
+    // As many held buffers as the ring has entries: the ring is full,
+    // nothing is wrong yet.
+    let full: Vec<u32> = (0..SIZE).collect();
+    h.post(BUFFERS, &full);
+    h.until("every buffer is started", |s| s.started[BUFFERS] == SIZE);
+    let turns = lock(&h.shared).drained[BUFFERS];
+    h.post(PACKETS, &[7]);
+    h.until("two more turns", |s| s.drained[BUFFERS] >= turns + 2);
+    // One more: more requests out than the ring has entries.
+    h.post(BUFFERS, &[SIZE]);
+    let (msg, _) = h
+        .control
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("no disconnect from the loop");
+    assert_eq!(msg.kind(), kind::DISCONNECT, "{msg:?}");
+    assert!(
+        msg.get(key::REASON)
+            .is_some_and(|r| r.contains("more requests")),
+        "{msg:?}"
+    );
+    assert_eq!(lock(&h.shared).started[BUFFERS], SIZE);
     h.stop();
 }

@@ -10,6 +10,9 @@
 //! position and count let a recovery tell a frame whose used entries were
 //! not all written before a crash (such a frame is never shown whole).
 
+use shadowback_dataplane::rings::{Detail, Record};
+use shadowback_dataplane::virtq::VirtioRecords;
+
 const REQUEST_TAG: [u8; 4] = *b"VNET";
 const RESPONSE_TAG: [u8; 4] = *b"VNRS";
 
@@ -90,6 +93,39 @@ impl UsedRecord {
             position: u16_at(8),
             count: u16_at(10),
         })
+    }
+}
+
+/// virtio-net's records, for its virtqueues
+/// ([`shadowback_dataplane::virtq::VirtQueues`]); the model adds no
+/// detail to a request record.
+pub struct VnetRecords;
+
+impl VirtioRecords for VnetRecords {
+    type Used = UsedRecord;
+    /// A receive head made available twice is used twice, each time with
+    /// the frame it then holds; a transmit head, sent twice.
+    const ONE_OUT_PER_HEAD: bool = false;
+
+    fn used_elem(used: &UsedRecord) -> (u16, u32) {
+        // A used element names a head the ring set handed over (< 2^15).
+        (used.id as u16, used.len)
+    }
+
+    fn request(head: u16, avail16: u16, queue: u16, _detail: &Detail) -> Record {
+        Record::new(&request(head, avail16, queue))
+    }
+
+    fn logged_head(bytes: &[u8]) -> Option<(u16, u16)> {
+        logged_head(bytes)
+    }
+
+    fn response(used: &UsedRecord) -> Record {
+        Record::new(&used.encode())
+    }
+
+    fn saved_used_elem(response: &[u8]) -> Option<(u32, u32)> {
+        UsedRecord::decode(response).map(|u| (u.id, u.len))
     }
 }
 
