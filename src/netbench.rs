@@ -1202,7 +1202,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
         if args.poll_us == 0 {
             "the backends sleep as soon as they find nothing to do (the default; `--poll-us N` to measure polling).".to_string()
         } else {
-            format!("the netif rows' backends poll their rings for {} µs after activity before sleeping, taking CPU from the rest (`netback --poll-us`); the vhost-user-net rows' nic has that `poll_us`, which their backend's loop does not use yet.", args.poll_us)
+            format!("every backend polls its rings for {} µs after activity before sleeping, taking CPU from the rest (`netback --poll-us`; the vhost-user-net rows' nic has that `poll_us`).", args.poll_us)
         }
     );
     outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part; TCP rows on the TAP: over the measured stream, per frame the guest sent, the Linux receiver included); other jobs on the machine change pps much more than this.");
