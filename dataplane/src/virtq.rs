@@ -33,6 +33,16 @@ pub trait VirtioRecords {
     /// byte, one in-flight slot). `false`: each time it is taken it is
     /// served with what its buffers then hold (a frame's buffers).
     const ONE_OUT_PER_HEAD: bool = true;
+    /// [`RingSet::PUBLISH_EVERY`] of the class's virtqueues.
+    const PUBLISH_EVERY: Option<u32> = None;
+
+    /// Whether the loop counts what is left to take on virtqueue `queue`
+    /// ([`RingSet::requests_left`]): a queue whose driver waits for room
+    /// and is woken early once the queue runs low (a transmit queue).
+    fn counts_left(queue: u16) -> bool {
+        let _ = queue;
+        false
+    }
 
     /// The head `used` answers and the bytes it says were written.
     fn used_elem(used: &Self::Used) -> (u16, u32);
@@ -405,9 +415,23 @@ impl<C: VirtioRecords> RingSet for VirtQueues<C> {
     const MAX_RINGS: usize = MAX_QUEUES;
     const BREAK_ENDS_ATTACHMENT: bool = false;
     const WAKE_ON_ATTACH: bool = true;
+    const PUBLISH_EVERY: Option<u32> = C::PUBLISH_EVERY;
 
     fn count(&self) -> usize {
         self.queues.len()
+    }
+
+    /// `avail->idx` read afresh, less the next head to take, on the
+    /// queues the class counts ([`VirtioRecords::counts_left`]).
+    fn requests_left(&self, ring: usize) -> Option<u32> {
+        let q = &self.queues[ring];
+        if !C::counts_left(q.index) {
+            return None;
+        }
+        let avail16 = q.ring.avail_idx(&self.mem).ok()?;
+        Some(u32::from(
+            avail16.wrapping_sub(guest_index(q.next_avail, q.delta)),
+        ))
     }
 
     fn size(&self, ring: usize) -> u32 {
@@ -632,11 +656,15 @@ mod tests {
 
     const CHAIN_CAP: usize = 16;
 
-    /// Records of a class that logs the bare used element.
-    struct Bare;
+    /// Records of a class that logs the bare used element; `COUNTS`: its
+    /// queues count what is left to take.
+    struct Bare<const COUNTS: bool = false>;
 
-    impl VirtioRecords for Bare {
+    impl<const COUNTS: bool> VirtioRecords for Bare<COUNTS> {
         type Used = (u16, u32);
+        fn counts_left(_queue: u16) -> bool {
+            COUNTS
+        }
         fn used_elem(used: &(u16, u32)) -> (u16, u32) {
             *used
         }
@@ -678,6 +706,10 @@ mod tests {
 
     /// One EVENT_IDX queue of 8 in 64 KiB of memory.
     fn queues() -> VirtQueues<Bare> {
+        queues_of()
+    }
+
+    fn queues_of<C: VirtioRecords>() -> VirtQueues<C> {
         let mem = GuestRam::from_memory(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
         );
@@ -697,7 +729,7 @@ mod tests {
 
     /// Makes head `n` (one 16-byte descriptor) available as avail index
     /// `n`; whether the driver must kick for it (§2.7.10).
-    fn post(vq: &VirtQueues<Bare>, n: u16) -> bool {
+    fn post<C: VirtioRecords>(vq: &VirtQueues<C>, n: u16) -> bool {
         let mut desc = [0u8; 16];
         desc[..8].copy_from_slice(&0x3000u64.to_le_bytes());
         desc[8..12].copy_from_slice(&16u32.to_le_bytes());
@@ -741,5 +773,22 @@ mod tests {
         let second = vq.take(0).unwrap().unwrap();
         assert_eq!((second.request.head, second.request.replayed), (1, false));
         assert!(vq.take(0).is_err(), "an avail index a ring ahead was taken");
+    }
+
+    #[test]
+    fn what_is_left_to_take_is_counted_on_the_queues_the_class_counts() {
+        let mut vq = queues_of::<Bare<true>>();
+        assert_eq!(vq.requests_left(0), Some(0));
+        for n in 0..3 {
+            post(&vq, n);
+        }
+        assert_eq!(vq.requests_left(0), Some(3));
+        assert!(vq.take(0).unwrap().is_some());
+        assert_eq!(vq.requests_left(0), Some(2), "avail->idx read afresh");
+        post(&vq, 3);
+        assert_eq!(vq.requests_left(0), Some(3));
+        let plain = queues();
+        post(&plain, 0);
+        assert_eq!(plain.requests_left(0), None, "a queue not counted");
     }
 }

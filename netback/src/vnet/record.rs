@@ -10,6 +10,7 @@
 //! position and count let a recovery tell a frame whose used entries were
 //! not all written before a crash (such a frame is never shown whole).
 
+use crate::backend::PUBLISH_EVERY;
 use shadowback_dataplane::rings::{Detail, Record};
 use shadowback_dataplane::virtq::VirtioRecords;
 
@@ -106,6 +107,16 @@ impl VirtioRecords for VnetRecords {
     /// A receive head made available twice is used twice, each time with
     /// the frame it then holds; a transmit head, sent twice.
     const ONE_OUT_PER_HEAD: bool = false;
+    /// Published every [`PUBLISH_EVERY`] answers in a long drain, as a
+    /// netif ring (docs/ARCHITECTURE.md §8.1, §11.2).
+    const PUBLISH_EVERY: Option<u32> = Some(PUBLISH_EVERY);
+
+    /// Transmit queues (odd indices; the control queue's is even): a
+    /// driver out of room is woken once half the queue is left to take,
+    /// so it refills while the backend still has frames.
+    fn counts_left(queue: u16) -> bool {
+        queue % 2 == 1
+    }
 
     fn used_elem(used: &UsedRecord) -> (u16, u32) {
         // A used element names a head the ring set handed over (< 2^15).
