@@ -8,8 +8,10 @@
 //! element is its [`VirtioRecords`].
 
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
+use crate::control::sanitize;
 use crate::recovery::POISON_THRESHOLD;
 use crate::rings::{Detail, Record, Recovery, RingSet, Taken};
 use shadowback_ring::EventChannel;
@@ -19,8 +21,9 @@ use shadowback_shadow::{
 use shadowback_virtio::inflight::InflightQueue;
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::queue::{extend_index, guest_index, Chain, ChainError, SplitQueue};
-use shadowback_xenbus::protocol::ErrorCode;
+use shadowback_xenbus::protocol::{key, kind, ErrorCode};
 use shadowback_xenbus::virtio::MAX_QUEUES;
+use shadowback_xenbus::Message;
 
 /// What a device class keeps in the shadow log of a virtqueue: the record
 /// of a head taken and of the used element that answers it.
@@ -186,6 +189,33 @@ impl<C: VirtioRecords> VirtQueues<C> {
             .walk(&self.mem, head, self.chain_cap, &mut self.chain);
         if let Err(e) = &self.walked {
             tracing::debug!(queue = q.index, head, error = %e, "bad chain");
+        }
+    }
+
+    /// The reply to `set-call` (docs/PROTOCOL.md): the one fd the message
+    /// carries becomes the call eventfd of its virtqueue (`queue`); on
+    /// `None`, no device is attached.
+    pub fn set_call_reply(
+        rings: Option<&mut Self>,
+        device: &str,
+        msg: &Message,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Message {
+        let result = (|| {
+            let index = msg.require_u16(key::QUEUE).map_err(|e| e.to_string())?;
+            if fds.len() != 1 {
+                return Err(format!("set-call carries {} fds, expected 1", fds.len()));
+            }
+            let rings = rings.ok_or("no device attached")?;
+            let fd = fds.pop().ok_or("no fd")?;
+            let call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
+            rings.set_call(index, call)?;
+            tracing::info!(device, queue = index, "call eventfd replaced");
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Message::new(kind::OK),
+            Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use shadowback_dataplane::control::{sanitize, AttachFlags};
+use shadowback_dataplane::control::AttachFlags;
 use shadowback_dataplane::event_loop::BackendError;
 use shadowback_dataplane::recovery::{open_shadow_log, CrashAction, RecoveryStats};
 use shadowback_dataplane::serve::{AttachKind, Built, Core};
@@ -14,7 +14,7 @@ use shadowback_shadow::ShadowLog;
 use shadowback_virtio::inflight::{InflightRegion, RegionCrashHook, RegionCrashPoint};
 use shadowback_virtio::memory::GuestRam;
 use shadowback_virtio::queue::SplitQueue;
-use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::protocol::{kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO, MAX_QUEUES};
 use shadowback_xenbus::Message;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -177,24 +177,7 @@ impl AttachKind for VirtioAttach<'_> {
     ) -> Option<Result<(), BackendError>> {
         let reply = match msg.kind() {
             kind::ATTACH => Message::error(ErrorCode::Ebusy, "this instance serves virtqueues"),
-            kind::SET_CALL => {
-                let result = (|| {
-                    let index = msg.require_u16(key::QUEUE).map_err(|e| e.to_string())?;
-                    if fds.len() != 1 {
-                        return Err(format!("set-call carries {} fds, expected 1", fds.len()));
-                    }
-                    let rings = rings.ok_or("no device attached")?;
-                    let fd = fds.pop().ok_or("no fd")?;
-                    let call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
-                    rings.set_call(index, call)?;
-                    tracing::info!(device = %self.cfg.device, queue = index, "call eventfd replaced");
-                    Ok(())
-                })();
-                match result {
-                    Ok(()) => Message::new(kind::OK),
-                    Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
-                }
-            }
+            kind::SET_CALL => VirtQueues::set_call_reply(rings, &self.cfg.device, msg, &mut fds),
             _ => return None,
         };
         Some(core.send(&reply))

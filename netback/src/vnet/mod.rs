@@ -42,7 +42,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use shadowback_dataplane::control::{sanitize, AttachFlags};
+use shadowback_dataplane::control::AttachFlags;
 use shadowback_dataplane::event_loop::BackendError;
 use shadowback_dataplane::recovery::{open_shadow_log, RecoveryStats};
 use shadowback_dataplane::rings::Recovery;
@@ -55,7 +55,7 @@ use shadowback_virtio::net::{self as vnet, RX_QUEUE, TX_QUEUE};
 use shadowback_virtio::net_state::{NetDeviceState, NetStateArea};
 use shadowback_virtio::queue::SplitQueue;
 use shadowback_xenbus::netif::ATTACH_NET;
-use shadowback_xenbus::protocol::{key, kind, ErrorCode};
+use shadowback_xenbus::protocol::{kind, ErrorCode};
 use shadowback_xenbus::virtio::{VirtioAttachRequest, VirtioFds, ATTACH_VIRTIO};
 use shadowback_xenbus::Message;
 use virtio_bindings::virtio_net::{
@@ -364,22 +364,7 @@ impl AttachKind for VnetAttach {
     ) -> Option<Result<(), BackendError>> {
         let reply = match msg.kind() {
             ATTACH_NET => Message::error(ErrorCode::Ebusy, "this instance serves virtqueues"),
-            kind::SET_CALL => {
-                let result = (|| {
-                    let index = msg.require_u16(key::QUEUE).map_err(|e| e.to_string())?;
-                    if fds.len() != 1 {
-                        return Err(format!("set-call carries {} fds, expected 1", fds.len()));
-                    }
-                    let rings = rings.ok_or("no device attached")?;
-                    let fd = fds.pop().ok_or("no fd")?;
-                    let call = EventChannel::from_fd(fd).map_err(|e| e.to_string())?;
-                    rings.set_call(index, call)
-                })();
-                match result {
-                    Ok(()) => Message::new(kind::OK),
-                    Err(why) => Message::error(ErrorCode::Einval, &sanitize(&why)),
-                }
-            }
+            kind::SET_CALL => VnetQueues::set_call_reply(rings, &self.cfg.device, msg, &mut fds),
             _ => return None,
         };
         Some(core.send(&reply))
