@@ -54,7 +54,7 @@ use crate::backend::NetStats;
 use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
 use crate::wire::tap::set_queue_attached;
 use crate::wire::{
-    Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireKind, MIN_FRAME_LEN,
+    Offloads, SendOutcome, VnetHeader, VnetHeaderLen, Wire, WireError, WireKind, MIN_FRAME_LEN,
 };
 
 /// The virtqueues of a virtio-net device.
@@ -83,6 +83,10 @@ pub struct Lane {
     /// Attached to its TAP (`TUNSETQUEUE`): a detached queue is neither
     /// read nor polled. Always true for a lane of its own wire.
     attached: bool,
+    /// The cable's far end is closed: nothing more can arrive, and a poll
+    /// of it would report its end at once, every turn, so it is not
+    /// polled again (docs/ARCHITECTURE.md §11.5).
+    closed: bool,
 }
 
 impl Lane {
@@ -92,6 +96,7 @@ impl Lane {
             held: None,
             readable: true,
             attached: true,
+            closed: false,
         }
     }
 }
@@ -615,6 +620,13 @@ impl VnetModel {
                     false
                 }
                 Ok(None) => true,
+                Err(WireError::Closed) => {
+                    if !self.lanes[lane].closed {
+                        tracing::warn!(device = %self.device, lane, "the cable's far end closed: nothing more for the guest");
+                        self.lanes[lane].closed = true;
+                    }
+                    true
+                }
                 Err(e) => {
                     tracing::warn!(device = %self.device, error = %e, "wire read failed");
                     true
@@ -893,13 +905,17 @@ impl DeviceModel<VnetQueues> for VnetModel {
         self.lanes.len()
     }
 
-    /// Lane `n`'s wire, while a pair it serves has a head posted and it is
-    /// not known to hold frames already (then a drain reads it) and no
-    /// frame of it waits for heads.
+    /// Lane `n`'s wire, while a pair it serves has a head posted, it is
+    /// open and not known to hold frames already (then a drain reads it)
+    /// and no frame of it waits for heads.
     fn source_at(&self, n: usize) -> Option<RawFd> {
         let lane = self.lanes.get(n)?;
-        (lane.attached && !lane.readable && lane.held.is_none() && self.lane_has_heads(n))
-            .then(|| lane.wire.fd().as_raw_fd())
+        (lane.attached
+            && !lane.closed
+            && !lane.readable
+            && lane.held.is_none()
+            && self.lane_has_heads(n))
+        .then(|| lane.wire.fd().as_raw_fd())
     }
 
     fn ready_at(&mut self, n: usize, rings: &VnetQueues, _entries: &mut dyn HeldEntries) -> bool {
