@@ -441,11 +441,12 @@ fn linux_guest_streams_over_vhost_user_net_through_data_plane_kills() {
 /// The same over two queue pairs (issue 10 item 2): `[[nic]] queues = 2`
 /// on a multi-queue TAP, QEMU's `-netdev vhost-user,queues=2` and
 /// `virtio-net-pci,mq=on`, two guest CPUs (virtio_net enables a pair per
-/// CPU). 32 MiB over four TCP connections at once, each sent from one of
-/// the CPUs so the flows leave on both transmit queues (XPS) and their
+/// CPU). 128 MiB over four TCP connections at once, each sent from one
+/// of the CPUs so the flows leave on both transmit queues (XPS) and their
 /// ACKs come back on both receive queues, while the data plane is
-/// SIGKILLed at least 10 times, 50 ms apart (the transfer takes about
-/// 2 s). Both pairs must have carried packets
+/// SIGKILLed at least 10 times, 50 ms apart (and a `fault kill` each):
+/// the transfer takes 3–4 s under two CPU burners, room for the kills
+/// (32 MiB took 0.6–2.3 s, and a stream of 0.6 s ended after 9 kills). Both pairs must have carried packets
 /// each way (the guest driver's per-queue counters) and the TAP must have
 /// both queues attached at the end.
 #[test]
@@ -460,7 +461,7 @@ fn linux_guest_streams_over_vhost_user_net_2_queue_pairs_through_data_plane_kill
         "--kill-every",
         "0.05",
     ];
-    let (fields, t) = net_guest(&args, 32, 10);
+    let (fields, t) = net_guest(&args, 128, 10);
     assert_eq!(number(&fields, "pairs", &t), 2, "pairs\n{t}");
     assert_eq!(
         number(&fields, "tap_queues", &t),
