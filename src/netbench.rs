@@ -37,6 +37,7 @@
 //! guest took in (cable) or the sending guest sent (TAP). On the TAP the
 //! CPU time of the second stream is the row's CPU per frame.
 
+use std::collections::HashMap;
 use std::io::IoSlice;
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -430,19 +431,32 @@ fn timed_window(
         gbps: pps * frame_len as f64 * 8.0 / 1e9,
         cpu_us: (frames > 0).then(|| {
             let per_frame = |ns: u64| ns as f64 / 1e3 / frames as f64;
-            let kids = kids1.saturating_sub(kids0);
+            let kids = kids_since(&kids1, &kids0);
             (per_frame(own1.saturating_sub(own0) + kids), per_frame(kids))
         }),
     })
 }
 
-/// CPU time so far, in ns, of this process (every thread) and of its
-/// children (the backends, started here or by a supervisor thread here):
-/// `/proc/PID/schedstat` of each process whose parent is this one.
-fn cpu_ns() -> Result<(u64, u64), CliError> {
+/// CPU time of this process's children over a window, in ns: each child
+/// alive at its end, less what it had at the start (a child started in
+/// the window counts whole). A child gone by the end — a backend replaced
+/// in the window, by a hang verdict on a loaded machine — takes its part
+/// with it: the figure is then low, never the difference of two sums of
+/// different processes (which could be anything, or nothing).
+fn kids_since(now: &HashMap<u32, u64>, then: &HashMap<u32, u64>) -> u64 {
+    now.iter()
+        .map(|(pid, ns)| ns.saturating_sub(then.get(pid).copied().unwrap_or(0)))
+        .fold(0u64, u64::saturating_add)
+}
+
+/// CPU time so far, in ns, of this process (every thread) and of each of
+/// its children by pid (the backends, started here or by a supervisor
+/// thread here): `/proc/PID/schedstat` of each process whose parent is
+/// this one.
+fn cpu_ns() -> Result<(u64, HashMap<u32, u64>), CliError> {
     let own = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)?;
     let own = u64::try_from(Duration::from(own).as_nanos()).unwrap_or(u64::MAX);
-    let mut ns = 0u64;
+    let mut kids = HashMap::new();
     let me = std::process::id();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
@@ -465,10 +479,10 @@ fn cpu_ns() -> Result<(u64, u64), CliError> {
                 .split_whitespace()
                 .next()
                 .and_then(|v| v.parse::<u64>().ok());
-            ns = ns.saturating_add(on_cpu.unwrap_or(0));
+            kids.insert(pid, on_cpu.unwrap_or(0));
         }
     }
-    Ok((own, ns))
+    Ok((own, kids))
 }
 
 /// Joins a worker, turning its panic or error into this row's error.
@@ -1112,7 +1126,7 @@ fn tcp_to_linux_rate<D: FrameDevice + Send + 'static>(
         gbps: bytes_per_s * 8.0 / 1e9,
         cpu_us: (frames > 0).then(|| {
             let per_frame = |ns: u64| ns as f64 / 1e3 / frames as f64;
-            let kids = kids1.saturating_sub(kids0);
+            let kids = kids_since(&kids1, &kids0);
             (per_frame(own1.saturating_sub(own0) + kids), per_frame(kids))
         }),
     })
@@ -1208,5 +1222,21 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
     outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part; TCP rows on the TAP: over the measured stream, per frame the guest sent, the Linux receiver included); other jobs on the machine change pps much more than this.");
     for s in skipped {
         outln!("  - skipped: {s}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_replaced_in_the_window_leaves_the_others_cpu_counted() {
+        // Backend 1 died in the window after 100 ns, backend 3 replaced it;
+        // backend 2 ran throughout. The sums' difference (110 - 150) is
+        // nothing; per child: 2 ran 30 ns, 3 ran 30 ns.
+        let then = HashMap::from([(1, 100), (2, 50)]);
+        let now = HashMap::from([(2, 80), (3, 30)]);
+        assert_eq!(kids_since(&now, &then), 60);
+        assert_eq!(kids_since(&then, &then), 0);
     }
 }
