@@ -227,32 +227,17 @@ pub trait DeviceModel<R: RingSet> {
     fn next_answer(&mut self) -> Option<Answer<R::Response>> {
         None
     }
-    /// The device's own event source (a network wire), polled by the loop
-    /// under the attachment's token as ring [`RingSet::count`] while this
+    /// How many event sources of its own the model has (a network wire;
+    /// a multi-queue TAP: one per queue). None by default.
+    fn sources(&self) -> usize {
+        0
+    }
+    /// Source `n` of [`DeviceModel::sources`], polled by the loop under
+    /// the attachment's token as ring `RingSet::count() + n` while this
     /// says `Some`: asked again at the end of every turn, so a model
     /// waiting for nothing (no buffer posted) is not woken.
-    fn source(&self) -> Option<RawFd> {
+    fn source(&self, _n: usize) -> Option<RawFd> {
         None
-    }
-    /// How many event sources the model has (a multi-queue TAP: one per
-    /// queue); each is polled on its own, as [`DeviceModel::source_at`]
-    /// says, under ring `RingSet::count() + n`. One by default: the
-    /// [`DeviceModel::source`].
-    fn sources(&self) -> usize {
-        1
-    }
-    /// Source `n` of [`DeviceModel::sources`], polled while this says
-    /// `Some`, as [`DeviceModel::source`].
-    fn source_at(&self, n: usize) -> Option<RawFd> {
-        if n == 0 {
-            self.source()
-        } else {
-            None
-        }
-    }
-    /// Source `n` is ready, as [`DeviceModel::ready`].
-    fn ready_at(&mut self, _n: usize, rings: &R, entries: &mut dyn HeldEntries) -> bool {
-        self.ready(rings, entries)
     }
     /// Whether the loop takes from `ring` now: `false` for a ring the
     /// device does not serve at the moment (a virtio-net queue pair beyond
@@ -262,13 +247,13 @@ pub trait DeviceModel<R: RingSet> {
     fn takes(&self, _ring: usize) -> bool {
         true
     }
-    /// The source is ready: the model answers what it can of its held
+    /// Source `n` is ready: the model answers what it can of its held
     /// requests (several answers per event), marking their entries
     /// first where a successor must know what was under way. `true`: it
     /// stopped with more to do (a publication's worth of answers, see
     /// [`RingSet::PUBLISH_EVERY`]) and is called again once the loop has
     /// taken them.
-    fn ready(&mut self, _rings: &R, _entries: &mut dyn HeldEntries) -> bool {
+    fn ready(&mut self, _n: usize, _rings: &R, _entries: &mut dyn HeldEntries) -> bool {
         false
     }
     /// The loop stops taking from `ring` for this turn (drained, out of

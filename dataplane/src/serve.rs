@@ -417,7 +417,7 @@ struct Attachment<R: RingSet, M: DeviceModel<R>> {
     /// Requests held back until an earlier instance's I/O is gone; `None`
     /// once it is (or was from the start).
     holding: Option<Holding<R::Request>>,
-    /// The model's event sources polled ([`DeviceModel::source_at`]), one
+    /// The model's event sources polled ([`DeviceModel::source`]), one
     /// bit each.
     sources_armed: u64,
 }
@@ -463,7 +463,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             if self.sources_armed & (1 << n) != 0 {
                 continue;
             }
-            let Some(fd) = self.model.source_at(n) else {
+            let Some(fd) = self.model.source(n) else {
                 continue;
             };
             match event_loop::arm(&mut core.engine, self.source_token(n), fd) {
@@ -488,7 +488,7 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
                 state: &self.state,
                 draining: &mut None,
             };
-            let more = self.model.ready_at(n, &self.rings, &mut marks);
+            let more = self.model.ready(n, &self.rings, &mut marks);
             self.take_answers(core, &mut None);
             self.publish_due(core, &mut None);
             if !more {

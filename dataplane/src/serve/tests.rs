@@ -247,21 +247,19 @@ impl DeviceModel<TestRings> for TestModel {
     fn next_answer(&mut self) -> Option<Answer<u32>> {
         self.answers.pop_front()
     }
-    fn source(&self) -> Option<RawFd> {
-        (!self.buffers.is_empty()).then(|| self.source.as_raw_fd())
-    }
     fn sources(&self) -> usize {
         2
     }
-    fn source_at(&self, n: usize) -> Option<RawFd> {
-        match n {
-            0 => self.source(),
-            _ => (!self.buffers.is_empty()).then(|| self.second.as_raw_fd()),
-        }
+    fn source(&self, n: usize) -> Option<RawFd> {
+        let fd = match n {
+            0 => self.source.as_raw_fd(),
+            _ => self.second.as_raw_fd(),
+        };
+        (!self.buffers.is_empty()).then_some(fd)
     }
-    fn ready_at(&mut self, n: usize, rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
+    fn ready(&mut self, n: usize, rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
         if n == 0 {
-            return self.ready(rings, entries);
+            return self.ready_first(rings, entries);
         }
         let frames = self.second.drain().unwrap_or(0);
         lock(&self.shared).second_readies += 1;
@@ -280,9 +278,25 @@ impl DeviceModel<TestRings> for TestModel {
     fn takes(&self, ring: usize) -> bool {
         ring != PACKETS || !lock(&self.shared).gated
     }
+    fn drained(&mut self, _rings: &TestRings, ring: usize, _entries: &mut dyn HeldEntries) -> bool {
+        lock(&self.shared).drained[ring] += 1;
+        if ring == PACKETS {
+            for (slot, response) in self.batch.drain(..) {
+                self.answers.push_back(Answer {
+                    ring: PACKETS,
+                    slot,
+                    response,
+                });
+            }
+        }
+        false
+    }
+}
+
+impl TestModel {
     /// Answers as many buffers, oldest first, as the source's counter
     /// says, after marking every held buffer under way.
-    fn ready(&mut self, _rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
+    fn ready_first(&mut self, _rings: &TestRings, entries: &mut dyn HeldEntries) -> bool {
         let frames = self.source.drain().unwrap_or(0);
         lock(&self.shared).readies += 1;
         for &(slot, _) in &self.buffers {
@@ -297,19 +311,6 @@ impl DeviceModel<TestRings> for TestModel {
                 slot,
                 response: value + 1000,
             });
-        }
-        false
-    }
-    fn drained(&mut self, _rings: &TestRings, ring: usize, _entries: &mut dyn HeldEntries) -> bool {
-        lock(&self.shared).drained[ring] += 1;
-        if ring == PACKETS {
-            for (slot, response) in self.batch.drain(..) {
-                self.answers.push_back(Answer {
-                    ring: PACKETS,
-                    slot,
-                    response,
-                });
-            }
         }
         false
     }

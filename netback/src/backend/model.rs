@@ -857,7 +857,11 @@ impl DeviceModel<NetifRings> for NetifModel {
     /// The wire, while buffers are posted, it is open and not known to
     /// hold frames already (then the drain reads it) and no frame waits
     /// for buffers.
-    fn source(&self) -> Option<RawFd> {
+    fn sources(&self) -> usize {
+        1
+    }
+
+    fn source(&self, _n: usize) -> Option<RawFd> {
         (!self.pool.is_empty()
             && !self.wire_readable
             && !self.wire_closed
@@ -865,7 +869,7 @@ impl DeviceModel<NetifRings> for NetifModel {
         .then(|| self.io.wire.fd().as_raw_fd())
     }
 
-    fn ready(&mut self, rings: &NetifRings, entries: &mut dyn HeldEntries) -> bool {
+    fn ready(&mut self, _n: usize, rings: &NetifRings, entries: &mut dyn HeldEntries) -> bool {
         self.return_spent(rings);
         self.wire_readable = true;
         self.deliver_rx(entries)

@@ -908,7 +908,7 @@ impl DeviceModel<VnetQueues> for VnetModel {
     /// Lane `n`'s wire, while a pair it serves has a head posted, it is
     /// open and not known to hold frames already (then a drain reads it)
     /// and no frame of it waits for heads.
-    fn source_at(&self, n: usize) -> Option<RawFd> {
+    fn source(&self, n: usize) -> Option<RawFd> {
         let lane = self.lanes.get(n)?;
         (lane.attached
             && !lane.closed
@@ -918,7 +918,7 @@ impl DeviceModel<VnetQueues> for VnetModel {
         .then(|| lane.wire.fd().as_raw_fd())
     }
 
-    fn ready_at(&mut self, n: usize, rings: &VnetQueues, _entries: &mut dyn HeldEntries) -> bool {
+    fn ready(&mut self, n: usize, rings: &VnetQueues, _entries: &mut dyn HeldEntries) -> bool {
         let Some(lane) = self.lanes.get_mut(n) else {
             return false;
         };
