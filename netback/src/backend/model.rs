@@ -130,10 +130,6 @@ pub struct NetifModel {
     /// The wire may hold frames: read at the end of a drain rather than
     /// polled.
     wire_readable: bool,
-    /// The cable's far end is closed: nothing more can arrive, and a poll
-    /// of it would report its end at once, every turn, so it is not
-    /// polled again (docs/ARCHITECTURE.md §11.5).
-    wire_closed: bool,
 }
 
 /// A parsed slot (a packet taken by this instance waits in the model
@@ -176,7 +172,6 @@ impl NetifModel {
             held_frame: None,
             rx_taken: None,
             wire_readable: true,
-            wire_closed: false,
         }
     }
 
@@ -571,10 +566,8 @@ impl NetifModel {
                 }
                 Ok(None) => false,
                 Err(WireError::Closed) => {
-                    if !self.wire_closed {
-                        tracing::warn!(device = %self.device, "the cable's far end closed: nothing more for the guest");
-                        self.wire_closed = true;
-                    }
+                    // Read once: the wire is not polled again.
+                    tracing::warn!(device = %self.device, "the cable's far end closed: nothing more for the guest");
                     false
                 }
                 Err(e) => {
@@ -864,7 +857,7 @@ impl DeviceModel<NetifRings> for NetifModel {
     fn source(&self, _n: usize) -> Option<RawFd> {
         (!self.pool.is_empty()
             && !self.wire_readable
-            && !self.wire_closed
+            && !self.io.wire.is_closed()
             && self.held_frame.is_none())
         .then(|| self.io.wire.fd().as_raw_fd())
     }

@@ -83,10 +83,6 @@ pub struct Lane {
     /// Attached to its TAP (`TUNSETQUEUE`): a detached queue is neither
     /// read nor polled. Always true for a lane of its own wire.
     attached: bool,
-    /// The cable's far end is closed: nothing more can arrive, and a poll
-    /// of it would report its end at once, every turn, so it is not
-    /// polled again (docs/ARCHITECTURE.md §11.5).
-    closed: bool,
 }
 
 impl Lane {
@@ -96,7 +92,6 @@ impl Lane {
             held: None,
             readable: true,
             attached: true,
-            closed: false,
         }
     }
 }
@@ -621,10 +616,8 @@ impl VnetModel {
                 }
                 Ok(None) => true,
                 Err(WireError::Closed) => {
-                    if !self.lanes[lane].closed {
-                        tracing::warn!(device = %self.device, lane, "the cable's far end closed: nothing more for the guest");
-                        self.lanes[lane].closed = true;
-                    }
+                    // Read once: the lane is not polled again.
+                    tracing::warn!(device = %self.device, lane, "the cable's far end closed: nothing more for the guest");
                     true
                 }
                 Err(e) => {
@@ -911,7 +904,7 @@ impl DeviceModel<VnetQueues> for VnetModel {
     fn source(&self, n: usize) -> Option<RawFd> {
         let lane = self.lanes.get(n)?;
         (lane.attached
-            && !lane.closed
+            && !lane.wire.is_closed()
             && !lane.readable
             && lane.held.is_none()
             && self.lane_has_heads(n))

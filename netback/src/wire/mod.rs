@@ -134,6 +134,8 @@ pub struct Wire {
     fd: OwnedFd,
     hdr: VnetHeaderLen,
     stats: WireStats,
+    /// A cable whose far end is closed: nothing more can arrive.
+    closed: bool,
 }
 
 impl Wire {
@@ -161,6 +163,7 @@ impl Wire {
             fd,
             hdr,
             stats: WireStats::default(),
+            closed: false,
         })
     }
 
@@ -192,6 +195,13 @@ impl Wire {
             WireKind::Cable if flags == 0 => Ok(()),
             WireKind::Cable => Err(WireError::Config("a cable takes no receive offloads")),
         }
+    }
+
+    /// The far end of this cable was found closed by a read
+    /// ([`WireError::Closed`]): nothing more can arrive, and a poll would
+    /// report its end at once, every time (docs/ARCHITECTURE.md §11.5).
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// The fd to poll for readability.
@@ -374,7 +384,10 @@ impl Wire {
                 }
             };
             return match r {
-                Ok((0, _)) if self.kind == WireKind::Cable => Err(WireError::Closed),
+                Ok((0, _)) if self.kind == WireKind::Cable => {
+                    self.closed = true;
+                    Err(WireError::Closed)
+                }
                 Ok((_, laid_out)) if laid_out > buf.len() => Ok(Some(None)),
                 Ok((_, laid_out)) => Ok(Some(Some(laid_out))),
                 Err(Errno::EAGAIN) => Ok(None),
