@@ -32,6 +32,10 @@ pub struct Hang {
     /// Start of the detection interval: the later of the heartbeat's last
     /// change and the first check that saw work pending.
     pub since: Instant,
+    /// The check's sample found the main thread exiting: the backend died
+    /// of a signal of its own and is still tearing down (a crash found
+    /// late, not a hang).
+    pub exiting: bool,
 }
 
 /// What the scheduler says of a backend's main thread at one check.
@@ -47,7 +51,17 @@ pub struct SchedSample {
     pub blocked: bool,
     /// Runnable (state `R`): on a CPU or queued for one.
     pub runnable: bool,
+    /// Exiting: a zombie (`Z`, `X`) or flagged `PF_EXITING`. A process
+    /// killed by a signal (`SIGABRT` of a crash point, a fault) has its
+    /// main thread in this state while its other threads finish — the
+    /// io_uring workers finishing the I/O they hold can take hundreds of
+    /// milliseconds on a loaded host, during which its heartbeat does not
+    /// move.
+    pub exiting: bool,
 }
+
+/// `PF_EXITING` of `/proc/PID/stat`'s flags: the task is in `do_exit`.
+const PF_EXITING: u64 = 0x4;
 
 impl SchedSample {
     /// Reads `pid`'s main thread; `None` if it is gone or /proc says
@@ -63,16 +77,17 @@ impl SchedSample {
         let mut fields = schedstat.split_whitespace();
         let run_time: u64 = fields.next()?.parse().ok()?;
         let run_delay: u64 = fields.next()?.parse().ok()?;
-        // `pid (comm) S ...`: comm may hold spaces and parentheses.
-        let state = stat
-            .get(stat.rfind(')')? + 1..)?
-            .split_whitespace()
-            .next()?;
+        // `pid (comm) S ppid pgrp session tty tpgid flags ...`: comm may
+        // hold spaces and parentheses.
+        let mut after = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+        let state = after.next()?;
+        let flags: u64 = after.nth(5).and_then(|f| f.parse().ok()).unwrap_or(0);
         Some(SchedSample {
             run_time: Duration::from_nanos(run_time),
             run_delay: Duration::from_nanos(run_delay),
             blocked: state == "D",
             runnable: state == "R",
+            exiting: matches!(state, "Z" | "X") || flags & PF_EXITING != 0,
         })
     }
 }
@@ -179,6 +194,7 @@ impl Watchdog {
         let judged = sample.is_none_or(|s| !s.runnable) || self.cpu >= self.timeout;
         (judged && stalled.saturating_sub(self.excused) >= self.timeout).then(|| Hang {
             since: self.last_change.max(pending_since),
+            exiting: sample.is_some_and(|s| s.exiting),
         })
     }
 }
@@ -274,6 +290,7 @@ mod tests {
             run_delay: Duration::from_millis(run_delay_ms),
             blocked,
             runnable: false,
+            exiting: false,
         })
     }
 
@@ -284,6 +301,7 @@ mod tests {
             run_delay: Duration::from_millis(run_delay_ms),
             blocked: false,
             runnable: true,
+            exiting: false,
         })
     }
 
@@ -494,6 +512,22 @@ mod tests {
     }
 
     #[test]
+    fn a_hang_verdict_says_whether_the_backend_was_exiting() {
+        let t0 = Instant::now();
+        let at = |exiting| {
+            let mut w = Watchdog::new(TIMEOUT, t0, 1);
+            let s = Some(SchedSample {
+                exiting,
+                ..sample(0, false).unwrap()
+            });
+            assert_eq!(w.check(ms(t0, 10), 1, Some(true), s), None);
+            w.check(ms(t0, 120), 1, Some(true), s)
+        };
+        assert_eq!(at(false).map(|h| h.exiting), Some(false));
+        assert_eq!(at(true).map(|h| h.exiting), Some(true));
+    }
+
+    #[test]
     fn proc_samples_parse() {
         let s = SchedSample::parse(
             "123 456000000 7\n",
@@ -507,15 +541,22 @@ mod tests {
                 run_delay: Duration::from_millis(456),
                 blocked: true,
                 runnable: false,
+                // 4194560 = PF_SUPERPRIV | PF_RANDOMIZE: not exiting.
+                exiting: false,
             }
         );
         let s = SchedSample::parse("1 2 3", "42 (b) S 1").unwrap();
         assert!(!s.blocked && !s.runnable);
         assert!(SchedSample::parse("1 2 3", "42 (b) R 1").unwrap().runnable);
+        // A zombie main thread, or one in do_exit (PF_EXITING), is exiting.
+        assert!(SchedSample::parse("1 2 3", "42 (b) Z 1").unwrap().exiting);
+        let dying = SchedSample::parse("1 2 3", "42 (b) S 1 42 42 0 -1 4194372").unwrap();
+        assert!(dying.exiting && !dying.runnable);
+        assert!(!SchedSample::parse("1 2 3", "42 (b) S 1").unwrap().exiting);
         assert_eq!(SchedSample::parse("1", "42 (b) S 1"), None);
         assert_eq!(SchedSample::parse("1 2", "42 b S"), None);
         // This process, for real.
         let me = SchedSample::read(std::process::id()).expect("own schedstat");
-        assert!(!me.blocked);
+        assert!(!me.blocked && !me.exiting);
     }
 }

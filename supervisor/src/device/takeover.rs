@@ -59,6 +59,10 @@ pub(super) enum Failure {
     Crashed,
     /// The watchdog (or a request) found it stuck since `since`.
     Hung { since: Instant },
+    /// The watchdog found it stuck since `since` with its main thread
+    /// already exiting: it died of a signal of its own (a crash) and its
+    /// other threads are still finishing (docs/ARCHITECTURE.md §7.2).
+    Exiting { since: Instant },
 }
 
 impl Failure {
@@ -144,12 +148,14 @@ impl DeviceTask {
         let age = old.age();
         let held = old.held;
         let detect = match (failure, injected) {
-            (Failure::Hung { since }, _) => seen.saturating_duration_since(since),
+            (Failure::Hung { since } | Failure::Exiting { since }, _) => {
+                seen.saturating_duration_since(since)
+            }
             (Failure::Crashed, Some(kill)) => seen.saturating_duration_since(kill),
             (Failure::Crashed, None) => seen.elapsed(),
         };
         match failure {
-            Failure::Crashed => self.publish_with(|s| s.crashes += 1),
+            Failure::Crashed | Failure::Exiting { .. } => self.publish_with(|s| s.crashes += 1),
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
         // One fence in the background at a time: an instance that dies
@@ -313,7 +319,7 @@ impl DeviceTask {
             self.publish_with(|s| {
                 s.failed_takeovers += 1;
                 match failure {
-                    Some(Failure::Crashed) => s.crashes += 1,
+                    Some(Failure::Crashed | Failure::Exiting { .. }) => s.crashes += 1,
                     Some(Failure::Hung { .. }) => s.hangs += 1,
                     None => {}
                 }

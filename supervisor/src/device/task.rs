@@ -271,7 +271,13 @@ impl DeviceTask {
                 }
                 Event::WatchdogTick => {
                     if let Some(hang) = self.check_hang() {
-                        self.on_failure(Failure::Hung { since: hang.since }).await;
+                        let since = hang.since;
+                        let failure = if hang.exiting {
+                            Failure::Exiting { since }
+                        } else {
+                            Failure::Hung { since }
+                        };
+                        self.on_failure(failure).await;
                     }
                 }
                 Event::Fenced(fenced) => {
