@@ -11,7 +11,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -530,15 +530,24 @@ fn tx_to_a_tap(tag: &str, min_kills: u32, first_env: &[(&str, &str)]) -> TapTx {
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
             .expect("SO_RCVBUFFORCE");
         let stop = Arc::new(AtomicBool::new(false));
+        // Frames the reader has taken from the packet socket: the sender
+        // stays at most READ_AHEAD frames ahead of it, so a reader the
+        // machine keeps from running cannot make the socket drop frames
+        // (≈ 2 KiB each in its buffer: 8 MiB of the 64).
+        const READ_AHEAD: usize = 4096;
+        let read_so_far = Arc::new(AtomicUsize::new(0));
         let sender = {
             let stop = stop.clone();
+            let read_so_far = read_so_far.clone();
             thread::spawn(move || {
                 let mut dev = VhostUserNet::connect(&vhost, &VhostUserNetOptions::default())
                     .expect("vhost-user-net connect");
                 let mut sent = 0u32;
                 let deadline = Instant::now() + Duration::from_secs(240);
                 while !stop.load(Ordering::Acquire) && Instant::now() < deadline {
-                    if shadowback_guest::net::FrameDevice::can_send(&mut dev) {
+                    let ahead = (sent as usize).saturating_sub(read_so_far.load(Ordering::Acquire));
+                    if ahead < READ_AHEAD && shadowback_guest::net::FrameDevice::can_send(&mut dev)
+                    {
                         let f = netback_common::frame(sent, LEN);
                         shadowback_guest::net::FrameDevice::send(&mut dev, &f).expect("send");
                         sent += 1;
@@ -551,7 +560,10 @@ fn tx_to_a_tap(tag: &str, min_kills: u32, first_env: &[(&str, &str)]) -> TapTx {
             })
         };
         let (mut seen, mut buf) = (Vec::new(), vec![0u8; 4096]);
-        let mut read = |seen: &mut Vec<u32>| read_numbered_frames(&sock, &mut buf, LEN, seen);
+        let mut read = |seen: &mut Vec<u32>| {
+            read_numbered_frames(&sock, &mut buf, LEN, seen);
+            read_so_far.store(seen.len(), Ordering::Release);
+        };
         let started = Instant::now();
         let mut kills = 0u32;
         // The first kill once frames flow.
@@ -588,12 +600,15 @@ fn tx_to_a_tap(tag: &str, min_kills: u32, first_env: &[(&str, &str)]) -> TapTx {
             thread::sleep(Duration::from_millis(5));
         }
         let s = stats_of(&socket, "vnet");
+        let socket_drops = netback_common::packet_drops(&sock);
         sup.stop().expect("supervisor stop");
-        (kills, sent, left, stats, seen, s)
+        (kills, sent, left, stats, seen, s, socket_drops)
     })
     .join()
     .expect("the namespace thread panicked");
-    let (kills, sent, left, stats, seen, s) = outcome;
+    let (kills, sent, left, stats, seen, s, socket_drops) = outcome;
+    // Not the backend's: frames the test's own reader lost.
+    assert_eq!(socket_drops, 0, "the test's packet socket dropped frames");
     assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
     assert_eq!(left, 0, "transmit buffers never answered");
     assert_eq!(

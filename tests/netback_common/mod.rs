@@ -205,3 +205,29 @@ pub fn packet_socket(ifname: &str) -> OwnedFd {
     assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
     fd
 }
+
+/// Frames a packet socket dropped (its receive buffer was full) since the
+/// previous call (`PACKET_STATISTICS` resets the kernel's counts).
+pub fn packet_drops(sock: &OwnedFd) -> u32 {
+    // SAFETY: tpacket_stats is plain data; all-zero is a valid value.
+    let mut stats: libc::tpacket_stats = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tpacket_stats>() as libc::socklen_t;
+    // SAFETY: PACKET_STATISTICS writes a tpacket_stats of at most `len`
+    // bytes into `stats`, which is that big.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_STATISTICS,
+            (&mut stats as *mut libc::tpacket_stats).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "PACKET_STATISTICS: {}",
+        std::io::Error::last_os_error()
+    );
+    stats.tp_drops
+}
