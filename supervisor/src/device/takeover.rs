@@ -59,10 +59,11 @@ pub(super) enum Failure {
     Crashed,
     /// The watchdog (or a request) found it stuck since `since`.
     Hung { since: Instant },
-    /// The watchdog found it stuck since `since` with its main thread
-    /// already exiting: it died of a signal of its own (a crash) and its
-    /// other threads are still finishing (docs/ARCHITECTURE.md §7.2).
-    Exiting { since: Instant },
+    /// The watchdog found it stuck since `since`, and dying: its main
+    /// thread already exiting (killed by a signal of its own, its other
+    /// threads still finishing) or its crash note queued. A crash, found
+    /// by the watchdog (docs/ARCHITECTURE.md §7.2).
+    Died { since: Instant },
 }
 
 impl Failure {
@@ -148,14 +149,14 @@ impl DeviceTask {
         let age = old.age();
         let held = old.held;
         let detect = match (failure, injected) {
-            (Failure::Hung { since } | Failure::Exiting { since }, _) => {
+            (Failure::Hung { since } | Failure::Died { since }, _) => {
                 seen.saturating_duration_since(since)
             }
             (Failure::Crashed, Some(kill)) => seen.saturating_duration_since(kill),
             (Failure::Crashed, None) => seen.elapsed(),
         };
         match failure {
-            Failure::Crashed | Failure::Exiting { .. } => self.publish_with(|s| s.crashes += 1),
+            Failure::Crashed | Failure::Died { .. } => self.publish_with(|s| s.crashes += 1),
             Failure::Hung { .. } => self.publish_with(|s| s.hangs += 1),
         }
         // One fence in the background at a time: an instance that dies
@@ -319,7 +320,7 @@ impl DeviceTask {
             self.publish_with(|s| {
                 s.failed_takeovers += 1;
                 match failure {
-                    Some(Failure::Crashed | Failure::Exiting { .. }) => s.crashes += 1,
+                    Some(Failure::Crashed | Failure::Died { .. }) => s.crashes += 1,
                     Some(Failure::Hung { .. }) => s.hangs += 1,
                     None => {}
                 }

@@ -258,22 +258,17 @@ impl DeviceTask {
                 }
                 Event::Exited => {
                     // A crash note queued before the exit, seen after it.
-                    if let Some(i) = self.current.as_ref() {
-                        if let Ok(Ok(msg)) = tokio::time::timeout(Duration::ZERO, i.recv()).await {
-                            if msg.kind() == kind::DYING {
-                                self.publish_with(|s| s.crash_notes += 1);
-                            } else {
-                                self.unsolicited(msg);
-                            }
-                        }
-                    }
+                    self.queued_crash_note().await;
                     self.on_failure(Failure::Crashed).await;
                 }
                 Event::WatchdogTick => {
                     if let Some(hang) = self.check_hang() {
+                        // A stall that is a death in progress: the main
+                        // thread exiting, or a crash note the tick came
+                        // before (docs/ARCHITECTURE.md §7.2).
                         let since = hang.since;
-                        let failure = if hang.exiting {
-                            Failure::Exiting { since }
+                        let failure = if self.queued_crash_note().await || hang.exiting {
+                            Failure::Died { since }
                         } else {
                             Failure::Hung { since }
                         };
@@ -363,6 +358,24 @@ impl DeviceTask {
             .as_ref()
             .and_then(|i| SchedSample::read(i.pid()));
         watchdog.check(Instant::now(), beat, pending, sample)
+    }
+
+    /// Takes a message the current instance sent and the loop has not
+    /// read yet; `true` (and counted) if it is a crash note.
+    async fn queued_crash_note(&mut self) -> bool {
+        let Some(i) = self.current.as_ref() else {
+            return false;
+        };
+        let Ok(Ok(msg)) = tokio::time::timeout(Duration::ZERO, i.recv()).await else {
+            return false;
+        };
+        if msg.kind() == kind::DYING {
+            self.publish_with(|s| s.crash_notes += 1);
+            true
+        } else {
+            self.unsolicited(msg);
+            false
+        }
     }
 
     /// Starts watching the current instance's heartbeat.
