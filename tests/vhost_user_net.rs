@@ -181,6 +181,12 @@ fn stream_with_kills(bytes: u64, vnet_sends: bool, max_kills: u32) -> u32 {
     }
     eprintln!("vnet: {s:?}");
     assert!(s.recoveries >= u64::from(kills), "{s:?} for {kills} kills");
+    // One pair: at a death at most the frame being written is taken and
+    // not logged, and a count is never repeated (docs/ARCHITECTURE.md §8.1).
+    assert!(
+        s.rx_dropped_in_crash <= u64::from(kills),
+        "{s:?} for {kills} kills"
+    );
     assert_eq!((s.failed_takeovers, s.given_up), (0, false), "{s:?}");
     sup.stop().expect("supervisor stop");
     kills

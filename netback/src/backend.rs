@@ -85,8 +85,9 @@ pub const PUBLISH_EVERY: u32 = 32;
 /// answered slot says the same.
 pub const TX_SENT: u32 = 1;
 
-/// Progress flag of an RX buffer's entry: a frame read from the wire starts
-/// in this buffer (it is being copied there, or held for more buffers).
+/// Progress flag of an RX buffer's entry (a netif buffer, a virtio-net
+/// receive head): a frame read from the wire starts in this buffer (it is
+/// being copied there, or held for more buffers).
 /// Still set on an INFLIGHT entry after a crash, it counts a frame the
 /// dead instance took from the wire and never delivered.
 pub const RX_TAKEN: u32 = 1;
@@ -522,11 +523,12 @@ fn partial_packet(logged: &[TxSlotRecord], progress: &TxProgress) -> Option<Resu
 }
 
 /// Frames the dead instance took from the wire and never delivered: RX
-/// entries still INFLIGHT with [`RX_TAKEN`] set. Their flags are cleared
-/// before the buffers go back to the pool, so a later crash does not count
-/// them again. (A crash between the clearing and the `attached` reply
-/// loses the count, never doubles it.)
-fn rx_taken_and_lost(log: &ShadowLog, snap: &LogSnapshot) -> Result<u64, ShadowError> {
+/// entries (a netif ring's or a virtio-net receive queue's) still INFLIGHT
+/// with [`RX_TAKEN`] set. Their flags are cleared before the buffers go
+/// back to the pool, so a later crash does not count them again. (A crash
+/// between the clearing and the `attached` reply loses the count, never
+/// doubles it.)
+pub(crate) fn rx_taken_and_lost(log: &ShadowLog, snap: &LogSnapshot) -> Result<u64, ShadowError> {
     let mut lost = 0;
     for (i, e) in snap.entries.iter().enumerate() {
         if e.state() == Some(EntryState::Inflight) && e.progress & RX_TAKEN != 0 {

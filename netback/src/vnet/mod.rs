@@ -27,11 +27,14 @@
 //! rule of §7.4: a head stays the device's until its used element is
 //! visible, so a head to replay is walked again in the ring. TX heads
 //! answered (or, by an older instance, marked [`TX_SENT`]) are answered
-//! only; the others are sent again. RX heads go back to the pool; a receive
-//! frame whose used elements were not all written is shown to the driver
-//! as empty buffers, never in part. The control queue is the first ring of
-//! the set, so a command the dead instance did not answer takes effect
-//! again before any frame is served.
+//! only; the others are sent again. RX heads go back to the pool; a frame
+//! the dead instance had taken from the wire and not delivered (its first
+//! head still in flight, marked [`RX_TAKEN`](crate::backend::RX_TAKEN)) is
+//! lost, as on any NIC, and counted (`rx-dropped-in-crash`); a receive frame
+//! whose used elements were not all written is shown to the driver as empty
+//! buffers, never in part. The control queue is the first ring of the set,
+//! so a command the dead instance did not answer takes effect again before
+//! any frame is served.
 
 pub mod ctrl;
 mod frame;
@@ -65,8 +68,8 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 use crate::backend::{
-    NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED, KEY_TX_MAYBE_DUPLICATED,
-    KEY_TX_REPLAYED, TX_SENT,
+    rx_taken_and_lost, NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED,
+    KEY_RX_DROPPED_IN_CRASH, KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
 };
 use crate::tapbatch::{TapBatch, TX_BATCH};
 use crate::wire::{VnetHeaderLen, Wire, WireKind};
@@ -301,7 +304,17 @@ impl AttachKind for VnetAttach {
                     tx_sent.extend(sent.into_iter().map(|h| (ring, h)));
                     Recovery::Plan(plan)
                 }
-                (Recovery::Plan(plan), Role::Rx(_)) => Recovery::Plan(empty_partial_frames(plan)),
+                (Recovery::Plan(plan), Role::Rx(_)) => {
+                    // Before the heads go back to the pool: the marks are
+                    // cleared as they are counted.
+                    if let Some(log) = ring_logs[ring].as_ref() {
+                        let proto = |e: &dyn std::fmt::Display| (ErrorCode::Eproto, e.to_string());
+                        let snapshot = log.snapshot().map_err(|e| proto(&e))?;
+                        self.recovery.rx_dropped_in_crash +=
+                            rx_taken_and_lost(log, &snapshot).map_err(|e| proto(&e))?;
+                    }
+                    Recovery::Plan(empty_partial_frames(plan))
+                }
                 (recovery, _) => recovery,
             };
             recoveries.push(recovery);
@@ -378,6 +391,7 @@ impl AttachKind for VnetAttach {
             .with(KEY_TX_REPLAYED, r.tx_replayed)
             .with(KEY_TX_MAYBE_DUPLICATED, r.tx_maybe_duplicated)
             .with(KEY_RX_BUFFERS_RECOVERED, rx_buffers_recovered)
+            .with(KEY_RX_DROPPED_IN_CRASH, r.rx_dropped_in_crash)
     }
 
     /// Receive heads still pooled are not answered: they were taken in

@@ -20,7 +20,9 @@
 //!   head posted; a frame read from it is written into the first heads of
 //!   its pair's pool (several with `MRG_RXBUF`, `num_buffers` in the
 //!   header) and each head answered, and the loop logs those answers
-//!   before the next frame is read (docs/ARCHITECTURE.md §11.6).
+//!   before the next frame is read (docs/ARCHITECTURE.md §11.6). Before a
+//!   frame's first byte is written (or it is held for more heads) the
+//!   first head's entry is marked [`RX_TAKEN`], once per head.
 //! - **Control** (with `VIRTIO_NET_F_CTRL_VQ` and a VMM that hands it
 //!   over): each command is parsed and checked ([`ctrl`]) and applied to the
 //!   device state, which is written to the state area the supervisor
@@ -50,7 +52,7 @@ use virtio_bindings::virtio_net::{
 use super::frame::{self, TxError};
 use super::record::{UsedRecord, VnetRecords};
 use super::{ctrl, WIRE_HDR};
-use crate::backend::NetStats;
+use crate::backend::{NetStats, RX_TAKEN};
 use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
 use crate::wire::tap::set_queue_attached;
 use crate::wire::{
@@ -104,6 +106,9 @@ struct Posted {
     head: u16,
     /// Bytes its device-writable buffers hold (walked when it was taken).
     capacity: usize,
+    /// Its entry is marked [`RX_TAKEN`]: a frame from the wire starts in
+    /// it (a held frame is marked once).
+    taken: bool,
 }
 
 /// A transmit head whose frame is in the TAP batch: answered once the
@@ -570,6 +575,7 @@ impl VnetModel {
             slot,
             head: req.head,
             capacity,
+            taken: false,
         });
         Started::Held(())
     }
@@ -577,7 +583,12 @@ impl VnetModel {
     /// Moves frames from `lane` into posted heads while there are both;
     /// `true` when it stopped after one frame's answers with more to do
     /// (the loop logs them and calls again).
-    fn deliver_lane(&mut self, rings: &VnetQueues, lane: usize) -> bool {
+    fn deliver_lane(
+        &mut self,
+        rings: &VnetQueues,
+        lane: usize,
+        entries: &mut dyn HeldEntries,
+    ) -> bool {
         let mut answered = false;
         loop {
             if !self.lanes[lane].attached {
@@ -592,7 +603,7 @@ impl VnetModel {
             }
             let before = self.answers.len();
             if let Some(mut held) = self.lanes[lane].held.take() {
-                if !self.deliver_frame(rings, lane, &mut held) {
+                if !self.deliver_frame(rings, lane, &mut held, entries) {
                     self.lanes[lane].held = Some(held);
                     return false;
                 }
@@ -609,7 +620,7 @@ impl VnetModel {
             let received = wire.recv(&mut buf);
             let drained = match received {
                 Ok(Some(n)) => {
-                    if !self.deliver_frame(rings, lane, &mut buf[..n]) {
+                    if !self.deliver_frame(rings, lane, &mut buf[..n], entries) {
                         self.lanes[lane].held = Some(buf[..n].to_vec());
                     }
                     false
@@ -638,7 +649,13 @@ impl VnetModel {
     /// first heads of its pair's pool and answers them, or drops it;
     /// `false` when it needs more heads than are posted (the caller holds
     /// it).
-    fn deliver_frame(&mut self, rings: &VnetQueues, lane: usize, wire_frame: &mut [u8]) -> bool {
+    fn deliver_frame(
+        &mut self,
+        rings: &VnetQueues,
+        lane: usize,
+        wire_frame: &mut [u8],
+        entries: &mut dyn HeldEntries,
+    ) -> bool {
         let Ok(wire_hdr) = VnetHeader::decode(wire_frame, WIRE_HDR) else {
             self.stats.rx_dropped += 1;
             return true;
@@ -682,6 +699,7 @@ impl VnetModel {
         if room < total {
             let ring_full = pool.len() >= rings.size(ring) as usize;
             if mrg_rxbuf && !ring_full {
+                self.mark_taken(ring, pair, entries);
                 return false;
             }
             // No head (or every head the ring can post) holds it.
@@ -701,6 +719,9 @@ impl VnetModel {
             self.stats.rx_dropped += 1;
             return true;
         }
+        // Before the first byte is written: from here a crash loses a
+        // frame the wire no longer holds, and the next instance counts it.
+        self.mark_taken(ring, pair, entries);
         let frame_len = data.len() as u64;
         let mut at = 0usize;
         let mut ok = true;
@@ -743,6 +764,19 @@ impl VnetModel {
             self.stats.rx_dropped += 1;
         }
         true
+    }
+
+    /// Marks the entry of the first head of `pair`'s pool [`RX_TAKEN`]
+    /// (`ring`: its receive queue), unless it is already: a frame from
+    /// the wire is bound for it.
+    fn mark_taken(&mut self, ring: usize, pair: usize, entries: &mut dyn HeldEntries) {
+        let Some(first) = self.pools[pair].front_mut() else {
+            return;
+        };
+        if !first.taken {
+            entries.mark(ring, first.slot, RX_TAKEN);
+            first.taken = true;
+        }
     }
 
     // ---- control queue -------------------------------------------------
@@ -911,12 +945,12 @@ impl DeviceModel<VnetQueues> for VnetModel {
         .then(|| lane.wire.fd().as_raw_fd())
     }
 
-    fn ready(&mut self, n: usize, rings: &VnetQueues, _entries: &mut dyn HeldEntries) -> bool {
+    fn ready(&mut self, n: usize, rings: &VnetQueues, entries: &mut dyn HeldEntries) -> bool {
         let Some(lane) = self.lanes.get_mut(n) else {
             return false;
         };
         lane.readable = true;
-        self.deliver_lane(rings, n)
+        self.deliver_lane(rings, n, entries)
     }
 
     fn takes(&self, ring: usize) -> bool {
@@ -929,7 +963,7 @@ impl DeviceModel<VnetQueues> for VnetModel {
 
     /// TX: the batch is written before the turn publishes. RX: heads just
     /// posted take what the pair's lane holds.
-    fn drained(&mut self, rings: &VnetQueues, ring: usize, _entries: &mut dyn HeldEntries) -> bool {
+    fn drained(&mut self, rings: &VnetQueues, ring: usize, entries: &mut dyn HeldEntries) -> bool {
         match self.roles.get(ring).copied() {
             Some(Role::Tx(_)) => {
                 self.flush_tx();
@@ -937,7 +971,7 @@ impl DeviceModel<VnetQueues> for VnetModel {
             }
             Some(Role::Rx(pair)) => {
                 let lane = self.lane_of(pair);
-                self.deliver_lane(rings, lane)
+                self.deliver_lane(rings, lane, entries)
             }
             _ => false,
         }
