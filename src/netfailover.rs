@@ -19,6 +19,12 @@
 //! the guest stack took frames in budgets of 16 were the receiver's one
 //! ACK per burst, lost with the killed sender-side backend (ARCHITECTURE.md
 //! §5, §11.6).
+//! Every stall of the receiver over [`RTO_THRESHOLD`], with or without
+//! a kill, is listed too (`stalls`), with what each direction of the cable
+//! held meanwhile (sampled by [`CableWatch`]): a full A → B direction is
+//! where a wire would drop frames (a netif backend holds its TX back
+//! instead, ARCHITECTURE.md §11.5); a window's worth in it, the receiving
+//! side late to read.
 //!
 //! `--mode hot` (the default) keeps a standby process per vif, started
 //! before the kill (after the previous gap closed, so its start does not
