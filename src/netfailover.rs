@@ -19,6 +19,12 @@
 //! the guest stack took frames in budgets of 16 were the receiver's one
 //! ACK per burst, lost with the killed sender-side backend (ARCHITECTURE.md
 //! §5, §11.6).
+//! Every stall of the receiver over [`RTO_THRESHOLD`], with or without
+//! a kill, is listed too (`stalls`), with what each direction of the cable
+//! held meanwhile (sampled by [`CableWatch`]): a full A → B direction is
+//! where a wire would drop frames (a netif backend holds its TX back
+//! instead, ARCHITECTURE.md §11.5); a window's worth in it, the receiving
+//! side late to read.
 //!
 //! `--mode hot` (the default) keeps a standby process per vif, started
 //! before the kill (after the previous gap closed, so its start does not
@@ -31,8 +37,9 @@
 //! this process's own, so there is no detection step (the supervisor's
 //! pidfd sees an exit at once, ARCHITECTURE.md §7.2).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -98,6 +105,37 @@ struct NetFailoverReport {
     failed_streams: u64,
     /// TX or RX responses the guests found answered twice or never asked for.
     bad_responses: u64,
+    /// Every time the receiver checked no new data for longer than
+    /// [`RTO_THRESHOLD`], inside a kill's gap or not, with what the cable
+    /// held meanwhile.
+    stalls: Vec<Stall>,
+    /// What a cable end may hold unread (`SO_SNDBUF`, in the kernel's
+    /// accounting: data and per-message overhead).
+    cable_queue_bytes: u64,
+}
+
+/// A time the receiver checked no new data for longer than
+/// [`RTO_THRESHOLD`].
+#[derive(Serialize)]
+struct Stall {
+    /// From the start of the run.
+    at_ms: u64,
+    ms: u64,
+    /// The kill (its number, from 1) that began the stall: its SIGKILL
+    /// came within [`STALL_FROM_KILL`] of the receiver's last data before
+    /// it; 0: none, the stall is outside every kill's gap.
+    kill: u32,
+    /// The kills whose SIGKILL fell in the stall: their number and when,
+    /// from the stall's start.
+    kills_in_ms: Vec<(u32, u64)>,
+    /// The most each direction of the cable held unread during the stall
+    /// and the 100 ms before it, in percent of `cable_queue_bytes`:
+    /// A → B (the data) and B → A (the ACKs). Near 100 the sender's
+    /// messages met a full queue.
+    queued_max_pct: [u64; 2],
+    /// The least each direction held during the stall: high in A → B,
+    /// the receiving side read nothing for the whole stall.
+    queued_min_pct: [u64; 2],
 }
 
 /// One gap longer than [`RTO_THRESHOLD`].
@@ -183,8 +221,20 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
         bytes: 0,
         failed_streams: 0,
         bad_responses: 0,
+        stalls: Vec::new(),
+        cable_queue_bytes: 0,
     };
     let started = Instant::now();
+    let progress = Arc::new(AtomicU64::new(0));
+    let watch = CableWatch::start(
+        [
+            vifs[0].wire().try_clone_to_owned()?,
+            vifs[1].wire().try_clone_to_owned()?,
+        ],
+        progress.clone(),
+    )?;
+    report.cable_queue_bytes = watch.queue_bytes;
+    let mut kill_times: Vec<Instant> = Vec::new();
     // Streams in a row that ended before a kill could land in them.
     let mut idle_streams = 0u32;
     while report.kills < kills {
@@ -196,7 +246,9 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
         let (pa, mut pb) = stream_params(stream_bytes, local_port);
         *probe.lock().map_err(|_| "probe poisoned")? = Probe::default();
         let hook_probe = probe.clone();
+        let hook_progress = progress.clone();
         pb.on_progress = Some(ProgressHook::new(move |now, offset| {
+            hook_progress.fetch_add(1, Ordering::Relaxed);
             let Ok(mut p) = hook_probe.lock() else { return };
             p.offset = offset;
             if p.first_after.is_none() && p.kill_at.is_some_and(|k| now >= k) {
@@ -230,6 +282,7 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
                 p.first_after = None;
             }
             let kill_at = Instant::now();
+            kill_times.push(kill_at);
             let vif = report.kills % 2;
             let t = match vifs[vif as usize].kill_and_replace() {
                 Ok(t) => t,
@@ -330,6 +383,7 @@ pub fn run(kills: u32, stream_mib: u64, hot: bool, json: bool) -> Result<ExitCod
         }
         (a, b) = (front_a, front_b);
     }
+    report.stalls = watch.stalls(started, &kill_times)?;
     report.gap_us = Dist::of(&gaps);
     let [reap, spawn, attach, replay] = &steps;
     report.takeover_us = Steps {
@@ -421,5 +475,159 @@ fn print_report(r: &NetFailoverReport, measured: usize, took: Duration) {
             g.first_data_us,
             g.rx_dropped_in_crash
         );
+    }
+    for s in &r.stalls {
+        let mut kill = match s.kill {
+            0 => "outside every kill's gap".to_string(),
+            k => format!("in kill {k}'s gap"),
+        };
+        for (k, at) in s.kills_in_ms.iter().filter(|(k, _)| *k != s.kill) {
+            kill += &format!(", kill {k} at +{at} ms");
+        }
+        outln!(
+            "    stall at {} ms: {} ms, {kill}; cable held {}–{}% (A → B), {}–{}% (B → A) of its {} B",
+            s.at_ms,
+            s.ms,
+            s.queued_min_pct[0],
+            s.queued_max_pct[0],
+            s.queued_min_pct[1],
+            s.queued_max_pct[1],
+            r.cable_queue_bytes
+        );
+    }
+}
+
+/// One look at the cable and the receiver.
+#[derive(Clone, Copy)]
+struct Sample {
+    at: Instant,
+    /// The receiver's progress calls so far.
+    progress: u64,
+    /// Bytes each end has sent that the other has not read (`SIOCOUTQ`).
+    queued: [u64; 2],
+}
+
+/// Samples, every millisecond or so, what each end of the cable holds
+/// unread and whether the receiver moves, to place every stall and tell
+/// a full cable (its sender's messages dropped) from one nobody fed.
+struct CableWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<Vec<Sample>>>,
+    queue_bytes: u64,
+}
+
+/// A stall began with a kill if the SIGKILL came this soon after the
+/// receiver's last data (or up to 5 ms before it: the data was in flight).
+const STALL_FROM_KILL: Duration = Duration::from_millis(20);
+
+/// How often [`CableWatch`] samples.
+const WATCH_EVERY: Duration = Duration::from_millis(1);
+
+impl CableWatch {
+    fn start(ends: [OwnedFd; 2], progress: Arc<AtomicU64>) -> Result<Self, CliError> {
+        let queue_bytes =
+            nix::sys::socket::getsockopt(&ends[0], nix::sys::socket::sockopt::SndBuf)? as u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut samples = Vec::with_capacity(1 << 14);
+                while !stop.load(Ordering::Relaxed) {
+                    samples.push(Sample {
+                        at: Instant::now(),
+                        progress: progress.load(Ordering::Relaxed),
+                        queued: [outq(&ends[0]), outq(&ends[1])],
+                    });
+                    thread::sleep(WATCH_EVERY);
+                }
+                samples
+            })
+        };
+        Ok(CableWatch {
+            stop,
+            thread: Some(thread),
+            queue_bytes,
+        })
+    }
+
+    /// Stops sampling and lists the stalls longer than [`RTO_THRESHOLD`]:
+    /// stretches of samples in which the receiver did not move.
+    fn stalls(mut self, started: Instant, kills: &[Instant]) -> Result<Vec<Stall>, CliError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let samples = self
+            .thread
+            .take()
+            .map(thread::JoinHandle::join)
+            .transpose()
+            .map_err(|_| "the cable watcher panicked")?
+            .unwrap_or_default();
+        let mut stalls = Vec::new();
+        let mut from = 0;
+        for i in 1..=samples.len() {
+            if i < samples.len() && samples[i].progress == samples[from].progress {
+                continue;
+            }
+            let (s, e) = (&samples[from], &samples[i - 1]);
+            let took = e.at - s.at;
+            if took > RTO_THRESHOLD {
+                // The window the kill's SIGKILL may fall in: a kill just
+                // before the stall's first sample caused it too.
+                let lead = s.at.checked_sub(Duration::from_millis(100)).unwrap_or(s.at);
+                let early = s.at.checked_sub(WATCH_EVERY * 5).unwrap_or(s.at);
+                let kill = kills
+                    .iter()
+                    .position(|&k| k >= early && k <= s.at + STALL_FROM_KILL)
+                    .map_or(0, |n| n as u32 + 1);
+                let kills_in_ms = (1..)
+                    .zip(kills)
+                    .filter(|(_, &k)| k >= early && k <= e.at)
+                    .map(|(n, &k)| (n, micros(k.saturating_duration_since(s.at)) / 1000))
+                    .collect();
+                let mut max = [0u64; 2];
+                let mut min = [u64::MAX; 2];
+                for x in samples.iter().filter(|x| x.at >= lead && x.at <= e.at) {
+                    for d in 0..2 {
+                        max[d] = max[d].max(x.queued[d]);
+                        if x.at >= s.at {
+                            min[d] = min[d].min(x.queued[d]);
+                        }
+                    }
+                }
+                let pct = |b: u64| b * 100 / self.queue_bytes.max(1);
+                stalls.push(Stall {
+                    at_ms: micros(s.at.saturating_duration_since(started)) / 1000,
+                    ms: micros(took) / 1000,
+                    kill,
+                    kills_in_ms,
+                    queued_max_pct: [pct(max[0]), pct(max[1])],
+                    queued_min_pct: [pct(min[0]), pct(min[1])],
+                });
+            }
+            from = i;
+        }
+        Ok(stalls)
+    }
+}
+
+impl Drop for CableWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The bytes `end` has sent and its peer not yet read (`SIOCOUTQ` of a
+/// unix socket: what its queued messages are charged); 0 if unknown.
+#[allow(unsafe_code, reason = "ioctl(2) SIOCOUTQ")]
+fn outq(end: &OwnedFd) -> u64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `end` is an open socket and `n` an int the ioctl writes.
+    let r = unsafe { libc::ioctl(end.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n.max(0) as u64
     }
 }

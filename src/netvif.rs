@@ -146,6 +146,11 @@ impl BenchVif {
         })
     }
 
+    /// The wire fd the backends are given (this process's copy).
+    pub fn wire(&self) -> BorrowedFd<'_> {
+        self.wire.as_fd()
+    }
+
     /// SIGKILLs the backend (if any) and reaps it.
     pub fn kill(&mut self) {
         if let Some(b) = self.backend.take() {

@@ -268,6 +268,8 @@ struct Traffic {
     /// RX buffer ids posted and not yet answered.
     rx_posted: Vec<bool>,
     rx_bad: u32,
+    /// The peer does not read the wire (a far end descheduled or stopped).
+    peer_paused: bool,
 }
 
 impl Traffic {
@@ -375,7 +377,10 @@ impl Traffic {
             }
         }
         let mut buf = vec![0u8; vif.peer.recv_buf_len()];
-        while let Some(n) = vif.peer.recv(&mut buf).unwrap() {
+        while !self.peer_paused {
+            let Some(n) = vif.peer.recv(&mut buf).unwrap() else {
+                break;
+            };
             let seq = check_long_frame(&buf[VnetHeaderLen::Basic.bytes()..n]);
             if seq == self.wire_next {
                 self.wire_next += 1;
@@ -962,6 +967,112 @@ fn a_bad_attach_net_is_refused_and_the_process_serves_the_next() {
     let mut backend = backend;
     backend.attach(&vif, false, true);
     backend.kill_in_place();
+}
+
+/// Runs TX traffic into a cable whose far end stops reading (a peer
+/// backend descheduled or stopped), and RX traffic from it, until the TX
+/// answers stop for a while; with `kill`, the backend is then SIGKILLed
+/// and replaced. Then the far end reads again. Returns the traffic and
+/// the `tx-maybe-duplicated` of the replacement.
+fn through_a_paused_far_end(kill: bool) -> (Traffic, u64) {
+    // Far more than the cable holds (its queue is ≈ 512 KiB of messages
+    // of 60–760 bytes).
+    const TX: u32 = 4000;
+    const RX: u32 = 400;
+    let mut vif = Vif::new();
+    let mut backend = Backend::spawn(&[]);
+    backend.attach(&vif, false, true);
+    let mut t = Traffic::new(&mut vif);
+    t.peer_paused = true;
+    vif.kick.notify().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (t.tx_answered, Instant::now());
+    while t.rx_received < RX || last.1.elapsed() < Duration::from_millis(300) {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {RX} RX frames in while TX was held back",
+            t.rx_received
+        );
+        t.step(&mut vif, TX, RX);
+        if t.tx_answered != last.0 {
+            last = (t.tx_answered, Instant::now());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    eprintln!(
+        "far end paused: {} of {TX} TX packets posted, {} slots answered, {} not",
+        t.tx_next,
+        t.tx_answered,
+        t.tx_out.len()
+    );
+    // The cable cannot hold the whole run: the backend held the rest back.
+    assert!(
+        t.tx_next < TX && !t.tx_out.is_empty(),
+        "{} of {TX} TX packets answered into a cable nobody reads",
+        t.tx_next
+    );
+    assert_eq!(t.wire_next, 0);
+    assert!(
+        backend.0.child.try_wait().unwrap().is_none(),
+        "the backend died"
+    );
+    let mut maybe_dup = 0;
+    if kill {
+        backend.kill_in_place();
+        backend = Backend::spawn(&[]);
+        let attached = backend.attach(&vif, true, false);
+        maybe_dup = attached
+            .get_u64("tx-maybe-duplicated")
+            .unwrap()
+            .unwrap_or(0);
+    }
+    t.peer_paused = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (t.tx_next < TX || !t.tx_out.is_empty()) && Instant::now() < deadline {
+        t.step(&mut vif, TX, RX);
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    t.reap(&mut vif);
+    backend.kill_in_place();
+    (t, maybe_dup)
+}
+
+/// A cable's far end that stops reading for a while costs the sender
+/// time, never frames (docs/ARCHITECTURE.md §11.5): once the cable is full
+/// the backend leaves the packet it could not send unanswered and takes no
+/// more TX until the cable has room, while RX keeps moving; when the far
+/// end reads again every frame arrives, in order, and every TX request is
+/// answered once. (Each frame meeting the full cable used to be dropped
+/// and answered `OKAY`: a TCP sender then waited for its retransmission
+/// timeout.)
+#[test]
+fn a_full_cable_holds_tx_back_and_loses_no_frame() {
+    let (t, _) = through_a_paused_far_end(false);
+    assert_eq!(t.tx_bad, 0, "TX responses for no request, or failed");
+    assert_eq!(t.tx_next, 4000, "the run did not finish");
+    assert_eq!(t.tx_answered, t.tx_slots, "every TX slot answered once");
+    assert_eq!(t.wire_next, 4000, "no TX frame lost on the wire");
+    assert_eq!(t.wire_dups, 0);
+    assert_eq!((t.rx_received, t.rx_lost, t.rx_bad), (400, 0, 0));
+}
+
+/// A backend killed while its TX waits for a full cable: the packets it
+/// held back were logged and never answered, so the next instance sends
+/// them (§11.6) — none lost, each answered once, a duplicate only where
+/// reported possible.
+#[test]
+fn a_backend_killed_while_the_cable_is_full_loses_no_frame() {
+    let (t, maybe_dup) = through_a_paused_far_end(true);
+    assert_eq!(t.tx_bad, 0, "TX responses for no request, or failed");
+    assert_eq!(t.tx_next, 4000, "the run did not finish");
+    assert_eq!(t.tx_answered, t.tx_slots, "every TX slot answered once");
+    assert_eq!(t.wire_next, 4000, "no TX frame lost on the wire");
+    assert!(
+        u64::from(t.wire_dups) <= maybe_dup,
+        "{} duplicates, {maybe_dup} reported possible",
+        t.wire_dups
+    );
+    assert_eq!((t.rx_received, t.rx_bad), (400, 0));
 }
 
 /// Fills the TX ring with one-slot frames, ids 0..RING, published with one

@@ -338,20 +338,24 @@ fn a_hostile_netif_guest_hurts_only_its_own_vif() {
 
     // ---- RX -------------------------------------------------------------
     // No buffer posted while the peer sends 16 MiB towards the vif: the
-    // frames wait in the cable's bounded queue or are dropped there;
-    // nothing in the backend grows.
-    let what = "no RX buffers posted while 16 MiB arrive";
+    // frames wait in the cable's bounded queue, and once it is full the
+    // peer's backend holds the peer's TX back (answers and takes nothing
+    // more: the peer's ring fills) rather than drop (docs/ARCHITECTURE.md
+    // §11.5); nothing in either backend grows.
+    let what = "no RX buffers posted while 16 MiB wait to be sent to it";
     eprintln!("case: {what}");
     evil.close();
     let mut evil = RawNetif::attach(&socket, "evil");
     let pid = stats_of(&socket, "evil").pid.expect("evil's backend");
-    blast_at_silent_vif(&mut peer, pid, what);
-    // What was queued is delivered once buffers come, and no more.
+    let peer_pid = stats_of(&socket, "peer").pid.expect("the peer's backend");
+    let blast = blast_at_silent_vif(&mut peer, [pid, peer_pid], what);
+    // Buffers posted: every frame arrives, in order, none lost, and the
+    // peer's TX moves again.
     for id in 0..RX_BUFS as u16 {
         evil.post_rx_id(id);
     }
     evil.push();
-    drain_queued(&mut peer, what, || {
+    drain_blast(&mut peer, blast, what, || {
         let (req, rsp) = evil.next_rx();
         let seq = check_frame(&evil.rx_data(&req, &rsp));
         evil.post_rx(req);
@@ -359,6 +363,7 @@ fn a_hostile_netif_guest_hurts_only_its_own_vif() {
         seq
     });
     assert_eq!(stats_of(&socket, "evil").pid, Some(pid));
+    assert_eq!(stats_of(&socket, "peer").pid, Some(peer_pid));
     h.good.assert_moving(what);
     h.bystanders.assert_untouched(what);
     evil.close();

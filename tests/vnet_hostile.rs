@@ -586,15 +586,17 @@ fn a_hostile_virtio_net_driver_hurts_only_its_own_vif() {
     }
     evil = after_case(what, false, evil, pid, &h, &mut seqs, &mut peer);
 
-    // No head posted while 16 MiB arrive: nothing in the backend grows;
-    // what the cable queued is delivered once heads come, and no more.
-    let what = "no receive heads posted while 16 MiB arrive";
+    // No head posted while 16 MiB wait to be sent to it: the cable fills
+    // and the peer's backend holds the peer's TX back; nothing in either
+    // backend grows; once heads come every frame is delivered, in order.
+    let what = "no receive heads posted while 16 MiB wait to be sent to it";
     eprintln!("case: {what}");
-    blast_at_silent_vif(&mut peer, pid.expect("evil's backend"), what);
+    let peer_pid = stats_of(&socket, "peer").pid.expect("the peer's backend");
+    let blast = blast_at_silent_vif(&mut peer, [pid.expect("evil's backend"), peer_pid], what);
     for head in 0..QUEUE_SIZE {
         evil.post(head, 2048);
     }
-    drain_queued(&mut peer, what, || {
+    drain_blast(&mut peer, blast, what, || {
         let (id, len) = evil.wait_used(RX, what);
         let seq = check_frame(&evil.received(id, len));
         evil.post(id as u16, 2048);

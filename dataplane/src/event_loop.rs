@@ -275,6 +275,14 @@ pub fn arm(engine: &mut Engine, token: Token, fd: RawFd) -> Result<(), BackendEr
         .map_err(|(e, _)| BackendError::Engine(e))
 }
 
+/// Polls `fd` for room to write ([`IoOp::PollOut`]), completing with
+/// `token`.
+pub fn arm_writable(engine: &mut Engine, token: Token, fd: RawFd) -> Result<(), BackendError> {
+    engine
+        .push(token.encode(), IoOp::PollOut { fd })
+        .map_err(|(e, _)| BackendError::Engine(e))
+}
+
 /// The result of an [`IoOp::ReadCounter`] that took an eventfd's counter,
 /// or of an [`IoOp::AddCounter`] that added to it: the 8 bytes.
 pub const COUNTER_OK: i32 = 8;

@@ -239,6 +239,12 @@ pub trait DeviceModel<R: RingSet> {
     fn source(&self, _n: usize) -> Option<RawFd> {
         None
     }
+    /// Whether source `n` is polled for room to write (`POLLOUT`: a wire
+    /// whose queue was full, that the model waits to send on) rather than
+    /// for input.
+    fn source_writable(&self, _n: usize) -> bool {
+        false
+    }
     /// Whether the loop takes from `ring` now: `false` for a ring the
     /// device does not serve at the moment (a virtio-net queue pair beyond
     /// the pairs the driver uses, a queue started without its pair). Such

@@ -466,7 +466,13 @@ impl<R: RingSet, M: DeviceModel<R>> Attachment<R, M> {
             let Some(fd) = self.model.source(n) else {
                 continue;
             };
-            match event_loop::arm(&mut core.engine, self.source_token(n), fd) {
+            let token = self.source_token(n);
+            let armed = if self.model.source_writable(n) {
+                event_loop::arm_writable(&mut core.engine, token, fd)
+            } else {
+                event_loop::arm(&mut core.engine, token, fd)
+            };
+            match armed {
                 Ok(()) => self.sources_armed |= 1 << n,
                 Err(e) => {
                     tracing::warn!(device = %core.device, source = n, error = %e, "cannot poll the device's source");

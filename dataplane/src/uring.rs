@@ -390,6 +390,13 @@ pub enum IoOp {
         /// The fd to watch. Closing it before completion is memory-safe.
         fd: RawFd,
     },
+    /// One-shot readiness for writing (`POLLOUT`) of such an fd: a socket
+    /// whose queue was full has room again. The result as for
+    /// [`IoOp::PollIn`].
+    PollOut {
+        /// The fd to watch. Closing it before completion is memory-safe.
+        fd: RawFd,
+    },
     /// Reads an eventfd's counter (8 bytes) into `value` once it is
     /// non-zero, whether or not the fd is `O_NONBLOCK`: the kernel tries
     /// without blocking and otherwise waits for readiness inside the ring,
@@ -976,6 +983,7 @@ fn build_sqe(op: &IoOp) -> Result<squeue::Entry, EngineError> {
                 .build()
         }
         IoOp::PollIn { fd } => opcode::PollAdd::new(Fd(*fd), libc::POLLIN as u32).build(),
+        IoOp::PollOut { fd } => opcode::PollAdd::new(Fd(*fd), libc::POLLOUT as u32).build(),
         IoOp::ReadCounter { fd, value } => {
             // The counter is read at the current position (eventfds have
             // none): offset -1 as `read(2)`.

@@ -134,6 +134,9 @@ pub struct NetStats {
     pub tx_errors: u64,
     /// TX packets the wire dropped (queue full, link down).
     pub tx_wire_drops: u64,
+    /// TX packets that found the cable full and waited for room (not
+    /// dropped: docs/ARCHITECTURE.md §11.5).
+    pub tx_cable_full: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     /// Frames from the wire that could not be delivered (too large, no

@@ -303,50 +303,74 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// Frames the peer sends towards a vif that posts no receive buffer.
 pub const BLAST: u32 = 16 * 1024;
 pub const BLAST_LEN: usize = 1024;
-/// The frame that ends a drain.
-pub const MARKER: u32 = u32::MAX;
 
-/// The peer sends [`BLAST`] frames of [`BLAST_LEN`] bytes (16 MiB)
-/// towards the hostile vif, which has posted nothing: its backend
-/// (`pid`) must not grow.
-pub fn blast_at_silent_vif(peer: &mut Peer, pid: u32, what: &str) {
-    let rss_before = rss_kib(pid);
-    peer.blast(0, BLAST, BLAST_LEN);
-    let rss_after = rss_kib(pid);
-    eprintln!("evil's backend: {rss_before} KiB before, {rss_after} KiB after");
-    assert!(
-        rss_after < rss_before + 2048,
-        "{what}: the backend grew from {rss_before} to {rss_after} KiB"
-    );
+/// A blast in progress ([`Peer::blast_step`]): frames posted, answered,
+/// and out.
+#[derive(Debug, Default)]
+pub struct Blast {
+    pub next: u32,
+    pub answered: u32,
+    pub out: u32,
 }
 
-/// Once the hostile vif posted buffers: takes what the wire had queued
-/// for it, `next` giving the sequence number of the next frame delivered
-/// (its buffer reposted), and checks it was at most a socket buffer's
-/// worth, in order. Once one frame is delivered the cable has room again:
-/// a marker sent then is queued behind whatever was, and ends the drain.
-pub fn drain_queued(peer: &mut Peer, what: &str, mut next: impl FnMut() -> u32) {
-    let mut delivered = Vec::new();
-    loop {
-        let seq = next();
-        if seq == MARKER {
-            break;
+/// The peer sends up to [`BLAST`] frames of [`BLAST_LEN`] bytes (16 MiB)
+/// towards the hostile vif, which has posted nothing, until the peer's TX
+/// is held back: once the cable is full, the peer's (netif) backend
+/// answers and takes nothing more until it has room, rather than drop
+/// (docs/ARCHITECTURE.md §11.5). Neither the hostile vif's backend nor the
+/// peer's (`pids`) grows. Returns the blast, for [`drain_blast`].
+pub fn blast_at_silent_vif(peer: &mut Peer, pids: [u32; 2], what: &str) -> Blast {
+    let rss_before = pids.map(rss_kib);
+    let mut blast = Blast::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (blast.answered, Instant::now());
+    while last.1.elapsed() < Duration::from_millis(500) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the peer's TX never stopped"
+        );
+        peer.blast_step(&mut blast, BLAST, BLAST_LEN);
+        if blast.answered != last.0 {
+            last = (blast.answered, Instant::now());
         }
-        if delivered.is_empty() {
-            peer.guest.send(&frame(MARKER, 200), 1, 0);
-        }
-        delivered.push(seq);
+        thread::sleep(Duration::from_micros(200));
     }
+    let rss_after = pids.map(rss_kib);
     eprintln!(
-        "{} of {BLAST} frames were queued for the vif",
-        delivered.len()
+        "{} of {BLAST} frames answered before the peer's TX was held back; RSS of the \
+         backends (hostile, peer) {rss_before:?} -> {rss_after:?} KiB",
+        blast.answered
     );
     assert!(
-        !delivered.is_empty() && delivered.len() * BLAST_LEN <= 1 << 20,
-        "{what}: {} frames of {BLAST_LEN} bytes queued for a vif without buffers",
-        delivered.len()
+        blast.answered < BLAST && blast.out > 0,
+        "{what}: the peer's TX was not held back: {blast:?}"
     );
-    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{delivered:?}");
+    for (before, after) in rss_before.iter().zip(&rss_after) {
+        assert!(
+            *after < before + 2048,
+            "{what}: a backend grew from {before} to {after} KiB"
+        );
+    }
+    blast
+}
+
+/// Once the hostile vif posted buffers: `next` giving the sequence number
+/// of the next frame delivered (its buffer reposted), every frame of the
+/// blast arrives, once and in order, while the peer sends the rest, and
+/// every one of the peer's TX requests is answered.
+pub fn drain_blast(peer: &mut Peer, mut blast: Blast, what: &str, mut next: impl FnMut() -> u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for expected in 0..BLAST {
+        assert!(Instant::now() < deadline, "{what}: {blast:?}");
+        peer.blast_step(&mut blast, BLAST, BLAST_LEN);
+        let seq = next();
+        assert_eq!(seq, expected, "{what}: frame {seq} delivered");
+    }
+    while blast.answered < BLAST {
+        assert!(Instant::now() < deadline, "{what}: {blast:?}");
+        peer.blast_step(&mut blast, BLAST, BLAST_LEN);
+        thread::sleep(Duration::from_micros(200));
+    }
 }
 
 // ---- a raw netif frontend -----------------------------------------------------------
@@ -697,40 +721,36 @@ impl Peer {
         }
     }
 
-    /// Sends `count` frames of `len` bytes (from `first_seq`) towards the
-    /// hostile vif, one slot each, every one answered `OKAY` (a frame the
-    /// cable has no room for is dropped like on a full NIC queue).
-    pub fn blast(&mut self, first_seq: u32, count: u32, len: usize) {
-        let mut next = 0u32;
-        let mut answered = 0u32;
-        let mut out = 0u32;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while answered < count {
-            while next < count && out < TX_BUFS {
-                let id = (next % TX_BUFS) as u16;
-                let f = frame(first_seq + next, len);
-                self.guest.fill_tx(id, 0, &f);
-                self.guest
-                    .tx
-                    .put_request(&NetifTxRequest {
-                        gref: tx_gref(id),
-                        offset: 0,
-                        flags: 0,
-                        id,
-                        size: len as u16,
-                    })
-                    .unwrap();
-                next += 1;
-                out += 1;
-            }
+    /// One round of a blast of `count` frames of `len` bytes towards the
+    /// hostile vif, one slot each, that does not wait: posts while fewer
+    /// than [`TX_BUFS`] are out, then takes the answers there are (each
+    /// `OKAY`).
+    pub fn blast_step(&mut self, b: &mut Blast, count: u32, len: usize) {
+        let mut posted = false;
+        while b.next < count && b.out < TX_BUFS {
+            let id = (b.next % TX_BUFS) as u16;
+            self.guest.fill_tx(id, 0, &frame(b.next, len));
+            self.guest
+                .tx
+                .put_request(&NetifTxRequest {
+                    gref: tx_gref(id),
+                    offset: 0,
+                    flags: 0,
+                    id,
+                    size: len as u16,
+                })
+                .unwrap();
+            b.next += 1;
+            b.out += 1;
+            posted = true;
+        }
+        if posted {
             self.guest.push();
-            while let Some(r) = self.guest.tx.take_response().unwrap() {
-                assert_eq!(r.status, 0, "the peer's TX answered {r:?}");
-                answered += 1;
-                out -= 1;
-            }
-            assert!(Instant::now() < deadline, "the peer's TX stalled");
-            thread::sleep(Duration::from_micros(200));
+        }
+        while let Some(r) = self.guest.tx.take_response().unwrap() {
+            assert_eq!(r.status, 0, "the peer's TX answered {r:?}");
+            b.answered += 1;
+            b.out -= 1;
         }
     }
 }

@@ -6,7 +6,9 @@
 //!
 //! - **TX**: a packet's slots are collected until its last one; then it is
 //!   refused (every slot `ERROR`), a multicast change is kept and answered,
-//!   a frame to a cable is sent and answered, and a frame to a TAP joins
+//!   a frame to a cable is sent and answered (a cable found full: the
+//!   packet waits, unanswered, and no more TX is taken until the cable has
+//!   room, [`DeviceModel::takes`]), and a frame to a TAP joins
 //!   the batch, written when it is full and when the ring is drained
 //!   ([`DeviceModel::drained`]), its packets answered after the write in
 //!   ring order, the first slot first. A replayed packet (its slots read
@@ -44,7 +46,7 @@ use crate::netif::{
 };
 use crate::record::tx::{self as txrec, TxSlotRecord};
 use crate::tapbatch::{PushError, TapBatch, TX_BATCH};
-use crate::wire::{SendOutcome, VnetHeader, Wire, WireError, WireKind};
+use crate::wire::{DropReason, SendOutcome, VnetHeader, Wire, WireError, WireKind};
 
 /// What a vif reads and writes frames with: the wire and the guest's
 /// granted pages.
@@ -83,6 +85,18 @@ struct Batched {
     size: u16,
 }
 
+/// A TX packet for a cable that found it full, waiting for room
+/// (docs/ARCHITECTURE.md §11.5): logged, not sent, not answered.
+struct Waiting {
+    held: Vec<u16>,
+    packet: TxPacket,
+}
+
+/// The model's event sources: the wire polled for frames to deliver, and
+/// for room while TX packets wait for a full cable.
+const SOURCE_FRAMES: usize = 0;
+const SOURCE_ROOM: usize = 1;
+
 /// What a dead instance did with the TX packets still in its log.
 #[derive(Default)]
 pub struct TxProgress {
@@ -111,6 +125,10 @@ pub struct NetifModel {
     /// The packet whose first slot was just parsed, until it is started.
     fresh: Option<TxParsed>,
     batched: Vec<Batched>,
+    /// Packets for a full cable, in ring order: sent and answered once it
+    /// has room. At most a ring's worth (no TX is taken meanwhile; a
+    /// replay adds at most what the log holds).
+    waiting: VecDeque<Waiting>,
     /// Emptied lists of answered packets' held slots, reused.
     held_lists: Vec<Vec<u16>>,
     answers: VecDeque<Answer<NetifAnswer>>,
@@ -163,6 +181,7 @@ impl NetifModel {
             collecting: Collecting::default(),
             fresh: None,
             batched: Vec::with_capacity(TX_BATCH),
+            waiting: VecDeque::new(),
             held_lists: Vec::with_capacity(TX_BATCH),
             answers: VecDeque::with_capacity(4 * TX_BATCH),
             spent: Vec::with_capacity(TX_BATCH),
@@ -359,10 +378,23 @@ impl NetifModel {
                 self.give_back(m.slots, None);
             }
             TxRequest::Packet(p) => {
+                if !self.waiting.is_empty() {
+                    // Behind the packets waiting for room, in ring order.
+                    return self.waiting.push_back(Waiting {
+                        held: held.to_vec(),
+                        packet: p,
+                    });
+                }
                 // No progress flag: the first slot's answer, logged right
                 // after the write, says the packet went out (§11.6).
                 let status = match self.send_packet(&p) {
-                    Ok(()) => NETIF_RSP_OKAY,
+                    Ok(true) => NETIF_RSP_OKAY,
+                    Ok(false) => {
+                        return self.waiting.push_back(Waiting {
+                            held: held.to_vec(),
+                            packet: p,
+                        });
+                    }
                     Err(why) => {
                         tracing::debug!(device = %self.device, why, "TX packet failed");
                         self.stats.tx_errors += 1;
@@ -496,9 +528,35 @@ impl NetifModel {
         self.batched = batched;
     }
 
+    /// Sends the packets waiting for room on the cable, in ring order, and
+    /// answers each, until one finds the cable full again.
+    fn send_waiting(&mut self) {
+        while let Some(w) = self.waiting.pop_front() {
+            let status = match self.send_packet(&w.packet) {
+                Ok(true) => NETIF_RSP_OKAY,
+                Ok(false) => {
+                    self.waiting.push_front(w);
+                    return;
+                }
+                Err(why) => {
+                    tracing::debug!(device = %self.device, why, "TX packet failed");
+                    self.stats.tx_errors += 1;
+                    NETIF_RSP_ERROR
+                }
+            };
+            self.answer_packet(&w.held, &w.packet.slots, status);
+            self.keep_held(w.held);
+            self.give_back(w.packet.slots, Some(w.packet.fragments));
+        }
+    }
+
     /// Reads a packet out of its grants into the scratch frame, completes a
-    /// blank checksum (a cable) and writes it to the wire.
-    fn send_packet(&mut self, packet: &TxPacket) -> Result<(), String> {
+    /// blank checksum (a cable) and writes it to the wire. `Ok(false)`: a
+    /// cable's queue is full and the packet was not sent; the caller keeps
+    /// it until the cable has room (a point-to-point wire between two of
+    /// our vifs loses nothing to a peer backend that is slow to read). A
+    /// TAP's full queue drops the frame, counted, as a NIC's would.
+    fn send_packet(&mut self, packet: &TxPacket) -> Result<bool, String> {
         let hdr = self.io.wire.header_len().bytes();
         let size = usize::from(packet.size);
         // A TAP takes partial checksums and TCP super-frames as they are
@@ -514,10 +572,15 @@ impl NetifModel {
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += size as u64;
             }
+            SendOutcome::Dropped(DropReason::QueueFull) if !offload => {
+                self.stats.tx_cable_full += 1;
+                tracing::trace!(device = %self.device, "cable full: TX waits for room");
+                return Ok(false);
+            }
             // Lost like on a full NIC queue; TCP resends.
             SendOutcome::Dropped(_) => self.stats.tx_wire_drops += 1,
         }
-        Ok(())
+        Ok(true)
     }
 
     // ---- RX ------------------------------------------------------------
@@ -847,23 +910,43 @@ impl DeviceModel<NetifRings> for NetifModel {
         self.answers.pop_front()
     }
 
-    /// The wire, while buffers are posted, it is open and not known to
-    /// hold frames already (then the drain reads it) and no frame waits
-    /// for buffers.
+    /// The wire twice: for frames ([`SOURCE_FRAMES`]), while buffers are
+    /// posted, it is open and not known to hold frames already (then the
+    /// drain reads it) and no frame waits for buffers; and for room
+    /// ([`SOURCE_ROOM`]) while TX packets wait for a full cable.
     fn sources(&self) -> usize {
-        1
+        2
     }
 
-    fn source(&self, _n: usize) -> Option<RawFd> {
-        (!self.pool.is_empty()
-            && !self.wire_readable
-            && !self.io.wire.is_closed()
-            && self.held_frame.is_none())
-        .then(|| self.io.wire.fd().as_raw_fd())
+    fn source(&self, n: usize) -> Option<RawFd> {
+        let watch = match n {
+            SOURCE_FRAMES => {
+                !self.pool.is_empty()
+                    && !self.wire_readable
+                    && !self.io.wire.is_closed()
+                    && self.held_frame.is_none()
+            }
+            _ => !self.waiting.is_empty(),
+        };
+        watch.then(|| self.io.wire.fd().as_raw_fd())
     }
 
-    fn ready(&mut self, _n: usize, rings: &NetifRings, entries: &mut dyn HeldEntries) -> bool {
+    fn source_writable(&self, n: usize) -> bool {
+        n == SOURCE_ROOM
+    }
+
+    /// No TX is taken while packets wait for a full cable: the guest's
+    /// ring holds the rest, so nothing here grows (§11.5).
+    fn takes(&self, ring: usize) -> bool {
+        ring != TX || self.waiting.is_empty()
+    }
+
+    fn ready(&mut self, n: usize, rings: &NetifRings, entries: &mut dyn HeldEntries) -> bool {
         self.return_spent(rings);
+        if n == SOURCE_ROOM {
+            self.send_waiting();
+            return false;
+        }
         self.wire_readable = true;
         self.deliver_rx(entries)
     }

@@ -19,8 +19,10 @@
 //!
 //! The queue is bounded by the sender's socket buffer (`SO_SNDBUF`: a
 //! unix socket charges queued messages to their sender): a peer that
-//! never reads fills it, after which sends fail with `EAGAIN` and the
-//! frames are dropped and counted, as a full TX queue drops them.
+//! never reads fills it, after which sends fail with `EAGAIN`
+//! ([`super::SendOutcome::Dropped`] with `QueueFull`). The netif model
+//! then holds its TX back until the cable has room rather than drop the
+//! frame (docs/ARCHITECTURE.md §11.5).
 
 use std::os::fd::{AsFd, OwnedFd};
 

@@ -95,14 +95,18 @@ pub enum WireKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendOutcome {
     Sent,
-    /// Not sent, and counted; like a full TX queue on a real NIC, the
-    /// frame is lost and the caller answers its request as sent.
+    /// Not sent, and counted in [`WireStats`]. A TAP's frame is lost like
+    /// on a full TX queue of a real NIC, and the caller answers its
+    /// request as sent; a cable's (`QueueFull`) may be sent again once
+    /// the cable has room, which is what the netif model does
+    /// (docs/ARCHITECTURE.md §11.5).
     Dropped(DropReason),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
-    /// The kernel queue is full (a cable's peer does not read).
+    /// The kernel queue is full (a cable's peer does not read fast
+    /// enough).
     QueueFull,
     /// The interface is down.
     LinkDown,
@@ -217,7 +221,7 @@ impl Wire {
     /// Sends one frame: `frame` is the header ([`Wire::header_len`]
     /// bytes) followed by the Ethernet frame. The header is validated
     /// first (the bytes come from a guest). Never blocks: a full queue
-    /// drops the frame and counts it.
+    /// gives [`SendOutcome::Dropped`], counted; the frame was not sent.
     pub fn send(&mut self, frame: &[u8]) -> Result<SendOutcome, WireError> {
         let hdr_len = self.hdr.bytes();
         let len = frame.len();
