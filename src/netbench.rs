@@ -260,9 +260,10 @@ const SHADOW_PAIRS: [(NetPath, NetPath); 3] = [
 
 /// What the shadow log costs a path, slice by slice: slice `i` of the row
 /// with the log against slice `i` of the row without it, measured in the
-/// same round (minutes apart at most), so a disturbance of the machine
-/// that lasts a slice moves one pair, and the median, unlike the ratio of
-/// the rows' means, does not follow it. Positive: the log costs.
+/// same round (only the other paths' slices between them), so a
+/// disturbance of the machine that lasts a slice moves one pair, and the
+/// median, unlike the ratio of the rows' means, does not follow it.
+/// Positive: the log costs. A median is `null` without pairs.
 #[derive(Serialize, Debug, PartialEq)]
 struct ShadowCost {
     path: &'static str,
@@ -274,7 +275,6 @@ struct ShadowCost {
     /// Per slice, the backends' CPU per frame with the log over without,
     /// less 1 (slices where both rows have one).
     backend_cpu_cost: Vec<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     backend_cpu_cost_median: Option<f64>,
 }
 
