@@ -242,10 +242,101 @@ struct Row {
 #[derive(Serialize)]
 struct JsonReport<'a> {
     rows: &'a [Row],
+    /// The shadow log's cost by slice, for each pair of rows with and
+    /// without it.
+    shadow_cost: &'a [ShadowCost],
     /// The backends' polling window (`--poll-us`).
     poll_us: u32,
     /// Rows not run, and why.
     skipped: &'a [String],
+}
+
+/// The rows with a shadow log and the same paths without.
+const SHADOW_PAIRS: [(NetPath, NetPath); 3] = [
+    (NetPath::NetifCable, NetPath::NetifCableNoShadow),
+    (NetPath::NetifTap, NetPath::NetifTapNoShadow),
+    (NetPath::VhostTap, NetPath::VhostTapNoShadow),
+];
+
+/// What the shadow log costs a path, slice by slice: slice `i` of the row
+/// with the log against slice `i` of the row without it, measured in the
+/// same round (only the other paths' slices between them), so a
+/// disturbance of the machine that lasts a slice moves one pair, and the
+/// median, unlike the ratio of the rows' means, does not follow it.
+/// Positive: the log costs. A median is `null` without pairs.
+#[derive(Serialize, Debug, PartialEq)]
+struct ShadowCost {
+    path: &'static str,
+    baseline: &'static str,
+    frame: &'static str,
+    /// Per slice, pps without the log over pps with it, less 1.
+    pps_cost: Vec<f64>,
+    pps_cost_median: Option<f64>,
+    /// Per slice, the backends' CPU per frame with the log over without,
+    /// less 1 (slices where both rows have one).
+    backend_cpu_cost: Vec<f64>,
+    backend_cpu_cost_median: Option<f64>,
+}
+
+impl ShadowCost {
+    fn paired(
+        with: NetPath,
+        without: NetPath,
+        frame: Frame,
+        with_slices: &[Rate],
+        without_slices: &[Rate],
+    ) -> Self {
+        let pairs = || with_slices.iter().zip(without_slices);
+        let pps_cost: Vec<f64> = pairs()
+            .filter(|(w, _)| w.pps > 0.0)
+            .map(|(w, n)| n.pps / w.pps - 1.0)
+            .collect();
+        let backend_cpu_cost: Vec<f64> = pairs()
+            .filter_map(|(w, n)| match (w.cpu_us, n.cpu_us) {
+                (Some((_, w)), Some((_, n))) if n > 0.0 => Some(w / n - 1.0),
+                _ => None,
+            })
+            .collect();
+        Self {
+            path: with.name(),
+            baseline: without.name(),
+            frame: frame.name(),
+            pps_cost_median: median(&pps_cost),
+            backend_cpu_cost_median: median(&backend_cpu_cost),
+            pps_cost,
+            backend_cpu_cost,
+        }
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// `median (n slice pairs, min to max; means m)` of fractions, as
+/// percentages, with `means` the same cost of the rows' means.
+fn spread(values: &[f64], means: f64) -> String {
+    let Some(m) = median(values) else {
+        return format!("- (no slice pairs; means {:+.1}%)", means * 100.0);
+    };
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:+.1}% (median of {} slice pairs, {:+.1}% to {:+.1}%; means {:+.1}%)",
+        m * 100.0,
+        values.len(),
+        min * 100.0,
+        max * 100.0,
+        means * 100.0
+    )
 }
 
 /// What one row measured.
@@ -303,6 +394,7 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
     });
     let slice = secs / args.rounds;
     let mut rows: Vec<Row> = Vec::new();
+    let mut costs: Vec<ShadowCost> = Vec::new();
     for frame in [Frame::Small, Frame::Mtu, Frame::Tcp] {
         let paths: Vec<NetPath> = plan
             .iter()
@@ -310,12 +402,23 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             .map(|&(p, _)| p)
             .collect();
         // Sums of the slices' rates (the slices are equally long), and of
-        // their CPU times per frame with how many slices had one.
+        // their CPU times per frame with how many slices had one; and each
+        // slice's rate, for the paired shadow costs.
         let mut sums = vec![(0.0f64, 0.0f64, (0.0f64, 0.0f64), 0u32); paths.len()];
-        for _ in 0..args.rounds {
-            for (&path, sum) in paths.iter().zip(&mut sums) {
+        let mut slices: Vec<Vec<Rate>> = paths.iter().map(|_| Vec::new()).collect();
+        for round in 0..args.rounds {
+            // Odd rounds take the paths in the reverse order, so neither row
+            // of a pair always runs right after the other.
+            let order: Vec<usize> = if round % 2 == 0 {
+                (0..paths.len()).collect()
+            } else {
+                (0..paths.len()).rev().collect()
+            };
+            for i in order {
+                let path = paths[i];
                 let rate = measure_row(path, frame, slice, args.poll_us)
                     .map_err(|e| format!("{} {}: {e}", path.name(), frame.name()))?;
+                let sum = &mut sums[i];
                 sum.0 += rate.pps;
                 sum.1 += rate.gbps;
                 if let Some((all, backends)) = rate.cpu_us {
@@ -323,9 +426,18 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
                     sum.2 .1 += backends;
                     sum.3 += 1;
                 }
+                slices[i].push(rate);
                 if !args.json {
                     errout!(".");
                 }
+            }
+        }
+        for (with, without) in SHADOW_PAIRS {
+            let find = |p: NetPath| paths.iter().position(|&q| q == p);
+            if let (Some(w), Some(n)) = (find(with), find(without)) {
+                costs.push(ShadowCost::paired(
+                    with, without, frame, &slices[w], &slices[n],
+                ));
             }
         }
         for (&path, &(pps, gbps, cpu, cpu_slices)) in paths.iter().zip(&sums) {
@@ -355,12 +467,13 @@ pub fn run(args: &NetBenchArgs) -> Result<ExitCode, CliError> {
             "{}",
             serde_json::to_string(&JsonReport {
                 rows: &rows,
+                shadow_cost: &costs,
                 poll_us: args.poll_us,
                 skipped: &skipped,
             })?
         );
     } else {
-        print_table(&rows, &skipped, args);
+        print_table(&rows, &costs, &skipped, args);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1139,7 +1252,7 @@ fn tcp_netif_cable(how: Backends, secs: Duration) -> Result<Rate, CliError> {
     rate
 }
 
-fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
+fn print_table(rows: &[Row], costs: &[ShadowCost], skipped: &[String], args: &NetBenchArgs) {
     outln!(
         "shadowback bench net — {:.1} s per row in {} slices (the paths of a frame size take turns); frames of 64 and 1514 bytes (\"1500\"), TCP = a verified stream between two guest stacks; backends' poll_us {}",
         args.seconds, args.rounds, args.poll_us
@@ -1180,30 +1293,30 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
         );
     }
     outln!();
-    for (with, without) in [
-        (NetPath::NetifCable, NetPath::NetifCableNoShadow),
-        (NetPath::NetifTap, NetPath::NetifTapNoShadow),
-        (NetPath::VhostTap, NetPath::VhostTapNoShadow),
-    ] {
-        for r in rows.iter().filter(|r| r.path == with.name()) {
-            let o = rows
-                .iter()
-                .find(|o| o.path == without.name() && o.frame == r.frame);
-            if let Some(o) = o.filter(|o| o.pps > 0.0) {
-                let cpu = match (r.cpu_us_per_frame, o.cpu_us_per_frame) {
-                    (Some(w), Some(n)) if n > 0.0 => {
-                        format!(", {:+.1}% CPU per frame", (w / n - 1.0) * 100.0)
-                    }
-                    _ => String::new(),
-                };
-                outln!(
-                    "shadow log cost, {} {}: {:+.1}% pps{cpu}",
-                    with.name(),
-                    r.frame,
-                    (r.pps / o.pps - 1.0) * 100.0
-                );
-            }
-        }
+    for c in costs {
+        let means = rows
+            .iter()
+            .find(|r| r.path == c.path && r.frame == c.frame)
+            .zip(
+                rows.iter()
+                    .find(|o| o.path == c.baseline && o.frame == c.frame),
+            );
+        let Some((r, o)) = means.filter(|(r, _)| r.pps > 0.0) else {
+            continue;
+        };
+        let cpu = match (r.backend_cpu_us_per_frame, o.backend_cpu_us_per_frame) {
+            (Some(w), Some(n)) if n > 0.0 => format!(
+                "; backend CPU per frame {}",
+                spread(&c.backend_cpu_cost, w / n - 1.0)
+            ),
+            _ => String::new(),
+        };
+        outln!(
+            "shadow log cost, {} {}: pps {}{cpu}",
+            c.path,
+            c.frame,
+            spread(&c.pps_cost, o.pps / r.pps - 1.0)
+        );
     }
     outln!();
     outln!("notes:");
@@ -1219,6 +1332,7 @@ fn print_table(rows: &[Row], skipped: &[String], args: &NetBenchArgs) {
             format!("every backend polls its rings for {} µs after activity before sleeping, taking CPU from the rest (`netback --poll-us`; the vhost-user-net rows' nic has that `poll_us`).", args.poll_us)
         }
     );
+    outln!("  - shadow log cost: what the row with the log costs against the same path without it (positive: the log costs): pps without / with − 1 and the backends' CPU per frame with / without − 1, computed per pair of slices of the same round (odd rounds take the paths in reverse order), then the median of the pairs, their range, and the same cost of the rows' means. Read the median: a slice disturbed by another job moves one pair, and the means with it.");
     outln!("  - CPU us/frame: CPU time of this process's threads and of the backend processes over the window, per frame counted (`backend`: the backends' part; TCP rows on the TAP: over the measured stream, per frame the guest sent, the Linux receiver included); other jobs on the machine change pps much more than this.");
     for s in skipped {
         outln!("  - skipped: {s}");
@@ -1238,5 +1352,63 @@ mod tests {
         let now = HashMap::from([(2, 80), (3, 30)]);
         assert_eq!(kids_since(&now, &then), 60);
         assert_eq!(kids_since(&then, &then), 0);
+    }
+
+    fn rate(pps: f64, backend_us: Option<f64>) -> Rate {
+        Rate {
+            pps,
+            gbps: 0.0,
+            cpu_us: backend_us.map(|b| (b + 1.0, b)),
+        }
+    }
+
+    #[test]
+    fn the_shadow_cost_is_the_median_of_the_slices_pairs() {
+        // Slice 2 was disturbed (the row with the log lost half its rate):
+        // the ratio of the means says +35%, the pairs' median +5%.
+        let with = [
+            rate(95.0, Some(1.05)),
+            rate(50.0, Some(2.0)),
+            rate(100.0, None),
+        ];
+        let without = [
+            rate(100.0, Some(1.0)),
+            rate(100.0, Some(1.0)),
+            rate(104.0, Some(1.0)),
+        ];
+        let c = ShadowCost::paired(
+            NetPath::NetifTap,
+            NetPath::NetifTapNoShadow,
+            Frame::Mtu,
+            &with,
+            &without,
+        );
+        assert_eq!(
+            (c.path, c.baseline, c.frame),
+            ("netif-tap", "netif-tap-noshadow", "1500")
+        );
+        let pps: Vec<f64> = c.pps_cost.iter().map(|x| (x * 1e4).round() / 1e4).collect();
+        assert_eq!(pps, [0.0526, 1.0, 0.04]);
+        assert_eq!(c.pps_cost_median, Some(100.0 / 95.0 - 1.0));
+        // The slice without CPU figures is left out, not counted as 0.
+        let cpu: Vec<f64> = c
+            .backend_cpu_cost
+            .iter()
+            .map(|x| (x * 1e4).round() / 1e4)
+            .collect();
+        assert_eq!(cpu, [0.05, 1.0]);
+        assert!((c.backend_cpu_cost_median.unwrap() - 0.525).abs() < 1e-9);
+        assert_eq!(
+            spread(&c.pps_cost, 0.35),
+            "+5.3% (median of 3 slice pairs, +4.0% to +100.0%; means +35.0%)"
+        );
+    }
+
+    #[test]
+    fn a_median_of_nothing_is_none() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(spread(&[], 0.01), "- (no slice pairs; means +1.0%)");
     }
 }

@@ -65,6 +65,22 @@ fn bench_net_measures_every_row() {
         assert_eq!(v["skipped"].as_array().map(Vec::len), Some(1), "{v}");
     }
     assert_eq!(rows.len(), want.len(), "{v}");
+    // A shadow cost for each row with the log, from its one slice.
+    let costs = v["shadow_cost"].as_array().expect("shadow_cost");
+    let with_log: Vec<_> = want
+        .iter()
+        .filter(|(p, _)| !p.starts_with("raw-") && !p.ends_with("-noshadow"))
+        .collect();
+    assert_eq!(costs.len(), with_log.len(), "{v}");
+    for (path, frame) in with_log {
+        let c = costs
+            .iter()
+            .find(|c| c["path"] == *path && c["frame"] == *frame)
+            .unwrap_or_else(|| panic!("no shadow cost {path} {frame}: {v}"));
+        assert_eq!(c["baseline"], format!("{path}-noshadow"), "{c}");
+        assert_eq!(c["pps_cost"].as_array().map(Vec::len), Some(1), "{c}");
+        assert_eq!(c["pps_cost_median"], c["pps_cost"][0], "{c}");
+    }
     for (path, frame) in want {
         let row = rows
             .iter()
@@ -94,6 +110,63 @@ fn bench_net_measures_every_row() {
             }
         }
     }
+}
+
+/// The shadow log's cost: one entry per pair of rows with and without
+/// it, a figure per pair of slices (`--rounds`), the median among them.
+#[test]
+fn bench_net_pairs_the_shadow_cost_by_slice() {
+    let args = [
+        "bench",
+        "net",
+        "--seconds",
+        "0.9",
+        "--rounds",
+        "3",
+        "--paths",
+        "netif-cable,netif-cable-noshadow",
+        "--frames",
+        "64",
+    ];
+    let (ok, v) = run_json(&[&args[..], &["--json"]].concat());
+    assert!(ok, "{v}");
+    let costs = v["shadow_cost"].as_array().expect("shadow_cost");
+    assert_eq!(costs.len(), 1, "{v}");
+    let c = &costs[0];
+    assert_eq!(c["path"], "netif-cable", "{v}");
+    assert_eq!(c["baseline"], "netif-cable-noshadow", "{v}");
+    assert_eq!(c["frame"], "64", "{v}");
+    for (key, median) in [
+        ("pps_cost", "pps_cost_median"),
+        ("backend_cpu_cost", "backend_cpu_cost_median"),
+    ] {
+        let mut by_slice: Vec<f64> = c[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {v}"))
+            .iter()
+            .map(|x| x.as_f64().expect("a number"))
+            .collect();
+        assert_eq!(by_slice.len(), 3, "{key}: {v}");
+        // Both rows moved frames in every slice: no cost is -100% or more.
+        assert!(by_slice.iter().all(|x| x.is_finite() && *x > -1.0), "{v}");
+        by_slice.sort_by(f64::total_cmp);
+        assert_eq!(c[median].as_f64(), Some(by_slice[1]), "{median}: {v}");
+    }
+    // The table says the same in its line for the pair.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shadowback"))
+        .args(args)
+        .output()
+        .expect("run shadowback");
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("shadow log cost, netif-cable 64: pps "))
+        .unwrap_or_else(|| panic!("no shadow cost line: {table}"));
+    assert!(
+        line.contains("median of 3 slice pairs") && line.contains("backend CPU per frame"),
+        "{line}"
+    );
 }
 
 /// `--poll-us`: the backends poll (`netback --poll-us`) and still move

@@ -427,7 +427,7 @@ impl ShadowLog {
         if let Some(stale) = w.request_len.get_mut(i as usize) {
             for word in field
                 .iter()
-                .take(usize::from(*stale).div_ceil(8))
+                .take(usize::from(*stale).div_ceil(4))
                 .skip(written)
             {
                 word.store(0, Ordering::Relaxed);
@@ -846,8 +846,8 @@ const E_SEQ: usize = entry::SEQ as usize / 8;
 const E_PROGRESS: usize = entry::PROGRESS as usize / 4;
 const E_RSP_IDX: usize = entry::RSP_IDX as usize / 4;
 const E_REPLAYS: usize = entry::REPLAYS as usize / 4;
-const E_REQUEST: usize = entry::REQUEST as usize / 8;
-const E_RESPONSE: usize = entry::RESPONSE as usize / 8;
+const E_REQUEST: usize = entry::REQUEST as usize / 4;
+const E_RESPONSE: usize = entry::RESPONSE as usize / 4;
 const _: () = assert!(
     ENTRY_SIZE.is_multiple_of(8)
         && layout::HEADER_SIZE.is_multiple_of(8)
@@ -873,16 +873,16 @@ impl EntryView<'_> {
         self.w32[E_STATE].store(state.word(), Ordering::Release);
     }
 
-    /// The request field, as words.
+    /// The request field, as 32-bit words (see [`store_bytes`]).
     #[inline(always)]
-    fn request(&self) -> &[AtomicU64] {
-        &self.w64[E_REQUEST..E_RESPONSE]
+    fn request(&self) -> &[AtomicU32] {
+        &self.w32[E_REQUEST..E_RESPONSE]
     }
 
-    /// The response field, as words.
+    /// The response field, as 32-bit words.
     #[inline(always)]
-    fn response(&self) -> &[AtomicU64] {
-        &self.w64[E_RESPONSE..]
+    fn response(&self) -> &[AtomicU32] {
+        &self.w32[E_RESPONSE..]
     }
 }
 
@@ -890,13 +890,19 @@ impl EntryView<'_> {
 /// the last word zero-padded; returns how many words it stored. `bytes`
 /// must fit (the callers check it). Relaxed: payload, published by the
 /// release store of `state`.
+///
+/// 32-bit words, not 64: a record is built on the caller's stack just
+/// before, by stores of its fields (netif's TX slot record: 8, 4, 4, 4, 4
+/// and 1 bytes), and a 64-bit load spanning two of those stores cannot
+/// take its bytes from the store buffer: it waits until both reach the
+/// cache. A 32-bit load inside one store does not wait.
 #[inline(always)]
-fn store_bytes(words: &[AtomicU64], bytes: &[u8]) -> usize {
-    let mut chunks = bytes.chunks_exact(8);
+fn store_bytes(words: &[AtomicU32], bytes: &[u8]) -> usize {
+    let mut chunks = bytes.chunks_exact(4);
     let mut stored = 0;
     for (word, chunk) in words.iter().zip(&mut chunks) {
-        let chunk: [u8; 8] = chunk.try_into().unwrap_or_default();
-        word.store(u64::from_ne_bytes(chunk), Ordering::Relaxed);
+        let chunk: [u8; 4] = chunk.try_into().unwrap_or_default();
+        word.store(u32::from_ne_bytes(chunk), Ordering::Relaxed);
         stored += 1;
     }
     let rest = chunks.remainder();
@@ -904,15 +910,14 @@ fn store_bytes(words: &[AtomicU64], bytes: &[u8]) -> usize {
         if let Some(word) = words.get(stored) {
             // Assembled in a register: copying the tail into a zeroed
             // array and loading that as a word stalls the load behind the
-            // narrower stores (most of the consume transition's time in
-            // `perf annotate`).
-            let last = rest.iter().enumerate().fold(0u64, |acc, (k, &b)| {
+            // narrower stores, as above.
+            let last = rest.iter().enumerate().fold(0u32, |acc, (k, &b)| {
                 let shift = if cfg!(target_endian = "little") {
                     8 * k
                 } else {
-                    56 - 8 * k
+                    24 - 8 * k
                 };
-                acc | u64::from(b) << shift
+                acc | u32::from(b) << shift
             });
             word.store(last, Ordering::Relaxed);
             stored += 1;
@@ -1061,10 +1066,16 @@ mod tests {
         assert_eq!(serve(&log, 2, &[0xCD; 40])[..40], [0xCD; 40]);
         assert_eq!(serve(&log, 3, &[1, 2, 3]), want);
         assert_eq!(serve(&log, 4, &[0xEF; REQUEST_SIZE]), [0xEF; REQUEST_SIZE]);
+        // A netif TX slot's record: whole words, then a one-byte tail.
+        let slot: Vec<u8> = (1..=25).collect();
+        let mut want_slot = [0u8; REQUEST_SIZE];
+        want_slot[..25].copy_from_slice(&slot);
+        assert_eq!(serve(&log, 5, &slot), want_slot);
+        assert_eq!(serve(&log, 6, &[0xEF; REQUEST_SIZE]), [0xEF; REQUEST_SIZE]);
         let next = ShadowLog::open(log.file().try_clone().unwrap().into()).unwrap();
         drop(log);
         next.begin_instance().unwrap();
-        assert_eq!(serve(&next, 5, &[1, 2, 3]), want);
+        assert_eq!(serve(&next, 7, &[1, 2, 3]), want);
     }
 
     #[test]
@@ -1220,6 +1231,22 @@ mod tests {
         );
         assert_eq!(snap.header.stalled_instances, 0);
         assert_eq!(log.free_entries().unwrap(), 4);
+
+        // The same entry again, with a shorter response (netif's TX
+        // answer, 8 bytes; then one with a tail): zero-padded.
+        for (idx, rsp) in [
+            (1u32, &[1u8, 2, 3, 4, 5, 6, 7, 8][..]),
+            (2, &[9, 8, 7, 6, 5][..]),
+        ] {
+            let again = log.log_consumed(idx, &[1; 25]).unwrap();
+            assert_eq!(again, e);
+            log.log_completing(again, idx, rsp).unwrap();
+            let s = log.snapshot().unwrap().entries[e.index() as usize];
+            let mut want = [0u8; 16];
+            want[..rsp.len()].copy_from_slice(rsp);
+            assert_eq!(s.response, want);
+            assert_eq!(log.log_published(idx + 1).unwrap(), 1);
+        }
     }
 
     #[test]
