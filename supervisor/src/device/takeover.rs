@@ -213,11 +213,15 @@ impl DeviceTask {
         }
         // Nothing to take over (no frontend attached, or no shadow log):
         // the device only gets a new idle backend.
-        self.publish_with(|s| s.idle_replacements += 1);
         // A kill we injected says nothing about the backend starting up
         // badly: it must not count towards giving the device up.
         let age = if injected.is_some() { STABLE_AGE } else { age };
         self.replace_idle(age).await;
+        // Counted with the new backend in place: counted before it, a
+        // `status` read while it started showed the replacement done and
+        // no backend (`a_kill_between_two_sessions_replaces_the_idle_backend`
+        // under load).
+        self.publish_with(|s| s.idle_replacements += 1);
     }
 
     /// Gives the device a new, unattached backend.
