@@ -134,9 +134,6 @@ pub struct NetStats {
     pub tx_errors: u64,
     /// TX packets the wire dropped (queue full, link down).
     pub tx_wire_drops: u64,
-    /// TX packets that found the cable full and waited for room (not
-    /// dropped: docs/ARCHITECTURE.md §11.5).
-    pub tx_cable_full: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     /// Frames from the wire that could not be delivered (too large, no
@@ -175,6 +172,22 @@ pub struct NetRecovery {
     pub tx_maybe_duplicated: u64,
     pub rx_buffers_recovered: u64,
     pub rx_dropped_in_crash: u64,
+}
+
+impl NetRecovery {
+    /// These counts as the `attached` reply's keys, with `rx_held`
+    /// recovered buffers the serving model still holds (counted here when
+    /// it detaches) — the same keys for both transports.
+    pub fn add_to(&self, reply: Message, rx_held: u64) -> Message {
+        reply
+            .with(KEY_TX_REPLAYED, self.tx_replayed)
+            .with(KEY_TX_MAYBE_DUPLICATED, self.tx_maybe_duplicated)
+            .with(
+                KEY_RX_BUFFERS_RECOVERED,
+                self.rx_buffers_recovered + rx_held,
+            )
+            .with(KEY_RX_DROPPED_IN_CRASH, self.rx_dropped_in_crash)
+    }
 }
 
 /// The `attach-net` kind: what outlives a vif's attachment in this
@@ -408,14 +421,8 @@ impl AttachKind for NetifAttach {
     }
 
     fn reply(&self, model: Option<&NetifModel>, reply: Message) -> Message {
-        let r = self.recovery;
-        let rx_buffers_recovered =
-            r.rx_buffers_recovered + model.map_or(0, |m| m.rx_buffers_recovered);
-        reply
-            .with(KEY_TX_REPLAYED, r.tx_replayed)
-            .with(KEY_TX_MAYBE_DUPLICATED, r.tx_maybe_duplicated)
-            .with(KEY_RX_BUFFERS_RECOVERED, rx_buffers_recovered)
-            .with(KEY_RX_DROPPED_IN_CRASH, r.rx_dropped_in_crash)
+        self.recovery
+            .add_to(reply, model.map_or(0, |m| m.rx_buffers_recovered))
     }
 
     fn detached(&mut self, model: NetifModel) {

@@ -573,7 +573,6 @@ impl NetifModel {
                 self.stats.tx_bytes += size as u64;
             }
             SendOutcome::Dropped(DropReason::QueueFull) if !offload => {
-                self.stats.tx_cable_full += 1;
                 tracing::trace!(device = %self.device, "cable full: TX waits for room");
                 return Ok(false);
             }

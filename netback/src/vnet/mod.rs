@@ -67,10 +67,7 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-use crate::backend::{
-    rx_taken_and_lost, NetConfig, NetRecovery, NetStats, KEY_RX_BUFFERS_RECOVERED,
-    KEY_RX_DROPPED_IN_CRASH, KEY_TX_MAYBE_DUPLICATED, KEY_TX_REPLAYED, TX_SENT,
-};
+use crate::backend::{rx_taken_and_lost, NetConfig, NetRecovery, NetStats, TX_SENT};
 use crate::tapbatch::{TapBatch, TX_BATCH};
 use crate::wire::{VnetHeaderLen, Wire, WireKind};
 use model::{Lane, Negotiated, Role, VnetModel, VnetParts, VnetQueues};
@@ -384,14 +381,8 @@ impl AttachKind for VnetAttach {
     }
 
     fn reply(&self, model: Option<&VnetModel>, reply: Message) -> Message {
-        let r = self.recovery;
-        let rx_buffers_recovered =
-            r.rx_buffers_recovered + model.map_or(0, |m| m.rx_buffers_recovered);
-        reply
-            .with(KEY_TX_REPLAYED, r.tx_replayed)
-            .with(KEY_TX_MAYBE_DUPLICATED, r.tx_maybe_duplicated)
-            .with(KEY_RX_BUFFERS_RECOVERED, rx_buffers_recovered)
-            .with(KEY_RX_DROPPED_IN_CRASH, r.rx_dropped_in_crash)
+        self.recovery
+            .add_to(reply, model.map_or(0, |m| m.rx_buffers_recovered))
     }
 
     /// Receive heads still pooled are not answered: they were taken in
